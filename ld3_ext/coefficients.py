@@ -1,0 +1,207 @@
+"""Solver coefficients as plain, differentiable PyTorch (the reference for the native code).
+
+Every multistep solver step in this library is the same linear update
+
+    x_next = a * x + sum_k b_k * m_k                                   (k = 0..3)
+
+where m_k are earlier network outputs (data predictions D for DPM-Solver++/UniPC/Euler,
+noise predictions eps for iPNDM) and (a, b_k) depend only on the solver time grid t_0 > ... > t_N.
+This module computes the whole coefficient table of a sample call at once:
+
+    table[i-1, 0, :] = [a, b_0, b_1, b_2, b_3]   main (or UniPC predictor) update of step i,
+                       b_k multiplies the output made at grid point i-1-k;
+    table[i-1, 1, :] = [a, c_0, c_1, c_2, c_3]   UniPC corrector of step i (zeros for other solvers),
+                       c_0 multiplies the NEW output D_i (made at the predictor point),
+                       c_k (k >= 1) multiplies the output made at grid point i-k.
+
+Step i of every solver reads only t_{i-3}..t_i, so the native code returns the Jacobian of each row
+w.r.t. those four times.  This file is the float64-capable reference; ``csrc/solver_coefficients.h``
+holds the same formulas in C++ (for CPU and CUDA) and ``tests/test_coefficients.py`` checks both.
+
+Formulas follow ``shared/reference/LD3.md`` section 2 (DPM-Solver++ 1-3M with midpoint or heun-type
+second order, UniPC bh1/bh2, iPNDM 1-4, Euler = DDIM in data prediction).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, asdict
+from typing import List
+
+import torch
+
+MAX_HISTORY = 4  # history terms a single update may combine
+TABLE_WIDTH = 1 + MAX_HISTORY
+
+# Solver kind ids shared with csrc/solver_coefficients.h
+SOLVER_IDS = {"euler": 0, "dpmpp": 1, "unipc": 2, "ipndm": 3}
+MAX_ORDER = {"euler": 1, "dpmpp": 3, "unipc": 3, "ipndm": 4}
+
+# Adams-Bashforth weights of iPNDM, newest first
+IPNDM_WEIGHTS = {
+    1: (1.0,),
+    2: (3.0 / 2.0, -1.0 / 2.0),
+    3: (23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0),
+    4: (55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0),
+}
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """What a coefficient table depends on besides the time grid."""
+
+    kind: str                     # "euler" | "dpmpp" | "unipc" | "ipndm"
+    order: int = 1
+    lower_order_final: bool = True
+    solver_type: str = "midpoint"  # DPM-Solver++ second-order flavour: "midpoint" | "heun"
+    variant: str = "bh1"           # UniPC B(h): "bh1" | "bh2"
+    use_corrector: bool = True     # UniPC: apply UniC after every step but the last
+
+    def __post_init__(self):
+        if self.kind not in SOLVER_IDS:
+            raise ValueError(f"kind must be one of {sorted(SOLVER_IDS)}, got {self.kind!r}")
+        if not isinstance(self.order, int) or isinstance(self.order, bool):
+            raise TypeError(f"order must be an int, got {type(self.order).__name__}")
+        if not 1 <= self.order <= MAX_ORDER[self.kind]:
+            raise ValueError(f"order must be in 1..{MAX_ORDER[self.kind]} for {self.kind}, got {self.order}")
+        if self.solver_type not in ("midpoint", "heun"):
+            raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {self.solver_type!r}")
+        if self.variant not in ("bh1", "bh2"):
+            raise ValueError(f"variant must be 'bh1' or 'bh2', got {self.variant!r}")
+
+    @property
+    def uses_noise_prediction(self) -> bool:
+        return self.kind == "ipndm"
+
+    @property
+    def has_corrector(self) -> bool:
+        return self.kind == "unipc" and self.use_corrector
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def step_orders(spec: SolverSpec, nfe: int) -> List[int]:
+    """Order p_i of steps i = 1..N: warm-up p_i = min(i, K), then (optionally) lower order at the end."""
+    orders = []
+    for i in range(1, nfe + 1):
+        p = min(i, spec.order)
+        if spec.lower_order_final and spec.kind in ("dpmpp", "unipc", "ipndm"):
+            p = min(p, nfe + 1 - i)
+        orders.append(p)
+    return orders
+
+
+def _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, solver_type):
+    h = lam[i] - lam[i - 1]
+    a = torch.exp(log_sigma[i] - log_sigma[i - 1])
+    phi1 = torch.expm1(-h)
+    al = alpha[i]
+    zero = torch.zeros_like(h)
+    if p == 1:
+        return [a, -al * phi1, zero, zero, zero]
+    r0 = (lam[i - 1] - lam[i - 2]) / h
+    if p == 2:
+        if solver_type == "midpoint":
+            return [a, -al * phi1 * (1.0 + 0.5 / r0), al * phi1 * 0.5 / r0, zero, zero]
+        phi2 = phi1 / h + 1.0
+        return [a, -al * phi1 + al * phi2 / r0, -al * phi2 / r0, zero, zero]
+    r1 = (lam[i - 2] - lam[i - 3]) / h
+    phi2 = phi1 / h + 1.0
+    phi3 = phi2 / h - 0.5
+    # first differences as coefficient vectors over (D_{i-1}, D_{i-2}, D_{i-3})
+    d10 = [1.0 / r0, -1.0 / r0, zero]
+    d11 = [zero, 1.0 / r1, -1.0 / r1]
+    diff = [u - v for u, v in zip(d10, d11)]
+    dd1 = [u + r0 / (r0 + r1) * v for u, v in zip(d10, diff)]
+    dd2 = [v / (r0 + r1) for v in diff]
+    b = [al * phi2 * u - al * phi3 * v for u, v in zip(dd1, dd2)]
+    b[0] = b[0] - al * phi1
+    return [a] + b + [zero]
+
+
+def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector):
+    """(predictor row, corrector row) of UniPC step i with order p (data prediction)."""
+    h = lam[i] - lam[i - 1]
+    hh = -h
+    a = torch.exp(log_sigma[i] - log_sigma[i - 1])
+    al = alpha[i]
+    h_phi_1 = torch.expm1(hh)
+    B = hh if variant == "bh1" else h_phi_1
+    zero = torch.zeros_like(h)
+    rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, p)]  # r_k for history m_k, k = 1..p-1
+    # b_k = g_k k!/B(h), g_1 = phi/hh - 1, g_{k+1} = g_k/hh - 1/(k+1)!
+    g = h_phi_1 / hh - 1.0
+    bvec = []
+    fact = 1
+    for k in range(1, p + 1):
+        bvec.append(g * fact / B)
+        fact *= k + 1
+        g = g / hh - 1.0 / fact
+    # predictor over (m_0 .. m_{p-1})
+    pred = [a, -al * h_phi_1] + [zero] * (MAX_HISTORY - 1)
+    if p >= 2:
+        if p == 2:
+            rho_p = [torch.full_like(h, 0.5)]
+        else:
+            R = torch.stack([torch.stack([rk ** j for rk in rks]) for j in range(p - 1)])
+            rho_p = list(torch.linalg.solve(R, torch.stack(bvec[: p - 1])))
+        for k in range(1, p):
+            w = -al * B * rho_p[k - 1] / rks[k - 1]  # coefficient of Delta_k = (m_k - m_0)/r_k
+            pred[1 + k] = pred[1 + k] + w
+            pred[1] = pred[1] - w
+    if not corrector:
+        return pred, [zero] * TABLE_WIDTH
+    # corrector over (D_i, m_0, m_1, m_2)
+    if p == 1:
+        rho_c = [torch.full_like(h, 0.5)]
+    else:
+        rall = rks + [torch.ones_like(h)]
+        R = torch.stack([torch.stack([rk ** j for rk in rall]) for j in range(p)])
+        rho_c = list(torch.linalg.solve(R, torch.stack(bvec)))
+    corr = [a, zero, -al * h_phi_1] + [zero] * (MAX_HISTORY - 2)
+    for k in range(1, p):
+        w = -al * B * rho_c[k - 1] / rks[k - 1]
+        corr[2 + k] = corr[2 + k] + w
+        corr[2] = corr[2] - w
+    w = -al * B * rho_c[p - 1]  # coefficient of (D_i - m_0)
+    corr[1] = corr[1] + w
+    corr[2] = corr[2] - w
+    return pred, corr
+
+
+def _ipndm_row(lam, alpha, sigma, log_alpha, i, p):
+    h = lam[i] - lam[i - 1]
+    a = torch.exp(log_alpha[i] - log_alpha[i - 1])
+    scale = -sigma[i] * torch.expm1(h)
+    zero = torch.zeros_like(h)
+    w = IPNDM_WEIGHTS[p]
+    return [a] + [scale * w[k] if k < p else zero for k in range(MAX_HISTORY)]
+
+
+def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverSpec) -> torch.Tensor:
+    """The [N, 2, 5] coefficient table of a solve on ``timesteps`` (t_0 > ... > t_N), differentiable in t."""
+    t = timesteps
+    n = t.numel() - 1
+    orders = step_orders(spec, n)
+    log_alpha = schedule.log_alpha(t)
+    log_sigma = schedule.log_sigma(t)
+    lam = log_alpha - log_sigma
+    alpha, sigma = torch.exp(log_alpha), torch.exp(log_sigma)
+    zero_row = [torch.zeros_like(t[0])] * TABLE_WIDTH
+    rows = []
+    for i in range(1, n + 1):
+        p = orders[i - 1]
+        if spec.kind in ("dpmpp", "euler"):
+            main = _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, spec.solver_type)
+            corr = zero_row
+        elif spec.kind == "unipc":
+            main, corr = _unipc_rows(lam, alpha, log_sigma, i, p, spec.variant, spec.has_corrector and i < n)
+        else:
+            main = _ipndm_row(lam, alpha, sigma, log_alpha, i, p)
+            corr = zero_row
+        rows.append(torch.stack([torch.stack(main), torch.stack(corr)]))
+    return torch.stack(rows)
+
+
+__all__ = ["SolverSpec", "step_orders", "coefficient_table_reference", "MAX_HISTORY", "TABLE_WIDTH",
+           "SOLVER_IDS", "MAX_ORDER", "IPNDM_WEIGHTS"]

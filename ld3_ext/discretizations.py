@@ -1,0 +1,83 @@
+"""Hand-made time grids (the baselines LD3 is compared with), each ``(schedule, nfe) -> timesteps``.
+
+All return a float64 tensor t_0 = t_max > ... > t_N = t_min of length nfe + 1 (N = nfe intervals).
+"""
+from __future__ import annotations
+
+import torch
+
+from .schedules import FlowMatching, NoiseSchedule
+
+
+def _check(schedule, nfe):
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
+
+
+def _finish(schedule, t: torch.Tensor) -> torch.Tensor:
+    t = t.to(torch.float64)
+    t[0], t[-1] = schedule.t_max, schedule.t_min  # exact endpoints whatever the round-off
+    return t
+
+
+def _shift(schedule, t):
+    """SD3/Flux resolution shift for flow models: t' = s t / (1 + (s - 1) t)."""
+    if isinstance(schedule, FlowMatching) and schedule.shift != 1.0:
+        s = schedule.shift
+        t = s * t / (1.0 + (s - 1.0) * t)
+    return t
+
+
+def time_uniform(schedule: NoiseSchedule, nfe: int) -> torch.Tensor:
+    _check(schedule, nfe)
+    t = torch.linspace(schedule.t_max, schedule.t_min, nfe + 1, dtype=torch.float64)
+    return _finish(schedule, _shift(schedule, t))
+
+
+def time_quadratic(schedule: NoiseSchedule, nfe: int) -> torch.Tensor:
+    """t_i = t_min + (t_max - t_min) ((N - i)/N)^2 (quadratic in the index, as LD3's code)."""
+    _check(schedule, nfe)
+    u = torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)
+    t = schedule.t_min + (schedule.t_max - schedule.t_min) * u ** 2
+    return _finish(schedule, _shift(schedule, t))
+
+
+def logsnr_uniform(schedule: NoiseSchedule, nfe: int) -> torch.Tensor:
+    """Uniform in lambda = log(alpha/sigma) between the endpoints."""
+    _check(schedule, nfe)
+    lam = torch.linspace(schedule.lambda_min, schedule.lambda_max, nfe + 1, dtype=torch.float64)
+    return _finish(schedule, schedule.inverse_lambda(lam))
+
+
+def edm(schedule: NoiseSchedule, nfe: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al.'s rho-spacing in the EDM noise level sigma/alpha (for VP schedules too,
+    unlike LD3's code, which applies it to t)."""
+    _check(schedule, nfe)
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    tmax = torch.tensor(schedule.t_max, dtype=torch.float64)
+    tmin = torch.tensor(schedule.t_min, dtype=torch.float64)
+    smax, smin = schedule.edm_sigma(tmax), schedule.edm_sigma(tmin)
+    u = torch.linspace(0.0, 1.0, nfe + 1, dtype=torch.float64)
+    sig = (smax ** (1.0 / rho) + u * (smin ** (1.0 / rho) - smax ** (1.0 / rho))) ** rho
+    return _finish(schedule, schedule.t_from_edm_sigma(sig))
+
+
+DISCRETIZATIONS = {
+    "time_uniform": time_uniform,
+    "time_quadratic": time_quadratic,
+    "logsnr": logsnr_uniform,
+    "logsnr_uniform": logsnr_uniform,
+    "edm": edm,
+}
+
+
+def get_discretization(name: str, schedule: NoiseSchedule, nfe: int) -> torch.Tensor:
+    if name not in DISCRETIZATIONS:
+        raise ValueError(f"discretization must be one of {sorted(DISCRETIZATIONS)}, got {name!r}")
+    return DISCRETIZATIONS[name](schedule, nfe)
+
+
+__all__ = ["time_uniform", "time_quadratic", "logsnr_uniform", "edm", "get_discretization", "DISCRETIZATIONS"]

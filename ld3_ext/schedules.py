@@ -1,0 +1,334 @@
+"""Continuous-time noise schedules.
+
+Every schedule describes the forward process x_t = alpha(t) x_0 + sigma(t) eps through
+differentiable torch functions of t, in the schedule's own time unit:
+
+* ``alpha(t)``, ``sigma(t)``, ``lambda_(t)`` = log(alpha/sigma) (half log-SNR),
+* ``inverse_lambda(lam)`` -- the exact inverse of ``lambda_``,
+* ``edm_sigma(t)`` = sigma/alpha -- the "variance exploding" view used by EDM / k-diffusion,
+* ``t_from_edm_sigma(s)`` -- its inverse,
+* ``t_min`` / ``t_max`` -- the sampling range (t_max is the noisiest time).
+
+Closed-form schedules also expose ``native_spec()`` = (kind id, params) so the C++ extension can
+recompute alpha/sigma/lambda itself (see ``csrc/solver_coefficients.h``).  Everything works in
+float64 when t is float64.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+# Kind ids shared with the native coefficient code (csrc/noise_schedule_math.h).
+KIND_EDM = 0
+KIND_VP_LINEAR = 1
+KIND_VP_COSINE = 2
+KIND_FLOW = 3
+
+
+def _as_tensor(t, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t
+    dtype = like.dtype if like is not None else torch.float64
+    device = like.device if like is not None else None
+    return torch.as_tensor(t, dtype=dtype, device=device)
+
+
+class NoiseSchedule:
+    """Base class. Subclasses implement ``log_alpha``, ``sigma``-side and ``inverse_lambda``."""
+
+    name = "base"
+    #: the time range used for sampling; subclasses set these
+    t_min: float
+    t_max: float
+
+    # --- the three primitives -------------------------------------------------------
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inverse_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- derived quantities ---------------------------------------------------------
+    def alpha(self, t) -> torch.Tensor:
+        return torch.exp(self.log_alpha(_as_tensor(t)))
+
+    def sigma(self, t) -> torch.Tensor:
+        return torch.exp(self.log_sigma(_as_tensor(t)))
+
+    def lambda_(self, t) -> torch.Tensor:
+        t = _as_tensor(t)
+        return self.log_alpha(t) - self.log_sigma(t)
+
+    def edm_sigma(self, t) -> torch.Tensor:
+        """sigma/alpha: the noise level in the scaled (variance exploding) view."""
+        t = _as_tensor(t)
+        return torch.exp(self.log_sigma(t) - self.log_alpha(t))
+
+    def t_from_edm_sigma(self, s) -> torch.Tensor:
+        return self.inverse_lambda(-torch.log(_as_tensor(s)))
+
+    @property
+    def lambda_min(self) -> float:
+        """lambda at t_max (noisiest)."""
+        return float(self.lambda_(torch.tensor(self.t_max, dtype=torch.float64)))
+
+    @property
+    def lambda_max(self) -> float:
+        """lambda at t_min (cleanest)."""
+        return float(self.lambda_(torch.tensor(self.t_min, dtype=torch.float64)))
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Standard deviation of x at t_max when the data has unit scale: sqrt(alpha^2 + sigma^2)."""
+        t = torch.tensor(self.t_max, dtype=torch.float64)
+        return float(torch.sqrt(self.alpha(t) ** 2 + self.sigma(t) ** 2))
+
+    def prior_std(self) -> float:
+        """Std of the Gaussian that x_T is drawn from (sigma(t_max))."""
+        return float(self.sigma(torch.tensor(self.t_max, dtype=torch.float64)))
+
+    def native_spec(self):
+        """(kind id, [params]) for the C++ coefficient code, or None when only Python can do it."""
+        return None
+
+    def config(self) -> dict:
+        """JSON-serialisable description (used by schedule files)."""
+        raise NotImplementedError
+
+    def to(self, device) -> "NoiseSchedule":
+        return self
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v}" for k, v in self.config().items() if k != "type" and not isinstance(v, list))
+        return f"{type(self).__name__}({cfg})"
+
+
+class EDM(NoiseSchedule):
+    """Variance exploding, t = sigma (Karras et al. 2022): alpha = 1, sigma = t."""
+
+    name = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
+            raise ValueError(f"EDM: need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.t_min, self.t_max = self.sigma_min, self.sigma_max
+
+    def log_alpha(self, t):
+        return torch.zeros_like(t)
+
+    def log_sigma(self, t):
+        return torch.log(t)
+
+    def inverse_lambda(self, lam):
+        return torch.exp(-lam)
+
+    def native_spec(self):
+        return KIND_EDM, [0.0, 0.0]
+
+    def config(self):
+        return {"type": "EDM", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+
+class VPLinear(NoiseSchedule):
+    """Continuous VP-SDE with linear beta(t) (Song et al. 2021)."""
+
+    name = "vp_linear"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_max: float = 1.0, t_min: float = 1e-3):
+        if not (0 <= beta_min < beta_max):
+            raise ValueError(f"VPLinear: need 0 <= beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        if not (0 < t_min < t_max):
+            raise ValueError(f"VPLinear: need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self.t_min, self.t_max = float(t_min), float(t_max)
+
+    def log_alpha(self, t):
+        return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def log_sigma(self, t):
+        # sigma^2 = 1 - alpha^2 = -expm1(2 log_alpha); log1p-free form keeps precision near t = 0
+        return 0.5 * torch.log(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def inverse_lambda(self, lam):
+        b0, b1 = self.beta_min, self.beta_max
+        L = torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))  # = -2 log alpha
+        return 2.0 * L / (torch.sqrt(b0 * b0 + 2.0 * (b1 - b0) * L) + b0)
+
+    def native_spec(self):
+        return KIND_VP_LINEAR, [self.beta_min, self.beta_max]
+
+    def config(self):
+        return {"type": "VPLinear", "beta_min": self.beta_min, "beta_max": self.beta_max,
+                "t_min": self.t_min, "t_max": self.t_max}
+
+
+class VPCosine(NoiseSchedule):
+    """Cosine VP schedule (Nichol & Dhariwal 2021), continuous time in [t_min, t_max]."""
+
+    name = "vp_cosine"
+
+    def __init__(self, s: float = 0.008, t_max: Optional[float] = None, t_min: float = 1e-3):
+        self.s = float(s)
+        # alpha reaches 0 at t = 1; cut where lambda ~ -5.1 as DPM-Solver does (t ~ 0.9946 for s = 0.008)
+        if t_max is None:
+            t_max = 0.9946
+        if not (0 < t_min < t_max < 1.0):
+            raise ValueError(f"VPCosine: need 0 < t_min < t_max < 1, got t_min={t_min}, t_max={t_max}")
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self._log_alpha0 = math.log(math.cos(self.s / (1.0 + self.s) * math.pi / 2.0))
+
+    def log_alpha(self, t):
+        return torch.log(torch.cos((t + self.s) / (1.0 + self.s) * (math.pi / 2.0))) - self._log_alpha0
+
+    def log_sigma(self, t):
+        return 0.5 * torch.log(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def inverse_lambda(self, lam):
+        log_alpha = -0.5 * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
+        return 2.0 * (1.0 + self.s) / math.pi * torch.arccos(torch.exp(log_alpha + self._log_alpha0)) - self.s
+
+    def native_spec(self):
+        return KIND_VP_COSINE, [self.s, 0.0]
+
+    def config(self):
+        return {"type": "VPCosine", "s": self.s, "t_min": self.t_min, "t_max": self.t_max}
+
+
+class FlowMatching(NoiseSchedule):
+    """Rectified flow / flow matching: alpha = 1 - t, sigma = t.
+
+    ``shift`` applies the SD3/Flux time shift to the *discretizations* (t' = shift t / (1 + (shift-1) t));
+    the schedule itself is unchanged.
+    """
+
+    name = "flow"
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-3, shift: float = 1.0):
+        if not (0 < t_min < t_max < 1.0):
+            raise ValueError(f"FlowMatching: need 0 < t_min < t_max < 1, got t_min={t_min}, t_max={t_max}")
+        if not shift > 0:
+            raise ValueError(f"FlowMatching: shift must be > 0, got {shift}")
+        self.t_min, self.t_max, self.shift = float(t_min), float(t_max), float(shift)
+
+    def log_alpha(self, t):
+        return torch.log1p(-t)
+
+    def log_sigma(self, t):
+        return torch.log(t)
+
+    def inverse_lambda(self, lam):
+        return torch.sigmoid(-lam)
+
+    def native_spec(self):
+        return KIND_FLOW, [0.0, 0.0]
+
+    def config(self):
+        return {"type": "FlowMatching", "t_min": self.t_min, "t_max": self.t_max, "shift": self.shift}
+
+
+class VPDiscrete(NoiseSchedule):
+    """A discrete-time DDPM schedule (betas or alphas_cumprod) made continuous as DPM-Solver does.
+
+    log alpha is piecewise linear in t on the knots t_n = (n+1)/N, n = 0..N-1; t in [1/N, 1].
+    The network's integer-index input is ``index = t*N - 1`` (``model_index``), 0..N-1.
+    """
+
+    name = "vp_discrete"
+
+    def __init__(self, betas: Optional[Sequence[float]] = None, alphas_cumprod: Optional[Sequence[float]] = None,
+                 t_min: Optional[float] = None, t_max: float = 1.0):
+        if (betas is None) == (alphas_cumprod is None):
+            raise ValueError("VPDiscrete: give exactly one of betas= or alphas_cumprod=")
+        if betas is not None:
+            b = torch.as_tensor(betas, dtype=torch.float64).flatten()
+            if b.numel() < 2 or not torch.all((b > 0) & (b < 1)):
+                raise ValueError("VPDiscrete: betas must hold at least 2 values in (0, 1)")
+            log_ac = torch.cumsum(torch.log1p(-b), 0)
+        else:
+            ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+            if ac.numel() < 2 or not torch.all((ac > 0) & (ac < 1)):
+                raise ValueError("VPDiscrete: alphas_cumprod must hold at least 2 values in (0, 1)")
+            if not torch.all(ac[1:] < ac[:-1]):
+                raise ValueError("VPDiscrete: alphas_cumprod must be strictly decreasing")
+            log_ac = torch.log(ac)
+        self.num_train_timesteps = int(log_ac.numel())
+        n = self.num_train_timesteps
+        self._t_knots = torch.linspace(1.0, n, n, dtype=torch.float64) / n
+        self._log_alpha_knots = 0.5 * log_ac
+        self.t_min = float(1.0 / n) if t_min is None else float(t_min)
+        self.t_max = float(t_max)
+        if not (1.0 / n - 1e-12 <= self.t_min < self.t_max <= 1.0 + 1e-12):
+            raise ValueError(f"VPDiscrete: need 1/N <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
+        lam = self._log_alpha_knots - 0.5 * torch.log(-torch.expm1(2.0 * self._log_alpha_knots))
+        self._lambda_knots = lam  # decreasing in t
+
+    def _knots(self, like):
+        return (self._t_knots.to(device=like.device, dtype=like.dtype),
+                self._log_alpha_knots.to(device=like.device, dtype=like.dtype))
+
+    @staticmethod
+    def _interp(x, xp, fp):
+        """Piecewise-linear interpolation (linear extrapolation at the ends), differentiable in x."""
+        idx = torch.searchsorted(xp.contiguous(), x.detach().contiguous()).clamp(1, xp.numel() - 1)
+        x0, x1 = xp[idx - 1], xp[idx]
+        y0, y1 = fp[idx - 1], fp[idx]
+        return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+    def log_alpha(self, t):
+        tk, lk = self._knots(t)
+        return self._interp(t, tk, lk)
+
+    def log_sigma(self, t):
+        return 0.5 * torch.log(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def inverse_lambda(self, lam):
+        log_alpha = -0.5 * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
+        tk, lk = self._knots(lam)
+        # log alpha decreases in t: interpolate t on the flipped (increasing) arrays
+        return self._interp(log_alpha, torch.flip(lk, [0]), torch.flip(tk, [0]))
+
+    def model_index(self, t: torch.Tensor) -> torch.Tensor:
+        """The continuous version of the network's integer time index (0..N-1)."""
+        return t * self.num_train_timesteps - 1.0
+
+    def t_from_index(self, index) -> torch.Tensor:
+        return (_as_tensor(index) + 1.0) / self.num_train_timesteps
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return torch.exp(2.0 * self._log_alpha_knots)
+
+    def config(self):
+        return {"type": "VPDiscrete", "alphas_cumprod": self.alphas_cumprod.tolist(),
+                "t_min": self.t_min, "t_max": self.t_max}
+
+    @classmethod
+    def linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
+               scaled: bool = True, **kw) -> "VPDiscrete":
+        """DDPM/LDM linear betas; ``scaled=True`` is the LDM/SD "scaled_linear" (linspace in sqrt beta)."""
+        if scaled:
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        else:
+            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        return cls(betas=betas, **kw)
+
+
+def schedule_from_config(cfg: dict) -> NoiseSchedule:
+    """Rebuild a schedule from ``NoiseSchedule.config()``."""
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise ValueError(f"schedule config must be a dict with a 'type' key, got {cfg!r}")
+    kw = {k: v for k, v in cfg.items() if k != "type"}
+    types = {"EDM": EDM, "VPLinear": VPLinear, "VPCosine": VPCosine, "FlowMatching": FlowMatching,
+             "VPDiscrete": VPDiscrete}
+    if cfg["type"] not in types:
+        raise ValueError(f"unknown schedule type {cfg['type']!r}; expected one of {sorted(types)}")
+    return types[cfg["type"]](**kw)
+
+
+__all__ = ["NoiseSchedule", "EDM", "VPLinear", "VPCosine", "FlowMatching", "VPDiscrete", "schedule_from_config"]

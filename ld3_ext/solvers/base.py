@@ -1,0 +1,161 @@
+"""Shared machinery of every solver: argument checks, model evaluation, the multistep loop."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .. import ops
+from ..coefficients import SolverSpec, step_orders
+from ..wrappers import DiffusionModel
+
+
+def _fail(name: str, msg: str):
+    raise ValueError(f"{name}: {msg}")
+
+
+def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, name: str = "timesteps",
+                       check_range: bool = True, min_len: int = 2) -> torch.Tensor:
+    """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing)."""
+    if not isinstance(timesteps, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D torch.Tensor, got {type(timesteps).__name__}")
+    if timesteps.dim() != 1:
+        _fail(name, f"must be 1-D, got shape {tuple(timesteps.shape)}")
+    if not timesteps.is_floating_point():
+        _fail(name, f"must be a floating tensor, got dtype {timesteps.dtype}")
+    if timesteps.numel() < min_len:
+        _fail(name, f"needs at least {min_len} entries (t_0 > ... > t_N), got {timesteps.numel()}")
+    if x_T is not None and timesteps.device != x_T.device:
+        _fail(name, f"is on {timesteps.device} but x_T is on {x_T.device}; put both on one device")
+    td = timesteps.detach()
+    if not torch.isfinite(td).all():
+        _fail(name, "contains NaN or Inf")
+    if not (td[1:] < td[:-1]).all():
+        _fail(name, f"must be strictly decreasing (t_0 = t_max first), got {td.cpu().tolist()}")
+    if check_range:
+        lo, hi = schedule.t_min, schedule.t_max
+        tol = 1e-6 * (hi - lo) + 1e-12
+        if float(td.min()) < lo - tol or float(td.max()) > hi + tol:
+            _fail(name, f"must lie in the schedule's range [{lo:.6g}, {hi:.6g}], got "
+                        f"[{float(td.min()):.6g}, {float(td.max()):.6g}]")
+    return timesteps
+
+
+def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor) -> torch.Tensor:
+    name = "model_timesteps"
+    if not isinstance(model_timesteps, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D torch.Tensor, got {type(model_timesteps).__name__}")
+    if model_timesteps.shape != timesteps.shape:
+        _fail(name, f"must have the same length as timesteps ({timesteps.numel()}), got shape "
+                    f"{tuple(model_timesteps.shape)}")
+    if model_timesteps.device != timesteps.device:
+        _fail(name, f"is on {model_timesteps.device} but timesteps is on {timesteps.device}")
+    md = model_timesteps.detach()
+    if not torch.isfinite(md).all():
+        _fail(name, "contains NaN or Inf")
+    lo, hi = schedule.t_min, schedule.t_max
+    tol = 1e-3 * (hi - lo)
+    if float(md.min()) < lo - tol or float(md.max()) > hi + tol:
+        _fail(name, f"must lie in the schedule's range [{lo:.6g}, {hi:.6g}]")
+    return model_timesteps
+
+
+class Solver:
+    """Base class.  Subclasses set ``name``, ``max_order`` and implement ``_solve``."""
+
+    name = "solver"
+    max_order = 1
+
+    def __init__(self, order: int = 1, backend: str = "auto", checkpoint_model: bool = False):
+        if isinstance(order, bool) or not isinstance(order, int):
+            raise TypeError(f"order must be an int, got {type(order).__name__}")
+        if not 1 <= order <= self.max_order:
+            raise ValueError(f"order must be in 1..{self.max_order} for {type(self).__name__}, got {order}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        self.order = order
+        self.backend = backend
+        #: rematerialise each network evaluation in backward (flat memory in NFE, LD3 App. D.3)
+        self.checkpoint_model = checkpoint_model
+
+    # --- description -------------------------------------------------------------------------
+    def spec(self) -> Optional[SolverSpec]:
+        """The coefficient spec (None for solvers outside the linear-multistep family, e.g. Heun)."""
+        return None
+
+    def nfe(self, num_steps: int) -> int:
+        """Network evaluations for ``num_steps`` grid intervals."""
+        return num_steps
+
+    def steps_for_nfe(self, nfe: int) -> int:
+        return nfe
+
+    def min_steps(self) -> int:
+        return 1
+
+    def config(self) -> Dict[str, Any]:
+        return {"name": self.name, "order": self.order}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+    # --- sampling ----------------------------------------------------------------------------
+    def sample(self, model: DiffusionModel, x_T: torch.Tensor, timesteps: torch.Tensor,
+               model_timesteps: Optional[torch.Tensor] = None, **model_kwargs) -> torch.Tensor:
+        """Integrate the probability-flow ODE from x_T at timesteps[0] to timesteps[-1].
+
+        ``model_timesteps`` (same length) are the times at which the network is evaluated (LD3's
+        decoupled times); the solver coefficients always use ``timesteps``.  Differentiable w.r.t.
+        x_T, timesteps and model_timesteps.
+        """
+        if not isinstance(model, DiffusionModel):
+            raise TypeError("model must be a DiffusionModel: wrap your network with "
+                            "ld3_ext.wrap_model(fn, schedule, prediction=...)")
+        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+            raise TypeError(f"x_T must be a floating torch.Tensor, got "
+                            f"{getattr(x_T, 'dtype', type(x_T).__name__)}")
+        if x_T.dim() < 1 or x_T.shape[0] == 0:
+            raise ValueError(f"x_T must have a non-empty batch dimension, got shape {tuple(x_T.shape)}")
+        schedule = model.schedule
+        validate_timesteps(schedule, timesteps, x_T)
+        if timesteps.numel() - 1 < self.min_steps():
+            raise ValueError(f"timesteps: {type(self).__name__} needs at least {self.min_steps() + 1} entries")
+        if model_timesteps is None:
+            model_timesteps = timesteps
+        else:
+            validate_model_timesteps(schedule, model_timesteps, timesteps)
+        return self._solve(model, x_T, timesteps, model_timesteps, model_kwargs)
+
+    def _evaluate(self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, step: int,
+                  kwargs: Dict[str, Any]):
+        if self.checkpoint_model and torch.is_grad_enabled():
+            return _checkpoint(lambda xx, tt: model.predict(xx, tt, step=step, **kwargs), x, t,
+                               use_reentrant=False)
+        return model.predict(x, t, step=step, **kwargs)
+
+    def _solve(self, model, x, t, tm, kwargs):
+        raise NotImplementedError
+
+
+class MultistepSolver(Solver):
+    """Linear multistep solvers whose every step is ``ops.multistep_update`` with tabulated coefficients."""
+
+    def min_steps(self) -> int:
+        return 1
+
+    def _solve(self, model, x, t, tm, kwargs):
+        spec = self.spec()
+        n = t.numel() - 1
+        coef = ops.coefficient_table(model.schedule, t, spec, self.backend)
+        orders = step_orders(spec, n)
+        use_eps = spec.uses_noise_prediction
+        history: List[torch.Tensor] = []  # newest first
+        for i in range(1, n + 1):
+            x0, eps = self._evaluate(model, x, tm[i - 1], i - 1, kwargs)
+            history.insert(0, eps if use_eps else x0)
+            del history[spec.order:]
+            p = orders[i - 1]
+            x = ops.multistep_update(x, coef[i - 1, 0, : 1 + p], history[:p], self.backend)
+        return x

@@ -1,0 +1,162 @@
+"""Model wrappers: one interface (data prediction and noise prediction at a time t) for any network.
+
+``wrap_model(fn, schedule, prediction=...)`` returns a :class:`DiffusionModel`.  Solvers call
+``model.predict(x, t)`` which returns ``(x0_hat, eps_hat)`` computed from ONE network call; the
+conversion between them uses alpha(t), sigma(t) at that same t (LD3's decoupled model times).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+
+from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
+
+PREDICTIONS = ("eps", "x0", "v", "score", "velocity", "edm")
+TIME_INPUTS = ("t", "sigma", "index", "edm_noise")
+
+
+class ModelOutputError(RuntimeError):
+    """A wrapped network returned something unusable (wrong shape, NaN/Inf)."""
+
+
+class DiffusionModel(torch.nn.Module):
+    """A network bound to its noise schedule, its prediction type and how it reads time.
+
+    Parameters
+    ----------
+    fn : callable ``fn(x, time, **kwargs) -> tensor``
+    schedule : NoiseSchedule
+    prediction : what ``fn`` predicts: "eps" (noise), "x0" (data), "v" (v-prediction, VP schedules),
+        "score" (grad log p), "velocity" (flow matching, v = eps - x0) or "edm" (a k-diffusion style
+        denoiser ``fn(x_scaled, sigma) -> x0`` working in the variance-exploding view x/alpha).
+    time_input : how t is fed to ``fn``: "t" (schedule time), "sigma" (sigma/alpha), "index"
+        (VPDiscrete's 0..N-1 training index, as a float), "edm_noise" (EDM's c_noise = log(sigma)/4),
+        or a callable ``t -> time``.  Default: "sigma" for "edm", "index" for VPDiscrete, else "t".
+    guidance_scale : classifier-free guidance scale; when set, ``cond``/``uncond`` kwarg names are
+        batched into one call as [uncond; cond] and the outputs combined as u + s (c - u).
+    model_kwargs : extra keyword arguments passed to every call.
+    """
+
+    def __init__(self, fn: Callable, schedule: NoiseSchedule, prediction: str = "eps",
+                 time_input: Union[str, Callable, None] = None, guidance_scale: Optional[float] = None,
+                 cond_key: str = "cond", model_kwargs: Optional[Dict[str, Any]] = None,
+                 check_output: bool = True, name: Optional[str] = None):
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable (the network), got {type(fn).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be an ld3_ext.schedules.NoiseSchedule, got {type(schedule).__name__}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if prediction == "velocity" and not isinstance(schedule, FlowMatching):
+            raise ValueError("prediction='velocity' (flow matching) needs a FlowMatching schedule, "
+                             f"got {type(schedule).__name__}")
+        if prediction == "v" and isinstance(schedule, FlowMatching):
+            raise ValueError("prediction='v' is the VP v-parameterisation; for a flow-matching model use "
+                             "prediction='velocity'")
+        if time_input is None:
+            time_input = "sigma" if prediction == "edm" else ("index" if isinstance(schedule, VPDiscrete) else "t")
+        if not callable(time_input) and time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input must be one of {TIME_INPUTS} or a callable, got {time_input!r}")
+        if time_input == "index" and not isinstance(schedule, VPDiscrete):
+            raise ValueError("time_input='index' needs a VPDiscrete schedule")
+        if guidance_scale is not None:
+            guidance_scale = float(guidance_scale)
+        self.fn = fn
+        if isinstance(fn, torch.nn.Module):
+            self.net = fn  # registered so .to()/.eval() reach it
+        self.schedule = schedule
+        self.prediction = prediction
+        self.time_input = time_input
+        self.guidance_scale = guidance_scale
+        self.cond_key = cond_key
+        self.model_kwargs = dict(model_kwargs or {})
+        self.check_output = check_output
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    # -------------------------------------------------------------------------------------------
+    def network_time(self, t: torch.Tensor) -> torch.Tensor:
+        ti = self.time_input
+        if callable(ti):
+            return ti(t)
+        if ti == "t":
+            return t
+        if ti == "sigma":
+            return self.schedule.edm_sigma(t)
+        if ti == "edm_noise":
+            return 0.25 * torch.log(self.schedule.edm_sigma(t))
+        return self.schedule.model_index(t)
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor, kwargs: Dict[str, Any]) -> torch.Tensor:
+        b = x.shape[0]
+        tt = self.network_time(t)
+        tt = tt.reshape(()).to(x.dtype).expand(b) if tt.numel() == 1 else tt.to(x.dtype)
+        xin = x
+        if self.prediction == "edm":
+            xin = x / self.schedule.alpha(t).to(x.dtype)
+        kw = {**self.model_kwargs, **kwargs}
+        if self.guidance_scale is None:
+            return self.fn(xin, tt, **kw)
+        if self.cond_key not in kw or "uncond" not in kw:
+            raise ValueError(f"guidance_scale is set: pass both '{self.cond_key}' and 'uncond' as model kwargs")
+        cond, uncond = kw.pop(self.cond_key), kw.pop("uncond")
+        both = torch.cat([uncond, cond]) if isinstance(cond, torch.Tensor) else [*uncond, *cond]
+        out = self.fn(torch.cat([xin, xin]), torch.cat([tt, tt]), **{self.cond_key: both}, **kw)
+        out_u, out_c = out.chunk(2)
+        return out_u + self.guidance_scale * (out_c - out_u)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, step: Optional[int] = None, **kwargs):
+        """(x0_hat, eps_hat) at time t (a 0-d tensor in schedule units)."""
+        out = self._call(x, t, kwargs)
+        where = f" at step {step}" if step is not None else ""
+        if not isinstance(out, torch.Tensor):
+            raise ModelOutputError(f"model returned {type(out).__name__}{where}, expected a tensor")
+        if out.shape != x.shape:
+            raise ModelOutputError(f"model output has shape {tuple(out.shape)}{where} (t={float(t):.6g}), "
+                                   f"expected the input's shape {tuple(x.shape)}")
+        if self.check_output and not torch.isfinite(out).all():
+            raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t):.6g})")
+        out = out.to(x.dtype)
+        s = self.schedule
+        alpha, sigma = s.alpha(t).to(x.dtype), s.sigma(t).to(x.dtype)
+        p = self.prediction
+        if p == "eps":
+            eps = out
+            x0 = (x - sigma * eps) / alpha
+        elif p == "x0":
+            x0 = out
+            eps = (x - alpha * x0) / sigma
+        elif p == "v":  # v = alpha eps - sigma x0 with alpha^2 + sigma^2 = 1
+            x0 = alpha * x - sigma * out
+            eps = sigma * x + alpha * out
+        elif p == "score":
+            eps = -sigma * out
+            x0 = (x - sigma * eps) / alpha
+        elif p == "velocity":  # x_t = (1-t) x0 + t eps, v = eps - x0
+            tt = t.to(x.dtype)
+            x0 = x - tt * out
+            eps = x + (1.0 - tt) * out
+        else:  # "edm": out is the denoised x0 in the VE view (x/alpha)
+            x0 = out
+            eps = (x - alpha * x0) / sigma
+        return x0, eps
+
+    def x0(self, x, t, **kw):
+        return self.predict(x, t, **kw)[0]
+
+    def eps(self, x, t, **kw):
+        return self.predict(x, t, **kw)[1]
+
+    def forward(self, x, t, **kw):
+        return self.predict(x, t, **kw)[0]
+
+
+def wrap_model(fn: Callable, schedule: NoiseSchedule, prediction: str = "eps", **kwargs) -> DiffusionModel:
+    """Wrap a network ``fn(x, time, **kw)`` so that every solver can use it (see :class:`DiffusionModel`)."""
+    if isinstance(fn, DiffusionModel):
+        return fn
+    return DiffusionModel(fn, schedule, prediction=prediction, **kwargs)
+
+
+__all__ = ["DiffusionModel", "wrap_model", "ModelOutputError", "PREDICTIONS", "TIME_INPUTS"]
