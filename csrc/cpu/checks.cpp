@@ -1,0 +1,48 @@
+// Argument validation shared by the CPU and CUDA entry points: a clear TORCH_CHECK, never a crash.
+#include "ld3_ops.h"
+
+#include <c10/util/Exception.h>
+
+#include "solver_coefficients.h"
+
+namespace ld3 {
+
+void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history) {
+  TORCH_CHECK(x.defined(), "multistep_update: x is undefined");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "multistep_update: x must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(history.size() <= static_cast<size_t>(kMaxHistory), "multistep_update: history holds ",
+              history.size(), " tensors, at most ", kMaxHistory, " are supported");
+  for (size_t k = 0; k < history.size(); ++k) {
+    const auto& m = history[k];
+    TORCH_CHECK(m.defined(), "multistep_update: history[", k, "] is undefined");
+    TORCH_CHECK(m.scalar_type() == st, "multistep_update: history[", k, "] has dtype ", m.scalar_type(),
+                " but x has dtype ", st);
+    TORCH_CHECK(m.device() == x.device(), "multistep_update: history[", k, "] is on ", m.device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(m.sizes() == x.sizes(), "multistep_update: history[", k, "] has shape ", m.sizes(),
+                " but x has shape ", x.sizes());
+  }
+  TORCH_CHECK(coef.defined(), "multistep_update: coef is undefined");
+  TORCH_CHECK(coef.scalar_type() == at::kDouble, "multistep_update: coef must be float64, got ", coef.scalar_type());
+  TORCH_CHECK(coef.dim() == 1, "multistep_update: coef must be 1-D, got shape ", coef.sizes());
+  TORCH_CHECK(coef.numel() >= static_cast<int64_t>(1 + history.size()) && coef.numel() <= kTableWidth,
+              "multistep_update: coef has ", coef.numel(), " entries; need between 1 + len(history) = ",
+              1 + history.size(), " and ", kTableWidth);
+  TORCH_CHECK(coef.device() == x.device(), "multistep_update: coef is on ", coef.device(), " but x is on ",
+              x.device());
+}
+
+void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver, int64_t order) {
+  TORCH_CHECK(t.defined() && t.scalar_type() == at::kDouble && t.dim() == 1,
+              "coefficient_table: timesteps must be a 1-D float64 tensor");
+  TORCH_CHECK(t.numel() >= 2, "coefficient_table: timesteps needs at least 2 entries, got ", t.numel());
+  TORCH_CHECK(schedule_kind >= 0 && schedule_kind <= 3, "coefficient_table: unknown schedule kind ", schedule_kind);
+  TORCH_CHECK(solver >= 0 && solver <= 3, "coefficient_table: unknown solver id ", solver);
+  const int64_t max_order[4] = {1, 3, 3, 4};
+  TORCH_CHECK(order >= 1 && order <= max_order[solver], "coefficient_table: order ", order,
+              " out of range 1..", max_order[solver], " for solver id ", solver);
+}
+
+}  // namespace ld3

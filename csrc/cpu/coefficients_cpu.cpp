@@ -1,0 +1,31 @@
+// Coefficient table + Jacobian on the host: a thin loop over the shared header.
+#include <ATen/ATen.h>
+
+#include "ld3_ops.h"
+#include "solver_coefficients.h"
+
+namespace ld3 {
+
+std::tuple<at::Tensor, at::Tensor> coefficient_table_cpu(const at::Tensor& t_in, int64_t schedule_kind, double p0,
+                                                         double p1, int64_t solver, int64_t order,
+                                                         bool lower_order_final, bool heun, bool bh2,
+                                                         bool use_corrector) {
+  check_table_args(t_in, schedule_kind, solver, order);
+  TORCH_CHECK(t_in.device().is_cpu(), "coefficient_table_cpu: timesteps must be on the CPU");
+  const at::Tensor t = t_in.contiguous();
+  const int n = static_cast<int>(t.numel() - 1);
+  auto opts = t.options();
+  at::Tensor table = at::empty({n, 2, kTableWidth}, opts);
+  at::Tensor jac = at::empty({n, 2, kTableWidth, kWindow}, opts);
+  const ScheduleParams sched{static_cast<int>(schedule_kind), p0, p1};
+  const SolverParams sp{static_cast<int>(solver), static_cast<int>(order), lower_order_final, heun, bh2,
+                        use_corrector};
+  const double* tp = t.const_data_ptr<double>();
+  double* tab = table.mutable_data_ptr<double>();
+  double* jp = jac.mutable_data_ptr<double>();
+  for (int i = 1; i <= n; ++i)
+    step_coefficients(sched, sp, tp, i, n, tab + (i - 1) * 2 * kTableWidth, jp + (i - 1) * 2 * kTableWidth * kWindow);
+  return {table, jac};
+}
+
+}  // namespace ld3

@@ -1,0 +1,241 @@
+// Fused multistep update on the CPU: forward and one-pass backward.
+//
+// Loops live in templates (a #pragma cannot sit inside an AT_DISPATCH lambda) and are specialised
+// on the number of history terms K so each pass reads exactly the bytes it needs.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <array>
+
+#include "ld3_ops.h"
+#include "solver_coefficients.h"
+
+namespace ld3 {
+namespace {
+
+// Elements per parallel_for task in the forward; large enough to amortise the fork.
+constexpr int64_t kForwardGrain = 32768;
+
+template <typename scalar_t>
+using Ptrs = std::array<const scalar_t*, kMaxHistory>;
+
+template <typename scalar_t, int K>
+void forward_range(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, const at::opmath_type<scalar_t>* c,
+                   int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], c4 = c[4];
+  const scalar_t* m0 = m[0];
+  const scalar_t* m1 = m[1];
+  const scalar_t* m2 = m[2];
+  const scalar_t* m3 = m[3];
+  // out may alias x exactly: element i is read before it is written, no cross-element dependence.
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    acc_t v = c0 * static_cast<acc_t>(x[i]);
+    if constexpr (K > 0) v = v + c1 * static_cast<acc_t>(m0[i]);
+    if constexpr (K > 1) v = v + c2 * static_cast<acc_t>(m1[i]);
+    if constexpr (K > 2) v = v + c3 * static_cast<acc_t>(m2[i]);
+    if constexpr (K > 3) v = v + c4 * static_cast<acc_t>(m3[i]);
+    out[i] = static_cast<scalar_t>(v);
+  }
+}
+
+template <typename scalar_t, int K>
+void forward_impl(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, const double* coef, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // coefficients are rounded to the op-math type first, as the reference path does
+  acc_t c[kTableWidth] = {};
+  for (int k = 0; k <= K; ++k) c[k] = static_cast<acc_t>(coef[k]);
+  at::parallel_for(0, n, kForwardGrain,
+                   [&](int64_t b, int64_t e) { forward_range<scalar_t, K>(out, x, m, c, b, e); });
+}
+
+// One pass: element-wise grads (if wanted) and the chunk's dot products <g,x>, <g,m_k> in double.
+template <typename scalar_t, int K, bool DOT>
+void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m, scalar_t* gx,
+                    const std::array<scalar_t*, kMaxHistory>& gm, const at::opmath_type<scalar_t>* c, int64_t begin,
+                    int64_t end, double* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3], c4 = c[4];
+  const scalar_t* m0 = m[0];
+  const scalar_t* m1 = m[1];
+  const scalar_t* m2 = m[2];
+  const scalar_t* m3 = m[3];
+  scalar_t* g0 = gm[0];
+  scalar_t* g1 = gm[1];
+  scalar_t* g2 = gm[2];
+  scalar_t* g3 = gm[3];
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+  const bool want_x = gx != nullptr, want_m = g0 != nullptr;
+  if (want_x || want_m) {
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t gi = static_cast<acc_t>(g[i]);
+      if (want_x) gx[i] = static_cast<scalar_t>(c0 * gi);
+      if constexpr (K > 0) { if (want_m) g0[i] = static_cast<scalar_t>(c1 * gi); }
+      if constexpr (K > 1) { if (want_m) g1[i] = static_cast<scalar_t>(c2 * gi); }
+      if constexpr (K > 2) { if (want_m) g2[i] = static_cast<scalar_t>(c3 * gi); }
+      if constexpr (K > 3) { if (want_m) g3[i] = static_cast<scalar_t>(c4 * gi); }
+      if constexpr (DOT) {
+        const double gd = static_cast<double>(gi);
+        s0 += gd * static_cast<double>(static_cast<acc_t>(x[i]));
+        if constexpr (K > 0) s1 += gd * static_cast<double>(static_cast<acc_t>(m0[i]));
+        if constexpr (K > 1) s2 += gd * static_cast<double>(static_cast<acc_t>(m1[i]));
+        if constexpr (K > 2) s3 += gd * static_cast<double>(static_cast<acc_t>(m2[i]));
+        if constexpr (K > 3) s4 += gd * static_cast<double>(static_cast<acc_t>(m3[i]));
+      }
+    }
+  } else if constexpr (DOT) {
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
+    for (int64_t i = begin; i < end; ++i) {
+      const double gd = static_cast<double>(static_cast<acc_t>(g[i]));
+      s0 += gd * static_cast<double>(static_cast<acc_t>(x[i]));
+      if constexpr (K > 0) s1 += gd * static_cast<double>(static_cast<acc_t>(m0[i]));
+      if constexpr (K > 1) s2 += gd * static_cast<double>(static_cast<acc_t>(m1[i]));
+      if constexpr (K > 2) s3 += gd * static_cast<double>(static_cast<acc_t>(m2[i]));
+      if constexpr (K > 3) s4 += gd * static_cast<double>(static_cast<acc_t>(m3[i]));
+    }
+  }
+  if constexpr (DOT) {
+    partial[0] = s0;
+    partial[1] = s1;
+    partial[2] = s2;
+    partial[3] = s3;
+    partial[4] = s4;
+  }
+}
+
+template <typename scalar_t, int K, bool DOT>
+void backward_impl(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m, scalar_t* gx,
+                   const std::array<scalar_t*, kMaxHistory>& gm, const double* coef, int64_t n, double* grad_coef) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t c[kTableWidth] = {};
+  for (int k = 0; k <= K; ++k) c[k] = static_cast<acc_t>(coef[k]);
+  const int64_t nchunks = (n + kReduceChunk - 1) / kReduceChunk;
+  // Chunk boundaries do not depend on the thread count, and partials are summed in chunk order
+  // below, so the dot products are bitwise identical for any number of threads.
+  std::vector<double> partials(DOT ? nchunks * kTableWidth : 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      const int64_t b = ch * kReduceChunk;
+      const int64_t e = std::min(n, b + kReduceChunk);
+      backward_range<scalar_t, K, DOT>(g, x, m, gx, gm, c, b, e, DOT ? partials.data() + ch * kTableWidth : nullptr);
+    }
+  });
+  if constexpr (DOT) {
+    for (int k = 0; k <= K; ++k) {
+      double s = 0;
+      for (int64_t ch = 0; ch < nchunks; ++ch) s += partials[ch * kTableWidth + k];
+      grad_coef[k] = s;
+    }
+  }
+}
+
+template <typename F>
+void dispatch_k(int64_t k, F&& f) {
+  switch (k) {
+    case 0: f(std::integral_constant<int, 0>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+void check_cpu(const at::Tensor& x, const at::Tensor& coef) {
+  TORCH_CHECK(x.device().is_cpu(), "multistep_update (CPU kernel): x must be on the CPU, got ", x.device());
+  TORCH_CHECK(coef.device().is_cpu(), "multistep_update: coef is on ", coef.device(), " but x is on the CPU");
+}
+
+}  // namespace
+
+at::Tensor multistep_forward_cpu(const at::Tensor& x_in, const at::Tensor& coef_in,
+                                 const std::vector<at::Tensor>& history, const at::Tensor& out_in) {
+  check_update_args(x_in, coef_in, history);
+  check_cpu(x_in, coef_in);
+  const int64_t K = static_cast<int64_t>(history.size());
+  at::Tensor out = out_in;
+  if (out.defined()) {
+    TORCH_CHECK(out.scalar_type() == x_in.scalar_type() && out.device() == x_in.device() &&
+                    out.sizes() == x_in.sizes(),
+                "multistep_update: out must match x in shape, dtype and device");
+    at::assert_no_internal_overlap(out);
+    for (const auto& m : history) at::assert_no_partial_overlap(out, m);
+    at::assert_no_partial_overlap(out, x_in);
+  } else {
+    out = at::empty_like(x_in, at::MemoryFormat::Contiguous);
+  }
+  if (x_in.numel() == 0) return out;
+  // Non-contiguous inputs take a contiguous copy: correct, the fast path is for the common case.
+  const at::Tensor x = x_in.contiguous();
+  std::vector<at::Tensor> hist;
+  hist.reserve(K);
+  for (const auto& m : history) hist.push_back(m.contiguous());
+  const at::Tensor coef = coef_in.contiguous();
+  const bool direct = out.is_contiguous();
+  at::Tensor dst = direct ? out : at::empty_like(x);
+  // An exactly aliased x (out=x) stays safe: same index read then written.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ld3_multistep_forward_cpu", [&] {
+    Ptrs<scalar_t> m{};
+    for (int64_t k = 0; k < K; ++k) m[k] = hist[k].const_data_ptr<scalar_t>();
+    scalar_t* o = dst.mutable_data_ptr<scalar_t>();
+    const scalar_t* xp = direct && out.is_same(x_in) ? o : x.const_data_ptr<scalar_t>();
+    const double* cp = coef.const_data_ptr<double>();
+    dispatch_k(K, [&](auto kc) { forward_impl<scalar_t, decltype(kc)::value>(o, xp, m, cp, x.numel()); });
+  });
+  if (!direct) out.copy_(dst);
+  return out;
+}
+
+GradTuple multistep_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& coef_in,
+                                 const std::vector<at::Tensor>& history, bool need_x, bool need_coef,
+                                 bool need_hist) {
+  check_update_args(x_in, coef_in, history);
+  check_cpu(x_in, coef_in);
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type() &&
+                  grad_in.device() == x_in.device(),
+              "multistep_update backward: grad must match x in shape, dtype and device");
+  const int64_t K = static_cast<int64_t>(history.size());
+  const at::Tensor g = grad_in.contiguous();
+  at::Tensor gx = need_x ? at::empty_like(g) : at::Tensor();
+  std::vector<at::Tensor> gms;
+  if (need_hist)
+    for (int64_t k = 0; k < K; ++k) gms.push_back(at::empty_like(g));
+  at::Tensor gc = need_coef ? at::zeros_like(coef_in, at::MemoryFormat::Contiguous) : at::Tensor();
+  const int64_t n = g.numel();
+  if (n == 0 || (!need_x && !need_coef && !need_hist)) return {gx, gc, gms};
+  const at::Tensor coef = coef_in.contiguous();
+  // x and history are only read for the dot products
+  at::Tensor x;
+  std::vector<at::Tensor> hist;
+  if (need_coef) {
+    x = x_in.contiguous();
+    for (const auto& m : history) hist.push_back(m.contiguous());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "ld3_multistep_backward_cpu", [&] {
+    Ptrs<scalar_t> m{};
+    std::array<scalar_t*, kMaxHistory> gm{};
+    if (need_coef)
+      for (int64_t k = 0; k < K; ++k) m[k] = hist[k].const_data_ptr<scalar_t>();
+    if (need_hist)
+      for (int64_t k = 0; k < K; ++k) gm[k] = gms[k].mutable_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* xp = need_coef ? x.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gxp = need_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+    const double* cp = coef.const_data_ptr<double>();
+    double* gcp = need_coef ? gc.mutable_data_ptr<double>() : nullptr;
+    dispatch_k(K, [&](auto kc) {
+      constexpr int KK = decltype(kc)::value;
+      if (need_coef)
+        backward_impl<scalar_t, KK, true>(gp, xp, m, gxp, gm, cp, n, gcp);
+      else
+        backward_impl<scalar_t, KK, false>(gp, xp, m, gxp, gm, cp, n, gcp);
+    });
+  });
+  return {gx, gc, gms};
+}
+
+}  // namespace ld3

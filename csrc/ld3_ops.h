@@ -1,0 +1,46 @@
+// Entry points of the native kernels, shared by the binding TU, the CPU and the CUDA sources.
+// Kept free of torch/extension.h so the kernel TUs compile fast.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace ld3 {
+
+using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+
+// Argument checks common to every device (TORCH_CHECK messages name the argument).
+void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history);
+void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver, int64_t order);
+
+// x_next = a*x + sum_k b_k*m_k with coef = [a, b_0, ...] (float64, on x's device).
+// `out` (contiguous, may alias x) is written in place when given.
+at::Tensor multistep_forward_cpu(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history,
+                                 const at::Tensor& out);
+// (grad_x, grad_coef, grad_history); undefined tensors where not requested.
+GradTuple multistep_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& coef,
+                                 const std::vector<at::Tensor>& history, bool need_x, bool need_coef, bool need_hist);
+// ([N,2,5] table, [N,2,5,4] Jacobian w.r.t. t_{i-3..i}), float64.
+std::tuple<at::Tensor, at::Tensor> coefficient_table_cpu(const at::Tensor& t, int64_t schedule_kind, double p0,
+                                                         double p1, int64_t solver, int64_t order,
+                                                         bool lower_order_final, bool heun, bool bh2,
+                                                         bool use_corrector);
+
+#ifdef LD3_WITH_CUDA_KERNELS
+at::Tensor multistep_forward_cuda(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history,
+                                  const at::Tensor& out);
+GradTuple multistep_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& coef,
+                                  const std::vector<at::Tensor>& history, bool need_x, bool need_coef, bool need_hist);
+std::tuple<at::Tensor, at::Tensor> coefficient_table_cuda(const at::Tensor& t, int64_t schedule_kind, double p0,
+                                                          double p1, int64_t solver, int64_t order,
+                                                          bool lower_order_final, bool heun, bool bh2,
+                                                          bool use_corrector);
+#endif
+
+// Deterministic reductions: fixed-size chunks, partials summed in chunk order.
+constexpr int64_t kReduceChunk = 32768;
+
+}  // namespace ld3

@@ -1,0 +1,216 @@
+"""Crash-safe file writes and self-checking file formats.
+
+Every write goes to a temporary file in the destination directory, is flushed and fsync'ed, then
+moved over the destination with ``os.replace`` (atomic on POSIX and Windows), and the directory is
+fsync'ed.  A reader therefore sees either the old complete file or the new complete file, never a
+half-written one, even if the process is killed mid-write.
+
+Two self-checking formats sit on top:
+
+* JSON with a ``"checksum": "sha256:<hex>"`` field computed over the canonical JSON of the rest of
+  the document (sorted keys, compact separators), so truncation or hand edits are detected.
+* safetensors (never pickle) whose header metadata carries ``ld3_sha256`` -- a hash of every
+  tensor's name, dtype, shape and bytes -- plus ``ld3_meta``, a JSON string of user metadata.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+
+
+class CorruptFileError(ValueError):
+    """A file is truncated, not in the expected format, or fails its checksum."""
+
+
+# ----------------------------------------------------------------------------------------------
+# raw atomic writes
+# ----------------------------------------------------------------------------------------------
+def _fsync_dir(directory: str) -> None:
+    # Persist the rename itself; not supported on every platform/filesystem, hence best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace + dir fsync)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # never leave a stray temp file behind (also on KeyboardInterrupt)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------
+# checksummed JSON
+# ----------------------------------------------------------------------------------------------
+def canonical_json(obj: Any) -> str:
+    """The byte-stable form the checksum is computed over (NaN/Inf are rejected)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def json_checksum(doc: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    return "sha256:" + hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+
+
+def atomic_write_json(path: str, doc: Mapping[str, Any], checksum: bool = True) -> Dict[str, Any]:
+    """Write ``doc`` (a dict) as indented JSON, adding a ``checksum`` field; returns what was written."""
+    out = {k: v for k, v in doc.items() if k != "checksum"}
+    if checksum:
+        out["checksum"] = json_checksum(out)
+    text = json.dumps(out, indent=1, sort_keys=True, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+    return out
+
+
+def _reject_constant(name):
+    raise ValueError(f"non-finite number {name} in JSON")
+
+
+def read_json_checked(path: str, require_checksum: bool = True, what: str = "file") -> Dict[str, Any]:
+    """Read a JSON document written by :func:`atomic_write_json` and verify its checksum."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    if not raw.strip():
+        raise CorruptFileError(f"{what} {path} is empty (truncated write?)")
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptFileError(f"{what} {path} is not valid JSON (truncated or corrupted): {e}") from None
+    if not isinstance(doc, dict):
+        raise CorruptFileError(f"{what} {path}: expected a JSON object at the top level, got {type(doc).__name__}")
+    if "checksum" not in doc:
+        if require_checksum:
+            raise CorruptFileError(f"{what} {path} has no 'checksum' field")
+        return doc
+    expected = json_checksum(doc)
+    if doc["checksum"] != expected:
+        raise CorruptFileError(f"{what} {path} fails its checksum (stored {str(doc['checksum'])[:20]}..., "
+                               f"content hashes to {expected[:20]}...): it was modified or corrupted")
+    return doc
+
+
+# ----------------------------------------------------------------------------------------------
+# checksummed safetensors
+# ----------------------------------------------------------------------------------------------
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (any dtype, bf16 included)."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
+def atomic_save_safetensors(path: str, tensors: Mapping[str, torch.Tensor],
+                            metadata: Optional[Mapping[str, Any]] = None) -> str:
+    """Save tensors atomically with a content checksum; ``metadata`` may hold any JSON value.
+
+    Returns the checksum.
+    """
+    from safetensors.torch import save
+
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta_json = canonical_json(dict(metadata or {}))
+    digest = _file_digest(tensors_sha256(clean), meta_json)
+    atomic_write_bytes(path, save(clean, metadata={"ld3_sha256": digest, "ld3_meta": meta_json}))
+    return digest
+
+
+def _file_digest(tensor_digest: str, meta_json: str) -> str:
+    # the checksum covers the user metadata too, so edits to either are detected
+    return hashlib.sha256(f"{tensor_digest}|{meta_json}".encode("utf-8")).hexdigest()
+
+
+def _read_header(raw: bytes, path: str, what: str) -> Dict[str, Any]:
+    if len(raw) < 8:
+        raise CorruptFileError(f"{what} {path} is truncated ({len(raw)} bytes)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > len(raw) - 8:
+        raise CorruptFileError(f"{what} {path} is truncated (header says {n} bytes, file has {len(raw) - 8})")
+    try:
+        header = json.loads(raw[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CorruptFileError(f"{what} {path} is not a safetensors file (unreadable header)") from None
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > len(raw):
+        raise CorruptFileError(f"{what} {path} is truncated (tensor data ends at {8 + n + end} bytes, "
+                               f"file has {len(raw)})")
+    return header
+
+
+def load_safetensors_checked(path: str, what: str = "file") -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Load tensors saved by :func:`atomic_save_safetensors`; verifies the checksum.
+
+    Returns ``(tensors, metadata)``.
+    """
+    from safetensors.torch import load
+
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    header = _read_header(raw, path, what)
+    meta = header.get("__metadata__") or {}
+    if "ld3_sha256" not in meta or "ld3_meta" not in meta:
+        raise CorruptFileError(f"{what} {path} lacks ld3_ext checksum metadata (not written by ld3_ext?)")
+    try:
+        tensors = load(raw)
+    except Exception as e:  # safetensors raises its own error types
+        raise CorruptFileError(f"{what} {path} could not be decoded: {e}") from None
+    if _file_digest(tensors_sha256(tensors), meta["ld3_meta"]) != meta["ld3_sha256"]:
+        raise CorruptFileError(f"{what} {path} fails its checksum: its tensors or metadata were modified "
+                               "or corrupted")
+    try:
+        user_meta = json.loads(meta["ld3_meta"])
+    except ValueError:
+        raise CorruptFileError(f"{what} {path} has unreadable metadata") from None
+    return tensors, user_meta
+
+
+__all__ = ["CorruptFileError", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "read_json_checked", "canonical_json", "json_checksum", "tensors_sha256",
+           "atomic_save_safetensors", "load_safetensors_checked"]

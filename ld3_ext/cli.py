@@ -1,0 +1,303 @@
+"""The ``ld3`` command: sample, teacher, train, eval.
+
+    ld3 sample  --model gmm:ring2d --solver dpmpp --order 3 --nfe 6 --out runs/ring
+    ld3 train   --model digits --solver dpmpp --order 3 --nfe 6 --out runs/digits
+    ld3 eval    --out runs/digits
+    ld3 teacher --model digits --out runs/digits
+
+``--model`` takes a built-in name, ``diffusers:PATH`` or ``package.module:factory`` (see
+``ld3_ext.models.registry``).  Runs under ``torchrun`` too (``python -m ld3_ext.cli ...``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+BASELINES = ["time_uniform", "time_quadratic", "logsnr", "edm"]
+MODEL_BASELINES = ["dmn", "gits"]
+
+
+def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True):
+    p.add_argument("--model", default="digits", help="built-in name (digits, gmm:ring2d, gmm:digits64, "
+                   "gmm:random3072), diffusers:PATH or package.module:factory (default: digits)")
+    p.add_argument("--out", default="runs/ld3", help="output directory (default: runs/ld3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    if solver_defaults:
+        p.add_argument("--solver", default="dpmpp", choices=["dpmpp", "unipc", "ipndm", "euler", "heun"])
+        p.add_argument("--order", type=int, default=3)
+        p.add_argument("--variant", default="bh1", choices=["bh1", "bh2"], help="UniPC B(h)")
+        p.add_argument("--nfe", type=int, default=6)
+    p.add_argument("--teacher-solver", default="unipc")
+    p.add_argument("--teacher-order", type=int, default=3)
+    p.add_argument("--teacher-nfe", type=int, default=20)
+
+
+def _make_solver(args, name=None, order=None):
+    from .solvers import make_solver
+    name = name or args.solver
+    kw = {"variant": args.variant} if name == "unipc" else {}
+    return make_solver(name, order=order or args.order, **kw)
+
+
+def _teacher(model, schedule, x_T, args):
+    """Exact ODE solution for analytic test beds, else a high-NFE solve (no grad)."""
+    testbed = getattr(model, "testbed", None)
+    if testbed is not None:
+        return testbed.reference_solution(schedule, x_T, rtol=1e-7, atol=1e-7)
+    from .discretizations import logsnr_uniform
+    from .solvers import make_solver
+    solver = make_solver(args.teacher_solver, order=args.teacher_order)
+    with torch.no_grad():
+        return solver.sample(model, x_T, logsnr_uniform(schedule, args.teacher_nfe).to(x_T.device))
+
+
+def _prior(model, schedule, n, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    shape = _sample_shape(model)
+    return (schedule.prior_std() * torch.randn(n, *shape, generator=g, dtype=torch.float64)).to(device)
+
+
+def _sample_shape(model):
+    tb = getattr(model, "testbed", None)
+    if tb is not None:
+        return tb.event_shape
+    shape = getattr(model, "sample_shape", None)
+    if shape is None:
+        raise SystemExit("error: --model: the model does not say its sample shape; set `model.sample_shape = (C, H, W)` "
+                         "in your factory")
+    return tuple(shape)
+
+
+def _rmse(a, b):
+    return (a - b).flatten(1).pow(2).mean(1).sqrt()
+
+
+def _table(rows: List[Dict], cols: List[str]) -> str:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for r in rows:
+        out.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
+    return "\n".join(out)
+
+
+def _fmt(x):
+    return f"{x:.4g}"
+
+
+def _load(args):
+    from .models import load_model, ModelSpecError
+    try:
+        model, schedule = load_model(args.model, device=args.device)
+    except ModelSpecError as exc:
+        raise SystemExit(f"error: {exc}")
+    model_dtype = torch.float64 if getattr(model, "testbed", None) is not None else torch.float32
+    return model, schedule, model_dtype
+
+
+def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0):
+    from .discretizations import get_discretization
+    grids = {}
+    for name in names:
+        if name in MODEL_BASELINES:
+            try:
+                from .baselines import baseline_timesteps
+                grids[name] = baseline_timesteps(name, schedule, nfe, model=model, solver=solver, seed=seed)
+            except ImportError:
+                continue
+        else:
+            grids[name] = get_discretization(name, schedule, nfe)
+    return grids
+
+
+# ------------------------------------------------------------------------------------------------
+def cmd_sample(args) -> int:
+    from .plotting import sample_grid
+    model, schedule, dtype = _load(args)
+    solver = _make_solver(args)
+    x_T = _prior(model, schedule, args.n, args.seed, args.device).to(dtype)
+    t0 = time.time()
+    target = _teacher(model, schedule, x_T, args)
+    print(f"teacher: {'exact ODE solution' if getattr(model, 'testbed', None) is not None else f'{args.teacher_solver} {args.teacher_nfe} NFE'}"
+          f" ({time.time() - t0:.1f}s)")
+    steps = solver.steps_for_nfe(args.nfe)
+    grids = _baseline_grids(BASELINES, schedule, steps)
+    learned = None
+    if args.schedule:
+        from .schedule_file import load_schedule
+        learned = load_schedule(args.schedule)
+        grids["ld3"] = learned.timesteps
+    rows, samples = [], {"teacher": target}
+    for name, t in grids.items():
+        tm = learned.model_timesteps if (name == "ld3" and learned is not None) else None
+        with torch.no_grad():
+            x = solver.sample(model, x_T, t.to(args.device), model_timesteps=None if tm is None else tm.to(args.device))
+        err = _rmse(x, target)
+        samples[name] = x
+        rows.append({"schedule": name, "NFE": solver.nfe(steps), "mean RMSE": _fmt(err.mean().item()),
+                     "median RMSE": _fmt(err.median().item())})
+    print(f"{args.model}  solver={solver!r}  n={args.n}")
+    print(_table(rows, ["schedule", "NFE", "mean RMSE", "median RMSE"]))
+    png = sample_grid(samples, os.path.join(args.out, "samples.png"), title=f"{args.model} {solver.name} NFE {args.nfe}")
+    print(f"wrote {png}")
+    return 0
+
+
+def cmd_teacher(args) -> int:
+    from .training.teacher import TeacherConfig, load_or_generate_teacher
+    model, schedule, dtype = _load(args)
+    cfg = TeacherConfig(solver=args.teacher_solver, order=args.teacher_order, nfe=args.teacher_nfe,
+                        n_train=args.n_train, n_valid=args.n_valid, seed=args.seed)
+    data = load_or_generate_teacher(model, schedule, cfg, cache_dir=os.path.join(args.out, "teacher"),
+                                    dtype=dtype, progress=not args.no_progress)
+    print(f"teacher pairs ready in {os.path.join(args.out, 'teacher')}: "
+          f"{data.train_noise.shape[0]} train, {data.valid_noise.shape[0]} valid")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training import LD3Trainer
+    from . import distributed
+    distributed.init_from_env()
+    model, schedule, dtype = _load(args)
+    solver = _make_solver(args)
+    os.makedirs(args.out, exist_ok=True)
+    trainer = LD3Trainer(model, schedule, solver, args.nfe, loss=args.loss, time_mode=args.time_mode,
+                         init=args.init, seed=args.seed, device=args.device, dtype=dtype,
+                         n_train=args.n_train, n_valid=args.n_valid,
+                         teacher_solver=args.teacher_solver, teacher_order=args.teacher_order,
+                         teacher_nfe=args.teacher_nfe, teacher_dir=os.path.join(args.out, "teacher"),
+                         checkpoint_dir=os.path.join(args.out, "checkpoint"), progress=not args.no_progress,
+                         rounds_v1=args.rounds_v1, rounds_v2=args.rounds_v2, checkpoint_model=args.checkpointing)
+    t0 = time.time()
+    learned = trainer.fit()
+    if distributed.is_rank0():
+        path = learned.save(os.path.join(args.out, "schedule.json"))
+        print(f"trained in {time.time() - t0:.1f}s; wrote {path}")
+        print("timesteps:       " + ", ".join(f"{v:.5g}" for v in learned.timesteps.tolist()))
+        print("model_timesteps: " + ", ".join(f"{v:.5g}" for v in learned.model_timesteps.tolist()))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .plotting import sample_grid, schedule_plot
+    from .schedule_file import load_schedule
+    from .solvers import solver_from_config
+    path = args.schedule or os.path.join(args.out, "schedule.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --schedule: no schedule file at {path} (run `ld3 train --out {args.out}` first)")
+    learned = load_schedule(path)
+    model_name = args.model or learned.metadata.get("model", {}).get("name") or "digits"
+    args.model = model_name
+    model, schedule, dtype = _load(args)
+    solver = solver_from_config(learned.metadata["solver"])
+    nfe = int(learned.metadata["nfe"])
+    x_T = _prior(model, schedule, args.n, args.seed + 10_000, args.device).to(dtype)  # held-out noises
+    target = _teacher(model, schedule, x_T, args)
+    steps = solver.steps_for_nfe(nfe)
+    names = BASELINES + ([] if args.skip_model_baselines else MODEL_BASELINES)
+    grids = _baseline_grids(names, schedule, steps, model=model, solver=solver, seed=args.seed)
+    grids["ld3"] = learned.timesteps
+    fd = None
+    if args.model == "digits":
+        try:
+            from .metrics import digits_fd
+            fd = digits_fd
+        except ImportError:
+            fd = None
+    rows, samples, curves = [], {}, {}
+    for name, t in grids.items():
+        tm = learned.model_timesteps if name == "ld3" else None
+        with torch.no_grad():
+            x = solver.sample(model, x_T, t.to(args.device), model_timesteps=None if tm is None else tm.to(args.device))
+        err = _rmse(x, target)
+        row = {"schedule": name, "NFE": solver.nfe(steps), "mean RMSE": _fmt(err.mean().item()),
+               "median RMSE": _fmt(err.median().item())}
+        if fd is not None:
+            row["digits-FD"] = _fmt(fd(x.float()))
+        rows.append(row)
+        samples[name] = x
+        curves.setdefault(name, []).append((nfe, err.median().item()))
+    if args.nfe_curve:
+        for k in args.nfe_curve:
+            if k == nfe:
+                continue
+            for name, t in _baseline_grids(BASELINES, schedule, solver.steps_for_nfe(k)).items():
+                with torch.no_grad():
+                    x = solver.sample(model, x_T, t.to(args.device))
+                curves[name].append((k, _rmse(x, target).median().item()))
+    cols = ["schedule", "NFE", "mean RMSE", "median RMSE"] + (["digits-FD"] if fd is not None else [])
+    print(f"{args.model}  solver={solver!r}  held-out noises={args.n}")
+    print(_table(rows, cols))
+    best = min((r for r in rows if r["schedule"] != "ld3"), key=lambda r: float(r["median RMSE"]))
+    ld3 = next(r for r in rows if r["schedule"] == "ld3")
+    gain = 1.0 - float(ld3["median RMSE"]) / float(best["median RMSE"])
+    print(f"ld3 vs best baseline ({best['schedule']}): {100 * gain:+.1f}% median RMSE reduction")
+    os.makedirs(args.out, exist_ok=True)
+    p1 = schedule_plot(grids, schedule, os.path.join(args.out, "schedules.png"), errors=curves)
+    p2 = sample_grid({"teacher": target, **samples}, os.path.join(args.out, "eval_samples.png"))
+    with open(os.path.join(args.out, "eval.json.tmp"), "w") as f:
+        json.dump({"rows": rows, "gain_vs_best": gain}, f, indent=1)
+    os.replace(os.path.join(args.out, "eval.json.tmp"), os.path.join(args.out, "eval.json"))
+    print(f"wrote {p1}, {p2}, {os.path.join(args.out, 'eval.json')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ld3", description="Learn and use LD3 sampling schedules.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("sample", help="sample with hand-made (and optionally a learned) schedule; PNG + error table")
+    _add_common(s)
+    s.set_defaults(model="gmm:ring2d", out="runs/sample")
+    s.add_argument("--n", type=int, default=256, help="number of samples")
+    s.add_argument("--schedule", default=None, help="a learned schedule file to compare as well")
+    s.set_defaults(func=cmd_sample)
+
+    t = sub.add_parser("teacher", help="generate (or reuse) the cached teacher pairs")
+    _add_common(t, solver_defaults=False)
+    t.add_argument("--n-train", type=int, default=50)
+    t.add_argument("--n-valid", type=int, default=50)
+    t.set_defaults(func=cmd_teacher)
+
+    tr = sub.add_parser("train", help="learn a schedule (resumes from --out/checkpoint after an interrupt)")
+    _add_common(tr)
+    tr.add_argument("--loss", default="l2", help="l2 | l1 | pseudo_huber | lpips")
+    tr.add_argument("--time-mode", default="lambda", choices=["lambda", "time"])
+    tr.add_argument("--init", default="logsnr", help="logsnr | time_uniform | time_quadratic | edm")
+    tr.add_argument("--n-train", type=int, default=50)
+    tr.add_argument("--n-valid", type=int, default=50)
+    tr.add_argument("--rounds-v1", type=int, default=2)
+    tr.add_argument("--rounds-v2", type=int, default=5)
+    tr.add_argument("--checkpointing", action="store_true", help="rematerialise network calls (flat memory in NFE)")
+    tr.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="compare the learned schedule with every baseline")
+    _add_common(e, solver_defaults=False)
+    e.set_defaults(model=None)
+    e.add_argument("--schedule", default=None, help="schedule file (default: OUT/schedule.json)")
+    e.add_argument("--n", type=int, default=256, help="held-out noises")
+    e.add_argument("--nfe-curve", type=int, nargs="*", default=[4, 5, 6, 8, 10])
+    e.add_argument("--variant", default="bh1")
+    e.add_argument("--skip-model-baselines", action="store_true", help="skip DMN/GITS")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "nfe", 1) < 1:
+        raise SystemExit("error: --nfe must be >= 1")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Resolve a ``--model`` string to ``(DiffusionModel, NoiseSchedule)``.
+
+Accepted forms:
+  * ``gmm:ring2d`` / ``gmm:digits64`` / ``gmm:random3072`` (or the bare names) -- analytic Gaussian
+    mixtures with their exact denoiser on an EDM schedule (``gmm:NAME@vp_linear`` etc. picks another);
+  * ``digits`` -- the small pretrained denoiser on sklearn's 8x8 digits shipped with the package;
+  * ``diffusers:PATH`` -- a local diffusers folder (UNet + scheduler config), no network;
+  * ``package.module:factory`` -- any importable factory returning ``(model, schedule)``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Tuple
+
+from ..schedules import EDM, FlowMatching, NoiseSchedule, VPCosine, VPLinear
+from ..wrappers import DiffusionModel
+
+GMM_SCHEDULES = {"edm": EDM, "vp_linear": VPLinear, "vp_cosine": VPCosine, "flow": FlowMatching}
+
+
+class ModelSpecError(ValueError):
+    """The --model string cannot be resolved."""
+
+
+def _gmm(name: str):
+    from ..testbeds import MIXTURES, get_mixture
+
+    mix_name, _, sched_name = name.partition("@")
+    if mix_name not in MIXTURES:
+        raise ModelSpecError(f"--model: unknown mixture {mix_name!r}; built-ins are "
+                             f"{', '.join('gmm:' + k for k in sorted(MIXTURES))}")
+    sched_name = sched_name or "edm"
+    if sched_name not in GMM_SCHEDULES:
+        raise ModelSpecError(f"--model: unknown schedule {sched_name!r} after '@'; expected one of {sorted(GMM_SCHEDULES)}")
+    mix = get_mixture(mix_name)
+    schedule = GMM_SCHEDULES[sched_name]()
+    model = mix.model(schedule)
+    model.testbed = mix  # gives callers the exact teacher (mix.reference_solution)
+    return model, schedule
+
+
+def load_model(spec: str, device: str = "cpu") -> Tuple[DiffusionModel, NoiseSchedule]:
+    if not isinstance(spec, str) or not spec:
+        raise ModelSpecError(f"--model must be a non-empty string, got {spec!r}")
+    if spec.startswith("gmm:"):
+        return _gmm(spec[4:])
+    from ..testbeds import MIXTURES
+    if spec.split("@")[0] in MIXTURES:
+        return _gmm(spec)
+    if spec == "digits":
+        from .digits import load_digits_model
+        return load_digits_model(device=device)
+    if spec.startswith("diffusers:"):
+        from ..integrations.diffusers import load_diffusers_model
+        return load_diffusers_model(spec[len("diffusers:"):], device=device)
+    if ":" not in spec:
+        raise ModelSpecError(f"--model {spec!r}: expected a built-in name (digits, gmm:ring2d, gmm:digits64, "
+                             "gmm:random3072), diffusers:PATH or package.module:factory")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as exc:
+        raise ModelSpecError(f"--model {spec!r}: cannot import module {mod_name!r}: {exc}") from exc
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise ModelSpecError(f"--model {spec!r}: module {mod_name!r} has no callable {attr!r}")
+    out = factory()
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], DiffusionModel)
+            and isinstance(out[1], NoiseSchedule)):
+        raise ModelSpecError(f"--model {spec!r}: the factory must return (DiffusionModel, NoiseSchedule) -- wrap "
+                             f"your network with ld3_ext.wrap_model; got {type(out).__name__}")
+    return out

@@ -1,0 +1,334 @@
+"""Teacher pairs (noise z, teacher output) for LD3, generated once and cached on disk.
+
+The teacher is, by default, the paper's: UniPC order 3 (bh1), 20 NFE on the logSNR grid, run under
+``no_grad``.  Any solver / NFE / discretization can be chosen, or ``teacher="exact"`` for models
+that come with an accurate reference ODE solution (the analytic test beds), or any callable.
+
+Cache layout (a directory; tensors in safetensors, never pickle)::
+
+    meta.json                 settings + model identity + chunk layout, with a sha256 checksum
+    chunk_00000.safetensors   noise z (unit variance), target (teacher output), [cond]
+    chunk_00001.safetensors   ...
+
+Every file is written atomically and carries a checksum.  Generation goes chunk by chunk and skips
+chunks already present, so an interrupted generation resumes where it stopped.  A cache made with
+other settings (or another model, by weights hash) is never silently reused or overwritten: it raises
+:class:`TeacherCacheMismatch` unless ``regenerate=True`` is passed.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import warnings
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .. import discretizations
+from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json,
+                         load_safetensors_checked, read_json_checked, tensor_bytes)
+from ..solvers import Solver, UniPC
+from ..wrappers import DiffusionModel
+
+CACHE_FORMAT = "ld3_ext.teacher_cache"
+CACHE_VERSION = 1
+META_FILE = "meta.json"
+
+
+class TeacherCacheError(RuntimeError):
+    """Base class of teacher-cache problems."""
+
+
+class TeacherCacheMismatch(TeacherCacheError):
+    """The cache on disk was made with different settings or a different model."""
+
+
+class TeacherCacheTooLarge(TeacherCacheError):
+    """The cache would exceed the configured size limit."""
+
+
+# ----------------------------------------------------------------------------------------------
+# model identity
+# ----------------------------------------------------------------------------------------------
+def state_dict_hash(module: torch.nn.Module) -> Optional[str]:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor in ``state_dict`` (None if empty)."""
+    sd = module.state_dict()
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        return None
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k]
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(tensor_bytes(v))
+    return h.hexdigest()
+
+
+def model_identity(model, name: Optional[str] = None) -> Dict[str, Any]:
+    """{"name", "weights_hash", "hash_source"}: the hash of the weights for nn.Modules that have any,
+    else a hash of ``name`` (which the user should make unique, e.g. "my-net@v3")."""
+    wh = state_dict_hash(model) if isinstance(model, torch.nn.Module) else None
+    default_name = getattr(model, "name", None) or type(model).__name__
+    if wh is not None:
+        return {"name": name or default_name, "weights_hash": wh, "hash_source": "state_dict"}
+    if name is None:
+        warnings.warn(f"the model has no weights to hash; identifying it by its name {default_name!r}. "
+                      "Pass model_name='...' (unique per model version) so that caches and schedule files "
+                      "cannot be confused between models.", stacklevel=3)
+        name = default_name
+    return {"name": name, "weights_hash": hashlib.sha256(name.encode("utf-8")).hexdigest(), "hash_source": "name"}
+
+
+# ----------------------------------------------------------------------------------------------
+# teacher functions
+# ----------------------------------------------------------------------------------------------
+def default_teacher_solver() -> Solver:
+    """The paper's teacher solver for pixel models: UniPC, order 3, B(h) = bh1."""
+    return UniPC(order=3, variant="bh1")
+
+
+def make_teacher(model: DiffusionModel, teacher: Any = "solver", solver: Optional[Solver] = None, nfe: int = 20,
+                 discretization: str = "logsnr", reference: Any = None
+                 ) -> Tuple[Callable[..., torch.Tensor], Dict[str, Any]]:
+    """Return ``(fn(x_T, **model_kwargs) -> teacher output, settings)``.
+
+    teacher : "solver" (``solver`` with ``nfe`` steps on ``discretization``), "exact" (the model's
+        reference ODE solution: ``reference`` is an object with ``reference_solution(schedule, x_T)``
+        -- e.g. a ``testbeds.GaussianMixture`` -- or a callable ``x_T -> x_0``; when omitted the model's
+        own ``reference_solution`` attribute is used), or a callable ``x_T -> teacher output``.
+    """
+    schedule = model.schedule
+    if callable(teacher) and not isinstance(teacher, str):
+        name = getattr(teacher, "__qualname__", type(teacher).__qualname__)
+        return (lambda x, **kw: teacher(x, **kw)), {"kind": "callable", "name": name}
+    if teacher == "exact":
+        ref = reference if reference is not None else getattr(model, "reference_solution", None)
+        if ref is None:
+            raise ValueError("teacher='exact' needs a reference ODE solution: pass reference=<object with "
+                             "reference_solution(schedule, x_T)> (e.g. the testbeds mixture) or a callable "
+                             "x_T -> x_0; otherwise use teacher='solver'")
+        if hasattr(ref, "reference_solution"):
+            fn = lambda x, **kw: ref.reference_solution(schedule, x)  # noqa: E731
+            name = f"{type(ref).__name__}:{getattr(ref, 'name', '')}"
+        elif callable(ref):
+            fn = lambda x, **kw: ref(x)  # noqa: E731
+            name = getattr(ref, "__qualname__", type(ref).__qualname__)
+        else:
+            raise TypeError(f"reference must have reference_solution(schedule, x_T) or be callable, got "
+                            f"{type(ref).__name__}")
+        return fn, {"kind": "exact", "reference": name}
+    if teacher != "solver":
+        raise ValueError(f"teacher must be 'solver', 'exact' or a callable, got {teacher!r}")
+    solver = solver if solver is not None else default_teacher_solver()
+    if not isinstance(solver, Solver):
+        raise TypeError(f"teacher solver must be an ld3_ext Solver, got {type(solver).__name__}")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"teacher nfe must be an int >= 1, got {nfe!r}")
+    steps = solver.steps_for_nfe(nfe)
+    ts = discretizations.get_discretization(discretization, schedule, steps)
+
+    def fn(x, **kw):
+        return solver.sample(model, x, ts.to(x.device), **kw)
+
+    return fn, {"kind": "solver", "solver": solver.config(), "nfe": nfe, "discretization": discretization}
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache
+# ----------------------------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _diff_keys(a: Mapping, b: Mapping, prefix: str = "") -> list:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _diff_keys(va, vb, prefix + k + ".")
+        elif canonical_json(va) != canonical_json(vb):
+            sa, sb = repr(va), repr(vb)
+            out.append(f"{prefix}{k}: cache has {sa[:60]}, requested {sb[:60]}")
+    return out
+
+
+class TeacherCache:
+    """One cache directory for one set of settings (see the module docstring)."""
+
+    def __init__(self, directory: str, settings: Mapping[str, Any], n: int, chunk_size: int,
+                 max_bytes: Optional[int] = None):
+        self.directory = os.fspath(directory)
+        self.settings = dict(settings)
+        self.n = int(n)
+        self.chunk_size = max(1, int(chunk_size))
+        self.max_bytes = max_bytes
+        self.num_chunks = math.ceil(self.n / self.chunk_size)
+
+    @property
+    def meta_path(self) -> str:
+        return os.path.join(self.directory, META_FILE)
+
+    def chunk_path(self, i: int) -> str:
+        return os.path.join(self.directory, f"chunk_{i:05d}.safetensors")
+
+    def _meta(self) -> Dict[str, Any]:
+        return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": self.settings,
+                "n": self.n, "chunk_size": self.chunk_size, "num_chunks": self.num_chunks}
+
+    def existing_bytes(self) -> int:
+        if not os.path.isdir(self.directory):
+            return 0
+        return sum(os.path.getsize(os.path.join(self.directory, f)) for f in os.listdir(self.directory)
+                   if os.path.isfile(os.path.join(self.directory, f)))
+
+    def check_size(self, estimated: int) -> None:
+        if self.max_bytes is None:
+            return
+        if estimated > self.max_bytes:
+            raise TeacherCacheTooLarge(
+                f"the teacher cache in {self.directory} would need about {estimated:,} bytes "
+                f"({self.n} samples), over the limit of {int(self.max_bytes):,} bytes (cache_max_bytes). "
+                "Raise the limit, use fewer samples (n_train/n_valid), or choose another directory.")
+
+    def open(self, regenerate: bool = False) -> None:
+        """Validate an existing cache against the settings (or start a new one)."""
+        os.makedirs(self.directory, exist_ok=True)
+        if os.path.exists(self.meta_path):
+            try:
+                meta = read_json_checked(self.meta_path, what="teacher cache metadata")
+            except CorruptFileError as e:
+                if not regenerate:
+                    raise TeacherCacheError(f"{e}. Delete {self.directory} or pass regenerate=True "
+                                            "(regenerate_teacher=True in LD3Trainer).") from None
+                meta = None
+            if meta is not None:
+                diffs = _diff_keys({k: meta.get(k) for k in ("format", "version", "settings", "n", "chunk_size")},
+                                   {k: v for k, v in self._meta().items() if k != "num_chunks"})
+                if diffs and not regenerate:
+                    raise TeacherCacheMismatch(
+                        f"the teacher cache in {self.directory} was made with different settings:\n  "
+                        + "\n  ".join(diffs[:12])
+                        + "\nUse another cache directory, or pass regenerate=True (regenerate_teacher=True in "
+                          "LD3Trainer) to replace it.")
+                if not diffs:
+                    return
+            self._clear()
+        atomic_write_json(self.meta_path, self._meta())
+
+    def _clear(self) -> None:
+        # only ever remove files this class writes
+        for f in os.listdir(self.directory):
+            if (f.startswith("chunk_") and f.endswith(".safetensors")) or f == META_FILE:
+                os.unlink(os.path.join(self.directory, f))
+
+    def load_chunk(self, i: int) -> Optional[Dict[str, torch.Tensor]]:
+        """The chunk's tensors, or None when missing or damaged (it is then regenerated)."""
+        path = self.chunk_path(i)
+        if not os.path.exists(path):
+            return None
+        try:
+            tensors, meta = load_safetensors_checked(path, what="teacher cache chunk")
+        except CorruptFileError as e:
+            warnings.warn(f"{e}; regenerating it", stacklevel=2)
+            return None
+        if meta.get("index") != i or meta.get("settings_hash") != self.settings_hash():
+            warnings.warn(f"teacher cache chunk {path} belongs to another cache; regenerating it", stacklevel=2)
+            return None
+        return tensors
+
+    def write_chunk(self, i: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        atomic_save_safetensors(self.chunk_path(i), tensors, {"index": i, "settings_hash": self.settings_hash()})
+
+    def settings_hash(self) -> str:
+        return hashlib.sha256(canonical_json(self._meta()).encode()).hexdigest()
+
+
+def sample_noise(n: int, shape: Sequence[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Unit-variance noise; always drawn in float64 on the CPU so that it is the same for any dtype,
+    device or chunking, then cast."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch.Tensor],
+                          teacher_settings: Mapping[str, Any], n: int, sample_shape: Sequence[int], seed: int = 0,
+                          dtype: torch.dtype = torch.float32, device=None, batch_size: int = 25,
+                          cache_dir: Optional[str] = None, identity: Optional[Mapping[str, Any]] = None,
+                          conditions: Optional[torch.Tensor] = None, uncond: Optional[torch.Tensor] = None,
+                          max_bytes: Optional[int] = None, regenerate: bool = False, progress: bool = True
+                          ) -> Dict[str, torch.Tensor]:
+    """Generate (or load from ``cache_dir``) ``n`` teacher pairs.
+
+    Returns {"noise": z (unit variance, shape [n, *sample_shape]), "target": teacher output for
+    x_T = prior_std * z, ["cond": conditions]} on ``device``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of teacher samples must be an int >= 1, got {n!r}")
+    shape = tuple(int(s) for s in sample_shape)
+    schedule = model.schedule
+    if conditions is not None and conditions.shape[0] != n:
+        raise ValueError(f"conditions must hold one entry per teacher sample ({n}), got {conditions.shape[0]}")
+    cond_hash = None
+    if conditions is not None:
+        cond_hash = hashlib.sha256(bytes(tensor_bytes(conditions))).hexdigest()
+    settings = {
+        "teacher": dict(teacher_settings),
+        "model": dict(identity) if identity is not None else model_identity(model),
+        "schedule": schedule.config(),
+        "prediction": model.prediction,
+        "guidance_scale": model.guidance_scale,
+        "sample_shape": list(shape),
+        "seed": int(seed),
+        "dtype": _dtype_name(dtype),
+        "conditions_sha256": cond_hash,
+        "uncond_sha256": None if uncond is None else hashlib.sha256(bytes(tensor_bytes(uncond))).hexdigest(),
+    }
+    z_all = sample_noise(n, shape, seed, dtype)
+    prior = schedule.prior_std()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_sample = 2 * math.prod(shape) * itemsize
+    if conditions is not None:
+        per_sample += conditions[0].numel() * conditions.element_size()
+    cache = None
+    if cache_dir is not None:
+        cache = TeacherCache(cache_dir, settings, n, batch_size, max_bytes)
+        cache.check_size(n * per_sample + 4096 * (cache.num_chunks + 1))
+        cache.open(regenerate=regenerate)
+    chunks = []
+    num_chunks = math.ceil(n / batch_size)
+    try:
+        from tqdm.auto import tqdm
+        it = tqdm(range(num_chunks), desc="teacher", disable=not progress, leave=False)
+    except ImportError:  # tqdm is a dependency, but keep generation working without it
+        it = range(num_chunks)
+    for i in it:
+        lo, hi = i * batch_size, min(n, (i + 1) * batch_size)
+        got = cache.load_chunk(i) if cache is not None else None
+        if got is None:
+            z = z_all[lo:hi]
+            kw = {}
+            if conditions is not None:
+                kw[model.cond_key] = conditions[lo:hi].to(device)
+                if uncond is not None:
+                    kw["uncond"] = uncond.to(device).expand(hi - lo, *uncond.shape[1:])
+            with torch.no_grad():
+                target = teacher_fn((prior * z).to(device), **kw)
+            if not torch.isfinite(target).all():
+                raise TeacherCacheError(f"the teacher produced NaN/Inf for samples {lo}..{hi - 1}")
+            got = {"noise": z.cpu(), "target": target.detach().to("cpu", dtype)}
+            if conditions is not None:
+                got["cond"] = conditions[lo:hi].cpu()
+            if cache is not None:
+                if cache.max_bytes is not None:
+                    cache.check_size(cache.existing_bytes() + per_sample * (hi - lo))
+                cache.write_chunk(i, got)
+        chunks.append(got)
+    out = {k: torch.cat([c[k] for c in chunks]).to(device) for k in chunks[0]}
+    if not torch.equal(out["noise"].cpu(), z_all):
+        raise TeacherCacheError(f"the noise stored in {cache_dir} does not match seed {seed}; the cache is damaged")
+    return out
+
+
+__all__ = ["TeacherCache", "TeacherCacheError", "TeacherCacheMismatch", "TeacherCacheTooLarge", "make_teacher",
+           "generate_teacher_data", "model_identity", "state_dict_hash", "default_teacher_solver", "sample_noise"]

@@ -1,0 +1,82 @@
+// pybind11 module ld3_ext._C: device dispatch for the fused kernels.
+// The only TU that includes torch/extension.h (slow to compile); kernels live in csrc/.
+#include <torch/extension.h>
+
+#include "ld3_ops.h"
+
+namespace {
+
+bool is_cuda(const at::Tensor& t) { return t.defined() && t.device().is_cuda(); }
+
+[[noreturn]] void no_cuda(const char* what) {
+  TORCH_CHECK(false, what, ": ld3_ext._C was built without CUDA kernels (rebuild with LD3_WITH_CUDA=ON)");
+}
+
+at::Tensor multistep_update(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history,
+                            const std::optional<at::Tensor>& out) {
+  const at::Tensor o = out.has_value() ? *out : at::Tensor();
+  if (is_cuda(x)) {
+#ifdef LD3_WITH_CUDA_KERNELS
+    return ld3::multistep_forward_cuda(x, coef, history, o);
+#else
+    no_cuda("multistep_update");
+#endif
+  }
+  return ld3::multistep_forward_cpu(x, coef, history, o);
+}
+
+ld3::GradTuple multistep_update_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& coef,
+                                         const std::vector<at::Tensor>& history, bool need_x, bool need_coef,
+                                         bool need_history) {
+  if (is_cuda(x)) {
+#ifdef LD3_WITH_CUDA_KERNELS
+    return ld3::multistep_backward_cuda(grad, x, coef, history, need_x, need_coef, need_history);
+#else
+    no_cuda("multistep_update_backward");
+#endif
+  }
+  return ld3::multistep_backward_cpu(grad, x, coef, history, need_x, need_coef, need_history);
+}
+
+std::tuple<at::Tensor, at::Tensor> coefficient_table(const at::Tensor& t, int64_t schedule_kind, double p0,
+                                                     double p1, int64_t solver, int64_t order,
+                                                     bool lower_order_final, bool heun, bool bh2,
+                                                     bool use_corrector) {
+  if (is_cuda(t)) {
+#ifdef LD3_WITH_CUDA_KERNELS
+    return ld3::coefficient_table_cuda(t, schedule_kind, p0, p1, solver, order, lower_order_final, heun, bh2,
+                                       use_corrector);
+#else
+    no_cuda("coefficient_table");
+#endif
+  }
+  return ld3::coefficient_table_cpu(t, schedule_kind, p0, p1, solver, order, lower_order_final, heun, bh2,
+                                    use_corrector);
+}
+
+bool has_cuda() {
+#ifdef LD3_WITH_CUDA_KERNELS
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "ld3_ext native kernels: fused multistep update and solver coefficient tables";
+  m.def("multistep_update", &multistep_update, py::arg("x"), py::arg("coef"), py::arg("history"),
+        py::arg("out") = py::none(),
+        "x_next = coef[0]*x + sum_k coef[1+k]*history[k] (coef float64 on x's device); out may alias x");
+  m.def("multistep_update_backward", &multistep_update_backward, py::arg("grad"), py::arg("x"), py::arg("coef"),
+        py::arg("history"), py::arg("need_x") = true, py::arg("need_coef") = true, py::arg("need_history") = true,
+        "(grad_x, grad_coef, grad_history) in one pass; None where not requested");
+  m.def("coefficient_table", &coefficient_table, py::arg("timesteps"), py::arg("schedule_kind"), py::arg("p0"),
+        py::arg("p1"), py::arg("solver"), py::arg("order"), py::arg("lower_order_final"), py::arg("heun"),
+        py::arg("bh2"), py::arg("use_corrector"),
+        "([N,2,5] table, [N,2,5,4] d table / d t_{i-3..i}) in float64");
+  m.def("has_cuda", &has_cuda, "True when the CUDA kernels are linked in");
+  m.attr("reduce_chunk") = ld3::kReduceChunk;
+}

@@ -1,0 +1,63 @@
+"""Shared fixtures and helpers for the ld3_ext test-suite (kept small on purpose)."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # make tests/_oracles.py importable
+warnings.filterwarnings("ignore", message=".*native extension ld3_ext._C is not available.*")
+
+import ld3_ext  # noqa: E402
+from ld3_ext.testbeds import GaussianMixture  # noqa: E402
+
+
+def smooth_mixture(dim: int = 2, n_modes: int = 3, std: float = 0.4, seed: int = 0) -> GaussianMixture:
+    """A small Gaussian mixture with wide components: its probability-flow ODE is smooth everywhere,
+    so solver errors reach their asymptotic rates at modest N."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(n_modes, dim, generator=g, dtype=torch.float64)
+    stds = std * (1.0 + 0.5 * torch.rand(n_modes, dim, generator=g, dtype=torch.float64))
+    weights = 0.5 + torch.rand(n_modes, generator=g, dtype=torch.float64)
+    return GaussianMixture(means, stds, weights, name="smooth")
+
+
+def random_decreasing_grid(t_max: float, t_min: float, n: int, seed: int = 0, log: bool = True) -> torch.Tensor:
+    """A random strictly decreasing float64 grid t_0 = t_max > ... > t_N = t_min (random gaps)."""
+    g = torch.Generator().manual_seed(seed)
+    gaps = 0.3 + torch.rand(n, generator=g, dtype=torch.float64)
+    u = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(gaps, 0)]) / gaps.sum()
+    if log:
+        lt = math.log(t_max) + u * (math.log(t_min) - math.log(t_max))
+        t = torch.exp(lt)
+    else:
+        t = t_max + u * (t_min - t_max)
+    t[0], t[-1] = t_max, t_min
+    return t
+
+
+class CallCounter:
+    """Wrap a network function and count its calls."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = 0
+        self.__name__ = "counted"
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        return self.fn(*a, **kw)
+
+
+@pytest.fixture
+def edm():
+    return ld3_ext.EDM(0.002, 80.0)
+
+
+@pytest.fixture
+def mixture():
+    return smooth_mixture()
