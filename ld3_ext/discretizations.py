@@ -23,10 +23,21 @@ def _finish(schedule, t: torch.Tensor) -> torch.Tensor:
 
 
 def _shift(schedule, t):
-    """SD3/Flux resolution shift for flow models: t' = s t / (1 + (s - 1) t)."""
+    """SD3/Flux resolution shift for flow models: t' = s t / (1 + (s - 1) t).
+
+    The shift moves the end points too (s(t_max) > t_max for s > 1, s(t_min) < t_min for s < 1), so the
+    shifted grid is mapped affinely back onto [t_min, t_max]: the map stays strictly increasing, the end
+    points are exact and no interior point leaves the schedule's range (a plain shift followed by
+    overwriting the end points produced out-of-range, non-monotone grids for large N or s < 1).
+    """
     if isinstance(schedule, FlowMatching) and schedule.shift != 1.0:
         s = schedule.shift
-        t = s * t / (1.0 + (s - 1.0) * t)
+
+        def f(u):
+            return s * u / (1.0 + (s - 1.0) * u)
+
+        lo, hi = f(schedule.t_min), f(schedule.t_max)
+        t = schedule.t_min + (f(t) - lo) * ((schedule.t_max - schedule.t_min) / (hi - lo))
     return t
 
 

@@ -175,7 +175,7 @@ class VPCosine(NoiseSchedule):
 
     def __init__(self, s: float = 0.008, t_max: Optional[float] = None, t_min: float = 1e-3):
         self.s = float(s)
-        # alpha reaches 0 at t = 1; cut where lambda ~ -5.1 as DPM-Solver does (t ~ 0.9946 for s = 0.008)
+        # alpha reaches 0 at t = 1; DPM-Solver's end time T = 0.9946 (lambda(T) = -4.78 for s = 0.008)
         if t_max is None:
             t_max = 0.9946
         if not (0 < t_min < t_max < 1.0):

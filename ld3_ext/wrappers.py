@@ -27,7 +27,8 @@ class DiffusionModel(torch.nn.Module):
     ----------
     fn : callable ``fn(x, time, **kwargs) -> tensor``
     schedule : NoiseSchedule
-    prediction : what ``fn`` predicts: "eps" (noise), "x0" (data), "v" (v-prediction, VP schedules),
+    prediction : what ``fn`` predicts: "eps" (noise), "x0" (data), "v" (v = alpha eps - sigma x0; exact for any
+        alpha/sigma, the usual v-prediction on VP schedules),
         "score" (grad log p), "velocity" (flow matching, v = eps - x0) or "edm" (a k-diffusion style
         denoiser ``fn(x_scaled, sigma) -> x0`` working in the variance-exploding view x/alpha).
     time_input : how t is fed to ``fn``: "t" (schedule time), "sigma" (sigma/alpha), "index"
@@ -108,6 +109,12 @@ class DiffusionModel(torch.nn.Module):
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, step: Optional[int] = None, **kwargs):
         """(x0_hat, eps_hat) at time t (a 0-d tensor in schedule units)."""
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t, dtype=torch.float64 if x.dtype != torch.float32 else x.dtype, device=x.device)
+        if x.is_floating_point() and t.is_floating_point() and t.dtype != x.dtype:
+            # the time -> alpha/sigma/network-time conversions must be at least as precise as x:
+            # a float32 time grid with a float64 state is evaluated in float64 (not rounded to float32)
+            t = t.to(torch.promote_types(t.dtype, x.dtype))
         out = self._call(x, t, kwargs)
         where = f" at step {step}" if step is not None else ""
         if not isinstance(out, torch.Tensor):
@@ -127,9 +134,10 @@ class DiffusionModel(torch.nn.Module):
         elif p == "x0":
             x0 = out
             eps = (x - alpha * x0) / sigma
-        elif p == "v":  # v = alpha eps - sigma x0 with alpha^2 + sigma^2 = 1
-            x0 = alpha * x - sigma * out
-            eps = sigma * x + alpha * out
+        elif p == "v":  # v = alpha eps - sigma x0; alpha^2 + sigma^2 = 1 for VP, divide for any other schedule
+            norm = alpha * alpha + sigma * sigma
+            x0 = (alpha * x - sigma * out) / norm
+            eps = (sigma * x + alpha * out) / norm
         elif p == "score":
             eps = -sigma * out
             x0 = (x - sigma * eps) / alpha

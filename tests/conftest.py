@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # make tests/_oracles.py importab
 warnings.filterwarnings("ignore", message=".*native extension ld3_ext._C is not available.*")
 
 import ld3_ext  # noqa: E402
+
+torch.set_num_threads(1)  # tiny tensors: thread hand-off costs far more than it saves on a shared 2-core box
 from ld3_ext.testbeds import GaussianMixture  # noqa: E402
 
 

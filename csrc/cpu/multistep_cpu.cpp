@@ -54,7 +54,9 @@ void forward_impl(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, con
 }
 
 // One pass: element-wise grads (if wanted) and the chunk's dot products <g,x>, <g,m_k> in double.
-template <typename scalar_t, int K, bool DOT>
+// Every combination is its own instantiation: a conditional store inside the loop would stop GCC
+// from vectorising it.
+template <typename scalar_t, int K, bool GX, bool GM, bool DOT>
 void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m, scalar_t* gx,
                     const std::array<scalar_t*, kMaxHistory>& gm, const at::opmath_type<scalar_t>* c, int64_t begin,
                     int64_t end, double* partial) {
@@ -69,29 +71,16 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
   scalar_t* g2 = gm[2];
   scalar_t* g3 = gm[3];
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-  const bool want_x = gx != nullptr, want_m = g0 != nullptr;
-  if (want_x || want_m) {
 #pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t gi = static_cast<acc_t>(g[i]);
-      if (want_x) gx[i] = static_cast<scalar_t>(c0 * gi);
-      if constexpr (K > 0) { if (want_m) g0[i] = static_cast<scalar_t>(c1 * gi); }
-      if constexpr (K > 1) { if (want_m) g1[i] = static_cast<scalar_t>(c2 * gi); }
-      if constexpr (K > 2) { if (want_m) g2[i] = static_cast<scalar_t>(c3 * gi); }
-      if constexpr (K > 3) { if (want_m) g3[i] = static_cast<scalar_t>(c4 * gi); }
-      if constexpr (DOT) {
-        const double gd = static_cast<double>(gi);
-        s0 += gd * static_cast<double>(static_cast<acc_t>(x[i]));
-        if constexpr (K > 0) s1 += gd * static_cast<double>(static_cast<acc_t>(m0[i]));
-        if constexpr (K > 1) s2 += gd * static_cast<double>(static_cast<acc_t>(m1[i]));
-        if constexpr (K > 2) s3 += gd * static_cast<double>(static_cast<acc_t>(m2[i]));
-        if constexpr (K > 3) s4 += gd * static_cast<double>(static_cast<acc_t>(m3[i]));
-      }
-    }
-  } else if constexpr (DOT) {
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
-    for (int64_t i = begin; i < end; ++i) {
-      const double gd = static_cast<double>(static_cast<acc_t>(g[i]));
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t gi = static_cast<acc_t>(g[i]);
+    if constexpr (GX) gx[i] = static_cast<scalar_t>(c0 * gi);
+    if constexpr (GM && K > 0) g0[i] = static_cast<scalar_t>(c1 * gi);
+    if constexpr (GM && K > 1) g1[i] = static_cast<scalar_t>(c2 * gi);
+    if constexpr (GM && K > 2) g2[i] = static_cast<scalar_t>(c3 * gi);
+    if constexpr (GM && K > 3) g3[i] = static_cast<scalar_t>(c4 * gi);
+    if constexpr (DOT) {
+      const double gd = static_cast<double>(gi);
       s0 += gd * static_cast<double>(static_cast<acc_t>(x[i]));
       if constexpr (K > 0) s1 += gd * static_cast<double>(static_cast<acc_t>(m0[i]));
       if constexpr (K > 1) s2 += gd * static_cast<double>(static_cast<acc_t>(m1[i]));
@@ -108,7 +97,7 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
   }
 }
 
-template <typename scalar_t, int K, bool DOT>
+template <typename scalar_t, int K, bool GX, bool GM, bool DOT>
 void backward_impl(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m, scalar_t* gx,
                    const std::array<scalar_t*, kMaxHistory>& gm, const double* coef, int64_t n, double* grad_coef) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -122,7 +111,8 @@ void backward_impl(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m
     for (int64_t ch = cb; ch < ce; ++ch) {
       const int64_t b = ch * kReduceChunk;
       const int64_t e = std::min(n, b + kReduceChunk);
-      backward_range<scalar_t, K, DOT>(g, x, m, gx, gm, c, b, e, DOT ? partials.data() + ch * kTableWidth : nullptr);
+      backward_range<scalar_t, K, GX, GM, DOT>(g, x, m, gx, gm, c, b, e,
+                                               DOT ? partials.data() + ch * kTableWidth : nullptr);
     }
   });
   if constexpr (DOT) {
@@ -206,7 +196,7 @@ GradTuple multistep_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_
     for (int64_t k = 0; k < K; ++k) gms.push_back(at::empty_like(g));
   at::Tensor gc = need_coef ? at::zeros_like(coef_in, at::MemoryFormat::Contiguous) : at::Tensor();
   const int64_t n = g.numel();
-  if (n == 0 || (!need_x && !need_coef && !need_hist)) return {gx, gc, gms};
+  if (n == 0 || (!need_x && !need_coef && !(need_hist && K > 0))) return {gx, gc, gms};
   const at::Tensor coef = coef_in.contiguous();
   // x and history are only read for the dot products
   at::Tensor x;
@@ -229,10 +219,15 @@ GradTuple multistep_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_
     double* gcp = need_coef ? gc.mutable_data_ptr<double>() : nullptr;
     dispatch_k(K, [&](auto kc) {
       constexpr int KK = decltype(kc)::value;
-      if (need_coef)
-        backward_impl<scalar_t, KK, true>(gp, xp, m, gxp, gm, cp, n, gcp);
-      else
-        backward_impl<scalar_t, KK, false>(gp, xp, m, gxp, gm, cp, n, gcp);
+      const bool gm_on = need_hist && KK > 0;
+      // 8 combinations of (grad_x, grad_history, dot products)
+      if (need_x && gm_on && need_coef) backward_impl<scalar_t, KK, true, true, true>(gp, xp, m, gxp, gm, cp, n, gcp);
+      else if (need_x && gm_on) backward_impl<scalar_t, KK, true, true, false>(gp, xp, m, gxp, gm, cp, n, gcp);
+      else if (need_x && need_coef) backward_impl<scalar_t, KK, true, false, true>(gp, xp, m, gxp, gm, cp, n, gcp);
+      else if (need_x) backward_impl<scalar_t, KK, true, false, false>(gp, xp, m, gxp, gm, cp, n, gcp);
+      else if (gm_on && need_coef) backward_impl<scalar_t, KK, false, true, true>(gp, xp, m, gxp, gm, cp, n, gcp);
+      else if (gm_on) backward_impl<scalar_t, KK, false, true, false>(gp, xp, m, gxp, gm, cp, n, gcp);
+      else backward_impl<scalar_t, KK, false, false, true>(gp, xp, m, gxp, gm, cp, n, gcp);
     });
   });
   return {gx, gc, gms};

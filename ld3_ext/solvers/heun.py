@@ -6,6 +6,8 @@ there is no final Euler-only step).  Pure PyTorch (not a linear multistep method
 """
 from __future__ import annotations
 
+import torch
+
 from .base import Solver
 
 
@@ -28,8 +30,9 @@ class Heun(Solver):
 
     def _solve(self, model, x, t, tm, kwargs):
         s = model.schedule
-        sig = s.edm_sigma(t).to(x.dtype)
-        alp = s.alpha(t).to(x.dtype)
+        t64 = t.to(torch.float64)  # coefficients in float64 whatever the grid's dtype (as ops.coefficient_table)
+        sig = s.edm_sigma(t64).to(x.dtype)
+        alp = s.alpha(t64).to(x.dtype)
         y = x / alp[0]
         n = t.numel() - 1
         for i in range(1, n + 1):

@@ -21,6 +21,7 @@ import hashlib
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -330,5 +331,60 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
     return out
 
 
-__all__ = ["TeacherCache", "TeacherCacheError", "TeacherCacheMismatch", "TeacherCacheTooLarge", "make_teacher",
+@dataclass
+class TeacherConfig:
+    """Settings of a teacher set (the paper's defaults: UniPC-3 bh1, 20 NFE, logSNR, 50 + 50 pairs)."""
+
+    solver: str = "unipc"
+    order: int = 3
+    nfe: int = 20
+    discretization: str = "logsnr"
+    variant: str = "bh1"
+    n_train: int = 50
+    n_valid: int = 50
+    seed: int = 0
+    teacher: str = "solver"  # or "exact" for models with a reference solution (model.testbed)
+
+
+@dataclass
+class TeacherData:
+    """Teacher pairs with the noise in model space (x_T = prior_std * z), as ``LD3Trainer.fit`` takes them."""
+
+    train_noise: torch.Tensor
+    train_target: torch.Tensor
+    valid_noise: torch.Tensor
+    valid_target: torch.Tensor
+
+
+def load_or_generate_teacher(model: DiffusionModel, schedule=None, config: Optional[TeacherConfig] = None,
+                             cache_dir: Optional[str] = None, dtype: torch.dtype = torch.float32, device=None,
+                             sample_shape: Optional[Sequence[int]] = None, model_name: Optional[str] = None,
+                             max_bytes: Optional[int] = None, regenerate: bool = False,
+                             progress: bool = True) -> TeacherData:
+    """Generate (or reuse from ``cache_dir``) a teacher set; see :class:`TeacherConfig`."""
+    from ..solvers import make_solver
+
+    cfg = config or TeacherConfig()
+    if schedule is not None and canonical_json(schedule.config()) != canonical_json(model.schedule.config()):
+        raise ValueError("schedule differs from the model's schedule")
+    if sample_shape is None:
+        sample_shape = getattr(model, "sample_shape", None) or getattr(getattr(model, "testbed", None),
+                                                                        "event_shape", None)
+    if sample_shape is None:
+        raise ValueError("sample_shape is needed (or set model.sample_shape = (C, H, W))")
+    kw = {"variant": cfg.variant} if cfg.solver == "unipc" else {}
+    solver = make_solver(cfg.solver, order=cfg.order, **kw) if cfg.solver not in ("euler", "heun") \
+        else make_solver(cfg.solver)
+    fn, settings = make_teacher(model, cfg.teacher, solver, cfg.nfe, cfg.discretization,
+                                getattr(model, "testbed", None))
+    data = generate_teacher_data(model, fn, settings, cfg.n_train + cfg.n_valid, sample_shape, seed=cfg.seed,
+                                 dtype=dtype, device=device, cache_dir=cache_dir,
+                                 identity=model_identity(model, model_name), max_bytes=max_bytes,
+                                 regenerate=regenerate, progress=progress)
+    prior = model.schedule.prior_std()
+    z, y, n = data["noise"], data["target"], cfg.n_train
+    return TeacherData(prior * z[:n], y[:n], prior * z[n:], y[n:])
+
+
+__all__ = ["TeacherConfig", "TeacherData", "load_or_generate_teacher", "TeacherCache", "TeacherCacheError", "TeacherCacheMismatch", "TeacherCacheTooLarge", "make_teacher",
            "generate_teacher_data", "model_identity", "state_dict_hash", "default_teacher_solver", "sample_noise"]

@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""Microbenchmarks of the fused multistep kernels against the pure-PyTorch reference path.
+
+    python benchmarks/bench_kernels.py --json PATH [--threads N] [--device cpu|cuda] [--quick]
+
+Cases (fp32, shapes 64x3x32x32, 16x4x64x64, 8x4x128x128, 1x3x256x256; 3 history terms):
+  1 update_fwd     x_next = a*x + sum b_k m_k: eager reference vs fused (and fused with out=)
+                   vs torch.compile of the reference
+  2 update_fwdbwd  forward + backward incl. the coefficient table and timestep gradients:
+                   eager autograd (reference backend) vs fused
+  3 sampler        a whole 10-step DPM-Solver++(3M) sample, forward + backward w.r.t. the
+                   timesteps, with a trivial model (x0 = 0.9 x): reference vs fused backend
+  4 copy           copy_ of as many bytes as the fused kernel must move (the bandwidth ceiling)
+
+Timing: medians over repeated samples after warm-up; the variants of a case are measured
+round-robin so that load from other processes hits all of them alike.
+
+Two traps on the shared 2-core CPU this was written for:
+  * glibc malloc returns large blocks to the OS (mmap/trim) and page-faults them back on every
+    call, which made eager calls up to 6x slower.  The script re-executes itself with
+    MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set (unless --no-malloc-guard) and records
+    the setting in the JSON.
+  * another busy process on the second core made 2-thread OpenMP runs ~100x slower: run with
+    --threads 1 as well and compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+# Keep freed blocks in the heap: no mmap for tensors up to 32 MiB (the glibc maximum on 64-bit)
+# and no trimming of the heap top, so steady-state calls do not page-fault.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def _malloc_guard(argv):
+    if "--no-malloc-guard" in argv or all(k in os.environ for k in MALLOC_ENV):
+        return
+    env = dict(os.environ, **MALLOC_ENV)
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + argv, env)
+
+
+if __name__ == "__main__":
+    _malloc_guard(sys.argv[1:])
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+import ld3_ext  # noqa: E402
+from ld3_ext import _native, fused, ops  # noqa: E402
+from ld3_ext.coefficients import SolverSpec  # noqa: E402
+from ld3_ext.schedules import EDM  # noqa: E402
+
+SHAPES = [(64, 3, 32, 32), (16, 4, 64, 64), (8, 4, 128, 128), (1, 3, 256, 256)]
+CUDA_EXTRA_SHAPES = [(16, 4, 512, 512)]  # 64 MiB per tensor: the bandwidth-bound regime
+K = 3  # history terms of DPM-Solver++(3M)
+
+
+def shape_name(shape):
+    return "x".join(str(s) for s in shape)
+
+
+class Timer:
+    def __init__(self, device, repeats, warmup, min_sample_s):
+        self.device, self.repeats, self.warmup, self.min_sample_s = device, repeats, warmup, min_sample_s
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _calls_per_sample(self, fn):
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        one = max(time.perf_counter() - t0, 1e-7)
+        return max(1, min(1000, int(self.min_sample_s / one)))
+
+    def run(self, variants):
+        """Median seconds per call of each variant, sampled round-robin."""
+        for fn in variants.values():
+            for _ in range(self.warmup):
+                fn()
+        inner = {name: self._calls_per_sample(fn) for name, fn in variants.items()}
+        samples = {name: [] for name in variants}
+        for _ in range(self.repeats):
+            for name, fn in variants.items():
+                self.sync()
+                t0 = time.perf_counter()
+                for _ in range(inner[name]):
+                    fn()
+                self.sync()
+                samples[name].append((time.perf_counter() - t0) / inner[name])
+        return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def machine_info(device):
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV}}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+    except OSError:
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def build_inputs(shape, device, gen_seed=0):
+    g = torch.Generator(device="cpu").manual_seed(gen_seed)
+    mk = lambda: torch.randn(shape, generator=g).to(device)  # noqa: E731
+    return mk(), [mk() for _ in range(K)], mk()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the records here")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    ap.add_argument("--cases", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of case 1")
+    ap.add_argument("--no-malloc-guard", action="store_true", help="do not set the glibc malloc variables")
+    args = ap.parse_args(argv)
+
+    if not _native.native_available():
+        sys.exit(f"ld3_ext._C is not built ({_native.load_error()}); build with pip install --no-build-isolation .")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not (torch.cuda.is_available() and _native.native_cuda_available()):
+        sys.exit("--device cuda needs a GPU and an extension built with LD3_WITH_CUDA=ON")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    cases = {int(c) for c in args.cases.split(",") if c.strip()}
+    repeats, warmup = (7, 2) if args.quick else (25, 5)
+    timer = Timer(device, repeats, warmup, min_sample_s=0.002 if args.quick else 0.01)
+    machine = machine_info(device)
+    shapes = SHAPES + (CUDA_EXTRA_SHAPES if device.type == "cuda" else [])
+    records = []
+    esize = 4  # fp32
+
+    def record(case, shape, variant, median, eager, nbytes, copy_s=None):
+        gbps = nbytes / median / 1e9 if nbytes else None
+        rec = {"case": case, "shape": shape_name(shape), "variant": variant, "median_s": median,
+               "ratio_vs_eager": (eager / median) if eager else None, "bytes_moved": nbytes, "GBps": gbps,
+               "fraction_of_copy": (copy_s / median) if (copy_s and nbytes) else None,
+               "machine": machine, "threads": threads, "device": str(device), "dtype": "float32"}
+        records.append(rec)
+        return rec
+
+    schedule = EDM()
+    spec = SolverSpec("dpmpp", order=3)
+    for shape in shapes:
+        numel = 1
+        for s in shape:
+            numel *= s
+        x, hist, gout = build_inputs(shape, device)
+        coef = torch.tensor([0.9, 0.3, -0.2, 0.05], dtype=torch.float64, device=device)
+        fwd_bytes = (2 + K) * numel * esize  # read x + K history, write out
+        bwd_bytes = (2 + K + 1 + K) * numel * esize  # read g, x, K history; write grad_x, K grads
+        # case 4 first: its times are the ceilings the fused kernels are compared with
+        src_f = torch.randn(fwd_bytes // (2 * esize), device=device)
+        dst_f = torch.empty_like(src_f)
+        src_b = torch.randn((fwd_bytes + bwd_bytes) // (2 * esize), device=device)
+        dst_b = torch.empty_like(src_b)
+        copy_t = timer.run({"fwd_bytes": lambda: dst_f.copy_(src_f), "fwdbwd_bytes": lambda: dst_b.copy_(src_b)})
+        if 4 in cases:
+            record("copy", shape, "copy_fwd_bytes", copy_t["fwd_bytes"], None, fwd_bytes)
+            record("copy", shape, "copy_fwdbwd_bytes", copy_t["fwdbwd_bytes"], None, fwd_bytes + bwd_bytes)
+
+        if 1 in cases:
+            out = torch.empty_like(x)
+            variants = {
+                "eager": lambda: ops.multistep_update_reference(x, coef, hist),
+                "fused": lambda: fused.multistep_update(x, coef, hist),
+                "fused_out": lambda: fused.multistep_update(x, coef, hist, out=out),
+            }
+            if not args.no_compile:
+                compiled = torch.compile(ops.multistep_update_reference, dynamic=False)
+                t0 = time.perf_counter()
+                compiled(x, coef, hist)
+                print(f"[compile {shape_name(shape)}: {time.perf_counter() - t0:.1f} s]", flush=True)
+                variants["compile"] = lambda: compiled(x, coef, hist)
+            with torch.no_grad():
+                res = timer.run(variants)
+            for name, med in res.items():
+                record("update_fwd", shape, name, med, res["eager"], fwd_bytes, copy_t["fwd_bytes"])
+
+        if 2 in cases:
+            t = torch.tensor([80.0, 40.0, 20.0, 10.0, 5.0], dtype=torch.float64, device=device)
+            xs = x.clone().requires_grad_()
+            hs = [h.clone().requires_grad_() for h in hist]
+
+            def fwdbwd(backend):
+                def run():
+                    tt = t.detach().requires_grad_()
+                    table = ops.coefficient_table(schedule, tt, spec, backend)
+                    y = ops.multistep_update(xs, table[3, 0, :1 + K], hs, backend)
+                    torch.autograd.grad(y, [xs, tt, *hs], gout)
+                return run
+
+            res = timer.run({"eager": fwdbwd("reference"), "fused": fwdbwd("fused")})
+            for name, med in res.items():
+                record("update_fwdbwd", shape, name, med, res["eager"], fwd_bytes + bwd_bytes, copy_t["fwdbwd_bytes"])
+
+        if 3 in cases:
+            model = ld3_ext.wrap_model(lambda xx, tt: 0.9 * xx, schedule, prediction="x0")
+            steps = torch.linspace(schedule.t_max ** (1 / 7), schedule.t_min ** (1 / 7), 11,
+                                   dtype=torch.float64, device=device) ** 7
+            solvers = {b: ld3_ext.DPMSolverPP(order=3, backend=b) for b in ("reference", "fused")}
+
+            def sample(backend):
+                def run():
+                    tt = steps.detach().requires_grad_()
+                    y = solvers[backend].sample(model, x, tt)
+                    torch.autograd.grad(y, tt, gout)
+                return run
+
+            # the trivial model's 0.9*x costs the same in both: time it to report solver overhead
+            model_t = timer.run({"model": lambda: (0.9 * x).mul_(1.0)})["model"]
+            res = timer.run({"eager": sample("reference"), "fused": sample("fused")})
+            for name, med in res.items():
+                rec = record("sampler", shape, "reference" if name == "eager" else "fused", med, res["eager"], None)
+                rec["solver_overhead_s"] = max(med - 10 * 2 * model_t, 0.0)  # 10 model calls fwd + bwd
+            ref_o, fus_o = records[-2]["solver_overhead_s"], records[-1]["solver_overhead_s"]
+            records[-1]["overhead_ratio_vs_reference"] = ref_o / fus_o if fus_o > 0 else None
+
+    print_table(records)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump({"records": records, "machine": machine, "threads": threads, "device": str(device),
+                       "quick": args.quick}, fh, indent=1)
+        print(f"wrote {len(records)} records to {args.json}")
+    return records
+
+
+def print_table(records):
+    print(f"{'case':<14} {'shape':<14} {'variant':<18} {'median_us':>11} {'x eager':>8} {'GB/s':>8} {'of copy':>8}")
+    for r in records:
+        fmt = lambda v, spec: (format(v, spec) if v is not None else "-")  # noqa: E731
+        print(f"{r['case']:<14} {r['shape']:<14} {r['variant']:<18} {r['median_s'] * 1e6:>11.1f} "
+              f"{fmt(r['ratio_vs_eager'], '8.2f'):>8} {fmt(r['GBps'], '8.1f'):>8} "
+              f"{fmt(r['fraction_of_copy'], '8.2f'):>8}")
+
+
+if __name__ == "__main__":
+    main()

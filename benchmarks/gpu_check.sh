@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# GPU check for a CUDA machine (no network): build with CUDA forced on, run the CUDA tests and the
+# CUDA benchmark, and leave logs + JSON in RESULTS_DIR.  Budget: < 6 minutes in total.
+#   benchmarks/gpu_check.sh [RESULTS_DIR]        (default: benchmarks/results/gpu_<host>)
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+RESULTS="${1:-$ROOT/benchmarks/results/gpu_$(hostname -s)}"
+mkdir -p "$RESULTS"
+PY="${PYTHON:-python}"
+status=0
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$RESULTS/summary.log"; }
+
+{
+  nvidia-smi || true
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())'
+  nvcc --version || true
+} > "$RESULTS/env.log" 2>&1
+
+# 1) build: CUDA forced on so a missing nvcc/CUDA torch is an error, not a silent CPU build.
+#    Only the GPU's own arch (faster); sm_90 covers H100/H200.
+log "build"
+ARCH="$("$PY" -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")' 2>/dev/null || echo 90)"
+export LD3_WITH_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}"
+if ! timeout 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v \
+     --config-settings=cmake.define.LD3_CUDA_ARCHS="$ARCH" . > "$RESULTS/build.log" 2>&1; then
+  log "BUILD FAILED (see build.log)"; tail -30 "$RESULTS/build.log"; exit 1
+fi
+# run from outside the source tree so the installed package (with _C) is imported
+cd "$RESULTS"
+"$PY" -c 'import ld3_ext, ld3_ext._native as n; assert n.native_cuda_available(), "no CUDA kernels"; print("has_cuda OK")' \
+  >> "$RESULTS/summary.log" 2>&1 || { log "IMPORT FAILED"; exit 1; }
+
+# 2) tests: CUDA parity/gradcheck/determinism/graph capture, and the CPU fused tests for good measure
+log "tests"
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
+  "$ROOT/tests/test_cuda_ops.py" "$ROOT/tests/test_fused_ops.py" > "$RESULTS/tests.log" 2>&1 || status=1
+tail -3 "$RESULTS/tests.log" | tee -a "$RESULTS/summary.log"
+
+# 3) benchmark (compile variant skipped on GPU to stay in budget)
+log "benchmark"
+timeout 120 "$PY" "$ROOT/benchmarks/bench_kernels.py" --device cuda --no-compile --quick \
+  --json "$RESULTS/bench_cuda.json" > "$RESULTS/bench.log" 2>&1 || status=1
+tail -40 "$RESULTS/bench.log"
+
+# 4) launch counts: one kernel per forward step, at most two per backward
+timeout 60 "$PY" - > "$RESULTS/launches.log" 2>&1 <<'PYEOF' || status=1
+import torch, ld3_ext
+from ld3_ext import fused
+from torch.profiler import profile, ProfilerActivity
+x = torch.randn(8, 4, 64, 64, device="cuda", requires_grad=True)
+h = [torch.randn_like(x) for _ in range(3)]
+c = torch.randn(4, dtype=torch.float64, device="cuda", requires_grad=True)
+g = torch.randn_like(x)
+for _ in range(3):
+    y = fused.multistep_update(x, c, h); torch.autograd.grad(y, [x, c], g)
+torch.cuda.synchronize()
+with profile(activities=[ProfilerActivity.CUDA]) as p:
+    y = fused.multistep_update(x, c, h); torch.cuda.synchronize()
+fwd = [e.name for e in p.events() if e.device_type.name == "CUDA"]
+with profile(activities=[ProfilerActivity.CUDA]) as p:
+    torch.autograd.grad(y, [x, c], g); torch.cuda.synchronize()
+bwd = [e.name for e in p.events() if e.device_type.name == "CUDA" and "ld3" in e.name]
+print("forward kernels:", len(fwd), fwd)
+print("backward ld3 kernels:", len(bwd), bwd)
+assert len(fwd) == 1 and len(bwd) <= 2, "launch budget exceeded"
+PYEOF
+cat "$RESULTS/launches.log" | tee -a "$RESULTS/summary.log"
+log "done (status $status)"
+exit $status

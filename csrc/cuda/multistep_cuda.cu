@@ -1,0 +1,303 @@
+// Fused multistep update on CUDA: one launch forward, two launches backward, no host sync.
+//
+// Coefficients are read from device memory inside the kernels, so a whole sampler step can be
+// captured in a CUDA graph.  Reductions use fixed per-block chunks and a fixed-shape second pass
+// (no atomics), so the coefficient gradients are bitwise reproducible.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ld3_ops.h"
+#include "solver_coefficients.h"
+
+namespace ld3 {
+namespace {
+
+constexpr int kThreads = 256;
+// Backward: each block owns a fixed range of kBlockChunk elements, independent of the GPU.
+constexpr int kItemsPerThread = 16;
+constexpr int64_t kBlockChunk = int64_t(kThreads) * kItemsPerThread;
+
+template <typename scalar_t>
+struct HistPtrs {
+  const scalar_t* p[kMaxHistory];
+};
+template <typename scalar_t>
+struct GradPtrs {
+  scalar_t* p[kMaxHistory];
+};
+
+// 16-byte packet of scalar_t for vectorised loads and stores.
+template <typename scalar_t>
+struct alignas(16) Packet {
+  static constexpr int N = 16 / sizeof(scalar_t);
+  scalar_t v[N];
+};
+
+int sm_count(int device) {
+  static int counts[64] = {0};
+  if (device < 0 || device >= 64) return 80;
+  if (counts[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    counts[device] = n > 0 ? n : 80;
+  }
+  return counts[device];
+}
+
+int grid_for(int64_t work_items, int device) {
+  const int64_t want = (work_items + kThreads - 1) / kThreads;
+  const int64_t cap = int64_t(sm_count(device)) * 8;  // grid-stride beyond a few waves
+  return static_cast<int>(std::max<int64_t>(1, std::min(want, cap)));
+}
+
+template <typename scalar_t, int K>
+__device__ __forceinline__ at::opmath_type<scalar_t> combine(const at::opmath_type<scalar_t>* c, scalar_t xv,
+                                                             const scalar_t* mv) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t v = c[0] * static_cast<acc_t>(xv);
+#pragma unroll
+  for (int k = 0; k < K; ++k) v = v + c[1 + k] * static_cast<acc_t>(mv[k]);
+  return v;
+}
+
+template <typename scalar_t, int K, bool VEC>
+__global__ void __launch_bounds__(kThreads) forward_kernel(scalar_t* out, const scalar_t* x, HistPtrs<scalar_t> m,
+                                                           const double* __restrict__ coef, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t c[1 + K];
+#pragma unroll
+  for (int k = 0; k <= K; ++k) c[k] = static_cast<acc_t>(coef[k]);  // device read: no host sync
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t tail_start = 0;
+  if constexpr (VEC) {
+    using P = Packet<scalar_t>;
+    const int64_t nvec = n / P::N;
+    for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
+      const P xp = reinterpret_cast<const P*>(x)[v];
+      P mp[K > 0 ? K : 1];
+#pragma unroll
+      for (int k = 0; k < K; ++k) mp[k] = reinterpret_cast<const P*>(m.p[k])[v];
+      P o;
+#pragma unroll
+      for (int e = 0; e < P::N; ++e) {
+        scalar_t mv[K > 0 ? K : 1];
+#pragma unroll
+        for (int k = 0; k < K; ++k) mv[k] = mp[k].v[e];
+        o.v[e] = static_cast<scalar_t>(combine<scalar_t, K>(c, xp.v[e], mv));
+      }
+      reinterpret_cast<P*>(out)[v] = o;
+    }
+    tail_start = nvec * P::N;
+  }
+  for (int64_t i = tail_start + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    scalar_t mv[K > 0 ? K : 1];
+#pragma unroll
+    for (int k = 0; k < K; ++k) mv[k] = m.p[k][i];
+    out[i] = static_cast<scalar_t>(combine<scalar_t, K>(c, x[i], mv));
+  }
+}
+
+// Fixed-shape tree sum over the block (kThreads is a power of two).
+__device__ __forceinline__ double block_sum(double v, double* smem) {
+  smem[threadIdx.x] = v;
+  __syncthreads();
+#pragma unroll
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) smem[threadIdx.x] += smem[threadIdx.x + s];
+    __syncthreads();
+  }
+  const double r = smem[0];
+  __syncthreads();
+  return r;
+}
+
+// Pass 1: element-wise grads and one row of dot-product partials per block.
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, HistPtrs<scalar_t> m,
+                    scalar_t* __restrict__ gx, GradPtrs<scalar_t> gm, const double* __restrict__ coef, int64_t n,
+                    double* __restrict__ partials, bool want_x, bool want_m, bool want_dot) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ double smem[kThreads];
+  acc_t c[1 + K];
+#pragma unroll
+  for (int k = 0; k <= K; ++k) c[k] = static_cast<acc_t>(coef[k]);
+  double s[1 + K];
+#pragma unroll
+  for (int k = 0; k <= K; ++k) s[k] = 0.0;
+  const int64_t base = int64_t(blockIdx.x) * kBlockChunk;
+  const int64_t end = base + kBlockChunk < n ? base + kBlockChunk : n;
+  // coalesced: consecutive threads touch consecutive elements; a fixed order per thread
+  for (int64_t i = base + threadIdx.x; i < end; i += kThreads) {
+    const acc_t gi = static_cast<acc_t>(g[i]);
+    if (want_x) gx[i] = static_cast<scalar_t>(c[0] * gi);
+    if (want_m) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) gm.p[k][i] = static_cast<scalar_t>(c[1 + k] * gi);
+    }
+    if (want_dot) {
+      const double gd = static_cast<double>(gi);
+      s[0] += gd * static_cast<double>(static_cast<acc_t>(x[i]));
+#pragma unroll
+      for (int k = 0; k < K; ++k) s[1 + k] += gd * static_cast<double>(static_cast<acc_t>(m.p[k][i]));
+    }
+  }
+  if (!want_dot) return;  // uniform across the block: safe before __syncthreads
+#pragma unroll
+  for (int k = 0; k <= K; ++k) {
+    const double tot = block_sum(s[k], smem);
+    if (threadIdx.x == 0) partials[int64_t(blockIdx.x) * (1 + K) + k] = tot;
+  }
+}
+
+// Pass 2: one block sums the per-block partials in a fixed order; also zero-fills the unused tail.
+template <int K>
+__global__ void __launch_bounds__(kThreads)
+    reduce_partials_kernel(const double* __restrict__ partials, int64_t nblocks, double* __restrict__ grad_coef,
+                           int coef_len) {
+  __shared__ double smem[kThreads];
+#pragma unroll
+  for (int k = 0; k <= K; ++k) {
+    double v = 0.0;
+    for (int64_t b = threadIdx.x; b < nblocks; b += kThreads) v += partials[b * (1 + K) + k];
+    const double tot = block_sum(v, smem);
+    if (threadIdx.x == 0) grad_coef[k] = tot;
+  }
+  if (threadIdx.x == 0)
+    for (int k = 1 + K; k < coef_len; ++k) grad_coef[k] = 0.0;
+}
+
+template <typename F>
+void dispatch_k(int64_t k, F&& f) {
+  switch (k) {
+    case 0: f(std::integral_constant<int, 0>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+void check_cuda_args(const at::Tensor& x, const at::Tensor& coef) {
+  TORCH_CHECK(x.device().is_cuda(), "multistep_update (CUDA kernel): x must be a CUDA tensor");
+  TORCH_CHECK(coef.device() == x.device(), "multistep_update: coef is on ", coef.device(), " but x is on ",
+              x.device(), " (coefficients are read on the device, never copied from the host)");
+}
+
+}  // namespace
+
+at::Tensor multistep_forward_cuda(const at::Tensor& x_in, const at::Tensor& coef_in,
+                                  const std::vector<at::Tensor>& history, const at::Tensor& out_in) {
+  check_update_args(x_in, coef_in, history);
+  check_cuda_args(x_in, coef_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t K = static_cast<int64_t>(history.size());
+  at::Tensor out = out_in;
+  if (out.defined()) {
+    TORCH_CHECK(out.scalar_type() == x_in.scalar_type() && out.device() == x_in.device() &&
+                    out.sizes() == x_in.sizes(),
+                "multistep_update: out must match x in shape, dtype and device");
+  } else {
+    out = at::empty_like(x_in, at::MemoryFormat::Contiguous);
+  }
+  const int64_t n = x_in.numel();
+  if (n == 0) return out;
+  const at::Tensor x = x_in.contiguous();
+  std::vector<at::Tensor> hist;
+  for (const auto& m : history) hist.push_back(m.contiguous());
+  const at::Tensor coef = coef_in.contiguous();
+  const bool direct = out.is_contiguous();
+  at::Tensor dst = direct ? out : at::empty_like(x);
+  const auto stream = c10::cuda::getCurrentCUDAStream(x.device().index());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ld3_multistep_forward_cuda", [&] {
+    HistPtrs<scalar_t> m{};
+    bool vec = aligned16(dst.const_data_ptr()) && aligned16(x.const_data_ptr());
+    for (int64_t k = 0; k < K; ++k) {
+      m.p[k] = hist[k].const_data_ptr<scalar_t>();
+      vec = vec && aligned16(m.p[k]);
+    }
+    const int64_t work = vec ? n / Packet<scalar_t>::N + n % Packet<scalar_t>::N : n;
+    const int grid = grid_for(work, x.device().index());
+    scalar_t* o = dst.mutable_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const double* cp = coef.const_data_ptr<double>();
+    dispatch_k(K, [&](auto kc) {
+      constexpr int KK = decltype(kc)::value;
+      if (vec)
+        forward_kernel<scalar_t, KK, true><<<grid, kThreads, 0, stream>>>(o, xp, m, cp, n);
+      else
+        forward_kernel<scalar_t, KK, false><<<grid, kThreads, 0, stream>>>(o, xp, m, cp, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (!direct) out.copy_(dst);
+  return out;
+}
+
+GradTuple multistep_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& coef_in,
+                                  const std::vector<at::Tensor>& history, bool need_x, bool need_coef,
+                                  bool need_hist) {
+  check_update_args(x_in, coef_in, history);
+  check_cuda_args(x_in, coef_in);
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type() &&
+                  grad_in.device() == x_in.device(),
+              "multistep_update backward: grad must match x in shape, dtype and device");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t K = static_cast<int64_t>(history.size());
+  const at::Tensor g = grad_in.contiguous();
+  at::Tensor gx = need_x ? at::empty_like(g) : at::Tensor();
+  std::vector<at::Tensor> gms;
+  if (need_hist)
+    for (int64_t k = 0; k < K; ++k) gms.push_back(at::empty_like(g));
+  const int64_t n = g.numel();
+  at::Tensor gc;
+  if (need_coef) gc = n == 0 ? at::zeros_like(coef_in, at::MemoryFormat::Contiguous)
+                             : at::empty_like(coef_in, at::MemoryFormat::Contiguous);
+  if (n == 0 || (!need_x && !need_coef && !need_hist)) return {gx, gc, gms};
+  const at::Tensor coef = coef_in.contiguous();
+  at::Tensor x;
+  std::vector<at::Tensor> hist;
+  if (need_coef) {
+    x = x_in.contiguous();
+    for (const auto& m : history) hist.push_back(m.contiguous());
+  }
+  const int64_t nblocks = (n + kBlockChunk - 1) / kBlockChunk;
+  TORCH_CHECK(nblocks < (int64_t(1) << 31), "multistep_update backward: tensor too large");
+  at::Tensor partials = need_coef ? at::empty({nblocks, 1 + K}, coef.options()) : at::Tensor();
+  const auto stream = c10::cuda::getCurrentCUDAStream(x_in.device().index());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "ld3_multistep_backward_cuda", [&] {
+    HistPtrs<scalar_t> m{};
+    GradPtrs<scalar_t> gm{};
+    if (need_coef)
+      for (int64_t k = 0; k < K; ++k) m.p[k] = hist[k].const_data_ptr<scalar_t>();
+    if (need_hist)
+      for (int64_t k = 0; k < K; ++k) gm.p[k] = gms[k].mutable_data_ptr<scalar_t>();
+    const scalar_t* xp = need_coef ? x.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gxp = need_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+    double* pp = need_coef ? partials.mutable_data_ptr<double>() : nullptr;
+    dispatch_k(K, [&](auto kc) {
+      constexpr int KK = decltype(kc)::value;
+      backward_kernel<scalar_t, KK><<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), xp, m, gxp, gm, coef.const_data_ptr<double>(), n, pp, need_x,
+          need_hist && KK > 0, need_coef);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (need_coef) {
+        reduce_partials_kernel<KK><<<1, kThreads, 0, stream>>>(pp, nblocks, gc.mutable_data_ptr<double>(),
+                                                               static_cast<int>(gc.numel()));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+  return {gx, gc, gms};
+}
+
+}  // namespace ld3

@@ -1,0 +1,275 @@
+"""GITS (Chen et al. 2024, "On the Trajectory Regularity of ODE-based Diffusion Sampling").
+
+GITS observes that sampling trajectories of one model are very similar to each other, so a time
+schedule found on a handful of trajectories transfers to all.  The search:
+
+1. choose a fine candidate grid g_0 = t_max > g_1 > ... > g_M = t_min (EDM rho = 7 spacing by
+   default, as GITS; "logsnr" and "time" are options);
+2. integrate a small batch of teacher trajectories accurately along it, keeping the state X_k at
+   every g_k;
+3. cost(i -> j) = mean over the batch of the RMSE between ONE coarse solver step from (X_i, g_i) to
+   g_j and the teacher state X_j (the local error of jumping from i to j);
+4. dynamic programming: the path 0 = p_0 < p_1 < ... < p_N = M with exactly N = nfe jumps and the
+   least weighted cost sum_k coeff^k cost(p_k -> p_{k+1}); GITS' coeff (1.15 here) > 1 favours a
+   large first jump, where the trajectory is straight and errors are later contracted.
+
+Measured on the built-in digits model (NFE 5, 512 noises, teacher UniPC(3) 20 logSNR steps), with
+Euler sampling GITS cut teacher-RMSE to 0.113 from 0.186 (logSNR) / 0.181 (EDM rho=7); under
+DPM-Solver++(3M) the Euler-tuned search is worse than EDM rho=7 (0.138 vs 0.103), as expected for
+a cost built from first-order steps.
+
+The coarse step is ``solver`` on the one-interval grid [g_i, g_j]; multistep solvers take their
+first-order step there (history does not fit a pairwise cost), so Euler (= DDIM = DPM-Solver++(1))
+is the natural choice, as in the paper.  ``GITS_PRESETS`` holds the published GITS lists that LD3
+compares with (EDM sigma units; LD3.md section 4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import math
+
+import numpy as np
+import torch
+
+from ..schedules import NoiseSchedule
+from ..wrappers import DiffusionModel, wrap_model
+
+# σ lists (sigma/alpha, noisiest first) keyed by dataset then nfe, as listed in LD3.md section 4
+GITS_PRESETS: Dict[str, Dict[int, List[float]]] = {
+    "cifar10": {
+        4: [80, 5.1092, 1.584, 0.47, 0.002],
+        5: [80, 5.8389, 2.1632, 0.8119, 0.2107, 0.002],
+        6: [80, 9.7232, 3.3686, 1.3482, 0.5666, 0.1698, 0.002],
+        7: [80, 10.9836, 3.8811, 1.8543, 0.8119, 0.3183, 0.1079, 0.002],
+        8: [80, 10.9836, 3.8811, 1.8543, 0.9654, 0.47, 0.2107, 0.0665, 0.002],
+        9: [80, 12.3816, 4.459, 2.1632, 1.1431, 0.5666, 0.2597, 0.1079, 0.03, 0.002],
+        10: [80, 13.9293, 5.1092, 2.5152, 1.3482, 0.6799, 0.3183, 0.1698, 0.0665, 0.0225, 0.002],
+    },
+    "ffhq": {
+        4: [80, 7.5699, 2.1632, 0.5666, 0.002],
+        5: [80, 9.7232, 2.9152, 0.9654, 0.2597, 0.002],
+        6: [80, 10.9836, 3.8811, 1.584, 0.5666, 0.1698, 0.002],
+        7: [80, 12.3816, 4.459, 1.8543, 0.8119, 0.3183, 0.1079, 0.002],
+        8: [80, 12.3816, 5.1092, 2.1632, 0.9654, 0.47, 0.2107, 0.0665, 0.002],
+        9: [80, 13.9293, 5.8389, 2.9152, 1.3482, 0.6799, 0.3183, 0.1359, 0.0515, 0.002],
+        10: [80, 13.9293, 5.8389, 2.9152, 1.584, 0.8119, 0.3878, 0.2107, 0.0851, 0.03, 0.002],
+    },
+    "afhqv2": {
+        4: [80, 7.5699, 2.1632, 0.3878, 0.002],
+        5: [80, 8.5888, 2.9152, 0.9654, 0.2107, 0.002],
+        6: [80, 9.7232, 3.8811, 1.584, 0.47, 0.1359, 0.002],
+        7: [80, 10.9836, 4.459, 1.8543, 0.6799, 0.2597, 0.0851, 0.002],
+        8: [80, 12.3816, 5.1092, 2.5152, 1.1431, 0.47, 0.2107, 0.0665, 0.002],
+        9: [80, 13.9293, 5.8389, 2.9152, 1.3482, 0.6799, 0.3183, 0.1359, 0.0515, 0.002],
+        10: [80, 13.9293, 5.8389, 2.9152, 1.584, 0.8119, 0.3878, 0.2107, 0.1079, 0.0395, 0.002],
+    },
+    "lsun": {
+        4: [83.8225, 2.1307, 0.9556, 0.425, 0.0388],
+        5: [83.8225, 2.4793, 1.1629, 0.5745, 0.2411, 0.0388],
+        6: [83.8225, 2.4793, 1.2928, 0.7324, 0.3678, 0.1578, 0.0388],
+        7: [83.8225, 2.9282, 1.4464, 0.8717, 0.4929, 0.2586, 0.109, 0.0388],
+        8: [83.8225, 3.5196, 1.854, 1.1629, 0.7324, 0.425, 0.2249, 0.1009, 0.0388],
+        9: [83.8225, 3.5196, 1.854, 1.1629, 0.7324, 0.4574, 0.2773, 0.1578, 0.0731, 0.0388],
+        10: [83.8225, 4.3198, 2.1307, 1.2928, 0.8717, 0.5745, 0.3678, 0.2411, 0.1365, 0.0672, 0.0388],
+    },
+    "sd": {
+        3: [14.6146, 1.7083, 0.532, 0.0292],
+        4: [14.6146, 3.1131, 1.0421, 0.3811, 0.0292],
+        5: [14.6146, 4.39, 1.5286, 0.6526, 0.2667, 0.0292],
+        6: [14.6146, 4.7242, 1.9132, 0.9324, 0.4557, 0.1801, 0.0292],
+        7: [14.6146, 6.4477, 2.2797, 1.1629, 0.6114, 0.3058, 0.1258, 0.0292],
+        8: [14.6146, 6.4477, 2.7391, 1.4467, 0.8319, 0.4936, 0.2667, 0.1258, 0.0292],
+        9: [14.6146, 6.4477, 3.3251, 1.9132, 1.1629, 0.7391, 0.4557, 0.2667, 0.1258, 0.0292],
+        10: [14.6146, 5.9489, 3.3251, 2.0267, 1.2969, 0.8319, 0.5712, 0.3811, 0.2255, 0.1258, 0.0292],
+        11: [14.6146, 6.4477, 3.8092, 2.2797, 1.5286, 1.0421, 0.7391, 0.4936, 0.3437, 0.2255, 0.1258, 0.0292],
+    },
+}
+
+
+def _check(schedule, nfe):
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
+
+
+def gits_preset(dataset: str, schedule: NoiseSchedule, nfe: int, tol: float = 0.02) -> torch.Tensor:
+    """A published GITS list as timesteps on ``schedule`` via t = schedule.t_from_edm_sigma(sigma).
+
+    The list's end noise levels must match the schedule's within ``tol`` (relative, in sigma); they are
+    then snapped to t_max / t_min exactly (the lists are rounded to 4 decimals).
+    """
+    _check(schedule, nfe)
+    if dataset not in GITS_PRESETS:
+        raise ValueError(f"GITS presets exist for {sorted(GITS_PRESETS)}, got {dataset!r}")
+    table = GITS_PRESETS[dataset]
+    if nfe not in table:
+        raise ValueError(f"GITS preset {dataset!r} has NFE {sorted(table)}, not {nfe}")
+    sig = torch.tensor(table[nfe], dtype=torch.float64)
+    smax = float(schedule.edm_sigma(torch.tensor(schedule.t_max, dtype=torch.float64)))
+    smin = float(schedule.edm_sigma(torch.tensor(schedule.t_min, dtype=torch.float64)))
+    if abs(math.log(float(sig[0]) / smax)) > tol or abs(math.log(float(sig[-1]) / smin)) > tol:
+        raise ValueError(f"GITS preset {dataset!r} spans sigma {float(sig[0])}..{float(sig[-1])}, but the schedule "
+                         f"spans {smax:.6g}..{smin:.6g}: it was made for another schedule")
+    t = schedule.t_from_edm_sigma(sig)
+    t[0], t[-1] = schedule.t_max, schedule.t_min
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+def fine_grid(schedule: NoiseSchedule, fine_steps: int, spacing: str = "logsnr") -> torch.Tensor:
+    """The candidate grid (float64, t_max..t_min, fine_steps + 1 points)."""
+    from .. import discretizations as disc
+
+    if spacing in ("logsnr", "lambda"):
+        return disc.logsnr_uniform(schedule, fine_steps)
+    if spacing == "edm":
+        return disc.edm(schedule, fine_steps)
+    if spacing == "time":
+        return disc.time_uniform(schedule, fine_steps)
+    raise ValueError(f"spacing must be 'logsnr', 'edm' or 'time', got {spacing!r}")
+
+
+@torch.no_grad()
+def teacher_states(model: DiffusionModel, x_T: torch.Tensor, grid: torch.Tensor, teacher_solver=None,
+                   substeps: int = 4) -> List[torch.Tensor]:
+    """States of the accurate trajectory at every grid point (grid[0] state is x_T).
+
+    Each fine interval is refined into ``substeps`` log-SNR-uniform sub-intervals and integrated by
+    ``teacher_solver`` (default DPM-Solver++(2M)); restarting the multistep history per interval costs
+    little accuracy at this resolution and keeps the states exactly on the grid.
+    """
+    from ..solvers import DPMSolverPP
+
+    solver = teacher_solver or DPMSolverPP(order=2)
+    s = model.schedule
+    states = [x_T]
+    x = x_T
+    for k in range(grid.numel() - 1):
+        lam = torch.linspace(float(s.lambda_(grid[k])), float(s.lambda_(grid[k + 1])), substeps + 1,
+                             dtype=torch.float64)
+        sub = s.inverse_lambda(lam)
+        sub[0], sub[-1] = grid[k], grid[k + 1]
+        x = solver.sample(model, x, sub)
+        states.append(x)
+    return states
+
+
+@torch.no_grad()
+def gits_cost_matrix(model: DiffusionModel, grid: torch.Tensor, states: List[torch.Tensor], solver=None,
+                     max_jump: Optional[int] = None) -> np.ndarray:
+    """cost[i, j] (i < j): mean per-sample RMSE of one ``solver`` step from (states[i], grid[i]) to grid[j]
+    against states[j]; +inf elsewhere.  One network call per i (the prediction at (X_i, g_i) is shared by
+    every jump that starts there)."""
+    from ..solvers import Euler
+    from ..metrics import teacher_rmse
+
+    solver = solver or Euler()
+    s = model.schedule
+    m = grid.numel() - 1
+    max_jump = m if max_jump is None else int(max_jump)
+    cost = np.full((m + 1, m + 1), np.inf)
+    for i in range(m):
+        x_i = states[i]
+        x0_i = model.x0(x_i, grid[i])
+        # a stand-in model that replays the real prediction made at (x_i, g_i): the coarse step only
+        # evaluates there, so this is exact and saves (M - i - 1) network calls
+        cached = wrap_model(lambda x, t, _x0=x0_i: _x0, s, prediction="x0", time_input="t", check_output=False)
+        for j in range(i + 1, min(m, i + max_jump) + 1):
+            x_j = solver.sample(cached, x_i, torch.stack([grid[i], grid[j]]))
+            cost[i, j] = float(teacher_rmse(x_j, states[j]).mean())
+    return cost
+
+
+def gits_dp(cost: np.ndarray, nfe: int, coeff: float = 1.0) -> List[int]:
+    """Indices 0 = p_0 < ... < p_nfe = M minimising sum_k coeff^k cost[p_k, p_{k+1}] (exactly nfe jumps).
+
+    ``coeff`` > 1 weighs later jumps (closer to the data) more, as in GITS, whose recursion is
+    V(i, k) = cost(i -> j) + coeff * V(j, k - 1); coeff = 1 is the plain least-total-cost path.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"cost must be a square matrix, got shape {cost.shape}")
+    m = cost.shape[0] - 1
+    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or not 1 <= nfe <= m:
+        raise ValueError(f"nfe must be an int in 1..{m} (the fine grid has {m} intervals), got {nfe!r}")
+    if not coeff > 0:
+        raise ValueError(f"coeff must be > 0, got {coeff}")
+    # backward recursion: togo[k, i] = least weighted cost from i to M in exactly k jumps, where the
+    # first of those k jumps has weight 1 and the rest are scaled by coeff (GITS' recursion)
+    togo = np.full((nfe + 1, m + 1), np.inf)
+    nxt = np.zeros((nfe + 1, m + 1), dtype=np.int64)
+    togo[0, m] = 0.0
+    for k in range(1, nfe + 1):
+        cand = cost + coeff * togo[k - 1][None, :]          # [i, j]
+        nxt[k] = np.argmin(cand, axis=1)
+        togo[k] = cand[np.arange(m + 1), nxt[k]]
+    if not np.isfinite(togo[nfe, 0]):
+        raise ValueError(f"no path with {nfe} jumps exists under this cost (max_jump too small?)")
+    path = [0]
+    for k in range(nfe, 0, -1):
+        path.append(int(nxt[k, path[-1]]))
+    return path
+
+
+def path_cost(cost: np.ndarray, path, coeff: float = 1.0) -> float:
+    """sum_k coeff^k cost[p_k, p_{k+1}]: the quantity ``gits_dp`` minimises."""
+    return float(sum(coeff ** k * cost[a, b] for k, (a, b) in enumerate(zip(path[:-1], path[1:]))))
+
+
+@dataclass
+class GITSResult:
+    timesteps: torch.Tensor      # float64, t_max..t_min, nfe + 1
+    path: List[int]              # indices into grid
+    grid: torch.Tensor           # the fine candidate grid
+    cost: np.ndarray             # [M+1, M+1] pairwise cost (inf where undefined)
+    total_cost: float            # path_cost(cost, path, coeff)
+    coeff: float
+
+
+def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: int = 5, solver=None,
+         n_samples: int = 64, fine_steps: int = 60, spacing: str = "edm", seed: int = 0,
+         teacher_solver=None, teacher_substeps: int = 4, max_jump: Optional[int] = None,
+         coeff: float = 1.15, x_T: Optional[torch.Tensor] = None, sample_shape=None,
+         dtype=torch.float64, return_info: bool = False):
+    """GITS timesteps for ``model`` (float64, t_max..t_min, length nfe + 1).
+
+    ``x_T``: the teacher batch's starting noise; by default ``n_samples`` draws of
+    N(0, prior_std^2) with ``sample_shape`` (required then; e.g. (1, 8, 8)), seeded by ``seed``.
+    ``coeff``: GITS' weight on later jumps in the DP (1.15 by default, 1 = plain minimum total cost);
+    with coeff = 1 the search spends steps where the trajectory is nearly straight at high noise,
+    because an error made there is counted in full although the ODE shrinks it later.
+    ``return_info=True`` returns a :class:`GITSResult` (path, grid, cost matrix, total cost).
+    """
+    if not isinstance(model, DiffusionModel):
+        raise TypeError("gits needs the model (a DiffusionModel from wrap_model): it searches on teacher "
+                        "trajectories of that model")
+    schedule = model.schedule if schedule is None else schedule
+    _check(schedule, nfe)
+    if schedule is not model.schedule and schedule.config() != model.schedule.config():
+        raise ValueError("schedule differs from the model's schedule")
+    if fine_steps < nfe:
+        raise ValueError(f"fine_steps ({fine_steps}) must be >= nfe ({nfe})")
+    grid = fine_grid(schedule, fine_steps, spacing)
+    if x_T is None:
+        if sample_shape is None:
+            raise ValueError("gits: pass x_T or sample_shape (the shape of one sample, e.g. (1, 8, 8))")
+        g = torch.Generator().manual_seed(seed)
+        x_T = schedule.prior_std() * torch.randn(n_samples, *sample_shape, generator=g, dtype=torch.float64)
+    dev = next((p.device for p in model.parameters()), x_T.device)
+    x_T = x_T.to(device=dev, dtype=dtype)
+    grid_d = grid.to(dev)
+    states = teacher_states(model, x_T, grid_d, teacher_solver, teacher_substeps)
+    cost = gits_cost_matrix(model, grid_d, states, solver, max_jump)
+    path = gits_dp(cost, nfe, coeff)
+    t = grid[path].clone()
+    t[0], t[-1] = schedule.t_max, schedule.t_min
+    if return_info:
+        return GITSResult(t, path, grid, cost, path_cost(cost, path, coeff), coeff)
+    return t
+
+
+__all__ = ["GITS_PRESETS", "gits_preset", "gits", "gits_cost_matrix", "gits_dp", "path_cost", "fine_grid",
+           "teacher_states", "GITSResult"]

@@ -1,0 +1,245 @@
+"""torch.distributed helpers for data-parallel LD3 training and teacher generation.
+
+LD3 learns a handful of schedule parameters (xi, xi^c) from a per-sample loss, so data parallelism is
+simple: every rank holds the same parameters, solves its own shard of the (noise, teacher) pairs, and the
+parameter gradients are averaged across ranks before the (identical) optimizer step.  The relaxed noises
+are per-sample and stay on the rank that owns them.
+
+* ``init_from_env()`` -- join the process group torchrun (or any launcher) describes in the environment
+  (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); gloo on CPU, nccl on GPU
+  (each process takes ``cuda:LOCAL_RANK``).  Without those variables it is a no-op: a single process.
+* ``shard_range(n)`` -- this rank's contiguous slice of ``range(n)`` (teacher pairs, cache chunks, batches).
+* ``all_reduce_mean_(tensors, weight=None)`` -- in-place average across ranks (one coalesced all-reduce);
+  with ``weight`` (e.g. this rank's sample count) a weighted mean, exact for uneven shards.
+* ``all_reduce_sum_``, ``all_gather_shards`` (concatenate unequal per-rank shards in rank order),
+  ``broadcast_`` (rank 0's values everywhere), ``is_rank0()``, ``barrier()``, ``get_rank()``,
+  ``get_world_size()``, ``destroy()``.
+
+Every helper works (as the identity / the single-process answer) when no process group is initialised, so
+the trainer can call them unconditionally.
+
+Multi-node: launch the same script on every node with torchrun's c10d rendezvous, e.g.::
+
+    torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=node0.example:29500 \\
+             --rdzv-id=ld3-job-42 -m ld3_ext.cli train ...
+
+torchrun agrees on ranks through the rendezvous and then exports RANK (global), LOCAL_RANK (within the node),
+WORLD_SIZE (2*8), and MASTER_ADDR/MASTER_PORT (the store of global rank 0); ``init_from_env`` then calls
+``init_process_group(init_method="env://")`` -- the same code path as one node (``--standalone``) or as the
+2-process gloo test in ``tests/test_distributed.py``.  ``shard_range`` uses the GLOBAL rank, so shards are
+disjoint across nodes; device placement uses LOCAL_RANK.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Optional[str]
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    """True on the process that should write files and print (and in a single process)."""
+    return get_rank() == 0
+
+
+def _env_int(name: str, default: Optional[int] = None) -> Optional[int]:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, device: Optional[str] = None) -> DistInfo:
+    """Initialise the default process group from torchrun's environment (see module docstring).
+
+    ``backend``: default "nccl" when CUDA is available (and ``device`` is not "cpu"), else "gloo".
+    Returns a :class:`DistInfo` (world_size 1 and no process group when WORLD_SIZE is unset or 1).
+    Calling it again after a successful init returns the current group's info.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank if world > 1 else 0)
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if backend is None:
+        backend = "nccl" if use_cuda else "gloo"
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if world <= 1:
+        return DistInfo(0, 1, 0, dev if use_cuda else torch.device("cpu"), None)
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun, or set "
+                           f"{', '.join(ENV_VARS)}")
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world - 1}")
+    if backend == "nccl":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev, dist.get_backend())
+
+
+def destroy() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized() and get_world_size() > 1:
+        dist.barrier()
+
+
+def shard_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> range:
+    """Contiguous, balanced shard of ``range(n)`` for ``rank`` (the first n % W ranks get one extra item).
+
+    The shards of all ranks are disjoint, cover ``range(n)`` in rank order, and may be empty when n < W.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    rank = get_rank() if rank is None else int(rank)
+    world_size = get_world_size() if world_size is None else int(world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    base, extra = divmod(n, world_size)
+    lo = rank * base + min(rank, extra)
+    return range(lo, lo + base + (1 if rank < extra else 0))
+
+
+def _present(tensors: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+    return [t for t in tensors if t is not None]
+
+
+def _coalesced_all_reduce_(tensors: List[torch.Tensor], scale=None) -> None:
+    """One all-reduce (sum) of all tensors, flattened into a buffer in the widest dtype; results copied back."""
+    if not tensors:
+        return
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+    if scale is not None:
+        flat = flat * scale
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return flat
+
+
+def all_reduce_sum_(tensors: Sequence[Optional[torch.Tensor]]) -> None:
+    """In-place sum across ranks (None entries are skipped)."""
+    ts = _present(tensors)
+    if not ts or get_world_size() == 1:
+        return
+    flat = _coalesced_all_reduce_(ts)
+    _scatter_back(ts, flat)
+
+
+def all_reduce_mean_(tensors: Sequence[Optional[torch.Tensor]], weight: Optional[float] = None) -> None:
+    """In-place average of ``tensors`` across ranks -- e.g. ``[xi.grad, xi_c.grad]`` after ``backward()``.
+
+    Without ``weight`` every rank counts equally (right when all shards have the same size, or when each rank
+    already holds a sum).  With ``weight`` = this rank's sample count (or any non-negative weight) the result
+    is sum_r w_r g_r / sum_r w_r: the gradient of the mean loss over the union of the shards, also for uneven
+    shards.  A single process leaves the tensors unchanged.  Every rank must pass tensors of the same shapes
+    in the same order (None entries are skipped -- they must be None on every rank).
+    """
+    ts = _present(tensors)
+    if not ts or get_world_size() == 1:
+        return
+    if weight is None:
+        flat = _coalesced_all_reduce_(ts)
+        flat = flat / get_world_size()
+    else:
+        w = float(weight)
+        if not w >= 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        # the total weight travels in the same all-reduce as the tensors (one collective, no extra sync)
+        ts_w = ts + [torch.ones((), device=ts[0].device, dtype=ts[0].dtype)]
+        flat = _coalesced_all_reduce_(ts_w, scale=w)
+        total = flat[-1]
+        flat = flat[:-1] / total.clamp_min(torch.finfo(flat.dtype).tiny)
+    _scatter_back(ts, flat)
+
+
+def _scatter_back(ts: List[torch.Tensor], flat: torch.Tensor) -> None:
+    off = 0
+    with torch.no_grad():
+        for t in ts:
+            k = t.numel()
+            t.copy_(flat[off: off + k].reshape(t.shape).to(t.dtype))
+            off += k
+
+
+def broadcast_(tensors: Sequence[Optional[torch.Tensor]], src: int = 0) -> None:
+    """In-place: every rank gets rank ``src``'s values (e.g. the initial schedule parameters)."""
+    ts = _present(tensors)
+    if not ts or get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in ts:
+            dist.broadcast(t, src=src)
+
+
+def all_gather_shards(shard: torch.Tensor, n: Optional[int] = None) -> torch.Tensor:
+    """Concatenate every rank's ``shard`` (leading dims may differ, e.g. from ``shard_range``) in rank order.
+
+    With ``n`` the result is checked to hold n rows.  Used to assemble teacher targets generated shard-wise.
+    """
+    if get_world_size() == 1:
+        out = shard
+    else:
+        size = torch.tensor([shard.shape[0]], device=shard.device, dtype=torch.long)
+        sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
+        dist.all_gather(sizes, size)
+        sizes_l = [int(s.item()) for s in sizes]  # one sync per gather: a setup-time operation
+        m = max(sizes_l)
+        padded = shard.new_zeros((m, *shard.shape[1:]))
+        padded[: shard.shape[0]] = shard
+        bufs = [torch.empty_like(padded) for _ in sizes_l]
+        dist.all_gather(bufs, padded.contiguous())
+        out = torch.cat([b[:k] for b, k in zip(bufs, sizes_l)])
+    if n is not None and out.shape[0] != n:
+        raise ValueError(f"all_gather_shards: expected {n} rows in total, got {out.shape[0]}")
+    return out
+
+
+__all__ = ["DistInfo", "init_from_env", "destroy", "is_initialized", "get_rank", "get_world_size", "is_rank0",
+           "barrier", "shard_range", "all_reduce_mean_", "all_reduce_sum_", "broadcast_", "all_gather_shards",
+           "ENV_VARS"]

@@ -1,0 +1,175 @@
+"""A k-diffusion-style functional API over ld3_ext's solvers.
+
+    x0 = ld3_ext.sample(denoiser, x, sigmas, solver="dpmpp_3m", extra_args={"cond": c})
+
+Conventions (k-diffusion's): the state is in the variance-exploding view x = x0 + sigma * eps, the model is
+a denoiser ``denoiser(x, sigma, **extra_args) -> x0`` with ``sigma`` a per-sample ``[B]`` tensor, and
+``sigmas`` is a descending 1-D grid that may end in 0.  Internally the solve runs on an
+``EDM(sigma_min, sigma_max)`` schedule built from the sigmas, so every ld3_ext solver (and float / learned
+grids, and decoupled model sigmas) can be used.
+
+A :class:`~ld3_ext.wrappers.DiffusionModel` on any schedule is accepted too: it is evaluated in the VE view
+(x_model = alpha(t) x at t = t_from_edm_sigma(sigma)), so ``sigmas`` are sigma/alpha of its schedule (what
+``LearnedSchedule.to_k_diffusion()`` gives) and ``x`` is x_model / alpha.
+
+**Trailing zero.** If ``sigmas[-1] == 0`` the solver runs on the positive sigmas and the last interval is a
+final denoising step ``x = denoiser(x, sigmas[-2])`` (as k-diffusion's samplers do on their last step).  NFE:
+
+* multistep solvers (euler, dpmpp_*, unipc*, ipndm): ``len(sigmas) - 1`` with or without the trailing 0;
+* heun: ``2 * (len(sigmas) - 1)`` without a trailing 0; ``2 * (len(sigmas) - 2) + 1`` with one (the last
+  interval is the single denoising call, as in k-diffusion's ``sample_heun``).
+
+**Solver names** (``SOLVER_NAMES``): "euler" (= "ddim"), "heun", "dpmpp_2m" (midpoint 2M = k-diffusion's
+``sample_dpmpp_2m``), "dpmpp_3m" (3M with heun-type warm-up = k-diffusion's ``sample_dpmpp_3m_sde(eta=0)``),
+"dpmpp_2m_heun", "unipc" (UniPC-3 bh1), "unipc_bh2", "unipc_2" (UniPC-2 bh1), "ipndm" (order 4), "ipndm_3";
+or any :class:`~ld3_ext.solvers.Solver` instance.  The DPM-Solver++ names use ``lower_order_final=False``
+(k-diffusion never lowers the order except through the final denoise); override with ``**solver_kw``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+
+from .schedules import EDM
+from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
+from .wrappers import DiffusionModel
+
+SOLVER_NAMES: Dict[str, Callable[..., Solver]] = {
+    "euler": lambda **kw: Euler(**kw),
+    "ddim": lambda **kw: Euler(**kw),
+    "heun": lambda **kw: Heun(**kw),
+    "dpmpp_2m": lambda **kw: DPMSolverPP(**{"order": 2, "solver_type": "midpoint", "lower_order_final": False, **kw}),
+    "dpmpp_2m_heun": lambda **kw: DPMSolverPP(**{"order": 2, "solver_type": "heun", "lower_order_final": False, **kw}),
+    "dpmpp_3m": lambda **kw: DPMSolverPP(**{"order": 3, "solver_type": "heun", "lower_order_final": False, **kw}),
+    "unipc": lambda **kw: UniPC(**{"order": 3, "variant": "bh1", **kw}),
+    "unipc_bh2": lambda **kw: UniPC(**{"order": 3, "variant": "bh2", **kw}),
+    "unipc_2": lambda **kw: UniPC(**{"order": 2, "variant": "bh1", **kw}),
+    "ipndm": lambda **kw: IPNDM(**{"order": 4, **kw}),
+    "ipndm_3": lambda **kw: IPNDM(**{"order": 3, **kw}),
+}
+
+
+def get_solver(solver: Union[str, Solver], **solver_kw) -> Solver:
+    if isinstance(solver, Solver):
+        if solver_kw:
+            raise TypeError("solver keyword arguments are only used with a solver name, not a Solver instance")
+        return solver
+    if solver not in SOLVER_NAMES:
+        raise ValueError(f"solver must be a Solver or one of {sorted(SOLVER_NAMES)}, got {solver!r}")
+    return SOLVER_NAMES[solver](**solver_kw)
+
+
+class _VEModel(DiffusionModel):
+    """A k-diffusion denoiser, or a DiffusionModel seen in the VE view, as a DiffusionModel on an EDM schedule."""
+
+    def __init__(self, model_or_denoiser, schedule: EDM, callback=None):
+        super().__init__(model_or_denoiser, schedule, prediction="x0", time_input="sigma", check_output=False,
+                         name=getattr(model_or_denoiser, "name", None) or getattr(model_or_denoiser, "__name__", None))
+        self.inner = model_or_denoiser if isinstance(model_or_denoiser, DiffusionModel) else None
+        self.callback = callback
+
+    def predict(self, x, t, step=None, **kwargs):
+        # t is the EDM sigma (float64 grid value): keep it in full precision for an inner schedule's t
+        inner = self.inner
+        if inner is None:
+            x0, eps = super().predict(x, t, step=step, **kwargs)
+        else:
+            tt = inner.schedule.t_from_edm_sigma(t)
+            a = inner.schedule.alpha(tt).to(x.dtype)
+            x0 = inner.predict(a * x, tt, step=step, **kwargs)[0]
+            eps = (x - x0) / t.to(x.dtype)
+        if self.callback is not None:
+            self.callback({"x": x, "i": step, "sigma": t, "sigma_hat": t, "denoised": x0})
+        return x0, eps
+
+
+def _grid(s, x: torch.Tensor, name: str) -> torch.Tensor:
+    s = torch.as_tensor(s)
+    if s.dim() != 1 or s.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D sequence with at least 2 entries, got shape {tuple(s.shape)}")
+    if not s.is_floating_point():
+        s = s.to(torch.float64)
+    s = s.to(device=x.device, dtype=torch.float64)
+    sd = s.detach()
+    if not torch.isfinite(sd).all():
+        raise ValueError(f"{name} contains NaN/Inf")
+    if not (sd[1:] < sd[:-1]).all():
+        raise ValueError(f"{name} must be strictly decreasing, got {sd.cpu().tolist()}")
+    if not (sd[:-1] > 0).all() or sd[-1] < 0:
+        raise ValueError(f"{name} must be positive (only the last entry may be 0), got {sd.cpu().tolist()}")
+    return s
+
+
+def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, sigmas,
+           solver: Union[str, Solver] = "dpmpp_3m", model_sigmas=None, extra_args: Optional[Dict[str, Any]] = None,
+           callback: Optional[Callable] = None, disable: Any = None, **solver_kw) -> torch.Tensor:
+    """Solve the probability-flow ODE from ``x`` at ``sigmas[0]`` down the grid ``sigmas`` (k-diffusion style).
+
+    ``model_sigmas`` (same length as ``sigmas``) are where the network is evaluated (LD3's decoupled times;
+    default ``sigmas``); with a trailing 0 the final denoise uses ``model_sigmas[-2]``.  ``extra_args`` are
+    passed to every model call.  ``callback(dict(x, i, sigma, sigma_hat, denoised))`` runs after every
+    network evaluation (k-diffusion's hook); ``disable`` is accepted for signature compatibility.
+    Differentiable w.r.t. ``x``, ``sigmas`` and ``model_sigmas`` (float tensors).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating torch.Tensor")
+    if not callable(model_or_denoiser):
+        raise TypeError(f"model_or_denoiser must be a DiffusionModel or a callable denoiser(x, sigma, **kw) -> x0, "
+                        f"got {type(model_or_denoiser).__name__}")
+    sv = get_solver(solver, **solver_kw)
+    s = _grid(sigmas, x, "sigmas")
+    ms = s if model_sigmas is None else _grid(model_sigmas, x, "model_sigmas")
+    if ms.shape != s.shape:
+        raise ValueError(f"model_sigmas must have the length of sigmas ({s.numel()}), got {ms.numel()}")
+    final_denoise = bool(s.detach()[-1] == 0)
+    if final_denoise != bool(ms.detach()[-1] == 0) and model_sigmas is not None:
+        raise ValueError("sigmas and model_sigmas must both end in 0 or both end above 0")
+    pos, mpos = (s[:-1], ms[:-1]) if final_denoise else (s, ms)
+    both = torch.cat([pos.detach(), mpos.detach()])
+    lo, hi = both.min().item(), both.max().item()
+    schedule = EDM(lo, hi) if hi > lo else EDM(lo, lo * (1 + 1e-6))
+    model = _VEModel(model_or_denoiser, schedule, callback)
+    kw = dict(extra_args or {})
+    if pos.numel() >= 2:
+        x = sv.sample(model, x, pos, mpos, **kw)
+    if final_denoise:
+        x = model.predict(x, mpos[-1], step=None if callback is None else max(0, sv.nfe(pos.numel() - 1)), **kw)[0]
+    return x
+
+
+def to_denoiser(model: DiffusionModel) -> Callable:
+    """A k-diffusion denoiser ``D(x, sigma, **kw) -> x0`` (VE view, per-sample sigma [B]) for a DiffusionModel,
+    e.g. to run k-diffusion's own samplers on an ld3_ext model.  All samples must share one sigma."""
+    if not isinstance(model, DiffusionModel):
+        raise TypeError("to_denoiser needs a DiffusionModel")
+    s = model.schedule
+
+    def denoiser(x, sigma, **kw):
+        sig = torch.as_tensor(sigma, device=x.device).reshape(-1)[0].to(torch.float64)
+        t = s.t_from_edm_sigma(sig)
+        return model.predict(s.alpha(t).to(x.dtype) * x, t, **kw)[0]
+
+    denoiser.__name__ = f"denoiser_{model.name}"
+    return denoiser
+
+
+def _named(name: str):
+    @functools.wraps(sample)
+    def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
+        return sample(model, x, sigmas, solver=name, extra_args=extra_args, callback=callback, disable=disable, **kw)
+    fn.__name__ = f"sample_{name}"
+    fn.__doc__ = f"k-diffusion-style ``sample_{name}(model, x, sigmas, extra_args=None, ...)`` (see ``sample``)."
+    return fn
+
+
+sample_euler = _named("euler")
+sample_heun = _named("heun")
+sample_dpmpp_2m = _named("dpmpp_2m")
+sample_dpmpp_3m = _named("dpmpp_3m")
+sample_unipc = _named("unipc")
+sample_ipndm = _named("ipndm")
+
+__all__ = ["sample", "to_denoiser", "get_solver", "SOLVER_NAMES", "sample_euler", "sample_heun", "sample_dpmpp_2m",
+           "sample_dpmpp_3m", "sample_unipc", "sample_ipndm"]

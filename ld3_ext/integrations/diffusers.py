@@ -1,0 +1,323 @@
+"""Use diffusers UNets (UNet2DModel, UNet2DConditionModel, ...) with every ld3_ext solver and the LD3 trainer.
+
+``from_diffusers(unet, scheduler_config)`` returns ``(model, schedule)``:
+
+* ``schedule`` comes from the scheduler config: ``VPDiscrete`` built from the betas that diffusers itself
+  would build (``beta_schedule`` linear / scaled_linear / squaredcos_cap_v2 / ..., ``trained_betas``,
+  ``num_train_timesteps``), or ``FlowMatching`` for rectified-flow configs (``FlowMatch*`` scheduler classes,
+  ``prediction_type="flow_prediction"``, ``use_flow_sigmas``; ``shift`` / ``flow_shift`` kept as the
+  schedule's shift).
+* ``model`` is a :class:`DiffusersModel` (a ``DiffusionModel``) whose network receives, for VP configs, the
+  *float* training index ``t*N - 1`` (0..N-1; diffusers' integer ``timestep`` made continuous, LD3's
+  ``(t - 1/N)*N``) and, for flow configs, ``t * num_train_timesteps`` (as diffusers' flow schedulers do).
+  ``prediction_type`` epsilon / v_prediction / sample / flow_prediction maps to eps / v / x0 / velocity.
+
+Conditioning: a ``UNet2DConditionModel`` is called with ``encoder_hidden_states=`` (the model kwarg of that
+name); a class-conditional ``UNet2DModel`` with ``class_labels=``.  With ``guidance_scale`` set, pass
+``uncond=`` as well: both are batched into ONE network call as ``[uncond; cond]`` and combined as
+``u + s (c - u)`` (diffusers' pipeline convention).  Conditioning tensors with batch 1 are broadcast to
+the batch of ``x`` (so one prompt embedding can be stored in ``model.model_kwargs``).
+
+Config fields that only change how diffusers *samples* (``timestep_spacing``, ``steps_offset``,
+``clip_sample``, ``thresholding``, ``use_karras_sigmas``, ``solver_order``, ...) are ignored: ld3_ext
+chooses its own grid and solver.  Fields that change what the network *means* and that we cannot map raise
+:class:`DiffusersConfigError` naming the field.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete
+from ..wrappers import DiffusionModel
+
+#: diffusers prediction_type -> ld3_ext prediction
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "velocity"}
+
+#: lambda below which a cosine (squaredcos_cap_v2) schedule's tail is cut, as DPM-Solver's numerical_clip_alpha
+COSINE_LAMBDA_CLIP = -5.1
+
+# scheduler classes whose config describes a model we cannot express as (schedule, prediction)
+_UNSUPPORTED_CLASSES = {
+    "ScoreSdeVeScheduler": "score-SDE VE models (continuous sigma input, score output)",
+    "KarrasVeScheduler": "Karras VE models",
+    "EDMEulerScheduler": "EDM-preconditioned models (the scheduler applies c_in/c_skip/c_out)",
+    "EDMDPMSolverMultistepScheduler": "EDM-preconditioned models (the scheduler applies c_in/c_skip/c_out)",
+    "CosineDPMSolverMultistepScheduler": "EDM-preconditioned models (the scheduler applies c_in/c_skip/c_out)",
+    "CMStochasticIterativeScheduler": "consistency models",
+    "LCMScheduler": "latent consistency models (not probability-flow ODE denoisers)",
+    "TCDScheduler": "trajectory consistency distilled models",
+    "VQDiffusionScheduler": "discrete (VQ) diffusion",
+    "AmusedScheduler": "masked token models",
+}
+
+
+class DiffusersConfigError(ValueError):
+    """A diffusers scheduler/model config that ld3_ext cannot map; the message names the field."""
+
+
+def _field(cfg: Mapping[str, Any], name: str, default=None):
+    v = cfg.get(name, default)
+    return default if v is None and default is not None else v
+
+
+def _config_dict(scheduler_config) -> Dict[str, Any]:
+    """Accept a scheduler, its ``.config`` (FrozenDict), a plain dict or a path to a JSON file/folder."""
+    if scheduler_config is None:
+        raise DiffusersConfigError("scheduler_config is required (a diffusers scheduler, its .config, a dict "
+                                   "or a path to scheduler_config.json)")
+    if isinstance(scheduler_config, (str, os.PathLike)):
+        p = os.fspath(scheduler_config)
+        if os.path.isdir(p):
+            p = os.path.join(p, "scheduler_config.json")
+        with open(p) as f:
+            return json.load(f)
+    cfg = getattr(scheduler_config, "config", scheduler_config)
+    if not isinstance(cfg, Mapping):
+        raise DiffusersConfigError(f"scheduler_config must be a mapping, a scheduler or a path, got "
+                                   f"{type(scheduler_config).__name__}")
+    cfg = dict(cfg)
+    if cfg is not scheduler_config and hasattr(scheduler_config, "config"):
+        cfg.setdefault("_class_name", type(scheduler_config).__name__)  # a scheduler instance names itself
+    return cfg
+
+
+def _is_flow_config(cfg: Mapping[str, Any]) -> bool:
+    """A rectified-flow config: FlowMatch* class (saved configs name it; in-memory ones have no betas but a
+    ``shift``), or a multistep scheduler with ``use_flow_sigmas``."""
+    cls = str(cfg.get("_class_name") or "")
+    no_betas = "beta_schedule" not in cfg and "trained_betas" not in cfg
+    return cls.startswith("FlowMatch") or bool(cfg.get("use_flow_sigmas", False)) or (no_betas and "shift" in cfg)
+
+
+def alphas_cumprod_from_config(cfg: Mapping[str, Any]) -> torch.Tensor:
+    """float64 alphas_cumprod exactly as diffusers builds them (float32 betas and cumprod, as its schedulers do)."""
+    from diffusers import DDPMScheduler
+
+    n = cfg.get("num_train_timesteps", 1000)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise DiffusersConfigError(f"num_train_timesteps must be an int >= 2, got {n!r}")
+    if cfg.get("rescale_betas_zero_snr", False):
+        raise DiffusersConfigError("rescale_betas_zero_snr=True: the last training step has alpha = 0 (infinite "
+                                   "noise), which an ODE sampling schedule cannot start from; not supported")
+    kw = dict(num_train_timesteps=n, beta_start=float(_field(cfg, "beta_start", 0.0001)),
+              beta_end=float(_field(cfg, "beta_end", 0.02)), beta_schedule=_field(cfg, "beta_schedule", "linear"),
+              trained_betas=cfg.get("trained_betas"))
+    try:
+        sched = DDPMScheduler(**kw)
+    except (NotImplementedError, ValueError) as exc:
+        field = "trained_betas" if kw["trained_betas"] is not None else "beta_schedule"
+        raise DiffusersConfigError(f"{field}={cfg.get(field)!r} cannot be mapped: {exc}") from exc
+    ac = sched.alphas_cumprod.to(torch.float64)
+    if ac.numel() != n and kw["trained_betas"] is None:
+        raise DiffusersConfigError(f"num_train_timesteps={n} but the config gives {ac.numel()} betas")
+    if not torch.all((ac > 0) & (ac < 1)) or not torch.all(ac[1:] < ac[:-1]):
+        field = "trained_betas" if kw["trained_betas"] is not None else "beta_schedule"
+        raise DiffusersConfigError(f"{field}: alphas_cumprod must be strictly decreasing in (0, 1)")
+    return ac
+
+
+def schedule_from_diffusers_config(scheduler_config, shift: Optional[float] = None,
+                                   t_min: Optional[float] = None, t_max: Optional[float] = None
+                                   ) -> Tuple[NoiseSchedule, str]:
+    """``(schedule, prediction)`` for a diffusers scheduler config (see the module docstring)."""
+    cfg = _config_dict(scheduler_config)
+    cls = str(cfg.get("_class_name") or "")
+    if cls in _UNSUPPORTED_CLASSES:
+        raise DiffusersConfigError(f"_class_name={cls!r}: {_UNSUPPORTED_CLASSES[cls]} are not supported")
+    ptype = cfg.get("prediction_type") or ("flow_prediction" if _is_flow_config(cfg) else "epsilon")
+    if ptype not in PREDICTION_TYPES:
+        raise DiffusersConfigError(f"prediction_type={ptype!r} is not supported; expected one of "
+                                   f"{sorted(PREDICTION_TYPES)}")
+    if cfg.get("timestep_type", "discrete") != "discrete":
+        raise DiffusersConfigError(f"timestep_type={cfg.get('timestep_type')!r}: only 'discrete' (the network "
+                                   "receives the training index) is supported")
+    if _is_flow_config(cfg):
+        if ptype != "flow_prediction":
+            raise DiffusersConfigError(f"prediction_type={ptype!r} with a flow-matching config "
+                                       f"({cls or 'use_flow_sigmas=True'}): expected 'flow_prediction'")
+        if shift is None:
+            if cfg.get("use_dynamic_shifting", False):
+                raise DiffusersConfigError("use_dynamic_shifting=True: the shift depends on the image resolution "
+                                           "(mu); pass shift= explicitly")
+            shift = float(cfg.get("shift", cfg.get("flow_shift", 1.0)) or 1.0)
+        kw = {"shift": float(shift)}
+        if t_min is not None:
+            kw["t_min"] = t_min
+        if t_max is not None:
+            kw["t_max"] = t_max
+        return FlowMatching(**kw), "velocity"
+    if ptype == "flow_prediction":
+        raise DiffusersConfigError("prediction_type='flow_prediction' needs a flow-matching config (a FlowMatch* "
+                                   "scheduler or use_flow_sigmas=True); a VP beta schedule cannot carry a flow model")
+    ac = alphas_cumprod_from_config(cfg)
+    if t_max is None and cfg.get("beta_schedule") == "squaredcos_cap_v2":
+        # the cosine tail reaches lambda ~ -10; start where lambda >= -5.1 (DPM-Solver's numerical_clip_alpha)
+        lam = 0.5 * torch.log(ac) - 0.5 * torch.log1p(-ac)
+        keep = int((lam >= COSINE_LAMBDA_CLIP).sum())
+        t_max = keep / ac.numel()
+    kw = {}
+    if t_min is not None:
+        kw["t_min"] = t_min
+    if t_max is not None:
+        kw["t_max"] = t_max
+    return VPDiscrete(alphas_cumprod=ac, **kw), PREDICTION_TYPES[ptype]
+
+
+def network_time_fn(schedule: NoiseSchedule, num_train_timesteps: int = 1000):
+    """How a diffusers network reads time: VP index t*N - 1, flow t*num_train_timesteps."""
+    if isinstance(schedule, VPDiscrete):
+        return "index"
+    if isinstance(schedule, FlowMatching):
+        n = float(num_train_timesteps)
+
+        def flow_timestep(t):
+            return t * n
+        return flow_timestep
+    raise DiffusersConfigError(f"schedule {type(schedule).__name__}: diffusers networks read a VP training index "
+                               "or a flow time; use a VPDiscrete or FlowMatching schedule")
+
+
+class _UNetCall:
+    """``fn(x, time, **kw)`` around a diffusers network: dtype casts, ``.sample`` unwrapping, learned-variance split."""
+
+    def __init__(self, net, learned_variance: bool):
+        self.net = net
+        self.learned_variance = learned_variance
+        self.__name__ = type(net).__name__
+
+    def __call__(self, x, time, **kw):
+        dtype = getattr(self.net, "dtype", x.dtype)
+        kw = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+        out = self.net(x.to(dtype), time, return_dict=False, **kw)[0]
+        if self.learned_variance and out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]  # [mean part; variance part]: the ODE uses only the first half
+        return out.to(x.dtype)
+
+
+class DiffusersModel(DiffusionModel):
+    """A ``DiffusionModel`` around a diffusers network (see the module docstring)."""
+
+    def _call(self, x, t, kwargs):
+        kw = {**self.model_kwargs, **kwargs}
+        b = x.shape[0]
+        # one stored prompt embedding / label serves any batch
+        for k in (self.cond_key, "uncond"):
+            v = kw.get(k)
+            if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == 1 and b > 1:
+                kw[k] = v.expand(b, *v.shape[1:])
+        return super()._call(x, t, kw)
+
+
+def _conditioning(net) -> Tuple[bool, str]:
+    """(is_conditional, the kwarg that carries the condition) for a diffusers network."""
+    cfg = getattr(net, "config", {}) or {}
+    name = type(net).__name__
+    if name == "UNet2DModel":
+        cond = cfg.get("num_class_embeds") is not None or cfg.get("class_embed_type") is not None
+        return cond, "class_labels"
+    if name == "UNet2DConditionModel" or cfg.get("cross_attention_dim") is not None:
+        return True, "encoder_hidden_states"
+    return False, "encoder_hidden_states"
+
+
+def from_diffusers(unet, scheduler_config, guidance_scale: Optional[float] = None, cond_key: Optional[str] = None,
+                   shift: Optional[float] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                   freeze: bool = True) -> Tuple[DiffusersModel, NoiseSchedule]:
+    """``(model, schedule)`` from a diffusers network and its scheduler config, for any solver and the trainer.
+
+    ``guidance_scale`` turns on classifier-free guidance (conditional networks only: pass ``cond_key``'s
+    kwarg and ``uncond=`` at sampling time, or store them in ``model_kwargs``).  ``freeze`` sets
+    ``requires_grad=False`` on the network's parameters (LD3 trains only the time grid).
+    """
+    if not isinstance(unet, torch.nn.Module):
+        raise TypeError(f"unet must be a diffusers network (torch.nn.Module), got {type(unet).__name__}")
+    cfg = _config_dict(scheduler_config)
+    schedule, prediction = schedule_from_diffusers_config(cfg, shift=shift)
+    conditional, default_key = _conditioning(unet)
+    if guidance_scale is not None and not conditional:
+        raise DiffusersConfigError(
+            f"guidance_scale={guidance_scale} but the {type(unet).__name__} is unconditional (no class embedding / "
+            "cross-attention): classifier-free guidance needs a conditional network; drop guidance_scale")
+    ucfg = getattr(unet, "config", {}) or {}
+    if ucfg.get("time_embedding_type", "positional") == "fourier":
+        raise DiffusersConfigError("time_embedding_type='fourier' (a score-SDE VE network reading sigma) is not "
+                                   "supported")
+    if freeze:
+        unet.requires_grad_(False)
+    learned = cfg.get("variance_type") in ("learned", "learned_range")
+    fn = _UNetCall(unet, learned)
+    n_train = int(cfg.get("num_train_timesteps", 1000))
+    model = DiffusersModel(fn, schedule, prediction=prediction, time_input=network_time_fn(schedule, n_train),
+                           guidance_scale=guidance_scale, cond_key=cond_key or default_key,
+                           model_kwargs=model_kwargs, name=f"diffusers:{type(unet).__name__}")
+    model.net = unet  # registered submodule: model.to()/.eval() reach the UNet
+    model.scheduler_config = cfg
+    model.num_train_timesteps = n_train
+    if ucfg.get("sample_size") is not None and ucfg.get("in_channels") is not None:
+        ss = ucfg["sample_size"]
+        ss = (ss, ss) if isinstance(ss, int) else tuple(ss)
+        model.sample_shape = (int(ucfg["in_channels"]), *ss)  # what `ld3 sample/train` draws noise for
+    return model, schedule
+
+
+_UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def _find_parts(path: str) -> Tuple[str, Optional[str], str]:
+    """(unet folder, its subfolder or None, scheduler config path) in a pipeline or model folder."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"diffusers folder {path!r} does not exist (only local folders are supported; "
+                                "no network access)")
+    if os.path.isfile(os.path.join(path, "unet", "config.json")):
+        unet_dir, sub = path, "unet"
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        unet_dir, sub = path, None
+    else:
+        raise FileNotFoundError(f"{path!r}: no unet/config.json (pipeline folder) or config.json (model folder)")
+    for cand in (os.path.join(path, "scheduler", "scheduler_config.json"),
+                 os.path.join(path, "scheduler_config.json")):
+        if os.path.isfile(cand):
+            return unet_dir, sub, cand
+    raise FileNotFoundError(f"{path!r}: no scheduler/scheduler_config.json or scheduler_config.json "
+                            "(the noise schedule comes from it)")
+
+
+def load_diffusers_model(path: str, guidance_scale: Optional[float] = None, device: Union[str, torch.device] = "cpu",
+                         dtype: Optional[torch.dtype] = None, shift: Optional[float] = None,
+                         model_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[DiffusersModel, NoiseSchedule]:
+    """``(model, schedule)`` from a LOCAL diffusers folder (pipeline folder with unet/ + scheduler/, or a model
+    folder with config.json + scheduler_config.json).  Never touches the network (``local_files_only``).
+
+    Backs ``ld3 train --model diffusers:PATH``.  For a UNet2DConditionModel the caller supplies the text
+    conditioning (``encoder_hidden_states`` / ``uncond``) as model kwargs or through ``model_kwargs``.
+    """
+    import diffusers
+
+    unet_dir, sub, sched_path = _find_parts(os.fspath(path))
+    with open(os.path.join(unet_dir, sub or "", "config.json")) as f:
+        ucfg = json.load(f)
+    cls_name = ucfg.get("_class_name")
+    if cls_name not in _UNET_CLASSES and not hasattr(diffusers, str(cls_name)):
+        raise DiffusersConfigError(f"_class_name={cls_name!r} in {os.path.join(unet_dir, sub or '', 'config.json')} "
+                                   f"is not a diffusers model class (supported: {', '.join(_UNET_CLASSES)})")
+    cls = getattr(diffusers, cls_name)
+    kw = {"local_files_only": True}
+    if sub:
+        kw["subfolder"] = sub
+    if dtype is not None:
+        kw["torch_dtype"] = dtype
+    unet = cls.from_pretrained(unet_dir, **kw)
+    unet = unet.to(device).eval()
+    model, schedule = from_diffusers(unet, sched_path, guidance_scale=guidance_scale, shift=shift,
+                                     model_kwargs=model_kwargs)
+    model.source_path = os.fspath(path)
+    return model, schedule
+
+
+__all__ = ["from_diffusers", "load_diffusers_model", "schedule_from_diffusers_config", "alphas_cumprod_from_config",
+           "DiffusersModel", "DiffusersConfigError", "PREDICTION_TYPES", "network_time_fn"]

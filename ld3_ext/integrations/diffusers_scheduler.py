@@ -1,0 +1,395 @@
+"""``LD3Scheduler``: run an ld3_ext time grid + solver inside an unmodified diffusers pipeline.
+
+The pipeline loop stays as diffusers writes it::
+
+    scheduler.set_timesteps(N, device=device)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = unet(scheduler.scale_model_input(x, t), t).sample    # (+ CFG as the pipeline does it)
+        x = scheduler.step(out, t, x).prev_sample
+
+and ``x`` ends equal (float32 round-off) to ``solver.sample(model, x_T, timesteps, model_timesteps)``
+with ``model, _ = from_diffusers(unet, scheduler_config)``.
+
+What the network receives: ``scheduler.timesteps[k]`` is the k-th *model* time (LD3's decoupled network
+time, = the solver grid when not decoupled) in diffusers units, as FLOATS: for VP configs the continuous
+training index ``t*N_train - 1`` (0..N_train-1; not rounded), for flow-matching configs ``t*N_train``
+(diffusers' flow convention).  ``len(timesteps)`` = NFE: N for the multistep solvers, 2N for Heun
+(evaluations at t_{i-1} then t_i of every interval; ``order`` = 2 as diffusers' Heun scheduler).
+
+State: the scheduler keeps the solver history (data or noise predictions, newest first) and, for UniPC,
+the sample before the predictor: the UniC corrector of step k runs at the start of the next ``step()``
+call, with the network output at the predictor point (as diffusers' UniPCMultistepScheduler does).
+
+No host sync per step: coefficient tables, alpha/sigma of every model time and the orders are computed
+once in ``set_timesteps`` (float64 on the CPU, then moved to the device once); ``step()`` only slices
+device tensors and does tensor arithmetic (no ``.item()``/``float()``).  The step index is a counter, so
+the ``timestep`` argument is not looked up (pass the ``scheduler.timesteps`` entries in order).
+
+``init_noise_sigma`` is the schedule's prior std sigma(t_max) (~1 for VP, t_max for flow), the same x_T
+scaling as ``schedule.prior_std()``.  ``scale_model_input`` is the identity (the network reads x itself).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+
+from .. import ops
+from ..coefficients import step_orders
+from ..discretizations import get_discretization
+from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete, schedule_from_config
+from ..solvers import Solver, solver_from_config
+from .diffusers import PREDICTION_TYPES, DiffusersConfigError, schedule_from_diffusers_config
+
+_SUPPORTED_SOLVERS = ("dpmpp", "unipc", "ipndm", "euler", "heun")
+
+
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+class LD3Scheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler (SchedulerMixin/ConfigMixin API) driving an ld3_ext solver on a float time grid.
+
+    Parameters (all stored in ``scheduler.config``; ``save_pretrained``/``from_pretrained`` round-trip):
+
+    num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, shift,
+    use_flow_sigmas, flow_shift:
+        the model's diffusers scheduler config (what the network was trained with); ``prediction_type`` is
+        what the network outputs (epsilon / v_prediction / sample / flow_prediction).
+    schedule_config:
+        an ld3_ext ``NoiseSchedule.config()``; when given it replaces the beta fields (e.g. from a schedule
+        file).  Must be a VPDiscrete or FlowMatching schedule to give the network diffusers time units.
+    solver_config:
+        ``Solver.config()`` of the solver to run (default DPM-Solver++(3M)), e.g. ``{"name": "unipc",
+        "order": 3, "variant": "bh2"}``.
+    ld3_timesteps, ld3_model_timesteps:
+        the solver grid t_0 > ... > t_N and the network times (same length) in the SCHEDULE's time units
+        (floats).  With them the scheduler runs exactly N steps; without them ``set_timesteps(N)`` uses
+        the ``discretization`` baseline ("logsnr", "edm", "time_uniform", "time_quadratic").
+    """
+
+    _compatibles: List[str] = []
+    order = 1
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas: Optional[Sequence[float]] = None,
+                 prediction_type: str = "epsilon", shift: float = 1.0, use_flow_sigmas: bool = False,
+                 flow_shift: Optional[float] = None, schedule_config: Optional[Dict[str, Any]] = None,
+                 solver_config: Optional[Dict[str, Any]] = None, ld3_timesteps: Optional[Sequence[float]] = None,
+                 ld3_model_timesteps: Optional[Sequence[float]] = None, discretization: str = "logsnr"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise DiffusersConfigError(f"prediction_type={prediction_type!r} is not supported; expected one of "
+                                       f"{sorted(PREDICTION_TYPES)}")
+        self.prediction = PREDICTION_TYPES[prediction_type]
+        if schedule_config is not None:
+            self.schedule = schedule_from_config(dict(schedule_config))
+        else:
+            cfg = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
+                   "beta_schedule": beta_schedule, "trained_betas": trained_betas,
+                   "prediction_type": prediction_type, "use_flow_sigmas": use_flow_sigmas}
+            sh = shift if flow_shift is None else flow_shift
+            self.schedule, _ = schedule_from_diffusers_config(cfg, shift=sh if self.prediction == "velocity" else None)
+        if not isinstance(self.schedule, (VPDiscrete, FlowMatching)):
+            raise DiffusersConfigError(f"schedule_config type {type(self.schedule).__name__!r}: a diffusers network "
+                                       "reads a VP training index (VPDiscrete) or a flow time (FlowMatching)")
+        if (self.prediction == "velocity") != isinstance(self.schedule, FlowMatching):
+            raise DiffusersConfigError(f"prediction_type={prediction_type!r} does not fit a "
+                                       f"{type(self.schedule).__name__} schedule (flow_prediction <-> FlowMatching)")
+        solver_config = dict(solver_config or {"name": "dpmpp", "order": 3})
+        if solver_config.get("name") not in _SUPPORTED_SOLVERS:
+            raise ValueError(f"solver_config: name must be one of {_SUPPORTED_SOLVERS}, got {solver_config!r}")
+        self.solver: Solver = solver_from_config(solver_config)
+        if (ld3_model_timesteps is not None) and ld3_timesteps is None:
+            raise ValueError("ld3_model_timesteps needs ld3_timesteps (the solver grid)")
+        self._grid = None if ld3_timesteps is None else torch.tensor(list(ld3_timesteps), dtype=torch.float64)
+        self._mgrid = None if ld3_model_timesteps is None else torch.tensor(list(ld3_model_timesteps),
+                                                                             dtype=torch.float64)
+        if self._grid is not None:
+            from ..solvers.base import validate_model_timesteps, validate_timesteps
+            validate_timesteps(self.schedule, self._grid, name="ld3_timesteps")
+            if self._mgrid is not None:
+                validate_model_timesteps(self.schedule, self._mgrid, self._grid)
+        if self.solver.name == "heun":
+            self.order = 2  # diffusers' meaning: network calls per interval (the pipeline's progress bar)
+        self.init_noise_sigma = float(self.schedule.prior_std())
+        self.num_inference_steps: Optional[int] = None
+        self.timesteps: Optional[torch.Tensor] = None
+        self._step_index: Optional[int] = None
+        self._begin_index: Optional[int] = None
+
+    # --- construction helpers ------------------------------------------------------------------
+    @classmethod
+    def from_timesteps(cls, timesteps, model_timesteps=None, solver: Union[Solver, Dict[str, Any], str] = "dpmpp",
+                       scheduler_config=None, schedule: Optional[NoiseSchedule] = None, **overrides) -> "LD3Scheduler":
+        """From an explicit grid (schedule units) + solver (instance, config dict or name) + the model's diffusers
+        scheduler config (a scheduler, its ``.config`` or a dict).  ``schedule`` overrides the config's
+        betas (e.g. a VPDiscrete with another t_min/t_max)."""
+        kw = _diffusers_fields(scheduler_config)
+        if isinstance(solver, Solver):
+            kw["solver_config"] = {**solver.config(), "backend": solver.backend}
+        elif isinstance(solver, str):
+            kw["solver_config"] = {"name": solver, **({} if solver in ("euler", "heun") else {"order": 3})}
+        else:
+            kw["solver_config"] = dict(solver)
+        if schedule is not None:
+            kw["schedule_config"] = schedule.config()
+        kw["ld3_timesteps"] = _floats(timesteps)
+        kw["ld3_model_timesteps"] = None if model_timesteps is None else _floats(model_timesteps)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_schedule_file(cls, path, scheduler_config=None, **overrides) -> "LD3Scheduler":
+        """From an ld3_ext schedule file (``ld3_ext.schedule_file``): its grid, model times, solver config and
+        noise schedule.  ``scheduler_config`` (the model's diffusers config) supplies ``prediction_type`` and
+        ``num_train_timesteps``; it is checked against the file's schedule where both describe one."""
+        from ..schedule_file import load_schedule
+
+        ls = load_schedule(path)
+        kw = _diffusers_fields(scheduler_config)
+        sched = schedule_from_config(ls.schedule_config)
+        if scheduler_config is not None:
+            ref, _ = schedule_from_diffusers_config(scheduler_config)
+            _check_same_schedule(sched, ref)
+        if isinstance(sched, FlowMatching):
+            kw.setdefault("prediction_type", "flow_prediction")
+        if isinstance(sched, VPDiscrete):
+            kw["num_train_timesteps"] = sched.num_train_timesteps
+        kw.update(schedule_config=ls.schedule_config, solver_config=ls.solver_config,
+                  ld3_timesteps=ls.timesteps.tolist(), ld3_model_timesteps=ls.model_timesteps.tolist())
+        kw.update(overrides)
+        sch = cls(**kw)
+        sch.guidance_scale = ls.guidance_scale  # what the schedule was learned with (the pipeline applies CFG)
+        return sch
+
+    # --- diffusers API ------------------------------------------------------------------------
+    @property
+    def step_index(self) -> Optional[int]:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return sample
+
+    def _network_units(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.schedule, VPDiscrete):
+            return self.schedule.model_index(t)
+        return t * float(self.config.num_train_timesteps)
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
+                      **kwargs):
+        """Prepare a solve.  With a stored grid ``num_inference_steps`` must be None or its N (a learned grid
+        is made for one N); otherwise the ``discretization`` baseline with ``num_inference_steps`` intervals."""
+        unknown = {k for k, v in kwargs.items() if v is not None}
+        if unknown:
+            raise TypeError(f"LD3Scheduler.set_timesteps: unsupported arguments {sorted(unknown)}; build the "
+                            "scheduler with LD3Scheduler.from_timesteps(...) for custom grids")
+        solver = self.solver
+        if self._grid is not None:
+            n = self._grid.numel() - 1
+            if num_inference_steps is not None and solver.steps_for_nfe(int(num_inference_steps)) != n \
+                    and int(num_inference_steps) != n:
+                raise ValueError(f"this LD3Scheduler holds a grid with N={n} intervals ({solver.nfe(n)} network "
+                                 f"evaluations); call the pipeline with num_inference_steps={n}")
+            t = self._grid.clone()
+            tm = self._mgrid.clone() if self._mgrid is not None else t.clone()
+        else:
+            if num_inference_steps is None:
+                raise ValueError("set_timesteps: give num_inference_steps (no grid is stored in this scheduler)")
+            n = int(num_inference_steps)
+            t = get_discretization(self.config.discretization, self.schedule, n)
+            tm = t.clone()
+        spec = solver.spec()
+        self._n = n
+        # everything step() needs, computed once (float64 on the CPU)
+        if spec is not None:
+            self._orders = step_orders(spec, n)
+            coef = ops.coefficient_table(self.schedule, t, spec, "reference")
+        else:
+            self._orders = [2] * n
+            coef = torch.zeros(n, 2, 5, dtype=torch.float64)
+        s = self.schedule
+        tables = {
+            "coef": coef.detach(),
+            "t": t, "tm": tm,
+            "alpha_m": s.alpha(tm), "sigma_m": s.sigma(tm),  # conversion of the output made at model time k
+            "alpha_g": s.alpha(t), "edm_sigma_g": s.edm_sigma(t),  # Heun works in the VE view on the grid
+        }
+        self._tables_cpu = {k: v.detach() for k, v in tables.items()}
+        self._tables = dict(self._tables_cpu)
+        if solver.name == "heun":
+            idx = [j for i in range(1, n + 1) for j in (i - 1, i)]
+            model_t = tm[idx]
+        else:
+            model_t = tm[:n]
+        self.timesteps = self._network_units(model_t).to(torch.float32)
+        self.num_inference_steps = n
+        if device is not None:
+            self.timesteps = self.timesteps.to(device)
+            self._move(torch.device(device))
+        self._reset_state()
+
+    def _reset_state(self):
+        self._step_index = 0 if self._begin_index is None else self._begin_index
+        self._history: List[torch.Tensor] = []
+        self._x_before = None  # UniPC: the sample the predictor started from
+        self._heun = None      # Heun: (y, d0) between the two evaluations of an interval
+
+    def _move(self, device: torch.device):
+        """Move the step tables to ``device`` once (pinned + non_blocking to CUDA: no sync)."""
+        if self._tables["coef"].device == device:
+            return
+        pin = device.type == "cuda"
+        self._tables = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin)
+                        for k, v in self._tables_cpu.items()}
+
+    def _convert(self, out: torch.Tensor, x: torch.Tensor, k: int):
+        """(x0, eps) from the network output at model time k -- the formulas of DiffusionModel.predict."""
+        dt = x.dtype
+        a, s = self._tables["alpha_m"][k].to(dt), self._tables["sigma_m"][k].to(dt)
+        p = self.prediction
+        if p == "eps":
+            eps = out
+            x0 = (x - s * eps) / a
+        elif p == "x0":
+            x0 = out
+            eps = (x - a * x0) / s
+        elif p == "v":
+            x0 = a * x - s * out
+            eps = s * x + a * out
+        else:  # velocity, alpha = 1 - t, sigma = t
+            tt = self._tables["tm"][k].to(dt)
+            x0 = x - tt * out
+            eps = x + (1.0 - tt) * out
+        return x0, eps
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+             **kwargs) -> Union[SchedulerOutput, tuple]:
+        """One network evaluation's worth of the solve; returns the next network input (or, after the last
+        call, the final sample at t_N).  Extra diffusers kwargs (generator, ...) are accepted; ``eta`` must be 0
+        (this is an ODE solver)."""
+        if self.timesteps is None or self._step_index is None:
+            raise ValueError("LD3Scheduler.step: call set_timesteps() first")
+        if kwargs.get("eta", 0.0) not in (0, 0.0, None):
+            raise ValueError("LD3Scheduler runs the probability-flow ODE: eta must be 0")
+        k = self._step_index
+        if k >= len(self.timesteps):
+            raise IndexError(f"LD3Scheduler.step called {k + 1} times for {len(self.timesteps)} timesteps; call "
+                             "set_timesteps() again to start a new solve")
+        self._move(sample.device)
+        out_dtype = sample.dtype
+        wdt = torch.float32 if _half(sample.dtype) else sample.dtype  # upcast half precision like diffusers
+        x = sample.to(wdt)
+        out = model_output.to(wdt)
+        if self.solver.name == "heun":
+            prev = self._heun_step(out, x, k)
+        else:
+            prev = self._multistep_step(out, x, k)
+        self._step_index = k + 1
+        prev = prev.to(out_dtype)
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def _multistep_step(self, out, x, k):
+        spec = self.solver.spec()
+        backend = self.solver.backend
+        coef = self._tables["coef"]
+        x0, eps = self._convert(out, x, k)
+        m = eps if spec.uses_noise_prediction else x0
+        if spec.has_corrector and k > 0:
+            # UniC of the previous step, with the output just made at its predictor point
+            p_prev = self._orders[k - 1]
+            x = ops.multistep_update(self._x_before, coef[k - 1, 1, : 2 + p_prev], [m] + self._history[:p_prev],
+                                     backend)
+        self._history.insert(0, m)
+        del self._history[spec.order:]
+        p = self._orders[k]
+        self._x_before = x
+        return ops.multistep_update(x, coef[k, 0, : 1 + p], self._history[:p], backend)
+
+    def _heun_step(self, out, x, k):
+        tb = self._tables
+        i = k // 2 + 1  # interval i runs from grid point i-1 to i
+        sig, alp = tb["edm_sigma_g"].to(x.dtype), tb["alpha_g"].to(x.dtype)
+        mk = (i - 1) if k % 2 == 0 else i  # the model time index of this evaluation
+        x0, _ = self._convert(out, x, mk)
+        dt = sig[i] - sig[i - 1]
+        if k % 2 == 0:
+            y = x / alp[0] if k == 0 else self._heun
+            d0 = (y - x0) / sig[i - 1]
+            y1 = y + dt * d0
+            self._heun = (y, d0, y1)
+            return alp[i] * y1
+        y, d0, y1 = self._heun
+        d1 = (y1 - x0) / sig[i]
+        y = y + dt * 0.5 * (d0 + d1)
+        self._heun = y
+        return alp[i] * y
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha x_0 + sigma noise at network times ``timesteps`` (diffusers units, floats ok)."""
+        tt = timesteps.to(device=original_samples.device, dtype=torch.float64)
+        if isinstance(self.schedule, VPDiscrete):
+            t = self.schedule.t_from_index(tt)
+        else:
+            t = tt / float(self.config.num_train_timesteps)
+        shape = (-1,) + (1,) * (original_samples.dim() - 1)
+        a = self.schedule.alpha(t).to(original_samples.dtype).reshape(shape)
+        s = self.schedule.sigma(t).to(original_samples.dtype).reshape(shape)
+        return a * original_samples + s * noise
+
+    def __len__(self):
+        return int(self.config.num_train_timesteps)
+
+
+def _floats(x) -> List[float]:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float64).cpu().flatten().tolist()
+    return [float(v) for v in x]
+
+
+_DIFFUSERS_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                     "prediction_type", "shift", "use_flow_sigmas", "flow_shift")
+
+
+def _diffusers_fields(scheduler_config) -> Dict[str, Any]:
+    if scheduler_config is None:
+        return {}
+    from .diffusers import _config_dict, _is_flow_config
+    cfg = _config_dict(scheduler_config)
+    kw = {k: cfg[k] for k in _DIFFUSERS_FIELDS if k in cfg and cfg[k] is not None}
+    if _is_flow_config(cfg):
+        kw.setdefault("prediction_type", "flow_prediction")
+        kw["use_flow_sigmas"] = True
+    if kw.get("trained_betas") is not None:
+        kw["trained_betas"] = [float(b) for b in kw["trained_betas"]]
+    return kw
+
+
+def _check_same_schedule(a: NoiseSchedule, b: NoiseSchedule):
+    """A schedule file made for another model's noise schedule would silently sample garbage."""
+    if type(a) is not type(b):
+        raise DiffusersConfigError(f"the schedule file is for a {type(a).__name__} schedule but the scheduler config "
+                                   f"describes a {type(b).__name__} model")
+    if isinstance(a, VPDiscrete):
+        ok = a.num_train_timesteps == b.num_train_timesteps and torch.allclose(a.alphas_cumprod, b.alphas_cumprod,
+                                                                               rtol=1e-5, atol=1e-7)
+        if not ok:
+            raise DiffusersConfigError("the schedule file's alphas_cumprod differ from the scheduler config's "
+                                       "(beta_schedule/beta_start/beta_end/num_train_timesteps)")
+
+
+__all__ = ["LD3Scheduler"]

@@ -1,0 +1,110 @@
+"""Sample-quality metrics for the built-in digits model and for teacher comparisons.
+
+* ``digits_fd(samples)``: the Fréchet distance between Gaussians fitted to the penultimate features of
+  the shipped digits classifier (``ld3_ext/models/digits_classifier.py``) on the samples and on all
+  1797 real sklearn digits.  It is **digits-FD**, not FID: a 64-d feature space of a small CNN trained
+  on 8x8 digits; numbers are only comparable with other digits-FD numbers (same classifier hash).
+* ``teacher_rmse(pred, target)``: per-sample root-mean-square difference to a teacher's output, the
+  quantity LD3-style schedule comparisons report on synthetic test beds.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Tuple
+
+import numpy as np
+import torch
+
+
+def _check_images(samples, name="samples") -> torch.Tensor:
+    if not isinstance(samples, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(samples).__name__}")
+    if not samples.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {samples.dtype}")
+    if samples.dim() == 2 and samples.shape[1] == 64:
+        samples = samples.reshape(-1, 1, 8, 8)
+    if samples.dim() != 4 or tuple(samples.shape[1:]) != (1, 8, 8):
+        raise ValueError(f"{name} must have shape [B, 1, 8, 8] (or [B, 64]), got {tuple(samples.shape)}")
+    if samples.shape[0] < 2:
+        raise ValueError(f"{name}: need at least 2 samples for a covariance, got {samples.shape[0]}")
+    if not torch.isfinite(samples).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return samples
+
+
+def gaussian_stats(feats: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of features [B, D], in float64."""
+    f = feats.detach().to(torch.float64).cpu().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2).
+
+    The trace of the matrix square root is computed from the eigenvalues of the symmetric matrix
+    C1^1/2 C2 C1^1/2 (clipped at 0), which is stable for the rank-deficient covariances that small
+    sample sets give, unlike a general sqrtm of C1 C2.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    c1, c2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    w, v = np.linalg.eigh((c1 + c1.T) / 2)
+    s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = s1 @ c2 @ s1
+    ev = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)
+    d = float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2.0 * np.sqrt(ev).sum())
+    return max(d, 0.0)
+
+
+@torch.no_grad()
+def digits_features(samples: torch.Tensor, clip: bool = True, batch_size: int = 1024) -> torch.Tensor:
+    """Penultimate classifier features [B, 64] of digit images in [-1, 1]."""
+    samples = _check_images(samples)
+    net = _classifier()
+    x = samples.detach().to("cpu", torch.float32)
+    if clip:  # as when samples are saved as images; the classifier never saw values outside [-1, 1]
+        x = x.clamp(-1.0, 1.0)
+    return torch.cat([net.features(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+@lru_cache(maxsize=1)
+def _classifier():
+    from .models.digits_classifier import load_digits_classifier
+    return load_digits_classifier()
+
+
+@lru_cache(maxsize=1)
+def digits_reference_stats() -> Tuple[np.ndarray, np.ndarray]:
+    """Feature statistics of all 1797 real digits (computed on first use, cached in memory only)."""
+    from .models.digits import real_digits
+    return gaussian_stats(digits_features(real_digits()))
+
+
+def digits_fd(samples: torch.Tensor, reference: torch.Tensor = None, clip: bool = True) -> float:
+    """digits-FD of ``samples`` [B, 1, 8, 8] in [-1, 1] against the real digits (or ``reference``).
+
+    Small sample sets bias the value upwards (a covariance estimate from B samples); compare methods
+    at the same B and noises.  Measured: 256 real digits score 11-20 against the full set, the shipped
+    denoiser's 256-sample sets 33-58 (DPM-Solver++(3M), 20 steps), Gaussian/uniform noise 540-690.
+    """
+    mu, cov = gaussian_stats(digits_features(samples, clip=clip))
+    if reference is None:
+        mu_r, cov_r = digits_reference_stats()
+    else:
+        mu_r, cov_r = gaussian_stats(digits_features(reference, clip=clip))
+    return frechet_distance(mu, cov, mu_r, cov_r)
+
+
+def teacher_rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample RMSE sqrt(mean over non-batch dims of (pred - target)^2), shape [B], float64."""
+    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("pred and target must be torch.Tensors")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.dim() < 1 or pred.shape[0] == 0:
+        raise ValueError(f"need a non-empty batch dimension, got shape {tuple(pred.shape)}")
+    d = (pred.to(torch.float64) - target.to(torch.float64)).reshape(pred.shape[0], -1)
+    return d.pow(2).mean(1).sqrt()
+
+
+__all__ = ["digits_fd", "digits_features", "digits_reference_stats", "teacher_rmse", "frechet_distance",
+           "gaussian_stats"]

@@ -1,0 +1,273 @@
+"""Learned schedules and their file format.
+
+A :class:`LearnedSchedule` is what :class:`ld3_ext.training.LD3Trainer` returns: the solver grid
+``timesteps`` (t_0 = t_max > ... > t_N = t_min) and the network times ``model_timesteps`` (LD3's
+decoupled times, same length, the same endpoints), float64 1-D tensors in the schedule's time units,
+plus everything needed to use them correctly::
+
+    s = load_schedule("cifar_unipc_nfe6.json")
+    x0 = solver.sample(model, x_T, s.timesteps, model_timesteps=s.model_timesteps)
+
+File format: versioned JSON (``"format": "ld3_ext.schedule"``, ``"version": 1``) with a sha256
+checksum over the canonical JSON of the rest of the document, written atomically.  Floats are
+written with Python's shortest round-trip repr, so float64 values survive exactly.
+
+Fields: timesteps, model_timesteps, nfe, num_steps, solver (``Solver.config()``), schedule
+(``NoiseSchedule.config()``), guidance_scale, model ({name, weights_hash, hash_source}), time_mode,
+decoupled, training (settings), metrics, library_version, created (UTC ISO time), checksum.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from .atomic_io import CorruptFileError, atomic_write_json, json_checksum, read_json_checked
+
+FORMAT = "ld3_ext.schedule"
+VERSION = 1
+_REQUIRED = {"format": str, "version": int, "timesteps": list, "model_timesteps": list, "nfe": int,
+             "num_steps": int, "solver": dict, "schedule": dict, "checksum": str}
+
+
+class ScheduleFileError(CorruptFileError):
+    """A schedule file is corrupt, truncated, tampered with, or not a valid schedule."""
+
+
+def _library_version() -> str:
+    try:
+        from . import __version__
+        return str(__version__)
+    except Exception:  # partially initialised package (import cycles) -- keep saving possible
+        return "unknown"
+
+
+def _as_grid(x, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x, dtype=torch.float64).detach().cpu().flatten().clone()
+    if t.numel() < 2:
+        raise ValueError(f"{name} needs at least 2 values, got {t.numel()}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN/Inf")
+    return t
+
+
+class LearnedSchedule:
+    """A learned (or any) time grid bound to the solver, NFE and noise schedule it was made for."""
+
+    def __init__(self, timesteps, model_timesteps=None, *, solver_config: Dict[str, Any], nfe: int,
+                 schedule_config: Dict[str, Any], guidance_scale: Optional[float] = None,
+                 model: Optional[Dict[str, Any]] = None, time_mode: Optional[str] = None,
+                 decoupled: Optional[bool] = None, training: Optional[Dict[str, Any]] = None,
+                 metrics: Optional[Dict[str, Any]] = None, library_version: Optional[str] = None,
+                 created: Optional[str] = None):
+        self.timesteps = _as_grid(timesteps, "timesteps")
+        self.model_timesteps = (self.timesteps.clone() if model_timesteps is None
+                                else _as_grid(model_timesteps, "model_timesteps"))
+        if self.model_timesteps.shape != self.timesteps.shape:
+            raise ValueError(f"model_timesteps ({self.model_timesteps.numel()}) and timesteps "
+                             f"({self.timesteps.numel()}) must have the same length")
+        if not (self.timesteps[1:] < self.timesteps[:-1]).all():
+            raise ValueError(f"timesteps must be strictly decreasing, got {self.timesteps.tolist()}")
+        self.solver_config = dict(solver_config)
+        self.nfe = int(nfe)
+        self.schedule_config = dict(schedule_config)
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.model = dict(model or {})
+        self.time_mode = time_mode
+        self.decoupled = decoupled
+        self.training = dict(training or {})
+        self.metrics = dict(metrics or {})
+        self.library_version = library_version or _library_version()
+        self.created = created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    # --- convenience -------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.numel() - 1
+
+    @property
+    def schedule(self):
+        from .schedules import schedule_from_config
+        return schedule_from_config(self.schedule_config)
+
+    def solver(self, **overrides):
+        """A fresh solver built from the stored config (the grid is solver-specific: use this one)."""
+        from .solvers import solver_from_config
+        return solver_from_config(self.solver_config, **overrides)
+
+    def sample(self, model, x_T: torch.Tensor, solver=None, **model_kwargs) -> torch.Tensor:
+        """``solver.sample(model, x_T, timesteps, model_timesteps=...)`` on x_T's device."""
+        solver = solver if solver is not None else self.solver()
+        return solver.sample(model, x_T, self.timesteps.to(x_T.device), model_timesteps=self.model_timesteps.to(x_T.device),
+                             **model_kwargs)
+
+    @property
+    def metadata(self) -> Dict[str, Any]:
+        """Everything but the two grids (a copy)."""
+        d = self.to_dict()
+        for k in ("timesteps", "model_timesteps", "format", "version"):
+            d.pop(k, None)
+        return d
+
+    def __repr__(self):
+        return (f"LearnedSchedule(nfe={self.nfe}, solver={self.solver_config.get('name')}, "
+                f"timesteps={[round(v, 5) for v in self.timesteps.tolist()]})")
+
+    # --- exports -----------------------------------------------------------------------------
+    def _edm_sigmas(self, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.edm_sigma(t)
+
+    def to_k_diffusion(self, append_zero: bool = False) -> torch.Tensor:
+        """k-diffusion ``sigmas`` (sigma/alpha, descending, float64) of the solver grid.
+
+        LD3 grids end at t_min (sigma_min > 0) and were trained *without* a final jump to sigma = 0, so
+        the default omits the trailing 0 (k-diffusion samplers then stop at sigma_min and return x
+        there).  ``append_zero=True`` adds it for samplers that expect it; that adds a last step the
+        schedule was not trained for.  Decoupled model times cannot be expressed in k-diffusion's API
+        (see ``model_timesteps`` / ``to_diffusers()["model_sigmas"]``).
+        """
+        s = self._edm_sigmas(self.timesteps)
+        if append_zero:
+            s = torch.cat([s, s.new_zeros(1)])
+        return s
+
+    def to_diffusers(self) -> Dict[str, Any]:
+        """A dict for diffusers-style schedulers (plain Python floats).
+
+        * ``sigmas``: N+1 descending values sigma/alpha of the solver grid t_0..t_N, *including* the trailing
+          value sigma_N = sigma/alpha(t_min) > 0.  diffusers' ``set_timesteps(sigmas=...)`` takes the N
+          evaluation sigmas and appends the final one itself (0 for ``final_sigmas_type="zero"``, the
+          training sigma_min for ``"sigma_min"``); so pass ``sigmas[:-1]`` with
+          ``final_sigmas_type="sigma_min"`` -- for a VPDiscrete schedule with t_min = 1/num_train_timesteps
+          that appended value equals ``sigmas[-1]`` -- or overwrite ``scheduler.sigmas`` with the full list
+          after ``set_timesteps(N)``.  A trailing 0 ("zero") adds a final denoising step this schedule was
+          not trained for.
+        * ``timesteps``: the solver grid in VPDiscrete training-index units (t*N_train - 1, floats, not
+          rounded: diffusers casts to int64, which moves them); for other schedules the schedule's own time.
+        * ``model_sigmas`` / ``model_timesteps``: the same for the network times (LD3's decoupled times);
+          the first N entries are where the network is evaluated.  diffusers schedulers cannot use them
+          directly (they evaluate at the solver grid); ``decoupled`` says whether they differ.
+        """
+        from .schedules import VPDiscrete
+
+        sched = self.schedule
+        if isinstance(sched, VPDiscrete):
+            idx, midx, units = sched.model_index(self.timesteps), sched.model_index(self.model_timesteps), "index"
+        else:
+            idx, midx, units = self.timesteps, self.model_timesteps, "t"
+        return {
+            "sigmas": self._edm_sigmas(self.timesteps).tolist(),
+            "timesteps": idx.tolist(),
+            "timestep_units": units,
+            "model_sigmas": self._edm_sigmas(self.model_timesteps).tolist(),
+            "model_timesteps": midx.tolist(),
+            "final_sigmas_type": "sigma_min",
+            "num_inference_steps": self.num_steps,
+            "decoupled": bool(not torch.equal(self.timesteps, self.model_timesteps)),
+        }
+
+    # --- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION,
+            "timesteps": self.timesteps.tolist(), "model_timesteps": self.model_timesteps.tolist(),
+            "nfe": self.nfe, "num_steps": self.num_steps, "solver": self.solver_config,
+            "schedule": self.schedule_config, "guidance_scale": self.guidance_scale, "model": self.model,
+            "time_mode": self.time_mode, "decoupled": self.decoupled, "training": self.training,
+            "metrics": self.metrics, "library_version": self.library_version, "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "LearnedSchedule":
+        return cls(d["timesteps"], d["model_timesteps"], solver_config=d["solver"], nfe=d["nfe"],
+                   schedule_config=d["schedule"], guidance_scale=d.get("guidance_scale"), model=d.get("model"),
+                   time_mode=d.get("time_mode"), decoupled=d.get("decoupled"), training=d.get("training"),
+                   metrics=d.get("metrics"), library_version=d.get("library_version"), created=d.get("created"))
+
+    def save(self, path: str) -> str:
+        """Write the schedule atomically (a crash leaves the old file intact); returns the path."""
+        atomic_write_json(path, self.to_dict())
+        return os.fspath(path)
+
+
+def _fail(path, msg):
+    raise ScheduleFileError(f"schedule file {path}: {msg}")
+
+
+def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
+    """Schema and consistency checks of a schedule document (checksum excluded)."""
+    if d.get("format") != FORMAT:
+        _fail(path, f"not an ld3_ext schedule (format is {d.get('format')!r}, expected {FORMAT!r})")
+    v = d.get("version")
+    if not isinstance(v, int) or isinstance(v, bool):
+        _fail(path, f"version must be an integer, got {v!r}")
+    if v > VERSION:
+        _fail(path, f"format version {v} is newer than this ld3_ext understands ({VERSION}); upgrade ld3_ext")
+    if v < 1:
+        _fail(path, f"invalid format version {v}")
+    for k, typ in _REQUIRED.items():
+        if k not in d:
+            _fail(path, f"missing field {k!r}")
+        if not isinstance(d[k], typ) or (typ is int and isinstance(d[k], bool)):
+            _fail(path, f"field {k!r} must be {typ.__name__}, got {type(d[k]).__name__}")
+    for k in ("timesteps", "model_timesteps"):
+        vals = d[k]
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            _fail(path, f"{k} must be a list of numbers")
+        if not all(math.isfinite(x) for x in vals):
+            _fail(path, f"{k} contains non-finite values")
+    ts, ms, n = d["timesteps"], d["model_timesteps"], d["num_steps"]
+    if len(ts) != n + 1 or len(ms) != n + 1:
+        _fail(path, f"num_steps={n} needs {n + 1} timesteps and model_timesteps, got {len(ts)} and {len(ms)}")
+    if n < 1 or d["nfe"] < 1:
+        _fail(path, f"nfe and num_steps must be >= 1 (nfe={d['nfe']}, num_steps={n})")
+    if not all(a > b for a, b in zip(ts, ts[1:])):
+        _fail(path, "timesteps are not strictly decreasing")
+    if "name" not in d["solver"]:
+        _fail(path, "solver config has no 'name'")
+    if "type" not in d["schedule"]:
+        _fail(path, "schedule config has no 'type'")
+    try:
+        from .schedules import schedule_from_config
+        sched = schedule_from_config(d["schedule"])
+    except (TypeError, ValueError) as e:
+        _fail(path, f"invalid schedule config: {e}")
+    tol = 1e-6 * (sched.t_max - sched.t_min)
+    if abs(ts[0] - sched.t_max) > tol or abs(ts[-1] - sched.t_min) > tol:
+        _fail(path, f"timesteps must run from t_max={sched.t_max:.6g} to t_min={sched.t_min:.6g}, got "
+                    f"{ts[0]:.6g} ... {ts[-1]:.6g}")
+    lo, hi = sched.t_min - tol, sched.t_max + tol
+    if not all(lo <= x <= hi for x in ms):
+        _fail(path, "model_timesteps leave the schedule's time range")
+    try:
+        from .solvers import solver_from_config
+        solver = solver_from_config(d["solver"])
+    except (TypeError, ValueError) as e:
+        _fail(path, f"invalid solver config: {e}")
+    if solver.nfe(n) != d["nfe"]:
+        _fail(path, f"nfe={d['nfe']} does not match {n} steps of {d['solver']['name']} ({solver.nfe(n)} NFE)")
+
+
+def load_schedule(path: str) -> LearnedSchedule:
+    """Load and validate a schedule file; raises :class:`ScheduleFileError` on any problem."""
+    path = os.fspath(path)
+    try:
+        d = read_json_checked(path, require_checksum=False, what="schedule file")
+    except FileNotFoundError:
+        raise
+    except CorruptFileError as e:
+        raise ScheduleFileError(str(e)) from None
+    if d.get("format") != FORMAT:
+        _fail(path, f"not an ld3_ext schedule (format is {d.get('format')!r}, expected {FORMAT!r})")
+    if "checksum" not in d:
+        _fail(path, "has no checksum (truncated, hand-written, or not written by ld3_ext)")
+    if d["checksum"] != json_checksum(d):  # read_json_checked verified it already; keep explicit
+        _fail(path, "fails its checksum: it was modified or corrupted")
+    validate_schedule_dict(d, path)
+    return LearnedSchedule.from_dict(d)
+
+
+__all__ = ["LearnedSchedule", "load_schedule", "validate_schedule_dict", "ScheduleFileError", "FORMAT", "VERSION"]

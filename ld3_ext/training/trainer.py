@@ -1,0 +1,742 @@
+"""LD3Trainer: learn a sampling schedule by soft teacher matching (LD3, ICLR 2025; LD3.md section 1).
+
+One round (LD3.md 1.4):
+
+1. (round > 0) reload the best xi, xi^c;
+2. training pass over shuffled batches: student solve from the relaxed noise z' with autograd, per-sample
+   loss vs. the teacher, backward; one SGD step on z' (lr ``shift_lr``); clipped RMSprop step on xi and
+   (phase 2) clipped SGD step on xi^c; validation; then z' is projected onto the ball ||z' - z|| <= r
+   (r = gamma d / NFE^2, on unit-variance noise) and kept per sample only if that sample's loss fell;
+3. validation-latent pass: the same relaxation of the validation noises with xi, xi^c frozen (as the
+   paper does -- this is the *soft* validation loss).
+
+Our fix of the original's bug 6.5.4: we also compute a **hard** validation loss on the original,
+un-relaxed validation noises, and it is the hard loss that drives best-schedule selection, the
+plateau LR decay and early stopping (``select_on="hard"``, the default).  The soft one is reported.
+
+Phase 1 trains xi only for ``rounds_v1`` rounds, phase 2 trains xi and xi^c for ``rounds_v2`` rounds.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from ..atomic_io import CorruptFileError, atomic_save_safetensors, canonical_json, load_safetensors_checked, \
+    tensor_bytes
+from ..coefficients import step_orders
+from ..schedule_file import LearnedSchedule
+from ..schedules import NoiseSchedule
+from ..solvers import MultistepSolver, Solver, make_solver
+from ..wrappers import DiffusionModel, ModelOutputError
+from .losses import get_loss, loss_name, per_sample
+from .parameterization import TimeParameterization
+from .teacher import generate_teacher_data, make_teacher, model_identity
+
+CHECKPOINT_FILE = "ld3_trainer_state.safetensors"
+SCHEDULE_FILE = "schedule.json"
+LAST_GOOD_FILE = "last_good_schedule.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or a gradient) became NaN/Inf.  ``.iteration`` names the iteration, ``.schedule`` is the
+    last good (best validated) schedule, also saved to ``.saved_to`` when a checkpoint_dir is set."""
+
+    def __init__(self, msg: str, iteration: int, schedule: Optional[LearnedSchedule], saved_to: Optional[str]):
+        super().__init__(msg)
+        self.iteration = iteration
+        self.schedule = schedule
+        self.saved_to = saved_to
+
+
+class CheckpointMismatchError(RuntimeError):
+    """checkpoint_dir holds a training state made with other settings."""
+
+
+def check_nfe(solver: Solver, nfe: int) -> int:
+    """Validate the NFE for ``solver`` and return the number of grid intervals N.
+
+    Rules: NFE must be an int >= 2 (with one interval the grid is just [t_max, t_min]: nothing to
+    learn); it must be reachable by the solver (Heun: an even number); and a multistep solver of
+    order K needs N >= K steps (its first K-1 steps are the lower-order warm-up).  Short grids where the
+    warm-up plus ``lower_order_final`` never reach order K (e.g. order 3 at NFE 4: orders 1,2,2,1) are
+    allowed -- the paper trains such configurations -- and the orders used are recorded in the
+    schedule's training settings (``step_orders``).
+    """
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
+    if nfe < 2:
+        raise ValueError(f"nfe={nfe} is too small: LD3 needs nfe >= 2 (with one step the grid is fixed to "
+                         "[t_max, t_min] and there is nothing to learn)")
+    steps = solver.steps_for_nfe(nfe)
+    if solver.nfe(steps) != nfe:
+        raise ValueError(f"{type(solver).__name__} cannot use exactly nfe={nfe} (it spends {solver.nfe(1)} "
+                         f"evaluations per step); use nfe={solver.nfe(steps)} or {solver.nfe(steps + 1)}")
+    if steps < 2:
+        raise ValueError(f"nfe={nfe} gives {type(solver).__name__} a single step: nothing to learn; use "
+                         f"nfe >= {solver.nfe(2)}")
+    if isinstance(solver, MultistepSolver) and steps < solver.order:
+        raise ValueError(f"nfe={nfe} is below the warm-up of order-{solver.order} {type(solver).__name__}: "
+                         f"its first {solver.order - 1} steps use lower orders, so {steps} steps never reach "
+                         f"order {solver.order}. Use nfe >= {solver.order} or order <= {steps}")
+    return steps
+
+
+def _default_device(model):
+    if isinstance(model, torch.nn.Module):
+        for p in list(model.parameters()) + list(model.buffers()):
+            return p.device
+    return torch.device("cpu")
+
+
+def _default_dtype(model):
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float64  # analytic models (no weights): solve in float64
+
+
+def _sha(t: Optional[torch.Tensor]) -> Optional[str]:
+    return None if t is None else hashlib.sha256(bytes(tensor_bytes(t))).hexdigest()
+
+
+class LD3Trainer:
+    """Learn a solver-specific time grid (and decoupled network times) for one NFE.
+
+    Parameters (defaults follow the paper's pixel configs, LD3.md 1.3, sized for CPU speed)
+    ----------
+    model : DiffusionModel (``ld3_ext.wrap_model``); its weights are never updated.
+    schedule : its NoiseSchedule (default: ``model.schedule``; must agree with it).
+    solver : an ld3_ext Solver or a name ("unipc", "dpmpp", "ipndm", "euler", "heun"; default UniPC(3, bh1)).
+    nfe : network evaluations of the student (see :func:`check_nfe` for the rules).
+    loss : "l2", "l1", "pseudo_huber", "lpips" or a callable ``(pred, target) -> [B]``.
+    time_mode : "lambda" (default, pixel configs) or "time" (latent configs).
+    init : "logsnr", "time_uniform", "time_quadratic", "edm" or an explicit grid.
+    decoupled : learn the network-time shifts xi^c in phase 2.
+    win_rate : window of the shifts as a fraction of the smallest gap (<= 0.5).
+    gamma, radius : ball radius r = gamma * d / NFE^2 on the unit-variance noise (``radius`` overrides; 0 = hard loss).
+    shift_lr : SGD step on the relaxed noise (default 12 / N); halved after a round where no validation noise moved.
+    lr_xi, momentum, lr_xi_min : RMSprop on xi (0.005, 0.9, floor 5e-5).
+    lr_xi_c, lr_xi_c_min : SGD on xi^c (default 0.1 / N, pixel configs; floor 1e-6).
+    clip_norm : gradient-norm clip for xi and for xi^c, separately (1.0).
+    lr_decay, patience : plateau decay: after ``patience`` validations without a new best, reload the best state
+        (xi, xi^c and the relaxed noises) and multiply the LRs by ``lr_decay`` (xi^c only in phase 2).
+    lr2_patience : stop after the xi^c LR has been decayed at its floor this many times (the original's rule).
+    early_stop_patience : also stop after this many validations without improvement (None: off).
+    rounds_v1, rounds_v2 : rounds of phase 1 (xi only) and phase 2 (xi and xi^c).
+    batch_size, valid_batch_size : training batch (2) and validation batch (default 50).
+    valid_every : validate every k training iterations; None = every iteration when n_valid <= 200 (the paper's
+        choice, cheap for small validation sets), else about 10 times per round.  A validation always closes
+        each round's training pass.
+    select_on : "hard" (default: validation loss on un-relaxed noises, our fix) or "soft" (the original's).
+    n_train, n_valid : teacher pairs generated by ``fit()`` without data (50 + 50, as the paper).
+    teacher : "solver" (default: ``teacher_solver`` UniPC(``teacher_order`` 3, bh1) -- a Solver or a name --,
+        ``teacher_nfe`` 20, ``teacher_discretization`` "logsnr"), "exact" (``reference`` = object with
+        ``reference_solution(schedule, x_T)`` or callable; default ``model.testbed``), or a callable ``x_T -> target``.
+    teacher_cache (alias teacher_dir) : directory for the on-disk teacher cache (default: ``<checkpoint_dir>/teacher`` when a
+        checkpoint_dir is set, else in memory only).  ``regenerate_teacher`` replaces a mismatching cache;
+        ``cache_max_bytes`` limits its size.
+    sample_shape : shape of one sample (needed by ``fit()`` without data; default ``model.sample_shape`` or
+        ``model.testbed.event_shape``).
+    model_name : identity of models without weights (hashed into caches and schedule files).
+    conditions, uncond : per-sample conditioning (n_train + n_valid entries) passed as ``model.cond_key``, and
+        the unconditional input (one entry, broadcast) for classifier-free guidance.
+    decoder : differentiable map applied to the solver output before the loss (latent models; checkpointed when
+        ``checkpoint_decoder``).
+    checkpoint_model : rematerialise each network evaluation in backward (memory flat in NFE, LD3 App. D.3).
+    seed, device, dtype : determinism (shuffling and teacher noise), placement, solve precision (default float64 for
+        weight-less models, else the weights' dtype).
+    checkpoint_dir, checkpoint_every : atomic training checkpoints after every round (and every k iterations);
+        ``fit()`` resumes from a matching one (``resume="auto"``), refuses a mismatching one unless
+        ``resume="never"`` (start over, overwriting it).
+    callback : ``callback(trainer, info: dict)`` after every training iteration.
+    progress : tqdm progress bars.
+    """
+
+    def __init__(self, model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, solver: Any = None,
+                 nfe: Optional[int] = None, loss: Any = "l2", time_mode: str = "lambda", init: Any = "logsnr",
+                 decoupled: bool = True, *, win_rate: float = 0.5, gamma: float = 0.001,
+                 radius: Optional[float] = None, shift_lr: Optional[float] = None, lr_xi: float = 0.005,
+                 momentum: float = 0.9, lr_xi_min: float = 5e-5, lr_xi_c: Optional[float] = None,
+                 lr_xi_c_min: float = 1e-6, clip_norm: float = 1.0, lr_decay: float = 0.8, patience: int = 5,
+                 lr2_patience: int = 5, early_stop_patience: Optional[int] = None, rounds_v1: int = 2,
+                 rounds_v2: int = 5, batch_size: int = 2, valid_batch_size: int = 50,
+                 valid_every: Optional[int] = None, select_on: str = "hard", n_train: int = 50, n_valid: int = 50,
+                 teacher: Any = "solver", teacher_solver: Any = None, teacher_order: int = 3, teacher_nfe: int = 20,
+                 teacher_discretization: str = "logsnr", reference: Any = None, teacher_cache: Optional[str] = None,
+                 teacher_dir: Optional[str] = None, regenerate_teacher: bool = False,
+                 cache_max_bytes: Optional[int] = None,
+                 sample_shape: Optional[Sequence[int]] = None, model_name: Optional[str] = None,
+                 conditions: Optional[torch.Tensor] = None, uncond: Optional[torch.Tensor] = None,
+                 decoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, checkpoint_decoder: bool = True,
+                 checkpoint_model: bool = False, seed: int = 0, device=None, dtype: Optional[torch.dtype] = None,
+                 checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
+                 resume: str = "auto", callback: Optional[Callable] = None, progress: bool = True):
+        if not isinstance(model, DiffusionModel):
+            raise TypeError("model must be a DiffusionModel: wrap your network with "
+                            "ld3_ext.wrap_model(fn, schedule, prediction=...)")
+        if schedule is not None:
+            if not isinstance(schedule, NoiseSchedule):
+                raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+            if canonical_json(schedule.config()) != canonical_json(model.schedule.config()):
+                raise ValueError(f"schedule {schedule!r} differs from the model's schedule {model.schedule!r}")
+        if solver is None:
+            solver = make_solver("unipc", order=3, variant="bh1")
+        elif isinstance(solver, str):
+            solver = make_solver(solver)
+        if not isinstance(solver, Solver):
+            raise TypeError(f"solver must be an ld3_ext Solver or a solver name, got {type(solver).__name__}")
+        if nfe is None:
+            raise TypeError("nfe is required (the student's number of network evaluations)")
+        self.model = model
+        self.schedule = model.schedule
+        # a private copy so that rematerialisation does not change the caller's solver
+        self.solver = copy.copy(solver)
+        self.solver.checkpoint_model = bool(checkpoint_model)
+        self.nfe = nfe
+        self.num_steps = check_nfe(self.solver, nfe)
+        self.loss_spec = loss
+        self.loss_fn = get_loss(loss)
+        if time_mode not in ("lambda", "time"):
+            raise ValueError(f"time_mode must be 'lambda' or 'time', got {time_mode!r}")
+        if select_on not in ("hard", "soft"):
+            raise ValueError(f"select_on must be 'hard' or 'soft', got {select_on!r}")
+        if resume not in ("auto", "never"):
+            raise ValueError(f"resume must be 'auto' or 'never', got {resume!r}")
+        for name, v in (("batch_size", batch_size), ("valid_batch_size", valid_batch_size),
+                        ("n_train", n_train), ("n_valid", n_valid), ("patience", patience)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if rounds_v1 < 0 or rounds_v2 < 0 or rounds_v1 + rounds_v2 < 1:
+            raise ValueError(f"need rounds_v1, rounds_v2 >= 0 with at least one round, got {rounds_v1}, {rounds_v2}")
+        if valid_every is not None and (not isinstance(valid_every, int) or valid_every < 1):
+            raise ValueError(f"valid_every must be None or an int >= 1, got {valid_every!r}")
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
+        self.time_mode, self.init, self.decoupled, self.win_rate = time_mode, init, bool(decoupled), float(win_rate)
+        self.gamma = float(gamma)
+        self.radius_override = radius
+        self.shift_lr0 = shift_lr
+        self.lr_xi, self.momentum, self.lr_xi_min = float(lr_xi), float(momentum), float(lr_xi_min)
+        self.lr_xi_c = float(lr_xi_c) if lr_xi_c is not None else 0.1 / self.num_steps
+        self.lr_xi_c_min, self.clip_norm = float(lr_xi_c_min), float(clip_norm)
+        self.lr_decay, self.patience, self.lr2_patience = float(lr_decay), patience, lr2_patience
+        self.early_stop_patience = early_stop_patience
+        self.rounds_v1, self.rounds_v2 = int(rounds_v1), int(rounds_v2)
+        self.batch_size, self.valid_batch_size, self.valid_every = batch_size, valid_batch_size, valid_every
+        self.select_on = select_on
+        self.n_train, self.n_valid = n_train, n_valid
+        if teacher_solver is None or isinstance(teacher_solver, str):
+            # the paper's teacher: UniPC order 3 with B(h) = bh1
+            name = teacher_solver or "unipc"
+            kw = {"variant": "bh1"} if name == "unipc" else {}
+            teacher_solver = make_solver(name, order=teacher_order, **kw) if name not in ("euler", "heun") \
+                else make_solver(name)
+        if teacher_dir is not None and teacher_cache is not None and teacher_dir != teacher_cache:
+            raise ValueError("teacher_dir is an alias of teacher_cache; pass only one")
+        teacher_cache = teacher_cache if teacher_cache is not None else teacher_dir
+        if sample_shape is None:
+            # registry/test-bed models say their shape themselves
+            sample_shape = getattr(model, "sample_shape", None)
+            tb = getattr(model, "testbed", None)
+            if sample_shape is None and tb is not None:
+                sample_shape = getattr(tb, "event_shape", None)
+        if teacher == "exact" and reference is None:
+            reference = getattr(model, "testbed", None)
+        self.teacher, self.teacher_solver, self.teacher_nfe = teacher, teacher_solver, teacher_nfe
+        self.teacher_discretization, self.reference = teacher_discretization, reference
+        self.teacher_cache = teacher_cache if teacher_cache is not None else (
+            os.path.join(checkpoint_dir, "teacher") if checkpoint_dir is not None else None)
+        self.regenerate_teacher, self.cache_max_bytes = bool(regenerate_teacher), cache_max_bytes
+        self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
+        self.model_name = model_name
+        self.conditions, self.uncond = conditions, uncond
+        self.decoder, self.checkpoint_decoder = decoder, bool(checkpoint_decoder)
+        self.seed = int(seed)
+        self.device = torch.device(device) if device is not None else _default_device(model)
+        self.dtype = dtype if dtype is not None else _default_dtype(model)
+        self.checkpoint_dir, self.checkpoint_every, self.resume = checkpoint_dir, checkpoint_every, resume
+        self.callback, self.progress = callback, bool(progress)
+        self.identity = model_identity(model, model_name)
+        self.history: List[Dict[str, Any]] = []
+        self.param: Optional[TimeParameterization] = None
+
+    # ------------------------------------------------------------------------------------------
+    # public API
+    # ------------------------------------------------------------------------------------------
+    def generate_teacher(self) -> Dict[str, torch.Tensor]:
+        """Generate (or load from the cache) n_train + n_valid teacher pairs: {"noise" (unit var), "target", ["cond"]}."""
+        if self.sample_shape is None:
+            raise ValueError("fit() without data generates the teacher and needs sample_shape=(C, H, W) (the shape of "
+                             "one sample); or pass precomputed pairs: fit(noise, target)")
+        fn, settings = make_teacher(self.model, self.teacher, self.teacher_solver, self.teacher_nfe,
+                                    self.teacher_discretization, self.reference)
+        return generate_teacher_data(self.model, fn, settings, self.n_train + self.n_valid, self.sample_shape,
+                                     seed=self.seed, dtype=self.dtype, device=self.device, batch_size=25,
+                                     cache_dir=self.teacher_cache, identity=self.identity, conditions=self.conditions,
+                                     uncond=self.uncond, max_bytes=self.cache_max_bytes,
+                                     regenerate=self.regenerate_teacher, progress=self.progress)
+
+    def fit(self, noise: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None,
+            valid_noise: Optional[torch.Tensor] = None, valid_target: Optional[torch.Tensor] = None, *,
+            cond: Optional[torch.Tensor] = None, valid_cond: Optional[torch.Tensor] = None,
+            target_decoded: bool = False) -> LearnedSchedule:
+        """Train and return the best :class:`LearnedSchedule` (selected on the hard validation loss).
+
+        Without arguments the teacher is generated (or reused from the cache).  Otherwise ``noise`` is x_T in
+        model space (already multiplied by the prior std) and ``target`` the teacher output for it (model space;
+        decoded here when a decoder is set, unless ``target_decoded``).  Without ``valid_*`` the last
+        min(n_valid, len // 2) pairs are held out for validation.
+        """
+        prior = self.schedule.prior_std()
+        if noise is None:
+            if target is not None or valid_noise is not None:
+                raise ValueError("pass noise together with target (or neither)")
+            data = self.generate_teacher()
+            nt = self.n_train
+            z, y = data["noise"], data["target"]
+            c = data.get("cond")
+            z_tr, y_tr, z_va, y_va = z[:nt], y[:nt], z[nt:], y[nt:]
+            c_tr, c_va = (c[:nt], c[nt:]) if c is not None else (None, None)
+            target_decoded = False
+        else:
+            if target is None:
+                raise ValueError("fit(noise, target): target is missing")
+            self._check_pair(noise, target, "noise", "target")
+            if valid_noise is None:
+                if valid_target is not None:
+                    raise ValueError("valid_target given without valid_noise")
+                nv = min(self.n_valid, noise.shape[0] // 2)
+                if nv < 1:
+                    raise ValueError("need at least 2 pairs (one to train, one to validate), or pass valid_noise/target")
+                z_tr, z_va = noise[:-nv], noise[-nv:]
+                y_tr, y_va = target[:-nv], target[-nv:]
+                c_tr, c_va = (cond[:-nv], cond[-nv:]) if cond is not None else (None, None)
+            else:
+                if valid_target is None:
+                    raise ValueError("valid_noise given without valid_target")
+                self._check_pair(valid_noise, valid_target, "valid_noise", "valid_target")
+                z_tr, y_tr, z_va, y_va, c_tr, c_va = noise, target, valid_noise, valid_target, cond, valid_cond
+            z_tr, z_va = z_tr / prior, z_va / prior  # back to unit-variance noise: the ball lives there
+        dev, dt = self.device, self.dtype
+        self._data = {
+            "z_train": z_tr.detach().to(dev, dt).clone(), "y_train": y_tr.detach().to(dev),
+            "z_valid": z_va.detach().to(dev, dt).clone(), "y_valid": y_va.detach().to(dev),
+            "c_train": None if c_tr is None else c_tr.to(dev), "c_valid": None if c_va is None else c_va.to(dev),
+        }
+        if self.decoder is not None and not target_decoded:
+            with torch.no_grad():
+                for k in ("y_train", "y_valid"):
+                    self._data[k] = torch.cat([self.decoder(b) for b in self._data[k].split(self.valid_batch_size)])
+        return self._train()
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_pair(noise, target, nn, tn):
+        if not isinstance(noise, torch.Tensor) or not isinstance(target, torch.Tensor):
+            raise TypeError(f"{nn} and {tn} must be tensors")
+        if noise.shape[0] != target.shape[0] or noise.shape[0] < 1:
+            raise ValueError(f"{nn} and {tn} must hold the same number (>= 1) of samples, got "
+                             f"{noise.shape[0]} and {target.shape[0]}")
+        if not torch.isfinite(noise).all() or not torch.isfinite(target).all():
+            raise ValueError(f"{nn}/{tn} contain NaN/Inf")
+
+    def radius(self) -> float:
+        """r = gamma * d / NFE^2 on the unit-variance noise (LD3.md 1.1), d = numel of one sample."""
+        if self.radius_override is not None:
+            return float(self.radius_override)
+        d = self._data["z_train"][0].numel()
+        return self.gamma * d / self.nfe ** 2
+
+    def settings(self) -> Dict[str, Any]:
+        """Everything the result depends on (recorded in schedule files and matched on resume)."""
+        init = self.init if isinstance(self.init, str) else [float(v) for v in torch.as_tensor(self.init).flatten()]
+        return {
+            "nfe": self.nfe, "num_steps": self.num_steps, "solver": self.solver.config(),
+            "step_orders": (step_orders(self.solver.spec(), self.num_steps)
+                            if isinstance(self.solver, MultistepSolver) else None), "loss": loss_name(self.loss_spec),
+            "time_mode": self.time_mode, "init": init, "decoupled": self.decoupled, "win_rate": self.win_rate,
+            "gamma": self.gamma, "radius": self.radius(), "shift_lr": self._shift_lr0(), "lr_xi": self.lr_xi,
+            "momentum": self.momentum, "lr_xi_min": self.lr_xi_min, "lr_xi_c": self.lr_xi_c,
+            "lr_xi_c_min": self.lr_xi_c_min, "clip_norm": self.clip_norm, "lr_decay": self.lr_decay,
+            "patience": self.patience, "lr2_patience": self.lr2_patience, "early_stop_patience": self.early_stop_patience,
+            "rounds_v1": self.rounds_v1, "rounds_v2": self.rounds_v2, "batch_size": self.batch_size,
+            "valid_batch_size": self.valid_batch_size, "valid_every": self._valid_every(), "select_on": self.select_on,
+            "seed": self.seed, "dtype": str(self.dtype).replace("torch.", ""),
+            "n_train": int(self._data["z_train"].shape[0]), "n_valid": int(self._data["z_valid"].shape[0]),
+            "decoder": None if self.decoder is None else getattr(self.decoder, "__qualname__", type(self.decoder).__name__),
+            "model": self.identity, "schedule": self.schedule.config(),
+            "data_sha256": hashlib.sha256("|".join(str(_sha(self._data[k])) for k in sorted(self._data)).encode()).hexdigest(),
+        }
+
+    def _shift_lr0(self) -> float:
+        return float(self.shift_lr0) if self.shift_lr0 is not None else 12.0 / self.num_steps
+
+    def _valid_every(self) -> int:
+        if self.valid_every is not None:
+            return self.valid_every
+        nv = self._data["z_valid"].shape[0]
+        per_round = math.ceil(self._data["z_train"].shape[0] / self.batch_size)
+        return 1 if nv <= 200 else max(1, per_round // 10)
+
+    def _build(self):
+        self.param = TimeParameterization(self.schedule, self.num_steps, self.time_mode, self.init, self.decoupled,
+                                          self.win_rate).to(self.device)
+        self.opt_xi = torch.optim.RMSprop([self.param.xi], lr=self.lr_xi, momentum=self.momentum)
+        self.opt_c = torch.optim.SGD([self.param.xi_c], lr=self.lr_xi_c)
+        self.gen = torch.Generator().manual_seed(self.seed)
+        d = self._data
+        self.st: Dict[str, Any] = {
+            "round": 0, "stage": "start", "batch_pos": 0, "iteration": 0, "perm": torch.zeros(0, dtype=torch.long),
+            "z_train_rel": d["z_train"].clone(), "z_valid_rel": d["z_valid"].clone(),
+            "shift_lr": self._shift_lr0(), "patience_count": 0, "no_improve": 0, "lr2_floor_hits": 0,
+            "valid_moved": False, "done": False, "stop_reason": None, "elapsed": 0.0,
+            "best_metric": math.inf, "best_iteration": 0, "init_metric": None,
+        }
+        self._snapshot_best()
+
+    # ------------------------------------------------------------------------------------------
+    # pieces of an iteration
+    # ------------------------------------------------------------------------------------------
+    def _kwargs(self, cond: Optional[torch.Tensor], n: int) -> Dict[str, Any]:
+        if cond is None:
+            return {}
+        kw = {self.model.cond_key: cond}
+        if self.uncond is not None:
+            u = self.uncond.to(self.device)
+            kw["uncond"] = u.expand(n, *u.shape[1:])
+        return kw
+
+    def _student(self, z: torch.Tensor, t, tm, cond) -> torch.Tensor:
+        x_T = self.schedule.prior_std() * z
+        out = self.solver.sample(self.model, x_T, t, model_timesteps=tm, **self._kwargs(cond, z.shape[0]))
+        if self.decoder is not None:
+            if self.checkpoint_decoder and torch.is_grad_enabled():
+                out = _checkpoint(self.decoder, out, use_reentrant=False)
+            else:
+                out = self.decoder(out)
+        return out
+
+    def _losses(self, z, target, cond, t, tm) -> torch.Tensor:
+        return per_sample(self.loss_fn, self._student(z, t, tm, cond), target)
+
+    @torch.no_grad()
+    def _eval_set(self, z_all, y_all, c_all, t, tm) -> float:
+        tot, n = 0.0, 0
+        for lo in range(0, z_all.shape[0], self.valid_batch_size):
+            sl = slice(lo, lo + self.valid_batch_size)
+            ls = self._losses(z_all[sl], y_all[sl], None if c_all is None else c_all[sl], t, tm)
+            tot += float(ls.sum())
+            n += ls.shape[0]
+        return tot / n
+
+    def _project(self, z: torch.Tensor, z_new: torch.Tensor) -> torch.Tensor:
+        """Per-sample projection of z_new onto the L2 ball of radius r around z."""
+        r = self.radius()
+        diff = z_new - z
+        norm = diff.reshape(diff.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (diff.dim() - 1))
+        scale = torch.where(norm > r, r / norm.clamp_min(1e-300), torch.ones_like(norm))
+        return z + diff * scale
+
+    def _relax_step(self, idx, z_key, y_key, c_key, train_params: bool, phase: int):
+        """Steps a-e of LD3.md 1.4 on one batch; returns (reference losses, proposed z')."""
+        d, st = self._data, self.st
+        z_rel = st[z_key + "_rel"][idx].detach().clone()
+        relax = self.radius() > 0
+        if relax:
+            z_rel.requires_grad_(True)
+        cond = None if d[c_key] is None else d[c_key][idx]
+        self.param.xi.requires_grad_(train_params)
+        self.param.xi_c.requires_grad_(train_params and phase == 2 and self.decoupled)
+        t, tm = self.param()
+        losses = self._losses(z_rel, d[y_key][idx], cond, t, tm)
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            self._nonfinite(f"the training loss is {float(loss.detach())}")
+        self.opt_xi.zero_grad(set_to_none=True)
+        self.opt_c.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+        proposal = None
+        if relax:
+            g = z_rel.grad
+            if g is None or not torch.isfinite(g).all():
+                self._nonfinite("the gradient w.r.t. the starting noise is not finite")
+            proposal = z_rel.detach() - st["shift_lr"] * g
+        if train_params:
+            for p, opt in ((self.param.xi, self.opt_xi), (self.param.xi_c, self.opt_c)):
+                if p.grad is None:
+                    continue
+                if not torch.isfinite(p.grad).all():
+                    self._nonfinite("the gradient w.r.t. the schedule parameters is not finite")
+                torch.nn.utils.clip_grad_norm_([p], self.clip_norm)
+                opt.step()
+        self.param.xi.requires_grad_(True)
+        self.param.xi_c.requires_grad_(True)
+        return losses.detach(), proposal
+
+    @torch.no_grad()
+    def _accept(self, idx, z_key, y_key, c_key, ref_losses, proposal) -> bool:
+        """Step g: project, re-solve with the current parameters, keep per sample only if its loss fell."""
+        if proposal is None:
+            return False
+        d, st = self._data, self.st
+        z_new = self._project(d[z_key][idx], proposal)
+        t, tm = self.param()
+        cond = None if d[c_key] is None else d[c_key][idx]
+        new_losses = self._losses(z_new, d[y_key][idx], cond, t, tm)
+        keep = torch.isfinite(new_losses) & (new_losses < ref_losses)
+        if keep.any():
+            cur = st[z_key + "_rel"]
+            mask = keep.reshape(-1, *[1] * (z_new.dim() - 1))
+            cur[idx] = torch.where(mask, z_new, cur[idx])
+        return bool(keep.any())
+
+    def _snapshot_best(self):
+        st = self.st
+        st["best_xi"] = self.param.xi.detach().clone()
+        st["best_xi_c"] = self.param.xi_c.detach().clone()
+        st["best_z_train"] = st["z_train_rel"].clone()
+        st["best_z_valid"] = st["z_valid_rel"].clone()
+
+    @torch.no_grad()
+    def _load_best_params(self, latents: bool):
+        st = self.st
+        self.param.xi.copy_(st["best_xi"])
+        self.param.xi_c.copy_(st["best_xi_c"])
+        if latents:
+            st["z_train_rel"] = st["best_z_train"].clone()
+            st["z_valid_rel"] = st["best_z_valid"].clone()
+
+    def _validate(self, phase: int) -> Dict[str, float]:
+        """Hard (un-relaxed) and soft (relaxed) validation losses, then best/plateau/early-stop bookkeeping."""
+        d, st = self._data, self.st
+        with torch.no_grad():
+            t, tm = self.param()
+        hard = self._eval_set(d["z_valid"], d["y_valid"], d["c_valid"], t, tm)
+        soft = hard if self.radius() <= 0 else self._eval_set(st["z_valid_rel"], d["y_valid"], d["c_valid"], t, tm)
+        metric = hard if self.select_on == "hard" else soft
+        if not math.isfinite(metric):
+            self._nonfinite(f"the validation loss is {metric}")
+        if metric < st["best_metric"]:
+            st["best_metric"], st["best_iteration"] = metric, st["iteration"]
+            st["patience_count"], st["no_improve"] = 0, 0
+            self._snapshot_best()
+        else:
+            st["patience_count"] += 1
+            st["no_improve"] += 1
+            if st["patience_count"] >= self.patience:
+                st["patience_count"] = 0
+                self._load_best_params(latents=True)
+                g = self.opt_xi.param_groups[0]
+                g["lr"] = max(g["lr"] * self.lr_decay, self.lr_xi_min)
+                if phase == 2:
+                    g2 = self.opt_c.param_groups[0]
+                    at_floor = g2["lr"] <= self.lr_xi_c_min
+                    g2["lr"] = max(g2["lr"] * self.lr_decay, self.lr_xi_c_min)
+                    if at_floor:
+                        st["lr2_floor_hits"] += 1
+                        if st["lr2_floor_hits"] >= self.lr2_patience:
+                            st["done"], st["stop_reason"] = True, "xi_c learning rate at its floor"
+            if self.early_stop_patience is not None and st["no_improve"] >= self.early_stop_patience:
+                st["done"], st["stop_reason"] = True, f"no improvement in {st['no_improve']} validations"
+        return {"valid_hard": hard, "valid_soft": soft}
+
+    # ------------------------------------------------------------------------------------------
+    # results, failures, checkpoints
+    # ------------------------------------------------------------------------------------------
+    def current_schedule(self, best: bool = True) -> LearnedSchedule:
+        """The best (or the current) schedule as a LearnedSchedule."""
+        xi, xi_c = (self.st["best_xi"], self.st["best_xi_c"]) if best else (self.param.xi, self.param.xi_c)
+        p = TimeParameterization(self.schedule, self.num_steps, self.time_mode, "logsnr", self.decoupled, self.win_rate)
+        with torch.no_grad():
+            p.xi.copy_(xi.cpu())
+            p.xi_c.copy_(xi_c.cpu())
+            t, tm = p()
+        st = self.st
+        init_m, best_m = st["init_metric"], st["best_metric"]
+        metrics = {
+            "selected_on": self.select_on,
+            "valid_loss_init": init_m,
+            "valid_loss_best": best_m,
+            "relative_improvement": (1.0 - best_m / init_m) if init_m else None,
+            "best_iteration": st["best_iteration"], "iterations": st["iteration"], "rounds": st["round"],
+            "stop_reason": st["stop_reason"], "train_seconds": round(st["elapsed"], 3),
+        }
+        last = next((h for h in reversed(self.history) if "valid_hard" in h), None)
+        if last is not None:
+            metrics["valid_loss_hard_last"] = last["valid_hard"]
+            metrics["valid_loss_soft_last"] = last["valid_soft"]
+        settings = self.settings()
+        return LearnedSchedule(t.detach(), tm.detach(), solver_config=self.solver.config(), nfe=self.nfe,
+                               schedule_config=self.schedule.config(), guidance_scale=self.model.guidance_scale,
+                               model=self.identity, time_mode=self.time_mode, decoupled=self.decoupled,
+                               training={k: v for k, v in settings.items() if k not in ("model", "schedule", "solver")},
+                               metrics=metrics)
+
+    def _nonfinite(self, what: str):
+        it = self.st["iteration"] + 1
+        sched, saved = None, None
+        try:
+            sched = self.current_schedule(best=True)
+            if self.checkpoint_dir is not None:
+                saved = sched.save(os.path.join(self.checkpoint_dir, LAST_GOOD_FILE))
+        except Exception:  # the error below matters more than a failed rescue
+            pass
+        where = f"; the last good schedule was saved to {saved}" if saved else "; the last good schedule is in .schedule"
+        raise NonFiniteLossError(f"non-finite loss at training iteration {it} (round {self.st['round'] + 1}): {what}"
+                                 f"{where}. Lower the learning rates (lr_xi, lr_xi_c, shift_lr) or check the model.",
+                                 it, sched, saved)
+
+    def _ckpt_path(self) -> Optional[str]:
+        return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, CHECKPOINT_FILE)
+
+    def _save_checkpoint(self):
+        path = self._ckpt_path()
+        if path is None:
+            return
+        st = self.st
+        tensors = {"xi": self.param.xi.detach(), "xi_c": self.param.xi_c.detach(), "rng": self.gen.get_state()}
+        for k in ("perm", "z_train_rel", "z_valid_rel", "best_xi", "best_xi_c", "best_z_train", "best_z_valid"):
+            tensors[k] = st[k]
+        opt_meta = {}
+        for name, opt in (("opt_xi", self.opt_xi), ("opt_c", self.opt_c)):
+            sd = opt.state_dict()
+            for pid, s in sd["state"].items():
+                for key, val in s.items():
+                    if isinstance(val, torch.Tensor):
+                        tensors[f"{name}.{pid}.{key}"] = val
+            opt_meta[name] = sd["param_groups"]
+        scalars = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+        meta = {"settings": self.settings(), "state": scalars, "optimizers": opt_meta, "history": self.history}
+        atomic_save_safetensors(path, tensors, meta)
+
+    def _try_resume(self) -> bool:
+        path = self._ckpt_path()
+        if path is None or not os.path.exists(path) or self.resume == "never":
+            return False
+        try:
+            tensors, meta = load_safetensors_checked(path, what="training checkpoint")
+        except CorruptFileError as e:
+            raise CheckpointMismatchError(f"{e}. Remove it or pass resume='never' to start over.") from None
+        mine = self.settings()
+        theirs = meta.get("settings", {})
+        if canonical_json(theirs) != canonical_json(mine):
+            diff = [k for k in sorted(set(mine) | set(theirs)) if canonical_json(mine.get(k)) != canonical_json(theirs.get(k))]
+            raise CheckpointMismatchError(f"{path} was written with other settings (differs in: {', '.join(diff)}); "
+                                          "use another checkpoint_dir, or resume='never' to overwrite it")
+        st = dict(meta["state"])
+        for k in ("perm", "z_train_rel", "z_valid_rel", "best_xi", "best_xi_c", "best_z_train", "best_z_valid"):
+            st[k] = tensors[k].to(self.device) if k != "perm" else tensors[k]
+        self.st = st
+        with torch.no_grad():
+            self.param.xi.copy_(tensors["xi"])
+            self.param.xi_c.copy_(tensors["xi_c"])
+        self.gen.set_state(tensors["rng"])
+        for name, opt in (("opt_xi", self.opt_xi), ("opt_c", self.opt_c)):
+            state: Dict[int, Dict[str, Any]] = {}
+            for k, v in tensors.items():
+                if k.startswith(name + "."):
+                    _, pid, key = k.split(".", 2)
+                    state.setdefault(int(pid), {})[key] = v.to(self.device) if key != "step" else v
+            opt.load_state_dict({"state": state, "param_groups": meta["optimizers"][name]})
+        self.history = list(meta.get("history", []))
+        return True
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------------
+    def _train(self) -> LearnedSchedule:
+        self.history = []
+        self._build()
+        resumed = self._try_resume()
+        st, d = self.st, self._data
+        if not resumed:
+            with torch.no_grad():
+                t, tm = self.param()
+            st["init_metric"] = self._eval_set(d["z_valid"], d["y_valid"], d["c_valid"], t, tm)
+            if not math.isfinite(st["init_metric"]):
+                raise FloatingPointError(f"the initial validation loss is {st['init_metric']}: check the model/teacher")
+            # at the start the relaxed noises are the original ones, so hard == soft
+            st["best_metric"] = st["init_metric"]
+        n_tr = d["z_train"].shape[0]
+        n_batches = math.ceil(n_tr / self.batch_size)
+        n_val_batches = math.ceil(d["z_valid"].shape[0] / self.batch_size)
+        total_rounds = self.rounds_v1 + self.rounds_v2
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total_rounds * n_batches, initial=min(st["iteration"], total_rounds * n_batches),
+                       desc=f"LD3 nfe={self.nfe}", leave=False)
+        every = self._valid_every()
+        t_start = time.perf_counter() - st["elapsed"]
+        try:
+            while st["round"] < total_rounds and not st["done"]:
+                phase = 1 if st["round"] < self.rounds_v1 else 2
+                if st["stage"] == "start":
+                    if st["round"] > 0:
+                        self._load_best_params(latents=False)
+                    st["perm"] = torch.randperm(n_tr, generator=self.gen)
+                    st["batch_pos"], st["valid_moved"], st["stage"] = 0, False, "train"
+                if st["stage"] == "train":
+                    while st["batch_pos"] < n_batches and not st["done"]:
+                        pos = st["batch_pos"]
+                        idx = st["perm"][pos * self.batch_size:(pos + 1) * self.batch_size].to(self.device)
+                        ref, prop = self._relax_step(idx, "z_train", "y_train", "c_train", True, phase)
+                        st["iteration"] += 1
+                        info = {"iteration": st["iteration"], "round": st["round"] + 1, "phase": phase,
+                                "train_loss": float(ref.mean())}
+                        if st["iteration"] % every == 0 or pos == n_batches - 1:
+                            info.update(self._validate(phase))
+                        self._accept(idx, "z_train", "y_train", "c_train", ref, prop)
+                        st["batch_pos"] = pos + 1
+                        st["elapsed"] = time.perf_counter() - t_start
+                        self.history.append(info)
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix({k: f"{v:.4g}" for k, v in info.items() if k.startswith(("train", "valid"))})
+                        if self.checkpoint_every is not None and st["iteration"] % self.checkpoint_every == 0:
+                            self._save_checkpoint()
+                        if self.callback is not None:
+                            self.callback(self, info)
+                    st["stage"] = "valid_latents"
+                if st["stage"] == "valid_latents":
+                    if self.radius() > 0 and not st["done"]:
+                        # the paper relaxes the validation noises too (soft validation loss); xi, xi^c frozen
+                        for b in range(n_val_batches):
+                            idx = torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, d["z_valid"].shape[0]),
+                                               device=self.device)
+                            ref, prop = self._relax_step(idx, "z_valid", "y_valid", "c_valid", False, phase)
+                            st["valid_moved"] |= self._accept(idx, "z_valid", "y_valid", "c_valid", ref, prop)
+                        if not st["valid_moved"]:
+                            st["shift_lr"] *= 0.5
+                    st["round"] += 1
+                    st["stage"] = "start"
+                    st["elapsed"] = time.perf_counter() - t_start
+                    self._save_checkpoint()
+            if st["stop_reason"] is None:
+                st["stop_reason"] = "max rounds"
+            st["done"] = True
+            st["elapsed"] = time.perf_counter() - t_start
+            self._save_checkpoint()
+        except ModelOutputError as e:
+            self._nonfinite(f"the model failed: {e}")
+        finally:
+            if bar is not None:
+                bar.close()
+        result = self.current_schedule(best=True)
+        if self.checkpoint_dir is not None:
+            result.save(os.path.join(self.checkpoint_dir, SCHEDULE_FILE))
+        return result
+
+
+__all__ = ["LD3Trainer", "NonFiniteLossError", "CheckpointMismatchError", "check_nfe"]

@@ -1,0 +1,207 @@
+"""Baseline schedules: DMN, GITS (DP search and published lists), AYS, and the registry."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from ld3_ext import EDM, DPMSolverPP, Euler, UniPC, VPDiscrete, discretizations, testbeds
+from ld3_ext.baselines import (AYS_SIGMAS, GITS_PRESETS, ays, ays_sigmas, baseline_timesteps, dmn, dmn_objective,
+                               gits, gits_dp, gits_preset, path_cost)
+from ld3_ext.baselines.dmn import exp_lagrange_weights
+from ld3_ext.metrics import teacher_rmse
+
+
+def _valid_grid(t, schedule, nfe):
+    assert t.dtype == torch.float64 and t.shape == (nfe + 1,)
+    assert float(t[0]) == schedule.t_max and float(t[-1]) == schedule.t_min
+    assert bool((t[1:] < t[:-1]).all())
+
+
+@pytest.fixture(scope="module")
+def gmm_setup():
+    """digits64 mixture on EDM, 64 noises, and an accurate teacher (UniPC(3), 200 logSNR steps)."""
+    s = EDM(0.002, 80.0)
+    gm = testbeds.digits64()
+    model = gm.model(s)
+    x_T = gm.prior_noise(s, 64, torch.Generator().manual_seed(0))
+    teacher = UniPC(order=3).sample(model, x_T, discretizations.logsnr_uniform(s, 200))
+    return s, model, x_T, teacher
+
+
+# ---------------------------------------------------------------------------------------------- DMN
+def test_exp_lagrange_weights_exact():
+    # one node: integral of e^lam; two nodes sum to the same (Lagrange basis sums to 1)
+    assert exp_lagrange_weights(np.array([0.0]), 0.0, 1.0)[0] == pytest.approx(np.e - 1, rel=1e-13)
+    w = exp_lagrange_weights(np.array([-0.7, 0.0]), 0.0, 1.3)
+    assert w.sum() == pytest.approx(np.exp(1.3) - 1, rel=1e-13)
+    # linear basis through (-0.7, 0): weight of node 0 is integral e^l * (l + 0.7)/0.7
+    want = ((1.3 + 0.7 - 1) * np.exp(1.3) - (0.7 - 1)) / 0.7
+    assert w[1] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("nfe", [3, 5])
+def test_dmn_valid_grid_and_lower_bound(nfe):
+    s = EDM(0.002, 80.0)
+    t = dmn(s, nfe)
+    _valid_grid(t, s, nfe)
+    lam = s.lambda_(t).numpy()
+    uni = np.linspace(s.lambda_min, s.lambda_max, nfe + 1)
+    trunc = 3 if nfe <= 7 else 0
+    assert dmn_objective(lam, trunc_num=trunc) <= dmn_objective(uni, trunc_num=trunc) + 1e-12
+
+
+def test_dmn_latent_on_vp_discrete():
+    s = VPDiscrete.linear()
+    t = dmn(s, 5, space="latent")
+    _valid_grid(t, s, 5)
+
+
+def test_dmn_beats_time_uniform_on_mixture(gmm_setup):
+    s, model, x_T, teacher = gmm_setup
+    solver = DPMSolverPP(order=3)
+    err = {name: float(teacher_rmse(solver.sample(model, x_T, t), teacher).mean())
+           for name, t in [("uniform", discretizations.time_uniform(s, 5)), ("dmn", dmn(s, 5))]}
+    assert err["dmn"] < 0.5 * err["uniform"], err
+
+
+def test_dmn_bad_args():
+    s = EDM()
+    with pytest.raises(ValueError):
+        dmn(s, 0)
+    with pytest.raises(ValueError):
+        dmn(s, 4, space="rgb")
+    with pytest.raises(ValueError):
+        dmn(s, 4, order=4)
+    with pytest.raises(TypeError):
+        dmn("edm", 4)
+
+
+# --------------------------------------------------------------------------------------------- GITS
+@pytest.mark.parametrize("coeff", [1.0, 1.15])
+def test_gits_dp_is_optimal_by_brute_force(coeff):
+    rng = np.random.default_rng(0)
+    m, nfe = 9, 4
+    cost = np.triu(rng.random((m + 1, m + 1)) + 0.1, 1)
+    cost[np.tril_indices(m + 1)] = np.inf
+    path = gits_dp(cost, nfe, coeff)
+    assert len(path) == nfe + 1 and path[0] == 0 and path[-1] == m
+    assert all(a < b for a, b in zip(path[:-1], path[1:]))
+    best = min(path_cost(cost, [0, *mid, m], coeff) for mid in itertools.combinations(range(1, m), nfe - 1))
+    assert path_cost(cost, path, coeff) == pytest.approx(best, rel=1e-12)
+
+
+def test_gits_dp_errors():
+    cost = np.zeros((5, 5))
+    with pytest.raises(ValueError):
+        gits_dp(cost, 5)          # more jumps than fine intervals
+    with pytest.raises(ValueError):
+        gits_dp(np.zeros((4, 5)), 2)
+
+
+def test_gits_on_mixture_beats_logsnr_subset(gmm_setup):
+    s, model, _, _ = gmm_setup
+    nfe, fine = 4, 20
+    res = gits(model, nfe=nfe, sample_shape=(1, 8, 8), n_samples=16, fine_steps=fine, spacing="logsnr",
+               coeff=1.0, seed=1, teacher_substeps=2, return_info=True)
+    _valid_grid(res.timesteps, s, nfe)
+    assert len(res.path) == nfe + 1
+    # the logSNR grid with nfe steps is the subset 0, 5, 10, ... of a logSNR fine grid with 20 steps
+    logsnr_path = list(range(0, fine + 1, fine // nfe))
+    assert torch.allclose(res.grid[logsnr_path], discretizations.logsnr_uniform(s, nfe), rtol=1e-12)
+    assert res.total_cost <= path_cost(res.cost, logsnr_path) + 1e-12
+    # the timesteps are grid points (endpoints exact)
+    assert torch.allclose(res.timesteps, res.grid[res.path], rtol=1e-12)
+
+
+def test_gits_cost_uses_one_call_per_start_point():
+    s = EDM()
+    gm = testbeds.ring2d()
+    calls = {"n": 0}
+    base = gm.model(s)
+
+    def counted(x, t):
+        calls["n"] += 1
+        return base.fn(x, t)
+
+    from ld3_ext import wrap_model
+    model = wrap_model(counted, s, prediction="x0", time_input="t")
+    gits(model, nfe=3, sample_shape=(2,), n_samples=8, fine_steps=10, teacher_substeps=1,
+         teacher_solver=Euler(), solver=Euler())
+    assert calls["n"] == 10 + 10  # teacher: one Euler call per fine interval; cost: one per start point
+
+
+def test_gits_presets_convert():
+    s = EDM(0.002, 80.0)
+    for nfe, sig in GITS_PRESETS["cifar10"].items():
+        t = gits_preset("cifar10", s, nfe)
+        _valid_grid(t, s, nfe)
+        assert torch.allclose(t, torch.tensor(sig, dtype=torch.float64))
+    sd = VPDiscrete.linear()
+    # [GAS] App. D.1 gives the SD GITS NFE-5 list in t units
+    want = torch.tensor([1, 0.7669, 0.4839, 0.2341, 0.0676, 0.001], dtype=torch.float64)
+    assert torch.allclose(gits_preset("sd", sd, 5), want, atol=1e-4)
+    with pytest.raises(ValueError, match="another schedule"):
+        gits_preset("sd", s, 5)
+    with pytest.raises(ValueError):
+        gits_preset("cifar10", s, 3)
+    with pytest.raises(ValueError):
+        gits_preset("imagenet", s, 5)
+
+
+# ---------------------------------------------------------------------------------------------- AYS
+@pytest.mark.parametrize("which", ["sd15", "sdxl"])
+def test_ays_published_at_nfe10(which):
+    sd = VPDiscrete.linear()
+    t = ays(sd, 10, model=which)
+    _valid_grid(t, sd, 10)
+    assert ays_sigmas(which, 10) == AYS_SIGMAS[which]
+    sig = sd.edm_sigma(t)
+    assert torch.allclose(sig[1:-1], torch.tensor(AYS_SIGMAS[which][1:-1], dtype=torch.float64), rtol=1e-9)
+
+
+@pytest.mark.parametrize("nfe", [1, 4, 5, 7, 20, 30])
+def test_ays_interpolation_monotone(nfe):
+    sd = VPDiscrete.linear()
+    for which in ("sd15", "sdxl"):
+        t = ays(sd, nfe, model=which)
+        _valid_grid(t, sd, nfe)
+        sig = np.array(ays_sigmas(which, nfe))
+        assert sig[0] == AYS_SIGMAS[which][0] and sig[-1] == AYS_SIGMAS[which][-1]
+        # log sigma is piecewise linear in the normalised index, so at nfe = 5 every other value is kept
+    assert ays_sigmas("sdxl", 5) == pytest.approx(AYS_SIGMAS["sdxl"][::2], rel=1e-12)
+
+
+def test_ays_other_schedule_maps_range():
+    s = EDM(0.002, 80.0)
+    t = ays(s, 6)
+    _valid_grid(t, s, 6)
+    # fit_range=False keeps the published interior values when they fit inside the range ...
+    t_raw = ays(s, 10, fit_range=False)
+    assert torch.allclose(t_raw[1:-1], torch.tensor(AYS_SIGMAS["sd15"][1:-1], dtype=torch.float64))
+    # ... and refuses when they do not
+    with pytest.raises(ValueError, match="leave the schedule"):
+        ays(EDM(0.5, 5.0), 6, fit_range=False)
+    _valid_grid(ays(EDM(0.5, 5.0), 6), EDM(0.5, 5.0), 6)
+    with pytest.raises(ValueError):
+        ays(s, 6, model="sd3")
+
+
+# ----------------------------------------------------------------------------------------- registry
+def test_registry(gmm_setup):
+    s, model, _, _ = gmm_setup
+    _valid_grid(baseline_timesteps("dmn", s, 4), s, 4)
+    _valid_grid(baseline_timesteps("gits_ffhq", s, 6), s, 6)
+    _valid_grid(baseline_timesteps("ays_sd15", VPDiscrete.linear(), 8), VPDiscrete.linear(), 8)
+    _valid_grid(baseline_timesteps("gits", s, 3, model=model, sample_shape=(1, 8, 8), n_samples=4,
+                                   fine_steps=8, teacher_substeps=1), s, 3)
+    with pytest.raises(ValueError, match="needs the model"):
+        baseline_timesteps("gits", s, 4)
+    with pytest.raises(ValueError, match="model-free"):
+        baseline_timesteps("dmn", s, 4, model=model)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline_timesteps("ld3", s, 4)
+    with pytest.raises(ValueError, match="sample_shape"):
+        gits(model, nfe=3)
+    with pytest.raises(TypeError):
+        gits(lambda x, t: x, EDM(), 3)

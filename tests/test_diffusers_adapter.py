@@ -1,0 +1,233 @@
+"""diffusers UNets + scheduler configs -> (model, schedule) for every solver (ld3_ext.integrations.diffusers).
+
+Tiny randomly initialised UNets built from configs (no weights, no network).  Oracles: diffusers' own
+DDPMScheduler betas and DDIMScheduler (eta=0) sampling, which our Euler (= DDIM) must reproduce.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import ld3_ext  # noqa: E402
+from ld3_ext.integrations.diffusers import (DiffusersConfigError, from_diffusers, load_diffusers_model,  # noqa: E402
+                                           schedule_from_diffusers_config)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny convolutions on a shared 2-core box: more threads only add contention (measured 70x slower)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_unet(out_channels=3, num_class_embeds=None, seed=0):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=out_channels, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 num_class_embeds=num_class_embeds).eval()
+
+
+def tiny_cond_unet(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=4, attention_head_dim=2).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("beta_schedule,kw", [("linear", {}), ("scaled_linear", dict(beta_start=0.00085, beta_end=0.012)),
+                                              ("squaredcos_cap_v2", {})])
+def test_schedule_matches_diffusers_alphas_cumprod(beta_schedule, kw):
+    ref = diffusers.DDPMScheduler(beta_schedule=beta_schedule, **kw)
+    sched, pred = schedule_from_diffusers_config(ref.config)
+    assert isinstance(sched, ld3_ext.VPDiscrete) and pred == "eps"
+    assert sched.num_train_timesteps == 1000
+    idx = torch.arange(0, 1000, 37, dtype=torch.float64)
+    a2 = sched.alpha(sched.t_from_index(idx)) ** 2
+    torch.testing.assert_close(a2, ref.alphas_cumprod.double()[idx.long()], rtol=1e-12, atol=0)
+    if beta_schedule == "squaredcos_cap_v2":
+        # the lambda < -5.1 tail is cut (DPM-Solver's numerical_clip_alpha): sampling starts below t = 1
+        assert sched.t_max < 1.0 and sched.lambda_min >= -5.1 - 1e-9
+    else:
+        assert sched.t_max == 1.0 and sched.t_min == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("ptype,expected", [("epsilon", "eps"), ("v_prediction", "v"), ("sample", "x0")])
+def test_prediction_types(ptype, expected):
+    cfg = diffusers.DDIMScheduler(prediction_type=ptype).config
+    model, sched = from_diffusers(tiny_unet(), cfg)
+    assert model.prediction == expected and model.time_input == "index"
+    assert model.sample_shape == (3, 8, 8)
+    assert not any(p.requires_grad for p in model.net.parameters())  # frozen: LD3 trains only the grid
+
+
+@pytest.mark.parametrize("ptype", ["epsilon", "v_prediction", "sample"])
+def test_euler_equals_diffusers_ddim(ptype):
+    """Our Euler (= DDIM) on the adapter model reproduces diffusers' DDIMScheduler(eta=0): this checks the
+    beta mapping, the index time units the UNet receives and the prediction conversion together."""
+    unet = tiny_unet()
+    ddim = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   prediction_type=ptype, timestep_spacing="trailing", set_alpha_to_one=False,
+                                   clip_sample=False)
+    ddim.set_timesteps(5)
+    idx = ddim.timesteps.tolist() + [0]  # [999, 799, 599, 399, 199] then alphas_cumprod[0] (set_alpha_to_one=False)
+    model, sched = from_diffusers(unet, ddim.config)
+    t = sched.t_from_index(torch.tensor(idx, dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(2, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        ours = ld3_ext.Euler(backend="reference").sample(model, x_T, t)
+        x = x_T.clone()
+        for tt in ddim.timesteps:
+            x = ddim.step(unet(x, tt).sample, tt, x, eta=0.0).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=2e-5)
+
+
+def test_all_solvers_run_on_a_unet():
+    model, sched = from_diffusers(tiny_unet(), diffusers.DDPMScheduler().config)
+    x_T = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = ld3_ext.discretizations.logsnr_uniform(sched, 4)
+    with torch.no_grad():
+        for solver in (ld3_ext.DPMSolverPP(3), ld3_ext.UniPC(3), ld3_ext.IPNDM(3), ld3_ext.Euler(), ld3_ext.Heun()):
+            solver.backend = "reference"
+            out = solver.sample(model, x_T, t)
+            assert out.shape == x_T.shape and torch.isfinite(out).all()
+
+
+def test_cfg_one_batched_call_and_broadcast():
+    """Classifier-free guidance: [uncond; cond] in ONE network call, combined as u + s (c - u)."""
+    unet = tiny_cond_unet()
+    calls = []
+    unet.register_forward_hook(lambda m, a, kw_out=None: calls.append(a[0].shape[0]))
+    model, sched = from_diffusers(unet, diffusers.DDPMScheduler().config, guidance_scale=4.0)
+    assert model.cond_key == "encoder_hidden_states"
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    cond, unc = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+    t = torch.tensor(0.5, dtype=torch.float64)
+    with torch.no_grad():
+        x0, eps = model.predict(x, t, encoder_hidden_states=cond, uncond=unc)
+        assert calls == [6]
+        ti = torch.full((3,), 0.5 * 1000 - 1.0)
+        e_c = unet(x, ti, encoder_hidden_states=cond).sample
+        e_u = unet(x, ti, encoder_hidden_states=unc).sample
+    torch.testing.assert_close(eps, e_u + 4.0 * (e_c - e_u), rtol=1e-5, atol=1e-5)
+    # one stored embedding (batch 1) serves any batch
+    model2, _ = from_diffusers(unet, diffusers.DDPMScheduler().config, guidance_scale=4.0,
+                               model_kwargs={"encoder_hidden_states": cond[:1], "uncond": unc[:1]})
+    with torch.no_grad():
+        _, eps2 = model2.predict(x, t)
+        _, eps_ref = model.predict(x, t, encoder_hidden_states=cond[:1].expand(3, -1, -1),
+                                   uncond=unc[:1].expand(3, -1, -1))
+    torch.testing.assert_close(eps2, eps_ref)
+
+
+def test_class_conditional_unet2d_guidance():
+    unet = tiny_unet(num_class_embeds=10)
+    model, _ = from_diffusers(unet, diffusers.DDPMScheduler().config, guidance_scale=2.0)
+    assert model.cond_key == "class_labels"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = model.predict(x, torch.tensor(0.3, dtype=torch.float64), class_labels=torch.tensor([1, 2]),
+                            uncond=torch.tensor([0, 0]))[0]
+    assert torch.isfinite(out).all()
+
+
+def test_learned_variance_output_is_split():
+    unet = tiny_unet(out_channels=6)
+    model, _ = from_diffusers(unet, diffusers.DDPMScheduler(variance_type="learned_range").config)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        x0, eps = model.predict(x, torch.tensor(0.5, dtype=torch.float64))
+        full = unet(x, torch.tensor([499.0])).sample
+    torch.testing.assert_close(eps, full[:, :3])
+
+
+# --- errors -----------------------------------------------------------------------------------------------------
+def test_guidance_on_unconditional_unet_is_an_error():
+    with pytest.raises(DiffusersConfigError, match="unconditional"):
+        from_diffusers(tiny_unet(), diffusers.DDPMScheduler().config, guidance_scale=7.5)
+
+
+@pytest.mark.parametrize("cfg,field", [
+    ({"beta_schedule": "nonsense"}, "beta_schedule"),
+    ({"prediction_type": "score"}, "prediction_type"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ({"timestep_type": "continuous"}, "timestep_type"),
+    ({"_class_name": "EDMEulerScheduler"}, "_class_name"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True, "prediction_type": None}, "use_dynamic_shifting"),
+    ({"prediction_type": "flow_prediction"}, "flow_prediction"),
+    ({"num_train_timesteps": 0}, "num_train_timesteps"),
+])
+def test_unmappable_config_names_the_field(cfg, field):
+    base = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+            "prediction_type": "epsilon"}
+    with pytest.raises(DiffusersConfigError, match=field):
+        schedule_from_diffusers_config({**base, **cfg})
+
+
+def test_flow_config_maps_to_flow_matching():
+    cfg = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    sched, pred = schedule_from_diffusers_config(cfg)
+    assert isinstance(sched, ld3_ext.FlowMatching) and sched.shift == 3.0 and pred == "velocity"
+    model, _ = from_diffusers(tiny_unet(), cfg)
+    assert model.network_time(torch.tensor(0.25, dtype=torch.float64)).item() == pytest.approx(250.0)
+
+
+def test_velocity_needs_flow_schedule():
+    """The wrappers reject a flow model on a VP schedule (and VP v-prediction on a flow schedule)."""
+    vp = ld3_ext.VPDiscrete.linear()
+    with pytest.raises(ValueError, match="FlowMatching"):
+        ld3_ext.wrap_model(lambda x, t: x, vp, prediction="velocity")
+    with pytest.raises(ValueError, match="velocity"):
+        ld3_ext.wrap_model(lambda x, t: x, ld3_ext.FlowMatching(), prediction="v")
+
+
+# --- local folders ----------------------------------------------------------------------------------------------
+def test_load_diffusers_model_from_local_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    unet = tiny_unet()
+    sched = diffusers.DDPMScheduler(prediction_type="v_prediction")
+    # pipeline layout: unet/ + scheduler/ (+ model_index.json)
+    diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp_path / "pipe")
+    # model layout: config.json + scheduler_config.json side by side (as google/ddpm-* repos)
+    unet.save_pretrained(tmp_path / "model")
+    sched.save_config(tmp_path / "model")
+    ref, _ = from_diffusers(unet, sched.config)
+    x = torch.randn(1, 3, 8, 8)
+    t = torch.tensor(0.4, dtype=torch.float64)
+    for sub in ("pipe", "model"):
+        model, schedule = load_diffusers_model(str(tmp_path / sub))
+        assert model.prediction == "v" and isinstance(schedule, ld3_ext.VPDiscrete)
+        with torch.no_grad():
+            torch.testing.assert_close(model.predict(x, t)[0], ref.predict(x, t)[0])
+    with pytest.raises(DiffusersConfigError, match="guidance_scale"):
+        load_diffusers_model(str(tmp_path / "pipe"), guidance_scale=3.0)
+    with pytest.raises(FileNotFoundError):
+        load_diffusers_model(str(tmp_path / "missing"))
+    os.remove(tmp_path / "model" / "scheduler_config.json")
+    with pytest.raises(FileNotFoundError, match="scheduler_config"):
+        load_diffusers_model(str(tmp_path / "model"))
+    cfg_path = tmp_path / "pipe" / "unet" / "config.json"
+    bad = json.loads(cfg_path.read_text())
+    bad["_class_name"] = "NotAModel"
+    cfg_path.write_text(json.dumps(bad))
+    with pytest.raises(DiffusersConfigError, match="_class_name"):
+        load_diffusers_model(str(tmp_path / "pipe"))
+
+
+def test_cli_registry_resolves_diffusers_spec(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path)
+    from ld3_ext.models import load_model
+    model, schedule = load_model(f"diffusers:{tmp_path}")
+    assert isinstance(schedule, ld3_ext.VPDiscrete) and model.sample_shape == (3, 8, 8)

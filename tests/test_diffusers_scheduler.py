@@ -1,0 +1,233 @@
+"""LD3Scheduler inside unmodified diffusers pipelines equals ld3_ext's own solver.sample.
+
+Pipelines: DDPMPipeline (UNet2DModel) and StableDiffusionPipeline (UNet2DConditionModel, classifier-free
+guidance, prompt embeddings passed directly so no tokenizer/text encoder/VAE is needed).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import ld3_ext  # noqa: E402
+from ld3_ext.integrations.diffusers import DiffusersConfigError, from_diffusers  # noqa: E402
+from ld3_ext.integrations.diffusers_scheduler import LD3Scheduler  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny UNets on a shared 2-core box
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+
+
+def tiny_cond_unet(seed=0):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=4, attention_head_dim=2).eval()
+
+
+SD_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def decoupled(t: torch.Tensor, factor: float = 1.04) -> torch.Tensor:
+    """LD3-style network times: interior points moved, endpoints kept."""
+    tm = t.clone()
+    tm[1:-1] = tm[1:-1] * factor
+    return tm
+
+
+def ddpm_pipeline_vs_solver(unet, cfg, solver, t, tm, n_steps, batch=2, seed=1):
+    sch = LD3Scheduler.from_timesteps(t, tm, solver, scheduler_config=cfg)
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=sch)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(batch_size=batch, generator=torch.Generator().manual_seed(seed), num_inference_steps=n_steps,
+               output_type="np").images
+    # DDPMPipeline draws x_T with randn_tensor (no init_noise_sigma scaling) and maps x -> clamp(x/2 + 0.5)
+    x_T = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    model, _ = from_diffusers(unet, cfg)
+    with torch.no_grad():
+        ref = solver.sample(model, x_T, t, tm)
+    ref = (ref / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return img, ref, sch
+
+
+SOLVERS = [
+    ("dpmpp", dict(order=3)),
+    ("dpmpp", dict(order=2, solver_type="heun")),
+    ("unipc", dict(order=3, variant="bh1")),
+    ("unipc", dict(order=2, variant="bh2")),
+    ("ipndm", dict(order=4)),
+    ("euler", {}),
+    ("heun", {}),
+]
+
+
+@pytest.mark.parametrize("name,kw", SOLVERS, ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in SOLVERS])
+def test_ddpm_pipeline_equals_solver(name, kw):
+    unet = tiny_unet()
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG, prediction_type="v_prediction").config
+    sched, _ = ld3_ext.integrations.diffusers.schedule_from_diffusers_config(cfg)
+    solver = ld3_ext.solvers.SOLVERS[name](backend="reference", **kw)
+    n = 4 if name == "heun" else 5
+    t = ld3_ext.discretizations.logsnr_uniform(sched, n)
+    img, ref, sch = ddpm_pipeline_vs_solver(unet, cfg, solver, t, decoupled(t), n)
+    assert abs(img - ref).max() <= 1e-6
+    # what the UNet received: the model times in float training-index units t*N - 1
+    nfe = solver.nfe(n)
+    assert len(sch.timesteps) == nfe and sch.timesteps.dtype == torch.float32
+    assert sch.timesteps[0].item() == pytest.approx(999.0)
+    if name != "heun":
+        torch.testing.assert_close(sch.timesteps, (decoupled(t)[:n] * 1000 - 1).float())
+
+
+def test_stable_diffusion_pipeline_with_cfg_equals_solver():
+    """An unmodified StableDiffusionPipeline (prompt embeddings given; latents out) with LD3Scheduler."""
+    unet = tiny_cond_unet()
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
+    model, sched = from_diffusers(unet, cfg, guidance_scale=3.0)
+    solver = ld3_ext.UniPC(order=3, variant="bh2", backend="reference")
+    t = ld3_ext.discretizations.time_quadratic(sched, 5)
+    tm = decoupled(t, 0.97)
+    sch = LD3Scheduler.from_timesteps(t, tm, solver, scheduler_config=cfg)
+    pipe = diffusers.StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=sch,
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(3)
+    cond, unc = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    lat = torch.randn(2, 4, 8, 8, generator=g)
+    out = pipe(prompt_embeds=cond, negative_prompt_embeds=unc, latents=lat, num_inference_steps=5,
+               guidance_scale=3.0, output_type="latent").images
+    with torch.no_grad():
+        ref = solver.sample(model, lat * sch.init_noise_sigma, t, tm, encoder_hidden_states=cond, uncond=unc)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def minimal_loop(unet, sch, x, n=None, **unet_kw):
+    sch.set_timesteps(n)
+    x = x * sch.init_noise_sigma
+    for tt in sch.timesteps:
+        out = unet(sch.scale_model_input(x, tt), tt, **unet_kw).sample
+        x = sch.step(out, tt, x).prev_sample
+    return x
+
+
+def test_from_schedule_file(tmp_path):
+    from ld3_ext.schedule_file import LearnedSchedule
+
+    unet = tiny_unet()
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
+    model, sched = from_diffusers(unet, cfg)
+    t = ld3_ext.discretizations.edm(sched, 4)
+    tm = decoupled(t, 1.02)
+    solver = ld3_ext.DPMSolverPP(order=2, backend="reference")
+    LearnedSchedule(t, tm, solver_config=solver.config(), nfe=4, schedule_config=sched.config()).save(
+        str(tmp_path / "s.json"))
+    sch = LD3Scheduler.from_schedule_file(tmp_path / "s.json", scheduler_config=cfg)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = minimal_loop(unet, sch, x)
+        ref = solver.sample(model, x * sch.init_noise_sigma, t, tm)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="num_inference_steps=4"):
+        sch.set_timesteps(10)
+    # a schedule learned for another model's betas must not be used silently
+    with pytest.raises(DiffusersConfigError, match="alphas_cumprod"):
+        LD3Scheduler.from_schedule_file(tmp_path / "s.json", scheduler_config=diffusers.DDPMScheduler().config)
+    # save_pretrained / from_pretrained keep the grid and solver
+    sch.save_pretrained(tmp_path / "sched")
+    sch2 = LD3Scheduler.from_pretrained(tmp_path / "sched")
+    with torch.no_grad():
+        torch.testing.assert_close(minimal_loop(unet, sch2, x), out, rtol=0, atol=0)
+
+
+def test_flow_model_in_scheduler_equals_solver():
+    """A (random) UNet read as a rectified-flow velocity model with a FlowMatchEuler config and shift."""
+    unet = tiny_unet()
+    cfg = diffusers.FlowMatchEulerDiscreteScheduler(shift=2.0).config
+    model, sched = from_diffusers(unet, cfg)
+    assert isinstance(sched, ld3_ext.FlowMatching) and model.prediction == "velocity"
+    t = ld3_ext.discretizations.time_uniform(sched, 5)  # shifted grid
+    for solver in (ld3_ext.DPMSolverPP(3, backend="reference"), ld3_ext.UniPC(2, backend="reference"),
+                   ld3_ext.Euler(backend="reference")):
+        sch = LD3Scheduler.from_timesteps(t, decoupled(t, 0.98), solver, scheduler_config=cfg)
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            out = minimal_loop(unet, sch, x)
+            ref = solver.sample(model, x * sch.init_noise_sigma, t, decoupled(t, 0.98))
+        # the network reads flow time t * num_train_timesteps, as diffusers' flow schedulers feed it
+        torch.testing.assert_close(sch.timesteps, (decoupled(t, 0.98)[:5] * 1000).float())
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_baseline_grid_without_stored_timesteps():
+    unet = tiny_unet()
+    cfg = diffusers.DDPMScheduler().config
+    model, sched = from_diffusers(unet, cfg)
+    sch = LD3Scheduler.from_config(cfg, solver_config={"name": "unipc", "order": 2, "backend": "reference"},
+                                   discretization="time_uniform")
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = minimal_loop(unet, sch, x, n=6)
+        ref = ld3_ext.UniPC(2, backend="reference").sample(
+            model, x * sch.init_noise_sigma, ld3_ext.discretizations.time_uniform(sched, 6))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sch.set_timesteps()
+
+
+def test_step_does_not_sync_with_the_host(monkeypatch):
+    """step() must not read tensor values on the host (.item(), float(), bool(), .tolist(), .numpy()):
+    on a GPU each of those is a device sync per step."""
+    unet = tiny_unet()
+    cfg = diffusers.DDPMScheduler().config
+    model, sched = from_diffusers(unet, cfg)
+    x = torch.randn(1, 3, 8, 8)
+    for solver in ("unipc", "dpmpp", "ipndm", "heun"):
+        t = ld3_ext.discretizations.logsnr_uniform(sched, 4)
+        sch = LD3Scheduler.from_timesteps(t, decoupled(t), {"name": solver, "backend": "reference"},
+                                          scheduler_config=cfg)
+        sch.set_timesteps()
+        outs = [unet(x, tt).sample.detach() for tt in sch.timesteps]
+
+        def boom(*a, **k):
+            raise AssertionError("host sync in LD3Scheduler.step")
+
+        with monkeypatch.context() as m:
+            for attr in ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "cpu"):
+                m.setattr(torch.Tensor, attr, boom)
+            y = x
+            for tt, out in zip(sch.timesteps, outs):
+                y = sch.step(out, tt, y).prev_sample
+        assert torch.isfinite(y).all()
+
+
+def test_bad_scheduler_arguments():
+    with pytest.raises(DiffusersConfigError, match="prediction_type"):
+        LD3Scheduler(prediction_type="score")
+    with pytest.raises(ValueError, match="solver_config"):
+        LD3Scheduler(solver_config={"name": "lms"})
+    with pytest.raises(DiffusersConfigError, match="schedule_config"):
+        LD3Scheduler(schedule_config=ld3_ext.EDM().config())
+    with pytest.raises(DiffusersConfigError, match="flow_prediction"):
+        LD3Scheduler(schedule_config=ld3_ext.FlowMatching().config())  # an eps model on a flow schedule
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        LD3Scheduler(ld3_timesteps=[0.5, 0.8, 0.001])
+    sch = LD3Scheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sch.step(torch.zeros(1), 0, torch.zeros(1))
+    sch.set_timesteps(3)
+    with pytest.raises(ValueError, match="eta"):
+        sch.step(torch.zeros(1, 3), sch.timesteps[0], torch.zeros(1, 3), eta=1.0)

@@ -1,0 +1,144 @@
+"""ld3_ext.distributed: 2 CPU processes (gloo) reproduce the single-process schedule-parameter gradient and update.
+
+Each rank solves its shard of a Gaussian-mixture problem through an ld3_ext solver whose time grid depends
+on parameters xi (as LD3's do), back-propagates, all-reduces the gradient, and takes an SGD step; the result
+must equal one process on the full data.  The ranks get their identity the way torchrun gives it (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and join through ``init_from_env``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+import ld3_ext
+from ld3_ext import distributed as D
+
+N_EVEN, N_UNEVEN = 8, 7
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _problem():
+    """Noises, teacher targets and the initial parameters of a small LD3-like problem (float64)."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    mix = ld3_ext.testbeds.GaussianMixture(means, torch.full_like(means, 0.4))
+    sched = ld3_ext.EDM(0.002, 80.0)
+    model = mix.model(sched)
+    z = 80.0 * torch.randn(N_EVEN, 2, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        target = ld3_ext.DPMSolverPP(3, backend="reference").sample(model, z,
+                                                                   ld3_ext.discretizations.edm(sched, 20))
+    lam0 = sched.lambda_(ld3_ext.discretizations.logsnr_uniform(sched, 4))
+    xi0 = 0.3 * torch.randn(3, generator=g, dtype=torch.float64)
+    return model, sched, z, target, lam0, xi0
+
+
+def _loss(problem, xi, idx):
+    """Mean per-sample L2 loss over ``idx`` of a 4-step DPM-Solver++(2M) solve on the grid lambda0 + (0, xi, 0)."""
+    model, sched, z, target, lam0, _ = problem
+    lam = torch.cat([lam0[:1], lam0[1:-1] + xi, lam0[-1:]])
+    t = sched.inverse_lambda(lam)
+    out = ld3_ext.DPMSolverPP(2, backend="reference").sample(model, z[idx], t)
+    return (out - target[idx]).pow(2).flatten(1).sum(1).mean()
+
+
+def _step(problem, n, weighted):
+    """Gradient (averaged across ranks when distributed) and the parameters after one SGD step."""
+    xi = problem[-1].clone().requires_grad_(True)
+    idx = list(D.shard_range(n))
+    loss = _loss(problem, xi, idx)
+    loss.backward()
+    D.all_reduce_mean_([xi.grad, None], weight=len(idx) if weighted else None)
+    with torch.no_grad():  # plain SGD (torch.optim's first step imports torch._dynamo: seconds per process)
+        xi -= 0.05 * xi.grad
+    return xi.grad.detach().clone(), xi.detach().clone()
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = D.init_from_env(device="cpu", timeout_s=60)
+    try:
+        assert info.backend == "gloo" and info.world_size == world and info.rank == rank
+        problem = _problem()
+        g_even, xi_even = _step(problem, N_EVEN, weighted=False)    # equal shards: plain mean
+        g_uneven, xi_uneven = _step(problem, N_UNEVEN, weighted=True)  # 4 + 3 samples: weighted mean
+        # teacher-style: each rank makes its shard of targets, everyone assembles the full set
+        idx = D.shard_range(N_UNEVEN)
+        gathered = D.all_gather_shards(problem[3][idx.start: idx.stop] * 1.0, N_UNEVEN)
+        b = torch.full((2,), float(rank + 1))
+        D.broadcast_([b], src=0)
+        s = torch.tensor([float(rank + 1)])
+        D.all_reduce_sum_([s])
+        torch.save({"g_even": g_even, "xi_even": xi_even, "g_uneven": g_uneven, "xi_uneven": xi_uneven,
+                    "gathered": gathered, "rank0": D.is_rank0(), "bcast": b, "sum": s, "shard": (idx.start, idx.stop)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        D.barrier()
+    finally:
+        D.destroy()
+
+
+def test_two_process_gloo_matches_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    # single process on the full data (no process group: the helpers are no-ops)
+    assert not D.is_initialized() and D.get_world_size() == 1
+    problem = _problem()
+    g_even, xi_even = _step(problem, N_EVEN, weighted=False)
+    g_uneven, xi_uneven = _step(problem, N_UNEVEN, weighted=True)
+    assert g_even.abs().sum() > 0
+    for r in res:
+        torch.testing.assert_close(r["g_even"], g_even, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(r["xi_even"], xi_even, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(r["g_uneven"], g_uneven, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(r["xi_uneven"], xi_uneven, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(r["gathered"], problem[3][:N_UNEVEN])
+        torch.testing.assert_close(r["bcast"], torch.ones(2))
+        torch.testing.assert_close(r["sum"], torch.tensor([3.0]))
+    assert [r["rank0"] for r in res] == [True, False]
+    assert [r["shard"] for r in res] == [(0, 4), (4, 7)]
+    # an unweighted mean over uneven shards is NOT the full-data gradient: the weight matters
+    assert not torch.allclose(0.5 * (_grad_on(problem, range(0, 4)) + _grad_on(problem, range(4, 7))), g_uneven)
+
+
+def _grad_on(problem, idx):
+    xi = problem[-1].clone().requires_grad_(True)
+    _loss(problem, xi, list(idx)).backward()
+    return xi.grad
+
+
+@pytest.mark.parametrize("n,world", [(0, 3), (2, 3), (7, 2), (10, 4), (9, 1)])
+def test_shard_range_covers_disjointly(n, world):
+    shards = [D.shard_range(n, r, world) for r in range(world)]
+    assert [i for s in shards for i in s] == list(range(n))
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_single_process_defaults(monkeypatch):
+    for v in D.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+    info = D.init_from_env()
+    assert info.world_size == 1 and info.rank == 0 and info.is_rank0 and not info.distributed
+    g = torch.tensor([1.0, 2.0])
+    D.all_reduce_mean_([g], weight=3)
+    D.barrier()
+    assert D.is_rank0() and list(D.shard_range(5)) == [0, 1, 2, 3, 4] and torch.equal(g, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="rank"):
+        D.shard_range(4, rank=2, world_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        D.init_from_env()

@@ -1,0 +1,316 @@
+"""The fused native kernels against the pure-PyTorch reference: values, every gradient, determinism,
+bad input, and the torch.library registration used by torch.compile."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+import torch
+
+from ld3_ext import _native
+
+if not _native.native_available():  # only a missing build may skip this file
+    pytest.skip(f"ld3_ext._C is not built: {_native.load_error()}", allow_module_level=True)
+
+from ld3_ext import fused, ops  # noqa: E402
+from ld3_ext import schedules as S  # noqa: E402
+from ld3_ext.coefficients import MAX_ORDER, SOLVER_IDS, SolverSpec, coefficient_table_reference  # noqa: E402
+
+C = _native.get()
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# relative tolerance of an output/gradient element, scaled by the sum of |terms| feeding it
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _inputs(dtype, k, shape=(3, 4, 33, 17), noncontig=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def make():
+        if noncontig:  # transposed view of a strided buffer
+            big = torch.randn(shape[0], shape[1], shape[3], shape[2] * 2, generator=g, dtype=torch.float64).to(dtype)
+            return big[..., ::2].transpose(-1, -2)
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+    x = make()
+    hist = [make() for _ in range(k)]
+    coef = torch.randn(1 + k, generator=g, dtype=torch.float64)
+    return x, coef, hist
+
+
+def _close(actual, expected, scale, dtype, what):
+    err = (actual.double() - expected.double()).abs()
+    bound = RTOL[dtype] * scale.double() + 1e-300
+    assert bool((err <= bound).all()), f"{what}: max excess {float((err / bound).max()):.3g}x tolerance"
+
+
+@pytest.mark.parametrize("noncontig", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_forward_backward_matches_reference(dtype, k, noncontig):
+    x, coef, hist = _inputs(dtype, k, noncontig=noncontig, seed=k)
+    if noncontig:
+        assert not x.is_contiguous()
+    leaves_f = [t.clone().requires_grad_() for t in (x, coef, *hist)]
+    leaves_r = [t.clone().requires_grad_() for t in (x, coef, *hist)]
+    out_f = fused.multistep_update(leaves_f[0], leaves_f[1], leaves_f[2:])
+    out_r = ops.multistep_update_reference(leaves_r[0], leaves_r[1], leaves_r[2:])
+    assert out_f.dtype == dtype and out_f.shape == x.shape
+    scale = coef[0].abs() * x.double().abs() + sum(coef[1 + j].abs() * m.double().abs() for j, m in enumerate(hist))
+    _close(out_f, out_r, scale, dtype, "forward")
+
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64).to(dtype)
+    (out_f * w).double().sum().backward()
+    (out_r * w).double().sum().backward()
+    gx_f, gc_f, *gh_f = [t.grad for t in leaves_f]
+    gx_r, gc_r, *gh_r = [t.grad for t in leaves_r]
+    _close(gx_f, gx_r, coef[0].abs() * w.double().abs(), dtype, "grad x")
+    for j in range(k):
+        _close(gh_f[j], gh_r[j], coef[1 + j].abs() * w.double().abs(), dtype, f"grad history[{j}]")
+    assert gc_f.dtype == torch.float64 and gc_f.shape == coef.shape
+    # the coefficient gradient is a dot product: scale by sum |w||m|, plus the reference's own
+    # low-precision summation error for half types
+    dots_scale = torch.stack([(w.double().abs() * t.double().abs()).sum() for t in (x, *hist)])
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    assert bool(((gc_f - gc_r).abs() <= tol * dots_scale).all()), (gc_f, gc_r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_out_may_alias_x(dtype):
+    x, coef, hist = _inputs(dtype, 3, shape=(2, 70001))
+    expected = ops.multistep_update_reference(x, coef, hist)
+    y = x.clone()
+    res = fused.multistep_update(y, coef, hist, out=y)
+    assert res.data_ptr() == y.data_ptr()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    # separate, non-contiguous out
+    buf = torch.empty(70001, 2, dtype=dtype).t()
+    fused.multistep_update(x, coef, hist, out=buf)
+    torch.testing.assert_close(buf, expected, rtol=0, atol=0)
+
+
+def test_out_rejects_autograd():
+    x, coef, hist = _inputs(torch.float64, 1)
+    x.requires_grad_()
+    with pytest.raises(RuntimeError, match="out="):
+        fused.multistep_update(x, coef, hist, out=torch.empty_like(x))
+
+
+def test_coef_may_be_longer_row_and_table_slice():
+    x, coef, hist = _inputs(torch.float64, 2)
+    row = torch.cat([coef, torch.randn(2, dtype=torch.float64)])  # [1+K+2] entries: extra ignored
+    torch.testing.assert_close(fused.multistep_update(x, row, hist), ops.multistep_update_reference(x, coef, hist))
+    row.requires_grad_()
+    fused.multistep_update(x, row, hist).sum().backward()
+    assert torch.all(row.grad[3:] == 0)
+
+
+def test_zero_size():
+    x = torch.empty(0, 3, dtype=torch.float32, requires_grad=True)
+    h = [torch.empty(0, 3, requires_grad=True) for _ in range(2)]
+    c = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    y = fused.multistep_update(x, c, h)
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert x.grad.shape == (0, 3) and torch.all(c.grad == 0) and h[1].grad.shape == (0, 3)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_gradcheck_update(k):
+    x, coef, hist = _inputs(torch.float64, k, shape=(3, 7))
+    args = [t.clone().requires_grad_() for t in (x, coef, *hist)]
+    assert torch.autograd.gradcheck(lambda x, c, *h: fused.multistep_update(x, c, h), args)
+
+
+def test_gradcheck_update_noncontiguous():
+    x, coef, hist = _inputs(torch.float64, 2, shape=(1, 2, 5, 3), noncontig=True)
+    args = [t.detach().requires_grad_() for t in (x, coef, *hist)]
+    assert torch.autograd.gradcheck(lambda x, c, *h: fused.multistep_update(x, c, h), args)
+
+
+def test_partial_needs_input_grad():
+    x, coef, hist = _inputs(torch.float32, 3)
+    hist[1] = hist[1].clone().requires_grad_()
+    out = fused.multistep_update(x, coef, hist)
+    out.sum().backward()
+    torch.testing.assert_close(hist[1].grad, torch.full_like(x, float(coef[2])))
+
+
+def test_backward_reduction_is_thread_count_invariant():
+    n = 5 * C.reduce_chunk + 12345  # several chunks plus a ragged tail
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=g)
+    hist = [torch.randn(n, generator=g) for _ in range(3)]
+    grad = torch.randn(n, generator=g)
+    coef = torch.randn(4, dtype=torch.float64, generator=g)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(C.multistep_update_backward(grad, x, coef, hist, True, True, True))
+    finally:
+        torch.set_num_threads(before)
+    (gx1, gc1, gm1), (gx2, gc2, gm2) = results
+    assert torch.equal(gc1, gc2)  # bitwise, not approximately
+    assert torch.equal(gx1, gx2) and all(torch.equal(a, b) for a, b in zip(gm1, gm2))
+    # and the double-accumulated dot products are accurate
+    ref = torch.stack([(grad.double() * t.double()).sum() for t in (x, *hist)])
+    torch.testing.assert_close(gc1, ref, rtol=1e-12, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# coefficient table and its Jacobian
+# ---------------------------------------------------------------------------------------------
+SCHEDULES = [S.EDM(), S.VPLinear(), S.VPCosine(), S.FlowMatching()]
+
+
+def _specs():
+    for kind in SOLVER_IDS:
+        for order in range(1, MAX_ORDER[kind] + 1):
+            types = ["midpoint", "heun"] if kind == "dpmpp" and order >= 2 else ["midpoint"]
+            variants = ["bh1", "bh2"] if kind == "unipc" else ["bh1"]
+            correctors = [True, False] if kind == "unipc" else [True]
+            for st, var, corr, lof in itertools.product(types, variants, correctors, [True, False]):
+                yield SolverSpec(kind, order, lof, st, var, corr)
+
+
+def _grid(schedule, n, seed):
+    """A random strictly decreasing grid from t_max to t_min."""
+    g = torch.Generator().manual_seed(seed)
+    inner = torch.rand(n - 1, generator=g, dtype=torch.float64).sort(descending=True).values
+    u = torch.cat([torch.ones(1, dtype=torch.float64), 0.05 + 0.9 * inner, torch.zeros(1, dtype=torch.float64)])
+    return schedule.t_min + (schedule.t_max - schedule.t_min) * u
+
+
+def _dense_jacobian(jac, n_t):
+    n = jac.shape[0]
+    dense = torch.zeros(n, 2, 5, n_t, dtype=jac.dtype)
+    for i in range(1, n + 1):
+        for j in range(4):
+            if i - 3 + j >= 0:
+                dense[i - 1, :, :, i - 3 + j] = jac[i - 1, :, :, j]
+            else:
+                assert torch.all(jac[i - 1, :, :, j] == 0)
+    return dense
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: s.name)
+def test_coefficient_table_and_jacobian_match_reference(schedule):
+    kind_id, (p0, p1) = schedule.native_spec()
+    for case, spec in enumerate(_specs()):
+        t = _grid(schedule, 6, seed=case)
+        ref_fn = lambda tt: coefficient_table_reference(schedule, tt, spec)  # noqa: E731
+        ref = ref_fn(t)
+        table, jac = C.coefficient_table(t, kind_id, p0, p1, SOLVER_IDS[spec.kind], spec.order,
+                                         spec.lower_order_final, spec.solver_type == "heun", spec.variant == "bh2",
+                                         spec.has_corrector)
+        assert table.shape == (6, 2, 5) and jac.shape == (6, 2, 5, 4)
+        # elementwise 1e-12 relative to the row's magnitude (entries can be cancellation-small)
+        row_scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+        assert float(((table - ref).abs() / row_scale).max()) < 1e-12, spec
+        assert torch.equal(table == 0, ref == 0), spec  # zero layout is identical
+        jref = torch.autograd.functional.jacobian(ref_fn, t, vectorize=True)
+        jscale = jref.abs().amax((-1, -2), keepdim=True).clamp_min(1e-300)
+        err = float(((_dense_jacobian(jac, t.numel()) - jref).abs() / jscale).max())
+        assert err < 1e-10, (spec, err)
+
+
+def test_coefficient_table_gradcheck_and_fused_entry():
+    for schedule, spec in [(S.VPLinear(), SolverSpec("unipc", 3, variant="bh2")), (S.EDM(), SolverSpec("dpmpp", 3)),
+                           (S.FlowMatching(), SolverSpec("ipndm", 4)), (S.VPCosine(), SolverSpec("dpmpp", 2, solver_type="heun"))]:
+        t = _grid(schedule, 7, seed=1).requires_grad_()
+        assert torch.autograd.gradcheck(lambda tt: fused.coefficient_table(schedule, tt, spec), (t,))
+        torch.testing.assert_close(ops.coefficient_table(schedule, t, spec, backend="fused"),
+                                   coefficient_table_reference(schedule, t, spec), rtol=1e-12, atol=1e-13)
+
+
+def test_coefficient_table_short_grids():
+    for n in (1, 2, 3):
+        for spec in (SolverSpec("dpmpp", 3), SolverSpec("unipc", 3), SolverSpec("ipndm", 4)):
+            t = _grid(S.EDM(), n, seed=n).requires_grad_()
+            out = fused.coefficient_table(S.EDM(), t, spec)
+            ref = coefficient_table_reference(S.EDM(), t, spec)
+            torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+            g = torch.randn_like(out)
+            (gf,) = torch.autograd.grad(out, t, g)
+            (gr,) = torch.autograd.grad(ref, t, g)
+            torch.testing.assert_close(gf, gr, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(2, 3)
+    c = torch.ones(3, dtype=torch.float64)
+    h = [torch.randn(2, 3), torch.randn(2, 3)]
+    with pytest.raises(ValueError, match=r"history\[1\] has shape"):
+        fused.multistep_update(x, c, [h[0], torch.randn(3, 2)])
+    with pytest.raises(TypeError, match=r"history\[0\] has dtype"):
+        fused.multistep_update(x, c, [h[0].double(), h[1]])
+    with pytest.raises(ValueError, match="at most 4"):
+        fused.multistep_update(x, torch.ones(5, dtype=torch.float64), [x] * 5)
+    with pytest.raises(ValueError, match="coef"):
+        fused.multistep_update(x, torch.ones(2, dtype=torch.float64), h)
+    with pytest.raises(ValueError, match="coef"):
+        fused.multistep_update(x, torch.ones(1, 3, dtype=torch.float64), h)
+    with pytest.raises(TypeError, match="x must be float"):
+        fused.multistep_update(torch.ones(2, 3, dtype=torch.int64), c, [])
+    with pytest.raises(TypeError, match="coef"):
+        fused.multistep_update(x, torch.ones(3, dtype=torch.int64), h)
+    with pytest.raises(ValueError, match="coef is on meta"):
+        fused.multistep_update(x, c.to("meta"), h)
+    with pytest.raises(ValueError, match=r"history\[0\] is on meta"):
+        fused.multistep_update(x, c, [h[0].to("meta"), h[1]])
+    # the C++ layer checks too (no crash when called directly)
+    with pytest.raises(RuntimeError, match=r"history\[1\] has shape"):
+        C.multistep_update(x, c, [h[0], torch.randn(6)])
+    with pytest.raises(RuntimeError, match="coef must be float64"):
+        C.multistep_update(x, c.float(), h)
+    with pytest.raises(RuntimeError, match="x must be float16"):
+        C.multistep_update(x.int(), c, [])
+    with pytest.raises(RuntimeError, match="at most 4"):
+        C.multistep_update(x, torch.ones(5, dtype=torch.float64), [x] * 5)
+    with pytest.raises(RuntimeError, match="timesteps"):
+        C.coefficient_table(torch.ones(1, dtype=torch.float64), 0, 0.0, 0.0, 1, 1, True, False, False, False)
+    with pytest.raises(RuntimeError, match="order"):
+        C.coefficient_table(torch.ones(4, dtype=torch.float64), 0, 0.0, 0.0, 1, 4, True, False, False, False)
+    with pytest.raises(ValueError, match="native"):
+        fused.coefficient_table(S.VPDiscrete.linear(num_train_timesteps=20), torch.linspace(1, 0.1, 4), SolverSpec("dpmpp", 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration
+# ---------------------------------------------------------------------------------------------
+def test_opcheck():
+    x, coef, hist = _inputs(torch.float32, 3, shape=(2, 9))
+    x.requires_grad_()
+    torch.library.opcheck(torch.ops.ld3_ext.multistep_update.default, (x, coef.requires_grad_(), hist))
+    torch.library.opcheck(torch.ops.ld3_ext.multistep_update_backward.default, (torch.randn(2, 9), x.detach(), coef.detach(), hist))
+    t = _grid(S.VPLinear(), 5, seed=0).requires_grad_()
+    torch.library.opcheck(torch.ops.ld3_ext.coefficient_table.default,
+                          (t, 1, 0.1, 20.0, SOLVER_IDS["unipc"], 3, True, False, True, True))
+
+
+def test_torch_compile_fullgraph_smoke():
+    schedule, spec = S.VPLinear(), SolverSpec("dpmpp", 2)
+
+    def step(x, m0, m1, t):
+        table = fused.coefficient_table(schedule, t, spec)
+        y = fused.multistep_update(x, table[1, 0, :3], [m0, m1])
+        return fused.multistep_update(y, table[2, 0, :3], [m0, y])
+
+    x, _, (m0, m1) = _inputs(torch.float32, 2, shape=(2, 3, 8, 8))
+    t = _grid(schedule, 4, seed=0)
+    t_e, t_c = t.clone().requires_grad_(), t.clone().requires_grad_()
+    start = time.time()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    y_c = compiled(x, m0, m1, t_c)
+    y_e = step(x, m0, m1, t_e)
+    torch.testing.assert_close(y_c, y_e, rtol=0, atol=0)
+    y_c.sum().backward()
+    y_e.sum().backward()
+    torch.testing.assert_close(t_c.grad, t_e.grad, rtol=1e-12, atol=1e-12)
+    assert time.time() - start < 60

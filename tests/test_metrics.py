@@ -1,0 +1,75 @@
+"""digits-FD, the classifier behind it, and teacher_rmse."""
+import numpy as np
+import pytest
+import torch
+
+from ld3_ext.metrics import digits_fd, frechet_distance, gaussian_stats, teacher_rmse
+from ld3_ext.models.digits import real_digits
+from ld3_ext.models.digits_classifier import classifier_sha256, digits_split, load_digits_classifier
+
+
+def test_classifier_heldout_accuracy():
+    net = load_digits_classifier()
+    assert not any(p.requires_grad for p in net.parameters()) and not net.training
+    _, _, xte, yte = digits_split(seed=0)
+    with torch.no_grad():
+        acc = float((net(xte).argmax(1) == yte).float().mean())
+    assert xte.shape[0] == 449
+    assert acc >= 0.95, acc
+    assert len(classifier_sha256()) == 64
+
+
+def test_frechet_distance_closed_form():
+    # diagonal Gaussians: FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([4.0, 1.0, 1.0])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    assert got == pytest.approx(want, rel=1e-10)
+    assert frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_digits_fd_real_vs_itself_and_symmetry():
+    real = real_digits()
+    assert digits_fd(real, reference=real) == pytest.approx(0.0, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(real.shape[0], generator=g)
+    a, b = real[perm[:600]], real[perm[600:1200]]
+    ab, ba = digits_fd(a, reference=b), digits_fd(b, reference=a)
+    assert ab == pytest.approx(ba, rel=1e-6)  # the Fréchet distance is symmetric
+    noise = torch.rand(600, 1, 8, 8, generator=g) * 2 - 1
+    assert ab < 0.05 * digits_fd(noise, reference=b)
+    # against the cached full-set statistics: disjoint halves of real digits are close
+    assert digits_fd(a) < 15.0
+    # [B, 64] input is accepted as well
+    assert digits_fd(a.reshape(600, 64)) == pytest.approx(digits_fd(a), rel=1e-9)
+
+
+@pytest.mark.parametrize("bad, exc", [
+    (np.zeros((4, 1, 8, 8)), TypeError),                 # not a tensor
+    (torch.zeros(4, 1, 8, 8, dtype=torch.int64), TypeError),
+    (torch.zeros(4, 3, 8, 8), ValueError),               # wrong shape
+    (torch.zeros(4, 1, 16, 16), ValueError),
+    (torch.zeros(1, 1, 8, 8), ValueError),               # one sample: no covariance
+    (torch.full((4, 1, 8, 8), float("nan")), ValueError),
+])
+def test_digits_fd_rejects_bad_input(bad, exc):
+    with pytest.raises(exc):
+        digits_fd(bad)
+
+
+def test_teacher_rmse():
+    target = torch.zeros(3, 1, 2, 2)
+    pred = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2), torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])])
+    r = teacher_rmse(pred, target)
+    assert r.dtype == torch.float64 and r.shape == (3,)
+    assert torch.allclose(r, torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError):
+        teacher_rmse(pred, torch.zeros(3, 4))
+    with pytest.raises(TypeError):
+        teacher_rmse(pred.numpy(), target)
+
+
+def test_gaussian_stats_float64():
+    mu, cov = gaussian_stats(torch.randn(10, 3))
+    assert mu.dtype == np.float64 and cov.shape == (3, 3)

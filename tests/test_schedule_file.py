@@ -1,0 +1,180 @@
+"""Schedule files: round trip, corruption/tampering detection, atomic writes, exports."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from ld3_ext import EDM, VPDiscrete, discretizations, testbeds
+from ld3_ext.atomic_io import atomic_write_json, read_json_checked
+from ld3_ext.schedule_file import LearnedSchedule, ScheduleFileError, load_schedule
+from ld3_ext.solvers import DPMSolverPP, Heun
+
+
+def _sched(schedule=None, n=5, solver=None):
+    schedule = schedule or EDM()
+    solver = solver or DPMSolverPP(3, backend="reference")
+    t = discretizations.edm(schedule, n)
+    lam = schedule.lambda_(t)
+    lam_m = lam.clone()
+    lam_m[1:-1] += 0.01 * torch.arange(1, n, dtype=torch.float64)
+    tm = schedule.inverse_lambda(lam_m)
+    tm[0], tm[-1] = t[0], t[-1]
+    return LearnedSchedule(t, tm, solver_config=solver.config(), nfe=solver.nfe(n), schedule_config=schedule.config(),
+                           guidance_scale=None, model={"name": "m", "weights_hash": "ab" * 32, "hash_source": "name"},
+                           time_mode="lambda", decoupled=True, training={"lr_xi": 0.005, "init": "logsnr"},
+                           metrics={"valid_loss_best": 0.0123})
+
+
+def test_round_trip_is_exact(tmp_path):
+    s = _sched()
+    path = s.save(str(tmp_path / "s.json"))
+    r = load_schedule(path)
+    assert torch.equal(r.timesteps, s.timesteps) and torch.equal(r.model_timesteps, s.model_timesteps)
+    assert r.timesteps.dtype == torch.float64
+    assert r.metadata == s.metadata
+    md = r.metadata
+    assert md["nfe"] == 5 and md["solver"]["name"] == "dpmpp" and md["schedule"]["type"] == "EDM"
+    assert md["model"]["weights_hash"] == "ab" * 32 and md["training"]["lr_xi"] == 0.005
+    assert md["library_version"] and md["metrics"]["valid_loss_best"] == 0.0123
+    doc = json.load(open(path))
+    assert doc["format"] == "ld3_ext.schedule" and doc["version"] == 1 and doc["checksum"].startswith("sha256:")
+
+
+def test_sampling_uses_both_grids(tmp_path):
+    mix = testbeds.ring2d()
+    sch = EDM()
+    model = mix.model(sch)
+    s = load_schedule(_sched(sch).save(str(tmp_path / "s.json")))
+    x = mix.prior_noise(sch, 3, generator=torch.Generator().manual_seed(0))
+    solver = s.solver(backend="reference")
+    want = solver.sample(model, x, s.timesteps, model_timesteps=s.model_timesteps)
+    torch.testing.assert_close(s.sample(model, x, solver=solver), want, rtol=0, atol=0)
+
+
+def _rewrite(path, fn, fix_checksum):
+    doc = json.load(open(path))
+    fn(doc)
+    if fix_checksum:
+        atomic_write_json(path, doc)
+    else:
+        json.dump(doc, open(path, "w"))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("truncated", "truncated|not valid JSON"),
+    ("empty", "empty"),
+    ("garbage", "not valid JSON"),
+    ("tampered", "checksum"),
+    ("no_checksum", "no checksum"),
+    ("non_monotone", "strictly decreasing"),
+    ("length", "needs 6 timesteps"),
+    ("newer", "newer"),
+    ("format", "not an ld3_ext schedule"),
+    ("endpoint", "t_max"),
+    ("nfe", "does not match"),
+])
+def test_corrupt_files_are_detected(tmp_path, case, match):
+    path = _sched().save(str(tmp_path / "s.json"))
+    raw = open(path, "rb").read()
+    if case == "truncated":
+        open(path, "wb").write(raw[: len(raw) // 2])
+    elif case == "empty":
+        open(path, "wb").write(b"")
+    elif case == "garbage":
+        open(path, "wb").write(b"\x00\xff" * 40)
+    elif case == "tampered":
+        _rewrite(path, lambda d: d["timesteps"].__setitem__(2, d["timesteps"][2] * 1.001), fix_checksum=False)
+    elif case == "no_checksum":
+        _rewrite(path, lambda d: d.pop("checksum"), fix_checksum=False)
+    elif case == "non_monotone":
+        _rewrite(path, lambda d: d["timesteps"].__setitem__(2, d["timesteps"][1] * 2), fix_checksum=True)
+    elif case == "length":
+        _rewrite(path, lambda d: d["model_timesteps"].pop(2), fix_checksum=True)
+    elif case == "newer":
+        _rewrite(path, lambda d: d.__setitem__("version", 99), fix_checksum=True)
+    elif case == "format":
+        _rewrite(path, lambda d: d.__setitem__("format", "something"), fix_checksum=True)
+    elif case == "endpoint":
+        _rewrite(path, lambda d: d["timesteps"].__setitem__(0, 70.0), fix_checksum=True)
+    elif case == "nfe":
+        _rewrite(path, lambda d: d.__setitem__("nfe", 7), fix_checksum=True)
+    with pytest.raises(ScheduleFileError, match=match):
+        load_schedule(path)
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_schedule(str(tmp_path / "nope.json"))
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "s.json")
+    old = _sched()
+    old.save(path)
+    before = open(path, "rb").read()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    new = _sched(n=6)
+    with pytest.raises(OSError, match="disk full"):
+        new.save(path)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    assert [f for f in os.listdir(tmp_path) if f != "s.json"] == []  # no temp files left behind
+    load_schedule(path)
+
+
+def test_exports_edm():
+    s = _sched(EDM(), n=5)
+    kd = s.to_k_diffusion()
+    torch.testing.assert_close(kd, s.timesteps)  # EDM: sigma = t
+    assert kd.dtype == torch.float64 and bool((kd[1:] < kd[:-1]).all())
+    kz = s.to_k_diffusion(append_zero=True)
+    assert kz.shape == (7,) and kz[-1] == 0.0
+    d = s.to_diffusers()
+    assert len(d["sigmas"]) == 6 and d["sigmas"][-1] == pytest.approx(0.002)
+    assert d["timestep_units"] == "t" and d["decoupled"] is True and d["num_inference_steps"] == 5
+    assert d["final_sigmas_type"] == "sigma_min"
+
+
+def test_exports_vp_discrete_index_units():
+    sch = VPDiscrete.linear()
+    s = _sched(sch, n=4)
+    d = s.to_diffusers()
+    assert d["timestep_units"] == "index"
+    torch.testing.assert_close(torch.tensor(d["timesteps"], dtype=torch.float64), s.timesteps * 1000 - 1)
+    assert d["timesteps"][0] == pytest.approx(999.0) and d["timesteps"][-1] == pytest.approx(0.0, abs=1e-9)
+    sig = torch.tensor(d["sigmas"], dtype=torch.float64)
+    ac = sch.alphas_cumprod
+    assert float(sig[0]) == pytest.approx(float(((1 - ac[-1]) / ac[-1]).sqrt()), rel=1e-9)
+    assert float(sig[-1]) == pytest.approx(float(((1 - ac[0]) / ac[0]).sqrt()), rel=1e-9)  # diffusers' sigma_min
+    assert bool((sig[1:] < sig[:-1]).all())
+
+
+def test_heun_nfe_is_checked(tmp_path):
+    s = _sched(solver=Heun(backend="reference"), n=3)
+    assert s.nfe == 6
+    load_schedule(s.save(str(tmp_path / "h.json")))
+
+
+def test_constructor_rejects_bad_grids():
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        LearnedSchedule([1.0, 2.0], solver_config={"name": "euler"}, nfe=1, schedule_config=EDM().config())
+    with pytest.raises(ValueError, match="same length"):
+        LearnedSchedule([2.0, 1.0], [2.0, 1.5, 1.0], solver_config={"name": "euler"}, nfe=1,
+                        schedule_config=EDM().config())
+
+
+def test_read_json_checked_detects_edits(tmp_path):
+    p = str(tmp_path / "x.json")
+    atomic_write_json(p, {"a": 1, "b": [1.5, 2.5]})
+    assert read_json_checked(p)["b"] == [1.5, 2.5]
+    txt = open(p).read().replace("2.5", "2.6")
+    open(p, "w").write(txt)
+    with pytest.raises(ValueError, match="checksum"):
+        read_json_checked(p)

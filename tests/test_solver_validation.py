@@ -1,0 +1,195 @@
+"""Bad input must fail early with an exception that names the offending argument."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ld3_ext
+from ld3_ext import ModelOutputError
+from ld3_ext import discretizations as D
+from conftest import smooth_mixture
+
+ALL_SOLVERS = {
+    "euler": lambda: ld3_ext.Euler(backend="reference"),
+    "heun": lambda: ld3_ext.Heun(backend="reference"),
+    "dpmpp": lambda: ld3_ext.DPMSolverPP(3, backend="reference"),
+    "unipc": lambda: ld3_ext.UniPC(3, backend="reference"),
+    "ipndm": lambda: ld3_ext.IPNDM(4, backend="reference"),
+}
+
+
+@pytest.fixture
+def setup():
+    sched = ld3_ext.EDM()
+    gm = smooth_mixture()
+    return sched, gm.model(sched), gm.prior_noise(sched, 3, generator=torch.Generator().manual_seed(0))
+
+
+def grid(sched, n=5):
+    return D.logsnr_uniform(sched, n)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_SOLVERS))
+class TestTimesteps:
+    def test_not_1d(self, setup, name):
+        sched, model, x = setup
+        with pytest.raises(ValueError, match=r"timesteps: must be 1-D"):
+            ALL_SOLVERS[name]().sample(model, x, grid(sched).reshape(2, 3))
+
+    def test_not_a_tensor(self, setup, name):
+        sched, model, x = setup
+        with pytest.raises(TypeError, match=r"timesteps must be a 1-D torch.Tensor"):
+            ALL_SOLVERS[name]().sample(model, x, grid(sched).tolist())
+
+    def test_integer_dtype(self, setup, name):
+        sched, model, x = setup
+        with pytest.raises(ValueError, match=r"timesteps: must be a floating tensor"):
+            ALL_SOLVERS[name]().sample(model, x, torch.tensor([80, 40, 10, 1]))
+
+    @pytest.mark.parametrize("bad", ["increasing", "repeated"])
+    def test_not_strictly_decreasing(self, setup, name, bad):
+        sched, model, x = setup
+        t = grid(sched)
+        t = t.flip(0) if bad == "increasing" else torch.cat([t[:3], t[2:]])
+        with pytest.raises(ValueError, match=r"timesteps: must be strictly decreasing"):
+            ALL_SOLVERS[name]().sample(model, x, t)
+
+    @pytest.mark.parametrize("where", ["above", "below"])
+    def test_outside_schedule_range(self, setup, name, where):
+        sched, model, x = setup
+        t = grid(sched).clone()
+        if where == "above":
+            t[0] = 81.0
+        else:
+            t[-1] = 0.001
+        with pytest.raises(ValueError, match=r"timesteps: must lie in the schedule's range"):
+            ALL_SOLVERS[name]().sample(model, x, t)
+
+    @pytest.mark.parametrize("n", [0, 1])
+    def test_too_short(self, setup, name, n):
+        sched, model, x = setup
+        with pytest.raises(ValueError, match=r"timesteps: needs at least 2 entries"):
+            ALL_SOLVERS[name]().sample(model, x, torch.full((n,), 80.0, dtype=torch.float64))
+
+    @pytest.mark.parametrize("bad", [math.nan, math.inf])
+    def test_nan_inf(self, setup, name, bad):
+        sched, model, x = setup
+        t = grid(sched).clone()
+        t[2] = bad
+        with pytest.raises(ValueError, match=r"timesteps: contains NaN or Inf"):
+            ALL_SOLVERS[name]().sample(model, x, t)
+
+    def test_model_timesteps_wrong_length(self, setup, name):
+        sched, model, x = setup
+        t = grid(sched)
+        with pytest.raises(ValueError, match=r"model_timesteps: must have the same length as timesteps"):
+            ALL_SOLVERS[name]().sample(model, x, t, t[:-1])
+
+    def test_model_timesteps_nan(self, setup, name):
+        sched, model, x = setup
+        t = grid(sched)
+        tm = t.clone()
+        tm[1] = math.nan
+        with pytest.raises(ValueError, match=r"model_timesteps: contains NaN or Inf"):
+            ALL_SOLVERS[name]().sample(model, x, t, tm)
+
+    def test_model_timesteps_out_of_range(self, setup, name):
+        sched, model, x = setup
+        t = grid(sched)
+        tm = t.clone()
+        tm[1] = 200.0
+        with pytest.raises(ValueError, match=r"model_timesteps: must lie in the schedule's range"):
+            ALL_SOLVERS[name]().sample(model, x, t, tm)
+
+    def test_devices_differ(self, setup, name):
+        """x_T on another device than timesteps ("meta" stands in for an accelerator)."""
+        sched, model, x = setup
+        t = grid(sched)
+        with pytest.raises(ValueError, match=r"timesteps: is on cpu but x_T is on meta"):
+            ALL_SOLVERS[name]().sample(model, x.to("meta"), t)
+        with pytest.raises(ValueError, match=r"timesteps: is on meta but x_T is on cpu"):
+            ALL_SOLVERS[name]().sample(model, x, t.to("meta"))
+        with pytest.raises(ValueError, match=r"model_timesteps: is on meta but timesteps is on cpu"):
+            ALL_SOLVERS[name]().sample(model, x, t, t.to("meta"))
+
+    def test_integer_x_T(self, setup, name):
+        sched, model, x = setup
+        with pytest.raises(TypeError, match=r"x_T must be a floating torch.Tensor"):
+            ALL_SOLVERS[name]().sample(model, x.long(), grid(sched))
+
+    def test_empty_batch(self, setup, name):
+        sched, model, x = setup
+        with pytest.raises(ValueError, match=r"x_T must have a non-empty batch dimension"):
+            ALL_SOLVERS[name]().sample(model, x[:0], grid(sched))
+
+    def test_unwrapped_model(self, setup, name):
+        sched, model, x = setup
+        with pytest.raises(TypeError, match=r"model must be a DiffusionModel"):
+            ALL_SOLVERS[name]().sample(model.fn, x, grid(sched))
+
+    def test_model_wrong_shape_names_step(self, setup, name):
+        sched, model, x = setup
+        wrapped = ld3_ext.wrap_model(lambda xx, tt: model.fn(xx, tt)[:, :1], sched, prediction="x0", time_input="t")
+        with pytest.raises(ModelOutputError, match=r"shape \(3, 1\) at step 0 .*expected the input's shape \(3, 2\)"):
+            ALL_SOLVERS[name]().sample(wrapped, x, grid(sched))
+
+    def test_model_nan_names_step(self, setup, name):
+        sched, model, x = setup
+        calls = []
+
+        def fn(xx, tt):
+            calls.append(1)
+            out = model.fn(xx, tt)
+            return out * math.nan if len(calls) == 3 else out
+
+        wrapped = ld3_ext.wrap_model(fn, sched, prediction="x0", time_input="t")
+        with pytest.raises(ModelOutputError, match=r"NaN/Inf at step 2 \(t="):
+            ALL_SOLVERS[name]().sample(wrapped, x, grid(sched))
+
+    def test_model_returns_non_tensor(self, setup, name):
+        sched, model, x = setup
+        wrapped = ld3_ext.wrap_model(lambda xx, tt: xx.tolist(), sched, prediction="x0", time_input="t")
+        with pytest.raises(ModelOutputError, match=r"model returned list at step 0, expected a tensor"):
+            ALL_SOLVERS[name]().sample(wrapped, x, grid(sched))
+
+
+@pytest.mark.parametrize("cls,max_order", [(ld3_ext.DPMSolverPP, 3), (ld3_ext.UniPC, 3), (ld3_ext.IPNDM, 4)])
+def test_order_out_of_range(cls, max_order):
+    for bad in (0, -1, max_order + 1):
+        with pytest.raises(ValueError, match=rf"order must be in 1..{max_order} for {cls.__name__}, got {bad}"):
+            cls(order=bad)
+    with pytest.raises(TypeError, match=r"order must be an int, got float"):
+        cls(order=2.0)
+    with pytest.raises(TypeError, match=r"order must be an int, got bool"):
+        cls(order=True)
+    with pytest.raises(ValueError, match=r"order must be in 1\.\.\d+ for"):
+        ld3_ext.make_solver(cls.name, order=max_order + 1)
+
+
+def test_other_constructor_arguments():
+    with pytest.raises(ValueError, match=r"solver_type must be 'midpoint' or 'heun'"):
+        ld3_ext.DPMSolverPP(2, solver_type="taylor")
+    with pytest.raises(ValueError, match=r"variant must be 'bh1' or 'bh2'"):
+        ld3_ext.UniPC(2, variant="bh3")
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        ld3_ext.UniPC(2, backend="cuda")
+    with pytest.raises(ValueError, match=r"solver must be one of"):
+        ld3_ext.make_solver("ddim")
+    with pytest.raises(ValueError, match=r"solver config must name one of"):
+        ld3_ext.solver_from_config({"name": "nope"})
+
+
+def test_solver_config_round_trip():
+    for s in (ld3_ext.DPMSolverPP(2, solver_type="heun", lower_order_final=False), ld3_ext.UniPC(3, variant="bh2"),
+              ld3_ext.IPNDM(4), ld3_ext.Euler(), ld3_ext.Heun()):
+        s2 = ld3_ext.solver_from_config(s.config())
+        assert type(s2) is type(s) and s2.config() == s.config()
+
+
+def test_guidance_without_conditions(setup):
+    sched, model, x = setup
+    g = ld3_ext.wrap_model(lambda xx, tt, cond: xx, sched, prediction="x0", guidance_scale=3.0)
+    with pytest.raises(ValueError, match=r"pass both 'cond' and 'uncond'"):
+        ld3_ext.UniPC(backend="reference").sample(g, x, grid(sched), cond=x)

@@ -1,0 +1,204 @@
+"""Teacher generation and its on-disk cache: reuse, mismatch, resume, size limit, integrity."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ld3_ext import EDM, testbeds, wrap_model
+from ld3_ext.atomic_io import atomic_save_safetensors, load_safetensors_checked, CorruptFileError
+from ld3_ext.solvers import DPMSolverPP
+from ld3_ext.training import (LD3Trainer, TeacherCacheError, TeacherCacheMismatch, TeacherCacheTooLarge,
+                              generate_teacher_data, make_teacher, model_identity)
+from ld3_ext.training.teacher import TeacherConfig, load_or_generate_teacher
+
+
+@pytest.fixture(scope="module")
+def ring():
+    g = testbeds.ring2d()
+    s = EDM()
+    return g, s, g.model(s)
+
+
+class Counting:
+    """A teacher that counts its calls and can fail on a given call."""
+
+    def __init__(self, fn, fail_on=None):
+        self.fn, self.calls, self.fail_on = fn, 0, fail_on
+
+    def __call__(self, x, **kw):
+        self.calls += 1
+        if self.fail_on is not None and self.calls == self.fail_on:
+            raise KeyboardInterrupt("simulated interruption")
+        return self.fn(x, **kw)
+
+
+def _gen(model, teacher_fn, settings, cache, n=10, seed=0, chunk=4, **kw):
+    return generate_teacher_data(model, teacher_fn, settings, n, (2,), seed=seed, dtype=torch.float64,
+                                 batch_size=chunk, cache_dir=cache, identity={"name": "ring", "weights_hash": "x",
+                                                                               "hash_source": "name"},
+                                 progress=False, **kw)
+
+
+def test_default_teacher_is_the_papers(ring):
+    mix, s, model = ring
+    fn, settings = make_teacher(model)
+    assert settings["solver"]["name"] == "unipc" and settings["solver"]["order"] == 3
+    assert settings["solver"]["variant"] == "bh1" and settings["nfe"] == 20 and settings["discretization"] == "logsnr"
+    x = mix.prior_noise(s, 4, generator=torch.Generator().manual_seed(0))
+    exact = mix.reference_solution(s, x)
+    assert float((fn(x) - exact).abs().max()) < 5e-2
+    fn2, settings2 = make_teacher(model, "exact", reference=mix)
+    torch.testing.assert_close(fn2(x), exact)
+    with pytest.raises(ValueError, match="reference"):
+        make_teacher(model, "exact")
+
+
+def test_cache_is_reused_and_bitwise_identical(ring, tmp_path):
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+    t1 = Counting(fn)
+    a = _gen(model, t1, settings, str(tmp_path))
+    assert t1.calls == 3
+    t2 = Counting(fn)
+    b = _gen(model, t2, settings, str(tmp_path))
+    assert t2.calls == 0
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    assert a["noise"].shape == (10, 2) and abs(float(a["noise"].std()) - 1) < 0.5  # unit-variance noise stored
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["chunk_00000.safetensors", "chunk_00001.safetensors", "chunk_00002.safetensors", "meta.json"]
+    for f in files[:-1]:
+        assert open(tmp_path / f, "rb").read(8) != b"\x80\x04\x95"[:3] + b"\x00" * 5  # not a pickle
+        load_safetensors_checked(str(tmp_path / f))
+
+
+@pytest.mark.parametrize("change", ["seed", "teacher", "n", "model"])
+def test_mismatching_cache_is_refused_then_regenerated(ring, tmp_path, change):
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+    _gen(model, fn, settings, str(tmp_path))
+    kw = dict(n=10, seed=0)
+    other_settings = settings
+    ident = None
+    if change == "seed":
+        kw["seed"] = 1
+    elif change == "n":
+        kw["n"] = 12
+    elif change == "teacher":
+        fn, other_settings = make_teacher(model, "solver", solver=DPMSolverPP(3, backend="reference"), nfe=10)
+    before = {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)}
+    if change == "model":
+        with pytest.raises(TeacherCacheMismatch, match="model.weights_hash"):
+            generate_teacher_data(model, fn, settings, 10, (2,), dtype=torch.float64, batch_size=4,
+                                  cache_dir=str(tmp_path), identity={"name": "ring", "weights_hash": "y",
+                                                                     "hash_source": "name"}, progress=False)
+    else:
+        with pytest.raises(TeacherCacheMismatch, match="different settings"):
+            _gen(model, fn, other_settings, str(tmp_path), **kw)
+    # nothing already saved was touched
+    assert {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)} == before
+    if change != "model":
+        out = _gen(model, fn, other_settings, str(tmp_path), regenerate=True, **kw)
+        assert out["noise"].shape[0] == kw["n"]
+
+
+def test_weights_hash_distinguishes_modules():
+    net = torch.nn.Linear(2, 2)
+    a = model_identity(net)
+    with torch.no_grad():
+        net.weight[0, 0] += 1e-3
+    b = model_identity(net)
+    assert a["hash_source"] == "state_dict" and a["weights_hash"] != b["weights_hash"]
+    with pytest.warns(UserWarning, match="model_name"):
+        c = model_identity(wrap_model(lambda x, t: x, EDM()))
+    assert c["hash_source"] == "name"
+    assert model_identity(wrap_model(lambda x, t: x, EDM()), "my-net@v1")["name"] == "my-net@v1"
+
+
+def test_interrupted_generation_resumes(ring, tmp_path):
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+    full = _gen(model, fn, settings, str(tmp_path / "full"))
+    t1 = Counting(fn, fail_on=3)
+    with pytest.raises(KeyboardInterrupt):
+        _gen(model, t1, settings, str(tmp_path / "b"))
+    assert sorted(f for f in os.listdir(tmp_path / "b") if f.startswith("chunk")) == \
+        ["chunk_00000.safetensors", "chunk_00001.safetensors"]
+    assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
+    t2 = Counting(fn)
+    resumed = _gen(model, t2, settings, str(tmp_path / "b"))
+    assert t2.calls == 1
+    for k in full:
+        assert torch.equal(full[k], resumed[k])
+
+
+def test_size_limit(ring, tmp_path):
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+    with pytest.raises(TeacherCacheTooLarge, match="cache_max_bytes"):
+        _gen(model, fn, settings, str(tmp_path / "c"), n=1000, max_bytes=10_000)
+    assert not os.path.exists(tmp_path / "c" / "meta.json")
+    _gen(model, fn, settings, str(tmp_path / "d"), n=10, max_bytes=10_000_000)
+
+
+def test_damaged_chunk_is_regenerated_and_damaged_meta_is_an_error(ring, tmp_path):
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+    full = _gen(model, fn, settings, str(tmp_path))
+    p = tmp_path / "chunk_00001.safetensors"
+    raw = p.read_bytes()
+    p.write_bytes(raw[:-5])
+    t = Counting(fn)
+    with pytest.warns(UserWarning, match="truncated"):
+        again = _gen(model, t, settings, str(tmp_path))
+    assert t.calls == 1 and torch.equal(again["target"], full["target"])
+    m = tmp_path / "meta.json"
+    m.write_text(m.read_text().replace('"seed": 0', '"seed": 7'))
+    with pytest.raises(TeacherCacheError, match="checksum"):
+        _gen(model, fn, settings, str(tmp_path))
+
+
+def test_safetensors_checksum_covers_metadata(tmp_path):
+    p = str(tmp_path / "x.safetensors")
+    atomic_save_safetensors(p, {"a": torch.arange(4.0)}, {"k": "v"})
+    t, m = load_safetensors_checked(p)
+    assert m == {"k": "v"} and torch.equal(t["a"], torch.arange(4.0))
+    raw = open(p, "rb").read().replace(b'\\"v\\"', b'\\"w\\"')
+    open(p, "wb").write(raw)
+    with pytest.raises(CorruptFileError, match="checksum"):
+        load_safetensors_checked(p)
+
+
+def test_trainer_reuses_its_teacher_cache(ring, tmp_path):
+    mix, s, model = ring
+    calls = {"n": 0}
+
+    def ref(x):
+        calls["n"] += 1
+        return mix.reference_solution(s, x)
+
+    kw = dict(teacher="exact", reference=ref, sample_shape=(2,), model_name="ring", n_train=6, n_valid=4,
+              rounds_v1=1, rounds_v2=0, progress=False, teacher_cache=str(tmp_path))
+    r1 = LD3Trainer(model, s, DPMSolverPP(2, backend="reference"), 4, **kw).fit()
+    n1 = calls["n"]
+    assert n1 >= 1
+    r2 = LD3Trainer(model, s, DPMSolverPP(2, backend="reference"), 4, **kw).fit()
+    assert calls["n"] == n1
+    assert torch.equal(r1.timesteps, r2.timesteps)
+    with pytest.raises(TeacherCacheMismatch):
+        LD3Trainer(model, s, DPMSolverPP(2, backend="reference"), 4, **{**kw, "n_valid": 5}).fit()
+
+
+def test_load_or_generate_teacher_api(ring, tmp_path):
+    mix, s, model = ring
+    model.testbed = mix
+    try:
+        data = load_or_generate_teacher(model, s, TeacherConfig(teacher="exact", n_train=4, n_valid=2),
+                                        cache_dir=str(tmp_path), dtype=torch.float64, model_name="ring",
+                                        progress=False)
+    finally:
+        del model.testbed
+    assert data.train_noise.shape == (4, 2) and data.valid_target.shape == (2, 2)
+    torch.testing.assert_close(data.train_target, mix.reference_solution(s, data.train_noise))

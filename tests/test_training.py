@@ -1,0 +1,359 @@
+"""LD3 training: parameterisation, objective, resume, bad input (fast, analytic mixtures)."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from ld3_ext import EDM, VPDiscrete, discretizations, testbeds
+from ld3_ext.schedule_file import load_schedule
+from ld3_ext.solvers import DPMSolverPP, Euler, Heun, IPNDM, UniPC
+from ld3_ext.training import (CheckpointMismatchError, LD3Trainer, LossUnavailableError, NonFiniteLossError,
+                              TimeParameterization, get_loss)
+from ld3_ext.training.losses import LPIPSLoss, per_sample
+
+REF = dict(backend="reference")
+
+
+def _strictly_decreasing(t):
+    return bool((t[1:] < t[:-1]).all())
+
+
+@pytest.fixture(scope="module")
+def ring():
+    g = testbeds.ring2d()
+    s = EDM()
+    return g, s, g.model(s)
+
+
+def _small(model, mix, **kw):
+    args = dict(teacher="exact", reference=mix, sample_shape=mix.event_shape, model_name=mix.name, n_train=8,
+                n_valid=4, rounds_v1=1, rounds_v2=2, batch_size=2, progress=False)
+    args.update(kw)
+    solver = args.pop("solver", DPMSolverPP(2, **REF))
+    nfe = args.pop("nfe", 4)
+    return LD3Trainer(model, None, solver, nfe, **args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the headline: a learned schedule beats logSNR on digits64
+# ----------------------------------------------------------------------------------------------
+def test_learned_schedule_beats_logsnr_on_digits64():
+    mix = testbeds.digits64()
+    s = EDM()
+    model = mix.model(s)
+    solver = DPMSolverPP(3, **REF)
+    t0 = time.perf_counter()
+    learned = LD3Trainer(model, s, solver, 5, teacher="exact", reference=mix, sample_shape=mix.event_shape,
+                         model_name="digits64", progress=False).fit()
+    elapsed = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(1234)  # held-out noises, not the teacher's seed
+    x_T = mix.prior_noise(s, 64, generator=gen)
+    ref = mix.reference_solution(s, x_T)
+
+    def med_rmse(x):
+        return float(((x - ref) ** 2).flatten(1).mean(1).sqrt().median())
+
+    base = med_rmse(solver.sample(model, x_T, discretizations.logsnr_uniform(s, 5)))
+    ours = med_rmse(learned.sample(model, x_T, solver=solver))
+    assert ours <= 0.9 * base, (ours, base)
+    assert elapsed < 30.0, elapsed
+    assert _strictly_decreasing(learned.timesteps)
+    assert learned.metrics["selected_on"] == "hard"
+    assert learned.metrics["valid_loss_best"] < learned.metrics["valid_loss_init"]
+
+
+# ----------------------------------------------------------------------------------------------
+# parameterisation
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["lambda", "time"])
+@pytest.mark.parametrize("init", ["logsnr", "time_uniform", "time_quadratic", "edm", "list"])
+def test_init_reproduces_grid_exactly(mode, init):
+    s = VPDiscrete.linear() if mode == "time" else EDM()
+    n = 6
+    if init == "list":
+        want = discretizations.edm(s, n, rho=3.0)
+        spec = want.tolist()
+    else:
+        want = discretizations.get_discretization(init, s, n)
+        spec = init
+    p = TimeParameterization(s, n, time_mode=mode, init=spec)
+    t, tm = p()
+    assert t.dtype == torch.float64 and t.shape == (n + 1,)
+    torch.testing.assert_close(t, want, rtol=1e-9, atol=1e-12)
+    assert t[0].item() == s.t_max and t[-1].item() == s.t_min
+    assert torch.equal(t, tm)
+
+
+def test_first_logit_is_inert():
+    p = TimeParameterization(EDM(), 5)
+    t, tm = p()
+    (t.sum() + tm.sum()).backward()
+    assert p.xi.grad[0].item() == 0.0
+    assert p.xi.grad[1:].abs().sum() > 0
+
+
+def test_lambda_window_is_half_the_smallest_lambda_gap():
+    s = EDM()
+    p = TimeParameterization(s, 4, init="edm")
+    with torch.no_grad():
+        p.xi_c.fill_(100.0)  # far outside the window: clamped to +m
+    t, tm = p()
+    lam, lam_m = s.lambda_(t), s.lambda_(tm)
+    m = 0.5 * (lam[1:] - lam[:-1]).min()
+    torch.testing.assert_close(lam_m[1:-1] - lam[1:-1], m.expand(3), rtol=1e-9, atol=1e-12)
+    assert tm[0] == t[0] and tm[-1] == t[-1]  # endpoints never move
+
+
+def test_schedule_stays_strictly_monotone_under_huge_steps():
+    s = EDM()
+    p = TimeParameterization(s, 8)
+    opt = torch.optim.SGD(p.parameters(), lr=1e4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        t, tm = p()
+        w = torch.randn(t.shape, generator=g, dtype=torch.float64)
+        loss = (w * torch.log(t)).sum() + (w.flip(0) * torch.log(tm)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            t, tm = p()
+        assert _strictly_decreasing(t), t
+        assert bool((tm[1:] <= tm[:-1]).all())
+        assert tm.min() >= s.t_min and tm.max() <= s.t_max
+
+
+def test_never_non_monotone_during_training_with_large_lr(ring):
+    mix, s, model = ring
+    seen = []
+
+    def cb(tr, info):
+        with torch.no_grad():
+            t, tm = tr.param()
+        seen.append(_strictly_decreasing(t) and bool((tm[1:] <= tm[:-1]).all()))
+
+    res = _small(model, mix, lr_xi=5.0, lr_xi_c=5.0, clip_norm=1e6, callback=cb).fit()
+    assert seen and all(seen)
+    assert _strictly_decreasing(res.timesteps)
+
+
+# ----------------------------------------------------------------------------------------------
+# the objective
+# ----------------------------------------------------------------------------------------------
+def test_relaxed_noise_stays_in_ball_and_hard_loss_is_reported(ring):
+    mix, s, model = ring
+    tr = _small(model, mix, radius=0.05, shift_lr=50.0)
+    res = tr.fit()
+    d = tr._data
+    for key in ("z_train", "z_valid"):
+        dist = (tr.st[key + "_rel"] - d[key]).flatten(1).norm(dim=1)
+        assert float(dist.max()) <= 0.05 * (1 + 1e-9)
+    assert float((tr.st["z_train_rel"] - d["z_train"]).abs().max()) > 0  # some noise moved
+    assert all("valid_hard" in h and "valid_soft" in h for h in tr.history)
+    assert res.metrics["valid_loss_best"] <= res.metrics["valid_loss_init"]
+
+
+def test_default_radius_and_shift_lr(ring):
+    mix, s, model = ring
+    tr = _small(model, mix, nfe=4)
+    tr.fit()
+    assert tr.radius() == pytest.approx(0.001 * 2 / 16)
+    assert tr.settings()["shift_lr"] == pytest.approx(3.0)
+    assert tr.settings()["lr_xi_c"] == pytest.approx(0.1 / 4)
+
+
+def test_fit_with_precomputed_pairs(ring):
+    mix, s, model = ring
+    gen = torch.Generator().manual_seed(5)
+    x = mix.prior_noise(s, 12, generator=gen)
+    y = mix.reference_solution(s, x)
+    tr = LD3Trainer(model, s, IPNDM(3, **REF), 4, rounds_v1=1, rounds_v2=1, model_name="ring", progress=False)
+    res = tr.fit(x, y)  # last pairs held out
+    assert tr._data["z_valid"].shape[0] == 6
+    torch.testing.assert_close(tr._data["z_train"] * s.prior_std(), x[:6])
+    res2 = tr.fit(x[:8], y[:8], valid_noise=x[8:], valid_target=y[8:])
+    for r in (res, res2):
+        assert _strictly_decreasing(r.timesteps) and r.timesteps.dtype == torch.float64
+        assert r.model_timesteps.shape == r.timesteps.shape
+        r.sample(model, x[:2])
+    with pytest.raises(ValueError, match="same number"):
+        tr.fit(x, y[:3])
+
+
+def test_decoder_and_rematerialisation_give_the_same_result(ring):
+    mix, s, model = ring
+    a = torch.tensor([[1.5, 0.2], [-0.3, 0.7]], dtype=torch.float64)
+
+    def decoder(x):
+        return torch.tanh(x @ a)
+
+    r1 = _small(model, mix, decoder=decoder, checkpoint_model=False).fit()
+    r2 = _small(model, mix, decoder=decoder, checkpoint_model=True).fit()
+    torch.testing.assert_close(r1.timesteps, r2.timesteps, rtol=1e-12, atol=0)
+    torch.testing.assert_close(r1.model_timesteps, r2.model_timesteps, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("solver", [UniPC(3, variant="bh1", **REF), Euler(**REF), Heun(**REF)])
+def test_other_solvers_and_time_mode(ring, solver):
+    mix, s, model = ring
+    nfe = 6 if isinstance(solver, Heun) else 4
+    res = _small(model, mix, solver=solver, nfe=nfe, time_mode="time", init="time_uniform", rounds_v2=1).fit()
+    assert res.nfe == nfe and res.num_steps == solver.steps_for_nfe(nfe)
+    assert _strictly_decreasing(res.timesteps)
+
+
+# ----------------------------------------------------------------------------------------------
+# resume
+# ----------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("every", [3, None])
+def test_resume_after_interruption_is_bitwise_identical(ring, tmp_path, every):
+    mix, s, model = ring
+    full = _small(model, mix, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=every).fit()
+
+    def boom(tr, info):
+        if info["iteration"] == 10:  # mid round 3 (4 iterations per round)
+            raise _Stop()
+
+    with pytest.raises(_Stop):
+        _small(model, mix, checkpoint_dir=str(tmp_path / "b"), checkpoint_every=every, callback=boom).fit()
+    resumed_tr = _small(model, mix, checkpoint_dir=str(tmp_path / "b"), checkpoint_every=every)
+    resumed = resumed_tr.fit()
+    assert torch.equal(full.timesteps, resumed.timesteps)
+    assert torch.equal(full.model_timesteps, resumed.model_timesteps)
+    assert full.metrics["valid_loss_best"] == resumed.metrics["valid_loss_best"]
+    assert resumed_tr.history[-1]["iteration"] == 12
+    assert load_schedule(str(tmp_path / "b" / "schedule.json")).timesteps.tolist() == resumed.timesteps.tolist()
+    # a finished checkpoint is reused as it is
+    again = _small(model, mix, checkpoint_dir=str(tmp_path / "b"), checkpoint_every=every).fit()
+    assert torch.equal(again.timesteps, full.timesteps)
+
+
+def test_checkpoint_from_other_settings_is_refused(ring, tmp_path):
+    mix, s, model = ring
+    _small(model, mix, checkpoint_dir=str(tmp_path), rounds_v2=1).fit()
+    with pytest.raises(CheckpointMismatchError, match="lr_xi"):
+        _small(model, mix, checkpoint_dir=str(tmp_path), rounds_v2=1, lr_xi=0.01).fit()
+    _small(model, mix, checkpoint_dir=str(tmp_path), rounds_v2=1, lr_xi=0.01, resume="never").fit()
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------
+def test_nfe_rules(ring):
+    mix, s, model = ring
+    with pytest.raises(ValueError, match="nfe >= 2"):
+        LD3Trainer(model, s, DPMSolverPP(1, **REF), 1, progress=False)
+    with pytest.raises(ValueError, match="warm-up"):
+        LD3Trainer(model, s, DPMSolverPP(3, **REF), 2, progress=False)
+    with pytest.raises(ValueError, match="warm-up"):
+        LD3Trainer(model, s, IPNDM(4, **REF), 3, progress=False)
+    with pytest.raises(ValueError, match="exactly nfe=5"):
+        LD3Trainer(model, s, Heun(**REF), 5, progress=False)
+    with pytest.raises(ValueError, match="single step"):
+        LD3Trainer(model, s, Heun(**REF), 2, progress=False)
+    with pytest.raises(TypeError):
+        LD3Trainer(model, s, DPMSolverPP(2, **REF), 4.0, progress=False)
+    LD3Trainer(model, s, DPMSolverPP(3, **REF), 3, model_name="ring", progress=False)  # orders 1,2,1: allowed
+    LD3Trainer(model, s, DPMSolverPP(2, **REF), 2, model_name="ring", progress=False)
+    with pytest.raises(ValueError, match="differs from the model"):
+        LD3Trainer(model, EDM(0.01, 80.0), DPMSolverPP(2, **REF), 4, progress=False)
+    with pytest.raises(ValueError, match="sample_shape"):
+        LD3Trainer(model, s, DPMSolverPP(2, **REF), 4, model_name="x", progress=False).fit()
+
+
+def test_nan_loss_names_iteration_and_keeps_last_good_schedule(ring, tmp_path):
+    mix, s, model = ring
+    calls = {"n": 0}
+
+    def flaky(pred, target):
+        calls["n"] += 1
+        out = (pred - target).pow(2).flatten(1).mean(1)
+        return out * float("nan") if calls["n"] > 12 else out
+
+    tr = _small(model, mix, loss=flaky, checkpoint_dir=str(tmp_path))
+    with pytest.raises(NonFiniteLossError, match=r"iteration \d+") as ei:
+        tr.fit()
+    err = ei.value
+    assert err.iteration >= 1 and err.schedule is not None
+    assert _strictly_decreasing(err.schedule.timesteps)
+    assert os.path.exists(err.saved_to)
+    assert torch.equal(load_schedule(err.saved_to).timesteps, err.schedule.timesteps)
+
+
+def test_losses():
+    a = torch.zeros(3, 2, 2, dtype=torch.float64)
+    b = torch.ones(3, 2, 2, dtype=torch.float64)
+    assert torch.equal(get_loss("l2")(a, 2 * b), torch.full((3,), 4.0, dtype=torch.float64))
+    assert torch.equal(get_loss("l1")(a, 2 * b), torch.full((3,), 2.0, dtype=torch.float64))
+    ph = get_loss("pseudo_huber")(a, b)
+    c = 0.00054 * 2.0
+    torch.testing.assert_close(ph, torch.full((3,), math.sqrt(4 + c * c) - c, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one value per sample"):
+        per_sample(lambda p, t: (p - t).pow(2).mean(), a, b)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        get_loss("ssim")
+
+
+def test_lpips_unavailable_gives_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips -> ImportError
+    with pytest.raises(LossUnavailableError, match="pip install lpips"):
+        get_loss("lpips")
+
+    fake = types.ModuleType("lpips")
+
+    def offline(**kw):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    fake.LPIPS = offline
+    monkeypatch.setitem(sys.modules, "lpips", fake)
+    with pytest.raises(LossUnavailableError, match=r"vgg16.*TORCH_HOME|TORCH_HOME") as ei:
+        get_loss("lpips")
+    assert "name resolution" in str(ei.value)
+
+
+def test_lpips_with_a_supplied_network():
+    class TinyLPIPS(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, a, b):
+            return (self.w * (a - b).abs()).mean((1, 2, 3), keepdim=True)
+
+    loss = LPIPSLoss(net=TinyLPIPS())
+    out = loss(torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4))
+    assert out.shape == (2,)
+    with pytest.raises(ValueError, match="RGB"):
+        loss(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4))
+
+
+def test_conditioning_with_guidance_is_passed_through(ring):
+    from ld3_ext import wrap_model
+
+    mix, s, base = ring
+    seen = []
+
+    def fn(x, t, cond=None):
+        seen.append(cond.shape[0])
+        return base.fn(x, t) + 0.01 * cond.reshape(-1, 1)
+
+    m = wrap_model(fn, s, prediction="x0", time_input="t", guidance_scale=2.0, name="condring")
+    conds = torch.arange(10, dtype=torch.float64) % 3
+    tr = LD3Trainer(m, s, DPMSolverPP(2, **REF), 4, sample_shape=(2,), n_train=6, n_valid=4, rounds_v1=1,
+                    rounds_v2=1, conditions=conds, uncond=torch.zeros(1, dtype=torch.float64),
+                    teacher_solver=DPMSolverPP(3, **REF), teacher_nfe=10, model_name="condring", progress=False)
+    res = tr.fit()
+    assert torch.equal(tr._data["c_valid"], conds[6:])
+    assert seen and all(b % 2 == 0 for b in seen)  # [uncond; cond] batched together
+    assert res.metrics["valid_loss_best"] < res.metrics["valid_loss_init"]
+    assert res.guidance_scale == 2.0
