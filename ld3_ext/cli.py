@@ -30,6 +30,7 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (diffusers models)")
     if solver_defaults:
         p.add_argument("--solver", default="dpmpp", choices=["dpmpp", "unipc", "ipndm", "euler", "heun"])
         p.add_argument("--order", type=int, default=3)
@@ -96,7 +97,8 @@ def _fmt(x):
 def _load(args):
     from .models import load_model, ModelSpecError
     try:
-        model, schedule = load_model(args.model, device=args.device)
+        model, schedule = load_model(args.model, device=args.device,
+                                     guidance_scale=getattr(args, "guidance_scale", None))
     except ModelSpecError as exc:
         raise SystemExit(f"error: {exc}")
     model_dtype = torch.float64 if getattr(model, "testbed", None) is not None else torch.float32
@@ -251,6 +253,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export_diffusers(args) -> int:
+    from .integrations.diffusers_scheduler import LD3Scheduler
+    if not os.path.exists(args.schedule):
+        raise SystemExit(f"error: schedule file not found: {args.schedule}")
+    cfg = None
+    if args.scheduler_config:
+        path = args.scheduler_config
+        if os.path.isdir(path):
+            path = os.path.join(path, "scheduler_config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+    sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
+    sched.save_pretrained(args.out)
+    print(f"wrote a diffusers scheduler config to {args.out} (load it with LD3Scheduler.from_pretrained)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ld3", description="Learn and use LD3 sampling schedules.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -289,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--variant", default="bh1")
     e.add_argument("--skip-model-baselines", action="store_true", help="skip DMN/GITS")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export-diffusers", help="write an LD3Scheduler config for an unmodified diffusers pipeline")
+    x.add_argument("schedule", help="learned schedule file")
+    x.add_argument("--scheduler-config", default=None, help="the model's diffusers scheduler folder or JSON")
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=cmd_export_diffusers)
     return p
 
 

@@ -11,6 +11,8 @@ are per-sample and stay on the rank that owns them.
 * ``shard_range(n)`` -- this rank's contiguous slice of ``range(n)`` (teacher pairs, cache chunks, batches).
 * ``all_reduce_mean_(tensors, weight=None)`` -- in-place average across ranks (one coalesced all-reduce);
   with ``weight`` (e.g. this rank's sample count) a weighted mean, exact for uneven shards.
+* ``local_part(batch_idx)`` -- this rank's part of a global batch (batch-level data parallelism);
+* ``reduce_scalars([...])`` / ``any_rank(flag)`` -- validation totals and control-flow flags that must agree;
 * ``all_reduce_sum_``, ``all_gather_shards`` (concatenate unequal per-rank shards in rank order),
   ``broadcast_`` (rank 0's values everywhere), ``is_rank0()``, ``barrier()``, ``get_rank()``,
   ``get_world_size()``, ``destroy()``.
@@ -207,6 +209,35 @@ def _scatter_back(ts: List[torch.Tensor], flat: torch.Tensor) -> None:
             off += k
 
 
+def reduce_scalars(values: Sequence[float], op: str = "sum") -> List[float]:
+    """Python floats reduced across ranks ("sum", "max" or "min") in one collective -- e.g. validation
+    ``[loss_total, count]`` so that every rank takes the same best/patience/early-stop decision.  One host sync
+    (a setup/validation-time operation, not for the per-step path)."""
+    vals = [float(v) for v in values]
+    if get_world_size() == 1 or not vals:
+        return vals
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    if op not in ops:
+        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(vals, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=ops[op])
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is true on any rank (control flow that must agree everywhere, e.g. 'a noise moved',
+    'a loss was non-finite')."""
+    return reduce_scalars([1.0 if flag else 0.0], op="max")[0] > 0
+
+
+def local_part(batch_idx, rank: Optional[int] = None, world_size: Optional[int] = None):
+    """This rank's contiguous part of a global batch (a tensor/list of sample indices, identical on all ranks
+    when the shuffling generator is seeded the same): ``batch_idx[shard_range(len(batch_idx))]``."""
+    r = shard_range(len(batch_idx), rank, world_size)
+    return batch_idx[r.start: r.stop]
+
+
 def broadcast_(tensors: Sequence[Optional[torch.Tensor]], src: int = 0) -> None:
     """In-place: every rank gets rank ``src``'s values (e.g. the initial schedule parameters)."""
     ts = _present(tensors)
@@ -241,5 +272,5 @@ def all_gather_shards(shard: torch.Tensor, n: Optional[int] = None) -> torch.Ten
 
 
 __all__ = ["DistInfo", "init_from_env", "destroy", "is_initialized", "get_rank", "get_world_size", "is_rank0",
-           "barrier", "shard_range", "all_reduce_mean_", "all_reduce_sum_", "broadcast_", "all_gather_shards",
-           "ENV_VARS"]
+           "barrier", "shard_range", "local_part", "all_reduce_mean_", "all_reduce_sum_", "reduce_scalars", "any_rank",
+           "broadcast_", "all_gather_shards", "ENV_VARS"]

@@ -13,8 +13,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # make tests/_oracles.py importab
 warnings.filterwarnings("ignore", message=".*native extension ld3_ext._C is not available.*")
 
 import ld3_ext  # noqa: E402
-
-torch.set_num_threads(1)  # tiny tensors: thread hand-off costs far more than it saves on a shared 2-core box
 from ld3_ext.testbeds import GaussianMixture  # noqa: E402
 
 
@@ -53,6 +51,16 @@ class CallCounter:
     def __call__(self, *a, **kw):
         self.calls += 1
         return self.fn(*a, **kw)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for modules of tiny tensors: on a loaded 2-core box thread hand-off makes
+    them ~40x slower.  Opt in with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import ld3_ext
 from ld3_ext import discretizations as D
 from _oracles import load_kdiffusion_sampling
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SCHEDULES = {
     "edm": lambda: ld3_ext.EDM(),
     "vp_linear": lambda: ld3_ext.VPLinear(),

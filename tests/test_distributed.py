@@ -19,6 +19,15 @@ from ld3_ext import distributed as D
 N_EVEN, N_UNEVEN = 8, 7
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors on a shared 2-core box: extra threads only add contention (seconds per test under load)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -79,8 +88,12 @@ def _worker(rank, world, port, out_dir):
         D.broadcast_([b], src=0)
         s = torch.tensor([float(rank + 1)])
         D.all_reduce_sum_([s])
+        scal = D.reduce_scalars([rank + 1.0, 1.0]) + D.reduce_scalars([rank], op="max")
+        anys = [D.any_rank(rank == 1), D.any_rank(False)]
+        part = D.local_part(torch.arange(10, 15))
         torch.save({"g_even": g_even, "xi_even": xi_even, "g_uneven": g_uneven, "xi_uneven": xi_uneven,
-                    "gathered": gathered, "rank0": D.is_rank0(), "bcast": b, "sum": s, "shard": (idx.start, idx.stop)},
+                    "gathered": gathered, "rank0": D.is_rank0(), "bcast": b, "sum": s, "shard": (idx.start, idx.stop),
+                    "scal": scal, "anys": anys, "part": part},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         D.barrier()
     finally:
@@ -108,6 +121,8 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         torch.testing.assert_close(r["bcast"], torch.ones(2))
         torch.testing.assert_close(r["sum"], torch.tensor([3.0]))
     assert [r["rank0"] for r in res] == [True, False]
+    assert all(r["scal"] == [3.0, 2.0, 1.0] and r["anys"] == [True, False] for r in res)
+    assert [r["part"].tolist() for r in res] == [[10, 11, 12], [13, 14]]
     assert [r["shard"] for r in res] == [(0, 4), (4, 7)]
     # an unweighted mean over uneven shards is NOT the full-data gradient: the weight matters
     assert not torch.allclose(0.5 * (_grad_on(problem, range(0, 4)) + _grad_on(problem, range(4, 7))), g_uneven)

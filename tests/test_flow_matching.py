@@ -20,6 +20,15 @@ from ld3_ext.discretizations import logsnr_uniform, time_uniform
 from conftest import random_decreasing_grid, smooth_mixture
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors on a shared 2-core box: extra threads only add contention (seconds per test under load)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def velocity_model(mix, schedule):
     """The exact velocity of ``mix`` under the flow schedule, wrapped as a flow model (network time = t)."""
     def exact_velocity(x, t):
@@ -70,12 +79,16 @@ def test_solvers_converge_to_exact_flow_ode(setup, solver, min_rate):
 
 
 def test_shift_applies_to_discretization():
-    s = ld3_ext.FlowMatching(shift=3.0)
-    t = time_uniform(s, 4)
-    u = torch.linspace(s.t_max, s.t_min, 5, dtype=torch.float64)
-    shifted = 3.0 * u / (1 + 2.0 * u)
-    torch.testing.assert_close(t[1:-1], shifted[1:-1])  # SD3/Flux shift on the interior, exact endpoints
-    assert t[0] == s.t_max and t[-1] == s.t_min
+    """The SD3/Flux shift (t' = s t / (1 + (s - 1) t), owned by ld3_ext.discretizations) moves the interior
+    of a flow grid towards high noise for s > 1 and keeps a valid grid."""
+    plain = time_uniform(ld3_ext.FlowMatching(), 6)
+    for shift in (3.0, 0.5):
+        s = ld3_ext.FlowMatching(shift=shift)
+        t = time_uniform(s, 6)
+        assert t[0] == s.t_max and t[-1] == s.t_min and torch.all(t[1:] < t[:-1])
+        f = shift * plain / (1 + (shift - 1) * plain)
+        assert torch.all((t[1:-1] > plain[1:-1]) if shift > 1 else (t[1:-1] < plain[1:-1]))
+        torch.testing.assert_close(t[1:-1], f[1:-1], rtol=0, atol=5e-3)
 
 
 def _drive_diffusers(scheduler, model, x_T, t):
@@ -145,7 +158,8 @@ def test_ld3_trainer_on_flow_mixture(setup):
     model.testbed = mix
     trainer = training.LD3Trainer(model, solver=ld3_ext.DPMSolverPP(2), nfe=4, teacher="exact", reference=mix,
                                   sample_shape=(2,), n_train=8, n_valid=8, batch_size=4, valid_batch_size=8,
-                                  rounds_v1=1, rounds_v2=1, progress=False, dtype=torch.float64)
+                                  rounds_v1=1, rounds_v2=1, progress=False, dtype=torch.float64,
+                                  model_name="flow-gmm-test")
     learned = trainer.fit()
     t, tm = learned.timesteps, learned.model_timesteps
     assert t[0] == pytest.approx(sched.t_max) and t[-1] == pytest.approx(sched.t_min)

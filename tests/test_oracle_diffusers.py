@@ -39,7 +39,7 @@ from conftest import random_decreasing_grid, smooth_mixture
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler  # noqa: E402
 
-pytestmark = pytest.mark.oracle
+pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("single_thread")]
 
 RTOL_F64 = 1e-12
 RTOL_F32_STATE = 2e-6

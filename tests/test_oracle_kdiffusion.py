@@ -20,7 +20,7 @@ import ld3_ext
 from conftest import random_decreasing_grid, smooth_mixture, CallCounter
 from _oracles import load_kdiffusion_sampling
 
-pytestmark = pytest.mark.oracle
+pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("single_thread")]
 RTOL = 1e-10
 
 

@@ -9,6 +9,8 @@ import torch
 import ld3_ext
 from ld3_ext.schedules import schedule_from_config
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SCHEDULES = {
     "edm": lambda: ld3_ext.EDM(),
     "vp_linear": lambda: ld3_ext.VPLinear(),

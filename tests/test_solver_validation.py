@@ -11,6 +11,8 @@ from ld3_ext import ModelOutputError
 from ld3_ext import discretizations as D
 from conftest import smooth_mixture
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 ALL_SOLVERS = {
     "euler": lambda: ld3_ext.Euler(backend="reference"),
     "heun": lambda: ld3_ext.Heun(backend="reference"),
@@ -101,6 +103,15 @@ class TestTimesteps:
         tm = t.clone()
         tm[1] = 200.0
         with pytest.raises(ValueError, match=r"model_timesteps: must lie in the schedule's range"):
+            ALL_SOLVERS[name]().sample(model, x, t, tm)
+
+    def test_model_timesteps_outside_domain(self, setup, name):
+        """Within the 1e-3 slack of the range check but where sigma = t is not > 0."""
+        sched, model, x = setup
+        t = grid(sched)
+        tm = t.clone()
+        tm[-2] = -0.01
+        with pytest.raises(ValueError, match=r"model_timesteps: contains times where the schedule is undefined"):
             ALL_SOLVERS[name]().sample(model, x, t, tm)
 
     def test_devices_differ(self, setup, name):

@@ -12,6 +12,8 @@ from ld3_ext import discretizations as D
 from ld3_ext.coefficients import SolverSpec, coefficient_table_reference
 from conftest import CallCounter, random_decreasing_grid, smooth_mixture
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 REF = dict(backend="reference")
 
 
@@ -202,11 +204,14 @@ def _grad_schedules():
     }
 
 
-@pytest.mark.parametrize("sched_name", ["edm", "vp_linear", "vp_discrete"])
-@pytest.mark.parametrize("name", sorted(GRAD_SOLVERS))
+# every solver on EDM; on the VP schedules one variant per order keeps the run short
+GRAD_CASES = [(n, "edm") for n in sorted(GRAD_SOLVERS)] + [
+    (n, s) for s in ("vp_linear", "vp_discrete") for n in sorted(GRAD_SOLVERS)
+    if not n.endswith(("_midpoint", "_bh1")) or n == "unipc1_bh1"]
+
+
+@pytest.mark.parametrize("name,sched_name", GRAD_CASES)
 def test_gradcheck_sample(name, sched_name):
-    if sched_name != "edm" and name.endswith(("_midpoint", "_bh1")) and name[-4:] != "1_bh1":
-        pytest.skip("one variant per order on the VP schedules keeps the run short")
     sched, (t_hi, t_lo) = _grad_schedules()[sched_name]
     gm = smooth_mixture(dim=2, n_modes=2, std=0.4, seed=2)
     model = gm.model(sched)
@@ -317,3 +322,40 @@ def test_model_timesteps_default_to_timesteps():
     t = D.logsnr_uniform(sched, 5)
     for solver in (ld3_ext.UniPC(**REF), ld3_ext.Heun(**REF), ld3_ext.IPNDM(**REF)):
         assert torch.equal(solver.sample(gm.model(sched), x, t), solver.sample(gm.model(sched), x, t, t.clone()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-EDM schedules (alpha != 1): the schedule-dependent coefficients converge to the exact solution
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sched_name", ["vp_linear", "vp_cosine", "vp_discrete", "flow"])
+def test_convergence_on_other_schedules(sched_name):
+    sched = {"vp_linear": ld3_ext.VPLinear, "vp_cosine": ld3_ext.VPCosine, "flow": ld3_ext.FlowMatching,
+             "vp_discrete": lambda: ld3_ext.VPDiscrete.linear(0.0015, 0.0195)}[sched_name]()
+    gm = smooth_mixture(dim=2, n_modes=3, std=0.5)
+    x_T = gm.prior_noise(sched, 8, generator=torch.Generator().manual_seed(0))
+    ref = gm.reference_solution(sched, x_T, rtol=1e-12, atol=1e-12)
+    ns = (16, 32, 64)
+    for factory, order in ((lambda: ld3_ext.Heun(**REF), 2.0),
+                           (lambda: ld3_ext.DPMSolverPP(2, lower_order_final=False, **REF), 2.0),
+                           (lambda: ld3_ext.UniPC(2, variant="bh2", lower_order_final=False, **REF), 3.0)):
+        solver = factory()
+        errs = [float((solver.sample(gm.model(sched), x_T, D.logsnr_uniform(sched, n)) - ref).norm() / ref.norm())
+                for n in ns]
+        slope = fitted_slope(ns, errs)
+        assert abs(slope - order) < 0.3, (solver, errs, slope)
+
+
+@pytest.mark.parametrize("factory", [lambda **k: ld3_ext.UniPC(3, **REF, **k), lambda **k: ld3_ext.Heun(**REF, **k),
+                                     lambda **k: ld3_ext.IPNDM(3, **REF, **k)])
+def test_checkpoint_model_gives_identical_values_and_gradients(factory):
+    sched = ld3_ext.EDM()
+    gm = smooth_mixture(dim=2, std=0.4)
+    x_T = gm.prior_noise(sched, 3, generator=torch.Generator().manual_seed(0))
+    res = []
+    for ckpt in (False, True):
+        t = D.logsnr_uniform(sched, 4).clone().requires_grad_()
+        x = x_T.clone().requires_grad_()
+        out = factory(checkpoint_model=ckpt).sample(gm.model(sched), x, t)
+        res.append((out.detach(), *torch.autograd.grad(out.square().sum(), (x, t))))
+    for a, b in zip(*res):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)

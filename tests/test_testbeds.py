@@ -10,6 +10,8 @@ import ld3_ext
 from ld3_ext import testbeds as TB
 from conftest import smooth_mixture
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def log_density(gm, x, alpha, sigma):
     """log p_t(x) of the noised mixture (independent of GaussianMixture.denoise)."""

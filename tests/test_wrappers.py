@@ -11,6 +11,8 @@ from ld3_ext import ModelOutputError
 from ld3_ext import discretizations as D
 from conftest import smooth_mixture
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SCHEDULES = {
     "edm": lambda: ld3_ext.EDM(),
     "vp_linear": lambda: ld3_ext.VPLinear(),

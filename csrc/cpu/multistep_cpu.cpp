@@ -18,6 +18,8 @@ namespace {
 
 // Elements per parallel_for task in the forward; large enough to amortise the fork.
 constexpr int64_t kForwardGrain = 32768;
+// Elements per op-math partial sum in the backward dot products (bounds float rounding growth).
+constexpr int64_t kDotBlock = 256;
 
 template <typename scalar_t>
 using Ptrs = std::array<const scalar_t*, kMaxHistory>;
@@ -70,23 +72,33 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
   scalar_t* g1 = gm[1];
   scalar_t* g2 = gm[2];
   scalar_t* g3 = gm[3];
+  // Dot products: op-math partial sums over short fixed blocks (full SIMD width, e.g. 4 floats
+  // per SSE lane instead of 2 doubles), accumulated across blocks in double.
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
-  for (int64_t i = begin; i < end; ++i) {
-    const acc_t gi = static_cast<acc_t>(g[i]);
-    if constexpr (GX) gx[i] = static_cast<scalar_t>(c0 * gi);
-    if constexpr (GM && K > 0) g0[i] = static_cast<scalar_t>(c1 * gi);
-    if constexpr (GM && K > 1) g1[i] = static_cast<scalar_t>(c2 * gi);
-    if constexpr (GM && K > 2) g2[i] = static_cast<scalar_t>(c3 * gi);
-    if constexpr (GM && K > 3) g3[i] = static_cast<scalar_t>(c4 * gi);
-    if constexpr (DOT) {
-      const double gd = static_cast<double>(gi);
-      s0 += gd * static_cast<double>(static_cast<acc_t>(x[i]));
-      if constexpr (K > 0) s1 += gd * static_cast<double>(static_cast<acc_t>(m0[i]));
-      if constexpr (K > 1) s2 += gd * static_cast<double>(static_cast<acc_t>(m1[i]));
-      if constexpr (K > 2) s3 += gd * static_cast<double>(static_cast<acc_t>(m2[i]));
-      if constexpr (K > 3) s4 += gd * static_cast<double>(static_cast<acc_t>(m3[i]));
+  for (int64_t b0 = begin; b0 < end; b0 += kDotBlock) {
+    const int64_t b1 = std::min(end, b0 + kDotBlock);
+    acc_t f0 = 0, f1 = 0, f2 = 0, f3 = 0, f4 = 0;
+#pragma omp simd reduction(+ : f0, f1, f2, f3, f4)
+    for (int64_t i = b0; i < b1; ++i) {
+      const acc_t gi = static_cast<acc_t>(g[i]);
+      if constexpr (GX) gx[i] = static_cast<scalar_t>(c0 * gi);
+      if constexpr (GM && K > 0) g0[i] = static_cast<scalar_t>(c1 * gi);
+      if constexpr (GM && K > 1) g1[i] = static_cast<scalar_t>(c2 * gi);
+      if constexpr (GM && K > 2) g2[i] = static_cast<scalar_t>(c3 * gi);
+      if constexpr (GM && K > 3) g3[i] = static_cast<scalar_t>(c4 * gi);
+      if constexpr (DOT) {
+        f0 += gi * static_cast<acc_t>(x[i]);
+        if constexpr (K > 0) f1 += gi * static_cast<acc_t>(m0[i]);
+        if constexpr (K > 1) f2 += gi * static_cast<acc_t>(m1[i]);
+        if constexpr (K > 2) f3 += gi * static_cast<acc_t>(m2[i]);
+        if constexpr (K > 3) f4 += gi * static_cast<acc_t>(m3[i]);
+      }
     }
+    s0 += f0;
+    s1 += f1;
+    s2 += f2;
+    s3 += f3;
+    s4 += f4;
   }
   if constexpr (DOT) {
     partial[0] = s0;

@@ -26,7 +26,6 @@ chooses its own grid and solver.  Fields that change what the network *means* an
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 

@@ -125,6 +125,16 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
 
     # --- construction helpers ------------------------------------------------------------------
     @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``; a flow-matching config (e.g. FlowMatchEulerDiscreteScheduler's, which has
+        no ``prediction_type`` field) is read as a flow model instead of silently falling back to VP defaults."""
+        from .diffusers import _config_dict, _is_flow_config
+        if config is not None and _is_flow_config(_config_dict(config)):
+            kwargs.setdefault("prediction_type", "flow_prediction")
+            kwargs.setdefault("use_flow_sigmas", True)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
     def from_timesteps(cls, timesteps, model_timesteps=None, solver: Union[Solver, Dict[str, Any], str] = "dpmpp",
                        scheduler_config=None, schedule: Optional[NoiseSchedule] = None, **overrides) -> "LD3Scheduler":
         """From an explicit grid (schedule units) + solver (instance, config dict or name) + the model's diffusers
@@ -177,9 +187,6 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
     def begin_index(self) -> Optional[int]:
         return self._begin_index
 
-    def set_begin_index(self, begin_index: int = 0):
-        self._begin_index = begin_index
-
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
 
@@ -211,6 +218,15 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             n = int(num_inference_steps)
             t = get_discretization(self.config.discretization, self.schedule, n)
             tm = t.clone()
+        self._full = (t, tm)
+        self._begin_index = None
+        self.timesteps = None
+        self._prepare(t, tm, device)
+
+    def _prepare(self, t: torch.Tensor, tm: torch.Tensor, device=None):
+        """Tables of a solve on the grid t with model times tm (float64, CPU), then reset the solver state."""
+        solver = self.solver
+        n = t.numel() - 1
         spec = solver.spec()
         self._n = n
         # everything step() needs, computed once (float64 on the CPU)
@@ -234,15 +250,32 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             model_t = tm[idx]
         else:
             model_t = tm[:n]
+        dev = device if device is not None else (self.timesteps.device if self.timesteps is not None else None)
         self.timesteps = self._network_units(model_t).to(torch.float32)
         self.num_inference_steps = n
-        if device is not None:
-            self.timesteps = self.timesteps.to(device)
-            self._move(torch.device(device))
+        if dev is not None:
+            self.timesteps = self.timesteps.to(dev)
+            self._move(torch.device(dev))
         self._reset_state()
 
+    def set_begin_index(self, begin_index: int = 0):
+        """Start the solve at ``timesteps[begin_index]`` (img2img/inpainting pipelines call this after slicing
+        ``scheduler.timesteps``): the solver restarts on the remaining grid t[b:], with its warm-up, from the
+        sample the pipeline noised to that time (``add_noise``)."""
+        if self.timesteps is None:
+            raise ValueError("LD3Scheduler.set_begin_index: call set_timesteps() first")
+        b = int(begin_index)
+        per = 2 if self.solver.name == "heun" else 1
+        if b % per:
+            raise ValueError(f"begin_index={b} is inside a Heun interval; use a multiple of {per}")
+        t, tm = self._full
+        if not 0 <= b // per < t.numel() - 1:
+            raise ValueError(f"begin_index={b} is out of range for {t.numel() - 1} intervals")
+        self._prepare(t[b // per:], tm[b // per:])
+        self._begin_index = b
+
     def _reset_state(self):
-        self._step_index = 0 if self._begin_index is None else self._begin_index
+        self._step_index = 0  # counts calls from the start of the (sub-)grid; never looked up from timestep
         self._history: List[torch.Tensor] = []
         self._x_before = None  # UniPC: the sample the predictor started from
         self._heun = None      # Heun: (y, d0) between the two evaluations of an interval
@@ -340,12 +373,26 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         return alp[i] * y
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = alpha x_0 + sigma noise at network times ``timesteps`` (diffusers units, floats ok)."""
-        tt = timesteps.to(device=original_samples.device, dtype=torch.float64)
+        """x = alpha x_0 + sigma noise (img2img).  ``timesteps`` in diffusers units (floats ok); an entry equal to
+        one of ``self.timesteps`` means that step's start, i.e. its SOLVER grid time (which differs from the
+        network time when the grid is decoupled); any other value is read as a time in network units."""
+        dev = original_samples.device
+        tt = torch.as_tensor(timesteps, device=dev).reshape(-1)
+        units = tt.to(torch.float64)
+        if self.timesteps is not None:
+            own = self.timesteps.to(dev)
+            hit = tt.to(own.dtype)[:, None] == own[None, :]
+            grid = self._network_units(self._tables_cpu["t"].to(dev))
+            if self.solver.name == "heun":
+                grid = grid[[j for i in range(1, self._n + 1) for j in (i - 1, i)]]
+            else:
+                grid = grid[: self._n]
+            first = hit.to(torch.int64).argmax(1)
+            units = torch.where(hit.any(1), grid[first], units)
         if isinstance(self.schedule, VPDiscrete):
-            t = self.schedule.t_from_index(tt)
+            t = self.schedule.t_from_index(units)
         else:
-            t = tt / float(self.config.num_train_timesteps)
+            t = units / float(self.config.num_train_timesteps)
         shape = (-1,) + (1,) * (original_samples.dim() - 1)
         a = self.schedule.alpha(t).to(original_samples.dtype).reshape(shape)
         s = self.schedule.sigma(t).to(original_samples.dtype).reshape(shape)

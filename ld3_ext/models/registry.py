@@ -39,20 +39,25 @@ def _gmm(name: str):
     return model, schedule
 
 
-def load_model(spec: str, device: str = "cpu") -> Tuple[DiffusionModel, NoiseSchedule]:
+def load_model(spec: str, device: str = "cpu", guidance_scale=None) -> Tuple[DiffusionModel, NoiseSchedule]:
     if not isinstance(spec, str) or not spec:
         raise ModelSpecError(f"--model must be a non-empty string, got {spec!r}")
+    from ..testbeds import MIXTURES
+    builtin = spec == "digits" or spec.startswith("gmm:") or spec.split("@")[0] in MIXTURES
+    if guidance_scale is not None and builtin:
+        raise ModelSpecError(f"--guidance-scale: the built-in model {spec!r} is unconditional")
     if spec.startswith("gmm:"):
         return _gmm(spec[4:])
-    from ..testbeds import MIXTURES
     if spec.split("@")[0] in MIXTURES:
         return _gmm(spec)
     if spec == "digits":
         from .digits import load_digits_model
-        return load_digits_model(device=device)
+        model, schedule = load_digits_model(device=device)
+        model.sample_shape = (1, 8, 8)
+        return model, schedule
     if spec.startswith("diffusers:"):
         from ..integrations.diffusers import load_diffusers_model
-        return load_diffusers_model(spec[len("diffusers:"):], device=device)
+        return load_diffusers_model(spec[len("diffusers:"):], device=device, guidance_scale=guidance_scale)
     if ":" not in spec:
         raise ModelSpecError(f"--model {spec!r}: expected a built-in name (digits, gmm:ring2d, gmm:digits64, "
                              "gmm:random3072), diffusers:PATH or package.module:factory")
@@ -64,6 +69,8 @@ def load_model(spec: str, device: str = "cpu") -> Tuple[DiffusionModel, NoiseSch
     factory = getattr(mod, attr, None)
     if not callable(factory):
         raise ModelSpecError(f"--model {spec!r}: module {mod_name!r} has no callable {attr!r}")
+    if guidance_scale is not None:
+        raise ModelSpecError("--guidance-scale applies to diffusers models only; set it in your factory instead")
     out = factory()
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], DiffusionModel)
             and isinstance(out[1], NoiseSchedule)):

@@ -58,6 +58,14 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor)
     tol = 1e-3 * (hi - lo)
     if float(md.min()) < lo - tol or float(md.max()) > hi + tol:
         _fail(name, f"must lie in the schedule's range [{lo:.6g}, {hi:.6g}]")
+    # the tolerance above can reach past the schedule's domain (e.g. t <= 0 for EDM, alpha = 0 for flow
+    # matching): every model time must give finite log alpha and log sigma
+    with torch.no_grad():
+        m64 = md.to(torch.float64)
+        ok = torch.isfinite(schedule.log_alpha(m64)) & torch.isfinite(schedule.log_sigma(m64))
+    if not bool(ok.all()):
+        bad = md[~ok].cpu().tolist()
+        _fail(name, f"contains times where the schedule is undefined (alpha or sigma not > 0): {bad}")
     return model_timesteps
 
 

@@ -4,6 +4,11 @@ Built in: "l2" (mean squared error per sample, LD3's L2 up to a constant), "l1",
 (sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(d), as in improved consistency training) and
 "lpips" (optional: the ``lpips`` package with its VGG backbone).  Any callable ``(pred, target) ->
 per-sample loss [B]`` (e.g. an ``nn.Module``) can be used instead.
+
+"l2" is LD3's L2 (a *squared* distance), so a few samples with large errors (e.g. ones that land
+near another mode) dominate the batch mean.  "pseudo_huber" behaves like the per-sample distance
+||x - y|| (as LPIPS is a distance, not its square) and is much less driven by such outliers; on the
+digits64 test bed it gave clearly better held-out median errors than "l2" (see the trainer's report).
 """
 from __future__ import annotations
 
