@@ -104,7 +104,9 @@ class Timer:
 
 def machine_info(device):
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV}}
+            "cpu_count": os.cpu_count(), "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
+            # other processes' load explains outliers (a busy second core stalls 2-thread runs)
+            "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
     try:
         with open("/proc/cpuinfo") as fh:
             info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
@@ -128,6 +130,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     ap.add_argument("--cases", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+    ap.add_argument("--shapes", default=None, help="comma-separated subset, e.g. 64x3x32x32,1x3x256x256")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of case 1")
     ap.add_argument("--no-malloc-guard", action="store_true", help="do not set the glibc malloc variables")
     args = ap.parse_args(argv)
@@ -145,6 +148,8 @@ def main(argv=None):
     timer = Timer(device, repeats, warmup, min_sample_s=0.002 if args.quick else 0.01)
     machine = machine_info(device)
     shapes = SHAPES + (CUDA_EXTRA_SHAPES if device.type == "cuda" else [])
+    if args.shapes:
+        shapes = [tuple(int(v) for v in name.split("x")) for name in args.shapes.split(",")]
     records = []
     esize = 4  # fp32
 
@@ -236,6 +241,7 @@ def main(argv=None):
             ref_o, fus_o = records[-2]["solver_overhead_s"], records[-1]["solver_overhead_s"]
             records[-1]["overhead_ratio_vs_reference"] = ref_o / fus_o if fus_o > 0 else None
 
+    flag_contention(records)
     print_table(records)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -244,6 +250,21 @@ def main(argv=None):
                        "quick": args.quick}, fh, indent=1)
         print(f"wrote {len(records)} records to {args.json}")
     return records
+
+
+def flag_contention(records):
+    """Mark shapes whose copy ran >10x below the run's best copy bandwidth: another process held a
+    core (the 2-thread trap), so their numbers measure the scheduler, not the kernels."""
+    copies = {r["shape"]: r["GBps"] for r in records if r["variant"] == "copy_fwd_bytes" and r["GBps"]}
+    if not copies:
+        return
+    best = max(copies.values())
+    for r in records:
+        r["contended"] = r["shape"] in copies and copies[r["shape"]] < 0.1 * best
+    bad = sorted({r["shape"] for r in records if r["contended"]})
+    if bad:
+        print(f"WARNING: copy bandwidth collapsed for {', '.join(bad)} (another process on a core?); "
+              "those records are flagged contended=true -- rerun, or use --threads 1")
 
 
 def print_table(records):

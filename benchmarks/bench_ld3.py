@@ -54,7 +54,8 @@ def baseline_grids(model, schedule, solver, nfe, seed):
     try:
         from ld3_ext.baselines import baseline_timesteps
         grids["dmn"] = baseline_timesteps("dmn", schedule, nfe)
-        grids["gits"] = baseline_timesteps("gits", schedule, nfe, model=model, solver=solver, seed=seed)
+        shape = getattr(model, "sample_shape", None) or model.testbed.event_shape
+        grids["gits"] = baseline_timesteps("gits", schedule, nfe, model=model, sample_shape=shape, seed=seed)
     except Exception as exc:  # report, don't hide: the record says which baselines ran
         print(f"  (model-based baselines unavailable: {type(exc).__name__}: {exc})")
     return grids

@@ -15,6 +15,7 @@ using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>;
 // Argument checks common to every device (TORCH_CHECK messages name the argument).
 void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history);
 void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver, int64_t order);
+void check_table_backward_args(const at::Tensor& jac, const at::Tensor& grad);
 
 // x_next = a*x + sum_k b_k*m_k with coef = [a, b_0, ...] (float64, on x's device).
 // `out` (contiguous, may alias x) is written in place when given.
@@ -29,7 +30,11 @@ std::tuple<at::Tensor, at::Tensor> coefficient_table_cpu(const at::Tensor& t, in
                                                          bool lower_order_final, bool heun, bool bh2,
                                                          bool use_corrector);
 
+// grad_t = J^T grad_table scattered to t_0..t_N (float64, on jac's device).
+at::Tensor coefficient_table_backward_cpu(const at::Tensor& jac, const at::Tensor& grad_table);
+
 #ifdef LD3_WITH_CUDA_KERNELS
+at::Tensor coefficient_table_backward_cuda(const at::Tensor& jac, const at::Tensor& grad_table);
 at::Tensor multistep_forward_cuda(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history,
                                   const at::Tensor& out);
 GradTuple multistep_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& coef,

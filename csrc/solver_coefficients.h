@@ -218,4 +218,18 @@ LD3_HD void step_coefficients(const ScheduleParams& sched, const SolverParams& s
     }
 }
 
+// d L / d t_k = sum over the rows that read t_k (steps i = k..k+3, window slot j = k+2-(i-1)) of
+// J[i-1, :, :, j] . g[i-1, :, :].  A gather, so every t_k is summed in a fixed order on any device.
+LD3_HD double timestep_grad(const double* jac, const double* grad_table, int k, int n) {
+  constexpr int kRow = 2 * kTableWidth;
+  double acc = 0.0;
+  const int r_lo = k - 1 > 0 ? k - 1 : 0;
+  const int r_hi = k + 2 < n - 1 ? k + 2 : n - 1;
+  for (int r = r_lo; r <= r_hi; ++r) {
+    const int j = k + 2 - r;
+    for (int e = 0; e < kRow; ++e) acc += jac[(r * kRow + e) * kWindow + j] * grad_table[r * kRow + e];
+  }
+  return acc;
+}
+
 }  // namespace ld3

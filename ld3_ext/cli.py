@@ -30,6 +30,9 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: 1 for the small built-in models, whose tiny ops run fastest on one "
+                        "thread and are not slowed by other processes; torch's default otherwise)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (diffusers models)")
     if solver_defaults:
         p.add_argument("--solver", default="dpmpp", choices=["dpmpp", "unipc", "ipndm", "euler", "heun"])
@@ -96,6 +99,12 @@ def _fmt(x):
 
 def _load(args):
     from .models import load_model, ModelSpecError
+    builtin = args.model == "digits" or args.model.startswith("gmm:")
+    threads = args.threads if args.threads is not None else (1 if builtin else None)
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit("error: --threads must be >= 1")
+        torch.set_num_threads(threads)
     try:
         model, schedule = load_model(args.model, device=args.device,
                                      guidance_scale=getattr(args, "guidance_scale", None))
@@ -112,7 +121,11 @@ def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0):
         if name in MODEL_BASELINES:
             try:
                 from .baselines import baseline_timesteps
-                grids[name] = baseline_timesteps(name, schedule, nfe, model=model, solver=solver, seed=seed)
+                if name == "dmn":
+                    grids[name] = baseline_timesteps(name, schedule, nfe)
+                else:  # GITS searches with its own one-step (Euler) cost, as in the paper
+                    grids[name] = baseline_timesteps(name, schedule, nfe, model=model,
+                                                     sample_shape=_sample_shape(model), seed=seed)
             except ImportError:
                 continue
         else:
@@ -181,6 +194,7 @@ def cmd_train(args) -> int:
                          rounds_v1=args.rounds_v1, rounds_v2=args.rounds_v2, checkpoint_model=args.checkpointing)
     t0 = time.time()
     learned = trainer.fit()
+    learned.model["spec"] = args.model  # lets `ld3 eval` reload the same model
     if distributed.is_rank0():
         path = learned.save(os.path.join(args.out, "schedule.json"))
         print(f"trained in {time.time() - t0:.1f}s; wrote {path}")
@@ -192,16 +206,16 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .plotting import sample_grid, schedule_plot
     from .schedule_file import load_schedule
-    from .solvers import solver_from_config
     path = args.schedule or os.path.join(args.out, "schedule.json")
     if not os.path.exists(path):
         raise SystemExit(f"error: --schedule: no schedule file at {path} (run `ld3 train --out {args.out}` first)")
     learned = load_schedule(path)
-    model_name = args.model or learned.metadata.get("model", {}).get("name") or "digits"
-    args.model = model_name
+    args.model = args.model or learned.model.get("spec")
+    if not args.model:
+        raise SystemExit(f"error: --model: {path} does not record which model it was trained for; pass --model")
     model, schedule, dtype = _load(args)
-    solver = solver_from_config(learned.metadata["solver"])
-    nfe = int(learned.metadata["nfe"])
+    solver = learned.solver()
+    nfe = learned.nfe
     x_T = _prior(model, schedule, args.n, args.seed + 10_000, args.device).to(dtype)  # held-out noises
     target = _teacher(model, schedule, x_T, args)
     steps = solver.steps_for_nfe(nfe)
@@ -289,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="learn a schedule (resumes from --out/checkpoint after an interrupt)")
     _add_common(tr)
-    tr.add_argument("--loss", default="l2", help="l2 | l1 | pseudo_huber | lpips")
+    tr.add_argument("--loss", default="pseudo_huber", help="pseudo_huber | l2 | l1 | lpips")
     tr.add_argument("--time-mode", default="lambda", choices=["lambda", "time"])
     tr.add_argument("--init", default="logsnr", help="logsnr | time_uniform | time_quadratic | edm")
     tr.add_argument("--n-train", type=int, default=50)

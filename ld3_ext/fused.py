@@ -83,33 +83,19 @@ class _MultistepUpdate(torch.autograd.Function):
         return (gx, gc, *ghist)
 
 
-def _scatter_jacobian(jac: torch.Tensor, grad_table: torch.Tensor, n_t: int) -> torch.Tensor:
-    """grad_t = J^T g with J[i-1, r, c, j] = d table[i-1, r, c] / d t_{i-3+j} (no host sync)."""
-    n = jac.shape[0]
-    contrib = torch.einsum("nrcj,nrc->nj", jac, grad_table.to(jac.dtype))
-    grad_t = jac.new_zeros(n_t)
-    for j in range(4):
-        lo = max(0, 2 - j)  # first row whose t_{i-3+j} exists
-        if lo >= n:
-            continue
-        start = lo - 2 + j
-        grad_t[start:start + n - lo] += contrib[lo:, j]
-    return grad_t
-
-
 class _CoefficientTable(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t64, args):
         table, jac = _C.coefficient_table(t64, *args)
         ctx.save_for_backward(jac)
-        ctx.n_t = t64.shape[0]
         return table
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_table):
         (jac,) = ctx.saved_tensors
-        return _scatter_jacobian(jac, grad_table, ctx.n_t), None
+        # grad_t = J^T g, gathered per t_k in C++ (one call instead of a dozen tiny ops)
+        return _C.coefficient_table_backward(jac, grad_table), None
 
 
 def _table_args(schedule, spec: SolverSpec) -> tuple:
@@ -160,6 +146,9 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
         return _C.multistep_update(x, coef, history, out)
     if torch.compiler.is_compiling():
         return torch.ops.ld3_ext.multistep_update(x, coef, history)
+    if not (torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad
+                                         or any(m.requires_grad for m in history))):
+        return _C.multistep_update(x, coef, history)  # nothing to record: skip the Function overhead
     return _MultistepUpdate.apply(x, coef, *history)
 
 
@@ -212,15 +201,22 @@ def _register_ops() -> None:
         n = t.shape[0] - 1
         return (t.new_empty((n, 2, TABLE_WIDTH)), t.new_empty((n, 2, TABLE_WIDTH, 4)))
 
+    @torch.library.custom_op(f"{lib}::coefficient_table_backward", mutates_args=())
+    def _table_bwd_op(jac: torch.Tensor, grad_table: torch.Tensor) -> torch.Tensor:
+        return _C.coefficient_table_backward(jac, grad_table)
+
+    @_table_bwd_op.register_fake
+    def _(jac, grad_table):
+        return jac.new_empty((jac.shape[0] + 1,))
+
     def _table_setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
-        ctx.n_t = inputs[0].shape[0]
 
     def _table_backward(ctx, grad_table, grad_jac):
         (jac,) = ctx.saved_tensors
         if grad_table is None:
             grad_table = torch.zeros_like(jac[..., 0])
-        return (_scatter_jacobian(jac, grad_table, ctx.n_t),) + (None,) * 9
+        return (torch.ops.ld3_ext.coefficient_table_backward(jac, grad_table),) + (None,) * 9
 
     _table_op.register_autograd(_table_backward, setup_context=_table_setup)
 

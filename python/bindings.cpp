@@ -54,6 +54,17 @@ std::tuple<at::Tensor, at::Tensor> coefficient_table(const at::Tensor& t, int64_
                                     use_corrector);
 }
 
+at::Tensor coefficient_table_backward(const at::Tensor& jac, const at::Tensor& grad_table) {
+  if (is_cuda(jac)) {
+#ifdef LD3_WITH_CUDA_KERNELS
+    return ld3::coefficient_table_backward_cuda(jac, grad_table);
+#else
+    no_cuda("coefficient_table_backward");
+#endif
+  }
+  return ld3::coefficient_table_backward_cpu(jac, grad_table);
+}
+
 bool has_cuda() {
 #ifdef LD3_WITH_CUDA_KERNELS
   return true;
@@ -77,6 +88,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("p1"), py::arg("solver"), py::arg("order"), py::arg("lower_order_final"), py::arg("heun"),
         py::arg("bh2"), py::arg("use_corrector"),
         "([N,2,5] table, [N,2,5,4] d table / d t_{i-3..i}) in float64");
+  m.def("coefficient_table_backward", &coefficient_table_backward, py::arg("jac"), py::arg("grad_table"),
+        "grad_t = J^T grad_table scattered to t_0..t_N (gather, fixed order)");
   m.def("has_cuda", &has_cuda, "True when the CUDA kernels are linked in");
   m.attr("reduce_chunk") = ld3::kReduceChunk;
 }

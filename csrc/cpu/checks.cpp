@@ -45,4 +45,15 @@ void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver
               " out of range 1..", max_order[solver], " for solver id ", solver);
 }
 
+void check_table_backward_args(const at::Tensor& jac, const at::Tensor& grad) {
+  TORCH_CHECK(jac.defined() && jac.scalar_type() == at::kDouble && jac.dim() == 4 && jac.size(1) == 2 &&
+                  jac.size(2) == kTableWidth && jac.size(3) == kWindow,
+              "coefficient_table_backward: jac must be a float64 [N, 2, 5, 4] tensor, got ", jac.sizes());
+  TORCH_CHECK(grad.defined() && grad.is_floating_point() && grad.dim() == 3 && grad.size(0) == jac.size(0) &&
+                  grad.size(1) == 2 && grad.size(2) == kTableWidth,
+              "coefficient_table_backward: grad must be a floating [N, 2, 5] tensor matching jac, got ", grad.sizes());
+  TORCH_CHECK(grad.device() == jac.device(), "coefficient_table_backward: grad is on ", grad.device(),
+              " but jac is on ", jac.device());
+}
+
 }  // namespace ld3

@@ -28,4 +28,17 @@ std::tuple<at::Tensor, at::Tensor> coefficient_table_cpu(const at::Tensor& t_in,
   return {table, jac};
 }
 
+at::Tensor coefficient_table_backward_cpu(const at::Tensor& jac_in, const at::Tensor& grad_in) {
+  check_table_backward_args(jac_in, grad_in);
+  const at::Tensor jac = jac_in.contiguous();
+  const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
+  const int n = static_cast<int>(jac.size(0));
+  at::Tensor grad_t = at::empty({n + 1}, jac.options());
+  const double* jp = jac.const_data_ptr<double>();
+  const double* gp = grad.const_data_ptr<double>();
+  double* out = grad_t.mutable_data_ptr<double>();
+  for (int k = 0; k <= n; ++k) out[k] = timestep_grad(jp, gp, k, n);
+  return grad_t;
+}
+
 }  // namespace ld3

@@ -18,7 +18,27 @@ __global__ void coefficient_table_kernel(ScheduleParams sched, SolverParams sp, 
   step_coefficients(sched, sp, t, i, n, table + (i - 1) * 2 * kTableWidth, jac + (i - 1) * 2 * kTableWidth * kWindow);
 }
 
+__global__ void timestep_grad_kernel(const double* __restrict__ jac, const double* __restrict__ grad, int n,
+                                     double* __restrict__ grad_t) {
+  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k <= n) grad_t[k] = timestep_grad(jac, grad, k, n);
+}
+
 }  // namespace
+
+at::Tensor coefficient_table_backward_cuda(const at::Tensor& jac_in, const at::Tensor& grad_in) {
+  check_table_backward_args(jac_in, grad_in);
+  const c10::cuda::CUDAGuard guard(jac_in.device());
+  const at::Tensor jac = jac_in.contiguous();
+  const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
+  const int n = static_cast<int>(jac.size(0));
+  at::Tensor grad_t = at::empty({n + 1}, jac.options());
+  constexpr int kThreads = 64;
+  timestep_grad_kernel<<<(n + kThreads) / kThreads, kThreads, 0, c10::cuda::getCurrentCUDAStream(jac.device().index())>>>(
+      jac.const_data_ptr<double>(), grad.const_data_ptr<double>(), n, grad_t.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_t;
+}
 
 std::tuple<at::Tensor, at::Tensor> coefficient_table_cuda(const at::Tensor& t_in, int64_t schedule_kind, double p0,
                                                           double p1, int64_t solver, int64_t order,

@@ -116,7 +116,9 @@ class LD3Trainer:
     schedule : its NoiseSchedule (default: ``model.schedule``; must agree with it).
     solver : an ld3_ext Solver or a name ("unipc", "dpmpp", "ipndm", "euler", "heun"; default UniPC(3, bh1)).
     nfe : network evaluations of the student (see :func:`check_nfe` for the rules).
-    loss : "l2", "l1", "pseudo_huber", "lpips" or a callable ``(pred, target) -> [B]``.
+    loss : "pseudo_huber" (default), "l2", "l1", "lpips" or a callable ``(pred, target) -> [B]``.  The
+        pseudo-Huber distance grows like a per-sample norm (as LPIPS does, the paper's choice), so a few
+        outlier samples do not dominate the batch as they do with "l2" (measured: benchmarks/bench_ld3.py).
     time_mode : "lambda" (default, pixel configs) or "time" (latent configs).
     init : "logsnr", "time_uniform", "time_quadratic", "edm" or an explicit grid.
     decoupled : learn the network-time shifts xi^c in phase 2.
@@ -161,7 +163,7 @@ class LD3Trainer:
     """
 
     def __init__(self, model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, solver: Any = None,
-                 nfe: Optional[int] = None, loss: Any = "l2", time_mode: str = "lambda", init: Any = "logsnr",
+                 nfe: Optional[int] = None, loss: Any = "pseudo_huber", time_mode: str = "lambda", init: Any = "logsnr",
                  decoupled: bool = True, *, win_rate: float = 0.5, gamma: float = 0.001,
                  radius: Optional[float] = None, shift_lr: Optional[float] = None, lr_xi: float = 0.005,
                  momentum: float = 0.9, lr_xi_min: float = 5e-5, lr_xi_c: Optional[float] = None,
@@ -310,6 +312,15 @@ class LD3Trainer:
             if target is None:
                 raise ValueError("fit(noise, target): target is missing")
             self._check_pair(noise, target, "noise", "target")
+            if cond is None and self.conditions is not None:
+                # conditions given to the constructor: one per pair (train pairs first, then valid pairs)
+                n_all = noise.shape[0] + (0 if valid_noise is None else valid_noise.shape[0])
+                if self.conditions.shape[0] != n_all:
+                    raise ValueError(f"conditions hold {self.conditions.shape[0]} entries but {n_all} pairs were given; "
+                                     "pass cond=/valid_cond= to fit()")
+                cond = self.conditions[:noise.shape[0]]
+                if valid_noise is not None and valid_cond is None:
+                    valid_cond = self.conditions[noise.shape[0]:]
             if valid_noise is None:
                 if valid_target is not None:
                     raise ValueError("valid_target given without valid_noise")
