@@ -166,22 +166,47 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _init_distributed(args):
+    """Join torchrun's process group (a no-op in a single process); under torchrun ``--device cuda`` becomes
+    this process's ``cuda:LOCAL_RANK`` (nccl), ``--device cpu`` uses gloo."""
+    from . import distributed
+    info = distributed.init_from_env(device=args.device)
+    if info.distributed and str(args.device).startswith("cuda"):
+        args.device = str(info.device)
+    return info
+
+
 def cmd_teacher(args) -> int:
     from .training.teacher import TeacherConfig, load_or_generate_teacher
-    model, schedule, dtype = _load(args)
-    cfg = TeacherConfig(solver=args.teacher_solver, order=args.teacher_order, nfe=args.teacher_nfe,
-                        n_train=args.n_train, n_valid=args.n_valid, seed=args.seed)
-    data = load_or_generate_teacher(model, schedule, cfg, cache_dir=os.path.join(args.out, "teacher"),
-                                    dtype=dtype, progress=not args.no_progress)
-    print(f"teacher pairs ready in {os.path.join(args.out, 'teacher')}: "
-          f"{data.train_noise.shape[0]} train, {data.valid_noise.shape[0]} valid")
+    from . import distributed
+    _init_distributed(args)  # under torchrun each rank generates its share of the chunks
+    try:
+        model, schedule, dtype = _load(args)
+        cfg = TeacherConfig(solver=args.teacher_solver, order=args.teacher_order, nfe=args.teacher_nfe,
+                            n_train=args.n_train, n_valid=args.n_valid, seed=args.seed)
+        data = load_or_generate_teacher(model, schedule, cfg, cache_dir=os.path.join(args.out, "teacher"),
+                                        dtype=dtype, progress=not args.no_progress)
+        if distributed.is_rank0():
+            print(f"teacher pairs ready in {os.path.join(args.out, 'teacher')}: "
+                  f"{data.train_noise.shape[0]} train, {data.valid_noise.shape[0]} valid")
+    finally:
+        distributed.destroy()
     return 0
 
 
 def cmd_train(args) -> int:
     from .training import LD3Trainer
     from . import distributed
-    distributed.init_from_env()
+    _init_distributed(args)
+    try:
+        return _train(args)
+    finally:
+        distributed.destroy()
+
+
+def _train(args) -> int:
+    from .training import LD3Trainer
+    from . import distributed
     model, schedule, dtype = _load(args)
     solver = _make_solver(args)
     os.makedirs(args.out, exist_ok=True)

@@ -70,16 +70,16 @@ class _VEModel(DiffusionModel):
         self.inner = model_or_denoiser if isinstance(model_or_denoiser, DiffusionModel) else None
         self.callback = callback
 
-    def predict(self, x, t, step=None, **kwargs):
+    def predict(self, x, t, step=None, returns="both", **kwargs):
         # t is the EDM sigma (float64 grid value): keep it in full precision for an inner schedule's t
         inner = self.inner
         if inner is None:
-            x0, eps = super().predict(x, t, step=step, **kwargs)
+            x0 = super().predict(x, t, step=step, returns="x0", **kwargs)[0]
         else:
             tt = inner.schedule.t_from_edm_sigma(t)
             a = inner.schedule.alpha(tt).to(x.dtype)
-            x0 = inner.predict(a * x, tt, step=step, **kwargs)[0]
-            eps = (x - x0) / t.to(x.dtype)
+            x0 = inner.predict(a * x, tt, step=step, returns="x0", **kwargs)[0]
+        eps = (x - x0) / torch.as_tensor(t).to(x.dtype) if returns != "x0" else None
         if self.callback is not None:
             self.callback({"x": x, "i": step, "sigma": t, "sigma_hat": t, "denoised": x0})
         return x0, eps

@@ -16,6 +16,11 @@ PREDICTIONS = ("eps", "x0", "v", "score", "velocity", "edm")
 TIME_INPUTS = ("t", "sigma", "index", "edm_noise")
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 class ModelOutputError(RuntimeError):
     """A wrapped network returned something unusable (wrong shape, NaN/Inf)."""
 
@@ -107,8 +112,15 @@ class DiffusionModel(torch.nn.Module):
         out_u, out_c = out.chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, step: Optional[int] = None, **kwargs):
-        """(x0_hat, eps_hat) at time t (a 0-d tensor in schedule units)."""
+    def predict(self, x: torch.Tensor, t: torch.Tensor, step: Optional[int] = None, returns: str = "both",
+                **kwargs):
+        """(x0_hat, eps_hat) at time t (a 0-d tensor in schedule units).
+
+        ``returns="x0"`` or ``"eps"`` computes only that view (the other entry is None): a solver that
+        needs one view saves the full-tensor passes of the conversion.
+        """
+        if returns not in ("both", "x0", "eps"):
+            raise ValueError(f"returns must be 'both', 'x0' or 'eps', got {returns!r}")
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t, dtype=torch.float64 if x.dtype != torch.float32 else x.dtype, device=x.device)
         if x.is_floating_point() and t.is_floating_point() and t.dtype != x.dtype:
@@ -122,42 +134,35 @@ class DiffusionModel(torch.nn.Module):
         if out.shape != x.shape:
             raise ModelOutputError(f"model output has shape {tuple(out.shape)}{where} (t={float(t):.6g}), "
                                    f"expected the input's shape {tuple(x.shape)}")
-        if self.check_output and not torch.isfinite(out).all():
+        # the finite check syncs with the device, and cannot be traced: skipped inside torch.compile
+        if self.check_output and not _compiling() and not torch.isfinite(out).all():
             raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t):.6g})")
         out = out.to(x.dtype)
         s = self.schedule
-        alpha, sigma = s.alpha(t).to(x.dtype), s.sigma(t).to(x.dtype)
         p = self.prediction
-        if p == "eps":
-            eps = out
-            x0 = (x - sigma * eps) / alpha
-        elif p == "x0":
-            x0 = out
-            eps = (x - alpha * x0) / sigma
-        elif p == "v":  # v = alpha eps - sigma x0; alpha^2 + sigma^2 = 1 for VP, divide for any other schedule
-            norm = alpha * alpha + sigma * sigma
-            x0 = (alpha * x - sigma * out) / norm
-            eps = (sigma * x + alpha * out) / norm
-        elif p == "score":
-            eps = -sigma * out
-            x0 = (x - sigma * eps) / alpha
-        elif p == "velocity":  # x_t = (1-t) x0 + t eps, v = eps - x0
+        want_x0, want_eps = returns != "eps", returns != "x0"
+        if p == "velocity":  # x_t = (1-t) x0 + t eps, v = eps - x0
             tt = t.to(x.dtype)
-            x0 = x - tt * out
-            eps = x + (1.0 - tt) * out
-        else:  # "edm": out is the denoised x0 in the VE view (x/alpha)
-            x0 = out
-            eps = (x - alpha * x0) / sigma
-        return x0, eps
+            return (x - tt * out if want_x0 else None), (x + (1.0 - tt) * out if want_eps else None)
+        alpha, sigma = s.alpha(t).to(x.dtype), s.sigma(t).to(x.dtype)
+        if p == "v":  # v = alpha eps - sigma x0; alpha^2 + sigma^2 = 1 for VP, divide for any other schedule
+            norm = alpha * alpha + sigma * sigma
+            return ((alpha * x - sigma * out) / norm if want_x0 else None,
+                    (sigma * x + alpha * out) / norm if want_eps else None)
+        if p in ("eps", "score"):
+            eps = out if p == "eps" else -sigma * out
+            return ((x - sigma * eps) / alpha if want_x0 else None), (eps if want_eps else None)
+        # "x0" and "edm": out is the denoised x0 (for "edm" in the VE view x/alpha, the same x0)
+        return (out if want_x0 else None), ((x - alpha * out) / sigma if want_eps else None)
 
     def x0(self, x, t, **kw):
-        return self.predict(x, t, **kw)[0]
+        return self.predict(x, t, returns="x0", **kw)[0]
 
     def eps(self, x, t, **kw):
-        return self.predict(x, t, **kw)[1]
+        return self.predict(x, t, returns="eps", **kw)[1]
 
     def forward(self, x, t, **kw):
-        return self.predict(x, t, **kw)[0]
+        return self.x0(x, t, **kw)
 
 
 def wrap_model(fn: Callable, schedule: NoiseSchedule, prediction: str = "eps", **kwargs) -> DiffusionModel:

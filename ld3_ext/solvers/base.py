@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import ops
 from ..coefficients import SolverSpec, step_orders
-from ..wrappers import DiffusionModel
+from ..wrappers import DiffusionModel, _compiling
 
 
 def _fail(name: str, msg: str):
@@ -127,21 +127,23 @@ class Solver:
         if x_T.dim() < 1 or x_T.shape[0] == 0:
             raise ValueError(f"x_T must have a non-empty batch dimension, got shape {tuple(x_T.shape)}")
         schedule = model.schedule
-        validate_timesteps(schedule, timesteps, x_T)
+        compiling = _compiling()  # value checks read tensors on the host: not traceable, skipped when compiling
+        if not compiling:
+            validate_timesteps(schedule, timesteps, x_T)
         if timesteps.numel() - 1 < self.min_steps():
             raise ValueError(f"timesteps: {type(self).__name__} needs at least {self.min_steps() + 1} entries")
         if model_timesteps is None:
             model_timesteps = timesteps
-        else:
+        elif not compiling:
             validate_model_timesteps(schedule, model_timesteps, timesteps)
         return self._solve(model, x_T, timesteps, model_timesteps, model_kwargs)
 
     def _evaluate(self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, step: int,
-                  kwargs: Dict[str, Any]):
+                  kwargs: Dict[str, Any], returns: str = "both"):
         if self.checkpoint_model and torch.is_grad_enabled():
-            return _checkpoint(lambda xx, tt: model.predict(xx, tt, step=step, **kwargs), x, t,
+            return _checkpoint(lambda xx, tt: model.predict(xx, tt, step=step, returns=returns, **kwargs), x, t,
                                use_reentrant=False)
-        return model.predict(x, t, step=step, **kwargs)
+        return model.predict(x, t, step=step, returns=returns, **kwargs)
 
     def _solve(self, model, x, t, tm, kwargs):
         raise NotImplementedError
@@ -161,7 +163,7 @@ class MultistepSolver(Solver):
         use_eps = spec.uses_noise_prediction
         history: List[torch.Tensor] = []  # newest first
         for i in range(1, n + 1):
-            x0, eps = self._evaluate(model, x, tm[i - 1], i - 1, kwargs)
+            x0, eps = self._evaluate(model, x, tm[i - 1], i - 1, kwargs, "eps" if use_eps else "x0")
             history.insert(0, eps if use_eps else x0)
             del history[spec.order:]
             p = orders[i - 1]

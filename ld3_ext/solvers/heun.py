@@ -36,9 +36,9 @@ class Heun(Solver):
         y = x / alp[0]
         n = t.numel() - 1
         for i in range(1, n + 1):
-            d0 = (y - self._evaluate(model, alp[i - 1] * y, tm[i - 1], 2 * (i - 1), kwargs)[0]) / sig[i - 1]
+            d0 = (y - self._evaluate(model, alp[i - 1] * y, tm[i - 1], 2 * (i - 1), kwargs, "x0")[0]) / sig[i - 1]
             dt = sig[i] - sig[i - 1]
             y1 = y + dt * d0
-            d1 = (y1 - self._evaluate(model, alp[i] * y1, tm[i], 2 * i - 1, kwargs)[0]) / sig[i]
+            d1 = (y1 - self._evaluate(model, alp[i] * y1, tm[i], 2 * i - 1, kwargs, "x0")[0]) / sig[i]
             y = y + dt * 0.5 * (d0 + d1)
         return alp[n] * y

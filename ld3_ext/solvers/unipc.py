@@ -42,13 +42,13 @@ class UniPC(MultistepSolver):
         n = t.numel() - 1
         coef = ops.coefficient_table(model.schedule, t, spec, self.backend)
         orders = step_orders(spec, n)
-        history: List[torch.Tensor] = [self._evaluate(model, x, tm[0], 0, kwargs)[0]]
+        history: List[torch.Tensor] = [self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]]
         for i in range(1, n + 1):
             p = orders[i - 1]
             x_pred = ops.multistep_update(x, coef[i - 1, 0, : 1 + p], history[:p], self.backend)
             if i == n:
                 return x_pred
-            d_new = self._evaluate(model, x_pred, tm[i], i, kwargs)[0]
+            d_new = self._evaluate(model, x_pred, tm[i], i, kwargs, "x0")[0]
             if self.use_corrector:
                 x = ops.multistep_update(x, coef[i - 1, 1, : 2 + p], [d_new] + history[:p], self.backend)
             else:

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as _dist
 
 from .. import discretizations
+from .. import distributed as D
 from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json,
                          load_safetensors_checked, read_json_checked, tensor_bytes)
 from ..solvers import Solver, UniPC
@@ -294,15 +296,31 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
     cache = None
     if cache_dir is not None:
         cache = TeacherCache(cache_dir, settings, n, batch_size, max_bytes)
-        cache.check_size(n * per_sample + 4096 * (cache.num_chunks + 1))
-        cache.open(regenerate=regenerate)
+        # under torch.distributed rank 0 validates/creates (or, with regenerate, clears) the cache first; the
+        # other ranks then only check it (or create it, on node-local disks); any failure stops every rank
+        for opener in ((True, False) if D.get_world_size() > 1 else (None,)):
+            err = None
+            if opener is None or opener == D.is_rank0():
+                try:
+                    cache.check_size(n * per_sample + 4096 * (cache.num_chunks + 1))
+                    cache.open(regenerate=regenerate and opener is not False)
+                except TeacherCacheError as e:
+                    if opener is None:
+                        raise
+                    err = e
+            if D.any_rank(err is not None):
+                raise err if err is not None else TeacherCacheError(
+                    f"another rank could not open the teacher cache in {cache_dir} (see its error)")
     chunks = []
     num_chunks = math.ceil(n / batch_size)
+    # the cache layout (chunk i = samples [i*batch_size, (i+1)*batch_size)) does not depend on the number of
+    # ranks: each rank generates/loads its contiguous share of the chunks, then the shares are all-gathered
+    mine = D.shard_range(num_chunks)
     try:
         from tqdm.auto import tqdm
-        it = tqdm(range(num_chunks), desc="teacher", disable=not progress, leave=False)
+        it = tqdm(mine, desc="teacher", disable=not progress or not D.is_rank0(), leave=False)
     except ImportError:  # tqdm is a dependency, but keep generation working without it
-        it = range(num_chunks)
+        it = mine
     for i in it:
         lo, hi = i * batch_size, min(n, (i + 1) * batch_size)
         got = cache.load_chunk(i) if cache is not None else None
@@ -325,10 +343,27 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
                     cache.check_size(cache.existing_bytes() + per_sample * (hi - lo))
                 cache.write_chunk(i, got)
         chunks.append(got)
-    out = {k: torch.cat([c[k] for c in chunks]).to(device) for k in chunks[0]}
+    if D.get_world_size() > 1:
+        out = _gather_chunks(chunks, n, z_all, conditions, dtype, device)
+    else:
+        out = {k: torch.cat([c[k] for c in chunks]).to(device) for k in chunks[0]}
     if not torch.equal(out["noise"].cpu(), z_all):
         raise TeacherCacheError(f"the noise stored in {cache_dir} does not match seed {seed}; the cache is damaged")
     return out
+
+
+def _gather_chunks(chunks, n, z_all, conditions, dtype, device) -> Dict[str, torch.Tensor]:
+    """All ranks' chunk shares, concatenated in rank (= sample) order, on ``device``.  A rank with no chunks
+    (more ranks than chunks) contributes empty tensors."""
+    if chunks:
+        local = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+    else:
+        local = {"noise": z_all[:0], "target": z_all[:0].to(dtype)}
+        if conditions is not None:
+            local["cond"] = conditions[:0].cpu()
+    # nccl moves CUDA tensors only; gloo CPU ones
+    dev = torch.device("cuda", torch.cuda.current_device()) if _dist.get_backend() == "nccl" else torch.device("cpu")
+    return {k: D.all_gather_shards(local[k].to(dev), n).to(device) for k in sorted(local)}
 
 
 @dataclass

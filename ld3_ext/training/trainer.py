@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .. import distributed as D
 from ..atomic_io import CorruptFileError, atomic_save_safetensors, canonical_json, load_safetensors_checked, \
     tensor_bytes
 from ..coefficients import step_orders
@@ -443,11 +444,13 @@ class LD3Trainer:
     @torch.no_grad()
     def _eval_set(self, z_all, y_all, c_all, t, tm) -> float:
         tot, n = 0.0, 0
-        for lo in range(0, z_all.shape[0], self.valid_batch_size):
-            sl = slice(lo, lo + self.valid_batch_size)
+        mine = D.shard_range(z_all.shape[0])  # everything in one process; this rank's rows under torch.distributed
+        for lo in range(mine.start, mine.stop, self.valid_batch_size):
+            sl = slice(lo, min(lo + self.valid_batch_size, mine.stop))
             ls = self._losses(z_all[sl], y_all[sl], None if c_all is None else c_all[sl], t, tm)
             tot += float(ls.sum())
             n += ls.shape[0]
+        tot, n = D.reduce_scalars([tot, n])
         return tot / n
 
     def _project(self, z: torch.Tensor, z_new: torch.Tensor) -> torch.Tensor:
@@ -459,8 +462,14 @@ class LD3Trainer:
         return z + diff * scale
 
     def _relax_step(self, idx, z_key, y_key, c_key, train_params: bool, phase: int):
-        """Steps a-e of LD3.md 1.4 on one batch; returns (reference losses, proposed z')."""
+        """Steps a-e of LD3.md 1.4 on one batch; returns (reference losses, proposed z') of this rank's part.
+
+        ``idx`` is the global batch (the same on every rank); under torch.distributed each rank solves its part
+        ``D.local_part(idx)`` and the schedule-parameter gradients are averaged, weighted by the part sizes, so
+        every rank takes the single-process step."""
         d, st = self._data, self.st
+        n_glob = len(idx)
+        idx = D.local_part(idx)
         z_rel = st[z_key + "_rel"][idx].detach().clone()
         relax = self.radius() > 0
         if relax:
@@ -469,18 +478,33 @@ class LD3Trainer:
         self.param.xi.requires_grad_(train_params)
         self.param.xi_c.requires_grad_(train_params and phase == 2 and self.decoupled)
         t, tm = self.param()
-        losses = self._losses(z_rel, d[y_key][idx], cond, t, tm)
-        loss = losses.mean()
-        if not torch.isfinite(loss):
-            self._nonfinite(f"the training loss is {float(loss.detach())}")
         self.opt_xi.zero_grad(set_to_none=True)
         self.opt_c.zero_grad(set_to_none=True)
-        if loss.requires_grad:
+        if len(idx) > 0:
+            losses = self._losses(z_rel, d[y_key][idx], cond, t, tm)
+            loss = losses.mean()
+            bad = not bool(torch.isfinite(loss))
+        else:  # more ranks than samples in this batch: this rank only joins the collectives
+            losses, bad = z_rel.new_zeros(0), False
+        if D.any_rank(bad):
+            self._nonfinite(f"the training loss is {float(loss.detach()) if bad else 'not finite on another rank'}")
+        if len(idx) > 0 and loss.requires_grad:
             loss.backward()
+        if D.get_world_size() > 1:
+            grads = []
+            for p in (self.param.xi, self.param.xi_c):
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad if p.requires_grad else None)
+            D.all_reduce_mean_(grads, weight=len(idx))
         proposal = None
         if relax:
             g = z_rel.grad
-            if g is None or not torch.isfinite(g).all():
+            if len(idx) == 0:
+                g = torch.zeros_like(z_rel)
+            elif g is not None and len(idx) != n_glob:
+                g = g * (len(idx) / n_glob)  # d(global batch mean)/dz: this rank's mean covers len(idx) samples
+            if D.any_rank(g is None or not bool(torch.isfinite(g).all())):
                 self._nonfinite("the gradient w.r.t. the starting noise is not finite")
             proposal = z_rel.detach() - st["shift_lr"] * g
         if train_params:
@@ -501,13 +525,31 @@ class LD3Trainer:
         if proposal is None:
             return False
         d, st = self._data, self.st
+        cur = st[z_key + "_rel"]
+        if D.get_world_size() > 1:
+            # this rank decides for its part of the global batch ``idx``; the rows are then all-gathered so that
+            # every rank holds the full relaxed noise (checkpoints, best-state reloads and the next round need it)
+            loc = D.local_part(idx)
+            rows = cur[loc]
+            moved = False
+            if len(loc) > 0:
+                z_new = self._project(d[z_key][loc], proposal)
+                t, tm = self.param()
+                new_losses = self._losses(z_new, d[y_key][loc], None if d[c_key] is None else d[c_key][loc], t, tm)
+                keep = torch.isfinite(new_losses) & (new_losses < ref_losses)
+                rows = torch.where(keep.reshape(-1, *[1] * (z_new.dim() - 1)), z_new, rows)
+                moved = bool(keep.any())
+            rows = D.all_gather_shards(rows, len(idx))
+            if D.any_rank(moved):
+                cur[idx] = rows
+                return True
+            return False
         z_new = self._project(d[z_key][idx], proposal)
         t, tm = self.param()
         cond = None if d[c_key] is None else d[c_key][idx]
         new_losses = self._losses(z_new, d[y_key][idx], cond, t, tm)
         keep = torch.isfinite(new_losses) & (new_losses < ref_losses)
         if keep.any():
-            cur = st[z_key + "_rel"]
             mask = keep.reshape(-1, *[1] * (z_new.dim() - 1))
             cur[idx] = torch.where(mask, z_new, cur[idx])
         return bool(keep.any())
@@ -600,7 +642,9 @@ class LD3Trainer:
         try:
             sched = self.current_schedule(best=True)
             if self.checkpoint_dir is not None:
-                saved = sched.save(os.path.join(self.checkpoint_dir, LAST_GOOD_FILE))
+                saved = os.path.join(self.checkpoint_dir, LAST_GOOD_FILE)
+                if D.is_rank0():  # every rank raises; one writes
+                    saved = sched.save(saved)
         except Exception:  # the error below matters more than a failed rescue
             pass
         where = f"; the last good schedule was saved to {saved}" if saved else "; the last good schedule is in .schedule"
@@ -614,6 +658,9 @@ class LD3Trainer:
     def _save_checkpoint(self):
         path = self._ckpt_path()
         if path is None:
+            return
+        if not D.is_rank0():  # all ranks hold the same state (see _accept); rank 0 writes it
+            D.barrier()
             return
         st = self.st
         tensors = {"xi": self.param.xi.detach(), "xi_c": self.param.xi_c.detach(), "rng": self.gen.get_state()}
@@ -630,6 +677,7 @@ class LD3Trainer:
         scalars = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
         meta = {"settings": self.settings(), "state": scalars, "optimizers": opt_meta, "history": self.history}
         atomic_save_safetensors(path, tensors, meta)
+        D.barrier()
 
     def _try_resume(self) -> bool:
         path = self._ckpt_path()
@@ -670,6 +718,12 @@ class LD3Trainer:
         self.history = []
         self._build()
         resumed = self._try_resume()
+        if D.get_world_size() > 1:
+            lo, hi = D.reduce_scalars([float(resumed)], op="min") + D.reduce_scalars([float(resumed)], op="max")
+            if lo != hi:
+                raise CheckpointMismatchError(
+                    f"only some ranks found the training checkpoint in {self.checkpoint_dir}: under torch.distributed "
+                    "the checkpoint_dir must be on a filesystem that every rank (every node) sees")
         st, d = self.st, self._data
         if not resumed:
             with torch.no_grad():
@@ -684,7 +738,7 @@ class LD3Trainer:
         n_val_batches = math.ceil(d["z_valid"].shape[0] / self.batch_size)
         total_rounds = self.rounds_v1 + self.rounds_v2
         bar = None
-        if self.progress:
+        if self.progress and D.is_rank0():
             from tqdm.auto import tqdm
             bar = tqdm(total=total_rounds * n_batches, initial=min(st["iteration"], total_rounds * n_batches),
                        desc=f"LD3 nfe={self.nfe}", leave=False)
@@ -706,6 +760,9 @@ class LD3Trainer:
                         st["iteration"] += 1
                         info = {"iteration": st["iteration"], "round": st["round"] + 1, "phase": phase,
                                 "train_loss": float(ref.mean())}
+                        if D.get_world_size() > 1:  # ref holds this rank's part of the batch
+                            tot, cnt = D.reduce_scalars([float(ref.sum()), ref.numel()])
+                            info["train_loss"] = tot / cnt
                         if st["iteration"] % every == 0 or pos == n_batches - 1:
                             info.update(self._validate(phase))
                         self._accept(idx, "z_train", "y_train", "c_train", ref, prop)
@@ -746,7 +803,9 @@ class LD3Trainer:
                 bar.close()
         result = self.current_schedule(best=True)
         if self.checkpoint_dir is not None:
-            result.save(os.path.join(self.checkpoint_dir, SCHEDULE_FILE))
+            if D.is_rank0():
+                result.save(os.path.join(self.checkpoint_dir, SCHEDULE_FILE))
+            D.barrier()
         return result
 
 
