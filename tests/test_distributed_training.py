@@ -1,0 +1,120 @@
+"""``torchrun --nproc_per_node=2 -m ld3_ext.cli teacher|train`` (gloo, CPU) reproduces the single-process run.
+
+Three launches of the real CLI on the float64 ring2d mixture (30 teacher pairs = two cache chunks of 25 + 5):
+
+* A: ``teacher`` under torchrun with 2 ranks (each rank generates one chunk), then ``train`` in ONE process
+  on the same --out: it must reuse the 2-rank cache unchanged (the cache layout does not depend on the world
+  size);
+* B: ``train`` under torchrun with 2 ranks from scratch: sharded teacher generation, each rank solving its half
+  of every global batch, all-reduced schedule gradients, gathered relaxed noises, rank 0 writing the files.
+
+The two schedules (and the trainers' final states) must agree to float64 round-off: with batch size B and W
+ranks each rank takes B/W samples of the same global batch, so only the order of the reductions differs.
+Finally a 2-rank run against a cache made with other settings must stop both ranks with a clear error.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ld3_ext.atomic_io import load_safetensors_checked
+from ld3_ext.schedule_file import load_schedule
+
+SETTINGS = ["--model", "gmm:ring2d", "--n-train", "26", "--n-valid", "4", "--threads", "1", "--no-progress"]
+TRAIN = ["--nfe", "4", "--rounds-v1", "1", "--rounds-v2", "1"]
+TOL = 1e-10
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ)
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(v, None)
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(args, nproc=1, ok=True):
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={_free_port()}", "-m", "ld3_ext.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "ld3_ext.cli", *args]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    if not ok:
+        assert p.returncode != 0, f"{' '.join(cmd)} should have failed"
+        return p.stdout + p.stderr
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def _mtimes(d):
+    return {f: os.stat(os.path.join(d, f)).st_mtime_ns for f in sorted(os.listdir(d))}
+
+
+def test_torchrun_two_ranks_match_single_process(tmp_path):
+    a, b = str(tmp_path / "A"), str(tmp_path / "B")
+    # A: teacher on 2 ranks, training on 1
+    out = _run(["teacher", *SETTINGS, "--out", a], nproc=2)
+    assert out.count("teacher pairs ready") == 1  # rank 0 alone prints
+    cache = os.path.join(a, "teacher")
+    assert sorted(os.listdir(cache)) == ["chunk_00000.safetensors", "chunk_00001.safetensors", "meta.json"]
+    before = _mtimes(cache)
+    _run(["train", *SETTINGS, *TRAIN, "--out", a])
+    assert _mtimes(cache) == before, "the 1-process run must reuse the cache written by 2 ranks"
+    # B: everything on 2 ranks
+    out = _run(["train", *SETTINGS, *TRAIN, "--out", b], nproc=2)
+    assert out.count("wrote ") == 1  # rank 0 alone writes/prints
+
+    # the teacher caches made by 1 and 2 ranks are identical
+    for f in ("chunk_00000.safetensors", "chunk_00001.safetensors"):
+        ta, _ = load_safetensors_checked(os.path.join(a, "teacher", f))
+        tb, _ = load_safetensors_checked(os.path.join(b, "teacher", f))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+    sa, sb = load_schedule(os.path.join(a, "schedule.json")), load_schedule(os.path.join(b, "schedule.json"))
+    assert sa.timesteps.dtype == torch.float64
+    torch.testing.assert_close(sb.timesteps, sa.timesteps, rtol=0, atol=TOL)
+    torch.testing.assert_close(sb.model_timesteps, sa.model_timesteps, rtol=0, atol=TOL)
+    assert sa.metrics["best_iteration"] == sb.metrics["best_iteration"]
+    assert abs(sa.metrics["valid_loss_best"] - sb.metrics["valid_loss_best"]) <= TOL
+    # learning happened (the comparison is not between two untouched initial grids)
+    assert sa.metrics["relative_improvement"] > 0
+
+    # the whole final training state agrees: current parameters (phase 2 moved xi^c), optimizer state,
+    # relaxed noises (gathered from both ranks), shuffling
+    ca, ma = load_safetensors_checked(os.path.join(a, "checkpoint", "ld3_trainer_state.safetensors"))
+    cb, mb = load_safetensors_checked(os.path.join(b, "checkpoint", "ld3_trainer_state.safetensors"))
+    assert ca.keys() == cb.keys()
+    assert ca["xi_c"].abs().max() > 0
+    noise = torch.cat([load_safetensors_checked(os.path.join(a, "teacher", f))[0]["noise"]
+                       for f in ("chunk_00000.safetensors", "chunk_00001.safetensors")])
+    assert (ca["z_train_rel"] - noise[:26]).abs().max() > 0  # the relaxed noises moved (and are compared below)
+    for k in ca:
+        if ca[k].is_floating_point():
+            torch.testing.assert_close(cb[k], ca[k], rtol=0, atol=TOL, msg=k)
+        else:
+            assert torch.equal(ca[k], cb[k]), k
+    la = [h.get("valid_hard") for h in ma["history"]]
+    lb = [h.get("valid_hard") for h in mb["history"]]
+    assert len(la) == len(lb) and all(abs(x - y) <= TOL for x, y in zip(la, lb))
+    ta_ = [h["train_loss"] for h in ma["history"]]
+    tb_ = [h["train_loss"] for h in mb["history"]]  # the global-batch loss, reduced over the ranks
+    assert all(abs(x - y) <= TOL for x, y in zip(ta_, tb_))
+
+    # bad input under torchrun: a cache made with other settings stops every rank with a clear error (no hang)
+    err = _run(["train", *SETTINGS[:2], "--n-train", "20", *SETTINGS[4:], *TRAIN, "--out", a], nproc=2, ok=False)
+    assert "TeacherCacheMismatch" in err and "another rank could not open the teacher cache" in err
+    assert _mtimes(cache) == before
