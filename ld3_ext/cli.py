@@ -195,7 +195,6 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training import LD3Trainer
     from . import distributed
     _init_distributed(args)
     try:
