@@ -8,9 +8,7 @@ teacher-RMSE on held-out noises (default 256, never seen in training) for the le
 for time-uniform, time-quadratic, logSNR, EDM (rho = 7), DMN and GITS.  Teachers: the exact ODE
 solution for the analytic mixtures, UniPC(3, bh1) with 20 NFE on a logSNR grid for the digits model.
 
-Memory: bytes saved for backward by one differentiable DPM-Solver++(3M) solve of the digits model
-at NFE 4 and 10, with and without per-step checkpointing (counted with saved_tensors_hooks, which is
-exact and independent of the allocator).
+Memory vs NFE is measured by benchmarks/bench_memory.py.
 """
 from __future__ import annotations
 
@@ -59,35 +57,6 @@ def baseline_grids(model, schedule, solver, nfe, seed):
     except Exception as exc:  # report, don't hide: the record says which baselines ran
         print(f"  (model-based baselines unavailable: {type(exc).__name__}: {exc})")
     return grids
-
-
-def saved_bytes(fn):
-    """Total bytes of tensors autograd saves for backward while running fn()."""
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    out.sum().backward()
-    return total[0]
-
-
-def memory_case(n=64):
-    model, schedule = load_model("digits")
-    shape = getattr(model, "sample_shape", (1, 8, 8))
-    x_T = schedule.prior_std() * torch.randn(n, *shape, generator=torch.Generator().manual_seed(0))
-    rec = {}
-    for ckpt in (False, True):
-        for nfe in (4, 10):
-            t = discretizations.logsnr_uniform(schedule, nfe).requires_grad_(True)
-            solver = DPMSolverPP(order=3, checkpoint_model=ckpt)
-            rec[f"ckpt={ckpt},nfe={nfe}"] = saved_bytes(lambda: solver.sample(model, x_T, t))
-    rec["ratio_nfe10_vs_4_with_ckpt"] = rec["ckpt=True,nfe=10"] / rec["ckpt=True,nfe=4"]
-    rec["ratio_nfe10_vs_4_without_ckpt"] = rec["ckpt=False,nfe=10"] / rec["ckpt=False,nfe=4"]
-    return rec
 
 
 def main():
@@ -140,9 +109,6 @@ def main():
                 records.append(rec)
                 print(f"  {model_name:15s} {sname:6s} NFE {nfe:2d}  ld3 {med['ld3']:.4f}  best {best_name} "
                       f"{med[best_name]:.4f}  reduction {100 * gain:5.1f}%  train {train_s:5.1f}s", flush=True)
-    mem = memory_case() if "digits" in args.models else None
-    if mem:
-        print("saved-for-backward bytes (digits, DPM-Solver++(3M), batch 64):", json.dumps(mem))
     print("\n| model | solver | NFE | " + " | ".join(HAND + ["dmn", "gits", "ld3"]) + " | reduction vs best | train s |")
     print("|" + "---|" * (len(HAND) + 8))
     for r in records:
@@ -154,7 +120,7 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"records": records, "memory": mem}, f, indent=1)
+            json.dump({"records": records}, f, indent=1)
         os.replace(tmp, args.json)
         print(f"wrote {args.json}")
 
