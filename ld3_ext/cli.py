@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(tr)
     tr.add_argument("--loss", default="pseudo_huber", help="pseudo_huber | l2 | l1 | lpips")
     tr.add_argument("--time-mode", default="lambda", choices=["lambda", "time"])
-    tr.add_argument("--init", default="logsnr", help="logsnr | time_uniform | time_quadratic | edm")
+    tr.add_argument("--init", default="auto", help="auto (best of the candidates below and DMN on the validation "
+                    "set) | logsnr | time_uniform | time_quadratic | edm")
     tr.add_argument("--n-train", type=int, default=50)
     tr.add_argument("--n-valid", type=int, default=50)
     tr.add_argument("--rounds-v1", type=int, default=2)

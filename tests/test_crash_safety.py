@@ -21,6 +21,7 @@ from ld3_ext.schedule_file import load_schedule
 from ld3_ext.solvers import DPMSolverPP
 from ld3_ext.training import CheckpointMismatchError, LD3Trainer
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_ARGS = ["--model", "gmm:ring2d", "--nfe", "4", "--order", "2", "--n-train", "8", "--n-valid", "4",
               "--rounds-v1", "1", "--rounds-v2", "3", "--teacher-nfe", "6", "--seed", "5", "--threads", "1",

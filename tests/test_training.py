@@ -283,7 +283,8 @@ def test_nan_loss_names_iteration_and_keeps_last_good_schedule(ring, tmp_path):
         out = (pred - target).pow(2).flatten(1).mean(1)
         return out * float("nan") if calls["n"] > 12 else out
 
-    tr = _small(model, mix, loss=flaky, checkpoint_dir=str(tmp_path))
+    # a fixed init: init="auto" would spend loss calls of its own on scoring the candidate grids
+    tr = _small(model, mix, loss=flaky, checkpoint_dir=str(tmp_path), init="logsnr")
     with pytest.raises(NonFiniteLossError, match=r"iteration \d+") as ei:
         tr.fit()
     err = ei.value
@@ -360,3 +361,14 @@ def test_conditioning_with_guidance_is_passed_through(ring):
     assert seen and all(b % 2 == 0 for b in seen)  # [uncond; cond] batched together
     assert res.metrics["valid_loss_best"] < res.metrics["valid_loss_init"]
     assert res.guidance_scale == 2.0
+
+
+def test_auto_init_starts_from_the_best_candidate(ring):
+    mix, s, model = ring
+    tr = _small(model, mix, rounds_v1=1, rounds_v2=0)
+    learned = tr.fit()
+    scores = learned.metrics["init_candidates_valid_loss"]
+    assert set(scores) >= {"logsnr", "edm", "time_quadratic", "time_uniform"}
+    assert learned.metrics["init_choice"] == min(scores, key=scores.get)
+    # best-so-far selection: the learned grid is never worse on validation than where it started
+    assert learned.metrics["valid_loss_best"] <= min(scores.values()) + 1e-12

@@ -23,6 +23,7 @@ import hashlib
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -37,7 +38,7 @@ from ..schedules import NoiseSchedule
 from ..solvers import MultistepSolver, Solver, make_solver
 from ..wrappers import DiffusionModel, ModelOutputError
 from .losses import get_loss, loss_name, per_sample
-from .parameterization import TimeParameterization
+from .parameterization import TimeParameterization, init_timesteps
 from .teacher import generate_teacher_data, make_teacher, model_identity
 
 CHECKPOINT_FILE = "ld3_trainer_state.safetensors"
@@ -121,7 +122,8 @@ class LD3Trainer:
         pseudo-Huber distance grows like a per-sample norm (as LPIPS does, the paper's choice), so a few
         outlier samples do not dominate the batch as they do with "l2" (measured: benchmarks/bench_ld3.py).
     time_mode : "lambda" (default, pixel configs) or "time" (latent configs).
-    init : "logsnr", "time_uniform", "time_quadratic", "edm" or an explicit grid.
+    init : "auto" (default: the candidate among logSNR, EDM, time-quadratic, time-uniform and DMN with the
+        lowest validation loss; the paper used logSNR), one of those names, or an explicit grid.
     decoupled : learn the network-time shifts xi^c in phase 2.
     win_rate : window of the shifts as a fraction of the smallest gap (<= 0.5).
     gamma, radius : ball radius r = gamma * d / NFE^2 on the unit-variance noise (``radius`` overrides; 0 = hard loss).
@@ -164,7 +166,7 @@ class LD3Trainer:
     """
 
     def __init__(self, model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, solver: Any = None,
-                 nfe: Optional[int] = None, loss: Any = "pseudo_huber", time_mode: str = "lambda", init: Any = "logsnr",
+                 nfe: Optional[int] = None, loss: Any = "pseudo_huber", time_mode: str = "lambda", init: Any = "auto",
                  decoupled: bool = True, *, win_rate: float = 0.5, gamma: float = 0.001,
                  radius: Optional[float] = None, shift_lr: Optional[float] = None, lr_xi: float = 0.005,
                  momentum: float = 0.9, lr_xi_min: float = 5e-5, lr_xi_c: Optional[float] = None,
@@ -400,8 +402,37 @@ class LD3Trainer:
         per_round = math.ceil(self._data["z_train"].shape[0] / self.batch_size)
         return 1 if nv <= 200 else max(1, per_round // 10)
 
+    AUTO_INIT_CANDIDATES = ("logsnr", "edm", "time_quadratic", "time_uniform", "dmn")
+
+    def _auto_init(self) -> torch.Tensor:
+        """init="auto": start from whichever candidate grid (hand-made or DMN) has the lowest hard
+        validation loss, so training starts at least as good as the best of them."""
+        d = self._data
+        grids = {}
+        for name in self.AUTO_INIT_CANDIDATES:
+            try:
+                if name == "dmn":
+                    from ..baselines import dmn
+                    grids[name] = dmn(self.schedule, self.num_steps, order=min(3, self.solver.order))
+                else:
+                    grids[name] = init_timesteps(self.schedule, self.num_steps, name)
+            except Exception as exc:  # a candidate that cannot be built is skipped, not fatal
+                warnings.warn(f"init='auto': candidate {name!r} unavailable ({type(exc).__name__}: {exc})")
+        scores = {}
+        for name, g in grids.items():
+            g = g.to(self.device)
+            scores[name] = self._eval_set(d["z_valid"], d["y_valid"], d["c_valid"], g, g)
+        finite = {k: v for k, v in scores.items() if math.isfinite(v)}
+        if not finite:
+            raise NonFiniteLossError("init='auto': every candidate grid gives a non-finite validation loss",
+                                     0, None, None)
+        self.init_choice = min(finite, key=finite.get)
+        self.init_scores = scores
+        return grids[self.init_choice]
+
     def _build(self):
-        self.param = TimeParameterization(self.schedule, self.num_steps, self.time_mode, self.init, self.decoupled,
+        init = self._auto_init() if (isinstance(self.init, str) and self.init == "auto") else self.init
+        self.param = TimeParameterization(self.schedule, self.num_steps, self.time_mode, init, self.decoupled,
                                           self.win_rate).to(self.device)
         self.opt_xi = torch.optim.RMSprop([self.param.xi], lr=self.lr_xi, momentum=self.momentum)
         self.opt_c = torch.optim.SGD([self.param.xi_c], lr=self.lr_xi_c)
@@ -625,6 +656,9 @@ class LD3Trainer:
             "best_iteration": st["best_iteration"], "iterations": st["iteration"], "rounds": st["round"],
             "stop_reason": st["stop_reason"], "train_seconds": round(st["elapsed"], 3),
         }
+        if getattr(self, "init_choice", None) is not None:
+            metrics["init_choice"] = self.init_choice
+            metrics["init_candidates_valid_loss"] = self.init_scores
         last = next((h for h in reversed(self.history) if "valid_hard" in h), None)
         if last is not None:
             metrics["valid_loss_hard_last"] = last["valid_hard"]
