@@ -35,6 +35,13 @@ def _as_tensor(t, like: Optional[torch.Tensor] = None) -> torch.Tensor:
     return torch.as_tensor(t, dtype=dtype, device=device)
 
 
+def _num(name: str, v) -> float:
+    """float(v), or a TypeError naming the argument."""
+    if isinstance(v, (bool, str)) or not hasattr(v, "__float__"):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    return float(v)
+
+
 class NoiseSchedule:
     """Base class. Subclasses implement ``log_alpha``, ``sigma``-side and ``inverse_lambda``."""
 
@@ -114,6 +121,7 @@ class EDM(NoiseSchedule):
     name = "edm"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        sigma_min, sigma_max = _num("EDM: sigma_min", sigma_min), _num("EDM: sigma_max", sigma_max)
         if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
             raise ValueError(f"EDM: need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
@@ -174,7 +182,9 @@ class VPCosine(NoiseSchedule):
     name = "vp_cosine"
 
     def __init__(self, s: float = 0.008, t_max: Optional[float] = None, t_min: float = 1e-3):
-        self.s = float(s)
+        self.s = _num("VPCosine: s", s)
+        if not 0 <= self.s < 1.0:
+            raise ValueError(f"VPCosine: need 0 <= s < 1, got s={s}")
         # alpha reaches 0 at t = 1; DPM-Solver's end time T = 0.9946 (lambda(T) = -4.78 for s = 0.008)
         if t_max is None:
             t_max = 0.9946

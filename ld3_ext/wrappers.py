@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Union
 
+import math
+
 import torch
 
 from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
@@ -68,7 +70,12 @@ class DiffusionModel(torch.nn.Module):
         if time_input == "index" and not isinstance(schedule, VPDiscrete):
             raise ValueError("time_input='index' needs a VPDiscrete schedule")
         if guidance_scale is not None:
-            guidance_scale = float(guidance_scale)
+            try:
+                guidance_scale = float(guidance_scale)
+            except (TypeError, ValueError):
+                raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}") from None
+            if not math.isfinite(guidance_scale):
+                raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         self.fn = fn
         if isinstance(fn, torch.nn.Module):
             self.net = fn  # registered so .to()/.eval() reach it
@@ -136,7 +143,7 @@ class DiffusionModel(torch.nn.Module):
                                    f"expected the input's shape {tuple(x.shape)}")
         # the finite check syncs with the device, and cannot be traced: skipped inside torch.compile
         if self.check_output and not _compiling() and not torch.isfinite(out).all():
-            raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t):.6g})")
+            raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t.detach()):.6g})")
         out = out.to(x.dtype)
         s = self.schedule
         p = self.prediction

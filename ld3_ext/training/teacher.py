@@ -399,6 +399,8 @@ def load_or_generate_teacher(model: DiffusionModel, schedule=None, config: Optio
     """Generate (or reuse from ``cache_dir``) a teacher set; see :class:`TeacherConfig`."""
     from ..solvers import make_solver
 
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"model must be a DiffusionModel (see ld3_ext.wrap_model), got {type(model).__name__}")
     cfg = config or TeacherConfig()
     if schedule is not None and canonical_json(schedule.config()) != canonical_json(model.schedule.config()):
         raise ValueError("schedule differs from the model's schedule")

@@ -225,6 +225,15 @@ class LD3Trainer:
             raise ValueError(f"valid_every must be None or an int >= 1, got {valid_every!r}")
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
+        for name, v in (("lr_xi", lr_xi), ("lr_xi_c", lr_xi_c), ("shift_lr", shift_lr)):  # issue 6 audit
+            if v is not None and (isinstance(v, (bool, str)) or not 0 < float(v) < math.inf):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if cache_max_bytes is not None and (not isinstance(cache_max_bytes, int) or cache_max_bytes < 1):
+            raise ValueError(f"cache_max_bytes must be None or an int >= 1, got {cache_max_bytes!r}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if device is not None and torch.device(device).type == "meta":
+            raise ValueError("device='meta' holds no data: LD3 training needs a real device (cpu/cuda)")
         self.time_mode, self.init, self.decoupled, self.win_rate = time_mode, init, bool(decoupled), float(win_rate)
         self.gamma = float(gamma)
         self.radius_override = radius
@@ -315,6 +324,9 @@ class LD3Trainer:
             if target is None:
                 raise ValueError("fit(noise, target): target is missing")
             self._check_pair(noise, target, "noise", "target")
+            if self.sample_shape is not None and tuple(noise.shape[1:]) != self.sample_shape:
+                raise ValueError(f"noise has per-sample shape {tuple(noise.shape[1:])} but sample_shape is "
+                                 f"{self.sample_shape}")
             if cond is None and self.conditions is not None:
                 # conditions given to the constructor: one per pair (train pairs first, then valid pairs)
                 n_all = noise.shape[0] + (0 if valid_noise is None else valid_noise.shape[0])
