@@ -356,11 +356,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors():
+    """Exceptions that describe a problem with the user's input or files: shown as one line, no traceback."""
+    from .atomic_io import CorruptFileError
+    from .training import CheckpointMismatchError, LossUnavailableError, NonFiniteLossError, TeacherCacheError
+    from .wrappers import ModelOutputError
+    return (CorruptFileError, CheckpointMismatchError, LossUnavailableError, NonFiniteLossError, TeacherCacheError,
+            ModelOutputError, FileNotFoundError, ValueError, TypeError)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "nfe", 1) < 1:
         raise SystemExit("error: --nfe must be >= 1")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        if os.environ.get("LD3_TRACEBACK"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print("(set LD3_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -55,3 +55,12 @@ def test_factory_must_return_model_and_schedule(monkeypatch):
 def test_cli_reports_bad_model_cleanly(tmp_path):
     with pytest.raises(SystemExit, match="unknown mixture"):
         cli.main(["sample", "--model", "gmm:nope", "--out", str(tmp_path)])
+
+
+def test_corrupt_schedule_file_is_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "schedule.json"
+    bad.write_text('{"format": "ld3_ext.schedule", "version": 1, "timesteps": [1, 2')  # truncated
+    rc = cli.main(["eval", "--schedule", str(bad), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "error:" in err and str(bad) in err and "Traceback" not in err
