@@ -149,6 +149,7 @@ def cmd_sample(args) -> int:
     if args.schedule:
         from .schedule_file import load_schedule
         learned = load_schedule(args.schedule)
+        learned.check_guidance(model.guidance_scale)
         grids["ld3"] = learned.timesteps
     rows, samples = [], {"teacher": target}
     for name, t in grids.items():
@@ -238,6 +239,7 @@ def cmd_eval(args) -> int:
     if not args.model:
         raise SystemExit(f"error: --model: {path} does not record which model it was trained for; pass --model")
     model, schedule, dtype = _load(args)
+    learned.check_guidance(model.guidance_scale)
     solver = learned.solver()
     nfe = learned.nfe
     x_T = _prior(model, schedule, args.n, args.seed + 10_000, args.device).to(dtype)  # held-out noises

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
+import warnings
 from typing import Any, Dict, Optional
 
 import torch
@@ -98,8 +99,19 @@ class LearnedSchedule:
         from .solvers import solver_from_config
         return solver_from_config(self.solver_config, **overrides)
 
+    def check_guidance(self, guidance_scale: Optional[float]) -> bool:
+        """Warn (and return False) when used at another classifier-free guidance scale than trained for:
+        the ODE, hence the best grid, changes with the scale."""
+        a, b = self.guidance_scale, guidance_scale
+        same = (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a)))
+        if not same:
+            warnings.warn(f"this schedule was learned at guidance scale {a}, and is being used at {b}; "
+                          "learn one for this scale for best results", UserWarning, stacklevel=3)
+        return same
+
     def sample(self, model, x_T: torch.Tensor, solver=None, **model_kwargs) -> torch.Tensor:
         """``solver.sample(model, x_T, timesteps, model_timesteps=...)`` on x_T's device."""
+        self.check_guidance(getattr(model, "guidance_scale", None))
         solver = solver if solver is not None else self.solver()
         return solver.sample(model, x_T, self.timesteps.to(x_T.device), model_timesteps=self.model_timesteps.to(x_T.device),
                              **model_kwargs)

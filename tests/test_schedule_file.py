@@ -178,3 +178,19 @@ def test_read_json_checked_detects_edits(tmp_path):
     open(p, "w").write(txt)
     with pytest.raises(ValueError, match="checksum"):
         read_json_checked(p)
+
+
+def test_guidance_scale_mismatch_warns():
+    import warnings as _w
+    import pytest as _pytest
+    from ld3_ext.schedule_file import LearnedSchedule
+    ls = LearnedSchedule(torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64), solver_config={"name": "euler", "order": 1},
+                         nfe=2, schedule_config={"type": "EDM", "sigma_min": 0.002, "sigma_max": 80.0},
+                         guidance_scale=7.5)
+    with _pytest.warns(UserWarning, match="guidance scale 7.5"):
+        assert not ls.check_guidance(3.0)
+    with _pytest.warns(UserWarning, match="guidance scale 7.5"):
+        assert not ls.check_guidance(None)
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        assert ls.check_guidance(7.5)

@@ -155,13 +155,17 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         return cls(**kw)
 
     @classmethod
-    def from_schedule_file(cls, path, scheduler_config=None, **overrides) -> "LD3Scheduler":
+    def from_schedule_file(cls, path, scheduler_config=None, guidance_scale=None, **overrides) -> "LD3Scheduler":
         """From an ld3_ext schedule file (``ld3_ext.schedule_file``): its grid, model times, solver config and
         noise schedule.  ``scheduler_config`` (the model's diffusers config) supplies ``prediction_type`` and
-        ``num_train_timesteps``; it is checked against the file's schedule where both describe one."""
+        ``num_train_timesteps``; it is checked against the file's schedule where both describe one.
+        ``guidance_scale``: the scale the pipeline will be called with (the scheduler never sees it); a
+        warning is given when it differs from the one the schedule was learned at."""
         from ..schedule_file import load_schedule
 
         ls = load_schedule(path)
+        if guidance_scale is not None:
+            ls.check_guidance(float(guidance_scale))
         kw = _diffusers_fields(scheduler_config)
         sched = schedule_from_config(ls.schedule_config)
         if scheduler_config is not None:
