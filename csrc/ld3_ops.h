@@ -14,6 +14,8 @@ using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>;
 
 // Argument checks common to every device (TORCH_CHECK messages name the argument).
 void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history);
+// The backward's incoming gradient must look exactly like x.
+void check_update_grad(const at::Tensor& grad, const at::Tensor& x);
 void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver, int64_t order);
 void check_table_backward_args(const at::Tensor& jac, const at::Tensor& grad);
 

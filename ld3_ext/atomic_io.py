@@ -98,14 +98,18 @@ def _reject_constant(name):
     raise ValueError(f"non-finite number {name} in JSON")
 
 
+def _read_bytes(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+
+
 def read_json_checked(path: str, require_checksum: bool = True, what: str = "file") -> Dict[str, Any]:
     """Read a JSON document written by :func:`atomic_write_json` and verify its checksum."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
+    raw = _read_bytes(path, what)
     if not raw.strip():
         raise CorruptFileError(f"{what} {path} is empty (truncated write?)")
     try:
@@ -188,11 +192,7 @@ def load_safetensors_checked(path: str, what: str = "file") -> Tuple[Dict[str, t
     from safetensors.torch import load
 
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
+    raw = _read_bytes(path, what)
     header = _read_header(raw, path, what)
     meta = header.get("__metadata__") or {}
     if "ld3_sha256" not in meta or "ld3_meta" not in meta:

@@ -34,6 +34,12 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
               x.device());
 }
 
+void check_update_grad(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(grad.defined() && grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
+                  grad.device() == x.device(),
+              "multistep_update backward: grad must match x in shape, dtype and device");
+}
+
 void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver, int64_t order) {
   TORCH_CHECK(t.defined() && t.scalar_type() == at::kDouble && t.dim() == 1,
               "coefficient_table: timesteps must be a 1-D float64 tensor");

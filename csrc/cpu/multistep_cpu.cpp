@@ -197,9 +197,7 @@ GradTuple multistep_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_
                                  bool need_hist) {
   check_update_args(x_in, coef_in, history);
   check_cpu(x_in, coef_in);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type() &&
-                  grad_in.device() == x_in.device(),
-              "multistep_update backward: grad must match x in shape, dtype and device");
+  check_update_grad(grad_in, x_in);
   const int64_t K = static_cast<int64_t>(history.size());
   const at::Tensor g = grad_in.contiguous();
   at::Tensor gx = need_x ? at::empty_like(g) : at::Tensor();

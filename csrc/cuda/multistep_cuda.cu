@@ -248,9 +248,7 @@ GradTuple multistep_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x
                                   bool need_hist) {
   check_update_args(x_in, coef_in, history);
   check_cuda_args(x_in, coef_in);
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type() &&
-                  grad_in.device() == x_in.device(),
-              "multistep_update backward: grad must match x in shape, dtype and device");
+  check_update_grad(grad_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t K = static_cast<int64_t>(history.size());
   const at::Tensor g = grad_in.contiguous();

@@ -30,7 +30,7 @@ import torch.distributed as _dist
 from .. import discretizations
 from .. import distributed as D
 from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json,
-                         load_safetensors_checked, read_json_checked, tensor_bytes)
+                         load_safetensors_checked, read_json_checked, tensor_bytes, tensors_sha256)
 from ..solvers import Solver, UniPC
 from ..wrappers import DiffusionModel
 
@@ -56,16 +56,8 @@ class TeacherCacheTooLarge(TeacherCacheError):
 # ----------------------------------------------------------------------------------------------
 def state_dict_hash(module: torch.nn.Module) -> Optional[str]:
     """sha256 over the names, dtypes, shapes and bytes of every tensor in ``state_dict`` (None if empty)."""
-    sd = module.state_dict()
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        return None
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        v = tensors[k]
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(tensor_bytes(v))
-    return h.hexdigest()
+    tensors = {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    return tensors_sha256(tensors) if tensors else None
 
 
 def model_identity(model, name: Optional[str] = None) -> Dict[str, Any]:
