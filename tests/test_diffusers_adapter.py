@@ -18,13 +18,8 @@ from ld3_ext.integrations.diffusers import (DiffusersConfigError, from_diffusers
                                            schedule_from_diffusers_config)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions on a shared 2-core box: more threads only add contention (measured 70x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors on a shared 2-core box: extra threads only add contention
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_unet(out_channels=3, num_class_embeds=None, seed=0):

@@ -15,12 +15,8 @@ from ld3_ext.integrations.diffusers import DiffusersConfigError, from_diffusers 
 from ld3_ext.integrations.diffusers_scheduler import LD3Scheduler  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny UNets on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
+# tiny tensors on a shared 2-core box: extra threads only add contention
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_unet(seed=0):

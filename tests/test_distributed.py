@@ -19,13 +19,8 @@ from ld3_ext import distributed as D
 N_EVEN, N_UNEVEN = 8, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on a shared 2-core box: extra threads only add contention (seconds per test under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors on a shared 2-core box: extra threads only add contention
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _free_port() -> int:

@@ -20,13 +20,8 @@ from ld3_ext.discretizations import logsnr_uniform, time_uniform
 from conftest import random_decreasing_grid, smooth_mixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on a shared 2-core box: extra threads only add contention (seconds per test under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors on a shared 2-core box: extra threads only add contention
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def velocity_model(mix, schedule):

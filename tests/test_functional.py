@@ -10,13 +10,8 @@ from ld3_ext import functional as F
 from conftest import CallCounter, random_decreasing_grid, smooth_mixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on a shared 2-core box: extra threads only add contention (seconds per test under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors on a shared 2-core box: extra threads only add contention
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def karras(n, sigma_min=0.002, sigma_max=80.0, rho=7.0, append_zero=True):
