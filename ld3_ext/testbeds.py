@@ -62,7 +62,9 @@ class GaussianMixture:
             t0 = t.reshape(-1)[0]
             return self.denoise(x, schedule.alpha(t0).to(x.dtype), schedule.sigma(t0).to(x.dtype))
         exact_x0.__name__ = f"exact_{self.name}"
-        return wrap_model(exact_x0, schedule, prediction="x0", time_input="t", name=f"gmm:{self.name}")
+        model = wrap_model(exact_x0, schedule, prediction="x0", time_input="t", name=f"gmm:{self.name}")
+        model.testbed = self  # exact teacher (reference_solution) and float64 default for trainers
+        return model
 
     def prior_noise(self, schedule: NoiseSchedule, n: int, generator: Optional[torch.Generator] = None,
                     dtype=torch.float64) -> torch.Tensor:

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from ld3_ext import EDM, VPDiscrete, discretizations, testbeds
+from ld3_ext import EDM, VPDiscrete, discretizations, testbeds, wrap_model
 from ld3_ext.schedule_file import load_schedule
 from ld3_ext.solvers import DPMSolverPP, Euler, Heun, IPNDM, UniPC
 from ld3_ext.training import (CheckpointMismatchError, LD3Trainer, LossUnavailableError, NonFiniteLossError,
@@ -270,8 +270,9 @@ def test_nfe_rules(ring):
     LD3Trainer(model, s, DPMSolverPP(2, **REF), 2, model_name="ring", progress=False)
     with pytest.raises(ValueError, match="differs from the model"):
         LD3Trainer(model, EDM(0.01, 80.0), DPMSolverPP(2, **REF), 4, progress=False)
+    bare = wrap_model(model.fn, s, prediction="x0", time_input="t")  # no test bed: shape unknown
     with pytest.raises(ValueError, match="sample_shape"):
-        LD3Trainer(model, s, DPMSolverPP(2, **REF), 4, model_name="x", progress=False).fit()
+        LD3Trainer(bare, s, DPMSolverPP(2, **REF), 4, model_name="x", progress=False).fit()
 
 
 def test_nan_loss_names_iteration_and_keeps_last_good_schedule(ring, tmp_path):
@@ -372,3 +373,15 @@ def test_auto_init_starts_from_the_best_candidate(ring):
     assert learned.metrics["init_choice"] == min(scores, key=scores.get)
     # best-so-far selection: the learned grid is never worse on validation than where it started
     assert learned.metrics["valid_loss_best"] <= min(scores.values()) + 1e-12
+
+
+def test_default_dtype_float32_for_networks_float64_for_test_beds(ring):
+    mix, s, model = ring
+    assert LD3Trainer(model, None, DPMSolverPP(2, **REF), 4, progress=False).dtype == torch.float64
+    # a plain function may wrap a float32 network the trainer cannot see
+    fn_model = wrap_model(lambda x, t: 0.5 * x, s, prediction="x0")
+    assert LD3Trainer(fn_model, None, DPMSolverPP(2, **REF), 4, model_name="f", progress=False).dtype == torch.float32
+    net = torch.nn.Linear(2, 2).double()
+    mod_model = wrap_model(lambda x, t: net(x), s, prediction="x0")
+    mod_model.net = net  # registered submodule: the trainer reads its parameter dtype
+    assert LD3Trainer(mod_model, None, DPMSolverPP(2, **REF), 4, model_name="m", progress=False).dtype == torch.float64

@@ -102,7 +102,10 @@ def _default_dtype(model):
         for p in model.parameters():
             if p.is_floating_point():
                 return p.dtype
-    return torch.float64  # analytic models (no weights): solve in float64
+    if getattr(model, "testbed", None) is not None:
+        return torch.float64  # analytic test beds (exact denoiser): solve in float64
+    # a plain function may close over a float32 network we cannot see: float32 is the safe default
+    return torch.float32
 
 
 def _sha(t: Optional[torch.Tensor]) -> Optional[str]:
