@@ -15,6 +15,15 @@ warnings.filterwarnings("ignore", message=".*native extension ld3_ext._C is not 
 import ld3_ext  # noqa: E402
 from ld3_ext.testbeds import GaussianMixture  # noqa: E402
 
+#: one factory per schedule type (fresh objects per test); test modules extend it with variants
+BASE_SCHEDULES = {
+    "edm": lambda: ld3_ext.EDM(),
+    "vp_linear": lambda: ld3_ext.VPLinear(),
+    "vp_cosine": lambda: ld3_ext.VPCosine(),
+    "vp_discrete": lambda: ld3_ext.VPDiscrete.linear(),  # SD / LDM scaled-linear betas
+    "flow": lambda: ld3_ext.FlowMatching(),
+}
+
 
 def smooth_mixture(dim: int = 2, n_modes: int = 3, std: float = 0.4, seed: int = 0) -> GaussianMixture:
     """A small Gaussian mixture with wide components: its probability-flow ODE is smooth everywhere,

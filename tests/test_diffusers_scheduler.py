@@ -18,20 +18,7 @@ from ld3_ext.integrations.diffusers_scheduler import LD3Scheduler  # noqa: E402
 # tiny tensors on a shared 2-core box: extra threads only add contention
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-def tiny_unet(seed=0):
-    torch.manual_seed(seed)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
-
-
-def tiny_cond_unet(seed=0):
-    torch.manual_seed(seed)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, norm_num_groups=4, attention_head_dim=2).eval()
+from _tiny_unets import tiny_cond_unet, tiny_unet  # noqa: E402
 
 
 SD_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

@@ -9,15 +9,12 @@ import torch
 import ld3_ext
 from ld3_ext import discretizations as D
 from _oracles import load_kdiffusion_sampling
+from conftest import BASE_SCHEDULES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SCHEDULES = {
-    "edm": lambda: ld3_ext.EDM(),
-    "vp_linear": lambda: ld3_ext.VPLinear(),
-    "vp_cosine": lambda: ld3_ext.VPCosine(),
-    "vp_discrete": lambda: ld3_ext.VPDiscrete.linear(),
-    "flow": lambda: ld3_ext.FlowMatching(),
+    **BASE_SCHEDULES,
     "flow_shift3": lambda: ld3_ext.FlowMatching(shift=3.0),
     "flow_shift0.3": lambda: ld3_ext.FlowMatching(shift=0.3),
 }

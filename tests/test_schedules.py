@@ -9,16 +9,11 @@ import torch
 import ld3_ext
 from ld3_ext.schedules import schedule_from_config
 
+from conftest import BASE_SCHEDULES  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SCHEDULES = {
-    "edm": lambda: ld3_ext.EDM(),
-    "vp_linear": lambda: ld3_ext.VPLinear(),
-    "vp_cosine": lambda: ld3_ext.VPCosine(),
-    "vp_discrete": lambda: ld3_ext.VPDiscrete.linear(),  # SD / LDM scaled-linear betas
-    "vp_discrete_lsun": lambda: ld3_ext.VPDiscrete.linear(0.0015, 0.0195),
-    "flow": lambda: ld3_ext.FlowMatching(),
-}
+SCHEDULES = {**BASE_SCHEDULES, "vp_discrete_lsun": lambda: ld3_ext.VPDiscrete.linear(0.0015, 0.0195)}
 VP = ("vp_linear", "vp_cosine", "vp_discrete", "vp_discrete_lsun")
 
 

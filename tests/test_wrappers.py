@@ -9,17 +9,11 @@ import torch
 import ld3_ext
 from ld3_ext import ModelOutputError
 from ld3_ext import discretizations as D
-from conftest import smooth_mixture
+from conftest import BASE_SCHEDULES, smooth_mixture
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SCHEDULES = {
-    "edm": lambda: ld3_ext.EDM(),
-    "vp_linear": lambda: ld3_ext.VPLinear(),
-    "vp_cosine": lambda: ld3_ext.VPCosine(),
-    "vp_discrete": lambda: ld3_ext.VPDiscrete.linear(),
-    "flow": lambda: ld3_ext.FlowMatching(),
-}
+SCHEDULES = BASE_SCHEDULES
 
 
 def times_of(sched):
