@@ -35,7 +35,7 @@ cd "$RESULTS"
 # 2) tests: CUDA parity/gradcheck/determinism/graph capture, and the CPU fused tests for good measure
 log "tests"
 timeout 90 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
-  "$ROOT/tests/test_cuda_ops.py" "$ROOT/tests/test_fused_ops.py" > "$RESULTS/tests.log" 2>&1 || status=1
+  "$ROOT/tests/test_cuda_ops.py" "$ROOT/tests/test_fused_ops.py" "$ROOT/tests/test_adjoint_sampler.py" > "$RESULTS/tests.log" 2>&1 || status=1
 tail -3 "$RESULTS/tests.log" | tee -a "$RESULTS/summary.log"
 
 # 3) benchmark (compile variant skipped on GPU to stay in budget)

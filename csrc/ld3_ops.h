@@ -26,6 +26,20 @@ at::Tensor multistep_forward_cpu(const at::Tensor& x, const at::Tensor& coef, co
 // (grad_x, grad_coef, grad_history); undefined tensors where not requested.
 GradTuple multistep_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& coef,
                                  const std::vector<at::Tensor>& history, bool need_x, bool need_coef, bool need_hist);
+// One reverse step of the whole-sampler adjoint (ld3_ext/adjoint.py): returns gm = sum_j w_j L_j,
+// writes L_0 = scale*lam_prev + v into v when v is given, and dots = [<L_0,x>, <L_j,m>...] when
+// dots is given.  Undefined tensors stand for "absent".
+struct AdjointArgs {
+  int64_t J;
+  bool has_v;
+  bool need_dots;
+};
+AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, const at::Tensor& scale,
+                               const std::vector<at::Tensor>& older, const at::Tensor& x, const at::Tensor& m,
+                               const at::Tensor& w, const at::Tensor& dots);
+at::Tensor multistep_adjoint_cpu(const at::Tensor& lam_prev, const at::Tensor& v, const at::Tensor& scale,
+                                 const std::vector<at::Tensor>& older, const at::Tensor& x, const at::Tensor& m,
+                                 const at::Tensor& w, const at::Tensor& dots);
 // ([N,2,5] table, [N,2,5,4] Jacobian w.r.t. t_{i-3..i}), float64.
 std::tuple<at::Tensor, at::Tensor> coefficient_table_cpu(const at::Tensor& t, int64_t schedule_kind, double p0,
                                                          double p1, int64_t solver, int64_t order,
@@ -41,6 +55,9 @@ at::Tensor multistep_forward_cuda(const at::Tensor& x, const at::Tensor& coef, c
                                   const at::Tensor& out);
 GradTuple multistep_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& coef,
                                   const std::vector<at::Tensor>& history, bool need_x, bool need_coef, bool need_hist);
+at::Tensor multistep_adjoint_cuda(const at::Tensor& lam_prev, const at::Tensor& v, const at::Tensor& scale,
+                                  const std::vector<at::Tensor>& older, const at::Tensor& x, const at::Tensor& m,
+                                  const at::Tensor& w, const at::Tensor& dots);
 std::tuple<at::Tensor, at::Tensor> coefficient_table_cuda(const at::Tensor& t, int64_t schedule_kind, double p0,
                                                           double p1, int64_t solver, int64_t order,
                                                           bool lower_order_final, bool heun, bool bh2,

@@ -151,6 +151,10 @@ class DiffusionModel(torch.nn.Module):
         if p == "velocity":  # x_t = (1-t) x0 + t eps, v = eps - x0
             tt = t.to(x.dtype)
             return (x - tt * out if want_x0 else None), (x + (1.0 - tt) * out if want_eps else None)
+        if p in ("x0", "edm") and not want_eps:
+            return out, None  # nothing to convert: skip the schedule's scalar work
+        if p == "eps" and not want_x0:
+            return None, out
         alpha, sigma = s.alpha(t).to(x.dtype), s.sigma(t).to(x.dtype)
         if p == "v":  # v = alpha eps - sigma x0; alpha^2 + sigma^2 = 1 for VP, divide for any other schedule
             norm = alpha * alpha + sigma * sigma

@@ -38,6 +38,27 @@ ld3::GradTuple multistep_update_backward(const at::Tensor& grad, const at::Tenso
   return ld3::multistep_backward_cpu(grad, x, coef, history, need_x, need_coef, need_history);
 }
 
+at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+std::optional<at::Tensor> multistep_adjoint(const at::Tensor& lam_prev, const std::optional<at::Tensor>& v,
+                                            const std::optional<at::Tensor>& scale,
+                                            const std::vector<at::Tensor>& older, const std::optional<at::Tensor>& x,
+                                            const std::optional<at::Tensor>& m, const at::Tensor& w,
+                                            const std::optional<at::Tensor>& dots) {
+  at::Tensor gm;
+  if (is_cuda(lam_prev)) {
+#ifdef LD3_WITH_CUDA_KERNELS
+    gm = ld3::multistep_adjoint_cuda(lam_prev, opt(v), opt(scale), older, opt(x), opt(m), w, opt(dots));
+#else
+    no_cuda("multistep_adjoint");
+#endif
+  } else {
+    gm = ld3::multistep_adjoint_cpu(lam_prev, opt(v), opt(scale), older, opt(x), opt(m), w, opt(dots));
+  }
+  if (!gm.defined()) return std::nullopt;
+  return gm;
+}
+
 std::tuple<at::Tensor, at::Tensor> coefficient_table(const at::Tensor& t, int64_t schedule_kind, double p0,
                                                      double p1, int64_t solver, int64_t order,
                                                      bool lower_order_final, bool heun, bool bh2,
@@ -84,6 +105,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multistep_update_backward", &multistep_update_backward, py::arg("grad"), py::arg("x"), py::arg("coef"),
         py::arg("history"), py::arg("need_x") = true, py::arg("need_coef") = true, py::arg("need_history") = true,
         "(grad_x, grad_coef, grad_history) in one pass; None where not requested");
+  m.def("multistep_adjoint", &multistep_adjoint, py::arg("lam_prev"), py::arg("v"), py::arg("scale"),
+        py::arg("older"), py::arg("x"), py::arg("m"), py::arg("w"), py::arg("dots"),
+        "one reverse step of the whole-sampler adjoint: returns gm = sum_j w_j L_j (None when w is empty); "
+        "writes L_0 = scale*lam_prev + v into v and [<L_0,x>, <L_j,m>...] into dots when given");
   m.def("coefficient_table", &coefficient_table, py::arg("timesteps"), py::arg("schedule_kind"), py::arg("p0"),
         py::arg("p1"), py::arg("solver"), py::arg("order"), py::arg("lower_order_final"), py::arg("heun"),
         py::arg("bh2"), py::arg("use_corrector"),

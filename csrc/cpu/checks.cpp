@@ -40,6 +40,66 @@ void check_update_grad(const at::Tensor& grad, const at::Tensor& x) {
               "multistep_update backward: grad must match x in shape, dtype and device");
 }
 
+namespace {
+void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "multistep_adjoint: ", name, " has dtype ", t.scalar_type(),
+              " but lam_prev has dtype ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "multistep_adjoint: ", name, " is on ", t.device(), " but lam_prev is on ",
+              ref.device());
+  TORCH_CHECK(t.sizes() == ref.sizes(), "multistep_adjoint: ", name, " has shape ", t.sizes(),
+              " but lam_prev has shape ", ref.sizes());
+}
+void check_double_vector(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 1, "multistep_adjoint: ", name,
+              " must be a 1-D float64 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK(t.device() == ref.device(), "multistep_adjoint: ", name, " is on ", t.device(), " but lam_prev is on ",
+              ref.device(), " (coefficients are read on the device)");
+}
+}  // namespace
+
+AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, const at::Tensor& scale,
+                               const std::vector<at::Tensor>& older, const at::Tensor& x, const at::Tensor& m,
+                               const at::Tensor& w, const at::Tensor& dots) {
+  TORCH_CHECK(lam_prev.defined(), "multistep_adjoint: lam_prev is undefined");
+  const auto st = lam_prev.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "multistep_adjoint: lam_prev must be float16, bfloat16, float32 or float64, got ", st);
+  AdjointArgs a{0, v.defined(), dots.defined()};
+  if (a.has_v) {
+    check_like(v, lam_prev, "v");
+    TORCH_CHECK(v.is_contiguous(), "multistep_adjoint: v is written in place and must be contiguous");
+    TORCH_CHECK(!v.is_alias_of(lam_prev), "multistep_adjoint: v must not share memory with lam_prev");
+    TORCH_CHECK(scale.defined() && scale.numel() == 1, "multistep_adjoint: scale must hold one value when v is given");
+    TORCH_CHECK(scale.scalar_type() == at::kDouble && scale.device() == lam_prev.device(),
+                "multistep_adjoint: scale must be a float64 tensor on lam_prev's device");
+  }
+  TORCH_CHECK(older.size() <= static_cast<size_t>(kMaxHistory), "multistep_adjoint: older holds ", older.size(),
+              " tensors, at most ", kMaxHistory);
+  for (size_t k = 0; k < older.size(); ++k) {
+    TORCH_CHECK(older[k].defined(), "multistep_adjoint: older[", k, "] is undefined");
+    check_like(older[k], lam_prev, "older[k]");
+    if (a.has_v) TORCH_CHECK(!v.is_alias_of(older[k]), "multistep_adjoint: v must not share memory with older[", k, "]");
+  }
+  TORCH_CHECK(w.defined(), "multistep_adjoint: w is undefined");
+  check_double_vector(w, lam_prev, "w");
+  a.J = w.numel();
+  const int64_t available = (a.has_v ? 2 : 1) + static_cast<int64_t>(older.size());
+  TORCH_CHECK(a.J <= kMaxHistory && a.J <= available, "multistep_adjoint: w has ", a.J,
+              " weights but only ", std::min<int64_t>(available, kMaxHistory), " adjoints are given");
+  if (a.need_dots) {
+    check_double_vector(dots, lam_prev, "dots");
+    TORCH_CHECK(dots.numel() >= 1 + a.J, "multistep_adjoint: dots needs at least ", 1 + a.J, " entries, got ",
+                dots.numel());
+    TORCH_CHECK(x.defined(), "multistep_adjoint: x is needed for the dot products");
+    check_like(x, lam_prev, "x");
+    if (a.J > 0) {
+      TORCH_CHECK(m.defined(), "multistep_adjoint: m is needed for the dot products");
+      check_like(m, lam_prev, "m");
+    }
+  }
+  return a;
+}
+
 void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver, int64_t order) {
   TORCH_CHECK(t.defined() && t.scalar_type() == at::kDouble && t.dim() == 1,
               "coefficient_table: timesteps must be a 1-D float64 tensor");

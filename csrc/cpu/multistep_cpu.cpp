@@ -11,6 +11,7 @@
 #include <array>
 
 #include "ld3_ops.h"
+#include "dispatch_history.h"
 #include "solver_coefficients.h"
 
 namespace ld3 {
@@ -133,17 +134,6 @@ void backward_impl(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m
       for (int64_t ch = 0; ch < nchunks; ++ch) s += partials[ch * kTableWidth + k];
       grad_coef[k] = s;
     }
-  }
-}
-
-template <typename F>
-void dispatch_k(int64_t k, F&& f) {
-  switch (k) {
-    case 0: f(std::integral_constant<int, 0>{}); break;
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
   }
 }
 

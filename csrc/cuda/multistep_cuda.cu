@@ -14,15 +14,17 @@
 #include <cstdint>
 
 #include "ld3_ops.h"
+#include "dispatch_history.h"
+#include "cuda/reduce_cuda.cuh"
 #include "solver_coefficients.h"
 
 namespace ld3 {
 namespace {
 
-constexpr int kThreads = 256;
-// Backward: each block owns a fixed range of kBlockChunk elements, independent of the GPU.
-constexpr int kItemsPerThread = 16;
-constexpr int64_t kBlockChunk = int64_t(kThreads) * kItemsPerThread;
+using cuda_detail::block_sum;
+using cuda_detail::kBlockChunk;
+using cuda_detail::kThreads;
+using cuda_detail::reduce_partials_kernel;
 
 template <typename scalar_t>
 struct HistPtrs {
@@ -104,20 +106,6 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(scalar_t* out, const 
   }
 }
 
-// Fixed-shape tree sum over the block (kThreads is a power of two).
-__device__ __forceinline__ double block_sum(double v, double* smem) {
-  smem[threadIdx.x] = v;
-  __syncthreads();
-#pragma unroll
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) smem[threadIdx.x] += smem[threadIdx.x + s];
-    __syncthreads();
-  }
-  const double r = smem[0];
-  __syncthreads();
-  return r;
-}
-
 // Pass 1: element-wise grads and one row of dot-product partials per block.
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(kThreads)
@@ -154,34 +142,6 @@ __global__ void __launch_bounds__(kThreads)
   for (int k = 0; k <= K; ++k) {
     const double tot = block_sum(s[k], smem);
     if (threadIdx.x == 0) partials[int64_t(blockIdx.x) * (1 + K) + k] = tot;
-  }
-}
-
-// Pass 2: one block sums the per-block partials in a fixed order; also zero-fills the unused tail.
-template <int K>
-__global__ void __launch_bounds__(kThreads)
-    reduce_partials_kernel(const double* __restrict__ partials, int64_t nblocks, double* __restrict__ grad_coef,
-                           int coef_len) {
-  __shared__ double smem[kThreads];
-#pragma unroll
-  for (int k = 0; k <= K; ++k) {
-    double v = 0.0;
-    for (int64_t b = threadIdx.x; b < nblocks; b += kThreads) v += partials[b * (1 + K) + k];
-    const double tot = block_sum(v, smem);
-    if (threadIdx.x == 0) grad_coef[k] = tot;
-  }
-  if (threadIdx.x == 0)
-    for (int k = 1 + K; k < coef_len; ++k) grad_coef[k] = 0.0;
-}
-
-template <typename F>
-void dispatch_k(int64_t k, F&& f) {
-  switch (k) {
-    case 0: f(std::integral_constant<int, 0>{}); break;
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
   }
 }
 
@@ -289,7 +249,7 @@ GradTuple multistep_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x
           need_hist && KK > 0, need_coef);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_coef) {
-        reduce_partials_kernel<KK><<<1, kThreads, 0, stream>>>(pp, nblocks, gc.mutable_data_ptr<double>(),
+        reduce_partials_kernel<KK><<<1, kThreads, 0, stream>>>(pp, nblocks, gc.mutable_data_ptr<double>(), 1,
                                                                static_cast<int>(gc.numel()));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }

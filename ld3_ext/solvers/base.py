@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .. import ops
+from .. import adjoint, ops
 from ..coefficients import SolverSpec, step_orders
 from ..wrappers import DiffusionModel, _compiling
 
@@ -161,6 +161,17 @@ class MultistepSolver(Solver):
         coef = ops.coefficient_table(model.schedule, t, spec, self.backend)
         orders = step_orders(spec, n)
         use_eps = spec.uses_noise_prediction
+        if ops.resolve_backend(self.backend) == "fused" and adjoint.applicable(x, coef, tm):
+            # one autograd node for the whole solve (ld3_ext/adjoint.py); declines when the model
+            # depends on other tensors that require grad, which the per-step loop below handles
+            returns, idx = ("eps", 1) if use_eps else ("x0", 0)
+
+            def evaluate(xx, tt, step):
+                return model.predict(xx, tt, step=step, returns=returns, **kwargs)[idx]
+            try:
+                return adjoint.whole_sampler(evaluate, orders, spec.order, self.checkpoint_model, x, coef, tm)
+            except adjoint.ForeignGradients:
+                pass
         history: List[torch.Tensor] = []  # newest first
         for i in range(1, n + 1):
             x0, eps = self._evaluate(model, x, tm[i - 1], i - 1, kwargs, "eps" if use_eps else "x0")

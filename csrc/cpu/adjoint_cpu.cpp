@@ -1,0 +1,177 @@
+// One reverse step of the whole-sampler adjoint on the CPU (ld3_ext/adjoint.py has the PyTorch
+// reference and the derivation).  Per element, in one pass:
+//
+//   L_0 = v ? scale*lam_prev + v : lam_prev      (the state adjoint lambda_{i+1}; stored into v)
+//   L_j = the older adjoints lambda_{i+1+j}      (L_1 = lam_prev when v is given, then `older`)
+//   gm  = sum_j w_j L_j                          (the complete gradient of the model output m_i)
+//   dots[0] = <L_0, x>,  dots[1+j] = <L_j, m>    (feed d a_i and d b_{i+j,j})
+//
+// The dot products use the fixed chunking of the update backward, so they are bitwise identical
+// for any thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <array>
+#include <vector>
+
+#include "dispatch_history.h"
+#include "ld3_ops.h"
+#include "solver_coefficients.h"
+
+namespace ld3 {
+namespace {
+
+constexpr int64_t kDotBlock = 256;  // op-math partial sums over short blocks, then double
+
+template <typename scalar_t>
+struct AdjointPtrs {
+  const scalar_t* lam_prev;
+  scalar_t* v;                              // in/out (L_0 is written here), null without v
+  const scalar_t* older[kMaxHistory];       // L_j for j >= 1 (lam_prev first when v is given)
+  const scalar_t* x;
+  const scalar_t* m;
+  scalar_t* gm;
+};
+
+template <typename scalar_t, int J, bool V, bool DOT>
+void adjoint_range(const AdjointPtrs<scalar_t>& p, at::opmath_type<scalar_t> s,
+                   const at::opmath_type<scalar_t>* w, int64_t begin, int64_t end, double* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  const scalar_t* lp = p.lam_prev;
+  scalar_t* vp = p.v;
+  const scalar_t* l1 = p.older[0];
+  const scalar_t* l2 = p.older[1];
+  const scalar_t* l3 = p.older[2];
+  const scalar_t* xp = p.x;
+  const scalar_t* mp = p.m;
+  scalar_t* gm = p.gm;
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+  for (int64_t b0 = begin; b0 < end; b0 += kDotBlock) {
+    const int64_t b1 = std::min(end, b0 + kDotBlock);
+    acc_t f0 = 0, f1 = 0, f2 = 0, f3 = 0, f4 = 0;
+#pragma omp simd reduction(+ : f0, f1, f2, f3, f4)
+    for (int64_t i = b0; i < b1; ++i) {
+      acc_t L0;
+      if constexpr (V) {
+        // rounded to the storage type first: the stored adjoint and the one used here agree
+        const scalar_t l = static_cast<scalar_t>(s * static_cast<acc_t>(lp[i]) + static_cast<acc_t>(vp[i]));
+        vp[i] = l;
+        L0 = static_cast<acc_t>(l);
+      } else {
+        L0 = static_cast<acc_t>(lp[i]);
+      }
+      acc_t L1 = 0, L2 = 0, L3 = 0;
+      if constexpr (J > 1) L1 = static_cast<acc_t>(l1[i]);
+      if constexpr (J > 2) L2 = static_cast<acc_t>(l2[i]);
+      if constexpr (J > 3) L3 = static_cast<acc_t>(l3[i]);
+      if constexpr (J > 0) {
+        acc_t g = w0 * L0;
+        if constexpr (J > 1) g = g + w1 * L1;
+        if constexpr (J > 2) g = g + w2 * L2;
+        if constexpr (J > 3) g = g + w3 * L3;
+        gm[i] = static_cast<scalar_t>(g);
+      }
+      if constexpr (DOT) {
+        f0 += L0 * static_cast<acc_t>(xp[i]);
+        if constexpr (J > 0) {
+          const acc_t mv = static_cast<acc_t>(mp[i]);
+          f1 += L0 * mv;
+          if constexpr (J > 1) f2 += L1 * mv;
+          if constexpr (J > 2) f3 += L2 * mv;
+          if constexpr (J > 3) f4 += L3 * mv;
+        }
+      }
+    }
+    s0 += f0;
+    s1 += f1;
+    s2 += f2;
+    s3 += f3;
+    s4 += f4;
+  }
+  if constexpr (DOT) {
+    partial[0] = s0;
+    partial[1] = s1;
+    partial[2] = s2;
+    partial[3] = s3;
+    partial[4] = s4;
+  }
+}
+
+template <typename scalar_t, int J, bool V, bool DOT>
+void adjoint_impl(const AdjointPtrs<scalar_t>& p, double scale, const double* w, int64_t n, double* dots) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t wc[kMaxHistory] = {};
+  for (int j = 0; j < J; ++j) wc[j] = static_cast<acc_t>(w[j]);
+  const acc_t s = static_cast<acc_t>(scale);
+  const int64_t nchunks = (n + kReduceChunk - 1) / kReduceChunk;
+  std::vector<double> partials(DOT ? nchunks * kTableWidth : 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      const int64_t b = ch * kReduceChunk;
+      const int64_t e = std::min(n, b + kReduceChunk);
+      adjoint_range<scalar_t, J, V, DOT>(p, s, wc, b, e, DOT ? partials.data() + ch * kTableWidth : nullptr);
+    }
+  });
+  if constexpr (DOT) {
+    for (int k = 0; k <= J; ++k) {
+      double acc = 0;
+      for (int64_t ch = 0; ch < nchunks; ++ch) acc += partials[ch * kTableWidth + k];
+      dots[k] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor multistep_adjoint_cpu(const at::Tensor& lam_prev, const at::Tensor& v, const at::Tensor& scale,
+                                 const std::vector<at::Tensor>& older, const at::Tensor& x, const at::Tensor& m,
+                                 const at::Tensor& w, const at::Tensor& dots) {
+  const AdjointArgs a = check_adjoint_args(lam_prev, v, scale, older, x, m, w, dots);
+  TORCH_CHECK(lam_prev.device().is_cpu(), "multistep_adjoint (CPU kernel): lam_prev must be on the CPU");
+  const int64_t J = a.J;
+  const int64_t n = lam_prev.numel();
+  at::Tensor gm = J > 0 ? at::empty_like(lam_prev, at::MemoryFormat::Contiguous) : at::Tensor();
+  if (n == 0) {
+    if (a.need_dots) dots.narrow(0, 0, 1 + J).zero_();
+    return gm;
+  }
+  const at::Tensor lp = lam_prev.contiguous();
+  std::vector<at::Tensor> old;
+  for (const auto& o : older) old.push_back(o.contiguous());
+  const at::Tensor xc = a.need_dots ? x.contiguous() : at::Tensor();
+  const at::Tensor mc = (a.need_dots && J > 0) ? m.contiguous() : at::Tensor();
+  const at::Tensor wc = w.contiguous();
+  const double s = a.has_v ? scale.item<double>() : 1.0;
+  std::vector<double> dot_host(kTableWidth, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ld3_multistep_adjoint_cpu", [&] {
+    AdjointPtrs<scalar_t> p{};
+    p.lam_prev = lp.const_data_ptr<scalar_t>();
+    p.v = a.has_v ? v.mutable_data_ptr<scalar_t>() : nullptr;
+    // L_1.. : lam_prev first when L_0 is computed from it, then the older adjoints
+    int slot = 0;
+    if (a.has_v) p.older[slot++] = p.lam_prev;
+    for (size_t k = 0; k < old.size() && slot < kMaxHistory; ++k) p.older[slot++] = old[k].const_data_ptr<scalar_t>();
+    p.x = a.need_dots ? xc.const_data_ptr<scalar_t>() : nullptr;
+    p.m = (a.need_dots && J > 0) ? mc.const_data_ptr<scalar_t>() : nullptr;
+    p.gm = J > 0 ? gm.mutable_data_ptr<scalar_t>() : nullptr;
+    const double* wp = wc.const_data_ptr<double>();
+    dispatch_k(J, [&](auto jc) {
+      constexpr int JJ = decltype(jc)::value;
+      if (a.has_v && a.need_dots) adjoint_impl<scalar_t, JJ, true, true>(p, s, wp, n, dot_host.data());
+      else if (a.has_v) adjoint_impl<scalar_t, JJ, true, false>(p, s, wp, n, nullptr);
+      else if (a.need_dots) adjoint_impl<scalar_t, JJ, false, true>(p, s, wp, n, dot_host.data());
+      else adjoint_impl<scalar_t, JJ, false, false>(p, s, wp, n, nullptr);
+    });
+  });
+  if (a.need_dots) {
+    double* d = dots.mutable_data_ptr<double>();
+    const int64_t st = dots.stride(0);
+    for (int64_t k = 0; k <= J; ++k) d[k * st] = dot_host[k];
+  }
+  return gm;
+}
+
+}  // namespace ld3

@@ -1,0 +1,282 @@
+"""Whole-sampler backward for the multistep solvers: one autograd node per sample call.
+
+Why: with one autograd node per step, the gradient of a model output m_j arrives in pieces from
+each of the (up to 4) later steps that read it, and autograd adds the pieces one tensor pass at a
+time; every step also allocates a fresh gradient per history term.  Walking the steps backwards
+ourselves lets each m_j's gradient be *gathered* in one pass once it is complete.
+
+The sampler (``solvers.base.MultistepSolver``) is
+
+    m_i     = model(x_i, tm_i)                                  i = 0..N-1
+    x_{i+1} = a_i x_i + sum_{j < p_i} b_{i,j} m_{i-j}           (coefficient table row i)
+
+With lambda_i = dL/dx_i (lambda_N is the incoming gradient), the adjoint equations are
+
+    dL/dm_i   = sum_{j: j < p_{i+j}} b_{i+j,j} lambda_{i+1+j}   (m_i is read by steps i..i+3)
+    lambda_i  = a_i lambda_{i+1} + v_i,   v_i = (dm_i/dx_i)^T dL/dm_i   (the model's VJP)
+    dL/da_i   = <lambda_{i+1}, x_i>,  dL/db_{i+j,j} = <lambda_{i+1+j}, m_i>
+    dL/dtm_i  = (dm_i/dtm_i)^T dL/dm_i
+
+``multistep_adjoint_step`` does one reverse step's tensor work in a single pass over memory
+(``csrc/cpu/adjoint_cpu.cpp``, ``csrc/cuda/adjoint_cuda.cu``): it finishes lambda_{i+1} from
+lambda_{i+2} and v_{i+1} in place, gathers dL/dm_i, and computes the step's dot products.  Only
+the model's VJP goes through autograd.  ``adjoint_step_reference`` below is the same step in plain
+PyTorch, the reference the kernels are tested against.
+
+The model graphs built in the forward are consumed by the first backward (as autograd would);
+a second backward (``retain_graph=True`` outside, or ``gradcheck``) re-evaluates the network at
+the saved states instead, as per-step checkpointing does.  If a model evaluation depends on any
+tensor that requires grad other than x_i and tm_i (trainable weights, a conditioning tensor),
+this path declines and the solver uses the per-step autograd path, so those gradients are exact.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _native
+
+
+# ----------------------------------------------------------------------------------------------
+# one reverse step: reference and native
+# ----------------------------------------------------------------------------------------------
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def adjoint_step_reference(lam_prev: torch.Tensor, v: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                           older: Sequence[torch.Tensor], x: Optional[torch.Tensor], m: Optional[torch.Tensor],
+                           w: torch.Tensor, dots: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Plain-PyTorch meaning of ``_C.multistep_adjoint`` (same in-place effects on ``v`` and ``dots``).
+
+    L_0 = scale*lam_prev + v (stored into v) when v is given, else lam_prev; then L_1 = lam_prev
+    (only when v is given) and the ``older`` adjoints.  Returns gm = sum_j w_j L_j (None for empty
+    w) and writes dots[0] = <L_0, x>, dots[1+j] = <L_j, m> when ``dots`` is given.
+    """
+    acc = _opmath(lam_prev.dtype)
+    if v is not None:
+        l0 = (scale.reshape(()).to(acc) * lam_prev.to(acc) + v.to(acc)).to(v.dtype)
+        v.copy_(l0)
+        lams = [v, lam_prev, *older]
+    else:
+        lams = [lam_prev, *older]
+    J = w.numel()
+    gm = None
+    if J > 0:
+        wa = w.to(acc)
+        g = wa[0] * lams[0].to(acc)
+        for j in range(1, J):
+            g = g + wa[j] * lams[j].to(acc)
+        gm = g.to(lam_prev.dtype)
+    if dots is not None:
+        dd = [torch.sum(lams[0].to(torch.float64) * x.to(torch.float64))]
+        dd += [torch.sum(lams[j].to(torch.float64) * m.to(torch.float64)) for j in range(J)]
+        dots[: 1 + J] = torch.stack(dd)
+    return gm
+
+
+def multistep_adjoint_step(lam_prev, v, scale, older, x, m, w, dots):
+    """The native kernel where it can run, else the reference (same contract)."""
+    dev = lam_prev.device
+    if _native.native_available() and (dev.type == "cpu" or (dev.type == "cuda" and _native.native_cuda_available())):
+        return _native._C.multistep_adjoint(lam_prev, v, scale, list(older), x, m, w, dots)
+    return adjoint_step_reference(lam_prev, v, scale, older, x, m, w, dots)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole-sampler autograd node
+# ----------------------------------------------------------------------------------------------
+class ForeignGradients(Exception):
+    """A model evaluation depends on a tensor requiring grad other than x_i and tm_i."""
+
+
+def _depends_on_other_leaves(out: torch.Tensor, ours: Sequence[torch.Tensor]) -> bool:
+    fn = out.grad_fn
+    if fn is None:
+        return out.requires_grad and not any(out is o for o in ours)
+    seen = set()
+    stack = [fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "AccumulateGrad":
+            var = node.variable
+            if not any(var is o for o in ours):
+                return True
+            continue
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return False
+
+
+def _weights_used(orders: Sequence[int], max_order: int, i: int) -> int:
+    """How many later steps read m_i: j = 0.. while step i+j has order > j (always a prefix)."""
+    n = len(orders)
+    J = 0
+    while J < max_order and i + J < n and orders[i + J] > J:
+        J += 1
+    return J
+
+
+class SamplerPlan:
+    """What the autograd node needs besides tensors: the model call and the step orders."""
+
+    def __init__(self, evaluate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+                 orders: Sequence[int], max_order: int, checkpoint: bool):
+        self.evaluate = evaluate  # (x, t, step) -> the history entry (x0 or eps)
+        self.orders = list(orders)
+        self.max_order = max_order
+        self.checkpoint = checkpoint
+        n = len(self.orders)
+        self.J = [_weights_used(self.orders, max_order, i) for i in range(n)]
+        # flat (row, column) of every weight b_{i+j,j} and every dot product, in step order
+        rows, cols, offs = [], [], [0]
+        for i, J in enumerate(self.J):
+            rows += [i + j for j in range(J)]
+            cols += [1 + j for j in range(J)]
+            offs.append(len(rows))
+        self.w_rows, self.w_cols, self.w_offsets = rows, cols, offs
+
+
+class _WholeSampler(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: SamplerPlan, need: tuple, x_T, table, tm):
+        need_x, need_table, need_tm = need
+        n = len(plan.orders)
+        xs: List[torch.Tensor] = [x_T]
+        outs: List[torch.Tensor] = []     # values of m_i (no graph)
+        graphs: List[Any] = []            # (x leaf, t leaf, m_i with graph) unless checkpointing
+        history: List[torch.Tensor] = []  # newest first
+        rows = table.detach()[:, 0, :]  # the kernel reads the first 1 + p entries of a row
+        x = x_T
+        native = _uses_native(x)
+        for i in range(n):
+            xl = x.detach().requires_grad_()
+            tl = tm[i].detach().requires_grad_() if need_tm else tm[i].detach()
+            with torch.enable_grad():
+                out = plan.evaluate(xl, tl, i)
+            if _depends_on_other_leaves(out, (xl, tl)):
+                raise ForeignGradients()
+            val = out.detach()
+            outs.append(val)
+            graphs.append(None if plan.checkpoint else (xl, tl, out))
+            history.insert(0, val)
+            del history[plan.max_order:]
+            p = plan.orders[i]
+            x = _native._C.multistep_update(x, rows[i], history[:p]) if native \
+                else _update_reference(x, rows[i, : 1 + p], history[:p])
+            xs.append(x)
+        ctx.plan, ctx.need = plan, need
+        # x_T, the table and tm are the caller's: saved with version checks; the rest is ours
+        ctx.xs_inner, ctx.outs, ctx.graphs = xs[1:-1], outs, graphs
+        ctx.save_for_backward(table, x_T, tm)
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        plan: SamplerPlan = ctx.plan
+        need_x, need_table, need_tm = ctx.need
+        table, x_T, tm = ctx.saved_tensors
+        ctx.xs = [x_T] + ctx.xs_inner
+        ctx.tm = tm.detach()
+        tab = table.detach()
+        n = len(plan.orders)
+        dev = grad.device
+        grad = grad.contiguous()
+        weights = tab[plan.w_rows, 0, plan.w_cols] if plan.w_rows else tab.new_zeros(0)
+        dots = torch.zeros(n, 1 + plan.max_order, dtype=torch.float64, device=dev) if need_table else None
+        lams: List[torch.Tensor] = []    # lambda_{i+1}, lambda_{i+2}, ... (newest first)
+        v_next: Optional[torch.Tensor] = None
+        g_tm: List[Optional[torch.Tensor]] = [None] * n
+        graphs = ctx.graphs
+        for i in range(n - 1, -1, -1):
+            J = plan.J[i]
+            w = weights[plan.w_offsets[i]: plan.w_offsets[i + 1]]
+            drow = dots[i] if need_table else None
+            if i == n - 1:
+                gm = multistep_adjoint_step(grad, None, None, [], ctx.xs[i], ctx.outs[i], w, drow)
+                lams = [grad]
+            else:
+                if v_next is None:  # m_{i+1} does not depend on x_{i+1}
+                    v_next = torch.zeros_like(grad)
+                gm = multistep_adjoint_step(lams[0], v_next, tab[i + 1, 0, 0:1], lams[1:max(J - 1, 1)],
+                                            ctx.xs[i], ctx.outs[i], w, drow)
+                lams = [v_next] + lams[: plan.max_order - 1]
+            v_next, g_tm[i] = _model_vjp(ctx, plan, i, gm, want_x=(i > 0 or need_x), want_t=need_tm)
+            graphs[i] = None  # consumed: a later backward re-evaluates the network
+        ctx.graphs_consumed = True
+
+        grad_x = None
+        if need_x:
+            if v_next is None:
+                grad_x = (lams[0].to(torch.float64) * tab[0, 0, 0]).to(grad.dtype)
+            else:
+                multistep_adjoint_step(lams[0], v_next, tab[0, 0, 0:1], [], None, None, tab.new_zeros(0), None)
+                grad_x = v_next
+        grad_table = None
+        if need_table:
+            grad_table = torch.zeros_like(tab)
+            grad_table[:, 0, 0] = dots[:, 0]
+            if plan.w_rows:
+                src = torch.cat([dots[i, 1: 1 + plan.J[i]] for i in range(n)])
+                grad_table[plan.w_rows, 0, plan.w_cols] = src
+        grad_tm = None
+        if need_tm:
+            zero = ctx.tm.new_zeros(())
+            grad_tm = torch.stack([(g.to(ctx.tm.dtype) if g is not None else zero) for g in g_tm] + [zero])
+        return None, None, grad_x, grad_table, grad_tm
+
+
+def _uses_native(x: torch.Tensor) -> bool:
+    return _native.native_available() and (x.device.type == "cpu"
+                                            or (x.device.type == "cuda" and _native.native_cuda_available()))
+
+
+def _update_reference(x, coef, history):
+    from .ops import multistep_update_reference
+    return multistep_update_reference(x, coef, history)
+
+
+def _model_vjp(ctx, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, want_t: bool):
+    """(v_i, dL/dtm_i) through the model evaluation of step i (recomputed once its graph is gone)."""
+    entry = ctx.graphs[i]
+    if entry is None:
+        xl = ctx.xs[i].detach().requires_grad_()
+        tl = ctx.tm[i].detach().requires_grad_() if ctx.need[2] else ctx.tm[i].detach()
+        with torch.enable_grad():
+            out = plan.evaluate(xl, tl, i)
+    else:
+        xl, tl, out = entry
+    inputs = ([xl] if want_x else []) + ([tl] if want_t else [])
+    if not inputs or gm is None or not out.requires_grad:
+        return None, None
+    res = torch.autograd.grad(out, inputs, gm, allow_unused=True)
+    v = res[0] if want_x else None
+    gt = res[-1] if want_t else None
+    if v is not None and not (v.is_contiguous() and v.dtype == gm.dtype):
+        v = v.contiguous().to(gm.dtype)  # the next reverse step writes lambda_i into v in place
+    return v, gt
+
+
+def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, checkpoint: bool,
+                  x_T: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
+    """Run the multistep loop as one autograd node (raises ForeignGradients to decline)."""
+    need = (x_T.requires_grad, table.requires_grad, tm.requires_grad)
+    plan = SamplerPlan(evaluate, orders, max_order, checkpoint)
+    return _WholeSampler.apply(plan, need, x_T, table, tm)
+
+
+def applicable(x: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> bool:
+    """Worth taking: gradients are wanted and nothing is being traced."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if not (x.requires_grad or table.requires_grad or tm.requires_grad):
+        return False
+    return _uses_native(x) and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+__all__ = ["adjoint_step_reference", "multistep_adjoint_step", "whole_sampler", "applicable", "ForeignGradients"]

@@ -1,0 +1,303 @@
+"""The whole-sampler backward (ld3_ext/adjoint.py): its kernel against the PyTorch reference, and
+whole sample calls against the per-step autograd path (outputs and every gradient)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ld3_ext
+from ld3_ext import _native, adjoint
+from conftest import BASE_SCHEDULES, random_decreasing_grid
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+native = pytest.mark.skipif(not _native.native_available(), reason="needs the native extension")
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernel (one reverse step) vs adjoint_step_reference
+# ----------------------------------------------------------------------------------------------
+def _step_inputs(dtype, J, with_v, n=70001, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda: torch.randn(n, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    lam_prev, x, m = mk(), mk(), mk()
+    v = mk() if with_v else None
+    n_older = max(J - (2 if with_v else 1), 0)
+    older = [mk() for _ in range(n_older)]
+    w = torch.randn(J, generator=g, dtype=torch.float64)
+    scale = torch.rand(1, generator=g, dtype=torch.float64) + 0.5
+    return lam_prev, v, scale, older, x, m, w
+
+
+def _run(fn, args, with_dots):
+    lam_prev, v, scale, older, x, m, w = args
+    v = v.clone() if v is not None else None
+    dots = torch.full((6,), -7.0, dtype=torch.float64) if with_dots else None
+    gm = fn(lam_prev, v, scale if v is not None else None, older, x, m, w, dots)
+    return gm, v, dots
+
+
+@native
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6), (torch.bfloat16, 2e-2),
+                                       (torch.float16, 2e-3)])
+@pytest.mark.parametrize("J,with_v", [(J, v) for J in range(5) for v in (True, False) if J > 0 or v])
+@pytest.mark.parametrize("with_dots", [True, False])
+def test_kernel_matches_reference(dtype, tol, J, with_v, with_dots):
+    args = _step_inputs(dtype, J, with_v)
+    gm_n, v_n, d_n = _run(lambda *a: _native._C.multistep_adjoint(*a), args, with_dots)
+    gm_r, v_r, d_r = _run(adjoint.adjoint_step_reference, args, with_dots)
+    if J > 0:
+        assert gm_n.dtype == dtype and gm_n.shape == args[0].shape
+        torch.testing.assert_close(gm_n.double(), gm_r.double(), rtol=tol, atol=tol)
+    else:
+        assert gm_n is None and gm_r is None
+    if with_v:
+        torch.testing.assert_close(v_n.double(), v_r.double(), rtol=tol, atol=tol)
+    if with_dots:
+        n = args[0].numel()
+        # dot products of length n: absolute error grows like sqrt(n) * eps * |terms|
+        dtol = tol * n ** 0.5 * 4
+        torch.testing.assert_close(d_n[: 1 + J], d_r[: 1 + J], rtol=dtol, atol=dtol)
+        assert torch.all(d_n[1 + J:] == -7.0), "entries past 1 + J must be left alone"
+
+
+@native
+def test_kernel_exact_values_small():
+    """An independent hand check: n = 3, J = 2 with v."""
+    lam_prev = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    v = torch.tensor([0.5, 0.0, -1.0], dtype=torch.float64)
+    x = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    m = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
+    w = torch.tensor([0.25, -1.0], dtype=torch.float64)
+    dots = torch.zeros(3, dtype=torch.float64)
+    gm = _native._C.multistep_adjoint(lam_prev, v, torch.tensor([2.0], dtype=torch.float64), [], x, m, w, dots)
+    L0 = torch.tensor([2.5, 4.0, 5.0], dtype=torch.float64)  # 2*lam_prev + v
+    assert torch.equal(v, L0)
+    assert torch.equal(gm, 0.25 * L0 - lam_prev)
+    assert dots.tolist() == [11.5, 10.0, 5.0]  # <L0,x>, <L0,m>, <lam_prev,m>
+
+
+@native
+def test_kernel_dots_bitwise_across_threads():
+    args = _step_inputs(torch.float32, 3, True, n=300001, seed=3)
+    before = torch.get_num_threads()
+    try:
+        res = []
+        for th in (1, 2):
+            torch.set_num_threads(th)
+            res.append(_run(lambda *a: _native._C.multistep_adjoint(*a), args, True))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(res[0][2], res[1][2]) and torch.equal(res[0][0], res[1][0])
+
+
+@native
+def test_kernel_empty_tensors():
+    e = torch.empty(0)
+    dots = torch.full((3,), 5.0, dtype=torch.float64)
+    gm = _native._C.multistep_adjoint(e, torch.empty(0), torch.ones(1, dtype=torch.float64), [], e, e,
+                                      torch.ones(2, dtype=torch.float64), dots)
+    assert gm.numel() == 0 and dots.tolist() == [0.0, 0.0, 0.0]
+
+
+@native
+@pytest.mark.parametrize("case,match", [
+    ("alias", "must not share memory"),
+    ("too_many_w", "weights but only"),
+    ("w_dtype", "w must be a 1-D float64"),
+    ("noncontig_v", "must be contiguous"),
+    ("shape", "has shape"),
+    ("dtype", "has dtype"),
+    ("no_x", "x is needed"),
+    ("int", "must be float16"),
+    ("scale_missing", "scale must hold one value"),
+])
+def test_kernel_bad_input(case, match):
+    n = 8
+    lam = torch.randn(n)
+    v = torch.randn(n)
+    sc = torch.ones(1, dtype=torch.float64)
+    x, m = torch.randn(n), torch.randn(n)
+    w = torch.ones(2, dtype=torch.float64)
+    dots = torch.zeros(3, dtype=torch.float64)
+    older = []
+    if case == "alias":
+        v = lam
+    elif case == "too_many_w":
+        w = torch.ones(3, dtype=torch.float64)
+    elif case == "w_dtype":
+        w = torch.ones(2)
+    elif case == "noncontig_v":
+        v = torch.randn(2 * n)[::2]
+    elif case == "shape":
+        x = torch.randn(n + 1)
+    elif case == "dtype":
+        m = torch.randn(n, dtype=torch.float64)
+    elif case == "no_x":
+        x = None
+    elif case == "int":
+        lam = torch.ones(n, dtype=torch.int32)
+    elif case == "scale_missing":
+        sc = None
+    with pytest.raises(RuntimeError, match=match):
+        _native._C.multistep_adjoint(lam, v, sc, older, x, m, w, dots)
+
+
+# ----------------------------------------------------------------------------------------------
+# whole sample calls: the adjoint node vs the per-step autograd path (backend="reference")
+# ----------------------------------------------------------------------------------------------
+def _model(schedule, prediction="x0", dim=5, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    W = (0.3 * torch.randn(dim, dim, generator=g, dtype=torch.float64)).to(dtype)
+
+    def net(x, t):
+        # depends on x and t non-linearly, so every VJP term is exercised
+        return torch.tanh(x @ W) * (1.0 + 0.05 * torch.log1p(t.reshape(-1, 1).abs()))
+    return ld3_ext.wrap_model(net, schedule, prediction=prediction)
+
+
+SOLVERS = {
+    "dpmpp1": lambda b: ld3_ext.DPMSolverPP(order=1, backend=b),
+    "dpmpp2": lambda b: ld3_ext.DPMSolverPP(order=2, backend=b),
+    "dpmpp3": lambda b: ld3_ext.DPMSolverPP(order=3, backend=b),
+    "dpmpp3_heun_nolof": lambda b: ld3_ext.DPMSolverPP(order=3, solver_type="heun", lower_order_final=False,
+                                                       backend=b),
+    "ipndm3": lambda b: ld3_ext.IPNDM(order=3, backend=b),
+    "ipndm4_lof": lambda b: ld3_ext.IPNDM(order=4, lower_order_final=True, backend=b),
+    "euler": lambda b: ld3_ext.Euler(backend=b),
+}
+
+
+def _grads(solver, model, x, t, tm, seed=1):
+    xx, tt, mm = (v.detach().clone().requires_grad_() for v in (x, t, tm))
+    y = solver.sample(model, xx, tt, model_timesteps=mm)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    return (y.detach(),) + torch.autograd.grad(y, [xx, tt, mm], g), y.grad_fn
+
+
+@native
+@pytest.mark.parametrize("solver_name", sorted(SOLVERS))
+@pytest.mark.parametrize("schedule_name", ["edm", "vp_linear", "vp_discrete"])
+@pytest.mark.parametrize("steps", [2, 3, 7])
+def test_whole_sampler_matches_per_step_float64(solver_name, schedule_name, steps):
+    schedule = BASE_SCHEDULES[schedule_name]()
+    prediction = "eps" if schedule_name == "vp_discrete" else "x0"
+    model = _model(schedule, prediction)
+    t = random_decreasing_grid(schedule.t_max, schedule.t_min, steps, seed=steps, log=schedule_name == "edm")
+    tm = t.clone()
+    tm[1:-1] = tm[1:-1] * 0.97  # decoupled model times
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * schedule.prior_std()
+    fused, node = _grads(SOLVERS[solver_name]("fused"), model, x, t, tm)
+    ref, ref_node = _grads(SOLVERS[solver_name]("reference"), model, x, t, tm)
+    assert type(node).__name__ == "_WholeSamplerBackward"
+    assert type(ref_node).__name__ != "_WholeSamplerBackward"
+    for name, a, b in zip(["output", "x_T", "timesteps", "model_timesteps"], fused, ref):
+        # the incoming gradient is O(1): allow rounding at that scale where the result cancels
+        assert (a - b).abs().max().item() <= 1e-12 * b.abs().max().item() + 1e-13, name
+
+
+@native
+def test_whole_sampler_float32_matches_reference():
+    schedule = ld3_ext.EDM()
+    model = _model(schedule, dim=16, dtype=torch.float32)
+    t = random_decreasing_grid(80.0, 0.002, 8, seed=5)
+    x = 80.0 * torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    fused, _ = _grads(SOLVERS["dpmpp3"]("fused"), model, x, t.float().double(), t.clone())
+    ref, _ = _grads(SOLVERS["dpmpp3"]("reference"), model, x, t.float().double(), t.clone())
+    for a, b in zip(fused, ref):
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+
+
+@native
+def test_whole_sampler_gradcheck_float64():
+    """gradcheck differentiates the same output several times: later passes re-evaluate the model."""
+    schedule = ld3_ext.EDM()
+    model = _model(schedule, dim=3)
+    t = random_decreasing_grid(80.0, 0.002, 4, seed=1)
+    solver = ld3_ext.DPMSolverPP(order=3)
+    x = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 5
+
+    def f(x_T, inner):
+        tt = torch.cat([t[:1], inner, t[-1:]])
+        return solver.sample(model, x_T, tt)
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), t[1:-1].clone().requires_grad_()), atol=1e-7)
+
+
+@native
+def test_second_backward_and_checkpointing_agree():
+    schedule = ld3_ext.EDM()
+    model = _model(schedule)
+    t = random_decreasing_grid(80.0, 0.002, 6, seed=2)
+    x = torch.randn(3, 5, dtype=torch.float64) * 10
+    tt = t.clone().requires_grad_()
+    y = ld3_ext.DPMSolverPP(order=3).sample(model, x, tt)
+    g1 = torch.autograd.grad(y.sum(), tt, retain_graph=True)[0]
+    g2 = torch.autograd.grad(y.sum(), tt)[0]  # graphs consumed: re-evaluated
+    assert torch.equal(g1, g2)
+    tt2 = t.clone().requires_grad_()
+    y2 = ld3_ext.DPMSolverPP(order=3, checkpoint_model=True).sample(model, x, tt2)
+    g3 = torch.autograd.grad(y2.sum(), tt2)[0]
+    assert torch.equal(y, y2) and torch.equal(g1, g3)
+
+
+@native
+def test_trainable_weights_fall_back_to_per_step_path():
+    """A network whose weights require grad: the adjoint node declines, weight gradients are exact."""
+    schedule = ld3_ext.EDM()
+    lin = torch.nn.Linear(5, 5).double()
+    model = ld3_ext.wrap_model(lambda x, t: lin(x), schedule, prediction="x0")
+    t = random_decreasing_grid(80.0, 0.002, 5, seed=3)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    res = {}
+    for b in ("fused", "reference"):
+        tt = t.clone().requires_grad_()
+        y = ld3_ext.DPMSolverPP(order=3, backend=b).sample(model, x, tt)
+        assert type(y.grad_fn).__name__ != "_WholeSamplerBackward"
+        res[b] = torch.autograd.grad(y.square().sum(), [tt, lin.weight, lin.bias])
+    for a, b in zip(res["fused"], res["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@native
+def test_conditioning_requiring_grad_falls_back():
+    schedule = ld3_ext.EDM()
+    cond = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    model = ld3_ext.wrap_model(lambda x, t, c=None: torch.tanh(x + c), schedule, prediction="x0")
+    t = random_decreasing_grid(80.0, 0.002, 4, seed=4)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    out = {}
+    for b in ("fused", "reference"):
+        y = ld3_ext.DPMSolverPP(order=2, backend=b).sample(model, x, t, c=cond)
+        out[b] = torch.autograd.grad(y.sum(), cond)[0]
+    torch.testing.assert_close(out["fused"], out["reference"], rtol=1e-12, atol=1e-12)
+
+
+@native
+def test_frozen_network_uses_whole_sampler_and_no_grad_skips_it():
+    schedule = ld3_ext.EDM()
+    lin = torch.nn.Linear(5, 5).double().requires_grad_(False)
+    model = ld3_ext.wrap_model(lambda x, t: lin(x), schedule, prediction="x0")
+    t = random_decreasing_grid(80.0, 0.002, 4, seed=5).requires_grad_()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    y = ld3_ext.DPMSolverPP(order=3).sample(model, x, t)
+    assert type(y.grad_fn).__name__ == "_WholeSamplerBackward"
+    with torch.no_grad():
+        y0 = ld3_ext.DPMSolverPP(order=3).sample(model, x, t)
+    assert y0.grad_fn is None and torch.equal(y0, y.detach())
+
+
+@native
+def test_model_independent_of_x_and_t():
+    """Outputs without a graph (a constant model) give the per-step path's gradients."""
+    schedule = ld3_ext.EDM()
+    const = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    model = ld3_ext.wrap_model(lambda x, t: const.expand(x.shape[0], 5), schedule, prediction="x0")
+    t = random_decreasing_grid(80.0, 0.002, 5, seed=6)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    res = {}
+    for b in ("fused", "reference"):
+        xx, tt = x.clone().requires_grad_(), t.clone().requires_grad_()
+        y = ld3_ext.DPMSolverPP(order=3, backend=b).sample(model, xx, tt)
+        res[b] = torch.autograd.grad(y.sum(), [xx, tt])
+    for a, b in zip(res["fused"], res["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
