@@ -90,6 +90,26 @@ def test_out_may_alias_x(dtype):
     torch.testing.assert_close(buf, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_large_float32_streamed_path_is_exact(k, offset):
+    """Outputs >= 512 KiB take the non-temporal-store path: bitwise equal to the reference, also
+    for an output that starts off a 16-byte boundary and for out=x."""
+    n = (1 << 17) + 5
+    g = torch.Generator().manual_seed(k)
+    base = [torch.randn(n + offset, generator=g) for _ in range(k + 1)]
+    x, hist = base[0][offset:], [b[offset:] for b in base[1:]]
+    coef = torch.randn(1 + k, generator=g, dtype=torch.float64)
+    expected = ops.multistep_update_reference(x, coef, hist)
+    assert torch.equal(fused.multistep_update(x, coef, hist), expected)
+    y = x.clone()
+    fused.multistep_update(y, coef, hist, out=y)
+    assert torch.equal(y, expected)
+    buf = torch.empty(n + offset)[offset:]  # an output that starts off a 16-byte boundary
+    fused.multistep_update(x, coef, hist, out=buf)
+    assert torch.equal(buf, expected)
+
+
 def test_out_rejects_autograd():
     x, coef, hist = _inputs(torch.float64, 1)
     x.requires_grad_()

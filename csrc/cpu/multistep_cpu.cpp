@@ -9,6 +9,12 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <array>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "ld3_ops.h"
 #include "dispatch_history.h"
@@ -46,12 +52,49 @@ void forward_range(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, co
   }
 }
 
+#if defined(__SSE2__)
+// float32 forward with non-temporal stores: the output bypasses the cache, which saves the
+// read-for-ownership of each written line (1 of the 6 memory passes) when tensors are larger than
+// the cache.  Same operation order as forward_range (no FMA contraction): bitwise-equal results.
+template <int K>
+void forward_range_stream(float* out, const float* x, const Ptrs<float>& m, const float* c, int64_t begin,
+                          int64_t end) {
+  int64_t i = begin;
+  for (; i < end && (reinterpret_cast<std::uintptr_t>(out + i) & 15u) != 0; ++i)
+    forward_range<float, K>(out, x, m, c, i, i + 1);
+  const __m128 c0 = _mm_set1_ps(c[0]), c1 = _mm_set1_ps(c[1]), c2 = _mm_set1_ps(c[2]), c3 = _mm_set1_ps(c[3]),
+               c4 = _mm_set1_ps(c[4]);
+  for (; i + 4 <= end; i += 4) {
+    __m128 v = _mm_mul_ps(c0, _mm_loadu_ps(x + i));
+    if constexpr (K > 0) v = _mm_add_ps(v, _mm_mul_ps(c1, _mm_loadu_ps(m[0] + i)));
+    if constexpr (K > 1) v = _mm_add_ps(v, _mm_mul_ps(c2, _mm_loadu_ps(m[1] + i)));
+    if constexpr (K > 2) v = _mm_add_ps(v, _mm_mul_ps(c3, _mm_loadu_ps(m[2] + i)));
+    if constexpr (K > 3) v = _mm_add_ps(v, _mm_mul_ps(c4, _mm_loadu_ps(m[3] + i)));
+    _mm_stream_ps(out + i, v);
+  }
+  if (i < end) forward_range<float, K>(out, x, m, c, i, end);
+  _mm_sfence();  // order the streamed stores before anything that reads `out`
+}
+#endif
+
+// Outputs at least this large are written with non-temporal stores (float32, x86).
+constexpr int64_t kStreamBytes = int64_t(1) << 19;
+
 template <typename scalar_t, int K>
 void forward_impl(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, const double* coef, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   // coefficients are rounded to the op-math type first, as the reference path does
   acc_t c[kTableWidth] = {};
   for (int k = 0; k <= K; ++k) c[k] = static_cast<acc_t>(coef[k]);
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (n * int64_t(sizeof(float)) >= kStreamBytes) {
+      at::parallel_for(0, n, kForwardGrain,
+                       [&](int64_t b, int64_t e) { forward_range_stream<K>(out, x, m, c, b, e); });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, n, kForwardGrain,
                    [&](int64_t b, int64_t e) { forward_range<scalar_t, K>(out, x, m, c, b, e); });
 }
