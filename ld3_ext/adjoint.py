@@ -163,6 +163,7 @@ class _WholeSampler(torch.autograd.Function):
             val = out.detach()
             outs.append(val)
             graphs.append(None if plan.checkpoint else (xl, tl, out))
+            del out  # with checkpointing its graph must go now, before the next evaluation
             history.insert(0, val)
             del history[plan.max_order:]
             p = plan.orders[i]
