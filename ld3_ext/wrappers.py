@@ -42,7 +42,10 @@ class DiffusionModel(torch.nn.Module):
         (VPDiscrete's 0..N-1 training index, as a float), "edm_noise" (EDM's c_noise = log(sigma)/4),
         or a callable ``t -> time``.  Default: "sigma" for "edm", "index" for VPDiscrete, else "t".
     guidance_scale : classifier-free guidance scale; when set, ``cond``/``uncond`` kwarg names are
-        batched into one call as [uncond; cond] and the outputs combined as u + s (c - u).
+        batched into one call as [uncond; cond] and the outputs combined as u + s (c - u).  Every
+        other model kwarg goes to both halves: tensors (also inside dicts, e.g. SDXL's
+        ``added_cond_kwargs``) with the batch of x are repeated; give ``uncond_kwargs={name: value}``
+        where the unconditional half needs its own value (SDXL's negative pooled ``text_embeds``).
     model_kwargs : extra keyword arguments passed to every call.
     """
 
@@ -110,12 +113,22 @@ class DiffusionModel(torch.nn.Module):
             xin = x / self.schedule.alpha(t).to(x.dtype)
         kw = {**self.model_kwargs, **kwargs}
         if self.guidance_scale is None:
+            if "uncond_kwargs" in kw:
+                raise ValueError("uncond_kwargs is only used with classifier-free guidance: set guidance_scale")
             return self.fn(xin, tt, **kw)
         if self.cond_key not in kw or "uncond" not in kw:
             raise ValueError(f"guidance_scale is set: pass both '{self.cond_key}' and 'uncond' as model kwargs")
         cond, uncond = kw.pop(self.cond_key), kw.pop("uncond")
+        uncond_kw = kw.pop("uncond_kwargs", None) or {}
+        if not isinstance(uncond_kw, dict):
+            raise TypeError(f"uncond_kwargs must be a dict of model kwargs, got {type(uncond_kw).__name__}")
+        unknown = sorted(set(uncond_kw) - set(kw))
+        if unknown:
+            raise ValueError(f"uncond_kwargs names {unknown}, which are not among the model kwargs {sorted(kw)}: "
+                             "give the conditional value as a model kwarg too")
         both = torch.cat([uncond, cond]) if isinstance(cond, torch.Tensor) else [*uncond, *cond]
-        out = self.fn(torch.cat([xin, xin]), torch.cat([tt, tt]), **{self.cond_key: both}, **kw)
+        rest = {k: (_cfg_pair(uncond_kw[k], v, k) if k in uncond_kw else _cfg_repeat(v, b)) for k, v in kw.items()}
+        out = self.fn(torch.cat([xin, xin]), torch.cat([tt, tt]), **{self.cond_key: both}, **rest)
         out_u, out_c = out.chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
@@ -174,6 +187,29 @@ class DiffusionModel(torch.nn.Module):
 
     def forward(self, x, t, **kw):
         return self.x0(x, t, **kw)
+
+
+def _cfg_repeat(v: Any, batch: int) -> Any:
+    """A kwarg shared by both guidance halves: batched tensors (also inside dicts) repeated to 2*batch."""
+    if isinstance(v, torch.Tensor):
+        return torch.cat([v, v]) if v.dim() >= 1 and v.shape[0] == batch else v
+    if isinstance(v, dict):
+        return {k: _cfg_repeat(x, batch) for k, x in v.items()}
+    return v
+
+
+def _cfg_pair(u: Any, c: Any, name: str) -> Any:
+    """[unconditional; conditional] of one kwarg (tensors, or dicts of them with the same keys)."""
+    if isinstance(c, torch.Tensor):
+        if not isinstance(u, torch.Tensor) or u.shape != c.shape:
+            raise ValueError(f"uncond_kwargs[{name!r}] must be a tensor shaped like the conditional value "
+                             f"{tuple(c.shape)}, got {tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
+        return torch.cat([u, c])
+    if isinstance(c, dict):
+        if not isinstance(u, dict) or set(u) != set(c):
+            raise ValueError(f"uncond_kwargs[{name!r}] must be a dict with the keys {sorted(c)}")
+        return {k: _cfg_pair(u[k], c[k], f"{name}.{k}") for k in c}
+    raise TypeError(f"uncond_kwargs[{name!r}]: only tensors (or dicts of tensors) can differ between the halves")
 
 
 def wrap_model(fn: Callable, schedule: NoiseSchedule, prediction: str = "eps", **kwargs) -> DiffusionModel:

@@ -21,7 +21,7 @@ from ld3_ext.integrations.diffusers import (DiffusersConfigError, from_diffusers
 # tiny tensors on a shared 2-core box: extra threads only add contention
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-from _tiny_unets import tiny_cond_unet, tiny_unet  # noqa: E402
+from _tiny_unets import tiny_cond_unet, tiny_sdxl_unet, tiny_unet  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -110,6 +110,66 @@ def test_cfg_one_batched_call_and_broadcast():
         _, eps_ref = model.predict(x, t, encoder_hidden_states=cond[:1].expand(3, -1, -1),
                                    uncond=unc[:1].expand(3, -1, -1))
     torch.testing.assert_close(eps2, eps_ref)
+
+
+def test_sdxl_added_cond_kwargs_under_guidance():
+    """SDXL-style added conditioning: both halves batched in one call, the negative pooled embedding
+    from uncond_kwargs, batch-1 values broadcast; equals two separate calls combined as u + s (c - u)."""
+    unet = tiny_sdxl_unet()
+    calls = []
+    unet.register_forward_hook(lambda m, a, kw_out=None: calls.append(a[0].shape[0]))
+    g = torch.Generator().manual_seed(5)
+    b = 3
+    x = torch.randn(b, 4, 8, 8, generator=g)
+    cond, unc = torch.randn(1, 5, 8, generator=g), torch.randn(1, 5, 8, generator=g)
+    pooled, neg_pooled = torch.randn(1, 6, generator=g), torch.randn(1, 6, generator=g)
+    time_ids = torch.tensor([[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]])
+    model, _ = from_diffusers(unet, diffusers.DDPMScheduler().config, guidance_scale=3.0, model_kwargs={
+        "encoder_hidden_states": cond, "uncond": unc,
+        "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids},
+        "uncond_kwargs": {"added_cond_kwargs": {"text_embeds": neg_pooled, "time_ids": time_ids}}})
+    t = torch.tensor(0.4, dtype=torch.float64)
+    with torch.no_grad():
+        _, eps = model.predict(x, t)
+        assert calls == [2 * b]
+        ti = torch.full((b,), 0.4 * 1000 - 1.0)
+        ex = lambda v: v.expand(b, *v.shape[1:])  # noqa: E731
+        e_c = unet(x, ti, encoder_hidden_states=ex(cond),
+                   added_cond_kwargs={"text_embeds": ex(pooled), "time_ids": ex(time_ids)}).sample
+        e_u = unet(x, ti, encoder_hidden_states=ex(unc),
+                   added_cond_kwargs={"text_embeds": ex(neg_pooled), "time_ids": ex(time_ids)}).sample
+    torch.testing.assert_close(eps, e_u + 3.0 * (e_c - e_u), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(e_u, e_c, atol=1e-4)  # the halves really differ
+    # without uncond_kwargs both halves share the conditional added embeddings
+    kw = dict(model.model_kwargs)
+    del kw["uncond_kwargs"]
+    model2, _ = from_diffusers(unet, diffusers.DDPMScheduler().config, guidance_scale=3.0, model_kwargs=kw)
+    with torch.no_grad():
+        _, eps2 = model2.predict(x, t)
+        e_u2 = unet(x, ti, encoder_hidden_states=ex(unc),
+                    added_cond_kwargs={"text_embeds": ex(pooled), "time_ids": ex(time_ids)}).sample
+    torch.testing.assert_close(eps2, e_u2 + 3.0 * (e_c - e_u2), rtol=1e-5, atol=1e-5)
+
+
+def test_uncond_kwargs_errors_name_the_kwarg():
+    unet = tiny_sdxl_unet()
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor(0.4, dtype=torch.float64)
+    base = {"encoder_hidden_states": torch.randn(2, 5, 8), "uncond": torch.randn(2, 5, 8),
+            "added_cond_kwargs": {"text_embeds": torch.randn(2, 6), "time_ids": torch.ones(2, 6)}}
+    model, _ = from_diffusers(unet, diffusers.DDPMScheduler().config, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="not among the model kwargs"):
+        model.predict(x, t, uncond_kwargs={"cross_attention_kwargs": {}}, **base)
+    with pytest.raises(ValueError, match="added_cond_kwargs.text_embeds"):
+        model.predict(x, t, uncond_kwargs={"added_cond_kwargs": {"text_embeds": torch.randn(2, 7),
+                                                                 "time_ids": torch.ones(2, 6)}}, **base)
+    with pytest.raises(ValueError, match="keys"):
+        model.predict(x, t, uncond_kwargs={"added_cond_kwargs": {"text_embeds": torch.randn(2, 6)}}, **base)
+    with pytest.raises(TypeError, match="uncond_kwargs must be a dict"):
+        model.predict(x, t, uncond_kwargs=[1], **base)
+    plain, _ = from_diffusers(unet, diffusers.DDPMScheduler().config)
+    with pytest.raises(ValueError, match="set guidance_scale"):
+        plain.predict(x, t, uncond_kwargs={}, encoder_hidden_states=base["encoder_hidden_states"])
 
 
 def test_class_conditional_unet2d_guidance():

@@ -16,7 +16,10 @@ Conditioning: a ``UNet2DConditionModel`` is called with ``encoder_hidden_states=
 name); a class-conditional ``UNet2DModel`` with ``class_labels=``.  With ``guidance_scale`` set, pass
 ``uncond=`` as well: both are batched into ONE network call as ``[uncond; cond]`` and combined as
 ``u + s (c - u)`` (diffusers' pipeline convention).  Conditioning tensors with batch 1 are broadcast to
-the batch of ``x`` (so one prompt embedding can be stored in ``model.model_kwargs``).
+the batch of ``x`` (so one prompt embedding can be stored in ``model.model_kwargs``).  SDXL-style
+networks take ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}`` as well; under guidance give
+the negative pooled embedding as ``uncond_kwargs={"added_cond_kwargs": {"text_embeds": neg, "time_ids": ids}}``
+(without it, both halves get the conditional values).
 
 Config fields that only change how diffusers *samples* (``timestep_spacing``, ``steps_offset``,
 ``clip_sample``, ``thresholding``, ``use_karras_sigmas``, ``solver_order``, ...) are ignored: ld3_ext
@@ -204,12 +207,19 @@ class DiffusersModel(DiffusionModel):
     def _call(self, x, t, kwargs):
         kw = {**self.model_kwargs, **kwargs}
         b = x.shape[0]
-        # one stored prompt embedding / label serves any batch
-        for k in (self.cond_key, "uncond"):
-            v = kw.get(k)
-            if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == 1 and b > 1:
-                kw[k] = v.expand(b, *v.shape[1:])
+        # one stored prompt embedding / label (and SDXL's added_cond_kwargs) serves any batch
+        for k in (self.cond_key, "uncond", "added_cond_kwargs", "uncond_kwargs"):
+            if k in kw:
+                kw[k] = _expand_batch_one(kw[k], b)
         return super()._call(x, t, kw)
+
+
+def _expand_batch_one(v, b: int):
+    if torch.is_tensor(v):
+        return v.expand(b, *v.shape[1:]) if v.dim() >= 1 and v.shape[0] == 1 and b > 1 else v
+    if isinstance(v, dict):
+        return {k: _expand_batch_one(x, b) for k, x in v.items()}
+    return v
 
 
 def _conditioning(net) -> Tuple[bool, str]:
