@@ -327,3 +327,47 @@ def test_fuzz_coefficient_table_backward_entry(n, layout, seed):
     ref = torch.einsum("abcn,abc->n", dense, grad.double())
     scale = torch.einsum("abcn,abc->n", dense.abs(), grad.double().abs())
     _close(got, ref, scale, 1e-13, "grad_t")
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole-sampler adjoint step (ld3_ext/adjoint.py) vs its PyTorch reference
+# ---------------------------------------------------------------------------------------------
+@settings(max_examples=int(60 * _SCALE), **FUZZ)
+@given(dtype=st.sampled_from(DTYPES), J=st.integers(0, 4), with_v=st.booleans(), with_dots=st.booleans(),
+       shape=st.sampled_from([(0,), (1,), (7,), (3, 100), (70001,), (2, 3, 5, 7)]),
+       layout=st.sampled_from(["contig", "noncontig", "expand"]), seed=st.integers(0, 2 ** 16))
+def test_fuzz_multistep_adjoint(dtype, J, with_v, with_dots, shape, layout, seed):
+    from ld3_ext.adjoint import adjoint_step_reference
+    if J == 0 and not with_v:
+        J = 1  # without v an empty w does nothing
+    g = torch.Generator().manual_seed(seed)
+    view = lambda: _make(shape, dtype, layout, g)[1]  # noqa: E731  (read-only inputs may be any layout)
+    lam = view()
+    v = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) if with_v else None  # written: contiguous
+    older = [view() for _ in range(max(J - (2 if with_v else 1), 0))]
+    x, m = view(), view()
+    w = torch.randn(J, generator=g, dtype=torch.float64)
+    sc = torch.randn(1, generator=g, dtype=torch.float64) if with_v else None
+    res = []
+    for fn in (C.multistep_adjoint, adjoint_step_reference):
+        vv = v.clone() if with_v else None
+        dots = torch.zeros(1 + J, dtype=torch.float64) if with_dots else None
+        gm = fn(lam, vv, sc, older, x, m, w, dots)
+        res.append((gm, vv, dots))
+    (gm_n, v_n, d_n), (gm_r, v_r, d_r) = res
+    scale_l = lam.double().abs() * (sc.abs().item() if with_v else 1.0) + (v.double().abs() if with_v else 0.0)
+    if with_v:
+        assert bool(((v_n.double() - v_r.double()).abs() <= RTOL[dtype] * scale_l + 1e-300).all())
+    if J > 0:
+        Ls = ([v_r] if with_v else [lam]) + ([lam] if with_v else []) + older
+        bound = sum(w[j].abs() * Ls[j].double().abs() for j in range(J))
+        assert gm_n.shape == torch.Size(shape) and gm_n.is_contiguous()
+        assert bool(((gm_n.double() - gm_r.double()).abs() <= 2 * RTOL[dtype] * bound + 1e-300).all())
+    else:
+        assert gm_n is None
+    if with_dots:
+        Ls = ([v_r] if with_v else [lam]) + ([lam] if with_v else []) + older
+        terms = [(Ls[0].double() * x.double()).abs().sum()] + [(Ls[j].double() * m.double()).abs().sum()
+                                                               for j in range(J)]
+        for k in range(1 + J):
+            assert abs(d_n[k].item() - d_r[k].item()) <= DOT_TOL[dtype] * terms[k].item() + 1e-300, k
