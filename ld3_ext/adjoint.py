@@ -112,13 +112,10 @@ def _depends_on_other_leaves(out: torch.Tensor, ours: Sequence[torch.Tensor]) ->
     return False
 
 
-def _weights_used(orders: Sequence[int], max_order: int, i: int) -> int:
-    """How many later steps read m_i: j = 0.. while step i+j has order > j (always a prefix)."""
+def _readers(orders: Sequence[int], max_order: int, i: int) -> List[int]:
+    """The j (0 <= j < max_order) such that step i+j reads m_i, i.e. has order > j."""
     n = len(orders)
-    J = 0
-    while J < max_order and i + J < n and orders[i + J] > J:
-        J += 1
-    return J
+    return [j for j in range(max_order) if i + j < n and orders[i + j] > j]
 
 
 class SamplerPlan:
@@ -131,14 +128,20 @@ class SamplerPlan:
         self.max_order = max_order
         self.checkpoint = checkpoint
         n = len(self.orders)
-        self.J = [_weights_used(self.orders, max_order, i) for i in range(n)]
-        # flat (row, column) of every weight b_{i+j,j} and every dot product, in step order
-        rows, cols, offs = [], [], [0]
+        readers = [_readers(self.orders, max_order, i) for i in range(n)]
+        # the kernel takes the adjoints lambda_{i+1..i+J} as a run: J spans the readers, and a gap
+        # (a step in between that does not read m_i) gets weight 0 and its dot product is dropped
+        self.J = [(max(r) + 1) if r else 0 for r in readers]
+        rows, cols, mask, offs = [], [], [], [0]
         for i, J in enumerate(self.J):
-            rows += [i + j for j in range(J)]
+            rows += [min(i + j, n - 1) for j in range(J)]
             cols += [1 + j for j in range(J)]
+            mask += [1.0 if j in readers[i] else 0.0 for j in range(J)]
             offs.append(len(rows))
-        self.w_rows, self.w_cols, self.w_offsets = rows, cols, offs
+        self.w_rows, self.w_cols, self.w_mask, self.w_offsets = rows, cols, mask, offs
+        self.dot_src = [k for k, keep in enumerate(mask) if keep]  # flat indices of kept dots
+        self.dot_rows = [rows[k] for k in self.dot_src]
+        self.dot_cols = [cols[k] for k in self.dot_src]
 
 
 class _WholeSampler(torch.autograd.Function):
@@ -189,6 +192,8 @@ class _WholeSampler(torch.autograd.Function):
         dev = grad.device
         grad = grad.contiguous()
         weights = tab[plan.w_rows, 0, plan.w_cols] if plan.w_rows else tab.new_zeros(0)
+        if plan.w_rows and not all(plan.w_mask):
+            weights = weights * torch.tensor(plan.w_mask, dtype=weights.dtype, device=dev)
         dots = torch.zeros(n, 1 + plan.max_order, dtype=torch.float64, device=dev) if need_table else None
         lams: List[torch.Tensor] = []    # lambda_{i+1}, lambda_{i+2}, ... (newest first)
         v_next: Optional[torch.Tensor] = None
@@ -222,9 +227,9 @@ class _WholeSampler(torch.autograd.Function):
         if need_table:
             grad_table = torch.zeros_like(tab)
             grad_table[:, 0, 0] = dots[:, 0]
-            if plan.w_rows:
+            if plan.dot_src:
                 src = torch.cat([dots[i, 1: 1 + plan.J[i]] for i in range(n)])
-                grad_table[plan.w_rows, 0, plan.w_cols] = src
+                grad_table[plan.dot_rows, 0, plan.dot_cols] = src[plan.dot_src]
         grad_tm = None
         if need_tm:
             zero = ctx.tm.new_zeros(())
@@ -263,6 +268,30 @@ def _model_vjp(ctx, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, w
     return v, gt
 
 
+def unipc_as_multistep(coef: torch.Tensor, orders: Sequence[int]):
+    """UniPC with corrector written as a plain multistep recursion on its predictor states.
+
+    With s_i the predictor state at which m_i is evaluated (s_0 = x_0) and x_i the corrected state,
+    step i+1 is  s_{i+1} = A x_i + sum_k P_k m_{i-k}  (row [i, 0]) and the corrector of step i is
+    x_i = A' x_{i-1} + C_0 m_i + sum_k C_{k+1} m_{i-1-k}  (row [i-1, 1]).  Both rows share the same
+    a = sigma_i/sigma_{i-1} (A' = a of the predictor of step i), so x_i = s_i + C_0 m_i +
+    sum_k (C_{k+1} - P'_k) m_{i-1-k} and
+
+        s_{i+1} = A s_i + (P_0 + A C_0) m_i + sum_{k>=1} (P_k + A (C_k - P'_{k-1})) m_{i-k},
+
+    one update with up to order+1 history terms.  Returns the [N, 2, 5] table of that recursion
+    (built with differentiable ops from ``coef``, so gradients reach the timesteps) and its orders.
+    """
+    n = coef.shape[0]
+    eff = coef[:, 0, :].clone()
+    if n > 1:
+        A = coef[1:, 0, 0]
+        eff[1:, 1] = coef[1:, 0, 1] + A * coef[:-1, 1, 1]
+        eff[1:, 2:] = coef[1:, 0, 2:] + A[:, None] * (coef[:-1, 1, 2:] - coef[:-1, 0, 1:-1])
+    eff_orders = [orders[0]] + [max(orders[i], orders[i - 1] + 1) for i in range(1, n)]
+    return torch.stack([eff, torch.zeros_like(eff)], dim=1), eff_orders
+
+
 def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, checkpoint: bool,
                   x_T: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
     """Run the multistep loop as one autograd node (raises ForeignGradients to decline)."""
@@ -280,4 +309,5 @@ def applicable(x: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> bool:
     return _uses_native(x) and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-__all__ = ["adjoint_step_reference", "multistep_adjoint_step", "whole_sampler", "applicable", "ForeignGradients"]
+__all__ = ["adjoint_step_reference", "multistep_adjoint_step", "whole_sampler", "unipc_as_multistep", "applicable",
+           "ForeignGradients"]

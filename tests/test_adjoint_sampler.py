@@ -165,6 +165,11 @@ SOLVERS = {
     "ipndm3": lambda b: ld3_ext.IPNDM(order=3, backend=b),
     "ipndm4_lof": lambda b: ld3_ext.IPNDM(order=4, lower_order_final=True, backend=b),
     "euler": lambda b: ld3_ext.Euler(backend=b),
+    "unipc1": lambda b: ld3_ext.UniPC(order=1, backend=b),
+    "unipc2_bh2": lambda b: ld3_ext.UniPC(order=2, variant="bh2", backend=b),
+    "unipc3": lambda b: ld3_ext.UniPC(order=3, backend=b),
+    "unipc3_nolof": lambda b: ld3_ext.UniPC(order=3, lower_order_final=False, backend=b),
+    "unipc3_nocorr": lambda b: ld3_ext.UniPC(order=3, use_corrector=False, backend=b),
 }
 
 
@@ -301,3 +306,50 @@ def test_model_independent_of_x_and_t():
         res[b] = torch.autograd.grad(y.sum(), [xx, tt])
     for a, b in zip(res["fused"], res["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@native
+@pytest.mark.parametrize("orders", [[1, 2, 3, 4, 4, 2], [1, 1, 3, 2], [1, 2, 1, 4, 3, 3, 1], [2, 1], [1]])
+def test_whole_sampler_any_table_and_orders(orders):
+    """Random coefficient tables and order patterns (including gaps: a step that skips a history
+    entry a later step reads again) against a plain autograd loop of the same recursion."""
+    from ld3_ext.ops import multistep_update_reference
+    n = len(orders)
+    g = torch.Generator().manual_seed(n)
+    table = (0.5 * torch.randn(n, 2, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    tm = torch.rand(n + 1, generator=g, dtype=torch.float64).requires_grad_()
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    W = torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.4
+
+    def evaluate(xx, tt, step):
+        return torch.tanh(xx @ W) * (1.0 + tt) + 0.1 * step
+
+    def naive():
+        hist, y = [], x
+        for i, p in enumerate(orders):
+            hist.insert(0, evaluate(y, tm[i], i))
+            y = multistep_update_reference(y, table[i, 0, : 1 + p], hist[:p])
+        return y
+
+    y_ref = naive()
+    y = adjoint.whole_sampler(evaluate, orders, max(orders), False, x, table, tm)
+    assert type(y.grad_fn).__name__ == "_WholeSamplerBackward"
+    gout = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(y, [x, table, tm], gout)
+    want = torch.autograd.grad(y_ref, [x, table, tm], gout)
+    torch.testing.assert_close(y, y_ref, rtol=1e-13, atol=1e-13)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@native
+def test_unipc_recursion_rewrite_matches_loop_in_float32():
+    schedule = ld3_ext.VPLinear()
+    model = _model(schedule, dim=16, dtype=torch.float32)
+    t = random_decreasing_grid(schedule.t_max, schedule.t_min, 9, seed=7, log=False)
+    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(3))
+    fused, node = _grads(SOLVERS["unipc3"]("fused"), model, x, t, t.clone())
+    ref, _ = _grads(SOLVERS["unipc3"]("reference"), model, x, t, t.clone())
+    assert type(node).__name__ == "_WholeSamplerBackward"
+    for a, b in zip(fused, ref):
+        assert (a - b).abs().max().item() <= 2e-6 * b.abs().max().item()

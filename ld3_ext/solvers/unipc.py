@@ -5,7 +5,7 @@ from typing import List
 
 import torch
 
-from .. import ops
+from .. import adjoint, ops
 from ..coefficients import SolverSpec, step_orders
 from .base import MultistepSolver
 
@@ -42,6 +42,19 @@ class UniPC(MultistepSolver):
         n = t.numel() - 1
         coef = ops.coefficient_table(model.schedule, t, spec, self.backend)
         orders = step_orders(spec, n)
+        if ops.resolve_backend(self.backend) == "fused" and adjoint.applicable(x, coef, tm):
+            # one autograd node for the whole solve (ld3_ext/adjoint.py): with the corrector, UniPC
+            # is a multistep recursion on its predictor states with combined coefficients
+            table, eff_orders = adjoint.unipc_as_multistep(coef, orders) if self.use_corrector \
+                else (coef, orders)
+
+            def evaluate(xx, tt, step):
+                return model.predict(xx, tt, step=step, returns="x0", **kwargs)[0]
+            try:
+                return adjoint.whole_sampler(evaluate, eff_orders, max(eff_orders), self.checkpoint_model, x,
+                                             table, tm)
+            except adjoint.ForeignGradients:
+                pass
         history: List[torch.Tensor] = [self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]]
         for i in range(1, n + 1):
             p = orders[i - 1]
