@@ -16,6 +16,8 @@
 #include <array>
 #include <vector>
 
+#include "adjoint_step.h"
+#include "cpu/chunked_reduce.h"
 #include "dispatch_history.h"
 #include "ld3_ops.h"
 #include "solver_coefficients.h"
@@ -24,16 +26,6 @@ namespace ld3 {
 namespace {
 
 constexpr int64_t kDotBlock = 256;  // op-math partial sums over short blocks, then double
-
-template <typename scalar_t>
-struct AdjointPtrs {
-  const scalar_t* lam_prev;
-  scalar_t* v;                              // in/out (L_0 is written here), null without v
-  const scalar_t* older[kMaxHistory];       // L_j for j >= 1 (lam_prev first when v is given)
-  const scalar_t* x;
-  const scalar_t* m;
-  scalar_t* gm;
-};
 
 template <typename scalar_t, int J, bool V, bool DOT>
 void adjoint_range(const AdjointPtrs<scalar_t>& p, at::opmath_type<scalar_t> s,
@@ -48,7 +40,7 @@ void adjoint_range(const AdjointPtrs<scalar_t>& p, at::opmath_type<scalar_t> s,
   const scalar_t* xp = p.x;
   const scalar_t* mp = p.m;
   scalar_t* gm = p.gm;
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+  BlockSums sums;
   for (int64_t b0 = begin; b0 < end; b0 += kDotBlock) {
     const int64_t b1 = std::min(end, b0 + kDotBlock);
     acc_t f0 = 0, f1 = 0, f2 = 0, f3 = 0, f4 = 0;
@@ -85,19 +77,9 @@ void adjoint_range(const AdjointPtrs<scalar_t>& p, at::opmath_type<scalar_t> s,
         }
       }
     }
-    s0 += f0;
-    s1 += f1;
-    s2 += f2;
-    s3 += f3;
-    s4 += f4;
+    sums.add(f0, f1, f2, f3, f4);
   }
-  if constexpr (DOT) {
-    partial[0] = s0;
-    partial[1] = s1;
-    partial[2] = s2;
-    partial[3] = s3;
-    partial[4] = s4;
-  }
+  if constexpr (DOT) sums.store(partial);
 }
 
 template <typename scalar_t, int J, bool V, bool DOT>
@@ -106,22 +88,9 @@ void adjoint_impl(const AdjointPtrs<scalar_t>& p, double scale, const double* w,
   acc_t wc[kMaxHistory] = {};
   for (int j = 0; j < J; ++j) wc[j] = static_cast<acc_t>(w[j]);
   const acc_t s = static_cast<acc_t>(scale);
-  const int64_t nchunks = (n + kReduceChunk - 1) / kReduceChunk;
-  std::vector<double> partials(DOT ? nchunks * kTableWidth : 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t ch = cb; ch < ce; ++ch) {
-      const int64_t b = ch * kReduceChunk;
-      const int64_t e = std::min(n, b + kReduceChunk);
-      adjoint_range<scalar_t, J, V, DOT>(p, s, wc, b, e, DOT ? partials.data() + ch * kTableWidth : nullptr);
-    }
+  chunked_reduce(n, DOT ? J + 1 : 0, dots, [&](int64_t b, int64_t e, double* partial) {
+    adjoint_range<scalar_t, J, V, DOT>(p, s, wc, b, e, partial);
   });
-  if constexpr (DOT) {
-    for (int k = 0; k <= J; ++k) {
-      double acc = 0;
-      for (int64_t ch = 0; ch < nchunks; ++ch) acc += partials[ch * kTableWidth + k];
-      dots[k] = acc;
-    }
-  }
 }
 
 }  // namespace
@@ -138,26 +107,12 @@ at::Tensor multistep_adjoint_cpu(const at::Tensor& lam_prev, const at::Tensor& v
     if (a.need_dots) dots.narrow(0, 0, 1 + J).zero_();
     return gm;
   }
-  const at::Tensor lp = lam_prev.contiguous();
-  std::vector<at::Tensor> old;
-  for (const auto& o : older) old.push_back(o.contiguous());
-  const at::Tensor xc = a.need_dots ? x.contiguous() : at::Tensor();
-  const at::Tensor mc = (a.need_dots && J > 0) ? m.contiguous() : at::Tensor();
-  const at::Tensor wc = w.contiguous();
-  const double s = a.has_v ? scale.item<double>() : 1.0;
+  const AdjointInputs in = contiguous_adjoint_inputs(a, lam_prev, scale, older, x, m, w);
+  const double s = a.has_v ? in.scale.item<double>() : 1.0;
   std::vector<double> dot_host(kTableWidth, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ld3_multistep_adjoint_cpu", [&] {
-    AdjointPtrs<scalar_t> p{};
-    p.lam_prev = lp.const_data_ptr<scalar_t>();
-    p.v = a.has_v ? v.mutable_data_ptr<scalar_t>() : nullptr;
-    // L_1.. : lam_prev first when L_0 is computed from it, then the older adjoints
-    int slot = 0;
-    if (a.has_v) p.older[slot++] = p.lam_prev;
-    for (size_t k = 0; k < old.size() && slot < kMaxHistory; ++k) p.older[slot++] = old[k].const_data_ptr<scalar_t>();
-    p.x = a.need_dots ? xc.const_data_ptr<scalar_t>() : nullptr;
-    p.m = (a.need_dots && J > 0) ? mc.const_data_ptr<scalar_t>() : nullptr;
-    p.gm = J > 0 ? gm.mutable_data_ptr<scalar_t>() : nullptr;
-    const double* wp = wc.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.lam_prev.scalar_type(), "ld3_multistep_adjoint_cpu", [&] {
+    const AdjointPtrs<scalar_t> p = adjoint_ptrs<scalar_t>(a, in, v, gm);
+    const double* wp = p.w;
     dispatch_k(J, [&](auto jc) {
       constexpr int JJ = decltype(jc)::value;
       if (a.has_v && a.need_dots) adjoint_impl<scalar_t, JJ, true, true>(p, s, wp, n, dot_host.data());

@@ -17,6 +17,7 @@
 #endif
 
 #include "ld3_ops.h"
+#include "cpu/chunked_reduce.h"
 #include "dispatch_history.h"
 #include "solver_coefficients.h"
 
@@ -118,7 +119,7 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
   scalar_t* g3 = gm[3];
   // Dot products: op-math partial sums over short fixed blocks (full SIMD width, e.g. 4 floats
   // per SSE lane instead of 2 doubles), accumulated across blocks in double.
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+  BlockSums sums;
   for (int64_t b0 = begin; b0 < end; b0 += kDotBlock) {
     const int64_t b1 = std::min(end, b0 + kDotBlock);
     acc_t f0 = 0, f1 = 0, f2 = 0, f3 = 0, f4 = 0;
@@ -138,19 +139,9 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
         if constexpr (K > 3) f4 += gi * static_cast<acc_t>(m3[i]);
       }
     }
-    s0 += f0;
-    s1 += f1;
-    s2 += f2;
-    s3 += f3;
-    s4 += f4;
+    sums.add(f0, f1, f2, f3, f4);
   }
-  if constexpr (DOT) {
-    partial[0] = s0;
-    partial[1] = s1;
-    partial[2] = s2;
-    partial[3] = s3;
-    partial[4] = s4;
-  }
+  if constexpr (DOT) sums.store(partial);
 }
 
 template <typename scalar_t, int K, bool GX, bool GM, bool DOT>
@@ -159,25 +150,9 @@ void backward_impl(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m
   using acc_t = at::opmath_type<scalar_t>;
   acc_t c[kTableWidth] = {};
   for (int k = 0; k <= K; ++k) c[k] = static_cast<acc_t>(coef[k]);
-  const int64_t nchunks = (n + kReduceChunk - 1) / kReduceChunk;
-  // Chunk boundaries do not depend on the thread count, and partials are summed in chunk order
-  // below, so the dot products are bitwise identical for any number of threads.
-  std::vector<double> partials(DOT ? nchunks * kTableWidth : 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t ch = cb; ch < ce; ++ch) {
-      const int64_t b = ch * kReduceChunk;
-      const int64_t e = std::min(n, b + kReduceChunk);
-      backward_range<scalar_t, K, GX, GM, DOT>(g, x, m, gx, gm, c, b, e,
-                                               DOT ? partials.data() + ch * kTableWidth : nullptr);
-    }
+  chunked_reduce(n, DOT ? K + 1 : 0, grad_coef, [&](int64_t b, int64_t e, double* partial) {
+    backward_range<scalar_t, K, GX, GM, DOT>(g, x, m, gx, gm, c, b, e, partial);
   });
-  if constexpr (DOT) {
-    for (int k = 0; k <= K; ++k) {
-      double s = 0;
-      for (int64_t ch = 0; ch < nchunks; ++ch) s += partials[ch * kTableWidth + k];
-      grad_coef[k] = s;
-    }
-  }
 }
 
 void check_cpu(const at::Tensor& x, const at::Tensor& coef) {

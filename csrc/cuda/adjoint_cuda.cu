@@ -12,6 +12,7 @@
 
 #include <vector>
 
+#include "adjoint_step.h"
 #include "cuda/reduce_cuda.cuh"
 #include "dispatch_history.h"
 #include "ld3_ops.h"
@@ -25,21 +26,9 @@ using cuda_detail::kBlockChunk;
 using cuda_detail::kThreads;
 using cuda_detail::reduce_partials_kernel;
 
-template <typename scalar_t>
-struct AdjointArgsDev {
-  const scalar_t* lam_prev;
-  scalar_t* v;                         // L_0 is written here; null without v
-  const scalar_t* older[kMaxHistory];  // L_1..: lam_prev first when v is given
-  const scalar_t* x;
-  const scalar_t* m;
-  scalar_t* gm;
-  const double* scale;
-  const double* w;
-};
-
 template <typename scalar_t, int J, bool V, bool DOT>
 __global__ void __launch_bounds__(kThreads)
-    adjoint_kernel(AdjointArgsDev<scalar_t> p, int64_t n, double* __restrict__ partials) {
+    adjoint_kernel(AdjointPtrs<scalar_t> p, int64_t n, double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ double smem[kThreads];
   acc_t w[J > 0 ? J : 1];
@@ -103,29 +92,13 @@ at::Tensor multistep_adjoint_cuda(const at::Tensor& lam_prev, const at::Tensor& 
     if (a.need_dots) dots.narrow(0, 0, 1 + J).zero_();
     return gm;
   }
-  const at::Tensor lp = lam_prev.contiguous();
-  std::vector<at::Tensor> old;
-  for (const auto& o : older) old.push_back(o.contiguous());
-  const at::Tensor xc = a.need_dots ? x.contiguous() : at::Tensor();
-  const at::Tensor mc = (a.need_dots && J > 0) ? m.contiguous() : at::Tensor();
-  const at::Tensor wc = w.contiguous();
-  const at::Tensor sc = a.has_v ? scale.contiguous() : at::Tensor();
+  const AdjointInputs in = contiguous_adjoint_inputs(a, lam_prev, scale, older, x, m, w);
   const int64_t nblocks = (n + kBlockChunk - 1) / kBlockChunk;
   TORCH_CHECK(nblocks < (int64_t(1) << 31), "multistep_adjoint: tensor too large");
-  at::Tensor partials = a.need_dots ? at::empty({nblocks, 1 + J}, wc.options()) : at::Tensor();
+  at::Tensor partials = a.need_dots ? at::empty({nblocks, 1 + J}, in.w.options()) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream(lam_prev.device().index());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ld3_multistep_adjoint_cuda", [&] {
-    AdjointArgsDev<scalar_t> p{};
-    p.lam_prev = lp.const_data_ptr<scalar_t>();
-    p.v = a.has_v ? v.mutable_data_ptr<scalar_t>() : nullptr;
-    int slot = 0;
-    if (a.has_v) p.older[slot++] = p.lam_prev;
-    for (size_t k = 0; k < old.size() && slot < kMaxHistory; ++k) p.older[slot++] = old[k].const_data_ptr<scalar_t>();
-    p.x = a.need_dots ? xc.const_data_ptr<scalar_t>() : nullptr;
-    p.m = (a.need_dots && J > 0) ? mc.const_data_ptr<scalar_t>() : nullptr;
-    p.gm = J > 0 ? gm.mutable_data_ptr<scalar_t>() : nullptr;
-    p.scale = a.has_v ? sc.const_data_ptr<double>() : nullptr;
-    p.w = wc.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.lam_prev.scalar_type(), "ld3_multistep_adjoint_cuda", [&] {
+    const AdjointPtrs<scalar_t> p = adjoint_ptrs<scalar_t>(a, in, v, gm);
     double* pp = a.need_dots ? partials.mutable_data_ptr<double>() : nullptr;
     dispatch_k(J, [&](auto jc) {
       constexpr int JJ = decltype(jc)::value;

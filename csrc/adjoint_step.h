@@ -1,0 +1,63 @@
+// Host-side plumbing of the adjoint-step kernel shared by the CPU and CUDA launchers: the pointer
+// bundle the loops read, and the contiguous inputs it points into.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "ld3_ops.h"
+#include "solver_coefficients.h"
+
+namespace ld3 {
+
+template <typename scalar_t>
+struct AdjointPtrs {
+  const scalar_t* lam_prev;
+  scalar_t* v;                         // in/out: L_0 is written here; null without v
+  const scalar_t* older[kMaxHistory];  // L_1..: lam_prev first when v is given, then `older`
+  const scalar_t* x;
+  const scalar_t* m;
+  scalar_t* gm;
+  const double* scale;  // on the tensors' device
+  const double* w;
+};
+
+// Contiguous versions of exactly the inputs the step reads (keeps copies alive for the pointers).
+struct AdjointInputs {
+  at::Tensor lam_prev, x, m, w, scale;
+  std::vector<at::Tensor> older;
+};
+
+inline AdjointInputs contiguous_adjoint_inputs(const AdjointArgs& a, const at::Tensor& lam_prev,
+                                               const at::Tensor& scale, const std::vector<at::Tensor>& older,
+                                               const at::Tensor& x, const at::Tensor& m, const at::Tensor& w) {
+  AdjointInputs in;
+  in.lam_prev = lam_prev.contiguous();
+  for (const auto& o : older) in.older.push_back(o.contiguous());
+  if (a.need_dots) in.x = x.contiguous();
+  if (a.need_dots && a.J > 0) in.m = m.contiguous();
+  in.w = w.contiguous();
+  if (a.has_v) in.scale = scale.contiguous();
+  return in;
+}
+
+template <typename scalar_t>
+AdjointPtrs<scalar_t> adjoint_ptrs(const AdjointArgs& a, const AdjointInputs& in, const at::Tensor& v,
+                                   const at::Tensor& gm) {
+  AdjointPtrs<scalar_t> p{};
+  p.lam_prev = in.lam_prev.const_data_ptr<scalar_t>();
+  p.v = a.has_v ? v.mutable_data_ptr<scalar_t>() : nullptr;
+  int slot = 0;
+  if (a.has_v) p.older[slot++] = p.lam_prev;
+  for (size_t k = 0; k < in.older.size() && slot < kMaxHistory; ++k)
+    p.older[slot++] = in.older[k].const_data_ptr<scalar_t>();
+  p.x = a.need_dots ? in.x.const_data_ptr<scalar_t>() : nullptr;
+  p.m = (a.need_dots && a.J > 0) ? in.m.const_data_ptr<scalar_t>() : nullptr;
+  p.gm = a.J > 0 ? gm.mutable_data_ptr<scalar_t>() : nullptr;
+  p.scale = a.has_v ? in.scale.const_data_ptr<double>() : nullptr;
+  p.w = in.w.const_data_ptr<double>();
+  return p;
+}
+
+}  // namespace ld3
