@@ -29,6 +29,15 @@ struct AdjointInputs {
   std::vector<at::Tensor> older;
 };
 
+// The step's output gm (undefined when w is empty); true when there is nothing to compute
+// (zero-size tensors: dots are zeroed).
+inline bool adjoint_output(const AdjointArgs& a, const at::Tensor& lam_prev, const at::Tensor& dots, at::Tensor& gm) {
+  gm = a.J > 0 ? at::empty_like(lam_prev, at::MemoryFormat::Contiguous) : at::Tensor();
+  if (lam_prev.numel() != 0) return false;
+  if (a.need_dots) dots.narrow(0, 0, 1 + a.J).zero_();
+  return true;
+}
+
 inline AdjointInputs contiguous_adjoint_inputs(const AdjointArgs& a, const at::Tensor& lam_prev,
                                                const at::Tensor& scale, const std::vector<at::Tensor>& older,
                                                const at::Tensor& x, const at::Tensor& m, const at::Tensor& w) {

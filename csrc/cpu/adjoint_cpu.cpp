@@ -102,11 +102,8 @@ at::Tensor multistep_adjoint_cpu(const at::Tensor& lam_prev, const at::Tensor& v
   TORCH_CHECK(lam_prev.device().is_cpu(), "multistep_adjoint (CPU kernel): lam_prev must be on the CPU");
   const int64_t J = a.J;
   const int64_t n = lam_prev.numel();
-  at::Tensor gm = J > 0 ? at::empty_like(lam_prev, at::MemoryFormat::Contiguous) : at::Tensor();
-  if (n == 0) {
-    if (a.need_dots) dots.narrow(0, 0, 1 + J).zero_();
-    return gm;
-  }
+  at::Tensor gm;
+  if (adjoint_output(a, lam_prev, dots, gm)) return gm;
   const AdjointInputs in = contiguous_adjoint_inputs(a, lam_prev, scale, older, x, m, w);
   const double s = a.has_v ? in.scale.item<double>() : 1.0;
   std::vector<double> dot_host(kTableWidth, 0.0);

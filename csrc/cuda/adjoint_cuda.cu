@@ -87,11 +87,8 @@ at::Tensor multistep_adjoint_cuda(const at::Tensor& lam_prev, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(lam_prev.device());
   const int64_t J = a.J;
   const int64_t n = lam_prev.numel();
-  at::Tensor gm = J > 0 ? at::empty_like(lam_prev, at::MemoryFormat::Contiguous) : at::Tensor();
-  if (n == 0) {
-    if (a.need_dots) dots.narrow(0, 0, 1 + J).zero_();
-    return gm;
-  }
+  at::Tensor gm;
+  if (adjoint_output(a, lam_prev, dots, gm)) return gm;
   const AdjointInputs in = contiguous_adjoint_inputs(a, lam_prev, scale, older, x, m, w);
   const int64_t nblocks = (n + kBlockChunk - 1) / kBlockChunk;
   TORCH_CHECK(nblocks < (int64_t(1) << 31), "multistep_adjoint: tensor too large");
