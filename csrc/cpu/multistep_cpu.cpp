@@ -10,6 +10,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #if defined(__SSE2__)
@@ -78,8 +79,20 @@ void forward_range_stream(float* out, const float* x, const Ptrs<float>& m, cons
 }
 #endif
 
-// Outputs at least this large are written with non-temporal stores (float32, x86).
-constexpr int64_t kStreamBytes = int64_t(1) << 19;
+// Outputs at least this many bytes are written with non-temporal stores (float32, x86); 512 KiB
+// by default, LD3_STREAM_MIN_BYTES overrides it (read once; a huge value turns streaming off).
+int64_t stream_min_bytes() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("LD3_STREAM_MIN_BYTES");
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (end != env && *end == '\0' && v >= 0) return static_cast<int64_t>(v);
+    }
+    return int64_t(1) << 19;
+  }();
+  return value;
+}
 
 template <typename scalar_t, int K>
 void forward_impl(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, const double* coef, int64_t n) {
@@ -89,7 +102,7 @@ void forward_impl(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, con
   for (int k = 0; k <= K; ++k) c[k] = static_cast<acc_t>(coef[k]);
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (n * int64_t(sizeof(float)) >= kStreamBytes) {
+    if (n * int64_t(sizeof(float)) >= stream_min_bytes()) {
       at::parallel_for(0, n, kForwardGrain,
                        [&](int64_t b, int64_t e) { forward_range_stream<K>(out, x, m, c, b, e); });
       return;
