@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="learn a schedule (resumes from --out/checkpoint after an interrupt)")
     _add_common(tr)
     tr.add_argument("--loss", default="pseudo_huber", help="pseudo_huber | l2 | l1 | lpips")
-    tr.add_argument("--time-mode", default="lambda", choices=["lambda", "time"])
+    tr.add_argument("--time-mode", default="auto", choices=["auto", "lambda", "time"],
+                    help="schedule parameterisation; auto: short trial of both, the better on validation continues")
     tr.add_argument("--init", default="auto", help="auto (best of the candidates below and DMN on the validation "
                     "set) | logsnr | time_uniform | time_quadratic | edm")
     tr.add_argument("--n-train", type=int, default=50)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ld3_ext import EDM, VPDiscrete, discretizations, testbeds, wrap_model
+from ld3_ext.atomic_io import load_safetensors_checked
 from ld3_ext.schedule_file import load_schedule
 from ld3_ext.solvers import DPMSolverPP, Euler, Heun, IPNDM, UniPC
 from ld3_ext.training import (CheckpointMismatchError, LD3Trainer, LossUnavailableError, NonFiniteLossError,
@@ -284,8 +285,9 @@ def test_nan_loss_names_iteration_and_keeps_last_good_schedule(ring, tmp_path):
         out = (pred - target).pow(2).flatten(1).mean(1)
         return out * float("nan") if calls["n"] > 12 else out
 
-    # a fixed init: init="auto" would spend loss calls of its own on scoring the candidate grids
-    tr = _small(model, mix, loss=flaky, checkpoint_dir=str(tmp_path), init="logsnr")
+    # a fixed init and mode: init="auto" would spend loss calls of its own on scoring the candidate grids, and
+    # time_mode="auto" would drop the failing trial and go on with the other mode (tested below)
+    tr = _small(model, mix, loss=flaky, checkpoint_dir=str(tmp_path), init="logsnr", time_mode="lambda")
     with pytest.raises(NonFiniteLossError, match=r"iteration \d+") as ei:
         tr.fit()
     err = ei.value
@@ -385,3 +387,188 @@ def test_default_dtype_float32_for_networks_float64_for_test_beds(ring):
     mod_model = wrap_model(lambda x, t: net(x), s, prediction="x0")
     mod_model.net = net  # registered submodule: the trainer reads its parameter dtype
     assert LD3Trainer(mod_model, None, DPMSolverPP(2, **REF), 4, model_name="m", progress=False).dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------------------------
+# time_mode="auto": model selection on the trainer's own validation set
+# ----------------------------------------------------------------------------------------------
+def _fast(model, mix, **kw):
+    # a fixed init grid: init="auto" would score DMN (a numerical optimisation) on every fit
+    return _small(model, mix, **{"init": "logsnr", **kw})
+
+
+def _trial_best(trainer, rounds):
+    """Best hard validation loss of an explicit-mode run after ``rounds`` rounds (what its auto trial scores)."""
+    best = trainer.st["init_metric"]
+    for h in trainer.history:
+        if h["round"] <= rounds and "valid_hard" in h:
+            best = min(best, h["valid_hard"])
+    return best
+
+
+@pytest.mark.parametrize("solver,nfe,want", [(DPMSolverPP(2, **REF), 4, "time"), (DPMSolverPP(3, **REF), 5, "lambda")])
+def test_auto_time_mode_keeps_the_mode_with_the_lower_validation_loss(ring, solver, nfe, want):
+    mix, s, model = ring
+    auto_tr = _fast(model, mix, solver=solver, nfe=nfe)
+    assert auto_tr.time_mode_request == "auto"  # the default
+    auto = auto_tr.fit()
+    runs = {}
+    for mode in ("lambda", "time"):
+        tr = _fast(model, mix, solver=solver, nfe=nfe, time_mode=mode)
+        runs[mode] = (tr, tr.fit())
+    trial = auto.metrics["time_mode_trial_rounds"]
+    assert trial == 2  # default: phase 1 (1 round) + the first round of phase 2
+    scores = auto.metrics["time_mode_candidates_valid_loss"]
+    # each trial is the explicit run of its mode, stopped after the trial rounds
+    assert scores == {m: _trial_best(tr, trial) for m, (tr, _) in runs.items()}
+    assert scores["lambda"] != scores["time"]
+    choice = min(scores, key=scores.get)
+    assert choice == want  # both outcomes occur (the cases are chosen so): the selection is not a constant
+    assert auto.metrics["time_mode_choice"] == choice and auto.time_mode == choice
+    assert auto.training["time_mode"] == "auto" and auto.training["time_mode_chosen"] == choice
+    assert auto.training["time_mode_trial_rounds"] == trial
+    # the winner simply continues: bitwise the explicit run of the chosen mode
+    chosen = runs[choice][1]
+    assert torch.equal(auto.timesteps, chosen.timesteps)
+    assert torch.equal(auto.model_timesteps, chosen.model_timesteps)
+    assert auto.metrics["valid_loss_best"] == chosen.metrics["valid_loss_best"] <= min(scores.values())
+    assert auto.metrics["train_seconds"] > auto_tr.st["elapsed"]  # the dropped trial's time is counted too
+
+
+def test_explicit_time_modes_are_unchanged(ring, tmp_path):
+    mix, s, model = ring
+    for mode in ("lambda", "time"):
+        tr = _fast(model, mix, time_mode=mode, checkpoint_dir=str(tmp_path / mode))
+        res = tr.fit()
+        assert res.time_mode == mode and res.training["time_mode"] == mode
+        assert tr.param.time_mode == mode
+        assert "time_mode_trial_rounds" not in tr.settings() and "time_mode_chosen" not in res.training
+        assert not any(k.startswith("time_mode_") for k in res.metrics)
+        assert res.metrics["iterations"] == 12  # one run of 3 rounds x 4 iterations, no trials
+        # the checkpoint keeps its single-candidate layout (no prefixes, no "auto" record)
+        tensors, meta = load_safetensors_checked(str(tmp_path / mode / "ld3_trainer_state.safetensors"))
+        assert "xi" in tensors and not any("/" in k for k in tensors)
+        assert "auto" not in meta and set(meta) == {"settings", "state", "optimizers", "history"}
+    with pytest.raises(ValueError, match="time_mode"):
+        _fast(model, mix, time_mode="sigma")
+    with pytest.raises(ValueError, match="time_mode_trial_rounds"):
+        _fast(model, mix, time_mode_trial_rounds=0)
+
+
+def test_auto_time_mode_full_trials(ring):
+    # trial rounds >= the whole run: both modes train fully and the better one on validation is kept
+    mix, s, model = ring
+    auto = _fast(model, mix, time_mode_trial_rounds=99).fit()
+    assert auto.metrics["time_mode_trial_rounds"] == 3
+    full = {m: _fast(model, mix, time_mode=m).fit() for m in ("lambda", "time")}
+    assert auto.metrics["time_mode_candidates_valid_loss"] == {m: r.metrics["valid_loss_best"] for m, r in full.items()}
+    choice = auto.metrics["time_mode_choice"]
+    assert choice == min(full, key=lambda m: full[m].metrics["valid_loss_best"])
+    assert torch.equal(auto.timesteps, full[choice].timesteps)
+
+
+def test_auto_time_mode_resume_is_bitwise_identical(ring, tmp_path):
+    """Interrupted in the lambda trial, then in the time trial, then after the selection (the winner's
+    continuation): each checkpoint records where it was, and the last restart ends on the uninterrupted schedule."""
+    mix, s, model = ring
+    full = _fast(model, mix, checkpoint_dir=str(tmp_path / "a"), checkpoint_every=3).fit()
+    ckpt = str(tmp_path / "b" / "ld3_trainer_state.safetensors")
+    for mode, it in (("lambda", 6), ("time", 3), (None, 10)):
+        def boom(tr, info):
+            if info["iteration"] == it and (mode is None or tr.time_mode == mode):
+                raise _Stop()
+
+        with pytest.raises(_Stop):
+            _fast(model, mix, checkpoint_dir=str(tmp_path / "b"), checkpoint_every=3, callback=boom).fit()
+        _, meta = load_safetensors_checked(ckpt)
+        assert meta["settings"]["time_mode"] == "auto"
+        if mode is not None:  # mid-trial: the active candidate is named; a finished lambda trial is kept
+            assert meta["auto"]["active"] == mode and meta["auto"]["choice"] is None
+            assert set(meta["candidates"]) == ({"lambda"} if mode == "lambda" else {"lambda", "time"})
+            assert meta["candidates"][mode]["state"]["iteration"] == 3 * (it // 3)
+            assert set(meta["auto"]["scores"]) == ({"lambda"} if mode == "time" else set())
+        else:  # after the selection only the winner is kept
+            assert meta["auto"]["choice"] == meta["auto"]["active"] == full.metrics["time_mode_choice"]
+            assert set(meta["candidates"]) == {meta["auto"]["choice"]}
+            assert meta["candidates"][meta["auto"]["choice"]]["state"]["iteration"] == 9
+    resumed = _fast(model, mix, checkpoint_dir=str(tmp_path / "b"), checkpoint_every=3).fit()
+    assert torch.equal(full.timesteps, resumed.timesteps)
+    assert torch.equal(full.model_timesteps, resumed.model_timesteps)
+    for k in ("valid_loss_best", "time_mode_choice", "time_mode_candidates_valid_loss"):
+        assert full.metrics[k] == resumed.metrics[k]
+    assert load_schedule(str(tmp_path / "b" / "schedule.json")).timesteps.tolist() == resumed.timesteps.tolist()
+
+
+def test_auto_time_mode_drops_a_diverging_trial(ring, tmp_path):
+    mix, s, model = ring
+    holder = {}
+
+    def nan_in(modes):
+        def loss(pred, target):
+            out = (pred - target).pow(2).flatten(1).mean(1)
+            tr = holder["tr"]
+            st = getattr(tr, "st", None)  # None while init="auto" scores its grids
+            return out * float("nan") if st is not None and tr.time_mode in modes and st["iteration"] >= 2 else out
+        return loss
+
+    tr = holder["tr"] = _fast(model, mix, loss=nan_in({"time"}))
+    with pytest.warns(UserWarning, match="'time' trial failed"):
+        res = tr.fit()
+    assert res.metrics["time_mode_choice"] == "lambda"
+    assert res.metrics["time_mode_candidates_valid_loss"]["time"] is None
+    assert math.isfinite(res.metrics["time_mode_candidates_valid_loss"]["lambda"])
+    ref = holder["tr"] = _fast(model, mix, loss=nan_in({"time"}), time_mode="lambda")
+    assert torch.equal(ref.fit().timesteps, res.timesteps)
+    # every mode diverges: the first failure is raised, with its last good schedule (also on disk)
+    tr = holder["tr"] = _fast(model, mix, loss=nan_in({"lambda", "time"}), checkpoint_dir=str(tmp_path))
+    with pytest.warns(UserWarning), pytest.raises(NonFiniteLossError, match="iteration 3") as ei:
+        tr.fit()
+    assert ei.value.schedule is not None and ei.value.schedule.time_mode == "lambda"
+    on_disk = load_schedule(ei.value.saved_to)
+    assert on_disk.time_mode == "lambda" and torch.equal(on_disk.timesteps, ei.value.schedule.timesteps)
+
+
+# ----------------------------------------------------------------------------------------------
+# the network's weights are never trained
+# ----------------------------------------------------------------------------------------------
+class _Net(torch.nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.lin = torch.nn.Linear(2, 2).double()
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64), requires_grad=False)
+
+    def forward(self, x, t):
+        return self.base(x, t) + 0.01 * self.scale * torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("how", ["module", "bound_method"])
+def test_weights_are_frozen_during_fit_and_restored(ring, how):
+    mix, s, base = ring
+    net = _Net(base.fn)
+    model = wrap_model(net if how == "module" else net.forward, s, prediction="x0", time_input="t", name="net")
+    params = list(net.parameters())
+    before = [p.requires_grad for p in params]
+    assert before == [False, True, True]  # scale (own parameter first), lin.weight, lin.bias
+    seen = []
+
+    def cb(tr, info):
+        seen.append([p.requires_grad for p in params])
+
+    tr = LD3Trainer(model, s, DPMSolverPP(2, **REF), 4, teacher="exact", reference=mix, sample_shape=(2,),
+                    model_name="net", n_train=4, n_valid=2, rounds_v1=1, rounds_v2=1, time_mode="lambda", dtype=torch.float64,
+                    progress=False, callback=cb)
+    res = tr.fit()
+    assert seen and all(flags == [False, False, False] for flags in seen)
+    assert [p.requires_grad for p in params] == before  # restored exactly (scale stays frozen)
+    assert all(p.grad is None for p in params)  # no weight gradient was ever computed
+    assert res.metrics["valid_loss_best"] <= res.metrics["valid_loss_init"]
+
+    def interrupt(tr, info):
+        assert not any(p.requires_grad for p in params)
+        raise KeyboardInterrupt
+
+    tr.callback = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert [p.requires_grad for p in params] == before  # restored on the way out too

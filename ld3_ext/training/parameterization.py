@@ -5,6 +5,10 @@ Work in a coordinate ``y`` that increases along the sampling direction:
 * ``time_mode="lambda"``: y = lambda(t) (half log-SNR); uniform gaps give the logSNR grid;
 * ``time_mode="time"``:   y = -t; uniform gaps give the time-uniform grid.
 
+Neither is better everywhere (the gaps, and the decoupling window below, are measured in different units, so
+the same optimiser takes different paths): ``LD3Trainer(time_mode="auto")``, its default, trains in both and
+keeps the one with the lower loss on its validation pairs.
+
 The N interval lengths are fractions of the fixed span y(t_min) - y(t_max):
 
     g = softmax(xi[1:]) * (1 - N*floor) + floor,    y_k = y_0 + span * sum_{j<=k} g_j,

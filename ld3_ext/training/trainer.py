@@ -38,7 +38,7 @@ from ..schedules import NoiseSchedule
 from ..solvers import MultistepSolver, Solver, make_solver
 from ..wrappers import DiffusionModel, ModelOutputError
 from .losses import get_loss, loss_name, per_sample
-from .parameterization import TimeParameterization, init_timesteps
+from .parameterization import TIME_MODES, TimeParameterization, init_timesteps
 from .teacher import generate_teacher_data, make_teacher, model_identity
 
 CHECKPOINT_FILE = "ld3_trainer_state.safetensors"
@@ -124,7 +124,17 @@ class LD3Trainer:
     loss : "pseudo_huber" (default), "l2", "l1", "lpips" or a callable ``(pred, target) -> [B]``.  The
         pseudo-Huber distance grows like a per-sample norm (as LPIPS does, the paper's choice), so a few
         outlier samples do not dominate the batch as they do with "l2" (measured: benchmarks/bench_ld3.py).
-    time_mode : "lambda" (default, pixel configs) or "time" (latent configs).
+    time_mode : "auto" (default), "lambda" (the paper's pixel configs: the gaps, and the decoupling window, are in
+        half log-SNR) or "time" (latent configs: in t).  "auto" selects the mode on the trainer's own validation set:
+        each mode trains for ``time_mode_trial_rounds`` rounds from the same start (same init grid, data and seed),
+        the one with the lower hard validation loss is kept and continues to the end; the other is dropped.  The
+        result is therefore bitwise the schedule of the explicit run of the chosen mode, and never worse on
+        validation than the best trial.  The choice and both trial losses are recorded in the schedule
+        (``metrics["time_mode_choice"]``, ``metrics["time_mode_candidates_valid_loss"]``,
+        ``training["time_mode_chosen"]``) and in the training checkpoint.
+    time_mode_trial_rounds : rounds of each "auto" trial (default ``rounds_v1 + 1``: phase 1 and the first round of
+        phase 2, where the mode-dependent network-time shifts xi^c first train; measured in
+        benchmarks/bench_ld3.py).  ``rounds_v1 + rounds_v2`` trains both modes fully.
     init : "auto" (default: the candidate among logSNR, EDM, time-quadratic, time-uniform and DMN with the
         lowest validation loss; the paper used logSNR), one of those names, or an explicit grid.
     decoupled : learn the network-time shifts xi^c in phase 2.
@@ -169,7 +179,7 @@ class LD3Trainer:
     """
 
     def __init__(self, model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, solver: Any = None,
-                 nfe: Optional[int] = None, loss: Any = "pseudo_huber", time_mode: str = "lambda", init: Any = "auto",
+                 nfe: Optional[int] = None, loss: Any = "pseudo_huber", time_mode: str = "auto", init: Any = "auto",
                  decoupled: bool = True, *, win_rate: float = 0.5, gamma: float = 0.001,
                  radius: Optional[float] = None, shift_lr: Optional[float] = None, lr_xi: float = 0.005,
                  momentum: float = 0.9, lr_xi_min: float = 5e-5, lr_xi_c: Optional[float] = None,
@@ -186,7 +196,8 @@ class LD3Trainer:
                  decoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, checkpoint_decoder: bool = True,
                  checkpoint_model: bool = False, seed: int = 0, device=None, dtype: Optional[torch.dtype] = None,
                  checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
-                 resume: str = "auto", callback: Optional[Callable] = None, progress: bool = True):
+                 resume: str = "auto", callback: Optional[Callable] = None, progress: bool = True,
+                 time_mode_trial_rounds: Optional[int] = None):
         if not isinstance(model, DiffusionModel):
             raise TypeError("model must be a DiffusionModel: wrap your network with "
                             "ld3_ext.wrap_model(fn, schedule, prediction=...)")
@@ -212,8 +223,8 @@ class LD3Trainer:
         self.num_steps = check_nfe(self.solver, nfe)
         self.loss_spec = loss
         self.loss_fn = get_loss(loss)
-        if time_mode not in ("lambda", "time"):
-            raise ValueError(f"time_mode must be 'lambda' or 'time', got {time_mode!r}")
+        if time_mode not in TIME_MODES + ("auto",):
+            raise ValueError(f"time_mode must be 'auto', 'lambda' or 'time', got {time_mode!r}")
         if select_on not in ("hard", "soft"):
             raise ValueError(f"select_on must be 'hard' or 'soft', got {select_on!r}")
         if resume not in ("auto", "never"):
@@ -224,6 +235,9 @@ class LD3Trainer:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if rounds_v1 < 0 or rounds_v2 < 0 or rounds_v1 + rounds_v2 < 1:
             raise ValueError(f"need rounds_v1, rounds_v2 >= 0 with at least one round, got {rounds_v1}, {rounds_v2}")
+        if time_mode_trial_rounds is not None and (isinstance(time_mode_trial_rounds, bool) or not isinstance(
+                time_mode_trial_rounds, int) or time_mode_trial_rounds < 1):
+            raise ValueError(f"time_mode_trial_rounds must be None or an int >= 1, got {time_mode_trial_rounds!r}")
         if valid_every is not None and (not isinstance(valid_every, int) or valid_every < 1):
             raise ValueError(f"valid_every must be None or an int >= 1, got {valid_every!r}")
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
@@ -237,7 +251,11 @@ class LD3Trainer:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if device is not None and torch.device(device).type == "meta":
             raise ValueError("device='meta' holds no data: LD3 training needs a real device (cpu/cuda)")
-        self.time_mode, self.init, self.decoupled, self.win_rate = time_mode, init, bool(decoupled), float(win_rate)
+        # time_mode_request is what was asked for ("auto" included); time_mode is the mode of the active candidate
+        self.time_mode_request = time_mode
+        self.time_mode = TIME_MODES[0] if time_mode == "auto" else time_mode
+        self.time_mode_trial_rounds = time_mode_trial_rounds
+        self.init, self.decoupled, self.win_rate = init, bool(decoupled), float(win_rate)
         self.gamma = float(gamma)
         self.radius_override = radius
         self.shift_lr0 = shift_lr
@@ -284,6 +302,8 @@ class LD3Trainer:
         self.identity = model_identity(model, model_name)
         self.history: List[Dict[str, Any]] = []
         self.param: Optional[TimeParameterization] = None
+        self._auto: Optional[Dict[str, Any]] = None  # time_mode="auto": trial losses, choice (see _train)
+        self._candidates: Dict[str, Dict[str, Any]] = {}  # time_mode="auto": the candidates' training states
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -311,7 +331,41 @@ class LD3Trainer:
         model space (already multiplied by the prior std) and ``target`` the teacher output for it (model space;
         decoded here when a decoder is set, unless ``target_decoded``).  Without ``valid_*`` the last
         min(n_valid, len // 2) pairs are held out for validation.
+
+        LD3 never trains the network: while ``fit`` runs, the parameters of the model (``model.fn``, ``model.net``),
+        of a decoder and of a loss network are set to ``requires_grad=False`` (no weight gradients are computed);
+        their flags are restored when it returns or raises.
         """
+        frozen = self._freeze_weights()
+        try:
+            return self._fit(noise, target, valid_noise, valid_target, cond=cond, valid_cond=valid_cond,
+                             target_decoded=target_decoded)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _weight_modules(self) -> List[torch.nn.Module]:
+        """The modules whose weights a training run differentiates through but never updates."""
+        cands = [self.model, getattr(self.model, "fn", None), getattr(self.model, "net", None),
+                 getattr(getattr(self.model, "fn", None), "__self__", None),  # fn = a bound method of a network
+                 self.decoder, getattr(self.decoder, "__self__", None), self.loss_fn]
+        return [m for m in cands if isinstance(m, torch.nn.Module)]
+
+    def _freeze_weights(self) -> List[torch.nn.Parameter]:
+        """Set requires_grad=False on every weight that has it; returns those (to restore them afterwards)."""
+        frozen, seen = [], set()
+        for m in self._weight_modules():
+            for p in m.parameters():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if p.requires_grad:
+                    frozen.append(p)
+        for p in frozen:
+            p.requires_grad_(False)
+        return frozen
+
+    def _fit(self, noise, target, valid_noise, valid_target, *, cond, valid_cond, target_decoded) -> LearnedSchedule:
         prior = self.schedule.prior_std()
         if noise is None:
             if target is not None or valid_noise is not None:
@@ -389,11 +443,11 @@ class LD3Trainer:
     def settings(self) -> Dict[str, Any]:
         """Everything the result depends on (recorded in schedule files and matched on resume)."""
         init = self.init if isinstance(self.init, str) else [float(v) for v in torch.as_tensor(self.init).flatten()]
-        return {
+        out = {
             "nfe": self.nfe, "num_steps": self.num_steps, "solver": self.solver.config(),
             "step_orders": (step_orders(self.solver.spec(), self.num_steps)
                             if isinstance(self.solver, MultistepSolver) else None), "loss": loss_name(self.loss_spec),
-            "time_mode": self.time_mode, "init": init, "decoupled": self.decoupled, "win_rate": self.win_rate,
+            "time_mode": self.time_mode_request, "init": init, "decoupled": self.decoupled, "win_rate": self.win_rate,
             "gamma": self.gamma, "radius": self.radius(), "shift_lr": self._shift_lr0(), "lr_xi": self.lr_xi,
             "momentum": self.momentum, "lr_xi_min": self.lr_xi_min, "lr_xi_c": self.lr_xi_c,
             "lr_xi_c_min": self.lr_xi_c_min, "clip_norm": self.clip_norm, "lr_decay": self.lr_decay,
@@ -406,6 +460,15 @@ class LD3Trainer:
             "model": self.identity, "schedule": self.schedule.config(),
             "data_sha256": hashlib.sha256("|".join(str(_sha(self._data[k])) for k in sorted(self._data)).encode()).hexdigest(),
         }
+        if self.time_mode_request == "auto":  # only then: explicit modes keep their settings (and checkpoints) as they were
+            out["time_mode_trial_rounds"] = self._trial_rounds()
+        return out
+
+    def _trial_rounds(self) -> int:
+        """Rounds of each time_mode="auto" trial, at most the whole run."""
+        total = self.rounds_v1 + self.rounds_v2
+        n = self.time_mode_trial_rounds if self.time_mode_trial_rounds is not None else self.rounds_v1 + 1
+        return min(n, total)
 
     def _shift_lr0(self) -> float:
         return float(self.shift_lr0) if self.shift_lr0 is not None else 12.0 / self.num_steps
@@ -445,13 +508,18 @@ class LD3Trainer:
         self.init_scores = scores
         return grids[self.init_choice]
 
-    def _build(self):
-        init = self._auto_init() if (isinstance(self.init, str) and self.init == "auto") else self.init
-        self.param = TimeParameterization(self.schedule, self.num_steps, self.time_mode, init, self.decoupled,
+    # the training state of one candidate: the attributes the training loop works on
+    _CANDIDATE_ATTRS = ("time_mode", "param", "opt_xi", "opt_c", "gen", "st", "history")
+
+    def _new_candidate(self, time_mode: str, init) -> Dict[str, Any]:
+        """A fresh training state in ``time_mode`` starting from the grid ``init``; made the active one."""
+        self.time_mode = time_mode
+        self.param = TimeParameterization(self.schedule, self.num_steps, time_mode, init, self.decoupled,
                                           self.win_rate).to(self.device)
         self.opt_xi = torch.optim.RMSprop([self.param.xi], lr=self.lr_xi, momentum=self.momentum)
         self.opt_c = torch.optim.SGD([self.param.xi_c], lr=self.lr_xi_c)
-        self.gen = torch.Generator().manual_seed(self.seed)
+        self.gen = torch.Generator().manual_seed(self.seed)  # every candidate sees the same shuffles
+        self.history = []
         d = self._data
         self.st: Dict[str, Any] = {
             "round": 0, "stage": "start", "batch_pos": 0, "iteration": 0, "perm": torch.zeros(0, dtype=torch.long),
@@ -461,6 +529,17 @@ class LD3Trainer:
             "best_metric": math.inf, "best_iteration": 0, "init_metric": None,
         }
         self._snapshot_best()
+        return self._active()
+
+    def _active(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in self._CANDIDATE_ATTRS}
+
+    def _activate(self, time_mode: str):
+        """Make the candidate of ``time_mode`` the active one (time_mode="auto")."""
+        if self.param is not None:
+            self._candidates[self.time_mode] = self._active()
+        for k, v in self._candidates[time_mode].items():
+            setattr(self, k, v)
 
     # ------------------------------------------------------------------------------------------
     # pieces of an iteration
@@ -674,15 +753,25 @@ class LD3Trainer:
         if getattr(self, "init_choice", None) is not None:
             metrics["init_choice"] = self.init_choice
             metrics["init_candidates_valid_loss"] = self.init_scores
+        if self._auto is not None:
+            a = self._auto
+            metrics["time_mode_choice"] = a["choice"]
+            metrics["time_mode_candidates_valid_loss"] = dict(a["scores"])
+            metrics["time_mode_trial_rounds"] = self._trial_rounds()
+            # the dropped candidates' trials count too
+            metrics["train_seconds"] = round(st["elapsed"] + sum(v for k, v in a["seconds"].items()
+                                                                 if k != self.time_mode), 3)
         last = next((h for h in reversed(self.history) if "valid_hard" in h), None)
         if last is not None:
             metrics["valid_loss_hard_last"] = last["valid_hard"]
             metrics["valid_loss_soft_last"] = last["valid_soft"]
-        settings = self.settings()
+        training = {k: v for k, v in self.settings().items() if k not in ("model", "schedule", "solver")}
+        if self._auto is not None:
+            training["time_mode_chosen"] = self._auto["choice"]
         return LearnedSchedule(t.detach(), tm.detach(), solver_config=self.solver.config(), nfe=self.nfe,
                                schedule_config=self.schedule.config(), guidance_scale=self.model.guidance_scale,
                                model=self.identity, time_mode=self.time_mode, decoupled=self.decoupled,
-                               training={k: v for k, v in settings.items() if k not in ("model", "schedule", "solver")},
+                               training=training,
                                metrics=metrics)
 
     def _nonfinite(self, what: str):
@@ -708,25 +797,65 @@ class LD3Trainer:
         path = self._ckpt_path()
         if path is None:
             return
+        if self._auto is not None and self.param is None and not self._candidates:
+            return  # time_mode="auto" and every trial so far failed: nothing worth keeping
         if not D.is_rank0():  # all ranks hold the same state (see _accept); rank 0 writes it
             D.barrier()
             return
-        st = self.st
-        tensors = {"xi": self.param.xi.detach(), "xi_c": self.param.xi_c.detach(), "rng": self.gen.get_state()}
-        for k in ("perm", "z_train_rel", "z_valid_rel", "best_xi", "best_xi_c", "best_z_train", "best_z_valid"):
-            tensors[k] = st[k]
+        if self._auto is None:
+            tensors, cmeta = self._candidate_payload(self._active(), "")
+            meta = {"settings": self.settings(), **cmeta}
+        else:
+            # every live candidate (a finished trial may still be the winner), each under its own prefix
+            if self.param is not None:
+                self._candidates[self.time_mode] = self._active()
+            active = self.time_mode if self.param is not None else next(iter(self._candidates))
+            tensors, cands = {}, {}
+            for mode, cand in self._candidates.items():
+                t, cands[mode] = self._candidate_payload(cand, f"{mode}/")
+                tensors.update(t)
+            meta = {"settings": self.settings(), "auto": {**self._auto, "active": active}, "candidates": cands}
+        atomic_save_safetensors(path, tensors, meta)
+        D.barrier()
+
+    _STATE_TENSORS = ("perm", "z_train_rel", "z_valid_rel", "best_xi", "best_xi_c", "best_z_train", "best_z_valid")
+
+    def _candidate_payload(self, cand: Dict[str, Any], prefix: str):
+        """(tensors, metadata) of one candidate's training state, tensor names prefixed with ``prefix``."""
+        st, param = cand["st"], cand["param"]
+        tensors = {prefix + "xi": param.xi.detach(), prefix + "xi_c": param.xi_c.detach(),
+                   prefix + "rng": cand["gen"].get_state()}
+        for k in self._STATE_TENSORS:
+            tensors[prefix + k] = st[k]
         opt_meta = {}
-        for name, opt in (("opt_xi", self.opt_xi), ("opt_c", self.opt_c)):
-            sd = opt.state_dict()
+        for name in ("opt_xi", "opt_c"):
+            sd = cand[name].state_dict()
             for pid, s in sd["state"].items():
                 for key, val in s.items():
                     if isinstance(val, torch.Tensor):
-                        tensors[f"{name}.{pid}.{key}"] = val
+                        tensors[f"{prefix}{name}.{pid}.{key}"] = val
             opt_meta[name] = sd["param_groups"]
         scalars = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
-        meta = {"settings": self.settings(), "state": scalars, "optimizers": opt_meta, "history": self.history}
-        atomic_save_safetensors(path, tensors, meta)
-        D.barrier()
+        return tensors, {"state": scalars, "optimizers": opt_meta, "history": cand["history"]}
+
+    def _load_candidate(self, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any], prefix: str):
+        """Load one candidate's training state (written by :meth:`_candidate_payload`) into the active one."""
+        st = dict(meta["state"])
+        for k in self._STATE_TENSORS:
+            st[k] = tensors[prefix + k].to(self.device) if k != "perm" else tensors[prefix + k]
+        self.st = st
+        with torch.no_grad():
+            self.param.xi.copy_(tensors[prefix + "xi"])
+            self.param.xi_c.copy_(tensors[prefix + "xi_c"])
+        self.gen.set_state(tensors[prefix + "rng"])
+        for name, opt in (("opt_xi", self.opt_xi), ("opt_c", self.opt_c)):
+            state: Dict[int, Dict[str, Any]] = {}
+            for k, v in tensors.items():
+                if k.startswith(prefix + name + "."):
+                    _, pid, key = k[len(prefix):].split(".", 2)
+                    state.setdefault(int(pid), {})[key] = v.to(self.device) if key != "step" else v
+            opt.load_state_dict({"state": state, "param_groups": meta["optimizers"][name]})
+        self.history = list(meta.get("history", []))
 
     def _try_resume(self) -> bool:
         path = self._ckpt_path()
@@ -742,30 +871,33 @@ class LD3Trainer:
             diff = [k for k in sorted(set(mine) | set(theirs)) if canonical_json(mine.get(k)) != canonical_json(theirs.get(k))]
             raise CheckpointMismatchError(f"{path} was written with other settings (differs in: {', '.join(diff)}); "
                                           "use another checkpoint_dir, or resume='never' to overwrite it")
-        st = dict(meta["state"])
-        for k in ("perm", "z_train_rel", "z_valid_rel", "best_xi", "best_xi_c", "best_z_train", "best_z_valid"):
-            st[k] = tensors[k].to(self.device) if k != "perm" else tensors[k]
-        self.st = st
-        with torch.no_grad():
-            self.param.xi.copy_(tensors["xi"])
-            self.param.xi_c.copy_(tensors["xi_c"])
-        self.gen.set_state(tensors["rng"])
-        for name, opt in (("opt_xi", self.opt_xi), ("opt_c", self.opt_c)):
-            state: Dict[int, Dict[str, Any]] = {}
-            for k, v in tensors.items():
-                if k.startswith(name + "."):
-                    _, pid, key = k.split(".", 2)
-                    state.setdefault(int(pid), {})[key] = v.to(self.device) if key != "step" else v
-            opt.load_state_dict({"state": state, "param_groups": meta["optimizers"][name]})
-        self.history = list(meta.get("history", []))
+        if self._auto is None:
+            self._load_candidate(tensors, meta, "")
+            return True
+        auto, cands = meta.get("auto"), meta.get("candidates")
+        if not isinstance(auto, dict) or not isinstance(cands, dict) or auto.get("active") not in cands:
+            raise CheckpointMismatchError(f"{path} lacks the time_mode='auto' candidates; remove it or pass "
+                                          "resume='never' to start over")
+        self._candidates, self.param = {}, None
+        for mode in cands:  # the live candidates; the active one is re-selected below
+            self._new_candidate(mode, self._init_grid)
+            self._load_candidate(tensors, cands[mode], f"{mode}/")
+            self._candidates[mode] = self._active()
+        self._auto = {k: v for k, v in auto.items() if k != "active"}
+        self._activate(auto["active"])
         return True
 
     # ------------------------------------------------------------------------------------------
     # the loop
     # ------------------------------------------------------------------------------------------
     def _train(self) -> LearnedSchedule:
-        self.history = []
-        self._build()
+        self._init_grid = self._auto_init() if (isinstance(self.init, str) and self.init == "auto") else self.init
+        auto = self.time_mode_request == "auto"
+        self._candidates, self.param = {}, None
+        self._auto = {"scores": {}, "seconds": {}, "choice": None} if auto else None
+        first = self._new_candidate(TIME_MODES[0] if auto else self.time_mode_request, self._init_grid)
+        if auto:
+            self._candidates[first["time_mode"]] = first
         resumed = self._try_resume()
         if D.get_world_size() > 1:
             lo, hi = D.reduce_scalars([float(resumed)], op="min") + D.reduce_scalars([float(resumed)], op="max")
@@ -773,8 +905,60 @@ class LD3Trainer:
                 raise CheckpointMismatchError(
                     f"only some ranks found the training checkpoint in {self.checkpoint_dir}: under torch.distributed "
                     "the checkpoint_dir must be on a filesystem that every rank (every node) sees")
+        total_rounds = self.rounds_v1 + self.rounds_v2
+        if auto and self._auto["choice"] is None:
+            self._select_time_mode()
+        self._run_rounds(total_rounds, final=True)
+        result = self.current_schedule(best=True)
+        if self.checkpoint_dir is not None:
+            if D.is_rank0():
+                result.save(os.path.join(self.checkpoint_dir, SCHEDULE_FILE))
+            D.barrier()
+        return result
+
+    def _select_time_mode(self):
+        """time_mode="auto": train each mode for the trial rounds (resuming where a checkpoint left off), keep the one
+        with the lower hard validation loss as the active candidate and drop the others.  Only the trainer's own
+        validation set is used.  Ties go to the first mode ("lambda", the paper's pixel-space choice)."""
+        a, trial = self._auto, self._trial_rounds()
+        failure: Optional[Exception] = None
+        for mode in TIME_MODES:
+            if mode in a["scores"]:
+                continue  # its trial finished before an interruption
+            if mode in self._candidates:
+                self._activate(mode)
+            else:
+                if self.param is not None:
+                    self._candidates[self.time_mode] = self._active()
+                self._candidates[mode] = self._new_candidate(mode, self._init_grid)
+            try:
+                self._run_rounds(trial, final=False)
+                a["scores"][mode] = self.st["best_metric"]
+            except (FloatingPointError, ModelOutputError) as e:  # a diverging mode is dropped (as init="auto" drops
+                # a bad grid); NonFiniteLossError is a FloatingPointError
+                warnings.warn(f"time_mode='auto': the {mode!r} trial failed ({e}); it is not a candidate")
+                a["scores"][mode] = None
+                failure = failure or e  # if every mode fails, the first error is raised
+                del self._candidates[mode]
+                self.param = None  # its state is never stored, checkpointed or activated again
+            a["seconds"][mode] = round(self.st["elapsed"], 3)
+            self._save_checkpoint()
+        finite = {k: v for k, v in a["scores"].items() if v is not None and math.isfinite(v)}
+        if not finite:
+            if isinstance(failure, NonFiniteLossError) and failure.saved_to and failure.schedule is not None \
+                    and D.is_rank0():
+                failure.schedule.save(failure.saved_to)  # a later trial's failure may have overwritten it
+            raise failure or NonFiniteLossError("time_mode='auto': every candidate mode failed", 0, None, None)
+        a["choice"] = min(finite, key=finite.get)
+        self._activate(a["choice"])
+        self._candidates = {a["choice"]: self._active()}  # the others are no longer needed
+        self._save_checkpoint()
+
+    def _run_rounds(self, until: int, final: bool):
+        """Train the active candidate until ``until`` rounds are done (or it stops early); ``final``: the end of
+        training (record the stop reason)."""
         st, d = self.st, self._data
-        if not resumed:
+        if st["init_metric"] is None:  # a fresh candidate
             with torch.no_grad():
                 t, tm = self.param()
             st["init_metric"] = self._eval_set(d["z_valid"], d["y_valid"], d["c_valid"], t, tm)
@@ -785,16 +969,15 @@ class LD3Trainer:
         n_tr = d["z_train"].shape[0]
         n_batches = math.ceil(n_tr / self.batch_size)
         n_val_batches = math.ceil(d["z_valid"].shape[0] / self.batch_size)
-        total_rounds = self.rounds_v1 + self.rounds_v2
         bar = None
-        if self.progress and D.is_rank0():
+        if self.progress and D.is_rank0() and st["round"] < until and not st["done"]:
             from tqdm.auto import tqdm
-            bar = tqdm(total=total_rounds * n_batches, initial=min(st["iteration"], total_rounds * n_batches),
-                       desc=f"LD3 nfe={self.nfe}", leave=False)
+            desc = f"LD3 nfe={self.nfe}" + (f" {self.time_mode}" if self._auto is not None else "")
+            bar = tqdm(total=until * n_batches, initial=min(st["iteration"], until * n_batches), desc=desc, leave=False)
         every = self._valid_every()
         t_start = time.perf_counter() - st["elapsed"]
         try:
-            while st["round"] < total_rounds and not st["done"]:
+            while st["round"] < until and not st["done"]:
                 phase = 1 if st["round"] < self.rounds_v1 else 2
                 if st["stage"] == "start":
                     if st["round"] > 0:
@@ -840,22 +1023,17 @@ class LD3Trainer:
                     st["stage"] = "start"
                     st["elapsed"] = time.perf_counter() - t_start
                     self._save_checkpoint()
-            if st["stop_reason"] is None:
-                st["stop_reason"] = "max rounds"
-            st["done"] = True
-            st["elapsed"] = time.perf_counter() - t_start
-            self._save_checkpoint()
+            if final:
+                if st["stop_reason"] is None:
+                    st["stop_reason"] = "max rounds"
+                st["done"] = True
+                st["elapsed"] = time.perf_counter() - t_start
+                self._save_checkpoint()
         except ModelOutputError as e:
             self._nonfinite(f"the model failed: {e}")
         finally:
             if bar is not None:
                 bar.close()
-        result = self.current_schedule(best=True)
-        if self.checkpoint_dir is not None:
-            if D.is_rank0():
-                result.save(os.path.join(self.checkpoint_dir, SCHEDULE_FILE))
-            D.barrier()
-        return result
 
 
 __all__ = ["LD3Trainer", "NonFiniteLossError", "CheckpointMismatchError", "check_nfe"]
