@@ -28,7 +28,7 @@ from ld3_ext.schedule_file import load_schedule
 SETTINGS = ["--model", "gmm:ring2d", "--n-train", "26", "--n-valid", "4", "--threads", "1", "--no-progress"]
 # a fixed init: with init="auto" this tiny run may start at a grid it cannot improve on in two rounds,
 # and the test must compare two runs that actually learned
-TRAIN = ["--nfe", "4", "--rounds-v1", "1", "--rounds-v2", "1", "--init", "logsnr"]
+TRAIN = ["--nfe", "4", "--rounds-v1", "1", "--rounds-v2", "1", "--init", "logsnr", "--time-mode", "lambda"]
 TOL = 1e-10
 
 
@@ -120,3 +120,16 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     err = _run(["train", *SETTINGS[:2], "--n-train", "20", *SETTINGS[4:], *TRAIN, "--out", a], nproc=2, ok=False)
     assert "TeacherCacheMismatch" in err and "another rank could not open the teacher cache" in err
     assert _mtimes(cache) == before
+
+
+def test_torchrun_auto_time_mode_matches_single_process(tmp_path):
+    """time_mode="auto" (the CLI default) under 2 ranks: same trials, same choice, same schedule."""
+    train = [a for a in TRAIN if a not in ("--time-mode", "lambda")] + ["--time-mode", "auto"]
+    a, b = str(tmp_path / "A"), str(tmp_path / "B")
+    _run(["train", *SETTINGS, *train, "--out", a])
+    _run(["train", *SETTINGS, *train, "--out", b], nproc=2)
+    sa, sb = load_schedule(os.path.join(a, "schedule.json")), load_schedule(os.path.join(b, "schedule.json"))
+    assert sa.training["time_mode_chosen"] == sb.training["time_mode_chosen"]
+    assert set(sa.metrics["time_mode_candidates_valid_loss"]) == {"lambda", "time"}
+    torch.testing.assert_close(sb.timesteps, sa.timesteps, rtol=0, atol=TOL)
+    torch.testing.assert_close(sb.model_timesteps, sa.model_timesteps, rtol=0, atol=TOL)
