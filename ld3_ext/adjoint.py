@@ -96,13 +96,14 @@ def _depends_on_other_leaves(out: torch.Tensor, ours: Sequence[torch.Tensor]) ->
     fn = out.grad_fn
     if fn is None:
         return out.requires_grad and not any(out is o for o in ours)
-    seen = set()
+    seen, visited = set(), []  # `visited` keeps the node wrappers alive, so no id is reused meanwhile
     stack = [fn]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
+        visited.append(node)
         if type(node).__name__ == "AccumulateGrad":
             var = node.variable
             if not any(var is o for o in ours):
