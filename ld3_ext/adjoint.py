@@ -37,6 +37,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _native
+from .coefficients import MAX_HISTORY
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +112,21 @@ def _depends_on_other_leaves(out: torch.Tensor, ours: Sequence[torch.Tensor]) ->
             continue
         stack.extend(nxt for nxt, _ in node.next_functions)
     return False
+
+
+def _check_table(name: str, table) -> None:
+    if not isinstance(table, torch.Tensor) or table.dtype != torch.float64 or table.dim() != 3 \
+            or table.shape[0] < 1 or tuple(table.shape[1:]) != (2, MAX_HISTORY + 1):
+        raise ValueError(f"{name} must be a float64 [N, 2, {MAX_HISTORY + 1}] coefficient table with N >= 1, got "
+                         f"{(table.dtype, tuple(table.shape)) if isinstance(table, torch.Tensor) else type(table).__name__}")
+
+
+def _check_orders(orders, n: int, max_order: int) -> None:
+    if not isinstance(orders, (list, tuple)) or len(orders) != n:
+        raise ValueError(f"orders must be a list with one order per step ({n}), got {orders!r}")
+    for i, p in enumerate(orders):
+        if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= max_order:
+            raise ValueError(f"orders[{i}] must be an int in 1..{max_order}, got {p!r}")
 
 
 def _readers(orders: Sequence[int], max_order: int, i: int) -> List[int]:
@@ -283,6 +299,8 @@ def unipc_as_multistep(coef: torch.Tensor, orders: Sequence[int]):
     one update with up to order+1 history terms.  Returns the [N, 2, 5] table of that recursion
     (built with differentiable ops from ``coef``, so gradients reach the timesteps) and its orders.
     """
+    _check_table("coef", coef)
+    _check_orders(orders, coef.shape[0], max_order=MAX_HISTORY - 1)
     n = coef.shape[0]
     eff = coef[:, 0, :].clone()
     if n > 1:
@@ -295,7 +313,26 @@ def unipc_as_multistep(coef: torch.Tensor, orders: Sequence[int]):
 
 def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, checkpoint: bool,
                   x_T: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
-    """Run the multistep loop as one autograd node (raises ForeignGradients to decline)."""
+    """Run the multistep loop as one autograd node (raises ForeignGradients to decline).
+
+    ``evaluate(x, t, step)`` returns the history entry of step ``step``; ``orders[i]`` is the number of
+    history terms update i combines (1..4); ``table`` is the [N, 2, 5] float64 coefficient table (row
+    [i, 0] = [a, b_0, ...]); ``tm`` holds the N+1 network times.
+    """
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be callable (x, t, step) -> tensor, got {type(evaluate).__name__}")
+    _check_table("table", table)
+    _check_orders(orders, table.shape[0], max_order=MAX_HISTORY)
+    if isinstance(max_order, bool) or not isinstance(max_order, int) or not max(orders) <= max_order <= MAX_HISTORY:
+        raise ValueError(f"max_order must be an int in [max(orders) = {max(orders)}, {MAX_HISTORY}], got {max_order!r}")
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+        raise TypeError(f"x_T must be a floating tensor, got {getattr(x_T, 'dtype', type(x_T).__name__)}")
+    if not isinstance(tm, torch.Tensor) or tm.dim() != 1 or tm.numel() != table.shape[0] + 1:
+        raise ValueError(f"tm must be a 1-D tensor with N + 1 = {table.shape[0] + 1} network times, got "
+                         f"{tuple(tm.shape) if isinstance(tm, torch.Tensor) else type(tm).__name__}")
+    for name, t in (("table", table), ("tm", tm)):
+        if t.device != x_T.device:
+            raise ValueError(f"{name} is on {t.device} but x_T is on {x_T.device}")
     need = (x_T.requires_grad, table.requires_grad, tm.requires_grad)
     plan = SamplerPlan(evaluate, orders, max_order, checkpoint)
     return _WholeSampler.apply(plan, need, x_T, table, tm)

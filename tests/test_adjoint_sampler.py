@@ -353,3 +353,30 @@ def test_unipc_recursion_rewrite_matches_loop_in_float32():
     assert type(node).__name__ == "_WholeSamplerBackward"
     for a, b in zip(fused, ref):
         assert (a - b).abs().max().item() <= 2e-6 * b.abs().max().item()
+
+
+def test_whole_sampler_and_unipc_rewrite_reject_bad_input():
+    table = torch.zeros(3, 2, 5, dtype=torch.float64)
+    x, tm = torch.zeros(2, 3), torch.zeros(4, dtype=torch.float64)
+    ev = lambda xx, tt, i: xx  # noqa: E731
+    cases = [
+        (dict(evaluate=None), TypeError, "evaluate must be callable"),
+        (dict(table=torch.zeros(3, 2, 5)), ValueError, "table must be a float64"),
+        (dict(table=torch.zeros(3, 5, dtype=torch.float64)), ValueError, "table must be a float64"),
+        (dict(orders=[1, 2]), ValueError, "one order per step"),
+        (dict(orders=[1, 0, 2]), ValueError, r"orders\[1\]"),
+        (dict(orders=[1, 2, 5]), ValueError, r"orders\[2\]"),
+        (dict(max_order=1), ValueError, "max_order"),
+        (dict(x_T=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "x_T must be a floating"),
+        (dict(tm=torch.zeros(3, dtype=torch.float64)), ValueError, "tm must be a 1-D tensor"),
+        (dict(tm=torch.zeros(4, dtype=torch.float64, device="meta")), ValueError, "tm is on meta"),
+    ]
+    for over, exc, match in cases:
+        kw = dict(evaluate=ev, orders=[1, 2, 2], max_order=2, checkpoint=False, x_T=x, table=table, tm=tm)
+        kw.update(over)
+        with pytest.raises(exc, match=match):
+            adjoint.whole_sampler(**kw)
+    with pytest.raises(ValueError, match="coef must be a float64"):
+        adjoint.unipc_as_multistep(torch.zeros(3, 2, 4, dtype=torch.float64), [1, 2, 3])
+    with pytest.raises(ValueError, match=r"orders\[2\]"):
+        adjoint.unipc_as_multistep(table, [1, 2, 4])

@@ -21,11 +21,6 @@
 namespace ld3 {
 namespace {
 
-using cuda_detail::block_sum;
-using cuda_detail::kBlockChunk;
-using cuda_detail::kThreads;
-using cuda_detail::reduce_partials_kernel;
-
 template <typename scalar_t, int J, bool V, bool DOT>
 __global__ void __launch_bounds__(kThreads)
     adjoint_kernel(AdjointPtrs<scalar_t> p, int64_t n, double* __restrict__ partials) {

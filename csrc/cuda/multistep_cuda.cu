@@ -21,11 +21,6 @@
 namespace ld3 {
 namespace {
 
-using cuda_detail::block_sum;
-using cuda_detail::kBlockChunk;
-using cuda_detail::kThreads;
-using cuda_detail::reduce_partials_kernel;
-
 template <typename scalar_t>
 struct HistPtrs {
   const scalar_t* p[kMaxHistory];

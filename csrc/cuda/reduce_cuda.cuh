@@ -6,7 +6,6 @@
 #include <cstdint>
 
 namespace ld3 {
-namespace cuda_detail {
 
 constexpr int kThreads = 256;
 // each block owns a fixed range of kBlockChunk elements, independent of the GPU
@@ -45,5 +44,4 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 1 + K; k < out_len; ++k) out[k * out_stride] = 0.0;
 }
 
-}  // namespace cuda_detail
 }  // namespace ld3
