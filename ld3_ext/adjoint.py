@@ -78,12 +78,17 @@ def adjoint_step_reference(lam_prev: torch.Tensor, v: Optional[torch.Tensor], sc
     return gm
 
 
+def _adjoint_step_fn(like: torch.Tensor) -> Callable:
+    """The native kernel where it can run on ``like``'s device, else the reference (same contract)."""
+    dev = like.device
+    if _native.native_available() and (dev.type == "cpu" or (dev.type == "cuda" and _native.native_cuda_available())):
+        return _native._C.multistep_adjoint
+    return adjoint_step_reference
+
+
 def multistep_adjoint_step(lam_prev, v, scale, older, x, m, w, dots):
     """The native kernel where it can run, else the reference (same contract)."""
-    dev = lam_prev.device
-    if _native.native_available() and (dev.type == "cpu" or (dev.type == "cuda" and _native.native_cuda_available())):
-        return _native._C.multistep_adjoint(lam_prev, v, scale, list(older), x, m, w, dots)
-    return adjoint_step_reference(lam_prev, v, scale, older, x, m, w, dots)
+    return _adjoint_step_fn(lam_prev)(lam_prev, v, scale, list(older), x, m, w, dots)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,16 +154,19 @@ class SamplerPlan:
         # the kernel takes the adjoints lambda_{i+1..i+J} as a run: J spans the readers, and a gap
         # (a step in between that does not read m_i) gets weight 0 and its dot product is dropped
         self.J = [(max(r) + 1) if r else 0 for r in readers]
-        rows, cols, mask, offs = [], [], [], [0]
-        for i, J in enumerate(self.J):
-            rows += [min(i + j, n - 1) for j in range(J)]
-            cols += [1 + j for j in range(J)]
-            mask += [1.0 if j in readers[i] else 0.0 for j in range(J)]
-            offs.append(len(rows))
-        self.w_rows, self.w_cols, self.w_mask, self.w_offsets = rows, cols, mask, offs
-        self.dot_src = [k for k, keep in enumerate(mask) if keep]  # flat indices of kept dots
-        self.dot_rows = [rows[k] for k in self.dot_src]
-        self.dot_cols = [cols[k] for k in self.dot_src]
+        self.gaps = [(i, j) for i, J in enumerate(self.J) for j in range(J) if j not in readers[i]]
+
+
+def _skewed(mat: torch.Tensor, n: int) -> torch.Tensor:
+    """View S of a contiguous [n + MAX_HISTORY, MAX_HISTORY] matrix with S[i, j] = mat[i + j, j].
+
+    Step i's weight j is b_{i+j, j} (row i+j of the table, column 1+j) and its dot product j is
+    that coefficient's gradient: both are this skew of the table's b-block.  A strided view, so
+    building the weights and scattering the dots need no index tensors made on the host (no
+    host-to-device copy in the backward: it stays capturable in a CUDA graph).
+    """
+    w = mat.shape[1]
+    return mat.as_strided((n, w), (w, w + 1), mat.storage_offset())
 
 
 class _WholeSampler(torch.autograd.Function):
@@ -170,12 +178,13 @@ class _WholeSampler(torch.autograd.Function):
         outs: List[torch.Tensor] = []     # values of m_i (no graph)
         graphs: List[Any] = []            # (x leaf, t leaf, m_i with graph) unless checkpointing
         history: List[torch.Tensor] = []  # newest first
-        rows = table.detach()[:, 0, :]  # the kernel reads the first 1 + p entries of a row
+        rows = table.detach()[:, 0, :].unbind(0)  # the kernel reads the first 1 + p entries of a row
+        times = tm.detach().unbind(0)  # one call for all the per-step views
         x = x_T
         native = _uses_native(x)
         for i in range(n):
             xl = x.detach().requires_grad_()
-            tl = tm[i].detach().requires_grad_() if need_tm else tm[i].detach()
+            tl = times[i].detach().requires_grad_() if need_tm else times[i]
             with torch.enable_grad():
                 out = plan.evaluate(xl, tl, i)
             if _depends_on_other_leaves(out, (xl, tl)):
@@ -188,7 +197,7 @@ class _WholeSampler(torch.autograd.Function):
             del history[plan.max_order:]
             p = plan.orders[i]
             x = _native._C.multistep_update(x, rows[i], history[:p]) if native \
-                else _update_reference(x, rows[i, : 1 + p], history[:p])
+                else _update_reference(x, rows[i][: 1 + p], history[:p])
             xs.append(x)
         ctx.plan, ctx.need = plan, need
         # x_T, the table and tm are the caller's: saved with version checks; the rest is ours
@@ -208,27 +217,33 @@ class _WholeSampler(torch.autograd.Function):
         n = len(plan.orders)
         dev = grad.device
         grad = grad.contiguous()
-        weights = tab[plan.w_rows, 0, plan.w_cols] if plan.w_rows else tab.new_zeros(0)
-        if plan.w_rows and not all(plan.w_mask):
-            weights = weights * torch.tensor(plan.w_mask, dtype=weights.dtype, device=dev)
-        dots = torch.zeros(n, 1 + plan.max_order, dtype=torch.float64, device=dev) if need_table else None
+        H = plan.max_order
+        # weights[i, j] = b_{i+j, j}: zero-padded past the last step, gaps zeroed (rare patterns)
+        bpad = tab.new_zeros(n + MAX_HISTORY, MAX_HISTORY)
+        bpad[:n].copy_(tab[:, 0, 1:])
+        weights = _skewed(bpad, n).contiguous()
+        for i, j in plan.gaps:
+            weights[i, j].zero_()  # zero_(), not "= 0.0": no scalar tensor made on the host
+        dots = torch.zeros(n, 1 + MAX_HISTORY, dtype=torch.float64, device=dev) if need_table else None
+        dot_rows = dots.unbind(0) if need_table else [None] * n
+        scales = tab[:, 0, :1].unbind(0)
+        step = _adjoint_step_fn(grad)
         lams: List[torch.Tensor] = []    # lambda_{i+1}, lambda_{i+2}, ... (newest first)
         v_next: Optional[torch.Tensor] = None
         g_tm: List[Optional[torch.Tensor]] = [None] * n
         graphs = ctx.graphs
         for i in range(n - 1, -1, -1):
             J = plan.J[i]
-            w = weights[plan.w_offsets[i]: plan.w_offsets[i + 1]]
-            drow = dots[i] if need_table else None
+            w = weights[i, :J]
             if i == n - 1:
-                gm = multistep_adjoint_step(grad, None, None, [], ctx.xs[i], ctx.outs[i], w, drow)
+                gm = step(grad, None, None, [], ctx.xs[i], ctx.outs[i], w, dot_rows[i])
                 lams = [grad]
             else:
                 if v_next is None:  # m_{i+1} does not depend on x_{i+1}
                     v_next = torch.zeros_like(grad)
-                gm = multistep_adjoint_step(lams[0], v_next, tab[i + 1, 0, 0:1], lams[1:max(J - 1, 1)],
-                                            ctx.xs[i], ctx.outs[i], w, drow)
-                lams = [v_next] + lams[: plan.max_order - 1]
+                gm = step(lams[0], v_next, scales[i + 1], lams[1:max(J - 1, 1)], ctx.xs[i], ctx.outs[i], w,
+                          dot_rows[i])
+                lams = [v_next] + lams[: H - 1]
             v_next, g_tm[i] = _model_vjp(ctx, plan, i, gm, want_x=(i > 0 or need_x), want_t=need_tm)
             graphs[i] = None  # consumed: a later backward re-evaluates the network
         ctx.graphs_consumed = True
@@ -238,15 +253,17 @@ class _WholeSampler(torch.autograd.Function):
             if v_next is None:
                 grad_x = (lams[0].to(torch.float64) * tab[0, 0, 0]).to(grad.dtype)
             else:
-                multistep_adjoint_step(lams[0], v_next, tab[0, 0, 0:1], [], None, None, tab.new_zeros(0), None)
+                step(lams[0], v_next, scales[0], [], None, None, tab.new_zeros(0), None)
                 grad_x = v_next
         grad_table = None
         if need_table:
+            for i, j in plan.gaps:  # a gap's coefficient is not used by its step
+                dots[i, 1 + j].zero_()
+            gpad = tab.new_zeros(n + MAX_HISTORY, MAX_HISTORY)
+            _skewed(gpad, n).copy_(dots[:, 1:])  # dots past J_i are zero: they land in the padding
             grad_table = torch.zeros_like(tab)
             grad_table[:, 0, 0] = dots[:, 0]
-            if plan.dot_src:
-                src = torch.cat([dots[i, 1: 1 + plan.J[i]] for i in range(n)])
-                grad_table[plan.dot_rows, 0, plan.dot_cols] = src[plan.dot_src]
+            grad_table[:, 0, 1:] = gpad[:n]
         grad_tm = None
         if need_tm:
             zero = ctx.tm.new_zeros(())

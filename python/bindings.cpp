@@ -115,6 +115,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "([N,2,5] table, [N,2,5,4] d table / d t_{i-3..i}) in float64");
   m.def("coefficient_table_backward", &coefficient_table_backward, py::arg("jac"), py::arg("grad_table"),
         "grad_t = J^T grad_table scattered to t_0..t_N (gather, fixed order)");
+  m.def("set_stream_min_bytes", &ld3::set_stream_min_bytes, py::arg("bytes"),
+        "float32 CPU update outputs of at least `bytes` use non-temporal stores (-1: never; default: the "
+        "L2 size, at least 1 MiB); returns the previous value");
   m.def("has_cuda", &has_cuda, "True when the CUDA kernels are linked in");
   m.attr("reduce_chunk") = ld3::kReduceChunk;
 }

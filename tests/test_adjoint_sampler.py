@@ -380,3 +380,45 @@ def test_whole_sampler_and_unipc_rewrite_reject_bad_input():
         adjoint.unipc_as_multistep(torch.zeros(3, 2, 4, dtype=torch.float64), [1, 2, 3])
     with pytest.raises(ValueError, match=r"orders\[2\]"):
         adjoint.unipc_as_multistep(table, [1, 2, 4])
+
+
+@native
+@pytest.mark.parametrize("orders", [[1, 2, 3, 3, 2, 1], [1, 1, 3, 2]])
+def test_whole_sampler_makes_no_host_round_trips(orders):
+    """Forward and backward of the whole-sampler node create no tensor from host data and read no
+    scalar back to the host (no item(), nonzero or data-dependent shapes): on a GPU either would be
+    a synchronising copy, and neither can be captured in a CUDA graph.  Checked on the CPU by
+    recording every ATen op the node (and its kernels) dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    forbidden = {"lift_fresh", "lift_fresh_copy", "_local_scalar_dense", "nonzero", "masked_select",
+                 "index", "index_put", "_index_put_impl", "unique", "_unique2", "to_padded_tensor"}
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    n = len(orders)
+    g = torch.Generator().manual_seed(3)
+    table = (0.5 * torch.randn(n, 2, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    tm = torch.rand(n + 1, generator=g, dtype=torch.float64).requires_grad_()
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    gout = torch.randn(3, 4, generator=g, dtype=torch.float64)
+
+    def evaluate(xx, tt, step):
+        return torch.tanh(xx) * (1.0 + tt)
+
+    rec = Record()
+    with rec:
+        y = adjoint.whole_sampler(evaluate, orders, max(orders), False, x, table, tm)
+        grads = torch.autograd.grad(y, [x, table, tm], gout)
+    assert type(y.grad_fn).__name__ == "_WholeSamplerBackward"
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    assert len(rec.ops) > 20  # the recording saw the node's work
+    bad = sorted({op for op in rec.ops if op in forbidden})
+    assert not bad, f"host round trips in the whole-sampler node: {bad}"

@@ -90,11 +90,26 @@ def test_out_may_alias_x(dtype):
     torch.testing.assert_close(buf, expected, rtol=0, atol=0)
 
 
+@pytest.fixture
+def stream_threshold():
+    """Sets the non-temporal-store threshold for one test and restores the previous one."""
+    from ld3_ext import _native
+    if not _native.native_available():
+        pytest.skip("needs the native extension")
+    C = _native._C
+    previous = C.set_stream_min_bytes(-1)
+    C.set_stream_min_bytes(previous)
+    yield C.set_stream_min_bytes
+    C.set_stream_min_bytes(previous)
+
+
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("offset", [0, 1, 3])
-def test_large_float32_streamed_path_is_exact(k, offset):
-    """Outputs >= 512 KiB take the non-temporal-store path: bitwise equal to the reference, also
-    for an output that starts off a 16-byte boundary and for out=x."""
+@pytest.mark.parametrize("threshold", [0, -1])
+def test_large_float32_streamed_path_is_exact(k, offset, threshold, stream_threshold):
+    """With non-temporal stores forced on (threshold 0) and off (-1): bitwise equal to the reference,
+    also for an output that starts off a 16-byte boundary and for out=x."""
+    stream_threshold(threshold)
     n = (1 << 17) + 5
     g = torch.Generator().manual_seed(k)
     base = [torch.randn(n + offset, generator=g) for _ in range(k + 1)]
@@ -108,6 +123,20 @@ def test_large_float32_streamed_path_is_exact(k, offset):
     buf = torch.empty(n + offset)[offset:]  # an output that starts off a 16-byte boundary
     fused.multistep_update(x, coef, hist, out=buf)
     assert torch.equal(buf, expected)
+
+
+def test_stream_threshold_setting(stream_threshold):
+    """The default streams only outputs too big for L2 (at least 1 MiB); the setter returns the
+    previous value and any negative value means never."""
+    import os
+    default = stream_threshold(-5)
+    env = os.environ.get("LD3_STREAM_MIN_BYTES")
+    if env:  # set at load by the variable
+        assert default == int(env)
+    else:
+        assert default >= (1 << 20)
+    assert stream_threshold(123) == -1
+    assert stream_threshold(-1) == 123
 
 
 def test_out_rejects_autograd():

@@ -105,7 +105,8 @@ at::Tensor multistep_adjoint_cpu(const at::Tensor& lam_prev, const at::Tensor& v
   at::Tensor gm;
   if (adjoint_output(a, lam_prev, dots, gm)) return gm;
   const AdjointInputs in = contiguous_adjoint_inputs(a, lam_prev, scale, older, x, m, w);
-  const double s = a.has_v ? in.scale.item<double>() : 1.0;
+  // read through the pointer, not item(): the step makes no scalar round trip through the dispatcher
+  const double s = a.has_v ? *in.scale.const_data_ptr<double>() : 1.0;
   std::vector<double> dot_host(kTableWidth, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.lam_prev.scalar_type(), "ld3_multistep_adjoint_cpu", [&] {
     const AdjointPtrs<scalar_t> p = adjoint_ptrs<scalar_t>(a, in, v, gm);

@@ -8,10 +8,16 @@
 #include <ATen/Parallel.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
+
+#if defined(__unix__)
+#include <unistd.h>
+#endif
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -79,19 +85,36 @@ void forward_range_stream(float* out, const float* x, const Ptrs<float>& m, cons
 }
 #endif
 
-// Outputs at least this many bytes are written with non-temporal stores (float32, x86); 512 KiB
-// by default, LD3_STREAM_MIN_BYTES overrides it (read once; a huge value turns streaming off).
-int64_t stream_min_bytes() {
-  static const int64_t value = [] {
+// Float32 outputs of at least this many bytes are written with non-temporal stores (x86).  In a
+// sampler the next network evaluation reads the new state at once, so streaming an output that
+// fits in the core's L2 past the cache made whole samples slower; larger outputs cannot stay in L2
+// and streaming saves the read-for-ownership (benchmarks/README.md has both measurements).  The
+// default is therefore the L2 size (at least 1 MiB); LD3_STREAM_MIN_BYTES sets it at load and
+// set_stream_min_bytes() at run time (-1 = never).
+int64_t default_stream_min_bytes() {
+  int64_t l2 = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  l2 = static_cast<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE));
+#endif
+  return std::max<int64_t>(l2, int64_t(1) << 20);
+}
+
+std::atomic<int64_t>& stream_threshold() {
+  static std::atomic<int64_t> value{[] {
     const char* env = std::getenv("LD3_STREAM_MIN_BYTES");
     if (env != nullptr && *env != '\0') {
       char* end = nullptr;
       const long long v = std::strtoll(env, &end, 10);
       if (end != env && *end == '\0' && v >= 0) return static_cast<int64_t>(v);
     }
-    return int64_t(1) << 19;
-  }();
+    return default_stream_min_bytes();
+  }()};
   return value;
+}
+
+bool stream_output(int64_t bytes) {
+  const int64_t t = stream_threshold().load(std::memory_order_relaxed);
+  return t >= 0 && bytes >= t;
 }
 
 template <typename scalar_t, int K>
@@ -102,7 +125,7 @@ void forward_impl(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, con
   for (int k = 0; k <= K; ++k) c[k] = static_cast<acc_t>(coef[k]);
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (n * int64_t(sizeof(float)) >= stream_min_bytes()) {
+    if (stream_output(n * int64_t(sizeof(float)))) {
       at::parallel_for(0, n, kForwardGrain,
                        [&](int64_t b, int64_t e) { forward_range_stream<K>(out, x, m, c, b, e); });
       return;
@@ -174,6 +197,10 @@ void check_cpu(const at::Tensor& x, const at::Tensor& coef) {
 }
 
 }  // namespace
+
+int64_t set_stream_min_bytes(int64_t bytes) {
+  return stream_threshold().exchange(bytes < 0 ? -1 : bytes);
+}
 
 at::Tensor multistep_forward_cpu(const at::Tensor& x_in, const at::Tensor& coef_in,
                                  const std::vector<at::Tensor>& history, const at::Tensor& out_in) {
