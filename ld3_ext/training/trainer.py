@@ -44,6 +44,9 @@ from .teacher import generate_teacher_data, make_teacher, model_identity
 CHECKPOINT_FILE = "ld3_trainer_state.safetensors"
 SCHEDULE_FILE = "schedule.json"
 LAST_GOOD_FILE = "last_good_schedule.json"
+# a time_mode="auto" trial's last good schedule: kept apart from LAST_GOOD_FILE (the run's own, possibly left by an
+# earlier run) and removed once a mode is chosen, so a dropped trial's schedule is never taken for the run's output
+TRIAL_LAST_GOOD_FILE = "last_good_schedule.{mode}-trial.json"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -131,7 +134,10 @@ class LD3Trainer:
         result is therefore bitwise the schedule of the explicit run of the chosen mode, and never worse on
         validation than the best trial.  The choice and both trial losses are recorded in the schedule
         (``metrics["time_mode_choice"]``, ``metrics["time_mode_candidates_valid_loss"]``,
-        ``training["time_mode_chosen"]``) and in the training checkpoint.
+        ``training["time_mode_chosen"]``) and in the training checkpoint.  "auto" meeting the checkpoint of an
+        explicit-mode run with otherwise equal settings resumes it in that mode (with a warning; recorded as
+        ``metrics["time_mode_source"] == "checkpoint"``).  A failed trial's last good schedule is kept in
+        ``last_good_schedule.<mode>-trial.json`` until a mode is chosen, then removed.
     time_mode_trial_rounds : rounds of each "auto" trial (default ``rounds_v1 + 1``: phase 1 and the first round of
         phase 2, where the mode-dependent network-time shifts xi^c first train; measured in
         benchmarks/bench_ld3.py).  ``rounds_v1 + rounds_v2`` trains both modes fully.
@@ -304,6 +310,8 @@ class LD3Trainer:
         self.param: Optional[TimeParameterization] = None
         self._auto: Optional[Dict[str, Any]] = None  # time_mode="auto": trial losses, choice (see _train)
         self._candidates: Dict[str, Dict[str, Any]] = {}  # time_mode="auto": the candidates' training states
+        # time_mode="auto" resuming an explicit-mode checkpoint: the mode it was written in (see _try_resume)
+        self._mode_from_checkpoint: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -447,7 +455,7 @@ class LD3Trainer:
             "nfe": self.nfe, "num_steps": self.num_steps, "solver": self.solver.config(),
             "step_orders": (step_orders(self.solver.spec(), self.num_steps)
                             if isinstance(self.solver, MultistepSolver) else None), "loss": loss_name(self.loss_spec),
-            "time_mode": self.time_mode_request, "init": init, "decoupled": self.decoupled, "win_rate": self.win_rate,
+            "time_mode": self._settings_time_mode(), "init": init, "decoupled": self.decoupled, "win_rate": self.win_rate,
             "gamma": self.gamma, "radius": self.radius(), "shift_lr": self._shift_lr0(), "lr_xi": self.lr_xi,
             "momentum": self.momentum, "lr_xi_min": self.lr_xi_min, "lr_xi_c": self.lr_xi_c,
             "lr_xi_c_min": self.lr_xi_c_min, "clip_norm": self.clip_norm, "lr_decay": self.lr_decay,
@@ -460,9 +468,14 @@ class LD3Trainer:
             "model": self.identity, "schedule": self.schedule.config(),
             "data_sha256": hashlib.sha256("|".join(str(_sha(self._data[k])) for k in sorted(self._data)).encode()).hexdigest(),
         }
-        if self.time_mode_request == "auto":  # only then: explicit modes keep their settings (and checkpoints) as they were
+        if out["time_mode"] == "auto":  # only then: explicit modes keep their settings (and checkpoints) as they were
             out["time_mode_trial_rounds"] = self._trial_rounds()
         return out
+
+    def _settings_time_mode(self) -> str:
+        """The time_mode the result depends on: the request, or the explicit mode a resumed checkpoint was written in
+        (then the run is that explicit run, and keeps writing its checkpoint in that layout)."""
+        return self._mode_from_checkpoint or self.time_mode_request
 
     def _trial_rounds(self) -> int:
         """Rounds of each time_mode="auto" trial, at most the whole run."""
@@ -756,11 +769,15 @@ class LD3Trainer:
         if self._auto is not None:
             a = self._auto
             metrics["time_mode_choice"] = a["choice"]
+            metrics["time_mode_source"] = "validation"
             metrics["time_mode_candidates_valid_loss"] = dict(a["scores"])
             metrics["time_mode_trial_rounds"] = self._trial_rounds()
             # the dropped candidates' trials count too
             metrics["train_seconds"] = round(st["elapsed"] + sum(v for k, v in a["seconds"].items()
                                                                  if k != self.time_mode), 3)
+        elif self._mode_from_checkpoint is not None:  # no trials ran: the checkpoint's mode was kept
+            metrics["time_mode_choice"] = self._mode_from_checkpoint
+            metrics["time_mode_source"] = "checkpoint"
         last = next((h for h in reversed(self.history) if "valid_hard" in h), None)
         if last is not None:
             metrics["valid_loss_hard_last"] = last["valid_hard"]
@@ -768,6 +785,11 @@ class LD3Trainer:
         training = {k: v for k, v in self.settings().items() if k not in ("model", "schedule", "solver")}
         if self._auto is not None:
             training["time_mode_chosen"] = self._auto["choice"]
+        elif self._mode_from_checkpoint is not None:
+            # training["time_mode"] is the explicit mode (the settings of the run this one continued)
+            training["time_mode_requested"] = self.time_mode_request
+            training["time_mode_chosen"] = self._mode_from_checkpoint
+            training["time_mode_source"] = "checkpoint"
         return LearnedSchedule(t.detach(), tm.detach(), solver_config=self.solver.config(), nfe=self.nfe,
                                schedule_config=self.schedule.config(), guidance_scale=self.model.guidance_scale,
                                model=self.identity, time_mode=self.time_mode, decoupled=self.decoupled,
@@ -780,7 +802,7 @@ class LD3Trainer:
         try:
             sched = self.current_schedule(best=True)
             if self.checkpoint_dir is not None:
-                saved = os.path.join(self.checkpoint_dir, LAST_GOOD_FILE)
+                saved = self._last_good_path()
                 if D.is_rank0():  # every rank raises; one writes
                     saved = sched.save(saved)
         except Exception:  # the error below matters more than a failed rescue
@@ -789,6 +811,24 @@ class LD3Trainer:
         raise NonFiniteLossError(f"non-finite loss at training iteration {it} (round {self.st['round'] + 1}): {what}"
                                  f"{where}. Lower the learning rates (lr_xi, lr_xi_c, shift_lr) or check the model.",
                                  it, sched, saved)
+
+    def _last_good_path(self, mode: Optional[str] = None) -> str:
+        """Where a failure saves the last good schedule: the run's LAST_GOOD_FILE, or, during a time_mode="auto"
+        trial (or for ``mode``), that trial's own file."""
+        if mode is None and self._auto is not None and self._auto["choice"] is None:
+            mode = self.time_mode
+        name = LAST_GOOD_FILE if mode is None else TRIAL_LAST_GOOD_FILE.format(mode=mode)
+        return os.path.join(self.checkpoint_dir, name)
+
+    def _remove_trial_files(self):
+        """Remove the auto trials' last-good files (the trainer's own; LAST_GOOD_FILE is not touched)."""
+        if self.checkpoint_dir is None or not D.is_rank0():
+            return
+        for mode in TIME_MODES:
+            try:
+                os.remove(self._last_good_path(mode))
+            except FileNotFoundError:
+                pass
 
     def _ckpt_path(self) -> Optional[str]:
         return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, CHECKPOINT_FILE)
@@ -867,10 +907,32 @@ class LD3Trainer:
             raise CheckpointMismatchError(f"{e}. Remove it or pass resume='never' to start over.") from None
         mine = self.settings()
         theirs = meta.get("settings", {})
+        adopt = None
+        if self._auto is not None and theirs.get("time_mode") in TIME_MODES:
+            # an explicit-mode checkpoint (e.g. from before "auto" became the default): "auto" means "pick for me"
+            # and that run already picked, so it continues in its mode when everything else matches
+            adopt = theirs["time_mode"]
+            mine = {k: v for k, v in mine.items() if k != "time_mode_trial_rounds"}
+            mine["time_mode"] = adopt
         if canonical_json(theirs) != canonical_json(mine):
             diff = [k for k in sorted(set(mine) | set(theirs)) if canonical_json(mine.get(k)) != canonical_json(theirs.get(k))]
-            raise CheckpointMismatchError(f"{path} was written with other settings (differs in: {', '.join(diff)}); "
-                                          "use another checkpoint_dir, or resume='never' to overwrite it")
+            hint = ""
+            if "time_mode" in diff:
+                hint = (f"; it was written with time_mode={theirs.get('time_mode')!r}, this run asks for "
+                        f"time_mode={mine.get('time_mode')!r}")
+                if theirs.get("time_mode") == "auto":
+                    hint += " (pass time_mode='auto' to resume it)"
+            raise CheckpointMismatchError(f"{path} was written with other settings (differs in: {', '.join(diff)})"
+                                          f"{hint}; use another checkpoint_dir, or resume='never' to overwrite it")
+        if adopt is not None:
+            warnings.warn(f"time_mode='auto': {path} was written by a time_mode={adopt!r} run; resuming it in "
+                          f"{adopt!r} (taken from the checkpoint, no trials). Pass resume='never' to let 'auto' "
+                          "choose afresh.")
+            self._auto, self._candidates, self.param = None, {}, None
+            self._mode_from_checkpoint = adopt
+            self._new_candidate(adopt, self._init_grid)
+            self._load_candidate(tensors, meta, "")
+            return True
         if self._auto is None:
             self._load_candidate(tensors, meta, "")
             return True
@@ -893,7 +955,7 @@ class LD3Trainer:
     def _train(self) -> LearnedSchedule:
         self._init_grid = self._auto_init() if (isinstance(self.init, str) and self.init == "auto") else self.init
         auto = self.time_mode_request == "auto"
-        self._candidates, self.param = {}, None
+        self._candidates, self.param, self._mode_from_checkpoint = {}, None, None
         self._auto = {"scores": {}, "seconds": {}, "choice": None} if auto else None
         first = self._new_candidate(TIME_MODES[0] if auto else self.time_mode_request, self._init_grid)
         if auto:
@@ -906,7 +968,7 @@ class LD3Trainer:
                     f"only some ranks found the training checkpoint in {self.checkpoint_dir}: under torch.distributed "
                     "the checkpoint_dir must be on a filesystem that every rank (every node) sees")
         total_rounds = self.rounds_v1 + self.rounds_v2
-        if auto and self._auto["choice"] is None:
+        if self._auto is not None and self._auto["choice"] is None:  # _auto is None if an explicit checkpoint was resumed
             self._select_time_mode()
         self._run_rounds(total_rounds, final=True)
         result = self.current_schedule(best=True)
@@ -945,13 +1007,19 @@ class LD3Trainer:
             self._save_checkpoint()
         finite = {k: v for k, v in a["scores"].items() if v is not None and math.isfinite(v)}
         if not finite:
-            if isinstance(failure, NonFiniteLossError) and failure.saved_to and failure.schedule is not None \
-                    and D.is_rank0():
-                failure.schedule.save(failure.saved_to)  # a later trial's failure may have overwritten it
+            if isinstance(failure, NonFiniteLossError) and failure.saved_to and failure.schedule is not None:
+                # the run failed: the first trial's last good schedule becomes the run's own
+                saved = os.path.join(self.checkpoint_dir, LAST_GOOD_FILE)
+                if D.is_rank0():
+                    saved = failure.schedule.save(saved)
+                self._remove_trial_files()
+                failure = NonFiniteLossError(str(failure).replace(failure.saved_to, saved), failure.iteration,
+                                             failure.schedule, saved)
             raise failure or NonFiniteLossError("time_mode='auto': every candidate mode failed", 0, None, None)
         a["choice"] = min(finite, key=finite.get)
         self._activate(a["choice"])
         self._candidates = {a["choice"]: self._active()}  # the others are no longer needed
+        self._remove_trial_files()  # before the checkpoint: once it records the choice, no selection runs again
         self._save_checkpoint()
 
     def _run_rounds(self, until: int, final: bool):
