@@ -64,3 +64,31 @@ def test_corrupt_schedule_file_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "error:" in err and str(bad) in err and "Traceback" not in err
+
+
+def test_train_then_eval_digits_reports_the_teachers_fd(tmp_path, capsys):
+    """ld3 eval on the digits model: every schedule's row, and the teacher's digits-FD as the reference
+    point (few-sample FD is biased, so a schedule is read against the teacher, not against zero)."""
+    out = str(tmp_path / "d")
+    rc = cli.main(["train", "--model", "digits", "--solver", "dpmpp", "--order", "2", "--nfe", "4", "--n-train", "8",
+                   "--n-valid", "8", "--rounds-v1", "1", "--rounds-v2", "1", "--time-mode", "lambda", "--init", "logsnr",
+                   "--out", out])
+    assert rc == 0
+    capsys.readouterr()
+    rc = cli.main(["eval", "--out", out, "--n", "64", "--nfe-curve", "--skip-model-baselines"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    rows = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0] in ("teacher", "ld3", "logsnr", "edm", "time_uniform", "time_quadratic"):
+            rows[parts[0]] = parts
+    assert set(rows) == {"teacher", "ld3", "logsnr", "edm", "time_uniform", "time_quadratic"}
+    assert rows["teacher"][1] == "20" and float(rows["teacher"][3]) == 0.0
+    fds = {k: float(v[4]) for k, v in rows.items()}
+    assert all(0.0 < v < 1e4 for v in fds.values())
+    assert fds["time_uniform"] > 3 * fds["teacher"]  # 4 uniform steps are far off; the teacher is not
+    assert "ld3 vs best baseline (teacher)" not in text
+    with open(os.path.join(out, "eval.json")) as f:
+        saved = json.load(f)
+    assert [r["schedule"] for r in saved["rows"]][0] == "teacher"
