@@ -49,6 +49,9 @@ def _kd_runs(K):
                   lambda m, x, s: K.sample_euler(m, x, s, disable=True)),
         "heun": (lambda: ld3_ext.Heun(backend="reference"),
                  lambda m, x, s: K.sample_heun(m, x, s, disable=True, s_churn=0.0)),
+        # the fused backend runs Heun as a chain of multistep updates (other rounding, same method)
+        "heun_fused": (lambda: ld3_ext.Heun(backend="fused"),
+                       lambda m, x, s: K.sample_heun(m, x, s, disable=True, s_churn=0.0)),
         "dpmpp_2m": (lambda: ld3_ext.DPMSolverPP(2, solver_type="midpoint", lower_order_final=False, backend="reference"),
                      lambda m, x, s: K.sample_dpmpp_2m(m, x, s, disable=True)),
         "dpmpp_3m": (lambda: ld3_ext.DPMSolverPP(3, solver_type="heun", lower_order_final=False, backend="reference"),
@@ -60,7 +63,7 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "dpmpp_3m"])
+@pytest.mark.parametrize("name", ["euler", "heun", "heun_fused", "dpmpp_2m", "dpmpp_3m"])
 @pytest.mark.parametrize("n,seed", [(1, 0), (2, 1), (3, 2), (7, 3), (12, 4)])
 def test_matches_kdiffusion_on_random_grids(K, setup, name, n, seed):
     sched, denoiser, x_T = setup
@@ -74,7 +77,7 @@ def test_matches_kdiffusion_on_random_grids(K, setup, name, n, seed):
     assert rel_err(ours, ref) < RTOL, (name, n, rel_err(ours, ref))
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "dpmpp_3m"])
+@pytest.mark.parametrize("name", ["euler", "heun", "heun_fused", "dpmpp_2m", "dpmpp_3m"])
 def test_matches_kdiffusion_on_sub_range(K, setup, name):
     """A grid that does not start at sigma_max nor end at sigma_min (any float sigmas in range)."""
     sched, denoiser, x_T = setup
@@ -85,7 +88,7 @@ def test_matches_kdiffusion_on_sub_range(K, setup, name):
     assert rel_err(ours_factory().sample(model, x, sig), theirs(denoiser, x.clone(), sig.clone())) < RTOL
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "dpmpp_3m"])
+@pytest.mark.parametrize("name", ["euler", "heun", "heun_fused", "dpmpp_2m", "dpmpp_3m"])
 def test_same_number_of_model_calls_as_kdiffusion(K, setup, name):
     sched, denoiser, x_T = setup
     ours_factory, theirs = _kd_runs(K)[name]
@@ -93,7 +96,7 @@ def test_same_number_of_model_calls_as_kdiffusion(K, setup, name):
     c_ours, c_theirs = CallCounter(denoiser), CallCounter(denoiser)
     ours_factory().sample(ld3_ext.wrap_model(c_ours, sched, prediction="edm"), x_T, sig)
     theirs(c_theirs, x_T.clone(), sig.clone())
-    assert c_ours.calls == c_theirs.calls == (10 if name == "heun" else 5)
+    assert c_ours.calls == c_theirs.calls == (10 if name.startswith("heun") else 5)
 
 
 def test_mixture_model_and_edm_denoiser_agree(K, setup):

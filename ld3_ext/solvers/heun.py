@@ -2,13 +2,45 @@
 
 It integrates in the variance-exploding view y = x/alpha, sigma_edm = sigma/alpha, so with the EDM
 schedule it is exactly EDM's sampler.  NFE = 2N for N intervals (the grid ends at t_min > 0, so
-there is no final Euler-only step).  Pure PyTorch (not a linear multistep method).
+there is no final Euler-only step).
+
+``backend="reference"`` runs the textbook loop below in plain PyTorch.  The fused backend runs the
+same method as a chain of 2N multistep updates (``heun_multistep_table``), so Heun gets the fused
+update kernel and, when gradients are wanted, the whole-sampler backward (ld3_ext/adjoint.py).
 """
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
 
+from .. import adjoint, ops
 from .base import Solver
+
+
+def heun_multistep_table(schedule, t: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+    """Heun as 2N multistep updates on the states the network sees.
+
+    With s_i = sigma_i/alpha_i (EDM sigma), dt = s_{i+1} - s_i, m_i the network's x0 at x_i and m'_i
+    at the predictor state z_i = alpha_{i+1} (y_i + dt d_0) (y = x/alpha), step i of Algorithm 2 is
+
+        z_i     = (alpha_{i+1} s_{i+1} / (alpha_i s_i)) x_i - (alpha_{i+1} dt / s_i) m_i
+        x_{i+1} = z_i + (alpha_{i+1} dt / (2 s_{i+1})) (m_i - m'_i)
+
+    (the corrector y_{i+1} = y_i + dt (d_0 + d_1)/2 rewritten from z_i: d_1 - d_0 = (m_i - m'_i)/s_{i+1}).
+    Returns the [2N, 2, 5] float64 table (row [k, 0] = [a, b_0, b_1, ...], newest output first; built
+    with differentiable ops, so gradients reach ``t``) and the update orders [1, 2, 1, 2, ...].
+    """
+    t64 = t.to(torch.float64)
+    sig, alp = schedule.edm_sigma(t64), schedule.alpha(t64)
+    n = t64.numel() - 1
+    dt = sig[1:] - sig[:-1]
+    zero, one = torch.zeros_like(dt), torch.ones_like(dt)
+    pred = torch.stack([alp[1:] * sig[1:] / (alp[:-1] * sig[:-1]), -alp[1:] * dt / sig[:-1], zero, zero, zero], 1)
+    half = alp[1:] * dt / (2.0 * sig[1:])
+    corr = torch.stack([one, -half, half, zero, zero], 1)  # history newest first: [m'_i, m_i]
+    rows = torch.stack([pred, corr], 1).reshape(2 * n, 5)
+    return torch.stack([rows, torch.zeros_like(rows)], 1), [1, 2] * n
 
 
 class Heun(Solver):
@@ -29,6 +61,8 @@ class Heun(Solver):
         return {"name": self.name, "order": 2}
 
     def _solve(self, model, x, t, tm, kwargs):
+        if ops.resolve_backend(self.backend) == "fused":
+            return self._solve_multistep(model, x, t, tm, kwargs)
         s = model.schedule
         t64 = t.to(torch.float64)  # coefficients in float64 whatever the grid's dtype (as ops.coefficient_table)
         sig = s.edm_sigma(t64).to(x.dtype)
@@ -42,3 +76,20 @@ class Heun(Solver):
             d1 = (y1 - self._evaluate(model, alp[i] * y1, tm[i], 2 * i - 1, kwargs, "x0")[0]) / sig[i]
             y = y + dt * 0.5 * (d0 + d1)
         return alp[n] * y
+
+    def _solve_multistep(self, model, x, t, tm, kwargs):
+        table, orders = heun_multistep_table(model.schedule, t)
+        tm2 = tm.repeat_interleave(2)[1:]  # update k evaluates the network at tm[(k + 1) // 2]
+        if adjoint.applicable(x, table, tm2):
+            def evaluate(xx, tt, step):
+                return model.predict(xx, tt, step=step, returns="x0", **kwargs)[0]
+            try:
+                return adjoint.whole_sampler(evaluate, orders, 2, self.checkpoint_model, x, table, tm2)
+            except adjoint.ForeignGradients:
+                pass
+        history: List[torch.Tensor] = []  # newest first
+        for k, p in enumerate(orders):
+            history.insert(0, self._evaluate(model, x, tm2[k], k, kwargs, "x0")[0])
+            del history[2:]
+            x = ops.multistep_update(x, table[k, 0, : 1 + p], history[:p], self.backend)
+        return x
