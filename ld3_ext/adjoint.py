@@ -31,7 +31,7 @@ this path declines and the solver uses the per-step autograd path, so those grad
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable

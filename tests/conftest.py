@@ -80,3 +80,11 @@ def edm():
 @pytest.fixture
 def mixture():
     return smooth_mixture()
+
+
+@pytest.fixture(scope="module")
+def ring():
+    """(mixture, EDM schedule, its exact model): the 2-d ring test bed the training tests share."""
+    g = ld3_ext.testbeds.ring2d()
+    s = ld3_ext.EDM()
+    return g, s, g.model(s)

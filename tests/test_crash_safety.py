@@ -15,7 +15,6 @@ import time
 import pytest
 import torch
 
-from ld3_ext import EDM, testbeds
 from ld3_ext.atomic_io import CorruptFileError, load_safetensors_checked
 from ld3_ext.schedule_file import load_schedule
 from ld3_ext.solvers import DPMSolverPP
@@ -103,13 +102,6 @@ def test_sigkill_and_restart_reaches_the_uninterrupted_schedule(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # truncated / tampered files (in-process: fast)
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ring():
-    g = testbeds.ring2d()
-    s = EDM()
-    return g, s, g.model(s)
-
-
 def _trainer(ring, ckdir, **kw):
     mix, s, model = ring
     args = dict(teacher="exact", reference=mix, sample_shape=mix.event_shape, model_name=mix.name, n_train=6,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ld3_ext
-from ld3_ext import EDM, _native, discretizations as D, testbeds
+from ld3_ext import _native, discretizations as D
 from ld3_ext.solvers import DPMSolverPP, IPNDM, UniPC
 from ld3_ext.training import LD3Trainer, NonFiniteLossError
 from ld3_ext.training.teacher import TeacherCacheTooLarge, generate_teacher_data, make_teacher
@@ -34,13 +34,6 @@ def _rss() -> int:
 
 
 needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
-
-
-@pytest.fixture(scope="module")
-def ring():
-    g = testbeds.ring2d()
-    s = EDM()
-    return g, s, g.model(s)
 
 
 def _growth(fn, warmup: int, iters: int) -> int:

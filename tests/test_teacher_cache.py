@@ -6,19 +6,12 @@ import os
 import pytest
 import torch
 
-from ld3_ext import EDM, testbeds, wrap_model
+from ld3_ext import EDM, wrap_model
 from ld3_ext.atomic_io import atomic_save_safetensors, load_safetensors_checked, CorruptFileError
 from ld3_ext.solvers import DPMSolverPP
 from ld3_ext.training import (LD3Trainer, TeacherCacheError, TeacherCacheMismatch, TeacherCacheTooLarge,
                               generate_teacher_data, make_teacher, model_identity)
 from ld3_ext.training.teacher import TeacherConfig, load_or_generate_teacher
-
-
-@pytest.fixture(scope="module")
-def ring():
-    g = testbeds.ring2d()
-    s = EDM()
-    return g, s, g.model(s)
 
 
 class Counting:

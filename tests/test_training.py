@@ -25,13 +25,6 @@ def _strictly_decreasing(t):
     return bool((t[1:] < t[:-1]).all())
 
 
-@pytest.fixture(scope="module")
-def ring():
-    g = testbeds.ring2d()
-    s = EDM()
-    return g, s, g.model(s)
-
-
 def _small(model, mix, **kw):
     args = dict(teacher="exact", reference=mix, sample_shape=mix.event_shape, model_name=mix.name, n_train=8,
                 n_valid=4, rounds_v1=1, rounds_v2=2, batch_size=2, progress=False)

@@ -8,19 +8,11 @@ import warnings
 import pytest
 import torch
 
-from ld3_ext import EDM, testbeds
 from ld3_ext.atomic_io import load_safetensors_checked
 from ld3_ext.schedule_file import load_schedule
 from ld3_ext.solvers import DPMSolverPP
 from ld3_ext.training import CheckpointMismatchError, LD3Trainer, NonFiniteLossError
 from ld3_ext.training.trainer import CHECKPOINT_FILE, LAST_GOOD_FILE, SCHEDULE_FILE, TRIAL_LAST_GOOD_FILE
-
-
-@pytest.fixture(scope="module")
-def ring():
-    g = testbeds.ring2d()
-    s = EDM()
-    return g, s, g.model(s)
 
 
 def _fast(model, mix, **kw):
