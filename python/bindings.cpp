@@ -2,6 +2,7 @@
 // The only TU that includes torch/extension.h (slow to compile); kernels live in csrc/.
 #include <torch/extension.h>
 
+#include "autograd_graph.h"
 #include "ld3_ops.h"
 
 namespace {
@@ -118,6 +119,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_stream_min_bytes", &ld3::set_stream_min_bytes, py::arg("bytes"),
         "float32 CPU update outputs of at least `bytes` use non-temporal stores (-1: never; default: the "
         "L2 size, at least 1 MiB); returns the previous value");
+  m.def("depends_on_other_leaves", &ld3::depends_on_other_leaves, py::arg("out"), py::arg("ours"),
+        "True when out's autograd graph reaches a tensor requiring grad other than those in ours");
   m.def("has_cuda", &has_cuda, "True when the CUDA kernels are linked in");
   m.attr("reduce_chunk") = ld3::kReduceChunk;
 }

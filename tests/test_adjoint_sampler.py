@@ -449,3 +449,49 @@ def test_whole_sampler_makes_no_host_round_trips(orders):
     assert len(rec.ops) > 20  # the recording saw the node's work
     bad = sorted({op for op in rec.ops if op in forbidden})
     assert not bad, f"host round trips in the whole-sampler node: {bad}"
+
+
+def _graph_cases():
+    """(out, ours, expected) for the foreign-leaf question on graphs of every shape we could meet."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g).requires_grad_()
+    t = torch.tensor(0.5).requires_grad_()
+    W = torch.randn(3, 3, generator=g)
+    Wg = W.clone().requires_grad_()
+    cond = torch.randn(4, 3, generator=g).requires_grad_()
+    cond_derived = cond * 2.0  # a non-leaf built outside the model from a grad-requiring leaf
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            ctx.save_for_backward(a)
+            return a * a
+
+        @staticmethod
+        def backward(ctx, go):
+            (a,) = ctx.saved_tensors
+            return 2 * a * go
+
+    shared = torch.tanh(x @ W)
+    cases = [
+        ((torch.tanh(x @ W) * (1 + t)), False),
+        ((x @ Wg), True),
+        ((x + cond_derived), True),
+        ((x + cond.detach()), False),
+        (Square.apply(x) * t, False),
+        (Square.apply(x @ Wg), True),
+        (x, False),                       # identity model: out is x itself
+        (Wg, True),                       # a foreign leaf returned as is
+        ((shared + shared * t), False),   # a node reached along two paths
+        ((x * 0 + t.detach()), False),
+        (torch.stack([x.sum(1), (x @ Wg).sum(1)]).sum(0).expand(3, 4).t() + x, True),
+    ]
+    return [(out, (x, t), want) for out, want in cases]
+
+
+@native
+def test_native_graph_walk_agrees_with_the_python_reference():
+    for k, (out, ours, want) in enumerate(_graph_cases()):
+        assert adjoint._depends_on_other_leaves_reference(out, ours) == want, k
+        assert _native._C.depends_on_other_leaves(out, list(ours)) == want, k
+        assert adjoint._depends_on_other_leaves(out, ours) == want, k
