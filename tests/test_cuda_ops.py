@@ -166,7 +166,10 @@ def test_cuda_adjoint_step_matches_cpu(dtype, J, with_v):
         torch.testing.assert_close(b, a, rtol=tol * 10, atol=tol * 10 * (n ** 0.5 if a.numel() < 7 else 1))
 
 
-def test_cuda_whole_sampler_matches_cpu_and_is_deterministic():
+@pytest.mark.parametrize("make_solver", [
+    lambda ld3_ext: ld3_ext.DPMSolverPP(order=3), lambda ld3_ext: ld3_ext.UniPC(order=3),
+    lambda ld3_ext: ld3_ext.IPNDM(order=4), lambda ld3_ext: ld3_ext.Heun()], ids=["dpmpp3", "unipc3", "ipndm4", "heun"])
+def test_cuda_whole_sampler_matches_cpu_and_is_deterministic(make_solver):
     import ld3_ext
     schedule = S.EDM()
     W = 0.3 * torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -181,7 +184,7 @@ def test_cuda_whole_sampler_matches_cpu_and_is_deterministic():
         d = dev[:4] if dev != "cpu" else "cpu"
         t = t0.to(d).requires_grad_()
         x = x0.to(d).requires_grad_()
-        y = ld3_ext.DPMSolverPP(order=3).sample(model, x, t)
+        y = make_solver(ld3_ext).sample(model, x, t)
         assert type(y.grad_fn).__name__ == "_WholeSamplerBackward"
         gx, gt = torch.autograd.grad(y.square().sum(), [x, t])
         out[dev] = [v.detach().cpu() for v in (y, gx, gt)]
