@@ -9,10 +9,13 @@ are per-sample and stay on the rank that owns them.
   (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); gloo on CPU, nccl on GPU
   (each process takes ``cuda:LOCAL_RANK``).  Without those variables it is a no-op: a single process.
 * ``shard_range(n)`` -- this rank's contiguous slice of ``range(n)`` (teacher pairs, cache chunks, batches).
-* ``all_reduce_mean_(tensors, weight=None)`` -- in-place average across ranks (one coalesced all-reduce);
-  with ``weight`` (e.g. this rank's sample count) a weighted mean, exact for uneven shards.
+* ``all_reduce_mean_(tensors, weight=None, flags=())`` -- in-place average across ranks (one coalesced
+  all-reduce); with ``weight`` (e.g. this rank's sample count) a weighted mean, exact for uneven shards; the
+  ``flags`` ride along and come back as "true on any rank".
 * ``local_part(batch_idx)`` -- this rank's part of a global batch (batch-level data parallelism);
 * ``reduce_scalars([...])`` / ``any_rank(flag)`` -- validation totals and control-flow flags that must agree;
+* ``all_gather_batch_part(part, n, flag)`` -- the parts of a global batch back in order, plus a flag, in one
+  collective;
 * ``all_reduce_sum_``, ``all_gather_shards`` (concatenate unequal per-rank shards in rank order),
   ``broadcast_`` (rank 0's values everywhere), ``is_rank0()``, ``barrier()``, ``get_rank()``,
   ``get_world_size()``, ``destroy()``.
@@ -173,7 +176,8 @@ def all_reduce_sum_(tensors: Sequence[Optional[torch.Tensor]]) -> None:
     _scatter_back(ts, flat)
 
 
-def all_reduce_mean_(tensors: Sequence[Optional[torch.Tensor]], weight: Optional[float] = None) -> None:
+def all_reduce_mean_(tensors: Sequence[Optional[torch.Tensor]], weight: Optional[float] = None,
+                     flags: Sequence[bool] = ()) -> List[bool]:
     """In-place average of ``tensors`` across ranks -- e.g. ``[xi.grad, xi_c.grad]`` after ``backward()``.
 
     Without ``weight`` every rank counts equally (right when all shards have the same size, or when each rank
@@ -181,23 +185,39 @@ def all_reduce_mean_(tensors: Sequence[Optional[torch.Tensor]], weight: Optional
     is sum_r w_r g_r / sum_r w_r: the gradient of the mean loss over the union of the shards, also for uneven
     shards.  A single process leaves the tensors unchanged.  Every rank must pass tensors of the same shapes
     in the same order (None entries are skipped -- they must be None on every rank).
+
+    ``flags`` (the same number on every rank) travel in the same collective; the result says, for each,
+    whether it was true on any rank -- a training step's "loss not finite" checks cost no extra round trip.
     """
     ts = _present(tensors)
-    if not ts or get_world_size() == 1:
-        return
-    if weight is None:
-        flat = _coalesced_all_reduce_(ts)
-        flat = flat / get_world_size()
-    else:
+    flags = [bool(f) for f in flags]
+    if get_world_size() == 1 or (not ts and not flags):
+        return flags
+    if weight is not None:
         w = float(weight)
         if not w >= 0:
             raise ValueError(f"weight must be >= 0, got {weight}")
-        # the total weight travels in the same all-reduce as the tensors (one collective, no extra sync)
-        ts_w = ts + [torch.ones((), device=ts[0].device, dtype=ts[0].dtype)]
-        flat = _coalesced_all_reduce_(ts_w, scale=w)
-        total = flat[-1]
-        flat = flat[:-1] / total.clamp_min(torch.finfo(flat.dtype).tiny)
+    if not ts:
+        return [v > 0 for v in reduce_scalars([1.0 if f else 0.0 for f in flags], op="sum")]
+    dtype = torch.promote_types(ts[0].dtype, torch.float32)
+    for t in ts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    dev = ts[0].device
+    parts = [t.detach().reshape(-1).to(dtype) for t in ts]
+    if weight is not None:
+        # the total weight travels with the tensors: flat = w * [g..., 1]
+        parts = [torch.cat(parts + [torch.ones(1, device=dev, dtype=dtype)]) * w]
+    k = sum(p.numel() for p in parts)
+    flat = torch.cat(parts + [torch.tensor([1.0 if f else 0.0 for f in flags], device=dev, dtype=dtype)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out_flags = [v > 0 for v in flat[k:].tolist()] if flags else []  # one host sync, only when flags are asked
+    flat = flat[:k]
+    if weight is None:
+        flat = flat / get_world_size()
+    else:
+        flat = flat[:-1] / flat[-1].clamp_min(torch.finfo(flat.dtype).tiny)
     _scatter_back(ts, flat)
+    return out_flags
 
 
 def _scatter_back(ts: List[torch.Tensor], flat: torch.Tensor) -> None:
@@ -260,17 +280,47 @@ def all_gather_shards(shard: torch.Tensor, n: Optional[int] = None) -> torch.Ten
         sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
         dist.all_gather(sizes, size)
         sizes_l = [int(s.item()) for s in sizes]  # one sync per gather: a setup-time operation
-        m = max(sizes_l)
-        padded = shard.new_zeros((m, *shard.shape[1:]))
-        padded[: shard.shape[0]] = shard
-        bufs = [torch.empty_like(padded) for _ in sizes_l]
-        dist.all_gather(bufs, padded.contiguous())
-        out = torch.cat([b[:k] for b, k in zip(bufs, sizes_l)])
+        out = _gather_padded(shard, sizes_l)
     if n is not None and out.shape[0] != n:
         raise ValueError(f"all_gather_shards: expected {n} rows in total, got {out.shape[0]}")
     return out
 
 
+def _gather_padded(shard: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+    m = max(sizes)
+    padded = shard.new_zeros((m, *shard.shape[1:]))
+    padded[: shard.shape[0]] = shard
+    bufs = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(bufs, padded.contiguous())
+    return torch.cat([b[:k] for b, k in zip(bufs, sizes)])
+
+
+def all_gather_batch_part(part: torch.Tensor, n: int, flag: bool = False):
+    """Concatenate every rank's ``local_part`` of an n-row global batch, and whether ``flag`` was true on
+    any rank, in one collective: the part sizes follow from ``shard_range(n)`` (no size exchange) and the
+    flag rides in the floating-point buffer (a training step's "a noise moved").  Returns (rows, any_flag)."""
+    if get_world_size() == 1:
+        return part, bool(flag)
+    world = get_world_size()
+    sizes = [len(shard_range(n, r, world)) for r in range(world)]
+    if part.shape[0] != sizes[get_rank()]:
+        raise ValueError(f"all_gather_batch_part: this rank holds {part.shape[0]} rows, its part of {n} is "
+                         f"{sizes[get_rank()]}")
+    if not part.is_floating_point():
+        raise TypeError(f"all_gather_batch_part: part must be a floating tensor, got {part.dtype}")
+    row = 1
+    for d in part.shape[1:]:
+        row *= d
+    m = max(sizes)
+    buf = part.new_zeros(m * row + 1)
+    buf[: part.numel()] = part.reshape(-1)
+    buf[-1] = 1.0 if flag else 0.0
+    bufs = [torch.empty_like(buf) for _ in sizes]
+    dist.all_gather(bufs, buf)
+    rows = torch.cat([b[: k * row].reshape(k, *part.shape[1:]) for b, k in zip(bufs, sizes)])
+    return rows, bool(torch.stack([b[-1] for b in bufs]).max() > 0)
+
+
 __all__ = ["DistInfo", "init_from_env", "destroy", "is_initialized", "get_rank", "get_world_size", "is_rank0",
            "barrier", "shard_range", "local_part", "all_reduce_mean_", "all_reduce_sum_", "reduce_scalars", "any_rank",
-           "broadcast_", "all_gather_shards", "ENV_VARS"]
+           "broadcast_", "all_gather_shards", "all_gather_batch_part", "ENV_VARS"]

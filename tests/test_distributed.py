@@ -86,9 +86,17 @@ def _worker(rank, world, port, out_dir):
         scal = D.reduce_scalars([rank + 1.0, 1.0]) + D.reduce_scalars([rank], op="max")
         anys = [D.any_rank(rank == 1), D.any_rank(False)]
         part = D.local_part(torch.arange(10, 15))
+        # gradients with flags in the same all-reduce; a flags-only reduce; a batch part plus a flag
+        fg = torch.tensor([float(rank + 1), 2.0], dtype=torch.float64)
+        flags = D.all_reduce_mean_([fg], weight=rank + 1, flags=[rank == 1, False, True])
+        flags_only = D.all_reduce_mean_([None], flags=[rank == 0, False])
+        rows = torch.arange(2 * N_UNEVEN, dtype=torch.float32).reshape(N_UNEVEN, 2)[idx.start: idx.stop] + 0.5
+        gathered_rows, moved = D.all_gather_batch_part(rows, N_UNEVEN, flag=rank == 1)
+        _, not_moved = D.all_gather_batch_part(rows, N_UNEVEN, flag=False)
         torch.save({"g_even": g_even, "xi_even": xi_even, "g_uneven": g_uneven, "xi_uneven": xi_uneven,
                     "gathered": gathered, "rank0": D.is_rank0(), "bcast": b, "sum": s, "shard": (idx.start, idx.stop),
-                    "scal": scal, "anys": anys, "part": part},
+                    "scal": scal, "anys": anys, "part": part, "fg": fg, "flags": flags, "flags_only": flags_only,
+                    "gathered_rows": gathered_rows, "moved": (moved, not_moved)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         D.barrier()
     finally:
@@ -118,6 +126,17 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     assert [r["rank0"] for r in res] == [True, False]
     assert all(r["scal"] == [3.0, 2.0, 1.0] and r["anys"] == [True, False] for r in res)
     assert [r["part"].tolist() for r in res] == [[10, 11, 12], [13, 14]]
+    for r in res:
+        # weights 1 and 2: (1*[1, 2] + 2*[2, 2]) / 3
+        torch.testing.assert_close(r["fg"], torch.tensor([5.0 / 3.0, 2.0], dtype=torch.float64), rtol=1e-15, atol=0)
+        assert r["flags"] == [True, False, True] and r["flags_only"] == [True, False]
+        assert torch.equal(r["gathered_rows"], torch.arange(2 * N_UNEVEN, dtype=torch.float32).reshape(N_UNEVEN, 2) + 0.5)
+        assert r["moved"] == (True, False)
+    # one process: the helpers answer for this process alone
+    assert D.all_reduce_mean_([torch.ones(2)], weight=3, flags=[True, False]) == [True, False]
+    rows = torch.ones(3, 2)
+    got, flag = D.all_gather_batch_part(rows, 3, flag=True)
+    assert got is rows and flag is True
     assert [r["shard"] for r in res] == [(0, 4), (4, 7)]
     # an unweighted mean over uneven shards is NOT the full-data gradient: the weight matters
     assert not torch.allclose(0.5 * (_grad_on(problem, range(0, 4)) + _grad_on(problem, range(4, 7))), g_uneven)

@@ -624,27 +624,34 @@ class LD3Trainer:
             bad = not bool(torch.isfinite(loss))
         else:  # more ranks than samples in this batch: this rank only joins the collectives
             losses, bad = z_rel.new_zeros(0), False
-        if D.any_rank(bad):
-            self._nonfinite(f"the training loss is {float(loss.detach()) if bad else 'not finite on another rank'}")
-        if len(idx) > 0 and loss.requires_grad:
+        distributed = D.get_world_size() > 1
+        if bad and not distributed:
+            self._nonfinite(f"the training loss is {float(loss.detach())}")
+        if len(idx) > 0 and loss.requires_grad and not bad:
             loss.backward()
-        if D.get_world_size() > 1:
-            grads = []
-            for p in (self.param.xi, self.param.xi_c):
-                if p.requires_grad and p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad if p.requires_grad else None)
-            D.all_reduce_mean_(grads, weight=len(idx))
-        proposal = None
+        g = None
         if relax:
             g = z_rel.grad
             if len(idx) == 0:
                 g = torch.zeros_like(z_rel)
             elif g is not None and len(idx) != n_glob:
                 g = g * (len(idx) / n_glob)  # d(global batch mean)/dz: this rank's mean covers len(idx) samples
-            if D.any_rank(g is None or not bool(torch.isfinite(g).all())):
-                self._nonfinite("the gradient w.r.t. the starting noise is not finite")
-            proposal = z_rel.detach() - st["shift_lr"] * g
+        g_bad = relax and (g is None or not bool(torch.isfinite(g).all()))
+        if distributed:
+            # one collective a step: the parameter gradients, weighted by the part sizes, with both
+            # "not finite" flags riding along (every rank then takes the same branch)
+            grads = []
+            for p in (self.param.xi, self.param.xi_c):
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad if p.requires_grad else None)
+            bad_any, g_bad_any = D.all_reduce_mean_(grads, weight=len(idx), flags=[bad, g_bad])
+            if bad_any:
+                self._nonfinite(f"the training loss is {float(loss.detach()) if bad else 'not finite on another rank'}")
+            g_bad = g_bad_any
+        if g_bad:
+            self._nonfinite("the gradient w.r.t. the starting noise is not finite")
+        proposal = z_rel.detach() - st["shift_lr"] * g if relax else None
         if train_params:
             for p, opt in ((self.param.xi, self.opt_xi), (self.param.xi_c, self.opt_c)):
                 if p.grad is None:
@@ -677,8 +684,8 @@ class LD3Trainer:
                 keep = torch.isfinite(new_losses) & (new_losses < ref_losses)
                 rows = torch.where(keep.reshape(-1, *[1] * (z_new.dim() - 1)), z_new, rows)
                 moved = bool(keep.any())
-            rows = D.all_gather_shards(rows, len(idx))
-            if D.any_rank(moved):
+            rows, moved_any = D.all_gather_batch_part(rows, len(idx), moved)
+            if moved_any:
                 cur[idx] = rows
                 return True
             return False
