@@ -28,6 +28,10 @@ for lib in "$libasan" "$libubsan"; do
   if [ ! -e "$lib" ]; then echo "sanitizer_check: $lib not found (install gcc's libasan/libubsan)" >&2; exit 2; fi
 done
 
+# a build folder configured from another checkout cannot be reused (CMake refuses): start it afresh
+if [ -f "$build/CMakeCache.txt" ] && ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$root" "$build/CMakeCache.txt"; then
+  rm -rf "$build"
+fi
 echo "== configure + build (LD3_SANITIZE=ON) in $build =="
 t0=$(date +%s)
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLD3_SANITIZE=ON -DLD3_WITH_CUDA=OFF \
