@@ -6,8 +6,9 @@ conversion between them uses alpha(t), sigma(t) at that same t (LD3's decoupled 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import contextlib
 import math
 
 import torch
@@ -21,6 +22,10 @@ TIME_INPUTS = ("t", "sigma", "index", "edm_noise")
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class ModelOutputError(RuntimeError):
@@ -90,6 +95,30 @@ class DiffusionModel(torch.nn.Module):
         self.model_kwargs = dict(model_kwargs or {})
         self.check_output = check_output
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        # (step, t, all-finite flag on the device) queued by deferred_output_checks(); None: check at once
+        self._deferred: Optional[List[Tuple[Optional[int], torch.Tensor, torch.Tensor]]] = None
+
+    @contextlib.contextmanager
+    def deferred_output_checks(self):
+        """Inside, the NaN/Inf check of each network output is queued on the device instead of read back
+        at once; leaving the block reads all of them in one host sync and raises ModelOutputError for
+        the first bad step.  A solver's ``sample()`` uses it on CUDA, so a sampler step never waits for
+        the GPU.  During CUDA-graph capture nothing can be read back: the checks are skipped there."""
+        if not self.check_output or self._deferred is not None:  # off, or an outer block checks
+            yield
+            return
+        self._deferred = []
+        try:
+            yield
+            pending = self._deferred
+        finally:
+            self._deferred = None
+        if pending and not _capturing():
+            ok = torch.stack([flag.to(pending[0][2].device) for _, _, flag in pending])
+            if not bool(ok.all()):
+                step, t, _ = pending[int((~ok).nonzero()[0, 0])]
+                where = f" at step {step}" if step is not None else ""
+                raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t):.6g})")
 
     # -------------------------------------------------------------------------------------------
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -155,8 +184,11 @@ class DiffusionModel(torch.nn.Module):
             raise ModelOutputError(f"model output has shape {tuple(out.shape)}{where} (t={float(t):.6g}), "
                                    f"expected the input's shape {tuple(x.shape)}")
         # the finite check syncs with the device, and cannot be traced: skipped inside torch.compile
-        if self.check_output and not _compiling() and not torch.isfinite(out).all():
-            raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t.detach()):.6g})")
+        if self.check_output and not _compiling():
+            if self._deferred is not None:  # read back once, when the sample call ends
+                self._deferred.append((step, t.detach(), torch.isfinite(out).all()))
+            elif not torch.isfinite(out).all():
+                raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t.detach()):.6g})")
         out = out.to(x.dtype)
         s = self.schedule
         p = self.prediction

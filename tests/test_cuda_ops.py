@@ -233,3 +233,23 @@ def test_cuda_graph_capture_of_whole_sampler_backward():
     assert type(want[0].grad_fn).__name__ == "_WholeSamplerBackward"
     for a, b in zip(static, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_sampling_checks_outputs_once_at_the_end():
+    """On CUDA, sample() queues each output's NaN/Inf check on the device and reads them back once:
+    a NaN at step 1 is still reported as step 1, after the remaining (cheap) steps ran."""
+    import ld3_ext
+    calls = []
+
+    def net(x, t):
+        calls.append(1)
+        return 0.5 * x * (float("nan") if len(calls) == 2 else 1.0)
+    model = ld3_ext.wrap_model(net, S.EDM(), prediction="x0")
+    t = ld3_ext.discretizations.edm(S.EDM(), 6).to(DEV)
+    with pytest.raises(ld3_ext.ModelOutputError, match="at step 1"):
+        ld3_ext.DPMSolverPP(order=2).sample(model, torch.randn(2, 3, device=DEV, dtype=torch.float64), t)
+    assert len(calls) == 6
+    calls.clear()
+    good = ld3_ext.wrap_model(lambda x, t: 0.5 * x, S.EDM(), prediction="x0")
+    y = ld3_ext.DPMSolverPP(order=2).sample(good, torch.randn(2, 3, device=DEV, dtype=torch.float64), t)
+    assert torch.isfinite(y).all()

@@ -210,3 +210,74 @@ def test_float32_network_in_float64_solve():
     assert x0.dtype == eps.dtype == torch.float64 and seen == [torch.float64]
     # float32 time 1.5 is exact; eps = (x - x0)/sigma computed in float64
     assert torch.allclose(eps, (x - (0.5 * x).float().double()) / 1.5, rtol=1e-15, atol=0)
+
+
+def _nan_at(bad_call):
+    calls = []
+
+    def net(x, t):
+        calls.append(len(calls))
+        out = 0.5 * x
+        return out * float("nan") if len(calls) - 1 == bad_call else out
+    net.calls = calls
+    return net
+
+
+def test_deferred_output_checks_read_back_once_and_name_the_first_bad_step():
+    """Inside deferred_output_checks() no output check reads a value back to the host (on a GPU each
+    would be a sync); leaving the block raises for the first bad step, with its time."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    sched = ld3_ext.EDM()
+    model = ld3_ext.wrap_model(_nan_at(bad_call=2), sched, prediction="x0")
+    x = torch.randn(3, 2, dtype=torch.float64)
+    times = [torch.tensor(v, dtype=torch.float64) for v in (10.0, 5.0, 2.5, 1.25)]
+    rec = Record()
+    with pytest.raises(ModelOutputError, match=r"NaN/Inf at step 2 \(t=2\.5\)"):
+        with model.deferred_output_checks():
+            with rec:
+                for i, t in enumerate(times):
+                    model.predict(x, t, step=i, returns="x0")
+    assert len(rec.ops) > 8
+    assert not {"_local_scalar_dense", "is_nonzero", "item", "nonzero"} & set(rec.ops), sorted(set(rec.ops))
+    assert model._deferred is None
+    # clean calls: nothing raised; nested blocks check once, in the outer one
+    good = ld3_ext.wrap_model(_nan_at(bad_call=-1), sched, prediction="x0")
+    with good.deferred_output_checks():
+        with good.deferred_output_checks():
+            good.predict(x, times[0], step=0)
+        assert good._deferred is not None and len(good._deferred) == 1
+    bad = ld3_ext.wrap_model(_nan_at(bad_call=0), sched, prediction="x0")
+    with pytest.raises(ModelOutputError, match="at step 0"):
+        with bad.deferred_output_checks():
+            with bad.deferred_output_checks():
+                bad.predict(x, times[0], step=0)
+            assert bad._deferred is not None  # the inner block left the check to the outer one
+    # an error inside the block propagates as is and clears the queue
+    with pytest.raises(KeyError):
+        with model.deferred_output_checks():
+            raise KeyError("inside")
+    assert model._deferred is None
+    # check_output=False: nothing queued, nothing raised
+    off = ld3_ext.wrap_model(_nan_at(bad_call=0), sched, prediction="x0", check_output=False)
+    with off.deferred_output_checks():
+        assert torch.isnan(off.predict(x, times[0], step=0)[0]).all()
+
+
+def test_cpu_sampling_still_checks_every_step_at_once():
+    """On the CPU a check costs no sync: sample() raises at the bad step, before running the rest."""
+    net = _nan_at(bad_call=1)
+    model = ld3_ext.wrap_model(net, ld3_ext.EDM(), prediction="x0")
+    t = ld3_ext.discretizations.edm(ld3_ext.EDM(), 6)
+    with pytest.raises(ModelOutputError, match="at step 1"):
+        ld3_ext.DPMSolverPP(order=2).sample(model, torch.randn(2, 3, dtype=torch.float64), t)
+    assert len(net.calls) == 2  # stopped at the second call

@@ -136,6 +136,10 @@ class Solver:
             model_timesteps = timesteps
         elif not compiling:
             validate_model_timesteps(schedule, model_timesteps, timesteps)
+        if x_T.is_cuda and not compiling:
+            # the output checks read back once, after the last step: no step waits for the GPU
+            with model.deferred_output_checks():
+                return self._solve(model, x_T, timesteps, model_timesteps, model_kwargs)
         return self._solve(model, x_T, timesteps, model_timesteps, model_kwargs)
 
     def _evaluate(self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, step: int,
