@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(__file__))  # make tests/_oracles.py importable
 warnings.filterwarnings("ignore", message=".*native extension ld3_ext._C is not available.*")
@@ -88,3 +89,16 @@ def ring():
     g = ld3_ext.testbeds.ring2d()
     s = ld3_ext.EDM()
     return g, s, g.model(s)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every ATen op dispatched inside ``with OpRecorder() as rec`` (``rec.ops``):
+    tests use it to show that a path makes no host round trip (no item(), nonzero, tensors from lists)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

@@ -7,7 +7,7 @@ import torch
 
 import ld3_ext
 from ld3_ext import _native, adjoint
-from conftest import BASE_SCHEDULES, random_decreasing_grid
+from conftest import BASE_SCHEDULES, OpRecorder, random_decreasing_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -416,19 +416,8 @@ def test_whole_sampler_makes_no_host_round_trips(orders):
     scalar back to the host (no item(), nonzero or data-dependent shapes): on a GPU either would be
     a synchronising copy, and neither can be captured in a CUDA graph.  Checked on the CPU by
     recording every ATen op the node (and its kernels) dispatches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     forbidden = {"lift_fresh", "lift_fresh_copy", "_local_scalar_dense", "nonzero", "masked_select",
                  "index", "index_put", "_index_put_impl", "unique", "_unique2", "to_padded_tensor"}
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     n = len(orders)
     g = torch.Generator().manual_seed(3)
@@ -440,7 +429,7 @@ def test_whole_sampler_makes_no_host_round_trips(orders):
     def evaluate(xx, tt, step):
         return torch.tanh(xx) * (1.0 + tt)
 
-    rec = Record()
+    rec = OpRecorder()
     with rec:
         y = adjoint.whole_sampler(evaluate, orders, max(orders), False, x, table, tm)
         grads = torch.autograd.grad(y, [x, table, tm], gout)

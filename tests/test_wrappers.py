@@ -9,7 +9,7 @@ import torch
 import ld3_ext
 from ld3_ext import ModelOutputError
 from ld3_ext import discretizations as D
-from conftest import BASE_SCHEDULES, smooth_mixture
+from conftest import BASE_SCHEDULES, OpRecorder, smooth_mixture
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -226,22 +226,11 @@ def _nan_at(bad_call):
 def test_deferred_output_checks_read_back_once_and_name_the_first_bad_step():
     """Inside deferred_output_checks() no output check reads a value back to the host (on a GPU each
     would be a sync); leaving the block raises for the first bad step, with its time."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     sched = ld3_ext.EDM()
     model = ld3_ext.wrap_model(_nan_at(bad_call=2), sched, prediction="x0")
     x = torch.randn(3, 2, dtype=torch.float64)
     times = [torch.tensor(v, dtype=torch.float64) for v in (10.0, 5.0, 2.5, 1.25)]
-    rec = Record()
+    rec = OpRecorder()
     with pytest.raises(ModelOutputError, match=r"NaN/Inf at step 2 \(t=2\.5\)"):
         with model.deferred_output_checks():
             with rec:
