@@ -299,15 +299,18 @@ def all_gather_batch_part(part: torch.Tensor, n: int, flag: bool = False):
     """Concatenate every rank's ``local_part`` of an n-row global batch, and whether ``flag`` was true on
     any rank, in one collective: the part sizes follow from ``shard_range(n)`` (no size exchange) and the
     flag rides in the floating-point buffer (a training step's "a noise moved").  Returns (rows, any_flag)."""
-    if get_world_size() == 1:
-        return part, bool(flag)
+    if not isinstance(part, torch.Tensor) or part.dim() < 1 or not part.is_floating_point():
+        raise TypeError(f"all_gather_batch_part: part must be a floating tensor with a batch dimension, got "
+                        f"{(part.dtype, tuple(part.shape)) if isinstance(part, torch.Tensor) else type(part).__name__}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"all_gather_batch_part: n must be an int >= 0, got {n!r}")
     world = get_world_size()
     sizes = [len(shard_range(n, r, world)) for r in range(world)]
     if part.shape[0] != sizes[get_rank()]:
-        raise ValueError(f"all_gather_batch_part: this rank holds {part.shape[0]} rows, its part of {n} is "
-                         f"{sizes[get_rank()]}")
-    if not part.is_floating_point():
-        raise TypeError(f"all_gather_batch_part: part must be a floating tensor, got {part.dtype}")
+        raise ValueError(f"all_gather_batch_part: part holds {part.shape[0]} rows, this rank's part of n = {n} "
+                         f"is {sizes[get_rank()]}")
+    if world == 1:
+        return part, bool(flag)
     row = 1
     for d in part.shape[1:]:
         row *= d

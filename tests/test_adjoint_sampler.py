@@ -484,3 +484,15 @@ def test_native_graph_walk_agrees_with_the_python_reference():
         assert adjoint._depends_on_other_leaves_reference(out, ours) == want, k
         assert _native._C.depends_on_other_leaves(out, list(ours)) == want, k
         assert adjoint._depends_on_other_leaves(out, ours) == want, k
+
+
+def test_heun_multistep_table_rejects_bad_arguments():
+    from ld3_ext.solvers.heun import heun_multistep_table
+    t = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    with pytest.raises(TypeError, match="schedule must be"):
+        heun_multistep_table("edm", t)
+    for bad in ([80.0, 0.002], t[:1], t.reshape(1, 3), torch.tensor([3, 2])):
+        with pytest.raises(ValueError, match="t must be a 1-D floating tensor"):
+            heun_multistep_table(ld3_ext.EDM(), bad)
+    table, orders = heun_multistep_table(ld3_ext.EDM(), t)
+    assert table.shape == (4, 2, 5) and orders == [1, 2, 1, 2]

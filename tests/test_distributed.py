@@ -171,3 +171,14 @@ def test_single_process_defaults(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):
         D.init_from_env()
+
+
+def test_all_gather_batch_part_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="part must be a floating tensor"):
+        D.all_gather_batch_part(torch.arange(3), 3)
+    with pytest.raises(TypeError, match="part must be a floating tensor"):
+        D.all_gather_batch_part([1.0, 2.0], 2)
+    with pytest.raises(ValueError, match="n must be an int"):
+        D.all_gather_batch_part(torch.ones(3, 2), -1)
+    with pytest.raises(ValueError, match=r"part holds 3 rows, this rank's part of n = 4 is 4"):
+        D.all_gather_batch_part(torch.ones(3, 2), 4)

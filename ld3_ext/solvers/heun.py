@@ -31,6 +31,12 @@ def heun_multistep_table(schedule, t: torch.Tensor) -> Tuple[torch.Tensor, List[
     Returns the [2N, 2, 5] float64 table (row [k, 0] = [a, b_0, b_1, ...], newest output first; built
     with differentiable ops, so gradients reach ``t``) and the update orders [1, 2, 1, 2, ...].
     """
+    from ..schedules import NoiseSchedule
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be an ld3_ext NoiseSchedule, got {type(schedule).__name__}")
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < 2 or not t.is_floating_point():
+        raise ValueError(f"t must be a 1-D floating tensor with at least 2 times, got "
+                         f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
     t64 = t.to(torch.float64)
     sig, alp = schedule.edm_sigma(t64), schedule.alpha(t64)
     n = t64.numel() - 1
