@@ -9,7 +9,7 @@ import torch
 import ld3_ext
 from ld3_ext import ModelOutputError
 from ld3_ext import discretizations as D
-from conftest import smooth_mixture
+from conftest import OpRecorder, smooth_mixture
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -204,3 +204,26 @@ def test_guidance_without_conditions(setup):
     g = ld3_ext.wrap_model(lambda xx, tt, cond: xx, sched, prediction="x0", guidance_scale=3.0)
     with pytest.raises(ValueError, match=r"pass both 'cond' and 'uncond'"):
         ld3_ext.UniPC(backend="reference").sample(g, x, grid(sched), cond=x)
+
+
+def test_validate_timesteps_without_value_checks_keeps_the_structural_ones():
+    """values=False (used while compiling or capturing a CUDA graph) reads no tensor value but still
+    rejects a wrong type, shape, dtype or device."""
+    from ld3_ext.solvers.base import validate_model_timesteps, validate_timesteps
+    sched = ld3_ext.EDM()
+    increasing = torch.tensor([0.1, 1.0, 80.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        validate_timesteps(sched, increasing)
+    rec = OpRecorder()
+    with rec:
+        assert validate_timesteps(sched, increasing, values=False) is increasing
+        assert validate_model_timesteps(sched, increasing * 1e6, increasing, values=False) is not None
+    assert not {"_local_scalar_dense", "is_nonzero", "item"} & set(rec.ops)
+    with pytest.raises(TypeError, match="timesteps must be a 1-D torch.Tensor"):
+        validate_timesteps(sched, [1.0, 0.5], values=False)
+    with pytest.raises(ValueError, match="must be 1-D"):
+        validate_timesteps(sched, increasing.reshape(1, 3), values=False)
+    with pytest.raises(ValueError, match="floating"):
+        validate_timesteps(sched, torch.tensor([3, 2, 1]), values=False)
+    with pytest.raises(ValueError, match="model_timesteps: must have the same length"):
+        validate_model_timesteps(sched, increasing[:2], increasing, values=False)

@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import adjoint, ops
 from ..coefficients import SolverSpec, step_orders
-from ..wrappers import DiffusionModel, _compiling
+from ..wrappers import DiffusionModel, _capturing, _compiling
 
 
 def _fail(name: str, msg: str):
@@ -16,8 +16,10 @@ def _fail(name: str, msg: str):
 
 
 def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, name: str = "timesteps",
-                       check_range: bool = True, min_len: int = 2) -> torch.Tensor:
-    """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing)."""
+                       check_range: bool = True, min_len: int = 2, values: bool = True) -> torch.Tensor:
+    """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing).
+
+    ``values=False`` keeps the checks that read no tensor value (type, shape, dtype, device)."""
     if not isinstance(timesteps, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D torch.Tensor, got {type(timesteps).__name__}")
     if timesteps.dim() != 1:
@@ -28,6 +30,8 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
         _fail(name, f"needs at least {min_len} entries (t_0 > ... > t_N), got {timesteps.numel()}")
     if x_T is not None and timesteps.device != x_T.device:
         _fail(name, f"is on {timesteps.device} but x_T is on {x_T.device}; put both on one device")
+    if not values:
+        return timesteps
     td = timesteps.detach()
     if not torch.isfinite(td).all():
         _fail(name, "contains NaN or Inf")
@@ -42,7 +46,7 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
     return timesteps
 
 
-def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor) -> torch.Tensor:
+def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor, values: bool = True) -> torch.Tensor:
     name = "model_timesteps"
     if not isinstance(model_timesteps, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D torch.Tensor, got {type(model_timesteps).__name__}")
@@ -51,6 +55,8 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor)
                     f"{tuple(model_timesteps.shape)}")
     if model_timesteps.device != timesteps.device:
         _fail(name, f"is on {model_timesteps.device} but timesteps is on {timesteps.device}")
+    if not values:
+        return model_timesteps
     md = model_timesteps.detach()
     if not torch.isfinite(md).all():
         _fail(name, "contains NaN or Inf")
@@ -127,17 +133,20 @@ class Solver:
         if x_T.dim() < 1 or x_T.shape[0] == 0:
             raise ValueError(f"x_T must have a non-empty batch dimension, got shape {tuple(x_T.shape)}")
         schedule = model.schedule
-        compiling = _compiling()  # value checks read tensors on the host: not traceable, skipped when compiling
-        if not compiling:
-            validate_timesteps(schedule, timesteps, x_T)
+        compiling = _compiling()
+        # value checks read tensors back to the host: not traceable, and not allowed while a CUDA graph is
+        # being captured -- only the type/shape/dtype/device checks run then
+        values = not (compiling or _capturing())
+        validate_timesteps(schedule, timesteps, x_T, values=values)
         if timesteps.numel() - 1 < self.min_steps():
             raise ValueError(f"timesteps: {type(self).__name__} needs at least {self.min_steps() + 1} entries")
         if model_timesteps is None:
             model_timesteps = timesteps
-        elif not compiling:
-            validate_model_timesteps(schedule, model_timesteps, timesteps)
+        else:
+            validate_model_timesteps(schedule, model_timesteps, timesteps, values=values)
         if x_T.is_cuda and not compiling:
-            # the output checks read back once, after the last step: no step waits for the GPU
+            # the output checks read back once, after the last step (not at all during capture): no step
+            # waits for the GPU
             with model.deferred_output_checks():
                 return self._solve(model, x_T, timesteps, model_timesteps, model_kwargs)
         return self._solve(model, x_T, timesteps, model_timesteps, model_kwargs)
