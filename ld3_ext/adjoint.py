@@ -80,10 +80,7 @@ def adjoint_step_reference(lam_prev: torch.Tensor, v: Optional[torch.Tensor], sc
 
 def _adjoint_step_fn(like: torch.Tensor) -> Callable:
     """The native kernel where it can run on ``like``'s device, else the reference (same contract)."""
-    dev = like.device
-    if _native.native_available() and (dev.type == "cpu" or (dev.type == "cuda" and _native.native_cuda_available())):
-        return _native._C.multistep_adjoint
-    return adjoint_step_reference
+    return _native._C.multistep_adjoint if _uses_native(like) else adjoint_step_reference
 
 
 def multistep_adjoint_step(lam_prev, v, scale, older, x, m, w, dots):

@@ -153,18 +153,12 @@ def _present(tensors: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:
     return [t for t in tensors if t is not None]
 
 
-def _coalesced_all_reduce_(tensors: List[torch.Tensor], scale=None) -> None:
-    """One all-reduce (sum) of all tensors, flattened into a buffer in the widest dtype; results copied back."""
-    if not tensors:
-        return
+def _flatten(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """All tensors in one flat buffer of the widest dtype (at least float32), in order."""
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
-    if scale is not None:
-        flat = flat * scale
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    return flat
+    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
 
 
 def all_reduce_sum_(tensors: Sequence[Optional[torch.Tensor]]) -> None:
@@ -172,7 +166,8 @@ def all_reduce_sum_(tensors: Sequence[Optional[torch.Tensor]]) -> None:
     ts = _present(tensors)
     if not ts or get_world_size() == 1:
         return
-    flat = _coalesced_all_reduce_(ts)
+    flat = _flatten(ts)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     _scatter_back(ts, flat)
 
 
@@ -199,16 +194,12 @@ def all_reduce_mean_(tensors: Sequence[Optional[torch.Tensor]], weight: Optional
             raise ValueError(f"weight must be >= 0, got {weight}")
     if not ts:
         return [v > 0 for v in reduce_scalars([1.0 if f else 0.0 for f in flags], op="sum")]
-    dtype = torch.promote_types(ts[0].dtype, torch.float32)
-    for t in ts[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    dev = ts[0].device
-    parts = [t.detach().reshape(-1).to(dtype) for t in ts]
+    flat = _flatten(ts)
     if weight is not None:
         # the total weight travels with the tensors: flat = w * [g..., 1]
-        parts = [torch.cat(parts + [torch.ones(1, device=dev, dtype=dtype)]) * w]
-    k = sum(p.numel() for p in parts)
-    flat = torch.cat(parts + [torch.tensor([1.0 if f else 0.0 for f in flags], device=dev, dtype=dtype)])
+        flat = torch.cat([flat, flat.new_ones(1)]) * w
+    k = flat.numel()
+    flat = torch.cat([flat, torch.tensor([1.0 if f else 0.0 for f in flags], device=flat.device, dtype=flat.dtype)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     out_flags = [v > 0 for v in flat[k:].tolist()] if flags else []  # one host sync, only when flags are asked
     flat = flat[:k]
