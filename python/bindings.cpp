@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "autograd_graph.h"
+#include "cpu/cpu_isa.h"
 #include "ld3_ops.h"
 
 namespace {
@@ -119,6 +120,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_stream_min_bytes", &ld3::set_stream_min_bytes, py::arg("bytes"),
         "float32 CPU update outputs of at least `bytes` use non-temporal stores (-1: never; default: the "
         "L2 size, at least 1 MiB); returns the previous value");
+  m.def("cpu_isa", [] { return std::string(ld3::cpu_isa_name(ld3::cpu_isa())); },
+        "instruction set the CPU loops run with now: 'base' (the build target's baseline) or 'avx2'");
+  m.def("available_cpu_isas", &ld3::available_cpu_isas, "instruction sets this build and CPU can run");
+  m.def("set_cpu_isa", &ld3::set_cpu_isa, py::arg("isa"),
+        "select the CPU loops' instruction set: 'base', 'avx2' or 'auto' (LD3_CPU_ISA does it at load); "
+        "returns the previous one");
   m.def("depends_on_other_leaves", &ld3::depends_on_other_leaves, py::arg("out"), py::arg("ours"),
         "True when out's autograd graph reaches a tensor requiring grad other than those in ours");
   m.def("has_cuda", &has_cuda, "True when the CUDA kernels are linked in");

@@ -18,6 +18,7 @@
 
 #include "adjoint_step.h"
 #include "cpu/chunked_reduce.h"
+#include "cpu/cpu_isa.h"
 #include "dispatch_history.h"
 #include "ld3_ops.h"
 #include "solver_coefficients.h"
@@ -83,14 +84,17 @@ void adjoint_range(const AdjointPtrs<scalar_t>& p, at::opmath_type<scalar_t> s,
 }
 
 template <typename scalar_t, int J, bool V, bool DOT>
-void adjoint_impl(const AdjointPtrs<scalar_t>& p, double scale, const double* w, int64_t n, double* dots) {
+void adjoint_impl(CpuIsa isa, const AdjointPtrs<scalar_t>& p, double scale, const double* w, int64_t n,
+                  double* dots) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t wc[kMaxHistory] = {};
   for (int j = 0; j < J; ++j) wc[j] = static_cast<acc_t>(w[j]);
   const acc_t s = static_cast<acc_t>(scale);
-  chunked_reduce(n, DOT ? J + 1 : 0, dots, [&](int64_t b, int64_t e, double* partial) {
+  const auto loop = [&](int64_t b, int64_t e, double* partial) {
     adjoint_range<scalar_t, J, V, DOT>(p, s, wc, b, e, partial);
-  });
+  };
+  chunked_reduce(n, DOT ? J + 1 : 0, dots,
+                 [&](int64_t b, int64_t e, double* partial) { invoke_for_isa(isa, loop, b, e, partial); });
 }
 
 }  // namespace
@@ -108,15 +112,16 @@ at::Tensor multistep_adjoint_cpu(const at::Tensor& lam_prev, const at::Tensor& v
   // read through the pointer, not item(): the step makes no scalar round trip through the dispatcher
   const double s = a.has_v ? *in.scale.const_data_ptr<double>() : 1.0;
   std::vector<double> dot_host(kTableWidth, 0.0);
+  const CpuIsa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.lam_prev.scalar_type(), "ld3_multistep_adjoint_cpu", [&] {
     const AdjointPtrs<scalar_t> p = adjoint_ptrs<scalar_t>(a, in, v, gm);
     const double* wp = p.w;
     dispatch_k(J, [&](auto jc) {
       constexpr int JJ = decltype(jc)::value;
-      if (a.has_v && a.need_dots) adjoint_impl<scalar_t, JJ, true, true>(p, s, wp, n, dot_host.data());
-      else if (a.has_v) adjoint_impl<scalar_t, JJ, true, false>(p, s, wp, n, nullptr);
-      else if (a.need_dots) adjoint_impl<scalar_t, JJ, false, true>(p, s, wp, n, dot_host.data());
-      else adjoint_impl<scalar_t, JJ, false, false>(p, s, wp, n, nullptr);
+      if (a.has_v && a.need_dots) adjoint_impl<scalar_t, JJ, true, true>(isa, p, s, wp, n, dot_host.data());
+      else if (a.has_v) adjoint_impl<scalar_t, JJ, true, false>(isa, p, s, wp, n, nullptr);
+      else if (a.need_dots) adjoint_impl<scalar_t, JJ, false, true>(isa, p, s, wp, n, dot_host.data());
+      else adjoint_impl<scalar_t, JJ, false, false>(isa, p, s, wp, n, nullptr);
     });
   });
   if (a.need_dots) {

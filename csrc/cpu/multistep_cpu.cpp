@@ -25,6 +25,7 @@
 
 #include "ld3_ops.h"
 #include "cpu/chunked_reduce.h"
+#include "cpu/cpu_isa.h"
 #include "dispatch_history.h"
 #include "solver_coefficients.h"
 
@@ -118,7 +119,8 @@ bool stream_output(int64_t bytes) {
 }
 
 template <typename scalar_t, int K>
-void forward_impl(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, const double* coef, int64_t n) {
+void forward_impl(CpuIsa isa, scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, const double* coef,
+                  int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   // coefficients are rounded to the op-math type first, as the reference path does
   acc_t c[kTableWidth] = {};
@@ -126,14 +128,14 @@ void forward_impl(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, con
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (stream_output(n * int64_t(sizeof(float)))) {
-      at::parallel_for(0, n, kForwardGrain,
-                       [&](int64_t b, int64_t e) { forward_range_stream<K>(out, x, m, c, b, e); });
+      const auto loop = [&](int64_t b, int64_t e) { forward_range_stream<K>(out, x, m, c, b, e); };
+      at::parallel_for(0, n, kForwardGrain, [&](int64_t b, int64_t e) { invoke_for_isa(isa, loop, b, e); });
       return;
     }
   }
 #endif
-  at::parallel_for(0, n, kForwardGrain,
-                   [&](int64_t b, int64_t e) { forward_range<scalar_t, K>(out, x, m, c, b, e); });
+  const auto loop = [&](int64_t b, int64_t e) { forward_range<scalar_t, K>(out, x, m, c, b, e); };
+  at::parallel_for(0, n, kForwardGrain, [&](int64_t b, int64_t e) { invoke_for_isa(isa, loop, b, e); });
 }
 
 // One pass: element-wise grads (if wanted) and the chunk's dot products <g,x>, <g,m_k> in double.
@@ -181,14 +183,16 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
 }
 
 template <typename scalar_t, int K, bool GX, bool GM, bool DOT>
-void backward_impl(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m, scalar_t* gx,
+void backward_impl(CpuIsa isa, const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m, scalar_t* gx,
                    const std::array<scalar_t*, kMaxHistory>& gm, const double* coef, int64_t n, double* grad_coef) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t c[kTableWidth] = {};
   for (int k = 0; k <= K; ++k) c[k] = static_cast<acc_t>(coef[k]);
-  chunked_reduce(n, DOT ? K + 1 : 0, grad_coef, [&](int64_t b, int64_t e, double* partial) {
+  const auto loop = [&](int64_t b, int64_t e, double* partial) {
     backward_range<scalar_t, K, GX, GM, DOT>(g, x, m, gx, gm, c, b, e, partial);
-  });
+  };
+  chunked_reduce(n, DOT ? K + 1 : 0, grad_coef,
+                 [&](int64_t b, int64_t e, double* partial) { invoke_for_isa(isa, loop, b, e, partial); });
 }
 
 void check_cpu(const at::Tensor& x, const at::Tensor& coef) {
@@ -227,6 +231,7 @@ at::Tensor multistep_forward_cpu(const at::Tensor& x_in, const at::Tensor& coef_
   const at::Tensor coef = coef_in.contiguous();
   const bool direct = out.is_contiguous();
   at::Tensor dst = direct ? out : at::empty_like(x);
+  const CpuIsa isa = cpu_isa();
   // An exactly aliased x (out=x) stays safe: same index read then written.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ld3_multistep_forward_cpu", [&] {
     Ptrs<scalar_t> m{};
@@ -234,7 +239,7 @@ at::Tensor multistep_forward_cpu(const at::Tensor& x_in, const at::Tensor& coef_
     scalar_t* o = dst.mutable_data_ptr<scalar_t>();
     const scalar_t* xp = direct && out.is_same(x_in) ? o : x.const_data_ptr<scalar_t>();
     const double* cp = coef.const_data_ptr<double>();
-    dispatch_k(K, [&](auto kc) { forward_impl<scalar_t, decltype(kc)::value>(o, xp, m, cp, x.numel()); });
+    dispatch_k(K, [&](auto kc) { forward_impl<scalar_t, decltype(kc)::value>(isa, o, xp, m, cp, x.numel()); });
   });
   if (!direct) out.copy_(dst);
   return out;
@@ -263,6 +268,7 @@ GradTuple multistep_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_
     x = x_in.contiguous();
     for (const auto& m : history) hist.push_back(m.contiguous());
   }
+  const CpuIsa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "ld3_multistep_backward_cpu", [&] {
     Ptrs<scalar_t> m{};
     std::array<scalar_t*, kMaxHistory> gm{};
@@ -279,13 +285,13 @@ GradTuple multistep_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_
       constexpr int KK = decltype(kc)::value;
       const bool gm_on = need_hist && KK > 0;
       // 8 combinations of (grad_x, grad_history, dot products)
-      if (need_x && gm_on && need_coef) backward_impl<scalar_t, KK, true, true, true>(gp, xp, m, gxp, gm, cp, n, gcp);
-      else if (need_x && gm_on) backward_impl<scalar_t, KK, true, true, false>(gp, xp, m, gxp, gm, cp, n, gcp);
-      else if (need_x && need_coef) backward_impl<scalar_t, KK, true, false, true>(gp, xp, m, gxp, gm, cp, n, gcp);
-      else if (need_x) backward_impl<scalar_t, KK, true, false, false>(gp, xp, m, gxp, gm, cp, n, gcp);
-      else if (gm_on && need_coef) backward_impl<scalar_t, KK, false, true, true>(gp, xp, m, gxp, gm, cp, n, gcp);
-      else if (gm_on) backward_impl<scalar_t, KK, false, true, false>(gp, xp, m, gxp, gm, cp, n, gcp);
-      else backward_impl<scalar_t, KK, false, false, true>(gp, xp, m, gxp, gm, cp, n, gcp);
+      if (need_x && gm_on && need_coef) backward_impl<scalar_t, KK, true, true, true>(isa, gp, xp, m, gxp, gm, cp, n, gcp);
+      else if (need_x && gm_on) backward_impl<scalar_t, KK, true, true, false>(isa, gp, xp, m, gxp, gm, cp, n, gcp);
+      else if (need_x && need_coef) backward_impl<scalar_t, KK, true, false, true>(isa, gp, xp, m, gxp, gm, cp, n, gcp);
+      else if (need_x) backward_impl<scalar_t, KK, true, false, false>(isa, gp, xp, m, gxp, gm, cp, n, gcp);
+      else if (gm_on && need_coef) backward_impl<scalar_t, KK, false, true, true>(isa, gp, xp, m, gxp, gm, cp, n, gcp);
+      else if (gm_on) backward_impl<scalar_t, KK, false, true, false>(isa, gp, xp, m, gxp, gm, cp, n, gcp);
+      else backward_impl<scalar_t, KK, false, false, true>(isa, gp, xp, m, gxp, gm, cp, n, gcp);
     });
   });
   return {gx, gc, gms};

@@ -1,0 +1,184 @@
+"""The CPU loops' two instruction-set copies (baseline and AVX2, csrc/cpu/cpu_isa.h): each against
+the float64-capable references, against each other (element-wise bitwise, dot products to rounding),
+reproducible for any thread count, and the selection API / environment variable."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ld3_ext import _native
+
+if not _native.native_available():  # only a missing build may skip this file
+    pytest.skip(f"ld3_ext._C is not built: {_native.load_error()}", allow_module_level=True)
+
+from ld3_ext import ops  # noqa: E402
+from ld3_ext.adjoint import adjoint_step_reference  # noqa: E402
+
+C = _native.get()
+ISAS = C.available_cpu_isas()
+# sizes: a vector tail (n % 8 != 0), several reduction chunks plus a tail
+SIZES = [37, 2 * C.reduce_chunk + 1003]
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+
+
+@pytest.fixture
+def use_isa():
+    """Selects an instruction set for one test and restores the one in use before."""
+    previous = C.cpu_isa()
+    yield C.set_cpu_isa
+    C.set_cpu_isa(previous)
+
+
+def _randn(n, dtype, g, k):
+    return [torch.randn(n, generator=g, dtype=torch.float64).to(dtype) for _ in range(k)]
+
+
+def _update_all(n, dtype, k, seed):
+    """Forward, backward (all grads) and dot products of one update, with the active instruction set."""
+    g = torch.Generator().manual_seed(seed)
+    x, gout, *hist = _randn(n, dtype, g, 2 + k)
+    coef = torch.randn(1 + k, generator=g, dtype=torch.float64)
+    out = C.multistep_update(x, coef, hist)
+    gx, gc, gh = C.multistep_update_backward(gout, x, coef, hist)
+    return (x, gout, hist, coef), out, gx, gc, gh
+
+
+def _adjoint_all(n, dtype, J, has_v, seed):
+    g = torch.Generator().manual_seed(seed)
+    lam, v, x, m, *older = _randn(n, dtype, g, 4 + J)
+    w = torch.randn(J, generator=g, dtype=torch.float64)
+    scale = torch.tensor([0.7], dtype=torch.float64)
+    older = older[: max(J - (2 if has_v else 1), 0)]  # L_1 = lam_prev when v is given
+    dots = torch.zeros(5, dtype=torch.float64)
+    vv = v.clone() if has_v else None
+    gm = C.multistep_adjoint(lam, vv, scale if has_v else None, older, x, m, w, dots)
+    return (lam, v, scale, older, x, m, w), gm, vv, dots
+
+
+def test_selection_api(use_isa):
+    assert ISAS[0] == "base" and set(ISAS) <= {"base", "avx2"}
+    assert C.cpu_isa() in ISAS
+    previous = C.cpu_isa()
+    assert use_isa("base") == previous and C.cpu_isa() == "base"
+    assert use_isa("auto") == "base" and C.cpu_isa() == ISAS[-1]  # auto: the best available
+    with pytest.raises(RuntimeError, match="isa must be 'base', 'avx2' or 'auto', got 'sse9'"):
+        use_isa("sse9")
+    assert C.cpu_isa() == ISAS[-1]  # a refused call changes nothing
+    if "avx2" not in ISAS:
+        with pytest.raises(RuntimeError, match="isa='avx2' is not available"):
+            use_isa("avx2")
+
+
+@pytest.mark.parametrize("value,expected", [("base", "base"), ("auto", None), ("bogus", None), ("", None)])
+def test_environment_variable(value, expected):
+    """LD3_CPU_ISA picks at load; an unknown value falls back to the best one (the module still loads)."""
+    env = {**os.environ, "LD3_CPU_ISA": value}
+    res = subprocess.run([sys.executable, "-c", "import ld3_ext._C as C; print(C.cpu_isa())"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == (expected or ISAS[-1])
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("isa", ISAS)
+def test_update_matches_reference(isa, dtype, k, n, use_isa):
+    use_isa(isa)
+    (x, gout, hist, coef), out, gx, gc, gh = _update_all(n, dtype, k, seed=10 * k + n)
+    leaves = [t.double().requires_grad_() for t in (x, coef, *hist)]
+    ref = ops.multistep_update_reference(leaves[0], leaves[1], leaves[2:])
+    ref.backward(gout.double())
+    scale = coef[0].abs() * x.double().abs() + sum(coef[1 + j].abs() * m.double().abs() for j, m in enumerate(hist))
+    assert bool(((out.double() - ref.detach()).abs() <= TOL[dtype] * scale + 1e-300).all())
+    torch.testing.assert_close(gx.double(), leaves[0].grad, rtol=TOL[dtype], atol=0)
+    for j in range(k):
+        torch.testing.assert_close(gh[j].double(), leaves[2 + j].grad, rtol=TOL[dtype], atol=0)
+    dots_scale = torch.stack([(gout.double().abs() * t.double().abs()).sum() for t in (x, *hist)])
+    assert bool(((gc - leaves[1].grad).abs() <= TOL[dtype] * dots_scale).all()), (gc, leaves[1].grad)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("J", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("has_v", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("isa", ISAS)
+def test_adjoint_matches_reference(isa, dtype, has_v, J, n, use_isa):
+    use_isa(isa)
+    (lam, v, scale, older, x, m, w), gm, vv, dots = _adjoint_all(n, dtype, J, has_v, seed=J + n)
+    v_ref = v.double().clone() if has_v else None
+    ref_dots = torch.zeros(5, dtype=torch.float64)
+    gm_ref = adjoint_step_reference(lam.double(), v_ref, scale if has_v else None, [o.double() for o in older],
+                                    x.double(), m.double(), w, ref_dots)
+    if has_v:
+        torch.testing.assert_close(vv.double(), v_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    if J == 0:
+        assert gm is None and gm_ref is None
+    else:
+        torch.testing.assert_close(gm.double(), gm_ref, rtol=TOL[dtype], atol=TOL[dtype] * 4)
+    mag = float(n) ** 0.5 * 4  # the dot products of unit normals are O(sqrt(n)) with O(n) |terms|
+    torch.testing.assert_close(dots, ref_dots, rtol=0, atol=TOL[dtype] * mag * 16)
+    assert bool((dots[1 + J:] == 0).all())
+
+
+needs_two = pytest.mark.skipif(len(ISAS) < 2, reason="this CPU runs only the baseline copy")
+
+
+@needs_two
+@pytest.mark.parametrize("k", [0, 1, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_isas_agree_elementwise_bitwise(dtype, k, use_isa):
+    """No FMA in either copy: every element-wise output is bitwise equal; the dot products differ
+    only in summation order."""
+    n = SIZES[1]
+    use_isa("base")
+    _, out_b, gx_b, gc_b, gh_b = _update_all(n, dtype, k, seed=k)
+    _, gm_b, v_b, dots_b = _adjoint_all(n, dtype, k, True, seed=k)
+    use_isa("avx2")
+    _, out_a, gx_a, gc_a, gh_a = _update_all(n, dtype, k, seed=k)
+    _, gm_a, v_a, dots_a = _adjoint_all(n, dtype, k, True, seed=k)
+    assert torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
+    assert all(torch.equal(a, b) for a, b in zip(gh_a, gh_b))
+    assert torch.equal(v_a, v_b) and (gm_a is None) == (gm_b is None)
+    if gm_a is not None:
+        assert torch.equal(gm_a, gm_b)
+    tol = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(gc_a, gc_b, rtol=tol, atol=tol)
+    torch.testing.assert_close(dots_a, dots_b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_each_isa_reproducible_for_any_thread_count(isa, use_isa):
+    use_isa(isa)
+    n = 5 * C.reduce_chunk + 17
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            _, out, gx, gc, gh = _update_all(n, torch.float32, 3, seed=1)
+            _, gm, v, dots = _adjoint_all(n, torch.float32, 3, True, seed=1)
+            runs.append((out, gx, gc, *gh, gm, v, dots))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threshold", [0, -1])
+def test_streamed_float32_path_per_isa(isa, threshold, use_isa):
+    """The non-temporal-store loop (float32) is bitwise equal to the reference in each copy."""
+    use_isa(isa)
+    previous = C.set_stream_min_bytes(threshold)
+    try:
+        g = torch.Generator().manual_seed(3)
+        x, *hist = _randn((1 << 16) + 3, torch.float32, g, 4)
+        coef = torch.randn(4, generator=g, dtype=torch.float64)
+        assert torch.equal(C.multistep_update(x, coef, hist), ops.multistep_update_reference(x, coef, hist))
+    finally:
+        C.set_stream_min_bytes(previous)
