@@ -224,15 +224,20 @@ class _WholeSampler(torch.autograd.Function):
         dev = grad.device
         grad = grad.contiguous()
         H = plan.max_order
-        # weights[i, j] = b_{i+j, j}: zero-padded past the last step, gaps zeroed (rare patterns)
+        # weights[i, j] = b_{i+j, j}: zero-padded past the last step, gaps zeroed (rare patterns).
+        # Tensor methods (narrow, select, split) instead of t[...] indexing and assignment: this runs
+        # once per step, and Python's indexing machinery costs microseconds a call.
+        b_block = tab.select(1, 0).narrow(1, 1, MAX_HISTORY)
         bpad = tab.new_zeros(n + MAX_HISTORY, MAX_HISTORY)
-        bpad[:n].copy_(tab[:, 0, 1:])
+        bpad.narrow(0, 0, n).copy_(b_block)
         weights = _skewed(bpad, n).contiguous()
         for i, j in plan.gaps:
-            weights[i, j].zero_()  # zero_(), not "= 0.0": no scalar tensor made on the host
+            weights.select(0, i).select(0, j).zero_()  # zero_(): no scalar tensor made on the host
+        # row i truncated to its J_i weights, all from one split of the flat table
+        w_rows = weights.view(-1).split([k for J in plan.J for k in (J, MAX_HISTORY - J)])[::2]
         dots = torch.zeros(n, 1 + MAX_HISTORY, dtype=torch.float64, device=dev) if need_table else None
         dot_rows = dots.unbind(0) if need_table else [None] * n
-        scales = tab[:, 0, :1].unbind(0)
+        scales = tab.select(1, 0).narrow(1, 0, 1).unbind(0)
         step = _adjoint_step_fn(grad)
         lams: List[torch.Tensor] = []    # lambda_{i+1}, lambda_{i+2}, ... (newest first)
         v_next: Optional[torch.Tensor] = None
@@ -240,7 +245,7 @@ class _WholeSampler(torch.autograd.Function):
         graphs = ctx.graphs
         for i in range(n - 1, -1, -1):
             J = plan.J[i]
-            w = weights[i, :J]
+            w = w_rows[i]
             if i == n - 1:
                 gm = step(grad, None, None, [], ctx.xs[i], ctx.outs[i], w, dot_rows[i])
                 lams = [grad]
@@ -264,16 +269,19 @@ class _WholeSampler(torch.autograd.Function):
         grad_table = None
         if need_table:
             for i, j in plan.gaps:  # a gap's coefficient is not used by its step
-                dots[i, 1 + j].zero_()
+                dots.select(0, i).select(0, 1 + j).zero_()
             gpad = tab.new_zeros(n + MAX_HISTORY, MAX_HISTORY)
-            _skewed(gpad, n).copy_(dots[:, 1:])  # dots past J_i are zero: they land in the padding
+            # dots past J_i are zero: they land in the padding
+            _skewed(gpad, n).copy_(dots.narrow(1, 1, MAX_HISTORY))
             grad_table = torch.zeros_like(tab)
-            grad_table[:, 0, 0] = dots[:, 0]
-            grad_table[:, 0, 1:] = gpad[:n]
+            row = grad_table.select(1, 0)
+            row.narrow(1, 0, 1).copy_(dots.narrow(1, 0, 1))
+            row.narrow(1, 1, MAX_HISTORY).copy_(gpad.narrow(0, 0, n))
         grad_tm = None
         if need_tm:
             zero = ctx.tm.new_zeros(())
-            grad_tm = torch.stack([(g.to(ctx.tm.dtype) if g is not None else zero) for g in g_tm] + [zero])
+            dt = ctx.tm.dtype
+            grad_tm = torch.stack([(zero if g is None else g if g.dtype == dt else g.to(dt)) for g in g_tm] + [zero])
         return None, None, grad_x, grad_table, grad_tm
 
 
@@ -285,6 +293,28 @@ def _uses_native(x: torch.Tensor) -> bool:
 def _update_reference(x, coef, history):
     from .ops import multistep_update_reference
     return multistep_update_reference(x, coef, history)
+
+
+def _vjp_public(out: torch.Tensor, inputs: List[torch.Tensor], gm: torch.Tensor):
+    return torch.autograd.grad(out, inputs, gm, allow_unused=True)
+
+
+def _vjp_engine(out: torch.Tensor, inputs: List[torch.Tensor], gm: torch.Tensor):
+    """torch.autograd.grad(out, inputs, gm, allow_unused=True) without its argument checks.
+
+    Those checks (shape, dtype and device of gm against out, written in Python) cost about half of
+    a small step's VJP; here they hold by construction (gm is made like x, and predict() checks
+    that the model output has x's shape and dtype).  The engine entry is the one autograd.grad
+    calls, so hooks, anomaly mode and the compiler context behave the same.
+    """
+    return _engine_run_backward((out,), (gm,), False, False, tuple(inputs), True, False)
+
+
+try:  # private, present since torch 2.2: the public grad() is the fallback
+    from torch.autograd.graph import _engine_run_backward
+    _vjp = _vjp_engine
+except ImportError:  # pragma: no cover - older or newer torch without it
+    _vjp = _vjp_public
 
 
 def _model_vjp(ctx, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, want_t: bool):
@@ -300,7 +330,7 @@ def _model_vjp(ctx, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, w
     inputs = ([xl] if want_x else []) + ([tl] if want_t else [])
     if not inputs or gm is None or not out.requires_grad:
         return None, None
-    res = torch.autograd.grad(out, inputs, gm, allow_unused=True)
+    res = _vjp(out, inputs, gm)
     v = res[0] if want_x else None
     gt = res[-1] if want_t else None
     if v is not None and not (v.is_contiguous() and v.dtype == gm.dtype):

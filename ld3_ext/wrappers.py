@@ -136,7 +136,10 @@ class DiffusionModel(torch.nn.Module):
     def _call(self, x: torch.Tensor, t: torch.Tensor, kwargs: Dict[str, Any]) -> torch.Tensor:
         b = x.shape[0]
         tt = self.network_time(t)
-        tt = tt.reshape(()).to(x.dtype).expand(b) if tt.numel() == 1 else tt.to(x.dtype)
+        if tt.dtype != x.dtype:  # skip no-op conversions: each is a dispatcher call (and a graph node)
+            tt = tt.to(x.dtype)
+        if tt.numel() == 1:
+            tt = (tt if tt.dim() == 0 else tt.reshape(())).expand(b)
         xin = x
         if self.prediction == "edm":
             xin = x / self.schedule.alpha(t).to(x.dtype)
@@ -175,7 +178,9 @@ class DiffusionModel(torch.nn.Module):
         if x.is_floating_point() and t.is_floating_point() and t.dtype != x.dtype:
             # the time -> alpha/sigma/network-time conversions must be at least as precise as x:
             # a float32 time grid with a float64 state is evaluated in float64 (not rounded to float32)
-            t = t.to(torch.promote_types(t.dtype, x.dtype))
+            wider = torch.promote_types(t.dtype, x.dtype)
+            if wider != t.dtype:
+                t = t.to(wider)
         out = self._call(x, t, kwargs)
         where = f" at step {step}" if step is not None else ""
         if not isinstance(out, torch.Tensor):
@@ -189,7 +194,8 @@ class DiffusionModel(torch.nn.Module):
                 self._deferred.append((step, t.detach(), torch.isfinite(out).all()))
             elif not torch.isfinite(out).all():
                 raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t.detach()):.6g})")
-        out = out.to(x.dtype)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         s = self.schedule
         p = self.prediction
         want_x0, want_eps = returns != "eps", returns != "x0"
