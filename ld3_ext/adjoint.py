@@ -184,26 +184,29 @@ class _WholeSampler(torch.autograd.Function):
         outs: List[torch.Tensor] = []     # values of m_i (no graph)
         graphs: List[Any] = []            # (x leaf, t leaf, m_i with graph) unless checkpointing
         history: List[torch.Tensor] = []  # newest first
-        rows = table.detach()[:, 0, :].unbind(0)  # the kernel reads the first 1 + p entries of a row
+        rows = table.detach().select(1, 0).unbind(0)  # the kernel reads the first 1 + p entries of a row
         times = tm.detach().unbind(0)  # one call for all the per-step views
         x = x_T
+        # the loop runs once per network evaluation: names bound once, no per-step lookups
         native = _uses_native(x)
+        update = _native._C.multistep_update if native else None
+        evaluate, orders, max_order, keep = plan.evaluate, plan.orders, plan.max_order, not plan.checkpoint
+        depends = _depends_on_other_leaves
         for i in range(n):
             xl = x.detach().requires_grad_()
             tl = times[i].detach().requires_grad_() if need_tm else times[i]
             with torch.enable_grad():
-                out = plan.evaluate(xl, tl, i)
-            if _depends_on_other_leaves(out, (xl, tl)):
+                out = evaluate(xl, tl, i)
+            if depends(out, (xl, tl)):
                 raise ForeignGradients()
             val = out.detach()
             outs.append(val)
-            graphs.append(None if plan.checkpoint else (xl, tl, out))
+            graphs.append((xl, tl, out) if keep else None)
             del out  # with checkpointing its graph must go now, before the next evaluation
             history.insert(0, val)
-            del history[plan.max_order:]
-            p = plan.orders[i]
-            x = _native._C.multistep_update(x, rows[i], history[:p]) if native \
-                else _update_reference(x, rows[i][: 1 + p], history[:p])
+            del history[max_order:]
+            p = orders[i]
+            x = update(x, rows[i], history[:p]) if native else _update_reference(x, rows[i][: 1 + p], history[:p])
             xs.append(x)
         ctx.plan, ctx.need = plan, need
         # x_T, the table and tm are the caller's: saved with version checks; the rest is ours
