@@ -114,6 +114,8 @@ def machine_info(device):
         info["cpu"] = platform.processor()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    if _native.native_available():  # which copy of the CPU loops ran (csrc/cpu/cpu_isa.h)
+        info["cpu_isa"] = _native._C.cpu_isa()
     return info
 
 

@@ -237,7 +237,7 @@ class _WholeSampler(torch.autograd.Function):
         for i, j in plan.gaps:
             weights.select(0, i).select(0, j).zero_()  # zero_(): no scalar tensor made on the host
         # row i truncated to its J_i weights, all from one split of the flat table
-        w_rows = weights.view(-1).split([k for J in plan.J for k in (J, MAX_HISTORY - J)])[::2]
+        w_rows = weights.view(-1).split_with_sizes([k for J in plan.J for k in (J, MAX_HISTORY - J)])[::2]
         dots = torch.zeros(n, 1 + MAX_HISTORY, dtype=torch.float64, device=dev) if need_table else None
         dot_rows = dots.unbind(0) if need_table else [None] * n
         scales = tab.select(1, 0).narrow(1, 0, 1).unbind(0)

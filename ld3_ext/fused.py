@@ -130,6 +130,20 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a*x + sum_k b_k*history[k] with coef = [a, b_0, ...]; ``out`` (may be ``x``) needs no autograd."""
     history = list(history)
+    if out is None and _C is not None and type(coef) is torch.Tensor and coef.dtype == torch.float64 \
+            and type(x) is torch.Tensor and (x.is_cpu or (x.is_cuda and _native.native_cuda_available())) \
+            and not torch.compiler.is_compiling():
+        # the common call: the extension checks every argument itself (TORCH_CHECK); the Python
+        # checks below, which cost more than a small update, run only to name a failure precisely
+        try:
+            if torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad
+                                            or any(m.requires_grad for m in history)):
+                return _MultistepUpdate.apply(x, coef, *history)
+            return _C.multistep_update(x, coef, history)
+        except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+            failure = exc
+        _check_update(x, coef, history)  # raised outside the except block: no chained traceback
+        raise failure
     _check_update(x, coef, history)
     if coef.dtype != torch.float64:
         coef = coef.to(torch.float64)

@@ -413,3 +413,21 @@ def test_solvers_fused_backend_matches_reference(dtype):
                     # float32: 1e-6, or no worse than twice the reference path's own float32 error
                     rtol = max(1e-6, 2 * float((b - c).abs().max()) / scale)
                 assert err <= rtol * scale + 1e-300, (type(solver).__name__, schedule.name, what, err / scale)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_fast_path_errors_are_the_python_layers(requires_grad):
+    """The common call skips the Python checks (the extension checks itself); a failure is then
+    named by the Python checks: same exception type and message as before, no chained traceback."""
+    x = torch.randn(3, 4, requires_grad=requires_grad)
+    coef = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    cases = [([torch.randn(3, 5)], ValueError, r"history\[0\] has shape \(3, 5\) but x has shape \(3, 4\)"),
+             ([torch.randn(3, 4, dtype=torch.float64)], TypeError, r"history\[0\] has dtype torch.float64"),
+             ([1.0], TypeError, r"history\[0\] must be a torch.Tensor, got float"),
+             ([torch.randn(3, 4)] * 5, ValueError, "history holds 5 tensors, at most 4")]
+    for history, kind, msg in cases:
+        with pytest.raises(kind, match=msg) as info:
+            fused.multistep_update(x, coef, history)
+        assert info.value.__context__ is None and info.value.__cause__ is None
+    with pytest.raises(ValueError, match="coef must be 1-D with between 1 \\+ len\\(history\\) = 3"):
+        fused.multistep_update(x, coef, [torch.randn(3, 4)] * 2)
