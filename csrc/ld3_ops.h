@@ -24,7 +24,7 @@ void check_table_backward_args(const at::Tensor& jac, const at::Tensor& grad);
 at::Tensor multistep_forward_cpu(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history,
                                  const at::Tensor& out);
 // Float32 CPU update outputs of at least `bytes` are written with non-temporal stores (-1: never;
-// the default is the core's L2 size); returns the previous setting.
+// the default is the core's L2 size, at least 8 MiB); returns the previous setting.
 int64_t set_stream_min_bytes(int64_t bytes);
 // (grad_x, grad_coef, grad_history); undefined tensors where not requested.
 GradTuple multistep_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& coef,

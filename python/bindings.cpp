@@ -119,7 +119,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_t = J^T grad_table scattered to t_0..t_N (gather, fixed order)");
   m.def("set_stream_min_bytes", &ld3::set_stream_min_bytes, py::arg("bytes"),
         "float32 CPU update outputs of at least `bytes` use non-temporal stores (-1: never; default: the "
-        "L2 size, at least 1 MiB); returns the previous value");
+        "L2 size, at least 8 MiB); returns the previous value");
   m.def("cpu_isa", [] { return std::string(ld3::cpu_isa_name(ld3::cpu_isa())); },
         "instruction set the CPU loops run with now: 'base' (the build target's baseline) or 'avx2'");
   m.def("available_cpu_isas", &ld3::available_cpu_isas, "instruction sets this build and CPU can run");

@@ -87,17 +87,19 @@ void forward_range_stream(float* out, const float* x, const Ptrs<float>& m, cons
 #endif
 
 // Float32 outputs of at least this many bytes are written with non-temporal stores (x86).  In a
-// sampler the next network evaluation reads the new state at once, so streaming an output that
-// fits in the core's L2 past the cache made whole samples slower; larger outputs cannot stay in L2
-// and streaming saves the read-for-ownership (benchmarks/README.md has both measurements).  The
-// default is therefore the L2 size (at least 1 MiB); LD3_STREAM_MIN_BYTES sets it at load and
-// set_stream_min_bytes() at run time (-1 = never).
+// sampler the next network evaluation reads the new state at once, so streaming pays only when
+// the state is far larger than the caches; below that it costs more than it saves elsewhere.
+// Measured crossovers: ~2 MiB on an Intel Xeon box, 3-6 MiB on an AMD EPYC box (1-2 threads),
+// with up to 1.5x losses below the crossover and at most ~12 % gains above it
+// (benchmarks/README.md), so the default errs high: the L2 size, at least 8 MiB.  The L3 size is
+// not used: VMs report the whole package's (320 MiB on the EPYC box, whose core sees 32 MiB).
+// LD3_STREAM_MIN_BYTES sets it at load and set_stream_min_bytes() at run time (-1 = never).
 int64_t default_stream_min_bytes() {
   int64_t l2 = 0;
 #if defined(_SC_LEVEL2_CACHE_SIZE)
   l2 = static_cast<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE));
 #endif
-  return std::max<int64_t>(l2, int64_t(1) << 20);
+  return std::max<int64_t>(l2, int64_t(8) << 20);
 }
 
 std::atomic<int64_t>& stream_threshold() {

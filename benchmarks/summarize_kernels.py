@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""README table from one or more bench_kernels.py JSON files of the same machine and thread count.
+
+    python benchmarks/summarize_kernels.py benchmarks/results/cpu_epyc_2core_threads1_run*.json
+
+Each cell is the median over the files, with [min-max] when there are several: on a shared machine
+one run can land in another tenant's burst, so the README quotes repeated runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+SHAPES = ["64x3x32x32", "16x4x64x64", "8x4x128x128", "1x3x256x256"]
+COLUMNS = [
+    ("update fwd: fused vs eager", lambda by, s: by[("update_fwd", s, "fused")]["ratio_vs_eager"], "x"),
+    ("fused vs `torch.compile`",
+     lambda by, s: by[("update_fwd", s, "compile")]["median_s"] / by[("update_fwd", s, "fused")]["median_s"], "x"),
+    ("fused, fraction of `copy_`", lambda by, s: by[("update_fwd", s, "fused")]["fraction_of_copy"], ""),
+    ("fwd+bwd: fused vs eager", lambda by, s: by[("update_fwdbwd", s, "fused")]["ratio_vs_eager"], "x"),
+    ("10-step DPM++(3M) sample fwd+bwd: fused vs reference",
+     lambda by, s: by[("sampler", s, "fused")]["ratio_vs_eager"], "x"),
+    ("same, solver overhead only", lambda by, s: by[("sampler", s, "fused")]["overhead_ratio_vs_reference"], "x"),
+]
+
+
+def _cell(values, unit):
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:.2f}{unit}"
+    return f"{med:.2f}{unit} [{min(values):.2f}–{max(values):.2f}]"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+")
+    args = ap.parse_args(argv)
+    runs = []
+    for path in args.files:
+        with open(path) as fh:
+            data = json.load(fh)
+        runs.append({(r["case"], r["shape"], r["variant"]): r for r in data["records"]})
+        m = data["machine"]
+        print(f"<!-- {path}: {m.get('cpu')}, threads {data['threads']}, CPU loops {m.get('cpu_isa')}, "
+              f"load at start {m.get('loadavg_at_start')} -->")
+    print("| shape | " + " | ".join(name for name, _, _ in COLUMNS) + " |")
+    print("|---" * (1 + len(COLUMNS)) + "|")
+    for shape in SHAPES:
+        if not all(("update_fwd", shape, "fused") in by for by in runs):
+            continue
+        cells = [_cell([fn(by, shape) for by in runs], unit) for _, fn, unit in COLUMNS]
+        print(f"| {shape} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
