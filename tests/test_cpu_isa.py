@@ -74,11 +74,12 @@ def test_selection_api(use_isa):
 
 
 @pytest.mark.parametrize("value,expected", [("base", "base"), ("auto", None), ("bogus", None), ("", None)])
-def test_environment_variable(value, expected):
+def test_environment_variable(value, expected, tmp_path):
     """LD3_CPU_ISA picks at load; an unknown value falls back to the best one (the module still loads)."""
     env = {**os.environ, "LD3_CPU_ISA": value}
+    # run outside the checkout: there, the source tree's ld3_ext (no built _C) would shadow the installed one
     res = subprocess.run([sys.executable, "-c", "import ld3_ext._C as C; print(C.cpu_isa())"], env=env,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == (expected or ISAS[-1])
 
