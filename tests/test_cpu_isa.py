@@ -183,3 +183,42 @@ def test_streamed_float32_path_per_isa(isa, threshold, use_isa):
         assert torch.equal(C.multistep_update(x, coef, hist), ops.multistep_update_reference(x, coef, hist))
     finally:
         C.set_stream_min_bytes(previous)
+
+
+def _all_patterns(dtype):
+    """Every 16-bit pattern of dtype, as a tensor of that dtype."""
+    return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def _same_bits_or_both_nan(a, b):
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    return bool((nan_a == nan_b).all()) and torch.equal(a[~nan_a].view(torch.int16), b[~nan_b].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("isa", ISAS)
+def test_half_conversions_match_torch_on_every_pattern(isa, dtype, use_isa):
+    """The loops' own half/bfloat16 conversions (csrc/cpu/element_io.h, written so they vectorise)
+    round exactly like torch's: every 16-bit input pattern, through a*x (loads), a*x + b*m with
+    rounding to nearest even, overflow to inf, subnormal results (stores), and the adjoint's
+    stored-then-reused value; NaN stays NaN."""
+    use_isa(isa)
+    x = _all_patterns(dtype)
+    g = torch.Generator().manual_seed(7)
+    m = x[torch.randperm(x.numel(), generator=g)]
+    coefs = [torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.3, 0.7], dtype=torch.float64),
+             torch.tensor([1.7, -1e-3], dtype=torch.float64), torch.tensor([3e-5, 2.5], dtype=torch.float64)]
+    for coef in coefs:
+        hist = [m] if coef.numel() == 2 else []
+        assert _same_bits_or_both_nan(C.multistep_update(x, coef, hist), ops.multistep_update_reference(x, coef, hist))
+    # the identity keeps every non-NaN pattern (loads and stores are exact inverses)
+    same = C.multistep_update(x, coefs[0], [])
+    assert _same_bits_or_both_nan(same, x)
+    # adjoint: L0 = scale*lam + v is rounded to dtype, stored into v and reused; gm = w0 * L0
+    for scale in (0.5, 1.3e-3):
+        v, v_ref = m.clone(), m.clone()
+        s = torch.tensor([scale], dtype=torch.float64)
+        w = torch.tensor([0.9], dtype=torch.float64)
+        gm = C.multistep_adjoint(x, v, s, [], None, None, w, None)
+        gm_ref = adjoint_step_reference(x, v_ref, s, [], None, None, w, None)
+        assert _same_bits_or_both_nan(v, v_ref) and _same_bits_or_both_nan(gm, gm_ref)

@@ -19,6 +19,7 @@
 #include "adjoint_step.h"
 #include "cpu/chunked_reduce.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/element_io.h"
 #include "dispatch_history.h"
 #include "ld3_ops.h"
 #include "solver_coefficients.h"
@@ -50,27 +51,26 @@ void adjoint_range(const AdjointPtrs<scalar_t>& p, at::opmath_type<scalar_t> s,
       acc_t L0;
       if constexpr (V) {
         // rounded to the storage type first: the stored adjoint and the one used here agree
-        const scalar_t l = static_cast<scalar_t>(s * static_cast<acc_t>(lp[i]) + static_cast<acc_t>(vp[i]));
-        vp[i] = l;
-        L0 = static_cast<acc_t>(l);
+        L0 = round_to<scalar_t>(s * load(lp, i) + load(vp, i));
+        store(vp, i, L0);
       } else {
-        L0 = static_cast<acc_t>(lp[i]);
+        L0 = load(lp, i);
       }
       acc_t L1 = 0, L2 = 0, L3 = 0;
-      if constexpr (J > 1) L1 = static_cast<acc_t>(l1[i]);
-      if constexpr (J > 2) L2 = static_cast<acc_t>(l2[i]);
-      if constexpr (J > 3) L3 = static_cast<acc_t>(l3[i]);
+      if constexpr (J > 1) L1 = load(l1, i);
+      if constexpr (J > 2) L2 = load(l2, i);
+      if constexpr (J > 3) L3 = load(l3, i);
       if constexpr (J > 0) {
         acc_t g = w0 * L0;
         if constexpr (J > 1) g = g + w1 * L1;
         if constexpr (J > 2) g = g + w2 * L2;
         if constexpr (J > 3) g = g + w3 * L3;
-        gm[i] = static_cast<scalar_t>(g);
+        store(gm, i, g);
       }
       if constexpr (DOT) {
-        f0 += L0 * static_cast<acc_t>(xp[i]);
+        f0 += L0 * load(xp, i);
         if constexpr (J > 0) {
-          const acc_t mv = static_cast<acc_t>(mp[i]);
+          const acc_t mv = load(mp, i);
           f1 += L0 * mv;
           if constexpr (J > 1) f2 += L1 * mv;
           if constexpr (J > 2) f3 += L2 * mv;

@@ -26,6 +26,7 @@
 #include "ld3_ops.h"
 #include "cpu/chunked_reduce.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/element_io.h"
 #include "dispatch_history.h"
 #include "solver_coefficients.h"
 
@@ -52,12 +53,12 @@ void forward_range(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m, co
   // out may alias x exactly: element i is read before it is written, no cross-element dependence.
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    acc_t v = c0 * static_cast<acc_t>(x[i]);
-    if constexpr (K > 0) v = v + c1 * static_cast<acc_t>(m0[i]);
-    if constexpr (K > 1) v = v + c2 * static_cast<acc_t>(m1[i]);
-    if constexpr (K > 2) v = v + c3 * static_cast<acc_t>(m2[i]);
-    if constexpr (K > 3) v = v + c4 * static_cast<acc_t>(m3[i]);
-    out[i] = static_cast<scalar_t>(v);
+    acc_t v = c0 * load(x, i);
+    if constexpr (K > 0) v = v + c1 * load(m0, i);
+    if constexpr (K > 1) v = v + c2 * load(m1, i);
+    if constexpr (K > 2) v = v + c3 * load(m2, i);
+    if constexpr (K > 3) v = v + c4 * load(m3, i);
+    store(out, i, v);
   }
 }
 
@@ -165,18 +166,18 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
     acc_t f0 = 0, f1 = 0, f2 = 0, f3 = 0, f4 = 0;
 #pragma omp simd reduction(+ : f0, f1, f2, f3, f4)
     for (int64_t i = b0; i < b1; ++i) {
-      const acc_t gi = static_cast<acc_t>(g[i]);
-      if constexpr (GX) gx[i] = static_cast<scalar_t>(c0 * gi);
-      if constexpr (GM && K > 0) g0[i] = static_cast<scalar_t>(c1 * gi);
-      if constexpr (GM && K > 1) g1[i] = static_cast<scalar_t>(c2 * gi);
-      if constexpr (GM && K > 2) g2[i] = static_cast<scalar_t>(c3 * gi);
-      if constexpr (GM && K > 3) g3[i] = static_cast<scalar_t>(c4 * gi);
+      const acc_t gi = load(g, i);
+      if constexpr (GX) store(gx, i, c0 * gi);
+      if constexpr (GM && K > 0) store(g0, i, c1 * gi);
+      if constexpr (GM && K > 1) store(g1, i, c2 * gi);
+      if constexpr (GM && K > 2) store(g2, i, c3 * gi);
+      if constexpr (GM && K > 3) store(g3, i, c4 * gi);
       if constexpr (DOT) {
-        f0 += gi * static_cast<acc_t>(x[i]);
-        if constexpr (K > 0) f1 += gi * static_cast<acc_t>(m0[i]);
-        if constexpr (K > 1) f2 += gi * static_cast<acc_t>(m1[i]);
-        if constexpr (K > 2) f3 += gi * static_cast<acc_t>(m2[i]);
-        if constexpr (K > 3) f4 += gi * static_cast<acc_t>(m3[i]);
+        f0 += gi * load(x, i);
+        if constexpr (K > 0) f1 += gi * load(m0, i);
+        if constexpr (K > 1) f2 += gi * load(m1, i);
+        if constexpr (K > 2) f3 += gi * load(m2, i);
+        if constexpr (K > 3) f4 += gi * load(m3, i);
       }
     }
     sums.add(f0, f1, f2, f3, f4);
