@@ -16,7 +16,7 @@ work=${LD3_SAN_DIR:-/tmp/ld3_asan}
 build="$work/build"
 dest="$work/site"
 python=${PYTHON:-python}
-tests=${LD3_SAN_TESTS:-"tests/test_fused_ops.py tests/test_fuzz_native.py tests/test_adjoint_sampler.py"}
+tests=${LD3_SAN_TESTS:-"tests/test_fused_ops.py tests/test_fuzz_native.py tests/test_adjoint_sampler.py tests/test_cpu_isa.py"}
 # The -O1 sanitizer build vectorises the float32 reductions differently; this one end-to-end float32
 # tolerance check (fused vs reference timestep gradient, <= 2x the reference's own error) then fails
 # on numerics, not on memory safety -- the float64 case and all fuzz tests still run.

@@ -146,9 +146,10 @@ def test_kernel_bad_input(case, match):
 # ----------------------------------------------------------------------------------------------
 # whole sample calls: the adjoint node vs the per-step autograd path (backend="reference")
 # ----------------------------------------------------------------------------------------------
-def _model(schedule, prediction="x0", dim=5, seed=0, dtype=torch.float64):
+def _model(schedule, prediction="x0", dim=5, seed=0, dtype=torch.float64, weights_dtype=None):
     g = torch.Generator().manual_seed(seed)
-    W = (0.3 * torch.randn(dim, dim, generator=g, dtype=torch.float64)).to(dtype)
+    # weights_dtype: round the weights through it (a float64 twin of a float32 model)
+    W = (0.3 * torch.randn(dim, dim, generator=g, dtype=torch.float64)).to(weights_dtype or dtype).to(dtype)
 
     def net(x, t):
         # depends on x and t non-linearly, so every VJP term is exercised
@@ -177,7 +178,8 @@ SOLVERS = {
 def _grads(solver, model, x, t, tm, seed=1):
     xx, tt, mm = (v.detach().clone().requires_grad_() for v in (x, t, tm))
     y = solver.sample(model, xx, tt, model_timesteps=mm)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    # drawn in float64 then cast: the same incoming gradient for a float32 run and its float64 twin
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(y.dtype)
     return (y.detach(),) + torch.autograd.grad(y, [xx, tt, mm], g), y.grad_fn
 
 
@@ -204,14 +206,24 @@ def test_whole_sampler_matches_per_step_float64(solver_name, schedule_name, step
 
 @native
 def test_whole_sampler_float32_matches_reference():
+    """In float32 the whole-sampler node is as accurate as the per-step reference: both against the
+    float64 solution of the same problem (weights rounded to float32), the fused error is at most
+    twice the reference's plus a float32 rounding floor.  (Comparing the two float32 runs with each
+    other directly would test summation order: it differs between builds and instruction sets.)"""
     schedule = ld3_ext.EDM()
     model = _model(schedule, dim=16, dtype=torch.float32)
-    t = random_decreasing_grid(80.0, 0.002, 8, seed=5)
+    twin = _model(schedule, dim=16, dtype=torch.float64, weights_dtype=torch.float32)
+    t = random_decreasing_grid(80.0, 0.002, 8, seed=5).float().double()
     x = 80.0 * torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
-    fused, _ = _grads(SOLVERS["dpmpp3"]("fused"), model, x, t.float().double(), t.clone())
-    ref, _ = _grads(SOLVERS["dpmpp3"]("reference"), model, x, t.float().double(), t.clone())
-    for a, b in zip(fused, ref):
-        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
+    fused, _ = _grads(SOLVERS["dpmpp3"]("fused"), model, x, t, t.clone())
+    ref, _ = _grads(SOLVERS["dpmpp3"]("reference"), model, x, t, t.clone())
+    truth, _ = _grads(SOLVERS["dpmpp3"]("reference"), twin, x.double(), t, t.clone())
+    for name, a, b, c in zip(["output", "x_T", "timesteps", "model_timesteps"], fused, ref, truth):
+        err_fused = (a.double() - c).abs().max().item()
+        err_ref = (b.double() - c).abs().max().item()
+        scale = c.abs().max().item()
+        assert err_fused <= 2 * err_ref + 1e-6 * scale, (name, err_fused, err_ref, scale)
+        assert err_fused <= 1e-4 * scale, (name, err_fused, scale)  # and float32-accurate outright
 
 
 @native
