@@ -136,10 +136,7 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
         # the common call: the extension checks every argument itself (TORCH_CHECK); the Python
         # checks below, which cost more than a small update, run only to name a failure precisely
         try:
-            if torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad
-                                            or any(m.requires_grad for m in history)):
-                return _MultistepUpdate.apply(x, coef, *history)
-            return _C.multistep_update(x, coef, history)
+            return _update_eager(x, coef, history)
         except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
             failure = exc
         _check_update(x, coef, history)  # raised outside the except block: no chained traceback
@@ -160,6 +157,10 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
         return _C.multistep_update(x, coef, history, out)
     if torch.compiler.is_compiling():
         return torch.ops.ld3_ext.multistep_update(x, coef, history)
+    return _update_eager(x, coef, history)
+
+
+def _update_eager(x, coef, history):
     if not (torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad
                                          or any(m.requires_grad for m in history))):
         return _C.multistep_update(x, coef, history)  # nothing to record: skip the Function overhead

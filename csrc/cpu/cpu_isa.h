@@ -4,11 +4,10 @@
 // x86-64 CPU.  On x86-64 with GCC or Clang every loop also gets an AVX2 copy: invoke_for_isa()
 // calls the loop through a target("avx2") trampoline that inlines it (flatten), so the
 // compiler vectorises that copy with 256-bit registers.  The AVX2 copy is used when the running
-// CPU has AVX2 (measured: the adjoint step 25-35 % faster on this project's CPU box, see
-// benchmarks/README.md).  No FMA is used in either copy (-ffp-contract=off for the kernel TUs):
-// element-wise results are bitwise identical for both; only the dot products' summation order
-// differs (8 lanes instead of 4), and each copy on its own is bitwise reproducible for any
-// thread count.
+// CPU has AVX2 (the adjoint step, bound by arithmetic, gains most: benchmarks/bench_cpu_isa.py).
+// No FMA is used in either copy (-ffp-contract=off): element-wise results are bitwise identical
+// for both; only the dot products' summation order differs (8 lanes instead of 4), and each copy
+// on its own is bitwise reproducible for any thread count.
 //
 // LD3_CPU_ISA=base|avx2|auto picks at load, set_cpu_isa() at run time (tests run both).
 #pragma once
