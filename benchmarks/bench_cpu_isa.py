@@ -12,12 +12,11 @@ bench_kernels.py (MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from ld3_ext import _native, ops
+from ld3_ext import ops
+from round_robin import medians_us, native_module
 
 
 def main(argv=None):
@@ -27,10 +26,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
     ap.add_argument("--rounds", type=int, default=25)
     args = ap.parse_args(argv)
-    if not _native.native_available():
-        raise SystemExit("ld3_ext._C is not built")
-    C = _native._C
-    torch.set_num_threads(args.threads)
+    C = native_module(args.threads)
     shape = tuple(int(v) for v in args.shape.split("x"))
     isas = C.available_cpu_isas()
     before = C.cpu_isa()
@@ -55,19 +51,11 @@ def main(argv=None):
                 "adjoint": lambda: C.multistep_adjoint(lam, v, scale, [older], x, m0, w, dots),
             }
             for kname, fn in kernels.items():
-                variants = {isa: fn for isa in isas}
+                variants = {isa: ((lambda isa=isa: C.set_cpu_isa(isa)), fn) for isa in isas}
                 if kname == "update":
-                    variants["eager"] = lambda: ops.multistep_update_reference(x, coef, hist)
-                samples = {k: [] for k in variants}
-                for _ in range(args.rounds):
-                    for k, f in variants.items():
-                        C.set_cpu_isa(k if k in isas else before)
-                        f()
-                        t0 = time.perf_counter()
-                        for _ in range(10):
-                            f()
-                        samples[k].append((time.perf_counter() - t0) / 10 * 1e6)
-                med = {k: statistics.median(s) for k, s in samples.items()}
+                    variants["eager"] = ((lambda: C.set_cpu_isa(before)),
+                                         lambda: ops.multistep_update_reference(x, coef, hist))
+                med = medians_us(variants, args.rounds, inner=10)
                 row = f"{name:9s} {kname:9s} " + " ".join(f"{med[i]:9.1f}" for i in isas)
                 row += f" {med['eager']:9.1f}" if "eager" in med else f" {'-':>9s}"
                 if len(isas) > 1:

@@ -11,12 +11,10 @@ bench_kernels.py (MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from ld3_ext import _native
+from round_robin import medians_us, native_module
 
 
 def main(argv=None):
@@ -25,10 +23,7 @@ def main(argv=None):
     ap.add_argument("--mib", default="0.75,1,2,3,4,6,8", help="output sizes in MiB")
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args(argv)
-    if not _native.native_available():
-        raise SystemExit("ld3_ext._C is not built")
-    C = _native._C
-    torch.set_num_threads(args.threads)
+    C = native_module(args.threads)
     default = C.set_stream_min_bytes(-1)
     print(f"{args.threads} thread(s), CPU loops: {C.cpu_isa()}, default threshold {default / 2**20:g} MiB")
     print(f"{'MiB':>6} {'cached us':>10} {'streamed us':>12} {'copy_ us':>9} {'streamed/cached':>16}")
@@ -39,21 +34,10 @@ def main(argv=None):
             coef = torch.tensor([0.9, 0.3, -0.2, 0.05], dtype=torch.float64)
             src = torch.randn(5 * n // 2)
             dst = torch.empty_like(src)
-            variants = {"cached": -1, "streamed": 0, "copy": None}
-            samples = {k: [] for k in variants}
-            for _ in range(args.rounds):
-                for name, threshold in variants.items():
-                    if threshold is None:
-                        fn = lambda: dst.copy_(src)  # noqa: E731
-                    else:
-                        C.set_stream_min_bytes(threshold)
-                        fn = lambda: C.multistep_update(x, coef, hist)  # noqa: E731
-                    fn()
-                    t0 = time.perf_counter()
-                    for _ in range(20):
-                        fn()
-                    samples[name].append((time.perf_counter() - t0) / 20 * 1e6)
-            med = {k: statistics.median(v) for k, v in samples.items()}
+            update = lambda: C.multistep_update(x, coef, hist)  # noqa: E731
+            med = medians_us({"cached": (lambda: C.set_stream_min_bytes(-1), update),
+                              "streamed": (lambda: C.set_stream_min_bytes(0), update),
+                              "copy": (None, lambda: dst.copy_(src))}, args.rounds, inner=20)
             print(f"{mib:6g} {med['cached']:10.1f} {med['streamed']:12.1f} {med['copy']:9.1f} "
                   f"{med['streamed'] / med['cached']:16.2f}")
     finally:

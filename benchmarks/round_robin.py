@@ -1,0 +1,37 @@
+"""Shared by the small in-process A/B benchmarks (bench_cpu_isa.py, bench_stream_threshold.py)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from ld3_ext import _native
+
+
+def native_module(threads: int):
+    """ld3_ext._C with torch set to ``threads`` threads (exits with a message when not built)."""
+    if not _native.native_available():
+        raise SystemExit("ld3_ext._C is not built")
+    torch.set_num_threads(threads)
+    return _native._C
+
+
+def medians_us(variants: Dict[str, Tuple[Optional[Callable[[], object]], Callable[[], object]]], rounds: int,
+               inner: int) -> Dict[str, float]:
+    """Median microseconds per call of each variant, sampled round-robin so load hits all alike.
+
+    ``variants`` maps a name to (setup, fn): setup (e.g. selecting an instruction set) runs untimed
+    before each sample, then fn once untimed and ``inner`` times timed."""
+    samples = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, (setup, fn) in variants.items():
+            if setup is not None:
+                setup()
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / inner * 1e6)
+    return {k: statistics.median(v) for k, v in samples.items()}
