@@ -131,7 +131,7 @@ needs_two = pytest.mark.skipif(len(ISAS) < 2, reason="this CPU runs only the bas
 
 @needs_two
 @pytest.mark.parametrize("k", [0, 1, 3, 4])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_isas_agree_elementwise_bitwise(dtype, k, use_isa):
     """No FMA in either copy: every element-wise output is bitwise equal; the dot products differ
     only in summation order."""
@@ -147,7 +147,7 @@ def test_isas_agree_elementwise_bitwise(dtype, k, use_isa):
     assert torch.equal(v_a, v_b) and (gm_a is None) == (gm_b is None)
     if gm_a is not None:
         assert torch.equal(gm_a, gm_b)
-    tol = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    tol = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
     torch.testing.assert_close(gc_a, gc_b, rtol=tol, atol=tol)
     torch.testing.assert_close(dots_a, dots_b, rtol=tol, atol=tol)
 
@@ -239,3 +239,67 @@ def test_float16_update_tail_and_alias(isa, k, use_isa):
         y = x.clone()
         C.multistep_update(y, coef, hist, y)
         assert torch.equal(y, expected)
+
+
+HALF_SIZES = [1, 7, 8, 9, 37, 263, 2 * C.reduce_chunk + 1003]  # off the vector width, blocks of 256, chunks
+
+
+def _dots_close(native, reference, scale, what):
+    """Dot products summed in float (blocks of 256) then double, against float64 sums of the same
+    products: within a few float roundings of the sum of |terms|."""
+    err = (native - reference).abs()
+    assert bool((err <= 1e-5 * scale + 1e-30).all()), (what, native, reference, scale)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("isa", ISAS)
+def test_half_backward_matches_reference(isa, dtype, k, use_isa):
+    """The half-type update backward (for float16 on AVX2 CPUs an F16C loop, 8 elements a step,
+    with a scalar tail per block): grads bitwise equal to c_k * g rounded like torch, dot products
+    to float rounding of the float64 sums, for every combination of wanted grads."""
+    use_isa(isa)
+    for n in HALF_SIZES:
+        (x, gout, hist, coef), _, gx, gc, gh = _update_all(n, dtype, k, seed=100 + 10 * k + n)
+        c32 = coef.to(torch.float32)
+        g32 = gout.to(torch.float32)
+        assert torch.equal(gx, (c32[0] * g32).to(dtype))
+        for j in range(k):
+            assert torch.equal(gh[j], (c32[1 + j] * g32).to(dtype))
+        g64 = gout.double()
+        terms = [g64 * t.double() for t in (x, *hist)]
+        _dots_close(gc, torch.stack([t.sum() for t in terms]), torch.stack([t.abs().sum() for t in terms]), n)
+        # each subset of grads: the same values where computed
+        for need_x, need_coef, need_hist in [(True, False, False), (False, True, False), (False, False, True),
+                                             (True, True, False), (False, True, True), (True, False, True)]:
+            sx, sc, sh = C.multistep_update_backward(gout, x, coef, hist, need_x, need_coef, need_hist)
+            assert (sx is not None) == need_x and (sc is not None) == need_coef
+            if need_x:
+                assert torch.equal(sx, gx)
+            if need_coef:
+                assert torch.equal(sc, gc)
+            if need_hist:
+                assert all(torch.equal(a, b) for a, b in zip(sh, gh))
+
+
+@pytest.mark.parametrize("J", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("has_v", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("isa", ISAS)
+def test_half_adjoint_matches_reference(isa, dtype, has_v, J, use_isa):
+    """The half-type adjoint step (for float16 on AVX2 CPUs an F16C loop): the stored adjoint and gm
+    bitwise equal to the reference run on the same half tensors (which rounds L_0 once and reuses
+    it), the dot products to float rounding of float64 sums of the same products."""
+    use_isa(isa)
+    for n in HALF_SIZES:
+        (lam, v, scale, older, x, m, w), gm, vv, dots = _adjoint_all(n, dtype, J, has_v, seed=200 + J + n)
+        v_ref = v.clone() if has_v else None
+        gm_ref = adjoint_step_reference(lam, v_ref, scale if has_v else None, older, x, m, w, None)
+        if has_v:
+            assert torch.equal(vv, v_ref)
+        assert (gm is None) == (gm_ref is None) and (gm is None or torch.equal(gm, gm_ref))
+        lams = ([v_ref, lam] if has_v else [lam]) + list(older)
+        terms = [lams[0].double() * x.double()] + [lams[j].double() * m.double() for j in range(J)]
+        _dots_close(dots[: 1 + J], torch.stack([t.sum() for t in terms]),
+                    torch.stack([t.abs().sum() for t in terms]), n)
+        assert bool((dots[1 + J:] == 0).all())

@@ -27,6 +27,7 @@
 #include "cpu/chunked_reduce.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/element_io.h"
+#include "cpu/f16c_io.h"
 #include "dispatch_history.h"
 #include "solver_coefficients.h"
 
@@ -88,28 +89,22 @@ void forward_range_stream(float* out, const float* x, const Ptrs<float>& m, cons
 #endif
 
 #if LD3_CPU_AVX2_PATH
-// float16 forward on AVX2 CPUs (which all have F16C): one instruction converts 8 halves, where the
-// portable conversion of element_io.h costs ~15 integer operations per element and GCC does not
-// vectorise _Float16 conversions.  Same operation order as forward_range and the same rounding
-// (to nearest even), so the results are bitwise equal (NaN payloads aside).
-__attribute__((target("avx2,f16c"))) inline __m256 load8_half(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
+// float16 forward on AVX2 CPUs through F16C (csrc/cpu/f16c_io.h).  Same operation order as
+// forward_range and the same rounding, so the results are bitwise equal (NaN payloads aside).
 template <int K>
-__attribute__((target("avx2,f16c"))) void forward_range_f16c(c10::Half* out, const c10::Half* x,
-                                                             const Ptrs<c10::Half>& m, const float* c,
-                                                             int64_t begin, int64_t end) {
+LD3_TARGET_F16C void forward_range_f16c(c10::Half* out, const c10::Half* x, const Ptrs<c10::Half>& m,
+                                        const float* c, int64_t begin, int64_t end) {
+  using namespace f16c;
   const __m256 c0 = _mm256_set1_ps(c[0]), c1 = _mm256_set1_ps(c[1]), c2 = _mm256_set1_ps(c[2]),
                c3 = _mm256_set1_ps(c[3]), c4 = _mm256_set1_ps(c[4]);
   int64_t i = begin;
   for (; i + 8 <= end; i += 8) {  // out may alias x: each block is read before it is written
-    __m256 v = _mm256_mul_ps(c0, load8_half(x + i));
-    if constexpr (K > 0) v = _mm256_add_ps(v, _mm256_mul_ps(c1, load8_half(m[0] + i)));
-    if constexpr (K > 1) v = _mm256_add_ps(v, _mm256_mul_ps(c2, load8_half(m[1] + i)));
-    if constexpr (K > 2) v = _mm256_add_ps(v, _mm256_mul_ps(c3, load8_half(m[2] + i)));
-    if constexpr (K > 3) v = _mm256_add_ps(v, _mm256_mul_ps(c4, load8_half(m[3] + i)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    __m256 v = _mm256_mul_ps(c0, load8(x + i));
+    if constexpr (K > 0) v = _mm256_add_ps(v, _mm256_mul_ps(c1, load8(m[0] + i)));
+    if constexpr (K > 1) v = _mm256_add_ps(v, _mm256_mul_ps(c2, load8(m[1] + i)));
+    if constexpr (K > 2) v = _mm256_add_ps(v, _mm256_mul_ps(c3, load8(m[2] + i)));
+    if constexpr (K > 3) v = _mm256_add_ps(v, _mm256_mul_ps(c4, load8(m[3] + i)));
+    store8(out + i, v);
   }
   if (i < end) forward_range<c10::Half, K>(out, x, m, c, i, end);
 }
@@ -221,12 +216,64 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
   if constexpr (DOT) sums.store(partial);
 }
 
+#if LD3_CPU_AVX2_PATH
+// float16 backward on AVX2 CPUs through F16C: the loop of backward_range, 8 elements a step.  The
+// element-wise grads are bitwise those of backward_range; each block's dot products are summed in
+// 8 lanes, then across lanes in a fixed order, then the block's scalar tail.
+template <int K, bool GX, bool GM, bool DOT>
+LD3_TARGET_F16C void backward_range_f16c(const c10::Half* g, const c10::Half* x, const Ptrs<c10::Half>& m,
+                                         c10::Half* gx, const std::array<c10::Half*, kMaxHistory>& gm,
+                                         const float* c, int64_t begin, int64_t end, double* partial) {
+  using namespace f16c;
+  const __m256 c0 = _mm256_set1_ps(c[0]), c1 = _mm256_set1_ps(c[1]), c2 = _mm256_set1_ps(c[2]),
+               c3 = _mm256_set1_ps(c[3]), c4 = _mm256_set1_ps(c[4]);
+  BlockSums sums;
+  for (int64_t b0 = begin; b0 < end; b0 += kDotBlock) {
+    const int64_t b1 = std::min(end, b0 + kDotBlock);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0;
+    int64_t i = b0;
+    for (; i + 8 <= b1; i += 8) {
+      const __m256 gi = load8(g + i);
+      if constexpr (GX) store8(gx + i, _mm256_mul_ps(c0, gi));
+      if constexpr (GM && K > 0) store8(gm[0] + i, _mm256_mul_ps(c1, gi));
+      if constexpr (GM && K > 1) store8(gm[1] + i, _mm256_mul_ps(c2, gi));
+      if constexpr (GM && K > 2) store8(gm[2] + i, _mm256_mul_ps(c3, gi));
+      if constexpr (GM && K > 3) store8(gm[3] + i, _mm256_mul_ps(c4, gi));
+      if constexpr (DOT) {
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(gi, load8(x + i)));
+        if constexpr (K > 0) a1 = _mm256_add_ps(a1, _mm256_mul_ps(gi, load8(m[0] + i)));
+        if constexpr (K > 1) a2 = _mm256_add_ps(a2, _mm256_mul_ps(gi, load8(m[1] + i)));
+        if constexpr (K > 2) a3 = _mm256_add_ps(a3, _mm256_mul_ps(gi, load8(m[2] + i)));
+        if constexpr (K > 3) a4 = _mm256_add_ps(a4, _mm256_mul_ps(gi, load8(m[3] + i)));
+      }
+    }
+    // the block's tail (only the range's last block has one): backward_range's scalar body
+    BlockSums tail;
+    backward_range<c10::Half, K, GX, GM, DOT>(g, x, m, gx, gm, c, i, b1, tail.s);
+    sums.add(sum8(a0) + static_cast<float>(tail.s[0]), sum8(a1) + static_cast<float>(tail.s[1]),
+             sum8(a2) + static_cast<float>(tail.s[2]), sum8(a3) + static_cast<float>(tail.s[3]),
+             sum8(a4) + static_cast<float>(tail.s[4]));
+  }
+  if constexpr (DOT) sums.store(partial);
+}
+#endif
+
 template <typename scalar_t, int K, bool GX, bool GM, bool DOT>
 void backward_impl(CpuIsa isa, const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m, scalar_t* gx,
                    const std::array<scalar_t*, kMaxHistory>& gm, const double* coef, int64_t n, double* grad_coef) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t c[kTableWidth] = {};
   for (int k = 0; k <= K; ++k) c[k] = static_cast<acc_t>(coef[k]);
+#if LD3_CPU_AVX2_PATH
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (isa == CpuIsa::kAvx2) {
+      chunked_reduce(n, DOT ? K + 1 : 0, grad_coef, [&](int64_t b, int64_t e, double* partial) {
+        backward_range_f16c<K, GX, GM, DOT>(g, x, m, gx, gm, c, b, e, partial);
+      });
+      return;
+    }
+  }
+#endif
   const auto loop = [&](int64_t b, int64_t e, double* partial) {
     backward_range<scalar_t, K, GX, GM, DOT>(g, x, m, gx, gm, c, b, e, partial);
   };
