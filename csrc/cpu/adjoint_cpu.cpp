@@ -21,7 +21,7 @@
 #include "cpu/chunked_reduce.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/element_io.h"
-#include "cpu/f16c_io.h"
+#include "cpu/half_avx2_io.h"
 #include "dispatch_history.h"
 #include "ld3_ops.h"
 #include "solver_coefficients.h"
@@ -86,24 +86,24 @@ void adjoint_range(const AdjointPtrs<scalar_t>& p, at::opmath_type<scalar_t> s,
 }
 
 #if LD3_CPU_AVX2_PATH
-// float16 on AVX2 CPUs through F16C (csrc/cpu/f16c_io.h): the loop of adjoint_range, 8 elements a
-// step, with bitwise the same element-wise results (L_0 is rounded to float16 once, stored, and
-// the stored value is the one used); the dot products are summed in 8 lanes, then across lanes
-// in a fixed order, then the block's scalar tail.
-template <int J, bool V, bool DOT>
-LD3_TARGET_F16C void adjoint_range_f16c(const AdjointPtrs<c10::Half>& p, float s, const float* w, int64_t begin,
-                                        int64_t end, double* partial) {
-  using namespace f16c;
+// float16 on AVX2 CPUs (csrc/cpu/half_avx2_io.h): the loop of adjoint_range, 8 elements
+// a step, with bitwise the same element-wise results (L_0 is rounded to the storage type once,
+// stored, and the stored value is the one used); the dot products are summed in 8 lanes, then
+// across lanes in a fixed order, then the block's scalar tail.
+template <typename scalar_t, int J, bool V, bool DOT>
+LD3_TARGET_AVX2_F16C void adjoint_range_half8(const AdjointPtrs<scalar_t>& p, float s, const float* w,
+                                              int64_t begin, int64_t end, double* partial) {
+  using H = HalfVec8<scalar_t>;
   const __m256 sv = _mm256_set1_ps(s), w0 = _mm256_set1_ps(w[0]), w1 = _mm256_set1_ps(w[1]),
                w2 = _mm256_set1_ps(w[2]), w3 = _mm256_set1_ps(w[3]);
-  const c10::Half* lp = p.lam_prev;
-  c10::Half* vp = p.v;
-  const c10::Half* l1 = p.older[0];
-  const c10::Half* l2 = p.older[1];
-  const c10::Half* l3 = p.older[2];
-  const c10::Half* xp = p.x;
-  const c10::Half* mp = p.m;
-  c10::Half* gm = p.gm;
+  const scalar_t* lp = p.lam_prev;
+  scalar_t* vp = p.v;
+  const scalar_t* l1 = p.older[0];
+  const scalar_t* l2 = p.older[1];
+  const scalar_t* l3 = p.older[2];
+  const scalar_t* xp = p.x;
+  const scalar_t* mp = p.m;
+  scalar_t* gm = p.gm;
   BlockSums sums;
   for (int64_t b0 = begin; b0 < end; b0 += kDotBlock) {
     const int64_t b1 = std::min(end, b0 + kDotBlock);
@@ -112,25 +112,25 @@ LD3_TARGET_F16C void adjoint_range_f16c(const AdjointPtrs<c10::Half>& p, float s
     for (; i + 8 <= b1; i += 8) {
       __m256 L0;
       if constexpr (V) {
-        L0 = store8_and_reload(vp + i, _mm256_add_ps(_mm256_mul_ps(sv, load8(lp + i)), load8(vp + i)));
+        L0 = H::store_reload(vp + i, _mm256_add_ps(_mm256_mul_ps(sv, H::load(lp + i)), H::load(vp + i)));
       } else {
-        L0 = load8(lp + i);
+        L0 = H::load(lp + i);
       }
       __m256 L1 = _mm256_setzero_ps(), L2 = L1, L3 = L1;
-      if constexpr (J > 1) L1 = load8(l1 + i);
-      if constexpr (J > 2) L2 = load8(l2 + i);
-      if constexpr (J > 3) L3 = load8(l3 + i);
+      if constexpr (J > 1) L1 = H::load(l1 + i);
+      if constexpr (J > 2) L2 = H::load(l2 + i);
+      if constexpr (J > 3) L3 = H::load(l3 + i);
       if constexpr (J > 0) {
         __m256 g = _mm256_mul_ps(w0, L0);
         if constexpr (J > 1) g = _mm256_add_ps(g, _mm256_mul_ps(w1, L1));
         if constexpr (J > 2) g = _mm256_add_ps(g, _mm256_mul_ps(w2, L2));
         if constexpr (J > 3) g = _mm256_add_ps(g, _mm256_mul_ps(w3, L3));
-        store8(gm + i, g);
+        H::store(gm + i, g);
       }
       if constexpr (DOT) {
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(L0, load8(xp + i)));
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(L0, H::load(xp + i)));
         if constexpr (J > 0) {
-          const __m256 mv = load8(mp + i);
+          const __m256 mv = H::load(mp + i);
           a1 = _mm256_add_ps(a1, _mm256_mul_ps(L0, mv));
           if constexpr (J > 1) a2 = _mm256_add_ps(a2, _mm256_mul_ps(L1, mv));
           if constexpr (J > 2) a3 = _mm256_add_ps(a3, _mm256_mul_ps(L2, mv));
@@ -140,7 +140,7 @@ LD3_TARGET_F16C void adjoint_range_f16c(const AdjointPtrs<c10::Half>& p, float s
     }
     // the block's tail (only the range's last block has one): adjoint_range's scalar body
     BlockSums tail;
-    adjoint_range<c10::Half, J, V, DOT>(p, s, w, i, b1, tail.s);
+    adjoint_range<scalar_t, J, V, DOT>(p, s, w, i, b1, tail.s);
     sums.add(sum8(a0) + static_cast<float>(tail.s[0]), sum8(a1) + static_cast<float>(tail.s[1]),
              sum8(a2) + static_cast<float>(tail.s[2]), sum8(a3) + static_cast<float>(tail.s[3]),
              sum8(a4) + static_cast<float>(tail.s[4]));
@@ -160,7 +160,7 @@ void adjoint_impl(CpuIsa isa, const AdjointPtrs<scalar_t>& p, double scale, cons
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
     if (isa == CpuIsa::kAvx2) {
       chunked_reduce(n, DOT ? J + 1 : 0, dots, [&](int64_t b, int64_t e, double* partial) {
-        adjoint_range_f16c<J, V, DOT>(p, s, wc, b, e, partial);
+        adjoint_range_half8<scalar_t, J, V, DOT>(p, s, wc, b, e, partial);
       });
       return;
     }

@@ -27,7 +27,7 @@
 #include "cpu/chunked_reduce.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/element_io.h"
-#include "cpu/f16c_io.h"
+#include "cpu/half_avx2_io.h"
 #include "dispatch_history.h"
 #include "solver_coefficients.h"
 
@@ -89,24 +89,25 @@ void forward_range_stream(float* out, const float* x, const Ptrs<float>& m, cons
 #endif
 
 #if LD3_CPU_AVX2_PATH
-// float16 forward on AVX2 CPUs through F16C (csrc/cpu/f16c_io.h).  Same operation order as
-// forward_range and the same rounding, so the results are bitwise equal (NaN payloads aside).
-template <int K>
-LD3_TARGET_F16C void forward_range_f16c(c10::Half* out, const c10::Half* x, const Ptrs<c10::Half>& m,
-                                        const float* c, int64_t begin, int64_t end) {
-  using namespace f16c;
+// float16 forward on AVX2 CPUs, 8 elements a step (csrc/cpu/half_avx2_io.h).  Same
+// operation order as forward_range and the same rounding, so the results are bitwise equal
+// (NaN payloads aside).
+template <typename scalar_t, int K>
+LD3_TARGET_AVX2_F16C void forward_range_half8(scalar_t* out, const scalar_t* x, const Ptrs<scalar_t>& m,
+                                              const float* c, int64_t begin, int64_t end) {
+  using V = HalfVec8<scalar_t>;
   const __m256 c0 = _mm256_set1_ps(c[0]), c1 = _mm256_set1_ps(c[1]), c2 = _mm256_set1_ps(c[2]),
                c3 = _mm256_set1_ps(c[3]), c4 = _mm256_set1_ps(c[4]);
   int64_t i = begin;
   for (; i + 8 <= end; i += 8) {  // out may alias x: each block is read before it is written
-    __m256 v = _mm256_mul_ps(c0, load8(x + i));
-    if constexpr (K > 0) v = _mm256_add_ps(v, _mm256_mul_ps(c1, load8(m[0] + i)));
-    if constexpr (K > 1) v = _mm256_add_ps(v, _mm256_mul_ps(c2, load8(m[1] + i)));
-    if constexpr (K > 2) v = _mm256_add_ps(v, _mm256_mul_ps(c3, load8(m[2] + i)));
-    if constexpr (K > 3) v = _mm256_add_ps(v, _mm256_mul_ps(c4, load8(m[3] + i)));
-    store8(out + i, v);
+    __m256 v = _mm256_mul_ps(c0, V::load(x + i));
+    if constexpr (K > 0) v = _mm256_add_ps(v, _mm256_mul_ps(c1, V::load(m[0] + i)));
+    if constexpr (K > 1) v = _mm256_add_ps(v, _mm256_mul_ps(c2, V::load(m[1] + i)));
+    if constexpr (K > 2) v = _mm256_add_ps(v, _mm256_mul_ps(c3, V::load(m[2] + i)));
+    if constexpr (K > 3) v = _mm256_add_ps(v, _mm256_mul_ps(c4, V::load(m[3] + i)));
+    V::store(out + i, v);
   }
-  if (i < end) forward_range<c10::Half, K>(out, x, m, c, i, end);
+  if (i < end) forward_range<scalar_t, K>(out, x, m, c, i, end);
 }
 #endif
 
@@ -154,7 +155,8 @@ void forward_impl(CpuIsa isa, scalar_t* out, const scalar_t* x, const Ptrs<scala
 #if LD3_CPU_AVX2_PATH
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
     if (isa == CpuIsa::kAvx2) {
-      at::parallel_for(0, n, kForwardGrain, [&](int64_t b, int64_t e) { forward_range_f16c<K>(out, x, m, c, b, e); });
+      at::parallel_for(0, n, kForwardGrain,
+                       [&](int64_t b, int64_t e) { forward_range_half8<scalar_t, K>(out, x, m, c, b, e); });
       return;
     }
   }
@@ -217,14 +219,14 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
 }
 
 #if LD3_CPU_AVX2_PATH
-// float16 backward on AVX2 CPUs through F16C: the loop of backward_range, 8 elements a step.  The
+// float16 backward on AVX2 CPUs: the loop of backward_range, 8 elements a step.  The
 // element-wise grads are bitwise those of backward_range; each block's dot products are summed in
 // 8 lanes, then across lanes in a fixed order, then the block's scalar tail.
-template <int K, bool GX, bool GM, bool DOT>
-LD3_TARGET_F16C void backward_range_f16c(const c10::Half* g, const c10::Half* x, const Ptrs<c10::Half>& m,
-                                         c10::Half* gx, const std::array<c10::Half*, kMaxHistory>& gm,
-                                         const float* c, int64_t begin, int64_t end, double* partial) {
-  using namespace f16c;
+template <typename scalar_t, int K, bool GX, bool GM, bool DOT>
+LD3_TARGET_AVX2_F16C void backward_range_half8(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m,
+                                               scalar_t* gx, const std::array<scalar_t*, kMaxHistory>& gm,
+                                               const float* c, int64_t begin, int64_t end, double* partial) {
+  using V = HalfVec8<scalar_t>;
   const __m256 c0 = _mm256_set1_ps(c[0]), c1 = _mm256_set1_ps(c[1]), c2 = _mm256_set1_ps(c[2]),
                c3 = _mm256_set1_ps(c[3]), c4 = _mm256_set1_ps(c[4]);
   BlockSums sums;
@@ -233,23 +235,23 @@ LD3_TARGET_F16C void backward_range_f16c(const c10::Half* g, const c10::Half* x,
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0;
     int64_t i = b0;
     for (; i + 8 <= b1; i += 8) {
-      const __m256 gi = load8(g + i);
-      if constexpr (GX) store8(gx + i, _mm256_mul_ps(c0, gi));
-      if constexpr (GM && K > 0) store8(gm[0] + i, _mm256_mul_ps(c1, gi));
-      if constexpr (GM && K > 1) store8(gm[1] + i, _mm256_mul_ps(c2, gi));
-      if constexpr (GM && K > 2) store8(gm[2] + i, _mm256_mul_ps(c3, gi));
-      if constexpr (GM && K > 3) store8(gm[3] + i, _mm256_mul_ps(c4, gi));
+      const __m256 gi = V::load(g + i);
+      if constexpr (GX) V::store(gx + i, _mm256_mul_ps(c0, gi));
+      if constexpr (GM && K > 0) V::store(gm[0] + i, _mm256_mul_ps(c1, gi));
+      if constexpr (GM && K > 1) V::store(gm[1] + i, _mm256_mul_ps(c2, gi));
+      if constexpr (GM && K > 2) V::store(gm[2] + i, _mm256_mul_ps(c3, gi));
+      if constexpr (GM && K > 3) V::store(gm[3] + i, _mm256_mul_ps(c4, gi));
       if constexpr (DOT) {
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(gi, load8(x + i)));
-        if constexpr (K > 0) a1 = _mm256_add_ps(a1, _mm256_mul_ps(gi, load8(m[0] + i)));
-        if constexpr (K > 1) a2 = _mm256_add_ps(a2, _mm256_mul_ps(gi, load8(m[1] + i)));
-        if constexpr (K > 2) a3 = _mm256_add_ps(a3, _mm256_mul_ps(gi, load8(m[2] + i)));
-        if constexpr (K > 3) a4 = _mm256_add_ps(a4, _mm256_mul_ps(gi, load8(m[3] + i)));
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(gi, V::load(x + i)));
+        if constexpr (K > 0) a1 = _mm256_add_ps(a1, _mm256_mul_ps(gi, V::load(m[0] + i)));
+        if constexpr (K > 1) a2 = _mm256_add_ps(a2, _mm256_mul_ps(gi, V::load(m[1] + i)));
+        if constexpr (K > 2) a3 = _mm256_add_ps(a3, _mm256_mul_ps(gi, V::load(m[2] + i)));
+        if constexpr (K > 3) a4 = _mm256_add_ps(a4, _mm256_mul_ps(gi, V::load(m[3] + i)));
       }
     }
     // the block's tail (only the range's last block has one): backward_range's scalar body
     BlockSums tail;
-    backward_range<c10::Half, K, GX, GM, DOT>(g, x, m, gx, gm, c, i, b1, tail.s);
+    backward_range<scalar_t, K, GX, GM, DOT>(g, x, m, gx, gm, c, i, b1, tail.s);
     sums.add(sum8(a0) + static_cast<float>(tail.s[0]), sum8(a1) + static_cast<float>(tail.s[1]),
              sum8(a2) + static_cast<float>(tail.s[2]), sum8(a3) + static_cast<float>(tail.s[3]),
              sum8(a4) + static_cast<float>(tail.s[4]));
@@ -268,7 +270,7 @@ void backward_impl(CpuIsa isa, const scalar_t* g, const scalar_t* x, const Ptrs<
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
     if (isa == CpuIsa::kAvx2) {
       chunked_reduce(n, DOT ? K + 1 : 0, grad_coef, [&](int64_t b, int64_t e, double* partial) {
-        backward_range_f16c<K, GX, GM, DOT>(g, x, m, gx, gm, c, b, e, partial);
+        backward_range_half8<scalar_t, K, GX, GM, DOT>(g, x, m, gx, gm, c, b, e, partial);
       });
       return;
     }
