@@ -14,6 +14,9 @@ using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>;
 
 // Argument checks common to every device (TORCH_CHECK messages name the argument).
 void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history);
+// A caller's `out=` must look exactly like x and may alias x or one history tensor only exactly
+// (each element is then read and written by the same thread); any partial overlap is refused.
+void check_update_out(const at::Tensor& out, const at::Tensor& x, const std::vector<at::Tensor>& history);
 // The backward's incoming gradient must look exactly like x.
 void check_update_grad(const at::Tensor& grad, const at::Tensor& x);
 void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver, int64_t order);
@@ -67,7 +70,10 @@ std::tuple<at::Tensor, at::Tensor> coefficient_table_cuda(const at::Tensor& t, i
                                                           bool use_corrector);
 #endif
 
-// Deterministic reductions: fixed-size chunks, partials summed in chunk order.
+// Deterministic CPU reductions: fixed-size chunks, partials summed in chunk order
+// (csrc/cpu/chunked_reduce.h).  The CUDA kernels have their own fixed shape (per-block partials of
+// double products, then a fixed-order sum; csrc/cuda/reduce_cuda.cuh): each device is bitwise
+// reproducible on its own, and CPU and GPU dot products agree to rounding, not bitwise.
 constexpr int64_t kReduceChunk = 32768;
 
 }  // namespace ld3

@@ -68,6 +68,77 @@ def test_cuda_out_alias_and_empty():
     assert torch.all(c.grad == 0)
 
 
+def _cpu(ts):
+    return [t.cpu() for t in ts]
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_elementwise_outputs_bitwise_equal_cpu(dtype, k):
+    """No fused multiply-add on either side (nvcc --fmad=false, g++ -ffp-contract=off): the update, its
+    element-wise gradients and the adjoint step's stored adjoint and gm are bitwise the CPU kernels'
+    (the update also the reference's).  Odd length: every vector width leaves a tail."""
+    x, coef, hist = _inputs(dtype, k, shape=(3, 1001), seed=20 + k)
+    out = C.multistep_update(x, coef, hist)
+    assert torch.equal(out.cpu(), C.multistep_update(x.cpu(), coef.cpu(), _cpu(hist)))
+    assert torch.equal(out, ops.multistep_update_reference(x, coef, hist))
+    g = torch.randn_like(x)
+    gx, gc, gms = C.multistep_update_backward(g, x, coef, hist, True, True, True)
+    gx_c, gc_c, gms_c = C.multistep_update_backward(g.cpu(), x.cpu(), coef.cpu(), _cpu(hist), True, True, True)
+    assert torch.equal(gx.cpu(), gx_c) and all(torch.equal(a.cpu(), b) for a, b in zip(gms, gms_c))
+    torch.testing.assert_close(gc.cpu(), gc_c, rtol=RTOL[dtype], atol=RTOL[dtype] * 100)
+    # adjoint step with v (J = k weights; lam_prev is L_1, so k - 2 older adjoints)
+    lam, v, m = (torch.randn_like(x) for _ in range(3))
+    older = [torch.randn_like(x) for _ in range(max(k - 2, 0))]
+    w = torch.randn(k, dtype=torch.float64, device=DEV)
+    sc = torch.tensor([0.7], dtype=torch.float64, device=DEV)
+    vg, vc = v.clone(), v.cpu()
+    dg, dc = torch.zeros(5, dtype=torch.float64, device=DEV), torch.zeros(5, dtype=torch.float64)
+    gm = C.multistep_adjoint(lam, vg, sc, older, x, m, w, dg)
+    gm_c = C.multistep_adjoint(lam.cpu(), vc, sc.cpu(), _cpu(older), x.cpu(), m.cpu(), w.cpu(), dc)
+    assert torch.equal(vg.cpu(), vc)
+    assert (gm is None) == (gm_c is None) and (gm is None or torch.equal(gm.cpu(), gm_c))
+    torch.testing.assert_close(dg.cpu(), dc, rtol=RTOL[dtype], atol=RTOL[dtype] * 100)
+
+
+@pytest.mark.parametrize("which", ["x", "hist0", "hist2", "out", "grad"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_one_misaligned_pointer(dtype, which):
+    """The 16-byte vector path needs every pointer aligned: one tensor one element off (a view into a
+    larger buffer) must send the whole call to the scalar path and still give the aligned result."""
+    n = 4099
+    g = torch.Generator().manual_seed(3)
+
+    def make(name):
+        buf = torch.randn(n + 1, generator=g, dtype=torch.float64).to(dtype).to(DEV)
+        return buf[1:] if name == which else buf[:n]
+
+    x, hist, grad = make("x"), [make(f"hist{j}") for j in range(3)], make("grad")
+    coef = torch.randn(4, generator=g, dtype=torch.float64).to(DEV)
+    want = C.multistep_update(x.contiguous().clone(), coef, [h.clone() for h in hist])  # fresh, aligned
+    if which == "out":
+        out = torch.empty(n + 1, dtype=dtype, device=DEV)[1:]
+        assert C.multistep_update(x, coef, hist, out).data_ptr() == out.data_ptr()
+        assert torch.equal(out, want)
+    else:
+        assert torch.equal(C.multistep_update(x, coef, hist), want)
+    gx, gc, gms = C.multistep_update_backward(grad, x, coef, hist, True, True, True)
+    gx_a, gc_a, gms_a = C.multistep_update_backward(grad.clone(), x.clone(), coef, [h.clone() for h in hist],
+                                                    True, True, True)
+    assert torch.equal(gx, gx_a) and all(torch.equal(a, b) for a, b in zip(gms, gms_a))
+    torch.testing.assert_close(gc, gc_a, rtol=1e-12, atol=0)
+
+
+def test_cuda_out_partial_overlap_refused():
+    """out may alias x exactly (each element read and written by one thread), never partly."""
+    buf = torch.randn(1000, device=DEV)
+    coef = torch.ones(2, dtype=torch.float64, device=DEV)
+    with pytest.raises(RuntimeError, match="overlap|memory location"):
+        C.multistep_update(buf[:-4], coef[:1], [], buf[4:])
+    with pytest.raises(RuntimeError, match="overlap|memory location"):
+        C.multistep_update(torch.randn(996, device=DEV), coef, [buf[:-4]], buf[4:])
+
+
 def test_cuda_wrong_device_coef():
     x, coef, hist = _inputs(torch.float32, 2)
     with pytest.raises(ValueError, match="coef is on cpu"):
@@ -138,8 +209,8 @@ def test_cuda_graph_capture_of_sampler_step():
                                rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("J,with_v", [(1, False), (3, True), (4, True), (0, True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("J,with_v", [(1, False), (2, True), (3, True), (4, True), (0, True), (2, False)])
 def test_cuda_adjoint_step_matches_cpu(dtype, J, with_v):
     """One reverse step of the whole-sampler backward: CUDA kernel vs CPU kernel, incl. in-place v."""
     g = torch.Generator().manual_seed(J)
@@ -164,6 +235,15 @@ def test_cuda_adjoint_step_matches_cpu(dtype, J, with_v):
             assert b is None
             continue
         torch.testing.assert_close(b, a, rtol=tol * 10, atol=tol * 10 * (n ** 0.5 if a.numel() < 7 else 1))
+
+
+def test_cuda_adjoint_step_empty():
+    """Zero-size tensors: no launch, gm empty, the step's dot products zeroed (as on the CPU)."""
+    e = torch.empty(0, 3, device=DEV)
+    dots = torch.full((5,), 7.0, dtype=torch.float64, device=DEV)
+    w = torch.ones(2, dtype=torch.float64, device=DEV)
+    gm = C.multistep_adjoint(e, e.clone(), torch.ones(1, dtype=torch.float64, device=DEV), [], e, e, w, dots)
+    assert gm.shape == e.shape and torch.equal(dots.cpu()[:3], torch.zeros(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("make_solver", [

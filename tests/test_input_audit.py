@@ -31,6 +31,7 @@ def _ring():
 
 MIX, SCHED, MODEL = _ring()
 GRID = D.edm(SCHED, 5)
+_BUF = torch.arange(16.0)  # out=_BUF[4:] overlaps x=_BUF[:-4] partly: refused, never a silently wrong result
 X = torch.randn(3, 2, dtype=F64)
 
 
@@ -177,6 +178,10 @@ CASES = [
      ValueError, r"\bout\b"),
     ("update out expanded", _fused_update(torch.ones(3), torch.ones(1, dtype=F64), [],
                                           out=torch.ones(1).expand(3)), RuntimeError, "overlap|memory location"),
+    ("update out overlaps x", _fused_update(_BUF[:-4], torch.ones(1, dtype=F64), [], out=_BUF[4:]), RuntimeError,
+     "overlap|memory location"),
+    ("update out overlaps history", _fused_update(torch.ones(12), torch.ones(2, dtype=F64), [_BUF[:-4]],
+                                                  out=_BUF[4:]), RuntimeError, "overlap|memory location"),
     ("table timesteps 2-D", _fused_table(SCHED, GRID[None], SolverSpec("dpmpp", 2)), ValueError, "timesteps"),
     ("table timesteps 1 entry", _fused_table(SCHED, GRID[:1], SolverSpec("dpmpp", 2)), ValueError, "timesteps"),
     ("table timesteps list", _fused_table(SCHED, [1.0, 0.5], SolverSpec("dpmpp", 2)), ValueError, "timesteps"),

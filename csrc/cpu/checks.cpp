@@ -1,6 +1,7 @@
 // Argument validation shared by the CPU and CUDA entry points: a clear TORCH_CHECK, never a crash.
 #include "ld3_ops.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include "solver_coefficients.h"
@@ -32,6 +33,14 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
               1 + history.size(), " and ", kTableWidth);
   TORCH_CHECK(coef.device() == x.device(), "multistep_update: coef is on ", coef.device(), " but x is on ",
               x.device());
+}
+
+void check_update_out(const at::Tensor& out, const at::Tensor& x, const std::vector<at::Tensor>& history) {
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device() && out.sizes() == x.sizes(),
+              "multistep_update: out must match x in shape, dtype and device");
+  at::assert_no_internal_overlap(out);
+  for (const auto& m : history) at::assert_no_partial_overlap(out, m);
+  at::assert_no_partial_overlap(out, x);
 }
 
 void check_update_grad(const at::Tensor& grad, const at::Tensor& x) {

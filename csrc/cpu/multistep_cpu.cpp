@@ -6,7 +6,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
 #include <array>
@@ -301,12 +300,7 @@ at::Tensor multistep_forward_cpu(const at::Tensor& x_in, const at::Tensor& coef_
   const int64_t K = static_cast<int64_t>(history.size());
   at::Tensor out = out_in;
   if (out.defined()) {
-    TORCH_CHECK(out.scalar_type() == x_in.scalar_type() && out.device() == x_in.device() &&
-                    out.sizes() == x_in.sizes(),
-                "multistep_update: out must match x in shape, dtype and device");
-    at::assert_no_internal_overlap(out);
-    for (const auto& m : history) at::assert_no_partial_overlap(out, m);
-    at::assert_no_partial_overlap(out, x_in);
+    check_update_out(out, x_in, history);
   } else {
     out = at::empty_like(x_in, at::MemoryFormat::Contiguous);
   }

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "ld3_ops.h"
@@ -37,15 +38,18 @@ struct alignas(16) Packet {
   scalar_t v[N];
 };
 
+// Cached per device; atomics because the autograd engine calls kernels from one thread per GPU
+// (two threads may both query a device once: the same value is stored).
 int sm_count(int device) {
-  static int counts[64] = {0};
+  static std::atomic<int> counts[64] = {};
   if (device < 0 || device >= 64) return 80;
-  if (counts[device] == 0) {
-    int n = 0;
+  int n = counts[device].load(std::memory_order_relaxed);
+  if (n == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = n > 0 ? n : 80;
+    n = n > 0 ? n : 80;
+    counts[device].store(n, std::memory_order_relaxed);
   }
-  return counts[device];
+  return n;
 }
 
 int grid_for(int64_t work_items, int device) {
@@ -158,9 +162,7 @@ at::Tensor multistep_forward_cuda(const at::Tensor& x_in, const at::Tensor& coef
   const int64_t K = static_cast<int64_t>(history.size());
   at::Tensor out = out_in;
   if (out.defined()) {
-    TORCH_CHECK(out.scalar_type() == x_in.scalar_type() && out.device() == x_in.device() &&
-                    out.sizes() == x_in.sizes(),
-                "multistep_update: out must match x in shape, dtype and device");
+    check_update_out(out, x_in, history);  // metadata only: no sync, fine under graph capture
   } else {
     out = at::empty_like(x_in, at::MemoryFormat::Contiguous);
   }
