@@ -129,6 +129,24 @@ def test_cuda_one_misaligned_pointer(dtype, which):
     torch.testing.assert_close(gc, gc_a, rtol=1e-12, atol=0)
 
 
+def test_cuda_more_than_2_pow_31_elements():
+    """64-bit indexing end to end: an update, its backward and the dot products over 2^31 + 17 float16
+    elements (4 GiB a tensor), with values whose sums are exact in double."""
+    if torch.cuda.get_device_properties(DEV).total_memory < 40 * 2 ** 30:
+        pytest.skip("needs a GPU with at least 40 GiB")
+    n = 2 ** 31 + 17
+    x = torch.full((n,), 0.5, dtype=torch.float16, device=DEV)
+    m = torch.full((n,), 0.25, dtype=torch.float16, device=DEV)
+    m[-1] = 2.0  # the last element must be reached
+    coef = torch.tensor([2.0, 4.0], dtype=torch.float64, device=DEV)
+    out = C.multistep_update(x, coef, [m])
+    assert float(out[0]) == 2.0 and float(out[-1]) == 9.0 and bool((out[:-1] == 2.0).all())
+    del out
+    gx, gc, gms = C.multistep_update_backward(x, x, coef, [m], True, True, True)  # incoming grad = x
+    assert float(gx[-1]) == 1.0 and float(gms[0][-1]) == 2.0
+    assert gc.tolist() == [n * 0.25, (n - 1) * 0.125 + 1.0]
+
+
 def test_cuda_out_partial_overlap_refused():
     """out may alias x exactly (each element read and written by one thread), never partly."""
     buf = torch.randn(1000, device=DEV)
