@@ -31,7 +31,8 @@ this path declines and the solver uses the per-step autograd path, so those grad
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+import contextlib
+from typing import Any, Callable, ContextManager, List, Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -150,8 +151,12 @@ class SamplerPlan:
     """What the autograd node needs besides tensors: the model call and the step orders."""
 
     def __init__(self, evaluate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
-                 orders: Sequence[int], max_order: int, checkpoint: bool):
+                 orders: Sequence[int], max_order: int, checkpoint: bool,
+                 deferred_checks: Optional[Callable[[], ContextManager]] = None):
         self.evaluate = evaluate  # (x, t, step) -> the history entry (x0 or eps)
+        # the model's deferred_output_checks: the backward's re-evaluations queue their output checks
+        # on the device and read them back once (no sync per step); None checks each at once
+        self.deferred_checks = deferred_checks
         self.orders = list(orders)
         self.max_order = max_order
         self.checkpoint = checkpoint
@@ -226,7 +231,6 @@ class _WholeSampler(torch.autograd.Function):
         n = len(plan.orders)
         dev = grad.device
         grad = grad.contiguous()
-        H = plan.max_order
         # weights[i, j] = b_{i+j, j}: zero-padded past the last step, gaps zeroed (rare patterns).
         # Tensor methods (narrow, select, split) instead of t[...] indexing and assignment: this runs
         # once per step, and Python's indexing machinery costs microseconds a call.
@@ -242,24 +246,8 @@ class _WholeSampler(torch.autograd.Function):
         dot_rows = dots.unbind(0) if need_table else [None] * n
         scales = tab.select(1, 0).narrow(1, 0, 1).unbind(0)
         step = _adjoint_step_fn(grad)
-        lams: List[torch.Tensor] = []    # lambda_{i+1}, lambda_{i+2}, ... (newest first)
-        v_next: Optional[torch.Tensor] = None
-        g_tm: List[Optional[torch.Tensor]] = [None] * n
-        graphs = ctx.graphs
-        for i in range(n - 1, -1, -1):
-            J = plan.J[i]
-            w = w_rows[i]
-            if i == n - 1:
-                gm = step(grad, None, None, [], ctx.xs[i], ctx.outs[i], w, dot_rows[i])
-                lams = [grad]
-            else:
-                if v_next is None:  # m_{i+1} does not depend on x_{i+1}
-                    v_next = torch.zeros_like(grad)
-                gm = step(lams[0], v_next, scales[i + 1], lams[1:max(J - 1, 1)], ctx.xs[i], ctx.outs[i], w,
-                          dot_rows[i])
-                lams = [v_next] + lams[: H - 1]
-            v_next, g_tm[i] = _model_vjp(ctx, plan, i, gm, want_x=(i > 0 or need_x), want_t=need_tm)
-            graphs[i] = None  # consumed: a later backward re-evaluates the network
+        with (plan.deferred_checks() if plan.deferred_checks is not None else contextlib.nullcontext()):
+            lams, v_next, g_tm = _reverse_steps(ctx, plan, grad, step, w_rows, dot_rows, scales)
         ctx.graphs_consumed = True
 
         grad_x = None
@@ -286,6 +274,33 @@ class _WholeSampler(torch.autograd.Function):
             dt = ctx.tm.dtype
             grad_tm = torch.stack([(zero if g is None else g if g.dtype == dt else g.to(dt)) for g in g_tm] + [zero])
         return None, None, grad_x, grad_table, grad_tm
+
+
+def _reverse_steps(ctx, plan: SamplerPlan, grad: torch.Tensor, step: Callable, w_rows, dot_rows, scales):
+    """The reverse walk of _WholeSampler.backward: one adjoint step and one model VJP per step, last
+    step first.  Returns the newest adjoints (lambda_1 first), v_0 and the per-step dL/dtm."""
+    n = len(plan.orders)
+    H = plan.max_order
+    need_x, _, need_tm = ctx.need
+    lams: List[torch.Tensor] = []    # lambda_{i+1}, lambda_{i+2}, ... (newest first)
+    v_next: Optional[torch.Tensor] = None
+    g_tm: List[Optional[torch.Tensor]] = [None] * n
+    graphs = ctx.graphs
+    for i in range(n - 1, -1, -1):
+        J = plan.J[i]
+        w = w_rows[i]
+        if i == n - 1:
+            gm = step(grad, None, None, [], ctx.xs[i], ctx.outs[i], w, dot_rows[i])
+            lams = [grad]
+        else:
+            if v_next is None:  # m_{i+1} does not depend on x_{i+1}
+                v_next = torch.zeros_like(grad)
+            gm = step(lams[0], v_next, scales[i + 1], lams[1:max(J - 1, 1)], ctx.xs[i], ctx.outs[i], w,
+                      dot_rows[i])
+            lams = [v_next] + lams[: H - 1]
+        v_next, g_tm[i] = _model_vjp(ctx, plan, i, gm, want_x=(i > 0 or need_x), want_t=need_tm)
+        graphs[i] = None  # consumed: a later backward re-evaluates the network
+    return lams, v_next, g_tm
 
 
 def _uses_native(x: torch.Tensor) -> bool:
@@ -368,12 +383,15 @@ def unipc_as_multistep(coef: torch.Tensor, orders: Sequence[int]):
 
 
 def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, checkpoint: bool,
-                  x_T: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
+                  x_T: torch.Tensor, table: torch.Tensor, tm: torch.Tensor,
+                  deferred_checks: Optional[Callable[[], ContextManager]] = None) -> torch.Tensor:
     """Run the multistep loop as one autograd node (raises ForeignGradients to decline).
 
     ``evaluate(x, t, step)`` returns the history entry of step ``step``; ``orders[i]`` is the number of
     history terms update i combines (1..4); ``table`` is the [N, 2, 5] float64 coefficient table (row
-    [i, 0] = [a, b_0, ...]); ``tm`` holds the N+1 network times.
+    [i, 0] = [a, b_0, ...]); ``tm`` holds the N+1 network times.  ``deferred_checks`` (the model's
+    ``deferred_output_checks``; solvers pass it on CUDA) wraps the backward, so the output checks of
+    network re-evaluations there (checkpointing, a second backward) are read back once, not per step.
     """
     if not callable(evaluate):
         raise TypeError(f"evaluate must be callable (x, t, step) -> tensor, got {type(evaluate).__name__}")
@@ -390,7 +408,10 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
         if t.device != x_T.device:
             raise ValueError(f"{name} is on {t.device} but x_T is on {x_T.device}")
     need = (x_T.requires_grad, table.requires_grad, tm.requires_grad)
-    plan = SamplerPlan(evaluate, orders, max_order, checkpoint)
+    if deferred_checks is not None and not callable(deferred_checks):
+        raise TypeError(f"deferred_checks must be a callable returning a context manager, got "
+                        f"{type(deferred_checks).__name__}")
+    plan = SamplerPlan(evaluate, orders, max_order, checkpoint, deferred_checks)
     return _WholeSampler.apply(plan, need, x_T, table, tm)
 
 

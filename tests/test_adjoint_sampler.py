@@ -284,6 +284,48 @@ def test_second_backward_and_checkpointing_agree():
     assert torch.equal(y, y2) and torch.equal(g1, g3)
 
 
+_READ_BACKS = {"_local_scalar_dense", "is_nonzero", "item"}
+
+
+@native
+@pytest.mark.parametrize("deferred", [False, True])
+def test_backward_re_evaluation_checks_outputs_once_when_deferred(deferred):
+    """With checkpointing the backward re-evaluates every step.  Given the model's
+    deferred_output_checks (what the solvers pass on CUDA), those re-evaluations queue their NaN/Inf
+    checks and read them back once, after the last step (one host sync instead of one per step);
+    a NaN that appears only in a re-evaluation is still reported with its step."""
+    n = 6
+    schedule = ld3_ext.EDM()
+    spec = ld3_ext.DPMSolverPP(order=3).spec()
+    orders = ld3_ext.coefficients.step_orders(spec, n)
+
+    def backward(bad_call):
+        calls = []
+
+        def net(x, t):
+            calls.append(1)
+            return (0.5 * x) * (float("nan") if len(calls) == bad_call else 1.0)
+        model = ld3_ext.wrap_model(net, schedule, prediction="x0")
+        t = random_decreasing_grid(80.0, 0.002, n, seed=4).requires_grad_()
+        table = ld3_ext.ops.coefficient_table(schedule, t, spec, "fused")
+        x = torch.randn(2, 3, dtype=torch.float64).requires_grad_()
+        y = adjoint.whole_sampler(lambda xx, tt, step: model.predict(xx, tt, step=step, returns="x0")[0], orders,
+                                  3, True, x, table, t, model.deferred_output_checks if deferred else None)
+        assert len(calls) == n
+        rec = OpRecorder()
+        try:
+            with rec:
+                torch.autograd.grad(y.sum(), [x, t])
+        finally:
+            assert model._deferred is None
+        return len(calls), [op for op in rec.ops if op in _READ_BACKS]
+
+    calls, reads = backward(bad_call=-1)
+    assert calls == 2 * n and len(reads) == (1 if deferred else n), reads
+    with pytest.raises(ld3_ext.ModelOutputError, match=f"NaN/Inf at step {n - 2}"):
+        backward(bad_call=n + 2)  # the re-evaluation of step n - 2 (the backward walks the steps last first)
+
+
 @native
 def test_trainable_weights_fall_back_to_per_step_path():
     """A network whose weights require grad: the adjoint node declines, weight gradients are exact."""
@@ -415,6 +457,8 @@ def test_whole_sampler_and_unipc_rewrite_reject_bad_input():
         kw.update(over)
         with pytest.raises(exc, match=match):
             adjoint.whole_sampler(**kw)
+    with pytest.raises(TypeError, match="deferred_checks must be a callable"):
+        adjoint.whole_sampler(ev, [1, 2, 2], 2, False, x.requires_grad_(), table, tm, deferred_checks=3)
     with pytest.raises(ValueError, match="coef must be a float64"):
         adjoint.unipc_as_multistep(torch.zeros(3, 2, 4, dtype=torch.float64), [1, 2, 3])
     with pytest.raises(ValueError, match=r"orders\[2\]"):

@@ -381,3 +381,24 @@ def test_cuda_graph_capture_of_a_whole_sample_call():
         with torch.no_grad():
             want = solver.sample(model, x, t)
         torch.testing.assert_close(static, want, rtol=1e-5, atol=1e-4)
+
+
+def test_cuda_checkpointed_backward_checks_re_evaluations_once():
+    """On CUDA the solvers hand the whole-sampler node the model's deferred_output_checks: with
+    checkpointing, the backward's re-evaluations are checked in one read-back at the end, and a NaN
+    that appears only in a re-evaluation is reported with its step."""
+    import ld3_ext
+    calls = []
+    n = 6
+
+    def net(x, t):
+        calls.append(1)
+        return 0.5 * x * (float("nan") if len(calls) == n + 2 else 1.0)  # re-evaluation of step n - 2
+    model = ld3_ext.wrap_model(net, S.EDM(), prediction="x0")
+    t = ld3_ext.discretizations.edm(S.EDM(), n).to(DEV).requires_grad_()
+    x = torch.randn(2, 3, device=DEV, dtype=torch.float64)
+    y = ld3_ext.DPMSolverPP(order=3, checkpoint_model=True).sample(model, x, t)
+    assert type(y.grad_fn).__name__ == "_WholeSamplerBackward" and len(calls) == n
+    with pytest.raises(ld3_ext.ModelOutputError, match=f"at step {n - 2}"):
+        torch.autograd.grad(y.sum(), t)
+    assert len(calls) == 2 * n  # queued, not raised at once: every step was re-evaluated

@@ -165,6 +165,12 @@ class Solver:
     def _solve(self, model, x, t, tm, kwargs):
         raise NotImplementedError
 
+    @staticmethod
+    def _backward_checks(model: DiffusionModel, x: torch.Tensor):
+        """For the whole-sampler node: on CUDA its backward's network re-evaluations (checkpointing, a
+        second backward) queue their output checks and read them back once, like sample() does."""
+        return model.deferred_output_checks if x.is_cuda else None
+
 
 class MultistepSolver(Solver):
     """Linear multistep solvers whose every step is ``ops.multistep_update`` with tabulated coefficients."""
@@ -186,7 +192,8 @@ class MultistepSolver(Solver):
             def evaluate(xx, tt, step):
                 return model.predict(xx, tt, step=step, returns=returns, **kwargs)[idx]
             try:
-                return adjoint.whole_sampler(evaluate, orders, spec.order, self.checkpoint_model, x, coef, tm)
+                return adjoint.whole_sampler(evaluate, orders, spec.order, self.checkpoint_model, x, coef, tm,
+                                             self._backward_checks(model, x))
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = []  # newest first

@@ -90,7 +90,8 @@ class Heun(Solver):
             def evaluate(xx, tt, step):
                 return model.predict(xx, tt, step=step, returns="x0", **kwargs)[0]
             try:
-                return adjoint.whole_sampler(evaluate, orders, 2, self.checkpoint_model, x, table, tm2)
+                return adjoint.whole_sampler(evaluate, orders, 2, self.checkpoint_model, x, table, tm2,
+                                             self._backward_checks(model, x))
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = []  # newest first

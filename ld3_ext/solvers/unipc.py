@@ -52,7 +52,7 @@ class UniPC(MultistepSolver):
                 return model.predict(xx, tt, step=step, returns="x0", **kwargs)[0]
             try:
                 return adjoint.whole_sampler(evaluate, eff_orders, max(eff_orders), self.checkpoint_model, x,
-                                             table, tm)
+                                             table, tm, self._backward_checks(model, x))
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = [self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]]
