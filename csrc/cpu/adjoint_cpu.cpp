@@ -96,14 +96,6 @@ LD3_TARGET_AVX2_F16C void adjoint_range_half8(const AdjointPtrs<scalar_t>& p, fl
   using H = HalfVec8<scalar_t>;
   const __m256 sv = _mm256_set1_ps(s), w0 = _mm256_set1_ps(w[0]), w1 = _mm256_set1_ps(w[1]),
                w2 = _mm256_set1_ps(w[2]), w3 = _mm256_set1_ps(w[3]);
-  const scalar_t* lp = p.lam_prev;
-  scalar_t* vp = p.v;
-  const scalar_t* l1 = p.older[0];
-  const scalar_t* l2 = p.older[1];
-  const scalar_t* l3 = p.older[2];
-  const scalar_t* xp = p.x;
-  const scalar_t* mp = p.m;
-  scalar_t* gm = p.gm;
   BlockSums sums;
   for (int64_t b0 = begin; b0 < end; b0 += kDotBlock) {
     const int64_t b1 = std::min(end, b0 + kDotBlock);
@@ -112,25 +104,26 @@ LD3_TARGET_AVX2_F16C void adjoint_range_half8(const AdjointPtrs<scalar_t>& p, fl
     for (; i + 8 <= b1; i += 8) {
       __m256 L0;
       if constexpr (V) {
-        L0 = H::store_reload(vp + i, _mm256_add_ps(_mm256_mul_ps(sv, H::load(lp + i)), H::load(vp + i)));
+        const __m256 sum = _mm256_add_ps(_mm256_mul_ps(sv, H::load(p.lam_prev + i)), H::load(p.v + i));
+        L0 = H::store_reload(p.v + i, sum);  // rounded once; the stored value is the one used
       } else {
-        L0 = H::load(lp + i);
+        L0 = H::load(p.lam_prev + i);
       }
       __m256 L1 = _mm256_setzero_ps(), L2 = L1, L3 = L1;
-      if constexpr (J > 1) L1 = H::load(l1 + i);
-      if constexpr (J > 2) L2 = H::load(l2 + i);
-      if constexpr (J > 3) L3 = H::load(l3 + i);
+      if constexpr (J > 1) L1 = H::load(p.older[0] + i);
+      if constexpr (J > 2) L2 = H::load(p.older[1] + i);
+      if constexpr (J > 3) L3 = H::load(p.older[2] + i);
       if constexpr (J > 0) {
         __m256 g = _mm256_mul_ps(w0, L0);
         if constexpr (J > 1) g = _mm256_add_ps(g, _mm256_mul_ps(w1, L1));
         if constexpr (J > 2) g = _mm256_add_ps(g, _mm256_mul_ps(w2, L2));
         if constexpr (J > 3) g = _mm256_add_ps(g, _mm256_mul_ps(w3, L3));
-        H::store(gm + i, g);
+        H::store(p.gm + i, g);
       }
       if constexpr (DOT) {
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(L0, H::load(xp + i)));
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(L0, H::load(p.x + i)));
         if constexpr (J > 0) {
-          const __m256 mv = H::load(mp + i);
+          const __m256 mv = H::load(p.m + i);
           a1 = _mm256_add_ps(a1, _mm256_mul_ps(L0, mv));
           if constexpr (J > 1) a2 = _mm256_add_ps(a2, _mm256_mul_ps(L1, mv));
           if constexpr (J > 2) a3 = _mm256_add_ps(a3, _mm256_mul_ps(L2, mv));
