@@ -248,7 +248,6 @@ class _WholeSampler(torch.autograd.Function):
         step = _adjoint_step_fn(grad)
         with (plan.deferred_checks() if plan.deferred_checks is not None else contextlib.nullcontext()):
             lams, v_next, g_tm = _reverse_steps(ctx, plan, grad, step, w_rows, dot_rows, scales)
-        ctx.graphs_consumed = True
 
         grad_x = None
         if need_x:
