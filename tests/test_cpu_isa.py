@@ -152,8 +152,9 @@ def test_isas_agree_elementwise_bitwise(dtype, k, use_isa):
     torch.testing.assert_close(dots_a, dots_b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("isa", ISAS)
-def test_each_isa_reproducible_for_any_thread_count(isa, use_isa):
+def test_each_isa_reproducible_for_any_thread_count(isa, dtype, use_isa):
     use_isa(isa)
     n = 5 * C.reduce_chunk + 17
     before = torch.get_num_threads()
@@ -161,8 +162,8 @@ def test_each_isa_reproducible_for_any_thread_count(isa, use_isa):
         runs = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            _, out, gx, gc, gh = _update_all(n, torch.float32, 3, seed=1)
-            _, gm, v, dots = _adjoint_all(n, torch.float32, 3, True, seed=1)
+            _, out, gx, gc, gh = _update_all(n, dtype, 3, seed=1)
+            _, gm, v, dots = _adjoint_all(n, dtype, 3, True, seed=1)
             runs.append((out, gx, gc, *gh, gm, v, dots))
     finally:
         torch.set_num_threads(before)
