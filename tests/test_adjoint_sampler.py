@@ -344,6 +344,36 @@ def test_trainable_weights_fall_back_to_per_step_path():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def _graph_nodes(out):
+    nodes, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return nodes
+
+
+@native
+@pytest.mark.parametrize("make", [lambda: ld3_ext.DPMSolverPP(order=3, backend="fused"),
+                                  lambda: ld3_ext.UniPC(order=3, backend="fused"),
+                                  lambda: ld3_ext.Heun(backend="fused")], ids=["dpmpp3", "unipc3", "heun"])
+def test_per_step_path_takes_whole_coefficient_rows(make):
+    """The per-step loops pass each update a whole table row from one unbind (the update reads the
+    first 1 + len(history) entries): no t[i, 0, :p] views, which cost three autograd nodes a step."""
+    schedule = ld3_ext.EDM()
+    lin = torch.nn.Linear(5, 5).double()  # trainable weights: the per-step path runs
+    model = ld3_ext.wrap_model(lambda x, t: lin(x), schedule, prediction="x0")
+    t = random_decreasing_grid(80.0, 0.002, 6, seed=5).requires_grad_()
+    updates = [nd for nd in _graph_nodes(make().sample(model, torch.randn(2, 5, dtype=torch.float64), t))
+               if type(nd).__name__ == "_MultistepUpdateBackward"]
+    assert len(updates) >= 6
+    coef_inputs = {type(nd.next_functions[1][0]).__name__ for nd in updates}
+    assert coef_inputs == {"UnbindBackward0"}, coef_inputs
+
+
 @native
 def test_conditioning_requiring_grad_falls_back():
     schedule = ld3_ext.EDM()

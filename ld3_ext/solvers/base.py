@@ -79,6 +79,16 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
     return model_timesteps
 
 
+def table_rows(table: torch.Tensor, which: int):
+    """The [N, 2, 5] table's rows [i, which] as N full-width views from one unbind.
+
+    The update reads the first 1 + len(history) entries of its coefficient row (the rest get a zero
+    gradient), so the per-step loops pass whole rows: no t[i, 0, :p] indexing per step, whose three
+    views cost three autograd nodes per step in the backward; unbind records one node for all rows.
+    """
+    return table.select(1, which).unbind(0)
+
+
 class Solver:
     """Base class.  Subclasses set ``name``, ``max_order`` and implement ``_solve``."""
 
@@ -197,10 +207,11 @@ class MultistepSolver(Solver):
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = []  # newest first
+        rows = table_rows(coef, 0)
         for i in range(1, n + 1):
             x0, eps = self._evaluate(model, x, tm[i - 1], i - 1, kwargs, "eps" if use_eps else "x0")
             history.insert(0, eps if use_eps else x0)
             del history[spec.order:]
             p = orders[i - 1]
-            x = ops.multistep_update(x, coef[i - 1, 0, : 1 + p], history[:p], self.backend)
+            x = ops.multistep_update(x, rows[i - 1], history[:p], self.backend)
         return x

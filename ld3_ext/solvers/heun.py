@@ -15,7 +15,7 @@ from typing import List, Tuple
 import torch
 
 from .. import adjoint, ops
-from .base import Solver
+from .base import Solver, table_rows
 
 
 def heun_multistep_table(schedule, t: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
@@ -95,8 +95,9 @@ class Heun(Solver):
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = []  # newest first
+        rows = table_rows(table, 0)
         for k, p in enumerate(orders):
             history.insert(0, self._evaluate(model, x, tm2[k], k, kwargs, "x0")[0])
             del history[2:]
-            x = ops.multistep_update(x, table[k, 0, : 1 + p], history[:p], self.backend)
+            x = ops.multistep_update(x, rows[k], history[:p], self.backend)
         return x

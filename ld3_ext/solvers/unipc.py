@@ -7,7 +7,7 @@ import torch
 
 from .. import adjoint, ops
 from ..coefficients import SolverSpec, step_orders
-from .base import MultistepSolver
+from .base import MultistepSolver, table_rows
 
 
 class UniPC(MultistepSolver):
@@ -56,14 +56,15 @@ class UniPC(MultistepSolver):
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = [self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]]
+        predictor, corrector = table_rows(coef, 0), table_rows(coef, 1)
         for i in range(1, n + 1):
             p = orders[i - 1]
-            x_pred = ops.multistep_update(x, coef[i - 1, 0, : 1 + p], history[:p], self.backend)
+            x_pred = ops.multistep_update(x, predictor[i - 1], history[:p], self.backend)
             if i == n:
                 return x_pred
             d_new = self._evaluate(model, x_pred, tm[i], i, kwargs, "x0")[0]
             if self.use_corrector:
-                x = ops.multistep_update(x, coef[i - 1, 1, : 2 + p], [d_new] + history[:p], self.backend)
+                x = ops.multistep_update(x, corrector[i - 1], [d_new] + history[:p], self.backend)
             else:
                 x = x_pred
             history.insert(0, d_new)
