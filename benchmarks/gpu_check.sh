@@ -5,9 +5,10 @@
 #   benchmarks/gpu_check.sh [RESULTS_DIR]        (default: benchmarks/results/gpu_<host>)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
 RESULTS="${1:-$ROOT/benchmarks/results/gpu_$(hostname -s)}"
 mkdir -p "$RESULTS"
+RESULTS="$(cd "$RESULTS" && pwd)"  # absolute (relative to the caller): later steps run elsewhere
+cd "$ROOT"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 status=0
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$RESULTS/summary.log"; }
@@ -17,6 +18,27 @@ log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$RESULTS/summary.log";
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())'
   nvcc --version || true
 } > "$RESULTS/env.log" 2>&1
+
+# 0) preflight, seconds: the offline build needs these already installed; a CUDA major version of
+#    nvcc other than torch's may build but load a second runtime (warned, not fatal)
+if ! "$PY" - >> "$RESULTS/summary.log" 2>&1 <<'PYEOF'
+import importlib.util, re, shutil, subprocess, sys
+import torch
+missing = [m for m in ("scikit_build_core", "pybind11", "ninja", "pytest") if importlib.util.find_spec(m) is None]
+missing += [c for c in ("cmake", "nvcc") if shutil.which(c) is None]
+if missing:
+    sys.exit(f"preflight: missing {', '.join(missing)} (no network here: install them before the GPU session)")
+if not torch.cuda.is_available():
+    sys.exit("preflight: torch.cuda.is_available() is False")
+nv = re.search(r"release (\d+)", subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout)
+tc = (torch.version.cuda or "").split(".")[0]
+if nv and tc and nv.group(1) != tc:
+    print(f"preflight WARNING: nvcc CUDA {nv.group(1)} but torch built with CUDA {torch.version.cuda}")
+print("preflight OK:", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+PYEOF
+then
+  log "PREFLIGHT FAILED"; tail -3 "$RESULTS/summary.log"; exit 1
+fi
 
 # 1) build: CUDA forced on so a missing nvcc/CUDA torch is an error, not a silent CPU build.
 #    Only the GPU's own arch (faster); sm_90 covers H100/H200.

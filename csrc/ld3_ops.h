@@ -15,8 +15,10 @@ using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>;
 // Argument checks common to every device (TORCH_CHECK messages name the argument).
 void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history);
 // A caller's `out=` must look exactly like x and may alias x or one history tensor only exactly
-// (each element is then read and written by the same thread); any partial overlap is refused.
-void check_update_out(const at::Tensor& out, const at::Tensor& x, const std::vector<at::Tensor>& history);
+// (each element is then read and written by the same thread); any partial overlap is refused, and
+// so is any memory shared with coef.
+void check_update_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& coef,
+                      const std::vector<at::Tensor>& history);
 // The backward's incoming gradient must look exactly like x.
 void check_update_grad(const at::Tensor& grad, const at::Tensor& x);
 void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver, int64_t order);
@@ -34,7 +36,8 @@ GradTuple multistep_backward_cpu(const at::Tensor& grad, const at::Tensor& x, co
                                  const std::vector<at::Tensor>& history, bool need_x, bool need_coef, bool need_hist);
 // One reverse step of the whole-sampler adjoint (ld3_ext/adjoint.py): returns gm = sum_j w_j L_j,
 // writes L_0 = scale*lam_prev + v into v when v is given, and dots = [<L_0,x>, <L_j,m>...] when
-// dots is given.  Undefined tensors stand for "absent".
+// dots is given.  Undefined tensors stand for "absent".  The written tensors (v, dots) share no
+// memory with any other argument.
 struct AdjointArgs {
   int64_t J;
   bool has_v;

@@ -103,6 +103,10 @@ def test_kernel_empty_tensors():
 @native
 @pytest.mark.parametrize("case,match", [
     ("alias", "must not share memory"),
+    ("v_is_x", "v must not share memory with x"),
+    ("v_views_m", "v must not share memory with m"),
+    ("dots_in_v", "dots must not share memory"),
+    ("dots_in_older", "dots must not share memory with older"),
     ("too_many_w", "weights but only"),
     ("w_dtype", "w must be a 1-D float64"),
     ("noncontig_v", "must be contiguous"),
@@ -123,6 +127,19 @@ def test_kernel_bad_input(case, match):
     older = []
     if case == "alias":
         v = lam
+    elif case == "v_is_x":
+        v = x
+    elif case == "v_views_m":
+        m = torch.randn(2 * n)
+        v, m = m[:n], m[n:]  # disjoint halves of one buffer: refused all the same
+    elif case in ("dots_in_v", "dots_in_older"):
+        buf = torch.randn(2 * n, dtype=torch.float64)
+        lam, x, m = lam.double(), x.double(), m.double()
+        if case == "dots_in_v":
+            v, dots = buf[:n], buf[n:n + 3]
+        else:
+            v, older, dots = v.double(), [buf[:n]], buf[n:n + 4]
+            w = torch.ones(3, dtype=torch.float64)
     elif case == "too_many_w":
         w = torch.ones(3, dtype=torch.float64)
     elif case == "w_dtype":

@@ -33,6 +33,7 @@ MIX, SCHED, MODEL = _ring()
 GRID = D.edm(SCHED, 5)
 _BUF = torch.arange(16.0)  # out=_BUF[4:] overlaps x=_BUF[:-4] partly: refused, never a silently wrong result
 X = torch.randn(3, 2, dtype=F64)
+_BUF64 = torch.arange(8.0, dtype=F64)  # coef=_BUF64[:2] and out=x=_BUF64[2:]: one storage
 
 
 def _sample(**kw):
@@ -182,6 +183,8 @@ CASES = [
      "overlap|memory location"),
     ("update out overlaps history", _fused_update(torch.ones(12), torch.ones(2, dtype=F64), [_BUF[:-4]],
                                                   out=_BUF[4:]), RuntimeError, "overlap|memory location"),
+    ("update out shares coef", _fused_update(_BUF64[2:], _BUF64[:2], [], out=_BUF64[2:]), RuntimeError,
+     r"\bout\b.*coef"),
     ("table timesteps 2-D", _fused_table(SCHED, GRID[None], SolverSpec("dpmpp", 2)), ValueError, "timesteps"),
     ("table timesteps 1 entry", _fused_table(SCHED, GRID[:1], SolverSpec("dpmpp", 2)), ValueError, "timesteps"),
     ("table timesteps list", _fused_table(SCHED, [1.0, 0.5], SolverSpec("dpmpp", 2)), ValueError, "timesteps"),

@@ -35,12 +35,15 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
               x.device());
 }
 
-void check_update_out(const at::Tensor& out, const at::Tensor& x, const std::vector<at::Tensor>& history) {
+void check_update_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& coef,
+                      const std::vector<at::Tensor>& history) {
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device() && out.sizes() == x.sizes(),
               "multistep_update: out must match x in shape, dtype and device");
   at::assert_no_internal_overlap(out);
   for (const auto& m : history) at::assert_no_partial_overlap(out, m);
   at::assert_no_partial_overlap(out, x);
+  // the CUDA kernel reads coef (declared __restrict__) while threads write out
+  TORCH_CHECK(!out.is_alias_of(coef), "multistep_update: out must not share memory with coef");
 }
 
 void check_update_grad(const at::Tensor& grad, const at::Tensor& x) {
@@ -105,6 +108,19 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
       TORCH_CHECK(m.defined(), "multistep_adjoint: m is needed for the dot products");
       check_like(m, lam_prev, "m");
     }
+    // the dots are written after the tensor pass has read everything else
+    for (const at::Tensor* t : {&lam_prev, &v, &x, &m, &w, &scale}) {
+      TORCH_CHECK(!(t->defined() && dots.is_alias_of(*t)), "multistep_adjoint: dots must not share memory with "
+                  "lam_prev, v, x, m, w or scale");
+    }
+    for (const auto& o : older) {
+      TORCH_CHECK(!dots.is_alias_of(o), "multistep_adjoint: dots must not share memory with older");
+    }
+  }
+  // v is overwritten with L_0 while x and m are read (by other threads, on CUDA): no shared memory
+  if (a.has_v) {
+    TORCH_CHECK(!(x.defined() && v.is_alias_of(x)), "multistep_adjoint: v must not share memory with x");
+    TORCH_CHECK(!(m.defined() && v.is_alias_of(m)), "multistep_adjoint: v must not share memory with m");
   }
   return a;
 }

@@ -300,7 +300,7 @@ at::Tensor multistep_forward_cpu(const at::Tensor& x_in, const at::Tensor& coef_
   const int64_t K = static_cast<int64_t>(history.size());
   at::Tensor out = out_in;
   if (out.defined()) {
-    check_update_out(out, x_in, history);
+    check_update_out(out, x_in, coef_in, history);
   } else {
     out = at::empty_like(x_in, at::MemoryFormat::Contiguous);
   }

@@ -162,7 +162,7 @@ at::Tensor multistep_forward_cuda(const at::Tensor& x_in, const at::Tensor& coef
   const int64_t K = static_cast<int64_t>(history.size());
   at::Tensor out = out_in;
   if (out.defined()) {
-    check_update_out(out, x_in, history);  // metadata only: no sync, fine under graph capture
+    check_update_out(out, x_in, coef_in, history);  // metadata only: no sync, fine under graph capture
   } else {
     out = at::empty_like(x_in, at::MemoryFormat::Contiguous);
   }
