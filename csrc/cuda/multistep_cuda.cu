@@ -217,7 +217,7 @@ GradTuple multistep_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x
   at::Tensor gc;
   if (need_coef) gc = n == 0 ? at::zeros_like(coef_in, at::MemoryFormat::Contiguous)
                              : at::empty_like(coef_in, at::MemoryFormat::Contiguous);
-  if (n == 0 || (!need_x && !need_coef && !need_hist)) return {gx, gc, gms};
+  if (n == 0 || (!need_x && !need_coef && !(need_hist && K > 0))) return {gx, gc, gms};  // as on the CPU
   const at::Tensor coef = coef_in.contiguous();
   at::Tensor x;
   std::vector<at::Tensor> hist;
