@@ -81,6 +81,9 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
     check_like(v, lam_prev, "v");
     TORCH_CHECK(v.is_contiguous(), "multistep_adjoint: v is written in place and must be contiguous");
     TORCH_CHECK(!v.is_alias_of(lam_prev), "multistep_adjoint: v must not share memory with lam_prev");
+    // v is overwritten with L_0 while x and m are read (by other threads, on CUDA)
+    TORCH_CHECK(!(x.defined() && v.is_alias_of(x)), "multistep_adjoint: v must not share memory with x");
+    TORCH_CHECK(!(m.defined() && v.is_alias_of(m)), "multistep_adjoint: v must not share memory with m");
     TORCH_CHECK(scale.defined() && scale.numel() == 1, "multistep_adjoint: scale must hold one value when v is given");
     TORCH_CHECK(scale.scalar_type() == at::kDouble && scale.device() == lam_prev.device(),
                 "multistep_adjoint: scale must be a float64 tensor on lam_prev's device");
@@ -116,11 +119,6 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
     for (const auto& o : older) {
       TORCH_CHECK(!dots.is_alias_of(o), "multistep_adjoint: dots must not share memory with older");
     }
-  }
-  // v is overwritten with L_0 while x and m are read (by other threads, on CUDA): no shared memory
-  if (a.has_v) {
-    TORCH_CHECK(!(x.defined() && v.is_alias_of(x)), "multistep_adjoint: v must not share memory with x");
-    TORCH_CHECK(!(m.defined() && v.is_alias_of(m)), "multistep_adjoint: v must not share memory with m");
   }
   return a;
 }
