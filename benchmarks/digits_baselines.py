@@ -1,7 +1,7 @@
 """Teacher-RMSE of NFE-5 DPM-Solver++(3M) on the digits model for each baseline schedule."""
 import time, torch
 torch.set_num_threads(1)
-from ld3_ext import DPMSolverPP, UniPC, Euler, discretizations as D
+from ld3_ext import DPMSolverPP, UniPC, discretizations as D
 from ld3_ext.models.digits import load_digits_model, weights_sha256
 from ld3_ext.baselines import dmn, gits
 from ld3_ext.metrics import teacher_rmse, digits_fd

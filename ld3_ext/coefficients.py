@@ -23,7 +23,6 @@ second order, UniPC bh1/bh2, iPNDM 1-4, Euler = DDIM in data prediction).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, asdict
 from typing import List
 

@@ -5,7 +5,6 @@ import sys
 import types
 
 import pytest
-import torch
 
 from ld3_ext import cli
 from ld3_ext.models import ModelSpecError, load_model

@@ -1,14 +1,23 @@
 """CUDA kernels: parity with the CPU kernels and the reference (values and gradients), gradcheck,
 bitwise determinism, no host sync (CUDA-graph capture of a sampler step).  Skipped without a GPU
-or without an extension built with LD3_WITH_CUDA=ON; run on the GPU box by benchmarks/gpu_check.sh."""
+or without an extension built with LD3_WITH_CUDA=ON; run on the GPU box by benchmarks/gpu_check.sh.
+
+LD3_CUDA_TESTS_ON_CPU=1 runs this module's code with the CPU as the device (a dry run, which
+tests/test_cuda_ops_dry_run.py does in every test run): the skip-on-CPU tests are never executed
+otherwise, so an API change or a typo here would surface only on a scarce GPU session.  Parity is
+then CPU against CPU -- it proves the tests run, not the CUDA kernels; the tests that need CUDA
+itself (graphs, streams, device-only behaviour) are skipped."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from ld3_ext import _native
 
-if not (torch.cuda.is_available() and _native.native_cuda_available()):
+ON_CPU = os.environ.get("LD3_CUDA_TESTS_ON_CPU") == "1"
+if not ON_CPU and not (torch.cuda.is_available() and _native.native_cuda_available()):
     pytest.skip("needs a GPU and ld3_ext._C built with CUDA kernels", allow_module_level=True)
 
 from ld3_ext import fused, ops  # noqa: E402
@@ -16,7 +25,8 @@ from ld3_ext import schedules as S  # noqa: E402
 from ld3_ext.coefficients import SOLVER_IDS, SolverSpec, coefficient_table_reference  # noqa: E402
 
 C = _native.get()
-DEV = torch.device("cuda")
+DEV = torch.device("cpu" if ON_CPU else "cuda")
+needs_cuda = pytest.mark.skipif(ON_CPU, reason="dry run on the CPU: needs CUDA itself")
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -129,6 +139,7 @@ def test_cuda_one_misaligned_pointer(dtype, which):
     torch.testing.assert_close(gc, gc_a, rtol=1e-12, atol=0)
 
 
+@needs_cuda
 def test_cuda_more_than_2_pow_31_elements():
     """64-bit indexing end to end: an update, its backward and the dot products over 2^31 + 17 float16
     elements (4 GiB a tensor), with values whose sums are exact in double."""
@@ -157,6 +168,7 @@ def test_cuda_out_partial_overlap_refused():
         C.multistep_update(torch.randn(996, device=DEV), coef, [buf[:-4]], buf[4:])
 
 
+@needs_cuda
 def test_cuda_wrong_device_coef():
     x, coef, hist = _inputs(torch.float32, 2)
     with pytest.raises(ValueError, match="coef is on cpu"):
@@ -173,6 +185,7 @@ def test_cuda_gradcheck():
     assert torch.autograd.gradcheck(lambda tt: fused.coefficient_table(S.VPLinear(), tt, SolverSpec("unipc", 3)), (t,))
 
 
+@needs_cuda
 def test_cuda_backward_deterministic_and_accurate():
     n = 3_000_017
     g = torch.Generator().manual_seed(1)
@@ -203,6 +216,7 @@ def test_cuda_coefficient_table_matches_cpu(schedule):
         torch.testing.assert_close(jac_g.cpu(), jac_c, rtol=1e-11, atol=1e-12)
 
 
+@needs_cuda
 def test_cuda_graph_capture_of_sampler_step():
     """Coefficients stay on the device: a table + update step captures and replays in a CUDA graph."""
     schedule, spec = S.VPLinear(), SolverSpec("dpmpp", 3)
@@ -244,7 +258,7 @@ def test_cuda_adjoint_step_matches_cpu(dtype, J, with_v):
     w = torch.randn(J, generator=g, dtype=torch.float64)
     sc = torch.tensor([0.7], dtype=torch.float64) if with_v else None
     res = []
-    for dev in ("cpu", "cuda"):
+    for dev in ("cpu", DEV.type):
         mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
         vv = mv(v.clone()) if with_v else None
         dots = torch.zeros(6, dtype=torch.float64, device=dev)
@@ -283,7 +297,7 @@ def test_cuda_whole_sampler_matches_cpu_and_is_deterministic(make_solver):
     x0 = 10 * torch.randn(64, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out = {}
     for dev in ("cpu", "cuda", "cuda2"):
-        d = dev[:4] if dev != "cpu" else "cpu"
+        d = "cpu" if dev == "cpu" else DEV.type
         t = t0.to(d).requires_grad_()
         x = x0.to(d).requires_grad_()
         y = make_solver(ld3_ext).sample(model, x, t)
@@ -296,6 +310,7 @@ def test_cuda_whole_sampler_matches_cpu_and_is_deterministic(make_solver):
         assert torch.equal(a, b), "CUDA whole-sampler backward must be bitwise reproducible"
 
 
+@needs_cuda
 def test_cuda_graph_capture_of_whole_sampler_backward():
     """The whole-sampler node (forward and its backward, the LD3 training step's solver part) reads
     its coefficients on the device and makes no host round trip: it captures in a CUDA graph and a
@@ -337,6 +352,7 @@ def test_cuda_graph_capture_of_whole_sampler_backward():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@needs_cuda
 def test_cuda_sampling_checks_outputs_once_at_the_end():
     """On CUDA, sample() queues each output's NaN/Inf check on the device and reads them back once:
     a NaN at step 1 is still reported as step 1, after the remaining (cheap) steps ran."""
@@ -357,6 +373,7 @@ def test_cuda_sampling_checks_outputs_once_at_the_end():
     assert torch.isfinite(y).all()
 
 
+@needs_cuda
 def test_cuda_graph_capture_of_a_whole_sample_call():
     """A whole sample() call (fused DPM-Solver++(3M) and Heun, no gradients) captures in a CUDA graph:
     during capture only the checks that read no value run, and the output checks are not read back."""
@@ -383,6 +400,7 @@ def test_cuda_graph_capture_of_a_whole_sample_call():
         torch.testing.assert_close(static, want, rtol=1e-5, atol=1e-4)
 
 
+@needs_cuda
 def test_cuda_checkpointed_backward_checks_re_evaluations_once():
     """On CUDA the solvers hand the whole-sampler node the model's deferred_output_checks: with
     checkpointing, the backward's re-evaluations are checked in one read-back at the end, and a NaN

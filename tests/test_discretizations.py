@@ -1,7 +1,6 @@
 """Baseline time grids (LD3.md section 4)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from ld3_ext.atomic_io import load_safetensors_checked

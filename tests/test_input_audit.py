@@ -5,13 +5,12 @@ must raise a Python exception (never crash, never pass silently) whose message n
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 import ld3_ext
-from ld3_ext import EDM, FlowMatching, VPCosine, VPLinear, _native, discretizations as D, testbeds
+from ld3_ext import EDM, FlowMatching, VPCosine, VPLinear, discretizations as D, testbeds
 from ld3_ext.coefficients import SolverSpec
 from ld3_ext.schedule_file import load_schedule
 from ld3_ext.solvers import DPMSolverPP, IPNDM, UniPC

@@ -74,7 +74,6 @@ def test_mismatching_cache_is_refused_then_regenerated(ring, tmp_path, change):
     _gen(model, fn, settings, str(tmp_path))
     kw = dict(n=10, seed=0)
     other_settings = settings
-    ident = None
     if change == "seed":
         kw["seed"] = 1
     elif change == "n":
