@@ -130,17 +130,24 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a*x + sum_k b_k*history[k] with coef = [a, b_0, ...]; ``out`` (may be ``x``) needs no autograd."""
     history = list(history)
-    if out is None and _C is not None and type(coef) is torch.Tensor and coef.dtype == torch.float64 \
+    if _C is not None and type(coef) is torch.Tensor and coef.dtype == torch.float64 \
             and type(x) is torch.Tensor and (x.is_cpu or (x.is_cuda and _native.native_cuda_available())) \
             and not torch.compiler.is_compiling():
         # the common call: the extension checks every argument itself (TORCH_CHECK); the Python
         # checks below, which cost more than a small update, run only to name a failure precisely
         try:
-            return _update_eager(x, coef, history)
+            if out is None:
+                return _update_eager(x, coef, history)
+            if type(out) is torch.Tensor and not _records_grad(x, coef, history):
+                return _C.multistep_update(x, coef, history, out)
+            failure = None
         except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
             failure = exc
         _check_update(x, coef, history)  # raised outside the except block: no chained traceback
-        raise failure
+        if out is not None:
+            _check_out(x, coef, history, out)
+        if failure is not None:
+            raise failure
     _check_update(x, coef, history)
     if coef.dtype != torch.float64:
         coef = coef.to(torch.float64)
@@ -150,19 +157,28 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
         return res if out is None else out.copy_(res)
     _lib()
     if out is not None:
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, coef, *history)):
-            raise RuntimeError("multistep_update: out= is not supported when gradients are required")
-        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
-            raise ValueError("multistep_update: out must match x in shape, dtype and device")
+        _check_out(x, coef, history, out)
         return _C.multistep_update(x, coef, history, out)
     if torch.compiler.is_compiling():
         return torch.ops.ld3_ext.multistep_update(x, coef, history)
     return _update_eager(x, coef, history)
 
 
+def _records_grad(x, coef, history) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad or any(m.requires_grad for m in history))
+
+
+def _check_out(x, coef, history, out) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"multistep_update: out must be a torch.Tensor, got {type(out).__name__}")
+    if _records_grad(x, coef, history):
+        raise RuntimeError("multistep_update: out= is not supported when gradients are required")
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError("multistep_update: out must match x in shape, dtype and device")
+
+
 def _update_eager(x, coef, history):
-    if not (torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad
-                                         or any(m.requires_grad for m in history))):
+    if not _records_grad(x, coef, history):
         return _C.multistep_update(x, coef, history)  # nothing to record: skip the Function overhead
     return _MultistepUpdate.apply(x, coef, *history)
 

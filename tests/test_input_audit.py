@@ -176,6 +176,8 @@ CASES = [
      r"\bout\b"),
     ("update out dtype", _fused_update(torch.ones(3), torch.ones(1, dtype=F64), [], out=torch.ones(3, dtype=F64)),
      ValueError, r"\bout\b"),
+    ("update out not a tensor", _fused_update(torch.ones(3), torch.ones(1, dtype=F64), [], out=[0.0, 0.0, 0.0]),
+     TypeError, r"\bout\b.*Tensor"),
     ("update out expanded", _fused_update(torch.ones(3), torch.ones(1, dtype=F64), [],
                                           out=torch.ones(1).expand(3)), RuntimeError, "overlap|memory location"),
     ("update out overlaps x", _fused_update(_BUF[:-4], torch.ones(1, dtype=F64), [], out=_BUF[4:]), RuntimeError,
