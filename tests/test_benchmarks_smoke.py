@@ -1,0 +1,48 @@
+"""benchmarks/bench_kernels.py still runs and writes the records the issue specifies.
+
+Not a timing test (no speed is asserted): a tiny shape, --quick, in a child process from outside the
+source tree.  The benchmark is run by hand and on the GPU box (benchmarks/gpu_check.sh), so without
+this a broken import or a renamed record field would show only there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_kernels.py")
+FIELDS = {"case", "shape", "variant", "median_s", "ratio_vs_eager", "bytes_moved", "GBps", "fraction_of_copy",
+          "machine", "threads", "device", "dtype"}
+
+
+def test_bench_kernels_writes_one_record_per_case_shape_variant(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--no-compile", "--threads", "1",
+                           "--shapes", "2x3x8x8,1x5", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads(out.read_text())
+    assert data["threads"] == 1 and data["device"] == "cpu"
+    # the malloc guard re-executes the script with the glibc settings and records them
+    assert all(data["machine"]["malloc_env"][k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    recs = data["records"]
+    keys = [(r["case"], r["shape"], r["variant"]) for r in recs]
+    assert len(keys) == len(set(keys))
+    want = {("copy", "copy_fwd_bytes"), ("copy", "copy_fwdbwd_bytes"), ("update_fwd", "eager"),
+            ("update_fwd", "fused"), ("update_fwd", "fused_out"), ("update_fwdbwd", "eager"),
+            ("update_fwdbwd", "fused"), ("sampler", "reference"), ("sampler", "fused")}
+    for shape in ("2x3x8x8", "1x5"):
+        assert {(c, v) for c, s, v in keys if s == shape} == want
+    for r in recs:
+        assert FIELDS <= r.keys(), r
+        assert r["median_s"] > 0 and r["threads"] == 1 and r["dtype"] == "float32"
+        if r["case"] in ("update_fwd", "update_fwdbwd"):
+            # bytes the fused kernel must move: (2 + K) passes forward, (3 + 2K) more backward, K = 3
+            numel = 2 * 3 * 8 * 8 if r["shape"] == "2x3x8x8" else 5
+            passes = 5 if r["case"] == "update_fwd" else 5 + 9
+            assert r["bytes_moved"] == passes * numel * 4
+            assert r["GBps"] > 0 and r["fraction_of_copy"] > 0 and r["ratio_vs_eager"] > 0
+        if (r["case"], r["variant"]) == ("sampler", "fused"):
+            assert r["overhead_ratio_vs_reference"] > 0
+    assert "sampler" in proc.stdout and "update_fwd" in proc.stdout  # the printed table
