@@ -143,6 +143,8 @@ CASES = [
     ("sample model_timesteps nan", _sample(model_timesteps=torch.full_like(GRID, NAN)), ValueError,
      "model_timesteps"),
     ("sample model_timesteps list", _sample(model_timesteps=GRID.tolist()), TypeError, "model_timesteps"),
+    ("sample model_timesteps integer", _sample(model_timesteps=GRID.long()), ValueError,
+     "model_timesteps: must be a floating tensor"),
     ("sample too few steps dpmpp3", _sample(solver=DPMSolverPP(3, backend="reference"), timesteps=GRID[[0, -1]]),
      None, None),  # 1 step is allowed (order drops): must simply work
     # ---- discretizations -------------------------------------------------------------------

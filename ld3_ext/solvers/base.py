@@ -54,6 +54,8 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
     name = "model_timesteps"
     if not isinstance(model_timesteps, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D torch.Tensor, got {type(model_timesteps).__name__}")
+    if not model_timesteps.is_floating_point():
+        _fail(name, f"must be a floating tensor, got dtype {model_timesteps.dtype}")
     if model_timesteps.shape != timesteps.shape:
         _fail(name, f"must have the same length as timesteps ({timesteps.numel()}), got shape "
                     f"{tuple(model_timesteps.shape)}")
