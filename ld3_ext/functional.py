@@ -28,7 +28,7 @@ or any :class:`~ld3_ext.solvers.Solver` instance.  The DPM-Solver++ names use ``
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
@@ -118,6 +118,8 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
     if not callable(model_or_denoiser):
         raise TypeError(f"model_or_denoiser must be a DiffusionModel or a callable denoiser(x, sigma, **kw) -> x0, "
                         f"got {type(model_or_denoiser).__name__}")
+    if extra_args is not None and not isinstance(extra_args, Mapping):
+        raise TypeError(f"extra_args must be a dict of model keyword arguments, got {type(extra_args).__name__}")
     sv = get_solver(solver, **solver_kw)
     s = _grid(sigmas, x, "sigmas")
     ms = s if model_sigmas is None else _grid(model_sigmas, x, "model_sigmas")

@@ -42,6 +42,13 @@ def _sample(**kw):
     return lambda: solver.sample(args.pop("model"), args.pop("x_T"), args.pop("timesteps"), **args)
 
 
+def _ksample(**kw):
+    """ld3_ext.sample, the k-diffusion-style entry: a denoiser D(x, sigma) -> x0 and a sigma grid."""
+    args = dict(model=lambda x, sigma: x / (1 + sigma.reshape(-1, 1) ** 2), x=X, sigmas=torch.tensor([10.0, 1.0, 0.0]))
+    args.update(kw)
+    return lambda: ld3_ext.sample(args.pop("model"), args.pop("x"), args.pop("sigmas"), **args)
+
+
 def _trainer(**kw):
     args = dict(teacher="exact", reference=MIX, sample_shape=MIX.event_shape, model_name="ring", n_train=4,
                 n_valid=2, rounds_v1=1, rounds_v2=1, batch_size=2, progress=False)
@@ -143,6 +150,15 @@ CASES = [
     ("sample model_timesteps nan", _sample(model_timesteps=torch.full_like(GRID, NAN)), ValueError,
      "model_timesteps"),
     ("sample model_timesteps list", _sample(model_timesteps=GRID.tolist()), TypeError, "model_timesteps"),
+    ("k-sample extra_args list", _ksample(extra_args=[1]), TypeError, "extra_args"),
+    ("k-sample denoiser int", _ksample(model=3), TypeError, "model_or_denoiser"),
+    ("k-sample x int", _ksample(x=torch.ones(3, 2, dtype=torch.int64)), TypeError, r"\bx\b"),
+    ("k-sample sigmas 1 entry", _ksample(sigmas=torch.tensor([10.0])), ValueError, "sigmas"),
+    ("k-sample sigmas increasing", _ksample(sigmas=torch.tensor([1.0, 10.0, 0.0])), ValueError, "sigmas"),
+    ("k-sample sigmas negative", _ksample(sigmas=torch.tensor([5.0, -1.0])), ValueError, "sigmas"),
+    ("k-sample sigmas nan", _ksample(sigmas=torch.tensor([5.0, NAN, 0.0])), ValueError, "sigmas"),
+    ("k-sample solver unknown", _ksample(solver="nope"), ValueError, "solver"),
+    ("k-sample model_sigmas length", _ksample(model_sigmas=torch.tensor([10.0, 0.0])), ValueError, "model_sigmas"),
     ("sample model_timesteps integer", _sample(model_timesteps=GRID.long()), ValueError,
      "model_timesteps: must be a floating tensor"),
     ("sample too few steps dpmpp3", _sample(solver=DPMSolverPP(3, backend="reference"), timesteps=GRID[[0, -1]]),
