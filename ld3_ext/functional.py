@@ -64,8 +64,10 @@ def get_solver(solver: Union[str, Solver], **solver_kw) -> Solver:
 class _VEModel(DiffusionModel):
     """A k-diffusion denoiser, or a DiffusionModel seen in the VE view, as a DiffusionModel on an EDM schedule."""
 
-    def __init__(self, model_or_denoiser, schedule: EDM, callback=None):
-        super().__init__(model_or_denoiser, schedule, prediction="x0", time_input="sigma", check_output=False,
+    def __init__(self, model_or_denoiser, schedule: EDM, callback=None, check_output: bool = True):
+        # a DiffusionModel checks its own outputs (its check_output setting): checked once, not twice
+        check_output = check_output and not isinstance(model_or_denoiser, DiffusionModel)
+        super().__init__(model_or_denoiser, schedule, prediction="x0", time_input="sigma", check_output=check_output,
                          name=getattr(model_or_denoiser, "name", None) or getattr(model_or_denoiser, "__name__", None))
         self.inner = model_or_denoiser if isinstance(model_or_denoiser, DiffusionModel) else None
         self.callback = callback
@@ -104,13 +106,16 @@ def _grid(s, x: torch.Tensor, name: str) -> torch.Tensor:
 
 def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, sigmas,
            solver: Union[str, Solver] = "dpmpp_3m", model_sigmas=None, extra_args: Optional[Dict[str, Any]] = None,
-           callback: Optional[Callable] = None, disable: Any = None, **solver_kw) -> torch.Tensor:
+           callback: Optional[Callable] = None, disable: Any = None, check_output: bool = True,
+           **solver_kw) -> torch.Tensor:
     """Solve the probability-flow ODE from ``x`` at ``sigmas[0]`` down the grid ``sigmas`` (k-diffusion style).
 
     ``model_sigmas`` (same length as ``sigmas``) are where the network is evaluated (LD3's decoupled times;
     default ``sigmas``); with a trailing 0 the final denoise uses ``model_sigmas[-2]``.  ``extra_args`` are
     passed to every model call.  ``callback(dict(x, i, sigma, sigma_hat, denoised))`` runs after every
     network evaluation (k-diffusion's hook); ``disable`` is accepted for signature compatibility.
+    ``check_output``: a denoiser output with NaN/Inf raises ``ModelOutputError`` naming the step (as
+    ``wrap_model`` does; False lets it through, as k-diffusion does).
     Differentiable w.r.t. ``x``, ``sigmas`` and ``model_sigmas`` (float tensors).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -132,7 +137,7 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
     both = torch.cat([pos.detach(), mpos.detach()])
     lo, hi = both.min().item(), both.max().item()
     schedule = EDM(lo, hi) if hi > lo else EDM(lo, lo * (1 + 1e-6))
-    model = _VEModel(model_or_denoiser, schedule, callback)
+    model = _VEModel(model_or_denoiser, schedule, callback, check_output=check_output)
     kw = dict(extra_args or {})
     if pos.numel() >= 2:
         x = sv.sample(model, x, pos, mpos, **kw)

@@ -135,6 +135,27 @@ def test_extra_args_and_named_samplers(mix):
     assert ld3_ext.functional.sample_unipc.__name__ == "sample_unipc"
 
 
+@pytest.mark.parametrize("bad_call", [2, 3], ids=["mid-grid", "final-denoise"])
+def test_denoiser_nan_is_reported_with_its_step(mix, bad_call):
+    """A NaN/Inf denoiser output raises ModelOutputError (as wrap_model's models do), for a step of the
+    grid and for the final denoise at sigma = 0; check_output=False lets it through (k-diffusion's way)."""
+    calls = []
+
+    def d(x, sigma):
+        calls.append(1)
+        out = denoiser_of(mix)(x, sigma)
+        return out * float("nan") if len(calls) == bad_call else out
+    with pytest.raises(ld3_ext.ModelOutputError, match="NaN/Inf" + (" at step 1" if bad_call == 2 else "")):
+        F.sample(d, x_T(), karras(3), solver="dpmpp_2m")
+    calls.clear()
+    out = F.sample(d, x_T(), karras(3), solver="dpmpp_2m", check_output=False)
+    assert len(calls) == 3 and torch.isnan(out).all()  # 2 steps, then the final denoise
+    # a DiffusionModel is checked by its own setting, once
+    model = ld3_ext.wrap_model(lambda x, s: x * float("nan"), ld3_ext.EDM(), prediction="x0", time_input="sigma",
+                               check_output=False)
+    assert torch.isnan(F.sample(model, x_T(), karras(3), solver="dpmpp_2m")).all()
+
+
 def test_differentiable_in_sigmas(mix):
     sigmas = karras(5, append_zero=False).requires_grad_(True)
     out = F.sample(denoiser_of(mix), x_T(2), sigmas, solver="unipc")
