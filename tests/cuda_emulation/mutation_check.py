@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Does tests/test_cuda_emulated.py catch bugs in the CUDA kernels?  Inject one at a time and see.
+
+    python tests/cuda_emulation/mutation_check.py        # about a minute per mutation (a rebuild each)
+
+Each mutation edits a copy of csrc/ (never the tree itself), rebuilds the emulated module and runs
+the emulation tests; a mutation is caught when a test fails.  Prints one line per mutation.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+# (name, file under csrc/, text, replacement, expected: True = a real bug that must be caught)
+MUTATIONS = [
+    ("tree sum without the barrier between levels", "cuda/reduce_cuda.cuh",
+     "    if (threadIdx.x < s) smem[threadIdx.x] += smem[threadIdx.x + s];\n    __syncthreads();",
+     "    if (threadIdx.x < s) smem[threadIdx.x] += smem[threadIdx.x + s];", True),
+    ("vector tail starts one element late", "cuda/multistep_cuda.cu",
+     "tail_start = nvec * P::N;", "tail_start = nvec * P::N + 1;", True),
+    ("adjoint partials accumulated into uninitialised memory", "cuda/adjoint_cuda.cu",
+     "partials[int64_t(blockIdx.x) * (1 + J) + k] = tot;", "partials[int64_t(blockIdx.x) * (1 + J) + k] += tot;",
+     True),
+    ("forward grid-stride step doubled (skips elements)", "cuda/multistep_cuda.cu",
+     "const int64_t stride = int64_t(gridDim.x) * blockDim.x;",
+     "const int64_t stride = int64_t(gridDim.x) * blockDim.x * 2;", True),
+    ("adjoint reads the wrong older adjoint", "cuda/adjoint_cuda.cu",
+     "L[j] = static_cast<acc_t>(p.older[j - 1][i]);", "L[j] = static_cast<acc_t>(p.older[j > 1 ? j - 2 : 0][i]);",
+     True),
+    ("second pass sums only the first 256 blocks' partials", "cuda/reduce_cuda.cuh",
+     "for (int64_t b = threadIdx.x; b < nblocks; b += kThreads)",
+     "for (int64_t b = threadIdx.x; b < nblocks && b < kThreads; b += kThreads)", True),
+    # benign today: only thread 0 uses the block sum, and it reads smem[0] before rewriting it
+    ("no barrier after reading the block sum", "cuda/reduce_cuda.cuh",
+     "  const double r = smem[0];\n  __syncthreads();", "  const double r = smem[0];", False),
+]
+
+
+def main() -> int:
+    work = tempfile.mkdtemp(prefix="ld3_mutation_")
+    build = os.path.join(work, "build")
+    missed = 0
+    try:
+        shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(work, "tests"))
+        for name, rel, old, new, must_catch in MUTATIONS:
+            csrc = os.path.join(work, "csrc")
+            shutil.rmtree(csrc, ignore_errors=True)
+            shutil.copytree(os.path.join(ROOT, "csrc"), csrc)
+            path = os.path.join(csrc, rel)
+            text = open(path).read()
+            if old not in text:
+                print(f"STALE   {name}: the text to mutate is no longer in csrc/{rel}")
+                missed += 1
+                continue
+            with open(path, "w") as fh:
+                fh.write(text.replace(old, new, 1))
+            env = dict(os.environ, LD3_CUDA_EMU_BUILD_DIR=build)
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                   os.path.join(work, "tests", "test_cuda_emulated.py")],
+                                  cwd=work, env=env, capture_output=True, text=True)
+            caught = proc.returncode != 0
+            last = (proc.stdout.strip().splitlines() or ["?"])[-1]
+            verdict = "caught" if caught else ("MISSED" if must_catch else "benign, not caught")
+            missed += int(must_catch and not caught)
+            print(f"{verdict:18s} {name}  ({last})", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
