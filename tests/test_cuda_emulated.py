@@ -20,7 +20,7 @@ import torch
 import ld3_ext
 from ld3_ext import _native
 from ld3_ext import schedules as S
-from ld3_ext.coefficients import SOLVER_IDS, SolverSpec
+from ld3_ext.coefficients import SOLVER_IDS
 from conftest import random_decreasing_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
