@@ -77,18 +77,19 @@ def test_update_forward_and_backward_match_cpu(emu, dtype, K):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("which", ["x", "hist1", "out"])
+@pytest.mark.parametrize("which", ["x", "hist1", "out", "grad"])
 def test_update_misaligned_pointer_takes_the_scalar_path(emu, dtype, which):
     """One tensor one element off a 16-byte boundary: the whole call must take the scalar loop and
-    still give the aligned result bitwise (and an out= view is written in place)."""
+    still give the aligned result bitwise (and an out= view is written in place); the backward's
+    element-wise grads too, and its dot products to rounding."""
     g = torch.Generator().manual_seed(3)
-    n = 1000 + 7
+    n = BLOCK + 1000 + 7
 
     def make(name):
         buf = _randn(n + 1, dtype, g)
         return buf[1:] if name == which else buf[:n]
 
-    x, hist = make("x"), [make(f"hist{k}") for k in range(3)]
+    x, hist, grad = make("x"), [make(f"hist{k}") for k in range(3)], make("grad")
     coef = torch.randn(4, generator=g, dtype=torch.float64)
     want = C.multistep_update(x.clone(), coef, [h.clone() for h in hist])
     if which == "out":
@@ -97,6 +98,13 @@ def test_update_misaligned_pointer_takes_the_scalar_path(emu, dtype, which):
         assert torch.equal(out, want)
     else:
         assert torch.equal(emu.multistep_update(x, coef, hist), want)
+    for need in [(True, True, True), (False, True, False), (True, False, True)]:
+        ge = emu.multistep_update_backward(grad, x, coef, hist, *need)
+        gc = C.multistep_update_backward(grad.clone(), x.clone(), coef, [h.clone() for h in hist], *need)
+        assert ge[0] is None or torch.equal(ge[0], gc[0])
+        assert all(torch.equal(a, b) for a, b in zip(ge[2], gc[2]))
+        if ge[1] is not None:
+            _dots_close(ge[1], gc[1], dtype, grad.double().abs() * x.double().abs())
 
 
 def test_update_out_aliases_and_non_contiguous_input(emu):
@@ -210,6 +218,31 @@ def test_adjoint_step_matches_cpu(emu, dtype, J, with_v, with_dots):
     if with_dots:
         _dots_close(d_e[: 1 + J], d_c[: 1 + J], dtype, lam.double().abs() * x.double().abs())
         assert torch.all(d_e[1 + J:] == -7.0), "entries past 1 + J must be left alone"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("which", ["lam", "v", "older", "x", "m"])
+def test_adjoint_step_misaligned_pointer_takes_the_scalar_path(emu, dtype, which):
+    g = torch.Generator().manual_seed(12)
+    n = BLOCK + 999
+
+    def make(name):
+        buf = _randn(n + 1, dtype, g)
+        return buf[1:] if name == which else buf[:n]
+
+    lam, v, older, x, m = make("lam"), make("v"), [make("older")], make("x"), make("m")
+    w = torch.randn(3, generator=g, dtype=torch.float64)
+    sc = torch.tensor([1.3], dtype=torch.float64)
+    v_in = v.clone()  # the emulated step writes the (maybe misaligned) view itself, the CPU a copy
+    res = []
+    for fn in (emu.multistep_adjoint, C.multistep_adjoint):
+        vv = v if fn is emu.multistep_adjoint else v_in
+        dots = torch.zeros(4, dtype=torch.float64)
+        gm = fn(lam, vv, sc, older, x, m, w, dots)
+        res.append((gm, vv.clone(), dots))
+    (gm_e, v_e, d_e), (gm_c, v_c, d_c) = res
+    assert torch.equal(gm_e, gm_c) and torch.equal(v_e, v_c)
+    _dots_close(d_e, d_c, dtype, lam.double().abs() * x.double().abs())
 
 
 def test_adjoint_step_empty_and_reproducible(emu):

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "adjoint_step.h"
@@ -21,7 +23,52 @@
 namespace ld3 {
 namespace {
 
+// 16-byte packet of scalar_t for vectorised loads and stores.
+template <typename scalar_t>
+struct alignas(16) Packet {
+  static constexpr int N = 16 / sizeof(scalar_t);
+  scalar_t v[N];
+};
+
+// One element of the step: L_0 (stored into v), gm, and the products added to the thread's sums.
+// Returns gm's value; lam, vin, older and the loads of x and m are the element's inputs.
 template <typename scalar_t, int J, bool V, bool DOT>
+__device__ __forceinline__ void adjoint_element(at::opmath_type<scalar_t> s, const at::opmath_type<scalar_t>* w,
+                                                scalar_t lam, scalar_t* vio, const scalar_t* older, scalar_t xv,
+                                                scalar_t mv, scalar_t* gm, double* d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t L[J > 0 ? J : 1];
+  acc_t L0;
+  if constexpr (V) {
+    const scalar_t l = static_cast<scalar_t>(s * static_cast<acc_t>(lam) + static_cast<acc_t>(*vio));
+    *vio = l;
+    L0 = static_cast<acc_t>(l);
+  } else {
+    L0 = static_cast<acc_t>(lam);
+  }
+  L[0] = L0;
+#pragma unroll
+  for (int j = 1; j < J; ++j) L[j] = static_cast<acc_t>(older[j - 1]);
+  if constexpr (J > 0) {
+    acc_t g = w[0] * L[0];
+#pragma unroll
+    for (int j = 1; j < J; ++j) g = g + w[j] * L[j];
+    *gm = static_cast<scalar_t>(g);
+  }
+  if constexpr (DOT) {
+    d[0] += static_cast<double>(L0) * static_cast<double>(static_cast<acc_t>(xv));
+    if constexpr (J > 0) {
+      const double mvd = static_cast<double>(static_cast<acc_t>(mv));
+#pragma unroll
+      for (int j = 0; j < J; ++j) d[1 + j] += static_cast<double>(L[j]) * mvd;
+    }
+  }
+}
+
+// Per-block fixed chunks as in the update's backward (multistep_cuda.cu): VEC (every pointer in use
+// 16-byte aligned) takes the chunk's packets t, t + kThreads, ... per thread, then the last chunk's
+// leftover elements one by one.
+template <typename scalar_t, int J, bool V, bool DOT, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     adjoint_kernel(AdjointPtrs<scalar_t> p, int64_t n, double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -35,33 +82,44 @@ __global__ void __launch_bounds__(kThreads)
   for (int k = 0; k <= J; ++k) d[k] = 0.0;
   const int64_t base = int64_t(blockIdx.x) * kBlockChunk;
   const int64_t end = base + kBlockChunk < n ? base + kBlockChunk : n;
-  for (int64_t i = base + threadIdx.x; i < end; i += kThreads) {
-    acc_t L[J > 0 ? J : 1];
-    acc_t L0;
-    if constexpr (V) {
-      const scalar_t l = static_cast<scalar_t>(s * static_cast<acc_t>(p.lam_prev[i]) + static_cast<acc_t>(p.v[i]));
-      p.v[i] = l;
-      L0 = static_cast<acc_t>(l);
-    } else {
-      L0 = static_cast<acc_t>(p.lam_prev[i]);
-    }
-    L[0] = L0;
+  int64_t scalar_from = base;
+  if constexpr (VEC) {
+    using P = Packet<scalar_t>;
+    static_assert(kBlockChunk % P::N == 0, "chunks must start on a packet");
+    const int64_t pend = end / P::N;
+    for (int64_t q = base / P::N + threadIdx.x; q < pend; q += kThreads) {
+      const P lp = reinterpret_cast<const P*>(p.lam_prev)[q];
+      P vp{}, xp{}, mp{}, gp;
+      P op[J > 1 ? J - 1 : 1];
+      if constexpr (V) vp = reinterpret_cast<const P*>(p.v)[q];
 #pragma unroll
-    for (int j = 1; j < J; ++j) L[j] = static_cast<acc_t>(p.older[j - 1][i]);
-    if constexpr (J > 0) {
-      acc_t g = w[0] * L[0];
-#pragma unroll
-      for (int j = 1; j < J; ++j) g = g + w[j] * L[j];
-      p.gm[i] = static_cast<scalar_t>(g);
-    }
-    if constexpr (DOT) {
-      d[0] += static_cast<double>(L0) * static_cast<double>(static_cast<acc_t>(p.x[i]));
-      if constexpr (J > 0) {
-        const double mv = static_cast<double>(static_cast<acc_t>(p.m[i]));
-#pragma unroll
-        for (int j = 0; j < J; ++j) d[1 + j] += static_cast<double>(L[j]) * mv;
+      for (int j = 1; j < J; ++j) op[j - 1] = reinterpret_cast<const P*>(p.older[j - 1])[q];
+      if constexpr (DOT) {
+        xp = reinterpret_cast<const P*>(p.x)[q];
+        if constexpr (J > 0) mp = reinterpret_cast<const P*>(p.m)[q];
       }
+#pragma unroll
+      for (int e = 0; e < P::N; ++e) {
+        scalar_t ov[J > 1 ? J - 1 : 1];
+#pragma unroll
+        for (int j = 1; j < J; ++j) ov[j - 1] = op[j - 1].v[e];
+        adjoint_element<scalar_t, J, V, DOT>(s, w, lp.v[e], &vp.v[e], ov, xp.v[e], mp.v[e], &gp.v[e], d);
+      }
+      if constexpr (V) reinterpret_cast<P*>(p.v)[q] = vp;
+      if constexpr (J > 0) reinterpret_cast<P*>(p.gm)[q] = gp;
     }
+    scalar_from = pend * P::N;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
+    scalar_t ov[J > 1 ? J - 1 : 1];
+#pragma unroll
+    for (int j = 1; j < J; ++j) ov[j - 1] = p.older[j - 1][i];
+    scalar_t vv = V ? p.v[i] : scalar_t(0);
+    scalar_t gv;
+    adjoint_element<scalar_t, J, V, DOT>(s, w, p.lam_prev[i], &vv, ov, DOT ? p.x[i] : scalar_t(0),
+                                         (DOT && J > 0) ? p.m[i] : scalar_t(0), &gv, d);
+    if constexpr (V) p.v[i] = vv;
+    if constexpr (J > 0) p.gm[i] = gv;
   }
   if constexpr (DOT) {
 #pragma unroll
@@ -70,6 +128,17 @@ __global__ void __launch_bounds__(kThreads)
       if (threadIdx.x == 0) partials[int64_t(blockIdx.x) * (1 + J) + k] = tot;
     }
   }
+}
+
+bool aligned16(const void* q) { return (reinterpret_cast<std::uintptr_t>(q) & 15u) == 0; }
+
+// Every pointer the kernel dereferences is 16-byte aligned (the packet path may run).
+template <typename scalar_t>
+bool all_aligned(const AdjointPtrs<scalar_t>& p, int64_t J, bool has_v, bool need_dots) {
+  bool ok = aligned16(p.lam_prev) && (!has_v || aligned16(p.v)) && (J == 0 || aligned16(p.gm));
+  for (int64_t j = 1; j < J; ++j) ok = ok && aligned16(p.older[j - 1]);
+  if (need_dots) ok = ok && aligned16(p.x) && (J == 0 || aligned16(p.m));
+  return ok;
 }
 
 }  // namespace
@@ -95,10 +164,19 @@ at::Tensor multistep_adjoint_cuda(const at::Tensor& lam_prev, const at::Tensor& 
     dispatch_k(J, [&](auto jc) {
       constexpr int JJ = decltype(jc)::value;
       const unsigned grid = static_cast<unsigned>(nblocks);
-      if (a.has_v && a.need_dots) adjoint_kernel<scalar_t, JJ, true, true><<<grid, kThreads, 0, stream>>>(p, n, pp);
-      else if (a.has_v) adjoint_kernel<scalar_t, JJ, true, false><<<grid, kThreads, 0, stream>>>(p, n, pp);
-      else if (a.need_dots) adjoint_kernel<scalar_t, JJ, false, true><<<grid, kThreads, 0, stream>>>(p, n, pp);
-      else adjoint_kernel<scalar_t, JJ, false, false><<<grid, kThreads, 0, stream>>>(p, n, pp);
+      const auto go = [&](auto vc, auto dc) {
+        constexpr bool VV = decltype(vc)::value, DD = decltype(dc)::value;
+        if (all_aligned(p, JJ, VV, DD))
+          adjoint_kernel<scalar_t, JJ, VV, DD, true><<<grid, kThreads, 0, stream>>>(p, n, pp);
+        else
+          adjoint_kernel<scalar_t, JJ, VV, DD, false><<<grid, kThreads, 0, stream>>>(p, n, pp);
+      };
+      using T = std::true_type;
+      using F = std::false_type;
+      if (a.has_v && a.need_dots) go(T{}, T{});
+      else if (a.has_v) go(T{}, F{});
+      else if (a.need_dots) go(F{}, T{});
+      else go(F{}, F{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (a.need_dots) {
         reduce_partials_kernel<JJ><<<1, kThreads, 0, stream>>>(pp, nblocks, dots.mutable_data_ptr<double>(),

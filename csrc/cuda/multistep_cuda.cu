@@ -105,8 +105,32 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(scalar_t* out, const 
   }
 }
 
-// Pass 1: element-wise grads and one row of dot-product partials per block.
+// One element of pass 1: its element-wise grads, and its products added to the thread's sums.
 template <typename scalar_t, int K>
+__device__ __forceinline__ void backward_element(const at::opmath_type<scalar_t>* c, scalar_t g, scalar_t x,
+                                                 const scalar_t* mv, scalar_t* gx, scalar_t* gmv, double* s,
+                                                 bool want_x, bool want_m, bool want_dot) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t gi = static_cast<acc_t>(g);
+  if (want_x) *gx = static_cast<scalar_t>(c[0] * gi);
+  if (want_m) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) gmv[k] = static_cast<scalar_t>(c[1 + k] * gi);
+  }
+  if (want_dot) {
+    const double gd = static_cast<double>(gi);
+    s[0] += gd * static_cast<double>(static_cast<acc_t>(x));
+#pragma unroll
+    for (int k = 0; k < K; ++k) s[1 + k] += gd * static_cast<double>(static_cast<acc_t>(mv[k]));
+  }
+}
+
+// Pass 1: element-wise grads and one row of dot-product partials per block.  Each block owns a
+// fixed chunk of kBlockChunk elements and each thread a fixed part of it, so the partials do not
+// depend on the GPU.  VEC (every pointer in use 16-byte aligned): thread t takes the chunk's
+// 16-byte packets t, t + kThreads, ... (chunk starts are multiples of kBlockChunk elements, hence
+// aligned too), then the last chunk's few leftover elements one by one.
+template <typename scalar_t, int K, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, HistPtrs<scalar_t> m,
                     scalar_t* __restrict__ gx, GradPtrs<scalar_t> gm, const double* __restrict__ coef, int64_t n,
@@ -121,19 +145,52 @@ __global__ void __launch_bounds__(kThreads)
   for (int k = 0; k <= K; ++k) s[k] = 0.0;
   const int64_t base = int64_t(blockIdx.x) * kBlockChunk;
   const int64_t end = base + kBlockChunk < n ? base + kBlockChunk : n;
+  int64_t scalar_from = base;
+  if constexpr (VEC) {
+    using P = Packet<scalar_t>;
+    static_assert(kBlockChunk % P::N == 0, "chunks must start on a packet");
+    const int64_t pend = end / P::N;
+    for (int64_t v = base / P::N + threadIdx.x; v < pend; v += kThreads) {
+      const P gp = reinterpret_cast<const P*>(g)[v];
+      P xp{}, mp[K > 0 ? K : 1], gxp, gmp[K > 0 ? K : 1];
+      if (want_dot) {
+        xp = reinterpret_cast<const P*>(x)[v];
+#pragma unroll
+        for (int k = 0; k < K; ++k) mp[k] = reinterpret_cast<const P*>(m.p[k])[v];
+      }
+#pragma unroll
+      for (int e = 0; e < P::N; ++e) {
+        scalar_t mv[K > 0 ? K : 1], gmv[K > 0 ? K : 1];
+#pragma unroll
+        for (int k = 0; k < K; ++k) mv[k] = want_dot ? mp[k].v[e] : scalar_t(0);
+        backward_element<scalar_t, K>(c, gp.v[e], xp.v[e], mv, &gxp.v[e], gmv, s, want_x, want_m, want_dot);
+        if (want_m) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) gmp[k].v[e] = gmv[k];
+        }
+      }
+      if (want_x) reinterpret_cast<P*>(gx)[v] = gxp;
+      if (want_m) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) reinterpret_cast<P*>(gm.p[k])[v] = gmp[k];
+      }
+    }
+    scalar_from = pend * P::N;
+  }
   // coalesced: consecutive threads touch consecutive elements; a fixed order per thread
-  for (int64_t i = base + threadIdx.x; i < end; i += kThreads) {
-    const acc_t gi = static_cast<acc_t>(g[i]);
-    if (want_x) gx[i] = static_cast<scalar_t>(c[0] * gi);
+  for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
+    scalar_t mv[K > 0 ? K : 1], gmv[K > 0 ? K : 1];
+    if (want_dot) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) mv[k] = m.p[k][i];
+    }
+    scalar_t gxv;
+    backward_element<scalar_t, K>(c, g[i], want_dot ? x[i] : scalar_t(0), mv, &gxv, gmv, s, want_x, want_m,
+                                  want_dot);
+    if (want_x) gx[i] = gxv;
     if (want_m) {
 #pragma unroll
-      for (int k = 0; k < K; ++k) gm.p[k][i] = static_cast<scalar_t>(c[1 + k] * gi);
-    }
-    if (want_dot) {
-      const double gd = static_cast<double>(gi);
-      s[0] += gd * static_cast<double>(static_cast<acc_t>(x[i]));
-#pragma unroll
-      for (int k = 0; k < K; ++k) s[1 + k] += gd * static_cast<double>(static_cast<acc_t>(m.p[k][i]));
+      for (int k = 0; k < K; ++k) gm.p[k][i] = gmv[k];
     }
   }
   if (!want_dot) return;  // uniform across the block: safe before __syncthreads
@@ -239,11 +296,22 @@ GradTuple multistep_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x
     const scalar_t* xp = need_coef ? x.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* gxp = need_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
     double* pp = need_coef ? partials.mutable_data_ptr<double>() : nullptr;
+    // the packet path needs every pointer the kernel touches 16-byte aligned
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    bool vec = aligned16(gp) && (!need_x || aligned16(gxp)) && (!need_coef || aligned16(xp));
+    for (int64_t k = 0; k < K; ++k) {
+      if (need_coef) vec = vec && aligned16(m.p[k]);
+      if (need_hist) vec = vec && aligned16(gm.p[k]);
+    }
     dispatch_k(K, [&](auto kc) {
       constexpr int KK = decltype(kc)::value;
-      backward_kernel<scalar_t, KK><<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), xp, m, gxp, gm, coef.const_data_ptr<double>(), n, pp, need_x,
-          need_hist && KK > 0, need_coef);
+      const bool want_m = need_hist && KK > 0;
+      if (vec)
+        backward_kernel<scalar_t, KK, true><<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(
+            gp, xp, m, gxp, gm, coef.const_data_ptr<double>(), n, pp, need_x, want_m, need_coef);
+      else
+        backward_kernel<scalar_t, KK, false><<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(
+            gp, xp, m, gxp, gm, coef.const_data_ptr<double>(), n, pp, need_x, want_m, need_coef);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_coef) {
         reduce_partials_kernel<KK><<<1, kThreads, 0, stream>>>(pp, nblocks, gc.mutable_data_ptr<double>(), 1,
