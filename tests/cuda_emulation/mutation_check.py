@@ -30,7 +30,7 @@ MUTATIONS = [
      "const int64_t stride = int64_t(gridDim.x) * blockDim.x;",
      "const int64_t stride = int64_t(gridDim.x) * blockDim.x * 2;", True),
     ("adjoint reads the wrong older adjoint", "cuda/adjoint_cuda.cu",
-     "L[j] = static_cast<acc_t>(p.older[j - 1][i]);", "L[j] = static_cast<acc_t>(p.older[j > 1 ? j - 2 : 0][i]);",
+     "L[j] = static_cast<acc_t>(older[j - 1]);", "L[j] = static_cast<acc_t>(older[j > 1 ? j - 2 : 0]);",
      True),
     ("second pass sums only the first 256 blocks' partials", "cuda/reduce_cuda.cuh",
      "for (int64_t b = threadIdx.x; b < nblocks; b += kThreads)",
