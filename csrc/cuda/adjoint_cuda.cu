@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "adjoint_step.h"
+#include "cuda/packet_cuda.cuh"
 #include "cuda/reduce_cuda.cuh"
 #include "dispatch_history.h"
 #include "ld3_ops.h"
@@ -22,13 +23,6 @@
 
 namespace ld3 {
 namespace {
-
-// 16-byte packet of scalar_t for vectorised loads and stores.
-template <typename scalar_t>
-struct alignas(16) Packet {
-  static constexpr int N = 16 / sizeof(scalar_t);
-  scalar_t v[N];
-};
 
 // One element of the step: L_0 (stored into v), gm, and the products added to the thread's sums.
 // Returns gm's value; lam, vin, older and the loads of x and m are the element's inputs.
@@ -80,14 +74,11 @@ __global__ void __launch_bounds__(kThreads)
   double d[1 + J];
 #pragma unroll
   for (int k = 0; k <= J; ++k) d[k] = 0.0;
-  const int64_t base = int64_t(blockIdx.x) * kBlockChunk;
-  const int64_t end = base + kBlockChunk < n ? base + kBlockChunk : n;
-  int64_t scalar_from = base;
+  const BlockChunk<scalar_t> ch(blockIdx.x, n);
+  int64_t scalar_from = ch.begin;
   if constexpr (VEC) {
     using P = Packet<scalar_t>;
-    static_assert(kBlockChunk % P::N == 0, "chunks must start on a packet");
-    const int64_t pend = end / P::N;
-    for (int64_t q = base / P::N + threadIdx.x; q < pend; q += kThreads) {
+    for (int64_t q = ch.pbegin + threadIdx.x; q < ch.pend; q += kThreads) {
       const P lp = reinterpret_cast<const P*>(p.lam_prev)[q];
       P vp{}, xp{}, mp{}, gp;
       P op[J > 1 ? J - 1 : 1];
@@ -108,9 +99,9 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (V) reinterpret_cast<P*>(p.v)[q] = vp;
       if constexpr (J > 0) reinterpret_cast<P*>(p.gm)[q] = gp;
     }
-    scalar_from = pend * P::N;
+    scalar_from = ch.pend * P::N;
   }
-  for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
+  for (int64_t i = scalar_from + threadIdx.x; i < ch.end; i += kThreads) {
     scalar_t ov[J > 1 ? J - 1 : 1];
 #pragma unroll
     for (int j = 1; j < J; ++j) ov[j - 1] = p.older[j - 1][i];
@@ -129,8 +120,6 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 }
-
-bool aligned16(const void* q) { return (reinterpret_cast<std::uintptr_t>(q) & 15u) == 0; }
 
 // Every pointer the kernel dereferences is 16-byte aligned (the packet path may run).
 template <typename scalar_t>

@@ -16,6 +16,7 @@
 
 #include "ld3_ops.h"
 #include "dispatch_history.h"
+#include "cuda/packet_cuda.cuh"
 #include "cuda/reduce_cuda.cuh"
 #include "solver_coefficients.h"
 
@@ -29,13 +30,6 @@ struct HistPtrs {
 template <typename scalar_t>
 struct GradPtrs {
   scalar_t* p[kMaxHistory];
-};
-
-// 16-byte packet of scalar_t for vectorised loads and stores.
-template <typename scalar_t>
-struct alignas(16) Packet {
-  static constexpr int N = 16 / sizeof(scalar_t);
-  scalar_t v[N];
 };
 
 // Cached per device; atomics because the autograd engine calls kernels from one thread per GPU
@@ -143,14 +137,11 @@ __global__ void __launch_bounds__(kThreads)
   double s[1 + K];
 #pragma unroll
   for (int k = 0; k <= K; ++k) s[k] = 0.0;
-  const int64_t base = int64_t(blockIdx.x) * kBlockChunk;
-  const int64_t end = base + kBlockChunk < n ? base + kBlockChunk : n;
-  int64_t scalar_from = base;
+  const BlockChunk<scalar_t> ch(blockIdx.x, n);
+  int64_t scalar_from = ch.begin;
   if constexpr (VEC) {
     using P = Packet<scalar_t>;
-    static_assert(kBlockChunk % P::N == 0, "chunks must start on a packet");
-    const int64_t pend = end / P::N;
-    for (int64_t v = base / P::N + threadIdx.x; v < pend; v += kThreads) {
+    for (int64_t v = ch.pbegin + threadIdx.x; v < ch.pend; v += kThreads) {
       const P gp = reinterpret_cast<const P*>(g)[v];
       P xp{}, mp[K > 0 ? K : 1], gxp, gmp[K > 0 ? K : 1];
       if (want_dot) {
@@ -175,10 +166,10 @@ __global__ void __launch_bounds__(kThreads)
         for (int k = 0; k < K; ++k) reinterpret_cast<P*>(gm.p[k])[v] = gmp[k];
       }
     }
-    scalar_from = pend * P::N;
+    scalar_from = ch.pend * P::N;
   }
   // coalesced: consecutive threads touch consecutive elements; a fixed order per thread
-  for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
+  for (int64_t i = scalar_from + threadIdx.x; i < ch.end; i += kThreads) {
     scalar_t mv[K > 0 ? K : 1], gmv[K > 0 ? K : 1];
     if (want_dot) {
 #pragma unroll
@@ -200,8 +191,6 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) partials[int64_t(blockIdx.x) * (1 + K) + k] = tot;
   }
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 void check_cuda_args(const at::Tensor& x, const at::Tensor& coef) {
   TORCH_CHECK(x.device().is_cuda(), "multistep_update (CUDA kernel): x must be a CUDA tensor");

@@ -137,7 +137,9 @@ def load_emulated_cuda(verbose: bool = False):
     for name in sorted(os.listdir(CSRC)):
         if name.endswith(".h"):
             key.update(open(os.path.join(CSRC, name), "rb").read())
-    key.update(open(os.path.join(CSRC, "cuda", "reduce_cuda.cuh"), "rb").read())
+    for name in sorted(os.listdir(os.path.join(CSRC, "cuda"))):
+        if name.endswith(".cuh"):
+            key.update(open(os.path.join(CSRC, "cuda", name), "rb").read())
     tag = key.hexdigest()[:16]
     base = os.environ.get("LD3_CUDA_EMU_BUILD_DIR") or os.path.join(tempfile.gettempdir(), "ld3_cuda_emulation")
     src_dir = os.path.join(base, f"src_{tag}")

@@ -36,10 +36,10 @@ MUTATIONS = [
      "for (int64_t b = threadIdx.x; b < nblocks; b += kThreads)",
      "for (int64_t b = threadIdx.x; b < nblocks && b < kThreads; b += kThreads)", True),
     ("backward packet loop stops one packet early", "cuda/multistep_cuda.cu",
-     "for (int64_t v = base / P::N + threadIdx.x; v < pend; v += kThreads)",
-     "for (int64_t v = base / P::N + threadIdx.x; v + 1 < pend; v += kThreads)", True),
+     "for (int64_t v = ch.pbegin + threadIdx.x; v < ch.pend; v += kThreads)",
+     "for (int64_t v = ch.pbegin + threadIdx.x; v + 1 < ch.pend; v += kThreads)", True),
     ("adjoint packet path skips the leftover elements", "cuda/adjoint_cuda.cu",
-     "    scalar_from = pend * P::N;", "    scalar_from = end;", True),
+     "    scalar_from = ch.pend * P::N;", "    scalar_from = ch.end;", True),
     # benign today: only thread 0 uses the block sum, and it reads smem[0] before rewriting it
     ("no barrier after reading the block sum", "cuda/reduce_cuda.cuh",
      "  const double r = smem[0];\n  __syncthreads();", "  const double r = smem[0];", False),
