@@ -135,19 +135,20 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
             and not torch.compiler.is_compiling():
         # the common call: the extension checks every argument itself (TORCH_CHECK); the Python
         # checks below, which cost more than a small update, run only to name a failure precisely
+        failure = None
         try:
             if out is None:
                 return _update_eager(x, coef, history)
             if type(out) is torch.Tensor and not _records_grad(x, coef, history):
                 return _C.multistep_update(x, coef, history, out)
-            failure = None
         except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
             failure = exc
-        _check_update(x, coef, history)  # raised outside the except block: no chained traceback
-        if out is not None:
-            _check_out(x, coef, history, out)
-        if failure is not None:
+        if failure is not None:  # raised outside the except block: no chained traceback
+            _check_update(x, coef, history)
+            if out is not None:
+                _check_out(x, coef, history, out)
             raise failure
+        # otherwise (an out= the fast path does not take) the checks below run once
     _check_update(x, coef, history)
     if coef.dtype != torch.float64:
         coef = coef.to(torch.float64)

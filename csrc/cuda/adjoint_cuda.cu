@@ -24,8 +24,8 @@
 namespace ld3 {
 namespace {
 
-// One element of the step: L_0 (stored into v), gm, and the products added to the thread's sums.
-// Returns gm's value; lam, vin, older and the loads of x and m are the element's inputs.
+// One element of the step: L_0 (read from and stored back to *vio when V), gm (into *gm), and the
+// products added to the thread's sums d; lam, older, xv and mv are the element's inputs.
 template <typename scalar_t, int J, bool V, bool DOT>
 __device__ __forceinline__ void adjoint_element(at::opmath_type<scalar_t> s, const at::opmath_type<scalar_t>* w,
                                                 scalar_t lam, scalar_t* vio, const scalar_t* older, scalar_t xv,
