@@ -188,6 +188,10 @@ class DiffusionModel(torch.nn.Module):
         if out.shape != x.shape:
             raise ModelOutputError(f"model output has shape {tuple(out.shape)}{where} (t={float(t):.6g}), "
                                    f"expected the input's shape {tuple(x.shape)}")
+        if not out.is_floating_point():
+            # an integer/bool/complex output would be cast silently and carry no gradient: the
+            # solve would be wrong and LD3 training would get zero network gradients without a word
+            raise ModelOutputError(f"model returned a {out.dtype} tensor{where}, expected a floating tensor")
         # the finite check syncs with the device, and cannot be traced: skipped inside torch.compile
         if self.check_output and not _compiling():
             if self._deferred is not None:  # read back once, when the sample call ends

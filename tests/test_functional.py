@@ -156,6 +156,12 @@ def test_denoiser_nan_is_reported_with_its_step(mix, bad_call):
     assert torch.isnan(F.sample(model, x_T(), karras(3), solver="dpmpp_2m")).all()
 
 
+def test_denoiser_integer_output_is_refused(mix):
+    """An integer denoiser output is not cast silently (it would carry no gradient): ModelOutputError."""
+    with pytest.raises(ld3_ext.ModelOutputError, match=r"torch.int64 tensor at step 0, expected a floating"):
+        F.sample(lambda x, sigma: denoiser_of(mix)(x, sigma).round().long(), x_T(), karras(3), solver="dpmpp_2m")
+
+
 def test_differentiable_in_sigmas(mix):
     sigmas = karras(5, append_zero=False).requires_grad_(True)
     out = F.sample(denoiser_of(mix), x_T(2), sigmas, solver="unipc")

@@ -159,6 +159,13 @@ class TestTimesteps:
         with pytest.raises(ModelOutputError, match=r"NaN/Inf at step 2 \(t="):
             ALL_SOLVERS[name]().sample(wrapped, x, grid(sched))
 
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+    def test_model_returns_non_floating_tensor(self, setup, name, dtype):
+        sched, model, x = setup
+        wrapped = ld3_ext.wrap_model(lambda xx, tt: model.fn(xx, tt).to(dtype), sched, prediction="x0", time_input="t")
+        with pytest.raises(ModelOutputError, match=rf"model returned a {dtype} tensor at step 0, expected a floating"):
+            ALL_SOLVERS[name]().sample(wrapped, x, grid(sched))
+
     def test_model_returns_non_tensor(self, setup, name):
         sched, model, x = setup
         wrapped = ld3_ext.wrap_model(lambda xx, tt: xx.tolist(), sched, prediction="x0", time_input="t")
