@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -45,6 +46,26 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _target_mode(path: str) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it (os.umask can only read it by setting it, racing other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace + dir fsync)."""
     path = os.fspath(path)
@@ -52,6 +73,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        # mkstemp makes the file 0600: give it the mode of the file it replaces, else the one a plain
+        # open() would give (0666 less the umask), so a rewrite never makes a shared file private
+        os.fchmod(fd, _target_mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

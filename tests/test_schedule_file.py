@@ -129,6 +129,22 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     load_schedule(path)
 
 
+def test_atomic_write_keeps_the_file_mode(tmp_path):
+    """A new file gets the mode a plain open() gives (0666 less the umask), not mkstemp's 0600, and a
+    rewrite keeps the mode of the file it replaces (a shared schedule never turns private)."""
+    path = str(tmp_path / "s.json")
+    old_umask = os.umask(0o027)
+    try:
+        _sched().save(path)
+    finally:
+        os.umask(old_umask)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    os.chmod(path, 0o644)
+    _sched(n=6).save(path)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert load_schedule(path).nfe == _sched(n=6).nfe
+
+
 def test_exports_edm():
     s = _sched(EDM(), n=5)
     kd = s.to_k_diffusion()
