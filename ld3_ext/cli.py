@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--time-mode", default="auto", choices=["auto", "lambda", "time"],
                     help="schedule parameterisation; auto: short trial of both, the better on validation continues")
     tr.add_argument("--init", default="auto", help="auto (best of the candidates below and DMN on the validation "
-                    "set) | logsnr | time_uniform | time_quadratic | edm")
+                    "set) | logsnr | time_uniform | time_quadratic | edm | dmn")
     tr.add_argument("--n-train", type=int, default=50)
     tr.add_argument("--n-valid", type=int, default=50)
     tr.add_argument("--rounds-v1", type=int, default=2)

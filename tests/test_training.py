@@ -370,6 +370,50 @@ def test_auto_init_starts_from_the_best_candidate(ring):
     assert learned.metrics["valid_loss_best"] <= min(scores.values()) + 1e-12
 
 
+@pytest.mark.parametrize("check_output", [True, False])
+def test_auto_init_skips_a_candidate_on_which_the_model_fails(ring, tmp_path, check_output):
+    """A candidate grid on which the model returns NaN (only time_uniform visits t = 60 at NFE 4) is skipped
+    with a warning, recorded as None (JSON has no NaN: the schedule file is written), and training goes on."""
+    mix, s, model = ring
+
+    def poisoned(x, t):
+        y = model.fn(x, t)
+        return y * float("nan") if bool(((t > 59.9) & (t < 60.1)).any()) else y
+
+    bad = wrap_model(poisoned, s, prediction=model.prediction, time_input=model.time_input, check_output=check_output)
+    assert torch.allclose(discretizations.time_uniform(s, 4)[1], torch.tensor(60.0, dtype=torch.float64), atol=0.01)
+    tr = _small(bad, mix, rounds_v1=1, rounds_v2=0, time_mode="lambda", checkpoint_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="candidate 'time_uniform' skipped: " + ("ModelOutputError" if check_output
+                                                                                 else "validation loss nan")):
+        learned = tr.fit()
+    scores = learned.metrics["init_candidates_valid_loss"]
+    assert scores["time_uniform"] is None
+    assert learned.metrics["init_choice"] != "time_uniform"
+    assert all(math.isfinite(v) for k, v in scores.items() if k != "time_uniform")
+    assert load_schedule(str(tmp_path / "schedule.json")).metrics["init_candidates_valid_loss"] == scores
+
+
+def test_bad_init_and_ball_settings_are_refused_before_any_teacher_work(ring, tmp_path):
+    mix, s, model = ring
+    for kw, match in [(dict(init="foo"), r"init must be 'auto', 'dmn', one of \['edm'"),
+                      (dict(init=[80.0, 1.0]), r"init: a list of timesteps for 4 steps needs 5 values"),
+                      (dict(init=[80.0, 10.0, 5.0, 1.0, 0.5]), r"init: timesteps must start at t_max=80"),
+                      (dict(win_rate=0.7), r"win_rate must be in \(0, 0.5\]"),
+                      (dict(gamma=-1.0), r"gamma must be a finite number >= 0, got -1.0"),
+                      (dict(radius=math.nan), r"radius must be a finite number >= 0, got nan")]:
+        with pytest.raises(ValueError, match=match):
+            _small(model, mix, checkpoint_dir=str(tmp_path), **kw)
+    assert os.listdir(tmp_path) == []  # refused in the constructor: no teacher chunk was made
+
+
+def test_init_dmn_starts_from_the_dmn_grid(ring):
+    from ld3_ext.baselines import dmn
+    mix, s, model = ring
+    tr = _small(model, mix, init="dmn", rounds_v1=1, rounds_v2=0, time_mode="lambda", decoupled=False)
+    tr.fit()
+    assert torch.allclose(tr._init_grid, dmn(s, 4, order=2), rtol=0, atol=0)
+
+
 def test_default_dtype_float32_for_networks_float64_for_test_beds(ring):
     mix, s, model = ring
     assert LD3Trainer(model, None, DPMSolverPP(2, **REF), 4, progress=False).dtype == torch.float64

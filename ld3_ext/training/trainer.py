@@ -115,6 +115,18 @@ def _sha(t: Optional[torch.Tensor]) -> Optional[str]:
     return None if t is None else hashlib.sha256(bytes(tensor_bytes(t))).hexdigest()
 
 
+def _json_safe(v):
+    """The metrics with every non-finite float as None: JSON has no NaN/Inf, and a schedule file that cannot be
+    written at the end of a training run would lose the run."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
 class LD3Trainer:
     """Learn a solver-specific time grid (and decoupled network times) for one NFE.
 
@@ -142,7 +154,8 @@ class LD3Trainer:
         phase 2, where the mode-dependent network-time shifts xi^c first train; measured in
         benchmarks/bench_ld3.py).  ``rounds_v1 + rounds_v2`` trains both modes fully.
     init : "auto" (default: the candidate among logSNR, EDM, time-quadratic, time-uniform and DMN with the
-        lowest validation loss; the paper used logSNR), one of those names, or an explicit grid.
+        lowest validation loss; the paper used logSNR), one of those names ("logsnr", "edm", "time_quadratic",
+        "time_uniform", "dmn"), or an explicit grid of N+1 timesteps.
     decoupled : learn the network-time shifts xi^c in phase 2.
     win_rate : window of the shifts as a fraction of the smallest gap (<= 0.5).
     gamma, radius : ball radius r = gamma * d / NFE^2 on the unit-variance noise (``radius`` overrides; 0 = hard loss).
@@ -257,6 +270,10 @@ class LD3Trainer:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if device is not None and torch.device(device).type == "meta":
             raise ValueError("device='meta' holds no data: LD3 training needs a real device (cpu/cuda)")
+        for name, v in (("gamma", gamma), ("radius", radius)):
+            if v is not None and (isinstance(v, (bool, str)) or not 0 <= float(v) < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        self._check_init(init, decoupled, win_rate)  # now, not after the teacher set has been generated
         # time_mode_request is what was asked for ("auto" included); time_mode is the mode of the active candidate
         self.time_mode_request = time_mode
         self.time_mode = TIME_MODES[0] if time_mode == "auto" else time_mode
@@ -495,6 +512,26 @@ class LD3Trainer:
 
     AUTO_INIT_CANDIDATES = ("logsnr", "edm", "time_quadratic", "time_uniform", "dmn")
 
+    def _check_init(self, init, decoupled, win_rate) -> None:
+        """Raise ValueError for an init or win_rate that the training would refuse later (cheap: one grid)."""
+        named = isinstance(init, str) and init.lower() in ("auto", "dmn")
+        try:
+            TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], "logsnr" if named else init,
+                                 bool(decoupled), win_rate)
+        except ValueError as exc:
+            msg = str(exc)
+            if msg.startswith("win_rate"):
+                raise
+            if isinstance(init, str):
+                from .. import discretizations
+                raise ValueError(f"init must be 'auto', 'dmn', one of {sorted(discretizations.DISCRETIZATIONS)} or a "
+                                 f"grid of N+1 = {self.num_steps + 1} timesteps, got {init!r}") from None
+            raise ValueError(msg if msg.startswith("init") else f"init: {msg}") from None
+
+    def _dmn_init(self) -> torch.Tensor:
+        from ..baselines import dmn
+        return dmn(self.schedule, self.num_steps, order=min(3, self.solver.order))
+
     def _auto_init(self) -> torch.Tensor:
         """init="auto": start from whichever candidate grid (hand-made or DMN) has the lowest hard
         validation loss, so training starts at least as good as the best of them."""
@@ -503,22 +540,31 @@ class LD3Trainer:
         for name in self.AUTO_INIT_CANDIDATES:
             try:
                 if name == "dmn":
-                    from ..baselines import dmn
-                    grids[name] = dmn(self.schedule, self.num_steps, order=min(3, self.solver.order))
+                    grids[name] = self._dmn_init()
                 else:
                     grids[name] = init_timesteps(self.schedule, self.num_steps, name)
             except Exception as exc:  # a candidate that cannot be built is skipped, not fatal
                 warnings.warn(f"init='auto': candidate {name!r} unavailable ({type(exc).__name__}: {exc})")
-        scores = {}
+        scores, failures = {}, {}
         for name, g in grids.items():
             g = g.to(self.device)
-            scores[name] = self._eval_set(d["z_valid"], d["y_valid"], d["c_valid"], g, g)
+            # a grid on which the model returns NaN/Inf is a bad candidate, not a failed run: skipped like a
+            # grid with a non-finite loss (every rank still joins the loss reduction, so none waits forever)
+            scores[name] = self._eval_set(d["z_valid"], d["y_valid"], d["c_valid"], g, g, failures=failures, key=name)
         finite = {k: v for k, v in scores.items() if math.isfinite(v)}
+        for name, v in scores.items():
+            if not math.isfinite(v):
+                why = f"{type(failures[name]).__name__}: {failures[name]}" if name in failures else \
+                    f"validation loss {v}"
+                warnings.warn(f"init='auto': candidate {name!r} skipped: {why}")
         if not finite:
+            if failures:
+                raise next(iter(failures.values()))
             raise NonFiniteLossError("init='auto': every candidate grid gives a non-finite validation loss",
                                      0, None, None)
         self.init_choice = min(finite, key=finite.get)
-        self.init_scores = scores
+        # NaN is not JSON: a skipped candidate is recorded as None in the schedule file's metrics
+        self.init_scores = {k: (v if math.isfinite(v) else None) for k, v in scores.items()}
         return grids[self.init_choice]
 
     # the training state of one candidate: the attributes the training loop works on
@@ -580,16 +626,25 @@ class LD3Trainer:
         return per_sample(self.loss_fn, self._student(z, t, tm, cond), target)
 
     @torch.no_grad()
-    def _eval_set(self, z_all, y_all, c_all, t, tm) -> float:
+    def _eval_set(self, z_all, y_all, c_all, t, tm, failures: Optional[Dict[str, Exception]] = None,
+                  key: Optional[str] = None) -> float:
+        """Mean loss over a set.  With ``failures``, a model output error or non-finite loss is stored there under
+        ``key`` and the result is NaN (this rank still joins the reduction), instead of raised."""
         tot, n = 0.0, 0
         mine = D.shard_range(z_all.shape[0])  # everything in one process; this rank's rows under torch.distributed
-        for lo in range(mine.start, mine.stop, self.valid_batch_size):
-            sl = slice(lo, min(lo + self.valid_batch_size, mine.stop))
-            ls = self._losses(z_all[sl], y_all[sl], None if c_all is None else c_all[sl], t, tm)
-            tot += float(ls.sum())
-            n += ls.shape[0]
+        try:
+            for lo in range(mine.start, mine.stop, self.valid_batch_size):
+                sl = slice(lo, min(lo + self.valid_batch_size, mine.stop))
+                ls = self._losses(z_all[sl], y_all[sl], None if c_all is None else c_all[sl], t, tm)
+                tot += float(ls.sum())
+                n += ls.shape[0]
+        except (FloatingPointError, ModelOutputError) as exc:
+            if failures is None:
+                raise
+            failures[key] = exc
+            tot = math.nan
         tot, n = D.reduce_scalars([tot, n])
-        return tot / n
+        return tot / n if n > 0 else math.nan  # n = 0: every rank failed on its first batch
 
     def _project(self, z: torch.Tensor, z_new: torch.Tensor) -> torch.Tensor:
         """Per-sample projection of z_new onto the L2 ball of radius r around z."""
@@ -801,7 +856,7 @@ class LD3Trainer:
                                schedule_config=self.schedule.config(), guidance_scale=self.model.guidance_scale,
                                model=self.identity, time_mode=self.time_mode, decoupled=self.decoupled,
                                training=training,
-                               metrics=metrics)
+                               metrics=_json_safe(metrics))
 
     def _nonfinite(self, what: str):
         it = self.st["iteration"] + 1
@@ -960,7 +1015,8 @@ class LD3Trainer:
     # the loop
     # ------------------------------------------------------------------------------------------
     def _train(self) -> LearnedSchedule:
-        self._init_grid = self._auto_init() if (isinstance(self.init, str) and self.init == "auto") else self.init
+        init = self.init.lower() if isinstance(self.init, str) else None
+        self._init_grid = self._auto_init() if init == "auto" else self._dmn_init() if init == "dmn" else self.init
         auto = self.time_mode_request == "auto"
         self._candidates, self.param, self._mode_from_checkpoint = {}, None, None
         self._auto = {"scores": {}, "seconds": {}, "choice": None} if auto else None
