@@ -134,10 +134,39 @@ def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0):
 
 
 # ------------------------------------------------------------------------------------------------
+def _check_schedule_fits(learned, path: str, model, schedule, spec: str) -> None:
+    """A schedule learned on another noise schedule means other noise levels: refused.  One learned for another
+    model may still help (a schedule transfers between related models): a warning."""
+    from .atomic_io import canonical_json
+    if canonical_json(learned.schedule_config) != canonical_json(schedule.config()):
+        raise ValueError(f"--schedule: {path} was learned on the noise schedule {learned.schedule_config}, but the "
+                         f"model {spec} uses {schedule.config()}")
+    rec = learned.model
+    if rec.get("hash_source") == "state_dict" and isinstance(model, torch.nn.Module):
+        from .training.teacher import state_dict_hash
+        same, what = state_dict_hash(model) == rec.get("weights_hash"), "weights"
+    else:
+        same, what = (rec.get("spec") in (None, spec)), "--model"
+    if not same:
+        print(f"warning: {path} was learned for the model {rec.get('spec') or rec.get('name')!r}; {spec!r} has other "
+              f"{what}: the schedule may be far from the best for it", file=sys.stderr)
+
+
 def cmd_sample(args) -> int:
     from .plotting import sample_grid
     model, schedule, dtype = _load(args)
     solver = _make_solver(args)
+    learned = None
+    if args.schedule:
+        # the learned grid belongs to the solver and NFE it was trained for: everything is compared at those
+        from .schedule_file import load_schedule
+        learned = load_schedule(args.schedule)
+        _check_schedule_fits(learned, args.schedule, model, schedule, args.model)
+        learned.check_guidance(model.guidance_scale)
+        if learned.solver().config() != solver.config() or learned.nfe != args.nfe:
+            print(f"note: --schedule: comparing at the schedule's own solver {learned.solver()!r} and NFE "
+                  f"{learned.nfe} (the --solver/--order/--variant/--nfe given are not used)", file=sys.stderr)
+        solver, args.nfe = learned.solver(), learned.nfe
     x_T = _prior(model, schedule, args.n, args.seed, args.device).to(dtype)
     t0 = time.time()
     target = _teacher(model, schedule, x_T, args)
@@ -145,11 +174,7 @@ def cmd_sample(args) -> int:
           f" ({time.time() - t0:.1f}s)")
     steps = solver.steps_for_nfe(args.nfe)
     grids = _baseline_grids(BASELINES, schedule, steps)
-    learned = None
-    if args.schedule:
-        from .schedule_file import load_schedule
-        learned = load_schedule(args.schedule)
-        learned.check_guidance(model.guidance_scale)
+    if learned is not None:
         grids["ld3"] = learned.timesteps
     rows, samples = [], {"teacher": target}
     for name, t in grids.items():
@@ -239,6 +264,7 @@ def cmd_eval(args) -> int:
     if not args.model:
         raise SystemExit(f"error: --model: {path} does not record which model it was trained for; pass --model")
     model, schedule, dtype = _load(args)
+    _check_schedule_fits(learned, path, model, schedule, args.model)
     learned.check_guidance(model.guidance_scale)
     solver = learned.solver()
     nfe = learned.nfe
@@ -278,10 +304,12 @@ def cmd_eval(args) -> int:
         for k in args.nfe_curve:
             if k == nfe:
                 continue
-            for name, t in _baseline_grids(BASELINES, schedule, solver.steps_for_nfe(k)).items():
+            k_steps = solver.steps_for_nfe(k)
+            for name, t in _baseline_grids(BASELINES, schedule, k_steps).items():
                 with torch.no_grad():
                     x = solver.sample(model, x_T, t.to(args.device))
-                curves[name].append((k, _rmse(x, target).median().item()))
+                # the NFE actually run (Heun's two evaluations a step make an odd k run one fewer)
+                curves[name].append((solver.nfe(k_steps), _rmse(x, target).median().item()))
     cols = ["schedule", "NFE", "mean RMSE", "median RMSE"] + (["digits-FD"] if fd is not None else [])
     print(f"{args.model}  solver={solver!r}  held-out noises={args.n}")
     print(_table(rows, cols))
@@ -374,14 +402,38 @@ def _user_errors():
     from .atomic_io import CorruptFileError
     from .training import CheckpointMismatchError, LossUnavailableError, NonFiniteLossError, TeacherCacheError
     from .wrappers import ModelOutputError
+    # OSError: --out is a file, a directory cannot be made, a schedule path is a directory, a disk is full ...
     return (CorruptFileError, CheckpointMismatchError, LossUnavailableError, NonFiniteLossError, TeacherCacheError,
-            ModelOutputError, FileNotFoundError, ValueError, TypeError)
+            ModelOutputError, OSError, ValueError, TypeError)
+
+
+def _check_device(args) -> None:
+    """--device names a device this torch can use: checked before any model is loaded or file written."""
+    name = getattr(args, "device", None)
+    if name is None:
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise SystemExit(f"error: --device {name!r}: {exc}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name!r}: CUDA is not available (this torch has no CUDA build or sees no "
+                         f"GPU); use --device cpu")
+    if dev.type != "cuda" or "LOCAL_RANK" not in os.environ:  # under torchrun the rank picks cuda:LOCAL_RANK
+        try:
+            torch.empty(1, device=dev)
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            raise SystemExit(f"error: --device {name!r}: {str(exc).splitlines()[0]}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "nfe", 1) < 1:
         raise SystemExit("error: --nfe must be >= 1")
+    _check_device(args)
+    out = getattr(args, "out", None)
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"error: --out {out!r} exists and is not a directory")
     try:
         return args.func(args)
     except _user_errors() as exc:
@@ -390,6 +442,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         print("(set LD3_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("LD3_TRACEBACK"):
+            raise
+        resume = " (rerun the same command to resume from the last checkpoint)" if args.cmd in ("train", "teacher") else ""
+        print(f"interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -76,7 +76,9 @@ def test_train_then_eval_digits_reports_the_teachers_fd(tmp_path, capsys):
     capsys.readouterr()
     rc = cli.main(["eval", "--out", out, "--n", "64", "--nfe-curve", "--skip-model-baselines"])
     assert rc == 0
-    text = capsys.readouterr().out
+    cap = capsys.readouterr()
+    text = cap.out
+    assert "was learned for the model" not in cap.err  # the same weights: no warning
     rows = {}
     for line in text.splitlines():
         parts = line.split()
@@ -91,3 +93,111 @@ def test_train_then_eval_digits_reports_the_teachers_fd(tmp_path, capsys):
     with open(os.path.join(out, "eval.json")) as f:
         saved = json.load(f)
     assert [r["schedule"] for r in saved["rows"]][0] == "teacher"
+
+
+# ----------------------------------------------------------------------------------------------
+# a schedule file against the model it is used with; bad --device/--out; errors as one line
+# ----------------------------------------------------------------------------------------------
+def _schedule_file(tmp_path, solver, nfe, schedule=None, spec="gmm:ring2d"):
+    from ld3_ext import EDM, discretizations
+    from ld3_ext.schedule_file import LearnedSchedule
+    s = schedule or EDM()
+    path = str(tmp_path / f"{solver.name}{nfe}.json")
+    LearnedSchedule(discretizations.logsnr_uniform(s, solver.steps_for_nfe(nfe)), solver_config=solver.config(),
+                    nfe=nfe, schedule_config=s.config(), model={"spec": spec, "name": spec}).save(path)
+    return path
+
+
+def _rows(text):
+    return {p[0]: p for p in (line.split() for line in text.splitlines())
+            if len(p) == 4 and p[0] in ("ld3", "logsnr", "edm", "time_uniform", "time_quadratic")}
+
+
+def test_sample_compares_at_the_schedules_own_solver_and_nfe(tmp_path, capsys):
+    """A learned grid belongs to its solver and NFE: `ld3 sample --schedule` runs every row at those (saying
+    so when the command line asked for others), not at --solver/--nfe."""
+    from ld3_ext.solvers import DPMSolverPP
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4)
+    rc = cli.main(["sample", "--model", "gmm:ring2d", "--schedule", path, "--solver", "unipc", "--nfe", "10",
+                   "--n", "16", "--out", str(tmp_path / "o")])
+    cap = capsys.readouterr()
+    assert rc == 0
+    assert "comparing at the schedule's own solver" in cap.err and "NFE 4" in cap.err
+    rows = _rows(cap.out)
+    assert set(rows) == {"ld3", "logsnr", "edm", "time_uniform", "time_quadratic"}
+    assert all(r[1] == "4" for r in rows.values())
+    assert rows["ld3"][2] == rows["logsnr"][2]  # the file holds the logSNR grid: same solver, same result
+    assert "solver=DPMSolverPP" in cap.out
+
+
+def test_schedule_learned_on_another_noise_schedule_is_refused(tmp_path, capsys):
+    from ld3_ext import EDM
+    from ld3_ext.solvers import DPMSolverPP
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4, schedule=EDM(0.002, 120.0))
+    for argv in (["sample", "--model", "gmm:ring2d", "--nfe", "4"], ["eval", "--model", "gmm:ring2d"]):
+        rc = cli.main(argv + ["--schedule", path, "--n", "8", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert rc == 2 and "was learned on the noise schedule" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o" / "eval.json")
+
+
+def test_schedule_learned_for_another_model_warns(tmp_path, capsys):
+    from ld3_ext.solvers import DPMSolverPP
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4, spec="gmm:digits64")
+    rc = cli.main(["sample", "--model", "gmm:ring2d", "--nfe", "4", "--schedule", path, "--n", "8",
+                   "--out", str(tmp_path / "o")])
+    assert rc == 0
+    assert "was learned for the model 'gmm:digits64'" in capsys.readouterr().err
+
+
+def test_eval_nfe_curve_records_the_nfe_heun_actually_runs(tmp_path, monkeypatch):
+    """Heun spends two evaluations a step: an odd k in the NFE curve runs k - 1 evaluations, plotted as such."""
+    from ld3_ext import plotting
+    from ld3_ext.solvers import Heun
+    seen = {}
+
+    def fake_plot(grids, schedule, path, errors=None):
+        seen.update(errors)
+        return path
+    monkeypatch.setattr(plotting, "schedule_plot", fake_plot)
+    path = _schedule_file(tmp_path, Heun(), 4)
+    rc = cli.main(["eval", "--model", "gmm:ring2d", "--schedule", path, "--n", "8", "--nfe-curve", "3", "5",
+                   "--skip-model-baselines", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    assert [k for k, _ in seen["logsnr"]] == [4, 2, 4]  # the file's NFE 4, then k = 3 -> 2, k = 5 -> 4
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--device", "foo"], r"--device 'foo': Expected one of"),
+    (["--device", "cuda:0"], r"--device 'cuda:0': CUDA is not available"),
+])
+def test_bad_device_is_one_line_before_any_work(tmp_path, argv, match):
+    import torch
+    if "cuda" in argv[1] and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")  # the check is for machines without one
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["train", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")] + argv)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_out_that_is_a_file_is_refused_first(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    with pytest.raises(SystemExit, match=r"--out .*afile' exists and is not a directory"):
+        cli.main(["sample", "--model", "gmm:ring2d", "--out", str(f)])
+    assert f.read_text() == "mine"
+
+
+def test_os_errors_are_one_line(tmp_path, capsys):
+    rc = cli.main(["eval", "--model", "gmm:ring2d", "--schedule", str(tmp_path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "IsADirectoryError" in err and "Traceback" not in err
+
+
+def test_ctrl_c_is_one_line_with_the_resume_hint(tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_train", interrupted)
+    rc = cli.main(["train", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")])
+    assert rc == 130
+    assert capsys.readouterr().err.strip() == "interrupted (rerun the same command to resume from the last checkpoint)"
