@@ -114,6 +114,14 @@ def _load(args):
     return model, schedule, model_dtype
 
 
+def _weightless_name(model, args) -> Optional[str]:
+    """A model without weights to hash (the analytic test beds) is identified by its --model string; the
+    library would warn and use the same name, a warning meant for Python callers."""
+    if isinstance(model, torch.nn.Module) and any(isinstance(v, torch.Tensor) for v in model.state_dict().values()):
+        return None  # identified by the hash of its weights (not computed here: that can take seconds)
+    return getattr(model, "name", None) or args.model
+
+
 def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0):
     from .discretizations import get_discretization
     grids = {}
@@ -211,7 +219,8 @@ def cmd_teacher(args) -> int:
         cfg = TeacherConfig(solver=args.teacher_solver, order=args.teacher_order, nfe=args.teacher_nfe,
                             n_train=args.n_train, n_valid=args.n_valid, seed=args.seed)
         data = load_or_generate_teacher(model, schedule, cfg, cache_dir=os.path.join(args.out, "teacher"),
-                                        dtype=dtype, progress=not args.no_progress)
+                                        dtype=dtype, progress=not args.no_progress,
+                                        regenerate=args.regenerate_teacher, model_name=_weightless_name(model, args))
         if distributed.is_rank0():
             print(f"teacher pairs ready in {os.path.join(args.out, 'teacher')}: "
                   f"{data.train_noise.shape[0]} train, {data.valid_noise.shape[0]} valid")
@@ -241,7 +250,9 @@ def _train(args) -> int:
                          teacher_solver=args.teacher_solver, teacher_order=args.teacher_order,
                          teacher_nfe=args.teacher_nfe, teacher_dir=os.path.join(args.out, "teacher"),
                          checkpoint_dir=os.path.join(args.out, "checkpoint"), progress=not args.no_progress,
-                         rounds_v1=args.rounds_v1, rounds_v2=args.rounds_v2, checkpoint_model=args.checkpointing)
+                         rounds_v1=args.rounds_v1, rounds_v2=args.rounds_v2, checkpoint_model=args.checkpointing,
+                         resume="never" if (args.fresh or args.regenerate_teacher) else "auto",
+                         regenerate_teacher=args.regenerate_teacher, model_name=_weightless_name(model, args))
     t0 = time.time()
     learned = trainer.fit()
     learned.model["spec"] = args.model  # lets `ld3 eval` reload the same model
@@ -363,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(t, solver_defaults=False)
     t.add_argument("--n-train", type=int, default=50)
     t.add_argument("--n-valid", type=int, default=50)
+    t.add_argument("--regenerate-teacher", action="store_true",
+                   help="replace a cached teacher set made with other settings instead of refusing it")
     t.set_defaults(func=cmd_teacher)
 
     tr = sub.add_parser("train", help="learn a schedule (resumes from --out/checkpoint after an interrupt)")
@@ -377,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rounds-v1", type=int, default=2)
     tr.add_argument("--rounds-v2", type=int, default=5)
     tr.add_argument("--checkpointing", action="store_true", help="rematerialise network calls (flat memory in NFE)")
+    tr.add_argument("--fresh", action="store_true",
+                    help="start over: ignore (and overwrite) a training checkpoint in --out instead of resuming it")
+    tr.add_argument("--regenerate-teacher", action="store_true",
+                    help="replace a cached teacher set made with other settings instead of refusing it (implies "
+                         "--fresh: a checkpoint made on the old teacher set cannot be resumed)")
     tr.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="compare the learned schedule with every baseline")
@@ -405,6 +423,16 @@ def _user_errors():
     # OSError: --out is a file, a directory cannot be made, a schedule path is a directory, a disk is full ...
     return (CorruptFileError, CheckpointMismatchError, LossUnavailableError, NonFiniteLossError, TeacherCacheError,
             ModelOutputError, OSError, ValueError, TypeError)
+
+
+def _flag_hint(exc: BaseException) -> Optional[str]:
+    """The command-line flag for a Python option that an error message names."""
+    text = str(exc)
+    if "resume='never'" in text:
+        return "on the command line: `ld3 train --fresh` starts over"
+    if "regenerate=True" in text or "regenerate_teacher=True" in text:
+        return "on the command line: --regenerate-teacher replaces the cached teacher set"
+    return None
 
 
 def _check_device(args) -> None:
@@ -440,6 +468,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if os.environ.get("LD3_TRACEBACK"):
             raise
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        hint = _flag_hint(exc)
+        if hint:
+            print(hint, file=sys.stderr)
         print("(set LD3_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

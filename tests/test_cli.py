@@ -201,3 +201,25 @@ def test_ctrl_c_is_one_line_with_the_resume_hint(tmp_path, monkeypatch, capsys):
     rc = cli.main(["train", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")])
     assert rc == 130
     assert capsys.readouterr().err.strip() == "interrupted (rerun the same command to resume from the last checkpoint)"
+
+
+def test_fresh_and_regenerate_teacher_flags(tmp_path, capsys):
+    """The errors that name Python options (resume='never', regenerate=True) say the flag; the flags work;
+    a test-bed model is identified by its --model name without a warning meant for Python callers."""
+    import warnings
+    out = str(tmp_path / "r")
+    base = ["train", "--model", "gmm:ring2d", "--solver", "dpmpp", "--order", "2", "--n-train", "4", "--n-valid", "4",
+            "--rounds-v1", "1", "--rounds-v2", "0", "--time-mode", "lambda", "--init", "logsnr", "--out", out]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "the model has no weights to hash" warning
+        assert cli.main(base + ["--nfe", "4"]) == 0
+    capsys.readouterr()
+    assert cli.main(base + ["--nfe", "5"]) == 2
+    assert "`ld3 train --fresh` starts over" in capsys.readouterr().err
+    assert cli.main(base + ["--nfe", "5", "--fresh"]) == 0
+    assert cli.main(base + ["--nfe", "5", "--teacher-nfe", "10"]) == 2
+    assert "--regenerate-teacher replaces the cached teacher set" in capsys.readouterr().err
+    assert cli.main(base + ["--nfe", "5", "--teacher-nfe", "10", "--regenerate-teacher"]) == 0  # implies --fresh
+    from ld3_ext.schedule_file import load_schedule
+    learned = load_schedule(os.path.join(out, "schedule.json"))
+    assert learned.nfe == 5 and learned.model["name"] == "gmm:ring2d"
