@@ -35,10 +35,10 @@ import contextlib
 from typing import Any, Callable, ContextManager, List, Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _native
 from .coefficients import MAX_HISTORY
+from .ops import composite_only
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,8 +220,9 @@ class _WholeSampler(torch.autograd.Function):
         return x
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            return _differentiable_backward(ctx, grad)
         plan: SamplerPlan = ctx.plan
         need_x, need_table, need_tm = ctx.need
         table, x_T, tm = ctx.saved_tensors
@@ -273,6 +274,23 @@ class _WholeSampler(torch.autograd.Function):
             dt = ctx.tm.dtype
             grad_tm = torch.stack([(zero if g is None else g if g.dtype == dt else g.to(dt)) for g in g_tm] + [zero])
         return None, None, grad_x, grad_table, grad_tm
+
+
+def _differentiable_backward(ctx, grad):
+    """Double backward (a Hessian-vector product, a gradient penalty): the adjoint walk's kernels and model
+    VJPs are not differentiable, so the solve is run again from the saved inputs with plain per-step torch ops
+    and differentiated with create_graph=True.  Costs one more forward; only taken when asked for."""
+    plan: SamplerPlan = ctx.plan
+    table, x_T, tm = ctx.saved_tensors
+    rows = table.select(1, 0).unbind(0)
+    x, history = x_T, []
+    for i, p in enumerate(plan.orders):
+        history.insert(0, plan.evaluate(x, tm[i], i))
+        del history[plan.max_order:]
+        x = _update_reference(x, rows[i].narrow(0, 0, 1 + p), history[:p])
+    wanted = [t for t, need in zip((x_T, table, tm), ctx.need) if need]
+    got = iter(torch.autograd.grad(x, wanted, grad, create_graph=True, allow_unused=True))
+    return (None, None) + tuple(next(got) if need else None for need in ctx.need)
 
 
 def _reverse_steps(ctx, plan: SamplerPlan, grad: torch.Tensor, step: Callable, w_rows, dot_rows, scales):
@@ -419,6 +437,8 @@ def applicable(x: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> bool:
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     if not (x.requires_grad or table.requires_grad or tm.requires_grad):
+        return False
+    if composite_only(x, table, tm):  # forward-mode AD or a torch.func transform: the per-step ops handle it
         return False
     return _uses_native(x) and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
+import torch.autograd.forward_ad as _fwad
 
 from . import _native
-from .coefficients import MAX_HISTORY, SOLVER_IDS, TABLE_WIDTH, SolverSpec, coefficient_table_reference
+from .coefficients import SOLVER_IDS, TABLE_WIDTH, SolverSpec, coefficient_table_reference
+from .ops import as_history, check_table_args, check_update_args as _check_update, composite_only, \
+    multistep_update_reference
 
 _C = _native._C
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _lib():
@@ -34,36 +35,6 @@ def _device_supported(device: torch.device) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# input validation (clear messages naming the argument; the C++ side re-checks with TORCH_CHECK)
-# ----------------------------------------------------------------------------------------------
-def _check_update(x, coef, history) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"multistep_update: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"multistep_update: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if len(history) > MAX_HISTORY:
-        raise ValueError(f"multistep_update: history holds {len(history)} tensors, at most {MAX_HISTORY} are supported")
-    for k, m in enumerate(history):
-        if not isinstance(m, torch.Tensor):
-            raise TypeError(f"multistep_update: history[{k}] must be a torch.Tensor, got {type(m).__name__}")
-        if m.dtype != x.dtype:
-            raise TypeError(f"multistep_update: history[{k}] has dtype {m.dtype} but x has dtype {x.dtype}")
-        if m.device != x.device:
-            raise ValueError(f"multistep_update: history[{k}] is on {m.device} but x is on {x.device}")
-        if m.shape != x.shape:
-            raise ValueError(f"multistep_update: history[{k}] has shape {tuple(m.shape)} but x has shape {tuple(x.shape)}")
-    if not isinstance(coef, torch.Tensor):
-        raise TypeError(f"multistep_update: coef must be a torch.Tensor, got {type(coef).__name__}")
-    if not coef.is_floating_point():
-        raise TypeError(f"multistep_update: coef must be a floating tensor (float64), got {coef.dtype}")
-    if coef.device != x.device:
-        raise ValueError(f"multistep_update: coef is on {coef.device} but x is on {x.device}")
-    if coef.dim() != 1 or not (1 + len(history) <= coef.shape[0] <= TABLE_WIDTH):
-        raise ValueError(f"multistep_update: coef must be 1-D with between 1 + len(history) = {1 + len(history)} "
-                         f"and {TABLE_WIDTH} entries, got shape {tuple(coef.shape)}")
-
-
-# ----------------------------------------------------------------------------------------------
 # eager autograd Functions (pybind11 calls)
 # ----------------------------------------------------------------------------------------------
 class _MultistepUpdate(torch.autograd.Function):
@@ -73,29 +44,51 @@ class _MultistepUpdate(torch.autograd.Function):
         return _C.multistep_update(x, coef, list(history))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         x, coef, *history = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            return _update_backward_reference(grad, x, coef, history, needs)
         need_hist = any(needs[2:])
         gx, gc, gms = _C.multistep_update_backward(grad, x, coef, history, needs[0], needs[1], need_hist)
         ghist = [gms[k] if (need_hist and needs[2 + k]) else None for k in range(len(history))]
         return (gx, gc, *ghist)
 
 
+def _update_backward_reference(grad, x, coef, history, needs):
+    """The backward of a*x + sum_k b_k m_k in differentiable torch ops (double backward, e.g. a Hessian-vector
+    product): grad_x = a g, grad_m_k = b_k g, grad_coef = [<g, x>, <g, m_k>, 0...] in float64."""
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    g = grad.to(acc)
+    c = coef.to(acc)
+    gx = (c[0] * g).to(x.dtype) if needs[0] else None
+    gc = None
+    if needs[1]:
+        dots = [(g.double() * x.double()).sum()] + [(g.double() * m.double()).sum() for m in history]
+        gc = torch.cat([torch.stack(dots), coef.new_zeros(coef.shape[0] - len(dots))]).to(coef.dtype)
+    ghist = [(c[1 + k] * g).to(m.dtype) if needs[2 + k] else None for k, m in enumerate(history)]
+    return (gx, gc, *ghist)
+
+
 class _CoefficientTable(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t64, args):
+    def forward(ctx, t64, args, schedule, spec):
         table, jac = _C.coefficient_table(t64, *args)
-        ctx.save_for_backward(jac)
+        ctx.save_for_backward(jac, t64)
+        ctx.schedule, ctx.spec = schedule, spec
         return table
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_table):
-        (jac,) = ctx.saved_tensors
+        jac, t64 = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: J^T g with a constant J would lose d(grad_t)/dt; the reference table's VJP
+            # keeps every second-order term
+            ref = coefficient_table_reference(ctx.schedule, t64, ctx.spec)
+            (gt,) = torch.autograd.grad(ref, t64, grad_table, create_graph=True, allow_unused=True)
+            return (torch.zeros_like(t64) if gt is None else gt), None, None, None
         # grad_t = J^T g, gathered per t_k in C++ (one call instead of a dozen tiny ops)
-        return _C.coefficient_table_backward(jac, grad_table), None
+        return _C.coefficient_table_backward(jac, grad_table), None, None, None
 
 
 def _table_args(schedule, spec: SolverSpec) -> tuple:
@@ -113,26 +106,25 @@ def _table_args(schedule, spec: SolverSpec) -> tuple:
 # ----------------------------------------------------------------------------------------------
 def coefficient_table(schedule, t64: torch.Tensor, spec: SolverSpec) -> torch.Tensor:
     """[N, 2, 5] float64 coefficient table (see ``coefficients.py``), differentiable w.r.t. ``t64``."""
-    if not isinstance(t64, torch.Tensor) or t64.dim() != 1 or t64.shape[0] < 2:
-        raise ValueError("coefficient_table: timesteps must be a 1-D tensor with at least 2 entries")
+    check_table_args(schedule, t64, spec)
     if t64.dtype != torch.float64:
         t64 = t64.to(torch.float64)
     args = _table_args(schedule, spec)
-    if not _device_supported(t64.device):
+    if not _device_supported(t64.device) or composite_only(t64):
         return coefficient_table_reference(schedule, t64, spec)
     _lib()
     if torch.compiler.is_compiling():
         return torch.ops.ld3_ext.coefficient_table(t64, *args)[0]
-    return _CoefficientTable.apply(t64, args)
+    return _CoefficientTable.apply(t64, args, schedule, spec)
 
 
 def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torch.Tensor],
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a*x + sum_k b_k*history[k] with coef = [a, b_0, ...]; ``out`` (may be ``x``) needs no autograd."""
-    history = list(history)
+    history = as_history(history)
     if _C is not None and type(coef) is torch.Tensor and coef.dtype == torch.float64 \
             and type(x) is torch.Tensor and (x.is_cpu or (x.is_cuda and _native.native_cuda_available())) \
-            and not torch.compiler.is_compiling():
+            and _fwad._current_level < 0 and not torch.compiler.is_compiling():
         # the common call: the extension checks every argument itself (TORCH_CHECK); the Python
         # checks below, which cost more than a small update, run only to name a failure precisely
         failure = None
@@ -145,6 +137,8 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
             failure = exc
         if failure is not None:  # raised outside the except block: no chained traceback
             _check_update(x, coef, history)
+            if composite_only(x, coef, *history, out):  # a torch.func transform's wrapped tensors
+                return _reference_update(x, coef, history, out)
             if out is not None:
                 _check_out(x, coef, history, out)
             raise failure
@@ -152,17 +146,24 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
     _check_update(x, coef, history)
     if coef.dtype != torch.float64:
         coef = coef.to(torch.float64)
-    if not _device_supported(x.device):
-        from .ops import multistep_update_reference
-        res = multistep_update_reference(x, coef, history)
-        return res if out is None else out.copy_(res)
+    if not _device_supported(x.device) or composite_only(x, coef, *history, out):
+        return _reference_update(x, coef, history, out)
     _lib()
     if out is not None:
         _check_out(x, coef, history, out)
+        if torch.compiler.is_compiling():  # the pybind function cannot be traced: the custom op can
+            return out.copy_(torch.ops.ld3_ext.multistep_update(x, coef, history))
         return _C.multistep_update(x, coef, history, out)
     if torch.compiler.is_compiling():
         return torch.ops.ld3_ext.multistep_update(x, coef, history)
     return _update_eager(x, coef, history)
+
+
+def _reference_update(x, coef, history, out):
+    if out is not None:
+        _check_out(x, coef, history, out)
+    res = multistep_update_reference(x, coef, history)
+    return res if out is None else out.copy_(res)
 
 
 def _records_grad(x, coef, history) -> bool:

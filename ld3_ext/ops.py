@@ -13,9 +13,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 from . import _native
-from .coefficients import SolverSpec, coefficient_table_reference
+from .coefficients import MAX_HISTORY, TABLE_WIDTH, SolverSpec, coefficient_table_reference
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 BACKENDS = ("auto", "fused", "reference")
 
@@ -29,6 +32,86 @@ def resolve_backend(backend: str) -> str:
         _native.warn_missing_once()
         return "reference"
     return backend
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks shared by both backends: a clear exception naming the argument
+# (the native extension re-checks everything with TORCH_CHECK)
+# ----------------------------------------------------------------------------------------------
+def as_history(history) -> list:
+    """``history`` as a list (the caller's own list as is: it is only read), or a TypeError naming it."""
+    if type(history) is list:
+        return history
+    if isinstance(history, torch.Tensor) or history is None:
+        raise TypeError(f"multistep_update: history must be a sequence of tensors, got "
+                        f"{type(history).__name__}")
+    try:
+        return list(history)
+    except TypeError:
+        raise TypeError(f"multistep_update: history must be a sequence of tensors, got "
+                        f"{type(history).__name__}") from None
+
+
+def check_update_args(x, coef, history) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"multistep_update: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"multistep_update: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.layout != torch.strided:
+        raise TypeError(f"multistep_update: x must be a dense (strided) tensor, got layout {x.layout}")
+    if len(history) > MAX_HISTORY:
+        raise ValueError(f"multistep_update: history holds {len(history)} tensors, at most {MAX_HISTORY} are supported")
+    for k, m in enumerate(history):
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"multistep_update: history[{k}] must be a torch.Tensor, got {type(m).__name__}")
+        if m.dtype != x.dtype:
+            raise TypeError(f"multistep_update: history[{k}] has dtype {m.dtype} but x has dtype {x.dtype}")
+        if m.device != x.device:
+            raise ValueError(f"multistep_update: history[{k}] is on {m.device} but x is on {x.device}")
+        if m.shape != x.shape:
+            raise ValueError(f"multistep_update: history[{k}] has shape {tuple(m.shape)} but x has shape {tuple(x.shape)}")
+        if m.layout != torch.strided:
+            raise TypeError(f"multistep_update: history[{k}] must be a dense (strided) tensor, got layout {m.layout}")
+    if not isinstance(coef, torch.Tensor):
+        raise TypeError(f"multistep_update: coef must be a torch.Tensor, got {type(coef).__name__}")
+    if not coef.is_floating_point():
+        raise TypeError(f"multistep_update: coef must be a floating tensor (float64), got {coef.dtype}")
+    if coef.device != x.device:
+        raise ValueError(f"multistep_update: coef is on {coef.device} but x is on {x.device}")
+    if coef.dim() != 1 or not (1 + len(history) <= coef.shape[0] <= TABLE_WIDTH):
+        raise ValueError(f"multistep_update: coef must be 1-D with between 1 + len(history) = {1 + len(history)} "
+                         f"and {TABLE_WIDTH} entries, got shape {tuple(coef.shape)}")
+
+
+def check_table_args(schedule, timesteps, spec) -> None:
+    from .schedules import NoiseSchedule
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"coefficient_table: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if not isinstance(spec, SolverSpec):
+        raise TypeError(f"coefficient_table: spec must be a SolverSpec, got {type(spec).__name__}")
+    if not isinstance(timesteps, torch.Tensor):
+        raise ValueError(f"coefficient_table: timesteps must be a 1-D tensor with at least 2 entries, got "
+                         f"{type(timesteps).__name__}")
+    if timesteps.is_complex() or timesteps.dtype == torch.bool:
+        raise TypeError(f"coefficient_table: timesteps must be real numbers, got {timesteps.dtype}")
+    if timesteps.dim() != 1 or timesteps.shape[0] < 2:
+        raise ValueError(f"coefficient_table: timesteps must be a 1-D tensor with at least 2 entries, got shape "
+                         f"{tuple(timesteps.shape)}")
+
+
+def composite_only(*tensors) -> bool:
+    """True where the native kernels cannot serve: forward-mode AD is on (they carry no tangents) or a
+    torch.func transform (vmap, grad, jvp) wrapped an input (no storage to read).  The reference's
+    plain torch ops handle both."""
+    if torch.compiler.is_compiling():  # traced: the custom ops serve (and this C call would break the graph)
+        return False
+    if getattr(_fwad, "_current_level", -1) >= 0:
+        return True
+    wrapped = _is_wrapped
+    return wrapped is not None and any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors)
+
+
+_is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +130,7 @@ def multistep_update_reference(x: torch.Tensor, coef: torch.Tensor, history: Seq
 
 def coefficient_table(schedule, timesteps: torch.Tensor, spec: SolverSpec, backend: str = "auto") -> torch.Tensor:
     """float64 coefficient table of the whole solve; differentiable w.r.t. ``timesteps``."""
+    check_table_args(schedule, timesteps, spec)
     backend = resolve_backend(backend)
     t64 = timesteps.to(torch.float64)
     if backend == "fused" and schedule.native_spec() is not None:
@@ -60,7 +144,9 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
     backend = resolve_backend(backend)
     if backend == "fused":
         from . import fused
-        return fused.multistep_update(x, coef, list(history))
+        return fused.multistep_update(x, coef, history)  # checks its arguments itself
+    history = as_history(history)
+    check_update_args(x, coef, history)
     return multistep_update_reference(x, coef, history)
 
 

@@ -14,17 +14,37 @@ bool is_cuda(const at::Tensor& t) { return t.defined() && t.device().is_cuda(); 
   TORCH_CHECK(false, what, ": ld3_ext._C was built without CUDA kernels (rebuild with LD3_WITH_CUDA=ON)");
 }
 
+// A tensor these functions write in place, as ATen's in-place ops treat theirs: autograd cannot record the
+// write (so no tensor requiring grad), an inference tensor only inside InferenceMode, and its version
+// counter goes up afterwards, so a graph that saved it refuses to backward through stale values.
+void check_written(const at::Tensor& t, const char* what) {
+  if (!t.defined()) return;
+  TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), what,
+              " is written in place and must not require grad (autograd cannot record this write)");
+  TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), what,
+              " is an inference tensor: it can be written in place only inside torch.inference_mode()");
+}
+
+void bump_version(const at::Tensor& t) {
+  if (t.defined() && !t.is_inference()) torch::autograd::impl::bump_version(t);
+}
+
 at::Tensor multistep_update(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history,
                             const std::optional<at::Tensor>& out) {
   const at::Tensor o = out.has_value() ? *out : at::Tensor();
+  check_written(o, "multistep_update: out");
+  at::Tensor res;
   if (is_cuda(x)) {
 #ifdef LD3_WITH_CUDA_KERNELS
-    return ld3::multistep_forward_cuda(x, coef, history, o);
+    res = ld3::multistep_forward_cuda(x, coef, history, o);
 #else
     no_cuda("multistep_update");
 #endif
+  } else {
+    res = ld3::multistep_forward_cpu(x, coef, history, o);
   }
-  return ld3::multistep_forward_cpu(x, coef, history, o);
+  bump_version(o);
+  return res;
 }
 
 ld3::GradTuple multistep_update_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& coef,
@@ -48,6 +68,8 @@ std::optional<at::Tensor> multistep_adjoint(const at::Tensor& lam_prev, const st
                                             const std::optional<at::Tensor>& m, const at::Tensor& w,
                                             const std::optional<at::Tensor>& dots) {
   at::Tensor gm;
+  check_written(opt(v), "multistep_adjoint: v");
+  check_written(opt(dots), "multistep_adjoint: dots");
   if (is_cuda(lam_prev)) {
 #ifdef LD3_WITH_CUDA_KERNELS
     gm = ld3::multistep_adjoint_cuda(lam_prev, opt(v), opt(scale), older, opt(x), opt(m), w, opt(dots));
@@ -57,6 +79,8 @@ std::optional<at::Tensor> multistep_adjoint(const at::Tensor& lam_prev, const st
   } else {
     gm = ld3::multistep_adjoint_cpu(lam_prev, opt(v), opt(scale), older, opt(x), opt(m), w, opt(dots));
   }
+  bump_version(opt(v));
+  bump_version(opt(dots));
   if (!gm.defined()) return std::nullopt;
   return gm;
 }

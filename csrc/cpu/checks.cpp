@@ -10,6 +10,9 @@ namespace ld3 {
 
 void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history) {
   TORCH_CHECK(x.defined(), "multistep_update: x is undefined");
+  // sparse, mkldnn and nested tensors have no strided data to walk
+  TORCH_CHECK(x.layout() == at::kStrided, "multistep_update: x must be a dense (strided) tensor, got layout ",
+              x.layout());
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "multistep_update: x must be float16, bfloat16, float32 or float64, got ", st);
@@ -18,6 +21,8 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
   for (size_t k = 0; k < history.size(); ++k) {
     const auto& m = history[k];
     TORCH_CHECK(m.defined(), "multistep_update: history[", k, "] is undefined");
+    TORCH_CHECK(m.layout() == at::kStrided, "multistep_update: history[", k,
+                "] must be a dense (strided) tensor, got layout ", m.layout());
     TORCH_CHECK(m.scalar_type() == st, "multistep_update: history[", k, "] has dtype ", m.scalar_type(),
                 " but x has dtype ", st);
     TORCH_CHECK(m.device() == x.device(), "multistep_update: history[", k, "] is on ", m.device(), " but x is on ",
@@ -26,6 +31,8 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
                 " but x has shape ", x.sizes());
   }
   TORCH_CHECK(coef.defined(), "multistep_update: coef is undefined");
+  TORCH_CHECK(coef.layout() == at::kStrided, "multistep_update: coef must be a dense (strided) tensor, got layout ",
+              coef.layout());
   TORCH_CHECK(coef.scalar_type() == at::kDouble, "multistep_update: coef must be float64, got ", coef.scalar_type());
   TORCH_CHECK(coef.dim() == 1, "multistep_update: coef must be 1-D, got shape ", coef.sizes());
   TORCH_CHECK(coef.numel() >= static_cast<int64_t>(1 + history.size()) && coef.numel() <= kTableWidth,
@@ -37,6 +44,8 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
 
 void check_update_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& coef,
                       const std::vector<at::Tensor>& history) {
+  TORCH_CHECK(out.layout() == at::kStrided, "multistep_update: out must be a dense (strided) tensor, got layout ",
+              out.layout());
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device() && out.sizes() == x.sizes(),
               "multistep_update: out must match x in shape, dtype and device");
   at::assert_no_internal_overlap(out);
@@ -54,6 +63,7 @@ void check_update_grad(const at::Tensor& grad, const at::Tensor& x) {
 
 namespace {
 void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.layout() == at::kStrided, "multistep_adjoint: ", name, " must be a dense (strided) tensor");
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "multistep_adjoint: ", name, " has dtype ", t.scalar_type(),
               " but lam_prev has dtype ", ref.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), "multistep_adjoint: ", name, " is on ", t.device(), " but lam_prev is on ",
@@ -73,6 +83,7 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
                                const std::vector<at::Tensor>& older, const at::Tensor& x, const at::Tensor& m,
                                const at::Tensor& w, const at::Tensor& dots) {
   TORCH_CHECK(lam_prev.defined(), "multistep_adjoint: lam_prev is undefined");
+  TORCH_CHECK(lam_prev.layout() == at::kStrided, "multistep_adjoint: lam_prev must be a dense (strided) tensor");
   const auto st = lam_prev.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "multistep_adjoint: lam_prev must be float16, bfloat16, float32 or float64, got ", st);
@@ -103,6 +114,8 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
               " weights but only ", std::min<int64_t>(available, kMaxHistory), " adjoints are given");
   if (a.need_dots) {
     check_double_vector(dots, lam_prev, "dots");
+    // each dot product has its own entry: an expand()ed dots would write them all to one
+    at::assert_no_internal_overlap(dots);
     TORCH_CHECK(dots.numel() >= 1 + a.J, "multistep_adjoint: dots needs at least ", 1 + a.J, " entries, got ",
                 dots.numel());
     TORCH_CHECK(x.defined(), "multistep_adjoint: x is needed for the dot products");

@@ -1,0 +1,218 @@
+"""The fused ops and samplers under every autograd mode a user can reach, against the reference path:
+in-place rules for out= (version counter, requires_grad, inference tensors), forward-mode AD,
+torch.func transforms (vmap, grad, jvp), double backward (gradgradcheck, Hessian-vector products)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import ld3_ext
+from ld3_ext import _native, adjoint, fused, ops
+from ld3_ext.coefficients import SolverSpec
+
+pytestmark = pytest.mark.skipif(not _native.native_available(), reason="needs the native extension ld3_ext._C")
+
+SCHED = ld3_ext.EDM()
+GRID = torch.tensor([80.0, 20.0, 4.0, 0.7, 0.05], dtype=torch.float64)
+
+
+def _inputs(dtype=torch.float64, shape=(2, 3, 5), k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    hist = [torch.randn(shape, generator=g, dtype=dtype) for _ in range(k)]
+    coef = torch.randn(1 + k, generator=g, dtype=torch.float64)
+    return x, coef, hist
+
+
+def _model():
+    mix = ld3_ext.testbeds.ring2d()
+    return mix.model(SCHED), mix
+
+
+# ----------------------------------------------------------------------------------------------
+# out= follows ATen's in-place rules
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_out_bumps_the_version_counter(layout):
+    """A graph that saved the out tensor refuses to backward through the overwritten values."""
+    x, coef, hist = _inputs(torch.float32)
+    buf = torch.randn(2, 3, 5) if layout == "contiguous" else torch.randn(2, 3, 10)[..., ::2]
+    w = torch.randn(2, 3, 5, requires_grad=True)
+    y = (w * buf).sum()  # saves buf for the backward
+    v0 = buf._version
+    fused.multistep_update(x, coef, hist, out=buf)
+    assert buf._version > v0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_out_requiring_grad_or_inference_is_refused():
+    x, coef, hist = _inputs(torch.float32)
+    leaf = torch.zeros(2, 3, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="out is written in place and must not require grad"):
+        fused.multistep_update(x, coef, hist, out=leaf)
+    with torch.no_grad():  # as for ATen's in-place ops, allowed when nothing is recorded
+        fused.multistep_update(x, coef, hist, out=leaf)
+    torch.testing.assert_close(leaf.detach(), ops.multistep_update_reference(x, coef, hist), rtol=1e-6, atol=1e-6)
+    with torch.inference_mode():
+        inf = torch.zeros(2, 3, 5)
+        fused.multistep_update(x, coef, hist, out=inf)  # inside inference mode: fine
+    torch.testing.assert_close(inf, ops.multistep_update_reference(x, coef, hist), rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="out is an inference tensor"):
+        fused.multistep_update(x, coef, hist, out=inf)
+
+
+def test_adjoint_step_refuses_overlapping_dots():
+    x, coef, hist = _inputs()
+    lam, v, older = torch.randn_like(x), torch.randn_like(x), [torch.randn_like(x)]
+    w = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    dots = torch.zeros(1, dtype=torch.float64).expand(4)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        adjoint.multistep_adjoint_step(lam, v, torch.tensor(0.9, dtype=torch.float64), older, x, hist[0], w, dots)
+
+
+def test_sparse_inputs_are_named():
+    x, coef, hist = _inputs()
+    with pytest.raises(TypeError, match="x must be a dense"):
+        fused.multistep_update(x.to_sparse(), coef, hist)
+    with pytest.raises(TypeError, match=r"history\[1\] must be a dense"):
+        fused.multistep_update(x, coef, [hist[0], hist[1].to_sparse(), hist[2]])
+    with pytest.raises(RuntimeError, match="out must be a dense"):
+        fused.multistep_update(x, coef, hist, out=torch.zeros_like(x).to_sparse())
+
+
+# ----------------------------------------------------------------------------------------------
+# forward-mode AD and torch.func: the reference's plain ops serve, with the same values
+# ----------------------------------------------------------------------------------------------
+def test_forward_ad_carries_tangents_through_the_update():
+    x, coef, hist = _inputs()
+    tx, tc, th = _inputs(seed=1)
+    want = ops.multistep_update_reference(x, tc, hist) + ops.multistep_update_reference(tx, coef, th)
+    with fwAD.dual_level():
+        y = fused.multistep_update(fwAD.make_dual(x, tx), fwAD.make_dual(coef, tc),
+                                   [fwAD.make_dual(m, t) for m, t in zip(hist, th)])
+        p, t = fwAD.unpack_dual(y)
+    torch.testing.assert_close(p, ops.multistep_update_reference(x, coef, hist), rtol=1e-12, atol=1e-12)
+    assert t is not None
+    torch.testing.assert_close(t, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("what", ["x_T", "timesteps"])
+def test_forward_ad_through_a_fused_sampler_matches_the_reference(what):
+    model, mix = _model()
+    x_T = mix.prior_noise(SCHED, 6, generator=torch.Generator().manual_seed(3))
+    tangent = torch.randn_like(x_T) if what == "x_T" else torch.linspace(0.5, -0.3, 5, dtype=torch.float64) * 0.1
+    tangent[0:1] = 0 if what == "timesteps" else tangent[0:1]  # t_max stays the start time
+    outs = {}
+    for backend in ("fused", "reference"):
+        with fwAD.dual_level():
+            xs = fwAD.make_dual(x_T, tangent) if what == "x_T" else x_T
+            ts = fwAD.make_dual(GRID, tangent) if what == "timesteps" else GRID
+            y = ld3_ext.DPMSolverPP(order=3, backend=backend).sample(model, xs, ts)
+            outs[backend] = [u.clone() for u in fwAD.unpack_dual(y)]
+    assert outs["fused"][1] is not None
+    for a, b in zip(outs["fused"], outs["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_vmap_over_the_fused_update():
+    xs = torch.randn(4, 2, 3, dtype=torch.float64)
+    hs = torch.randn(4, 2, 2, 3, dtype=torch.float64)
+    coef = torch.tensor([0.9, 0.2, -0.1], dtype=torch.float64)
+    got = torch.func.vmap(lambda x, h: fused.multistep_update(x, coef, list(h.unbind(0))))(xs, hs)
+    want = torch.stack([ops.multistep_update_reference(x, coef, list(h.unbind(0))) for x, h in zip(xs, hs)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_func_grad_and_jvp_through_a_fused_sampler():
+    model, mix = _model()
+    x_T = mix.prior_noise(SCHED, 4, generator=torch.Generator().manual_seed(5))
+
+    def loss(t, backend):
+        return ld3_ext.DPMSolverPP(order=3, backend=backend).sample(model, x_T, t).pow(2).sum()
+
+    g_f = torch.func.grad(lambda t: loss(t, "fused"))(GRID)
+    g_r = torch.func.grad(lambda t: loss(t, "reference"))(GRID)
+    torch.testing.assert_close(g_f, g_r, rtol=1e-10, atol=1e-12)
+    v = torch.tensor([0.0, 0.3, -0.2, 0.1, 0.0], dtype=torch.float64)
+    _, jv_f = torch.func.jvp(lambda t: loss(t, "fused"), (GRID,), (v,))
+    _, jv_r = torch.func.jvp(lambda t: loss(t, "reference"), (GRID,), (v,))
+    torch.testing.assert_close(jv_f, jv_r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(jv_f, (g_r * v).sum(), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# double backward
+# ----------------------------------------------------------------------------------------------
+def test_gradgradcheck_of_the_fused_update():
+    x, coef, hist = _inputs(shape=(2, 3), k=2)
+    args = [x.requires_grad_(), coef.requires_grad_(), *[m.requires_grad_() for m in hist]]
+    assert torch.autograd.gradgradcheck(lambda x, c, *h: fused.multistep_update(x, c, list(h)), args)
+
+
+def test_gradgradcheck_of_the_fused_coefficient_table():
+    t = GRID.clone().requires_grad_()
+    for spec in (SolverSpec("dpmpp", 3), SolverSpec("unipc", 2, variant="bh2"), SolverSpec("ipndm", 4)):
+        assert torch.autograd.gradgradcheck(lambda t: fused.coefficient_table(SCHED, t, spec), [t])
+
+
+@pytest.mark.parametrize("solver", [lambda b: ld3_ext.DPMSolverPP(order=3, backend=b),
+                                    lambda b: ld3_ext.UniPC(order=2, backend=b),
+                                    lambda b: ld3_ext.IPNDM(order=3, backend=b)], ids=["dpmpp3", "unipc2", "ipndm3"])
+def test_hessian_vector_product_through_the_whole_sampler(solver):
+    """create_graph=True through the one-node fused sampler gives the reference path's second derivatives
+    (it used to return None for the timestep path: a gradient penalty would have been silently wrong)."""
+    model, mix = _model()
+    x0 = mix.prior_noise(SCHED, 4, generator=torch.Generator().manual_seed(7))
+    v_t = torch.tensor([0.0, 0.5, -0.3, 0.2, 0.0], dtype=torch.float64)
+    v_x = torch.randn_like(x0)
+    res = {}
+    for b in ("fused", "reference"):
+        t = GRID.clone().requires_grad_()
+        tm = GRID.clone().requires_grad_()
+        x = x0.clone().requires_grad_()
+        y = solver(b).sample(model, x, t, model_timesteps=tm)
+        gt, gtm, gx = torch.autograd.grad(y.pow(2).sum(), [t, tm, x], create_graph=True)
+        res[b] = torch.autograd.grad((gt * v_t).sum() + (gtm * v_t).sum() + (gx * v_x).sum(), [t, tm, x])
+    for a, r in zip(res["fused"], res["reference"]):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-11)
+    assert res["fused"][0].abs().max() > 0 and res["fused"][2].abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the ops layer checks its arguments on both backends
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("case, exc, match", [
+    ("broadcasting history", ValueError, r"history\[0\] has shape \(3, 4\) but x has shape \(1, 4\)"),
+    ("too many history terms", ValueError, "history holds 6 tensors, at most 4"),
+    ("mixed dtypes", TypeError, r"history\[1\] has dtype torch.float32 but x has dtype torch.float64"),
+    ("short coef", ValueError, "coef must be 1-D with between 1 \\+ len\\(history\\) = 3"),
+    ("history None", TypeError, "history must be a sequence of tensors, got NoneType"),
+])
+def test_ops_update_checks_arguments_on_both_backends(backend, case, exc, match):
+    x = torch.randn(1, 4, dtype=torch.float64)
+    coef = torch.ones(5, dtype=torch.float64)
+    hist = {"broadcasting history": [torch.randn(3, 4, dtype=torch.float64)],
+            "too many history terms": [x.clone() for _ in range(6)],
+            "mixed dtypes": [x.clone(), x.float()],
+            "short coef": [x.clone(), x.clone()],
+            "history None": None}[case]
+    if case == "short coef":
+        coef = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(exc, match=match):
+        ops.multistep_update(x, coef, hist, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_ops_coefficient_table_checks_arguments(backend):
+    spec = SolverSpec("dpmpp", 2)
+    with pytest.raises(TypeError, match="schedule must be a NoiseSchedule, got str"):
+        ops.coefficient_table("edm", GRID, spec, backend)
+    with pytest.raises(TypeError, match="spec must be a SolverSpec, got dict"):
+        ops.coefficient_table(SCHED, GRID, {"kind": "dpmpp"}, backend)
+    with pytest.raises(ValueError, match="timesteps must be a 1-D tensor with at least 2 entries, got list"):
+        ops.coefficient_table(SCHED, [80.0, 1.0], spec, backend)
+    with pytest.raises(TypeError, match="timesteps must be real numbers, got torch.complex128"):
+        ops.coefficient_table(SCHED, GRID.to(torch.complex128), spec, backend)
