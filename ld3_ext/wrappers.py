@@ -136,8 +136,11 @@ class DiffusionModel(torch.nn.Module):
     def _call(self, x: torch.Tensor, t: torch.Tensor, kwargs: Dict[str, Any]) -> torch.Tensor:
         b = x.shape[0]
         tt = self.network_time(t)
-        if tt.dtype != x.dtype:  # skip no-op conversions: each is a dispatcher call (and a graph node)
-            tt = tt.to(x.dtype)
+        # the network reads time in x's dtype, but never below float32: a float16/bfloat16 time would move
+        # SD's index 999 to 1000 (bfloat16 has 8 bits of mantissa); diffusers passes float32 times too
+        tdt = x.dtype if x.dtype not in (torch.float16, torch.bfloat16) else torch.float32
+        if tt.dtype != tdt:  # skip no-op conversions: each is a dispatcher call (and a graph node)
+            tt = tt.to(tdt)
         if tt.numel() == 1:
             tt = (tt if tt.dim() == 0 else tt.reshape(())).expand(b)
         xin = x
@@ -175,6 +178,8 @@ class DiffusionModel(torch.nn.Module):
             raise ValueError(f"returns must be 'both', 'x0' or 'eps', got {returns!r}")
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t, dtype=torch.float64 if x.dtype != torch.float32 else x.dtype, device=x.device)
+        if t.numel() != 1:  # one time for the whole batch: a [B] time would broadcast over x's last dimension
+            raise ValueError(f"predict: t must hold one time for the whole batch, got shape {tuple(t.shape)}")
         if x.is_floating_point() and t.is_floating_point() and t.dtype != x.dtype:
             # the time -> alpha/sigma/network-time conversions must be at least as precise as x:
             # a float32 time grid with a float64 state is evaluated in float64 (not rounded to float32)
@@ -254,11 +259,23 @@ def _cfg_pair(u: Any, c: Any, name: str) -> Any:
     raise TypeError(f"uncond_kwargs[{name!r}]: only tensors (or dicts of tensors) can differ between the halves")
 
 
-def wrap_model(fn: Callable, schedule: NoiseSchedule, prediction: str = "eps", **kwargs) -> DiffusionModel:
-    """Wrap a network ``fn(x, time, **kw)`` so that every solver can use it (see :class:`DiffusionModel`)."""
+def wrap_model(fn: Callable, schedule: NoiseSchedule, prediction: Optional[str] = None, **kwargs) -> DiffusionModel:
+    """Wrap a network ``fn(x, time, **kw)`` so that every solver can use it (see :class:`DiffusionModel`);
+    ``prediction`` defaults to "eps".  A DiffusionModel is returned as it is, so any setting that would change
+    it (another schedule or prediction, any other keyword) is refused rather than silently dropped."""
     if isinstance(fn, DiffusionModel):
+        from .atomic_io import canonical_json
+        clash = [f"prediction={prediction!r} (it has {fn.prediction!r})"] if prediction not in (None, fn.prediction) \
+            else []
+        if schedule is not None and (not isinstance(schedule, NoiseSchedule)
+                                     or canonical_json(schedule.config()) != canonical_json(fn.schedule.config())):
+            clash.append(f"schedule={schedule!r} (it has {fn.schedule!r})")
+        clash += [f"{k}=..." for k in kwargs]
+        if clash:
+            raise ValueError(f"wrap_model: fn is already a DiffusionModel, which would be returned unchanged, but "
+                             f"{', '.join(clash)} asks for another one: wrap its network (model.fn) instead")
         return fn
-    return DiffusionModel(fn, schedule, prediction=prediction, **kwargs)
+    return DiffusionModel(fn, schedule, prediction="eps" if prediction is None else prediction, **kwargs)
 
 
 __all__ = ["DiffusionModel", "wrap_model", "ModelOutputError", "PREDICTIONS", "TIME_INPUTS"]

@@ -116,7 +116,42 @@ def test_wrap_model_is_idempotent_and_registers_modules():
     net = torch.nn.Linear(2, 2)
     m = ld3_ext.wrap_model(net, sched, prediction="edm")
     assert ld3_ext.wrap_model(m, sched) is m
+    assert ld3_ext.wrap_model(m, ld3_ext.EDM(), prediction="edm") is m  # the same settings: fine
     assert any(p is net.weight for p in m.parameters())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(schedule=ld3_ext.VPLinear()), r"schedule=VPLinear.* \(it has EDM"),
+    (dict(prediction="x0"), r"prediction='x0' \(it has 'edm'\)"),
+    (dict(guidance_scale=7.5), r"guidance_scale=\.\.\."),
+])
+def test_wrap_model_refuses_to_drop_new_settings_of_a_wrapped_model(kw, match):
+    """Re-wrapping a DiffusionModel returns it unchanged: a setting that asks for another model is refused,
+    not silently dropped."""
+    m = ld3_ext.wrap_model(torch.nn.Linear(2, 2), ld3_ext.EDM(), prediction="edm")
+    sched = kw.pop("schedule", ld3_ext.EDM())
+    with pytest.raises(ValueError, match="already a DiffusionModel.*" + match):
+        ld3_ext.wrap_model(m, sched, **kw)
+
+
+def test_predict_refuses_a_time_per_sample():
+    """One time for the batch: a [B] time would broadcast over x's last dimension, not over the batch."""
+    m = ld3_ext.wrap_model(lambda x, t: 0.5 * x, ld3_ext.EDM(), prediction="x0")
+    x = torch.randn(3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"t must hold one time for the whole batch, got shape \(3,\)"):
+        m.predict(x, torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64))
+    assert torch.equal(m.predict(x, torch.tensor([0.5], dtype=torch.float64))[0], 0.5 * x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_state_gets_a_float32_network_time(dtype):
+    """SD's discrete schedule at t_max is index 999: a bfloat16 time would read 1000 (outside 0..999)."""
+    sched = ld3_ext.VPDiscrete.linear(0.00085, 0.012)
+    seen = []
+    m = ld3_ext.wrap_model(lambda x, t: seen.append(t) or torch.zeros_like(x), sched, prediction="eps")
+    m.predict(torch.randn(2, 4, dtype=dtype), torch.tensor(sched.t_max, dtype=torch.float64))
+    assert seen[0].dtype == torch.float32
+    assert seen[0].tolist() == [999.0, 999.0]
 
 
 # ------------------------------------------------------------------------------------------------
