@@ -10,7 +10,8 @@ grids, and decoupled model sigmas) can be used.
 
 A :class:`~ld3_ext.wrappers.DiffusionModel` on any schedule is accepted too: it is evaluated in the VE view
 (x_model = alpha(t) x at t = t_from_edm_sigma(sigma)), so ``sigmas`` are sigma/alpha of its schedule (what
-``LearnedSchedule.to_k_diffusion()`` gives) and ``x`` is x_model / alpha.
+``LearnedSchedule.to_k_diffusion()`` gives) and ``x`` is x_model / alpha.  The sigmas must lie in its range
+(sigma/alpha at the schedule's t_min..t_max, besides a trailing 0): ``ValueError`` otherwise, as ``solver.sample``.
 
 **Trailing zero.** If ``sigmas[-1] == 0`` the solver runs on the positive sigmas and the last interval is a
 final denoising step ``x = denoiser(x, sigmas[-2])`` (as k-diffusion's samplers do on their last step).  NFE:
@@ -24,17 +25,21 @@ final denoising step ``x = denoiser(x, sigmas[-2])`` (as k-diffusion's samplers 
 "dpmpp_2m_heun", "unipc" (UniPC-3 bh1), "unipc_bh2", "unipc_2" (UniPC-2 bh1), "ipndm" (order 4), "ipndm_3";
 or any :class:`~ld3_ext.solvers.Solver` instance.  The DPM-Solver++ names use ``lower_order_final=False``
 (k-diffusion never lowers the order except through the final denoise); override with ``**solver_kw``.
+
+**Named samplers** (``sample_euler``, ``sample_heun``, ``sample_dpmpp_2m``, ``sample_dpmpp_3m``, ...) have
+k-diffusion's signatures; its noise arguments are accepted where they keep the sampler deterministic
+(``s_churn=0``, ``eta=0``) and refused with ``ValueError`` otherwise (these are ODE solvers).
 """
 from __future__ import annotations
 
-import functools
+import math
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
 from .schedules import EDM
 from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
-from .wrappers import DiffusionModel
+from .wrappers import DiffusionModel, _capturing, _compiling
 
 SOLVER_NAMES: Dict[str, Callable[..., Solver]] = {
     "euler": lambda **kw: Euler(**kw),
@@ -62,15 +67,22 @@ def get_solver(solver: Union[str, Solver], **solver_kw) -> Solver:
 
 
 class _VEModel(DiffusionModel):
-    """A k-diffusion denoiser, or a DiffusionModel seen in the VE view, as a DiffusionModel on an EDM schedule."""
+    """A k-diffusion denoiser, or a DiffusionModel seen in the VE view, as a DiffusionModel on an EDM schedule.
 
-    def __init__(self, model_or_denoiser, schedule: EDM, callback=None, check_output: bool = True):
+    ``grid`` (the caller's sigmas) and ``evals_per_step`` map a network evaluation's ``step`` to
+    k-diffusion's callback: one call per grid interval ``i``, from its first evaluation, with
+    ``sigma = grid[i]`` and ``sigma_hat`` the sigma the network saw (the model sigma when decoupled)."""
+
+    def __init__(self, model_or_denoiser, schedule: EDM, callback=None, check_output: bool = True,
+                 grid: Optional[torch.Tensor] = None, evals_per_step: Optional[int] = 1):
         # a DiffusionModel checks its own outputs (its check_output setting): checked once, not twice
         check_output = check_output and not isinstance(model_or_denoiser, DiffusionModel)
         super().__init__(model_or_denoiser, schedule, prediction="x0", time_input="sigma", check_output=check_output,
                          name=getattr(model_or_denoiser, "name", None) or getattr(model_or_denoiser, "__name__", None))
         self.inner = model_or_denoiser if isinstance(model_or_denoiser, DiffusionModel) else None
         self.callback = callback
+        self.grid = grid
+        self.evals_per_step = evals_per_step
 
     def predict(self, x, t, step=None, returns="both", **kwargs):
         # t is the EDM sigma (float64 grid value): keep it in full precision for an inner schedule's t
@@ -83,8 +95,19 @@ class _VEModel(DiffusionModel):
             x0 = inner.predict(a * x, tt, step=step, returns="x0", **kwargs)[0]
         eps = (x - x0) / torch.as_tensor(t).to(x.dtype) if returns != "x0" else None
         if self.callback is not None:
-            self.callback({"x": x, "i": step, "sigma": t, "sigma_hat": t, "denoised": x0})
+            self._report(x, t, step, x0)
         return x0, eps
+
+    def _report(self, x, t, step, x0):
+        per = self.evals_per_step
+        if step is None or per is None:  # no step to map: report every evaluation
+            i, sigma = step, t
+        elif step % per:
+            return  # a later evaluation of the same interval (Heun's corrector): k-diffusion reports none
+        else:
+            i = step // per
+            sigma = self.grid[i] if self.grid is not None and i < self.grid.numel() else t
+        self.callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": t, "denoised": x0})
 
 
 def _grid(s, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -104,6 +127,23 @@ def _grid(s, x: torch.Tensor, name: str) -> torch.Tensor:
     return s
 
 
+def _check_range(schedule, sig: torch.Tensor, name: str) -> None:
+    """Every sigma must map into ``schedule``'s [t_min, t_max] up to round-off (``validate_timesteps``'s
+    tolerance): outside it the network would run at extrapolated times (e.g. a discrete schedule's index
+    1280 of 1000), which ``solver.sample`` refuses too."""
+    lo, hi = schedule.t_min, schedule.t_max
+    tol = 1e-6 * (hi - lo) + 1e-12
+    with torch.no_grad():
+        t = schedule.t_from_edm_sigma(sig.detach().to(torch.float64))
+        ok = (t >= lo - tol) & (t <= hi + tol)  # False for NaN (a sigma the schedule cannot map)
+    if not bool(ok.all()):
+        s_lo, s_hi = schedule.edm_sigma(torch.tensor([lo, hi], dtype=torch.float64)).tolist()
+        vals = sig.detach().reshape(-1).tolist()
+        raise ValueError(f"{name} must lie in the model's sigma range [{s_lo:.6g}, {s_hi:.6g}] (sigma/alpha of its "
+                         f"schedule at t_min..t_max; only a trailing 0 may lie below), got [{min(vals):.6g}, "
+                         f"{max(vals):.6g}]")
+
+
 def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, sigmas,
            solver: Union[str, Solver] = "dpmpp_3m", model_sigmas=None, extra_args: Optional[Dict[str, Any]] = None,
            callback: Optional[Callable] = None, disable: Any = None, check_output: bool = True,
@@ -112,8 +152,12 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
 
     ``model_sigmas`` (same length as ``sigmas``) are where the network is evaluated (LD3's decoupled times;
     default ``sigmas``); with a trailing 0 the final denoise uses ``model_sigmas[-2]``.  ``extra_args`` are
-    passed to every model call.  ``callback(dict(x, i, sigma, sigma_hat, denoised))`` runs after every
-    network evaluation (k-diffusion's hook); ``disable`` is accepted for signature compatibility.
+    passed to every model call.  ``callback(dict(x, i, sigma, sigma_hat, denoised))`` runs once per
+    grid interval as k-diffusion's samplers do: ``i`` = 0 .. len(sigmas) - 2, ``sigma = sigmas[i]``, ``sigma_hat``
+    the sigma the network saw (``model_sigmas[i]``), ``denoised`` the interval's first evaluation (Heun's
+    corrector is not reported); ``disable`` is accepted for signature compatibility.
+    A :class:`DiffusionModel` with its own schedule takes only sigmas in its range (sigma/alpha at its
+    t_min..t_max, plus a trailing 0); others raise ``ValueError``.
     ``check_output``: a denoiser output with NaN/Inf raises ``ModelOutputError`` naming the step (as
     ``wrap_model`` does; False lets it through, as k-diffusion does).
     Differentiable w.r.t. ``x``, ``sigmas`` and ``model_sigmas`` (float tensors).
@@ -134,27 +178,40 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
     if final_denoise != bool(ms.detach()[-1] == 0) and model_sigmas is not None:
         raise ValueError("sigmas and model_sigmas must both end in 0 or both end above 0")
     pos, mpos = (s[:-1], ms[:-1]) if final_denoise else (s, ms)
+    if isinstance(model_or_denoiser, DiffusionModel):
+        _check_range(model_or_denoiser.schedule, pos, "sigmas")
+        if model_sigmas is not None:
+            _check_range(model_or_denoiser.schedule, mpos, "model_sigmas")
     both = torch.cat([pos.detach(), mpos.detach()])
     lo, hi = both.min().item(), both.max().item()
     schedule = EDM(lo, hi) if hi > lo else EDM(lo, lo * (1 + 1e-6))
-    model = _VEModel(model_or_denoiser, schedule, callback, check_output=check_output)
+    n = pos.numel() - 1
+    # network evaluations per grid interval (Heun: 2), for the callback's interval index; None: not uniform
+    per = sv.nfe(1)
+    per = per if per >= 1 and sv.nfe(max(n, 1)) == per * max(n, 1) else None
+    model = _VEModel(model_or_denoiser, schedule, callback, check_output=check_output, grid=s.detach(),
+                     evals_per_step=per)
     kw = dict(extra_args or {})
-    if pos.numel() >= 2:
+    if n >= 1:
         x = sv.sample(model, x, pos, mpos, **kw)
     if final_denoise:
-        x = model.predict(x, mpos[-1], step=None if callback is None else max(0, sv.nfe(pos.numel() - 1)), **kw)[0]
+        # its step (the evaluation index) names it in a NaN/Inf error, with or without a callback
+        x = model.predict(x, mpos[-1], step=sv.nfe(n) if n >= 1 else 0, **kw)[0]
     return x
 
 
 def to_denoiser(model: DiffusionModel) -> Callable:
     """A k-diffusion denoiser ``D(x, sigma, **kw) -> x0`` (VE view, per-sample sigma [B]) for a DiffusionModel,
-    e.g. to run k-diffusion's own samplers on an ld3_ext model.  All samples must share one sigma."""
+    e.g. to run k-diffusion's own samplers on an ld3_ext model.  All samples must share one sigma, in the
+    model's range (sigma/alpha at its schedule's t_min..t_max; others raise ``ValueError``)."""
     if not isinstance(model, DiffusionModel):
         raise TypeError("to_denoiser needs a DiffusionModel")
     s = model.schedule
 
     def denoiser(x, sigma, **kw):
         sig = torch.as_tensor(sigma, device=x.device).reshape(-1)[0].to(torch.float64)
+        if not (_compiling() or _capturing()):  # the check reads the value back: not while tracing/capturing
+            _check_range(s, sig, "sigma")
         t = s.t_from_edm_sigma(sig)
         return model.predict(s.alpha(t).to(x.dtype) * x, t, **kw)[0]
 
@@ -162,21 +219,68 @@ def to_denoiser(model: DiffusionModel) -> Callable:
     return denoiser
 
 
-def _named(name: str):
-    @functools.wraps(sample)
+# k-diffusion's sampler signatures.  Their noise arguments are accepted at the values that keep the sampler
+# deterministic (k-diffusion's own default for the Euler/Heun family); stochastic values are refused, as
+# ld3_ext integrates the probability-flow ODE only.
+
+def _check_churn(sigmas, s_churn, s_tmin, s_tmax) -> None:
+    if not isinstance(s_churn, (int, float)) or isinstance(s_churn, bool) or not s_churn >= 0:
+        raise ValueError(f"s_churn must be a number >= 0, got {s_churn!r}")
+    if s_churn == 0:
+        return
+    # k-diffusion adds noise at step i only if s_tmin <= sigmas[i] <= s_tmax: a window missing the grid is
+    # deterministic
+    sd = torch.as_tensor(sigmas).detach().reshape(-1)[:-1].to(torch.float64)
+    if bool(((sd >= s_tmin) & (sd <= s_tmax)).any()):
+        raise ValueError(f"s_churn={s_churn!r} > 0 adds noise at the sigmas in [s_tmin, s_tmax] = "
+                         f"[{s_tmin!r}, {s_tmax!r}] (stochastic sampling), which ld3_ext's ODE solvers do not do; "
+                         f"use s_churn=0")
+
+
+def _check_eta(eta) -> None:
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0 or math.isinf(eta):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if eta > 0:
+        raise ValueError(f"eta={eta!r} > 0 is SDE (stochastic) sampling, which ld3_ext's ODE solvers do not do; "
+                         f"use eta=0")
+
+
+def _churn_sampler(name: str):
+    def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+           s_tmax=float("inf"), s_noise=1., **kw):
+        _check_churn(sigmas, s_churn, s_tmin, s_tmax)  # s_noise only scales churn noise: unused at s_churn=0
+        return sample(model, x, sigmas, solver=name, extra_args=extra_args, callback=callback, disable=disable, **kw)
+    return _named(fn, name, "s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1., ")
+
+
+def _eta_sampler(name: str):
+    def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0., s_noise=1., noise_sampler=None,
+           **kw):
+        _check_eta(eta)  # s_noise and noise_sampler are unused at eta=0 (as in k-diffusion)
+        return sample(model, x, sigmas, solver=name, extra_args=extra_args, callback=callback, disable=disable, **kw)
+    return _named(fn, name, "eta=0., s_noise=1., noise_sampler=None, ")
+
+
+def _plain_sampler(name: str):
     def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw):
         return sample(model, x, sigmas, solver=name, extra_args=extra_args, callback=callback, disable=disable, **kw)
-    fn.__name__ = f"sample_{name}"
-    fn.__doc__ = f"k-diffusion-style ``sample_{name}(model, x, sigmas, extra_args=None, ...)`` (see ``sample``)."
+    return _named(fn, name, "")
+
+
+def _named(fn, name: str, noise_args: str):
+    fn.__name__ = fn.__qualname__ = f"sample_{name}"
+    fn.__doc__ = (f"k-diffusion-style ``sample_{name}(model, x, sigmas, extra_args=None, callback=None, disable=None, "
+                  f"{noise_args}**kw)``: ``sample(..., solver={name!r})``; ``**kw`` go to ``sample`` (model_sigmas, "
+                  f"check_output, solver options).")
     return fn
 
 
-sample_euler = _named("euler")
-sample_heun = _named("heun")
-sample_dpmpp_2m = _named("dpmpp_2m")
-sample_dpmpp_3m = _named("dpmpp_3m")
-sample_unipc = _named("unipc")
-sample_ipndm = _named("ipndm")
+sample_euler = _churn_sampler("euler")
+sample_heun = _churn_sampler("heun")
+sample_dpmpp_2m = _plain_sampler("dpmpp_2m")
+sample_dpmpp_3m = _eta_sampler("dpmpp_3m")
+sample_unipc = _plain_sampler("unipc")
+sample_ipndm = _plain_sampler("ipndm")
 
 __all__ = ["sample", "to_denoiser", "get_solver", "SOLVER_NAMES", "sample_euler", "sample_heun", "sample_dpmpp_2m",
            "sample_dpmpp_3m", "sample_unipc", "sample_ipndm"]

@@ -1,6 +1,8 @@
 """ld3_ext.functional: the k-diffusion-style API, against k_diffusion.sampling and against our solvers."""
 from __future__ import annotations
 
+import inspect
+import math
 
 import pytest
 import torch
@@ -145,8 +147,11 @@ def test_denoiser_nan_is_reported_with_its_step(mix, bad_call):
         calls.append(1)
         out = denoiser_of(mix)(x, sigma)
         return out * float("nan") if len(calls) == bad_call else out
-    with pytest.raises(ld3_ext.ModelOutputError, match="NaN/Inf" + (" at step 1" if bad_call == 2 else "")):
-        F.sample(d, x_T(), karras(3), solver="dpmpp_2m")
+    # karras(3) + 0: steps 0, 1 on the grid, step 2 the final denoise -- named with or without a callback
+    for cb in (None, lambda info: None):
+        calls.clear()
+        with pytest.raises(ld3_ext.ModelOutputError, match=f"NaN/Inf at step {bad_call - 1} "):
+            F.sample(d, x_T(), karras(3), solver="dpmpp_2m", callback=cb)
     calls.clear()
     out = F.sample(d, x_T(), karras(3), solver="dpmpp_2m", check_output=False)
     assert len(calls) == 3 and torch.isnan(out).all()  # 2 steps, then the final denoise
@@ -186,3 +191,161 @@ def test_bad_input(mix):
         F.sample(42, x, karras(4))
     with pytest.raises(TypeError, match="keyword"):
         F.sample(d, x, karras(4), solver=ld3_ext.Euler(), order=2)
+
+
+def test_heun_final_denoise_nan_names_its_step(mix):
+    """Heun with a trailing 0: 2 evaluations per interval, then the final denoise is evaluation 2(N-1)."""
+    calls = []
+
+    def d(x, sigma):
+        calls.append(float(sigma[0]))
+        return x * float("nan") if len(calls) == 7 else denoiser_of(mix)(x, sigma)
+    with pytest.raises(ld3_ext.ModelOutputError, match="NaN/Inf at step 6 "):
+        F.sample(d, x_T(), karras(4), solver="heun")
+    assert calls[-1] == pytest.approx(float(karras(4)[-2]), rel=1e-12)  # the 7th call: the final denoise
+
+
+# --- callback: k-diffusion's (one call per grid interval) -------------------------------------------------
+
+def _record(into):
+    def cb(info):
+        into.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in info.items()})
+    return cb
+
+
+@pytest.mark.parametrize("ours,theirs,kw", KD_PAIRS, ids=[p[0] for p in KD_PAIRS])
+@pytest.mark.parametrize("append_zero", [True, False])
+def test_callback_matches_k_diffusion(mix, ours, theirs, kw, append_zero):
+    """Same number of calls, same i, sigma, sigma_hat, x and denoised as k-diffusion's sampler (Heun: one
+    call per interval, from its first evaluation), so i / (len(sigmas) - 1) stays below 1."""
+    from _oracles import load_kdiffusion_sampling
+
+    K = load_kdiffusion_sampling()
+    sigmas = karras(6, append_zero=append_zero)
+    d = denoiser_of(mix)
+    ref, got = [], []
+    getattr(K, theirs)(d, x_T(), sigmas, disable=True, callback=_record(ref), **kw)
+    F.sample(d, x_T(), sigmas, solver=ours, callback=_record(got))
+    assert len(got) == len(ref) == len(sigmas) - 1
+    assert [c["i"] for c in got] == [c["i"] for c in ref] == list(range(len(sigmas) - 1))
+    for a, b in zip(got, ref):
+        assert set(a) == set(b)
+        for k in ("sigma", "sigma_hat"):
+            torch.testing.assert_close(torch.as_tensor(a[k], dtype=torch.float64),
+                                       torch.as_tensor(b[k], dtype=torch.float64), rtol=1e-12, atol=0)
+        torch.testing.assert_close(a["x"], b["x"], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a["denoised"], b["denoised"], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_heun_callback_once_per_interval(mix, backend, grad):
+    """Both Heun backends (and the whole-sampler autograd path) report the first evaluation of each interval;
+    with decoupled model sigmas, sigma is the grid's and sigma_hat where the network ran."""
+    sigmas = karras(5, append_zero=False)
+    msig = sigmas.clone()
+    msig[1:-1] *= 1.03
+    seen = []
+    x = x_T().requires_grad_(grad)
+    F.sample(denoiser_of(mix), x, sigmas, solver="heun", backend=backend, model_sigmas=msig, callback=_record(seen))
+    assert [c["i"] for c in seen] == [0, 1, 2, 3]
+    assert [float(c["sigma"]) for c in seen] == sigmas[:-1].tolist()
+    assert [float(c["sigma_hat"]) for c in seen] == msig[:-1].tolist()
+
+
+# --- DiffusionModel with its own schedule: sigmas must be in its range ------------------------------------
+
+def _sd_model():
+    calls = []
+
+    def net(x, t):
+        calls.append(float(t.reshape(-1)[0]))
+        return torch.zeros_like(x)
+    sched = ld3_ext.VPDiscrete.linear(0.00085, 0.012)  # Stable Diffusion's: edm sigma 0.0292 .. 14.61
+    return ld3_ext.wrap_model(net, sched, prediction="eps"), sched, calls
+
+
+def test_sigmas_outside_a_model_schedule_are_refused():
+    model, sched, calls = _sd_model()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    lo, hi = sched.edm_sigma(torch.tensor([sched.t_min, sched.t_max], dtype=torch.float64)).tolist()
+    with pytest.raises(ValueError, match=r"sigmas must lie in the model's sigma range \[0.029\d*, 14.61\d*\]"):
+        F.sample(model, x, karras(5), solver="euler")  # Karras 80 -> 0.002: would run at index 1280 and -1
+    # just past either end is not round-off (t off by 1.6e-5 and 1e-5: tolerance 1e-6)
+    for bad in (torch.tensor([hi * 1.0001, 1.0, 0.0]), torch.tensor([hi, 1.0, lo * 0.99])):
+        with pytest.raises(ValueError, match="sigmas must lie"):
+            F.sample(model, x, bad.double(), solver="euler")
+    with pytest.raises(ValueError, match="model_sigmas must lie"):
+        F.sample(model, x, torch.tensor([hi, 1.0, lo, 0.0], dtype=torch.float64), solver="euler",
+                 model_sigmas=torch.tensor([hi, 1.0, lo / 2, 0.0], dtype=torch.float64))
+    assert calls == []  # refused before the network runs
+    # the full range, through float32 round-off, with a trailing 0, is accepted
+    t = ld3_ext.discretizations.logsnr_uniform(sched, 5)
+    sig = torch.cat([sched.edm_sigma(t).float(), torch.zeros(1)])
+    assert sig[0] == torch.tensor(hi, dtype=torch.float32) and sig[-2] == torch.tensor(lo, dtype=torch.float32)
+    out = F.sample(model, x.float(), sig, solver="dpmpp_2m")
+    assert torch.isfinite(out).all() and len(calls) == t.numel()  # N steps, then the final denoise
+    assert -1e-3 <= min(calls) and max(calls) <= 999 + 1e-3  # the network's indices stay in 0..999
+
+
+def test_to_denoiser_refuses_sigma_outside_the_schedule():
+    model, sched, calls = _sd_model()
+    d = F.to_denoiser(model)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    hi = float(sched.edm_sigma(torch.tensor(sched.t_max, dtype=torch.float64)))
+    with pytest.raises(ValueError, match=r"sigma must lie in the model's sigma range \[0.029\d*, 14.61\d*\]"):
+        d(x, torch.full((2,), 80.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="sigma must lie"):
+        d(x, torch.full((2,), 0.002, dtype=torch.float64))
+    assert calls == []
+    assert torch.isfinite(d(x, torch.full((2,), hi, dtype=torch.float64))).all() and len(calls) == 1
+
+
+# --- k-diffusion's sampler signatures ---------------------------------------------------------------------
+
+def _params(fn):
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+
+
+@pytest.mark.parametrize("ours,theirs", [("sample_euler", "sample_euler"), ("sample_heun", "sample_heun"),
+                                         ("sample_dpmpp_2m", "sample_dpmpp_2m"),
+                                         ("sample_dpmpp_3m", "sample_dpmpp_3m_sde")])
+def test_named_samplers_have_k_diffusion_signatures(ours, theirs):
+    """Same parameters, in k-diffusion's order, with its defaults -- except eta, whose default is the
+    deterministic 0 (k-diffusion's sample_dpmpp_3m_sde defaults to the SDE, eta = 1)."""
+    from _oracles import load_kdiffusion_sampling
+
+    K = load_kdiffusion_sampling()
+    mine, ref = _params(getattr(F, ours)), _params(getattr(K, theirs))
+    if theirs == "sample_dpmpp_3m_sde":
+        ref = [(n, 0.0 if n == "eta" else v) for n, v in ref]
+    assert mine == ref
+    assert getattr(F, ours).__name__ == ours
+
+
+def test_named_samplers_accept_deterministic_noise_arguments(mix):
+    d = denoiser_of(mix)
+    sig = karras(5)
+    for name, kw in [("euler", dict(s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0)),
+                     ("heun", dict(s_churn=0.0, s_noise=0.5)),  # s_noise only scales churn noise
+                     ("heun", dict(s_churn=1.0, s_tmin=100.0)),  # the churn window misses every sigma
+                     ("dpmpp_3m", dict(eta=0.0, s_noise=1.0, noise_sampler=None))]:
+        out = getattr(F, f"sample_{name}")(d, x_T(), sig, None, None, True, **kw)
+        torch.testing.assert_close(out, F.sample(d, x_T(), sig, solver=name), rtol=0, atol=0)
+    # k-diffusion's positional order: extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise
+    torch.testing.assert_close(F.sample_euler(d, x_T(), sig, None, None, None, 0.0, 0.0, math.inf, 1.0),
+                               F.sample(d, x_T(), sig, solver="euler"), rtol=0, atol=0)
+
+
+def test_named_samplers_refuse_stochastic_arguments(mix):
+    d = denoiser_of(mix)
+    with pytest.raises(ValueError, match=r"s_churn=0.5 > 0 .*stochastic"):
+        F.sample_euler(d, x_T(), karras(5), s_churn=0.5)
+    with pytest.raises(ValueError, match=r"s_churn=1.0 > 0"):
+        F.sample_heun(d, x_T(), karras(5), s_churn=1.0, s_tmin=0.05, s_tmax=1.0)  # window holds 2 sigmas
+    with pytest.raises(ValueError, match="s_churn must be a number >= 0"):
+        F.sample_heun(d, x_T(), karras(5), s_churn=-0.1)
+    with pytest.raises(ValueError, match=r"eta=1.0 > 0 .*stochastic"):
+        F.sample_dpmpp_3m(d, x_T(), karras(5), eta=1.0)
+    with pytest.raises(ValueError, match="eta must be"):
+        F.sample_dpmpp_3m(d, x_T(), karras(5), eta=float("nan"))
