@@ -216,6 +216,57 @@ def test_unmappable_config_names_the_field(cfg, field):
         schedule_from_diffusers_config({**base, **cfg})
 
 
+# a live ``scheduler.config`` (what the README passes) has no _class_name: these families are known by their fields
+UNSUPPORTED_LIVE = [
+    ("EDMEulerScheduler", "sigma_data"),
+    ("EDMDPMSolverMultistepScheduler", "sigma_data"),
+    ("CosineDPMSolverMultistepScheduler", "sigma_data"),
+    ("CMStochasticIterativeScheduler", "sigma_data"),
+    ("ScoreSdeVeScheduler", "snr"),
+    ("KarrasVeScheduler", "s_churn"),
+    ("LCMScheduler", "original_inference_steps"),
+    ("TCDScheduler", "original_inference_steps"),
+    ("IPNDMScheduler", "neither a beta schedule"),  # its own sin/cos schedule, no betas in the config
+]
+
+
+@pytest.mark.parametrize("cls,field", UNSUPPORTED_LIVE, ids=[c for c, _ in UNSUPPORTED_LIVE])
+def test_unsupported_live_scheduler_config_is_refused(cls, field):
+    sch = getattr(diffusers, cls)()
+    assert "_class_name" not in sch.config  # the case the _class_name check cannot see
+    field = field if " " in field else f"field {field}="  # the family's own field, not just a listing of fields
+    with pytest.raises(DiffusersConfigError, match=field):
+        schedule_from_diffusers_config(sch.config)
+    with pytest.raises(DiffusersConfigError, match=field):
+        from_diffusers(tiny_unet(), sch.config)
+    with pytest.raises(DiffusersConfigError, match=field):
+        schedule_from_diffusers_config(dict(sch.config))  # a plain dict as well
+
+
+SUPPORTED_LIVE = ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+                  "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                  "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
+                  "UniPCMultistepScheduler", "SASolverScheduler"]
+
+
+@pytest.mark.parametrize("cls", SUPPORTED_LIVE)
+def test_supported_live_scheduler_configs_keep_their_betas(cls):
+    """The field signatures must not catch ordinary beta-schedule schedulers (sigma_min/sigma_max=None,
+    variance_type, use_dynamic_shifting=False, ... are sampling-only fields there)."""
+    sch = getattr(diffusers, cls)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched, pred = schedule_from_diffusers_config(sch.config)
+    assert isinstance(sched, ld3_ext.VPDiscrete) and pred == "eps"
+    ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    torch.testing.assert_close(sched.alphas_cumprod, ref.double(), rtol=1e-12, atol=0)
+
+
+def test_two_channel_output_without_learned_variance_is_an_error():
+    """A 2C-channel network with a fixed-variance config: a clear error naming variance_type, not a broadcast."""
+    model, _ = from_diffusers(tiny_unet(out_channels=6), diffusers.DDPMScheduler().config)
+    with pytest.raises(DiffusersConfigError, match="variance_type"), torch.no_grad():
+        model.predict(torch.randn(1, 3, 8, 8), torch.tensor(0.5, dtype=torch.float64))
+
+
 def test_flow_config_maps_to_flow_matching():
     cfg = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config
     sched, pred = schedule_from_diffusers_config(cfg)

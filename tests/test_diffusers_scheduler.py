@@ -246,3 +246,105 @@ def test_img2img_begin_index(solver):
             x = sch.step(unet(x, tt).sample, tt, x).prev_sample
         ref = ld3_ext.solvers.solver_from_config({**solver, "backend": "reference"}).sample(model, x_b, t[b:], tm[b:])
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_learned_variance_model_in_scheduler_equals_solver(tmp_path):
+    """A learned-variance UNet (2C output channels, variance_type="learned_range") runs in the scheduler on its
+    first C channels, as from_diffusers reads it; 2C channels without that setting is a clear error."""
+    unet = tiny_unet(out_channels=6)
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG, variance_type="learned_range").config
+    model, sched = from_diffusers(unet, cfg)
+    t = ld3_ext.discretizations.logsnr_uniform(sched, 4)
+    solver = ld3_ext.DPMSolverPP(order=2, backend="reference")
+    sch = LD3Scheduler.from_timesteps(t, decoupled(t), solver, scheduler_config=cfg)
+    assert sch.config.variance_type == "learned_range"
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        out = minimal_loop(unet, sch, x)
+        ref = solver.sample(model, x * sch.init_noise_sigma, t, decoupled(t))
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    sch.save_pretrained(tmp_path / "sched")  # variance_type is a config field: it survives the round trip
+    with torch.no_grad():
+        torch.testing.assert_close(minimal_loop(unet, LD3Scheduler.from_pretrained(tmp_path / "sched"), x), out,
+                                   rtol=0, atol=0)
+    plain = LD3Scheduler.from_timesteps(t, None, solver, scheduler_config=diffusers.DDPMScheduler(**SD_CONFIG).config)
+    with pytest.raises(ValueError, match="variance_type"), torch.no_grad():
+        minimal_loop(unet, plain, x)
+    plain.set_timesteps()
+    with pytest.raises(ValueError, match="does not match"):
+        plain.step(torch.zeros(2, 4, 8, 8), plain.timesteps[0], x)
+
+
+def test_guidance_scale_round_trips_through_save_pretrained(tmp_path):
+    """The guidance scale a grid was learned at is a config field: save_pretrained/from_pretrained (and so
+    `ld3 export-diffusers`) keep it, and the mismatch warning still fires on the reloaded scheduler."""
+    import json
+    import warnings
+
+    from ld3_ext.cli import main as cli_main
+    from ld3_ext.schedule_file import LearnedSchedule
+
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG)
+    sched, _ = ld3_ext.integrations.diffusers.schedule_from_diffusers_config(cfg.config)
+    t = ld3_ext.discretizations.logsnr_uniform(sched, 5)
+    LearnedSchedule(t, solver_config={"name": "dpmpp", "order": 3}, nfe=5, schedule_config=sched.config(),
+                    guidance_scale=7.5).save(str(tmp_path / "s.json"))
+    sch = LD3Scheduler.from_schedule_file(tmp_path / "s.json", scheduler_config=cfg.config)
+    sch.save_pretrained(tmp_path / "sched")
+    cfg.save_config(tmp_path / "model_sched")
+    assert cli_main(["export-diffusers", str(tmp_path / "s.json"), "--scheduler-config", str(tmp_path / "model_sched"),
+                     "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "scheduler_config.json").read_text())["guidance_scale"] == 7.5
+    for folder in ("sched", "cli"):
+        sch2 = LD3Scheduler.from_pretrained(tmp_path / folder)
+        assert sch2.config.guidance_scale == 7.5 and sch2.guidance_scale == 7.5
+        with pytest.warns(UserWarning, match="guidance scale 7.5"):
+            assert sch2.check_guidance(3.0) is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert sch2.check_guidance(7.5) is True
+    assert LD3Scheduler.from_timesteps(t, scheduler_config=cfg.config).config.guidance_scale is None
+
+
+def test_dynamic_shifting_and_unsupported_configs_are_refused_like_from_diffusers(tmp_path):
+    """from_config/from_pretrained/from_timesteps refuse what from_diffusers refuses (fields LD3Scheduler does
+    not register would otherwise be dropped silently): Flux-style dynamic shifting without an explicit shift,
+    and live configs of EDM / consistency schedulers."""
+    fx = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    with pytest.raises(DiffusersConfigError, match="use_dynamic_shifting"):
+        from_diffusers(tiny_unet(), fx.config)
+    with pytest.raises(DiffusersConfigError, match="use_dynamic_shifting"):
+        LD3Scheduler.from_config(fx.config)
+    fx.save_pretrained(tmp_path / "flux")
+    with pytest.raises(DiffusersConfigError, match="use_dynamic_shifting"):
+        LD3Scheduler.from_pretrained(tmp_path / "flux")
+    fm = ld3_ext.FlowMatching(shift=2.5)
+    t = ld3_ext.discretizations.time_uniform(fm, 4)
+    with pytest.raises(DiffusersConfigError, match="use_dynamic_shifting"):
+        LD3Scheduler.from_timesteps(t, scheduler_config=fx.config)
+    # an explicit shift is accepted everywhere, as from_diffusers(..., shift=) accepts it
+    _, ref = from_diffusers(tiny_unet(), fx.config, shift=2.5)
+    assert LD3Scheduler.from_config(fx.config, shift=2.5).schedule.shift == ref.shift == 2.5
+    assert LD3Scheduler.from_timesteps(t, scheduler_config=fx.config, schedule=fm).schedule.shift == 2.5
+    assert LD3Scheduler.from_timesteps(t, scheduler_config=fx.config, shift=2.5).schedule.shift == 2.5
+    # a multistep flow config: the explicit shift replaces its flow_shift too
+    dpm = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction",
+                                                use_dynamic_shifting=True).config
+    with pytest.raises(DiffusersConfigError, match="use_dynamic_shifting"):
+        LD3Scheduler.from_config(dpm)
+    assert LD3Scheduler.from_config(dpm, shift=2.5).schedule.shift == 2.5
+    # a flow schedule file carries its own shift: a dynamic-shifting config is fine there
+    from ld3_ext.schedule_file import LearnedSchedule
+    LearnedSchedule(t, solver_config={"name": "euler"}, nfe=4, schedule_config=fm.config()).save(
+        str(tmp_path / "f.json"))
+    assert LD3Scheduler.from_schedule_file(tmp_path / "f.json", scheduler_config=fx.config).schedule.shift == 2.5
+    for cls, field in (("EDMEulerScheduler", "sigma_data"), ("LCMScheduler", "original_inference_steps"),
+                       ("ScoreSdeVeScheduler", "snr")):
+        live = getattr(diffusers, cls)().config
+        field = f"field {field}="
+        with pytest.raises(DiffusersConfigError, match=field):
+            LD3Scheduler.from_config(live)
+        with pytest.raises(DiffusersConfigError, match=field):
+            LD3Scheduler.from_timesteps(ld3_ext.discretizations.logsnr_uniform(ld3_ext.VPDiscrete.linear(), 4),
+                                        scheduler_config=live)

@@ -24,7 +24,10 @@ the negative pooled embedding as ``uncond_kwargs={"added_cond_kwargs": {"text_em
 Config fields that only change how diffusers *samples* (``timestep_spacing``, ``steps_offset``,
 ``clip_sample``, ``thresholding``, ``use_karras_sigmas``, ``solver_order``, ...) are ignored: ld3_ext
 chooses its own grid and solver.  Fields that change what the network *means* and that we cannot map raise
-:class:`DiffusersConfigError` naming the field.
+:class:`DiffusersConfigError` naming the field: a live ``scheduler.config`` has no ``_class_name``, so EDM,
+score-SDE VE and consistency schedulers are recognised by their own fields (``sigma_data``, ``snr``,
+``original_inference_steps``, ...), and a config with neither betas nor a flow-matching signature is refused
+rather than read as the default linear VP schedule.
 """
 from __future__ import annotations
 
@@ -58,6 +61,23 @@ _UNSUPPORTED_CLASSES = {
 }
 
 
+# a live ``scheduler.config`` (FrozenDict) carries no _class_name: recognise those families by fields that only
+# their configs have.  (field, what it marks)
+_UNSUPPORTED_FIELDS = (
+    ("sigma_data", "EDM-preconditioned models (EDMEuler/EDMDPMSolverMultistep/CosineDPMSolverMultistep/consistency "
+                   "schedulers; the scheduler applies c_in/c_skip/c_out)"),
+    ("sigma_schedule", "EDM-preconditioned models (EDMEuler/EDMDPMSolverMultistep/CosineDPMSolverMultistep; the "
+                       "scheduler applies c_in/c_skip/c_out)"),
+    ("snr", "score-SDE VE models (ScoreSdeVeScheduler: continuous sigma input, score output)"),
+    ("correct_steps", "score-SDE VE models (ScoreSdeVeScheduler: continuous sigma input, score output)"),
+    ("s_churn", "Karras VE models (KarrasVeScheduler)"),
+    ("original_inference_steps", "latent / trajectory consistency distilled models (LCMScheduler/TCDScheduler; "
+                                 "not probability-flow ODE denoisers)"),
+    ("timestep_scaling", "latent / trajectory consistency distilled models (LCMScheduler/TCDScheduler; "
+                         "not probability-flow ODE denoisers)"),
+)
+
+
 class DiffusersConfigError(ValueError):
     """A diffusers scheduler/model config that ld3_ext cannot map; the message names the field."""
 
@@ -86,6 +106,13 @@ def _config_dict(scheduler_config) -> Dict[str, Any]:
     if cfg is not scheduler_config and hasattr(scheduler_config, "config"):
         cfg.setdefault("_class_name", type(scheduler_config).__name__)  # a scheduler instance names itself
     return cfg
+
+
+def _describe(cfg: Mapping[str, Any]) -> str:
+    """A config's name for error messages: its class when saved, else its fields."""
+    if cfg.get("_class_name"):
+        return repr(cfg["_class_name"])
+    return "with fields " + ", ".join(sorted(k for k in cfg if not k.startswith("_"))) if cfg else "{}"
 
 
 def _is_flow_config(cfg: Mapping[str, Any]) -> bool:
@@ -131,6 +158,14 @@ def schedule_from_diffusers_config(scheduler_config, shift: Optional[float] = No
     cls = str(cfg.get("_class_name") or "")
     if cls in _UNSUPPORTED_CLASSES:
         raise DiffusersConfigError(f"_class_name={cls!r}: {_UNSUPPORTED_CLASSES[cls]} are not supported")
+    for name, what in _UNSUPPORTED_FIELDS:
+        if cfg.get(name) is not None:
+            raise DiffusersConfigError(f"scheduler config field {name}={cfg[name]!r}: {what} are not supported")
+    if "beta_schedule" not in cfg and cfg.get("trained_betas") is None and not _is_flow_config(cfg):
+        # without betas the old default (linear VP, 1000 steps) would silently describe another model
+        raise DiffusersConfigError(f"scheduler config {_describe(cfg)} has neither a beta schedule (beta_schedule / "
+                                   "trained_betas) nor a flow-matching signature (FlowMatch* _class_name, shift, "
+                                   "use_flow_sigmas): its noise schedule cannot be mapped")
     ptype = cfg.get("prediction_type") or ("flow_prediction" if _is_flow_config(cfg) else "epsilon")
     if ptype not in PREDICTION_TYPES:
         raise DiffusersConfigError(f"prediction_type={ptype!r} is not supported; expected one of "
@@ -196,7 +231,12 @@ class _UNetCall:
         dtype = getattr(self.net, "dtype", x.dtype)
         kw = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
         out = self.net(x.to(dtype), time, return_dict=False, **kw)[0]
-        if self.learned_variance and out.shape[1] == 2 * x.shape[1]:
+        if out.dim() > 1 and x.dim() > 1 and out.shape[1] == 2 * x.shape[1]:
+            if not self.learned_variance:
+                raise DiffusersConfigError(
+                    f"the {self.__name__} outputs {out.shape[1]} channels for a {x.shape[1]}-channel sample (a "
+                    "learned-variance model?) but the scheduler config's variance_type is not 'learned' / "
+                    "'learned_range'; set variance_type in the scheduler config")
             out = out[:, : x.shape[1]]  # [mean part; variance part]: the ODE uses only the first half
         return out.to(x.dtype)
 

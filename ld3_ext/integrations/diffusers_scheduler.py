@@ -31,6 +31,7 @@ scaling as ``schedule.prior_std()``.  ``scale_model_input`` is the identity (the
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -58,9 +59,11 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
     Parameters (all stored in ``scheduler.config``; ``save_pretrained``/``from_pretrained`` round-trip):
 
     num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, shift,
-    use_flow_sigmas, flow_shift:
+    use_flow_sigmas, flow_shift, variance_type:
         the model's diffusers scheduler config (what the network was trained with); ``prediction_type`` is
-        what the network outputs (epsilon / v_prediction / sample / flow_prediction).
+        what the network outputs (epsilon / v_prediction / sample / flow_prediction).  With ``variance_type``
+        "learned" / "learned_range" a 2C-channel output is [prediction; variance] and only the first C
+        channels are used (the ODE needs no variance).
     schedule_config:
         an ld3_ext ``NoiseSchedule.config()``; when given it replaces the beta fields (e.g. from a schedule
         file).  Must be a VPDiscrete or FlowMatching schedule to give the network diffusers time units.
@@ -71,6 +74,9 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         the solver grid t_0 > ... > t_N and the network times (same length) in the SCHEDULE's time units
         (floats).  With them the scheduler runs exactly N steps; without them ``set_timesteps(N)`` uses
         the ``discretization`` baseline ("logsnr", "edm", "time_uniform", "time_quadratic").
+    guidance_scale:
+        the classifier-free guidance scale the grid was learned at (None: unguided or unknown).  The pipeline
+        applies CFG, so the scheduler only records it; ``check_guidance(scale)`` warns on a mismatch.
     """
 
     _compatibles: List[str] = []
@@ -82,11 +88,16 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
                  prediction_type: str = "epsilon", shift: float = 1.0, use_flow_sigmas: bool = False,
                  flow_shift: Optional[float] = None, schedule_config: Optional[Dict[str, Any]] = None,
                  solver_config: Optional[Dict[str, Any]] = None, ld3_timesteps: Optional[Sequence[float]] = None,
-                 ld3_model_timesteps: Optional[Sequence[float]] = None, discretization: str = "logsnr"):
+                 ld3_model_timesteps: Optional[Sequence[float]] = None, discretization: str = "logsnr",
+                 variance_type: Optional[str] = None, guidance_scale: Optional[float] = None):
         if prediction_type not in PREDICTION_TYPES:
             raise DiffusersConfigError(f"prediction_type={prediction_type!r} is not supported; expected one of "
                                        f"{sorted(PREDICTION_TYPES)}")
         self.prediction = PREDICTION_TYPES[prediction_type]
+        if variance_type is not None and not isinstance(variance_type, str):
+            raise DiffusersConfigError(f"variance_type must be a string or None, got {variance_type!r}")
+        self._learned_variance = variance_type in ("learned", "learned_range")
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
         if schedule_config is not None:
             self.schedule = schedule_from_config(dict(schedule_config))
         else:
@@ -129,10 +140,24 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         """diffusers' ``from_config``; a flow-matching config (e.g. FlowMatchEulerDiscreteScheduler's, which has
         no ``prediction_type`` field) is read as a flow model instead of silently falling back to VP defaults."""
         from .diffusers import _config_dict, _is_flow_config
-        if config is not None and _is_flow_config(_config_dict(config)):
-            kwargs.setdefault("prediction_type", "flow_prediction")
-            kwargs.setdefault("use_flow_sigmas", True)
+        if config is not None:
+            cfg = _config_dict(config)
+            if _is_flow_config(cfg):
+                kwargs.setdefault("prediction_type", "flow_prediction")
+                kwargs.setdefault("use_flow_sigmas", True)
+            # fields LD3Scheduler does not register (sigma_data, use_dynamic_shifting, ...) would be dropped
+            _check_foreign_config(cfg, kwargs)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def check_guidance(self, guidance_scale: Optional[float]) -> bool:
+        """Warn (and return False) when the pipeline's guidance scale differs from the one the grid was learned
+        at (``config.guidance_scale``, kept by save_pretrained/from_pretrained)."""
+        a, b = self.guidance_scale, None if guidance_scale is None else float(guidance_scale)
+        same = (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a)))
+        if not same:
+            warnings.warn(f"this LD3Scheduler's grid was learned at guidance scale {a}, and is being used at {b}; "
+                          "learn one for this scale for best results", UserWarning, stacklevel=2)
+        return same
 
     @classmethod
     def from_timesteps(cls, timesteps, model_timesteps=None, solver: Union[Solver, Dict[str, Any], str] = "dpmpp",
@@ -141,6 +166,9 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         scheduler config (a scheduler, its ``.config`` or a dict).  ``schedule`` overrides the config's
         betas (e.g. a VPDiscrete with another t_min/t_max)."""
         kw = _diffusers_fields(scheduler_config)
+        if scheduler_config is not None and schedule is None:
+            from .diffusers import _config_dict
+            _check_foreign_config(_config_dict(scheduler_config), overrides)
         if isinstance(solver, Solver):
             kw["solver_config"] = {**solver.config(), "backend": solver.backend}
         elif isinstance(solver, str):
@@ -169,18 +197,20 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         kw = _diffusers_fields(scheduler_config)
         sched = schedule_from_config(ls.schedule_config)
         if scheduler_config is not None:
-            ref, _ = schedule_from_diffusers_config(scheduler_config)
+            # a flow file carries its shift, so a dynamic-shifting (Flux-style) config is fine here
+            ref, _ = schedule_from_diffusers_config(
+                scheduler_config, shift=sched.shift if isinstance(sched, FlowMatching) else None)
             _check_same_schedule(sched, ref)
         if isinstance(sched, FlowMatching):
             kw.setdefault("prediction_type", "flow_prediction")
         if isinstance(sched, VPDiscrete):
             kw["num_train_timesteps"] = sched.num_train_timesteps
+        # guidance_scale is a config field so that save_pretrained (ld3 export-diffusers) keeps it
         kw.update(schedule_config=ls.schedule_config, solver_config=ls.solver_config,
-                  ld3_timesteps=ls.timesteps.tolist(), ld3_model_timesteps=ls.model_timesteps.tolist())
+                  ld3_timesteps=ls.timesteps.tolist(), ld3_model_timesteps=ls.model_timesteps.tolist(),
+                  guidance_scale=ls.guidance_scale)
         kw.update(overrides)
-        sch = cls(**kw)
-        sch.guidance_scale = ls.guidance_scale  # what the schedule was learned with (the pipeline applies CFG)
-        return sch
+        return cls(**kw)
 
     # --- diffusers API ------------------------------------------------------------------------
     @property
@@ -329,7 +359,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         out_dtype = sample.dtype
         wdt = torch.float32 if _half(sample.dtype) else sample.dtype  # upcast half precision like diffusers
         x = sample.to(wdt)
-        out = model_output.to(wdt)
+        out = self._own_channels(model_output, sample).to(wdt)
         if self.solver.name == "heun":
             prev = self._heun_step(out, x, k)
         else:
@@ -339,6 +369,21 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+    def _own_channels(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The prediction part of the output (shape checks only: no host sync)."""
+        if out.shape == x.shape:
+            return out
+        if out.dim() == x.dim() > 1 and out.shape[1] == 2 * x.shape[1] and \
+                out.shape[:1] + out.shape[2:] == x.shape[:1] + x.shape[2:]:
+            if not self._learned_variance:
+                raise ValueError(f"LD3Scheduler.step: model_output has {out.shape[1]} channels for a "
+                                 f"{x.shape[1]}-channel sample (a learned-variance model?) but variance_type="
+                                 f"{self.config.variance_type!r}; build the scheduler from the model's scheduler "
+                                 "config or pass variance_type='learned_range'")
+            return out[:, : x.shape[1]]  # [prediction; variance]: the ODE uses only the prediction
+        raise ValueError(f"LD3Scheduler.step: model_output shape {tuple(out.shape)} does not match sample shape "
+                         f"{tuple(x.shape)}")
 
     def _multistep_step(self, out, x, k):
         spec = self.solver.spec()
@@ -413,7 +458,23 @@ def _floats(x) -> List[float]:
 
 
 _DIFFUSERS_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                     "prediction_type", "shift", "use_flow_sigmas", "flow_shift")
+                     "prediction_type", "shift", "use_flow_sigmas", "flow_shift", "variance_type")
+
+
+def _check_foreign_config(cfg: Dict[str, Any], overrides: Dict[str, Any]):
+    """Run the adapter's checks on another scheduler's config (with the caller's overrides, which an explicit
+    ``shift`` may extend by ``flow_shift``) before its fields become LD3Scheduler fields: what LD3Scheduler
+    does not register (sigma_data, use_dynamic_shifting, ...) would otherwise be dropped and the model read
+    with a wrong noise schedule."""
+    if cfg.get("_class_name") == "LD3Scheduler" or "solver_config" in cfg or "ld3_timesteps" in cfg:
+        return  # our own config: __init__ validates it
+    if overrides.get("schedule_config") is not None:
+        return  # an explicit ld3_ext schedule replaces the config's noise schedule
+    if overrides.get("shift") is not None and "flow_shift" not in overrides and cfg.get("flow_shift") is not None:
+        overrides["flow_shift"] = overrides["shift"]  # __init__ prefers flow_shift: the explicit shift must win
+    merged = {**cfg, **{k: overrides[k] for k in _DIFFUSERS_FIELDS if k in overrides}}
+    shift = overrides.get("flow_shift", overrides.get("shift"))
+    schedule_from_diffusers_config(merged, shift=shift)
 
 
 def _diffusers_fields(scheduler_config) -> Dict[str, Any]:
