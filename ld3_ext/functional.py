@@ -99,6 +99,8 @@ class _VEModel(DiffusionModel):
         return x0, eps
 
     def _report(self, x, t, step, x0):
+        if _in_backward():  # a re-evaluation for the gradient (checkpointing, double backward): not a new step
+            return
         per = self.evals_per_step
         if step is None or per is None:  # no step to map: report every evaluation
             i, sigma = step, t
@@ -108,6 +110,11 @@ class _VEModel(DiffusionModel):
             i = step // per
             sigma = self.grid[i] if self.grid is not None and i < self.grid.numel() else t
         self.callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": t, "denoised": x0})
+
+
+def _in_backward() -> bool:
+    task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
+    return task is not None and task() != -1
 
 
 def _grid(s, x: torch.Tensor, name: str) -> torch.Tensor:

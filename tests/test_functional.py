@@ -253,6 +253,21 @@ def test_heun_callback_once_per_interval(mix, backend, grad):
     assert [float(c["sigma_hat"]) for c in seen] == msig[:-1].tolist()
 
 
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun"])
+def test_backward_re_evaluations_do_not_call_back(mix, solver):
+    """The network evaluations a backward pass redoes (a second backward, double backward) are not new steps:
+    no callback for them."""
+    seen = []
+    x = x_T().requires_grad_(True)
+    y = F.sample(denoiser_of(mix), x, karras(5, append_zero=False), solver=solver, callback=_record(seen))
+    assert len(seen) == 4
+    y.pow(2).sum().backward(retain_graph=True)
+    y.pow(2).sum().backward(retain_graph=True)  # the graphs were consumed: the network is evaluated again
+    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    torch.autograd.grad(g.sum(), x)
+    assert len(seen) == 4
+
+
 # --- DiffusionModel with its own schedule: sigmas must be in its range ------------------------------------
 
 def _sd_model():
