@@ -34,6 +34,9 @@ def _check_images(samples, name="samples") -> torch.Tensor:
 
 def gaussian_stats(feats: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of features [B, D], in float64."""
+    if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] < 2:
+        raise ValueError(f"feats must be a [B, D] tensor with B >= 2 (a covariance needs two rows), got "
+                         f"{tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__}")
     f = feats.detach().to(torch.float64).cpu().numpy()
     return f.mean(0), np.cov(f, rowvar=False)
 
@@ -47,6 +50,11 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     c1, c2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    d = mu1.shape[0] if mu1.ndim == 1 else -1
+    for name, a, shape in (("mu1", mu1, (d,)), ("mu2", mu2, (d,)), ("cov1", c1, (d, d)), ("cov2", c2, (d, d))):
+        if d < 1 or a.shape != shape:
+            raise ValueError(f"frechet_distance: {name} has shape {a.shape}; need mu1, mu2 of shape (D,) and "
+                             f"cov1, cov2 of shape (D, D) with D = len(mu1) = {mu1.shape}")
     w, v = np.linalg.eigh((c1 + c1.T) / 2)
     s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     m = s1 @ c2 @ s1
@@ -56,9 +64,10 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
 
 
 @torch.no_grad()
-def digits_features(samples: torch.Tensor, clip: bool = True, batch_size: int = 1024) -> torch.Tensor:
-    """Penultimate classifier features [B, 64] of digit images in [-1, 1]."""
-    samples = _check_images(samples)
+def digits_features(samples: torch.Tensor, clip: bool = True, batch_size: int = 1024,
+                    name: str = "samples") -> torch.Tensor:
+    """Penultimate classifier features [B, 64] of digit images in [-1, 1] (``name``: for error messages)."""
+    samples = _check_images(samples, name)
     net = _classifier()
     x = samples.detach().to("cpu", torch.float32)
     if clip:  # as when samples are saved as images; the classifier never saw values outside [-1, 1]
@@ -90,14 +99,18 @@ def digits_fd(samples: torch.Tensor, reference: torch.Tensor = None, clip: bool 
     if reference is None:
         mu_r, cov_r = digits_reference_stats()
     else:
-        mu_r, cov_r = gaussian_stats(digits_features(reference, clip=clip))
+        mu_r, cov_r = gaussian_stats(digits_features(reference, clip=clip, name="reference"))
     return frechet_distance(mu, cov, mu_r, cov_r)
 
 
 def teacher_rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample RMSE sqrt(mean over non-batch dims of (pred - target)^2), shape [B], float64."""
+    """Per-sample RMSE sqrt(mean over non-batch dims of (pred - target)^2), shape [B], float64.  A NaN sample
+    (a diverged solve) gives NaN for that sample: visible in a table, not an exception."""
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("pred and target must be torch.Tensors")
+    for name, t in (("pred", pred), ("target", target)):
+        if not t.is_floating_point():  # integers would compare rounded values; complex would drop a part
+            raise TypeError(f"{name} must be a real floating tensor, got {t.dtype}")
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     if pred.dim() < 1 or pred.shape[0] == 0:

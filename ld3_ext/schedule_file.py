@@ -110,9 +110,24 @@ class LearnedSchedule:
         return same
 
     def sample(self, model, x_T: torch.Tensor, solver=None, **model_kwargs) -> torch.Tensor:
-        """``solver.sample(model, x_T, timesteps, model_timesteps=...)`` on x_T's device."""
+        """``solver.sample(model, x_T, timesteps, model_timesteps=...)`` on x_T's device.
+
+        The model must use the noise schedule the grid was learned on (its times mean other noise levels on
+        any other: ValueError); another solver than the file's is allowed, with a warning (the grid was
+        learned for that solver and NFE)."""
+        from .atomic_io import canonical_json
+        sched = getattr(model, "schedule", None)
+        if sched is not None and hasattr(sched, "config") and \
+                canonical_json(sched.config()) != canonical_json(self.schedule_config):
+            raise ValueError(f"model: this schedule was learned on the noise schedule {self.schedule_config}, but the "
+                             f"model uses {sched.config()}: its times would mean other noise levels")
         self.check_guidance(getattr(model, "guidance_scale", None))
-        solver = solver if solver is not None else self.solver()
+        if solver is None:
+            solver = self.solver()
+        elif solver.config() != self.solver().config() or solver.nfe(self.num_steps) != self.nfe:
+            warnings.warn(f"solver: this grid was learned for {self.solver()!r} at NFE {self.nfe}; sampling with "
+                          f"{solver!r} (NFE {solver.nfe(self.num_steps)}) may be far from its best", UserWarning,
+                          stacklevel=2)
         return solver.sample(model, x_T, self.timesteps.to(x_T.device), model_timesteps=self.model_timesteps.to(x_T.device),
                              **model_kwargs)
 

@@ -73,3 +73,17 @@ def test_teacher_rmse():
 def test_gaussian_stats_float64():
     mu, cov = gaussian_stats(torch.randn(10, 3))
     assert mu.dtype == np.float64 and cov.shape == (3, 3)
+
+
+def test_metric_inputs_are_checked_and_named():
+    with pytest.raises(ValueError, match=r"reference must have shape \[B, 1, 8, 8\]"):
+        digits_fd(torch.rand(8, 64) * 2 - 1, reference=torch.zeros(4, 65))
+    for bad in (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match=f"pred must be a real floating tensor, got {bad.dtype}"):
+            teacher_rmse(bad, torch.ones(2, 3))
+    nan = teacher_rmse(torch.tensor([[1.0, float("nan")], [1.0, 2.0]]), torch.ones(2, 2))
+    assert torch.isnan(nan[0]) and nan[1].item() == pytest.approx(0.5 ** 0.5)  # a diverged sample shows as NaN
+    with pytest.raises(ValueError, match=r"frechet_distance: mu2 has shape \(3,\)"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(2))
+    with pytest.raises(ValueError, match=r"feats must be a \[B, D\] tensor with B >= 2"):
+        gaussian_stats(torch.randn(1, 4))

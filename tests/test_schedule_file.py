@@ -210,3 +210,23 @@ def test_guidance_scale_mismatch_warns():
     with _w.catch_warnings():
         _w.simplefilter("error")
         assert ls.check_guidance(7.5)
+
+
+def test_sample_refuses_another_noise_schedule_and_warns_for_another_solver():
+    import warnings
+    from ld3_ext import VPLinear
+    vp = VPDiscrete.linear(0.00085, 0.012)
+    learned = _sched(vp, n=4)
+    mix = testbeds.ring2d()
+    other = VPLinear(t_min=vp.t_min, t_max=vp.t_max)  # the same time range, other noise levels
+    x = mix.prior_noise(vp, 3)
+    with pytest.raises(ValueError, match="model: this schedule was learned on the noise schedule"):
+        learned.sample(mix.model(other), x)
+    with pytest.warns(UserWarning, match=r"solver: this grid was learned for .*DPMSolverPP.* at NFE 4; sampling with "
+                                         r"Heun.* \(NFE 8\)"):
+        learned.sample(mix.model(vp), x, solver=Heun())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file's own solver (another backend is the same solver): silent
+        a = learned.sample(mix.model(vp), x)
+        b = learned.sample(mix.model(vp), x, solver=DPMSolverPP(3, backend="fused"))
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

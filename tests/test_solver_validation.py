@@ -234,3 +234,28 @@ def test_validate_timesteps_without_value_checks_keeps_the_structural_ones():
         validate_timesteps(sched, torch.tensor([3, 2, 1]), values=False)
     with pytest.raises(ValueError, match="model_timesteps: must have the same length"):
         validate_model_timesteps(sched, increasing[:2], increasing, values=False)
+
+
+@pytest.mark.parametrize("schedule, grid", [
+    (ld3_ext.EDM(1e-5, 80.0), [80.0, 1.0, 0.01, -5e-5]),   # within the round-off slack, but sigma = t < 0
+    (ld3_ext.VPLinear(t_min=1e-9), [1.0, 0.5, 0.1, 0.0]),  # sigma(0) = 0: IPNDM and Heun returned NaN
+], ids=["edm-negative", "vp-zero"])
+@pytest.mark.parametrize("solver", [lambda: ld3_ext.DPMSolverPP(3), lambda: ld3_ext.IPNDM(3), lambda: ld3_ext.Heun()],
+                         ids=["dpmpp", "ipndm", "heun"])
+def test_grid_in_the_slack_past_the_schedules_domain_is_refused(schedule, grid, solver):
+    """The range check's round-off slack must not admit times where alpha or sigma is not > 0: the solve returned
+    NaN there (or blamed the model)."""
+    mix = ld3_ext.testbeds.ring2d()
+    with pytest.raises(ValueError, match=r"timesteps: contains times where the schedule is undefined"):
+        solver().sample(mix.model(schedule), mix.prior_noise(schedule, 3), torch.tensor(grid, dtype=torch.float64))
+
+
+def test_nfe_and_step_counts_are_checked():
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match=rf"nfe must be an int >= 1, got {bad!r}"):
+            ld3_ext.Heun().steps_for_nfe(bad)
+        with pytest.raises(ValueError, match=rf"nfe must be an int >= 1, got {bad!r}"):
+            ld3_ext.DPMSolverPP().steps_for_nfe(bad)
+    with pytest.raises(ValueError, match="num_steps must be an int >= 0, got -2"):
+        ld3_ext.Euler().nfe(-2)
+    assert (ld3_ext.Heun().nfe(3), ld3_ext.Heun().steps_for_nfe(5), ld3_ext.UniPC().steps_for_nfe(6)) == (6, 2, 6)

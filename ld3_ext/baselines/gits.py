@@ -167,6 +167,11 @@ def gits_cost_matrix(model: DiffusionModel, grid: torch.Tensor, states: List[tor
     from ..metrics import teacher_rmse
 
     solver = solver or Euler()
+    if solver.nfe(1) != 1:
+        # the cached stand-in answers every call with the prediction at (x_i, g_i): a solver that evaluates
+        # the network twice a step (Heun) would get it back at its predictor point and score Euler steps
+        raise ValueError(f"solver: GITS scores one-evaluation steps; {type(solver).__name__} makes {solver.nfe(1)} "
+                         "network calls a step (use a one-evaluation solver, e.g. Euler or DPMSolverPP(order=1))")
     s = model.schedule
     m = grid.numel() - 1
     max_jump = m if max_jump is None else int(max_jump)

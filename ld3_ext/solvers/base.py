@@ -47,7 +47,22 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
         if min(vals) < lo - tol or max(vals) > hi + tol:
             _fail(name, f"must lie in the schedule's range [{lo:.6g}, {hi:.6g}], got "
                         f"[{min(vals):.6g}, {max(vals):.6g}]")
+        # the round-off slack can reach past the schedule's domain (t < 0 for a tiny t_min, alpha <= 0
+        # past t = 1 for flow matching): there the solve would return NaN, or blame the model
+        slack = [v for v in vals if v < lo or v > hi]
+        if slack:
+            _check_defined(schedule, slack, name)
     return timesteps
+
+
+def _check_defined(schedule, times, name: str) -> None:
+    """alpha and sigma finite and > 0 (finite log alpha, log sigma) at every one of ``times``."""
+    with torch.no_grad():
+        t = torch.tensor(times, dtype=torch.float64)
+        ok = torch.isfinite(schedule.log_alpha(t)) & torch.isfinite(schedule.log_sigma(t))
+    if not bool(ok.all()):
+        _fail(name, f"contains times where the schedule is undefined (alpha or sigma not > 0): "
+                    f"{t[~ok].tolist()}")
 
 
 def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor, values: bool = True) -> torch.Tensor:
@@ -72,13 +87,14 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
         _fail(name, f"must lie in the schedule's range [{lo:.6g}, {hi:.6g}]")
     # the tolerance above can reach past the schedule's domain (e.g. t <= 0 for EDM, alpha = 0 for flow
     # matching): every model time must give finite log alpha and log sigma
-    with torch.no_grad():
-        m64 = md.to(torch.float64)
-        ok = torch.isfinite(schedule.log_alpha(m64)) & torch.isfinite(schedule.log_sigma(m64))
-    if not bool(ok.all()):
-        bad = md[~ok].cpu().tolist()
-        _fail(name, f"contains times where the schedule is undefined (alpha or sigma not > 0): {bad}")
+    _check_defined(schedule, md.cpu().tolist(), name)
     return model_timesteps
+
+
+def check_count(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
 
 
 def table_rows(table: torch.Tensor, which: int):
@@ -116,10 +132,11 @@ class Solver:
 
     def nfe(self, num_steps: int) -> int:
         """Network evaluations for ``num_steps`` grid intervals."""
-        return num_steps
+        return check_count("num_steps", num_steps, 0)
 
     def steps_for_nfe(self, nfe: int) -> int:
-        return nfe
+        """Grid intervals for a budget of ``nfe`` network evaluations."""
+        return check_count("nfe", nfe, 1)
 
     def min_steps(self) -> int:
         return 1

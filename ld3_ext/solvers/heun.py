@@ -15,7 +15,7 @@ from typing import List, Tuple
 import torch
 
 from .. import adjoint, ops
-from .base import Solver, table_rows
+from .base import Solver, check_count, table_rows
 
 
 def heun_multistep_table(schedule, t: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
@@ -58,10 +58,10 @@ class Heun(Solver):
         super().__init__(2, **kw)
 
     def nfe(self, num_steps: int) -> int:
-        return 2 * num_steps
+        return 2 * check_count("num_steps", num_steps, 0)
 
     def steps_for_nfe(self, nfe: int) -> int:
-        return max(1, nfe // 2)
+        return max(1, check_count("nfe", nfe, 1) // 2)  # an odd budget runs one evaluation fewer
 
     def config(self):
         return {"name": self.name, "order": 2}
