@@ -23,10 +23,12 @@ BASELINES = ["time_uniform", "time_quadratic", "logsnr", "edm"]
 MODEL_BASELINES = ["dmn", "gits"]
 
 
-def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True):
-    p.add_argument("--model", default="digits", help="built-in name (digits, gmm:ring2d, gmm:digits64, "
-                   "gmm:random3072), diffusers:PATH or package.module:factory (default: digits)")
-    p.add_argument("--out", default="runs/ld3", help="output directory (default: runs/ld3)")
+def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model: Optional[str] = "digits",
+                out: str = "runs/ld3"):
+    p.add_argument("--model", default=model, help="built-in name (digits, gmm:ring2d, gmm:digits64, "
+                   "gmm:random3072), diffusers:PATH or package.module:factory (default: "
+                   + (model or "the one the schedule file records") + ")")
+    p.add_argument("--out", default=out, help=f"output directory (default: {out})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
@@ -364,8 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("sample", help="sample with hand-made (and optionally a learned) schedule; PNG + error table")
-    _add_common(s)
-    s.set_defaults(model="gmm:ring2d", out="runs/sample")
+    _add_common(s, model="gmm:ring2d", out="runs/sample")
     s.add_argument("--n", type=int, default=256, help="number of samples")
     s.add_argument("--schedule", default=None, help="a learned schedule file to compare as well")
     s.set_defaults(func=cmd_sample)
@@ -398,8 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="compare the learned schedule with every baseline")
-    _add_common(e, solver_defaults=False)
-    e.set_defaults(model=None)
+    _add_common(e, solver_defaults=False, model=None)
     e.add_argument("--schedule", default=None, help="schedule file (default: OUT/schedule.json)")
     e.add_argument("--n", type=int, default=256, help="held-out noises")
     e.add_argument("--nfe-curve", type=int, nargs="*", default=[4, 5, 6, 8, 10])

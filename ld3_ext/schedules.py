@@ -16,6 +16,7 @@ float64 when t is float64.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -322,6 +323,11 @@ class VPDiscrete(NoiseSchedule):
     def linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
                scaled: bool = True, **kw) -> "VPDiscrete":
         """DDPM/LDM linear betas; ``scaled=True`` is the LDM/SD "scaled_linear" (linspace in sqrt beta)."""
+        for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 < v < 1.0:
+                raise ValueError(f"VPDiscrete.linear: {name} must be a number in (0, 1), got {v!r}")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise ValueError(f"VPDiscrete.linear: num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
         if scaled:
             betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
         else:

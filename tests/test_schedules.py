@@ -191,3 +191,14 @@ def test_constructor_validation():
         ld3_ext.VPDiscrete(betas=[0.5, 1.5])
     with pytest.raises(ValueError, match="unknown schedule type"):
         schedule_from_config({"type": "Nope"})
+
+
+@pytest.mark.parametrize("args, match", [
+    ((-1.0, 0.01), r"beta_start must be a number in \(0, 1\), got -1.0"),
+    ((0.001, -0.01), r"beta_end must be a number in \(0, 1\), got -0.01"),
+    ((0.5, 2.0), r"beta_end must be a number in \(0, 1\), got 2.0"),
+    ((0.001, 0.01, 0), r"num_train_timesteps must be an int >= 2, got 0"),
+])
+def test_vp_discrete_linear_names_a_bad_argument(args, match):
+    with pytest.raises(ValueError, match=r"VPDiscrete.linear: " + match):
+        ld3_ext.VPDiscrete.linear(*args)

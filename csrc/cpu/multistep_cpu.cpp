@@ -114,7 +114,7 @@ LD3_TARGET_AVX2_F16C void forward_range_half8(scalar_t* out, const scalar_t* x, 
 // sampler the next network evaluation reads the new state at once, so streaming pays only when
 // the state is far larger than the caches; below that it costs more than it saves elsewhere.
 // Measured crossovers: ~2 MiB on an Intel Xeon box, 3-6 MiB on an AMD EPYC box (1-2 threads),
-// with up to 1.5x losses below the crossover and at most ~12 % gains above it
+// with up to 1.5x losses below the crossover and 1-30 % gains above it
 // (benchmarks/README.md), so the default errs high: the L2 size, at least 8 MiB.  The L3 size is
 // not used: VMs report the whole package's (320 MiB on the EPYC box, whose core sees 32 MiB).
 // LD3_STREAM_MIN_BYTES sets it at load and set_stream_min_bytes() at run time (-1 = never).
