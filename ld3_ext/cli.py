@@ -117,11 +117,12 @@ def _load(args):
 
 
 def _weightless_name(model, args) -> Optional[str]:
-    """A model without weights to hash (the analytic test beds) is identified by its --model string; the
-    library would warn and use the same name, a warning meant for Python callers."""
+    """A model without weights to hash (the analytic test beds, weightless factories) is identified by its
+    --model string (the library would warn, a warning meant for Python callers, and use the function's name)."""
     if isinstance(model, torch.nn.Module) and any(isinstance(v, torch.Tensor) for v in model.state_dict().values()):
         return None  # identified by the hash of its weights (not computed here: that can take seconds)
-    return getattr(model, "name", None) or args.model
+    # the --model string, not the wrapped function's name: two factories may wrap functions of one name
+    return args.model
 
 
 def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0):

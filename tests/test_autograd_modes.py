@@ -216,3 +216,23 @@ def test_ops_coefficient_table_checks_arguments(backend):
         ops.coefficient_table(SCHED, [80.0, 1.0], spec, backend)
     with pytest.raises(TypeError, match="timesteps must be real numbers, got torch.complex128"):
         ops.coefficient_table(SCHED, GRID.to(torch.complex128), spec, backend)
+
+
+def test_adjoint_refuses_v_sharing_memory_with_scale_or_w():
+    """On CUDA every block reads scale and w while earlier blocks already write v: refused everywhere."""
+    x, coef, hist = _inputs()
+    buf = torch.randn(x.numel() + 4, dtype=torch.float64)
+    v = buf[: x.numel()].view_as(x)
+    lam = torch.randn_like(x)
+    w = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="v must not share memory with scale or w"):
+        adjoint.multistep_adjoint_step(lam, v, buf[:1], [], x, hist[0], w, None)
+    with pytest.raises(RuntimeError, match="v must not share memory with scale or w"):
+        adjoint.multistep_adjoint_step(lam, v, torch.tensor(0.9, dtype=torch.float64), [], x, hist[0], buf[:2], None)
+
+
+def test_coefficient_table_step_count_bound():
+    """The native table's offsets are int: more than 10^7 steps is refused, not overflowed."""
+    t = torch.linspace(80.0, 0.002, 10_000_002, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="at most 10,000,000 steps"):
+        fused.coefficient_table(SCHED, t, SolverSpec("euler", 1))

@@ -223,3 +223,64 @@ def test_fresh_and_regenerate_teacher_flags(tmp_path, capsys):
     from ld3_ext.schedule_file import load_schedule
     learned = load_schedule(os.path.join(out, "schedule.json"))
     assert learned.nfe == 5 and learned.model["name"] == "gmm:ring2d"
+
+
+def test_factory_that_raises_is_one_clear_error(monkeypatch):
+    mod = types.ModuleType("ld3_fake_raising_mod")
+
+    def broken():
+        raise RuntimeError("weights file missing")
+    mod.make = broken
+    monkeypatch.setitem(sys.modules, "ld3_fake_raising_mod", mod)
+    with pytest.raises(ModelSpecError, match="the factory raised RuntimeError: weights file missing"):
+        load_model("ld3_fake_raising_mod:make")
+
+
+def test_weightless_factories_with_one_function_name_are_different_models(tmp_path, monkeypatch, capsys):
+    """Two factories wrapping functions that share a name (both `denoise`) must not share a teacher cache:
+    a weightless model is identified by its --model string."""
+    for name, sign in (("ld3_fac_a", 1.0), ("ld3_fac_b", -1.0)):
+        mod = types.ModuleType(name)
+
+        def make(sign=sign):
+            import ld3_ext
+
+            def denoise(x, t):
+                return 0.5 * sign * x
+            m = ld3_ext.wrap_model(denoise, ld3_ext.EDM(), prediction="x0")
+            m.sample_shape = (2,)
+            return m, m.schedule
+        mod.make = make
+        monkeypatch.setitem(sys.modules, name, mod)
+    out = str(tmp_path / "o")
+    args = ["teacher", "--n-train", "2", "--n-valid", "2", "--teacher-nfe", "3", "--out", out, "--no-progress"]
+    assert cli.main(args + ["--model", "ld3_fac_a:make"]) == 0
+    assert cli.main(args + ["--model", "ld3_fac_b:make"]) == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"_class_name": "AutoencoderKL"}, "is not a diffusers denoising network class"),
+    ({"_class_name": "DDPMPipeline"}, "is not a diffusers denoising network class"),
+    ([], "must hold a JSON object"),
+])
+def test_diffusers_folder_of_another_class_is_refused(tmp_path, config, match):
+    pytest.importorskip("diffusers")
+    from ld3_ext.integrations.diffusers import DiffusersConfigError, load_diffusers_model
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
+    with pytest.raises(DiffusersConfigError, match=match):
+        load_diffusers_model(str(tmp_path))
+
+
+def test_shipped_weights_metadata_is_a_copy():
+    from ld3_ext.models import digits, digits_classifier
+    for meta_fn in (digits.weights_metadata, digits_classifier.classifier_metadata):
+        meta = meta_fn()
+        first = json.dumps(meta, sort_keys=True, default=str)
+        for v in meta.values():
+            if isinstance(v, dict):
+                v["edited"] = 1
+        meta["edited"] = 1
+        assert json.dumps(meta_fn(), sort_keys=True, default=str) == first
+    digits.load_digits_net()  # still loads

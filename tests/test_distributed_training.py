@@ -132,3 +132,27 @@ def test_torchrun_auto_time_mode_matches_single_process(tmp_path):
     assert set(sa.metrics["time_mode_candidates_valid_loss"]) == {"lambda", "time"}
     torch.testing.assert_close(sb.timesteps, sa.timesteps, rtol=0, atol=TOL)
     torch.testing.assert_close(sb.model_timesteps, sa.model_timesteps, rtol=0, atol=TOL)
+
+
+def test_ranks_with_different_weights_are_refused(tmp_path):
+    """An unseeded network gives each rank other weights: the job stops with a clear error (it trained on
+    teacher pairs from two different networks, silently)."""
+    (tmp_path / "ld3_rank_factory.py").write_text(
+        "import os, torch, ld3_ext\n"
+        "def make():\n"
+        "    torch.manual_seed(int(os.environ.get('RANK', '0')))  # a different network per rank\n"
+        "    net = torch.nn.Linear(2, 2).double()\n"
+        "    m = ld3_ext.wrap_model(lambda x, t: net(x), ld3_ext.EDM(), prediction='x0')\n"
+        "    m.net = net\n"
+        "    m.sample_shape = (2,)\n"
+        "    return m, m.schedule\n")
+    env = _env()
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "ld3_ext.cli", "train", "--model", "ld3_rank_factory:make", "--device", "cpu", "--nfe", "3",
+           "--solver", "dpmpp", "--order", "2", "--n-train", "4", "--n-valid", "2", "--rounds-v1", "1",
+           "--rounds-v2", "0", "--no-progress", "--out", str(tmp_path / "o")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode != 0
+    assert "ranks under torch.distributed differ in their model or settings" in p.stdout + p.stderr
+    assert not os.path.exists(tmp_path / "o" / "teacher" / "chunk_00000.safetensors")

@@ -194,3 +194,42 @@ def test_load_or_generate_teacher_api(ring, tmp_path):
         del model.testbed
     assert data.train_noise.shape == (4, 2) and data.valid_target.shape == (2, 2)
     torch.testing.assert_close(data.train_target, mix.reference_solution(s, data.train_noise))
+
+
+@pytest.mark.parametrize("change", ["time_input", "model_kwargs", "conditions_dtype"])
+def test_cache_key_covers_how_the_network_is_called(ring, tmp_path, change):
+    """The same weights called another way are another model: reading time differently, other fixed keyword
+    arguments (e.g. text embeddings), or conditions with the same bytes in another dtype."""
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+
+    def net(x, t, scale=1.0, cond=None):
+        return scale * x
+    first = {"time_input": dict(time_input="t"), "model_kwargs": dict(model_kwargs={"scale": 0.5}),
+             "conditions_dtype": {}}[change]
+    second = {"time_input": dict(time_input="edm_noise"), "model_kwargs": dict(model_kwargs={"scale": 2.0}),
+              "conditions_dtype": {}}[change]
+    cond = torch.arange(10, dtype=torch.int32)
+    kw1 = dict(conditions=cond) if change == "conditions_dtype" else {}
+    kw2 = dict(conditions=cond.view(torch.float32)) if change == "conditions_dtype" else {}
+    _gen(wrap_model(net, s, prediction="x0", **first), fn, settings, str(tmp_path), **kw1)
+    with pytest.raises(TeacherCacheMismatch, match="different settings"):
+        _gen(wrap_model(net, s, prediction="x0", **second), fn, settings, str(tmp_path), **kw2)
+
+
+def test_stale_temp_files_are_neither_counted_nor_kept(ring, tmp_path):
+    """A write killed mid-way leaves .chunk_*.tmp behind: it does not count against cache_max_bytes, and an
+    old one is removed when the cache is opened (files that are not the cache's are never touched)."""
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+    d = tmp_path / "c"
+    _gen(model, fn, settings, str(d))
+    stale = d / ".chunk_00001.safetensors.abc123.tmp"
+    stale.write_bytes(b"\0" * 200_000)
+    os.utime(stale, (1, 1))  # long ago
+    fresh = d / ".chunk_00002.safetensors.def456.tmp"  # maybe another process's write in progress
+    fresh.write_bytes(b"\0" * 200_000)
+    mine = d / "notes.txt"
+    mine.write_text("user file")
+    _gen(model, fn, settings, str(d), max_bytes=100_000)  # the temp files are not the cache's bytes
+    assert not stale.exists() and fresh.exists() and mine.read_text() == "user file"

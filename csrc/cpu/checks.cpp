@@ -98,6 +98,9 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
     TORCH_CHECK(scale.defined() && scale.numel() == 1, "multistep_adjoint: scale must hold one value when v is given");
     TORCH_CHECK(scale.scalar_type() == at::kDouble && scale.device() == lam_prev.device(),
                 "multistep_adjoint: scale must be a float64 tensor on lam_prev's device");
+    // every CUDA block reads scale and w while earlier blocks already write v
+    TORCH_CHECK(!v.is_alias_of(scale) && !(w.defined() && v.is_alias_of(w)),
+                "multistep_adjoint: v must not share memory with scale or w");
   }
   TORCH_CHECK(older.size() <= static_cast<size_t>(kMaxHistory), "multistep_adjoint: older holds ", older.size(),
               " tensors, at most ", kMaxHistory);
@@ -140,6 +143,8 @@ void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver
   TORCH_CHECK(t.defined() && t.scalar_type() == at::kDouble && t.dim() == 1,
               "coefficient_table: timesteps must be a 1-D float64 tensor");
   TORCH_CHECK(t.numel() >= 2, "coefficient_table: timesteps needs at least 2 entries, got ", t.numel());
+  // the table's offsets are int: (N - 1) * 2 * 5 * 4 must fit (samplers take tens of steps)
+  TORCH_CHECK(t.numel() <= 10000001, "coefficient_table: at most 10,000,000 steps, got ", t.numel() - 1);
   TORCH_CHECK(schedule_kind >= 0 && schedule_kind <= 3, "coefficient_table: unknown schedule kind ", schedule_kind);
   TORCH_CHECK(solver >= 0 && solver <= 3, "coefficient_table: unknown solver id ", solver);
   const int64_t max_order[4] = {1, 3, 3, 4};

@@ -348,13 +348,19 @@ def load_diffusers_model(path: str, guidance_scale: Optional[float] = None, devi
     import diffusers
 
     unet_dir, sub, sched_path = _find_parts(os.fspath(path))
-    with open(os.path.join(unet_dir, sub or "", "config.json")) as f:
+    cfg_path = os.path.join(unet_dir, sub or "", "config.json")
+    with open(cfg_path) as f:
         ucfg = json.load(f)
+    if not isinstance(ucfg, dict):
+        raise DiffusersConfigError(f"{cfg_path} must hold a JSON object (a diffusers model config), got "
+                                   f"{type(ucfg).__name__}")
     cls_name = ucfg.get("_class_name")
-    if cls_name not in _UNET_CLASSES and not hasattr(diffusers, str(cls_name)):
-        raise DiffusersConfigError(f"_class_name={cls_name!r} in {os.path.join(unet_dir, sub or '', 'config.json')} "
-                                   f"is not a diffusers model class (supported: {', '.join(_UNET_CLASSES)})")
-    cls = getattr(diffusers, cls_name)
+    cls = getattr(diffusers, str(cls_name), None)
+    # a denoising network: a diffusers model class (ModelMixin), not a VAE's or a pipeline's folder
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)) or "Autoencoder" in str(cls_name) \
+            or "VQModel" in str(cls_name):
+        raise DiffusersConfigError(f"_class_name={cls_name!r} in {cfg_path} is not a diffusers denoising network "
+                                   f"class (supported: {', '.join(_UNET_CLASSES)})")
     kw = {"local_files_only": True}
     if sub:
         kw["subfolder"] = sub

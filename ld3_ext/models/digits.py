@@ -13,6 +13,7 @@ shifted by an embedding of c_noise.  Trained by ``scripts/train_digits_model.py`
 """
 from __future__ import annotations
 
+import copy
 import math
 from functools import lru_cache
 from typing import Tuple
@@ -107,7 +108,7 @@ def weights_sha256() -> str:
 
 def weights_metadata() -> dict:
     """The safetensors metadata of the shipped weights (config, seed, training steps, ...)."""
-    return dict(_cached_state()[1])
+    return copy.deepcopy(_cached_state()[1])  # a copy: editing it must not change later loads
 
 
 def load_digits_net(device="cpu", dtype=torch.float32) -> DigitsDenoiser:

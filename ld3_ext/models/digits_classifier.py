@@ -5,6 +5,7 @@ built-in digits model against each other.  Trained by ``scripts/train_digits_cla
 """
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 
 import torch
@@ -58,7 +59,7 @@ def classifier_sha256() -> str:
 
 
 def classifier_metadata() -> dict:
-    return dict(_cached_state()[1])
+    return copy.deepcopy(_cached_state()[1])  # a copy: editing it must not change later loads
 
 
 def load_digits_classifier(device="cpu", dtype=torch.float32) -> DigitsClassifier:

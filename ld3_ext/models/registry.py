@@ -71,7 +71,10 @@ def load_model(spec: str, device: str = "cpu", guidance_scale=None) -> Tuple[Dif
         raise ModelSpecError(f"--model {spec!r}: module {mod_name!r} has no callable {attr!r}")
     if guidance_scale is not None:
         raise ModelSpecError("--guidance-scale applies to diffusers models only; set it in your factory instead")
-    out = factory()
+    try:
+        out = factory()
+    except Exception as exc:  # the factory's own failure: one line naming it (LD3_TRACEBACK=1 shows the rest)
+        raise ModelSpecError(f"--model {spec!r}: the factory raised {type(exc).__name__}: {exc}") from exc
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], DiffusionModel)
             and isinstance(out[1], NoiseSchedule)):
         raise ModelSpecError(f"--model {spec!r}: the factory must return (DiffusionModel, NoiseSchedule) -- wrap "

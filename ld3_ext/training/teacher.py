@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -30,7 +31,7 @@ import torch.distributed as _dist
 from .. import discretizations
 from .. import distributed as D
 from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json,
-                         load_safetensors_checked, read_json_checked, tensor_bytes, tensors_sha256)
+                         load_safetensors_checked, read_json_checked, tensors_sha256)
 from ..solvers import Solver, UniPC
 from ..wrappers import DiffusionModel
 
@@ -78,6 +79,40 @@ def model_identity(model, name: Optional[str] = None) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # teacher functions
 # ----------------------------------------------------------------------------------------------
+def _call_settings(model) -> Dict[str, Any]:
+    """How the wrapper calls the network, where it is not the default: the same weights read time another way
+    (time_input) or with other fixed keyword arguments (model_kwargs, e.g. text embeddings) are another model.
+    Only non-default entries, so caches made without them stay valid."""
+    out: Dict[str, Any] = {}
+    ti = getattr(model, "time_input", None)
+    if ti is not None:
+        out["time_input"] = ti if isinstance(ti, str) else \
+            f"callable:{getattr(ti, '__module__', '?')}.{getattr(ti, '__qualname__', type(ti).__name__)}"
+    kw = getattr(model, "model_kwargs", None) or {}
+    if kw:
+        out["model_kwargs_sha256"] = _kwargs_digest(kw)
+    return out
+
+
+def _kwargs_digest(kw: Dict[str, Any]) -> str:
+    """sha256 of keyword arguments: tensors by dtype, shape and bytes, other values by their repr."""
+    h = hashlib.sha256()
+
+    def add(prefix: str, v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            h.update(f"{prefix}=".encode() + tensors_sha256({"v": v}).encode())
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                add(f"{prefix}.{k}", v[k])
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                add(f"{prefix}[{i}]", x)
+        else:
+            h.update(f"{prefix}={v!r};".encode())
+    add("", kw)
+    return h.hexdigest()
+
+
 def default_teacher_solver() -> Solver:
     """The paper's teacher solver for pixel models: UniPC, order 3, B(h) = bh1."""
     return UniPC(order=3, variant="bh1")
@@ -171,11 +206,21 @@ class TeacherCache:
         return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": self.settings,
                 "n": self.n, "chunk_size": self.chunk_size, "num_chunks": self.num_chunks}
 
+    @staticmethod
+    def _owned(f: str) -> bool:
+        """A file this class writes: the metadata, the chunks."""
+        return (f.startswith("chunk_") and f.endswith(".safetensors")) or f == META_FILE
+
+    @staticmethod
+    def _stale_temp(f: str) -> bool:
+        """The temp file of a write that was killed (atomic writes name it .<target>.<random>.tmp)."""
+        return f.endswith(".tmp") and (f.startswith(".chunk_") or f.startswith("." + META_FILE + "."))
+
     def existing_bytes(self) -> int:
         if not os.path.isdir(self.directory):
             return 0
         return sum(os.path.getsize(os.path.join(self.directory, f)) for f in os.listdir(self.directory)
-                   if os.path.isfile(os.path.join(self.directory, f)))
+                   if self._owned(f) and os.path.isfile(os.path.join(self.directory, f)))
 
     def check_size(self, estimated: int) -> None:
         if self.max_bytes is None:
@@ -189,6 +234,7 @@ class TeacherCache:
     def open(self, regenerate: bool = False) -> None:
         """Validate an existing cache against the settings (or start a new one)."""
         os.makedirs(self.directory, exist_ok=True)
+        self._remove_stale_temps()
         if os.path.exists(self.meta_path):
             try:
                 meta = read_json_checked(self.meta_path, what="teacher cache metadata")
@@ -214,8 +260,20 @@ class TeacherCache:
     def _clear(self) -> None:
         # only ever remove files this class writes
         for f in os.listdir(self.directory):
-            if (f.startswith("chunk_") and f.endswith(".safetensors")) or f == META_FILE:
+            if self._owned(f):
                 os.unlink(os.path.join(self.directory, f))
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files left by a killed write (they would pile up and count against cache_max_bytes).  Only
+        those older than a minute: another process may be writing one right now."""
+        now = time.time()
+        for f in os.listdir(self.directory):
+            path = os.path.join(self.directory, f)
+            try:
+                if self._stale_temp(f) and now - os.path.getmtime(path) > 60:
+                    os.unlink(path)
+            except OSError:  # removed meanwhile by another process
+                pass
 
     def load_chunk(self, i: int) -> Optional[Dict[str, torch.Tensor]]:
         """The chunk's tensors, or None when missing or damaged (it is then regenerated)."""
@@ -265,8 +323,8 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
     if conditions is not None and conditions.shape[0] != n:
         raise ValueError(f"conditions must hold one entry per teacher sample ({n}), got {conditions.shape[0]}")
     cond_hash = None
-    if conditions is not None:
-        cond_hash = hashlib.sha256(bytes(tensor_bytes(conditions))).hexdigest()
+    if conditions is not None:  # dtype and shape count too: the same bytes as int32 and float32 differ
+        cond_hash = tensors_sha256({"conditions": conditions})
     settings = {
         "teacher": dict(teacher_settings),
         "model": dict(identity) if identity is not None else model_identity(model),
@@ -277,8 +335,9 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
         "seed": int(seed),
         "dtype": _dtype_name(dtype),
         "conditions_sha256": cond_hash,
-        "uncond_sha256": None if uncond is None else hashlib.sha256(bytes(tensor_bytes(uncond))).hexdigest(),
+        "uncond_sha256": None if uncond is None else tensors_sha256({"uncond": uncond}),
     }
+    settings.update(_call_settings(model))
     z_all = sample_noise(n, shape, seed, dtype)
     prior = schedule.prior_std()
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -361,6 +361,7 @@ class LD3Trainer:
         of a decoder and of a loss network are set to ``requires_grad=False`` (no weight gradients are computed);
         their flags are restored when it returns or raises.
         """
+        self._check_ranks_agree()
         frozen = self._freeze_weights()
         try:
             return self._fit(noise, target, valid_noise, valid_target, cond=cond, valid_cond=valid_cond,
@@ -368,6 +369,22 @@ class LD3Trainer:
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+
+    def _check_ranks_agree(self) -> None:
+        """Under torch.distributed every rank must hold the same model (weights hash) and settings: a rank
+        with an unseeded network would otherwise make teacher pairs and gradients of another model, silently."""
+        if D.get_world_size() <= 1:
+            return
+        digest = hashlib.sha256(canonical_json({"model": self.identity, "seed": self.seed, "nfe": self.nfe,
+                                                "solver": self.solver.config()}).encode()).hexdigest()
+        key = float(int(digest[:12], 16))  # 48 bits: exact in float64
+        lo, hi = D.reduce_scalars([key], op="min") + D.reduce_scalars([key], op="max")
+        if lo != hi:
+            raise CheckpointMismatchError(
+                f"the ranks under torch.distributed differ in their model or settings (rank {D.get_rank()}: model "
+                f"{self.identity.get('name')!r}, weights {str(self.identity.get('weights_hash'))[:12]}, seed "
+                f"{self.seed}): every rank must load the same weights (seed the network's initialisation, or load "
+                f"a checkpoint) and use the same settings")
 
     def _weight_modules(self) -> List[torch.nn.Module]:
         """The modules whose weights a training run differentiates through but never updates."""
