@@ -124,7 +124,7 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
     history = as_history(history)
     if _C is not None and type(coef) is torch.Tensor and coef.dtype == torch.float64 \
             and type(x) is torch.Tensor and (x.is_cpu or (x.is_cuda and _native.native_cuda_available())) \
-            and _fwad._current_level < 0 and not torch.compiler.is_compiling():
+            and getattr(_fwad, "_current_level", -1) < 0 and not torch.compiler.is_compiling():
         # the common call: the extension checks every argument itself (TORCH_CHECK); the Python
         # checks below, which cost more than a small update, run only to name a failure precisely
         failure = None
