@@ -580,8 +580,7 @@ class LD3Trainer:
             raise NonFiniteLossError("init='auto': every candidate grid gives a non-finite validation loss",
                                      0, None, None)
         self.init_choice = min(finite, key=finite.get)
-        # NaN is not JSON: a skipped candidate is recorded as None in the schedule file's metrics
-        self.init_scores = {k: (v if math.isfinite(v) else None) for k, v in scores.items()}
+        self.init_scores = scores  # a skipped candidate's NaN becomes None in the metrics (_json_safe)
         return grids[self.init_choice]
 
     # the training state of one candidate: the attributes the training loop works on
