@@ -19,6 +19,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .atomic_io import atomic_write_text
+
 BASELINES = ["time_uniform", "time_quadratic", "logsnr", "edm"]
 MODEL_BASELINES = ["dmn", "gits"]
 
@@ -148,8 +150,7 @@ def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0):
 def _check_schedule_fits(learned, path: str, model, schedule, spec: str) -> None:
     """A schedule learned on another noise schedule means other noise levels: refused.  One learned for another
     model may still help (a schedule transfers between related models): a warning."""
-    from .atomic_io import canonical_json
-    if canonical_json(learned.schedule_config) != canonical_json(schedule.config()):
+    if not schedule.same_as(learned.schedule_config):
         raise ValueError(f"--schedule: {path} was learned on the noise schedule {learned.schedule_config}, but the "
                          f"model {spec} uses {schedule.config()}")
     rec = learned.model
@@ -338,9 +339,8 @@ def cmd_eval(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     p1 = schedule_plot(grids, schedule, os.path.join(args.out, "schedules.png"), errors=curves)
     p2 = sample_grid({"teacher": target, **samples}, os.path.join(args.out, "eval_samples.png"))
-    with open(os.path.join(args.out, "eval.json.tmp"), "w") as f:
-        json.dump({"rows": rows, "gain_vs_best": gain}, f, indent=1)
-    os.replace(os.path.join(args.out, "eval.json.tmp"), os.path.join(args.out, "eval.json"))
+    # a unique temp name (atomic_io): two evals writing into one --out cannot clobber each other's half-file
+    atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps({"rows": rows, "gain_vs_best": gain}, indent=1))
     print(f"wrote {p1}, {p2}, {os.path.join(args.out, 'eval.json')}")
     return 0
 

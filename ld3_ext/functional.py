@@ -138,8 +138,7 @@ def _check_range(schedule, sig: torch.Tensor, name: str) -> None:
     """Every sigma must map into ``schedule``'s [t_min, t_max] up to round-off (``validate_timesteps``'s
     tolerance): outside it the network would run at extrapolated times (e.g. a discrete schedule's index
     1280 of 1000), which ``solver.sample`` refuses too."""
-    lo, hi = schedule.t_min, schedule.t_max
-    tol = 1e-6 * (hi - lo) + 1e-12
+    lo, hi, tol = schedule.t_min, schedule.t_max, schedule.time_slack()
     with torch.no_grad():
         t = schedule.t_from_edm_sigma(sig.detach().to(torch.float64))
         ok = (t >= lo - tol) & (t <= hi + tol)  # False for NaN (a sigma the schedule cannot map)

@@ -115,10 +115,9 @@ class LearnedSchedule:
         The model must use the noise schedule the grid was learned on (its times mean other noise levels on
         any other: ValueError); another solver than the file's is allowed, with a warning (the grid was
         learned for that solver and NFE)."""
-        from .atomic_io import canonical_json
+        from .schedules import NoiseSchedule
         sched = getattr(model, "schedule", None)
-        if sched is not None and hasattr(sched, "config") and \
-                canonical_json(sched.config()) != canonical_json(self.schedule_config):
+        if isinstance(sched, NoiseSchedule) and not sched.same_as(self.schedule_config):
             raise ValueError(f"model: this schedule was learned on the noise schedule {self.schedule_config}, but the "
                              f"model uses {sched.config()}: its times would mean other noise levels")
         self.check_guidance(getattr(model, "guidance_scale", None))
@@ -262,7 +261,7 @@ def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
         sched = schedule_from_config(d["schedule"])
     except (TypeError, ValueError) as e:
         _fail(path, f"invalid schedule config: {e}")
-    tol = 1e-6 * (sched.t_max - sched.t_min)
+    tol = sched.time_slack()
     if abs(ts[0] - sched.t_max) > tol or abs(ts[-1] - sched.t_min) > tol:
         _fail(path, f"timesteps must run from t_max={sched.t_max:.6g} to t_min={sched.t_min:.6g}, got "
                     f"{ts[0]:.6g} ... {ts[-1]:.6g}")

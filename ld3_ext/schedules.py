@@ -111,6 +111,22 @@ class NoiseSchedule:
     def to(self, device) -> "NoiseSchedule":
         return self
 
+    # --- comparisons and grid checks (one definition for solvers, files, training and the CLI) ------
+    def same_as(self, other) -> bool:
+        """True when ``other`` (a NoiseSchedule or a config dict) describes the same noise levels: times of a
+        grid learned on one mean the same alpha and sigma on the other.  Compared by canonical config."""
+        from .atomic_io import canonical_json
+        if isinstance(other, NoiseSchedule):
+            other = other.config()
+        if not isinstance(other, dict):
+            return False
+        return canonical_json(self.config()) == canonical_json(other)
+
+    def time_slack(self) -> float:
+        """Round-off allowed when checking a grid against [t_min, t_max] or its fixed endpoints: 1e-6 of the
+        time span (a float32 grid, or one read back from a file, may miss an endpoint by an ulp)."""
+        return 1e-6 * (self.t_max - self.t_min) + 1e-12
+
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v}" for k, v in self.config().items() if k != "type" and not isinstance(v, list))
         return f"{type(self).__name__}({cfg})"

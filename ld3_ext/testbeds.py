@@ -56,10 +56,16 @@ class GaussianMixture:
         post = mu + (alpha * s2 / var) * diff                  # [B, K, d]
         return (w.unsqueeze(-1) * post).sum(1).reshape(shape)
 
-    def model(self, schedule: NoiseSchedule) -> DiffusionModel:
-        """The exact denoiser as a data-prediction model on ``schedule`` (network time input = t)."""
+    def model(self, schedule: NoiseSchedule, float64: bool = False) -> DiffusionModel:
+        """The exact denoiser as a data-prediction model on ``schedule`` (network time input = t).
+
+        It computes in x's dtype; ``float64=True`` computes in float64 and rounds the result to x's dtype
+        (a perfect network with low-precision output: what is left of an error is the solver's)."""
         def exact_x0(x, t):
             t0 = t.reshape(-1)[0]
+            if float64:
+                t0 = t0.double()
+                return self.denoise(x.double(), schedule.alpha(t0), schedule.sigma(t0)).to(x.dtype)
             return self.denoise(x, schedule.alpha(t0).to(x.dtype), schedule.sigma(t0).to(x.dtype))
         exact_x0.__name__ = f"exact_{self.name}"
         model = wrap_model(exact_x0, schedule, prediction="x0", time_input="t", name=f"gmm:{self.name}")

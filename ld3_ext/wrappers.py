@@ -264,11 +264,10 @@ def wrap_model(fn: Callable, schedule: NoiseSchedule, prediction: Optional[str] 
     ``prediction`` defaults to "eps".  A DiffusionModel is returned as it is, so any setting that would change
     it (another schedule or prediction, any other keyword) is refused rather than silently dropped."""
     if isinstance(fn, DiffusionModel):
-        from .atomic_io import canonical_json
         clash = [f"prediction={prediction!r} (it has {fn.prediction!r})"] if prediction not in (None, fn.prediction) \
             else []
         if schedule is not None and (not isinstance(schedule, NoiseSchedule)
-                                     or canonical_json(schedule.config()) != canonical_json(fn.schedule.config())):
+                                     or not schedule.same_as(fn.schedule)):
             clash.append(f"schedule={schedule!r} (it has {fn.schedule!r})")
         clash += [f"{k}=..." for k in kwargs]
         if clash:

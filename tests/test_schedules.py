@@ -202,3 +202,26 @@ def test_constructor_validation():
 def test_vp_discrete_linear_names_a_bad_argument(args, match):
     with pytest.raises(ValueError, match=r"VPDiscrete.linear: " + match):
         ld3_ext.VPDiscrete.linear(*args)
+
+
+# --- NoiseSchedule.same_as / time_slack: the one comparison and round-off rule the library uses ----------
+def test_same_as_compares_configs_and_refuses_other_types():
+    a = ld3_ext.VPLinear()
+    assert a.same_as(ld3_ext.VPLinear()) and a.same_as(a.config())
+    assert not a.same_as(ld3_ext.VPLinear(beta_max=19.0))
+    assert not a.same_as(ld3_ext.VPCosine())
+    assert not a.same_as("vp_linear") and not a.same_as(None)
+    # key order of a config read back from JSON does not matter
+    assert a.same_as(dict(reversed(list(a.config().items()))))
+
+
+def test_time_slack_is_the_tolerance_every_grid_check_uses():
+    from ld3_ext.solvers.base import validate_timesteps
+    s = ld3_ext.EDM()
+    slack = s.time_slack()
+    assert slack == pytest.approx(1e-6 * (s.t_max - s.t_min), rel=1e-9)
+    inside = torch.tensor([s.t_max + 0.5 * slack, 1.0, s.t_min], dtype=torch.float64)
+    outside = torch.tensor([s.t_max + 2 * slack, 1.0, s.t_min], dtype=torch.float64)
+    validate_timesteps(s, inside)
+    with pytest.raises(ValueError, match="range"):
+        validate_timesteps(s, outside)

@@ -42,8 +42,7 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
     if any(b >= a for a, b in zip(vals, vals[1:])):
         _fail(name, f"must be strictly decreasing (t_0 = t_max first), got {vals}")
     if check_range:
-        lo, hi = schedule.t_min, schedule.t_max
-        tol = 1e-6 * (hi - lo) + 1e-12
+        lo, hi, tol = schedule.t_min, schedule.t_max, schedule.time_slack()
         if min(vals) < lo - tol or max(vals) > hi + tol:
             _fail(name, f"must lie in the schedule's range [{lo:.6g}, {hi:.6g}], got "
                         f"[{min(vals):.6g}, {max(vals):.6g}]")

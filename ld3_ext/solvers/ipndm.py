@@ -9,6 +9,8 @@ class IPNDM(MultistepSolver):
     """x_i = (alpha_i/alpha_{i-1}) x_{i-1} - sigma_i (e^{h_i} - 1) * AB_p(eps_{i-1}, eps_{i-2}, ...).
 
     Warm-up uses order min(i, K); as in LD3 there is no lower-order final step by default.
+    Working on the noise prediction, it keeps less of a float16/bfloat16 state's precision than the
+    data-prediction solvers on flow-matching models (README, "Half-precision states").
     """
 
     name = "ipndm"

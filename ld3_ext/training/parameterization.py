@@ -126,7 +126,7 @@ class TimeParameterization(torch.nn.Module):
         if not torch.isfinite(t).all():
             raise ValueError("timesteps contain NaN/Inf")
         t_max, t_min = _endpoints(self.schedule)
-        tol = 1e-6 * float(t_max - t_min)
+        tol = self.schedule.time_slack()
         if abs(float(t[0] - t_max)) > tol or abs(float(t[-1] - t_min)) > tol:
             raise ValueError(f"timesteps must start at t_max={float(t_max):.6g} and end at t_min={float(t_min):.6g} "
                              f"(the endpoints are fixed), got {float(t[0]):.6g} ... {float(t[-1]):.6g}")

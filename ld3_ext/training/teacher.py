@@ -32,6 +32,7 @@ from .. import discretizations
 from .. import distributed as D
 from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json,
                          load_safetensors_checked, read_json_checked, tensors_sha256)
+from ..schedules import NoiseSchedule
 from ..solvers import Solver, UniPC
 from ..wrappers import DiffusionModel
 
@@ -453,7 +454,9 @@ def load_or_generate_teacher(model: DiffusionModel, schedule=None, config: Optio
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"model must be a DiffusionModel (see ld3_ext.wrap_model), got {type(model).__name__}")
     cfg = config or TeacherConfig()
-    if schedule is not None and canonical_json(schedule.config()) != canonical_json(model.schedule.config()):
+    if schedule is not None and not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if schedule is not None and not schedule.same_as(model.schedule):
         raise ValueError("schedule differs from the model's schedule")
     if sample_shape is None:
         sample_shape = getattr(model, "sample_shape", None) or getattr(getattr(model, "testbed", None),

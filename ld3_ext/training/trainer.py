@@ -223,7 +223,7 @@ class LD3Trainer:
         if schedule is not None:
             if not isinstance(schedule, NoiseSchedule):
                 raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-            if canonical_json(schedule.config()) != canonical_json(model.schedule.config()):
+            if not schedule.same_as(model.schedule):
                 raise ValueError(f"schedule {schedule!r} differs from the model's schedule {model.schedule!r}")
         if solver is None:
             solver = make_solver("unipc", order=3, variant="bh1")
