@@ -1,10 +1,12 @@
 """Loading and saving the shipped safetensors weights (config JSON kept in the file's metadata)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import threading
 from importlib import resources
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -42,3 +44,35 @@ def save_state(path, state: Dict[str, torch.Tensor], config: dict, **extra) -> N
     meta = {"config": json.dumps(config, sort_keys=True)}
     meta.update({k: str(v) for k, v in extra.items()})
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=meta)
+
+
+class ShippedWeights:
+    """One weight file in ``ld3_ext/data``: read once on first use, its sha256 (the model's identity), its
+    metadata, and frozen eval-mode networks built from it by ``build(config)``."""
+
+    def __init__(self, filename: str, build: Callable[[Optional[dict]], torch.nn.Module]):
+        self.filename = filename
+        self._build = build
+        self._state: Optional[Tuple[Dict[str, torch.Tensor], dict, str]] = None
+        self._lock = threading.Lock()
+
+    def _loaded(self) -> Tuple[Dict[str, torch.Tensor], dict, str]:
+        with self._lock:
+            if self._state is None:
+                self._state = load_state(self.filename)
+            return self._state
+
+    def sha256(self) -> str:
+        return self._loaded()[2]
+
+    def metadata(self) -> dict:
+        return copy.deepcopy(self._loaded()[1])  # a copy: editing it must not change later loads
+
+    def load(self, device="cpu", dtype=torch.float32) -> torch.nn.Module:
+        state, meta, _ = self._loaded()
+        net = self._build(meta.get("config"))
+        net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+        net = net.to(device=device, dtype=dtype).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net

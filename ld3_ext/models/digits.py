@@ -13,9 +13,7 @@ shifted by an embedding of c_noise.  Trained by ``scripts/train_digits_model.py`
 """
 from __future__ import annotations
 
-import copy
 import math
-from functools import lru_cache
 from typing import Tuple
 
 import torch
@@ -23,7 +21,7 @@ from torch import nn
 
 from ..schedules import EDM
 from ..wrappers import DiffusionModel, wrap_model
-from ._io import load_state
+from ._io import ShippedWeights
 
 WEIGHTS_FILE = "digits_denoiser.safetensors"
 
@@ -96,29 +94,22 @@ class DigitsDenoiser(nn.Module):
         return (c_skip * xf + c_out * f).to(out_dtype).reshape(shape)
 
 
-@lru_cache(maxsize=1)
-def _cached_state():
-    return load_state(WEIGHTS_FILE)
+_WEIGHTS = ShippedWeights(WEIGHTS_FILE, DigitsDenoiser)
 
 
 def weights_sha256() -> str:
     """SHA-256 of the shipped weight file: the model's identity (put it next to any reported number)."""
-    return _cached_state()[2]
+    return _WEIGHTS.sha256()
 
 
 def weights_metadata() -> dict:
     """The safetensors metadata of the shipped weights (config, seed, training steps, ...)."""
-    return copy.deepcopy(_cached_state()[1])  # a copy: editing it must not change later loads
+    return _WEIGHTS.metadata()
 
 
 def load_digits_net(device="cpu", dtype=torch.float32) -> DigitsDenoiser:
-    state, meta, _ = _cached_state()
-    net = DigitsDenoiser(meta.get("config"))
-    net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-    net = net.to(device=device, dtype=dtype).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    """The shipped denoiser network, frozen and in eval mode."""
+    return _WEIGHTS.load(device, dtype)
 
 
 def load_digits_model(device="cpu", dtype=torch.float32) -> Tuple[DiffusionModel, EDM]:

@@ -5,13 +5,11 @@ built-in digits model against each other.  Trained by ``scripts/train_digits_cla
 """
 from __future__ import annotations
 
-import copy
-from functools import lru_cache
 
 import torch
 from torch import nn
 
-from ._io import load_state
+from ._io import ShippedWeights
 
 WEIGHTS_FILE = "digits_classifier.safetensors"
 
@@ -49,28 +47,21 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-@lru_cache(maxsize=1)
-def _cached_state():
-    return load_state(WEIGHTS_FILE)
+_WEIGHTS = ShippedWeights(WEIGHTS_FILE, DigitsClassifier)
 
 
 def classifier_sha256() -> str:
-    return _cached_state()[2]
+    """SHA-256 of the shipped classifier weights."""
+    return _WEIGHTS.sha256()
 
 
 def classifier_metadata() -> dict:
-    return copy.deepcopy(_cached_state()[1])  # a copy: editing it must not change later loads
+    return _WEIGHTS.metadata()
 
 
 def load_digits_classifier(device="cpu", dtype=torch.float32) -> DigitsClassifier:
     """The shipped classifier, frozen and in eval mode."""
-    state, meta, _ = _cached_state()
-    net = DigitsClassifier(meta.get("config"))
-    net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-    net = net.to(device=device, dtype=dtype).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    return _WEIGHTS.load(device, dtype)
 
 
 def digits_split(seed: int = 0, test_fraction: float = 0.25):
