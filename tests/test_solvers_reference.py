@@ -40,8 +40,8 @@ def conv_setup():
 # (factory, asserted global order, N values used for the fit)
 # Theory for the asserted orders: a k-step method whose start-up values carry error O(h^q) converges
 # at order min(p, q).  The warm-up of the multistep solvers is part of the method:
-#   * DPM-Solver++(3M) starts with a 1st-order step (local error O(h^2)) -> global order 2, although
-#     its 3M update is 3rd order (checked by the local-error test below);
+#   * DPM-Solver++(3M) starts with a 1st-order step (local error O(h^2)) -> global order 2; its 3M update
+#     as published has local error O(h^3) too, so it is order 2 either way (the local-error test below);
 #   * UniPC-3 starts with UniPC-1 + corrector (local O(h^3)) -> global order 3 (pre-asymptotically
 #     we see ~3.7); UniPC-p is order p+1 for p = 1, 2;
 #   * iPNDM is fixed-weight Adams-Bashforth in s = sigma/alpha; on a grid that is not uniform in s
