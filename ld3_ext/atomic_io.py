@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 import struct
 import tempfile
-from typing import Any, Dict, Mapping, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -66,12 +68,35 @@ def _umask() -> int:
     return umask
 
 
+def remove_stale_temps(directory: str, is_temp: Callable[[str], bool], min_age_s: float = 60.0) -> None:
+    """Remove the temp files (names for which ``is_temp`` holds) that a killed write left in ``directory``.  Only
+    those older than ``min_age_s``: another process may be writing one right now."""
+    now = time.time()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if is_temp(name) and now - os.path.getmtime(path) > min_age_s:
+                os.unlink(path)
+        except OSError:  # removed meanwhile by another process
+            pass
+
+
+def _temp_prefix(path: str) -> str:
+    return "." + os.path.basename(path) + "."
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace + dir fsync)."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace + dir fsync).  Temp files of earlier
+    writes of ``path`` that were killed (SIGKILL, power loss) are removed after a successful write."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    prefix = _temp_prefix(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
     try:
         # mkstemp makes the file 0600: give it the mode of the file it replaces, else the one a plain
         # open() would give (0666 less the umask), so a rewrite never makes a shared file private
@@ -89,6 +114,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             pass
         raise
     _fsync_dir(directory)
+    remove_stale_temps(directory, lambda name: name.startswith(prefix) and name.endswith(".tmp"))
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -101,6 +127,18 @@ def atomic_write_text(path: str, text: str) -> None:
 def canonical_json(obj: Any) -> str:
     """The byte-stable form the checksum is computed over (NaN/Inf are rejected)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def json_safe(v):
+    """``v`` with every non-finite float as None: JSON has no NaN/Inf (a file that cannot be written at the end of
+    a run would lose the run; one with a NaN token is not JSON to other readers)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
 
 
 def json_checksum(doc: Mapping[str, Any]) -> str:
@@ -236,5 +274,5 @@ def load_safetensors_checked(path: str, what: str = "file") -> Tuple[Dict[str, t
 
 
 __all__ = ["CorruptFileError", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "read_json_checked", "canonical_json", "json_checksum", "tensors_sha256",
+           "read_json_checked", "canonical_json", "json_safe", "remove_stale_temps", "json_checksum", "tensors_sha256",
            "atomic_save_safetensors", "load_safetensors_checked"]

@@ -19,40 +19,66 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .atomic_io import atomic_write_text
+from .atomic_io import atomic_write_text, json_safe
 
 BASELINES = ["time_uniform", "time_quadratic", "logsnr", "edm"]
+SOLVER_CHOICES = ["dpmpp", "unipc", "ipndm", "euler", "heun"]
+ORDERLESS = ("euler", "heun")
 MODEL_BASELINES = ["dmn", "gits"]
 
 
 def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model: Optional[str] = "digits",
                 out: str = "runs/ld3"):
     p.add_argument("--model", default=model, help="built-in name (digits, gmm:ring2d, gmm:digits64, "
-                   "gmm:random3072), diffusers:PATH or package.module:factory (default: "
+                   "gmm:random3072; a gmm model takes @edm, @vp_linear, @vp_cosine or @flow for another noise "
+                   "schedule), diffusers:PATH or package.module:factory (default: "
                    + (model or "the one the schedule file records") + ")")
     p.add_argument("--out", default=out, help=f"output directory (default: {out})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (0 <= seed < 2**63; sample and eval draw their "
+                   "noises from streams of their own, never the teacher's training or validation noises)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 for the small built-in models, whose tiny ops run fastest on one "
                         "thread and are not slowed by other processes; torch's default otherwise)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (diffusers models)")
     if solver_defaults:
-        p.add_argument("--solver", default="dpmpp", choices=["dpmpp", "unipc", "ipndm", "euler", "heun"])
-        p.add_argument("--order", type=int, default=3)
-        p.add_argument("--variant", default="bh1", choices=["bh1", "bh2"], help="UniPC B(h)")
-        p.add_argument("--nfe", type=int, default=6)
-    p.add_argument("--teacher-solver", default="unipc")
+        p.add_argument("--solver", default="dpmpp", choices=SOLVER_CHOICES)
+        p.add_argument("--order", type=int, default=None,
+                       help="solver order (default 3; dpmpp 1-3, unipc 1-3, ipndm 1-4; euler and heun have none)")
+        p.add_argument("--variant", default=None, choices=["bh1", "bh2"], help="UniPC B(h) (default: bh1)")
+        p.add_argument("--nfe", type=int, default=6, help="network evaluations per sample (default: 6)")
+    p.add_argument("--teacher-solver", default="unipc", choices=SOLVER_CHOICES,
+                   help="solver of the high-NFE teacher (not used for the analytic gmm models)")
     p.add_argument("--teacher-order", type=int, default=3)
     p.add_argument("--teacher-nfe", type=int, default=20)
 
 
-def _make_solver(args, name=None, order=None):
+def _make_solver(args):
+    """--solver/--order/--variant as a Solver; a flag the solver has no use for is refused, not ignored."""
     from .solvers import make_solver
-    name = name or args.solver
-    kw = {"variant": args.variant} if name == "unipc" else {}
-    return make_solver(name, order=order or args.order, **kw)
+    name = args.solver
+    if name in ORDERLESS and args.order is not None:
+        raise SystemExit(f"error: --order: {name} has no order setting")
+    if name != "unipc" and args.variant is not None:
+        raise SystemExit(f"error: --variant: only unipc has variants (bh1, bh2), not {name}")
+    kw = {} if name in ORDERLESS else {"order": 3 if args.order is None else args.order}
+    if name == "unipc":
+        kw["variant"] = args.variant or "bh1"
+    try:
+        return make_solver(name, **kw)
+    except ValueError as exc:
+        raise SystemExit(f"error: --solver {name} --order {kw.get('order')}: {exc}")
+
+
+def _make_teacher_solver(args):
+    from .solvers import make_solver
+    try:
+        solver = make_solver(args.teacher_solver, **({} if args.teacher_solver in ORDERLESS
+                                                     else {"order": args.teacher_order}))
+    except ValueError as exc:
+        raise SystemExit(f"error: --teacher-solver {args.teacher_solver} --teacher-order {args.teacher_order}: {exc}")
+    return solver
 
 
 def _teacher(model, schedule, x_T, args):
@@ -61,14 +87,27 @@ def _teacher(model, schedule, x_T, args):
     if testbed is not None:
         return testbed.reference_solution(schedule, x_T, rtol=1e-7, atol=1e-7)
     from .discretizations import logsnr_uniform
-    from .solvers import make_solver
-    solver = make_solver(args.teacher_solver, order=args.teacher_order)
+    solver = _make_teacher_solver(args)
+    # steps for the NFE asked for (Heun spends two evaluations a step), as the training teacher does
+    steps = solver.steps_for_nfe(args.teacher_nfe)
+    if solver.nfe(steps) != args.teacher_nfe:
+        raise SystemExit(f"error: --teacher-nfe {args.teacher_nfe}: {args.teacher_solver} spends {solver.nfe(1)} "
+                         f"evaluations a step; use an NFE it can spend exactly, e.g. {solver.nfe(max(1, steps))}")
     with torch.no_grad():
-        return solver.sample(model, x_T, logsnr_uniform(schedule, args.teacher_nfe).to(x_T.device))
+        return solver.sample(model, x_T, logsnr_uniform(schedule, steps).to(x_T.device))
 
 
-def _prior(model, schedule, n, seed, device):
-    g = torch.Generator().manual_seed(seed)
+def _stream_seed(purpose: str, seed: int) -> int:
+    """A generator seed for ``purpose``'s noises: the teacher draws its training and validation noises with the
+    plain --seed, so sample and eval draw from hashed streams that cannot reproduce them (an LD3 schedule
+    scored on its own training noises would look better than it is)."""
+    import hashlib
+    digest = hashlib.sha256(f"ld3 {purpose} noises, seed {seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _prior(model, schedule, n, seed, device, purpose: str):
+    g = torch.Generator().manual_seed(_stream_seed(purpose, seed))
     shape = _sample_shape(model)
     return (schedule.prior_std() * torch.randn(n, *shape, generator=g, dtype=torch.float64)).to(device)
 
@@ -88,21 +127,30 @@ def _rmse(a, b):
     return (a - b).flatten(1).pow(2).mean(1).sqrt()
 
 
-def _table(rows: List[Dict], cols: List[str]) -> str:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
-    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    for r in rows:
-        out.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
-    return "\n".join(out)
+def _median(x: torch.Tensor) -> float:
+    """The median (the mean of the two middle values for an even count; torch.median returns the lower one)."""
+    return float(torch.quantile(x.double(), 0.5))
 
 
 def _fmt(x):
-    return f"{x:.4g}"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _table(rows: List[Dict], cols: List[str]) -> str:
+    """Rows keep full-precision numbers (eval.json records them); only the printed table rounds."""
+    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    for row in cells:
+        out.append("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    return "\n".join(out)
 
 
 def _load(args):
     from .models import load_model, ModelSpecError
+    from .testbeds import MIXTURES
+    if args.model.split("@")[0] in MIXTURES:  # a bare mixture name means gmm:NAME; one spelling in files
+        args.model = "gmm:" + args.model
     builtin = args.model == "digits" or args.model.startswith("gmm:")
     threads = args.threads if args.threads is not None else (1 if builtin else None)
     if threads is not None:
@@ -179,12 +227,16 @@ def cmd_sample(args) -> int:
             print(f"note: --schedule: comparing at the schedule's own solver {learned.solver()!r} and NFE "
                   f"{learned.nfe} (the --solver/--order/--variant/--nfe given are not used)", file=sys.stderr)
         solver, args.nfe = learned.solver(), learned.nfe
-    x_T = _prior(model, schedule, args.n, args.seed, args.device).to(dtype)
+    steps = solver.steps_for_nfe(args.nfe)
+    if solver.nfe(steps) != args.nfe:
+        raise SystemExit(f"error: --nfe {args.nfe}: {solver.name} spends {solver.nfe(1)} evaluations a step; use "
+                         + " or ".join(str(solver.nfe(k)) for k in (steps, steps + 1) if k >= 1))
+    os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after the sampling
+    x_T = _prior(model, schedule, args.n, args.seed, args.device, "sample").to(dtype)
     t0 = time.time()
     target = _teacher(model, schedule, x_T, args)
     print(f"teacher: {'exact ODE solution' if getattr(model, 'testbed', None) is not None else f'{args.teacher_solver} {args.teacher_nfe} NFE'}"
           f" ({time.time() - t0:.1f}s)")
-    steps = solver.steps_for_nfe(args.nfe)
     grids = _baseline_grids(BASELINES, schedule, steps)
     if learned is not None:
         grids["ld3"] = learned.timesteps
@@ -195,8 +247,8 @@ def cmd_sample(args) -> int:
             x = solver.sample(model, x_T, t.to(args.device), model_timesteps=None if tm is None else tm.to(args.device))
         err = _rmse(x, target)
         samples[name] = x
-        rows.append({"schedule": name, "NFE": solver.nfe(steps), "mean RMSE": _fmt(err.mean().item()),
-                     "median RMSE": _fmt(err.median().item())})
+        rows.append({"schedule": name, "NFE": solver.nfe(steps), "mean RMSE": err.mean().item(),
+                     "median RMSE": _median(err)})
     print(f"{args.model}  solver={solver!r}  n={args.n}")
     print(_table(rows, ["schedule", "NFE", "mean RMSE", "median RMSE"]))
     png = sample_grid(samples, os.path.join(args.out, "samples.png"), title=f"{args.model} {solver.name} NFE {args.nfe}")
@@ -247,7 +299,11 @@ def _train(args) -> int:
     from . import distributed
     model, schedule, dtype = _load(args)
     solver = _make_solver(args)
-    os.makedirs(args.out, exist_ok=True)
+    # where the results go must be usable before any work (an OSError here is one line)
+    os.makedirs(os.path.join(args.out, "checkpoint"), exist_ok=True)
+    if os.path.isdir(os.path.join(args.out, "schedule.json")):
+        raise SystemExit(f"error: --out: {os.path.join(args.out, 'schedule.json')} is a directory; the schedule file "
+                         "cannot be written there")
     trainer = LD3Trainer(model, schedule, solver, args.nfe, loss=args.loss, time_mode=args.time_mode,
                          init=args.init, seed=args.seed, device=args.device, dtype=dtype,
                          n_train=args.n_train, n_valid=args.n_valid,
@@ -273,7 +329,8 @@ def cmd_eval(args) -> int:
     from .schedule_file import load_schedule
     path = args.schedule or os.path.join(args.out, "schedule.json")
     if not os.path.exists(path):
-        raise SystemExit(f"error: --schedule: no schedule file at {path} (run `ld3 train --out {args.out}` first)")
+        hint = "" if args.schedule else f" (run `ld3 train --out {args.out}` first, or pass --schedule)"
+        raise SystemExit(f"error: --schedule: no schedule file at {path}{hint}")
     learned = load_schedule(path)
     args.model = args.model or learned.model.get("spec")
     if not args.model:
@@ -283,7 +340,7 @@ def cmd_eval(args) -> int:
     learned.check_guidance(model.guidance_scale)
     solver = learned.solver()
     nfe = learned.nfe
-    x_T = _prior(model, schedule, args.n, args.seed + 10_000, args.device).to(dtype)  # held-out noises
+    x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
     target = _teacher(model, schedule, x_T, args)
     steps = solver.steps_for_nfe(nfe)
     names = BASELINES + ([] if args.skip_model_baselines else MODEL_BASELINES)
@@ -301,47 +358,53 @@ def cmd_eval(args) -> int:
         # the reference point: digits-FD from a few hundred samples is biased upward and moves by a few
         # points with the noise seed, so a schedule is judged against the teacher's score, not zero
         exact = getattr(model, "testbed", None) is not None
-        rows.append({"schedule": "teacher", "NFE": "exact" if exact else args.teacher_nfe, "mean RMSE": "0",
-                     "median RMSE": "0", "digits-FD": _fmt(fd(target.float()))})
+        rows.append({"schedule": "teacher", "NFE": "exact" if exact else args.teacher_nfe, "mean RMSE": 0.0,
+                     "median RMSE": 0.0, "digits-FD": fd(target.float())})
     for name, t in grids.items():
         tm = learned.model_timesteps if name == "ld3" else None
         with torch.no_grad():
             x = solver.sample(model, x_T, t.to(args.device), model_timesteps=None if tm is None else tm.to(args.device))
         err = _rmse(x, target)
-        row = {"schedule": name, "NFE": solver.nfe(steps), "mean RMSE": _fmt(err.mean().item()),
-               "median RMSE": _fmt(err.median().item())}
+        row = {"schedule": name, "NFE": solver.nfe(steps), "mean RMSE": err.mean().item(),
+               "median RMSE": _median(err)}
         if fd is not None:
-            row["digits-FD"] = _fmt(fd(x.float()))
+            row["digits-FD"] = fd(x.float())
         rows.append(row)
         samples[name] = x
-        curves.setdefault(name, []).append((nfe, err.median().item()))
+        curves.setdefault(name, []).append((nfe, _median(err)))
     if args.nfe_curve:
-        for k in args.nfe_curve:
-            if k == nfe:
-                continue
-            k_steps = solver.steps_for_nfe(k)
+        # each NFE the solver really runs, once (Heun's two evaluations a step make an odd k run k - 1)
+        extra = sorted({solver.steps_for_nfe(k) for k in args.nfe_curve} - {steps})
+        for k_steps in extra:
             for name, t in _baseline_grids(BASELINES, schedule, k_steps).items():
                 with torch.no_grad():
                     x = solver.sample(model, x_T, t.to(args.device))
                 # the NFE actually run (Heun's two evaluations a step make an odd k run one fewer)
-                curves[name].append((solver.nfe(k_steps), _rmse(x, target).median().item()))
+                curves[name].append((solver.nfe(k_steps), _median(_rmse(x, target))))
     cols = ["schedule", "NFE", "mean RMSE", "median RMSE"] + (["digits-FD"] if fd is not None else [])
     print(f"{args.model}  solver={solver!r}  held-out noises={args.n}")
     print(_table(rows, cols))
-    best = min((r for r in rows if r["schedule"] not in ("ld3", "teacher")), key=lambda r: float(r["median RMSE"]))
+    best = min((r for r in rows if r["schedule"] not in ("ld3", "teacher")), key=lambda r: r["median RMSE"])
     ld3 = next(r for r in rows if r["schedule"] == "ld3")
-    gain = 1.0 - float(ld3["median RMSE"]) / float(best["median RMSE"])
+    gain = 1.0 - ld3["median RMSE"] / best["median RMSE"]
     print(f"ld3 vs best baseline ({best['schedule']}): {100 * gain:+.1f}% median RMSE reduction")
     if fd is not None:
         print(f"digits-FD from {args.n} samples: read it against the teacher's row; a score below the teacher's "
               "does not mean samples better than the ODE solution (few-sample FD is biased and moves by a few "
               "points with the noise seed)")
     os.makedirs(args.out, exist_ok=True)
+    # the numbers first (a figure that cannot be drawn must not lose them), as numbers, with what they are of;
+    # a unique temp name (atomic_io): two evals writing into one --out cannot clobber each other's half-file
+    record = {"model": args.model, "schedule_file": os.path.abspath(path), "solver": solver.config(), "nfe": nfe,
+              "n": args.n, "seed": args.seed, "teacher": "exact" if getattr(model, "testbed", None) is not None
+              else {"solver": args.teacher_solver, "order": args.teacher_order, "nfe": args.teacher_nfe},
+              "rows": rows,
+              "gain_vs_best": gain, "curves": {k: sorted(v) for k, v in curves.items()}}
+    p0 = os.path.join(args.out, "eval.json")
+    atomic_write_text(p0, json.dumps(json_safe(record), indent=1, allow_nan=False))
     p1 = schedule_plot(grids, schedule, os.path.join(args.out, "schedules.png"), errors=curves)
     p2 = sample_grid({"teacher": target, **samples}, os.path.join(args.out, "eval_samples.png"))
-    # a unique temp name (atomic_io): two evals writing into one --out cannot clobber each other's half-file
-    atomic_write_text(os.path.join(args.out, "eval.json"), json.dumps({"rows": rows, "gain_vs_best": gain}, indent=1))
-    print(f"wrote {p1}, {p2}, {os.path.join(args.out, 'eval.json')}")
+    print(f"wrote {p0}, {p1}, {p2}")
     return 0
 
 
@@ -363,16 +426,17 @@ def cmd_export_diffusers(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ld3", description="Learn and use LD3 sampling schedules.")
+    p = argparse.ArgumentParser(prog="ld3", description="Learn and use LD3 sampling schedules.", allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("sample", help="sample with hand-made (and optionally a learned) schedule; PNG + error table")
+    s = sub.add_parser("sample", allow_abbrev=False,
+                       help="sample with hand-made (and optionally a learned) schedule; PNG + error table")
     _add_common(s, model="gmm:ring2d", out="runs/sample")
-    s.add_argument("--n", type=int, default=256, help="number of samples")
+    s.add_argument("--n", type=int, default=256, help="number of samples (default: 256)")
     s.add_argument("--schedule", default=None, help="a learned schedule file to compare as well")
     s.set_defaults(func=cmd_sample)
 
-    t = sub.add_parser("teacher", help="generate (or reuse) the cached teacher pairs")
+    t = sub.add_parser("teacher", allow_abbrev=False, help="generate (or reuse) the cached teacher pairs")
     _add_common(t, solver_defaults=False)
     t.add_argument("--n-train", type=int, default=50)
     t.add_argument("--n-valid", type=int, default=50)
@@ -380,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a cached teacher set made with other settings instead of refusing it")
     t.set_defaults(func=cmd_teacher)
 
-    tr = sub.add_parser("train", help="learn a schedule (resumes from --out/checkpoint after an interrupt)")
+    tr = sub.add_parser("train", allow_abbrev=False,
+                        help="learn a schedule (resumes from --out/checkpoint after an interrupt)")
     _add_common(tr)
     tr.add_argument("--loss", default="pseudo_huber", help="pseudo_huber | l2 | l1 | lpips")
     tr.add_argument("--time-mode", default="auto", choices=["auto", "lambda", "time"],
@@ -399,16 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "--fresh: a checkpoint made on the old teacher set cannot be resumed)")
     tr.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="compare the learned schedule with every baseline")
+    e = sub.add_parser("eval", allow_abbrev=False, help="compare the learned schedule with every baseline")
     _add_common(e, solver_defaults=False, model=None)
     e.add_argument("--schedule", default=None, help="schedule file (default: OUT/schedule.json)")
     e.add_argument("--n", type=int, default=256, help="held-out noises")
-    e.add_argument("--nfe-curve", type=int, nargs="*", default=[4, 5, 6, 8, 10])
-    e.add_argument("--variant", default="bh1")
+    e.add_argument("--nfe-curve", type=int, nargs="*", default=[4, 5, 6, 8, 10],
+                   help="NFEs at which the hand-made baselines are also run, for the error-vs-NFE plot (the learned "
+                        "schedule runs at its own NFE)")
     e.add_argument("--skip-model-baselines", action="store_true", help="skip DMN/GITS")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export-diffusers", help="write an LD3Scheduler config for an unmodified diffusers pipeline")
+    x = sub.add_parser("export-diffusers", allow_abbrev=False,
+                       help="write an LD3Scheduler config for an unmodified diffusers pipeline")
     x.add_argument("schedule", help="learned schedule file")
     x.add_argument("--scheduler-config", default=None, help="the model's diffusers scheduler folder or JSON")
     x.add_argument("--out", required=True)
@@ -429,6 +496,8 @@ def _user_errors():
 def _flag_hint(exc: BaseException) -> Optional[str]:
     """The command-line flag for a Python option that an error message names."""
     text = str(exc)
+    if "time_mode='auto' to resume" in text:
+        return "on the command line: --time-mode auto resumes it, --fresh starts over"
     if "resume='never'" in text:
         return "on the command line: `ld3 train --fresh` starts over"
     if "regenerate=True" in text or "regenerate_teacher=True" in text:
@@ -445,6 +514,8 @@ def _check_device(args) -> None:
         dev = torch.device(name)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise SystemExit(f"error: --device {name!r}: {exc}")
+    if dev.type == "meta":
+        raise SystemExit(f"error: --device {name!r}: the meta device holds no values; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name!r}: CUDA is not available (this torch has no CUDA build or sees no "
                          f"GPU); use --device cpu")
@@ -455,32 +526,85 @@ def _check_device(args) -> None:
             raise SystemExit(f"error: --device {name!r}: {str(exc).splitlines()[0]}")
 
 
+def _check_counts(args) -> None:
+    """Counts and seeds named by their flags, before any work (a negative --n-train would slice a wrong split)."""
+    for flag in ("nfe", "teacher_nfe", "n", "n_train", "n_valid", "rounds_v1", "rounds_v2"):
+        v = getattr(args, flag, None)
+        low = 0 if flag.startswith("rounds") else 1
+        if v is not None and v < low:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= {low}, got {v}")
+    for k in getattr(args, "nfe_curve", None) or []:
+        if k < 1:
+            raise SystemExit(f"error: --nfe-curve values must be >= 1, got {k}")
+    seed = getattr(args, "seed", 0)
+    if not 0 <= seed < 2 ** 63:
+        raise SystemExit(f"error: --seed must be in [0, 2**63), got {seed}")
+
+
+def _traceback_wanted() -> bool:
+    return os.environ.get("LD3_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Library warnings on the command line: one line (no source line), with the flag for a Python option."""
+    print(f"warning: {message}", file=sys.stderr)
+    hint = _flag_hint(message)
+    if hint:
+        print(hint, file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import warnings
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = shown
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "nfe", 1) < 1:
-        raise SystemExit("error: --nfe must be >= 1")
+    _check_counts(args)
     _check_device(args)
     out = getattr(args, "out", None)
+    if out is not None and not out.strip():
+        raise SystemExit("error: --out must name a directory, got an empty string")
     if out and os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --out {out!r} exists and is not a directory")
     try:
         return args.func(args)
-    except _user_errors() as exc:
-        if os.environ.get("LD3_TRACEBACK"):
+    except KeyboardInterrupt:
+        if _traceback_wanted():
             raise
+        resume = ""
+        if args.cmd in ("train", "teacher"):
+            restart = [f for f in ("--fresh", "--regenerate-teacher") if getattr(args, f[2:].replace("-", "_"), False)]
+            resume = (f" (rerun the command without {' and '.join(restart)} to resume from the last checkpoint; "
+                      "with it, the run starts over)" if restart
+                      else " (rerun the same command to resume from the last checkpoint)")
+        print(f"interrupted{resume}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if _traceback_wanted():
+            raise
+        if _out_of_memory(exc):
+            print(f"error: out of memory ({str(exc).splitlines()[0]}); lower --n, --n-train/--n-valid or --nfe",
+                  file=sys.stderr)
+            return 2
+        if not isinstance(exc, _user_errors()):
+            raise  # a bug: the traceback is what a report needs
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         hint = _flag_hint(exc)
         if hint:
             print(hint, file=sys.stderr)
         print("(set LD3_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        if os.environ.get("LD3_TRACEBACK"):
-            raise
-        resume = " (rerun the same command to resume from the last checkpoint)" if args.cmd in ("train", "teacher") else ""
-        print(f"interrupted{resume}", file=sys.stderr)
-        return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

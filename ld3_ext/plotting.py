@@ -29,32 +29,47 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def _as_image(x: torch.Tensor) -> torch.Tensor:
+    """One sample as [H, W] (gray) or [H, W, 3] (colour), whatever its shape: [C, H, W] with 3 channels is colour,
+    any other channel count shows its first channel; a flat or higher-rank sample is laid out as a near-square
+    H x W with H the largest divisor of its size not above the square root."""
+    if x.dim() == 3 and x.shape[0] == 3:
+        return x.permute(1, 2, 0)
+    if x.dim() == 3:
+        return x[0]
+    if x.dim() == 2:
+        return x
+    flat = x.reshape(-1)
+    d = flat.numel()
+    h = max(k for k in range(1, int(d ** 0.5) + 1) if d % k == 0)
+    return flat.reshape(h, d // h)
+
+
 def sample_grid(samples: Dict[str, torch.Tensor], path: str, max_items: int = 16, title: str = "") -> str:
-    """One row per schedule: a scatter plot for 2-D data, an image strip for [B, C, H, W] data."""
+    """One row per schedule: a scatter plot for 2-D data, an image strip for any other sample shape."""
     plt = _plt()
     names = list(samples)
     first = next(iter(samples.values()))
     if first.dim() == 2 and first.shape[1] == 2:
+        pts_all = {name: samples[name].detach().cpu().float() for name in names}
+        finite = torch.cat([p[torch.isfinite(p).all(1)] for p in pts_all.values()])
+        lim = 1.05 * float(finite.abs().max()) if finite.numel() else 1.6  # every point in view, one scale for all
         fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), squeeze=False)
         for ax, name in zip(axes[0], names):
-            pts = samples[name].detach().cpu().float()
+            pts = pts_all[name]
             ax.scatter(pts[:, 0], pts[:, 1], s=2)
             ax.set_title(name, fontsize=8)
             ax.set_aspect("equal")
-            ax.set_xlim(-1.6, 1.6)
-            ax.set_ylim(-1.6, 1.6)
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
     else:
         k = min(max_items, first.shape[0])
         fig, axes = plt.subplots(len(names), k, figsize=(0.8 * k, 0.9 * len(names)), squeeze=False)
         for r, name in enumerate(names):
             imgs = samples[name][:k].detach().cpu().float()
-            if imgs.dim() == 2:  # flat vectors: show as square-ish images when possible
-                side = int(round(imgs.shape[1] ** 0.5))
-                imgs = imgs.reshape(k, 1, side, -1)
             for c in range(k):
                 ax = axes[r, c]
-                img = imgs[c]
-                img = img[0] if img.shape[0] == 1 else img[:3].permute(1, 2, 0)
+                img = _as_image(imgs[c])
                 ax.imshow(((img + 1) / 2).clamp(0, 1).numpy(), cmap="gray" if img.dim() == 2 else None)
                 ax.set_xticks([])
                 ax.set_yticks([])

@@ -166,7 +166,8 @@ def test_eval_nfe_curve_records_the_nfe_heun_actually_runs(tmp_path, monkeypatch
     rc = cli.main(["eval", "--model", "gmm:ring2d", "--schedule", path, "--n", "8", "--nfe-curve", "3", "5",
                    "--skip-model-baselines", "--out", str(tmp_path / "o")])
     assert rc == 0
-    assert [k for k, _ in seen["logsnr"]] == [4, 2, 4]  # the file's NFE 4, then k = 3 -> 2, k = 5 -> 4
+    # the file's NFE 4, then k = 3 -> 2; k = 5 runs 4, already there: each NFE once (no duplicate point)
+    assert [k for k, _ in seen["logsnr"]] == [4, 2]
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -286,3 +287,192 @@ def test_shipped_weights_metadata_is_a_copy():
         meta["edited"] = 1
         assert json.dumps(meta_fn(), sort_keys=True, default=str) == first
     digits.load_digits_net()  # still loads
+
+
+# ----------------------------------------------------------------------------------------------
+# held-out noises, counts, flags a solver has no use for, eval.json, odd sample shapes
+# ----------------------------------------------------------------------------------------------
+def test_sample_and_eval_noises_never_are_the_teachers(tmp_path):
+    """The teacher draws prior_std * randn(n) from the plain --seed: sample and eval must not (an LD3 row scored on
+    the schedule's own training noises looks better than it is), and differ from each other."""
+    import torch
+    from ld3_ext.training.teacher import sample_noise
+    model, schedule = load_model("gmm:ring2d")
+    for seed in (0, 10_000):
+        teacher = sample_noise(16, model.testbed.event_shape, seed, torch.float64)
+        for purpose in ("sample", "eval"):
+            x = cli._prior(model, schedule, 16, seed, "cpu", purpose) / schedule.prior_std()
+            for row in x:  # no noise of theirs is any of the teacher's
+                assert not any(torch.allclose(row, z.to(row)) for z in teacher)
+        assert not torch.equal(cli._prior(model, schedule, 4, seed, "cpu", "sample"),
+                               cli._prior(model, schedule, 4, seed, "cpu", "eval"))
+    # a stream is reproducible
+    assert torch.equal(cli._prior(model, schedule, 4, 3, "cpu", "eval"), cli._prior(model, schedule, 4, 3, "cpu", "eval"))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["sample", "--n", "-1"], "--n must be >= 1"),
+    (["eval", "--n", "0"], "--n must be >= 1"),
+    (["teacher", "--n-train", "-3"], "--n-train must be >= 1"),
+    (["teacher", "--n-valid", "0"], "--n-valid must be >= 1"),
+    (["sample", "--teacher-nfe", "0"], "--teacher-nfe must be >= 1"),
+    (["eval", "--nfe-curve", "4", "0"], "--nfe-curve values must be >= 1"),
+    (["sample", "--seed", str(2 ** 64)], r"--seed must be in \[0, 2\*\*63\)"),
+    (["sample", "--seed", "-1"], r"--seed must be in"),
+    (["sample", "--device", "meta"], "meta device holds no values"),
+    (["sample", "--out", ""], "--out must name a directory"),
+    (["sample", "--solver", "euler", "--order", "2"], "--order: euler has no order"),
+    (["sample", "--solver", "dpmpp", "--variant", "bh2"], "--variant: only unipc"),
+    (["sample", "--solver", "heun", "--nfe", "5"], "--nfe 5: heun spends 2 evaluations a step; use 4 or 6"),
+    (["sample", "--solver", "dpmpp", "--order", "7"], "--solver dpmpp --order 7"),
+])
+def test_bad_counts_and_flags_name_the_flag(tmp_path, argv, match):
+    model = [] if argv[0] in ("eval",) else ["--model", "gmm:ring2d"]
+    with pytest.raises(SystemExit, match=match):
+        cli.main(argv + model + ["--out", str(tmp_path / "o")] if "--out" not in argv else argv + model)
+
+
+def test_teacher_order_is_checked_for_a_model_with_a_solver_teacher(tmp_path):
+    with pytest.raises(SystemExit, match="--teacher-solver unipc --teacher-order 9"):
+        cli._make_teacher_solver(cli.build_parser().parse_args(["sample", "--teacher-order", "9"]))
+
+
+def test_options_are_never_abbreviated(tmp_path, capsys):
+    """`ld3 eval --nfe 8` must not run as --nfe-curve 8."""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["eval", "--nfe", "8"])
+    assert "unrecognized arguments: --nfe" in capsys.readouterr().err
+
+
+def test_cli_teacher_spends_the_nfe_it_names_for_heun():
+    """--teacher-nfe 20 with Heun: 10 steps, 20 network calls (as the training teacher), not 20 steps."""
+    import torch
+    import ld3_ext
+    calls = []
+    schedule = ld3_ext.EDM()
+
+    def net(x, t):
+        calls.append(1)
+        return 0.5 * x
+    model = ld3_ext.wrap_model(net, schedule, prediction="x0")
+    args = cli.build_parser().parse_args(["sample", "--teacher-solver", "heun", "--teacher-nfe", "20"])
+    cli._teacher(model, schedule, torch.randn(2, 3), args)
+    assert len(calls) == 20
+    args = cli.build_parser().parse_args(["sample", "--teacher-solver", "heun", "--teacher-nfe", "21"])
+    with pytest.raises(SystemExit, match="--teacher-nfe 21"):
+        cli._teacher(model, schedule, torch.randn(2, 3), args)
+
+
+@pytest.mark.parametrize("value, wanted", [("", False), ("0", False), ("false", False), ("off", False),
+                                           ("1", True), ("yes", True)])
+def test_ld3_traceback_reads_as_a_switch(monkeypatch, value, wanted):
+    monkeypatch.setenv("LD3_TRACEBACK", value)
+    assert cli._traceback_wanted() is wanted
+
+
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    def too_big(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1000000000000 bytes.")
+    monkeypatch.setattr(cli, "cmd_sample", too_big)
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+    rc = cli.main(["sample", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: out of memory") and "Traceback" not in err
+
+
+def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch):
+    """Only the user's mistakes become one line: an internal error keeps its traceback for the report."""
+    def buggy(args):
+        raise KeyError("internal")
+    monkeypatch.setattr(cli, "cmd_sample", buggy)
+    with pytest.raises(KeyError):
+        cli.main(["sample", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")])
+
+
+def test_median_is_the_middle_of_an_even_count():
+    import torch
+    assert cli._median(torch.tensor([1.0, 2.0, 3.0, 4.0])) == 2.5
+    assert cli._median(torch.tensor([3.0, 1.0, 2.0])) == 2.0
+
+
+def test_bare_mixture_name_is_recorded_as_gmm(tmp_path):
+    args = cli.build_parser().parse_args(["sample", "--model", "ring2d@vp_linear", "--out", str(tmp_path)])
+    cli._load(args)
+    assert args.model == "gmm:ring2d@vp_linear"
+    assert cli.torch.get_num_threads() == 1  # a built-in model: one thread by default
+
+
+def test_eval_json_holds_numbers_and_what_they_were_measured_with(tmp_path, capsys):
+    from ld3_ext.solvers import DPMSolverPP
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4)
+    out = tmp_path / "o"
+    rc = cli.main(["eval", "--schedule", path, "--n", "6", "--seed", "5", "--nfe-curve", "6",
+                   "--skip-model-baselines", "--out", str(out)])
+    assert rc == 0
+    with open(out / "eval.json") as f:
+        rec = json.load(f)
+    assert rec["model"] == "gmm:ring2d" and rec["nfe"] == 4 and rec["n"] == 6 and rec["seed"] == 5
+    assert rec["solver"]["name"] == "dpmpp" and rec["teacher"] == "exact"
+    rows = {r["schedule"]: r for r in rec["rows"]}
+    assert isinstance(rows["ld3"]["median RMSE"], float) and rows["ld3"]["median RMSE"] > 0
+    assert rows["ld3"]["median RMSE"] == rows["logsnr"]["median RMSE"]  # the file holds the logSNR grid
+    assert sorted(k for k, _ in rec["curves"]["logsnr"]) == [4, 6]
+    assert rec["gain_vs_best"] == pytest.approx(1 - rows["ld3"]["median RMSE"] /
+                                                min(r["median RMSE"] for k, r in rows.items() if k != "ld3"))
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (4, 7), (4, 2, 4, 4), (4, 5, 6), (4, 2, 3, 4, 5), (4, 3, 4, 4), (4, 2)])
+def test_sample_grid_draws_any_sample_shape(tmp_path, shape):
+    import torch
+    from ld3_ext.plotting import sample_grid
+    x = torch.randn(*shape)
+    path = sample_grid({"a": x, "b": 3 * x}, str(tmp_path / "g.png"))
+    assert os.path.getsize(path) > 500
+
+
+def test_ctrl_c_after_fresh_says_to_drop_the_flag(tmp_path, monkeypatch, capsys):
+    """Rerunning `ld3 train --fresh` would start over again: the message says to rerun without it."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_train", interrupted)
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+    rc = cli.main(["train", "--model", "gmm:ring2d", "--fresh", "--out", str(tmp_path / "o")])
+    assert rc == 130
+    assert "rerun the command without --fresh to resume" in capsys.readouterr().err
+
+
+def test_library_warnings_are_one_line_with_the_flag(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    def warns(args):
+        warnings.warn("resuming it in 'lambda'. Pass resume='never' to let 'auto' choose")
+        return 0
+    monkeypatch.setattr(cli, "cmd_sample", warns)
+    before = warnings.showwarning
+    assert cli.main(["sample", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == "warning: resuming it in 'lambda'. Pass resume='never' to let 'auto' choose"
+    assert "`ld3 train --fresh`" in err and "warnings.warn" not in err
+    assert warnings.showwarning is before  # restored for the rest of the process
+
+
+@pytest.mark.parametrize("blocker", ["checkpoint", "schedule.json"])
+def test_train_output_locations_are_checked_before_any_work(tmp_path, monkeypatch, blocker, capsys):
+    """A file where the checkpoint directory goes, or a directory where the schedule file goes: refused at once,
+    not after the teacher and a training round."""
+    from ld3_ext import training
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / blocker).mkdir() if blocker == "schedule.json" else (out / blocker).write_text("x")
+
+    def no_trainer(*a, **k):
+        raise AssertionError("the trainer was built")
+    monkeypatch.setattr(training, "LD3Trainer", no_trainer)
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+    try:
+        rc = cli.main(["train", "--model", "gmm:ring2d", "--out", str(out)])
+    except SystemExit as e:
+        assert "schedule.json is a directory" in str(e)
+    else:
+        assert rc == 2 and "FileExistsError" in capsys.readouterr().err

@@ -348,3 +348,29 @@ def test_dynamic_shifting_and_unsupported_configs_are_refused_like_from_diffuser
         with pytest.raises(DiffusersConfigError, match=field):
             LD3Scheduler.from_timesteps(ld3_ext.discretizations.logsnr_uniform(ld3_ext.VPDiscrete.linear(), 4),
                                         scheduler_config=live)
+
+
+def test_from_schedule_file_takes_the_recorded_prediction(tmp_path):
+    """A schedule file trained by ld3_ext records what the network predicts: the exported scheduler uses it, a
+    scheduler config that says otherwise is refused, and a file without it says what is assumed."""
+    import warnings
+    from ld3_ext.schedule_file import LearnedSchedule
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
+    _, sched = from_diffusers(tiny_unet(), cfg)
+    t = ld3_ext.discretizations.logsnr_uniform(sched, 4)
+
+    def write(name, model):
+        LearnedSchedule(t, solver_config={"name": "dpmpp", "order": 2}, nfe=4, schedule_config=sched.config(),
+                        model=model).save(str(tmp_path / name))
+        return tmp_path / name
+    v_file = write("v.json", {"name": "net", "prediction": "v"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LD3Scheduler.from_schedule_file(v_file).config.prediction_type == "v_prediction"
+        assert LD3Scheduler.from_schedule_file(v_file, scheduler_config={**cfg, "prediction_type": "v_prediction"}) \
+            .config.prediction_type == "v_prediction"
+    with pytest.raises(DiffusersConfigError, match="predicts 'v'"):
+        LD3Scheduler.from_schedule_file(v_file, scheduler_config={**cfg, "prediction_type": "epsilon"})
+    with pytest.warns(UserWarning, match="assuming prediction_type='epsilon'"):
+        assert LD3Scheduler.from_schedule_file(write("none.json", {"name": "net"})).config.prediction_type == "epsilon"
+

@@ -3,6 +3,7 @@ bad input, and the torch.library registration used by torch.compile."""
 from __future__ import annotations
 
 import itertools
+import os
 import time
 
 import pytest
@@ -137,6 +138,21 @@ def test_stream_threshold_setting(stream_threshold):
         assert default >= (8 << 20)
     assert stream_threshold(123) == -1
     assert stream_threshold(-1) == 123
+
+
+@pytest.mark.parametrize("value,expected", [("-1", -1), ("-7", -1), ("0", 0), ("5000", 5000), ("junk", None)])
+def test_stream_threshold_environment_variable(value, expected, tmp_path):
+    """LD3_STREAM_MIN_BYTES at load means what the setter's argument means (negative: never); a value that is
+    not an integer leaves the default."""
+    import subprocess
+    import sys
+    env = {**os.environ, "LD3_STREAM_MIN_BYTES": value}
+    # outside the checkout: there the source tree's ld3_ext (no built _C) would shadow the installed one
+    res = subprocess.run([sys.executable, "-c", "import ld3_ext._C as C; print(C.set_stream_min_bytes(0))"],
+                         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    got = int(res.stdout.strip())
+    assert got == expected if expected is not None else got >= (8 << 20)
 
 
 def test_out_rejects_autograd():

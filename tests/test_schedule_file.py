@@ -145,6 +145,24 @@ def test_atomic_write_keeps_the_file_mode(tmp_path):
     assert load_schedule(path).nfe == _sched(n=6).nfe
 
 
+def test_atomic_write_removes_the_temps_of_killed_writes(tmp_path):
+    """A SIGKILL between the temp file and the rename leaves .NAME.<random>.tmp: the next successful write of NAME
+    removes it (once it is a minute old: another process may be writing it), and nobody else's files."""
+    from ld3_ext.atomic_io import atomic_write_text
+    target = tmp_path / "schedule.json"
+    old = tmp_path / ".schedule.json.k1ll3d.tmp"
+    young = tmp_path / ".schedule.json.writing.tmp"
+    other = tmp_path / ".other.json.k1ll3d.tmp"
+    mine = tmp_path / "notes.tmp"
+    for f in (old, young, other, mine):
+        f.write_text("x")
+    for f in (old, other, mine):
+        os.utime(f, (1, 1))  # long ago
+    atomic_write_text(str(target), "{}")
+    assert target.read_text() == "{}"
+    assert not old.exists() and young.exists() and other.exists() and mine.exists()
+
+
 def test_exports_edm():
     s = _sched(EDM(), n=5)
     kd = s.to_k_diffusion()

@@ -246,7 +246,7 @@ def test_checkpoint_from_other_settings_is_refused(ring, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # bad input
 # ----------------------------------------------------------------------------------------------
-def test_nfe_rules(ring):
+def test_nfe_rules(ring, tmp_path):
     mix, s, model = ring
     with pytest.raises(ValueError, match="nfe >= 2"):
         LD3Trainer(model, s, DPMSolverPP(1, **REF), 1, progress=False)
@@ -256,6 +256,19 @@ def test_nfe_rules(ring):
         LD3Trainer(model, s, IPNDM(4, **REF), 3, progress=False)
     with pytest.raises(ValueError, match="exactly nfe=5"):
         LD3Trainer(model, s, Heun(**REF), 5, progress=False)
+    # the suggestion is only NFEs it would take (nfe=2 is a single Heun step: refused)
+    with pytest.raises(ValueError, match=r"exactly nfe=3 .*; use nfe=4$"):
+        LD3Trainer(model, s, Heun(**REF), 3, progress=False)
+    # a setting that is not init's is not reported as a bad init (the floor on gaps for 5e8 steps)
+    with pytest.raises(ValueError, match="min_gap_fraction"):
+        LD3Trainer(model, s, DPMSolverPP(2, **REF), 500_000_001, model_name="ring", progress=False)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="checkpoint_dir .* is not a directory"):
+        LD3Trainer(model, s, DPMSolverPP(2, **REF), 4, checkpoint_dir=str(blocker), model_name="ring", progress=False)
+    for seed in (-1, 2 ** 63, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an int"):
+            LD3Trainer(model, s, DPMSolverPP(2, **REF), 4, seed=seed, model_name="ring", progress=False)
     with pytest.raises(ValueError, match="single step"):
         LD3Trainer(model, s, Heun(**REF), 2, progress=False)
     with pytest.raises(TypeError):
@@ -609,3 +622,10 @@ def test_weights_are_frozen_during_fit_and_restored(ring, how):
     with pytest.raises(KeyboardInterrupt):
         tr.fit()
     assert [p.requires_grad for p in params] == before  # restored on the way out too
+
+
+def test_schedule_file_records_the_models_prediction(ring):
+    """An exported diffusers scheduler needs the network's prediction type: the file records it."""
+    mix, s, model = ring
+    assert _small(model, mix, rounds_v1=1, rounds_v2=0, init="logsnr", time_mode="lambda").fit() \
+        .model["prediction"] == model.prediction

@@ -132,7 +132,8 @@ std::atomic<int64_t>& stream_threshold() {
     if (env != nullptr && *env != '\0') {
       char* end = nullptr;
       const long long v = std::strtoll(env, &end, 10);
-      if (end != env && *end == '\0' && v >= 0) return static_cast<int64_t>(v);
+      // as for the setter, any negative value means never (-1)
+      if (end != env && *end == '\0') return v < 0 ? int64_t(-1) : static_cast<int64_t>(v);
     }
     return default_stream_min_bytes();
   }()};

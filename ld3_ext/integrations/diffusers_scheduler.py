@@ -201,6 +201,22 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             ref, _ = schedule_from_diffusers_config(
                 scheduler_config, shift=sched.shift if isinstance(sched, FlowMatching) else None)
             _check_same_schedule(sched, ref)
+        # what the network outputs: the file records it (schedules trained by ld3_ext); a config that says
+        # otherwise belongs to another model
+        recorded = (ls.model or {}).get("prediction")
+        theirs = {v: k for k, v in PREDICTION_TYPES.items()}.get(recorded)
+        if "prediction_type" in kw:
+            if theirs is not None and kw["prediction_type"] != theirs:
+                raise DiffusersConfigError(f"scheduler_config says prediction_type={kw['prediction_type']!r}, but "
+                                           f"{path} was learned with a model that predicts {recorded!r} "
+                                           f"(prediction_type={theirs!r})")
+        elif theirs is not None:
+            kw["prediction_type"] = theirs
+        elif not isinstance(sched, FlowMatching):
+            warnings.warn(f"{path} records no prediction type diffusers knows (model prediction {recorded!r}) and no "
+                          "scheduler_config was given: assuming prediction_type='epsilon'; pass the model's "
+                          "scheduler config (ld3 export-diffusers --scheduler-config) if it predicts anything else",
+                          stacklevel=2)
         if isinstance(sched, FlowMatching):
             kw.setdefault("prediction_type", "flow_prediction")
         if isinstance(sched, VPDiscrete):

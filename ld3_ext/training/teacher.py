@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -31,7 +31,7 @@ import torch.distributed as _dist
 from .. import discretizations
 from .. import distributed as D
 from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json,
-                         load_safetensors_checked, read_json_checked, tensors_sha256)
+                         load_safetensors_checked, read_json_checked, remove_stale_temps, tensors_sha256)
 from ..schedules import NoiseSchedule
 from ..solvers import Solver, UniPC
 from ..wrappers import DiffusionModel
@@ -265,16 +265,8 @@ class TeacherCache:
                 os.unlink(os.path.join(self.directory, f))
 
     def _remove_stale_temps(self) -> None:
-        """Temp files left by a killed write (they would pile up and count against cache_max_bytes).  Only
-        those older than a minute: another process may be writing one right now."""
-        now = time.time()
-        for f in os.listdir(self.directory):
-            path = os.path.join(self.directory, f)
-            try:
-                if self._stale_temp(f) and now - os.path.getmtime(path) > 60:
-                    os.unlink(path)
-            except OSError:  # removed meanwhile by another process
-                pass
+        """Temp files left by a killed write (they would pile up and count against cache_max_bytes)."""
+        remove_stale_temps(self.directory, self._stale_temp)
 
     def load_chunk(self, i: int) -> Optional[Dict[str, torch.Tensor]]:
         """The chunk's tensors, or None when missing or damaged (it is then regenerated)."""
@@ -431,6 +423,15 @@ class TeacherConfig:
     n_valid: int = 50
     seed: int = 0
     teacher: str = "solver"  # or "exact" for models with a reference solution (model.testbed)
+
+    def __post_init__(self):
+        # a negative count would slice a wrong train/valid split without a word
+        for name in ("n_train", "n_valid", "nfe", "order"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"TeacherConfig: {name} must be an int >= 1, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"TeacherConfig: seed must be an int in [0, 2**63), got {self.seed!r}")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import numbers
 import os
 import time
 import warnings
@@ -30,8 +31,8 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import distributed as D
-from ..atomic_io import CorruptFileError, atomic_save_safetensors, canonical_json, load_safetensors_checked, \
-    tensor_bytes
+from ..atomic_io import CorruptFileError, atomic_save_safetensors, canonical_json, json_safe, \
+    load_safetensors_checked, tensor_bytes
 from ..coefficients import step_orders
 from ..schedule_file import LearnedSchedule
 from ..schedules import NoiseSchedule
@@ -81,8 +82,9 @@ def check_nfe(solver: Solver, nfe: int) -> int:
                          "[t_max, t_min] and there is nothing to learn)")
     steps = solver.steps_for_nfe(nfe)
     if solver.nfe(steps) != nfe:
+        near = " or ".join(f"nfe={solver.nfe(k)}" for k in (steps, steps + 1) if k >= 2)
         raise ValueError(f"{type(solver).__name__} cannot use exactly nfe={nfe} (it spends {solver.nfe(1)} "
-                         f"evaluations per step); use nfe={solver.nfe(steps)} or {solver.nfe(steps + 1)}")
+                         f"evaluations per step); use {near}")
     if steps < 2:
         raise ValueError(f"nfe={nfe} gives {type(solver).__name__} a single step: nothing to learn; use "
                          f"nfe >= {solver.nfe(2)}")
@@ -113,18 +115,6 @@ def _default_dtype(model):
 
 def _sha(t: Optional[torch.Tensor]) -> Optional[str]:
     return None if t is None else hashlib.sha256(bytes(tensor_bytes(t))).hexdigest()
-
-
-def _json_safe(v):
-    """The metrics with every non-finite float as None: JSON has no NaN/Inf, and a schedule file that cannot be
-    written at the end of a training run would lose the run."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 class LD3Trainer:
@@ -317,9 +307,14 @@ class LD3Trainer:
         self.model_name = model_name
         self.conditions, self.uncond = conditions, uncond
         self.decoder, self.checkpoint_decoder = decoder, bool(checkpoint_decoder)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         self.seed = int(seed)
         self.device = torch.device(device) if device is not None else _default_device(model)
         self.dtype = dtype if dtype is not None else _default_dtype(model)
+        if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            # found now, not when the first round's checkpoint is written
+            raise ValueError(f"checkpoint_dir {checkpoint_dir!r} exists and is not a directory")
         self.checkpoint_dir, self.checkpoint_every, self.resume = checkpoint_dir, checkpoint_every, resume
         self.callback, self.progress = callback, bool(progress)
         self.identity = model_identity(model, model_name)
@@ -532,13 +527,15 @@ class LD3Trainer:
     def _check_init(self, init, decoupled, win_rate) -> None:
         """Raise ValueError for an init or win_rate that the training would refuse later (cheap: one grid)."""
         named = isinstance(init, str) and init.lower() in ("auto", "dmn")
+        # the settings that are not init's (win_rate, the number of steps) first, with a grid that always
+        # exists: their errors are theirs, not init's
+        TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], "logsnr", bool(decoupled), win_rate)
+        if named:
+            return
         try:
-            TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], "logsnr" if named else init,
-                                 bool(decoupled), win_rate)
+            TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], init, bool(decoupled), win_rate)
         except ValueError as exc:
             msg = str(exc)
-            if msg.startswith("win_rate"):
-                raise
             if isinstance(init, str):
                 from .. import discretizations
                 raise ValueError(f"init must be 'auto', 'dmn', one of {sorted(discretizations.DISCRETIZATIONS)} or a "
@@ -580,7 +577,7 @@ class LD3Trainer:
             raise NonFiniteLossError("init='auto': every candidate grid gives a non-finite validation loss",
                                      0, None, None)
         self.init_choice = min(finite, key=finite.get)
-        self.init_scores = scores  # a skipped candidate's NaN becomes None in the metrics (_json_safe)
+        self.init_scores = scores  # a skipped candidate's NaN becomes None in the metrics (json_safe)
         return grids[self.init_choice]
 
     # the training state of one candidate: the attributes the training loop works on
@@ -870,9 +867,11 @@ class LD3Trainer:
             training["time_mode_source"] = "checkpoint"
         return LearnedSchedule(t.detach(), tm.detach(), solver_config=self.solver.config(), nfe=self.nfe,
                                schedule_config=self.schedule.config(), guidance_scale=self.model.guidance_scale,
-                               model=self.identity, time_mode=self.time_mode, decoupled=self.decoupled,
+                               # the prediction too: an exported diffusers scheduler needs it (prediction_type)
+                               model={**self.identity, "prediction": self.model.prediction},
+                               time_mode=self.time_mode, decoupled=self.decoupled,
                                training=training,
-                               metrics=_json_safe(metrics))
+                               metrics=json_safe(metrics))
 
     def _nonfinite(self, what: str):
         it = self.st["iteration"] + 1
