@@ -44,6 +44,14 @@ IPNDM_WEIGHTS = {
 }
 
 
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool, or a TypeError naming the flag: ``bool("False")`` is True, so strings, numbers and
+    None are refused rather than coerced (numpy bools are real bools)."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+
+
 @dataclass(frozen=True)
 class SolverSpec:
     """What a coefficient table depends on besides the time grid."""
@@ -66,6 +74,9 @@ class SolverSpec:
             raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {self.solver_type!r}")
         if self.variant not in ("bh1", "bh2"):
             raise ValueError(f"variant must be 'bh1' or 'bh2', got {self.variant!r}")
+        # frozen: store numpy bools as plain bools (the native call and to_dict() want Python bools)
+        object.__setattr__(self, "lower_order_final", check_flag("lower_order_final", self.lower_order_final))
+        object.__setattr__(self, "use_corrector", check_flag("use_corrector", self.use_corrector))
 
     @property
     def uses_noise_prediction(self) -> bool:
@@ -177,8 +188,17 @@ def _ipndm_row(lam, alpha, sigma, log_alpha, i, p):
     return [a] + [scale * w[k] if k < p else zero for k in range(MAX_HISTORY)]
 
 
-def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverSpec) -> torch.Tensor:
-    """The [N, 2, 5] coefficient table of a solve on ``timesteps`` (t_0 > ... > t_N), differentiable in t."""
+def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverSpec, *,
+                                validate: bool = True) -> torch.Tensor:
+    """The [N, 2, 5] coefficient table of a solve on ``timesteps`` (t_0 > ... > t_N), differentiable in t.
+
+    The grid must be strictly decreasing, finite and where the schedule is defined (``ops.check_grid``), else
+    ``ValueError`` naming timesteps; ``validate=False`` skips these checks (they read the grid back), for
+    callers that checked the grid already."""
+    if validate:
+        from .ops import check_grid, check_table_args
+        check_table_args(schedule, timesteps, spec)
+        check_grid(schedule, timesteps, in_range=False)
     t = timesteps
     n = t.numel() - 1
     orders = step_orders(spec, n)
@@ -202,5 +222,5 @@ def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverS
     return torch.stack(rows)
 
 
-__all__ = ["SolverSpec", "step_orders", "coefficient_table_reference", "MAX_HISTORY", "TABLE_WIDTH",
+__all__ = ["SolverSpec", "check_flag", "step_orders", "coefficient_table_reference", "MAX_HISTORY", "TABLE_WIDTH",
            "SOLVER_IDS", "MAX_ORDER", "IPNDM_WEIGHTS"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedules import FlowMatching, NoiseSchedule
+from .schedules import FlowMatching, NoiseSchedule, _num
 
 
 def _check(schedule, nfe):
@@ -66,6 +66,7 @@ def edm(schedule: NoiseSchedule, nfe: int, rho: float = 7.0) -> torch.Tensor:
     """Karras et al.'s rho-spacing in the EDM noise level sigma/alpha (for VP schedules too,
     unlike LD3's code, which applies it to t)."""
     _check(schedule, nfe)
+    rho = _num("rho", rho)
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho}")
     tmax = torch.tensor(schedule.t_max, dtype=torch.float64)
@@ -73,7 +74,12 @@ def edm(schedule: NoiseSchedule, nfe: int, rho: float = 7.0) -> torch.Tensor:
     smax, smin = schedule.edm_sigma(tmax), schedule.edm_sigma(tmin)
     u = torch.linspace(0.0, 1.0, nfe + 1, dtype=torch.float64)
     sig = (smax ** (1.0 / rho) + u * (smin ** (1.0 / rho) - smax ** (1.0 / rho))) ** rho
-    return _finish(schedule, schedule.t_from_edm_sigma(sig))
+    t = _finish(schedule, schedule.t_from_edm_sigma(sig))
+    # a tiny rho overflows sigma^(1/rho) (NaN) and a huge one rounds neighbours together (duplicates)
+    if not (bool(torch.isfinite(t).all()) and bool((t[1:] < t[:-1]).all())):
+        raise ValueError(f"rho={rho} gives a grid that is not finite and strictly decreasing for nfe={nfe} "
+                         f"on this schedule: {t.tolist()}")
+    return t
 
 
 DISCRETIZATIONS = {

@@ -118,7 +118,17 @@ def _in_backward() -> bool:
 
 
 def _grid(s, x: torch.Tensor, name: str) -> torch.Tensor:
-    s = torch.as_tensor(s)
+    if s is None:
+        raise TypeError(f"{name} must be a 1-D sequence of numbers (a tensor or a list), got None")
+    try:
+        s = torch.as_tensor(s)
+    except (TypeError, ValueError, RuntimeError):  # strings, ragged lists, objects
+        raise TypeError(f"{name} must be a 1-D sequence of numbers (a tensor or a list), got "
+                        f"{type(s).__name__}") from None
+    if s.is_complex() or s.dtype == torch.bool:  # the cast to float64 would drop the imaginary part silently
+        raise TypeError(f"{name} must be real numbers, got {s.dtype}")
+    if s.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (it holds no values); use a cpu or cuda tensor")
     if s.dim() != 1 or s.numel() < 2:
         raise ValueError(f"{name} must be a 1-D sequence with at least 2 entries, got shape {tuple(s.shape)}")
     if not s.is_floating_point():
@@ -170,6 +180,8 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating torch.Tensor")
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device (it holds no values); use a cpu or cuda tensor")
     if not callable(model_or_denoiser):
         raise TypeError(f"model_or_denoiser must be a DiffusionModel or a callable denoiser(x, sigma, **kw) -> x0, "
                         f"got {type(model_or_denoiser).__name__}")
@@ -215,14 +227,39 @@ def to_denoiser(model: DiffusionModel) -> Callable:
     s = model.schedule
 
     def denoiser(x, sigma, **kw):
-        sig = torch.as_tensor(sigma, device=x.device).reshape(-1)[0].to(torch.float64)
-        if not (_compiling() or _capturing()):  # the check reads the value back: not while tracing/capturing
-            _check_range(s, sig, "sigma")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        sig = torch.as_tensor(sigma, device=x.device).reshape(-1)
+        if sig.numel() == 0:
+            raise ValueError("sigma must hold one sigma per sample (shape [B]) or one for all, got an empty tensor")
+        if sig.is_complex() or sig.dtype == torch.bool:
+            raise TypeError(f"sigma must be real numbers, got {sig.dtype}")
+        if not (_compiling() or _capturing()):  # the checks read values back: not while tracing/capturing
+            _check_denoiser_sigma(s, sig)
+        sig = sig[0].to(torch.float64)
         t = s.t_from_edm_sigma(sig)
         return model.predict(s.alpha(t).to(x.dtype) * x, t, **kw)[0]
 
     denoiser.__name__ = f"denoiser_{model.name}"
     return denoiser
+
+
+def _check_denoiser_sigma(schedule, sig: torch.Tensor) -> None:
+    """In the model's range, and one sigma for the whole batch: the model runs at one time per call, so a
+    per-sample sigma with different entries would evaluate every sample at sigma[0].  One read-back."""
+    lo, hi, tol = schedule.t_min, schedule.t_max, schedule.time_slack()
+    with torch.no_grad():
+        sd = sig.detach().to(torch.float64)
+        t = schedule.t_from_edm_sigma(sd)
+        out_of_range = ~((t >= lo - tol) & (t <= hi + tol))
+        differ = sd != sd[0]
+        flags = torch.stack([out_of_range.any(), differ.any()]).tolist()
+    if flags[0]:
+        _check_range(schedule, sig, "sigma")  # raises, with the range in its message
+    if flags[1]:
+        vals = sd.cpu().tolist()
+        raise ValueError(f"sigma must be the same for every sample (ld3_ext models take one time per call), got "
+                         f"{len(vals)} values from {min(vals):.6g} to {max(vals):.6g}")
 
 
 # k-diffusion's sampler signatures.  Their noise arguments are accepted at the values that keep the sampler

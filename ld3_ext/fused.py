@@ -18,7 +18,7 @@ import torch.autograd.forward_ad as _fwad
 
 from . import _native
 from .coefficients import SOLVER_IDS, TABLE_WIDTH, SolverSpec, coefficient_table_reference
-from .ops import as_history, check_table_args, check_update_args as _check_update, composite_only, \
+from .ops import as_history, check_grid, check_table_args, check_update_args as _check_update, composite_only, \
     multistep_update_reference
 
 _C = _native._C
@@ -84,7 +84,7 @@ class _CoefficientTable(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: J^T g with a constant J would lose d(grad_t)/dt; the reference table's VJP
             # keeps every second-order term
-            ref = coefficient_table_reference(ctx.schedule, t64, ctx.spec)
+            ref = coefficient_table_reference(ctx.schedule, t64, ctx.spec, validate=False)
             (gt,) = torch.autograd.grad(ref, t64, grad_table, create_graph=True, allow_unused=True)
             return (torch.zeros_like(t64) if gt is None else gt), None, None, None
         # grad_t = J^T g, gathered per t_k in C++ (one call instead of a dozen tiny ops)
@@ -104,14 +104,20 @@ def _table_args(schedule, spec: SolverSpec) -> tuple:
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
-def coefficient_table(schedule, t64: torch.Tensor, spec: SolverSpec) -> torch.Tensor:
-    """[N, 2, 5] float64 coefficient table (see ``coefficients.py``), differentiable w.r.t. ``t64``."""
+def coefficient_table(schedule, t64: torch.Tensor, spec: SolverSpec, *, validate: bool = True) -> torch.Tensor:
+    """[N, 2, 5] float64 coefficient table (see ``coefficients.py``), differentiable w.r.t. ``t64``.
+
+    The grid must be strictly decreasing, finite and where the schedule is defined (``ops.check_grid``), else
+    ``ValueError`` naming timesteps; ``validate=False`` skips these value checks (they read the grid back),
+    for callers that checked the grid already (``ops.coefficient_table``, the solvers)."""
     check_table_args(schedule, t64, spec)
     if t64.dtype != torch.float64:
         t64 = t64.to(torch.float64)
     args = _table_args(schedule, spec)
+    if validate:
+        check_grid(schedule, t64, in_range=False)
     if not _device_supported(t64.device) or composite_only(t64):
-        return coefficient_table_reference(schedule, t64, spec)
+        return coefficient_table_reference(schedule, t64, spec, validate=False)
     _lib()
     if torch.compiler.is_compiling():
         return torch.ops.ld3_ext.coefficient_table(t64, *args)[0]
@@ -177,6 +183,24 @@ def _check_out(x, coef, history, out) -> None:
         raise RuntimeError("multistep_update: out= is not supported when gradients are required")
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError("multistep_update: out must match x in shape, dtype and device")
+    # e.g. an expand()ed out: torch's own memory-overlap error names no argument
+    if out.layout == torch.strided and not torch.compiler.is_compiling() and _self_overlapping(out):
+        raise OutOverlapError(f"multistep_update: out has elements that overlap (share one memory location: strides "
+                              f"{out.stride()} for shape {tuple(out.shape)}, e.g. an expand()ed tensor); pass a "
+                              f"tensor with distinct elements, e.g. torch.empty_like(x)")
+
+
+class OutOverlapError(ValueError, RuntimeError):
+    """A bad ``out=`` argument; a RuntimeError too, as torch's own memory-overlap error (which it replaces) is."""
+
+
+_has_internal_overlap = getattr(torch._C, "_debug_has_internal_overlap", None)
+
+
+def _self_overlapping(t: torch.Tensor) -> bool:
+    if _has_internal_overlap is not None:
+        return _has_internal_overlap(t) == 1  # 1: overlaps for sure (2: too hard to tell, left to the kernel)
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
 def _update_eager(x, coef, history):

@@ -38,7 +38,8 @@ def gaussian_stats(feats: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"feats must be a [B, D] tensor with B >= 2 (a covariance needs two rows), got "
                          f"{tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__}")
     f = feats.detach().to(torch.float64).cpu().numpy()
-    return f.mean(0), np.cov(f, rowvar=False)
+    # np.cov gives a 0-d array for D = 1; frechet_distance needs (D, D)
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
@@ -55,6 +56,17 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
         if d < 1 or a.shape != shape:
             raise ValueError(f"frechet_distance: {name} has shape {a.shape}; need mu1, mu2 of shape (D,) and "
                              f"cov1, cov2 of shape (D, D) with D = len(mu1) = {mu1.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"frechet_distance: {name} contains NaN or Inf")
+    # the eigenvalue clipping below would turn a non-covariance (e.g. -I) into a silently wrong distance
+    for name, c in (("cov1", c1), ("cov2", c2)):
+        scale = np.abs(c).max()
+        if np.abs(c - c.T).max() > 1e-6 * scale:
+            raise ValueError(f"frechet_distance: {name} is not symmetric (max |C - C^T| = {np.abs(c - c.T).max():.3g})")
+        w = np.linalg.eigvalsh((c + c.T) / 2)
+        if w.min() < -1e-6 * np.abs(w).max():
+            raise ValueError(f"frechet_distance: {name} is not positive semi-definite (smallest eigenvalue "
+                             f"{w.min():.3g}, largest {w.max():.3g})")
     w, v = np.linalg.eigh((c1 + c1.T) / 2)
     s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     m = s1 @ c2 @ s1
@@ -68,6 +80,8 @@ def digits_features(samples: torch.Tensor, clip: bool = True, batch_size: int = 
                     name: str = "samples") -> torch.Tensor:
     """Penultimate classifier features [B, 64] of digit images in [-1, 1] (``name``: for error messages)."""
     samples = _check_images(samples, name)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:  # 0: range() step error
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     net = _classifier()
     x = samples.detach().to("cpu", torch.float32)
     if clip:  # as when samples are saved as images; the classifier never saw values outside [-1, 1]

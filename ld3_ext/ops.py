@@ -99,6 +99,24 @@ def check_table_args(schedule, timesteps, spec) -> None:
                          f"{tuple(timesteps.shape)}")
 
 
+def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True) -> None:
+    """The solvers' grid rules (``solvers.base.validate_timesteps``): strictly decreasing, finite and in the
+    schedule's range -- a table on any other grid amplifies or is NaN.  ``in_range=False`` (the low-level
+    tables, ``fused.coefficient_table`` and ``coefficient_table_reference``) asks only for times where the
+    schedule is defined (alpha, sigma > 0): their gradchecks step just past t_min/t_max.  Skipped while
+    compiling or capturing a CUDA graph (nothing can be read back there)."""
+    from .solvers.base import _check_defined, validate_timesteps
+    from .wrappers import _capturing, _compiling
+    if _compiling() or _capturing():
+        return
+    if not timesteps.is_floating_point():  # an integer grid is read as float64, as the table does
+        timesteps = timesteps.to(torch.float64)
+    name = "coefficient_table: timesteps"
+    validate_timesteps(schedule, timesteps, name=name, check_range=in_range)
+    if not in_range:
+        _check_defined(schedule, timesteps.detach().cpu().tolist(), name)
+
+
 def composite_only(*tensors) -> bool:
     """True where the native kernels cannot serve: forward-mode AD is on (they carry no tangents) or a
     torch.func transform (vmap, grad, jvp) wrapped an input (no storage to read).  The reference's
@@ -128,15 +146,22 @@ def multistep_update_reference(x: torch.Tensor, coef: torch.Tensor, history: Seq
     return out.to(x.dtype)
 
 
-def coefficient_table(schedule, timesteps: torch.Tensor, spec: SolverSpec, backend: str = "auto") -> torch.Tensor:
-    """float64 coefficient table of the whole solve; differentiable w.r.t. ``timesteps``."""
+def coefficient_table(schedule, timesteps: torch.Tensor, spec: SolverSpec, backend: str = "auto", *,
+                      validate: bool = True) -> torch.Tensor:
+    """float64 coefficient table of the whole solve; differentiable w.r.t. ``timesteps``.
+
+    The grid must follow the solvers' rules (strictly decreasing, finite, in the schedule's range), else
+    ``ValueError`` naming timesteps.  ``validate=False`` skips those value checks (one read-back of the
+    grid): the solvers pass it, having validated the grid in ``sample()`` already."""
     check_table_args(schedule, timesteps, spec)
     backend = resolve_backend(backend)
+    if validate:
+        check_grid(schedule, timesteps)
     t64 = timesteps.to(torch.float64)
     if backend == "fused" and schedule.native_spec() is not None:
         from . import fused
-        return fused.coefficient_table(schedule, t64, spec)
-    return coefficient_table_reference(schedule, t64, spec)
+        return fused.coefficient_table(schedule, t64, spec, validate=False)
+    return coefficient_table_reference(schedule, t64, spec, validate=False)
 
 
 def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torch.Tensor],

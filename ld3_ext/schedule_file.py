@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import numbers
 import os
 import warnings
 from typing import Any, Dict, Optional
@@ -47,12 +48,78 @@ def _library_version() -> str:
 
 
 def _as_grid(x, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x, dtype=torch.float64).detach().cpu().flatten().clone()
+    dt = getattr(x, "dtype", None)
+    # a float64 conversion would drop the imaginary part silently
+    if (isinstance(dt, torch.dtype) and dt.is_complex) or getattr(dt, "kind", None) == "c":
+        raise TypeError(f"{name} must be real numbers, got dtype {dt}")
+    try:
+        t = torch.as_tensor(x, dtype=torch.float64)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
+        raise TypeError(f"{name} must be a sequence or tensor of real numbers, got {type(x).__name__} ({e})") from None
+    t = t.detach().cpu().flatten().clone()
     if t.numel() < 2:
         raise ValueError(f"{name} needs at least 2 values, got {t.numel()}")
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contains NaN/Inf")
     return t
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond the float64 range (JSON allows such literals)
+        return False
+
+
+# optional fields: the type allowed besides None, and its name in messages
+_OPTIONAL = {"guidance_scale": (numbers.Real, "number"), "model": (dict, "dict"), "time_mode": (str, "str"),
+             "decoupled": (bool, "bool"), "training": (dict, "dict"), "metrics": (dict, "dict"),
+             "library_version": (str, "str"), "created": (str, "str")}
+
+
+def _check_contents(ts, ms, nfe, solver_config, schedule_config, optional: Dict[str, Any], *,
+                    solver_key: str = "solver_config", schedule_key: str = "schedule_config") -> None:
+    """The rules for a schedule's contents, shared by :class:`LearnedSchedule` and :func:`validate_schedule_dict`.
+
+    ``ts``, ``ms``: the grids as lists of finite floats of one length; ``optional``: the optional fields.
+    Raises TypeError/ValueError naming the field (``*_key``: the config fields' names where called from)."""
+    n = len(ts) - 1
+    if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral):
+        raise TypeError(f"nfe must be an int, got {nfe!r}")
+    if n < 1 or nfe < 1:
+        raise ValueError(f"nfe and num_steps must be >= 1 (nfe={nfe}, num_steps={n})")
+    if not all(a > b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps must be strictly decreasing, got {ts}")
+    if not isinstance(solver_config, dict) or "name" not in solver_config:
+        raise ValueError(f"{solver_key} must be a solver config dict with a 'name', got {solver_config!r}")
+    if not isinstance(schedule_config, dict) or "type" not in schedule_config:
+        raise ValueError(f"{schedule_key} must be a noise-schedule config dict with a 'type', got {schedule_config!r}")
+    for k, (typ, what) in _OPTIONAL.items():
+        v = optional.get(k)
+        if v is not None and (not isinstance(v, typ) or (typ is not bool and isinstance(v, bool))):
+            raise TypeError(f"{k} must be None or a {what}, got {type(v).__name__}")
+    g = optional.get("guidance_scale")
+    if g is not None and not _finite(g):
+        raise ValueError(f"guidance_scale must be finite, got {g!r}")
+    from .schedules import schedule_from_config
+    try:
+        sched = schedule_from_config(schedule_config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{schedule_key}: invalid noise-schedule config: {e}") from None
+    tol = sched.time_slack()
+    if abs(ts[0] - sched.t_max) > tol or abs(ts[-1] - sched.t_min) > tol:
+        raise ValueError(f"timesteps must run from t_max={sched.t_max:.6g} to t_min={sched.t_min:.6g}, got "
+                         f"{ts[0]:.6g} ... {ts[-1]:.6g}")
+    lo, hi = sched.t_min - tol, sched.t_max + tol
+    if not all(lo <= x <= hi for x in ms):
+        raise ValueError(f"model_timesteps leave the schedule's time range [{sched.t_min:.6g}, {sched.t_max:.6g}]")
+    from .solvers import solver_from_config
+    try:
+        solver = solver_from_config(solver_config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{solver_key}: invalid solver config: {e}") from None
+    if solver.nfe(n) != nfe:
+        raise ValueError(f"nfe={nfe} does not match {n} steps of {solver_config['name']} ({solver.nfe(n)} NFE)")
 
 
 class LearnedSchedule:
@@ -70,8 +137,10 @@ class LearnedSchedule:
         if self.model_timesteps.shape != self.timesteps.shape:
             raise ValueError(f"model_timesteps ({self.model_timesteps.numel()}) and timesteps "
                              f"({self.timesteps.numel()}) must have the same length")
-        if not (self.timesteps[1:] < self.timesteps[:-1]).all():
-            raise ValueError(f"timesteps must be strictly decreasing, got {self.timesteps.tolist()}")
+        # the same rules as a schedule file (validate_schedule_dict): a grid made here is one that loads back
+        _check_contents(self.timesteps.tolist(), self.model_timesteps.tolist(), nfe, solver_config, schedule_config,
+                        dict(guidance_scale=guidance_scale, model=model, time_mode=time_mode, decoupled=decoupled,
+                             training=training, metrics=metrics, library_version=library_version, created=created))
         self.solver_config = dict(solver_config)
         self.nfe = int(nfe)
         self.schedule_config = dict(schedule_config)
@@ -113,9 +182,17 @@ class LearnedSchedule:
         """``solver.sample(model, x_T, timesteps, model_timesteps=...)`` on x_T's device.
 
         The model must use the noise schedule the grid was learned on (its times mean other noise levels on
-        any other: ValueError); another solver than the file's is allowed, with a warning (the grid was
-        learned for that solver and NFE)."""
+        any other: ValueError); another solver than the file's (a Solver, or a name for
+        :func:`ld3_ext.solvers.make_solver`) is allowed, with a warning (the grid was learned for that solver
+        and NFE)."""
         from .schedules import NoiseSchedule
+        from .solvers import Solver, make_solver
+        if not isinstance(x_T, torch.Tensor):
+            raise TypeError(f"x_T must be a tensor, got {type(x_T).__name__}")
+        if isinstance(solver, str):
+            solver = make_solver(solver)
+        if solver is not None and not isinstance(solver, Solver):
+            raise TypeError(f"solver must be None, an ld3_ext Solver or a solver name, got {type(solver).__name__}")
         sched = getattr(model, "schedule", None)
         if isinstance(sched, NoiseSchedule) and not sched.same_as(self.schedule_config):
             raise ValueError(f"model: this schedule was learned on the noise schedule {self.schedule_config}, but the "
@@ -225,6 +302,8 @@ def _fail(path, msg):
 
 def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
     """Schema and consistency checks of a schedule document (checksum excluded)."""
+    if not isinstance(d, dict):
+        _fail(path, f"a schedule document must be a JSON object (dict), got {type(d).__name__}")
     if d.get("format") != FORMAT:
         _fail(path, f"not an ld3_ext schedule (format is {d.get('format')!r}, expected {FORMAT!r})")
     v = d.get("version")
@@ -243,38 +322,16 @@ def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
         vals = d[k]
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
             _fail(path, f"{k} must be a list of numbers")
-        if not all(math.isfinite(x) for x in vals):
-            _fail(path, f"{k} contains non-finite values")
+        if not all(_finite(x) for x in vals):
+            _fail(path, f"{k} contains non-finite values (NaN/Inf, or beyond the float64 range)")
     ts, ms, n = d["timesteps"], d["model_timesteps"], d["num_steps"]
     if len(ts) != n + 1 or len(ms) != n + 1:
         _fail(path, f"num_steps={n} needs {n + 1} timesteps and model_timesteps, got {len(ts)} and {len(ms)}")
-    if n < 1 or d["nfe"] < 1:
-        _fail(path, f"nfe and num_steps must be >= 1 (nfe={d['nfe']}, num_steps={n})")
-    if not all(a > b for a, b in zip(ts, ts[1:])):
-        _fail(path, "timesteps are not strictly decreasing")
-    if "name" not in d["solver"]:
-        _fail(path, "solver config has no 'name'")
-    if "type" not in d["schedule"]:
-        _fail(path, "schedule config has no 'type'")
     try:
-        from .schedules import schedule_from_config
-        sched = schedule_from_config(d["schedule"])
+        _check_contents([float(x) for x in ts], [float(x) for x in ms], d["nfe"], d["solver"], d["schedule"],
+                        {k: d.get(k) for k in _OPTIONAL}, solver_key="solver", schedule_key="schedule")
     except (TypeError, ValueError) as e:
-        _fail(path, f"invalid schedule config: {e}")
-    tol = sched.time_slack()
-    if abs(ts[0] - sched.t_max) > tol or abs(ts[-1] - sched.t_min) > tol:
-        _fail(path, f"timesteps must run from t_max={sched.t_max:.6g} to t_min={sched.t_min:.6g}, got "
-                    f"{ts[0]:.6g} ... {ts[-1]:.6g}")
-    lo, hi = sched.t_min - tol, sched.t_max + tol
-    if not all(lo <= x <= hi for x in ms):
-        _fail(path, "model_timesteps leave the schedule's time range")
-    try:
-        from .solvers import solver_from_config
-        solver = solver_from_config(d["solver"])
-    except (TypeError, ValueError) as e:
-        _fail(path, f"invalid solver config: {e}")
-    if solver.nfe(n) != d["nfe"]:
-        _fail(path, f"nfe={d['nfe']} does not match {n} steps of {d['solver']['name']} ({solver.nfe(n)} NFE)")
+        raise ScheduleFileError(f"schedule file {path}: {e}") from None
 
 
 def load_schedule(path: str) -> LearnedSchedule:

@@ -36,11 +36,19 @@ def _as_tensor(t, like: Optional[torch.Tensor] = None) -> torch.Tensor:
     return torch.as_tensor(t, dtype=dtype, device=device)
 
 
-def _num(name: str, v) -> float:
-    """float(v), or a TypeError naming the argument."""
+def _num(name: str, v, finite: bool = True) -> float:
+    """float(v), or a TypeError (not a number) / ValueError (NaN, Inf or too large) naming the argument."""
     if isinstance(v, (bool, str)) or not hasattr(v, "__float__"):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    return float(v)
+    try:
+        x = float(v)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"{name} must be a finite number, got an int too large for a float") from None
+    except (TypeError, ValueError) as e:  # complex, multi-element arrays
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}: {e}") from None
+    if finite and not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x}")
+    return x
 
 
 class NoiseSchedule:
@@ -104,6 +112,19 @@ class NoiseSchedule:
         """(kind id, [params]) for the C++ coefficient code, or None when only Python can do it."""
         return None
 
+    def _check_ends(self):
+        """Constructor check: alpha and sigma finite and > 0 at t_min and t_max, lambda decreasing.  Finite
+        parameters can still be extreme enough (beta_max=1e300, t_max=1e10) for alpha to underflow to 0,
+        which turns every grid and solver coefficient into NaN/Inf later, far from the cause."""
+        t = torch.tensor([self.t_min, self.t_max], dtype=torch.float64)
+        la, ls = self.log_alpha(t), self.log_sigma(t)
+        ok = bool(torch.isfinite(la).all() and torch.isfinite(ls).all() and torch.exp(la).gt(0).all()
+                  and torch.exp(ls).gt(0).all())
+        if not ok or not float(la[1] - ls[1]) < float(la[0] - ls[0]):
+            raise ValueError(f"{type(self).__name__}: parameters {self.config()} give alpha(t)={torch.exp(la).tolist()}, "
+                             f"sigma(t)={torch.exp(ls).tolist()} at (t_min, t_max); need both finite and > 0 "
+                             "and lambda decreasing (a parameter is out of its usable range)")
+
     def config(self) -> dict:
         """JSON-serialisable description (used by schedule files)."""
         raise NotImplementedError
@@ -166,12 +187,15 @@ class VPLinear(NoiseSchedule):
     name = "vp_linear"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_max: float = 1.0, t_min: float = 1e-3):
+        beta_min, beta_max = _num("VPLinear: beta_min", beta_min), _num("VPLinear: beta_max", beta_max)
+        t_min, t_max = _num("VPLinear: t_min", t_min), _num("VPLinear: t_max", t_max)
         if not (0 <= beta_min < beta_max):
             raise ValueError(f"VPLinear: need 0 <= beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
         if not (0 < t_min < t_max):
             raise ValueError(f"VPLinear: need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
+        self._check_ends()
 
     def log_alpha(self, t):
         return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
@@ -205,10 +229,12 @@ class VPCosine(NoiseSchedule):
         # alpha reaches 0 at t = 1; DPM-Solver's end time T = 0.9946 (lambda(T) = -4.78 for s = 0.008)
         if t_max is None:
             t_max = 0.9946
+        t_min, t_max = _num("VPCosine: t_min", t_min), _num("VPCosine: t_max", t_max)
         if not (0 < t_min < t_max < 1.0):
             raise ValueError(f"VPCosine: need 0 < t_min < t_max < 1, got t_min={t_min}, t_max={t_max}")
         self.t_min, self.t_max = float(t_min), float(t_max)
         self._log_alpha0 = math.log(math.cos(self.s / (1.0 + self.s) * math.pi / 2.0))
+        self._check_ends()
 
     def log_alpha(self, t):
         return torch.log(torch.cos((t + self.s) / (1.0 + self.s) * (math.pi / 2.0))) - self._log_alpha0
@@ -237,10 +263,19 @@ class FlowMatching(NoiseSchedule):
     name = "flow"
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-3, shift: float = 1.0):
+        t_min, t_max = _num("FlowMatching: t_min", t_min), _num("FlowMatching: t_max", t_max)
+        shift = _num("FlowMatching: shift", shift)
         if not (0 < t_min < t_max < 1.0):
             raise ValueError(f"FlowMatching: need 0 < t_min < t_max < 1, got t_min={t_min}, t_max={t_max}")
         if not shift > 0:
             raise ValueError(f"FlowMatching: shift must be > 0, got {shift}")
+        # discretizations map the shifted [t_min, t_max] affinely back onto itself: an extreme shift
+        # (1e300, 1e-300) maps both ends to the same float, a division by zero there and no resolution before
+        def f(u):
+            return shift * u / (1.0 + (shift - 1.0) * u)
+        if not f(t_max) - f(t_min) > 1e-8:
+            raise ValueError(f"FlowMatching: shift={shift} is too extreme: it maps t_min and t_max to "
+                             f"{f(t_min)} and {f(t_max)}, which float64 cannot resolve")
         self.t_min, self.t_max, self.shift = float(t_min), float(t_max), float(shift)
 
     def log_alpha(self, t):
@@ -288,8 +323,8 @@ class VPDiscrete(NoiseSchedule):
         n = self.num_train_timesteps
         self._t_knots = torch.linspace(1.0, n, n, dtype=torch.float64) / n
         self._log_alpha_knots = 0.5 * log_ac
-        self.t_min = float(1.0 / n) if t_min is None else float(t_min)
-        self.t_max = float(t_max)
+        self.t_min = float(1.0 / n) if t_min is None else _num("VPDiscrete: t_min", t_min)
+        self.t_max = _num("VPDiscrete: t_max", t_max)
         if not (1.0 / n - 1e-12 <= self.t_min < self.t_max <= 1.0 + 1e-12):
             raise ValueError(f"VPDiscrete: need 1/N <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
         lam = self._log_alpha_knots - 0.5 * torch.log(-torch.expm1(2.0 * self._log_alpha_knots))

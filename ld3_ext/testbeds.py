@@ -8,13 +8,23 @@ N(alpha mu_k, diag(alpha^2 s_k^2 + sigma^2)) and E[x_0 | x_t] = sum_k w_k(x_t) (
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, _num
 from .wrappers import DiffusionModel, wrap_model
+
+
+def _count(name: str, n) -> int:
+    """n as an int >= 1, or an error naming the argument (2.5 modes or 0 samples are not a count)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {type(n).__name__} {n!r}")
+    if n < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {n}")
+    return int(n)
 
 
 class GaussianMixture:
@@ -25,12 +35,21 @@ class GaussianMixture:
         self.stds = torch.as_tensor(stds, dtype=torch.float64)
         if self.means.dim() != 2 or self.stds.shape != self.means.shape:
             raise ValueError("means and stds must both have shape [K, d]")
+        if self.means.numel() == 0:
+            raise ValueError(f"means must hold at least one component of dimension >= 1, got shape {tuple(self.means.shape)}")
+        # NaN/Inf parameters give NaN denoisers and samples, not an error
+        if not torch.isfinite(self.means).all():
+            raise ValueError("means must be finite")
         if not torch.all(self.stds > 0):
             raise ValueError("stds must be > 0")
+        if not torch.isfinite(self.stds).all():
+            raise ValueError("stds must be finite")
         k, d = self.means.shape
         w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         if w.shape != (k,) or not torch.all(w > 0):
             raise ValueError("weights must be K positive numbers")
+        if not torch.isfinite(w).all() or not math.isfinite(float(w.sum())):  # Inf turns log_weights into NaN
+            raise ValueError("weights must be finite (and so must their sum)")
         self.log_weights = torch.log(w / w.sum())
         self.dim = d
         self.event_shape = tuple(event_shape) if event_shape is not None else (d,)
@@ -39,6 +58,7 @@ class GaussianMixture:
         self.name = name
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        n = _count("n", n)
         k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return (self.means[k] + self.stds[k] * z).reshape(n, *self.event_shape)
@@ -75,6 +95,11 @@ class GaussianMixture:
     def prior_noise(self, schedule: NoiseSchedule, n: int, generator: Optional[torch.Generator] = None,
                     dtype=torch.float64) -> torch.Tensor:
         """x_T ~ N(0, sigma(t_max)^2 I) (the sampling prior)."""
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        n = _count("n", n)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:  # integer noise is all zeros
+            raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
         z = torch.randn(n, *self.event_shape, generator=generator, dtype=torch.float64)
         return (schedule.prior_std() * z).to(dtype)
 
@@ -86,8 +111,34 @@ class GaussianMixture:
         """
         from scipy.integrate import solve_ivp
 
-        t_start = schedule.t_max if t_start is None else t_start
-        t_end = schedule.t_min if t_end is None else t_end
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():  # the result is cast to x_T's dtype
+            raise TypeError(f"x_T must be a floating torch.Tensor, got "
+                            f"{x_T.dtype if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
+        if x_T.dim() < 1 or x_T.numel() == 0 or x_T.numel() != x_T.shape[0] * self.dim:
+            raise ValueError(f"x_T must be a non-empty batch of samples of {self.dim} values each, got shape {tuple(x_T.shape)}")
+        if not torch.isfinite(x_T).all():
+            raise ValueError("x_T contains NaN or Inf")
+        t_start = schedule.t_max if t_start is None else _num("t_start", t_start)
+        t_end = schedule.t_min if t_end is None else _num("t_end", t_end)
+        for name, v in (("rtol", rtol), ("atol", atol)):
+            if not _num(name, v) > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
+        # outside the schedule's domain lambda is NaN or infinite and solve_ivp never returns
+        for name, v in (("t_start", t_start), ("t_end", t_end)):
+            tv = torch.tensor(v, dtype=torch.float64)
+            la, ls = schedule.log_alpha(tv), schedule.log_sigma(tv)
+            if not (torch.isfinite(la) and torch.isfinite(ls) and torch.exp(la) > 0 and torch.exp(ls) > 0
+                    and torch.isfinite(torch.exp(la - ls))):  # e^lambda drives the ODE
+                raise ValueError(f"{name}={v} is outside where the schedule is defined: alpha={float(torch.exp(la))}, "
+                                 f"sigma={float(torch.exp(ls))} (need both and alpha/sigma finite and > 0)")
+            # the solve runs in lambda and maps back with inverse_lambda: t must be recoverable (VPLinear at
+            # t < 0 has a finite lambda that inverse_lambda maps to another, positive t)
+            back = float(schedule.inverse_lambda(la - ls))
+            if not abs(back - v) <= 1e-6 * max(abs(v), schedule.t_max - schedule.t_min):
+                raise ValueError(f"{name}={v} is outside where the schedule is invertible: lambda({name}) maps back "
+                                 f"to t={back}")
         lam0 = float(schedule.lambda_(torch.tensor(t_start, dtype=torch.float64)))
         lam1 = float(schedule.lambda_(torch.tensor(t_end, dtype=torch.float64)))
         shape = x_T.shape
@@ -110,6 +161,8 @@ class GaussianMixture:
 
 
 def ring2d(n_modes: int = 8, radius: float = 1.0, std: float = 0.05) -> GaussianMixture:
+    n_modes = _count("n_modes", n_modes)
+    radius, std = _num("radius", radius), _num("std", std)
     ang = torch.arange(n_modes, dtype=torch.float64) * (2 * math.pi / n_modes)
     means = radius * torch.stack([ang.cos(), ang.sin()], 1)
     return GaussianMixture(means, torch.full_like(means, std), name="ring2d")
@@ -130,6 +183,7 @@ def digits64(min_std: float = 0.05) -> GaussianMixture:
 
 def random3072(n_modes: int = 10, seed: int = 0) -> GaussianMixture:
     """A random 3x32x32 mixture (CIFAR-sized)."""
+    n_modes = _count("n_modes", n_modes)
     g = torch.Generator().manual_seed(seed)
     d = 3 * 32 * 32
     means = 0.5 * torch.randn(n_modes, d, generator=g, dtype=torch.float64)

@@ -176,11 +176,20 @@ class DiffusionModel(torch.nn.Module):
         """
         if returns not in ("both", "x0", "eps"):
             raise ValueError(f"returns must be 'both', 'x0' or 'eps', got {returns!r}")
+        # attribute checks only (no read-back): an integer x would give truncated integer predictions
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"predict: x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"predict: x must be a floating tensor, got {x.dtype}")
+        if x.dim() == 0:
+            raise ValueError("predict: x must have a batch dimension, got a 0-d tensor")
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t, dtype=torch.float64 if x.dtype != torch.float32 else x.dtype, device=x.device)
+        if t.is_complex() or t.dtype == torch.bool:  # cast to a real time silently otherwise
+            raise TypeError(f"predict: t must be a real time, got {t.dtype}")
         if t.numel() != 1:  # one time for the whole batch: a [B] time would broadcast over x's last dimension
             raise ValueError(f"predict: t must hold one time for the whole batch, got shape {tuple(t.shape)}")
-        if x.is_floating_point() and t.is_floating_point() and t.dtype != x.dtype:
+        if t.is_floating_point() and t.dtype != x.dtype:
             # the time -> alpha/sigma/network-time conversions must be at least as precise as x:
             # a float32 time grid with a float64 state is evaluated in float64 (not rounded to float32)
             wider = torch.promote_types(t.dtype, x.dtype)

@@ -55,6 +55,11 @@ def _check(schedule, nfe):
         raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
 
 
+def _check_order(order):
+    if isinstance(order, bool) or order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+
+
 def step_orders(n: int, order: int) -> list:
     """Order of each of the n steps: warm-up min(s+1, order), lowered to N - s at the end."""
     return [max(1, min(order, s + 1, n - s)) for s in range(n)]
@@ -88,6 +93,7 @@ def error_weight(lam: np.ndarray, space: str) -> np.ndarray:
 
 def dmn_objective(lams: np.ndarray, order: int = 3, space: str = "pixel", trunc_num: int = 0) -> float:
     """The DMN error bound for a full increasing lambda grid lambda_0 (noisiest) .. lambda_N."""
+    _check_order(order)  # step_orders would silently clamp 0 or 7 to a valid order
     lams = np.asarray(lams, dtype=np.float64)
     n = lams.size - 1
     w = error_weight(lams, space)
@@ -109,8 +115,11 @@ def dmn_lambdas(lambda_min: float, lambda_max: float, nfe: int, order: int = 3, 
     """Optimised increasing lambda grid (length nfe + 1) between lambda_min and lambda_max."""
     from scipy.optimize import LinearConstraint, minimize
 
-    if not lambda_max > lambda_min:
-        raise ValueError(f"need lambda_max > lambda_min, got {lambda_min}, {lambda_max}")
+    if not (np.isfinite(lambda_min) and np.isfinite(lambda_max) and lambda_max > lambda_min):
+        raise ValueError(f"need finite lambda_min < lambda_max, got lambda_min={lambda_min}, lambda_max={lambda_max}")
+    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:  # nfe=0 divides by zero below
+        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
+    _check_order(order)
     if trunc_num is None:
         trunc_num = 3 if nfe <= 7 else 0
     if init is None:
@@ -153,8 +162,7 @@ def dmn(schedule: NoiseSchedule, nfe: int, order: int = 3, space: str = "pixel",
     bound settles to 5 significant digits within ~100 at NFE 10 (about 2 s here), hence 200.
     """
     _check(schedule, nfe)
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    _check_order(order)
     if space not in ("pixel", "latent"):
         raise ValueError(f"space must be 'pixel' or 'latent', got {space!r}")
     init = init or ("logsnr" if space == "pixel" else "time")

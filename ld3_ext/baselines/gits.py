@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -95,6 +96,20 @@ def _check(schedule, nfe):
         raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
 
 
+def _solver_arg(name, solver):
+    """None, a Solver, or a solver name ("euler", "dpmpp", ...) as everywhere else in the library."""
+    from ..solvers import Solver, make_solver
+
+    if solver is None or isinstance(solver, Solver):
+        return solver
+    if isinstance(solver, str):
+        try:
+            return make_solver(solver)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    raise TypeError(f"{name} must be a Solver or a solver name, got {type(solver).__name__}")
+
+
 def gits_preset(dataset: str, schedule: NoiseSchedule, nfe: int, tol: float = 0.02) -> torch.Tensor:
     """A published GITS list as timesteps on ``schedule`` via t = schedule.t_from_edm_sigma(sigma).
 
@@ -143,7 +158,7 @@ def teacher_states(model: DiffusionModel, x_T: torch.Tensor, grid: torch.Tensor,
     """
     from ..solvers import DPMSolverPP
 
-    solver = teacher_solver or DPMSolverPP(order=2)
+    solver = _solver_arg("teacher_solver", teacher_solver) or DPMSolverPP(order=2)
     s = model.schedule
     states = [x_T]
     x = x_T
@@ -166,7 +181,7 @@ def gits_cost_matrix(model: DiffusionModel, grid: torch.Tensor, states: List[tor
     from ..solvers import Euler
     from ..metrics import teacher_rmse
 
-    solver = solver or Euler()
+    solver = _solver_arg("solver", solver) or Euler()
     if solver.nfe(1) != 1:
         # the cached stand-in answers every call with the prediction at (x_i, g_i): a solver that evaluates
         # the network twice a step (Heun) would get it back at its predictor point and score Euler steps
@@ -200,15 +215,20 @@ def gits_dp(cost: np.ndarray, nfe: int, coeff: float = 1.0) -> List[int]:
     m = cost.shape[0] - 1
     if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or not 1 <= nfe <= m:
         raise ValueError(f"nfe must be an int in 1..{m} (the fine grid has {m} intervals), got {nfe!r}")
-    if not coeff > 0:
-        raise ValueError(f"coeff must be > 0, got {coeff}")
+    if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not 0 < coeff < math.inf:
+        raise ValueError(f"coeff must be a finite number > 0, got {coeff!r}")
+    if np.isnan(cost).any():
+        raise ValueError("cost contains NaN (use +inf for jumps that are not allowed)")
     # backward recursion: togo[k, i] = least weighted cost from i to M in exactly k jumps, where the
     # first of those k jumps has weight 1 and the rest are scaled by coeff (GITS' recursion)
     togo = np.full((nfe + 1, m + 1), np.inf)
     nxt = np.zeros((nfe + 1, m + 1), dtype=np.int64)
     togo[0, m] = 0.0
+    # only forward jumps (j > i): a finite cost on or below the diagonal would repeat or reverse indices
+    backward = np.tril(np.ones((m + 1, m + 1), dtype=bool))
     for k in range(1, nfe + 1):
         cand = cost + coeff * togo[k - 1][None, :]          # [i, j]
+        cand[backward] = np.inf
         nxt[k] = np.argmin(cand, axis=1)
         togo[k] = cand[np.arange(m + 1), nxt[k]]
     if not np.isfinite(togo[nfe, 0]):
@@ -257,6 +277,8 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
         raise ValueError("schedule differs from the model's schedule")
     if fine_steps < nfe:
         raise ValueError(f"fine_steps ({fine_steps}) must be >= nfe ({nfe})")
+    solver = _solver_arg("solver", solver)  # before the (costly) teacher trajectories
+    teacher_solver = _solver_arg("teacher_solver", teacher_solver)
     grid = fine_grid(schedule, fine_steps, spacing)
     if x_T is None:
         if sample_shape is None:

@@ -32,6 +32,8 @@ rather than read as the default linear VP schedule.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -181,8 +183,10 @@ def schedule_from_diffusers_config(scheduler_config, shift: Optional[float] = No
             if cfg.get("use_dynamic_shifting", False):
                 raise DiffusersConfigError("use_dynamic_shifting=True: the shift depends on the image resolution "
                                            "(mu); pass shift= explicitly")
-            shift = float(cfg.get("shift", cfg.get("flow_shift", 1.0)) or 1.0)
-        kw = {"shift": float(shift)}
+            shift = cfg.get("shift", cfg.get("flow_shift", 1.0))
+            if shift is None:  # a missing or null shift is diffusers' default, 1
+                shift = 1.0
+        kw = {"shift": _shift(shift)}
         if t_min is not None:
             kw["t_min"] = t_min
         if t_max is not None:
@@ -205,8 +209,19 @@ def schedule_from_diffusers_config(scheduler_config, shift: Optional[float] = No
     return VPDiscrete(alphas_cumprod=ac, **kw), PREDICTION_TYPES[ptype]
 
 
+def _shift(shift) -> float:
+    """A flow shift as a float > 0 (0 used to become 1.0 silently: another model's time warp)."""
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift) or not shift > 0:
+        raise DiffusersConfigError(f"shift must be a finite number > 0, got {shift!r}")
+    return float(shift)
+
+
 def network_time_fn(schedule: NoiseSchedule, num_train_timesteps: int = 1000):
     """How a diffusers network reads time: VP index t*N - 1, flow t*num_train_timesteps."""
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral) \
+            or num_train_timesteps < 1:
+        # 0 would feed the network time 0 at every step
+        raise DiffusersConfigError(f"num_train_timesteps must be an int >= 1, got {num_train_timesteps!r}")
     if isinstance(schedule, VPDiscrete):
         return "index"
     if isinstance(schedule, FlowMatching):

@@ -44,6 +44,7 @@ from ..coefficients import step_orders
 from ..discretizations import get_discretization
 from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete, schedule_from_config
 from ..solvers import Solver, solver_from_config
+from ..wrappers import _capturing, _compiling
 from .diffusers import PREDICTION_TYPES, DiffusersConfigError, schedule_from_diffusers_config
 
 _SUPPORTED_SOLVERS = ("dpmpp", "unipc", "ipndm", "euler", "heun")
@@ -256,8 +257,8 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         solver = self.solver
         if self._grid is not None:
             n = self._grid.numel() - 1
-            if num_inference_steps is not None and solver.steps_for_nfe(int(num_inference_steps)) != n \
-                    and int(num_inference_steps) != n:
+            if num_inference_steps is not None and int(num_inference_steps) != n \
+                    and _steps_for_nfe(solver, int(num_inference_steps)) != n:
                 raise ValueError(f"this LD3Scheduler holds a grid with N={n} intervals ({solver.nfe(n)} network "
                                  f"evaluations); call the pipeline with num_inference_steps={n}")
             t = self._grid.clone()
@@ -441,9 +442,25 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         """x = alpha x_0 + sigma noise (img2img).  ``timesteps`` in diffusers units (floats ok); an entry equal to
         one of ``self.timesteps`` means that step's start, i.e. its SOLVER grid time (which differs from the
         network time when the grid is decoupled); any other value is read as a time in network units."""
+        if not isinstance(original_samples, torch.Tensor) or not original_samples.is_floating_point() \
+                or original_samples.dim() < 1:
+            raise TypeError(f"add_noise: original_samples must be a floating tensor with a batch dimension, got "
+                            f"{getattr(original_samples, 'dtype', type(original_samples).__name__)}")
+        if not isinstance(noise, torch.Tensor) or noise.shape != original_samples.shape:
+            # broadcasting would return a bigger (or differently batched) sample without a word
+            raise ValueError(f"add_noise: noise must have the shape of original_samples "
+                             f"{tuple(original_samples.shape)}, got "
+                             f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
         dev = original_samples.device
         tt = torch.as_tensor(timesteps, device=dev).reshape(-1)
+        b = original_samples.shape[0]
+        if tt.numel() not in (1, b):
+            raise ValueError(f"add_noise: timesteps must hold one timestep or one per sample (batch {b}), got "
+                             f"{tt.numel()}")
+        if tt.is_complex() or tt.dtype == torch.bool:
+            raise TypeError(f"add_noise: timesteps must be real numbers, got {tt.dtype}")
         units = tt.to(torch.float64)
+        hit = None
         if self.timesteps is not None:
             own = self.timesteps.to(dev)
             hit = tt.to(own.dtype)[:, None] == own[None, :]
@@ -453,7 +470,10 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             else:
                 grid = grid[: self._n]
             first = hit.to(torch.int64).argmax(1)
-            units = torch.where(hit.any(1), grid[first], units)
+            hit = hit.any(1)
+            units = torch.where(hit, grid[first], units)
+        if not (_compiling() or _capturing()):  # one read-back (once per img2img call, not per step)
+            self._check_noise_units(units if hit is None else units[~hit])
         if isinstance(self.schedule, VPDiscrete):
             t = self.schedule.t_from_index(units)
         else:
@@ -463,8 +483,28 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         s = self.schedule.sigma(t).to(original_samples.dtype).reshape(shape)
         return a * original_samples + s * noise
 
+    def _check_noise_units(self, units: torch.Tensor) -> None:
+        """add_noise's timesteps (other than this solve's own) in the training range: 0..N-1 (the VP index) or
+        0..N (flow time * N); outside, alpha/sigma are NaN (a negative index) or extrapolated."""
+        n = int(self.config.num_train_timesteps)
+        hi = n - 1 if isinstance(self.schedule, VPDiscrete) else n
+        bad = ~(torch.isfinite(units) & (units >= 0) & (units <= hi))
+        if bool(bad.any()):
+            raise ValueError(f"add_noise: timesteps must be finite and in [0, {hi}] (num_train_timesteps={n}), got "
+                             f"{units[bad].cpu().tolist()[:8]}")
+
     def __len__(self):
         return int(self.config.num_train_timesteps)
+
+
+def _steps_for_nfe(solver, nfe: int) -> Optional[int]:
+    """The solver's steps for ``nfe`` evaluations; None for a budget it cannot spend (Heun with nfe=1)."""
+    if nfe >= 1:
+        try:
+            return solver.steps_for_nfe(nfe)
+        except ValueError:
+            return None
+    return solver.steps_for_nfe(nfe)  # its own error names nfe
 
 
 def _floats(x) -> List[float]:

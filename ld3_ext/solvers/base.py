@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import adjoint, ops
 from ..coefficients import SolverSpec, step_orders
+from ..schedules import NoiseSchedule
 from ..wrappers import DiffusionModel, _capturing, _compiling
 
 
@@ -17,11 +18,20 @@ def _fail(name: str, msg: str):
     raise ValueError(f"{name}: {msg}")
 
 
+def _no_meta(name: str, t: torch.Tensor) -> None:
+    # a meta tensor has no values: a solve on it can only fail later, inside torch, naming nothing
+    if t.device.type == "meta":
+        _fail(name, "is on the meta device (it holds no values); use a cpu or cuda tensor")
+
+
 def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, name: str = "timesteps",
                        check_range: bool = True, min_len: int = 2, values: bool = True) -> torch.Tensor:
     """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing).
 
     ``values=False`` keeps the checks that read no tensor value (type, shape, dtype, device)."""
+    if check_range and not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be an ld3_ext NoiseSchedule (the range of {name}), got "
+                        f"{type(schedule).__name__}")
     if not isinstance(timesteps, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D torch.Tensor, got {type(timesteps).__name__}")
     if timesteps.dim() != 1:
@@ -32,6 +42,9 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
         _fail(name, f"needs at least {min_len} entries (t_0 > ... > t_N), got {timesteps.numel()}")
     if x_T is not None and timesteps.device != x_T.device:
         _fail(name, f"is on {timesteps.device} but x_T is on {x_T.device}; put both on one device")
+    if x_T is not None:
+        _no_meta("x_T", x_T)  # on the device of timesteps: name the state first
+    _no_meta(name, timesteps)
     if not values:
         return timesteps
     # one read-back for every value check (one host sync on a GPU, instead of one per check);
@@ -75,6 +88,7 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
                     f"{tuple(model_timesteps.shape)}")
     if model_timesteps.device != timesteps.device:
         _fail(name, f"is on {model_timesteps.device} but timesteps is on {timesteps.device}")
+    _no_meta(name, model_timesteps)
     if not values:
         return model_timesteps
     md = model_timesteps.detach()
@@ -209,7 +223,8 @@ class MultistepSolver(Solver):
     def _solve(self, model, x, t, tm, kwargs):
         spec = self.spec()
         n = t.numel() - 1
-        coef = ops.coefficient_table(model.schedule, t, spec, self.backend)
+        # sample() validated t already: no second read-back of the grid
+        coef = ops.coefficient_table(model.schedule, t, spec, self.backend, validate=False)
         orders = step_orders(spec, n)
         use_eps = spec.uses_noise_prediction
         if ops.resolve_backend(self.backend) == "fused" and adjoint.applicable(x, coef, tm):

@@ -5,7 +5,7 @@ native path, in ``csrc/solver_coefficients.h``.
 """
 from __future__ import annotations
 
-from ..coefficients import SolverSpec
+from ..coefficients import SolverSpec, check_flag
 from .base import MultistepSolver
 
 
@@ -24,7 +24,7 @@ class DPMSolverPP(MultistepSolver):
         super().__init__(order, **kw)
         if solver_type not in ("midpoint", "heun"):
             raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-        self.lower_order_final = bool(lower_order_final)
+        self.lower_order_final = check_flag("lower_order_final", lower_order_final)
         self.solver_type = solver_type
 
     def spec(self) -> SolverSpec:

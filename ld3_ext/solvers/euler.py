@@ -12,8 +12,8 @@ class Euler(MultistepSolver):
     max_order = 1
 
     def __init__(self, **kw):
-        kw.pop("order", None)
-        super().__init__(1, **kw)
+        # order is accepted (configs carry it) but must be Euler's own: any other would be silently dropped
+        super().__init__(kw.pop("order", 1), **kw)
 
     def spec(self) -> SolverSpec:
         return SolverSpec("euler", 1, False)

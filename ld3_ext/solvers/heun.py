@@ -54,14 +54,18 @@ class Heun(Solver):
     max_order = 2
 
     def __init__(self, **kw):
-        kw.pop("order", None)
-        super().__init__(2, **kw)
+        # order is accepted (configs carry it) but must be Heun's own: any other would be silently dropped
+        super().__init__(kw.pop("order", 2), **kw)
+        if self.order != 2:
+            raise ValueError(f"order must be 2 for Heun (a second-order method), got {self.order}")
 
     def nfe(self, num_steps: int) -> int:
         return 2 * check_count("num_steps", num_steps, 0)
 
     def steps_for_nfe(self, nfe: int) -> int:
-        return max(1, check_count("nfe", nfe, 1) // 2)  # an odd budget runs one evaluation fewer
+        if check_count("nfe", nfe, 1) < 2:  # one step costs two evaluations: a budget of 1 cannot run
+            raise ValueError(f"nfe must be >= 2 for Heun (each step costs 2 network evaluations), got {nfe}")
+        return nfe // 2  # an odd budget runs one evaluation fewer
 
     def config(self):
         return {"name": self.name, "order": 2}

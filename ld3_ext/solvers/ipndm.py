@@ -1,7 +1,7 @@
 """iPNDM (Zhang & Chen 2023): Adams-Bashforth on the noise prediction with exponential integrator, orders 1-4."""
 from __future__ import annotations
 
-from ..coefficients import SolverSpec
+from ..coefficients import SolverSpec, check_flag
 from .base import MultistepSolver
 
 
@@ -18,7 +18,7 @@ class IPNDM(MultistepSolver):
 
     def __init__(self, order: int = 3, lower_order_final: bool = False, **kw):
         super().__init__(order, **kw)
-        self.lower_order_final = bool(lower_order_final)
+        self.lower_order_final = check_flag("lower_order_final", lower_order_final)
 
     def spec(self) -> SolverSpec:
         return SolverSpec("ipndm", self.order, self.lower_order_final)

@@ -6,7 +6,7 @@ from typing import List
 import torch
 
 from .. import adjoint, ops
-from ..coefficients import SolverSpec, step_orders
+from ..coefficients import SolverSpec, check_flag, step_orders
 from .base import MultistepSolver, table_rows
 
 
@@ -26,8 +26,8 @@ class UniPC(MultistepSolver):
         if variant not in ("bh1", "bh2"):
             raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
         self.variant = variant
-        self.lower_order_final = bool(lower_order_final)
-        self.use_corrector = bool(use_corrector)
+        self.lower_order_final = check_flag("lower_order_final", lower_order_final)
+        self.use_corrector = check_flag("use_corrector", use_corrector)
 
     def spec(self) -> SolverSpec:
         return SolverSpec("unipc", self.order, self.lower_order_final, variant=self.variant,
@@ -40,7 +40,7 @@ class UniPC(MultistepSolver):
     def _solve(self, model, x, t, tm, kwargs):
         spec = self.spec()
         n = t.numel() - 1
-        coef = ops.coefficient_table(model.schedule, t, spec, self.backend)
+        coef = ops.coefficient_table(model.schedule, t, spec, self.backend, validate=False)  # sample() checked t
         orders = step_orders(spec, n)
         if ops.resolve_backend(self.backend) == "fused" and adjoint.applicable(x, coef, tm):
             # one autograd node for the whole solve (ld3_ext/adjoint.py): with the corrector, UniPC

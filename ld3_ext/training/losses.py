@@ -13,6 +13,7 @@ digits64 test bed it gave clearly better held-out median errors than "l2" (see t
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Union
 
 import torch
@@ -28,22 +29,39 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
 
 
+def _diff(pred, target) -> torch.Tensor:
+    """pred - target as [B, D], for same-shaped batches (broadcasting would compare the wrong samples)."""
+    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(f"pred and target must be tensors, got {type(pred).__name__} and {type(target).__name__}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.dim() < 1:
+        raise ValueError("pred and target need a batch dimension (shape [B, ...]), got 0-d tensors")
+    return _flat(pred) - _flat(target)
+
+
 def l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (_flat(pred) - _flat(target)).pow(2).mean(1)
+    return _diff(pred, target).pow(2).mean(1)
 
 
 def l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (_flat(pred) - _flat(target)).abs().mean(1)
+    return _diff(pred, target).abs().mean(1)
 
 
 class PseudoHuberLoss:
     """sqrt(||pred - target||^2 + c^2) - c per sample; ``c=None`` uses 0.00054 * sqrt(d)."""
 
     def __init__(self, c: Optional[float] = None):
+        if c is not None:
+            # c < 0 or NaN gives negative or NaN distances; a str fails only at the first call
+            if isinstance(c, bool) or not isinstance(c, numbers.Real):
+                raise TypeError(f"c must be None or a number, got {type(c).__name__}")
+            if not 0 < c < math.inf:
+                raise ValueError(f"c must be a finite number > 0, got {c!r}")
         self.c = c
 
     def __call__(self, pred, target):
-        diff = _flat(pred) - _flat(target)
+        diff = _diff(pred, target)
         c = self.c if self.c is not None else 0.00054 * math.sqrt(diff.shape[1])
         return torch.sqrt(diff.pow(2).sum(1) + c * c) - c
 

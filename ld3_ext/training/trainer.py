@@ -95,6 +95,25 @@ def check_nfe(solver: Solver, nfe: int) -> int:
     return steps
 
 
+def _check_real(name: str, v, ok: Callable[[float], bool], rule: str) -> None:
+    """``v`` must be a real number (a bool is not one) with ``ok(v)``; ``rule`` says which, for the message."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be {rule}, got {v!r}")
+    if not ok(float(v)):  # NaN fails every comparison, so every rule
+        raise ValueError(f"{name} must be {rule}, got {v!r}")
+
+
+def _check_int(name: str, v, least: int, none_ok: bool = False) -> None:
+    """``v`` must be an int >= ``least`` (or None when ``none_ok``); a bool or a float is not truncated."""
+    if v is None and none_ok:
+        return
+    rule = f"{'None or ' if none_ok else ''}an int >= {least}"
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be {rule}, got {v!r}")
+    if v < least:
+        raise ValueError(f"{name} must be {rule}, got {v!r}")
+
+
 def _default_device(model):
     if isinstance(model, torch.nn.Module):
         for p in list(model.parameters()) + list(model.buffers()):
@@ -242,18 +261,37 @@ class LD3Trainer:
                         ("n_train", n_train), ("n_valid", n_valid), ("patience", patience)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        # the optimiser and stopping settings: checked here, not when (or after) training uses them
+        _check_real("momentum", momentum, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        _check_real("lr_decay", lr_decay, lambda v: 0 < v <= 1, "a number in (0, 1]")
+        _check_real("clip_norm", clip_norm, lambda v: 0 < v < math.inf, "a finite number > 0")
+        for name, v in (("lr_xi_min", lr_xi_min), ("lr_xi_c_min", lr_xi_c_min)):
+            _check_real(name, v, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+        # the counters are compared with ">=": 0 would act as 1, so at least one (as patience)
+        _check_int("lr2_patience", lr2_patience, 1)
+        _check_int("early_stop_patience", early_stop_patience, 1, none_ok=True)
+        _check_int("rounds_v1", rounds_v1, 0)
+        _check_int("rounds_v2", rounds_v2, 0)
+        for name, v in (("callback", callback), ("decoder", decoder)):
+            if v is not None and not callable(v):
+                raise TypeError(f"{name} must be None or a callable, got {type(v).__name__}")
+        for name, v in (("conditions", conditions), ("uncond", uncond)):
+            # indexed and expanded per sample: a tensor with a batch dimension
+            if v is not None and not isinstance(v, torch.Tensor):
+                raise TypeError(f"{name} must be None or a tensor [N, ...], got {type(v).__name__}")
+            if v is not None and v.dim() < 1:
+                raise ValueError(f"{name} needs a batch dimension [N, ...], got a 0-d tensor")
         if rounds_v1 < 0 or rounds_v2 < 0 or rounds_v1 + rounds_v2 < 1:
             raise ValueError(f"need rounds_v1, rounds_v2 >= 0 with at least one round, got {rounds_v1}, {rounds_v2}")
         if time_mode_trial_rounds is not None and (isinstance(time_mode_trial_rounds, bool) or not isinstance(
                 time_mode_trial_rounds, int) or time_mode_trial_rounds < 1):
             raise ValueError(f"time_mode_trial_rounds must be None or an int >= 1, got {time_mode_trial_rounds!r}")
-        if valid_every is not None and (not isinstance(valid_every, int) or valid_every < 1):
-            raise ValueError(f"valid_every must be None or an int >= 1, got {valid_every!r}")
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
+        for name, v in (("valid_every", valid_every), ("checkpoint_every", checkpoint_every)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):  # True is not 1
+                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
         for name, v in (("lr_xi", lr_xi), ("lr_xi_c", lr_xi_c), ("shift_lr", shift_lr)):  # issue 6 audit
-            if v is not None and (isinstance(v, (bool, str)) or not 0 < float(v) < math.inf):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            if v is not None:
+                _check_real(name, v, lambda v: 0 < v < math.inf, "a finite number > 0")
         if cache_max_bytes is not None and (not isinstance(cache_max_bytes, int) or cache_max_bytes < 1):
             raise ValueError(f"cache_max_bytes must be None or an int >= 1, got {cache_max_bytes!r}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -261,8 +299,8 @@ class LD3Trainer:
         if device is not None and torch.device(device).type == "meta":
             raise ValueError("device='meta' holds no data: LD3 training needs a real device (cpu/cuda)")
         for name, v in (("gamma", gamma), ("radius", radius)):
-            if v is not None and (isinstance(v, (bool, str)) or not 0 <= float(v) < math.inf):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            if v is not None:
+                _check_real(name, v, lambda v: 0 <= v < math.inf, "a finite number >= 0")
         self._check_init(init, decoupled, win_rate)  # now, not after the teacher set has been generated
         # time_mode_request is what was asked for ("auto" included); time_mode is the mode of the active candidate
         self.time_mode_request = time_mode
@@ -296,6 +334,12 @@ class LD3Trainer:
             tb = getattr(model, "testbed", None)
             if sample_shape is None and tb is not None:
                 sample_shape = getattr(tb, "event_shape", None)
+        if sample_shape is not None:
+            # one sample's shape: a sequence of positive ints (not truncated, not a str)
+            if isinstance(sample_shape, (str, bytes)) or not isinstance(sample_shape, (Sequence, torch.Size)) or any(
+                    isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in sample_shape):
+                raise ValueError(f"sample_shape must be a sequence of ints >= 1 (one sample's shape), "
+                                 f"got {sample_shape!r}")
         if teacher == "exact" and reference is None:
             reference = getattr(model, "testbed", None)
         self.teacher, self.teacher_solver, self.teacher_nfe = teacher, teacher_solver, teacher_nfe

@@ -1,0 +1,166 @@
+"""Input checks of schedule files, LearnedSchedule, LD3Trainer's settings and the training losses: bad input
+raises a clear exception naming the argument (or, for files, a ScheduleFileError naming the field and path)."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from ld3_ext import EDM, discretizations, testbeds
+from ld3_ext.atomic_io import atomic_write_json
+from ld3_ext.schedule_file import LearnedSchedule, ScheduleFileError, load_schedule, validate_schedule_dict
+from ld3_ext.solvers import DPMSolverPP
+from ld3_ext.training import LD3Trainer, PseudoHuberLoss, get_loss
+
+NAN = math.nan
+SCHED = EDM()
+SOLVER = DPMSolverPP(3, backend="reference")
+GRID = discretizations.logsnr_uniform(SCHED, 5)
+KW = dict(solver_config=SOLVER.config(), schedule_config=SCHED.config())
+
+
+def _doc():
+    return LearnedSchedule(GRID, nfe=5, **KW).to_dict()
+
+
+# ---- schedule files ----------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value", [
+    ("guidance_scale", "abc"), ("guidance_scale", True), ("model", [1, 2]), ("training", "abc"), ("metrics", [1]),
+    ("metrics", "abc"), ("time_mode", 3), ("decoupled", "no"), ("library_version", 1), ("created", 5),
+])
+def test_load_schedule_rejects_malformed_optional_fields(tmp_path, field, value):
+    path = str(tmp_path / "s.json")
+    atomic_write_json(path, {**_doc(), field: value})  # a valid checksum: only the field is wrong
+    with pytest.raises(ScheduleFileError, match=rf"s\.json.*{field}"):
+        load_schedule(path)
+
+
+def test_load_schedule_rejects_an_integer_beyond_float64(tmp_path):
+    path = str(tmp_path / "s.json")
+    d = _doc()
+    atomic_write_json(path, {**d, "model_timesteps": [10 ** 400] + d["model_timesteps"][1:]})
+    with pytest.raises(ScheduleFileError, match=r"s\.json.*model_timesteps"):
+        load_schedule(path)
+
+
+@pytest.mark.parametrize("d", [None, [1, 2], "abc"])
+def test_validate_schedule_dict_rejects_a_non_dict(d):
+    with pytest.raises(ScheduleFileError, match="must be a JSON object"):
+        validate_schedule_dict(d)
+
+
+def test_valid_file_still_loads(tmp_path):
+    s = LearnedSchedule(GRID, nfe=5, guidance_scale=7, model={"name": "m"}, time_mode="lambda", decoupled=False,
+                        training={"lr_xi": 0.005}, metrics={"valid": 0.1}, **KW)
+    r = load_schedule(s.save(str(tmp_path / "s.json")))
+    assert r.guidance_scale == 7.0 and torch.equal(r.timesteps, s.timesteps)
+
+
+# ---- LearnedSchedule: the file's rules at construction --------------------------------------------
+@pytest.mark.parametrize("args,exc,match", [
+    (dict(nfe=-3), ValueError, "nfe"),
+    (dict(nfe=2.9), TypeError, "nfe"),
+    (dict(nfe="x"), TypeError, "nfe"),
+    (dict(nfe=True), TypeError, "nfe"),
+    (dict(nfe=17), ValueError, "nfe=17 does not match"),
+    (dict(nfe=5, timesteps=GRID * 100), ValueError, "timesteps must run from t_max"),
+    (dict(nfe=5, timesteps=GRID + 3j), TypeError, "timesteps"),
+    (dict(nfe=5, timesteps=GRID.numpy() + 3j), TypeError, "timesteps"),
+    (dict(nfe=5, timesteps=["a", "b"]), TypeError, "timesteps"),
+    (dict(nfe=5, model_timesteps=GRID * 2), ValueError, "model_timesteps"),
+    (dict(nfe=5, guidance_scale="a"), TypeError, "guidance_scale"),
+    (dict(nfe=5, guidance_scale=math.inf), ValueError, "guidance_scale"),
+    (dict(nfe=5, decoupled="no"), TypeError, "decoupled"),
+    (dict(nfe=5, metrics=[("a", 1)]), TypeError, "metrics"),
+    (dict(nfe=5, solver_config={"order": 3}), ValueError, "solver_config"),
+    (dict(nfe=5, schedule_config={"type": "Nope"}), ValueError, "schedule_config"),
+])
+def test_learned_schedule_constructor_applies_the_file_rules(args, exc, match):
+    kw = {**KW, **args}
+    t = kw.pop("timesteps", GRID)
+    with pytest.raises(exc, match=match):
+        LearnedSchedule(t, kw.pop("model_timesteps", None), **kw)
+
+
+def test_learned_schedule_sample_takes_a_solver_name():
+    mix = testbeds.ring2d()
+    model = mix.model(SCHED)
+    ls = LearnedSchedule(GRID, nfe=5, **KW)
+    x = mix.prior_noise(SCHED, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # make_solver("dpmpp") is the file's DPM-Solver++(3): no warning
+        out = ls.sample(model, x, solver="dpmpp")
+    assert torch.allclose(out, ls.sample(model, x))
+    with pytest.raises(TypeError, match="solver"):
+        ls.sample(model, x, solver=5)
+    with pytest.raises(ValueError, match="solver"):
+        ls.sample(model, x, solver="rk45")
+    with pytest.raises(TypeError, match="x_T"):
+        ls.sample(model, [1.0, 2.0])
+
+
+# ---- LD3Trainer settings -----------------------------------------------------------------------
+RING = testbeds.ring2d()
+RING_MODEL = RING.model(SCHED)
+
+
+def _trainer(**kw):
+    args = dict(nfe=3, n_train=2, n_valid=2, rounds_v1=1, rounds_v2=0, progress=False, init="logsnr", model_name="ring",
+                time_mode="lambda", teacher="exact", solver=DPMSolverPP(order=2), batch_size=1, valid_batch_size=2)
+    args.update(kw)
+    return LD3Trainer(RING_MODEL, **args)
+
+
+@pytest.mark.parametrize("name,value,exc", [
+    ("lr_decay", 2.0, ValueError), ("lr_decay", 0.0, ValueError), ("lr_decay", "a", TypeError),
+    ("momentum", -5.0, ValueError), ("momentum", NAN, ValueError), ("momentum", 1.0, ValueError),
+    ("clip_norm", -1.0, ValueError), ("clip_norm", NAN, ValueError), ("clip_norm", None, TypeError),
+    ("lr_xi_min", -1.0, ValueError), ("lr_xi_c_min", NAN, ValueError), ("lr_xi", [1.0], TypeError),
+    ("lr2_patience", "x", TypeError), ("lr2_patience", 0, ValueError),
+    ("early_stop_patience", 2.5, TypeError), ("early_stop_patience", -1, ValueError),
+    ("rounds_v1", 1.5, TypeError), ("rounds_v1", "1", TypeError), ("rounds_v2", True, TypeError),
+    ("valid_every", True, ValueError), ("checkpoint_every", True, ValueError),
+    ("sample_shape", (-2,), ValueError), ("sample_shape", (2.0,), ValueError), ("sample_shape", "ab", ValueError),
+    ("sample_shape", 2, ValueError),
+    ("callback", 5, TypeError), ("decoder", 5, TypeError),
+    ("conditions", [1, 2], TypeError), ("conditions", torch.tensor(1.0), ValueError), ("uncond", [0.0], TypeError),
+])
+def test_trainer_rejects_bad_settings_in_the_constructor(name, value, exc):
+    with pytest.raises(exc, match=name):
+        _trainer(**{name: value})
+
+
+def test_trainer_accepts_valid_edge_settings():
+    tr = _trainer(momentum=0.0, lr_decay=1.0, lr_xi_min=0.0, lr_xi_c_min=0, clip_norm=1e6, lr2_patience=1,
+                  early_stop_patience=1, rounds_v1=0, rounds_v2=1, valid_every=1, sample_shape=torch.Size([2]),
+                  callback=lambda trainer, info: None, decoder=lambda x: x, conditions=torch.zeros(4, 1),
+                  uncond=torch.zeros(1, 1))
+    assert tr.sample_shape == (2,) and tr.momentum == 0.0
+
+
+# ---- losses ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["l2", "l1", "pseudo_huber"])
+def test_losses_refuse_to_broadcast(name):
+    with pytest.raises(ValueError, match="pred and target"):
+        get_loss(name)(torch.randn(2, 3), torch.randn(1, 3))
+    assert get_loss(name)(torch.randn(2, 3), torch.randn(2, 3)).shape == (2,)
+
+
+@pytest.mark.parametrize("name", ["l2", "l1", "pseudo_huber"])
+def test_losses_need_a_batch_dimension(name):
+    with pytest.raises(ValueError, match="pred and target"):
+        get_loss(name)(torch.tensor(1.0), torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("c,exc", [(-1.0, ValueError), (NAN, ValueError), (0.0, ValueError), (math.inf, ValueError),
+                                   ("a", TypeError), (True, TypeError)])
+def test_pseudo_huber_c_is_checked(c, exc):
+    with pytest.raises(exc, match="c must"):
+        PseudoHuberLoss(c)
+
+
+def test_pseudo_huber_valid_c():
+    p = torch.zeros(2, 3)
+    assert torch.allclose(PseudoHuberLoss(1)(p, p + 1), torch.full((2,), 1.0))
