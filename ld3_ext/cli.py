@@ -340,6 +340,10 @@ def cmd_eval(args) -> int:
     learned.check_guidance(model.guidance_scale)
     solver = learned.solver()
     nfe = learned.nfe
+    low = [k for k in args.nfe_curve or [] if k < solver.nfe(1)]
+    if low:  # refused now, not after the teacher and every sample have run
+        raise SystemExit(f"error: --nfe-curve {low}: {solver.name} spends {solver.nfe(1)} evaluations a step; use "
+                         f"values >= {solver.nfe(1)}")
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
     target = _teacher(model, schedule, x_T, args)
     steps = solver.steps_for_nfe(nfe)

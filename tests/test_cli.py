@@ -337,6 +337,15 @@ def test_teacher_order_is_checked_for_a_model_with_a_solver_teacher(tmp_path):
         cli._make_teacher_solver(cli.build_parser().parse_args(["sample", "--teacher-order", "9"]))
 
 
+def test_eval_nfe_curve_below_one_step_is_refused_first(tmp_path, monkeypatch):
+    from ld3_ext.solvers import Heun
+    path = _schedule_file(tmp_path, Heun(), 4)
+    monkeypatch.setattr(cli, "_teacher", lambda *a: pytest.fail("the teacher ran"))
+    with pytest.raises(SystemExit, match=r"--nfe-curve \[1\]: heun spends 2 evaluations a step"):
+        cli.main(["eval", "--model", "gmm:ring2d", "--schedule", path, "--nfe-curve", "1", "4",
+                  "--out", str(tmp_path / "o")])
+
+
 def test_options_are_never_abbreviated(tmp_path, capsys):
     """`ld3 eval --nfe 8` must not run as --nfe-curve 8."""
     with pytest.raises(SystemExit):

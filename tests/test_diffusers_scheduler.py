@@ -371,6 +371,13 @@ def test_from_schedule_file_takes_the_recorded_prediction(tmp_path):
             .config.prediction_type == "v_prediction"
     with pytest.raises(DiffusersConfigError, match="predicts 'v'"):
         LD3Scheduler.from_schedule_file(v_file, scheduler_config={**cfg, "prediction_type": "epsilon"})
+    # an explicit keyword is checked the same way, and says what it is without a warning
+    with pytest.raises(DiffusersConfigError, match="predicts 'v'"):
+        LD3Scheduler.from_schedule_file(v_file, prediction_type="epsilon")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        none_file = write("none.json", {"name": "net"})
+        assert LD3Scheduler.from_schedule_file(none_file, prediction_type="sample").config.prediction_type == "sample"
     with pytest.warns(UserWarning, match="assuming prediction_type='epsilon'"):
         assert LD3Scheduler.from_schedule_file(write("none.json", {"name": "net"})).config.prediction_type == "epsilon"
 

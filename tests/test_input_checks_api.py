@@ -249,3 +249,18 @@ def test_fused_update_refuses_an_expanded_out():
     out = torch.empty(4, 5)
     assert fused.multistep_update(x, coef, h, out=out) is out
     torch.testing.assert_close(out, x + 0.5 * h[0])
+
+
+def test_coefficient_tables_work_under_vmap():
+    """The grid check reads values back, which a vmap-wrapped grid cannot give: it is skipped there (as while
+    compiling), and the tables equal the unbatched ones."""
+    import ld3_ext
+    from ld3_ext import coefficients, fused, ops
+    s = ld3_ext.VPLinear()
+    spec = coefficients.SolverSpec("dpmpp", 2, True)
+    base = ld3_ext.discretizations.logsnr_uniform(s, 4).double()
+    grids = torch.stack([base, base.clone()])
+    for fn in (lambda t: ops.coefficient_table(s, t, spec), lambda t: fused.coefficient_table(s, t, spec),
+               lambda t: coefficients.coefficient_table_reference(s, t, spec)):
+        out = torch.func.vmap(fn)(grids)
+        torch.testing.assert_close(out[0], coefficients.coefficient_table_reference(s, base, spec))

@@ -273,7 +273,7 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
                         "trajectories of that model")
     schedule = model.schedule if schedule is None else schedule
     _check(schedule, nfe)
-    if schedule is not model.schedule and schedule.config() != model.schedule.config():
+    if schedule is not model.schedule and not schedule.same_as(model.schedule):
         raise ValueError("schedule differs from the model's schedule")
     if fine_steps < nfe:
         raise ValueError(f"fine_steps ({fine_steps}) must be >= nfe ({nfe})")

@@ -206,9 +206,11 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         # otherwise belongs to another model
         recorded = (ls.model or {}).get("prediction")
         theirs = {v: k for k, v in PREDICTION_TYPES.items()}.get(recorded)
+        if "prediction_type" in overrides:  # an explicit keyword is checked like a config field
+            kw["prediction_type"] = overrides["prediction_type"]
         if "prediction_type" in kw:
             if theirs is not None and kw["prediction_type"] != theirs:
-                raise DiffusersConfigError(f"scheduler_config says prediction_type={kw['prediction_type']!r}, but "
+                raise DiffusersConfigError(f"prediction_type={kw['prediction_type']!r} was given, but "
                                            f"{path} was learned with a model that predicts {recorded!r} "
                                            f"(prediction_type={theirs!r})")
         elif theirs is not None:

@@ -64,6 +64,8 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
         slack = [v for v in vals if v < lo or v > hi]
         if slack:
             _check_defined(schedule, slack, name)
+    else:  # no range: still only times where the schedule is defined (on the values read back above)
+        _check_defined(schedule, vals, name)
     return timesteps
 
 
