@@ -164,3 +164,15 @@ def test_pseudo_huber_c_is_checked(c, exc):
 def test_pseudo_huber_valid_c():
     p = torch.zeros(2, 3)
     assert torch.allclose(PseudoHuberLoss(1)(p, p + 1), torch.full((2,), 1.0))
+
+
+def test_trainer_rates_take_a_0d_tensor_as_before():
+    """A 0-d tensor is a number (float() reads it), as before the setting checks; a 1-element list is not."""
+    import ld3_ext
+    from ld3_ext.training import LD3Trainer
+    model = ld3_ext.testbeds.ring2d().model(ld3_ext.EDM())
+    tr = LD3Trainer(model, None, ld3_ext.DPMSolverPP(order=2), 4, lr_xi=torch.tensor(0.1), gamma=torch.tensor(0.1),
+                    model_name="ring", progress=False)
+    assert float(tr.lr_xi) == pytest.approx(0.1)
+    with pytest.raises(TypeError, match="lr_xi"):
+        LD3Trainer(model, None, ld3_ext.DPMSolverPP(order=2), 4, lr_xi=[0.1], model_name="ring", progress=False)

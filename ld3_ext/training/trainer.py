@@ -35,7 +35,7 @@ from ..atomic_io import CorruptFileError, atomic_save_safetensors, canonical_jso
     load_safetensors_checked, tensor_bytes
 from ..coefficients import step_orders
 from ..schedule_file import LearnedSchedule
-from ..schedules import NoiseSchedule
+from ..schedules import NoiseSchedule, _num
 from ..solvers import MultistepSolver, Solver, make_solver
 from ..wrappers import DiffusionModel, ModelOutputError
 from .losses import get_loss, loss_name, per_sample
@@ -96,10 +96,15 @@ def check_nfe(solver: Solver, nfe: int) -> int:
 
 
 def _check_real(name: str, v, ok: Callable[[float], bool], rule: str) -> None:
-    """``v`` must be a real number (a bool is not one) with ``ok(v)``; ``rule`` says which, for the message."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be {rule}, got {v!r}")
-    if not ok(float(v)):  # NaN fails every comparison, so every rule
+    """``v`` must be a real number (a bool is not one; a 0-d tensor is, as before these checks) with ``ok(v)``;
+    ``rule`` says which, for the message.  The number test is the schedules' ``_num``."""
+    try:
+        x = _num(name, v, finite=False)
+    except TypeError:
+        raise TypeError(f"{name} must be {rule}, got {v!r}") from None
+    except ValueError:  # an int beyond float range
+        raise ValueError(f"{name} must be {rule}, got {v!r}") from None
+    if not ok(x):  # NaN fails every comparison, so every rule
         raise ValueError(f"{name} must be {rule}, got {v!r}")
 
 
