@@ -312,10 +312,10 @@ def _train(args) -> int:
                          checkpoint_dir=os.path.join(args.out, "checkpoint"), progress=not args.no_progress,
                          rounds_v1=args.rounds_v1, rounds_v2=args.rounds_v2, checkpoint_model=args.checkpointing,
                          resume="never" if (args.fresh or args.regenerate_teacher) else "auto",
-                         regenerate_teacher=args.regenerate_teacher, model_name=_weightless_name(model, args))
+                         regenerate_teacher=args.regenerate_teacher, model_name=_weightless_name(model, args),
+                         model_spec=args.model)  # in every schedule file it writes: `ld3 eval` reloads the model
     t0 = time.time()
     learned = trainer.fit()
-    learned.model["spec"] = args.model  # lets `ld3 eval` reload the same model
     if distributed.is_rank0():
         path = learned.save(os.path.join(args.out, "schedule.json"))
         print(f"trained in {time.time() - t0:.1f}s; wrote {path}")
@@ -506,6 +506,9 @@ def _flag_hint(exc: BaseException) -> Optional[str]:
         return "on the command line: `ld3 train --fresh` starts over"
     if "regenerate=True" in text or "regenerate_teacher=True" in text:
         return "on the command line: --regenerate-teacher replaces the cached teacher set"
+    if "Lower the learning rates (lr_xi" in text:
+        return ("on the command line the learning rates are fixed: try another --init, --time-mode or --loss, or set "
+                "lr_xi/lr_xi_c/shift_lr with ld3_ext.training.LD3Trainer in Python")
     return None
 
 
@@ -562,14 +565,32 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         print(hint, file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or torchrun's stop), raised in the main thread like Ctrl-C, so that what is being
+    written is cleaned up (atomic_io) and the resume hint is printed, instead of a silent kill."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import signal
+    import threading
     import warnings
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
+    # only where nobody else chose a handler, and only from the main thread (signal.signal's own rule)
+    own_sigterm = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if own_sigterm:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _main(argv)
     finally:
         warnings.showwarning = shown
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
@@ -583,7 +604,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"error: --out {out!r} exists and is not a directory")
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if _traceback_wanted():
             raise
         resume = ""
@@ -592,6 +613,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
             resume = (f" (rerun the command without {' and '.join(restart)} to resume from the last checkpoint; "
                       "with it, the run starts over)" if restart
                       else " (rerun the same command to resume from the last checkpoint)")
+        if isinstance(exc, Terminated):
+            print(f"terminated (SIGTERM){resume}", file=sys.stderr)
+            return 128 + 15
         print(f"interrupted{resume}", file=sys.stderr)
         return 130
     except Exception as exc:

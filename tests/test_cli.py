@@ -226,6 +226,12 @@ def test_fresh_and_regenerate_teacher_flags(tmp_path, capsys):
     from ld3_ext.schedule_file import load_schedule
     learned = load_schedule(os.path.join(out, "schedule.json"))
     assert learned.nfe == 5 and learned.model["name"] == "gmm:ring2d"
+    # every schedule file the run writes says how to rebuild the model: eval works from the checkpoint's own copy
+    own = os.path.join(out, "checkpoint", "schedule.json")
+    assert load_schedule(own).model["spec"] == learned.model["spec"] == "gmm:ring2d"
+    capsys.readouterr()
+    assert cli.main(["eval", "--schedule", own, "--n", "8", "--teacher-nfe", "10", "--out", str(tmp_path / "ev")]) == 0
+    assert "ld3 vs best baseline" in capsys.readouterr().out
 
 
 def test_factory_that_raises_is_one_clear_error(monkeypatch):

@@ -163,3 +163,52 @@ def test_no_pickle_on_user_files():
                     if "torch.load(" in code and "weights_only=True" not in code:
                         bad.append(f"{path}:{no}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+def test_sigterm_stops_cleanly_with_the_resume_hint_and_the_rerun_resumes(tmp_path):
+    """SIGTERM (a job scheduler's stop) is handled like Ctrl-C: exit status 128 + 15, one line with the resume
+    hint, no temp file left behind; the same command then resumes to the uninterrupted run's schedule."""
+    _run(tmp_path / "full")
+    full = load_schedule(str(tmp_path / "full" / "schedule.json"))
+    out = tmp_path / "term"
+    p = subprocess.Popen(_cmd(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        t0 = time.monotonic()
+        while p.poll() is None and _mtime(_ckpt(out)) is None:  # mid-training, a checkpoint on disk
+            assert time.monotonic() - t0 < 240, "training never wrote its first checkpoint"
+            time.sleep(0.01)
+        assert p.poll() is None, "training ended before the signal: make the run longer"
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=240)[1].decode()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("terminated (SIGTERM) (rerun the same command to resume from the last "
+                                            "checkpoint)"), err[-3000:]
+    leftovers = [f for _, _, files in os.walk(out) for f in files if ".tmp" in f or f.startswith(".")]
+    assert leftovers == []
+    _run(out)
+    resumed = load_schedule(str(out / "schedule.json"))
+    assert torch.equal(resumed.timesteps, full.timesteps)
+    assert torch.equal(resumed.model_timesteps, full.model_timesteps)
+
+
+def test_sigterm_handler_is_only_installed_for_the_command_and_restored(tmp_path, monkeypatch, capsys):
+    from ld3_ext import cli
+
+    def stopped(args):  # the signal arrives while the command works
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # never reached: the handler raises in this frame
+        raise AssertionError("SIGTERM was not handled")
+    monkeypatch.setattr(cli, "_train", stopped)
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a fresh process
+    try:
+        rc = cli.main(["train", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")])
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert rc == 143
+    assert capsys.readouterr().err.strip() == ("terminated (SIGTERM) (rerun the same command to resume from the "
+                                               "last checkpoint)")

@@ -301,6 +301,10 @@ def test_nan_loss_names_iteration_and_keeps_last_good_schedule(ring, tmp_path):
     assert _strictly_decreasing(err.schedule.timesteps)
     assert os.path.exists(err.saved_to)
     assert torch.equal(load_schedule(err.saved_to).timesteps, err.schedule.timesteps)
+    # the message names Python options; on the command line, where they cannot be set, the hint says what can
+    from ld3_ext import cli
+    hint = cli._flag_hint(err)
+    assert hint is not None and "--init" in hint and "LD3Trainer" in hint
 
 
 def test_losses():
@@ -629,3 +633,17 @@ def test_schedule_file_records_the_models_prediction(ring):
     mix, s, model = ring
     assert _small(model, mix, rounds_v1=1, rounds_v2=0, init="logsnr", time_mode="lambda").fit() \
         .model["prediction"] == model.prediction
+
+
+def test_model_spec_is_recorded_in_every_schedule_file_and_is_not_a_setting(ring, tmp_path):
+    mix, s, model = ring
+    a = _small(model, mix, init="logsnr", time_mode="lambda", rounds_v2=0, checkpoint_dir=str(tmp_path),
+               model_spec="gmm:ring2d").fit()
+    assert a.model["spec"] == "gmm:ring2d"
+    assert load_schedule(str(tmp_path / "schedule.json")).model["spec"] == "gmm:ring2d"
+    # not a setting: a run without it resumes the same checkpoint (no mismatch) and records no spec
+    b = _small(model, mix, init="logsnr", time_mode="lambda", rounds_v2=0, checkpoint_dir=str(tmp_path)).fit()
+    assert "spec" not in b.model and torch.equal(a.timesteps, b.timesteps)
+    for bad in ("", "  ", 3):
+        with pytest.raises(ValueError, match="model_spec"):
+            _small(model, mix, model_spec=bad)

@@ -179,3 +179,22 @@ def test_every_auto_trial_failing_saves_the_first_as_the_runs_last_good(ring, tm
     on_disk = load_schedule(err.saved_to)
     assert on_disk.time_mode == "lambda" and torch.equal(on_disk.timesteps, err.schedule.timesteps)
     assert math.isfinite(on_disk.metrics["valid_loss_best"])
+
+
+# ----------------------------------------------------------------------------------------------
+# a mismatching checkpoint is refused before init="auto" evaluates its candidate grids
+# ----------------------------------------------------------------------------------------------
+def test_mismatch_is_refused_before_the_auto_init(ring, tmp_path, monkeypatch):
+    mix, s, model = ring
+    ck = str(tmp_path / "ck")
+    _fast(model, mix, checkpoint_dir=ck, rounds_v2=0, init="auto").fit()
+    calls = []
+    real = LD3Trainer._auto_init
+    monkeypatch.setattr(LD3Trainer, "_auto_init", lambda self: calls.append(1) or real(self))
+    with pytest.raises(CheckpointMismatchError, match=r"differs in: lr_xi\)"):
+        _fast(model, mix, checkpoint_dir=ck, rounds_v2=0, init="auto", lr_xi=0.01).fit()
+    assert calls == []  # refused before the candidate grids were tried
+    # a matching checkpoint still resumes (and the init still runs: a later trial may start from its grid)
+    again = _fast(model, mix, checkpoint_dir=ck, rounds_v2=0, init="auto").fit()
+    assert calls == [1]
+    assert torch.equal(again.timesteps, load_schedule(os.path.join(ck, SCHEDULE_FILE)).timesteps)

@@ -209,6 +209,8 @@ class LD3Trainer:
         ``resume="never"`` (start over, overwriting it).
     callback : ``callback(trainer, info: dict)`` after every training iteration.
     progress : tqdm progress bars.
+    model_spec : how to rebuild the model (the CLI's ``--model`` value), recorded in the schedule files this trainer
+        writes (``model["spec"]``) so that ``ld3 eval`` can reload the model from any of them; not a setting.
     """
 
     def __init__(self, model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, solver: Any = None,
@@ -230,7 +232,7 @@ class LD3Trainer:
                  checkpoint_model: bool = False, seed: int = 0, device=None, dtype: Optional[torch.dtype] = None,
                  checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
                  resume: str = "auto", callback: Optional[Callable] = None, progress: bool = True,
-                 time_mode_trial_rounds: Optional[int] = None):
+                 time_mode_trial_rounds: Optional[int] = None, model_spec: Optional[str] = None):
         if not isinstance(model, DiffusionModel):
             raise TypeError("model must be a DiffusionModel: wrap your network with "
                             "ld3_ext.wrap_model(fn, schedule, prediction=...)")
@@ -368,6 +370,9 @@ class LD3Trainer:
         self.callback, self.progress = callback, bool(progress)
         self.identity = model_identity(model, model_name)
         self.history: List[Dict[str, Any]] = []
+        if model_spec is not None and (not isinstance(model_spec, str) or not model_spec.strip()):
+            raise ValueError(f"model_spec must be a non-empty str or None, got {model_spec!r}")
+        self.model_spec = model_spec
         self.param: Optional[TimeParameterization] = None
         self._auto: Optional[Dict[str, Any]] = None  # time_mode="auto": trial losses, choice (see _train)
         self._candidates: Dict[str, Dict[str, Any]] = {}  # time_mode="auto": the candidates' training states
@@ -917,7 +922,8 @@ class LD3Trainer:
         return LearnedSchedule(t.detach(), tm.detach(), solver_config=self.solver.config(), nfe=self.nfe,
                                schedule_config=self.schedule.config(), guidance_scale=self.model.guidance_scale,
                                # the prediction too: an exported diffusers scheduler needs it (prediction_type)
-                               model={**self.identity, "prediction": self.model.prediction},
+                               model={**self.identity, "prediction": self.model.prediction,
+                                      **({"spec": self.model_spec} if self.model_spec is not None else {})},
                                time_mode=self.time_mode, decoupled=self.decoupled,
                                training=training,
                                metrics=json_safe(metrics))
@@ -1023,10 +1029,12 @@ class LD3Trainer:
             opt.load_state_dict({"state": state, "param_groups": meta["optimizers"][name]})
         self.history = list(meta.get("history", []))
 
-    def _try_resume(self) -> bool:
+    def _read_checkpoint(self):
+        """The checkpoint to resume as (path, tensors, meta, adopted time_mode or None), or None.  Its settings are
+        compared here, before init="auto" evaluates its candidate grids: a mismatch is refused before that work."""
         path = self._ckpt_path()
         if path is None or not os.path.exists(path) or self.resume == "never":
-            return False
+            return None
         try:
             tensors, meta = load_safetensors_checked(path, what="training checkpoint")
         except CorruptFileError as e:
@@ -1050,6 +1058,13 @@ class LD3Trainer:
                     hint += " (pass time_mode='auto' to resume it)"
             raise CheckpointMismatchError(f"{path} was written with other settings (differs in: {', '.join(diff)})"
                                           f"{hint}; use another checkpoint_dir, or resume='never' to overwrite it")
+        return path, tensors, meta, adopt
+
+    def _try_resume(self, checkpoint) -> bool:
+        """Load what ``_read_checkpoint`` returned (None: nothing to resume)."""
+        if checkpoint is None:
+            return False
+        path, tensors, meta, adopt = checkpoint
         if adopt is not None:
             warnings.warn(f"time_mode='auto': {path} was written by a time_mode={adopt!r} run; resuming it in "
                           f"{adopt!r} (taken from the checkpoint, no trials). Pass resume='never' to let 'auto' "
@@ -1080,14 +1095,15 @@ class LD3Trainer:
     # ------------------------------------------------------------------------------------------
     def _train(self) -> LearnedSchedule:
         init = self.init.lower() if isinstance(self.init, str) else None
-        self._init_grid = self._auto_init() if init == "auto" else self._dmn_init() if init == "dmn" else self.init
         auto = self.time_mode_request == "auto"
         self._candidates, self.param, self._mode_from_checkpoint = {}, None, None
         self._auto = {"scores": {}, "seconds": {}, "choice": None} if auto else None
+        checkpoint = self._read_checkpoint()  # settings compared before the init's work
+        self._init_grid = self._auto_init() if init == "auto" else self._dmn_init() if init == "dmn" else self.init
         first = self._new_candidate(TIME_MODES[0] if auto else self.time_mode_request, self._init_grid)
         if auto:
             self._candidates[first["time_mode"]] = first
-        resumed = self._try_resume()
+        resumed = self._try_resume(checkpoint)
         if D.get_world_size() > 1:
             lo, hi = D.reduce_scalars([float(resumed)], op="min") + D.reduce_scalars([float(resumed)], op="max")
             if lo != hi:
