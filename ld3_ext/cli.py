@@ -81,11 +81,16 @@ def _make_teacher_solver(args):
     return solver
 
 
+def _teacher_kind(model) -> str:
+    """The teacher that `ld3 train`, `ld3 teacher`, `ld3 sample` and `ld3 eval` all use: the exact ODE solution where
+    the model has one (the analytic test beds), else the high-NFE solver of the --teacher-* flags."""
+    return "exact" if getattr(model, "testbed", None) is not None else "solver"
+
+
 def _teacher(model, schedule, x_T, args):
     """Exact ODE solution for analytic test beds, else a high-NFE solve (no grad)."""
-    testbed = getattr(model, "testbed", None)
-    if testbed is not None:
-        return testbed.reference_solution(schedule, x_T, rtol=1e-7, atol=1e-7)
+    if _teacher_kind(model) == "exact":
+        return model.testbed.reference_solution(schedule, x_T, rtol=1e-7, atol=1e-7)
     from .discretizations import logsnr_uniform
     solver = _make_teacher_solver(args)
     # steps for the NFE asked for (Heun spends two evaluations a step), as the training teacher does
@@ -273,7 +278,7 @@ def cmd_teacher(args) -> int:
     try:
         model, schedule, dtype = _load(args)
         cfg = TeacherConfig(solver=args.teacher_solver, order=args.teacher_order, nfe=args.teacher_nfe,
-                            n_train=args.n_train, n_valid=args.n_valid, seed=args.seed)
+                            n_train=args.n_train, n_valid=args.n_valid, seed=args.seed, teacher=_teacher_kind(model))
         data = load_or_generate_teacher(model, schedule, cfg, cache_dir=os.path.join(args.out, "teacher"),
                                         dtype=dtype, progress=not args.no_progress,
                                         regenerate=args.regenerate_teacher, model_name=_weightless_name(model, args))
@@ -304,7 +309,9 @@ def _train(args) -> int:
     if os.path.isdir(os.path.join(args.out, "schedule.json")):
         raise SystemExit(f"error: --out: {os.path.join(args.out, 'schedule.json')} is a directory; the schedule file "
                          "cannot be written there")
+    testbed = getattr(model, "testbed", None)
     trainer = LD3Trainer(model, schedule, solver, args.nfe, loss=args.loss, time_mode=args.time_mode,
+                         teacher=_teacher_kind(model), reference=testbed,
                          init=args.init, seed=args.seed, device=args.device, dtype=dtype,
                          n_train=args.n_train, n_valid=args.n_valid,
                          teacher_solver=args.teacher_solver, teacher_order=args.teacher_order,

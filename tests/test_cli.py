@@ -220,9 +220,14 @@ def test_fresh_and_regenerate_teacher_flags(tmp_path, capsys):
     assert cli.main(base + ["--nfe", "5"]) == 2
     assert "`ld3 train --fresh` starts over" in capsys.readouterr().err
     assert cli.main(base + ["--nfe", "5", "--fresh"]) == 0
-    assert cli.main(base + ["--nfe", "5", "--teacher-nfe", "10"]) == 2
+    # a test bed's teacher is its exact ODE solution, as in `ld3 eval`: the --teacher-* flags do not change it
+    assert cli.main(base + ["--nfe", "5", "--teacher-nfe", "10"]) == 0
+    meta = json.loads(open(os.path.join(out, "teacher", "meta.json")).read())
+    assert meta["settings"]["teacher"]["kind"] == "exact", meta["settings"]
+    capsys.readouterr()
+    assert cli.main(base + ["--nfe", "5", "--seed", "1"]) == 2  # other teacher noises
     assert "--regenerate-teacher replaces the cached teacher set" in capsys.readouterr().err
-    assert cli.main(base + ["--nfe", "5", "--teacher-nfe", "10", "--regenerate-teacher"]) == 0  # implies --fresh
+    assert cli.main(base + ["--nfe", "5", "--seed", "1", "--regenerate-teacher"]) == 0  # implies --fresh
     from ld3_ext.schedule_file import load_schedule
     learned = load_schedule(os.path.join(out, "schedule.json"))
     assert learned.nfe == 5 and learned.model["name"] == "gmm:ring2d"
@@ -491,3 +496,18 @@ def test_train_output_locations_are_checked_before_any_work(tmp_path, monkeypatc
         assert "schedule.json is a directory" in str(e)
     else:
         assert rc == 2 and "FileExistsError" in capsys.readouterr().err
+
+
+def test_train_and_teacher_use_a_test_beds_exact_solution_as_eval_does(tmp_path, capsys):
+    """`ld3 eval` scores against the exact ODE solution of a gmm model: `ld3 teacher` and `ld3 train` fit to it too
+    (not to the --teacher-* solver), and the schedule file says so."""
+    out = str(tmp_path / "t")
+    assert cli.main(["teacher", "--model", "gmm:ring2d", "--n-train", "4", "--n-valid", "4", "--no-progress",
+                     "--out", out]) == 0
+    meta = json.loads(open(os.path.join(out, "teacher", "meta.json")).read())
+    assert meta["settings"]["teacher"] == {"kind": "exact", "reference": "GaussianMixture:ring2d"}
+    assert cli.main(["train", "--model", "gmm:ring2d", "--solver", "dpmpp", "--order", "2", "--nfe", "4",
+                     "--n-train", "4", "--n-valid", "4", "--rounds-v1", "1", "--rounds-v2", "0", "--time-mode", "lambda",
+                     "--init", "logsnr", "--no-progress", "--out", out]) == 0  # reuses the teacher set above
+    from ld3_ext.schedule_file import load_schedule
+    assert load_schedule(os.path.join(out, "schedule.json")).training["teacher"]["kind"] == "exact"

@@ -647,3 +647,19 @@ def test_model_spec_is_recorded_in_every_schedule_file_and_is_not_a_setting(ring
     for bad in ("", "  ", 3):
         with pytest.raises(ValueError, match="model_spec"):
             _small(model, mix, model_spec=bad)
+
+
+def test_schedule_files_record_the_teacher(ring, tmp_path):
+    mix, s, model = ring
+    a = _small(model, mix, init="logsnr", time_mode="lambda", rounds_v2=0).fit()
+    assert a.training["teacher"] == {"kind": "exact", "reference": "GaussianMixture:" + mix.name}
+    b = _small(model, mix, init="logsnr", time_mode="lambda", rounds_v2=0, teacher="solver",
+               teacher_solver="dpmpp", teacher_order=2, teacher_nfe=8).fit()
+    rec = b.training["teacher"]
+    assert rec["kind"] == "solver" and rec["nfe"] == 8 and rec["solver"]["name"] == "dpmpp"
+    assert rec["solver"]["order"] == 2 and rec["discretization"] == "logsnr"
+    path = b.save(str(tmp_path / "s.json"))
+    assert load_schedule(path).training["teacher"] == rec
+    z = torch.randn(6, *mix.event_shape, dtype=torch.float64)
+    c = _small(model, mix, init="logsnr", time_mode="lambda", rounds_v2=0).fit(z * s.prior_std(), z)
+    assert c.training["teacher"]["kind"] == "given"

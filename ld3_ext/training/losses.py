@@ -6,9 +6,11 @@ Built in: "l2" (mean squared error per sample, LD3's L2 up to a constant), "l1",
 per-sample loss [B]`` (e.g. an ``nn.Module``) can be used instead.
 
 "l2" is LD3's L2 (a *squared* distance), so a few samples with large errors (e.g. ones that land
-near another mode) dominate the batch mean.  "pseudo_huber" behaves like the per-sample distance
-||x - y|| (as LPIPS is a distance, not its square) and is much less driven by such outliers; on the
-digits64 test bed it gave clearly better held-out median errors than "l2" (see the trainer's report).
+near another mode) dominate the batch mean.  "pseudo_huber" is quadratic only within c of the target
+and grows like the per-sample norm ||x - y|| beyond, so it is much less driven by such outliers; on the
+digits64 test bed it gave clearly better held-out median errors than "l2" (benchmarks/bench_ld3.py).
+(LPIPS, the paper's loss, is itself a weighted *squared* distance between normalised network features;
+the choice of pseudo-Huber rests on the measurement, not on a likeness to LPIPS.)
 """
 from __future__ import annotations
 

@@ -15,8 +15,9 @@ The N interval lengths are fractions of the fixed span y(t_min) - y(t_max):
 
 which is the original's cumsum-of-softmax rescaled to the endpoints, written in a form that makes the
 inert logit explicit: in the original, xi_0 only enters c_0 and the normalisation cancels it, so its
-gradient is zero.  We keep xi of length N+1 for compatibility with LD3 checkpoints and leave xi_0
-exactly inert.  The small ``floor`` on each fraction guarantees a strictly decreasing grid whatever
+gradient is zero.  We keep xi of length N+1, as the original does, and leave xi_0 exactly inert.  The
+logits are not interchangeable with the original's in time mode: there its first gap comes from xi_N
+(reverse xi[1:] and negate xi^c to convert); in lambda mode they agree.  The small ``floor`` on each fraction guarantees a strictly decreasing grid whatever
 the logits are (softmax entries can underflow to 0 with large learning rates).
 
 Decoupled model times (LD3 Sec. 4.3): y~_k = y_k + clamp(xi^c_k, -m, m) for 0 < k < N (the endpoints

@@ -144,21 +144,24 @@ def _sha(t: Optional[torch.Tensor]) -> Optional[str]:
 class LD3Trainer:
     """Learn a solver-specific time grid (and decoupled network times) for one NFE.
 
-    Parameters (defaults follow the paper's pixel configs, LD3.md 1.3, sized for CPU speed)
+    Parameters (defaults: the paper's pixel configs, LD3.md 1.3, sized for CPU speed, except where measured
+    better: ``loss="pseudo_huber"`` (paper: LPIPS), ``init="auto"`` and ``time_mode="auto"`` (paper: fixed),
+    selection on the hard validation loss (original: relaxed) and the lambda-mode window on lambda gaps
+    (original: on logit differences); README "Deviations" lists each)
     ----------
     model : DiffusionModel (``ld3_ext.wrap_model``); its weights are never updated.
     schedule : its NoiseSchedule (default: ``model.schedule``; must agree with it).
     solver : an ld3_ext Solver or a name ("unipc", "dpmpp", "ipndm", "euler", "heun"; default UniPC(3, bh1)).
     nfe : network evaluations of the student (see :func:`check_nfe` for the rules).
-    loss : "pseudo_huber" (default), "l2", "l1", "lpips" or a callable ``(pred, target) -> [B]``.  The
-        pseudo-Huber distance grows like a per-sample norm (as LPIPS does, the paper's choice), so a few
-        outlier samples do not dominate the batch as they do with "l2" (measured: benchmarks/bench_ld3.py).
+    loss : "pseudo_huber" (default), "l2", "l1", "lpips" (the paper's) or a callable ``(pred, target) -> [B]``.
+        Pseudo-Huber grows like the per-sample norm away from the target, so a few outlier samples do not
+        dominate the batch as they do with the squared "l2" (measured: benchmarks/bench_ld3.py).
     time_mode : "auto" (default), "lambda" (the paper's pixel configs: the gaps, and the decoupling window, are in
         half log-SNR) or "time" (latent configs: in t).  "auto" selects the mode on the trainer's own validation set:
         each mode trains for ``time_mode_trial_rounds`` rounds from the same start (same init grid, data and seed),
-        the one with the lower hard validation loss is kept and continues to the end; the other is dropped.  The
-        result is therefore bitwise the schedule of the explicit run of the chosen mode, and never worse on
-        validation than the best trial.  The choice and both trial losses are recorded in the schedule
+        the one with the lower validation loss (the one ``select_on`` names, hard by default) is kept and continues
+        to the end; the other is dropped.  The result is therefore bitwise the schedule of the explicit run of the
+        chosen mode, and never worse on validation than the best trial.  The choice and both trial losses are recorded in the schedule
         (``metrics["time_mode_choice"]``, ``metrics["time_mode_candidates_valid_loss"]``,
         ``training["time_mode_chosen"]``) and in the training checkpoint.  "auto" meeting the checkpoint of an
         explicit-mode run with otherwise equal settings resumes it in that mode (with a warning; recorded as
@@ -168,7 +171,8 @@ class LD3Trainer:
         phase 2, where the mode-dependent network-time shifts xi^c first train; measured in
         benchmarks/bench_ld3.py).  ``rounds_v1 + rounds_v2`` trains both modes fully.
     init : "auto" (default: the candidate among logSNR, EDM, time-quadratic, time-uniform and DMN with the
-        lowest validation loss; the paper used logSNR), one of those names ("logsnr", "edm", "time_quadratic",
+        lowest validation loss; the paper used logSNR-uniform in lambda mode, time-uniform in time mode), one of
+        those names ("logsnr", "edm", "time_quadratic",
         "time_uniform", "dmn"), or an explicit grid of N+1 timesteps.
     decoupled : learn the network-time shifts xi^c in phase 2.
     win_rate : window of the shifts as a fraction of the smallest gap (<= 0.5).
@@ -373,6 +377,7 @@ class LD3Trainer:
         if model_spec is not None and (not isinstance(model_spec, str) or not model_spec.strip()):
             raise ValueError(f"model_spec must be a non-empty str or None, got {model_spec!r}")
         self.model_spec = model_spec
+        self._teacher_record: Optional[Dict[str, Any]] = None  # what the pairs came from (set by fit)
         self.param: Optional[TimeParameterization] = None
         self._auto: Optional[Dict[str, Any]] = None  # time_mode="auto": trial losses, choice (see _train)
         self._candidates: Dict[str, Dict[str, Any]] = {}  # time_mode="auto": the candidates' training states
@@ -389,6 +394,7 @@ class LD3Trainer:
                              "one sample); or pass precomputed pairs: fit(noise, target)")
         fn, settings = make_teacher(self.model, self.teacher, self.teacher_solver, self.teacher_nfe,
                                     self.teacher_discretization, self.reference)
+        self._teacher_record = settings  # recorded in the schedule files: the schedule is fitted to this teacher
         return generate_teacher_data(self.model, fn, settings, self.n_train + self.n_valid, self.sample_shape,
                                      seed=self.seed, dtype=self.dtype, device=self.device, batch_size=25,
                                      cache_dir=self.teacher_cache, identity=self.identity, conditions=self.conditions,
@@ -471,6 +477,7 @@ class LD3Trainer:
         else:
             if target is None:
                 raise ValueError("fit(noise, target): target is missing")
+            self._teacher_record = {"kind": "given", "note": "teacher pairs passed to fit()"}
             self._check_pair(noise, target, "noise", "target")
             if self.sample_shape is not None and tuple(noise.shape[1:]) != self.sample_shape:
                 raise ValueError(f"noise has per-sample shape {tuple(noise.shape[1:])} but sample_shape is "
@@ -912,6 +919,8 @@ class LD3Trainer:
             metrics["valid_loss_hard_last"] = last["valid_hard"]
             metrics["valid_loss_soft_last"] = last["valid_soft"]
         training = {k: v for k, v in self.settings().items() if k not in ("model", "schedule", "solver")}
+        if self._teacher_record is not None:  # not a setting (data_sha256 covers the pairs): a record for the reader
+            training["teacher"] = self._teacher_record
         if self._auto is not None:
             training["time_mode_chosen"] = self._auto["choice"]
         elif self._mode_from_checkpoint is not None:
@@ -1123,8 +1132,8 @@ class LD3Trainer:
 
     def _select_time_mode(self):
         """time_mode="auto": train each mode for the trial rounds (resuming where a checkpoint left off), keep the one
-        with the lower hard validation loss as the active candidate and drop the others.  Only the trainer's own
-        validation set is used.  Ties go to the first mode ("lambda", the paper's pixel-space choice)."""
+        with the lower validation loss (select_on's, hard by default) as the active candidate and drop the others.
+        Only the trainer's own validation set is used.  Ties go to the first mode ("lambda", the paper's pixel-space choice)."""
         a, trial = self._auto, self._trial_rounds()
         failure: Optional[Exception] = None
         for mode in TIME_MODES:
