@@ -216,3 +216,47 @@ def test_gits_refuses_a_two_evaluation_solver(gmm_setup):
     grid = discretizations.logsnr_uniform(s, 4)
     with pytest.raises(ValueError, match="solver: GITS scores one-evaluation steps; Heun makes 2"):
         gits_cost_matrix(model, grid, [x_T] * 5, solver=Heun())
+
+
+def _dmn_objective_mpmath(lams, order, trunc_num):
+    """The DMN bound as LD3's StepOptim states it, from mpmath quadrature (independent of the Gauss-Legendre
+    weights): a first-order step's |w J| on its own, the first trunc_num steps as a norm, the rest signed per node."""
+    import mpmath
+    n = len(lams) - 1
+    lam = [mpmath.mpf(float(v)) for v in lams]
+    w = [mpmath.exp(-v) for v in lam]  # the pixel weight sigma/alpha = e^-lambda
+    total, acc = mpmath.mpf(0), [mpmath.mpf(0)] * (n + 1)
+    for s in range(n):
+        k = max(1, min(order, s + 1, n - s))
+        idx = list(range(s - k + 1, s + 1))
+        terms = []
+        for j in idx:
+            def basis(x, j=j):
+                out = mpmath.mpf(1)
+                for m in idx:
+                    if m != j:
+                        out *= (x - lam[m]) / (lam[j] - lam[m])
+                return out
+            terms.append(w[j] * mpmath.quad(lambda x: mpmath.exp(x) * basis(x), [lam[s], lam[s + 1]]))
+        if k == 1 or s < trunc_num:
+            total += mpmath.sqrt(sum(t ** 2 for t in terms))
+        else:
+            for j, t in zip(idx, terms):
+                acc[j] += t
+    return float(total + sum(abs(a) for a in acc))
+
+
+@pytest.mark.parametrize("n", [4, 7, 8, 10])
+def test_dmn_objective_matches_the_stepoptim_bound(n):
+    """For N >= 8 (trunc_num 0) the first step's term used to join the signed node sums and cancel there
+    (objectives off by up to a third)."""
+    import numpy as np
+    from ld3_ext.baselines import dmn_objective
+    s = EDM()
+    rng = np.random.default_rng(n)
+    for _ in range(3):
+        lams = np.concatenate([[s.lambda_min], np.sort(rng.uniform(s.lambda_min, s.lambda_max, n - 1)), [s.lambda_max]])
+        trunc = 3 if n <= 7 else 0
+        want = _dmn_objective_mpmath(lams, 3, trunc)
+        got = dmn_objective(lams, order=3, space="pixel", trunc_num=trunc)
+        assert abs(got - want) <= 1e-9 * want, (got, want)

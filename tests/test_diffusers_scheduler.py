@@ -221,10 +221,13 @@ def test_bad_scheduler_arguments():
         sch.step(torch.zeros(1, 3), sch.timesteps[0], torch.zeros(1, 3), eta=1.0)
 
 
+@pytest.mark.parametrize("begin", ["set_begin_index", "view", "float"])
 @pytest.mark.parametrize("solver", [{"name": "unipc", "order": 3}, {"name": "heun"}])
-def test_img2img_begin_index(solver):
+def test_img2img_begin_index(solver, begin):
     """img2img-style use: slice timesteps, set_begin_index, add_noise at the first kept step; the solve then
-    equals solver.sample on the remaining grid t[b:] (restarted warm-up) from alpha x0 + sigma noise at t[b]."""
+    equals solver.sample on the remaining grid t[b:] (restarted warm-up) from alpha x0 + sigma noise at t[b].
+    Pipelines that slice without set_begin_index (AnimateDiff/CogVideoX video2video) get the same solve: the
+    first step finds its interval from its timestep (a view of scheduler.timesteps, or a plain number)."""
     unet = tiny_unet()
     cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
     model, sched = from_diffusers(unet, cfg)
@@ -235,15 +238,18 @@ def test_img2img_begin_index(solver):
     per = sch.order
     b = 2
     ts = sch.timesteps[b * per:]
-    sch.set_begin_index(b * per)
+    if begin == "set_begin_index":
+        sch.set_begin_index(b * per)
+    elif begin == "float":
+        ts = [float(v) for v in ts]
     g = torch.Generator().manual_seed(7)
     x0, noise = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
-    x = sch.add_noise(x0, noise, ts[:1].repeat(2))
+    x = sch.add_noise(x0, noise, torch.as_tensor(ts[:1]).repeat(2))
     x_b = sched.alpha(t[b]).float() * x0 + sched.sigma(t[b]).float() * noise
     torch.testing.assert_close(x, x_b)
     with torch.no_grad():
-        for tt in ts:
-            x = sch.step(unet(x, tt).sample, tt, x).prev_sample
+        for tt in ts:  # (the UNet itself would truncate a Python float time to an int)
+            x = sch.step(unet(x, torch.as_tensor(tt)).sample, tt, x).prev_sample
         ref = ld3_ext.solvers.solver_from_config({**solver, "backend": "reference"}).sample(model, x_b, t[b:], tm[b:])
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
 
@@ -381,3 +387,62 @@ def test_from_schedule_file_takes_the_recorded_prediction(tmp_path):
     with pytest.warns(UserWarning, match="assuming prediction_type='epsilon'"):
         assert LD3Scheduler.from_schedule_file(write("none.json", {"name": "net"})).config.prediction_type == "epsilon"
 
+
+
+@pytest.mark.parametrize("solver", [{"name": "heun"}, {"name": "euler"}])
+def test_step_continues_from_the_sample_the_pipeline_passes(solver):
+    """An inpainting blend or a step callback edits the latents between steps: the solve continues from the
+    edited sample (as diffusers' schedulers do), Heun included (it used to continue from its own stored state)."""
+    unet = tiny_unet()
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
+    model, sched = from_diffusers(unet, cfg)
+    t = ld3_ext.discretizations.logsnr_uniform(sched, 4)
+    conf = {**solver, "backend": "reference"}
+    sch = LD3Scheduler.from_timesteps(t, None, conf, scheduler_config=cfg)
+    sch.set_timesteps()
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    edit_after = 2 * sch.order  # two intervals done: the state is at t[2]
+    with torch.no_grad():
+        for k, tt in enumerate(sch.timesteps):
+            x = sch.step(unet(x.float(), tt).sample.double(), tt, x).prev_sample
+            if k + 1 == edit_after:
+                x = 0.5 * x + 0.3
+                edited = x.clone()
+        ref = ld3_ext.solvers.solver_from_config(conf).sample(model, edited.float(), t[2:]).double()
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_config_describes_the_schedule_it_runs_without_a_model_config(tmp_path):
+    """Without the model's scheduler config, the config still describes the schedule the scheduler runs, so that
+    switching back (DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)) or from_diffusers(unet,
+    pipe.scheduler.config) gets that schedule, not diffusers' default betas."""
+    import warnings
+    from ld3_ext.integrations.diffusers import schedule_from_diffusers_config
+    from ld3_ext.schedule_file import LearnedSchedule
+    sd = ld3_ext.VPDiscrete.linear(0.00085, 0.012)
+    t = ld3_ext.discretizations.logsnr_uniform(sd, 6)
+    path = LearnedSchedule(t, t.clone(), solver_config={"name": "dpmpp", "order": 3}, nfe=6,
+                           schedule_config=sd.config()).save(str(tmp_path / "sd.json"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no recorded prediction: epsilon assumed, with a warning
+        built = [LD3Scheduler.from_schedule_file(path), LD3Scheduler.from_timesteps(t, solver="dpmpp", schedule=sd)]
+    for sch in built:
+        back = diffusers.DPMSolverMultistepScheduler.from_config(sch.config)
+        torch.testing.assert_close(back.alphas_cumprod.double(), sd.alphas_cumprod, rtol=2e-6, atol=0)
+        again, _ = schedule_from_diffusers_config(sch.config)
+        torch.testing.assert_close(again.alphas_cumprod, sd.alphas_cumprod, rtol=2e-6, atol=0)  # diffusers: float32
+    flow = ld3_ext.FlowMatching(shift=3.0)
+    sch = LD3Scheduler.from_timesteps(ld3_ext.discretizations.time_uniform(flow, 4), solver="euler", schedule=flow)
+    back = diffusers.FlowMatchEulerDiscreteScheduler.from_config(sch.config)
+    assert back.config.shift == 3.0 and sch.config.prediction_type == "flow_prediction"
+
+
+def test_scheduler_arguments_are_checked_when_given():
+    with pytest.raises(ValueError, match="discretization"):
+        LD3Scheduler(discretization="karras")  # at construction, not at the first set_timesteps
+    sch = LD3Scheduler()
+    for bad, exc in ((2.7, TypeError), ("5", TypeError), (True, TypeError), (0, ValueError), (-3, ValueError)):
+        with pytest.raises(exc, match="num_inference_steps"):
+            sch.set_timesteps(bad)
+    sch.set_timesteps(5)
+    assert sch.num_inference_steps == 5

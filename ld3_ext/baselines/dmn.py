@@ -21,9 +21,13 @@ interior lambdas is then (dropping the constant sigma_N):
 
     sum over the first ``trunc_num`` steps of || (w_j J_{s,j})_j ||_2      (errors of a step's nodes
                                                                          treated as independent)
-  + sum over nodes j of | sum over later steps s of w_j J_{s,j} |         (the same node's error
+  + sum over the first-order steps of | w_s J_{s,s} |                    (always on their own)
+  + sum over nodes j of | sum over the other steps s of w_j J_{s,j} |    (the same node's error
                                                                          re-used by several steps,
                                                                          signed, so they may cancel)
+
+as LD3's port (``StepOptim``) writes it: a first-order step (the first and, with the lower final
+orders, the last) never joins the signed sums, whatever ``trunc_num`` is.
 
 Steps use order min(order, s + 1, N - s) (warm-up, then lower order at the end, as DPM-Solver++(3M)
 with ``lower_order_final``).  ``trunc_num`` defaults to 3 for N <= 7 and 0 above (the original's
@@ -102,7 +106,7 @@ def dmn_objective(lams: np.ndarray, order: int = 3, space: str = "pixel", trunc_
     for s, k in enumerate(step_orders(n, order)):
         nodes_idx = np.arange(s - k + 1, s + 1)               # the k most recent nodes, ending at s
         contrib = w[nodes_idx] * exp_lagrange_weights(lams[nodes_idx], lams[s], lams[s + 1])
-        if s < trunc_num:
+        if s < trunc_num or k == 1:  # a first-order step's term stands alone (LD3's StepOptim)
             total += float(np.sqrt((contrib ** 2).sum()))
         else:
             acc[nodes_idx] += contrib

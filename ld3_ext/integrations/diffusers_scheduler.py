@@ -23,14 +23,17 @@ call, with the network output at the predictor point (as diffusers' UniPCMultist
 
 No host sync per step: coefficient tables, alpha/sigma of every model time and the orders are computed
 once in ``set_timesteps`` (float64 on the CPU, then moved to the device once); ``step()`` only slices
-device tensors and does tensor arithmetic (no ``.item()``/``float()``).  The step index is a counter, so
-the ``timestep`` argument is not looked up (pass the ``scheduler.timesteps`` entries in order).
+device tensors and does tensor arithmetic (no ``.item()``/``float()``).  The step index is a counter (pass
+the ``scheduler.timesteps`` entries in order); only the first ``step()`` of a solve looks its ``timestep`` up
+(one read-back), so that a pipeline that slices ``scheduler.timesteps`` for img2img without calling
+``set_begin_index`` starts at the right interval, as diffusers' own schedulers do.
 
 ``init_noise_sigma`` is the schedule's prior std sigma(t_max) (~1 for VP, t_max for flow), the same x_T
 scaling as ``schedule.prior_std()``.  ``scale_model_input`` is the identity (the network reads x itself).
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -41,13 +44,26 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 
 from .. import ops
 from ..coefficients import step_orders
-from ..discretizations import get_discretization
+from ..discretizations import DISCRETIZATIONS, get_discretization
 from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete, schedule_from_config
 from ..solvers import Solver, solver_from_config
 from ..wrappers import _capturing, _compiling
 from .diffusers import PREDICTION_TYPES, DiffusersConfigError, schedule_from_diffusers_config
 
 _SUPPORTED_SOLVERS = ("dpmpp", "unipc", "ipndm", "euler", "heun")
+
+
+def _fields_of(schedule: NoiseSchedule) -> Dict[str, Any]:
+    """The diffusers config fields that describe ``schedule``.  Set when no model config is given, so that what reads
+    the config -- ``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`` to switch back,
+    ``from_diffusers(unet, pipe.scheduler.config)`` -- gets the schedule this scheduler runs, not diffusers' defaults."""
+    if isinstance(schedule, VPDiscrete):
+        log_ac = torch.log(schedule.alphas_cumprod.to(torch.float64))
+        betas = -torch.expm1(torch.diff(log_ac, prepend=log_ac.new_zeros(1)))  # 1 - ac_i / ac_{i-1}
+        return {"num_train_timesteps": schedule.num_train_timesteps, "trained_betas": betas.tolist()}
+    if isinstance(schedule, FlowMatching):
+        return {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "shift": float(schedule.shift)}
+    return {}
 
 
 def _half(dtype: torch.dtype) -> bool:
@@ -99,6 +115,8 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             raise DiffusersConfigError(f"variance_type must be a string or None, got {variance_type!r}")
         self._learned_variance = variance_type in ("learned", "learned_range")
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        if discretization not in DISCRETIZATIONS:  # now, not at the first set_timesteps
+            raise ValueError(f"discretization must be one of {sorted(DISCRETIZATIONS)}, got {discretization!r}")
         if schedule_config is not None:
             self.schedule = schedule_from_config(dict(schedule_config))
         else:
@@ -178,6 +196,9 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             kw["solver_config"] = dict(solver)
         if schedule is not None:
             kw["schedule_config"] = schedule.config()
+            if scheduler_config is None:
+                for k, v in _fields_of(schedule).items():
+                    kw.setdefault(k, v)
         kw["ld3_timesteps"] = _floats(timesteps)
         kw["ld3_model_timesteps"] = None if model_timesteps is None else _floats(model_timesteps)
         kw.update(overrides)
@@ -224,6 +245,9 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             kw.setdefault("prediction_type", "flow_prediction")
         if isinstance(sched, VPDiscrete):
             kw["num_train_timesteps"] = sched.num_train_timesteps
+        if scheduler_config is None:
+            for k, v in _fields_of(sched).items():
+                kw.setdefault(k, v)
         # guidance_scale is a config field so that save_pretrained (ld3 export-diffusers) keeps it
         kw.update(schedule_config=ls.schedule_config, solver_config=ls.solver_config,
                   ld3_timesteps=ls.timesteps.tolist(), ld3_model_timesteps=ls.model_timesteps.tolist(),
@@ -256,6 +280,11 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if unknown:
             raise TypeError(f"LD3Scheduler.set_timesteps: unsupported arguments {sorted(unknown)}; build the "
                             "scheduler with LD3Scheduler.from_timesteps(...) for custom grids")
+        if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
+                                                or not isinstance(num_inference_steps, numbers.Integral)):
+            raise TypeError(f"set_timesteps: num_inference_steps must be an int, got {num_inference_steps!r}")
+        if num_inference_steps is not None and num_inference_steps < 1:
+            raise ValueError(f"set_timesteps: num_inference_steps must be >= 1, got {num_inference_steps}")
         solver = self.solver
         if self._grid is not None:
             n = self._grid.numel() - 1
@@ -305,6 +334,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             model_t = tm[:n]
         dev = device if device is not None else (self.timesteps.device if self.timesteps is not None else None)
         self.timesteps = self._network_units(model_t).to(torch.float32)
+        self._timesteps_cpu = self.timesteps  # for the first step's look-up (_start_index)
         self.num_inference_steps = n
         if dev is not None:
             self.timesteps = self.timesteps.to(dev)
@@ -371,6 +401,10 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if kwargs.get("eta", 0.0) not in (0, 0.0, None):
             raise ValueError("LD3Scheduler runs the probability-flow ODE: eta must be 0")
         k = self._step_index
+        if k == 0 and self._begin_index is None and not (_compiling() or _capturing()):
+            j = self._start_index(timestep)
+            if j:  # sliced timesteps without set_begin_index (img2img): start at that interval
+                self.set_begin_index(j)
         if k >= len(self.timesteps):
             raise IndexError(f"LD3Scheduler.step called {k + 1} times for {len(self.timesteps)} timesteps; call "
                              "set_timesteps() again to start a new solve")
@@ -388,6 +422,27 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+    def _start_index(self, timestep) -> Optional[int]:
+        """The index of ``timestep`` among ``self.timesteps`` where an interval starts (Heun: the even one of the
+        two equal entries), or None when it is not one of them.  A pipeline's ``t`` is usually a view of
+        ``scheduler.timesteps`` (its loop iterates over a slice of it): then its place in that storage is the index,
+        with no read-back; otherwise the value is compared on the host (one device sync for a device tensor)."""
+        own = self.timesteps
+        per = 2 if self.solver.name == "heun" else 1
+        if isinstance(timestep, torch.Tensor) and timestep.device == own.device and own.stride(0) == 1 \
+                and timestep.untyped_storage().data_ptr() == own.untyped_storage().data_ptr():
+            j = timestep.storage_offset() - own.storage_offset()
+            return j if 0 <= j < own.numel() and j % per == 0 else None
+        try:
+            tt = torch.as_tensor(timestep).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if tt.numel() < 1 or tt.is_complex() or tt.dtype == torch.bool:
+            return None
+        value = tt[0].to("cpu", torch.float32)
+        hits = (self._timesteps_cpu == value).nonzero().flatten().tolist()
+        return next((j for j in hits if j % per == 0), None)
 
     def _own_channels(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The prediction part of the output (shape checks only: no host sync)."""
@@ -428,17 +483,16 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         mk = (i - 1) if k % 2 == 0 else i  # the model time index of this evaluation
         x0, _ = self._convert(out, x, mk)
         dt = sig[i] - sig[i - 1]
+        # both halves start from the sample passed in (as diffusers' Heun scheduler): a pipeline may have edited it
+        # (an inpainting blend, a step callback), and x0 was made from it
         if k % 2 == 0:
-            y = x / alp[0] if k == 0 else self._heun
+            y = x / alp[i - 1]
             d0 = (y - x0) / sig[i - 1]
-            y1 = y + dt * d0
-            self._heun = (y, d0, y1)
-            return alp[i] * y1
-        y, d0, y1 = self._heun
-        d1 = (y1 - x0) / sig[i]
-        y = y + dt * 0.5 * (d0 + d1)
-        self._heun = y
-        return alp[i] * y
+            self._heun = (y, d0)
+            return alp[i] * (y + dt * d0)
+        y, d0 = self._heun
+        d1 = (x / alp[i] - x0) / sig[i]
+        return alp[i] * (y + dt * 0.5 * (d0 + d1))
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x = alpha x_0 + sigma noise (img2img).  ``timesteps`` in diffusers units (floats ok); an entry equal to
