@@ -306,11 +306,9 @@ class FlowMatching(NoiseSchedule):
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-3, shift: float = 1.0):
         t_min, t_max = _num("FlowMatching: t_min", t_min), _num("FlowMatching: t_max", t_max)
-        shift = _num("FlowMatching: shift", shift)
+        shift = self.check_shift(shift)
         if not (0 < t_min < t_max < 1.0):
             raise ValueError(f"FlowMatching: need 0 < t_min < t_max < 1, got t_min={t_min}, t_max={t_max}")
-        if not shift > 0:
-            raise ValueError(f"FlowMatching: shift must be > 0, got {shift}")
         # discretizations map the shifted [t_min, t_max] affinely back onto itself: an extreme shift
         # (1e300, 1e-300) maps both ends to the same float, a division by zero there and no resolution before
         def f(u):
@@ -319,6 +317,15 @@ class FlowMatching(NoiseSchedule):
             raise ValueError(f"FlowMatching: shift={shift} is too extreme: it maps t_min and t_max to "
                              f"{f(t_min)} and {f(t_max)}, which float64 cannot resolve")
         self.t_min, self.t_max, self.shift = float(t_min), float(t_max), float(shift)
+
+    @staticmethod
+    def check_shift(shift) -> float:
+        """``shift`` as a float: a finite number > 0, else a TypeError / ValueError naming it.  The one rule for
+        a shift, wherever it is read (the diffusers integration raises this error as its config error)."""
+        shift = _num("FlowMatching: shift", shift)
+        if not shift > 0:
+            raise ValueError(f"FlowMatching: shift must be > 0, got {shift}")
+        return shift
 
     def log_alpha(self, t):
         return torch.log1p(-t)
