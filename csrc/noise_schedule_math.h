@@ -91,6 +91,18 @@ template <typename T, int N>
 LD3_HD Dual<T, N> cos(const Dual<T, N>& a) {
   return a.chain(::cos(a.v), -::sin(a.v));
 }
+template <typename T, int N>
+LD3_HD Dual<T, N> sin(const Dual<T, N>& a) {
+  return a.chain(::sin(a.v), ::cos(a.v));
+}
+// log(1 - exp(x)) for x <= 0 without cancellation (Maechler 2012): log(-expm1(x)) near 0, log1p(-exp(x))
+// below -ln 2, where 1 - exp(x) rounds towards 1 and log of it loses its relative precision.
+// Same switch as schedules._log1mexp.
+template <typename T, int N>
+LD3_HD Dual<T, N> log1mexp(const Dual<T, N>& a) {
+  const T kLn2 = T(0.6931471805599453);  // math.log(2.0)
+  return a.v > -kLn2 ? log(-expm1(a)) : log1p(-exp(a));
+}
 
 enum ScheduleKind : int { kEDM = 0, kVPLinear = 1, kVPCosine = 2, kFlow = 3 };
 
@@ -112,15 +124,25 @@ LD3_HD void schedule_log_alpha_sigma(const ScheduleParams& sp, const S& t, S& lo
     case kVPLinear: {
       const double b0 = sp.p0, b1 = sp.p1;
       log_alpha = S(-0.25) * t * t * S(b1 - b0) - S(0.5) * t * S(b0);
-      // sigma^2 = 1 - alpha^2 = -expm1(2 log alpha): precise near t = 0
-      log_sigma = S(0.5) * log(-expm1(S(2.0) * log_alpha));
+      // sigma^2 = 1 - alpha^2: precise at both ends
+      log_sigma = S(0.5) * log1mexp(S(2.0) * log_alpha);
       break;
     }
     case kVPCosine: {
+      // alpha = cos(theta0 + t c) / cos(theta0), c = (pi/2)/(1 + s), theta0 = s c; a branch without
+      // cancellation at each end (see VPCosine.log_alpha): 1 - 2 sin^2(d/2) - tan(theta0) sin(d) with
+      // d = t c through log1p for t < 1/2, cos(theta) = sin((1 - t) c) above.
       const double s = sp.p0;
-      const double log_alpha0 = ::log(::cos(s / (1.0 + s) * kHalfPi));
-      log_alpha = log(cos((t + S(s)) / S(1.0 + s) * S(kHalfPi))) - S(log_alpha0);
-      log_sigma = S(0.5) * log(-expm1(S(2.0) * log_alpha));
+      const double c = kHalfPi / (1.0 + s);
+      const double theta0 = s * c;
+      if (t.v < 0.5) {
+        const S d = t * S(c);
+        const S h = sin(S(0.5) * d);
+        log_alpha = log1p(S(-2.0) * (h * h) - S(::tan(theta0)) * sin(d));
+      } else {
+        log_alpha = log(sin((S(1.0) - t) * S(c))) - S(::log(::cos(theta0)));
+      }
+      log_sigma = S(0.5) * log1mexp(S(2.0) * log_alpha);
       break;
     }
     default:  // kFlow

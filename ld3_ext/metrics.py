@@ -42,6 +42,20 @@ def gaussian_stats(feats: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
+def _checked_eigh(name: str, c: np.ndarray, vectors: bool = False):
+    """(eigenvalues, eigenvectors or None) of the covariance ``c``, refused when it is not symmetric or not
+    positive semi-definite: the eigenvalue clipping in frechet_distance would turn a non-covariance (e.g. -I)
+    into a silently wrong distance."""
+    if np.abs(c - c.T).max() > 1e-6 * np.abs(c).max():
+        raise ValueError(f"frechet_distance: {name} is not symmetric (max |C - C^T| = {np.abs(c - c.T).max():.3g})")
+    sym = (c + c.T) / 2
+    w, v = np.linalg.eigh(sym) if vectors else (np.linalg.eigvalsh(sym), None)
+    if w.min() < -1e-6 * np.abs(w).max():
+        raise ValueError(f"frechet_distance: {name} is not positive semi-definite (smallest eigenvalue "
+                         f"{w.min():.3g}, largest {w.max():.3g})")
+    return w, v
+
+
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2).
 
@@ -58,16 +72,9 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
                              f"cov1, cov2 of shape (D, D) with D = len(mu1) = {mu1.shape}")
         if not np.isfinite(a).all():
             raise ValueError(f"frechet_distance: {name} contains NaN or Inf")
-    # the eigenvalue clipping below would turn a non-covariance (e.g. -I) into a silently wrong distance
-    for name, c in (("cov1", c1), ("cov2", c2)):
-        scale = np.abs(c).max()
-        if np.abs(c - c.T).max() > 1e-6 * scale:
-            raise ValueError(f"frechet_distance: {name} is not symmetric (max |C - C^T| = {np.abs(c - c.T).max():.3g})")
-        w = np.linalg.eigvalsh((c + c.T) / 2)
-        if w.min() < -1e-6 * np.abs(w).max():
-            raise ValueError(f"frechet_distance: {name} is not positive semi-definite (smallest eigenvalue "
-                             f"{w.min():.3g}, largest {w.max():.3g})")
-    w, v = np.linalg.eigh((c1 + c1.T) / 2)
+    # cov1 is decomposed once: its eigenvalues serve the check, its eigenvectors C1^1/2
+    w, v = _checked_eigh("cov1", c1, vectors=True)
+    _checked_eigh("cov2", c2)
     s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     m = s1 @ c2 @ s1
     ev = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)

@@ -36,6 +36,20 @@ def _as_tensor(t, like: Optional[torch.Tensor] = None) -> torch.Tensor:
     return torch.as_tensor(t, dtype=dtype, device=device)
 
 
+_LN2 = math.log(2.0)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0 without cancellation (Maechler 2012): log(-expm1(x)) for x > -ln 2, and
+    log1p(-exp(x)) below, where 1 - exp(x) rounds towards 1 and its log (and the gradient of expm1, which
+    autograd forms as expm1(x) + 1) loses relative precision.  A VP schedule's log sigma = log1mexp(2 log alpha) / 2.
+    Each branch gets a clamped x, so the unused one stays finite (and so does its zero gradient).
+    Same switch as log1mexp in csrc/noise_schedule_math.h."""
+    near0 = torch.log(-torch.expm1(torch.clamp(x, min=-_LN2)))
+    below = torch.log1p(-torch.exp(torch.clamp(x, max=-_LN2)))
+    return torch.where(x > -_LN2, near0, below)
+
+
 def _num(name: str, v, finite: bool = True) -> float:
     """float(v), or a TypeError (not a number) / ValueError (NaN, Inf or too large) naming the argument."""
     if isinstance(v, (bool, str)) or not hasattr(v, "__float__"):
@@ -201,8 +215,8 @@ class VPLinear(NoiseSchedule):
         return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def log_sigma(self, t):
-        # sigma^2 = 1 - alpha^2 = -expm1(2 log_alpha); log1p-free form keeps precision near t = 0
-        return 0.5 * torch.log(-torch.expm1(2.0 * self.log_alpha(t)))
+        # sigma^2 = 1 - alpha^2, precise near t = 0 and where alpha is small
+        return 0.5 * _log1mexp(2.0 * self.log_alpha(t))
 
     def inverse_lambda(self, lam):
         b0, b1 = self.beta_min, self.beta_max
@@ -233,18 +247,46 @@ class VPCosine(NoiseSchedule):
         if not (0 < t_min < t_max < 1.0):
             raise ValueError(f"VPCosine: need 0 < t_min < t_max < 1, got t_min={t_min}, t_max={t_max}")
         self.t_min, self.t_max = float(t_min), float(t_max)
-        self._log_alpha0 = math.log(math.cos(self.s / (1.0 + self.s) * math.pi / 2.0))
+        # theta(t) = (t + s) c with c = (pi/2)/(1 + s); alpha = cos(theta)/cos(theta0), theta0 = s c.
+        # Same constants, in the same order, as csrc/noise_schedule_math.h.
+        self._c = (math.pi / 2.0) / (1.0 + self.s)
+        theta0 = self.s * self._c
+        self._sin0, self._cos0, self._tan0 = math.sin(theta0), math.cos(theta0), math.tan(theta0)
+        self._log_alpha0 = math.log(self._cos0)
         self._check_ends()
 
     def log_alpha(self, t):
-        return torch.log(torch.cos((t + self.s) / (1.0 + self.s) * (math.pi / 2.0))) - self._log_alpha0
+        """log(cos(theta0 + t c) / cos(theta0)) without cancellation at either end (each branch keeps float32
+        relative precision; log(cos(theta)) - log(cos(theta0)) lost it near t = 0, cos(theta) near t = 1):
+
+        * t < 1/2: cos(theta0 + d)/cos(theta0) = 1 - 2 sin^2(d/2) - tan(theta0) sin(d), d = t c, through log1p;
+        * t >= 1/2: cos(theta) = sin((1 - t) c), where 1 - t is exact.
+        Each branch gets a clamped t, so the unused one stays finite (and so does its zero gradient)."""
+        d = torch.clamp(t, max=0.5) * self._c
+        h = torch.sin(0.5 * d)
+        near0 = torch.log1p(-2.0 * (h * h) - self._tan0 * torch.sin(d))
+        near1 = torch.log(torch.sin((1.0 - torch.clamp(t, min=0.5)) * self._c)) - self._log_alpha0
+        return torch.where(t < 0.5, near0, near1)
 
     def log_sigma(self, t):
-        return 0.5 * torch.log(-torch.expm1(2.0 * self.log_alpha(t)))
+        return 0.5 * _log1mexp(2.0 * self.log_alpha(t))
 
     def inverse_lambda(self, lam):
-        log_alpha = -0.5 * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
-        return 2.0 * (1.0 + self.s) / math.pi * torch.arccos(torch.exp(log_alpha + self._log_alpha0)) - self.s
+        """t = d / c with d = theta - theta0, cos(theta) = alpha cos(theta0), from an atan2 of sin(d) and cos(d)
+        written with positive terms only (t = 2(1+s)/pi arccos(alpha cos(theta0)) - s loses float32 precision
+        where alpha ~ 1, and the - s near t = 0):
+        sin(theta) = sqrt(sin0^2 + cos0^2 sigma^2), sin(d) = cos0 sigma^2 / (sin(theta) + alpha sin0),
+        cos(d) = alpha cos0^2 + sin(theta) sin0, with alpha^2 = sigmoid(2 lam), sigma^2 = sigmoid(-2 lam)."""
+        alpha = torch.exp(-0.5 * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam)))
+        if self.s == 0.0:  # theta0 = 0, d = theta: the form below would divide 0 by 0 where sigma underflows
+            return torch.atan2(torch.exp(0.5 * torch.nn.functional.logsigmoid(-2.0 * lam)), alpha) / self._c
+        # sigma^2 = sigmoid(-2 lam); where it nears 1 (lam < 0) through logsigmoid, whose gradient keeps its digits
+        # (sigmoid's, y (1 - y), loses them as y -> 1)
+        sigma2 = torch.where(lam < 0, torch.exp(torch.nn.functional.logsigmoid(-2.0 * lam)), torch.sigmoid(-2.0 * lam))
+        sin0, cos0 = self._sin0, self._cos0
+        sin_theta = torch.sqrt(sin0 * sin0 + cos0 * cos0 * sigma2)
+        d = torch.atan2(cos0 * sigma2 / (sin_theta + alpha * sin0), alpha * (cos0 * cos0) + sin_theta * sin0)
+        return d / self._c
 
     def native_spec(self):
         return KIND_VP_COSINE, [self.s, 0.0]
@@ -264,11 +306,9 @@ class FlowMatching(NoiseSchedule):
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 1.0 - 1e-3, shift: float = 1.0):
         t_min, t_max = _num("FlowMatching: t_min", t_min), _num("FlowMatching: t_max", t_max)
-        shift = _num("FlowMatching: shift", shift)
+        shift = self.check_shift(shift)
         if not (0 < t_min < t_max < 1.0):
             raise ValueError(f"FlowMatching: need 0 < t_min < t_max < 1, got t_min={t_min}, t_max={t_max}")
-        if not shift > 0:
-            raise ValueError(f"FlowMatching: shift must be > 0, got {shift}")
         # discretizations map the shifted [t_min, t_max] affinely back onto itself: an extreme shift
         # (1e300, 1e-300) maps both ends to the same float, a division by zero there and no resolution before
         def f(u):
@@ -277,6 +317,15 @@ class FlowMatching(NoiseSchedule):
             raise ValueError(f"FlowMatching: shift={shift} is too extreme: it maps t_min and t_max to "
                              f"{f(t_min)} and {f(t_max)}, which float64 cannot resolve")
         self.t_min, self.t_max, self.shift = float(t_min), float(t_max), float(shift)
+
+    @staticmethod
+    def check_shift(shift) -> float:
+        """``shift`` as a float: a finite number > 0, else a TypeError / ValueError naming it.  The one rule for
+        a shift, wherever it is read (the diffusers integration raises this error as its config error)."""
+        shift = _num("FlowMatching: shift", shift)
+        if not shift > 0:
+            raise ValueError(f"FlowMatching: shift must be > 0, got {shift}")
+        return shift
 
     def log_alpha(self, t):
         return torch.log1p(-t)
@@ -327,7 +376,7 @@ class VPDiscrete(NoiseSchedule):
         self.t_max = _num("VPDiscrete: t_max", t_max)
         if not (1.0 / n - 1e-12 <= self.t_min < self.t_max <= 1.0 + 1e-12):
             raise ValueError(f"VPDiscrete: need 1/N <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
-        lam = self._log_alpha_knots - 0.5 * torch.log(-torch.expm1(2.0 * self._log_alpha_knots))
+        lam = self._log_alpha_knots - 0.5 * _log1mexp(2.0 * self._log_alpha_knots)
         self._lambda_knots = lam  # decreasing in t
 
     def _knots(self, like):
@@ -347,7 +396,7 @@ class VPDiscrete(NoiseSchedule):
         return self._interp(t, tk, lk)
 
     def log_sigma(self, t):
-        return 0.5 * torch.log(-torch.expm1(2.0 * self.log_alpha(t)))
+        return 0.5 * _log1mexp(2.0 * self.log_alpha(t))
 
     def inverse_lambda(self, lam):
         log_alpha = -0.5 * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))

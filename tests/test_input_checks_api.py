@@ -238,6 +238,23 @@ def test_diffusers_network_time_and_flow_shift():
         assert got.shift == want
 
 
+def test_diffusers_flow_shift_is_checked_by_the_schedule_rule():
+    """One rule for a shift: the diffusers config refuses what FlowMatching refuses, with FlowMatching's message
+    (naming shift) as a DiffusersConfigError, and accepts what FlowMatching accepts."""
+    from ld3_ext.integrations import diffusers as DI
+    cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler"}
+    for bad in (0.0, -2.0, NAN, math.inf, "3", True, [2.0]):
+        with pytest.raises((TypeError, ValueError)) as want:
+            FlowMatching(shift=bad)
+        for call in (lambda: DI.schedule_from_diffusers_config({**cfg, "shift": bad}),
+                     lambda: DI.schedule_from_diffusers_config(cfg, shift=bad)):
+            with pytest.raises(DI.DiffusersConfigError, match="shift") as got:
+                call()
+            assert str(got.value) == str(want.value)
+    for ok in (2.5, np.float32(2.5), torch.tensor(2.5, dtype=F64)):
+        assert DI.schedule_from_diffusers_config({**cfg, "shift": ok})[0].shift == FlowMatching(shift=ok).shift == 2.5
+
+
 # ---- 9. fused update into an overlapping out= ------------------------------------------------------------
 @needs_native
 def test_fused_update_refuses_an_expanded_out():

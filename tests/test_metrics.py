@@ -29,6 +29,30 @@ def test_frechet_distance_closed_form():
     assert frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0.0, abs=1e-10)
 
 
+def test_frechet_distance_decomposes_cov1_once_and_matches_scipy_sqrtm(monkeypatch):
+    """cov1's eigendecomposition serves both its positive semi-definiteness check and C1^1/2 (it was computed twice);
+    the value equals the textbook tr(sqrtm(C1 C2)) form, by scipy."""
+    sqrtm = pytest.importorskip("scipy.linalg").sqrtm
+    rng = np.random.default_rng(0)
+    d = 7
+    a, b = rng.standard_normal((d, 3 * d)), rng.standard_normal((d, 3 * d))
+    c1, c2 = a @ a.T / (3 * d), b @ b.T / (3 * d) + 0.1 * np.eye(d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    seen = []
+    for fn in ("eigh", "eigvalsh", "eig", "eigvals", "svd", "cholesky"):
+        def spy(m, *args, _real=getattr(np.linalg, fn), _fn=fn, **kw):
+            seen.append((_fn, np.array(m, copy=True)))
+            return _real(m, *args, **kw)
+        monkeypatch.setattr(np.linalg, fn, spy)
+    got = frechet_distance(mu1, c1, mu2, c2)
+    monkeypatch.undo()
+    of_cov1 = [fn for fn, m in seen if m.shape == c1.shape and np.allclose(m, c1, rtol=1e-13, atol=0)]
+    assert of_cov1 == ["eigh"], of_cov1
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2.0 * np.trace(sqrtm(c1 @ c2)).real
+    assert got == pytest.approx(want, rel=1e-10)
+    assert frechet_distance(mu2, c2, mu1, c1) == pytest.approx(want, rel=1e-10)
+
+
 def test_digits_fd_real_vs_itself_and_symmetry():
     real = real_digits()
     assert digits_fd(real, reference=real) == pytest.approx(0.0, abs=1e-6)

@@ -32,7 +32,6 @@ rather than read as the default linear VP schedule.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -186,7 +185,10 @@ def schedule_from_diffusers_config(scheduler_config, shift: Optional[float] = No
             shift = cfg.get("shift", cfg.get("flow_shift", 1.0))
             if shift is None:  # a missing or null shift is diffusers' default, 1
                 shift = 1.0
-        kw = {"shift": _shift(shift)}
+        try:  # the schedule's own rule for a shift, raised as a config error
+            kw = {"shift": FlowMatching.check_shift(shift)}
+        except (TypeError, ValueError) as exc:
+            raise DiffusersConfigError(str(exc)) from exc
         if t_min is not None:
             kw["t_min"] = t_min
         if t_max is not None:
@@ -207,13 +209,6 @@ def schedule_from_diffusers_config(scheduler_config, shift: Optional[float] = No
     if t_max is not None:
         kw["t_max"] = t_max
     return VPDiscrete(alphas_cumprod=ac, **kw), PREDICTION_TYPES[ptype]
-
-
-def _shift(shift) -> float:
-    """A flow shift as a float > 0 (0 used to become 1.0 silently: another model's time warp)."""
-    if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift) or not shift > 0:
-        raise DiffusersConfigError(f"shift must be a finite number > 0, got {shift!r}")
-    return float(shift)
 
 
 def network_time_fn(schedule: NoiseSchedule, num_train_timesteps: int = 1000):
