@@ -241,13 +241,14 @@ class LearnedSchedule:
         """A dict for diffusers-style schedulers (plain Python floats).
 
         * ``sigmas``: N+1 descending values sigma/alpha of the solver grid t_0..t_N, *including* the trailing
-          value sigma_N = sigma/alpha(t_min) > 0.  diffusers' ``set_timesteps(sigmas=...)`` takes the N
-          evaluation sigmas and appends the final one itself (0 for ``final_sigmas_type="zero"``, the
-          training sigma_min for ``"sigma_min"``); so pass ``sigmas[:-1]`` with
-          ``final_sigmas_type="sigma_min"`` -- for a VPDiscrete schedule with t_min = 1/num_train_timesteps
-          that appended value equals ``sigmas[-1]`` -- or overwrite ``scheduler.sigmas`` with the full list
-          after ``set_timesteps(N)``.  A trailing 0 ("zero") adds a final denoising step this schedule was
-          not trained for.
+          value sigma_N = sigma/alpha(t_min) > 0.  diffusers' schedulers take them differently (diffusers 0.42):
+          ``EulerDiscreteScheduler.set_timesteps(sigmas=...)`` takes all N+1 (it appends nothing to a custom
+          list: passing ``sigmas[:-1]`` silently drops the last step); ``DPMSolverMultistepScheduler`` has no
+          ``sigmas`` argument and ``UniPCMultistepScheduler`` accepts one only with ``use_flow_sigmas=True`` --
+          for those, overwrite ``scheduler.sigmas`` (and ``timesteps``) after ``set_timesteps(N)``.  A trailing
+          0 adds a final denoising step this schedule was not trained for.  To run the grid exactly (decoupled
+          network times and the learned solver included), use ``LD3Scheduler.from_schedule_file``
+          (``ld3_ext.integrations.diffusers_scheduler``).
         * ``timesteps``: the solver grid in VPDiscrete training-index units (t*N_train - 1, floats, not
           rounded: diffusers casts to int64, which moves them); for other schedules the schedule's own time.
         * ``model_sigmas`` / ``model_timesteps``: the same for the network times (LD3's decoupled times);

@@ -298,8 +298,10 @@ class VPCosine(NoiseSchedule):
 class FlowMatching(NoiseSchedule):
     """Rectified flow / flow matching: alpha = 1 - t, sigma = t.
 
-    ``shift`` applies the SD3/Flux time shift to the *discretizations* (t' = shift t / (1 + (shift-1) t));
-    the schedule itself is unchanged.
+    ``shift`` applies the SD3/Flux time shift to the time-based discretizations ("time_uniform",
+    "time_quadratic": t' = shift t / (1 + (shift-1) t)); the schedule itself is unchanged, and so are the grids
+    defined by the schedule's own quantities ("logsnr" uniform in lambda, "edm" in sigma/alpha), which a shift
+    of t does not move.
     """
 
     name = "flow"

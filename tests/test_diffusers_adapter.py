@@ -352,3 +352,14 @@ def test_ld3_trainer_fits_a_diffusers_unet(conditional):
     with torch.no_grad():
         out = learned.sample(model, x, **kw)
     assert torch.isfinite(out).all()
+
+
+def test_integrations_submodules_are_reachable_after_import_ld3_ext():
+    """The README writes ld3_ext.integrations.diffusers.from_diffusers(...) after `import ld3_ext`."""
+    import subprocess
+    import sys
+    code = ("import ld3_ext; f = ld3_ext.integrations.diffusers.from_diffusers; "
+            "s = ld3_ext.integrations.diffusers_scheduler.LD3Scheduler; print(f.__name__, s.__name__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["from_diffusers", "LD3Scheduler"]

@@ -6,4 +6,14 @@
   an ld3_ext time grid and solver inside an unmodified diffusers pipeline.
 """
 
+import importlib
+
 __all__ = ["diffusers", "diffusers_scheduler"]
+
+
+def __getattr__(name):
+    """``ld3_ext.integrations.diffusers`` works after a plain ``import ld3_ext`` (the submodule, and the optional
+    library it needs, are imported on first use)."""
+    if name in __all__:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
