@@ -19,11 +19,12 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ._checks import seed as check_seed
 from .atomic_io import atomic_write_text, json_safe
+from .solvers import ORDERLESS, SOLVERS, as_solver
 
 BASELINES = ["time_uniform", "time_quadratic", "logsnr", "edm"]
-SOLVER_CHOICES = ["dpmpp", "unipc", "ipndm", "euler", "heun"]
-ORDERLESS = ("euler", "heun")
+SOLVER_CHOICES = list(SOLVERS)
 MODEL_BASELINES = ["dmn", "gits"]
 
 
@@ -56,29 +57,37 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
 
 def _make_solver(args):
     """--solver/--order/--variant as a Solver; a flag the solver has no use for is refused, not ignored."""
-    from .solvers import make_solver
     name = args.solver
     if name in ORDERLESS and args.order is not None:
         raise SystemExit(f"error: --order: {name} has no order setting")
     if name != "unipc" and args.variant is not None:
         raise SystemExit(f"error: --variant: only unipc has variants (bh1, bh2), not {name}")
-    kw = {} if name in ORDERLESS else {"order": 3 if args.order is None else args.order}
-    if name == "unipc":
-        kw["variant"] = args.variant or "bh1"
+    order = 3 if args.order is None else args.order
     try:
-        return make_solver(name, **kw)
+        return as_solver(name, order=order, variant=args.variant or "bh1")
     except ValueError as exc:
-        raise SystemExit(f"error: --solver {name} --order {kw.get('order')}: {exc}")
+        raise SystemExit(f"error: --solver {name} --order {order}: {exc}")
 
 
 def _make_teacher_solver(args):
-    from .solvers import make_solver
     try:
-        solver = make_solver(args.teacher_solver, **({} if args.teacher_solver in ORDERLESS
-                                                     else {"order": args.teacher_order}))
+        return as_solver(args.teacher_solver, order=args.teacher_order)
     except ValueError as exc:
         raise SystemExit(f"error: --teacher-solver {args.teacher_solver} --teacher-order {args.teacher_order}: {exc}")
-    return solver
+
+
+def _exact_steps(solver, nfe: int, flag: str) -> int:
+    """The solver's steps for exactly ``nfe`` evaluations (Heun spends two a step), or an error naming ``flag``."""
+    try:
+        return solver.exact_steps(nfe, flag)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+def _teacher_steps(args):
+    """The teacher solver and its steps for --teacher-nfe (the NFE it names, as the training teacher spends it)."""
+    solver = _make_teacher_solver(args)
+    return solver, _exact_steps(solver, args.teacher_nfe, "--teacher-nfe")
 
 
 def _teacher_kind(model) -> str:
@@ -92,12 +101,7 @@ def _teacher(model, schedule, x_T, args):
     if _teacher_kind(model) == "exact":
         return model.testbed.reference_solution(schedule, x_T, rtol=1e-7, atol=1e-7)
     from .discretizations import logsnr_uniform
-    solver = _make_teacher_solver(args)
-    # steps for the NFE asked for (Heun spends two evaluations a step), as the training teacher does
-    steps = solver.steps_for_nfe(args.teacher_nfe)
-    if solver.nfe(steps) != args.teacher_nfe:
-        raise SystemExit(f"error: --teacher-nfe {args.teacher_nfe}: {args.teacher_solver} spends {solver.nfe(1)} "
-                         f"evaluations a step; use an NFE it can spend exactly, e.g. {solver.nfe(max(1, steps))}")
+    solver, steps = _teacher_steps(args)
     with torch.no_grad():
         return solver.sample(model, x_T, logsnr_uniform(schedule, steps).to(x_T.device))
 
@@ -152,12 +156,9 @@ def _table(rows: List[Dict], cols: List[str]) -> str:
 
 
 def _load(args):
-    from .models import load_model, ModelSpecError
-    from .testbeds import MIXTURES
-    if args.model.split("@")[0] in MIXTURES:  # a bare mixture name means gmm:NAME; one spelling in files
-        args.model = "gmm:" + args.model
-    builtin = args.model == "digits" or args.model.startswith("gmm:")
-    threads = args.threads if args.threads is not None else (1 if builtin else None)
+    from .models import ModelSpecError, canonical_spec, is_builtin, load_model
+    args.model = canonical_spec(args.model)  # a bare mixture name means gmm:NAME; one spelling in files
+    threads = args.threads if args.threads is not None else (1 if is_builtin(args.model) else None)
     if threads is not None:
         if threads < 1:
             raise SystemExit("error: --threads must be >= 1")
@@ -232,10 +233,7 @@ def cmd_sample(args) -> int:
             print(f"note: --schedule: comparing at the schedule's own solver {learned.solver()!r} and NFE "
                   f"{learned.nfe} (the --solver/--order/--variant/--nfe given are not used)", file=sys.stderr)
         solver, args.nfe = learned.solver(), learned.nfe
-    steps = solver.steps_for_nfe(args.nfe)
-    if solver.nfe(steps) != args.nfe:
-        raise SystemExit(f"error: --nfe {args.nfe}: {solver.name} spends {solver.nfe(1)} evaluations a step; use "
-                         + " or ".join(str(solver.nfe(k)) for k in (steps, steps + 1) if k >= 1))
+    steps = _exact_steps(solver, args.nfe, "--nfe")
     os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after the sampling
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "sample").to(dtype)
     t0 = time.time()
@@ -276,6 +274,7 @@ def cmd_teacher(args) -> int:
     from . import distributed
     _init_distributed(args)  # under torchrun each rank generates its share of the chunks
     try:
+        _teacher_steps(args)  # --teacher-solver/-order/-nfe refused before any work
         model, schedule, dtype = _load(args)
         cfg = TeacherConfig(solver=args.teacher_solver, order=args.teacher_order, nfe=args.teacher_nfe,
                             n_train=args.n_train, n_valid=args.n_valid, seed=args.seed, teacher=_teacher_kind(model))
@@ -302,6 +301,7 @@ def cmd_train(args) -> int:
 def _train(args) -> int:
     from .training import LD3Trainer
     from . import distributed
+    _teacher_steps(args)  # --teacher-solver/-order/-nfe refused before any work
     model, schedule, dtype = _load(args)
     solver = _make_solver(args)
     # where the results go must be usable before any work (an OSError here is one line)
@@ -551,8 +551,10 @@ def _check_counts(args) -> None:
         if k < 1:
             raise SystemExit(f"error: --nfe-curve values must be >= 1, got {k}")
     seed = getattr(args, "seed", 0)
-    if not 0 <= seed < 2 ** 63:
-        raise SystemExit(f"error: --seed must be in [0, 2**63), got {seed}")
+    try:
+        check_seed("--seed", seed)
+    except ValueError:
+        raise SystemExit(f"error: --seed must be in [0, 2**63), got {seed}") from None
 
 
 def _traceback_wanted() -> bool:

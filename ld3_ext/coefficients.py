@@ -28,6 +28,8 @@ from typing import List
 
 import torch
 
+from ._checks import flag as check_flag  # the library's flag rule (kept importable here)
+
 MAX_HISTORY = 4  # history terms a single update may combine
 TABLE_WIDTH = 1 + MAX_HISTORY
 
@@ -42,14 +44,6 @@ IPNDM_WEIGHTS = {
     3: (23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0),
     4: (55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0),
 }
-
-
-def check_flag(name: str, value) -> bool:
-    """``value`` as a bool, or a TypeError naming the flag: ``bool("False")`` is True, so strings, numbers and
-    None are refused rather than coerced (numpy bools are real bools)."""
-    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
-        return bool(value)
-    raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
 
 
 @dataclass(frozen=True)

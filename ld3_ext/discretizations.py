@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import count
 from .schedules import FlowMatching, NoiseSchedule, _num
 
 
 def _check(schedule, nfe):
+    """The (schedule, nfe) arguments of every hand-made grid and baseline."""
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
+    count("nfe", nfe, 1, type_error=False)
 
 
 def _finish(schedule, t: torch.Tensor) -> torch.Tensor:

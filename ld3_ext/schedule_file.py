@@ -130,17 +130,20 @@ class LearnedSchedule:
                  model: Optional[Dict[str, Any]] = None, time_mode: Optional[str] = None,
                  decoupled: Optional[bool] = None, training: Optional[Dict[str, Any]] = None,
                  metrics: Optional[Dict[str, Any]] = None, library_version: Optional[str] = None,
-                 created: Optional[str] = None):
+                 created: Optional[str] = None, _checked: bool = False):
+        # _checked: the contents passed validate_schedule_dict already (load_schedule), no second run of the rules
         self.timesteps = _as_grid(timesteps, "timesteps")
         self.model_timesteps = (self.timesteps.clone() if model_timesteps is None
                                 else _as_grid(model_timesteps, "model_timesteps"))
         if self.model_timesteps.shape != self.timesteps.shape:
             raise ValueError(f"model_timesteps ({self.model_timesteps.numel()}) and timesteps "
                              f"({self.timesteps.numel()}) must have the same length")
-        # the same rules as a schedule file (validate_schedule_dict): a grid made here is one that loads back
-        _check_contents(self.timesteps.tolist(), self.model_timesteps.tolist(), nfe, solver_config, schedule_config,
-                        dict(guidance_scale=guidance_scale, model=model, time_mode=time_mode, decoupled=decoupled,
-                             training=training, metrics=metrics, library_version=library_version, created=created))
+        if not _checked:
+            # the same rules as a schedule file (validate_schedule_dict): a grid made here is one that loads back
+            _check_contents(self.timesteps.tolist(), self.model_timesteps.tolist(), nfe, solver_config,
+                            schedule_config, dict(guidance_scale=guidance_scale, model=model, time_mode=time_mode,
+                                                  decoupled=decoupled, training=training, metrics=metrics,
+                                                  library_version=library_version, created=created))
         self.solver_config = dict(solver_config)
         self.nfe = int(nfe)
         self.schedule_config = dict(schedule_config)
@@ -186,13 +189,10 @@ class LearnedSchedule:
         :func:`ld3_ext.solvers.make_solver`) is allowed, with a warning (the grid was learned for that solver
         and NFE)."""
         from .schedules import NoiseSchedule
-        from .solvers import Solver, make_solver
+        from .solvers import as_solver
         if not isinstance(x_T, torch.Tensor):
             raise TypeError(f"x_T must be a tensor, got {type(x_T).__name__}")
-        if isinstance(solver, str):
-            solver = make_solver(solver)
-        if solver is not None and not isinstance(solver, Solver):
-            raise TypeError(f"solver must be None, an ld3_ext Solver or a solver name, got {type(solver).__name__}")
+        solver = as_solver(solver)
         sched = getattr(model, "schedule", None)
         if isinstance(sched, NoiseSchedule) and not sched.same_as(self.schedule_config):
             raise ValueError(f"model: this schedule was learned on the noise schedule {self.schedule_config}, but the "
@@ -285,11 +285,12 @@ class LearnedSchedule:
         }
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "LearnedSchedule":
+    def from_dict(cls, d: Dict[str, Any], _checked: bool = False) -> "LearnedSchedule":
         return cls(d["timesteps"], d["model_timesteps"], solver_config=d["solver"], nfe=d["nfe"],
                    schedule_config=d["schedule"], guidance_scale=d.get("guidance_scale"), model=d.get("model"),
                    time_mode=d.get("time_mode"), decoupled=d.get("decoupled"), training=d.get("training"),
-                   metrics=d.get("metrics"), library_version=d.get("library_version"), created=d.get("created"))
+                   metrics=d.get("metrics"), library_version=d.get("library_version"), created=d.get("created"),
+                   _checked=_checked)
 
     def save(self, path: str) -> str:
         """Write the schedule atomically (a crash leaves the old file intact); returns the path."""
@@ -353,7 +354,7 @@ def load_schedule(path: str) -> LearnedSchedule:
     if d["checksum"] != json_checksum(d):  # read_json_checked verified it already; keep explicit
         _fail(path, "fails its checksum: it was modified or corrupted")
     validate_schedule_dict(d, path)
-    return LearnedSchedule.from_dict(d)
+    return LearnedSchedule.from_dict(d, _checked=True)  # the content rules ran once, just above
 
 
 __all__ = ["LearnedSchedule", "load_schedule", "validate_schedule_dict", "ScheduleFileError", "FORMAT", "VERSION"]

@@ -8,23 +8,14 @@ N(alpha mu_k, diag(alpha^2 s_k^2 + sigma^2)) and E[x_0 | x_t] = sum_k w_k(x_t) (
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from ._checks import count
 from .schedules import NoiseSchedule, _num
 from .wrappers import DiffusionModel, wrap_model
-
-
-def _count(name: str, n) -> int:
-    """n as an int >= 1, or an error naming the argument (2.5 modes or 0 samples are not a count)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 1, got {type(n).__name__} {n!r}")
-    if n < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {n}")
-    return int(n)
 
 
 class GaussianMixture:
@@ -58,7 +49,7 @@ class GaussianMixture:
         self.name = name
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        n = _count("n", n)
+        n = count("n", n)
         k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return (self.means[k] + self.stds[k] * z).reshape(n, *self.event_shape)
@@ -97,7 +88,7 @@ class GaussianMixture:
         """x_T ~ N(0, sigma(t_max)^2 I) (the sampling prior)."""
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-        n = _count("n", n)
+        n = count("n", n)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:  # integer noise is all zeros
             raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
         z = torch.randn(n, *self.event_shape, generator=generator, dtype=torch.float64)
@@ -161,7 +152,7 @@ class GaussianMixture:
 
 
 def ring2d(n_modes: int = 8, radius: float = 1.0, std: float = 0.05) -> GaussianMixture:
-    n_modes = _count("n_modes", n_modes)
+    n_modes = count("n_modes", n_modes)
     radius, std = _num("radius", radius), _num("std", std)
     ang = torch.arange(n_modes, dtype=torch.float64) * (2 * math.pi / n_modes)
     means = radius * torch.stack([ang.cos(), ang.sin()], 1)
@@ -183,7 +174,7 @@ def digits64(min_std: float = 0.05) -> GaussianMixture:
 
 def random3072(n_modes: int = 10, seed: int = 0) -> GaussianMixture:
     """A random 3x32x32 mixture (CIFAR-sized)."""
-    n_modes = _count("n_modes", n_modes)
+    n_modes = count("n_modes", n_modes)
     g = torch.Generator().manual_seed(seed)
     d = 3 * 32 * 32
     means = 0.5 * torch.randn(n_modes, d, generator=g, dtype=torch.float64)

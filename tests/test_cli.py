@@ -511,3 +511,28 @@ def test_train_and_teacher_use_a_test_beds_exact_solution_as_eval_does(tmp_path,
                      "--init", "logsnr", "--no-progress", "--out", out]) == 0  # reuses the teacher set above
     from ld3_ext.schedule_file import load_schedule
     assert load_schedule(os.path.join(out, "schedule.json")).training["teacher"]["kind"] == "exact"
+
+
+def test_bare_mixture_names_are_canonical_in_the_registry():
+    """The Python API spells a bare mixture name as the CLI does (gmm:NAME), and treats it as a built-in."""
+    from ld3_ext.models import canonical_spec, is_builtin
+    assert canonical_spec("ring2d") == "gmm:ring2d"
+    assert canonical_spec("digits64@vp_linear") == "gmm:digits64@vp_linear"
+    for spec in ("gmm:ring2d", "digits", "diffusers:ring2d", "pkg.mod:ring2d", "ring2d_x"):
+        assert canonical_spec(spec) == spec
+    assert is_builtin("ring2d@flow") and is_builtin("digits") and not is_builtin("pkg.mod:factory")
+    model, schedule = load_model("ring2d@flow")
+    from ld3_ext import FlowMatching
+    assert isinstance(schedule, FlowMatching) and model.name == load_model("gmm:ring2d@flow")[0].name
+    with pytest.raises(ModelSpecError, match=r"the built-in model 'gmm:ring2d' is unconditional"):
+        load_model("ring2d", guidance_scale=2.0)
+    with pytest.raises(ModelSpecError, match="unknown schedule"):
+        load_model("ring2d@nope")
+
+
+@pytest.mark.parametrize("cmd", ["train", "teacher"])
+def test_an_odd_heun_teacher_nfe_is_refused_before_any_work(tmp_path, monkeypatch, cmd):
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=r"--teacher-nfe 21: heun spends 2 evaluations a step; use 20 or 22"):
+        cli.main([cmd, "--model", "gmm:ring2d", "--teacher-solver", "heun", "--teacher-nfe", "21",
+                  "--out", str(tmp_path / "o"), "--no-progress"])

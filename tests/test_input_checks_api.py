@@ -175,6 +175,60 @@ def test_add_noise_valid_inputs(scheduler):
     torch.testing.assert_close(scheduler.add_noise(x, n, torch.tensor([999, 0])), want)
 
 
+class _HostReads:
+    """A dispatch mode that records the ops which read tensor values back to the host: ``.item()``/``bool()``
+    (_local_scalar_dense) and selections by a boolean mask (their output shape depends on the values: on a GPU
+    each is a device-to-host read and a sync)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        reads = self.reads = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
+                    t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+                if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default) or (
+                        func is torch.ops.aten.index.Tensor and any(t.dtype == torch.bool for t in tensors[1:])):
+                    reads.append(str(func))
+                return func(*args, **(kwargs or {}))
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("which", ["own and other", "other", "own"])
+def test_add_noise_reads_back_once(scheduler, which):
+    """The range check of add_noise's timesteps (all but this solve's own) reads the device once: no boolean-mask
+    selection of the others first (a second read-back and host sync on a GPU)."""
+    scheduler.set_timesteps()
+    own, other = scheduler.timesteps[1], torch.tensor(500.0)
+    ts = {"own and other": torch.stack([own, other]), "other": torch.stack([other, other]),
+          "own": torch.stack([own, own])}[which]
+    x = torch.randn(2, 4, 8, 8, dtype=F64)
+    with _HostReads() as r:
+        out = scheduler.add_noise(x, x, ts)
+    assert r.reads == ["aten._local_scalar_dense.default"] and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"timesteps must be finite and in \[0, 999\].*\[-5\.0\]"):
+        scheduler.add_noise(x, x, torch.stack([own, torch.tensor(-5.0)]))
+
+
+def test_scheduler_solver_by_name_is_the_librarys(scheduler):
+    from ld3_ext.integrations.diffusers_scheduler import LD3Scheduler
+    from ld3_ext.solvers import make_solver
+    grid = D.logsnr_uniform(scheduler.schedule, 4)
+    for name in ("dpmpp", "unipc", "ipndm", "euler", "heun"):
+        sch = LD3Scheduler.from_timesteps(grid, solver=name, schedule=scheduler.schedule)
+        assert sch.solver.config() == make_solver(name).config()
+    with pytest.raises(TypeError, match="solver"):
+        LD3Scheduler.from_timesteps(grid, solver=5, schedule=scheduler.schedule)
+    with pytest.raises(ValueError, match="solver"):
+        LD3Scheduler.from_timesteps(grid, solver="rk45", schedule=scheduler.schedule)
+
+
 # ---- 7. meta tensors, a missing schedule ----------------------------------------------------------------
 def test_meta_tensors_are_named():
     with pytest.raises(ValueError, match="x_T"):

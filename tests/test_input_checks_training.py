@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from ld3_ext import EDM, discretizations, testbeds
+from ld3_ext import EDM, discretizations, testbeds, wrap_model
 from ld3_ext.atomic_io import atomic_write_json
 from ld3_ext.schedule_file import LearnedSchedule, ScheduleFileError, load_schedule, validate_schedule_dict
 from ld3_ext.solvers import DPMSolverPP
@@ -176,3 +176,86 @@ def test_trainer_rates_take_a_0d_tensor_as_before():
     assert float(tr.lr_xi) == pytest.approx(0.1)
     with pytest.raises(TypeError, match="lr_xi"):
         LD3Trainer(model, None, ld3_ext.DPMSolverPP(order=2), 4, lr_xi=[0.1], model_name="ring", progress=False)
+
+
+# ---- LD3Trainer flags are real bools ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["decoupled", "checkpoint_model", "progress", "regenerate_teacher",
+                                  "checkpoint_decoder"])
+@pytest.mark.parametrize("value", ["False", 0, 1, None])
+def test_trainer_flags_must_be_bools(name, value):
+    """bool("False") is True: a string (or a number) given for a flag is refused, not read as True."""
+    with pytest.raises(TypeError, match=rf"^{name} must be a bool \(True or False\)"):
+        _trainer(**{name: value})
+
+
+def test_trainer_flags_take_bools_and_numpy_bools():
+    import numpy as np
+    tr = _trainer(decoupled=np.False_, checkpoint_model=np.True_, progress=False)
+    assert tr.decoupled is False and tr.solver.checkpoint_model is True and tr.progress is False
+
+
+# ---- the training teacher spends exactly its NFE -----------------------------------------------------------
+def _heun():
+    from ld3_ext.solvers import Heun
+    return Heun(backend="reference")
+
+
+def test_trainer_refuses_an_odd_heun_teacher_nfe_before_any_work():
+    """Heun spends 2 evaluations a step: teacher_nfe=21 used to run 20, silently; it is refused naming the setting."""
+    for ts in ("heun", _heun()):
+        with pytest.raises(ValueError, match=r"cannot use exactly teacher_nfe=21 .*; use teacher_nfe=20 or "
+                                             r"teacher_nfe=22"):
+            _trainer(teacher="solver", teacher_solver=ts, teacher_nfe=21)
+    assert _trainer(teacher="solver", teacher_solver="heun", teacher_nfe=20).teacher_nfe == 20
+    assert _trainer(teacher="exact", teacher_solver="heun", teacher_nfe=21).teacher == "exact"  # not used
+    with pytest.raises(ValueError, match=r"^teacher_nfe must be an int >= 1"):
+        _trainer(teacher="solver", teacher_nfe=0)
+    with pytest.raises(TypeError, match="teacher_solver"):  # found now, not when the teacher set is made
+        _trainer(teacher="solver", teacher_solver=5)
+
+
+def test_make_teacher_spends_exactly_the_nfe(tmp_path):
+    from ld3_ext.training.teacher import TeacherConfig, load_or_generate_teacher, make_teacher
+    calls = []
+    model = wrap_model(lambda x, t: (calls.append(1), 0.5 * x)[1], SCHED, prediction="x0")
+    fn, settings = make_teacher(model, "solver", _heun(), 20)
+    fn(torch.randn(2, 2, dtype=torch.float64))
+    assert len(calls) == 20 and settings["nfe"] == 20
+    with pytest.raises(ValueError, match=r"cannot use exactly nfe=21"):
+        make_teacher(model, "solver", _heun(), 21)
+    with pytest.raises(ValueError, match=r"cannot use exactly teacher_nfe=21"):
+        make_teacher(model, "solver", _heun(), 21, nfe_name="teacher_nfe")
+    cache = tmp_path / "teacher"
+    with pytest.raises(ValueError, match=r"cannot use exactly TeacherConfig\.nfe=21"):
+        load_or_generate_teacher(RING_MODEL, SCHED, TeacherConfig(solver="heun", nfe=21, n_train=2, n_valid=2),
+                                 cache_dir=str(cache), progress=False, model_name="ring")
+    assert not cache.exists()  # refused before the cache was made
+
+
+# ---- load_schedule applies the content rules once -----------------------------------------------------------
+def test_load_schedule_checks_the_contents_once(tmp_path, monkeypatch):
+    from ld3_ext import schedule_file
+    calls = []
+    real = schedule_file._check_contents
+    monkeypatch.setattr(schedule_file, "_check_contents", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    path = LearnedSchedule(GRID, nfe=5, **KW).save(str(tmp_path / "s.json"))
+    calls.clear()
+    loaded = load_schedule(path)
+    assert calls == [1] and torch.equal(loaded.timesteps, GRID)
+    LearnedSchedule(GRID, nfe=5, **KW)  # a schedule made in Python is still checked
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("nfe", 17, "nfe=17 does not match 5 steps of dpmpp"),
+    ("decoupled", "no", "decoupled must be None or a bool"),
+    ("solver", {"name": "rk45"}, "solver: invalid solver config"),
+    ("timesteps", "reversed", "timesteps must be strictly decreasing"),
+])
+def test_a_bad_schedule_file_gives_the_same_error(tmp_path, field, value, match):
+    d = _doc()
+    d[field] = d["timesteps"][::-1] if value == "reversed" else value
+    path = str(tmp_path / "s.json")
+    atomic_write_json(path, d)
+    with pytest.raises(ScheduleFileError, match=rf"^schedule file .*s\.json: {match}"):
+        load_schedule(path)

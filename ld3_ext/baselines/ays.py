@@ -14,6 +14,8 @@ from typing import List
 import numpy as np
 import torch
 
+from .._checks import count
+from ..discretizations import _check
 from ..schedules import NoiseSchedule
 
 #: published 10-step (11-value) sigma lists, noisiest first
@@ -21,13 +23,6 @@ AYS_SIGMAS = {
     "sd15": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
     "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
 }
-
-
-def _check(schedule, nfe):
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
 
 
 def loglinear_interp(sigmas, n_points: int) -> np.ndarray:
@@ -51,8 +46,7 @@ def ays_sigmas(model: str, nfe: int) -> List[float]:
     """The AYS sigma list for ``model`` ("sd15" or "sdxl") with ``nfe`` intervals (nfe + 1 values)."""
     if model not in AYS_SIGMAS:
         raise ValueError(f"AYS lists exist for {sorted(AYS_SIGMAS)}, got {model!r}")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
+    count("nfe", nfe, 1, type_error=False)
     return loglinear_interp(AYS_SIGMAS[model], nfe + 1).tolist()
 
 

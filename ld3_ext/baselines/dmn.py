@@ -43,6 +43,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .._checks import count
+from ..discretizations import _check
 from ..schedules import NoiseSchedule
 
 # Gauss-Legendre nodes on [0, 1]: exact for e^u times a polynomial up to round-off for the step
@@ -52,16 +54,8 @@ _GL_X = 0.5 * (_GL_X + 1.0)
 _GL_W = 0.5 * _GL_W
 
 
-def _check(schedule, nfe):
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
-
-
 def _check_order(order):
-    if isinstance(order, bool) or order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    count("order", order, 1, 3, type_error=False)
 
 
 def step_orders(n: int, order: int) -> list:
@@ -121,8 +115,7 @@ def dmn_lambdas(lambda_min: float, lambda_max: float, nfe: int, order: int = 3, 
 
     if not (np.isfinite(lambda_min) and np.isfinite(lambda_max) and lambda_max > lambda_min):
         raise ValueError(f"need finite lambda_min < lambda_max, got lambda_min={lambda_min}, lambda_max={lambda_max}")
-    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:  # nfe=0 divides by zero below
-        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
+    count("nfe", nfe, 1, type_error=False)  # nfe=0 divides by zero below
     _check_order(order)
     if trunc_num is None:
         trunc_num = 3 if nfe <= 7 else 0

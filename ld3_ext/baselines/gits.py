@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import math
-import numbers
 
 import numpy as np
 import torch
 
+from .._checks import count, real
+from ..discretizations import _check
 from ..schedules import NoiseSchedule
+from ..solvers import as_solver
 from ..wrappers import DiffusionModel, wrap_model
 
 # σ lists (sigma/alpha, noisiest first) keyed by dataset then nfe, as listed in LD3.md section 4
@@ -89,25 +91,6 @@ GITS_PRESETS: Dict[str, Dict[int, List[float]]] = {
 }
 
 
-def _check(schedule, nfe):
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
-
-
-def _solver_arg(name, solver):
-    """None, a Solver, or a solver name ("euler", "dpmpp", ...) as everywhere else in the library."""
-    from ..solvers import Solver, make_solver
-
-    if solver is None or isinstance(solver, Solver):
-        return solver
-    if isinstance(solver, str):
-        try:
-            return make_solver(solver)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-    raise TypeError(f"{name} must be a Solver or a solver name, got {type(solver).__name__}")
 
 
 def gits_preset(dataset: str, schedule: NoiseSchedule, nfe: int, tol: float = 0.02) -> torch.Tensor:
@@ -158,7 +141,7 @@ def teacher_states(model: DiffusionModel, x_T: torch.Tensor, grid: torch.Tensor,
     """
     from ..solvers import DPMSolverPP
 
-    solver = _solver_arg("teacher_solver", teacher_solver) or DPMSolverPP(order=2)
+    solver = as_solver(teacher_solver, name="teacher_solver") or DPMSolverPP(order=2)
     s = model.schedule
     states = [x_T]
     x = x_T
@@ -181,7 +164,7 @@ def gits_cost_matrix(model: DiffusionModel, grid: torch.Tensor, states: List[tor
     from ..solvers import Euler
     from ..metrics import teacher_rmse
 
-    solver = _solver_arg("solver", solver) or Euler()
+    solver = as_solver(solver) or Euler()
     if solver.nfe(1) != 1:
         # the cached stand-in answers every call with the prediction at (x_i, g_i): a solver that evaluates
         # the network twice a step (Heun) would get it back at its predictor point and score Euler steps
@@ -213,10 +196,8 @@ def gits_dp(cost: np.ndarray, nfe: int, coeff: float = 1.0) -> List[int]:
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
         raise ValueError(f"cost must be a square matrix, got shape {cost.shape}")
     m = cost.shape[0] - 1
-    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or not 1 <= nfe <= m:
-        raise ValueError(f"nfe must be an int in 1..{m} (the fine grid has {m} intervals), got {nfe!r}")
-    if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not 0 < coeff < math.inf:
-        raise ValueError(f"coeff must be a finite number > 0, got {coeff!r}")
+    count(f"nfe (the fine grid has {m} intervals)", nfe, 1, m, type_error=False)
+    coeff = real("coeff", coeff, above=0)
     if np.isnan(cost).any():
         raise ValueError("cost contains NaN (use +inf for jumps that are not allowed)")
     # backward recursion: togo[k, i] = least weighted cost from i to M in exactly k jumps, where the
@@ -277,8 +258,8 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
         raise ValueError("schedule differs from the model's schedule")
     if fine_steps < nfe:
         raise ValueError(f"fine_steps ({fine_steps}) must be >= nfe ({nfe})")
-    solver = _solver_arg("solver", solver)  # before the (costly) teacher trajectories
-    teacher_solver = _solver_arg("teacher_solver", teacher_solver)
+    solver = as_solver(solver)  # before the (costly) teacher trajectories
+    teacher_solver = as_solver(teacher_solver, name="teacher_solver")
     grid = fine_grid(schedule, fine_steps, spacing)
     if x_T is None:
         if sample_shape is None:

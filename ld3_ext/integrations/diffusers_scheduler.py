@@ -46,11 +46,11 @@ from .. import ops
 from ..coefficients import step_orders
 from ..discretizations import DISCRETIZATIONS, get_discretization
 from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete, schedule_from_config
-from ..solvers import Solver, solver_from_config
+from ..solvers import SOLVERS, Solver, as_solver, solver_from_config
 from ..wrappers import _capturing, _compiling
 from .diffusers import PREDICTION_TYPES, DiffusersConfigError, schedule_from_diffusers_config
 
-_SUPPORTED_SOLVERS = ("dpmpp", "unipc", "ipndm", "euler", "heun")
+_SUPPORTED_SOLVERS = tuple(SOLVERS)
 
 
 def _fields_of(schedule: NoiseSchedule) -> Dict[str, Any]:
@@ -188,12 +188,14 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if scheduler_config is not None and schedule is None:
             from .diffusers import _config_dict
             _check_foreign_config(_config_dict(scheduler_config), overrides)
-        if isinstance(solver, Solver):
+        if isinstance(solver, (Solver, str)):
+            solver = as_solver(solver)  # a name: the solver make_solver builds for it
             kw["solver_config"] = {**solver.config(), "backend": solver.backend}
-        elif isinstance(solver, str):
-            kw["solver_config"] = {"name": solver, **({} if solver in ("euler", "heun") else {"order": 3})}
-        else:
+        elif isinstance(solver, dict):
             kw["solver_config"] = dict(solver)
+        else:
+            raise TypeError(f"solver must be an ld3_ext Solver, a solver config dict or a solver name, got "
+                            f"{type(solver).__name__}")
         if schedule is not None:
             kw["schedule_config"] = schedule.config()
             if scheduler_config is None:
@@ -516,20 +518,22 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if tt.is_complex() or tt.dtype == torch.bool:
             raise TypeError(f"add_noise: timesteps must be real numbers, got {tt.dtype}")
         units = tt.to(torch.float64)
-        hit = None
+        hit = None  # the entries that are this solve's own timesteps (their range is not checked)
         if self.timesteps is not None:
             own = self.timesteps.to(dev)
             hit = tt.to(own.dtype)[:, None] == own[None, :]
-            grid = self._network_units(self._tables_cpu["t"].to(dev))
+            # each own timestep's solver grid time, in network units: made on the CPU, moved once
+            grid = self._network_units(self._tables_cpu["t"])
             if self.solver.name == "heun":
                 grid = grid[[j for i in range(1, self._n + 1) for j in (i - 1, i)]]
             else:
                 grid = grid[: self._n]
+            grid = grid.to(dev)
             first = hit.to(torch.int64).argmax(1)
             hit = hit.any(1)
             units = torch.where(hit, grid[first], units)
         if not (_compiling() or _capturing()):  # one read-back (once per img2img call, not per step)
-            self._check_noise_units(units if hit is None else units[~hit])
+            self._check_noise_units(units, hit)
         if isinstance(self.schedule, VPDiscrete):
             t = self.schedule.t_from_index(units)
         else:
@@ -539,12 +543,15 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         s = self.schedule.sigma(t).to(original_samples.dtype).reshape(shape)
         return a * original_samples + s * noise
 
-    def _check_noise_units(self, units: torch.Tensor) -> None:
-        """add_noise's timesteps (other than this solve's own) in the training range: 0..N-1 (the VP index) or
-        0..N (flow time * N); outside, alpha/sigma are NaN (a negative index) or extrapolated."""
+    def _check_noise_units(self, units: torch.Tensor, own: Optional[torch.Tensor] = None) -> None:
+        """add_noise's timesteps (other than this solve's own, where ``own`` is True) in the training range: 0..N-1
+        (the VP index) or 0..N (flow time * N); outside, alpha/sigma are NaN (a negative index) or extrapolated.
+        One read-back from the device (a boolean-mask selection of the others would be a second)."""
         n = int(self.config.num_train_timesteps)
         hi = n - 1 if isinstance(self.schedule, VPDiscrete) else n
         bad = ~(torch.isfinite(units) & (units >= 0) & (units <= hi))
+        if own is not None:
+            bad &= ~own
         if bool(bad.any()):
             raise ValueError(f"add_noise: timesteps must be finite and in [0, {hi}] (num_train_timesteps={n}), got "
                              f"{units[bad].cpu().tolist()[:8]}")

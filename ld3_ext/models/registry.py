@@ -39,17 +39,30 @@ def _gmm(name: str):
     return model, schedule
 
 
+def canonical_spec(spec: str) -> str:
+    """The one spelling of a model string (what schedule files and caches record): a bare mixture name
+    (``ring2d``, ``ring2d@vp_linear``) is ``gmm:NAME``; any other string is returned as it is."""
+    from ..testbeds import MIXTURES
+    if isinstance(spec, str) and spec.split("@")[0] in MIXTURES:
+        return "gmm:" + spec
+    return spec
+
+
+def is_builtin(spec: str) -> bool:
+    """A model shipped with the package (the digits denoiser, the Gaussian-mixture test beds)."""
+    spec = canonical_spec(spec)
+    return isinstance(spec, str) and (spec == "digits" or spec.startswith("gmm:"))
+
+
 def load_model(spec: str, device: str = "cpu", guidance_scale=None) -> Tuple[DiffusionModel, NoiseSchedule]:
+    """``(model, schedule)`` for a model string (see the module docstring; bare mixture names as ``gmm:NAME``)."""
     if not isinstance(spec, str) or not spec:
         raise ModelSpecError(f"--model must be a non-empty string, got {spec!r}")
-    from ..testbeds import MIXTURES
-    builtin = spec == "digits" or spec.startswith("gmm:") or spec.split("@")[0] in MIXTURES
-    if guidance_scale is not None and builtin:
+    spec = canonical_spec(spec)
+    if guidance_scale is not None and is_builtin(spec):
         raise ModelSpecError(f"--guidance-scale: the built-in model {spec!r} is unconditional")
     if spec.startswith("gmm:"):
         return _gmm(spec[4:])
-    if spec.split("@")[0] in MIXTURES:
-        return _gmm(spec)
     if spec == "digits":
         from .digits import load_digits_model
         model, schedule = load_digits_model(device=device)

@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import adjoint, ops
+from .._checks import count
 from ..coefficients import SolverSpec, step_orders
 from ..schedules import NoiseSchedule
 from ..wrappers import DiffusionModel, _capturing, _compiling
@@ -106,12 +107,6 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
     return model_timesteps
 
 
-def check_count(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    return v
-
-
 def table_rows(table: torch.Tensor, which: int):
     """The [N, 2, 5] table's rows [i, which] as N full-width views from one unbind.
 
@@ -147,11 +142,28 @@ class Solver:
 
     def nfe(self, num_steps: int) -> int:
         """Network evaluations for ``num_steps`` grid intervals."""
-        return check_count("num_steps", num_steps, 0)
+        return count("num_steps", num_steps, 0, type_error=False)
 
     def steps_for_nfe(self, nfe: int) -> int:
-        """Grid intervals for a budget of ``nfe`` network evaluations."""
-        return check_count("nfe", nfe, 1)
+        """Grid intervals for a budget of ``nfe`` network evaluations (at most ``nfe``: see :meth:`exact_steps`)."""
+        return count("nfe", nfe, 1, type_error=False)
+
+    def exact_steps(self, nfe: int, name: str = "nfe", min_steps: int = 1) -> int:
+        """Grid intervals that spend exactly ``nfe`` network evaluations, or a ValueError naming the setting
+        ``name`` when the solver cannot: a solver whose steps cost two evaluations (Heun) cannot spend an odd NFE.
+        The message suggests the nearest NFEs of at least ``min_steps`` steps, in the words of a command-line
+        flag (``name`` "--nfe": "--nfe 5: heun spends 2 evaluations a step; use 4 or 6") or of a keyword."""
+        steps = self.steps_for_nfe(nfe)
+        if self.nfe(steps) != nfe:
+            near = [self.nfe(k) for k in (steps, steps + 1) if k >= min_steps]
+            if name.startswith("-"):
+                msg = (f"{name} {nfe}: {self.name} spends {self.nfe(1)} evaluations a step; use "
+                       + " or ".join(map(str, near)))
+            else:
+                msg = (f"{type(self).__name__} cannot use exactly {name}={nfe} (it spends {self.nfe(1)} evaluations "
+                       "per step); use " + " or ".join(f"{name}={k}" for k in near))
+            raise ValueError(msg)
+        return steps
 
     def min_steps(self) -> int:
         return 1

@@ -15,7 +15,8 @@ from typing import List, Tuple
 import torch
 
 from .. import adjoint, ops
-from .base import Solver, check_count, table_rows
+from .._checks import count
+from .base import Solver, table_rows
 
 
 def heun_multistep_table(schedule, t: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
@@ -60,12 +61,12 @@ class Heun(Solver):
             raise ValueError(f"order must be 2 for Heun (a second-order method), got {self.order}")
 
     def nfe(self, num_steps: int) -> int:
-        return 2 * check_count("num_steps", num_steps, 0)
+        return 2 * count("num_steps", num_steps, 0, type_error=False)
 
     def steps_for_nfe(self, nfe: int) -> int:
-        if check_count("nfe", nfe, 1) < 2:  # one step costs two evaluations: a budget of 1 cannot run
+        if count("nfe", nfe, 1, type_error=False) < 2:  # one step costs two evaluations: a budget of 1 cannot run
             raise ValueError(f"nfe must be >= 2 for Heun (each step costs 2 network evaluations), got {nfe}")
-        return nfe // 2  # an odd budget runs one evaluation fewer
+        return nfe // 2  # an odd budget runs one evaluation fewer (exact_steps refuses it)
 
     def config(self):
         return {"name": self.name, "order": 2}

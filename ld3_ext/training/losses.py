@@ -20,6 +20,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from .._checks import real
+
 LOSSES = ("l2", "l1", "pseudo_huber", "lpips")
 
 
@@ -56,10 +58,8 @@ class PseudoHuberLoss:
     def __init__(self, c: Optional[float] = None):
         if c is not None:
             # c < 0 or NaN gives negative or NaN distances; a str fails only at the first call
-            if isinstance(c, bool) or not isinstance(c, numbers.Real):
-                raise TypeError(f"c must be None or a number, got {type(c).__name__}")
-            if not 0 < c < math.inf:
-                raise ValueError(f"c must be a finite number > 0, got {c!r}")
+            x = real("c", c, above=0)
+            c = c if isinstance(c, numbers.Real) else x  # as given (loss_name, hence settings hashes, shows it)
         self.c = c
 
     def __call__(self, pred, target):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -32,8 +31,9 @@ from .. import discretizations
 from .. import distributed as D
 from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json,
                          load_safetensors_checked, read_json_checked, remove_stale_temps, tensors_sha256)
+from .._checks import count, seed as check_seed
 from ..schedules import NoiseSchedule
-from ..solvers import Solver, UniPC
+from ..solvers import Solver, UniPC, as_solver
 from ..wrappers import DiffusionModel
 
 CACHE_FORMAT = "ld3_ext.teacher_cache"
@@ -120,11 +120,12 @@ def default_teacher_solver() -> Solver:
 
 
 def make_teacher(model: DiffusionModel, teacher: Any = "solver", solver: Optional[Solver] = None, nfe: int = 20,
-                 discretization: str = "logsnr", reference: Any = None
+                 discretization: str = "logsnr", reference: Any = None, *, nfe_name: str = "nfe"
                  ) -> Tuple[Callable[..., torch.Tensor], Dict[str, Any]]:
     """Return ``(fn(x_T, **model_kwargs) -> teacher output, settings)``.
 
-    teacher : "solver" (``solver`` with ``nfe`` steps on ``discretization``), "exact" (the model's
+    teacher : "solver" (``solver`` spending exactly ``nfe`` network evaluations -- a ValueError naming
+        ``nfe_name`` when it cannot, e.g. Heun and an odd NFE -- on ``discretization``), "exact" (the model's
         reference ODE solution: ``reference`` is an object with ``reference_solution(schedule, x_T)``
         -- e.g. a ``testbeds.GaussianMixture`` -- or a callable ``x_T -> x_0``; when omitted the model's
         own ``reference_solution`` attribute is used), or a callable ``x_T -> teacher output``.
@@ -154,9 +155,7 @@ def make_teacher(model: DiffusionModel, teacher: Any = "solver", solver: Optiona
     solver = solver if solver is not None else default_teacher_solver()
     if not isinstance(solver, Solver):
         raise TypeError(f"teacher solver must be an ld3_ext Solver, got {type(solver).__name__}")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"teacher nfe must be an int >= 1, got {nfe!r}")
-    steps = solver.steps_for_nfe(nfe)
+    steps = solver.exact_steps(count(nfe_name, nfe, 1, type_error=False), nfe_name)
     ts = discretizations.get_discretization(discretization, schedule, steps)
 
     def fn(x, **kw):
@@ -309,8 +308,7 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
     Returns {"noise": z (unit variance, shape [n, *sample_shape]), "target": teacher output for
     x_T = prior_std * z, ["cond": conditions]} on ``device``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"number of teacher samples must be an int >= 1, got {n!r}")
+    count("n (the number of teacher samples)", n, 1, type_error=False)
     shape = tuple(int(s) for s in sample_shape)
     schedule = model.schedule
     if conditions is not None and conditions.shape[0] != n:
@@ -427,11 +425,8 @@ class TeacherConfig:
     def __post_init__(self):
         # a negative count would slice a wrong train/valid split without a word
         for name in ("n_train", "n_valid", "nfe", "order"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"TeacherConfig: {name} must be an int >= 1, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2 ** 63:
-            raise ValueError(f"TeacherConfig: seed must be an int in [0, 2**63), got {self.seed!r}")
+            count(f"TeacherConfig: {name}", getattr(self, name), 1, type_error=False)
+        check_seed("TeacherConfig: seed", self.seed)
 
 
 @dataclass
@@ -450,8 +445,6 @@ def load_or_generate_teacher(model: DiffusionModel, schedule=None, config: Optio
                              max_bytes: Optional[int] = None, regenerate: bool = False,
                              progress: bool = True) -> TeacherData:
     """Generate (or reuse from ``cache_dir``) a teacher set; see :class:`TeacherConfig`."""
-    from ..solvers import make_solver
-
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"model must be a DiffusionModel (see ld3_ext.wrap_model), got {type(model).__name__}")
     cfg = config or TeacherConfig()
@@ -464,11 +457,9 @@ def load_or_generate_teacher(model: DiffusionModel, schedule=None, config: Optio
                                                                         "event_shape", None)
     if sample_shape is None:
         raise ValueError("sample_shape is needed (or set model.sample_shape = (C, H, W))")
-    kw = {"variant": cfg.variant} if cfg.solver == "unipc" else {}
-    solver = make_solver(cfg.solver, order=cfg.order, **kw) if cfg.solver not in ("euler", "heun") \
-        else make_solver(cfg.solver)
+    solver = as_solver(cfg.solver, name="TeacherConfig.solver", order=cfg.order, variant=cfg.variant)
     fn, settings = make_teacher(model, cfg.teacher, solver, cfg.nfe, cfg.discretization,
-                                getattr(model, "testbed", None))
+                                getattr(model, "testbed", None), nfe_name="TeacherConfig.nfe")
     data = generate_teacher_data(model, fn, settings, cfg.n_train + cfg.n_valid, sample_shape, seed=cfg.seed,
                                  dtype=dtype, device=device, cache_dir=cache_dir,
                                  identity=model_identity(model, model_name), max_bytes=max_bytes,

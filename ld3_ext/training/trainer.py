@@ -35,8 +35,9 @@ from ..atomic_io import CorruptFileError, atomic_save_safetensors, canonical_jso
     load_safetensors_checked, tensor_bytes
 from ..coefficients import step_orders
 from ..schedule_file import LearnedSchedule
-from ..schedules import NoiseSchedule, _num
-from ..solvers import MultistepSolver, Solver, make_solver
+from .._checks import count, flag, real, seed as check_seed
+from ..schedules import NoiseSchedule
+from ..solvers import MultistepSolver, Solver, as_solver
 from ..wrappers import DiffusionModel, ModelOutputError
 from .losses import get_loss, loss_name, per_sample
 from .parameterization import TIME_MODES, TimeParameterization, init_timesteps
@@ -75,16 +76,12 @@ def check_nfe(solver: Solver, nfe: int) -> int:
     allowed -- the paper trains such configurations -- and the orders used are recorded in the
     schedule's training settings (``step_orders``).
     """
-    if isinstance(nfe, bool) or not isinstance(nfe, int):
-        raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
-    if nfe < 2:
+    try:
+        count("nfe", nfe, 2)  # a TypeError for what is not an int
+    except ValueError:
         raise ValueError(f"nfe={nfe} is too small: LD3 needs nfe >= 2 (with one step the grid is fixed to "
-                         "[t_max, t_min] and there is nothing to learn)")
-    steps = solver.steps_for_nfe(nfe)
-    if solver.nfe(steps) != nfe:
-        near = " or ".join(f"nfe={solver.nfe(k)}" for k in (steps, steps + 1) if k >= 2)
-        raise ValueError(f"{type(solver).__name__} cannot use exactly nfe={nfe} (it spends {solver.nfe(1)} "
-                         f"evaluations per step); use {near}")
+                         "[t_max, t_min] and there is nothing to learn)") from None
+    steps = solver.exact_steps(nfe, "nfe", min_steps=2)
     if steps < 2:
         raise ValueError(f"nfe={nfe} gives {type(solver).__name__} a single step: nothing to learn; use "
                          f"nfe >= {solver.nfe(2)}")
@@ -93,30 +90,6 @@ def check_nfe(solver: Solver, nfe: int) -> int:
                          f"its first {solver.order - 1} steps use lower orders, so {steps} steps never reach "
                          f"order {solver.order}. Use nfe >= {solver.order} or order <= {steps}")
     return steps
-
-
-def _check_real(name: str, v, ok: Callable[[float], bool], rule: str) -> None:
-    """``v`` must be a real number (a bool is not one; a 0-d tensor is, as before these checks) with ``ok(v)``;
-    ``rule`` says which, for the message.  The number test is the schedules' ``_num``."""
-    try:
-        x = _num(name, v, finite=False)
-    except TypeError:
-        raise TypeError(f"{name} must be {rule}, got {v!r}") from None
-    except ValueError:  # an int beyond float range
-        raise ValueError(f"{name} must be {rule}, got {v!r}") from None
-    if not ok(x):  # NaN fails every comparison, so every rule
-        raise ValueError(f"{name} must be {rule}, got {v!r}")
-
-
-def _check_int(name: str, v, least: int, none_ok: bool = False) -> None:
-    """``v`` must be an int >= ``least`` (or None when ``none_ok``); a bool or a float is not truncated."""
-    if v is None and none_ok:
-        return
-    rule = f"{'None or ' if none_ok else ''}an int >= {least}"
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be {rule}, got {v!r}")
-    if v < least:
-        raise ValueError(f"{name} must be {rule}, got {v!r}")
 
 
 def _default_device(model):
@@ -245,19 +218,14 @@ class LD3Trainer:
                 raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
             if not schedule.same_as(model.schedule):
                 raise ValueError(f"schedule {schedule!r} differs from the model's schedule {model.schedule!r}")
-        if solver is None:
-            solver = make_solver("unipc", order=3, variant="bh1")
-        elif isinstance(solver, str):
-            solver = make_solver(solver)
-        if not isinstance(solver, Solver):
-            raise TypeError(f"solver must be an ld3_ext Solver or a solver name, got {type(solver).__name__}")
+        solver = as_solver(solver, default="unipc", order=3, variant="bh1")
         if nfe is None:
             raise TypeError("nfe is required (the student's number of network evaluations)")
         self.model = model
         self.schedule = model.schedule
         # a private copy so that rematerialisation does not change the caller's solver
         self.solver = copy.copy(solver)
-        self.solver.checkpoint_model = bool(checkpoint_model)
+        self.solver.checkpoint_model = flag("checkpoint_model", checkpoint_model)
         self.nfe = nfe
         self.num_steps = check_nfe(self.solver, nfe)
         self.loss_spec = loss
@@ -270,19 +238,18 @@ class LD3Trainer:
             raise ValueError(f"resume must be 'auto' or 'never', got {resume!r}")
         for name, v in (("batch_size", batch_size), ("valid_batch_size", valid_batch_size),
                         ("n_train", n_train), ("n_valid", n_valid), ("patience", patience)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            count(name, v, 1, type_error=False)
         # the optimiser and stopping settings: checked here, not when (or after) training uses them
-        _check_real("momentum", momentum, lambda v: 0 <= v < 1, "a number in [0, 1)")
-        _check_real("lr_decay", lr_decay, lambda v: 0 < v <= 1, "a number in (0, 1]")
-        _check_real("clip_norm", clip_norm, lambda v: 0 < v < math.inf, "a finite number > 0")
+        real("momentum", momentum, at_least=0, below=1)
+        real("lr_decay", lr_decay, above=0, at_most=1)
+        real("clip_norm", clip_norm, above=0)
         for name, v in (("lr_xi_min", lr_xi_min), ("lr_xi_c_min", lr_xi_c_min)):
-            _check_real(name, v, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+            real(name, v, at_least=0)
         # the counters are compared with ">=": 0 would act as 1, so at least one (as patience)
-        _check_int("lr2_patience", lr2_patience, 1)
-        _check_int("early_stop_patience", early_stop_patience, 1, none_ok=True)
-        _check_int("rounds_v1", rounds_v1, 0)
-        _check_int("rounds_v2", rounds_v2, 0)
+        count("lr2_patience", lr2_patience, 1)
+        count("early_stop_patience", early_stop_patience, 1, none_ok=True)
+        count("rounds_v1", rounds_v1, 0)
+        count("rounds_v2", rounds_v2, 0)
         for name, v in (("callback", callback), ("decoder", decoder)):
             if v is not None and not callable(v):
                 raise TypeError(f"{name} must be None or a callable, got {type(v).__name__}")
@@ -294,30 +261,26 @@ class LD3Trainer:
                 raise ValueError(f"{name} needs a batch dimension [N, ...], got a 0-d tensor")
         if rounds_v1 < 0 or rounds_v2 < 0 or rounds_v1 + rounds_v2 < 1:
             raise ValueError(f"need rounds_v1, rounds_v2 >= 0 with at least one round, got {rounds_v1}, {rounds_v2}")
-        if time_mode_trial_rounds is not None and (isinstance(time_mode_trial_rounds, bool) or not isinstance(
-                time_mode_trial_rounds, int) or time_mode_trial_rounds < 1):
-            raise ValueError(f"time_mode_trial_rounds must be None or an int >= 1, got {time_mode_trial_rounds!r}")
-        for name, v in (("valid_every", valid_every), ("checkpoint_every", checkpoint_every)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):  # True is not 1
-                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        for name, v in (("time_mode_trial_rounds", time_mode_trial_rounds), ("valid_every", valid_every),
+                        ("checkpoint_every", checkpoint_every), ("cache_max_bytes", cache_max_bytes)):
+            count(name, v, 1, none_ok=True, type_error=False)  # True is not 1
         for name, v in (("lr_xi", lr_xi), ("lr_xi_c", lr_xi_c), ("shift_lr", shift_lr)):  # issue 6 audit
             if v is not None:
-                _check_real(name, v, lambda v: 0 < v < math.inf, "a finite number > 0")
-        if cache_max_bytes is not None and (not isinstance(cache_max_bytes, int) or cache_max_bytes < 1):
-            raise ValueError(f"cache_max_bytes must be None or an int >= 1, got {cache_max_bytes!r}")
+                real(name, v, above=0)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if device is not None and torch.device(device).type == "meta":
             raise ValueError("device='meta' holds no data: LD3 training needs a real device (cpu/cuda)")
         for name, v in (("gamma", gamma), ("radius", radius)):
             if v is not None:
-                _check_real(name, v, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+                real(name, v, at_least=0)
+        decoupled = flag("decoupled", decoupled)
         self._check_init(init, decoupled, win_rate)  # now, not after the teacher set has been generated
         # time_mode_request is what was asked for ("auto" included); time_mode is the mode of the active candidate
         self.time_mode_request = time_mode
         self.time_mode = TIME_MODES[0] if time_mode == "auto" else time_mode
         self.time_mode_trial_rounds = time_mode_trial_rounds
-        self.init, self.decoupled, self.win_rate = init, bool(decoupled), float(win_rate)
+        self.init, self.decoupled, self.win_rate = init, decoupled, float(win_rate)
         self.gamma = float(gamma)
         self.radius_override = radius
         self.shift_lr0 = shift_lr
@@ -330,12 +293,11 @@ class LD3Trainer:
         self.batch_size, self.valid_batch_size, self.valid_every = batch_size, valid_batch_size, valid_every
         self.select_on = select_on
         self.n_train, self.n_valid = n_train, n_valid
-        if teacher_solver is None or isinstance(teacher_solver, str):
-            # the paper's teacher: UniPC order 3 with B(h) = bh1
-            name = teacher_solver or "unipc"
-            kw = {"variant": "bh1"} if name == "unipc" else {}
-            teacher_solver = make_solver(name, order=teacher_order, **kw) if name not in ("euler", "heun") \
-                else make_solver(name)
+        # the paper's teacher: UniPC order 3 with B(h) = bh1
+        teacher_solver = as_solver(teacher_solver, name="teacher_solver", default="unipc", order=teacher_order,
+                                   variant="bh1")
+        if teacher == "solver":  # the NFE it spends exactly (Heun: an even one), before any work
+            teacher_solver.exact_steps(count("teacher_nfe", teacher_nfe, 1, type_error=False), "teacher_nfe")
         if teacher_dir is not None and teacher_cache is not None and teacher_dir != teacher_cache:
             raise ValueError("teacher_dir is an alias of teacher_cache; pass only one")
         teacher_cache = teacher_cache if teacher_cache is not None else teacher_dir
@@ -357,21 +319,20 @@ class LD3Trainer:
         self.teacher_discretization, self.reference = teacher_discretization, reference
         self.teacher_cache = teacher_cache if teacher_cache is not None else (
             os.path.join(checkpoint_dir, "teacher") if checkpoint_dir is not None else None)
-        self.regenerate_teacher, self.cache_max_bytes = bool(regenerate_teacher), cache_max_bytes
+        self.regenerate_teacher = flag("regenerate_teacher", regenerate_teacher)
+        self.cache_max_bytes = cache_max_bytes
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         self.model_name = model_name
         self.conditions, self.uncond = conditions, uncond
-        self.decoder, self.checkpoint_decoder = decoder, bool(checkpoint_decoder)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        self.seed = int(seed)
+        self.decoder, self.checkpoint_decoder = decoder, flag("checkpoint_decoder", checkpoint_decoder)
+        self.seed = check_seed("seed", seed)
         self.device = torch.device(device) if device is not None else _default_device(model)
         self.dtype = dtype if dtype is not None else _default_dtype(model)
         if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
             # found now, not when the first round's checkpoint is written
             raise ValueError(f"checkpoint_dir {checkpoint_dir!r} exists and is not a directory")
         self.checkpoint_dir, self.checkpoint_every, self.resume = checkpoint_dir, checkpoint_every, resume
-        self.callback, self.progress = callback, bool(progress)
+        self.callback, self.progress = callback, flag("progress", progress)
         self.identity = model_identity(model, model_name)
         self.history: List[Dict[str, Any]] = []
         if model_spec is not None and (not isinstance(model_spec, str) or not model_spec.strip()):
@@ -393,7 +354,7 @@ class LD3Trainer:
             raise ValueError("fit() without data generates the teacher and needs sample_shape=(C, H, W) (the shape of "
                              "one sample); or pass precomputed pairs: fit(noise, target)")
         fn, settings = make_teacher(self.model, self.teacher, self.teacher_solver, self.teacher_nfe,
-                                    self.teacher_discretization, self.reference)
+                                    self.teacher_discretization, self.reference, nfe_name="teacher_nfe")
         self._teacher_record = settings  # recorded in the schedule files: the schedule is fitted to this teacher
         return generate_teacher_data(self.model, fn, settings, self.n_train + self.n_valid, self.sample_shape,
                                      seed=self.seed, dtype=self.dtype, device=self.device, batch_size=25,
@@ -590,11 +551,11 @@ class LD3Trainer:
         named = isinstance(init, str) and init.lower() in ("auto", "dmn")
         # the settings that are not init's (win_rate, the number of steps) first, with a grid that always
         # exists: their errors are theirs, not init's
-        TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], "logsnr", bool(decoupled), win_rate)
+        TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], "logsnr", decoupled, win_rate)
         if named:
             return
         try:
-            TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], init, bool(decoupled), win_rate)
+            TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], init, decoupled, win_rate)
         except ValueError as exc:
             msg = str(exc)
             if isinstance(init, str):

@@ -1,0 +1,86 @@
+"""Argument checks shared by the public API: each returns the checked value or raises an exception naming the
+argument (a TypeError for a value of the wrong kind, a ValueError for one out of range).
+
+* :func:`count` -- an int (a bool or a float is not truncated) >= a minimum (and optionally <= a maximum);
+* :func:`real` -- a real number (as :func:`ld3_ext.schedules._num` reads one: 0-d tensors and numpy scalars too,
+  not bools or strings), finite, optionally within bounds;
+* :func:`flag` -- a bool (``bool("False")`` is True: strings, numbers and None are refused, numpy bools are bools);
+* :func:`seed` -- an int in [0, 2**63) (what ``torch.Generator.manual_seed`` takes).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+from .schedules import _num
+
+#: seeds are ints in [0, SEED_END)
+SEED_END = 2 ** 63
+
+
+def count(name: str, v, least: int = 1, most: Optional[int] = None, *, none_ok: bool = False,
+          type_error: bool = True) -> Optional[int]:
+    """``v`` as an int in [least, most] (``most=None``: no upper bound); None passes when ``none_ok``.
+
+    A value that is not an int (a bool, a float, a str) raises TypeError, or ValueError with
+    ``type_error=False`` (the older checks' exception, which their callers keep)."""
+    if v is None and none_ok:
+        return None
+    rule = f"an int >= {least}" if most is None else f"an int in {least}..{most}"
+    rule = f"None or {rule}" if none_ok else rule
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise (TypeError if type_error else ValueError)(f"{name} must be {rule}, got {v!r}")
+    if v < least or (most is not None and v > most):
+        raise ValueError(f"{name} must be {rule}, got {v!r}")
+    return int(v)
+
+
+def _bound(x: float) -> str:
+    return f"{x:g}"
+
+
+def real(name: str, v, *, above: Optional[float] = None, at_least: Optional[float] = None,
+         below: Optional[float] = None, at_most: Optional[float] = None) -> float:
+    """``float(v)`` for a finite real number within the bounds given (``above``/``below`` exclusive,
+    ``at_least``/``at_most`` inclusive); TypeError for what is not a real number, ValueError for NaN, Inf or a
+    value out of range (an int too large for a float too)."""
+    lo, lo_open = (above, True) if above is not None else (at_least, False)
+    hi, hi_open = (below, True) if below is not None else (at_most, False)
+    if lo is not None and hi is not None:
+        rule = f"a number in {'(' if lo_open else '['}{_bound(lo)}, {_bound(hi)}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rule = f"a finite number {'>' if lo_open else '>='} {_bound(lo)}"
+    elif hi is not None:
+        rule = f"a finite number {'<' if hi_open else '<='} {_bound(hi)}"
+    else:
+        rule = "a finite number"
+    try:
+        x = _num(name, v, finite=False)
+    except TypeError:
+        raise TypeError(f"{name} must be {rule}, got {v!r}") from None
+    except ValueError:  # an int beyond the float range
+        raise ValueError(f"{name} must be {rule}, got {v!r}") from None
+    ok = math.isfinite(x) and (lo is None or (x > lo if lo_open else x >= lo)) and \
+        (hi is None or (x < hi if hi_open else x <= hi))
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {v!r}")
+    return x
+
+
+def flag(name: str, v) -> bool:
+    """``v`` as a bool, or a TypeError naming the flag: ``bool("False")`` is True, so strings, numbers and None are
+    refused rather than coerced (numpy bools are real bools)."""
+    if isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool")):
+        return bool(v)
+    raise TypeError(f"{name} must be a bool (True or False), got {v!r}")
+
+
+def seed(name: str, v) -> int:
+    """``v`` as an int in [0, 2**63) (a bool or a float is not a seed); ValueError otherwise."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < SEED_END:
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {v!r}")
+    return int(v)
+
+
+__all__ = ["count", "real", "flag", "seed", "SEED_END"]
