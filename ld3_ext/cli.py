@@ -205,8 +205,9 @@ def _check_schedule_fits(learned, path: str, model, schedule, spec: str) -> None
     """A schedule learned on another noise schedule means other noise levels: refused.  One learned for another
     model may still help (a schedule transfers between related models): a warning."""
     if not schedule.same_as(learned.schedule_config):
-        raise ValueError(f"--schedule: {path} was learned on the noise schedule {learned.schedule_config}, but the "
-                         f"model {spec} uses {schedule.config()}")
+        from .schedules import describe_schedule
+        raise ValueError(f"--schedule: {path} was learned on the noise schedule "
+                         f"{describe_schedule(learned.schedule_config)}, but the model {spec} uses {schedule!r}")
     rec = learned.model
     if rec.get("hash_source") == "state_dict" and isinstance(model, torch.nn.Module):
         from .training.teacher import state_dict_hash

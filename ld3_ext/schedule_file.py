@@ -188,15 +188,16 @@ class LearnedSchedule:
         any other: ValueError); another solver than the file's (a Solver, or a name for
         :func:`ld3_ext.solvers.make_solver`) is allowed, with a warning (the grid was learned for that solver
         and NFE)."""
-        from .schedules import NoiseSchedule
+        from .schedules import NoiseSchedule, describe_schedule
         from .solvers import as_solver
         if not isinstance(x_T, torch.Tensor):
             raise TypeError(f"x_T must be a tensor, got {type(x_T).__name__}")
         solver = as_solver(solver)
         sched = getattr(model, "schedule", None)
         if isinstance(sched, NoiseSchedule) and not sched.same_as(self.schedule_config):
-            raise ValueError(f"model: this schedule was learned on the noise schedule {self.schedule_config}, but the "
-                             f"model uses {sched.config()}: its times would mean other noise levels")
+            raise ValueError(f"model: this schedule was learned on the noise schedule "
+                             f"{describe_schedule(self.schedule_config)}, but the model uses {sched!r}: its times would "
+                             f"mean other noise levels")
         self.check_guidance(getattr(model, "guidance_scale", None))
         if solver is None:
             solver = self.solver()

@@ -39,6 +39,36 @@ def _as_tensor(t, like: Optional[torch.Tensor] = None) -> torch.Tensor:
 _LN2 = math.log(2.0)
 
 
+#: relative tolerance of NoiseSchedule.same_as on each number of two configs
+SAME_AS_RTOL = 1e-5
+
+
+def _close_configs(a, b, rtol: float) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close_configs(a[k], b[k], rtol) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close_configs(x, y, rtol) for x, y in zip(a, b))
+    real = (numbers.Real,)
+    if isinstance(a, real) and isinstance(b, real) and not isinstance(a, bool) and not isinstance(b, bool):
+        return a == b or abs(a - b) <= rtol * max(abs(a), abs(b))
+    return type(a) is type(b) and a == b
+
+
+def describe_schedule(cfg) -> str:
+    """A short description of a schedule config for messages: lists (a VPDiscrete's 1000 alphas_cumprod) are
+    summarised by their length and ends, not printed."""
+    if not isinstance(cfg, dict):
+        return repr(cfg)[:200]
+
+    def show(v):
+        if isinstance(v, (list, tuple)) and len(v) > 4:
+            return f"[{len(v)} values, {v[0]:.6g} .. {v[-1]:.6g}]" if all(
+                isinstance(x, numbers.Real) for x in (v[0], v[-1])) else f"[{len(v)} values]"
+        return repr(v) if isinstance(v, str) else str(v)
+    fields = ", ".join(f"{k}={show(v)}" for k, v in cfg.items() if k != "type")
+    return f"{cfg.get('type', '?')}({fields})"
+
+
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0 without cancellation (Maechler 2012): log(-expm1(x)) for x > -ln 2, and
     log1p(-exp(x)) below, where 1 - exp(x) rounds towards 1 and its log (and the gradient of expm1, which
@@ -149,13 +179,14 @@ class NoiseSchedule:
     # --- comparisons and grid checks (one definition for solvers, files, training and the CLI) ------
     def same_as(self, other) -> bool:
         """True when ``other`` (a NoiseSchedule or a config dict) describes the same noise levels: times of a
-        grid learned on one mean the same alpha and sigma on the other.  Compared by canonical config."""
-        from .atomic_io import canonical_json
+        grid learned on one mean the same alpha and sigma on the other.  Compared field by field, numbers to
+        ``SAME_AS_RTOL`` relative: the same schedule built two ways (``VPDiscrete.linear`` in float64, or from a
+        diffusers config, whose betas diffusers makes in float32) differs by ~1e-6 and is the same schedule."""
         if isinstance(other, NoiseSchedule):
             other = other.config()
         if not isinstance(other, dict):
             return False
-        return canonical_json(self.config()) == canonical_json(other)
+        return _close_configs(self.config(), other, SAME_AS_RTOL)
 
     def time_slack(self) -> float:
         """Round-off allowed when checking a grid against [t_min, t_max] or its fixed endpoints: 1e-6 of the
@@ -163,8 +194,7 @@ class NoiseSchedule:
         return 1e-6 * (self.t_max - self.t_min) + 1e-12
 
     def __repr__(self) -> str:
-        cfg = ", ".join(f"{k}={v}" for k, v in self.config().items() if k != "type" and not isinstance(v, list))
-        return f"{type(self).__name__}({cfg})"
+        return describe_schedule(self.config())
 
 
 class EDM(NoiseSchedule):

@@ -225,3 +225,28 @@ def test_time_slack_is_the_tolerance_every_grid_check_uses():
     validate_timesteps(s, inside)
     with pytest.raises(ValueError, match="range"):
         validate_timesteps(s, outside)
+
+
+def test_same_as_takes_one_schedule_built_two_ways_and_messages_stay_short():
+    """Stable Diffusion's schedule spelled as the README does (float64 betas) and as from_diffusers builds it
+    (diffusers makes the betas in float32) differ by ~1e-6: the same noise levels, so the same schedule; a
+    learned grid is not refused, and a refusal does not print 2 x 1000 numbers."""
+    from ld3_ext.schedule_file import LearnedSchedule
+    from ld3_ext.schedules import VPDiscrete, describe_schedule
+    ours = VPDiscrete.linear(0.00085, 0.012)
+    betas32 = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2  # as diffusers does
+    theirs = VPDiscrete(alphas_cumprod=torch.cumprod(1.0 - betas32, 0).double())
+    gap = (theirs.alphas_cumprod / ours.alphas_cumprod - 1).abs().max().item()
+    assert 1e-8 < gap < 1e-5  # not bitwise equal, and well inside the tolerance
+    assert ours.same_as(theirs) and theirs.same_as(ours.config())
+    other = VPDiscrete.linear(0.00085, 0.0121)
+    assert not ours.same_as(other) and not ours.same_as(VPDiscrete.linear(0.00085, 0.012, t_min=0.002))
+    assert not ld3_ext.EDM().same_as(ld3_ext.VPLinear().config()) and not ld3_ext.EDM().same_as("EDM")
+    t = torch.linspace(1.0, 0.001, 5, dtype=torch.float64)
+    learned = LearnedSchedule(t, t.clone(), solver_config={"name": "dpmpp", "order": 2}, nfe=4,
+                              schedule_config=other.config())
+    model = ld3_ext.wrap_model(lambda x, tt: 0 * x, theirs, prediction="eps")
+    with pytest.raises(ValueError, match=r"learned on the noise schedule VPDiscrete\(alphas_cumprod=\[1000 values") as ei:
+        learned.sample(model, torch.zeros(1, 2))
+    assert len(str(ei.value)) < 600
+    assert describe_schedule(ours.config()).startswith("VPDiscrete(alphas_cumprod=[1000 values, 0.99915 .. ")
