@@ -44,6 +44,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from . import _checks
+
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -109,7 +111,10 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
         return DistInfo(0, 1, 0, dev if use_cuda else torch.device("cpu"), None)
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    # without RANK every process would be rank 0 (one fails to bind the store, the others wait out the timeout);
+    # LOCAL_RANK picks the GPU (cuda:LOCAL_RANK): the global rank is the wrong one on every node but the first
+    needed = ("RANK", "LOCAL_RANK") if use_cuda else ("RANK",)
+    missing = [v for v in (*needed, "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
     if missing:
         raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun, or set "
                            f"{', '.join(ENV_VARS)}")
@@ -154,21 +159,32 @@ def _present(tensors: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:
 
 
 def _flatten(tensors: List[torch.Tensor]) -> torch.Tensor:
-    """All tensors in one flat buffer of the widest dtype (at least float32), in order."""
-    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    """All tensors in one flat buffer of the widest dtype (at least float32; float64 when an integer tensor is
+    among them, exact to 2**53), in order."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype if t.is_floating_point() or t.is_complex() else torch.float64)
     return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
 
 
 def all_reduce_sum_(tensors: Sequence[Optional[torch.Tensor]]) -> None:
-    """In-place sum across ranks (None entries are skipped)."""
+    """In-place sum across ranks (None entries are skipped).  Integer (and bool) tensors are summed exactly,
+    in an int64 buffer of their own (a float buffer would round counts beyond 2**24); floating tensors in one
+    buffer of the widest floating dtype (two collectives when both kinds are given).  Every rank must pass
+    tensors of the same shapes and dtypes in the same order."""
     ts = _present(tensors)
     if not ts or get_world_size() == 1:
         return
-    flat = _flatten(ts)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    _scatter_back(ts, flat)
+    exact = [t for t in ts if not (t.is_floating_point() or t.is_complex())]
+    floats = [t for t in ts if t.is_floating_point() or t.is_complex()]
+    if exact:
+        flat = torch.cat([t.detach().reshape(-1).to(torch.int64) for t in exact])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        _scatter_back(exact, flat)
+    if floats:
+        flat = _flatten(floats)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        _scatter_back(floats, flat)
 
 
 def all_reduce_mean_(tensors: Sequence[Optional[torch.Tensor]], weight: Optional[float] = None,
@@ -186,12 +202,10 @@ def all_reduce_mean_(tensors: Sequence[Optional[torch.Tensor]], weight: Optional
     """
     ts = _present(tensors)
     flags = [bool(f) for f in flags]
+    # checked before the single-process return: the same call must not fail only once there is a process group
+    w = None if weight is None else _checks.real("weight", weight, at_least=0)
     if get_world_size() == 1 or (not ts and not flags):
         return flags
-    if weight is not None:
-        w = float(weight)
-        if not w >= 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
     if not ts:
         return [v > 0 for v in reduce_scalars([1.0 if f else 0.0 for f in flags], op="sum")]
     flat = _flatten(ts)
@@ -220,16 +234,19 @@ def _scatter_back(ts: List[torch.Tensor], flat: torch.Tensor) -> None:
             off += k
 
 
+_SCALAR_OPS = ("max", "min", "sum")
+
+
 def reduce_scalars(values: Sequence[float], op: str = "sum") -> List[float]:
     """Python floats reduced across ranks ("sum", "max" or "min") in one collective -- e.g. validation
     ``[loss_total, count]`` so that every rank takes the same best/patience/early-stop decision.  One host sync
     (a setup/validation-time operation, not for the per-step path)."""
     vals = [float(v) for v in values]
+    if op not in _SCALAR_OPS:  # checked before the single-process return, as the distributed path needs it
+        raise ValueError(f"op must be one of {list(_SCALAR_OPS)}, got {op!r}")
     if get_world_size() == 1 or not vals:
         return vals
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-    if op not in ops:
-        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor(vals, dtype=torch.float64, device=dev)
     dist.all_reduce(t, op=ops[op])
@@ -251,6 +268,7 @@ def local_part(batch_idx, rank: Optional[int] = None, world_size: Optional[int] 
 
 def broadcast_(tensors: Sequence[Optional[torch.Tensor]], src: int = 0) -> None:
     """In-place: every rank gets rank ``src``'s values (e.g. the initial schedule parameters)."""
+    _checks.count("src", src, least=0, most=get_world_size() - 1)  # also in one process: src=1 fails in two
     ts = _present(tensors)
     if not ts or get_world_size() == 1:
         return

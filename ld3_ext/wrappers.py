@@ -47,9 +47,10 @@ class DiffusionModel(torch.nn.Module):
         (VPDiscrete's 0..N-1 training index, as a float), "edm_noise" (EDM's c_noise = log(sigma)/4),
         or a callable ``t -> time``.  Default: "sigma" for "edm", "index" for VPDiscrete, else "t".
     guidance_scale : classifier-free guidance scale; when set, ``cond``/``uncond`` kwarg names are
-        batched into one call as [uncond; cond] and the outputs combined as u + s (c - u).  Every
-        other model kwarg goes to both halves: tensors (also inside dicts, e.g. SDXL's
-        ``added_cond_kwargs``) with the batch of x are repeated; give ``uncond_kwargs={name: value}``
+        batched into one call as [uncond; cond] (tensors of the same shape, dicts of them per key, or
+        lists/tuples concatenated) and the outputs combined as u + s (c - u).  Every other model kwarg goes
+        to both halves: tensors (also inside dicts, e.g. SDXL's ``added_cond_kwargs``, and lists/tuples,
+        e.g. ControlNet's residuals) with the batch of x are repeated; give ``uncond_kwargs={name: value}``
         where the unconditional half needs its own value (SDXL's negative pooled ``text_embeds``).
     model_kwargs : extra keyword arguments passed to every call.
     """
@@ -161,9 +162,16 @@ class DiffusionModel(torch.nn.Module):
         if unknown:
             raise ValueError(f"uncond_kwargs names {unknown}, which are not among the model kwargs {sorted(kw)}: "
                              "give the conditional value as a model kwarg too")
-        both = torch.cat([uncond, cond]) if isinstance(cond, torch.Tensor) else [*uncond, *cond]
-        rest = {k: (_cfg_pair(uncond_kw[k], v, k) if k in uncond_kw else _cfg_repeat(v, b)) for k, v in kw.items()}
+        both = _cfg_cond(uncond, cond, self.cond_key)
+        rest = {k: (_cfg_pair(uncond_kw[k], v, k) if k in uncond_kw else _cfg_repeat(v, b))
+                for k, v in kw.items()}
         out = self.fn(torch.cat([xin, xin]), torch.cat([tt, tt]), **{self.cond_key: both}, **rest)
+        if not isinstance(out, torch.Tensor):  # predict's check, before chunk() would raise AttributeError
+            raise ModelOutputError(f"model returned {type(out).__name__} under classifier-free guidance, "
+                                   "expected a tensor")
+        if out.dim() == 0 or out.shape[0] != 2 * b:
+            raise ModelOutputError(f"model output has shape {tuple(out.shape)} under classifier-free guidance, "
+                                   f"expected a batch of {2 * b} ([uncond; cond], each of the input's batch {b})")
         out_u, out_c = out.chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
@@ -206,14 +214,16 @@ class DiffusionModel(torch.nn.Module):
             # an integer/bool/complex output would be cast silently and carry no gradient: the
             # solve would be wrong and LD3 training would get zero network gradients without a word
             raise ModelOutputError(f"model returned a {out.dtype} tensor{where}, expected a floating tensor")
-        # the finite check syncs with the device, and cannot be traced: skipped inside torch.compile
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        # checked after the cast, on the values the solver uses: a float32 output beyond float16's range
+        # becomes Inf in a float16 state.  The finite check syncs with the device, and cannot be traced:
+        # skipped inside torch.compile
         if self.check_output and not _compiling():
             if self._deferred is not None:  # read back once, when the sample call ends
                 self._deferred.append((step, t.detach(), torch.isfinite(out).all()))
             elif not torch.isfinite(out).all():
                 raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t.detach()):.6g})")
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
         s = self.schedule
         p = self.prediction
         want_x0, want_eps = returns != "eps", returns != "x0"
@@ -246,26 +256,48 @@ class DiffusionModel(torch.nn.Module):
 
 
 def _cfg_repeat(v: Any, batch: int) -> Any:
-    """A kwarg shared by both guidance halves: batched tensors (also inside dicts) repeated to 2*batch."""
+    """A kwarg shared by both guidance halves: batched tensors (also inside dicts, lists and tuples, e.g.
+    ControlNet's ``down_block_additional_residuals``) repeated to 2*batch; containers keep their type."""
     if isinstance(v, torch.Tensor):
         return torch.cat([v, v]) if v.dim() >= 1 and v.shape[0] == batch else v
     if isinstance(v, dict):
         return {k: _cfg_repeat(x, batch) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        items = [_cfg_repeat(x, batch) for x in v]
+        return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)  # a namedtuple takes fields
     return v
 
 
-def _cfg_pair(u: Any, c: Any, name: str) -> Any:
-    """[unconditional; conditional] of one kwarg (tensors, or dicts of them with the same keys)."""
+def _cfg_pair(u: Any, c: Any, name: str, root: str = "uncond_kwargs") -> Any:
+    """[unconditional; conditional] of one kwarg (tensors, or dicts of them with the same keys); errors call
+    the unconditional value ``root[name]`` (``uncond_kwargs['added_cond_kwargs.text_embeds']``), or ``root``
+    when ``name`` is empty (the guidance condition ``uncond`` itself)."""
+    label = f"{root}[{name!r}]" if name else root
     if isinstance(c, torch.Tensor):
         if not isinstance(u, torch.Tensor) or u.shape != c.shape:
-            raise ValueError(f"uncond_kwargs[{name!r}] must be a tensor shaped like the conditional value "
+            raise ValueError(f"{label} must be a tensor shaped like the conditional value "
                              f"{tuple(c.shape)}, got {tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
         return torch.cat([u, c])
     if isinstance(c, dict):
         if not isinstance(u, dict) or set(u) != set(c):
-            raise ValueError(f"uncond_kwargs[{name!r}] must be a dict with the keys {sorted(c)}")
-        return {k: _cfg_pair(u[k], c[k], f"{name}.{k}") for k in c}
-    raise TypeError(f"uncond_kwargs[{name!r}]: only tensors (or dicts of tensors) can differ between the halves")
+            raise ValueError(f"{label} must be a dict with the keys {sorted(c)}")
+        return {k: _cfg_pair(u[k], c[k], f"{name}.{k}" if name else str(k), root) for k in c}
+    raise TypeError(f"{label}: only tensors (or dicts of tensors) can differ between the halves")
+
+
+def _cfg_cond(u: Any, c: Any, cond_key: str) -> Any:
+    """The guidance condition of both halves, [uncond; cond]: tensors and dicts (per key) as :func:`_cfg_pair`,
+    lists/tuples (e.g. prompts, one per sample) concatenated in cond's container type."""
+    if isinstance(c, (torch.Tensor, dict)):
+        return _cfg_pair(u, c, "", "uncond")
+    if isinstance(c, (list, tuple)):
+        if not isinstance(u, (list, tuple)):
+            raise TypeError(f"uncond must be a list/tuple like {cond_key!r}, got {type(u).__name__}")
+        if len(u) != len(c):
+            raise ValueError(f"uncond must hold {len(c)} entries like {cond_key!r}, got {len(u)}")
+        return type(c)([*u, *c]) if type(c) in (list, tuple) else [*u, *c]
+    raise TypeError(f"{cond_key!r} (the guidance condition) must be a tensor, a dict of tensors or a list/tuple, "
+                    f"got {type(c).__name__}")
 
 
 def wrap_model(fn: Callable, schedule: NoiseSchedule, prediction: Optional[str] = None, **kwargs) -> DiffusionModel:

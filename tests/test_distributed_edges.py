@@ -1,0 +1,119 @@
+"""ld3_ext.distributed edge cases: exact integer sums across 2 gloo processes, RANK/LOCAL_RANK required when
+WORLD_SIZE > 1, and the argument checks made in one process as with a process group."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from ld3_ext import distributed as D
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+BIG = 16_777_217  # 2**24 + 1: not a float32
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    D.init_from_env(device="cpu", timeout_s=60)
+    try:
+        c = torch.tensor([BIG + rank, 2 ** 53 + 1], dtype=torch.int64)
+        i32 = torch.tensor([BIG + rank], dtype=torch.int32)
+        f = torch.tensor([0.5 * (rank + 1)], dtype=torch.float64)
+        b = torch.tensor([rank == 1, False])
+        D.all_reduce_sum_([c, None, f, i32, b])  # mixed: integers exact, floats in their own dtype
+        alone = torch.tensor([BIG + rank], dtype=torch.int64)
+        D.all_reduce_sum_([alone])
+        errs = []
+        for call in (lambda: D.reduce_scalars([1.0], "mean"), lambda: D.all_reduce_mean_([torch.ones(2)], weight=-1),
+                     lambda: D.broadcast_([torch.ones(2)], src=2)):
+            try:
+                call()
+                errs.append(None)
+            except Exception as e:  # noqa: BLE001 -- the type is what is compared
+                errs.append(type(e).__name__)
+        torch.save({"c": c, "i32": i32, "f": f, "b": b, "alone": alone, "errs": errs},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        D.barrier()
+    finally:
+        D.destroy()
+
+
+def test_two_process_integer_sums_are_exact_and_checks_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["c"].dtype == torch.int64 and res["c"].tolist() == [2 * BIG + 1, 2 ** 54 + 2]
+        assert res["i32"].dtype == torch.int32 and res["i32"].tolist() == [2 * BIG + 1]
+        assert res["alone"].tolist() == [2 * BIG + 1]
+        assert res["f"].dtype == torch.float64 and res["f"].tolist() == [1.5]
+        assert res["b"].tolist() == [True, False]
+        assert res["errs"] == ["ValueError", "ValueError", "ValueError"]
+    # one process raises the same errors
+    assert not D.is_initialized()
+    with pytest.raises(ValueError, match="op must be one of"):
+        D.reduce_scalars([1.0], "mean")
+    with pytest.raises(ValueError, match="weight"):
+        D.all_reduce_mean_([torch.ones(2)], weight=-1)
+    with pytest.raises(ValueError, match="src"):
+        D.broadcast_([torch.ones(2)], src=1)
+
+
+@pytest.mark.parametrize("weight", [-1, -0.5, float("nan"), float("inf")])
+def test_single_process_refuses_bad_weight_even_without_tensors(weight):
+    with pytest.raises(ValueError, match="weight"):
+        D.all_reduce_mean_([torch.ones(2)], weight=weight)
+    with pytest.raises(ValueError, match="weight"):
+        D.all_reduce_mean_([], weight=weight)
+
+
+def test_single_process_good_arguments_are_identity():
+    g = torch.tensor([1.0, 2.0])
+    assert D.all_reduce_mean_([g], weight=0, flags=[True]) == [True] and g.tolist() == [1.0, 2.0]
+    assert D.reduce_scalars([1.0, 2.0], "min") == [1.0, 2.0]
+    c = torch.tensor([BIG], dtype=torch.int64)
+    D.all_reduce_sum_([c])
+    D.broadcast_([c], src=0)
+    assert c.tolist() == [BIG]
+
+
+def _clear_env(monkeypatch):
+    for v in D.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+
+
+def test_world_size_without_rank_is_an_error(monkeypatch):
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2 but RANK not set"):
+        D.init_from_env(device="cpu", timeout_s=5)
+    monkeypatch.setenv("RANK", "")
+    with pytest.raises(RuntimeError, match="RANK not set"):
+        D.init_from_env(device="cpu", timeout_s=5)
+    assert not D.is_initialized()
+
+
+def test_world_size_without_local_rank_is_an_error_when_it_picks_the_gpu(monkeypatch):
+    _clear_env(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU is touched: the check comes first
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set"):
+        D.init_from_env(device="cuda")
+    # on the CPU (gloo) LOCAL_RANK picks nothing: not required (MASTER_ADDR still is)
+    with pytest.raises(RuntimeError, match=r"but MASTER_ADDR, MASTER_PORT not set"):
+        D.init_from_env(device="cpu")
