@@ -229,7 +229,13 @@ def _file_digest(tensor_digest: str, meta_json: str) -> str:
     return hashlib.sha256(f"{tensor_digest}|{meta_json}".encode("utf-8")).hexdigest()
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _read_header(raw: bytes, path: str, what: str) -> Dict[str, Any]:
+    """The safetensors header of ``raw``, its structure checked: any damage is a CorruptFileError naming ``path``
+    (never a KeyError/IndexError/TypeError, which no caller expects)."""
     if len(raw) < 8:
         raise CorruptFileError(f"{what} {path} is truncated ({len(raw)} bytes)")
     (n,) = struct.unpack("<Q", raw[:8])
@@ -239,7 +245,28 @@ def _read_header(raw: bytes, path: str, what: str) -> Dict[str, Any]:
         header = json.loads(raw[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise CorruptFileError(f"{what} {path} is not a safetensors file (unreadable header)") from None
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+
+    def bad(msg):
+        return CorruptFileError(f"{what} {path} has a damaged safetensors header ({msg})")
+
+    if not isinstance(header, dict):
+        raise bad(f"a JSON object expected, got {type(header).__name__}")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise bad("__metadata__ must map names to strings")
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not isinstance(v, dict) or not isinstance(v.get("dtype"), str):
+            raise bad(f"entry {k!r} has no dtype")
+        shape, offsets = v.get("shape"), v.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise bad(f"entry {k!r} has no valid shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise bad(f"entry {k!r} has no valid data_offsets")
+        end = max(end, offsets[1])
     if 8 + n + end > len(raw):
         raise CorruptFileError(f"{what} {path} is truncated (tensor data ends at {8 + n + end} bytes, "
                                f"file has {len(raw)})")
@@ -270,6 +297,9 @@ def load_safetensors_checked(path: str, what: str = "file") -> Tuple[Dict[str, t
         user_meta = json.loads(meta["ld3_meta"])
     except ValueError:
         raise CorruptFileError(f"{what} {path} has unreadable metadata") from None
+    if not isinstance(user_meta, dict):
+        raise CorruptFileError(f"{what} {path} has unreadable metadata (a JSON object expected, got "
+                               f"{type(user_meta).__name__})")
     return tensors, user_meta
 
 

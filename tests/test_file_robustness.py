@@ -1,0 +1,92 @@
+"""Damaged and unusual files: a damaged safetensors header is a CorruptFileError (so a damaged teacher chunk is
+regenerated and a damaged checkpoint names the way out), atomic writes without chmod and through symlinks."""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from ld3_ext.atomic_io import CorruptFileError, atomic_save_safetensors, load_safetensors_checked
+from ld3_ext.training import CheckpointMismatchError
+from ld3_ext.training import make_teacher
+
+from test_crash_safety import _trainer
+from test_teacher_cache import Counting, _gen
+
+
+def _flip_header_bit(raw: bytes, bit: int) -> bytes:
+    bad = bytearray(raw)
+    bad[8 + bit // 8] ^= 1 << (bit % 8)
+    return bytes(bad)
+
+
+def test_every_header_bit_flip_is_a_corrupt_file_error_or_an_identical_load(tmp_path):
+    p = tmp_path / "x.safetensors"
+    atomic_save_safetensors(str(p), {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}, {"k": 1})
+    good_t, good_m = load_safetensors_checked(str(p))
+    raw = p.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    q = tmp_path / "bad.safetensors"
+    for bit in range(8 * n):
+        q.write_bytes(_flip_header_bit(raw, bit))
+        try:
+            t, m = load_safetensors_checked(str(q), what="test file")
+        except CorruptFileError as e:
+            assert str(q) in str(e)
+            continue
+        assert m == good_m and t.keys() == good_t.keys() and all(torch.equal(t[k], good_t[k]) for k in t), bit
+
+
+@pytest.mark.parametrize("header, match", [
+    (b"[]", "JSON object"),
+    (b'{"a": 1}', "dtype"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}', "data_offsets"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}', "data_offsets"),
+    (b'{"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}', "shape"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.0]}}', "data_offsets"),
+    (b'{"__metadata__": [], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', "__metadata__"),
+])
+def test_malformed_header_structure(tmp_path, header, match):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    with pytest.raises(CorruptFileError, match=match):
+        load_safetensors_checked(str(p))
+
+
+def test_user_metadata_must_be_a_dict(tmp_path):
+    from safetensors.torch import save
+    import ld3_ext.atomic_io as aio
+
+    t = {"a": torch.ones(2)}
+    meta_json = "[1, 2]"
+    digest = aio._file_digest(aio.tensors_sha256(t), meta_json)
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(save(t, metadata={"ld3_sha256": digest, "ld3_meta": meta_json}))
+    with pytest.raises(CorruptFileError, match="metadata"):
+        load_safetensors_checked(str(p))
+
+
+def _damage_key(path):
+    raw = bytearray(path.read_bytes())
+    i = raw.index(b"data_offsets")
+    raw[i + 9] ^= 0x01  # "data_offsets" -> "data_offsdts": the header still parses as JSON
+    path.write_bytes(bytes(raw))
+
+
+def test_teacher_chunk_with_damaged_header_is_regenerated(ring, tmp_path):
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+    full = _gen(model, fn, settings, str(tmp_path))
+    _damage_key(tmp_path / "chunk_00001.safetensors")
+    t = Counting(fn)
+    with pytest.warns(UserWarning, match=r"chunk_00001.*damaged safetensors header.*regenerating"):
+        again = _gen(model, t, settings, str(tmp_path))
+    assert t.calls == 1 and all(torch.equal(again[k], full[k]) for k in full)
+    load_safetensors_checked(str(tmp_path / "chunk_00001.safetensors"))  # rewritten whole
+
+
+def test_checkpoint_with_damaged_header_names_the_way_out(ring, tmp_path):
+    _trainer(ring, tmp_path).fit()
+    _damage_key(tmp_path / "ld3_trainer_state.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)ld3_trainer_state.*damaged.*resume='never'"):
+        _trainer(ring, tmp_path).fit()
