@@ -48,6 +48,18 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _fchmod(fd: int, mode: int) -> None:
+    # best effort, like _fsync_dir: os.fchmod is missing on Windows before Python 3.13, and some filesystems
+    # (CIFS, FUSE mounts) refuse chmod; the write itself must still succeed there
+    fchmod = getattr(os, "fchmod", None)
+    if fchmod is None:
+        return
+    try:
+        fchmod(fd, mode)
+    except OSError:
+        pass
+
+
 def _target_mode(path: str) -> int:
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
@@ -91,8 +103,9 @@ def _temp_prefix(path: str) -> str:
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace + dir fsync).  Temp files of earlier
-    writes of ``path`` that were killed (SIGKILL, power loss) are removed after a successful write."""
-    path = os.fspath(path)
+    writes of ``path`` that were killed (SIGKILL, power loss) are removed after a successful write.  A symlink is
+    followed: its target is rewritten and the link kept."""
+    path = os.path.realpath(os.fspath(path))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     prefix = _temp_prefix(path)
@@ -100,7 +113,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     try:
         # mkstemp makes the file 0600: give it the mode of the file it replaces, else the one a plain
         # open() would give (0666 less the umask), so a rewrite never makes a shared file private
-        os.fchmod(fd, _target_mode(path))
+        _fchmod(fd, _target_mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -2,13 +2,15 @@
 regenerated and a damaged checkpoint names the way out), atomic writes without chmod and through symlinks."""
 from __future__ import annotations
 
+import errno
+import os
 
 import pytest
 import torch
 
-from ld3_ext.atomic_io import CorruptFileError, atomic_save_safetensors, load_safetensors_checked
-from ld3_ext.training import CheckpointMismatchError
-from ld3_ext.training import make_teacher
+from ld3_ext.atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json,
+                               load_safetensors_checked, read_json_checked)
+from ld3_ext.training import CheckpointMismatchError, make_teacher
 
 from test_crash_safety import _trainer
 from test_teacher_cache import Counting, _gen
@@ -90,3 +92,38 @@ def test_checkpoint_with_damaged_header_names_the_way_out(ring, tmp_path):
     _damage_key(tmp_path / "ld3_trainer_state.safetensors")
     with pytest.raises(CheckpointMismatchError, match=r"(?s)ld3_trainer_state.*damaged.*resume='never'"):
         _trainer(ring, tmp_path).fit()
+
+
+@pytest.mark.parametrize("how", ["missing", "eperm"])
+def test_atomic_write_without_chmod(tmp_path, monkeypatch, how):
+
+    if how == "missing":  # Windows before Python 3.13
+        monkeypatch.delattr(os, "fchmod", raising=False)
+    else:  # a filesystem that refuses chmod
+        def eperm(fd, mode):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "fchmod", eperm)
+    p = tmp_path / "s.json"
+    atomic_write_json(str(p), {"a": 1})
+    assert read_json_checked(str(p))["a"] == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_atomic_write_through_a_symlink_rewrites_its_target(tmp_path):
+
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    atomic_write_json(str(real), {"a": 1})
+    os.chmod(real, 0o640)
+    os.symlink(real, link)
+    atomic_write_json(str(link), {"a": 9})
+    assert os.path.islink(link) and os.readlink(link) == str(real)
+    assert read_json_checked(str(real))["a"] == 9 and read_json_checked(str(link))["a"] == 9
+    assert os.stat(real).st_mode & 0o777 == 0o640
+    # a relative link into another directory: the temp file goes next to the target
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    os.symlink(os.path.join("..", "real.json"), sub / "rel.json")
+    atomic_save_safetensors(str(sub / "rel.json"), {"x": torch.ones(2)})
+    assert os.path.islink(sub / "rel.json") and torch.equal(load_safetensors_checked(str(real))[0]["x"], torch.ones(2))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["link.json", "real.json", "sub"]
+    assert [f.name for f in sub.iterdir()] == ["rel.json"]
