@@ -127,3 +127,49 @@ def test_atomic_write_through_a_symlink_rewrites_its_target(tmp_path):
     assert os.path.islink(sub / "rel.json") and torch.equal(load_safetensors_checked(str(real))[0]["x"], torch.ones(2))
     assert sorted(f.name for f in tmp_path.iterdir()) == ["link.json", "real.json", "sub"]
     assert [f.name for f in sub.iterdir()] == ["rel.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the shipped weights are checked against their pinned sha256
+# ----------------------------------------------------------------------------------------------
+def _shipped():
+    import hashlib
+
+    from ld3_ext.models import _io, digits, digits_classifier
+
+    out = []
+    for mod, cls in ((digits, digits.DigitsDenoiser), (digits_classifier, digits_classifier.DigitsClassifier)):
+        raw = _io.read_bytes(mod.WEIGHTS_FILE)
+        assert hashlib.sha256(raw).hexdigest() == mod.WEIGHTS_SHA256 == mod._WEIGHTS.expected_sha256
+        out.append((mod.WEIGHTS_FILE, cls, mod.WEIGHTS_SHA256, raw))
+    return out
+
+
+def _damaged(raw, how):
+    n = int.from_bytes(raw[:8], "little")
+    if how == "flip":  # one bit of a tensor: still decodes, different numbers
+        bad = bytearray(raw)
+        bad[8 + n + 1000] ^= 0x40
+        return bytes(bad)
+    if how == "header":
+        return _flip_header_bit(raw, 8 * 5)
+    return raw[: len(raw) // 2] if how == "half" else raw[:4]
+
+
+@pytest.mark.parametrize("how", ["flip", "header", "half", "4 bytes"])
+def test_damaged_shipped_weights_are_refused_naming_the_file(monkeypatch, how):
+    from ld3_ext.models import _io
+
+    for filename, cls, sha, raw in _shipped():
+        monkeypatch.setattr(_io, "read_bytes", lambda f, bad=_damaged(raw, how): bad)
+        w = _io.ShippedWeights(filename, cls, sha)
+        for use in (w.load, w.sha256, w.metadata):
+            with pytest.raises(CorruptFileError, match=rf"ld3_ext/data/{filename}.*reinstall ld3_ext"):
+                use()
+        # without a pin, a file that does not decode still names itself (no raw SafetensorError/JSONDecodeError)
+        if how != "flip":
+            with pytest.raises(CorruptFileError, match=rf"ld3_ext/data/{filename}.*reinstall ld3_ext"):
+                _io.load_state(filename)
+    monkeypatch.undo()
+    for filename, cls, sha, raw in _shipped():  # the real files load
+        assert _io.ShippedWeights(filename, cls, sha).sha256() == sha
