@@ -181,8 +181,12 @@ def _read_bytes(path: str, what: str) -> bytes:
         raise FileNotFoundError(f"{what} not found: {path}") from None
 
 
-def read_json_checked(path: str, require_checksum: bool = True, what: str = "file") -> Dict[str, Any]:
-    """Read a JSON document written by :func:`atomic_write_json` and verify its checksum."""
+def read_json_checked(path: str, require_checksum: bool = True, what: str = "file",
+                      verify: bool = True) -> Dict[str, Any]:
+    """Read a JSON document written by :func:`atomic_write_json` and verify its checksum.
+
+    ``verify=False``: parse only (a reader that must first see which format and version the document is, since a
+    newer version may checksum differently, verifies it itself afterwards)."""
     path = os.fspath(path)
     raw = _read_bytes(path, what)
     if not raw.strip():
@@ -193,6 +197,8 @@ def read_json_checked(path: str, require_checksum: bool = True, what: str = "fil
         raise CorruptFileError(f"{what} {path} is not valid JSON (truncated or corrupted): {e}") from None
     if not isinstance(doc, dict):
         raise CorruptFileError(f"{what} {path}: expected a JSON object at the top level, got {type(doc).__name__}")
+    if not verify:
+        return doc
     if "checksum" not in doc:
         if require_checksum:
             raise CorruptFileError(f"{what} {path} has no 'checksum' field")

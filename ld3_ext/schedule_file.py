@@ -302,10 +302,8 @@ def _fail(path, msg):
     raise ScheduleFileError(f"schedule file {path}: {msg}")
 
 
-def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
-    """Schema and consistency checks of a schedule document (checksum excluded)."""
-    if not isinstance(d, dict):
-        _fail(path, f"a schedule document must be a JSON object (dict), got {type(d).__name__}")
+def _check_format(d: Dict[str, Any], path) -> None:
+    """The format and version fields: read before anything else (a newer version may checksum differently)."""
     if d.get("format") != FORMAT:
         _fail(path, f"not an ld3_ext schedule (format is {d.get('format')!r}, expected {FORMAT!r})")
     v = d.get("version")
@@ -315,6 +313,13 @@ def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
         _fail(path, f"format version {v} is newer than this ld3_ext understands ({VERSION}); upgrade ld3_ext")
     if v < 1:
         _fail(path, f"invalid format version {v}")
+
+
+def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
+    """Schema and consistency checks of a schedule document (checksum excluded)."""
+    if not isinstance(d, dict):
+        _fail(path, f"a schedule document must be a JSON object (dict), got {type(d).__name__}")
+    _check_format(d, path)
     for k, typ in _REQUIRED.items():
         if k not in d:
             _fail(path, f"missing field {k!r}")
@@ -342,17 +347,19 @@ def load_schedule(path: str) -> LearnedSchedule:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     try:
-        d = read_json_checked(path, require_checksum=False, what="schedule file")
+        d = read_json_checked(path, what="schedule file", verify=False)
     except FileNotFoundError:
         raise
     except CorruptFileError as e:
         raise ScheduleFileError(str(e)) from None
-    if d.get("format") != FORMAT:
-        _fail(path, f"not an ld3_ext schedule (format is {d.get('format')!r}, expected {FORMAT!r})")
+    # format and version first: a file from a newer ld3_ext (whose checksum may be computed otherwise) says so
+    _check_format(d, path)
     if "checksum" not in d:
         _fail(path, "has no checksum (truncated, hand-written, or not written by ld3_ext)")
-    if d["checksum"] != json_checksum(d):  # read_json_checked verified it already; keep explicit
-        _fail(path, "fails its checksum: it was modified or corrupted")
+    expected = json_checksum(d)
+    if d["checksum"] != expected:
+        _fail(path, f"fails its checksum (stored {str(d['checksum'])[:20]}..., content hashes to {expected[:20]}...): "
+                    "it was modified or corrupted")
     validate_schedule_dict(d, path)
     return LearnedSchedule.from_dict(d, _checked=True)  # the content rules ran once, just above
 

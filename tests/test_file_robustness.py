@@ -173,3 +173,25 @@ def test_damaged_shipped_weights_are_refused_naming_the_file(monkeypatch, how):
     monkeypatch.undo()
     for filename, cls, sha, raw in _shipped():  # the real files load
         assert _io.ShippedWeights(filename, cls, sha).sha256() == sha
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule files
+# ----------------------------------------------------------------------------------------------
+def test_newer_schedule_file_with_another_checksum_scheme_says_it_is_newer(tmp_path):
+    import json
+
+    from ld3_ext.schedule_file import ScheduleFileError, load_schedule
+    from test_schedule_file import _sched
+
+    path = _sched().save(str(tmp_path / "s.json"))
+    doc = json.load(open(path))
+    doc.update(version=2, new_field={"x": 1}, checksum="sha512:abc")
+    json.dump(doc, open(path, "w"))
+    with pytest.raises(ScheduleFileError, match="format version 2 is newer.*upgrade ld3_ext") as e:
+        load_schedule(path)
+    assert "modified or corrupted" not in str(e.value)
+    doc.update(version=1)  # the current version with a foreign checksum is damaged
+    json.dump(doc, open(path, "w"))
+    with pytest.raises(ScheduleFileError, match="fails its checksum.*modified or corrupted"):
+        load_schedule(path)
