@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .atomic_io import CorruptFileError, atomic_write_json, json_checksum, read_json_checked
+from .atomic_io import CorruptFileError, atomic_write_json, json_checksum, json_safe, read_json_checked
 
 FORMAT = "ld3_ext.schedule"
 VERSION = 1
@@ -69,6 +69,35 @@ def _finite(x) -> bool:
         return math.isfinite(x)
     except OverflowError:  # an int beyond the float64 range (JSON allows such literals)
         return False
+
+
+def _writable(v, where: str):
+    """``v`` as a value :func:`atomic_write_json` can write and a load gives back with the same meaning: NaN/Inf as
+    None (``json_safe``), numpy scalars as Python numbers, int dict keys as the strings JSON makes of them; anything
+    else (tensors, arrays, objects, non-int non-str keys) is a ValueError naming ``where``."""
+    if v is None or isinstance(v, (str, bool, int)):
+        return v
+    if isinstance(v, float):
+        return json_safe(v)
+    if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # np.float32(0.5) etc.
+        return _writable(v.item(), where)
+    if isinstance(v, (list, tuple)):
+        return [_writable(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if isinstance(v, dict):
+        out, seen = {}, {}
+        for k, x in v.items():
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                raise ValueError(f"{where}: key {k!r} ({type(k).__name__}) cannot be written to a schedule file "
+                                 "(JSON keys are strings)")
+            key = str(k)
+            if key in seen:
+                raise ValueError(f"{where}: keys {seen[key]!r} and {k!r} would both be written as {key!r}")
+            seen[key] = k
+            out[key] = _writable(x, f"{where}[{k!r}]")
+        return out
+    hint = " (use .item() or .tolist())" if isinstance(v, torch.Tensor) else ""
+    raise ValueError(f"{where}: a {type(v).__name__} cannot be written to a schedule file{hint}; use JSON values "
+                     "(numbers, strings, bools, None, lists, dicts)")
 
 
 # optional fields: the type allowed besides None, and its name in messages
@@ -139,6 +168,9 @@ class LearnedSchedule:
             raise ValueError(f"model_timesteps ({self.model_timesteps.numel()}) and timesteps "
                              f"({self.timesteps.numel()}) must have the same length")
         if not _checked:
+            # what save() cannot write is made writable (same meaning) or refused here, not at save time
+            model, training, metrics = (v if not isinstance(v, dict) else _writable(v, k) for k, v in
+                                        (("model", model), ("training", training), ("metrics", metrics)))
             # the same rules as a schedule file (validate_schedule_dict): a grid made here is one that loads back
             _check_contents(self.timesteps.tolist(), self.model_timesteps.tolist(), nfe, solver_config,
                             schedule_config, dict(guidance_scale=guidance_scale, model=model, time_mode=time_mode,

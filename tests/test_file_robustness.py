@@ -195,3 +195,43 @@ def test_newer_schedule_file_with_another_checksum_scheme_says_it_is_newer(tmp_p
     json.dump(doc, open(path, "w"))
     with pytest.raises(ScheduleFileError, match="fails its checksum.*modified or corrupted"):
         load_schedule(path)
+
+
+def _learned(**kw):
+    from ld3_ext.schedule_file import LearnedSchedule
+    from test_schedule_file import _sched
+
+    s = _sched()
+    return LearnedSchedule(s.timesteps, s.model_timesteps, solver_config=s.solver_config, nfe=s.nfe,
+                           schedule_config=s.schedule_config, **kw)
+
+
+@pytest.mark.parametrize("field, value, written", [
+    ("metrics", {"loss": float("nan"), "best": float("-inf"), "ok": 0.25}, {"loss": None, "best": None, "ok": 0.25}),
+    ("metrics", {"loss": __import__("numpy").float32(0.5), "n": __import__("numpy").int64(7),
+                 "flag": __import__("numpy").bool_(True)}, {"loss": 0.5, "n": 7, "flag": True}),
+    ("metrics", {1: 0.1, "a": 0.2}, {"1": 0.1, "a": 0.2}),
+    ("training", {"curve": [(4, float("nan")), (6, 0.1)], "nested": {2: {"x": None}}},
+     {"curve": [[4, None], [6, 0.1]], "nested": {"2": {"x": None}}}),
+    ("model", {"name": "m", "size": __import__("numpy").float64(1.5)}, {"name": "m", "size": 1.5}),
+])
+def test_schedule_metadata_made_here_saves_and_loads_back(tmp_path, field, value, written):
+    from ld3_ext.schedule_file import load_schedule
+
+    s = _learned(**{field: value})
+    assert getattr(s, field) == written
+    back = load_schedule(s.save(str(tmp_path / "s.json")))
+    assert getattr(back, field) == written and back.metadata == s.metadata
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("metrics", {"loss": torch.tensor(0.5)}, r"metrics\['loss'\]: a Tensor.*\.item\(\)"),
+    ("metrics", {"a": [1, object()]}, r"metrics\['a'\]\[1\]: a object"),
+    ("training", {1.5: 2}, r"training: key 1\.5"),
+    ("training", {(1, 2): 2}, r"training: key \(1, 2\)"),
+    ("metrics", {1: 0.1, "1": 0.2}, r"metrics: keys 1 and '1'"),
+    ("model", {"x": __import__("numpy").zeros(2)}, r"model\['x'\]: a ndarray"),
+])
+def test_schedule_metadata_that_cannot_be_written_is_refused_naming_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        _learned(**{field: value})
