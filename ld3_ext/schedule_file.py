@@ -142,6 +142,10 @@ def _check_contents(ts, ms, nfe, solver_config, schedule_config, optional: Dict[
     lo, hi = sched.t_min - tol, sched.t_max + tol
     if not all(lo <= x <= hi for x in ms):
         raise ValueError(f"model_timesteps leave the schedule's time range [{sched.t_min:.6g}, {sched.t_max:.6g}]")
+    mtol = 1e-3 * (sched.t_max - sched.t_min)  # the solvers' model-time tolerance (validate_model_timesteps)
+    if abs(ms[0] - ts[0]) > mtol or abs(ms[-1] - ts[-1]) > mtol:
+        raise ValueError(f"model_timesteps must have the same endpoints as timesteps ({ts[0]:.6g} ... {ts[-1]:.6g}, "
+                         f"within {mtol:.3g}), got {ms[0]:.6g} ... {ms[-1]:.6g}")
     from .solvers import solver_from_config
     try:
         solver = solver_from_config(solver_config)

@@ -197,13 +197,13 @@ def test_newer_schedule_file_with_another_checksum_scheme_says_it_is_newer(tmp_p
         load_schedule(path)
 
 
-def _learned(**kw):
+def _learned(model_timesteps=None, **kw):
     from ld3_ext.schedule_file import LearnedSchedule
     from test_schedule_file import _sched
 
     s = _sched()
-    return LearnedSchedule(s.timesteps, s.model_timesteps, solver_config=s.solver_config, nfe=s.nfe,
-                           schedule_config=s.schedule_config, **kw)
+    return LearnedSchedule(s.timesteps, s.model_timesteps if model_timesteps is None else model_timesteps,
+                           solver_config=s.solver_config, nfe=s.nfe, schedule_config=s.schedule_config, **kw)
 
 
 @pytest.mark.parametrize("field, value, written", [
@@ -235,3 +235,28 @@ def test_schedule_metadata_made_here_saves_and_loads_back(tmp_path, field, value
 def test_schedule_metadata_that_cannot_be_written_is_refused_naming_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         _learned(**{field: value})
+
+
+@pytest.mark.parametrize("end", [0, -1])
+def test_model_timesteps_must_share_the_endpoints_of_timesteps(tmp_path, end):
+    import json
+
+    from ld3_ext.schedule_file import ScheduleFileError, load_schedule
+    from test_schedule_file import _sched
+
+    s = _sched()
+    path = s.save(str(tmp_path / "s.json"))
+    doc = json.load(open(path))
+    span = doc["timesteps"][0] - doc["timesteps"][-1]
+    doc["model_timesteps"][end] = doc["timesteps"][end] + (0.05 if end else -0.1) * span  # inside the range
+    atomic_write_json(path, doc)  # a valid checksum: only the endpoint is wrong
+    with pytest.raises(ScheduleFileError, match=r"schedule file .*model_timesteps must have the same endpoints"):
+        load_schedule(path)
+    tm = s.model_timesteps.clone()
+    tm[end] = doc["model_timesteps"][end]
+    with pytest.raises(ValueError, match="model_timesteps must have the same endpoints"):
+        _learned(model_timesteps=tm)
+    # within the solvers' tolerance (1e-3 of the time span, solvers.base.validate_model_timesteps): accepted
+    doc["model_timesteps"][end] = doc["timesteps"][end] + (1 if end else -1) * 0.5e-3 * span
+    atomic_write_json(path, doc)
+    assert load_schedule(path).model_timesteps[end].item() == doc["model_timesteps"][end]
