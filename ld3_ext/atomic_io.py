@@ -48,6 +48,18 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _fchmod(fd: int, mode: int) -> None:
+    # best effort, like _fsync_dir: os.fchmod is missing on Windows before Python 3.13, and some filesystems
+    # (CIFS, FUSE mounts) refuse chmod; the write itself must still succeed there
+    fchmod = getattr(os, "fchmod", None)
+    if fchmod is None:
+        return
+    try:
+        fchmod(fd, mode)
+    except OSError:
+        pass
+
+
 def _target_mode(path: str) -> int:
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
@@ -91,8 +103,9 @@ def _temp_prefix(path: str) -> str:
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace + dir fsync).  Temp files of earlier
-    writes of ``path`` that were killed (SIGKILL, power loss) are removed after a successful write."""
-    path = os.fspath(path)
+    writes of ``path`` that were killed (SIGKILL, power loss) are removed after a successful write.  A symlink is
+    followed: its target is rewritten and the link kept."""
+    path = os.path.realpath(os.fspath(path))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     prefix = _temp_prefix(path)
@@ -100,7 +113,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     try:
         # mkstemp makes the file 0600: give it the mode of the file it replaces, else the one a plain
         # open() would give (0666 less the umask), so a rewrite never makes a shared file private
-        os.fchmod(fd, _target_mode(path))
+        _fchmod(fd, _target_mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -168,8 +181,12 @@ def _read_bytes(path: str, what: str) -> bytes:
         raise FileNotFoundError(f"{what} not found: {path}") from None
 
 
-def read_json_checked(path: str, require_checksum: bool = True, what: str = "file") -> Dict[str, Any]:
-    """Read a JSON document written by :func:`atomic_write_json` and verify its checksum."""
+def read_json_checked(path: str, require_checksum: bool = True, what: str = "file",
+                      verify: bool = True) -> Dict[str, Any]:
+    """Read a JSON document written by :func:`atomic_write_json` and verify its checksum.
+
+    ``verify=False``: parse only (a reader that must first see which format and version the document is, since a
+    newer version may checksum differently, verifies it itself afterwards)."""
     path = os.fspath(path)
     raw = _read_bytes(path, what)
     if not raw.strip():
@@ -180,6 +197,8 @@ def read_json_checked(path: str, require_checksum: bool = True, what: str = "fil
         raise CorruptFileError(f"{what} {path} is not valid JSON (truncated or corrupted): {e}") from None
     if not isinstance(doc, dict):
         raise CorruptFileError(f"{what} {path}: expected a JSON object at the top level, got {type(doc).__name__}")
+    if not verify:
+        return doc
     if "checksum" not in doc:
         if require_checksum:
             raise CorruptFileError(f"{what} {path} has no 'checksum' field")
@@ -229,7 +248,13 @@ def _file_digest(tensor_digest: str, meta_json: str) -> str:
     return hashlib.sha256(f"{tensor_digest}|{meta_json}".encode("utf-8")).hexdigest()
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _read_header(raw: bytes, path: str, what: str) -> Dict[str, Any]:
+    """The safetensors header of ``raw``, its structure checked: any damage is a CorruptFileError naming ``path``
+    (never a KeyError/IndexError/TypeError, which no caller expects)."""
     if len(raw) < 8:
         raise CorruptFileError(f"{what} {path} is truncated ({len(raw)} bytes)")
     (n,) = struct.unpack("<Q", raw[:8])
@@ -239,7 +264,28 @@ def _read_header(raw: bytes, path: str, what: str) -> Dict[str, Any]:
         header = json.loads(raw[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise CorruptFileError(f"{what} {path} is not a safetensors file (unreadable header)") from None
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+
+    def bad(msg):
+        return CorruptFileError(f"{what} {path} has a damaged safetensors header ({msg})")
+
+    if not isinstance(header, dict):
+        raise bad(f"a JSON object expected, got {type(header).__name__}")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise bad("__metadata__ must map names to strings")
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not isinstance(v, dict) or not isinstance(v.get("dtype"), str):
+            raise bad(f"entry {k!r} has no dtype")
+        shape, offsets = v.get("shape"), v.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise bad(f"entry {k!r} has no valid shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise bad(f"entry {k!r} has no valid data_offsets")
+        end = max(end, offsets[1])
     if 8 + n + end > len(raw):
         raise CorruptFileError(f"{what} {path} is truncated (tensor data ends at {8 + n + end} bytes, "
                                f"file has {len(raw)})")
@@ -270,6 +316,9 @@ def load_safetensors_checked(path: str, what: str = "file") -> Tuple[Dict[str, t
         user_meta = json.loads(meta["ld3_meta"])
     except ValueError:
         raise CorruptFileError(f"{what} {path} has unreadable metadata") from None
+    if not isinstance(user_meta, dict):
+        raise CorruptFileError(f"{what} {path} has unreadable metadata (a JSON object expected, got "
+                               f"{type(user_meta).__name__})")
     return tensors, user_meta
 
 

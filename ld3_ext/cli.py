@@ -412,6 +412,10 @@ def cmd_eval(args) -> int:
               else {"solver": args.teacher_solver, "order": args.teacher_order, "nfe": args.teacher_nfe},
               "rows": rows,
               "gain_vs_best": gain, "curves": {k: sorted(v) for k, v in curves.items()}}
+    if args.model == "digits":  # the numbers are of these exact (pinned, verified) weight files
+        from .models.digits import weights_sha256
+        from .models.digits_classifier import classifier_sha256
+        record["weights_sha256"] = {"denoiser": weights_sha256(), "classifier": classifier_sha256()}
     p0 = os.path.join(args.out, "eval.json")
     atomic_write_text(p0, json.dumps(json_safe(record), indent=1, allow_nan=False))
     p1 = schedule_plot(grids, schedule, os.path.join(args.out, "schedules.png"), errors=curves)

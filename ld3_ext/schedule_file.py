@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .atomic_io import CorruptFileError, atomic_write_json, json_checksum, read_json_checked
+from .atomic_io import CorruptFileError, atomic_write_json, json_checksum, json_safe, read_json_checked
 
 FORMAT = "ld3_ext.schedule"
 VERSION = 1
@@ -69,6 +69,35 @@ def _finite(x) -> bool:
         return math.isfinite(x)
     except OverflowError:  # an int beyond the float64 range (JSON allows such literals)
         return False
+
+
+def _writable(v, where: str):
+    """``v`` as a value :func:`atomic_write_json` can write and a load gives back with the same meaning: NaN/Inf as
+    None (``json_safe``), numpy scalars as Python numbers, int dict keys as the strings JSON makes of them; anything
+    else (tensors, arrays, objects, non-int non-str keys) is a ValueError naming ``where``."""
+    if v is None or isinstance(v, (str, bool, int)):
+        return v
+    if isinstance(v, float):
+        return json_safe(v)
+    if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # np.float32(0.5) etc.
+        return _writable(v.item(), where)
+    if isinstance(v, (list, tuple)):
+        return [_writable(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if isinstance(v, dict):
+        out, seen = {}, {}
+        for k, x in v.items():
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                raise ValueError(f"{where}: key {k!r} ({type(k).__name__}) cannot be written to a schedule file "
+                                 "(JSON keys are strings)")
+            key = str(k)
+            if key in seen:
+                raise ValueError(f"{where}: keys {seen[key]!r} and {k!r} would both be written as {key!r}")
+            seen[key] = k
+            out[key] = _writable(x, f"{where}[{k!r}]")
+        return out
+    hint = " (use .item() or .tolist())" if isinstance(v, torch.Tensor) else ""
+    raise ValueError(f"{where}: a {type(v).__name__} cannot be written to a schedule file{hint}; use JSON values "
+                     "(numbers, strings, bools, None, lists, dicts)")
 
 
 # optional fields: the type allowed besides None, and its name in messages
@@ -113,6 +142,10 @@ def _check_contents(ts, ms, nfe, solver_config, schedule_config, optional: Dict[
     lo, hi = sched.t_min - tol, sched.t_max + tol
     if not all(lo <= x <= hi for x in ms):
         raise ValueError(f"model_timesteps leave the schedule's time range [{sched.t_min:.6g}, {sched.t_max:.6g}]")
+    mtol = 1e-3 * (sched.t_max - sched.t_min)  # the solvers' model-time tolerance (validate_model_timesteps)
+    if abs(ms[0] - ts[0]) > mtol or abs(ms[-1] - ts[-1]) > mtol:
+        raise ValueError(f"model_timesteps must have the same endpoints as timesteps ({ts[0]:.6g} ... {ts[-1]:.6g}, "
+                         f"within {mtol:.3g}), got {ms[0]:.6g} ... {ms[-1]:.6g}")
     from .solvers import solver_from_config
     try:
         solver = solver_from_config(solver_config)
@@ -139,6 +172,9 @@ class LearnedSchedule:
             raise ValueError(f"model_timesteps ({self.model_timesteps.numel()}) and timesteps "
                              f"({self.timesteps.numel()}) must have the same length")
         if not _checked:
+            # what save() cannot write is made writable (same meaning) or refused here, not at save time
+            model, training, metrics = (v if not isinstance(v, dict) else _writable(v, k) for k, v in
+                                        (("model", model), ("training", training), ("metrics", metrics)))
             # the same rules as a schedule file (validate_schedule_dict): a grid made here is one that loads back
             _check_contents(self.timesteps.tolist(), self.model_timesteps.tolist(), nfe, solver_config,
                             schedule_config, dict(guidance_scale=guidance_scale, model=model, time_mode=time_mode,
@@ -303,10 +339,8 @@ def _fail(path, msg):
     raise ScheduleFileError(f"schedule file {path}: {msg}")
 
 
-def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
-    """Schema and consistency checks of a schedule document (checksum excluded)."""
-    if not isinstance(d, dict):
-        _fail(path, f"a schedule document must be a JSON object (dict), got {type(d).__name__}")
+def _check_format(d: Dict[str, Any], path) -> None:
+    """The format and version fields: read before anything else (a newer version may checksum differently)."""
     if d.get("format") != FORMAT:
         _fail(path, f"not an ld3_ext schedule (format is {d.get('format')!r}, expected {FORMAT!r})")
     v = d.get("version")
@@ -316,6 +350,13 @@ def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
         _fail(path, f"format version {v} is newer than this ld3_ext understands ({VERSION}); upgrade ld3_ext")
     if v < 1:
         _fail(path, f"invalid format version {v}")
+
+
+def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
+    """Schema and consistency checks of a schedule document (checksum excluded)."""
+    if not isinstance(d, dict):
+        _fail(path, f"a schedule document must be a JSON object (dict), got {type(d).__name__}")
+    _check_format(d, path)
     for k, typ in _REQUIRED.items():
         if k not in d:
             _fail(path, f"missing field {k!r}")
@@ -343,17 +384,19 @@ def load_schedule(path: str) -> LearnedSchedule:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     try:
-        d = read_json_checked(path, require_checksum=False, what="schedule file")
+        d = read_json_checked(path, what="schedule file", verify=False)
     except FileNotFoundError:
         raise
     except CorruptFileError as e:
         raise ScheduleFileError(str(e)) from None
-    if d.get("format") != FORMAT:
-        _fail(path, f"not an ld3_ext schedule (format is {d.get('format')!r}, expected {FORMAT!r})")
+    # format and version first: a file from a newer ld3_ext (whose checksum may be computed otherwise) says so
+    _check_format(d, path)
     if "checksum" not in d:
         _fail(path, "has no checksum (truncated, hand-written, or not written by ld3_ext)")
-    if d["checksum"] != json_checksum(d):  # read_json_checked verified it already; keep explicit
-        _fail(path, "fails its checksum: it was modified or corrupted")
+    expected = json_checksum(d)
+    if d["checksum"] != expected:
+        _fail(path, f"fails its checksum (stored {str(d['checksum'])[:20]}..., content hashes to {expected[:20]}...): "
+                    "it was modified or corrupted")
     validate_schedule_dict(d, path)
     return LearnedSchedule.from_dict(d, _checked=True)  # the content rules ran once, just above
 

@@ -93,6 +93,8 @@ def test_train_then_eval_digits_reports_the_teachers_fd(tmp_path, capsys):
     with open(os.path.join(out, "eval.json")) as f:
         saved = json.load(f)
     assert [r["schedule"] for r in saved["rows"]][0] == "teacher"
+    from ld3_ext.models import digits, digits_classifier
+    assert saved["weights_sha256"] == {"denoiser": digits.WEIGHTS_SHA256, "classifier": digits_classifier.WEIGHTS_SHA256}
     # written through a uniquely named temp file that is gone afterwards (no fixed-name eval.json.tmp)
     assert not [p for p in os.listdir(out) if p.startswith(".") or p.endswith(".tmp")]
 

@@ -10,6 +10,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from ..atomic_io import CorruptFileError, _read_header
+
 
 def data_path(filename: str):
     """A Traversable for a file in ``ld3_ext/data`` (works from a wheel or a source checkout)."""
@@ -24,18 +26,31 @@ def read_bytes(filename: str) -> bytes:
     return p.read_bytes()
 
 
-def load_state(filename: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
-    """(state_dict, metadata with 'config' decoded, sha256 of the file bytes)."""
+def load_state(filename: str, expected_sha256: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], dict, str]:
+    """(state_dict, metadata with 'config' decoded, sha256 of the file bytes).
+
+    ``expected_sha256``: the pinned hash of the shipped file; a file that does not match it (damaged, truncated,
+    replaced) is refused with a :class:`CorruptFileError` naming it, as is one that cannot be decoded."""
     from safetensors.torch import load
 
+    name = f"ld3_ext/data/{filename}"
+    fix = "; reinstall ld3_ext (or restore the file)"
     raw = read_bytes(filename)
-    # the metadata lives in the safetensors header: 8-byte little-endian length, then JSON
-    n = int.from_bytes(raw[:8], "little")
-    meta = json.loads(raw[8:8 + n].decode("utf-8")).get("__metadata__", {}) or {}
-    meta = dict(meta)
-    if "config" in meta:
-        meta["config"] = json.loads(meta["config"])
-    return load(raw), meta, hashlib.sha256(raw).hexdigest()
+    digest = hashlib.sha256(raw).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise CorruptFileError(f"shipped weight file {name} is damaged or not the one this ld3_ext version ships "
+                               f"(sha256 {digest[:16]}..., expected {expected_sha256[:16]}...){fix}")
+    try:
+        # the metadata lives in the safetensors header: 8-byte little-endian length, then JSON
+        meta = dict(_read_header(raw, name, "shipped weight file").get("__metadata__") or {})
+        if "config" in meta:
+            meta["config"] = json.loads(meta["config"])
+        state = load(raw)
+    except CorruptFileError as e:
+        raise CorruptFileError(f"{e}{fix}") from None
+    except Exception as e:  # safetensors and json raise their own error types
+        raise CorruptFileError(f"shipped weight file {name} could not be decoded ({e}){fix}") from None
+    return state, meta, digest
 
 
 def save_state(path, state: Dict[str, torch.Tensor], config: dict, **extra) -> None:
@@ -47,19 +62,21 @@ def save_state(path, state: Dict[str, torch.Tensor], config: dict, **extra) -> N
 
 
 class ShippedWeights:
-    """One weight file in ``ld3_ext/data``: read once on first use, its sha256 (the model's identity), its
-    metadata, and frozen eval-mode networks built from it by ``build(config)``."""
+    """One weight file in ``ld3_ext/data``: read once on first use and checked against its pinned sha256 (the
+    model's identity), its metadata, and frozen eval-mode networks built from it by ``build(config)``.
+    ``expected_sha256`` is required: a shipped file nobody pinned would load damaged bytes silently."""
 
-    def __init__(self, filename: str, build: Callable[[Optional[dict]], torch.nn.Module]):
+    def __init__(self, filename: str, build: Callable[[Optional[dict]], torch.nn.Module], expected_sha256: str):
         self.filename = filename
         self._build = build
+        self.expected_sha256 = expected_sha256
         self._state: Optional[Tuple[Dict[str, torch.Tensor], dict, str]] = None
         self._lock = threading.Lock()
 
     def _loaded(self) -> Tuple[Dict[str, torch.Tensor], dict, str]:
         with self._lock:
             if self._state is None:
-                self._state = load_state(self.filename)
+                self._state = load_state(self.filename, self.expected_sha256)
             return self._state
 
     def sha256(self) -> str:

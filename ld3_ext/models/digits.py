@@ -23,6 +23,8 @@ from ..schedules import EDM
 from ..wrappers import DiffusionModel, wrap_model
 from ._io import ShippedWeights
 
+# sha256 of the shipped file, checked on load (update it when the training script rewrites the file)
+WEIGHTS_SHA256 = "c35ee54d66eb19554b7900e2251ce2e190fc0a0f85064133d9d41a160580cc4a"
 WEIGHTS_FILE = "digits_denoiser.safetensors"
 
 DEFAULT_CONFIG = {
@@ -94,7 +96,7 @@ class DigitsDenoiser(nn.Module):
         return (c_skip * xf + c_out * f).to(out_dtype).reshape(shape)
 
 
-_WEIGHTS = ShippedWeights(WEIGHTS_FILE, DigitsDenoiser)
+_WEIGHTS = ShippedWeights(WEIGHTS_FILE, DigitsDenoiser, WEIGHTS_SHA256)
 
 
 def weights_sha256() -> str:
@@ -132,4 +134,4 @@ def real_digits(dtype=torch.float32) -> torch.Tensor:
 
 
 __all__ = ["DigitsDenoiser", "load_digits_model", "load_digits_net", "weights_sha256", "weights_metadata",
-           "real_digits", "WEIGHTS_FILE", "DEFAULT_CONFIG"]
+           "real_digits", "WEIGHTS_FILE", "WEIGHTS_SHA256", "DEFAULT_CONFIG"]

@@ -11,6 +11,8 @@ from torch import nn
 
 from ._io import ShippedWeights
 
+# sha256 of the shipped file, checked on load (update it when the training script rewrites the file)
+WEIGHTS_SHA256 = "0652bab1feb24049957209e424f3ca6862a0473ee2a47a86bc0ec5574c7eb849"
 WEIGHTS_FILE = "digits_classifier.safetensors"
 
 DEFAULT_CONFIG = {"arch": "digits_cnn", "c1": 32, "c2": 64, "feat": 64, "n_classes": 10}
@@ -47,7 +49,7 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-_WEIGHTS = ShippedWeights(WEIGHTS_FILE, DigitsClassifier)
+_WEIGHTS = ShippedWeights(WEIGHTS_FILE, DigitsClassifier, WEIGHTS_SHA256)
 
 
 def classifier_sha256() -> str:
@@ -78,4 +80,4 @@ def digits_split(seed: int = 0, test_fraction: float = 0.25):
 
 
 __all__ = ["DigitsClassifier", "load_digits_classifier", "classifier_sha256", "classifier_metadata",
-           "digits_split", "WEIGHTS_FILE", "DEFAULT_CONFIG"]
+           "digits_split", "WEIGHTS_FILE", "WEIGHTS_SHA256", "DEFAULT_CONFIG"]
