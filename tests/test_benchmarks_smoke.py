@@ -46,3 +46,14 @@ def test_bench_kernels_writes_one_record_per_case_shape_variant(tmp_path):
         if (r["case"], r["variant"]) == ("sampler", "fused"):
             assert r["overhead_ratio_vs_reference"] > 0
     assert "sampler" in proc.stdout and "update_fwd" in proc.stdout  # the printed table
+
+
+def test_bench_hot_kernels_runs_and_prints_every_row(tmp_path):
+    script = os.path.join(os.path.dirname(BENCH), "bench_hot_kernels.py")
+    proc = subprocess.run([sys.executable, script, "--shape", "2x3x8x8", "--rounds", "3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.strip() and not ln.startswith("shape")]
+    timed = [float(ln.split()[-1]) for ln in rows if "not available" not in ln]
+    assert len(timed) >= 5 and all(t > 0 for t in timed)  # one ISA copy at least, and both copies
+    assert sum("copy_ of" in ln for ln in rows) == 2
