@@ -431,6 +431,18 @@ def test_init_dmn_starts_from_the_dmn_grid(ring):
     assert torch.allclose(tr._init_grid, dmn(s, 4, order=2), rtol=0, atol=0)
 
 
+def test_init_dmn_uses_the_latent_weighting_when_a_decoder_is_set(ring):
+    # the original (StepOptim) weights latent models' errors by sigma^2/alpha and starts them from uniform t
+    from ld3_ext.baselines import dmn
+    mix, s, model = ring
+    tr = _small(model, mix, init="dmn", rounds_v1=1, rounds_v2=0, time_mode="lambda", decoupled=False,
+                decoder=lambda x: 1.0 * x)
+    tr.fit()
+    latent = dmn(s, 4, order=2, space="latent")
+    assert torch.equal(tr._init_grid, latent)
+    assert not torch.allclose(latent, dmn(s, 4, order=2), rtol=1e-3, atol=0)
+
+
 def test_default_dtype_float32_for_networks_float64_for_test_beds(ring):
     mix, s, model = ring
     assert LD3Trainer(model, None, DPMSolverPP(2, **REF), 4, progress=False).dtype == torch.float64

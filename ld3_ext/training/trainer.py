@@ -146,7 +146,8 @@ class LD3Trainer:
     init : "auto" (default: the candidate among logSNR, EDM, time-quadratic, time-uniform and DMN with the
         lowest validation loss; the paper used logSNR-uniform in lambda mode, time-uniform in time mode), one of
         those names ("logsnr", "edm", "time_quadratic",
-        "time_uniform", "dmn"), or an explicit grid of N+1 timesteps.
+        "time_uniform", "dmn"; DMN uses the original's latent weighting when a decoder is set), or an explicit grid
+        of N+1 timesteps.
     decoupled : learn the network-time shifts xi^c in phase 2.
     win_rate : window of the shifts as a fraction of the smallest gap (<= 0.5).
     gamma, radius : ball radius r = gamma * d / NFE^2 on the unit-variance noise (``radius`` overrides; 0 = hard loss).
@@ -565,8 +566,11 @@ class LD3Trainer:
             raise ValueError(msg if msg.startswith("init") else f"init: {msg}") from None
 
     def _dmn_init(self) -> torch.Tensor:
+        """The DMN grid, weighted as the original weights it: sigma^2/alpha from uniform t for latent models (a
+        decoder is set), sigma/alpha from uniform lambda for pixel models."""
         from ..baselines import dmn
-        return dmn(self.schedule, self.num_steps, order=min(3, self.solver.order))
+        space = "pixel" if self.decoder is None else "latent"
+        return dmn(self.schedule, self.num_steps, order=min(3, self.solver.order), space=space)
 
     def _auto_init(self) -> torch.Tensor:
         """init="auto": start from whichever candidate grid (hand-made or DMN) has the lowest hard
