@@ -1,11 +1,12 @@
 """PNG figures for the CLI (matplotlib, Agg backend, written atomically)."""
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from typing import Dict, List, Optional
 
 import torch
+
+from .atomic_io import atomic_write_bytes
 
 
 def _plt():
@@ -16,16 +17,11 @@ def _plt():
 
 
 def _save(fig, path: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # rendered in memory, then written by atomic_io: the PNG gets a plain file's mode (not mkstemp's 0600,
+    # which made figures in a shared run folder private) and a killed run leaves no stray temp file
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
