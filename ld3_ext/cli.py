@@ -352,6 +352,7 @@ def cmd_eval(args) -> int:
     if low:  # refused now, not after the teacher and every sample have run
         raise SystemExit(f"error: --nfe-curve {low}: {solver.name} spends {solver.nfe(1)} evaluations a step; use "
                          f"values >= {solver.nfe(1)}")
+    os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after the teacher and every sample
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
     target = _teacher(model, schedule, x_T, args)
     steps = solver.steps_for_nfe(nfe)
@@ -404,7 +405,6 @@ def cmd_eval(args) -> int:
         print(f"digits-FD from {args.n} samples: read it against the teacher's row; a score below the teacher's "
               "does not mean samples better than the ODE solution (few-sample FD is biased and moves by a few "
               "points with the noise seed)")
-    os.makedirs(args.out, exist_ok=True)
     # the numbers first (a figure that cannot be drawn must not lose them), as numbers, with what they are of;
     # a unique temp name (atomic_io): two evals writing into one --out cannot clobber each other's half-file
     record = {"model": args.model, "schedule_file": os.path.abspath(path), "solver": solver.config(), "nfe": nfe,

@@ -538,3 +538,19 @@ def test_an_odd_heun_teacher_nfe_is_refused_before_any_work(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=r"--teacher-nfe 21: heun spends 2 evaluations a step; use 20 or 22"):
         cli.main([cmd, "--model", "gmm:ring2d", "--teacher-solver", "heun", "--teacher-nfe", "21",
                   "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_eval_output_directory_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """An --out that cannot be made (under a file) is refused at once, as `ld3 sample` and `ld3 train` do, not
+    after the teacher and every schedule's samples have run."""
+    from ld3_ext.solvers import DPMSolverPP
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4)
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher ran")
+    monkeypatch.setattr(cli, "_teacher", no_teacher)
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+    (tmp_path / "a_file").write_text("x")
+    rc = cli.main(["eval", "--schedule", path, "--n", "4", "--skip-model-baselines",
+                   "--out", str(tmp_path / "a_file" / "sub")])
+    assert rc == 2 and "NotADirectoryError" in capsys.readouterr().err
