@@ -429,12 +429,18 @@ def cmd_export_diffusers(args) -> int:
     if not os.path.exists(args.schedule):
         raise SystemExit(f"error: schedule file not found: {args.schedule}")
     cfg = None
+    written = os.path.join(args.out, LD3Scheduler.config_name)
+    inputs = [("schedule file", args.schedule)]
     if args.scheduler_config:
         path = args.scheduler_config
         if os.path.isdir(path):
-            path = os.path.join(path, "scheduler_config.json")
+            path = os.path.join(path, LD3Scheduler.config_name)
+        inputs.append(("--scheduler-config", path))
         with open(path) as f:
             cfg = json.load(f)
+    for what, path in inputs:  # `--out MODEL/scheduler` would replace the model's own config with ours
+        if os.path.exists(written) and os.path.samefile(written, path):
+            raise SystemExit(f"error: --out: {written} is the {what} it is made from; write to another folder")
     sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
     sched.save_pretrained(args.out)
     print(f"wrote a diffusers scheduler config to {args.out} (load it with LD3Scheduler.from_pretrained)")

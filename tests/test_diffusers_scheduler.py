@@ -313,6 +313,28 @@ def test_guidance_scale_round_trips_through_save_pretrained(tmp_path):
     assert LD3Scheduler.from_timesteps(t, scheduler_config=cfg.config).config.guidance_scale is None
 
 
+def test_export_diffusers_never_overwrites_the_models_own_scheduler_config(tmp_path):
+    """`ld3 export-diffusers s.json --scheduler-config MODEL/scheduler --out MODEL/scheduler` would replace the
+    model's own config (the input it reads) with an LD3Scheduler one: refused, the input left as it was."""
+    from ld3_ext.cli import main as cli_main
+    from ld3_ext.schedule_file import LearnedSchedule
+
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG)
+    sched, _ = ld3_ext.integrations.diffusers.schedule_from_diffusers_config(cfg.config)
+    LearnedSchedule(ld3_ext.discretizations.logsnr_uniform(sched, 5), solver_config={"name": "dpmpp", "order": 3},
+                    nfe=5, schedule_config=sched.config()).save(str(tmp_path / "s.json"))
+    model_sched = tmp_path / "model" / "scheduler"
+    cfg.save_config(model_sched)
+    before = (model_sched / "scheduler_config.json").read_bytes()
+    for given in (model_sched, model_sched / "scheduler_config.json"):
+        with pytest.raises(SystemExit, match="is the --scheduler-config it is made from"):
+            cli_main(["export-diffusers", str(tmp_path / "s.json"), "--scheduler-config", str(given),
+                      "--out", str(model_sched)])
+    assert (model_sched / "scheduler_config.json").read_bytes() == before
+    assert cli_main(["export-diffusers", str(tmp_path / "s.json"), "--scheduler-config", str(model_sched),
+                     "--out", str(tmp_path / "ld3_sched")]) == 0
+
+
 def test_dynamic_shifting_and_unsupported_configs_are_refused_like_from_diffusers(tmp_path):
     """from_config/from_pretrained/from_timesteps refuse what from_diffusers refuses (fields LD3Scheduler does
     not register would otherwise be dropped silently): Flux-style dynamic shifting without an explicit shift,
