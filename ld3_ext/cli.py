@@ -442,7 +442,8 @@ def cmd_export_diffusers(args) -> int:
         if os.path.exists(written) and os.path.samefile(written, path):
             raise SystemExit(f"error: --out: {written} is the {what} it is made from; write to another folder")
     sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
-    sched.save_pretrained(args.out)
+    # what save_pretrained writes, but atomically: an interrupted export keeps the earlier file whole
+    atomic_write_text(written, sched.to_json_string())
     print(f"wrote a diffusers scheduler config to {args.out} (load it with LD3Scheduler.from_pretrained)")
     return 0
 
