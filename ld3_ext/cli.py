@@ -212,8 +212,9 @@ def _check_schedule_fits(learned, path: str, model, schedule, spec: str) -> None
     if rec.get("hash_source") == "state_dict" and isinstance(model, torch.nn.Module):
         from .training.teacher import state_dict_hash
         same, what = state_dict_hash(model) == rec.get("weights_hash"), "weights"
-    else:
-        same, what = (rec.get("spec") in (None, spec)), "--model"
+    else:  # a file may spell the model another way (gmm:ring2d@edm, written before that spelling was canonical)
+        from .models import canonical_spec
+        same, what = (rec.get("spec") is None or canonical_spec(rec["spec"]) == spec), "--model"
     if not same:
         print(f"warning: {path} was learned for the model {rec.get('spec') or rec.get('name')!r}; {spec!r} has other "
               f"{what}: the schedule may be far from the best for it", file=sys.stderr)

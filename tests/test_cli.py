@@ -554,3 +554,22 @@ def test_eval_output_directory_is_checked_before_any_work(tmp_path, monkeypatch,
     rc = cli.main(["eval", "--schedule", path, "--n", "4", "--skip-model-baselines",
                    "--out", str(tmp_path / "a_file" / "sub")])
     assert rc == 2 and "NotADirectoryError" in capsys.readouterr().err
+
+
+def test_the_default_gmm_noise_schedule_has_one_spelling(tmp_path, capsys):
+    """gmm:ring2d, gmm:ring2d@edm, ring2d@ are one model: one spelling in files and caches, and a schedule learned
+    under one spelling is used under another without a 'learned for another model' warning."""
+    from ld3_ext.models import canonical_spec
+    from ld3_ext.solvers import DPMSolverPP
+    for spec in ("gmm:ring2d@edm", "ring2d@edm", "gmm:ring2d@", "ring2d"):
+        assert canonical_spec(spec) == "gmm:ring2d"
+    assert canonical_spec("gmm:ring2d@flow") == "gmm:ring2d@flow"
+    for recorded, given in (("gmm:ring2d@edm", "gmm:ring2d"), ("gmm:ring2d", "ring2d@edm")):
+        path = _schedule_file(tmp_path, DPMSolverPP(2), 4, spec=recorded)
+        rc = cli.main(["sample", "--model", given, "--nfe", "4", "--schedule", path, "--n", "4",
+                       "--out", str(tmp_path / "o")])
+        assert rc == 0 and "was learned for the model" not in capsys.readouterr().err
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4, spec="gmm:digits64@edm")  # another model still warns
+    assert cli.main(["sample", "--model", "gmm:ring2d@edm", "--nfe", "4", "--schedule", path, "--n", "4",
+                     "--out", str(tmp_path / "o")]) == 0
+    assert "was learned for the model 'gmm:digits64@edm'" in capsys.readouterr().err
