@@ -353,13 +353,6 @@ def cmd_eval(args) -> int:
     if low:  # refused now, not after the teacher and every sample have run
         raise SystemExit(f"error: --nfe-curve {low}: {solver.name} spends {solver.nfe(1)} evaluations a step; use "
                          f"values >= {solver.nfe(1)}")
-    os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after the teacher and every sample
-    x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
-    target = _teacher(model, schedule, x_T, args)
-    steps = solver.steps_for_nfe(nfe)
-    names = BASELINES + ([] if args.skip_model_baselines else MODEL_BASELINES)
-    grids = _baseline_grids(names, schedule, steps, model=model, solver=solver, seed=args.seed)
-    grids["ld3"] = learned.timesteps
     fd = None
     if args.model == "digits":
         try:
@@ -367,6 +360,15 @@ def cmd_eval(args) -> int:
             fd = digits_fd
         except ImportError:
             fd = None
+    if fd is not None and args.n < 2:  # refused now, naming the flag, not by the metric after the teacher ran
+        raise SystemExit(f"error: --n: digits-FD needs at least 2 samples (a covariance), got {args.n}")
+    os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after the teacher and every sample
+    x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
+    target = _teacher(model, schedule, x_T, args)
+    steps = solver.steps_for_nfe(nfe)
+    names = BASELINES + ([] if args.skip_model_baselines else MODEL_BASELINES)
+    grids = _baseline_grids(names, schedule, steps, model=model, solver=solver, seed=args.seed)
+    grids["ld3"] = learned.timesteps
     rows, samples, curves = [], {}, {}
     if fd is not None:
         # the reference point: digits-FD from a few hundred samples is biased upward and moves by a few

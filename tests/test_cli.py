@@ -573,3 +573,16 @@ def test_the_default_gmm_noise_schedule_has_one_spelling(tmp_path, capsys):
     assert cli.main(["sample", "--model", "gmm:ring2d@edm", "--nfe", "4", "--schedule", path, "--n", "4",
                      "--out", str(tmp_path / "o")]) == 0
     assert "was learned for the model 'gmm:digits64@edm'" in capsys.readouterr().err
+
+
+def test_eval_n_too_small_for_digits_fd_names_the_flag_before_any_work(tmp_path, monkeypatch):
+    """digits-FD needs a covariance (two samples): `ld3 eval --n 1` on the digits model is refused naming --n, not
+    by the metric's 'samples: need at least 2' after the teacher has run."""
+    from ld3_ext.solvers import DPMSolverPP
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4, spec="digits")
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher ran")
+    monkeypatch.setattr(cli, "_teacher", no_teacher)
+    with pytest.raises(SystemExit, match="--n: digits-FD needs at least 2 samples"):
+        cli.main(["eval", "--schedule", path, "--n", "1", "--skip-model-baselines", "--out", str(tmp_path / "o")])
