@@ -440,7 +440,10 @@ def cmd_export_diffusers(args) -> int:
             path = os.path.join(path, LD3Scheduler.config_name)
         inputs.append(("--scheduler-config", path))
         with open(path) as f:
-            cfg = json.load(f)
+            try:
+                cfg = json.load(f)
+            except ValueError as exc:  # JSONDecodeError's text names neither the file nor the flag
+                raise SystemExit(f"error: --scheduler-config: {path} is not valid JSON ({exc})") from None
     for what, path in inputs:  # `--out MODEL/scheduler` would replace the model's own config with ours
         if os.path.exists(written) and os.path.samefile(written, path):
             raise SystemExit(f"error: --out: {written} is the {what} it is made from; write to another folder")

@@ -360,6 +360,20 @@ def test_an_interrupted_export_diffusers_keeps_the_earlier_file_whole(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scheduler_config.json"]
 
 
+def test_export_diffusers_names_a_scheduler_config_that_is_not_json(tmp_path):
+    from ld3_ext.cli import main as cli_main
+    from ld3_ext.schedule_file import LearnedSchedule
+
+    sched = ld3_ext.VPDiscrete.linear(0.00085, 0.012)
+    LearnedSchedule(ld3_ext.discretizations.logsnr_uniform(sched, 5), solver_config={"name": "dpmpp", "order": 3},
+                    nfe=5, schedule_config=sched.config()).save(str(tmp_path / "s.json"))
+    (tmp_path / "cfg.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"--scheduler-config: .*cfg\.json is not valid JSON"):
+        cli_main(["export-diffusers", str(tmp_path / "s.json"), "--scheduler-config", str(tmp_path / "cfg.json"),
+                  "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_dynamic_shifting_and_unsupported_configs_are_refused_like_from_diffusers(tmp_path):
     """from_config/from_pretrained/from_timesteps refuse what from_diffusers refuses (fields LD3Scheduler does
     not register would otherwise be dropped silently): Flux-style dynamic shifting without an explicit shift,
