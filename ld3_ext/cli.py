@@ -212,8 +212,9 @@ def _check_schedule_fits(learned, path: str, model, schedule, spec: str) -> None
     if rec.get("hash_source") == "state_dict" and isinstance(model, torch.nn.Module):
         from .training.teacher import state_dict_hash
         same, what = state_dict_hash(model) == rec.get("weights_hash"), "weights"
-    else:
-        same, what = (rec.get("spec") in (None, spec)), "--model"
+    else:  # a file may spell the model another way (gmm:ring2d@edm, written before that spelling was canonical)
+        from .models import canonical_spec
+        same, what = (rec.get("spec") is None or canonical_spec(rec["spec"]) == spec), "--model"
     if not same:
         print(f"warning: {path} was learned for the model {rec.get('spec') or rec.get('name')!r}; {spec!r} has other "
               f"{what}: the schedule may be far from the best for it", file=sys.stderr)
@@ -352,12 +353,6 @@ def cmd_eval(args) -> int:
     if low:  # refused now, not after the teacher and every sample have run
         raise SystemExit(f"error: --nfe-curve {low}: {solver.name} spends {solver.nfe(1)} evaluations a step; use "
                          f"values >= {solver.nfe(1)}")
-    x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
-    target = _teacher(model, schedule, x_T, args)
-    steps = solver.steps_for_nfe(nfe)
-    names = BASELINES + ([] if args.skip_model_baselines else MODEL_BASELINES)
-    grids = _baseline_grids(names, schedule, steps, model=model, solver=solver, seed=args.seed)
-    grids["ld3"] = learned.timesteps
     fd = None
     if args.model == "digits":
         try:
@@ -365,6 +360,15 @@ def cmd_eval(args) -> int:
             fd = digits_fd
         except ImportError:
             fd = None
+    if fd is not None and args.n < 2:  # refused now, naming the flag, not by the metric after the teacher ran
+        raise SystemExit(f"error: --n: digits-FD needs at least 2 samples (a covariance), got {args.n}")
+    os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after the teacher and every sample
+    x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
+    target = _teacher(model, schedule, x_T, args)
+    steps = solver.steps_for_nfe(nfe)
+    names = BASELINES + ([] if args.skip_model_baselines else MODEL_BASELINES)
+    grids = _baseline_grids(names, schedule, steps, model=model, solver=solver, seed=args.seed)
+    grids["ld3"] = learned.timesteps
     rows, samples, curves = [], {}, {}
     if fd is not None:
         # the reference point: digits-FD from a few hundred samples is biased upward and moves by a few
@@ -404,7 +408,6 @@ def cmd_eval(args) -> int:
         print(f"digits-FD from {args.n} samples: read it against the teacher's row; a score below the teacher's "
               "does not mean samples better than the ODE solution (few-sample FD is biased and moves by a few "
               "points with the noise seed)")
-    os.makedirs(args.out, exist_ok=True)
     # the numbers first (a figure that cannot be drawn must not lose them), as numbers, with what they are of;
     # a unique temp name (atomic_io): two evals writing into one --out cannot clobber each other's half-file
     record = {"model": args.model, "schedule_file": os.path.abspath(path), "solver": solver.config(), "nfe": nfe,
@@ -429,14 +432,24 @@ def cmd_export_diffusers(args) -> int:
     if not os.path.exists(args.schedule):
         raise SystemExit(f"error: schedule file not found: {args.schedule}")
     cfg = None
+    written = os.path.join(args.out, LD3Scheduler.config_name)
+    inputs = [("schedule file", args.schedule)]
     if args.scheduler_config:
         path = args.scheduler_config
         if os.path.isdir(path):
-            path = os.path.join(path, "scheduler_config.json")
+            path = os.path.join(path, LD3Scheduler.config_name)
+        inputs.append(("--scheduler-config", path))
         with open(path) as f:
-            cfg = json.load(f)
+            try:
+                cfg = json.load(f)
+            except ValueError as exc:  # JSONDecodeError's text names neither the file nor the flag
+                raise SystemExit(f"error: --scheduler-config: {path} is not valid JSON ({exc})") from None
+    for what, path in inputs:  # `--out MODEL/scheduler` would replace the model's own config with ours
+        if os.path.exists(written) and os.path.samefile(written, path):
+            raise SystemExit(f"error: --out: {written} is the {what} it is made from; write to another folder")
     sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
-    sched.save_pretrained(args.out)
+    # what save_pretrained writes, but atomically: an interrupted export keeps the earlier file whole
+    atomic_write_text(written, sched.to_json_string())
     print(f"wrote a diffusers scheduler config to {args.out} (load it with LD3Scheduler.from_pretrained)")
     return 0
 

@@ -1,31 +1,28 @@
-"""PNG figures for the CLI (matplotlib, Agg backend, written atomically)."""
+"""PNG figures for the CLI (matplotlib Figures on the Agg canvas, no pyplot state; written atomically)."""
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from typing import Dict, List, Optional
 
 import torch
 
+from .atomic_io import atomic_write_bytes
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+
+def _subplots(nrows: int, ncols: int, figsize):
+    # a bare Figure (Agg canvas), not pyplot: no global backend to switch (matplotlib.use("Agg") changed the
+    # backend of a notebook or script that calls the CLI in-process), and nothing to close afterwards
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def _save(fig, path: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # rendered in memory, then written by atomic_io: the PNG gets a plain file's mode (not mkstemp's 0600,
+    # which made figures in a shared run folder private) and a killed run leaves no stray temp file
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -47,14 +44,13 @@ def _as_image(x: torch.Tensor) -> torch.Tensor:
 
 def sample_grid(samples: Dict[str, torch.Tensor], path: str, max_items: int = 16, title: str = "") -> str:
     """One row per schedule: a scatter plot for 2-D data, an image strip for any other sample shape."""
-    plt = _plt()
     names = list(samples)
     first = next(iter(samples.values()))
     if first.dim() == 2 and first.shape[1] == 2:
         pts_all = {name: samples[name].detach().cpu().float() for name in names}
         finite = torch.cat([p[torch.isfinite(p).all(1)] for p in pts_all.values()])
         lim = 1.05 * float(finite.abs().max()) if finite.numel() else 1.6  # every point in view, one scale for all
-        fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), squeeze=False)
+        fig, axes = _subplots(1, len(names), (3 * len(names), 3))
         for ax, name in zip(axes[0], names):
             pts = pts_all[name]
             ax.scatter(pts[:, 0], pts[:, 1], s=2)
@@ -64,7 +60,7 @@ def sample_grid(samples: Dict[str, torch.Tensor], path: str, max_items: int = 16
             ax.set_ylim(-lim, lim)
     else:
         k = min(max_items, first.shape[0])
-        fig, axes = plt.subplots(len(names), k, figsize=(0.8 * k, 0.9 * len(names)), squeeze=False)
+        fig, axes = _subplots(len(names), k, (0.8 * k, 0.9 * len(names)))
         for r, name in enumerate(names):
             imgs = samples[name][:k].detach().cpu().float()
             for c in range(k):
@@ -76,17 +72,14 @@ def sample_grid(samples: Dict[str, torch.Tensor], path: str, max_items: int = 16
             axes[r, 0].set_ylabel(name, fontsize=6, rotation=0, ha="right")
     if title:
         fig.suptitle(title, fontsize=9)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def schedule_plot(schedules: Dict[str, torch.Tensor], schedule, path: str,
                   errors: Optional[Dict[str, List[tuple]]] = None) -> str:
     """Left: each grid in lambda (one row per method). Right (optional): error vs NFE per method."""
-    plt = _plt()
     ncol = 2 if errors else 1
-    fig, axes = plt.subplots(1, ncol, figsize=(6 * ncol, 0.4 * len(schedules) + 2), squeeze=False)
+    fig, axes = _subplots(1, ncol, (6 * ncol, 0.4 * len(schedules) + 2))
     ax = axes[0, 0]
     for r, (name, t) in enumerate(schedules.items()):
         lam = schedule.lambda_(t.detach().to(torch.float64).cpu())
@@ -103,6 +96,4 @@ def schedule_plot(schedules: Dict[str, torch.Tensor], schedule, path: str,
         ax2.set_xlabel("NFE")
         ax2.set_ylabel("median teacher RMSE")
         ax2.legend(fontsize=6)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _save(fig, path)

@@ -538,3 +538,51 @@ def test_an_odd_heun_teacher_nfe_is_refused_before_any_work(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=r"--teacher-nfe 21: heun spends 2 evaluations a step; use 20 or 22"):
         cli.main([cmd, "--model", "gmm:ring2d", "--teacher-solver", "heun", "--teacher-nfe", "21",
                   "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_eval_output_directory_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """An --out that cannot be made (under a file) is refused at once, as `ld3 sample` and `ld3 train` do, not
+    after the teacher and every schedule's samples have run."""
+    from ld3_ext.solvers import DPMSolverPP
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4)
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher ran")
+    monkeypatch.setattr(cli, "_teacher", no_teacher)
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+    (tmp_path / "a_file").write_text("x")
+    rc = cli.main(["eval", "--schedule", path, "--n", "4", "--skip-model-baselines",
+                   "--out", str(tmp_path / "a_file" / "sub")])
+    assert rc == 2 and "NotADirectoryError" in capsys.readouterr().err
+
+
+def test_the_default_gmm_noise_schedule_has_one_spelling(tmp_path, capsys):
+    """gmm:ring2d, gmm:ring2d@edm, ring2d@ are one model: one spelling in files and caches, and a schedule learned
+    under one spelling is used under another without a 'learned for another model' warning."""
+    from ld3_ext.models import canonical_spec
+    from ld3_ext.solvers import DPMSolverPP
+    for spec in ("gmm:ring2d@edm", "ring2d@edm", "gmm:ring2d@", "ring2d"):
+        assert canonical_spec(spec) == "gmm:ring2d"
+    assert canonical_spec("gmm:ring2d@flow") == "gmm:ring2d@flow"
+    for recorded, given in (("gmm:ring2d@edm", "gmm:ring2d"), ("gmm:ring2d", "ring2d@edm")):
+        path = _schedule_file(tmp_path, DPMSolverPP(2), 4, spec=recorded)
+        rc = cli.main(["sample", "--model", given, "--nfe", "4", "--schedule", path, "--n", "4",
+                       "--out", str(tmp_path / "o")])
+        assert rc == 0 and "was learned for the model" not in capsys.readouterr().err
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4, spec="gmm:digits64@edm")  # another model still warns
+    assert cli.main(["sample", "--model", "gmm:ring2d@edm", "--nfe", "4", "--schedule", path, "--n", "4",
+                     "--out", str(tmp_path / "o")]) == 0
+    assert "was learned for the model 'gmm:digits64@edm'" in capsys.readouterr().err
+
+
+def test_eval_n_too_small_for_digits_fd_names_the_flag_before_any_work(tmp_path, monkeypatch):
+    """digits-FD needs a covariance (two samples): `ld3 eval --n 1` on the digits model is refused naming --n, not
+    by the metric's 'samples: need at least 2' after the teacher has run."""
+    from ld3_ext.solvers import DPMSolverPP
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4, spec="digits")
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher ran")
+    monkeypatch.setattr(cli, "_teacher", no_teacher)
+    with pytest.raises(SystemExit, match="--n: digits-FD needs at least 2 samples"):
+        cli.main(["eval", "--schedule", path, "--n", "1", "--skip-model-baselines", "--out", str(tmp_path / "o")])

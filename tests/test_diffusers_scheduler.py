@@ -313,6 +313,67 @@ def test_guidance_scale_round_trips_through_save_pretrained(tmp_path):
     assert LD3Scheduler.from_timesteps(t, scheduler_config=cfg.config).config.guidance_scale is None
 
 
+def test_export_diffusers_never_overwrites_the_models_own_scheduler_config(tmp_path):
+    """`ld3 export-diffusers s.json --scheduler-config MODEL/scheduler --out MODEL/scheduler` would replace the
+    model's own config (the input it reads) with an LD3Scheduler one: refused, the input left as it was."""
+    from ld3_ext.cli import main as cli_main
+    from ld3_ext.schedule_file import LearnedSchedule
+
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG)
+    sched, _ = ld3_ext.integrations.diffusers.schedule_from_diffusers_config(cfg.config)
+    LearnedSchedule(ld3_ext.discretizations.logsnr_uniform(sched, 5), solver_config={"name": "dpmpp", "order": 3},
+                    nfe=5, schedule_config=sched.config()).save(str(tmp_path / "s.json"))
+    model_sched = tmp_path / "model" / "scheduler"
+    cfg.save_config(model_sched)
+    before = (model_sched / "scheduler_config.json").read_bytes()
+    for given in (model_sched, model_sched / "scheduler_config.json"):
+        with pytest.raises(SystemExit, match="is the --scheduler-config it is made from"):
+            cli_main(["export-diffusers", str(tmp_path / "s.json"), "--scheduler-config", str(given),
+                      "--out", str(model_sched)])
+    assert (model_sched / "scheduler_config.json").read_bytes() == before
+    assert cli_main(["export-diffusers", str(tmp_path / "s.json"), "--scheduler-config", str(model_sched),
+                     "--out", str(tmp_path / "ld3_sched")]) == 0
+
+
+def test_an_interrupted_export_diffusers_keeps_the_earlier_file_whole(tmp_path, monkeypatch):
+    """The exported config is written atomically: an interrupt while it is written (here: while its JSON is
+    made) leaves the file of an earlier export as it was, not truncated."""
+    from ld3_ext.cli import main as cli_main
+    from ld3_ext.schedule_file import LearnedSchedule
+
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG)
+    sched, _ = ld3_ext.integrations.diffusers.schedule_from_diffusers_config(cfg.config)
+    LearnedSchedule(ld3_ext.discretizations.logsnr_uniform(sched, 5), solver_config={"name": "dpmpp", "order": 3},
+                    nfe=5, schedule_config=sched.config()).save(str(tmp_path / "s.json"))
+    cfg.save_config(tmp_path / "model_sched")
+    argv = ["export-diffusers", str(tmp_path / "s.json"), "--scheduler-config", str(tmp_path / "model_sched"),
+            "--out", str(tmp_path / "out")]
+    assert cli_main(argv) == 0
+    before = (tmp_path / "out" / "scheduler_config.json").read_bytes()
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(LD3Scheduler, "to_json_string", interrupted)
+    assert cli_main(argv) == 130
+    assert (tmp_path / "out" / "scheduler_config.json").read_bytes() == before
+    assert LD3Scheduler.from_pretrained(tmp_path / "out").config.ld3_timesteps is not None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scheduler_config.json"]
+
+
+def test_export_diffusers_names_a_scheduler_config_that_is_not_json(tmp_path):
+    from ld3_ext.cli import main as cli_main
+    from ld3_ext.schedule_file import LearnedSchedule
+
+    sched = ld3_ext.VPDiscrete.linear(0.00085, 0.012)
+    LearnedSchedule(ld3_ext.discretizations.logsnr_uniform(sched, 5), solver_config={"name": "dpmpp", "order": 3},
+                    nfe=5, schedule_config=sched.config()).save(str(tmp_path / "s.json"))
+    (tmp_path / "cfg.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"--scheduler-config: .*cfg\.json is not valid JSON"):
+        cli_main(["export-diffusers", str(tmp_path / "s.json"), "--scheduler-config", str(tmp_path / "cfg.json"),
+                  "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_dynamic_shifting_and_unsupported_configs_are_refused_like_from_diffusers(tmp_path):
     """from_config/from_pretrained/from_timesteps refuse what from_diffusers refuses (fields LD3Scheduler does
     not register would otherwise be dropped silently): Flux-style dynamic shifting without an explicit shift,

@@ -41,10 +41,13 @@ def _gmm(name: str):
 
 def canonical_spec(spec: str) -> str:
     """The one spelling of a model string (what schedule files and caches record): a bare mixture name
-    (``ring2d``, ``ring2d@vp_linear``) is ``gmm:NAME``; any other string is returned as it is."""
+    (``ring2d``, ``ring2d@vp_linear``) is ``gmm:NAME``, and the default noise schedule is not spelled
+    (``gmm:ring2d@edm`` and ``gmm:ring2d@`` are ``gmm:ring2d``); any other string is returned as it is."""
     from ..testbeds import MIXTURES
     if isinstance(spec, str) and spec.split("@")[0] in MIXTURES:
-        return "gmm:" + spec
+        spec = "gmm:" + spec
+    if isinstance(spec, str) and spec.startswith("gmm:") and spec.partition("@")[2] in ("", "edm"):
+        return spec.partition("@")[0]  # one model, one name: else a schedule warns it was learned for another
     return spec
 
 
