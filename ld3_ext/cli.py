@@ -26,14 +26,15 @@ from .solvers import ORDERLESS, SOLVERS, as_solver
 BASELINES = ["time_uniform", "time_quadratic", "logsnr", "edm"]
 SOLVER_CHOICES = list(SOLVERS)
 MODEL_BASELINES = ["dmn", "gits"]
+SAMPLE_MODEL = "gmm:ring2d"  # `ld3 sample` without --model or a schedule file
 
 
 def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model: Optional[str] = "digits",
-                out: str = "runs/ld3"):
+                out: str = "runs/ld3", sample: bool = False):
     p.add_argument("--model", default=model, help="built-in name (digits, gmm:ring2d, gmm:digits64, "
                    "gmm:random3072; a gmm model takes @edm, @vp_linear, @vp_cosine or @flow for another noise "
                    "schedule), diffusers:PATH or package.module:factory (default: "
-                   + (model or "the one the schedule file records") + ")")
+                   + (model or "the one the schedule file records" + (f", else {SAMPLE_MODEL}" if sample else "")) + ")")
     p.add_argument("--out", default=out, help=f"output directory (default: {out})")
     p.add_argument("--seed", type=int, default=0, help="noise seed (0 <= seed < 2**63; sample and eval draw their "
                    "noises from streams of their own, never the teacher's training or validation noises)")
@@ -222,13 +223,16 @@ def _check_schedule_fits(learned, path: str, model, schedule, spec: str) -> None
 
 def cmd_sample(args) -> int:
     from .plotting import sample_grid
-    model, schedule, dtype = _load(args)
-    solver = _make_solver(args)
     learned = None
     if args.schedule:
-        # the learned grid belongs to the solver and NFE it was trained for: everything is compared at those
         from .schedule_file import load_schedule
         learned = load_schedule(args.schedule)
+    # as `ld3 eval`: without --model, the model the schedule file records (else the built-in ring)
+    args.model = args.model or (learned.model.get("spec") if learned is not None else None) or SAMPLE_MODEL
+    model, schedule, dtype = _load(args)
+    solver = _make_solver(args)
+    if learned is not None:
+        # the learned grid belongs to the solver and NFE it was trained for: everything is compared at those
         _check_schedule_fits(learned, args.schedule, model, schedule, args.model)
         learned.check_guidance(model.guidance_scale)
         if learned.solver().config() != solver.config() or learned.nfe != args.nfe:
@@ -460,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", allow_abbrev=False,
                        help="sample with hand-made (and optionally a learned) schedule; PNG + error table")
-    _add_common(s, model="gmm:ring2d", out="runs/sample")
+    _add_common(s, model=None, out="runs/sample", sample=True)
     s.add_argument("--n", type=int, default=256, help="number of samples (default: 256)")
     s.add_argument("--schedule", default=None, help="a learned schedule file to compare as well")
     s.set_defaults(func=cmd_sample)

@@ -154,6 +154,18 @@ def test_schedule_learned_for_another_model_warns(tmp_path, capsys):
     assert "was learned for the model 'gmm:digits64'" in capsys.readouterr().err
 
 
+def test_sample_without_model_uses_the_model_the_schedule_file_records(tmp_path, capsys):
+    """As `ld3 eval`: `ld3 sample --schedule F` without --model samples F's model, not the built-in ring."""
+    from ld3_ext.solvers import DPMSolverPP
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4, spec="gmm:digits64")
+    rc = cli.main(["sample", "--schedule", path, "--n", "4", "--out", str(tmp_path / "o")])
+    cap = capsys.readouterr()
+    assert rc == 0 and "learned for the model" not in cap.err
+    assert cap.out.count("gmm:digits64  solver=") == 1
+    rc = cli.main(["sample", "--nfe", "4", "--n", "4", "--out", str(tmp_path / "p")])  # no file: the ring
+    assert rc == 0 and "gmm:ring2d  solver=" in capsys.readouterr().out
+
+
 def test_eval_nfe_curve_records_the_nfe_heun_actually_runs(tmp_path, monkeypatch):
     """Heun spends two evaluations a step: an odd k in the NFE curve runs k - 1 evaluations, plotted as such."""
     from ld3_ext import plotting
