@@ -21,7 +21,7 @@ import torch
 
 from ._checks import seed as check_seed
 from .atomic_io import atomic_write_text, json_safe
-from .solvers import ORDERLESS, SOLVERS, as_solver
+from .solvers import ORDERLESS, SOLVERS, as_solver, solver_from_config
 
 BASELINES = ["time_uniform", "time_quadratic", "logsnr", "edm"]
 SOLVER_CHOICES = list(SOLVERS)
@@ -50,10 +50,42 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
                        help="solver order (default 3; dpmpp 1-3, unipc 1-3, ipndm 1-4; euler and heun have none)")
         p.add_argument("--variant", default=None, choices=["bh1", "bh2"], help="UniPC B(h) (default: bh1)")
         p.add_argument("--nfe", type=int, default=6, help="network evaluations per sample (default: 6)")
-    p.add_argument("--teacher-solver", default="unipc", choices=SOLVER_CHOICES,
-                   help="solver of the high-NFE teacher (not used for the analytic gmm models)")
-    p.add_argument("--teacher-order", type=int, default=3)
-    p.add_argument("--teacher-nfe", type=int, default=20)
+    p.add_argument("--teacher-solver", default=None, choices=SOLVER_CHOICES,
+                   help="solver of the high-NFE teacher (default: unipc; not used for the analytic gmm models; "
+                        "sample and eval with a schedule file use the teacher it records unless a --teacher-* flag "
+                        "is given)")
+    p.add_argument("--teacher-order", type=int, default=None, help="default: 3")
+    p.add_argument("--teacher-nfe", type=int, default=None, help="default: 20")
+
+
+TEACHER_DEFAULTS = {"teacher_solver": "unipc", "teacher_order": 3, "teacher_nfe": 20}
+
+
+def _fill_teacher_defaults(args) -> None:
+    """The --teacher-* flags not given take their defaults; ``args.teacher_given`` says whether any was given
+    (then they name the teacher; else a schedule file's recorded teacher does, see :func:`_use_recorded_teacher`)."""
+    args.teacher_given = any(getattr(args, k, None) is not None for k in TEACHER_DEFAULTS)
+    for k, v in TEACHER_DEFAULTS.items():
+        if hasattr(args, k) and getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def _use_recorded_teacher(args, learned) -> None:
+    """Score against the teacher the schedule was fitted to (its file records it) when no --teacher-* flag says
+    otherwise: a schedule trained with --teacher-nfe 40 is not judged against a 20-NFE solve."""
+    rec = (learned.training or {}).get("teacher") if learned is not None else None
+    if args.teacher_given or not isinstance(rec, dict) or rec.get("kind") != "solver":
+        return
+    cfg, nfe = rec.get("solver"), rec.get("nfe")
+    if (not isinstance(cfg, dict) or cfg.get("name") not in SOLVER_CHOICES or not isinstance(nfe, int)
+            or rec.get("discretization") != "logsnr"):
+        return  # a teacher the flags cannot spell: the defaults, as before
+    try:
+        solver_from_config(cfg)
+    except (TypeError, ValueError):
+        return
+    args.teacher_config, args.teacher_solver, args.teacher_nfe = cfg, cfg["name"], nfe
+    args.teacher_order = cfg.get("order")
 
 
 def _make_solver(args):
@@ -71,10 +103,15 @@ def _make_solver(args):
 
 
 def _make_teacher_solver(args):
+    cfg = getattr(args, "teacher_config", None)
+    if cfg is not None:  # the teacher a schedule file records (checked by _use_recorded_teacher)
+        return solver_from_config(cfg)
+    name = args.teacher_solver or TEACHER_DEFAULTS["teacher_solver"]
+    order = TEACHER_DEFAULTS["teacher_order"] if args.teacher_order is None else args.teacher_order
     try:
-        return as_solver(args.teacher_solver, order=args.teacher_order)
+        return as_solver(name, order=order)
     except ValueError as exc:
-        raise SystemExit(f"error: --teacher-solver {args.teacher_solver} --teacher-order {args.teacher_order}: {exc}")
+        raise SystemExit(f"error: --teacher-solver {name} --teacher-order {order}: {exc}")
 
 
 def _exact_steps(solver, nfe: int, flag: str) -> int:
@@ -95,6 +132,12 @@ def _teacher_kind(model) -> str:
     """The teacher that `ld3 train`, `ld3 teacher`, `ld3 sample` and `ld3 eval` all use: the exact ODE solution where
     the model has one (the analytic test beds), else the high-NFE solver of the --teacher-* flags."""
     return "exact" if getattr(model, "testbed", None) is not None else "solver"
+
+
+def _teacher_desc(model, args) -> str:
+    if _teacher_kind(model) == "exact":
+        return "exact ODE solution"
+    return f"{_make_teacher_solver(args)!r} {args.teacher_nfe} NFE logSNR"
 
 
 def _teacher(model, schedule, x_T, args):
@@ -239,13 +282,13 @@ def cmd_sample(args) -> int:
             print(f"note: --schedule: comparing at the schedule's own solver {learned.solver()!r} and NFE "
                   f"{learned.nfe} (the --solver/--order/--variant/--nfe given are not used)", file=sys.stderr)
         solver, args.nfe = learned.solver(), learned.nfe
+        _use_recorded_teacher(args, learned)
     steps = _exact_steps(solver, args.nfe, "--nfe")
     os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after the sampling
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "sample").to(dtype)
     t0 = time.time()
     target = _teacher(model, schedule, x_T, args)
-    print(f"teacher: {'exact ODE solution' if getattr(model, 'testbed', None) is not None else f'{args.teacher_solver} {args.teacher_nfe} NFE'}"
-          f" ({time.time() - t0:.1f}s)")
+    print(f"teacher: {_teacher_desc(model, args)} ({time.time() - t0:.1f}s)")
     grids = _baseline_grids(BASELINES, schedule, steps)
     if learned is not None:
         grids["ld3"] = learned.timesteps
@@ -351,6 +394,7 @@ def cmd_eval(args) -> int:
     model, schedule, dtype = _load(args)
     _check_schedule_fits(learned, path, model, schedule, args.model)
     learned.check_guidance(model.guidance_scale)
+    _use_recorded_teacher(args, learned)
     solver = learned.solver()
     nfe = learned.nfe
     low = [k for k in args.nfe_curve or [] if k < solver.nfe(1)]
@@ -402,7 +446,7 @@ def cmd_eval(args) -> int:
                 # the NFE actually run (Heun's two evaluations a step make an odd k run one fewer)
                 curves[name].append((solver.nfe(k_steps), _median(_rmse(x, target))))
     cols = ["schedule", "NFE", "mean RMSE", "median RMSE"] + (["digits-FD"] if fd is not None else [])
-    print(f"{args.model}  solver={solver!r}  held-out noises={args.n}")
+    print(f"{args.model}  solver={solver!r}  held-out noises={args.n}  teacher: {_teacher_desc(model, args)}")
     print(_table(rows, cols))
     best = min((r for r in rows if r["schedule"] not in ("ld3", "teacher")), key=lambda r: r["median RMSE"])
     ld3 = next(r for r in rows if r["schedule"] == "ld3")
@@ -416,7 +460,7 @@ def cmd_eval(args) -> int:
     # a unique temp name (atomic_io): two evals writing into one --out cannot clobber each other's half-file
     record = {"model": args.model, "schedule_file": os.path.abspath(path), "solver": solver.config(), "nfe": nfe,
               "n": args.n, "seed": args.seed, "teacher": "exact" if getattr(model, "testbed", None) is not None
-              else {"solver": args.teacher_solver, "order": args.teacher_order, "nfe": args.teacher_nfe},
+              else {"solver": _make_teacher_solver(args).config(), "nfe": args.teacher_nfe, "discretization": "logsnr"},
               "rows": rows,
               "gain_vs_best": gain, "curves": {k: sorted(v) for k, v in curves.items()}}
     if args.model == "digits":  # the numbers are of these exact (pinned, verified) weight files
@@ -626,6 +670,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _fill_teacher_defaults(args)
     _check_counts(args)
     _check_device(args)
     out = getattr(args, "out", None)

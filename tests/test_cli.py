@@ -166,6 +166,57 @@ def test_sample_without_model_uses_the_model_the_schedule_file_records(tmp_path,
     assert rc == 0 and "gmm:ring2d  solver=" in capsys.readouterr().out
 
 
+def _digits_schedule_file(tmp_path, teacher):
+    from ld3_ext import discretizations
+    from ld3_ext.models import load_model
+    from ld3_ext.schedule_file import LearnedSchedule
+    from ld3_ext.solvers import DPMSolverPP
+    _, s = load_model("digits")
+    path = str(tmp_path / "digits.json")
+    LearnedSchedule(discretizations.logsnr_uniform(s, 4), solver_config=DPMSolverPP(2).config(), nfe=4,
+                    schedule_config=s.config(), model={"spec": "digits", "name": "digits"},
+                    training={"teacher": teacher}).save(path)
+    return path
+
+
+def test_eval_and_sample_score_against_the_teacher_the_schedule_was_trained_on(tmp_path, monkeypatch, capsys):
+    """Without --teacher-* flags the file's recorded teacher is the reference; any flag names the teacher instead."""
+    from ld3_ext.solvers import DPMSolverPP, UniPC
+    recorded = {"kind": "solver", "solver": DPMSolverPP(2).config(), "nfe": 8, "discretization": "logsnr"}
+    path = _digits_schedule_file(tmp_path, recorded)
+    used = []
+    real = cli._teacher
+
+    def spy(model, schedule, x_T, args):
+        used.append((cli._make_teacher_solver(args).config(), args.teacher_nfe))
+        return real(model, schedule, x_T, args)
+
+    monkeypatch.setattr(cli, "_teacher", spy)
+    base = ["--schedule", path, "--n", "4", "--no-progress"]
+    assert cli.main(["eval", *base, "--out", str(tmp_path / "e"), "--skip-model-baselines", "--nfe-curve"]) == 0
+    assert cli.main(["sample", *base, "--out", str(tmp_path / "s")]) == 0
+    assert used == [(DPMSolverPP(2).config(), 8)] * 2
+    out = capsys.readouterr().out
+    assert out.count("DPMSolverPP(order=2") >= 2 and "8 NFE logSNR" in out
+    saved = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert saved["teacher"] == {"solver": DPMSolverPP(2).config(), "nfe": 8, "discretization": "logsnr"}
+    used.clear()  # one flag given: the flags (with their defaults) name the teacher
+    assert cli.main(["eval", *base, "--out", str(tmp_path / "f"), "--skip-model-baselines", "--nfe-curve",
+                     "--teacher-nfe", "6"]) == 0
+    assert used == [(UniPC(3).config(), 6)]
+
+
+def test_a_recorded_teacher_the_flags_cannot_spell_falls_back_to_the_defaults(tmp_path, monkeypatch):
+    from ld3_ext.solvers import UniPC
+    path = _digits_schedule_file(tmp_path, {"kind": "solver", "solver": {"name": "nope"}, "nfe": 8,
+                                            "discretization": "logsnr"})
+    used = []
+    monkeypatch.setattr(cli, "_teacher", lambda m, s, x, args: used.append(
+        (cli._make_teacher_solver(args).config(), args.teacher_nfe)) or x)
+    assert cli.main(["sample", "--schedule", path, "--n", "2", "--no-progress", "--out", str(tmp_path / "s")]) == 0
+    assert used == [(UniPC(3).config(), 20)]
+
+
 def test_eval_nfe_curve_records_the_nfe_heun_actually_runs(tmp_path, monkeypatch):
     """Heun spends two evaluations a step: an odd k in the NFE curve runs k - 1 evaluations, plotted as such."""
     from ld3_ext import plotting
