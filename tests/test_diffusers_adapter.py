@@ -363,3 +363,9 @@ def test_integrations_submodules_are_reachable_after_import_ld3_ext():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["from_diffusers", "LD3Scheduler"]
+
+
+def test_a_scheduler_config_file_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "scheduler_config.json").write_text("{\"beta_start\": 0.0001,")  # cut short
+    with pytest.raises(DiffusersConfigError, match=r"scheduler_config: .*scheduler_config\.json is not valid JSON"):
+        from_diffusers(tiny_unet(), str(tmp_path))

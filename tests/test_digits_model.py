@@ -68,3 +68,22 @@ def test_samples_have_low_digits_fd():
     noise_fd = digits_fd(torch.randn(256, 1, 8, 8, generator=g).clamp(-1, 1))
     assert fd < FD_THRESHOLD, fd
     assert fd < noise_fd / 5, (fd, noise_fd)
+
+
+def test_save_state_is_atomic_and_keeps_the_earlier_file_on_failure(tmp_path, monkeypatch):
+    """The training scripts' weight writer: a write that fails midway leaves the earlier file whole, no temp."""
+    import safetensors.torch as st
+    from ld3_ext.models._io import save_state
+    path = tmp_path / "w.safetensors"
+    save_state(path, {"a": torch.ones(3)}, {"width": 3}, seed=1)
+    before = path.read_bytes()
+    loaded = st.load_file(str(path))
+    assert torch.equal(loaded["a"], torch.ones(3))
+
+    def broken(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "save", broken)
+    with pytest.raises(KeyboardInterrupt):
+        save_state(path, {"a": torch.zeros(3)}, {"width": 3})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["w.safetensors"]

@@ -98,7 +98,10 @@ def _config_dict(scheduler_config) -> Dict[str, Any]:
         if os.path.isdir(p):
             p = os.path.join(p, "scheduler_config.json")
         with open(p) as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except ValueError as exc:  # JSONDecodeError's own text names no file
+                raise DiffusersConfigError(f"scheduler_config: {p} is not valid JSON ({exc})") from None
     cfg = getattr(scheduler_config, "config", scheduler_config)
     if not isinstance(cfg, Mapping):
         raise DiffusersConfigError(f"scheduler_config must be a mapping, a scheduler or a path, got "

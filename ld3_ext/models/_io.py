@@ -4,13 +4,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import threading
 from importlib import resources
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ..atomic_io import CorruptFileError, _read_header
+from ..atomic_io import CorruptFileError, _read_header, atomic_write_bytes
 
 
 def data_path(filename: str):
@@ -54,11 +55,14 @@ def load_state(filename: str, expected_sha256: Optional[str] = None) -> Tuple[Di
 
 
 def save_state(path, state: Dict[str, torch.Tensor], config: dict, **extra) -> None:
-    from safetensors.torch import save_file
+    """Weights + config as safetensors (the shipped files' layout), written atomically: a killed training
+    script never leaves a half-written weight file where the earlier one was."""
+    from safetensors.torch import save
 
     meta = {"config": json.dumps(config, sort_keys=True)}
     meta.update({k: str(v) for k, v in extra.items()})
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=meta)
+    atomic_write_bytes(os.fspath(path), save({k: v.detach().contiguous().cpu() for k, v in state.items()},
+                                             metadata=meta))
 
 
 class ShippedWeights:
