@@ -138,3 +138,11 @@ def test_denoiser_gradients_flow():
     x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda xx, tt: m.predict(xx, tt)[0], (x, t))
+
+
+@pytest.mark.parametrize("make, kw, name", [(TB.ring2d, {"std": 0.0}, "std"),
+                                            (TB.ring2d, {"std": -1.0}, "std"),
+                                            (TB.digits64, {"min_std": 0.0}, "min_std")])
+def test_testbed_widths_must_be_positive_naming_the_argument(make, kw, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be > 0"):
+        make(**kw)
