@@ -304,6 +304,21 @@ def test_fresh_and_regenerate_teacher_flags(tmp_path, capsys):
     assert "ld3 vs best baseline" in capsys.readouterr().out
 
 
+def test_factory_module_in_the_working_folder_is_found_without_it_on_sys_path(tmp_path, monkeypatch):
+    """The `ld3` console script's sys.path lacks the folder it runs in (unlike `python -m`): a factory module there
+    must still import; a module name found nowhere stays an error."""
+    (tmp_path / "ld3_cwd_factory_mod.py").write_text(
+        "from ld3_ext.models import load_model\n"
+        "def make():\n    return load_model('gmm:ring2d')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "ld3_cwd_factory_mod", raising=False)
+    model, schedule = load_model("ld3_cwd_factory_mod:make")
+    assert type(schedule).__name__ == "EDM" and sys.path[-1] == str(tmp_path)
+    with pytest.raises(ModelSpecError, match="cannot import module 'ld3_nowhere_mod'"):
+        load_model("ld3_nowhere_mod:make")
+
+
 def test_factory_that_raises_is_one_clear_error(monkeypatch):
     mod = types.ModuleType("ld3_fake_raising_mod")
 

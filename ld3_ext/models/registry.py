@@ -5,11 +5,14 @@ Accepted forms:
     mixtures with their exact denoiser on an EDM schedule (``gmm:NAME@vp_linear`` etc. picks another);
   * ``digits`` -- the small pretrained denoiser on sklearn's 8x8 digits shipped with the package;
   * ``diffusers:PATH`` -- a local diffusers folder (UNet + scheduler config), no network;
-  * ``package.module:factory`` -- any importable factory returning ``(model, schedule)``.
+  * ``package.module:factory`` -- any importable factory returning ``(model, schedule)``; a module in the
+    working folder is found as ``python -m`` would find it, also from the ``ld3`` console script.
 """
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Tuple
 
 from ..schedules import EDM, FlowMatching, NoiseSchedule, VPCosine, VPLinear
@@ -57,6 +60,20 @@ def is_builtin(spec: str) -> bool:
     return isinstance(spec, str) and (spec == "digits" or spec.startswith("gmm:"))
 
 
+def _import_factory_module(mod_name: str):
+    """``import mod_name``; failing that, from the working folder when it holds the module: the ``ld3`` console
+    script's sys.path starts at its own bin folder, not at the folder it runs in (as ``python -m`` does)."""
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as exc:
+        cwd, top = os.getcwd(), mod_name.split(".")[0]
+        here = os.path.isfile(os.path.join(cwd, top + ".py")) or os.path.isdir(os.path.join(cwd, top))
+        if exc.name != top or not here or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)  # appended: never shadows an installed package
+        return importlib.import_module(mod_name)
+
+
 def load_model(spec: str, device: str = "cpu", guidance_scale=None) -> Tuple[DiffusionModel, NoiseSchedule]:
     """``(model, schedule)`` for a model string (see the module docstring; bare mixture names as ``gmm:NAME``)."""
     if not isinstance(spec, str) or not spec:
@@ -79,7 +96,7 @@ def load_model(spec: str, device: str = "cpu", guidance_scale=None) -> Tuple[Dif
                              "gmm:random3072), diffusers:PATH or package.module:factory")
     mod_name, _, attr = spec.partition(":")
     try:
-        mod = importlib.import_module(mod_name)
+        mod = _import_factory_module(mod_name)
     except Exception as exc:
         raise ModelSpecError(f"--model {spec!r}: cannot import module {mod_name!r}: {exc}") from exc
     factory = getattr(mod, attr, None)
