@@ -598,8 +598,11 @@ def test_bare_mixture_names_are_canonical_in_the_registry():
     from ld3_ext.models import canonical_spec, is_builtin
     assert canonical_spec("ring2d") == "gmm:ring2d"
     assert canonical_spec("digits64@vp_linear") == "gmm:digits64@vp_linear"
-    for spec in ("gmm:ring2d", "digits", "diffusers:ring2d", "pkg.mod:ring2d", "ring2d_x"):
+    for spec in ("gmm:ring2d", "digits", "pkg.mod:ring2d", "ring2d_x", "diffusers:/abs/ring2d"):
         assert canonical_spec(spec) == spec
+    # a relative diffusers folder is recorded absolute: `ld3 eval` from another folder still finds it
+    assert canonical_spec("diffusers:ring2d") == "diffusers:" + os.path.join(os.getcwd(), "ring2d")
+    assert canonical_spec("diffusers:~/m") == "diffusers:" + os.path.join(os.path.expanduser("~"), "m")
     assert is_builtin("ring2d@flow") and is_builtin("digits") and not is_builtin("pkg.mod:factory")
     model, schedule = load_model("ring2d@flow")
     from ld3_ext import FlowMatching

@@ -45,8 +45,12 @@ def _gmm(name: str):
 def canonical_spec(spec: str) -> str:
     """The one spelling of a model string (what schedule files and caches record): a bare mixture name
     (``ring2d``, ``ring2d@vp_linear``) is ``gmm:NAME``, and the default noise schedule is not spelled
-    (``gmm:ring2d@edm`` and ``gmm:ring2d@`` are ``gmm:ring2d``); any other string is returned as it is."""
+    (``gmm:ring2d@edm`` and ``gmm:ring2d@`` are ``gmm:ring2d``); ``diffusers:PATH`` gets an absolute PATH (a
+    schedule file records it: ``ld3 eval`` must find the model from any folder); any other string is returned
+    as it is."""
     from ..testbeds import MIXTURES
+    if isinstance(spec, str) and spec.startswith("diffusers:") and len(spec) > len("diffusers:"):
+        return "diffusers:" + os.path.abspath(os.path.expanduser(spec[len("diffusers:"):]))
     if isinstance(spec, str) and spec.split("@")[0] in MIXTURES:
         spec = "gmm:" + spec
     if isinstance(spec, str) and spec.startswith("gmm:") and spec.partition("@")[2] in ("", "edm"):
