@@ -308,6 +308,23 @@ def test_coefficient_table_short_grids():
             torch.testing.assert_close(gf, gr, rtol=1e-10, atol=1e-12)
 
 
+def test_subclass_changing_the_schedule_does_not_inherit_the_native_form():
+    """A subclass of a closed-form schedule with its own log_sigma is another schedule: the fused
+    backend must not compute its parent's closed form for it (it takes the Python table instead)."""
+    class Stretched(S.EDM):
+        def log_sigma(self, t):
+            return torch.log(t) + torch.log1p(t)
+
+    class Renamed(S.EDM):  # same noise levels: keeps the native form
+        name = "renamed_edm"
+
+    assert Stretched().native_spec() is None and Renamed().native_spec() == S.EDM().native_spec()
+    t = torch.tensor([80.0, 10.0, 1.0, 0.1], dtype=torch.float64)
+    spec = SolverSpec("dpmpp", 2)
+    fused_table = ops.coefficient_table(Stretched(), t, spec, backend="fused")
+    torch.testing.assert_close(fused_table, coefficient_table_reference(Stretched(), t, spec), rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------
