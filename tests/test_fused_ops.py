@@ -367,6 +367,20 @@ def test_bad_inputs_raise_clear_errors():
         fused.coefficient_table(S.VPDiscrete.linear(num_train_timesteps=20), torch.linspace(1, 0.1, 4), SolverSpec("dpmpp", 2))
 
 
+def test_out_partially_overlapping_an_input_is_named():
+    """An out= that shares only some memory with x or a history tensor is refused naming that argument
+    (an exact alias is fine: each element is read before it is written)."""
+    buf = torch.randn(20)
+    coef = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    x, h0 = torch.randn(16), torch.randn(16)
+    with pytest.raises(RuntimeError, match=r"out partially overlaps x"):
+        fused.multistep_update(buf[:16], coef, [h0, h0], out=buf[4:])
+    with pytest.raises(RuntimeError, match=r"out partially overlaps history\[1\]"):
+        fused.multistep_update(x, coef, [h0, buf[:16]], out=buf[4:])
+    expected = ops.multistep_update_reference(x, coef, [h0, buf[4:].clone()])
+    assert torch.equal(fused.multistep_update(x, coef, [h0, buf[4:]], out=buf[4:]), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library registration
 # ---------------------------------------------------------------------------------------------
