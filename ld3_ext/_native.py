@@ -13,7 +13,10 @@ try:
     from . import _C as _C  # type: ignore[attr-defined,no-redef]
 except ImportError as exc:
     _C = None
-    _error = exc if "_C" not in str(exc) else ImportError("ld3_ext._C was not built or not installed")
+    # only a missing module means "not built"; any other ImportError (a mismatched torch's undefined
+    # symbol, a truncated file) is kept, since it names the real cause
+    missing = isinstance(exc, ModuleNotFoundError) or str(exc).startswith("cannot import name '_C'")
+    _error = ImportError("ld3_ext._C was not built or not installed") if missing else exc
 except Exception as exc:  # an OSError/undefined symbol from a broken or mismatched build
     _C = None
     _error = exc

@@ -103,6 +103,13 @@ class NoiseSchedule:
     t_min: float
     t_max: float
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # native_spec() names the closed form the C++ coefficient code computes: a subclass that changes
+        # log_alpha or log_sigma but inherits it would silently get its parent's coefficients there
+        if "native_spec" not in cls.__dict__ and ("log_alpha" in cls.__dict__ or "log_sigma" in cls.__dict__):
+            cls.native_spec = NoiseSchedule.native_spec
+
     # --- the three primitives -------------------------------------------------------
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

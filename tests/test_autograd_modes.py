@@ -216,6 +216,9 @@ def test_ops_coefficient_table_checks_arguments(backend):
         ops.coefficient_table(SCHED, [80.0, 1.0], spec, backend)
     with pytest.raises(TypeError, match="timesteps must be real numbers, got torch.complex128"):
         ops.coefficient_table(SCHED, GRID.to(torch.complex128), spec, backend)
+    for validate in (True, False):  # the type checks run either way
+        with pytest.raises(TypeError, match="timesteps must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"):
+            ops.coefficient_table(SCHED, GRID.to_sparse(), spec, backend, validate=validate)
 
 
 def test_adjoint_refuses_v_sharing_memory_with_scale_or_w():

@@ -308,6 +308,23 @@ def test_coefficient_table_short_grids():
             torch.testing.assert_close(gf, gr, rtol=1e-10, atol=1e-12)
 
 
+def test_subclass_changing_the_schedule_does_not_inherit_the_native_form():
+    """A subclass of a closed-form schedule with its own log_sigma is another schedule: the fused
+    backend must not compute its parent's closed form for it (it takes the Python table instead)."""
+    class Stretched(S.EDM):
+        def log_sigma(self, t):
+            return torch.log(t) + torch.log1p(t)
+
+    class Renamed(S.EDM):  # same noise levels: keeps the native form
+        name = "renamed_edm"
+
+    assert Stretched().native_spec() is None and Renamed().native_spec() == S.EDM().native_spec()
+    t = torch.tensor([80.0, 10.0, 1.0, 0.1], dtype=torch.float64)
+    spec = SolverSpec("dpmpp", 2)
+    fused_table = ops.coefficient_table(Stretched(), t, spec, backend="fused")
+    torch.testing.assert_close(fused_table, coefficient_table_reference(Stretched(), t, spec), rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +365,20 @@ def test_bad_inputs_raise_clear_errors():
         C.coefficient_table(torch.ones(4, dtype=torch.float64), 0, 0.0, 0.0, 1, 4, True, False, False, False)
     with pytest.raises(ValueError, match="native"):
         fused.coefficient_table(S.VPDiscrete.linear(num_train_timesteps=20), torch.linspace(1, 0.1, 4), SolverSpec("dpmpp", 2))
+
+
+def test_out_partially_overlapping_an_input_is_named():
+    """An out= that shares only some memory with x or a history tensor is refused naming that argument
+    (an exact alias is fine: each element is read before it is written)."""
+    buf = torch.randn(20)
+    coef = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    x, h0 = torch.randn(16), torch.randn(16)
+    with pytest.raises(RuntimeError, match=r"out partially overlaps x"):
+        fused.multistep_update(buf[:16], coef, [h0, h0], out=buf[4:])
+    with pytest.raises(RuntimeError, match=r"out partially overlaps history\[1\]"):
+        fused.multistep_update(x, coef, [h0, buf[:16]], out=buf[4:])
+    expected = ops.multistep_update_reference(x, coef, [h0, buf[4:].clone()])
+    assert torch.equal(fused.multistep_update(x, coef, [h0, buf[4:]], out=buf[4:]), expected)
 
 
 # ---------------------------------------------------------------------------------------------

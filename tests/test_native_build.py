@@ -74,3 +74,24 @@ def test_import_without_native_extension_falls_back_and_says_so(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+def test_broken_extension_reports_the_real_load_error(tmp_path):
+    """A _C that exists but cannot be loaded (a build against another torch, a truncated file) is
+    reported with the loader's own message, not as a missing build."""
+    import importlib.machinery
+    pkg = tmp_path / "ld3_ext"
+    shutil.copytree(os.path.join(ROOT, "ld3_ext"), pkg, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"not an ELF file")
+    code = ("import warnings; warnings.simplefilter('ignore')\n"
+            "from ld3_ext import _native\n"
+            "print(repr(_native.load_error()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "not built" not in out.stdout and "_C" in out.stdout, out.stdout
+    # and a really missing build still says so
+    (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).unlink()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0 and "was not built or not installed" in out.stdout, (out.stdout, out.stderr)

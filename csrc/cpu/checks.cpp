@@ -49,8 +49,14 @@ void check_update_out(const at::Tensor& out, const at::Tensor& x, const at::Tens
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device() && out.sizes() == x.sizes(),
               "multistep_update: out must match x in shape, dtype and device");
   at::assert_no_internal_overlap(out);
-  for (const auto& m : history) at::assert_no_partial_overlap(out, m);
-  at::assert_no_partial_overlap(out, x);
+  // ATen's own overlap error names no argument: say which input out runs into
+  for (size_t k = 0; k < history.size(); ++k)
+    TORCH_CHECK(at::get_overlap_status(out, history[k]) != at::MemOverlapStatus::Partial,
+                "multistep_update: out partially overlaps history[", k, "] (some elements share memory); pass a "
+                "separate out, or history[", k, "] itself");
+  TORCH_CHECK(at::get_overlap_status(out, x) != at::MemOverlapStatus::Partial,
+              "multistep_update: out partially overlaps x (some elements share memory); pass a separate out, or x "
+              "itself");
   // the CUDA kernel reads coef (declared __restrict__) while threads write out
   TORCH_CHECK(!out.is_alias_of(coef), "multistep_update: out must not share memory with coef");
 }
