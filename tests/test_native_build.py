@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ld3_ext import _native
 
@@ -86,12 +87,13 @@ def test_broken_extension_reports_the_real_load_error(tmp_path):
     code = ("import warnings; warnings.simplefilter('ignore')\n"
             "from ld3_ext import _native\n"
             "print(repr(_native.load_error()))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
-                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    # -S: no site hooks, so an editable install's import finder cannot divert ld3_ext to the checkout;
+    # torch is found through its own folder on PYTHONPATH, after the copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.path.dirname(os.path.dirname(torch.__file__))])}
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=str(tmp_path), env=env)
     assert out.returncode == 0, out.stderr
     assert "not built" not in out.stdout and "_C" in out.stdout, out.stdout
     # and a really missing build still says so
     (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).unlink()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
-                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=str(tmp_path), env=env)
     assert out.returncode == 0 and "was not built or not installed" in out.stdout, (out.stdout, out.stderr)
