@@ -259,3 +259,12 @@ def test_nfe_and_step_counts_are_checked():
     with pytest.raises(ValueError, match="num_steps must be an int >= 0, got -2"):
         ld3_ext.Euler().nfe(-2)
     assert (ld3_ext.Heun().nfe(3), ld3_ext.Heun().steps_for_nfe(5), ld3_ext.UniPC().steps_for_nfe(6)) == (6, 2, 6)
+
+
+@pytest.mark.parametrize("cls", [ld3_ext.DPMSolverPP, ld3_ext.UniPC, ld3_ext.IPNDM, ld3_ext.Euler, ld3_ext.Heun])
+def test_checkpoint_model_must_be_a_bool(cls):
+    # a truthy string/int would silently turn checkpointing on (bool("no") is True)
+    for bad in ("no", 0, None):
+        with pytest.raises(TypeError, match=r"checkpoint_model must be a bool"):
+            cls(checkpoint_model=bad)
+    assert cls(checkpoint_model=True).checkpoint_model is True

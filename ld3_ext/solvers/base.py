@@ -9,7 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import adjoint, ops
-from .._checks import count
+from .._checks import count, flag
 from ..coefficients import SolverSpec, step_orders
 from ..schedules import NoiseSchedule
 from ..wrappers import DiffusionModel, _capturing, _compiling
@@ -133,7 +133,7 @@ class Solver:
         self.order = order
         self.backend = backend
         #: rematerialise each network evaluation in backward (flat memory in NFE, LD3 App. D.3)
-        self.checkpoint_model = checkpoint_model
+        self.checkpoint_model = flag("checkpoint_model", checkpoint_model)  # "no" would be truthy
 
     # --- description -------------------------------------------------------------------------
     def spec(self) -> Optional[SolverSpec]:
