@@ -135,6 +135,19 @@ class TestTimesteps:
         with pytest.raises(ValueError, match=r"x_T must have a non-empty batch dimension"):
             ALL_SOLVERS[name]().sample(model, x[:0], grid(sched))
 
+    @pytest.mark.parametrize("bad", [math.nan, math.inf])
+    def test_non_finite_x_T(self, setup, name, bad):
+        # named as x_T, not "model returned NaN/Inf at step 0"; nor a silently NaN sample from a network
+        # whose output does not depend on x
+        sched, model, x = setup
+        x = x.clone()
+        x[0, 0] = bad
+        blind = ld3_ext.wrap_model(lambda xx, t: torch.zeros_like(xx), sched, prediction="x0")
+        for m in (model, blind):
+            for backend in ("reference", "fused"):
+                with pytest.raises(ValueError, match=r"x_T: contains NaN or Inf"):
+                    ld3_ext.make_solver(name, backend=backend).sample(m, x, grid(sched))
+
     def test_unwrapped_model(self, setup, name):
         sched, model, x = setup
         with pytest.raises(TypeError, match=r"model must be a DiffusionModel"):

@@ -198,6 +198,10 @@ class Solver:
         # being captured -- only the type/shape/dtype/device checks run then
         values = not (compiling or _capturing())
         validate_timesteps(schedule, timesteps, x_T, values=values)
+        # a NaN/Inf start would surface as "model returned NaN/Inf at step 0" (blaming the network) or, for a
+        # network that ignores it, as a silently NaN sample
+        if values and not bool(torch.isfinite(x_T.detach()).all()):
+            _fail("x_T", "contains NaN or Inf")
         if timesteps.numel() - 1 < self.min_steps():
             raise ValueError(f"timesteps: {type(self).__name__} needs at least {self.min_steps() + 1} entries")
         if model_timesteps is None:
