@@ -61,7 +61,7 @@ def get_solver(solver: Union[str, Solver], **solver_kw) -> Solver:
         if solver_kw:
             raise TypeError("solver keyword arguments are only used with a solver name, not a Solver instance")
         return solver
-    if solver not in SOLVER_NAMES:
+    if not isinstance(solver, str) or solver not in SOLVER_NAMES:  # a list/dict would fail as "unhashable type"
         raise ValueError(f"solver must be a Solver or one of {sorted(SOLVER_NAMES)}, got {solver!r}")
     return SOLVER_NAMES[solver](**solver_kw)
 

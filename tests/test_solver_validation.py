@@ -281,3 +281,15 @@ def test_checkpoint_model_must_be_a_bool(cls):
         with pytest.raises(TypeError, match=r"checkpoint_model must be a bool"):
             cls(checkpoint_model=bad)
     assert cls(checkpoint_model=True).checkpoint_model is True
+
+
+def test_unhashable_solver_names_are_named():
+    # a list/dict name failed the dict lookup as "unhashable type: 'list'", naming nothing
+    from ld3_ext.functional import get_solver
+    for bad in (["dpmpp"], {"name": "dpmpp"}):
+        with pytest.raises(ValueError, match=r"solver must be one of"):
+            ld3_ext.make_solver(bad)
+        with pytest.raises(ValueError, match=r"solver must be a Solver or one of"):
+            get_solver(bad)
+        with pytest.raises(ValueError, match=r"solver config must name one of"):
+            ld3_ext.solver_from_config({"name": bad, "order": 2})
