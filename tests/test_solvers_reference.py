@@ -10,7 +10,7 @@ import torch
 import ld3_ext
 from ld3_ext import discretizations as D
 from ld3_ext.coefficients import SolverSpec, coefficient_table_reference
-from conftest import CallCounter, random_decreasing_grid, smooth_mixture
+from conftest import CallCounter, heun_textbook_float64, random_decreasing_grid, smooth_mixture
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -361,19 +361,6 @@ def test_checkpoint_model_gives_identical_values_and_gradients(factory):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
-def _heun_textbook_float64(model, x_T, t):
-    """EDM's Algorithm 2 (no churn) in y = x/alpha, all in float64: the oracle for Heun's backends."""
-    s = model.schedule
-    sig, alp = s.edm_sigma(t), s.alpha(t)
-    y = x_T.double() / alp[0]
-    for i in range(1, t.numel()):
-        d0 = (y - model.predict(alp[i - 1] * y, t[i - 1], returns="x0")[0]) / sig[i - 1]
-        y1 = y + (sig[i] - sig[i - 1]) * d0
-        d1 = (y1 - model.predict(alp[i] * y1, t[i], returns="x0")[0]) / sig[i]
-        y = y + (sig[i] - sig[i - 1]) * 0.5 * (d0 + d1)
-    return alp[-1] * y
-
-
 @pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_heun_keeps_the_state_precision_on_flow_matching(backend):
     """The reference backend ran the textbook loop in y = x/alpha in the state's dtype: y starts 1000x larger
@@ -383,7 +370,7 @@ def test_heun_keeps_the_state_precision_on_flow_matching(backend):
     model = ld3_ext.wrap_model(lambda x, t: torch.tanh(x) * 0.3 - x, sched, prediction="velocity")
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     t = D.time_uniform(sched, 8)
-    truth = _heun_textbook_float64(model, x, t)
+    truth = heun_textbook_float64(model, x, t)
     # the float64 solve is the textbook method (to round-off)
     out64 = ld3_ext.Heun(backend=backend).sample(model, x, t)
     assert float((out64 - truth).norm() / truth.norm()) < 1e-12
