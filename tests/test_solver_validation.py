@@ -293,3 +293,17 @@ def test_unhashable_solver_names_are_named():
             get_solver(bad)
         with pytest.raises(ValueError, match=r"solver config must name one of"):
             ld3_ext.solver_from_config({"name": bad, "order": 2})
+
+
+@pytest.mark.parametrize("cls", [ld3_ext.DPMSolverPP, ld3_ext.UniPC, ld3_ext.IPNDM])
+def test_numpy_integer_order(cls):
+    # taken like every other count in the library (e.g. `for order in np.arange(1, 4)`), stored as an int so
+    # the config stays JSON
+    import json
+    import numpy as np
+    s = cls(order=np.int64(2))
+    assert s.order == 2 and type(s.order) is int
+    assert json.loads(json.dumps(s.config()))["order"] == 2
+    assert type(ld3_ext.make_solver(cls.name, order=np.int32(3)).order) is int
+    with pytest.raises(TypeError, match=r"order must be an int"):
+        cls(order=np.float64(2.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import math
+import numbers
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
@@ -124,13 +125,14 @@ class Solver:
     max_order = 1
 
     def __init__(self, order: int = 1, backend: str = "auto", checkpoint_model: bool = False):
-        if isinstance(order, bool) or not isinstance(order, int):
+        # any integer (numpy's too, as _checks.count takes), stored as a Python int: config() goes to JSON
+        if isinstance(order, bool) or not isinstance(order, numbers.Integral):
             raise TypeError(f"order must be an int, got {type(order).__name__}")
         if not 1 <= order <= self.max_order:
             raise ValueError(f"order must be in 1..{self.max_order} for {type(self).__name__}, got {order}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        self.order = order
+        self.order = int(order)
         self.backend = backend
         #: rematerialise each network evaluation in backward (flat memory in NFE, LD3 App. D.3)
         self.checkpoint_model = flag("checkpoint_model", checkpoint_model)  # "no" would be truthy
