@@ -182,6 +182,9 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
         raise TypeError("x must be a floating torch.Tensor")
     if x.device.type == "meta":
         raise ValueError("x is on the meta device (it holds no values); use a cpu or cuda tensor")
+    # named here as x (the solver would call it x_T; a final-denoise-only grid reaches no solver)
+    if not (_compiling() or _capturing()) and not bool(torch.isfinite(x.detach()).all()):
+        raise ValueError("x contains NaN/Inf")
     if not callable(model_or_denoiser):
         raise TypeError(f"model_or_denoiser must be a DiffusionModel or a callable denoiser(x, sigma, **kw) -> x0, "
                         f"got {type(model_or_denoiser).__name__}")

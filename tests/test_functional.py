@@ -191,6 +191,11 @@ def test_bad_input(mix):
         F.sample(42, x, karras(4))
     with pytest.raises(TypeError, match="keyword"):
         F.sample(d, x, karras(4), solver=ld3_ext.Euler(), order=2)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    for sig in (karras(4), torch.tensor([2.0, 0.0])):  # the second: only the final denoise, no solver step
+        with pytest.raises(ValueError, match=r"^x contains NaN/Inf$"):
+            F.sample(d, bad, sig)
 
 
 def test_heun_final_denoise_nan_names_its_step(mix):
