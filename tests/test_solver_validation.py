@@ -307,3 +307,13 @@ def test_numpy_integer_order(cls):
     assert type(ld3_ext.make_solver(cls.name, order=np.int32(3)).order) is int
     with pytest.raises(TypeError, match=r"order must be an int"):
         cls(order=np.float64(2.0))
+
+
+def test_validate_timesteps_needs_a_schedule_without_the_range_check_too():
+    # check_range=False still checks the schedule is defined at every time: a None schedule was an AttributeError
+    from ld3_ext.solvers import validate_timesteps
+    t = torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64)
+    for check_range in (True, False):
+        with pytest.raises(TypeError, match=r"schedule must be an ld3_ext NoiseSchedule"):
+            validate_timesteps(None, t, check_range=check_range)
+    assert validate_timesteps(ld3_ext.VPLinear(), t, check_range=False) is t

@@ -31,7 +31,8 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
     """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing).
 
     ``values=False`` keeps the checks that read no tensor value (type, shape, dtype, device)."""
-    if check_range and not isinstance(schedule, NoiseSchedule):
+    # needed without check_range too: the values are checked to lie where the schedule is defined
+    if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be an ld3_ext NoiseSchedule (the range of {name}), got "
                         f"{type(schedule).__name__}")
     if not isinstance(timesteps, torch.Tensor):
