@@ -117,7 +117,9 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
-def _grid(s, x: torch.Tensor, name: str) -> torch.Tensor:
+def _grid(s, x: torch.Tensor, name: str, decreasing: bool = True) -> torch.Tensor:
+    """``decreasing=False`` for model sigmas: LD3's decoupled network times need not keep the grid's order
+    (shifted neighbours may meet), and ``solver.sample`` takes model times in any order."""
     if s is None:
         raise TypeError(f"{name} must be a 1-D sequence of numbers (a tensor or a list), got None")
     try:
@@ -137,7 +139,7 @@ def _grid(s, x: torch.Tensor, name: str) -> torch.Tensor:
     sd = s.detach()
     if not torch.isfinite(sd).all():
         raise ValueError(f"{name} contains NaN/Inf")
-    if not (sd[1:] < sd[:-1]).all():
+    if decreasing and not (sd[1:] < sd[:-1]).all():
         raise ValueError(f"{name} must be strictly decreasing, got {sd.cpu().tolist()}")
     if not (sd[:-1] > 0).all() or sd[-1] < 0:
         raise ValueError(f"{name} must be positive (only the last entry may be 0), got {sd.cpu().tolist()}")
@@ -192,7 +194,7 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
         raise TypeError(f"extra_args must be a dict of model keyword arguments, got {type(extra_args).__name__}")
     sv = get_solver(solver, **solver_kw)
     s = _grid(sigmas, x, "sigmas")
-    ms = s if model_sigmas is None else _grid(model_sigmas, x, "model_sigmas")
+    ms = s if model_sigmas is None else _grid(model_sigmas, x, "model_sigmas", decreasing=False)
     if ms.shape != s.shape:
         raise ValueError(f"model_sigmas must have the length of sigmas ({s.numel()}), got {ms.numel()}")
     final_denoise = bool(s.detach()[-1] == 0)
