@@ -26,6 +26,12 @@ def _no_meta(name: str, t: torch.Tensor) -> None:
         _fail(name, "is on the meta device (it holds no values); use a cpu or cuda tensor")
 
 
+def _func_wrapped(t: torch.Tensor) -> bool:
+    """Wrapped by a torch.func transform (vmap, grad, jvp)."""
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and wrapped(t)
+
+
 def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, name: str = "timesteps",
                        check_range: bool = True, min_len: int = 2, values: bool = True) -> torch.Tensor:
     """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing).
@@ -202,8 +208,9 @@ class Solver:
         values = not (compiling or _capturing())
         validate_timesteps(schedule, timesteps, x_T, values=values)
         # a NaN/Inf start would surface as "model returned NaN/Inf at step 0" (blaming the network) or, for a
-        # network that ignores it, as a silently NaN sample
-        if values and not bool(torch.isfinite(x_T.detach()).all()):
+        # network that ignores it, as a silently NaN sample.  Not under a torch.func transform: a vmapped
+        # x_T cannot be read back (data-dependent control flow)
+        if values and not _func_wrapped(x_T) and not bool(torch.isfinite(x_T.detach()).all()):
             _fail("x_T", "contains NaN or Inf")
         if timesteps.numel() - 1 < self.min_steps():
             raise ValueError(f"timesteps: {type(self).__name__} needs at least {self.min_steps() + 1} entries")
