@@ -16,7 +16,7 @@ This module computes the whole coefficient table of a sample call at once:
 
 Step i of every solver reads only t_{i-3}..t_i, so the native code returns the Jacobian of each row
 w.r.t. those four times.  This file is the float64-capable reference; ``csrc/solver_coefficients.h``
-holds the same formulas in C++ (for CPU and CUDA) and ``tests/test_coefficients.py`` checks both.
+holds the same formulas in C++ (for CPU and CUDA) and ``tests/test_fused_ops.py`` checks both.
 
 Formulas follow ``shared/reference/LD3.md`` section 2 (DPM-Solver++ 1-3M with midpoint or heun-type
 second order, UniPC bh1/bh2, iPNDM 1-4, Euler = DDIM in data prediction).

@@ -93,7 +93,7 @@ DISCRETIZATIONS = {
 
 
 def get_discretization(name: str, schedule: NoiseSchedule, nfe: int) -> torch.Tensor:
-    if name not in DISCRETIZATIONS:
+    if not isinstance(name, str) or name not in DISCRETIZATIONS:  # a list/dict would fail as "unhashable type"
         raise ValueError(f"discretization must be one of {sorted(DISCRETIZATIONS)}, got {name!r}")
     return DISCRETIZATIONS[name](schedule, nfe)
 

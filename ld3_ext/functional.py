@@ -39,6 +39,7 @@ import torch
 
 from .schedules import EDM
 from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
+from .solvers.base import _func_wrapped
 from .wrappers import DiffusionModel, _capturing, _compiling
 
 SOLVER_NAMES: Dict[str, Callable[..., Solver]] = {
@@ -61,7 +62,7 @@ def get_solver(solver: Union[str, Solver], **solver_kw) -> Solver:
         if solver_kw:
             raise TypeError("solver keyword arguments are only used with a solver name, not a Solver instance")
         return solver
-    if solver not in SOLVER_NAMES:
+    if not isinstance(solver, str) or solver not in SOLVER_NAMES:  # a list/dict would fail as "unhashable type"
         raise ValueError(f"solver must be a Solver or one of {sorted(SOLVER_NAMES)}, got {solver!r}")
     return SOLVER_NAMES[solver](**solver_kw)
 
@@ -117,7 +118,9 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
-def _grid(s, x: torch.Tensor, name: str) -> torch.Tensor:
+def _grid(s, x: torch.Tensor, name: str, decreasing: bool = True) -> torch.Tensor:
+    """``decreasing=False`` for model sigmas: LD3's decoupled network times need not keep the grid's order
+    (shifted neighbours may meet), and ``solver.sample`` takes model times in any order."""
     if s is None:
         raise TypeError(f"{name} must be a 1-D sequence of numbers (a tensor or a list), got None")
     try:
@@ -137,7 +140,7 @@ def _grid(s, x: torch.Tensor, name: str) -> torch.Tensor:
     sd = s.detach()
     if not torch.isfinite(sd).all():
         raise ValueError(f"{name} contains NaN/Inf")
-    if not (sd[1:] < sd[:-1]).all():
+    if decreasing and not (sd[1:] < sd[:-1]).all():
         raise ValueError(f"{name} must be strictly decreasing, got {sd.cpu().tolist()}")
     if not (sd[:-1] > 0).all() or sd[-1] < 0:
         raise ValueError(f"{name} must be positive (only the last entry may be 0), got {sd.cpu().tolist()}")
@@ -182,6 +185,9 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
         raise TypeError("x must be a floating torch.Tensor")
     if x.device.type == "meta":
         raise ValueError("x is on the meta device (it holds no values); use a cpu or cuda tensor")
+    # named here as x (the solver would call it x_T; a final-denoise-only grid reaches no solver)
+    if not (_compiling() or _capturing() or _func_wrapped(x)) and not bool(torch.isfinite(x.detach()).all()):
+        raise ValueError("x contains NaN/Inf")
     if not callable(model_or_denoiser):
         raise TypeError(f"model_or_denoiser must be a DiffusionModel or a callable denoiser(x, sigma, **kw) -> x0, "
                         f"got {type(model_or_denoiser).__name__}")
@@ -189,7 +195,7 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
         raise TypeError(f"extra_args must be a dict of model keyword arguments, got {type(extra_args).__name__}")
     sv = get_solver(solver, **solver_kw)
     s = _grid(sigmas, x, "sigmas")
-    ms = s if model_sigmas is None else _grid(model_sigmas, x, "model_sigmas")
+    ms = s if model_sigmas is None else _grid(model_sigmas, x, "model_sigmas", decreasing=False)
     if ms.shape != s.shape:
         raise ValueError(f"model_sigmas must have the length of sigmas ({s.numel()}), got {ms.numel()}")
     final_denoise = bool(s.detach()[-1] == 0)

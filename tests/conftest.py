@@ -102,3 +102,16 @@ class OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+def heun_textbook_float64(model, x_T, t):
+    """EDM's Algorithm 2 (no churn) in y = x/alpha, all in float64: the oracle for Heun's backends."""
+    s = model.schedule
+    sig, alp = s.edm_sigma(t), s.alpha(t)
+    y = x_T.double() / alp[0]
+    for i in range(1, t.numel()):
+        d0 = (y - model.predict(alp[i - 1] * y, t[i - 1], returns="x0")[0]) / sig[i - 1]
+        y1 = y + (sig[i] - sig[i - 1]) * d0
+        d1 = (y1 - model.predict(alp[i] * y1, t[i], returns="x0")[0]) / sig[i]
+        y = y + (sig[i] - sig[i - 1]) * 0.5 * (d0 + d1)
+    return alp[-1] * y

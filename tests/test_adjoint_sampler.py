@@ -7,7 +7,7 @@ import torch
 
 import ld3_ext
 from ld3_ext import _native, adjoint
-from conftest import BASE_SCHEDULES, OpRecorder, random_decreasing_grid
+from conftest import BASE_SCHEDULES, OpRecorder, heun_textbook_float64, random_decreasing_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -261,15 +261,15 @@ def test_whole_sampler_gradcheck_float64():
 @native
 @pytest.mark.parametrize("schedule_name", ["edm", "vp_cosine", "flow"])
 def test_heun_fused_chain_matches_textbook_loop(schedule_name):
-    """Heun's fused path (2N multistep updates, no gradients wanted) against the textbook loop of the
-    reference backend, float64 and float32; and gradcheck of its whole-sampler backward."""
+    """Heun's fused path (2N multistep updates, no gradients wanted) against the textbook loop (EDM's
+    Algorithm 2 in float64), float64 and float32; and gradcheck of its whole-sampler backward."""
     schedule = BASE_SCHEDULES[schedule_name]()
     model = _model(schedule, dim=4)
     t = random_decreasing_grid(schedule.t_max, schedule.t_min, 5, seed=3, log=schedule_name == "edm")
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * schedule.prior_std()
     with torch.no_grad():
         a = ld3_ext.Heun(backend="fused").sample(model, x, t)
-        b = ld3_ext.Heun(backend="reference").sample(model, x, t)
+        b = heun_textbook_float64(model, x, t)
     assert (a - b).abs().max().item() <= 1e-12 * b.abs().max().item()
     model32 = _model(schedule, dim=4, dtype=torch.float32)
     with torch.no_grad():

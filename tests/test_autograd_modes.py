@@ -142,6 +142,24 @@ def test_torch_func_grad_and_jvp_through_a_fused_sampler():
     torch.testing.assert_close(jv_f, (g_r * v).sum(), rtol=1e-10, atol=1e-12)
 
 
+def test_vmap_over_x_T_through_the_reference_sampler():
+    """The x_T NaN/Inf check reads x_T back: skipped under vmap (no read-back of a batched tensor), as the
+    model-output check is with check_output=False."""
+    _, mix = _model()
+    model = ld3_ext.wrap_model(lambda x, s: torch.tanh(x / (1 + s.reshape(-1, 1))), SCHED, prediction="x0",
+                               time_input="sigma", check_output=False)
+    xs = mix.prior_noise(SCHED, 6, generator=torch.Generator().manual_seed(4)).reshape(3, 2, -1)
+    solver = ld3_ext.DPMSolverPP(order=3, backend="reference")
+    got = torch.func.vmap(lambda x: solver.sample(model, x, GRID))(xs)
+    torch.testing.assert_close(got, torch.stack([solver.sample(model, x, GRID) for x in xs]), rtol=1e-12, atol=1e-12)
+    from ld3_ext import functional as F
+    sig = SCHED.edm_sigma(GRID)
+    euler = ld3_ext.Euler(backend="reference")
+    got = torch.func.vmap(lambda x: F.sample(model, x, sig, solver=euler, check_output=False))(xs)
+    torch.testing.assert_close(got, torch.stack([F.sample(model, x, sig, solver=euler) for x in xs]),
+                               rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # double backward
 # ----------------------------------------------------------------------------------------------

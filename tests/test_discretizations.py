@@ -106,3 +106,10 @@ def test_bad_arguments():
         D.edm(s, 4, rho=0.0)
     with pytest.raises(ValueError, match="discretization must be one of"):
         D.get_discretization("gits", s, 4)
+
+
+def test_unhashable_discretization_name_is_named():
+    # a list/dict name failed the dict lookup as "unhashable type: 'list'", naming nothing
+    for bad in (["edm"], {"name": "edm"}):
+        with pytest.raises(ValueError, match=r"discretization must be one of"):
+            D.get_discretization(bad, ld3_ext.EDM(), 5)

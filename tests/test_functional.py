@@ -87,6 +87,28 @@ def test_equals_our_solvers_on_edm(mix, name):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
+def test_model_sigmas_in_any_order_as_solver_sample(mix):
+    """LD3's decoupled network times may meet (shifts of half the smallest gap) or cross: solver.sample and
+    LearnedSchedule take them, so sample() must too (it refused them as 'not strictly decreasing')."""
+    sigmas = random_decreasing_grid(80.0, 0.002, 6, seed=2)
+    msig = sigmas.clone()
+    msig[2] = msig[3] = 0.5 * (sigmas[2] + sigmas[3])  # neighbours meeting
+    msig[4], msig[5] = sigmas[5] * 1.01, sigmas[4] * 0.99  # a pair swapped
+    model = ld3_ext.wrap_model(denoiser_of(mix), ld3_ext.EDM(0.002, 80.0), prediction="x0", time_input="sigma")
+    x = x_T()
+    for name in ("dpmpp_3m", "heun"):
+        ref = F.get_solver(name).sample(model, x, sigmas, msig)
+        out = F.sample(denoiser_of(mix), x, sigmas, solver=name, model_sigmas=msig)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # with a trailing 0 the final denoise runs at model_sigmas[-2]; a 0 elsewhere is still refused
+    zero = torch.zeros(1, dtype=torch.float64)
+    F.sample(denoiser_of(mix), x, torch.cat([sigmas, zero]), model_sigmas=torch.cat([msig, zero]))
+    bad = msig.clone()
+    bad[3] = 0.0
+    with pytest.raises(ValueError, match=r"model_sigmas must be positive"):
+        F.sample(denoiser_of(mix), x, sigmas, model_sigmas=bad)
+
+
 def test_vp_diffusion_model_in_ve_view(mix):
     """A VP DiffusionModel with sigmas = sigma/alpha and x = x_vp/alpha gives the VP solve / alpha (the
     exponential-integrator solvers are invariant under the VP <-> VE change of variables)."""
@@ -191,6 +213,11 @@ def test_bad_input(mix):
         F.sample(42, x, karras(4))
     with pytest.raises(TypeError, match="keyword"):
         F.sample(d, x, karras(4), solver=ld3_ext.Euler(), order=2)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    for sig in (karras(4), torch.tensor([2.0, 0.0])):  # the second: only the final denoise, no solver step
+        with pytest.raises(ValueError, match=r"^x contains NaN/Inf$"):
+            F.sample(d, bad, sig)
 
 
 def test_heun_final_denoise_nan_names_its_step(mix):

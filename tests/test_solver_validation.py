@@ -135,6 +135,19 @@ class TestTimesteps:
         with pytest.raises(ValueError, match=r"x_T must have a non-empty batch dimension"):
             ALL_SOLVERS[name]().sample(model, x[:0], grid(sched))
 
+    @pytest.mark.parametrize("bad", [math.nan, math.inf])
+    def test_non_finite_x_T(self, setup, name, bad):
+        # named as x_T, not "model returned NaN/Inf at step 0"; nor a silently NaN sample from a network
+        # whose output does not depend on x
+        sched, model, x = setup
+        x = x.clone()
+        x[0, 0] = bad
+        blind = ld3_ext.wrap_model(lambda xx, t: torch.zeros_like(xx), sched, prediction="x0")
+        for m in (model, blind):
+            for backend in ("reference", "fused"):
+                with pytest.raises(ValueError, match=r"x_T: contains NaN or Inf"):
+                    ld3_ext.make_solver(name, backend=backend).sample(m, x, grid(sched))
+
     def test_unwrapped_model(self, setup, name):
         sched, model, x = setup
         with pytest.raises(TypeError, match=r"model must be a DiffusionModel"):
@@ -259,3 +272,48 @@ def test_nfe_and_step_counts_are_checked():
     with pytest.raises(ValueError, match="num_steps must be an int >= 0, got -2"):
         ld3_ext.Euler().nfe(-2)
     assert (ld3_ext.Heun().nfe(3), ld3_ext.Heun().steps_for_nfe(5), ld3_ext.UniPC().steps_for_nfe(6)) == (6, 2, 6)
+
+
+@pytest.mark.parametrize("cls", [ld3_ext.DPMSolverPP, ld3_ext.UniPC, ld3_ext.IPNDM, ld3_ext.Euler, ld3_ext.Heun])
+def test_checkpoint_model_must_be_a_bool(cls):
+    # a truthy string/int would silently turn checkpointing on (bool("no") is True)
+    for bad in ("no", 0, None):
+        with pytest.raises(TypeError, match=r"checkpoint_model must be a bool"):
+            cls(checkpoint_model=bad)
+    assert cls(checkpoint_model=True).checkpoint_model is True
+
+
+def test_unhashable_solver_names_are_named():
+    # a list/dict name failed the dict lookup as "unhashable type: 'list'", naming nothing
+    from ld3_ext.functional import get_solver
+    for bad in (["dpmpp"], {"name": "dpmpp"}):
+        with pytest.raises(ValueError, match=r"solver must be one of"):
+            ld3_ext.make_solver(bad)
+        with pytest.raises(ValueError, match=r"solver must be a Solver or one of"):
+            get_solver(bad)
+        with pytest.raises(ValueError, match=r"solver config must name one of"):
+            ld3_ext.solver_from_config({"name": bad, "order": 2})
+
+
+@pytest.mark.parametrize("cls", [ld3_ext.DPMSolverPP, ld3_ext.UniPC, ld3_ext.IPNDM])
+def test_numpy_integer_order(cls):
+    # taken like every other count in the library (e.g. `for order in np.arange(1, 4)`), stored as an int so
+    # the config stays JSON
+    import json
+    import numpy as np
+    s = cls(order=np.int64(2))
+    assert s.order == 2 and type(s.order) is int
+    assert json.loads(json.dumps(s.config()))["order"] == 2
+    assert type(ld3_ext.make_solver(cls.name, order=np.int32(3)).order) is int
+    with pytest.raises(TypeError, match=r"order must be an int"):
+        cls(order=np.float64(2.0))
+
+
+def test_validate_timesteps_needs_a_schedule_without_the_range_check_too():
+    # check_range=False still checks the schedule is defined at every time: a None schedule was an AttributeError
+    from ld3_ext.solvers import validate_timesteps
+    t = torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64)
+    for check_range in (True, False):
+        with pytest.raises(TypeError, match=r"schedule must be an ld3_ext NoiseSchedule"):
+            validate_timesteps(None, t, check_range=check_range)
+    assert validate_timesteps(ld3_ext.VPLinear(), t, check_range=False) is t

@@ -10,7 +10,7 @@ import torch
 import ld3_ext
 from ld3_ext import discretizations as D
 from ld3_ext.coefficients import SolverSpec, coefficient_table_reference
-from conftest import CallCounter, random_decreasing_grid, smooth_mixture
+from conftest import CallCounter, heun_textbook_float64, random_decreasing_grid, smooth_mixture
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -359,3 +359,22 @@ def test_checkpoint_model_gives_identical_values_and_gradients(factory):
         res.append((out.detach(), *torch.autograd.grad(out.square().sum(), (x, t))))
     for a, b in zip(*res):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_heun_keeps_the_state_precision_on_flow_matching(backend):
+    """The reference backend ran the textbook loop in y = x/alpha in the state's dtype: y starts 1000x larger
+    than the sample (alpha = 0.001 at t = 0.999), so a float16 state came out 114% off (bfloat16 800%,
+    float32 2e-4) while the fused chain of multistep updates on x was within 2e-2 (4e-6)."""
+    sched = ld3_ext.FlowMatching()
+    model = ld3_ext.wrap_model(lambda x, t: torch.tanh(x) * 0.3 - x, sched, prediction="velocity")
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = D.time_uniform(sched, 8)
+    truth = heun_textbook_float64(model, x, t)
+    # the float64 solve is the textbook method (to round-off)
+    out64 = ld3_ext.Heun(backend=backend).sample(model, x, t)
+    assert float((out64 - truth).norm() / truth.norm()) < 1e-12
+    for dtype, tol in [(torch.float32, 2e-5), (torch.float16, 5e-2), (torch.bfloat16, 1.5e-1)]:
+        out = ld3_ext.Heun(backend=backend).sample(model, x.to(dtype), t)
+        assert out.dtype == dtype
+        assert float((out.double() - truth).norm() / truth.norm()) < tol, dtype

@@ -17,7 +17,8 @@ _OWN_OPTIONS = {"variant": ("unipc",)}
 
 def solver_from_config(cfg: dict, **overrides) -> Solver:
     """Rebuild a solver from ``Solver.config()`` (as stored in schedule files)."""
-    if not isinstance(cfg, dict) or cfg.get("name") not in SOLVERS:
+    # a non-string name (e.g. a list from a damaged file) would fail the lookup as "unhashable type"
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("name"), str) or cfg["name"] not in SOLVERS:
         raise ValueError(f"solver config must name one of {sorted(SOLVERS)}, got {cfg!r}")
     kw = {k: v for k, v in cfg.items() if k != "name"}
     kw.update(overrides)
@@ -27,7 +28,7 @@ def solver_from_config(cfg: dict, **overrides) -> Solver:
 def make_solver(name: str, order: int = 3, **kw) -> Solver:
     """Solver by short name: "dpmpp", "unipc", "ipndm", "euler", "heun" (``order`` is not passed to the
     :data:`ORDERLESS` ones)."""
-    if name not in SOLVERS:
+    if not isinstance(name, str) or name not in SOLVERS:  # a list/dict would fail as "unhashable type"
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
     if name in ORDERLESS:
         return SOLVERS[name](**kw)

@@ -4,12 +4,13 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import math
+import numbers
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import adjoint, ops
-from .._checks import count
+from .._checks import count, flag
 from ..coefficients import SolverSpec, step_orders
 from ..schedules import NoiseSchedule
 from ..wrappers import DiffusionModel, _capturing, _compiling
@@ -25,12 +26,19 @@ def _no_meta(name: str, t: torch.Tensor) -> None:
         _fail(name, "is on the meta device (it holds no values); use a cpu or cuda tensor")
 
 
+def _func_wrapped(t: torch.Tensor) -> bool:
+    """Wrapped by a torch.func transform (vmap, grad, jvp)."""
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and wrapped(t)
+
+
 def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, name: str = "timesteps",
                        check_range: bool = True, min_len: int = 2, values: bool = True) -> torch.Tensor:
     """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing).
 
     ``values=False`` keeps the checks that read no tensor value (type, shape, dtype, device)."""
-    if check_range and not isinstance(schedule, NoiseSchedule):
+    # needed without check_range too: the values are checked to lie where the schedule is defined
+    if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be an ld3_ext NoiseSchedule (the range of {name}), got "
                         f"{type(schedule).__name__}")
     if not isinstance(timesteps, torch.Tensor):
@@ -124,16 +132,17 @@ class Solver:
     max_order = 1
 
     def __init__(self, order: int = 1, backend: str = "auto", checkpoint_model: bool = False):
-        if isinstance(order, bool) or not isinstance(order, int):
+        # any integer (numpy's too, as _checks.count takes), stored as a Python int: config() goes to JSON
+        if isinstance(order, bool) or not isinstance(order, numbers.Integral):
             raise TypeError(f"order must be an int, got {type(order).__name__}")
         if not 1 <= order <= self.max_order:
             raise ValueError(f"order must be in 1..{self.max_order} for {type(self).__name__}, got {order}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-        self.order = order
+        self.order = int(order)
         self.backend = backend
         #: rematerialise each network evaluation in backward (flat memory in NFE, LD3 App. D.3)
-        self.checkpoint_model = checkpoint_model
+        self.checkpoint_model = flag("checkpoint_model", checkpoint_model)  # "no" would be truthy
 
     # --- description -------------------------------------------------------------------------
     def spec(self) -> Optional[SolverSpec]:
@@ -198,6 +207,11 @@ class Solver:
         # being captured -- only the type/shape/dtype/device checks run then
         values = not (compiling or _capturing())
         validate_timesteps(schedule, timesteps, x_T, values=values)
+        # a NaN/Inf start would surface as "model returned NaN/Inf at step 0" (blaming the network) or, for a
+        # network that ignores it, as a silently NaN sample.  Not under a torch.func transform: a vmapped
+        # x_T cannot be read back (data-dependent control flow)
+        if values and not _func_wrapped(x_T) and not bool(torch.isfinite(x_T.detach()).all()):
+            _fail("x_T", "contains NaN or Inf")
         if timesteps.numel() - 1 < self.min_steps():
             raise ValueError(f"timesteps: {type(self).__name__} needs at least {self.min_steps() + 1} entries")
         if model_timesteps is None:
