@@ -45,6 +45,18 @@ class TestTimesteps:
         with pytest.raises(TypeError, match=r"timesteps must be a 1-D torch.Tensor"):
             ALL_SOLVERS[name]().sample(model, x, grid(sched).tolist())
 
+    @pytest.mark.parametrize("backend", ["reference", "fused"])
+    @pytest.mark.parametrize("which", ["timesteps", "model_timesteps"])
+    def test_sparse_grid_is_named(self, setup, name, backend, which):
+        # a sparse grid failed deep inside ('Cannot access data pointer', 'aten::ne.Scalar' on SparseCPU)
+        sched, model, x = setup
+        t = grid(sched)
+        kw = {"model_timesteps": t.to_sparse()} if which == "model_timesteps" else {}
+        solver = ALL_SOLVERS[name]()
+        solver.backend = backend
+        with pytest.raises(TypeError, match=rf"^{which} must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+            solver.sample(model, x, t if kw else t.to_sparse(), **kw)
+
     def test_integer_dtype(self, setup, name):
         sched, model, x = setup
         with pytest.raises(ValueError, match=r"timesteps: must be a floating tensor"):

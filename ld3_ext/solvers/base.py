@@ -26,6 +26,11 @@ def _no_meta(name: str, t: torch.Tensor) -> None:
         _fail(name, "is on the meta device (it holds no values); use a cpu or cuda tensor")
 
 
+def _dense(name: str, t: torch.Tensor) -> None:
+    if t.layout != torch.strided:  # a sparse grid fails deep inside ("Cannot access data pointer")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
 def _func_wrapped(t: torch.Tensor) -> bool:
     """Wrapped by a torch.func transform (vmap, grad, jvp)."""
     wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
@@ -43,6 +48,7 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
                         f"{type(schedule).__name__}")
     if not isinstance(timesteps, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D torch.Tensor, got {type(timesteps).__name__}")
+    _dense(name, timesteps)
     if timesteps.dim() != 1:
         _fail(name, f"must be 1-D, got shape {tuple(timesteps.shape)}")
     if not timesteps.is_floating_point():
@@ -92,6 +98,7 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
     name = "model_timesteps"
     if not isinstance(model_timesteps, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D torch.Tensor, got {type(model_timesteps).__name__}")
+    _dense(name, model_timesteps)
     if not model_timesteps.is_floating_point():
         _fail(name, f"must be a floating tensor, got dtype {model_timesteps.dtype}")
     if model_timesteps.shape != timesteps.shape:
