@@ -105,9 +105,12 @@ class NoiseSchedule:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        # native_spec() names the closed form the C++ coefficient code computes: a subclass that changes
-        # log_alpha or log_sigma but inherits it would silently get its parent's coefficients there
-        if "native_spec" not in cls.__dict__ and ("log_alpha" in cls.__dict__ or "log_sigma" in cls.__dict__):
+        # native_spec() names the closed form the C++ coefficient code computes: a subclass whose log_alpha or
+        # log_sigma comes from a class more derived than the one giving native_spec (its own body, or a mixin
+        # listed before the parent) would silently get its parent's coefficients there
+        def owner(attr):
+            return next(i for i, k in enumerate(cls.__mro__) if attr in k.__dict__)
+        if min(owner("log_alpha"), owner("log_sigma")) < owner("native_spec"):
             cls.native_spec = NoiseSchedule.native_spec
 
     # --- the three primitives -------------------------------------------------------

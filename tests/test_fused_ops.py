@@ -325,6 +325,26 @@ def test_subclass_changing_the_schedule_does_not_inherit_the_native_form():
     torch.testing.assert_close(fused_table, coefficient_table_reference(Stretched(), t, spec), rtol=1e-12, atol=1e-12)
 
 
+def test_subclass_taking_the_schedule_from_a_mixin_does_not_inherit_the_native_form():
+    """The same rule when the new log_sigma comes from a mixin listed before the closed-form parent (it is not
+    in the subclass's own body): the fused backend must still not compute the parent's closed form."""
+    class StretchMixin:
+        def log_sigma(self, t):
+            return torch.log(t) + torch.log1p(t)
+
+    class Stretched(StretchMixin, S.EDM):
+        pass
+
+    class Sub(Stretched):  # inherits Stretched's (Python) native_spec
+        pass
+
+    assert Stretched().native_spec() is None and Sub().native_spec() is None
+    t = torch.tensor([80.0, 10.0, 1.0, 0.1], dtype=torch.float64)
+    spec = SolverSpec("dpmpp", 2)
+    fused_table = ops.coefficient_table(Stretched(), t, spec, backend="fused")
+    torch.testing.assert_close(fused_table, coefficient_table_reference(Stretched(), t, spec), rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------
