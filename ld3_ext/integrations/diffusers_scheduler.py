@@ -47,6 +47,7 @@ from ..coefficients import step_orders
 from ..discretizations import DISCRETIZATIONS, get_discretization
 from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete, schedule_from_config
 from ..solvers import SOLVERS, Solver, as_solver, solver_from_config
+from ..solvers.heun import heun_multistep_table
 from ..wrappers import _capturing, _compiling
 from .diffusers import PREDICTION_TYPES, DiffusersConfigError, schedule_from_diffusers_config
 
@@ -317,15 +318,13 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if spec is not None:
             self._orders = step_orders(spec, n)
             coef = ops.coefficient_table(self.schedule, t, spec, "reference")
-        else:
-            self._orders = [2] * n
-            coef = torch.zeros(n, 2, 5, dtype=torch.float64)
+        else:  # Heun: its 2N multistep updates, the chain solver.sample runs (rows [k, 0], orders 1, 2, 1, 2, ...)
+            coef, self._orders = heun_multistep_table(self.schedule, t)
         s = self.schedule
         tables = {
             "coef": coef.detach(),
             "t": t, "tm": tm,
             "alpha_m": s.alpha(tm), "sigma_m": s.sigma(tm),  # conversion of the output made at model time k
-            "alpha_g": s.alpha(t), "edm_sigma_g": s.edm_sigma(t),  # Heun works in the VE view on the grid
         }
         self._tables_cpu = {k: v.detach() for k, v in tables.items()}
         self._tables = dict(self._tables_cpu)
@@ -363,7 +362,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         self._step_index = 0  # counts calls from the start of the (sub-)grid; never looked up from timestep
         self._history: List[torch.Tensor] = []
         self._x_before = None  # UniPC: the sample the predictor started from
-        self._heun = None      # Heun: (y, d0) between the two evaluations of an interval
+        self._heun = None      # Heun: the x0 of an interval's first evaluation, for its corrector
 
     def _move(self, device: torch.device):
         """Move the step tables to ``device`` once (pinned + non_blocking to CUDA: no sync)."""
@@ -479,22 +478,15 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         return ops.multistep_update(x, coef[k, 0, : 1 + p], self._history[:p], backend)
 
     def _heun_step(self, out, x, k):
-        tb = self._tables
-        i = k // 2 + 1  # interval i runs from grid point i-1 to i
-        sig, alp = tb["edm_sigma_g"].to(x.dtype), tb["alpha_g"].to(x.dtype)
-        mk = (i - 1) if k % 2 == 0 else i  # the model time index of this evaluation
-        x0, _ = self._convert(out, x, mk)
-        dt = sig[i] - sig[i - 1]
-        # both halves start from the sample passed in (as diffusers' Heun scheduler): a pipeline may have edited it
-        # (an inpainting blend, a step callback), and x0 was made from it
+        # the chain of solver.sample (solvers/heun.py): predictor z = a x + b m, corrector z + c (m - m'), both
+        # from the sample passed in (a pipeline may have edited it: an inpainting blend, a step callback).  Not
+        # EDM's loop in x/alpha: that state is up to 1/alpha larger than the sample, and float32 lost its digits
+        x0, _ = self._convert(out, x, (k + 1) // 2)  # evaluation k is made at model time (k + 1) // 2
+        coef = self._tables["coef"]
         if k % 2 == 0:
-            y = x / alp[i - 1]
-            d0 = (y - x0) / sig[i - 1]
-            self._heun = (y, d0)
-            return alp[i] * (y + dt * d0)
-        y, d0 = self._heun
-        d1 = (x / alp[i] - x0) / sig[i]
-        return alp[i] * (y + dt * 0.5 * (d0 + d1))
+            self._heun = x0
+            return ops.multistep_update(x, coef[k, 0, :2], [x0], self.solver.backend)
+        return ops.multistep_update(x, coef[k, 0, :3], [x0, self._heun], self.solver.backend)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x = alpha x_0 + sigma noise (img2img).  ``timesteps`` in diffusers units (floats ok); an entry equal to
