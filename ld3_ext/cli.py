@@ -81,7 +81,7 @@ def _use_recorded_teacher(args, learned) -> None:
             or rec.get("discretization") != "logsnr"):
         return  # a teacher the flags cannot spell: the defaults, as before
     try:
-        solver_from_config(cfg)
+        solver_from_config(cfg).exact_steps(nfe, "nfe")  # a damaged record must not be blamed on --teacher-nfe
     except (TypeError, ValueError):
         return
     args.teacher_config, args.teacher_solver, args.teacher_nfe = cfg, cfg["name"], nfe
@@ -130,7 +130,8 @@ def _teacher_steps(args):
 
 def _teacher_kind(model) -> str:
     """The teacher that `ld3 train`, `ld3 teacher`, `ld3 sample` and `ld3 eval` all use: the exact ODE solution where
-    the model has one (the analytic test beds), else the high-NFE solver of the --teacher-* flags."""
+    the model has one (the analytic test beds), else a high-NFE solver: the --teacher-* flags', or, for sample and
+    eval with a schedule file and no such flag, the one the file records (:func:`_use_recorded_teacher`)."""
     return "exact" if getattr(model, "testbed", None) is not None else "solver"
 
 

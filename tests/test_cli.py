@@ -208,13 +208,15 @@ def test_eval_and_sample_score_against_the_teacher_the_schedule_was_trained_on(t
 
 def test_a_recorded_teacher_the_flags_cannot_spell_falls_back_to_the_defaults(tmp_path, monkeypatch):
     from ld3_ext.solvers import UniPC
-    path = _digits_schedule_file(tmp_path, {"kind": "solver", "solver": {"name": "nope"}, "nfe": 8,
-                                            "discretization": "logsnr"})
+    from ld3_ext.solvers import Heun
     used = []
     monkeypatch.setattr(cli, "_teacher", lambda m, s, x, args: used.append(
         (cli._make_teacher_solver(args).config(), args.teacher_nfe)) or x)
-    assert cli.main(["sample", "--schedule", path, "--n", "2", "--no-progress", "--out", str(tmp_path / "s")]) == 0
-    assert used == [(UniPC(3).config(), 20)]
+    for bad in ({"solver": {"name": "nope"}, "nfe": 8}, {"solver": Heun().config(), "nfe": 7},
+                {"solver": UniPC(3).config(), "nfe": 0}):
+        path = _digits_schedule_file(tmp_path, {"kind": "solver", "discretization": "logsnr", **bad})
+        assert cli.main(["sample", "--schedule", path, "--n", "2", "--no-progress", "--out", str(tmp_path / "s")]) == 0
+    assert used == [(UniPC(3).config(), 20)] * 3
 
 
 def test_eval_nfe_curve_records_the_nfe_heun_actually_runs(tmp_path, monkeypatch):

@@ -32,9 +32,8 @@ def _dense(name: str, t: torch.Tensor) -> None:
 
 
 def _func_wrapped(t: torch.Tensor) -> bool:
-    """Wrapped by a torch.func transform (vmap, grad, jvp)."""
-    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return wrapped is not None and wrapped(t)
+    """Wrapped by a torch.func transform (vmap, grad, jvp): its values cannot be read back."""
+    return ops._is_wrapped is not None and ops._is_wrapped(t)
 
 
 def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, name: str = "timesteps",
