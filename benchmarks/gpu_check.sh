@@ -2,10 +2,11 @@
 # GPU check for a CUDA machine (no network): build with CUDA forced on, run the CUDA tests and the
 # CUDA benchmark, and leave logs + JSON in RESULTS_DIR.  Budget: < 6 minutes in total (each step
 # has its own timeout: build 150 s, tests 120 s, benchmark 60 s, launch count 25 s).
-#   benchmarks/gpu_check.sh [RESULTS_DIR]        (default: benchmarks/results/gpu_<host>)
+#   benchmarks/gpu_check.sh [RESULTS_DIR]        (default: $OUT when set, else benchmarks/results/gpu_<host>)
+# On the lent GPU machine only what is written under $OUT comes back, hence that default.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-RESULTS="${1:-$ROOT/benchmarks/results/gpu_$(hostname -s)}"
+RESULTS="${1:-${OUT:-$ROOT/benchmarks/results/gpu_$(hostname -s)}}"
 mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"  # absolute (relative to the caller): later steps run elsewhere
 cd "$ROOT"

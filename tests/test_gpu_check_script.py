@@ -1,0 +1,32 @@
+"""benchmarks/gpu_check.sh, the one script a scarce GPU session runs, exercised on the CPU.
+
+Without a GPU its preflight fails at once, which is enough to check where its logs go and that
+it stops cleanly; the steps after the preflight are checked with a stand-in python (a shell
+script) that makes each step take as long as the test wants.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "gpu_check.sh")
+
+
+def _run(tmp_path, env_extra, args=(), timeout=300):
+    env = dict(os.environ, PYTHON=sys.executable, **env_extra)
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", SCRIPT, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.monotonic() - t0
+
+
+def test_results_default_to_out_when_no_dir_is_given(tmp_path):
+    """On the GPU machine only $OUT comes back: with no RESULTS_DIR argument the logs must land there."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc, _ = _run(tmp_path, {"OUT": str(out)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # no GPU here: the preflight stops it
+    summary = (out / "summary.log").read_text()
+    assert "PREFLIGHT FAILED" in summary and (out / "env.log").exists()
