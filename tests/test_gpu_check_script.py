@@ -15,10 +15,10 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchma
 
 
 def _run(tmp_path, env_extra, args=(), timeout=300):
-    env = dict(os.environ, PYTHON=sys.executable, **env_extra)
+    env = {**os.environ, "PYTHON": sys.executable, **env_extra}
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", SCRIPT, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(["bash", SCRIPT, *args], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
     return proc, time.monotonic() - t0
 
 
@@ -30,3 +30,18 @@ def test_results_default_to_out_when_no_dir_is_given(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr  # no GPU here: the preflight stops it
     summary = (out / "summary.log").read_text()
     assert "PREFLIGHT FAILED" in summary and (out / "env.log").exists()
+
+
+def test_total_time_is_capped_by_the_budget(tmp_path):
+    """Each step's timeout is cut to what is left of GPU_CHECK_BUDGET_S: a build that would run for a minute
+    is stopped after the few seconds left, not after its own 150 s (the steps' own limits alone add up to
+    more than the 6 minutes a GPU session plans for)."""
+    fake = tmp_path / "fake_python"
+    # passes the preflight and the other quick calls; `-m pip` (the build) would take a minute
+    fake.write_text('#!/bin/bash\nif [ "$1" = "-m" ] && [ "$2" = "pip" ]; then exec sleep 60; fi\n'
+                    'if [ "$1" = "-" ]; then cat > /dev/null; fi\nexit 0\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    proc, seconds = _run(tmp_path, {"PYTHON": str(fake), "GPU_CHECK_BUDGET_S": "5"}, args=(str(out),))
+    assert proc.returncode == 1 and "BUILD FAILED" in (out / "summary.log").read_text(), proc.stdout + proc.stderr
+    assert seconds < 30, f"gpu_check.sh ran {seconds:.0f} s on a 5 s budget"
