@@ -11,7 +11,8 @@ RESULTS="${1:-${OUT:-$ROOT/benchmarks/results/gpu_$(hostname -s)}}"
 mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"  # absolute (relative to the caller): later steps run elsewhere
 cd "$ROOT"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
+# python3 first: on the lent GPU machine the plain python3 is the one with torch (a `python` may not be)
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 status=0
 END=$((SECONDS + ${GPU_CHECK_BUDGET_S:-345}))
 left() { local l=$((END - SECONDS)); ((l > $1)) && l=$1; ((l < 1)) && l=1; echo "$l"; }  # step timeout, s

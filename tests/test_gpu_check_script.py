@@ -45,3 +45,22 @@ def test_total_time_is_capped_by_the_budget(tmp_path):
     proc, seconds = _run(tmp_path, {"PYTHON": str(fake), "GPU_CHECK_BUDGET_S": "5"}, args=(str(out),))
     assert proc.returncode == 1 and "BUILD FAILED" in (out / "summary.log").read_text(), proc.stdout + proc.stderr
     assert seconds < 30, f"gpu_check.sh ran {seconds:.0f} s on a 5 s budget"
+
+
+def test_python3_is_preferred_over_python(tmp_path):
+    """On the GPU machine the plain python3 holds torch; a `python` earlier on PATH (another interpreter)
+    must not be the one the check runs with."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "python").write_text("#!/bin/bash\necho 'wrong interpreter' >&2\nexit 3\n")
+    (fake_bin / "python").chmod(0o755)
+    (fake_bin / "python3").symlink_to(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env["PATH"] = f"{fake_bin}{os.pathsep}{env.get('PATH', '')}"
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", SCRIPT, str(out)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    env_log = (out / "env.log").read_text()
+    assert "wrong interpreter" not in env_log and "torch " in env_log, env_log
+    # the preflight ran in the real interpreter: it names what this GPU-less machine lacks
+    assert "preflight:" in (out / "summary.log").read_text(), proc.stdout + proc.stderr
