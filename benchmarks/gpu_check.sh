@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
 # GPU check for a CUDA machine (no network): build with CUDA forced on, run the CUDA tests and the
-# CUDA benchmark, and leave logs + JSON in RESULTS_DIR.  Budget: < 6 minutes in total (each step
-# has its own timeout: build 150 s, tests 120 s, benchmark 60 s, launch count 25 s).
-#   benchmarks/gpu_check.sh [RESULTS_DIR]        (default: benchmarks/results/gpu_<host>)
+# CUDA benchmark, and leave logs + JSON in RESULTS_DIR.  Budget: < 6 minutes in total: each step has
+# its own timeout (build 150 s, tests 120 s, benchmark 60 s, launch count 25 s, the python start-ups
+# 30-60 s), cut to what is left of GPU_CHECK_BUDGET_S (default 345 s) so that the sum fits as well.
+#   benchmarks/gpu_check.sh [RESULTS_DIR]        (default: $OUT when set, else benchmarks/results/gpu_<host>)
+# On the lent GPU machine only what is written under $OUT comes back, hence that default.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-RESULTS="${1:-$ROOT/benchmarks/results/gpu_$(hostname -s)}"
+RESULTS="${1:-${OUT:-$ROOT/benchmarks/results/gpu_$(hostname -s)}}"
 mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"  # absolute (relative to the caller): later steps run elsewhere
 cd "$ROOT"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
+# python3 first: on the lent GPU machine the plain python3 is the one with torch (a `python` may not be)
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 status=0
+END=$((SECONDS + ${GPU_CHECK_BUDGET_S:-345}))
+left() { local l=$((END - SECONDS)); ((l > $1)) && l=$1; ((l < 1)) && l=1; echo "$l"; }  # step timeout, s
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$RESULTS/summary.log"; }
 
 {
-  nvidia-smi || true
-  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())'
+  timeout "$(left 30)" nvidia-smi || true
+  timeout "$(left 60)" "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())'
   nvcc --version || true
 } > "$RESULTS/env.log" 2>&1
 
 # 0) preflight, seconds: the offline build needs these already installed; a CUDA major version of
 #    nvcc other than torch's may build but load a second runtime (warned, not fatal)
-if ! "$PY" - >> "$RESULTS/summary.log" 2>&1 <<'PYEOF'
+if ! timeout "$(left 60)" "$PY" - >> "$RESULTS/summary.log" 2>&1 <<'PYEOF'
 import importlib.util, re, shutil, subprocess, sys
 import torch
 missing = [m for m in ("scikit_build_core", "pybind11", "ninja", "pytest") if importlib.util.find_spec(m) is None]
@@ -43,31 +48,35 @@ fi
 # 1) build: CUDA forced on so a missing nvcc/CUDA torch is an error, not a silent CPU build.
 #    Only the GPU's own arch (faster); sm_90 covers H100/H200.
 log "build"
-ARCH="$("$PY" -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")' 2>/dev/null || echo 90)"
+ARCH="$(timeout "$(left 30)" "$PY" -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")' 2>/dev/null || echo 90)"
 export LD3_WITH_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}"
-if ! timeout 150 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v \
+if ! timeout "$(left 150)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v \
      --config-settings=cmake.define.LD3_CUDA_ARCHS="$ARCH" . > "$RESULTS/build.log" 2>&1; then
   log "BUILD FAILED (see build.log)"; tail -30 "$RESULTS/build.log"; exit 1
 fi
 # run from outside the source tree so the installed package (with _C) is imported
 cd "$RESULTS"
-"$PY" -c 'import ld3_ext, ld3_ext._native as n; assert n.native_cuda_available(), "no CUDA kernels"; print("has_cuda OK")' \
+timeout "$(left 60)" "$PY" -c 'import ld3_ext, ld3_ext._native as n; assert n.native_cuda_available(), "no CUDA kernels"; print("has_cuda OK")' \
   >> "$RESULTS/summary.log" 2>&1 || { log "IMPORT FAILED"; exit 1; }
 
 # 2) tests: CUDA parity/gradcheck/determinism/graph capture, and the CPU fused tests for good measure
+#    SIGINT at the timeout: pytest then still reports the failures so far and writes tests.xml (a
+#    SIGTERM would lose both); -v logs each test as it starts, so a hang names its test; -rfEs lists
+#    skips too (a skipped CUDA test checks nothing).
 log "tests"
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
+timeout -s INT -k 10 "$(left 120)" "$PY" -m pytest -v -rfEs -p no:cacheprovider --junitxml="$RESULTS/tests.xml" \
   "$ROOT/tests/test_cuda_ops.py" "$ROOT/tests/test_fused_ops.py" "$ROOT/tests/test_adjoint_sampler.py" > "$RESULTS/tests.log" 2>&1 || status=1
-tail -3 "$RESULTS/tests.log" | tee -a "$RESULTS/summary.log"
+grep -E '^(FAILED|ERROR|SKIPPED) |[0-9]+ (passed|failed|error)|KeyboardInterrupt' "$RESULTS/tests.log" | tail -40 \
+  | tee -a "$RESULTS/summary.log"
 
 # 3) benchmark (compile variant skipped on GPU to stay in budget)
 log "benchmark"
-timeout 60 "$PY" "$ROOT/benchmarks/bench_kernels.py" --device cuda --no-compile --quick \
+timeout "$(left 60)" "$PY" "$ROOT/benchmarks/bench_kernels.py" --device cuda --no-compile --quick \
   --json "$RESULTS/bench_cuda.json" > "$RESULTS/bench.log" 2>&1 || status=1
 tail -40 "$RESULTS/bench.log"
 
 # 4) launch counts: one kernel per forward step, at most two per backward
-timeout 25 "$PY" - > "$RESULTS/launches.log" 2>&1 <<'PYEOF' || status=1
+timeout "$(left 25)" "$PY" - > "$RESULTS/launches.log" 2>&1 <<'PYEOF' || status=1
 import torch, ld3_ext
 from ld3_ext import fused
 from torch.profiler import profile, ProfilerActivity

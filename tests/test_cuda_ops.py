@@ -34,10 +34,16 @@ def _inputs(dtype, k, shape=(4, 3, 65, 33), seed=0, noncontig=False):
     g = torch.Generator().manual_seed(seed)
 
     def make():
-        t = torch.randn(shape[:-1] + (shape[-1] * 2,), generator=g, dtype=torch.float64).to(dtype)
-        return (t[..., ::2] if noncontig else t[..., : shape[-1]].contiguous()).to(DEV)
+        # sliced on the device: .to(dtype) and .to(device) return a non-dense view contiguous
+        t = torch.randn(shape[:-1] + (shape[-1] * 2,), generator=g, dtype=torch.float64).to(dtype).to(DEV)
+        return t[..., ::2] if noncontig else t[..., : shape[-1]].contiguous()
 
     return make(), torch.randn(1 + k, generator=g, dtype=torch.float64).to(DEV), [make() for _ in range(k)]
+
+
+def _strided_leaf(t):
+    """A leaf requiring grad with t's values and strides (clone() makes a non-dense view contiguous)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t).requires_grad_()
 
 
 @pytest.mark.parametrize("noncontig", [False, True])
@@ -45,6 +51,7 @@ def _inputs(dtype, k, shape=(4, 3, 65, 33), seed=0, noncontig=False):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_cpu_and_reference(dtype, k, noncontig):
     x, coef, hist = _inputs(dtype, k, seed=k, noncontig=noncontig)
+    assert all(t.is_contiguous() != noncontig for t in (x, *hist)), "the kernel must see the layout asked for"
     out = fused.multistep_update(x, coef, hist)
     ref = ops.multistep_update_reference(x, coef, hist)
     cpu = fused.multistep_update(x.cpu(), coef.cpu(), [h.cpu() for h in hist])
@@ -52,8 +59,9 @@ def test_cuda_matches_cpu_and_reference(dtype, k, noncontig):
     assert bool(((out.double() - ref.double()).abs() <= RTOL[dtype] * scale + 1e-300).all())
     assert bool(((out.double().cpu() - cpu.double()).abs() <= RTOL[dtype] * scale.cpu() + 1e-300).all())
 
-    leaves = [t.clone().requires_grad_() for t in (x, coef, *hist)]
+    leaves = [_strided_leaf(t) for t in (x, coef, *hist)]
     leaves_r = [t.clone().requires_grad_() for t in (x, coef, *hist)]
+    assert all(t.is_contiguous() != noncontig for t in (leaves[0], *leaves[2:]))
     w = torch.randn_like(x)
     (fused.multistep_update(leaves[0], leaves[1], leaves[2:]) * w).double().sum().backward()
     (ops.multistep_update_reference(leaves_r[0], leaves_r[1], leaves_r[2:]) * w).double().sum().backward()
