@@ -106,12 +106,12 @@ def _make_teacher_solver(args):
     cfg = getattr(args, "teacher_config", None)
     if cfg is not None:  # the teacher a schedule file records (checked by _use_recorded_teacher)
         return solver_from_config(cfg)
-    name = args.teacher_solver or TEACHER_DEFAULTS["teacher_solver"]
-    order = TEACHER_DEFAULTS["teacher_order"] if args.teacher_order is None else args.teacher_order
+    if not hasattr(args, "teacher_given"):  # parsed without main() (tests, embedding code)
+        _fill_teacher_defaults(args)
     try:
-        return as_solver(name, order=order)
+        return as_solver(args.teacher_solver, order=args.teacher_order)
     except ValueError as exc:
-        raise SystemExit(f"error: --teacher-solver {name} --teacher-order {order}: {exc}")
+        raise SystemExit(f"error: --teacher-solver {args.teacher_solver} --teacher-order {args.teacher_order}: {exc}")
 
 
 def _exact_steps(solver, nfe: int, flag: str) -> int:
