@@ -85,6 +85,7 @@ def check_update_args(x, coef, history) -> None:
 
 def check_table_args(schedule, timesteps, spec) -> None:
     from .schedules import NoiseSchedule
+    from .solvers.base import _dense
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"coefficient_table: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if not isinstance(spec, SolverSpec):
@@ -94,8 +95,7 @@ def check_table_args(schedule, timesteps, spec) -> None:
                          f"{type(timesteps).__name__}")
     if timesteps.is_complex() or timesteps.dtype == torch.bool:
         raise TypeError(f"coefficient_table: timesteps must be real numbers, got {timesteps.dtype}")
-    if timesteps.layout != torch.strided:  # a sparse grid has no values to read back or index
-        raise TypeError(f"coefficient_table: timesteps must be a dense (strided) tensor, got layout {timesteps.layout}")
+    _dense("coefficient_table: timesteps", timesteps)  # a sparse grid has no values to read back or index
     if timesteps.dim() != 1 or timesteps.shape[0] < 2:
         raise ValueError(f"coefficient_table: timesteps must be a 1-D tensor with at least 2 entries, got shape "
                          f"{tuple(timesteps.shape)}")

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ._checks import count
+from ._checks import count, real
 from .schedules import NoiseSchedule, _num
 from .wrappers import DiffusionModel, wrap_model
 
@@ -151,16 +151,9 @@ class GaussianMixture:
         return (torch.from_numpy(sol.y[:, -1]) * sig1).reshape(shape).to(x_T.dtype)
 
 
-def _positive(name: str, v) -> float:
-    x = _num(name, v)
-    if x <= 0:
-        raise ValueError(f"{name} must be > 0, got {x}")
-    return x
-
-
 def ring2d(n_modes: int = 8, radius: float = 1.0, std: float = 0.05) -> GaussianMixture:
     n_modes = count("n_modes", n_modes)
-    radius, std = _num("radius", radius), _positive("std", std)
+    radius, std = _num("radius", radius), real("std", std, above=0)
     ang = torch.arange(n_modes, dtype=torch.float64) * (2 * math.pi / n_modes)
     means = radius * torch.stack([ang.cos(), ang.sin()], 1)
     return GaussianMixture(means, torch.full_like(means, std), name="ring2d")
@@ -170,7 +163,7 @@ def digits64(min_std: float = 0.05) -> GaussianMixture:
     """10 components from the class means/stds of sklearn's 8x8 digits, scaled to [-1, 1]."""
     from sklearn.datasets import load_digits
 
-    min_std = _positive("min_std", min_std)
+    min_std = real("min_std", min_std, above=0)
     data = load_digits()
     x = torch.from_numpy(data.data.astype(np.float64)) / 8.0 - 1.0
     y = torch.from_numpy(data.target)

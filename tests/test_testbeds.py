@@ -144,5 +144,5 @@ def test_denoiser_gradients_flow():
                                             (TB.ring2d, {"std": -1.0}, "std"),
                                             (TB.digits64, {"min_std": 0.0}, "min_std")])
 def test_testbed_widths_must_be_positive_naming_the_argument(make, kw, name):
-    with pytest.raises(ValueError, match=rf"^{name} must be > 0"):
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number > 0"):
         make(**kw)
