@@ -661,10 +661,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                    and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
     if own_sigterm:
         signal.signal(signal.SIGTERM, _raise_terminated)
+    threads = torch.get_num_threads()  # --threads is for this command: a caller's process keeps its setting
     try:
         return _main(argv)
     finally:
         warnings.showwarning = shown
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if own_sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

@@ -669,3 +669,22 @@ def test_eval_n_too_small_for_digits_fd_names_the_flag_before_any_work(tmp_path,
     monkeypatch.setattr(cli, "_teacher", no_teacher)
     with pytest.raises(SystemExit, match="--n: digits-FD needs at least 2 samples"):
         cli.main(["eval", "--schedule", path, "--n", "1", "--skip-model-baselines", "--out", str(tmp_path / "o")])
+
+
+def test_threads_flag_does_not_leak_into_the_calling_process(tmp_path):
+    # cli.main called in-process (notebooks, scripts): --threads (and the one-thread default for built-in
+    # models) applies to the command, the caller keeps its own thread count afterwards
+    import torch
+    before = torch.get_num_threads()
+    want = 3 if before != 3 else 2
+    torch.set_num_threads(want)
+    try:
+        rc = cli.main(["sample", "--model", "gmm:ring2d", "--nfe", "4", "--n", "8", "--threads", "1",
+                       "--out", str(tmp_path / "s")])
+        assert rc == 0
+        assert torch.get_num_threads() == want
+        with pytest.raises(SystemExit):
+            cli.main(["sample", "--model", "gmm:nope", "--threads", "1", "--out", str(tmp_path / "t")])
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
