@@ -118,18 +118,22 @@ def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True) -> None
 
 
 def composite_only(*tensors) -> bool:
-    """True where the native kernels cannot serve: forward-mode AD is on (they carry no tangents) or a
-    torch.func transform (vmap, grad, jvp) wrapped an input (no storage to read).  The reference's
-    plain torch ops handle both."""
+    """True where the native kernels cannot serve: forward-mode AD is on (they carry no tangents), a
+    torch.func transform (vmap, grad, jvp) is active (autograd.Function.apply refuses our Functions there,
+    whether or not their inputs are wrapped, e.g. a plain grid while vmap maps x_T) or wrapped an input
+    (no storage to read).  The reference's plain torch ops handle all of them."""
     if torch.compiler.is_compiling():  # traced: the custom ops serve (and this C call would break the graph)
         return False
     if getattr(_fwad, "_current_level", -1) >= 0:
+        return True
+    if _transforms_active is not None and _transforms_active():
         return True
     wrapped = _is_wrapped
     return wrapped is not None and any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors)
 
 
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:

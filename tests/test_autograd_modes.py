@@ -160,6 +160,31 @@ def test_vmap_over_x_T_through_the_reference_sampler():
                                rtol=1e-12, atol=1e-12)
 
 
+SOLVERS = {"dpmpp1": lambda b: ld3_ext.DPMSolverPP(order=1, backend=b),
+           "dpmpp2": lambda b: ld3_ext.DPMSolverPP(order=2, backend=b),
+           "dpmpp3": lambda b: ld3_ext.DPMSolverPP(order=3, backend=b),
+           "unipc": lambda b: ld3_ext.UniPC(order=3, backend=b),
+           "ipndm": lambda b: ld3_ext.IPNDM(order=4, backend=b),
+           "euler": lambda b: ld3_ext.Euler(backend=b),
+           "heun": lambda b: ld3_ext.Heun(backend=b)}
+
+
+def _tanh_model(check_output=True):
+    return ld3_ext.wrap_model(lambda x, s: torch.tanh(x / (1 + s.reshape(-1, 1))), SCHED, prediction="x0",
+                              time_input="sigma", check_output=check_output)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_vmap_over_x_T_through_the_fused_sampler(name):
+    """While a torch.func transform is active, autograd.Function.apply refuses the kernels' Functions even on
+    plain inputs (the grid, while vmap maps x_T): the fused backend takes the reference's ops there."""
+    model = _tanh_model(check_output=False)
+    xs = torch.randn(3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) * 80
+    solver = SOLVERS[name]("fused")
+    got = torch.func.vmap(lambda x: solver.sample(model, x, GRID))(xs)
+    torch.testing.assert_close(got, torch.stack([solver.sample(model, x, GRID) for x in xs]), rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # double backward
 # ----------------------------------------------------------------------------------------------
