@@ -106,11 +106,11 @@ def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True) -> None
     schedule's range -- a table on any other grid amplifies or is NaN.  ``in_range=False`` (the low-level
     tables, ``fused.coefficient_table`` and ``coefficient_table_reference``) asks only for times where the
     schedule is defined (alpha, sigma > 0): their gradchecks step just past t_min/t_max.  Skipped while
-    compiling, capturing a CUDA graph or under torch.func (nothing can be read back there)."""
+    compiling, capturing a CUDA graph or for a vmapped grid (nothing can be read back there)."""
     from .solvers.base import validate_timesteps
-    from .wrappers import _capturing, _compiling
-    # nothing can be read back while compiling, capturing, or from a torch.func-wrapped (vmap) grid
-    if _compiling() or _capturing() or (_is_wrapped is not None and _is_wrapped(timesteps)):
+    from .wrappers import _capturing, _compiling, _vmapped
+    # nothing can be read back while compiling, capturing, or from a vmapped grid
+    if _compiling() or _capturing() or _vmapped(timesteps):
         return
     if not timesteps.is_floating_point():  # an integer grid is read as float64, as the table does
         timesteps = timesteps.to(torch.float64)

@@ -28,6 +28,22 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+_functorch = getattr(torch._C, "_functorch", None)
+
+
+def _vmapped(t) -> bool:
+    """Batched by torch.func.vmap at some level of the transforms wrapping ``t`` (vmap(grad(...)) too): it
+    holds one value per mapped sample, so its values cannot be read back (bool() and .tolist() raise) and
+    value checks skip it.  Under grad/jvp alone values read back as usual: the checks run there."""
+    if _functorch is None or not isinstance(t, torch.Tensor):
+        return False
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            return True
+        t = _functorch.get_unwrapped(t)
+    return False
+
+
 class ModelOutputError(RuntimeError):
     """A wrapped network returned something unusable (wrong shape, NaN/Inf)."""
 
@@ -218,8 +234,8 @@ class DiffusionModel(torch.nn.Module):
             out = out.to(x.dtype)
         # checked after the cast, on the values the solver uses: a float32 output beyond float16's range
         # becomes Inf in a float16 state.  The finite check syncs with the device, and cannot be traced:
-        # skipped inside torch.compile
-        if self.check_output and not _compiling():
+        # skipped inside torch.compile, and for a vmapped output (no value to read back)
+        if self.check_output and not _compiling() and not _vmapped(out):
             if self._deferred is not None:  # read back once, when the sample call ends
                 self._deferred.append((step, t.detach(), torch.isfinite(out).all()))
             elif not torch.isfinite(out).all():

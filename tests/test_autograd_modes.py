@@ -144,7 +144,7 @@ def test_torch_func_grad_and_jvp_through_a_fused_sampler():
 
 def test_vmap_over_x_T_through_the_reference_sampler():
     """The x_T NaN/Inf check reads x_T back: skipped under vmap (no read-back of a batched tensor), as the
-    model-output check is with check_output=False."""
+    model-output check is (here it is off as well)."""
     _, mix = _model()
     model = ld3_ext.wrap_model(lambda x, s: torch.tanh(x / (1 + s.reshape(-1, 1))), SCHED, prediction="x0",
                                time_input="sigma", check_output=False)
@@ -183,6 +183,80 @@ def test_vmap_over_x_T_through_the_fused_sampler(name):
     solver = SOLVERS[name]("fused")
     got = torch.func.vmap(lambda x: solver.sample(model, x, GRID))(xs)
     torch.testing.assert_close(got, torch.stack([solver.sample(model, x, GRID) for x in xs]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("name", SOLVERS)
+def test_vmap_over_every_sample_input_with_the_output_check_on(name, backend):
+    """vmap over x_T, timesteps or model_timesteps: the value checks (model outputs, x_T, the grids) skip the
+    vmapped tensors, which hold one value per mapped sample and cannot be read back; the samples are the loop's."""
+    model = _tanh_model()
+    solver = SOLVERS[name](backend)
+    xs = torch.randn(3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 80
+    grids = torch.stack([GRID, GRID * 0.9, GRID.pow(0.95)])
+    for f, batch in ((lambda x: solver.sample(model, x, GRID), xs),
+                     (lambda t: solver.sample(model, xs[0], t), grids),
+                     (lambda tm: solver.sample(model, xs[0], GRID, tm), grids)):
+        want = torch.stack([f(b) for b in batch])
+        torch.testing.assert_close(torch.func.vmap(f)(batch), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_vmap_over_x_through_functional_sample(backend):
+    from ld3_ext import functional as F
+    xs = torch.randn(3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) * 80
+    sig = SCHED.edm_sigma(GRID)
+    denoiser = lambda x, s: torch.tanh(x / (1 + s.reshape(-1, 1)))  # noqa: E731 -- checked by functional itself
+    for net, sigmas in ((_tanh_model(), sig), (denoiser, sig), (denoiser, torch.cat([sig, sig.new_zeros(1)]))):
+        for solver in ("dpmpp_3m", "heun", "unipc", "ipndm"):
+            def f(x):
+                return F.sample(net, x, sigmas, solver=solver, backend=backend)
+            torch.testing.assert_close(torch.func.vmap(f)(xs), torch.stack([f(x) for x in xs]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("name", ["dpmpp3", "unipc", "heun"])
+def test_torch_func_over_network_parameters(name, backend):
+    """torch.func.functional_call: an ensemble of networks vmapped over their stacked parameters, and the
+    gradient w.r.t. the parameters, match the loop and torch.autograd."""
+    nets = [torch.nn.Linear(2, 2, dtype=torch.float64) for _ in range(3)]
+    for k, net in enumerate(nets):
+        torch.nn.init.normal_(net.weight, std=0.5, generator=torch.Generator().manual_seed(10 + k))
+
+    def model_with(net, params):
+        return ld3_ext.wrap_model(lambda x, s: torch.tanh(torch.func.functional_call(net, params, (x,)) / (1 + s.reshape(-1, 1))),
+                                  SCHED, prediction="x0", time_input="sigma")
+    solver = SOLVERS[name](backend)
+    x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 80
+    stacked, _ = torch.func.stack_module_state(nets)
+    got = torch.func.vmap(lambda p: solver.sample(model_with(nets[0], p), x, GRID))(stacked)
+    want = torch.stack([solver.sample(model_with(n, dict(n.named_parameters())), x, GRID) for n in nets])
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    params = {k: v.detach() for k, v in nets[0].named_parameters()}
+    got = torch.func.grad(lambda p: solver.sample(model_with(nets[0], p), x, GRID).pow(2).sum())(params)
+    out = solver.sample(model_with(nets[0], dict(nets[0].named_parameters())), x, GRID).pow(2).sum()
+    want = torch.autograd.grad(out, [nets[0].weight, nets[0].bias])
+    torch.testing.assert_close((got["weight"], got["bias"]), want, rtol=1e-10, atol=1e-12)
+
+
+def test_value_checks_still_run_under_grad_and_jvp():
+    """Only vmapped tensors skip the value checks: under grad/jvp the values read back, so bad input is named."""
+    from ld3_ext import functional as F
+    x = torch.randn(2, 2, dtype=torch.float64) * 80
+    bad_x = x.clone()
+    bad_x[0, 0] = float("nan")
+    solver = ld3_ext.DPMSolverPP(order=3, backend="fused")
+    with pytest.raises(ValueError, match="x_T: contains NaN or Inf"):
+        torch.func.grad(lambda x: solver.sample(_tanh_model(), x, GRID).sum())(bad_x)
+    with pytest.raises(ValueError, match="x contains NaN/Inf"):
+        torch.func.grad(lambda x: F.sample(_tanh_model(), x, SCHED.edm_sigma(GRID)).sum())(bad_x)
+    with pytest.raises(ValueError, match="timesteps: must be strictly decreasing"):
+        torch.func.grad(lambda t: solver.sample(_tanh_model(), x, t).sum())(GRID.flip(0))
+    with pytest.raises(ValueError, match="coefficient_table: timesteps: must be strictly decreasing"):
+        torch.func.grad(lambda t: fused.coefficient_table(SCHED, t, SolverSpec("dpmpp", 3)).sum())(GRID.flip(0))
+    nan_model = ld3_ext.wrap_model(lambda x, s: x * float("nan"), SCHED, prediction="x0", time_input="sigma")
+    with pytest.raises(ld3_ext.wrappers.ModelOutputError, match="NaN/Inf at step 0"):
+        torch.func.jvp(lambda x: solver.sample(nan_model, x, GRID), (x,), (x,))
 
 
 # ----------------------------------------------------------------------------------------------
