@@ -259,6 +259,24 @@ def test_value_checks_still_run_under_grad_and_jvp():
         torch.func.jvp(lambda x: solver.sample(nan_model, x, GRID), (x,), (x,))
 
 
+@pytest.mark.parametrize("name", ["dpmpp3", "unipc", "ipndm", "euler", "heun"])
+def test_grid_made_under_inference_mode_gives_the_references_gradient(name):
+    """A grid (or model times) made under torch.inference_mode cannot be saved for backward: the whole-sampler
+    node declines it and the fused backend gives the reference's gradient w.r.t. x_T instead of failing."""
+    with torch.inference_mode():
+        grid = GRID.clone()
+        model_times = GRID * 0.99
+    x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(11)) * 80
+    for tm in (None, model_times):
+        grads = {}
+        for backend in ("fused", "reference"):
+            xx = x.clone().requires_grad_()
+            SOLVERS[name](backend).sample(_tanh_model(), xx, grid, tm).pow(2).sum().backward()
+            grads[backend] = xx.grad
+        assert grads["fused"].abs().max() > 1e-3
+        torch.testing.assert_close(grads["fused"], grads["reference"], rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # double backward
 # ----------------------------------------------------------------------------------------------
