@@ -277,6 +277,23 @@ def test_grid_made_under_inference_mode_gives_the_references_gradient(name):
         torch.testing.assert_close(grads["fused"], grads["reference"], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("name", ["dpmpp3", "unipc", "heun"])
+def test_checkpoint_model_under_torch_func_grad(name, backend):
+    """torch.func.grad/jacrev/hessian disable the saved-tensor hooks that checkpointing uses: there the network
+    evaluations keep their graphs, with the gradients of checkpoint_model=False."""
+    model = _tanh_model()
+    x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(12)) * 80
+    plain, ckpt = SOLVERS[name](backend), SOLVERS[name](backend)
+    ckpt.checkpoint_model = True
+    for transform in (lambda s: torch.func.grad(lambda x: s.sample(model, x, GRID).pow(2).sum())(x),
+                      lambda s: torch.func.jacrev(lambda t: s.sample(model, x, t))(GRID),
+                      lambda s: torch.func.hessian(lambda x: s.sample(model, x, GRID).pow(2).sum())(x)):
+        want = transform(plain)
+        assert want.abs().max() > 1e-5
+        torch.testing.assert_close(transform(ckpt), want, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # double backward
 # ----------------------------------------------------------------------------------------------

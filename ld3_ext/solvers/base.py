@@ -117,6 +117,11 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
     return model_timesteps
 
 
+def _saved_tensor_hooks_disabled() -> bool:
+    message = getattr(torch._C._autograd, "_saved_tensors_hooks_get_disabled_error_message", None)
+    return message is not None and message() is not None
+
+
 def table_rows(table: torch.Tensor, which: int):
     """The [N, 2, 5] table's rows [i, which] as N full-width views from one unbind.
 
@@ -229,7 +234,9 @@ class Solver:
 
     def _evaluate(self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, step: int,
                   kwargs: Dict[str, Any], returns: str = "both"):
-        if self.checkpoint_model and torch.is_grad_enabled():
+        # torch.func.grad/vjp/jacrev/hessian disable the saved-tensor hooks checkpointing is built on: there the
+        # evaluation keeps its graph (same values, the memory of checkpoint_model=False)
+        if self.checkpoint_model and torch.is_grad_enabled() and not _saved_tensor_hooks_disabled():
             return _checkpoint(lambda xx, tt: model.predict(xx, tt, step=step, returns=returns, **kwargs), x, t,
                                use_reentrant=False)
         return model.predict(x, t, step=step, returns=returns, **kwargs)
