@@ -44,6 +44,11 @@ def _vmapped(t) -> bool:
     return False
 
 
+def _time_text(t: torch.Tensor) -> str:
+    """A model time for an error message; a vmapped time has one value per mapped sample and cannot be read."""
+    return "vmapped" if _vmapped(t) else f"{float(t.detach()):.6g}"
+
+
 class ModelOutputError(RuntimeError):
     """A wrapped network returned something unusable (wrong shape, NaN/Inf)."""
 
@@ -135,7 +140,7 @@ class DiffusionModel(torch.nn.Module):
             if not bool(ok.all()):
                 step, t, _ = pending[int((~ok).nonzero()[0, 0])]
                 where = f" at step {step}" if step is not None else ""
-                raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t):.6g})")
+                raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)})")
 
     # -------------------------------------------------------------------------------------------
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -224,7 +229,7 @@ class DiffusionModel(torch.nn.Module):
         if not isinstance(out, torch.Tensor):
             raise ModelOutputError(f"model returned {type(out).__name__}{where}, expected a tensor")
         if out.shape != x.shape:
-            raise ModelOutputError(f"model output has shape {tuple(out.shape)}{where} (t={float(t):.6g}), "
+            raise ModelOutputError(f"model output has shape {tuple(out.shape)}{where} (t={_time_text(t)}), "
                                    f"expected the input's shape {tuple(x.shape)}")
         if not out.is_floating_point():
             # an integer/bool/complex output would be cast silently and carry no gradient: the
@@ -239,7 +244,7 @@ class DiffusionModel(torch.nn.Module):
             if self._deferred is not None:  # read back once, when the sample call ends
                 self._deferred.append((step, t.detach(), torch.isfinite(out).all()))
             elif not torch.isfinite(out).all():
-                raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t.detach()):.6g})")
+                raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)})")
         s = self.schedule
         p = self.prediction
         want_x0, want_eps = returns != "eps", returns != "x0"

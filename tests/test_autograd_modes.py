@@ -201,6 +201,18 @@ def test_vmap_over_every_sample_input_with_the_output_check_on(name, backend):
         torch.testing.assert_close(torch.func.vmap(f)(batch), want, rtol=1e-12, atol=1e-12)
 
 
+def test_wrong_output_shape_under_vmap_over_the_grids_is_named():
+    """The error message reads the model time back: a vmapped time is named as such, not read."""
+    bad = ld3_ext.wrap_model(lambda x, s: x[..., :1], SCHED, prediction="x0", time_input="sigma")
+    solver = ld3_ext.DPMSolverPP(order=3)
+    x = torch.randn(2, 2, dtype=torch.float64)
+    grids = torch.stack([GRID, GRID * 0.9])
+    with pytest.raises(ld3_ext.wrappers.ModelOutputError, match=r"shape \(2, 1\) at step 0 \(t=vmapped\)"):
+        torch.func.vmap(lambda tm: solver.sample(bad, x, GRID, tm))(grids)
+    with pytest.raises(ld3_ext.wrappers.ModelOutputError, match=r"shape \(2, 1\) at step 0 \(t=vmapped\)"):
+        torch.func.vmap(lambda t: solver.sample(bad, x, t))(grids)
+
+
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_vmap_over_x_through_functional_sample(backend):
     from ld3_ext import functional as F
