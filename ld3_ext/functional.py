@@ -129,6 +129,9 @@ def _grid(s, x: torch.Tensor, name: str, decreasing: bool = True) -> torch.Tenso
                         f"{type(s).__name__}") from None
     if s.is_complex() or s.dtype == torch.bool:  # the cast to float64 would drop the imaginary part silently
         raise TypeError(f"{name} must be real numbers, got {s.dtype}")
+    if _vmapped(s):  # torch's own error names nothing ("data-dependent control flow")
+        raise ValueError(f"{name} cannot be vmapped: sample() builds its EDM schedule from their values; vmap a "
+                         f"solver's sample() over its timesteps or model_timesteps instead")
     if s.device.type == "meta":
         raise ValueError(f"{name} is on the meta device (it holds no values); use a cpu or cuda tensor")
     if s.dim() != 1 or s.numel() < 2:

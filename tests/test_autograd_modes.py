@@ -226,6 +226,17 @@ def test_vmap_over_x_through_functional_sample(backend):
             torch.testing.assert_close(torch.func.vmap(f)(xs), torch.stack([f(x) for x in xs]), rtol=1e-12, atol=1e-12)
 
 
+def test_functional_sample_refuses_vmapped_sigmas_by_name():
+    """functional.sample builds its schedule from the sigmas' values: a vmapped grid is refused, naming it."""
+    from ld3_ext import functional as F
+    x = torch.randn(2, 2, dtype=torch.float64)
+    sigmas = torch.stack([SCHED.edm_sigma(GRID)] * 2)
+    with pytest.raises(ValueError, match="sigmas cannot be vmapped"):
+        torch.func.vmap(lambda s: F.sample(_tanh_model(), x, s))(sigmas)
+    with pytest.raises(ValueError, match="model_sigmas cannot be vmapped"):
+        torch.func.vmap(lambda s: F.sample(_tanh_model(), x, sigmas[0], model_sigmas=s))(sigmas)
+
+
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("name", ["dpmpp3", "unipc", "heun"])
 def test_torch_func_over_network_parameters(name, backend):
