@@ -9,7 +9,9 @@ pytestmark = pytest.mark.skipif(not ld3_ext.native_available(), reason="needs th
 
 
 @pytest.mark.parametrize("solver", [ld3_ext.DPMSolverPP(order=3, backend="fused"),
-                                    ld3_ext.UniPC(order=3, variant="bh2", backend="fused")], ids=["dpmpp3m", "unipc3"])
+                                    ld3_ext.UniPC(order=3, variant="bh2", backend="fused"),
+                                    ld3_ext.DPMSolverPP(order=3, backend="fused", checkpoint_model=True)],
+                         ids=["dpmpp3m", "unipc3", "dpmpp3m-checkpointed"])
 def test_fullgraph_compile_matches_eager_with_gradients(solver):
     s = ld3_ext.EDM()
     model = ld3_ext.wrap_model(lambda x, t: x / (1.0 + t.reshape(-1, 1, 1, 1) ** 2), s, prediction="x0")

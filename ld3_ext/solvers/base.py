@@ -118,6 +118,8 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
 
 
 def _saved_tensor_hooks_disabled() -> bool:
+    if _compiling():  # traced: dynamo handles checkpointing (and this C call would break the graph)
+        return False
     message = getattr(torch._C._autograd, "_saved_tensors_hooks_get_disabled_error_message", None)
     return message is not None and message() is not None
 
