@@ -242,7 +242,8 @@ def to_denoiser(model: DiffusionModel) -> Callable:
             raise ValueError("sigma must hold one sigma per sample (shape [B]) or one for all, got an empty tensor")
         if sig.is_complex() or sig.dtype == torch.bool:
             raise TypeError(f"sigma must be real numbers, got {sig.dtype}")
-        if not (_compiling() or _capturing()):  # the checks read values back: not while tracing/capturing
+        # the checks read values back: not while tracing/capturing, nor from a vmapped sigma
+        if not (_compiling() or _capturing() or _vmapped(sig)):
             _check_denoiser_sigma(s, sig)
         sig = sig[0].to(torch.float64)
         t = s.t_from_edm_sigma(sig)

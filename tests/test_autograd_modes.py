@@ -226,6 +226,22 @@ def test_vmap_over_x_through_functional_sample(backend):
             torch.testing.assert_close(torch.func.vmap(f)(xs), torch.stack([f(x) for x in xs]), rtol=1e-12, atol=1e-12)
 
 
+def test_vmap_over_a_k_diffusion_loop_on_to_denoiser():
+    """to_denoiser's sigma checks read the sigma back: skipped for a vmapped sigma (k-diffusion's
+    sigma * x.new_ones([B]) under vmap over x), so the loop's samples come out."""
+    from ld3_ext import functional as F
+    denoiser = F.to_denoiser(_tanh_model())
+    sigmas = SCHED.edm_sigma(GRID)
+
+    def euler(x):  # k-diffusion's sample_euler, deterministic
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(sigmas.numel() - 1):
+            x = x + (x - denoiser(x, sigmas[i] * s_in)) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        return x
+    xs = torch.randn(3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(13)) * 80
+    torch.testing.assert_close(torch.func.vmap(euler)(xs), torch.stack([euler(x) for x in xs]), rtol=1e-12, atol=1e-12)
+
+
 def test_functional_sample_refuses_vmapped_sigmas_by_name():
     """functional.sample builds its schedule from the sigmas' values: a vmapped grid is refused, naming it."""
     from ld3_ext import functional as F
