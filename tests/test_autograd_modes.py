@@ -263,8 +263,9 @@ def test_torch_func_over_network_parameters(name, backend):
         torch.nn.init.normal_(net.weight, std=0.5, generator=torch.Generator().manual_seed(10 + k))
 
     def model_with(net, params):
-        return ld3_ext.wrap_model(lambda x, s: torch.tanh(torch.func.functional_call(net, params, (x,)) / (1 + s.reshape(-1, 1))),
-                                  SCHED, prediction="x0", time_input="sigma")
+        def fn(x, s):
+            return torch.tanh(torch.func.functional_call(net, params, (x,)) / (1 + s.reshape(-1, 1)))
+        return ld3_ext.wrap_model(fn, SCHED, prediction="x0", time_input="sigma")
     solver = SOLVERS[name](backend)
     x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 80
     stacked, _ = torch.func.stack_module_state(nets)
