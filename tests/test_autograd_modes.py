@@ -321,7 +321,8 @@ def test_grid_made_under_inference_mode_gives_the_references_gradient(name):
 @pytest.mark.parametrize("name", ["dpmpp3", "unipc", "heun"])
 def test_checkpoint_model_under_torch_func_grad(name, backend):
     """torch.func.grad/jacrev/hessian disable the saved-tensor hooks that checkpointing uses: there the network
-    evaluations keep their graphs, with the gradients of checkpoint_model=False."""
+    evaluations keep their graphs, with the gradients of checkpoint_model=False.  Likewise under vmap, whose
+    batched tensors a later backward's recomputation could not use."""
     model = _tanh_model()
     x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(12)) * 80
     plain, ckpt = SOLVERS[name](backend), SOLVERS[name](backend)
@@ -332,6 +333,12 @@ def test_checkpoint_model_under_torch_func_grad(name, backend):
         want = transform(plain)
         assert want.abs().max() > 1e-5
         torch.testing.assert_close(transform(ckpt), want, rtol=1e-12, atol=1e-12)
+    grads = []
+    for solver in (plain, ckpt):
+        xs = torch.stack([x, -x]).requires_grad_()
+        torch.func.vmap(lambda x: solver.sample(model, x, GRID))(xs).pow(2).sum().backward()
+        grads.append(xs.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,11 +117,12 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
     return model_timesteps
 
 
-def _saved_tensor_hooks_disabled() -> bool:
+def _checkpoint_unsupported() -> bool:
+    """Under a torch.func transform checkpointing cannot run: grad/vjp/jacrev/hessian disable the saved-tensor
+    hooks it is built on, and under vmap its recomputation in a later backward meets escaped batched tensors."""
     if _compiling():  # traced: dynamo handles checkpointing (and this C call would break the graph)
         return False
-    message = getattr(torch._C._autograd, "_saved_tensors_hooks_get_disabled_error_message", None)
-    return message is not None and message() is not None
+    return ops._transforms_active is not None and ops._transforms_active()
 
 
 def table_rows(table: torch.Tensor, which: int):
@@ -236,9 +237,8 @@ class Solver:
 
     def _evaluate(self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, step: int,
                   kwargs: Dict[str, Any], returns: str = "both"):
-        # torch.func.grad/vjp/jacrev/hessian disable the saved-tensor hooks checkpointing is built on: there the
-        # evaluation keeps its graph (same values, the memory of checkpoint_model=False)
-        if self.checkpoint_model and torch.is_grad_enabled() and not _saved_tensor_hooks_disabled():
+        # where checkpointing cannot run, the evaluation keeps its graph (the memory of checkpoint_model=False)
+        if self.checkpoint_model and torch.is_grad_enabled() and not _checkpoint_unsupported():
             return _checkpoint(lambda xx, tt: model.predict(xx, tt, step=step, returns=returns, **kwargs), x, t,
                                use_reentrant=False)
         return model.predict(x, t, step=step, returns=returns, **kwargs)
