@@ -122,8 +122,10 @@ def composite_only(*tensors) -> bool:
     torch.func transform (vmap, grad, jvp) is active (autograd.Function.apply refuses our Functions there,
     whether or not their inputs are wrapped, e.g. a plain grid while vmap maps x_T) or wrapped an input
     (no storage to read).  The reference's plain torch ops handle all of them."""
-    if torch.compiler.is_compiling():  # traced: the custom ops serve (and this C call would break the graph)
-        return False
+    if torch.compiler.is_compiling():
+        # traced: the custom ops serve, except inside a traced torch.func transform (they have no batching rule);
+        # the stack depth is what dynamo folds to a constant (the calls below would break the graph)
+        return _functorch_depth is not None and _functorch_depth() > 0
     if getattr(_fwad, "_current_level", -1) >= 0:
         return True
     if _transforms_active is not None and _transforms_active():
@@ -134,6 +136,7 @@ def composite_only(*tensors) -> bool:
 
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_functorch_depth = getattr(getattr(torch._C, "_functorch", None), "get_dynamic_layer_stack_depth", None)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
