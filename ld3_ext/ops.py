@@ -123,19 +123,22 @@ def composite_only(*tensors) -> bool:
     whether or not their inputs are wrapped, e.g. a plain grid while vmap maps x_T) or wrapped an input
     (no storage to read).  The reference's plain torch ops handle all of them."""
     if torch.compiler.is_compiling():
-        # traced: the custom ops serve, except inside a traced torch.func transform (they have no batching rule);
-        # the stack depth is what dynamo folds to a constant (the calls below would break the graph)
-        return _functorch_depth is not None and _functorch_depth() > 0
-    if getattr(_fwad, "_current_level", -1) >= 0:
-        return True
-    if _transforms_active is not None and _transforms_active():
+        # traced: the custom ops serve, except inside a traced torch.func transform (they have no batching rule)
+        # (the wrapped-tensor call below would break the graph)
+        return func_transform_active()
+    if getattr(_fwad, "_current_level", -1) >= 0 or func_transform_active():
         return True
     wrapped = _is_wrapped
     return wrapped is not None and any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors)
 
 
+def func_transform_active() -> bool:
+    """A torch.func transform (vmap, grad, jvp, ...) is active, eager or traced by torch.compile (dynamo runs
+    the transform's layers while tracing, and folds this depth to a constant with a guard)."""
+    return _functorch_depth is not None and _functorch_depth() > 0
+
+
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 _functorch_depth = getattr(getattr(torch._C, "_functorch", None), "get_dynamic_layer_stack_depth", None)
 
 

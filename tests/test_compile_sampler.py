@@ -41,3 +41,20 @@ def test_fullgraph_compile_of_a_vmapped_sampler(solver):
     by_t = torch.compile(torch.func.vmap(lambda g: solver.sample(model, xs[0], g)), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(by_t(grids), torch.stack([solver.sample(model, xs[0], g) for g in grids]),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_compile_of_torch_func_transforms_with_checkpoint_model(backend):
+    """Inside a traced torch.func transform the network evaluations are not checkpointed (as in eager: grad
+    disables the saved-tensor hooks checkpointing needs); the results are the uncompiled transform's."""
+    s = ld3_ext.EDM()
+    model = ld3_ext.wrap_model(lambda x, t: x / (1.0 + t.reshape(-1, 1) ** 2), s, prediction="x0")
+    solver = ld3_ext.DPMSolverPP(order=3, backend=backend, checkpoint_model=True)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t = D.logsnr_uniform(s, 5)
+    for transform, arg in ((torch.func.grad(lambda x: solver.sample(model, x, t).square().sum()), x),
+                           (torch.func.vmap(lambda x: solver.sample(model, x, t)), x[:, None])):
+        want = transform(arg)
+        torch._dynamo.reset()  # a fresh trace for each transform
+        got = torch.compile(transform, backend="aot_eager")(arg)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -117,14 +117,6 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
     return model_timesteps
 
 
-def _checkpoint_unsupported() -> bool:
-    """Under a torch.func transform checkpointing cannot run: grad/vjp/jacrev/hessian disable the saved-tensor
-    hooks it is built on, and under vmap its recomputation in a later backward meets escaped batched tensors."""
-    if _compiling():  # traced: dynamo handles checkpointing (and this C call would break the graph)
-        return False
-    return ops._transforms_active is not None and ops._transforms_active()
-
-
 def table_rows(table: torch.Tensor, which: int):
     """The [N, 2, 5] table's rows [i, which] as N full-width views from one unbind.
 
@@ -237,8 +229,10 @@ class Solver:
 
     def _evaluate(self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, step: int,
                   kwargs: Dict[str, Any], returns: str = "both"):
-        # where checkpointing cannot run, the evaluation keeps its graph (the memory of checkpoint_model=False)
-        if self.checkpoint_model and torch.is_grad_enabled() and not _checkpoint_unsupported():
+        # no checkpointing under a torch.func transform (eager or compiled): grad/vjp/jacrev/hessian disable the
+        # saved-tensor hooks it is built on, and under vmap a later backward's recomputation meets escaped batched
+        # tensors.  The evaluation keeps its graph there (the memory of checkpoint_model=False)
+        if self.checkpoint_model and torch.is_grad_enabled() and not ops.func_transform_active():
             return _checkpoint(lambda xx, tt: model.predict(xx, tt, step=step, returns=returns, **kwargs), x, t,
                                use_reentrant=False)
         return model.predict(x, t, step=step, returns=returns, **kwargs)
