@@ -440,6 +440,10 @@ def applicable(x: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> bool:
         return False
     if composite_only(x, table, tm):  # forward-mode AD or a torch.func transform: the per-step ops handle it
         return False
+    if x.is_inference() or table.is_inference() or tm.is_inference():
+        # the node saves its inputs for backward, which torch refuses for inference tensors (e.g. a grid made
+        # under torch.inference_mode); the per-step ops save only what autograd needs, as the reference does
+        return False
     return _uses_native(x) and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 

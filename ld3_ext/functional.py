@@ -39,8 +39,7 @@ import torch
 
 from .schedules import EDM
 from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
-from .solvers.base import _func_wrapped
-from .wrappers import DiffusionModel, _capturing, _compiling
+from .wrappers import DiffusionModel, _capturing, _compiling, _vmapped
 
 SOLVER_NAMES: Dict[str, Callable[..., Solver]] = {
     "euler": lambda **kw: Euler(**kw),
@@ -130,6 +129,9 @@ def _grid(s, x: torch.Tensor, name: str, decreasing: bool = True) -> torch.Tenso
                         f"{type(s).__name__}") from None
     if s.is_complex() or s.dtype == torch.bool:  # the cast to float64 would drop the imaginary part silently
         raise TypeError(f"{name} must be real numbers, got {s.dtype}")
+    if _vmapped(s):  # torch's own error names nothing ("data-dependent control flow")
+        raise ValueError(f"{name} cannot be vmapped: sample() builds its EDM schedule from their values; vmap a "
+                         f"solver's sample() over its timesteps or model_timesteps instead")
     if s.device.type == "meta":
         raise ValueError(f"{name} is on the meta device (it holds no values); use a cpu or cuda tensor")
     if s.dim() != 1 or s.numel() < 2:
@@ -186,7 +188,7 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
     if x.device.type == "meta":
         raise ValueError("x is on the meta device (it holds no values); use a cpu or cuda tensor")
     # named here as x (the solver would call it x_T; a final-denoise-only grid reaches no solver)
-    if not (_compiling() or _capturing() or _func_wrapped(x)) and not bool(torch.isfinite(x.detach()).all()):
+    if not (_compiling() or _capturing() or _vmapped(x)) and not bool(torch.isfinite(x.detach()).all()):
         raise ValueError("x contains NaN/Inf")
     if not callable(model_or_denoiser):
         raise TypeError(f"model_or_denoiser must be a DiffusionModel or a callable denoiser(x, sigma, **kw) -> x0, "
@@ -240,7 +242,8 @@ def to_denoiser(model: DiffusionModel) -> Callable:
             raise ValueError("sigma must hold one sigma per sample (shape [B]) or one for all, got an empty tensor")
         if sig.is_complex() or sig.dtype == torch.bool:
             raise TypeError(f"sigma must be real numbers, got {sig.dtype}")
-        if not (_compiling() or _capturing()):  # the checks read values back: not while tracing/capturing
+        # the checks read values back: not while tracing/capturing, nor from a vmapped sigma
+        if not (_compiling() or _capturing() or _vmapped(sig)):
             _check_denoiser_sigma(s, sig)
         sig = sig[0].to(torch.float64)
         t = s.t_from_edm_sigma(sig)

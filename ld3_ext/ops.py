@@ -106,11 +106,11 @@ def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True) -> None
     schedule's range -- a table on any other grid amplifies or is NaN.  ``in_range=False`` (the low-level
     tables, ``fused.coefficient_table`` and ``coefficient_table_reference``) asks only for times where the
     schedule is defined (alpha, sigma > 0): their gradchecks step just past t_min/t_max.  Skipped while
-    compiling, capturing a CUDA graph or under torch.func (nothing can be read back there)."""
+    compiling, capturing a CUDA graph or for a vmapped grid (nothing can be read back there)."""
     from .solvers.base import validate_timesteps
-    from .wrappers import _capturing, _compiling
-    # nothing can be read back while compiling, capturing, or from a torch.func-wrapped (vmap) grid
-    if _compiling() or _capturing() or (_is_wrapped is not None and _is_wrapped(timesteps)):
+    from .wrappers import _capturing, _compiling, _vmapped
+    # nothing can be read back while compiling, capturing, or from a vmapped grid
+    if _compiling() or _capturing() or _vmapped(timesteps):
         return
     if not timesteps.is_floating_point():  # an integer grid is read as float64, as the table does
         timesteps = timesteps.to(torch.float64)
@@ -118,18 +118,28 @@ def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True) -> None
 
 
 def composite_only(*tensors) -> bool:
-    """True where the native kernels cannot serve: forward-mode AD is on (they carry no tangents) or a
-    torch.func transform (vmap, grad, jvp) wrapped an input (no storage to read).  The reference's
-    plain torch ops handle both."""
-    if torch.compiler.is_compiling():  # traced: the custom ops serve (and this C call would break the graph)
-        return False
-    if getattr(_fwad, "_current_level", -1) >= 0:
+    """True where the native kernels cannot serve: forward-mode AD is on (they carry no tangents), a
+    torch.func transform (vmap, grad, jvp) is active (autograd.Function.apply refuses our Functions there,
+    whether or not their inputs are wrapped, e.g. a plain grid while vmap maps x_T) or wrapped an input
+    (no storage to read).  The reference's plain torch ops handle all of them."""
+    if torch.compiler.is_compiling():
+        # traced: the custom ops serve, except inside a traced torch.func transform (they have no batching rule)
+        # (the wrapped-tensor call below would break the graph)
+        return func_transform_active()
+    if getattr(_fwad, "_current_level", -1) >= 0 or func_transform_active():
         return True
     wrapped = _is_wrapped
     return wrapped is not None and any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors)
 
 
+def func_transform_active() -> bool:
+    """A torch.func transform (vmap, grad, jvp, ...) is active, eager or traced by torch.compile (dynamo runs
+    the transform's layers while tracing, and folds this depth to a constant with a guard)."""
+    return _functorch_depth is not None and _functorch_depth() > 0
+
+
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+_functorch_depth = getattr(getattr(torch._C, "_functorch", None), "get_dynamic_layer_stack_depth", None)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:

@@ -28,6 +28,27 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+_functorch = getattr(torch._C, "_functorch", None)
+
+
+def _vmapped(t) -> bool:
+    """Batched by torch.func.vmap at some level of the transforms wrapping ``t`` (vmap(grad(...)) too): it
+    holds one value per mapped sample, so its values cannot be read back (bool() and .tolist() raise) and
+    value checks skip it.  Under grad/jvp alone values read back as usual: the checks run there."""
+    if _functorch is None or not isinstance(t, torch.Tensor):
+        return False
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            return True
+        t = _functorch.get_unwrapped(t)
+    return False
+
+
+def _time_text(t: torch.Tensor) -> str:
+    """A model time for an error message; a vmapped time has one value per mapped sample and cannot be read."""
+    return "vmapped" if _vmapped(t) else f"{float(t.detach()):.6g}"
+
+
 class ModelOutputError(RuntimeError):
     """A wrapped network returned something unusable (wrong shape, NaN/Inf)."""
 
@@ -119,7 +140,7 @@ class DiffusionModel(torch.nn.Module):
             if not bool(ok.all()):
                 step, t, _ = pending[int((~ok).nonzero()[0, 0])]
                 where = f" at step {step}" if step is not None else ""
-                raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t):.6g})")
+                raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)})")
 
     # -------------------------------------------------------------------------------------------
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -208,7 +229,7 @@ class DiffusionModel(torch.nn.Module):
         if not isinstance(out, torch.Tensor):
             raise ModelOutputError(f"model returned {type(out).__name__}{where}, expected a tensor")
         if out.shape != x.shape:
-            raise ModelOutputError(f"model output has shape {tuple(out.shape)}{where} (t={float(t):.6g}), "
+            raise ModelOutputError(f"model output has shape {tuple(out.shape)}{where} (t={_time_text(t)}), "
                                    f"expected the input's shape {tuple(x.shape)}")
         if not out.is_floating_point():
             # an integer/bool/complex output would be cast silently and carry no gradient: the
@@ -218,12 +239,12 @@ class DiffusionModel(torch.nn.Module):
             out = out.to(x.dtype)
         # checked after the cast, on the values the solver uses: a float32 output beyond float16's range
         # becomes Inf in a float16 state.  The finite check syncs with the device, and cannot be traced:
-        # skipped inside torch.compile
-        if self.check_output and not _compiling():
+        # skipped inside torch.compile, and for a vmapped output (no value to read back)
+        if self.check_output and not _compiling() and not _vmapped(out):
             if self._deferred is not None:  # read back once, when the sample call ends
                 self._deferred.append((step, t.detach(), torch.isfinite(out).all()))
             elif not torch.isfinite(out).all():
-                raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t.detach()):.6g})")
+                raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)})")
         s = self.schedule
         p = self.prediction
         want_x0, want_eps = returns != "eps", returns != "x0"

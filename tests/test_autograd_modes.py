@@ -144,7 +144,7 @@ def test_torch_func_grad_and_jvp_through_a_fused_sampler():
 
 def test_vmap_over_x_T_through_the_reference_sampler():
     """The x_T NaN/Inf check reads x_T back: skipped under vmap (no read-back of a batched tensor), as the
-    model-output check is with check_output=False."""
+    model-output check is (here it is off as well)."""
     _, mix = _model()
     model = ld3_ext.wrap_model(lambda x, s: torch.tanh(x / (1 + s.reshape(-1, 1))), SCHED, prediction="x0",
                                time_input="sigma", check_output=False)
@@ -158,6 +158,187 @@ def test_vmap_over_x_T_through_the_reference_sampler():
     got = torch.func.vmap(lambda x: F.sample(model, x, sig, solver=euler, check_output=False))(xs)
     torch.testing.assert_close(got, torch.stack([F.sample(model, x, sig, solver=euler) for x in xs]),
                                rtol=1e-12, atol=1e-12)
+
+
+SOLVERS = {"dpmpp1": lambda b: ld3_ext.DPMSolverPP(order=1, backend=b),
+           "dpmpp2": lambda b: ld3_ext.DPMSolverPP(order=2, backend=b),
+           "dpmpp3": lambda b: ld3_ext.DPMSolverPP(order=3, backend=b),
+           "unipc": lambda b: ld3_ext.UniPC(order=3, backend=b),
+           "ipndm": lambda b: ld3_ext.IPNDM(order=4, backend=b),
+           "euler": lambda b: ld3_ext.Euler(backend=b),
+           "heun": lambda b: ld3_ext.Heun(backend=b)}
+
+
+def _tanh_model(check_output=True):
+    return ld3_ext.wrap_model(lambda x, s: torch.tanh(x / (1 + s.reshape(-1, 1))), SCHED, prediction="x0",
+                              time_input="sigma", check_output=check_output)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_vmap_over_x_T_through_the_fused_sampler(name):
+    """While a torch.func transform is active, autograd.Function.apply refuses the kernels' Functions even on
+    plain inputs (the grid, while vmap maps x_T): the fused backend takes the reference's ops there."""
+    model = _tanh_model(check_output=False)
+    xs = torch.randn(3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) * 80
+    solver = SOLVERS[name]("fused")
+    got = torch.func.vmap(lambda x: solver.sample(model, x, GRID))(xs)
+    torch.testing.assert_close(got, torch.stack([solver.sample(model, x, GRID) for x in xs]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("name", SOLVERS)
+def test_vmap_over_every_sample_input_with_the_output_check_on(name, backend):
+    """vmap over x_T, timesteps or model_timesteps: the value checks (model outputs, x_T, the grids) skip the
+    vmapped tensors, which hold one value per mapped sample and cannot be read back; the samples are the loop's."""
+    model = _tanh_model()
+    solver = SOLVERS[name](backend)
+    xs = torch.randn(3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 80
+    grids = torch.stack([GRID, GRID * 0.9, GRID.pow(0.95)])
+    for f, batch in ((lambda x: solver.sample(model, x, GRID), xs),
+                     (lambda t: solver.sample(model, xs[0], t), grids),
+                     (lambda tm: solver.sample(model, xs[0], GRID, tm), grids)):
+        want = torch.stack([f(b) for b in batch])
+        torch.testing.assert_close(torch.func.vmap(f)(batch), want, rtol=1e-12, atol=1e-12)
+
+
+def test_wrong_output_shape_under_vmap_over_the_grids_is_named():
+    """The error message reads the model time back: a vmapped time is named as such, not read."""
+    bad = ld3_ext.wrap_model(lambda x, s: x[..., :1], SCHED, prediction="x0", time_input="sigma")
+    solver = ld3_ext.DPMSolverPP(order=3)
+    x = torch.randn(2, 2, dtype=torch.float64)
+    grids = torch.stack([GRID, GRID * 0.9])
+    with pytest.raises(ld3_ext.wrappers.ModelOutputError, match=r"shape \(2, 1\) at step 0 \(t=vmapped\)"):
+        torch.func.vmap(lambda tm: solver.sample(bad, x, GRID, tm))(grids)
+    with pytest.raises(ld3_ext.wrappers.ModelOutputError, match=r"shape \(2, 1\) at step 0 \(t=vmapped\)"):
+        torch.func.vmap(lambda t: solver.sample(bad, x, t))(grids)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_vmap_over_x_through_functional_sample(backend):
+    from ld3_ext import functional as F
+    xs = torch.randn(3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) * 80
+    sig = SCHED.edm_sigma(GRID)
+    denoiser = lambda x, s: torch.tanh(x / (1 + s.reshape(-1, 1)))  # noqa: E731 -- checked by functional itself
+    for net, sigmas in ((_tanh_model(), sig), (denoiser, sig), (denoiser, torch.cat([sig, sig.new_zeros(1)]))):
+        for solver in ("dpmpp_3m", "heun", "unipc", "ipndm"):
+            def f(x):
+                return F.sample(net, x, sigmas, solver=solver, backend=backend)
+            torch.testing.assert_close(torch.func.vmap(f)(xs), torch.stack([f(x) for x in xs]), rtol=1e-12, atol=1e-12)
+
+
+def test_vmap_over_a_k_diffusion_loop_on_to_denoiser():
+    """to_denoiser's sigma checks read the sigma back: skipped for a vmapped sigma (k-diffusion's
+    sigma * x.new_ones([B]) under vmap over x), so the loop's samples come out."""
+    from ld3_ext import functional as F
+    denoiser = F.to_denoiser(_tanh_model())
+    sigmas = SCHED.edm_sigma(GRID)
+
+    def euler(x):  # k-diffusion's sample_euler, deterministic
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(sigmas.numel() - 1):
+            x = x + (x - denoiser(x, sigmas[i] * s_in)) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        return x
+    xs = torch.randn(3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(13)) * 80
+    torch.testing.assert_close(torch.func.vmap(euler)(xs), torch.stack([euler(x) for x in xs]), rtol=1e-12, atol=1e-12)
+
+
+def test_functional_sample_refuses_vmapped_sigmas_by_name():
+    """functional.sample builds its schedule from the sigmas' values: a vmapped grid is refused, naming it."""
+    from ld3_ext import functional as F
+    x = torch.randn(2, 2, dtype=torch.float64)
+    sigmas = torch.stack([SCHED.edm_sigma(GRID)] * 2)
+    with pytest.raises(ValueError, match="sigmas cannot be vmapped"):
+        torch.func.vmap(lambda s: F.sample(_tanh_model(), x, s))(sigmas)
+    with pytest.raises(ValueError, match="model_sigmas cannot be vmapped"):
+        torch.func.vmap(lambda s: F.sample(_tanh_model(), x, sigmas[0], model_sigmas=s))(sigmas)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("name", ["dpmpp3", "unipc", "heun"])
+def test_torch_func_over_network_parameters(name, backend):
+    """torch.func.functional_call: an ensemble of networks vmapped over their stacked parameters, and the
+    gradient w.r.t. the parameters, match the loop and torch.autograd."""
+    nets = [torch.nn.Linear(2, 2, dtype=torch.float64) for _ in range(3)]
+    for k, net in enumerate(nets):
+        torch.nn.init.normal_(net.weight, std=0.5, generator=torch.Generator().manual_seed(10 + k))
+
+    def model_with(net, params):
+        def fn(x, s):
+            return torch.tanh(torch.func.functional_call(net, params, (x,)) / (1 + s.reshape(-1, 1)))
+        return ld3_ext.wrap_model(fn, SCHED, prediction="x0", time_input="sigma")
+    solver = SOLVERS[name](backend)
+    x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 80
+    stacked, _ = torch.func.stack_module_state(nets)
+    got = torch.func.vmap(lambda p: solver.sample(model_with(nets[0], p), x, GRID))(stacked)
+    want = torch.stack([solver.sample(model_with(n, dict(n.named_parameters())), x, GRID) for n in nets])
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    params = {k: v.detach() for k, v in nets[0].named_parameters()}
+    got = torch.func.grad(lambda p: solver.sample(model_with(nets[0], p), x, GRID).pow(2).sum())(params)
+    out = solver.sample(model_with(nets[0], dict(nets[0].named_parameters())), x, GRID).pow(2).sum()
+    want = torch.autograd.grad(out, [nets[0].weight, nets[0].bias])
+    torch.testing.assert_close((got["weight"], got["bias"]), want, rtol=1e-10, atol=1e-12)
+
+
+def test_value_checks_still_run_under_grad_and_jvp():
+    """Only vmapped tensors skip the value checks: under grad/jvp the values read back, so bad input is named."""
+    from ld3_ext import functional as F
+    x = torch.randn(2, 2, dtype=torch.float64) * 80
+    bad_x = x.clone()
+    bad_x[0, 0] = float("nan")
+    solver = ld3_ext.DPMSolverPP(order=3, backend="fused")
+    with pytest.raises(ValueError, match="x_T: contains NaN or Inf"):
+        torch.func.grad(lambda x: solver.sample(_tanh_model(), x, GRID).sum())(bad_x)
+    with pytest.raises(ValueError, match="x contains NaN/Inf"):
+        torch.func.grad(lambda x: F.sample(_tanh_model(), x, SCHED.edm_sigma(GRID)).sum())(bad_x)
+    with pytest.raises(ValueError, match="timesteps: must be strictly decreasing"):
+        torch.func.grad(lambda t: solver.sample(_tanh_model(), x, t).sum())(GRID.flip(0))
+    with pytest.raises(ValueError, match="coefficient_table: timesteps: must be strictly decreasing"):
+        torch.func.grad(lambda t: fused.coefficient_table(SCHED, t, SolverSpec("dpmpp", 3)).sum())(GRID.flip(0))
+    nan_model = ld3_ext.wrap_model(lambda x, s: x * float("nan"), SCHED, prediction="x0", time_input="sigma")
+    with pytest.raises(ld3_ext.wrappers.ModelOutputError, match="NaN/Inf at step 0"):
+        torch.func.jvp(lambda x: solver.sample(nan_model, x, GRID), (x,), (x,))
+
+
+@pytest.mark.parametrize("name", ["dpmpp3", "unipc", "ipndm", "euler", "heun"])
+def test_grid_made_under_inference_mode_gives_the_references_gradient(name):
+    """A grid (or model times) made under torch.inference_mode cannot be saved for backward: the whole-sampler
+    node declines it and the fused backend gives the reference's gradient w.r.t. x_T instead of failing."""
+    with torch.inference_mode():
+        grid = GRID.clone()
+        model_times = GRID * 0.99
+    x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(11)) * 80
+    for tm in (None, model_times):
+        grads = {}
+        for backend in ("fused", "reference"):
+            xx = x.clone().requires_grad_()
+            SOLVERS[name](backend).sample(_tanh_model(), xx, grid, tm).pow(2).sum().backward()
+            grads[backend] = xx.grad
+        assert grads["fused"].abs().max() > 1e-3
+        torch.testing.assert_close(grads["fused"], grads["reference"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("name", ["dpmpp3", "unipc", "heun"])
+def test_checkpoint_model_under_torch_func_grad(name, backend):
+    """torch.func.grad/jacrev/hessian disable the saved-tensor hooks that checkpointing uses: there the network
+    evaluations keep their graphs, with the gradients of checkpoint_model=False.  Likewise under vmap, whose
+    batched tensors a later backward's recomputation could not use."""
+    model = _tanh_model()
+    x = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(12)) * 80
+    plain, ckpt = SOLVERS[name](backend), SOLVERS[name](backend)
+    ckpt.checkpoint_model = True
+    for transform in (lambda s: torch.func.grad(lambda x: s.sample(model, x, GRID).pow(2).sum())(x),
+                      lambda s: torch.func.jacrev(lambda t: s.sample(model, x, t))(GRID),
+                      lambda s: torch.func.hessian(lambda x: s.sample(model, x, GRID).pow(2).sum())(x)):
+        want = transform(plain)
+        assert want.abs().max() > 1e-5
+        torch.testing.assert_close(transform(ckpt), want, rtol=1e-12, atol=1e-12)
+    grads = []
+    for solver in (plain, ckpt):
+        xs = torch.stack([x, -x]).requires_grad_()
+        torch.func.vmap(lambda x: solver.sample(model, x, GRID))(xs).pow(2).sum().backward()
+        grads.append(xs.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------

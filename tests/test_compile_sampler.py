@@ -9,7 +9,9 @@ pytestmark = pytest.mark.skipif(not ld3_ext.native_available(), reason="needs th
 
 
 @pytest.mark.parametrize("solver", [ld3_ext.DPMSolverPP(order=3, backend="fused"),
-                                    ld3_ext.UniPC(order=3, variant="bh2", backend="fused")], ids=["dpmpp3m", "unipc3"])
+                                    ld3_ext.UniPC(order=3, variant="bh2", backend="fused"),
+                                    ld3_ext.DPMSolverPP(order=3, backend="fused", checkpoint_model=True)],
+                         ids=["dpmpp3m", "unipc3", "dpmpp3m-checkpointed"])
 def test_fullgraph_compile_matches_eager_with_gradients(solver):
     s = ld3_ext.EDM()
     model = ld3_ext.wrap_model(lambda x, t: x / (1.0 + t.reshape(-1, 1, 1, 1) ** 2), s, prediction="x0")
@@ -23,3 +25,36 @@ def test_fullgraph_compile_matches_eager_with_gradients(solver):
     out.square().sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(t_comp.grad, t_eager.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", [ld3_ext.DPMSolverPP(order=3, backend="fused"),
+                                    ld3_ext.UniPC(order=3, backend="fused")], ids=["dpmpp3m", "unipc3"])
+def test_fullgraph_compile_of_a_vmapped_sampler(solver):
+    """Inside a traced torch.func.vmap the custom ops (no batching rule) give way to the reference's ops."""
+    s = ld3_ext.EDM()
+    model = ld3_ext.wrap_model(lambda x, t: x / (1.0 + t.reshape(-1, 1) ** 2), s, prediction="x0")
+    xs = torch.randn(3, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = D.logsnr_uniform(s, 5)
+    grids = torch.stack([t, 0.9 * t + 0.1 * t[-1]])  # both in the schedule's range
+    by_x = torch.compile(torch.func.vmap(lambda x: solver.sample(model, x, t)), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(by_x(xs), torch.stack([solver.sample(model, x, t) for x in xs]), rtol=1e-12, atol=1e-12)
+    by_t = torch.compile(torch.func.vmap(lambda g: solver.sample(model, xs[0], g)), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(by_t(grids), torch.stack([solver.sample(model, xs[0], g) for g in grids]),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_compile_of_torch_func_transforms_with_checkpoint_model(backend):
+    """Inside a traced torch.func transform the network evaluations are not checkpointed (as in eager: grad
+    disables the saved-tensor hooks checkpointing needs); the results are the uncompiled transform's."""
+    s = ld3_ext.EDM()
+    model = ld3_ext.wrap_model(lambda x, t: x / (1.0 + t.reshape(-1, 1) ** 2), s, prediction="x0")
+    solver = ld3_ext.DPMSolverPP(order=3, backend=backend, checkpoint_model=True)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t = D.logsnr_uniform(s, 5)
+    for transform, arg in ((torch.func.grad(lambda x: solver.sample(model, x, t).square().sum()), x),
+                           (torch.func.vmap(lambda x: solver.sample(model, x, t)), x[:, None])):
+        want = transform(arg)
+        torch._dynamo.reset()  # a fresh trace for each transform
+        got = torch.compile(transform, backend="aot_eager")(arg)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -13,7 +13,7 @@ from .. import adjoint, ops
 from .._checks import count, flag
 from ..coefficients import SolverSpec, step_orders
 from ..schedules import NoiseSchedule
-from ..wrappers import DiffusionModel, _capturing, _compiling
+from ..wrappers import DiffusionModel, _capturing, _compiling, _vmapped
 
 
 def _fail(name: str, msg: str):
@@ -31,16 +31,12 @@ def _dense(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 
 
-def _func_wrapped(t: torch.Tensor) -> bool:
-    """Wrapped by a torch.func transform (vmap, grad, jvp): its values cannot be read back."""
-    return ops._is_wrapped is not None and ops._is_wrapped(t)
-
-
 def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, name: str = "timesteps",
                        check_range: bool = True, min_len: int = 2, values: bool = True) -> torch.Tensor:
     """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing).
 
-    ``values=False`` keeps the checks that read no tensor value (type, shape, dtype, device)."""
+    ``values=False`` keeps the checks that read no tensor value (type, shape, dtype, device); a vmapped grid
+    (one grid per mapped sample) has no values to read back and gets only those too."""
     # needed without check_range too: the values are checked to lie where the schedule is defined
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be an ld3_ext NoiseSchedule (the range of {name}), got "
@@ -59,7 +55,7 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
     if x_T is not None:
         _no_meta("x_T", x_T)  # on the device of timesteps: name the state first
     _no_meta(name, timesteps)
-    if not values:
+    if not values or _vmapped(timesteps):
         return timesteps
     # one read-back for every value check (one host sync on a GPU, instead of one per check);
     # a grid has tens to thousands of entries, so the checks in Python cost microseconds
@@ -106,7 +102,7 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
     if model_timesteps.device != timesteps.device:
         _fail(name, f"is on {model_timesteps.device} but timesteps is on {timesteps.device}")
     _no_meta(name, model_timesteps)
-    if not values:
+    if not values or _vmapped(model_timesteps):  # a vmapped grid: no values to read back
         return model_timesteps
     md = model_timesteps.detach()
     if not torch.isfinite(md).all():
@@ -214,9 +210,9 @@ class Solver:
         values = not (compiling or _capturing())
         validate_timesteps(schedule, timesteps, x_T, values=values)
         # a NaN/Inf start would surface as "model returned NaN/Inf at step 0" (blaming the network) or, for a
-        # network that ignores it, as a silently NaN sample.  Not under a torch.func transform: a vmapped
-        # x_T cannot be read back (data-dependent control flow)
-        if values and not _func_wrapped(x_T) and not bool(torch.isfinite(x_T.detach()).all()):
+        # network that ignores it, as a silently NaN sample.  Not for a vmapped x_T: it cannot be read back
+        # (data-dependent control flow)
+        if values and not _vmapped(x_T) and not bool(torch.isfinite(x_T.detach()).all()):
             _fail("x_T", "contains NaN or Inf")
         if timesteps.numel() - 1 < self.min_steps():
             raise ValueError(f"timesteps: {type(self).__name__} needs at least {self.min_steps() + 1} entries")
@@ -233,7 +229,10 @@ class Solver:
 
     def _evaluate(self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, step: int,
                   kwargs: Dict[str, Any], returns: str = "both"):
-        if self.checkpoint_model and torch.is_grad_enabled():
+        # no checkpointing under a torch.func transform (eager or compiled): grad/vjp/jacrev/hessian disable the
+        # saved-tensor hooks it is built on, and under vmap a later backward's recomputation meets escaped batched
+        # tensors.  The evaluation keeps its graph there (the memory of checkpoint_model=False)
+        if self.checkpoint_model and torch.is_grad_enabled() and not ops.func_transform_active():
             return _checkpoint(lambda xx, tt: model.predict(xx, tt, step=step, returns=returns, **kwargs), x, t,
                                use_reentrant=False)
         return model.predict(x, t, step=step, returns=returns, **kwargs)
