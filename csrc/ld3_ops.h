@@ -38,7 +38,7 @@ GradTuple multistep_backward_cpu(const at::Tensor& grad, const at::Tensor& x, co
 // One reverse step of the whole-sampler adjoint (ld3_ext/adjoint.py): returns gm = sum_j w_j L_j,
 // writes L_0 = scale*lam_prev + v into v when v is given, and dots = [<L_0,x>, <L_j,m>...] when
 // dots is given.  Undefined tensors stand for "absent".  The written tensors (v, dots) share no
-// memory with any other argument.
+// memory with any other argument.  gm takes v's layout (v is dense), else lam_prev's.
 struct AdjointArgs {
   int64_t J;
   bool has_v;

@@ -172,6 +172,28 @@ def test_update_keeps_the_layout_of_dense_inputs(emu, dtype, layouts):
     _dots_close(ge[1], want_dots, dtype, grad.double().abs() * x.double().abs())
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "permuted"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_adjoint_step_keeps_the_layout_of_v(emu, layout, mixed):
+    """The step runs in v's layout (v is written in place); inputs laid out otherwise are copied."""
+    g = torch.Generator().manual_seed(22)
+    shape = (2, 8, 24, 25)
+    make = lambda lay: _in_layout(_randn(2 * 8 * 24 * 25, torch.float32, g).view(shape), lay)  # noqa: E731
+    other = "contiguous" if mixed else layout
+    lam, v, x, m, o = make(other), make(layout), make(other), make(layout), make(other)
+    w = torch.randn(3, generator=g, dtype=torch.float64)
+    sc = torch.tensor([0.7], dtype=torch.float64)
+    res = []
+    for fn in (emu.multistep_adjoint, C.multistep_adjoint):
+        vv = v.clone()
+        dots = torch.zeros(4, dtype=torch.float64)
+        res.append((fn(lam, vv, sc, [o], x, m, w, dots), vv, dots))
+    (gm_e, v_e, d_e), (gm_c, v_c, d_c) = res
+    assert gm_e.stride() == gm_c.stride() == v.stride() and v_e.stride() == v.stride()
+    assert torch.equal(gm_e, gm_c) and torch.equal(v_e, v_c)
+    _dots_close(d_e, d_c, torch.float32, lam.double().abs() * x.double().abs())
+
+
 def test_update_empty_and_bad_input(emu):
     e = torch.empty(0, 4)
     c = torch.ones(4, dtype=torch.float64)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ld3_ext import _native, fused
+import ld3_ext
+from ld3_ext import _native, adjoint, fused
 from ld3_ext.ops import multistep_update_reference
+from conftest import random_decreasing_grid
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.skipif(not _native.native_available(), reason="needs the native extension")]
@@ -151,3 +153,76 @@ def test_backward_with_a_grad_laid_out_otherwise():
     _close(gms[1], coef[2] * g, torch.float64)
     want = torch.stack([(g * t).sum() for t in (x, *hist)])
     _close(gc[:3], want, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole-sampler adjoint step
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_adjoint_step_keeps_the_layout(layout, dtype, mixed):
+    gen = torch.Generator().manual_seed(5)
+    make = lambda: LAYOUTS[layout](gen, dtype)  # noqa: E731
+    lam_prev, v, x, m = make(), make(), make(), make()
+    older = [make(), make()]
+    if mixed:  # everything but v in another layout: read through copies in v's layout
+        lam_prev, x, older[1] = lam_prev.contiguous(), x.contiguous(), older[1].contiguous()
+    w = torch.randn(4, generator=gen, dtype=torch.float64)
+    scale = torch.tensor([0.7], dtype=torch.float64)
+    v_n, v_r = v.clone(), v.clone()
+    d_n, d_r = (torch.zeros(5, dtype=torch.float64) for _ in range(2))
+    gm_n = _native._C.multistep_adjoint(lam_prev, v_n, scale, older, x, m, w, d_n)
+    gm_r = adjoint.adjoint_step_reference(lam_prev, v_r, scale, older, x, m, w, d_r)
+    assert v_n.stride() == v.stride() and gm_n.stride() == v.stride()
+    _close(v_n, v_r, dtype)
+    _close(gm_n, gm_r, dtype)
+    scale = max(float((a.double() * b.double()).abs().sum()) for a in (v_r, lam_prev, *older) for b in (x, m))
+    torch.testing.assert_close(d_n, d_r, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+    # without v the step runs in lam_prev's layout
+    gm_n = _native._C.multistep_adjoint(lam_prev, None, None, older[:1], x, m, w[:2], None)
+    gm_r = adjoint.adjoint_step_reference(lam_prev, None, None, older[:1], x, m, w[:2], None)
+    assert gm_n.stride() == lam_prev.stride()
+    _close(gm_n, gm_r, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# a whole sample call in channels_last
+# ----------------------------------------------------------------------------------------------
+def _layout_recording_model(schedule, seen):
+    gen = torch.Generator().manual_seed(0)
+    scale = 0.5 + torch.rand(1, SHAPE4[1], 1, 1, generator=gen, dtype=torch.float64)
+
+    def net(x, t):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        # element-wise (keeps the layout, as a channels_last UNet does), non-linear in x and t
+        return torch.tanh(x * scale) * (1.0 + 0.05 * torch.log1p(t.reshape(-1, 1, 1, 1).abs()))
+    return ld3_ext.wrap_model(net, schedule, prediction="x0")
+
+
+@pytest.mark.parametrize("solver", [lambda b: ld3_ext.DPMSolverPP(order=3, backend=b),
+                                    lambda b: ld3_ext.UniPC(order=2, backend=b)], ids=["dpmpp3", "unipc2"])
+def test_sampler_keeps_channels_last_end_to_end(solver):
+    schedule = ld3_ext.EDM()
+    t = random_decreasing_grid(80.0, 0.002, 6, seed=1)
+    x_T = 80.0 * _channels_last(torch.Generator().manual_seed(6), torch.float64)
+    g = torch.empty_like(x_T).copy_(torch.randn(SHAPE4, generator=torch.Generator().manual_seed(7),
+                                                dtype=torch.float64))
+    results = {}
+    for backend in ("fused", "reference"):
+        seen = []
+        model = _layout_recording_model(schedule, seen)
+        with torch.no_grad():
+            y = solver(backend).sample(model, x_T, t)
+        assert all(seen) and len(seen) >= 6, (backend, seen)  # every model call saw channels_last
+        assert y.is_contiguous(memory_format=torch.channels_last), backend
+        # the backward: the whole-sampler adjoint on the fused path
+        xx, tt = x_T.clone().requires_grad_(), t.clone().requires_grad_()
+        seen.clear()
+        y = solver(backend).sample(model, xx, tt)
+        gx, gt = torch.autograd.grad(y, [xx, tt], g)
+        assert all(seen), (backend, seen)  # the backward's re-evaluations too
+        assert gx.is_contiguous(memory_format=torch.channels_last), backend
+        results[backend] = (y.detach(), gx, gt)
+    for a, b in zip(results["fused"], results["reference"]):
+        assert (a - b).abs().max().item() <= 1e-12 * b.abs().max().item() + 1e-13
