@@ -1,11 +1,12 @@
 // Host-side plumbing of the adjoint-step kernel shared by the CPU and CUDA launchers: the pointer
-// bundle the loops read, and the contiguous inputs it points into.
+// bundle the loops read, and the inputs it points into, all in one dense layout (dense_layout.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <vector>
 
+#include "dense_layout.h"
 #include "ld3_ops.h"
 #include "solver_coefficients.h"
 
@@ -23,29 +24,33 @@ struct AdjointPtrs {
   const double* w;
 };
 
-// Contiguous versions of exactly the inputs the step reads (keeps copies alive for the pointers).
+// Exactly the inputs the step reads, in the step's layout (keeps copies alive for the pointers).
 struct AdjointInputs {
   at::Tensor lam_prev, x, m, w, scale;
   std::vector<at::Tensor> older;
 };
 
-// The step's output gm (undefined when w is empty); true when there is nothing to compute
-// (zero-size tensors: dots are zeroed).
-inline bool adjoint_output(const AdjointArgs& a, const at::Tensor& lam_prev, const at::Tensor& dots, at::Tensor& gm) {
-  gm = a.J > 0 ? at::empty_like(lam_prev, at::MemoryFormat::Contiguous) : at::Tensor();
-  if (lam_prev.numel() != 0) return false;
+// The step's output gm (undefined when w is empty), in the step's layout (v's, else that of the
+// inputs `in`); true when there is nothing to compute (zero-size tensors: dots are zeroed).
+inline bool adjoint_output(const AdjointArgs& a, const AdjointInputs& in, const at::Tensor& v, const at::Tensor& dots,
+                           at::Tensor& gm) {
+  gm = a.J > 0 ? at::empty_like(a.has_v ? v : in.lam_prev) : at::Tensor();
+  if (in.lam_prev.numel() != 0) return false;
   if (a.need_dots) dots.narrow(0, 0, 1 + a.J).zero_();
   return true;
 }
 
-inline AdjointInputs contiguous_adjoint_inputs(const AdjointArgs& a, const at::Tensor& lam_prev,
-                                               const at::Tensor& scale, const std::vector<at::Tensor>& older,
-                                               const at::Tensor& x, const at::Tensor& m, const at::Tensor& w) {
+// The step runs in v's layout (v is written in place, so it is dense: check_adjoint_args), else in
+// lam_prev's; inputs laid out otherwise are copied into it.
+inline AdjointInputs adjoint_inputs(const AdjointArgs& a, const at::Tensor& lam_prev, const at::Tensor& v,
+                                    const at::Tensor& scale, const std::vector<at::Tensor>& older,
+                                    const at::Tensor& x, const at::Tensor& m, const at::Tensor& w) {
   AdjointInputs in;
-  in.lam_prev = lam_prev.contiguous();
-  for (const auto& o : older) in.older.push_back(o.contiguous());
-  if (a.need_dots) in.x = x.contiguous();
-  if (a.need_dots && a.J > 0) in.m = m.contiguous();
+  in.lam_prev = a.has_v ? in_layout_of(lam_prev, v) : dense_or_copy(lam_prev);
+  const at::Tensor& like = in.lam_prev;
+  for (const auto& o : older) in.older.push_back(in_layout_of(o, like));
+  if (a.need_dots) in.x = in_layout_of(x, like);
+  if (a.need_dots && a.J > 0) in.m = in_layout_of(m, like);
   in.w = w.contiguous();
   if (a.has_v) in.scale = scale.contiguous();
   return in;

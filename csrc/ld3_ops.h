@@ -25,19 +25,20 @@ void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver
 void check_table_backward_args(const at::Tensor& jac, const at::Tensor& grad);
 
 // x_next = a*x + sum_k b_k*m_k with coef = [a, b_0, ...] (float64, on x's device).
-// `out` (contiguous, may alias x) is written in place when given.
+// `out` (any layout, may alias x) is written in place when given; otherwise the result takes x's layout
+// (x's dimension order, dense, when x is sliced; csrc/dense_layout.h).
 at::Tensor multistep_forward_cpu(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history,
                                  const at::Tensor& out);
 // Float32 CPU update outputs of at least `bytes` are written with non-temporal stores (-1: never;
 // the default is the core's L2 size, at least 8 MiB); returns the previous setting.
 int64_t set_stream_min_bytes(int64_t bytes);
-// (grad_x, grad_coef, grad_history); undefined tensors where not requested.
+// (grad_x, grad_coef, grad_history) in grad's layout; undefined tensors where not requested.
 GradTuple multistep_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& coef,
                                  const std::vector<at::Tensor>& history, bool need_x, bool need_coef, bool need_hist);
 // One reverse step of the whole-sampler adjoint (ld3_ext/adjoint.py): returns gm = sum_j w_j L_j,
 // writes L_0 = scale*lam_prev + v into v when v is given, and dots = [<L_0,x>, <L_j,m>...] when
 // dots is given.  Undefined tensors stand for "absent".  The written tensors (v, dots) share no
-// memory with any other argument.
+// memory with any other argument.  gm takes v's layout (v is dense), else lam_prev's.
 struct AdjointArgs {
   int64_t J;
   bool has_v;

@@ -231,7 +231,9 @@ class _WholeSampler(torch.autograd.Function):
         tab = table.detach()
         n = len(plan.orders)
         dev = grad.device
-        grad = grad.contiguous()
+        if not _non_overlapping_and_dense(grad):
+            # e.g. the expand()ed grad of a sum(): one copy here, not one in each step that reads it
+            grad = torch.empty_like(grad).copy_(grad)
         # weights[i, j] = b_{i+j, j}: zero-padded past the last step, gaps zeroed (rare patterns).
         # Tensor methods (narrow, select, split) instead of t[...] indexing and assignment: this runs
         # once per step, and Python's indexing machinery costs microseconds a call.
@@ -368,9 +370,21 @@ def _model_vjp(ctx, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, w
     res = _vjp(out, inputs, gm)
     v = res[0] if want_x else None
     gt = res[-1] if want_t else None
-    if v is not None and not (v.is_contiguous() and v.dtype == gm.dtype):
-        v = v.contiguous().to(gm.dtype)  # the next reverse step writes lambda_i into v in place
+    if v is not None and not (v.stride() == gm.stride() and v.dtype == gm.dtype):
+        # the next reverse step writes lambda_i into v in place, in its layout: the layout of the step (gm's)
+        v = torch.empty_like(gm).copy_(v)
     return v, gt
+
+
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (any dimension order), as ATen's is_non_overlapping_and_dense: the adjoint
+    kernel runs in such a tensor's own layout (csrc/dense_layout.h)."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def unipc_as_multistep(coef: torch.Tensor, orders: Sequence[int]):

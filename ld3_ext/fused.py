@@ -126,7 +126,10 @@ def coefficient_table(schedule, t64: torch.Tensor, spec: SolverSpec, *, validate
 
 def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torch.Tensor],
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a*x + sum_k b_k*history[k] with coef = [a, b_0, ...]; ``out`` (may be ``x``) needs no autograd."""
+    """a*x + sum_k b_k*history[k] with coef = [a, b_0, ...]; ``out`` (may be ``x``) needs no autograd.
+
+    The result has x's memory layout when x is dense (e.g. channels_last), as the eager ops' result does;
+    inputs laid out like x are read in place, others through a copy in x's layout."""
     history = as_history(history)
     if _C is not None and type(coef) is torch.Tensor and coef.dtype == torch.float64 \
             and type(x) is torch.Tensor and (x.is_cpu or (x.is_cuda and _native.native_cuda_available())) \
@@ -221,7 +224,7 @@ def _register_ops() -> None:
 
     @_update_op.register_fake
     def _(x, coef, history):
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return torch.empty_like(x)  # the kernel's output takes x's layout (csrc/dense_layout.h)
 
     @torch.library.custom_op(f"{lib}::multistep_update_backward", mutates_args=())
     def _update_bwd_op(grad: torch.Tensor, x: torch.Tensor, coef: torch.Tensor,
@@ -231,9 +234,10 @@ def _register_ops() -> None:
 
     @_update_bwd_op.register_fake
     def _(grad, x, coef, history):
-        def like_x():
-            return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        return like_x(), torch.empty(coef.shape, dtype=coef.dtype, device=coef.device), [like_x() for _ in history]
+        def like_grad():  # the kernel's grads take grad's layout (csrc/dense_layout.h)
+            return torch.empty_like(grad)
+        return like_grad(), torch.empty(coef.shape, dtype=coef.dtype, device=coef.device), \
+            [like_grad() for _ in history]
 
     def _update_setup(ctx, inputs, output):
         x, coef, history = inputs

@@ -109,7 +109,7 @@ def test_kernel_empty_tensors():
     ("dots_in_older", "dots must not share memory with older"),
     ("too_many_w", "weights but only"),
     ("w_dtype", "w must be a 1-D float64"),
-    ("noncontig_v", "must be contiguous"),
+    ("noncontig_v", "must be non-overlapping and dense"),
     ("shape", "has shape"),
     ("dtype", "has dtype"),
     ("no_x", "x is needed"),

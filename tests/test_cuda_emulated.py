@@ -131,6 +131,69 @@ def test_update_out_aliases_and_non_contiguous_input(emu):
     assert gc.shape == (5,) and torch.all(gc[3:] == 0)
 
 
+def _in_layout(t, layout):
+    """t (values unchanged) stored channels_last, in a permuted order, or sliced (not dense)."""
+    if layout == "channels_last":
+        return t.to(memory_format=torch.channels_last)
+    if layout == "permuted":
+        return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    if layout == "sliced":
+        return torch.cat([t, t], dim=3)[..., ::2].copy_(t)
+    return t.contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layouts", [("channels_last",) * 4, ("permuted",) * 4,
+                                     ("channels_last", "contiguous", "sliced", "channels_last")],
+                         ids=["channels_last", "permuted", "mixed"])
+def test_update_keeps_the_layout_of_dense_inputs(emu, dtype, layouts):
+    """x, history and grad laid out alike are walked in place and the outputs keep that layout, as on the
+    CPU (csrc/dense_layout.h); others are copied into x's (grad's) layout.  Several blocks' worth."""
+    g = torch.Generator().manual_seed(21)
+    shape = (2, 8, 24, 25)  # > 2 blocks, a ragged tail
+    x, h0, h1, grad = (_in_layout(_randn(shape[0] * 8 * 24 * 25, dtype, g).view(shape), lay) for lay in layouts)
+    hist = [h0, h1]
+    coef = torch.randn(3, generator=g, dtype=torch.float64)
+    want = C.multistep_update(x, coef, hist)
+    got = emu.multistep_update(x, coef, hist)
+    assert got.stride() == want.stride() == x.stride() and torch.equal(got, want)
+    out = torch.empty_like(x)
+    assert emu.multistep_update(x, coef, hist, out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, want)
+    y = x.clone()
+    emu.multistep_update(y, coef, hist, y)  # out=x in x's layout
+    assert y.stride() == x.stride() and torch.equal(y, want)
+    ge = emu.multistep_update_backward(grad, x, coef, hist, True, True, True)
+    gc = C.multistep_update_backward(grad, x, coef, hist, True, True, True)
+    assert ge[0].stride() == gc[0].stride() == grad.stride() and torch.equal(ge[0], gc[0])
+    assert all(a.stride() == grad.stride() and torch.equal(a, b) for a, b in zip(ge[2], gc[2]))
+    _dots_close(ge[1], gc[1], dtype, grad.double().abs() * x.double().abs())
+    want_dots = torch.stack([(grad.double() * t.double()).sum() for t in (x, *hist)])
+    _dots_close(ge[1], want_dots, dtype, grad.double().abs() * x.double().abs())
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "permuted"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_adjoint_step_keeps_the_layout_of_v(emu, layout, mixed):
+    """The step runs in v's layout (v is written in place); inputs laid out otherwise are copied."""
+    g = torch.Generator().manual_seed(22)
+    shape = (2, 8, 24, 25)
+    make = lambda lay: _in_layout(_randn(2 * 8 * 24 * 25, torch.float32, g).view(shape), lay)  # noqa: E731
+    other = "contiguous" if mixed else layout
+    lam, v, x, m, o = make(other), make(layout), make(other), make(layout), make(other)
+    w = torch.randn(3, generator=g, dtype=torch.float64)
+    sc = torch.tensor([0.7], dtype=torch.float64)
+    res = []
+    for fn in (emu.multistep_adjoint, C.multistep_adjoint):
+        vv = v.clone()
+        dots = torch.zeros(4, dtype=torch.float64)
+        res.append((fn(lam, vv, sc, [o], x, m, w, dots), vv, dots))
+    (gm_e, v_e, d_e), (gm_c, v_c, d_c) = res
+    assert gm_e.stride() == gm_c.stride() == v.stride() and v_e.stride() == v.stride()
+    assert torch.equal(gm_e, gm_c) and torch.equal(v_e, v_c)
+    _dots_close(d_e, d_c, torch.float32, lam.double().abs() * x.double().abs())
+
+
 def test_update_empty_and_bad_input(emu):
     e = torch.empty(0, 4)
     c = torch.ones(4, dtype=torch.float64)

@@ -70,6 +70,29 @@ def test_cuda_matches_cpu_and_reference(dtype, k, noncontig):
         torch.testing.assert_close(a.grad.double(), b.grad.double(), rtol=tol, atol=tol * float(b.grad.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_keeps_channels_last(dtype):
+    """Dense inputs laid out alike are walked in place: output and grads keep their layout (channels_last)."""
+    x, coef, hist = _inputs(dtype, 3, seed=7)
+    x, hist = x.to(memory_format=torch.channels_last), [h.to(memory_format=torch.channels_last) for h in hist]
+    ref = ops.multistep_update_reference(x, coef, hist)
+    out = fused.multistep_update(x, coef, hist)
+    assert out.stride() == ref.stride() == x.stride()
+    scale = coef[0].abs() * x.double().abs() + sum(coef[1 + j].abs() * m.double().abs() for j, m in enumerate(hist))
+    assert bool(((out.double() - ref.double()).abs() <= RTOL[dtype] * scale + 1e-300).all())
+    o = torch.empty_like(x)
+    fused.multistep_update(x, coef, hist, out=o)
+    assert torch.equal(o, out)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(dtype).to(DEV)
+    g = g.to(memory_format=torch.channels_last)
+    gx, gc, gms = C.multistep_update_backward(g, x, coef, hist, True, True, True)
+    assert gx.stride() == x.stride() and all(gm.stride() == x.stride() for gm in gms)
+    torch.testing.assert_close(gx.double(), coef[0] * g.double(), rtol=RTOL[dtype], atol=1e-6)  # fp16 subnormals
+    want = torch.stack([(g.double() * t.double()).sum() for t in (x, *hist)])
+    # float32 partial sums: rounding at the scale of sum |g * t|
+    torch.testing.assert_close(gc[:4], want, rtol=1e-5, atol=1e-5 * float((g.double() * x.double()).abs().sum()))
+
+
 def test_cuda_out_alias_and_empty():
     x, coef, hist = _inputs(torch.float32, 3, shape=(1, 100003))
     ref = ops.multistep_update_reference(x, coef, hist)

@@ -175,9 +175,9 @@ at::Tensor multistep_adjoint_cpu(const at::Tensor& lam_prev, const at::Tensor& v
   TORCH_CHECK(lam_prev.device().is_cpu(), "multistep_adjoint (CPU kernel): lam_prev must be on the CPU");
   const int64_t J = a.J;
   const int64_t n = lam_prev.numel();
+  const AdjointInputs in = adjoint_inputs(a, lam_prev, v, scale, older, x, m, w);
   at::Tensor gm;
-  if (adjoint_output(a, lam_prev, dots, gm)) return gm;
-  const AdjointInputs in = contiguous_adjoint_inputs(a, lam_prev, scale, older, x, m, w);
+  if (adjoint_output(a, in, v, dots, gm)) return gm;
   // read through the pointer, not item(): the step makes no scalar round trip through the dispatcher
   const double s = a.has_v ? *in.scale.const_data_ptr<double>() : 1.0;
   std::vector<double> dot_host(kTableWidth, 0.0);

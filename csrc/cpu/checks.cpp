@@ -96,7 +96,10 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
   AdjointArgs a{0, v.defined(), dots.defined()};
   if (a.has_v) {
     check_like(v, lam_prev, "v");
-    TORCH_CHECK(v.is_contiguous(), "multistep_adjoint: v is written in place and must be contiguous");
+    // the kernel walks storage flatly and writes v in place: no copy of v can stand in for it
+    TORCH_CHECK(v.is_non_overlapping_and_dense(), "multistep_adjoint: v is written in place and must be "
+                "non-overlapping and dense (e.g. contiguous or channels_last), got strides ", v.strides(),
+                " for shape ", v.sizes());
     TORCH_CHECK(!v.is_alias_of(lam_prev), "multistep_adjoint: v must not share memory with lam_prev");
     // v is overwritten with L_0 while x and m are read (by other threads, on CUDA)
     TORCH_CHECK(!(x.defined() && v.is_alias_of(x)), "multistep_adjoint: v must not share memory with x");

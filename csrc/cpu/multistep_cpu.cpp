@@ -27,6 +27,7 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/element_io.h"
 #include "cpu/half_avx2_io.h"
+#include "dense_layout.h"
 #include "dispatch_history.h"
 #include "solver_coefficients.h"
 
@@ -299,20 +300,17 @@ at::Tensor multistep_forward_cpu(const at::Tensor& x_in, const at::Tensor& coef_
   check_update_args(x_in, coef_in, history);
   check_cpu(x_in, coef_in);
   const int64_t K = static_cast<int64_t>(history.size());
-  at::Tensor out = out_in;
-  if (out.defined()) {
-    check_update_out(out, x_in, coef_in, history);
-  } else {
-    out = at::empty_like(x_in, at::MemoryFormat::Contiguous);
-  }
+  if (out_in.defined()) check_update_out(out_in, x_in, coef_in, history);
+  // One layout for the flat loop (csrc/dense_layout.h): x's own when dense; a sliced x, or a history
+  // term laid out otherwise, is copied into it first.
+  const at::Tensor x = dense_or_copy(x_in);
+  const at::Tensor out = out_in.defined() ? out_in : at::empty_like(x);
   if (x_in.numel() == 0) return out;
-  // Non-contiguous inputs take a contiguous copy: correct, the fast path is for the common case.
-  const at::Tensor x = x_in.contiguous();
   std::vector<at::Tensor> hist;
   hist.reserve(K);
-  for (const auto& m : history) hist.push_back(m.contiguous());
+  for (const auto& m : history) hist.push_back(in_layout_of(m, x));
   const at::Tensor coef = coef_in.contiguous();
-  const bool direct = out.is_contiguous();
+  const bool direct = same_dense_layout(out, x);
   at::Tensor dst = direct ? out : at::empty_like(x);
   const CpuIsa isa = cpu_isa();
   // An exactly aliased x (out=x) stays safe: same index read then written.
@@ -335,7 +333,8 @@ GradTuple multistep_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_
   check_cpu(x_in, coef_in);
   check_update_grad(grad_in, x_in);
   const int64_t K = static_cast<int64_t>(history.size());
-  const at::Tensor g = grad_in.contiguous();
+  // the grads take g's layout (csrc/dense_layout.h); x and history are read in it too
+  const at::Tensor g = dense_or_copy(grad_in);
   at::Tensor gx = need_x ? at::empty_like(g) : at::Tensor();
   std::vector<at::Tensor> gms;
   if (need_hist)
@@ -348,8 +347,8 @@ GradTuple multistep_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_
   at::Tensor x;
   std::vector<at::Tensor> hist;
   if (need_coef) {
-    x = x_in.contiguous();
-    for (const auto& m : history) hist.push_back(m.contiguous());
+    x = in_layout_of(x_in, g);
+    for (const auto& m : history) hist.push_back(in_layout_of(m, g));
   }
   const CpuIsa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "ld3_multistep_backward_cpu", [&] {

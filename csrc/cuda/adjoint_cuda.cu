@@ -140,9 +140,9 @@ at::Tensor multistep_adjoint_cuda(const at::Tensor& lam_prev, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(lam_prev.device());
   const int64_t J = a.J;
   const int64_t n = lam_prev.numel();
+  const AdjointInputs in = adjoint_inputs(a, lam_prev, v, scale, older, x, m, w);
   at::Tensor gm;
-  if (adjoint_output(a, lam_prev, dots, gm)) return gm;
-  const AdjointInputs in = contiguous_adjoint_inputs(a, lam_prev, scale, older, x, m, w);
+  if (adjoint_output(a, in, v, dots, gm)) return gm;
   const int64_t nblocks = (n + kBlockChunk - 1) / kBlockChunk;
   TORCH_CHECK(nblocks < (int64_t(1) << 31), "multistep_adjoint: tensor too large");
   at::Tensor partials = a.need_dots ? at::empty({nblocks, 1 + J}, in.w.options()) : at::Tensor();

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "ld3_ops.h"
+#include "dense_layout.h"
 #include "dispatch_history.h"
 #include "cuda/packet_cuda.cuh"
 #include "cuda/reduce_cuda.cuh"
@@ -206,19 +207,17 @@ at::Tensor multistep_forward_cuda(const at::Tensor& x_in, const at::Tensor& coef
   check_cuda_args(x_in, coef_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t K = static_cast<int64_t>(history.size());
-  at::Tensor out = out_in;
-  if (out.defined()) {
-    check_update_out(out, x_in, coef_in, history);  // metadata only: no sync, fine under graph capture
-  } else {
-    out = at::empty_like(x_in, at::MemoryFormat::Contiguous);
-  }
+  // metadata only: no sync, fine under graph capture
+  if (out_in.defined()) check_update_out(out_in, x_in, coef_in, history);
+  // one layout for the flat kernel, as on the CPU (csrc/dense_layout.h)
+  const at::Tensor x = dense_or_copy(x_in);
+  const at::Tensor out = out_in.defined() ? out_in : at::empty_like(x);
   const int64_t n = x_in.numel();
   if (n == 0) return out;
-  const at::Tensor x = x_in.contiguous();
   std::vector<at::Tensor> hist;
-  for (const auto& m : history) hist.push_back(m.contiguous());
+  for (const auto& m : history) hist.push_back(in_layout_of(m, x));
   const at::Tensor coef = coef_in.contiguous();
-  const bool direct = out.is_contiguous();
+  const bool direct = same_dense_layout(out, x);
   at::Tensor dst = direct ? out : at::empty_like(x);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ld3_multistep_forward_cuda", [&] {
@@ -254,7 +253,8 @@ GradTuple multistep_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x
   check_update_grad(grad_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t K = static_cast<int64_t>(history.size());
-  const at::Tensor g = grad_in.contiguous();
+  // the grads take g's layout, as on the CPU (csrc/dense_layout.h)
+  const at::Tensor g = dense_or_copy(grad_in);
   at::Tensor gx = need_x ? at::empty_like(g) : at::Tensor();
   std::vector<at::Tensor> gms;
   if (need_hist)
@@ -268,8 +268,8 @@ GradTuple multistep_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x
   at::Tensor x;
   std::vector<at::Tensor> hist;
   if (need_coef) {
-    x = x_in.contiguous();
-    for (const auto& m : history) hist.push_back(m.contiguous());
+    x = in_layout_of(x_in, g);
+    for (const auto& m : history) hist.push_back(in_layout_of(m, g));
   }
   const int64_t nblocks = (n + kBlockChunk - 1) / kBlockChunk;
   TORCH_CHECK(nblocks < (int64_t(1) << 31), "multistep_update backward: tensor too large");

@@ -40,6 +40,11 @@ MUTATIONS = [
      "for (int64_t v = ch.pbegin + threadIdx.x; v + 1 < ch.pend; v += kThreads)", True),
     ("adjoint packet path skips the leftover elements", "cuda/adjoint_cuda.cu",
      "    scalar_from = ch.pend * P::N;", "    scalar_from = ch.end;", True),
+    ("forward walks a history term laid out otherwise as if in x's layout", "cuda/multistep_cuda.cu",
+     "for (const auto& m : history) hist.push_back(in_layout_of(m, x));",
+     "for (const auto& m : history) hist.push_back(m);", True),
+    ("adjoint step reads an x laid out otherwise as if in v's layout", "adjoint_step.h",
+     "if (a.need_dots) in.x = in_layout_of(x, like);", "if (a.need_dots) in.x = x;", True),
     # benign today: only thread 0 uses the block sum, and it reads smem[0] before rewriting it
     ("no barrier after reading the block sum", "cuda/reduce_cuda.cuh",
      "  const double r = smem[0];\n  __syncthreads();", "  const double r = smem[0];", False),
