@@ -148,8 +148,8 @@ class DiffusionModel(torch.nn.Module):
         xin = x
         if self.prediction == "edm":
             # divided in op-math: in float16 the backward's x/alpha^2 terms overflow when alpha is small
-            op = _opmath(x.dtype)
-            xin = (x.to(op) / self.schedule.alpha(t).to(op)).to(x.dtype)
+            op, alpha = _opmath(x.dtype), self.schedule.alpha(t)
+            xin = x / alpha.to(x.dtype) if op == x.dtype else (x.to(op) / alpha.to(op)).to(x.dtype)
         kw = {**self.model_kwargs, **kwargs}
         if self.guidance_scale is None:
             if "uncond_kwargs" in kw:
@@ -240,10 +240,10 @@ class DiffusionModel(torch.nn.Module):
         # wider; float32/float64 states unchanged) and returns the state's dtype: in float16 it divides by a
         # small alpha (alpha^2 ~ 4e-5 near VPLinear's t=1), whose backward overflowed the time gradients to -inf
         op = _opmath(x.dtype)
-        xo, outo = x.to(op), (out if op == x.dtype else raw.to(op))
-
-        def state(v):
-            return v.to(x.dtype)
+        if op == x.dtype:  # no-op casts skipped: each is a dispatcher call per network evaluation
+            xo, outo, state = x, out, _same
+        else:
+            xo, outo, state = x.to(op), raw.to(op), (lambda v: v.to(x.dtype))
         if p == "velocity":  # x_t = (1-t) x0 + t eps, v = eps - x0
             tt = t.to(op)
             return (state(xo - tt * outo) if want_x0 else None), (state(xo + (1.0 - tt) * outo) if want_eps else None)
@@ -267,6 +267,10 @@ class DiffusionModel(torch.nn.Module):
 
     def forward(self, x, t, **kw):
         return self.x0(x, t, **kw)
+
+
+def _same(v: torch.Tensor) -> torch.Tensor:
+    return v
 
 
 def _cfg_repeat(v: Any, batch: int) -> Any:
