@@ -1,11 +1,11 @@
-"""The built-in teacher-matching losses on float16/bfloat16 samples (a half-precision model, or a decoder
+"""The teacher-matching losses on float16/bfloat16 samples (a half-precision model, or a decoder
 in half precision) are computed in float32: no overflow, and float32's digits."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ld3_ext.training.losses import get_loss
+from ld3_ext.training.losses import LPIPSLoss, get_loss
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -29,3 +29,23 @@ def test_half_precision_loss_gradient_reaches_a_half_sample():
     want = pred.detach().double() / pred.detach().double().flatten(1).norm(dim=1).reshape(2, 1, 1, 1)
     assert pred.grad.dtype == torch.float16
     torch.testing.assert_close(pred.grad.double(), want, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lpips_on_half_samples_keeps_its_network_precision(dtype):
+    class Float32Distance(torch.nn.Module):  # a stand-in for lpips.LPIPS: float32 weights, [B, 1, 1, 1] out
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.full((1,), 1.0 / 3.0))
+
+        def forward(self, a, b):
+            return (self.w * (a - b).square()).mean((1, 2, 3), keepdim=True)
+
+    loss = LPIPSLoss(net=Float32Distance())
+    pred = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    target = torch.zeros_like(pred)
+    want = loss(pred.float(), target.float())
+    got = loss(pred, target)
+    # the network's float32 value as it is (before: rounded to the sample's dtype, 5e-4 / 4e-3 off)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)

@@ -113,7 +113,8 @@ class LPIPSLoss(torch.nn.Module):
         p = next(self.net.parameters(), None)
         dt = p.dtype if p is not None else torch.float32
         out = self.net(pred.to(dt), target.to(dt))
-        return out.reshape(out.shape[0], -1).mean(1).to(pred.dtype)
+        # never below float32, as the other losses: the trainer compares per-sample losses (bfloat16 has 3 digits)
+        return out.reshape(out.shape[0], -1).mean(1).to(torch.promote_types(pred.dtype, torch.float32))
 
 
 LossSpec = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
