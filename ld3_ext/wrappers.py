@@ -228,7 +228,11 @@ class DiffusionModel(torch.nn.Module):
             if self._deferred is not None:  # read back once, when the sample call ends
                 self._deferred.append((step, t.detach(), torch.isfinite(out).all()))
             elif not torch.isfinite(out).all():
-                raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t.detach()):.6g})")
+                why = ""
+                if raw is not out and bool(torch.isfinite(raw).all()):  # finite, but not in the state's dtype
+                    why = (f": its {raw.dtype} output is finite but exceeds the {x.dtype} state's range (largest "
+                           f"{torch.finfo(x.dtype).max:g}); solve in a wider state dtype")
+                raise ModelOutputError(f"model returned NaN/Inf{where} (t={float(t.detach()):.6g}){why}")
         s = self.schedule
         p = self.prediction
         want_x0, want_eps = returns != "eps", returns != "x0"
