@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .ops import _opmath
 from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
 
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity", "edm")
@@ -167,7 +168,9 @@ class DiffusionModel(torch.nn.Module):
             tt = (tt if tt.dim() == 0 else tt.reshape(())).expand(b)
         xin = x
         if self.prediction == "edm":
-            xin = x / self.schedule.alpha(t).to(x.dtype)
+            # divided in op-math: in float16 the backward's x/alpha^2 terms overflow when alpha is small
+            op, alpha = _opmath(x.dtype), self.schedule.alpha(t)
+            xin = x / alpha.to(x.dtype) if op == x.dtype else (x.to(op) / alpha.to(op)).to(x.dtype)
         kw = {**self.model_kwargs, **kwargs}
         if self.guidance_scale is None:
             if "uncond_kwargs" in kw:
@@ -201,7 +204,8 @@ class DiffusionModel(torch.nn.Module):
         """(x0_hat, eps_hat) at time t (a 0-d tensor in schedule units).
 
         ``returns="x0"`` or ``"eps"`` computes only that view (the other entry is None): a solver that
-        needs one view saves the full-tensor passes of the conversion.
+        needs one view saves the full-tensor passes of the conversion.  Both come in x's dtype; for a
+        float16/bfloat16 x the conversion runs in float32, from the network's output as it was returned.
         """
         if returns not in ("both", "x0", "eps"):
             raise ValueError(f"returns must be 'both', 'x0' or 'eps', got {returns!r}")
@@ -235,6 +239,7 @@ class DiffusionModel(torch.nn.Module):
             # an integer/bool/complex output would be cast silently and carry no gradient: the
             # solve would be wrong and LD3 training would get zero network gradients without a word
             raise ModelOutputError(f"model returned a {out.dtype} tensor{where}, expected a floating tensor")
+        raw = out  # the network's own precision, which the conversion below reads
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         # checked after the cast, on the values the solver uses: a float32 output beyond float16's range
@@ -244,27 +249,40 @@ class DiffusionModel(torch.nn.Module):
             if self._deferred is not None:  # read back once, when the sample call ends
                 self._deferred.append((step, t.detach(), torch.isfinite(out).all()))
             elif not torch.isfinite(out).all():
-                raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)})")
+                why = ""
+                if raw is not out and bool(torch.isfinite(raw).all()):  # finite, but not in the state's dtype
+                    why = (f": its {raw.dtype} output is finite but exceeds the {x.dtype} state's range (largest "
+                           f"{torch.finfo(x.dtype).max:g}); solve in a wider state dtype")
+                raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)}){why}")
         s = self.schedule
         p = self.prediction
         want_x0, want_eps = returns != "eps", returns != "x0"
-        if p == "velocity":  # x_t = (1-t) x0 + t eps, v = eps - x0
-            tt = t.to(x.dtype)
-            return (x - tt * out if want_x0 else None), (x + (1.0 - tt) * out if want_eps else None)
         if p in ("x0", "edm") and not want_eps:
             return out, None  # nothing to convert: skip the schedule's scalar work
         if p == "eps" and not want_x0:
             return None, out
-        alpha, sigma = s.alpha(t).to(x.dtype), s.sigma(t).to(x.dtype)
+        # the conversion runs in op-math (float32 for a half state, from the network's own output where that is
+        # wider; float32/float64 states unchanged) and returns the state's dtype: in float16 it divides by a
+        # small alpha (alpha^2 ~ 4e-5 near VPLinear's t=1), whose backward overflowed the time gradients to -inf
+        op = _opmath(x.dtype)
+        if op == x.dtype:  # no-op casts skipped: each is a dispatcher call per network evaluation
+            xo, outo, state = x, out, _same
+        else:
+            xo, outo, state = x.to(op), raw.to(op), (lambda v: v.to(x.dtype))
+        if p == "velocity":  # x_t = (1-t) x0 + t eps, v = eps - x0
+            tt = t.to(op)
+            return (state(xo - tt * outo) if want_x0 else None), (state(xo + (1.0 - tt) * outo) if want_eps else None)
+        alpha, sigma = s.alpha(t).to(op), s.sigma(t).to(op)
         if p == "v":  # v = alpha eps - sigma x0; alpha^2 + sigma^2 = 1 for VP, divide for any other schedule
             norm = alpha * alpha + sigma * sigma
-            return ((alpha * x - sigma * out) / norm if want_x0 else None,
-                    (sigma * x + alpha * out) / norm if want_eps else None)
+            return (state((alpha * xo - sigma * outo) / norm) if want_x0 else None,
+                    state((sigma * xo + alpha * outo) / norm) if want_eps else None)
         if p in ("eps", "score"):
-            eps = out if p == "eps" else -sigma * out
-            return ((x - sigma * eps) / alpha if want_x0 else None), (eps if want_eps else None)
+            eps = outo if p == "eps" else -sigma * outo
+            return (state((xo - sigma * eps) / alpha) if want_x0 else None), \
+                ((out if p == "eps" else state(eps)) if want_eps else None)
         # "x0" and "edm": out is the denoised x0 (for "edm" in the VE view x/alpha, the same x0)
-        return (out if want_x0 else None), ((x - alpha * out) / sigma if want_eps else None)
+        return (out if want_x0 else None), (state((xo - alpha * outo) / sigma) if want_eps else None)
 
     def x0(self, x, t, **kw):
         return self.predict(x, t, returns="x0", **kw)[0]
@@ -274,6 +292,10 @@ class DiffusionModel(torch.nn.Module):
 
     def forward(self, x, t, **kw):
         return self.x0(x, t, **kw)
+
+
+def _same(v: torch.Tensor) -> torch.Tensor:
+    return v
 
 
 def _cfg_repeat(v: Any, batch: int) -> Any:

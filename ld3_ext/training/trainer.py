@@ -34,6 +34,7 @@ from .. import distributed as D
 from ..atomic_io import CorruptFileError, atomic_save_safetensors, canonical_json, json_safe, \
     load_safetensors_checked, tensor_bytes
 from ..coefficients import step_orders
+from ..ops import _opmath
 from ..schedule_file import LearnedSchedule
 from .._checks import count, flag, real, seed as check_seed
 from ..schedules import NoiseSchedule
@@ -468,7 +469,9 @@ class LD3Trainer:
                 self._check_pair(valid_noise, valid_target, "valid_noise", "valid_target")
                 z_tr, y_tr, z_va, y_va, c_tr, c_va = noise, target, valid_noise, valid_target, cond, valid_cond
             z_tr, z_va = z_tr / prior, z_va / prior  # back to unit-variance noise: the ball lives there
-        dev, dt = self.device, self.dtype
+        # the noise LD3 relaxes is kept in float32 for a half-precision solve (cast when the solve starts): its
+        # steps within the radius r = gamma d / NFE^2 are ~1e-3 a pixel, below bfloat16's spacing near 1
+        dev, dt = self.device, _opmath(self.dtype)
         self._data = {
             "z_train": z_tr.detach().to(dev, dt).clone(), "y_train": y_tr.detach().to(dev),
             "z_valid": z_va.detach().to(dev, dt).clone(), "y_valid": y_va.detach().to(dev),
@@ -653,6 +656,8 @@ class LD3Trainer:
 
     def _student(self, z: torch.Tensor, t, tm, cond) -> torch.Tensor:
         x_T = self.schedule.prior_std() * z
+        if x_T.dtype != self.dtype:  # float32 noise of a half-precision solve
+            x_T = x_T.to(self.dtype)
         out = self.solver.sample(self.model, x_T, t, model_timesteps=tm, **self._kwargs(cond, z.shape[0]))
         if self.decoder is not None:
             if self.checkpoint_decoder and torch.is_grad_enabled():
