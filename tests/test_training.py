@@ -271,7 +271,7 @@ def test_nfe_rules(ring, tmp_path):
             LD3Trainer(model, s, DPMSolverPP(2, **REF), 4, seed=seed, model_name="ring", progress=False)
     with pytest.raises(ValueError, match="single step"):
         LD3Trainer(model, s, Heun(**REF), 2, progress=False)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="nfe must be an int >= 2, got 4.0"):
         LD3Trainer(model, s, DPMSolverPP(2, **REF), 4.0, progress=False)
     LD3Trainer(model, s, DPMSolverPP(3, **REF), 3, model_name="ring", progress=False)  # orders 1,2,1: allowed
     LD3Trainer(model, s, DPMSolverPP(2, **REF), 2, model_name="ring", progress=False)
