@@ -95,8 +95,15 @@ def test_teacher_rmse():
 
 
 def test_gaussian_stats_float64():
-    mu, cov = gaussian_stats(torch.randn(10, 3))
+    feats = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    mu, cov = gaussian_stats(feats)
     assert mu.dtype == np.float64 and cov.shape == (3, 3)
+    # textbook mean and unbiased covariance, summed by hand in float64 (the FID convention: divide by B - 1)
+    rows = feats.double().tolist()
+    mean = [sum(r[j] for r in rows) / 10 for j in range(3)]
+    want = [[sum((r[i] - mean[i]) * (r[j] - mean[j]) for r in rows) / 9 for j in range(3)] for i in range(3)]
+    np.testing.assert_allclose(mu, mean, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(cov, want, rtol=1e-12, atol=1e-15)
 
 
 def test_metric_inputs_are_checked_and_named():
