@@ -587,7 +587,7 @@ def test_auto_time_mode_drops_a_diverging_trial(ring, tmp_path):
     assert torch.equal(ref.fit().timesteps, res.timesteps)
     # every mode diverges: the first failure is raised, with its last good schedule (also on disk)
     tr = holder["tr"] = _fast(model, mix, loss=nan_in({"lambda", "time"}), checkpoint_dir=str(tmp_path))
-    with pytest.warns(UserWarning), pytest.raises(NonFiniteLossError, match="iteration 3") as ei:
+    with pytest.warns(UserWarning, match="'lambda' trial failed"), pytest.raises(NonFiniteLossError, match="iteration 3") as ei:
         tr.fit()
     assert ei.value.schedule is not None and ei.value.schedule.time_mode == "lambda"
     on_disk = load_schedule(ei.value.saved_to)
