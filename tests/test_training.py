@@ -315,6 +315,16 @@ def test_losses():
     ph = get_loss("pseudo_huber")(a, b)
     c = 0.00054 * 2.0
     torch.testing.assert_close(ph, torch.full((3,), math.sqrt(4 + c * c) - c, dtype=torch.float64))
+    # a constant difference cannot tell a mean of squares from a norm (2^2 = sqrt(4 * 2^2)) nor a mean |d| from an
+    # RMS: per-sample textbook values on uneven differences, summed by hand (LD3.md 1.1: mean squared / absolute)
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(3, 2, 3, generator=g, dtype=torch.float64), torch.randn(3, 2, 3, generator=g, dtype=torch.float64)
+    d = [[u - v for u, v in zip(row_p, row_q)] for row_p, row_q in zip(p.flatten(1).tolist(), q.flatten(1).tolist())]
+    want = {"l2": [sum(e * e for e in r) / 6 for r in d], "l1": [sum(abs(e) for e in r) / 6 for r in d],
+            "pseudo_huber": [math.sqrt(sum(e * e for e in r) + (0.00054 * math.sqrt(6)) ** 2) - 0.00054 * math.sqrt(6)
+                             for r in d]}
+    for name, values in want.items():
+        torch.testing.assert_close(get_loss(name)(p, q), torch.tensor(values, dtype=torch.float64), rtol=1e-13, atol=0)
     with pytest.raises(ValueError, match="one value per sample"):
         per_sample(lambda p, t: (p - t).pow(2).mean(), a, b)
     with pytest.raises(ValueError, match="loss must be one of"):
