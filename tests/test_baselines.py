@@ -1,5 +1,6 @@
 """Baseline schedules: DMN, GITS (DP search and published lists), AYS, and the registry."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -170,6 +171,21 @@ def test_ays_interpolation_monotone(nfe):
         assert sig[0] == AYS_SIGMAS[which][0] and sig[-1] == AYS_SIGMAS[which][-1]
         # log sigma is piecewise linear in the normalised index, so at nfe = 5 every other value is kept
     assert ays_sigmas("sdxl", 5) == pytest.approx(AYS_SIGMAS["sdxl"][::2], rel=1e-12)
+
+
+@pytest.mark.parametrize("nfe", [3, 7, 20])
+def test_ays_interpolates_log_sigma_linearly(nfe):
+    """Off the knots (nfe = 5 and 10 land on them, where any interpolation agrees): the AYS paper's
+    loglinear_interp, written out -- output j sits at u = j/nfe of the 10 published intervals."""
+    for which in ("sd15", "sdxl"):
+        knots = AYS_SIGMAS[which]
+        want = []
+        for j in range(nfe + 1):
+            pos = j / nfe * (len(knots) - 1)
+            k = min(int(pos), len(knots) - 2)
+            frac = pos - k
+            want.append(math.exp((1 - frac) * math.log(knots[k]) + frac * math.log(knots[k + 1])))
+        assert ays_sigmas(which, nfe) == pytest.approx(want, rel=1e-12)
 
 
 def test_ays_other_schedule_maps_range():
