@@ -156,6 +156,30 @@ def test_relaxed_noise_stays_in_ball_and_hard_loss_is_reported(ring):
     assert res.metrics["valid_loss_best"] <= res.metrics["valid_loss_init"]
 
 
+def test_relaxed_noise_moves_only_where_its_loss_falls(ring):
+    """LD3's greedy step (LD3.md 1.4): a sample's relaxed noise takes the projected proposal only if that sample's
+    loss fell below its reference; the ball test above passes even if every proposal is accepted."""
+    mix, s, model = ring
+    tr = _fast(model, mix, radius=0.05)
+    tr.fit()
+    d, st = tr._data, tr.st
+    n = d["z_train"].shape[0]
+    idx = torch.arange(n)
+    before = st["z_train_rel"].clone()
+    g = torch.Generator().manual_seed(3)
+    step = torch.randn(d["z_train"].shape, generator=g, dtype=d["z_train"].dtype)
+    proposal = d["z_train"] + 0.01 * step / step.flatten(1).norm(dim=1).reshape(-1, *[1] * (step.dim() - 1))
+    with torch.no_grad():
+        t, tm = tr.param()
+        new = tr._losses(proposal, d["y_train"], None, t, tm)
+    falls = idx % 2 == 1
+    ref = torch.where(falls, new + 1.0, new)  # odd samples: the proposal beats the reference; even: it ties (no)
+    assert tr._accept(idx, "z_train", "y_train", "c_train", ref, proposal)
+    after = st["z_train_rel"]
+    assert torch.equal(after[~falls], before[~falls])
+    torch.testing.assert_close(after[falls], proposal[falls], rtol=0, atol=1e-15)  # inside the ball: kept as is
+
+
 def test_default_radius_and_shift_lr(ring):
     mix, s, model = ring
     tr = _small(model, mix, nfe=4)
