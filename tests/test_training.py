@@ -180,6 +180,23 @@ def test_relaxed_noise_moves_only_where_its_loss_falls(ring):
     torch.testing.assert_close(after[falls], proposal[falls], rtol=0, atol=1e-15)  # inside the ball: kept as is
 
 
+def test_plateau_decay_early_stop_and_shift_lr_halving(ring):
+    """The documented bookkeeping, on a loss that never improves (constant 1: zero gradients, nothing moves):
+    after ``patience`` validations without a new best the xi LR is multiplied by ``lr_decay`` (xi^c's only in
+    phase 2), ``early_stop_patience`` validations without one stop the run, and a round in which no validation
+    noise moved halves ``shift_lr`` (LD3.md 1.3)."""
+    mix, s, model = ring
+    flat = lambda p, t: (p - t).flatten(1).sum(1) * 0.0 + 1.0  # noqa: E731
+    tr = _fast(model, mix, loss=flat, radius=0.05, valid_every=1, patience=2, lr_decay=0.5, early_stop_patience=3,
+               lr_xi=0.01, lr_xi_c=0.02, rounds_v1=3, rounds_v2=3)
+    tr.fit()
+    assert tr.st["stop_reason"] == "no improvement in 3 validations" and tr.st["iteration"] == 3
+    assert tr.opt_xi.param_groups[0]["lr"] == 0.005 and tr.opt_c.param_groups[0]["lr"] == 0.02  # one decay, phase 1
+    tr = _fast(model, mix, loss=flat, radius=0.05, valid_every=1, patience=100, shift_lr=4.0, rounds_v1=1, rounds_v2=1)
+    tr.fit()
+    assert tr.st["stop_reason"] == "max rounds" and tr.st["shift_lr"] == 1.0  # two rounds, halved after each
+
+
 def test_default_radius_and_shift_lr(ring):
     mix, s, model = ring
     tr = _small(model, mix, nfe=4)
