@@ -42,13 +42,19 @@ def test_learned_schedule_beats_logsnr_on_digits64():
     s = EDM()
     model = mix.model(s)
     solver = DPMSolverPP(3, **REF)
-    # CPU time, not wall time: the test machine is shared and wall time there says little
-    t0 = time.process_time()
-    # paper settings except a smaller teacher set and fewer rounds, to keep the suite fast
-    learned = LD3Trainer(model, s, solver, 5, teacher="exact", reference=mix, sample_shape=mix.event_shape,
-                         model_name="digits64", n_train=30, n_valid=20, rounds_v1=1, rounds_v2=3,
-                         progress=False).fit()
-    elapsed = time.process_time() - t0
+    # CPU time, not wall time: the test machine is shared and wall time there says little.  On one thread: with
+    # more, their spin-waits on a loaded box count as CPU time (measured 2.2 s on one thread, 15-31 s on two)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.process_time()
+        # paper settings except a smaller teacher set and fewer rounds, to keep the suite fast
+        learned = LD3Trainer(model, s, solver, 5, teacher="exact", reference=mix, sample_shape=mix.event_shape,
+                             model_name="digits64", n_train=30, n_valid=20, rounds_v1=1, rounds_v2=3,
+                             progress=False).fit()
+        elapsed = time.process_time() - t0
+    finally:
+        torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(1234)  # held-out noises, not the teacher's seed
     x_T = mix.prior_noise(s, 64, generator=gen)
     ref = mix.reference_solution(s, x_T)
@@ -59,7 +65,7 @@ def test_learned_schedule_beats_logsnr_on_digits64():
     base = med_rmse(solver.sample(model, x_T, discretizations.logsnr_uniform(s, 5)))
     ours = med_rmse(learned.sample(model, x_T, solver=solver))
     assert ours <= 0.9 * base, (ours, base)
-    assert elapsed < 30.0, elapsed
+    assert elapsed < 20.0, elapsed
     assert _strictly_decreasing(learned.timesteps)
     assert learned.metrics["selected_on"] == "hard"
     assert learned.metrics["valid_loss_best"] < learned.metrics["valid_loss_init"]
