@@ -1,5 +1,6 @@
 """Baseline schedules: DMN, GITS (DP search and published lists), AYS, and the registry."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -67,13 +68,13 @@ def test_dmn_beats_time_uniform_on_mixture(gmm_setup):
 
 def test_dmn_bad_args():
     s = EDM()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="nfe must be an int >= 1, got 0"):
         dmn(s, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="space must be .pixel. or .latent., got .rgb."):
         dmn(s, 4, space="rgb")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"order must be an int in 1\.\.3, got 4"):
         dmn(s, 4, order=4)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="schedule must be a NoiseSchedule, got str"):
         dmn("edm", 4)
 
 
@@ -93,9 +94,9 @@ def test_gits_dp_is_optimal_by_brute_force(coeff):
 
 def test_gits_dp_errors():
     cost = np.zeros((5, 5))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"nfe \(the fine grid has 4 intervals\) must be an int in 1\.\.4, got 5"):
         gits_dp(cost, 5)          # more jumps than fine intervals
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"cost must be a square matrix, got shape \(4, 5\)"):
         gits_dp(np.zeros((4, 5)), 2)
 
 
@@ -143,9 +144,9 @@ def test_gits_presets_convert():
     assert torch.allclose(gits_preset("sd", sd, 5), want, atol=1e-4)
     with pytest.raises(ValueError, match="another schedule"):
         gits_preset("sd", s, 5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="GITS preset .cifar10. has NFE .*, not 3"):
         gits_preset("cifar10", s, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="GITS presets exist for .*, got .imagenet."):
         gits_preset("imagenet", s, 5)
 
 
@@ -172,6 +173,21 @@ def test_ays_interpolation_monotone(nfe):
     assert ays_sigmas("sdxl", 5) == pytest.approx(AYS_SIGMAS["sdxl"][::2], rel=1e-12)
 
 
+@pytest.mark.parametrize("nfe", [3, 7, 20])
+def test_ays_interpolates_log_sigma_linearly(nfe):
+    """Off the knots (nfe = 5 and 10 land on them, where any interpolation agrees): the AYS paper's
+    loglinear_interp, written out -- output j sits at u = j/nfe of the 10 published intervals."""
+    for which in ("sd15", "sdxl"):
+        knots = AYS_SIGMAS[which]
+        want = []
+        for j in range(nfe + 1):
+            pos = j / nfe * (len(knots) - 1)
+            k = min(int(pos), len(knots) - 2)
+            frac = pos - k
+            want.append(math.exp((1 - frac) * math.log(knots[k]) + frac * math.log(knots[k + 1])))
+        assert ays_sigmas(which, nfe) == pytest.approx(want, rel=1e-12)
+
+
 def test_ays_other_schedule_maps_range():
     s = EDM(0.002, 80.0)
     t = ays(s, 6)
@@ -183,7 +199,7 @@ def test_ays_other_schedule_maps_range():
     with pytest.raises(ValueError, match="leave the schedule"):
         ays(EDM(0.5, 5.0), 6, fit_range=False)
     _valid_grid(ays(EDM(0.5, 5.0), 6), EDM(0.5, 5.0), 6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="AYS lists exist for .*, got .sd3."):
         ays(s, 6, model="sd3")
 
 
@@ -203,7 +219,7 @@ def test_registry(gmm_setup):
         baseline_timesteps("ld3", s, 4)
     with pytest.raises(ValueError, match="sample_shape"):
         gits(model, nfe=3)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="gits needs the model"):
         gits(lambda x, t: x, EDM(), 3)
 
 

@@ -37,13 +37,13 @@ def test_weights_load_frozen_and_identified():
 
 def test_denoiser_preconditioning_limits():
     net = load_digits_net()
-    x = torch.randn(4, 1, 8, 8)
-    # tiny sigma: c_skip -> 1, c_out -> 0, so D(x; sigma) ~ x
-    assert torch.allclose(net(x, torch.tensor(1e-5)), x, atol=1e-2)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    # tiny sigma: c_skip -> 1, c_out -> 0, so D(x; sigma) ~ x (measured max error ~3e-4 over seeds; 0.3 at sigma 1e-2)
+    assert torch.allclose(net(x, torch.tensor(1e-5)), x, rtol=0, atol=2e-3)
     # float64 in -> float64 out (the solver may run in float64); per-sample sigmas accepted
     out = net(x.double(), torch.full((4,), 1.0, dtype=torch.float64))
     assert out.dtype == torch.float64 and out.shape == x.shape
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"sigma must be a scalar or have one value per sample \(4\), got 3"):
         net(x, torch.ones(3))
 
 

@@ -196,6 +196,25 @@ def test_differentiable_in_sigmas(mix):
     assert sigmas.grad is not None and torch.isfinite(sigmas.grad).all() and sigmas.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("append_zero", [False, True], ids=["no_zero", "final_denoise"])
+def test_gradients_in_sigmas_and_model_sigmas_match_finite_differences(mix, append_zero):
+    """The documented gradients w.r.t. sigmas and model_sigmas, against central differences (float64): a
+    nonzero gradient alone would not notice a path that is cut (e.g. the model-time path or the final denoise)."""
+    d, x = denoiser_of(mix), x_T(2)
+    zero = karras(5)[-1:] if append_zero else karras(5)[:0]
+    sig = karras(5, append_zero=False)
+    msig = sig * torch.linspace(1.1, 0.9, sig.numel(), dtype=torch.float64)  # decoupled network times
+
+    def of_sigmas(s):
+        return F.sample(d, x, torch.cat([s, zero]), solver="unipc")
+
+    def of_model_sigmas(m):
+        return F.sample(d, x, torch.cat([sig, zero]), model_sigmas=torch.cat([m, zero]), solver="unipc")
+
+    assert torch.autograd.gradcheck(of_sigmas, (sig.clone().requires_grad_(),), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(of_model_sigmas, (msig.clone().requires_grad_(),), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 def test_bad_input(mix):
     d = denoiser_of(mix)
     x = x_T()

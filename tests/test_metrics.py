@@ -69,16 +69,16 @@ def test_digits_fd_real_vs_itself_and_symmetry():
     assert digits_fd(a.reshape(600, 64)) == pytest.approx(digits_fd(a), rel=1e-9)
 
 
-@pytest.mark.parametrize("bad, exc", [
-    (np.zeros((4, 1, 8, 8)), TypeError),                 # not a tensor
-    (torch.zeros(4, 1, 8, 8, dtype=torch.int64), TypeError),
-    (torch.zeros(4, 3, 8, 8), ValueError),               # wrong shape
-    (torch.zeros(4, 1, 16, 16), ValueError),
-    (torch.zeros(1, 1, 8, 8), ValueError),               # one sample: no covariance
-    (torch.full((4, 1, 8, 8), float("nan")), ValueError),
+@pytest.mark.parametrize("bad, exc, message", [
+    (np.zeros((4, 1, 8, 8)), TypeError, "samples must be a torch.Tensor"),   # not a tensor
+    (torch.zeros(4, 1, 8, 8, dtype=torch.int64), TypeError, "samples must be floating point"),
+    (torch.zeros(4, 3, 8, 8), ValueError, r"samples must have shape \[B, 1, 8, 8\]"),  # wrong shape
+    (torch.zeros(4, 1, 16, 16), ValueError, r"samples must have shape \[B, 1, 8, 8\]"),
+    (torch.zeros(1, 1, 8, 8), ValueError, "need at least 2 samples"),       # one sample: no covariance
+    (torch.full((4, 1, 8, 8), float("nan")), ValueError, "samples contains NaN or Inf"),
 ])
-def test_digits_fd_rejects_bad_input(bad, exc):
-    with pytest.raises(exc):
+def test_digits_fd_rejects_bad_input(bad, exc, message):
+    with pytest.raises(exc, match=message):
         digits_fd(bad)
 
 
@@ -88,15 +88,22 @@ def test_teacher_rmse():
     r = teacher_rmse(pred, target)
     assert r.dtype == torch.float64 and r.shape == (3,)
     assert torch.allclose(r, torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pred and target must have the same shape"):
         teacher_rmse(pred, torch.zeros(3, 4))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="pred and target must be torch.Tensors"):
         teacher_rmse(pred.numpy(), target)
 
 
 def test_gaussian_stats_float64():
-    mu, cov = gaussian_stats(torch.randn(10, 3))
+    feats = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    mu, cov = gaussian_stats(feats)
     assert mu.dtype == np.float64 and cov.shape == (3, 3)
+    # textbook mean and unbiased covariance, summed by hand in float64 (the FID convention: divide by B - 1)
+    rows = feats.double().tolist()
+    mean = [sum(r[j] for r in rows) / 10 for j in range(3)]
+    want = [[sum((r[i] - mean[i]) * (r[j] - mean[j]) for r in rows) / 9 for j in range(3)] for i in range(3)]
+    np.testing.assert_allclose(mu, mean, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(cov, want, rtol=1e-12, atol=1e-15)
 
 
 def test_metric_inputs_are_checked_and_named():

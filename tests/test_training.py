@@ -42,13 +42,19 @@ def test_learned_schedule_beats_logsnr_on_digits64():
     s = EDM()
     model = mix.model(s)
     solver = DPMSolverPP(3, **REF)
-    # CPU time, not wall time: the test machine is shared and wall time there says little
-    t0 = time.process_time()
-    # paper settings except a smaller teacher set and fewer rounds, to keep the suite fast
-    learned = LD3Trainer(model, s, solver, 5, teacher="exact", reference=mix, sample_shape=mix.event_shape,
-                         model_name="digits64", n_train=30, n_valid=20, rounds_v1=1, rounds_v2=3,
-                         progress=False).fit()
-    elapsed = time.process_time() - t0
+    # CPU time, not wall time: the test machine is shared and wall time there says little.  On one thread: with
+    # more, their spin-waits on a loaded box count as CPU time (measured 2.2 s on one thread, 15-31 s on two)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.process_time()
+        # paper settings except a smaller teacher set and fewer rounds, to keep the suite fast
+        learned = LD3Trainer(model, s, solver, 5, teacher="exact", reference=mix, sample_shape=mix.event_shape,
+                             model_name="digits64", n_train=30, n_valid=20, rounds_v1=1, rounds_v2=3,
+                             progress=False).fit()
+        elapsed = time.process_time() - t0
+    finally:
+        torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(1234)  # held-out noises, not the teacher's seed
     x_T = mix.prior_noise(s, 64, generator=gen)
     ref = mix.reference_solution(s, x_T)
@@ -59,7 +65,7 @@ def test_learned_schedule_beats_logsnr_on_digits64():
     base = med_rmse(solver.sample(model, x_T, discretizations.logsnr_uniform(s, 5)))
     ours = med_rmse(learned.sample(model, x_T, solver=solver))
     assert ours <= 0.9 * base, (ours, base)
-    assert elapsed < 30.0, elapsed
+    assert elapsed < 20.0, elapsed
     assert _strictly_decreasing(learned.timesteps)
     assert learned.metrics["selected_on"] == "hard"
     assert learned.metrics["valid_loss_best"] < learned.metrics["valid_loss_init"]
@@ -154,6 +160,47 @@ def test_relaxed_noise_stays_in_ball_and_hard_loss_is_reported(ring):
     assert float((tr.st["z_train_rel"] - d["z_train"]).abs().max()) > 0  # some noise moved
     assert all("valid_hard" in h and "valid_soft" in h for h in tr.history)
     assert res.metrics["valid_loss_best"] <= res.metrics["valid_loss_init"]
+
+
+def test_relaxed_noise_moves_only_where_its_loss_falls(ring):
+    """LD3's greedy step (LD3.md 1.4): a sample's relaxed noise takes the projected proposal only if that sample's
+    loss fell below its reference; the ball test above passes even if every proposal is accepted."""
+    mix, s, model = ring
+    tr = _fast(model, mix, radius=0.05)
+    tr.fit()
+    d, st = tr._data, tr.st
+    n = d["z_train"].shape[0]
+    idx = torch.arange(n)
+    before = st["z_train_rel"].clone()
+    g = torch.Generator().manual_seed(3)
+    step = torch.randn(d["z_train"].shape, generator=g, dtype=d["z_train"].dtype)
+    proposal = d["z_train"] + 0.01 * step / step.flatten(1).norm(dim=1).reshape(-1, *[1] * (step.dim() - 1))
+    with torch.no_grad():
+        t, tm = tr.param()
+        new = tr._losses(proposal, d["y_train"], None, t, tm)
+    falls = idx % 2 == 1
+    ref = torch.where(falls, new + 1.0, new)  # odd samples: the proposal beats the reference; even: it ties (no)
+    assert tr._accept(idx, "z_train", "y_train", "c_train", ref, proposal)
+    after = st["z_train_rel"]
+    assert torch.equal(after[~falls], before[~falls])
+    torch.testing.assert_close(after[falls], proposal[falls], rtol=0, atol=1e-15)  # inside the ball: kept as is
+
+
+def test_plateau_decay_early_stop_and_shift_lr_halving(ring):
+    """The documented bookkeeping, on a loss that never improves (constant 1: zero gradients, nothing moves):
+    after ``patience`` validations without a new best the xi LR is multiplied by ``lr_decay`` (xi^c's only in
+    phase 2), ``early_stop_patience`` validations without one stop the run, and a round in which no validation
+    noise moved halves ``shift_lr`` (LD3.md 1.3)."""
+    mix, s, model = ring
+    flat = lambda p, t: (p - t).flatten(1).sum(1) * 0.0 + 1.0  # noqa: E731
+    tr = _fast(model, mix, loss=flat, radius=0.05, valid_every=1, patience=2, lr_decay=0.5, early_stop_patience=3,
+               lr_xi=0.01, lr_xi_c=0.02, rounds_v1=3, rounds_v2=3)
+    tr.fit()
+    assert tr.st["stop_reason"] == "no improvement in 3 validations" and tr.st["iteration"] == 3
+    assert tr.opt_xi.param_groups[0]["lr"] == 0.005 and tr.opt_c.param_groups[0]["lr"] == 0.02  # one decay, phase 1
+    tr = _fast(model, mix, loss=flat, radius=0.05, valid_every=1, patience=100, shift_lr=4.0, rounds_v1=1, rounds_v2=1)
+    tr.fit()
+    assert tr.st["stop_reason"] == "max rounds" and tr.st["shift_lr"] == 1.0  # two rounds, halved after each
 
 
 def test_default_radius_and_shift_lr(ring):
@@ -271,7 +318,7 @@ def test_nfe_rules(ring, tmp_path):
             LD3Trainer(model, s, DPMSolverPP(2, **REF), 4, seed=seed, model_name="ring", progress=False)
     with pytest.raises(ValueError, match="single step"):
         LD3Trainer(model, s, Heun(**REF), 2, progress=False)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="nfe must be an int >= 2, got 4.0"):
         LD3Trainer(model, s, DPMSolverPP(2, **REF), 4.0, progress=False)
     LD3Trainer(model, s, DPMSolverPP(3, **REF), 3, model_name="ring", progress=False)  # orders 1,2,1: allowed
     LD3Trainer(model, s, DPMSolverPP(2, **REF), 2, model_name="ring", progress=False)
@@ -315,6 +362,16 @@ def test_losses():
     ph = get_loss("pseudo_huber")(a, b)
     c = 0.00054 * 2.0
     torch.testing.assert_close(ph, torch.full((3,), math.sqrt(4 + c * c) - c, dtype=torch.float64))
+    # a constant difference cannot tell a mean of squares from a norm (2^2 = sqrt(4 * 2^2)) nor a mean |d| from an
+    # RMS: per-sample textbook values on uneven differences, summed by hand (LD3.md 1.1: mean squared / absolute)
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(3, 2, 3, generator=g, dtype=torch.float64), torch.randn(3, 2, 3, generator=g, dtype=torch.float64)
+    d = [[u - v for u, v in zip(row_p, row_q)] for row_p, row_q in zip(p.flatten(1).tolist(), q.flatten(1).tolist())]
+    want = {"l2": [sum(e * e for e in r) / 6 for r in d], "l1": [sum(abs(e) for e in r) / 6 for r in d],
+            "pseudo_huber": [math.sqrt(sum(e * e for e in r) + (0.00054 * math.sqrt(6)) ** 2) - 0.00054 * math.sqrt(6)
+                             for r in d]}
+    for name, values in want.items():
+        torch.testing.assert_close(get_loss(name)(p, q), torch.tensor(values, dtype=torch.float64), rtol=1e-13, atol=0)
     with pytest.raises(ValueError, match="one value per sample"):
         per_sample(lambda p, t: (p - t).pow(2).mean(), a, b)
     with pytest.raises(ValueError, match="loss must be one of"):
@@ -587,7 +644,7 @@ def test_auto_time_mode_drops_a_diverging_trial(ring, tmp_path):
     assert torch.equal(ref.fit().timesteps, res.timesteps)
     # every mode diverges: the first failure is raised, with its last good schedule (also on disk)
     tr = holder["tr"] = _fast(model, mix, loss=nan_in({"lambda", "time"}), checkpoint_dir=str(tmp_path))
-    with pytest.warns(UserWarning), pytest.raises(NonFiniteLossError, match="iteration 3") as ei:
+    with pytest.warns(UserWarning, match="'lambda' trial failed"), pytest.raises(NonFiniteLossError, match="iteration 3") as ei:
         tr.fit()
     assert ei.value.schedule is not None and ei.value.schedule.time_mode == "lambda"
     on_disk = load_schedule(ei.value.saved_to)

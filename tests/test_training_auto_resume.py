@@ -171,7 +171,7 @@ def test_every_auto_trial_failing_saves_the_first_as_the_runs_last_good(ring, tm
     mix, s, model = ring
     holder = {}
     tr = holder["tr"] = _fast(model, mix, loss=_nan_in(holder, {"lambda", "time"}), checkpoint_dir=str(tmp_path))
-    with pytest.warns(UserWarning), pytest.raises(NonFiniteLossError, match="iteration 3") as ei:
+    with pytest.warns(UserWarning, match="'lambda' trial failed"), pytest.raises(NonFiniteLossError, match="iteration 3") as ei:
         tr.fit()
     err = ei.value
     assert err.saved_to == str(tmp_path / LAST_GOOD_FILE) and err.saved_to in str(err)
