@@ -118,8 +118,10 @@ class DiffusionModel(torch.nn.Module):
         self.model_kwargs = dict(model_kwargs or {})
         self.check_output = check_output
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
-        # (step, t, all-finite flag on the device) queued by deferred_output_checks(); None: check at once
-        self._deferred: Optional[List[Tuple[Optional[int], torch.Tensor, torch.Tensor]]] = None
+        # (step, t, all-finite flag on the device, overflow) queued by deferred_output_checks(); None: check at
+        # once.  overflow: None, or (the network's own output all-finite flag, its dtype, the state's dtype)
+        # when the output was cast to the state's dtype
+        self._deferred: Optional[List[Tuple[Optional[int], torch.Tensor, torch.Tensor, Optional[tuple]]]] = None
 
     @contextlib.contextmanager
     def deferred_output_checks(self):
@@ -137,11 +139,12 @@ class DiffusionModel(torch.nn.Module):
         finally:
             self._deferred = None
         if pending and not _capturing():
-            ok = torch.stack([flag.to(pending[0][2].device) for _, _, flag in pending])
+            ok = torch.stack([flag.to(pending[0][2].device) for _, _, flag, _ in pending])
             if not bool(ok.all()):
-                step, t, _ = pending[int((~ok).nonzero()[0, 0])]
+                step, t, _, overflow = pending[int((~ok).nonzero()[0, 0])]
                 where = f" at step {step}" if step is not None else ""
-                raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)})")
+                why = _range_note(overflow[1], overflow[2]) if overflow is not None and bool(overflow[0]) else ""
+                raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)}){why}")
 
     # -------------------------------------------------------------------------------------------
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -247,12 +250,12 @@ class DiffusionModel(torch.nn.Module):
         # skipped inside torch.compile, and for a vmapped output (no value to read back)
         if self.check_output and not _compiling() and not _vmapped(out):
             if self._deferred is not None:  # read back once, when the sample call ends
-                self._deferred.append((step, t.detach(), torch.isfinite(out).all()))
+                overflow = (torch.isfinite(raw).all(), raw.dtype, x.dtype) if raw is not out else None
+                self._deferred.append((step, t.detach(), torch.isfinite(out).all(), overflow))
             elif not torch.isfinite(out).all():
                 why = ""
                 if raw is not out and bool(torch.isfinite(raw).all()):  # finite, but not in the state's dtype
-                    why = (f": its {raw.dtype} output is finite but exceeds the {x.dtype} state's range (largest "
-                           f"{torch.finfo(x.dtype).max:g}); solve in a wider state dtype")
+                    why = _range_note(raw.dtype, x.dtype)
                 raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)}){why}")
         s = self.schedule
         p = self.prediction
@@ -292,6 +295,12 @@ class DiffusionModel(torch.nn.Module):
 
     def forward(self, x, t, **kw):
         return self.x0(x, t, **kw)
+
+
+def _range_note(raw_dtype: torch.dtype, state_dtype: torch.dtype) -> str:
+    """Why a finite network output is NaN/Inf in the state: it was cast to a narrower dtype."""
+    return (f": its {raw_dtype} output is finite but exceeds the {state_dtype} state's range (largest "
+            f"{torch.finfo(state_dtype).max:g}); solve in a wider state dtype")
 
 
 def _same(v: torch.Tensor) -> torch.Tensor:
