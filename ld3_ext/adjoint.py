@@ -38,16 +38,12 @@ import torch
 
 from . import _native
 from .coefficients import MAX_HISTORY
-from .ops import composite_only
+from .ops import _opmath, composite_only
 
 
 # ----------------------------------------------------------------------------------------------
 # one reverse step: reference and native
 # ----------------------------------------------------------------------------------------------
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def adjoint_step_reference(lam_prev: torch.Tensor, v: Optional[torch.Tensor], scale: Optional[torch.Tensor],
                            older: Sequence[torch.Tensor], x: Optional[torch.Tensor], m: Optional[torch.Tensor],
                            w: torch.Tensor, dots: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

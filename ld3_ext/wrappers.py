@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .ops import _opmath
+from .ops import _opmath, _vmapped
 from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
 
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity", "edm")
@@ -27,22 +27,6 @@ def _compiling() -> bool:
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-_functorch = getattr(torch._C, "_functorch", None)
-
-
-def _vmapped(t) -> bool:
-    """Batched by torch.func.vmap at some level of the transforms wrapping ``t`` (vmap(grad(...)) too): it
-    holds one value per mapped sample, so its values cannot be read back (bool() and .tolist() raise) and
-    value checks skip it.  Under grad/jvp alone values read back as usual: the checks run there."""
-    if _functorch is None or not isinstance(t, torch.Tensor):
-        return False
-    while _functorch.is_functorch_wrapped_tensor(t):
-        if _functorch.is_batchedtensor(t):
-            return True
-        t = _functorch.get_unwrapped(t)
-    return False
 
 
 def _time_text(t: torch.Tensor) -> str:
@@ -164,7 +148,7 @@ class DiffusionModel(torch.nn.Module):
         tt = self.network_time(t)
         # the network reads time in x's dtype, but never below float32: a float16/bfloat16 time would move
         # SD's index 999 to 1000 (bfloat16 has 8 bits of mantissa); diffusers passes float32 times too
-        tdt = x.dtype if x.dtype not in (torch.float16, torch.bfloat16) else torch.float32
+        tdt = _opmath(x.dtype)
         if tt.dtype != tdt:  # skip no-op conversions: each is a dispatcher call (and a graph node)
             tt = tt.to(tdt)
         if tt.numel() == 1:
