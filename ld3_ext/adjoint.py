@@ -38,16 +38,12 @@ import torch
 
 from . import _native
 from .coefficients import MAX_HISTORY
-from .ops import composite_only
+from .ops import _opmath, composite_only
 
 
 # ----------------------------------------------------------------------------------------------
 # one reverse step: reference and native
 # ----------------------------------------------------------------------------------------------
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def adjoint_step_reference(lam_prev: torch.Tensor, v: Optional[torch.Tensor], scale: Optional[torch.Tensor],
                            older: Sequence[torch.Tensor], x: Optional[torch.Tensor], m: Optional[torch.Tensor],
                            w: torch.Tensor, dots: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -284,15 +280,22 @@ def _differentiable_backward(ctx, grad):
     and differentiated with create_graph=True.  Costs one more forward; only taken when asked for."""
     plan: SamplerPlan = ctx.plan
     table, x_T, tm = ctx.saved_tensors
-    rows = table.select(1, 0).unbind(0)
-    x, history = x_T, []
-    for i, p in enumerate(plan.orders):
-        history.insert(0, plan.evaluate(x, tm[i], i))
-        del history[plan.max_order:]
-        x = _update_reference(x, rows[i].narrow(0, 0, 1 + p), history[:p])
+    x = _solve_per_step(plan.evaluate, plan.orders, plan.max_order, x_T, table, tm)
     wanted = [t for t, need in zip((x_T, table, tm), ctx.need) if need]
     got = iter(torch.autograd.grad(x, wanted, grad, create_graph=True, allow_unused=True))
     return (None, None) + tuple(next(got) if need else None for need in ctx.need)
+
+
+def _solve_per_step(evaluate: Callable, orders: Sequence[int], max_order: int, x_T: torch.Tensor,
+                    table: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
+    """The multistep loop in plain differentiable torch ops, one autograd node per op (no custom node)."""
+    rows = table.select(1, 0).unbind(0)
+    x, history = x_T, []
+    for i, p in enumerate(orders):
+        history.insert(0, evaluate(x, tm[i], i))
+        del history[max_order:]
+        x = _update_reference(x, rows[i].narrow(0, 0, 1 + p), history[:p])
+    return x
 
 
 def _reverse_steps(ctx, plan: SamplerPlan, grad: torch.Tensor, step: Callable, w_rows, dot_rows, scales):
@@ -423,6 +426,8 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
     [i, 0] = [a, b_0, ...]); ``tm`` holds the N+1 network times.  ``deferred_checks`` (the model's
     ``deferred_output_checks``; solvers pass it on CUDA) wraps the backward, so the output checks of
     network re-evaluations there (checkpointing, a second backward) are read back once, not per step.
+    Under forward-mode AD or a torch.func transform (vmap, grad, jvp) the loop runs in plain per-step
+    torch ops instead (same values, no checkpointing).
     """
     if not callable(evaluate):
         raise TypeError(f"evaluate must be callable (x, t, step) -> tensor, got {type(evaluate).__name__}")
@@ -442,6 +447,11 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
     if deferred_checks is not None and not callable(deferred_checks):
         raise TypeError(f"deferred_checks must be a callable returning a context manager, got "
                         f"{type(deferred_checks).__name__}")
+    if composite_only(x_T, table, tm):
+        # forward-mode AD or a torch.func transform: autograd.Function.apply refuses the node there (no jvp, no
+        # setup_context), while the same loop in plain torch ops differentiates and maps; no checkpointing,
+        # as in Solver._evaluate
+        return _solve_per_step(evaluate, orders, max_order, x_T, table, tm)
     plan = SamplerPlan(evaluate, orders, max_order, checkpoint, deferred_checks)
     return _WholeSampler.apply(plan, need, x_T, table, tm)
 

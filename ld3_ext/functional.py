@@ -37,9 +37,10 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
 
+from .ops import _vmapped
 from .schedules import EDM
 from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
-from .wrappers import DiffusionModel, _capturing, _compiling, _vmapped
+from .wrappers import DiffusionModel, _capturing, _compiling
 
 SOLVER_NAMES: Dict[str, Callable[..., Solver]] = {
     "euler": lambda **kw: Euler(**kw),

@@ -18,8 +18,8 @@ import torch.autograd.forward_ad as _fwad
 
 from . import _native
 from .coefficients import SOLVER_IDS, TABLE_WIDTH, SolverSpec, coefficient_table_reference
-from .ops import as_history, check_grid, check_table_args, check_update_args as _check_update, composite_only, \
-    multistep_update_reference
+from .ops import _opmath, as_history, check_grid, check_table_args, check_update_args as _check_update, \
+    composite_only, multistep_update_reference
 
 _C = _native._C
 
@@ -58,7 +58,7 @@ class _MultistepUpdate(torch.autograd.Function):
 def _update_backward_reference(grad, x, coef, history, needs):
     """The backward of a*x + sum_k b_k m_k in differentiable torch ops (double backward, e.g. a Hessian-vector
     product): grad_x = a g, grad_m_k = b_k g, grad_coef = [<g, x>, <g, m_k>, 0...] in float64."""
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    acc = _opmath(x.dtype)
     g = grad.to(acc)
     c = coef.to(acc)
     gx = (c[0] * g).to(x.dtype) if needs[0] else None

@@ -108,7 +108,7 @@ def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True) -> None
     schedule is defined (alpha, sigma > 0): their gradchecks step just past t_min/t_max.  Skipped while
     compiling, capturing a CUDA graph or for a vmapped grid (nothing can be read back there)."""
     from .solvers.base import validate_timesteps
-    from .wrappers import _capturing, _compiling, _vmapped
+    from .wrappers import _capturing, _compiling
     # nothing can be read back while compiling, capturing, or from a vmapped grid
     if _compiling() or _capturing() or _vmapped(timesteps):
         return
@@ -138,8 +138,22 @@ def func_transform_active() -> bool:
     return _functorch_depth is not None and _functorch_depth() > 0
 
 
-_is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-_functorch_depth = getattr(getattr(torch._C, "_functorch", None), "get_dynamic_layer_stack_depth", None)
+def _vmapped(t) -> bool:
+    """Batched by torch.func.vmap at some level of the transforms wrapping ``t`` (vmap(grad(...)) too): it
+    holds one value per mapped sample, so its values cannot be read back (bool() and .tolist() raise) and
+    value checks skip it.  Under grad/jvp alone values read back as usual: the checks run there."""
+    if _functorch is None or not isinstance(t, torch.Tensor):
+        return False
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            return True
+        t = _functorch.get_unwrapped(t)
+    return False
+
+
+_functorch = getattr(torch._C, "_functorch", None)
+_is_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", None)
+_functorch_depth = getattr(_functorch, "get_dynamic_layer_stack_depth", None)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:

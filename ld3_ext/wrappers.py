@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .ops import _opmath
+from .ops import _opmath, _vmapped
 from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
 
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity", "edm")
@@ -27,22 +27,6 @@ def _compiling() -> bool:
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-_functorch = getattr(torch._C, "_functorch", None)
-
-
-def _vmapped(t) -> bool:
-    """Batched by torch.func.vmap at some level of the transforms wrapping ``t`` (vmap(grad(...)) too): it
-    holds one value per mapped sample, so its values cannot be read back (bool() and .tolist() raise) and
-    value checks skip it.  Under grad/jvp alone values read back as usual: the checks run there."""
-    if _functorch is None or not isinstance(t, torch.Tensor):
-        return False
-    while _functorch.is_functorch_wrapped_tensor(t):
-        if _functorch.is_batchedtensor(t):
-            return True
-        t = _functorch.get_unwrapped(t)
-    return False
 
 
 def _time_text(t: torch.Tensor) -> str:
@@ -118,8 +102,10 @@ class DiffusionModel(torch.nn.Module):
         self.model_kwargs = dict(model_kwargs or {})
         self.check_output = check_output
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
-        # (step, t, all-finite flag on the device) queued by deferred_output_checks(); None: check at once
-        self._deferred: Optional[List[Tuple[Optional[int], torch.Tensor, torch.Tensor]]] = None
+        # (step, t, all-finite flag on the device, overflow) queued by deferred_output_checks(); None: check at
+        # once.  overflow: None, or (the network's own output all-finite flag, its dtype, the state's dtype)
+        # when the output was cast to the state's dtype
+        self._deferred: Optional[List[Tuple[Optional[int], torch.Tensor, torch.Tensor, Optional[tuple]]]] = None
 
     @contextlib.contextmanager
     def deferred_output_checks(self):
@@ -137,11 +123,12 @@ class DiffusionModel(torch.nn.Module):
         finally:
             self._deferred = None
         if pending and not _capturing():
-            ok = torch.stack([flag.to(pending[0][2].device) for _, _, flag in pending])
+            ok = torch.stack([flag.to(pending[0][2].device) for _, _, flag, _ in pending])
             if not bool(ok.all()):
-                step, t, _ = pending[int((~ok).nonzero()[0, 0])]
+                step, t, _, overflow = pending[int((~ok).nonzero()[0, 0])]
                 where = f" at step {step}" if step is not None else ""
-                raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)})")
+                why = _range_note(overflow[1], overflow[2]) if overflow is not None and bool(overflow[0]) else ""
+                raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)}){why}")
 
     # -------------------------------------------------------------------------------------------
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -161,7 +148,7 @@ class DiffusionModel(torch.nn.Module):
         tt = self.network_time(t)
         # the network reads time in x's dtype, but never below float32: a float16/bfloat16 time would move
         # SD's index 999 to 1000 (bfloat16 has 8 bits of mantissa); diffusers passes float32 times too
-        tdt = x.dtype if x.dtype not in (torch.float16, torch.bfloat16) else torch.float32
+        tdt = _opmath(x.dtype)
         if tt.dtype != tdt:  # skip no-op conversions: each is a dispatcher call (and a graph node)
             tt = tt.to(tdt)
         if tt.numel() == 1:
@@ -247,12 +234,12 @@ class DiffusionModel(torch.nn.Module):
         # skipped inside torch.compile, and for a vmapped output (no value to read back)
         if self.check_output and not _compiling() and not _vmapped(out):
             if self._deferred is not None:  # read back once, when the sample call ends
-                self._deferred.append((step, t.detach(), torch.isfinite(out).all()))
+                overflow = (torch.isfinite(raw).all(), raw.dtype, x.dtype) if raw is not out else None
+                self._deferred.append((step, t.detach(), torch.isfinite(out).all(), overflow))
             elif not torch.isfinite(out).all():
                 why = ""
                 if raw is not out and bool(torch.isfinite(raw).all()):  # finite, but not in the state's dtype
-                    why = (f": its {raw.dtype} output is finite but exceeds the {x.dtype} state's range (largest "
-                           f"{torch.finfo(x.dtype).max:g}); solve in a wider state dtype")
+                    why = _range_note(raw.dtype, x.dtype)
                 raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)}){why}")
         s = self.schedule
         p = self.prediction
@@ -292,6 +279,12 @@ class DiffusionModel(torch.nn.Module):
 
     def forward(self, x, t, **kw):
         return self.x0(x, t, **kw)
+
+
+def _range_note(raw_dtype: torch.dtype, state_dtype: torch.dtype) -> str:
+    """Why a finite network output is NaN/Inf in the state: it was cast to a narrower dtype."""
+    return (f": its {raw_dtype} output is finite but exceeds the {state_dtype} state's range (largest "
+            f"{torch.finfo(state_dtype).max:g}); solve in a wider state dtype")
 
 
 def _same(v: torch.Tensor) -> torch.Tensor:

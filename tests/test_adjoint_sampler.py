@@ -470,6 +470,41 @@ def test_whole_sampler_any_table_and_orders(orders):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
+def test_whole_sampler_called_under_torch_func_and_forward_ad():
+    """whole_sampler is public: under vmap, grad, jacrev or forward-mode AD (where autograd.Function.apply
+    refuses the node) it runs the same recursion in plain ops, with the node's values and gradients."""
+    import torch.autograd.forward_ad as fwad
+    orders = [1, 2, 3, 2]
+    n = len(orders)
+    g = torch.Generator().manual_seed(11)
+    table = 0.5 * torch.randn(n, 2, 5, generator=g, dtype=torch.float64)
+    tm = torch.rand(n + 1, generator=g, dtype=torch.float64)
+    xs = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.4
+
+    def evaluate(xx, tt, step):
+        return torch.tanh(xx @ W) * (1.0 + tt) + 0.1 * step
+
+    def solve(x, tab=table, t=tm):
+        return adjoint.whole_sampler(evaluate, orders, 3, False, x, tab, t)
+
+    want = torch.stack([solve(x) for x in xs])
+    torch.testing.assert_close(torch.func.vmap(solve)(xs), want, rtol=1e-13, atol=1e-13)
+    x = xs[0].clone().requires_grad_()
+    tab, t = table.clone().requires_grad_(), tm.clone().requires_grad_()
+    want_grads = torch.autograd.grad(solve(x, tab, t).square().sum(), [x, tab, t])
+    got_grads = torch.func.grad(lambda *a: solve(*a).square().sum(), argnums=(0, 1, 2))(xs[0], table, tm)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(torch.func.jacrev(lambda tt: solve(xs[0], table, tt).sum())(tm),
+                               torch.autograd.grad(solve(x, tab, t).sum(), t)[0], rtol=1e-12, atol=1e-13)
+    direction = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(solve(fwad.make_dual(xs[0], direction))).tangent
+    jac = torch.autograd.functional.jacobian(lambda v: solve(v), xs[0])
+    torch.testing.assert_close(tangent, torch.einsum("abcd,cd->ab", jac, direction), rtol=1e-12, atol=1e-13)
+
+
 @native
 def test_unipc_recursion_rewrite_matches_loop_in_float32():
     schedule = ld3_ext.VPLinear()

@@ -12,8 +12,9 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .. import adjoint, ops
 from .._checks import count, flag
 from ..coefficients import SolverSpec, step_orders
+from ..ops import _vmapped
 from ..schedules import NoiseSchedule
-from ..wrappers import DiffusionModel, _capturing, _compiling, _vmapped
+from ..wrappers import DiffusionModel, _capturing, _compiling
 
 
 def _fail(name: str, msg: str):

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .._checks import real
+from ..ops import _opmath
 
 LOSSES = ("l2", "l1", "pseudo_huber", "lpips")
 
@@ -43,7 +44,7 @@ def _diff(pred, target) -> torch.Tensor:
         raise ValueError("pred and target need a batch dimension (shape [B, ...]), got 0-d tensors")
     # half precision in float32: a sum of squares over a decoded 3x512x512 image passes float16's 65504 at an
     # RMS error of 0.3, and bfloat16 rounds the per-sample losses the trainer compares to 3 digits
-    pred, target = (v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for v in (pred, target))
+    pred, target = (v.to(_opmath(v.dtype)) for v in (pred, target))
     return _flat(pred) - _flat(target)
 
 
