@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from ld3_ext import EDM, DPMSolverPP, Euler, UniPC, VPDiscrete, discretizations, testbeds
+from ld3_ext import EDM, DPMSolverPP, Euler, UniPC, VPDiscrete, VPLinear, discretizations, testbeds
 from ld3_ext.baselines import (AYS_SIGMAS, GITS_PRESETS, ays, ays_sigmas, baseline_timesteps, dmn, dmn_objective,
                                gits, gits_dp, gits_preset, path_cost)
-from ld3_ext.baselines.dmn import exp_lagrange_weights
+from ld3_ext.baselines.dmn import dmn_lambdas, exp_lagrange_weights
+from ld3_ext.baselines.gits import gits_cost_matrix, teacher_states
 from ld3_ext.metrics import teacher_rmse
+from conftest import smooth_mixture
 
 
 def _valid_grid(t, schedule, nfe):
@@ -276,3 +278,154 @@ def test_dmn_objective_matches_the_stepoptim_bound(n):
         want = _dmn_objective_mpmath(lams, 3, trunc)
         got = dmn_objective(lams, order=3, space="pixel", trunc_num=trunc)
         assert abs(got - want) <= 1e-9 * want, (got, want)
+
+
+def _dmn_objective_closed_form(lams, order, space, trunc_num):
+    """The DMN bound in torch float64 from its definition (module docstring of baselines.dmn), with the step
+    integrals in closed form: J = e^lam_s sum_p c_p int_0^h u^p e^u du for the Lagrange basis expanded in
+    u = lam - lam_s (independent of the library's Gauss-Legendre weights); differentiable by autograd."""
+    lam = lams
+    n = lam.numel() - 1
+    alpha, sigma = torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()  # variance preserving
+    w = sigma / alpha if space == "pixel" else sigma ** 2 / alpha
+    alone = lam.new_zeros(())
+    signed = [lam.new_zeros(()) for _ in range(n + 1)]
+    for s in range(n):
+        k = max(1, min(order, s + 1, n - s))
+        nodes = list(range(s - k + 1, s + 1))
+        h = lam[s + 1] - lam[s]
+        m0 = torch.exp(h) - 1
+        m1 = h * torch.exp(h) - m0
+        m2 = h * h * torch.exp(h) - 2 * m1
+        terms = []
+        for j in nodes:
+            poly = [lam.new_ones(())]  # coefficients of l_j in powers of u, lowest first
+            for m in nodes:
+                if m != j:
+                    d, den = lam[m] - lam[s], lam[j] - lam[m]
+                    poly = [(poly[p - 1] if p > 0 else 0) / den - (poly[p] * d / den if p < len(poly) else 0)
+                            for p in range(len(poly) + 1)]
+            terms.append(w[j] * torch.exp(lam[s]) * sum(c * mom for c, mom in zip(poly, (m0, m1, m2))))
+        if k == 1 or s < trunc_num:
+            alone = alone + torch.sqrt(sum(t * t for t in terms))
+        else:
+            for j, t in zip(nodes, terms):
+                signed[j] = signed[j] + t
+    return alone + sum(v.abs() for v in signed)
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_dmn_objective_and_its_gradient_match_the_closed_form(space, order):
+    """Values to round-off; the central differences of dmn_objective (what trust-constr follows) against the
+    oracle's autograd gradient (measured <= 1e-8 relative)."""
+    s = EDM()
+    rng = np.random.default_rng(10 * order + (space == "latent"))
+    for n in (2, 3, 5, 9):
+        for trunc in (0, 3):
+            lams = np.concatenate([[s.lambda_min], np.sort(rng.uniform(s.lambda_min, s.lambda_max, n - 1)),
+                                   [s.lambda_max]])
+            x = torch.tensor(lams, requires_grad=True)
+            want = _dmn_objective_closed_form(x, order, space, trunc)
+            (grad,) = torch.autograd.grad(want, x)
+            got = dmn_objective(lams, order=order, space=space, trunc_num=trunc)
+            assert got == pytest.approx(want.item(), rel=1e-12, abs=0), (n, trunc)
+            step = 1e-6
+            fd = np.array([(dmn_objective(lams + step * e, order, space, trunc)
+                            - dmn_objective(lams - step * e, order, space, trunc)) / (2 * step)
+                           for e in np.eye(n + 1)[1:-1]])
+            assert np.abs(fd - grad[1:-1].numpy()).max() <= 1e-6 * np.abs(grad[1:-1].numpy()).max(), (n, trunc)
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("nfe", [3, 5])
+def test_dmn_grid_is_a_local_minimum_of_the_closed_form(space, order, nfe):
+    """Below NFE 8 (trunc_num 3) the bound is smooth at the optimum: no coordinate or random move of 1e-2 or
+    1e-3 lowers the oracle (measured: none lowers it at all) and its gradient vanishes (measured ~2e-6)."""
+    s = EDM()
+    lam = dmn_lambdas(s.lambda_min, s.lambda_max, nfe, order=order, space=space)
+    x = torch.tensor(lam, requires_grad=True)
+    best = _dmn_objective_closed_form(x, order, space, 3)
+    (grad,) = torch.autograd.grad(best, x)
+    best = best.item()
+    assert float(grad[1:-1].abs().max()) < 1e-4 * best
+    rng = np.random.default_rng(nfe)
+    moves = [*np.eye(nfe + 1)[1:-1], *-np.eye(nfe + 1)[1:-1]]
+    moves += [np.concatenate([[0.0], v / np.linalg.norm(v), [0.0]]) for v in rng.standard_normal((10, nfe - 1))]
+    for size in (1e-2, 1e-3):
+        for move in moves:
+            moved = _dmn_objective_closed_form(torch.tensor(lam + size * move), order, space, 3)
+            assert float(moved) >= best * (1 - 1e-12), (size, move)
+
+
+def _gits_brute_force(gm, schedule, grid, states, nfe, coeff, max_jump=None):
+    """GITS' search from its definition, over every sub-grid 0 = p_0 < p_1 < ... < p_nfe = M of the fine grid:
+    jump i -> j is one DDIM step (first-order data prediction, the mixture's exact posterior mean) from the
+    teacher state at g_i, scored by the per-sample RMSE to the teacher state at g_j averaged over the batch;
+    jump k of a path weighs coeff^k.  Returns (the least total, its path, the jump costs)."""
+    m = grid.numel() - 1
+    alpha, sigma = schedule.alpha(grid), schedule.sigma(grid)
+    jumps = {}
+    for i in range(m):
+        d = gm.denoise(states[i], alpha[i], sigma[i])
+        for j in range(i + 1, m + 1):
+            x = sigma[j] / sigma[i] * states[i] + (alpha[j] - alpha[i] * sigma[j] / sigma[i]) * d
+            jumps[i, j] = float((x - states[j]).flatten(1).pow(2).mean(1).sqrt().mean())
+    best, best_path = math.inf, None
+    for mid in itertools.combinations(range(1, m), nfe - 1):
+        path = [0, *mid, m]
+        if max_jump is not None and any(b - a > max_jump for a, b in zip(path[:-1], path[1:])):
+            continue
+        total = sum(coeff ** k * jumps[a, b] for k, (a, b) in enumerate(zip(path[:-1], path[1:])))
+        if total < best:
+            best, best_path = total, path
+    return best, best_path, jumps
+
+
+@pytest.fixture(scope="module", params=["edm", "vp_linear"])
+def accurate_fine_trajectories(request):
+    """A 3-d mixture, 6 noises, a 9-point EDM fine grid and the accurate ODE states on it (DOP853)."""
+    schedule = {"edm": EDM(0.002, 80.0), "vp_linear": VPLinear()}[request.param]
+    gm = smooth_mixture(dim=3, n_modes=3, std=0.4, seed=5)
+    grid = discretizations.edm(schedule, 8)
+    states = [gm.prior_noise(schedule, 6, generator=torch.Generator().manual_seed(2))]
+    for a, b in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        states.append(gm.reference_solution(schedule, states[-1], t_start=a, t_end=b, rtol=1e-8, atol=1e-8))
+    return gm, schedule, grid, states
+
+
+@pytest.mark.parametrize("max_jump", [None, 4])
+def test_gits_cost_and_search_match_brute_force_over_every_sub_grid(accurate_fine_trajectories, max_jump):
+    """The library's cost matrix and DP on given teacher states against every sub-grid costed from the
+    definition: the same path and the same cost to round-off, for 2-4 jumps and coeff 1 and 1.15."""
+    gm, schedule, grid, states = accurate_fine_trajectories
+    cost = gits_cost_matrix(gm.model(schedule), grid, states, solver=Euler(), max_jump=max_jump)
+    for nfe in (2, 3, 4):
+        for coeff in (1.0, 1.15):
+            path = gits_dp(cost, nfe, coeff)
+            best, best_path, jumps = _gits_brute_force(gm, schedule, grid, states, nfe, coeff, max_jump)
+            assert path == best_path, (nfe, coeff)
+            # round-off: a jump from x ~ 80 landing ~1e-3 from the teacher state keeps ~12 digits of its cost
+            assert path_cost(cost, path, coeff) == pytest.approx(best, rel=1e-9, abs=0), (nfe, coeff)
+    for (i, j), c in jumps.items():
+        want = c if max_jump is None or j - i <= max_jump else math.inf
+        assert cost[i, j] == pytest.approx(want, rel=1e-9, abs=0), (i, j)
+    assert np.isinf(cost[np.tril_indices(9)]).all()
+
+
+def test_gits_search_matches_brute_force_on_its_own_teacher():
+    """gits() end to end (fine grid, teacher trajectories, cost, DP, timesteps) against the brute force on the
+    states of its teacher."""
+    s = EDM(0.002, 80.0)
+    gm = smooth_mixture(dim=3, n_modes=3, std=0.4, seed=5)
+    model = gm.model(s)
+    x_T = gm.prior_noise(s, 6, generator=torch.Generator().manual_seed(2))
+    res = gits(model, nfe=3, x_T=x_T, fine_steps=8, spacing="logsnr", coeff=1.15, teacher_substeps=2,
+               return_info=True)
+    assert torch.equal(res.grid, discretizations.logsnr_uniform(s, 8))
+    states = teacher_states(model, x_T, res.grid, substeps=2)
+    best, best_path, _ = _gits_brute_force(gm, s, res.grid, states, 3, 1.15)
+    assert res.path == best_path
+    assert res.total_cost == pytest.approx(best, rel=1e-9, abs=0)
+    assert torch.equal(res.timesteps[1:-1], res.grid[best_path[1:-1]])

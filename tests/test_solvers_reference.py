@@ -37,7 +37,11 @@ def conv_setup():
     return sched, gm, x_T, ref
 
 
-# (factory, asserted global order, N values used for the fit)
+# (factory, asserted global order, N values used for the fit, bound on the error at the largest N)
+# The bounds are ~5x the measured errors (float64, deterministic; Euler/iPNDM1 keep the old common 5e-2, 2x):
+# a method that keeps its slope but loses accuracy by a constant factor fails here.  DPM-Solver++(3M) and
+# UniPC-3 are at ~3x: run with their third-order terms dropped (2M, UniPC-2: same slopes) they measure
+# 3.1e-4 and 1.8e-4, which ~5x bounds would let through.
 # Theory for the asserted orders: a k-step method whose start-up values carry error O(h^q) converges
 # at order min(p, q).  The warm-up of the multistep solvers is part of the method:
 #   * DPM-Solver++(3M) starts with a 1st-order step (local error O(h^2)) -> global order 2; its 3M update
@@ -48,27 +52,27 @@ def conv_setup():
 #     (log-SNR uniform is geometric in s) its nodes deviate from equispaced by O(h^2), so
 #     orders >= 2 converge at order 2 (their full order shows on uniform-s steps, tested locally below).
 CONVERGENCE = {
-    "euler": (lambda: ld3_ext.Euler(**REF), 1.0, (16, 32, 64)),
-    "heun": (lambda: ld3_ext.Heun(**REF), 2.0, (16, 32, 64)),
-    "dpmpp2_midpoint": (lambda: ld3_ext.DPMSolverPP(2, lower_order_final=False, **REF), 2.0, (16, 32, 64)),
-    "dpmpp2_heun": (lambda: ld3_ext.DPMSolverPP(2, solver_type="heun", lower_order_final=False, **REF), 2.0, (16, 32, 64)),
-    "dpmpp3": (lambda: ld3_ext.DPMSolverPP(3, lower_order_final=False, **REF), 2.0, (32, 64, 128)),
-    "unipc1_bh1": (lambda: ld3_ext.UniPC(1, lower_order_final=False, **REF), 2.0, (16, 32, 64)),
-    "unipc2_bh1": (lambda: ld3_ext.UniPC(2, lower_order_final=False, **REF), 3.0, (16, 32, 64)),
-    "unipc2_bh2": (lambda: ld3_ext.UniPC(2, variant="bh2", lower_order_final=False, **REF), 3.0, (16, 32, 64)),
-    "unipc2_no_corrector": (lambda: ld3_ext.UniPC(2, use_corrector=False, lower_order_final=False, **REF), 2.0, (16, 32, 64)),
-    "unipc3_bh2": (lambda: ld3_ext.UniPC(3, variant="bh2", lower_order_final=False, **REF), 3.0, (16, 32, 64)),
-    "ipndm1": (lambda: ld3_ext.IPNDM(1, **REF), 1.0, (16, 32, 64)),
-    "ipndm2": (lambda: ld3_ext.IPNDM(2, **REF), 2.0, (32, 64, 128)),
-    "ipndm3": (lambda: ld3_ext.IPNDM(3, **REF), 2.0, (32, 64, 128)),
-    "ipndm4": (lambda: ld3_ext.IPNDM(4, **REF), 2.0, (32, 64, 128)),
+    "euler": (lambda: ld3_ext.Euler(**REF), 1.0, (16, 32, 64), 5e-2),
+    "heun": (lambda: ld3_ext.Heun(**REF), 2.0, (16, 32, 64), 1e-2),
+    "dpmpp2_midpoint": (lambda: ld3_ext.DPMSolverPP(2, lower_order_final=False, **REF), 2.0, (16, 32, 64), 7e-3),
+    "dpmpp2_heun": (lambda: ld3_ext.DPMSolverPP(2, solver_type="heun", lower_order_final=False, **REF), 2.0, (16, 32, 64), 1e-2),
+    "dpmpp3": (lambda: ld3_ext.DPMSolverPP(3, lower_order_final=False, **REF), 2.0, (32, 64, 128), 2.5e-4),
+    "unipc1_bh1": (lambda: ld3_ext.UniPC(1, lower_order_final=False, **REF), 2.0, (16, 32, 64), 7e-3),
+    "unipc2_bh1": (lambda: ld3_ext.UniPC(2, lower_order_final=False, **REF), 3.0, (16, 32, 64), 2e-3),
+    "unipc2_bh2": (lambda: ld3_ext.UniPC(2, variant="bh2", lower_order_final=False, **REF), 3.0, (16, 32, 64), 1e-3),
+    "unipc2_no_corrector": (lambda: ld3_ext.UniPC(2, use_corrector=False, lower_order_final=False, **REF), 2.0, (16, 32, 64), 2e-2),
+    "unipc3_bh2": (lambda: ld3_ext.UniPC(3, variant="bh2", lower_order_final=False, **REF), 3.0, (16, 32, 64), 1.5e-4),
+    "ipndm1": (lambda: ld3_ext.IPNDM(1, **REF), 1.0, (16, 32, 64), 5e-2),
+    "ipndm2": (lambda: ld3_ext.IPNDM(2, **REF), 2.0, (32, 64, 128), 2e-3),
+    "ipndm3": (lambda: ld3_ext.IPNDM(3, **REF), 2.0, (32, 64, 128), 1e-3),
+    "ipndm4": (lambda: ld3_ext.IPNDM(4, **REF), 2.0, (32, 64, 128), 1e-3),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CONVERGENCE))
 def test_global_convergence_order(conv_setup, name):
     sched, gm, x_T, ref = conv_setup
-    factory, order, ns = CONVERGENCE[name]
+    factory, order, ns, err_bound = CONVERGENCE[name]
     solver = factory()
     errs = []
     for n in ns:
@@ -78,7 +82,7 @@ def test_global_convergence_order(conv_setup, name):
     # UniPC-3 is still pre-asymptotic at these N (slope ~3.7 on its way down to 3): only a lower bound
     upper = order + (1.0 if name == "unipc3_bh2" else 0.3)
     assert order - 0.3 < slope < upper, (name, errs, slope)
-    assert errs[-1] < 5e-2  # and the errors are small in absolute terms
+    assert errs[-1] < err_bound, (name, errs)  # and the constant is right, not only the order
 
 
 def test_unipc3_beats_dpmpp3_and_higher_orders_help(conv_setup):
