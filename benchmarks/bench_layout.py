@@ -25,9 +25,14 @@ def main(argv=None):
     ap.add_argument("--shape", default="16,4,64,64", help="N,C,H,W")
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args(argv)
-    shape = tuple(int(v) for v in args.shape.split(","))
-    if len(shape) != 4:
-        raise SystemExit("--shape must be N,C,H,W")
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise SystemExit(f"--shape must be four positive integers N,C,H,W, got {args.shape!r}")
+    if args.threads < 1 or args.rounds < 1:
+        raise SystemExit("--threads and --rounds must be >= 1")
     C = native_module(args.threads)
     from ld3_ext.ops import multistep_update_reference
 
