@@ -132,11 +132,12 @@ def test_update_out_aliases_and_non_contiguous_input(emu):
 
 
 def _in_layout(t, layout):
-    """t (values unchanged) stored channels_last, in a permuted order, or sliced (not dense)."""
+    """t (values unchanged) stored channels_last, in an order no memory_format names (H, W, N, C), or sliced
+    (not dense)."""
     if layout == "channels_last":
         return t.to(memory_format=torch.channels_last)
-    if layout == "permuted":
-        return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    if layout == "permuted":  # (N, H, W, C) storage would be channels_last again
+        return t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
     if layout == "sliced":
         return torch.cat([t, t], dim=3)[..., ::2].copy_(t)
     return t.contiguous()
@@ -152,6 +153,8 @@ def test_update_keeps_the_layout_of_dense_inputs(emu, dtype, layouts):
     g = torch.Generator().manual_seed(21)
     shape = (2, 8, 24, 25)  # > 2 blocks, a ragged tail
     x, h0, h1, grad = (_in_layout(_randn(shape[0] * 8 * 24 * 25, dtype, g).view(shape), lay) for lay in layouts)
+    is_cl = x.is_contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous() and (layouts[0] == "channels_last") == is_cl
     hist = [h0, h1]
     coef = torch.randn(3, generator=g, dtype=torch.float64)
     want = C.multistep_update(x, coef, hist)
