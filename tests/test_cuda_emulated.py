@@ -163,6 +163,9 @@ def test_update_keeps_the_layout_of_dense_inputs(emu, dtype, layouts):
     out = torch.empty_like(x)
     assert emu.multistep_update(x, coef, hist, out).data_ptr() == out.data_ptr()
     assert torch.equal(out, want)
+    oc = torch.empty(shape, dtype=dtype)  # contiguous, x is not: written through a buffer in x's layout
+    emu.multistep_update(x, coef, hist, oc)
+    assert torch.equal(oc, want)
     y = x.clone()
     emu.multistep_update(y, coef, hist, y)  # out=x in x's layout
     assert y.stride() == x.stride() and torch.equal(y, want)

@@ -45,6 +45,9 @@ MUTATIONS = [
      "for (const auto& m : history) hist.push_back(m);", True),
     ("adjoint step reads an x laid out otherwise as if in v's layout", "adjoint_step.h",
      "if (a.need_dots) in.x = in_layout_of(x, like);", "if (a.need_dots) in.x = x;", True),
+    ("forward writes an out laid out otherwise as if in x's layout", "cuda/multistep_cuda.cu",
+     "const bool direct = same_dense_layout(out, x);", "const bool direct = out.is_non_overlapping_and_dense();",
+     True),
     # benign today: only thread 0 uses the block sum, and it reads smem[0] before rewriting it
     ("no barrier after reading the block sum", "cuda/reduce_cuda.cuh",
      "  const double r = smem[0];\n  __syncthreads();", "  const double r = smem[0];", False),
