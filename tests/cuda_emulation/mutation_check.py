@@ -48,6 +48,8 @@ MUTATIONS = [
     ("forward writes an out laid out otherwise as if in x's layout", "cuda/multistep_cuda.cu",
      "const bool direct = same_dense_layout(out, x);", "const bool direct = out.is_non_overlapping_and_dense();",
      True),
+    ("backward reads an x laid out otherwise as if in grad's layout", "cuda/multistep_cuda.cu",
+     "    x = in_layout_of(x_in, g);", "    x = x_in;", True),
     # benign today: only thread 0 uses the block sum, and it reads smem[0] before rewriting it
     ("no barrier after reading the block sum", "cuda/reduce_cuda.cuh",
      "  const double r = smem[0];\n  __syncthreads();", "  const double r = smem[0];", False),
