@@ -186,7 +186,7 @@ def test_adjoint_step_keeps_the_layout_of_v(emu, layout, mixed):
     shape = (2, 8, 24, 25)
     make = lambda lay: _in_layout(_randn(2 * 8 * 24 * 25, torch.float32, g).view(shape), lay)  # noqa: E731
     other = "contiguous" if mixed else layout
-    lam, v, x, m, o = make(other), make(layout), make(other), make(layout), make(other)
+    lam, v, x, m, o = make(other), make(layout), make(other), make(other), make(other)
     w = torch.randn(3, generator=g, dtype=torch.float64)
     sc = torch.tensor([0.7], dtype=torch.float64)
     res = []

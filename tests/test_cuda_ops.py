@@ -156,7 +156,7 @@ def test_cuda_adjoint_step_keeps_the_layout_of_v(layout, mixed):
     shape = (2, 8, 24, 25)
     other = "contiguous" if mixed else layout
     lam, v, x, m, o = (_in_layout(torch.randn(shape, generator=g).to(DEV), lay)
-                       for lay in (other, layout, other, layout, "sliced" if mixed else layout))
+                       for lay in (other, layout, other, "sliced" if mixed else layout, other))
     w = torch.randn(3, generator=g, dtype=torch.float64).to(DEV)
     sc = torch.tensor([0.7], dtype=torch.float64, device=DEV)
     v_d, v_c = v.clone(), v.cpu()

@@ -50,6 +50,8 @@ MUTATIONS = [
      True),
     ("backward reads an x laid out otherwise as if in grad's layout", "cuda/multistep_cuda.cu",
      "    x = in_layout_of(x_in, g);", "    x = x_in;", True),
+    ("adjoint step reads an m laid out otherwise as if in v's layout", "adjoint_step.h",
+     "in.m = in_layout_of(m, like);", "in.m = m;", True),
     # benign today: only thread 0 uses the block sum, and it reads smem[0] before rewriting it
     ("no barrier after reading the block sum", "cuda/reduce_cuda.cuh",
      "  const double r = smem[0];\n  __syncthreads();", "  const double r = smem[0];", False),
