@@ -176,6 +176,10 @@ def test_update_keeps_the_layout_of_dense_inputs(emu, dtype, layouts):
     _dots_close(ge[1], gc[1], dtype, grad.double().abs() * x.double().abs())
     want_dots = torch.stack([(grad.double() * t.double()).sum() for t in (x, *hist)])
     _dots_close(ge[1], want_dots, dtype, grad.double().abs() * x.double().abs())
+    gs = _in_layout(grad, "sliced")  # not dense: copied into a dense layout before the flat walk
+    ge = emu.multistep_update_backward(gs, x, coef, hist, True, True, True)
+    assert torch.equal(ge[0], gc[0]) and all(torch.equal(a, b) for a, b in zip(ge[2], gc[2]))
+    _dots_close(ge[1], want_dots, dtype, grad.double().abs() * x.double().abs())
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "permuted"])
@@ -197,6 +201,13 @@ def test_adjoint_step_keeps_the_layout_of_v(emu, layout, mixed):
     (gm_e, v_e, d_e), (gm_c, v_c, d_c) = res
     assert gm_e.stride() == gm_c.stride() == v.stride() and v_e.stride() == v.stride()
     assert torch.equal(gm_e, gm_c) and torch.equal(v_e, v_c)
+    _dots_close(d_e, d_c, torch.float32, lam.double().abs() * x.double().abs())
+    # without v the step runs in lam_prev's layout; a sliced lam_prev is copied into a dense one first
+    ls = _in_layout(lam, "sliced")
+    d_e, d_c = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    gm_e = emu.multistep_adjoint(ls, None, None, [o], x, m, w[:2], d_e)
+    gm_c = C.multistep_adjoint(lam, None, None, [o], x, m, w[:2], d_c)
+    assert torch.equal(gm_e, gm_c)
     _dots_close(d_e, d_c, torch.float32, lam.double().abs() * x.double().abs())
 
 

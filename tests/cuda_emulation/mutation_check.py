@@ -52,6 +52,10 @@ MUTATIONS = [
      "    x = in_layout_of(x_in, g);", "    x = x_in;", True),
     ("adjoint step reads an m laid out otherwise as if in v's layout", "adjoint_step.h",
      "in.m = in_layout_of(m, like);", "in.m = m;", True),
+    ("backward walks a sliced grad as if dense", "cuda/multistep_cuda.cu",
+     "const at::Tensor g = dense_or_copy(grad_in);", "const at::Tensor g = grad_in;", True),
+    ("adjoint step without v walks a sliced lam_prev as if dense", "adjoint_step.h",
+     ": dense_or_copy(lam_prev);", ": lam_prev;", True),
     # benign today: only thread 0 uses the block sum, and it reads smem[0] before rewriting it
     ("no barrier after reading the block sum", "cuda/reduce_cuda.cuh",
      "  const double r = smem[0];\n  __syncthreads();", "  const double r = smem[0];", False),
