@@ -75,27 +75,34 @@ timeout "$(left 60)" "$PY" "$ROOT/benchmarks/bench_kernels.py" --device cuda --n
   --json "$RESULTS/bench_cuda.json" > "$RESULTS/bench.log" 2>&1 || status=1
 tail -40 "$RESULTS/bench.log"
 
-# 4) launch counts: one kernel per forward step, at most two per backward
+# 4) launch counts: one kernel per forward step, at most two per backward, and no copy kernel either
+#    way, also for channels_last inputs (walked in their layout: csrc/dense_layout.h)
 timeout "$(left 25)" "$PY" - > "$RESULTS/launches.log" 2>&1 <<'PYEOF' || status=1
 import torch, ld3_ext
 from ld3_ext import fused
 from torch.profiler import profile, ProfilerActivity
-x = torch.randn(8, 4, 64, 64, device="cuda", requires_grad=True)
-h = [torch.randn_like(x) for _ in range(3)]
-c = torch.randn(4, dtype=torch.float64, device="cuda", requires_grad=True)
-g = torch.randn_like(x)
-for _ in range(3):
-    y = fused.multistep_update(x, c, h); torch.autograd.grad(y, [x, c], g)
-torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CUDA]) as p:
-    y = fused.multistep_update(x, c, h); torch.cuda.synchronize()
-fwd = [e.name for e in p.events() if e.device_type.name == "CUDA"]
-with profile(activities=[ProfilerActivity.CUDA]) as p:
-    torch.autograd.grad(y, [x, c], g); torch.cuda.synchronize()
-bwd = [e.name for e in p.events() if e.device_type.name == "CUDA" and "ld3" in e.name]
-print("forward kernels:", len(fwd), fwd)
-print("backward ld3 kernels:", len(bwd), bwd)
-assert len(fwd) == 1 and len(bwd) <= 2, "launch budget exceeded"
+ok = True
+for fmt in (torch.contiguous_format, torch.channels_last):
+    x = torch.randn(8, 4, 64, 64, device="cuda").contiguous(memory_format=fmt).requires_grad_()
+    h = [torch.randn_like(x) for _ in range(3)]  # randn_like keeps x's layout
+    c = torch.randn(4, dtype=torch.float64, device="cuda", requires_grad=True)
+    g = torch.randn_like(x)
+    for _ in range(3):
+        y = fused.multistep_update(x, c, h); torch.autograd.grad(y, [x, c], g)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        y = fused.multistep_update(x, c, h); torch.cuda.synchronize()
+    fwd = [e.name for e in p.events() if e.device_type.name == "CUDA"]
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        torch.autograd.grad(y, [x, c], g); torch.cuda.synchronize()
+    kernels = [e.name for e in p.events() if e.device_type.name == "CUDA"]
+    bwd = [k for k in kernels if "ld3" in k]
+    copies = [k for k in kernels if "copy" in k.lower()]
+    print(fmt, "forward kernels:", len(fwd), fwd)
+    print(fmt, "backward ld3 kernels:", len(bwd), bwd, "copy kernels:", len(copies), copies)
+    assert y.stride() == x.stride(), f"{fmt}: output strides {y.stride()}, x's {x.stride()}"
+    ok = ok and len(fwd) == 1 and len(bwd) <= 2 and not copies
+assert ok, "launch budget exceeded"
 PYEOF
 cat "$RESULTS/launches.log" | tee -a "$RESULTS/summary.log"
 log "done (status $status)"

@@ -132,11 +132,12 @@ def test_update_out_aliases_and_non_contiguous_input(emu):
 
 
 def _in_layout(t, layout):
-    """t (values unchanged) stored channels_last, in a permuted order, or sliced (not dense)."""
+    """t (values unchanged) stored channels_last, in an order no memory_format names (H, W, N, C), or sliced
+    (not dense)."""
     if layout == "channels_last":
         return t.to(memory_format=torch.channels_last)
-    if layout == "permuted":
-        return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    if layout == "permuted":  # (N, H, W, C) storage would be channels_last again
+        return t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
     if layout == "sliced":
         return torch.cat([t, t], dim=3)[..., ::2].copy_(t)
     return t.contiguous()
@@ -144,7 +145,7 @@ def _in_layout(t, layout):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layouts", [("channels_last",) * 4, ("permuted",) * 4,
-                                     ("channels_last", "contiguous", "sliced", "channels_last")],
+                                     ("channels_last", "contiguous", "sliced", "permuted")],
                          ids=["channels_last", "permuted", "mixed"])
 def test_update_keeps_the_layout_of_dense_inputs(emu, dtype, layouts):
     """x, history and grad laid out alike are walked in place and the outputs keep that layout, as on the
@@ -152,6 +153,8 @@ def test_update_keeps_the_layout_of_dense_inputs(emu, dtype, layouts):
     g = torch.Generator().manual_seed(21)
     shape = (2, 8, 24, 25)  # > 2 blocks, a ragged tail
     x, h0, h1, grad = (_in_layout(_randn(shape[0] * 8 * 24 * 25, dtype, g).view(shape), lay) for lay in layouts)
+    is_cl = x.is_contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous() and (layouts[0] == "channels_last") == is_cl
     hist = [h0, h1]
     coef = torch.randn(3, generator=g, dtype=torch.float64)
     want = C.multistep_update(x, coef, hist)
@@ -160,6 +163,9 @@ def test_update_keeps_the_layout_of_dense_inputs(emu, dtype, layouts):
     out = torch.empty_like(x)
     assert emu.multistep_update(x, coef, hist, out).data_ptr() == out.data_ptr()
     assert torch.equal(out, want)
+    oc = torch.empty(shape, dtype=dtype)  # contiguous, x is not: written through a buffer in x's layout
+    emu.multistep_update(x, coef, hist, oc)
+    assert torch.equal(oc, want)
     y = x.clone()
     emu.multistep_update(y, coef, hist, y)  # out=x in x's layout
     assert y.stride() == x.stride() and torch.equal(y, want)
@@ -169,6 +175,10 @@ def test_update_keeps_the_layout_of_dense_inputs(emu, dtype, layouts):
     assert all(a.stride() == grad.stride() and torch.equal(a, b) for a, b in zip(ge[2], gc[2]))
     _dots_close(ge[1], gc[1], dtype, grad.double().abs() * x.double().abs())
     want_dots = torch.stack([(grad.double() * t.double()).sum() for t in (x, *hist)])
+    _dots_close(ge[1], want_dots, dtype, grad.double().abs() * x.double().abs())
+    gs = _in_layout(grad, "sliced")  # not dense: copied into a dense layout before the flat walk
+    ge = emu.multistep_update_backward(gs, x, coef, hist, True, True, True)
+    assert torch.equal(ge[0], gc[0]) and all(torch.equal(a, b) for a, b in zip(ge[2], gc[2]))
     _dots_close(ge[1], want_dots, dtype, grad.double().abs() * x.double().abs())
 
 
@@ -180,7 +190,7 @@ def test_adjoint_step_keeps_the_layout_of_v(emu, layout, mixed):
     shape = (2, 8, 24, 25)
     make = lambda lay: _in_layout(_randn(2 * 8 * 24 * 25, torch.float32, g).view(shape), lay)  # noqa: E731
     other = "contiguous" if mixed else layout
-    lam, v, x, m, o = make(other), make(layout), make(other), make(layout), make(other)
+    lam, v, x, m, o = make(other), make(layout), make(other), make(other), make(other)
     w = torch.randn(3, generator=g, dtype=torch.float64)
     sc = torch.tensor([0.7], dtype=torch.float64)
     res = []
@@ -191,6 +201,13 @@ def test_adjoint_step_keeps_the_layout_of_v(emu, layout, mixed):
     (gm_e, v_e, d_e), (gm_c, v_c, d_c) = res
     assert gm_e.stride() == gm_c.stride() == v.stride() and v_e.stride() == v.stride()
     assert torch.equal(gm_e, gm_c) and torch.equal(v_e, v_c)
+    _dots_close(d_e, d_c, torch.float32, lam.double().abs() * x.double().abs())
+    # without v the step runs in lam_prev's layout; a sliced lam_prev is copied into a dense one first
+    ls = _in_layout(lam, "sliced")
+    d_e, d_c = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    gm_e = emu.multistep_adjoint(ls, None, None, [o], x, m, w[:2], d_e)
+    gm_c = C.multistep_adjoint(lam, None, None, [o], x, m, w[:2], d_c)
+    assert torch.equal(gm_e, gm_c)
     _dots_close(d_e, d_c, torch.float32, lam.double().abs() * x.double().abs())
 
 

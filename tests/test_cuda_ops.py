@@ -93,6 +93,119 @@ def test_cuda_keeps_channels_last(dtype):
     torch.testing.assert_close(gc[:4], want, rtol=1e-5, atol=1e-5 * float((g.double() * x.double()).abs().sum()))
 
 
+def _in_layout(t, layout):
+    """t's values (on its device) stored channels_last, in a dimension order no memory_format names
+    (H, W, N, C), or sliced (not dense); laid out on the device, as .to(device) would make it dense."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "permuted":
+        return t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+    if layout == "sliced":
+        return torch.cat([t, t], dim=3)[..., ::2].copy_(t)
+    return t.contiguous()
+
+
+# x, history[0], history[1], grad
+LAYOUT_CASES = {"channels_last": ("channels_last",) * 4, "permuted": ("permuted",) * 4,
+                "mixed": ("channels_last", "contiguous", "sliced", "permuted")}
+
+
+def _layout_inputs(case, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 8, 24, 25)  # several 4096-element blocks and a ragged tail
+    x, h0, h1, grad = (_in_layout(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(DEV), lay)
+                       for lay in LAYOUT_CASES[case])
+    return x, torch.randn(3, generator=g, dtype=torch.float64).to(DEV), [h0, h1], grad
+
+
+@pytest.mark.parametrize("case", sorted(LAYOUT_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_layouts_match_the_cpu_kernel_bitwise(dtype, case):
+    """The layout path on the device (csrc/dense_layout.h): the outputs take x's layout (the grads grad's)
+    and are bitwise the CPU kernel's, whether the inputs are walked in place or copied into that layout;
+    out= in x's layout is written directly, out=x in place, an out laid out otherwise through a copy."""
+    x, coef, hist, grad = _layout_inputs(case, dtype, seed=31)
+    assert not x.is_contiguous() and not grad.is_contiguous() and (x.stride() != grad.stride()) == (case == "mixed")
+    assert (hist[1].stride(3) == 2) == (case == "mixed")  # sliced: not dense
+    want = C.multistep_update(x.cpu(), coef.cpu(), _cpu(hist))
+    y = C.multistep_update(x, coef, hist)
+    assert y.stride() == want.stride() == x.stride() and torch.equal(y.cpu(), want)
+    out = torch.empty_like(x)
+    assert C.multistep_update(x, coef, hist, out).data_ptr() == out.data_ptr() and torch.equal(out.cpu(), want)
+    xi = x.clone()
+    C.multistep_update(xi, coef, hist, xi)  # out=x: each element read, then written, by one thread
+    assert xi.stride() == x.stride() and torch.equal(xi.cpu(), want)
+    oc = torch.empty(x.shape, dtype=dtype, device=DEV)
+    C.multistep_update(x, coef, hist, oc)
+    assert oc.is_contiguous() and torch.equal(oc.cpu(), want)
+    gx, gc, gms = C.multistep_update_backward(grad, x, coef, hist, True, True, True)
+    gx_c, gc_c, gms_c = C.multistep_update_backward(grad.cpu(), x.cpu(), coef.cpu(), _cpu(hist), True, True, True)
+    assert gx.stride() == gx_c.stride() == grad.stride() and torch.equal(gx.cpu(), gx_c)
+    assert all(a.stride() == grad.stride() and torch.equal(a.cpu(), b) for a, b in zip(gms, gms_c))
+    # dot products: the CPU kernel's op-math partial sums round at ~1e-7 of sum |g * t| (the device sums in
+    # double); a wrong pairing of elements would be off by ~1e-2 of it
+    dot_scale = float((grad.double() * x.double()).abs().sum())
+    torch.testing.assert_close(gc.cpu(), gc_c, rtol=1e-5, atol=1e-5 * dot_scale)
+    gs = _in_layout(grad, "sliced")  # not dense: copied into a dense layout before the flat walk
+    gx, gc, gms = C.multistep_update_backward(gs, x, coef, hist, True, True, True)
+    assert torch.equal(gx.cpu(), gx_c) and all(torch.equal(a.cpu(), b) for a, b in zip(gms, gms_c))
+    torch.testing.assert_close(gc.cpu(), gc_c, rtol=1e-5, atol=1e-5 * dot_scale)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "permuted"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_cuda_adjoint_step_keeps_the_layout_of_v(layout, mixed):
+    """The adjoint step on the device runs in v's layout (v is written in place): gm takes it, and the
+    stored adjoint and gm are bitwise the CPU kernel's, with the other inputs laid out alike or otherwise."""
+    g = torch.Generator().manual_seed(32)
+    shape = (2, 8, 24, 25)
+    other = "contiguous" if mixed else layout
+    lam, v, x, m, o = (_in_layout(torch.randn(shape, generator=g).to(DEV), lay)
+                       for lay in (other, layout, other, "sliced" if mixed else layout, other))
+    w = torch.randn(3, generator=g, dtype=torch.float64).to(DEV)
+    sc = torch.tensor([0.7], dtype=torch.float64, device=DEV)
+    v_d, v_c = v.clone(), v.cpu()
+    d_d, d_c = torch.zeros(4, dtype=torch.float64, device=DEV), torch.zeros(4, dtype=torch.float64)
+    gm = C.multistep_adjoint(lam, v_d, sc, [o], x, m, w, d_d)
+    gm_c = C.multistep_adjoint(lam.cpu(), v_c, sc.cpu(), [o.cpu()], x.cpu(), m.cpu(), w.cpu(), d_c)
+    assert gm.stride() == gm_c.stride() == v.stride() and v_d.stride() == v.stride() and not v.is_contiguous()
+    assert torch.equal(v_d.cpu(), v_c) and torch.equal(gm.cpu(), gm_c)
+    dot_scale = max(float((a.cpu().double() * b.cpu().double()).abs().sum()) for a in (v_c, lam, o) for b in (x, m))
+    torch.testing.assert_close(d_d.cpu(), d_c, rtol=1e-5, atol=1e-5 * dot_scale)  # as in the update's backward
+
+
+def _copies_of(shape, fn):
+    """How many tensors of `shape` fn copies (aten::copy_, recorded for the native calls on any device)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return sum(e.name == "aten::copy_" and list(e.input_shapes[0]) == list(shape) for e in prof.events())
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "permuted"])
+def test_cuda_inputs_laid_out_alike_are_not_copied(layout):
+    """What the layout change is for: inputs laid out alike are walked in place, in the forward (also with
+    out=), its backward and the adjoint step -- before it each call copied them into contiguous buffers and
+    its outputs back.  An input laid out otherwise is copied (the count sees the kernels' copies)."""
+    x, coef, hist, grad = _layout_inputs(layout, torch.float32, seed=33)
+    lam, v, m = (_in_layout(torch.randn_like(x), layout) for _ in range(3))
+    out = torch.empty_like(x)
+    w = torch.randn(3, dtype=torch.float64, device=DEV)
+    sc = torch.tensor([0.7], dtype=torch.float64, device=DEV)
+    dots = torch.zeros(4, dtype=torch.float64, device=DEV)
+    h1_other, lam_other = hist[1].contiguous(), lam.contiguous()  # made here: .contiguous() copies too
+    calls = {
+        "forward": lambda: C.multistep_update(x, coef, hist),
+        "out=": lambda: C.multistep_update(x, coef, hist, out),
+        "out=x": lambda: C.multistep_update(x, coef, hist, x),
+        "backward": lambda: C.multistep_update_backward(grad, x, coef, hist, True, True, True),
+        "adjoint": lambda: C.multistep_adjoint(lam, v, sc, [hist[0]], x, m, w, dots),
+    }
+    assert {k: _copies_of(x.shape, f) for k, f in calls.items()} == dict.fromkeys(calls, 0)
+    assert _copies_of(x.shape, lambda: C.multistep_update(x, coef, [hist[0], h1_other])) >= 1
+    assert _copies_of(x.shape, lambda: C.multistep_adjoint(lam_other, v, sc, [], x, m, w[:2], dots)) >= 1
+
+
 def test_cuda_out_alias_and_empty():
     x, coef, hist = _inputs(torch.float32, 3, shape=(1, 100003))
     ref = ops.multistep_update_reference(x, coef, hist)
@@ -249,31 +362,39 @@ def test_cuda_coefficient_table_matches_cpu(schedule):
 
 @needs_cuda
 def test_cuda_graph_capture_of_sampler_step():
-    """Coefficients stay on the device: a table + update step captures and replays in a CUDA graph."""
+    """Coefficients stay on the device: a table + update step captures and replays in a CUDA graph, also
+    with inputs walked in their channels_last layout, or copied into x's (the copies' buffers come from
+    the graph's pool: no host sync either way)."""
     schedule, spec = S.VPLinear(), SolverSpec("dpmpp", 3)
-    t = torch.linspace(0.99, 0.01, 6, dtype=torch.float64, device=DEV)
-    x, _, hist = _inputs(torch.float32, 3, shape=(8, 4, 32, 32))
-    static_out = torch.empty_like(x)
+    # x, history[0..2]
+    for layouts in [("contiguous",) * 4, ("channels_last",) * 4, ("channels_last", "contiguous", "sliced", "permuted")]:
+        t = torch.linspace(0.99, 0.01, 6, dtype=torch.float64, device=DEV)
+        x, _, hist = _inputs(torch.float32, 3, shape=(8, 4, 32, 32))
+        x, *hist = (_in_layout(u, lay) for u, lay in zip((x, *hist), layouts))
+        static_out = torch.empty_like(x)
+        captured = {}
 
-    def step():
-        table = fused.coefficient_table(schedule, t, spec)
-        static_out.copy_(fused.multistep_update(x, table[3, 0, :4], hist))
+        def step():
+            table = fused.coefficient_table(schedule, t, spec)
+            captured["y"] = fused.multistep_update(x, table[3, 0, :4], hist)
+            static_out.copy_(captured["y"])
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm-up on a side stream, as capture requires
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    x.mul_(0.5)  # new data in the captured buffers
-    t.mul_(0.99)
-    graph.replay()
-    torch.cuda.synchronize()
-    table = coefficient_table_reference(schedule, t, spec)
-    torch.testing.assert_close(static_out, ops.multistep_update_reference(x, table[3, 0, :4], hist),
-                               rtol=1e-6, atol=1e-6)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()  # warm-up on a side stream, as capture requires
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        assert captured["y"].stride() == x.stride(), layouts
+        x.mul_(0.5)  # new data in the captured buffers
+        t.mul_(0.99)
+        graph.replay()
+        torch.cuda.synchronize()
+        table = coefficient_table_reference(schedule, t, spec)
+        torch.testing.assert_close(static_out, ops.multistep_update_reference(x, table[3, 0, :4], hist),
+                                   rtol=1e-6, atol=1e-6, msg=lambda m: f"{layouts}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])

@@ -226,3 +226,49 @@ def test_sampler_keeps_channels_last_end_to_end(solver):
         results[backend] = (y.detach(), gx, gt)
     for a, b in zip(results["fused"], results["reference"]):
         assert (a - b).abs().max().item() <= 1e-12 * b.abs().max().item() + 1e-13
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: the fake implementations (ld3_ext/fused.py) promise the kernels' strides
+# ----------------------------------------------------------------------------------------------
+def _sliced(gen, dtype, dims):
+    """Not dense: every other element of the last dimension of a buffer stored in `dims` order."""
+    buf = torch.randn(SHAPE4[:3] + (2 * SHAPE4[3],), generator=gen, dtype=torch.float64).to(dtype)
+    return buf.permute(*dims).contiguous().permute(*[dims.index(d) for d in range(4)])[..., ::2]
+
+
+def _fake_case(case):
+    """x, history, grad for the stride comparison of the fake and the real kernels."""
+    gen = torch.Generator().manual_seed(8)
+    if case in LAYOUTS:
+        x, coef, hist = _inputs(case, torch.float32, 2, seed=9)
+        return x, coef, hist, LAYOUTS[case](gen, torch.float32)
+    coef = torch.randn(3, generator=gen, dtype=torch.float64)
+    contig = lambda: torch.randn(SHAPE4, generator=gen)  # noqa: E731
+    if case == "sliced":  # x and grad sliced, in two dimension orders: outputs dense in each one's order
+        return _sliced(gen, torch.float32, (0, 2, 3, 1)), coef, [contig(), contig()], _sliced(gen, torch.float32,
+                                                                                               (3, 2, 1, 0))
+    # mixed: x channels_last, the rest contiguous
+    return _channels_last(gen, torch.float32), coef, [contig(), contig()], contig()
+
+
+@pytest.mark.parametrize("case", ["channels_last", "permuted3", "sliced", "mixed"])
+def test_fake_implementations_give_the_kernels_strides(case):
+    """torch.compile plans memory from the fake outputs: strides other than the real ones make later
+    ops read a custom op's output wrongly (the fakes were contiguous while the kernels kept x's layout)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, coef, hist, grad = _fake_case(case)
+    fwd, bwd = torch.ops.ld3_ext.multistep_update.default, torch.ops.ld3_ext.multistep_update_backward.default
+    real_y = fwd(x, coef, hist)
+    real_gx, _, real_gms = bwd(grad, x, coef, hist)
+    mode = FakeTensorMode()
+    fx, fc, fg = mode.from_tensor(x), mode.from_tensor(coef), mode.from_tensor(grad)
+    fh = [mode.from_tensor(m) for m in hist]
+    with mode:
+        fake_y = fwd(fx, fc, fh)
+        fake_gx, fake_gc, fake_gms = bwd(fg, fx, fc, fh)
+    assert fake_y.stride() == real_y.stride()
+    assert fake_gx.stride() == real_gx.stride()
+    assert [m.stride() for m in fake_gms] == [m.stride() for m in real_gms] and len(real_gms) == 2
+    # the cases are what they say: the layouts differ from plain contiguous ones
+    assert not real_y.is_contiguous() and (case == "mixed") == real_gx.is_contiguous()
