@@ -11,20 +11,17 @@ bench_kernels.py (MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from ld3_ext import ops
-from round_robin import medians_us, native_module
+from round_robin import medians_us, native_module, parser
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, rounds=25)
     ap.add_argument("--shape", default="64x3x32x32")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
-    ap.add_argument("--rounds", type=int, default=25)
     args = ap.parse_args(argv)
     C = native_module(args.threads)
     shape = tuple(int(v) for v in args.shape.split("x"))

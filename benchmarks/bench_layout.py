@@ -12,18 +12,15 @@ reference (plain torch ops) on channels_last.  Run it with the malloc guard of b
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from round_robin import medians_us, native_module
+from round_robin import medians_us, native_module, parser
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = parser(__doc__, rounds=30)
     ap.add_argument("--shape", default="16,4,64,64", help="N,C,H,W")
-    ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args(argv)
     try:
         shape = tuple(int(v) for v in args.shape.split(","))
@@ -31,8 +28,6 @@ def main(argv=None):
         shape = ()
     if len(shape) != 4 or min(shape) < 1:
         raise SystemExit(f"--shape must be four positive integers N,C,H,W, got {args.shape!r}")
-    if args.threads < 1 or args.rounds < 1:
-        raise SystemExit("--threads and --rounds must be >= 1")
     C = native_module(args.threads)
     from ld3_ext.ops import multistep_update_reference
 

@@ -10,18 +10,15 @@ bench_kernels.py (MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from round_robin import medians_us, native_module
+from round_robin import medians_us, native_module, parser
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = parser(__doc__, rounds=30)
     ap.add_argument("--mib", default="0.75,1,2,3,4,6,8", help="output sizes in MiB")
-    ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args(argv)
     C = native_module(args.threads)
     default = C.set_stream_min_bytes(-1)

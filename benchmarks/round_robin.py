@@ -1,6 +1,7 @@
 """Shared by the small in-process A/B benchmarks (bench_cpu_isa.py, bench_stream_threshold.py)."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -10,8 +11,18 @@ import torch
 from ld3_ext import _native
 
 
+def parser(doc: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every round-robin benchmark takes (--threads, --rounds); a script adds its own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    return ap
+
+
 def native_module(threads: int):
     """ld3_ext._C with torch set to ``threads`` threads (exits with a message when not built)."""
+    if threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {threads}")
     if not _native.native_available():
         raise SystemExit("ld3_ext._C is not built")
     torch.set_num_threads(threads)
@@ -24,6 +35,8 @@ def medians_us(variants: Dict[str, Tuple[Optional[Callable[[], object]], Callabl
 
     ``variants`` maps a name to (setup, fn): setup (e.g. selecting an instruction set) runs untimed
     before each sample, then fn once untimed and ``inner`` times timed."""
+    if rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {rounds}")
     samples = {k: [] for k in variants}
     for _ in range(rounds):
         for name, (setup, fn) in variants.items():
