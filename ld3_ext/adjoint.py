@@ -228,8 +228,10 @@ class _WholeSampler(torch.autograd.Function):
         n = len(plan.orders)
         dev = grad.device
         if not _non_overlapping_and_dense(grad):
-            # e.g. the expand()ed grad of a sum(): one copy here, not one in each step that reads it
-            grad = torch.empty_like(grad).copy_(grad)
+            # e.g. the expand()ed grad of a sum(): one copy here, not one in each step that reads it, and
+            # in x_T's layout (that of the saved states), or every reverse step would copy them into its own
+            like = x_T if x_T.shape == grad.shape and _non_overlapping_and_dense(x_T) else grad
+            grad = torch.empty_like(like, dtype=grad.dtype).copy_(grad)
         # weights[i, j] = b_{i+j, j}: zero-padded past the last step, gaps zeroed (rare patterns).
         # Tensor methods (narrow, select, split) instead of t[...] indexing and assignment: this runs
         # once per step, and Python's indexing machinery costs microseconds a call.

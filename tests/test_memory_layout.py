@@ -272,3 +272,33 @@ def test_fake_implementations_give_the_kernels_strides(case):
     assert [m.stride() for m in fake_gms] == [m.stride() for m in real_gms] and len(real_gms) == 2
     # the cases are what they say: the layouts differ from plain contiguous ones
     assert not real_y.is_contiguous() and (case == "mixed") == real_gx.is_contiguous()
+
+
+def test_an_expanded_grad_runs_the_reverse_steps_in_the_states_layout(monkeypatch):
+    """The grad of y.sum() is an expand()ed scalar: made dense once in x_T's layout, so that every reverse
+    step finds lambda and the saved states laid out alike (else each step copied its states)."""
+    schedule = ld3_ext.EDM()
+    t = random_decreasing_grid(80.0, 0.002, 6, seed=2)
+    x_T = (80.0 * _channels_last(torch.Generator().manual_seed(3), torch.float64)).requires_grad_()
+    model = _layout_recording_model(schedule, [])
+    seen = []
+    real = adjoint._adjoint_step_fn
+
+    def recording(like):
+        step = real(like)
+
+        def run(lam_prev, v, scale, older, x, m, *rest):
+            seen.append(lam_prev.stride() == x_T.stride() and (x is None or x.stride() == lam_prev.stride()))
+            return step(lam_prev, v, scale, older, x, m, *rest)
+        return run
+
+    monkeypatch.setattr(adjoint, "_adjoint_step_fn", recording)
+    y = ld3_ext.DPMSolverPP(order=3, backend="fused").sample(model, x_T, t)
+    gx, = torch.autograd.grad(y.sum(), [x_T])
+    assert len(seen) >= 6 and all(seen), seen
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(adjoint, "_adjoint_step_fn", real)
+    xr = x_T.detach().clone().requires_grad_()
+    yr = ld3_ext.DPMSolverPP(order=3, backend="reference").sample(model, xr, t)
+    want, = torch.autograd.grad(yr.sum(), [xr])
+    assert (gx - want).abs().max().item() <= 1e-12 * want.abs().max().item() + 1e-13
