@@ -123,6 +123,33 @@ def test_vp_diffusion_model_in_ve_view(mix):
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["dpmpp_3m", "unipc", "ipndm", "heun"])
+def test_vp_diffusion_model_with_decoupled_model_sigmas_is_solver_sample(mix, name):
+    """Decoupled model sigmas on a VP DiffusionModel solve LD3's ODE, as solver.sample(t, model_timesteps):
+    the network sees the state at its grid time t_i (x_model = alpha(t_i) x) at the model time.  Scaling x by
+    alpha(model time) instead (as before) moved the result by ~2e-2 -- a learned VP schedule's decoupled
+    times then ran another sampler than the one they were learned for."""
+    sched = ld3_ext.VPCosine()
+    model = mix.model(sched)
+    t = random_decreasing_grid(sched.t_max, sched.t_min, 6, seed=3, log=False)
+    tm = t.clone()
+    tm[1:-1] *= torch.tensor([1.03, 0.97, 1.02, 0.99, 1.01], dtype=torch.float64)
+    x_vp = torch.randn(8, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    solver = F.get_solver(name)
+    ref_vp = solver.sample(model, x_vp, t, tm)
+    x = x_vp / sched.alpha(t[0])
+    out = F.sample(model, x, sched.edm_sigma(t), solver=solver, model_sigmas=sched.edm_sigma(tm))
+    torch.testing.assert_close(out, ref_vp / sched.alpha(t[-1]), rtol=1e-9, atol=1e-9)
+    # with a trailing 0, the final denoise sees that last state at model_sigmas[-2]
+    zero = torch.zeros(1, dtype=torch.float64)
+    tm_end = tm.clone()
+    tm_end[-1] = t[-2] * 0.5 + t[-1] * 0.5  # a decoupled last model time, to tell it from the state's
+    out0 = F.sample(model, x, torch.cat([sched.edm_sigma(t), zero]), solver=solver,
+                    model_sigmas=torch.cat([sched.edm_sigma(tm_end), zero]))
+    ref0 = model.predict(solver.sample(model, x_vp, t, tm_end), tm_end[-1])[0]
+    torch.testing.assert_close(out0, ref0, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("name,nfe_zero,nfe_pos", [("euler", 6, 6), ("dpmpp_3m", 6, 6), ("unipc", 6, 6),
                                                    ("ipndm", 6, 6), ("heun", 2 * 5 + 1, 12)])
 def test_nfe(mix, name, nfe_zero, nfe_pos):
