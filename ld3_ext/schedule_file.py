@@ -271,7 +271,9 @@ class LearnedSchedule:
         ``ld3_ext.sample(model, x, sigmas, model_sigmas=...)`` takes them (``to_diffusers()["model_sigmas"]``).
         k-diffusion's samplers run the schedule's own solver only for Euler (``sample_euler``), Heun
         (``sample_heun``), DPMSolverPP(2, "midpoint", lower_order_final=False) (``sample_dpmpp_2m``) and
-        DPMSolverPP(3, "heun", lower_order_final=False) (``sample_dpmpp_3m_sde``, eta=0).
+        DPMSolverPP(3, "heun", lower_order_final=False) (``sample_dpmpp_3m_sde``, eta=0).  With k-diffusion's
+        discrete-time model wrappers (``CompVisDenoiser``, ``DiscreteEpsDDPMDenoiser``) use ``quantize=False``:
+        ``quantize=True`` rounds the learned (float) times to integer training indices.
         """
         if not torch.equal(self.timesteps, self.model_timesteps):
             warnings.warn("this schedule has decoupled model times (model_timesteps), which k-diffusion's sigmas "
