@@ -95,8 +95,10 @@ class _VEModel(DiffusionModel):
     def predict(self, x, t, step=None, returns="both", **kwargs):
         # t is the EDM sigma (float64 grid value): keep it in full precision for an inner schedule's t
         inner = self.inner
+        want = "both" if returns == "eps" and self.callback is not None else returns  # the callback shows x0
         if inner is None:
-            x0 = super().predict(x, t, step=step, returns="x0", **kwargs)[0]
+            # eps from the base conversion: in float32 for a half state (as wrap_model's models), not in half
+            x0, eps = super().predict(x, t, step=step, returns=want, **kwargs)
         else:
             # LD3's decoupling feeds the network the solver's state at its grid time t_i (x_model = alpha(t_i) x)
             # at the model time: scaling x by alpha(model time) instead would solve another ODE than the one the
@@ -105,12 +107,7 @@ class _VEModel(DiffusionModel):
             ts = tt if self.state_sigmas is None else inner.schedule.t_from_edm_sigma(self._state_sigma(step))
             a = inner.schedule.alpha(ts).to(x.dtype)
             # eps is the same in the VP and VE views: the inner model's, converted at its own times
-            want = "both" if returns == "eps" and self.callback is not None else returns  # the callback shows x0
             x0, eps = inner.predict(a * x, tt, step=step, returns=want, **kwargs)
-            if self.callback is not None:
-                self._report(x, t, step, x0)
-            return x0, eps
-        eps = (x - x0) / torch.as_tensor(t).to(x.dtype) if returns != "x0" else None
         if self.callback is not None:
             self._report(x, t, step, x0)
         return x0, eps

@@ -87,6 +87,21 @@ def test_equals_our_solvers_on_edm(mix, name):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_state_converts_eps_as_wrap_model(mix, dtype):
+    """A half-precision state: the denoiser's x0 -> eps conversion runs in float32 as wrap_model's models do
+    (it ran in half, x - x0 cancelling at small sigma: iPNDM, which steps with eps, was ~1e-2 off solver.sample in
+    bfloat16, and farther from the float64 solve)."""
+    def d(x, sigma):
+        s = sigma.reshape(-1)[0].double()
+        return mix.denoise(x.double(), torch.ones_like(s), s).to(x.dtype)
+    sigmas = torch.tensor([80.0, 20.0, 5.0, 1.0, 0.2, 0.05, 0.01, 0.002], dtype=torch.float64)
+    x = x_T(64).to(dtype)
+    model = ld3_ext.wrap_model(d, ld3_ext.EDM(0.002, 80.0), prediction="x0", time_input="sigma")
+    ref = F.get_solver("ipndm").sample(model, x, sigmas)
+    torch.testing.assert_close(F.sample(d, x, sigmas, solver="ipndm"), ref, rtol=0, atol=0)
+
+
 def test_model_sigmas_in_any_order_as_solver_sample(mix):
     """LD3's decoupled network times may meet (shifts of half the smallest gap) or cross: solver.sample and
     LearnedSchedule take them, so sample() must too (it refused them as 'not strictly decreasing')."""
