@@ -255,10 +255,12 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
 def to_denoiser(model: DiffusionModel) -> Callable:
     """A k-diffusion denoiser ``D(x, sigma, **kw) -> x0`` (VE view, per-sample sigma [B]) for a DiffusionModel,
     e.g. to run k-diffusion's own samplers on an ld3_ext model.  All samples must share one sigma, in the
-    model's range (sigma/alpha at its schedule's t_min..t_max; others raise ``ValueError``)."""
+    model's range (sigma/alpha at its schedule's t_min..t_max, an end rounded by sigma's own dtype counting as
+    that end; others raise ``ValueError``)."""
     if not isinstance(model, DiffusionModel):
         raise TypeError("to_denoiser needs a DiffusionModel")
     s = model.schedule
+    lo_s, hi_s = s.edm_sigma(torch.tensor([s.t_min, s.t_max], dtype=torch.float64)).tolist()
 
     def denoiser(x, sigma, **kw):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -268,15 +270,25 @@ def to_denoiser(model: DiffusionModel) -> Callable:
             raise ValueError("sigma must hold one sigma per sample (shape [B]) or one for all, got an empty tensor")
         if sig.is_complex() or sig.dtype == torch.bool:
             raise TypeError(f"sigma must be real numbers, got {sig.dtype}")
+        sig = _snap_to_range(sig, lo_s, hi_s)
         # the checks read values back: not while tracing/capturing, nor from a vmapped sigma
         if not (_compiling() or _capturing() or _vmapped(sig)):
             _check_denoiser_sigma(s, sig)
-        sig = sig[0].to(torch.float64)
-        t = s.t_from_edm_sigma(sig)
+        t = s.t_from_edm_sigma(sig[0])
         return model.predict(s.alpha(t).to(x.dtype) * x, t, **kw)[0]
 
     denoiser.__name__ = f"denoiser_{model.name}"
     return denoiser
+
+
+def _snap_to_range(sig: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``sig`` in float64, with values outside [lo, hi] by no more than its own dtype's round-off moved onto that
+    end: k-diffusion passes ``sigma * ones`` in x's dtype, which may not hold the range's ends (Stable Diffusion's
+    sigma_max 14.6146 is 14.625 in bfloat16, 14.617 in float16), so a half state was refused at its first step."""
+    e = torch.finfo(sig.dtype).eps if sig.is_floating_point() else 0.0
+    sig = sig.to(torch.float64)
+    sig = torch.where((sig > hi) & (sig <= hi * (1 + e)), torch.full_like(sig, hi), sig)
+    return torch.where((sig < lo) & (sig >= lo * (1 - e)), torch.full_like(sig, lo), sig)
 
 
 def _check_denoiser_sigma(schedule, sig: torch.Tensor) -> None:

@@ -404,6 +404,27 @@ def test_to_denoiser_refuses_sigma_outside_the_schedule():
     assert torch.isfinite(d(x, torch.full((2,), hi, dtype=torch.float64))).all() and len(calls) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_denoiser_takes_the_range_ends_rounded_to_a_half_state(dtype):
+    """k-diffusion passes sigma * ones in x's dtype: SD's sigma_max 14.6146 arrives as 14.617 (float16) or 14.625
+    (bfloat16), past the range by the dtype's round-off only.  It is the range's end (it was refused, so a half
+    state could not start from the model's own sigma_max); a float64 14.625, or past the round-off, still is not."""
+    model, sched, calls = _sd_model()
+    d = F.to_denoiser(model)
+    lo, hi = sched.edm_sigma(torch.tensor([sched.t_min, sched.t_max], dtype=torch.float64)).tolist()
+    x = torch.randn(2, 4).to(dtype)
+    sig = torch.full((2,), hi).to(dtype)
+    assert float(sig[0]) > hi  # rounded off the range
+    assert d(x, sig).dtype == dtype
+    assert calls[-1] == pytest.approx(999.0, abs=1e-9)  # evaluated at the end, not past it
+    assert d(x, torch.full((2,), lo).to(dtype)).dtype == dtype  # the low end (rounded either way)
+    assert 0.0 <= calls[-1] < 0.01
+    for bad in (torch.full((2,), float(torch.tensor(hi).to(dtype)), dtype=torch.float64),
+                torch.full((2,), hi * 1.01).to(dtype)):
+        with pytest.raises(ValueError, match="sigma must lie"):
+            d(x, bad)
+
+
 # --- k-diffusion's sampler signatures ---------------------------------------------------------------------
 
 def _params(fn):
