@@ -12,6 +12,10 @@ A :class:`~ld3_ext.wrappers.DiffusionModel` on any schedule is accepted too: it 
 (x_model = alpha(t) x at t = t_from_edm_sigma(sigma)), so ``sigmas`` are sigma/alpha of its schedule (what
 ``LearnedSchedule.to_k_diffusion()`` gives) and ``x`` is x_model / alpha.  The sigmas must lie in its range
 (sigma/alpha at the schedule's t_min..t_max, besides a trailing 0): ``ValueError`` otherwise, as ``solver.sample``.
+With decoupled ``model_sigmas`` the network sees the state at its grid time, x_model = alpha(t_i) x, at the model
+time (LD3's decoupling, as ``solver.sample(model, x_T, t, model_timesteps)``).  A plain denoiser cannot do that
+(it scales x at the sigma it is given), so for a schedule learned with alpha != 1 (VP, flow) pass the
+DiffusionModel; for EDM (alpha = 1) both are the same.
 
 **Trailing zero.** If ``sigmas[-1] == 0`` the solver runs on the positive sigmas and the last interval is a
 final denoising step ``x = denoiser(x, sigmas[-2])`` (as k-diffusion's samplers do on their last step).  NFE:
@@ -75,7 +79,8 @@ class _VEModel(DiffusionModel):
     ``sigma = grid[i]`` and ``sigma_hat`` the sigma the network saw (the model sigma when decoupled)."""
 
     def __init__(self, model_or_denoiser, schedule: EDM, callback=None, check_output: bool = True,
-                 grid: Optional[torch.Tensor] = None, evals_per_step: Optional[int] = 1):
+                 grid: Optional[torch.Tensor] = None, evals_per_step: Optional[int] = 1,
+                 state_sigmas: Optional[torch.Tensor] = None):
         # a DiffusionModel checks its own outputs (its check_output setting): checked once, not twice
         check_output = check_output and not isinstance(model_or_denoiser, DiffusionModel)
         super().__init__(model_or_denoiser, schedule, prediction="x0", time_input="sigma", check_output=check_output,
@@ -84,20 +89,33 @@ class _VEModel(DiffusionModel):
         self.callback = callback
         self.grid = grid
         self.evals_per_step = evals_per_step
+        # decoupled model sigmas on a DiffusionModel: the positive grid (with its gradient), where the states live
+        self.state_sigmas = state_sigmas
 
     def predict(self, x, t, step=None, returns="both", **kwargs):
         # t is the EDM sigma (float64 grid value): keep it in full precision for an inner schedule's t
         inner = self.inner
+        want = "both" if returns == "eps" and self.callback is not None else returns  # the callback shows x0
         if inner is None:
-            x0 = super().predict(x, t, step=step, returns="x0", **kwargs)[0]
+            # eps from the base conversion: in float32 for a half state (as wrap_model's models), not in half
+            x0, eps = super().predict(x, t, step=step, returns=want, **kwargs)
         else:
+            # LD3's decoupling feeds the network the solver's state at its grid time t_i (x_model = alpha(t_i) x)
+            # at the model time: scaling x by alpha(model time) instead would solve another ODE than the one the
+            # schedule was learned on (solver.sample's), whenever alpha is not 1
             tt = inner.schedule.t_from_edm_sigma(t)
-            a = inner.schedule.alpha(tt).to(x.dtype)
-            x0 = inner.predict(a * x, tt, step=step, returns="x0", **kwargs)[0]
-        eps = (x - x0) / torch.as_tensor(t).to(x.dtype) if returns != "x0" else None
+            ts = tt if self.state_sigmas is None else inner.schedule.t_from_edm_sigma(self._state_sigma(step))
+            a = inner.schedule.alpha(ts).to(x.dtype)
+            # eps is the same in the VP and VE views: the inner model's, converted at its own times
+            x0, eps = inner.predict(a * x, tt, step=step, returns=want, **kwargs)
         if self.callback is not None:
             self._report(x, t, step, x0)
         return x0, eps
+
+    def _state_sigma(self, step):
+        # evaluation `step` sees the state at grid index ceil(step / per) (Heun's corrector: the next grid point;
+        # the final denoise, step nfe(n): the last positive sigma)
+        return self.state_sigmas[-(-step // self.evals_per_step)]
 
     def _report(self, x, t, step, x0):
         if _in_backward():  # a re-evaluation for the gradient (checkpointing, double backward): not a new step
@@ -216,8 +234,15 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
     # network evaluations per grid interval (Heun: 2), for the callback's interval index; None: not uniform
     per = sv.nfe(1)
     per = per if per >= 1 and sv.nfe(max(n, 1)) == per * max(n, 1) else None
+    state_sigmas = None
+    if isinstance(model_or_denoiser, DiffusionModel) and model_sigmas is not None and not torch.equal(pos, mpos):
+        if per is None:
+            raise ValueError(f"model_sigmas with a DiffusionModel need a solver with a fixed number of network "
+                             f"evaluations per step (the state's sigma is found from the evaluation's step), got "
+                             f"{type(sv).__name__}")
+        state_sigmas = pos
     model = _VEModel(model_or_denoiser, schedule, callback, check_output=check_output, grid=s.detach(),
-                     evals_per_step=per)
+                     evals_per_step=per, state_sigmas=state_sigmas)
     kw = dict(extra_args or {})
     if n >= 1:
         x = sv.sample(model, x, pos, mpos, **kw)
@@ -230,10 +255,12 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
 def to_denoiser(model: DiffusionModel) -> Callable:
     """A k-diffusion denoiser ``D(x, sigma, **kw) -> x0`` (VE view, per-sample sigma [B]) for a DiffusionModel,
     e.g. to run k-diffusion's own samplers on an ld3_ext model.  All samples must share one sigma, in the
-    model's range (sigma/alpha at its schedule's t_min..t_max; others raise ``ValueError``)."""
+    model's range (sigma/alpha at its schedule's t_min..t_max, an end rounded by sigma's own dtype counting as
+    that end; others raise ``ValueError``)."""
     if not isinstance(model, DiffusionModel):
         raise TypeError("to_denoiser needs a DiffusionModel")
     s = model.schedule
+    lo_s, hi_s = s.edm_sigma(torch.tensor([s.t_min, s.t_max], dtype=torch.float64)).tolist()
 
     def denoiser(x, sigma, **kw):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -243,15 +270,25 @@ def to_denoiser(model: DiffusionModel) -> Callable:
             raise ValueError("sigma must hold one sigma per sample (shape [B]) or one for all, got an empty tensor")
         if sig.is_complex() or sig.dtype == torch.bool:
             raise TypeError(f"sigma must be real numbers, got {sig.dtype}")
+        sig = _snap_to_range(sig, lo_s, hi_s)
         # the checks read values back: not while tracing/capturing, nor from a vmapped sigma
         if not (_compiling() or _capturing() or _vmapped(sig)):
             _check_denoiser_sigma(s, sig)
-        sig = sig[0].to(torch.float64)
-        t = s.t_from_edm_sigma(sig)
+        t = s.t_from_edm_sigma(sig[0])
         return model.predict(s.alpha(t).to(x.dtype) * x, t, **kw)[0]
 
     denoiser.__name__ = f"denoiser_{model.name}"
     return denoiser
+
+
+def _snap_to_range(sig: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``sig`` in float64, with values outside [lo, hi] by no more than its own dtype's round-off moved onto that
+    end: k-diffusion passes ``sigma * ones`` in x's dtype, which may not hold the range's ends (Stable Diffusion's
+    sigma_max 14.6146 is 14.625 in bfloat16, 14.617 in float16), so a half state was refused at its first step."""
+    e = torch.finfo(sig.dtype).eps if sig.is_floating_point() else 0.0
+    sig = sig.to(torch.float64)
+    sig = torch.where((sig > hi) & (sig <= hi * (1 + e)), torch.full_like(sig, hi), sig)
+    return torch.where((sig < lo) & (sig >= lo * (1 - e)), torch.full_like(sig, lo), sig)
 
 
 def _check_denoiser_sigma(schedule, sig: torch.Tensor) -> None:

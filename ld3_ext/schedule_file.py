@@ -266,9 +266,20 @@ class LearnedSchedule:
         LD3 grids end at t_min (sigma_min > 0) and were trained *without* a final jump to sigma = 0, so
         the default omits the trailing 0 (k-diffusion samplers then stop at sigma_min and return x
         there).  ``append_zero=True`` adds it for samplers that expect it; that adds a last step the
-        schedule was not trained for.  Decoupled model times cannot be expressed in k-diffusion's API
-        (see ``model_timesteps`` / ``to_diffusers()["model_sigmas"]``).
+        schedule was not trained for.  Decoupled model times cannot be expressed in k-diffusion's API: for a
+        decoupled schedule this warns (k-diffusion's samplers evaluate the network at these sigmas instead);
+        ``ld3_ext.sample(model, x, sigmas, model_sigmas=...)`` takes them (``to_diffusers()["model_sigmas"]``).
+        k-diffusion's samplers run the schedule's own solver only for Euler (``sample_euler``), Heun
+        (``sample_heun``), DPMSolverPP(2, "midpoint", lower_order_final=False) (``sample_dpmpp_2m``) and
+        DPMSolverPP(3, "heun", lower_order_final=False) (``sample_dpmpp_3m_sde``, eta=0).  With k-diffusion's
+        discrete-time model wrappers (``CompVisDenoiser``, ``DiscreteEpsDDPMDenoiser``) use ``quantize=False``:
+        ``quantize=True`` rounds the learned (float) times to integer training indices.
         """
+        if not torch.equal(self.timesteps, self.model_timesteps):
+            warnings.warn("this schedule has decoupled model times (model_timesteps), which k-diffusion's sigmas "
+                          "cannot carry: its samplers will evaluate the network at the solver grid, not where the "
+                          "schedule was learned to; use ld3_ext.sample(model, x, sigmas, "
+                          "model_sigmas=to_diffusers()['model_sigmas']) to keep them", UserWarning, stacklevel=2)
         s = self._edm_sigmas(self.timesteps)
         if append_zero:
             s = torch.cat([s, s.new_zeros(1)])

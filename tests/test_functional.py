@@ -87,6 +87,21 @@ def test_equals_our_solvers_on_edm(mix, name):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_state_converts_eps_as_wrap_model(mix, dtype):
+    """A half-precision state: the denoiser's x0 -> eps conversion runs in float32 as wrap_model's models do
+    (it ran in half, x - x0 cancelling at small sigma: iPNDM, which steps with eps, was ~1e-2 off solver.sample in
+    bfloat16, and farther from the float64 solve)."""
+    def d(x, sigma):
+        s = sigma.reshape(-1)[0].double()
+        return mix.denoise(x.double(), torch.ones_like(s), s).to(x.dtype)
+    sigmas = torch.tensor([80.0, 20.0, 5.0, 1.0, 0.2, 0.05, 0.01, 0.002], dtype=torch.float64)
+    x = x_T(64).to(dtype)
+    model = ld3_ext.wrap_model(d, ld3_ext.EDM(0.002, 80.0), prediction="x0", time_input="sigma")
+    ref = F.get_solver("ipndm").sample(model, x, sigmas)
+    torch.testing.assert_close(F.sample(d, x, sigmas, solver="ipndm"), ref, rtol=0, atol=0)
+
+
 def test_model_sigmas_in_any_order_as_solver_sample(mix):
     """LD3's decoupled network times may meet (shifts of half the smallest gap) or cross: solver.sample and
     LearnedSchedule take them, so sample() must too (it refused them as 'not strictly decreasing')."""
@@ -121,6 +136,33 @@ def test_vp_diffusion_model_in_ve_view(mix):
         ref = solver.sample(model, x_vp, t) / sched.alpha(t[-1])
         out = F.sample(model, x_vp / sched.alpha(t[0]), sched.edm_sigma(t), solver=solver)
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_3m", "unipc", "ipndm", "heun"])
+def test_vp_diffusion_model_with_decoupled_model_sigmas_is_solver_sample(mix, name):
+    """Decoupled model sigmas on a VP DiffusionModel solve LD3's ODE, as solver.sample(t, model_timesteps):
+    the network sees the state at its grid time t_i (x_model = alpha(t_i) x) at the model time.  Scaling x by
+    alpha(model time) instead (as before) moved the result by ~2e-2 -- a learned VP schedule's decoupled
+    times then ran another sampler than the one they were learned for."""
+    sched = ld3_ext.VPCosine()
+    model = mix.model(sched)
+    t = random_decreasing_grid(sched.t_max, sched.t_min, 6, seed=3, log=False)
+    tm = t.clone()
+    tm[1:-1] *= torch.tensor([1.03, 0.97, 1.02, 0.99, 1.01], dtype=torch.float64)
+    x_vp = torch.randn(8, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    solver = F.get_solver(name)
+    ref_vp = solver.sample(model, x_vp, t, tm)
+    x = x_vp / sched.alpha(t[0])
+    out = F.sample(model, x, sched.edm_sigma(t), solver=solver, model_sigmas=sched.edm_sigma(tm))
+    torch.testing.assert_close(out, ref_vp / sched.alpha(t[-1]), rtol=1e-9, atol=1e-9)
+    # with a trailing 0, the final denoise sees that last state at model_sigmas[-2]
+    zero = torch.zeros(1, dtype=torch.float64)
+    tm_end = tm.clone()
+    tm_end[-1] = t[-2] * 0.5 + t[-1] * 0.5  # a decoupled last model time, to tell it from the state's
+    out0 = F.sample(model, x, torch.cat([sched.edm_sigma(t), zero]), solver=solver,
+                    model_sigmas=torch.cat([sched.edm_sigma(tm_end), zero]))
+    ref0 = model.predict(solver.sample(model, x_vp, t, tm_end), tm_end[-1])[0]
+    torch.testing.assert_close(out0, ref0, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name,nfe_zero,nfe_pos", [("euler", 6, 6), ("dpmpp_3m", 6, 6), ("unipc", 6, 6),
@@ -360,6 +402,27 @@ def test_to_denoiser_refuses_sigma_outside_the_schedule():
         d(x, torch.full((2,), 0.002, dtype=torch.float64))
     assert calls == []
     assert torch.isfinite(d(x, torch.full((2,), hi, dtype=torch.float64))).all() and len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_denoiser_takes_the_range_ends_rounded_to_a_half_state(dtype):
+    """k-diffusion passes sigma * ones in x's dtype: SD's sigma_max 14.6146 arrives as 14.617 (float16) or 14.625
+    (bfloat16), past the range by the dtype's round-off only.  It is the range's end (it was refused, so a half
+    state could not start from the model's own sigma_max); a float64 14.625, or past the round-off, still is not."""
+    model, sched, calls = _sd_model()
+    d = F.to_denoiser(model)
+    lo, hi = sched.edm_sigma(torch.tensor([sched.t_min, sched.t_max], dtype=torch.float64)).tolist()
+    x = torch.randn(2, 4).to(dtype)
+    sig = torch.full((2,), hi).to(dtype)
+    assert float(sig[0]) > hi  # rounded off the range
+    assert d(x, sig).dtype == dtype
+    assert calls[-1] == pytest.approx(999.0, abs=1e-9)  # evaluated at the end, not past it
+    assert d(x, torch.full((2,), lo).to(dtype)).dtype == dtype  # the low end (rounded either way)
+    assert 0.0 <= calls[-1] < 0.01
+    for bad in (torch.full((2,), float(torch.tensor(hi).to(dtype)), dtype=torch.float64),
+                torch.full((2,), hi * 1.01).to(dtype)):
+        with pytest.raises(ValueError, match="sigma must lie"):
+            d(x, bad)
 
 
 # --- k-diffusion's sampler signatures ---------------------------------------------------------------------
