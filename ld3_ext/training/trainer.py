@@ -968,6 +968,9 @@ class LD3Trainer:
                 t, cands[mode] = self._candidate_payload(cand, f"{mode}/")
                 tensors.update(t)
             meta = {"settings": self.settings(), "auto": {**self._auto, "active": active}, "candidates": cands}
+        tensors["init_grid"] = self._init_grid  # resumed as it is (see _train)
+        if getattr(self, "init_choice", None) is not None:
+            meta["init"] = {"choice": self.init_choice, "scores": json_safe(self.init_scores)}
         atomic_save_safetensors(path, tensors, meta)
         D.barrier()
 
@@ -1041,6 +1044,16 @@ class LD3Trainer:
                                           f"{hint}; use another checkpoint_dir, or resume='never' to overwrite it")
         return path, tensors, meta, adopt
 
+    def _stored_init(self, checkpoint) -> Optional[torch.Tensor]:
+        """The init grid (and init="auto"'s choice and scores) a checkpoint was started from, or None."""
+        if checkpoint is None or "init_grid" not in checkpoint[1]:
+            return None
+        rec = checkpoint[2].get("init") or {}
+        if rec.get("choice") is not None:
+            self.init_choice = rec["choice"]
+            self.init_scores = {k: math.nan if v is None else v for k, v in rec["scores"].items()}
+        return checkpoint[1]["init_grid"].to(torch.float64)
+
     def _try_resume(self, checkpoint) -> bool:
         """Load what ``_read_checkpoint`` returned (None: nothing to resume)."""
         if checkpoint is None:
@@ -1080,7 +1093,12 @@ class LD3Trainer:
         self._candidates, self.param, self._mode_from_checkpoint = {}, None, None
         self._auto = {"scores": {}, "seconds": {}, "choice": None} if auto else None
         checkpoint = self._read_checkpoint()  # settings compared before the init's work
-        self._init_grid = self._auto_init() if init == "auto" else self._dmn_init() if init == "dmn" else self.init
+        # a resumed run keeps the grid it started from (a later auto trial starts from it); recomputing init="auto"
+        # could pick another grid (changed candidates, scipy's DMN) and mix two runs. Old checkpoints lack it.
+        self._init_grid = self._stored_init(checkpoint)
+        if self._init_grid is None:
+            grid = self._auto_init() if init == "auto" else self._dmn_init() if init == "dmn" else self.init
+            self._init_grid = init_timesteps(self.schedule, self.num_steps, grid)
         first = self._new_candidate(TIME_MODES[0] if auto else self.time_mode_request, self._init_grid)
         if auto:
             self._candidates[first["time_mode"]] = first
