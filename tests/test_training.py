@@ -472,6 +472,12 @@ def test_bad_init_and_ball_settings_are_refused_before_any_teacher_work(ring, tm
     for kw, match in [(dict(init="foo"), r"init must be 'auto', 'dmn', one of \['edm'"),
                       (dict(init=[80.0, 1.0]), r"init: a list of timesteps for 4 steps needs 5 values"),
                       (dict(init=[80.0, 10.0, 5.0, 1.0, 0.5]), r"init: timesteps must start at t_max=80"),
+                      # a t gap of 5e-8 is fine in lambda units, too small in time units: refused for the "time"
+                      # mode that would start from it (with "auto": after the whole "lambda" trial)
+                      (dict(init=[80.0, 2.0, 0.5, 0.00200005, 0.002], time_mode="time"),
+                       r"init: timesteps have a gap below .* in time units.*\(time_mode='time'\)"),
+                      (dict(init=[80.0, 2.0, 0.5, 0.00200005, 0.002], time_mode="auto"),
+                       r"init: timesteps have a gap below .* in time units.*\(time_mode='time'\)"),
                       (dict(win_rate=0.7), r"win_rate must be in \(0, 0.5\]"),
                       (dict(gamma=-1.0), r"gamma must be a finite number >= 0, got -1.0"),
                       (dict(radius=math.nan), r"radius must be a finite number >= 0, got nan")]:

@@ -277,7 +277,7 @@ class LD3Trainer:
             if v is not None:
                 real(name, v, at_least=0)
         decoupled = flag("decoupled", decoupled)
-        self._check_init(init, decoupled, win_rate)  # now, not after the teacher set has been generated
+        self._check_init(init, decoupled, win_rate, time_mode)  # now, not after the teacher set has been generated
         # time_mode_request is what was asked for ("auto" included); time_mode is the mode of the active candidate
         self.time_mode_request = time_mode
         self.time_mode = TIME_MODES[0] if time_mode == "auto" else time_mode
@@ -552,23 +552,27 @@ class LD3Trainer:
 
     AUTO_INIT_CANDIDATES = ("logsnr", "edm", "time_quadratic", "time_uniform", "dmn")
 
-    def _check_init(self, init, decoupled, win_rate) -> None:
-        """Raise ValueError for an init or win_rate that the training would refuse later (cheap: one grid)."""
+    def _check_init(self, init, decoupled, win_rate, time_mode) -> None:
+        """Raise ValueError for an init or win_rate that the training would refuse later (cheap: a grid a mode)."""
         named = isinstance(init, str) and init.lower() in ("auto", "dmn")
         # the settings that are not init's (win_rate, the number of steps) first, with a grid that always
         # exists: their errors are theirs, not init's
         TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], "logsnr", decoupled, win_rate)
         if named:
             return
-        try:
-            TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], init, decoupled, win_rate)
-        except ValueError as exc:
-            msg = str(exc)
-            if isinstance(init, str):
-                from .. import discretizations
-                raise ValueError(f"init must be 'auto', 'dmn', one of {sorted(discretizations.DISCRETIZATIONS)} or a "
-                                 f"grid of N+1 = {self.num_steps + 1} timesteps, got {init!r}") from None
-            raise ValueError(msg if msg.startswith("init") else f"init: {msg}") from None
+        # in every mode that will start from it: the gaps are checked in that mode's units (a grid with a tiny t gap
+        # passes in lambda), and time_mode="auto" builds the "time" candidate only after the "lambda" trial
+        for mode in TIME_MODES if time_mode == "auto" else (time_mode,):
+            try:
+                TimeParameterization(self.schedule, self.num_steps, mode, init, decoupled, win_rate)
+            except ValueError as exc:
+                msg = str(exc)
+                if isinstance(init, str) and msg.startswith("init must be"):
+                    from .. import discretizations
+                    raise ValueError(f"init must be 'auto', 'dmn', one of {sorted(discretizations.DISCRETIZATIONS)} "
+                                     f"or a grid of N+1 = {self.num_steps + 1} timesteps, got {init!r}") from None
+                msg = msg if msg.startswith("init") else f"init: {msg}"
+                raise ValueError(f"{msg} (time_mode={mode!r})") from None
 
     def _dmn_init(self) -> torch.Tensor:
         """The DMN grid, weighted as the original weights it: sigma^2/alpha from uniform t for latent models (a
