@@ -657,6 +657,23 @@ def test_auto_time_mode_drops_a_diverging_trial(ring, tmp_path):
     assert on_disk.time_mode == "lambda" and torch.equal(on_disk.timesteps, ei.value.schedule.timesteps)
 
 
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("radius", [None, 0.0])
+def test_fit_trains_under_a_callers_no_grad_or_inference_mode(ring, ctx, radius):
+    """A script wrapped in no_grad/inference_mode: fit() still differentiates (it raised a 'not finite' noise
+    gradient, or with radius=0 returned the init grid untrained); given pairs made in that mode are fine too."""
+    mix, s, model = ring
+    want = _fast(model, mix, time_mode="lambda", radius=radius).fit()
+    assert want.metrics["relative_improvement"] > 0.1
+    with ctx():
+        got = _fast(model, mix, time_mode="lambda", radius=radius).fit()
+        x_T = mix.prior_noise(s, 12, torch.Generator().manual_seed(0))
+        pairs = _fast(model, mix, time_mode="lambda", radius=radius).fit(x_T, mix.reference_solution(s, x_T))
+    assert torch.equal(got.timesteps, want.timesteps) and torch.equal(got.model_timesteps, want.model_timesteps)
+    assert torch.is_grad_enabled()  # the caller's mode is back
+    assert pairs.metrics["relative_improvement"] > 0.1
+
+
 # ----------------------------------------------------------------------------------------------
 # the network's weights are never trained
 # ----------------------------------------------------------------------------------------------

@@ -382,8 +382,11 @@ class LD3Trainer:
         self._check_ranks_agree()
         frozen = self._freeze_weights()
         try:
-            return self._fit(noise, target, valid_noise, valid_target, cond=cond, valid_cond=valid_cond,
-                             target_decoded=target_decoded)
+            # training differentiates whatever the caller's mode: under torch.no_grad() (or inference_mode) the
+            # noise gradient was missing (reported as "not finite") and with radius=0 nothing trained, silently
+            with torch.inference_mode(False), torch.enable_grad():
+                return self._fit(noise, target, valid_noise, valid_target, cond=cond, valid_cond=valid_cond,
+                                 target_decoded=target_decoded)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
