@@ -378,6 +378,19 @@ def test_losses():
         get_loss("ssim")
 
 
+@pytest.mark.parametrize("radius", [None, 0.0])
+def test_a_loss_without_gradient_is_named(ring, radius):
+    """A user loss that detaches (numpy, .item(), no_grad inside) was reported as a non-finite noise gradient
+    ("lower the learning rates"), or with radius=0 left the grid untrained without a word."""
+    mix, s, model = ring
+
+    def detached_l2(pred, target):
+        return (pred - target).pow(2).flatten(1).mean(1).detach()
+
+    with pytest.raises(ValueError, match=r"loss='.*detached_l2'.*carries no gradient"):
+        _small(model, mix, init="logsnr", time_mode="lambda", loss=detached_l2, radius=radius).fit()
+
+
 def test_lpips_unavailable_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips -> ImportError
     with pytest.raises(LossUnavailableError, match="pip install lpips"):

@@ -728,6 +728,10 @@ class LD3Trainer:
         self.opt_c.zero_grad(set_to_none=True)
         if len(idx) > 0:
             losses = self._losses(z_rel, d[y_key][idx], cond, t, tm)
+            if not losses.requires_grad:  # z' or xi requires grad here: the chain to them was cut
+                raise ValueError(f"loss={loss_name(self.loss_spec)!r}: the training loss carries no gradient; the loss "
+                                 "(or the decoder, or the model) detaches its result (.detach(), .item(), numpy, "
+                                 "torch.no_grad inside). LD3 differentiates through the model, decoder and loss")
             loss = losses.mean()
             bad = not bool(torch.isfinite(loss))
         else:  # more ranks than samples in this batch: this rank only joins the collectives
