@@ -243,6 +243,25 @@ def test_decoder_and_rematerialisation_give_the_same_result(ring):
     torch.testing.assert_close(r1.model_timesteps, r2.model_timesteps, rtol=1e-12, atol=0)
 
 
+def test_a_decoder_nan_on_the_teacher_targets_is_named(ring):
+    """The targets are checked before decoding; a NaN the decoder makes of one (a float16 VAE overflowing) surfaced
+    as a non-finite training loss with the advice to lower the learning rates."""
+    mix, s, model = ring
+    calls = []
+
+    def decoder(x):
+        calls.append(1)
+        y = torch.tanh(x)
+        if len(calls) == 1:  # the first call decodes the training targets
+            y = y.clone()
+            y[1, 0] = math.nan
+        return y
+
+    with pytest.raises(ValueError, match=r"decoder returned NaN/Inf for 1 teacher target\(s\) of the train set "
+                                         r"\(first: sample 1\)"):
+        _small(model, mix, init="logsnr", time_mode="lambda", decoder=decoder).fit()
+
+
 @pytest.mark.parametrize("solver", [UniPC(3, variant="bh1", **REF), Euler(**REF), Heun(**REF)])
 def test_other_solvers_and_time_mode(ring, solver):
     mix, s, model = ring

@@ -486,6 +486,12 @@ class LD3Trainer:
             with torch.no_grad():
                 for k in ("y_train", "y_valid"):
                     self._data[k] = torch.cat([self.decoder(b) for b in self._data[k].split(self.valid_batch_size)])
+                    # the targets were checked before decoding: a NaN now is the decoder's (e.g. a float16 VAE
+                    # overflowing), not a learning rate's, as the first training loss would report it
+                    bad = (~torch.isfinite(self._data[k].flatten(1))).any(1).nonzero().flatten()
+                    if bad.numel():
+                        raise ValueError(f"decoder returned NaN/Inf for {bad.numel()} teacher target(s) of the "
+                                         f"{k[2:]} set (first: sample {int(bad[0])}); check the decoder")
         return self._train()
 
     # ------------------------------------------------------------------------------------------
