@@ -126,6 +126,7 @@ def _trainer(**kw):
     ("sample_shape", 2, ValueError),
     ("callback", 5, TypeError), ("decoder", 5, TypeError),
     ("conditions", [1, 2], TypeError), ("conditions", torch.tensor(1.0), ValueError), ("uncond", [0.0], TypeError),
+    ("uncond", torch.zeros(2, 1), ValueError),
 ])
 def test_trainer_rejects_bad_settings_in_the_constructor(name, value, exc):
     with pytest.raises(exc, match=name):

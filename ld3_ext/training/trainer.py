@@ -261,6 +261,11 @@ class LD3Trainer:
                 raise TypeError(f"{name} must be None or a tensor [N, ...], got {type(v).__name__}")
             if v is not None and v.dim() < 1:
                 raise ValueError(f"{name} needs a batch dimension [N, ...], got a 0-d tensor")
+        if uncond is not None and uncond.shape[0] != 1:
+            # broadcast to every batch: more entries failed in the first teacher chunk (a bare expand error), or with
+            # batches of exactly that size were taken per sample
+            raise ValueError(f"uncond must hold one entry [1, ...] (broadcast to every batch), got shape "
+                             f"{tuple(uncond.shape)}")
         if rounds_v1 < 0 or rounds_v2 < 0 or rounds_v1 + rounds_v2 < 1:
             raise ValueError(f"need rounds_v1, rounds_v2 >= 0 with at least one round, got {rounds_v1}, {rounds_v2}")
         for name, v in (("time_mode_trial_rounds", time_mode_trial_rounds), ("valid_every", valid_every),
