@@ -465,6 +465,37 @@ def test_conditioning_with_guidance_is_passed_through(ring):
     assert res.guidance_scale == 2.0
 
 
+def test_given_conditions_must_match_the_pairs(ring):
+    """fit(noise, target, cond=...): a cond longer than the pairs was split at the wrong place, so the validation
+    pairs silently took other pairs' conditions (a shorter one failed mid-training with an IndexError)."""
+    mix, s, base = ring
+
+    def fn(x, t, cond=None):
+        return base.fn(x, t) + 0.01 * cond.reshape(-1, 1)
+
+    m = wrap_model(fn, s, prediction="x0", time_input="t", name="condring")
+    x = mix.prior_noise(s, 10, torch.Generator().manual_seed(0))
+    y = mix.reference_solution(s, x)
+    cond = torch.arange(12, dtype=torch.float64)
+
+    def tr():
+        return LD3Trainer(m, s, DPMSolverPP(2, **REF), 4, n_valid=5, rounds_v1=1, rounds_v2=0, model_name="condring",
+                          progress=False, init="logsnr", time_mode="lambda")
+
+    for c in (cond, cond[:9]):
+        with pytest.raises(ValueError, match=rf"cond holds {c.shape[0]} conditions for 10 pairs"):
+            tr().fit(x, y, cond=c)
+    with pytest.raises(ValueError, match="valid_cond given without valid_noise"):
+        tr().fit(x, y, cond=cond[:10], valid_cond=cond[:5])
+    with pytest.raises(ValueError, match="pass cond and valid_cond together"):
+        tr().fit(x[:6], y[:6], x[6:], y[6:], cond=cond[:6])
+    with pytest.raises(ValueError, match=r"valid_cond holds 3 conditions for 4 pairs"):
+        tr().fit(x[:6], y[:6], x[6:], y[6:], cond=cond[:6], valid_cond=cond[6:9])
+    ok = tr()
+    ok.fit(x, y, cond=cond[:10])
+    assert ok._data["c_valid"].tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
+
+
 def test_auto_init_starts_from_the_best_candidate(ring):
     mix, s, model = ring
     tr = _small(model, mix, rounds_v1=1, rounds_v2=0)

@@ -462,6 +462,7 @@ class LD3Trainer:
                 cond = self.conditions[:noise.shape[0]]
                 if valid_noise is not None and valid_cond is None:
                     valid_cond = self.conditions[noise.shape[0]:]
+            self._check_cond(cond, valid_cond, noise, valid_noise)
             if valid_noise is None:
                 if valid_target is not None:
                     raise ValueError("valid_target given without valid_noise")
@@ -502,6 +503,23 @@ class LD3Trainer:
     # ------------------------------------------------------------------------------------------
     # setup
     # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_cond(cond, valid_cond, noise, valid_noise):
+        """One condition per pair, in the pairs' order: a longer cond was split at the wrong place (the validation
+        pairs silently got other pairs' conditions) and a shorter one failed mid-training with an IndexError."""
+        if valid_noise is None and valid_cond is not None:
+            raise ValueError("valid_cond given without valid_noise (the held-out pairs take theirs from cond)")
+        if valid_noise is not None and (cond is None) != (valid_cond is None):
+            raise ValueError("pass cond and valid_cond together (or neither)")
+        for name, c, z in (("cond", cond, noise), ("valid_cond", valid_cond, valid_noise)):
+            if c is None:
+                continue
+            if not isinstance(c, torch.Tensor) or c.dim() < 1:
+                raise TypeError(f"{name} must be a tensor [N, ...] (one condition per pair)")
+            if c.shape[0] != z.shape[0]:
+                raise ValueError(f"{name} holds {c.shape[0]} conditions for {z.shape[0]} pairs: one per pair, in "
+                                 "the same order")
+
     @staticmethod
     def _check_pair(noise, target, nn, tn):
         if not isinstance(noise, torch.Tensor) or not isinstance(target, torch.Tensor):
