@@ -230,6 +230,22 @@ def test_fit_with_precomputed_pairs(ring):
         tr.fit(x, y[:3])
 
 
+def test_validation_pairs_shaped_unlike_the_training_pairs_are_refused(ring):
+    """A model that takes any shape (a conv net: any resolution) validated on other-shaped pairs without a word."""
+    mix, s, _ = ring
+    m = wrap_model(lambda x, t: x / (1 + t.reshape(-1, *[1] * (x.dim() - 1)) ** 2), s, prediction="x0",
+                   time_input="t", name="anyshape")
+    g = torch.Generator().manual_seed(0)
+    x, xv = 80 * torch.randn(6, 2, generator=g, dtype=torch.float64), 80 * torch.randn(4, 3, generator=g,
+                                                                                       dtype=torch.float64)
+    tr = LD3Trainer(m, s, DPMSolverPP(2, **REF), 4, rounds_v1=1, rounds_v2=0, model_name="anyshape", progress=False,
+                    init="logsnr", time_mode="lambda")
+    with pytest.raises(ValueError, match=r"valid_noise has per-sample shape \(3,\), noise \(2,\)"):
+        tr.fit(x, torch.tanh(x), xv, torch.tanh(xv))
+    with pytest.raises(ValueError, match=r"valid_target has per-sample shape \(3,\), target \(2,\)"):
+        tr.fit(x, torch.tanh(x), xv[:, :2], torch.tanh(xv))
+
+
 def test_decoder_and_rematerialisation_give_the_same_result(ring):
     mix, s, model = ring
     a = torch.tensor([[1.5, 0.2], [-0.3, 0.7]], dtype=torch.float64)

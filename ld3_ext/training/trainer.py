@@ -476,6 +476,11 @@ class LD3Trainer:
                 if valid_target is None:
                     raise ValueError("valid_noise given without valid_target")
                 self._check_pair(valid_noise, valid_target, "valid_noise", "valid_target")
+                for vn, v, tn, tr in (("valid_noise", valid_noise, "noise", noise),
+                                      ("valid_target", valid_target, "target", target)):
+                    if v.shape[1:] != tr.shape[1:]:  # else a model error mid-run, or silently another resolution
+                        raise ValueError(f"{vn} has per-sample shape {tuple(v.shape[1:])}, {tn} "
+                                         f"{tuple(tr.shape[1:])}: the validation pairs must be shaped as the training pairs")
                 z_tr, y_tr, z_va, y_va, c_tr, c_va = noise, target, valid_noise, valid_target, cond, valid_cond
             # back to unit-variance noise (the ball lives there), divided in at least float32: a half-precision
             # quotient is rounded, and prior * z then missed the given noise in ~13% of the pixels (EDM's 80)
