@@ -133,6 +133,16 @@ def test_trainer_rejects_bad_settings_in_the_constructor(name, value, exc):
         _trainer(**{name: value})
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(teacher="exakt"), r"teacher must be 'solver', 'exact' or a callable, got 'exakt'"),
+    (dict(teacher="solver", teacher_discretization="logsnrr"), r"teacher_discretization: .*got 'logsnrr'"),
+])
+def test_trainer_names_a_bad_teacher_setting_in_the_constructor(kw, match):
+    # refused by fit() before, the discretization as "discretization must be one of ..." (not the argument's name)
+    with pytest.raises(ValueError, match=match):
+        _trainer(**kw)
+
+
 def test_trainer_accepts_valid_edge_settings():
     tr = _trainer(momentum=0.0, lr_decay=1.0, lr_xi_min=0.0, lr_xi_c_min=0, clip_norm=1e6, lr2_patience=1,
                   early_stop_patience=1, rounds_v1=0, rounds_v2=1, valid_every=1, sample_shape=torch.Size([2]),

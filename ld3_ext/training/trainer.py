@@ -303,8 +303,15 @@ class LD3Trainer:
         # the paper's teacher: UniPC order 3 with B(h) = bh1
         teacher_solver = as_solver(teacher_solver, name="teacher_solver", default="unipc", order=teacher_order,
                                    variant="bh1")
+        if not callable(teacher) and not (isinstance(teacher, str) and teacher in ("solver", "exact")):  # named now
+            raise ValueError(f"teacher must be 'solver', 'exact' or a callable, got {teacher!r}")
         if teacher == "solver":  # the NFE it spends exactly (Heun: an even one), before any work
-            teacher_solver.exact_steps(count("teacher_nfe", teacher_nfe, 1, type_error=False), "teacher_nfe")
+            steps = teacher_solver.exact_steps(count("teacher_nfe", teacher_nfe, 1, type_error=False), "teacher_nfe")
+            try:
+                from .. import discretizations
+                discretizations.get_discretization(teacher_discretization, self.schedule, steps)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"teacher_discretization: {exc}") from None
         if teacher_dir is not None and teacher_cache is not None and teacher_dir != teacher_cache:
             raise ValueError("teacher_dir is an alias of teacher_cache; pass only one")
         teacher_cache = teacher_cache if teacher_cache is not None else teacher_dir
