@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from ld3_ext import wrap_model
 from ld3_ext.atomic_io import CorruptFileError, load_safetensors_checked
 from ld3_ext.schedule_file import load_schedule
 from ld3_ext.solvers import DPMSolverPP
@@ -212,3 +213,56 @@ def test_sigterm_handler_is_only_installed_for_the_command_and_restored(tmp_path
     assert rc == 143
     assert capsys.readouterr().err.strip() == ("terminated (SIGTERM) (rerun the same command to resume from the "
                                                "last checkpoint)")
+
+
+def test_ctrl_c_anywhere_leaves_whole_files_and_the_rerun_resumes(ring, tmp_path, monkeypatch):
+    """KeyboardInterrupt raised inside the model (teacher generation, init="auto", the lambda and time trials, the
+    last round) or inside a file replace (a checkpoint / teacher chunk / schedule write): every file left is whole
+    (its checksum holds, no temp file) and the rerun of the same fit() ends on the uninterrupted schedule."""
+    mix, s, base = ring
+    calls = {"model": 0, "replace": 0, "stop": None}
+
+    def counted(x, t):
+        calls["model"] += 1
+        if calls["stop"] == ("model", calls["model"]):
+            raise KeyboardInterrupt
+        return base.fn(x, t)
+
+    real_replace = os.replace
+
+    def replace(a, b):
+        calls["replace"] += 1
+        if calls["stop"] == ("replace", calls["replace"]):
+            raise KeyboardInterrupt
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    model = wrap_model(counted, s, prediction="x0", time_input="t", name="gmm:ring2d-counted")
+    model.testbed = mix
+
+    def fit(ckdir):  # the defaults init="auto", time_mode="auto"; the model is the teacher too
+        return _trainer((mix, s, model), ckdir, teacher="solver", teacher_nfe=6, init="auto", n_train=8,
+                        rounds_v2=2, checkpoint_every=3, model_name="ring-counted").fit()
+
+    full = fit(tmp_path / "full")
+    n_model, n_replace = calls["model"], calls["replace"]
+    stops = [("model", k) for k in (3, 15, n_model // 3, 2 * n_model // 3, n_model - 1)]
+    stops += [("replace", k) for k in (2, n_replace // 2, n_replace)]
+    for i, stop in enumerate(stops):
+        ckdir = tmp_path / f"stop{i}"
+        calls.update(model=0, replace=0, stop=stop)
+        with pytest.raises(KeyboardInterrupt):
+            fit(ckdir)
+        calls["stop"] = None
+        for dirpath, _, files in os.walk(ckdir):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                assert not f.endswith(".tmp"), path
+                if f.endswith(".safetensors"):
+                    load_safetensors_checked(path)
+                elif f == "schedule.json":
+                    load_schedule(path)
+        again = fit(ckdir)
+        assert torch.equal(again.timesteps, full.timesteps), stop
+        assert torch.equal(again.model_timesteps, full.model_timesteps), stop
+        assert again.metrics["valid_loss_best"] == full.metrics["valid_loss_best"], stop

@@ -126,10 +126,21 @@ def _trainer(**kw):
     ("sample_shape", 2, ValueError),
     ("callback", 5, TypeError), ("decoder", 5, TypeError),
     ("conditions", [1, 2], TypeError), ("conditions", torch.tensor(1.0), ValueError), ("uncond", [0.0], TypeError),
+    ("uncond", torch.zeros(2, 1), ValueError),
 ])
 def test_trainer_rejects_bad_settings_in_the_constructor(name, value, exc):
     with pytest.raises(exc, match=name):
         _trainer(**{name: value})
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(teacher="exakt"), r"teacher must be 'solver', 'exact' or a callable, got 'exakt'"),
+    (dict(teacher="solver", teacher_discretization="logsnrr"), r"teacher_discretization: .*got 'logsnrr'"),
+])
+def test_trainer_names_a_bad_teacher_setting_in_the_constructor(kw, match):
+    # refused by fit() before, the discretization as "discretization must be one of ..." (not the argument's name)
+    with pytest.raises(ValueError, match=match):
+        _trainer(**kw)
 
 
 def test_trainer_accepts_valid_edge_settings():

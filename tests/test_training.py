@@ -230,6 +230,22 @@ def test_fit_with_precomputed_pairs(ring):
         tr.fit(x, y[:3])
 
 
+def test_validation_pairs_shaped_unlike_the_training_pairs_are_refused(ring):
+    """A model that takes any shape (a conv net: any resolution) validated on other-shaped pairs without a word."""
+    mix, s, _ = ring
+    m = wrap_model(lambda x, t: x / (1 + t.reshape(-1, *[1] * (x.dim() - 1)) ** 2), s, prediction="x0",
+                   time_input="t", name="anyshape")
+    g = torch.Generator().manual_seed(0)
+    x, xv = 80 * torch.randn(6, 2, generator=g, dtype=torch.float64), 80 * torch.randn(4, 3, generator=g,
+                                                                                       dtype=torch.float64)
+    tr = LD3Trainer(m, s, DPMSolverPP(2, **REF), 4, rounds_v1=1, rounds_v2=0, model_name="anyshape", progress=False,
+                    init="logsnr", time_mode="lambda")
+    with pytest.raises(ValueError, match=r"valid_noise has per-sample shape \(3,\), noise \(2,\)"):
+        tr.fit(x, torch.tanh(x), xv, torch.tanh(xv))
+    with pytest.raises(ValueError, match=r"valid_target has per-sample shape \(3,\), target \(2,\)"):
+        tr.fit(x, torch.tanh(x), xv[:, :2], torch.tanh(xv))
+
+
 def test_decoder_and_rematerialisation_give_the_same_result(ring):
     mix, s, model = ring
     a = torch.tensor([[1.5, 0.2], [-0.3, 0.7]], dtype=torch.float64)
@@ -241,6 +257,25 @@ def test_decoder_and_rematerialisation_give_the_same_result(ring):
     r2 = _small(model, mix, decoder=decoder, checkpoint_model=True).fit()
     torch.testing.assert_close(r1.timesteps, r2.timesteps, rtol=1e-12, atol=0)
     torch.testing.assert_close(r1.model_timesteps, r2.model_timesteps, rtol=1e-12, atol=0)
+
+
+def test_a_decoder_nan_on_the_teacher_targets_is_named(ring):
+    """The targets are checked before decoding; a NaN the decoder makes of one (a float16 VAE overflowing) surfaced
+    as a non-finite training loss with the advice to lower the learning rates."""
+    mix, s, model = ring
+    calls = []
+
+    def decoder(x):
+        calls.append(1)
+        y = torch.tanh(x)
+        if len(calls) == 1:  # the first call decodes the training targets
+            y = y.clone()
+            y[1, 0] = math.nan
+        return y
+
+    with pytest.raises(ValueError, match=r"decoder returned NaN/Inf for 1 teacher target\(s\) of the train set "
+                                         r"\(first: sample 1\)"):
+        _small(model, mix, init="logsnr", time_mode="lambda", decoder=decoder).fit()
 
 
 @pytest.mark.parametrize("solver", [UniPC(3, variant="bh1", **REF), Euler(**REF), Heun(**REF)])
@@ -378,6 +413,19 @@ def test_losses():
         get_loss("ssim")
 
 
+@pytest.mark.parametrize("radius", [None, 0.0])
+def test_a_loss_without_gradient_is_named(ring, radius):
+    """A user loss that detaches (numpy, .item(), no_grad inside) was reported as a non-finite noise gradient
+    ("lower the learning rates"), or with radius=0 left the grid untrained without a word."""
+    mix, s, model = ring
+
+    def detached_l2(pred, target):
+        return (pred - target).pow(2).flatten(1).mean(1).detach()
+
+    with pytest.raises(ValueError, match=r"loss='.*detached_l2'.*carries no gradient"):
+        _small(model, mix, init="logsnr", time_mode="lambda", loss=detached_l2, radius=radius).fit()
+
+
 def test_lpips_unavailable_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips -> ImportError
     with pytest.raises(LossUnavailableError, match="pip install lpips"):
@@ -433,6 +481,37 @@ def test_conditioning_with_guidance_is_passed_through(ring):
     assert res.guidance_scale == 2.0
 
 
+def test_given_conditions_must_match_the_pairs(ring):
+    """fit(noise, target, cond=...): a cond longer than the pairs was split at the wrong place, so the validation
+    pairs silently took other pairs' conditions (a shorter one failed mid-training with an IndexError)."""
+    mix, s, base = ring
+
+    def fn(x, t, cond=None):
+        return base.fn(x, t) + 0.01 * cond.reshape(-1, 1)
+
+    m = wrap_model(fn, s, prediction="x0", time_input="t", name="condring")
+    x = mix.prior_noise(s, 10, torch.Generator().manual_seed(0))
+    y = mix.reference_solution(s, x)
+    cond = torch.arange(12, dtype=torch.float64)
+
+    def tr():
+        return LD3Trainer(m, s, DPMSolverPP(2, **REF), 4, n_valid=5, rounds_v1=1, rounds_v2=0, model_name="condring",
+                          progress=False, init="logsnr", time_mode="lambda")
+
+    for c in (cond, cond[:9]):
+        with pytest.raises(ValueError, match=rf"cond holds {c.shape[0]} conditions for 10 pairs"):
+            tr().fit(x, y, cond=c)
+    with pytest.raises(ValueError, match="valid_cond given without valid_noise"):
+        tr().fit(x, y, cond=cond[:10], valid_cond=cond[:5])
+    with pytest.raises(ValueError, match="pass cond and valid_cond together"):
+        tr().fit(x[:6], y[:6], x[6:], y[6:], cond=cond[:6])
+    with pytest.raises(ValueError, match=r"valid_cond holds 3 conditions for 4 pairs"):
+        tr().fit(x[:6], y[:6], x[6:], y[6:], cond=cond[:6], valid_cond=cond[6:9])
+    ok = tr()
+    ok.fit(x, y, cond=cond[:10])
+    assert ok._data["c_valid"].tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
+
+
 def test_auto_init_starts_from_the_best_candidate(ring):
     mix, s, model = ring
     tr = _small(model, mix, rounds_v1=1, rounds_v2=0)
@@ -472,6 +551,12 @@ def test_bad_init_and_ball_settings_are_refused_before_any_teacher_work(ring, tm
     for kw, match in [(dict(init="foo"), r"init must be 'auto', 'dmn', one of \['edm'"),
                       (dict(init=[80.0, 1.0]), r"init: a list of timesteps for 4 steps needs 5 values"),
                       (dict(init=[80.0, 10.0, 5.0, 1.0, 0.5]), r"init: timesteps must start at t_max=80"),
+                      # a t gap of 5e-8 is fine in lambda units, too small in time units: refused for the "time"
+                      # mode that would start from it (with "auto": after the whole "lambda" trial)
+                      (dict(init=[80.0, 2.0, 0.5, 0.00200005, 0.002], time_mode="time"),
+                       r"init: timesteps have a gap below .* in time units.*\(time_mode='time'\)"),
+                      (dict(init=[80.0, 2.0, 0.5, 0.00200005, 0.002], time_mode="auto"),
+                       r"init: timesteps have a gap below .* in time units.*\(time_mode='time'\)"),
                       (dict(win_rate=0.7), r"win_rate must be in \(0, 0.5\]"),
                       (dict(gamma=-1.0), r"gamma must be a finite number >= 0, got -1.0"),
                       (dict(radius=math.nan), r"radius must be a finite number >= 0, got nan")]:
@@ -649,6 +734,23 @@ def test_auto_time_mode_drops_a_diverging_trial(ring, tmp_path):
     assert ei.value.schedule is not None and ei.value.schedule.time_mode == "lambda"
     on_disk = load_schedule(ei.value.saved_to)
     assert on_disk.time_mode == "lambda" and torch.equal(on_disk.timesteps, ei.value.schedule.timesteps)
+
+
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("radius", [None, 0.0])
+def test_fit_trains_under_a_callers_no_grad_or_inference_mode(ring, ctx, radius):
+    """A script wrapped in no_grad/inference_mode: fit() still differentiates (it raised a 'not finite' noise
+    gradient, or with radius=0 returned the init grid untrained); given pairs made in that mode are fine too."""
+    mix, s, model = ring
+    want = _fast(model, mix, time_mode="lambda", radius=radius).fit()
+    assert want.metrics["relative_improvement"] > 0.1
+    with ctx():
+        got = _fast(model, mix, time_mode="lambda", radius=radius).fit()
+        x_T = mix.prior_noise(s, 12, torch.Generator().manual_seed(0))
+        pairs = _fast(model, mix, time_mode="lambda", radius=radius).fit(x_T, mix.reference_solution(s, x_T))
+    assert torch.equal(got.timesteps, want.timesteps) and torch.equal(got.model_timesteps, want.model_timesteps)
+    assert torch.is_grad_enabled()  # the caller's mode is back
+    assert pairs.metrics["relative_improvement"] > 0.1
 
 
 # ----------------------------------------------------------------------------------------------

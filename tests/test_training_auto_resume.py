@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from ld3_ext.atomic_io import load_safetensors_checked
+from ld3_ext.atomic_io import atomic_save_safetensors, load_safetensors_checked
 from ld3_ext.schedule_file import load_schedule
 from ld3_ext.solvers import DPMSolverPP
 from ld3_ext.training import CheckpointMismatchError, LD3Trainer, NonFiniteLossError
@@ -194,7 +194,47 @@ def test_mismatch_is_refused_before_the_auto_init(ring, tmp_path, monkeypatch):
     with pytest.raises(CheckpointMismatchError, match=r"differs in: lr_xi\)"):
         _fast(model, mix, checkpoint_dir=ck, rounds_v2=0, init="auto", lr_xi=0.01).fit()
     assert calls == []  # refused before the candidate grids were tried
-    # a matching checkpoint still resumes (and the init still runs: a later trial may start from its grid)
+    # a matching checkpoint still resumes, from the init grid it stored (no candidate grid is tried again)
     again = _fast(model, mix, checkpoint_dir=ck, rounds_v2=0, init="auto").fit()
-    assert calls == [1]
+    assert calls == []
     assert torch.equal(again.timesteps, load_schedule(os.path.join(ck, SCHEDULE_FILE)).timesteps)
+
+
+# ----------------------------------------------------------------------------------------------
+# a resume keeps the init grid the run started from
+# ----------------------------------------------------------------------------------------------
+def test_resume_keeps_the_stored_init_grid_and_old_checkpoints_still_resume(ring, tmp_path, monkeypatch):
+    """Interrupted at the start of the "time" trial, which then starts from the init grid: init="auto" recomputed on
+    resume could pick another grid (here: the chosen candidate is gone, as after a change of library default) and
+    silently mix two runs.  The checkpoint stores the grid; one without it (older versions) recomputes it."""
+    mix, s, model = ring
+    full = _fast(model, mix, init="auto", checkpoint_dir=str(tmp_path / "a")).fit()
+
+    def interrupted(ck):
+        def boom(tr, info):
+            if tr.time_mode == "time" and info["iteration"] == 1:
+                raise _Stop()
+        with pytest.raises(_Stop):
+            _fast(model, mix, init="auto", checkpoint_dir=ck, callback=boom).fit()
+
+    ck = str(tmp_path / "b")
+    interrupted(ck)
+    with monkeypatch.context() as m:
+        m.setattr(LD3Trainer, "AUTO_INIT_CANDIDATES",
+                  tuple(c for c in LD3Trainer.AUTO_INIT_CANDIDATES if c != full.metrics["init_choice"]))
+        resumed = _fast(model, mix, init="auto", checkpoint_dir=ck).fit()
+    assert torch.equal(resumed.timesteps, full.timesteps)
+    assert torch.equal(resumed.model_timesteps, full.model_timesteps)
+    for k in ("init_choice", "init_candidates_valid_loss", "time_mode_candidates_valid_loss", "valid_loss_best"):
+        assert resumed.metrics[k] == full.metrics[k]
+    assert load_safetensors_checked(os.path.join(ck, CHECKPOINT_FILE))[1]["init"]["choice"] == full.metrics["init_choice"]
+    # a checkpoint written before the grid was stored: the init is recomputed, and the run still resumes
+    ck = str(tmp_path / "c")
+    interrupted(ck)
+    path = os.path.join(ck, CHECKPOINT_FILE)
+    tensors, meta = load_safetensors_checked(path)
+    del tensors["init_grid"], meta["init"]
+    atomic_save_safetensors(path, tensors, meta)
+    old = _fast(model, mix, init="auto", checkpoint_dir=ck).fit()
+    assert torch.equal(old.timesteps, full.timesteps)
+    assert old.metrics["init_choice"] == full.metrics["init_choice"]

@@ -261,6 +261,11 @@ class LD3Trainer:
                 raise TypeError(f"{name} must be None or a tensor [N, ...], got {type(v).__name__}")
             if v is not None and v.dim() < 1:
                 raise ValueError(f"{name} needs a batch dimension [N, ...], got a 0-d tensor")
+        if uncond is not None and uncond.shape[0] != 1:
+            # broadcast to every batch: more entries failed in the first teacher chunk (a bare expand error), or with
+            # batches of exactly that size were taken per sample
+            raise ValueError(f"uncond must hold one entry [1, ...] (broadcast to every batch), got shape "
+                             f"{tuple(uncond.shape)}")
         if rounds_v1 < 0 or rounds_v2 < 0 or rounds_v1 + rounds_v2 < 1:
             raise ValueError(f"need rounds_v1, rounds_v2 >= 0 with at least one round, got {rounds_v1}, {rounds_v2}")
         for name, v in (("time_mode_trial_rounds", time_mode_trial_rounds), ("valid_every", valid_every),
@@ -277,7 +282,7 @@ class LD3Trainer:
             if v is not None:
                 real(name, v, at_least=0)
         decoupled = flag("decoupled", decoupled)
-        self._check_init(init, decoupled, win_rate)  # now, not after the teacher set has been generated
+        self._check_init(init, decoupled, win_rate, time_mode)  # now, not after the teacher set has been generated
         # time_mode_request is what was asked for ("auto" included); time_mode is the mode of the active candidate
         self.time_mode_request = time_mode
         self.time_mode = TIME_MODES[0] if time_mode == "auto" else time_mode
@@ -298,8 +303,15 @@ class LD3Trainer:
         # the paper's teacher: UniPC order 3 with B(h) = bh1
         teacher_solver = as_solver(teacher_solver, name="teacher_solver", default="unipc", order=teacher_order,
                                    variant="bh1")
+        if not callable(teacher) and not (isinstance(teacher, str) and teacher in ("solver", "exact")):  # named now
+            raise ValueError(f"teacher must be 'solver', 'exact' or a callable, got {teacher!r}")
         if teacher == "solver":  # the NFE it spends exactly (Heun: an even one), before any work
-            teacher_solver.exact_steps(count("teacher_nfe", teacher_nfe, 1, type_error=False), "teacher_nfe")
+            steps = teacher_solver.exact_steps(count("teacher_nfe", teacher_nfe, 1, type_error=False), "teacher_nfe")
+            try:
+                from .. import discretizations
+                discretizations.get_discretization(teacher_discretization, self.schedule, steps)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"teacher_discretization: {exc}") from None
         if teacher_dir is not None and teacher_cache is not None and teacher_dir != teacher_cache:
             raise ValueError("teacher_dir is an alias of teacher_cache; pass only one")
         teacher_cache = teacher_cache if teacher_cache is not None else teacher_dir
@@ -382,8 +394,11 @@ class LD3Trainer:
         self._check_ranks_agree()
         frozen = self._freeze_weights()
         try:
-            return self._fit(noise, target, valid_noise, valid_target, cond=cond, valid_cond=valid_cond,
-                             target_decoded=target_decoded)
+            # training differentiates whatever the caller's mode: under torch.no_grad() (or inference_mode) the
+            # noise gradient was missing (reported as "not finite") and with radius=0 nothing trained, silently
+            with torch.inference_mode(False), torch.enable_grad():
+                return self._fit(noise, target, valid_noise, valid_target, cond=cond, valid_cond=valid_cond,
+                                 target_decoded=target_decoded)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -454,6 +469,7 @@ class LD3Trainer:
                 cond = self.conditions[:noise.shape[0]]
                 if valid_noise is not None and valid_cond is None:
                     valid_cond = self.conditions[noise.shape[0]:]
+            self._check_cond(cond, valid_cond, noise, valid_noise)
             if valid_noise is None:
                 if valid_target is not None:
                     raise ValueError("valid_target given without valid_noise")
@@ -467,6 +483,11 @@ class LD3Trainer:
                 if valid_target is None:
                     raise ValueError("valid_noise given without valid_target")
                 self._check_pair(valid_noise, valid_target, "valid_noise", "valid_target")
+                for vn, v, tn, tr in (("valid_noise", valid_noise, "noise", noise),
+                                      ("valid_target", valid_target, "target", target)):
+                    if v.shape[1:] != tr.shape[1:]:  # else a model error mid-run, or silently another resolution
+                        raise ValueError(f"{vn} has per-sample shape {tuple(v.shape[1:])}, {tn} "
+                                         f"{tuple(tr.shape[1:])}: the validation pairs must be shaped as the training pairs")
                 z_tr, y_tr, z_va, y_va, c_tr, c_va = noise, target, valid_noise, valid_target, cond, valid_cond
             # back to unit-variance noise (the ball lives there), divided in at least float32: a half-precision
             # quotient is rounded, and prior * z then missed the given noise in ~13% of the pixels (EDM's 80)
@@ -483,11 +504,34 @@ class LD3Trainer:
             with torch.no_grad():
                 for k in ("y_train", "y_valid"):
                     self._data[k] = torch.cat([self.decoder(b) for b in self._data[k].split(self.valid_batch_size)])
+                    # the targets were checked before decoding: a NaN now is the decoder's (e.g. a float16 VAE
+                    # overflowing), not a learning rate's, as the first training loss would report it
+                    bad = (~torch.isfinite(self._data[k].flatten(1))).any(1).nonzero().flatten()
+                    if bad.numel():
+                        raise ValueError(f"decoder returned NaN/Inf for {bad.numel()} teacher target(s) of the "
+                                         f"{k[2:]} set (first: sample {int(bad[0])}); check the decoder")
         return self._train()
 
     # ------------------------------------------------------------------------------------------
     # setup
     # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_cond(cond, valid_cond, noise, valid_noise):
+        """One condition per pair, in the pairs' order: a longer cond was split at the wrong place (the validation
+        pairs silently got other pairs' conditions) and a shorter one failed mid-training with an IndexError."""
+        if valid_noise is None and valid_cond is not None:
+            raise ValueError("valid_cond given without valid_noise (the held-out pairs take theirs from cond)")
+        if valid_noise is not None and (cond is None) != (valid_cond is None):
+            raise ValueError("pass cond and valid_cond together (or neither)")
+        for name, c, z in (("cond", cond, noise), ("valid_cond", valid_cond, valid_noise)):
+            if c is None:
+                continue
+            if not isinstance(c, torch.Tensor) or c.dim() < 1:
+                raise TypeError(f"{name} must be a tensor [N, ...] (one condition per pair)")
+            if c.shape[0] != z.shape[0]:
+                raise ValueError(f"{name} holds {c.shape[0]} conditions for {z.shape[0]} pairs: one per pair, in "
+                                 "the same order")
+
     @staticmethod
     def _check_pair(noise, target, nn, tn):
         if not isinstance(noise, torch.Tensor) or not isinstance(target, torch.Tensor):
@@ -552,23 +596,27 @@ class LD3Trainer:
 
     AUTO_INIT_CANDIDATES = ("logsnr", "edm", "time_quadratic", "time_uniform", "dmn")
 
-    def _check_init(self, init, decoupled, win_rate) -> None:
-        """Raise ValueError for an init or win_rate that the training would refuse later (cheap: one grid)."""
+    def _check_init(self, init, decoupled, win_rate, time_mode) -> None:
+        """Raise ValueError for an init or win_rate that the training would refuse later (cheap: a grid a mode)."""
         named = isinstance(init, str) and init.lower() in ("auto", "dmn")
         # the settings that are not init's (win_rate, the number of steps) first, with a grid that always
         # exists: their errors are theirs, not init's
         TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], "logsnr", decoupled, win_rate)
         if named:
             return
-        try:
-            TimeParameterization(self.schedule, self.num_steps, TIME_MODES[0], init, decoupled, win_rate)
-        except ValueError as exc:
-            msg = str(exc)
-            if isinstance(init, str):
-                from .. import discretizations
-                raise ValueError(f"init must be 'auto', 'dmn', one of {sorted(discretizations.DISCRETIZATIONS)} or a "
-                                 f"grid of N+1 = {self.num_steps + 1} timesteps, got {init!r}") from None
-            raise ValueError(msg if msg.startswith("init") else f"init: {msg}") from None
+        # in every mode that will start from it: the gaps are checked in that mode's units (a grid with a tiny t gap
+        # passes in lambda), and time_mode="auto" builds the "time" candidate only after the "lambda" trial
+        for mode in TIME_MODES if time_mode == "auto" else (time_mode,):
+            try:
+                TimeParameterization(self.schedule, self.num_steps, mode, init, decoupled, win_rate)
+            except ValueError as exc:
+                msg = str(exc)
+                if isinstance(init, str) and msg.startswith("init must be"):
+                    from .. import discretizations
+                    raise ValueError(f"init must be 'auto', 'dmn', one of {sorted(discretizations.DISCRETIZATIONS)} "
+                                     f"or a grid of N+1 = {self.num_steps + 1} timesteps, got {init!r}") from None
+                msg = msg if msg.startswith("init") else f"init: {msg}"
+                raise ValueError(f"{msg} (time_mode={mode!r})") from None
 
     def _dmn_init(self) -> torch.Tensor:
         """The DMN grid, weighted as the original weights it: sigma^2/alpha from uniform t for latent models (a
@@ -721,6 +769,10 @@ class LD3Trainer:
         self.opt_c.zero_grad(set_to_none=True)
         if len(idx) > 0:
             losses = self._losses(z_rel, d[y_key][idx], cond, t, tm)
+            if not losses.requires_grad:  # z' or xi requires grad here: the chain to them was cut
+                raise ValueError(f"loss={loss_name(self.loss_spec)!r}: the training loss carries no gradient; the loss "
+                                 "(or the decoder, or the model) detaches its result (.detach(), .item(), numpy, "
+                                 "torch.no_grad inside). LD3 differentiates through the model, decoder and loss")
             loss = losses.mean()
             bad = not bool(torch.isfinite(loss))
         else:  # more ranks than samples in this batch: this rank only joins the collectives
@@ -968,6 +1020,9 @@ class LD3Trainer:
                 t, cands[mode] = self._candidate_payload(cand, f"{mode}/")
                 tensors.update(t)
             meta = {"settings": self.settings(), "auto": {**self._auto, "active": active}, "candidates": cands}
+        tensors["init_grid"] = self._init_grid  # resumed as it is (see _train)
+        if getattr(self, "init_choice", None) is not None:
+            meta["init"] = {"choice": self.init_choice, "scores": json_safe(self.init_scores)}
         atomic_save_safetensors(path, tensors, meta)
         D.barrier()
 
@@ -1041,6 +1096,16 @@ class LD3Trainer:
                                           f"{hint}; use another checkpoint_dir, or resume='never' to overwrite it")
         return path, tensors, meta, adopt
 
+    def _stored_init(self, checkpoint) -> Optional[torch.Tensor]:
+        """The init grid (and init="auto"'s choice and scores) a checkpoint was started from, or None."""
+        if checkpoint is None or "init_grid" not in checkpoint[1]:
+            return None
+        rec = checkpoint[2].get("init") or {}
+        if rec.get("choice") is not None:
+            self.init_choice = rec["choice"]
+            self.init_scores = {k: math.nan if v is None else v for k, v in rec["scores"].items()}
+        return checkpoint[1]["init_grid"].to(torch.float64)
+
     def _try_resume(self, checkpoint) -> bool:
         """Load what ``_read_checkpoint`` returned (None: nothing to resume)."""
         if checkpoint is None:
@@ -1080,7 +1145,12 @@ class LD3Trainer:
         self._candidates, self.param, self._mode_from_checkpoint = {}, None, None
         self._auto = {"scores": {}, "seconds": {}, "choice": None} if auto else None
         checkpoint = self._read_checkpoint()  # settings compared before the init's work
-        self._init_grid = self._auto_init() if init == "auto" else self._dmn_init() if init == "dmn" else self.init
+        # a resumed run keeps the grid it started from (a later auto trial starts from it); recomputing init="auto"
+        # could pick another grid (changed candidates, scipy's DMN) and mix two runs. Old checkpoints lack it.
+        self._init_grid = self._stored_init(checkpoint)
+        if self._init_grid is None:
+            grid = self._auto_init() if init == "auto" else self._dmn_init() if init == "dmn" else self.init
+            self._init_grid = init_timesteps(self.schedule, self.num_steps, grid)
         first = self._new_candidate(TIME_MODES[0] if auto else self.time_mode_request, self._init_grid)
         if auto:
             self._candidates[first["time_mode"]] = first
