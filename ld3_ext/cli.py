@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -27,6 +28,26 @@ BASELINES = ["time_uniform", "time_quadratic", "logsnr", "edm"]
 SOLVER_CHOICES = list(SOLVERS)
 MODEL_BASELINES = ["dmn", "gits"]
 SAMPLE_MODEL = "gmm:ring2d"  # `ld3 sample` without --model or a schedule file
+
+EXIT_CODES = """exit status:
+  0    success
+  1    the run failed (training diverged, the model gave non-finite output, out of memory, disk full, ...)
+  2    usage error: a bad flag value, or an input file or --out path that cannot be used (argparse's code too)
+  130  interrupted (Ctrl-C); 143 on SIGTERM.  Files are written whole or not at all: an interrupt keeps the
+       earlier file, and train/teacher resume from their last checkpoint when rerun
+set LD3_TRACEBACK=1 to see the full traceback of an error."""
+
+
+class UsageError(SystemExit):
+    """A flag value or input the command cannot use: ``ld3 CMD: error: MESSAGE`` and exit status 2, like argparse's
+    own errors (a SystemExit with code 2, so embedding code sees what argparse would raise)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
 
 
 def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model: Optional[str] = "digits",
@@ -92,14 +113,14 @@ def _make_solver(args):
     """--solver/--order/--variant as a Solver; a flag the solver has no use for is refused, not ignored."""
     name = args.solver
     if name in ORDERLESS and args.order is not None:
-        raise SystemExit(f"error: --order: {name} has no order setting")
+        raise UsageError(f"--order: {name} has no order setting")
     if name != "unipc" and args.variant is not None:
-        raise SystemExit(f"error: --variant: only unipc has variants (bh1, bh2), not {name}")
+        raise UsageError(f"--variant: only unipc has variants (bh1, bh2), not {name}")
     order = 3 if args.order is None else args.order
     try:
         return as_solver(name, order=order, variant=args.variant or "bh1")
     except ValueError as exc:
-        raise SystemExit(f"error: --solver {name} --order {order}: {exc}")
+        raise UsageError(f"--solver {name} --order {order}: {exc}")
 
 
 def _make_teacher_solver(args):
@@ -111,7 +132,7 @@ def _make_teacher_solver(args):
     try:
         return as_solver(args.teacher_solver, order=args.teacher_order)
     except ValueError as exc:
-        raise SystemExit(f"error: --teacher-solver {args.teacher_solver} --teacher-order {args.teacher_order}: {exc}")
+        raise UsageError(f"--teacher-solver {args.teacher_solver} --teacher-order {args.teacher_order}: {exc}")
 
 
 def _exact_steps(solver, nfe: int, flag: str) -> int:
@@ -119,7 +140,7 @@ def _exact_steps(solver, nfe: int, flag: str) -> int:
     try:
         return solver.exact_steps(nfe, flag)
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
+        raise UsageError(f"{exc}")
 
 
 def _teacher_steps(args):
@@ -172,7 +193,7 @@ def _sample_shape(model):
         return tb.event_shape
     shape = getattr(model, "sample_shape", None)
     if shape is None:
-        raise SystemExit("error: --model: the model does not say its sample shape; set `model.sample_shape = (C, H, W)` "
+        raise UsageError("--model: the model does not say its sample shape; set `model.sample_shape = (C, H, W)` "
                          "in your factory")
     return tuple(shape)
 
@@ -206,13 +227,13 @@ def _load(args):
     threads = args.threads if args.threads is not None else (1 if is_builtin(args.model) else None)
     if threads is not None:
         if threads < 1:
-            raise SystemExit("error: --threads must be >= 1")
+            raise UsageError("--threads must be >= 1")
         torch.set_num_threads(threads)
     try:
         model, schedule = load_model(args.model, device=args.device,
                                      guidance_scale=getattr(args, "guidance_scale", None))
     except ModelSpecError as exc:
-        raise SystemExit(f"error: {exc}")
+        raise UsageError(f"{exc}")
     model_dtype = torch.float64 if getattr(model, "testbed", None) is not None else torch.float32
     return model, schedule, model_dtype
 
@@ -357,7 +378,7 @@ def _train(args) -> int:
     # where the results go must be usable before any work (an OSError here is one line)
     os.makedirs(os.path.join(args.out, "checkpoint"), exist_ok=True)
     if os.path.isdir(os.path.join(args.out, "schedule.json")):
-        raise SystemExit(f"error: --out: {os.path.join(args.out, 'schedule.json')} is a directory; the schedule file "
+        raise UsageError(f"--out: {os.path.join(args.out, 'schedule.json')} is a directory; the schedule file "
                          "cannot be written there")
     testbed = getattr(model, "testbed", None)
     trainer = LD3Trainer(model, schedule, solver, args.nfe, loss=args.loss, time_mode=args.time_mode,
@@ -387,11 +408,11 @@ def cmd_eval(args) -> int:
     path = args.schedule or os.path.join(args.out, "schedule.json")
     if not os.path.exists(path):
         hint = "" if args.schedule else f" (run `ld3 train --out {args.out}` first, or pass --schedule)"
-        raise SystemExit(f"error: --schedule: no schedule file at {path}{hint}")
+        raise UsageError(f"--schedule: no schedule file at {path}{hint}")
     learned = load_schedule(path)
     args.model = args.model or learned.model.get("spec")
     if not args.model:
-        raise SystemExit(f"error: --model: {path} does not record which model it was trained for; pass --model")
+        raise UsageError(f"--model: {path} does not record which model it was trained for; pass --model")
     model, schedule, dtype = _load(args)
     _check_schedule_fits(learned, path, model, schedule, args.model)
     learned.check_guidance(model.guidance_scale)
@@ -400,7 +421,7 @@ def cmd_eval(args) -> int:
     nfe = learned.nfe
     low = [k for k in args.nfe_curve or [] if k < solver.nfe(1)]
     if low:  # refused now, not after the teacher and every sample have run
-        raise SystemExit(f"error: --nfe-curve {low}: {solver.name} spends {solver.nfe(1)} evaluations a step; use "
+        raise UsageError(f"--nfe-curve {low}: {solver.name} spends {solver.nfe(1)} evaluations a step; use "
                          f"values >= {solver.nfe(1)}")
     fd = None
     if args.model == "digits":
@@ -410,7 +431,7 @@ def cmd_eval(args) -> int:
         except ImportError:
             fd = None
     if fd is not None and args.n < 2:  # refused now, naming the flag, not by the metric after the teacher ran
-        raise SystemExit(f"error: --n: digits-FD needs at least 2 samples (a covariance), got {args.n}")
+        raise UsageError(f"--n: digits-FD needs at least 2 samples (a covariance), got {args.n}")
     os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after the teacher and every sample
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
     target = _teacher(model, schedule, x_T, args)
@@ -479,7 +500,7 @@ def cmd_eval(args) -> int:
 def cmd_export_diffusers(args) -> int:
     from .integrations.diffusers_scheduler import LD3Scheduler
     if not os.path.exists(args.schedule):
-        raise SystemExit(f"error: schedule file not found: {args.schedule}")
+        raise UsageError(f"schedule file not found: {args.schedule}")
     cfg = None
     written = os.path.join(args.out, LD3Scheduler.config_name)
     inputs = [("schedule file", args.schedule)]
@@ -492,10 +513,10 @@ def cmd_export_diffusers(args) -> int:
             try:
                 cfg = json.load(f)
             except ValueError as exc:  # JSONDecodeError's text names neither the file nor the flag
-                raise SystemExit(f"error: --scheduler-config: {path} is not valid JSON ({exc})") from None
+                raise UsageError(f"--scheduler-config: {path} is not valid JSON ({exc})") from None
     for what, path in inputs:  # `--out MODEL/scheduler` would replace the model's own config with ours
         if os.path.exists(written) and os.path.samefile(written, path):
-            raise SystemExit(f"error: --out: {written} is the {what} it is made from; write to another folder")
+            raise UsageError(f"--out: {written} is the {what} it is made from; write to another folder")
     sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
     # what save_pretrained writes, but atomically: an interrupted export keeps the earlier file whole
     atomic_write_text(written, sched.to_json_string())
@@ -504,17 +525,19 @@ def cmd_export_diffusers(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ld3", description="Learn and use LD3 sampling schedules.", allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="ld3", description="Learn and use LD3 sampling schedules.", allow_abbrev=False,
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub_kw = dict(allow_abbrev=False, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    s = sub.add_parser("sample", allow_abbrev=False,
+    s = sub.add_parser("sample", **sub_kw,
                        help="sample with hand-made (and optionally a learned) schedule; PNG + error table")
     _add_common(s, model=None, out="runs/sample", sample=True)
     s.add_argument("--n", type=int, default=256, help="number of samples (default: 256)")
     s.add_argument("--schedule", default=None, help="a learned schedule file to compare as well")
     s.set_defaults(func=cmd_sample)
 
-    t = sub.add_parser("teacher", allow_abbrev=False, help="generate (or reuse) the cached teacher pairs")
+    t = sub.add_parser("teacher", **sub_kw, help="generate (or reuse) the cached teacher pairs")
     _add_common(t, solver_defaults=False)
     t.add_argument("--n-train", type=int, default=50)
     t.add_argument("--n-valid", type=int, default=50)
@@ -522,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a cached teacher set made with other settings instead of refusing it")
     t.set_defaults(func=cmd_teacher)
 
-    tr = sub.add_parser("train", allow_abbrev=False,
+    tr = sub.add_parser("train", **sub_kw,
                         help="learn a schedule (resumes from --out/checkpoint after an interrupt)")
     _add_common(tr)
     tr.add_argument("--loss", default="pseudo_huber", help="pseudo_huber | l2 | l1 | lpips")
@@ -542,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "--fresh: a checkpoint made on the old teacher set cannot be resumed)")
     tr.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", allow_abbrev=False, help="compare the learned schedule with every baseline")
+    e = sub.add_parser("eval", **sub_kw, help="compare the learned schedule with every baseline")
     _add_common(e, solver_defaults=False, model=None)
     e.add_argument("--schedule", default=None, help="schedule file (default: OUT/schedule.json)")
     e.add_argument("--n", type=int, default=256, help="held-out noises")
@@ -552,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-model-baselines", action="store_true", help="skip DMN/GITS")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export-diffusers", allow_abbrev=False,
+    x = sub.add_parser("export-diffusers", **sub_kw,
                        help="write an LD3Scheduler config for an unmodified diffusers pipeline")
     x.add_argument("schedule", help="learned schedule file")
     x.add_argument("--scheduler-config", default=None, help="the model's diffusers scheduler folder or JSON")
@@ -561,14 +584,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors():
-    """Exceptions that describe a problem with the user's input or files: shown as one line, no traceback."""
+# OSErrors about a path the user named (a missing input, --out under a file, no permission): usage errors
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _exit_code(exc: BaseException) -> Optional[int]:
+    """2 for an exception that describes unusable input (flags, files, paths), 1 for a run that failed (shown as one
+    line, no traceback), None for anything else: a bug, whose traceback is what a report needs."""
     from .atomic_io import CorruptFileError
     from .training import CheckpointMismatchError, LossUnavailableError, NonFiniteLossError, TeacherCacheError
     from .wrappers import ModelOutputError
-    # OSError: --out is a file, a directory cannot be made, a schedule path is a directory, a disk is full ...
-    return (CorruptFileError, CheckpointMismatchError, LossUnavailableError, NonFiniteLossError, TeacherCacheError,
-            ModelOutputError, OSError, ValueError, TypeError)
+    if _out_of_memory(exc) or isinstance(exc, (NonFiniteLossError, ModelOutputError)):
+        return 1
+    if isinstance(exc, OSError):  # FileNotFoundError(msg) has no errno: its class says it
+        path_error = isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+                                      PermissionError)) or exc.errno in _PATH_ERRNOS
+        return 2 if path_error else 1  # disk full, I/O error: the run failed
+    if isinstance(exc, (CorruptFileError, CheckpointMismatchError, LossUnavailableError, TeacherCacheError,
+                        ValueError, TypeError)):
+        return 2
+    return None
 
 
 def _flag_hint(exc: BaseException) -> Optional[str]:
@@ -594,17 +630,17 @@ def _check_device(args) -> None:
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise SystemExit(f"error: --device {name!r}: {exc}")
+        raise UsageError(f"--device {name!r}: {exc}")
     if dev.type == "meta":
-        raise SystemExit(f"error: --device {name!r}: the meta device holds no values; use cpu or cuda")
+        raise UsageError(f"--device {name!r}: the meta device holds no values; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name!r}: CUDA is not available (this torch has no CUDA build or sees no "
+        raise UsageError(f"--device {name!r}: CUDA is not available (this torch has no CUDA build or sees no "
                          f"GPU); use --device cpu")
     if dev.type != "cuda" or "LOCAL_RANK" not in os.environ:  # under torchrun the rank picks cuda:LOCAL_RANK
         try:
             torch.empty(1, device=dev)
         except (RuntimeError, AssertionError, ValueError) as exc:
-            raise SystemExit(f"error: --device {name!r}: {str(exc).splitlines()[0]}")
+            raise UsageError(f"--device {name!r}: {str(exc).splitlines()[0]}")
 
 
 def _check_counts(args) -> None:
@@ -613,15 +649,15 @@ def _check_counts(args) -> None:
         v = getattr(args, flag, None)
         low = 0 if flag.startswith("rounds") else 1
         if v is not None and v < low:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= {low}, got {v}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
     for k in getattr(args, "nfe_curve", None) or []:
         if k < 1:
-            raise SystemExit(f"error: --nfe-curve values must be >= 1, got {k}")
+            raise UsageError(f"--nfe-curve values must be >= 1, got {k}")
     seed = getattr(args, "seed", 0)
     try:
         check_seed("--seed", seed)
     except ValueError:
-        raise SystemExit(f"error: --seed must be in [0, 2**63), got {seed}") from None
+        raise UsageError(f"--seed must be in [0, 2**63), got {seed}") from None
 
 
 def _traceback_wanted() -> bool:
@@ -673,17 +709,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    _fill_teacher_defaults(args)
-    _check_counts(args)
-    _check_device(args)
-    out = getattr(args, "out", None)
-    if out is not None and not out.strip():
-        raise SystemExit("error: --out must name a directory, got an empty string")
-    if out and os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"error: --out {out!r} exists and is not a directory")
+    args = build_parser().parse_args(argv)  # argparse's own errors: usage line, then exit status 2
+    prog = f"ld3 {args.cmd}"
     try:
+        _fill_teacher_defaults(args)
+        _check_counts(args)
+        _check_device(args)
+        out = getattr(args, "out", None)
+        if out is not None and not out.strip():
+            raise UsageError("--out must name a directory, got an empty string")
+        if out and os.path.exists(out) and not os.path.isdir(out):
+            raise UsageError(f"--out {out!r} exists and is not a directory")
         return args.func(args)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise  # SystemExit(2), as argparse exits on a bad flag
     except KeyboardInterrupt as exc:
         if _traceback_wanted():
             raise
@@ -694,25 +734,27 @@ def _main(argv: Optional[List[str]] = None) -> int:
                       "with it, the run starts over)" if restart
                       else " (rerun the same command to resume from the last checkpoint)")
         if isinstance(exc, Terminated):
-            print(f"terminated (SIGTERM){resume}", file=sys.stderr)
+            print(f"{prog}: terminated (SIGTERM){resume}", file=sys.stderr)
             return 128 + 15
-        print(f"interrupted{resume}", file=sys.stderr)
+        print(f"{prog}: interrupted{resume}", file=sys.stderr)
         return 130
     except Exception as exc:
         if _traceback_wanted():
             raise
-        if _out_of_memory(exc):
-            print(f"error: out of memory ({str(exc).splitlines()[0]}); lower --n, --n-train/--n-valid or --nfe",
-                  file=sys.stderr)
-            return 2
-        if not isinstance(exc, _user_errors()):
+        code = _exit_code(exc)
+        if code is None:
             raise  # a bug: the traceback is what a report needs
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if _out_of_memory(exc):
+            print(f"{prog}: error: out of memory ({str(exc).splitlines()[0]}); lower --n, --n-train/--n-valid or "
+                  "--nfe", file=sys.stderr)
+            return code
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         hint = _flag_hint(exc)
         if hint:
             print(hint, file=sys.stderr)
         print("(set LD3_TRACEBACK=1 for the full traceback)", file=sys.stderr)
-        return 2
+        return code
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -270,7 +270,8 @@ def test_ctrl_c_is_one_line_with_the_resume_hint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_train", interrupted)
     rc = cli.main(["train", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")])
     assert rc == 130
-    assert capsys.readouterr().err.strip() == "interrupted (rerun the same command to resume from the last checkpoint)"
+    assert capsys.readouterr().err.strip() == ("ld3 train: interrupted (rerun the same command to resume from the last "
+                                               "checkpoint)")
 
 
 def test_fresh_and_regenerate_teacher_flags(tmp_path, capsys):
@@ -480,7 +481,7 @@ def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("LD3_TRACEBACK", raising=False)
     rc = cli.main(["sample", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: out of memory") and "Traceback" not in err
+    assert rc == 1 and err.startswith("ld3 sample: error: out of memory") and "Traceback" not in err
 
 
 def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch):
