@@ -58,7 +58,7 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
                    + (model or "the one the schedule file records" + (f", else {SAMPLE_MODEL}" if sample else "")) + ")")
     p.add_argument("--out", default=out, help=f"output directory (default: {out})")
     p.add_argument("--seed", type=int, default=0, help="noise seed (0 <= seed < 2**63; sample and eval draw their "
-                   "noises from streams of their own, never the teacher's training or validation noises)")
+                   "noises from streams of their own, never the teacher's training or validation noises; default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.add_argument("--threads", type=int, default=None,
@@ -66,7 +66,7 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
                         "thread and are not slowed by other processes; torch's default otherwise)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (diffusers models)")
     if solver_defaults:
-        p.add_argument("--solver", default="dpmpp", choices=SOLVER_CHOICES)
+        p.add_argument("--solver", default="dpmpp", choices=SOLVER_CHOICES, help="default: dpmpp")
         p.add_argument("--order", type=int, default=None,
                        help="solver order (default 3; dpmpp 1-3, unipc 1-3, ipndm 1-4; euler and heun have none)")
         p.add_argument("--variant", default=None, choices=["bh1", "bh2"], help="UniPC B(h) (default: bh1)")
@@ -539,8 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("teacher", **sub_kw, help="generate (or reuse) the cached teacher pairs")
     _add_common(t, solver_defaults=False)
-    t.add_argument("--n-train", type=int, default=50)
-    t.add_argument("--n-valid", type=int, default=50)
+    t.add_argument("--n-train", type=int, default=50, help="teacher pairs to train on (default: 50)")
+    t.add_argument("--n-valid", type=int, default=50, help="teacher pairs to validate on (default: 50)")
     t.add_argument("--regenerate-teacher", action="store_true",
                    help="replace a cached teacher set made with other settings instead of refusing it")
     t.set_defaults(func=cmd_teacher)
@@ -548,15 +548,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", **sub_kw,
                         help="learn a schedule (resumes from --out/checkpoint after an interrupt)")
     _add_common(tr)
-    tr.add_argument("--loss", default="pseudo_huber", help="pseudo_huber | l2 | l1 | lpips")
+    tr.add_argument("--loss", default="pseudo_huber", help="pseudo_huber | l2 | l1 | lpips (default: pseudo_huber)")
     tr.add_argument("--time-mode", default="auto", choices=["auto", "lambda", "time"],
-                    help="schedule parameterisation; auto: short trial of both, the better on validation continues")
+                    help="schedule parameterisation; auto: short trial of both, the better on validation continues "
+                         "(default: auto)")
     tr.add_argument("--init", default="auto", help="auto (best of the candidates below and DMN on the validation "
-                    "set) | logsnr | time_uniform | time_quadratic | edm | dmn")
-    tr.add_argument("--n-train", type=int, default=50)
-    tr.add_argument("--n-valid", type=int, default=50)
-    tr.add_argument("--rounds-v1", type=int, default=2)
-    tr.add_argument("--rounds-v2", type=int, default=5)
+                    "set) | logsnr | time_uniform | time_quadratic | edm | dmn (default: auto)")
+    tr.add_argument("--n-train", type=int, default=50, help="teacher pairs to train on (default: 50)")
+    tr.add_argument("--n-valid", type=int, default=50, help="teacher pairs to validate on (default: 50)")
+    tr.add_argument("--rounds-v1", type=int, default=2, help="rounds of phase 1, the solver grid alone (default: 2)")
+    tr.add_argument("--rounds-v2", type=int, default=5,
+                    help="rounds of phase 2, the grid and the decoupled model times (default: 5)")
     tr.add_argument("--checkpointing", action="store_true", help="rematerialise network calls (flat memory in NFE)")
     tr.add_argument("--fresh", action="store_true",
                     help="start over: ignore (and overwrite) a training checkpoint in --out instead of resuming it")
@@ -568,10 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", **sub_kw, help="compare the learned schedule with every baseline")
     _add_common(e, solver_defaults=False, model=None)
     e.add_argument("--schedule", default=None, help="schedule file (default: OUT/schedule.json)")
-    e.add_argument("--n", type=int, default=256, help="held-out noises")
+    e.add_argument("--n", type=int, default=256, help="held-out noises (default: 256)")
     e.add_argument("--nfe-curve", type=int, nargs="*", default=[4, 5, 6, 8, 10],
                    help="NFEs at which the hand-made baselines are also run, for the error-vs-NFE plot (the learned "
-                        "schedule runs at its own NFE)")
+                        "schedule runs at its own NFE; default: 4 5 6 8 10; none given: no curve)")
     e.add_argument("--skip-model-baselines", action="store_true", help="skip DMN/GITS")
     e.set_defaults(func=cmd_eval)
 
@@ -579,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write an LD3Scheduler config for an unmodified diffusers pipeline")
     x.add_argument("schedule", help="learned schedule file")
     x.add_argument("--scheduler-config", default=None, help="the model's diffusers scheduler folder or JSON")
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True, help="folder to write scheduler_config.json into (made if missing)")
     x.set_defaults(func=cmd_export_diffusers)
     return p
 
