@@ -86,6 +86,8 @@ def _fill_teacher_defaults(args) -> None:
     """The --teacher-* flags not given take their defaults; ``args.teacher_given`` says whether any was given
     (then they name the teacher; else a schedule file's recorded teacher does, see :func:`_use_recorded_teacher`)."""
     args.teacher_given = any(getattr(args, k, None) is not None for k in TEACHER_DEFAULTS)
+    if getattr(args, "teacher_order", None) is not None and getattr(args, "teacher_solver", None) in ORDERLESS:
+        raise UsageError(f"--teacher-order: {args.teacher_solver} has no order setting")  # as --order: not ignored
     for k, v in TEACHER_DEFAULTS.items():
         if hasattr(args, k) and getattr(args, k) is None:
             setattr(args, k, v)

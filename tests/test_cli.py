@@ -689,3 +689,13 @@ def test_threads_flag_does_not_leak_into_the_calling_process(tmp_path):
         assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cmd", ["sample", "teacher", "train", "eval"])
+def test_a_teacher_order_for_an_orderless_teacher_is_refused(cmd, tmp_path, monkeypatch):
+    """As --order for --solver euler/heun: a flag the solver has no use for is refused before any work, not ignored."""
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    argv = [cmd, "--model", "digits", "--teacher-solver", "heun", "--teacher-order", "2", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="--teacher-order: heun has no order setting") as exc:
+        cli.main(argv + (["--schedule", str(tmp_path / "missing.json")] if cmd == "eval" else []))
+    assert exc.value.code == 2

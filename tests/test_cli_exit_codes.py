@@ -138,3 +138,4 @@ def test_the_script_exits_with_these_statuses(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ld3_ext.cli", "sample", "--nfe", "0", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == "ld3 sample: error: --nfe must be >= 1, got 0"
+
