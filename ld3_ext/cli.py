@@ -209,6 +209,20 @@ def _median(x: torch.Tensor) -> float:
     return float(torch.quantile(x.double(), 0.5))
 
 
+def _say(*parts) -> None:
+    """print() to stdout, flushed; a reader that left (`ld3 sample | head -1`) must not stop the run before its
+    files are written: the rest of the output then goes nowhere."""
+    try:
+        print(*parts, flush=True)
+    except BrokenPipeError:
+        try:  # the exit-time flush of what is still buffered must not raise again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # a stdout without a file descriptor (a notebook's, pytest's)
+            pass
+
+
 def _fmt(x):
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
@@ -312,7 +326,7 @@ def cmd_sample(args) -> int:
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "sample").to(dtype)
     t0 = time.time()
     target = _teacher(model, schedule, x_T, args)
-    print(f"teacher: {_teacher_desc(model, args)} ({time.time() - t0:.1f}s)")
+    _say(f"teacher: {_teacher_desc(model, args)} ({time.time() - t0:.1f}s)")
     grids = _baseline_grids(BASELINES, schedule, steps)
     if learned is not None:
         grids["ld3"] = learned.timesteps
@@ -325,10 +339,10 @@ def cmd_sample(args) -> int:
         samples[name] = x
         rows.append({"schedule": name, "NFE": solver.nfe(steps), "mean RMSE": err.mean().item(),
                      "median RMSE": _median(err)})
-    print(f"{args.model}  solver={solver!r}  n={args.n}")
-    print(_table(rows, ["schedule", "NFE", "mean RMSE", "median RMSE"]))
+    _say(f"{args.model}  solver={solver!r}  n={args.n}")
+    _say(_table(rows, ["schedule", "NFE", "mean RMSE", "median RMSE"]))
     png = sample_grid(samples, os.path.join(args.out, "samples.png"), title=f"{args.model} {solver.name} NFE {args.nfe}")
-    print(f"wrote {png}")
+    _say(f"wrote {png}")
     return 0
 
 
@@ -355,8 +369,8 @@ def cmd_teacher(args) -> int:
                                         dtype=dtype, progress=not args.no_progress,
                                         regenerate=args.regenerate_teacher, model_name=_weightless_name(model, args))
         if distributed.is_rank0():
-            print(f"teacher pairs ready in {os.path.join(args.out, 'teacher')}: "
-                  f"{data.train_noise.shape[0]} train, {data.valid_noise.shape[0]} valid")
+            _say(f"teacher pairs ready in {os.path.join(args.out, 'teacher')}: "
+                 f"{data.train_noise.shape[0]} train, {data.valid_noise.shape[0]} valid")
     finally:
         distributed.destroy()
     return 0
@@ -398,9 +412,9 @@ def _train(args) -> int:
     learned = trainer.fit()
     if distributed.is_rank0():
         path = learned.save(os.path.join(args.out, "schedule.json"))
-        print(f"trained in {time.time() - t0:.1f}s; wrote {path}")
-        print("timesteps:       " + ", ".join(f"{v:.5g}" for v in learned.timesteps.tolist()))
-        print("model_timesteps: " + ", ".join(f"{v:.5g}" for v in learned.model_timesteps.tolist()))
+        _say(f"trained in {time.time() - t0:.1f}s; wrote {path}")
+        _say("timesteps:       " + ", ".join(f"{v:.5g}" for v in learned.timesteps.tolist()))
+        _say("model_timesteps: " + ", ".join(f"{v:.5g}" for v in learned.model_timesteps.tolist()))
     return 0
 
 
@@ -470,16 +484,16 @@ def cmd_eval(args) -> int:
                 # the NFE actually run (Heun's two evaluations a step make an odd k run one fewer)
                 curves[name].append((solver.nfe(k_steps), _median(_rmse(x, target))))
     cols = ["schedule", "NFE", "mean RMSE", "median RMSE"] + (["digits-FD"] if fd is not None else [])
-    print(f"{args.model}  solver={solver!r}  held-out noises={args.n}  teacher: {_teacher_desc(model, args)}")
-    print(_table(rows, cols))
+    _say(f"{args.model}  solver={solver!r}  held-out noises={args.n}  teacher: {_teacher_desc(model, args)}")
+    _say(_table(rows, cols))
     best = min((r for r in rows if r["schedule"] not in ("ld3", "teacher")), key=lambda r: r["median RMSE"])
     ld3 = next(r for r in rows if r["schedule"] == "ld3")
     gain = 1.0 - ld3["median RMSE"] / best["median RMSE"]
-    print(f"ld3 vs best baseline ({best['schedule']}): {100 * gain:+.1f}% median RMSE reduction")
+    _say(f"ld3 vs best baseline ({best['schedule']}): {100 * gain:+.1f}% median RMSE reduction")
     if fd is not None:
-        print(f"digits-FD from {args.n} samples: read it against the teacher's row; a score below the teacher's "
-              "does not mean samples better than the ODE solution (few-sample FD is biased and moves by a few "
-              "points with the noise seed)")
+        _say(f"digits-FD from {args.n} samples: read it against the teacher's row; a score below the teacher's "
+             "does not mean samples better than the ODE solution (few-sample FD is biased and moves by a few "
+             "points with the noise seed)")
     # the numbers first (a figure that cannot be drawn must not lose them), as numbers, with what they are of;
     # a unique temp name (atomic_io): two evals writing into one --out cannot clobber each other's half-file
     record = {"model": args.model, "schedule_file": os.path.abspath(path), "solver": solver.config(), "nfe": nfe,
@@ -495,7 +509,7 @@ def cmd_eval(args) -> int:
     atomic_write_text(p0, json.dumps(json_safe(record), indent=1, allow_nan=False))
     p1 = schedule_plot(grids, schedule, os.path.join(args.out, "schedules.png"), errors=curves)
     p2 = sample_grid({"teacher": target, **samples}, os.path.join(args.out, "eval_samples.png"))
-    print(f"wrote {p0}, {p1}, {p2}")
+    _say(f"wrote {p0}, {p1}, {p2}")
     return 0
 
 
@@ -522,7 +536,7 @@ def cmd_export_diffusers(args) -> int:
     sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
     # what save_pretrained writes, but atomically: an interrupted export keeps the earlier file whole
     atomic_write_text(written, sched.to_json_string())
-    print(f"wrote a diffusers scheduler config to {args.out} (load it with LD3Scheduler.from_pretrained)")
+    _say(f"wrote a diffusers scheduler config to {args.out} (load it with LD3Scheduler.from_pretrained)")
     return 0
 
 
