@@ -419,7 +419,8 @@ def _train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .plotting import sample_grid, schedule_plot
+    from .atomic_io import atomic_write_bytes
+    from .plotting import sample_grid_png, schedule_plot_png
     from .schedule_file import load_schedule
     path = args.schedule or os.path.join(args.out, "schedule.json")
     if not os.path.exists(path):
@@ -505,10 +506,19 @@ def cmd_eval(args) -> int:
         from .models.digits import weights_sha256
         from .models.digits_classifier import classifier_sha256
         record["weights_sha256"] = {"denoiser": weights_sha256(), "classifier": classifier_sha256()}
-    p0 = os.path.join(args.out, "eval.json")
-    atomic_write_text(p0, json.dumps(json_safe(record), indent=1, allow_nan=False))
-    p1 = schedule_plot(grids, schedule, os.path.join(args.out, "schedules.png"), errors=curves)
-    p2 = sample_grid({"teacher": target, **samples}, os.path.join(args.out, "eval_samples.png"))
+    p0, p1, p2 = (os.path.join(args.out, name) for name in ("eval.json", "schedules.png", "eval_samples.png"))
+    # the figures are drawn before any file is written: a Ctrl-C while drawing (seconds) keeps an earlier eval's
+    # three files together, instead of this run's numbers next to the earlier run's figures
+    numbers = json.dumps(json_safe(record), indent=1, allow_nan=False)
+    try:
+        figures = {p1: schedule_plot_png(grids, schedule, errors=curves),
+                   p2: sample_grid_png({"teacher": target, **samples})}
+    except Exception:
+        atomic_write_text(p0, numbers)
+        raise
+    atomic_write_text(p0, numbers)
+    for figure_path, png in figures.items():
+        atomic_write_bytes(figure_path, png)
     _say(f"wrote {p0}, {p1}, {p2}")
     return 0
 

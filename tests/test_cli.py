@@ -225,10 +225,10 @@ def test_eval_nfe_curve_records_the_nfe_heun_actually_runs(tmp_path, monkeypatch
     from ld3_ext.solvers import Heun
     seen = {}
 
-    def fake_plot(grids, schedule, path, errors=None):
+    def fake_plot(grids, schedule, errors=None):
         seen.update(errors)
-        return path
-    monkeypatch.setattr(plotting, "schedule_plot", fake_plot)
+        return b""
+    monkeypatch.setattr(plotting, "schedule_plot_png", fake_plot)
     path = _schedule_file(tmp_path, Heun(), 4)
     rc = cli.main(["eval", "--model", "gmm:ring2d", "--schedule", path, "--n", "8", "--nfe-curve", "3", "5",
                    "--skip-model-baselines", "--out", str(tmp_path / "o")])

@@ -1,5 +1,7 @@
 """Ctrl-C while `ld3 CMD` writes an output: exit 130 with one line, the user's earlier file left whole and
 unchanged, no temp file left behind (every output goes through atomic_io)."""
+import errno
+import json
 import os
 
 import pytest
@@ -55,3 +57,34 @@ def test_ctrl_c_while_eval_writes_keeps_the_earlier_results(tmp_path, monkeypatc
     assert capsys.readouterr().err.strip() == "ld3 eval: interrupted"
     assert earlier.read_text() == "{}"
     assert [f for f in os.listdir(out) if f.endswith(".tmp")] == []
+
+
+def test_ctrl_c_while_eval_draws_keeps_the_earlier_eval_together(tmp_path, monkeypatch, capsys):
+    """The figures are drawn before any file is written: a Ctrl-C while drawing leaves the earlier eval.json with
+    the earlier figures, not this run's numbers next to the earlier run's figures."""
+    from ld3_ext import plotting
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+    out = tmp_path / "o"
+    assert cli.main(CASES["train"][0] + ["--out", str(out)]) == 0
+    earlier = {name: f"earlier {name}".encode() for name in ("eval.json", "schedules.png", "eval_samples.png")}
+    for name, data in earlier.items():
+        (out / name).write_bytes(data)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(plotting, "sample_grid_png", interrupted)  # the second figure, after the first was drawn
+    assert cli.main(["eval", "--out", str(out), "--n", "8", "--nfe-curve", "--skip-model-baselines"]) == 130
+    assert {name: (out / name).read_bytes() for name in earlier} == earlier
+
+
+def test_a_figure_that_cannot_be_drawn_keeps_the_numbers(tmp_path, monkeypatch, capsys):
+    from ld3_ext import plotting
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+    out = tmp_path / "o"
+    assert cli.main(CASES["train"][0] + ["--out", str(out)]) == 0
+
+    def broken(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")  # e.g. a font cache that cannot be written
+    monkeypatch.setattr(plotting, "sample_grid_png", broken)
+    assert cli.main(["eval", "--out", str(out), "--n", "8", "--nfe-curve", "--skip-model-baselines"]) == 1
+    assert json.loads((out / "eval.json").read_text())["n"] == 8
