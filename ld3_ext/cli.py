@@ -1,12 +1,14 @@
-"""The ``ld3`` command: sample, teacher, train, eval.
+"""The ``ld3`` command: sample, teacher, train, eval, export-diffusers.
 
     ld3 sample  --model gmm:ring2d --solver dpmpp --order 3 --nfe 6 --out runs/ring
     ld3 train   --model digits --solver dpmpp --order 3 --nfe 6 --out runs/digits
     ld3 eval    --out runs/digits
     ld3 teacher --model digits --out runs/digits
+    ld3 export-diffusers runs/sd/schedule.json --scheduler-config MODEL/scheduler --out runs/sd/scheduler
 
 ``--model`` takes a built-in name, ``diffusers:PATH`` or ``package.module:factory`` (see
-``ld3_ext.models.registry``).  Runs under ``torchrun`` too (``python -m ld3_ext.cli ...``).
+``ld3_ext.models.registry``).  Runs under ``torchrun`` too (``python -m ld3_ext.cli ...``).  Exit statuses: 0 done,
+1 the run failed, 2 a usage error (bad flag, unusable input file or --out), 130 Ctrl-C (``EXIT_CODES``).
 """
 from __future__ import annotations
 
