@@ -491,8 +491,13 @@ def cmd_eval(args) -> int:
     _say(_table(rows, cols))
     best = min((r for r in rows if r["schedule"] not in ("ld3", "teacher")), key=lambda r: r["median RMSE"])
     ld3 = next(r for r in rows if r["schedule"] == "ld3")
-    gain = 1.0 - ld3["median RMSE"] / best["median RMSE"]
-    _say(f"ld3 vs best baseline ({best['schedule']}): {100 * gain:+.1f}% median RMSE reduction")
+    if best["median RMSE"] > 0:
+        gain = 1.0 - ld3["median RMSE"] / best["median RMSE"]
+        _say(f"ld3 vs best baseline ({best['schedule']}): {100 * gain:+.1f}% median RMSE reduction")
+    else:  # the baseline is the teacher's own solve (--teacher-* no finer than it): no ratio, and no lost results
+        gain = float("nan")  # None in eval.json
+        _say(f"ld3 vs best baseline ({best['schedule']}): not comparable, that baseline reproduces the teacher exactly "
+             "(use a finer teacher: a higher --teacher-nfe)")
     if fd is not None:
         _say(f"digits-FD from {args.n} samples: read it against the teacher's row; a score below the teacher's "
              "does not mean samples better than the ODE solution (few-sample FD is biased and moves by a few "

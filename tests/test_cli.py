@@ -699,3 +699,23 @@ def test_a_teacher_order_for_an_orderless_teacher_is_refused(cmd, tmp_path, monk
     with pytest.raises(SystemExit, match="--teacher-order: heun has no order setting") as exc:
         cli.main(argv + (["--schedule", str(tmp_path / "missing.json")] if cmd == "eval" else []))
     assert exc.value.code == 2
+
+
+def test_eval_with_a_baseline_equal_to_the_teacher_still_writes_its_results(tmp_path, monkeypatch, capsys):
+    """A teacher no finer than a baseline (--teacher-solver/-nfe equal to the schedule's solver and NFE) makes that
+    baseline's error 0: the gain has no ratio (it divided by zero, a traceback and no eval.json)."""
+    from ld3_ext.discretizations import get_discretization
+    from ld3_ext.solvers import DPMSolverPP
+    solver = DPMSolverPP(2)
+    path = _schedule_file(tmp_path, solver, 4)
+
+    def teacher_is_the_logsnr_baseline(model, schedule, x_T, args):
+        return solver.sample(model, x_T, get_discretization("logsnr", schedule, 4))
+    monkeypatch.setattr(cli, "_teacher", teacher_is_the_logsnr_baseline)
+    out = tmp_path / "o"
+    assert cli.main(["eval", "--model", "gmm:ring2d", "--schedule", path, "--n", "8", "--nfe-curve",
+                     "--skip-model-baselines", "--out", str(out)]) == 0
+    assert "not comparable, that baseline reproduces the teacher exactly" in capsys.readouterr().out
+    record = json.loads((out / "eval.json").read_text())
+    assert record["gain_vs_best"] is None
+    assert {r["schedule"]: r["median RMSE"] for r in record["rows"]}["logsnr"] == 0.0
