@@ -1,16 +1,19 @@
-"""The ``ld3`` command: sample, teacher, train, eval.
+"""The ``ld3`` command: sample, teacher, train, eval, export-diffusers.
 
     ld3 sample  --model gmm:ring2d --solver dpmpp --order 3 --nfe 6 --out runs/ring
     ld3 train   --model digits --solver dpmpp --order 3 --nfe 6 --out runs/digits
     ld3 eval    --out runs/digits
     ld3 teacher --model digits --out runs/digits
+    ld3 export-diffusers runs/sd/schedule.json --scheduler-config MODEL/scheduler --out runs/sd/scheduler
 
 ``--model`` takes a built-in name, ``diffusers:PATH`` or ``package.module:factory`` (see
-``ld3_ext.models.registry``).  Runs under ``torchrun`` too (``python -m ld3_ext.cli ...``).
+``ld3_ext.models.registry``).  Runs under ``torchrun`` too (``python -m ld3_ext.cli ...``).  Exit statuses: 0 done,
+1 the run failed, 2 a usage error (bad flag, unusable input file or --out), 130 Ctrl-C (``EXIT_CODES``).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -28,6 +31,26 @@ SOLVER_CHOICES = list(SOLVERS)
 MODEL_BASELINES = ["dmn", "gits"]
 SAMPLE_MODEL = "gmm:ring2d"  # `ld3 sample` without --model or a schedule file
 
+EXIT_CODES = """exit status:
+  0    success
+  1    the run failed (training diverged, the model gave non-finite output, out of memory, disk full, ...)
+  2    usage error: a bad flag value, or an input file or --out path that cannot be used (argparse's code too)
+  130  interrupted (Ctrl-C); 143 on SIGTERM.  Files are written whole or not at all: an interrupt keeps the
+       earlier file, and train/teacher resume from their last checkpoint when rerun
+set LD3_TRACEBACK=1 to see the full traceback of an error."""
+
+
+class UsageError(SystemExit):
+    """A flag value or input the command cannot use: ``ld3 CMD: error: MESSAGE`` and exit status 2, like argparse's
+    own errors (a SystemExit with code 2, so embedding code sees what argparse would raise)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
 
 def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model: Optional[str] = "digits",
                 out: str = "runs/ld3", sample: bool = False):
@@ -37,7 +60,7 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
                    + (model or "the one the schedule file records" + (f", else {SAMPLE_MODEL}" if sample else "")) + ")")
     p.add_argument("--out", default=out, help=f"output directory (default: {out})")
     p.add_argument("--seed", type=int, default=0, help="noise seed (0 <= seed < 2**63; sample and eval draw their "
-                   "noises from streams of their own, never the teacher's training or validation noises)")
+                   "noises from streams of their own, never the teacher's training or validation noises; default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.add_argument("--threads", type=int, default=None,
@@ -45,7 +68,7 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
                         "thread and are not slowed by other processes; torch's default otherwise)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (diffusers models)")
     if solver_defaults:
-        p.add_argument("--solver", default="dpmpp", choices=SOLVER_CHOICES)
+        p.add_argument("--solver", default="dpmpp", choices=SOLVER_CHOICES, help="default: dpmpp")
         p.add_argument("--order", type=int, default=None,
                        help="solver order (default 3; dpmpp 1-3, unipc 1-3, ipndm 1-4; euler and heun have none)")
         p.add_argument("--variant", default=None, choices=["bh1", "bh2"], help="UniPC B(h) (default: bh1)")
@@ -65,6 +88,8 @@ def _fill_teacher_defaults(args) -> None:
     """The --teacher-* flags not given take their defaults; ``args.teacher_given`` says whether any was given
     (then they name the teacher; else a schedule file's recorded teacher does, see :func:`_use_recorded_teacher`)."""
     args.teacher_given = any(getattr(args, k, None) is not None for k in TEACHER_DEFAULTS)
+    if getattr(args, "teacher_order", None) is not None and getattr(args, "teacher_solver", None) in ORDERLESS:
+        raise UsageError(f"--teacher-order: {args.teacher_solver} has no order setting")  # as --order: not ignored
     for k, v in TEACHER_DEFAULTS.items():
         if hasattr(args, k) and getattr(args, k) is None:
             setattr(args, k, v)
@@ -92,14 +117,14 @@ def _make_solver(args):
     """--solver/--order/--variant as a Solver; a flag the solver has no use for is refused, not ignored."""
     name = args.solver
     if name in ORDERLESS and args.order is not None:
-        raise SystemExit(f"error: --order: {name} has no order setting")
+        raise UsageError(f"--order: {name} has no order setting")
     if name != "unipc" and args.variant is not None:
-        raise SystemExit(f"error: --variant: only unipc has variants (bh1, bh2), not {name}")
+        raise UsageError(f"--variant: only unipc has variants (bh1, bh2), not {name}")
     order = 3 if args.order is None else args.order
     try:
         return as_solver(name, order=order, variant=args.variant or "bh1")
     except ValueError as exc:
-        raise SystemExit(f"error: --solver {name} --order {order}: {exc}")
+        raise UsageError(f"--solver {name} --order {order}: {exc}")
 
 
 def _make_teacher_solver(args):
@@ -111,7 +136,7 @@ def _make_teacher_solver(args):
     try:
         return as_solver(args.teacher_solver, order=args.teacher_order)
     except ValueError as exc:
-        raise SystemExit(f"error: --teacher-solver {args.teacher_solver} --teacher-order {args.teacher_order}: {exc}")
+        raise UsageError(f"--teacher-solver {args.teacher_solver} --teacher-order {args.teacher_order}: {exc}")
 
 
 def _exact_steps(solver, nfe: int, flag: str) -> int:
@@ -119,7 +144,7 @@ def _exact_steps(solver, nfe: int, flag: str) -> int:
     try:
         return solver.exact_steps(nfe, flag)
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
+        raise UsageError(f"{exc}")
 
 
 def _teacher_steps(args):
@@ -172,7 +197,7 @@ def _sample_shape(model):
         return tb.event_shape
     shape = getattr(model, "sample_shape", None)
     if shape is None:
-        raise SystemExit("error: --model: the model does not say its sample shape; set `model.sample_shape = (C, H, W)` "
+        raise UsageError("--model: the model does not say its sample shape; set `model.sample_shape = (C, H, W)` "
                          "in your factory")
     return tuple(shape)
 
@@ -184,6 +209,20 @@ def _rmse(a, b):
 def _median(x: torch.Tensor) -> float:
     """The median (the mean of the two middle values for an even count; torch.median returns the lower one)."""
     return float(torch.quantile(x.double(), 0.5))
+
+
+def _say(*parts) -> None:
+    """print() to stdout, flushed; a reader that left (`ld3 sample | head -1`) must not stop the run before its
+    files are written: the rest of the output then goes nowhere."""
+    try:
+        print(*parts, flush=True)
+    except BrokenPipeError:
+        try:  # the exit-time flush of what is still buffered must not raise again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # a stdout without a file descriptor (a notebook's, pytest's)
+            pass
 
 
 def _fmt(x):
@@ -206,13 +245,13 @@ def _load(args):
     threads = args.threads if args.threads is not None else (1 if is_builtin(args.model) else None)
     if threads is not None:
         if threads < 1:
-            raise SystemExit("error: --threads must be >= 1")
+            raise UsageError("--threads must be >= 1")
         torch.set_num_threads(threads)
     try:
         model, schedule = load_model(args.model, device=args.device,
                                      guidance_scale=getattr(args, "guidance_scale", None))
     except ModelSpecError as exc:
-        raise SystemExit(f"error: {exc}")
+        raise UsageError(f"{exc}")
     model_dtype = torch.float64 if getattr(model, "testbed", None) is not None else torch.float32
     return model, schedule, model_dtype
 
@@ -289,7 +328,7 @@ def cmd_sample(args) -> int:
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "sample").to(dtype)
     t0 = time.time()
     target = _teacher(model, schedule, x_T, args)
-    print(f"teacher: {_teacher_desc(model, args)} ({time.time() - t0:.1f}s)")
+    _say(f"teacher: {_teacher_desc(model, args)} ({time.time() - t0:.1f}s)")
     grids = _baseline_grids(BASELINES, schedule, steps)
     if learned is not None:
         grids["ld3"] = learned.timesteps
@@ -302,10 +341,10 @@ def cmd_sample(args) -> int:
         samples[name] = x
         rows.append({"schedule": name, "NFE": solver.nfe(steps), "mean RMSE": err.mean().item(),
                      "median RMSE": _median(err)})
-    print(f"{args.model}  solver={solver!r}  n={args.n}")
-    print(_table(rows, ["schedule", "NFE", "mean RMSE", "median RMSE"]))
+    _say(f"{args.model}  solver={solver!r}  n={args.n}")
+    _say(_table(rows, ["schedule", "NFE", "mean RMSE", "median RMSE"]))
     png = sample_grid(samples, os.path.join(args.out, "samples.png"), title=f"{args.model} {solver.name} NFE {args.nfe}")
-    print(f"wrote {png}")
+    _say(f"wrote {png}")
     return 0
 
 
@@ -332,8 +371,8 @@ def cmd_teacher(args) -> int:
                                         dtype=dtype, progress=not args.no_progress,
                                         regenerate=args.regenerate_teacher, model_name=_weightless_name(model, args))
         if distributed.is_rank0():
-            print(f"teacher pairs ready in {os.path.join(args.out, 'teacher')}: "
-                  f"{data.train_noise.shape[0]} train, {data.valid_noise.shape[0]} valid")
+            _say(f"teacher pairs ready in {os.path.join(args.out, 'teacher')}: "
+                 f"{data.train_noise.shape[0]} train, {data.valid_noise.shape[0]} valid")
     finally:
         distributed.destroy()
     return 0
@@ -357,7 +396,7 @@ def _train(args) -> int:
     # where the results go must be usable before any work (an OSError here is one line)
     os.makedirs(os.path.join(args.out, "checkpoint"), exist_ok=True)
     if os.path.isdir(os.path.join(args.out, "schedule.json")):
-        raise SystemExit(f"error: --out: {os.path.join(args.out, 'schedule.json')} is a directory; the schedule file "
+        raise UsageError(f"--out: {os.path.join(args.out, 'schedule.json')} is a directory; the schedule file "
                          "cannot be written there")
     testbed = getattr(model, "testbed", None)
     trainer = LD3Trainer(model, schedule, solver, args.nfe, loss=args.loss, time_mode=args.time_mode,
@@ -375,23 +414,24 @@ def _train(args) -> int:
     learned = trainer.fit()
     if distributed.is_rank0():
         path = learned.save(os.path.join(args.out, "schedule.json"))
-        print(f"trained in {time.time() - t0:.1f}s; wrote {path}")
-        print("timesteps:       " + ", ".join(f"{v:.5g}" for v in learned.timesteps.tolist()))
-        print("model_timesteps: " + ", ".join(f"{v:.5g}" for v in learned.model_timesteps.tolist()))
+        _say(f"trained in {time.time() - t0:.1f}s; wrote {path}")
+        _say("timesteps:       " + ", ".join(f"{v:.5g}" for v in learned.timesteps.tolist()))
+        _say("model_timesteps: " + ", ".join(f"{v:.5g}" for v in learned.model_timesteps.tolist()))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .plotting import sample_grid, schedule_plot
+    from .atomic_io import atomic_write_bytes
+    from .plotting import sample_grid_png, schedule_plot_png
     from .schedule_file import load_schedule
     path = args.schedule or os.path.join(args.out, "schedule.json")
     if not os.path.exists(path):
         hint = "" if args.schedule else f" (run `ld3 train --out {args.out}` first, or pass --schedule)"
-        raise SystemExit(f"error: --schedule: no schedule file at {path}{hint}")
+        raise UsageError(f"--schedule: no schedule file at {path}{hint}")
     learned = load_schedule(path)
     args.model = args.model or learned.model.get("spec")
     if not args.model:
-        raise SystemExit(f"error: --model: {path} does not record which model it was trained for; pass --model")
+        raise UsageError(f"--model: {path} does not record which model it was trained for; pass --model")
     model, schedule, dtype = _load(args)
     _check_schedule_fits(learned, path, model, schedule, args.model)
     learned.check_guidance(model.guidance_scale)
@@ -400,7 +440,7 @@ def cmd_eval(args) -> int:
     nfe = learned.nfe
     low = [k for k in args.nfe_curve or [] if k < solver.nfe(1)]
     if low:  # refused now, not after the teacher and every sample have run
-        raise SystemExit(f"error: --nfe-curve {low}: {solver.name} spends {solver.nfe(1)} evaluations a step; use "
+        raise UsageError(f"--nfe-curve {low}: {solver.name} spends {solver.nfe(1)} evaluations a step; use "
                          f"values >= {solver.nfe(1)}")
     fd = None
     if args.model == "digits":
@@ -410,7 +450,7 @@ def cmd_eval(args) -> int:
         except ImportError:
             fd = None
     if fd is not None and args.n < 2:  # refused now, naming the flag, not by the metric after the teacher ran
-        raise SystemExit(f"error: --n: digits-FD needs at least 2 samples (a covariance), got {args.n}")
+        raise UsageError(f"--n: digits-FD needs at least 2 samples (a covariance), got {args.n}")
     os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after the teacher and every sample
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
     target = _teacher(model, schedule, x_T, args)
@@ -447,16 +487,21 @@ def cmd_eval(args) -> int:
                 # the NFE actually run (Heun's two evaluations a step make an odd k run one fewer)
                 curves[name].append((solver.nfe(k_steps), _median(_rmse(x, target))))
     cols = ["schedule", "NFE", "mean RMSE", "median RMSE"] + (["digits-FD"] if fd is not None else [])
-    print(f"{args.model}  solver={solver!r}  held-out noises={args.n}  teacher: {_teacher_desc(model, args)}")
-    print(_table(rows, cols))
+    _say(f"{args.model}  solver={solver!r}  held-out noises={args.n}  teacher: {_teacher_desc(model, args)}")
+    _say(_table(rows, cols))
     best = min((r for r in rows if r["schedule"] not in ("ld3", "teacher")), key=lambda r: r["median RMSE"])
     ld3 = next(r for r in rows if r["schedule"] == "ld3")
-    gain = 1.0 - ld3["median RMSE"] / best["median RMSE"]
-    print(f"ld3 vs best baseline ({best['schedule']}): {100 * gain:+.1f}% median RMSE reduction")
+    if best["median RMSE"] > 0:
+        gain = 1.0 - ld3["median RMSE"] / best["median RMSE"]
+        _say(f"ld3 vs best baseline ({best['schedule']}): {100 * gain:+.1f}% median RMSE reduction")
+    else:  # the baseline is the teacher's own solve (--teacher-* no finer than it): no ratio, and no lost results
+        gain = float("nan")  # None in eval.json
+        _say(f"ld3 vs best baseline ({best['schedule']}): not comparable, that baseline reproduces the teacher exactly "
+             "(use a finer teacher: a higher --teacher-nfe)")
     if fd is not None:
-        print(f"digits-FD from {args.n} samples: read it against the teacher's row; a score below the teacher's "
-              "does not mean samples better than the ODE solution (few-sample FD is biased and moves by a few "
-              "points with the noise seed)")
+        _say(f"digits-FD from {args.n} samples: read it against the teacher's row; a score below the teacher's "
+             "does not mean samples better than the ODE solution (few-sample FD is biased and moves by a few "
+             "points with the noise seed)")
     # the numbers first (a figure that cannot be drawn must not lose them), as numbers, with what they are of;
     # a unique temp name (atomic_io): two evals writing into one --out cannot clobber each other's half-file
     record = {"model": args.model, "schedule_file": os.path.abspath(path), "solver": solver.config(), "nfe": nfe,
@@ -468,18 +513,27 @@ def cmd_eval(args) -> int:
         from .models.digits import weights_sha256
         from .models.digits_classifier import classifier_sha256
         record["weights_sha256"] = {"denoiser": weights_sha256(), "classifier": classifier_sha256()}
-    p0 = os.path.join(args.out, "eval.json")
-    atomic_write_text(p0, json.dumps(json_safe(record), indent=1, allow_nan=False))
-    p1 = schedule_plot(grids, schedule, os.path.join(args.out, "schedules.png"), errors=curves)
-    p2 = sample_grid({"teacher": target, **samples}, os.path.join(args.out, "eval_samples.png"))
-    print(f"wrote {p0}, {p1}, {p2}")
+    p0, p1, p2 = (os.path.join(args.out, name) for name in ("eval.json", "schedules.png", "eval_samples.png"))
+    # the figures are drawn before any file is written: a Ctrl-C while drawing (seconds) keeps an earlier eval's
+    # three files together, instead of this run's numbers next to the earlier run's figures
+    numbers = json.dumps(json_safe(record), indent=1, allow_nan=False)
+    try:
+        figures = {p1: schedule_plot_png(grids, schedule, errors=curves),
+                   p2: sample_grid_png({"teacher": target, **samples})}
+    except Exception:
+        atomic_write_text(p0, numbers)
+        raise
+    atomic_write_text(p0, numbers)
+    for figure_path, png in figures.items():
+        atomic_write_bytes(figure_path, png)
+    _say(f"wrote {p0}, {p1}, {p2}")
     return 0
 
 
 def cmd_export_diffusers(args) -> int:
     from .integrations.diffusers_scheduler import LD3Scheduler
     if not os.path.exists(args.schedule):
-        raise SystemExit(f"error: schedule file not found: {args.schedule}")
+        raise UsageError(f"schedule file not found: {args.schedule}")
     cfg = None
     written = os.path.join(args.out, LD3Scheduler.config_name)
     inputs = [("schedule file", args.schedule)]
@@ -492,48 +546,52 @@ def cmd_export_diffusers(args) -> int:
             try:
                 cfg = json.load(f)
             except ValueError as exc:  # JSONDecodeError's text names neither the file nor the flag
-                raise SystemExit(f"error: --scheduler-config: {path} is not valid JSON ({exc})") from None
+                raise UsageError(f"--scheduler-config: {path} is not valid JSON ({exc})") from None
     for what, path in inputs:  # `--out MODEL/scheduler` would replace the model's own config with ours
         if os.path.exists(written) and os.path.samefile(written, path):
-            raise SystemExit(f"error: --out: {written} is the {what} it is made from; write to another folder")
+            raise UsageError(f"--out: {written} is the {what} it is made from; write to another folder")
     sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
     # what save_pretrained writes, but atomically: an interrupted export keeps the earlier file whole
     atomic_write_text(written, sched.to_json_string())
-    print(f"wrote a diffusers scheduler config to {args.out} (load it with LD3Scheduler.from_pretrained)")
+    _say(f"wrote a diffusers scheduler config to {args.out} (load it with LD3Scheduler.from_pretrained)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ld3", description="Learn and use LD3 sampling schedules.", allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="ld3", description="Learn and use LD3 sampling schedules.", allow_abbrev=False,
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub_kw = dict(allow_abbrev=False, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    s = sub.add_parser("sample", allow_abbrev=False,
+    s = sub.add_parser("sample", **sub_kw,
                        help="sample with hand-made (and optionally a learned) schedule; PNG + error table")
     _add_common(s, model=None, out="runs/sample", sample=True)
     s.add_argument("--n", type=int, default=256, help="number of samples (default: 256)")
     s.add_argument("--schedule", default=None, help="a learned schedule file to compare as well")
     s.set_defaults(func=cmd_sample)
 
-    t = sub.add_parser("teacher", allow_abbrev=False, help="generate (or reuse) the cached teacher pairs")
+    t = sub.add_parser("teacher", **sub_kw, help="generate (or reuse) the cached teacher pairs")
     _add_common(t, solver_defaults=False)
-    t.add_argument("--n-train", type=int, default=50)
-    t.add_argument("--n-valid", type=int, default=50)
+    t.add_argument("--n-train", type=int, default=50, help="teacher pairs to train on (default: 50)")
+    t.add_argument("--n-valid", type=int, default=50, help="teacher pairs to validate on (default: 50)")
     t.add_argument("--regenerate-teacher", action="store_true",
                    help="replace a cached teacher set made with other settings instead of refusing it")
     t.set_defaults(func=cmd_teacher)
 
-    tr = sub.add_parser("train", allow_abbrev=False,
+    tr = sub.add_parser("train", **sub_kw,
                         help="learn a schedule (resumes from --out/checkpoint after an interrupt)")
     _add_common(tr)
-    tr.add_argument("--loss", default="pseudo_huber", help="pseudo_huber | l2 | l1 | lpips")
+    tr.add_argument("--loss", default="pseudo_huber", help="pseudo_huber | l2 | l1 | lpips (default: pseudo_huber)")
     tr.add_argument("--time-mode", default="auto", choices=["auto", "lambda", "time"],
-                    help="schedule parameterisation; auto: short trial of both, the better on validation continues")
+                    help="schedule parameterisation; auto: short trial of both, the better on validation continues "
+                         "(default: auto)")
     tr.add_argument("--init", default="auto", help="auto (best of the candidates below and DMN on the validation "
-                    "set) | logsnr | time_uniform | time_quadratic | edm | dmn")
-    tr.add_argument("--n-train", type=int, default=50)
-    tr.add_argument("--n-valid", type=int, default=50)
-    tr.add_argument("--rounds-v1", type=int, default=2)
-    tr.add_argument("--rounds-v2", type=int, default=5)
+                    "set) | logsnr | time_uniform | time_quadratic | edm | dmn (default: auto)")
+    tr.add_argument("--n-train", type=int, default=50, help="teacher pairs to train on (default: 50)")
+    tr.add_argument("--n-valid", type=int, default=50, help="teacher pairs to validate on (default: 50)")
+    tr.add_argument("--rounds-v1", type=int, default=2, help="rounds of phase 1, the solver grid alone (default: 2)")
+    tr.add_argument("--rounds-v2", type=int, default=5,
+                    help="rounds of phase 2, the grid and the decoupled model times (default: 5)")
     tr.add_argument("--checkpointing", action="store_true", help="rematerialise network calls (flat memory in NFE)")
     tr.add_argument("--fresh", action="store_true",
                     help="start over: ignore (and overwrite) a training checkpoint in --out instead of resuming it")
@@ -542,33 +600,46 @@ def build_parser() -> argparse.ArgumentParser:
                          "--fresh: a checkpoint made on the old teacher set cannot be resumed)")
     tr.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", allow_abbrev=False, help="compare the learned schedule with every baseline")
+    e = sub.add_parser("eval", **sub_kw, help="compare the learned schedule with every baseline")
     _add_common(e, solver_defaults=False, model=None)
     e.add_argument("--schedule", default=None, help="schedule file (default: OUT/schedule.json)")
-    e.add_argument("--n", type=int, default=256, help="held-out noises")
+    e.add_argument("--n", type=int, default=256, help="held-out noises (default: 256)")
     e.add_argument("--nfe-curve", type=int, nargs="*", default=[4, 5, 6, 8, 10],
                    help="NFEs at which the hand-made baselines are also run, for the error-vs-NFE plot (the learned "
-                        "schedule runs at its own NFE)")
+                        "schedule runs at its own NFE; default: 4 5 6 8 10; none given: no curve)")
     e.add_argument("--skip-model-baselines", action="store_true", help="skip DMN/GITS")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export-diffusers", allow_abbrev=False,
+    x = sub.add_parser("export-diffusers", **sub_kw,
                        help="write an LD3Scheduler config for an unmodified diffusers pipeline")
     x.add_argument("schedule", help="learned schedule file")
     x.add_argument("--scheduler-config", default=None, help="the model's diffusers scheduler folder or JSON")
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True, help="folder to write scheduler_config.json into (made if missing)")
     x.set_defaults(func=cmd_export_diffusers)
     return p
 
 
-def _user_errors():
-    """Exceptions that describe a problem with the user's input or files: shown as one line, no traceback."""
+# OSErrors about a path the user named (a missing input, --out under a file, no permission): usage errors
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _exit_code(exc: BaseException) -> Optional[int]:
+    """2 for an exception that describes unusable input (flags, files, paths), 1 for a run that failed (shown as one
+    line, no traceback), None for anything else: a bug, whose traceback is what a report needs."""
     from .atomic_io import CorruptFileError
     from .training import CheckpointMismatchError, LossUnavailableError, NonFiniteLossError, TeacherCacheError
     from .wrappers import ModelOutputError
-    # OSError: --out is a file, a directory cannot be made, a schedule path is a directory, a disk is full ...
-    return (CorruptFileError, CheckpointMismatchError, LossUnavailableError, NonFiniteLossError, TeacherCacheError,
-            ModelOutputError, OSError, ValueError, TypeError)
+    if _out_of_memory(exc) or isinstance(exc, (NonFiniteLossError, ModelOutputError)):
+        return 1
+    if isinstance(exc, OSError):  # FileNotFoundError(msg) has no errno: its class says it
+        path_error = isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+                                      PermissionError)) or exc.errno in _PATH_ERRNOS
+        return 2 if path_error else 1  # disk full, I/O error: the run failed
+    if isinstance(exc, (CorruptFileError, CheckpointMismatchError, LossUnavailableError, TeacherCacheError,
+                        ValueError, TypeError)):
+        return 2
+    return None
 
 
 def _flag_hint(exc: BaseException) -> Optional[str]:
@@ -594,17 +665,17 @@ def _check_device(args) -> None:
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise SystemExit(f"error: --device {name!r}: {exc}")
+        raise UsageError(f"--device {name!r}: {exc}")
     if dev.type == "meta":
-        raise SystemExit(f"error: --device {name!r}: the meta device holds no values; use cpu or cuda")
+        raise UsageError(f"--device {name!r}: the meta device holds no values; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name!r}: CUDA is not available (this torch has no CUDA build or sees no "
+        raise UsageError(f"--device {name!r}: CUDA is not available (this torch has no CUDA build or sees no "
                          f"GPU); use --device cpu")
     if dev.type != "cuda" or "LOCAL_RANK" not in os.environ:  # under torchrun the rank picks cuda:LOCAL_RANK
         try:
             torch.empty(1, device=dev)
         except (RuntimeError, AssertionError, ValueError) as exc:
-            raise SystemExit(f"error: --device {name!r}: {str(exc).splitlines()[0]}")
+            raise UsageError(f"--device {name!r}: {str(exc).splitlines()[0]}")
 
 
 def _check_counts(args) -> None:
@@ -613,15 +684,15 @@ def _check_counts(args) -> None:
         v = getattr(args, flag, None)
         low = 0 if flag.startswith("rounds") else 1
         if v is not None and v < low:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= {low}, got {v}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
     for k in getattr(args, "nfe_curve", None) or []:
         if k < 1:
-            raise SystemExit(f"error: --nfe-curve values must be >= 1, got {k}")
+            raise UsageError(f"--nfe-curve values must be >= 1, got {k}")
     seed = getattr(args, "seed", 0)
     try:
         check_seed("--seed", seed)
     except ValueError:
-        raise SystemExit(f"error: --seed must be in [0, 2**63), got {seed}") from None
+        raise UsageError(f"--seed must be in [0, 2**63), got {seed}") from None
 
 
 def _traceback_wanted() -> bool:
@@ -673,17 +744,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    _fill_teacher_defaults(args)
-    _check_counts(args)
-    _check_device(args)
-    out = getattr(args, "out", None)
-    if out is not None and not out.strip():
-        raise SystemExit("error: --out must name a directory, got an empty string")
-    if out and os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"error: --out {out!r} exists and is not a directory")
+    args = build_parser().parse_args(argv)  # argparse's own errors: usage line, then exit status 2
+    prog = f"ld3 {args.cmd}"
     try:
+        _fill_teacher_defaults(args)
+        _check_counts(args)
+        _check_device(args)
+        out = getattr(args, "out", None)
+        if out is not None and not out.strip():
+            raise UsageError("--out must name a directory, got an empty string")
+        if out and os.path.exists(out) and not os.path.isdir(out):
+            raise UsageError(f"--out {out!r} exists and is not a directory")
         return args.func(args)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise  # SystemExit(2), as argparse exits on a bad flag
     except KeyboardInterrupt as exc:
         if _traceback_wanted():
             raise
@@ -694,25 +769,27 @@ def _main(argv: Optional[List[str]] = None) -> int:
                       "with it, the run starts over)" if restart
                       else " (rerun the same command to resume from the last checkpoint)")
         if isinstance(exc, Terminated):
-            print(f"terminated (SIGTERM){resume}", file=sys.stderr)
+            print(f"{prog}: terminated (SIGTERM){resume}", file=sys.stderr)
             return 128 + 15
-        print(f"interrupted{resume}", file=sys.stderr)
+        print(f"{prog}: interrupted{resume}", file=sys.stderr)
         return 130
     except Exception as exc:
         if _traceback_wanted():
             raise
-        if _out_of_memory(exc):
-            print(f"error: out of memory ({str(exc).splitlines()[0]}); lower --n, --n-train/--n-valid or --nfe",
-                  file=sys.stderr)
-            return 2
-        if not isinstance(exc, _user_errors()):
+        code = _exit_code(exc)
+        if code is None:
             raise  # a bug: the traceback is what a report needs
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if _out_of_memory(exc):
+            print(f"{prog}: error: out of memory ({str(exc).splitlines()[0]}); lower --n, --n-train/--n-valid or "
+                  "--nfe", file=sys.stderr)
+            return code
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         hint = _flag_hint(exc)
         if hint:
             print(hint, file=sys.stderr)
         print("(set LD3_TRACEBACK=1 for the full traceback)", file=sys.stderr)
-        return 2
+        return code
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,12 +17,16 @@ def _subplots(nrows: int, ncols: int, figsize):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _save(fig, path: str) -> str:
-    # rendered in memory, then written by atomic_io: the PNG gets a plain file's mode (not mkstemp's 0600,
-    # which made figures in a shared run folder private) and a killed run leaves no stray temp file
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def _save(png: bytes, path: str) -> str:
+    # rendered in memory, then written by atomic_io: the PNG gets a plain file's mode (not mkstemp's 0600,
+    # which made figures in a shared run folder private) and a killed run leaves no stray temp file
+    atomic_write_bytes(path, png)
     return path
 
 
@@ -44,6 +48,11 @@ def _as_image(x: torch.Tensor) -> torch.Tensor:
 
 def sample_grid(samples: Dict[str, torch.Tensor], path: str, max_items: int = 16, title: str = "") -> str:
     """One row per schedule: a scatter plot for 2-D data, an image strip for any other sample shape."""
+    return _save(sample_grid_png(samples, max_items, title), path)
+
+
+def sample_grid_png(samples: Dict[str, torch.Tensor], max_items: int = 16, title: str = "") -> bytes:
+    """:func:`sample_grid`'s figure as PNG bytes (a caller writing several files renders them all first)."""
     names = list(samples)
     first = next(iter(samples.values()))
     if first.dim() == 2 and first.shape[1] == 2:
@@ -72,12 +81,18 @@ def sample_grid(samples: Dict[str, torch.Tensor], path: str, max_items: int = 16
             axes[r, 0].set_ylabel(name, fontsize=6, rotation=0, ha="right")
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return _png(fig)
 
 
 def schedule_plot(schedules: Dict[str, torch.Tensor], schedule, path: str,
                   errors: Optional[Dict[str, List[tuple]]] = None) -> str:
     """Left: each grid in lambda (one row per method). Right (optional): error vs NFE per method."""
+    return _save(schedule_plot_png(schedules, schedule, errors), path)
+
+
+def schedule_plot_png(schedules: Dict[str, torch.Tensor], schedule,
+                      errors: Optional[Dict[str, List[tuple]]] = None) -> bytes:
+    """:func:`schedule_plot`'s figure as PNG bytes."""
     ncol = 2 if errors else 1
     fig, axes = _subplots(1, ncol, (6 * ncol, 0.4 * len(schedules) + 2))
     ax = axes[0, 0]
@@ -96,4 +111,4 @@ def schedule_plot(schedules: Dict[str, torch.Tensor], schedule, path: str,
         ax2.set_xlabel("NFE")
         ax2.set_ylabel("median teacher RMSE")
         ax2.legend(fontsize=6)
-    return _save(fig, path)
+    return _png(fig)

@@ -14,7 +14,9 @@ written with Python's shortest round-trip repr, so float64 values survive exactl
 
 Fields: timesteps, model_timesteps, nfe, num_steps, solver (``Solver.config()``), schedule
 (``NoiseSchedule.config()``), guidance_scale, model ({name, weights_hash, hash_source}), time_mode,
-decoupled, training (settings), metrics, library_version, created (UTC ISO time), checksum.
+decoupled, training (settings), metrics, library_version, created (UTC ISO time), checksum.  Fields this version
+does not know (written by a newer ld3_ext of the same format version) are kept in ``LearnedSchedule.extra`` and
+written back by ``save``, so a load -> save round trip loses nothing.
 """
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ FORMAT = "ld3_ext.schedule"
 VERSION = 1
 _REQUIRED = {"format": str, "version": int, "timesteps": list, "model_timesteps": list, "nfe": int,
              "num_steps": int, "solver": dict, "schedule": dict, "checksum": str}
+
+
+# every field this version writes (LearnedSchedule.to_dict); any other is a newer version's, kept as ``extra``
+_FIELDS = ("format", "version", "timesteps", "model_timesteps", "nfe", "num_steps", "solver", "schedule",
+           "guidance_scale", "model", "time_mode", "decoupled", "training", "metrics", "library_version", "created")
 
 
 class ScheduleFileError(CorruptFileError):
@@ -163,8 +170,9 @@ class LearnedSchedule:
                  model: Optional[Dict[str, Any]] = None, time_mode: Optional[str] = None,
                  decoupled: Optional[bool] = None, training: Optional[Dict[str, Any]] = None,
                  metrics: Optional[Dict[str, Any]] = None, library_version: Optional[str] = None,
-                 created: Optional[str] = None, _checked: bool = False):
+                 created: Optional[str] = None, extra: Optional[Dict[str, Any]] = None, _checked: bool = False):
         # _checked: the contents passed validate_schedule_dict already (load_schedule), no second run of the rules
+        # extra: fields this version does not know (a newer ld3_ext's), written back unchanged by save()
         self.timesteps = _as_grid(timesteps, "timesteps")
         self.model_timesteps = (self.timesteps.clone() if model_timesteps is None
                                 else _as_grid(model_timesteps, "model_timesteps"))
@@ -191,6 +199,11 @@ class LearnedSchedule:
         self.metrics = dict(metrics or {})
         self.library_version = library_version or _library_version()
         self.created = created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        extra = dict(extra or {})
+        known = [k for k in extra if k in _FIELDS or k == "checksum"]
+        if known:
+            raise ValueError(f"extra: {known} are schedule fields of this version, not extra ones")
+        self.extra = extra if _checked else _writable(extra, "extra")
 
     # --- convenience -------------------------------------------------------------------------
     @property
@@ -324,6 +337,7 @@ class LearnedSchedule:
     # --- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         return {
+            **self.extra,
             "format": FORMAT, "version": VERSION,
             "timesteps": self.timesteps.tolist(), "model_timesteps": self.model_timesteps.tolist(),
             "nfe": self.nfe, "num_steps": self.num_steps, "solver": self.solver_config,
@@ -338,7 +352,7 @@ class LearnedSchedule:
                    schedule_config=d["schedule"], guidance_scale=d.get("guidance_scale"), model=d.get("model"),
                    time_mode=d.get("time_mode"), decoupled=d.get("decoupled"), training=d.get("training"),
                    metrics=d.get("metrics"), library_version=d.get("library_version"), created=d.get("created"),
-                   _checked=_checked)
+                   extra={k: v for k, v in d.items() if k not in _FIELDS and k != "checksum"}, _checked=_checked)
 
     def save(self, path: str) -> str:
         """Write the schedule atomically (a crash leaves the old file intact); returns the path."""

@@ -225,10 +225,10 @@ def test_eval_nfe_curve_records_the_nfe_heun_actually_runs(tmp_path, monkeypatch
     from ld3_ext.solvers import Heun
     seen = {}
 
-    def fake_plot(grids, schedule, path, errors=None):
+    def fake_plot(grids, schedule, errors=None):
         seen.update(errors)
-        return path
-    monkeypatch.setattr(plotting, "schedule_plot", fake_plot)
+        return b""
+    monkeypatch.setattr(plotting, "schedule_plot_png", fake_plot)
     path = _schedule_file(tmp_path, Heun(), 4)
     rc = cli.main(["eval", "--model", "gmm:ring2d", "--schedule", path, "--n", "8", "--nfe-curve", "3", "5",
                    "--skip-model-baselines", "--out", str(tmp_path / "o")])
@@ -270,7 +270,8 @@ def test_ctrl_c_is_one_line_with_the_resume_hint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_train", interrupted)
     rc = cli.main(["train", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")])
     assert rc == 130
-    assert capsys.readouterr().err.strip() == "interrupted (rerun the same command to resume from the last checkpoint)"
+    assert capsys.readouterr().err.strip() == ("ld3 train: interrupted (rerun the same command to resume from the last "
+                                               "checkpoint)")
 
 
 def test_fresh_and_regenerate_teacher_flags(tmp_path, capsys):
@@ -480,7 +481,7 @@ def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("LD3_TRACEBACK", raising=False)
     rc = cli.main(["sample", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: out of memory") and "Traceback" not in err
+    assert rc == 1 and err.startswith("ld3 sample: error: out of memory") and "Traceback" not in err
 
 
 def test_a_bug_still_shows_its_traceback(tmp_path, monkeypatch):
@@ -688,3 +689,33 @@ def test_threads_flag_does_not_leak_into_the_calling_process(tmp_path):
         assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cmd", ["sample", "teacher", "train", "eval"])
+def test_a_teacher_order_for_an_orderless_teacher_is_refused(cmd, tmp_path, monkeypatch):
+    """As --order for --solver euler/heun: a flag the solver has no use for is refused before any work, not ignored."""
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    argv = [cmd, "--model", "digits", "--teacher-solver", "heun", "--teacher-order", "2", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="--teacher-order: heun has no order setting") as exc:
+        cli.main(argv + (["--schedule", str(tmp_path / "missing.json")] if cmd == "eval" else []))
+    assert exc.value.code == 2
+
+
+def test_eval_with_a_baseline_equal_to_the_teacher_still_writes_its_results(tmp_path, monkeypatch, capsys):
+    """A teacher no finer than a baseline (--teacher-solver/-nfe equal to the schedule's solver and NFE) makes that
+    baseline's error 0: the gain has no ratio (it divided by zero, a traceback and no eval.json)."""
+    from ld3_ext.discretizations import get_discretization
+    from ld3_ext.solvers import DPMSolverPP
+    solver = DPMSolverPP(2)
+    path = _schedule_file(tmp_path, solver, 4)
+
+    def teacher_is_the_logsnr_baseline(model, schedule, x_T, args):
+        return solver.sample(model, x_T, get_discretization("logsnr", schedule, 4))
+    monkeypatch.setattr(cli, "_teacher", teacher_is_the_logsnr_baseline)
+    out = tmp_path / "o"
+    assert cli.main(["eval", "--model", "gmm:ring2d", "--schedule", path, "--n", "8", "--nfe-curve",
+                     "--skip-model-baselines", "--out", str(out)]) == 0
+    assert "not comparable, that baseline reproduces the teacher exactly" in capsys.readouterr().out
+    record = json.loads((out / "eval.json").read_text())
+    assert record["gain_vs_best"] is None
+    assert {r["schedule"]: r["median RMSE"] for r in record["rows"]}["logsnr"] == 0.0

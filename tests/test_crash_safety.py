@@ -186,8 +186,8 @@ def test_sigterm_stops_cleanly_with_the_resume_hint_and_the_rerun_resumes(tmp_pa
             p.kill()
             p.wait()
     assert p.returncode == 143, err[-3000:]
-    assert err.strip().splitlines()[-1] == ("terminated (SIGTERM) (rerun the same command to resume from the last "
-                                            "checkpoint)"), err[-3000:]
+    assert err.strip().splitlines()[-1] == ("ld3 train: terminated (SIGTERM) (rerun the same command to resume from "
+                                            "the last checkpoint)"), err[-3000:]
     leftovers = [f for _, _, files in os.walk(out) for f in files if ".tmp" in f or f.startswith(".")]
     assert leftovers == []
     _run(out)
@@ -211,8 +211,8 @@ def test_sigterm_handler_is_only_installed_for_the_command_and_restored(tmp_path
     finally:
         signal.signal(signal.SIGTERM, before)
     assert rc == 143
-    assert capsys.readouterr().err.strip() == ("terminated (SIGTERM) (rerun the same command to resume from the "
-                                               "last checkpoint)")
+    assert capsys.readouterr().err.strip() == ("ld3 train: terminated (SIGTERM) (rerun the same command to resume "
+                                               "from the last checkpoint)")
 
 
 def test_ctrl_c_anywhere_leaves_whole_files_and_the_rerun_resumes(ring, tmp_path, monkeypatch):

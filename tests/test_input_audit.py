@@ -309,7 +309,7 @@ CLI_CASES = [
 def test_cli_rejects_bad_arguments(argv, name, tmp_path, capsys):
     from ld3_ext import cli
     import re
-    # the CLI either exits through argparse/SystemExit or prints one "error: ..." line and returns 2
+    # the CLI either exits 2 through argparse/SystemExit or prints one "ld3 CMD: error: ..." line and returns 2
     try:
         rc, extra = cli.main(argv + ["--out", str(tmp_path / "o"), "--no-progress"]), ""
     except SystemExit as exc:

@@ -1,0 +1,141 @@
+"""`ld3`'s exit statuses, the same for every subcommand (documented in `ld3 --help`): 2 for a bad flag or an
+unusable input file / --out path (argparse's code, with an ``ld3 CMD: error: ...`` line), 1 for a run that failed,
+130 for Ctrl-C -- each with one line on stderr and no traceback."""
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ld3_ext import cli
+from ld3_ext.training import NonFiniteLossError
+from ld3_ext.wrappers import ModelOutputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = ["sample", "teacher", "train", "eval", "export-diffusers"]
+# the command function each subcommand dispatches to (set_defaults(func=...) reads the module attribute)
+FUNCS = {"sample": "cmd_sample", "teacher": "cmd_teacher", "train": "cmd_train", "eval": "cmd_eval",
+         "export-diffusers": "cmd_export_diffusers"}
+
+
+def _argv(cmd, out, extra=()):
+    if cmd == "export-diffusers":
+        return [cmd, "schedule.json", "--out", str(out), *extra]
+    return [cmd, "--model", "gmm:ring2d", "--out", str(out), *extra]
+
+
+def _exit_status(argv):
+    """main()'s status as the `ld3` script exits with it (sys.exit(main()))."""
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.fixture(autouse=True)
+def _one_line_errors(monkeypatch):
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+
+
+BAD_FLAGS = {
+    "sample": (["--nfe", "0"], "--nfe must be >= 1"),
+    "teacher": (["--n-train", "0"], "--n-train must be >= 1"),
+    "train": (["--solver", "euler", "--order", "2"], "--order: euler has no order setting"),
+    "eval": (["--nfe-curve", "0"], "--nfe-curve values must be >= 1"),
+    "export-diffusers": ([], "schedule file not found: schedule.json"),
+}
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_a_bad_flag_is_a_usage_error(cmd, tmp_path, capsys):
+    extra, message = BAD_FLAGS[cmd]
+    assert _exit_status(_argv(cmd, tmp_path / "o", extra)) == 2
+    err = capsys.readouterr().err
+    assert err == f"ld3 {cmd}: error: {message}" + err[len(f"ld3 {cmd}: error: {message}"):]
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_an_argparse_error_is_a_usage_error(cmd, tmp_path, capsys):
+    assert _exit_status(_argv(cmd, tmp_path / "o", ["--no-such-flag"])) == 2
+    assert "error: unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["sample", "eval", "export-diffusers"])
+def test_a_garbled_schedule_file_is_a_usage_error(cmd, tmp_path, capsys):
+    bad = tmp_path / "s.json"
+    bad.write_text('{"format": "ld3_ext.schedule", "version": 1, "timest')  # truncated
+    argv = ([cmd, str(bad), "--out", str(tmp_path / "o")] if cmd == "export-diffusers"
+            else _argv(cmd, tmp_path / "o", ["--schedule", str(bad)]))
+    assert _exit_status(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ld3 {cmd}: error: ") and str(bad) in err and "not valid JSON" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("cmd", ["sample", "teacher", "train", "eval"])
+def test_an_out_path_under_a_file_is_a_usage_error(cmd, tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    monkeypatch.setattr(cli, "_teacher", lambda *a: pytest.fail("the teacher ran"))
+    argv = _argv(cmd, a_file / "sub", ["--no-progress"])
+    if cmd == "eval":
+        from ld3_ext.schedule_file import LearnedSchedule
+        from ld3_ext.schedules import EDM
+        from ld3_ext.solvers import DPMSolverPP
+        from ld3_ext.discretizations import get_discretization
+        sched = EDM()
+        path = LearnedSchedule(get_discretization("logsnr", sched, 4), solver_config=DPMSolverPP(2).config(), nfe=4,
+                               schedule_config=sched.config()).save(str(tmp_path / "s.json"))
+        argv += ["--schedule", path]
+    assert _exit_status(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ld3 {cmd}: error: ") and "Traceback" not in err
+    assert a_file.read_text() == "mine"
+
+
+FAILURES = [NonFiniteLossError("the loss is NaN", 3, None, None), ModelOutputError("the model returned NaN"),
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10**12 bytes"),
+            OSError(errno.ENOSPC, "No space left on device")]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+@pytest.mark.parametrize("failure", FAILURES, ids=lambda e: type(e).__name__ + (str(e.errno) if isinstance(e, OSError)
+                                                                                 else ""))
+def test_a_run_that_fails_exits_1(cmd, failure, tmp_path, capsys, monkeypatch):
+    def fails(args):
+        raise failure
+    monkeypatch.setattr(cli, FUNCS[cmd], fails)
+    assert _exit_status(_argv(cmd, tmp_path / "o")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ld3 {cmd}: error: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_ctrl_c_exits_130_with_one_line(cmd, tmp_path, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, FUNCS[cmd], interrupted)
+    assert _exit_status(_argv(cmd, tmp_path / "o")) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"ld3 {cmd}: interrupted") and len(err.strip().splitlines()) == 1
+
+
+def test_the_exit_statuses_are_in_the_help(capsys):
+    for argv in (["--help"], ["train", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        out = capsys.readouterr().out
+        assert "exit status:" in out and "130  interrupted" in out and "2    usage error" in out
+
+
+def test_the_script_exits_with_these_statuses(tmp_path):
+    """The process's own status, as a shell sees it (a SystemExit with a message would exit 1)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("LD3_TRACEBACK", None)
+    r = subprocess.run([sys.executable, "-m", "ld3_ext.cli", "sample", "--nfe", "0", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "ld3 sample: error: --nfe must be >= 1, got 0"
+
