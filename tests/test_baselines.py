@@ -205,6 +205,19 @@ def test_ays_other_schedule_maps_range():
         ays(s, 6, model="sd3")
 
 
+
+def test_ays_fit_range_takes_only_auto_or_a_real_bool():
+    """fit_range=1 equals True but is not it: it passed the old membership check and then kept the
+    unmapped SD sigmas on EDM, as if False had been asked for."""
+    s = EDM(0.002, 80.0)
+    mapped = ays(s, 10, fit_range=True)
+    assert torch.equal(ays(s, 10, fit_range=np.True_), mapped)
+    assert not torch.allclose(mapped[1:-1], torch.tensor(AYS_SIGMAS["sd15"][1:-1], dtype=torch.float64), rtol=0.1)
+    for bad in (1, 1.0, "yes", None):
+        with pytest.raises(ValueError, match="fit_range must be 'auto', True or False"):
+            ays(s, 10, fit_range=bad)
+
+
 # ----------------------------------------------------------------------------------------- registry
 def test_registry(gmm_setup):
     s, model, _, _ = gmm_setup

@@ -14,7 +14,7 @@ from typing import List
 import numpy as np
 import torch
 
-from .._checks import count
+from .._checks import count, flag
 from ..discretizations import _check
 from ..schedules import NoiseSchedule
 
@@ -65,8 +65,12 @@ def ays(schedule: NoiseSchedule, nfe: int, model: str = "sd15", fit_range="auto"
     smax, smin = float(schedule.edm_sigma(tmax)), float(schedule.edm_sigma(tmin))
     p0, p1 = AYS_SIGMAS[model][0], AYS_SIGMAS[model][-1]
     matches = abs(math.log(smax / p0)) < 0.02 and abs(math.log(smin / p1)) < 0.02
-    if fit_range not in ("auto", True, False):
-        raise ValueError(f"fit_range must be 'auto', True or False, got {fit_range!r}")
+    # 1 or numpy's True equal True but are not it: they passed a membership test and then mapped like False
+    if not (isinstance(fit_range, str) and fit_range == "auto"):
+        try:
+            fit_range = flag("fit_range", fit_range)
+        except TypeError:
+            raise ValueError(f"fit_range must be 'auto', True or False, got {fit_range!r}") from None
     if fit_range is True or (fit_range == "auto" and not matches):
         u = (np.log(sig) - math.log(p1)) / (math.log(p0) - math.log(p1))
         sig = np.exp(math.log(smin) + u * (math.log(smax) - math.log(smin)))
