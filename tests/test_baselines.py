@@ -102,6 +102,18 @@ def test_gits_dp_errors():
         gits_dp(np.zeros((4, 5)), 2)
 
 
+
+@pytest.mark.parametrize("kw,name", [({"n_samples": -1}, "n_samples"), ({"n_samples": 2.5}, "n_samples"),
+                                     ({"n_samples": 0}, "n_samples"), ({"fine_steps": 10.5}, "fine_steps"),
+                                     ({"fine_steps": "60"}, "fine_steps")])
+def test_gits_names_a_bad_sample_count_or_fine_grid_size(kw, name):
+    """These failed inside torch.randn (RuntimeError / TypeError), as an empty x_T, as "nfe must be an int"
+    from the fine grid, or as a str-int comparison."""
+    s = EDM(0.002, 80.0)
+    model = smooth_mixture(dim=2).model(s)
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+        gits(model, nfe=3, sample_shape=(2,), **{"fine_steps": 10, **kw})
+
 def test_gits_on_mixture_beats_logsnr_subset(gmm_setup):
     s, model, _, _ = gmm_setup
     nfe, fine = 4, 20
