@@ -80,6 +80,16 @@ def test_dmn_bad_args():
         dmn("edm", 4)
 
 
+
+@pytest.mark.parametrize("kw,message", [({"maxiter": 0}, "maxiter must be an int >= 1, got 0"),
+                                        ({"maxiter": -5}, "maxiter must be an int >= 1, got -5"),
+                                        ({"trunc_num": -1}, "trunc_num must be None or an int >= 0, got -1"),
+                                        ({"trunc_num": 2.5}, "trunc_num must be None or an int >= 0, got 2.5")])
+def test_dmn_refuses_a_bad_maxiter_or_trunc_num(kw, message):
+    """maxiter <= 0 silently returned the logSNR start grid; trunc_num -1 / 2.5 silently acted as 0 / 3."""
+    with pytest.raises(ValueError, match=message):
+        dmn(EDM(), 5, **kw)
+
 # --------------------------------------------------------------------------------------------- GITS
 @pytest.mark.parametrize("coeff", [1.0, 1.15])
 def test_gits_dp_is_optimal_by_brute_force(coeff):
