@@ -8,7 +8,7 @@ import torch
 
 from ld3_ext import EDM, DPMSolverPP, Euler, UniPC, VPDiscrete, VPLinear, discretizations, testbeds
 from ld3_ext.baselines import (AYS_SIGMAS, GITS_PRESETS, ays, ays_sigmas, baseline_timesteps, dmn, dmn_objective,
-                               gits, gits_dp, gits_preset, path_cost)
+                               gits, gits_dp, gits_preset, loglinear_interp, path_cost)
 from ld3_ext.baselines.dmn import dmn_lambdas, exp_lagrange_weights
 from ld3_ext.baselines.gits import gits_cost_matrix, teacher_states
 from ld3_ext.metrics import teacher_rmse
@@ -238,6 +238,19 @@ def test_ays_fit_range_takes_only_auto_or_a_real_bool():
     for bad in (1, 1.0, "yes", None):
         with pytest.raises(ValueError, match="fit_range must be 'auto', True or False"):
             ays(s, 10, fit_range=bad)
+
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: loglinear_interp([3.0, 2.0, 1.0], 4.0), "n_points must be an int >= 2, got 4.0"),
+    (lambda: loglinear_interp([3.0, 2.0, 1.0], "4"), "n_points must be an int >= 2, got '4'"),
+    (lambda: ays_sigmas(["sd15"], 4), r"AYS lists exist for .*, got \['sd15'\]"),
+    (lambda: gits_preset(["cifar10"], EDM(), 4), r"GITS presets exist for .*, got \['cifar10'\]"),
+    (lambda: baseline_timesteps(["dmn"], EDM(), 4), r"unknown baseline \['dmn'\]")])
+def test_baseline_names_and_point_counts_of_the_wrong_type_are_named(call, message):
+    """These failed inside np.linspace, a str/int comparison or a dict lookup ("unhashable type: 'list'")."""
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 # ----------------------------------------------------------------------------------------- registry

@@ -31,8 +31,7 @@ def loglinear_interp(sigmas, n_points: int) -> np.ndarray:
     s = np.asarray(sigmas, dtype=np.float64)
     if s.ndim != 1 or s.size < 2 or not np.all(s > 0) or not np.all(np.diff(s) < 0):
         raise ValueError("sigmas must be a 1-D, positive, strictly decreasing list")
-    if n_points < 2:
-        raise ValueError(f"n_points must be >= 2, got {n_points}")
+    n_points = count("n_points", n_points, 2, type_error=False)  # a float or str reached np.linspace
     if n_points == s.size:
         return s.copy()
     # np.interp needs increasing x: run over the reversed (increasing) list
@@ -44,7 +43,7 @@ def loglinear_interp(sigmas, n_points: int) -> np.ndarray:
 
 def ays_sigmas(model: str, nfe: int) -> List[float]:
     """The AYS sigma list for ``model`` ("sd15" or "sdxl") with ``nfe`` intervals (nfe + 1 values)."""
-    if model not in AYS_SIGMAS:
+    if not isinstance(model, str) or model not in AYS_SIGMAS:  # a list failed as "unhashable type"
         raise ValueError(f"AYS lists exist for {sorted(AYS_SIGMAS)}, got {model!r}")
     count("nfe", nfe, 1, type_error=False)
     return loglinear_interp(AYS_SIGMAS[model], nfe + 1).tolist()

@@ -100,7 +100,7 @@ def gits_preset(dataset: str, schedule: NoiseSchedule, nfe: int, tol: float = 0.
     then snapped to t_max / t_min exactly (the lists are rounded to 4 decimals).
     """
     _check(schedule, nfe)
-    if dataset not in GITS_PRESETS:
+    if not isinstance(dataset, str) or dataset not in GITS_PRESETS:  # a list failed as "unhashable type"
         raise ValueError(f"GITS presets exist for {sorted(GITS_PRESETS)}, got {dataset!r}")
     table = GITS_PRESETS[dataset]
     if nfe not in table:
