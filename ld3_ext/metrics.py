@@ -136,6 +136,8 @@ def teacher_rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     if pred.dim() < 1 or pred.shape[0] == 0:
         raise ValueError(f"need a non-empty batch dimension, got shape {tuple(pred.shape)}")
+    if pred.numel() == 0:  # the mean over zero values is NaN, which reads as a diverged solve
+        raise ValueError(f"pred and target hold no values per sample, got shape {tuple(pred.shape)}")
     d = (pred.to(torch.float64) - target.to(torch.float64)).reshape(pred.shape[0], -1)
     return d.pow(2).mean(1).sqrt()
 

@@ -8,7 +8,7 @@ import torch
 
 from ld3_ext import EDM, DPMSolverPP, Euler, UniPC, VPDiscrete, VPLinear, discretizations, testbeds
 from ld3_ext.baselines import (AYS_SIGMAS, GITS_PRESETS, ays, ays_sigmas, baseline_timesteps, dmn, dmn_objective,
-                               gits, gits_dp, gits_preset, path_cost)
+                               gits, gits_dp, gits_preset, loglinear_interp, path_cost)
 from ld3_ext.baselines.dmn import dmn_lambdas, exp_lagrange_weights
 from ld3_ext.baselines.gits import gits_cost_matrix, teacher_states
 from ld3_ext.metrics import teacher_rmse
@@ -80,6 +80,16 @@ def test_dmn_bad_args():
         dmn("edm", 4)
 
 
+
+@pytest.mark.parametrize("kw,message", [({"maxiter": 0}, "maxiter must be an int >= 1, got 0"),
+                                        ({"maxiter": -5}, "maxiter must be an int >= 1, got -5"),
+                                        ({"trunc_num": -1}, "trunc_num must be None or an int >= 0, got -1"),
+                                        ({"trunc_num": 2.5}, "trunc_num must be None or an int >= 0, got 2.5")])
+def test_dmn_refuses_a_bad_maxiter_or_trunc_num(kw, message):
+    """maxiter <= 0 silently returned the logSNR start grid; trunc_num -1 / 2.5 silently acted as 0 / 3."""
+    with pytest.raises(ValueError, match=message):
+        dmn(EDM(), 5, **kw)
+
 # --------------------------------------------------------------------------------------------- GITS
 @pytest.mark.parametrize("coeff", [1.0, 1.15])
 def test_gits_dp_is_optimal_by_brute_force(coeff):
@@ -101,6 +111,18 @@ def test_gits_dp_errors():
     with pytest.raises(ValueError, match=r"cost must be a square matrix, got shape \(4, 5\)"):
         gits_dp(np.zeros((4, 5)), 2)
 
+
+
+@pytest.mark.parametrize("kw,name", [({"n_samples": -1}, "n_samples"), ({"n_samples": 2.5}, "n_samples"),
+                                     ({"n_samples": 0}, "n_samples"), ({"fine_steps": 10.5}, "fine_steps"),
+                                     ({"fine_steps": "60"}, "fine_steps")])
+def test_gits_names_a_bad_sample_count_or_fine_grid_size(kw, name):
+    """These failed inside torch.randn (RuntimeError / TypeError), as an empty x_T, as "nfe must be an int"
+    from the fine grid, or as a str-int comparison."""
+    s = EDM(0.002, 80.0)
+    model = smooth_mixture(dim=2).model(s)
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+        gits(model, nfe=3, sample_shape=(2,), **{"fine_steps": 10, **kw})
 
 def test_gits_on_mixture_beats_logsnr_subset(gmm_setup):
     s, model, _, _ = gmm_setup
@@ -203,6 +225,32 @@ def test_ays_other_schedule_maps_range():
     _valid_grid(ays(EDM(0.5, 5.0), 6), EDM(0.5, 5.0), 6)
     with pytest.raises(ValueError, match="AYS lists exist for .*, got .sd3."):
         ays(s, 6, model="sd3")
+
+
+
+def test_ays_fit_range_takes_only_auto_or_a_real_bool():
+    """fit_range=1 equals True but is not it: it passed the old membership check and then kept the
+    unmapped SD sigmas on EDM, as if False had been asked for."""
+    s = EDM(0.002, 80.0)
+    mapped = ays(s, 10, fit_range=True)
+    assert torch.equal(ays(s, 10, fit_range=np.True_), mapped)
+    assert not torch.allclose(mapped[1:-1], torch.tensor(AYS_SIGMAS["sd15"][1:-1], dtype=torch.float64), rtol=0.1)
+    for bad in (1, 1.0, "yes", None):
+        with pytest.raises(ValueError, match="fit_range must be 'auto', True or False"):
+            ays(s, 10, fit_range=bad)
+
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: loglinear_interp([3.0, 2.0, 1.0], 4.0), "n_points must be an int >= 2, got 4.0"),
+    (lambda: loglinear_interp([3.0, 2.0, 1.0], "4"), "n_points must be an int >= 2, got '4'"),
+    (lambda: ays_sigmas(["sd15"], 4), r"AYS lists exist for .*, got \['sd15'\]"),
+    (lambda: gits_preset(["cifar10"], EDM(), 4), r"GITS presets exist for .*, got \['cifar10'\]"),
+    (lambda: baseline_timesteps(["dmn"], EDM(), 4), r"unknown baseline \['dmn'\]")])
+def test_baseline_names_and_point_counts_of_the_wrong_type_are_named(call, message):
+    """These failed inside np.linspace, a str/int comparison or a dict lookup ("unhashable type: 'list'")."""
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 # ----------------------------------------------------------------------------------------- registry

@@ -94,6 +94,13 @@ def test_teacher_rmse():
         teacher_rmse(pred.numpy(), target)
 
 
+
+def test_teacher_rmse_refuses_samples_without_values():
+    """[B, 0] samples gave a NaN RMSE per sample, which the docstring reads as a diverged solve."""
+    with pytest.raises(ValueError, match=r"no values per sample, got shape \(3, 0\)"):
+        teacher_rmse(torch.zeros(3, 0), torch.zeros(3, 0))
+    assert torch.equal(teacher_rmse(torch.ones(1, 3), torch.zeros(1, 3)), torch.ones(1, dtype=torch.float64))
+
 def test_gaussian_stats_float64():
     feats = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
     mu, cov = gaussian_stats(feats)

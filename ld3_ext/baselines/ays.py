@@ -14,7 +14,7 @@ from typing import List
 import numpy as np
 import torch
 
-from .._checks import count
+from .._checks import count, flag
 from ..discretizations import _check
 from ..schedules import NoiseSchedule
 
@@ -31,8 +31,7 @@ def loglinear_interp(sigmas, n_points: int) -> np.ndarray:
     s = np.asarray(sigmas, dtype=np.float64)
     if s.ndim != 1 or s.size < 2 or not np.all(s > 0) or not np.all(np.diff(s) < 0):
         raise ValueError("sigmas must be a 1-D, positive, strictly decreasing list")
-    if n_points < 2:
-        raise ValueError(f"n_points must be >= 2, got {n_points}")
+    n_points = count("n_points", n_points, 2, type_error=False)  # a float or str reached np.linspace
     if n_points == s.size:
         return s.copy()
     # np.interp needs increasing x: run over the reversed (increasing) list
@@ -44,7 +43,7 @@ def loglinear_interp(sigmas, n_points: int) -> np.ndarray:
 
 def ays_sigmas(model: str, nfe: int) -> List[float]:
     """The AYS sigma list for ``model`` ("sd15" or "sdxl") with ``nfe`` intervals (nfe + 1 values)."""
-    if model not in AYS_SIGMAS:
+    if not isinstance(model, str) or model not in AYS_SIGMAS:  # a list failed as "unhashable type"
         raise ValueError(f"AYS lists exist for {sorted(AYS_SIGMAS)}, got {model!r}")
     count("nfe", nfe, 1, type_error=False)
     return loglinear_interp(AYS_SIGMAS[model], nfe + 1).tolist()
@@ -65,8 +64,12 @@ def ays(schedule: NoiseSchedule, nfe: int, model: str = "sd15", fit_range="auto"
     smax, smin = float(schedule.edm_sigma(tmax)), float(schedule.edm_sigma(tmin))
     p0, p1 = AYS_SIGMAS[model][0], AYS_SIGMAS[model][-1]
     matches = abs(math.log(smax / p0)) < 0.02 and abs(math.log(smin / p1)) < 0.02
-    if fit_range not in ("auto", True, False):
-        raise ValueError(f"fit_range must be 'auto', True or False, got {fit_range!r}")
+    # 1 or numpy's True equal True but are not it: they passed a membership test and then mapped like False
+    if not (isinstance(fit_range, str) and fit_range == "auto"):
+        try:
+            fit_range = flag("fit_range", fit_range)
+        except TypeError:
+            raise ValueError(f"fit_range must be 'auto', True or False, got {fit_range!r}") from None
     if fit_range is True or (fit_range == "auto" and not matches):
         u = (np.log(sig) - math.log(p1)) / (math.log(p0) - math.log(p1))
         sig = np.exp(math.log(smin) + u * (math.log(smax) - math.log(smin)))

@@ -117,6 +117,9 @@ def dmn_lambdas(lambda_min: float, lambda_max: float, nfe: int, order: int = 3, 
         raise ValueError(f"need finite lambda_min < lambda_max, got lambda_min={lambda_min}, lambda_max={lambda_max}")
     count("nfe", nfe, 1, type_error=False)  # nfe=0 divides by zero below
     _check_order(order)
+    # both were used unchecked: maxiter <= 0 returned the unoptimised start, trunc_num -1 or 2.5 acted as 0 or 3
+    maxiter = count("maxiter", maxiter, 1, type_error=False)
+    trunc_num = count("trunc_num", trunc_num, 0, none_ok=True, type_error=False)
     if trunc_num is None:
         trunc_num = 3 if nfe <= 7 else 0
     if init is None:

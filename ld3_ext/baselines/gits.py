@@ -100,7 +100,7 @@ def gits_preset(dataset: str, schedule: NoiseSchedule, nfe: int, tol: float = 0.
     then snapped to t_max / t_min exactly (the lists are rounded to 4 decimals).
     """
     _check(schedule, nfe)
-    if dataset not in GITS_PRESETS:
+    if not isinstance(dataset, str) or dataset not in GITS_PRESETS:  # a list failed as "unhashable type"
         raise ValueError(f"GITS presets exist for {sorted(GITS_PRESETS)}, got {dataset!r}")
     table = GITS_PRESETS[dataset]
     if nfe not in table:
@@ -256,6 +256,11 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     _check(schedule, nfe)
     if schedule is not model.schedule and not schedule.same_as(model.schedule):
         raise ValueError("schedule differs from the model's schedule")
+    # named here, before the teacher trajectories: fine_steps was only checked deep inside the fine grid (as
+    # "nfe"), and a bad n_samples failed inside torch.randn
+    fine_steps = count("fine_steps", fine_steps, 1, type_error=False)
+    n_samples = count("n_samples", n_samples, 1, type_error=False)
+    coeff = real("coeff", coeff, above=0)
     if fine_steps < nfe:
         raise ValueError(f"fine_steps ({fine_steps}) must be >= nfe ({nfe})")
     solver = as_solver(solver)  # before the (costly) teacher trajectories

@@ -21,7 +21,7 @@ BASELINES = {
 
 def baseline_timesteps(name: str, schedule: NoiseSchedule, nfe: int, model=None, **kw) -> torch.Tensor:
     """Timesteps (float64, t_max..t_min, length nfe + 1) of baseline ``name`` on ``schedule``."""
-    if name not in BASELINES:
+    if not isinstance(name, str) or name not in BASELINES:  # a list failed as "unhashable type"
         raise ValueError(f"unknown baseline {name!r}; expected one of {sorted(BASELINES)}")
     needs_model, _ = BASELINES[name]
     if needs_model and model is None:
