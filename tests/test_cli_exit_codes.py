@@ -12,7 +12,6 @@ from ld3_ext import cli
 from ld3_ext.training import NonFiniteLossError
 from ld3_ext.wrappers import ModelOutputError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["sample", "teacher", "train", "eval", "export-diffusers"]
 # the command function each subcommand dispatches to (set_defaults(func=...) reads the module attribute)
 FUNCS = {"sample": "cmd_sample", "teacher": "cmd_teacher", "train": "cmd_train", "eval": "cmd_eval",
@@ -133,9 +132,11 @@ def test_the_exit_statuses_are_in_the_help(capsys):
 
 def test_the_script_exits_with_these_statuses(tmp_path):
     """The process's own status, as a shell sees it (a SystemExit with a message would exit 1)."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the package this test imported (installed, with its _C, under CI), not necessarily the source tree
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+    env = dict(os.environ, PYTHONPATH=pkg_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("LD3_TRACEBACK", None)
     r = subprocess.run([sys.executable, "-m", "ld3_ext.cli", "sample", "--nfe", "0", "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, env=env, timeout=300)
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)  # -m puts the cwd first on sys.path
     assert r.returncode == 2 and r.stderr.strip() == "ld3 sample: error: --nfe must be >= 1, got 0"
 
