@@ -40,6 +40,7 @@ _REQUIRED = {"format": str, "version": int, "timesteps": list, "model_timesteps"
 # every field this version writes (LearnedSchedule.to_dict); any other is a newer version's, kept as ``extra``
 _FIELDS = ("format", "version", "timesteps", "model_timesteps", "nfe", "num_steps", "solver", "schedule",
            "guidance_scale", "model", "time_mode", "decoupled", "training", "metrics", "library_version", "created")
+_NOT_EXTRA = frozenset(_FIELDS) | {"checksum"}  # the checksum is recomputed by save(), never carried as extra
 
 
 class ScheduleFileError(CorruptFileError):
@@ -200,7 +201,7 @@ class LearnedSchedule:
         self.library_version = library_version or _library_version()
         self.created = created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         extra = dict(extra or {})
-        known = [k for k in extra if k in _FIELDS or k == "checksum"]
+        known = [k for k in extra if k in _NOT_EXTRA]
         if known:
             raise ValueError(f"extra: {known} are schedule fields of this version, not extra ones")
         self.extra = extra if _checked else _writable(extra, "extra")
@@ -352,7 +353,7 @@ class LearnedSchedule:
                    schedule_config=d["schedule"], guidance_scale=d.get("guidance_scale"), model=d.get("model"),
                    time_mode=d.get("time_mode"), decoupled=d.get("decoupled"), training=d.get("training"),
                    metrics=d.get("metrics"), library_version=d.get("library_version"), created=d.get("created"),
-                   extra={k: v for k, v in d.items() if k not in _FIELDS and k != "checksum"}, _checked=_checked)
+                   extra={k: v for k, v in d.items() if k not in _NOT_EXTRA}, _checked=_checked)
 
     def save(self, path: str) -> str:
         """Write the schedule atomically (a crash leaves the old file intact); returns the path."""
