@@ -176,6 +176,7 @@ def digits64(min_std: float = 0.05) -> GaussianMixture:
 def random3072(n_modes: int = 10, seed: int = 0) -> GaussianMixture:
     """A random 3x32x32 mixture (CIFAR-sized)."""
     n_modes = count("n_modes", n_modes)
+    seed = count("seed", seed, 0)  # torch's manual_seed raised a bare RuntimeError for 1.5
     g = torch.Generator().manual_seed(seed)
     d = 3 * 32 * 32
     means = 0.5 * torch.randn(n_modes, d, generator=g, dtype=torch.float64)

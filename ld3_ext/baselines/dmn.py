@@ -169,7 +169,8 @@ def dmn(schedule: NoiseSchedule, nfe: int, order: int = 3, space: str = "pixel",
     _check_order(order)
     if space not in ("pixel", "latent"):
         raise ValueError(f"space must be 'pixel' or 'latent', got {space!r}")
-    init = init or ("logsnr" if space == "pixel" else "time")
+    if init is None:  # only None picks the default: an empty string is a mistake, named below
+        init = "logsnr" if space == "pixel" else "time"
     lmin, lmax = schedule.lambda_min, schedule.lambda_max
     if init == "logsnr":
         lam0 = np.linspace(lmin, lmax, nfe + 1)

@@ -172,7 +172,8 @@ def gits_cost_matrix(model: DiffusionModel, grid: torch.Tensor, states: List[tor
                          "network calls a step (use a one-evaluation solver, e.g. Euler or DPMSolverPP(order=1))")
     s = model.schedule
     m = grid.numel() - 1
-    max_jump = m if max_jump is None else int(max_jump)
+    # int() would truncate 2.7 to 2 and search a smaller graph than asked, silently
+    max_jump = m if max_jump is None else count("max_jump", max_jump, 1)
     cost = np.full((m + 1, m + 1), np.inf)
     for i in range(m):
         x_i = states[i]
@@ -261,6 +262,8 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     fine_steps = count("fine_steps", fine_steps, 1, type_error=False)
     n_samples = count("n_samples", n_samples, 1, type_error=False)
     coeff = real("coeff", coeff, above=0)
+    seed = count("seed", seed, 0)
+    max_jump = count("max_jump", max_jump, 1, none_ok=True)  # before the teacher trajectories, not after
     if fine_steps < nfe:
         raise ValueError(f"fine_steps ({fine_steps}) must be >= nfe ({nfe})")
     solver = as_solver(solver)  # before the (costly) teacher trajectories
