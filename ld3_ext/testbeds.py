@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ._checks import count, real
+from ._checks import count, real, seed as check_seed
 from .schedules import NoiseSchedule, _num
 from .wrappers import DiffusionModel, wrap_model
 
@@ -176,7 +176,7 @@ def digits64(min_std: float = 0.05) -> GaussianMixture:
 def random3072(n_modes: int = 10, seed: int = 0) -> GaussianMixture:
     """A random 3x32x32 mixture (CIFAR-sized)."""
     n_modes = count("n_modes", n_modes)
-    seed = count("seed", seed, 0)  # torch's manual_seed raised a bare RuntimeError for 1.5
+    seed = check_seed("seed", seed)  # torch's manual_seed raised a bare RuntimeError for 1.5
     g = torch.Generator().manual_seed(seed)
     d = 3 * 32 * 32
     means = 0.5 * torch.randn(n_modes, d, generator=g, dtype=torch.float64)

@@ -33,7 +33,7 @@ import math
 import numpy as np
 import torch
 
-from .._checks import count, real
+from .._checks import count, real, seed as check_seed
 from ..discretizations import _check
 from ..schedules import NoiseSchedule
 from ..solvers import as_solver
@@ -262,7 +262,7 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     fine_steps = count("fine_steps", fine_steps, 1, type_error=False)
     n_samples = count("n_samples", n_samples, 1, type_error=False)
     coeff = real("coeff", coeff, above=0)
-    seed = count("seed", seed, 0)
+    seed = check_seed("seed", seed)
     max_jump = count("max_jump", max_jump, 1, none_ok=True)  # before the teacher trajectories, not after
     if fine_steps < nfe:
         raise ValueError(f"fine_steps ({fine_steps}) must be >= nfe ({nfe})")
