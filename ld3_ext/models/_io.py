@@ -90,6 +90,9 @@ class ShippedWeights:
         return copy.deepcopy(self._loaded()[1])  # a copy: editing it must not change later loads
 
     def load(self, device="cpu", dtype=torch.float32) -> torch.nn.Module:
+        # nn.Module.to's own refusal names neither the argument nor what it takes
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
         state, meta, _ = self._loaded()
         net = self._build(meta.get("config"))
         net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})

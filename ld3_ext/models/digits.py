@@ -81,6 +81,10 @@ class DigitsDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         shape, out_dtype = x.shape, x.dtype
         p = self.out.weight
+        if x.dim() < 2 or math.prod(shape[1:]) != self.inp.in_features:
+            # else a bare matmul shape error from deep inside the MLP
+            raise ValueError(f"x must be [B, 1, 8, 8] or [B, {self.inp.in_features}] (one digit per row), "
+                             f"got shape {tuple(shape)}")
         xf = x.reshape(shape[0], -1).to(p.dtype)
         s = torch.as_tensor(sigma, device=x.device).to(p.dtype).reshape(-1)
         if s.numel() == 1:

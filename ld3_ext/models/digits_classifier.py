@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._checks import real, seed as check_seed
 from ._io import ShippedWeights
 
 # sha256 of the shipped file, checked on load (update it when the training script rewrites the file)
@@ -41,6 +42,8 @@ class DigitsClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         p = self.head.weight
+        if tuple(x.shape[1:]) not in ((64,), (1, 8, 8)):  # else a bare conv/matmul shape error
+            raise ValueError(f"x must be [B, 1, 8, 8] or [B, 64] (one digit per row), got shape {tuple(x.shape)}")
         if x.dim() == 2:
             x = x.reshape(-1, 1, 8, 8)
         return self.body(x.to(p.dtype))
@@ -70,6 +73,9 @@ def digits_split(seed: int = 0, test_fraction: float = 0.25):
     """The fixed train/test split used for training and for the accuracy test: (xtr, ytr, xte, yte)."""
     from sklearn.datasets import load_digits
 
+    seed = check_seed("seed", seed)
+    # 0 or 1 leaves one side empty; 1.5 used to give an empty training set without a word
+    test_fraction = real("test_fraction", test_fraction, above=0, below=1)
     d = load_digits()
     x = torch.from_numpy(d.data).float().reshape(-1, 1, 8, 8) / 8.0 - 1.0
     y = torch.from_numpy(d.target).long()
