@@ -17,10 +17,15 @@ build="$work/build"
 dest="$work/site"
 python=${PYTHON:-python}
 tests=${LD3_SAN_TESTS:-"tests/test_fused_ops.py tests/test_fuzz_native.py tests/test_adjoint_sampler.py tests/test_cpu_isa.py"}
-# The -O1 sanitizer build vectorises the float32 reductions differently; this one end-to-end float32
-# tolerance check (fused vs reference timestep gradient, <= 2x the reference's own error) then fails
-# on numerics, not on memory safety -- the float64 case and all fuzz tests still run.
-deselect=${LD3_SAN_DESELECT:-"tests/test_fused_ops.py::test_solvers_fused_backend_matches_reference[dtype1]"}
+# The -O1 sanitizer build vectorises the float32 reductions differently. These end-to-end float32
+# tolerance checks (fused vs reference timestep gradients, within about 2x the reference's own error)
+# then fail on numerics, not on memory safety: on an AVX-512 Xeon the sanitized UniPC-3 time gradient
+# is 2.0e-6 off float64 against 0.8e-6 for the optimised build. They run in the main test
+# suite, and the float64 cases and all fuzz tests still run here. Space-separated node ids.
+deselect=${LD3_SAN_DESELECT:-"tests/test_fused_ops.py::test_solvers_fused_backend_matches_reference[dtype1] tests/test_adjoint_sampler.py::test_unipc_recursion_rewrite_matches_loop_in_float32"}
+deselect_args=()
+read -r -a deselect_ids <<< "$deselect"  # read -a: the [..] in the ids are never globbed
+for d in "${deselect_ids[@]}"; do deselect_args+=(--deselect "$d"); done
 
 libasan=$(gcc -print-file-name=libasan.so)
 libubsan=$(gcc -print-file-name=libubsan.so)
@@ -58,7 +63,7 @@ cd "$root"
 set +e
 # An editable install puts a meta-path redirect for ld3_ext in front of sys.path: drop it, then
 # import the sanitized copy and check that it is the one actually loaded.
-LD_PRELOAD="$libasan:$libubsan" "$python" - $tests ${deselect:+--deselect "$deselect"} <<'EOF'
+LD_PRELOAD="$libasan:$libubsan" "$python" - $tests "${deselect_args[@]}" <<'EOF'
 import os, sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__]
 sys.path.insert(0, os.environ["LD3_SAN_SITE"])
