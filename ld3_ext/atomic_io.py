@@ -109,22 +109,25 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     prefix = _temp_prefix(path)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    tmp = None
     try:
-        # mkstemp makes the file 0600: give it the mode of the file it replaces, else the one a plain
-        # open() would give (0666 less the umask), so a rewrite never makes a shared file private
-        _fchmod(fd, _target_mode(path))
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+        # the file object owns the descriptor from here on, so it is closed whatever fails next
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file 0600: give it the mode of the file it replaces, else the one a plain
+            # open() would give (0666 less the umask), so a rewrite never makes a shared file private
+            _fchmod(f.fileno(), _target_mode(path))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         # never leave a stray temp file behind (also on KeyboardInterrupt)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         raise
     _fsync_dir(directory)
     remove_stale_temps(directory, lambda name: name.startswith(prefix) and name.endswith(".tmp"))

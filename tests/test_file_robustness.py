@@ -109,6 +109,27 @@ def test_atomic_write_without_chmod(tmp_path, monkeypatch, how):
     assert [f.name for f in tmp_path.iterdir()] == ["s.json"]
 
 
+def test_atomic_write_interrupted_at_chmod_closes_its_temp_file(tmp_path, monkeypatch):
+    """A Ctrl-C between mkstemp and the write (here: in the mode lookup) leaves no temp file and no open
+    descriptor, and the file being replaced keeps its old content."""
+    from ld3_ext import atomic_io
+
+    p = tmp_path / "s.json"
+    atomic_write_json(str(p), {"a": 1})
+    before = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic_io, "_target_mode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(str(p), {"a": 2})
+    assert [f.name for f in tmp_path.iterdir()] == ["s.json"]
+    assert read_json_checked(str(p))["a"] == 1
+    if before is not None:
+        assert set(os.listdir("/proc/self/fd")) <= before
+
+
 def test_atomic_write_through_a_symlink_rewrites_its_target(tmp_path):
 
     real, link = tmp_path / "real.json", tmp_path / "link.json"
