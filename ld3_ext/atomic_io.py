@@ -34,8 +34,8 @@ class CorruptFileError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # raw atomic writes
 # ----------------------------------------------------------------------------------------------
-def _fsync_dir(directory: str) -> None:
-    # Persist the rename itself; not supported on every platform/filesystem, hence best effort.
+def fsync_dir(directory: str) -> None:
+    """Persist the renames in ``directory``; not supported on every platform/filesystem, hence best effort."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -49,7 +49,7 @@ def _fsync_dir(directory: str) -> None:
 
 
 def _fchmod(fd: int, mode: int) -> None:
-    # best effort, like _fsync_dir: os.fchmod is missing on Windows before Python 3.13, and some filesystems
+    # best effort, like fsync_dir: os.fchmod is missing on Windows before Python 3.13, and some filesystems
     # (CIFS, FUSE mounts) refuse chmod; the write itself must still succeed there
     fchmod = getattr(os, "fchmod", None)
     if fchmod is None:
@@ -129,7 +129,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             except OSError:
                 pass
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     remove_stale_temps(directory, lambda name: name.startswith(prefix) and name.endswith(".tmp"))
 
 

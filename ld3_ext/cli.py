@@ -575,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-train", type=int, default=50, help="teacher pairs to train on (default: 50)")
     t.add_argument("--n-valid", type=int, default=50, help="teacher pairs to validate on (default: 50)")
     t.add_argument("--regenerate-teacher", action="store_true",
-                   help="replace a cached teacher set made with other settings instead of refusing it")
+                   help="replace a cached teacher set made with other settings instead of refusing it (the old "
+                        "set stays until the new one is complete)")
     t.set_defaults(func=cmd_teacher)
 
     tr = sub.add_parser("train", **sub_kw,

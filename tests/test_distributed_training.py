@@ -156,3 +156,23 @@ def test_ranks_with_different_weights_are_refused(tmp_path):
     assert p.returncode != 0
     assert "ranks under torch.distributed differ in their model or settings" in p.stdout + p.stderr
     assert not os.path.exists(tmp_path / "o" / "teacher" / "chunk_00000.safetensors")
+
+
+def test_torchrun_regeneration_swaps_in_the_new_set_once(tmp_path):
+    """--regenerate-teacher on 2 ranks: both ranks build their shares of the new set beside the old one, rank 0
+    swaps it in after both are done; a 1-process run with the new settings then reuses it unchanged."""
+    a = str(tmp_path / "A")
+    _run(["teacher", *SETTINGS, "--out", a])  # 30 pairs: chunks of 25 + 5
+    cache = os.path.join(a, "teacher")
+    new = [*SETTINGS[:2], "--n-train", "40", *SETTINGS[4:]]  # 44 pairs: 25 + 19
+    _run(["teacher", *new, "--regenerate-teacher", "--out", a], nproc=2)
+    assert sorted(os.listdir(cache)) == ["chunk_00000.safetensors", "chunk_00001.safetensors", "meta.json"]
+    before = _mtimes(cache)
+    _run(["teacher", *new, "--out", a])
+    assert _mtimes(cache) == before, "the 1-process run must reuse the set the 2 ranks regenerated"
+    b = str(tmp_path / "B")
+    _run(["teacher", *new, "--out", b])
+    for f in ("chunk_00000.safetensors", "chunk_00001.safetensors"):
+        ta, _ = load_safetensors_checked(os.path.join(cache, f))
+        tb, _ = load_safetensors_checked(os.path.join(b, "teacher", f))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -235,3 +235,97 @@ def test_stale_temp_files_are_neither_counted_nor_kept(ring, tmp_path):
     mine.write_text("user file")
     _gen(model, fn, settings, str(d), max_bytes=100_000)  # the temp files are not the cache's bytes
     assert not stale.exists() and fresh.exists() and mine.read_text() == "user file"
+
+
+# ----------------------------------------------------------------------------------------------
+# regenerate=True keeps the old set until the new one is complete
+# ----------------------------------------------------------------------------------------------
+def _snapshot(d):
+    """Every file under d (relative path -> bytes)."""
+    out = {}
+    for base, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(base, f)
+            out[os.path.relpath(p, d)] = open(p, "rb").read()
+    return out
+
+
+def test_interrupted_regeneration_keeps_the_old_set_then_resumes(ring, tmp_path):
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+    old = _gen(model, fn, settings, str(tmp_path))  # n=10: three chunks of 4
+    before = _snapshot(tmp_path)
+    # the new set has 6 samples (two chunks) and another seed; Ctrl-C while making its second chunk
+    t1 = Counting(fn, fail_on=2)
+    with pytest.raises(KeyboardInterrupt):
+        _gen(model, t1, settings, str(tmp_path), n=6, seed=3, regenerate=True)
+    after = _snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith(".regenerating")} == before
+    assert sorted(k for k in after if k.startswith(".regenerating")) == \
+        [os.path.join(".regenerating", "chunk_00000.safetensors"), os.path.join(".regenerating", "meta.json")]
+    # the old set is still the one in use for the old settings
+    t2 = Counting(fn)
+    again = _gen(model, t2, settings, str(tmp_path))
+    assert t2.calls == 0 and all(torch.equal(old[k], again[k]) for k in old)
+    # rerunning the regeneration resumes it (one chunk left) and then swaps the new set in
+    t3 = Counting(fn)
+    new = _gen(model, t3, settings, str(tmp_path), n=6, seed=3, regenerate=True)
+    assert t3.calls == 1
+    fresh = _gen(model, fn, settings, str(tmp_path / "fresh"), n=6, seed=3)
+    assert all(torch.equal(fresh[k], new[k]) for k in fresh)
+    assert sorted(f for f in os.listdir(tmp_path) if f != "fresh") == \
+        ["chunk_00000.safetensors", "chunk_00001.safetensors", "meta.json"]  # old chunk 2 gone, no staging
+    t4 = Counting(fn)
+    reused = _gen(model, t4, settings, str(tmp_path), n=6, seed=3)
+    assert t4.calls == 0 and all(torch.equal(fresh[k], reused[k]) for k in fresh)
+    with pytest.raises(TeacherCacheMismatch):  # the old settings now mismatch
+        _gen(model, fn, settings, str(tmp_path))
+
+
+@pytest.mark.parametrize("moves_before_crash", [0, 1, 2])
+def test_swap_cut_short_is_finished_by_the_next_open(ring, tmp_path, monkeypatch, moves_before_crash):
+    """A crash (here: an OSError from os.replace) part-way through moving the complete new set in: the next
+    open finishes the swap, and the new set is reused without another teacher call."""
+    from ld3_ext.training import teacher as teacher_mod
+
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+    _gen(model, fn, settings, str(tmp_path))
+    real_replace, moves = os.replace, {"n": 0}
+
+    def crashing_replace(a, b):
+        if ".regenerating" in str(a) and ".regenerating" not in str(b):  # a move out of the staged set
+            if moves["n"] == moves_before_crash:
+                raise OSError("simulated crash")
+            moves["n"] += 1
+        return real_replace(a, b)
+
+    monkeypatch.setattr(teacher_mod.os, "replace", crashing_replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        _gen(model, fn, settings, str(tmp_path), n=6, seed=3, regenerate=True)
+    monkeypatch.setattr(teacher_mod.os, "replace", real_replace)
+    assert os.path.exists(tmp_path / ".regenerating" / "commit.json")
+    assert not os.path.exists(tmp_path / "meta.json")  # the old metadata went first
+    t = Counting(fn)
+    new = _gen(model, t, settings, str(tmp_path), n=6, seed=3)  # no regenerate needed: the new set is complete
+    assert t.calls == 0
+    fresh = _gen(model, fn, settings, str(tmp_path / "fresh"), n=6, seed=3)
+    assert all(torch.equal(fresh[k], new[k]) for k in fresh)
+    assert sorted(f for f in os.listdir(tmp_path) if f != "fresh") == \
+        ["chunk_00000.safetensors", "chunk_00001.safetensors", "meta.json"]
+
+
+def test_regeneration_over_damaged_metadata_keeps_the_chunks_until_done(ring, tmp_path):
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+    full = _gen(model, fn, settings, str(tmp_path))
+    m = tmp_path / "meta.json"
+    m.write_text(m.read_text().replace('"seed": 0', '"seed": 7'))
+    before = _snapshot(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        _gen(model, Counting(fn, fail_on=1), settings, str(tmp_path), regenerate=True)
+    assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith(".regenerating")} == before
+    again = _gen(model, fn, settings, str(tmp_path), regenerate=True)
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    assert sorted(os.listdir(tmp_path)) == ["chunk_00000.safetensors", "chunk_00001.safetensors",
+                                            "chunk_00002.safetensors", "meta.json"]

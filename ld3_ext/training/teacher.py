@@ -14,6 +14,11 @@ Every file is written atomically and carries a checksum.  Generation goes chunk 
 chunks already present, so an interrupted generation resumes where it stopped.  A cache made with
 other settings (or another model, by weights hash) is never silently reused or overwritten: it raises
 :class:`TeacherCacheMismatch` unless ``regenerate=True`` is passed.
+
+``regenerate=True`` builds the new set in the subfolder ``.regenerating/`` and keeps the old set until
+the new one is complete, so an interruption loses neither (a later run resumes the new set, or reuses
+the old one with the old settings).  Then a ``commit.json`` marker is written and the new files are
+moved over the old ones, ``meta.json`` last; a swap cut short is finished by the next ``open``.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.distributed as _dist
 
 from .. import discretizations
 from .. import distributed as D
-from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json,
+from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json, fsync_dir,
                          load_safetensors_checked, read_json_checked, remove_stale_temps, tensors_sha256)
 from .._checks import count, seed as check_seed
 from ..schedules import NoiseSchedule
@@ -39,6 +44,8 @@ from ..wrappers import DiffusionModel
 CACHE_FORMAT = "ld3_ext.teacher_cache"
 CACHE_VERSION = 1
 META_FILE = "meta.json"
+STAGING_DIR = ".regenerating"  # where regenerate=True builds the new set beside the old one
+COMMIT_FILE = "commit.json"    # in STAGING_DIR: the staged set is complete and replaces the old one
 
 
 class TeacherCacheError(RuntimeError):
@@ -188,7 +195,8 @@ class TeacherCache:
 
     def __init__(self, directory: str, settings: Mapping[str, Any], n: int, chunk_size: int,
                  max_bytes: Optional[int] = None):
-        self.directory = os.fspath(directory)
+        self.root = os.fspath(directory)  # where the set in use lives
+        self.directory = self.root  # where chunks are read and written: the staging folder while regenerating
         self.settings = dict(settings)
         self.n = int(n)
         self.chunk_size = max(1, int(chunk_size))
@@ -214,7 +222,8 @@ class TeacherCache:
     @staticmethod
     def _stale_temp(f: str) -> bool:
         """The temp file of a write that was killed (atomic writes name it .<target>.<random>.tmp)."""
-        return f.endswith(".tmp") and (f.startswith(".chunk_") or f.startswith("." + META_FILE + "."))
+        return f.endswith(".tmp") and (f.startswith(".chunk_") or f.startswith("." + META_FILE + ".")
+                                       or f.startswith("." + COMMIT_FILE + "."))
 
     def existing_bytes(self) -> int:
         if not os.path.isdir(self.directory):
@@ -231,37 +240,115 @@ class TeacherCache:
                 f"({self.n} samples), over the limit of {int(self.max_bytes):,} bytes (cache_max_bytes). "
                 "Raise the limit, use fewer samples (n_train/n_valid), or choose another directory.")
 
+    @property
+    def staging_dir(self) -> str:
+        return os.path.join(self.root, STAGING_DIR)
+
+    @property
+    def regenerating(self) -> bool:
+        """True while the new set is being built in the staging folder (the old one still in place)."""
+        return self.directory != self.root
+
     def open(self, regenerate: bool = False) -> None:
-        """Validate an existing cache against the settings (or start a new one)."""
-        os.makedirs(self.directory, exist_ok=True)
+        """Validate an existing cache against the settings (or start a new one).  With ``regenerate`` a cache
+        made with other settings (or damaged metadata) stays in place while the new set is built in the staging
+        folder; :meth:`commit` swaps it in."""
+        self.directory = self.root
+        os.makedirs(self.root, exist_ok=True)
+        self._finish_swap()
         self._remove_stale_temps()
         if os.path.exists(self.meta_path):
             try:
                 meta = read_json_checked(self.meta_path, what="teacher cache metadata")
             except CorruptFileError as e:
                 if not regenerate:
-                    raise TeacherCacheError(f"{e}. Delete {self.directory} or pass regenerate=True "
+                    raise TeacherCacheError(f"{e}. Delete {self.root} or pass regenerate=True "
                                             "(regenerate_teacher=True in LD3Trainer).") from None
                 meta = None
             if meta is not None:
-                diffs = _diff_keys({k: meta.get(k) for k in ("format", "version", "settings", "n", "chunk_size")},
-                                   {k: v for k, v in self._meta().items() if k != "num_chunks"})
+                diffs = self._diffs(meta)
                 if diffs and not regenerate:
                     raise TeacherCacheMismatch(
-                        f"the teacher cache in {self.directory} was made with different settings:\n  "
+                        f"the teacher cache in {self.root} was made with different settings:\n  "
                         + "\n  ".join(diffs[:12])
                         + "\nUse another cache directory, or pass regenerate=True (regenerate_teacher=True in "
                           "LD3Trainer) to replace it.")
                 if not diffs:
                     return
-            self._clear()
+            self._open_staging()
+            return
         atomic_write_json(self.meta_path, self._meta())
 
-    def _clear(self) -> None:
+    def _diffs(self, meta: Mapping[str, Any]) -> list:
+        return _diff_keys({k: meta.get(k) for k in ("format", "version", "settings", "n", "chunk_size")},
+                          {k: v for k, v in self._meta().items() if k != "num_chunks"})
+
+    def _open_staging(self) -> None:
+        """Build the new set in the staging folder: resume a staged set made with these settings, else start
+        it afresh (a staged set is ours alone, never a user's cache in use)."""
+        self.directory = self.staging_dir
+        os.makedirs(self.directory, exist_ok=True)
+        self._remove_stale_temps()
+        if os.path.exists(self.meta_path):
+            try:
+                if not self._diffs(read_json_checked(self.meta_path, what="staged teacher cache metadata")):
+                    return
+            except CorruptFileError:
+                pass
+        self._clear(self.directory)
+        atomic_write_json(self.meta_path, self._meta())
+
+    def commit(self) -> None:
+        """After a regeneration, once every chunk is written: replace the old set with the staged one.  A no-op
+        when not regenerating, or when another process sharing the folder committed it already."""
+        if not self.regenerating:
+            return
+        self.directory = self.root
+        if not os.path.exists(os.path.join(self.staging_dir, META_FILE)):
+            return
+        atomic_write_json(os.path.join(self.staging_dir, COMMIT_FILE), {"settings_hash": self.settings_hash()})
+        self._finish_swap()
+
+    def _finish_swap(self) -> None:
+        """Move a complete staged set (it has the commit marker) over the set in use.  Every step can be
+        repeated, so a swap cut short by a crash is finished here by the next open."""
+        staging = self.staging_dir
+        if not os.path.exists(os.path.join(staging, COMMIT_FILE)):
+            return
+        staged_meta = os.path.join(staging, META_FILE)
+        if os.path.exists(staged_meta):  # else the swap itself is done and only the clean-up is left
+            try:
+                meta = read_json_checked(staged_meta, what="staged teacher cache metadata")
+            except CorruptFileError as e:
+                raise TeacherCacheError(f"{e}. Delete {staging} (the old set in {self.root} is still there) "
+                                        "and run again.") from None
+            root_meta = os.path.join(self.root, META_FILE)
+            # the old metadata first: from here on the folder never pairs it with new chunks
+            if os.path.exists(root_meta):
+                os.unlink(root_meta)
+            for f in sorted(os.listdir(staging)):
+                if f.startswith("chunk_") and f.endswith(".safetensors"):
+                    os.replace(os.path.join(staging, f), os.path.join(self.root, f))
+            keep = {f"chunk_{i:05d}.safetensors" for i in range(int(meta.get("num_chunks", 0)))}
+            for f in os.listdir(self.root):
+                if self._owned(f) and f != META_FILE and f not in keep:
+                    os.unlink(os.path.join(self.root, f))  # chunks of the old set the new one does not have
+            fsync_dir(self.root)
+            os.replace(staged_meta, root_meta)
+            fsync_dir(self.root)
+        for f in os.listdir(staging):
+            if self._owned(f) or f == COMMIT_FILE or self._stale_temp(f):
+                os.unlink(os.path.join(staging, f))
+        try:
+            os.rmdir(staging)
+        except OSError:  # something not ours is in there: leave it
+            pass
+
+    def _clear(self, directory: str) -> None:
         # only ever remove files this class writes
-        for f in os.listdir(self.directory):
-            if self._owned(f):
-                os.unlink(os.path.join(self.directory, f))
+        for f in os.listdir(directory):
+            if self._owned(f) or f == COMMIT_FILE:
+                os.unlink(os.path.join(directory, f))
 
     def _remove_stale_temps(self) -> None:
         """Temp files left by a killed write (they would pile up and count against cache_max_bytes)."""
@@ -338,14 +425,16 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
     cache = None
     if cache_dir is not None:
         cache = TeacherCache(cache_dir, settings, n, batch_size, max_bytes)
-        # under torch.distributed rank 0 validates/creates (or, with regenerate, clears) the cache first; the
-        # other ranks then only check it (or create it, on node-local disks); any failure stops every rank
+        # under torch.distributed rank 0 validates/creates (or, with regenerate, starts the staged set of) the cache
+        # first; the other ranks then check it (or create it, on node-local disks); any failure stops every rank
         for opener in ((True, False) if D.get_world_size() > 1 else (None,)):
             err = None
             if opener is None or opener == D.is_rank0():
                 try:
                     cache.check_size(n * per_sample + 4096 * (cache.num_chunks + 1))
-                    cache.open(regenerate=regenerate and opener is not False)
+                    # regenerating never removes the set in use before the new one is complete, so every
+                    # rank may open with it (the ranks after rank 0 resume the staged set it started)
+                    cache.open(regenerate=regenerate)
                 except TeacherCacheError as e:
                     if opener is None:
                         raise
@@ -391,6 +480,18 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
         out = {k: torch.cat([c[k] for c in chunks]).to(device) for k in chunks[0]}
     if not torch.equal(out["noise"].cpu(), z_all):
         raise TeacherCacheError(f"the noise stored in {cache_dir} does not match seed {seed}; the cache is damaged")
+    if cache is not None and cache.regenerating:
+        # every rank's chunks are written (the gather above waited for them): rank 0 swaps the new set in, then
+        # the others (a no-op on a shared folder, their own copy on node-local disks)
+        if D.get_world_size() > 1:
+            D.barrier()
+            if D.is_rank0():
+                cache.commit()
+            D.barrier()
+            if not D.is_rank0():
+                cache.commit()
+        else:
+            cache.commit()
     return out
 
 
