@@ -7,7 +7,8 @@ Times, round-robin in one process: the fused update on contiguous tensors; on ch
 kernel walks their storage in place and returns channels_last); on channels_last tensors made contiguous
 first (what the kernel did before it kept layouts: K+1 permuting copies and a contiguous result); with a
 channels_last x and contiguous history (mixed: the history is copied into x's layout); and the eager
-reference (plain torch ops) on channels_last.  Run it with the malloc guard of bench_kernels.py
+reference (plain torch ops) on channels_last.  Then whole samples from a channels_last x_T with a network
+that returns channels_last or contiguous tensors (``ld3_ext/layout.py``).  Run it with the malloc guard of bench_kernels.py
 (MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824).
 """
 from __future__ import annotations
@@ -51,6 +52,40 @@ def main(argv=None):
     print(f"shape {shape} float32, 3 history terms, {args.threads} thread(s); median us per call "
           f"(ratio to the fused channels_last call)")
     for name, us in med.items():
+        print(f"  {name:45s} {us:9.1f} us  {us / base:6.2f}x")
+    sampler_rows(cl[0], args.rounds)
+
+
+def sampler_rows(x_T, rounds):
+    """A 10-step DPM-Solver++(3M) sample (no grad; and forward + backward w.r.t. the timesteps) from a
+    channels_last x_T, with a trivial network that returns channels_last (0.9*x) or contiguous tensors
+    ((0.9*x).contiguous(): that copy is the network's own, the same in the old and the new code)."""
+    import ld3_ext
+    from ld3_ext.schedules import EDM
+
+    schedule = EDM()
+    steps = torch.linspace(schedule.t_max ** (1 / 7), schedule.t_min ** (1 / 7), 11, dtype=torch.float64) ** 7
+    solver = ld3_ext.DPMSolverPP(order=3, backend="fused")
+    nets = {"channels_last outputs": lambda x, t: 0.9 * x,
+            "contiguous outputs": lambda x, t: (0.9 * x).contiguous()}
+    gout = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(1)).to(memory_format=torch.channels_last)
+    variants = {}
+    for name, net in nets.items():
+        model = ld3_ext.wrap_model(net, schedule, prediction="x0", check_output=False)
+
+        def fwd(model=model):
+            with torch.no_grad():
+                solver.sample(model, x_T, steps)
+
+        def fwdbwd(model=model):
+            tt = steps.detach().requires_grad_()
+            torch.autograd.grad(solver.sample(model, x_T, tt), tt, gout)
+        variants[f"sample, {name}"] = (None, fwd)
+        variants[f"sample fwd+bwd, {name}"] = (None, fwdbwd)
+    med = medians_us(variants, rounds, inner=3)
+    print("10-step DPM-Solver++(3M) from a channels_last x_T; median us per sample (ratio to channels_last outputs)")
+    for name, us in med.items():
+        base = med[name.replace("contiguous", "channels_last")]
         print(f"  {name:45s} {us:9.1f} us  {us / base:6.2f}x")
 
 

@@ -38,6 +38,7 @@ import torch
 
 from . import _native
 from .coefficients import MAX_HISTORY
+from .layout import in_layout_of, non_overlapping_and_dense
 from .ops import _opmath, composite_only
 
 
@@ -201,6 +202,8 @@ class _WholeSampler(torch.autograd.Function):
             if depends(out, (xl, tl)):
                 raise ForeignGradients()
             val = out.detach()
+            if native:  # one copy here, not one in each update and reverse step that reads it (layout.py)
+                val = in_layout_of(val, x)
             outs.append(val)
             graphs.append((xl, tl, out) if keep else None)
             del out  # with checkpointing its graph must go now, before the next evaluation
@@ -227,11 +230,13 @@ class _WholeSampler(torch.autograd.Function):
         tab = table.detach()
         n = len(plan.orders)
         dev = grad.device
-        if not _non_overlapping_and_dense(grad):
-            # e.g. the expand()ed grad of a sum(): one copy here, not one in each step that reads it, and
-            # in x_T's layout (that of the saved states), or every reverse step would copy them into its own
-            like = x_T if x_T.shape == grad.shape and _non_overlapping_and_dense(x_T) else grad
-            grad = torch.empty_like(like, dtype=grad.dtype).copy_(grad)
+        if x_T.shape == grad.shape and non_overlapping_and_dense(x_T):
+            # e.g. the expand()ed grad of a sum(), or a contiguous grad for channels_last states: one copy here,
+            # in x_T's layout (that of the saved states), or every reverse step would copy its states into grad's
+            grad = in_layout_of(grad, x_T) if non_overlapping_and_dense(grad) else \
+                torch.empty_like(x_T, dtype=grad.dtype).copy_(grad)
+        elif not non_overlapping_and_dense(grad):
+            grad = torch.empty_like(grad).copy_(grad)
         # weights[i, j] = b_{i+j, j}: zero-padded past the last step, gaps zeroed (rare patterns).
         # Tensor methods (narrow, select, split) instead of t[...] indexing and assignment: this runs
         # once per step, and Python's indexing machinery costs microseconds a call.
@@ -379,17 +384,6 @@ def _model_vjp(ctx, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, w
         # the next reverse step writes lambda_i into v in place, in its layout: the layout of the step (gm's)
         v = torch.empty_like(gm).copy_(v)
     return v, gt
-
-
-def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense (any dimension order), as ATen's is_non_overlapping_and_dense: the adjoint
-    kernel runs in such a tensor's own layout (csrc/dense_layout.h)."""
-    expected = 1
-    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def unipc_as_multistep(coef: torch.Tensor, orders: Sequence[int]):

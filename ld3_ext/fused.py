@@ -18,6 +18,7 @@ import torch.autograd.forward_ad as _fwad
 
 from . import _native
 from .coefficients import SOLVER_IDS, TABLE_WIDTH, SolverSpec, coefficient_table_reference
+from .layout import in_layout_of
 from .ops import _opmath, as_history, check_grid, check_table_args, check_update_args as _check_update, \
     composite_only, multistep_update_reference
 
@@ -50,6 +51,8 @@ class _MultistepUpdate(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
             return _update_backward_reference(grad, x, coef, history, needs)
         need_hist = any(needs[2:])
+        # a grad laid out otherwise than x (and its history): one copy of it, not one of x and each history term
+        grad = in_layout_of(grad, x)
         gx, gc, gms = _C.multistep_update_backward(grad, x, coef, history, needs[0], needs[1], need_hist)
         ghist = [gms[k] if (need_hist and needs[2 + k]) else None for k in range(len(history))]
         return (gx, gc, *ghist)

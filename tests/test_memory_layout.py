@@ -302,3 +302,83 @@ def test_an_expanded_grad_runs_the_reverse_steps_in_the_states_layout(monkeypatc
     yr = ld3_ext.DPMSolverPP(order=3, backend="reference").sample(model, xr, t)
     want, = torch.autograd.grad(yr.sum(), [xr])
     assert (gx - want).abs().max().item() <= 1e-12 * want.abs().max().item() + 1e-13
+
+
+# ----------------------------------------------------------------------------------------------
+# a network that returns another layout than the state's: its outputs enter the history converted once
+# ----------------------------------------------------------------------------------------------
+class _LayoutSpy:
+    """Stands in for ld3_ext._C: counts the kernel calls whose sample-shaped tensors are not all laid out alike
+    (each such call copies the odd ones into x's layout, csrc/dense_layout.h)."""
+
+    def __init__(self, real):
+        self.real, self.calls, self.mixed = real, 0, 0
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if not name.startswith("multistep"):
+            return fn
+
+        def run(*args, **kw):
+            tensors = []
+            for a in args:
+                for t in (a if isinstance(a, (list, tuple)) else [a]):
+                    if isinstance(t, torch.Tensor) and t.shape == SHAPE4:
+                        tensors.append(t)
+            self.calls += 1
+            self.mixed += len({t.stride() for t in tensors}) > 1
+            return fn(*args, **kw)
+        return run
+
+
+def _contiguous_output_model(schedule, weight=None):
+    """A network that always returns contiguous tensors (a channels_last state comes back laid out otherwise)."""
+    def net(x, t):
+        y = torch.tanh(x * 0.02) * (1.0 + 0.05 * torch.log1p(t.reshape(-1, 1, 1, 1).abs()))
+        return (y if weight is None else y * weight).contiguous()
+    return ld3_ext.wrap_model(net, schedule, prediction="x0")
+
+
+HISTORY_SOLVERS = {
+    "dpmpp3": lambda b: ld3_ext.DPMSolverPP(order=3, backend=b),
+    "unipc3": lambda b: ld3_ext.UniPC(order=3, backend=b),
+    "heun": lambda b: ld3_ext.Heun(backend=b),
+    "euler": lambda b: ld3_ext.Euler(backend=b),
+}
+
+
+@pytest.mark.parametrize("path,grad_layout", [("no_grad", None), ("whole_sampler", "state"),
+                                              ("whole_sampler", "contiguous"), ("per_step", "state"),
+                                              ("per_step", "contiguous")])
+@pytest.mark.parametrize("solver", sorted(HISTORY_SOLVERS))
+def test_outputs_in_another_layout_are_converted_once(monkeypatch, solver, path, grad_layout):
+    """channels_last state, contiguous network outputs (and a grad in the state's layout or contiguous): no
+    kernel call (update, its backward, the adjoint step) gets mixed layouts any more (each copied up to 3
+    history entries, or the states, per call), and results and gradients are those of the same solve on
+    contiguous tensors."""
+    schedule = ld3_ext.EDM()
+    t = random_decreasing_grid(80.0, 0.002, 6, seed=4)
+    x_T = 80.0 * _channels_last(torch.Generator().manual_seed(5), torch.float64)
+    g = torch.randn(SHAPE4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    # per_step: the network depends on a weight that requires grad, so the whole-sampler node declines
+    weight = torch.tensor(1.1, dtype=torch.float64, requires_grad=True) if path == "per_step" else None
+    spy = _LayoutSpy(_native._C)
+    monkeypatch.setattr(_native, "_C", spy)
+    monkeypatch.setattr(fused, "_C", spy)
+
+    def run(x0):
+        xx, tt = x0.clone().requires_grad_(path != "no_grad"), t.clone().requires_grad_(path != "no_grad")
+        model = _contiguous_output_model(schedule, weight)
+        if path == "no_grad":
+            with torch.no_grad():
+                return (HISTORY_SOLVERS[solver]("fused").sample(model, xx, tt),)
+        y = HISTORY_SOLVERS[solver]("fused").sample(model, xx, tt)
+        gg = torch.empty_like(xx).copy_(g) if grad_layout == "state" else g.contiguous()
+        return (y.detach(), *torch.autograd.grad(y, [xx, tt], gg))
+
+    got = run(x_T)
+    assert spy.calls >= 6 and spy.mixed == 0, (spy.calls, spy.mixed)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    want = run(x_T.contiguous())
+    for a, b in zip(got, want):
+        assert (a - b).abs().max().item() <= 1e-12 * b.abs().max().item() + 1e-13

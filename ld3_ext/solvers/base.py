@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .. import adjoint, ops
 from .._checks import count, flag
 from ..coefficients import SolverSpec, step_orders
+from ..layout import in_layout_of
 from ..ops import _vmapped
 from ..schedules import NoiseSchedule
 from ..wrappers import DiffusionModel, _capturing, _compiling
@@ -128,6 +129,10 @@ def table_rows(table: torch.Tensor, which: int):
     return table.select(1, which).unbind(0)
 
 
+def _as_is(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class Solver:
     """Base class.  Subclasses set ``name``, ``max_order`` and implement ``_solve``."""
 
@@ -241,6 +246,15 @@ class Solver:
     def _solve(self, model, x, t, tm, kwargs):
         raise NotImplementedError
 
+    def _history_entry_fn(self):
+        """How a model output enters the per-step loop's history: on the fused path in the state's layout, one
+        copy instead of one in every update that reads it (``ld3_ext/layout.py``); otherwise as it is (the eager
+        ops take any layout, and a torch.func transform's wrapped tensors have no strides to compare)."""
+        if ops.resolve_backend(self.backend) == "fused" and not ops.func_transform_active():
+            return in_layout_of
+        return _as_is
+
+
     @staticmethod
     def _backward_checks(model: DiffusionModel, x: torch.Tensor):
         """For the whole-sampler node: on CUDA its backward's network re-evaluations (checkpointing, a
@@ -275,9 +289,10 @@ class MultistepSolver(Solver):
                 pass
         history: List[torch.Tensor] = []  # newest first
         rows = table_rows(coef, 0)
+        entry = self._history_entry_fn()
         for i in range(1, n + 1):
             x0, eps = self._evaluate(model, x, tm[i - 1], i - 1, kwargs, "eps" if use_eps else "x0")
-            history.insert(0, eps if use_eps else x0)
+            history.insert(0, entry(eps if use_eps else x0, x))
             del history[spec.order:]
             p = orders[i - 1]
             x = ops.multistep_update(x, rows[i - 1], history[:p], self.backend)

@@ -86,8 +86,9 @@ class Heun(Solver):
                 pass
         history: List[torch.Tensor] = []  # newest first
         rows = table_rows(table, 0)
+        entry = self._history_entry_fn()
         for k, p in enumerate(orders):
-            history.insert(0, self._evaluate(model, x, tm2[k], k, kwargs, "x0")[0])
+            history.insert(0, entry(self._evaluate(model, x, tm2[k], k, kwargs, "x0")[0], x))
             del history[2:]
             x = ops.multistep_update(x, rows[k], history[:p], self.backend)
         return x

@@ -55,14 +55,15 @@ class UniPC(MultistepSolver):
                                              table, tm, self._backward_checks(model, x))
             except adjoint.ForeignGradients:
                 pass
-        history: List[torch.Tensor] = [self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]]
+        entry = self._history_entry_fn()
+        history: List[torch.Tensor] = [entry(self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0], x)]
         predictor, corrector = table_rows(coef, 0), table_rows(coef, 1)
         for i in range(1, n + 1):
             p = orders[i - 1]
             x_pred = ops.multistep_update(x, predictor[i - 1], history[:p], self.backend)
             if i == n:
                 return x_pred
-            d_new = self._evaluate(model, x_pred, tm[i], i, kwargs, "x0")[0]
+            d_new = entry(self._evaluate(model, x_pred, tm[i], i, kwargs, "x0")[0], x_pred)
             if self.use_corrector:
                 x = ops.multistep_update(x, corrector[i - 1], [d_new] + history[:p], self.backend)
             else:

@@ -1,0 +1,36 @@
+"""Memory layouts on the fused path.
+
+The native kernels run in the layout of their ``x`` when it is dense (contiguous, channels_last, any dimension
+order; ``csrc/dense_layout.h``) and read every other input that is laid out the same way in place; an input laid
+out otherwise is copied into x's layout on every call.  A solver's history entry is read by up to three updates
+(and by the reverse steps of the whole-sampler node), so a model output whose layout differs from the state's
+(e.g. a network that returns contiguous tensors for a channels_last state) is converted once, when it enters
+the history, instead of at every update that reads it.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense in any dimension order, as ATen's ``is_non_overlapping_and_dense``."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t``, or one copy of it in ``like``'s layout when ``like`` is dense, has t's shape and device, and t is
+    laid out otherwise (strides differ on a dimension of size > 1).  The copy is differentiable (``copy_``)."""
+    ts, ls = t.stride(), like.stride()
+    if ts == ls or t.shape != like.shape or t.device != like.device:
+        return t
+    if all(a == b for a, b, n in zip(ts, ls, t.shape) if n != 1) or not non_overlapping_and_dense(like):
+        return t
+    return torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
+__all__ = ["non_overlapping_and_dense", "in_layout_of"]
