@@ -18,7 +18,9 @@ other settings (or another model, by weights hash) is never silently reused or o
 ``regenerate=True`` builds the new set in the subfolder ``.regenerating/`` and keeps the old set until
 the new one is complete, so an interruption loses neither (a later run resumes the new set, or reuses
 the old one with the old settings).  Then a ``commit.json`` marker is written and the new files are
-moved over the old ones, ``meta.json`` last; a swap cut short is finished by the next ``open``.
+moved over the old ones, ``meta.json`` last; a swap cut short is finished by the next ``open``.  A staged
+set that is given up (the old settings used again) stays in ``.regenerating/`` until a regeneration resumes or
+replaces it; deleting that folder reclaims its space.
 """
 from __future__ import annotations
 
@@ -236,7 +238,7 @@ class TeacherCache:
             return
         if estimated > self.max_bytes:
             raise TeacherCacheTooLarge(
-                f"the teacher cache in {self.directory} would need about {estimated:,} bytes "
+                f"the teacher cache in {self.root} would need about {estimated:,} bytes "
                 f"({self.n} samples), over the limit of {int(self.max_bytes):,} bytes (cache_max_bytes). "
                 "Raise the limit, use fewer samples (n_train/n_valid), or choose another directory.")
 
