@@ -532,3 +532,49 @@ def test_heun_keeps_float32_precision_on_flow_matching():
             x = sch.step(v.float(), tt, x).prev_sample
     err = float((x.double() - truth).abs().max() / truth.abs().max())
     assert err < 3e-5, err  # float32 round-off of 10 evaluations (measured 8e-6; the old loop 3e-4)
+
+
+@pytest.mark.parametrize("solver,prediction", [("euler", "sample"), ("ipndm", "epsilon"), ("dpmpp", "sample"),
+                                               ("unipc", "sample"), ("heun", "sample")])
+def test_channels_last_unet_output_for_contiguous_latents(monkeypatch, solver, prediction):
+    """A UNet put in channels_last (a common diffusers speed-up) returns channels_last outputs for contiguous
+    latents: the fused updates get their history in the latents' layout (one copy per output, not one per update
+    that reads it), and the solve equals the one with contiguous outputs."""
+    from ld3_ext import _native, fused
+
+    if not _native.native_available():
+        pytest.fail("the fused path needs the native extension, which this suite builds")
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG, prediction_type=prediction).config
+    _, sched = from_diffusers(tiny_unet(), cfg)
+    t = ld3_ext.discretizations.logsnr_uniform(sched, 5)
+    x_T = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    calls = {"all": 0, "mixed": 0}
+    real = _native._C
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            if name != "multistep_update":
+                return fn
+
+            def run(x, coef, history, *rest):
+                calls["all"] += 1
+                calls["mixed"] += any(m.stride() != x.stride() for m in history)
+                return fn(x, coef, history, *rest)
+            return run
+
+    def solve(out_layout):
+        sch = LD3Scheduler.from_timesteps(t, None, {"name": solver, "backend": "fused"}, scheduler_config=cfg)
+        sch.set_timesteps()
+        x = x_T.clone()
+        for tt in sch.timesteps:
+            out = torch.tanh(0.3 * x) * (1 + 1e-3 * float(tt))  # a stand-in network, contiguous
+            x = sch.step(out.contiguous(memory_format=out_layout), tt, x).prev_sample
+        return x
+
+    monkeypatch.setattr(fused, "_C", Spy())
+    got = solve(torch.channels_last)
+    assert calls["all"] >= 5 and calls["mixed"] == 0, calls
+    assert got.is_contiguous()
+    want = solve(torch.contiguous_format)
+    assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item()

@@ -45,6 +45,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from .. import ops
 from ..coefficients import step_orders
 from ..discretizations import DISCRETIZATIONS, get_discretization
+from ..layout import in_layout_of
 from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete, schedule_from_config
 from ..solvers import SOLVERS, Solver, as_solver, solver_from_config
 from ..solvers.heun import heun_multistep_table
@@ -460,12 +461,17 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         raise ValueError(f"LD3Scheduler.step: model_output shape {tuple(out.shape)} does not match sample shape "
                          f"{tuple(x.shape)}")
 
+    def _in_state_layout(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A history entry in the sample's layout on the fused path: a channels_last UNet's output for contiguous
+        latents is copied once here, not by each of the up to three updates that read it (``ld3_ext/layout.py``)."""
+        return in_layout_of(m, x) if ops.resolve_backend(self.solver.backend) == "fused" else m
+
     def _multistep_step(self, out, x, k):
         spec = self.solver.spec()
         backend = self.solver.backend
         coef = self._tables["coef"]
         x0, eps = self._convert(out, x, k)
-        m = eps if spec.uses_noise_prediction else x0
+        m = self._in_state_layout(eps if spec.uses_noise_prediction else x0, x)
         if spec.has_corrector and k > 0:
             # UniC of the previous step, with the output just made at its predictor point
             p_prev = self._orders[k - 1]
@@ -482,6 +488,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         # from the sample passed in (a pipeline may have edited it: an inpainting blend, a step callback).  Not
         # EDM's loop in x/alpha: that state is up to 1/alpha larger than the sample, and float32 lost its digits
         x0, _ = self._convert(out, x, (k + 1) // 2)  # evaluation k is made at model time (k + 1) // 2
+        x0 = self._in_state_layout(x0, x)
         coef = self._tables["coef"]
         if k % 2 == 0:
             self._heun = x0
