@@ -13,6 +13,20 @@ def test_loaders_name_a_dtype_that_is_not_a_float_dtype(load, bad):
         load(dtype=bad)
 
 
+@pytest.mark.parametrize("load", [load_digits_net, load_digits_model, load_digits_classifier])
+@pytest.mark.parametrize("bad,error,match", [("nope", ValueError, "device 'nope' cannot be used"),
+                                             ("cuda:x", ValueError, "device 'cuda:x' cannot be used"),
+                                             (None, TypeError, "device must be a device name"),
+                                             (1.5, TypeError, "device must be a device name")])
+def test_loaders_name_a_device_that_is_not_one(load, bad, error, match):
+    with pytest.raises(error, match=match):
+        load(device=bad)
+
+
+def test_loaders_take_a_device_object():
+    assert load_digits_net(device=torch.device("cpu")).out.weight.device.type == "cpu"
+
+
 def test_loaders_still_take_float64():
     net = load_digits_net(dtype=torch.float64)
     assert net.out.weight.dtype == torch.float64

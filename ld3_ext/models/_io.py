@@ -93,6 +93,13 @@ class ShippedWeights:
         # nn.Module.to's own refusal names neither the argument nor what it takes
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
+        if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
+            raise TypeError(f"device must be a device name such as 'cpu' or 'cuda:0', a torch.device or a GPU "
+                            f"index, got {type(device).__name__} {device!r}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as exc:  # torch's message lists its device types but names no argument
+            raise ValueError(f"device {device!r} cannot be used: {str(exc).splitlines()[0]}") from None
         state, meta, _ = self._loaded()
         net = self._build(meta.get("config"))
         net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
