@@ -482,19 +482,31 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
         out = {k: torch.cat([c[k] for c in chunks]).to(device) for k in chunks[0]}
     if not torch.equal(out["noise"].cpu(), z_all):
         raise TeacherCacheError(f"the noise stored in {cache_dir} does not match seed {seed}; the cache is damaged")
-    if cache is not None and cache.regenerating:
-        # every rank's chunks are written (the gather above waited for them): rank 0 swaps the new set in, then
-        # the others (a no-op on a shared folder, their own copy on node-local disks)
-        if D.get_world_size() > 1:
-            D.barrier()
-            if D.is_rank0():
-                cache.commit()
-            D.barrier()
-            if not D.is_rank0():
-                cache.commit()
-        else:
-            cache.commit()
+    if cache is not None:
+        _commit(cache, cache_dir)
     return out
+
+
+def _commit(cache: TeacherCache, cache_dir: str) -> None:
+    """Swap a regenerated set in.  Under torch.distributed every rank's chunks are written by now (the gather
+    above waited for them); whether to commit is decided together (on node-local disks one rank may regenerate
+    while another starts afresh), then rank 0 commits, then the others (a no-op on a shared folder, their own
+    copy on node-local disks), and a failure on one rank stops every rank instead of leaving them waiting."""
+    if D.get_world_size() == 1:
+        cache.commit()
+        return
+    if not D.any_rank(cache.regenerating):
+        return
+    for committer in (True, False):
+        err = None
+        if committer == D.is_rank0():
+            try:
+                cache.commit()
+            except (OSError, TeacherCacheError) as e:
+                err = e
+        if D.any_rank(err is not None):
+            raise err if err is not None else TeacherCacheError(
+                f"another rank could not swap in the regenerated teacher set in {cache_dir} (see its error)")
 
 
 def _gather_chunks(chunks, n, z_all, conditions, dtype, device) -> Dict[str, torch.Tensor]:
