@@ -462,6 +462,52 @@ def test_cuda_whole_sampler_matches_cpu_and_is_deterministic(make_solver):
         assert torch.equal(a, b), "CUDA whole-sampler backward must be bitwise reproducible"
 
 
+@pytest.mark.parametrize("solver", ["dpmpp3", "unipc3", "heun"])
+def test_cuda_contiguous_outputs_for_a_channels_last_state(monkeypatch, solver):
+    """A network returning contiguous tensors for a channels_last state: its outputs (and a contiguous incoming
+    gradient) are converted once into the state's layout (ld3_ext/layout.py), so no kernel call on the device
+    gets mixed layouts; results and gradients equal the CPU's contiguous solve."""
+    import ld3_ext
+    makers = {"dpmpp3": lambda: ld3_ext.DPMSolverPP(order=3), "unipc3": lambda: ld3_ext.UniPC(order=3),
+              "heun": lambda: ld3_ext.Heun()}
+    schedule = S.EDM()
+    model = ld3_ext.wrap_model(lambda x, t: (torch.tanh(0.05 * x) * (1.0 + 0.01 * t.reshape(-1, 1, 1, 1))).contiguous(),
+                               schedule, prediction="x0")
+    t0 = torch.linspace(80 ** (1 / 7), 0.002 ** (1 / 7), 7, dtype=torch.float64) ** 7
+    x0 = 80 * torch.randn(2, 4, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    g0 = torch.randn(x0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    mixed = []
+    real = _native._C
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            if not name.startswith("multistep"):
+                return fn
+
+            def run(*args):
+                shaped = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else [arg])
+                          if isinstance(a, torch.Tensor) and a.shape == x0.shape]
+                mixed.append(len({a.stride() for a in shaped}) > 1)
+                return fn(*args)
+            return run
+
+    def solve(device, layout):
+        x = x0.to(device).contiguous(memory_format=layout).requires_grad_()
+        t = t0.to(device).requires_grad_()
+        y = makers[solver]().sample(model, x, t)
+        return [v.detach().cpu() for v in (y, *torch.autograd.grad(y, [x, t], g0.to(device)))], y
+
+    want, _ = solve("cpu", torch.contiguous_format)
+    monkeypatch.setattr(_native, "_C", Spy())
+    monkeypatch.setattr(fused, "_C", Spy())
+    got, y = solve(DEV, torch.channels_last)
+    assert len(mixed) >= 6 and not any(mixed), mixed
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
 @needs_cuda
 def test_cuda_graph_capture_of_whole_sampler_backward():
     """The whole-sampler node (forward and its backward, the LD3 training step's solver part) reads
