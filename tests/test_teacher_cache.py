@@ -329,3 +329,57 @@ def test_regeneration_over_damaged_metadata_keeps_the_chunks_until_done(ring, tm
     assert all(torch.equal(full[k], again[k]) for k in full)
     assert sorted(os.listdir(tmp_path)) == ["chunk_00000.safetensors", "chunk_00001.safetensors",
                                             "chunk_00002.safetensors", "meta.json"]
+
+
+@pytest.mark.parametrize("rank0", [True, False])
+def test_commit_under_torch_distributed_is_decided_together_and_failures_stop_every_rank(monkeypatch, rank0):
+    """Simulated 2-rank run (the collectives answered locally for this rank and a fake other rank): the commit
+    is skipped only when no rank regenerates, rank 0 commits in the first round and the other rank in the
+    second, and a failing commit raises on its rank while the other rank gets a TeacherCacheError naming the
+    folder (instead of waiting at a barrier)."""
+    from ld3_ext.training import teacher as teacher_mod
+
+    other = {"regenerating": False, "fails": False}
+    calls = []
+
+    def any_rank(flag):
+        # call 1: "is any rank regenerating?"; calls 2 and 3: "did a commit fail?" after rounds 1 (rank 0 commits)
+        # and 2 (the other ranks commit); the other rank commits in round 2 if this is rank 0, else in round 1
+        calls.append(flag)
+        if len(calls) == 1:
+            return bool(flag or other["regenerating"])
+        other_commit_round = 3 if rank0 else 2
+        return bool(flag or (other["fails"] and len(calls) == other_commit_round))
+
+    monkeypatch.setattr(teacher_mod.D, "get_world_size", lambda: 2)
+    monkeypatch.setattr(teacher_mod.D, "is_rank0", lambda: rank0)
+    monkeypatch.setattr(teacher_mod.D, "any_rank", any_rank)
+
+    class FakeCache:
+        def __init__(self, regenerating, fail=False):
+            self.regenerating, self.fail, self.commits = regenerating, fail, 0
+
+        def commit(self):
+            self.commits += 1
+            if self.fail:
+                raise OSError("disk full")
+
+    c = FakeCache(False)
+    teacher_mod._commit(c, "cache")  # no rank regenerates: no commit round at all
+    assert c.commits == 0 and calls == [False]
+    calls.clear()
+    other["regenerating"] = True  # only the other rank regenerates: this one still takes part in both rounds
+    c = FakeCache(False)
+    teacher_mod._commit(c, "cache")
+    assert c.commits == 1 and len(calls) == 3
+    calls.clear()
+    c = FakeCache(True, fail=True)  # this rank's commit fails: it raises its own error
+    with pytest.raises(OSError, match="disk full"):
+        teacher_mod._commit(c, "cache")
+    assert c.commits == 1
+    calls.clear()
+    other["fails"] = True  # the other rank's commit fails: this rank stops too, naming the folder
+    c = FakeCache(True)
+    with pytest.raises(TeacherCacheError, match="another rank could not swap in the regenerated teacher set in cache"):
+        teacher_mod._commit(c, "cache")
+    assert c.commits == (1 if rank0 else 0)  # rank 0 committed in round 1; the other rank never got to round 2
