@@ -25,6 +25,10 @@ def non_overlapping_and_dense(t: torch.Tensor) -> bool:
 def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t``, or one copy of it in ``like``'s layout when ``like`` is dense, has t's shape and device, and t is
     laid out otherwise (strides differ on a dimension of size > 1).  The copy is differentiable (``copy_``)."""
+    if torch.compiler.is_compiling():
+        # strides may be symbolic there (dynamic shapes: the dense test's sort cannot be traced), and the traced
+        # custom ops handle any layout themselves
+        return t
     ts, ls = t.stride(), like.stride()
     if ts == ls or t.shape != like.shape or t.device != like.device:
         return t

@@ -58,3 +58,18 @@ def test_compile_of_torch_func_transforms_with_checkpoint_model(backend):
         torch._dynamo.reset()  # a fresh trace for each transform
         got = torch.compile(transform, backend="aot_eager")(arg)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", [ld3_ext.DPMSolverPP(order=3, backend="fused"), ld3_ext.Heun(backend="fused")],
+                         ids=["dpmpp3m", "heun"])
+def test_fullgraph_dynamic_compile_with_outputs_in_another_layout(solver):
+    """A channels_last state with contiguous network outputs traces with dynamic shapes (symbolic strides: the
+    layout conversion of ld3_ext/layout.py stays out of traced code) and matches eager."""
+    s = ld3_ext.EDM()
+    model = ld3_ext.wrap_model(lambda x, t: (torch.tanh(0.02 * x) * (1.0 + 0.01 * t.reshape(-1, 1, 1, 1))).contiguous(),
+                               s, prediction="x0")
+    t = D.logsnr_uniform(s, 5)
+    x = (80 * torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).contiguous(
+        memory_format=torch.channels_last)
+    fn = torch.compile(lambda xx: solver.sample(model, xx, t), fullgraph=True, dynamic=True, backend="aot_eager")
+    torch.testing.assert_close(fn(x), solver.sample(model, x, t), rtol=1e-12, atol=1e-12)
