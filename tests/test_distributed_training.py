@@ -23,6 +23,7 @@ import torch
 
 from ld3_ext.atomic_io import load_safetensors_checked
 from ld3_ext.schedule_file import load_schedule
+from ld3_ext.training.teacher import LOCK_FILE
 
 SETTINGS = ["--model", "gmm:ring2d", "--n-train", "26", "--n-valid", "4", "--threads", "1", "--no-progress"]
 # a fixed init: with init="auto" this tiny run may start at a grid it cannot improve on in two rounds,
@@ -71,7 +72,8 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     out = _run(["teacher", *SETTINGS, "--out", a], nproc=2)
     assert out.count("teacher pairs ready") == 1  # rank 0 alone prints
     cache = os.path.join(a, "teacher")
-    assert sorted(os.listdir(cache)) == ["chunk_00000.safetensors", "chunk_00001.safetensors", "meta.json"]
+    assert sorted(f for f in os.listdir(cache) if f != LOCK_FILE) == ["chunk_00000.safetensors", "chunk_00001.safetensors",
+                                                                   "meta.json"]
     before = _mtimes(cache)
     _run(["train", *SETTINGS, *TRAIN, "--out", a])
     assert _mtimes(cache) == before, "the 1-process run must reuse the cache written by 2 ranks"
@@ -166,7 +168,8 @@ def test_torchrun_regeneration_swaps_in_the_new_set_once(tmp_path):
     cache = os.path.join(a, "teacher")
     new = [*SETTINGS[:2], "--n-train", "40", *SETTINGS[4:]]  # 44 pairs: 25 + 19
     _run(["teacher", *new, "--regenerate-teacher", "--out", a], nproc=2)
-    assert sorted(os.listdir(cache)) == ["chunk_00000.safetensors", "chunk_00001.safetensors", "meta.json"]
+    assert sorted(f for f in os.listdir(cache) if f != LOCK_FILE) == ["chunk_00000.safetensors", "chunk_00001.safetensors",
+                                                                   "meta.json"]
     before = _mtimes(cache)
     _run(["teacher", *new, "--out", a])
     assert _mtimes(cache) == before, "the 1-process run must reuse the set the 2 ranks regenerated"

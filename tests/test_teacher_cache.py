@@ -11,7 +11,7 @@ from ld3_ext.atomic_io import atomic_save_safetensors, load_safetensors_checked,
 from ld3_ext.solvers import DPMSolverPP
 from ld3_ext.training import (LD3Trainer, TeacherCacheError, TeacherCacheMismatch, TeacherCacheTooLarge,
                               generate_teacher_data, make_teacher, model_identity)
-from ld3_ext.training.teacher import TeacherConfig, load_or_generate_teacher
+from ld3_ext.training.teacher import LOCK_FILE, TeacherConfig, load_or_generate_teacher
 
 
 class Counting:
@@ -25,6 +25,11 @@ class Counting:
         if self.fail_on is not None and self.calls == self.fail_on:
             raise KeyboardInterrupt("simulated interruption")
         return self.fn(x, **kw)
+
+
+def _ls(d):
+    """The folder's entries but the lock file (it stays: removing it would race another process's flock)."""
+    return [f for f in os.listdir(d) if f != LOCK_FILE]
 
 
 def _gen(model, teacher_fn, settings, cache, n=10, seed=0, chunk=4, **kw):
@@ -60,7 +65,7 @@ def test_cache_is_reused_and_bitwise_identical(ring, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k])
     assert a["noise"].shape == (10, 2) and abs(float(a["noise"].std()) - 1) < 0.5  # unit-variance noise stored
-    files = sorted(os.listdir(tmp_path))
+    files = sorted(_ls(tmp_path))
     assert files == ["chunk_00000.safetensors", "chunk_00001.safetensors", "chunk_00002.safetensors", "meta.json"]
     for f in files[:-1]:
         # safetensors layout (not a pickle, not torch.save's zip): u64 little-endian header size, then JSON
@@ -82,7 +87,7 @@ def test_mismatching_cache_is_refused_then_regenerated(ring, tmp_path, change):
         kw["n"] = 12
     elif change == "teacher":
         fn, other_settings = make_teacher(model, "solver", solver=DPMSolverPP(3, backend="reference"), nfe=10)
-    before = {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)}
+    before = {f: open(tmp_path / f, "rb").read() for f in _ls(tmp_path)}
     if change == "model":
         with pytest.raises(TeacherCacheMismatch, match="model.weights_hash"):
             generate_teacher_data(model, fn, settings, 10, (2,), dtype=torch.float64, batch_size=4,
@@ -92,7 +97,7 @@ def test_mismatching_cache_is_refused_then_regenerated(ring, tmp_path, change):
         with pytest.raises(TeacherCacheMismatch, match="different settings"):
             _gen(model, fn, other_settings, str(tmp_path), **kw)
     # nothing already saved was touched
-    assert {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)} == before
+    assert {f: open(tmp_path / f, "rb").read() for f in _ls(tmp_path)} == before
     if change != "model":
         out = _gen(model, fn, other_settings, str(tmp_path), regenerate=True, **kw)
         assert out["noise"].shape[0] == kw["n"]
@@ -118,9 +123,9 @@ def test_interrupted_generation_resumes(ring, tmp_path):
     t1 = Counting(fn, fail_on=3)
     with pytest.raises(KeyboardInterrupt):
         _gen(model, t1, settings, str(tmp_path / "b"))
-    assert sorted(f for f in os.listdir(tmp_path / "b") if f.startswith("chunk")) == \
+    assert sorted(f for f in _ls(tmp_path / "b") if f.startswith("chunk")) == \
         ["chunk_00000.safetensors", "chunk_00001.safetensors"]
-    assert not [f for f in os.listdir(tmp_path / "b") if f.endswith(".tmp")]
+    assert not [f for f in _ls(tmp_path / "b") if f.endswith(".tmp")]
     t2 = Counting(fn)
     resumed = _gen(model, t2, settings, str(tmp_path / "b"))
     assert t2.calls == 1
@@ -245,6 +250,8 @@ def _snapshot(d):
     out = {}
     for base, _, files in os.walk(d):
         for f in files:
+            if f == LOCK_FILE:
+                continue
             p = os.path.join(base, f)
             out[os.path.relpath(p, d)] = open(p, "rb").read()
     return out
@@ -273,7 +280,7 @@ def test_interrupted_regeneration_keeps_the_old_set_then_resumes(ring, tmp_path)
     assert t3.calls == 1
     fresh = _gen(model, fn, settings, str(tmp_path / "fresh"), n=6, seed=3)
     assert all(torch.equal(fresh[k], new[k]) for k in fresh)
-    assert sorted(f for f in os.listdir(tmp_path) if f != "fresh") == \
+    assert sorted(f for f in _ls(tmp_path) if f != "fresh") == \
         ["chunk_00000.safetensors", "chunk_00001.safetensors", "meta.json"]  # old chunk 2 gone, no staging
     t4 = Counting(fn)
     reused = _gen(model, t4, settings, str(tmp_path), n=6, seed=3)
@@ -311,7 +318,7 @@ def test_swap_cut_short_is_finished_by_the_next_open(ring, tmp_path, monkeypatch
     assert t.calls == 0
     fresh = _gen(model, fn, settings, str(tmp_path / "fresh"), n=6, seed=3)
     assert all(torch.equal(fresh[k], new[k]) for k in fresh)
-    assert sorted(f for f in os.listdir(tmp_path) if f != "fresh") == \
+    assert sorted(f for f in _ls(tmp_path) if f != "fresh") == \
         ["chunk_00000.safetensors", "chunk_00001.safetensors", "meta.json"]
 
 
@@ -327,7 +334,7 @@ def test_regeneration_over_damaged_metadata_keeps_the_chunks_until_done(ring, tm
     assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith(".regenerating")} == before
     again = _gen(model, fn, settings, str(tmp_path), regenerate=True)
     assert all(torch.equal(full[k], again[k]) for k in full)
-    assert sorted(os.listdir(tmp_path)) == ["chunk_00000.safetensors", "chunk_00001.safetensors",
+    assert sorted(_ls(tmp_path)) == ["chunk_00000.safetensors", "chunk_00001.safetensors",
                                             "chunk_00002.safetensors", "meta.json"]
 
 
@@ -383,3 +390,67 @@ def test_commit_under_torch_distributed_is_decided_together_and_failures_stop_ev
     with pytest.raises(TeacherCacheError, match="another rank could not swap in the regenerated teacher set in cache"):
         teacher_mod._commit(c, "cache")
     assert c.commits == (1 if rank0 else 0)  # rank 0 committed in round 1; the other rank never got to round 2
+
+
+def _commit_in_a_process(d, barrier, queue):
+    from ld3_ext.training.teacher import TeacherCache
+    c = TeacherCache(d, {"s": "S2"}, n=40, chunk_size=2)
+    c.open(regenerate=True)  # resumes the complete staged set
+    barrier.wait()
+    try:
+        c.commit()
+        queue.put("ok")
+    except Exception as e:  # noqa: BLE001 -- reported to the test
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_sharing_the_folder_commit_one_at_a_time(tmp_path):
+    """Several torchrun ranks on one node with a node-local folder commit the same staged set at once: the
+    folder lock makes one swap it in and the others find nothing left to do (without it, most trials had a
+    rank fail with FileNotFoundError, some left the folder without meta.json)."""
+    import multiprocessing as mp
+
+    from ld3_ext.training.teacher import TeacherCache
+    ctx = mp.get_context("fork")
+    for trial in range(3):
+        d = str(tmp_path / f"c{trial}")
+        old = TeacherCache(d, {"s": "S1"}, n=40, chunk_size=2)
+        old.open()
+        for i in range(20):
+            old.write_chunk(i, {"x": torch.zeros(2)})
+        staged = TeacherCache(d, {"s": "S2"}, n=40, chunk_size=2)
+        staged.open(regenerate=True)
+        for i in range(20):
+            staged.write_chunk(i, {"x": torch.ones(2)})
+        barrier, queue = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_commit_in_a_process, args=(d, barrier, queue)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [queue.get(timeout=10) for _ in procs] == ["ok"] * 4
+        new = TeacherCache(d, {"s": "S2"}, n=40, chunk_size=2)
+        new.open()  # the new set is in place, complete
+        assert all(torch.equal(new.load_chunk(i)["x"], torch.ones(2)) for i in range(20))
+        assert not os.path.exists(os.path.join(d, ".regenerating"))
+
+
+def test_a_staged_set_restarted_by_another_run_is_never_swapped_in(ring, tmp_path):
+    """Run A regenerates while run B restarts the staged set with other settings: A's commit leaves the old
+    set in place (with a warning) instead of swapping in B's incomplete set."""
+    from ld3_ext.training.teacher import TeacherCache
+    d = str(tmp_path)
+    old = TeacherCache(d, {"s": "S1"}, n=4, chunk_size=2)
+    old.open()
+    for i in range(2):
+        old.write_chunk(i, {"x": torch.zeros(2)})
+    a = TeacherCache(d, {"s": "S2"}, n=4, chunk_size=2)
+    a.open(regenerate=True)
+    for i in range(2):
+        a.write_chunk(i, {"x": torch.ones(2)})
+    TeacherCache(d, {"s": "S3"}, n=4, chunk_size=2).open(regenerate=True)  # B restarts the staged set
+    with pytest.warns(UserWarning, match="replaced by another run"):
+        a.commit()
+    kept = TeacherCache(d, {"s": "S1"}, n=4, chunk_size=2)
+    kept.open()
+    assert all(torch.equal(kept.load_chunk(i)["x"], torch.zeros(2)) for i in range(2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import numbers
 import os
 import threading
 from importlib import resources
@@ -93,6 +94,8 @@ class ShippedWeights:
         # nn.Module.to's own refusal names neither the argument nor what it takes
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
+        if isinstance(device, numbers.Integral) and not isinstance(device, bool):
+            device = int(device)  # e.g. numpy.int64(0), which torch.device takes too
         if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
             raise TypeError(f"device must be a device name such as 'cpu' or 'cuda:0', a torch.device or a GPU "
                             f"index, got {type(device).__name__} {device!r}")

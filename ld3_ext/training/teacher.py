@@ -20,10 +20,13 @@ the new one is complete, so an interruption loses neither (a later run resumes t
 the old one with the old settings).  Then a ``commit.json`` marker is written and the new files are
 moved over the old ones, ``meta.json`` last; a swap cut short is finished by the next ``open``.  A staged
 set that is given up (the old settings used again) stays in ``.regenerating/`` until a regeneration resumes or
-replaces it; deleting that folder reclaims its space.
+replaces it; deleting that folder reclaims its space.  ``cache_max_bytes`` limits each set: while a
+regeneration runs, the old and the new set are both on disk (up to twice the limit).  Processes sharing the
+folder (torchrun ranks on one node) take an advisory lock (``.ld3_teacher.lock``, kept) to open and swap.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -48,6 +51,12 @@ CACHE_VERSION = 1
 META_FILE = "meta.json"
 STAGING_DIR = ".regenerating"  # where regenerate=True builds the new set beside the old one
 COMMIT_FILE = "commit.json"    # in STAGING_DIR: the staged set is complete and replaces the old one
+LOCK_FILE = ".ld3_teacher.lock"  # serialises open/commit of processes sharing the folder (ranks on one node)
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # Windows: no advisory locks, one process per cache folder
+    _fcntl = None
 
 
 class TeacherCacheError(RuntimeError):
@@ -251,10 +260,29 @@ class TeacherCache:
         """True while the new set is being built in the staging folder (the old one still in place)."""
         return self.directory != self.root
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive advisory lock on the cache folder: processes sharing it (torchrun ranks on one node with a
+        node-local folder, two runs by hand) open and swap one at a time, never interleaving their file moves."""
+        os.makedirs(self.root, exist_ok=True)
+        if _fcntl is None:
+            yield
+            return
+        fd = os.open(os.path.join(self.root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def open(self, regenerate: bool = False) -> None:
         """Validate an existing cache against the settings (or start a new one).  With ``regenerate`` a cache
         made with other settings (or damaged metadata) stays in place while the new set is built in the staging
         folder; :meth:`commit` swaps it in."""
+        with self._locked():
+            self._open(regenerate)
+
+    def _open(self, regenerate: bool) -> None:
         self.directory = self.root
         os.makedirs(self.root, exist_ok=True)
         self._finish_swap()
@@ -306,10 +334,21 @@ class TeacherCache:
         if not self.regenerating:
             return
         self.directory = self.root
-        if not os.path.exists(os.path.join(self.staging_dir, META_FILE)):
-            return
-        atomic_write_json(os.path.join(self.staging_dir, COMMIT_FILE), {"settings_hash": self.settings_hash()})
-        self._finish_swap()
+        with self._locked():
+            staged_meta = os.path.join(self.staging_dir, META_FILE)
+            if not os.path.exists(staged_meta):
+                return
+            try:
+                foreign = bool(self._diffs(read_json_checked(staged_meta, what="staged teacher cache metadata")))
+            except CorruptFileError:
+                foreign = True
+            if foreign:  # another process restarted the staged set with its own settings: never swap that in
+                warnings.warn(f"the staged teacher set in {self.staging_dir} was replaced by another run with other "
+                              f"settings; the set in {self.root} is kept and this run's pairs are not cached",
+                              stacklevel=2)
+                return
+            atomic_write_json(os.path.join(self.staging_dir, COMMIT_FILE), {"settings_hash": self.settings_hash()})
+            self._finish_swap()
 
     def _finish_swap(self) -> None:
         """Move a complete staged set (it has the commit marker) over the set in use.  Every step can be
@@ -437,7 +476,7 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
                     # regenerating never removes the set in use before the new one is complete, so every
                     # rank may open with it (the ranks after rank 0 resume the staged set it started)
                     cache.open(regenerate=regenerate)
-                except TeacherCacheError as e:
+                except (OSError, TeacherCacheError) as e:  # an OSError too: the other ranks must not wait forever
                     if opener is None:
                         raise
                     err = e
