@@ -392,6 +392,18 @@ def test_commit_under_torch_distributed_is_decided_together_and_failures_stop_ev
     assert c.commits == (1 if rank0 else 0)  # rank 0 committed in round 1; the other rank never got to round 2
 
 
+def _old_set_and_staged_set(d, chunks):
+    """A complete set with settings S1 (zeros) in d and a complete staged regeneration to S2 (ones), not yet
+    committed; returns the staging cache."""
+    from ld3_ext.training.teacher import TeacherCache
+    for settings, regenerate, value in (("S1", False, 0.0), ("S2", True, 1.0)):
+        c = TeacherCache(d, {"s": settings}, n=2 * chunks, chunk_size=2)
+        c.open(regenerate=regenerate)
+        for i in range(chunks):
+            c.write_chunk(i, {"x": torch.full((2,), value)})
+    return c
+
+
 def _commit_in_a_process(d, barrier, queue):
     from ld3_ext.training.teacher import TeacherCache
     c = TeacherCache(d, {"s": "S2"}, n=40, chunk_size=2)
@@ -414,14 +426,7 @@ def test_processes_sharing_the_folder_commit_one_at_a_time(tmp_path):
     ctx = mp.get_context("fork")
     for trial in range(3):
         d = str(tmp_path / f"c{trial}")
-        old = TeacherCache(d, {"s": "S1"}, n=40, chunk_size=2)
-        old.open()
-        for i in range(20):
-            old.write_chunk(i, {"x": torch.zeros(2)})
-        staged = TeacherCache(d, {"s": "S2"}, n=40, chunk_size=2)
-        staged.open(regenerate=True)
-        for i in range(20):
-            staged.write_chunk(i, {"x": torch.ones(2)})
+        _old_set_and_staged_set(d, 20)
         barrier, queue = ctx.Barrier(4), ctx.Queue()
         procs = [ctx.Process(target=_commit_in_a_process, args=(d, barrier, queue)) for _ in range(4)]
         for p in procs:
@@ -440,14 +445,7 @@ def test_a_staged_set_restarted_by_another_run_is_never_swapped_in(ring, tmp_pat
     set in place (with a warning) instead of swapping in B's incomplete set."""
     from ld3_ext.training.teacher import TeacherCache
     d = str(tmp_path)
-    old = TeacherCache(d, {"s": "S1"}, n=4, chunk_size=2)
-    old.open()
-    for i in range(2):
-        old.write_chunk(i, {"x": torch.zeros(2)})
-    a = TeacherCache(d, {"s": "S2"}, n=4, chunk_size=2)
-    a.open(regenerate=True)
-    for i in range(2):
-        a.write_chunk(i, {"x": torch.ones(2)})
+    a = _old_set_and_staged_set(d, 2)
     TeacherCache(d, {"s": "S3"}, n=4, chunk_size=2).open(regenerate=True)  # B restarts the staged set
     with pytest.warns(UserWarning, match="replaced by another run"):
         a.commit()
