@@ -45,7 +45,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from .. import ops
 from ..coefficients import step_orders
 from ..discretizations import DISCRETIZATIONS, get_discretization
-from ..layout import in_layout_of
 from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete, schedule_from_config
 from ..solvers import SOLVERS, Solver, as_solver, solver_from_config
 from ..solvers.heun import heun_multistep_table
@@ -464,7 +463,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
     def _in_state_layout(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A history entry in the sample's layout on the fused path: a channels_last UNet's output for contiguous
         latents is copied once here, not by each of the up to three updates that read it (``ld3_ext/layout.py``)."""
-        return in_layout_of(m, x) if ops.resolve_backend(self.solver.backend) == "fused" else m
+        return self.solver._history_entry_fn()(m, x)  # the solvers' own rule (fused path, no transform)
 
     def _multistep_step(self, out, x, k):
         spec = self.solver.spec()
