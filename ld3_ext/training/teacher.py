@@ -377,9 +377,8 @@ class TeacherCache:
             fsync_dir(self.root)
             os.replace(staged_meta, root_meta)
             fsync_dir(self.root)
-        for f in os.listdir(staging):
-            if self._owned(f) or f == COMMIT_FILE or self._stale_temp(f):
-                os.unlink(os.path.join(staging, f))
+        self._clear(staging)
+        remove_stale_temps(staging, self._stale_temp, min_age_s=0.0)  # under the lock no write is in flight
         try:
             os.rmdir(staging)
         except OSError:  # something not ours is in there: leave it
