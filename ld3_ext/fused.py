@@ -7,7 +7,9 @@
 
 Eager calls go straight to the pybind11 functions (~2 us a call, against ~10 us through
 ``torch.ops``); the same kernels are also registered as ``torch.ops.ld3_ext.*`` custom ops with
-fake implementations and autograd, which is what ``torch.compile`` traces.
+fake implementations and autograd, which is what ``torch.compile`` traces.  An eager update that records
+gradients gets the C++ autograd node ``_C.multistep_update_autograd`` (python/update_autograd.cpp);
+``_MultistepUpdate`` below is the same node in Python, kept as its reference (tests compare them bitwise).
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ def _device_supported(device: torch.device) -> bool:
 # eager autograd Functions (pybind11 calls)
 # ----------------------------------------------------------------------------------------------
 class _MultistepUpdate(torch.autograd.Function):
+    """The reference of the C++ node that eager calls record (python/update_autograd.cpp): same saved tensors,
+    same kernels, same double-backward composition."""
+
     @staticmethod
     def forward(ctx, x, coef, *history):
         ctx.save_for_backward(x, coef, *history)
@@ -212,7 +217,9 @@ def _self_overlapping(t: torch.Tensor) -> bool:
 def _update_eager(x, coef, history):
     if not _records_grad(x, coef, history):
         return _C.multistep_update(x, coef, history)  # nothing to record: skip the Function overhead
-    return _MultistepUpdate.apply(x, coef, *history)
+    # the same node as _MultistepUpdate, built in C++ (python/update_autograd.cpp): after a kernel has swept
+    # the caches, the Python Function's own work runs cold and cost ~60 us more a forward+backward
+    return _C.multistep_update_autograd(x, coef, history)
 
 
 # ----------------------------------------------------------------------------------------------

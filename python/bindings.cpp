@@ -1,63 +1,24 @@
-// pybind11 module ld3_ext._C: device dispatch for the fused kernels.
+// pybind11 module ld3_ext._C: the Python names of the fused kernels (device dispatch: device_dispatch.cpp).
 // The only TU that includes torch/extension.h (slow to compile); kernels live in csrc/.
 #include <torch/extension.h>
 
 #include "autograd_graph.h"
 #include "cpu/cpu_isa.h"
+#include "device_dispatch.h"
 #include "ld3_ops.h"
+#include "update_autograd.h"
 
 namespace {
 
 bool is_cuda(const at::Tensor& t) { return t.defined() && t.device().is_cuda(); }
 
-[[noreturn]] void no_cuda(const char* what) {
-  TORCH_CHECK(false, what, ": ld3_ext._C was built without CUDA kernels (rebuild with LD3_WITH_CUDA=ON)");
-}
-
-// A tensor these functions write in place, as ATen's in-place ops treat theirs: autograd cannot record the
-// write (so no tensor requiring grad), an inference tensor only inside InferenceMode, and its version
-// counter goes up afterwards, so a graph that saved it refuses to backward through stale values.
-void check_written(const at::Tensor& t, const char* what) {
-  if (!t.defined()) return;
-  TORCH_CHECK(!(t.requires_grad() && at::GradMode::is_enabled()), what,
-              " is written in place and must not require grad (autograd cannot record this write)");
-  TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), what,
-              " is an inference tensor: it can be written in place only inside torch.inference_mode()");
-}
-
-void bump_version(const at::Tensor& t) {
-  if (t.defined() && !t.is_inference()) torch::autograd::impl::bump_version(t);
-}
+using ld3::bump_version;
+using ld3::check_written;
+using ld3::no_cuda;
 
 at::Tensor multistep_update(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history,
                             const std::optional<at::Tensor>& out) {
-  const at::Tensor o = out.has_value() ? *out : at::Tensor();
-  check_written(o, "multistep_update: out");
-  at::Tensor res;
-  if (is_cuda(x)) {
-#ifdef LD3_WITH_CUDA_KERNELS
-    res = ld3::multistep_forward_cuda(x, coef, history, o);
-#else
-    no_cuda("multistep_update");
-#endif
-  } else {
-    res = ld3::multistep_forward_cpu(x, coef, history, o);
-  }
-  bump_version(o);
-  return res;
-}
-
-ld3::GradTuple multistep_update_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& coef,
-                                         const std::vector<at::Tensor>& history, bool need_x, bool need_coef,
-                                         bool need_history) {
-  if (is_cuda(x)) {
-#ifdef LD3_WITH_CUDA_KERNELS
-    return ld3::multistep_backward_cuda(grad, x, coef, history, need_x, need_coef, need_history);
-#else
-    no_cuda("multistep_update_backward");
-#endif
-  }
-  return ld3::multistep_backward_cpu(grad, x, coef, history, need_x, need_coef, need_history);
+  return ld3::update_forward(x, coef, history, out.has_value() ? *out : at::Tensor());
 }
 
 at::Tensor opt(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
@@ -128,7 +89,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multistep_update", &multistep_update, py::arg("x"), py::arg("coef"), py::arg("history"),
         py::arg("out") = py::none(),
         "x_next = coef[0]*x + sum_k coef[1+k]*history[k] (coef float64 on x's device); out may alias x");
-  m.def("multistep_update_backward", &multistep_update_backward, py::arg("grad"), py::arg("x"), py::arg("coef"),
+  m.def("multistep_update_autograd", &ld3::multistep_update_autograd, py::arg("x"), py::arg("coef"),
+        py::arg("history"),
+        "multistep_update recorded as one C++ autograd node (its backward: multistep_update_backward)");
+  m.def("multistep_update_backward", &ld3::update_backward, py::arg("grad"), py::arg("x"), py::arg("coef"),
         py::arg("history"), py::arg("need_x") = true, py::arg("need_coef") = true, py::arg("need_history") = true,
         "(grad_x, grad_coef, grad_history) in one pass; None where not requested");
   m.def("multistep_adjoint", &multistep_adjoint, py::arg("lam_prev"), py::arg("v"), py::arg("scale"),

@@ -329,6 +329,27 @@ def test_cuda_gradcheck():
     assert torch.autograd.gradcheck(lambda tt: fused.coefficient_table(S.VPLinear(), tt, SolverSpec("unipc", 3)), (t,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_update_node_matches_the_python_function(dtype):
+    """The C++ autograd node (python/update_autograd.cpp) that fused.multistep_update records on the device:
+    bitwise the Python Function it replaced (same kernels), gradients included; double backward in float64."""
+    x, coef, hist = _inputs(dtype, 3, shape=(2, 3, 9, 7), seed=4)
+    w = torch.randn_like(x)
+    results = []
+    for update in (lambda a, c, h: fused.multistep_update(a, c, h),
+                   lambda a, c, h: fused._MultistepUpdate.apply(a, c, *h)):
+        leaves = [t.clone().requires_grad_() for t in (x, coef, *hist)]
+        y = update(leaves[0], leaves[1], leaves[2:])
+        results.append((y, *torch.autograd.grad(y, leaves, w)))
+    assert results[0][0].grad_fn.name().endswith("FusedMultistepUpdate>")
+    for a, b in zip(*results):
+        assert a.device == DEV and torch.equal(a, b)
+    if dtype == torch.float64:
+        args = [t.clone().requires_grad_() for t in (x[:1, :1, :3, :3], coef,
+                                                     *[h[:1, :1, :3, :3] for h in hist])]
+        assert torch.autograd.gradgradcheck(lambda a, c, *h: fused.multistep_update(a, c, list(h)), args)
+
+
 @needs_cuda
 def test_cuda_backward_deterministic_and_accurate():
     n = 3_000_017
