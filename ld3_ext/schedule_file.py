@@ -316,15 +316,26 @@ class LearnedSchedule:
         * ``model_sigmas`` / ``model_timesteps``: the same for the network times (LD3's decoupled times);
           the first N entries are where the network is evaluated.  diffusers schedulers cannot use them
           directly (they evaluate at the solver grid); ``decoupled`` says whether they differ.
+        * ``flow_sigmas`` / ``flow_model_sigmas`` (``FlowMatching`` schedules only): the grids in the units of
+          diffusers' flow schedulers, whose sigma is the flow time t itself (alpha = 1 - sigma), not sigma/alpha
+          as in ``sigmas``.  ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)`` would shift them again
+          (its ``shift``) and append a 0, so run them as ``scheduler.set_timesteps(N)`` followed by
+          ``scheduler.sigmas = torch.tensor(flow_sigmas)`` (N+1 values; the same works for the
+          ``use_flow_sigmas=True`` modes of ``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler``).
+          The network's timestep there is sigma times ``num_train_timesteps``.
         """
-        from .schedules import VPDiscrete
+        from .schedules import FlowMatching, VPDiscrete
 
         sched = self.schedule
         if isinstance(sched, VPDiscrete):
             idx, midx, units = sched.model_index(self.timesteps), sched.model_index(self.model_timesteps), "index"
         else:
             idx, midx, units = self.timesteps, self.model_timesteps, "t"
+        flow = {}
+        if isinstance(sched, FlowMatching):  # alpha = 1 - t, sigma = t: diffusers' flow sigma is t
+            flow = {"flow_sigmas": self.timesteps.tolist(), "flow_model_sigmas": self.model_timesteps.tolist()}
         return {
+            **flow,
             "sigmas": self._edm_sigmas(self.timesteps).tolist(),
             "timesteps": idx.tolist(),
             "timestep_units": units,

@@ -165,3 +165,34 @@ def test_ld3_trainer_on_flow_mixture(setup):
     err0 = (solver.sample(model, z, logsnr_uniform(sched, 4)) - ref).pow(2).mean()
     err1 = (solver.sample(model, z, t, tm) - ref).pow(2).mean()
     assert err1 <= err0 * 1.05, (err0, err1)
+
+
+def test_to_diffusers_flow_sigmas_drive_flow_match_euler(setup):
+    """A learned schedule of a flow model, exported with to_diffusers(): its flow_sigmas (diffusers' flow units,
+    sigma = t) run in FlowMatchEulerDiscreteScheduler as the docstring says give the schedule's own sample;
+    its sigmas (sigma/alpha, the k-diffusion units) would not -- the trap the flow keys are there to avoid."""
+    diffusers = pytest.importorskip("diffusers")
+    from ld3_ext.schedule_file import LearnedSchedule
+    mix, sched, _, x_T, _ = setup
+    m32 = velocity_model(mix, sched)
+    x32 = x_T.float()
+    solver = ld3_ext.Euler(backend="reference")
+    t = random_decreasing_grid(sched.t_max, sched.t_min, 6, seed=7)
+    learned = LearnedSchedule(t, solver_config=solver.config(), nfe=6, schedule_config=sched.config())
+    d = learned.to_diffusers()
+    assert d["flow_sigmas"] == t.tolist() and d["flow_model_sigmas"] == t.tolist()
+    ours = learned.sample(m32, x32)
+
+    def drive(sigmas):
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+        scheduler.set_timesteps(len(sigmas) - 1)
+        scheduler.sigmas = torch.tensor(sigmas, dtype=torch.float32)
+        x = x32
+        for i, ts in enumerate(scheduler.timesteps):  # ts only finds the step index once sigmas are overwritten
+            v = m32.fn(x, scheduler.sigmas[i].to(x.dtype).expand(x.shape[0]))  # the network's time: sigma = our t
+            x = scheduler.step(v, ts, x).prev_sample
+        return x
+
+    torch.testing.assert_close(drive(d["flow_sigmas"]), ours, rtol=1e-5, atol=1e-5)
+    wrong = drive([min(s, 0.999) for s in d["sigmas"]])  # sigma/alpha read as flow sigmas (clipped below 1)
+    assert (wrong - ours).abs().max() > 1e-2

@@ -176,6 +176,7 @@ def test_exports_edm():
     assert len(d["sigmas"]) == 6 and d["sigmas"][-1] == pytest.approx(0.002)
     assert d["timestep_units"] == "t" and d["decoupled"] is True and d["num_inference_steps"] == 5
     assert d["final_sigmas_type"] == "sigma_min"
+    assert "flow_sigmas" not in d and "flow_model_sigmas" not in d  # only flow schedules have flow units
 
 
 def test_exports_vp_discrete_index_units():
