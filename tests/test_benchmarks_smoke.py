@@ -57,3 +57,12 @@ def test_bench_hot_kernels_runs_and_prints_every_row(tmp_path):
     timed = [float(ln.split()[-1]) for ln in rows if "not available" not in ln]
     assert len(timed) >= 5 and all(t > 0 for t in timed)  # one ISA copy at least, and both copies
     assert sum("copy_ of" in ln for ln in rows) == 2
+
+
+def test_bench_update_node_runs_and_prints_every_shape(tmp_path):
+    script = os.path.join(os.path.dirname(BENCH), "bench_update_node.py")
+    proc = subprocess.run([sys.executable, script, "--shapes", "2x3x8x8,1x2x4x4", "--rounds", "3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith(("2x3x8x8", "1x2x4x4"))]
+    assert len(rows) == 2 and all(len(r) == 5 and all(float(v) > 0 for v in r[1:]) for r in rows)
