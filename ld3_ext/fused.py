@@ -9,7 +9,8 @@ Eager calls go straight to the pybind11 functions (~2 us a call, against ~10 us 
 ``torch.ops``); the same kernels are also registered as ``torch.ops.ld3_ext.*`` custom ops with
 fake implementations and autograd, which is what ``torch.compile`` traces.  An eager update that records
 gradients gets the C++ autograd node ``_C.multistep_update_autograd`` (python/update_autograd.cpp);
-``_MultistepUpdate`` below is the same node in Python, kept as its reference (tests compare them bitwise).
+``_MultistepUpdate`` below is the same node in Python, kept as its reference (tests compare them bitwise);
+likewise the table's C++ node ``_C.coefficient_table_autograd`` (python/table_autograd.cpp) and ``_CoefficientTable``.
 """
 from __future__ import annotations
 
@@ -79,6 +80,8 @@ def _update_backward_reference(grad, x, coef, history, needs):
 
 
 class _CoefficientTable(torch.autograd.Function):
+    """Reference of the C++ table node ``_C.coefficient_table_autograd`` (python/table_autograd.cpp)."""
+
     @staticmethod
     def forward(ctx, t64, args, schedule, spec):
         table, jac = _C.coefficient_table(t64, *args)
@@ -99,12 +102,39 @@ class _CoefficientTable(torch.autograd.Function):
         return _C.coefficient_table_backward(jac, grad_table), None, None, None
 
 
-def _table_args(schedule, spec: SolverSpec) -> tuple:
-    native = schedule.native_spec()
-    if native is None:
-        raise ValueError(f"coefficient_table: schedule {type(schedule).__name__} has no native form "
-                         "(use backend='reference')")
-    kind, (p0, p1) = native
+def _table_vjp_create_graph(t64, grad_table, kind, p0, p1, solver, order, lower_order_final, heun, bh2,
+                            use_corrector) -> torch.Tensor:
+    """The C++ table node's backward under create_graph=True: the reference table's VJP, differentiable.
+
+    The node keeps only the native arguments, so the schedule and spec are rebuilt from them: the schedule
+    the C++ code computes (``native_spec`` names its formula and both parameters)."""
+    schedule = _native_schedule(kind, p0, p1)
+    spec = SolverSpec(_SOLVER_NAMES[solver], order=order, lower_order_final=lower_order_final,
+                      solver_type="heun" if heun else "midpoint", variant="bh2" if bh2 else "bh1",
+                      use_corrector=use_corrector)
+    ref = coefficient_table_reference(schedule, t64, spec, validate=False)
+    (gt,) = torch.autograd.grad(ref, t64, grad_table, create_graph=True, allow_unused=True)
+    return torch.zeros_like(t64) if gt is None else gt
+
+
+_SOLVER_NAMES = {v: k for k, v in SOLVER_IDS.items()}
+
+
+def _native_schedule(kind: int, p0: float, p1: float):
+    from . import schedules as S
+    if kind == S.KIND_EDM:
+        return S.EDM()
+    if kind == S.KIND_VP_LINEAR:
+        return S.VPLinear(beta_min=p0, beta_max=p1)
+    if kind == S.KIND_VP_COSINE:
+        return S.VPCosine(s=p0)
+    if kind == S.KIND_FLOW:
+        return S.FlowMatching()
+    raise ValueError(f"coefficient_table: unknown native schedule kind {kind}")
+
+
+def _table_args(native, spec: SolverSpec) -> tuple:
+    kind, (p0, p1) = native  # schedule.native_spec()
     return (int(kind), float(p0), float(p1), SOLVER_IDS[spec.kind], int(spec.order), bool(spec.lower_order_final),
             spec.solver_type == "heun", spec.variant == "bh2", bool(spec.has_corrector))
 
@@ -119,17 +149,31 @@ def coefficient_table(schedule, t64: torch.Tensor, spec: SolverSpec, *, validate
     ``ValueError`` naming timesteps; ``validate=False`` skips these value checks (they read the grid back),
     for callers that checked the grid already (``ops.coefficient_table``, the solvers)."""
     check_table_args(schedule, t64, spec)
-    if t64.dtype != torch.float64:
-        t64 = t64.to(torch.float64)
-    args = _table_args(schedule, spec)
+    if schedule.native_spec() is None:
+        raise ValueError(f"coefficient_table: schedule {type(schedule).__name__} has no native form "
+                         "(use backend='reference')")
     if validate:
         check_grid(schedule, t64, in_range=False)
-    if not _device_supported(t64.device) or composite_only(t64):
+    return _table_checked(schedule, t64, spec)
+
+
+def _table_checked(schedule, t64: torch.Tensor, spec: SolverSpec) -> torch.Tensor:
+    """coefficient_table after its argument checks (``ops.coefficient_table`` made them already); the
+    reference table where the schedule has no native form (e.g. ``VPDiscrete``)."""
+    if t64.dtype != torch.float64:
+        t64 = t64.to(torch.float64)
+    native = schedule.native_spec()
+    if native is None or not _device_supported(t64.device) or composite_only(t64):
         return coefficient_table_reference(schedule, t64, spec, validate=False)
     _lib()
+    args = _table_args(native, spec)
     if torch.compiler.is_compiling():
         return torch.ops.ld3_ext.coefficient_table(t64, *args)[0]
-    return _CoefficientTable.apply(t64, args, schedule, spec)
+    if torch.is_grad_enabled() and t64.requires_grad:
+        # the same node as _CoefficientTable, built in C++ (python/table_autograd.cpp): cold Python
+        # Function work cost more than the table's own math in a training step
+        return _C.coefficient_table_autograd(t64, *args)
+    return _C.coefficient_table(t64, *args)[0]
 
 
 def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torch.Tensor],

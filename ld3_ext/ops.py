@@ -17,6 +17,7 @@ import torch.autograd.forward_ad as _fwad
 
 from . import _native
 from .coefficients import MAX_HISTORY, TABLE_WIDTH, SolverSpec, coefficient_table_reference
+from .schedules import NoiseSchedule
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -84,8 +85,6 @@ def check_update_args(x, coef, history) -> None:
 
 
 def check_table_args(schedule, timesteps, spec) -> None:
-    from .schedules import NoiseSchedule
-    from .solvers.base import _dense
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"coefficient_table: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if not isinstance(spec, SolverSpec):
@@ -95,7 +94,9 @@ def check_table_args(schedule, timesteps, spec) -> None:
                          f"{type(timesteps).__name__}")
     if timesteps.is_complex() or timesteps.dtype == torch.bool:
         raise TypeError(f"coefficient_table: timesteps must be real numbers, got {timesteps.dtype}")
-    _dense("coefficient_table: timesteps", timesteps)  # a sparse grid has no values to read back or index
+    if timesteps.layout != torch.strided:  # a sparse grid has no values to read back or index
+        raise TypeError(f"coefficient_table: timesteps must be a dense (strided) tensor, got layout "
+                        f"{timesteps.layout}")
     if timesteps.dim() != 1 or timesteps.shape[0] < 2:
         raise ValueError(f"coefficient_table: timesteps must be a 1-D tensor with at least 2 entries, got shape "
                          f"{tuple(timesteps.shape)}")
@@ -108,9 +109,9 @@ def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True) -> None
     schedule is defined (alpha, sigma > 0): their gradchecks step just past t_min/t_max.  Skipped while
     compiling, capturing a CUDA graph or for a vmapped grid (nothing can be read back there)."""
     from .solvers.base import validate_timesteps
-    from .wrappers import _capturing, _compiling
-    # nothing can be read back while compiling, capturing, or from a vmapped grid
-    if _compiling() or _capturing() or _vmapped(timesteps):
+    # nothing can be read back while compiling, capturing (a CUDA grid), or from a vmapped grid
+    if torch.compiler.is_compiling() or _vmapped(timesteps) \
+            or (timesteps.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     if not timesteps.is_floating_point():  # an integer grid is read as float64, as the table does
         timesteps = timesteps.to(torch.float64)
@@ -181,10 +182,10 @@ def coefficient_table(schedule, timesteps: torch.Tensor, spec: SolverSpec, backe
     backend = resolve_backend(backend)
     if validate:
         check_grid(schedule, timesteps)
-    t64 = timesteps.to(torch.float64)
-    if backend == "fused" and schedule.native_spec() is not None:
+    t64 = timesteps if timesteps.dtype == torch.float64 else timesteps.to(torch.float64)
+    if backend == "fused":
         from . import fused
-        return fused.coefficient_table(schedule, t64, spec, validate=False)
+        return fused._table_checked(schedule, t64, spec)  # the checks above are the ones it would make
     return coefficient_table_reference(schedule, t64, spec, validate=False)
 
 

@@ -6,6 +6,7 @@
 #include "cpu/cpu_isa.h"
 #include "device_dispatch.h"
 #include "ld3_ops.h"
+#include "table_autograd.h"
 #include "update_autograd.h"
 
 namespace {
@@ -46,31 +47,39 @@ std::optional<at::Tensor> multistep_adjoint(const at::Tensor& lam_prev, const st
   return gm;
 }
 
+ld3::TableArgs table_args(int64_t schedule_kind, double p0, double p1, int64_t solver, int64_t order,
+                          bool lower_order_final, bool heun, bool bh2, bool use_corrector) {
+  return ld3::TableArgs{schedule_kind, p0, p1, solver, order, lower_order_final, heun, bh2, use_corrector};
+}
+
 std::tuple<at::Tensor, at::Tensor> coefficient_table(const at::Tensor& t, int64_t schedule_kind, double p0,
                                                      double p1, int64_t solver, int64_t order,
                                                      bool lower_order_final, bool heun, bool bh2,
                                                      bool use_corrector) {
-  if (is_cuda(t)) {
-#ifdef LD3_WITH_CUDA_KERNELS
-    return ld3::coefficient_table_cuda(t, schedule_kind, p0, p1, solver, order, lower_order_final, heun, bh2,
-                                       use_corrector);
-#else
-    no_cuda("coefficient_table");
-#endif
-  }
-  return ld3::coefficient_table_cpu(t, schedule_kind, p0, p1, solver, order, lower_order_final, heun, bh2,
-                                    use_corrector);
+  return ld3::table_forward(
+      t, table_args(schedule_kind, p0, p1, solver, order, lower_order_final, heun, bh2, use_corrector));
 }
 
-at::Tensor coefficient_table_backward(const at::Tensor& jac, const at::Tensor& grad_table) {
-  if (is_cuda(jac)) {
-#ifdef LD3_WITH_CUDA_KERNELS
-    return ld3::coefficient_table_backward_cuda(jac, grad_table);
-#else
-    no_cuda("coefficient_table_backward");
-#endif
+at::Tensor coefficient_table_autograd(const at::Tensor& t, int64_t schedule_kind, double p0, double p1,
+                                      int64_t solver, int64_t order, bool lower_order_final, bool heun, bool bh2,
+                                      bool use_corrector) {
+  return ld3::coefficient_table_autograd(
+      t, table_args(schedule_kind, p0, p1, solver, order, lower_order_final, heun, bh2, use_corrector));
+}
+
+// The table node's create_graph=True backward: the Python reference's VJP (ld3_ext.fused), looked up on
+// each call so that no Python object outlives the interpreter in a C++ static.
+at::Tensor table_vjp_create_graph(const at::Tensor& t, const at::Tensor& grad_table, const ld3::TableArgs& a) {
+  namespace py = pybind11;
+  py::gil_scoped_acquire gil;
+  try {
+    py::object fn = py::module_::import("ld3_ext.fused").attr("_table_vjp_create_graph");
+    return fn(t, grad_table, a.schedule_kind, a.p0, a.p1, a.solver, a.order, a.lower_order_final, a.heun, a.bh2,
+              a.use_corrector)
+        .cast<at::Tensor>();
+  } catch (py::error_already_set& e) {
+    throw std::runtime_error(e.what());  // carried as text: the Python error object stays with the GIL
   }
-  return ld3::coefficient_table_backward_cpu(jac, grad_table);
 }
 
 bool has_cuda() {
@@ -103,7 +112,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("p1"), py::arg("solver"), py::arg("order"), py::arg("lower_order_final"), py::arg("heun"),
         py::arg("bh2"), py::arg("use_corrector"),
         "([N,2,5] table, [N,2,5,4] d table / d t_{i-3..i}) in float64");
-  m.def("coefficient_table_backward", &coefficient_table_backward, py::arg("jac"), py::arg("grad_table"),
+  m.def("coefficient_table_autograd", &coefficient_table_autograd, py::arg("timesteps"), py::arg("schedule_kind"),
+        py::arg("p0"), py::arg("p1"), py::arg("solver"), py::arg("order"), py::arg("lower_order_final"),
+        py::arg("heun"), py::arg("bh2"), py::arg("use_corrector"),
+        "the [N,2,5] table recorded as one C++ autograd node (backward: coefficient_table_backward)");
+  ld3::set_table_create_graph_vjp(&table_vjp_create_graph);
+  m.def("coefficient_table_backward", &ld3::table_backward, py::arg("jac"), py::arg("grad_table"),
         "grad_t = J^T grad_table scattered to t_0..t_N (gather, fixed order)");
   m.def("set_stream_min_bytes", &ld3::set_stream_min_bytes, py::arg("bytes"),
         "float32 CPU update outputs of at least `bytes` use non-temporal stores (-1: never; default: the "

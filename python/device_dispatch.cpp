@@ -59,4 +59,28 @@ GradTuple update_backward(const at::Tensor& grad, const at::Tensor& x, const at:
   return multistep_backward_cpu(grad, x, coef, history, need_x, need_coef, need_history);
 }
 
+std::tuple<at::Tensor, at::Tensor> table_forward(const at::Tensor& t, const TableArgs& a) {
+  if (is_cuda(t)) {
+#ifdef LD3_WITH_CUDA_KERNELS
+    return coefficient_table_cuda(t, a.schedule_kind, a.p0, a.p1, a.solver, a.order, a.lower_order_final, a.heun,
+                                  a.bh2, a.use_corrector);
+#else
+    no_cuda("coefficient_table");
+#endif
+  }
+  return coefficient_table_cpu(t, a.schedule_kind, a.p0, a.p1, a.solver, a.order, a.lower_order_final, a.heun, a.bh2,
+                               a.use_corrector);
+}
+
+at::Tensor table_backward(const at::Tensor& jac, const at::Tensor& grad_table) {
+  if (is_cuda(jac)) {
+#ifdef LD3_WITH_CUDA_KERNELS
+    return coefficient_table_backward_cuda(jac, grad_table);
+#else
+    no_cuda("coefficient_table_backward");
+#endif
+  }
+  return coefficient_table_backward_cpu(jac, grad_table);
+}
+
 }  // namespace ld3
