@@ -578,3 +578,53 @@ def test_channels_last_unet_output_for_contiguous_latents(monkeypatch, solver, p
     assert got.is_contiguous()
     want = solve(torch.contiguous_format)
     assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item()
+
+
+def test_scale_noise_matches_flow_match_euler_for_sd3_and_flux_img2img():
+    """SD3 / Flux img2img and inpainting call scheduler.scale_noise(sample, timestep, noise): diffusers'
+    FlowMatchEulerDiscreteScheduler is the oracle, x = sigma noise + (1 - sigma) x_0 with sigma = timestep/1000."""
+    fm = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    fm.set_timesteps(8)
+    t = ld3_ext.discretizations.time_uniform(ld3_ext.FlowMatching(shift=3.0), 6)
+    sch = LD3Scheduler.from_timesteps(t, decoupled(t, 0.97), "dpmpp", scheduler_config=fm.config)
+    sch.set_timesteps(6)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for ts in (fm.timesteps[2:3], fm.timesteps[[1, 5]]):
+        want = fm.scale_noise(x0, ts, noise)
+        got = sch.scale_noise(x0, ts, noise)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(got, x0, atol=1e-2)
+    # one of this solve's own timesteps is its solver-grid time (the decoupled network time differs)
+    own = sch.timesteps[1:2]
+    torch.testing.assert_close(sch.scale_noise(x0, own, noise), sch.add_noise(x0, noise, own), rtol=0, atol=0)
+    tt = float(t[1])
+    torch.testing.assert_close(sch.scale_noise(x0, own, noise), (1 - tt) * x0 + tt * noise, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="scale_noise: noise is required"):
+        sch.scale_noise(x0, own)
+    with pytest.raises(ValueError, match="scale_noise: timestep must be finite"):
+        sch.scale_noise(x0, torch.tensor([2000.0]), noise)
+    with pytest.raises(ValueError, match="scale_noise: noise must have the shape of sample"):
+        sch.scale_noise(x0, own, noise[:1])
+
+
+def test_a_flow_scheduler_config_keeps_its_shift_for_every_diffusers_flow_scheduler():
+    """Switching back with DPMSolverMultistep/UniPC.from_config(ld3.config) reads flow_shift (FlowMatchEuler reads
+    shift): both are written, so neither loses the schedule's shift."""
+    sched = ld3_ext.FlowMatching(shift=3.0)
+    t = ld3_ext.discretizations.time_uniform(sched, 5)
+    ld3 = LD3Scheduler.from_timesteps(t, None, "dpmpp", schedule=sched)
+    assert ld3.config.shift == ld3.config.flow_shift == 3.0
+    for cls in (diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler):
+        other = cls.from_config(ld3.config)
+        assert other.config.flow_shift == 3.0 and other.config.use_flow_sigmas
+        ref = cls(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+        unshifted = cls(use_flow_sigmas=True, prediction_type="flow_prediction")
+        for s in (other, ref, unshifted):
+            s.set_timesteps(6)
+        torch.testing.assert_close(other.sigmas, ref.sigmas)
+        assert (other.sigmas[1:-1] - unshifted.sigmas[1:-1]).abs().min() > 1e-2
+    fm = diffusers.FlowMatchEulerDiscreteScheduler.from_config(ld3.config)
+    assert fm.config.shift == 3.0
+    # and back again: the shift survives the round trip
+    assert LD3Scheduler.from_config(ld3.config).schedule.shift == 3.0

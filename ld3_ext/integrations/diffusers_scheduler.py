@@ -63,7 +63,9 @@ def _fields_of(schedule: NoiseSchedule) -> Dict[str, Any]:
         betas = -torch.expm1(torch.diff(log_ac, prepend=log_ac.new_zeros(1)))  # 1 - ac_i / ac_{i-1}
         return {"num_train_timesteps": schedule.num_train_timesteps, "trained_betas": betas.tolist()}
     if isinstance(schedule, FlowMatching):
-        return {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "shift": float(schedule.shift)}
+        # both names: FlowMatchEuler reads shift, DPMSolverMultistep / UniPC read flow_shift
+        return {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "shift": float(schedule.shift),
+                "flow_shift": float(schedule.shift)}
     return {}
 
 
@@ -498,23 +500,35 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         """x = alpha x_0 + sigma noise (img2img).  ``timesteps`` in diffusers units (floats ok); an entry equal to
         one of ``self.timesteps`` means that step's start, i.e. its SOLVER grid time (which differs from the
         network time when the grid is decoupled); any other value is read as a time in network units."""
+        return self._noised(original_samples, noise, timesteps, ("add_noise", "original_samples", "timesteps"))
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The flow-matching schedulers' name for ``add_noise`` (FlowMatchEulerDiscreteScheduler's signature), which
+        the SD3 / Flux img2img and inpainting pipelines call: x = (1 - t) x_0 + t noise for a flow schedule
+        (alpha x_0 + sigma noise in general), ``timestep`` read as in ``add_noise``."""
+        if noise is None:
+            raise TypeError("scale_noise: noise is required (the tensor mixed into sample)")
+        return self._noised(sample, noise, timestep, ("scale_noise", "sample", "timestep"))
+
+    def _noised(self, original_samples, noise, timesteps, names) -> torch.Tensor:
+        fn, x_name, t_name = names  # the caller's own argument names, for the messages
         if not isinstance(original_samples, torch.Tensor) or not original_samples.is_floating_point() \
                 or original_samples.dim() < 1:
-            raise TypeError(f"add_noise: original_samples must be a floating tensor with a batch dimension, got "
+            raise TypeError(f"{fn}: {x_name} must be a floating tensor with a batch dimension, got "
                             f"{getattr(original_samples, 'dtype', type(original_samples).__name__)}")
         if not isinstance(noise, torch.Tensor) or noise.shape != original_samples.shape:
             # broadcasting would return a bigger (or differently batched) sample without a word
-            raise ValueError(f"add_noise: noise must have the shape of original_samples "
+            raise ValueError(f"{fn}: noise must have the shape of {x_name} "
                              f"{tuple(original_samples.shape)}, got "
                              f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
         dev = original_samples.device
         tt = torch.as_tensor(timesteps, device=dev).reshape(-1)
         b = original_samples.shape[0]
         if tt.numel() not in (1, b):
-            raise ValueError(f"add_noise: timesteps must hold one timestep or one per sample (batch {b}), got "
+            raise ValueError(f"{fn}: {t_name} must hold one timestep or one per sample (batch {b}), got "
                              f"{tt.numel()}")
         if tt.is_complex() or tt.dtype == torch.bool:
-            raise TypeError(f"add_noise: timesteps must be real numbers, got {tt.dtype}")
+            raise TypeError(f"{fn}: {t_name} must be real numbers, got {tt.dtype}")
         units = tt.to(torch.float64)
         hit = None  # the entries that are this solve's own timesteps (their range is not checked)
         if self.timesteps is not None:
@@ -531,7 +545,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             hit = hit.any(1)
             units = torch.where(hit, grid[first], units)
         if not (_compiling() or _capturing()):  # one read-back (once per img2img call, not per step)
-            self._check_noise_units(units, hit)
+            self._check_noise_units(units, hit, names)
         if isinstance(self.schedule, VPDiscrete):
             t = self.schedule.t_from_index(units)
         else:
@@ -541,7 +555,8 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         s = self.schedule.sigma(t).to(original_samples.dtype).reshape(shape)
         return a * original_samples + s * noise
 
-    def _check_noise_units(self, units: torch.Tensor, own: Optional[torch.Tensor] = None) -> None:
+    def _check_noise_units(self, units: torch.Tensor, own: Optional[torch.Tensor] = None,
+                           names=("add_noise", "original_samples", "timesteps")) -> None:
         """add_noise's timesteps (other than this solve's own, where ``own`` is True) in the training range: 0..N-1
         (the VP index) or 0..N (flow time * N); outside, alpha/sigma are NaN (a negative index) or extrapolated.
         One read-back from the device (a boolean-mask selection of the others would be a second)."""
@@ -551,7 +566,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if own is not None:
             bad &= ~own
         if bool(bad.any()):
-            raise ValueError(f"add_noise: timesteps must be finite and in [0, {hi}] (num_train_timesteps={n}), got "
+            raise ValueError(f"{names[0]}: {names[2]} must be finite and in [0, {hi}] (num_train_timesteps={n}), got "
                              f"{units[bad].cpu().tolist()[:8]}")
 
     def __len__(self):
