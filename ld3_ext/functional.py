@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
+import numpy as np
 import torch
 
 from .ops import _vmapped
@@ -224,9 +225,17 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
         raise ValueError("sigmas and model_sigmas must both end in 0 or both end above 0")
     pos, mpos = (s[:-1], ms[:-1]) if final_denoise else (s, ms)
     if isinstance(model_or_denoiser, DiffusionModel):
-        _check_range(model_or_denoiser.schedule, pos, "sigmas")
+        # a range end rounded past itself by the sigmas' own dtype (SD's sigma_max 14.6146 is 14.625 in
+        # bfloat16) is that end, as to_denoiser takes it
+        sch = model_or_denoiser.schedule
+        lo_s, hi_s = sch.edm_sigma(torch.tensor([sch.t_min, sch.t_max], dtype=torch.float64)).tolist()
+        pos = _snap_to_range(pos, lo_s, hi_s, eps=_eps_of(sigmas))
+        _check_range(sch, pos, "sigmas")
         if model_sigmas is not None:
-            _check_range(model_or_denoiser.schedule, mpos, "model_sigmas")
+            mpos = _snap_to_range(mpos, lo_s, hi_s, eps=_eps_of(model_sigmas))
+            _check_range(sch, mpos, "model_sigmas")
+        else:
+            mpos = pos
     both = torch.cat([pos.detach(), mpos.detach()])
     lo, hi = both.min().item(), both.max().item()
     schedule = EDM(lo, hi) if hi > lo else EDM(lo, lo * (1 + 1e-6))
@@ -281,14 +290,25 @@ def to_denoiser(model: DiffusionModel) -> Callable:
     return denoiser
 
 
-def _snap_to_range(sig: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """``sig`` in float64, with values outside [lo, hi] by no more than its own dtype's round-off moved onto that
-    end: k-diffusion passes ``sigma * ones`` in x's dtype, which may not hold the range's ends (Stable Diffusion's
-    sigma_max 14.6146 is 14.625 in bfloat16, 14.617 in float16), so a half state was refused at its first step."""
-    e = torch.finfo(sig.dtype).eps if sig.is_floating_point() else 0.0
+def _snap_to_range(sig: torch.Tensor, lo: float, hi: float, eps: Optional[float] = None) -> torch.Tensor:
+    """``sig`` in float64, with values outside [lo, hi] by no more than its own dtype's round-off (``eps``: that of
+    the dtype sig came in) moved onto that end: k-diffusion passes ``sigma * ones`` in x's dtype, which may not
+    hold the range's ends (Stable Diffusion's sigma_max 14.6146 is 14.625 in bfloat16, 14.617 in float16), so a
+    half state was refused at its first step."""
+    e = eps if eps is not None else _eps_of(sig)
     sig = sig.to(torch.float64)
     sig = torch.where((sig > hi) & (sig <= hi * (1 + e)), torch.full_like(sig, hi), sig)
     return torch.where((sig < lo) & (sig >= lo * (1 - e)), torch.full_like(sig, lo), sig)
+
+
+def _eps_of(values) -> float:
+    """The round-off of the dtype ``values`` came in (0 for integers; a list of floats is float64)."""
+    dtype = getattr(values, "dtype", None)  # a tensor's or a numpy array's
+    if isinstance(dtype, torch.dtype):
+        return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    if isinstance(dtype, np.dtype):
+        return float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
+    return float(np.finfo(np.float64).eps)
 
 
 def _check_denoiser_sigma(schedule, sig: torch.Tensor) -> None:

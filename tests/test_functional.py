@@ -425,6 +425,27 @@ def test_to_denoiser_takes_the_range_ends_rounded_to_a_half_state(dtype):
             d(x, bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sample_takes_sigmas_rounded_past_the_range_ends_by_their_dtype(dtype):
+    """The same rule for sample(): a half grid from the model's own sigma_max (k-diffusion's get_sigmas in the
+    state's dtype) starts at the range's end instead of being refused; past the round-off it still is."""
+    model, sched, calls = _sd_model()
+    lo, hi = sched.edm_sigma(torch.tensor([sched.t_min, sched.t_max], dtype=torch.float64)).tolist()
+    x = torch.randn(2, 4).to(dtype)
+    sigmas = torch.tensor([hi, 5.0, 1.0, lo]).to(dtype)
+    assert float(sigmas[0]) > hi  # rounded off the range
+    out = F.sample(model, x, sigmas, solver="euler")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert calls[0] == pytest.approx(999.0, abs=1e-9)  # the first evaluation at the end, not past it
+    calls.clear()
+    F.sample(model, x, torch.tensor([8.0, 1.0, 0.0]).to(dtype), model_sigmas=torch.tensor([hi, 1.0, 0.0]).to(dtype),
+             solver="euler")
+    assert calls[0] == pytest.approx(999.0, abs=1e-9)
+    for bad in (sigmas.double(), torch.tensor([hi * 1.01, 1.0, 0.0]).to(dtype)):
+        with pytest.raises(ValueError, match="sigmas must lie"):
+            F.sample(model, x, bad, solver="euler")
+
+
 # --- k-diffusion's sampler signatures ---------------------------------------------------------------------
 
 def _params(fn):
