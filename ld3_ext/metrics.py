@@ -102,11 +102,20 @@ def _classifier():
     return load_digits_classifier()
 
 
-@lru_cache(maxsize=1)
 def digits_reference_stats() -> Tuple[np.ndarray, np.ndarray]:
-    """Feature statistics of all 1797 real digits (computed on first use, cached in memory only)."""
+    """Feature statistics (mean, covariance) of all 1797 real digits, computed on first use and cached in
+    memory; each call returns fresh copies (an edit to them cannot change a later ``digits_fd``)."""
+    mu, cov = _digits_reference_stats()
+    return mu.copy(), cov.copy()
+
+
+@lru_cache(maxsize=1)
+def _digits_reference_stats() -> Tuple[np.ndarray, np.ndarray]:
     from .models.digits import real_digits
-    return gaussian_stats(digits_features(real_digits()))
+    mu, cov = gaussian_stats(digits_features(real_digits()))
+    mu.setflags(write=False)  # the cache itself is read-only: a stray in-place op raises
+    cov.setflags(write=False)
+    return mu, cov
 
 
 def digits_fd(samples: torch.Tensor, reference: torch.Tensor = None, clip: bool = True) -> float:
@@ -118,7 +127,7 @@ def digits_fd(samples: torch.Tensor, reference: torch.Tensor = None, clip: bool 
     """
     mu, cov = gaussian_stats(digits_features(samples, clip=clip))
     if reference is None:
-        mu_r, cov_r = digits_reference_stats()
+        mu_r, cov_r = _digits_reference_stats()
     else:
         mu_r, cov_r = gaussian_stats(digits_features(reference, clip=clip, name="reference"))
     return frechet_distance(mu, cov, mu_r, cov_r)

@@ -20,6 +20,7 @@ written back by ``save``, so a load -> save round trip loses nothing.
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import math
 import numbers
@@ -260,8 +261,8 @@ class LearnedSchedule:
 
     @property
     def metadata(self) -> Dict[str, Any]:
-        """Everything but the two grids (a copy)."""
-        d = self.to_dict()
+        """Everything but the two grids: a deep copy (editing its nested dicts leaves the schedule unchanged)."""
+        d = copy.deepcopy(self.to_dict())
         for k in ("timesteps", "model_timesteps", "format", "version"):
             d.pop(k, None)
         return d

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ld3_ext.metrics import digits_fd, frechet_distance, gaussian_stats, teacher_rmse
+from ld3_ext.metrics import digits_fd, digits_reference_stats, frechet_distance, gaussian_stats, teacher_rmse
 from ld3_ext.models.digits import real_digits
 from ld3_ext.models.digits_classifier import classifier_sha256, digits_split, load_digits_classifier
 
@@ -51,6 +51,17 @@ def test_frechet_distance_decomposes_cov1_once_and_matches_scipy_sqrtm(monkeypat
     want = ((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2.0 * np.trace(sqrtm(c1 @ c2)).real
     assert got == pytest.approx(want, rel=1e-10)
     assert frechet_distance(mu2, c2, mu1, c1) == pytest.approx(want, rel=1e-10)
+
+
+def test_the_cached_reference_stats_cannot_be_changed_through_what_is_returned():
+    a = real_digits()[:300]
+    before = digits_fd(a)
+    mu, cov = digits_reference_stats()
+    mu += 5.0
+    cov *= 3.0
+    assert digits_fd(a) == before
+    mu2, cov2 = digits_reference_stats()
+    assert not np.array_equal(mu2, mu) and mu2.flags.writeable  # fresh copies, the user's to edit
 
 
 def test_digits_fd_real_vs_itself_and_symmetry():

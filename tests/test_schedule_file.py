@@ -43,6 +43,20 @@ def test_round_trip_is_exact(tmp_path):
     assert doc["format"] == "ld3_ext.schedule" and doc["version"] == 1 and doc["checksum"].startswith("sha256:")
 
 
+def test_metadata_is_a_copy_down_to_its_nested_dicts():
+    """Editing what metadata returned (e.g. to log it with extra fields) leaves the schedule, its exports and
+    its saved file as they were."""
+    s = _sched()
+    before = s.to_dict()
+    md = s.metadata
+    md["solver"]["order"] = 99
+    md["model"]["weights_hash"] = "0" * 64
+    md["training"]["lr_xi"] = 1.0
+    md["metrics"].clear()
+    assert s.to_dict() == before
+    assert s.solver_config["order"] == before["solver"]["order"] and s.metrics == {"valid_loss_best": 0.0123}
+
+
 def test_sampling_uses_both_grids(tmp_path):
     mix = testbeds.ring2d()
     sch = EDM()
