@@ -477,3 +477,46 @@ def test_gits_search_matches_brute_force_on_its_own_teacher():
     assert res.path == best_path
     assert res.total_cost == pytest.approx(best, rel=1e-9, abs=0)
     assert torch.equal(res.timesteps[1:-1], res.grid[best_path[1:-1]])
+
+
+def test_gits_refuses_an_impossible_jump_limit_or_substep_count_before_the_teacher():
+    """Both were found only after the teacher trajectories (the costly part): max_jump too small for nfe jumps
+    to cover the fine grid failed in the search, a teacher_substeps of 0 or 2.5 inside torch.linspace."""
+    s = EDM()
+    calls = []
+    base = testbeds.ring2d().model(s)
+
+    def counted(x, t):
+        calls.append(1)
+        return base.fn(x, t)
+
+    from ld3_ext import wrap_model
+    model = wrap_model(counted, s, prediction="x0", time_input="t")
+    kw = dict(sample_shape=(2,), n_samples=4, fine_steps=10)
+    with pytest.raises(ValueError, match=r"nfe=3 jumps of at most max_jump=3 .* need nfe \* max_jump >= fine_steps"):
+        gits(model, nfe=3, max_jump=3, **kw)
+    for bad in (0, 2.5, "2"):
+        with pytest.raises(ValueError, match="teacher_substeps must be an int >= 1"):
+            gits(model, nfe=3, teacher_substeps=bad, **kw)
+    assert calls == []
+    assert gits(model, nfe=3, max_jump=4, teacher_substeps=1, **kw).shape == (4,)  # the bound itself is fine
+
+
+def test_gits_preset_checks_tol_and_the_order_of_what_it_returns():
+    s = EDM(0.002, 80.0)
+    for bad in (-0.1, float("nan"), "0.02"):
+        with pytest.raises((ValueError, TypeError), match="tol must be"):
+            gits_preset("cifar10", s, 10, tol=bad)
+    # a generous tol lets a list made for sigma_max 80 through on sigma_max 13: its second value (13.93) lies
+    # past the snapped first one -- returned as a non-monotone grid before
+    with pytest.raises(ValueError, match="not strictly decreasing on this schedule"):
+        gits_preset("cifar10", EDM(0.002, 13.0), 10, tol=2.0)
+
+
+def test_ays_with_one_interval_and_no_range_fit():
+    """nfe=1 has no inner sigma to range-check: it failed on numpy's max of an empty array."""
+    s = EDM(0.01, 20.0)
+    t = ays(s, 1, fit_range=False)
+    assert torch.equal(t, torch.tensor([s.t_max, s.t_min], dtype=torch.float64))
+    with pytest.raises(ValueError, match="leave the schedule's range"):
+        ays(EDM(0.01, 5.0), 10, fit_range=False)

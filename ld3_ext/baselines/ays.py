@@ -73,7 +73,7 @@ def ays(schedule: NoiseSchedule, nfe: int, model: str = "sd15", fit_range="auto"
     if fit_range is True or (fit_range == "auto" and not matches):
         u = (np.log(sig) - math.log(p1)) / (math.log(p0) - math.log(p1))
         sig = np.exp(math.log(smin) + u * (math.log(smax) - math.log(smin)))
-    elif not matches and (sig[1:-1].max() >= smax or sig[1:-1].min() <= smin):
+    elif not matches and sig.size > 2 and (sig[1:-1].max() >= smax or sig[1:-1].min() <= smin):
         raise ValueError(f"AYS {model} sigmas ({p0}..{p1}) leave the schedule's range ({smax:.4g}..{smin:.4g}); "
                          "use fit_range=True")
     t = schedule.t_from_edm_sigma(torch.from_numpy(np.ascontiguousarray(sig)).to(torch.float64))

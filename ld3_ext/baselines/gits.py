@@ -100,6 +100,7 @@ def gits_preset(dataset: str, schedule: NoiseSchedule, nfe: int, tol: float = 0.
     then snapped to t_max / t_min exactly (the lists are rounded to 4 decimals).
     """
     _check(schedule, nfe)
+    tol = real("tol", tol, at_least=0)
     if not isinstance(dataset, str) or dataset not in GITS_PRESETS:  # a list failed as "unhashable type"
         raise ValueError(f"GITS presets exist for {sorted(GITS_PRESETS)}, got {dataset!r}")
     table = GITS_PRESETS[dataset]
@@ -113,6 +114,10 @@ def gits_preset(dataset: str, schedule: NoiseSchedule, nfe: int, tol: float = 0.
                          f"spans {smax:.6g}..{smin:.6g}: it was made for another schedule")
     t = schedule.t_from_edm_sigma(sig)
     t[0], t[-1] = schedule.t_max, schedule.t_min
+    # a list whose ends lie just outside the range (within tol) can put an inner value past a snapped end
+    if not bool((t[1:] < t[:-1]).all()):
+        raise ValueError(f"GITS preset {dataset!r} is not strictly decreasing on this schedule once its ends are "
+                         f"snapped to t_max/t_min: {t.tolist()} (it was made for another schedule)")
     return t
 
 
@@ -264,8 +269,12 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     coeff = real("coeff", coeff, above=0)
     seed = check_seed("seed", seed)
     max_jump = count("max_jump", max_jump, 1, none_ok=True)  # before the teacher trajectories, not after
+    teacher_substeps = count("teacher_substeps", teacher_substeps, 1, type_error=False)
     if fine_steps < nfe:
         raise ValueError(f"fine_steps ({fine_steps}) must be >= nfe ({nfe})")
+    if max_jump is not None and nfe * max_jump < fine_steps:  # found by the search only after the teacher
+        raise ValueError(f"no path of nfe={nfe} jumps of at most max_jump={max_jump} fine intervals covers the "
+                         f"fine_steps={fine_steps} intervals: need nfe * max_jump >= fine_steps")
     solver = as_solver(solver)  # before the (costly) teacher trajectories
     teacher_solver = as_solver(teacher_solver, name="teacher_solver")
     grid = fine_grid(schedule, fine_steps, spacing)
