@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 
-def _check_images(samples, name="samples") -> torch.Tensor:
+def _check_images(samples, name="samples", least: int = 2) -> torch.Tensor:
+    """``least``: 2 where a covariance follows (digits-FD), 1 for features alone."""
     if not isinstance(samples, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(samples).__name__}")
     if not samples.is_floating_point():
@@ -25,8 +26,9 @@ def _check_images(samples, name="samples") -> torch.Tensor:
         samples = samples.reshape(-1, 1, 8, 8)
     if samples.dim() != 4 or tuple(samples.shape[1:]) != (1, 8, 8):
         raise ValueError(f"{name} must have shape [B, 1, 8, 8] (or [B, 64]), got {tuple(samples.shape)}")
-    if samples.shape[0] < 2:
-        raise ValueError(f"{name}: need at least 2 samples for a covariance, got {samples.shape[0]}")
+    if samples.shape[0] < least:
+        raise ValueError(f"{name}: need at least 2 samples for a covariance, got {samples.shape[0]}" if least == 2
+                         else f"{name}: need at least {least} sample(s), got {samples.shape[0]}")
     if not torch.isfinite(samples).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return samples
@@ -86,7 +88,7 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
 def digits_features(samples: torch.Tensor, clip: bool = True, batch_size: int = 1024,
                     name: str = "samples") -> torch.Tensor:
     """Penultimate classifier features [B, 64] of digit images in [-1, 1] (``name``: for error messages)."""
-    samples = _check_images(samples, name)
+    samples = _check_images(samples, name, least=1)  # one image has features too (digits_fd asks for 2)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:  # 0: range() step error
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     net = _classifier()
@@ -125,6 +127,9 @@ def digits_fd(samples: torch.Tensor, reference: torch.Tensor = None, clip: bool 
     at the same B and noises.  Measured: 256 real digits score 11-20 against the full set, the shipped
     denoiser's 256-sample sets 33-58 (DPM-Solver++(3M), 20 steps), Gaussian/uniform noise 540-690.
     """
+    samples = _check_images(samples)  # two at least, named as samples (features alone need one)
+    if reference is not None:
+        reference = _check_images(reference, "reference")
     mu, cov = gaussian_stats(digits_features(samples, clip=clip))
     if reference is None:
         mu_r, cov_r = _digits_reference_stats()

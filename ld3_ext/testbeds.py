@@ -188,7 +188,7 @@ MIXTURES = {"ring2d": ring2d, "digits64": digits64, "random3072": random3072}
 
 
 def get_mixture(name: str) -> GaussianMixture:
-    if name not in MIXTURES:
+    if not isinstance(name, str) or name not in MIXTURES:  # a list failed as "unhashable type"
         raise ValueError(f"unknown mixture {name!r}; expected one of {sorted(MIXTURES)}")
     return MIXTURES[name]()
 

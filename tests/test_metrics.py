@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ld3_ext.metrics import digits_fd, digits_reference_stats, frechet_distance, gaussian_stats, teacher_rmse
+from ld3_ext.metrics import digits_fd, digits_features, digits_reference_stats, frechet_distance, gaussian_stats, teacher_rmse
 from ld3_ext.models.digits import real_digits
 from ld3_ext.models.digits_classifier import classifier_sha256, digits_split, load_digits_classifier
 
@@ -51,6 +51,21 @@ def test_frechet_distance_decomposes_cov1_once_and_matches_scipy_sqrtm(monkeypat
     want = ((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2.0 * np.trace(sqrtm(c1 @ c2)).real
     assert got == pytest.approx(want, rel=1e-10)
     assert frechet_distance(mu2, c2, mu1, c1) == pytest.approx(want, rel=1e-10)
+
+
+def test_digits_features_of_a_single_image_are_its_row_of_a_batch():
+    """Features need no covariance: one image works (it was refused as 'need at least 2 samples'), and is the
+    same row as in a batch; digits_fd still asks for two, naming samples or reference."""
+    real = real_digits()[:5]
+    one = digits_features(real[2:3])
+    assert one.shape == (1, 64)
+    torch.testing.assert_close(one, digits_features(real)[2:3], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="samples: need at least 2 samples"):
+        digits_fd(real[:1])
+    with pytest.raises(ValueError, match="reference: need at least 2 samples"):
+        digits_fd(real, reference=real[:1])
+    with pytest.raises(ValueError, match="samples: need at least 1 sample"):
+        digits_features(real[:0])
 
 
 def test_the_cached_reference_stats_cannot_be_changed_through_what_is_returned():

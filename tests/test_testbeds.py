@@ -115,8 +115,9 @@ def test_named_mixtures_shapes():
     assert digits.event_shape == (1, 8, 8) and digits.means.shape == (10, 64)
     assert float(digits.stds.min()) >= 0.05
     assert torch.allclose(digits.log_weights.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
-    with pytest.raises(ValueError, match="unknown mixture"):
-        TB.get_mixture("cifar")
+    for bad in ("cifar", ["ring2d"], None):  # a list failed as "unhashable type: 'list'"
+        with pytest.raises(ValueError, match="unknown mixture"):
+            TB.get_mixture(bad)
 
 
 def test_mixture_validation():
