@@ -31,6 +31,7 @@ rather than read as the default linear VP schedule.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import numbers
 import os
@@ -239,11 +240,21 @@ class _UNetCall:
         self.net = net
         self.learned_variance = learned_variance
         self.__name__ = type(net).__name__
+        # by keyword where the network names it: the transformers (SD3, PixArt, Flux) take encoder_hidden_states
+        # second, so a positional time would land there; the UNets and DiT take timestep second
+        try:
+            params = inspect.signature(net.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        self.time_keyword = "timestep" in params
 
     def __call__(self, x, time, **kw):
         dtype = getattr(self.net, "dtype", x.dtype)
         kw = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
-        out = self.net(x.to(dtype), time, return_dict=False, **kw)[0]
+        if self.time_keyword:
+            out = self.net(x.to(dtype), timestep=time, return_dict=False, **kw)[0]
+        else:
+            out = self.net(x.to(dtype), time, return_dict=False, **kw)[0]
         if out.dim() > 1 and x.dim() > 1 and out.shape[1] == 2 * x.shape[1]:
             if not self.learned_variance:
                 raise DiffusersConfigError(
@@ -301,10 +312,13 @@ def from_diffusers(unet, scheduler_config, guidance_scale: Optional[float] = Non
     cfg = _config_dict(scheduler_config)
     schedule, prediction = schedule_from_diffusers_config(cfg, shift=shift)
     conditional, default_key = _conditioning(unet)
+    # an explicit cond_key names the condition of a network the heuristic does not know (DiT's class_labels)
+    conditional = conditional or cond_key is not None
     if guidance_scale is not None and not conditional:
         raise DiffusersConfigError(
             f"guidance_scale={guidance_scale} but the {type(unet).__name__} is unconditional (no class embedding / "
-            "cross-attention): classifier-free guidance needs a conditional network; drop guidance_scale")
+            "cross-attention): classifier-free guidance needs a conditional network; drop guidance_scale, or name "
+            "the network's condition argument with cond_key (e.g. cond_key='class_labels')")
     ucfg = getattr(unet, "config", {}) or {}
     if ucfg.get("time_embedding_type", "positional") == "fourier":
         raise DiffusersConfigError("time_embedding_type='fourier' (a score-SDE VE network reading sigma) is not "
