@@ -353,7 +353,10 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         b = int(begin_index)
         per = 2 if self.solver.name == "heun" else 1
         if b % per:
-            raise ValueError(f"begin_index={b} is inside a Heun interval; use a multiple of {per}")
+            # e.g. SDXL's denoising_start: its arithmetic assumes diffusers' Heun layout (2N - 1 entries, the last
+            # interval first-order), and this scheduler's Heun evaluates both ends of all N intervals (2N)
+            raise ValueError(f"begin_index={b} is inside a Heun interval; use a multiple of {per}, or a multistep "
+                             f"solver (dpmpp, unipc, ipndm, euler) with a pipeline's denoising_start")
         t, tm = self._full
         if not 0 <= b // per < t.numel() - 1:
             raise ValueError(f"begin_index={b} is out of range for {t.numel() - 1} intervals")
