@@ -220,6 +220,13 @@ class _WholeSampler(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if composite_only(grad):
+            # the kernels cannot read it, and re-running the model under the engine's legacy batching fails
+            # inside torch (per-sample fallbacks backward through one graph twice)
+            raise RuntimeError("the fused whole-sampler node has no batched backward (autograd.grad(..., "
+                               "is_grads_batched=True), autograd.functional.jacobian(vectorize=True)): sample with "
+                               "backend='reference' for those, or use torch.func (jacrev, vmap over vjp), which "
+                               "the fused solvers serve through the reference path")
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
             return _differentiable_backward(ctx, grad)
         plan: SamplerPlan = ctx.plan

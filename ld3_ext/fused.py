@@ -54,7 +54,9 @@ class _MultistepUpdate(torch.autograd.Function):
     def backward(ctx, grad):
         x, coef, *history = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+        # create_graph=True (the gradient must itself be differentiable), or a grad wrapped by a torch.func
+        # transform (is_grads_batched): the torch composition
+        if torch.is_grad_enabled() or composite_only(grad):
             return _update_backward_reference(grad, x, coef, history, needs)
         need_hist = any(needs[2:])
         # a grad laid out otherwise than x (and its history): one copy of it, not one of x and each history term
@@ -92,44 +94,54 @@ class _CoefficientTable(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_table):
         jac, t64 = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or composite_only(grad_table):
             # create_graph=True: J^T g with a constant J would lose d(grad_t)/dt; the reference table's VJP
-            # keeps every second-order term
-            ref = coefficient_table_reference(ctx.schedule, t64, ctx.spec, validate=False)
-            (gt,) = torch.autograd.grad(ref, t64, grad_table, create_graph=True, allow_unused=True)
-            return (torch.zeros_like(t64) if gt is None else gt), None, None, None
+            # keeps every second-order term (and reads a grad wrapped by a torch.func transform)
+            return _reference_vjp(ctx.schedule, t64, ctx.spec, grad_table), None, None, None
         # grad_t = J^T g, gathered per t_k in C++ (one call instead of a dozen tiny ops)
         return _C.coefficient_table_backward(jac, grad_table), None, None, None
 
 
 def _table_vjp_create_graph(t64, grad_table, kind, p0, p1, solver, order, lower_order_final, heun, bh2,
                             use_corrector) -> torch.Tensor:
-    """The C++ table node's backward under create_graph=True: the reference table's VJP, differentiable.
+    """The C++ table node's backward under create_graph=True (and for a batched grad): the reference table's VJP.
 
     The node keeps only the native arguments, so the schedule and spec are rebuilt from them: the schedule
-    the C++ code computes (``native_spec`` names its formula and both parameters)."""
-    schedule = _native_schedule(kind, p0, p1)
+    the C++ code computes (``native_spec`` names its formula and both parameters), on the grid's own range."""
+    vals = t64.detach().tolist()
+    schedule = _native_schedule(kind, p0, p1, min(vals), max(vals))
     spec = SolverSpec(_SOLVER_NAMES[solver], order=order, lower_order_final=lower_order_final,
                       solver_type="heun" if heun else "midpoint", variant="bh2" if bh2 else "bh1",
                       use_corrector=use_corrector)
-    ref = coefficient_table_reference(schedule, t64, spec, validate=False)
-    (gt,) = torch.autograd.grad(ref, t64, grad_table, create_graph=True, allow_unused=True)
+    return _reference_vjp(schedule, t64, spec, grad_table)
+
+
+def _reference_vjp(schedule, t64, spec, grad_table) -> torch.Tensor:
+    """grad_t of the reference table: differentiable when grad mode is on (create_graph=True), plain otherwise
+    (a batched grad of is_grads_batched reaches here with grad mode off)."""
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        ref = coefficient_table_reference(schedule, t64, spec, validate=False)
+        (gt,) = torch.autograd.grad(ref, t64, grad_table, create_graph=create, allow_unused=True)
     return torch.zeros_like(t64) if gt is None else gt
 
 
 _SOLVER_NAMES = {v: k for k, v in SOLVER_IDS.items()}
 
 
-def _native_schedule(kind: int, p0: float, p1: float):
+def _native_schedule(kind: int, p0: float, p1: float, t_lo: float, t_hi: float):
+    """The schedule of native kind ``kind`` with parameters p0, p1 on [t_lo, t_hi] (the grid's range: the
+    coefficients do not depend on the range, but the constructors check that the schedule is defined on it, and
+    a default range need not be, e.g. VPLinear's t_max = 1 with beta_max = 5000)."""
     from . import schedules as S
     if kind == S.KIND_EDM:
-        return S.EDM()
+        return S.EDM(sigma_min=t_lo, sigma_max=t_hi)
     if kind == S.KIND_VP_LINEAR:
-        return S.VPLinear(beta_min=p0, beta_max=p1)
+        return S.VPLinear(beta_min=p0, beta_max=p1, t_min=t_lo, t_max=t_hi)
     if kind == S.KIND_VP_COSINE:
-        return S.VPCosine(s=p0)
+        return S.VPCosine(s=p0, t_min=t_lo, t_max=t_hi)
     if kind == S.KIND_FLOW:
-        return S.FlowMatching()
+        return S.FlowMatching(t_min=t_lo, t_max=t_hi)
     raise ValueError(f"coefficient_table: unknown native schedule kind {kind}")
 
 
@@ -316,22 +328,33 @@ def _register_ops() -> None:
         n = t.shape[0] - 1
         return (t.new_empty((n, 2, TABLE_WIDTH)), t.new_empty((n, 2, TABLE_WIDTH, 4)))
 
+    # t is not read: it is an argument so that a compiled graph keeps the grid for its backward, and AOT autograd
+    # then refuses a double backward; with only jac saved it took this gradient for a constant of t, and a
+    # compiled Hessian-vector product came out as zeros
     @torch.library.custom_op(f"{lib}::coefficient_table_backward", mutates_args=())
-    def _table_bwd_op(jac: torch.Tensor, grad_table: torch.Tensor) -> torch.Tensor:
+    def _table_bwd_op(jac: torch.Tensor, grad_table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return _C.coefficient_table_backward(jac, grad_table)
 
     @_table_bwd_op.register_fake
-    def _(jac, grad_table):
+    def _(jac, grad_table, t):
         return jac.new_empty((jac.shape[0] + 1,))
 
+    def _table_bwd_backward(ctx, grad_t):
+        # J^T g with a constant J has no d/dt (the table's second derivatives): refused, not zeros (eager calls
+        # record the C++ node, whose create_graph path is exact)
+        raise RuntimeError("ld3_ext: second derivatives of the fused coefficient table are not available under "
+                           "torch.compile; differentiate twice in eager mode, or use backend='reference'")
+
+    _table_bwd_op.register_autograd(_table_bwd_backward, setup_context=lambda ctx, inputs, output: None)
+
     def _table_setup(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
+        ctx.save_for_backward(output[1], inputs[0])
 
     def _table_backward(ctx, grad_table, grad_jac):
-        (jac,) = ctx.saved_tensors
+        jac, t = ctx.saved_tensors
         if grad_table is None:
             grad_table = torch.zeros_like(jac[..., 0])
-        return (torch.ops.ld3_ext.coefficient_table_backward(jac, grad_table),) + (None,) * 9
+        return (torch.ops.ld3_ext.coefficient_table_backward(jac, grad_table, t),) + (None,) * 9
 
     _table_op.register_autograd(_table_backward, setup_context=_table_setup)
 

@@ -129,8 +129,13 @@ def composite_only(*tensors) -> bool:
         return func_transform_active()
     if getattr(_fwad, "_current_level", -1) >= 0 or func_transform_active():
         return True
-    wrapped = _is_wrapped
-    return wrapped is not None and any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors)
+    return any(isinstance(t, torch.Tensor) and _wrapped(t) for t in tensors)
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    """Wrapped by a torch.func transform, or a legacy batched tensor (the grads a Function's backward gets under
+    ``autograd.grad(..., is_grads_batched=True)``): no storage for a kernel to read."""
+    return (_is_wrapped is not None and _is_wrapped(t)) or (_is_legacy_batched is not None and _is_legacy_batched(t))
 
 
 def func_transform_active() -> bool:
@@ -154,6 +159,7 @@ def _vmapped(t) -> bool:
 
 _functorch = getattr(torch._C, "_functorch", None)
 _is_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", None)
+_is_legacy_batched = getattr(_functorch, "is_legacy_batchedtensor", None)
 _functorch_depth = getattr(_functorch, "get_dynamic_layer_stack_depth", None)
 
 

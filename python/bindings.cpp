@@ -78,7 +78,10 @@ at::Tensor table_vjp_create_graph(const at::Tensor& t, const at::Tensor& grad_ta
               a.use_corrector)
         .cast<at::Tensor>();
   } catch (py::error_already_set& e) {
-    throw std::runtime_error(e.what());  // carried as text: the Python error object stays with the GIL
+    // torch's carrier of a Python exception through the autograd engine: the caller gets the original
+    // exception (its type too), as from a Python Function's backward
+    e.restore();
+    throw python_error();
   }
 }
 

@@ -49,9 +49,11 @@ struct FusedCoefficientTable : public torch::autograd::Function<FusedCoefficient
     const at::Tensor& t = saved[0];
     const at::Tensor& jac = saved[1];
     const at::Tensor& g = grads[0];  // materialized: zeros where the table was not used
-    if (at::GradMode::is_enabled()) {
+    // create_graph=True, or a grad wrapped by a torch.func transform (is_grads_batched, vectorized jacobian):
+    // the reference's VJP (the kernel cannot read a wrapped grad)
+    if (at::GradMode::is_enabled() || g.key_set().has_any(c10::functorch_transforms_ks)) {
       const TableVjpFn& fn = create_graph_vjp();
-      TORCH_CHECK(static_cast<bool>(fn), "coefficient_table: create_graph=True needs ld3_ext.fused imported");
+      TORCH_CHECK(static_cast<bool>(fn), "coefficient_table: this backward needs ld3_ext.fused imported");
       return {fn(t, g, load_args(ctx)), at::Tensor()};
     }
     return {table_backward(jac, g), at::Tensor()};  // none for args

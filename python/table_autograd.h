@@ -16,7 +16,8 @@ at::Tensor coefficient_table_autograd(const at::Tensor& t, const TableArgs& args
 
 // create_graph=True: J^T g with a constant J would lose d(grad_t)/dt, so the node hands (t, grad_table, args)
 // to this function instead: the Python reference table's VJP (bindings.cpp sets it to
-// ld3_ext.fused._table_vjp_create_graph), which keeps every second-order term.
+// ld3_ext.fused._table_vjp_create_graph), which keeps every second-order term.  Also for a grad_table wrapped by
+// a torch.func transform (is_grads_batched), which the kernel cannot read.
 using TableVjpFn = std::function<at::Tensor(const at::Tensor& t, const at::Tensor& grad_table, const TableArgs&)>;
 void set_table_create_graph_vjp(TableVjpFn fn);
 

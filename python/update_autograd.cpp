@@ -72,7 +72,10 @@ struct FusedMultistepUpdate : public torch::autograd::Function<FusedMultistepUpd
       needs[i] = ctx->needs_input_grad(i);
       if (i >= 2) need_hist = need_hist || needs[i];
     }
-    if (at::GradMode::is_enabled()) return differentiable_backward(grads[0], x, coef, history, needs);
+    // create_graph=True, or a grad wrapped by a torch.func transform (is_grads_batched, vectorized jacobian: no
+    // storage for the kernels to read): the ATen composition
+    if (at::GradMode::is_enabled() || grads[0].key_set().has_any(c10::functorch_transforms_ks))
+      return differentiable_backward(grads[0], x, coef, history, needs);
     auto [gx, gc, gms] =
         update_backward(in_layout_of(grads[0], x), x, coef, history, needs[0], needs[1], need_hist);
     variable_list out{needs[0] ? gx : at::Tensor(), needs[1] ? gc : at::Tensor()};

@@ -634,3 +634,27 @@ def test_heun_multistep_table_rejects_bad_arguments():
             heun_multistep_table(ld3_ext.EDM(), bad)
     table, orders = heun_multistep_table(ld3_ext.EDM(), t)
     assert table.shape == (4, 2, 5) and orders == [1, 2, 1, 2]
+
+
+@native
+def test_a_batched_backward_through_the_whole_sampler_is_refused_naming_what_works():
+    """is_grads_batched (and jacobian(vectorize=True)) hands the node a batched grad: it failed inside torch
+    ("Cannot access storage of BatchedTensorImpl"); now a clear error names the reference backend and
+    torch.func, and both give the reference's Jacobian."""
+    s = ld3_ext.EDM()
+    model = _model(s, dim=3)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grid = ld3_ext.discretizations.logsnr_uniform(s, 4)
+
+    def solve(backend, t):
+        return ld3_ext.DPMSolverPP(order=3, backend=backend).sample(model, x, t)
+
+    t = grid.clone().requires_grad_()
+    v = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="no batched backward.*backend='reference'.*torch.func"):
+        torch.autograd.grad(solve("fused", t), t, v, is_grads_batched=True)
+    want = torch.autograd.functional.jacobian(lambda tt: solve("reference", tt), grid)
+    got_ref = torch.autograd.functional.jacobian(lambda tt: solve("reference", tt), grid, vectorize=True)
+    got_func = torch.func.jacrev(lambda tt: solve("fused", tt))(grid)
+    torch.testing.assert_close(got_ref, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_func, want, rtol=1e-10, atol=1e-12)

@@ -413,7 +413,27 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ld3_ext.coefficient_table.default,
                           (t, 1, 0.1, 20.0, SOLVER_IDS["unipc"], 3, True, False, True, True))
     jac = C.coefficient_table(t.detach(), 1, 0.1, 20.0, SOLVER_IDS["unipc"], 3, True, False, True, True)[1]
-    torch.library.opcheck(torch.ops.ld3_ext.coefficient_table_backward.default, (jac, torch.randn(jac.shape[:3], dtype=torch.float64)))
+    torch.library.opcheck(torch.ops.ld3_ext.coefficient_table_backward.default,
+                          (jac, torch.randn(jac.shape[:3], dtype=torch.float64), t.detach()))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "eager"])
+def test_a_compiled_double_backward_through_the_fused_table_is_refused_not_zero(backend):
+    """The compiled table's backward is J^T g with J a constant of the graph: a Hessian-vector product through it
+    came out as zeros (AOT autograd took the gradient for a constant of t).  It now raises, as the compiled
+    reference does; eager mode gives the exact HVP."""
+    schedule, spec = S.VPCosine(s=0.02), SolverSpec("dpmpp", 3)
+    grid = torch.linspace(schedule.t_max, schedule.t_min, 7, dtype=torch.float64)
+    f = lambda tt: ops.coefficient_table(schedule, tt, spec, "fused", validate=False).pow(2).sum()  # noqa: E731
+    torch._dynamo.reset()
+    t = grid.clone().requires_grad_()
+    g, = torch.autograd.grad(torch.compile(f, backend=backend)(t), t, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward|second derivatives of the fused coefficient table"):
+        torch.autograd.grad(g.sum(), t, allow_unused=True)
+    t = grid.clone().requires_grad_()
+    g, = torch.autograd.grad(f(t), t, create_graph=True)
+    h, = torch.autograd.grad(g.sum(), t)
+    assert h.abs().max() > 1.0
 
 
 def test_torch_compile_fullgraph_smoke():

@@ -84,7 +84,12 @@ def test_gradcheck_and_gradgradcheck_through_the_node():
         assert torch.autograd.gradgradcheck(f, (t,))
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES, ids=IDS)
+# beta_max = 5000 on t <= 0.1: valid, though alpha underflows at VPLinear's default t_max = 1, which the
+# create_graph fallback's rebuilt schedule used to get (its constructor then refused it)
+STEEP = S.VPLinear(beta_min=0.1, beta_max=5000.0, t_max=0.1)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES + [STEEP], ids=IDS + ["vp_linear_steep"])
 def test_double_backward_matches_the_reference_hessian_vector_product(schedule):
     """create_graph=True: the node hands the VJP to the reference table of the schedule rebuilt from its
     native parameters; a Hessian-vector product w.r.t. the grid equals plain torch's on the user's schedule."""
@@ -104,22 +109,27 @@ def test_double_backward_matches_the_reference_hessian_vector_product(schedule):
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=IDS)
 def test_the_schedule_rebuilt_from_its_native_form_gives_the_same_reference_table(schedule):
     kind, (p0, p1) = schedule.native_spec()
-    rebuilt = fused._native_schedule(kind, p0, p1)
-    assert type(rebuilt) is type(schedule)
     grid = _grid(schedule, n=8, seed=1)
+    rebuilt = fused._native_schedule(kind, p0, p1, float(grid.min()), float(grid.max()))
+    assert type(rebuilt) is type(schedule)
     for spec in (SolverSpec("dpmpp", 3), SolverSpec("unipc", 2)):
         assert torch.equal(coefficient_table_reference(rebuilt, grid, spec),
                            coefficient_table_reference(schedule, grid, spec))
 
 
-def test_an_error_in_the_create_graph_fallback_reaches_the_caller(monkeypatch):
+def test_an_error_in_the_create_graph_fallback_reaches_the_caller_as_itself(monkeypatch):
+    """The Python exception crosses the C++ node and the autograd engine with its type (it came out as a
+    RuntimeError carrying only the text)."""
+    class Boom(ValueError):
+        pass
+
     def boom(*args):
-        raise ValueError("fallback failed on purpose")
+        raise Boom("fallback failed on purpose")
 
     monkeypatch.setattr(fused, "_table_vjp_create_graph", boom)
     t = _grid(S.EDM()).requires_grad_()
     table = fused.coefficient_table(S.EDM(), t, SolverSpec("dpmpp", 2))
-    with pytest.raises(RuntimeError, match="fallback failed on purpose"):
+    with pytest.raises(Boom, match="fallback failed on purpose"):
         torch.autograd.grad(table.sum(), t, create_graph=True)
     # without create_graph the C++ J^T g serves, the fallback is not called
     table = fused.coefficient_table(S.EDM(), t, SolverSpec("dpmpp", 2))
@@ -182,3 +192,20 @@ def test_compiled_autograd_runs_the_node():
             (table * table).sum().backward()
         grads.append(t.grad)
     assert torch.equal(*grads)
+
+
+@pytest.mark.parametrize("make", [fused.coefficient_table, _python_function], ids=["cpp_node", "python_function"])
+def test_batched_grads_and_a_vectorized_jacobian_go_through_the_reference_vjp(make):
+    """is_grads_batched (and autograd.functional.jacobian(vectorize=True), built on it) hands the node a batched
+    grad with no storage: the kernel failed on it ("Cannot access data pointer"); the reference VJP serves."""
+    schedule, spec = S.VPCosine(s=0.02), SolverSpec("unipc", 3, variant="bh2")
+    grid = _grid(schedule, n=6, seed=3)
+    v = torch.randn(3, grid.numel() - 1, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    t, t_ref = grid.clone().requires_grad_(), grid.clone().requires_grad_()
+    got, = torch.autograd.grad(make(schedule, t, spec), t, v, is_grads_batched=True)
+    want, = torch.autograd.grad(coefficient_table_reference(schedule, t_ref, spec), t_ref, v, is_grads_batched=True)
+    assert got.shape == (3, grid.numel()) and not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    jac = torch.autograd.functional.jacobian(lambda tt: make(schedule, tt, spec), grid, vectorize=True)
+    jac_ref = torch.autograd.functional.jacobian(lambda tt: coefficient_table_reference(schedule, tt, spec), grid)
+    torch.testing.assert_close(jac, jac_ref, rtol=1e-10, atol=1e-10)

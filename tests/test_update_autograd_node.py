@@ -226,3 +226,20 @@ def test_compiled_autograd_runs_the_node():
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("update", [fused.multistep_update, _python_function], ids=["cpp_node", "python_function"])
+def test_batched_grads_go_through_the_torch_composition(update):
+    """is_grads_batched hands the node a batched grad with no storage (the kernel failed on it): the same
+    composition as for create_graph=True serves, with the reference's values."""
+    x, coef, hist = _inputs(torch.float64, 2, shape=(4, 3), seed=6)
+    v = torch.randn(3, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, coef, *hist)]
+        return torch.autograd.grad(fn(leaves[0], leaves[1], leaves[2:]), leaves, v, is_grads_batched=True)
+
+    got, want = grads(update), grads(_reference)
+    for a, b in zip(got, want):
+        assert a.shape[0] == 3
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
