@@ -304,27 +304,55 @@ def _check_schedule_fits(learned, path: str, model, schedule, spec: str) -> None
               f"{what}: the schedule may be far from the best for it", file=sys.stderr)
 
 
+def _model_from_file(learned, path: str) -> str:
+    """The --model a schedule file records, for a command given no --model.  Only a built-in or a diffusers folder
+    is taken from a file: a package.module:factory would make reading a file (one downloaded, say) import and run
+    code, so the user names it on the command line; and a file recording no model is refused, not guessed."""
+    from .models import canonical_spec, is_builtin
+    spec = (learned.model or {}).get("spec")
+    if not spec:
+        raise UsageError(f"--model: {path} does not record which model it was trained for; pass --model")
+    if not isinstance(spec, str) or not (is_builtin(spec) or canonical_spec(spec).startswith("diffusers:")):
+        raise UsageError(f"--model: {path} records the model factory {spec!r}; a schedule file never makes ld3 "
+                         f"import code: pass --model {spec} yourself if you trust it")
+    return spec
+
+
+def _check_out_dir(path: str) -> None:
+    """--out made and writable before any work (os.makedirs succeeds on an existing read-only folder; the results
+    would then be lost after the whole run, with an error naming a temporary file)."""
+    import tempfile
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def cmd_sample(args) -> int:
     from .plotting import sample_grid
     learned = None
     if args.schedule:
         from .schedule_file import load_schedule
         learned = load_schedule(args.schedule)
-    # as `ld3 eval`: without --model, the model the schedule file records (else the built-in ring)
-    args.model = args.model or (learned.model.get("spec") if learned is not None else None) or SAMPLE_MODEL
+    # as `ld3 eval`: without --model, the model the schedule file records (without a file, the built-in ring)
+    if not args.model:
+        args.model = _model_from_file(learned, args.schedule) if learned is not None else SAMPLE_MODEL
     model, schedule, dtype = _load(args)
     solver = _make_solver(args)
     if learned is not None:
         # the learned grid belongs to the solver and NFE it was trained for: everything is compared at those
         _check_schedule_fits(learned, args.schedule, model, schedule, args.model)
         learned.check_guidance(model.guidance_scale)
-        if learned.solver().config() != solver.config() or learned.nfe != args.nfe:
+        given = getattr(args, "given_flags", set()) & {"--solver", "--order", "--variant", "--nfe"}
+        if given and (learned.solver().config() != solver.config() or learned.nfe != args.nfe):
             print(f"note: --schedule: comparing at the schedule's own solver {learned.solver()!r} and NFE "
                   f"{learned.nfe} (the --solver/--order/--variant/--nfe given are not used)", file=sys.stderr)
         solver, args.nfe = learned.solver(), learned.nfe
         _use_recorded_teacher(args, learned)
     steps = _exact_steps(solver, args.nfe, "--nfe")
-    os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after the sampling
+    _check_out_dir(args.out)  # a bad --out fails now, not after the sampling
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "sample").to(dtype)
     t0 = time.time()
     target = _teacher(model, schedule, x_T, args)
@@ -394,7 +422,8 @@ def _train(args) -> int:
     model, schedule, dtype = _load(args)
     solver = _make_solver(args)
     # where the results go must be usable before any work (an OSError here is one line)
-    os.makedirs(os.path.join(args.out, "checkpoint"), exist_ok=True)
+    _check_out_dir(os.path.join(args.out, "checkpoint"))
+    _check_out_dir(args.out)
     if os.path.isdir(os.path.join(args.out, "schedule.json")):
         raise UsageError(f"--out: {os.path.join(args.out, 'schedule.json')} is a directory; the schedule file "
                          "cannot be written there")
@@ -429,9 +458,7 @@ def cmd_eval(args) -> int:
         hint = "" if args.schedule else f" (run `ld3 train --out {args.out}` first, or pass --schedule)"
         raise UsageError(f"--schedule: no schedule file at {path}{hint}")
     learned = load_schedule(path)
-    args.model = args.model or learned.model.get("spec")
-    if not args.model:
-        raise UsageError(f"--model: {path} does not record which model it was trained for; pass --model")
+    args.model = args.model or _model_from_file(learned, path)
     model, schedule, dtype = _load(args)
     _check_schedule_fits(learned, path, model, schedule, args.model)
     learned.check_guidance(model.guidance_scale)
@@ -451,7 +478,7 @@ def cmd_eval(args) -> int:
             fd = None
     if fd is not None and args.n < 2:  # refused now, naming the flag, not by the metric after the teacher ran
         raise UsageError(f"--n: digits-FD needs at least 2 samples (a covariance), got {args.n}")
-    os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after the teacher and every sample
+    _check_out_dir(args.out)  # a bad --out fails now, not after the teacher and every sample
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
     target = _teacher(model, schedule, x_T, args)
     steps = solver.steps_for_nfe(nfe)
@@ -746,6 +773,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)  # argparse's own errors: usage line, then exit status 2
+    # the flags written on the command line (not argparse's defaults), for notes about flags that are overridden
+    args.given_flags = {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)
+                        if isinstance(a, str) and a.startswith("--")}
     prog = f"ld3 {args.cmd}"
     try:
         _fill_teacher_defaults(args)

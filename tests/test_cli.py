@@ -112,6 +112,15 @@ def _schedule_file(tmp_path, solver, nfe, schedule=None, spec="gmm:ring2d"):
     return path
 
 
+def _run(argv, capsys):
+    """(exit status, stderr) of `ld3 ARGV`: a UsageError leaves main as SystemExit(2), as argparse's errors do."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        return e.code, str(e) + capsys.readouterr().err
+    return rc, capsys.readouterr().err
+
+
 def _rows(text):
     return {p[0]: p for p in (line.split() for line in text.splitlines())
             if len(p) == 4 and p[0] in ("ld3", "logsnr", "edm", "time_uniform", "time_quadratic")}
@@ -575,10 +584,11 @@ def test_train_output_locations_are_checked_before_any_work(tmp_path, monkeypatc
     monkeypatch.delenv("LD3_TRACEBACK", raising=False)
     try:
         rc = cli.main(["train", "--model", "gmm:ring2d", "--out", str(out)])
+        err = capsys.readouterr().err
     except SystemExit as e:
-        assert "schedule.json is a directory" in str(e)
-    else:
-        assert rc == 2 and "FileExistsError" in capsys.readouterr().err
+        rc, err = 2, str(e)
+    want = "schedule.json is a directory" if blocker == "schedule.json" else "checkpoint: cannot write there"
+    assert rc == 2 and want in err
 
 
 def test_train_and_teacher_use_a_test_beds_exact_solution_as_eval_does(tmp_path, capsys):
@@ -635,9 +645,9 @@ def test_eval_output_directory_is_checked_before_any_work(tmp_path, monkeypatch,
     monkeypatch.setattr(cli, "_teacher", no_teacher)
     monkeypatch.delenv("LD3_TRACEBACK", raising=False)
     (tmp_path / "a_file").write_text("x")
-    rc = cli.main(["eval", "--schedule", path, "--n", "4", "--skip-model-baselines",
-                   "--out", str(tmp_path / "a_file" / "sub")])
-    assert rc == 2 and "NotADirectoryError" in capsys.readouterr().err
+    rc, err = _run(["eval", "--schedule", path, "--n", "4", "--skip-model-baselines",
+                    "--out", str(tmp_path / "a_file" / "sub")], capsys)
+    assert rc == 2 and "--out" in err and "cannot write there (Not a directory)" in err
 
 
 def test_the_default_gmm_noise_schedule_has_one_spelling(tmp_path, capsys):
@@ -719,3 +729,67 @@ def test_eval_with_a_baseline_equal_to_the_teacher_still_writes_its_results(tmp_
     record = json.loads((out / "eval.json").read_text())
     assert record["gain_vs_best"] is None
     assert {r["schedule"]: r["median RMSE"] for r in record["rows"]}["logsnr"] == 0.0
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_a_schedule_file_never_makes_ld3_import_its_model_factory(tmp_path, monkeypatch, capsys, command):
+    """A file's model spec package.module:factory was imported and called when --model was not given: reading a
+    (downloaded) schedule file could run any function.  Only built-in and diffusers: specs are taken from a file;
+    a factory must be named on the command line, where it still works."""
+    from ld3_ext.solvers import DPMSolverPP
+    called = []
+    mod = types.ModuleType("ld3_untrusted_factory_mod")
+
+    def make():
+        called.append(1)
+        from ld3_ext.models import load_model
+        return load_model("gmm:ring2d")
+    mod.make = make
+    monkeypatch.setitem(sys.modules, "ld3_untrusted_factory_mod", mod)
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4, spec="ld3_untrusted_factory_mod:make")
+    extra = ["--skip-model-baselines"] if command == "eval" else []
+    rc, err = _run([command, "--schedule", path, "--n", "4", "--out", str(tmp_path / "o"), *extra], capsys)
+    assert rc == 2 and called == []
+    assert "never makes ld3 import code" in err and "--model ld3_untrusted_factory_mod:make" in err
+    rc = cli.main([command, "--schedule", path, "--n", "4", "--out", str(tmp_path / "o"), *extra,
+                   "--model", "ld3_untrusted_factory_mod:make"])
+    assert rc == 0 and called == [1]
+
+
+def test_sample_with_a_file_that_records_no_model_asks_for_one(tmp_path, capsys):
+    """It sampled the built-in ring without a word (ld3 eval refused); and the note about overridden solver flags
+    appeared although none were given."""
+    from ld3_ext.solvers import DPMSolverPP
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4, spec=None)
+    rc, err = _run(["sample", "--schedule", path, "--n", "4", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "does not record which model" in err
+    rc = cli.main(["sample", "--schedule", path, "--model", "gmm:ring2d", "--n", "4", "--out", str(tmp_path / "o")])
+    cap = capsys.readouterr()
+    assert rc == 0 and "comparing at the schedule's own solver" not in cap.err
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "train"])
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys, command):
+    """os.makedirs succeeds on an existing read-only folder: the run went on to the end and then lost its results
+    with an error naming a temporary file.  (Root ignores permissions, so the write probe is made to fail.)"""
+    import tempfile
+    from ld3_ext.solvers import DPMSolverPP
+    out = tmp_path / "readonly"
+    out.mkdir()
+    real = tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **k):
+        if dir is not None and os.path.realpath(dir).startswith(os.path.realpath(out)):
+            raise PermissionError(13, "Permission denied", dir)
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher ran")
+    monkeypatch.setattr(cli, "_teacher", no_teacher)
+    path = _schedule_file(tmp_path, DPMSolverPP(2), 4)
+    args = {"eval": ["eval", "--schedule", path, "--n", "4", "--skip-model-baselines"],
+            "sample": ["sample", "--schedule", path, "--n", "4"],
+            "train": ["train", "--model", "gmm:ring2d", "--nfe", "4", "--n-train", "4", "--n-valid", "4"]}[command]
+    rc, err = _run(args + ["--out", str(out)], capsys)
+    assert rc == 2 and f"--out {out}" in err and "cannot write there (Permission denied)" in err
