@@ -452,3 +452,30 @@ def test_a_staged_set_restarted_by_another_run_is_never_swapped_in(ring, tmp_pat
     kept = TeacherCache(d, {"s": "S1"}, n=4, chunk_size=2)
     kept.open()
     assert all(torch.equal(kept.load_chunk(i)["x"], torch.zeros(2)) for i in range(2))
+
+
+@pytest.mark.parametrize("lock_file", ["present", "absent"])
+def test_a_cache_that_may_only_be_read_is_reused(ring, tmp_path, monkeypatch, lock_file):
+    """A complete cache in a read-only folder (or another user's) was refused: the lock file was opened for
+    writing.  The lock now falls back to a read-only descriptor (flock works on one), or to no lock when the file
+    cannot be opened at all; reading needs no write.  (Root ignores permissions, so the refusals are simulated.)"""
+    mix, s, model = ring
+    fn, settings = make_teacher(model, "exact", reference=mix)
+    a = _gen(model, Counting(fn), settings, str(tmp_path))
+    lock = os.path.realpath(os.path.join(str(tmp_path), LOCK_FILE))
+    if lock_file == "absent":
+        os.remove(lock)
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if os.path.realpath(path) == lock and flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise PermissionError(13, "Permission denied", path)
+        if os.path.realpath(path) == lock and lock_file == "absent":
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", read_only)
+    again = Counting(fn)
+    b = _gen(model, again, settings, str(tmp_path))
+    assert again.calls == 0
+    for k in a:
+        assert torch.equal(a[k], b[k])

@@ -268,7 +268,17 @@ class TeacherCache:
         if _fcntl is None:
             yield
             return
-        fd = os.open(os.path.join(self.root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+        path = os.path.join(self.root, LOCK_FILE)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            # a cache we may only read (a read-only or another user's folder): flock works on a read-only
+            # descriptor of the lock file; with no lock file there is no writer to wait for
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                yield
+                return
         try:
             _fcntl.flock(fd, _fcntl.LOCK_EX)
             yield
