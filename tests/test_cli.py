@@ -427,6 +427,10 @@ def test_sample_and_eval_noises_never_are_the_teachers(tmp_path):
     (["sample", "--solver", "euler", "--order", "2"], "--order: euler has no order"),
     (["sample", "--solver", "dpmpp", "--variant", "bh2"], "--variant: only unipc"),
     (["sample", "--solver", "heun", "--nfe", "5"], "--nfe 5: heun spends 2 evaluations a step; use 4 or 6"),
+    # a budget below one Heun step: it was refused as "nfe must be >= 2 for Heun", naming no flag
+    (["sample", "--solver", "heun", "--nfe", "1"], "--nfe 1: heun spends 2 evaluations a step; use 2"),
+    (["train", "--teacher-solver", "heun", "--teacher-nfe", "1"],
+     "--teacher-nfe 1: heun spends 2 evaluations a step; use 2"),
     (["sample", "--solver", "dpmpp", "--order", "7"], "--solver dpmpp --order 7"),
 ])
 def test_bad_counts_and_flags_name_the_flag(tmp_path, argv, match):

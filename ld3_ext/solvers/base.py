@@ -170,6 +170,12 @@ class Solver:
         ``name`` when the solver cannot: a solver whose steps cost two evaluations (Heun) cannot spend an odd NFE.
         The message suggests the nearest NFEs of at least ``min_steps`` steps, in the words of a command-line
         flag (``name`` "--nfe": "--nfe 5: heun spends 2 evaluations a step; use 4 or 6") or of a keyword."""
+        if count(name, nfe, 1, type_error=False) < self.nfe(1):  # named by the caller's flag, not steps_for_nfe's "nfe"
+            least = self.nfe(max(min_steps, 1))
+            if name.startswith("-"):
+                raise ValueError(f"{name} {nfe}: {self.name} spends {self.nfe(1)} evaluations a step; use {least}")
+            raise ValueError(f"{type(self).__name__} cannot use {name}={nfe} (it spends {self.nfe(1)} evaluations per "
+                             f"step); use {name}={least}")
         steps = self.steps_for_nfe(nfe)
         if self.nfe(steps) != nfe:
             near = [self.nfe(k) for k in (steps, steps + 1) if k >= min_steps]
