@@ -329,3 +329,17 @@ def test_validate_timesteps_needs_a_schedule_without_the_range_check_too():
         with pytest.raises(TypeError, match=r"schedule must be an ld3_ext NoiseSchedule"):
             validate_timesteps(None, t, check_range=check_range)
     assert validate_timesteps(ld3_ext.VPLinear(), t, check_range=False) is t
+
+
+@pytest.mark.parametrize("name", ["step", "returns"])
+def test_model_keywords_that_clash_with_predict_are_named(name):
+    """A model keyword named step or returns reached predict twice: TypeError 'got multiple values for keyword
+    argument', from inside the solver; now the sample call names them, for every solver and backend."""
+    s = ld3_ext.EDM()
+    model = ld3_ext.wrap_model(lambda x, t, **kw: 0.9 * x, s, prediction="x0")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    grid = D.logsnr_uniform(s, 3)
+    for solver in (ld3_ext.DPMSolverPP(2), ld3_ext.Heun(), ld3_ext.UniPC(2, backend="reference")):
+        with pytest.raises(TypeError, match=rf"model keyword arguments \['{name}'\] clash with DiffusionModel.predict"):
+            solver.sample(model, x, grid, **{name: 1})
+    assert torch.isfinite(ld3_ext.DPMSolverPP(2).sample(model, x, grid, other=1)).all()  # others pass through

@@ -33,6 +33,9 @@ def _dense(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 
 
+_PREDICT_ARGS = frozenset({"step", "returns"})  # DiffusionModel.predict's keywords besides the model's own
+
+
 def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, name: str = "timesteps",
                        check_range: bool = True, min_len: int = 2, values: bool = True) -> torch.Tensor:
     """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing).
@@ -215,6 +218,10 @@ class Solver:
                             f"{getattr(x_T, 'dtype', type(x_T).__name__)}")
         if x_T.dim() < 1 or x_T.shape[0] == 0:
             raise ValueError(f"x_T must have a non-empty batch dimension, got shape {tuple(x_T.shape)}")
+        reserved = sorted(_PREDICT_ARGS.intersection(model_kwargs))
+        if reserved:  # else a TypeError from inside predict ("got multiple values for keyword argument")
+            raise TypeError(f"sample: model keyword arguments {reserved} clash with DiffusionModel.predict's own "
+                            f"arguments {sorted(_PREDICT_ARGS)}; rename them in the function you wrapped")
         schedule = model.schedule
         compiling = _compiling()
         # value checks read tensors back to the host: not traceable, and not allowed while a CUDA graph is
