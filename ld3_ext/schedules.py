@@ -194,7 +194,12 @@ class NoiseSchedule:
         diffusers config, whose betas diffusers makes in float32) differs by ~1e-6 and is the same schedule."""
         if isinstance(other, NoiseSchedule):
             other = other.config()
-        if not isinstance(other, dict):
+        elif isinstance(other, dict):
+            try:  # with its defaults filled in: {"type": "EDM"} is EDM() (a file may hold the short form)
+                other = schedule_from_config(dict(other)).config()
+            except (TypeError, ValueError, KeyError):
+                pass  # compared as it is (and found different)
+        else:
             return False
         return _close_configs(self.config(), other, SAME_AS_RTOL)
 
@@ -422,6 +427,9 @@ class VPDiscrete(NoiseSchedule):
         self._lambda_knots = lam  # decreasing in t
 
     def _knots(self, like):
+        if not like.is_floating_point():  # integer times: the knots must not be truncated to integers
+            raise TypeError(f"VPDiscrete: times must be a floating tensor, got {like.dtype} (use t.double(); the "
+                            "network's integer index is model_index(t))")
         return (self._t_knots.to(device=like.device, dtype=like.dtype),
                 self._log_alpha_knots.to(device=like.device, dtype=like.dtype))
 

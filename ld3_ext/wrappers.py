@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ._checks import flag
 from .ops import _opmath, _vmapped
 from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
 
@@ -84,7 +85,10 @@ class DiffusionModel(torch.nn.Module):
             raise ValueError(f"time_input must be one of {TIME_INPUTS} or a callable, got {time_input!r}")
         if time_input == "index" and not isinstance(schedule, VPDiscrete):
             raise ValueError("time_input='index' needs a VPDiscrete schedule")
+        check_output = flag("check_output", check_output)  # bool("no") is True: a string is refused
         if guidance_scale is not None:
+            if isinstance(guidance_scale, bool):  # True would be a guidance scale of 1.0
+                raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
             try:
                 guidance_scale = float(guidance_scale)
             except (TypeError, ValueError):
@@ -134,7 +138,11 @@ class DiffusionModel(torch.nn.Module):
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         ti = self.time_input
         if callable(ti):
-            return ti(t)
+            out = ti(t)
+            if not isinstance(out, torch.Tensor):  # a float or None failed later as "'float' has no attribute"
+                raise TypeError(f"time_input: the callable must return a torch.Tensor (the network's time), got "
+                                f"{type(out).__name__}")
+            return out
         if ti == "t":
             return t
         if ti == "sigma":
@@ -209,6 +217,10 @@ class DiffusionModel(torch.nn.Module):
             raise TypeError(f"predict: t must be a real time, got {t.dtype}")
         if t.numel() != 1:  # one time for the whole batch: a [B] time would broadcast over x's last dimension
             raise ValueError(f"predict: t must hold one time for the whole batch, got shape {tuple(t.shape)}")
+        if t.dim() > 0:  # a [1, 1] time broadcast x0 to one more dimension than x (eps kept x's shape)
+            t = t.reshape(())
+        if not t.is_floating_point():  # an integer time: the schedules' knot tables would be cast to integers
+            t = t.to(torch.float64 if x.dtype != torch.float32 else x.dtype)
         if t.is_floating_point() and t.dtype != x.dtype:
             # the time -> alpha/sigma/network-time conversions must be at least as precise as x:
             # a float32 time grid with a float64 state is evaluated in float64 (not rounded to float32)

@@ -494,3 +494,18 @@ def test_named_samplers_refuse_stochastic_arguments(mix):
         F.sample_dpmpp_3m(d, x_T(), karras(5), eta=1.0)
     with pytest.raises(ValueError, match="eta must be"):
         F.sample_dpmpp_3m(d, x_T(), karras(5), eta=float("nan"))
+
+
+@pytest.mark.parametrize("name", ["step", "returns"])
+def test_model_keywords_named_like_predicts_own_are_refused_on_every_path(name):
+    """A final-denoise-only grid and to_denoiser passed extra_args straight to predict: returns='eps' made the
+    result None, step was swallowed (or clashed).  Now refused by name, as solver.sample refuses them."""
+    model, sched, calls = _sd_model()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    for sigmas in ([1.0, 0.0], [5.0, 1.0, 0.0]):
+        with pytest.raises(TypeError, match=rf"extra_args: model keyword arguments \['{name}'\] clash"):
+            F.sample(model, x, sigmas, solver="euler", extra_args={name: "eps" if name == "returns" else 1})
+    d = F.to_denoiser(model)
+    with pytest.raises(TypeError, match=rf"model keyword arguments \['{name}'\] clash"):
+        d(x, torch.full((2,), 1.0, dtype=torch.float64), **{name: "eps" if name == "returns" else 3})
+    assert calls == []

@@ -213,6 +213,11 @@ def test_same_as_compares_configs_and_refuses_other_types():
     assert not a.same_as("vp_linear") and not a.same_as(None)
     # key order of a config read back from JSON does not matter
     assert a.same_as(dict(reversed(list(a.config().items()))))
+    # a short config (defaults left out, as a hand-written file may have them) is the schedule it builds; it
+    # was compared field by field and found different
+    assert ld3_ext.EDM().same_as({"type": "EDM"}) and a.same_as({"type": "VPLinear"})
+    assert not ld3_ext.EDM().same_as({"type": "EDM", "sigma_max": 70.0})
+    assert not a.same_as({"type": "VPLinear", "beta_max": "20"})  # one that cannot be built: different
 
 
 def test_time_slack_is_the_tolerance_every_grid_check_uses():

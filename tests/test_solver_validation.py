@@ -343,3 +343,34 @@ def test_model_keywords_that_clash_with_predict_are_named(name):
         with pytest.raises(TypeError, match=rf"model keyword arguments \['{name}'\] clash with DiffusionModel.predict"):
             solver.sample(model, x, grid, **{name: 1})
     assert torch.isfinite(ld3_ext.DPMSolverPP(2).sample(model, x, grid, other=1)).all()  # others pass through
+
+
+def test_predict_takes_a_one_element_time_of_any_shape_and_an_integer_time():
+    """t of shape [1, 1] broadcast x0 to one more dimension than x (eps kept x's shape); an integer t reached
+    VPDiscrete, whose knot tables were then cast to integers (alpha(1) = 0.135 instead of 0.068)."""
+    s = ld3_ext.VPDiscrete.linear()
+    model = ld3_ext.wrap_model(lambda x, t: 0.3 * x, s, prediction="eps")
+    x = torch.randn(4, dtype=torch.float64)
+    want = model.predict(x, torch.tensor(1.0, dtype=torch.float64))
+    for t in (torch.tensor([[1.0]], dtype=torch.float64), torch.tensor(1), torch.tensor([1]), 1):
+        got = model.predict(x, t)
+        for a, b in zip(got, want):
+            assert a.shape == x.shape
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="VPDiscrete: times must be a floating tensor"):
+        s.alpha(torch.tensor(1))
+
+
+def test_wrap_model_names_a_non_bool_check_output_a_bool_guidance_and_a_bad_time_input():
+    """check_output='no' was truthy (checks stayed on), guidance_scale=True became 1.0, and a time_input callable
+    returning a float failed inside the network call with "'float' object has no attribute 'dtype'"."""
+    s = ld3_ext.EDM()
+    with pytest.raises(TypeError, match="check_output"):
+        ld3_ext.wrap_model(lambda x, t: x, s, prediction="x0", check_output="no")
+    with pytest.raises(TypeError, match="guidance_scale must be a number, got True"):
+        ld3_ext.wrap_model(lambda x, t, **kw: x, s, prediction="x0", guidance_scale=True)
+    m = ld3_ext.wrap_model(lambda x, t: x, s, prediction="x0", time_input=lambda t: float(t))
+    with pytest.raises(TypeError, match="time_input: the callable must return a torch.Tensor"):
+        m.predict(torch.randn(2, 3), torch.tensor(1.0))
+    ok = ld3_ext.wrap_model(lambda x, t: 0.5 * x, s, prediction="x0", time_input=lambda t: 2 * t, check_output=False)
+    assert ok.check_output is False and torch.isfinite(ok.predict(torch.randn(2, 3), torch.tensor(1.0))[0]).all()
