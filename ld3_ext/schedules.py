@@ -233,6 +233,17 @@ class EDM(NoiseSchedule):
     def inverse_lambda(self, lam):
         return torch.exp(-lam)
 
+    # sigma = sigma/alpha = t exactly: exp(log t) is off by an ulp for about half of all t, so k-diffusion
+    # sigmas exported from a grid (and the sigma a denoiser is called with) would not be the grid's values
+    def sigma(self, t) -> torch.Tensor:
+        return _as_tensor(t).clone()
+
+    def edm_sigma(self, t) -> torch.Tensor:
+        return _as_tensor(t).clone()
+
+    def t_from_edm_sigma(self, s) -> torch.Tensor:
+        return _as_tensor(s).clone()
+
     def native_spec(self):
         return KIND_EDM, [0.0, 0.0]
 

@@ -127,6 +127,13 @@ def _trainer(**kw):
     ("callback", 5, TypeError), ("decoder", 5, TypeError),
     ("conditions", [1, 2], TypeError), ("conditions", torch.tensor(1.0), ValueError), ("uncond", [0.0], TypeError),
     ("uncond", torch.zeros(2, 1), ValueError),
+    # a floor above the starting rate: the plateau "decay" raised the rate to it
+    ("lr_xi_min", 1.0, ValueError), ("lr_xi_c_min", 5.0, ValueError),
+    # failed inside os.path.join / string encoding, or ("") wrote into the working folder
+    ("checkpoint_dir", 123, TypeError), ("checkpoint_dir", "", TypeError), ("checkpoint_dir", b"ck", TypeError),
+    ("teacher_cache", 123, TypeError), ("model_name", 123, TypeError), ("model_name", " ", TypeError),
+    # a string went through float(); a [[...]] grid was flattened
+    ("win_rate", "0.3", TypeError), ("init", [[80.0, 5.0, 0.1, 0.002]], ValueError),
 ])
 def test_trainer_rejects_bad_settings_in_the_constructor(name, value, exc):
     with pytest.raises(exc, match=name):
@@ -141,6 +148,20 @@ def test_trainer_names_a_bad_teacher_setting_in_the_constructor(kw, match):
     # refused by fit() before, the discretization as "discretization must be one of ..." (not the argument's name)
     with pytest.raises(ValueError, match=match):
         _trainer(**kw)
+
+
+@pytest.mark.parametrize("noise,target,match", [
+    (torch.randn(6, 2, dtype=torch.complex128), torch.randn(6, 2, dtype=torch.float64),
+     "noise must be a real floating tensor"),
+    (torch.ones(6, 2, dtype=torch.bool), torch.randn(6, 2, dtype=torch.float64), "noise must be a real floating"),
+    (torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64),
+     r"target has per-sample shape \(3,\) but noise \(2,\)"),
+])
+def test_fit_refuses_pairs_it_cannot_train_on(noise, target, match):
+    """Complex noise lost its imaginary part to a cast (a warning only), bool noise became 0/1 noise, and a target
+    of another shape failed at the first loss without naming target."""
+    with pytest.raises((TypeError, ValueError), match=match):
+        _trainer().fit(noise, target)
 
 
 def test_trainer_accepts_valid_edge_settings():

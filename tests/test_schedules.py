@@ -255,3 +255,20 @@ def test_same_as_takes_one_schedule_built_two_ways_and_messages_stay_short():
         learned.sample(model, torch.zeros(1, 2))
     assert len(str(ei.value)) < 600
     assert describe_schedule(ours.config()).startswith("VPDiscrete(alphas_cumprod=[1000 values, 0.99915 .. ")
+
+
+def test_edm_sigma_is_the_time_itself_bit_for_bit():
+    """EDM's sigma = sigma/alpha = t: computed as exp(log t) it was off by an ulp for about half of all t (and the
+    prior std was 79.99999999999997), so k-diffusion sigmas exported from a grid were not the grid's values."""
+    s = ld3_ext.EDM()
+    for dtype in (torch.float64, torch.float32):
+        t = (torch.rand(10001, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80 + 0.002).to(dtype)
+        assert torch.equal(s.edm_sigma(t), t) and torch.equal(s.sigma(t), t) and torch.equal(s.t_from_edm_sigma(t), t)
+    assert s.prior_std() == 80.0
+    t = torch.tensor([80.0, 3.0, 0.002], dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(s.edm_sigma(t).sum() + s.t_from_edm_sigma(t).sum(), t)
+    assert torch.equal(g, torch.full_like(t, 2.0))
+    from ld3_ext.schedule_file import LearnedSchedule
+    grid = ld3_ext.discretizations.logsnr_uniform(s, 7)
+    ls = LearnedSchedule(grid, solver_config=ld3_ext.DPMSolverPP(2).config(), nfe=7, schedule_config=s.config())
+    assert torch.equal(ls.to_k_diffusion(), grid)

@@ -33,6 +33,8 @@ from typing import Sequence, Tuple, Union
 
 import torch
 
+from .._checks import real
+
 from .. import discretizations
 from ..schedules import NoiseSchedule
 
@@ -55,7 +57,9 @@ def init_timesteps(schedule: NoiseSchedule, num_steps: int, init: InitSpec) -> t
             raise ValueError(f"init must be one of {sorted(discretizations.DISCRETIZATIONS)} or a list of "
                              f"timesteps, got {init!r}")
         return discretizations.get_discretization(name, schedule, num_steps)
-    t = torch.as_tensor(init, dtype=torch.float64).detach().cpu().flatten().clone()
+    t = torch.as_tensor(init, dtype=torch.float64).detach().cpu().clone()
+    if t.dim() != 1:  # a [[...]] grid was flattened silently
+        raise ValueError(f"init: a grid of timesteps must be 1-D, got shape {tuple(t.shape)}")
     if t.numel() != num_steps + 1:
         raise ValueError(f"init: a list of timesteps for {num_steps} steps needs {num_steps + 1} values "
                          f"(t_max first, t_min last), got {t.numel()}")
@@ -85,7 +89,8 @@ class TimeParameterization(torch.nn.Module):
             raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
         if time_mode not in TIME_MODES:
             raise ValueError(f"time_mode must be one of {TIME_MODES}, got {time_mode!r}")
-        if not (0.0 < float(win_rate) <= 0.5):
+        win_rate = real("win_rate", win_rate)  # a string "0.3" went through float()
+        if not (0.0 < win_rate <= 0.5):
             raise ValueError(f"win_rate must be in (0, 0.5] so that shifted model times keep their order, "
                              f"got {win_rate}")
         if not (0.0 <= min_gap_fraction < 1.0 / (2 * num_steps)):

@@ -247,6 +247,20 @@ class LD3Trainer:
         real("clip_norm", clip_norm, above=0)
         for name, v in (("lr_xi_min", lr_xi_min), ("lr_xi_c_min", lr_xi_c_min)):
             real(name, v, at_least=0)
+        # a floor above the starting rate made the plateau "decay" raise the rate (to the floor)
+        if lr_xi is not None and real("lr_xi", lr_xi, above=0) < float(lr_xi_min):
+            raise ValueError(f"lr_xi_min ({lr_xi_min}) must not exceed lr_xi ({lr_xi}): it is the floor the rate "
+                             "decays to")
+        if lr_xi_c is not None and real("lr_xi_c", lr_xi_c, above=0) < float(lr_xi_c_min):
+            raise ValueError(f"lr_xi_c_min ({lr_xi_c_min}) must not exceed lr_xi_c ({lr_xi_c}): it is the floor "
+                             "the rate decays to")
+        for name, v in (("checkpoint_dir", checkpoint_dir), ("teacher_cache", teacher_cache),
+                        ("teacher_dir", teacher_dir)):
+            if v is not None and (not isinstance(v, (str, os.PathLike)) or isinstance(v, bytes) or not str(v)):
+                # a number failed inside os.path.join; "" wrote into the working folder
+                raise TypeError(f"{name} must be None or a non-empty path (str or os.PathLike), got {v!r}")
+        if model_name is not None and (not isinstance(model_name, str) or not model_name.strip()):
+            raise TypeError(f"model_name must be None or a non-empty str, got {model_name!r}")
         # the counters are compared with ">=": 0 would act as 1, so at least one (as patience)
         count("lr2_patience", lr2_patience, 1)
         count("early_stop_patience", early_stop_patience, 1, none_ok=True)
@@ -293,6 +307,9 @@ class LD3Trainer:
         self.shift_lr0 = shift_lr
         self.lr_xi, self.momentum, self.lr_xi_min = float(lr_xi), float(momentum), float(lr_xi_min)
         self.lr_xi_c = float(lr_xi_c) if lr_xi_c is not None else 0.1 / self.num_steps
+        if lr_xi_c is None and float(lr_xi_c_min) > self.lr_xi_c:
+            raise ValueError(f"lr_xi_c_min ({lr_xi_c_min}) must not exceed lr_xi_c (default 0.1/N = {self.lr_xi_c:g}): "
+                             "it is the floor the rate decays to")
         self.lr_xi_c_min, self.clip_norm = float(lr_xi_c_min), float(clip_norm)
         self.lr_decay, self.patience, self.lr2_patience = float(lr_decay), patience, lr2_patience
         self.early_stop_patience = early_stop_patience
@@ -457,6 +474,11 @@ class LD3Trainer:
                 raise ValueError("fit(noise, target): target is missing")
             self._teacher_record = {"kind": "given", "note": "teacher pairs passed to fit()"}
             self._check_pair(noise, target, "noise", "target")
+            if self.decoder is None and target.shape[1:] != noise.shape[1:]:
+                # the sampler's output (noise-shaped) is compared with target: found at the first loss otherwise
+                raise ValueError(f"target has per-sample shape {tuple(target.shape[1:])} but noise "
+                                 f"{tuple(noise.shape[1:])}: without a decoder the targets are samples of the noise's "
+                                 "shape")
             if self.sample_shape is not None and tuple(noise.shape[1:]) != self.sample_shape:
                 raise ValueError(f"noise has per-sample shape {tuple(noise.shape[1:])} but sample_shape is "
                                  f"{self.sample_shape}")
@@ -539,6 +561,9 @@ class LD3Trainer:
         if noise.shape[0] != target.shape[0] or noise.shape[0] < 1:
             raise ValueError(f"{nn} and {tn} must hold the same number (>= 1) of samples, got "
                              f"{noise.shape[0]} and {target.shape[0]}")
+        for name, t in ((nn, noise), (tn, target)):
+            if not t.is_floating_point():  # complex lost its imaginary part to a cast; bool became 0/1 noise
+                raise TypeError(f"{name} must be a real floating tensor, got {t.dtype}")
         if not torch.isfinite(noise).all() or not torch.isfinite(target).all():
             raise ValueError(f"{nn}/{tn} contain NaN/Inf")
 
