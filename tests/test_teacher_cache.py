@@ -479,3 +479,43 @@ def test_a_cache_that_may_only_be_read_is_reused(ring, tmp_path, monkeypatch, lo
     assert again.calls == 0
     for k in a:
         assert torch.equal(a[k], b[k])
+
+
+def test_a_changed_callable_teacher_does_not_reuse_the_cache(ring, tmp_path):
+    """A callable teacher was keyed by its __qualname__ only: partial(f, scale=-5) reused the pairs made with
+    partial(f, scale=1) ("partial" both times), as two different lambdas did.  The key is now a fingerprint of
+    what it computes, so the second is refused as a mismatch (and regenerates on request)."""
+    import functools
+    from ld3_ext.training.callable_identity import describe_callable
+    mix, s, model = ring
+    exact, _ = make_teacher(model, "exact", reference=mix)
+
+    def scaled(x, scale=1.0, **kw):
+        return scale * exact(x, **kw)
+    fn1, set1 = make_teacher(model, functools.partial(scaled, scale=1.0))
+    fn2, set2 = make_teacher(model, functools.partial(scaled, scale=-5.0))
+    assert set1 != set2 and set1["name"].startswith("partial#")
+    a = _gen(model, fn1, set1, str(tmp_path))
+    with pytest.raises(TeacherCacheMismatch):
+        _gen(model, fn2, set2, str(tmp_path))
+    b = _gen(model, fn2, set2, str(tmp_path), regenerate=True)
+    torch.testing.assert_close(b["target"], -5.0 * a["target"])
+    # the same callable built again has the same key (the cache is reused across runs)
+    assert make_teacher(model, functools.partial(scaled, scale=1.0))[1] == set1
+    assert describe_callable(lambda x: 2 * x)[0] != describe_callable(lambda x: 3 * x)[0]
+
+
+def test_a_callable_that_cannot_be_fingerprinted_is_named_with_a_warning(ring):
+    mix, s, model = ring
+
+    import threading
+
+    class Holder:
+        def __init__(self):
+            self.lock = threading.Lock()  # no stable description
+
+        def __call__(self, x, **kw):
+            return x
+    with pytest.warns(UserWarning, match="identified by its name only"):
+        _, settings = make_teacher(model, Holder())
+    assert settings["name"] == "test_a_callable_that_cannot_be_fingerprinted_is_named_with_a_warning.<locals>.Holder"

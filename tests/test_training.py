@@ -834,3 +834,19 @@ def test_schedule_files_record_the_teacher(ring, tmp_path):
     z = torch.randn(6, *mix.event_shape, dtype=torch.float64)
     c = _small(model, mix, init="logsnr", time_mode="lambda", rounds_v2=0).fit(z * s.prior_std(), z)
     assert c.training["teacher"]["kind"] == "given"
+
+
+def test_callable_losses_are_told_apart_in_the_settings_a_resume_matches():
+    """A callable loss was recorded by __qualname__ only: a checkpoint trained with one lambda (or partial) was
+    resumed -- or returned as finished -- under another.  The recorded name now carries a fingerprint."""
+    import functools
+    from ld3_ext.training.losses import loss_name
+
+    def scaled(p, t, kind="l1"):
+        d = (p - t).flatten(1)
+        return d.abs().mean(1) if kind == "l1" else d.pow(2).mean(1)
+    l1, l2 = functools.partial(scaled, kind="l1"), functools.partial(scaled, kind="l2")
+    assert loss_name(l1) != loss_name(l2) and loss_name(l1) == loss_name(functools.partial(scaled, kind="l1"))
+    a, b = (lambda p, t: (p - t).abs().flatten(1).mean(1)), (lambda p, t: (p - t).pow(2).flatten(1).mean(1))
+    assert loss_name(a) != loss_name(b) and "<lambda>#" in loss_name(a)
+    assert loss_name("l2") == "l2"  # the built-in names are unchanged

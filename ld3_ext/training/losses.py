@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
 
 from .._checks import real
 from ..ops import _opmath
+from .callable_identity import describe_callable, unidentified_note
 
 LOSSES = ("l2", "l1", "pseudo_huber", "lpips")
 
@@ -147,7 +149,12 @@ def loss_name(loss: LossSpec) -> str:
         return f"pseudo_huber(c={loss.c})"
     if isinstance(loss, LPIPSLoss):
         return "lpips"
-    return getattr(loss, "__qualname__", None) or type(loss).__qualname__
+    # a fingerprint of what it computes: a checkpoint trained with another loss of the same name (two lambdas,
+    # two partials) must not be resumed
+    name, identified = describe_callable(loss)
+    if not identified:
+        warnings.warn(unidentified_note("loss", name), stacklevel=2)
+    return name
 
 
 def per_sample(loss_fn, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

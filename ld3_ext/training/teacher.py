@@ -45,6 +45,7 @@ from .._checks import count, seed as check_seed
 from ..schedules import NoiseSchedule
 from ..solvers import Solver, UniPC, as_solver
 from ..wrappers import DiffusionModel
+from .callable_identity import describe_callable, unidentified_note
 
 CACHE_FORMAT = "ld3_ext.teacher_cache"
 CACHE_VERSION = 1
@@ -137,6 +138,13 @@ def default_teacher_solver() -> Solver:
     return UniPC(order=3, variant="bh1")
 
 
+def _identify(fn, what: str) -> str:
+    name, identified = describe_callable(fn)
+    if not identified:
+        warnings.warn(unidentified_note(what, name), stacklevel=3)
+    return name
+
+
 def make_teacher(model: DiffusionModel, teacher: Any = "solver", solver: Optional[Solver] = None, nfe: int = 20,
                  discretization: str = "logsnr", reference: Any = None, *, nfe_name: str = "nfe"
                  ) -> Tuple[Callable[..., torch.Tensor], Dict[str, Any]]:
@@ -150,8 +158,8 @@ def make_teacher(model: DiffusionModel, teacher: Any = "solver", solver: Optiona
     """
     schedule = model.schedule
     if callable(teacher) and not isinstance(teacher, str):
-        name = getattr(teacher, "__qualname__", type(teacher).__qualname__)
-        return (lambda x, **kw: teacher(x, **kw)), {"kind": "callable", "name": name}
+        # a fingerprint of what it computes, not just its name: a changed teacher must not reuse the cache
+        return (lambda x, **kw: teacher(x, **kw)), {"kind": "callable", "name": _identify(teacher, "teacher")}
     if teacher == "exact":
         ref = reference if reference is not None else getattr(model, "reference_solution", None)
         if ref is None:
@@ -163,7 +171,7 @@ def make_teacher(model: DiffusionModel, teacher: Any = "solver", solver: Optiona
             name = f"{type(ref).__name__}:{getattr(ref, 'name', '')}"
         elif callable(ref):
             fn = lambda x, **kw: ref(x)  # noqa: E731
-            name = getattr(ref, "__qualname__", type(ref).__qualname__)
+            name = _identify(ref, "reference")
         else:
             raise TypeError(f"reference must have reference_solution(schedule, x_T) or be callable, got "
                             f"{type(ref).__name__}")

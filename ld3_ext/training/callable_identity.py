@@ -1,0 +1,101 @@
+"""A name for a user's callable (teacher, reference, loss) that changes when what it computes changes.
+
+Caches and checkpoints are keyed on these names; a bare ``__qualname__`` ("<lambda>", "partial") let a changed
+callable reuse results made with the old one.  The fingerprint covers a function's code, constants, defaults and
+closure values, a ``functools.partial``'s function and arguments, and a callable object's type and attributes --
+as far as those values have a stable description (numbers, strings, tensors by content, nested callables).  What
+has none (e.g. an object printed with its address) leaves the callable described by name only, and
+``describe_callable`` says so, so that the caller can warn.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import types
+from typing import Any, Optional, Tuple
+
+import torch
+
+_MAX_DEPTH = 20  # each level of nesting counts about twice (a value, then its callable)
+
+
+class _Unstable(Exception):
+    """A value without a description that is the same in every process (an address, an open file, ...)."""
+
+
+def _stable(v: Any, depth: int = 0) -> str:
+    if depth > _MAX_DEPTH:
+        raise _Unstable("nested too deeply")
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
+        return repr(v)
+    if isinstance(v, (list, tuple, frozenset, set)):
+        items = [_stable(x, depth + 1) for x in v]
+        return f"{type(v).__name__}[{','.join(sorted(items) if isinstance(v, (set, frozenset)) else items)}]"
+    if isinstance(v, dict):
+        return "dict{" + ",".join(sorted(f"{_stable(k, depth + 1)}:{_stable(x, depth + 1)}" for k, x in v.items())) + "}"
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous().reshape(-1)
+        digest = hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+        return f"tensor({t.dtype},{tuple(v.shape)},{digest})"
+    if isinstance(v, torch.dtype):
+        return str(v)
+    if isinstance(v, types.CodeType):
+        return _code(v, depth + 1)
+    if isinstance(v, types.ModuleType):
+        return f"module:{v.__name__}"
+    if callable(v):
+        return _callable(v, depth + 1)
+    if isinstance(getattr(v, "__dict__", None), dict):  # a plain object (a schedule, a mixture): its type and fields
+        return f"{type(v).__module__}.{type(v).__qualname__}{_stable(dict(vars(v)), depth + 1)}"
+    raise _Unstable(type(v).__qualname__)
+
+
+def _code(code: types.CodeType, depth: int) -> str:
+    consts = ",".join(_stable(c, depth + 1) for c in code.co_consts)
+    h = hashlib.sha256(code.co_code + consts.encode() + ",".join(code.co_names).encode()).hexdigest()[:16]
+    return f"code:{h}"
+
+
+def _callable(fn: Any, depth: int) -> str:
+    if isinstance(fn, functools.partial):
+        return (f"partial({_callable(fn.func, depth + 1)};{_stable(fn.args, depth + 1)};"
+                f"{_stable(fn.keywords, depth + 1)})")
+    if isinstance(fn, types.MethodType):
+        return f"method({_callable(fn.__func__, depth + 1)};{_stable(fn.__self__, depth + 1)})"
+    if isinstance(fn, types.FunctionType):
+        cells = tuple(c.cell_contents for c in (fn.__closure__ or ()))
+        return (f"{fn.__module__}.{fn.__qualname__}[{_code(fn.__code__, depth + 1)};"
+                f"{_stable(fn.__defaults__, depth + 1)};{_stable(fn.__kwdefaults__, depth + 1)};"
+                f"{_stable(cells, depth + 1)}]")
+    if isinstance(fn, (types.BuiltinFunctionType, type)):
+        return f"{getattr(fn, '__module__', '')}.{fn.__qualname__}"
+    if isinstance(fn, torch.nn.Module):
+        # by type and parameter shapes, not contents: a network held by a teacher is the trained model, whose
+        # weights the cache key covers already (weights_hash), and hashing gigabytes per run would cost minutes
+        shapes = [(k, tuple(p.shape)) for k, p in fn.named_parameters()]
+        return f"{type(fn).__module__}.{type(fn).__qualname__}{_stable(shapes, depth + 1)}"
+    attrs = getattr(fn, "__dict__", None)
+    if attrs is None:
+        raise _Unstable(type(fn).__qualname__)
+    return f"{type(fn).__module__}.{type(fn).__qualname__}{_stable(dict(attrs), depth + 1)}"
+
+
+def describe_callable(fn: Any) -> Tuple[str, bool]:
+    """``(name, identified)``: ``name`` is the callable's qualified name plus a fingerprint of what it computes
+    when ``identified``, else the name alone (the caller should warn that a changed callable of that name would
+    not be told apart)."""
+    base = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    try:
+        fingerprint = hashlib.sha256(_callable(fn, 0).encode()).hexdigest()[:16]
+    except (_Unstable, RecursionError, ValueError, TypeError, RuntimeError):
+        return base, False
+    return f"{base}#{fingerprint}", True
+
+
+def unidentified_note(what: str, name: str) -> Optional[str]:
+    return (f"{what} {name!r} cannot be fingerprinted (a value it holds has no stable description), so it is "
+            f"identified by its name only: a cache or checkpoint made with another {what} of that name would be "
+            "reused. Give it a distinct name (a def), or clear the cache after changing it.")
+
+
+__all__ = ["describe_callable", "unidentified_note"]
