@@ -850,3 +850,29 @@ def test_callable_losses_are_told_apart_in_the_settings_a_resume_matches():
     a, b = (lambda p, t: (p - t).abs().flatten(1).mean(1)), (lambda p, t: (p - t).pow(2).flatten(1).mean(1))
     assert loss_name(a) != loss_name(b) and "<lambda>#" in loss_name(a)
     assert loss_name("l2") == "l2"  # the built-in names are unchanged
+
+
+def test_resuming_from_the_early_stop_iteration_reports_the_same_rounds(tmp_path, ring):
+    """A Ctrl-C in the iteration where early stopping fired left a checkpoint written before that round was
+    counted: the resumed run reported rounds=0 against 1 for the run that went on (same schedule)."""
+    from ld3_ext.solvers import DPMSolverPP
+    mix, s, model = ring
+
+    def trainer(d, callback=None):
+        return LD3Trainer(model, None, DPMSolverPP(2), 4, teacher="exact", reference=mix, sample_shape=mix.event_shape,
+                          model_name=mix.name, n_train=8, n_valid=4, rounds_v1=1, rounds_v2=4, batch_size=2,
+                          progress=False, init="logsnr", time_mode="lambda", checkpoint_every=1, patience=1,
+                          early_stop_patience=3, lr_xi=0.3, checkpoint_dir=str(tmp_path / d), callback=callback)
+
+    full = trainer("full").fit()
+
+    def interrupt(tr, info):
+        if tr.st["done"]:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        trainer("b", interrupt).fit()
+    res = trainer("b").fit()
+    assert full.metrics["stop_reason"].startswith("no improvement")
+    for k in ("rounds", "iterations", "stop_reason"):
+        assert res.metrics[k] == full.metrics[k], k
+    assert torch.equal(res.timesteps, full.timesteps)

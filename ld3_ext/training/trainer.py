@@ -1263,6 +1263,11 @@ class LD3Trainer:
             bar = tqdm(total=until * n_batches, initial=min(st["iteration"], until * n_batches), desc=desc, leave=False)
         every = self._valid_every()
         t_start = time.perf_counter() - st["elapsed"]
+        if st["done"] and st["stage"] != "start":
+            # resumed from a checkpoint written in the iteration that stopped training early (checkpoint_every),
+            # before that round was counted: count it, as the run that went on did
+            st["round"] += 1
+            st["stage"] = "start"
         try:
             while st["round"] < until and not st["done"]:
                 phase = 1 if st["round"] < self.rounds_v1 else 2
