@@ -401,6 +401,29 @@ class FlowMatching(NoiseSchedule):
         return {"type": "FlowMatching", "t_min": self.t_min, "t_max": self.t_max, "shift": self.shift}
 
 
+def _real_1d(name: str, values) -> torch.Tensor:
+    """``values`` as a 1-D float64 tensor, or an exception naming ``name`` (complex values lost their imaginary
+    part to the cast, a 2-D table was flattened, a string failed inside torch)."""
+    dtype = getattr(values, "dtype", None)  # a tensor's or an array's: checked before any cast
+    if dtype is not None:
+        kind = getattr(dtype, "kind", None)  # numpy
+        real = (kind in ("f", "i", "u")) if kind is not None else (
+            isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype in _INT_DTYPES))
+        if not real:
+            raise TypeError(f"VPDiscrete: {name} must be real numbers, got {dtype}")
+    try:  # straight to float64: a list of Python floats must not pass through float32
+        t = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"VPDiscrete: {name} must be a 1-D sequence of real numbers, got "
+                        f"{type(values).__name__}") from None
+    if t.dim() != 1:
+        raise ValueError(f"VPDiscrete: {name} must be 1-D, got shape {tuple(t.shape)}")
+    return t
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
 class VPDiscrete(NoiseSchedule):
     """A discrete-time DDPM schedule (betas or alphas_cumprod) made continuous as DPM-Solver does.
 
@@ -415,12 +438,19 @@ class VPDiscrete(NoiseSchedule):
         if (betas is None) == (alphas_cumprod is None):
             raise ValueError("VPDiscrete: give exactly one of betas= or alphas_cumprod=")
         if betas is not None:
-            b = torch.as_tensor(betas, dtype=torch.float64).flatten()
+            b = _real_1d("betas", betas)
             if b.numel() < 2 or not torch.all((b > 0) & (b < 1)):
                 raise ValueError("VPDiscrete: betas must hold at least 2 values in (0, 1)")
             log_ac = torch.cumsum(torch.log1p(-b), 0)
+            # config() stores alphas_cumprod, which must read back as a valid schedule: not rounded to 1 (a beta
+            # below float64's resolution), not underflowed to 0 (thousands of large betas), strictly decreasing
+            ac = torch.exp(log_ac)
+            if not (torch.all((ac > 0) & (ac < 1)) and torch.all(ac[1:] < ac[:-1])):
+                raise ValueError("VPDiscrete: betas give alphas_cumprod that float64 cannot hold as a strictly "
+                                 "decreasing sequence in (0, 1) (a beta below ~1e-16, or alphas_cumprod underflowing "
+                                 "to 0): such a schedule could not be saved and loaded again")
         else:
-            ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+            ac = _real_1d("alphas_cumprod", alphas_cumprod)
             if ac.numel() < 2 or not torch.all((ac > 0) & (ac < 1)):
                 raise ValueError("VPDiscrete: alphas_cumprod must hold at least 2 values in (0, 1)")
             if not torch.all(ac[1:] < ac[:-1]):

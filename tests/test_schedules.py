@@ -272,3 +272,26 @@ def test_edm_sigma_is_the_time_itself_bit_for_bit():
     grid = ld3_ext.discretizations.logsnr_uniform(s, 7)
     ls = LearnedSchedule(grid, solver_config=ld3_ext.DPMSolverPP(2).config(), nfe=7, schedule_config=s.config())
     assert torch.equal(ls.to_k_diffusion(), grid)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    # accepted, then config() could not be loaded again (alphas_cumprod rounded to 1, underflowed to 0, repeated)
+    (dict(betas=[0.5] * 1100), ValueError, "could not be saved and loaded again"),
+    (dict(betas=[1e-17, 0.1]), ValueError, "could not be saved and loaded again"),
+    (dict(betas=[0.1, 1e-17, 0.1]), ValueError, "could not be saved and loaded again"),
+    # a complex table lost its imaginary part, a 2-D one was flattened, a string failed inside torch
+    (dict(betas=torch.tensor([0.1, 0.2], dtype=torch.complex64)), TypeError, "betas must be real numbers"),
+    (dict(betas=[[0.1, 0.2]]), ValueError, r"betas must be 1-D, got shape \(1, 2\)"),
+    (dict(alphas_cumprod=[[0.9, 0.5]]), ValueError, "alphas_cumprod must be 1-D"),
+    (dict(betas="abc"), TypeError, "betas must be a 1-D sequence of real numbers"),
+])
+def test_vp_discrete_refuses_tables_it_could_not_store_or_that_are_not_real_1d(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        ld3_ext.VPDiscrete(**kw)
+
+
+def test_vp_discrete_configs_round_trip():
+    from ld3_ext.schedules import schedule_from_config
+    for s in (ld3_ext.VPDiscrete.linear(), ld3_ext.VPDiscrete(betas=[0.02] * 50),
+              ld3_ext.VPDiscrete(alphas_cumprod=[0.99, 0.5, 0.1])):
+        assert s.same_as(schedule_from_config(s.config()))
