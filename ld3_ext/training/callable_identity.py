@@ -1,10 +1,12 @@
 """A name for a user's callable (teacher, reference, loss) that changes when what it computes changes.
 
 Caches and checkpoints are keyed on these names; a bare ``__qualname__`` ("<lambda>", "partial") let a changed
-callable reuse results made with the old one.  The fingerprint covers a function's code, constants, defaults and
-closure values, a ``functools.partial``'s function and arguments, and a callable object's type and attributes --
-as far as those values have a stable description (numbers, strings, tensors by content, nested callables).  What
-has none (e.g. an object printed with its address) leaves the callable described by name only, and
+callable reuse results made with the old one.  The fingerprint covers a function's code, constants and defaults,
+the values its closure captured that cannot change (numbers, strings, tuples of them, tensors by content, nested
+functions), a ``functools.partial``'s function and arguments, and a callable object's class code.  Captured
+mutable state (a dict, a list, an object: call counters, caches, the model) is left out: it changes while the
+callable runs, and a key that changed with it would refuse the cache the same run just wrote.  What cannot be
+described (a partial argument printed with its address, say) leaves the callable described by name only, and
 ``describe_callable`` says so, so that the caller can warn.
 """
 from __future__ import annotations
@@ -45,8 +47,6 @@ def _stable(v: Any, depth: int = 0) -> str:
         return f"module:{v.__name__}"
     if callable(v):
         return _callable(v, depth + 1)
-    if isinstance(getattr(v, "__dict__", None), dict):  # a plain object (a schedule, a mixture): its type and fields
-        return f"{type(v).__module__}.{type(v).__qualname__}{_stable(dict(vars(v)), depth + 1)}"
     raise _Unstable(type(v).__qualname__)
 
 
@@ -63,10 +63,16 @@ def _callable(fn: Any, depth: int) -> str:
     if isinstance(fn, types.MethodType):
         return f"method({_callable(fn.__func__, depth + 1)};{_stable(fn.__self__, depth + 1)})"
     if isinstance(fn, types.FunctionType):
-        cells = tuple(c.cell_contents for c in (fn.__closure__ or ()))
+        cells = []
+        for c in fn.__closure__ or ():
+            try:
+                v = c.cell_contents
+            except ValueError:  # an empty cell (a name assigned later)
+                continue
+            cells.append(_stable(v, depth + 1) if _immutable(v) else f"<{type(v).__qualname__}>")
         return (f"{fn.__module__}.{fn.__qualname__}[{_code(fn.__code__, depth + 1)};"
                 f"{_stable(fn.__defaults__, depth + 1)};{_stable(fn.__kwdefaults__, depth + 1)};"
-                f"{_stable(cells, depth + 1)}]")
+                f"{','.join(cells)}]")
     if isinstance(fn, (types.BuiltinFunctionType, type)):
         return f"{getattr(fn, '__module__', '')}.{fn.__qualname__}"
     if isinstance(fn, torch.nn.Module):
@@ -74,10 +80,19 @@ def _callable(fn: Any, depth: int) -> str:
         # weights the cache key covers already (weights_hash), and hashing gigabytes per run would cost minutes
         shapes = [(k, tuple(p.shape)) for k, p in fn.named_parameters()]
         return f"{type(fn).__module__}.{type(fn).__qualname__}{_stable(shapes, depth + 1)}"
-    attrs = getattr(fn, "__dict__", None)
-    if attrs is None:
+    call = getattr(type(fn), "__call__", None)  # a callable object: its class's code (its state may change)
+    if not isinstance(call, types.FunctionType):
         raise _Unstable(type(fn).__qualname__)
-    return f"{type(fn).__module__}.{type(fn).__qualname__}{_stable(dict(attrs), depth + 1)}"
+    return f"{type(fn).__module__}.{type(fn).__qualname__}[{_code(call.__code__, depth + 1)}]"
+
+
+def _immutable(v: Any) -> bool:
+    """A captured value that cannot change while the callable runs (so it may key a cache)."""
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes, torch.dtype, types.CodeType)):
+        return True
+    if isinstance(v, (tuple, frozenset)):
+        return all(_immutable(x) for x in v)
+    return isinstance(v, (torch.Tensor, types.FunctionType, functools.partial))
 
 
 def describe_callable(fn: Any) -> Tuple[str, bool]:
