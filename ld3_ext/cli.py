@@ -62,7 +62,8 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
     p.add_argument("--seed", type=int, default=0, help="noise seed (0 <= seed < 2**63; sample and eval draw their "
                    "noises from streams of their own, never the teacher's training or validation noises; default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="disable progress bars (they are off anyway when stderr is not a terminal: logs, CI)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 for the small built-in models, whose tiny ops run fastest on one "
                         "thread and are not slowed by other processes; torch's default otherwise)")
@@ -304,6 +305,11 @@ def _check_schedule_fits(learned, path: str, model, schedule, spec: str) -> None
               f"{what}: the schedule may be far from the best for it", file=sys.stderr)
 
 
+def _progress(args) -> bool:
+    """Progress bars on a terminal only: redirected to a file (a job log, CI) each redraw is a new line."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
 def _model_from_file(learned, path: str) -> str:
     """The --model a schedule file records, for a command given no --model.  Only a built-in or a diffusers folder
     is taken from a file: a package.module:factory would make reading a file (one downloaded, say) import and run
@@ -396,7 +402,7 @@ def cmd_teacher(args) -> int:
         cfg = TeacherConfig(solver=args.teacher_solver, order=args.teacher_order, nfe=args.teacher_nfe,
                             n_train=args.n_train, n_valid=args.n_valid, seed=args.seed, teacher=_teacher_kind(model))
         data = load_or_generate_teacher(model, schedule, cfg, cache_dir=os.path.join(args.out, "teacher"),
-                                        dtype=dtype, progress=not args.no_progress,
+                                        dtype=dtype, progress=_progress(args),
                                         regenerate=args.regenerate_teacher, model_name=_weightless_name(model, args))
         if distributed.is_rank0():
             _say(f"teacher pairs ready in {os.path.join(args.out, 'teacher')}: "
@@ -434,7 +440,7 @@ def _train(args) -> int:
                          n_train=args.n_train, n_valid=args.n_valid,
                          teacher_solver=args.teacher_solver, teacher_order=args.teacher_order,
                          teacher_nfe=args.teacher_nfe, teacher_dir=os.path.join(args.out, "teacher"),
-                         checkpoint_dir=os.path.join(args.out, "checkpoint"), progress=not args.no_progress,
+                         checkpoint_dir=os.path.join(args.out, "checkpoint"), progress=_progress(args),
                          rounds_v1=args.rounds_v1, rounds_v2=args.rounds_v2, checkpoint_model=args.checkpointing,
                          resume="never" if (args.fresh or args.regenerate_teacher) else "auto",
                          regenerate_teacher=args.regenerate_teacher, model_name=_weightless_name(model, args),

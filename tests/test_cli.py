@@ -797,3 +797,12 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(tmp_pat
             "train": ["train", "--model", "gmm:ring2d", "--nfe", "4", "--n-train", "4", "--n-valid", "4"]}[command]
     rc, err = _run(args + ["--out", str(out)], capsys)
     assert rc == 2 and f"--out {out}" in err and "cannot write there (Permission denied)" in err
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    """A job log or CI capture of `ld3 train` got one line per tqdm redraw (hundreds of kB for the main job):
+    the bars are on only when stderr is a terminal, and --no-progress turns them off there too."""
+    import argparse
+    for tty, flag, want in ((True, False, True), (True, True, False), (False, False, False)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+        assert cli._progress(argparse.Namespace(no_progress=flag)) is want
