@@ -276,8 +276,10 @@ def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0):
                 if name == "dmn":
                     grids[name] = baseline_timesteps(name, schedule, nfe)
                 else:  # GITS searches with its own one-step (Euler) cost, as in the paper
+                    # the fine grid must hold at least nfe intervals (60 by default: an NFE-61 schedule failed)
                     grids[name] = baseline_timesteps(name, schedule, nfe, model=model,
-                                                     sample_shape=_sample_shape(model), seed=seed)
+                                                     sample_shape=_sample_shape(model), seed=seed,
+                                                     fine_steps=max(60, nfe))
             except ImportError:
                 continue
         else:

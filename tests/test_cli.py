@@ -806,3 +806,12 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     for tty, flag, want in ((True, False, True), (True, True, False), (False, False, False)):
         monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
         assert cli._progress(argparse.Namespace(no_progress=flag)) is want
+
+
+def test_eval_baselines_take_a_schedule_of_more_than_60_steps():
+    """GITS searched a fine grid of its default 60 intervals: `ld3 eval` of an NFE-61 schedule failed after the
+    teacher and DMN had run ("fine_steps (60) must be >= nfe (61)", exit 2)."""
+    from ld3_ext.models import load_model
+    model, schedule = load_model("gmm:ring2d")
+    grids = cli._baseline_grids(["gits", "logsnr"], schedule, 61, model=model, solver=None, seed=0)
+    assert grids["gits"].shape == (62,) and bool((grids["gits"][1:] < grids["gits"][:-1]).all())

@@ -631,3 +631,28 @@ def test_a_flow_scheduler_config_keeps_its_shift_for_every_diffusers_flow_schedu
     assert fm.config.shift == 3.0
     # and back again: the shift survives the round trip
     assert LD3Scheduler.from_config(ld3.config).schedule.shift == 3.0
+
+
+@pytest.mark.parametrize("solver", [{"name": "dpmpp", "order": 3}, {"name": "ipndm", "order": 3},
+                                    {"name": "unipc", "order": 2}])
+def test_a_step_that_raises_leaves_the_state_for_a_retry(solver):
+    """step() put its model output into the history before the update ran: after an error (a batch of 2 where the
+    solve had 1) the retry with the right batch failed too, on the stored wrong entry."""
+    unet = tiny_unet()
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
+    t = ld3_ext.discretizations.logsnr_uniform(from_diffusers(unet, cfg)[1], 4)
+    sch = LD3Scheduler.from_timesteps(t, None, {**solver, "backend": "reference"}, scheduler_config=cfg)
+    ref = LD3Scheduler.from_timesteps(t, None, {**solver, "backend": "reference"}, scheduler_config=cfg)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 8, 8, generator=g)
+    outs = [torch.randn(1, 3, 8, 8, generator=g) for _ in range(4)]
+    for s in (sch, ref):
+        s.set_timesteps()
+    xa, xb = x.clone(), x.clone()
+    for k, ts in enumerate(sch.timesteps):
+        if k == 2:
+            with pytest.raises((ValueError, RuntimeError)):
+                sch.step(outs[k].repeat(2, 1, 1, 1), ts, xa.repeat(2, 1, 1, 1))
+        xa = sch.step(outs[k], ts, xa).prev_sample
+        xb = ref.step(outs[k], ts, xb).prev_sample
+    torch.testing.assert_close(xa, xb, rtol=0, atol=0)

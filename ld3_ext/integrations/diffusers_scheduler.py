@@ -339,10 +339,10 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = self._network_units(model_t).to(torch.float32)
         self._timesteps_cpu = self.timesteps  # for the first step's look-up (_start_index)
         self.num_inference_steps = n
+        self._reset_state()  # before the move: a device that fails must not leave the old solve's history
         if dev is not None:
             self.timesteps = self.timesteps.to(dev)
             self._move(torch.device(dev))
-        self._reset_state()
 
     def set_begin_index(self, begin_index: int = 0):
         """Start the solve at ``timesteps[begin_index]`` (img2img/inpainting pipelines call this after slicing
@@ -481,11 +481,12 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             p_prev = self._orders[k - 1]
             x = ops.multistep_update(self._x_before, coef[k - 1, 1, : 2 + p_prev], [m] + self._history[:p_prev],
                                      backend)
-        self._history.insert(0, m)
-        del self._history[spec.order:]
+        history = ([m] + self._history)[:spec.order]
         p = self._orders[k]
-        self._x_before = x
-        return ops.multistep_update(x, coef[k, 0, : 1 + p], self._history[:p], backend)
+        out = ops.multistep_update(x, coef[k, 0, : 1 + p], history[:p], backend)
+        # the state changes only once the step succeeded: a step that raised (e.g. a wrong batch) can be retried
+        self._history, self._x_before = history, x
+        return out
 
     def _heun_step(self, out, x, k):
         # the chain of solver.sample (solvers/heun.py): predictor z = a x + b m, corrector z + c (m - m'), both
