@@ -239,13 +239,17 @@ class LearnedSchedule:
         any other: ValueError); another solver than the file's (a Solver, or a name for
         :func:`ld3_ext.solvers.make_solver`) is allowed, with a warning (the grid was learned for that solver
         and NFE)."""
-        from .schedules import NoiseSchedule, describe_schedule
+        from .schedules import FlowMatching, NoiseSchedule, describe_schedule
         from .solvers import as_solver
         if not isinstance(x_T, torch.Tensor):
             raise TypeError(f"x_T must be a tensor, got {type(x_T).__name__}")
         solver = as_solver(solver)
         sched = getattr(model, "schedule", None)
-        if isinstance(sched, NoiseSchedule) and not sched.same_as(self.schedule_config):
+        cfg = self.schedule_config
+        if isinstance(sched, FlowMatching) and isinstance(cfg, dict) and cfg.get("type") == "FlowMatching":
+            # a flow shift moves only the hand-made grids, not alpha or sigma (Flux varies it with resolution)
+            cfg = {**cfg, "shift": sched.shift}
+        if isinstance(sched, NoiseSchedule) and not sched.same_as(cfg):
             raise ValueError(f"model: this schedule was learned on the noise schedule "
                              f"{describe_schedule(self.schedule_config)}, but the model uses {sched!r}: its times would "
                              f"mean other noise levels")

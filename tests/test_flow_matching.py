@@ -196,3 +196,20 @@ def test_to_diffusers_flow_sigmas_drive_flow_match_euler(setup):
     torch.testing.assert_close(drive(d["flow_sigmas"]), ours, rtol=1e-5, atol=1e-5)
     wrong = drive([min(s, 0.999) for s in d["sigmas"]])  # sigma/alpha read as flow sigmas (clipped below 1)
     assert (wrong - ours).abs().max() > 1e-2
+
+
+def test_learned_schedule_samples_a_flow_model_with_another_shift():
+    """A flow shift changes only the hand-made grids, not alpha or sigma: LearnedSchedule.sample refused a model
+    whose schedule differs by its shift alone (Flux varies it with resolution); another range is still refused."""
+    from ld3_ext.schedule_file import LearnedSchedule
+    learned_on = ld3_ext.FlowMatching(shift=3.0)
+    t = ld3_ext.discretizations.time_uniform(learned_on, 4)
+    ls = LearnedSchedule(t, solver_config=ld3_ext.DPMSolverPP(2).config(), nfe=4, schedule_config=learned_on.config())
+    fn = lambda x, tt: -x  # noqa: E731
+    x = torch.randn(2, 3, dtype=torch.float64)
+    other = ld3_ext.wrap_model(fn, ld3_ext.FlowMatching(shift=1.0), prediction="velocity")
+    want = ld3_ext.DPMSolverPP(2).sample(other, x, t)
+    torch.testing.assert_close(ls.sample(other, x), want, rtol=0, atol=0)
+    narrower = ld3_ext.wrap_model(fn, ld3_ext.FlowMatching(t_max=0.9, shift=3.0), prediction="velocity")
+    with pytest.raises(ValueError, match="other noise levels"):
+        ls.sample(narrower, x)
