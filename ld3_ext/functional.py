@@ -45,7 +45,7 @@ import torch
 from .ops import _vmapped
 from .schedules import EDM
 from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
-from .solvers.base import _PREDICT_ARGS
+from .solvers.base import check_model_kwargs
 from .wrappers import DiffusionModel, _capturing, _compiling
 
 SOLVER_NAMES: Dict[str, Callable[..., Solver]] = {
@@ -254,7 +254,7 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
     model = _VEModel(model_or_denoiser, schedule, callback, check_output=check_output, grid=s.detach(),
                      evals_per_step=per, state_sigmas=state_sigmas)
     kw = dict(extra_args or {})
-    _check_model_kwargs(kw, "extra_args")
+    check_model_kwargs(kw, "extra_args")
     if n >= 1:
         x = sv.sample(model, x, pos, mpos, **kw)
     if final_denoise:
@@ -276,7 +276,7 @@ def to_denoiser(model: DiffusionModel) -> Callable:
     def denoiser(x, sigma, **kw):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        _check_model_kwargs(kw, "the denoiser's keyword arguments")
+        check_model_kwargs(kw, "the denoiser's keyword arguments")
         sig = torch.as_tensor(sigma, device=x.device).reshape(-1)
         if sig.numel() == 0:
             raise ValueError("sigma must hold one sigma per sample (shape [B]) or one for all, got an empty tensor")
@@ -291,15 +291,6 @@ def to_denoiser(model: DiffusionModel) -> Callable:
 
     denoiser.__name__ = f"denoiser_{model.name}"
     return denoiser
-
-
-def _check_model_kwargs(kw, what: str) -> None:
-    """Model keywords named like predict's own (step, returns) would be taken by predict, not passed on: a
-    returns= made the result None.  Refused by name, as solver.sample does."""
-    reserved = sorted(_PREDICT_ARGS.intersection(kw))
-    if reserved:
-        raise TypeError(f"{what}: model keyword arguments {reserved} clash with DiffusionModel.predict's own "
-                        f"arguments {sorted(_PREDICT_ARGS)}; rename them in the function you wrapped")
 
 
 def _snap_to_range(sig: torch.Tensor, lo: float, hi: float, eps: Optional[float] = None) -> torch.Tensor:

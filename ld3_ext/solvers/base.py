@@ -36,6 +36,15 @@ def _dense(name: str, t: torch.Tensor) -> None:
 _PREDICT_ARGS = frozenset({"step", "returns"})  # DiffusionModel.predict's keywords besides the model's own
 
 
+def check_model_kwargs(kw, what: str) -> None:
+    """Model keywords named like predict's own (step, returns) would be taken by predict, not passed on (a
+    returns= made a result None, a step= clashed inside): refused by name, for every caller of predict."""
+    reserved = sorted(_PREDICT_ARGS.intersection(kw))
+    if reserved:
+        raise TypeError(f"{what}: model keyword arguments {reserved} clash with DiffusionModel.predict's own "
+                        f"arguments {sorted(_PREDICT_ARGS)}; rename them in the function you wrapped")
+
+
 def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, name: str = "timesteps",
                        check_range: bool = True, min_len: int = 2, values: bool = True) -> torch.Tensor:
     """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing).
@@ -218,10 +227,7 @@ class Solver:
                             f"{getattr(x_T, 'dtype', type(x_T).__name__)}")
         if x_T.dim() < 1 or x_T.shape[0] == 0:
             raise ValueError(f"x_T must have a non-empty batch dimension, got shape {tuple(x_T.shape)}")
-        reserved = sorted(_PREDICT_ARGS.intersection(model_kwargs))
-        if reserved:  # else a TypeError from inside predict ("got multiple values for keyword argument")
-            raise TypeError(f"sample: model keyword arguments {reserved} clash with DiffusionModel.predict's own "
-                            f"arguments {sorted(_PREDICT_ARGS)}; rename them in the function you wrapped")
+        check_model_kwargs(model_kwargs, "sample")
         schedule = model.schedule
         compiling = _compiling()
         # value checks read tensors back to the host: not traceable, and not allowed while a CUDA graph is
