@@ -37,6 +37,7 @@ disjoint across nodes; device placement uses LOCAL_RANK.
 from __future__ import annotations
 
 import datetime
+import numbers
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -138,6 +139,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _whole(v, name: str) -> int:
+    """``v`` as an int; int() would truncate 1.5 to 1 (another rank's shard) and take True as 1."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    return int(v)
+
+
 def shard_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> range:
     """Contiguous, balanced shard of ``range(n)`` for ``rank`` (the first n % W ranks get one extra item).
 
@@ -145,8 +153,8 @@ def shard_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = 
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
-    rank = get_rank() if rank is None else int(rank)
-    world_size = get_world_size() if world_size is None else int(world_size)
+    rank = get_rank() if rank is None else _whole(rank, "rank")
+    world_size = get_world_size() if world_size is None else _whole(world_size, "world_size")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     base, extra = divmod(n, world_size)

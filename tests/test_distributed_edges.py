@@ -117,3 +117,18 @@ def test_world_size_without_local_rank_is_an_error_when_it_picks_the_gpu(monkeyp
     # on the CPU (gloo) LOCAL_RANK picks nothing: not required (MASTER_ADDR still is)
     with pytest.raises(RuntimeError, match=r"but MASTER_ADDR, MASTER_PORT not set"):
         D.init_from_env(device="cpu")
+
+
+@pytest.mark.parametrize("kw, name", [(dict(rank=1.5, world_size=2), "rank"), (dict(rank=0, world_size=2.5), "world_size"),
+                                      (dict(rank=1.0, world_size=2), "rank"), (dict(rank=True, world_size=2), "rank"),
+                                      (dict(rank=0, world_size=True), "world_size"), (dict(rank="1", world_size=2), "rank")])
+def test_shard_range_refuses_a_rank_or_world_size_that_is_not_an_int(kw, name):
+    """int() would truncate 1.5 to rank 1 (another rank's shard) and take True as 1: refused, naming the argument."""
+    with pytest.raises(TypeError, match=rf"^{name} must be an int"):
+        D.shard_range(10, **kw)
+
+
+def test_shard_range_takes_numpy_and_python_ints():
+    np = pytest.importorskip("numpy")
+    assert D.shard_range(10, np.int64(1), np.int32(2)) == D.shard_range(10, 1, 2) == range(5, 10)
+    assert D.local_part(torch.arange(10), rank=np.int64(0), world_size=2).tolist() == [0, 1, 2, 3, 4]
