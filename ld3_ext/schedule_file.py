@@ -80,18 +80,21 @@ def _finite(x) -> bool:
         return False
 
 
-def _writable(v, where: str):
+def _writable(v, where: str, finite: bool = False):
     """``v`` as a value :func:`atomic_write_json` can write and a load gives back with the same meaning: NaN/Inf as
     None (``json_safe``), numpy scalars as Python numbers, int dict keys as the strings JSON makes of them; anything
-    else (tensors, arrays, objects, non-int non-str keys) is a ValueError naming ``where``."""
+    else (tensors, arrays, objects, non-int non-str keys) is a ValueError naming ``where``.  ``finite``: NaN/Inf
+    is a ValueError too (in a solver or noise-schedule config, None would mean the default, not NaN)."""
     if v is None or isinstance(v, (str, bool, int)):
         return v
     if isinstance(v, float):
-        return json_safe(v)
+        if finite and not math.isfinite(v):
+            raise ValueError(f"{where}: {v!r} cannot be written to a schedule file (JSON has no NaN/Inf)")
+        return json_safe(float(v))  # np.float64 is a float: stored as a plain one
     if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # np.float32(0.5) etc.
-        return _writable(v.item(), where)
+        return _writable(v.item(), where, finite)
     if isinstance(v, (list, tuple)):
-        return [_writable(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        return [_writable(x, f"{where}[{i}]", finite) for i, x in enumerate(v)]
     if isinstance(v, dict):
         out, seen = {}, {}
         for k, x in v.items():
@@ -102,7 +105,7 @@ def _writable(v, where: str):
             if key in seen:
                 raise ValueError(f"{where}: keys {seen[key]!r} and {k!r} would both be written as {key!r}")
             seen[key] = k
-            out[key] = _writable(x, f"{where}[{k!r}]")
+            out[key] = _writable(x, f"{where}[{k!r}]", finite)
         return out
     hint = " (use .item() or .tolist())" if isinstance(v, torch.Tensor) else ""
     raise ValueError(f"{where}: a {type(v).__name__} cannot be written to a schedule file{hint}; use JSON values "
@@ -185,6 +188,10 @@ class LearnedSchedule:
             # what save() cannot write is made writable (same meaning) or refused here, not at save time
             model, training, metrics = (v if not isinstance(v, dict) else _writable(v, k) for k, v in
                                         (("model", model), ("training", training), ("metrics", metrics)))
+            # the configs too: an np.int64 order or a tensor sigma_min would only fail in save(), after training
+            solver_config, schedule_config = (v if not isinstance(v, dict) else _writable(v, k, finite=True)
+                                              for k, v in (("solver_config", solver_config),
+                                                           ("schedule_config", schedule_config)))
             # the same rules as a schedule file (validate_schedule_dict): a grid made here is one that loads back
             _check_contents(self.timesteps.tolist(), self.model_timesteps.tolist(), nfe, solver_config,
                             schedule_config, dict(guidance_scale=guidance_scale, model=model, time_mode=time_mode,
@@ -373,7 +380,10 @@ class LearnedSchedule:
 
     def save(self, path: str) -> str:
         """Write the schedule atomically (a crash leaves the old file intact); returns the path."""
-        atomic_write_json(path, self.to_dict())
+        # checked before anything is written: a value put in an attribute's dict after construction is refused
+        # naming its key (json.dumps' TypeError names neither), and no file or temp file is left
+        doc = {k: _writable(v, k, finite=k in ("solver", "schedule")) for k, v in self.to_dict().items()}
+        atomic_write_json(path, doc)
         return os.fspath(path)
 
 

@@ -298,3 +298,46 @@ def test_k_diffusion_export_reproduces_the_schedules_sample(schedule):
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
     kd = K.sample_dpmpp_2m(F.to_denoiser(model), x_T / a0, sig, disable=True) * a_end
     assert float((kd - ref).norm() / ref.norm()) > 1e-3  # what the warning is about
+
+
+def _edm_grid(cfg_edits):
+    sched = EDM()
+    so, sc = DPMSolverPP(2, backend="reference").config(), sched.config()
+    for (where, key), v in cfg_edits.items():
+        (so if where == "solver" else sc)[key] = v
+    return dict(timesteps=discretizations.edm(sched, 4), solver_config=so, nfe=4, schedule_config=sc)
+
+
+def test_numpy_scalars_in_the_configs_are_stored_as_plain_json_values(tmp_path):
+    """An np.int64 solver order (as from an array of settings) passed construction, then save() crashed with
+    `TypeError: Object of type int64 is not JSON serializable` -- at the end of a training run."""
+    np = pytest.importorskip("numpy")
+    kw = _edm_grid({("solver", "order"): np.int64(2), ("schedule", "sigma_max"): np.float32(80.0)})
+    s = LearnedSchedule(kw.pop("timesteps"), **kw)
+    assert type(s.solver_config["order"]) is int and type(s.schedule_config["sigma_max"]) is float
+    r = load_schedule(s.save(str(tmp_path / "s.json")))
+    assert r.solver_config == DPMSolverPP(2, backend="reference").config() and r.schedule_config == EDM().config()
+
+
+@pytest.mark.parametrize("where, key, value, match", [
+    ("schedule", "sigma_min", torch.tensor(0.002), r"schedule_config\['sigma_min'\]: a Tensor"),
+    ("schedule", "sigma_max", torch.tensor(80.0, dtype=torch.float64), r"schedule_config\['sigma_max'\]: a Tensor"),
+    # not turned into None (json_safe's NaN), which a config would read as "the default"
+    ("schedule", "sigma_min", float("nan"), r"schedule_config\['sigma_min'\]: nan"),
+])
+def test_a_config_value_json_cannot_hold_is_refused_at_construction_naming_the_key(tmp_path, where, key, value, match):
+    kw = _edm_grid({(where, key): value})
+    with pytest.raises(ValueError, match=match):
+        LearnedSchedule(kw.pop("timesteps"), **kw)
+
+
+def test_a_value_added_after_construction_is_refused_by_save_with_nothing_written(tmp_path):
+    s = _sched()
+    path = tmp_path / "s.json"
+    path.write_text("the user's earlier file")
+    s.training["lr"] = torch.tensor(0.1)  # a tensor put in after construction
+    with pytest.raises(ValueError, match=r"training\['lr'\]: a Tensor"):
+        s.save(str(path))
+    assert path.read_text() == "the user's earlier file" and os.listdir(tmp_path) == ["s.json"]
+    s.training["lr"] = 0.1
+    assert load_schedule(s.save(str(path))).training["lr"] == 0.1
