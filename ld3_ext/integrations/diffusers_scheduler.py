@@ -16,6 +16,7 @@ time, = the solver grid when not decoupled) in diffusers units, as FLOATS: for V
 training index ``t*N_train - 1`` (0..N_train-1; not rounded), for flow-matching configs ``t*N_train``
 (diffusers' flow convention).  ``len(timesteps)`` = NFE: N for the multistep solvers, 2N for Heun
 (evaluations at t_{i-1} then t_i of every interval; ``order`` = 2 as diffusers' Heun scheduler).
+``num_inference_steps`` is N (steps, not evaluations) for every solver, as in diffusers' Heun scheduler.
 
 State: the scheduler keeps the solver history (data or noise predictions, newest first) and, for UniPC,
 the sample before the predictor: the UniC corrector of step k runs at the start of the next ``step()``
@@ -26,7 +27,8 @@ once in ``set_timesteps`` (float64 on the CPU, then moved to the device once); `
 device tensors and does tensor arithmetic (no ``.item()``/``float()``).  The step index is a counter (pass
 the ``scheduler.timesteps`` entries in order); only the first ``step()`` of a solve looks its ``timestep`` up
 (one read-back), so that a pipeline that slices ``scheduler.timesteps`` for img2img without calling
-``set_begin_index`` starts at the right interval, as diffusers' own schedulers do.
+``set_begin_index`` starts at the right interval, as diffusers' own schedulers do (Heun, a value equal to two
+entries: the second step's is read too, to refuse a start inside an interval).
 
 ``init_noise_sigma`` is the schedule's prior std sigma(t_max) (~1 for VP, t_max for flow), the same x_T
 scaling as ``schedule.prior_std()``.  ``scale_model_input`` is the identity (the network reads x itself).
@@ -293,10 +295,15 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         solver = self.solver
         if self._grid is not None:
             n = self._grid.numel() - 1
-            if num_inference_steps is not None and int(num_inference_steps) != n \
-                    and _steps_for_nfe(solver, int(num_inference_steps)) != n:
-                raise ValueError(f"this LD3Scheduler holds a grid with N={n} intervals ({solver.nfe(n)} network "
-                                 f"evaluations); call the pipeline with num_inference_steps={n}")
+            # steps, never evaluations: img2img pipelines slice timesteps at int(steps * strength) * order, so a
+            # Heun evaluation count (2N) would start the solve at the wrong interval
+            if num_inference_steps is not None and int(num_inference_steps) != n:
+                heun = ("; num_inference_steps counts Heun steps (intervals of 2 network evaluations), as "
+                        "diffusers' HeunDiscreteScheduler does"
+                        if solver.name == "heun" else "")
+                raise ValueError(f"set_timesteps: this LD3Scheduler holds a grid with N={n} intervals "
+                                 f"({solver.nfe(n)} network evaluations), got num_inference_steps="
+                                 f"{num_inference_steps}; call the pipeline with num_inference_steps={n}{heun}")
             t = self._grid.clone()
             tm = self._mgrid.clone() if self._mgrid is not None else t.clone()
         else:
@@ -368,6 +375,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         self._history: List[torch.Tensor] = []
         self._x_before = None  # UniPC: the sample the predictor started from
         self._heun = None      # Heun: the x0 of an interval's first evaluation, for its corrector
+        self._ambiguous_start = None  # Heun: the first timestep's value when it also matched the odd entry before
 
     def _move(self, device: torch.device):
         """Move the step tables to ``device`` once (pinned + non_blocking to CUDA: no sync)."""
@@ -408,9 +416,12 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("LD3Scheduler runs the probability-flow ODE: eta must be 0")
         k = self._step_index
         if k == 0 and self._begin_index is None and not (_compiling() or _capturing()):
-            j = self._start_index(timestep)
+            j, ambiguous = self._start_index(timestep)
             if j:  # sliced timesteps without set_begin_index (img2img): start at that interval
                 self.set_begin_index(j)
+            self._ambiguous_start = ambiguous  # after set_begin_index, which resets the state
+        elif k == 1 and self._ambiguous_start is not None and not (_compiling() or _capturing()):
+            self._check_second_timestep(timestep)
         if k >= len(self.timesteps):
             raise IndexError(f"LD3Scheduler.step called {k + 1} times for {len(self.timesteps)} timesteps; call "
                              "set_timesteps() again to start a new solve")
@@ -429,26 +440,55 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
 
-    def _start_index(self, timestep) -> Optional[int]:
-        """The index of ``timestep`` among ``self.timesteps`` where an interval starts (Heun: the even one of the
-        two equal entries), or None when it is not one of them.  A pipeline's ``t`` is usually a view of
-        ``scheduler.timesteps`` (its loop iterates over a slice of it): then its place in that storage is the index,
-        with no read-back; otherwise the value is compared on the host (one device sync for a device tensor)."""
+    def _start_index(self, timestep):
+        """``(j, value)``: the index of ``timestep`` among ``self.timesteps`` where an interval starts (Heun: the
+        even one of two equal entries, as diffusers' index_for_timestep picks the second), or None when it is not
+        one of them; ``value`` is the timestep when that choice was ambiguous (Heun: it equals the odd entry
+        before), else None.  A pipeline's ``t`` is usually a view of ``scheduler.timesteps`` (its loop iterates
+        over a slice of it): then its place in that storage is the index, with no read-back; otherwise the
+        value is compared on the host (one device sync for a device tensor).  A Heun start at an odd entry (an
+        interval's corrector evaluation) is refused."""
         own = self.timesteps
         per = 2 if self.solver.name == "heun" else 1
         if isinstance(timestep, torch.Tensor) and timestep.device == own.device and own.stride(0) == 1 \
                 and timestep.untyped_storage().data_ptr() == own.untyped_storage().data_ptr():
             j = timestep.storage_offset() - own.storage_offset()
-            return j if 0 <= j < own.numel() and j % per == 0 else None
+            if not 0 <= j < own.numel():
+                return None, None
+            if j % per:
+                self._refuse_odd_start(j)
+            return j, None
+        value = self._host_value(timestep)
+        if value is None:
+            return None, None
+        hits = (self._timesteps_cpu == value).nonzero().flatten().tolist()
+        j = next((j for j in hits if j % per == 0), None)
+        if j is None and hits:  # only an odd entry (Heun's last evaluation) has this value
+            self._refuse_odd_start(hits[0])
+        # timesteps[j - 1] == timesteps[j]: the next step's timestep tells a start at j - 1 from one at j
+        return j, (value if per == 2 and j is not None and j - 1 in hits else None)
+
+    @staticmethod
+    def _host_value(timestep) -> Optional[torch.Tensor]:
         try:
             tt = torch.as_tensor(timestep).reshape(-1)
         except (TypeError, ValueError, RuntimeError):
             return None
         if tt.numel() < 1 or tt.is_complex() or tt.dtype == torch.bool:
             return None
-        value = tt[0].to("cpu", torch.float32)
-        hits = (self._timesteps_cpu == value).nonzero().flatten().tolist()
-        return next((j for j in hits if j % per == 0), None)
+        return tt[0].to("cpu", torch.float32)
+
+    def _check_second_timestep(self, timestep):
+        """Heun, first step read by value: a repeat of the first value means the solve started at the odd entry."""
+        value = self._host_value(timestep)
+        if value is not None and bool(value == self._ambiguous_start):
+            j = (self._begin_index or 0) - 1
+            self._refuse_odd_start(j)
+
+    def _refuse_odd_start(self, j: int):
+        raise ValueError(f"LD3Scheduler.step: the first timestep is scheduler.timesteps[{j}], the second evaluation "
+                         f"inside a Heun interval; a solve starts at an even index (slice timesteps[2 * i:], as "
+                         f"img2img pipelines do with t_start * scheduler.order); call set_timesteps() again")
 
     def _own_channels(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The prediction part of the output (shape checks only: no host sync)."""
@@ -575,16 +615,6 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self):
         return int(self.config.num_train_timesteps)
-
-
-def _steps_for_nfe(solver, nfe: int) -> Optional[int]:
-    """The solver's steps for ``nfe`` evaluations; None for a budget it cannot spend (Heun with nfe=1)."""
-    if nfe >= 1:
-        try:
-            return solver.steps_for_nfe(nfe)
-        except ValueError:
-            return None
-    return solver.steps_for_nfe(nfe)  # its own error names nfe
 
 
 def _floats(x) -> List[float]:
