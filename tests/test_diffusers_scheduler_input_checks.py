@@ -11,9 +11,13 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import ld3_ext  # noqa: E402
+from ld3_ext.integrations.diffusers import (DiffusersConfigError, from_diffusers,  # noqa: E402
+                                            schedule_from_diffusers_config)
 from ld3_ext.integrations.diffusers_scheduler import LD3Scheduler  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+from _tiny_unets import tiny_unet  # noqa: E402
 
 VPD = ld3_ext.VPDiscrete.linear()
 
@@ -105,3 +109,19 @@ def test_heun_even_start_by_view_or_value_gives_the_same_solve(how):
     assert sch.begin_index == 4
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     assert not torch.equal(out, x)
+
+
+# ---- 3. invert_sigmas (Mochi) -------------------------------------------------------------------------------
+def test_invert_sigmas_config_is_refused():
+    cfg = dict(diffusers.FlowMatchEulerDiscreteScheduler(invert_sigmas=True).config)
+    with pytest.raises(DiffusersConfigError, match="invert_sigmas"):
+        schedule_from_diffusers_config(cfg)
+    with pytest.raises(DiffusersConfigError, match="invert_sigmas"):
+        from_diffusers(tiny_unet(), cfg)
+    with pytest.raises(DiffusersConfigError, match="invert_sigmas"):
+        LD3Scheduler.from_config(cfg)
+    with pytest.raises(DiffusersConfigError, match="invert_sigmas"):
+        LD3Scheduler.from_timesteps([1.0, 0.5, 0.01], solver="euler", scheduler_config=cfg)
+    # the default (False) is an ordinary flow config
+    sched, pred = schedule_from_diffusers_config(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert isinstance(sched, ld3_ext.FlowMatching) and sched.shift == 3.0 and pred == "velocity"

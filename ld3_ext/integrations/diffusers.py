@@ -79,6 +79,12 @@ _UNSUPPORTED_FIELDS = (
                          "not probability-flow ODE denoisers)"),
 )
 
+# boolean fields whose True (not their default False) changes what the network reads.  (field, what it marks)
+_UNSUPPORTED_FLAGS = (
+    ("invert_sigmas", "inverted flow sigma schedules (Mochi: the network reads the time of 1 - sigma, the reverse of "
+                      "the flow-matching convention)"),
+)
+
 
 class DiffusersConfigError(ValueError):
     """A diffusers scheduler/model config that ld3_ext cannot map; the message names the field."""
@@ -165,6 +171,9 @@ def schedule_from_diffusers_config(scheduler_config, shift: Optional[float] = No
         raise DiffusersConfigError(f"_class_name={cls!r}: {_UNSUPPORTED_CLASSES[cls]} are not supported")
     for name, what in _UNSUPPORTED_FIELDS:
         if cfg.get(name) is not None:
+            raise DiffusersConfigError(f"scheduler config field {name}={cfg[name]!r}: {what} are not supported")
+    for name, what in _UNSUPPORTED_FLAGS:
+        if cfg.get(name) not in (None, False):
             raise DiffusersConfigError(f"scheduler config field {name}={cfg[name]!r}: {what} are not supported")
     if "beta_schedule" not in cfg and cfg.get("trained_betas") is None and not _is_flow_config(cfg):
         # without betas the old default (linear VP, 1000 steps) would silently describe another model
