@@ -3,8 +3,10 @@
 Bad input must raise an exception naming the argument, never run with a silently wrong meaning."""
 from __future__ import annotations
 
+import math
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,3 +127,103 @@ def test_invert_sigmas_config_is_refused():
     # the default (False) is an ordinary flow config
     sched, pred = schedule_from_diffusers_config(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config)
     assert isinstance(sched, ld3_ext.FlowMatching) and sched.shift == 3.0 and pred == "velocity"
+
+
+# ---- 4. constructor arguments --------------------------------------------------------------------------------
+def test_complex_grid_is_refused():
+    t = ld3_ext.discretizations.logsnr_uniform(VPD, 4)
+    for grid in (t.to(torch.complex128), t.to(torch.complex128) + 0.1j, [complex(v) for v in t.tolist()]):
+        with pytest.raises(TypeError, match="ld3_timesteps"):
+            LD3Scheduler(ld3_timesteps=grid)
+    with pytest.raises(TypeError, match="ld3_timesteps"):
+        LD3Scheduler.from_timesteps(t.to(torch.complex128) + 0.1j, solver="euler", schedule=VPD)
+    with pytest.raises(TypeError, match="ld3_model_timesteps"):
+        LD3Scheduler(ld3_timesteps=t.tolist(), ld3_model_timesteps=t.to(torch.complex64))
+    with pytest.raises(TypeError, match="ld3_model_timesteps"):
+        LD3Scheduler.from_timesteps(t, t.to(torch.complex128), solver="euler", schedule=VPD)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_grid_is_refused(bad):
+    t = ld3_ext.discretizations.logsnr_uniform(VPD, 4).tolist()
+    with pytest.raises(ValueError, match="ld3_timesteps.*NaN or Inf"):
+        LD3Scheduler(ld3_timesteps=t[:2] + [bad] + t[3:])
+    with pytest.raises(ValueError, match="ld3_model_timesteps.*NaN or Inf"):
+        LD3Scheduler(ld3_timesteps=t, ld3_model_timesteps=t[:2] + [bad] + t[3:])
+
+
+@pytest.mark.parametrize("grid, exc", [("abc", TypeError), ([True, False], TypeError),
+                                       (torch.tensor([1, 0]), TypeError), ([[1.0, 0.5], [0.4, 0.1]], ValueError),
+                                       ([1.0, "0.5", 0.01], TypeError), (0.5, TypeError)],
+                         ids=["str", "bools", "int-tensor", "2d", "str-entry", "scalar"])
+def test_non_numeric_grid_is_refused(grid, exc):
+    with pytest.raises(exc, match="ld3_timesteps"):
+        LD3Scheduler(ld3_timesteps=grid)
+
+
+@pytest.mark.parametrize("bad, exc", [("7.5", TypeError), ("abc", TypeError), (True, TypeError),
+                                      (torch.tensor(7.5), TypeError), (float("nan"), ValueError),
+                                      (float("inf"), ValueError)],
+                         ids=["str-number", "str", "bool", "tensor", "nan", "inf"])
+def test_bad_guidance_scale_is_refused(bad, exc):
+    with pytest.raises(exc, match="guidance_scale"):
+        LD3Scheduler(guidance_scale=bad)
+    with pytest.raises(exc, match="guidance_scale"):
+        LD3Scheduler().check_guidance(bad)
+
+
+def test_numeric_guidance_scale_is_kept():
+    assert LD3Scheduler(guidance_scale=7).guidance_scale == 7.0
+    assert LD3Scheduler(guidance_scale=np.float32(2.5)).guidance_scale == 2.5
+    assert LD3Scheduler(guidance_scale=None).guidance_scale is None
+
+
+@pytest.mark.parametrize("bad", ["learnd_range", "Learned", "", "fixed"])
+def test_misspelled_variance_type_is_refused(bad):
+    with pytest.raises(ValueError, match="variance_type"):
+        LD3Scheduler(variance_type=bad)
+    cfg = dict(diffusers.DDPMScheduler().config, variance_type=bad)
+    with pytest.raises(ValueError, match="variance_type"):
+        from_diffusers(tiny_unet(), cfg)
+
+
+@pytest.mark.parametrize("vt, learned", [(None, False), ("fixed_small", False), ("fixed_small_log", False),
+                                         ("fixed_large", False), ("fixed_large_log", False), ("learned", True),
+                                         ("learned_range", True)])
+def test_diffusers_variance_types_are_accepted(vt, learned):
+    assert LD3Scheduler(variance_type=vt)._learned_variance is learned
+
+
+def test_num_train_timesteps_must_match_the_schedule():
+    with pytest.raises(ValueError, match="num_train_timesteps=500.*1000"):
+        LD3Scheduler(num_train_timesteps=500, schedule_config=VPD.config())
+    with pytest.raises(ValueError, match="num_train_timesteps=1000.*trained_betas.*500"):
+        LD3Scheduler(num_train_timesteps=1000, trained_betas=torch.linspace(1e-4, 0.02, 500).tolist())
+    with pytest.raises(ValueError, match="num_train_timesteps=1000.*trained_betas.*500"):
+        schedule_from_diffusers_config({"num_train_timesteps": 1000,
+                                        "trained_betas": torch.linspace(1e-4, 0.02, 500).tolist()})
+    t = ld3_ext.discretizations.logsnr_uniform(VPD, 4)
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        LD3Scheduler.from_timesteps(t, solver="euler", schedule=VPD,
+                                    scheduler_config=diffusers.DDPMScheduler(num_train_timesteps=500).config)
+    # consistent: accepted, and the network units follow the schedule's N
+    sch = LD3Scheduler(num_train_timesteps=1000, schedule_config=VPD.config(), ld3_timesteps=t.tolist())
+    sch.set_timesteps()
+    assert sch.timesteps[0].item() == pytest.approx(999.0) and len(sch) == 1000
+
+
+@pytest.mark.parametrize("bad", [0, -5, "1000", 1000.0, True])
+def test_flow_num_train_timesteps_is_checked(bad):
+    fm = ld3_ext.FlowMatching()
+    with pytest.raises((TypeError, ValueError), match="num_train_timesteps"):
+        LD3Scheduler(num_train_timesteps=bad, schedule_config=fm.config(), prediction_type="flow_prediction")
+    with pytest.raises((TypeError, ValueError), match="num_train_timesteps"):
+        LD3Scheduler(num_train_timesteps=bad, prediction_type="flow_prediction", use_flow_sigmas=True)
+
+
+def test_flow_num_train_timesteps_sets_the_network_units():
+    fm = ld3_ext.FlowMatching()
+    sch = LD3Scheduler(num_train_timesteps=500, schedule_config=fm.config(), prediction_type="flow_prediction",
+                       solver_config={"name": "euler"}, discretization="time_uniform")
+    sch.set_timesteps(4)
+    assert math.isclose(sch.timesteps[0].item(), 500 * fm.t_max, rel_tol=1e-6)

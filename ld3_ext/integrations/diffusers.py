@@ -90,6 +90,23 @@ class DiffusersConfigError(ValueError):
     """A diffusers scheduler/model config that ld3_ext cannot map; the message names the field."""
 
 
+#: diffusers' variance_type values (DDPM/DDIM/UnCLIP/DPM-Solver configs); the learned ones mean a 2C-channel output
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+
+
+def learned_variance(variance_type) -> bool:
+    """Whether ``variance_type`` means [prediction; variance] output channels; a value diffusers does not know
+    (a misspelled "learned_range") is refused, as it would silently read a 2C-channel output as a C-channel one."""
+    if variance_type is None:
+        return False
+    if not isinstance(variance_type, str):
+        raise DiffusersConfigError(f"variance_type must be a string or None, got {variance_type!r}")
+    if variance_type not in VARIANCE_TYPES:
+        raise DiffusersConfigError(f"variance_type={variance_type!r} is not a diffusers variance type; expected None "
+                                   f"or one of {list(VARIANCE_TYPES)}")
+    return variance_type in ("learned", "learned_range")
+
+
 def _field(cfg: Mapping[str, Any], name: str, default=None):
     v = cfg.get(name, default)
     return default if v is None and default is not None else v
@@ -153,8 +170,9 @@ def alphas_cumprod_from_config(cfg: Mapping[str, Any]) -> torch.Tensor:
         field = "trained_betas" if kw["trained_betas"] is not None else "beta_schedule"
         raise DiffusersConfigError(f"{field}={cfg.get(field)!r} cannot be mapped: {exc}") from exc
     ac = sched.alphas_cumprod.to(torch.float64)
-    if ac.numel() != n and kw["trained_betas"] is None:
-        raise DiffusersConfigError(f"num_train_timesteps={n} but the config gives {ac.numel()} betas")
+    if ac.numel() != n:  # trained_betas too: the network's time index is read against n
+        src = "trained_betas has" if kw["trained_betas"] is not None else "the config gives"
+        raise DiffusersConfigError(f"num_train_timesteps={n} but {src} {ac.numel()} betas")
     if not torch.all((ac > 0) & (ac < 1)) or not torch.all(ac[1:] < ac[:-1]):
         field = "trained_betas" if kw["trained_betas"] is not None else "beta_schedule"
         raise DiffusersConfigError(f"{field}: alphas_cumprod must be strictly decreasing in (0, 1)")
@@ -334,8 +352,7 @@ def from_diffusers(unet, scheduler_config, guidance_scale: Optional[float] = Non
                                    "supported")
     if freeze:
         unet.requires_grad_(False)
-    learned = cfg.get("variance_type") in ("learned", "learned_range")
-    fn = _UNetCall(unet, learned)
+    fn = _UNetCall(unet, learned_variance(cfg.get("variance_type")))
     n_train = int(cfg.get("num_train_timesteps", 1000))
     model = DiffusersModel(fn, schedule, prediction=prediction, time_input=network_time_fn(schedule, n_train),
                            guidance_scale=guidance_scale, cond_key=cond_key or default_key,

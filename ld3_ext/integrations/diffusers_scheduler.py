@@ -35,10 +35,12 @@ scaling as ``schedule.prior_std()``.  ``scale_model_input`` is the identity (the
 """
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -51,7 +53,8 @@ from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete, schedule_from_c
 from ..solvers import SOLVERS, Solver, as_solver, solver_from_config
 from ..solvers.heun import heun_multistep_table
 from ..wrappers import _capturing, _compiling
-from .diffusers import PREDICTION_TYPES, DiffusersConfigError, schedule_from_diffusers_config
+from .diffusers import (PREDICTION_TYPES, DiffusersConfigError, learned_variance, network_time_fn,
+                        schedule_from_diffusers_config)
 
 _SUPPORTED_SOLVERS = tuple(SOLVERS)
 
@@ -116,10 +119,8 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             raise DiffusersConfigError(f"prediction_type={prediction_type!r} is not supported; expected one of "
                                        f"{sorted(PREDICTION_TYPES)}")
         self.prediction = PREDICTION_TYPES[prediction_type]
-        if variance_type is not None and not isinstance(variance_type, str):
-            raise DiffusersConfigError(f"variance_type must be a string or None, got {variance_type!r}")
-        self._learned_variance = variance_type in ("learned", "learned_range")
-        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self._learned_variance = learned_variance(variance_type)
+        self.guidance_scale = _guidance_arg(guidance_scale)
         if discretization not in DISCRETIZATIONS:  # now, not at the first set_timesteps
             raise ValueError(f"discretization must be one of {sorted(DISCRETIZATIONS)}, got {discretization!r}")
         if schedule_config is not None:
@@ -136,15 +137,20 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if (self.prediction == "velocity") != isinstance(self.schedule, FlowMatching):
             raise DiffusersConfigError(f"prediction_type={prediction_type!r} does not fit a "
                                        f"{type(self.schedule).__name__} schedule (flow_prediction <-> FlowMatching)")
+        network_time_fn(self.schedule, num_train_timesteps)  # an int >= 1 (flow: the network reads t * it)
+        if isinstance(self.schedule, VPDiscrete) and num_train_timesteps != self.schedule.num_train_timesteps:
+            # the network's index follows the schedule; add_noise's range and len() follow the config
+            raise DiffusersConfigError(f"num_train_timesteps={num_train_timesteps} but the schedule has "
+                                       f"{self.schedule.num_train_timesteps} training steps (schedule_config / "
+                                       "trained_betas); give the model's own value")
         solver_config = dict(solver_config or {"name": "dpmpp", "order": 3})
         if solver_config.get("name") not in _SUPPORTED_SOLVERS:
             raise ValueError(f"solver_config: name must be one of {_SUPPORTED_SOLVERS}, got {solver_config!r}")
         self.solver: Solver = solver_from_config(solver_config)
         if (ld3_model_timesteps is not None) and ld3_timesteps is None:
             raise ValueError("ld3_model_timesteps needs ld3_timesteps (the solver grid)")
-        self._grid = None if ld3_timesteps is None else torch.tensor(list(ld3_timesteps), dtype=torch.float64)
-        self._mgrid = None if ld3_model_timesteps is None else torch.tensor(list(ld3_model_timesteps),
-                                                                             dtype=torch.float64)
+        self._grid = None if ld3_timesteps is None else _grid_arg(ld3_timesteps, "ld3_timesteps")
+        self._mgrid = None if ld3_model_timesteps is None else _grid_arg(ld3_model_timesteps, "ld3_model_timesteps")
         if self._grid is not None:
             from ..solvers.base import validate_model_timesteps, validate_timesteps
             validate_timesteps(self.schedule, self._grid, name="ld3_timesteps")
@@ -176,7 +182,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
     def check_guidance(self, guidance_scale: Optional[float]) -> bool:
         """Warn (and return False) when the pipeline's guidance scale differs from the one the grid was learned
         at (``config.guidance_scale``, kept by save_pretrained/from_pretrained)."""
-        a, b = self.guidance_scale, None if guidance_scale is None else float(guidance_scale)
+        a, b = self.guidance_scale, _guidance_arg(guidance_scale)
         same = (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a)))
         if not same:
             warnings.warn(f"this LD3Scheduler's grid was learned at guidance scale {a}, and is being used at {b}; "
@@ -206,8 +212,9 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             if scheduler_config is None:
                 for k, v in _fields_of(schedule).items():
                     kw.setdefault(k, v)
-        kw["ld3_timesteps"] = _floats(timesteps)
-        kw["ld3_model_timesteps"] = None if model_timesteps is None else _floats(model_timesteps)
+        kw["ld3_timesteps"] = _grid_arg(timesteps, "ld3_timesteps").tolist()
+        kw["ld3_model_timesteps"] = None if model_timesteps is None else \
+            _grid_arg(model_timesteps, "ld3_model_timesteps").tolist()
         kw.update(overrides)
         return cls(**kw)
 
@@ -222,7 +229,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
 
         ls = load_schedule(path)
         if guidance_scale is not None:
-            ls.check_guidance(float(guidance_scale))
+            ls.check_guidance(_guidance_arg(guidance_scale))
         kw = _diffusers_fields(scheduler_config)
         sched = schedule_from_config(ls.schedule_config)
         if scheduler_config is not None:
@@ -617,10 +624,49 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         return int(self.config.num_train_timesteps)
 
 
-def _floats(x) -> List[float]:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(torch.float64).cpu().flatten().tolist()
-    return [float(v) for v in x]
+def _grid_arg(value, name: str) -> torch.Tensor:
+    """A time grid argument as a 1-D float64 CPU tensor of finite values.  Complex, bool, integer and string input
+    is refused by name (torch.tensor would drop an imaginary part with only a warning, or fail naming nothing)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if isinstance(value, np.ndarray) and value.dtype.kind not in "fc":
+            raise TypeError(f"{name} must be a floating array, got dtype {value.dtype}")
+        t = torch.as_tensor(value)
+        if t.is_complex() or not t.is_floating_point() or t.is_meta:
+            raise TypeError(f"{name} must be a real floating tensor with values, got dtype {t.dtype}"
+                            + (" on the meta device" if t.is_meta else ""))
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (t_0 > ... > t_N), got shape {tuple(t.shape)}")
+        t = t.detach().to("cpu", torch.float64)
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        vals = []
+        for v in value:
+            if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 0:
+                if v.dtype == torch.bool or v.dtype == np.bool_ or not (
+                        v.is_floating_point() if isinstance(v, torch.Tensor) else v.dtype.kind == "f"):
+                    raise TypeError(f"{name} must hold real numbers, got an entry of dtype {v.dtype}")
+            elif isinstance(v, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(v, (str, bytes)):
+                raise ValueError(f"{name} must be 1-D (t_0 > ... > t_N), got a nested entry {v!r}")
+            elif isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name} must hold real numbers, got {type(v).__name__} {v!r}")
+            vals.append(float(v))
+        t = torch.tensor(vals, dtype=torch.float64)
+    else:
+        raise TypeError(f"{name} must be a sequence of floats or a 1-D floating tensor, got {type(value).__name__}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return t
+
+
+def _guidance_arg(value, name: str = "guidance_scale") -> Optional[float]:
+    """A guidance scale: None or a finite real number (a str such as "7.5" is refused, not parsed)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or None, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
 
 
 _DIFFUSERS_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
