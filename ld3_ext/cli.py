@@ -401,6 +401,7 @@ def cmd_teacher(args) -> int:
     try:
         _teacher_steps(args)  # --teacher-solver/-order/-nfe refused before any work
         model, schedule, dtype = _load(args)
+        _check_out_dir(os.path.join(args.out, "teacher"))  # a bad --out fails now, not after generating the pairs
         cfg = TeacherConfig(solver=args.teacher_solver, order=args.teacher_order, nfe=args.teacher_nfe,
                             n_train=args.n_train, n_valid=args.n_valid, seed=args.seed, teacher=_teacher_kind(model))
         data = load_or_generate_teacher(model, schedule, cfg, cache_dir=os.path.join(args.out, "teacher"),
@@ -450,11 +451,97 @@ def _train(args) -> int:
     t0 = time.time()
     learned = trainer.fit()
     if distributed.is_rank0():
-        path = learned.save(os.path.join(args.out, "schedule.json"))
-        _say(f"trained in {time.time() - t0:.1f}s; wrote {path}")
+        path = os.path.join(args.out, "schedule.json")
+        if _holds_schedule(path, learned):
+            _say(f"trained in {time.time() - t0:.1f}s; {path} already holds this schedule: kept as it is")
+        else:
+            replaced = _file_sha256(path)  # the schedule an earlier `ld3 eval --out` may have evaluated
+            path = learned.save(path)
+            _set_aside_stale_eval(args.out, path, replaced)
+            _say(f"trained in {time.time() - t0:.1f}s; wrote {path}")
         _say("timesteps:       " + ", ".join(f"{v:.5g}" for v in learned.timesteps.tolist()))
         _say("model_timesteps: " + ", ".join(f"{v:.5g}" for v in learned.model_timesteps.tolist()))
     return 0
+
+
+EVAL_OUTPUTS = ("eval.json", "schedules.png", "eval_samples.png")
+
+
+def _file_sha256(path: str) -> Optional[str]:
+    """The sha256 of a file's bytes (what `sha256sum` prints), None when it cannot be read."""
+    import hashlib
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _holds_schedule(path: str, learned) -> bool:
+    """``path`` is an intact schedule file of ``learned`` but for its creation time (rerunning a finished training
+    resumes to the same schedule): not rewritten, so an eval.json of it stays current (its sha256 unchanged)."""
+    from .atomic_io import json_checksum
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        new = json.loads(json.dumps(learned.to_dict(), allow_nan=False))
+    except (OSError, ValueError, TypeError):
+        return False
+    if not isinstance(old, dict) or old.get("checksum") != json_checksum(old):
+        return False  # a damaged file is replaced
+    drop = ("created", "checksum")
+    return {k: v for k, v in old.items() if k not in drop} == {k: v for k, v in new.items() if k not in drop}
+
+
+def _same_file(a, b: str) -> bool:
+    try:
+        return isinstance(a, str) and os.path.samefile(a, b)
+    except OSError:  # a path that no longer exists: compare the names
+        return isinstance(a, str) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _set_aside_stale_eval(out: str, schedule_path: str, replaced_sha: Optional[str]) -> List[str]:
+    """After `ld3 train` wrote ``schedule_path``: an eval.json in ``out`` (and its figures) that evaluated the
+    schedule this one replaced would still look current; it is renamed, not deleted, to ``*.stale-STAMP.*``.
+    An eval.json of this very schedule (same sha256) or of another schedule file stays.  Returns the new names."""
+    record_path = os.path.join(out, "eval.json")
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return []  # none, or not one of ours
+    if not isinstance(record, dict):
+        return []
+    evaluated = record.get("schedule_sha256")
+    if evaluated is not None and evaluated == _file_sha256(schedule_path):
+        return []  # the numbers are of this schedule: still current
+    of_replaced = (evaluated is not None and evaluated == replaced_sha) or _same_file(record.get("schedule_file"),
+                                                                                  schedule_path)
+    if not of_replaced:
+        return []
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(record_path)))
+    names = [n for n in EVAL_OUTPUTS if os.path.exists(os.path.join(out, n))]
+    suffix, k = f"stale-{stamp}", 1
+    while any(os.path.lexists(os.path.join(out, _stale_name(n, suffix))) for n in EVAL_OUTPUTS):
+        k += 1  # never over an earlier set aside result
+        suffix = f"stale-{stamp}-{k}"
+    moved = []
+    try:
+        for n in sorted(names, key=lambda n: n == "eval.json"):  # eval.json last: an interrupt leaves it to be found
+            os.replace(os.path.join(out, n), os.path.join(out, _stale_name(n, suffix)))
+            moved.append(os.path.join(out, _stale_name(n, suffix)))
+    except OSError as exc:  # the new schedule is written: the run did not fail
+        print(f"warning: {record_path} evaluated the schedule this training replaced and could not be renamed "
+              f"({exc.strerror or exc}); its numbers are not of {schedule_path}", file=sys.stderr)
+        return moved
+    print(f"note: {', '.join(names)} in {out} evaluated the schedule this training replaced: renamed to "
+          f"*.{suffix}.* (run `ld3 eval --out {out}` for the new one)", file=sys.stderr)
+    return moved
+
+
+def _stale_name(name: str, suffix: str) -> str:
+    stem, ext = os.path.splitext(name)
+    return f"{stem}.{suffix}{ext}"
 
 
 def cmd_eval(args) -> int:
@@ -465,7 +552,10 @@ def cmd_eval(args) -> int:
     if not os.path.exists(path):
         hint = "" if args.schedule else f" (run `ld3 train --out {args.out}` first, or pass --schedule)"
         raise UsageError(f"--schedule: no schedule file at {path}{hint}")
+    evaluated = _file_sha256(path)  # recorded in eval.json: which schedule its numbers are of
     learned = load_schedule(path)
+    if _file_sha256(path) != evaluated:
+        raise UsageError(f"--schedule: {path} was replaced while being read (a training writing it?); rerun")
     args.model = args.model or _model_from_file(learned, path)
     model, schedule, dtype = _load(args)
     _check_schedule_fits(learned, path, model, schedule, args.model)
@@ -539,7 +629,8 @@ def cmd_eval(args) -> int:
              "points with the noise seed)")
     # the numbers first (a figure that cannot be drawn must not lose them), as numbers, with what they are of;
     # a unique temp name (atomic_io): two evals writing into one --out cannot clobber each other's half-file
-    record = {"model": args.model, "schedule_file": os.path.abspath(path), "solver": solver.config(), "nfe": nfe,
+    record = {"model": args.model, "schedule_file": os.path.abspath(path), "schedule_sha256": evaluated,
+              "solver": solver.config(), "nfe": nfe,
               "n": args.n, "seed": args.seed, "teacher": "exact" if getattr(model, "testbed", None) is not None
               else {"solver": _make_teacher_solver(args).config(), "nfe": args.teacher_nfe, "discretization": "logsnr"},
               "rows": rows,
@@ -548,10 +639,13 @@ def cmd_eval(args) -> int:
         from .models.digits import weights_sha256
         from .models.digits_classifier import classifier_sha256
         record["weights_sha256"] = {"denoiser": weights_sha256(), "classifier": classifier_sha256()}
-    p0, p1, p2 = (os.path.join(args.out, name) for name in ("eval.json", "schedules.png", "eval_samples.png"))
+    p0, p1, p2 = (os.path.join(args.out, name) for name in EVAL_OUTPUTS)
     # the figures are drawn before any file is written: a Ctrl-C while drawing (seconds) keeps an earlier eval's
     # three files together, instead of this run's numbers next to the earlier run's figures
     numbers = json.dumps(json_safe(record), indent=1, allow_nan=False)
+    if _file_sha256(path) != evaluated:  # a training replaced it meanwhile: eval.json's sha256 says which was run
+        print(f"warning: {path} was replaced during this evaluation; {p0} is of the schedule it held before "
+              f"(sha256 {evaluated[:12]}...)", file=sys.stderr)
     try:
         figures = {p1: schedule_plot_png(grids, schedule, errors=curves),
                    p2: sample_grid_png({"teacher": target, **samples})}
@@ -577,14 +671,22 @@ def cmd_export_diffusers(args) -> int:
         if os.path.isdir(path):
             path = os.path.join(path, LD3Scheduler.config_name)
         inputs.append(("--scheduler-config", path))
-        with open(path) as f:
-            try:
+        try:
+            with open(path) as f:
                 cfg = json.load(f)
-            except ValueError as exc:  # JSONDecodeError's text names neither the file nor the flag
-                raise UsageError(f"--scheduler-config: {path} is not valid JSON ({exc})") from None
+        except OSError as exc:  # the bare FileNotFoundError named neither the flag nor what was expected there
+            found = ("no such file" if not os.path.exists(path) else exc.strerror or str(exc))
+            raise UsageError(f"--scheduler-config: cannot read {path} ({found}); pass the model's diffusers "
+                             f"scheduler folder (holding {LD3Scheduler.config_name}) or that JSON file") from None
+        except ValueError as exc:  # JSONDecodeError's text names neither the file nor the flag
+            raise UsageError(f"--scheduler-config: {path} is not valid JSON ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise UsageError(f"--scheduler-config: {path} holds a JSON {type(cfg).__name__}, not a scheduler "
+                             "config (a JSON object)")
     for what, path in inputs:  # `--out MODEL/scheduler` would replace the model's own config with ours
         if os.path.exists(written) and os.path.samefile(written, path):
             raise UsageError(f"--out: {written} is the {what} it is made from; write to another folder")
+    _check_out_dir(args.out)  # as the other commands: an unusable --out is refused before the work
     sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
     # what save_pretrained writes, but atomically: an interrupted export keeps the earlier file whole
     atomic_write_text(written, sched.to_json_string())

@@ -1,0 +1,31 @@
+"""The ``ld3`` console script: a thin module, so that a Ctrl-C while the heavy imports load (``import torch`` takes
+seconds) ends as one line and exit status 130, like a Ctrl-C during a run, not a long traceback.
+
+Imports nothing heavy itself.  Note: the package's ``__init__`` runs before this module (Python imports a
+module's package first); a Ctrl-C there is caught only if that ``__init__`` leaves torch to its submodules.
+"""
+import os
+import sys
+
+
+def _traceback_wanted() -> bool:  # cli._traceback_wanted, which cannot be imported yet
+    return os.environ.get("LD3_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def main() -> int:
+    try:
+        from . import cli  # torch and the rest of the library
+        return cli.main()  # handles Ctrl-C during a command itself; this catches it before and after (parsing)
+    except KeyboardInterrupt as exc:
+        if _traceback_wanted():
+            raise
+        cli = sys.modules.get(__package__ + ".cli")
+        if cli is not None and isinstance(exc, getattr(cli, "Terminated", ())):
+            print("ld3: terminated (SIGTERM)", file=sys.stderr)
+            return 128 + 15
+        print("ld3: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

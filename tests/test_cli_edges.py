@@ -1,0 +1,285 @@
+"""`ld3` edges: an eval.json of a schedule that a training replaced, Ctrl-C during the start-up imports, --out
+checked before the work of `ld3 teacher` and `ld3 export-diffusers`, and --scheduler-config errors."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from ld3_ext import cli
+
+
+@pytest.fixture(autouse=True)
+def _one_line_errors(monkeypatch):
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+
+
+def _run(argv, capsys):
+    """(exit status, stdout, stderr) of `ld3 ARGV` (a UsageError leaves main as SystemExit(2))."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+TRAIN = ["train", "--model", "gmm:ring2d", "--nfe", "4", "--no-progress", "--n-train", "4", "--n-valid", "4",
+         "--rounds-v1", "1", "--rounds-v2", "0", "--time-mode", "lambda"]
+EVAL = ["eval", "--n", "8", "--nfe-curve", "--skip-model-baselines"]
+EVAL_FILES = ("eval.json", "schedules.png", "eval_samples.png")
+
+
+def _stale(out):
+    return sorted(f for f in os.listdir(out) if ".stale-" in f)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. an eval.json of a schedule that `ld3 train --fresh` replaced
+def test_eval_json_records_the_sha256_of_the_schedule_it_evaluated(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    record = json.loads((out / "eval.json").read_text())
+    assert record["schedule_sha256"] == _sha256(out / "schedule.json")  # what `sha256sum schedule.json` prints
+
+
+def test_a_fresh_training_sets_aside_the_eval_of_the_schedule_it_replaced(tmp_path, capsys):
+    """eval.json (and its figures) of the old schedule still looked like the results of the new one."""
+    out = tmp_path / "o"
+    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    earlier = {name: (out / name).read_bytes() for name in EVAL_FILES}
+    rc, _, err = _run(TRAIN + ["--init", "edm", "--fresh", "--out", str(out)], capsys)
+    assert rc == 0 and "evaluated the schedule this training replaced" in err
+    assert not any((out / name).exists() for name in EVAL_FILES)  # nothing that looks current
+    stale = _stale(out)
+    assert len(stale) == 3
+    kept = {name: next((out / f).read_bytes() for f in stale if f.startswith(name.split(".")[0] + ".stale-"))
+            for name in EVAL_FILES}
+    assert kept == earlier  # renamed, not lost
+    old_record = json.loads(kept["eval.json"])
+    assert old_record["schedule_sha256"] != _sha256(out / "schedule.json")
+    # a second round sets the next stale set beside the first, never over it
+    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    assert _run(TRAIN + ["--init", "time_uniform", "--fresh", "--out", str(out)], capsys)[0] == 0
+    assert len(_stale(out)) == 6 and not (out / "eval.json").exists()
+
+
+def test_rerunning_a_finished_training_keeps_its_schedule_file_and_eval(tmp_path, capsys):
+    """Resuming a finished run gives the same schedule: its file is not rewritten (only its creation time would
+    change), so the eval.json of it stays current."""
+    out = tmp_path / "o"
+    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    schedule, record = (out / "schedule.json").read_bytes(), (out / "eval.json").read_bytes()
+    rc, text, _ = _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)
+    assert rc == 0 and "already holds this schedule" in text
+    assert (out / "schedule.json").read_bytes() == schedule and (out / "eval.json").read_bytes() == record
+    assert _stale(out) == []
+
+
+def test_an_eval_of_another_schedule_file_is_left_alone(tmp_path, capsys):
+    other = tmp_path / "other"
+    assert _run(TRAIN + ["--init", "edm", "--out", str(other)], capsys)[0] == 0
+    out = tmp_path / "o"
+    assert _run(EVAL + ["--schedule", str(other / "schedule.json"), "--out", str(out)], capsys)[0] == 0
+    record = (out / "eval.json").read_bytes()
+    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert (out / "eval.json").read_bytes() == record and _stale(out) == []
+
+
+def test_an_eval_json_without_a_sha256_of_the_replaced_schedule_file_is_set_aside(tmp_path, capsys):
+    """An eval.json written before the sha256 was recorded: it names the schedule file being replaced."""
+    out = tmp_path / "o"
+    out.mkdir()
+    schedule = out / "schedule.json"
+    schedule.write_text("the new schedule")
+    (out / "eval.json").write_text(json.dumps({"schedule_file": str(schedule), "rows": []}))
+    (out / "schedules.png").write_bytes(b"old figure")
+    moved = cli._set_aside_stale_eval(str(out), str(schedule), replaced_sha="0" * 64)
+    assert sorted(os.path.basename(p) for p in moved) == _stale(out) and len(moved) == 2
+    assert not (out / "eval.json").exists() and not (out / "schedules.png").exists()
+    # one that records this very schedule, or is not ours, stays
+    (out / "eval.json").write_text(json.dumps({"schedule_file": str(schedule), "schedule_sha256": _sha256(schedule)}))
+    assert cli._set_aside_stale_eval(str(out), str(schedule), replaced_sha=None) == []
+    (out / "eval.json").write_text("not json")
+    assert cli._set_aside_stale_eval(str(out), str(schedule), replaced_sha=None) == []
+    assert (out / "eval.json").read_text() == "not json"
+
+
+def test_an_eval_json_that_cannot_be_renamed_is_a_warning_not_a_failed_training(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    schedule = out / "schedule.json"
+    schedule.write_text("the new schedule")
+    (out / "eval.json").write_text(json.dumps({"schedule_file": str(schedule)}))
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "replace", refuse)
+    assert cli._set_aside_stale_eval(str(out), str(schedule), replaced_sha=None) == []
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "could not be renamed (Permission denied)" in err
+
+
+def test_eval_says_so_when_its_schedule_is_replaced_while_it_runs(tmp_path, monkeypatch, capsys):
+    """A training that replaces the file during the evaluation: eval.json names the schedule it really ran."""
+    out = tmp_path / "o"
+    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    evaluated = _sha256(out / "schedule.json")
+    real_prior = cli._prior
+
+    def prior_then_replaced(*a, **k):
+        x = real_prior(*a, **k)
+        with open(out / "schedule.json", "a") as f:
+            f.write("\n")
+        return x
+    monkeypatch.setattr(cli, "_prior", prior_then_replaced)
+    rc, _, err = _run(EVAL + ["--out", str(out)], capsys)
+    assert rc == 0 and "was replaced during this evaluation" in err
+    assert json.loads((out / "eval.json").read_text())["schedule_sha256"] == evaluated != _sha256(out / "schedule.json")
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Ctrl-C during the start-up imports
+_INTERRUPTED_IMPORT = r"""
+import importlib.abc, sys
+from importlib.metadata import entry_points
+target = sys.argv.pop(1)
+
+class Interrupt(importlib.abc.MetaPathFinder):  # the user's Ctrl-C, arriving while `target` is imported
+    def find_spec(self, name, path, target_=None):
+        if name == target:
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+(ep,) = [e for e in entry_points(group="console_scripts") if e.name == "ld3"]
+sys.argv[0] = "ld3"
+sys.exit(ep.load()())  # what the installed `ld3` script runs
+"""
+
+
+def _script_interrupted_at(module, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LD3_TRACEBACK"}
+    return subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT, module, "--help"], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=tmp_path)
+
+
+def test_ctrl_c_while_the_script_imports_the_cli_is_one_line_and_130(tmp_path):
+    """The `ld3` script pointed at ld3_ext.cli, so a Ctrl-C during its imports printed a long traceback."""
+    r = _script_interrupted_at("ld3_ext.cli", tmp_path)
+    assert (r.returncode, r.stderr, r.stdout) == (130, "ld3: interrupted\n", "")
+
+
+@pytest.mark.xfail(strict=True, reason="ld3_ext/__init__.py imports torch itself: it runs before any module of the "
+                   "package, the console-script entry included, can catch the Ctrl-C")
+def test_ctrl_c_while_the_script_imports_torch_is_one_line_and_130(tmp_path):
+    r = _script_interrupted_at("torch", tmp_path)
+    assert (r.returncode, r.stderr) == (130, "ld3: interrupted\n")
+
+
+def test_the_entry_catches_a_ctrl_c_outside_a_commands_own_handler(monkeypatch, capsys):
+    from ld3_ext import _cli_entry
+
+    def interrupted(*a, **k):  # while the command line is parsed, before main's handler
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert _cli_entry.main() == 130
+    assert capsys.readouterr().err == "ld3: interrupted\n"
+    monkeypatch.setenv("LD3_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        _cli_entry.main()
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. --out of teacher / export-diffusers, and --scheduler-config
+@pytest.fixture
+def unwritable_out(tmp_path, monkeypatch):
+    """A folder whose write probe fails (root ignores permissions, so the probe is made to fail)."""
+    out = tmp_path / "readonly"
+    out.mkdir()
+    real = tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **k):
+        if dir is not None and os.path.realpath(dir).startswith(os.path.realpath(out)):
+            raise PermissionError(13, "Permission denied", dir)
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    return out
+
+
+def _schedule_file(tmp_path):
+    from ld3_ext import EDM, discretizations
+    from ld3_ext.schedule_file import LearnedSchedule
+    from ld3_ext.solvers import DPMSolverPP
+    s = EDM()
+    path = str(tmp_path / "schedule.json")
+    LearnedSchedule(discretizations.logsnr_uniform(s, 2), solver_config=DPMSolverPP(2).config(), nfe=2,
+                    schedule_config=s.config()).save(path)
+    return path
+
+
+def _never(what):
+    def fail(*a, **k):
+        raise AssertionError(f"{what} ran")
+    return fail
+
+
+def test_teacher_refuses_an_out_it_cannot_write_before_generating(unwritable_out, monkeypatch, capsys):
+    from ld3_ext.training import teacher
+    monkeypatch.setattr(teacher, "load_or_generate_teacher", _never("the teacher generation"))
+    rc, _, err = _run(["teacher", "--model", "gmm:ring2d", "--n-train", "4", "--n-valid", "4", "--no-progress",
+                       "--out", str(unwritable_out)], capsys)
+    assert rc == 2 and f"--out {unwritable_out}" in err and "cannot write there (Permission denied)" in err
+    assert "Traceback" not in err
+
+
+def test_export_diffusers_refuses_an_out_it_cannot_write_before_building(tmp_path, unwritable_out, monkeypatch,
+                                                                         capsys):
+    from ld3_ext.integrations.diffusers_scheduler import LD3Scheduler
+    monkeypatch.setattr(LD3Scheduler, "from_schedule_file", _never("the scheduler build"))
+    rc, _, err = _run(["export-diffusers", _schedule_file(tmp_path), "--out", str(unwritable_out)], capsys)
+    assert rc == 2 and f"--out {unwritable_out}: cannot write there (Permission denied)" in err
+    assert os.listdir(unwritable_out) == []
+
+
+def test_export_diffusers_refuses_an_out_under_a_file(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    rc, _, err = _run(["export-diffusers", _schedule_file(tmp_path), "--out", str(a_file / "sub")], capsys)
+    assert rc == 2 and err.startswith(f"ld3 export-diffusers: error: --out {a_file / 'sub'}: cannot write there")
+    assert a_file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["missing file", "folder without the config"])
+def test_a_scheduler_config_that_is_not_there_is_an_error_naming_the_flag(tmp_path, capsys, where):
+    """It was `error: FileNotFoundError: [Errno 2] No such file or directory: 'x'`: neither the flag nor what
+    belongs there."""
+    if where == "missing file":
+        cfg = tmp_path / "nowhere.json"
+    else:
+        cfg = tmp_path / "scheduler"
+        cfg.mkdir()
+    out = tmp_path / "o"
+    rc, _, err = _run(["export-diffusers", _schedule_file(tmp_path), "--scheduler-config", str(cfg),
+                       "--out", str(out)], capsys)
+    assert rc == 2 and err.startswith("ld3 export-diffusers: error: --scheduler-config: cannot read ")
+    assert "no such file" in err and "scheduler_config.json" in err and "FileNotFoundError" not in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()  # refused before --out was made
+
+
+def test_a_scheduler_config_that_is_not_a_json_object_is_an_error_naming_the_flag(tmp_path, capsys):
+    cfg = tmp_path / "list.json"
+    cfg.write_text("[1, 2]")
+    rc, _, err = _run(["export-diffusers", _schedule_file(tmp_path), "--scheduler-config", str(cfg),
+                       "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and err.startswith(f"ld3 export-diffusers: error: --scheduler-config: {cfg} holds a JSON list")
