@@ -85,6 +85,11 @@ class DiffusionModel(torch.nn.Module):
             raise ValueError(f"time_input must be one of {TIME_INPUTS} or a callable, got {time_input!r}")
         if time_input == "index" and not isinstance(schedule, VPDiscrete):
             raise ValueError("time_input='index' needs a VPDiscrete schedule")
+        if not isinstance(cond_key, str) or not cond_key:
+            raise TypeError(f"cond_key must be a non-empty str (the network's condition keyword), got {cond_key!r}")
+        if cond_key in ("uncond", "uncond_kwargs"):  # guidance pops these by name: the condition would be lost
+            raise ValueError(f"cond_key must not be {cond_key!r}: 'uncond' and 'uncond_kwargs' are the guidance "
+                             "keywords; name the condition otherwise")
         check_output = flag("check_output", check_output)  # bool("no") is True: a string is refused
         if guidance_scale is not None:
             if isinstance(guidance_scale, bool):  # True would be a guidance scale of 1.0

@@ -33,7 +33,7 @@ from typing import Sequence, Tuple, Union
 
 import torch
 
-from .._checks import real
+from .._checks import flag, real
 
 from .. import discretizations
 from ..schedules import NoiseSchedule
@@ -93,12 +93,13 @@ class TimeParameterization(torch.nn.Module):
         if not (0.0 < win_rate <= 0.5):
             raise ValueError(f"win_rate must be in (0, 0.5] so that shifted model times keep their order, "
                              f"got {win_rate}")
+        min_gap_fraction = real("min_gap_fraction", min_gap_fraction)  # "1e-9" failed in the comparison below
         if not (0.0 <= min_gap_fraction < 1.0 / (2 * num_steps)):
             raise ValueError(f"min_gap_fraction must be in [0, 1/(2N)), got {min_gap_fraction}")
         self.schedule = schedule
         self.num_steps = num_steps
         self.time_mode = time_mode
-        self.decoupled = bool(decoupled)
+        self.decoupled = flag("decoupled", decoupled)  # bool("no") is True
         self.win_rate = float(win_rate)
         self.floor = float(min_gap_fraction)
         t_max, t_min = _endpoints(schedule)
