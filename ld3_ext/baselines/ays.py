@@ -53,9 +53,10 @@ def ays(schedule: NoiseSchedule, nfe: int, model: str = "sd15", fit_range="auto"
     """AYS timesteps (float64, t_max..t_min, length nfe + 1) on ``schedule``.
 
     ``fit_range``: the published lists span sigma 14.615..0.029 (SD's range).  With "auto", when the
-    schedule's sigma range matches within 2 % at both ends the published values are used as they are
-    (endpoints snapped to t_max/t_min); otherwise log sigma is mapped affinely onto the schedule's range
-    (True forces that mapping, False never maps and errors if the list leaves the range).
+    schedule's sigma range matches within 2 % at both ends the published inner values are used as they are
+    (the list's ends replaced by the schedule's before interpolating, so every value lies in the range);
+    otherwise log sigma is mapped affinely onto the schedule's range (True forces that mapping, False never
+    maps and errors if the list leaves the range).
     """
     _check(schedule, nfe)
     sig = np.asarray(ays_sigmas(model, nfe))
@@ -73,7 +74,14 @@ def ays(schedule: NoiseSchedule, nfe: int, model: str = "sd15", fit_range="auto"
     if fit_range is True or (fit_range == "auto" and not matches):
         u = (np.log(sig) - math.log(p1)) / (math.log(p0) - math.log(p1))
         sig = np.exp(math.log(smin) + u * (math.log(smax) - math.log(smin)))
-    elif not matches and sig.size > 2 and (sig[1:-1].max() >= smax or sig[1:-1].min() <= smin):
+    elif matches:
+        # the list's ends are the schedule's (within 2 %): interpolate from the schedule's own ends, so no value
+        # lands outside the range -- at large NFE the values next to an end did, past the snapped end, and the
+        # grid was refused as non-monotone.  The inner published knots are kept exactly.
+        knots = np.asarray(AYS_SIGMAS[model], dtype=np.float64)
+        knots[0], knots[-1] = smax, smin
+        sig = loglinear_interp(knots, nfe + 1)
+    elif sig.size > 2 and (sig[1:-1].max() >= smax or sig[1:-1].min() <= smin):
         raise ValueError(f"AYS {model} sigmas ({p0}..{p1}) leave the schedule's range ({smax:.4g}..{smin:.4g}); "
                          "use fit_range=True")
     t = schedule.t_from_edm_sigma(torch.from_numpy(np.ascontiguousarray(sig)).to(torch.float64))

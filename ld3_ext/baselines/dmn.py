@@ -43,7 +43,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._checks import count
+from .._checks import count, real
 from ..discretizations import _check
 from ..schedules import NoiseSchedule
 
@@ -110,7 +110,11 @@ def dmn_objective(lams: np.ndarray, order: int = 3, space: str = "pixel", trunc_
 def dmn_lambdas(lambda_min: float, lambda_max: float, nfe: int, order: int = 3, space: str = "pixel",
                 trunc_num: Optional[int] = None, init: Optional[np.ndarray] = None, min_gap: float = 1e-3,
                 maxiter: int = 200) -> np.ndarray:
-    """Optimised increasing lambda grid (length nfe + 1) between lambda_min and lambda_max."""
+    """Optimised increasing lambda grid (length nfe + 1) between lambda_min and lambda_max.
+
+    ``init``: the start, nfe + 1 strictly increasing lambdas from lambda_min to lambda_max (default uniform).
+    The result is always a valid grid no worse (in the bound) than the start: where trust-constr ends outside
+    its constraints, the best valid iterate it passed is returned (or the start, with a RuntimeWarning)."""
     from scipy.optimize import LinearConstraint, minimize
 
     if not (np.isfinite(lambda_min) and np.isfinite(lambda_max) and lambda_max > lambda_min):
@@ -122,9 +126,8 @@ def dmn_lambdas(lambda_min: float, lambda_max: float, nfe: int, order: int = 3, 
     trunc_num = count("trunc_num", trunc_num, 0, none_ok=True, type_error=False)
     if trunc_num is None:
         trunc_num = 3 if nfe <= 7 else 0
-    if init is None:
-        init = np.linspace(lambda_min, lambda_max, nfe + 1)
-    init = np.asarray(init, dtype=np.float64)
+    min_gap = real("min_gap", min_gap, above=0)
+    init = _check_init(init, lambda_min, lambda_max, nfe)
     if nfe == 1:
         return np.array([lambda_min, lambda_max])
     gap = min(min_gap, 0.1 * (lambda_max - lambda_min) / nfe)
@@ -143,13 +146,61 @@ def dmn_lambdas(lambda_min: float, lambda_max: float, nfe: int, order: int = 3, 
     def f(x):
         return dmn_objective(np.concatenate([[lambda_min], x, [lambda_max]]), order, space, trunc_num)
 
+    def valid(x):
+        # trust-constr may end (and pass through) points that break its constraints: at NFE 150 (EDM, latent)
+        # it returned lambdas below lambda_min, a grid leaving the schedule's range
+        return bool(np.all(np.isfinite(x)) and x[0] > lambda_min and x[-1] < lambda_max and np.all(np.diff(x) > 0))
+
+    start = init[1:-1]
+    f_start = f(start)
+    seen = {"x": start, "f": f_start}  # the best valid iterate, used only if the optimiser ends on an invalid point
+
+    def callback(xk, state):
+        if float(state.fun) < seen["f"] and valid(xk):  # xk unsorted: state.fun is the bound at xk as it is
+            seen["x"], seen["f"] = np.array(xk, dtype=np.float64), float(state.fun)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # trust-constr warns about the (expected) non-smooth |.|
-        res = minimize(f, init[1:-1], method="trust-constr", constraints=[cons],
-                       options={"maxiter": maxiter, "verbose": 0})
+        res = minimize(f, start, method="trust-constr", constraints=[cons],
+                       options={"maxiter": maxiter, "verbose": 0}, callback=callback)
     x = np.sort(res.x)
-    best = x if f(x) <= f(init[1:-1]) else init[1:-1]         # never return worse than the start
+    if valid(x):
+        best = x if f(x) <= f_start else start                 # never return worse than the start
+    else:
+        best = seen["x"]
+        if best is start:
+            warnings.warn(f"dmn_lambdas: the optimiser ended outside its constraints and met no valid grid better "
+                          f"than its start (nfe={nfe}, maxiter={maxiter}); returning the start", RuntimeWarning,
+                          stacklevel=2)
     return np.concatenate([[lambda_min], best, [lambda_max]])
+
+
+def _check_init(init, lambda_min: float, lambda_max: float, nfe: int) -> np.ndarray:
+    """``init`` as a float64 grid lambda_min = l_0 < ... < l_nfe = lambda_max (default: uniform in lambda).  A bad
+    one was used unchecked: the wrong length failed in trust-constr's shapes, a decreasing or out-of-range one
+    started the search outside its constraints and could come back as an invalid grid."""
+    if init is None:
+        return np.linspace(lambda_min, lambda_max, nfe + 1)
+    try:
+        arr = np.asarray(init.detach().cpu() if isinstance(init, torch.Tensor) else init)
+    except Exception:
+        raise TypeError(f"init must be a 1-D array of nfe + 1 = {nfe + 1} increasing lambdas, "
+                        f"got {type(init).__name__}") from None
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise TypeError(f"init must hold real numbers (lambdas), got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.shape != (nfe + 1,):
+        raise ValueError(f"init must be a 1-D array of nfe + 1 = {nfe + 1} lambdas, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("init contains NaN or Inf")
+    tol = 1e-6 * (lambda_max - lambda_min)
+    if abs(arr[0] - lambda_min) > tol or abs(arr[-1] - lambda_max) > tol:
+        raise ValueError(f"init must run from lambda_min={lambda_min:.6g} to lambda_max={lambda_max:.6g}, got "
+                         f"{arr[0]:.6g}..{arr[-1]:.6g}")
+    arr[0], arr[-1] = lambda_min, lambda_max
+    if not np.all(np.diff(arr) > 0):
+        raise ValueError(f"init must be strictly increasing in lambda (noisiest first), got {arr.tolist()}")
+    return arr
 
 
 def dmn(schedule: NoiseSchedule, nfe: int, order: int = 3, space: str = "pixel", init: Optional[str] = None,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from .._checks import count, real, seed as check_seed
 from ..discretizations import _check
 from ..schedules import NoiseSchedule
 from ..solvers import as_solver
-from ..wrappers import DiffusionModel, wrap_model
+from ..wrappers import DiffusionModel, ModelOutputError, wrap_model
 
 # σ lists (sigma/alpha, noisiest first) keyed by dataset then nfe, as listed in LD3.md section 4
 GITS_PRESETS: Dict[str, Dict[int, List[float]]] = {
@@ -166,6 +167,11 @@ def gits_cost_matrix(model: DiffusionModel, grid: torch.Tensor, states: List[tor
     """cost[i, j] (i < j): mean per-sample RMSE of one ``solver`` step from (states[i], grid[i]) to grid[j]
     against states[j]; +inf elsewhere.  One network call per i (the prediction at (X_i, g_i) is shared by
     every jump that starts there)."""
+    return _cost_matrix(model, grid, states, solver, max_jump)
+
+
+def _cost_matrix(model, grid, states, solver=None, max_jump=None, x0_start=None) -> np.ndarray:
+    # x0_start: the prediction at (states[0], grid[0]) when the caller already has it
     from ..solvers import Euler
     from ..metrics import teacher_rmse
 
@@ -182,7 +188,7 @@ def gits_cost_matrix(model: DiffusionModel, grid: torch.Tensor, states: List[tor
     cost = np.full((m + 1, m + 1), np.inf)
     for i in range(m):
         x_i = states[i]
-        x0_i = model.x0(x_i, grid[i])
+        x0_i = x0_start if i == 0 and x0_start is not None else model.x0(x_i, grid[i])
         # a stand-in model that replays the real prediction made at (x_i, g_i): the coarse step only
         # evaluates there, so this is exact and saves (M - i - 1) network calls
         cached = wrap_model(lambda x, t, _x0=x0_i: _x0, s, prediction="x0", time_input="t", check_output=False)
@@ -241,6 +247,73 @@ class GITSResult:
     coeff: float
 
 
+def _model_sample_shape(model) -> Optional[tuple]:
+    """The per-sample shape the model says it takes (a testbed's event_shape, or model.sample_shape), if any."""
+    tb = getattr(model, "testbed", None)
+    shape = getattr(tb, "event_shape", None) if tb is not None else getattr(model, "sample_shape", None)
+    try:
+        return None if shape is None else tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def _start_noise(model, schedule, x_T, sample_shape, n_samples, seed, dtype):
+    """The teacher batch's start (x_T, or seeded noise of ``sample_shape``), checked; also the name of the
+    argument it came from.  A bad one failed inside torch.randn, inside the model's reshape, or was cast
+    silently (an integer or complex x_T)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a real floating torch.dtype (e.g. torch.float64), got {dtype!r}")
+    if sample_shape is not None:
+        if isinstance(sample_shape, (str, bytes)) or not isinstance(sample_shape, (tuple, list, torch.Size)) or \
+                not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in sample_shape):
+            raise TypeError(f"sample_shape must be a tuple of ints (the shape of one sample, e.g. (1, 8, 8)), "
+                            f"got {sample_shape!r}")
+        if not all(d >= 1 for d in sample_shape):
+            raise ValueError(f"sample_shape must hold sizes >= 1, got {tuple(sample_shape)}")
+        sample_shape = tuple(int(d) for d in sample_shape)
+    if x_T is not None:
+        if not isinstance(x_T, torch.Tensor):
+            raise TypeError(f"x_T must be a real floating torch.Tensor [batch, *sample_shape], got {type(x_T).__name__}")
+        if not x_T.is_floating_point():  # was cast to dtype: an int/bool start silently, a complex one lost a part
+            raise TypeError(f"x_T must be a real floating torch.Tensor, got dtype {x_T.dtype}")
+        if x_T.layout != torch.strided or x_T.device.type == "meta":
+            raise ValueError(f"x_T must be a dense tensor with values, got layout {x_T.layout} on {x_T.device}")
+        if x_T.dim() < 1 or x_T.shape[0] == 0 or x_T.numel() == 0:
+            raise ValueError(f"x_T must be [batch >= 1, *sample_shape] with values, got shape {tuple(x_T.shape)}")
+        if sample_shape is not None and tuple(x_T.shape[1:]) != sample_shape:
+            raise ValueError(f"x_T has samples of shape {tuple(x_T.shape[1:])} but sample_shape is {sample_shape}; "
+                             "pass one of them, or make them agree")
+        if not bool(torch.isfinite(x_T.detach()).all()):
+            raise ValueError("x_T contains NaN or Inf")
+        arg, shape = "x_T", tuple(x_T.shape[1:])
+    elif sample_shape is None:
+        raise ValueError("gits: pass x_T or sample_shape (the shape of one sample, e.g. (1, 8, 8))")
+    else:
+        arg, shape = "sample_shape", sample_shape
+    want = _model_sample_shape(model)
+    if want is not None and shape != want:
+        raise ValueError(f"{arg}: the model's samples have shape {want}, got {shape}"
+                         + (f" (x_T has shape {tuple(x_T.shape)})" if arg == "x_T" else ""))
+    if x_T is None:
+        g = torch.Generator().manual_seed(seed)
+        x_T = schedule.prior_std() * torch.randn(n_samples, *shape, generator=g, dtype=torch.float64)
+    return x_T, arg
+
+
+def _first_x0(model, x_T, grid, arg) -> torch.Tensor:
+    """The prediction at (x_T, grid[0]), made before the teacher so that a sample shape the network cannot take is
+    named as the argument it came from (a model that does not say its shape failed inside its reshape or conv,
+    naming nothing); the cost matrix reuses it, so it costs no extra call."""
+    with torch.no_grad():
+        try:
+            return model.x0(x_T, grid[0])
+        except ModelOutputError:  # the wrapper's own message already says what is wrong
+            raise
+        except (RuntimeError, IndexError) as e:
+            raise ValueError(f"{arg}: the model fails on samples of shape {tuple(x_T.shape[1:])} ({e}); is that "
+                             "the shape of the model's samples?") from e
+
+
 def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: int = 5, solver=None,
          n_samples: int = 64, fine_steps: int = 60, spacing: str = "edm", seed: int = 0,
          teacher_solver=None, teacher_substeps: int = 4, max_jump: Optional[int] = None,
@@ -278,16 +351,13 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     solver = as_solver(solver)  # before the (costly) teacher trajectories
     teacher_solver = as_solver(teacher_solver, name="teacher_solver")
     grid = fine_grid(schedule, fine_steps, spacing)
-    if x_T is None:
-        if sample_shape is None:
-            raise ValueError("gits: pass x_T or sample_shape (the shape of one sample, e.g. (1, 8, 8))")
-        g = torch.Generator().manual_seed(seed)
-        x_T = schedule.prior_std() * torch.randn(n_samples, *sample_shape, generator=g, dtype=torch.float64)
+    x_T, arg = _start_noise(model, schedule, x_T, sample_shape, n_samples, seed, dtype)
     dev = next((p.device for p in model.parameters()), x_T.device)
     x_T = x_T.to(device=dev, dtype=dtype)
     grid_d = grid.to(dev)
+    x0_start = _first_x0(model, x_T, grid_d, arg)
     states = teacher_states(model, x_T, grid_d, teacher_solver, teacher_substeps)
-    cost = gits_cost_matrix(model, grid_d, states, solver, max_jump)
+    cost = _cost_matrix(model, grid_d, states, solver, max_jump, x0_start)
     path = gits_dp(cost, nfe, coeff)
     t = grid[path].clone()
     t[0], t[-1] = schedule.t_max, schedule.t_min
