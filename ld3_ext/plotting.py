@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import io
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from ._checks import count
 from .atomic_io import atomic_write_bytes
 
 
@@ -46,6 +47,26 @@ def _as_image(x: torch.Tensor) -> torch.Tensor:
     return flat.reshape(h, d // h)
 
 
+def _check_samples(samples):
+    """``samples``: a non-empty mapping name -> [batch >= 1, ...] tensor, all 2-D points or none.  An empty one
+    failed as a bare StopIteration, an empty batch inside matplotlib, a mix of points and images in a mask."""
+    if not isinstance(samples, Mapping):
+        raise TypeError(f"samples must be a dict of name -> tensor, got {type(samples).__name__}")
+    if not samples:
+        raise ValueError("samples is empty: nothing to plot (give at least one name -> tensor)")
+    points = []
+    for name, x in samples.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"samples[{name!r}] must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[0] == 0 or x.numel() == 0:
+            raise ValueError(f"samples[{name!r}] must hold at least one sample with values, got shape {tuple(x.shape)}")
+        points.append(x.dim() == 2 and x.shape[1] == 2)
+    if any(points) and not all(points):
+        raise ValueError(f"samples mixes 2-D points ([n, 2]) with other shapes "
+                         f"({ {k: tuple(v.shape) for k, v in samples.items()} }); plot them separately")
+    return samples
+
+
 def sample_grid(samples: Dict[str, torch.Tensor], path: str, max_items: int = 16, title: str = "") -> str:
     """One row per schedule: a scatter plot for 2-D data, an image strip for any other sample shape."""
     return _save(sample_grid_png(samples, max_items, title), path)
@@ -53,8 +74,9 @@ def sample_grid(samples: Dict[str, torch.Tensor], path: str, max_items: int = 16
 
 def sample_grid_png(samples: Dict[str, torch.Tensor], max_items: int = 16, title: str = "") -> bytes:
     """:func:`sample_grid`'s figure as PNG bytes (a caller writing several files renders them all first)."""
-    names = list(samples)
-    first = next(iter(samples.values()))
+    names = list(_check_samples(samples))
+    max_items = count("max_items", max_items, 1)
+    first = samples[names[0]]
     if first.dim() == 2 and first.shape[1] == 2:
         pts_all = {name: samples[name].detach().cpu().float() for name in names}
         finite = torch.cat([p[torch.isfinite(p).all(1)] for p in pts_all.values()])
@@ -68,7 +90,7 @@ def sample_grid_png(samples: Dict[str, torch.Tensor], max_items: int = 16, title
             ax.set_xlim(-lim, lim)
             ax.set_ylim(-lim, lim)
     else:
-        k = min(max_items, first.shape[0])
+        k = min(max_items, min(samples[name].shape[0] for name in names))  # every row has k images
         fig, axes = _subplots(len(names), k, (0.8 * k, 0.9 * len(names)))
         for r, name in enumerate(names):
             imgs = samples[name][:k].detach().cpu().float()
@@ -84,6 +106,31 @@ def sample_grid_png(samples: Dict[str, torch.Tensor], max_items: int = 16, title
     return _png(fig)
 
 
+def _check_schedule_inputs(schedules, errors) -> None:
+    """An empty ``schedules`` drew a blank figure; an empty or malformed error curve failed in zip(*...), naming
+    nothing.  ``errors`` None or {} draws no error panel."""
+    if not isinstance(schedules, Mapping):
+        raise TypeError(f"schedules must be a dict of name -> timesteps tensor, got {type(schedules).__name__}")
+    if not schedules:
+        raise ValueError("schedules is empty: nothing to plot (give at least one name -> timesteps)")
+    for name, t in schedules.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"schedules[{name!r}] must be a 1-D torch.Tensor of times, got {type(t).__name__}")
+        if t.dim() != 1 or t.numel() == 0:
+            raise ValueError(f"schedules[{name!r}] must be a non-empty 1-D tensor of times, got shape {tuple(t.shape)}")
+    if errors is None:
+        return
+    if not isinstance(errors, Mapping):
+        raise TypeError(f"errors must be None or a dict of name -> [(nfe, error), ...], got {type(errors).__name__}")
+    for name, pts in errors.items():
+        try:
+            ok = len(pts) > 0 and all(len(p) == 2 for p in pts)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"errors[{name!r}] must be a non-empty list of (nfe, error) pairs, got {pts!r}")
+
+
 def schedule_plot(schedules: Dict[str, torch.Tensor], schedule, path: str,
                   errors: Optional[Dict[str, List[tuple]]] = None) -> str:
     """Left: each grid in lambda (one row per method). Right (optional): error vs NFE per method."""
@@ -93,6 +140,7 @@ def schedule_plot(schedules: Dict[str, torch.Tensor], schedule, path: str,
 def schedule_plot_png(schedules: Dict[str, torch.Tensor], schedule,
                       errors: Optional[Dict[str, List[tuple]]] = None) -> bytes:
     """:func:`schedule_plot`'s figure as PNG bytes."""
+    _check_schedule_inputs(schedules, errors)
     ncol = 2 if errors else 1
     fig, axes = _subplots(1, ncol, (6 * ncol, 0.4 * len(schedules) + 2))
     ax = axes[0, 0]

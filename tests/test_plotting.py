@@ -41,3 +41,63 @@ def test_figures_leave_the_callers_matplotlib_backend_alone(tmp_path):
     finally:
         plt.switch_backend(before)
     assert os.path.getsize(tmp_path / "g.png") > 500 and os.path.getsize(tmp_path / "h.png") > 500
+
+
+# ------------------------------------------------------------------------------------ empty / malformed inputs
+import pytest  # noqa: E402
+
+from ld3_ext.plotting import sample_grid_png, schedule_plot_png  # noqa: E402
+
+
+def _grids():
+    from ld3_ext import EDM, discretizations
+    s = EDM()
+    return s, {"edm": discretizations.edm(s, 5)}
+
+
+@pytest.mark.parametrize("samples,kw,exc,message", [
+    ({}, {}, ValueError, "samples is empty"),
+    ([torch.randn(3, 2)], {}, TypeError, "samples must be a dict"),
+    ({"a": [[1.0, 2.0]]}, {}, TypeError, r"samples\['a'\] must be a torch.Tensor"),
+    ({"a": torch.randn(0, 1, 8, 8)}, {}, ValueError, r"samples\['a'\] must hold at least one sample"),
+    ({"a": torch.randn(0, 2)}, {}, ValueError, r"samples\['a'\] must hold at least one sample"),
+    ({"a": torch.randn(3, 0)}, {}, ValueError, r"samples\['a'\] must hold at least one sample"),
+    ({"a": torch.tensor(1.0)}, {}, ValueError, r"samples\['a'\] must hold at least one sample"),
+    ({"a": torch.randn(3, 2), "b": torch.randn(3, 1, 8, 8)}, {}, ValueError, "samples mixes 2-D points"),
+    ({"a": torch.randn(3, 1, 8, 8)}, {"max_items": 0}, ValueError, "max_items must be an int >= 1"),
+    ({"a": torch.randn(3, 1, 8, 8)}, {"max_items": 2.0}, TypeError, "max_items must be an int >= 1"),
+])
+def test_sample_grid_names_empty_or_malformed_samples(samples, kw, exc, message):
+    """An empty dict failed as a bare StopIteration, an empty batch or max_items=0 inside matplotlib ("Number of
+    columns must be a positive integer"), a mix of points and images on a boolean mask."""
+    with pytest.raises(exc, match=message):
+        sample_grid_png(samples, **kw)
+
+
+@pytest.mark.parametrize("which,errors,exc,message", [
+    ("empty", None, ValueError, "schedules is empty"),
+    ("list", None, TypeError, "schedules must be a dict"),
+    ("empty grid", None, ValueError, r"schedules\['a'\] must be a non-empty 1-D tensor"),
+    ("ok", {"edm": []}, ValueError, r"errors\['edm'\] must be a non-empty list of \(nfe, error\) pairs"),
+    ("ok", {"edm": [(5,)]}, ValueError, r"errors\['edm'\] must be a non-empty list"),
+    ("ok", {"edm": 0.1}, ValueError, r"errors\['edm'\] must be a non-empty list"),
+    ("ok", [(5, 0.1)], TypeError, "errors must be None or a dict"),
+])
+def test_schedule_plot_names_empty_or_malformed_inputs(which, errors, exc, message):
+    """An empty error curve failed in zip(*...) ("not enough values to unpack"); no schedules drew a blank figure."""
+    s, grids = _grids()
+    schedules = {"empty": {}, "list": list(grids.values()), "ok": grids,
+                 "empty grid": {"a": torch.empty(0, dtype=torch.float64)}}[which]
+    with pytest.raises(exc, match=message):
+        schedule_plot_png(schedules, s, errors=errors)
+
+
+def test_plots_of_valid_inputs_still_draw():
+    """errors={} (no curves) draws the schedule panel alone, as errors=None does; rows with fewer samples than
+    max_items show as many images as the shortest row."""
+    pytest.importorskip("matplotlib")
+    s, grids = _grids()
+    for errors in (None, {}):
+        assert schedule_plot_png(grids, s, errors=errors)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sample_grid_png({"a": torch.randn(5, 1, 8, 8), "b": torch.randn(2, 1, 8, 8)})[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sample_grid_png({"a": torch.randn(5, 2), "b": torch.randn(1, 2)})[:8] == b"\x89PNG\r\n\x1a\n"
