@@ -1,8 +1,8 @@
 """The ``ld3`` console script: a thin module, so that a Ctrl-C while the heavy imports load (``import torch`` takes
 seconds) ends as one line and exit status 130, like a Ctrl-C during a run, not a long traceback.
 
-Imports nothing heavy itself.  Note: the package's ``__init__`` runs before this module (Python imports a
-module's package first); a Ctrl-C there is caught only if that ``__init__`` leaves torch to its submodules.
+Imports nothing heavy itself.  The package's ``__init__`` runs before this module (Python imports a module's
+package first) and imports torch: it catches a Ctrl-C there itself when argv[0] is the ``ld3`` script.
 """
 import os
 import sys

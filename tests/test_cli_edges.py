@@ -180,11 +180,24 @@ def test_ctrl_c_while_the_script_imports_the_cli_is_one_line_and_130(tmp_path):
     assert (r.returncode, r.stderr, r.stdout) == (130, "ld3: interrupted\n", "")
 
 
-@pytest.mark.xfail(strict=True, reason="ld3_ext/__init__.py imports torch itself: it runs before any module of the "
-                   "package, the console-script entry included, can catch the Ctrl-C")
 def test_ctrl_c_while_the_script_imports_torch_is_one_line_and_130(tmp_path):
+    """ld3_ext/__init__.py imports torch before the entry module can run: the package catches it for the script."""
     r = _script_interrupted_at("torch", tmp_path)
-    assert (r.returncode, r.stderr) == (130, "ld3: interrupted\n")
+    assert (r.returncode, r.stderr, r.stdout) == (130, "ld3: interrupted\n", "")
+
+
+def test_ctrl_c_while_a_program_imports_the_package_is_left_to_the_program(tmp_path):
+    """Only the ld3 script turns it into an exit: a user's program gets its KeyboardInterrupt."""
+    code = ("import importlib.abc, sys\n"
+            "class I(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'torch': raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, I())\n"
+            "try:\n    import ld3_ext\nexcept KeyboardInterrupt:\n    print('caught')\n")
+    env = {k: v for k, v in os.environ.items() if k != "LD3_TRACEBACK"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tmp_path)
+    assert (r.returncode, r.stdout.strip()) == (0, "caught")
 
 
 def test_the_entry_catches_a_ctrl_c_outside_a_commands_own_handler(monkeypatch, capsys):
