@@ -51,3 +51,109 @@ def test_custom_cond_key_still_guides():
     x = torch.ones(2, 2, dtype=torch.float64)
     x0 = m.x0(x, 1.0, ctx=torch.full((2,), 2.0, dtype=torch.float64), uncond=torch.full((2,), 1.0, dtype=torch.float64))
     torch.testing.assert_close(x0, torch.full((2, 2), 1.0 + 3.0 * (2.0 - 1.0), dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher cache keys describe the whole model call: a changed call is a cache miss, never stale pairs
+# ---------------------------------------------------------------------------------------------
+from ld3_ext.training.teacher import TeacherCacheMismatch, generate_teacher_data, make_teacher  # noqa: E402
+
+
+class _TimeNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4).double()
+
+    def forward(self, x, t, **kw):
+        return self.lin(x) * t.reshape(-1, 1)
+
+
+def _cached_equals_fresh(model, cache_dir, teacher="solver", **kw):
+    """True where the cache gives the pairs a fresh generation gives; a refused cache raises TeacherCacheMismatch."""
+    fn, st = make_teacher(model, teacher)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cached = generate_teacher_data(model, fn, st, 4, (4,), dtype=torch.float64, cache_dir=str(cache_dir),
+                                       progress=False, **kw)
+        fresh = generate_teacher_data(model, fn, st, 4, (4,), dtype=torch.float64, progress=False, **kw)
+    return torch.equal(cached["target"], fresh["target"])
+
+
+def _refused(model, cache_dir, **kw):
+    with pytest.raises(TeacherCacheMismatch):
+        _cached_equals_fresh(model, cache_dir, **kw)
+    return True
+
+
+def test_teacher_cache_tells_time_input_callables_apart(tmp_path):
+    torch.manual_seed(0)
+    net, s = _TimeNet(), ld3_ext.VPLinear()
+    assert _cached_equals_fresh(ld3_ext.wrap_model(net, s, time_input=lambda t: t * 1000), tmp_path)
+    # another lambda: same qualname "<lambda>", other network times -> the cache is refused, not reused
+    assert _refused(ld3_ext.wrap_model(net, s, time_input=lambda t: t), tmp_path)
+    assert _cached_equals_fresh(ld3_ext.wrap_model(net, s, time_input=lambda t: t), tmp_path / "other")
+
+
+def test_teacher_cache_tells_teacher_networks_with_other_weights_apart(tmp_path):
+    student = ld3_ext.wrap_model(torch.nn.Linear(4, 4).double(), ld3_ext.VPLinear(), prediction="eps")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        teacher = torch.nn.Linear(4, 4).double()
+        fn, st = make_teacher(student, teacher)
+        if seed == 1:  # the retrained teacher network: same type and shapes, other weights
+            with pytest.raises(TeacherCacheMismatch):
+                generate_teacher_data(student, fn, st, 4, (4,), dtype=torch.float64, cache_dir=str(tmp_path / "s0"),
+                                      progress=False)
+        d = generate_teacher_data(student, fn, st, 4, (4,), dtype=torch.float64,
+                                  cache_dir=str(tmp_path / f"s{seed}"), progress=False)
+        with torch.no_grad():
+            want = teacher(ld3_ext.VPLinear().prior_std() * d["noise"])
+        torch.testing.assert_close(d["target"], want, rtol=0, atol=0)
+    # the same weights again: the cache is reused
+    fn, st = make_teacher(student, teacher)
+    again = generate_teacher_data(student, fn, st, 4, (4,), dtype=torch.float64, cache_dir=str(tmp_path / "s1"),
+                                  progress=False)
+    torch.testing.assert_close(again["target"], d["target"], rtol=0, atol=0)
+
+
+def test_teacher_cache_hashes_large_numpy_model_kwargs_by_content(tmp_path):
+    net, s = torch.nn.Linear(4, 4).double(), ld3_ext.VPLinear()
+
+    def check(bias):
+        model = ld3_ext.wrap_model(lambda x, t, bias: net(x) + float(bias.sum()), s, model_kwargs={"bias": bias})
+        model.net = net
+        return _cached_equals_fresh(model, tmp_path, identity={"name": "n"})
+
+    b = np.zeros(5000)
+    assert check(b)
+    b = np.zeros(5000)
+    b[100] = 10.0  # the repr of both arrays is "array([0., 0., 0., ..., 0., 0., 0.])"
+    with pytest.raises(TeacherCacheMismatch):
+        check(b)
+    assert check(np.zeros(5000))  # equal content: reused
+
+
+def test_teacher_cache_hashes_module_model_kwargs_by_weights(tmp_path):
+    net, s = torch.nn.Linear(4, 4).double(), ld3_ext.VPLinear()
+
+    def check(seed):
+        torch.manual_seed(seed)
+        adapter = torch.nn.Linear(4, 4).double()
+        model = ld3_ext.wrap_model(lambda x, t, adapter: net(x) + adapter(x), s, model_kwargs={"adapter": adapter})
+        model.net = net
+        return _cached_equals_fresh(model, tmp_path, identity={"name": "n"})
+
+    assert check(0)
+    with pytest.raises(TeacherCacheMismatch):
+        check(1)
+    assert check(0)
+
+
+def test_unhashable_model_kwarg_warns(tmp_path):
+    class Opaque:  # no stable description: repr holds an address
+        pass
+    model = ld3_ext.wrap_model(lambda x, t, o: x, ld3_ext.VPLinear(), prediction="x0", model_kwargs={"o": Opaque()})
+    fn, st = make_teacher(model, "solver")
+    with pytest.warns(UserWarning, match="model_kwargs"):
+        generate_teacher_data(model, fn, st, 2, (4,), dtype=torch.float64, cache_dir=str(tmp_path),
+                              identity={"name": "n"}, progress=False)

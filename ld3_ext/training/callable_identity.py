@@ -86,6 +86,16 @@ def _callable(fn: Any, depth: int) -> str:
     return f"{type(fn).__module__}.{type(fn).__qualname__}[{_code(call.__code__, depth + 1)}]"
 
 
+def _module_weights(module: torch.nn.Module) -> str:
+    """sha256 of a module's state dict (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{k}:{t.dtype}:{tuple(v.shape)}:".encode() + t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _immutable(v: Any) -> bool:
     """A captured value that cannot change while the callable runs (so it may key a cache)."""
     if v is None or isinstance(v, (bool, int, float, complex, str, bytes, torch.dtype, types.CodeType)):
@@ -101,7 +111,12 @@ def describe_callable(fn: Any) -> Tuple[str, bool]:
     not be told apart)."""
     base = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     try:
-        fingerprint = hashlib.sha256(_callable(fn, 0).encode()).hexdigest()[:16]
+        desc = _callable(fn, 0)
+        if isinstance(fn, torch.nn.Module):
+            # the callable itself is a network (a teacher network, a loss network): a retrained one has the same
+            # type and shapes, so its weights count (a module captured deeper is the trained model; see _callable)
+            desc += ":" + _module_weights(fn)
+        fingerprint = hashlib.sha256(desc.encode()).hexdigest()[:16]
     except (_Unstable, RecursionError, ValueError, TypeError, RuntimeError):
         return base, False
     return f"{base}#{fingerprint}", True

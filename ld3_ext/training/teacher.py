@@ -34,6 +34,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as _dist
 
@@ -106,8 +107,8 @@ def _call_settings(model) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     ti = getattr(model, "time_input", None)
     if ti is not None:
-        out["time_input"] = ti if isinstance(ti, str) else \
-            f"callable:{getattr(ti, '__module__', '?')}.{getattr(ti, '__qualname__', type(ti).__name__)}"
+        # a callable by what it computes: two lambdas share the name "<lambda>"
+        out["time_input"] = ti if isinstance(ti, str) else f"callable:{_identify(ti, 'time_input', stacklevel=4)}"
     kw = getattr(model, "model_kwargs", None) or {}
     if kw:
         out["model_kwargs_sha256"] = _kwargs_digest(kw)
@@ -115,21 +116,41 @@ def _call_settings(model) -> Dict[str, Any]:
 
 
 def _kwargs_digest(kw: Dict[str, Any]) -> str:
-    """sha256 of keyword arguments: tensors by dtype, shape and bytes, other values by their repr."""
+    """sha256 of keyword arguments by content: tensors and numpy arrays by dtype, shape and bytes, modules by
+    their weights, callables by their fingerprint, plain values by repr.  A repr is no key for anything else (a
+    large array prints "...", an object its address): such a value is described by its type, with a warning."""
     h = hashlib.sha256()
+    vague = []
 
     def add(prefix: str, v: Any) -> None:
         if isinstance(v, torch.Tensor):
             h.update(f"{prefix}=".encode() + tensors_sha256({"v": v}).encode())
+        elif type(v).__module__ == "numpy" and hasattr(v, "tobytes") and hasattr(v, "dtype"):
+            a = np.ascontiguousarray(v)
+            h.update(f"{prefix}=ndarray({a.dtype.str},{a.shape}):".encode() + hashlib.sha256(a.tobytes()).digest())
+        elif isinstance(v, torch.nn.Module):
+            h.update(f"{prefix}=module:{type(v).__module__}.{type(v).__qualname__}:{state_dict_hash(v)};".encode())
         elif isinstance(v, dict):
             for k in sorted(v, key=str):
                 add(f"{prefix}.{k}", v[k])
         elif isinstance(v, (list, tuple)):
             for i, x in enumerate(v):
                 add(f"{prefix}[{i}]", x)
-        else:
+        elif v is None or isinstance(v, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
             h.update(f"{prefix}={v!r};".encode())
+        elif callable(v):
+            name, identified = describe_callable(v)
+            if not identified:
+                vague.append(prefix)
+            h.update(f"{prefix}=callable:{name};".encode())
+        else:
+            vague.append(prefix)
+            h.update(f"{prefix}=<{type(v).__module__}.{type(v).__qualname__}>;".encode())
     add("", kw)
+    if vague:
+        warnings.warn(f"model_kwargs{', model_kwargs'.join(vague)} cannot be described by content, only by type: "
+                      "a cache made with another value of that type would be reused. Pass tensors, arrays or "
+                      "plain values, or clear the cache after changing them.", stacklevel=4)
     return h.hexdigest()
 
 
@@ -138,10 +159,10 @@ def default_teacher_solver() -> Solver:
     return UniPC(order=3, variant="bh1")
 
 
-def _identify(fn, what: str) -> str:
+def _identify(fn, what: str, stacklevel: int = 3) -> str:
     name, identified = describe_callable(fn)
     if not identified:
-        warnings.warn(unidentified_note(what, name), stacklevel=3)
+        warnings.warn(unidentified_note(what, name), stacklevel=stacklevel)
     return name
 
 
