@@ -157,3 +157,55 @@ def test_unhashable_model_kwarg_warns(tmp_path):
     with pytest.warns(UserWarning, match="model_kwargs"):
         generate_teacher_data(model, fn, st, 2, (4,), dtype=torch.float64, cache_dir=str(tmp_path),
                               identity={"name": "n"}, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# a trainer checkpoint records how the wrapper calls the network: a changed call is not resumed
+# ---------------------------------------------------------------------------------------------
+from ld3_ext.training import CheckpointMismatchError, LD3Trainer  # noqa: E402
+
+
+class _Stop(Exception):
+    pass
+
+
+def _ring_pairs():
+    g = ld3_ext.testbeds.ring2d()
+    s = ld3_ext.VPLinear()
+    noise = s.prior_std() * torch.randn(12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return g.model(s).fn, s, noise, g.reference_solution(s, noise)
+
+
+def _trainer(net, s, ckpt, callback=None, **wrap):
+    m = ld3_ext.wrap_model(net, s, **wrap)
+    return LD3Trainer(m, None, "unipc", 4, time_mode="lambda", init="logsnr", n_valid=4, rounds_v1=1, rounds_v2=1,
+                      progress=False, model_name="net", checkpoint_dir=str(ckpt), callback=callback)
+
+
+def _interrupted(net, s, noise, target, ckpt, **wrap):
+    def stop(tr, info):
+        if info["iteration"] == 6:
+            raise _Stop
+    with pytest.raises(_Stop):
+        _trainer(net, s, ckpt, stop, **wrap).fit(noise, target)
+
+
+@pytest.mark.parametrize("first,second", [
+    ({"prediction": "x0", "time_input": "sigma"}, {"prediction": "x0", "time_input": "t"}),
+    ({"prediction": "x0", "time_input": lambda t: 2 * t}, {"prediction": "x0", "time_input": lambda t: t}),
+    ({"prediction": "x0", "model_kwargs": {"k": 1.0}}, {"prediction": "x0", "model_kwargs": {"k": 2.0}}),
+])
+def test_resume_refuses_a_checkpoint_of_another_model_call(tmp_path, first, second):
+    base, s, noise, target = _ring_pairs()
+    net = (lambda x, t, k=1.0: base(x, t)) if "model_kwargs" in first else base
+    _interrupted(net, s, noise, target, tmp_path, **first)
+    with pytest.raises(CheckpointMismatchError, match="model_call"):
+        _trainer(net, s, tmp_path, **second).fit(noise, target)
+
+
+def test_resume_of_the_same_model_call_continues(tmp_path):
+    net, s, noise, target = _ring_pairs()
+    _interrupted(net, s, noise, target, tmp_path, prediction="x0", time_input="t")
+    resumed = _trainer(net, s, tmp_path, prediction="x0", time_input="t").fit(noise, target)
+    fresh = _trainer(net, s, tmp_path / "fresh", prediction="x0", time_input="t").fit(noise, target)
+    assert torch.equal(resumed.timesteps, fresh.timesteps)

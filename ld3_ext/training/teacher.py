@@ -115,6 +115,16 @@ def _call_settings(model) -> Dict[str, Any]:
     return out
 
 
+def model_call_settings(model) -> Dict[str, Any]:
+    """Everything about how ``model`` (a DiffusionModel) calls its network besides the weights: what the output
+    predicts, the guidance, how time is read, the fixed keyword arguments.  JSON values."""
+    out: Dict[str, Any] = {"prediction": model.prediction, "guidance_scale": model.guidance_scale}
+    if model.guidance_scale is not None:
+        out["cond_key"] = model.cond_key
+    out.update(_call_settings(model))
+    return out
+
+
 def _kwargs_digest(kw: Dict[str, Any]) -> str:
     """sha256 of keyword arguments by content: tensors and numpy arrays by dtype, shape and bytes, modules by
     their weights, callables by their fingerprint, plain values by repr.  A repr is no key for anything else (a

@@ -42,7 +42,7 @@ from ..solvers import MultistepSolver, Solver, as_solver
 from ..wrappers import DiffusionModel, ModelOutputError
 from .losses import get_loss, loss_name, per_sample
 from .parameterization import TIME_MODES, TimeParameterization, init_timesteps
-from .teacher import generate_teacher_data, make_teacher, model_identity
+from .teacher import generate_teacher_data, make_teacher, model_call_settings, model_identity
 
 CHECKPOINT_FILE = "ld3_trainer_state.safetensors"
 SCHEDULE_FILE = "schedule.json"
@@ -365,6 +365,8 @@ class LD3Trainer:
         self.checkpoint_dir, self.checkpoint_every, self.resume = checkpoint_dir, checkpoint_every, resume
         self.callback, self.progress = callback, flag("progress", progress)
         self.identity = model_identity(model, model_name)
+        # the weights alone do not say how the wrapper calls them: a resumed run must use the same call
+        self._model_call = model_call_settings(model)
         self.history: List[Dict[str, Any]] = []
         if model_spec is not None and (not isinstance(model_spec, str) or not model_spec.strip()):
             raise ValueError(f"model_spec must be a non-empty str or None, got {model_spec!r}")
@@ -591,7 +593,7 @@ class LD3Trainer:
             "seed": self.seed, "dtype": str(self.dtype).replace("torch.", ""),
             "n_train": int(self._data["z_train"].shape[0]), "n_valid": int(self._data["z_valid"].shape[0]),
             "decoder": None if self.decoder is None else getattr(self.decoder, "__qualname__", type(self.decoder).__name__),
-            "model": self.identity, "schedule": self.schedule.config(),
+            "model": self.identity, "model_call": self._model_call, "schedule": self.schedule.config(),
             "data_sha256": hashlib.sha256("|".join(str(_sha(self._data[k])) for k in sorted(self._data)).encode()).hexdigest(),
         }
         if out["time_mode"] == "auto":  # only then: explicit modes keep their settings (and checkpoints) as they were
