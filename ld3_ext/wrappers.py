@@ -60,12 +60,15 @@ class DiffusionModel(torch.nn.Module):
         e.g. ControlNet's residuals) with the batch of x are repeated; give ``uncond_kwargs={name: value}``
         where the unconditional half needs its own value (SDXL's negative pooled ``text_embeds``).
     model_kwargs : extra keyword arguments passed to every call.
+    backend : "auto" (fused when the extension is built), "fused" or "reference": how ``predict`` converts
+        between x0 and eps for a float32/float64 state -- one fused pass whose time gradient is the same for any
+        thread count, or the plain PyTorch formulas (the two agree to rounding).
     """
 
     def __init__(self, fn: Callable, schedule: NoiseSchedule, prediction: str = "eps",
                  time_input: Union[str, Callable, None] = None, guidance_scale: Optional[float] = None,
                  cond_key: str = "cond", model_kwargs: Optional[Dict[str, Any]] = None,
-                 check_output: bool = True, name: Optional[str] = None):
+                 check_output: bool = True, name: Optional[str] = None, backend: str = "auto"):
         super().__init__()
         if not callable(fn):
             raise TypeError(f"fn must be callable (the network), got {type(fn).__name__}")
@@ -91,6 +94,11 @@ class DiffusionModel(torch.nn.Module):
             raise ValueError(f"cond_key must not be {cond_key!r}: 'uncond' and 'uncond_kwargs' are the guidance "
                              "keywords; name the condition otherwise")
         check_output = flag("check_output", check_output)  # bool("no") is True: a string is refused
+        from .ops import BACKENDS, resolve_backend
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self._fused_conversion = resolve_backend(backend) == "fused"
         if guidance_scale is not None:
             if isinstance(guidance_scale, bool):  # True would be a guidance scale of 1.0
                 raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
@@ -269,6 +277,8 @@ class DiffusionModel(torch.nn.Module):
         # wider; float32/float64 states unchanged) and returns the state's dtype: in float16 it divides by a
         # small alpha (alpha^2 ~ 4e-5 near VPLinear's t=1), whose backward overflowed the time gradients to -inf
         op = _opmath(x.dtype)
+        if self._fused_conversion and out.dtype == x.dtype == op:
+            return _convert_fused(s, p, x, out, t, want_x0, want_eps)
         if op == x.dtype:  # no-op casts skipped: each is a dispatcher call per network evaluation
             xo, outo, state = x, out, _same
         else:
@@ -296,6 +306,36 @@ class DiffusionModel(torch.nn.Module):
 
     def forward(self, x, t, **kw):
         return self.x0(x, t, **kw)
+
+
+def _convert_fused(s: NoiseSchedule, p: str, x: torch.Tensor, out: torch.Tensor, t: torch.Tensor, want_x0: bool,
+                   want_eps: bool):
+    """``DiffusionModel.predict``'s conversion on the native update kernel (``backend="fused"``, a float32/float64
+    state): the time gradient's dot products reduce in the kernels' fixed chunks, so they do not change with the
+    thread count (torch's sum does, above ~32k elements).  Each step mirrors an op of the plain formulas in
+    ``predict`` (the reference, ``backend="reference"``): (x - sigma*eps) first, then the division, so the time
+    gradient reads <g, x0> as the reference does -- a*x + b*eps with a = 1/alpha, b = -sigma/alpha in one pass
+    would subtract two terms ~1/alpha^2 larger than their difference (0.4 % off in float32 near alpha = 0.007)."""
+    from . import fused
+
+    def lin(u, a, w=None, b=None):  # a*u (+ b*w), coefficients 0-d functions of t
+        if w is None:
+            return fused.multistep_update(u, a.reshape(1).to(torch.float64), [])
+        return fused.multistep_update(u, torch.stack([a, b]).to(torch.float64), [w])
+
+    one = torch.ones_like(t)
+    if p == "velocity":  # x_t = (1-t) x0 + t eps, v = eps - x0
+        return (lin(x, one, out, -t) if want_x0 else None), (lin(x, one, out, 1.0 - t) if want_eps else None)
+    alpha, sigma = s.alpha(t), s.sigma(t)
+    if p == "v":
+        norm = alpha * alpha + sigma * sigma
+        return (lin(lin(x, alpha, out, -sigma), 1.0 / norm) if want_x0 else None), \
+            (lin(lin(x, sigma, out, alpha), 1.0 / norm) if want_eps else None)
+    if p in ("eps", "score"):
+        eps = out if p == "eps" else lin(out, -sigma)
+        return (lin(lin(x, one, eps, -sigma), 1.0 / alpha) if want_x0 else None), (eps if want_eps else None)
+    # "x0" and "edm": out is x0
+    return (out if want_x0 else None), (lin(lin(x, one, out, -alpha), 1.0 / sigma) if want_eps else None)
 
 
 def _range_note(raw_dtype: torch.dtype, state_dtype: torch.dtype) -> str:

@@ -475,7 +475,9 @@ def test_solvers_fused_backend_matches_reference(dtype):
     import ld3_ext
     for schedule in (S.EDM(), S.VPLinear()):
         pred = "x0"
-        model = ld3_ext.wrap_model(lambda x, t: torch.tanh(0.7 * x), schedule, prediction=pred)
+        # each run all reference or all fused, the model wrapper's x0 <-> eps conversion included
+        models = {b: ld3_ext.wrap_model(lambda x, t: torch.tanh(0.7 * x), schedule, prediction=pred, backend=b)
+                  for b in ("reference", "fused")}
         g = torch.Generator().manual_seed(0)
         x_T = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) * schedule.prior_std()).to(dtype)
         t = _grid(schedule, 7, seed=5)
@@ -486,7 +488,7 @@ def test_solvers_fused_backend_matches_reference(dtype):
                 s = copy.copy(solver)
                 s.backend = "reference" if backend == "truth" else backend
                 tt, xx = t.clone().requires_grad_(), x_T.to(dt).clone().requires_grad_()
-                y = s.sample(model, xx, tt)
+                y = s.sample(models[s.backend], xx, tt)
                 gt, gx = torch.autograd.grad((y * w.to(dt)).sum(), (tt, xx))
                 outs[backend] = [v.detach().double() for v in (y, gt, gx)]
             for a, b, c, what in zip(outs["fused"], outs["reference"], outs["truth"], ("sample", "grad t", "grad x_T")):

@@ -209,3 +209,14 @@ def test_resume_of_the_same_model_call_continues(tmp_path):
     resumed = _trainer(net, s, tmp_path, prediction="x0", time_input="t").fit(noise, target)
     fresh = _trainer(net, s, tmp_path / "fresh", prediction="x0", time_input="t").fit(noise, target)
     assert torch.equal(resumed.timesteps, fresh.timesteps)
+
+
+def test_model_call_settings_tell_cond_keys_apart_and_keep_the_default_out():
+    from ld3_ext.training.teacher import model_call_settings
+    net, s = (lambda x, t, **k: x), ld3_ext.EDM()
+    default = model_call_settings(ld3_ext.wrap_model(net, s, guidance_scale=2.0))
+    ctx = model_call_settings(ld3_ext.wrap_model(net, s, guidance_scale=2.0, cond_key="ctx"))
+    assert "cond_key" not in default and ctx["cond_key"] == "ctx"
+    assert {k: v for k, v in ctx.items() if k != "cond_key"} == default
+    assert model_call_settings(ld3_ext.wrap_model(net, s, guidance_scale=3.0)) != default
+    assert model_call_settings(ld3_ext.wrap_model(net, s, prediction="x0", guidance_scale=2.0)) != default

@@ -393,23 +393,29 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
                         for k, v in self._tables_cpu.items()}
 
     def _convert(self, out: torch.Tensor, x: torch.Tensor, k: int):
-        """(x0, eps) from the network output at model time k -- the formulas of DiffusionModel.predict."""
+        """(x0, eps) from the network output at model time k -- DiffusionModel.predict's steps as its fused
+        conversion takes them (coefficients in float64, then cast; a division as a product with the reciprocal),
+        so a solve here equals the library's own bitwise."""
         dt = x.dtype
-        a, s = self._tables["alpha_m"][k].to(dt), self._tables["sigma_m"][k].to(dt)
+        a, s = self._tables["alpha_m"][k], self._tables["sigma_m"][k]  # float64
+
+        def c(v):
+            return v.to(dt)
         p = self.prediction
         if p == "eps":
             eps = out
-            x0 = (x - s * eps) / a
+            x0 = (x + c(-s) * eps) * c(1.0 / a)
         elif p == "x0":
             x0 = out
-            eps = (x - a * x0) / s
+            eps = (x + c(-a) * x0) * c(1.0 / s)
         elif p == "v":
-            x0 = a * x - s * out
-            eps = s * x + a * out
+            inv = c(1.0 / (a * a + s * s))
+            x0 = (c(a) * x + c(-s) * out) * inv
+            eps = (c(s) * x + c(a) * out) * inv
         else:  # velocity, alpha = 1 - t, sigma = t
-            tt = self._tables["tm"][k].to(dt)
-            x0 = x - tt * out
-            eps = x + (1.0 - tt) * out
+            tm = self._tables["tm"][k]
+            x0 = x + c(-tm) * out
+            eps = x + c(1.0 - tm) * out
         return x0, eps
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,

@@ -112,6 +112,8 @@ def _call_settings(model) -> Dict[str, Any]:
     kw = getattr(model, "model_kwargs", None) or {}
     if kw:
         out["model_kwargs_sha256"] = _kwargs_digest(kw)
+    if getattr(model, "guidance_scale", None) is not None and getattr(model, "cond_key", "cond") != "cond":
+        out["cond_key"] = model.cond_key  # the keyword the guided network reads its condition from
     return out
 
 
@@ -119,8 +121,6 @@ def model_call_settings(model) -> Dict[str, Any]:
     """Everything about how ``model`` (a DiffusionModel) calls its network besides the weights: what the output
     predicts, the guidance, how time is read, the fixed keyword arguments.  JSON values."""
     out: Dict[str, Any] = {"prediction": model.prediction, "guidance_scale": model.guidance_scale}
-    if model.guidance_scale is not None:
-        out["cond_key"] = model.cond_key
     out.update(_call_settings(model))
     return out
 
