@@ -294,8 +294,11 @@ def _differentiable_backward(ctx, grad):
     and differentiated with create_graph=True.  Costs one more forward; only taken when asked for."""
     plan: SamplerPlan = ctx.plan
     table, x_T, tm = ctx.saved_tensors
-    x = _solve_per_step(plan.evaluate, plan.orders, plan.max_order, x_T, table, tm)
-    wanted = [t for t, need in zip((x_T, table, tm), ctx.need) if need]
+    # fresh aliases: with the default model times tm is t, an ancestor of table, and grad w.r.t. both at once
+    # would hand t's share through the table back twice (once in tm's gradient, once through the table's node)
+    inputs = [v.view_as(v) if need else v for v, need in zip((x_T, table, tm), ctx.need)]
+    x = _solve_per_step(plan.evaluate, plan.orders, plan.max_order, *inputs)
+    wanted = [t for t, need in zip(inputs, ctx.need) if need]
     got = iter(torch.autograd.grad(x, wanted, grad, create_graph=True, allow_unused=True))
     return (None, None) + tuple(next(got) if need else None for need in ctx.need)
 
