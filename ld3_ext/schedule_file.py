@@ -372,7 +372,17 @@ class LearnedSchedule:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], _checked: bool = False) -> "LearnedSchedule":
-        return cls(d["timesteps"], d["model_timesteps"], solver_config=d["solver"], nfe=d["nfe"],
+        """The schedule of a ``to_dict()`` document (``model_timesteps`` optional, as in the constructor).  A
+        document of another format or a newer version is refused as ``load_schedule`` refuses the file."""
+        if not _checked:
+            if not isinstance(d, dict):
+                raise TypeError(f"LearnedSchedule.from_dict: d must be a dict, got {type(d).__name__}")
+            if "format" in d or "version" in d:  # a hand-made dict may carry neither
+                _check_format(d, "<dict>")
+            missing = [k for k in ("timesteps", "solver", "nfe", "schedule") if k not in d]
+            if missing:
+                _fail("<dict>", f"missing field(s) {', '.join(map(repr, missing))}")
+        return cls(d["timesteps"], d.get("model_timesteps"), solver_config=d["solver"], nfe=d["nfe"],
                    schedule_config=d["schedule"], guidance_scale=d.get("guidance_scale"), model=d.get("model"),
                    time_mode=d.get("time_mode"), decoupled=d.get("decoupled"), training=d.get("training"),
                    metrics=d.get("metrics"), library_version=d.get("library_version"), created=d.get("created"),

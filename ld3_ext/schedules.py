@@ -231,7 +231,7 @@ class EDM(NoiseSchedule):
         return torch.log(t)
 
     def inverse_lambda(self, lam):
-        return torch.exp(-lam)
+        return torch.exp(-_as_tensor(lam))
 
     # sigma = sigma/alpha = t exactly: exp(log t) is off by an ulp for about half of all t, so k-diffusion
     # sigmas exported from a grid (and the sigma a denoiser is called with) would not be the grid's values
@@ -275,9 +275,13 @@ class VPLinear(NoiseSchedule):
         return 0.5 * _log1mexp(2.0 * self.log_alpha(t))
 
     def inverse_lambda(self, lam):
+        lam = _as_tensor(lam)
         b0, b1 = self.beta_min, self.beta_max
         L = torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))  # = -2 log alpha
-        return 2.0 * L / (torch.sqrt(b0 * b0 + 2.0 * (b1 - b0) * L) + b0)
+        den = torch.sqrt(b0 * b0 + 2.0 * (b1 - b0) * L) + b0
+        # den is 0 only at L = 0 with beta_min = 0 (sigma = 0: t = 0, not 0/0); L = inf is t = inf, not inf/inf
+        t = 2.0 * L / den.clamp_min(torch.finfo(den.dtype).tiny)
+        return torch.where(torch.isinf(L), L, t)
 
     def native_spec(self):
         return KIND_VP_LINEAR, [self.beta_min, self.beta_max]
@@ -333,6 +337,7 @@ class VPCosine(NoiseSchedule):
         where alpha ~ 1, and the - s near t = 0):
         sin(theta) = sqrt(sin0^2 + cos0^2 sigma^2), sin(d) = cos0 sigma^2 / (sin(theta) + alpha sin0),
         cos(d) = alpha cos0^2 + sin(theta) sin0, with alpha^2 = sigmoid(2 lam), sigma^2 = sigmoid(-2 lam)."""
+        lam = _as_tensor(lam)
         alpha = torch.exp(-0.5 * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam)))
         if self.s == 0.0:  # theta0 = 0, d = theta: the form below would divide 0 by 0 where sigma underflows
             return torch.atan2(torch.exp(0.5 * torch.nn.functional.logsigmoid(-2.0 * lam)), alpha) / self._c
@@ -392,7 +397,7 @@ class FlowMatching(NoiseSchedule):
         return torch.log(t)
 
     def inverse_lambda(self, lam):
-        return torch.sigmoid(-lam)
+        return torch.sigmoid(-_as_tensor(lam))
 
     def native_spec(self):
         return KIND_FLOW, [0.0, 0.0]
@@ -490,6 +495,7 @@ class VPDiscrete(NoiseSchedule):
         return 0.5 * _log1mexp(2.0 * self.log_alpha(t))
 
     def inverse_lambda(self, lam):
+        lam = _as_tensor(lam)
         log_alpha = -0.5 * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
         tk, lk = self._knots(lam)
         # log alpha decreases in t: interpolate t on the flipped (increasing) arrays

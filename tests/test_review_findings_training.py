@@ -220,3 +220,4 @@ def test_model_call_settings_tell_cond_keys_apart_and_keep_the_default_out():
     assert {k: v for k, v in ctx.items() if k != "cond_key"} == default
     assert model_call_settings(ld3_ext.wrap_model(net, s, guidance_scale=3.0)) != default
     assert model_call_settings(ld3_ext.wrap_model(net, s, prediction="x0", guidance_scale=2.0)) != default
+

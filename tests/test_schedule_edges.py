@@ -1,0 +1,63 @@
+"""Edges of the noise schedules and schedule documents found by review, each reproduced before its fix."""
+import pytest
+import torch
+
+import ld3_ext
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules: inverse_lambda takes Python numbers like the other methods; VPLinear's ends are not 0/0
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", [ld3_ext.EDM(), ld3_ext.VPLinear(), ld3_ext.VPCosine(), ld3_ext.FlowMatching(),
+                                      ld3_ext.VPDiscrete.linear()], ids=lambda s: type(s).__name__)
+def test_inverse_lambda_takes_a_python_number(schedule):
+    t = 0.5 * (schedule.t_min + schedule.t_max)
+    lam = float(schedule.lambda_(torch.tensor(t, dtype=torch.float64)))
+    got = schedule.inverse_lambda(lam)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+    assert abs(float(got) - t) < 1e-9 * max(1.0, t)
+
+
+def test_vp_linear_with_zero_beta_min_maps_sigma_zero_to_t_zero():
+    s = ld3_ext.VPLinear(beta_min=0.0)
+    assert float(s.t_from_edm_sigma(torch.tensor(0.0, dtype=torch.float64))) == 0.0
+    t = torch.tensor([1e-3, 0.3, 1.0], dtype=torch.float64)  # and the rest of the range still inverts
+    torch.testing.assert_close(s.inverse_lambda(s.lambda_(t)), t, rtol=1e-10, atol=0)
+
+
+def test_vp_linear_at_infinite_noise_is_infinite_time():
+    for s in (ld3_ext.VPLinear(), ld3_ext.VPLinear(beta_min=0.0)):
+        assert float(s.t_from_edm_sigma(torch.tensor(float("inf"), dtype=torch.float64))) == float("inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# LearnedSchedule.from_dict: model_timesteps optional (as in the constructor), format and version checked
+# ---------------------------------------------------------------------------------------------
+def _learned():
+    from ld3_ext.schedule_file import LearnedSchedule
+    s = ld3_ext.VPLinear()
+    ts = ld3_ext.discretizations.logsnr_uniform(s, 5)
+    return LearnedSchedule(ts, solver_config=ld3_ext.DPMSolverPP(3).config(), nfe=5, schedule_config=s.config())
+
+
+def test_from_dict_refuses_a_newer_version_or_another_format():
+    from ld3_ext.schedule_file import LearnedSchedule, ScheduleFileError
+    d = _learned().to_dict()
+    with pytest.raises(ScheduleFileError, match="newer"):
+        LearnedSchedule.from_dict({**d, "version": d["version"] + 1})
+    with pytest.raises(ScheduleFileError, match="format"):
+        LearnedSchedule.from_dict({**d, "format": "something-else"})
+
+
+def test_from_dict_without_model_timesteps_uses_the_timesteps():
+    from ld3_ext.schedule_file import LearnedSchedule
+    d = _learned().to_dict()
+    got = LearnedSchedule.from_dict({k: d[k] for k in ("timesteps", "solver", "nfe", "schedule")})
+    assert torch.equal(got.model_timesteps, got.timesteps)
+
+
+def test_from_dict_names_a_missing_field():
+    from ld3_ext.schedule_file import LearnedSchedule, ScheduleFileError
+    d = _learned().to_dict()
+    with pytest.raises(ScheduleFileError, match="'nfe'"):
+        LearnedSchedule.from_dict({k: v for k, v in d.items() if k != "nfe"})
