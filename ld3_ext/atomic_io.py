@@ -176,6 +176,24 @@ def _reject_constant(name):
     raise ValueError(f"non-finite number {name} in JSON")
 
 
+def _finite_float(text: str) -> float:
+    """json's parse_float: a number beyond float's range (1e999, one flipped byte away from 1e-05) reads as inf,
+    which no file written here holds and which the checksum could not even serialise."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text} is out of float range")
+    return v
+
+
+def _loads_strict(text: str):
+    """json.loads of a file written here: non-finite numbers are an error; nesting too deep for the parser is a
+    ValueError (a RecursionError, which callers would not expect from damaged input)."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _read_bytes(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -195,7 +213,7 @@ def read_json_checked(path: str, require_checksum: bool = True, what: str = "fil
     if not raw.strip():
         raise CorruptFileError(f"{what} {path} is empty (truncated write?)")
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        doc = _loads_strict(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptFileError(f"{what} {path} is not valid JSON (truncated or corrupted): {e}") from None
     if not isinstance(doc, dict):
@@ -264,7 +282,7 @@ def _read_header(raw: bytes, path: str, what: str) -> Dict[str, Any]:
     if n > len(raw) - 8:
         raise CorruptFileError(f"{what} {path} is truncated (header says {n} bytes, file has {len(raw) - 8})")
     try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
+        header = _loads_strict(raw[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise CorruptFileError(f"{what} {path} is not a safetensors file (unreadable header)") from None
 
@@ -316,7 +334,7 @@ def load_safetensors_checked(path: str, what: str = "file") -> Tuple[Dict[str, t
         raise CorruptFileError(f"{what} {path} fails its checksum: its tensors or metadata were modified "
                                "or corrupted")
     try:
-        user_meta = json.loads(meta["ld3_meta"])
+        user_meta = _loads_strict(meta["ld3_meta"])
     except ValueError:
         raise CorruptFileError(f"{what} {path} has unreadable metadata") from None
     if not isinstance(user_meta, dict):

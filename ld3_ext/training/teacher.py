@@ -427,7 +427,8 @@ class TeacherCache:
             os.replace(staged_meta, root_meta)
             fsync_dir(self.root)
         self._clear(staging)
-        remove_stale_temps(staging, self._stale_temp, min_age_s=0.0)  # under the lock no write is in flight
+        # only old temps: chunk writes take no lock, so another run regenerating this cache may be writing one now
+        remove_stale_temps(staging, self._stale_temp)
         try:
             os.rmdir(staging)
         except OSError:  # something not ours is in there: leave it
