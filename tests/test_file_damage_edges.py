@@ -97,3 +97,21 @@ def test_a_swap_keeps_the_temp_file_another_run_is_writing_into_the_staged_set(t
     again = _teacher_cache(tmp_path)  # open() finishes the swap
     torch.testing.assert_close(again["target"], first["target"], rtol=0, atol=0)
     assert in_flight.exists() and not killed.exists() and not (staging / COMMIT_FILE).exists()
+
+
+@pytest.mark.parametrize("kw,exc,name", [
+    ({"batch_size": 0}, ValueError, "batch_size"), ({"batch_size": 2.5}, ValueError, "batch_size"),
+    ({"max_bytes": "1000000"}, ValueError, "max_bytes"), ({"max_bytes": float("nan")}, ValueError, "max_bytes"),
+    ({"cache_dir": 123}, TypeError, "cache_dir"), ({"seed": "a"}, ValueError, "seed"),
+    ({"conditions": [1] * 4}, TypeError, "conditions"), ({"sample_shape": (2.5,)}, ValueError, "sample_shape"),
+    ({"sample_shape": "2"}, TypeError, "sample_shape"), ({"dtype": torch.int64}, TypeError, "dtype"),
+    ({"regenerate": "yes"}, TypeError, "regenerate"),
+])
+def test_generate_teacher_data_names_a_bad_argument(tmp_path, kw, exc, name):
+    from ld3_ext.training.teacher import generate_teacher_data, make_teacher
+    model = ld3_ext.wrap_model(torch.nn.Linear(2, 2).double(), ld3_ext.VPLinear(), prediction="eps")
+    fn, st = make_teacher(model, lambda x: 2 * x)
+    args = {"sample_shape": (2,), "dtype": torch.float64, "cache_dir": str(tmp_path / "c"), **kw}
+    shape = args.pop("sample_shape")
+    with pytest.raises(exc, match=name):
+        generate_teacher_data(model, fn, st, 4, shape, progress=False, **args)

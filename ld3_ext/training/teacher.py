@@ -42,7 +42,7 @@ from .. import discretizations
 from .. import distributed as D
 from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json, fsync_dir,
                          load_safetensors_checked, read_json_checked, remove_stale_temps, tensors_sha256)
-from .._checks import count, seed as check_seed
+from .._checks import count, flag, seed as check_seed
 from ..schedules import NoiseSchedule
 from ..solvers import Solver, UniPC, as_solver
 from ..wrappers import DiffusionModel
@@ -473,6 +473,29 @@ def sample_noise(n: int, shape: Sequence[int], seed: int, dtype: torch.dtype) ->
     return torch.randn(n, *shape, generator=g, dtype=torch.float64).to(dtype)
 
 
+def _check_generate_args(sample_shape, seed, dtype, batch_size, cache_dir, conditions, uncond, max_bytes, regenerate,
+                         progress) -> None:
+    """generate_teacher_data's arguments, as LD3Trainer checks its own: an error naming the argument, not a
+    ZeroDivisionError or a comparison of int and str deep inside, nor a NaN byte limit read as no limit."""
+    if isinstance(sample_shape, (str, bytes)) or not isinstance(sample_shape, (tuple, list, torch.Size)):
+        raise TypeError(f"sample_shape must be a tuple of ints, got {sample_shape!r}")
+    for d in sample_shape:
+        count("sample_shape entries", d, 1, type_error=False)
+    check_seed("seed", seed)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    count("batch_size", batch_size, 1, type_error=False)
+    count("max_bytes", max_bytes, 1, none_ok=True, type_error=False)
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise TypeError(f"cache_dir must be None or a path, got {type(cache_dir).__name__}")
+    for name, v in (("conditions", conditions), ("uncond", uncond)):
+        if v is not None and (not isinstance(v, torch.Tensor) or v.dim() < 1):
+            raise TypeError(f"{name} must be None or a tensor [N, ...], got "
+                            f"{type(v).__name__ if not isinstance(v, torch.Tensor) else 'a 0-d tensor'}")
+    flag("regenerate", regenerate)
+    flag("progress", progress)
+
+
 def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch.Tensor],
                           teacher_settings: Mapping[str, Any], n: int, sample_shape: Sequence[int], seed: int = 0,
                           dtype: torch.dtype = torch.float32, device=None, batch_size: int = 25,
@@ -486,6 +509,8 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
     x_T = prior_std * z, ["cond": conditions]} on ``device``.
     """
     count("n (the number of teacher samples)", n, 1, type_error=False)
+    _check_generate_args(sample_shape, seed, dtype, batch_size, cache_dir, conditions, uncond, max_bytes,
+                         regenerate, progress)
     shape = tuple(int(s) for s in sample_shape)
     schedule = model.schedule
     if conditions is not None and conditions.shape[0] != n:
