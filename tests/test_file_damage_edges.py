@@ -115,3 +115,30 @@ def test_generate_teacher_data_names_a_bad_argument(tmp_path, kw, exc, name):
     shape = args.pop("sample_shape")
     with pytest.raises(exc, match=name):
         generate_teacher_data(model, fn, st, 4, shape, progress=False, **args)
+
+
+def test_a_non_finite_soft_validation_loss_does_not_stop_checkpoints(tmp_path, monkeypatch):
+    """select_on="hard" checks only the hard loss; a non-finite soft one went into the history unchecked and
+    every checkpoint write failed on it (a bare "Out of range float values are not JSON compliant")."""
+    import math
+    from ld3_ext.solvers import DPMSolverPP
+    from ld3_ext.training import LD3Trainer
+    mix, s = ld3_ext.testbeds.ring2d(), ld3_ext.EDM()
+    real = LD3Trainer._eval_set
+
+    def eval_set(self, z_all, *a, **k):
+        v = real(self, z_all, *a, **k)
+        st = getattr(self, "st", None)
+        return math.inf if st is not None and z_all is st["z_valid_rel"] and st["iteration"] >= 2 else v
+    monkeypatch.setattr(LD3Trainer, "_eval_set", eval_set)
+    ck = tmp_path / "ck"
+    kw = dict(teacher="exact", reference=mix, sample_shape=mix.event_shape, model_name=mix.name, n_train=6,
+              n_valid=4, rounds_v1=1, rounds_v2=1, batch_size=2, progress=False, init="logsnr", time_mode="lambda")
+    learned = LD3Trainer(mix.model(s), None, DPMSolverPP(2, backend="reference"), 4, checkpoint_dir=str(ck),
+                         **kw).fit()
+    assert any(f.endswith(".safetensors") for f in os.listdir(ck))
+    assert learned.metrics["valid_loss_soft_last"] is None  # stored as JSON null, the hard loss as a number
+    assert math.isfinite(learned.metrics["valid_loss_hard_last"])
+    # and the run resumes from that checkpoint to the same schedule
+    again = LD3Trainer(mix.model(s), None, DPMSolverPP(2, backend="reference"), 4, checkpoint_dir=str(ck), **kw).fit()
+    assert torch.equal(again.timesteps, learned.timesteps)

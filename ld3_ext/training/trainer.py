@@ -1071,7 +1071,8 @@ class LD3Trainer:
                         tensors[f"{prefix}{name}.{pid}.{key}"] = val
             opt_meta[name] = sd["param_groups"]
         scalars = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
-        return tensors, {"state": scalars, "optimizers": opt_meta, "history": cand["history"]}
+        # the history is a record (a non-finite soft loss is not checked under select_on="hard"): None in JSON
+        return tensors, {"state": scalars, "optimizers": opt_meta, "history": json_safe(cand["history"])}
 
     def _load_candidate(self, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any], prefix: str):
         """Load one candidate's training state (written by :meth:`_candidate_payload`) into the active one."""
