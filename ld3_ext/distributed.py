@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import datetime
 import numbers
+import math
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -101,6 +102,12 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
     Returns a :class:`DistInfo` (world_size 1 and no process group when WORLD_SIZE is unset or 1).
     Calling it again after a successful init returns the current group's info.
     """
+    # checked before the single-process return: the same call must not fail only once there is a process group
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not math.isfinite(timeout_s) \
+            or timeout_s <= 0:
+        raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"backend must be None or one of {_BACKENDS}, got {backend!r}")
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", rank if world > 1 else 0)
@@ -139,6 +146,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+_BACKENDS = ("gloo", "nccl", "mpi", "ucc", "xccl")
+
+
+def _count(v, name: str) -> int:
+    """``v`` as an int >= 0 (numpy ints too), else an error naming it."""
+    v = _whole(v, name)
+    if v < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {v}")
+    return v
+
+
 def _whole(v, name: str) -> int:
     """``v`` as an int; int() would truncate 1.5 to 1 (another rank's shard) and take True as 1."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -151,8 +169,7 @@ def shard_range(n: int, rank: Optional[int] = None, world_size: Optional[int] = 
 
     The shards of all ranks are disjoint, cover ``range(n)`` in rank order, and may be empty when n < W.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    n = _count(n, "n")
     rank = get_rank() if rank is None else _whole(rank, "rank")
     world_size = get_world_size() if world_size is None else _whole(world_size, "world_size")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -290,6 +307,11 @@ def all_gather_shards(shard: torch.Tensor, n: Optional[int] = None) -> torch.Ten
 
     With ``n`` the result is checked to hold n rows.  Used to assemble teacher targets generated shard-wise.
     """
+    if not isinstance(shard, torch.Tensor) or shard.dim() < 1:
+        raise TypeError(f"all_gather_shards: shard must be a tensor with a leading (row) dimension, got "
+                        f"{tuple(shard.shape) if isinstance(shard, torch.Tensor) else type(shard).__name__}")
+    if n is not None:
+        n = _count(n, "all_gather_shards: n")
     if get_world_size() == 1:
         out = shard
     else:
@@ -319,8 +341,7 @@ def all_gather_batch_part(part: torch.Tensor, n: int, flag: bool = False):
     if not isinstance(part, torch.Tensor) or part.dim() < 1 or not part.is_floating_point():
         raise TypeError(f"all_gather_batch_part: part must be a floating tensor with a batch dimension, got "
                         f"{(part.dtype, tuple(part.shape)) if isinstance(part, torch.Tensor) else type(part).__name__}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"all_gather_batch_part: n must be an int >= 0, got {n!r}")
+    n = _count(n, "all_gather_batch_part: n")
     world = get_world_size()
     sizes = [len(shard_range(n, r, world)) for r in range(world)]
     if part.shape[0] != sizes[get_rank()]:

@@ -132,3 +132,35 @@ def test_shard_range_takes_numpy_and_python_ints():
     np = pytest.importorskip("numpy")
     assert D.shard_range(10, np.int64(1), np.int32(2)) == D.shard_range(10, 1, 2) == range(5, 10)
     assert D.local_part(torch.arange(10), rank=np.int64(0), world_size=2).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kw,exc,name", [({"timeout_s": "x"}, ValueError, "timeout_s"),
+                                         ({"timeout_s": -1}, ValueError, "timeout_s"),
+                                         ({"timeout_s": float("nan")}, ValueError, "timeout_s"),
+                                         ({"timeout_s": True}, ValueError, "timeout_s"),
+                                         ({"backend": "bogus"}, ValueError, "backend")])
+def test_init_from_env_checks_its_arguments_without_a_process_group(monkeypatch, kw, exc, name):
+    """Accepted in one process, they failed only under torchrun (a timedelta TypeError, a -1000 ms timeout)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(exc, match=name):
+        D.init_from_env(**kw)
+
+
+def test_init_from_env_single_process_defaults_still_work(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = D.init_from_env(backend="gloo", timeout_s=30)
+    assert info.world_size == 1
+
+
+def test_shard_helpers_take_numpy_ints_and_name_bad_counts():
+    import numpy as np
+    assert D.shard_range(np.int64(5), 0, 1) == range(5)
+    rows, _ = D.all_gather_batch_part(torch.ones(3, 2), np.int64(3))
+    assert rows.shape == (3, 2)
+    with pytest.raises(TypeError, match="n"):
+        D.all_gather_shards(torch.zeros(3, 2), "3")
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        D.all_gather_shards(torch.zeros(3, 2), -1)
+    with pytest.raises(TypeError, match="shard must be a tensor"):
+        D.all_gather_shards([1.0, 2.0])
+    torch.testing.assert_close(D.all_gather_shards(torch.zeros(3, 2), np.int64(3)), torch.zeros(3, 2))
