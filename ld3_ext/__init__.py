@@ -10,6 +10,37 @@ def _started_as_ld3_script() -> bool:
     return _os.path.basename(_sys.argv[0] if _sys.argv else "") in ("ld3", "ld3.exe")
 
 
+def _defer_signals():
+    """For the ld3 script: while the imports run, Ctrl-C and SIGTERM only note themselves.  A KeyboardInterrupt
+    raised inside torch's C-level numpy set-up is swallowed there (numpy is left half-imported and the command
+    ran on, or crashed later); the noted signal is acted on once the imports are done.  Returns the old handlers."""
+    import signal
+    pending = []
+    old = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+    except ValueError:  # not the main thread: nothing to defer
+        pass
+    return old, pending
+
+
+def _act_on_deferred(old, pending) -> None:
+    import signal
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+    if not pending:
+        return
+    if _os.environ.get("LD3_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        raise KeyboardInterrupt
+    if pending[0] == signal.SIGTERM:
+        print("ld3: terminated (SIGTERM)", file=_sys.stderr)
+        raise SystemExit(128 + 15)
+    print("ld3: interrupted", file=_sys.stderr)
+    raise SystemExit(130)
+
+
+_deferred = _defer_signals() if _started_as_ld3_script() else None
 try:  # `import torch` takes seconds: a Ctrl-C there ends the ld3 script as one line and status 130
     from ._native import native_available, native_cuda_available
     from . import _native as _native_mod
@@ -30,6 +61,10 @@ except KeyboardInterrupt:  # the script's own entry (_cli_entry) is imported onl
         raise
     print("ld3: interrupted", file=_sys.stderr)
     raise SystemExit(130) from None
+finally:
+    if _deferred is not None:
+        _deferred, _pending_signals = None, _deferred
+        _act_on_deferred(*_pending_signals)
 
 __all__ = [
     "native_available", "native_cuda_available", "__version__",

@@ -12,10 +12,28 @@ def _traceback_wanted() -> bool:  # cli._traceback_wanted, which cannot be impor
     return os.environ.get("LD3_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def _is_script() -> bool:
+    return os.path.basename(sys.argv[0] if sys.argv else "") in ("ld3", "ld3.exe")
+
+
+def _ignore_signals() -> None:
+    import signal
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+
+
 def main() -> int:
     try:
         from . import cli  # torch and the rest of the library
-        return cli.main()  # handles Ctrl-C during a command itself; this catches it before and after (parsing)
+        code = cli.main()  # handles Ctrl-C during a command itself; this catches it before and after (parsing)
+        if _is_script():
+            # done: what is left is interpreter shutdown (~0.5 s), where a Ctrl-C would turn a finished run into
+            # status 130 with no message (`ld3 train ... && ld3 eval ...` stopping on a complete run)
+            _ignore_signals()
+        return code
     except KeyboardInterrupt as exc:
         if _traceback_wanted():
             raise

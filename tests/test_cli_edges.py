@@ -186,6 +186,60 @@ def test_ctrl_c_while_the_script_imports_torch_is_one_line_and_130(tmp_path):
     assert (r.returncode, r.stderr, r.stdout) == (130, "ld3: interrupted\n", "")
 
 
+_SIGNAL_DURING_IMPORT = r"""
+import importlib.abc, os, signal, sys
+from importlib.metadata import entry_points
+target, signame = sys.argv.pop(1), sys.argv.pop(1)
+
+class Signal(importlib.abc.MetaPathFinder):  # the user's Ctrl-C / a kill, arriving while `target` is imported
+    fired = False
+    def find_spec(self, name, path, target_=None):
+        if name == target and not Signal.fired:
+            Signal.fired = True
+            os.kill(os.getpid(), getattr(signal, signame))
+        return None
+
+sys.meta_path.insert(0, Signal())
+(ep,) = [e for e in entry_points(group="console_scripts") if e.name == "ld3"]
+sys.argv[0] = "ld3"
+sys.exit(ep.load()())
+"""
+
+
+@pytest.mark.parametrize("module,signame,code,message", [
+    ("numpy", "SIGINT", 130, "ld3: interrupted"),  # torch's C-level numpy set-up swallowed the KeyboardInterrupt
+    ("torch", "SIGINT", 130, "ld3: interrupted"),
+    ("torch", "SIGTERM", 143, "ld3: terminated (SIGTERM)"),
+])
+def test_a_signal_during_the_start_up_imports_is_one_line(tmp_path, module, signame, code, message):
+    """A Ctrl-C while torch set numpy up was lost: `ld3 --help` ran on and exited 0 (or crashed later)."""
+    env = {k: v for k, v in os.environ.items() if k != "LD3_TRACEBACK"}
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_DURING_IMPORT, module, signame, "--help"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert (r.returncode, r.stderr, r.stdout) == (code, message + "\n", "")
+
+
+_SIGNAL_AFTER_THE_RUN = r"""
+import os, signal, sys, time
+from importlib.metadata import entry_points
+sys.argv[0] = "ld3"
+from ld3_ext import cli
+cli.main = lambda argv=None: 0  # a run that finished
+(ep,) = [e for e in entry_points(group="console_scripts") if e.name == "ld3"]
+code = ep.load()()
+os.kill(os.getpid(), signal.SIGINT)  # during interpreter shutdown, as the user presses Ctrl-C
+time.sleep(0.2)
+sys.exit(code)
+"""
+
+
+def test_a_ctrl_c_after_the_run_finished_keeps_its_status(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LD3_TRACEBACK"}
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_THE_RUN], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (0, "")
+
+
 def test_ctrl_c_while_a_program_imports_the_package_is_left_to_the_program(tmp_path):
     """Only the ld3 script turns it into an exit: a user's program gets its KeyboardInterrupt."""
     code = ("import importlib.abc, sys\n"
