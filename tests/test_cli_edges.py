@@ -350,3 +350,33 @@ def test_a_scheduler_config_that_is_not_a_json_object_is_an_error_naming_the_fla
     rc, _, err = _run(["export-diffusers", _schedule_file(tmp_path), "--scheduler-config", str(cfg),
                        "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and err.startswith(f"ld3 export-diffusers: error: --scheduler-config: {cfg} holds a JSON list")
+
+
+# ------------------------------------------------------------------------------------------------
+# ld3 eval's model baselines (GITS) on a float32 factory model
+def test_eval_model_baselines_run_in_the_models_dtype(tmp_path, capsys, monkeypatch):
+    """GITS ran its float64 default on a float32 network: 'mat1 and mat2 must have the same dtype', blamed on
+    sample_shape, unless --skip-model-baselines."""
+    import types
+    import torch
+    import ld3_ext
+    mod = types.ModuleType("ld3_f32_factory_mod")
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 4)  # float32 weights
+        schedule = ld3_ext.VPLinear()
+        model = ld3_ext.wrap_model(lambda x, t: 0.1 * net(x), schedule, prediction="eps")
+        model.net = net
+        model.sample_shape = (4,)
+        return model, schedule
+    mod.make = make
+    monkeypatch.setitem(sys.modules, "ld3_f32_factory_mod", mod)
+    out = tmp_path / "run"
+    train = ["train", "--model", "ld3_f32_factory_mod:make", "--nfe", "4", "--no-progress", "--n-train", "4",
+             "--n-valid", "4", "--rounds-v1", "1", "--rounds-v2", "0", "--time-mode", "lambda", "--out", str(out)]
+    assert _run(train, capsys)[0] == 0
+    rc, stdout, err = _run(["eval", "--model", "ld3_f32_factory_mod:make", "--n", "4", "--out", str(out)], capsys)
+    assert rc == 0, err
+    record = json.loads((out / "eval.json").read_text())
+    assert "gits" in json.dumps(record["rows"])
