@@ -664,6 +664,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _foreign_scheduler_class(path: str) -> Optional[str]:
+    """The ``_class_name`` of a scheduler config at ``path`` when it is not an LD3Scheduler's, else None."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None  # none there, or not a config: nothing of the model's to protect
+    cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    return cls if isinstance(cls, str) and cls != "LD3Scheduler" else None
+
+
 def cmd_export_diffusers(args) -> int:
     from .integrations.diffusers_scheduler import LD3Scheduler
     if not os.path.exists(args.schedule):
@@ -691,6 +702,10 @@ def cmd_export_diffusers(args) -> int:
     for what, path in inputs:  # `--out MODEL/scheduler` would replace the model's own config with ours
         if os.path.exists(written) and os.path.samefile(written, path):
             raise UsageError(f"--out: {written} is the {what} it is made from; write to another folder")
+    other = _foreign_scheduler_class(written)
+    if other is not None:  # without --scheduler-config too: the model's own scheduler config, not an earlier export
+        raise UsageError(f"--out: {written} is a {other} config (a model's own scheduler, not an LD3Scheduler "
+                         "export); write to another folder (and pass this one as --scheduler-config)")
     _check_out_dir(args.out)  # as the other commands: an unusable --out is refused before the work
     sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
     # what save_pretrained writes, but atomically: an interrupted export keeps the earlier file whole

@@ -380,3 +380,26 @@ def test_eval_model_baselines_run_in_the_models_dtype(tmp_path, capsys, monkeypa
     assert rc == 0, err
     record = json.loads((out / "eval.json").read_text())
     assert "gits" in json.dumps(record["rows"])
+
+
+def test_export_diffusers_never_replaces_a_models_own_scheduler_config(tmp_path, capsys):
+    """Without --scheduler-config, `--out MODEL/scheduler` replaced the model's DDPMScheduler config with ours."""
+    folder = tmp_path / "pipe" / "scheduler"
+    folder.mkdir(parents=True)
+    own = folder / "scheduler_config.json"
+    own.write_text(json.dumps({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}))
+    before = own.read_bytes()
+    rc, _, err = _run(["export-diffusers", _schedule_file(tmp_path), "--out", str(folder)], capsys)
+    assert rc == 2 and "DDPMScheduler config" in err and own.read_bytes() == before
+    # an earlier export of ours is replaced as before
+    from ld3_ext import VPDiscrete, discretizations
+    from ld3_ext.schedule_file import LearnedSchedule
+    from ld3_ext.solvers import DPMSolverPP
+    s = VPDiscrete.linear()
+    vp_file = str(tmp_path / "vp.json")
+    LearnedSchedule(discretizations.logsnr_uniform(s, 4), solver_config=DPMSolverPP(2).config(), nfe=4,
+                    schedule_config=s.config()).save(vp_file)
+    out = tmp_path / "export"
+    assert _run(["export-diffusers", vp_file, "--out", str(out)], capsys)[0] == 0
+    assert _run(["export-diffusers", vp_file, "--out", str(out)], capsys)[0] == 0
+    assert json.loads((out / "scheduler_config.json").read_text())["_class_name"] == "LD3Scheduler"
