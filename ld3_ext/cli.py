@@ -664,6 +664,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _saved_since(directory: str, t0: float) -> bool:
+    """A file in ``directory`` written at or after ``t0`` (this run's checkpoint), on a best-effort basis."""
+    try:
+        return any(os.path.getmtime(os.path.join(directory, f)) >= t0 - 1e-3 for f in os.listdir(directory)
+                   if not f.startswith("."))
+    except OSError:
+        return False
+
+
 def _foreign_scheduler_class(path: str) -> Optional[str]:
     """The ``_class_name`` of a scheduler config at ``path`` when it is not an LD3Scheduler's, else None."""
     try:
@@ -907,6 +916,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     args.given_flags = {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)
                         if isinstance(a, str) and a.startswith("--")}
     prog = f"ld3 {args.cmd}"
+    started = time.time()
     try:
         _fill_teacher_defaults(args)
         _check_counts(args)
@@ -924,11 +934,17 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if _traceback_wanted():
             raise
         resume = ""
-        if args.cmd in ("train", "teacher"):
+        if args.cmd == "teacher":  # a regeneration resumes its staged set when rerun with the flag, as without
+            resume = " (rerun the same command to resume)"
+        elif args.cmd == "train":
             restart = [f for f in ("--fresh", "--regenerate-teacher") if getattr(args, f[2:].replace("-", "_"), False)]
-            resume = (f" (rerun the command without {' and '.join(restart)} to resume from the last checkpoint; "
-                      "with it, the run starts over)" if restart
-                      else " (rerun the same command to resume from the last checkpoint)")
+            if restart and _saved_since(os.path.join(args.out, "checkpoint"), started):
+                resume = (f" (rerun the command without {' and '.join(restart)} to resume from this run's last "
+                          "checkpoint; with it, the run starts over)")
+            elif restart:  # no checkpoint of this run yet: without --fresh the earlier run's would be found
+                resume = " (rerun the same command: this run saved no checkpoint yet)"
+            else:
+                resume = " (rerun the same command to resume from the last checkpoint)"
         if isinstance(exc, Terminated):
             print(f"{prog}: terminated (SIGTERM){resume}", file=sys.stderr)
             return 128 + 15

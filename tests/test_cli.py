@@ -547,15 +547,48 @@ def test_sample_grid_draws_any_sample_shape(tmp_path, shape):
     assert os.path.getsize(path) > 500
 
 
-def test_ctrl_c_after_fresh_says_to_drop_the_flag(tmp_path, monkeypatch, capsys):
-    """Rerunning `ld3 train --fresh` would start over again: the message says to rerun without it."""
+def test_ctrl_c_after_fresh_says_to_drop_the_flag_once_this_run_saved_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """Rerunning `ld3 train --fresh` would start over again: once this run saved a checkpoint the message says to
+    rerun without it.  Before that, the earlier run's checkpoint is still there (found, or refused, without
+    --fresh): the message says to rerun the same command."""
+    out = tmp_path / "o"
+    (out / "checkpoint").mkdir(parents=True)
+    old = out / "checkpoint" / "state.safetensors"
+    old.write_bytes(b"an earlier run's")
+    os.utime(old, (1e9, 1e9))
+
+    def interrupted_before_saving(args):
+        raise KeyboardInterrupt
+
+    def interrupted_after_saving(args):
+        old.write_bytes(b"this run's")
+        raise KeyboardInterrupt
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+    for fake, hint in ((interrupted_before_saving, "(rerun the same command: this run saved no checkpoint yet)"),
+                       (interrupted_after_saving, "(rerun the command without --fresh to resume from this run's")):
+        monkeypatch.setattr(cli, "_train", fake)
+        rc = cli.main(["train", "--model", "gmm:ring2d", "--fresh", "--out", str(out)])
+        assert rc == 130
+        assert hint in capsys.readouterr().err
+
+
+def test_ctrl_c_of_a_teacher_regeneration_says_to_rerun_the_same_command(tmp_path, monkeypatch, capsys):
+    """Without --regenerate-teacher the staged set is refused (settings differ); with it, it resumes."""
     def interrupted(args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "_train", interrupted)
+    monkeypatch.setattr(cli, "cmd_teacher", interrupted)
+    p = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(p, "teacher", interrupted))
     monkeypatch.delenv("LD3_TRACEBACK", raising=False)
-    rc = cli.main(["train", "--model", "gmm:ring2d", "--fresh", "--out", str(tmp_path / "o")])
+    rc = cli.main(["teacher", "--model", "gmm:ring2d", "--regenerate-teacher", "--out", str(tmp_path / "o")])
     assert rc == 130
-    assert "rerun the command without --fresh to resume" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == "ld3 teacher: interrupted (rerun the same command to resume)"
+
+
+def _with_func(parser, cmd, fn):
+    for action in parser._subparsers._group_actions:
+        action.choices[cmd].set_defaults(func=fn)
+    return parser
 
 
 def test_library_warnings_are_one_line_with_the_flag(tmp_path, monkeypatch, capsys):
