@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -440,6 +441,47 @@ def _train(args) -> int:
     if os.path.isdir(os.path.join(args.out, "schedule.json")):
         raise UsageError(f"--out: {os.path.join(args.out, 'schedule.json')} is a directory; the schedule file "
                          "cannot be written there")
+    with _train_lock(args.out):
+        return _train_locked(args, model, schedule, solver, dtype)
+
+
+TRAIN_LOCK = ".ld3_train.lock"  # in --out/checkpoint: one `ld3 train` per --out at a time
+
+
+@contextlib.contextmanager
+def _train_lock(out: str):
+    """An exclusive advisory lock on ``out`` for the whole training: two runs on one --out both reported success
+    while overwriting each other's checkpoint and schedule.json.  Rank 0 holds it under torchrun (every rank
+    stops when it is taken); where no lock can be made (no fcntl, a read-only folder) the run goes on without."""
+    from . import distributed
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    fd, busy = None, False
+    if fcntl is not None and distributed.is_rank0():
+        try:
+            fd = os.open(os.path.join(out, "checkpoint", TRAIN_LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy = True
+        except OSError:
+            pass
+    if distributed.any_rank(busy):
+        if fd is not None:
+            os.close(fd)
+        raise UsageError(f"--out: another `ld3 train` is running in {out} (it holds {TRAIN_LOCK}); wait for it "
+                         "to finish, or pass another --out")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _train_locked(args, model, schedule, solver, dtype) -> int:
+    from .training import LD3Trainer
+    from . import distributed
     testbed = getattr(model, "testbed", None)
     trainer = LD3Trainer(model, schedule, solver, args.nfe, loss=args.loss, time_mode=args.time_mode,
                          teacher=_teacher_kind(model), reference=testbed,
@@ -460,8 +502,11 @@ def _train(args) -> int:
             _say(f"trained in {time.time() - t0:.1f}s; {path} already holds this schedule: kept as it is")
         else:
             replaced = _file_sha256(path)  # the schedule an earlier `ld3 eval --out` may have evaluated
+            kept = _keep_replaced_schedule(path) if replaced is not None else None
             path = learned.save(path)
             _set_aside_stale_eval(args.out, path, replaced)
+            if kept is not None:
+                print(f"note: the schedule {path} held before is kept as {kept}", file=sys.stderr)
             _say(f"trained in {time.time() - t0:.1f}s; wrote {path}")
         _say("timesteps:       " + ", ".join(f"{v:.5g}" for v in learned.timesteps.tolist()))
         _say("model_timesteps: " + ", ".join(f"{v:.5g}" for v in learned.model_timesteps.tolist()))
@@ -502,6 +547,26 @@ def _same_file(a, b: str) -> bool:
         return isinstance(a, str) and os.path.samefile(a, b)
     except OSError:  # a path that no longer exists: compare the names
         return isinstance(a, str) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _keep_replaced_schedule(path: str) -> Optional[str]:
+    """A copy of the schedule file a training is about to replace, as ``schedule.stale-STAMP.json`` beside it (a
+    schedule a user may have shipped is never lost; ``--fresh`` or other settings with no checkpoint left replace
+    it).  Written atomically before the new file; None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    stem, ext = os.path.splitext(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+    target, k = f"{stem}.stale-{stamp}{ext}", 1
+    while os.path.lexists(target):
+        k += 1
+        target = f"{stem}.stale-{stamp}-{k}{ext}"
+    from .atomic_io import atomic_write_bytes
+    atomic_write_bytes(target, data)
+    return target
 
 
 def _set_aside_stale_eval(out: str, schedule_path: str, replaced_sha: Optional[str]) -> List[str]:

@@ -57,10 +57,14 @@ def test_a_fresh_training_sets_aside_the_eval_of_the_schedule_it_replaced(tmp_pa
     assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
     assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
     earlier = {name: (out / name).read_bytes() for name in EVAL_FILES}
+    old_schedule = (out / "schedule.json").read_bytes()
     rc, _, err = _run(TRAIN + ["--init", "edm", "--fresh", "--out", str(out)], capsys)
     assert rc == 0 and "evaluated the schedule this training replaced" in err
     assert not any((out / name).exists() for name in EVAL_FILES)  # nothing that looks current
-    stale = _stale(out)
+    # the replaced schedule itself is kept too, byte for byte
+    (kept_schedule,) = [f for f in _stale(out) if f.startswith("schedule.stale-")]
+    assert (out / kept_schedule).read_bytes() == old_schedule and "is kept as" in err
+    stale = [f for f in _stale(out) if not f.startswith("schedule.")]
     assert len(stale) == 3
     kept = {name: next((out / f).read_bytes() for f in stale if f.startswith(name.split(".")[0] + ".stale-"))
             for name in EVAL_FILES}
@@ -70,7 +74,7 @@ def test_a_fresh_training_sets_aside_the_eval_of_the_schedule_it_replaced(tmp_pa
     # a second round sets the next stale set beside the first, never over it
     assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
     assert _run(TRAIN + ["--init", "time_uniform", "--fresh", "--out", str(out)], capsys)[0] == 0
-    assert len(_stale(out)) == 6 and not (out / "eval.json").exists()
+    assert len(_stale(out)) == 8 and not (out / "eval.json").exists()  # 2 x (3 eval files + the schedule)
 
 
 def test_rerunning_a_finished_training_keeps_its_schedule_file_and_eval(tmp_path, capsys):
@@ -403,3 +407,24 @@ def test_export_diffusers_never_replaces_a_models_own_scheduler_config(tmp_path,
     assert _run(["export-diffusers", vp_file, "--out", str(out)], capsys)[0] == 0
     assert _run(["export-diffusers", vp_file, "--out", str(out)], capsys)[0] == 0
     assert json.loads((out / "scheduler_config.json").read_text())["_class_name"] == "LD3Scheduler"
+
+
+# ------------------------------------------------------------------------------------------------
+# one `ld3 train` per --out at a time
+def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys, monkeypatch):
+    """Two runs on one --out both reported success, each overwriting the other's checkpoint and schedule.json."""
+    out = tmp_path / "run"
+    seen = {}
+
+    def second_run_meanwhile(args, *rest):  # the first run's training, while a second `ld3 train` starts
+        monkeypatch.setattr(cli, "_train_locked", real)
+        seen["second"] = _run(TRAIN + ["--solver", "unipc", "--out", str(out)], capsys)
+        return real(args, *rest)
+    real = cli._train_locked
+    monkeypatch.setattr(cli, "_train_locked", second_run_meanwhile)
+    rc, _, err = _run(TRAIN + ["--out", str(out)], capsys)
+    assert rc == 0, err
+    rc2, _, err2 = seen["second"]
+    assert rc2 == 2 and "another `ld3 train` is running in" in err2
+    # once the first has finished, the same --out takes a new run (the lock is released)
+    assert _run(TRAIN + ["--out", str(out)], capsys)[0] == 0

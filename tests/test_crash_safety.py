@@ -188,9 +188,9 @@ def test_sigterm_stops_cleanly_with_the_resume_hint_and_the_rerun_resumes(tmp_pa
     assert p.returncode == 143, err[-3000:]
     assert err.strip().splitlines()[-1] == ("ld3 train: terminated (SIGTERM) (rerun the same command to resume from "
                                             "the last checkpoint)"), err[-3000:]
-    # the teacher cache's lock file stays by design (removing it would race another process's flock)
+    # the lock files stay by design (removing one would race another process's flock)
     leftovers = [f for _, _, files in os.walk(out) for f in files
-                 if (".tmp" in f or f.startswith(".")) and f != ".ld3_teacher.lock"]
+                 if (".tmp" in f or f.startswith(".")) and f not in (".ld3_teacher.lock", ".ld3_train.lock")]
     assert leftovers == []
     _run(out)
     resumed = load_schedule(str(out / "schedule.json"))
