@@ -55,7 +55,12 @@ class GaussianMixture:
         return (self.means[k] + self.stds[k] * z).reshape(n, *self.event_shape)
 
     def denoise(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """E[x_0 | x_t = x] for scalar alpha, sigma (differentiable in x, alpha and sigma)."""
+        """E[x_0 | x_t = x] for scalar alpha, sigma (differentiable in x, alpha and sigma).  A float16/bfloat16 x is
+        computed in float32 and the result rounded back: |x - alpha mu| > 256 overflowed the squared distance to
+        inf in float16, every component's log-density to -inf and the softmax to NaN (at EDM's sigma = 80)."""
+        if x.dtype in (torch.float16, torch.bfloat16):
+            f32 = torch.float32
+            return self.denoise(x.to(f32), torch.as_tensor(alpha).to(f32), torch.as_tensor(sigma).to(f32)).to(x.dtype)
         shape = x.shape
         xf = x.reshape(shape[0], 1, self.dim)
         mu = self.means.to(x)
@@ -70,7 +75,8 @@ class GaussianMixture:
     def model(self, schedule: NoiseSchedule, float64: bool = False) -> DiffusionModel:
         """The exact denoiser as a data-prediction model on ``schedule`` (network time input = t).
 
-        It computes in x's dtype; ``float64=True`` computes in float64 and rounds the result to x's dtype
+        It computes in x's dtype (float32 for float16/bfloat16); ``float64=True`` computes in float64 and rounds the
+        result to x's dtype
         (a perfect network with low-precision output: what is left of an error is the solver's)."""
         def exact_x0(x, t):
             t0 = t.reshape(-1)[0]

@@ -85,7 +85,9 @@ class DigitsDenoiser(nn.Module):
             # else a bare matmul shape error from deep inside the MLP
             raise ValueError(f"x must be [B, 1, 8, 8] or [B, {self.inp.in_features}] (one digit per row), "
                              f"got shape {tuple(shape)}")
-        xf = x.reshape(shape[0], -1).to(p.dtype)
+        if not x.is_floating_point():  # an integer x came back as a truncated integer output
+            raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+        xf = x.reshape(shape[0], self.inp.in_features).to(p.dtype)  # not -1: an empty batch has no size to infer
         s = torch.as_tensor(sigma, device=x.device).to(p.dtype).reshape(-1)
         if s.numel() == 1:
             s = s.expand(shape[0])
@@ -96,7 +98,8 @@ class DigitsDenoiser(nn.Module):
         c_skip = sd2 / (s2 + sd2)
         c_out = s[:, None] * self.sigma_data / (s2 + sd2).sqrt()
         c_in = 1.0 / (s2 + sd2).sqrt()
-        f = self.raw(c_in * xf, 0.25 * s.log())
+        # sigma = 0 is D(x) = x (c_skip = 1, c_out = 0): log 0 = -inf made the embedding, and 0 * NaN, NaN
+        f = self.raw(c_in * xf, 0.25 * s.clamp_min(torch.finfo(s.dtype).tiny).log())
         return (c_skip * xf + c_out * f).to(out_dtype).reshape(shape)
 
 
