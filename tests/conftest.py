@@ -115,3 +115,20 @@ def heun_textbook_float64(model, x_T, t):
         d1 = (y1 - model.predict(alp[i] * y1, t[i], returns="x0")[0]) / sig[i]
         y = y + (sig[i] - sig[i - 1]) * 0.5 * (d0 + d1)
     return alp[-1] * y
+
+
+@pytest.fixture
+def unwritable_out(tmp_path, monkeypatch):
+    """A folder whose write probe fails (root ignores permissions, so the CLI's probe, a TemporaryFile in the
+    folder, is made to fail)."""
+    import tempfile
+    out = tmp_path / "readonly"
+    out.mkdir()
+    real = tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **k):
+        if dir is not None and os.path.realpath(dir).startswith(os.path.realpath(out)):
+            raise PermissionError(13, "Permission denied", dir)
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    return out

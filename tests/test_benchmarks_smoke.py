@@ -59,20 +59,21 @@ def test_bench_hot_kernels_runs_and_prints_every_row(tmp_path):
     assert sum("copy_ of" in ln for ln in rows) == 2
 
 
-def test_bench_update_node_runs_and_prints_every_shape(tmp_path):
-    script = os.path.join(os.path.dirname(BENCH), "bench_update_node.py")
+def _small_shape_rows(tmp_path, script_name):
+    """The table rows (split) of a round-robin benchmark run on two tiny shapes, 3 rounds."""
+    script = os.path.join(os.path.dirname(BENCH), script_name)
     proc = subprocess.run([sys.executable, script, "--shapes", "2x3x8x8,1x2x4x4", "--rounds", "3"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith(("2x3x8x8", "1x2x4x4"))]
+    return [ln.split() for ln in proc.stdout.splitlines() if ln.startswith(("2x3x8x8", "1x2x4x4"))]
+
+
+def test_bench_update_node_runs_and_prints_every_shape(tmp_path):
+    rows = _small_shape_rows(tmp_path, "bench_update_node.py")
     # the update alone (5 columns), then table + update (4 columns), one row per shape each
     assert [len(r) for r in rows] == [5, 5, 4, 4] and all(float(v) > 0 for r in rows for v in r[1:])
 
 
 def test_bench_wrapper_conversion_runs_and_prints_every_shape(tmp_path):
-    script = os.path.join(os.path.dirname(BENCH), "bench_wrapper_conversion.py")
-    proc = subprocess.run([sys.executable, script, "--shapes", "2x3x8x8,1x2x4x4", "--rounds", "3"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith(("2x3x8x8", "1x2x4x4"))]
+    rows = _small_shape_rows(tmp_path, "bench_wrapper_conversion.py")
     assert [r[1] for r in rows] == ["fwd", "fwd+bwd"] * 2 and all(float(v) > 0 for r in rows for v in r[2:])

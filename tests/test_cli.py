@@ -806,20 +806,12 @@ def test_sample_with_a_file_that_records_no_model_asks_for_one(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("command", ["eval", "sample", "train"])
-def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys, command):
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys, command,
+                                                                        unwritable_out):
     """os.makedirs succeeds on an existing read-only folder: the run went on to the end and then lost its results
     with an error naming a temporary file.  (Root ignores permissions, so the write probe is made to fail.)"""
-    import tempfile
     from ld3_ext.solvers import DPMSolverPP
-    out = tmp_path / "readonly"
-    out.mkdir()
-    real = tempfile.TemporaryFile
-
-    def refuse(*a, dir=None, **k):
-        if dir is not None and os.path.realpath(dir).startswith(os.path.realpath(out)):
-            raise PermissionError(13, "Permission denied", dir)
-        return real(*a, dir=dir, **k)
-    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    out = unwritable_out
 
     def no_teacher(*a, **k):
         raise AssertionError("the teacher ran")

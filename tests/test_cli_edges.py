@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -273,21 +272,6 @@ def test_the_entry_catches_a_ctrl_c_outside_a_commands_own_handler(monkeypatch, 
 
 # ------------------------------------------------------------------------------------------------
 # 3. --out of teacher / export-diffusers, and --scheduler-config
-@pytest.fixture
-def unwritable_out(tmp_path, monkeypatch):
-    """A folder whose write probe fails (root ignores permissions, so the probe is made to fail)."""
-    out = tmp_path / "readonly"
-    out.mkdir()
-    real = tempfile.TemporaryFile
-
-    def refuse(*a, dir=None, **k):
-        if dir is not None and os.path.realpath(dir).startswith(os.path.realpath(out)):
-            raise PermissionError(13, "Permission denied", dir)
-        return real(*a, dir=dir, **k)
-    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
-    return out
-
-
 def _schedule_file(tmp_path):
     from ld3_ext import EDM, discretizations
     from ld3_ext.schedule_file import LearnedSchedule
