@@ -34,5 +34,5 @@ def test_cuda_test_module_runs_on_the_cpu(tmp_path):
     skipped = re.search(r"(\d+) skipped", out)
     assert passed and int(passed.group(1)) >= 100, out[-4000:]
     # only the tests marked as needing CUDA itself may skip (graphs, streams, device-only behaviour)
-    assert skipped is None or int(skipped.group(1)) <= 8, out[-4000:]
+    assert skipped is None or int(skipped.group(1)) <= 9, out[-4000:]
     assert "failed" not in out.splitlines()[-1], out[-4000:]
