@@ -3,17 +3,19 @@
 ``from_diffusers(unet, scheduler_config)`` returns ``(model, schedule)``:
 
 * ``schedule`` comes from the scheduler config: ``VPDiscrete`` built from the betas that diffusers itself
-  would build (``beta_schedule`` linear / scaled_linear / squaredcos_cap_v2 / ..., ``trained_betas``,
-  ``num_train_timesteps``), or ``FlowMatching`` for rectified-flow configs (``FlowMatch*`` scheduler classes,
-  ``prediction_type="flow_prediction"``, ``use_flow_sigmas``; ``shift`` / ``flow_shift`` kept as the
-  schedule's shift).
+  would build (``beta_schedule`` linear / scaled_linear / squaredcos_cap_v2 / ... / Heun's exp, ``trained_betas``,
+  ``num_train_timesteps``, CogVideoX's ``snr_shift_scale``), or ``FlowMatching`` for rectified-flow configs
+  (``FlowMatch*`` scheduler classes, ``prediction_type="flow_prediction"``, ``use_flow_sigmas``; ``shift`` /
+  ``flow_shift`` kept as the schedule's shift).
 * ``model`` is a :class:`DiffusersModel` (a ``DiffusionModel``) whose network receives, for VP configs, the
   *float* training index ``t*N - 1`` (0..N-1; diffusers' integer ``timestep`` made continuous, LD3's
   ``(t - 1/N)*N``) and, for flow configs, ``t * num_train_timesteps`` (as diffusers' flow schedulers do).
   ``prediction_type`` epsilon / v_prediction / sample / flow_prediction maps to eps / v / x0 / velocity.
 
 Conditioning: a ``UNet2DConditionModel`` is called with ``encoder_hidden_states=`` (the model kwarg of that
-name); a class-conditional ``UNet2DModel`` with ``class_labels=``.  With ``guidance_scale`` set, pass
+name), as are SD3/Flux-style transformers (``joint_attention_dim``; their ``pooled_projections`` is a model
+kwarg, the negative one under guidance in ``uncond_kwargs``); a class-conditional ``UNet2DModel`` with
+``class_labels=``.  With ``guidance_scale`` set, pass
 ``uncond=`` as well: both are batched into ONE network call as ``[uncond; cond]`` and combined as
 ``u + s (c - u)`` (diffusers' pipeline convention).  Conditioning tensors with batch 1 are broadcast to
 the batch of ``x`` (so one prompt embedding can be stored in ``model.model_kwargs``).  SDXL-style
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import numbers
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -58,6 +61,8 @@ _UNSUPPORTED_CLASSES = {
     "CMStochasticIterativeScheduler": "consistency models",
     "LCMScheduler": "latent consistency models (not probability-flow ODE denoisers)",
     "TCDScheduler": "trajectory consistency distilled models",
+    "FlowMatchLCMScheduler": "latent consistency distilled flow models (not probability-flow ODE denoisers)",
+    "HeliosDMDScheduler": "distribution-matching distilled (DMD) models (not probability-flow ODE denoisers)",
     "VQDiffusionScheduler": "discrete (VQ) diffusion",
     "AmusedScheduler": "masked token models",
 }
@@ -77,7 +82,12 @@ _UNSUPPORTED_FIELDS = (
                                  "not probability-flow ODE denoisers)"),
     ("timestep_scaling", "latent / trajectory consistency distilled models (LCMScheduler/TCDScheduler; "
                          "not probability-flow ODE denoisers)"),
+    ("upscale_mode", "latent consistency distilled flow models (FlowMatchLCMScheduler; not probability-flow ODE "
+                     "denoisers)"),
 )
+
+#: beta_schedule values we build betas for (the union over diffusers' VP schedulers; "exp" is HeunDiscrete's)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
 
 # boolean fields whose True (not their default False) changes what the network reads.  (field, what it marks)
 _UNSUPPORTED_FLAGS = (
@@ -123,9 +133,13 @@ def _config_dict(scheduler_config) -> Dict[str, Any]:
             p = os.path.join(p, "scheduler_config.json")
         with open(p) as f:
             try:
-                return json.load(f)
+                cfg = json.load(f)
             except ValueError as exc:  # JSONDecodeError's own text names no file
                 raise DiffusersConfigError(f"scheduler_config: {p} is not valid JSON ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise DiffusersConfigError(f"scheduler_config: {p} must hold a JSON object (a diffusers scheduler "
+                                       f"config), got {type(cfg).__name__}")
+        return cfg
     cfg = getattr(scheduler_config, "config", scheduler_config)
     if not isinstance(cfg, Mapping):
         raise DiffusersConfigError(f"scheduler_config must be a mapping, a scheduler or a path, got "
@@ -151,30 +165,68 @@ def _is_flow_config(cfg: Mapping[str, Any]) -> bool:
     return cls.startswith("FlowMatch") or bool(cfg.get("use_flow_sigmas", False)) or (no_betas and "shift" in cfg)
 
 
+def _num_train_timesteps(cfg: Mapping[str, Any], minimum: int = 1) -> int:
+    """The config's num_train_timesteps (default 1000 when absent); diffusers has no default for a null one."""
+    n = cfg.get("num_train_timesteps", 1000)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < minimum:
+        raise DiffusersConfigError(f"num_train_timesteps must be an int >= {minimum}, got {n!r}")
+    return int(n)
+
+
+def _snr_shift_scale(cfg: Mapping[str, Any]) -> Optional[float]:
+    """CogVideoX's SNR shift s (alphas_cumprod / (s + (1 - s) alphas_cumprod)), None for other schedulers.  A
+    saved config without the field gets its class's default, as diffusers' from_config does (3.0 for CogVideoX)."""
+    if "snr_shift_scale" not in cfg:
+        import diffusers
+        cls = getattr(diffusers, str(cfg.get("_class_name") or ""), None)
+        try:
+            p = inspect.signature(cls.__init__).parameters.get("snr_shift_scale") if isinstance(cls, type) else None
+        except (TypeError, ValueError):
+            p = None
+        return None if p is None or p.default is inspect.Parameter.empty else float(p.default)
+    s = cfg["snr_shift_scale"]
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or s <= 0:
+        raise DiffusersConfigError(f"snr_shift_scale must be a finite number > 0, got {s!r}")
+    return float(s)
+
+
 def alphas_cumprod_from_config(cfg: Mapping[str, Any]) -> torch.Tensor:
     """float64 alphas_cumprod exactly as diffusers builds them (float32 betas and cumprod, as its schedulers do)."""
     from diffusers import DDPMScheduler
 
-    n = cfg.get("num_train_timesteps", 1000)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise DiffusersConfigError(f"num_train_timesteps must be an int >= 2, got {n!r}")
+    n = _num_train_timesteps(cfg, minimum=2)
     if cfg.get("rescale_betas_zero_snr", False):
         raise DiffusersConfigError("rescale_betas_zero_snr=True: the last training step has alpha = 0 (infinite "
                                    "noise), which an ODE sampling schedule cannot start from; not supported")
+    trained = cfg.get("trained_betas")
+    beta_schedule = _field(cfg, "beta_schedule", "linear")
+    field = "trained_betas" if trained is not None else "beta_schedule"
     kw = dict(num_train_timesteps=n, beta_start=float(_field(cfg, "beta_start", 0.0001)),
-              beta_end=float(_field(cfg, "beta_end", 0.02)), beta_schedule=_field(cfg, "beta_schedule", "linear"),
-              trained_betas=cfg.get("trained_betas"))
-    try:
-        sched = DDPMScheduler(**kw)
-    except (NotImplementedError, ValueError) as exc:
-        field = "trained_betas" if kw["trained_betas"] is not None else "beta_schedule"
-        raise DiffusersConfigError(f"{field}={cfg.get(field)!r} cannot be mapped: {exc}") from exc
-    ac = sched.alphas_cumprod.to(torch.float64)
+              beta_end=float(_field(cfg, "beta_end", 0.02)), beta_schedule=beta_schedule, trained_betas=trained)
+    if trained is None:
+        if not isinstance(beta_schedule, str) or beta_schedule not in BETA_SCHEDULES:
+            raise DiffusersConfigError(f"beta_schedule={beta_schedule!r} is not supported; expected one of "
+                                       f"{list(BETA_SCHEDULES)} (or trained_betas)")
+        if beta_schedule == "exp":  # only HeunDiscreteScheduler builds it (DDPMScheduler lacks it): its own betas
+            from diffusers.schedulers.scheduling_heun_discrete import betas_for_alpha_bar
+            kw.update(beta_schedule="linear", trained_betas=betas_for_alpha_bar(n, alpha_transform_type="exp").tolist())
+    snr_shift = _snr_shift_scale(cfg)
+    if snr_shift is not None and trained is None and beta_schedule == "scaled_linear":
+        # the CogVideoX schedulers keep scaled_linear betas (and so alphas_cumprod) in float64
+        betas = torch.linspace(kw["beta_start"] ** 0.5, kw["beta_end"] ** 0.5, n, dtype=torch.float64) ** 2
+        ac = torch.cumprod(1.0 - betas, dim=0)
+    else:
+        try:
+            ac = DDPMScheduler(**kw).alphas_cumprod
+        except (NotImplementedError, ValueError) as exc:
+            raise DiffusersConfigError(f"{field}={cfg.get(field)!r} cannot be mapped: {exc}") from exc
+    if snr_shift is not None:  # CogVideoX's SD3-style SNR shift, in its schedulers' dtype
+        ac = ac / (snr_shift + (1 - snr_shift) * ac)
+    ac = ac.to(torch.float64)
     if ac.numel() != n:  # trained_betas too: the network's time index is read against n
-        src = "trained_betas has" if kw["trained_betas"] is not None else "the config gives"
+        src = "trained_betas has" if trained is not None else "the config gives"
         raise DiffusersConfigError(f"num_train_timesteps={n} but {src} {ac.numel()} betas")
     if not torch.all((ac > 0) & (ac < 1)) or not torch.all(ac[1:] < ac[:-1]):
-        field = "trained_betas" if kw["trained_betas"] is not None else "beta_schedule"
         raise DiffusersConfigError(f"{field}: alphas_cumprod must be strictly decreasing in (0, 1)")
     return ac
 
@@ -193,6 +245,11 @@ def schedule_from_diffusers_config(scheduler_config, shift: Optional[float] = No
     for name, what in _UNSUPPORTED_FLAGS:
         if cfg.get(name) not in (None, False):
             raise DiffusersConfigError(f"scheduler config field {name}={cfg[name]!r}: {what} are not supported")
+    if cfg.get("stage_range") is not None and "solver_order" not in cfg and "scheduler_type" not in cfg:
+        # HeliosDMD's live config: Helios' stage fields without the UniPC/Euler solver fields of HeliosScheduler
+        raise DiffusersConfigError(f"scheduler config field stage_range={cfg['stage_range']!r} without a solver "
+                                   "(HeliosDMDScheduler): distribution-matching distilled (DMD) models (not "
+                                   "probability-flow ODE denoisers) are not supported")
     if "beta_schedule" not in cfg and cfg.get("trained_betas") is None and not _is_flow_config(cfg):
         # without betas the old default (linear VP, 1000 steps) would silently describe another model
         raise DiffusersConfigError(f"scheduler config {_describe(cfg)} has neither a beta schedule (beta_schedule / "
@@ -206,6 +263,7 @@ def schedule_from_diffusers_config(scheduler_config, shift: Optional[float] = No
         raise DiffusersConfigError(f"timestep_type={cfg.get('timestep_type')!r}: only 'discrete' (the network "
                                    "receives the training index) is supported")
     if _is_flow_config(cfg):
+        _num_train_timesteps(cfg)  # the network's time scale
         if ptype != "flow_prediction":
             raise DiffusersConfigError(f"prediction_type={ptype!r} with a flow-matching config "
                                        f"({cls or 'use_flow_sigmas=True'}): expected 'flow_prediction'")
@@ -299,7 +357,7 @@ class DiffusersModel(DiffusionModel):
         kw = {**self.model_kwargs, **kwargs}
         b = x.shape[0]
         # one stored prompt embedding / label (and SDXL's added_cond_kwargs) serves any batch
-        for k in (self.cond_key, "uncond", "added_cond_kwargs", "uncond_kwargs"):
+        for k in (self.cond_key, "uncond", "added_cond_kwargs", "uncond_kwargs", "pooled_projections"):
             if k in kw:
                 kw[k] = _expand_batch_one(kw[k], b)
         return super()._call(x, t, kw)
@@ -320,7 +378,9 @@ def _conditioning(net) -> Tuple[bool, str]:
     if name == "UNet2DModel":
         cond = cfg.get("num_class_embeds") is not None or cfg.get("class_embed_type") is not None
         return cond, "class_labels"
-    if name == "UNet2DConditionModel" or cfg.get("cross_attention_dim") is not None:
+    # SD3/Flux/AuraFlow MMDiTs attend jointly to the text (joint_attention_dim), no cross_attention_dim
+    if name == "UNet2DConditionModel" or cfg.get("cross_attention_dim") is not None \
+            or cfg.get("joint_attention_dim") is not None:
         return True, "encoder_hidden_states"
     return False, "encoder_hidden_states"
 
@@ -353,7 +413,7 @@ def from_diffusers(unet, scheduler_config, guidance_scale: Optional[float] = Non
     if freeze:
         unet.requires_grad_(False)
     fn = _UNetCall(unet, learned_variance(cfg.get("variance_type")))
-    n_train = int(cfg.get("num_train_timesteps", 1000))
+    n_train = _num_train_timesteps(cfg)
     model = DiffusersModel(fn, schedule, prediction=prediction, time_input=network_time_fn(schedule, n_train),
                            guidance_scale=guidance_scale, cond_key=cond_key or default_key,
                            model_kwargs=model_kwargs, name=f"diffusers:{type(unet).__name__}")
