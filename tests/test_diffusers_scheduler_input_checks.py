@@ -227,3 +227,22 @@ def test_flow_num_train_timesteps_sets_the_network_units():
                        solver_config={"name": "euler"}, discretization="time_uniform")
     sch.set_timesteps(4)
     assert math.isclose(sch.timesteps[0].item(), 500 * fm.t_max, rel_tol=1e-6)
+
+
+def test_a_config_whose_schedule_ld3scheduler_cannot_hold_is_refused():
+    """CogVideoX's snr_shift_scale (a class default too) is not an LD3Scheduler field: from_timesteps built the
+    unshifted schedule and read the network with it."""
+    import diffusers
+    from ld3_ext.integrations.diffusers import DiffusersConfigError, schedule_from_diffusers_config
+    cfg = diffusers.CogVideoXDDIMScheduler().config
+    schedule, _ = schedule_from_diffusers_config(cfg)
+    t = ld3_ext.discretizations.get_discretization("time_uniform", schedule, 4)
+    with pytest.raises(DiffusersConfigError, match="snr_shift_scale"):
+        LD3Scheduler.from_timesteps(t, solver_config={"name": "dpmpp", "order": 2}, scheduler_config=cfg)
+    # carried by an explicit schedule_config, the shifted schedule is the one used
+    sch = LD3Scheduler.from_timesteps(t, solver_config={"name": "dpmpp", "order": 2}, scheduler_config=cfg,
+                                      schedule_config=schedule.config())
+    assert sch.schedule.same_as(schedule)
+    # a plain DDIM config still goes through
+    LD3Scheduler.from_timesteps(t, solver_config={"name": "dpmpp", "order": 2},
+                                scheduler_config=diffusers.DDIMScheduler().config)

@@ -692,7 +692,21 @@ def _check_foreign_config(cfg: Dict[str, Any], overrides: Dict[str, Any]):
         overrides["flow_shift"] = overrides["shift"]  # __init__ prefers flow_shift: the explicit shift must win
     merged = {**cfg, **{k: overrides[k] for k in _DIFFUSERS_FIELDS if k in overrides}}
     shift = overrides.get("flow_shift", overrides.get("shift"))
-    schedule_from_diffusers_config(merged, shift=shift)
+    full, _ = schedule_from_diffusers_config(merged, shift=shift)
+    # what the fields LD3Scheduler keeps build must be that schedule: a field it drops (CogVideoX's
+    # snr_shift_scale, or its class default) would read the model with the unshifted one
+    kept = {k: merged[k] for k in _DIFFUSERS_FIELDS if k in merged and merged[k] is not None}
+    from .diffusers import _is_flow_config
+    if _is_flow_config(merged):
+        kept.setdefault("prediction_type", "flow_prediction")
+        kept["use_flow_sigmas"] = True
+    plain, _ = schedule_from_diffusers_config(kept, shift=shift)
+    if not plain.same_as(full):
+        dropped = [k for k in ("snr_shift_scale",) if k in merged] or [f"_class_name={cfg.get('_class_name')!r}"]
+        raise DiffusersConfigError(
+            f"{', '.join(dropped)}: this config's noise schedule ({cfg.get('_class_name', 'its class')}) is not one "
+            "LD3Scheduler's own fields can hold; pass schedule_config=schedule_from_diffusers_config(config)[0]"
+            ".config() to carry it")
 
 
 def _diffusers_fields(scheduler_config) -> Dict[str, Any]:
