@@ -100,19 +100,25 @@ def _fill_teacher_defaults(args) -> None:
 def _use_recorded_teacher(args, learned) -> None:
     """Score against the teacher the schedule was fitted to (its file records it) when no --teacher-* flag says
     otherwise: a schedule trained with --teacher-nfe 40 is not judged against a 20-NFE solve."""
+    from .discretizations import DISCRETIZATIONS
     rec = (learned.training or {}).get("teacher") if learned is not None else None
     if args.teacher_given or not isinstance(rec, dict) or rec.get("kind") != "solver":
         return
-    cfg, nfe = rec.get("solver"), rec.get("nfe")
-    if (not isinstance(cfg, dict) or cfg.get("name") not in SOLVER_CHOICES or not isinstance(nfe, int)
-            or rec.get("discretization") != "logsnr"):
-        return  # a teacher the flags cannot spell: the defaults, as before
-    try:
-        solver_from_config(cfg).exact_steps(nfe, "nfe")  # a damaged record must not be blamed on --teacher-nfe
-    except (TypeError, ValueError):
+    cfg, nfe, grid = rec.get("solver"), rec.get("nfe"), rec.get("discretization")
+    usable = isinstance(cfg, dict) and cfg.get("name") in SOLVER_CHOICES and isinstance(nfe, int) \
+        and isinstance(grid, str) and grid in DISCRETIZATIONS
+    if usable:
+        try:
+            solver_from_config(cfg).exact_steps(nfe, "nfe")  # a damaged record must not be blamed on --teacher-nfe
+        except (TypeError, ValueError):
+            usable = False
+    if not usable:  # said, not silent: the schedule is then scored against another teacher than its own
+        print(f"note: the teacher this schedule records ({rec}) cannot be rebuilt here; scoring against the "
+              "default teacher (or pass --teacher-solver/--teacher-order/--teacher-nfe)", file=sys.stderr)
         return
     args.teacher_config, args.teacher_solver, args.teacher_nfe = cfg, cfg["name"], nfe
     args.teacher_order = cfg.get("order")
+    args.teacher_discretization = grid  # ld3 train's teachers are on logSNR; the Python API may use another
 
 
 def _make_solver(args):
@@ -165,17 +171,24 @@ def _teacher_kind(model) -> str:
 def _teacher_desc(model, args) -> str:
     if _teacher_kind(model) == "exact":
         return "exact ODE solution"
-    return f"{_make_teacher_solver(args)!r} {args.teacher_nfe} NFE logSNR"
+    grid = _teacher_grid(args)
+    return f"{_make_teacher_solver(args)!r} {args.teacher_nfe} NFE {'logSNR' if grid == 'logsnr' else grid}"
 
 
 def _teacher(model, schedule, x_T, args):
     """Exact ODE solution for analytic test beds, else a high-NFE solve (no grad)."""
     if _teacher_kind(model) == "exact":
         return model.testbed.reference_solution(schedule, x_T, rtol=1e-7, atol=1e-7)
-    from .discretizations import logsnr_uniform
+    from .discretizations import get_discretization
     solver, steps = _teacher_steps(args)
+    grid = get_discretization(_teacher_grid(args), schedule, steps)
     with torch.no_grad():
-        return solver.sample(model, x_T, logsnr_uniform(schedule, steps).to(x_T.device))
+        return solver.sample(model, x_T, grid.to(x_T.device))
+
+
+def _teacher_grid(args) -> str:
+    """The teacher's discretization: logSNR (ld3 train's), or the one a schedule file's teacher records."""
+    return getattr(args, "teacher_discretization", None) or "logsnr"
 
 
 def _stream_seed(purpose: str, seed: int) -> int:
@@ -702,7 +715,8 @@ def cmd_eval(args) -> int:
     record = {"model": args.model, "schedule_file": os.path.abspath(path), "schedule_sha256": evaluated,
               "solver": solver.config(), "nfe": nfe,
               "n": args.n, "seed": args.seed, "teacher": "exact" if getattr(model, "testbed", None) is not None
-              else {"solver": _make_teacher_solver(args).config(), "nfe": args.teacher_nfe, "discretization": "logsnr"},
+              else {"solver": _make_teacher_solver(args).config(), "nfe": args.teacher_nfe,
+                    "discretization": _teacher_grid(args)},
               "rows": rows,
               "gain_vs_best": gain, "curves": {k: sorted(v) for k, v in curves.items()}}
     if args.model == "digits":  # the numbers are of these exact (pinned, verified) weight files

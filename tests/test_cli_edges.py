@@ -345,21 +345,7 @@ def test_a_scheduler_config_that_is_not_a_json_object_is_an_error_naming_the_fla
 def test_eval_model_baselines_run_in_the_models_dtype(tmp_path, capsys, monkeypatch):
     """GITS ran its float64 default on a float32 network: 'mat1 and mat2 must have the same dtype', blamed on
     sample_shape, unless --skip-model-baselines."""
-    import types
-    import torch
-    import ld3_ext
-    mod = types.ModuleType("ld3_f32_factory_mod")
-
-    def make():
-        torch.manual_seed(0)
-        net = torch.nn.Linear(4, 4)  # float32 weights
-        schedule = ld3_ext.VPLinear()
-        model = ld3_ext.wrap_model(lambda x, t: 0.1 * net(x), schedule, prediction="eps")
-        model.net = net
-        model.sample_shape = (4,)
-        return model, schedule
-    mod.make = make
-    monkeypatch.setitem(sys.modules, "ld3_f32_factory_mod", mod)
+    _f32_factory(monkeypatch, "ld3_f32_factory_mod")  # float32 weights
     out = tmp_path / "run"
     train = ["train", "--model", "ld3_f32_factory_mod:make", "--nfe", "4", "--no-progress", "--n-train", "4",
              "--n-valid", "4", "--rounds-v1", "1", "--rounds-v2", "0", "--time-mode", "lambda", "--out", str(out)]
@@ -412,3 +398,47 @@ def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(tmp_path
     assert rc2 == 2 and "another `ld3 train` is running in" in err2
     # once the first has finished, the same --out takes a new run (the lock is released)
     assert _run(TRAIN + ["--out", str(out)], capsys)[0] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the teacher a schedule file records, on any grid
+def _f32_factory(monkeypatch, name):
+    """A `package.module:factory` model with float32 weights (an eps-predicting Linear on VPLinear, samples (4,))."""
+    import types
+    import torch
+    import ld3_ext
+    mod = types.ModuleType(name)
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 4)
+        schedule = ld3_ext.VPLinear()
+        model = ld3_ext.wrap_model(lambda x, t: 0.1 * net(x), schedule, prediction="eps")
+        model.net = net
+        model.sample_shape = (4,)
+        return model, schedule
+    mod.make = make
+    monkeypatch.setitem(sys.modules, name, mod)
+    return f"{name}:make"
+
+
+@pytest.mark.parametrize("grid,used", [("time_uniform", "time_uniform"), ("no_such_grid", "logsnr")])
+def test_eval_scores_against_the_recorded_teacher_on_its_own_grid(tmp_path, capsys, monkeypatch, grid, used):
+    """A teacher on another grid than logSNR (the Python API's teacher_discretization) was silently replaced by
+    the default 20-NFE logSNR teacher; one that cannot be rebuilt is now said to be replaced."""
+    from ld3_ext import VPLinear, discretizations
+    from ld3_ext.schedule_file import LearnedSchedule
+    from ld3_ext.solvers import UniPC
+    spec = _f32_factory(monkeypatch, "ld3_teacher_grid_mod")
+    s = VPLinear()
+    path = str(tmp_path / "schedule.json")
+    LearnedSchedule(discretizations.logsnr_uniform(s, 4), solver_config=UniPC(order=2).config(), nfe=4,
+                    schedule_config=s.config(),
+                    training={"teacher": {"kind": "solver", "solver": UniPC(order=3).config(), "nfe": 10,
+                                          "discretization": grid}}).save(path)
+    rc, text, err = _run(["eval", "--schedule", path, "--model", spec, "--n", "4", "--skip-model-baselines",
+                          "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    teacher = json.loads((tmp_path / "o" / "eval.json").read_text())["teacher"]
+    assert teacher["discretization"] == used and teacher["nfe"] == (10 if used != "logsnr" else 20)
+    assert ("cannot be rebuilt here" in err) == (used == "logsnr")

@@ -603,20 +603,26 @@ def test_cuda_graph_capture_of_a_whole_sample_call():
     t = ld3_ext.discretizations.edm(schedule, 6).to(DEV)
     x = 80.0 * torch.randn(4, 3, 16, 16, device=DEV)
     for solver in (ld3_ext.DPMSolverPP(order=3), ld3_ext.Heun()):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), torch.no_grad():
-            solver.sample(model, x, t)  # warm-up on a side stream, as capture requires
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            static = solver.sample(model, x, t)
-        x.mul_(0.5)
-        graph.replay()
-        torch.cuda.synchronize()
-        with torch.no_grad():
-            want = solver.sample(model, x, t)
+        static, want = _replayed_and_eager_sample(solver, model, x, t)
         torch.testing.assert_close(static, want, rtol=1e-5, atol=1e-4)
+
+
+def _replayed_and_eager_sample(solver, model, x, t):
+    """A sample() call captured in a CUDA graph, replayed on x halved in place, and the eager call on it."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        solver.sample(model, x, t)  # warm-up on a side stream, as capture requires
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static = solver.sample(model, x, t)
+    x.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        want = solver.sample(model, x, t)
+    return static, want
 
 
 @needs_cuda
@@ -674,18 +680,5 @@ def test_cuda_graph_capture_of_a_sample_call_with_an_eps_model():
     model = ld3_ext.wrap_model(lambda x, t: 0.5 * torch.tanh(x), schedule, prediction="eps")
     t = ld3_ext.discretizations.get_discretization("logsnr", schedule, 6).to(DEV)
     x = torch.randn(4, 3, 16, 16, device=DEV)
-    solver = ld3_ext.DPMSolverPP(order=3)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.no_grad():
-        solver.sample(model, x, t)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        static = solver.sample(model, x, t)
-    x.mul_(0.5)
-    graph.replay()
-    torch.cuda.synchronize()
-    with torch.no_grad():
-        want = solver.sample(model, x, t)
+    static, want = _replayed_and_eager_sample(ld3_ext.DPMSolverPP(order=3), model, x, t)
     torch.testing.assert_close(static, want, rtol=1e-5, atol=1e-5)
