@@ -194,7 +194,8 @@ def main(argv=None):
             if not args.no_compile:
                 compiled = torch.compile(ops.multistep_update_reference, dynamic=False)
                 t0 = time.perf_counter()
-                compiled(x, coef, hist)
+                with torch.no_grad():  # the grad mode it is timed in: else Dynamo compiles again in the warm-up
+                    compiled(x, coef, hist)
                 print(f"[compile {shape_name(shape)}: {time.perf_counter() - t0:.1f} s]", flush=True)
                 variants["compile"] = lambda: compiled(x, coef, hist)
             with torch.no_grad():

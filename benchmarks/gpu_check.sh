@@ -77,7 +77,7 @@ tail -40 "$RESULTS/bench.log"
 
 # 4) launch counts: one kernel per forward step, at most two per backward, and no copy kernel either
 #    way, also for channels_last inputs (walked in their layout: csrc/dense_layout.h)
-timeout "$(left 25)" "$PY" - > "$RESULTS/launches.log" 2>&1 <<'PYEOF' || status=1
+timeout "$(left 40)" "$PY" - > "$RESULTS/launches.log" 2>&1 <<'PYEOF' || status=1
 import torch, ld3_ext
 from ld3_ext import fused
 from torch.profiler import profile, ProfilerActivity
@@ -102,6 +102,35 @@ for fmt in (torch.contiguous_format, torch.channels_last):
     print(fmt, "backward ld3 kernels:", len(bwd), bwd, "copy kernels:", len(copies), copies)
     assert y.stride() == x.stride(), f"{fmt}: output strides {y.stride()}, x's {x.stride()}"
     ok = ok and len(fwd) == 1 and len(bwd) <= 2 and not copies
+# a whole fused DPM-Solver++(3M) sample of N steps: one ld3 launch per step forward and at most two per step
+# backward (the adjoint step), besides the coefficient table's; the other kernels are the model's and scalar
+# bookkeeping, printed for the record
+N = 10
+sched = ld3_ext.EDM()
+model = ld3_ext.wrap_model(lambda xx, tt: 0.9 * xx, sched, prediction="x0", check_output=False)
+grid = ld3_ext.discretizations.edm(sched, N).cuda()
+x = torch.randn(8, 4, 64, 64, device="cuda")
+solver = ld3_ext.DPMSolverPP(order=3, backend="fused")
+def solve():
+    tt = grid.detach().requires_grad_()
+    return tt, solver.sample(model, x, tt)
+for _ in range(3):
+    tt, y = solve(); torch.autograd.grad(y, tt, torch.ones_like(y))
+g = torch.ones_like(x)
+torch.cuda.synchronize()
+with profile(activities=[ProfilerActivity.CUDA]) as p:
+    tt, y = solve(); torch.cuda.synchronize()
+fwd = [e.name for e in p.events() if e.device_type.name == "CUDA"]
+with profile(activities=[ProfilerActivity.CUDA]) as p:
+    torch.autograd.grad(y, tt, g); torch.cuda.synchronize()
+bwd = [e.name for e in p.events() if e.device_type.name == "CUDA"]
+def ld3_steps(names):  # ld3 kernels other than the coefficient table's
+    return [k for k in names if "ld3" in k and "coefficient_table" not in k and "timestep_grad" not in k]
+print(f"sampler, {N} steps: forward ld3 step kernels {len(ld3_steps(fwd))} of {len(fwd)} kernels; "
+      f"backward ld3 step kernels {len(ld3_steps(bwd))} of {len(bwd)} kernels")
+print("  forward kernels:", sorted(set(fwd)))
+print("  backward kernels:", sorted(set(bwd)))
+ok = ok and len(ld3_steps(fwd)) == N and len(ld3_steps(bwd)) <= 2 * N
 assert ok, "launch budget exceeded"
 PYEOF
 cat "$RESULTS/launches.log" | tee -a "$RESULTS/summary.log"

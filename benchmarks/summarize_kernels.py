@@ -12,7 +12,6 @@ import argparse
 import json
 import statistics
 
-SHAPES = ["64x3x32x32", "16x4x64x64", "8x4x128x128", "1x3x256x256"]
 COLUMNS = [
     ("update fwd: fused vs eager", lambda by, s: by[("update_fwd", s, "fused")]["ratio_vs_eager"], "x"),
     ("fused vs `torch.compile`",
@@ -25,7 +24,20 @@ COLUMNS = [
 ]
 
 
+def _value(fn, by, shape):
+    """A column's value in one run, None where the run has no such record (``--no-compile``, the GPU check's
+    run, or a ``--cases`` subset)."""
+    try:
+        v = fn(by, shape)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    return v if isinstance(v, (int, float)) else None
+
+
 def _cell(values, unit):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
     med = statistics.median(values)
     if len(values) == 1:
         return f"{med:.2f}{unit}"
@@ -46,10 +58,15 @@ def main(argv=None):
               f"load at start {m.get('loadavg_at_start')} -->")
     print("| shape | " + " | ".join(name for name, _, _ in COLUMNS) + " |")
     print("|---" * (1 + len(COLUMNS)) + "|")
-    for shape in SHAPES:
+    shapes = []  # in the order the runs hold them (the GPU check adds a 64 MiB shape)
+    for by in runs:
+        for _, s, _ in by:
+            if s not in shapes:
+                shapes.append(s)
+    for shape in shapes:
         if not all(("update_fwd", shape, "fused") in by for by in runs):
             continue
-        cells = [_cell([fn(by, shape) for by in runs], unit) for _, fn, unit in COLUMNS]
+        cells = [_cell([_value(fn, by, shape) for by in runs], unit) for _, fn, unit in COLUMNS]
         print(f"| {shape} | " + " | ".join(cells) + " |")
 
 

@@ -46,6 +46,12 @@ def test_bench_kernels_writes_one_record_per_case_shape_variant(tmp_path):
         if (r["case"], r["variant"]) == ("sampler", "fused"):
             assert r["overhead_ratio_vs_reference"] > 0
     assert "sampler" in proc.stdout and "update_fwd" in proc.stdout  # the printed table
+    # the README table from it: a run without the compile variant (the GPU check's) shows "-" there
+    summary = subprocess.run([sys.executable, os.path.join(os.path.dirname(BENCH), "summarize_kernels.py"), str(out)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr[-4000:]
+    rows = [ln.split(" | ") for ln in summary.stdout.splitlines() if ln.startswith(("| 2x3x8x8", "| 1x5"))]
+    assert len(rows) == 2 and all(r[2] == "-" and r[1].endswith("x") for r in rows)
 
 
 def test_bench_hot_kernels_runs_and_prints_every_row(tmp_path):
