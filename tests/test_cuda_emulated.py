@@ -300,6 +300,21 @@ def test_adjoint_step_matches_cpu(emu, dtype, J, with_v, with_dots):
         assert torch.all(d_e[1 + J:] == -7.0), "entries past 1 + J must be left alone"
 
 
+def test_adjoint_step_launch_counts(emu):
+    """A reverse step of the whole-sampler node: at most two launches (element-wise + partials, then the
+    fixed-order sum of the dot products), one without dot products: the GPU target of at most two per step."""
+    g = torch.Generator().manual_seed(13)
+    n = 2 * BLOCK + 5
+    lam, v, x, m = (_randn(n, torch.float32, g) for _ in range(4))
+    older = [_randn(n, torch.float32, g)]
+    w = torch.randn(3, generator=g, dtype=torch.float64)
+    sc = torch.tensor([0.9], dtype=torch.float64)
+    for dots, want in ((torch.zeros(4, dtype=torch.float64), 2), (None, 1)):
+        n0 = emu.launches()
+        emu.multistep_adjoint(lam, v.clone(), sc, older, x, m, w, dots)
+        assert emu.launches() - n0 == want
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("which", ["lam", "v", "older", "x", "m"])
 def test_adjoint_step_misaligned_pointer_takes_the_scalar_path(emu, dtype, which):
