@@ -8,6 +8,16 @@
 
 namespace ld3 {
 
+namespace {
+// torch._neg_view and z.conj().imag give tensors whose values are negated lazily (a bit on the tensor, not in
+// memory); the kernels read and write raw storage, so such a tensor would be read (or written) with the wrong sign
+void check_plain(const at::Tensor& t, const char* fn, const char* name) {
+  TORCH_CHECK(!t.defined() || (!t.is_neg() && !t.is_conj()), fn, ": ", name,
+              " is a lazily negated or conjugated view (torch._neg_view, z.conj().imag); pass ", name,
+              ".resolve_neg() (or .clone())");
+}
+}  // namespace
+
 void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history) {
   TORCH_CHECK(x.defined(), "multistep_update: x is undefined");
   // sparse, mkldnn and nested tensors have no strided data to walk
@@ -40,12 +50,16 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
               1 + history.size(), " and ", kTableWidth);
   TORCH_CHECK(coef.device() == x.device(), "multistep_update: coef is on ", coef.device(), " but x is on ",
               x.device());
+  check_plain(x, "multistep_update", "x");
+  check_plain(coef, "multistep_update", "coef");
+  for (const auto& m : history) check_plain(m, "multistep_update", "history[k]");
 }
 
 void check_update_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& coef,
                       const std::vector<at::Tensor>& history) {
   TORCH_CHECK(out.layout() == at::kStrided, "multistep_update: out must be a dense (strided) tensor, got layout ",
               out.layout());
+  check_plain(out, "multistep_update", "out");
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device() && out.sizes() == x.sizes(),
               "multistep_update: out must match x in shape, dtype and device");
   at::assert_no_internal_overlap(out);
@@ -62,6 +76,7 @@ void check_update_out(const at::Tensor& out, const at::Tensor& x, const at::Tens
 }
 
 void check_update_grad(const at::Tensor& grad, const at::Tensor& x) {
+  check_plain(grad, "multistep_update_backward", "grad");
   TORCH_CHECK(grad.defined() && grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
                   grad.device() == x.device(),
               "multistep_update backward: grad must match x in shape, dtype and device");
@@ -70,6 +85,7 @@ void check_update_grad(const at::Tensor& grad, const at::Tensor& x) {
 namespace {
 void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
   TORCH_CHECK(t.layout() == at::kStrided, "multistep_adjoint: ", name, " must be a dense (strided) tensor");
+  check_plain(t, "multistep_adjoint", name);
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "multistep_adjoint: ", name, " has dtype ", t.scalar_type(),
               " but lam_prev has dtype ", ref.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), "multistep_adjoint: ", name, " is on ", t.device(), " but lam_prev is on ",
@@ -78,6 +94,7 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
               " but lam_prev has shape ", ref.sizes());
 }
 void check_double_vector(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  check_plain(t, "multistep_adjoint", name);
   TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 1, "multistep_adjoint: ", name,
               " must be a 1-D float64 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
   TORCH_CHECK(t.device() == ref.device(), "multistep_adjoint: ", name, " is on ", t.device(), " but lam_prev is on ",
@@ -90,6 +107,7 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
                                const at::Tensor& w, const at::Tensor& dots) {
   TORCH_CHECK(lam_prev.defined(), "multistep_adjoint: lam_prev is undefined");
   TORCH_CHECK(lam_prev.layout() == at::kStrided, "multistep_adjoint: lam_prev must be a dense (strided) tensor");
+  check_plain(lam_prev, "multistep_adjoint", "lam_prev");
   const auto st = lam_prev.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "multistep_adjoint: lam_prev must be float16, bfloat16, float32 or float64, got ", st);
@@ -105,6 +123,7 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
     TORCH_CHECK(!(x.defined() && v.is_alias_of(x)), "multistep_adjoint: v must not share memory with x");
     TORCH_CHECK(!(m.defined() && v.is_alias_of(m)), "multistep_adjoint: v must not share memory with m");
     TORCH_CHECK(scale.defined() && scale.numel() == 1, "multistep_adjoint: scale must hold one value when v is given");
+    check_plain(scale, "multistep_adjoint", "scale");
     TORCH_CHECK(scale.scalar_type() == at::kDouble && scale.device() == lam_prev.device(),
                 "multistep_adjoint: scale must be a float64 tensor on lam_prev's device");
     // every CUDA block reads scale and w while earlier blocks already write v
@@ -154,6 +173,7 @@ void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver
   TORCH_CHECK(t.numel() >= 2, "coefficient_table: timesteps needs at least 2 entries, got ", t.numel());
   // the table's offsets are int: (N - 1) * 2 * 5 * 4 must fit (samplers take tens of steps)
   TORCH_CHECK(t.numel() <= 10000001, "coefficient_table: at most 10,000,000 steps, got ", t.numel() - 1);
+  check_plain(t, "coefficient_table", "timesteps");
   TORCH_CHECK(schedule_kind >= 0 && schedule_kind <= 3, "coefficient_table: unknown schedule kind ", schedule_kind);
   TORCH_CHECK(solver >= 0 && solver <= 3, "coefficient_table: unknown solver id ", solver);
   const int64_t max_order[4] = {1, 3, 3, 4};
@@ -170,6 +190,10 @@ void check_table_backward_args(const at::Tensor& jac, const at::Tensor& grad) {
               "coefficient_table_backward: grad must be a floating [N, 2, 5] tensor matching jac, got ", grad.sizes());
   TORCH_CHECK(grad.device() == jac.device(), "coefficient_table_backward: grad is on ", grad.device(),
               " but jac is on ", jac.device());
+  // the forward's cap: the Jacobian's flat int index (r*kRow + e)*kWindow overflows past it
+  TORCH_CHECK(jac.size(0) <= 10000000, "coefficient_table_backward: at most 10,000,000 steps, got ", jac.size(0));
+  check_plain(jac, "coefficient_table_backward", "jac");
+  check_plain(grad, "coefficient_table_backward", "grad");
 }
 
 }  // namespace ld3
