@@ -280,7 +280,7 @@ def _weightless_name(model, args) -> Optional[str]:
     return args.model
 
 
-def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0, dtype=None, device=None):
+def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0, dtype=None):
     from .discretizations import get_discretization
     grids = {}
     for name in names:
@@ -291,12 +291,9 @@ def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0, dtype
                     grids[name] = baseline_timesteps(name, schedule, nfe)
                 else:  # GITS searches with its own one-step (Euler) cost, as in the paper
                     # the fine grid must hold at least nfe intervals (60 by default: an NFE-61 schedule failed)
-                    # in the model's dtype and on its device (GITS' own default is float64 on the CPU)
-                    shape = _sample_shape(model)
-                    x_T = schedule.prior_std() * torch.randn(64, *shape, generator=torch.Generator().manual_seed(seed),
-                                                             dtype=torch.float64)
+                    # in the model's dtype (GITS' own default is float64; it moves its start to the model's device)
                     grids[name] = baseline_timesteps(name, schedule, nfe, model=model,
-                                                     x_T=x_T.to(device=device or "cpu"), seed=seed,
+                                                     sample_shape=_sample_shape(model), seed=seed,
                                                      dtype=dtype or torch.float64, fine_steps=max(60, nfe))
             except ImportError:
                 continue
@@ -663,8 +660,7 @@ def cmd_eval(args) -> int:
     target = _teacher(model, schedule, x_T, args)
     steps = solver.steps_for_nfe(nfe)
     names = BASELINES + ([] if args.skip_model_baselines else MODEL_BASELINES)
-    grids = _baseline_grids(names, schedule, steps, model=model, solver=solver, seed=args.seed, dtype=dtype,
-                            device=x_T.device)
+    grids = _baseline_grids(names, schedule, steps, model=model, solver=solver, seed=args.seed, dtype=dtype)
     grids["ld3"] = learned.timesteps
     rows, samples, curves = [], {}, {}
     if fd is not None:
