@@ -323,14 +323,15 @@ def _convert_fused(s: NoiseSchedule, p: str, x: torch.Tensor, out: torch.Tensor,
             return fused.multistep_update(u, a.reshape(1).to(torch.float64), [])
         return fused.multistep_update(u, torch.stack([a, b]).to(torch.float64), [w])
 
-    one = torch.ones_like(t)
-    if p == "velocity":  # x_t = (1-t) x0 + t eps, v = eps - x0
-        return (lin(x, one, out, -t) if want_x0 else None), (lin(x, one, out, 1.0 - t) if want_eps else None)
-    alpha, sigma = s.alpha(t), s.sigma(t)
     if p == "v":
+        alpha, sigma = s.alpha(t), s.sigma(t)
         norm = alpha * alpha + sigma * sigma
         return (lin(lin(x, alpha, out, -sigma), 1.0 / norm) if want_x0 else None), \
             (lin(lin(x, sigma, out, alpha), 1.0 / norm) if want_eps else None)
+    one = torch.ones_like(t)  # the coefficient of x in the steps below
+    if p == "velocity":  # x_t = (1-t) x0 + t eps, v = eps - x0
+        return (lin(x, one, out, -t) if want_x0 else None), (lin(x, one, out, 1.0 - t) if want_eps else None)
+    alpha, sigma = s.alpha(t), s.sigma(t)
     if p in ("eps", "score"):
         eps = out if p == "eps" else lin(out, -sigma)
         return (lin(lin(x, one, eps, -sigma), 1.0 / alpha) if want_x0 else None), (eps if want_eps else None)
