@@ -94,9 +94,11 @@ class ForeignGradients(Exception):
 
 
 def _depends_on_other_leaves(out: torch.Tensor, ours: Sequence[torch.Tensor]) -> bool:
-    """Does ``out`` depend on a tensor requiring grad other than ``ours``?  Asked once per step: the
-    native walk (python/autograd_graph.cpp) costs nanoseconds a graph node, the Python reference
-    below about a microsecond."""
+    """Does ``out`` depend on a tensor requiring grad other than ``ours``?  A non-leaf in ``ours`` counts as
+    an input: the walk stops at its gradient edge and does not look at what it was computed from (the first
+    evaluation is made on the caller's x_T and times, whose own ancestry the node's gradient reaches through
+    them).  Asked once per step: the native walk (python/autograd_graph.cpp) costs nanoseconds a graph node,
+    the Python reference below about a microsecond."""
     if _native.native_available():
         return _native._C.depends_on_other_leaves(out, list(ours))
     return _depends_on_other_leaves_reference(out, ours)
@@ -106,6 +108,13 @@ def _depends_on_other_leaves_reference(out: torch.Tensor, ours: Sequence[torch.T
     fn = out.grad_fn
     if fn is None:
         return out.requires_grad and not any(out is o for o in ours)
+    stops = [(o.grad_fn, o.output_nr) for o in ours if o is not None and o.grad_fn is not None]
+
+    def is_stop(node, nr):
+        return any(node is s and nr == k for s, k in stops)
+
+    if is_stop(fn, out.output_nr):
+        return False
     seen, visited = set(), []  # `visited` keeps the node wrappers alive, so no id is reused meanwhile
     stack = [fn]
     while stack:
@@ -119,7 +128,7 @@ def _depends_on_other_leaves_reference(out: torch.Tensor, ours: Sequence[torch.T
             if not any(var is o for o in ours):
                 return True
             continue
-        stack.extend(nxt for nxt, _ in node.next_functions)
+        stack.extend(nxt for nxt, nr in node.next_functions if not is_stop(nxt, nr))
     return False
 
 
@@ -179,7 +188,7 @@ def _skewed(mat: torch.Tensor, n: int) -> torch.Tensor:
 
 class _WholeSampler(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan: SamplerPlan, need: tuple, x_T, table, tm):
+    def forward(ctx, plan: SamplerPlan, need: tuple, first: list, x_T, table, tm):
         need_x, need_table, need_tm = need
         n = len(plan.orders)
         xs: List[torch.Tensor] = [x_T]
@@ -195,12 +204,17 @@ class _WholeSampler(torch.autograd.Function):
         evaluate, orders, max_order, keep = plan.evaluate, plan.orders, plan.max_order, not plan.checkpoint
         depends = _depends_on_other_leaves
         for i in range(n):
-            xl = x.detach().requires_grad_()
-            tl = times[i].detach().requires_grad_() if need_tm else times[i]
-            with torch.enable_grad():
-                out = evaluate(xl, tl, i)
-            if depends(out, (xl, tl)):
-                raise ForeignGradients()
+            if i == 0 and first:
+                # the caller's evaluation on x_T and tm (checked in whole_sampler): its VJP is taken w.r.t. them,
+                # and entry 0 of the time gradient is step 0's
+                xl, tl, out = x_T, tm, first.pop()
+            else:
+                xl = x.detach().requires_grad_()
+                tl = times[i].detach().requires_grad_() if need_tm else times[i]
+                with torch.enable_grad():
+                    out = evaluate(xl, tl, i)
+                if depends(out, (xl, tl)):
+                    raise ForeignGradients()
             val = out.detach()
             if native:  # one copy here, not one in each update and reverse step that reads it (layout.py)
                 val = in_layout_of(val, x)
@@ -285,7 +299,7 @@ class _WholeSampler(torch.autograd.Function):
             zero = ctx.tm.new_zeros(())
             dt = ctx.tm.dtype
             grad_tm = torch.stack([(zero if g is None else g if g.dtype == dt else g.to(dt)) for g in g_tm] + [zero])
-        return None, None, grad_x, grad_table, grad_tm
+        return None, None, None, grad_x, grad_table, grad_tm
 
 
 def _differentiable_backward(ctx, grad):
@@ -300,16 +314,17 @@ def _differentiable_backward(ctx, grad):
     x = _solve_per_step(plan.evaluate, plan.orders, plan.max_order, *inputs)
     wanted = [t for t, need in zip(inputs, ctx.need) if need]
     got = iter(torch.autograd.grad(x, wanted, grad, create_graph=True, allow_unused=True))
-    return (None, None) + tuple(next(got) if need else None for need in ctx.need)
+    return (None, None, None) + tuple(next(got) if need else None for need in ctx.need)
 
 
 def _solve_per_step(evaluate: Callable, orders: Sequence[int], max_order: int, x_T: torch.Tensor,
-                    table: torch.Tensor, tm: torch.Tensor) -> torch.Tensor:
-    """The multistep loop in plain differentiable torch ops, one autograd node per op (no custom node)."""
+                    table: torch.Tensor, tm: torch.Tensor, first: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The multistep loop in plain differentiable torch ops, one autograd node per op (no custom node);
+    ``first``: step 0's output, evaluated already on x_T and tm[0]."""
     rows = table.select(1, 0).unbind(0)
     x, history = x_T, []
     for i, p in enumerate(orders):
-        history.insert(0, evaluate(x, tm[i], i))
+        history.insert(0, first if i == 0 and first is not None else evaluate(x, tm[i], i))
         del history[max_order:]
         x = _update_reference(x, rows[i].narrow(0, 0, 1 + p), history[:p])
     return x
@@ -390,6 +405,8 @@ def _model_vjp(ctx, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, w
     res = _vjp(out, inputs, gm)
     v = res[0] if want_x else None
     gt = res[-1] if want_t else None
+    if gt is not None and gt.dim() == 1:  # the caller's first evaluation: its VJP went to the whole tm
+        gt = gt.select(0, 0)
     if v is not None and not (v.stride() == gm.stride() and v.dtype == gm.dtype):
         # the next reverse step writes lambda_i into v in place, in its layout: the layout of the step (gm's)
         v = torch.empty_like(gm).copy_(v)
@@ -424,8 +441,15 @@ def unipc_as_multistep(coef: torch.Tensor, orders: Sequence[int]):
 
 def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, checkpoint: bool,
                   x_T: torch.Tensor, table: torch.Tensor, tm: torch.Tensor,
-                  deferred_checks: Optional[Callable[[], ContextManager]] = None) -> torch.Tensor:
+                  deferred_checks: Optional[Callable[[], ContextManager]] = None,
+                  first: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the multistep loop as one autograd node (raises ForeignGradients to decline).
+
+    ``first``: step 0's output, evaluated by the caller on ``x_T`` and ``tm[0]`` themselves (with its graph,
+    as its per-step loop would): the node declines before any other work when it depends on another tensor
+    requiring grad, so the caller's per-step loop goes on from it and the network runs exactly once a step.
+    Without it the node evaluates step 0 itself, and a decline there costs the caller one evaluation more.
+    A dependency that shows only at a later step still declines there, and the caller redoes steps 1 on.
 
     ``evaluate(x, t, step)`` returns the history entry of step ``step``; ``orders[i]`` is the number of
     history terms update i combines (1..4); ``table`` is the [N, 2, 5] float64 coefficient table (row
@@ -453,13 +477,20 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
     if deferred_checks is not None and not callable(deferred_checks):
         raise TypeError(f"deferred_checks must be a callable returning a context manager, got "
                         f"{type(deferred_checks).__name__}")
-    if composite_only(x_T, table, tm):
+    if first is not None and (not isinstance(first, torch.Tensor) or first.shape != x_T.shape
+                              or first.dtype != x_T.dtype):
+        got = f"{tuple(first.shape)} {first.dtype}" if isinstance(first, torch.Tensor) else type(first).__name__
+        raise ValueError(f"first must be step 0's output, a tensor of x_T's shape {tuple(x_T.shape)} and dtype "
+                         f"{x_T.dtype}, got {got}")
+    if composite_only(x_T, table, tm) or (first is not None and composite_only(first)):
         # forward-mode AD or a torch.func transform: autograd.Function.apply refuses the node there (no jvp, no
         # setup_context), while the same loop in plain torch ops differentiates and maps; no checkpointing,
         # as in Solver._evaluate
-        return _solve_per_step(evaluate, orders, max_order, x_T, table, tm)
+        return _solve_per_step(evaluate, orders, max_order, x_T, table, tm, first)
+    if first is not None and _depends_on_other_leaves(first, (x_T, tm)):
+        raise ForeignGradients()
     plan = SamplerPlan(evaluate, orders, max_order, checkpoint, deferred_checks)
-    return _WholeSampler.apply(plan, need, x_T, table, tm)
+    return _WholeSampler.apply(plan, need, [] if first is None else [first], x_T, table, tm)
 
 
 def applicable(x: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> bool:

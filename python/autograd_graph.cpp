@@ -15,8 +15,19 @@ bool depends_on_other_leaves(const at::Tensor& out, const std::vector<at::Tensor
       if (o.defined() && o.unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return true;
     return false;
   };
+  // a non-leaf of ours ends the walk at its own gradient edge: what it was computed from is the
+  // caller's graph, which the whole-sampler node's gradient reaches through it
+  std::vector<std::pair<const torch::autograd::Node*, uint32_t>> stops;
+  for (const auto& o : ours)
+    if (o.defined() && o.grad_fn()) stops.emplace_back(o.grad_fn().get(), static_cast<uint32_t>(o.output_nr()));
+  auto is_stop = [&](const torch::autograd::Node* fn, uint32_t nr) {
+    for (const auto& s : stops)
+      if (s.first == fn && s.second == nr) return true;
+    return false;
+  };
   const auto& root = out.grad_fn();
   if (!root) return out.requires_grad() && !is_ours(out);
+  if (is_stop(root.get(), out.output_nr())) return false;
   std::vector<torch::autograd::Node*> stack{root.get()};
   std::unordered_set<torch::autograd::Node*> seen;
   while (!stack.empty()) {
@@ -28,7 +39,7 @@ bool depends_on_other_leaves(const at::Tensor& out, const std::vector<at::Tensor
       continue;
     }
     for (const auto& edge : node->next_edges())
-      if (edge.function) stack.push_back(edge.function.get());
+      if (edge.function && !is_stop(edge.function.get(), edge.input_nr)) stack.push_back(edge.function.get());
   }
   return false;
 }

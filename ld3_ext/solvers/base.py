@@ -294,24 +294,25 @@ class MultistepSolver(Solver):
         coef = ops.coefficient_table(model.schedule, t, spec, self.backend, validate=False)
         orders = step_orders(spec, n)
         use_eps = spec.uses_noise_prediction
+        returns, idx = ("eps", 1) if use_eps else ("x0", 0)
+        first = None  # step 0's evaluation, made once for whichever path runs
         if ops.resolve_backend(self.backend) == "fused" and adjoint.applicable(x, coef, tm):
             # one autograd node for the whole solve (ld3_ext/adjoint.py); declines when the model
             # depends on other tensors that require grad, which the per-step loop below handles
-            returns, idx = ("eps", 1) if use_eps else ("x0", 0)
-
             def evaluate(xx, tt, step):
                 return model.predict(xx, tt, step=step, returns=returns, **kwargs)[idx]
+            first = self._evaluate(model, x, tm[0], 0, kwargs, returns)
             try:
                 return adjoint.whole_sampler(evaluate, orders, spec.order, self.checkpoint_model, x, coef, tm,
-                                             self._backward_checks(model, x))
+                                             self._backward_checks(model, x), first=first[idx])
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = []  # newest first
         rows = table_rows(coef, 0)
         entry = self._history_entry_fn()
         for i in range(1, n + 1):
-            x0, eps = self._evaluate(model, x, tm[i - 1], i - 1, kwargs, "eps" if use_eps else "x0")
-            history.insert(0, entry(eps if use_eps else x0, x))
+            out = first if i == 1 and first is not None else self._evaluate(model, x, tm[i - 1], i - 1, kwargs, returns)
+            history.insert(0, entry(out[idx], x))
             del history[spec.order:]
             p = orders[i - 1]
             x = ops.multistep_update(x, rows[i - 1], history[:p], self.backend)

@@ -76,19 +76,22 @@ class Heun(Solver):
     def _solve(self, model, x, t, tm, kwargs):
         table, orders = heun_multistep_table(model.schedule, t)
         tm2 = tm.repeat_interleave(2)[1:]  # update k evaluates the network at tm[(k + 1) // 2]
+        first = None  # step 0's evaluation, made once for whichever path runs
         if ops.resolve_backend(self.backend) == "fused" and adjoint.applicable(x, table, tm2):
             def evaluate(xx, tt, step):
                 return model.predict(xx, tt, step=step, returns="x0", **kwargs)[0]
+            first = self._evaluate(model, x, tm2[0], 0, kwargs, "x0")[0]
             try:
                 return adjoint.whole_sampler(evaluate, orders, 2, self.checkpoint_model, x, table, tm2,
-                                             self._backward_checks(model, x))
+                                             self._backward_checks(model, x), first=first)
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = []  # newest first
         rows = table_rows(table, 0)
         entry = self._history_entry_fn()
         for k, p in enumerate(orders):
-            history.insert(0, entry(self._evaluate(model, x, tm2[k], k, kwargs, "x0")[0], x))
+            out = first if k == 0 and first is not None else self._evaluate(model, x, tm2[k], k, kwargs, "x0")[0]
+            history.insert(0, entry(out, x))
             del history[2:]
             x = ops.multistep_update(x, rows[k], history[:p], self.backend)
         return x

@@ -42,6 +42,7 @@ class UniPC(MultistepSolver):
         n = t.numel() - 1
         coef = ops.coefficient_table(model.schedule, t, spec, self.backend, validate=False)  # sample() checked t
         orders = step_orders(spec, n)
+        first = None  # step 0's evaluation, made once for whichever path runs
         if ops.resolve_backend(self.backend) == "fused" and adjoint.applicable(x, coef, tm):
             # one autograd node for the whole solve (ld3_ext/adjoint.py): with the corrector, UniPC
             # is a multistep recursion on its predictor states with combined coefficients
@@ -50,13 +51,16 @@ class UniPC(MultistepSolver):
 
             def evaluate(xx, tt, step):
                 return model.predict(xx, tt, step=step, returns="x0", **kwargs)[0]
+            first = self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]
             try:
                 return adjoint.whole_sampler(evaluate, eff_orders, max(eff_orders), self.checkpoint_model, x,
-                                             table, tm, self._backward_checks(model, x))
+                                             table, tm, self._backward_checks(model, x), first=first)
             except adjoint.ForeignGradients:
                 pass
         entry = self._history_entry_fn()
-        history: List[torch.Tensor] = [entry(self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0], x)]
+        if first is None:
+            first = self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]
+        history: List[torch.Tensor] = [entry(first, x)]
         predictor, corrector = table_rows(coef, 0), table_rows(coef, 1)
         for i in range(1, n + 1):
             p = orders[i - 1]
