@@ -38,7 +38,7 @@ import torch
 
 from . import _native
 from .coefficients import MAX_HISTORY
-from .layout import in_layout_of, non_overlapping_and_dense
+from .layout import in_layout_of, non_overlapping_and_dense, plain_grad
 from .ops import _opmath, composite_only
 
 
@@ -234,6 +234,7 @@ class _WholeSampler(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        grad = plain_grad(grad)  # a user's sparse or negated-view grad_outputs
         if composite_only(grad):
             # the kernels cannot read it, and re-running the model under the engine's legacy batching fails
             # inside torch (per-sample fallbacks backward through one graph twice)

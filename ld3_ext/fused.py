@@ -21,7 +21,7 @@ import torch.autograd.forward_ad as _fwad
 
 from . import _native
 from .coefficients import SOLVER_IDS, TABLE_WIDTH, SolverSpec, coefficient_table_reference
-from .layout import in_layout_of
+from .layout import in_layout_of, plain_grad
 from .ops import _opmath, as_history, check_grid, check_table_args, check_update_args as _check_update, \
     composite_only, multistep_update_reference
 
@@ -54,6 +54,7 @@ class _MultistepUpdate(torch.autograd.Function):
     def backward(ctx, grad):
         x, coef, *history = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        grad = plain_grad(grad)  # a user's sparse or negated-view grad_outputs
         # create_graph=True (the gradient must itself be differentiable), or a grad wrapped by a torch.func
         # transform (is_grads_batched): the torch composition
         if torch.is_grad_enabled() or composite_only(grad):
@@ -94,6 +95,7 @@ class _CoefficientTable(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_table):
         jac, t64 = ctx.saved_tensors
+        grad_table = plain_grad(grad_table)
         if torch.is_grad_enabled() or composite_only(grad_table):
             # create_graph=True: J^T g with a constant J would lose d(grad_t)/dt; the reference table's VJP
             # keeps every second-order term (and reads a grad wrapped by a torch.func transform)
@@ -311,7 +313,7 @@ def _register_ops() -> None:
 
     def _update_backward(ctx, grad):
         x, coef, *history = ctx.saved_tensors
-        gx, gc, gms = torch.ops.ld3_ext.multistep_update_backward(grad, x, coef, history)
+        gx, gc, gms = torch.ops.ld3_ext.multistep_update_backward(plain_grad(grad), x, coef, history)
         return gx, gc, list(gms)
 
     _update_op.register_autograd(_update_backward, setup_context=_update_setup)
@@ -354,6 +356,7 @@ def _register_ops() -> None:
         jac, t = ctx.saved_tensors
         if grad_table is None:
             grad_table = torch.zeros_like(jac[..., 0])
+        grad_table = plain_grad(grad_table)
         return (torch.ops.ld3_ext.coefficient_table_backward(jac, grad_table, t),) + (None,) * 9
 
     _table_op.register_autograd(_table_backward, setup_context=_table_setup)

@@ -37,4 +37,15 @@ def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
-__all__ = ["non_overlapping_and_dense", "in_layout_of"]
+def plain_grad(g: torch.Tensor) -> torch.Tensor:
+    """An incoming gradient as the kernels can read it: a user's sparse (or mkldnn) ``grad_outputs`` made dense,
+    a lazily negated view (``torch._neg_view``) resolved.  Both conversions are differentiable.  The C++ nodes
+    do the same (python/plain_grad.h)."""
+    if g is None:
+        return g
+    if g.layout != torch.strided:
+        g = g.to_dense()
+    return g.resolve_neg() if g.is_neg() else g
+
+
+__all__ = ["non_overlapping_and_dense", "in_layout_of", "plain_grad"]

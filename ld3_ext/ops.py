@@ -53,26 +53,30 @@ def as_history(history) -> list:
                         f"{type(history).__name__}") from None
 
 
+def _layout_text(t: torch.Tensor) -> str:
+    return "a nested tensor" if t.is_nested else f"layout {t.layout}"
+
+
 def check_update_args(x, coef, history) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"multistep_update: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"multistep_update: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.layout != torch.strided:
-        raise TypeError(f"multistep_update: x must be a dense (strided) tensor, got layout {x.layout}")
+    if x.layout != torch.strided or x.is_nested:  # a nested tensor reports the strided layout
+        raise TypeError(f"multistep_update: x must be a dense (strided) tensor, got {_layout_text(x)}")
     if len(history) > MAX_HISTORY:
         raise ValueError(f"multistep_update: history holds {len(history)} tensors, at most {MAX_HISTORY} are supported")
     for k, m in enumerate(history):
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"multistep_update: history[{k}] must be a torch.Tensor, got {type(m).__name__}")
+        if m.layout != torch.strided or m.is_nested:  # before the shape: a nested tensor has none
+            raise TypeError(f"multistep_update: history[{k}] must be a dense (strided) tensor, got {_layout_text(m)}")
         if m.dtype != x.dtype:
             raise TypeError(f"multistep_update: history[{k}] has dtype {m.dtype} but x has dtype {x.dtype}")
         if m.device != x.device:
             raise ValueError(f"multistep_update: history[{k}] is on {m.device} but x is on {x.device}")
         if m.shape != x.shape:
             raise ValueError(f"multistep_update: history[{k}] has shape {tuple(m.shape)} but x has shape {tuple(x.shape)}")
-        if m.layout != torch.strided:
-            raise TypeError(f"multistep_update: history[{k}] must be a dense (strided) tensor, got layout {m.layout}")
     if not isinstance(coef, torch.Tensor):
         raise TypeError(f"multistep_update: coef must be a torch.Tensor, got {type(coef).__name__}")
     if not coef.is_floating_point():

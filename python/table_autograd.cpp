@@ -7,6 +7,8 @@
 
 #include <utility>
 
+#include "plain_grad.h"
+
 namespace ld3 {
 namespace {
 
@@ -48,7 +50,8 @@ struct FusedCoefficientTable : public torch::autograd::Function<FusedCoefficient
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& t = saved[0];
     const at::Tensor& jac = saved[1];
-    const at::Tensor& g = grads[0];  // materialized: zeros where the table was not used
+    // materialized (zeros where the table was not used); a user's sparse or negated-view grad_outputs made plain
+    const at::Tensor g = plain_grad(grads[0]);
     // create_graph=True, or a grad wrapped by a torch.func transform (is_grads_batched, vectorized jacobian):
     // the reference's VJP (the kernel cannot read a wrapped grad)
     if (at::GradMode::is_enabled() || g.key_set().has_any(c10::functorch_transforms_ks)) {

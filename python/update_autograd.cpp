@@ -8,6 +8,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "device_dispatch.h"
+#include "plain_grad.h"
 
 namespace ld3 {
 namespace {
@@ -74,10 +75,10 @@ struct FusedMultistepUpdate : public torch::autograd::Function<FusedMultistepUpd
     }
     // create_graph=True, or a grad wrapped by a torch.func transform (is_grads_batched, vectorized jacobian: no
     // storage for the kernels to read): the ATen composition
-    if (at::GradMode::is_enabled() || grads[0].key_set().has_any(c10::functorch_transforms_ks))
-      return differentiable_backward(grads[0], x, coef, history, needs);
-    auto [gx, gc, gms] =
-        update_backward(in_layout_of(grads[0], x), x, coef, history, needs[0], needs[1], need_hist);
+    const at::Tensor g = plain_grad(grads[0]);  // a user's sparse or negated-view grad_outputs
+    if (at::GradMode::is_enabled() || g.key_set().has_any(c10::functorch_transforms_ks))
+      return differentiable_backward(g, x, coef, history, needs);
+    auto [gx, gc, gms] = update_backward(in_layout_of(g, x), x, coef, history, needs[0], needs[1], need_hist);
     variable_list out{needs[0] ? gx : at::Tensor(), needs[1] ? gc : at::Tensor()};
     for (size_t k = 0; k < history.size(); ++k) out.push_back(need_hist && needs[2 + k] ? gms[k] : at::Tensor());
     return out;

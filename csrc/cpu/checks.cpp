@@ -4,6 +4,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <string>
+
 #include "solver_coefficients.h"
 
 namespace ld3 {
@@ -11,18 +13,22 @@ namespace ld3 {
 namespace {
 // torch._neg_view and z.conj().imag give tensors whose values are negated lazily (a bit on the tensor, not in
 // memory); the kernels read and write raw storage, so such a tensor would be read (or written) with the wrong sign
-void check_plain(const at::Tensor& t, const char* fn, const char* name) {
+void check_plain(const at::Tensor& t, const char* fn, const std::string& name) {
   TORCH_CHECK(!t.defined() || (!t.is_neg() && !t.is_conj()), fn, ": ", name,
               " is a lazily negated or conjugated view (torch._neg_view, z.conj().imag); pass ", name,
               ".resolve_neg() (or .clone())");
+}
+// sparse, mkldnn and nested tensors have no strided data to walk (a nested tensor reports the strided layout)
+void check_dense(const at::Tensor& t, const char* fn, const std::string& name) {
+  TORCH_CHECK(!t.defined() || (t.layout() == at::kStrided && !t.is_nested()), fn, ": ", name,
+              " must be a dense (strided) tensor, got ", t.is_nested() ? std::string("a nested tensor")
+                                                                        : c10::str("layout ", t.layout()));
 }
 }  // namespace
 
 void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::vector<at::Tensor>& history) {
   TORCH_CHECK(x.defined(), "multistep_update: x is undefined");
-  // sparse, mkldnn and nested tensors have no strided data to walk
-  TORCH_CHECK(x.layout() == at::kStrided, "multistep_update: x must be a dense (strided) tensor, got layout ",
-              x.layout());
+  check_dense(x, "multistep_update", "x");
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "multistep_update: x must be float16, bfloat16, float32 or float64, got ", st);
@@ -31,8 +37,7 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
   for (size_t k = 0; k < history.size(); ++k) {
     const auto& m = history[k];
     TORCH_CHECK(m.defined(), "multistep_update: history[", k, "] is undefined");
-    TORCH_CHECK(m.layout() == at::kStrided, "multistep_update: history[", k,
-                "] must be a dense (strided) tensor, got layout ", m.layout());
+    check_dense(m, "multistep_update", c10::str("history[", k, "]"));
     TORCH_CHECK(m.scalar_type() == st, "multistep_update: history[", k, "] has dtype ", m.scalar_type(),
                 " but x has dtype ", st);
     TORCH_CHECK(m.device() == x.device(), "multistep_update: history[", k, "] is on ", m.device(), " but x is on ",
@@ -41,8 +46,7 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
                 " but x has shape ", x.sizes());
   }
   TORCH_CHECK(coef.defined(), "multistep_update: coef is undefined");
-  TORCH_CHECK(coef.layout() == at::kStrided, "multistep_update: coef must be a dense (strided) tensor, got layout ",
-              coef.layout());
+  check_dense(coef, "multistep_update", "coef");
   TORCH_CHECK(coef.scalar_type() == at::kDouble, "multistep_update: coef must be float64, got ", coef.scalar_type());
   TORCH_CHECK(coef.dim() == 1, "multistep_update: coef must be 1-D, got shape ", coef.sizes());
   TORCH_CHECK(coef.numel() >= static_cast<int64_t>(1 + history.size()) && coef.numel() <= kTableWidth,
@@ -52,13 +56,13 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
               x.device());
   check_plain(x, "multistep_update", "x");
   check_plain(coef, "multistep_update", "coef");
-  for (const auto& m : history) check_plain(m, "multistep_update", "history[k]");
+  for (size_t k = 0; k < history.size(); ++k)
+    check_plain(history[k], "multistep_update", c10::str("history[", k, "]"));
 }
 
 void check_update_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& coef,
                       const std::vector<at::Tensor>& history) {
-  TORCH_CHECK(out.layout() == at::kStrided, "multistep_update: out must be a dense (strided) tensor, got layout ",
-              out.layout());
+  check_dense(out, "multistep_update", "out");
   check_plain(out, "multistep_update", "out");
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device() && out.sizes() == x.sizes(),
               "multistep_update: out must match x in shape, dtype and device");
@@ -76,6 +80,7 @@ void check_update_out(const at::Tensor& out, const at::Tensor& x, const at::Tens
 }
 
 void check_update_grad(const at::Tensor& grad, const at::Tensor& x) {
+  check_dense(grad, "multistep_update_backward", "grad");
   check_plain(grad, "multistep_update_backward", "grad");
   TORCH_CHECK(grad.defined() && grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
                   grad.device() == x.device(),
@@ -83,8 +88,8 @@ void check_update_grad(const at::Tensor& grad, const at::Tensor& x) {
 }
 
 namespace {
-void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.layout() == at::kStrided, "multistep_adjoint: ", name, " must be a dense (strided) tensor");
+void check_like(const at::Tensor& t, const at::Tensor& ref, const std::string& name) {
+  check_dense(t, "multistep_adjoint", name);
   check_plain(t, "multistep_adjoint", name);
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "multistep_adjoint: ", name, " has dtype ", t.scalar_type(),
               " but lam_prev has dtype ", ref.scalar_type());
@@ -94,6 +99,7 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
               " but lam_prev has shape ", ref.sizes());
 }
 void check_double_vector(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  check_dense(t, "multistep_adjoint", name);
   check_plain(t, "multistep_adjoint", name);
   TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 1, "multistep_adjoint: ", name,
               " must be a 1-D float64 tensor, got ", t.scalar_type(), " of shape ", t.sizes());
@@ -106,7 +112,15 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
                                const std::vector<at::Tensor>& older, const at::Tensor& x, const at::Tensor& m,
                                const at::Tensor& w, const at::Tensor& dots) {
   TORCH_CHECK(lam_prev.defined(), "multistep_adjoint: lam_prev is undefined");
-  TORCH_CHECK(lam_prev.layout() == at::kStrided, "multistep_adjoint: lam_prev must be a dense (strided) tensor");
+  check_dense(lam_prev, "multistep_adjoint", "lam_prev");
+  // before the memory-sharing checks below, which cannot look at a sparse tensor's storage
+  check_dense(v, "multistep_adjoint", "v");
+  check_dense(scale, "multistep_adjoint", "scale");
+  check_dense(x, "multistep_adjoint", "x");
+  check_dense(m, "multistep_adjoint", "m");
+  check_dense(w, "multistep_adjoint", "w");
+  check_dense(dots, "multistep_adjoint", "dots");
+  for (size_t k = 0; k < older.size(); ++k) check_dense(older[k], "multistep_adjoint", c10::str("older[", k, "]"));
   check_plain(lam_prev, "multistep_adjoint", "lam_prev");
   const auto st = lam_prev.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
@@ -134,7 +148,7 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
               " tensors, at most ", kMaxHistory);
   for (size_t k = 0; k < older.size(); ++k) {
     TORCH_CHECK(older[k].defined(), "multistep_adjoint: older[", k, "] is undefined");
-    check_like(older[k], lam_prev, "older[k]");
+    check_like(older[k], lam_prev, c10::str("older[", k, "]"));
     if (a.has_v) TORCH_CHECK(!v.is_alias_of(older[k]), "multistep_adjoint: v must not share memory with older[", k, "]");
   }
   TORCH_CHECK(w.defined(), "multistep_adjoint: w is undefined");
@@ -146,7 +160,8 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
   if (a.need_dots) {
     check_double_vector(dots, lam_prev, "dots");
     // each dot product has its own entry: an expand()ed dots would write them all to one
-    at::assert_no_internal_overlap(dots);
+    TORCH_CHECK(at::has_internal_overlap(dots) != at::MemOverlap::Yes, "multistep_adjoint: dots has entries that "
+                "share memory (e.g. an expand()ed tensor); each dot product needs its own");
     TORCH_CHECK(dots.numel() >= 1 + a.J, "multistep_adjoint: dots needs at least ", 1 + a.J, " entries, got ",
                 dots.numel());
     TORCH_CHECK(x.defined(), "multistep_adjoint: x is needed for the dot products");
@@ -168,8 +183,9 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
 }
 
 void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver, int64_t order) {
-  TORCH_CHECK(t.defined() && t.scalar_type() == at::kDouble && t.dim() == 1,
-              "coefficient_table: timesteps must be a 1-D float64 tensor");
+  TORCH_CHECK(t.defined(), "coefficient_table: timesteps is undefined");
+  check_dense(t, "coefficient_table", "timesteps");
+  TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 1, "coefficient_table: timesteps must be a 1-D float64 tensor");
   TORCH_CHECK(t.numel() >= 2, "coefficient_table: timesteps needs at least 2 entries, got ", t.numel());
   // the table's offsets are int: (N - 1) * 2 * 5 * 4 must fit (samplers take tens of steps)
   TORCH_CHECK(t.numel() <= 10000001, "coefficient_table: at most 10,000,000 steps, got ", t.numel() - 1);
@@ -182,6 +198,8 @@ void check_table_args(const at::Tensor& t, int64_t schedule_kind, int64_t solver
 }
 
 void check_table_backward_args(const at::Tensor& jac, const at::Tensor& grad) {
+  check_dense(jac, "coefficient_table_backward", "jac");
+  check_dense(grad, "coefficient_table_backward", "grad");
   TORCH_CHECK(jac.defined() && jac.scalar_type() == at::kDouble && jac.dim() == 4 && jac.size(1) == 2 &&
                   jac.size(2) == kTableWidth && jac.size(3) == kWindow,
               "coefficient_table_backward: jac must be a float64 [N, 2, 5, 4] tensor, got ", jac.sizes());
