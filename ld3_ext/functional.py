@@ -36,12 +36,14 @@ k-diffusion's signatures; its noise arguments are accepted where they keep the s
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
+from ._checks import flag
 from .ops import _vmapped
 from .schedules import EDM
 from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
@@ -188,7 +190,7 @@ def _check_range(schedule, sig: torch.Tensor, name: str) -> None:
 
 def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, sigmas,
            solver: Union[str, Solver] = "dpmpp_3m", model_sigmas=None, extra_args: Optional[Dict[str, Any]] = None,
-           callback: Optional[Callable] = None, disable: Any = None, check_output: bool = True,
+           callback: Optional[Callable] = None, disable: Any = None, check_output: Optional[bool] = None,
            **solver_kw) -> torch.Tensor:
     """Solve the probability-flow ODE from ``x`` at ``sigmas[0]`` down the grid ``sigmas`` (k-diffusion style).
 
@@ -200,8 +202,9 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
     corrector is not reported); ``disable`` is accepted for signature compatibility.
     A :class:`DiffusionModel` with its own schedule takes only sigmas in its range (sigma/alpha at its
     t_min..t_max, plus a trailing 0); others raise ``ValueError``.
-    ``check_output``: a denoiser output with NaN/Inf raises ``ModelOutputError`` naming the step (as
-    ``wrap_model`` does; False lets it through, as k-diffusion does).
+    ``check_output``: a model output with NaN/Inf raises ``ModelOutputError`` naming the step (as ``wrap_model``
+    does; False lets it through, as k-diffusion does).  Default: on for a denoiser, a :class:`DiffusionModel`'s own
+    ``check_output`` setting for one; an explicit value overrides that setting for this call.
     Differentiable w.r.t. ``x``, ``sigmas`` and ``model_sigmas`` (float tensors).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -216,6 +219,15 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
                         f"got {type(model_or_denoiser).__name__}")
     if extra_args is not None and not isinstance(extra_args, Mapping):
         raise TypeError(f"extra_args must be a dict of model keyword arguments, got {type(extra_args).__name__}")
+    if check_output is not None:
+        check_output = flag("check_output", check_output)
+    if isinstance(model_or_denoiser, DiffusionModel):
+        if check_output is not None and check_output != model_or_denoiser.check_output:
+            # the model checks its own outputs: a shallow copy (same network and schedule) with this call's setting
+            model_or_denoiser = copy.copy(model_or_denoiser)
+            model_or_denoiser.check_output = check_output
+    elif check_output is None:
+        check_output = True
     sv = get_solver(solver, **solver_kw)
     s = _grid(sigmas, x, "sigmas")
     ms = s if model_sigmas is None else _grid(model_sigmas, x, "model_sigmas", decreasing=False)
@@ -251,7 +263,7 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
                              f"evaluations per step (the state's sigma is found from the evaluation's step), got "
                              f"{type(sv).__name__}")
         state_sigmas = pos
-    model = _VEModel(model_or_denoiser, schedule, callback, check_output=check_output, grid=s.detach(),
+    model = _VEModel(model_or_denoiser, schedule, callback, check_output=bool(check_output), grid=s.detach(),
                      evals_per_step=per, state_sigmas=state_sigmas)
     kw = dict(extra_args or {})
     check_model_kwargs(kw, "extra_args")

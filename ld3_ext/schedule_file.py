@@ -332,9 +332,11 @@ class LearnedSchedule:
           diffusers' flow schedulers, whose sigma is the flow time t itself (alpha = 1 - sigma), not sigma/alpha
           as in ``sigmas``.  ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)`` would shift them again
           (its ``shift``) and append a 0, so run them as ``scheduler.set_timesteps(N)`` followed by
-          ``scheduler.sigmas = torch.tensor(flow_sigmas)`` (N+1 values; the same works for the
-          ``use_flow_sigmas=True`` modes of ``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler``).
-          The network's timestep there is sigma times ``num_train_timesteps``.
+          ``scheduler.sigmas = torch.tensor(flow_sigmas)`` (N+1 values) AND ``scheduler.timesteps =
+          torch.tensor(flow_sigmas[:-1]) * scheduler.config.num_train_timesteps``: a pipeline hands the network
+          ``scheduler.timesteps`` (sigma times ``num_train_timesteps``), which ``set_timesteps`` left at its own
+          grid.  Decoupled network times (``flow_model_sigmas``) cannot be run that way: the scheduler's step
+          reads the network output at the state's own sigma; use ``LD3Scheduler``.
         """
         from .schedules import FlowMatching, VPDiscrete
 

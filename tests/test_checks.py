@@ -90,6 +90,31 @@ def test_pseudo_huber_c_reads_numbers_as_the_other_settings():
         PseudoHuberLoss(torch.ones(2))
 
 
+class _TinyLpipsNet(torch.nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, a, b):
+        return ((a - b) * self.w.view(1, 3, 1, 1)).square().mean((1, 2, 3))
+
+
+def test_loss_names_tell_apart_lpips_networks_and_loss_subclasses():
+    """Two LPIPS losses over other networks were both recorded as "lpips": a checkpoint was resumed with the other
+    one.  A PseudoHuberLoss subclass (which may compute anything) was recorded as the plain pseudo-Huber loss."""
+    from ld3_ext.training.losses import LPIPSLoss
+    a, b, a2 = LPIPSLoss(net=_TinyLpipsNet(0)), LPIPSLoss(net=_TinyLpipsNet(1)), LPIPSLoss(net=_TinyLpipsNet(0))
+    assert loss_name(a).startswith("lpips(") and loss_name(a) != loss_name(b)
+    assert loss_name(a) == loss_name(a2)  # the same weights: the same loss
+    assert loss_name("lpips") == "lpips"
+
+    class Scaled(PseudoHuberLoss):
+        def __call__(self, pred, target):
+            return 2 * super().__call__(pred, target)
+
+    assert loss_name(Scaled(1)) != loss_name(PseudoHuberLoss(1)) == "pseudo_huber(c=1)"
+
+
 def test_gits_coeff_is_a_real_number():
     cost = np.zeros((5, 5))
     assert gits_dp(cost, 2, coeff=torch.tensor(1.15)) == gits_dp(cost, 2, coeff=1.15)

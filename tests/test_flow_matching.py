@@ -169,8 +169,10 @@ def test_ld3_trainer_on_flow_mixture(setup):
 
 def test_to_diffusers_flow_sigmas_drive_flow_match_euler(setup):
     """A learned schedule of a flow model, exported with to_diffusers(): its flow_sigmas (diffusers' flow units,
-    sigma = t) run in FlowMatchEulerDiscreteScheduler as the docstring says give the schedule's own sample;
-    its sigmas (sigma/alpha, the k-diffusion units) would not -- the trap the flow keys are there to avoid."""
+    sigma = t) set into FlowMatchEulerDiscreteScheduler as README and the docstring say -- the sigmas and the
+    timesteps -- and driven by a pipeline's loop (the network sees scheduler.timesteps) give the schedule's own
+    sample.  The sigmas alone leave the network at diffusers' own times, and the sigmas key (sigma/alpha, the
+    k-diffusion units) read as flow sigmas is wrong too: the traps the recipe avoids."""
     diffusers = pytest.importorskip("diffusers")
     from ld3_ext.schedule_file import LearnedSchedule
     mix, sched, _, x_T, _ = setup
@@ -183,17 +185,21 @@ def test_to_diffusers_flow_sigmas_drive_flow_match_euler(setup):
     assert d["flow_sigmas"] == t.tolist() and d["flow_model_sigmas"] == t.tolist()
     ours = learned.sample(m32, x32)
 
-    def drive(sigmas):
+    def drive(sigmas, set_timesteps=True):
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+        n_train = scheduler.config.num_train_timesteps
         scheduler.set_timesteps(len(sigmas) - 1)
         scheduler.sigmas = torch.tensor(sigmas, dtype=torch.float32)
+        if set_timesteps:
+            scheduler.timesteps = torch.tensor(sigmas[:-1], dtype=torch.float32) * n_train
         x = x32
-        for i, ts in enumerate(scheduler.timesteps):  # ts only finds the step index once sigmas are overwritten
-            v = m32.fn(x, scheduler.sigmas[i].to(x.dtype).expand(x.shape[0]))  # the network's time: sigma = our t
+        for ts in scheduler.timesteps:  # a pipeline's loop: the network gets ts (the flow time times n_train)
+            v = m32.fn(x, (ts / n_train).to(x.dtype).expand(x.shape[0]))
             x = scheduler.step(v, ts, x).prev_sample
         return x
 
     torch.testing.assert_close(drive(d["flow_sigmas"]), ours, rtol=1e-5, atol=1e-5)
+    assert (drive(d["flow_sigmas"], set_timesteps=False) - ours).abs().max() > 1e-2  # diffusers' network times
     wrong = drive([min(s, 0.999) for s in d["sigmas"]])  # sigma/alpha read as flow sigmas (clipped below 1)
     assert (wrong - ours).abs().max() > 1e-2
 

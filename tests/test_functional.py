@@ -225,6 +225,19 @@ def test_denoiser_nan_is_reported_with_its_step(mix, bad_call):
     assert torch.isnan(F.sample(model, x_T(), karras(3), solver="dpmpp_2m")).all()
 
 
+def test_an_explicit_check_output_applies_to_a_diffusion_model_for_that_call():
+    """sample(check_output=...) was ignored for a DiffusionModel (its own setting won, both ways)."""
+    for own in (True, False):
+        model = ld3_ext.wrap_model(lambda x, s: x * float("nan"), ld3_ext.EDM(), prediction="x0",
+                                   time_input="sigma", check_output=own)
+        with pytest.raises(ld3_ext.ModelOutputError, match="NaN/Inf at step 0"):
+            F.sample(model, x_T(), karras(3), solver="dpmpp_2m", check_output=True)
+        assert torch.isnan(F.sample(model, x_T(), karras(3), solver="dpmpp_2m", check_output=False)).all()
+        assert model.check_output is own  # the caller's model is left as it was
+    with pytest.raises(TypeError, match="check_output must be a bool"):
+        F.sample(model, x_T(), karras(3), check_output="no")
+
+
 def test_denoiser_integer_output_is_refused(mix):
     """An integer denoiser output is not cast silently (it would carry no gradient): ModelOutputError."""
     with pytest.raises(ld3_ext.ModelOutputError, match=r"torch.int64 tensor at step 0, expected a floating"):

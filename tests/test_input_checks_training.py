@@ -118,6 +118,7 @@ def _trainer(**kw):
     ("momentum", -5.0, ValueError), ("momentum", NAN, ValueError), ("momentum", 1.0, ValueError),
     ("clip_norm", -1.0, ValueError), ("clip_norm", NAN, ValueError), ("clip_norm", None, TypeError),
     ("lr_xi_min", -1.0, ValueError), ("lr_xi_c_min", NAN, ValueError), ("lr_xi", [1.0], TypeError),
+    ("lr_xi", None, TypeError),  # failed in float() with a message naming nothing
     ("lr2_patience", "x", TypeError), ("lr2_patience", 0, ValueError),
     ("early_stop_patience", 2.5, TypeError), ("early_stop_patience", -1, ValueError),
     ("rounds_v1", 1.5, TypeError), ("rounds_v1", "1", TypeError), ("rounds_v2", True, TypeError),

@@ -145,10 +145,15 @@ def loss_name(loss: LossSpec) -> str:
     """A stable description (for metadata and settings hashes)."""
     if isinstance(loss, str):
         return loss.lower()
-    if isinstance(loss, PseudoHuberLoss):
+    # the exact classes only: a subclass may compute something else, and is fingerprinted below
+    if type(loss) is PseudoHuberLoss:
         return f"pseudo_huber(c={loss.c})"
-    if isinstance(loss, LPIPSLoss):
-        return "lpips"
+    if type(loss) is LPIPSLoss:
+        # the network it wraps counts (another backbone, or weights of one's own: another loss)
+        net, identified = describe_callable(loss.net)
+        if not identified:
+            warnings.warn(unidentified_note("LPIPS network", net), stacklevel=2)
+        return f"lpips({net})"
     # a fingerprint of what it computes: a checkpoint trained with another loss of the same name (two lambdas,
     # two partials) must not be resumed
     name, identified = describe_callable(loss)

@@ -248,7 +248,7 @@ class LD3Trainer:
         for name, v in (("lr_xi_min", lr_xi_min), ("lr_xi_c_min", lr_xi_c_min)):
             real(name, v, at_least=0)
         # a floor above the starting rate made the plateau "decay" raise the rate (to the floor)
-        if lr_xi is not None and real("lr_xi", lr_xi, above=0) < float(lr_xi_min):
+        if real("lr_xi", lr_xi, above=0) < float(lr_xi_min):  # no None: lr_xi has no derived default
             raise ValueError(f"lr_xi_min ({lr_xi_min}) must not exceed lr_xi ({lr_xi}): it is the floor the rate "
                              "decays to")
         if lr_xi_c is not None and real("lr_xi_c", lr_xi_c, above=0) < float(lr_xi_c_min):
