@@ -353,6 +353,15 @@ def _check_out_dir(path: str) -> None:
         raise UsageError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
 
 
+def _missing_folders(path: str) -> List[str]:
+    """The folders of ``path`` that do not exist yet, deepest first (what ``_check_out_dir`` would create)."""
+    missing, p = [], os.path.abspath(path)
+    while not os.path.lexists(p) and os.path.dirname(p) != p:
+        missing.append(p)
+        p = os.path.dirname(p)
+    return missing
+
+
 def cmd_sample(args) -> int:
     from .plotting import sample_grid
     learned = None
@@ -510,6 +519,9 @@ def _train_locked(args, model, schedule, solver, dtype) -> int:
         path = os.path.join(args.out, "schedule.json")
         if _holds_schedule(path, learned):
             _say(f"trained in {time.time() - t0:.1f}s; {path} already holds this schedule: kept as it is")
+            # a run stopped between writing this schedule and setting aside the eval of the one it replaced left
+            # that eval.json looking current: one that records another schedule's sha256 goes now
+            _set_aside_stale_eval(args.out, path, None, recorded_only=True)
         else:
             replaced = _file_sha256(path)  # the schedule an earlier `ld3 eval --out` may have evaluated
             kept = _keep_replaced_schedule(path) if replaced is not None else None
@@ -579,10 +591,12 @@ def _keep_replaced_schedule(path: str) -> Optional[str]:
     return target
 
 
-def _set_aside_stale_eval(out: str, schedule_path: str, replaced_sha: Optional[str]) -> List[str]:
+def _set_aside_stale_eval(out: str, schedule_path: str, replaced_sha: Optional[str],
+                          recorded_only: bool = False) -> List[str]:
     """After `ld3 train` wrote ``schedule_path``: an eval.json in ``out`` (and its figures) that evaluated the
     schedule this one replaced would still look current; it is renamed, not deleted, to ``*.stale-STAMP.*``.
-    An eval.json of this very schedule (same sha256) or of another schedule file stays.  Returns the new names."""
+    An eval.json of this very schedule (same sha256) or of another schedule file stays; ``recorded_only``: so
+    does one that records no sha256 (it may be of this schedule).  Returns the new names."""
     record_path = os.path.join(out, "eval.json")
     try:
         with open(record_path) as f:
@@ -594,6 +608,8 @@ def _set_aside_stale_eval(out: str, schedule_path: str, replaced_sha: Optional[s
     evaluated = record.get("schedule_sha256")
     if evaluated is not None and evaluated == _file_sha256(schedule_path):
         return []  # the numbers are of this schedule: still current
+    if evaluated is None and recorded_only:
+        return []
     of_replaced = (evaluated is not None and evaluated == replaced_sha) or _same_file(record.get("schedule_file"),
                                                                                   schedule_path)
     if not of_replaced:
@@ -790,8 +806,17 @@ def cmd_export_diffusers(args) -> int:
     if other is not None:  # without --scheduler-config too: the model's own scheduler config, not an earlier export
         raise UsageError(f"--out: {written} is a {other} config (a model's own scheduler, not an LD3Scheduler "
                          "export); write to another folder (and pass this one as --scheduler-config)")
+    if os.path.isdir(written):  # else the atomic write failed naming its temporary file
+        raise UsageError(f"--out: {written} is a folder; pass the folder that is to hold {LD3Scheduler.config_name}")
+    made = _missing_folders(args.out)
     _check_out_dir(args.out)  # as the other commands: an unusable --out is refused before the work
-    sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
+    try:
+        sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
+    except BaseException:
+        for folder in made:  # a refused export leaves no folder behind (they are still empty)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
     # what save_pretrained writes, but atomically: an interrupted export keeps the earlier file whole
     atomic_write_text(written, sched.to_json_string())
     _say(f"wrote a diffusers scheduler config to {args.out} (load it with LD3Scheduler.from_pretrained)")

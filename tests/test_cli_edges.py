@@ -442,3 +442,56 @@ def test_eval_scores_against_the_recorded_teacher_on_its_own_grid(tmp_path, caps
     teacher = json.loads((tmp_path / "o" / "eval.json").read_text())["teacher"]
     assert teacher["discretization"] == used and teacher["nfe"] == (10 if used != "logsnr" else 20)
     assert ("cannot be rebuilt here" in err) == (used == "logsnr")
+
+
+# ------------------------------------------------------------------------------------------------
+# review findings: a stale eval.json left by an interrupt, a refused export's folders, two messages
+def test_an_eval_json_left_by_an_interrupt_after_the_schedule_was_written_is_set_aside_on_rerun(tmp_path, capsys,
+                                                                                               monkeypatch):
+    """Ctrl-C between writing the new schedule.json and renaming the eval of the replaced one: the rerun found the
+    schedule already written ("kept as it is") and left the old eval.json looking current."""
+    out = tmp_path / "o"
+    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    old_record = (out / "eval.json").read_bytes()
+    real = cli._set_aside_stale_eval
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_set_aside_stale_eval", interrupted)
+    assert _run(TRAIN + ["--init", "edm", "--fresh", "--out", str(out)], capsys)[0] == 130
+    monkeypatch.setattr(cli, "_set_aside_stale_eval", real)
+    assert (out / "eval.json").read_bytes() == old_record  # the window: the old eval beside the new schedule
+    rc, text, err = _run(TRAIN + ["--init", "edm", "--out", str(out)], capsys)
+    assert rc == 0 and "already holds this schedule" in text and "evaluated the schedule this training" in err
+    assert not (out / "eval.json").exists()
+    (stale,) = [f for f in _stale(out) if f.startswith("eval.stale-")]
+    assert (out / stale).read_bytes() == old_record
+    # and an eval of the current schedule stays on the next rerun
+    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    current = (out / "eval.json").read_bytes()
+    assert _run(TRAIN + ["--init", "edm", "--out", str(out)], capsys)[0] == 0
+    assert (out / "eval.json").read_bytes() == current
+
+
+def test_a_refused_export_leaves_no_folder_and_a_folder_in_the_configs_place_is_named(tmp_path, capsys):
+    edm_file = _schedule_file(tmp_path)  # EDM: LD3Scheduler refuses it
+    out = tmp_path / "new" / "scheduler_config.json"  # --out spelled as the file it would write
+    rc, _, err = _run(["export-diffusers", edm_file, "--out", str(out)], capsys)
+    assert rc != 0 and not (tmp_path / "new").exists()
+    (tmp_path / "exp" / "scheduler_config.json").mkdir(parents=True)
+    rc, _, err = _run(["export-diffusers", edm_file, "--out", str(tmp_path / "exp")], capsys)
+    assert rc == 2 and "--out: " in err and "scheduler_config.json is a folder" in err and ".tmp" not in err
+
+
+def test_heun_nfe_too_small_names_the_smallest_it_takes(tmp_path, capsys):
+    rc, _, err = _run(["train", "--model", "gmm:ring2d", "--solver", "heun", "--nfe", "1", "--out",
+                       str(tmp_path / "o")], capsys)
+    assert rc == 2 and "nfe >= 4 for Heun" in err
+
+
+def test_a_diffusers_path_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    f = tmp_path / "schedule.json"
+    f.write_text("{}")
+    rc, _, err = _run(["sample", "--model", f"diffusers:{f}", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "is a file, not a folder" in err, err

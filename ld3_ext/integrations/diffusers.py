@@ -433,7 +433,8 @@ _UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 def _find_parts(path: str) -> Tuple[str, Optional[str], str]:
     """(unet folder, its subfolder or None, scheduler config path) in a pipeline or model folder."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"diffusers folder {path!r} does not exist (only local folders are supported; "
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(f"diffusers folder {path!r} {what} (only local folders are supported; "
                                 "no network access)")
     if os.path.isfile(os.path.join(path, "unet", "config.json")):
         unet_dir, sub = path, "unet"

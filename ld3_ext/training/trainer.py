@@ -80,8 +80,9 @@ def check_nfe(solver: Solver, nfe: int) -> int:
     try:
         count("nfe", nfe, 2)  # a TypeError for what is not an int
     except ValueError:
-        raise ValueError(f"nfe={nfe} is too small: LD3 needs nfe >= 2 (with one step the grid is fixed to "
-                         "[t_max, t_min] and there is nothing to learn)") from None
+        raise ValueError(f"nfe={nfe} is too small: LD3 needs two steps, nfe >= {max(solver.nfe(2), 2)} for "
+                         f"{type(solver).__name__} (with one step the grid is fixed to [t_max, t_min] and there is "
+                         "nothing to learn)") from None
     steps = solver.exact_steps(nfe, "nfe", min_steps=2)
     if steps < 2:
         raise ValueError(f"nfe={nfe} gives {type(solver).__name__} a single step: nothing to learn; use "
