@@ -52,7 +52,8 @@ def baseline_grids(model, schedule, solver, nfe, seed):
     grids = {name: discretizations.get_discretization(name, schedule, nfe) for name in HAND}
     try:
         from ld3_ext.baselines import baseline_timesteps
-        grids["dmn"] = baseline_timesteps("dmn", schedule, nfe)
+        from ld3_ext.baselines.dmn import order_for
+        grids["dmn"] = baseline_timesteps("dmn", schedule, nfe, order=order_for(solver))  # as `ld3 eval`'s
         shape = getattr(model, "sample_shape", None) or model.testbed.event_shape
         grids["gits"] = baseline_timesteps("gits", schedule, nfe, model=model, sample_shape=shape, seed=seed)
     except Exception as exc:  # report, don't hide: the record says which baselines ran

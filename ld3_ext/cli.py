@@ -287,8 +287,10 @@ def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0, dtype
         if name in MODEL_BASELINES:
             try:
                 from .baselines import baseline_timesteps
-                if name == "dmn":
-                    grids[name] = baseline_timesteps(name, schedule, nfe)
+                if name == "dmn":  # the bound of the solver's order, as the trainer's DMN start
+                    from .baselines.dmn import order_for
+                    grids[name] = baseline_timesteps(name, schedule, nfe,
+                                                     **({} if solver is None else {"order": order_for(solver)}))
                 else:  # GITS searches with its own one-step (Euler) cost, as in the paper
                     # the fine grid must hold at least nfe intervals (60 by default: an NFE-61 schedule failed)
                     # in the model's dtype (GITS' own default is float64; it moves its start to the model's device)

@@ -495,3 +495,17 @@ def test_a_diffusers_path_that_is_a_file_is_named_as_such(tmp_path, capsys):
     f.write_text("{}")
     rc, _, err = _run(["sample", "--model", f"diffusers:{f}", "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and "is a file, not a folder" in err, err
+
+
+def test_the_eval_dmn_row_is_the_grid_of_the_solvers_order_as_the_trainers_dmn_start():
+    """`ld3 eval` always used the order-3 bound; the trainer's DMN start (--init dmn) follows the solver's order."""
+    import torch
+    from ld3_ext import EDM, DPMSolverPP, Euler, Heun, IPNDM
+    from ld3_ext.baselines.dmn import dmn, order_for
+    s = EDM()
+    for solver, order in ((DPMSolverPP(order=2), 2), (Euler(), 1), (Heun(), 2), (DPMSolverPP(order=3), 3),
+                          (IPNDM(order=4), 3)):
+        assert order_for(solver) == order
+        got = cli._baseline_grids(["dmn"], s, 5, solver=solver)["dmn"]
+        assert torch.equal(got, dmn(s, 5, order=order)), type(solver).__name__
+    assert not torch.equal(dmn(s, 5, order=1), dmn(s, 5, order=3))  # the orders give other grids

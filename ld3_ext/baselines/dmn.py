@@ -203,6 +203,12 @@ def _check_init(init, lambda_min: float, lambda_max: float, nfe: int) -> np.ndar
     return arr
 
 
+def order_for(solver) -> int:
+    """The bound's order for ``solver``: its own, at most 3 (the highest the bound is written for; Euler and Heun
+    give 1 and 2).  The trainer's DMN start and ``ld3 eval``'s DMN row both use it, so they are one grid."""
+    return min(3, int(solver.order))
+
+
 def dmn(schedule: NoiseSchedule, nfe: int, order: int = 3, space: str = "pixel", init: Optional[str] = None,
         trunc_num: Optional[int] = None, maxiter: int = 200) -> torch.Tensor:
     """DMN timesteps (float64, t_max..t_min, length nfe + 1; endpoints exact) on ``schedule``.
@@ -239,4 +245,4 @@ def dmn(schedule: NoiseSchedule, nfe: int, order: int = 3, space: str = "pixel",
     return t
 
 
-__all__ = ["dmn", "dmn_lambdas", "dmn_objective", "exp_lagrange_weights", "error_weight", "step_orders"]
+__all__ = ["dmn", "order_for", "dmn_lambdas", "dmn_objective", "exp_lagrange_weights", "error_weight", "step_orders"]

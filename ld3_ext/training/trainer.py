@@ -649,9 +649,9 @@ class LD3Trainer:
     def _dmn_init(self) -> torch.Tensor:
         """The DMN grid, weighted as the original weights it: sigma^2/alpha from uniform t for latent models (a
         decoder is set), sigma/alpha from uniform lambda for pixel models."""
-        from ..baselines import dmn
+        from ..baselines.dmn import dmn, order_for
         space = "pixel" if self.decoder is None else "latent"
-        return dmn(self.schedule, self.num_steps, order=min(3, self.solver.order), space=space)
+        return dmn(self.schedule, self.num_steps, order=order_for(self.solver), space=space)
 
     def _auto_init(self) -> torch.Tensor:
         """init="auto": start from whichever candidate grid (hand-made or DMN) has the lowest hard
