@@ -188,7 +188,7 @@ def _skewed(mat: torch.Tensor, n: int) -> torch.Tensor:
 
 class _WholeSampler(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan: SamplerPlan, need: tuple, first: list, x_T, table, tm):
+    def forward(ctx, plan: SamplerPlan, need: tuple, x_T, table, tm, first):
         need_x, need_table, need_tm = need
         n = len(plan.orders)
         xs: List[torch.Tensor] = [x_T]
@@ -204,10 +204,11 @@ class _WholeSampler(torch.autograd.Function):
         evaluate, orders, max_order, keep = plan.evaluate, plan.orders, plan.max_order, not plan.checkpoint
         depends = _depends_on_other_leaves
         for i in range(n):
-            if i == 0 and first:
-                # the caller's evaluation on x_T and tm (checked in whole_sampler): its VJP is taken w.r.t. them,
-                # and entry 0 of the time gradient is step 0's
-                xl, tl, out = x_T, tm, first.pop()
+            if i == 0 and first is not None:
+                # the caller's evaluation (an input of this node): the backward hands the engine step 0's output
+                # gradient, which goes back through the caller's own graph of it (no VJP here)
+                xl = tl = None
+                out = first
             else:
                 xl = x.detach().requires_grad_()
                 tl = times[i].detach().requires_grad_() if need_tm else times[i]
@@ -219,7 +220,7 @@ class _WholeSampler(torch.autograd.Function):
             if native:  # one copy here, not one in each update and reverse step that reads it (layout.py)
                 val = in_layout_of(val, x)
             outs.append(val)
-            graphs.append((xl, tl, out) if keep else None)
+            graphs.append((xl, tl, out) if keep and xl is not None else None)
             del out  # with checkpointing its graph must go now, before the next evaluation
             history.insert(0, val)
             del history[max_order:]
@@ -227,9 +228,10 @@ class _WholeSampler(torch.autograd.Function):
             x = update(x, rows[i], history[:p]) if native else _update_reference(x, rows[i][: 1 + p], history[:p])
             xs.append(x)
         ctx.plan, ctx.need = plan, need
-        # x_T, the table and tm are the caller's: saved with version checks; the rest is ours
+        ctx.has_first = first is not None
+        # x_T, the table, tm and first are the caller's: saved with version checks; the rest is ours
         ctx.xs_inner, ctx.outs, ctx.graphs = xs[1:-1], outs, graphs
-        ctx.save_for_backward(table, x_T, tm)
+        ctx.save_for_backward(table, x_T, tm, first)
         return x
 
     @staticmethod
@@ -246,7 +248,7 @@ class _WholeSampler(torch.autograd.Function):
             return _differentiable_backward(ctx, grad)
         plan: SamplerPlan = ctx.plan
         need_x, need_table, need_tm = ctx.need
-        table, x_T, tm = ctx.saved_tensors
+        table, x_T, tm, _ = ctx.saved_tensors
         ctx.xs = [x_T] + ctx.xs_inner
         ctx.tm = tm.detach()
         tab = table.detach()
@@ -275,7 +277,7 @@ class _WholeSampler(torch.autograd.Function):
         scales = tab.select(1, 0).narrow(1, 0, 1).unbind(0)
         step = _adjoint_step_fn(grad)
         with (plan.deferred_checks() if plan.deferred_checks is not None else contextlib.nullcontext()):
-            lams, v_next, g_tm = _reverse_steps(ctx, plan, grad, step, w_rows, dot_rows, scales)
+            lams, v_next, g_tm, grad_first = _reverse_steps(ctx, plan, grad, step, w_rows, dot_rows, scales)
 
         grad_x = None
         if need_x:
@@ -300,7 +302,9 @@ class _WholeSampler(torch.autograd.Function):
             zero = ctx.tm.new_zeros(())
             dt = ctx.tm.dtype
             grad_tm = torch.stack([(zero if g is None else g if g.dtype == dt else g.to(dt)) for g in g_tm] + [zero])
-        return None, None, None, grad_x, grad_table, grad_tm
+        # step 0's output gradient, when the caller made that evaluation: the engine takes it through their graph
+        # of it (to x_T, tm and whatever else the network read), once
+        return None, None, grad_x, grad_table, grad_tm, grad_first if ctx.needs_input_grad[5] else None
 
 
 def _differentiable_backward(ctx, grad):
@@ -308,14 +312,15 @@ def _differentiable_backward(ctx, grad):
     VJPs are not differentiable, so the solve is run again from the saved inputs with plain per-step torch ops
     and differentiated with create_graph=True.  Costs one more forward; only taken when asked for."""
     plan: SamplerPlan = ctx.plan
-    table, x_T, tm = ctx.saved_tensors
+    table, x_T, tm, first = ctx.saved_tensors
+    needs = tuple(ctx.need) + (ctx.needs_input_grad[5],)
     # fresh aliases: with the default model times tm is t, an ancestor of table, and grad w.r.t. both at once
     # would hand t's share through the table back twice (once in tm's gradient, once through the table's node)
-    inputs = [v.view_as(v) if need else v for v, need in zip((x_T, table, tm), ctx.need)]
+    inputs = [v.view_as(v) if need else v for v, need in zip((x_T, table, tm, first), needs)]
     x = _solve_per_step(plan.evaluate, plan.orders, plan.max_order, *inputs)
-    wanted = [t for t, need in zip(inputs, ctx.need) if need]
+    wanted = [t for t, need in zip(inputs, needs) if need]
     got = iter(torch.autograd.grad(x, wanted, grad, create_graph=True, allow_unused=True))
-    return (None, None, None) + tuple(next(got) if need else None for need in ctx.need)
+    return (None, None) + tuple(next(got) if need else None for need in needs)
 
 
 def _solve_per_step(evaluate: Callable, orders: Sequence[int], max_order: int, x_T: torch.Tensor,
@@ -333,13 +338,15 @@ def _solve_per_step(evaluate: Callable, orders: Sequence[int], max_order: int, x
 
 def _reverse_steps(ctx, plan: SamplerPlan, grad: torch.Tensor, step: Callable, w_rows, dot_rows, scales):
     """The reverse walk of _WholeSampler.backward: one adjoint step and one model VJP per step, last
-    step first.  Returns the newest adjoints (lambda_1 first), v_0 and the per-step dL/dtm."""
+    step first.  Returns the newest adjoints (lambda_1 first), v_0, the per-step dL/dtm and, when the caller
+    made step 0's evaluation (``first``), that output's gradient (its VJP is then the engine's: v_0 is None)."""
     n = len(plan.orders)
     H = plan.max_order
     need_x, _, need_tm = ctx.need
     lams: List[torch.Tensor] = []    # lambda_{i+1}, lambda_{i+2}, ... (newest first)
     v_next: Optional[torch.Tensor] = None
     g_tm: List[Optional[torch.Tensor]] = [None] * n
+    grad_first: Optional[torch.Tensor] = None
     graphs = ctx.graphs
     for i in range(n - 1, -1, -1):
         J = plan.J[i]
@@ -353,9 +360,12 @@ def _reverse_steps(ctx, plan: SamplerPlan, grad: torch.Tensor, step: Callable, w
             gm = step(lams[0], v_next, scales[i + 1], lams[1:max(J - 1, 1)], ctx.xs[i], ctx.outs[i], w,
                       dot_rows[i])
             lams = [v_next] + lams[: H - 1]
-        v_next, g_tm[i] = _model_vjp(ctx, plan, i, gm, want_x=(i > 0 or need_x), want_t=need_tm)
+        if i == 0 and ctx.has_first:  # the caller's evaluation: its gradient goes back through their graph
+            grad_first, v_next = gm, None
+        else:
+            v_next, g_tm[i] = _model_vjp(ctx, plan, i, gm, want_x=(i > 0 or need_x), want_t=need_tm)
         graphs[i] = None  # consumed: a later backward re-evaluates the network
-    return lams, v_next, g_tm
+    return lams, v_next, g_tm, grad_first
 
 
 def _uses_native(x: torch.Tensor) -> bool:
@@ -406,8 +416,6 @@ def _model_vjp(ctx, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, w
     res = _vjp(out, inputs, gm)
     v = res[0] if want_x else None
     gt = res[-1] if want_t else None
-    if gt is not None and gt.dim() == 1:  # the caller's first evaluation: its VJP went to the whole tm
-        gt = gt.select(0, 0)
     if v is not None and not (v.stride() == gm.stride() and v.dtype == gm.dtype):
         # the next reverse step writes lambda_i into v in place, in its layout: the layout of the step (gm's)
         v = torch.empty_like(gm).copy_(v)
@@ -447,10 +455,12 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
     """Run the multistep loop as one autograd node (raises ForeignGradients to decline).
 
     ``first``: step 0's output, evaluated by the caller on ``x_T`` and ``tm[0]`` themselves (with its graph,
-    as its per-step loop would): the node declines before any other work when it depends on another tensor
-    requiring grad, so the caller's per-step loop goes on from it and the network runs exactly once a step.
-    Without it the node evaluates step 0 itself, and a decline there costs the caller one evaluation more.
-    A dependency that shows only at a later step still declines there, and the caller redoes steps 1 on.
+    as its per-step loop would).  The node declines before any other work when it depends on another tensor
+    requiring grad (so the caller's per-step loop goes on from it and the network runs exactly once a step);
+    else it is an input of the node, whose backward returns its gradient and leaves its VJP to the engine,
+    through the caller's own graph of it (whatever else that evaluation read: x_T made from the times, a
+    closure over them).  Without it the node evaluates step 0 itself, and a decline there costs the caller one
+    evaluation more.  A dependency that shows only at a later step declines there; the caller redoes steps 1 on.
 
     ``evaluate(x, t, step)`` returns the history entry of step ``step``; ``orders[i]`` is the number of
     history terms update i combines (1..4); ``table`` is the [N, 2, 5] float64 coefficient table (row
@@ -491,7 +501,7 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
     if first is not None and _depends_on_other_leaves(first, (x_T, tm)):
         raise ForeignGradients()
     plan = SamplerPlan(evaluate, orders, max_order, checkpoint, deferred_checks)
-    return _WholeSampler.apply(plan, need, [] if first is None else [first], x_T, table, tm)
+    return _WholeSampler.apply(plan, need, x_T, table, tm, first)
 
 
 def applicable(x: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> bool:

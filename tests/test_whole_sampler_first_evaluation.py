@@ -188,3 +188,76 @@ def test_whole_sampler_checks_first():
     for bad in (torch.zeros(2, 6, dtype=torch.float64), torch.zeros(3, 6), "x0"):
         with pytest.raises(ValueError, match="first must be step 0's output"):
             adjoint.whole_sampler(lambda xx, tt, i: xx, [1] * (t.numel() - 1), 2, False, xr, table, t, first=bad)
+
+
+# ---- step 0's gradient goes back through the caller's own graph of that evaluation ---------------------------
+def _grads_both(solver_name, make_inputs, net_of, checkpoint=False, create_graph=False):
+    """(fused output, reference output, fused grads, reference grads) w.r.t. the leaves make_inputs returns."""
+    res = {}
+    for backend in ("fused", "reference"):
+        leaves, x, t = make_inputs()
+        model = ld3_ext.wrap_model(net_of(x, t), ld3_ext.EDM(), prediction="x0")
+        y = SOLVERS[solver_name](backend, checkpoint_model=checkpoint).sample(model, x, t)
+        if backend == "fused":
+            assert type(y.grad_fn).__name__ == "_WholeSamplerBackward"
+        gs = torch.autograd.grad(y.square().sum(), leaves, create_graph=create_graph)
+        if create_graph:  # a Hessian-vector product through the node's double backward
+            gs = torch.autograd.grad(sum((g * torch.ones_like(g)).sum() for g in gs), leaves)
+        res[backend] = (y.detach(), gs)
+    return res
+
+
+def _assert_same(res, tol=1e-10):
+    torch.testing.assert_close(res["fused"][0], res["reference"][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(res["fused"][1], res["reference"][1]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def _pure(x, t):
+    return lambda xx, tt: torch.tanh(xx) * (1 + 0.01 * tt.reshape(-1, 1))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("how", ["product", "sum"])
+@pytest.mark.parametrize("solver_name", list(SOLVERS))
+def test_x_T_made_from_the_times(solver_name, how, checkpoint):
+    """x_T computed from the timesteps: step 0's VJP taken inside the node went on into the caller's graph
+    (a crash, "backward through the graph a second time") or counted t's path through x_T twice."""
+    x0, t0 = _inputs(seed=7)
+
+    def make():
+        t = t0.clone().requires_grad_()
+        x = x0 / 80.0 * t[0] if how == "product" else x0 + 0.1 * t[0]
+        return [t], x, t
+
+    _assert_same(_grads_both(solver_name, make, _pure, checkpoint))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("reads", ["t", "x_T"])
+def test_a_one_step_network_reading_the_inputs_directly(reads, checkpoint):
+    """One step (no later evaluation to decline at) whose network also reads t or x_T itself (a closure): the
+    node is taken, and that path of step 0's gradient was dropped."""
+    x0, t0 = _inputs(n=1, seed=8)
+
+    def make():
+        t, x = t0.clone().requires_grad_(), x0.clone().requires_grad_()
+        return [x, t], x, t
+
+    def net_of(x, t):
+        if reads == "t":
+            return lambda xx, tt: torch.tanh(xx) * (1 + 0.01 * t[-1])
+        return lambda xx, tt: torch.tanh(xx) + 0.01 * x
+
+    _assert_same(_grads_both("euler", make, net_of, checkpoint))
+
+
+@pytest.mark.parametrize("solver_name", ["dpmpp3", "unipc3", "heun"])
+def test_double_backward_with_x_T_made_from_the_times(solver_name):
+    x0, t0 = _inputs(seed=9)
+
+    def make():
+        t = t0.clone().requires_grad_()
+        return [t], x0 / 80.0 * t[0], t
+
+    _assert_same(_grads_both(solver_name, make, _pure, create_graph=True), tol=1e-9)
