@@ -57,9 +57,16 @@ class DiffusionModel(torch.nn.Module):
         batched into one call as [uncond; cond] (tensors of the same shape, dicts of them per key, or
         lists/tuples concatenated) and the outputs combined as u + s (c - u).  Every other model kwarg goes
         to both halves: tensors (also inside dicts, e.g. SDXL's ``added_cond_kwargs``, and lists/tuples,
-        e.g. ControlNet's residuals) with the batch of x are repeated; give ``uncond_kwargs={name: value}``
-        where the unconditional half needs its own value (SDXL's negative pooled ``text_embeds``).
+        e.g. ControlNet's residuals) with the batch of x are repeated; pass ``uncond_kwargs={name: value}``
+        among the call's keyword arguments (``sample(..., uncond_kwargs=...)``) where the unconditional half
+        needs its own value (SDXL's negative pooled ``text_embeds``).
+    cond_key : the keyword the conditioning comes under (default "cond"; e.g. "encoder_hidden_states"); with
+        guidance, ``uncond=`` holds the unconditional value for it.
     model_kwargs : extra keyword arguments passed to every call.
+    check_output : raise ``ModelOutputError`` naming the step when the network returns NaN/Inf; default True
+        (an output of the wrong shape or type is refused either way).
+    name : how a network without weights is identified in teacher caches and checkpoints (default: the
+        function's name); one with weights is identified by their hash.
     backend : "auto" (fused when the extension is built), "fused" or "reference": how ``predict`` converts
         between x0 and eps for a float32/float64 state -- one fused pass whose time gradient is the same for any
         thread count, or the plain PyTorch formulas (the two agree to rounding).

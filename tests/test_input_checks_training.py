@@ -292,3 +292,12 @@ def test_a_bad_schedule_file_gives_the_same_error(tmp_path, field, value, match)
     atomic_write_json(path, d)
     with pytest.raises(ScheduleFileError, match=rf"^schedule file .*s\.json: {match}"):
         load_schedule(path)
+
+
+def test_trainer_methods_that_need_the_teacher_data_say_to_call_fit_first():
+    """radius(), settings() and current_schedule() failed with a bare AttributeError before fit()."""
+    tr = _trainer()
+    for name in ("radius", "settings", "current_schedule"):
+        with pytest.raises(RuntimeError, match=r"call fit\(\) first"):
+            getattr(tr, name)()
+    assert _trainer(radius=0.5).radius() == 0.5  # a given radius needs no data

@@ -53,6 +53,11 @@ def heun_multistep_table(schedule, t: torch.Tensor) -> Tuple[torch.Tensor, List[
 
 
 class Heun(Solver):
+    """Heun's second-order method (EDM's Algorithm 2 without churn) on any schedule: two network evaluations
+    a step, every step (the grid ends at t_min > 0: no Euler-only last step), so ``nfe = 2 * steps`` and only
+    an even NFE runs exactly.  Both backends run it as 2N multistep updates on the states the network sees
+    (``heun_multistep_table``); see the module docstring."""
+
     name = "heun"
     max_order = 2
 

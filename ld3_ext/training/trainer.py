@@ -570,15 +570,24 @@ class LD3Trainer:
         if not torch.isfinite(noise).all() or not torch.isfinite(target).all():
             raise ValueError(f"{nn}/{tn} contain NaN/Inf")
 
+    def _loaded(self, what: str) -> Dict[str, torch.Tensor]:
+        """The teacher data fit() loads; a clear error when asked before (it was a bare AttributeError)."""
+        data = getattr(self, "_data", None)
+        if data is None:
+            raise RuntimeError(f"LD3Trainer.{what}() needs the teacher data: call fit() first")
+        return data
+
     def radius(self) -> float:
-        """r = gamma * d / NFE^2 on the unit-variance noise (LD3.md 1.1), d = numel of one sample."""
+        """r = gamma * d / NFE^2 on the unit-variance noise (LD3.md 1.1), d = numel of one sample (from the teacher
+        data: after fit(), unless ``radius`` was given)."""
         if self.radius_override is not None:
             return float(self.radius_override)
-        d = self._data["z_train"][0].numel()
+        d = self._loaded("radius")["z_train"][0].numel()
         return self.gamma * d / self.nfe ** 2
 
     def settings(self) -> Dict[str, Any]:
-        """Everything the result depends on (recorded in schedule files and matched on resume)."""
+        """Everything the result depends on (recorded in schedule files and matched on resume); after fit()."""
+        self._loaded("settings")
         init = self.init if isinstance(self.init, str) else [float(v) for v in torch.as_tensor(self.init).flatten()]
         out = {
             "nfe": self.nfe, "num_steps": self.num_steps, "solver": self.solver.config(),
@@ -934,7 +943,9 @@ class LD3Trainer:
     # results, failures, checkpoints
     # ------------------------------------------------------------------------------------------
     def current_schedule(self, best: bool = True) -> LearnedSchedule:
-        """The best (or the current) schedule as a LearnedSchedule."""
+        """The best (or the current) schedule as a LearnedSchedule; during or after fit()."""
+        if getattr(self, "st", None) is None:
+            raise RuntimeError("LD3Trainer.current_schedule() has no schedule yet: call fit() first")
         xi, xi_c = (self.st["best_xi"], self.st["best_xi_c"]) if best else (self.param.xi, self.param.xi_c)
         p = TimeParameterization(self.schedule, self.num_steps, self.time_mode, "logsnr", self.decoupled, self.win_rate)
         with torch.no_grad():
