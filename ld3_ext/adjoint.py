@@ -95,10 +95,10 @@ class ForeignGradients(Exception):
 
 def _depends_on_other_leaves(out: torch.Tensor, ours: Sequence[torch.Tensor]) -> bool:
     """Does ``out`` depend on a tensor requiring grad other than ``ours``?  A non-leaf in ``ours`` counts as
-    an input: the walk stops at its gradient edge and does not look at what it was computed from (the first
-    evaluation is made on the caller's x_T and times, whose own ancestry the node's gradient reaches through
-    them).  Asked once per step: the native walk (python/autograd_graph.cpp) costs nanoseconds a graph node,
-    the Python reference below about a microsecond."""
+    an input: the walk stops at its gradient edge and does not look at what it was computed from (the caller's
+    step-0 evaluation is made on their x_T and times: parameters those were made from are no reason to decline;
+    that evaluation's own gradient goes through the engine anyway).  Asked once per step: the native walk
+    (python/autograd_graph.cpp) costs nanoseconds a graph node, the Python reference below about a microsecond."""
     if _native.native_available():
         return _native._C.depends_on_other_leaves(out, list(ours))
     return _depends_on_other_leaves_reference(out, ours)
