@@ -356,11 +356,15 @@ def _check_out_dir(path: str) -> None:
 
 
 def _missing_folders(path: str) -> List[str]:
-    """The folders of ``path`` that do not exist yet, deepest first (what ``_check_out_dir`` would create)."""
-    missing, p = [], os.path.abspath(path)
-    while not os.path.lexists(p) and os.path.dirname(p) != p:
+    """The folders of ``path`` that do not exist yet, deepest first: what ``_check_out_dir``'s makedirs creates.
+    Walked on the path as written, as makedirs walks it (``a/../b`` creates ``a`` too)."""
+    missing, p = [], path
+    while p and not os.path.lexists(p):
         missing.append(p)
-        p = os.path.dirname(p)
+        head = os.path.dirname(p.rstrip(os.sep)) if p.rstrip(os.sep) else ""
+        if head == p:
+            break
+        p = head
     return missing
 
 

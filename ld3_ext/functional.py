@@ -36,7 +36,7 @@ k-diffusion's signatures; its noise arguments are accepted where they keep the s
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
@@ -221,11 +221,10 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
         raise TypeError(f"extra_args must be a dict of model keyword arguments, got {type(extra_args).__name__}")
     if check_output is not None:
         check_output = flag("check_output", check_output)
+    checks = contextlib.nullcontext()
     if isinstance(model_or_denoiser, DiffusionModel):
-        if check_output is not None and check_output != model_or_denoiser.check_output:
-            # the model checks its own outputs: a shallow copy (same network and schedule) with this call's setting
-            model_or_denoiser = copy.copy(model_or_denoiser)
-            model_or_denoiser.check_output = check_output
+        if check_output is not None:  # the model checks its own outputs: its setting, for this call
+            checks = model_or_denoiser.output_checks(check_output)
     elif check_output is None:
         check_output = True
     sv = get_solver(solver, **solver_kw)
@@ -267,11 +266,12 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
                      evals_per_step=per, state_sigmas=state_sigmas)
     kw = dict(extra_args or {})
     check_model_kwargs(kw, "extra_args")
-    if n >= 1:
-        x = sv.sample(model, x, pos, mpos, **kw)
-    if final_denoise:
-        # its step (the evaluation index) names it in a NaN/Inf error, with or without a callback
-        x = model.predict(x, mpos[-1], step=sv.nfe(n) if n >= 1 else 0, **kw)[0]
+    with checks:
+        if n >= 1:
+            x = sv.sample(model, x, pos, mpos, **kw)
+        if final_denoise:
+            # its step (the evaluation index) names it in a NaN/Inf error, with or without a callback
+            x = model.predict(x, mpos[-1], step=sv.nfe(n) if n >= 1 else 0, **kw)[0]
     return x
 
 

@@ -98,9 +98,8 @@ def check_table_args(schedule, timesteps, spec) -> None:
                          f"{type(timesteps).__name__}")
     if timesteps.is_complex() or timesteps.dtype == torch.bool:
         raise TypeError(f"coefficient_table: timesteps must be real numbers, got {timesteps.dtype}")
-    if timesteps.layout != torch.strided:  # a sparse grid has no values to read back or index
-        raise TypeError(f"coefficient_table: timesteps must be a dense (strided) tensor, got layout "
-                        f"{timesteps.layout}")
+    if timesteps.layout != torch.strided or timesteps.is_nested:  # no values to read back or index
+        raise TypeError(f"coefficient_table: timesteps must be a dense (strided) tensor, got {_layout_text(timesteps)}")
     if timesteps.dim() != 1 or timesteps.shape[0] < 2:
         raise ValueError(f"coefficient_table: timesteps must be a 1-D tensor with at least 2 entries, got shape "
                          f"{tuple(timesteps.shape)}")

@@ -132,6 +132,18 @@ class DiffusionModel(torch.nn.Module):
         self._deferred: Optional[List[Tuple[Optional[int], torch.Tensor, torch.Tensor, Optional[tuple]]]] = None
 
     @contextlib.contextmanager
+    def output_checks(self, on: bool):
+        """Inside, the NaN/Inf check of the network's outputs is on (or off) whatever ``check_output`` says; the
+        setting is restored on leaving (``ld3_ext.sample(check_output=...)`` uses it for one call)."""
+        on = flag("check_output", on)
+        before = self.check_output
+        self.check_output = on
+        try:
+            yield self
+        finally:
+            self.check_output = before
+
+    @contextlib.contextmanager
     def deferred_output_checks(self):
         """Inside, the NaN/Inf check of each network output is queued on the device instead of read back
         at once; leaving the block reads all of them in one host sync and raises ModelOutputError for

@@ -509,3 +509,11 @@ def test_the_eval_dmn_row_is_the_grid_of_the_solvers_order_as_the_trainers_dmn_s
         got = cli._baseline_grids(["dmn"], s, 5, solver=solver)["dmn"]
         assert torch.equal(got, dmn(s, 5, order=order)), type(solver).__name__
     assert not torch.equal(dmn(s, 5, order=1), dmn(s, 5, order=3))  # the orders give other grids
+
+
+def test_a_refused_export_leaves_no_folder_of_a_path_with_dot_dot(tmp_path, capsys, monkeypatch):
+    """os.makedirs walks the path as written: new2/../new3 creates new2 as well, which was left behind."""
+    monkeypatch.chdir(tmp_path)
+    edm_file = _schedule_file(tmp_path)  # EDM: LD3Scheduler refuses it
+    rc, _, _ = _run(["export-diffusers", edm_file, "--out", "new2/../new3"], capsys)
+    assert rc != 0 and not (tmp_path / "new2").exists() and not (tmp_path / "new3").exists()

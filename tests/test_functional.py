@@ -238,6 +238,27 @@ def test_an_explicit_check_output_applies_to_a_diffusion_model_for_that_call():
         F.sample(model, x_T(), karras(3), check_output="no")
 
 
+def test_an_explicit_check_output_runs_the_callers_own_model():
+    """The override ran a copy of the model: state the model keeps on itself during the call was lost."""
+    class Counting(ld3_ext.DiffusionModel):
+        calls = 0
+
+        def predict(self, *a, **k):
+            self.calls += 1
+            return super().predict(*a, **k)
+
+    model = Counting(lambda x, s: 0.5 * x, ld3_ext.EDM(), prediction="x0", time_input="sigma")
+    for check in (None, True, False):
+        model.calls = 0
+        F.sample(model, x_T(), karras(3), solver="dpmpp_2m", check_output=check)
+        assert model.calls == 3 and model.check_output is True, (check, model.calls)
+    with pytest.raises(ld3_ext.ModelOutputError):  # the setting comes back after a failing call too
+        with model.output_checks(True):
+            model.fn = lambda x, s: x * float("nan")
+            F.sample(model, x_T(), karras(3), solver="dpmpp_2m", check_output=True)
+    assert model.check_output is True
+
+
 def test_denoiser_integer_output_is_refused(mix):
     """An integer denoiser output is not cast silently (it would carry no gradient): ModelOutputError."""
     with pytest.raises(ld3_ext.ModelOutputError, match=r"torch.int64 tensor at step 0, expected a floating"):

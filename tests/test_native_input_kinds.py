@@ -154,3 +154,18 @@ def test_update_backward_entry_names_a_sparse_grad():
     x, m = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
     with pytest.raises(RuntimeError, match=r"multistep_update_backward: grad must be a dense \(strided\) tensor"):
         _native.get().multistep_update_backward(x.to_sparse(), x, torch.tensor([0.5, 0.2], dtype=D), [m])
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_nested_time_grid_is_refused_naming_it_on_every_path():
+    nt = torch.nested.nested_tensor([torch.tensor([80.0, 1.0, 0.01], dtype=D), torch.tensor([2.0, 1.0], dtype=D)])
+    spec, sch = ld3_ext.DPMSolverPP(2).spec(), ld3_ext.EDM()
+    model = ld3_ext.wrap_model(lambda x, t: x, sch, prediction="x0")
+    grid = torch.tensor([80.0, 1.0, 0.01], dtype=D)
+    for call, name in ((lambda: fused.coefficient_table(sch, nt, spec), "timesteps"),
+                       (lambda: ld3_ext.ops.coefficient_table(sch, nt, spec), "timesteps"),
+                       (lambda: ld3_ext.DPMSolverPP(2).sample(model, torch.randn(2, 3, dtype=D), nt), "timesteps"),
+                       (lambda: ld3_ext.DPMSolverPP(2).sample(model, torch.randn(2, 3, dtype=D), grid,
+                                                              model_timesteps=nt), "model_timesteps")):
+        with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided\) tensor, got a nested tensor"):
+            call()

@@ -13,7 +13,7 @@ from .. import adjoint, ops
 from .._checks import count, flag
 from ..coefficients import SolverSpec, step_orders
 from ..layout import in_layout_of
-from ..ops import _vmapped
+from ..ops import _layout_text, _vmapped
 from ..schedules import NoiseSchedule
 from ..wrappers import DiffusionModel, _capturing, _compiling
 
@@ -29,8 +29,9 @@ def _no_meta(name: str, t: torch.Tensor) -> None:
 
 
 def _dense(name: str, t: torch.Tensor) -> None:
-    if t.layout != torch.strided:  # a sparse grid fails deep inside ("Cannot access data pointer")
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    # a sparse grid fails deep inside ("Cannot access data pointer"), a nested one with torch's "Internal error"
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {_layout_text(t)}")
 
 
 _PREDICT_ARGS = frozenset({"step", "returns"})  # DiffusionModel.predict's keywords besides the model's own
