@@ -334,10 +334,12 @@ def _gather_padded(shard: torch.Tensor, sizes: List[int]) -> torch.Tensor:
     return torch.cat([b[:k] for b, k in zip(bufs, sizes)])
 
 
-def all_gather_batch_part(part: torch.Tensor, n: int, flag: bool = False):
+def all_gather_batch_part(part: torch.Tensor, n: int, flag: bool = False, flags: Optional[Sequence[bool]] = None):
     """Concatenate every rank's ``local_part`` of an n-row global batch, and whether ``flag`` was true on
     any rank, in one collective: the part sizes follow from ``shard_range(n)`` (no size exchange) and the
-    flag rides in the floating-point buffer (a training step's "a noise moved").  Returns (rows, any_flag)."""
+    flag rides in the floating-point buffer (a training step's "a noise moved").  Returns (rows, any_flag);
+    with ``flags`` (the same number on every rank, e.g. "this rank's model failed"), which ride along too,
+    (rows, any_flag, [whether each was true on any rank])."""
     if not isinstance(part, torch.Tensor) or part.dim() < 1 or not part.is_floating_point():
         raise TypeError(f"all_gather_batch_part: part must be a floating tensor with a batch dimension, got "
                         f"{(part.dtype, tuple(part.shape)) if isinstance(part, torch.Tensor) else type(part).__name__}")
@@ -347,19 +349,22 @@ def all_gather_batch_part(part: torch.Tensor, n: int, flag: bool = False):
     if part.shape[0] != sizes[get_rank()]:
         raise ValueError(f"all_gather_batch_part: part holds {part.shape[0]} rows, this rank's part of n = {n} "
                          f"is {sizes[get_rank()]}")
+    extra = [bool(f) for f in flags] if flags is not None else []
     if world == 1:
-        return part, bool(flag)
+        return (part, bool(flag)) if flags is None else (part, bool(flag), extra)
     row = 1
     for d in part.shape[1:]:
         row *= d
     m = max(sizes)
-    buf = part.new_zeros(m * row + 1)
+    k_flags = 1 + len(extra)
+    buf = part.new_zeros(m * row + k_flags)
     buf[: part.numel()] = part.reshape(-1)
-    buf[-1] = 1.0 if flag else 0.0
+    buf[m * row:] = torch.tensor([flag] + extra, dtype=buf.dtype)
     bufs = [torch.empty_like(buf) for _ in sizes]
     dist.all_gather(bufs, buf)
     rows = torch.cat([b[: k * row].reshape(k, *part.shape[1:]) for b, k in zip(bufs, sizes)])
-    return rows, bool(torch.stack([b[-1] for b in bufs]).max() > 0)
+    anys = [bool(v > 0) for v in torch.stack([b[m * row:] for b in bufs]).amax(0).tolist()]
+    return (rows, anys[0]) if flags is None else (rows, anys[0], anys[1:])
 
 
 __all__ = ["DistInfo", "init_from_env", "destroy", "is_initialized", "get_rank", "get_world_size", "is_rank0",

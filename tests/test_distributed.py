@@ -182,3 +182,9 @@ def test_all_gather_batch_part_rejects_bad_arguments():
         D.all_gather_batch_part(torch.ones(3, 2), -1)
     with pytest.raises(ValueError, match=r"part holds 3 rows, this rank's part of n = 4 is 4"):
         D.all_gather_batch_part(torch.ones(3, 2), 4)
+
+
+def test_all_gather_batch_part_carries_extra_flags_in_the_same_call():
+    rows, moved, extra = D.all_gather_batch_part(torch.ones(3, 2), 3, flag=True, flags=[False, True])
+    assert torch.equal(rows, torch.ones(3, 2)) and moved is True and extra == [False, True]
+    assert len(D.all_gather_batch_part(torch.ones(3, 2), 3)) == 2  # without flags: the pair, as before

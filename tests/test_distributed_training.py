@@ -179,3 +179,37 @@ def test_torchrun_regeneration_swaps_in_the_new_set_once(tmp_path):
         ta, _ = load_safetensors_checked(os.path.join(cache, f))
         tb, _ = load_safetensors_checked(os.path.join(b, "teacher", f))
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_a_model_failure_on_one_rank_stops_every_rank_with_the_last_good_schedule_saved(tmp_path):
+    """A NaN from the network on rank 1 (not rank 0) during a training step: that rank named a last-good schedule
+    file that only rank 0 would write, while rank 0 died in the next collective with a gloo traceback.  The
+    failure now rides in the step's flags: every rank stops with the same error and rank 0 writes the file."""
+    (tmp_path / "ld3_nan_factory.py").write_text(
+        "import os, torch, ld3_ext\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    net = torch.nn.Linear(2, 2)\n"
+        "    bad = os.environ.get('RANK') == '1'\n"
+        "    def fn(x, t):\n"
+        "        out = torch.tanh(net(x))\n"
+        "        # training steps differentiate through the network; the teacher and validation do not\n"
+        "        return out * float('nan') if bad and torch.is_grad_enabled() and x.requires_grad else out\n"
+        "    m = ld3_ext.wrap_model(fn, ld3_ext.EDM(), prediction='x0')\n"
+        "    m.net = net\n"
+        "    m.sample_shape = (2,)\n"
+        "    return m, m.schedule\n")
+    env = _env()
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "ld3_ext.cli", "train", "--model", "ld3_nan_factory:make", "--device", "cpu", "--nfe", "3",
+           "--solver", "dpmpp", "--order", "2", "--n-train", "4", "--n-valid", "2", "--rounds-v1", "1",
+           "--rounds-v2", "0", "--init", "logsnr", "--time-mode", "lambda", "--no-progress", "--out", str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0
+    # (torchrun's own launcher prints a traceback of its ChildFailedError: not a rank's)
+    assert "Connection closed" not in text and "]: Traceback" not in text, text[-3000:]
+    assert "the model failed" in text and "on another rank" in text, text[-3000:]
+    assert (out / "checkpoint" / "last_good_schedule.json").is_file()

@@ -804,20 +804,27 @@ class LD3Trainer:
         t, tm = self.param()
         self.opt_xi.zero_grad(set_to_none=True)
         self.opt_c.zero_grad(set_to_none=True)
+        distributed = D.get_world_size() > 1
+        model_err = None  # under torch.distributed a model failure rides in the step's flags: every rank stops
         if len(idx) > 0:
-            losses = self._losses(z_rel, d[y_key][idx], cond, t, tm)
+            try:
+                losses = self._losses(z_rel, d[y_key][idx], cond, t, tm)
+            except ModelOutputError as exc:
+                if not distributed:
+                    raise
+                model_err, losses, loss, bad = exc, z_rel.new_zeros(0), None, True
+        if len(idx) > 0 and model_err is None:
             if not losses.requires_grad:  # z' or xi requires grad here: the chain to them was cut
                 raise ValueError(f"loss={loss_name(self.loss_spec)!r}: the training loss carries no gradient; the loss "
                                  "(or the decoder, or the model) detaches its result (.detach(), .item(), numpy, "
                                  "torch.no_grad inside). LD3 differentiates through the model, decoder and loss")
             loss = losses.mean()
             bad = not bool(torch.isfinite(loss))
-        else:  # more ranks than samples in this batch: this rank only joins the collectives
+        elif len(idx) == 0:  # more ranks than samples in this batch: this rank only joins the collectives
             losses, bad = z_rel.new_zeros(0), False
-        distributed = D.get_world_size() > 1
         if bad and not distributed:
             self._nonfinite(f"the training loss is {float(loss.detach())}")
-        if len(idx) > 0 and loss.requires_grad and not bad:
+        if not bad and len(idx) > 0 and loss.requires_grad:
             loss.backward()
         g = None
         if relax:
@@ -837,7 +844,9 @@ class LD3Trainer:
                 grads.append(p.grad if p.requires_grad else None)
             bad_any, g_bad_any = D.all_reduce_mean_(grads, weight=len(idx), flags=[bad, g_bad])
             if bad_any:
-                self._nonfinite(f"the training loss is {float(loss.detach()) if bad else 'not finite on another rank'}")
+                self._nonfinite(f"the model failed: {model_err}" if model_err is not None else
+                                f"the training loss is {float(loss.detach())}" if bad else
+                                "the training loss is not finite (or the model failed) on another rank")
             g_bad = g_bad_any
         if g_bad:
             self._nonfinite("the gradient w.r.t. the starting noise is not finite")
@@ -866,15 +875,24 @@ class LD3Trainer:
             # every rank holds the full relaxed noise (checkpoints, best-state reloads and the next round need it)
             loc = D.local_part(idx)
             rows = cur[loc]
-            moved = False
+            moved, model_err = False, None
             if len(loc) > 0:
                 z_new = self._project(d[z_key][loc], proposal)
                 t, tm = self.param()
-                new_losses = self._losses(z_new, d[y_key][loc], None if d[c_key] is None else d[c_key][loc], t, tm)
-                keep = torch.isfinite(new_losses) & (new_losses < ref_losses)
-                rows = torch.where(keep.reshape(-1, *[1] * (z_new.dim() - 1)), z_new, rows)
-                moved = bool(keep.any())
-            rows, moved_any = D.all_gather_batch_part(rows, len(idx), moved)
+                try:
+                    new_losses = self._losses(z_new, d[y_key][loc], None if d[c_key] is None else d[c_key][loc], t,
+                                              tm)
+                except ModelOutputError as exc:  # told to every rank in the gather's flags: all stop together
+                    model_err = exc
+                else:
+                    keep = torch.isfinite(new_losses) & (new_losses < ref_losses)
+                    rows = torch.where(keep.reshape(-1, *[1] * (z_new.dim() - 1)), z_new, rows)
+                    moved = bool(keep.any())
+            rows, moved_any, (failed_any,) = D.all_gather_batch_part(rows, len(idx), moved,
+                                                                      flags=[model_err is not None])
+            if failed_any:
+                self._nonfinite(f"the model failed: {model_err}" if model_err is not None
+                                else "the model failed on another rank")
             if moved_any:
                 cur[idx] = rows
                 return True
