@@ -356,11 +356,13 @@ def _check_out_dir(path: str) -> None:
 
 
 def _missing_folders(path: str) -> List[str]:
-    """The folders of ``path`` that do not exist yet, deepest first: what ``_check_out_dir``'s makedirs creates.
-    Walked on the path as written, as makedirs walks it (``a/../b`` creates ``a`` too)."""
+    """The folders ``_check_out_dir``'s makedirs would create for ``path``, deepest first.  Walked on the path as
+    written, as makedirs walks it (``a/../b`` creates ``a`` too); a prefix whose real location exists already
+    (``a/..``, or ``b`` there) is not one of them."""
     missing, p = [], path
     while p and not os.path.lexists(p):
-        missing.append(p)
+        if not os.path.lexists(os.path.realpath(p)):
+            missing.append(p)
         head = os.path.dirname(p.rstrip(os.sep)) if p.rstrip(os.sep) else ""
         if head == p:
             break
@@ -815,8 +817,8 @@ def cmd_export_diffusers(args) -> int:
     if os.path.isdir(written):  # else the atomic write failed naming its temporary file
         raise UsageError(f"--out: {written} is a folder; pass the folder that is to hold {LD3Scheduler.config_name}")
     made = _missing_folders(args.out)
-    _check_out_dir(args.out)  # as the other commands: an unusable --out is refused before the work
     try:
+        _check_out_dir(args.out)  # as the other commands: an unusable --out is refused before the work
         sched = LD3Scheduler.from_schedule_file(args.schedule, scheduler_config=cfg)
     except BaseException:
         for folder in made:  # a refused export leaves no folder behind (they are still empty)

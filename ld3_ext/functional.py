@@ -82,14 +82,17 @@ class _VEModel(DiffusionModel):
     k-diffusion's callback: one call per grid interval ``i``, from its first evaluation, with
     ``sigma = grid[i]`` and ``sigma_hat`` the sigma the network saw (the model sigma when decoupled)."""
 
-    def __init__(self, model_or_denoiser, schedule: EDM, callback=None, check_output: bool = True,
+    def __init__(self, model_or_denoiser, schedule: EDM, callback=None, check_output: Optional[bool] = True,
                  grid: Optional[torch.Tensor] = None, evals_per_step: Optional[int] = 1,
                  state_sigmas: Optional[torch.Tensor] = None):
-        # a DiffusionModel checks its own outputs (its check_output setting): checked once, not twice
-        check_output = check_output and not isinstance(model_or_denoiser, DiffusionModel)
-        super().__init__(model_or_denoiser, schedule, prediction="x0", time_input="sigma", check_output=check_output,
+        # a DiffusionModel checks its own outputs, checked once, not twice: by its own check_output setting, or
+        # by this call's (check_output not None), set around each of its evaluations (a backward's re-evaluations
+        # included)
+        self_check = bool(check_output) and not isinstance(model_or_denoiser, DiffusionModel)
+        super().__init__(model_or_denoiser, schedule, prediction="x0", time_input="sigma", check_output=self_check,
                          name=getattr(model_or_denoiser, "name", None) or getattr(model_or_denoiser, "__name__", None))
         self.inner = model_or_denoiser if isinstance(model_or_denoiser, DiffusionModel) else None
+        self.inner_checks = check_output if self.inner is not None else None
         self.callback = callback
         self.grid = grid
         self.evals_per_step = evals_per_step
@@ -111,7 +114,9 @@ class _VEModel(DiffusionModel):
             ts = tt if self.state_sigmas is None else inner.schedule.t_from_edm_sigma(self._state_sigma(step))
             a = inner.schedule.alpha(ts).to(x.dtype)
             # eps is the same in the VP and VE views: the inner model's, converted at its own times
-            x0, eps = inner.predict(a * x, tt, step=step, returns=want, **kwargs)
+            with (inner.output_checks(self.inner_checks) if self.inner_checks is not None
+                  else contextlib.nullcontext()):
+                x0, eps = inner.predict(a * x, tt, step=step, returns=want, **kwargs)
         if self.callback is not None:
             self._report(x, t, step, x0)
         return x0, eps
@@ -221,12 +226,8 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
         raise TypeError(f"extra_args must be a dict of model keyword arguments, got {type(extra_args).__name__}")
     if check_output is not None:
         check_output = flag("check_output", check_output)
-    checks = contextlib.nullcontext()
-    if isinstance(model_or_denoiser, DiffusionModel):
-        if check_output is not None:  # the model checks its own outputs: its setting, for this call
-            checks = model_or_denoiser.output_checks(check_output)
-    elif check_output is None:
-        check_output = True
+    if check_output is None and not isinstance(model_or_denoiser, DiffusionModel):
+        check_output = True  # a DiffusionModel's default: its own setting
     sv = get_solver(solver, **solver_kw)
     s = _grid(sigmas, x, "sigmas")
     ms = s if model_sigmas is None else _grid(model_sigmas, x, "model_sigmas", decreasing=False)
@@ -262,16 +263,15 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
                              f"evaluations per step (the state's sigma is found from the evaluation's step), got "
                              f"{type(sv).__name__}")
         state_sigmas = pos
-    model = _VEModel(model_or_denoiser, schedule, callback, check_output=bool(check_output), grid=s.detach(),
+    model = _VEModel(model_or_denoiser, schedule, callback, check_output=check_output, grid=s.detach(),
                      evals_per_step=per, state_sigmas=state_sigmas)
     kw = dict(extra_args or {})
     check_model_kwargs(kw, "extra_args")
-    with checks:
-        if n >= 1:
-            x = sv.sample(model, x, pos, mpos, **kw)
-        if final_denoise:
-            # its step (the evaluation index) names it in a NaN/Inf error, with or without a callback
-            x = model.predict(x, mpos[-1], step=sv.nfe(n) if n >= 1 else 0, **kw)[0]
+    if n >= 1:
+        x = sv.sample(model, x, pos, mpos, **kw)
+    if final_denoise:
+        # its step (the evaluation index) names it in a NaN/Inf error, with or without a callback
+        x = model.predict(x, mpos[-1], step=sv.nfe(n) if n >= 1 else 0, **kw)[0]
     return x
 
 

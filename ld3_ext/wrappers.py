@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import contextlib
 import math
+import threading
 
 import torch
 
@@ -37,6 +38,11 @@ def _time_text(t: torch.Tensor) -> str:
 
 class ModelOutputError(RuntimeError):
     """A wrapped network returned something unusable (wrong shape, NaN/Inf)."""
+
+
+# per thread, {id(model): on}: DiffusionModel.output_checks' overrides of check_output (a module-level
+# thread-local, not an attribute: a model stays copyable and picklable)
+_CHECK_OVERRIDES = threading.local()
 
 
 class DiffusionModel(torch.nn.Module):
@@ -133,15 +139,27 @@ class DiffusionModel(torch.nn.Module):
 
     @contextlib.contextmanager
     def output_checks(self, on: bool):
-        """Inside, the NaN/Inf check of the network's outputs is on (or off) whatever ``check_output`` says; the
-        setting is restored on leaving (``ld3_ext.sample(check_output=...)`` uses it for one call)."""
+        """Inside, in this thread, the NaN/Inf check of the network's outputs is on (or off) whatever
+        ``check_output`` says (which stays as it is: other threads, and this one afterwards, see it).
+        ``ld3_ext.sample(check_output=...)`` wraps each evaluation of its call in it, a backward's too."""
         on = flag("check_output", on)
-        before = self.check_output
-        self.check_output = on
+        overrides = _CHECK_OVERRIDES.__dict__.setdefault("by_model", {})
+        key = id(self)
+        before = overrides.get(key)
+        overrides[key] = on
         try:
             yield self
         finally:
-            self.check_output = before
+            if before is None:
+                overrides.pop(key, None)
+            else:
+                overrides[key] = before
+
+    def _checks_on(self) -> bool:
+        """check_output, or this thread's override of it (``output_checks``)."""
+        overrides = getattr(_CHECK_OVERRIDES, "by_model", None)
+        on = overrides.get(id(self)) if overrides else None
+        return self.check_output if on is None else on
 
     @contextlib.contextmanager
     def deferred_output_checks(self):
@@ -149,7 +167,7 @@ class DiffusionModel(torch.nn.Module):
         at once; leaving the block reads all of them in one host sync and raises ModelOutputError for
         the first bad step.  A solver's ``sample()`` uses it on CUDA, so a sampler step never waits for
         the GPU.  During CUDA-graph capture nothing can be read back: the checks are skipped there."""
-        if not self.check_output or self._deferred is not None:  # off, or an outer block checks
+        if not self._checks_on() or self._deferred is not None:  # off, or an outer block checks
             yield
             return
         self._deferred = []
@@ -276,7 +294,7 @@ class DiffusionModel(torch.nn.Module):
         # checked after the cast, on the values the solver uses: a float32 output beyond float16's range
         # becomes Inf in a float16 state.  The finite check syncs with the device, and cannot be traced:
         # skipped inside torch.compile, and for a vmapped output (no value to read back)
-        if self.check_output and not _compiling() and not _vmapped(out):
+        if self._checks_on() and not _compiling() and not _vmapped(out):
             if self._deferred is not None:  # read back once, when the sample call ends
                 overflow = (torch.isfinite(raw).all(), raw.dtype, x.dtype) if raw is not out else None
                 self._deferred.append((step, t.detach(), torch.isfinite(out).all(), overflow))

@@ -517,3 +517,13 @@ def test_a_refused_export_leaves_no_folder_of_a_path_with_dot_dot(tmp_path, caps
     edm_file = _schedule_file(tmp_path)  # EDM: LD3Scheduler refuses it
     rc, _, _ = _run(["export-diffusers", edm_file, "--out", "new2/../new3"], capsys)
     assert rc != 0 and not (tmp_path / "new2").exists() and not (tmp_path / "new3").exists()
+
+
+def test_a_refused_export_keeps_a_folder_that_existed_before(tmp_path, capsys, monkeypatch):
+    """new/../keep: makedirs makes only new; keep existed (empty) and was removed with it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep").mkdir()
+    edm_file = _schedule_file(tmp_path)  # EDM: LD3Scheduler refuses it
+    for out in ("new/../keep", f"{tmp_path}/new/../keep/"):
+        rc, _, _ = _run(["export-diffusers", edm_file, "--out", out], capsys)
+        assert rc != 0 and (tmp_path / "keep").is_dir() and not (tmp_path / "new").exists()

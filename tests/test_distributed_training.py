@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from ld3_ext.atomic_io import load_safetensors_checked
@@ -181,7 +182,8 @@ def test_torchrun_regeneration_swaps_in_the_new_set_once(tmp_path):
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_a_model_failure_on_one_rank_stops_every_rank_with_the_last_good_schedule_saved(tmp_path):
+@pytest.mark.parametrize("when", ["step", "validation"])
+def test_a_model_failure_on_one_rank_stops_every_rank_with_the_last_good_schedule_saved(tmp_path, when):
     """A NaN from the network on rank 1 (not rank 0) during a training step: that rank named a last-good schedule
     file that only rank 0 would write, while rank 0 died in the next collective with a gloo traceback.  The
     failure now rides in the step's flags: every rank stops with the same error and rank 0 writes the file."""
@@ -191,10 +193,14 @@ def test_a_model_failure_on_one_rank_stops_every_rank_with_the_last_good_schedul
         "    torch.manual_seed(0)\n"
         "    net = torch.nn.Linear(2, 2)\n"
         "    bad = os.environ.get('RANK') == '1'\n"
+        "    seen = []\n"
         "    def fn(x, t):\n"
         "        out = torch.tanh(net(x))\n"
         "        # training steps differentiate through the network; the teacher and validation do not\n"
-        "        return out * float('nan') if bad and torch.is_grad_enabled() and x.requires_grad else out\n"
+        "        grad = torch.is_grad_enabled() and x.requires_grad\n"
+        "        seen.append(grad)\n"
+        f"        fail = grad if {when!r} == 'step' else (not grad and any(seen))  # validation: after a step\n"
+        "        return out * float('nan') if bad and fail else out\n"
         "    m = ld3_ext.wrap_model(fn, ld3_ext.EDM(), prediction='x0')\n"
         "    m.net = net\n"
         "    m.sample_shape = (2,)\n"
@@ -211,5 +217,6 @@ def test_a_model_failure_on_one_rank_stops_every_rank_with_the_last_good_schedul
     assert p.returncode != 0
     # (torchrun's own launcher prints a traceback of its ChildFailedError: not a rank's)
     assert "Connection closed" not in text and "]: Traceback" not in text, text[-3000:]
-    assert "the model failed" in text and "on another rank" in text, text[-3000:]
+    assert "the model failed: model returned NaN/Inf" in text and "the model failed on another rank" in text, \
+        text[-3000:]
     assert (out / "checkpoint" / "last_good_schedule.json").is_file()

@@ -543,3 +543,50 @@ def test_model_keywords_named_like_predicts_own_are_refused_on_every_path(name):
     with pytest.raises(TypeError, match=rf"model keyword arguments \['{name}'\] clash"):
         d(x, torch.full((2,), 1.0, dtype=torch.float64), **{name: "eps" if name == "returns" else 3})
     assert calls == []
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_an_explicit_check_output_holds_for_the_backward_too(checkpoint):
+    """checkpoint_model=True re-evaluates the network in the backward, after sample() returned: the call's
+    check_output=False must still hold there (it did not once the override was undone on return)."""
+    model = ld3_ext.DiffusionModel(lambda x, s: x * float("nan"), ld3_ext.EDM(), prediction="x0",
+                                   time_input="sigma")
+    x = x_T(2).requires_grad_()
+    out = F.sample(model, x, karras(3), solver="dpmpp_2m", check_output=False, checkpoint_model=checkpoint)
+    out.sum().backward()
+    assert torch.isnan(out).all() and model.check_output is True
+
+
+def test_an_explicit_check_output_is_per_thread_and_leaves_the_model_setting_alone():
+    """Two threads sharing one model: each call's override holds only for its own evaluations, and the model's
+    own setting is the same afterwards (a save/set/restore of the attribute interleaved and lost it)."""
+    import threading
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def net(x, s):
+        name = threading.current_thread().name
+        if name == "A":
+            a_in.set()
+            b_in.wait(5)
+        elif name == "B":
+            b_in.set()
+            a_done.wait(5)
+        return x * float("nan")
+
+    model = ld3_ext.DiffusionModel(net, ld3_ext.EDM(), prediction="x0", time_input="sigma")
+
+    def run(name, check):
+        try:
+            F.sample(model, x_T(2), karras(2, append_zero=False), solver="euler", check_output=check)
+            seen[name] = "passed"
+        except ld3_ext.ModelOutputError:
+            seen[name] = "raised"
+        finally:
+            if name == "A":
+                a_done.set()
+
+    ta = threading.Thread(target=run, args=("A", False), name="A")
+    tb = threading.Thread(target=lambda: (a_in.wait(5), run("B", True)), name="B")
+    ta.start(); tb.start(); ta.join(10); tb.join(10)  # noqa: E702
+    assert seen == {"A": "passed", "B": "raised"} and model.check_output is True

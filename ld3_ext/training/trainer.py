@@ -846,7 +846,7 @@ class LD3Trainer:
             if bad_any:
                 self._nonfinite(f"the model failed: {model_err}" if model_err is not None else
                                 f"the training loss is {float(loss.detach())}" if bad else
-                                "the training loss is not finite (or the model failed) on another rank")
+                                "the training loss is not finite on another rank (or the model failed on another rank)")
             g_bad = g_bad_any
         if g_bad:
             self._nonfinite("the gradient w.r.t. the starting noise is not finite")
@@ -928,11 +928,18 @@ class LD3Trainer:
         d, st = self._data, self.st
         with torch.no_grad():
             t, tm = self.param()
-        hard = self._eval_set(d["z_valid"], d["y_valid"], d["c_valid"], t, tm)
-        soft = hard if self.radius() <= 0 else self._eval_set(st["z_valid_rel"], d["y_valid"], d["c_valid"], t, tm)
+        # a model failure on one rank comes back as NaN from the reduction, on every rank: all stop together
+        fails: Dict[str, Exception] = {}
+        hard = self._eval_set(d["z_valid"], d["y_valid"], d["c_valid"], t, tm, fails, "hard")
+        alone = fails and D.get_world_size() == 1  # nobody to keep in step with: stop now
+        soft = hard if self.radius() <= 0 or alone else self._eval_set(st["z_valid_rel"], d["y_valid"],
+                                                                       d["c_valid"], t, tm, fails, "soft")
         metric = hard if self.select_on == "hard" else soft
-        if not math.isfinite(metric):
-            self._nonfinite(f"the validation loss is {metric}")
+        if fails:  # this rank's own failure (every rank's hard or soft loss is NaN now)
+            self._nonfinite(f"the model failed: {next(iter(fails.values()))}")
+        if not (math.isfinite(hard) and math.isfinite(soft)):
+            other = " (or the model failed on another rank)" if D.get_world_size() > 1 else ""
+            self._nonfinite(f"the validation loss is {metric if not math.isfinite(metric) else 'not finite'}{other}")
         if metric < st["best_metric"]:
             st["best_metric"], st["best_iteration"] = metric, st["iteration"]
             st["patience_count"], st["no_improve"] = 0, 0
@@ -1281,9 +1288,13 @@ class LD3Trainer:
         if st["init_metric"] is None:  # a fresh candidate
             with torch.no_grad():
                 t, tm = self.param()
-            st["init_metric"] = self._eval_set(d["z_valid"], d["y_valid"], d["c_valid"], t, tm)
+            fails: Dict[str, Exception] = {}  # a model failure on one rank: NaN in the reduction, every rank stops
+            st["init_metric"] = self._eval_set(d["z_valid"], d["y_valid"], d["c_valid"], t, tm, fails, "init")
+            if fails and D.get_world_size() == 1:
+                raise fails["init"]
             if not math.isfinite(st["init_metric"]):
-                raise FloatingPointError(f"the initial validation loss is {st['init_metric']}: check the model/teacher")
+                why = f"the model failed: {fails['init']}" if fails else "check the model/teacher"
+                raise FloatingPointError(f"the initial validation loss is {st['init_metric']}: {why}")
             # at the start the relaxed noises are the original ones, so hard == soft
             st["best_metric"] = st["init_metric"]
         n_tr = d["z_train"].shape[0]
