@@ -760,8 +760,9 @@ class LD3Trainer:
     def _eval_set(self, z_all, y_all, c_all, t, tm, failures: Optional[Dict[str, Exception]] = None,
                   key: Optional[str] = None) -> float:
         """Mean loss over a set.  With ``failures``, a model output error or non-finite loss is stored there under
-        ``key`` and the result is NaN (this rank still joins the reduction), instead of raised."""
-        tot, n = 0.0, 0
+        ``key`` and the result is NaN (this rank still joins the reduction), instead of raised; a failure on
+        another rank is stored too (as a ModelOutputError saying so), so every rank sees it."""
+        tot, n, failed = 0.0, 0, 0.0
         mine = D.shard_range(z_all.shape[0])  # everything in one process; this rank's rows under torch.distributed
         try:
             for lo in range(mine.start, mine.stop, self.valid_batch_size):
@@ -773,8 +774,10 @@ class LD3Trainer:
             if failures is None:
                 raise
             failures[key] = exc
-            tot = math.nan
-        tot, n = D.reduce_scalars([tot, n])
+            tot, failed = math.nan, 1.0
+        tot, n, failed = D.reduce_scalars([tot, n, failed])
+        if failed and failures is not None and key not in failures:
+            failures[key] = ModelOutputError("the model failed on another rank")
         return tot / n if n > 0 else math.nan  # n = 0: every rank failed on its first batch
 
     def _project(self, z: torch.Tensor, z_new: torch.Tensor) -> torch.Tensor:
@@ -935,11 +938,10 @@ class LD3Trainer:
         soft = hard if self.radius() <= 0 or alone else self._eval_set(st["z_valid_rel"], d["y_valid"],
                                                                        d["c_valid"], t, tm, fails, "soft")
         metric = hard if self.select_on == "hard" else soft
-        if fails:  # this rank's own failure (every rank's hard or soft loss is NaN now)
+        if fails:  # this rank's own failure, or another rank's: every rank has it in fails
             self._nonfinite(f"the model failed: {next(iter(fails.values()))}")
-        if not (math.isfinite(hard) and math.isfinite(soft)):
-            other = " (or the model failed on another rank)" if D.get_world_size() > 1 else ""
-            self._nonfinite(f"the validation loss is {metric if not math.isfinite(metric) else 'not finite'}{other}")
+        if not math.isfinite(metric):
+            self._nonfinite(f"the validation loss is {metric}")
         if metric < st["best_metric"]:
             st["best_metric"], st["best_iteration"] = metric, st["iteration"]
             st["patience_count"], st["no_improve"] = 0, 0
