@@ -137,6 +137,18 @@ def test_torchrun_auto_time_mode_matches_single_process(tmp_path):
     torch.testing.assert_close(sb.model_timesteps, sa.model_timesteps, rtol=0, atol=TOL)
 
 
+def _train_two_ranks_on_factory(tmp_path, factory: str, *extra: str) -> subprocess.CompletedProcess:
+    """`ld3 train` under torchrun with 2 gloo ranks on a tiny `package.module:factory` model written in tmp_path,
+    out in tmp_path/o."""
+    env = _env()
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "ld3_ext.cli", "train", "--model", factory, "--device", "cpu", "--nfe", "3",
+           "--solver", "dpmpp", "--order", "2", "--n-train", "4", "--n-valid", "2", "--rounds-v1", "1",
+           "--rounds-v2", "0", "--no-progress", *extra, "--out", str(tmp_path / "o")]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
 def test_ranks_with_different_weights_are_refused(tmp_path):
     """An unseeded network gives each rank other weights: the job stops with a clear error (it trained on
     teacher pairs from two different networks, silently)."""
@@ -149,13 +161,7 @@ def test_ranks_with_different_weights_are_refused(tmp_path):
         "    m.net = net\n"
         "    m.sample_shape = (2,)\n"
         "    return m, m.schedule\n")
-    env = _env()
-    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "ld3_ext.cli", "train", "--model", "ld3_rank_factory:make", "--device", "cpu", "--nfe", "3",
-           "--solver", "dpmpp", "--order", "2", "--n-train", "4", "--n-valid", "2", "--rounds-v1", "1",
-           "--rounds-v2", "0", "--no-progress", "--out", str(tmp_path / "o")]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    p = _train_two_ranks_on_factory(tmp_path, "ld3_rank_factory:make")
     assert p.returncode != 0
     assert "ranks under torch.distributed differ in their model or settings" in p.stdout + p.stderr
     assert not os.path.exists(tmp_path / "o" / "teacher" / "chunk_00000.safetensors")
@@ -205,14 +211,8 @@ def test_a_model_failure_on_one_rank_stops_every_rank_with_the_last_good_schedul
         "    m.net = net\n"
         "    m.sample_shape = (2,)\n"
         "    return m, m.schedule\n")
-    env = _env()
-    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "ld3_ext.cli", "train", "--model", "ld3_nan_factory:make", "--device", "cpu", "--nfe", "3",
-           "--solver", "dpmpp", "--order", "2", "--n-train", "4", "--n-valid", "2", "--rounds-v1", "1",
-           "--rounds-v2", "0", "--init", "logsnr", "--time-mode", "lambda", "--no-progress", "--out", str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    p = _train_two_ranks_on_factory(tmp_path, "ld3_nan_factory:make", "--init", "logsnr", "--time-mode", "lambda")
     text = p.stdout + p.stderr
     assert p.returncode != 0
     # (torchrun's own launcher prints a traceback of its ChildFailedError: not a rank's)
