@@ -349,7 +349,10 @@ def all_gather_batch_part(part: torch.Tensor, n: int, flag: bool = False, flags:
     if part.shape[0] != sizes[get_rank()]:
         raise ValueError(f"all_gather_batch_part: part holds {part.shape[0]} rows, this rank's part of n = {n} "
                          f"is {sizes[get_rank()]}")
-    extra = [bool(f) for f in flags] if flags is not None else []
+    if flags is not None and (isinstance(flags, (str, bytes)) or not isinstance(flags, Sequence)
+                              or not all(isinstance(f, bool) for f in flags)):
+        raise TypeError(f"all_gather_batch_part: flags must be a sequence of bools, got {flags!r}")
+    extra = list(flags) if flags is not None else []
     if world == 1:
         return (part, bool(flag)) if flags is None else (part, bool(flag), extra)
     row = 1

@@ -43,6 +43,8 @@ def plain_grad(g: torch.Tensor) -> torch.Tensor:
     do the same (python/plain_grad.h)."""
     if g is None:
         return g
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"plain_grad: g must be a tensor or None, got {type(g).__name__}")
     if g.layout != torch.strided:
         g = g.to_dense()
     return g.resolve_neg() if g.is_neg() else g

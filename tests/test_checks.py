@@ -169,3 +169,21 @@ def test_exact_steps():
         Heun().exact_steps(3, min_steps=2)
     with pytest.raises(ValueError, match="nfe must be an int >= 1"):
         Heun().exact_steps(0)
+
+
+def test_dmn_order_for_names_what_is_not_a_solver():
+    from ld3_ext.baselines.dmn import order_for
+    for bad in ("dpmpp", None, object()):
+        with pytest.raises(TypeError, match="solver must be an ld3_ext solver"):
+            order_for(bad)
+
+
+def test_output_checks_and_plain_grad_name_bad_arguments():
+    from ld3_ext.layout import plain_grad
+    model = ld3_ext.wrap_model(lambda x, t: x, ld3_ext.EDM(), prediction="x0")
+    with pytest.raises(TypeError, match="check_output must be a bool"):
+        with model.output_checks("no"):
+            pass
+    assert model.check_output is True
+    with pytest.raises(TypeError, match="plain_grad: g must be a tensor or None"):
+        plain_grad([1.0])

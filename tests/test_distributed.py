@@ -188,3 +188,9 @@ def test_all_gather_batch_part_carries_extra_flags_in_the_same_call():
     rows, moved, extra = D.all_gather_batch_part(torch.ones(3, 2), 3, flag=True, flags=[False, True])
     assert torch.equal(rows, torch.ones(3, 2)) and moved is True and extra == [False, True]
     assert len(D.all_gather_batch_part(torch.ones(3, 2), 3)) == 2  # without flags: the pair, as before
+
+
+@pytest.mark.parametrize("bad", ["ab", [1, 0], (True, None), 5])
+def test_all_gather_batch_part_names_bad_flags(bad):
+    with pytest.raises(TypeError, match="all_gather_batch_part: flags must be a sequence of bools"):
+        D.all_gather_batch_part(torch.ones(3, 2), 3, flags=bad)

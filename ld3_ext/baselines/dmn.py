@@ -206,7 +206,10 @@ def _check_init(init, lambda_min: float, lambda_max: float, nfe: int) -> np.ndar
 def order_for(solver) -> int:
     """The bound's order for ``solver``: its own, at most 3 (the highest the bound is written for; Euler and Heun
     give 1 and 2).  The trainer's DMN start and ``ld3 eval``'s DMN row both use it, so they are one grid."""
-    return min(3, int(solver.order))
+    order = getattr(solver, "order", None)
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise TypeError(f"solver must be an ld3_ext solver (with an int order >= 1), got {type(solver).__name__}")
+    return min(3, order)
 
 
 def dmn(schedule: NoiseSchedule, nfe: int, order: int = 3, space: str = "pixel", init: Optional[str] = None,
