@@ -41,10 +41,44 @@ struct Window {
   D4 lam[kWindow], alpha[kWindow], sigma[kWindow], log_alpha[kWindow], log_sigma[kWindow];
 };
 
+// Below this |x| the phi functions come from their Taylor series; above it from the recursion
+// phi_{k+1} = (phi_k - 1/k!)/x, whose cancellation then costs at most a few ulps (ld3_ext/coefficients.py
+// uses the same split).
+constexpr double kPhiSeriesBelow = 2.0;
+constexpr int kPhiSeriesTerms = 22;  // |x|^22/26! < 1e-19 of phi_4 for |x| < 2
+
+// phi[k-1] = phi_k(x) = sum_{j>=0} x^j/(j+k)!  (phi_1 = expm1(x)/x), k = 1..4, accurate to a few ulps for
+// every x != 0 -- the exponential-integrator functions every multistep row is made of.  The recursion
+// alone loses all digits as x -> 0 (steps of a fine grid), and the Jacobian even earlier.
+LD3_HD void phi_functions(const D4& x, D4 phi[4]) {
+  if (::fabs(x.v) < kPhiSeriesBelow) {
+    // phi_4 by Horner, then phi_k = 1/k! + x phi_{k+1} downwards (no cancellation for |x| < 2)
+    double inv_fact[kPhiSeriesTerms + 4];  // inv_fact[m] = 1/m!
+    inv_fact[0] = 1.0;
+    for (int m = 1; m < kPhiSeriesTerms + 4; ++m) inv_fact[m] = inv_fact[m - 1] / double(m);
+    D4 acc(inv_fact[kPhiSeriesTerms + 3]);
+    for (int j = kPhiSeriesTerms - 2; j >= 0; --j) acc = acc * x + D4(inv_fact[j + 4]);
+    phi[3] = acc;
+    for (int k = 3; k >= 1; --k) phi[k - 1] = D4(inv_fact[k]) + x * phi[k];
+    return;
+  }
+  phi[0] = expm1(x) / x;
+  double inv_fact = 1.0;
+  for (int k = 1; k < 4; ++k) {
+    phi[k] = (phi[k - 1] - D4(inv_fact)) / x;
+    inv_fact /= double(k + 1);
+  }
+}
+
 LD3_HD void dpmpp_row(const Window& w, int p, bool heun, D4 row[kTableWidth]) {
   const D4 h = w.lam[3] - w.lam[2];
   const D4 a = exp(w.log_sigma[3] - w.log_sigma[2]);
+  D4 phis[4];
+  phi_functions(-h, phis);
+  // LD3.md's phi_1 = e^-h - 1, phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2, without their cancellations
   const D4 phi1 = expm1(-h);
+  const D4 phi2 = h * phis[1];
+  const D4 phi3 = -h * phis[2];
   const D4& al = w.alpha[3];
   for (int c = 0; c < kTableWidth; ++c) row[c] = D4(0.0);
   row[0] = a;
@@ -58,15 +92,12 @@ LD3_HD void dpmpp_row(const Window& w, int p, bool heun, D4 row[kTableWidth]) {
       row[1] = -al * phi1 * (D4(1.0) + D4(0.5) / r0);
       row[2] = al * phi1 * D4(0.5) / r0;
     } else {
-      const D4 phi2 = phi1 / h + D4(1.0);
       row[1] = -al * phi1 + al * phi2 / r0;
       row[2] = -al * phi2 / r0;
     }
     return;
   }
   const D4 r1 = (w.lam[1] - w.lam[0]) / h;
-  const D4 phi2 = phi1 / h + D4(1.0);
-  const D4 phi3 = phi2 / h - D4(0.5);
   // first differences as coefficient vectors over (D_{i-1}, D_{i-2}, D_{i-3})
   const D4 d10[3] = {D4(1.0) / r0, -(D4(1.0) / r0), D4(0.0)};
   const D4 d11[3] = {D4(0.0), D4(1.0) / r1, -(D4(1.0) / r1)};
@@ -124,14 +155,15 @@ LD3_HD void unipc_rows(const Window& w, int p, bool bh2, bool corrector, D4 pred
   const D4 B = bh2 ? h_phi_1 : hh;
   D4 rks[3];  // r_k for history m_k, k = 1..p-1 (index k-1); rks[p-1] = 1 for the corrector
   for (int k = 1; k < p; ++k) rks[k - 1] = (w.lam[2 - k] - w.lam[2]) / h;
-  // b_k = g_k k!/B(h), g_1 = phi/hh - 1, g_{k+1} = g_k/hh - 1/(k+1)!
+  // b_k = g_k k!/B(h) with g_1 = phi/hh - 1, g_{k+1} = g_k/hh - 1/(k+1)! (LD3.md), i.e. g_k = hh phi_{k+1}(hh):
+  // b_k = phi_{k+1}(hh) k! hh/B, and hh/B = 1 (bh1) or 1/phi_1(hh) (bh2)
+  D4 phis[4];
+  phi_functions(hh, phis);
   D4 bvec[3];
-  D4 g = h_phi_1 / hh - D4(1.0);
   double fact = 1.0;
   for (int k = 1; k <= p; ++k) {
-    bvec[k - 1] = g * D4(fact) / B;
-    fact *= double(k + 1);
-    g = g / hh - D4(1.0 / fact);
+    fact *= double(k);
+    bvec[k - 1] = bh2 ? phis[k] * D4(fact) / phis[0] : phis[k] * D4(fact);
   }
   for (int c = 0; c < kTableWidth; ++c) {
     pred[c] = D4(0.0);

@@ -95,7 +95,77 @@ def step_orders(spec: SolverSpec, nfe: int) -> List[int]:
     return orders
 
 
-def _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, solver_type):
+#: below this |x| the phi functions come from their Taylor series (``phi_functions``); csrc/solver_coefficients.h
+#: splits at the same place
+PHI_SERIES_BELOW = 2.0
+PHI_SERIES_TERMS = 22  # |x|^22/26! < 1e-19 of phi_4 for |x| < 2
+_PHI_CONSTANTS = {}  # (dtype, device) -> (series exponents, series matrix, 0..4, partial-sum matrix)
+
+
+def _phi_constants(like: torch.Tensor):
+    key = (like.dtype, like.device)
+    if key not in _PHI_CONSTANTS:
+        inv = [1.0]  # inv[m] = 1/m!
+        for m in range(1, PHI_SERIES_TERMS + 4):
+            inv.append(inv[-1] / m)
+        series = [[inv[j + k] for k in range(1, 5)] for j in range(PHI_SERIES_TERMS)]  # x^j -> phi_k
+        partial = [[inv[j] if 1 <= j < k else 0.0 for k in range(1, 5)] for j in range(5)]  # sum_{1<=j<k} x^j/j!
+        _PHI_CONSTANTS[key] = tuple(torch.tensor(v, dtype=like.dtype, device=like.device) for v in (
+            list(range(PHI_SERIES_TERMS)), series, list(range(5)), partial))
+    return _PHI_CONSTANTS[key]
+
+
+def phi_functions(x: torch.Tensor) -> torch.Tensor:
+    """phi_k(x) = sum_{j>=0} x^j/(j+k)! for k = 1..4, stacked on a new last axis (phi_1 = expm1(x)/x).
+
+    The exponential-integrator functions every multistep row is made of.  LD3.md writes them as the recursion
+    phi_{k+1} = (phi_k - 1/k!)/x, which cancels as x -> 0 (a fine grid's steps): UniPC(3)'s corrector row lost
+    8 digits at steps h = 1e-4 and its Jacobian 12.  Below |x| = 2 the series; above it the recursion unrolled,
+    (expm1(x) - sum_{1<=j<k} x^j/j!)/x^k, which there costs a few ulps.  Each is a matrix product over powers of
+    x, for every step at once, so the reference table stays a handful of autograd nodes.  Differentiable, also
+    twice; x must be nonzero (a strictly decreasing grid's steps are)."""
+    exps, series_coef, exps5, partial_coef = _phi_constants(x)
+    small = x.abs() < PHI_SERIES_BELOW
+    # each branch sees a harmless stand-in where the other is used: every derivative stays finite there, so the
+    # where() passes 0, not NaN (x = 0 would make pow's second derivative 0 * inf)
+    xs = torch.where(small, x, 1.0)
+    xr = torch.where(small, 1.0, x)
+    series = (xs.unsqueeze(-1) ** exps) @ series_coef
+    powers = xr.unsqueeze(-1) ** exps5
+    unrolled = (torch.expm1(xr).unsqueeze(-1) - powers @ partial_coef) / powers[..., 1:]
+    return torch.where(small.unsqueeze(-1), series, unrolled)
+
+
+def _step_phis(lam, spec: SolverSpec, orders: List[int]) -> list:
+    """Per step, what its row takes from the phi functions, or None: DPM-Solver++ LD3.md's (phi_2, phi_3), UniPC
+    the vector b_1..b_3.  Computed for all steps at once, and only if some step reads them."""
+    n = len(orders)
+    if spec.kind in ("dpmpp", "euler"):
+        need = any(p == 3 or (p == 2 and spec.solver_type == "heun") for p in orders)
+    elif spec.kind == "unipc":
+        need = any(p >= 3 or (p == 2 and spec.has_corrector and i < n) for i, p in enumerate(orders, 1))
+    else:
+        need = False
+    if not need:
+        return [None] * n
+    h = lam[1:] - lam[:-1]
+    phi = phi_functions(-h)
+    if spec.kind == "unipc":
+        # b_k = g_k k!/B(h) with g_1 = phi/hh - 1, g_{k+1} = g_k/hh - 1/(k+1)! (LD3.md), i.e. g_k = hh phi_{k+1}(hh):
+        # b_k = phi_{k+1}(hh) k! hh/B, and hh/B = 1 (bh1) or 1/phi_1(hh) (bh2)
+        b = phi[:, 1:] * _FACTORIALS.to(phi)
+        if spec.variant == "bh2":
+            b = b / phi[:, :1]
+        return list(b.unbind(0))
+    # phi_2 = phi_1/h + 1 = h phi_2(-h) and phi_3 = phi_2/h - 1/2 = -h phi_3(-h), without their cancellation
+    return list(zip((h * phi[:, 1]).unbind(0), (-h * phi[:, 2]).unbind(0)))
+
+
+_FACTORIALS = torch.tensor([1.0, 2.0, 6.0], dtype=torch.float64)  # k! for k = 1..3
+
+
+def _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, solver_type, phi23):
+    """``phi23`` = this step's (phi_2, phi_3) from ``_step_phis`` (None where p = 1 or midpoint p = 2)."""
     h = lam[i] - lam[i - 1]
     a = torch.exp(log_sigma[i] - log_sigma[i - 1])
     phi1 = torch.expm1(-h)
@@ -107,11 +177,10 @@ def _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, solver_type):
     if p == 2:
         if solver_type == "midpoint":
             return [a, -al * phi1 * (1.0 + 0.5 / r0), al * phi1 * 0.5 / r0, zero, zero]
-        phi2 = phi1 / h + 1.0
+        phi2 = phi23[0]
         return [a, -al * phi1 + al * phi2 / r0, -al * phi2 / r0, zero, zero]
     r1 = (lam[i - 2] - lam[i - 3]) / h
-    phi2 = phi1 / h + 1.0
-    phi3 = phi2 / h - 0.5
+    phi2, phi3 = phi23
     # first differences as coefficient vectors over (D_{i-1}, D_{i-2}, D_{i-3})
     d10 = [1.0 / r0, -1.0 / r0, zero]
     d11 = [zero, 1.0 / r1, -1.0 / r1]
@@ -123,8 +192,9 @@ def _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, solver_type):
     return [a] + b + [zero]
 
 
-def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector):
-    """(predictor row, corrector row) of UniPC step i with order p (data prediction)."""
+def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector, bvec):
+    """(predictor row, corrector row) of UniPC step i with order p (data prediction); ``bvec`` = this step's
+    b_1..b_3 from ``_step_phis`` (None where no solve reads it)."""
     h = lam[i] - lam[i - 1]
     hh = -h
     a = torch.exp(log_sigma[i] - log_sigma[i - 1])
@@ -133,14 +203,6 @@ def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector):
     B = hh if variant == "bh1" else h_phi_1
     zero = torch.zeros_like(h)
     rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, p)]  # r_k for history m_k, k = 1..p-1
-    # b_k = g_k k!/B(h), g_1 = phi/hh - 1, g_{k+1} = g_k/hh - 1/(k+1)!
-    g = h_phi_1 / hh - 1.0
-    bvec = []
-    fact = 1
-    for k in range(1, p + 1):
-        bvec.append(g * fact / B)
-        fact *= k + 1
-        g = g / hh - 1.0 / fact
     # predictor over (m_0 .. m_{p-1})
     pred = [a, -al * h_phi_1] + [zero] * (MAX_HISTORY - 1)
     if p >= 2:
@@ -148,7 +210,7 @@ def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector):
             rho_p = [torch.full_like(h, 0.5)]
         else:
             R = torch.stack([torch.stack([rk ** j for rk in rks]) for j in range(p - 1)])
-            rho_p = list(torch.linalg.solve(R, torch.stack(bvec[: p - 1])))
+            rho_p = list(torch.linalg.solve(R, bvec[: p - 1]))
         for k in range(1, p):
             w = -al * B * rho_p[k - 1] / rks[k - 1]  # coefficient of Delta_k = (m_k - m_0)/r_k
             pred[1 + k] = pred[1 + k] + w
@@ -161,7 +223,7 @@ def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector):
     else:
         rall = rks + [torch.ones_like(h)]
         R = torch.stack([torch.stack([rk ** j for rk in rall]) for j in range(p)])
-        rho_c = list(torch.linalg.solve(R, torch.stack(bvec)))
+        rho_c = list(torch.linalg.solve(R, bvec[:p]))
     corr = [a, zero, -al * h_phi_1] + [zero] * (MAX_HISTORY - 2)
     for k in range(1, p):
         w = -al * B * rho_c[k - 1] / rks[k - 1]
@@ -200,15 +262,17 @@ def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverS
     log_sigma = schedule.log_sigma(t)
     lam = log_alpha - log_sigma
     alpha, sigma = torch.exp(log_alpha), torch.exp(log_sigma)
+    phis = _step_phis(lam, spec, orders)
     zero_row = [torch.zeros_like(t[0])] * TABLE_WIDTH
     rows = []
     for i in range(1, n + 1):
         p = orders[i - 1]
         if spec.kind in ("dpmpp", "euler"):
-            main = _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, spec.solver_type)
+            main = _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, spec.solver_type, phis[i - 1])
             corr = zero_row
         elif spec.kind == "unipc":
-            main, corr = _unipc_rows(lam, alpha, log_sigma, i, p, spec.variant, spec.has_corrector and i < n)
+            main, corr = _unipc_rows(lam, alpha, log_sigma, i, p, spec.variant, spec.has_corrector and i < n,
+                                     phis[i - 1])
         else:
             main = _ipndm_row(lam, alpha, sigma, log_alpha, i, p)
             corr = zero_row
@@ -217,4 +281,4 @@ def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverS
 
 
 __all__ = ["SolverSpec", "check_flag", "step_orders", "coefficient_table_reference", "MAX_HISTORY", "TABLE_WIDTH",
-           "SOLVER_IDS", "MAX_ORDER", "IPNDM_WEIGHTS"]
+           "SOLVER_IDS", "MAX_ORDER", "IPNDM_WEIGHTS", "phi_functions"]

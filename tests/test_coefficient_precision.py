@@ -1,0 +1,164 @@
+"""float64 precision of the solver coefficients and their Jacobians on both backends, against mpmath.
+
+LD3.md writes phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2 and UniPC's g_{k+1} = g_k/h - 1/(k+1)!: recursions that
+cancel as the step h shrinks.  Found by this file, before ``phi_functions`` (and its C++ twin) took the Taylor
+series below |h| = 2 (relative to each row's largest entry; EDM grid with every log-step = gap):
+
+    gap     UniPC(3) row   its Jacobian   DPM-Solver++(3M) Jacobian
+    1e-1    3.2e-14        3.2e-13        4e-15
+    1e-2    7.0e-13        2.5e-10        3.8e-13
+    1e-4    1.8e-8         2.5e-4         3.1e-9
+    1e-6    2.3e-4         4e2            3.5e-5
+
+After it: rows within 3e-16, Jacobians within 2e-15 down to gap 1e-2, then growing like 1e-17/gap -- the rounding
+of lambda(t) itself, which no formula for the coefficients can undo (1.1e-13 at 1e-4, 7e-11 at 1e-6).
+"""
+from __future__ import annotations
+
+import math
+
+import mpmath as mp
+import pytest
+import torch
+
+import _mp_coefficients as oracle
+import ld3_ext.schedules as S
+from ld3_ext import ops
+from ld3_ext.coefficients import PHI_SERIES_BELOW, SolverSpec, phi_functions
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SPECS = {
+    "dpmpp3": dict(kind="dpmpp", order=3),
+    "dpmpp2_heun": dict(kind="dpmpp", order=2, solver_type="heun"),
+    "dpmpp2_midpoint": dict(kind="dpmpp", order=2),
+    "euler": dict(kind="euler", order=1),
+    "unipc3_bh1": dict(kind="unipc", order=3),
+    "unipc3_bh2": dict(kind="unipc", order=3, variant="bh2"),
+    "unipc2_bh2": dict(kind="unipc", order=2, variant="bh2"),
+    "unipc3_no_corrector": dict(kind="unipc", order=3, use_corrector=False),
+    "ipndm4": dict(kind="ipndm", order=4),
+}
+SCHEDULES = {"edm": S.EDM(), "flow_matching": S.FlowMatching()}
+
+
+def _phi_exact(k, x):
+    """phi_k(x) = (e^x - sum_{j<k} x^j/j!)/x^k at the working precision (the cancellation costs at most 4 x 12 digits)."""
+    return (mp.exp(x) - sum(x ** j / mp.factorial(j) for j in range(k))) / x ** k
+
+
+def _mp_phi(k, x):
+    with mp.workdps(100):
+        return _phi_exact(k, mp.mpf(x))
+
+
+def _mp_phi_derivative(k, x, order):
+    with mp.workdps(100):
+        return mp.diff(lambda u: _phi_exact(k, u), mp.mpf(x), order)
+
+
+XS = [v * s for v in (1e-12, 3e-7, 1e-4, 0.01, 0.3, 1.0, 1.999999, 2.0, 2.5, 7.0, 30.0) for s in (1.0, -1.0)]
+
+
+#: relative error allowed for phi_k and its first and second derivative: measured at most 4.2e-16, 1.2e-14 and
+#: 2.1e-13 (the derivatives of the series, an alternating sum near x = -2); the recursion alone is off by up to 1e+4
+#: at x = 1e-4 and gives 0 or inf at 1e-12
+PHI_TOL = (2e-15, 6e-14, 1e-12)
+
+
+@pytest.mark.parametrize("x", XS)
+def test_phi_functions_and_two_derivatives_match_mpmath(x):
+    assert phi_functions(torch.tensor(x, dtype=torch.float64)).shape == (4,)
+    for k in range(1, 5):
+        xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        phi = phi_functions(xt)[k - 1]
+        (d1,) = torch.autograd.grad(phi, xt, create_graph=True)
+        (d2,) = torch.autograd.grad(d1, xt)
+        wants = [_mp_phi(k, x), _mp_phi_derivative(k, x, 1), _mp_phi_derivative(k, x, 2)]
+        for order, (got, want, tol) in enumerate(zip((phi, d1, d2), wants, PHI_TOL)):
+            assert abs(float(got) - float(want)) <= tol * abs(float(want)), (k, x, order)
+
+
+def test_phi_functions_batched_and_finite_gradients_in_both_branches():
+    x = torch.tensor([-1e-9, -0.5, -1.9, -2.1, -25.0, 3.0], dtype=torch.float64, requires_grad=True)
+    phi = phi_functions(x)
+    assert phi.shape == (6, 4)
+    torch.testing.assert_close(phi, torch.stack([phi_functions(v) for v in x.detach()]), rtol=0, atol=0)
+    (g,) = torch.autograd.grad(phi.sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    assert torch.isfinite(g).all() and torch.isfinite(gg).all()
+    assert torch.autograd.gradgradcheck(phi_functions, (x.detach().clone().requires_grad_(),))
+
+
+def test_phi_functions_are_continuous_across_the_series_boundary():
+    below = torch.tensor(-PHI_SERIES_BELOW, dtype=torch.float64)
+    for x in (below, -below):
+        lo, hi = phi_functions(torch.nextafter(x, torch.zeros(()))), phi_functions(x)  # series | recursion
+        torch.testing.assert_close(lo, hi, rtol=4e-15, atol=0)
+
+
+def _table_and_jacobian(schedule, t, spec, backend):
+    fn = lambda tt: ops.coefficient_table(schedule, tt, spec, backend=backend)  # noqa: E731
+    return fn(t), torch.autograd.functional.jacobian(fn, t)
+
+
+def _oracle(schedule_name, t, sp):
+    tl = [float(v) for v in t]
+    table = torch.tensor([[[float(v) for v in row] for row in step] for step in oracle.table(schedule_name, tl, **sp)],
+                         dtype=torch.float64)
+    jac = torch.stack([torch.tensor([[[float(v) for v in row] for row in step]
+                                     for step in oracle.jacobian(schedule_name, tl, j, **sp)], dtype=torch.float64)
+                       for j in range(len(tl))], -1)
+    return table, jac
+
+
+def _uniform_log_grid(schedule_name, gap, n=6):
+    """n+1 times whose lambda steps all equal gap (from lambda = 0.3 on; exact in t, then rounded to float64)."""
+    with mp.workdps(40):
+        lams = [mp.mpf("0.3") - 0 + k * mp.mpf(gap) for k in range(n + 1)]
+        if schedule_name == "edm":  # lambda = -log t
+            ts = [mp.exp(-lam) for lam in lams]
+        else:  # flow: lambda = log((1 - t)/t)
+            ts = [1 / (1 + mp.exp(lam)) for lam in lams]
+    return torch.tensor([float(v) for v in ts], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("schedule_name", sorted(SCHEDULES))
+@pytest.mark.parametrize("gap", [1e-1, 1e-2, 1e-4, 1e-6])
+@pytest.mark.parametrize("spec_name", sorted(SPECS))
+def test_table_and_jacobian_on_fine_grids_match_mpmath(schedule_name, gap, spec_name):
+    sp = SPECS[spec_name]
+    schedule, spec = SCHEDULES[schedule_name], SolverSpec(**sp)
+    t = _uniform_log_grid(schedule_name, gap)
+    want, want_jac = _oracle(schedule_name, t, sp)
+    row_scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+    jac_scale = want_jac.abs().amax((-1, -2), keepdim=True).clamp_min(1e-300)
+    jac_tol = max(1e-13, 1e-15 / gap)  # lambda(t) rounds to 1e-16: its steps are known to 1e-16/gap
+    for backend in ("reference", "fused"):
+        table, jac = _table_and_jacobian(schedule, t, spec, backend)
+        err = float(((table - want).abs() / row_scale).max())
+        assert err <= 2e-15, (backend, err)
+        jerr = float(((jac - want_jac).abs() / jac_scale).max())
+        assert jerr <= jac_tol, (backend, jerr)
+
+
+@pytest.mark.parametrize("schedule_name", sorted(SCHEDULES))
+@pytest.mark.parametrize("spec_name", sorted(SPECS))
+def test_table_and_jacobian_on_sampling_grids_match_mpmath(schedule_name, spec_name):
+    """Grids as LD3 samples on (NFE 4 and 8, steps from |h| > 2 down to ~0.1): both phi branches in one table."""
+    sp = SPECS[spec_name]
+    schedule, spec = SCHEDULES[schedule_name], SolverSpec(**sp)
+    for n in (4, 8):
+        if schedule_name == "edm":
+            t = torch.linspace(80.0 ** (1 / 7), 0.002 ** (1 / 7), n + 1, dtype=torch.float64) ** 7
+        else:
+            t = torch.linspace(0.999, 0.001, n + 1, dtype=torch.float64)
+        want, want_jac = _oracle(schedule_name, t, sp)
+        row_scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+        jac_scale = want_jac.abs().amax((-1, -2), keepdim=True).clamp_min(1e-300)
+        for backend in ("reference", "fused"):
+            table, jac = _table_and_jacobian(schedule, t, spec, backend)
+            assert float(((table - want).abs() / row_scale).max()) <= 2e-15, (backend, n)
+            assert float(((jac - want_jac).abs() / jac_scale).max()) <= 2e-14, (backend, n)
+        h = (schedule.lambda_(t[1:]) - schedule.lambda_(t[:-1])).abs()
+        assert bool((h > PHI_SERIES_BELOW).any()) and bool((h < PHI_SERIES_BELOW).any()), h  # both branches ran
