@@ -213,8 +213,10 @@ LD3_HD void ipndm_row(const Window& w, int p, D4 row[kTableWidth]) {
                           {23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0, 0.0},
                           {55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0}};
   const D4 h = w.lam[3] - w.lam[2];
-  const D4 scale = -w.sigma[3] * expm1(h);
   row[0] = exp(w.log_alpha[3] - w.log_alpha[2]);
+  // -sigma_i (e^h - 1) = sigma_i - a sigma_{i-1}: above h = ln 2 the difference (whose derivatives do not cancel
+  // two e^h terms), below it expm1 (whose value does not cancel); as ld3_ext/coefficients.py
+  const D4 scale = h.v > 0.6931471805599453 ? w.sigma[3] - row[0] * w.sigma[2] : -w.sigma[3] * expm1(h);
   for (int k = 0; k < kMaxHistory; ++k) row[1 + k] = k < p ? scale * D4(W[p - 1][k]) : D4(0.0);
 }
 

@@ -136,19 +136,31 @@ def phi_functions(x: torch.Tensor) -> torch.Tensor:
     return torch.where(small.unsqueeze(-1), series, unrolled)
 
 
-def _step_phis(lam, spec: SolverSpec, orders: List[int]) -> list:
-    """Per step, what its row takes from the phi functions, or None: DPM-Solver++ LD3.md's (phi_2, phi_3), UniPC
-    the vector b_1..b_3.  Computed for all steps at once, and only if some step reads them."""
+_FACTORIALS = torch.tensor([1.0, 2.0, 6.0], dtype=torch.float64)  # k! for k = 1..3
+
+
+def expm1_exact_grad(x: torch.Tensor) -> torch.Tensor:
+    """expm1(x) whose derivatives are exp(x) itself.  torch.expm1's backward forms (result + 1), which keeps only
+    1e-16/e^x of e^x's digits for large negative x: the reference table's Jacobian was off by 6e-9 at a step
+    h = 20 (an EDM grid from 80 to 1e-7), where the native Dual arithmetic is exact.  The value is torch.expm1's:
+    e - e.detach() adds an exact zero that carries exp's derivative, at every order."""
+    e = torch.exp(x)
+    return torch.expm1(x.detach()) + (e - e.detach())
+
+
+def _step_phis(lam, spec: SolverSpec, orders: List[int]):
+    """For every step, what DPM-Solver++ and UniPC rows take from the phi functions: LD3.md's phi_1 = e^-h - 1,
+    and (None where no step reads it) DPM-Solver++'s (phi_2, phi_3) or UniPC's vector b_1..b_3.  Computed for all
+    steps at once, so a longer grid adds no autograd nodes here."""
     n = len(orders)
+    h = lam[1:] - lam[:-1]
+    phi1 = list(expm1_exact_grad(-h).unbind(0))
     if spec.kind in ("dpmpp", "euler"):
         need = any(p == 3 or (p == 2 and spec.solver_type == "heun") for p in orders)
-    elif spec.kind == "unipc":
-        need = any(p >= 3 or (p == 2 and spec.has_corrector and i < n) for i, p in enumerate(orders, 1))
     else:
-        need = False
+        need = any(p >= 3 or (p == 2 and spec.has_corrector and i < n) for i, p in enumerate(orders, 1))
     if not need:
-        return [None] * n
-    h = lam[1:] - lam[:-1]
+        return phi1, [None] * n
     phi = phi_functions(-h)
     if spec.kind == "unipc":
         # b_k = g_k k!/B(h) with g_1 = phi/hh - 1, g_{k+1} = g_k/hh - 1/(k+1)! (LD3.md), i.e. g_k = hh phi_{k+1}(hh):
@@ -156,19 +168,15 @@ def _step_phis(lam, spec: SolverSpec, orders: List[int]) -> list:
         b = phi[:, 1:] * _FACTORIALS.to(phi)
         if spec.variant == "bh2":
             b = b / phi[:, :1]
-        return list(b.unbind(0))
+        return phi1, list(b.unbind(0))
     # phi_2 = phi_1/h + 1 = h phi_2(-h) and phi_3 = phi_2/h - 1/2 = -h phi_3(-h), without their cancellation
-    return list(zip((h * phi[:, 1]).unbind(0), (-h * phi[:, 2]).unbind(0)))
+    return phi1, list(zip((h * phi[:, 1]).unbind(0), (-h * phi[:, 2]).unbind(0)))
 
 
-_FACTORIALS = torch.tensor([1.0, 2.0, 6.0], dtype=torch.float64)  # k! for k = 1..3
-
-
-def _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, solver_type, phi23):
-    """``phi23`` = this step's (phi_2, phi_3) from ``_step_phis`` (None where p = 1 or midpoint p = 2)."""
+def _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, solver_type, phi1, phi23):
+    """``phi1``, ``phi23`` = this step's phi_1 and (phi_2, phi_3) from ``_step_phis``."""
     h = lam[i] - lam[i - 1]
     a = torch.exp(log_sigma[i] - log_sigma[i - 1])
-    phi1 = torch.expm1(-h)
     al = alpha[i]
     zero = torch.zeros_like(h)
     if p == 1:
@@ -192,14 +200,13 @@ def _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, solver_type, phi23):
     return [a] + b + [zero]
 
 
-def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector, bvec):
-    """(predictor row, corrector row) of UniPC step i with order p (data prediction); ``bvec`` = this step's
-    b_1..b_3 from ``_step_phis`` (None where no solve reads it)."""
+def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector, h_phi_1, bvec):
+    """(predictor row, corrector row) of UniPC step i with order p (data prediction); ``h_phi_1`` = e^-h - 1 and
+    ``bvec`` = b_1..b_3 of this step from ``_step_phis``."""
     h = lam[i] - lam[i - 1]
     hh = -h
     a = torch.exp(log_sigma[i] - log_sigma[i - 1])
     al = alpha[i]
-    h_phi_1 = torch.expm1(hh)
     B = hh if variant == "bh1" else h_phi_1
     zero = torch.zeros_like(h)
     rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, p)]  # r_k for history m_k, k = 1..p-1
@@ -235,10 +242,16 @@ def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector, bvec):
     return pred, corr
 
 
+IPNDM_DIFFERENCE_ABOVE = 0.6931471805599453  # ln 2: a sigma_{i-1} >= 2 sigma_i there, so the difference loses < 1 bit
+
+
 def _ipndm_row(lam, alpha, sigma, log_alpha, i, p):
     h = lam[i] - lam[i - 1]
     a = torch.exp(log_alpha[i] - log_alpha[i - 1])
-    scale = -sigma[i] * torch.expm1(h)
+    # -sigma_i (e^h - 1) = sigma_i - a sigma_{i-1}: the second form has no e^h to cancel in the derivatives
+    # (d/dt_i of the first is -expm1(h) + e^h, exact 1 for EDM, lost 6e-8 of it at h = 20), the first none in
+    # the value as h -> 0; each is used where it is exact (csrc/solver_coefficients.h splits the same way)
+    scale = torch.where(h > IPNDM_DIFFERENCE_ABOVE, sigma[i] - a * sigma[i - 1], -sigma[i] * torch.expm1(h))
     zero = torch.zeros_like(h)
     w = IPNDM_WEIGHTS[p]
     return [a] + [scale * w[k] if k < p else zero for k in range(MAX_HISTORY)]
@@ -262,17 +275,18 @@ def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverS
     log_sigma = schedule.log_sigma(t)
     lam = log_alpha - log_sigma
     alpha, sigma = torch.exp(log_alpha), torch.exp(log_sigma)
-    phis = _step_phis(lam, spec, orders)
+    if spec.kind != "ipndm" and n:
+        phi1, phis = _step_phis(lam, spec, orders)
     zero_row = [torch.zeros_like(t[0])] * TABLE_WIDTH
     rows = []
     for i in range(1, n + 1):
         p = orders[i - 1]
         if spec.kind in ("dpmpp", "euler"):
-            main = _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, spec.solver_type, phis[i - 1])
+            main = _dpmpp_row(lam, alpha, sigma, log_sigma, i, p, spec.solver_type, phi1[i - 1], phis[i - 1])
             corr = zero_row
         elif spec.kind == "unipc":
             main, corr = _unipc_rows(lam, alpha, log_sigma, i, p, spec.variant, spec.has_corrector and i < n,
-                                     phis[i - 1])
+                                     phi1[i - 1], phis[i - 1])
         else:
             main = _ipndm_row(lam, alpha, sigma, log_alpha, i, p)
             corr = zero_row
@@ -281,4 +295,5 @@ def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverS
 
 
 __all__ = ["SolverSpec", "check_flag", "step_orders", "coefficient_table_reference", "MAX_HISTORY", "TABLE_WIDTH",
-           "SOLVER_IDS", "MAX_ORDER", "IPNDM_WEIGHTS", "phi_functions"]
+           "SOLVER_IDS", "MAX_ORDER", "IPNDM_WEIGHTS", "phi_functions",
+           "expm1_exact_grad"]

@@ -162,3 +162,23 @@ def test_table_and_jacobian_on_sampling_grids_match_mpmath(schedule_name, spec_n
             assert float(((jac - want_jac).abs() / jac_scale).max()) <= 2e-14, (backend, n)
         h = (schedule.lambda_(t[1:]) - schedule.lambda_(t[:-1])).abs()
         assert bool((h > PHI_SERIES_BELOW).any()) and bool((h < PHI_SERIES_BELOW).any()), h  # both branches ran
+
+
+@pytest.mark.parametrize("spec_name", sorted(SPECS))
+def test_table_and_jacobian_across_large_steps_match_mpmath(spec_name):
+    """Steps of h = 11..20 (an EDM grid down to sigma 1e-8).  Found by this test: the reference table's Jacobian
+    was off by 6e-9 (torch.expm1's backward forms e^-h as expm1(-h) + 1), and iPNDM's on both backends by 6e-8
+    (d/dt_i of -sigma_i expm1(h) cancels two e^h terms), where the tolerances below hold now."""
+    sp = SPECS[spec_name]
+    schedule, spec = S.EDM(sigma_min=1e-9, sigma_max=100.0), SolverSpec(**sp)
+    for grid in ([80.0, 1e-7], [80.0, 40.0, 1e-7, 5e-8], [80.0, 20.0, 1e-3, 1e-8, 5e-9]):
+        t = torch.tensor(grid, dtype=torch.float64)
+        want, want_jac = _oracle("edm", t, sp)
+        row_scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+        jac_scale = want_jac.abs().amax((-1, -2), keepdim=True).clamp_min(1e-300)
+        for backend in ("reference", "fused"):
+            table, jac = _table_and_jacobian(schedule, t, spec, backend)
+            assert float(((table - want).abs() / row_scale).max()) <= 2e-15, (backend, grid)
+            # UniPC's Vandermonde solve with r_k up to 1e3 keeps ~1e-13 (the reference's LU more than Cramer's rule)
+            jtol = 2e-13 if sp["kind"] == "unipc" else 1e-14
+            assert float(((jac - want_jac).abs() / jac_scale).max()) <= jtol, (backend, grid)
