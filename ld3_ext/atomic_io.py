@@ -121,7 +121,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = path  # a full disk (ENOSPC from write or fsync) names no file by itself
         # never leave a stray temp file behind (also on KeyboardInterrupt)
         if tmp is not None:
             try:

@@ -263,7 +263,9 @@ class OutOverlapError(ValueError, RuntimeError):
     """A bad ``out=`` argument; a RuntimeError too, as torch's own memory-overlap error (which it replaces) is."""
 
 
-_has_internal_overlap = getattr(torch._C, "_debug_has_internal_overlap", None)
+# torch's own overlap test (torch._debug_has_internal_overlap; torch._C's in older releases)
+_has_internal_overlap = (getattr(torch, "_debug_has_internal_overlap", None)
+                         or getattr(torch._C, "_debug_has_internal_overlap", None))
 
 
 def _self_overlapping(t: torch.Tensor) -> bool:

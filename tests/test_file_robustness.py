@@ -109,6 +109,45 @@ def test_atomic_write_without_chmod(tmp_path, monkeypatch, how):
     assert [f.name for f in tmp_path.iterdir()] == ["s.json"]
 
 
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_atomic_write_on_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, where):
+    """ENOSPC from the write or the fsync names the file being written (errno 28 alone named none: `ld3 teacher`
+    on a full disk said only "No space left on device"); the old file and no temp file remain."""
+    p = tmp_path / "s.json"
+    atomic_write_json(str(p), {"a": 1})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if where == "fsync":
+        monkeypatch.setattr(os, "fsync", full)
+    else:
+        real_fdopen = os.fdopen
+
+        class FullFile:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def fileno(self):
+                return self.f.fileno()
+
+            write = flush = full
+
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullFile(real_fdopen(fd, mode)))
+    with pytest.raises(OSError) as info:
+        atomic_write_json(str(p), {"a": 2})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == os.path.realpath(p)
+    assert os.path.realpath(p) in str(info.value)
+    assert [f.name for f in tmp_path.iterdir()] == ["s.json"]
+    assert read_json_checked(str(p))["a"] == 1
+
+
 def test_atomic_write_interrupted_at_chmod_closes_its_temp_file(tmp_path, monkeypatch):
     """A Ctrl-C between mkstemp and the write (here: in the mode lookup) leaves no temp file and no open
     descriptor, and the file being replaced keeps its old content."""

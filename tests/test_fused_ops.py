@@ -401,6 +401,14 @@ def test_out_partially_overlapping_an_input_is_named():
     assert torch.equal(fused.multistep_update(x, coef, [h0, buf[4:]], out=buf[4:]), expected)
 
 
+def test_self_overlap_check_uses_torchs_own_test():
+    """fused._self_overlapping asks torch (torch._debug_has_internal_overlap; the lookup once named only torch._C's,
+    absent in this torch, and silently fell back to a zero-stride rule)."""
+    assert fused._has_internal_overlap is not None
+    assert fused._self_overlapping(torch.zeros(1).expand(3))
+    assert not fused._self_overlapping(torch.zeros(2, 3))
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library registration
 # ---------------------------------------------------------------------------------------------
