@@ -373,12 +373,43 @@ def test_cuda_coefficient_table_matches_cpu(schedule):
         tab_c, jac_c = C.coefficient_table(t, *args)
         tab_g, jac_g = C.coefficient_table(t.to(DEV), *args)
         ref = coefficient_table_reference(schedule, t, spec)
-        # the device's exp/log/expm1 differ from glibc's by an ulp or two, which the divided
-        # differences of phi_k and UniPC's g_k amplify by ~1/h^k: the issue's 1e-12 against the
-        # reference for both tables, and a Jacobian bound a decade looser
+        # the device's exp/log/expm1 differ from glibc's by an ulp or two: the issue's 1e-12 against the
+        # reference for both tables, and a Jacobian bound a decade looser (the phi functions no longer
+        # amplify them by ~1/h^k: test_cuda_coefficient_table_precision_against_mpmath)
         torch.testing.assert_close(tab_c, ref, rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(tab_g.cpu(), ref, rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(jac_g.cpu(), jac_c, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid", ["fine", "large_steps"])
+def test_cuda_coefficient_table_precision_against_mpmath(grid):
+    """The device's table and Jacobian on a fine grid (every log-step 1e-4, where LD3.md's phi recursions lost 12
+    digits of UniPC's Jacobian) and across steps of h = 11..20, against the mpmath oracle of
+    tests/test_coefficient_precision.py, with that file's tolerances."""
+    from test_coefficient_precision import SPECS, _oracle, _uniform_log_grid
+
+    if grid == "fine":
+        schedule, t, tab_tol, jac_tol = S.EDM(), _uniform_log_grid("edm", 1e-4), 2e-15, 1e-11
+    else:
+        schedule, tab_tol, jac_tol = S.EDM(sigma_min=1e-9, sigma_max=100.0), 2e-15, 2e-13
+        t = torch.tensor([80.0, 20.0, 1e-3, 1e-8, 5e-9], dtype=torch.float64)
+    kind, (p0, p1) = schedule.native_spec()
+    for name, sp in SPECS.items():
+        spec = SolverSpec(**sp)
+        args = (kind, p0, p1, SOLVER_IDS[spec.kind], spec.order, spec.lower_order_final, spec.solver_type == "heun",
+                spec.variant == "bh2", spec.has_corrector)
+        tab, jac = (v.cpu() for v in C.coefficient_table(t.to(DEV), *args))
+        want, want_jac = _oracle("edm", t, sp)
+        dense = torch.zeros_like(want_jac)  # the native Jacobian holds t_{i-3..i} per step
+        n = t.numel() - 1
+        for i in range(1, n + 1):
+            for j in range(4):
+                if i - 3 + j >= 0:
+                    dense[i - 1, :, :, i - 3 + j] = jac[i - 1, :, :, j]
+        row_scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+        jac_scale = want_jac.abs().amax((-1, -2), keepdim=True).clamp_min(1e-300)
+        assert float(((tab - want).abs() / row_scale).max()) <= tab_tol, name
+        assert float(((dense - want_jac).abs() / jac_scale).max()) <= jac_tol, name
 
 
 @needs_cuda
