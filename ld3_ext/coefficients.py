@@ -98,21 +98,24 @@ def step_orders(spec: SolverSpec, nfe: int) -> List[int]:
 #: below this |x| the phi functions come from their Taylor series (``phi_functions``); csrc/solver_coefficients.h
 #: splits at the same place
 PHI_SERIES_BELOW = 2.0
-PHI_SERIES_TERMS = 22  # |x|^22/26! < 1e-19 of phi_4 for |x| < 2
-_PHI_CONSTANTS = {}  # (dtype, device) -> (series exponents, series matrix, 0..4, partial-sum matrix)
+#: terms of every phi_k's series: the first left out, 2^28/29!, is 3e-23 and its derivatives' 5e-20 (22 terms cut
+#: phi_1's first derivative at 1.2e-14 near |x| = 2; the C++ code sums phi_4's series and recurs down, so it
+#: carries phi_1 to x^25 with 22)
+PHI_SERIES_TERMS = 28
 
 
-def _phi_constants(like: torch.Tensor):
-    key = (like.dtype, like.device)
-    if key not in _PHI_CONSTANTS:
-        inv = [1.0]  # inv[m] = 1/m!
-        for m in range(1, PHI_SERIES_TERMS + 4):
-            inv.append(inv[-1] / m)
-        series = [[inv[j + k] for k in range(1, 5)] for j in range(PHI_SERIES_TERMS)]  # x^j -> phi_k
-        partial = [[inv[j] if 1 <= j < k else 0.0 for k in range(1, 5)] for j in range(5)]  # sum_{1<=j<k} x^j/j!
-        _PHI_CONSTANTS[key] = tuple(torch.tensor(v, dtype=like.dtype, device=like.device) for v in (
-            list(range(PHI_SERIES_TERMS)), series, list(range(5)), partial))
-    return _PHI_CONSTANTS[key]
+def _inverse_factorials(n: int) -> List[float]:
+    inv = [1.0]  # inv[m] = 1/m!
+    for m in range(1, n):
+        inv.append(inv[-1] / m)
+    return inv
+
+
+_INV = _inverse_factorials(PHI_SERIES_TERMS + 4)
+# Python lists, made into tensors per call: a cached tensor would be wrapped by the torch.func level or the
+# FakeTensorMode that first asked for it, and break every later call outside that transform or trace
+_PHI_SERIES_COEF = [[_INV[j + k] for k in range(1, 5)] for j in range(PHI_SERIES_TERMS)]  # x^j -> phi_k
+_PHI_PARTIAL_COEF = [[_INV[j] if 1 <= j < k else 0.0 for k in range(1, 5)] for j in range(5)]  # sum_{1<=j<k} x^j/j!
 
 
 def phi_functions(x: torch.Tensor) -> torch.Tensor:
@@ -123,27 +126,26 @@ def phi_functions(x: torch.Tensor) -> torch.Tensor:
     8 digits at steps h = 1e-4 and its Jacobian 12.  Below |x| = 2 the series; above it the recursion unrolled,
     (expm1(x) - sum_{1<=j<k} x^j/j!)/x^k, which there costs a few ulps.  Each is a matrix product over powers of
     x, for every step at once, so the reference table stays a handful of autograd nodes.  Differentiable, also
-    twice; x must be nonzero (a strictly decreasing grid's steps are)."""
-    exps, series_coef, exps5, partial_coef = _phi_constants(x)
+    twice, for 1e-150 < |x| < 700 (a grid's steps in lambda lie in 1e-17 < h < 1500, and h > 700 only where
+    e^-h underflows anyway); x = 0 gives NaN."""
+    like = dict(dtype=x.dtype, device=x.device)
     small = x.abs() < PHI_SERIES_BELOW
     # each branch sees a harmless stand-in where the other is used: every derivative stays finite there, so the
     # where() passes 0, not NaN (x = 0 would make pow's second derivative 0 * inf)
     xs = torch.where(small, x, 1.0)
     xr = torch.where(small, 1.0, x)
-    series = (xs.unsqueeze(-1) ** exps) @ series_coef
-    powers = xr.unsqueeze(-1) ** exps5
-    unrolled = (torch.expm1(xr).unsqueeze(-1) - powers @ partial_coef) / powers[..., 1:]
+    series = (xs.unsqueeze(-1) ** torch.arange(PHI_SERIES_TERMS, **like)) @ torch.tensor(_PHI_SERIES_COEF, **like)
+    powers = xr.unsqueeze(-1) ** torch.arange(5, **like)
+    unrolled = (torch.expm1(xr).unsqueeze(-1) - powers @ torch.tensor(_PHI_PARTIAL_COEF, **like)) / powers[..., 1:]
     return torch.where(small.unsqueeze(-1), series, unrolled)
 
 
-_FACTORIALS = torch.tensor([1.0, 2.0, 6.0], dtype=torch.float64)  # k! for k = 1..3
-
-
-def expm1_exact_grad(x: torch.Tensor) -> torch.Tensor:
-    """expm1(x) whose derivatives are exp(x) itself.  torch.expm1's backward forms (result + 1), which keeps only
-    1e-16/e^x of e^x's digits for large negative x: the reference table's Jacobian was off by 6e-9 at a step
-    h = 20 (an EDM grid from 80 to 1e-7), where the native Dual arithmetic is exact.  The value is torch.expm1's:
-    e - e.detach() adds an exact zero that carries exp's derivative, at every order."""
+def _expm1_exact_grad(x: torch.Tensor) -> torch.Tensor:
+    """expm1(x) for x <= 0 whose derivatives are exp(x) itself.  torch.expm1's backward forms (result + 1), which
+    keeps only 1e-16/e^x of e^x's digits for large negative x: the reference table's Jacobian was off by 6e-9 at
+    a step h = 20 (an EDM grid from 80 to 1e-7), where the native Dual arithmetic is exact.  The value is
+    torch.expm1's: e - e.detach() adds an exact zero that carries exp's derivative, at every order (for x > 709
+    it would be inf - inf: the reference passes x = -h < 0)."""
     e = torch.exp(x)
     return torch.expm1(x.detach()) + (e - e.detach())
 
@@ -154,7 +156,7 @@ def _step_phis(lam, spec: SolverSpec, orders: List[int]):
     steps at once, so a longer grid adds no autograd nodes here."""
     n = len(orders)
     h = lam[1:] - lam[:-1]
-    phi1 = list(expm1_exact_grad(-h).unbind(0))
+    phi1 = list(_expm1_exact_grad(-h).unbind(0))
     if spec.kind in ("dpmpp", "euler"):
         need = any(p == 3 or (p == 2 and spec.solver_type == "heun") for p in orders)
     else:
@@ -165,7 +167,7 @@ def _step_phis(lam, spec: SolverSpec, orders: List[int]):
     if spec.kind == "unipc":
         # b_k = g_k k!/B(h) with g_1 = phi/hh - 1, g_{k+1} = g_k/hh - 1/(k+1)! (LD3.md), i.e. g_k = hh phi_{k+1}(hh):
         # b_k = phi_{k+1}(hh) k! hh/B, and hh/B = 1 (bh1) or 1/phi_1(hh) (bh2)
-        b = phi[:, 1:] * _FACTORIALS.to(phi)
+        b = phi[:, 1:] * torch.tensor([1.0, 2.0, 6.0], dtype=phi.dtype, device=phi.device)  # k!, k = 1..3
         if spec.variant == "bh2":
             b = b / phi[:, :1]
         return phi1, list(b.unbind(0))
@@ -251,7 +253,9 @@ def _ipndm_row(lam, alpha, sigma, log_alpha, i, p):
     # -sigma_i (e^h - 1) = sigma_i - a sigma_{i-1}: the second form has no e^h to cancel in the derivatives
     # (d/dt_i of the first is -expm1(h) + e^h, exact 1 for EDM, lost 6e-8 of it at h = 20), the first none in
     # the value as h -> 0; each is used where it is exact (csrc/solver_coefficients.h splits the same way)
-    scale = torch.where(h > IPNDM_DIFFERENCE_ABOVE, sigma[i] - a * sigma[i - 1], -sigma[i] * torch.expm1(h))
+    large = h > IPNDM_DIFFERENCE_ABOVE
+    # expm1 of 0 where unused: e^h overflows above h = 709, and inf there would make the where()'s gradient NaN
+    scale = torch.where(large, sigma[i] - a * sigma[i - 1], -sigma[i] * torch.expm1(torch.where(large, 0.0, h)))
     zero = torch.zeros_like(h)
     w = IPNDM_WEIGHTS[p]
     return [a] + [scale * w[k] if k < p else zero for k in range(MAX_HISTORY)]
@@ -295,5 +299,4 @@ def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverS
 
 
 __all__ = ["SolverSpec", "check_flag", "step_orders", "coefficient_table_reference", "MAX_HISTORY", "TABLE_WIDTH",
-           "SOLVER_IDS", "MAX_ORDER", "IPNDM_WEIGHTS", "phi_functions",
-           "expm1_exact_grad"]
+           "SOLVER_IDS", "MAX_ORDER", "IPNDM_WEIGHTS", "phi_functions"]
