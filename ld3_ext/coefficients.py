@@ -247,16 +247,21 @@ def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector, h_phi_1, bvec):
 IPNDM_DIFFERENCE_ABOVE = 0.6931471805599453  # ln 2: a sigma_{i-1} >= 2 sigma_i there, so the difference loses < 1 bit
 
 
-def _ipndm_row(lam, alpha, sigma, log_alpha, i, p):
-    h = lam[i] - lam[i - 1]
-    a = torch.exp(log_alpha[i] - log_alpha[i - 1])
+def _ipndm_steps(lam, sigma, log_alpha):
+    """(a, scale) of every iPNDM step at once: x_{i+1} = a x_i + scale * (Adams-Bashforth combination of eps)."""
+    h = lam[1:] - lam[:-1]
+    a = torch.exp(log_alpha[1:] - log_alpha[:-1])
     # -sigma_i (e^h - 1) = sigma_i - a sigma_{i-1}: the second form has no e^h to cancel in the derivatives
     # (d/dt_i of the first is -expm1(h) + e^h, exact 1 for EDM, lost 6e-8 of it at h = 20), the first none in
     # the value as h -> 0; each is used where it is exact (csrc/solver_coefficients.h splits the same way)
     large = h > IPNDM_DIFFERENCE_ABOVE
     # expm1 of 0 where unused: e^h overflows above h = 709, and inf there would make the where()'s gradient NaN
-    scale = torch.where(large, sigma[i] - a * sigma[i - 1], -sigma[i] * torch.expm1(torch.where(large, 0.0, h)))
-    zero = torch.zeros_like(h)
+    scale = torch.where(large, sigma[1:] - a * sigma[:-1], -sigma[1:] * torch.expm1(torch.where(large, 0.0, h)))
+    return a.unbind(0), scale.unbind(0)
+
+
+def _ipndm_row(a, scale, p):
+    zero = torch.zeros_like(a)
     w = IPNDM_WEIGHTS[p]
     return [a] + [scale * w[k] if k < p else zero for k in range(MAX_HISTORY)]
 
@@ -281,6 +286,8 @@ def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverS
     alpha, sigma = torch.exp(log_alpha), torch.exp(log_sigma)
     if spec.kind != "ipndm" and n:
         phi1, phis = _step_phis(lam, spec, orders)
+    elif n:
+        ipndm_a, ipndm_scale = _ipndm_steps(lam, sigma, log_alpha)
     zero_row = [torch.zeros_like(t[0])] * TABLE_WIDTH
     rows = []
     for i in range(1, n + 1):
@@ -292,7 +299,7 @@ def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverS
             main, corr = _unipc_rows(lam, alpha, log_sigma, i, p, spec.variant, spec.has_corrector and i < n,
                                      phi1[i - 1], phis[i - 1])
         else:
-            main = _ipndm_row(lam, alpha, sigma, log_alpha, i, p)
+            main = _ipndm_row(ipndm_a[i - 1], ipndm_scale[i - 1], p)
             corr = zero_row
         rows.append(torch.stack([torch.stack(main), torch.stack(corr)]))
     return torch.stack(rows)
