@@ -45,7 +45,7 @@ struct Window {
 // phi_{k+1} = (phi_k - 1/k!)/x, whose cancellation then costs at most a few ulps (ld3_ext/coefficients.py
 // uses the same split).
 constexpr double kPhiSeriesBelow = 2.0;
-constexpr int kPhiSeriesTerms = 22;  // |x|^22/26! < 1e-19 of phi_4 for |x| < 2
+constexpr int kPhiSeriesTerms = 22;  // |x|^22/26! < 4e-19 of phi_4 for |x| < 2
 
 // phi[k-1] = phi_k(x) = sum_{j>=0} x^j/(j+k)!  (phi_1 = expm1(x)/x), k = 1..4, accurate to a few ulps for
 // every x != 0 -- the exponential-integrator functions every multistep row is made of.  The recursion

@@ -100,7 +100,7 @@ def step_orders(spec: SolverSpec, nfe: int) -> List[int]:
 PHI_SERIES_BELOW = 2.0
 #: terms of every phi_k's series: the first left out, 2^28/29!, is 3e-23 and its derivatives' 5e-20 (22 terms cut
 #: phi_1's first derivative at 1.2e-14 near |x| = 2; the C++ code sums phi_4's series and recurs down, so it
-#: carries phi_1 to x^25 with 22)
+#: carries phi_1 to x^24 with 22)
 PHI_SERIES_TERMS = 28
 
 
@@ -127,7 +127,9 @@ def phi_functions(x: torch.Tensor) -> torch.Tensor:
     (expm1(x) - sum_{1<=j<k} x^j/j!)/x^k, which there costs a few ulps.  Each is a matrix product over powers of
     x, for every step at once, so the reference table stays a handful of autograd nodes.  Differentiable, also
     twice, for 1e-150 < |x| < 700 (a grid's steps in lambda lie in 1e-17 < h < 1500, and h > 700 only where
-    e^-h underflows anyway); x = 0 gives NaN."""
+    e^-h underflows anyway); x = 0 gives NaN.  float16/bfloat16 x is computed in float32 (x^27 overflows half)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return phi_functions(x.float()).to(x.dtype)
     like = dict(dtype=x.dtype, device=x.device)
     small = x.abs() < PHI_SERIES_BELOW
     # each branch sees a harmless stand-in where the other is used: every derivative stays finite there, so the

@@ -83,3 +83,17 @@ def test_bench_update_node_runs_and_prints_every_shape(tmp_path):
 def test_bench_wrapper_conversion_runs_and_prints_every_shape(tmp_path):
     rows = _small_shape_rows(tmp_path, "bench_wrapper_conversion.py")
     assert [r[1] for r in rows] == ["fwd", "fwd+bwd"] * 2 and all(float(v) > 0 for r in rows for v in r[2:])
+
+
+def test_coefficient_precision_prints_the_bounds_the_tests_hold(tmp_path):
+    """benchmarks/coefficient_precision.py (README's precision figures) runs, one row per schedule and grid, and
+    its errors are the ones tests/test_coefficient_precision.py bounds (rows 2e-15; Jacobians 1e-13 at gap 1e-1)."""
+    script = os.path.join(os.path.dirname(BENCH), "coefficient_precision.py")
+    proc = subprocess.run([sys.executable, script, "--gaps", "1e-1"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines()[1:] if ln.strip()]
+    assert [(r[0], " ".join(r[1:3])) for r in rows] == [
+        (s, g) for s in ("edm", "flow_matching") for g in ("gap 0.1", "sampling N=4", "sampling N=8")]
+    for r in rows:
+        assert 0 <= float(r[3]) <= 2e-15 and 0 < float(r[4]) <= 1e-13, r

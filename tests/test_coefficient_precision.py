@@ -10,8 +10,9 @@ series below |h| = 2 (relative to each row's largest entry; EDM grid with every 
     1e-4    1.8e-8         2.5e-4         3.1e-9
     1e-6    2.3e-4         4e2            3.5e-5
 
-After it: rows within 3e-16, Jacobians within 2e-15 down to gap 1e-2, then growing like 1e-17/gap -- the rounding
-of lambda(t) itself, which no formula for the coefficients can undo (1.1e-13 at 1e-4, 7e-11 at 1e-6).
+After it (`python benchmarks/coefficient_precision.py`, EDM and flow matching): rows within 1.1e-15, Jacobians
+within 3e-15 at gap 1e-1, then growing like 1e-16/gap -- the rounding of lambda(t) itself, which no formula for
+the coefficients can undo (1.2e-14 at 1e-2, 9e-13 at 1e-4, 1.2e-10 at 1e-6).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 import _mp_coefficients as oracle
 import ld3_ext.schedules as S
 from ld3_ext import ops
-from ld3_ext.coefficients import PHI_SERIES_BELOW, SolverSpec, phi_functions
+from ld3_ext.coefficients import PHI_SERIES_BELOW, SolverSpec, coefficient_table_reference, phi_functions
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -123,6 +124,13 @@ def _uniform_log_grid(schedule_name, gap, n=6):
     return torch.tensor([float(v) for v in ts], dtype=torch.float64)
 
 
+def _sampling_grid(schedule_name, n):
+    """An N-step grid as LD3 samples on: EDM's rho = 7 grid from 80 to 0.002, flow matching uniform in t."""
+    if schedule_name == "edm":
+        return torch.linspace(80.0 ** (1 / 7), 0.002 ** (1 / 7), n + 1, dtype=torch.float64) ** 7
+    return torch.linspace(0.999, 0.001, n + 1, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("schedule_name", sorted(SCHEDULES))
 @pytest.mark.parametrize("gap", [1e-1, 1e-2, 1e-4, 1e-6])
 @pytest.mark.parametrize("spec_name", sorted(SPECS))
@@ -149,10 +157,7 @@ def test_table_and_jacobian_on_sampling_grids_match_mpmath(schedule_name, spec_n
     sp = SPECS[spec_name]
     schedule, spec = SCHEDULES[schedule_name], SolverSpec(**sp)
     for n in (4, 8):
-        if schedule_name == "edm":
-            t = torch.linspace(80.0 ** (1 / 7), 0.002 ** (1 / 7), n + 1, dtype=torch.float64) ** 7
-        else:
-            t = torch.linspace(0.999, 0.001, n + 1, dtype=torch.float64)
+        t = _sampling_grid(schedule_name, n)
         want, want_jac = _oracle(schedule_name, t, sp)
         row_scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-300)
         jac_scale = want_jac.abs().amax((-1, -2), keepdim=True).clamp_min(1e-300)
@@ -262,3 +267,19 @@ def test_ipndm_reference_gradient_is_finite_beyond_exp_overflow():
     exact = torch.tensor([-1.0, 1.0], dtype=torch.float64)
     for backend in ("reference", "fused"):
         torch.testing.assert_close(jacs[backend][0, 0, 1], exact, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2), (torch.float32, 1e-6)])
+def test_phi_functions_and_reference_table_in_lower_precision(dtype, rtol):
+    """float16 x^27 overflowed the series (inf * 0 = NaN for every phi and every heun/3M table entry); half types
+    are now computed in float32 and rounded once."""
+    x = torch.tensor([-1.9, -0.01, -5.0, 1.5, -1e-3], dtype=dtype)
+    got, want = phi_functions(x), phi_functions(x.double())
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0)
+    t = torch.tensor([80 * math.exp(-1.8 * k) for k in range(5)], dtype=dtype)
+    for spec in (SolverSpec("dpmpp", 2, solver_type="heun"), SolverSpec("dpmpp", 3)):
+        table = coefficient_table_reference(S.EDM(), t, spec)
+        exact = coefficient_table_reference(S.EDM(), t.double(), spec)  # the same (rounded) grid in float64
+        assert table.dtype == dtype and torch.isfinite(table).all()
+        torch.testing.assert_close(table.double(), exact, rtol=0, atol=2 * rtol * float(exact.abs().max()))
