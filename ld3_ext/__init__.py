@@ -51,6 +51,7 @@ try:  # `import torch` takes seconds: a Ctrl-C there ends the ld3 script as one 
     from .schedules import EDM, VPLinear, VPCosine, VPDiscrete, FlowMatching, NoiseSchedule, schedule_from_config
     from .wrappers import DiffusionModel, wrap_model, ModelOutputError
     from .solvers import DPMSolverPP, UniPC, IPNDM, Euler, Heun, Solver, make_solver, solver_from_config
+    from .solvers.base import DegenerateGridError
     from . import discretizations, testbeds, schedules, coefficients, ops, functional, distributed, integrations
     from .functional import sample, to_denoiser
     from .schedule_file import LearnedSchedule, load_schedule
@@ -71,6 +72,6 @@ __all__ = [
     "EDM", "VPLinear", "VPCosine", "VPDiscrete", "FlowMatching", "NoiseSchedule", "schedule_from_config",
     "DiffusionModel", "wrap_model", "ModelOutputError",
     "DPMSolverPP", "UniPC", "IPNDM", "Euler", "Heun", "Solver", "make_solver", "solver_from_config",
-    "discretizations", "testbeds", "schedules", "coefficients", "ops", "functional", "distributed",
+    "DegenerateGridError", "discretizations", "testbeds", "schedules", "coefficients", "ops", "functional", "distributed",
     "integrations", "sample", "to_denoiser", "LearnedSchedule", "load_schedule", "LD3Trainer",
 ]

@@ -122,8 +122,10 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = path  # a full disk (ENOSPC from write or fsync) names no file by itself
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None and exc.strerror:
+            # a full disk (ENOSPC from write or fsync) names no file by itself; only an errno-style error prints
+            # its filename (one made from a bare message would print as "[Errno None] None: path")
+            exc.filename = path
         # never leave a stray temp file behind (also on KeyboardInterrupt)
         if tmp is not None:
             try:

@@ -278,7 +278,7 @@ def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverS
     if validate:
         from .ops import check_grid, check_table_args
         check_table_args(schedule, timesteps, spec)
-        check_grid(schedule, timesteps, in_range=False)
+        check_grid(schedule, timesteps, in_range=False, spec=spec)
     t = timesteps
     n = t.numel() - 1
     orders = step_orders(spec, n)

@@ -167,7 +167,7 @@ def coefficient_table(schedule, t64: torch.Tensor, spec: SolverSpec, *, validate
         raise ValueError(f"coefficient_table: schedule {type(schedule).__name__} has no native form "
                          "(use backend='reference')")
     if validate:
-        check_grid(schedule, t64, in_range=False)
+        check_grid(schedule, t64, in_range=False, spec=spec)
     return _table_checked(schedule, t64, spec)
 
 

@@ -10,7 +10,7 @@ when the extension is available.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as _fwad
@@ -105,7 +105,7 @@ def check_table_args(schedule, timesteps, spec) -> None:
                          f"{tuple(timesteps.shape)}")
 
 
-def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True) -> None:
+def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True, spec: Optional[SolverSpec] = None) -> None:
     """The solvers' grid rules (``solvers.base.validate_timesteps``): strictly decreasing, finite and in the
     schedule's range -- a table on any other grid amplifies or is NaN.  ``in_range=False`` (the low-level
     tables, ``fused.coefficient_table`` and ``coefficient_table_reference``) asks only for times where the
@@ -118,7 +118,7 @@ def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True) -> None
         return
     if not timesteps.is_floating_point():  # an integer grid is read as float64, as the table does
         timesteps = timesteps.to(torch.float64)
-    validate_timesteps(schedule, timesteps, name="coefficient_table: timesteps", check_range=in_range)
+    validate_timesteps(schedule, timesteps, name="coefficient_table: timesteps", check_range=in_range, spec=spec)
 
 
 def composite_only(*tensors) -> bool:
@@ -190,7 +190,7 @@ def coefficient_table(schedule, timesteps: torch.Tensor, spec: SolverSpec, backe
     check_table_args(schedule, timesteps, spec)
     backend = resolve_backend(backend)
     if validate:
-        check_grid(schedule, timesteps)
+        check_grid(schedule, timesteps, spec=spec)
     t64 = timesteps if timesteps.dtype == torch.float64 else timesteps.to(torch.float64)
     if backend == "fused":
         from . import fused

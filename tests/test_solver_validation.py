@@ -374,3 +374,44 @@ def test_wrap_model_names_a_non_bool_check_output_a_bool_guidance_and_a_bad_time
         m.predict(torch.randn(2, 3), torch.tensor(1.0))
     ok = ld3_ext.wrap_model(lambda x, t: 0.5 * x, s, prediction="x0", time_input=lambda t: 2 * t, check_output=False)
     assert ok.check_output is False and torch.isfinite(ok.predict(torch.randn(2, 3), torch.tensor(1.0))[0]).all()
+
+
+def _one_ulp_grid():
+    """EDM at sigma = 1e6: t and the next double below have the same lambda = -log t in float64."""
+    big = torch.tensor(1e6, dtype=torch.float64)
+    return torch.stack([big, torch.nextafter(big, torch.zeros((), dtype=torch.float64)),
+                        torch.tensor(10.0, dtype=torch.float64), torch.tensor(0.01, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("solver", [lambda: ld3_ext.DPMSolverPP(order=2), lambda: ld3_ext.DPMSolverPP(order=3),
+                                    lambda: ld3_ext.UniPC(order=2), lambda: ld3_ext.UniPC(order=3, variant="bh2")])
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_a_grid_step_with_zero_lambda_step_is_named_not_blamed_on_the_model(solver, backend):
+    """Distinct times with one float64 lambda: the step had h = 0, infinite coefficients, and the solve failed
+    with "model returned NaN/Inf at step 2" (the model was fine).  Now the grid is refused naming the entries,
+    as a DegenerateGridError (a ValueError; a FloatingPointError for LD3's time_mode="auto" trials)."""
+    from ld3_ext import DegenerateGridError
+
+    schedule = ld3_ext.EDM(sigma_min=0.002, sigma_max=1e6)
+    model = ld3_ext.wrap_model(lambda x, t: 0.9 * x, schedule, prediction="x0")
+    t = _one_ulp_grid()
+    s = solver()
+    s.backend = backend
+    with pytest.raises(DegenerateGridError, match=r"timesteps: entries 0 and 1 .* same log-SNR") as info:
+        s.sample(model, torch.randn(2, 3, dtype=torch.float64), t)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, FloatingPointError)
+    spec = s.spec()
+    with pytest.raises(DegenerateGridError, match=r"coefficient_table: timesteps: entries 0 and 1"):
+        ld3_ext.ops.coefficient_table(schedule, t, spec, backend=backend)
+
+
+@pytest.mark.parametrize("solver", [lambda: ld3_ext.Euler(), lambda: ld3_ext.IPNDM(order=4),
+                                    lambda: ld3_ext.DPMSolverPP(order=1), lambda: ld3_ext.UniPC(order=1),
+                                    lambda: ld3_ext.Heun()])
+def test_solvers_without_lambda_divisions_still_take_such_a_grid(solver):
+    """First-order steps, Euler, iPNDM and Heun divide by no lambda step (phi_1(0) = 0): the same grid solves to
+    finite values, as before."""
+    schedule = ld3_ext.EDM(sigma_min=0.002, sigma_max=1e6)
+    model = ld3_ext.wrap_model(lambda x, t: 0.9 * x, schedule, prediction="x0")
+    y = solver().sample(model, torch.randn(2, 3, dtype=torch.float64) * 1e6, _one_ulp_grid())
+    assert torch.isfinite(y).all()

@@ -22,6 +22,12 @@ def _fail(name: str, msg: str):
     raise ValueError(f"{name}: {msg}")
 
 
+class DegenerateGridError(ValueError, FloatingPointError):
+    """Two neighbouring times of a grid have the same log-SNR lambda in float64 (distinct t, e.g. one ulp apart at
+    large sigma): the step between them has h = 0 and infinite coefficients.  A ValueError (a bad grid) and a
+    FloatingPointError (where LD3 training meets one, a diverging trial, as time_mode="auto" treats it)."""
+
+
 def _no_meta(name: str, t: torch.Tensor) -> None:
     # a meta tensor has no values: a solve on it can only fail later, inside torch, naming nothing
     if t.device.type == "meta":
@@ -47,11 +53,13 @@ def check_model_kwargs(kw, what: str) -> None:
 
 
 def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, name: str = "timesteps",
-                       check_range: bool = True, min_len: int = 2, values: bool = True) -> torch.Tensor:
+                       check_range: bool = True, min_len: int = 2, values: bool = True,
+                       spec: Optional[SolverSpec] = None) -> torch.Tensor:
     """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing).
 
     ``values=False`` keeps the checks that read no tensor value (type, shape, dtype, device); a vmapped grid
-    (one grid per mapped sample) has no values to read back and gets only those too."""
+    (one grid per mapped sample) has no values to read back and gets only those too.  With the ``spec`` of a
+    solver whose steps divide by lambda differences, every step must also raise lambda (``DegenerateGridError``)."""
     # needed without check_range too: the values are checked to lie where the schedule is defined
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be an ld3_ext NoiseSchedule (the range of {name}), got "
@@ -91,7 +99,30 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
             _check_defined(schedule, slack, name)
     else:  # no range: still only times where the schedule is defined (on the values read back above)
         _check_defined(schedule, vals, name)
+    if spec is not None and divides_by_lambda_steps(spec, len(vals) - 1):
+        _check_lambda_increases(schedule, vals, name)
     return timesteps
+
+
+def divides_by_lambda_steps(spec: SolverSpec, num_steps: int) -> bool:
+    """True where some step of DPM-Solver++ or UniPC has order >= 2: its coefficients divide by the lambda steps
+    h_i (r_k = h_{i-k}/h_i), so one h = 0 anywhere makes them infinite.  First-order steps, Euler and iPNDM
+    stay finite (phi_1(0) = 0)."""
+    return spec.kind in ("dpmpp", "unipc") and any(p >= 2 for p in step_orders(spec, num_steps))
+
+
+def _check_lambda_increases(schedule, times, name: str) -> None:
+    """Every step must raise lambda in float64, as the coefficient table computes it; else its h is 0 (or < 0 for a
+    schedule whose lambda is not monotone) and the solve returns Inf/NaN, blamed on the model at the next step."""
+    with torch.no_grad():
+        lam = schedule.lambda_(torch.tensor(times, dtype=torch.float64)).tolist()
+    for i, (a, b) in enumerate(zip(lam, lam[1:])):
+        if math.isfinite(a) and math.isfinite(b) and not b > a:
+            what = "the same log-SNR" if b == a else "a falling log-SNR"
+            raise DegenerateGridError(
+                f"{name}: entries {i} and {i + 1} ({times[i]!r} and {times[i + 1]!r}) have {what} in float64 "
+                f"(lambda {a!r} -> {b!r}): the step between them has h = {b - a!r} and infinite coefficients; drop "
+                f"one of them or space them further apart")
 
 
 def _check_defined(schedule, times, name: str) -> None:
@@ -234,7 +265,7 @@ class Solver:
         # value checks read tensors back to the host: not traceable, and not allowed while a CUDA graph is
         # being captured -- only the type/shape/dtype/device checks run then
         values = not (compiling or _capturing())
-        validate_timesteps(schedule, timesteps, x_T, values=values)
+        validate_timesteps(schedule, timesteps, x_T, values=values, spec=self.spec())
         # a NaN/Inf start would surface as "model returned NaN/Inf at step 0" (blaming the network) or, for a
         # network that ignores it, as a silently NaN sample.  Not for a vmapped x_T: it cannot be read back
         # (data-dependent control flow)
