@@ -278,7 +278,8 @@ def coefficient_table_reference(schedule, timesteps: torch.Tensor, spec: SolverS
     if validate:
         from .ops import check_grid, check_table_args
         check_table_args(schedule, timesteps, spec)
-        check_grid(schedule, timesteps, in_range=False, spec=spec)
+        check_grid(schedule, timesteps, in_range=False, spec=spec,
+                   lambda_dtype=timesteps.dtype if timesteps.is_floating_point() else torch.float64)
     t = timesteps
     n = t.numel() - 1
     orders = step_orders(spec, n)

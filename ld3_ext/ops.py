@@ -105,7 +105,8 @@ def check_table_args(schedule, timesteps, spec) -> None:
                          f"{tuple(timesteps.shape)}")
 
 
-def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True, spec: Optional[SolverSpec] = None) -> None:
+def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True, spec: Optional[SolverSpec] = None,
+               lambda_dtype: torch.dtype = torch.float64) -> None:
     """The solvers' grid rules (``solvers.base.validate_timesteps``): strictly decreasing, finite and in the
     schedule's range -- a table on any other grid amplifies or is NaN.  ``in_range=False`` (the low-level
     tables, ``fused.coefficient_table`` and ``coefficient_table_reference``) asks only for times where the
@@ -118,7 +119,8 @@ def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True, spec: O
         return
     if not timesteps.is_floating_point():  # an integer grid is read as float64, as the table does
         timesteps = timesteps.to(torch.float64)
-    validate_timesteps(schedule, timesteps, name="coefficient_table: timesteps", check_range=in_range, spec=spec)
+    validate_timesteps(schedule, timesteps, name="coefficient_table: timesteps", check_range=in_range, spec=spec,
+                       lambda_dtype=lambda_dtype)
 
 
 def composite_only(*tensors) -> bool:

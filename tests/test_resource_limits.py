@@ -161,3 +161,31 @@ def test_teacher_cache_respects_cache_max_bytes(ring, tmp_path, monkeypatch):
                    sample_shape=mix.event_shape, model_name="ring", n_train=30, n_valid=10, rounds_v1=1,
                    rounds_v2=1, batch_size=2, progress=False, teacher_cache=str(tmp_path / "tr"),
                    cache_max_bytes=1000).fit()
+
+
+def test_a_degenerate_grid_mid_training_keeps_last_good_schedule(ring, tmp_path):
+    """A training step whose grid degenerates (DegenerateGridError from the solver's grid check: two times of one
+    float64 lambda) ends the run as a NaN loss would, with the last good schedule saved; it escaped raw before,
+    with no file written.  Simulated: the solver raises it from the fourth iteration on."""
+    from ld3_ext import DegenerateGridError
+
+    mix, s, model = ring
+    solver = DPMSolverPP(2, backend="reference")
+    real_sample, state = solver.sample, {"bad": False}
+
+    def sample(*args, **kwargs):
+        if state["bad"] and torch.is_grad_enabled():
+            raise DegenerateGridError("timesteps: entries 1 and 2 (...) have the same log-SNR in float64")
+        return real_sample(*args, **kwargs)
+
+    def trip(tr, info):
+        if info["iteration"] == 3:
+            state["bad"] = True
+
+    solver.sample = sample
+    tr = LD3Trainer(model, None, solver, 4, teacher="exact", reference=mix, sample_shape=mix.event_shape,
+                    model_name="ring", n_train=8, n_valid=4, rounds_v1=1, rounds_v2=2, batch_size=2, progress=False,
+                    checkpoint_dir=str(tmp_path), callback=trip)
+    with pytest.raises(NonFiniteLossError, match=r"the grid degenerated: timesteps: entries 1 and 2") as ei:
+        tr.fit()
+    assert ei.value.saved_to and os.path.exists(ei.value.saved_to)

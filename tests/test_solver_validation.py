@@ -376,11 +376,16 @@ def test_wrap_model_names_a_non_bool_check_output_a_bool_guidance_and_a_bad_time
     assert ok.check_output is False and torch.isfinite(ok.predict(torch.randn(2, 3), torch.tensor(1.0))[0]).all()
 
 
+def _collide(times, j):
+    """times (float64) with entry j replaced by the double just below entry j-1 (the same float64 lambda at 1e6)."""
+    t = torch.tensor(times, dtype=torch.float64)
+    t[j] = torch.nextafter(t[j - 1], torch.zeros((), dtype=torch.float64))
+    return t
+
+
 def _one_ulp_grid():
     """EDM at sigma = 1e6: t and the next double below have the same lambda = -log t in float64."""
-    big = torch.tensor(1e6, dtype=torch.float64)
-    return torch.stack([big, torch.nextafter(big, torch.zeros((), dtype=torch.float64)),
-                        torch.tensor(10.0, dtype=torch.float64), torch.tensor(0.01, dtype=torch.float64)])
+    return _collide([1e6, 0.0, 10.0, 0.01], 1)
 
 
 @pytest.mark.parametrize("solver", [lambda: ld3_ext.DPMSolverPP(order=2), lambda: ld3_ext.DPMSolverPP(order=3),
@@ -390,19 +395,64 @@ def test_a_grid_step_with_zero_lambda_step_is_named_not_blamed_on_the_model(solv
     """Distinct times with one float64 lambda: the step had h = 0, infinite coefficients, and the solve failed
     with "model returned NaN/Inf at step 2" (the model was fine).  Now the grid is refused naming the entries,
     as a DegenerateGridError (a ValueError; a FloatingPointError for LD3's time_mode="auto" trials)."""
-    from ld3_ext import DegenerateGridError
+    from ld3_ext import DegenerateGridError, fused
 
-    schedule = ld3_ext.EDM(sigma_min=0.002, sigma_max=1e6)
+    schedule = ld3_ext.EDM(sigma_min=0.002, sigma_max=1e7)
     model = ld3_ext.wrap_model(lambda x, t: 0.9 * x, schedule, prediction="x0")
-    t = _one_ulp_grid()
     s = solver()
     s.backend = backend
-    with pytest.raises(DegenerateGridError, match=r"timesteps: entries 0 and 1 .* same log-SNR") as info:
-        s.sample(model, torch.randn(2, 3, dtype=torch.float64), t)
-    assert isinstance(info.value, ValueError) and isinstance(info.value, FloatingPointError)
     spec = s.spec()
-    with pytest.raises(DegenerateGridError, match=r"coefficient_table: timesteps: entries 0 and 1"):
-        ld3_ext.ops.coefficient_table(schedule, t, spec, backend=backend)
+    # the colliding step first, in the middle (read by the order >= 2 steps after it), and the grid's entry names
+    for grid, j in ((_one_ulp_grid(), 1), (_collide([1e7, 3e6, 1e6, 0.0, 10.0, 0.01], 3), 3)):
+        with pytest.raises(DegenerateGridError, match=rf"timesteps: entries {j - 1} and {j} .* same log-SNR") as info:
+            s.sample(model, torch.randn(2, 3, dtype=torch.float64), grid)
+        assert isinstance(info.value, ValueError) and isinstance(info.value, FloatingPointError)
+        with pytest.raises(DegenerateGridError, match=rf"coefficient_table: timesteps: entries {j - 1} and {j}"):
+            ld3_ext.ops.coefficient_table(schedule, grid, spec, backend=backend)
+    # the low-level tables check too (ops.coefficient_table checks before it dispatches to them)
+    with pytest.raises(DegenerateGridError, match="entries 0 and 1"):
+        ld3_ext.coefficients.coefficient_table_reference(schedule, _one_ulp_grid(), spec)
+    with pytest.raises(DegenerateGridError, match="entries 0 and 1"):
+        fused.coefficient_table(schedule, _one_ulp_grid(), spec)
+
+
+@pytest.mark.parametrize("solver", [lambda: ld3_ext.DPMSolverPP(order=2), lambda: ld3_ext.DPMSolverPP(order=3),
+                                    lambda: ld3_ext.UniPC(order=3, variant="bh2")])
+def test_a_collision_only_a_final_first_order_step_reads_still_solves(solver):
+    """lower_order_final makes the last step first order, which divides by no lambda step: a collision there
+    solved finitely before the check and still does (the check looks only at the steps order >= 2 rows read)."""
+    schedule = ld3_ext.EDM(sigma_min=0.002, sigma_max=1e7)
+    model = ld3_ext.wrap_model(lambda x, t: 0.9 * x, schedule, prediction="x0")
+    grid = _collide([1e7, 3e6, 1e6, 6e5, 0.0], 4)
+    y = solver().sample(model, torch.randn(2, 3, dtype=torch.float64) * 1e6, grid)
+    assert torch.isfinite(y).all()
+
+
+def test_a_float32_reference_table_checks_lambda_in_float32():
+    """coefficient_table_reference computes in the grid's dtype: two float32 times one float32-ulp apart at 80 have
+    one float32 lambda (not one float64 lambda) and gave a non-finite float32 table."""
+    from ld3_ext import DegenerateGridError
+
+    big = torch.tensor(80.0)
+    grid = torch.stack([big, torch.nextafter(big, torch.zeros(())), torch.tensor(10.0), torch.tensor(0.01)])
+    with pytest.raises(DegenerateGridError, match=r"entries 0 and 1 .* in float32"):
+        ld3_ext.coefficients.coefficient_table_reference(ld3_ext.EDM(), grid, ld3_ext.DPMSolverPP(order=2).spec())
+    # the solvers compute the table in float64, where these two times differ: they solve
+    model = ld3_ext.wrap_model(lambda x, t: 0.9 * x, ld3_ext.EDM(), prediction="x0")
+    assert torch.isfinite(ld3_ext.DPMSolverPP(order=2).sample(model, torch.randn(2, 3), grid)).all()
+
+
+def test_ld3_scheduler_refuses_such_a_grid_when_built():
+    """LD3Scheduler checked its grid without the solver: a colliding grid was accepted and failed only inside
+    set_timesteps, named "coefficient_table: timesteps"."""
+    pytest.importorskip("diffusers")
+    from ld3_ext import DegenerateGridError
+    from ld3_ext.integrations.diffusers_scheduler import LD3Scheduler
+
+    # flow matching: 0.003 and the double below it have one float64 lambda = log((1 - t)/t)
+    grid = _collide([0.9, 0.5, 0.1, 0.003, 0.0, 0.001], 4)
+    with pytest.raises(DegenerateGridError, match=r"ld3_timesteps: entries 3 and 4"):
+        LD3Scheduler.from_timesteps(grid, solver="dpmpp", schedule=ld3_ext.FlowMatching())
 
 
 @pytest.mark.parametrize("solver", [lambda: ld3_ext.Euler(), lambda: ld3_ext.IPNDM(order=4),

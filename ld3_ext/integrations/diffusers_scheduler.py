@@ -153,7 +153,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         self._mgrid = None if ld3_model_timesteps is None else _grid_arg(ld3_model_timesteps, "ld3_model_timesteps")
         if self._grid is not None:
             from ..solvers.base import validate_model_timesteps, validate_timesteps
-            validate_timesteps(self.schedule, self._grid, name="ld3_timesteps")
+            validate_timesteps(self.schedule, self._grid, name="ld3_timesteps", spec=self.solver.spec())
             if self._mgrid is not None:
                 validate_model_timesteps(self.schedule, self._mgrid, self._grid)
         if self.solver.name == "heun":

@@ -54,12 +54,13 @@ def check_model_kwargs(kw, what: str) -> None:
 
 def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, name: str = "timesteps",
                        check_range: bool = True, min_len: int = 2, values: bool = True,
-                       spec: Optional[SolverSpec] = None) -> torch.Tensor:
+                       spec: Optional[SolverSpec] = None, lambda_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Check a time grid t_0 > t_1 > ... > t_N; returns it unchanged (gradients keep flowing).
 
     ``values=False`` keeps the checks that read no tensor value (type, shape, dtype, device); a vmapped grid
     (one grid per mapped sample) has no values to read back and gets only those too.  With the ``spec`` of a
-    solver whose steps divide by lambda differences, every step must also raise lambda (``DegenerateGridError``)."""
+    solver whose steps divide by lambda differences, every step they read must also raise lambda, computed in
+    ``lambda_dtype`` (the table's dtype: float64 on every solver path) (``DegenerateGridError``)."""
     # needed without check_range too: the values are checked to lie where the schedule is defined
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be an ld3_ext NoiseSchedule (the range of {name}), got "
@@ -100,29 +101,36 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
     else:  # no range: still only times where the schedule is defined (on the values read back above)
         _check_defined(schedule, vals, name)
     if spec is not None and divides_by_lambda_steps(spec, len(vals) - 1):
-        _check_lambda_increases(schedule, vals, name)
+        _check_lambda_steps(schedule, vals, spec, name, lambda_dtype)
     return timesteps
 
 
 def divides_by_lambda_steps(spec: SolverSpec, num_steps: int) -> bool:
-    """True where some step of DPM-Solver++ or UniPC has order >= 2: its coefficients divide by the lambda steps
-    h_i (r_k = h_{i-k}/h_i), so one h = 0 anywhere makes them infinite.  First-order steps, Euler and iPNDM
-    stay finite (phi_1(0) = 0)."""
+    """True where some step of DPM-Solver++ or UniPC has order >= 2: its coefficients divide by lambda steps.
+    First-order steps, Euler and iPNDM stay finite for any step (phi_1(0) = 0)."""
     return spec.kind in ("dpmpp", "unipc") and any(p >= 2 for p in step_orders(spec, num_steps))
 
 
-def _check_lambda_increases(schedule, times, name: str) -> None:
-    """Every step must raise lambda in float64, as the coefficient table computes it; else its h is 0 (or < 0 for a
-    schedule whose lambda is not monotone) and the solve returns Inf/NaN, blamed on the model at the next step."""
+def _check_lambda_steps(schedule, times, spec: SolverSpec, name: str, dtype: torch.dtype) -> None:
+    """A step i of order p >= 2 divides by h_{i-p+1} .. h_i (DPM-Solver++'s r = h_{i-1}/h_i, UniPC's r_k and its
+    Vandermonde system): each must raise lambda, in the dtype the table is computed in, or the coefficients are
+    infinite and the solve returns Inf/NaN, blamed on the model at the next step.  Steps no such row reads (a
+    collision in a final first-order step) solve finitely and pass."""
     with torch.no_grad():
-        lam = schedule.lambda_(torch.tensor(times, dtype=torch.float64)).tolist()
-    for i, (a, b) in enumerate(zip(lam, lam[1:])):
+        lam = schedule.lambda_(torch.tensor(times, dtype=dtype)).double().tolist()
+    read = set()
+    for i, p in enumerate(step_orders(spec, len(times) - 1), start=1):
+        if p >= 2:
+            read.update(range(max(1, i - p + 1), i + 1))
+    for j in sorted(read):  # step j goes from entry j-1 to entry j
+        a, b = lam[j - 1], lam[j]
         if math.isfinite(a) and math.isfinite(b) and not b > a:
             what = "the same log-SNR" if b == a else "a falling log-SNR"
             raise DegenerateGridError(
-                f"{name}: entries {i} and {i + 1} ({times[i]!r} and {times[i + 1]!r}) have {what} in float64 "
-                f"(lambda {a!r} -> {b!r}): the step between them has h = {b - a!r} and infinite coefficients; drop "
-                f"one of them or space them further apart")
+                f"{name}: entries {j - 1} and {j} ({times[j - 1]!r} and {times[j]!r}) have {what} in "
+                f"{str(dtype).replace('torch.', '')} (lambda {a!r} -> {b!r}): the step between them has h = {b - a!r}, "
+                f"and the order >= 2 steps that divide by it get infinite coefficients; drop one of them or space "
+                f"them further apart")
 
 
 def _check_defined(schedule, times, name: str) -> None:

@@ -40,6 +40,7 @@ from .._checks import count, flag, real, seed as check_seed
 from ..schedules import NoiseSchedule
 from ..solvers import MultistepSolver, Solver, as_solver
 from ..wrappers import DiffusionModel, ModelOutputError
+from ..solvers.base import DegenerateGridError
 from .losses import get_loss, loss_name, per_sample
 from .parameterization import TIME_MODES, TimeParameterization, init_timesteps
 from .teacher import generate_teacher_data, make_teacher, model_call_settings, model_identity
@@ -812,7 +813,7 @@ class LD3Trainer:
         if len(idx) > 0:
             try:
                 losses = self._losses(z_rel, d[y_key][idx], cond, t, tm)
-            except ModelOutputError as exc:
+            except (ModelOutputError, DegenerateGridError) as exc:
                 if not distributed:
                     raise
                 model_err, losses, loss, bad = exc, z_rel.new_zeros(0), None, True
@@ -885,7 +886,7 @@ class LD3Trainer:
                 try:
                     new_losses = self._losses(z_new, d[y_key][loc], None if d[c_key] is None else d[c_key][loc], t,
                                               tm)
-                except ModelOutputError as exc:  # told to every rank in the gather's flags: all stop together
+                except (ModelOutputError, DegenerateGridError) as exc:  # told to every rank in the gather's flags
                     model_err = exc
                 else:
                     keep = torch.isfinite(new_losses) & (new_losses < ref_losses)
@@ -1369,6 +1370,8 @@ class LD3Trainer:
                 self._save_checkpoint()
         except ModelOutputError as e:
             self._nonfinite(f"the model failed: {e}")
+        except DegenerateGridError as e:  # as a NaN loss would be: the last good schedule is saved first
+            self._nonfinite(f"the grid degenerated: {e}")
         finally:
             if bar is not None:
                 bar.close()
