@@ -128,6 +128,9 @@ def phi_functions(x: torch.Tensor) -> torch.Tensor:
     x, for every step at once, so the reference table stays a handful of autograd nodes.  Differentiable, also
     twice, for 1e-150 < |x| < 700 (a grid's steps in lambda lie in 1e-17 < h < 1500, and h > 700 only where
     e^-h underflows anyway); x = 0 gives NaN.  float16/bfloat16 x is computed in float32 (x^27 overflows half)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"phi_functions: x must be a real floating torch.Tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dtype in (torch.float16, torch.bfloat16):
         return phi_functions(x.float()).to(x.dtype)
     like = dict(dtype=x.dtype, device=x.device)

@@ -283,3 +283,10 @@ def test_phi_functions_and_reference_table_in_lower_precision(dtype, rtol):
         exact = coefficient_table_reference(S.EDM(), t.double(), spec)  # the same (rounded) grid in float64
         assert table.dtype == dtype and torch.isfinite(table).all()
         torch.testing.assert_close(table.double(), exact, rtol=0, atol=2 * rtol * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("bad, named", [(1.0, "float"), ([0.5], "list"), (torch.tensor([1]), "int64"),
+                                        (torch.tensor([1j]), "complex64")])
+def test_phi_functions_refuses_non_floating_input_by_name(bad, named):
+    with pytest.raises(TypeError, match=rf"phi_functions: x must be a real floating torch.Tensor, got .*{named}"):
+        phi_functions(bad)

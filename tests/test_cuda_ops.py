@@ -387,6 +387,7 @@ def test_cuda_coefficient_table_precision_against_mpmath(grid):
     digits of UniPC's Jacobian) and across steps of h = 11..20, against the mpmath oracle of
     tests/test_coefficient_precision.py, with that file's tolerances."""
     from test_coefficient_precision import SPECS, _oracle, _uniform_log_grid
+    from test_fused_ops import _dense_jacobian
 
     if grid == "fine":
         schedule, t, tab_tol, jac_tol = S.EDM(), _uniform_log_grid("edm", 1e-4), 2e-15, 1e-11
@@ -400,12 +401,7 @@ def test_cuda_coefficient_table_precision_against_mpmath(grid):
                 spec.variant == "bh2", spec.has_corrector)
         tab, jac = (v.cpu() for v in C.coefficient_table(t.to(DEV), *args))
         want, want_jac = _oracle("edm", t, sp)
-        dense = torch.zeros_like(want_jac)  # the native Jacobian holds t_{i-3..i} per step
-        n = t.numel() - 1
-        for i in range(1, n + 1):
-            for j in range(4):
-                if i - 3 + j >= 0:
-                    dense[i - 1, :, :, i - 3 + j] = jac[i - 1, :, :, j]
+        dense = _dense_jacobian(jac, t.numel())  # the native Jacobian holds t_{i-3..i} per step
         row_scale = want.abs().amax(-1, keepdim=True).clamp_min(1e-300)
         jac_scale = want_jac.abs().amax((-1, -2), keepdim=True).clamp_min(1e-300)
         assert float(((tab - want).abs() / row_scale).max()) <= tab_tol, name

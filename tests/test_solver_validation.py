@@ -465,3 +465,14 @@ def test_solvers_without_lambda_divisions_still_take_such_a_grid(solver):
     model = ld3_ext.wrap_model(lambda x, t: 0.9 * x, schedule, prediction="x0")
     y = solver().sample(model, torch.randn(2, 3, dtype=torch.float64) * 1e6, _one_ulp_grid())
     assert torch.isfinite(y).all()
+
+
+def test_validate_timesteps_names_a_bad_spec_or_lambda_dtype():
+    from ld3_ext.solvers.base import validate_timesteps
+
+    grid = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"spec must be a SolverSpec or None, got str"):
+        validate_timesteps(ld3_ext.EDM(), grid, spec="dpmpp")
+    for bad in (torch.int64, "float64"):
+        with pytest.raises(TypeError, match=r"lambda_dtype must be a floating torch.dtype"):
+            validate_timesteps(ld3_ext.EDM(), grid, spec=ld3_ext.DPMSolverPP(order=2).spec(), lambda_dtype=bad)

@@ -79,6 +79,10 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
     if x_T is not None:
         _no_meta("x_T", x_T)  # on the device of timesteps: name the state first
     _no_meta(name, timesteps)
+    if spec is not None and not isinstance(spec, SolverSpec):
+        raise TypeError(f"spec must be a SolverSpec or None, got {type(spec).__name__}")
+    if not isinstance(lambda_dtype, torch.dtype) or not lambda_dtype.is_floating_point:
+        raise TypeError(f"lambda_dtype must be a floating torch.dtype, got {lambda_dtype!r}")
     if not values or _vmapped(timesteps):
         return timesteps
     # one read-back for every value check (one host sync on a GPU, instead of one per check);
@@ -100,12 +104,12 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
             _check_defined(schedule, slack, name)
     else:  # no range: still only times where the schedule is defined (on the values read back above)
         _check_defined(schedule, vals, name)
-    if spec is not None and divides_by_lambda_steps(spec, len(vals) - 1):
+    if spec is not None and _divides_by_lambda_steps(spec, len(vals) - 1):
         _check_lambda_steps(schedule, vals, spec, name, lambda_dtype)
     return timesteps
 
 
-def divides_by_lambda_steps(spec: SolverSpec, num_steps: int) -> bool:
+def _divides_by_lambda_steps(spec: SolverSpec, num_steps: int) -> bool:
     """True where some step of DPM-Solver++ or UniPC has order >= 2: its coefficients divide by lambda steps.
     First-order steps, Euler and iPNDM stay finite for any step (phi_1(0) = 0)."""
     return spec.kind in ("dpmpp", "unipc") and any(p >= 2 for p in step_orders(spec, num_steps))
