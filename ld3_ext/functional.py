@@ -47,7 +47,7 @@ from ._checks import flag
 from .ops import _vmapped
 from .schedules import EDM
 from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
-from .solvers.base import check_model_kwargs
+from .solvers.base import check_model_kwargs, validate_timesteps
 from .wrappers import DiffusionModel, _capturing, _compiling
 
 SOLVER_NAMES: Dict[str, Callable[..., Solver]] = {
@@ -268,6 +268,8 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
     kw = dict(extra_args or {})
     check_model_kwargs(kw, "extra_args")
     if n >= 1:
+        # a degenerate step named in the caller's terms: entry j of the positive grid is sigmas[j]
+        validate_timesteps(schedule, pos, name="sigmas", spec=sv.spec(), values=not (_compiling() or _capturing()))
         x = sv.sample(model, x, pos, mpos, **kw)
     if final_denoise:
         # its step (the evaluation index) names it in a NaN/Inf error, with or without a callback

@@ -476,3 +476,18 @@ def test_validate_timesteps_names_a_bad_spec_or_lambda_dtype():
     for bad in (torch.int64, "float64"):
         with pytest.raises(TypeError, match=r"lambda_dtype must be a floating torch.dtype"):
             validate_timesteps(ld3_ext.EDM(), grid, spec=ld3_ext.DPMSolverPP(order=2).spec(), lambda_dtype=bad)
+
+
+def test_functional_sample_names_a_degenerate_pair_of_sigmas():
+    """ld3_ext.sample (k-diffusion style) named the pair "timesteps", a name the caller never used."""
+    from ld3_ext import DegenerateGridError
+
+    big = torch.tensor(1e6, dtype=torch.float64)
+    sigmas = torch.stack([torch.tensor(2e6, dtype=torch.float64), big,
+                          torch.nextafter(big, torch.zeros((), dtype=torch.float64)),
+                          torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)])
+    with pytest.raises(DegenerateGridError, match=r"^sigmas: entries 1 and 2 \(1000000.0 and 999999.99"):
+        ld3_ext.sample(lambda x, sig: 0.9 * x, torch.randn(2, 3, dtype=torch.float64), sigmas, solver="dpmpp_3m")
+    # a solver without lambda divisions takes it, as before
+    y = ld3_ext.sample(lambda x, sig: 0.9 * x, torch.randn(2, 3, dtype=torch.float64), sigmas, solver="euler")
+    assert torch.isfinite(y).all()
