@@ -104,28 +104,25 @@ def validate_timesteps(schedule, timesteps, x_T: Optional[torch.Tensor] = None, 
             _check_defined(schedule, slack, name)
     else:  # no range: still only times where the schedule is defined (on the values read back above)
         _check_defined(schedule, vals, name)
-    if spec is not None and _divides_by_lambda_steps(spec, len(vals) - 1):
+    if spec is not None:
         _check_lambda_steps(schedule, vals, spec, name, lambda_dtype)
     return timesteps
-
-
-def _divides_by_lambda_steps(spec: SolverSpec, num_steps: int) -> bool:
-    """True where some step of DPM-Solver++ or UniPC has order >= 2: its coefficients divide by lambda steps.
-    First-order steps, Euler and iPNDM stay finite for any step (phi_1(0) = 0)."""
-    return spec.kind in ("dpmpp", "unipc") and any(p >= 2 for p in step_orders(spec, num_steps))
 
 
 def _check_lambda_steps(schedule, times, spec: SolverSpec, name: str, dtype: torch.dtype) -> None:
     """A step i of order p >= 2 divides by h_{i-p+1} .. h_i (DPM-Solver++'s r = h_{i-1}/h_i, UniPC's r_k and its
     Vandermonde system): each must raise lambda, in the dtype the table is computed in, or the coefficients are
     infinite and the solve returns Inf/NaN, blamed on the model at the next step.  Steps no such row reads (a
-    collision in a final first-order step) solve finitely and pass."""
+    collision in a final first-order step) solve finitely and pass, as Euler's and iPNDM's (phi_1(0) = 0)."""
+    read = set()
+    if spec.kind in ("dpmpp", "unipc"):
+        for i, p in enumerate(step_orders(spec, len(times) - 1), start=1):
+            if p >= 2:
+                read.update(range(max(1, i - p + 1), i + 1))
+    if not read:
+        return
     with torch.no_grad():
         lam = schedule.lambda_(torch.tensor(times, dtype=dtype)).double().tolist()
-    read = set()
-    for i, p in enumerate(step_orders(spec, len(times) - 1), start=1):
-        if p >= 2:
-            read.update(range(max(1, i - p + 1), i + 1))
     for j in sorted(read):  # step j goes from entry j-1 to entry j
         a, b = lam[j - 1], lam[j]
         if math.isfinite(a) and math.isfinite(b) and not b > a:
