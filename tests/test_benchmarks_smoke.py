@@ -94,6 +94,21 @@ def test_coefficient_precision_prints_the_bounds_the_tests_hold(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = [ln.split() for ln in proc.stdout.splitlines()[1:] if ln.strip()]
     assert [(r[0], " ".join(r[1:3])) for r in rows] == [
-        (s, g) for s in ("edm", "flow_matching") for g in ("gap 0.1", "sampling N=4", "sampling N=8")]
+        (s, g) for s in ("edm", "flow_matching") for g in ("gap 0.1", "sampling N=4", "sampling N=8")] + [
+        ("edm", "large steps")]
     for r in rows:
         assert 0 <= float(r[3]) <= 2e-15 and 0 < float(r[4]) <= 1e-13, r
+
+
+def test_coefficient_precision_measures_an_older_commits_reference(tmp_path):
+    """--reference-at REV loads that commit's ld3_ext/coefficients.py (README's "before" figures): at 368a9fa the
+    recursions' errors on the gap-0.1 grid are the ones README quotes (rows ~2e-14, Jacobians ~5e-13)."""
+    script = os.path.join(os.path.dirname(BENCH), "coefficient_precision.py")
+    proc = subprocess.run([sys.executable, script, "--gaps", "1e-1", "--reference-at", "368a9fa"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines()[1:] if ln.strip()]
+    gap = [r for r in rows if r[1:3] == ["gap", "0.1"]]
+    assert len(gap) == 2 and all(r[5].endswith("@368a9fa") for r in rows)
+    for r in gap:
+        assert 1e-14 < float(r[3]) < 5e-14 and 1e-13 < float(r[4]) < 1e-12, r

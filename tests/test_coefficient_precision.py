@@ -2,13 +2,15 @@
 
 LD3.md writes phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2 and UniPC's g_{k+1} = g_k/h - 1/(k+1)!: recursions that
 cancel as the step h shrinks.  Found by this file, before ``phi_functions`` (and its C++ twin) took the Taylor
-series below |h| = 2 (relative to each row's largest entry; EDM grid with every log-step = gap):
+series below |h| = 2 (`python benchmarks/coefficient_precision.py --reference-at 368a9fa`: the worst over every
+spec, EDM and flow matching, relative to each row's largest entry, on grids whose lambda steps all equal the gap;
+UniPC worst throughout):
 
-    gap     UniPC(3) row   its Jacobian   DPM-Solver++(3M) Jacobian
-    1e-1    3.2e-14        3.2e-13        4e-15
-    1e-2    7.0e-13        2.5e-10        3.8e-13
-    1e-4    1.8e-8         2.5e-4         3.1e-9
-    1e-6    2.3e-4         4e2            3.5e-5
+    gap     rows      Jacobians
+    1e-1    2.0e-14   5.3e-13
+    1e-2    9.7e-13   4.1e-10
+    1e-4    8.9e-9    3.8e-4
+    1e-6    1.5e-4    5.2e2
 
 After it (`python benchmarks/coefficient_precision.py`, EDM and flow matching): rows within 1.1e-15, Jacobians
 within 3e-15 at gap 1e-1, then growing like 1e-16/gap -- the rounding of lambda(t) itself, which no formula for
