@@ -15,6 +15,8 @@ from typing import Tuple
 import numpy as np
 import torch
 
+from ._finite import all_finite
+
 
 def _check_images(samples, name="samples", least: int = 2) -> torch.Tensor:
     """``least``: 2 where a covariance follows (digits-FD), 1 for features alone."""
@@ -29,7 +31,7 @@ def _check_images(samples, name="samples", least: int = 2) -> torch.Tensor:
     if samples.shape[0] < least:
         raise ValueError(f"{name}: need at least 2 samples for a covariance, got {samples.shape[0]}" if least == 2
                          else f"{name}: need at least {least} sample(s), got {samples.shape[0]}")
-    if not torch.isfinite(samples).all():
+    if not all_finite(samples):
         raise ValueError(f"{name} contains NaN or Inf")
     return samples
 

@@ -15,6 +15,7 @@ import threading
 import torch
 
 from ._checks import flag
+from ._finite import all_finite, all_finite_tensor
 from .ops import _opmath, _vmapped
 from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
 
@@ -296,11 +297,11 @@ class DiffusionModel(torch.nn.Module):
         # skipped inside torch.compile, and for a vmapped output (no value to read back)
         if self._checks_on() and not _compiling() and not _vmapped(out):
             if self._deferred is not None:  # read back once, when the sample call ends
-                overflow = (torch.isfinite(raw).all(), raw.dtype, x.dtype) if raw is not out else None
-                self._deferred.append((step, t.detach(), torch.isfinite(out).all(), overflow))
-            elif not torch.isfinite(out).all():
+                overflow = (all_finite_tensor(raw), raw.dtype, x.dtype) if raw is not out else None
+                self._deferred.append((step, t.detach(), all_finite_tensor(out), overflow))
+            elif not all_finite(out):
                 why = ""
-                if raw is not out and bool(torch.isfinite(raw).all()):  # finite, but not in the state's dtype
+                if raw is not out and all_finite(raw):  # finite, but not in the state's dtype
                     why = _range_note(raw.dtype, x.dtype)
                 raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)}){why}")
         s = self.schedule

@@ -112,3 +112,9 @@ def test_coefficient_precision_measures_an_older_commits_reference(tmp_path):
     assert len(gap) == 2 and all(r[5].endswith("@368a9fa") for r in rows)
     for r in gap:
         assert 1e-14 < float(r[3]) < 5e-14 and 1e-13 < float(r[4]) < 1e-12, r
+
+
+def test_bench_finite_check_runs_and_prints_every_shape(tmp_path):
+    rows = _small_shape_rows(tmp_path, "bench_finite_check.py")
+    # 4 dtypes per shape (6 columns), then one sampler row per shape (4 columns)
+    assert [len(r) for r in rows] == [6] * 8 + [4, 4] and all(float(v) > 0 for r in rows for v in r[2:])

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import adjoint, ops
 from .._checks import count, flag
+from .._finite import all_finite
 from ..coefficients import SolverSpec, step_orders
 from ..layout import in_layout_of
 from ..ops import _layout_text, _vmapped
@@ -278,7 +279,7 @@ class Solver:
         # a NaN/Inf start would surface as "model returned NaN/Inf at step 0" (blaming the network) or, for a
         # network that ignores it, as a silently NaN sample.  Not for a vmapped x_T: it cannot be read back
         # (data-dependent control flow)
-        if values and not _vmapped(x_T) and not bool(torch.isfinite(x_T.detach()).all()):
+        if values and not _vmapped(x_T) and not all_finite(x_T):
             _fail("x_T", "contains NaN or Inf")
         if timesteps.numel() - 1 < self.min_steps():
             raise ValueError(f"timesteps: {type(self).__name__} needs at least {self.min_steps() + 1} entries")

@@ -40,6 +40,7 @@ import torch.distributed as _dist
 
 from .. import discretizations
 from .. import distributed as D
+from .._finite import all_finite
 from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json, fsync_dir,
                          load_safetensors_checked, read_json_checked, remove_stale_temps, tensors_sha256)
 from .._checks import count, flag, seed as check_seed
@@ -579,7 +580,7 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
                     kw["uncond"] = uncond.to(device).expand(hi - lo, *uncond.shape[1:])
             with torch.no_grad():
                 target = teacher_fn((prior * z).to(device), **kw)
-            if not torch.isfinite(target).all():
+            if not all_finite(target):
                 raise TeacherCacheError(f"the teacher produced NaN/Inf for samples {lo}..{hi - 1}")
             got = {"noise": z.cpu(), "target": target.detach().to("cpu", dtype)}
             if conditions is not None:

@@ -34,6 +34,7 @@ from .. import distributed as D
 from ..atomic_io import CorruptFileError, atomic_save_safetensors, canonical_json, json_safe, \
     load_safetensors_checked, tensor_bytes
 from ..coefficients import step_orders
+from .._finite import all_finite
 from ..ops import _opmath
 from ..schedule_file import LearnedSchedule
 from .._checks import count, flag, real, seed as check_seed
@@ -568,7 +569,7 @@ class LD3Trainer:
         for name, t in ((nn, noise), (tn, target)):
             if not t.is_floating_point():  # complex lost its imaginary part to a cast; bool became 0/1 noise
                 raise TypeError(f"{name} must be a real floating tensor, got {t.dtype}")
-        if not torch.isfinite(noise).all() or not torch.isfinite(target).all():
+        if not all_finite(noise) or not all_finite(target):
             raise ValueError(f"{nn}/{tn} contain NaN/Inf")
 
     def _loaded(self, what: str) -> Dict[str, torch.Tensor]:
