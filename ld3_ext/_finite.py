@@ -16,23 +16,32 @@ from __future__ import annotations
 import torch
 
 
+# the dtypes with sum and aminmax kernels on every device; anything else (float8, complex32, ...) and any
+# tensor subclass or non-strided layout (MaskedTensor, sparse) takes torch.isfinite, as before
+_FAST_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _fast(t: torch.Tensor) -> bool:
+    return type(t) in _PLAIN_TYPES and t.dtype in _FAST_DTYPES and t.layout == torch.strided and t.numel() > 0
+
+
 def _exact(t: torch.Tensor) -> torch.Tensor:
-    if t.is_complex():  # aminmax has no complex kernel (never a sample state: solvers take real tensors)
-        return torch.isfinite(t).all()
-    lo, hi = torch.aminmax(t)
+    lo, hi = torch.aminmax(t)  # _fast(t): a non-empty real float tensor (aminmax refuses empty ones)
     return lo.isfinite() & hi.isfinite()
 
 
-def _trivially_finite(t: torch.Tensor) -> bool:
-    # integers and bools hold no NaN/Inf; an empty tensor has no element to be one (aminmax refuses it)
-    return t.numel() == 0 or not (t.is_floating_point() or t.is_complex())
+def _check_tensor(t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor to check for NaN/Inf, got {type(t).__name__}")
+    return t.detach()
 
 
 def all_finite(t: torch.Tensor) -> bool:
     """``bool(torch.isfinite(t).all())``, in one pass over ``t`` unless it holds a NaN/Inf or its sum overflows."""
-    t = t.detach()
-    if _trivially_finite(t):
-        return True
+    t = _check_tensor(t)
+    if not _fast(t):
+        return bool(torch.isfinite(t).all())
     if bool(torch.isfinite(t.sum())):
         return True
     return bool(_exact(t))
@@ -40,7 +49,5 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def all_finite_tensor(t: torch.Tensor) -> torch.Tensor:
     """``torch.isfinite(t).all()`` as a 0-d bool tensor on ``t``'s device, without reading it back (one pass)."""
-    t = t.detach()
-    if _trivially_finite(t):
-        return torch.ones((), dtype=torch.bool, device=t.device)
-    return _exact(t)
+    t = _check_tensor(t)
+    return _exact(t) if _fast(t) else torch.isfinite(t).all()

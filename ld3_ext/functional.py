@@ -47,6 +47,7 @@ from ._checks import flag
 from .ops import _vmapped
 from .schedules import EDM
 from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
+from ._finite import all_finite
 from .solvers.base import check_model_kwargs, validate_timesteps
 from .wrappers import DiffusionModel, _capturing, _compiling
 
@@ -217,7 +218,7 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
     if x.device.type == "meta":
         raise ValueError("x is on the meta device (it holds no values); use a cpu or cuda tensor")
     # named here as x (the solver would call it x_T; a final-denoise-only grid reaches no solver)
-    if not (_compiling() or _capturing() or _vmapped(x)) and not bool(torch.isfinite(x.detach()).all()):
+    if not (_compiling() or _capturing() or _vmapped(x)) and not all_finite(x):
         raise ValueError("x contains NaN/Inf")
     if not callable(model_or_denoiser):
         raise TypeError(f"model_or_denoiser must be a DiffusionModel or a callable denoiser(x, sigma, **kw) -> x0, "

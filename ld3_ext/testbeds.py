@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ._checks import count, real, seed as check_seed
+from ._finite import all_finite
 from .schedules import NoiseSchedule, _num
 from .wrappers import DiffusionModel, wrap_model
 
@@ -115,7 +116,7 @@ class GaussianMixture:
                             f"{x_T.dtype if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
         if x_T.dim() < 1 or x_T.numel() == 0 or x_T.numel() != x_T.shape[0] * self.dim:
             raise ValueError(f"x_T must be a non-empty batch of samples of {self.dim} values each, got shape {tuple(x_T.shape)}")
-        if not torch.isfinite(x_T).all():
+        if not all_finite(x_T):
             raise ValueError("x_T contains NaN or Inf")
         t_start = schedule.t_max if t_start is None else _num("t_start", t_start)
         t_end = schedule.t_min if t_end is None else _num("t_end", t_end)

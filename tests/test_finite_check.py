@@ -110,6 +110,21 @@ def test_sampler_checks_read_each_state_once(backend):
     assert counter.ops["sum"] == 1 + 4  # x_T, then the 4 model outputs
 
 
+def test_functional_sample_checks_x_once():
+    """ld3_ext.sample checks x (to name it "x"), then the solver checks it as x_T: a sum each."""
+    x = torch.randn(4, 3, 8, 8)
+    sigmas = torch.tensor([80.0, 20.0, 5.0, 1.0, 0.1], dtype=torch.float64)
+    counter = _OpCounter(x.numel())
+    with counter:
+        ld3_ext.sample(lambda xx, s: 0.9 * xx, x, sigmas, check_output=False)
+    assert not {"isfinite", "abs", "ne", "eq"} & set(counter.ops), counter.ops
+    assert counter.ops["sum"] == 2
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        ld3_ext.sample(lambda xx, s: 0.9 * xx, bad, sigmas)
+
+
 def test_bad_x_T_and_bad_model_output_are_still_refused():
     model = ld3_ext.wrap_model(lambda xx, tt: 0.9 * xx, EDM(), prediction="x0")
     steps = torch.tensor([80.0, 20.0, 5.0, 1.0], dtype=torch.float64)
@@ -124,3 +139,49 @@ def test_bad_x_T_and_bad_model_output_are_still_refused():
     with pytest.raises(ld3_ext.ModelOutputError, match="NaN/Inf at step 2"):
         with bad.deferred_output_checks():
             ld3_ext.DPMSolverPP(order=2).sample(bad, torch.randn(2, 3, 4, 4), steps)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", [getattr(torch, n) for n in ("float8_e5m2", "complex32")
+                                   if hasattr(torch, n)])
+def test_dtypes_without_sum_or_aminmax_kernels_take_isfinite(dtype):
+    """float8 and complex32 have isfinite but no sum/aminmax kernel: checked as before, not a NotImplementedError."""
+    t = torch.zeros(6, dtype=dtype)
+    assert _both(t)
+    t[2] = float("nan")
+    assert not _both(t)
+
+
+def test_subclasses_and_non_tensors():
+    p = torch.nn.Parameter(torch.randn(4))
+    assert _both(p)
+    with torch.no_grad():
+        p[1] = float("inf")
+    assert not _both(p)
+    with pytest.raises(TypeError, match="tuple"):
+        all_finite((torch.ones(2),))
+    with pytest.raises(TypeError, match="list"):
+        all_finite_tensor([1.0])
+
+
+def test_a_float8_network_under_deferred_checks_samples():
+    """Its output is cast to the state's dtype and checked in both (the overflow note): both checks must serve it."""
+    if not hasattr(torch, "float8_e5m2"):
+        pytest.skip("this torch has no float8")
+    model = ld3_ext.wrap_model(lambda xx, tt: (0.9 * xx).to(torch.float8_e5m2), EDM(), prediction="x0")
+    steps = torch.tensor([80.0, 20.0, 5.0, 1.0], dtype=torch.float64)
+    x = torch.randn(2, 3, 4, 4)
+    with model.deferred_output_checks():
+        y = ld3_ext.DPMSolverPP(order=2).sample(model, x, steps)
+    assert torch.isfinite(y).all()
+    bad = ld3_ext.wrap_model(lambda xx, tt: (xx * float("inf")).to(torch.float8_e5m2), EDM(), prediction="x0")
+    with pytest.raises(ld3_ext.ModelOutputError, match="NaN/Inf at step 0"):
+        ld3_ext.DPMSolverPP(order=2).sample(bad, x, steps)
+
+
+@pytest.mark.filterwarnings("ignore:the model has no weights to hash")
+def test_teacher_fn_returning_a_non_tensor_is_named():
+    from ld3_ext.training.teacher import generate_teacher_data
+    model = ld3_ext.wrap_model(lambda xx, tt: 0.9 * xx, EDM(), prediction="x0")
+    with pytest.raises(TypeError, match="teacher_fn must return a tensor.*tuple"):
+        generate_teacher_data(model, lambda z, **kw: (z,), {"solver": "x"}, 4, (2,), progress=False)

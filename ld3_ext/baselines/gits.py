@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .._checks import count, real, seed as check_seed
+from .._finite import all_finite
 from ..discretizations import _check
 from ..schedules import NoiseSchedule
 from ..solvers import as_solver
@@ -283,7 +284,7 @@ def _start_noise(model, schedule, x_T, sample_shape, n_samples, seed, dtype):
         if sample_shape is not None and tuple(x_T.shape[1:]) != sample_shape:
             raise ValueError(f"x_T has samples of shape {tuple(x_T.shape[1:])} but sample_shape is {sample_shape}; "
                              "pass one of them, or make them agree")
-        if not bool(torch.isfinite(x_T.detach()).all()):
+        if not all_finite(x_T):
             raise ValueError("x_T contains NaN or Inf")
         arg, shape = "x_T", tuple(x_T.shape[1:])
     elif sample_shape is None:

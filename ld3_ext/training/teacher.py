@@ -580,6 +580,8 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
                     kw["uncond"] = uncond.to(device).expand(hi - lo, *uncond.shape[1:])
             with torch.no_grad():
                 target = teacher_fn((prior * z).to(device), **kw)
+            if not isinstance(target, torch.Tensor):
+                raise TypeError(f"teacher_fn must return a tensor of final samples, got {type(target).__name__}")
             if not all_finite(target):
                 raise TeacherCacheError(f"the teacher produced NaN/Inf for samples {lo}..{hi - 1}")
             got = {"noise": z.cpu(), "target": target.detach().to("cpu", dtype)}

@@ -799,7 +799,9 @@ class LD3Trainer:
         d, st = self._data, self.st
         n_glob = len(idx)
         idx = D.local_part(idx)
-        z_rel = st[z_key + "_rel"][idx].detach().clone()
+        z_rel = st[z_key + "_rel"][idx].detach()  # a tensor index copies already: no second copy
+        if z_rel._base is not None:  # a view (a slice index): the state must not be written through it
+            z_rel = z_rel.clone()
         relax = self.radius() > 0
         if relax:
             z_rel.requires_grad_(True)
@@ -838,7 +840,7 @@ class LD3Trainer:
                 g = torch.zeros_like(z_rel)
             elif g is not None and len(idx) != n_glob:
                 g = g * (len(idx) / n_glob)  # d(global batch mean)/dz: this rank's mean covers len(idx) samples
-        g_bad = relax and (g is None or not bool(torch.isfinite(g).all()))
+        g_bad = relax and (g is None or not all_finite(g))
         if distributed:
             # one collective a step: the parameter gradients, weighted by the part sizes, with both
             # "not finite" flags riding along (every rank then takes the same branch)
