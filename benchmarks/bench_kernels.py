@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -102,6 +103,15 @@ class Timer:
         return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def _git_commit():
+    try:
+        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def machine_info(device):
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
@@ -114,6 +124,9 @@ def machine_info(device):
         info["cpu"] = platform.processor()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["capability"] = "%d.%d" % torch.cuda.get_device_capability(device)
+    info["commit"] = os.environ.get("LD3_GIT_COMMIT") or _git_commit()
     if _native.native_available():  # which copy of the CPU loops ran (csrc/cpu/cpu_isa.h)
         info["cpu_isa"] = _native._C.cpu_isa()
     return info
@@ -149,7 +162,8 @@ def main(argv=None):
     repeats, warmup = (7, 2) if args.quick else (25, 5)
     timer = Timer(device, repeats, warmup, min_sample_s=0.002 if args.quick else 0.01)
     machine = machine_info(device)
-    shapes = SHAPES + (CUDA_EXTRA_SHAPES if device.type == "cuda" else [])
+    # on CUDA the 64 MiB shape first: it carries the bandwidth target, and a run cut short keeps what it measured
+    shapes = (CUDA_EXTRA_SHAPES + SHAPES) if device.type == "cuda" else SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in name.split("x")) for name in args.shapes.split(",")]
     records = []
@@ -163,6 +177,16 @@ def main(argv=None):
                "machine": machine, "threads": threads, "device": str(device), "dtype": "float32"}
         records.append(rec)
         return rec
+
+    def write_json(complete):
+        if not args.json:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"records": records, "machine": machine, "threads": threads, "device": str(device),
+                       "quick": args.quick, "complete": complete}, fh, indent=1)
+        os.replace(tmp, args.json)  # a reader (or a kill) never meets half a file
 
     schedule = EDM()
     spec = SolverSpec("dpmpp", order=3)
@@ -194,10 +218,15 @@ def main(argv=None):
             if not args.no_compile:
                 compiled = torch.compile(ops.multistep_update_reference, dynamic=False)
                 t0 = time.perf_counter()
-                with torch.no_grad():  # the grad mode it is timed in: else Dynamo compiles again in the warm-up
-                    compiled(x, coef, hist)
-                print(f"[compile {shape_name(shape)}: {time.perf_counter() - t0:.1f} s]", flush=True)
-                variants["compile"] = lambda: compiled(x, coef, hist)
+                try:
+                    with torch.no_grad():  # the grad mode it is timed in: else Dynamo compiles again in the warm-up
+                        compiled(x, coef, hist)
+                except Exception as e:  # noqa: BLE001 - a compiler failure loses that variant, not the run
+                    print(f"[compile {shape_name(shape)} FAILED, variant skipped: {type(e).__name__}: {e}]"[:2000],
+                          flush=True)
+                else:
+                    print(f"[compile {shape_name(shape)}: {time.perf_counter() - t0:.1f} s]", flush=True)
+                    variants["compile"] = lambda: compiled(x, coef, hist)
             with torch.no_grad():
                 res = timer.run(variants)
             for name, med in res.items():
@@ -245,13 +274,13 @@ def main(argv=None):
             ref_o, fus_o = records[-2]["solver_overhead_s"], records[-1]["solver_overhead_s"]
             records[-1]["overhead_ratio_vs_reference"] = ref_o / fus_o if fus_o > 0 else None
 
-    flag_contention(records)
+        write_json(False)  # after every shape: a run stopped at a time limit keeps what it measured
+
+    if device.type == "cpu":  # a CPU heuristic: on a GPU small copies are bound by the launch, not contention
+        flag_contention(records)
     print_table(records)
+    write_json(True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump({"records": records, "machine": machine, "threads": threads, "device": str(device),
-                       "quick": args.quick}, fh, indent=1)
         print(f"wrote {len(records)} records to {args.json}")
     return records
 

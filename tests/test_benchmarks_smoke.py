@@ -23,7 +23,8 @@ def test_bench_kernels_writes_one_record_per_case_shape_variant(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     data = json.loads(out.read_text())
-    assert data["threads"] == 1 and data["device"] == "cpu"
+    assert data["threads"] == 1 and data["device"] == "cpu" and data["complete"] is True
+    assert data["machine"]["commit"]  # which code ran (a git checkout here; LD3_GIT_COMMIT on the GPU box)
     # the malloc guard re-executes the script with the glibc settings and records them
     assert all(data["machine"]["malloc_env"][k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
     recs = data["records"]
@@ -118,3 +119,40 @@ def test_bench_finite_check_runs_and_prints_every_shape(tmp_path):
     rows = _small_shape_rows(tmp_path, "bench_finite_check.py")
     # 4 dtypes per shape (6 columns), then one sampler row per shape (4 columns)
     assert [len(r) for r in rows] == [6] * 8 + [4, 4] and all(float(v) > 0 for r in rows for v in r[2:])
+
+
+def test_bench_kernels_keeps_the_shapes_measured_before_it_is_stopped(tmp_path):
+    """The GPU check stops the benchmark at its time limit: the JSON is rewritten after every shape, so the shapes
+    done are kept (complete=false) instead of nothing; and a torch.compile failure loses only that variant."""
+    out = tmp_path / "bench.json"
+    # a stand-in torch.compile that raises, and a Timer that stops the run on the second shape's first case
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""
+import sys, torch
+sys.path.insert(0, {os.path.dirname(BENCH)!r})
+import bench_kernels as bk
+def broken_compile(*a, **k):
+    def f(*a, **k):
+        raise RuntimeError("inductor exploded")
+    return f
+torch.compile = broken_compile
+real_run, calls = bk.Timer.run, []
+def run(self, variants):
+    calls.append(1)
+    if len(calls) == 6:  # shape 1: copy, update, fwd+bwd, model, sampler; shape 2: its copy ceilings
+        raise KeyboardInterrupt
+    return real_run(self, variants)
+bk.Timer.run = run
+try:
+    bk.main(["--quick", "--no-malloc-guard", "--threads", "1", "--shapes", "2x3x8x8,1x5", "--json", {str(out)!r}])
+except KeyboardInterrupt:
+    print("stopped")
+""")
+    proc = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "stopped" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
+    assert "compile 2x3x8x8 FAILED" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["complete"] is False
+    assert {r["shape"] for r in data["records"]} == {"2x3x8x8"}
+    assert {r["variant"] for r in data["records"] if r["case"] == "update_fwd"} == {"eager", "fused", "fused_out"}
+    assert not list(tmp_path.glob("*.tmp"))

@@ -81,3 +81,22 @@ def test_a_full_run_leaves_at_most_8_files(tmp_path):
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert {"tests.xml", "bench_cuda.json", "launches.log"} <= set(files), files  # every step ran
     assert len(files) <= 8 and all(p.is_file() for p in out.rglob("*")), files
+
+
+def test_steps_run_outside_the_results_folder_in_budget_order(tmp_path):
+    """A step that leaves a file in its working folder (a compiler's debug folder, a crash dump) must not make a
+    ninth file in $OUT, and the bounded steps that give the numbers (launch counts, benchmark) run before the tests,
+    so a hung test cannot take their time."""
+    fake = tmp_path / "fake_python"
+    order = tmp_path / "order.txt"
+    # (not in the source tree, where the build must run: pip install . there)
+    fake.write_text('#!/bin/bash\n[ -e pyproject.toml ] || : > "stray_$$"\nprev=""\nfor a in "$@"; do\n'
+                    f'  case "$a" in --junitxml=*) : > "${{a#--junitxml=}}"; echo tests >> {order} ;; esac\n'
+                    f'  if [ "$prev" = "--json" ]; then : > "$a"; echo benchmark >> {order}; fi\n  prev="$a"\ndone\n'
+                    f'if [ "$1" = "-" ]; then grep -q "launch budget" && echo launches >> {order}; fi\nexit 0\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    proc, _ = _run(tmp_path, {"PYTHON": str(fake)}, args=(str(out),))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not [p.name for p in out.iterdir() if p.name.startswith("stray_")]
+    assert order.read_text().split() == ["launches", "benchmark", "tests"]
