@@ -56,6 +56,9 @@ std::tuple<at::Tensor, at::Tensor> coefficient_table_cpu(const at::Tensor& t, in
                                                          bool lower_order_final, bool heun, bool bh2,
                                                          bool use_corrector);
 
+// lambda(t) = log alpha - log sigma at each host time, as the table's steps compute it (the grid check's values).
+std::vector<double> schedule_lambda_cpu(int64_t schedule_kind, double p0, double p1, const std::vector<double>& t);
+
 // grad_t = J^T grad_table scattered to t_0..t_N (float64, on jac's device).
 at::Tensor coefficient_table_backward_cpu(const at::Tensor& jac, const at::Tensor& grad_table);
 

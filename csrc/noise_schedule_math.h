@@ -152,4 +152,11 @@ LD3_HD void schedule_log_alpha_sigma(const ScheduleParams& sp, const S& t, S& lo
   }
 }
 
+// lambda(t) = log alpha(t) - log sigma(t) as every table step computes it (the grid check reads these values).
+LD3_HD double schedule_lambda(const ScheduleParams& sp, double t) {
+  Dual<double, 1> log_alpha, log_sigma;
+  schedule_log_alpha_sigma(sp, Dual<double, 1>(t), log_alpha, log_sigma);
+  return (log_alpha - log_sigma).v;
+}
+
 }  // namespace ld3

@@ -120,6 +120,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("heun"), py::arg("bh2"), py::arg("use_corrector"),
         "the [N,2,5] table recorded as one C++ autograd node (backward: coefficient_table_backward)");
   ld3::set_table_create_graph_vjp(&table_vjp_create_graph);
+  m.def("schedule_lambda", &ld3::schedule_lambda_cpu, py::arg("schedule_kind"), py::arg("p0"), py::arg("p1"),
+        py::arg("t"), "lambda(t) = log alpha - log sigma at each of the host times t, as the table computes it");
   m.def("coefficient_table_backward", &ld3::table_backward, py::arg("jac"), py::arg("grad_table"),
         "grad_t = J^T grad_table scattered to t_0..t_N (gather, fixed order)");
   m.def("set_stream_min_bytes", &ld3::set_stream_min_bytes, py::arg("bytes"),

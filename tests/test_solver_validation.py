@@ -491,3 +491,51 @@ def test_functional_sample_names_a_degenerate_pair_of_sigmas():
     # a solver without lambda divisions takes it, as before
     y = ld3_ext.sample(lambda x, sig: 0.9 * x, torch.randn(2, 3, dtype=torch.float64), sigmas, solver="euler")
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("schedule", [ld3_ext.EDM(), ld3_ext.VPLinear(), ld3_ext.VPCosine(), ld3_ext.FlowMatching(),
+                                      ld3_ext.VPLinear(beta_min=0.3, beta_max=9.0, t_min=1e-4)],
+                         ids=["edm", "vplinear", "vpcosine", "flow", "vplinear_custom"])
+def test_native_lambda_is_the_schedules_own(schedule):
+    """_C.schedule_lambda (the table's lambda, which the grid check's screen reads) against the schedule's torch
+    lambda: both branches of VPCosine, both ends of every schedule."""
+    from ld3_ext import _native
+    if not _native.native_available():
+        pytest.skip("ld3_ext._C is not built")
+    lo, hi = schedule.t_min, schedule.t_max
+    t = torch.cat([torch.linspace(hi, lo, 97, dtype=torch.float64),
+                   lo + (hi - lo) * torch.logspace(-12, 0, 25, dtype=torch.float64)])
+    kind, (p0, p1) = schedule.native_spec()
+    got = torch.tensor(_native._C.schedule_lambda(kind, p0, p1, t.tolist()), dtype=torch.float64)
+    want = schedule.lambda_(t)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=4e-15, atol=4e-15)
+    with pytest.raises(RuntimeError, match="unknown schedule kind 9"):
+        _native._C.schedule_lambda(9, 0.0, 0.0, [0.5])
+
+
+def test_the_lambda_step_check_spends_no_torch_ops_on_a_clear_grid(monkeypatch):
+    """The degenerate-grid check computed lambda with torch ops on every call (about 13 us warm, 50 us after a
+    kernel had swept the caches: 8 % of a fused update's forward + backward); on a native schedule it now reads the
+    extension's lambda and falls back to that exact check only for a step too small to call (same verdicts)."""
+    from ld3_ext import DegenerateGridError, _native
+    from ld3_ext.solvers.base import validate_timesteps
+    if not _native.native_available():
+        pytest.skip("ld3_ext._C is not built")
+    calls = []
+    schedule = ld3_ext.EDM(sigma_min=0.002, sigma_max=1e7)
+    real = type(schedule).lambda_
+    monkeypatch.setattr(type(schedule), "lambda_", lambda self, t: calls.append(1) or real(self, t))
+    spec = ld3_ext.DPMSolverPP(order=3).spec()
+    grid = torch.tensor([80.0, 40.0, 20.0, 10.0, 5.0], dtype=torch.float64)
+    validate_timesteps(schedule, grid, spec=spec)
+    assert calls == []
+    # a float32 table's check, and a step far below the screen's margin (not degenerate): the exact check decides
+    validate_timesteps(schedule, grid, spec=spec, lambda_dtype=torch.float32)
+    assert len(calls) == 1
+    close = torch.tensor([80.0, 80.0 * (1 - 1e-12), 20.0, 5.0], dtype=torch.float64)
+    validate_timesteps(schedule, close, spec=spec)
+    assert len(calls) == 2
+    with pytest.raises(DegenerateGridError, match="entries 0 and 1"):
+        validate_timesteps(schedule, _one_ulp_grid(), spec=spec)
+    assert len(calls) == 3

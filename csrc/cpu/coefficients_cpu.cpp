@@ -1,6 +1,8 @@
 // Coefficient table + Jacobian on the host: a thin loop over the shared header.
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "ld3_ops.h"
 #include "solver_coefficients.h"
 
@@ -26,6 +28,14 @@ std::tuple<at::Tensor, at::Tensor> coefficient_table_cpu(const at::Tensor& t_in,
   for (int i = 1; i <= n; ++i)
     step_coefficients(sched, sp, tp, i, n, tab + (i - 1) * 2 * kTableWidth, jp + (i - 1) * 2 * kTableWidth * kWindow);
   return {table, jac};
+}
+
+std::vector<double> schedule_lambda_cpu(int64_t schedule_kind, double p0, double p1, const std::vector<double>& t) {
+  TORCH_CHECK(schedule_kind >= 0 && schedule_kind <= 3, "schedule_lambda: unknown schedule kind ", schedule_kind);
+  const ScheduleParams sched{static_cast<int>(schedule_kind), p0, p1};
+  std::vector<double> lam(t.size());
+  for (size_t k = 0; k < t.size(); ++k) lam[k] = schedule_lambda(sched, t[k]);
+  return lam;
 }
 
 at::Tensor coefficient_table_backward_cpu(const at::Tensor& jac_in, const at::Tensor& grad_in) {
