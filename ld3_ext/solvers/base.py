@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+import functools
 import math
 import numbers
 
@@ -115,18 +116,14 @@ def _check_lambda_steps(schedule, times, spec: SolverSpec, name: str, dtype: tor
     Vandermonde system): each must raise lambda, in the dtype the table is computed in, or the coefficients are
     infinite and the solve returns Inf/NaN, blamed on the model at the next step.  Steps no such row reads (a
     collision in a final first-order step) solve finitely and pass, as Euler's and iPNDM's (phi_1(0) = 0)."""
-    read = set()
-    if spec.kind in ("dpmpp", "unipc"):
-        for i, p in enumerate(step_orders(spec, len(times) - 1), start=1):
-            if p >= 2:
-                read.update(range(max(1, i - p + 1), i + 1))
+    read = _lambda_steps_read(spec, len(times) - 1)
     if not read:
         return
     if _clearly_rising(schedule, times, read, dtype):
         return
     with torch.no_grad():
         lam = schedule.lambda_(torch.tensor(times, dtype=dtype)).double().tolist()
-    for j in sorted(read):  # step j goes from entry j-1 to entry j
+    for j in read:  # step j goes from entry j-1 to entry j (ascending)
         a, b = lam[j - 1], lam[j]
         if math.isfinite(a) and math.isfinite(b) and not b > a:
             what = "the same log-SNR" if b == a else "a falling log-SNR"
@@ -135,6 +132,18 @@ def _check_lambda_steps(schedule, times, spec: SolverSpec, name: str, dtype: tor
                 f"{str(dtype).replace('torch.', '')} (lambda {a!r} -> {b!r}): the step between them has h = {b - a!r}, "
                 f"and the order >= 2 steps that divide by it get infinite coefficients; drop one of them or space "
                 f"them further apart")
+
+
+@functools.lru_cache(maxsize=256)
+def _lambda_steps_read(spec: SolverSpec, n: int) -> tuple:
+    """The steps j (entry j-1 to entry j) whose lambda difference an order >= 2 row of an n-step solve divides by
+    (cached: a sampler asks the same question at every call)."""
+    read = set()
+    if spec.kind in ("dpmpp", "unipc"):
+        for i, p in enumerate(step_orders(spec, n), start=1):
+            if p >= 2:
+                read.update(range(max(1, i - p + 1), i + 1))
+    return tuple(sorted(read))
 
 
 def _clearly_rising(schedule, times, read, dtype: torch.dtype) -> bool:
