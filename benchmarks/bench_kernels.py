@@ -112,6 +112,31 @@ def _git_commit():
         return None
 
 
+def _cpu_caches():
+    """{"L1d": "48K", "L2": "2048K", "L3": "...", ...} of CPU 0 from sysfs (Linux); {} elsewhere."""
+    caches = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        return caches
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        try:
+            with open(os.path.join(base, entry, "level")) as fh:
+                level = fh.read().strip()
+            with open(os.path.join(base, entry, "type")) as fh:
+                kind = fh.read().strip()
+            with open(os.path.join(base, entry, "size")) as fh:
+                size = fh.read().strip()
+        except OSError:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        caches[f"L{level}{suffix}"] = size
+    return caches
+
+
 def machine_info(device):
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
@@ -122,6 +147,13 @@ def machine_info(device):
             info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
     except OSError:
         info["cpu"] = platform.processor()
+    # VMs report one model name for different hosts; the cache sizes and clock tell them apart
+    info["cpu_caches"] = _cpu_caches()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu_mhz"] = next((float(ln.split(":", 1)[1]) for ln in fh if ln.startswith("cpu MHz")), None)
+    except (OSError, ValueError):
+        info["cpu_mhz"] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

@@ -54,8 +54,12 @@ def main(argv=None):
             data = json.load(fh)
         runs.append({(r["case"], r["shape"], r["variant"]): r for r in data["records"]})
         m = data["machine"]
-        print(f"<!-- {path}: {m.get('cpu')}, threads {data['threads']}, CPU loops {m.get('cpu_isa')}, "
-              f"load at start {m.get('loadavg_at_start')} -->")
+        caches = m.get("cpu_caches") or {}
+        where = ", ".join(f"{k} {v}" for k, v in caches.items() if k in ("L2", "L3"))
+        if m.get("cpu_mhz"):
+            where = f"{where}, {m['cpu_mhz']:.0f} MHz" if where else f"{m['cpu_mhz']:.0f} MHz"
+        print(f"<!-- {path}: {m.get('cpu')}{' (' + where + ')' if where else ''}, threads {data['threads']}, "
+              f"CPU loops {m.get('cpu_isa')}, load at start {m.get('loadavg_at_start')} -->")
     print("| shape | " + " | ".join(name for name, _, _ in COLUMNS) + " |")
     print("|---" * (1 + len(COLUMNS)) + "|")
     shapes = []  # in the order the runs hold them (the GPU check adds a 64 MiB shape)

@@ -25,6 +25,11 @@ def test_bench_kernels_writes_one_record_per_case_shape_variant(tmp_path):
     data = json.loads(out.read_text())
     assert data["threads"] == 1 and data["device"] == "cpu" and data["complete"] is True
     assert data["machine"]["commit"]  # which code ran (a git checkout here; LD3_GIT_COMMIT on the GPU box)
+    # VMs share a model name across hosts: the cache sizes and clock say which host ran it
+    caches = data["machine"]["cpu_caches"]
+    assert isinstance(caches, dict)
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):
+        assert caches.get("L1d", "").endswith("K") and "L2" in caches
     # the malloc guard re-executes the script with the glibc settings and records them
     assert all(data["machine"]["malloc_env"][k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
     recs = data["records"]
@@ -51,6 +56,8 @@ def test_bench_kernels_writes_one_record_per_case_shape_variant(tmp_path):
     summary = subprocess.run([sys.executable, os.path.join(os.path.dirname(BENCH), "summarize_kernels.py"), str(out)],
                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert summary.returncode == 0, summary.stderr[-4000:]
+    if caches.get("L2"):
+        assert f"L2 {caches['L2']}" in summary.stdout  # the machine line names the host's caches
     rows = [ln.split(" | ") for ln in summary.stdout.splitlines() if ln.startswith(("| 2x3x8x8", "| 1x5"))]
     assert len(rows) == 2 and all(r[2] == "-" and r[1].endswith("x") for r in rows)
 
