@@ -95,6 +95,24 @@ def _num(name: str, v, finite: bool = True) -> float:
     return x
 
 
+# the primitives the coefficient table reads, which the C++ code replaces with its own closed form when
+# native_spec() names one (lambda_, alpha and sigma derive from them; a subclass may restate those for precision)
+_NATIVE_FORMULAS = ("log_alpha", "log_sigma")
+
+
+def _unless_patched(native_spec):
+    """native_spec, but None for an instance whose formulas were replaced on the instance itself
+    (``s.log_sigma = ...``): the C++ code would not see the replacement."""
+    def checked(self):
+        if any(name in self.__dict__ for name in _NATIVE_FORMULAS):
+            return None
+        return native_spec(self)
+    checked.__name__, checked.__qualname__, checked.__doc__ = (native_spec.__name__, native_spec.__qualname__,
+                                                               native_spec.__doc__)
+    checked.__wrapped__ = native_spec
+    return checked
+
+
 class NoiseSchedule:
     """Base class. Subclasses implement ``log_alpha``, ``sigma``-side and ``inverse_lambda``."""
 
@@ -110,8 +128,10 @@ class NoiseSchedule:
         # listed before the parent) would silently get its parent's coefficients there
         def owner(attr):
             return next(i for i, k in enumerate(cls.__mro__) if attr in k.__dict__)
-        if min(owner("log_alpha"), owner("log_sigma")) < owner("native_spec"):
+        if min(owner(a) for a in _NATIVE_FORMULAS) < owner("native_spec"):
             cls.native_spec = NoiseSchedule.native_spec
+        elif "native_spec" in cls.__dict__:
+            cls.native_spec = _unless_patched(cls.__dict__["native_spec"])
 
     # --- the three primitives -------------------------------------------------------
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:

@@ -345,6 +345,22 @@ def test_subclass_taking_the_schedule_from_a_mixin_does_not_inherit_the_native_f
     torch.testing.assert_close(fused_table, coefficient_table_reference(Stretched(), t, spec), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("attr", ["log_sigma", "log_alpha"])
+def test_formula_replaced_on_an_instance_takes_the_python_table(attr):
+    """``s.log_sigma = f`` on one instance: the C++ code cannot see f, so native_spec() says None for that instance
+    (the class and its other instances keep the native form) and the fused table equals the reference with f.
+    Before, the fused table and the grid check's screen computed the untouched closed form."""
+    patched, plain = S.EDM(), S.EDM()
+    setattr(patched, attr, lambda t: torch.log(t) + torch.log1p(t) if attr == "log_sigma" else -torch.log1p(t) / 4)
+    assert patched.native_spec() is None and plain.native_spec() == (S.KIND_EDM, [0.0, 0.0])
+    assert S.EDM.native_spec.__name__ == "native_spec"
+    t = torch.tensor([80.0, 10.0, 1.0, 0.1], dtype=torch.float64)
+    spec = SolverSpec("dpmpp", 2)
+    fused_table = ops.coefficient_table(patched, t, spec, backend="fused")
+    torch.testing.assert_close(fused_table, coefficient_table_reference(patched, t, spec), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(fused_table, ops.coefficient_table(plain, t, spec, backend="fused"))
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------

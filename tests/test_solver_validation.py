@@ -539,3 +539,37 @@ def test_the_lambda_step_check_spends_no_torch_ops_on_a_clear_grid(monkeypatch):
     with pytest.raises(DegenerateGridError, match="entries 0 and 1"):
         validate_timesteps(schedule, _one_ulp_grid(), spec=spec)
     assert len(calls) == 3
+
+
+def test_a_patched_schedule_gets_the_exact_lambda_check():
+    """The screen reads the extension's closed form; a schedule whose log_sigma was replaced on the instance is not
+    that form, so the exact check (the instance's own lambda) decides: here two times that are distinct in the
+    closed form collide in the replacement's float32 log."""
+    from ld3_ext import DegenerateGridError
+    from ld3_ext.solvers.base import validate_timesteps
+    spec = ld3_ext.DPMSolverPP(order=2).spec()
+    grid = torch.tensor([80.0, 80.0 - 1e-6, 40.0, 20.0, 10.0], dtype=torch.float64)
+    validate_timesteps(ld3_ext.EDM(), grid, spec=spec)  # distinct in float64
+    patched = ld3_ext.EDM()
+    patched.log_sigma = lambda t: torch.log(t.float()).to(t.dtype)
+    with pytest.raises(DegenerateGridError, match="entries 0 and 1"):
+        validate_timesteps(patched, grid, spec=spec)
+
+
+def test_a_solver_spec_subclass_without_hash_is_still_checked():
+    """The steps the check reads are cached per spec; a SolverSpec subclass defining __eq__ (so no __hash__) cannot
+    key the cache and is checked uncached, with the same verdicts."""
+    from ld3_ext import DegenerateGridError
+    from ld3_ext.solvers.base import SolverSpec, validate_timesteps
+
+    class EqSpec(SolverSpec):
+        def __eq__(self, other):
+            return super().__eq__(other)
+
+    spec = EqSpec("dpmpp", order=3)
+    with pytest.raises(TypeError):
+        hash(spec)
+    validate_timesteps(ld3_ext.EDM(), torch.tensor([80.0, 40.0, 20.0, 10.0, 5.0], dtype=torch.float64), spec=spec)
+    with pytest.raises(DegenerateGridError):
+        validate_timesteps(ld3_ext.EDM(), torch.tensor([80.0, 40.0, 40.0 - 2 ** -47, 10.0, 5.0],
+                                                       dtype=torch.float64), spec=spec)

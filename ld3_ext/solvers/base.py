@@ -134,10 +134,17 @@ def _check_lambda_steps(schedule, times, spec: SolverSpec, name: str, dtype: tor
                 f"them further apart")
 
 
-@functools.lru_cache(maxsize=256)
 def _lambda_steps_read(spec: SolverSpec, n: int) -> tuple:
     """The steps j (entry j-1 to entry j) whose lambda difference an order >= 2 row of an n-step solve divides by
     (cached: a sampler asks the same question at every call)."""
+    try:
+        return _lambda_steps_read_cached(spec, n)
+    except TypeError:  # a SolverSpec subclass that defines __eq__ without __hash__ cannot key the cache
+        return _lambda_steps_read_cached.__wrapped__(spec, n)
+
+
+@functools.lru_cache(maxsize=256)
+def _lambda_steps_read_cached(spec: SolverSpec, n: int) -> tuple:
     read = set()
     if spec.kind in ("dpmpp", "unipc"):
         for i, p in enumerate(step_orders(spec, n), start=1):
