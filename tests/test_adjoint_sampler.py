@@ -222,25 +222,39 @@ def test_whole_sampler_matches_per_step_float64(solver_name, schedule_name, step
 
 
 @native
-def test_whole_sampler_float32_matches_reference():
+@pytest.mark.parametrize("solver_name", sorted(SOLVERS))
+@pytest.mark.parametrize("schedule_name", ["edm", "vp_linear", "vp_cosine", "flow"])
+def test_whole_sampler_float32_matches_reference(solver_name, schedule_name):
     """In float32 the whole-sampler node is as accurate as the per-step reference: both against the
     float64 solution of the same problem (weights rounded to float32), the fused error is at most
-    twice the reference's plus a float32 rounding floor.  (Comparing the two float32 runs with each
-    other directly would test summation order: it differs between builds and instruction sets.)"""
-    schedule = ld3_ext.EDM()
+    twice the reference's plus a float32 rounding floor (1e-6 of the largest entry), for the output and
+    the gradients w.r.t. x_T and decoupled model timesteps.  This is the issue's "float32 to 1e-6" made
+    testable: two float32 runs of a solve differ by their own rounding, which reaches 1e-5 of the sample on
+    the reference path too, so the bound is the reference's own error; comparing the two float32 runs with
+    each other would test summation order, which differs between builds and instruction sets.
+    The timestep gradient weighs the state's dot products with Jacobian entries that cancel near the
+    schedule's ends (1/alpha or 1/sigma large), so the float32 states' rounding reaches it amplified, by a
+    different amount for each path's rounding: its floor is 5e-5 of the largest entry (the reference's own
+    error reaches 3.6e-5 here).  The CPU kernels' dot products summed in float blocks missed it by 8x
+    (3.9e-4, VPCosine iPNDM(3)); they now sum in double, as the CUDA kernels and the reference do."""
+    schedule = BASE_SCHEDULES[schedule_name]()
     model = _model(schedule, dim=16, dtype=torch.float32)
     twin = _model(schedule, dim=16, dtype=torch.float64, weights_dtype=torch.float32)
-    t = random_decreasing_grid(80.0, 0.002, 8, seed=5).float().double()
-    x = 80.0 * torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
-    fused, _ = _grads(SOLVERS["dpmpp3"]("fused"), model, x, t, t.clone())
-    ref, _ = _grads(SOLVERS["dpmpp3"]("reference"), model, x, t, t.clone())
-    truth, _ = _grads(SOLVERS["dpmpp3"]("reference"), twin, x.double(), t, t.clone())
+    t = random_decreasing_grid(schedule.t_max, schedule.t_min, 8, seed=5, log=schedule_name == "edm").float().double()
+    t[0], t[-1] = schedule.t_max, schedule.t_min  # the float32 rounding of an end may leave the range
+    tm = t.clone()
+    tm[1:-1] = tm[1:-1] * 0.97  # decoupled model times
+    x = schedule.prior_std() * torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    fused, node = _grads(SOLVERS[solver_name]("fused"), model, x, t, tm)
+    ref, _ = _grads(SOLVERS[solver_name]("reference"), model, x, t, tm)
+    truth, _ = _grads(SOLVERS[solver_name]("reference"), twin, x.double(), t, tm)
+    assert type(node).__name__ == "_WholeSamplerBackward"  # the fused path is the one measured
     for name, a, b, c in zip(["output", "x_T", "timesteps", "model_timesteps"], fused, ref, truth):
         err_fused = (a.double() - c).abs().max().item()
         err_ref = (b.double() - c).abs().max().item()
         scale = c.abs().max().item()
-        assert err_fused <= 2 * err_ref + 1e-6 * scale, (name, err_fused, err_ref, scale)
-        assert err_fused <= 1e-4 * scale, (name, err_fused, scale)  # and float32-accurate outright
+        floor = 5e-5 if name == "timesteps" else 1e-6
+        assert err_fused <= 2 * err_ref + floor * scale, (name, err_fused, err_ref, scale)
 
 
 @native

@@ -29,7 +29,7 @@
 namespace ld3 {
 namespace {
 
-constexpr int64_t kDotBlock = 256;  // op-math partial sums over short blocks, then double
+constexpr int64_t kDotBlock = 256;  // partial sums over short blocks, then across blocks
 
 template <typename scalar_t, int J, bool V, bool DOT>
 void adjoint_range(const AdjointPtrs<scalar_t>& p, at::opmath_type<scalar_t> s,
@@ -47,7 +47,10 @@ void adjoint_range(const AdjointPtrs<scalar_t>& p, at::opmath_type<scalar_t> s,
   BlockSums sums;
   for (int64_t b0 = begin; b0 < end; b0 += kDotBlock) {
     const int64_t b1 = std::min(end, b0 + kDotBlock);
-    acc_t f0 = 0, f1 = 0, f2 = 0, f3 = 0, f4 = 0;
+    // the dot products in double, as the CUDA kernel and adjoint_step_reference take them: a product of two
+    // floats is exact in double, and these dots cancel (|<L, x>| << sum |L_i x_i|), so float partial sums
+    // cost the time gradient up to ~1e-4 relative in float32 sampling (10x the per-step reference's error)
+    double f0 = 0, f1 = 0, f2 = 0, f3 = 0, f4 = 0;
 #pragma omp simd reduction(+ : f0, f1, f2, f3, f4)
     for (int64_t i = b0; i < b1; ++i) {
       acc_t L0;
@@ -70,13 +73,14 @@ void adjoint_range(const AdjointPtrs<scalar_t>& p, at::opmath_type<scalar_t> s,
         store(gm, i, g);
       }
       if constexpr (DOT) {
-        f0 += L0 * load(xp, i);
+        const double L0d = L0;
+        f0 += L0d * static_cast<double>(load(xp, i));
         if constexpr (J > 0) {
-          const acc_t mv = load(mp, i);
-          f1 += L0 * mv;
-          if constexpr (J > 1) f2 += L1 * mv;
-          if constexpr (J > 2) f3 += L2 * mv;
-          if constexpr (J > 3) f4 += L3 * mv;
+          const double mv = load(mp, i);
+          f1 += L0d * mv;
+          if constexpr (J > 1) f2 += static_cast<double>(L1) * mv;
+          if constexpr (J > 2) f3 += static_cast<double>(L2) * mv;
+          if constexpr (J > 3) f4 += static_cast<double>(L3) * mv;
         }
       }
     }
@@ -88,7 +92,7 @@ void adjoint_range(const AdjointPtrs<scalar_t>& p, at::opmath_type<scalar_t> s,
 #if LD3_CPU_AVX2_PATH
 // float16 on AVX2 CPUs (csrc/cpu/half_avx2_io.h): the loop of adjoint_range, 8 elements
 // a step, with bitwise the same element-wise results (L_0 is rounded to the storage type once,
-// stored, and the stored value is the one used); the dot products are summed in 8 lanes, then
+// stored, and the stored value is the one used); the dot products are summed in 8 double lanes, then
 // across lanes in a fixed order, then the block's scalar tail.
 template <typename scalar_t, int J, bool V, bool DOT>
 LD3_TARGET_AVX2_F16C void adjoint_range_half8(const AdjointPtrs<scalar_t>& p, float s, const float* w,
@@ -99,7 +103,7 @@ LD3_TARGET_AVX2_F16C void adjoint_range_half8(const AdjointPtrs<scalar_t>& p, fl
   BlockSums sums;
   for (int64_t b0 = begin; b0 < end; b0 += kDotBlock) {
     const int64_t b1 = std::min(end, b0 + kDotBlock);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0;
+    DotAcc8 a0 = dot_zero(), a1 = a0, a2 = a0, a3 = a0, a4 = a0;  // in double, as adjoint_range sums
     int64_t i = b0;
     for (; i + 8 <= b1; i += 8) {
       __m256 L0;
@@ -121,22 +125,21 @@ LD3_TARGET_AVX2_F16C void adjoint_range_half8(const AdjointPtrs<scalar_t>& p, fl
         H::store(p.gm + i, g);
       }
       if constexpr (DOT) {
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(L0, H::load(p.x + i)));
+        dot_add(a0, _mm256_mul_ps(L0, H::load(p.x + i)));
         if constexpr (J > 0) {
           const __m256 mv = H::load(p.m + i);
-          a1 = _mm256_add_ps(a1, _mm256_mul_ps(L0, mv));
-          if constexpr (J > 1) a2 = _mm256_add_ps(a2, _mm256_mul_ps(L1, mv));
-          if constexpr (J > 2) a3 = _mm256_add_ps(a3, _mm256_mul_ps(L2, mv));
-          if constexpr (J > 3) a4 = _mm256_add_ps(a4, _mm256_mul_ps(L3, mv));
+          dot_add(a1, _mm256_mul_ps(L0, mv));
+          if constexpr (J > 1) dot_add(a2, _mm256_mul_ps(L1, mv));
+          if constexpr (J > 2) dot_add(a3, _mm256_mul_ps(L2, mv));
+          if constexpr (J > 3) dot_add(a4, _mm256_mul_ps(L3, mv));
         }
       }
     }
     // the block's tail (only the range's last block has one): adjoint_range's scalar body
     BlockSums tail;
     adjoint_range<scalar_t, J, V, DOT>(p, s, w, i, b1, tail.s);
-    sums.add(sum8(a0) + static_cast<float>(tail.s[0]), sum8(a1) + static_cast<float>(tail.s[1]),
-             sum8(a2) + static_cast<float>(tail.s[2]), sum8(a3) + static_cast<float>(tail.s[3]),
-             sum8(a4) + static_cast<float>(tail.s[4]));
+    sums.add(dot_sum(a0) + tail.s[0], dot_sum(a1) + tail.s[1], dot_sum(a2) + tail.s[2], dot_sum(a3) + tail.s[3],
+             dot_sum(a4) + tail.s[4]);
   }
   if constexpr (DOT) sums.store(partial);
 }

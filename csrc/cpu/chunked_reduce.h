@@ -16,12 +16,12 @@
 
 namespace ld3 {
 
-// Accumulates five partial sums over short blocks in the op-math type, then across blocks in
-// double (bounds the rounding growth while keeping full SIMD width).
+// Accumulates the five block sums of a range (each block's dot products are summed in double by
+// the loops themselves: the products of float or half values are exact in double, and the dots
+// cancel), in block order.
 struct BlockSums {
   double s[kTableWidth] = {0, 0, 0, 0, 0};
-  template <typename acc_t>
-  void add(acc_t f0, acc_t f1, acc_t f2, acc_t f3, acc_t f4) {
+  void add(double f0, double f1, double f2, double f3, double f4) {
     s[0] += f0;
     s[1] += f1;
     s[2] += f2;

@@ -12,7 +12,8 @@
 //   HalfVec8<T>::load(p)            8 elements of T as 8 floats
 //   HalfVec8<T>::store(p, v)        v rounded to T
 //   HalfVec8<T>::store_reload(p, v) store, and return the stored values widened back (a reload)
-//   sum8(v)                         the 8 lanes summed in one fixed order (reproducible dot products)
+//   DotAcc8 / dot_add / dot_sum     8 float lanes (products of float16 values, exact in float) summed
+//                                   in double, the lanes then in one fixed order
 #pragma once
 
 #include "cpu/cpu_isa.h"
@@ -46,11 +47,23 @@ struct HalfVec8<c10::Half> {
   }
 };
 
-LD3_TARGET_AVX2_F16C inline float sum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
+// A dot product's running sum in double, 8 lanes wide (two 4-double halves).
+struct DotAcc8 {
+  __m256d lo, hi;
+};
+
+LD3_TARGET_AVX2_F16C inline DotAcc8 dot_zero() { return {_mm256_setzero_pd(), _mm256_setzero_pd()}; }
+
+LD3_TARGET_AVX2_F16C inline void dot_add(DotAcc8& a, __m256 prod) {
+  a.lo = _mm256_add_pd(a.lo, _mm256_cvtps_pd(_mm256_castps256_ps128(prod)));
+  a.hi = _mm256_add_pd(a.hi, _mm256_cvtps_pd(_mm256_extractf128_ps(prod, 1)));
+}
+
+LD3_TARGET_AVX2_F16C inline double dot_sum(const DotAcc8& a) {
+  const __m256d s = _mm256_add_pd(a.lo, a.hi);
+  __m128d t = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  t = _mm_add_sd(t, _mm_unpackhi_pd(t, t));
+  return _mm_cvtsd_f64(t);
 }
 
 }  // namespace ld3

@@ -192,12 +192,13 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
   scalar_t* g1 = gm[1];
   scalar_t* g2 = gm[2];
   scalar_t* g3 = gm[3];
-  // Dot products: op-math partial sums over short fixed blocks (full SIMD width, e.g. 4 floats
-  // per SSE lane instead of 2 doubles), accumulated across blocks in double.
+  // Dot products in double over short fixed blocks, then across blocks: a product of two floats is
+  // exact in double, and <g, x> can cancel (float partial sums lost ~1e-4 relative of a float32 time
+  // gradient); the CUDA kernel and the reference sum in double too.
   BlockSums sums;
   for (int64_t b0 = begin; b0 < end; b0 += kDotBlock) {
     const int64_t b1 = std::min(end, b0 + kDotBlock);
-    acc_t f0 = 0, f1 = 0, f2 = 0, f3 = 0, f4 = 0;
+    double f0 = 0, f1 = 0, f2 = 0, f3 = 0, f4 = 0;
 #pragma omp simd reduction(+ : f0, f1, f2, f3, f4)
     for (int64_t i = b0; i < b1; ++i) {
       const acc_t gi = load(g, i);
@@ -207,11 +208,12 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
       if constexpr (GM && K > 2) store(g2, i, c3 * gi);
       if constexpr (GM && K > 3) store(g3, i, c4 * gi);
       if constexpr (DOT) {
-        f0 += gi * load(x, i);
-        if constexpr (K > 0) f1 += gi * load(m0, i);
-        if constexpr (K > 1) f2 += gi * load(m1, i);
-        if constexpr (K > 2) f3 += gi * load(m2, i);
-        if constexpr (K > 3) f4 += gi * load(m3, i);
+        const double gd = gi;
+        f0 += gd * static_cast<double>(load(x, i));
+        if constexpr (K > 0) f1 += gd * static_cast<double>(load(m0, i));
+        if constexpr (K > 1) f2 += gd * static_cast<double>(load(m1, i));
+        if constexpr (K > 2) f3 += gd * static_cast<double>(load(m2, i));
+        if constexpr (K > 3) f4 += gd * static_cast<double>(load(m3, i));
       }
     }
     sums.add(f0, f1, f2, f3, f4);
@@ -221,7 +223,7 @@ void backward_range(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& 
 
 #if LD3_CPU_AVX2_PATH
 // float16 backward on AVX2 CPUs: the loop of backward_range, 8 elements a step.  The
-// element-wise grads are bitwise those of backward_range; each block's dot products are summed in
+// element-wise grads are bitwise those of backward_range; each block's dot products are summed in double in
 // 8 lanes, then across lanes in a fixed order, then the block's scalar tail.
 template <typename scalar_t, int K, bool GX, bool GM, bool DOT>
 LD3_TARGET_AVX2_F16C void backward_range_half8(const scalar_t* g, const scalar_t* x, const Ptrs<scalar_t>& m,
@@ -233,7 +235,7 @@ LD3_TARGET_AVX2_F16C void backward_range_half8(const scalar_t* g, const scalar_t
   BlockSums sums;
   for (int64_t b0 = begin; b0 < end; b0 += kDotBlock) {
     const int64_t b1 = std::min(end, b0 + kDotBlock);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0;
+    DotAcc8 a0 = dot_zero(), a1 = a0, a2 = a0, a3 = a0, a4 = a0;  // in double, as adjoint_range sums
     int64_t i = b0;
     for (; i + 8 <= b1; i += 8) {
       const __m256 gi = V::load(g + i);
@@ -243,19 +245,18 @@ LD3_TARGET_AVX2_F16C void backward_range_half8(const scalar_t* g, const scalar_t
       if constexpr (GM && K > 2) V::store(gm[2] + i, _mm256_mul_ps(c3, gi));
       if constexpr (GM && K > 3) V::store(gm[3] + i, _mm256_mul_ps(c4, gi));
       if constexpr (DOT) {
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(gi, V::load(x + i)));
-        if constexpr (K > 0) a1 = _mm256_add_ps(a1, _mm256_mul_ps(gi, V::load(m[0] + i)));
-        if constexpr (K > 1) a2 = _mm256_add_ps(a2, _mm256_mul_ps(gi, V::load(m[1] + i)));
-        if constexpr (K > 2) a3 = _mm256_add_ps(a3, _mm256_mul_ps(gi, V::load(m[2] + i)));
-        if constexpr (K > 3) a4 = _mm256_add_ps(a4, _mm256_mul_ps(gi, V::load(m[3] + i)));
+        dot_add(a0, _mm256_mul_ps(gi, V::load(x + i)));
+        if constexpr (K > 0) dot_add(a1, _mm256_mul_ps(gi, V::load(m[0] + i)));
+        if constexpr (K > 1) dot_add(a2, _mm256_mul_ps(gi, V::load(m[1] + i)));
+        if constexpr (K > 2) dot_add(a3, _mm256_mul_ps(gi, V::load(m[2] + i)));
+        if constexpr (K > 3) dot_add(a4, _mm256_mul_ps(gi, V::load(m[3] + i)));
       }
     }
     // the block's tail (only the range's last block has one): backward_range's scalar body
     BlockSums tail;
     backward_range<scalar_t, K, GX, GM, DOT>(g, x, m, gx, gm, c, i, b1, tail.s);
-    sums.add(sum8(a0) + static_cast<float>(tail.s[0]), sum8(a1) + static_cast<float>(tail.s[1]),
-             sum8(a2) + static_cast<float>(tail.s[2]), sum8(a3) + static_cast<float>(tail.s[3]),
-             sum8(a4) + static_cast<float>(tail.s[4]));
+    sums.add(dot_sum(a0) + tail.s[0], dot_sum(a1) + tail.s[1], dot_sum(a2) + tail.s[2], dot_sum(a3) + tail.s[3],
+             dot_sum(a4) + tail.s[4]);
   }
   if constexpr (DOT) sums.store(partial);
 }
