@@ -672,3 +672,32 @@ def test_a_batched_backward_through_the_whole_sampler_is_refused_naming_what_wor
     got_func = torch.func.jacrev(lambda tt: solve("fused", tt))(grid)
     torch.testing.assert_close(got_ref, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_func, want, rtol=1e-10, atol=1e-12)
+
+
+@native
+@pytest.mark.parametrize("make", [lambda: ld3_ext.DPMSolverPP(), lambda: ld3_ext.UniPC(), lambda: ld3_ext.IPNDM(),
+                                  lambda: ld3_ext.Euler(), lambda: ld3_ext.Heun()],
+                         ids=["dpmpp", "unipc", "ipndm", "euler", "heun"])
+def test_default_backend_is_the_fused_path(make):
+    """The drop-in classes built without a backend argument take the fused path where the extension is built: a
+    sample with gradients is one whole-sampler node, and a no-grad step runs the native update (counted)."""
+    from ld3_ext import fused
+    solver = make()
+    assert solver.backend == "auto"
+    schedule = ld3_ext.EDM()
+    model = _model(schedule)
+    t = random_decreasing_grid(80.0, 0.002, 6, seed=1)
+    x = 80.0 * torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = solver.sample(model, x, t.clone().requires_grad_())
+    assert type(y.grad_fn).__name__ == "_WholeSamplerBackward"
+    calls = []
+    real = fused.multistep_update
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "multistep_update", counting)
+        z = solver.sample(model, x, t)
+    assert len(calls) >= 5  # one native update per step at least
+    torch.testing.assert_close(z, y.detach(), rtol=1e-12, atol=1e-12)

@@ -163,3 +163,25 @@ except KeyboardInterrupt:
     assert {r["shape"] for r in data["records"]} == {"2x3x8x8"}
     assert {r["variant"] for r in data["records"] if r["case"] == "update_fwd"} == {"eager", "fused", "fused_out"}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bench_kernels_times_the_compiled_reference(tmp_path):
+    """Case 1's torch.compile variant (the target's second baseline) is recorded, not only skipped: one tiny
+    shape, inductor's real compile."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--threads", "1", "--cases", "1", "--shapes", "2x3x8x8",
+                           "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "FAILED" not in proc.stdout, proc.stdout[-4000:]
+    recs = {(r["case"], r["variant"]): r for r in json.loads(out.read_text())["records"]}
+    assert {("update_fwd", v) for v in ("eager", "fused", "fused_out", "compile")} <= recs.keys()
+    assert recs[("update_fwd", "compile")]["median_s"] > 0 and recs[("update_fwd", "compile")]["ratio_vs_eager"] > 0
+
+
+def test_bench_kernels_default_shapes_are_the_issues():
+    """The four fp32 shapes the README tables report."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_kernels_for_test", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.SHAPES == [(64, 3, 32, 32), (16, 4, 64, 64), (8, 4, 128, 128), (1, 3, 256, 256)]

@@ -73,3 +73,26 @@ def test_fullgraph_dynamic_compile_with_outputs_in_another_layout(solver):
         memory_format=torch.channels_last)
     fn = torch.compile(lambda xx: solver.sample(model, xx, t), fullgraph=True, dynamic=True, backend="aot_eager")
     torch.testing.assert_close(fn(x), solver.sample(model, x, t), rtol=1e-12, atol=1e-12)
+
+
+def test_the_traced_graph_holds_the_fused_ops():
+    """fullgraph=True could also pass on a trace of the per-step torch ops (a fallback to the reference path would
+    trace just as well): the graph Dynamo hands to the backend must call the registered ld3_ext ops."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    s = ld3_ext.EDM()
+    model = ld3_ext.wrap_model(lambda x, t: x / (1.0 + t.reshape(-1, 1, 1, 1) ** 2), s, prediction="x0")
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = D.logsnr_uniform(s, 5)
+    solver = ld3_ext.DPMSolverPP(order=3, backend="fused")
+    torch._dynamo.reset()
+    out = torch.compile(lambda x, t: solver.sample(model, x, t), fullgraph=True, backend=recording_backend)(x, t)
+    torch.testing.assert_close(out, solver.sample(model, x, t), rtol=1e-12, atol=1e-12)
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    assert len(graphs) == 1
+    assert sum("ld3_ext.multistep_update" in tg for tg in targets) >= 4, targets  # one update per step
+    assert any("ld3_ext.coefficient_table" in tg for tg in targets), targets

@@ -331,3 +331,21 @@ def test_dot_products_are_summed_in_double(use_isa, isa, dtype):
     for what, got in (("update backward <g, x>", gc[0]), ("update backward <g, m>", gc[1]),
                       ("adjoint <L0, x>", dots[0]), ("adjoint <L0, m>", dots[1])):
         assert abs(float(got) - exact) <= 1e-12 * size, (what, float(got), exact, size)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", range(5))
+def test_half_update_accumulates_in_float(use_isa, isa, dtype, k):
+    """float16/bfloat16 updates accumulate in float (the op-math type) and round once: bitwise the reference's
+    float32 result, and not what the same sum accumulated in the half type gives (so the check can fail)."""
+    use_isa(isa)
+    g = torch.Generator().manual_seed(k)
+    x, *hist = _randn(10007, dtype, g, 1 + k)
+    coef = torch.randn(1 + k, generator=g, dtype=torch.float64)
+    got = C.multistep_update(x, coef, hist)
+    assert torch.equal(got, ops.multistep_update_reference(x, coef, hist))
+    in_half = coef[0].to(dtype) * x
+    for j in range(k):
+        in_half = in_half + coef[1 + j].to(dtype) * hist[j]
+    assert not torch.equal(got, in_half)
