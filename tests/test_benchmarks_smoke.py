@@ -185,3 +185,14 @@ def test_bench_kernels_default_shapes_are_the_issues():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.SHAPES == [(64, 3, 32, 32), (16, 4, 64, 64), (8, 4, 128, 128), (1, 3, 256, 256)]
+
+
+def test_float32_gradient_error_prints_both_paths(tmp_path):
+    script = os.path.join(os.path.dirname(BENCH), "float32_gradient_error.py")
+    proc = subprocess.run([sys.executable, script, "--solvers", "ipndm3", "--schedules", "vp_cosine"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("vp_cosine")]
+    assert [r[2] for r in rows] == ["fused", "reference"]
+    errs = [float(v) for r in rows for v in r[3:]]
+    assert len(errs) == 8 and all(0 < e < 1e-3 for e in errs)  # float32-accurate, and measured (not zero)
