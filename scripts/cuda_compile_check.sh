@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA kernels (no GPU and no CUDA torch needed): configures the project
 # with LD3_CUDA_COMPILE_ONLY=ON in a temporary build dir and compiles every csrc/cuda/*.cu to an
-# sm_80/sm_90 object against the installed torch's headers.  Exits non-zero on any failure.
+# sm_90 object (LD3_CUDA_ARCHS=... for others) against the installed torch's headers.  Exits non-zero on any failure.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
