@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_kernels.py")
 FIELDS = {"case", "shape", "variant", "median_s", "ratio_vs_eager", "bytes_moved", "GBps", "fraction_of_copy",
           "machine", "threads", "device", "dtype"}
@@ -196,3 +198,72 @@ def test_float32_gradient_error_prints_both_paths(tmp_path):
     assert [r[2] for r in rows] == ["fused", "reference"]
     errs = [float(v) for r in rows for v in r[3:]]
     assert len(errs) == 8 and all(0 < e < 1e-3 for e in errs)  # float32-accurate, and measured (not zero)
+
+
+def test_bench_vs_libraries_checks_agreement_and_writes_records(tmp_path):
+    """benchmarks/bench_vs_libraries.py: every library's sample (and grid gradient) is checked against the float64
+    reference before it is timed, and the records say so; no speed is asserted."""
+    pytest.importorskip("diffusers")
+    import importlib.util
+    if importlib.util.find_spec("k_diffusion") is None:
+        if os.environ.get("LD3_REQUIRE_ORACLES") == "1":
+            raise AssertionError("k-diffusion is not installed but LD3_REQUIRE_ORACLES=1")
+        pytest.skip("k-diffusion is not installed")
+    script = os.path.join(os.path.dirname(BENCH), "bench_vs_libraries.py")
+    out = tmp_path / "vs.json"
+    proc = subprocess.run([sys.executable, script, "--quick", "--threads", "1", "--shapes", "2x3x8x8",
+                           "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads(out.read_text())
+    assert data["complete"] is True and data["threads"] == 1 and data["steps"] == 10
+    assert all(data["machine"]["malloc_env"][k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    got = {(r["mode"], r["solver"], r["library"]) for r in data["records"]}
+    libs = {"ld3_ext", "ld3_ext_reference"}
+    want = {("sample", s, lib) for s in ("dpmpp_2m", "dpmpp_3m", "unipc_3") for lib in libs | {"diffusers"}}
+    want |= {("sample", s, "k_diffusion") for s in ("dpmpp_2m", "dpmpp_3m")}
+    want |= {("grad", s, lib) for s in ("dpmpp_2m", "dpmpp_3m") for lib in libs | {"k_diffusion"}}
+    assert got == want
+    for r in data["records"]:
+        assert r["median_s"] > 0 and r["ratio_vs_ld3"] > 0
+        # the same computation on every side: float32 against the float64 solve
+        assert 0 <= r["max_rel_err_vs_float64"] <= (1e-5 if r["mode"] == "sample" else 2e-4), r
+        if r["library"] == "ld3_ext":
+            assert r["ratio_vs_ld3"] == 1.0
+    assert "k_diffusion" in proc.stdout and "diffusers" in proc.stdout  # the printed table
+    # the README table from it
+    summary = subprocess.run([sys.executable, os.path.join(os.path.dirname(BENCH), "summarize_vs_libraries.py"),
+                              str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr[-4000:]
+    rows = [ln for ln in summary.stdout.splitlines() if ln.startswith("| sample | dpmpp_2m | 2x3x8x8 |")]
+    assert len(rows) == 1 and rows[0].count("x |") == 3, summary.stdout  # k-diffusion, diffusers, reference
+    assert any(ln.startswith("| grad | dpmpp_3m | 2x3x8x8 |") and "| - |" in ln  # diffusers has no grad row
+               for ln in summary.stdout.splitlines()), summary.stdout
+
+
+def test_bench_vs_libraries_refuses_an_unknown_solver(tmp_path):
+    script = os.path.join(os.path.dirname(BENCH), "bench_vs_libraries.py")
+    proc = subprocess.run([sys.executable, script, "--solvers", "dpmpp_9m", "--shapes", "1x4", "--no-malloc-guard"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "dpmpp_9m" in proc.stderr
+
+
+def test_bench_vs_libraries_stops_when_the_libraries_compute_something_else(monkeypatch):
+    """The agreement check can fail: pair k-diffusion's and diffusers' DPM-Solver++(2M) with our Euler and the run
+    must stop before timing anything."""
+    pytest.importorskip("diffusers")
+    import importlib.util
+    if importlib.util.find_spec("k_diffusion") is None:
+        pytest.skip("k-diffusion is not installed")
+    spec = importlib.util.spec_from_file_location("bench_vs_libraries",
+                                                  os.path.join(os.path.dirname(BENCH), "bench_vs_libraries.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import ld3_ext
+    monkeypatch.setattr(mod, "ld3_solver", lambda name, backend: ld3_ext.Euler(backend=backend))
+    import torch
+    threads = torch.get_num_threads()  # main() sets the thread count: give it back to the other tests
+    try:
+        with pytest.raises(SystemExit, match="disagree"):
+            mod.main(["--quick", "--shapes", "1x4", "--solvers", "dpmpp_2m", "--modes", "sample", "--no-malloc-guard"])
+    finally:
+        torch.set_num_threads(threads)
