@@ -81,6 +81,10 @@ fi
 cd "$WORK" || exit 2
 timeout "$(left 60)" "$PY" -c 'import ld3_ext, ld3_ext._native as n; assert n.native_cuda_available(), "no CUDA kernels"; print("has_cuda OK")' \
   >> "$RESULTS/summary.log" 2>&1 || { log "IMPORT FAILED"; exit 1; }
+# what `ld3 info` tells a user on this machine: the architectures built must cover the GPU
+timeout "$(left 30)" "$PY" -c 'from ld3_ext.build_info import build_info, format_build_info
+i = build_info(); print(format_build_info(i)); assert i["gpus"] and all(g["covered"] for g in i["gpus"]), "GPU not covered"' \
+  >> "$RESULTS/summary.log" 2>&1 || { log "ld3 info: GPU not covered by the build (see summary.log)"; status=1; }
 
 # 2) launch counts: one kernel per forward step, at most two per backward, and no copy kernel either
 #    way, also for channels_last inputs (walked in their layout: csrc/dense_layout.h)

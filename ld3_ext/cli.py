@@ -831,6 +831,13 @@ def cmd_export_diffusers(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    from .build_info import build_info, format_build_info
+    info = build_info()
+    print(json.dumps(info, indent=2) if args.json else format_build_info(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ld3", description="Learn and use LD3 sampling schedules.", allow_abbrev=False,
                                 epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -891,6 +898,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--scheduler-config", default=None, help="the model's diffusers scheduler folder or JSON")
     x.add_argument("--out", required=True, help="folder to write scheduler_config.json into (made if missing)")
     x.set_defaults(func=cmd_export_diffusers)
+
+    i = sub.add_parser("info", **sub_kw,
+                       help="what this installation runs: native extension, CPU instruction set, CUDA kernels and "
+                            "whether they cover the GPUs present")
+    i.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    i.set_defaults(func=cmd_info)
     return p
 
 

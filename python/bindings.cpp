@@ -93,6 +93,16 @@ bool has_cuda() {
 #endif
 }
 
+// The CUDA architectures the kernels were compiled for, in CMake's syntax, comma-separated ("75-real,90");
+// empty without CUDA kernels.
+std::string cuda_archs() {
+#ifdef LD3_CUDA_ARCHS_BUILT
+  return LD3_CUDA_ARCHS_BUILT;
+#else
+  return "";
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -136,5 +146,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depends_on_other_leaves", &ld3::depends_on_other_leaves, py::arg("out"), py::arg("ours"),
         "True when out's autograd graph reaches a tensor requiring grad other than those in ours");
   m.def("has_cuda", &has_cuda, "True when the CUDA kernels are linked in");
+  m.def("cuda_archs", &cuda_archs,
+        "CUDA architectures the kernels were compiled for (CMake syntax, comma-separated; empty without CUDA)");
   m.attr("reduce_chunk") = ld3::kReduceChunk;
 }

@@ -30,6 +30,11 @@ python - <<'PYEOF'
 import torch, ld3_ext._native as n
 assert n.native_available(), f"extension failed to load: {n.load_error()}"
 assert n.native_cuda_available(), "the extension was built without its CUDA kernels"
+import os
+want = os.environ.get("LD3_CUDA_ARCHS", "90").replace(";", ",")
+assert n.get().cuda_archs() == want, f"_C.cuda_archs() is {n.get().cuda_archs()!r}, built for {want!r}"
+from ld3_ext.build_info import build_info, format_build_info
+print(format_build_info(build_info()))
 print(f"cuda_build_check: torch {torch.__version__}, CUDA kernels linked and imported (GPU present: "
       f"{torch.cuda.is_available()})")
 PYEOF

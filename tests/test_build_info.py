@@ -1,0 +1,92 @@
+"""`ld3 info` / ld3_ext.build_info: what the installation runs, and whether its CUDA kernels cover a GPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import ld3_ext
+from ld3_ext import _native
+from ld3_ext.build_info import build_info, cuda_archs_cover, format_build_info, parse_cuda_archs
+
+
+@pytest.mark.parametrize("archs, cap, covered", [
+    (["90"], (9, 0), True),
+    (["80-real"], (8, 6), True),        # sm_80 machine code runs on later minors of major 8 (A10, RTX 30xx, L4)
+    (["80-real"], (9, 0), False),       # but not on another major
+    (["80"], (9, 0), True),             # compute_80 PTX is compiled at load for any later GPU
+    (["80"], (10, 0), True),
+    (["86-real"], (8, 0), False),       # machine code for a later minor does not run on an earlier one
+    (["90"], (8, 9), False),            # nor PTX for a later capability
+    (["90-virtual"], (12, 0), True),
+    (["90-virtual"], (8, 9), False),
+    (["90a-real"], (9, 0), True),       # arch-specific: exactly that GPU
+    (["90a"], (10, 0), False),          # ... and its PTX is not forward compatible
+    (["100f-real"], (10, 3), True),     # family-specific: the same major from that minor on
+    (["100f-real"], (12, 0), False),
+    (["75-real", "80-real", "86-real", "89-real", "90"], (7, 5), True),   # the default list (cmake/cuda_archs.cmake)
+    (["75-real", "80-real", "86-real", "89-real", "90"], (12, 0), True),  # Blackwell through Hopper's PTX
+    (["75-real", "80-real", "86-real", "89-real", "90"], (7, 0), False),  # Volta: CUDA 13 builds nothing for it
+    ([], (9, 0), False),
+    (["native"], (9, 0), None),         # the build machine's GPUs: not knowable from the list
+    (["all-major"], (9, 0), None),
+])
+def test_cuda_archs_cover(archs, cap, covered):
+    assert cuda_archs_cover(archs, cap) is covered
+
+
+def test_parse_cuda_archs():
+    assert parse_cuda_archs("75-real,90") == ["75-real", "90"]
+    assert parse_cuda_archs("86;90a-real") == ["86", "90a-real"]
+    assert parse_cuda_archs("") == []
+    with pytest.raises(TypeError, match="text"):
+        parse_cuda_archs(None)
+
+
+@pytest.mark.skipif(not _native.native_available(), reason="ld3_ext._C is not built")
+def test_build_info_describes_this_build():
+    info = build_info()
+    C = _native.get()
+    assert info["native"] is True and info["ld3_ext"] == ld3_ext.__version__
+    assert info["cpu_isa"] == C.cpu_isa() and info["cpu_isa"] in info["cpu_isas_available"]
+    assert info["cuda_kernels"] is C.has_cuda()
+    # the architecture list is compiled in exactly when the CUDA kernels are
+    assert bool(info["cuda_archs"]) is info["cuda_kernels"]
+    assert info["cuda_archs"] == parse_cuda_archs(C.cuda_archs())
+    json.dumps(info)  # `ld3 info --json` prints it
+    text = format_build_info(info)
+    assert f"CPU loops: {info['cpu_isa']}" in text
+    assert ("CUDA kernels: built for" in text) is info["cuda_kernels"]
+
+
+def test_format_says_what_to_do():
+    base = {"ld3_ext": "0.1.0", "torch": "2.11.0", "torch_cuda": "13.0"}
+    missing = format_build_info({**base, "native": False, "native_error": "ImportError: not built"})
+    assert "NOT loaded" in missing and "reference path" in missing and "--no-build-isolation" in missing
+    gpu = {"index": 0, "name": "Tesla T4", "capability": "7.5", "covered": False}
+    built = {**base, "native": True, "cpu_isa": "avx2", "cpu_isas_available": ["base", "avx2"], "cuda_kernels": True,
+             "cuda_archs": ["80-real", "90"], "gpus": [gpu]}
+    text = format_build_info(built)
+    assert "built for 80-real, 90" in text
+    assert "Tesla T4, compute capability 7.5: NOT covered" in text and 'TORCH_CUDA_ARCH_LIST="7.5"' in text
+    ok = format_build_info({**built, "gpus": [{**gpu, "covered": True}]})
+    assert ": covered" in ok and "TORCH_CUDA_ARCH_LIST" not in ok
+    cpu_only = format_build_info({**built, "cuda_kernels": False, "cuda_archs": [], "gpus": []})
+    assert "CUDA kernels: not built" in cpu_only and "nvcc" in cpu_only  # torch has CUDA: say how to build them
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ld3_info_command(as_json, tmp_path):
+    cmd = [sys.executable, "-c", "import sys; from ld3_ext.cli import main; sys.exit(main())", "info"]
+    if as_json:
+        cmd.append("--json")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if as_json:
+        info = json.loads(proc.stdout)
+        assert info["native"] is _native.native_available() and info["torch"]
+    else:
+        assert proc.stdout.startswith(f"ld3_ext {ld3_ext.__version__}, torch ")
+        assert "native extension:" in proc.stdout
