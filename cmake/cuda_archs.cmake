@@ -6,7 +6,7 @@
 #   3. the CUDAARCHS environment variable (CMake's own, same syntax as CMAKE_CUDA_ARCHITECTURES);
 #   4. the TORCH_CUDA_ARCH_LIST environment variable, PyTorch's convention for extensions, so a
 #      user who already sets it for other extensions gets the same binaries: "7.5;8.6+PTX",
-#      "8.0 9.0", "9.0a", names such as "Ampere", or "native";
+#      "8.0 9.0", "9.0a", names such as "Ampere" or "Ampere+Tegra", or "native";
 #   5. the default below.
 #
 # The default covers the GPUs people run diffusion models on: machine code for Turing (T4), Ampere
@@ -15,14 +15,19 @@
 set(LD3_DEFAULT_CUDA_ARCHS "75-real;80-real;86-real;89-real;90")
 
 # The architecture names torch's cpp_extension accepts, as its own table expands them.
+set(_ld3_named_arch_kepler+tesla "3.7")
 set(_ld3_named_arch_kepler "3.5+PTX")
+set(_ld3_named_arch_maxwell+tegra "5.3")
 set(_ld3_named_arch_maxwell "5.0;5.2+PTX")
 set(_ld3_named_arch_pascal "6.0;6.1+PTX")
+set(_ld3_named_arch_volta+tegra "7.2")
 set(_ld3_named_arch_volta "7.0+PTX")
 set(_ld3_named_arch_turing "7.5+PTX")
+set(_ld3_named_arch_ampere+tegra "8.7")
 set(_ld3_named_arch_ampere "8.0;8.6+PTX")
 set(_ld3_named_arch_ada "8.9+PTX")
 set(_ld3_named_arch_hopper "9.0+PTX")
+set(_ld3_named_arch_blackwell+tegra "11.0")
 set(_ld3_named_arch_blackwell "10.0;10.3;12.0;12.1+PTX")
 
 # Translates a TORCH_CUDA_ARCH_LIST value into CMAKE_CUDA_ARCHITECTURES syntax: "X.Y" is machine code
@@ -51,11 +56,15 @@ function(ld3_cuda_archs_from_torch_list value out_var)
   endforeach()
   set(result "")
   foreach(item IN LISTS expanded)
-    if(NOT item MATCHES "^([0-9]+)\\.([0-9])([af]?)(\\+PTX)?$")
+    if(NOT item MATCHES "^([0-9]+)\\.([0-9])(a?)(\\+PTX)?$")
       message(FATAL_ERROR "TORCH_CUDA_ARCH_LIST: cannot read '${item}' in '${value}'; expected compute "
                           "capabilities such as \"7.5;8.6+PTX\" or \"9.0a\", a name such as \"Ampere\", or \"native\"")
     endif()
     set(arch "${CMAKE_MATCH_1}${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
+    if(CMAKE_MATCH_3 AND CMAKE_VERSION VERSION_LESS 3.25)  # CMake learnt the arch-specific "90a" in 3.25
+      message(FATAL_ERROR "TORCH_CUDA_ARCH_LIST: '${item}' (an arch-specific target) needs CMake >= 3.25, this is "
+                          "${CMAKE_VERSION}")
+    endif()
     if(CMAKE_MATCH_4)
       list(APPEND result "${arch}")
     else()
@@ -76,7 +85,7 @@ endfunction()
 
 # Sets CMAKE_CUDA_ARCHITECTURES (in the caller's scope) by the order above and says where it came from.
 macro(ld3_choose_cuda_archs)
-  if(CMAKE_CUDA_ARCHITECTURES)
+  if(DEFINED CMAKE_CUDA_ARCHITECTURES)  # also OFF: CMake's "pass no architecture flags"
     set(_ld3_archs_from "CMAKE_CUDA_ARCHITECTURES")
   elseif(NOT LD3_CUDA_ARCHS STREQUAL "")
     set(CMAKE_CUDA_ARCHITECTURES "${LD3_CUDA_ARCHS}")
@@ -92,6 +101,9 @@ macro(ld3_choose_cuda_archs)
     set(_ld3_archs_from "the default")
   endif()
   message(STATUS "ld3_ext: CUDA architectures ${CMAKE_CUDA_ARCHITECTURES} (from ${_ld3_archs_from})")
+  # enable_language(CUDA) would write a set CUDAARCHS into the cache, which (policy CMP0126 OLD under our
+  # cmake_minimum_required) replaces the choice above and sticks in the build folder for later configures
+  set(ENV{CUDAARCHS} "")
 endmacro()
 
 # Script mode, for the tests (tests/test_cuda_archs.py), printing "archs=<list>" on stdout:

@@ -71,3 +71,58 @@ def test_project_uses_the_module():
     assert 'include("${CMAKE_CURRENT_SOURCE_DIR}/cmake/cuda_archs.cmake")' in text
     assert "ld3_choose_cuda_archs()" in text
     assert text.index("ld3_choose_cuda_archs()") < text.index("enable_language(CUDA)")
+
+
+def test_combined_names_and_suffixes():
+    assert _archs(_cmake({"LD3_ARCH_LIST": "Ampere+Tegra;Ampere"})) == ["87-real", "80-real", "86"]  # Jetson Orin
+    assert _archs(_cmake({"LD3_ARCH_LIST": "Volta+Tegra"})) == ["72-real"]
+    res = _cmake({"LD3_ARCH_LIST": "10.0f"})  # neither torch nor CMake reads a family suffix: refused here, named
+    assert res.returncode != 0 and "TORCH_CUDA_ARCH_LIST" in res.stderr
+
+
+def test_cmake_cuda_architectures_off_is_kept():
+    # OFF is CMake's own "pass no architecture flags": the user's, not "unset"
+    assert _archs(_cmake({"LD3_CHOOSE_ARCHS": "ON", "CMAKE_CUDA_ARCHITECTURES": "OFF"})) == ["OFF"]
+
+
+def test_pip_builds_pass_the_archs_on_every_configure():
+    """scikit-build-core reuses build/{wheel_tag}: without a define on every configure, a cached LD3_CUDA_ARCHS
+    (the old default "80;90", without the T4's sm_75) would outlive the user's TORCH_CUDA_ARCH_LIST."""
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        defines = tomllib.load(f)["tool"]["scikit-build"]["cmake"]["define"]
+    assert defines["LD3_CUDA_ARCHS"] == {"env": "LD3_CUDA_ARCHS", "default": ""}
+
+
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK) else None)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed (the configure enables the CUDA language)")
+def test_configure_uses_the_choice_and_does_not_cache_cudaarchs(tmp_path):
+    """A real configure (compile-only, no build): CUDAARCHS in the environment must neither beat -DLD3_CUDA_ARCHS
+    nor stick in the build folder, where CMake's own CUDA set-up would cache it (policy CMP0126 OLD)."""
+    import sys
+    build = tmp_path / "build"
+
+    def configure(defines, env_extra):
+        env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUDA_ARCH_LIST", "CUDAARCHS")}
+        env.update(env_extra)
+        args = ["cmake", "-S", ROOT, "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
+                "-DLD3_CUDA_COMPILE_ONLY=ON", f"-DCMAKE_CUDA_COMPILER={NVCC}"] + [f"-D{k}={v}" for k, v in defines.items()]
+        res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        flags = set()
+        for name in ("build.ninja", "CMakeFiles/ld3_cuda_kernels.dir/flags.make"):
+            path = build / name
+            if path.exists():
+                flags |= set(__import__("re").findall(r"arch=compute_\w+,code=\[?[\w,]+\]?", path.read_text()))
+        return res.stdout, flags
+
+    out, flags = configure({"LD3_CUDA_ARCHS": "86-real"}, {"CUDAARCHS": "80"})
+    assert "CUDA architectures 86-real (from LD3_CUDA_ARCHS)" in out
+    assert flags == {"arch=compute_86,code=[sm_86]"}, flags
+    out, flags = configure({"LD3_CUDA_ARCHS": ""}, {"TORCH_CUDA_ARCH_LIST": "8.9"})  # what pip passes next time
+    assert "from TORCH_CUDA_ARCH_LIST" in out and flags == {"arch=compute_89,code=[sm_89]"}, (out, flags)
+    out, flags = configure({"LD3_CUDA_ARCHS": ""}, {})
+    assert "(from the default)" in out
+    assert "arch=compute_75,code=[sm_75]" in flags and "arch=compute_90,code=[compute_90,sm_90]" in flags, flags
