@@ -16,17 +16,21 @@ final_sigmas_type="sigma_min" and its sigmas overwritten by the grid, as in the 
 
 Modes:
   sample  no gradient.  ld3_ext with its defaults (fused backend, output NaN/Inf checks on) and with
-          backend="reference"; k-diffusion as shipped; diffusers' scheduler loop, set_timesteps included
-          (a pipeline calls it for every image).  diffusers keeps its state in VP coordinates: it gets the
-          same noise scaled by alpha_T and a denoiser returning the same x0.
+          backend="reference"; k-diffusion's samplers, its 3M given a noise sampler that returns 0 (at eta = 0
+          it never uses it, but as shipped builds a Brownian tree first: this favours k-diffusion); diffusers'
+          scheduler loop, set_timesteps included (a pipeline calls it for every image; it is a small part of
+          diffusers' time).  diffusers keeps its state in VP coordinates: it gets the same noise scaled by
+          alpha_T and a denoiser returning the same x0.
   grad    forward + backward w.r.t. the sigma grid, what LD3 training does: ld3_ext fused and reference
           against autograd through k-diffusion's sampler (its @torch.no_grad unwrapped), which is how research
           code differentiates a sampler.  diffusers' step() reads its sigmas from the scheduler and is not
           differentiable w.r.t. them: no grad row.
 
 Before timing, every variant's output is compared with ld3_ext's float64 reference solve of the same problem
-(max |difference| / max |reference|; the gradients likewise): above 1e-5 for samples or 2e-4 for grid gradients
-the run stops, since timing different computations would mean nothing.  The errors are in the JSON.
+(max |difference| / max |reference|): above 1e-5 for samples or 1e-3 for grid gradients the run stops, since
+timing different computations would mean nothing.  The grid gradients are compared as sigma * dL/dsigma (the
+gradient w.r.t. log sigma): dL/dsigma itself spans five orders of magnitude along the grid, so a variant that
+dropped the gradient of most grid points would still pass on it.  The errors are in the JSON.
 
 Timing as in bench_kernels.py: medians of round-robin samples after warm-up, the glibc malloc guard set by
 re-executing (see benchmarks/README.md), one record per (mode, solver, shape, library) with median_s and
@@ -59,7 +63,8 @@ from ld3_ext.atomic_io import atomic_write_json  # noqa: E402
 
 N_STEPS = 10
 SIGMA_MAX, SIGMA_MIN, RHO = 80.0, 0.002, 7.0
-SAMPLE_TOL, GRAD_TOL = 1e-5, 2e-4
+# gradients: float32 autograd sums put ld3_ext's own reference backend near 1e-4; a dropped grid point is O(1) off
+SAMPLE_TOL, GRAD_TOL = 1e-5, 1e-3
 SOLVERS = ("dpmpp_2m", "dpmpp_3m", "unipc_3")
 
 
@@ -87,6 +92,17 @@ def load_kdiffusion_sampling():
             else:
                 sys.modules[name] = real
     return mod
+
+
+def library_versions():
+    from importlib import metadata
+    out = {"ld3_ext": ld3_ext.__version__, "torch": torch.__version__}
+    for dist in ("k-diffusion", "diffusers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
 
 
 def ld3_solver(name, backend):
@@ -141,7 +157,6 @@ def main(argv=None):
     sched = ld3_ext.EDM(SIGMA_MIN, SIGMA_MAX)
     ramp = torch.linspace(0, 1, N_STEPS + 1, dtype=torch.float64)
     sig64 = ((SIGMA_MAX ** (1 / RHO) + ramp * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO).to(device)
-    sig32 = sig64.float()
     alpha = 1.0 / torch.sqrt(1.0 + sig64 * sig64)  # diffusers' VP view: x_vp = alpha x_ve
     vp_scale = [0.9 / float(a) for a in alpha]     # x0 = 0.9 x_ve = (0.9 / alpha) x_vp
 
@@ -151,7 +166,8 @@ def main(argv=None):
     model = ld3_ext.wrap_model(lambda x, t: 0.9 * x, sched, prediction="x0")  # the defaults: output checks on
     records = []
     meta = {"machine": machine_info(device), "threads": args.threads, "device": device.type, "dtype": "float32",
-            "steps": N_STEPS, "grid": f"EDM rho={RHO:g} sigma {SIGMA_MAX:g} -> {SIGMA_MIN:g}"}
+            "steps": N_STEPS, "grid": f"EDM rho={RHO:g} sigma {SIGMA_MAX:g} -> {SIGMA_MIN:g}",
+            "versions": library_versions()}
 
     def write_json(complete):
         if args.json:
@@ -187,7 +203,7 @@ def main(argv=None):
                 return fn(denoise_kd, x_T, s, disable=True)
 
             def kd_grad():
-                s = sig32.clone().requires_grad_()
+                s = sig64.clone().requires_grad_()
                 return torch.autograd.grad(kd_call(kd_fn.__wrapped__, s), s, g_out)[0]
 
             scheduler = diffusers_scheduler(name)
@@ -204,7 +220,7 @@ def main(argv=None):
                 if mode == "sample":
                     variants = {"ld3_ext": ld3_sample("fused"), "ld3_ext_reference": ld3_sample("reference")}
                     if kd_fn is not None:
-                        variants["k_diffusion"] = lambda: kd_call(kd_fn, sig32)
+                        variants["k_diffusion"] = lambda: kd_call(kd_fn, sig64)
                     variants["diffusers"] = diffusers_sample
                     with torch.no_grad():
                         errs = {}
@@ -221,7 +237,8 @@ def main(argv=None):
                         continue
                     variants = {"ld3_ext": ld3_grad("fused"), "ld3_ext_reference": ld3_grad("reference"),
                                 "k_diffusion": kd_grad}
-                    errs = {v: rel_err(fn(), ref_g) for v, fn in variants.items()}
+                    # as sigma * dL/dsigma: every grid point's gradient counts (see the module docstring)
+                    errs = {v: rel_err(fn().double() * sig64, ref_g * sig64) for v, fn in variants.items()}
                     if max(errs.values()) > GRAD_TOL:
                         raise SystemExit(f"{name} {shape_name(shape)}: grid gradients disagree with the float64 "
                                          f"reference beyond {GRAD_TOL:g}: {errs}")

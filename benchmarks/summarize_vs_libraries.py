@@ -27,10 +27,17 @@ def main(paths):
     for p in paths:
         with open(p) as fh:
             runs.append(json.load(fh))
-    machines = {(r["machine"].get("cpu"), json.dumps(r["machine"].get("cpu_caches"), sort_keys=True), r["threads"])
-                for r in runs}
-    for cpu, caches, threads in sorted(machines, key=str):
-        print(f"machine: {cpu}, caches {caches}, threads {threads}")
+    partial = [p for p, r in zip(paths, runs) if not r.get("complete")]
+    if partial:  # written after every case: a run stopped early holds only some rows
+        raise SystemExit(f"incomplete run(s), not summarised: {', '.join(partial)}")
+    machines = {(r["machine"].get("cpu"), json.dumps(r["machine"].get("cpu_caches"), sort_keys=True), r["threads"],
+                 r["device"]) for r in runs}
+    if len(machines) > 1:  # ratios from different hosts or thread counts do not pool into one median
+        raise SystemExit(f"runs from different machines / thread counts / devices: {sorted(machines, key=str)}")
+    for cpu, caches, threads, device in machines:
+        print(f"machine: {cpu}, caches {caches}, threads {threads}, device {device}")
+    for version in sorted({json.dumps(r.get("versions"), sort_keys=True) for r in runs}):
+        print(f"versions: {version}")
     ld3_time = defaultdict(list)
     ratio = defaultdict(list)
     order = []
