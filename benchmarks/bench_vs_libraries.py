@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import sys
 
+# bench_kernels.MALLOC_ENV (not imported from there: that imports torch, and the guard must run before)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 if __name__ == "__main__" and "--no-malloc-guard" not in sys.argv[1:] \
@@ -48,10 +49,6 @@ if __name__ == "__main__" and "--no-malloc-guard" not in sys.argv[1:] \
     os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], dict(os.environ, **MALLOC_ENV))
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import types  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -69,29 +66,17 @@ SOLVERS = ("dpmpp_2m", "dpmpp_3m", "unipc_3")
 
 
 def load_kdiffusion_sampling():
-    """k_diffusion.sampling without the package __init__ (which imports torchvision and skimage): the module
-    needs only k_diffusion.utils.append_dims, given here by a stub package that is removed again."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("k-diffusion is not installed: pip install --no-deps k-diffusion==0.1.1.post1")
-    path = Path(list(spec.submodule_search_locations)[0]) / "sampling.py"
-    saved = {name: sys.modules.get(name) for name in ("k_diffusion", "k_diffusion.utils")}
-    pkg, utils = types.ModuleType("k_diffusion"), types.ModuleType("k_diffusion.utils")
-    pkg.__path__ = []
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    pkg.utils = utils
-    sys.modules.update({"k_diffusion": pkg, "k_diffusion.utils": utils})
+    """k_diffusion.sampling, loaded as the oracle tests load it (its package __init__ imports torchvision and
+    skimage, which the sampling module does not need): tests/_oracles.py."""
+    tests_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
     try:
-        mspec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
-        mod = importlib.util.module_from_spec(mspec)
-        mspec.loader.exec_module(mod)
-    finally:
-        for name, real in saved.items():
-            if real is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = real
-    return mod
+        from _oracles import import_kdiffusion_sampling
+        return import_kdiffusion_sampling()
+    except ImportError as exc:
+        raise SystemExit(f"{exc}: the comparison needs the test extras and k-diffusion "
+                         "(pip install --no-deps k-diffusion==0.1.1.post1)") from None
 
 
 def library_versions():

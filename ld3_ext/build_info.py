@@ -33,6 +33,11 @@ def cuda_archs_cover(archs: List[str], capability: Tuple[int, int]) -> Optional[
     version from that minor on, PTX included.  None when it cannot be told ("native", "all", "all-major": the
     build's own GPUs or CMake's lists).
     """
+    if isinstance(archs, str) or not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
+        raise TypeError(f"archs must be a list of CMake architecture strings (e.g. ['75-real', '90']), got {archs!r}")
+    if not (isinstance(capability, (tuple, list)) and len(capability) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in capability)):
+        raise ValueError(f"capability must be a (major, minor) pair of ints, e.g. (8, 6), got {capability!r}")
     major, minor = capability
     for arch in archs:
         m = _ARCH.match(arch)
@@ -79,6 +84,14 @@ def build_info() -> Dict[str, Any]:
 
 def format_build_info(info: Dict[str, Any]) -> str:
     """``build_info()`` as the lines ``ld3 info`` prints, with what to do about a missing piece."""
+    if not isinstance(info, dict):
+        raise TypeError(f"info must be the dict build_info() returns, got {type(info).__name__}")
+    need = ["ld3_ext", "torch", "torch_cuda", "native"] + (
+        ["cpu_isa", "cpu_isas_available", "cuda_kernels", "cuda_archs", "gpus"] if info.get("native") else
+        ["native_error"])
+    missing = [k for k in need if k not in info]
+    if missing:
+        raise ValueError(f"info lacks {missing}: pass the dict build_info() returns")
     lines = [f"ld3_ext {info['ld3_ext']}, torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})"]
     if not info["native"]:
         lines.append(f"native extension: NOT loaded ({info['native_error']}); every solver runs its pure-PyTorch "

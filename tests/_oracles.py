@@ -24,18 +24,20 @@ def _append_dims(x, target_dims):
     return x[(...,) + (None,) * dims_to_append]
 
 
-def load_kdiffusion_sampling():
-    """Return the module ``k_diffusion.sampling`` (or skip the calling test if k-diffusion is absent)."""
+def import_kdiffusion_sampling():
+    """Return the module ``k_diffusion.sampling``; ImportError (saying what is missing) without k-diffusion.
+
+    Also used by benchmarks/bench_vs_libraries.py, which turns the ImportError into its own message."""
     global _KD_SAMPLING
     if _KD_SAMPLING is not None:
         return _KD_SAMPLING
     spec = importlib.util.find_spec("k_diffusion")  # does NOT execute the package __init__
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed")
+        raise ImportError("k-diffusion is not installed")
     pkg_dir = Path(list(spec.submodule_search_locations)[0])
     path = pkg_dir / "sampling.py"
     if not path.is_file():
-        pytest.skip(f"k_diffusion/sampling.py not found under {pkg_dir}")
+        raise ImportError(f"k_diffusion/sampling.py not found under {pkg_dir}")
     real_pkg = sys.modules.get("k_diffusion")
     real_utils = sys.modules.get("k_diffusion.utils")
     pkg = types.ModuleType("k_diffusion")
@@ -59,3 +61,11 @@ def load_kdiffusion_sampling():
         sys.modules.pop("k_diffusion.sampling", None)
     _KD_SAMPLING = mod
     return mod
+
+
+def load_kdiffusion_sampling():
+    """Return the module ``k_diffusion.sampling`` (or skip the calling test if k-diffusion is absent)."""
+    try:
+        return import_kdiffusion_sampling()
+    except ImportError as exc:
+        pytest.skip(str(exc))

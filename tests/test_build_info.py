@@ -90,3 +90,18 @@ def test_ld3_info_command(as_json, tmp_path):
     else:
         assert proc.stdout.startswith(f"ld3_ext {ld3_ext.__version__}, torch ")
         assert "native extension:" in proc.stdout
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(TypeError, match="archs"):
+        cuda_archs_cover("75-real,90", (7, 5))
+    with pytest.raises(TypeError, match="archs"):
+        cuda_archs_cover([75], (7, 5))
+    for cap in [(7,), "7.5", (7.0, 5), (True, 0), (-1, 0)]:
+        with pytest.raises(ValueError, match="capability"):
+            cuda_archs_cover(["90"], cap)
+    with pytest.raises(TypeError, match="info"):
+        format_build_info("ld3")
+    with pytest.raises(ValueError, match="cuda_archs"):
+        format_build_info({"ld3_ext": "0", "torch": "2", "torch_cuda": None, "native": True, "cpu_isa": "base",
+                           "cpu_isas_available": ["base"], "cuda_kernels": False, "gpus": []})
