@@ -247,49 +247,45 @@ def test_bench_vs_libraries_refuses_an_unknown_solver(tmp_path):
     assert proc.returncode != 0 and "dpmpp_9m" in proc.stderr
 
 
-@pytest.mark.parametrize("solver, ours, mode", [
-    # a gross mismatch, and a subtle one: the 3M with the midpoint instead of the heun warm-up (1.6e-3 apart)
-    ("dpmpp_2m", lambda b: __import__("ld3_ext").Euler(backend=b), "sample"),
-    ("dpmpp_3m", lambda b: __import__("ld3_ext").DPMSolverPP(3, solver_type="midpoint", lower_order_final=False,
-                                                              backend=b), "sample"),
-])
-def test_bench_vs_libraries_stops_when_the_libraries_compute_something_else(monkeypatch, solver, ours, mode):
-    """The agreement check can fail: pair k-diffusion's and diffusers' solver with another of ours and the run
-    must stop before timing anything."""
+@pytest.fixture
+def vs_bench():
+    """benchmarks/bench_vs_libraries.py as a module (its main() runs in this process); the thread count its main()
+    sets is given back to the other tests afterwards."""
     pytest.importorskip("diffusers")
     import importlib.util
+    import torch
     if importlib.util.find_spec("k_diffusion") is None:
         pytest.skip("k-diffusion is not installed")
     spec = importlib.util.spec_from_file_location("bench_vs_libraries",
                                                   os.path.join(os.path.dirname(BENCH), "bench_vs_libraries.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    import ld3_ext
-    monkeypatch.setattr(mod, "ld3_solver", lambda name, backend: ours(backend))
-    import torch
-    threads = torch.get_num_threads()  # main() sets the thread count: give it back to the other tests
-    try:
-        with pytest.raises(SystemExit, match="disagree"):
-            mod.main(["--quick", "--shapes", "1x4", "--solvers", solver, "--modes", mode, "--no-malloc-guard"])
-    finally:
-        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    yield mod
+    torch.set_num_threads(threads)
 
 
-def test_bench_vs_libraries_grad_check_sees_every_grid_point(monkeypatch):
+@pytest.mark.parametrize("solver, ours", [
+    # a gross mismatch, and a subtle one: the 3M with the midpoint instead of the heun warm-up step
+    ("dpmpp_2m", lambda b: __import__("ld3_ext").Euler(backend=b)),
+    ("dpmpp_3m", lambda b: __import__("ld3_ext").DPMSolverPP(3, solver_type="midpoint", lower_order_final=False,
+                                                              backend=b)),
+])
+def test_bench_vs_libraries_stops_when_the_libraries_compute_something_else(monkeypatch, vs_bench, solver, ours):
+    """The agreement check can fail: pair k-diffusion's and diffusers' solver with another of ours and the run
+    must stop before timing anything."""
+    monkeypatch.setattr(vs_bench, "ld3_solver", lambda name, backend: ours(backend))
+    with pytest.raises(SystemExit, match="disagree"):
+        vs_bench.main(["--quick", "--shapes", "1x4", "--solvers", solver, "--modes", "sample", "--no-malloc-guard"])
+
+
+def test_bench_vs_libraries_grad_check_sees_every_grid_point(monkeypatch, vs_bench):
     """dL/dsigma spans five orders of magnitude along the grid; the check compares sigma * dL/dsigma, so a sampler
     that drops the gradient of the first grid points (here k-diffusion's, with sigma_0..sigma_6 detached) is
     refused, although its largest entries are right."""
-    pytest.importorskip("diffusers")
-    import importlib.util
     import types
-    if importlib.util.find_spec("k_diffusion") is None:
-        pytest.skip("k-diffusion is not installed")
     import torch
-    spec = importlib.util.spec_from_file_location("bench_vs_libraries",
-                                                  os.path.join(os.path.dirname(BENCH), "bench_vs_libraries.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    real = mod.load_kdiffusion_sampling()
+    real = vs_bench.load_kdiffusion_sampling()
 
     def broken(model, x, sigmas, **kw):
         return real.sample_dpmpp_2m.__wrapped__(model, x, torch.cat([sigmas[:7].detach(), sigmas[7:]]), **kw)
@@ -297,17 +293,11 @@ def test_bench_vs_libraries_grad_check_sees_every_grid_point(monkeypatch):
     def shipped(*a, **kw):
         return real.sample_dpmpp_2m(*a, **kw)
     shipped.__wrapped__ = broken
-    monkeypatch.setattr(mod, "load_kdiffusion_sampling", lambda: types.SimpleNamespace(
+    monkeypatch.setattr(vs_bench, "load_kdiffusion_sampling", lambda: types.SimpleNamespace(
         sample_dpmpp_2m=shipped, sample_dpmpp_3m_sde=real.sample_dpmpp_3m_sde))
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(SystemExit, match="grid gradients disagree"):
-            mod.main(["--quick", "--shapes", "2x3x8x8", "--solvers", "dpmpp_2m", "--modes", "grad",
-                      "--no-malloc-guard"])
-        # the intact sampler passes the same check
-        monkeypatch.setattr(mod, "load_kdiffusion_sampling", lambda: real)
-        recs = mod.main(["--quick", "--shapes", "2x3x8x8", "--solvers", "dpmpp_2m", "--modes", "grad",
-                         "--no-malloc-guard"])
-        assert {r["library"] for r in recs} == {"ld3_ext", "ld3_ext_reference", "k_diffusion"}
-    finally:
-        torch.set_num_threads(threads)
+    args = ["--quick", "--shapes", "2x3x8x8", "--solvers", "dpmpp_2m", "--modes", "grad", "--no-malloc-guard"]
+    with pytest.raises(SystemExit, match="grid gradients disagree"):
+        vs_bench.main(args)
+    # the intact sampler passes the same check
+    monkeypatch.setattr(vs_bench, "load_kdiffusion_sampling", lambda: real)
+    assert {r["library"] for r in vs_bench.main(args)} == {"ld3_ext", "ld3_ext_reference", "k_diffusion"}
