@@ -23,8 +23,8 @@ Modes:
           alpha_T and a denoiser returning the same x0.
   grad    forward + backward w.r.t. the sigma grid, what LD3 training does: ld3_ext fused and reference
           against autograd through k-diffusion's sampler (its @torch.no_grad unwrapped), which is how research
-          code differentiates a sampler.  diffusers' step() reads its sigmas from the scheduler and is not
-          differentiable w.r.t. them: no grad row.
+          code differentiates a sampler (UniPC: ld3_ext's two backends only).  diffusers' step() reads its
+          sigmas from the scheduler and is not differentiable w.r.t. them: no diffusers grad row.
 
 Before timing, every variant's output is compared with ld3_ext's float64 reference solve of the same problem
 (max |difference| / max |reference|): above 1e-5 for samples or 1e-3 for grid gradients the run stops, since
@@ -218,10 +218,9 @@ def main(argv=None):
                                              f"reference beyond {tol:g}: {errs}")
                         res = timer.run(variants)
                 else:
-                    if kd_fn is None:
-                        continue
-                    variants = {"ld3_ext": ld3_grad("fused"), "ld3_ext_reference": ld3_grad("reference"),
-                                "k_diffusion": kd_grad}
+                    variants = {"ld3_ext": ld3_grad("fused"), "ld3_ext_reference": ld3_grad("reference")}
+                    if kd_fn is not None:
+                        variants["k_diffusion"] = kd_grad
                     # as sigma * dL/dsigma: every grid point's gradient counts (see the module docstring)
                     errs = {v: rel_err(fn().double() * sig64, ref_g * sig64) for v, fn in variants.items()}
                     if max(errs.values()) > GRAD_TOL:

@@ -158,8 +158,12 @@ class SamplerPlan:
 
     def __init__(self, evaluate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
                  orders: Sequence[int], max_order: int, checkpoint: bool,
-                 deferred_checks: Optional[Callable[[], ContextManager]] = None):
+                 deferred_checks: Optional[Callable[[], ContextManager]] = None,
+                 forward_step: Optional[Callable] = None):
         self.evaluate = evaluate  # (x, t, step) -> the history entry (x0 or eps)
+        # (i, x_i, history newest first, update) -> x_{i+1} in the forward, in place of the table row's update: the
+        # same map in another arithmetic (UniPC's predictor and corrector, as its per-step loop computes them)
+        self.forward_step = forward_step
         # the model's deferred_output_checks: the backward's re-evaluations queue their output checks
         # on the device and read them back once (no sync per step); None checks each at once
         self.deferred_checks = deferred_checks
@@ -201,6 +205,10 @@ class _WholeSampler(torch.autograd.Function):
         # the loop runs once per network evaluation: names bound once, no per-step lookups
         native = _uses_native(x)
         update = _native._C.multistep_update if native else None
+        step_fn = plan.forward_step
+        if step_fn is not None:  # the kernel reads the first 1 + len(history) entries of a row; the reference wants them cut
+            def row_update(xx, row, hist):
+                return update(xx, row, hist) if native else _update_reference(xx, row[: 1 + len(hist)], hist)
         evaluate, orders, max_order, keep = plan.evaluate, plan.orders, plan.max_order, not plan.checkpoint
         depends = _depends_on_other_leaves
         for i in range(n):
@@ -225,7 +233,10 @@ class _WholeSampler(torch.autograd.Function):
             history.insert(0, val)
             del history[max_order:]
             p = orders[i]
-            x = update(x, rows[i], history[:p]) if native else _update_reference(x, rows[i][: 1 + p], history[:p])
+            if step_fn is not None:
+                x = step_fn(i, x, history, row_update)
+            else:
+                x = update(x, rows[i], history[:p]) if native else _update_reference(x, rows[i][: 1 + p], history[:p])
             xs.append(x)
         ctx.plan, ctx.need = plan, need
         ctx.has_first = first is not None
@@ -448,10 +459,35 @@ def unipc_as_multistep(coef: torch.Tensor, orders: Sequence[int]):
     return torch.stack([eff, torch.zeros_like(eff)], dim=1), eff_orders
 
 
+def unipc_forward_step(coef: torch.Tensor, orders: Sequence[int]) -> Callable:
+    """``forward_step`` for ``whole_sampler`` running UniPC's recursion of ``unipc_as_multistep``: each predictor
+    state from the corrected state, as UniPC's per-step loop computes it (x_i = corrector row [i-1, 1] on x_{i-1}
+    and [m_i, m_{i-1}, ...]; s_{i+1} = predictor row [i, 0] on x_i and [m_i, ...]).
+
+    Why: the combined recursion is the same map, but in float32 it rounds differently (up to ~2e-6 of the sample),
+    so a sample would change with whether gradients were asked for.  The forward now matches the per-step loop
+    bitwise; the backward differentiates the combined table, the exact derivative of the same map.
+    """
+    _check_table("coef", coef)
+    _check_orders(orders, coef.shape[0], max_order=MAX_HISTORY - 1)
+    orders = list(orders)
+    tab = coef.detach()
+    predictor, corrector = tab.select(1, 0).unbind(0), tab.select(1, 1).unbind(0)
+    n = len(orders)
+    corrected: List[Optional[torch.Tensor]] = [None]  # x_i, the state the next predictor starts from
+
+    def step(i: int, s: torch.Tensor, history: Sequence[torch.Tensor], update: Callable) -> torch.Tensor:
+        x = s if i == 0 else update(corrected[0], corrector[i - 1], list(history[: 1 + orders[i - 1]]))
+        corrected[0] = x if i < n - 1 else None  # nothing held past the last step (the node keeps this closure)
+        return update(x, predictor[i], list(history[: orders[i]]))
+
+    return step
+
+
 def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, checkpoint: bool,
                   x_T: torch.Tensor, table: torch.Tensor, tm: torch.Tensor,
                   deferred_checks: Optional[Callable[[], ContextManager]] = None,
-                  first: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  first: Optional[torch.Tensor] = None, forward_step: Optional[Callable] = None) -> torch.Tensor:
     """Run the multistep loop as one autograd node (raises ForeignGradients to decline).
 
     ``first``: step 0's output, evaluated by the caller on ``x_T`` and ``tm[0]`` themselves (with its graph,
@@ -461,6 +497,10 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
     through the caller's own graph of it (whatever else that evaluation read: x_T made from the times, a
     closure over them).  Without it the node evaluates step 0 itself, and a decline there costs the caller one
     evaluation more.  A dependency that shows only at a later step declines there; the caller redoes steps 1 on.
+
+    ``forward_step(i, x_i, history, update)``, when given, computes x_{i+1} in the forward instead of table row i's
+    update (``history`` newest first, ``update(x, row, hist)`` the node's own update): the same map in the arithmetic
+    of a solver's own loop (``unipc_forward_step``), so the sample does not depend on whether gradients are wanted.
 
     ``evaluate(x, t, step)`` returns the history entry of step ``step``; ``orders[i]`` is the number of
     history terms update i combines (1..4); ``table`` is the [N, 2, 5] float64 coefficient table (row
@@ -500,7 +540,10 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
         return _solve_per_step(evaluate, orders, max_order, x_T, table, tm, first)
     if first is not None and _depends_on_other_leaves(first, (x_T, tm)):
         raise ForeignGradients()
-    plan = SamplerPlan(evaluate, orders, max_order, checkpoint, deferred_checks)
+    if forward_step is not None and not callable(forward_step):
+        raise TypeError(f"forward_step must be callable (i, x, history, update) -> x_next, got "
+                        f"{type(forward_step).__name__}")
+    plan = SamplerPlan(evaluate, orders, max_order, checkpoint, deferred_checks, forward_step)
     return _WholeSampler.apply(plan, need, x_T, table, tm, first)
 
 
@@ -519,5 +562,6 @@ def applicable(x: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> bool:
     return _uses_native(x) and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-__all__ = ["adjoint_step_reference", "multistep_adjoint_step", "whole_sampler", "unipc_as_multistep", "applicable",
+__all__ = ["adjoint_step_reference", "multistep_adjoint_step", "whole_sampler", "unipc_as_multistep",
+           "unipc_forward_step", "applicable",
            "ForeignGradients"]

@@ -222,6 +222,7 @@ def test_bench_vs_libraries_checks_agreement_and_writes_records(tmp_path):
     want = {("sample", s, lib) for s in ("dpmpp_2m", "dpmpp_3m", "unipc_3") for lib in libs | {"diffusers"}}
     want |= {("sample", s, "k_diffusion") for s in ("dpmpp_2m", "dpmpp_3m")}
     want |= {("grad", s, lib) for s in ("dpmpp_2m", "dpmpp_3m") for lib in libs | {"k_diffusion"}}
+    want |= {("grad", "unipc_3", lib) for lib in libs}
     assert got == want
     for r in data["records"]:
         assert r["median_s"] > 0 and r["ratio_vs_ld3"] > 0

@@ -48,13 +48,16 @@ class UniPC(MultistepSolver):
             # is a multistep recursion on its predictor states with combined coefficients
             table, eff_orders = adjoint.unipc_as_multistep(coef, orders) if self.use_corrector \
                 else (coef, orders)
+            # the forward in the loop's own arithmetic below (predictor, then corrector): bitwise the same sample
+            forward_step = adjoint.unipc_forward_step(coef, orders) if self.use_corrector else None
 
             def evaluate(xx, tt, step):
                 return model.predict(xx, tt, step=step, returns="x0", **kwargs)[0]
             first = self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]
             try:
                 return adjoint.whole_sampler(evaluate, eff_orders, max(eff_orders), self.checkpoint_model, x,
-                                             table, tm, self._backward_checks(model, x), first=first)
+                                             table, tm, self._backward_checks(model, x), first=first,
+                                             forward_step=forward_step)
             except adjoint.ForeignGradients:
                 pass
         entry = self._history_entry_fn()
