@@ -481,6 +481,7 @@ def unipc_forward_step(coef: torch.Tensor, orders: Sequence[int]) -> Callable:
         corrected[0] = x if i < n - 1 else None  # nothing held past the last step (the node keeps this closure)
         return update(x, predictor[i], list(history[: orders[i]]))
 
+    step.n_steps = n  # whole_sampler checks it against its orders
     return step
 
 
@@ -508,7 +509,7 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
     ``deferred_output_checks``; solvers pass it on CUDA) wraps the backward, so the output checks of
     network re-evaluations there (checkpointing, a second backward) are read back once, not per step.
     Under forward-mode AD or a torch.func transform (vmap, grad, jvp) the loop runs in plain per-step
-    torch ops instead (same values, no checkpointing).
+    torch ops instead (same values up to rounding, no checkpointing, ``forward_step`` not used).
     """
     if not callable(evaluate):
         raise TypeError(f"evaluate must be callable (x, t, step) -> tensor, got {type(evaluate).__name__}")
@@ -525,6 +526,13 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
         if t.device != x_T.device:
             raise ValueError(f"{name} is on {t.device} but x_T is on {x_T.device}")
     need = (x_T.requires_grad, table.requires_grad, tm.requires_grad)
+    if forward_step is not None:
+        if not callable(forward_step):
+            raise TypeError(f"forward_step must be callable (i, x, history, update) -> x_next, got "
+                            f"{type(forward_step).__name__}")
+        steps = getattr(forward_step, "n_steps", None)
+        if steps is not None and steps != len(orders):
+            raise ValueError(f"forward_step was built for {steps} steps, but orders has {len(orders)}")
     if deferred_checks is not None and not callable(deferred_checks):
         raise TypeError(f"deferred_checks must be a callable returning a context manager, got "
                         f"{type(deferred_checks).__name__}")
@@ -540,9 +548,6 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
         return _solve_per_step(evaluate, orders, max_order, x_T, table, tm, first)
     if first is not None and _depends_on_other_leaves(first, (x_T, tm)):
         raise ForeignGradients()
-    if forward_step is not None and not callable(forward_step):
-        raise TypeError(f"forward_step must be callable (i, x, history, update) -> x_next, got "
-                        f"{type(forward_step).__name__}")
     plan = SamplerPlan(evaluate, orders, max_order, checkpoint, deferred_checks, forward_step)
     return _WholeSampler.apply(plan, need, x_T, table, tm, first)
 

@@ -586,6 +586,9 @@ def test_whole_sampler_and_unipc_rewrite_reject_bad_input():
         adjoint.whole_sampler(ev, [1, 2, 2], 2, False, x.requires_grad_(), table, tm, forward_step=3)
     with pytest.raises(ValueError, match="coef must be a float64"):
         adjoint.unipc_as_multistep(torch.zeros(3, 2, 4, dtype=torch.float64), [1, 2, 3])
+    with pytest.raises(ValueError, match="forward_step was built for 2 steps"):
+        adjoint.whole_sampler(ev, [1, 2, 2], 2, False, x.requires_grad_(), table, tm,
+                              forward_step=adjoint.unipc_forward_step(table[:2], [1, 2]))
     with pytest.raises(ValueError, match="coef must be a float64"):
         adjoint.unipc_forward_step(torch.zeros(3, 2, 4, dtype=torch.float64), [1, 2, 3])
     with pytest.raises(ValueError, match=r"orders\[2\]"):

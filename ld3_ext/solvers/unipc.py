@@ -59,7 +59,7 @@ class UniPC(MultistepSolver):
                                              table, tm, self._backward_checks(model, x), first=first,
                                              forward_step=forward_step)
             except adjoint.ForeignGradients:
-                pass
+                forward_step = table = None  # the closure holds a state: not kept through the loop below
         entry = self._history_entry_fn()
         if first is None:
             first = self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]
