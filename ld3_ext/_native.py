@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Dict
 
 import torch  # noqa: F401  -- must be imported before _C: the extension links against libtorch
 
@@ -30,6 +31,45 @@ def native_available() -> bool:
 def native_cuda_available() -> bool:
     """True when the extension was built with CUDA kernels."""
     return _C is not None and bool(getattr(_C, "has_cuda", lambda: False)())
+
+
+_cuda_covered: Dict[int, bool] = {}  # device index -> can this build's kernels run there (asked once)
+
+
+def native_runs_on(device: torch.device) -> bool:
+    """True when the compiled kernels can run on ``device``: the CPU whenever the extension loaded; a GPU when
+    the extension has CUDA kernels compiled for its architecture.
+
+    Why the per-GPU check: kernels built for other architectures fail at their first launch with CUDA's
+    "no kernel image is available".  An uncovered GPU instead takes the reference path, with one warning
+    that says how to rebuild (``ld3 info`` says the same)."""
+    if device.type == "cpu":
+        return _C is not None
+    if device.type != "cuda" or not native_cuda_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    covered = _cuda_covered.get(index)
+    if covered is None:
+        covered = _cuda_covered[index] = _check_cuda_device(index)
+    return covered
+
+
+def _check_cuda_device(index: int) -> bool:
+    from .build_info import cuda_archs_cover, parse_cuda_archs  # build_info imports this module
+    archs = parse_cuda_archs(_C.cuda_archs()) if hasattr(_C, "cuda_archs") else []
+    capability = tuple(torch.cuda.get_device_capability(index))
+    if cuda_archs_cover(archs, capability) is not False:  # None: the list cannot tell ("native"): trust it
+        return True
+    cap = f"{capability[0]}.{capability[1]}"
+    warnings.warn(
+        f"ld3_ext: the CUDA kernels were built for {', '.join(archs)}, which do not cover GPU {index} "
+        f"({torch.cuda.get_device_name(index)}, compute capability {cap}); its tensors take the pure-PyTorch "
+        f"reference path. Rebuild for it with TORCH_CUDA_ARCH_LIST=\"{cap}\" pip install --no-build-isolation "
+        "--force-reinstall --no-deps .",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
 
 
 def load_error():

@@ -380,8 +380,7 @@ def _reverse_steps(ctx, plan: SamplerPlan, grad: torch.Tensor, step: Callable, w
 
 
 def _uses_native(x: torch.Tensor) -> bool:
-    return _native.native_available() and (x.device.type == "cpu"
-                                            or (x.device.type == "cuda" and _native.native_cuda_available()))
+    return _native.native_runs_on(x.device)
 
 
 def _update_reference(x, coef, history):

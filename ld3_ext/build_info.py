@@ -1,9 +1,9 @@
 """What this installation can run: the native extension, its CPU instruction set, its CUDA kernels and whether
 they cover the GPUs present (``ld3 info`` prints it).
 
-Why: a build without CUDA kernels, or with kernels for other GPU architectures, still imports and samples (the
-first through the reference path, the second fails at the first kernel launch with CUDA's "no kernel image"),
-so a user needs one place that says which case they are in, and how to rebuild.
+Why: a build without CUDA kernels, or with kernels for other GPU architectures, still imports and samples
+through the reference path on those GPUs (the second case warns once, ``_native.native_runs_on``), so a user
+needs one place that says which case they are in, and how to rebuild.
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def format_build_info(info: Dict[str, Any]) -> str:
                    False: "NOT covered"}[g["covered"]]
         line = f"GPU {g['index']}: {g['name']}, compute capability {g['capability']}: {verdict}"
         if g["covered"] is False and info["cuda_kernels"]:
-            line += (f"; rebuild with TORCH_CUDA_ARCH_LIST=\"{g['capability']}\" pip install --no-build-isolation "
+            line += (f" (its tensors take the reference path); rebuild with TORCH_CUDA_ARCH_LIST=\"{g['capability']}\" pip install --no-build-isolation "
                      "--force-reinstall --no-deps .")
         lines.append(line)
     return "\n".join(lines)

@@ -35,7 +35,7 @@ def _lib():
 
 
 def _device_supported(device: torch.device) -> bool:
-    return device.type == "cpu" or (device.type == "cuda" and _native.native_cuda_available())
+    return device.type == "cpu" or _native.native_runs_on(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
     inputs laid out like x are read in place, others through a copy in x's layout."""
     history = as_history(history)
     if _C is not None and type(coef) is torch.Tensor and coef.dtype == torch.float64 \
-            and type(x) is torch.Tensor and (x.is_cpu or (x.is_cuda and _native.native_cuda_available())) \
+            and type(x) is torch.Tensor and (x.is_cpu or _native.native_runs_on(x.device)) \
             and getattr(_fwad, "_current_level", -1) < 0 and not torch.compiler.is_compiling():
         # the common call: the extension checks every argument itself (TORCH_CHECK); the Python
         # checks below, which cost more than a small update, run only to name a failure precisely

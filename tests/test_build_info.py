@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import ld3_ext
 from ld3_ext import _native
@@ -105,3 +106,59 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="cuda_archs"):
         format_build_info({"ld3_ext": "0", "torch": "2", "torch_cuda": None, "native": True, "cpu_isa": "base",
                            "cpu_isas_available": ["base"], "cuda_kernels": False, "gpus": []})
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA build and GPUs as _native sees them, without a GPU: the capabilities per device index are the
+    test's to set; the calls that asked for them are counted."""
+    import types
+    state = {"archs": "80-real;90", "has_cuda": True, "caps": {0: (7, 5), 1: (9, 0)}, "asked": []}
+    fake_c = types.SimpleNamespace(has_cuda=lambda: state["has_cuda"], cuda_archs=lambda: state["archs"])
+
+    def capability(index):
+        state["asked"].append(index)
+        return state["caps"][index]
+    monkeypatch.setattr(_native, "_C", fake_c)
+    monkeypatch.setattr(_native, "_cuda_covered", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU-{index}")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    return state
+
+
+def test_uncovered_gpu_takes_the_reference_path_with_one_warning(fake_gpu):
+    import types
+    import warnings
+    from ld3_ext import adjoint, fused
+    t4 = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match=r'GPU 0 \(GPU-0, compute capability 7\.5\).*reference path.*'
+                                            r'TORCH_CUDA_ARCH_LIST="7\.5"'):
+        assert _native.native_runs_on(t4) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked once per device: no second warning, no second query
+        assert _native.native_runs_on(t4) is False
+        assert fused._device_supported(t4) is False
+        assert adjoint._uses_native(types.SimpleNamespace(device=t4)) is False  # the whole-sampler node's gate
+        assert _native.native_runs_on(torch.device("cuda", 1)) is True   # sm_90 machine code
+        assert _native.native_runs_on(torch.device("cuda")) is True       # no index: the current device (1)
+        assert fused._device_supported(torch.device("cuda", 1)) is True
+        assert _native.native_runs_on(torch.device("cpu")) is True
+        assert _native.native_runs_on(torch.device("meta")) is False
+    assert fake_gpu["asked"] == [0, 1]
+
+
+@pytest.mark.parametrize("archs, has_cuda, expected", [
+    ("75-real;80-real;86-real;89-real;90", True, True),  # the default list covers a T4
+    ("80-virtual", True, False),                          # PTX runs only on later GPUs
+    ("native", True, True),                               # cannot tell: trust the build
+    ("80-real;90", False, False),                         # no CUDA kernels at all: no query, no warning
+])
+def test_gpu_coverage_decides_the_backend(fake_gpu, archs, has_cuda, expected):
+    import warnings
+    fake_gpu["archs"], fake_gpu["has_cuda"] = archs, has_cuda
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _native.native_runs_on(torch.device("cuda", 0)) is expected
+    assert len(caught) == (0 if expected or not has_cuda else 1)
+    assert fake_gpu["asked"] == ([0] if has_cuda else [])
