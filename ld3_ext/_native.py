@@ -36,6 +36,9 @@ def native_cuda_available() -> bool:
 _cuda_covered: Dict[int, bool] = {}  # device index -> can this build's kernels run there (asked once)
 
 
+# constant for torch.compile: Dynamo runs it once while tracing (it cannot trace the pybind has_cuda(), nor the
+# warning), and the compiled code keeps the answer; a traced tensor's device is guarded anyway
+@torch.compiler.assume_constant_result
 def native_runs_on(device: torch.device) -> bool:
     """True when the compiled kernels can run on ``device``: the CPU whenever the extension loaded; a GPU when
     the extension has CUDA kernels compiled for its architecture.

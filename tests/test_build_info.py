@@ -162,3 +162,22 @@ def test_gpu_coverage_decides_the_backend(fake_gpu, archs, has_cuda, expected):
         assert _native.native_runs_on(torch.device("cuda", 0)) is expected
     assert len(caught) == (0 if expected or not has_cuda else 1)
     assert fake_gpu["asked"] == ([0] if has_cuda else [])
+
+
+@pytest.mark.parametrize("faked", [False, True], ids=["this-build", "uncovered-gpu"])
+def test_the_device_gate_traces_with_fullgraph(faked, request):
+    """torch.compile(fullgraph=True) of a sampler on CUDA tensors reaches the gate while tracing: Dynamo cannot
+    trace the pybind has_cuda() nor the warning, so the gate is a constant for it (it refused the trace)."""
+    import warnings
+    if faked:
+        request.getfixturevalue("fake_gpu")  # 80-real;90 against GPU 0's 7.5: uncovered, one warning
+
+    def f(x):
+        return x * 2 if _native.native_runs_on(torch.device("cuda", 0)) else x * 3
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(f, fullgraph=True, backend="eager")(torch.ones(2))
+    expected = 2.0 if (not faked and _native.native_cuda_available()) else 3.0
+    assert torch.equal(out, torch.full((2,), expected))
+    assert sum("TORCH_CUDA_ARCH_LIST" in str(w.message) for w in caught) == (1 if faked else 0)

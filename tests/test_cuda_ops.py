@@ -724,3 +724,34 @@ def test_cuda_graph_capture_of_a_sample_call_with_an_eps_model():
     x = torch.randn(4, 3, 16, 16, device=DEV)
     static, want = _replayed_and_eager_sample(ld3_ext.DPMSolverPP(order=3), model, x, t)
     torch.testing.assert_close(static, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_fullgraph_compile_of_a_fused_sampler(dtype):
+    """torch.compile(fullgraph=True) traces a fused sampler on the device (the device gate is a constant to
+    Dynamo: it cannot trace the pybind has_cuda()); the traced graph calls the registered ld3_ext ops, and the
+    sample and its grid gradient are eager's."""
+    import ld3_ext
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
+
+    s = S.EDM()
+    model = ld3_ext.wrap_model(lambda x, t: x / (1.0 + t.reshape(-1, 1, 1, 1) ** 2), s, prediction="x0")
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(dtype).to(DEV)
+    solver = ld3_ext.DPMSolverPP(order=3, backend="fused")
+    t_eager = ld3_ext.discretizations.logsnr_uniform(s, 5).to(DEV).requires_grad_(True)
+    t_comp = t_eager.detach().clone().requires_grad_(True)
+    want = solver.sample(model, x, t_eager)
+    want.square().sum().backward()
+    torch._dynamo.reset()
+    got = torch.compile(lambda xx, tt: solver.sample(model, xx, tt), fullgraph=True, backend=recording_backend)(
+        x, t_comp)
+    got.square().sum().backward()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(t_comp.grad, t_eager.grad, rtol=100 * tol, atol=100 * tol * float(t_eager.grad.abs().max()))
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    assert sum("ld3_ext.multistep_update" in tg for tg in targets) >= 4, targets  # one update per step
