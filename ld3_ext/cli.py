@@ -25,6 +25,8 @@ import torch
 
 from ._checks import seed as check_seed
 from .atomic_io import atomic_write_text, json_safe
+from .discretizations import DISCRETIZATIONS
+from .training.losses import LOSSES
 from .solvers import ORDERLESS, SOLVERS, as_solver, solver_from_config
 
 BASELINES = ["time_uniform", "time_quadratic", "logsnr", "edm"]
@@ -375,6 +377,8 @@ def cmd_sample(args) -> int:
     learned = None
     if args.schedule:
         from .schedule_file import load_schedule
+        if not os.path.exists(args.schedule):
+            raise UsageError(f"--schedule: no schedule file at {args.schedule}")
         learned = load_schedule(args.schedule)
     # as `ld3 eval`: without --model, the model the schedule file records (without a file, the built-in ring)
     if not args.model:
@@ -457,11 +461,14 @@ def cmd_train(args) -> int:
 
 
 def _train(args) -> int:
-    from .training import LD3Trainer
-    from . import distributed
+    from .training.trainer import check_nfe
     _teacher_steps(args)  # --teacher-solver/-order/-nfe refused before any work
     model, schedule, dtype = _load(args)
     solver = _make_solver(args)
+    try:
+        check_nfe(solver, args.nfe)  # as the trainer checks it, but named in flags, before any work
+    except ValueError as exc:
+        raise UsageError(f"--nfe {args.nfe} with {solver!r}: {exc}") from None
     # where the results go must be usable before any work (an OSError here is one line)
     _check_out_dir(os.path.join(args.out, "checkpoint"))
     _check_out_dir(args.out)
@@ -863,11 +870,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", **sub_kw,
                         help="learn a schedule (resumes from --out/checkpoint after an interrupt)")
     _add_common(tr)
-    tr.add_argument("--loss", default="pseudo_huber", help="pseudo_huber | l2 | l1 | lpips (default: pseudo_huber)")
+    tr.add_argument("--loss", default="pseudo_huber", choices=list(LOSSES),
+                    help="pseudo_huber | l2 | l1 | lpips (default: pseudo_huber)")
     tr.add_argument("--time-mode", default="auto", choices=["auto", "lambda", "time"],
                     help="schedule parameterisation; auto: short trial of both, the better on validation continues "
                          "(default: auto)")
-    tr.add_argument("--init", default="auto", help="auto (best of the candidates below and DMN on the validation "
+    tr.add_argument("--init", default="auto", choices=["auto", "dmn", *DISCRETIZATIONS],
+                    help="auto (best of the candidates below and DMN on the validation "
                     "set) | logsnr | time_uniform | time_quadratic | edm | dmn (default: auto)")
     tr.add_argument("--n-train", type=int, default=50, help="teacher pairs to train on (default: 50)")
     tr.add_argument("--n-valid", type=int, default=50, help="teacher pairs to validate on (default: 50)")

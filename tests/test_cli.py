@@ -840,3 +840,46 @@ def test_eval_baselines_take_a_schedule_of_more_than_60_steps():
     model, schedule = load_model("gmm:ring2d")
     grids = cli._baseline_grids(["gits", "logsnr"], schedule, 61, model=model, solver=None, seed=0)
     assert grids["gits"].shape == (62,) and bool((grids["gits"][1:] < grids["gits"][:-1]).all())
+
+
+def test_factory_model_must_say_its_sample_shape(monkeypatch):
+    """Every command draws noise of the model's sample shape: a factory that does not set it was refused only at
+    the first draw (`ld3 train`: with advice for the Python API), now before any work, naming --model."""
+    from ld3_ext import EDM, wrap_model
+    mod = types.ModuleType("ld3_shapeless_factory_mod")
+
+    def make(shape):
+        def factory():
+            m = wrap_model(lambda x, t: 0.5 * x, EDM(), prediction="x0")
+            if shape is not None:
+                m.sample_shape = shape
+            return m, m.schedule
+        return factory
+    for name, shape in [("none", None), ("empty", ()), ("zero", (0, 8)), ("float", (1.0,)), ("int", 3)]:
+        setattr(mod, name, make(shape))
+    mod.good = make((1, 8, 8))
+    monkeypatch.setitem(sys.modules, "ld3_shapeless_factory_mod", mod)
+    for name in ("none", "empty", "zero", "float", "int"):
+        with pytest.raises(ModelSpecError, match=r"--model 'ld3_shapeless_factory_mod:%s'.*model.sample_shape" % name):
+            load_model(f"ld3_shapeless_factory_mod:{name}")
+    assert load_model("ld3_shapeless_factory_mod:good")[0].sample_shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--loss", "foo"], "--loss"),
+    (["train", "--init", "foo"], "--init"),
+    (["train", "--nfe", "2"], "--nfe 2"),                      # below order 3's warm-up
+    (["sample", "--schedule", "no_such_schedule.json"], "--schedule"),
+    (["train", "--model", "diffusers:no_such_folder"], "--model"),
+])
+def test_argument_mistakes_name_their_flag_even_with_tracebacks_on(argv, flag, tmp_path, monkeypatch, capsys):
+    """LD3_TRACEBACK=1 shows the traceback of a failed run, but a flag's mistake keeps its one line and status 2
+    (these four reached the library first and came back as a traceback and status 1, naming no flag)."""
+    monkeypatch.setenv("LD3_TRACEBACK", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv + ["--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "checkpoint").exists()  # refused before any work

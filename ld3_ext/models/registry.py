@@ -94,7 +94,10 @@ def load_model(spec: str, device: str = "cpu", guidance_scale=None) -> Tuple[Dif
         return model, schedule
     if spec.startswith("diffusers:"):
         from ..integrations.diffusers import load_diffusers_model
-        return load_diffusers_model(spec[len("diffusers:"):], device=device, guidance_scale=guidance_scale)
+        try:
+            return load_diffusers_model(spec[len("diffusers:"):], device=device, guidance_scale=guidance_scale)
+        except (FileNotFoundError, NotADirectoryError) as exc:  # a mistyped folder is a flag mistake: name it
+            raise ModelSpecError(f"--model {spec!r}: {exc}") from exc
     if ":" not in spec:
         raise ModelSpecError(f"--model {spec!r}: expected a built-in name (digits, gmm:ring2d, gmm:digits64, "
                              "gmm:random3072), diffusers:PATH or package.module:factory")
@@ -116,4 +119,10 @@ def load_model(spec: str, device: str = "cpu", guidance_scale=None) -> Tuple[Dif
             and isinstance(out[1], NoiseSchedule)):
         raise ModelSpecError(f"--model {spec!r}: the factory must return (DiffusionModel, NoiseSchedule) -- wrap "
                              f"your network with ld3_ext.wrap_model; got {type(out).__name__}")
+    # every command draws noise of this shape (sample, the teacher, eval): said here, before any work
+    shape = getattr(out[0], "sample_shape", None)
+    if getattr(out[0], "testbed", None) is None and not (isinstance(shape, (tuple, list)) and shape
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise ModelSpecError(f"--model {spec!r}: the factory's model must say the shape of one sample: set "
+                             f"`model.sample_shape = (C, H, W)` before returning it (got {shape!r})")
     return out
