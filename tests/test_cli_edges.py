@@ -527,3 +527,14 @@ def test_a_refused_export_keeps_a_folder_that_existed_before(tmp_path, capsys, m
     for out in ("new/../keep", f"{tmp_path}/new/../keep/"):
         rc, _, _ = _run(["export-diffusers", edm_file, "--out", out], capsys)
         assert rc != 0 and (tmp_path / "keep").is_dir() and not (tmp_path / "new").exists()
+
+
+def test_export_of_a_schedule_no_diffusers_network_reads_fails_without_a_warning_first(tmp_path, capsys):
+    """An EDM schedule file cannot become an LD3Scheduler: the export said so only after warning that it assumed
+    prediction_type='epsilon', which read as if it had gone ahead."""
+    path = _schedule_file(tmp_path)  # an EDM file
+    rc, _, err = _run(["export-diffusers", path, "--out", str(tmp_path / "sched")], capsys)
+    assert rc == 2
+    assert "schedule_config type 'EDM'" in err and "VPDiscrete" in err
+    assert "warning" not in err and "assuming" not in err
+    assert not (tmp_path / "sched").exists()

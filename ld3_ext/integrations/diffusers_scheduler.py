@@ -131,9 +131,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
                    "prediction_type": prediction_type, "use_flow_sigmas": use_flow_sigmas}
             sh = shift if flow_shift is None else flow_shift
             self.schedule, _ = schedule_from_diffusers_config(cfg, shift=sh if self.prediction == "velocity" else None)
-        if not isinstance(self.schedule, (VPDiscrete, FlowMatching)):
-            raise DiffusersConfigError(f"schedule_config type {type(self.schedule).__name__!r}: a diffusers network "
-                                       "reads a VP training index (VPDiscrete) or a flow time (FlowMatching)")
+        _check_diffusers_schedule(self.schedule)
         if (self.prediction == "velocity") != isinstance(self.schedule, FlowMatching):
             raise DiffusersConfigError(f"prediction_type={prediction_type!r} does not fit a "
                                        f"{type(self.schedule).__name__} schedule (flow_prediction <-> FlowMatching)")
@@ -232,6 +230,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             ls.check_guidance(_guidance_arg(guidance_scale))
         kw = _diffusers_fields(scheduler_config)
         sched = schedule_from_config(ls.schedule_config)
+        _check_diffusers_schedule(sched)  # before any other complaint about the file: nothing else can help it
         if scheduler_config is not None:
             # a flow file carries its shift, so a dynamic-shifting (Flux-style) config is fine here
             ref, _ = schedule_from_diffusers_config(
@@ -723,10 +722,16 @@ def _diffusers_fields(scheduler_config) -> Dict[str, Any]:
     return kw
 
 
+def _check_diffusers_schedule(schedule) -> None:
+    if not isinstance(schedule, (VPDiscrete, FlowMatching)):
+        raise DiffusersConfigError(f"schedule_config type {type(schedule).__name__!r}: a diffusers network reads a "
+                                   "VP training index (VPDiscrete) or a flow time (FlowMatching)")
+
+
 def _check_same_schedule(a: NoiseSchedule, b: NoiseSchedule):
     """A schedule file made for another model's noise schedule would silently sample garbage."""
     if type(a) is not type(b):
-        raise DiffusersConfigError(f"the schedule file is for a {type(a).__name__} schedule but the scheduler config "
+        raise DiffusersConfigError(f"the schedule file is for the schedule {type(a).__name__} but the scheduler config "
                                    f"describes a {type(b).__name__} model")
     if isinstance(a, VPDiscrete):
         ok = a.num_train_timesteps == b.num_train_timesteps and torch.allclose(a.alphas_cumprod, b.alphas_cumprod,
