@@ -755,3 +755,17 @@ def test_cuda_fullgraph_compile_of_a_fused_sampler(dtype):
     torch.testing.assert_close(t_comp.grad, t_eager.grad, rtol=100 * tol, atol=100 * tol * float(t_eager.grad.abs().max()))
     targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
     assert sum("ld3_ext.multistep_update" in tg for tg in targets) >= 4, targets  # one update per step
+
+
+@needs_cuda
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_cuda_graph_capture_of_a_sample_call_on_a_discrete_schedule(prediction):
+    """Stable Diffusion's schedule (VPDiscrete) reads its knots about twice a step: copied from the host on every
+    read, each copy synchronised the stream (every step stalled) and no graph could capture the call."""
+    import ld3_ext
+    schedule = S.VPDiscrete.linear(0.00085, 0.012)
+    model = ld3_ext.wrap_model(lambda x, t: 0.5 * torch.tanh(x), schedule, prediction=prediction)
+    t = ld3_ext.discretizations.get_discretization("logsnr", schedule, 6).to(DEV)
+    x = torch.randn(4, 3, 16, 16, device=DEV)
+    static, want = _replayed_and_eager_sample(ld3_ext.DPMSolverPP(order=3), model, x, t)
+    torch.testing.assert_close(static, want, rtol=1e-5, atol=1e-5)

@@ -61,3 +61,28 @@ def test_from_dict_names_a_missing_field():
     d = _learned().to_dict()
     with pytest.raises(ScheduleFileError, match="'nfe'"):
         LearnedSchedule.from_dict({k: v for k, v in d.items() if k != "nfe"})
+
+
+def test_discrete_schedule_copies_its_knots_once_per_device_and_dtype():
+    """The knots are read about twice a sampler step; on a GPU each host-to-device copy waited for the stream.
+    One copy per (device, dtype), made as a plain tensor even under inference_mode (a later autograd call uses
+    it), and left out of pickles (a GPU copy would not load on a CPU-only machine)."""
+    import pickle
+    s = ld3_ext.VPDiscrete.linear(0.00085, 0.012)
+    t32 = torch.tensor([0.3, 0.5], dtype=torch.float32)
+    with torch.inference_mode():
+        first = s._knots(t32)
+    again = s._knots(t32.clone())
+    assert all(a is b for a, b in zip(first, again)) and not any(k.is_inference() for k in again)
+    assert [k.dtype for k in again] == [torch.float32] * 2 and len(s._knots_on) == 1
+    t = t32.clone().requires_grad_()
+    (g,) = torch.autograd.grad(s.alpha(t).sum(), t)  # after the inference_mode call
+    fresh = ld3_ext.VPDiscrete.linear(0.00085, 0.012)  # no cached copies: the same float32 computation
+    tf = t32.clone().requires_grad_()
+    assert torch.equal(g, torch.autograd.grad(fresh.alpha(tf).sum(), tf)[0])
+    t64 = t32.double().requires_grad_()
+    s.alpha(t64)
+    assert len(s._knots_on) == 2
+    restored = pickle.loads(pickle.dumps(s))
+    assert restored._knots_on == {} and len(s._knots_on) == 2
+    torch.testing.assert_close(restored.alpha(t64.detach()), s.alpha(t64.detach()), rtol=0, atol=0)
