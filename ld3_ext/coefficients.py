@@ -24,11 +24,12 @@ second order, UniPC bh1/bh2, iPNDM 1-4, Euler = DDIM in data prediction).
 from __future__ import annotations
 
 from dataclasses import dataclass, asdict
-from typing import List
+from typing import Dict, List
 
 import torch
 
 from ._checks import flag as check_flag  # the library's flag rule (kept importable here)
+from .device_constants import cached_constants
 
 MAX_HISTORY = 4  # history terms a single update may combine
 TABLE_WIDTH = 1 + MAX_HISTORY
@@ -112,8 +113,9 @@ def _inverse_factorials(n: int) -> List[float]:
 
 
 _INV = _inverse_factorials(PHI_SERIES_TERMS + 4)
-# Python lists, made into tensors per call: a cached tensor would be wrapped by the torch.func level or the
-# FakeTensorMode that first asked for it, and break every later call outside that transform or trace
+# made into tensors on a device once (device_constants: not kept when made under a torch.func level, a trace or
+# a FakeTensorMode, whose tensors would break every later call outside it)
+_ON_DEVICE: Dict = {}
 _PHI_SERIES_COEF = [[_INV[j + k] for k in range(1, 5)] for j in range(PHI_SERIES_TERMS)]  # x^j -> phi_k
 _PHI_PARTIAL_COEF = [[_INV[j] if 1 <= j < k else 0.0 for k in range(1, 5)] for j in range(5)]  # sum_{1<=j<k} x^j/j!
 
@@ -139,9 +141,12 @@ def phi_functions(x: torch.Tensor) -> torch.Tensor:
     # where() passes 0, not NaN (x = 0 would make pow's second derivative 0 * inf)
     xs = torch.where(small, x, 1.0)
     xr = torch.where(small, 1.0, x)
-    series = (xs.unsqueeze(-1) ** torch.arange(PHI_SERIES_TERMS, **like)) @ torch.tensor(_PHI_SERIES_COEF, **like)
+    series_coef, partial_coef = cached_constants(_ON_DEVICE, "phi", x.device, x.dtype, lambda device, dtype: (
+        torch.tensor(_PHI_SERIES_COEF, dtype=dtype, device=device),
+        torch.tensor(_PHI_PARTIAL_COEF, dtype=dtype, device=device)))
+    series = (xs.unsqueeze(-1) ** torch.arange(PHI_SERIES_TERMS, **like)) @ series_coef
     powers = xr.unsqueeze(-1) ** torch.arange(5, **like)
-    unrolled = (torch.expm1(xr).unsqueeze(-1) - powers @ torch.tensor(_PHI_PARTIAL_COEF, **like)) / powers[..., 1:]
+    unrolled = (torch.expm1(xr).unsqueeze(-1) - powers @ partial_coef) / powers[..., 1:]
     return torch.where(small.unsqueeze(-1), series, unrolled)
 
 
@@ -172,7 +177,9 @@ def _step_phis(lam, spec: SolverSpec, orders: List[int]):
     if spec.kind == "unipc":
         # b_k = g_k k!/B(h) with g_1 = phi/hh - 1, g_{k+1} = g_k/hh - 1/(k+1)! (LD3.md), i.e. g_k = hh phi_{k+1}(hh):
         # b_k = phi_{k+1}(hh) k! hh/B, and hh/B = 1 (bh1) or 1/phi_1(hh) (bh2)
-        b = phi[:, 1:] * torch.tensor([1.0, 2.0, 6.0], dtype=phi.dtype, device=phi.device)  # k!, k = 1..3
+        (factorials,) = cached_constants(_ON_DEVICE, "k!", phi.device, phi.dtype, lambda device, dtype: (
+            torch.tensor([1.0, 2.0, 6.0], dtype=dtype, device=device),))  # k!, k = 1..3
+        b = phi[:, 1:] * factorials
         if spec.variant == "bh2":
             b = b / phi[:, :1]
         return phi1, list(b.unbind(0))

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
+
+from .device_constants import cached_constants
 
 # Kind ids shared with the native coefficient code (csrc/noise_schedule_math.h).
 KIND_EDM = 0
@@ -491,26 +493,16 @@ class VPDiscrete(NoiseSchedule):
             raise ValueError(f"VPDiscrete: need 1/N <= t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
         lam = self._log_alpha_knots - 0.5 * _log1mexp(2.0 * self._log_alpha_knots)
         self._lambda_knots = lam  # decreasing in t
-        self._knots_on: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._knots_on: Dict = {}  # device copies of the knots (device_constants.cached_constants)
 
     def _knots(self, like):
-        """The knots on ``like``'s device in its dtype, copied once per (device, dtype): a copy from host memory
-        to a GPU waits for the stream (torch syncs a blocking copy), and a sampler reads the knots about twice a
-        step (alpha and sigma of the eps/v conversion) -- every step stalled, and no CUDA graph could capture
-        it."""
+        """The knots on ``like``'s device in its dtype, copied there once (``device_constants``): a sampler reads
+        them about twice a step (alpha and sigma of the eps/v conversion)."""
         if not like.is_floating_point():  # integer times: the knots must not be truncated to integers
             raise TypeError(f"VPDiscrete: times must be a floating tensor, got {like.dtype} (use t.double(); the "
                             "network's integer index is model_index(t))")
-        if torch.compiler.is_compiling():  # traced copies: constants of the graph, nothing to keep here
-            return (self._t_knots.to(device=like.device, dtype=like.dtype),
-                    self._log_alpha_knots.to(device=like.device, dtype=like.dtype))
-        key = (like.device, like.dtype)
-        knots = self._knots_on.get(key)
-        if knots is None:
-            with torch.inference_mode(False):  # a copy made under inference_mode must serve later autograd too
-                knots = self._knots_on[key] = (self._t_knots.to(device=like.device, dtype=like.dtype),
-                                               self._log_alpha_knots.to(device=like.device, dtype=like.dtype))
-        return knots
+        return cached_constants(self._knots_on, "knots", like.device, like.dtype, lambda device, dtype: (
+            self._t_knots.to(device=device, dtype=dtype), self._log_alpha_knots.to(device=device, dtype=dtype)))
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -1,0 +1,34 @@
+"""Constant tensors made on a device once, not on every call.
+
+Why: a tensor built from host data on a GPU (``torch.tensor(values, device="cuda")``, ``cpu_tensor.to("cuda")``)
+is a blocking copy, which waits for the stream: inside a sampler step it stalls the step, and under CUDA-graph
+capture it fails.  The copies are kept per (key, device, dtype), and only when made outside any trace, fake mode
+or torch.func transform: a tensor of those would break every later call outside it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Hashable, Tuple
+
+import torch
+
+_functorch_depth = getattr(getattr(torch._C, "_functorch", None), "get_dynamic_layer_stack_depth", None)
+
+
+def plain_context() -> bool:
+    """No trace (torch.compile), no torch.func transform: a tensor made now may serve any later call."""
+    return not torch.compiler.is_compiling() and (_functorch_depth is None or _functorch_depth() == 0)
+
+
+def cached_constants(cache: Dict, key: Hashable, device: torch.device, dtype: torch.dtype,
+                     make: Callable[[torch.device, torch.dtype], Tuple[torch.Tensor, ...]]) -> Tuple[torch.Tensor, ...]:
+    """``make(device, dtype)``, kept in ``cache`` under (key, device, dtype) where that is safe (see above).
+    Made as plain tensors even under inference_mode, so that a later call with autograd can use them."""
+    full_key = (key, device, dtype)
+    found = cache.get(full_key)
+    if found is not None:
+        return found
+    with torch.inference_mode(False):
+        made = make(device, dtype)
+    if plain_context() and all(type(t) is torch.Tensor for t in made):  # not a fake mode's FakeTensor
+        cache[full_key] = made
+    return made
