@@ -513,8 +513,10 @@ class VPDiscrete(NoiseSchedule):
     def _interp(x, xp, fp):
         """Piecewise-linear interpolation (linear extrapolation at the ends), differentiable in x."""
         idx = torch.searchsorted(xp.contiguous(), x.detach().contiguous()).clamp(1, xp.numel() - 1)
-        x0, x1 = xp[idx - 1], xp[idx]
-        y0, y1 = fp[idx - 1], fp[idx]
+        # take(), not xp[idx]: indexing by a 0-dim tensor (a sampler's scalar time) reads idx back to the host,
+        # a stream sync on a GPU for every read of the schedule, and impossible in a CUDA-graph capture
+        x0, x1 = torch.take(xp, idx - 1), torch.take(xp, idx)
+        y0, y1 = torch.take(fp, idx - 1), torch.take(fp, idx)
         return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 
     def log_alpha(self, t):

@@ -760,8 +760,9 @@ def test_cuda_fullgraph_compile_of_a_fused_sampler(dtype):
 @needs_cuda
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_cuda_graph_capture_of_a_sample_call_on_a_discrete_schedule(prediction):
-    """Stable Diffusion's schedule (VPDiscrete) reads its knots about twice a step: copied from the host on every
-    read, each copy synchronised the stream (every step stalled) and no graph could capture the call."""
+    """Stable Diffusion's schedule (VPDiscrete) is read about twice a step.  Each read copied its knots from the
+    host and indexed them with a 0-dim tensor (an item() each), and its table built constants from Python lists:
+    all host round trips, which stall every step and which a graph capture refuses."""
     import ld3_ext
     schedule = S.VPDiscrete.linear(0.00085, 0.012)
     model = ld3_ext.wrap_model(lambda x, t: 0.5 * torch.tanh(x), schedule, prediction=prediction)

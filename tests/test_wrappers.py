@@ -305,3 +305,28 @@ def test_cpu_sampling_still_checks_every_step_at_once():
     with pytest.raises(ModelOutputError, match="at step 1"):
         ld3_ext.DPMSolverPP(order=2).sample(model, torch.randn(2, 3, dtype=torch.float64), t)
     assert len(net.calls) == 2  # stopped at the second call
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("schedule_name", ["edm", "vp_linear", "vp_cosine", "vp_discrete", "flow"])
+def test_a_step_reads_no_value_back_on_any_schedule(schedule_name, prediction):
+    """A sampler step's conversions read the schedule at a scalar time: VPDiscrete indexed its knots with a 0-dim
+    index tensor, an item() each (eight a step; on a GPU a stream sync each, and a capture error)."""
+    sched = BASE_SCHEDULES[schedule_name]()
+    if schedule_name == "flow":
+        prediction = {"eps": "velocity", "v": "velocity"}.get(prediction, prediction)
+    model = ld3_ext.wrap_model(lambda xx, tt: 0.5 * torch.tanh(xx), sched, prediction=prediction)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    times = ld3_ext.discretizations.logsnr_uniform(sched, 4).unbind(0)
+    rec = OpRecorder()
+    with model.deferred_output_checks():
+        with rec:
+            for i, t in enumerate(times):
+                model.predict(x, t, step=i, returns="x0")
+                model.predict(x, t, step=i, returns="eps")
+            for fn in (sched.alpha, sched.sigma, sched.lambda_, sched.edm_sigma):
+                fn(times[1])
+                fn(torch.stack(times))
+            sched.inverse_lambda(sched.lambda_(times[2]))
+    assert len(rec.ops) > 20
+    assert not {"_local_scalar_dense", "is_nonzero", "item", "nonzero"} & set(rec.ops), sorted(set(rec.ops))
