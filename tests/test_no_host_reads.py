@@ -1,0 +1,57 @@
+"""A sample call and its backward read no tensor value back to the host once the value checks are off (as
+during CUDA-graph capture) and the output checks are deferred (as on a GPU): on a GPU every such read is a
+stream sync, and a capture refuses it.  Shown on the CPU with a dispatch-mode recorder, for every schedule,
+prediction and solver, both backends, with and without gradients -- the GPU tests (tests/test_cuda_ops.py)
+capture only some of these, and only where a GPU is lent."""
+import pytest
+import torch
+
+import ld3_ext
+from conftest import BASE_SCHEDULES, OpRecorder
+from ld3_ext import functional, wrappers
+from ld3_ext.solvers import base
+
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "lift_fresh", "lift_fresh_copy"}
+SOLVERS = {
+    "dpmpp3": lambda backend: ld3_ext.DPMSolverPP(order=3, backend=backend),
+    "unipc3": lambda backend: ld3_ext.UniPC(order=3, backend=backend),
+    "ipndm3": lambda backend: ld3_ext.IPNDM(order=3, backend=backend),
+    "euler": lambda backend: ld3_ext.Euler(backend=backend),
+    "heun": lambda backend: ld3_ext.Heun(backend=backend),
+}
+
+
+@pytest.fixture
+def capturing(monkeypatch):
+    """What a capture switches off: the checks that read values (the grid's, x_T's, the deferred outputs')."""
+    for module in (wrappers, base, functional):
+        monkeypatch.setattr(module, "_capturing", lambda: True)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["sample", "sample+backward"])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+@pytest.mark.parametrize("schedule_name", sorted(BASE_SCHEDULES))
+def test_a_sample_call_reads_no_value_back(schedule_name, solver, backend, grad, capturing):
+    if backend == "fused" and not ld3_ext.native_available():
+        pytest.skip("needs the native extension")
+    sched = BASE_SCHEDULES[schedule_name]()
+    prediction = "velocity" if schedule_name == "flow" else "eps"  # a conversion that reads the schedule
+    model = ld3_ext.wrap_model(lambda x, t: 0.3 * torch.tanh(x), sched, prediction=prediction)
+    grid = ld3_ext.discretizations.logsnr_uniform(sched, 6)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    sv = SOLVERS[solver](backend)
+
+    def run():
+        t = grid.clone().requires_grad_(grad)
+        with model.deferred_output_checks():
+            y = sv.sample(model, x, t, model_timesteps=t * 1.0)
+            if grad:
+                y.square().sum().backward()
+        return y
+    run()  # warm-up (a capture is preceded by one too)
+    rec = OpRecorder()
+    with rec:
+        run()
+    assert len(rec.ops) > 10
+    assert not HOST_READS & set(rec.ops), sorted(HOST_READS & set(rec.ops))
