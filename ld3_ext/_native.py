@@ -58,7 +58,7 @@ def native_runs_on(device: torch.device) -> bool:
 
 
 def _check_cuda_device(index: int) -> bool:
-    from .build_info import cuda_archs_cover, parse_cuda_archs  # build_info imports this module
+    from .build_info import cuda_archs_cover, parse_cuda_archs, rebuild_command  # build_info imports this module
     archs = parse_cuda_archs(_C.cuda_archs()) if hasattr(_C, "cuda_archs") else []
     capability = tuple(torch.cuda.get_device_capability(index))
     if cuda_archs_cover(archs, capability) is not False:  # None: the list cannot tell ("native"): trust it
@@ -67,8 +67,7 @@ def _check_cuda_device(index: int) -> bool:
     warnings.warn(
         f"ld3_ext: the CUDA kernels were built for {', '.join(archs)}, which do not cover GPU {index} "
         f"({torch.cuda.get_device_name(index)}, compute capability {cap}); its tensors take the pure-PyTorch "
-        f"reference path. Rebuild for it with TORCH_CUDA_ARCH_LIST=\"{cap}\" pip install --no-build-isolation "
-        "--force-reinstall --no-deps .",
+        f"reference path. Rebuild for it with {rebuild_command(cap)}",
         RuntimeWarning,
         stacklevel=3,
     )

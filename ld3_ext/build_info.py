@@ -57,6 +57,11 @@ def cuda_archs_cover(archs: List[str], capability: Tuple[int, int]) -> Optional[
     return False
 
 
+def rebuild_command(capability: str) -> str:
+    """The command that rebuilds the extension for a GPU of ``capability`` ("7.5")."""
+    return f'TORCH_CUDA_ARCH_LIST="{capability}" pip install --no-build-isolation --force-reinstall --no-deps .'
+
+
 def build_info() -> Dict[str, Any]:
     """A dict describing this installation (see ``ld3 info``)."""
     import ld3_ext
@@ -110,8 +115,7 @@ def format_build_info(info: Dict[str, Any]) -> str:
                    False: "NOT covered"}[g["covered"]]
         line = f"GPU {g['index']}: {g['name']}, compute capability {g['capability']}: {verdict}"
         if g["covered"] is False and info["cuda_kernels"]:
-            line += (f" (its tensors take the reference path); rebuild with TORCH_CUDA_ARCH_LIST=\"{g['capability']}\" pip install --no-build-isolation "
-                     "--force-reinstall --no-deps .")
+            line += f" (its tensors take the reference path); rebuild with {rebuild_command(g['capability'])}"
         lines.append(line)
     return "\n".join(lines)
 

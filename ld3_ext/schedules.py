@@ -509,6 +509,10 @@ class VPDiscrete(NoiseSchedule):
         state["_knots_on"] = {}  # device copies: a pickle made on a GPU machine must load on a CPU-only one
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_knots_on", {})  # a pickle of an earlier version has none
+
     @staticmethod
     def _interp(x, xp, fp):
         """Piecewise-linear interpolation (linear extrapolation at the ends), differentiable in x."""

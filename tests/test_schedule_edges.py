@@ -86,3 +86,14 @@ def test_discrete_schedule_copies_its_knots_once_per_device_and_dtype():
     restored = pickle.loads(pickle.dumps(s))
     assert restored._knots_on == {} and len(s._knots_on) == 2
     torch.testing.assert_close(restored.alpha(t64.detach()), s.alpha(t64.detach()), rtol=0, atol=0)
+
+
+def test_discrete_schedule_pickled_before_the_device_copies_loads():
+    import pickle
+    s = ld3_ext.VPDiscrete.linear(0.00085, 0.012)
+    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    state = dict(s.__dict__)
+    del state["_knots_on"]  # what an earlier version pickled
+    old = ld3_ext.VPDiscrete.__new__(ld3_ext.VPDiscrete)
+    old.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert torch.equal(old.alpha(t), s.alpha(t))
