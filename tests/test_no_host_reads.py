@@ -18,6 +18,7 @@ SOLVERS = {
     "ipndm3": lambda backend: ld3_ext.IPNDM(order=3, backend=backend),
     "euler": lambda backend: ld3_ext.Euler(backend=backend),
     "heun": lambda backend: ld3_ext.Heun(backend=backend),
+    "dpmpp3-checkpointed": lambda backend: ld3_ext.DPMSolverPP(order=3, backend=backend, checkpoint_model=True),
 }
 
 
@@ -54,4 +55,23 @@ def test_a_sample_call_reads_no_value_back(schedule_name, solver, backend, grad,
     with rec:
         run()
     assert len(rec.ops) > 10
+    assert not HOST_READS & set(rec.ops), sorted(HOST_READS & set(rec.ops))
+
+
+@pytest.mark.parametrize("solver", ["dpmpp3", "unipc3", "heun"])
+def test_the_diffusers_scheduler_steps_read_no_value_back(solver):
+    """A diffusers pipeline calls LD3Scheduler.step once a network evaluation, with its own timestep tensors:
+    no step may read a value back (each would stall the pipeline on a GPU)."""
+    pytest.importorskip("diffusers")
+    from ld3_ext.integrations.diffusers_scheduler import LD3Scheduler
+    sched = LD3Scheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         solver_config=SOLVERS[solver]("reference").config())
+    sched.set_timesteps(6)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    rec = OpRecorder()
+    with rec:
+        for t in sched.timesteps:
+            eps = 0.3 * torch.tanh(sched.scale_model_input(x, t))
+            x = sched.step(eps, t, x).prev_sample
+    assert len(rec.ops) > 10 and bool(torch.isfinite(x).all())
     assert not HOST_READS & set(rec.ops), sorted(HOST_READS & set(rec.ops))
