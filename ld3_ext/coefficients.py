@@ -160,6 +160,14 @@ def _expm1_exact_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.expm1(x.detach()) + (e - e.detach())
 
 
+def _solve(R: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """R^-1 b for UniPC's small Vandermonde systems.  solve_ex without its error check: linalg.solve reads the
+    factorisation's status back to the host, a stream sync on a GPU at every UniPC step of order >= 2 (and refused
+    under CUDA-graph capture).  R is singular only where two of the grid's lambdas coincide, which the grid check
+    refuses."""
+    return torch.linalg.solve_ex(R, b, check_errors=False)[0]
+
+
 def _step_phis(lam, spec: SolverSpec, orders: List[int]):
     """For every step, what DPM-Solver++ and UniPC rows take from the phi functions: LD3.md's phi_1 = e^-h - 1,
     and (None where no step reads it) DPM-Solver++'s (phi_2, phi_3) or UniPC's vector b_1..b_3.  Computed for all
@@ -231,7 +239,7 @@ def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector, h_phi_1, bvec):
             rho_p = [torch.full_like(h, 0.5)]
         else:
             R = torch.stack([torch.stack([rk ** j for rk in rks]) for j in range(p - 1)])
-            rho_p = list(torch.linalg.solve(R, bvec[: p - 1]))
+            rho_p = list(_solve(R, bvec[: p - 1]))
         for k in range(1, p):
             w = -al * B * rho_p[k - 1] / rks[k - 1]  # coefficient of Delta_k = (m_k - m_0)/r_k
             pred[1 + k] = pred[1 + k] + w
@@ -244,7 +252,7 @@ def _unipc_rows(lam, alpha, log_sigma, i, p, variant, corrector, h_phi_1, bvec):
     else:
         rall = rks + [torch.ones_like(h)]
         R = torch.stack([torch.stack([rk ** j for rk in rall]) for j in range(p)])
-        rho_c = list(torch.linalg.solve(R, bvec[:p]))
+        rho_c = list(_solve(R, bvec[:p]))
     corr = [a, zero, -al * h_phi_1] + [zero] * (MAX_HISTORY - 2)
     for k in range(1, p):
         w = -al * B * rho_c[k - 1] / rks[k - 1]
