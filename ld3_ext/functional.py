@@ -122,6 +122,20 @@ class _VEModel(DiffusionModel):
             self._report(x, t, step, x0)
         return x0, eps
 
+    @contextlib.contextmanager
+    def deferred_output_checks(self):
+        """The inner DiffusionModel's checks are the ones that run (this wrapper's own are off for it): they are
+        the ones to queue, with this call's check_output in force when the block starts.  (This wrapper's own
+        block would have been a no-op, and each inner check read back at once: on a GPU a sync every step.)"""
+        if self.inner is None:
+            with super().deferred_output_checks():
+                yield
+            return
+        with (self.inner.output_checks(self.inner_checks) if self.inner_checks is not None
+              else contextlib.nullcontext()):
+            with self.inner.deferred_output_checks():
+                yield
+
     def _state_sigma(self, step):
         # evaluation `step` sees the state at grid index ceil(step / per) (Heun's corrector: the next grid point;
         # the final denoise, step nfe(n): the last positive sigma)

@@ -299,7 +299,7 @@ class DiffusionModel(torch.nn.Module):
             if self._deferred is not None:  # read back once, when the sample call ends
                 overflow = (all_finite_tensor(raw), raw.dtype, x.dtype) if raw is not out else None
                 self._deferred.append((step, t.detach(), all_finite_tensor(out), overflow))
-            elif not all_finite(out):
+            elif not _capturing() and not all_finite(out):  # nothing can be read back while capturing
                 why = ""
                 if raw is not out and all_finite(raw):  # finite, but not in the state's dtype
                     why = _range_note(raw.dtype, x.dtype)

@@ -77,3 +77,39 @@ def test_the_diffusers_scheduler_steps_read_no_value_back(solver):
             x = sched.step(eps, t, x).prev_sample
     assert len(rec.ops) > 10 and bool(torch.isfinite(x).all())
     assert not HOST_READS & set(rec.ops), sorted(HOST_READS & set(rec.ops))
+
+
+@pytest.mark.parametrize("solver", ["dpmpp3", "heun"])
+def test_the_k_diffusion_style_sample_defers_an_inner_models_checks(solver):
+    """ld3_ext.sample on a DiffusionModel: the solver defers the output checks of the model it is given (on a GPU),
+    here the VE-view wrapper, whose block did nothing while the wrapped model checked and read back every step.
+    Inside the block no evaluation reads back; leaving it raises for the first bad step."""
+    from ld3_ext.functional import _VEModel
+    sched = ld3_ext.VPDiscrete.linear(0.00085, 0.012)
+    calls = []
+
+    def net(x, t):
+        calls.append(1)
+        return 0.3 * torch.tanh(x) * (float("nan") if len(calls) == 3 else 1.0)
+    inner = ld3_ext.wrap_model(net, sched, prediction="eps")
+    sigmas = sched.edm_sigma(ld3_ext.discretizations.logsnr_uniform(sched, 4))
+    ve = _VEModel(inner, ld3_ext.EDM(float(sigmas.min()), float(sigmas.max())), check_output=True)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rec = OpRecorder()
+    with pytest.raises(ld3_ext.ModelOutputError, match="at step 2"):
+        with ve.deferred_output_checks():
+            with rec:
+                for i, s in enumerate(sigmas[:-1]):
+                    ve.predict(x, s, step=i, returns="x0")
+    assert len(calls) == 4 and not HOST_READS & set(rec.ops), sorted(HOST_READS & set(rec.ops))
+
+
+def test_no_immediate_output_check_reads_back_while_capturing(capturing):
+    """An output check outside a deferred block (a checkpointed backward run after sample() returned, a model
+    called directly) read back even during a capture, which refuses it."""
+    model = ld3_ext.wrap_model(lambda x, t: x * float("nan"), ld3_ext.EDM(), prediction="x0")
+    x, t = torch.ones(2, 3), torch.tensor(1.0, dtype=torch.float64)
+    rec = OpRecorder()
+    with rec:
+        model.predict(x, t, step=0)
+    assert not HOST_READS & set(rec.ops), sorted(HOST_READS & set(rec.ops))
