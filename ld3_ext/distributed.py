@@ -111,7 +111,12 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", rank if world > 1 else 0)
-    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if device is not None:
+        try:
+            kind = torch.device(device).type  # "cpu:0" and torch.device("cpu") are the CPU too
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    use_cuda = torch.cuda.is_available() and (device is None or kind == "cuda")
     if backend is None:
         backend = "nccl" if use_cuda else "gloo"
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")

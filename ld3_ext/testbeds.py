@@ -140,7 +140,7 @@ class GaussianMixture:
         lam0 = float(schedule.lambda_(torch.tensor(t_start, dtype=torch.float64)))
         lam1 = float(schedule.lambda_(torch.tensor(t_end, dtype=torch.float64)))
         shape = x_T.shape
-        x0 = x_T.detach().to(torch.float64).reshape(-1)
+        x0 = x_T.detach().to(device="cpu", dtype=torch.float64).reshape(-1)  # scipy solves on the host
         sig0 = float(schedule.sigma(torch.tensor(t_start, dtype=torch.float64)))
 
         def rhs(lam, y):
@@ -155,7 +155,7 @@ class GaussianMixture:
         if not sol.success:
             raise RuntimeError(f"reference ODE solve failed: {sol.message}")
         sig1 = float(schedule.sigma(torch.tensor(t_end, dtype=torch.float64)))
-        return (torch.from_numpy(sol.y[:, -1]) * sig1).reshape(shape).to(x_T.dtype)
+        return (torch.from_numpy(sol.y[:, -1]) * sig1).reshape(shape).to(device=x_T.device, dtype=x_T.dtype)
 
 
 def ring2d(n_modes: int = 8, radius: float = 1.0, std: float = 0.05) -> GaussianMixture:

@@ -28,6 +28,17 @@ def _compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
+def _map_tensors(value, fn):
+    """``fn`` on every tensor in ``value`` (tensors, and lists, tuples and dicts of them); the rest as it is."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -244,6 +255,13 @@ class DiffusionModel(torch.nn.Module):
                                    f"expected a batch of {2 * b} ([uncond; cond], each of the input's batch {b})")
         out_u, out_c = out.chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to()/.cuda()/.half() reach the tensors in ``model_kwargs`` too (a prompt's embeddings, an uncond), as
+        they reach the network's buffers: left behind, every call on the GPU failed on a device mismatch."""
+        out = super()._apply(fn, *args, **kwargs)
+        self.model_kwargs = {k: _map_tensors(v, fn) for k, v in self.model_kwargs.items()}
+        return out
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, step: Optional[int] = None, returns: str = "both",
                 **kwargs):

@@ -194,3 +194,20 @@ def test_all_gather_batch_part_carries_extra_flags_in_the_same_call():
 def test_all_gather_batch_part_names_bad_flags(bad):
     with pytest.raises(TypeError, match="all_gather_batch_part: flags must be a sequence of bools"):
         D.all_gather_batch_part(torch.ones(3, 2), 3, flags=bad)
+
+
+@pytest.mark.parametrize("device, on_gpu", [(None, True), ("cpu", False), ("cpu:0", False), (torch.device("cpu"), False),
+                                            ("cuda", True), ("cuda:1", True), (torch.device("cuda", 0), True)])
+def test_the_device_picks_the_cpu_or_the_gpu_by_its_type(device, on_gpu, monkeypatch):
+    """On a machine with a GPU, only device 'cpu' kept training on the CPU: 'cpu:0' or torch.device('cpu')
+    compared unequal to the string and took cuda:LOCAL_RANK (with NCCL under torchrun)."""
+    for v in D.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    info = D.init_from_env(device=device)
+    assert info.device.type == ("cuda" if on_gpu else "cpu")
+
+
+def test_an_unknown_device_is_refused_naming_the_argument():
+    with pytest.raises(ValueError, match="device must be None, 'cpu', 'cuda'"):
+        D.init_from_env(device="gpu0")

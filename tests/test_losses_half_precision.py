@@ -49,3 +49,21 @@ def test_lpips_on_half_samples_keeps_its_network_precision(dtype):
     # the network's float32 value as it is (before: rounded to the sample's dtype, 5e-4 / 4e-3 off)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_lpips_network_follows_the_samples_device():
+    """The LPIPS network is built on the CPU; a trainer on a GPU hands it GPU samples (it failed on the device
+    mismatch).  The meta device stands in for the GPU here."""
+    class Distance(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.full((1,), 0.5))
+
+        def forward(self, a, b):
+            return (self.w * (a - b).square()).mean((1, 2, 3), keepdim=True)
+
+    loss = LPIPSLoss(net=Distance())
+    pred = torch.randn(2, 3, 4, 4, device="meta")
+    out = loss(pred, torch.zeros_like(pred))
+    assert out.shape == (2,) and out.device.type == "meta" and loss.net.w.device.type == "meta"
+    assert not loss.net.w.requires_grad  # still frozen

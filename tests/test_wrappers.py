@@ -330,3 +330,19 @@ def test_a_step_reads_no_value_back_on_any_schedule(schedule_name, prediction):
             sched.inverse_lambda(sched.lambda_(times[2]))
     assert len(rec.ops) > 20
     assert not {"_local_scalar_dense", "is_nonzero", "item", "nonzero"} & set(rec.ops), sorted(set(rec.ops))
+
+
+def test_to_moves_the_stored_model_kwargs():
+    """A prompt's embeddings given as model_kwargs stayed where they were made when the model was moved: every
+    call on the GPU failed on a device mismatch (the meta device stands in for it here)."""
+    net = torch.nn.Linear(3, 3)
+    emb = torch.ones(2, 3)
+    model = ld3_ext.wrap_model(lambda x, t, emb, ids, extra: x, ld3_ext.EDM(), prediction="x0",
+                               model_kwargs={"emb": emb, "ids": [torch.arange(2), "text"], "extra": 7})
+    model.net = net
+    model.to(torch.float64)
+    assert model.model_kwargs["emb"].dtype == torch.float64 and emb.dtype == torch.float32  # the caller's kept
+    assert model.model_kwargs["ids"][0].dtype == torch.int64 and model.model_kwargs["ids"][1] == "text"
+    model.to("meta")
+    assert model.model_kwargs["emb"].device.type == "meta" and model.model_kwargs["ids"][0].device.type == "meta"
+    assert net.weight.device.type == "meta" and model.model_kwargs["extra"] == 7

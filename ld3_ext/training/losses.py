@@ -114,6 +114,8 @@ class LPIPSLoss(torch.nn.Module):
             raise ValueError(f"LPIPS compares RGB images [B, 3, H, W] in [-1, 1]; got shape {tuple(pred.shape)}. "
                              "For latent models pass a decoder= to the trainer.")
         p = next(self.net.parameters(), None)
+        if p is not None and p.device != pred.device:  # built on the CPU; the trainer's states may be on a GPU
+            self.net.to(pred.device)
         dt = p.dtype if p is not None else torch.float32
         out = self.net(pred.to(dt), target.to(dt))
         # never below float32, as the other losses: the trainer compares per-sample losses (bfloat16 has 3 digits)
