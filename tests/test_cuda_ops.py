@@ -813,3 +813,16 @@ def test_cuda_ld3_training_runs_on_the_device(tmp_path):
     def rmse(y):
         return float((y - teacher).pow(2).mean().sqrt())
     assert rmse(ours) < rmse(base), (rmse(ours), rmse(base))
+
+
+def test_cuda_exact_reference_solution_of_a_test_bed():
+    """teacher='exact' on a GPU: the test bed's scipy solve runs on the host and its result comes back on x_T's
+    device (it called .numpy() on the CUDA tensor)."""
+    import ld3_ext
+    mix = ld3_ext.testbeds.ring2d()
+    schedule = S.EDM()
+    x_T = mix.prior_noise(schedule, 4, generator=torch.Generator().manual_seed(5))
+    want = mix.reference_solution(schedule, x_T)
+    got = mix.reference_solution(schedule, x_T.to(DEV))
+    assert got.device.type == DEV.type
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
