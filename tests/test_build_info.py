@@ -169,8 +169,13 @@ def test_the_device_gate_traces_with_fullgraph(faked, request):
     """torch.compile(fullgraph=True) of a sampler on CUDA tensors reaches the gate while tracing: Dynamo cannot
     trace the pybind has_cuda() nor the warning, so the gate is a constant for it (it refused the trace)."""
     import warnings
+    # a CUDA build on a machine without a GPU cannot answer for a real GPU: the faked one stands in
+    faked = faked or (_native.native_cuda_available() and not torch.cuda.is_available())
     if faked:
         request.getfixturevalue("fake_gpu")  # 80-real;90 against GPU 0's 7.5: uncovered, one warning
+        expected = 3.0
+    else:  # this build's own answer (a CPU build: no CUDA kernels), asked eagerly first
+        expected = 2.0 if _native.native_runs_on(torch.device("cuda", 0)) else 3.0
 
     def f(x):
         return x * 2 if _native.native_runs_on(torch.device("cuda", 0)) else x * 3
@@ -178,6 +183,5 @@ def test_the_device_gate_traces_with_fullgraph(faked, request):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = torch.compile(f, fullgraph=True, backend="eager")(torch.ones(2))
-    expected = 2.0 if (not faked and _native.native_cuda_available()) else 3.0
     assert torch.equal(out, torch.full((2,), expected))
     assert sum("TORCH_CUDA_ARCH_LIST" in str(w.message) for w in caught) == (1 if faked else 0)
