@@ -39,13 +39,18 @@ _cuda_covered: Dict[int, bool] = {}  # device index -> can this build's kernels 
 # constant for torch.compile: Dynamo runs it once while tracing (it cannot trace the pybind has_cuda(), nor the
 # warning), and the compiled code keeps the answer; a traced tensor's device is guarded anyway
 @torch.compiler.assume_constant_result
-def native_runs_on(device: torch.device) -> bool:
+def native_runs_on(device: "torch.device | str | int") -> bool:
     """True when the compiled kernels can run on ``device``: the CPU whenever the extension loaded; a GPU when
     the extension has CUDA kernels compiled for its architecture.
 
     Why the per-GPU check: kernels built for other architectures fail at their first launch with CUDA's
     "no kernel image is available".  An uncovered GPU instead takes the reference path, with one warning
     that says how to rebuild (``ld3 info`` says the same)."""
+    if not isinstance(device, torch.device):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"native_runs_on: device={device!r} names no torch device ({exc})") from None
     if device.type == "cpu":
         return _C is not None
     if device.type != "cuda" or not native_cuda_available():

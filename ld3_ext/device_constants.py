@@ -14,9 +14,15 @@ import torch
 _functorch_depth = getattr(getattr(torch._C, "_functorch", None), "get_dynamic_layer_stack_depth", None)
 
 
+def func_transform_active() -> bool:
+    """A torch.func transform (vmap, grad, jvp, ...) is active, eager or traced by torch.compile (dynamo runs
+    the transform's layers while tracing, and folds this depth to a constant with a guard)."""
+    return _functorch_depth is not None and _functorch_depth() > 0
+
+
 def plain_context() -> bool:
     """No trace (torch.compile), no torch.func transform: a tensor made now may serve any later call."""
-    return not torch.compiler.is_compiling() and (_functorch_depth is None or _functorch_depth() == 0)
+    return not torch.compiler.is_compiling() and not func_transform_active()
 
 
 def cached_constants(cache: Dict, key: Hashable, device: torch.device, dtype: torch.dtype,

@@ -16,6 +16,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from . import _native
+from .device_constants import func_transform_active  # noqa: F401  (solvers call ops.func_transform_active)
 from .coefficients import MAX_HISTORY, TABLE_WIDTH, SolverSpec, coefficient_table_reference
 from .schedules import NoiseSchedule
 
@@ -143,12 +144,6 @@ def _wrapped(t: torch.Tensor) -> bool:
     return (_is_wrapped is not None and _is_wrapped(t)) or (_is_legacy_batched is not None and _is_legacy_batched(t))
 
 
-def func_transform_active() -> bool:
-    """A torch.func transform (vmap, grad, jvp, ...) is active, eager or traced by torch.compile (dynamo runs
-    the transform's layers while tracing, and folds this depth to a constant with a guard)."""
-    return _functorch_depth is not None and _functorch_depth() > 0
-
-
 def _vmapped(t) -> bool:
     """Batched by torch.func.vmap at some level of the transforms wrapping ``t`` (vmap(grad(...)) too): it
     holds one value per mapped sample, so its values cannot be read back (bool() and .tolist() raise) and
@@ -165,7 +160,6 @@ def _vmapped(t) -> bool:
 _functorch = getattr(torch._C, "_functorch", None)
 _is_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", None)
 _is_legacy_batched = getattr(_functorch, "is_legacy_batchedtensor", None)
-_functorch_depth = getattr(_functorch, "get_dynamic_layer_stack_depth", None)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:

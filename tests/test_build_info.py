@@ -113,6 +113,7 @@ def fake_gpu(monkeypatch):
     """A CUDA build and GPUs as _native sees them, without a GPU: the capabilities per device index are the
     test's to set; the calls that asked for them are counted."""
     import types
+    from ld3_ext import adjoint, fused  # noqa: F401  -- imported now: fused keeps _native._C from its import
     state = {"archs": "80-real;90", "has_cuda": True, "caps": {0: (7, 5), 1: (9, 0)}, "asked": []}
     fake_c = types.SimpleNamespace(has_cuda=lambda: state["has_cuda"], cuda_archs=lambda: state["archs"])
 
@@ -145,7 +146,11 @@ def test_uncovered_gpu_takes_the_reference_path_with_one_warning(fake_gpu):
         assert fused._device_supported(torch.device("cuda", 1)) is True
         assert _native.native_runs_on(torch.device("cpu")) is True
         assert _native.native_runs_on(torch.device("meta")) is False
+        assert _native.native_runs_on("cuda:1") is True and _native.native_runs_on("cpu") is True  # strings too
     assert fake_gpu["asked"] == [0, 1]
+    for bad in ("gpu:0", None, 1.5):
+        with pytest.raises(ValueError, match=r"native_runs_on: device=.* names no torch device"):
+            _native.native_runs_on(bad)
 
 
 @pytest.mark.parametrize("archs, has_cuda, expected", [
