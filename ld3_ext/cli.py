@@ -380,6 +380,10 @@ def cmd_sample(args) -> int:
         if not os.path.exists(args.schedule):
             raise UsageError(f"--schedule: no schedule file at {args.schedule}")
         learned = load_schedule(args.schedule)
+    elif os.path.isfile(os.path.join(args.out, "schedule.json")):
+        # `ld3 eval --out DIR` scores DIR's schedule by itself; sample compares it only when asked
+        print(f"note: {os.path.join(args.out, 'schedule.json')} is not sampled: pass --schedule "
+              f"{os.path.join(args.out, 'schedule.json')} to compare it with the baselines", file=sys.stderr)
     # as `ld3 eval`: without --model, the model the schedule file records (without a file, the built-in ring)
     if not args.model:
         args.model = _model_from_file(learned, args.schedule) if learned is not None else SAMPLE_MODEL

@@ -143,6 +143,25 @@ def test_sample_compares_at_the_schedules_own_solver_and_nfe(tmp_path, capsys):
     assert "solver=DPMSolverPP" in cap.out
 
 
+def test_sample_into_a_run_folder_says_how_to_compare_its_schedule(tmp_path, capsys):
+    """`ld3 eval --out DIR` scores DIR/schedule.json by itself; `ld3 sample --out DIR` without --schedule does
+    not sample it, and says how to (a user who trained into DIR would otherwise see only the baselines)."""
+    from ld3_ext.solvers import DPMSolverPP
+    run = tmp_path / "run"
+    run.mkdir()
+    os.replace(_schedule_file(tmp_path, DPMSolverPP(2), 4), run / "schedule.json")
+    argv = ["sample", "--model", "gmm:ring2d", "--nfe", "4", "--n", "8", "--out", str(run)]
+    assert cli.main(argv) == 0
+    cap = capsys.readouterr()
+    assert f"pass --schedule {run / 'schedule.json'} to compare it" in cap.err
+    assert "ld3" not in _rows(cap.out)
+    assert cli.main(argv + ["--schedule", str(run / "schedule.json")]) == 0
+    cap = capsys.readouterr()
+    assert "is not sampled" not in cap.err and "ld3" in _rows(cap.out)
+    assert cli.main(["sample", "--model", "gmm:ring2d", "--nfe", "4", "--n", "8", "--out", str(tmp_path / "o")]) == 0
+    assert "is not sampled" not in capsys.readouterr().err  # no file there: no note
+
+
 def test_schedule_learned_on_another_noise_schedule_is_refused(tmp_path, capsys):
     from ld3_ext import EDM
     from ld3_ext.solvers import DPMSolverPP
