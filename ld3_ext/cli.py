@@ -400,6 +400,13 @@ def cmd_sample(args) -> int:
         solver, args.nfe = learned.solver(), learned.nfe
         _use_recorded_teacher(args, learned)
     steps = _exact_steps(solver, args.nfe, "--nfe")
+    from .solvers.base import MultistepSolver
+    order = solver.order if isinstance(solver, MultistepSolver) else None  # Heun's 2 is no warm-up
+    if learned is None and order is not None and 1 <= steps < order:
+        # sampling is well defined (the warm-up orders), but the table's label would overstate the order;
+        # `ld3 train` refuses such a schedule outright
+        print(f"note: --nfe {args.nfe}: {steps} step(s) never get past the warm-up of order-{order} "
+              f"{type(solver).__name__}, so every row runs at orders 1..{steps}", file=sys.stderr)
     _check_out_dir(args.out)  # a bad --out fails now, not after the sampling
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "sample").to(dtype)
     t0 = time.time()

@@ -162,6 +162,18 @@ def test_sample_into_a_run_folder_says_how_to_compare_its_schedule(tmp_path, cap
     assert "is not sampled" not in capsys.readouterr().err  # no file there: no note
 
 
+def test_sample_below_the_warm_up_says_which_orders_run(tmp_path, capsys):
+    """`ld3 train` refuses an NFE below the solver's warm-up; `ld3 sample` runs it (well defined) but says so."""
+    base = ["sample", "--model", "gmm:ring2d", "--n", "8", "--out", str(tmp_path / "o")]
+    assert cli.main(base + ["--nfe", "2"]) == 0
+    assert "2 step(s) never get past the warm-up of order-3 DPMSolverPP, so every row runs at orders 1..2" \
+        in capsys.readouterr().err
+    assert cli.main(base + ["--nfe", "3"]) == 0
+    assert "warm-up" not in capsys.readouterr().err
+    assert cli.main(base + ["--nfe", "2", "--solver", "heun"]) == 0  # no order: no note
+    assert "warm-up" not in capsys.readouterr().err
+
+
 def test_schedule_learned_on_another_noise_schedule_is_refused(tmp_path, capsys):
     from ld3_ext import EDM
     from ld3_ext.solvers import DPMSolverPP
