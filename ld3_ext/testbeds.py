@@ -15,6 +15,7 @@ import torch
 
 from ._checks import count, real, seed as check_seed
 from ._finite import all_finite
+from .device_constants import cached_constants
 from .schedules import NoiseSchedule, _num
 from .wrappers import DiffusionModel, wrap_model
 
@@ -49,6 +50,19 @@ class GaussianMixture:
             raise ValueError(f"event_shape {self.event_shape} does not hold {d} values")
         self.name = name
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_on_device", None)  # device copies: remade on first use (a pickle must not hold CUDA tensors)
+        return state
+
+    def parameters_sha256(self) -> str:
+        """sha256 of the mixture's parameters and event shape: the identity of its model in teacher caches and
+        schedule files (it has no weights to hash)."""
+        from .atomic_io import tensors_sha256
+        shape = torch.tensor(self.event_shape, dtype=torch.int64)
+        return tensors_sha256({"means": self.means, "stds": self.stds, "log_weights": self.log_weights,
+                               "event_shape": shape})
+
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         n = count("n", n)
         k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
@@ -64,14 +78,27 @@ class GaussianMixture:
             return self.denoise(x.to(f32), torch.as_tensor(alpha).to(f32), torch.as_tensor(sigma).to(f32)).to(x.dtype)
         shape = x.shape
         xf = x.reshape(shape[0], 1, self.dim)
-        mu = self.means.to(x)
-        s2 = (self.stds ** 2).to(x)
+        mu, s2, log_w = self._parameters_on(x.device, x.dtype)
         var = alpha ** 2 * s2 + sigma ** 2                    # [K, d]
         diff = xf - alpha * mu                                 # [B, K, d]
-        logp = -0.5 * ((diff ** 2) / var + torch.log(var)).sum(-1) + self.log_weights.to(x)
+        logp = -0.5 * ((diff ** 2) / var + torch.log(var)).sum(-1) + log_w
         w = torch.softmax(logp, dim=-1)                        # [B, K]
         post = mu + (alpha * s2 / var) * diff                  # [B, K, d]
         return (w.unsqueeze(-1) * post).sum(1).reshape(shape)
+
+    def _parameters_on(self, device: torch.device, dtype: torch.dtype):
+        """(means, stds^2, log_weights) on ``device`` in ``dtype``, made once: on a GPU a copy from the host at
+        every denoise would wait for the stream (and fail under CUDA-graph capture).  Keyed by the tensors'
+        identity and version, so reassigning or editing them in place is seen."""
+        if device == self.means.device and dtype == self.means.dtype:
+            return self.means, self.stds ** 2, self.log_weights
+        params = (self.means, self.stds, self.log_weights)
+        if any(t.is_inference() for t in params):  # made under inference_mode: no version counter to key on
+            return self.means.to(device, dtype), (self.stds ** 2).to(device, dtype), self.log_weights.to(device, dtype)
+        key = tuple((id(t), t._version) for t in params)
+        cache = self.__dict__.setdefault("_on_device", {})
+        return cached_constants(cache, key, device, dtype, lambda dev, dt: (
+            self.means.to(dev, dt), (self.stds ** 2).to(dev, dt), self.log_weights.to(dev, dt)))
 
     def model(self, schedule: NoiseSchedule, float64: bool = False) -> DiffusionModel:
         """The exact denoiser as a data-prediction model on ``schedule`` (network time input = t).

@@ -1,6 +1,7 @@
 """Teacher generation and its on-disk cache: reuse, mismatch, resume, size limit, integrity."""
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -114,6 +115,25 @@ def test_weights_hash_distinguishes_modules():
         c = model_identity(wrap_model(lambda x, t: x, EDM()))
     assert c["hash_source"] == "name"
     assert model_identity(wrap_model(lambda x, t: x, EDM()), "my-net@v1")["name"] == "my-net@v1"
+
+
+def test_a_test_bed_is_identified_by_its_parameters_without_a_warning():
+    """A GaussianMixture's model has no weights; without a model_name its parameters identify it (no warning
+    asking for a name), so two mixtures of one name do not share a cache. A given name keeps the name hash
+    (the CLI's, so caches made before stay valid)."""
+    import warnings
+    from ld3_ext import testbeds
+    from ld3_ext.testbeds import GaussianMixture
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = model_identity(testbeds.ring2d().model(EDM()))
+        b = model_identity(testbeds.ring2d().model(EDM()))
+        c = model_identity(GaussianMixture([[0.0, 1.0]], [[1.0, 1.0]], name="ring2d").model(EDM()))
+        d = model_identity(GaussianMixture([[0.0, 1.0]], [[1.0, 1.0]], event_shape=(1, 2), name="ring2d").model(EDM()))
+    assert a == b and a["hash_source"] == "testbed" and a["name"] == "gmm:ring2d"
+    assert len({a["weights_hash"], c["weights_hash"], d["weights_hash"]}) == 3
+    named = model_identity(testbeds.ring2d().model(EDM()), "gmm:ring2d")
+    assert named["hash_source"] == "name" and named["weights_hash"] == hashlib.sha256(b"gmm:ring2d").hexdigest()
 
 
 def test_interrupted_generation_resumes(ring, tmp_path):

@@ -182,3 +182,34 @@ def test_reference_solution_matches_an_independent_solve_in_t(sname):
     # measured differences 2e-10 to 5e-9; a wrong ODE is off by O(0.1)
     assert float((ref - independent).abs().max()) < 1e-7
     assert float((ref - x_T).abs().max()) > 0.1  # the solve moved the state (not a trivially passing test)
+
+
+def test_denoise_in_another_dtype_copies_the_parameters_once_and_sees_edits():
+    """The mixture's parameters in x's dtype/device are made once (on a GPU each copy from the host would wait
+    for the stream); an in-place edit or a reassignment of them is seen; results match the float64 formula."""
+    import pickle
+    from conftest import OpRecorder
+    mix = TB.GaussianMixture([[0.0, 1.0], [2.0, -1.0]], [[0.5, 1.0], [1.0, 0.3]], weights=[0.3, 0.7])
+    x = torch.randn(5, 2, dtype=torch.float64)
+    alpha, sigma = torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
+    want = mix.denoise(x, alpha, sigma)
+    got = mix.denoise(x.float(), alpha.float(), sigma.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    x32, a32, s32 = x.float(), alpha.float(), sigma.float()
+    with OpRecorder() as rec:
+        mix.denoise(x32, a32, s32)
+    assert "_to_copy" not in rec.ops, rec.ops
+    with torch.no_grad():
+        mix.means[0, 0] = 5.0  # in place: the cached copy is stale and must not be used
+    torch.testing.assert_close(mix.denoise(x.float(), alpha.float(), sigma.float()).double(),
+                               mix.denoise(x, alpha, sigma), rtol=1e-5, atol=1e-6)
+    mix.stds = mix.stds * 2  # reassigned
+    torch.testing.assert_close(mix.denoise(x.float(), alpha.float(), sigma.float()).double(),
+                               mix.denoise(x, alpha, sigma), rtol=1e-5, atol=1e-6)
+    again = pickle.loads(pickle.dumps(mix))
+    assert "_on_device" not in again.__dict__
+    torch.testing.assert_close(again.denoise(x, alpha, sigma), mix.denoise(x, alpha, sigma), rtol=0, atol=0)
+    with torch.inference_mode():
+        made = TB.GaussianMixture([[0.0, 1.0]], [[1.0, 1.0]])
+        assert made.denoise(x.float(), alpha.float(), sigma.float()).dtype == torch.float32

@@ -84,12 +84,17 @@ def state_dict_hash(module: torch.nn.Module) -> Optional[str]:
 
 
 def model_identity(model, name: Optional[str] = None) -> Dict[str, Any]:
-    """{"name", "weights_hash", "hash_source"}: the hash of the weights for nn.Modules that have any,
-    else a hash of ``name`` (which the user should make unique, e.g. "my-net@v3")."""
+    """{"name", "weights_hash", "hash_source"}: the hash of the weights for nn.Modules that have any; else,
+    without ``name``, of a test bed's parameters (``GaussianMixture.model``); else a hash of ``name`` (which the
+    user should make unique, e.g. "my-net@v3")."""
     wh = state_dict_hash(model) if isinstance(model, torch.nn.Module) else None
     default_name = getattr(model, "name", None) or type(model).__name__
     if wh is not None:
         return {"name": name or default_name, "weights_hash": wh, "hash_source": "state_dict"}
+    testbed = getattr(model, "testbed", None)
+    if name is None and hasattr(testbed, "parameters_sha256"):
+        # an analytic test bed (testbeds.GaussianMixture) has no weights, but its parameters say what it is
+        return {"name": default_name, "weights_hash": testbed.parameters_sha256(), "hash_source": "testbed"}
     if name is None:
         warnings.warn(f"the model has no weights to hash; identifying it by its name {default_name!r}. "
                       "Pass model_name='...' (unique per model version) so that caches and schedule files "
