@@ -6,7 +6,7 @@ conversion between them uses alpha(t), sigma(t) at that same t (LD3's decoupled 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import contextlib
 import math
@@ -141,6 +141,9 @@ class DiffusionModel(torch.nn.Module):
         self.time_input = time_input
         self.guidance_scale = guidance_scale
         self.cond_key = cond_key
+        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):  # dict() of a list names nothing
+            raise TypeError(f"model_kwargs must be a dict of keyword arguments for the network, got "
+                            f"{type(model_kwargs).__name__}")
         self.model_kwargs = dict(model_kwargs or {})
         self.check_output = check_output
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
@@ -232,6 +235,9 @@ class DiffusionModel(torch.nn.Module):
         if self.guidance_scale is None:
             if "uncond_kwargs" in kw:
                 raise ValueError("uncond_kwargs is only used with classifier-free guidance: set guidance_scale")
+            if "uncond" in kw:  # a network taking **kwargs would swallow it: an unguided result, silently
+                raise ValueError("uncond is the unconditional input of classifier-free guidance, which is off: set "
+                                 "guidance_scale (wrap_model(..., guidance_scale=...)) to guide")
             return self.fn(xin, tt, **kw)
         if self.cond_key not in kw or "uncond" not in kw:
             raise ValueError(f"guidance_scale is set: pass both '{self.cond_key}' and 'uncond' as model kwargs")

@@ -168,9 +168,19 @@ def test_fit_refuses_pairs_it_cannot_train_on(noise, target, match):
 def test_trainer_accepts_valid_edge_settings():
     tr = _trainer(momentum=0.0, lr_decay=1.0, lr_xi_min=0.0, lr_xi_c_min=0, clip_norm=1e6, lr2_patience=1,
                   early_stop_patience=1, rounds_v1=0, rounds_v2=1, valid_every=1, sample_shape=torch.Size([2]),
-                  callback=lambda trainer, info: None, decoder=lambda x: x, conditions=torch.zeros(4, 1),
-                  uncond=torch.zeros(1, 1))
+                  callback=lambda trainer, info: None, decoder=lambda x: x, conditions=torch.zeros(4, 1))
     assert tr.sample_shape == (2,) and tr.momentum == 0.0
+
+
+def test_uncond_needs_a_guided_model():
+    """uncond without the model's guidance_scale was passed to the network (a **kwargs network swallowed it):
+    an unguided schedule learned silently.  Refused at construction, naming uncond; a guided model takes it."""
+    with pytest.raises(ValueError, match="uncond is the unconditional input of classifier-free guidance.*guidance_scale"):
+        _trainer(conditions=torch.zeros(4, 1), uncond=torch.zeros(1, 1))
+    guided = wrap_model(lambda x, t, cond: 0.5 * x, EDM(), prediction="x0", guidance_scale=2.0)
+    tr = LD3Trainer(guided, nfe=3, n_train=2, n_valid=2, progress=False, model_name="ring-guided",
+                    solver=DPMSolverPP(order=2), teacher="solver", conditions=torch.zeros(4, 1), uncond=torch.zeros(1, 1))
+    assert tr.uncond.shape == (1, 1)
 
 
 # ---- losses ------------------------------------------------------------------------------------

@@ -163,3 +163,27 @@ def test_functional_sample_on_float16_state_raises_on_overflow():
 
     with pytest.raises(ModelOutputError, match="NaN/Inf at step 0"):
         ld3_ext.sample(den, xh, sig, solver="euler")
+
+
+def test_uncond_without_guidance_is_refused_not_swallowed():
+    """A network taking **kwargs swallowed uncond= when guidance_scale was not set: an unguided result with no
+    sign.  Refused, as uncond_kwargs= is; guided, the same call runs."""
+    def net(x, t, cond=None, **kw):
+        return 0.1 * x + cond.reshape(-1, 1)
+    x, t = _xt()
+    cond, uncond = torch.ones(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+    with pytest.raises(ValueError, match="uncond is the unconditional input of classifier-free guidance.*set "
+                                         "guidance_scale"):
+        wrap_model(net, ld3_ext.VPLinear(), prediction="eps")(x, t, cond=cond, uncond=uncond)
+    with pytest.raises(ValueError, match="set guidance_scale"):
+        wrap_model(net, ld3_ext.VPLinear(), prediction="eps", model_kwargs={"uncond": uncond})(x, t, cond=cond)
+    guided = wrap_model(net, ld3_ext.VPLinear(), prediction="eps", guidance_scale=3.0)(x, t, cond=cond, uncond=uncond)
+    # eps = u + 3 (c - u) with u = 0.1 x, c = 0.1 x + 1: 0.1 x + 3
+    torch.testing.assert_close(guided, wrap_model(lambda x, t: 0.1 * x + 3.0, ld3_ext.VPLinear(), prediction="eps")(x, t))
+
+
+@pytest.mark.parametrize("bad", [["cond"], [1], "ab", 3])
+def test_model_kwargs_must_be_a_dict(bad):
+    with pytest.raises(TypeError, match=f"model_kwargs must be a dict of keyword arguments for the network, got "
+                                        f"{type(bad).__name__}"):
+        wrap_model(lambda x, t: x, ld3_ext.EDM(), prediction="x0", model_kwargs=bad)

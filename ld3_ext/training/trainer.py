@@ -278,6 +278,9 @@ class LD3Trainer:
                 raise TypeError(f"{name} must be None or a tensor [N, ...], got {type(v).__name__}")
             if v is not None and v.dim() < 1:
                 raise ValueError(f"{name} needs a batch dimension [N, ...], got a 0-d tensor")
+        if uncond is not None and getattr(model, "guidance_scale", None) is None:
+            raise ValueError("uncond is the unconditional input of classifier-free guidance, and the model has no "
+                             "guidance_scale: wrap it with wrap_model(..., guidance_scale=...) to guide, or drop uncond")
         if uncond is not None and uncond.shape[0] != 1:
             # broadcast to every batch: more entries failed in the first teacher chunk (a bare expand error), or with
             # batches of exactly that size were taken per sample
