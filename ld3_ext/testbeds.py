@@ -77,6 +77,9 @@ class GaussianMixture:
             f32 = torch.float32
             return self.denoise(x.to(f32), torch.as_tensor(alpha).to(f32), torch.as_tensor(sigma).to(f32)).to(x.dtype)
         shape = x.shape
+        if x.dim() < 1 or math.prod(shape[1:]) != self.dim:  # reshape's own error names no argument
+            raise ValueError(f"x must be a batch of samples of {self.dim} values each (event shape "
+                             f"{self.event_shape} of the mixture {self.name!r}), got shape {tuple(shape)}")
         xf = x.reshape(shape[0], 1, self.dim)
         mu, s2, log_w = self._parameters_on(x.device, x.dtype)
         var = alpha ** 2 * s2 + sigma ** 2                    # [K, d]
@@ -143,6 +146,8 @@ class GaussianMixture:
                             f"{x_T.dtype if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
         if x_T.dim() < 1 or x_T.numel() == 0 or x_T.numel() != x_T.shape[0] * self.dim:
             raise ValueError(f"x_T must be a non-empty batch of samples of {self.dim} values each, got shape {tuple(x_T.shape)}")
+        if x_T.device.type == "meta":
+            raise ValueError("x_T is on the meta device (it holds no values); use a cpu or cuda tensor")
         if not all_finite(x_T):
             raise ValueError("x_T contains NaN or Inf")
         t_start = schedule.t_max if t_start is None else _num("t_start", t_start)

@@ -309,6 +309,9 @@ class DiffusionModel(torch.nn.Module):
         if out.shape != x.shape:
             raise ModelOutputError(f"model output has shape {tuple(out.shape)}{where} (t={_time_text(t)}), "
                                    f"expected the input's shape {tuple(x.shape)}")
+        if out.device != x.device:  # else torch's own error later names no model ("item() on meta tensors")
+            raise ModelOutputError(f"model returned a tensor on {out.device}{where}, expected the input's device "
+                                   f"{x.device}")
         if not out.is_floating_point():
             # an integer/bool/complex output would be cast silently and carry no gradient: the
             # solve would be wrong and LD3 training would get zero network gradients without a word

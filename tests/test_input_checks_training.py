@@ -311,3 +311,19 @@ def test_trainer_methods_that_need_the_teacher_data_say_to_call_fit_first():
         with pytest.raises(RuntimeError, match=r"call fit\(\) first"):
             getattr(tr, name)()
     assert _trainer(radius=0.5).radius() == 0.5  # a given radius needs no data
+
+
+@pytest.mark.parametrize("which", ["noise", "target", "valid_noise", "valid_target"])
+def test_fit_names_a_meta_tensor(which):
+    """The meta device (a stand-in for a tensor holding no values) failed in the finite check's item(), naming
+    nothing."""
+    pairs = {"noise": torch.randn(4, 2), "target": torch.randn(4, 2), "valid_noise": torch.randn(2, 2),
+             "valid_target": torch.randn(2, 2)}
+    pairs[which] = pairs[which].to("meta")
+    with pytest.raises(ValueError, match=f"^{which} is on the meta device"):
+        _trainer().fit(**pairs)
+
+
+def test_reference_solution_names_a_meta_x_T():
+    with pytest.raises(ValueError, match="x_T is on the meta device"):
+        testbeds.ring2d().reference_solution(EDM(), torch.randn(3, 2).to("meta"))

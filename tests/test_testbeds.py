@@ -213,3 +213,23 @@ def test_denoise_in_another_dtype_copies_the_parameters_once_and_sees_edits():
     with torch.inference_mode():
         made = TB.GaussianMixture([[0.0, 1.0]], [[1.0, 1.0]])
         assert made.denoise(x.float(), alpha.float(), sigma.float()).dtype == torch.float32
+
+
+def test_a_sample_of_the_wrong_shape_is_named():
+    """A test bed's model met a state of another per-sample size with reshape's own error (naming nothing);
+    a trainer's sample_shape of another size failed the same way at its first model call."""
+    from ld3_ext.training import LD3Trainer
+    vp = ld3_ext.VPLinear()
+    model = TB.digits64().model(vp)
+    grid = ld3_ext.discretizations.time_uniform(vp, nfe=3)
+    with pytest.raises(ValueError, match=r"x must be a batch of samples of 64 values each \(event shape \(1, 8, 8\) "
+                                         r"of the mixture 'digits64'\), got shape \(2, 3, 8, 8\)"):
+        ld3_ext.Euler().sample(model, torch.randn(2, 3, 8, 8), grid)
+    assert ld3_ext.Euler().sample(model, torch.randn(2, 1, 8, 8), grid).shape == (2, 1, 8, 8)
+    assert ld3_ext.Euler().sample(model, torch.randn(2, 64), grid).shape == (2, 64)  # the same 64 values, flat
+    with pytest.raises(ValueError, match="x must be a batch of samples of 2 values each"):
+        TB.ring2d().model(vp)(torch.randn(3, 5), torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"sample_shape \(3,\) does not hold the 2 values of one sample of the test "
+                                         r"bed 'ring2d'"):
+        LD3Trainer(TB.ring2d().model(ld3_ext.EDM()), nfe=3, sample_shape=(3,), progress=False)
+    assert LD3Trainer(TB.ring2d().model(ld3_ext.EDM()), nfe=3, sample_shape=(1, 2), progress=False).sample_shape == (1, 2)

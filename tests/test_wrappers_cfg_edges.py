@@ -187,3 +187,20 @@ def test_model_kwargs_must_be_a_dict(bad):
     with pytest.raises(TypeError, match=f"model_kwargs must be a dict of keyword arguments for the network, got "
                                         f"{type(bad).__name__}"):
         wrap_model(lambda x, t: x, ld3_ext.EDM(), prediction="x0", model_kwargs=bad)
+
+
+def test_an_output_on_another_device_is_named():
+    """A network that returned its output on another device (the meta device stands in for a second one) failed in
+    torch's item() ('cannot be called on meta tensors'), naming no model: now a ModelOutputError with both
+    devices, from wrap_model's models, ld3_ext.sample's denoisers and under guidance."""
+    edm = ld3_ext.EDM()
+    grid = ld3_ext.discretizations.edm(edm, nfe=3)
+    m = wrap_model(lambda x, t: x.to("meta"), edm, prediction="x0")
+    with pytest.raises(ModelOutputError, match="model returned a tensor on meta at step 0, expected the input's "
+                                               "device cpu"):
+        ld3_ext.Euler().sample(m, torch.randn(2, 3), grid)
+    with pytest.raises(ModelOutputError, match="tensor on meta"):
+        ld3_ext.sample(lambda x, sigma: x.to("meta"), torch.randn(2, 3), torch.tensor([10.0, 1.0, 0.0]))
+    guided = wrap_model(lambda x, t, cond: x.to("meta"), edm, prediction="x0", guidance_scale=2.0)
+    with pytest.raises(ModelOutputError, match="tensor on meta"):
+        guided(torch.randn(2, 3), torch.tensor(1.0), cond=torch.ones(2), uncond=torch.zeros(2))

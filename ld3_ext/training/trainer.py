@@ -350,6 +350,11 @@ class LD3Trainer:
                     isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in sample_shape):
                 raise ValueError(f"sample_shape must be a sequence of ints >= 1 (one sample's shape), "
                                  f"got {sample_shape!r}")
+            tb_dim = getattr(getattr(model, "testbed", None), "dim", None)
+            if isinstance(tb_dim, int) and math.prod(sample_shape) != tb_dim:  # else the model's reshape fails later
+                raise ValueError(f"sample_shape {tuple(sample_shape)} does not hold the {tb_dim} values of one sample "
+                                 f"of the test bed {model.testbed.name!r} (its event shape is "
+                                 f"{model.testbed.event_shape})")
         if teacher == "exact" and reference is None:
             reference = getattr(model, "testbed", None)
         self.teacher, self.teacher_solver, self.teacher_nfe = teacher, teacher_solver, teacher_nfe
@@ -572,6 +577,8 @@ class LD3Trainer:
         for name, t in ((nn, noise), (tn, target)):
             if not t.is_floating_point():  # complex lost its imaginary part to a cast; bool became 0/1 noise
                 raise TypeError(f"{name} must be a real floating tensor, got {t.dtype}")
+            if t.device.type == "meta":  # the finite check's item() failed naming no argument
+                raise ValueError(f"{name} is on the meta device (it holds no values); use a cpu or cuda tensor")
         if not all_finite(noise) or not all_finite(target):
             raise ValueError(f"{nn}/{tn} contain NaN/Inf")
 
