@@ -231,6 +231,8 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
         raise TypeError("x must be a floating torch.Tensor")
     if x.device.type == "meta":
         raise ValueError("x is on the meta device (it holds no values); use a cpu or cuda tensor")
+    if x.dim() < 1 or x.shape[0] == 0:  # the solver's own check would call it x_T
+        raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
     # named here as x (the solver would call it x_T; a final-denoise-only grid reaches no solver)
     if not (_compiling() or _capturing() or _vmapped(x)) and not all_finite(x):
         raise ValueError("x contains NaN/Inf")

@@ -232,10 +232,15 @@ class LearnedSchedule:
     def check_guidance(self, guidance_scale: Optional[float]) -> bool:
         """Warn (and return False) when used at another classifier-free guidance scale than trained for:
         the ODE, hence the best grid, changes with the scale."""
+        if guidance_scale is not None and (isinstance(guidance_scale, bool) or
+                                           not isinstance(guidance_scale, numbers.Real)):
+            raise TypeError(f"guidance_scale must be a number or None, got {guidance_scale!r}")
         a, b = self.guidance_scale, guidance_scale
         same = (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a)))
         if not same:
-            warnings.warn(f"this schedule was learned at guidance scale {a}, and is being used at {b}; "
+            learned = f"at guidance scale {a}" if a is not None else "without guidance"
+            used = f"at {b}" if b is not None else "without guidance"
+            warnings.warn(f"this schedule was learned {learned}, and is being used {used}; "
                           "learn one for this scale for best results", UserWarning, stacklevel=3)
         return same
 
@@ -394,6 +399,8 @@ class LearnedSchedule:
         """Write the schedule atomically (a crash leaves the old file intact); returns the path."""
         # checked before anything is written: a value put in an attribute's dict after construction is refused
         # naming its key (json.dumps' TypeError names neither), and no file or temp file is left
+        if not isinstance(path, (str, os.PathLike)):  # atomic_write's own TypeError names no argument
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         doc = {k: _writable(v, k, finite=k in ("solver", "schedule")) for k, v in self.to_dict().items()}
         atomic_write_json(path, doc)
         return os.fspath(path)

@@ -559,6 +559,9 @@ class VPDiscrete(NoiseSchedule):
         for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 < v < 1.0:
                 raise ValueError(f"VPDiscrete.linear: {name} must be a number in (0, 1), got {v!r}")
+        if beta_start > beta_end:  # decreasing betas: no published schedule, most likely the two swapped
+            raise ValueError(f"VPDiscrete.linear: beta_start ({beta_start}) must not exceed beta_end ({beta_end}); "
+                             f"swapped? (SD's are beta_start=0.00085, beta_end=0.012)")
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
             raise ValueError(f"VPDiscrete.linear: num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
         if scaled:

@@ -590,3 +590,16 @@ def test_an_explicit_check_output_is_per_thread_and_leaves_the_model_setting_alo
     tb = threading.Thread(target=lambda: (a_in.wait(5), run("B", True)), name="B")
     ta.start(); tb.start(); ta.join(10); tb.join(10)  # noqa: E702
     assert seen == {"A": "passed", "B": "raised"} and model.check_output is True
+
+
+@pytest.mark.parametrize("sigmas", [[10.0, 1.0, 0.0], [10.0, 0.0]])
+def test_x_is_named_in_its_own_terms(sigmas):
+    """sample() calls its state x: an empty batch was refused as 'x_T' (the solver's name; a final-denoise-only
+    grid reached no solver at all), a meta x failed later naming nothing."""
+    den = lambda x, sigma: 0.5 * x
+    for bad, match in ((torch.randn(0, 3), r"x must have a non-empty batch dimension, got shape \(0, 3\)"),
+                       (torch.tensor(1.0), r"x must have a non-empty batch dimension, got shape \(\)"),
+                       (torch.randn(2, 3, device="meta"), "x is on the meta device")):
+        with pytest.raises(ValueError, match=match):
+            ld3_ext.sample(den, bad, torch.tensor(sigmas))
+    assert ld3_ext.sample(den, torch.randn(1, 3), torch.tensor(sigmas)).shape == (1, 3)

@@ -240,11 +240,27 @@ def test_guidance_scale_mismatch_warns():
                          guidance_scale=7.5)
     with _pytest.warns(UserWarning, match="guidance scale 7.5"):
         assert not ls.check_guidance(3.0)
-    with _pytest.warns(UserWarning, match="guidance scale 7.5"):
+    with _pytest.warns(UserWarning, match="learned at guidance scale 7.5, and is being used without guidance"):
         assert not ls.check_guidance(None)
     with _w.catch_warnings():
         _w.simplefilter("error")
         assert ls.check_guidance(7.5)
+    unguided = LearnedSchedule(ls.timesteps, solver_config=ls.solver_config, nfe=2, schedule_config=ls.schedule_config)
+    with _pytest.warns(UserWarning, match="learned without guidance, and is being used at 3.0"):
+        assert not unguided.check_guidance(3.0)
+    for bad in ("7.5", True, torch.tensor(7.5)):
+        with _pytest.raises(TypeError, match="guidance_scale must be a number or None"):
+            ls.check_guidance(bad)
+
+
+def test_save_names_a_bad_path(tmp_path):
+    from ld3_ext.schedule_file import LearnedSchedule
+    ls = LearnedSchedule(torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64), solver_config={"name": "euler", "order": 1},
+                         nfe=2, schedule_config={"type": "EDM", "sigma_min": 0.002, "sigma_max": 80.0})
+    for bad in (3, None, ["a.json"]):
+        with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+            ls.save(bad)
+    assert ls.save(tmp_path / "s.json") == str(tmp_path / "s.json")
 
 
 def test_sample_refuses_another_noise_schedule_and_warns_for_another_solver():

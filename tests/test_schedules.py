@@ -198,10 +198,16 @@ def test_constructor_validation():
     ((0.001, -0.01), r"beta_end must be a number in \(0, 1\), got -0.01"),
     ((0.5, 2.0), r"beta_end must be a number in \(0, 1\), got 2.0"),
     ((0.001, 0.01, 0), r"num_train_timesteps must be an int >= 2, got 0"),
+    ((0.012, 0.00085), r"beta_start \(0.012\) must not exceed beta_end \(0.00085\); swapped\?"),
 ])
 def test_vp_discrete_linear_names_a_bad_argument(args, match):
     with pytest.raises(ValueError, match=r"VPDiscrete.linear: " + match):
         ld3_ext.VPDiscrete.linear(*args)
+
+
+def test_vp_discrete_linear_takes_constant_betas():
+    s = ld3_ext.VPDiscrete.linear(0.01, 0.01, 10, scaled=False)
+    torch.testing.assert_close(s.alphas_cumprod, torch.full((10,), 0.99, dtype=torch.float64).cumprod(0))
 
 
 # --- NoiseSchedule.same_as / time_slack: the one comparison and round-off rule the library uses ----------

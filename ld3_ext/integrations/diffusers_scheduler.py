@@ -183,7 +183,9 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         a, b = self.guidance_scale, _guidance_arg(guidance_scale)
         same = (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a)))
         if not same:
-            warnings.warn(f"this LD3Scheduler's grid was learned at guidance scale {a}, and is being used at {b}; "
+            learned = f"at guidance scale {a}" if a is not None else "without guidance"
+            used = f"at {b}" if b is not None else "without guidance"
+            warnings.warn(f"this LD3Scheduler's grid was learned {learned}, and is being used {used}; "
                           "learn one for this scale for best results", UserWarning, stacklevel=2)
         return same
 
