@@ -246,3 +246,76 @@ def test_a_config_whose_schedule_ld3scheduler_cannot_hold_is_refused():
     # a plain DDIM config still goes through
     LD3Scheduler.from_timesteps(t, solver_config={"name": "dpmpp", "order": 2},
                                 scheduler_config=diffusers.DDIMScheduler().config)
+
+
+# ---- step()'s and set_begin_index's arguments (a Python-API review) ------------------------------------------
+def _ddpm_ld3(n=4):
+    sch = LD3Scheduler.from_config(diffusers.DDPMScheduler(beta_schedule="scaled_linear").config)
+    sch.set_timesteps(n)
+    return sch
+
+
+def _solve(sch, timesteps, x):
+    sch.set_timesteps(len(sch._full[0]) - 1)
+    for t in timesteps:
+        x = sch.step(0.1 * torch.ones_like(x), t, x).prev_sample
+    return x, sch.begin_index
+
+
+def test_a_first_timestep_from_no_entry_is_refused_and_a_rounded_one_is_found():
+    """step() took a first timestep that is none of scheduler.timesteps as the start of the solve: a loop that
+    starts at interval 2 with int timesteps ran intervals 0 and 1 and returned a half-solved sample.  Now an
+    exact entry, or a copy rounded to a half dtype or an int that is near one entry only, is found; anything
+    else is refused."""
+    sch = _ddpm_ld3()
+    ts = sch.timesteps.clone()
+    x = torch.randn(1, 3, 8, 8)
+    want, begin = _solve(sch, ts[2:], x)
+    assert begin == 2
+    for rounded in ([int(v) for v in ts[2:]], ts[2:].half(), ts[2:].bfloat16(), [float(v) for v in ts[2:]]):
+        got, begin = _solve(sch, rounded, x)
+        assert begin == 2 and torch.equal(got, want)
+    full, begin = _solve(sch, ts, x)
+    assert begin is None and torch.equal(_solve(sch, ts.half(), x)[0], full)
+    for bad in (500, 500.0, torch.tensor([500.0]), "abc", None, ts[2] + 5):
+        sch.set_timesteps(4)
+        with pytest.raises(ValueError, match=r"the first timestep .* is none of scheduler.timesteps \(999, 740.4.*\) "
+                                             r"nor a rounded copy of one"):
+            sch.step(torch.zeros_like(x), bad, x)
+    sch.set_timesteps(4)
+    sch.set_begin_index(1)  # a begin index given: the timestep is not looked up
+    assert sch.step(torch.zeros_like(x), "any", x).prev_sample.shape == x.shape
+
+
+@pytest.mark.parametrize("bad", [1.9, "2", True, None, torch.tensor(1.0)])
+def test_set_begin_index_takes_ints_only(bad):
+    sch = _ddpm_ld3()
+    with pytest.raises(TypeError, match="set_begin_index: begin_index must be an int"):
+        sch.set_begin_index(bad)
+
+
+def test_set_begin_index_takes_numpy_and_tensor_ints():
+    sch = _ddpm_ld3()
+    sch.set_begin_index(np.int64(2))
+    assert sch.begin_index == 2
+    sch.set_begin_index(torch.tensor(1))
+    assert sch.begin_index == 1
+
+
+def test_step_names_a_non_tensor_or_integer_input():
+    sch = _ddpm_ld3()
+    x, t = torch.randn(1, 3, 8, 8), sch.timesteps[0]
+    for mo, sa, name, got in ((np.zeros((1, 3, 8, 8), np.float32), x, "model_output", "ndarray"),
+                              (None, x, "model_output", "NoneType"),
+                              (torch.ones(1, 3, 8, 8, dtype=torch.int64), x, "model_output", "a torch.int64 tensor"),
+                              (torch.zeros_like(x), np.zeros((1, 3, 8, 8), np.float32), "sample", "ndarray"),
+                              (torch.zeros_like(x), x.long(), "sample", "a torch.int64 tensor")):
+        with pytest.raises(TypeError, match=f"LD3Scheduler.step: {name} must be a floating torch.Tensor, got {got}"):
+            sch.step(mo, t, sa)
+    assert sch.step(torch.zeros_like(x), t, x).prev_sample.dtype == x.dtype  # the refusals left the state alone
+
+
+def test_set_timesteps_names_a_bad_device():
+    sch = _ddpm_ld3()
+    with pytest.raises(ValueError, match=r"set_timesteps: device='foo' is not a usable torch device"):
+        sch.set_timesteps(4, device="foo")

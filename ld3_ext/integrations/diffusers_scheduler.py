@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -300,6 +301,11 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             raise TypeError(f"set_timesteps: num_inference_steps must be an int, got {num_inference_steps!r}")
         if num_inference_steps is not None and num_inference_steps < 1:
             raise ValueError(f"set_timesteps: num_inference_steps must be >= 1, got {num_inference_steps}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError, ValueError) as exc:  # torch's message names no argument
+                raise ValueError(f"set_timesteps: device={device!r} is not a usable torch device ({exc})") from None
         solver = self.solver
         if self._grid is not None:
             n = self._grid.numel() - 1
@@ -365,7 +371,12 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         sample the pipeline noised to that time (``add_noise``)."""
         if self.timesteps is None:
             raise ValueError("LD3Scheduler.set_begin_index: call set_timesteps() first")
-        b = int(begin_index)
+        if isinstance(begin_index, bool):
+            raise TypeError(f"set_begin_index: begin_index must be an int, got {begin_index!r}")
+        try:
+            b = operator.index(begin_index)  # an int, a numpy int, a 0-d integer tensor: never int(1.9) == 1
+        except TypeError:
+            raise TypeError(f"set_begin_index: begin_index must be an int, got {begin_index!r}") from None
         per = 2 if self.solver.name == "heun" else 1
         if b % per:
             # e.g. SDXL's denoising_start: its arithmetic assumes diffusers' Heun layout (2N - 1 entries, the last
@@ -428,9 +439,17 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("LD3Scheduler.step: call set_timesteps() first")
         if kwargs.get("eta", 0.0) not in (0, 0.0, None):
             raise ValueError("LD3Scheduler runs the probability-flow ODE: eta must be 0")
+        for name, v in (("model_output", model_output), ("sample", sample)):
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():  # an integer output was cast silently
+                got = f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise TypeError(f"LD3Scheduler.step: {name} must be a floating torch.Tensor, got {got}")
         k = self._step_index
         if k == 0 and self._begin_index is None and not (_compiling() or _capturing()):
             j, ambiguous = self._start_index(timestep)
+            if j is None:  # it started at interval 0, silently: a sliced solve would run the wrong intervals
+                raise ValueError(f"LD3Scheduler.step: the first timestep {self._describe(timestep)} is none of "
+                                 f"scheduler.timesteps ({self._list_timesteps()}) nor a rounded copy of one; a solve starts at one of them "
+                                 f"(pass the pipeline's t from scheduler.timesteps), or call set_begin_index(i)")
             if j:  # sliced timesteps without set_begin_index (img2img): start at that interval
                 self.set_begin_index(j)
             self._ambiguous_start = ambiguous  # after set_begin_index, which resets the state
@@ -475,12 +494,30 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         value = self._host_value(timestep)
         if value is None:
             return None, None
-        hits = (self._timesteps_cpu == value).nonzero().flatten().tolist()
+        own_cpu = self._timesteps_cpu
+        hits = (own_cpu == value).nonzero().flatten().tolist()
+        if not hits:
+            # a rounded copy of an entry (a loop that cast t to the latents' half dtype, or to an int): the one
+            # entry within that rounding (2^-7 relative, or 1 for an int of a fractional t); none or two: no match
+            gap = (own_cpu - value).abs()
+            tol = max(1.0, abs(float(value)) * 2.0 ** -7)
+            near = own_cpu[gap <= tol].unique()
+            if near.numel() == 1:
+                hits = (own_cpu == near).nonzero().flatten().tolist()
         j = next((j for j in hits if j % per == 0), None)
         if j is None and hits:  # only an odd entry (Heun's last evaluation) has this value
             self._refuse_odd_start(hits[0])
         # timesteps[j - 1] == timesteps[j]: the next step's timestep tells a start at j - 1 from one at j
         return j, (value if per == 2 and j is not None and j - 1 in hits else None)
+
+    def _list_timesteps(self, most: int = 8) -> str:
+        vals = [f"{v:g}" for v in self._timesteps_cpu.tolist()]
+        return ", ".join(vals if len(vals) <= most else vals[:most - 1] + ["...", vals[-1]])
+
+    @classmethod
+    def _describe(cls, timestep) -> str:
+        value = cls._host_value(timestep)
+        return f"{float(value):g}" if value is not None else f"{timestep!r} ({type(timestep).__name__})"
 
     @staticmethod
     def _host_value(timestep) -> Optional[torch.Tensor]:
