@@ -104,19 +104,31 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
     """
     # checked before the single-process return: the same call must not fail only once there is a process group
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not math.isfinite(timeout_s) \
-            or timeout_s <= 0:
-        raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
+            or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        # above ~1e9 s torch's store overflows: an OverflowError, or a connection "timed out" at once
+        raise ValueError(f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:.0e}], got {timeout_s!r}")
     if backend is not None and backend not in _BACKENDS:
         raise ValueError(f"backend must be None or one of {_BACKENDS}, got {backend!r}")
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", rank if world > 1 else 0)
+    if world < 1:
+        raise ValueError(f"environment variable WORLD_SIZE={world} must be >= 1")
+    if not 0 <= rank < world:  # with WORLD_SIZE=1 too: a stray RANK=5 is another job's setting, not rank 0's
+        raise ValueError(f"environment variable RANK={rank} is outside 0..WORLD_SIZE-1={world - 1}")
+    if local < 0:
+        raise ValueError(f"environment variable LOCAL_RANK={local} must be >= 0")
     if device is not None:
         try:
             kind = torch.device(device).type  # "cpu:0" and torch.device("cpu") are the CPU too
         except (RuntimeError, TypeError):
             raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        if kind == "cuda" and not torch.cuda.is_available():  # it fell back to the CPU without a word
+            raise ValueError(f"device={device!r} but this torch sees no CUDA GPU; use device='cpu'")
     use_cuda = torch.cuda.is_available() and (device is None or kind == "cuda")
+    if backend == "nccl" and not use_cuda:  # torch's "Expected a cuda device, but got: cpu" names neither
+        raise ValueError("backend='nccl' needs CUDA GPUs" + (f" (device={device!r})" if device is not None else
+                                                              ", and this torch sees none") + "; use backend='gloo'")
     if backend is None:
         backend = "nccl" if use_cuda else "gloo"
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
@@ -131,8 +143,9 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
     if missing:
         raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun, or set "
                            f"{', '.join(ENV_VARS)}")
-    if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world - 1}")
+    port = _env_int("MASTER_PORT")
+    if not 0 < port < 65536:
+        raise ValueError(f"environment variable MASTER_PORT={port} is not a TCP port (1..65535)")
     if backend == "nccl":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
@@ -152,6 +165,7 @@ def barrier() -> None:
 
 
 _BACKENDS = ("gloo", "nccl", "mpi", "ucc", "xccl")
+MAX_TIMEOUT_S = 1e8  # about three years; torch's store overflows above ~1e9 s
 
 
 def _count(v, name: str) -> int:

@@ -164,3 +164,47 @@ def test_shard_helpers_take_numpy_ints_and_name_bad_counts():
     with pytest.raises(TypeError, match="shard must be a tensor"):
         D.all_gather_shards([1.0, 2.0])
     torch.testing.assert_close(D.all_gather_shards(torch.zeros(3, 2), np.int64(3)), torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("env, match", [
+    (dict(WORLD_SIZE="0", RANK="7"), r"WORLD_SIZE=0 must be >= 1"),
+    (dict(WORLD_SIZE="-3"), r"WORLD_SIZE=-3 must be >= 1"),
+    (dict(WORLD_SIZE="1", RANK="5"), r"RANK=5 is outside 0..WORLD_SIZE-1=0"),
+    (dict(WORLD_SIZE="2", RANK="-1"), r"RANK=-1 is outside 0..WORLD_SIZE-1=1"),
+    (dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="-1"), r"LOCAL_RANK=-1 must be >= 0"),
+    (dict(WORLD_SIZE="2", RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="notaport"),
+     r"environment variable MASTER_PORT='notaport' is not an integer"),
+    (dict(WORLD_SIZE="2", RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="70000"),
+     r"MASTER_PORT=70000 is not a TCP port"),
+])
+def test_malformed_torchrun_environment_is_named(monkeypatch, env, match):
+    """These were taken as one process (WORLD_SIZE 0 or -3, RANK 5 of 1) or failed inside torch naming nothing."""
+    _clear_env(monkeypatch)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        D.init_from_env(device="cpu", timeout_s=5)
+    assert not D.is_initialized()
+
+
+def test_timeout_beyond_what_torch_can_wait_is_refused_in_one_process(monkeypatch):
+    """1e30 s raised OverflowError, 1e10 s timed out at once, and only under torchrun: refused in one process too."""
+    _clear_env(monkeypatch)
+    for t in (1e10, 1e30):
+        with pytest.raises(ValueError, match=r"timeout_s must be a number of seconds in \(0, 1e\+08\]"):
+            D.init_from_env(timeout_s=t)
+    assert D.init_from_env(timeout_s=D.MAX_TIMEOUT_S).world_size == 1
+
+
+def test_cuda_requests_without_a_gpu_are_named(monkeypatch):
+    """device='cuda' without CUDA returned a CPU DistInfo without a word; backend='nccl' on the CPU failed in torch
+    ('Expected a cuda device, but got: cpu')."""
+    _clear_env(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda' but this torch sees no CUDA GPU"):
+        D.init_from_env(device="cuda")
+    with pytest.raises(ValueError, match=r"backend='nccl' needs CUDA GPUs, and this torch sees none; use backend='gloo'"):
+        D.init_from_env(backend="nccl")
+    with pytest.raises(ValueError, match=r"backend='nccl' needs CUDA GPUs \(device='cpu'\)"):
+        D.init_from_env(backend="nccl", device="cpu")
+    assert D.init_from_env(device="cpu").device == torch.device("cpu")
