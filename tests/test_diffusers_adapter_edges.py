@@ -211,3 +211,29 @@ def test_an_unknown_beta_schedule_lists_the_supported_ones():
     for name in ("linear", "scaled_linear", "squaredcos_cap_v2", "exp"):
         assert repr(name) in msg
     assert "DDPMScheduler" not in msg  # not the class we happen to build betas with
+
+
+def test_from_diffusers_refuses_what_it_would_drop_or_misread():
+    """shift= on a VP config was dropped (the unshifted schedule came back); freeze='no' froze the network; a
+    guidance_scale string was parsed though LD3Scheduler refuses one; a config field that is no number failed in
+    float() or torch naming no field (an API review)."""
+    unet = tiny_unet()
+    vp = diffusers.DDPMScheduler(beta_schedule="scaled_linear").config
+    with pytest.raises(DiffusersConfigError, match=r"shift=3.0 applies to flow-matching configs only"):
+        from_diffusers(unet, vp, shift=3.0)
+    for bad in ("no", 0, None):
+        with pytest.raises(TypeError, match="freeze must be True or False"):
+            from_diffusers(unet, vp, freeze=bad)
+    cond = tiny_unet(num_class_embeds=10)
+    with pytest.raises(TypeError, match="guidance_scale must be a number or None"):
+        from_diffusers(cond, vp, guidance_scale="7.5")
+    model, _ = from_diffusers(unet, vp, freeze=False)
+    assert all(p.requires_grad for p in unet.parameters())
+    flow = diffusers.FlowMatchEulerDiscreteScheduler().config
+    assert from_diffusers(unet, flow, shift=3.0)[1].shift == 3.0
+    for cfg, match in (({"beta_schedule": "linear", "beta_start": "x"}, r"beta_start='x' in the scheduler config is "
+                                                                         r"not a number"),
+                       ({"beta_schedule": "linear", "beta_end": [0.02]}, r"beta_end=\[0.02\] .* is not a number"),
+                       ({"beta_schedule": "linear", "trained_betas": "abc"}, r"trained_betas='abc' cannot be mapped")):
+        with pytest.raises(DiffusersConfigError, match=match):
+            schedule_from_diffusers_config(cfg)

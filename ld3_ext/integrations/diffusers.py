@@ -190,6 +190,17 @@ def _snr_shift_scale(cfg: Mapping[str, Any]) -> Optional[float]:
     return float(s)
 
 
+def _config_real(cfg: Mapping[str, Any], name: str, default: float) -> float:
+    """A number field of the config (float("x") named no field)."""
+    v = _field(cfg, name, default)
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, str)):
+        raise DiffusersConfigError(f"{name}={v!r} in the scheduler config is not a number")
+    try:
+        return float(v)
+    except ValueError:
+        raise DiffusersConfigError(f"{name}={v!r} in the scheduler config is not a number") from None
+
+
 def alphas_cumprod_from_config(cfg: Mapping[str, Any]) -> torch.Tensor:
     """float64 alphas_cumprod exactly as diffusers builds them (float32 betas and cumprod, as its schedulers do)."""
     from diffusers import DDPMScheduler
@@ -201,8 +212,8 @@ def alphas_cumprod_from_config(cfg: Mapping[str, Any]) -> torch.Tensor:
     trained = cfg.get("trained_betas")
     beta_schedule = _field(cfg, "beta_schedule", "linear")
     field = "trained_betas" if trained is not None else "beta_schedule"
-    kw = dict(num_train_timesteps=n, beta_start=float(_field(cfg, "beta_start", 0.0001)),
-              beta_end=float(_field(cfg, "beta_end", 0.02)), beta_schedule=beta_schedule, trained_betas=trained)
+    kw = dict(num_train_timesteps=n, beta_start=_config_real(cfg, "beta_start", 0.0001),
+              beta_end=_config_real(cfg, "beta_end", 0.02), beta_schedule=beta_schedule, trained_betas=trained)
     if trained is None:
         if not isinstance(beta_schedule, str) or beta_schedule not in BETA_SCHEDULES:
             raise DiffusersConfigError(f"beta_schedule={beta_schedule!r} is not supported; expected one of "
@@ -218,7 +229,7 @@ def alphas_cumprod_from_config(cfg: Mapping[str, Any]) -> torch.Tensor:
     else:
         try:
             ac = DDPMScheduler(**kw).alphas_cumprod
-        except (NotImplementedError, ValueError) as exc:
+        except (NotImplementedError, ValueError, TypeError, RuntimeError) as exc:  # trained_betas="abc": torch's
             raise DiffusersConfigError(f"{field}={cfg.get(field)!r} cannot be mapped: {exc}") from exc
     if snr_shift is not None:  # CogVideoX's SD3-style SNR shift, in its schedulers' dtype
         ac = ac / (snr_shift + (1 - snr_shift) * ac)
@@ -283,6 +294,9 @@ def schedule_from_diffusers_config(scheduler_config, shift: Optional[float] = No
         if t_max is not None:
             kw["t_max"] = t_max
         return FlowMatching(**kw), "velocity"
+    if shift is not None:  # a VP beta schedule has no shift: it was dropped without a word
+        raise DiffusersConfigError(f"shift={shift!r} applies to flow-matching configs only; this config is a VP beta "
+                                   "schedule: drop shift")
     if ptype == "flow_prediction":
         raise DiffusersConfigError("prediction_type='flow_prediction' needs a flow-matching config (a FlowMatch* "
                                    "scheduler or use_flow_sigmas=True); a VP beta schedule cannot carry a flow model")
@@ -410,6 +424,10 @@ def from_diffusers(unet, scheduler_config, guidance_scale: Optional[float] = Non
     if ucfg.get("time_embedding_type", "positional") == "fourier":
         raise DiffusersConfigError("time_embedding_type='fourier' (a score-SDE VE network reading sigma) is not "
                                    "supported")
+    if not isinstance(freeze, bool):  # "no" is truthy: the network was frozen
+        raise TypeError(f"freeze must be True or False, got {freeze!r}")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)):
+        raise TypeError(f"guidance_scale must be a number or None, got {guidance_scale!r}")  # as LD3Scheduler's
     if freeze:
         unet.requires_grad_(False)
     fn = _UNetCall(unet, learned_variance(cfg.get("variance_type")))
