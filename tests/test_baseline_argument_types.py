@@ -62,3 +62,33 @@ def test_random3072_names_a_bad_seed(bad):
     # the same rule as every other seed in the library (ld3_ext._checks.seed)
     with pytest.raises(ValueError, match="seed"):
         testbeds.random3072(seed=bad)
+
+
+def test_helpers_refuse_grids_they_cannot_score():
+    """loglinear_interp took inf as positive (two infs back); dmn_objective scored [] and [0.0] as 0.0, a decreasing
+    grid as a number, and failed in a broadcast on 2-D input; dmn_lambdas('a') failed in isfinite; path_cost
+    indexed out of range (IndexError) and scored a backwards path (an API review)."""
+    import numpy as np
+    from ld3_ext.baselines.ays import loglinear_interp
+    from ld3_ext.baselines.dmn import dmn_lambdas, dmn_objective
+    from ld3_ext.baselines.gits import path_cost
+    for bad in ([np.inf, 2.0, 1.0], [3.0, np.nan, 1.0], "a", [[2.0, 1.0]]):
+        with pytest.raises(ValueError, match="sigmas must be a 1-D, finite, positive, strictly decreasing list"):
+            loglinear_interp(bad, 5)
+    for bad in ([], [0.0], [3.0, 2.0, 1.0, 0.0], np.ones((2, 12)), [0.0, np.inf], "ab"):
+        with pytest.raises(ValueError, match="lams must be a 1-D grid of at least 2 finite, strictly increasing"):
+            dmn_objective(bad)
+    with pytest.raises(ValueError, match="trunc_num must be an int >= 0"):
+        dmn_objective([0.0, 1.0, 2.0, 3.0], trunc_num=-5)
+    with pytest.raises(TypeError, match="lambda_min must be a finite number"):
+        dmn_lambdas("a", 5.0, 3)
+    for bad in ([0, 5], [0, 2, 1, 3], [0], [0, 1.5]):
+        with pytest.raises(ValueError, match="path must"):
+            path_cost(np.ones((4, 4)), bad)
+    with pytest.raises(ValueError, match=r"cost must be a square"):
+        path_cost(np.ones((4, 3)), [0, 1])
+    # valid input still scores: the bound of a grid, and a path's weighted sum
+    lams = dmn_lambdas(-5.0, 5.0, 4)
+    assert dmn_objective(lams) > 0 and np.all(np.diff(lams) > 0)
+    assert path_cost(np.arange(16.0).reshape(4, 4), [0, np.int64(1), 3], coeff=2.0) == 1.0 + 2.0 * 7.0
+    assert loglinear_interp([10.0, 1.0], 3).tolist() == pytest.approx([10.0, 10 ** 0.5, 1.0])

@@ -28,9 +28,14 @@ AYS_SIGMAS = {
 def loglinear_interp(sigmas, n_points: int) -> np.ndarray:
     """Resample a decreasing sigma list to ``n_points`` values by interpolating log sigma linearly
     over the index normalised to [0, 1] (endpoints kept exactly)."""
-    s = np.asarray(sigmas, dtype=np.float64)
-    if s.ndim != 1 or s.size < 2 or not np.all(s > 0) or not np.all(np.diff(s) < 0):
-        raise ValueError("sigmas must be a 1-D, positive, strictly decreasing list")
+    try:
+        s = np.asarray(sigmas, dtype=np.float64)
+    except (TypeError, ValueError):
+        s = None
+    # inf passed "positive" and came back as two infs
+    if s is None or s.ndim != 1 or s.size < 2 or not np.all(np.isfinite(s)) or not np.all(s > 0) \
+            or not np.all(np.diff(s) < 0):
+        raise ValueError(f"sigmas must be a 1-D, finite, positive, strictly decreasing list, got {sigmas!r}")
     n_points = count("n_points", n_points, 2, type_error=False)  # a float or str reached np.linspace
     if n_points == s.size:
         return s.copy()

@@ -92,7 +92,20 @@ def error_weight(lam: np.ndarray, space: str) -> np.ndarray:
 def dmn_objective(lams: np.ndarray, order: int = 3, space: str = "pixel", trunc_num: int = 0) -> float:
     """The DMN error bound for a full increasing lambda grid lambda_0 (noisiest) .. lambda_N."""
     _check_order(order)  # step_orders would silently clamp 0 or 7 to a valid order
-    lams = np.asarray(lams, dtype=np.float64)
+    try:
+        lams = np.asarray(lams, dtype=np.float64)
+    except (TypeError, ValueError):
+        lams = None
+    # [] and [0.0] scored 0.0, a decreasing grid a number, a 2-D one failed in a broadcast
+    if lams is None or lams.ndim != 1 or lams.size < 2 or not np.all(np.isfinite(lams)) \
+            or not np.all(np.diff(lams) > 0):
+        raise ValueError("lams must be a 1-D grid of at least 2 finite, strictly increasing lambdas (noisiest first)")
+    return _error_bound(lams, order, space, count("trunc_num", trunc_num, 0, type_error=False))
+
+
+def _error_bound(lams: np.ndarray, order: int, space: str, trunc_num: int) -> float:
+    """dmn_objective without its checks: trust-constr evaluates it at points outside its constraints too
+    (unsorted lambdas), where the bound is still a number it can step from."""
     n = lams.size - 1
     w = error_weight(lams, space)
     total = 0.0
@@ -117,6 +130,7 @@ def dmn_lambdas(lambda_min: float, lambda_max: float, nfe: int, order: int = 3, 
     its constraints, the best valid iterate it passed is returned (or the start, with a RuntimeWarning)."""
     from scipy.optimize import LinearConstraint, minimize
 
+    lambda_min, lambda_max = real("lambda_min", lambda_min), real("lambda_max", lambda_max)  # "a" failed in isfinite
     if not (np.isfinite(lambda_min) and np.isfinite(lambda_max) and lambda_max > lambda_min):
         raise ValueError(f"need finite lambda_min < lambda_max, got lambda_min={lambda_min}, lambda_max={lambda_max}")
     count("nfe", nfe, 1, type_error=False)  # nfe=0 divides by zero below
@@ -144,7 +158,7 @@ def dmn_lambdas(lambda_min: float, lambda_max: float, nfe: int, order: int = 3, 
     cons = LinearConstraint(A, lb, np.full(nfe, np.inf))
 
     def f(x):
-        return dmn_objective(np.concatenate([[lambda_min], x, [lambda_max]]), order, space, trunc_num)
+        return _error_bound(np.concatenate([[lambda_min], x, [lambda_max]]), order, space, trunc_num)
 
     def valid(x):
         # trust-constr may end (and pass through) points that break its constraints: at NFE 150 (EDM, latent)

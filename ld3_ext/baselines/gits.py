@@ -235,6 +235,15 @@ def gits_dp(cost: np.ndarray, nfe: int, coeff: float = 1.0) -> List[int]:
 
 def path_cost(cost: np.ndarray, path, coeff: float = 1.0) -> float:
     """sum_k coeff^k cost[p_k, p_{k+1}]: the quantity ``gits_dp`` minimises."""
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"cost must be a square [M+1, M+1] matrix, got shape {cost.shape}")
+    idx = list(path)
+    if len(idx) < 2 or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in idx):
+        raise ValueError(f"path must hold at least 2 int indices into cost, got {path!r}")
+    if not all(0 <= a < b < cost.shape[0] for a, b in zip(idx[:-1], idx[1:])):  # an IndexError, or a backwards path
+        raise ValueError(f"path must be strictly increasing indices in 0..{cost.shape[0] - 1}, got {idx}")
+    path = idx
     return float(sum(coeff ** k * cost[a, b] for k, (a, b) in enumerate(zip(path[:-1], path[1:]))))
 
 
