@@ -308,7 +308,10 @@ def to_denoiser(model: DiffusionModel) -> Callable:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         check_model_kwargs(kw, "the denoiser's keyword arguments")
-        sig = torch.as_tensor(sigma, device=x.device).reshape(-1)
+        try:
+            sig = torch.as_tensor(sigma, device=x.device).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):  # a str or None failed in torch naming nothing
+            raise TypeError(f"sigma must be a number or a tensor of sigmas, got {type(sigma).__name__}") from None
         if sig.numel() == 0:
             raise ValueError("sigma must hold one sigma per sample (shape [B]) or one for all, got an empty tensor")
         if sig.is_complex() or sig.dtype == torch.bool:

@@ -141,6 +141,10 @@ def schedule_plot_png(schedules: Dict[str, torch.Tensor], schedule,
                       errors: Optional[Dict[str, List[tuple]]] = None) -> bytes:
     """:func:`schedule_plot`'s figure as PNG bytes."""
     _check_schedule_inputs(schedules, errors)
+    from .schedules import NoiseSchedule
+    if not isinstance(schedule, NoiseSchedule):  # a name or config failed at .lambda_, naming nothing
+        raise TypeError(f"schedule must be an ld3_ext NoiseSchedule (the grids' times are its times), got "
+                        f"{type(schedule).__name__}")
     ncol = 2 if errors else 1
     fig, axes = _subplots(1, ncol, (6 * ncol, 0.4 * len(schedules) + 2))
     ax = axes[0, 0]

@@ -306,6 +306,8 @@ class LearnedSchedule:
         discrete-time model wrappers (``CompVisDenoiser``, ``DiscreteEpsDDPMDenoiser``) use ``quantize=False``:
         ``quantize=True`` rounds the learned (float) times to integer training indices.
         """
+        from ._checks import flag
+        append_zero = flag("append_zero", append_zero)  # "no" is truthy: it appended the 0
         if not torch.equal(self.timesteps, self.model_timesteps):
             warnings.warn("this schedule has decoupled model times (model_timesteps), which k-diffusion's sigmas "
                           "cannot carry: its samplers will evaluate the network at the solver grid, not where the "

@@ -603,3 +603,10 @@ def test_x_is_named_in_its_own_terms(sigmas):
         with pytest.raises(ValueError, match=match):
             ld3_ext.sample(den, bad, torch.tensor(sigmas))
     assert ld3_ext.sample(den, torch.randn(1, 3), torch.tensor(sigmas)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("bad", ["a", None, [1.0, "x"]])
+def test_to_denoiser_names_a_sigma_that_is_not_numbers(bad):
+    den = ld3_ext.to_denoiser(ld3_ext.testbeds.ring2d().model(ld3_ext.EDM()))
+    with pytest.raises(TypeError, match="sigma must be a number or a tensor of sigmas"):
+        den(torch.randn(2, 2), bad)

@@ -2,9 +2,11 @@
 import os
 import stat
 
+import pytest
 import torch
 
-from ld3_ext.plotting import sample_grid, schedule_plot
+import ld3_ext
+from ld3_ext.plotting import sample_grid, schedule_plot, schedule_plot_png
 
 
 def _umask() -> int:
@@ -101,3 +103,12 @@ def test_plots_of_valid_inputs_still_draw():
         assert schedule_plot_png(grids, s, errors=errors)[:8] == b"\x89PNG\r\n\x1a\n"
     assert sample_grid_png({"a": torch.randn(5, 1, 8, 8), "b": torch.randn(2, 1, 8, 8)})[:8] == b"\x89PNG\r\n\x1a\n"
     assert sample_grid_png({"a": torch.randn(5, 2), "b": torch.randn(1, 2)})[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schedule_plot_names_a_schedule_that_is_not_one():
+    """A schedule name or config failed at .lambda_ ('str' object has no attribute ...), naming nothing."""
+    t = ld3_ext.discretizations.edm(ld3_ext.EDM(), 4)
+    for bad in ("edm", ld3_ext.EDM().config(), None):
+        with pytest.raises(TypeError, match="schedule must be an ld3_ext NoiseSchedule"):
+            schedule_plot_png({"edm": t}, bad)
+    assert schedule_plot_png({"edm": t}, ld3_ext.EDM())[:4] == b"\x89PNG"

@@ -357,3 +357,14 @@ def test_a_value_added_after_construction_is_refused_by_save_with_nothing_writte
     assert path.read_text() == "the user's earlier file" and os.listdir(tmp_path) == ["s.json"]
     s.training["lr"] = 0.1
     assert load_schedule(s.save(str(path))).training["lr"] == 0.1
+
+
+def test_to_k_diffusion_append_zero_must_be_a_bool():
+    """append_zero='no' is truthy: it appended the 0."""
+    from ld3_ext.schedule_file import LearnedSchedule
+    ls = LearnedSchedule(torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64), solver_config={"name": "euler", "order": 1},
+                         nfe=2, schedule_config={"type": "EDM", "sigma_min": 0.002, "sigma_max": 80.0})
+    for bad in ("no", 0, None):
+        with pytest.raises(TypeError, match="append_zero must be a bool"):
+            ls.to_k_diffusion(append_zero=bad)
+    assert ls.to_k_diffusion(append_zero=True)[-1] == 0 and ls.to_k_diffusion().numel() == 3
