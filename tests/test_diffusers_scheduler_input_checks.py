@@ -319,3 +319,17 @@ def test_set_timesteps_names_a_bad_device():
     sch = _ddpm_ld3()
     with pytest.raises(ValueError, match=r"set_timesteps: device='foo' is not a usable torch device"):
         sch.set_timesteps(4, device="foo")
+
+
+def test_add_noise_and_the_constructor_name_what_is_not_numbers_or_a_dict():
+    sch = _ddpm_ld3()
+    x = torch.randn(2, 3, 8, 8)
+    for bad in ("5", None, object()):
+        with pytest.raises(TypeError, match="add_noise: timesteps must be a number or a tensor of timesteps"):
+            sch.add_noise(x, torch.randn_like(x), bad)
+        with pytest.raises(TypeError, match="scale_noise: timestep must be a number or a tensor of timesteps"):
+            sch.scale_noise(x, bad, torch.randn_like(x))
+    for bad in (5, "EDM", [("type", "EDM")]):
+        with pytest.raises(TypeError, match="schedule_config must be a dict"):
+            LD3Scheduler(schedule_config=bad)
+    assert sch.add_noise(x, torch.randn_like(x), sch.timesteps[1]).shape == x.shape

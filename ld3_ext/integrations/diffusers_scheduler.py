@@ -39,7 +39,7 @@ import math
 import numbers
 import operator
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -125,6 +125,9 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if discretization not in DISCRETIZATIONS:  # now, not at the first set_timesteps
             raise ValueError(f"discretization must be one of {sorted(DISCRETIZATIONS)}, got {discretization!r}")
         if schedule_config is not None:
+            if not isinstance(schedule_config, Mapping):  # dict(5) named nothing
+                raise TypeError(f"schedule_config must be a dict (NoiseSchedule.config()), got "
+                                f"{type(schedule_config).__name__}")
             self.schedule = schedule_from_config(dict(schedule_config))
         else:
             cfg = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
@@ -617,7 +620,11 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
                              f"{tuple(original_samples.shape)}, got "
                              f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
         dev = original_samples.device
-        tt = torch.as_tensor(timesteps, device=dev).reshape(-1)
+        try:
+            tt = torch.as_tensor(timesteps, device=dev).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):  # a str or None failed in torch naming nothing
+            raise TypeError(f"{fn}: {t_name} must be a number or a tensor of timesteps, got "
+                            f"{type(timesteps).__name__}") from None
         b = original_samples.shape[0]
         if tt.numel() not in (1, b):
             raise ValueError(f"{fn}: {t_name} must hold one timestep or one per sample (batch {b}), got "
