@@ -418,3 +418,33 @@ def test_ipndm_matches_the_textbook_formula(sched_name, backend):
             got = ld3_ext.IPNDM(order, backend=backend).sample(model, x_T, t)
             # measured <= 7e-14 relative over grid seeds 3..7 (float64 round-off over 7 steps)
             assert float((got - want).norm() / want.norm()) < 3e-13, (order, seed)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_euler_with_decoupled_times_is_ddim_on_the_model_times_prediction(backend):
+    """The convention README states (an independent review found it undocumented): Euler steps with the data
+    prediction D(x_i, t~_i) as it is, x_{i+1} = (sigma_{i+1}/sigma_i) x_i + (1 - sigma_{i+1}/sigma_i) D on EDM,
+    not LD3's euler.py form x_i + (sigma_{i+1} - sigma_i) eps(t~_i) with eps converted at t~_i (LD3.md 2.4);
+    the two agree when t~ = t."""
+    mix = ld3_ext.testbeds.ring2d()
+    s = ld3_ext.EDM()
+    model = mix.model(s)
+    x_T = mix.prior_noise(s, 4, generator=torch.Generator().manual_seed(0))
+    t = D.logsnr_uniform(s, 6).to(torch.float64)
+    tm = t.clone()
+    tm[1:-1] = t[1:-1] * torch.tensor([1.1, 0.9, 1.1, 0.9, 1.1], dtype=torch.float64)
+    ddim, ld3 = x_T.clone(), x_T.clone()
+    for i in range(6):
+        d = mix.denoise(ddim, s.alpha(tm[i]), s.sigma(tm[i]))
+        r = t[i + 1] / t[i]
+        ddim = r * ddim + (1 - r) * d
+        eps = (ld3 - mix.denoise(ld3, s.alpha(tm[i]), s.sigma(tm[i]))) / s.sigma(tm[i])
+        ld3 = ld3 + (t[i + 1] - t[i]) * eps
+    got = ld3_ext.Euler(backend=backend).sample(model, x_T, t, model_timesteps=tm)
+    torch.testing.assert_close(got, ddim, rtol=1e-12, atol=1e-12)
+    assert (got - ld3).abs().max() > 1e-3  # the other rule: a different sample
+    coupled = ld3_ext.Euler(backend=backend).sample(model, x_T, t)
+    ref = x_T.clone()
+    for i in range(6):
+        ref = ref + (t[i + 1] - t[i]) * (ref - mix.denoise(ref, s.alpha(t[i]), s.sigma(t[i]))) / s.sigma(t[i])
+    torch.testing.assert_close(coupled, ref, rtol=1e-12, atol=1e-12)
