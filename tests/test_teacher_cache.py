@@ -545,3 +545,53 @@ def test_a_callable_that_cannot_be_fingerprinted_is_named_with_a_warning(ring):
     with pytest.warns(UserWarning, match="identified by its name only"):
         _, settings = make_teacher(model, functools.partial(teach, lock=threading.Lock()))  # no stable description
     assert settings["name"] == "partial"
+
+
+def _user_module(src: str, **values):
+    """Functions defined at the top level of a user's script (module 'user_script') with these globals."""
+    ns = {"__name__": "user_script", **values}
+    exec(src, ns)
+    return ns
+
+
+def test_a_callables_fingerprint_covers_the_module_constants_and_helpers_it_reads():
+    """A loss or teacher reading a module-level constant (SCALE = 1.0) kept its fingerprint when the constant was
+    edited: the old checkpoint and cached teacher pairs were reused for the new function without a word (an
+    independent review).  Constants and same-module helpers now count; modules, classes, other packages' functions
+    and mutable state do not (a function reading only those keeps the fingerprint earlier versions gave it)."""
+    import torch.nn.functional as F
+    from ld3_ext.training.callable_identity import describe_callable
+    src = ("def helper(x):\n    return K * x\n"
+           "def loss(p, t):\n    return SCALE * helper(p - t).abs().flatten(1).sum(1)\n"
+           "def fact(n):\n    return 1 if n <= 1 else n * fact(n - 1)\n"
+           "def ping(n):\n    return n if n <= 0 else pong(n - 1)\n"
+           "def pong(n):\n    return ping(n)\n"
+           "def counted(x):\n    CALLS['n'] += 1\n    return F.mse_loss(x, x) + mse_loss(x, x) + torch.zeros(())\n"
+           "def plain(x):\n    return F.mse_loss(x, x) + mse_loss(x, x) + torch.zeros(())\n")
+    base = dict(K=2.0, SCALE=1.0, CALLS={"n": 0}, F=F, mse_loss=F.mse_loss, torch=torch)
+    ns = _user_module(src, **base)
+    first = describe_callable(ns["loss"])
+    assert first[1]
+    assert describe_callable(_user_module(src, **base)["loss"]) == first  # the same script run again: same key
+    for change in (dict(SCALE=-1.0), dict(K=3.0), dict(SCALE=(1.0, 2.0))):
+        assert describe_callable(_user_module(src, **{**base, **change})["loss"])[0] != first[0], change
+    for name in ("fact", "ping"):  # recursion and mutual recursion are described, not refused
+        assert describe_callable(ns[name])[1]
+    before = describe_callable(ns["counted"])
+    ns["counted"](torch.zeros(2))
+    assert describe_callable(ns["counted"]) == before and ns["CALLS"]["n"] == 1  # mutable state is no part of it
+    # a function reading only modules, classes and other packages' functions: those add nothing to its key
+    bare = _user_module(src, K=2.0, SCALE=1.0, CALLS={"n": 0})
+    assert describe_callable(ns["plain"]) == describe_callable(bare["plain"])
+
+
+def test_a_teacher_reading_an_edited_constant_does_not_reuse_the_cache(ring, tmp_path):
+    mix, s, model = ring
+    exact, _ = make_teacher(model, "exact", reference=mix)
+    src = "def teach(x, **kw):\n    return SCALE * exact(x, **kw)\n"
+    fn1, set1 = make_teacher(model, _user_module(src, SCALE=1.0, exact=exact)["teach"])
+    fn2, set2 = make_teacher(model, _user_module(src, SCALE=-1.0, exact=exact)["teach"])
+    assert set1 != set2
+    _gen(model, fn1, set1, str(tmp_path))
+    with pytest.raises(TeacherCacheMismatch):
+        _gen(model, fn2, set2, str(tmp_path))

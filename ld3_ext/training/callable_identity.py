@@ -3,7 +3,9 @@
 Caches and checkpoints are keyed on these names; a bare ``__qualname__`` ("<lambda>", "partial") let a changed
 callable reuse results made with the old one.  The fingerprint covers a function's code, constants and defaults,
 the values its closure captured that cannot change (numbers, strings, tuples of them, tensors by content, nested
-functions), a ``functools.partial``'s function and arguments, and a callable object's class code.  Captured
+functions), the module-level values it reads by the same rule (a constant by value, a helper function of its
+module by its own fingerprint), a ``functools.partial``'s function and arguments, and a callable object's class
+code.  Captured
 mutable state (a dict, a list, an object: call counters, caches, the model) is left out: it changes while the
 callable runs, and a key that changed with it would refuse the cache the same run just wrote.  What cannot be
 described (a partial argument printed with its address, say) leaves the callable described by name only, and
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 import types
 from typing import Any, Optional, Tuple
 
@@ -63,16 +66,23 @@ def _callable(fn: Any, depth: int) -> str:
     if isinstance(fn, types.MethodType):
         return f"method({_callable(fn.__func__, depth + 1)};{_stable(fn.__self__, depth + 1)})"
     if isinstance(fn, types.FunctionType):
-        cells = []
-        for c in fn.__closure__ or ():
-            try:
-                v = c.cell_contents
-            except ValueError:  # an empty cell (a name assigned later)
-                continue
-            cells.append(_stable(v, depth + 1) if _immutable(v) else f"<{type(v).__qualname__}>")
-        return (f"{fn.__module__}.{fn.__qualname__}[{_code(fn.__code__, depth + 1)};"
-                f"{_stable(fn.__defaults__, depth + 1)};{_stable(fn.__kwdefaults__, depth + 1)};"
-                f"{','.join(cells)}]")
+        if fn in _visiting.functions:  # recursion, or two helpers calling each other: described once
+            return f"{fn.__module__}.{fn.__qualname__}[recursive]"
+        _visiting.functions.append(fn)
+        try:
+            cells = []
+            for c in fn.__closure__ or ():
+                try:
+                    v = c.cell_contents
+                except ValueError:  # an empty cell (a name assigned later)
+                    continue
+                cells.append(_stable(v, depth + 1) if _immutable(v) else f"<{type(v).__qualname__}>")
+            reads = _globals_read(fn, depth + 1)  # none: the fingerprint of the versions before it was counted
+            return (f"{fn.__module__}.{fn.__qualname__}[{_code(fn.__code__, depth + 1)};"
+                    f"{_stable(fn.__defaults__, depth + 1)};{_stable(fn.__kwdefaults__, depth + 1)};"
+                    f"{','.join(cells)}{';' + reads if reads else ''}]")
+        finally:
+            _visiting.functions.pop()
     if isinstance(fn, (types.BuiltinFunctionType, type)):
         return f"{getattr(fn, '__module__', '')}.{fn.__qualname__}"
     if isinstance(fn, torch.nn.Module):
@@ -84,6 +94,42 @@ def _callable(fn: Any, depth: int) -> str:
     if not isinstance(call, types.FunctionType):
         raise _Unstable(type(fn).__qualname__)
     return f"{type(fn).__module__}.{type(fn).__qualname__}[{_code(call.__code__, depth + 1)}]"
+
+
+def _global_names(code: types.CodeType) -> set:
+    """The names a code object (and the comprehensions and lambdas nested in it) looks up globally."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _global_names(c)
+    return names
+
+
+def _globals_read(fn: types.FunctionType, depth: int) -> str:
+    """The module-level values ``fn`` reads that say what it computes, by the closure cells' rule: a constant
+    (SCALE = 0.5) by value, so that editing it changes the fingerprint as editing a captured one does, and a helper
+    function of the same module by its own fingerprint.  Left out: modules, classes and other packages' functions
+    (their code comes with that package's version) and mutable state (it changes while the callable runs)."""
+    g = fn.__globals__
+    out = []
+    for name in sorted(_global_names(fn.__code__)):
+        if name not in g:  # a builtin, or an attribute name (x.flatten)
+            continue
+        v = g[name]
+        if isinstance(v, (types.ModuleType, type)) or not _immutable(v):
+            continue
+        if isinstance(v, types.FunctionType) and v.__module__ != fn.__module__:
+            continue
+        out.append(f"{name}={_stable(v, depth + 1)}")
+    return ",".join(out)
+
+
+class _Visiting(threading.local):
+    def __init__(self):
+        self.functions = []
+
+
+_visiting = _Visiting()
 
 
 def _module_weights(module: torch.nn.Module) -> str:
