@@ -5,7 +5,10 @@ argument (a TypeError for a value of the wrong kind, a ValueError for one out of
 * :func:`real` -- a real number (as :func:`ld3_ext.schedules._num` reads one: 0-d tensors and numpy scalars too,
   not bools or strings), finite, optionally within bounds;
 * :func:`flag` -- a bool (``bool("False")`` is True: strings, numbers and None are refused, numpy bools are bools);
-* :func:`seed` -- an int in [0, 2**63) (what ``torch.Generator.manual_seed`` takes).
+* :func:`seed` -- an int in [0, 2**63) (what ``torch.Generator.manual_seed`` takes);
+* :func:`guidance` -- a classifier-free guidance scale: None or a finite real number (never a parsed string);
+* :func:`holds_values` -- a tensor that is not on the meta device (which holds no values: a check or solve on it
+  fails later, inside torch, naming nothing).
 """
 from __future__ import annotations
 
@@ -84,3 +87,22 @@ def seed(name: str, v) -> int:
 
 
 __all__ = ["count", "real", "flag", "seed", "SEED_END"]
+
+
+def holds_values(name: str, t) -> None:
+    """A ValueError naming ``name`` for a tensor on the meta device (shapes only, no values)."""
+    if getattr(getattr(t, "device", None), "type", None) == "meta":
+        raise ValueError(f"{name} is on the meta device (it holds no values); use a cpu or cuda tensor")
+
+
+def guidance(name: str, v) -> Optional[float]:
+    """None, or ``v`` as a finite float: a str ("7.5") is refused, not parsed, and True is not a scale of 1.0."""
+    if v is None:
+        return None
+    if isinstance(v, (str, bytes)) or type(v).__name__ in ("bool_", "bool") \
+            or not isinstance(v, numbers.Real) and not hasattr(v, "__float__"):
+        raise TypeError(f"{name} must be a number or None, got {v!r}")
+    try:
+        return real(name, v)
+    except TypeError:
+        raise TypeError(f"{name} must be a number or None, got {v!r}") from None

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from ._checks import flag
+from ._checks import flag, holds_values
 from .ops import _vmapped
 from .schedules import EDM
 from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
@@ -175,8 +175,7 @@ def _grid(s, x: torch.Tensor, name: str, decreasing: bool = True) -> torch.Tenso
     if _vmapped(s):  # torch's own error names nothing ("data-dependent control flow")
         raise ValueError(f"{name} cannot be vmapped: sample() builds its EDM schedule from their values; vmap a "
                          f"solver's sample() over its timesteps or model_timesteps instead")
-    if s.device.type == "meta":
-        raise ValueError(f"{name} is on the meta device (it holds no values); use a cpu or cuda tensor")
+    holds_values(name, s)
     if s.dim() != 1 or s.numel() < 2:
         raise ValueError(f"{name} must be a 1-D sequence with at least 2 entries, got shape {tuple(s.shape)}")
     if not s.is_floating_point():
@@ -229,8 +228,7 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating torch.Tensor")
-    if x.device.type == "meta":
-        raise ValueError("x is on the meta device (it holds no values); use a cpu or cuda tensor")
+    holds_values("x", x)
     if x.dim() < 1 or x.shape[0] == 0:  # the solver's own check would call it x_T
         raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
     # named here as x (the solver would call it x_T; a final-denoise-only grid reaches no solver)

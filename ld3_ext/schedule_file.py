@@ -232,10 +232,8 @@ class LearnedSchedule:
     def check_guidance(self, guidance_scale: Optional[float]) -> bool:
         """Warn (and return False) when used at another classifier-free guidance scale than trained for:
         the ODE, hence the best grid, changes with the scale."""
-        if guidance_scale is not None and (isinstance(guidance_scale, bool) or
-                                           not isinstance(guidance_scale, numbers.Real)):
-            raise TypeError(f"guidance_scale must be a number or None, got {guidance_scale!r}")
-        a, b = self.guidance_scale, guidance_scale
+        from ._checks import guidance
+        a, b = self.guidance_scale, guidance("guidance_scale", guidance_scale)
         same = (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a)))
         if not same:
             learned = f"at guidance scale {a}" if a is not None else "without guidance"

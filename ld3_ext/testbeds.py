@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ._checks import count, real, seed as check_seed
+from ._checks import count, holds_values, real, seed as check_seed
 from ._finite import all_finite
 from .device_constants import cached_constants
 from .schedules import NoiseSchedule, _num
@@ -146,8 +146,7 @@ class GaussianMixture:
                             f"{x_T.dtype if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
         if x_T.dim() < 1 or x_T.numel() == 0 or x_T.numel() != x_T.shape[0] * self.dim:
             raise ValueError(f"x_T must be a non-empty batch of samples of {self.dim} values each, got shape {tuple(x_T.shape)}")
-        if x_T.device.type == "meta":
-            raise ValueError("x_T is on the meta device (it holds no values); use a cpu or cuda tensor")
+        holds_values("x_T", x_T)
         if not all_finite(x_T):
             raise ValueError("x_T contains NaN or Inf")
         t_start = schedule.t_max if t_start is None else _num("t_start", t_start)

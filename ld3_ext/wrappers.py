@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import contextlib
-import math
 import threading
 
 import torch
 
-from ._checks import flag
+from ._checks import flag, guidance
 from ._finite import all_finite, all_finite_tensor
 from .ops import _opmath, _vmapped
 from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
@@ -124,15 +123,7 @@ class DiffusionModel(torch.nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self._fused_conversion = resolve_backend(backend) == "fused"
-        if guidance_scale is not None:
-            if isinstance(guidance_scale, bool):  # True would be a guidance scale of 1.0
-                raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
-            try:
-                guidance_scale = float(guidance_scale)
-            except (TypeError, ValueError):
-                raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}") from None
-            if not math.isfinite(guidance_scale):
-                raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        guidance_scale = guidance("guidance_scale", guidance_scale)  # True is no scale of 1.0, "7.5" no number
         self.fn = fn
         if isinstance(fn, torch.nn.Module):
             self.net = fn  # registered so .to()/.eval() reach it

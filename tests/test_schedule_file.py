@@ -248,9 +248,12 @@ def test_guidance_scale_mismatch_warns():
     unguided = LearnedSchedule(ls.timesteps, solver_config=ls.solver_config, nfe=2, schedule_config=ls.schedule_config)
     with _pytest.warns(UserWarning, match="learned without guidance, and is being used at 3.0"):
         assert not unguided.check_guidance(3.0)
-    for bad in ("7.5", True, torch.tensor(7.5)):
+    for bad in ("7.5", True, [7.5]):
         with _pytest.raises(TypeError, match="guidance_scale must be a number or None"):
             ls.check_guidance(bad)
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        assert ls.check_guidance(torch.tensor(7.5))  # a 0-d tensor is a number (as wrap_model takes it)
 
 
 def test_save_names_a_bad_path(tmp_path):

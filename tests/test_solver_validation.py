@@ -367,7 +367,7 @@ def test_wrap_model_names_a_non_bool_check_output_a_bool_guidance_and_a_bad_time
     s = ld3_ext.EDM()
     with pytest.raises(TypeError, match="check_output"):
         ld3_ext.wrap_model(lambda x, t: x, s, prediction="x0", check_output="no")
-    with pytest.raises(TypeError, match="guidance_scale must be a number, got True"):
+    with pytest.raises(TypeError, match="guidance_scale must be a number or None, got True"):
         ld3_ext.wrap_model(lambda x, t, **kw: x, s, prediction="x0", guidance_scale=True)
     m = ld3_ext.wrap_model(lambda x, t: x, s, prediction="x0", time_input=lambda t: float(t))
     with pytest.raises(TypeError, match="time_input: the callable must return a torch.Tensor"):

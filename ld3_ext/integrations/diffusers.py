@@ -42,6 +42,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from .._checks import guidance
 from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete
 from ..wrappers import DiffusionModel
 
@@ -410,6 +411,7 @@ def from_diffusers(unet, scheduler_config, guidance_scale: Optional[float] = Non
     """
     if not isinstance(unet, torch.nn.Module):
         raise TypeError(f"unet must be a diffusers network (torch.nn.Module), got {type(unet).__name__}")
+    guidance_scale = guidance("guidance_scale", guidance_scale)  # "7.5" is refused, as LD3Scheduler refuses it
     cfg = _config_dict(scheduler_config)
     schedule, prediction = schedule_from_diffusers_config(cfg, shift=shift)
     conditional, default_key = _conditioning(unet)
@@ -426,8 +428,6 @@ def from_diffusers(unet, scheduler_config, guidance_scale: Optional[float] = Non
                                    "supported")
     if not isinstance(freeze, bool):  # "no" is truthy: the network was frozen
         raise TypeError(f"freeze must be True or False, got {freeze!r}")
-    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)):
-        raise TypeError(f"guidance_scale must be a number or None, got {guidance_scale!r}")  # as LD3Scheduler's
     if freeze:
         unet.requires_grad_(False)
     fn = _UNetCall(unet, learned_variance(cfg.get("variance_type")))

@@ -35,7 +35,6 @@ scaling as ``schedule.prior_std()``.  ``scale_model_input`` is the identity (the
 """
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 import warnings
@@ -47,6 +46,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
+from .._checks import guidance
 from .. import ops
 from ..coefficients import step_orders
 from ..discretizations import DISCRETIZATIONS, get_discretization
@@ -709,15 +709,11 @@ def _grid_arg(value, name: str) -> torch.Tensor:
 
 
 def _guidance_arg(value, name: str = "guidance_scale") -> Optional[float]:
-    """A guidance scale: None or a finite real number (a str such as "7.5" is refused, not parsed)."""
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number or None, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    """A guidance scale: None or a finite real number (a str such as "7.5" is refused, not parsed; a tensor too:
+    the value goes into the JSON config)."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a number or None, got a tensor ({value!r}); pass float(...)")
+    return guidance(name, value)
 
 
 _DIFFUSERS_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",

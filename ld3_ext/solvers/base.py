@@ -11,7 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import _native, adjoint, ops
-from .._checks import count, flag
+from .._checks import count, flag, holds_values
 from .._finite import all_finite
 from ..coefficients import SolverSpec, step_orders
 from ..layout import in_layout_of
@@ -30,10 +30,7 @@ class DegenerateGridError(ValueError, FloatingPointError):
     FloatingPointError (where LD3 training meets one, a diverging trial, as time_mode="auto" treats it)."""
 
 
-def _no_meta(name: str, t: torch.Tensor) -> None:
-    # a meta tensor has no values: a solve on it can only fail later, inside torch, naming nothing
-    if t.device.type == "meta":
-        _fail(name, "is on the meta device (it holds no values); use a cpu or cuda tensor")
+_no_meta = holds_values  # a meta tensor has no values: a solve on it can only fail later, inside torch
 
 
 def _dense(name: str, t: torch.Tensor) -> None:

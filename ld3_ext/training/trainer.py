@@ -37,7 +37,7 @@ from ..coefficients import step_orders
 from .._finite import all_finite
 from ..ops import _opmath
 from ..schedule_file import LearnedSchedule
-from .._checks import count, flag, real, seed as check_seed
+from .._checks import count, flag, holds_values, real, seed as check_seed
 from ..schedules import NoiseSchedule
 from ..solvers import MultistepSolver, Solver, as_solver
 from ..wrappers import DiffusionModel, ModelOutputError
@@ -577,8 +577,7 @@ class LD3Trainer:
         for name, t in ((nn, noise), (tn, target)):
             if not t.is_floating_point():  # complex lost its imaginary part to a cast; bool became 0/1 noise
                 raise TypeError(f"{name} must be a real floating tensor, got {t.dtype}")
-            if t.device.type == "meta":  # the finite check's item() failed naming no argument
-                raise ValueError(f"{name} is on the meta device (it holds no values); use a cpu or cuda tensor")
+            holds_values(name, t)  # the finite check's item() failed naming no argument
         if not all_finite(noise) or not all_finite(target):
             raise ValueError(f"{nn}/{tn} contain NaN/Inf")
 
