@@ -206,7 +206,9 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
         try:
             if out is None:
                 return _update_eager(x, coef, history)
-            if type(out) is torch.Tensor and not _records_grad(x, coef, history):
+            # a dense out only: the kernel refuses a stride-0 one, but an as_strided out whose elements overlap
+            # (torch: "too hard to tell") it would write through; _check_out below decides those
+            if type(out) is torch.Tensor and not _records_grad(x, coef, history) and _dense(out):
                 return _C.multistep_update(x, coef, history, out)
         except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
             failure = exc
@@ -254,9 +256,9 @@ def _check_out(x, coef, history, out) -> None:
         raise ValueError("multistep_update: out must match x in shape, dtype and device")
     # e.g. an expand()ed out: torch's own memory-overlap error names no argument
     if out.layout == torch.strided and not torch.compiler.is_compiling() and _self_overlapping(out):
-        raise OutOverlapError(f"multistep_update: out has elements that overlap (share one memory location: strides "
-                              f"{out.stride()} for shape {tuple(out.shape)}, e.g. an expand()ed tensor); pass a "
-                              f"tensor with distinct elements, e.g. torch.empty_like(x)")
+        raise OutOverlapError(f"multistep_update: out has elements that overlap or may overlap (share one memory "
+                              f"location: strides {out.stride()} for shape {tuple(out.shape)}, e.g. an expand()ed or "
+                              f"as_strided tensor); pass a tensor with distinct elements, e.g. torch.empty_like(x)")
 
 
 class OutOverlapError(ValueError, RuntimeError):
@@ -268,10 +270,32 @@ _has_internal_overlap = (getattr(torch, "_debug_has_internal_overlap", None)
                          or getattr(torch._C, "_debug_has_internal_overlap", None))
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (contiguous in some order of its dimensions), by torch's own test."""
+    return _has_internal_overlap is not None and _has_internal_overlap(t) == 0
+
+
 def _self_overlapping(t: torch.Tensor) -> bool:
-    if _has_internal_overlap is not None:
-        return _has_internal_overlap(t) == 1  # 1: overlaps for sure (2: too hard to tell, left to the kernel)
-    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+    """Some two elements of ``t`` may share memory.  torch answers 1 (they do: a stride 0) or 2 (too hard to
+    tell: any layout that is not dense); for 2 the strides decide, as torch's own ops do not (an as_strided out
+    with rows overlapping came back silently wrong)."""
+    status = _has_internal_overlap(t) if _has_internal_overlap is not None else 2
+    if status != 2:
+        return status == 1
+    return not _surely_disjoint(t)
+
+
+def _surely_disjoint(t: torch.Tensor) -> bool:
+    """Each stride, in increasing order, steps past everything the smaller ones reach: no two elements meet.  A
+    sufficient test (a slice such as big[:, ::2] passes); a layout it cannot clear is refused, never guessed."""
+    if t.numel() == 0:
+        return True
+    reach = 0
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= reach:
+            return False
+        reach += stride * (size - 1)
+    return True
 
 
 def _update_eager(x, coef, history):
@@ -292,8 +316,20 @@ def _register_ops() -> None:
     def _update_op(x: torch.Tensor, coef: torch.Tensor, history: List[torch.Tensor]) -> torch.Tensor:
         return _C.multistep_update(x, coef, history)
 
+    # the fake kernels are also the meta kernels: a call mixing a meta tensor with real ones reaches them, and
+    # without this check it returned x's empty_like (uninitialised memory) as the result
+    def _one_device(op: str, **tensors) -> None:
+        first_name, first = next(iter(tensors.items()))
+        for name, t in tensors.items():
+            for i, u in enumerate(t if isinstance(t, (list, tuple)) else [t]):
+                if u.device != first.device:
+                    where = f"{name}[{i}]" if isinstance(t, (list, tuple)) else name
+                    raise RuntimeError(f"ld3_ext::{op}: {where} is on {u.device} but {first_name} is on "
+                                       f"{first.device}")
+
     @_update_op.register_fake
     def _(x, coef, history):
+        _one_device("multistep_update", x=x, coef=coef, history=history)
         return torch.empty_like(x)  # the kernel's output takes x's layout (csrc/dense_layout.h)
 
     @torch.library.custom_op(f"{lib}::multistep_update_backward", mutates_args=())
@@ -304,6 +340,8 @@ def _register_ops() -> None:
 
     @_update_bwd_op.register_fake
     def _(grad, x, coef, history):
+        _one_device("multistep_update_backward", grad=grad, x=x, coef=coef, history=history)
+
         def like_grad():  # the kernel's grads take grad's layout (csrc/dense_layout.h)
             return torch.empty_like(grad)
         return like_grad(), torch.empty(coef.shape, dtype=coef.dtype, device=coef.device), \
@@ -341,6 +379,7 @@ def _register_ops() -> None:
 
     @_table_bwd_op.register_fake
     def _(jac, grad_table, t):
+        _one_device("coefficient_table_backward", jac=jac, grad_table=grad_table, t=t)
         return jac.new_empty((jac.shape[0] + 1,))
 
     def _table_bwd_backward(ctx, grad_t):

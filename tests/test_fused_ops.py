@@ -545,3 +545,42 @@ def test_fast_path_errors_are_the_python_layers(requires_grad):
         assert info.value.__context__ is None and info.value.__cause__ is None
     with pytest.raises(ValueError, match="coef must be 1-D with between 1 \\+ len\\(history\\) = 3"):
         fused.multistep_update(x, coef, [torch.randn(3, 4)] * 2)
+
+
+def test_an_out_whose_elements_may_overlap_is_refused_and_a_strided_slice_is_written():
+    """torch calls an as_strided layout's overlap "too hard to tell": such an out went to the kernel, which wrote
+    through overlapping rows and returned a silently wrong result (a bad-input probe).  The strides now decide:
+    a layout they cannot clear is refused; a slice (big[:, ::2]) or a transposed out is written correctly."""
+    x = torch.arange(20.0).view(4, 5)
+    coef = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    m = torch.ones(4, 5)
+    want = x + 0.5 * m
+    for bad in (torch.zeros(20).as_strided((4, 5), (2, 1)), torch.zeros(5).expand(4, 5),
+                torch.zeros(14).as_strided((4, 5), (3, 1))):
+        with pytest.raises(fused.OutOverlapError, match="out has elements that overlap or may overlap"):
+            fused.multistep_update(x, coef, [m], out=bad)
+    for good in (torch.zeros(4, 10)[:, ::2], torch.zeros(5, 4).t(), torch.zeros(8, 5)[::2],
+                 torch.zeros(40).as_strided((4, 5), (10, 2))):
+        got = fused.multistep_update(x, coef, [m], out=good)
+        assert got is good and torch.equal(good, want)
+
+
+def test_the_registered_ops_name_an_input_on_another_device():
+    """The fake kernels are the ops' meta kernels too: a call mixing a meta tensor (the stand-in for another device)
+    with CPU tensors reached them and returned x's empty_like -- uninitialised memory -- as the result."""
+    fused._lib()
+    x, coef = torch.ones(4, 5), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    meta_m = torch.ones(4, 5, device="meta")
+    with pytest.raises(RuntimeError, match=r"ld3_ext::multistep_update: history\[0\] is on meta but x is on cpu"):
+        torch.ops.ld3_ext.multistep_update(x, coef, [meta_m])
+    with pytest.raises(RuntimeError, match=r"ld3_ext::multistep_update: coef is on meta but x is on cpu"):
+        torch.ops.ld3_ext.multistep_update(x, coef.to("meta"), [torch.ones(4, 5)])
+    with pytest.raises(RuntimeError, match=r"multistep_update_backward: history\[0\] is on meta but grad is on cpu"):
+        torch.ops.ld3_ext.multistep_update_backward(torch.ones(4, 5), x, coef, [meta_m])
+    t = torch.tensor([80.0, 10.0, 1.0], dtype=torch.float64)
+    _, jac = torch.ops.ld3_ext.coefficient_table(t, 0, 0.0, 0.0, 1, 3, True, False, False, True)
+    with pytest.raises(RuntimeError, match=r"coefficient_table_backward: grad_table is on meta but jac is on cpu"):
+        torch.ops.ld3_ext.coefficient_table_backward(jac, torch.ones(2, 2, 5, dtype=torch.float64, device="meta"), t)
+    # all on one device: the ops run (meta: shapes only)
+    assert torch.ops.ld3_ext.multistep_update(x.to("meta"), coef.to("meta"), [meta_m]).device.type == "meta"
+    torch.testing.assert_close(torch.ops.ld3_ext.multistep_update(x, coef, [torch.ones(4, 5)]), 2 * x)
