@@ -233,14 +233,8 @@ class LearnedSchedule:
         """Warn (and return False) when used at another classifier-free guidance scale than trained for:
         the ODE, hence the best grid, changes with the scale."""
         from ._checks import guidance
-        a, b = self.guidance_scale, guidance("guidance_scale", guidance_scale)
-        same = (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a)))
-        if not same:
-            learned = f"at guidance scale {a}" if a is not None else "without guidance"
-            used = f"at {b}" if b is not None else "without guidance"
-            warnings.warn(f"this schedule was learned {learned}, and is being used {used}; "
-                          "learn one for this scale for best results", UserWarning, stacklevel=3)
-        return same
+        return guidance_matches(self.guidance_scale, guidance("guidance_scale", guidance_scale), "this schedule",
+                                stacklevel=4)
 
     def sample(self, model, x_T: torch.Tensor, solver=None, **model_kwargs) -> torch.Tensor:
         """``solver.sample(model, x_T, timesteps, model_timesteps=...)`` on x_T's device.
@@ -404,6 +398,20 @@ class LearnedSchedule:
         doc = {k: _writable(v, k, finite=k in ("solver", "schedule")) for k, v in self.to_dict().items()}
         atomic_write_json(path, doc)
         return os.fspath(path)
+
+
+def guidance_matches(learned: Optional[float], used: Optional[float], what: str, stacklevel: int = 3) -> bool:
+    """True when a grid learned at guidance scale ``learned`` is used at ``used`` (None: no guidance); else a
+    warning saying both (the ODE, hence the best grid, changes with the scale).  LearnedSchedule and LD3Scheduler
+    share it."""
+    same = (learned is None and used is None) or (
+        learned is not None and used is not None and abs(learned - used) <= 1e-9 * max(1.0, abs(learned)))
+    if not same:
+        was = f"at guidance scale {learned}" if learned is not None else "without guidance"
+        now = f"at {used}" if used is not None else "without guidance"
+        warnings.warn(f"{what} was learned {was}, and is being used {now}; learn one for this scale for best "
+                      "results", UserWarning, stacklevel=stacklevel)
+    return same
 
 
 def _fail(path, msg):

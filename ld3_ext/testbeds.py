@@ -93,15 +93,13 @@ class GaussianMixture:
         """(means, stds^2, log_weights) on ``device`` in ``dtype``, made once: on a GPU a copy from the host at
         every denoise would wait for the stream (and fail under CUDA-graph capture).  Keyed by the tensors'
         identity and version, so reassigning or editing them in place is seen."""
-        if device == self.means.device and dtype == self.means.dtype:
-            return self.means, self.stds ** 2, self.log_weights
+        def made(dev, dt):
+            return self.means.to(dev, dt), (self.stds ** 2).to(dev, dt), self.log_weights.to(dev, dt)
         params = (self.means, self.stds, self.log_weights)
-        if any(t.is_inference() for t in params):  # made under inference_mode: no version counter to key on
-            return self.means.to(device, dtype), (self.stds ** 2).to(device, dtype), self.log_weights.to(device, dtype)
+        if (device == self.means.device and dtype == self.means.dtype) or any(t.is_inference() for t in params):
+            return made(device, dtype)  # nothing to copy; or made under inference_mode: no version counter to key on
         key = tuple((id(t), t._version) for t in params)
-        cache = self.__dict__.setdefault("_on_device", {})
-        return cached_constants(cache, key, device, dtype, lambda dev, dt: (
-            self.means.to(dev, dt), (self.stds ** 2).to(dev, dt), self.log_weights.to(dev, dt)))
+        return cached_constants(self.__dict__.setdefault("_on_device", {}), key, device, dtype, made)
 
     def model(self, schedule: NoiseSchedule, float64: bool = False) -> DiffusionModel:
         """The exact denoiser as a data-prediction model on ``schedule`` (network time input = t).

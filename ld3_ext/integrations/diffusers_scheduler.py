@@ -184,14 +184,8 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
     def check_guidance(self, guidance_scale: Optional[float]) -> bool:
         """Warn (and return False) when the pipeline's guidance scale differs from the one the grid was learned
         at (``config.guidance_scale``, kept by save_pretrained/from_pretrained)."""
-        a, b = self.guidance_scale, _guidance_arg(guidance_scale)
-        same = (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a)))
-        if not same:
-            learned = f"at guidance scale {a}" if a is not None else "without guidance"
-            used = f"at {b}" if b is not None else "without guidance"
-            warnings.warn(f"this LD3Scheduler's grid was learned {learned}, and is being used {used}; "
-                          "learn one for this scale for best results", UserWarning, stacklevel=2)
-        return same
+        from ..schedule_file import guidance_matches
+        return guidance_matches(self.guidance_scale, _guidance_arg(guidance_scale), "this LD3Scheduler's grid")
 
     @classmethod
     def from_timesteps(cls, timesteps, model_timesteps=None, solver: Union[Solver, Dict[str, Any], str] = "dpmpp",
