@@ -225,6 +225,8 @@ class _WholeSampler(torch.autograd.Function):
                 if depends(out, (xl, tl)):
                     raise ForeignGradients()
             val = out.detach()
+            if val.is_neg():  # a lazily negated view: the kernels read raw storage
+                val = val.resolve_neg()
             if native:  # one copy here, not one in each update and reverse step that reads it (layout.py)
                 val = in_layout_of(val, x)
             outs.append(val)
@@ -426,7 +428,7 @@ def _model_vjp(ctx, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, w
     res = _vjp(out, inputs, gm)
     v = res[0] if want_x else None
     gt = res[-1] if want_t else None
-    if v is not None and not (v.stride() == gm.stride() and v.dtype == gm.dtype):
+    if v is not None and not (v.stride() == gm.stride() and v.dtype == gm.dtype and not v.is_neg()):
         # the next reverse step writes lambda_i into v in place, in its layout: the layout of the step (gm's)
         v = torch.empty_like(gm).copy_(v)
     return v, gt

@@ -176,6 +176,8 @@ def _table_checked(schedule, t64: torch.Tensor, spec: SolverSpec) -> torch.Tenso
     reference table where the schedule has no native form (e.g. ``VPDiscrete``)."""
     if t64.dtype != torch.float64:
         t64 = t64.to(torch.float64)
+    if t64.is_neg():  # the kernels read raw storage: a lazily negated grid is resolved (a copy), as torch ops do
+        t64 = t64.resolve_neg()
     native = schedule.native_spec()
     if native is None or not _device_supported(t64.device) or composite_only(t64):
         return coefficient_table_reference(schedule, t64, spec, validate=False)
@@ -212,15 +214,21 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
                 return _C.multistep_update(x, coef, history, out)
         except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
             failure = exc
-        if failure is not None:  # raised outside the except block: no chained traceback
+        if failure is not None and not _lazily_negated(x, coef, history):  # (raised outside the except block)
             _check_update(x, coef, history)
             if composite_only(x, coef, *history, out):  # a torch.func transform's wrapped tensors
                 return _reference_update(x, coef, history, out)
             if out is not None:
                 _check_out(x, coef, history, out)
             raise failure
-        # otherwise (an out= the fast path does not take) the checks below run once
+        # otherwise (an out= the fast path does not take, a lazily negated input) the checks below run once
     _check_update(x, coef, history)
+    if _lazily_negated(x, coef, history):
+        # the kernels read raw storage, where torch._neg_view(t) and z.conj().imag keep the values unnegated:
+        # resolved here (a differentiable copy), as torch's own ops do.  An out= of that kind stays refused
+        # (writing into a copy would leave it unchanged)
+        x, coef = x.resolve_neg(), coef.resolve_neg()
+        history = [m.resolve_neg() for m in history]
     if coef.dtype != torch.float64:
         coef = coef.to(torch.float64)
     if not _device_supported(x.device) or composite_only(x, coef, *history, out):
@@ -234,6 +242,10 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
     if torch.compiler.is_compiling():
         return torch.ops.ld3_ext.multistep_update(x, coef, history)
     return _update_eager(x, coef, history)
+
+
+def _lazily_negated(x, coef, history) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_neg() for t in (x, coef, *history))
 
 
 def _reference_update(x, coef, history, out):

@@ -135,7 +135,7 @@ def test_adjoint_step_names_the_index_of_a_bad_older_term():
 def test_update_names_the_index_of_a_negated_history_term():
     x, m = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
     with pytest.raises(RuntimeError, match=re.escape("multistep_update: history[1] is a lazily negated")):
-        fused.multistep_update(x, torch.tensor([0.5, 0.2, 0.1], dtype=D), [m, torch._neg_view(m)])
+        _native.get().multistep_update(x, torch.tensor([0.5, 0.2, 0.1], dtype=D), [m, torch._neg_view(m)])
 
 
 def test_table_entry_points_name_a_sparse_argument():
