@@ -327,3 +327,27 @@ def test_fit_names_a_meta_tensor(which):
 def test_reference_solution_names_a_meta_x_T():
     with pytest.raises(ValueError, match="x_T is on the meta device"):
         testbeds.ring2d().reference_solution(EDM(), torch.randn(3, 2).to("meta"))
+
+
+@pytest.mark.parametrize("name", ["checkpoint_dir", "teacher_cache"])
+def test_fit_names_a_folder_it_cannot_create_before_any_work(tmp_path, name, monkeypatch):
+    """A checkpoint_dir (or teacher cache) under a file failed inside fit() with os.makedirs' OSError, which names
+    a path but not the argument; now fit() checks both folders first (no teacher made, no round trained)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    bad = str(afile / "sub")
+    made = []
+    monkeypatch.setattr(LD3Trainer, "_fit", lambda self, *a, **k: made.append(1))
+    with pytest.raises(NotADirectoryError, match=rf"^\[Errno \d+\] {name} '.*afile/sub': cannot create it or write there"):
+        _trainer(**{name: bad}).fit()
+    assert made == []
+
+
+def test_fit_with_given_pairs_does_not_create_the_teacher_cache(tmp_path, monkeypatch):
+    """The teacher cache is checked (and so created) only when fit() will generate the teacher."""
+    monkeypatch.setattr(LD3Trainer, "_fit", lambda self, *a, **k: None)
+    tr = _trainer(checkpoint_dir=str(tmp_path / "ck"))
+    tr.fit(torch.randn(4, 2), torch.randn(4, 2))
+    assert (tmp_path / "ck").is_dir() and not (tmp_path / "ck" / "teacher").exists()
+    tr.fit()
+    assert (tmp_path / "ck" / "teacher").is_dir()

@@ -422,6 +422,7 @@ class LD3Trainer:
         their flags are restored when it returns or raises.
         """
         self._check_ranks_agree()
+        self._check_folders(teacher=noise is None)
         frozen = self._freeze_weights()
         try:
             # training differentiates whatever the caller's mode: under torch.no_grad() (or inference_mode) the
@@ -432,6 +433,22 @@ class LD3Trainer:
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+
+    def _check_folders(self, teacher: bool) -> None:
+        """checkpoint_dir and (when the teacher is generated) teacher_cache made and writable before any work, named
+        in the error: os.makedirs failed later with an OSError naming only a path, or (a read-only folder) the first
+        checkpoint write failed after a round of training."""
+        import tempfile
+        for name, path in (("checkpoint_dir", self.checkpoint_dir), ("teacher_cache", self.teacher_cache)):
+            if path is None or (name == "teacher_cache" and not teacher):
+                continue
+            try:
+                os.makedirs(path, exist_ok=True)
+                with tempfile.TemporaryFile(dir=path):
+                    pass
+            except OSError as exc:
+                raise type(exc)(exc.errno, f"{name} {path!r}: cannot create it or write there "
+                                           f"({exc.strerror or exc})") from None
 
     def _check_ranks_agree(self) -> None:
         """Under torch.distributed every rank must hold the same model (weights hash) and settings: a rank
