@@ -176,7 +176,9 @@ def _table_checked(schedule, t64: torch.Tensor, spec: SolverSpec) -> torch.Tenso
     reference table where the schedule has no native form (e.g. ``VPDiscrete``)."""
     if t64.dtype != torch.float64:
         t64 = t64.to(torch.float64)
-    if t64.is_neg():  # the kernels read raw storage: a lazily negated grid is resolved (a copy), as torch ops do
+    if not torch.compiler.is_compiling() and t64.is_neg():
+        # the kernels read raw storage: a lazily negated grid is resolved (a copy), as torch ops do (a trace
+        # cannot ask is_neg(); the traced custom op's inputs are functionalised)
         t64 = t64.resolve_neg()
     native = schedule.native_spec()
     if native is None or not _device_supported(t64.device) or composite_only(t64):
@@ -245,6 +247,8 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
 
 
 def _lazily_negated(x, coef, history) -> bool:
+    if torch.compiler.is_compiling():  # a trace cannot ask is_neg(); the traced custom op's inputs are functionalised
+        return False
     return any(isinstance(t, torch.Tensor) and t.is_neg() for t in (x, coef, *history))
 
 

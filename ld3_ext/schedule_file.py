@@ -458,7 +458,8 @@ def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
 
 
 def load_schedule(path: str) -> LearnedSchedule:
-    """Load and validate a schedule file; raises :class:`ScheduleFileError` on any problem."""
+    """Load and validate a schedule file; raises :class:`ScheduleFileError` on any problem with its contents
+    (``FileNotFoundError`` for a missing path, ``IsADirectoryError`` for a folder, as ``open`` does)."""
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)

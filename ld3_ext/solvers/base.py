@@ -303,10 +303,10 @@ class Solver:
         if x_T.dim() < 1 or x_T.shape[0] == 0:
             raise ValueError(f"x_T must have a non-empty batch dimension, got shape {tuple(x_T.shape)}")
         check_model_kwargs(model_kwargs, "sample")
-        if x_T.is_neg():  # a lazily negated view (z.conj().imag): the fused kernels read raw storage
-            x_T = x_T.resolve_neg()
         schedule = model.schedule
         compiling = _compiling()
+        if not compiling and x_T.is_neg():  # a lazily negated view (z.conj().imag): the fused kernels read storage
+            x_T = x_T.resolve_neg()
         # value checks read tensors back to the host: not traceable, and not allowed while a CUDA graph is
         # being captured -- only the type/shape/dtype/device checks run then
         values = not (compiling or _capturing())

@@ -124,7 +124,8 @@ class LD3Trainer:
     Parameters (defaults: the paper's pixel configs, LD3.md 1.3, sized for CPU speed, except where measured
     better: ``loss="pseudo_huber"`` (paper: LPIPS), ``init="auto"`` and ``time_mode="auto"`` (paper: fixed),
     selection on the hard validation loss (original: relaxed) and the lambda-mode window on lambda gaps
-    (original: on logit differences); README "Deviations" lists each)
+    (original: on logit differences); the README's "Conventions and deliberate differences from the original
+    LD3 code" lists each)
     ----------
     model : DiffusionModel (``ld3_ext.wrap_model``); its weights are never updated.
     schedule : its NoiseSchedule (default: ``model.schedule``; must agree with it).
