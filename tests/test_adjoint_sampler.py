@@ -358,6 +358,30 @@ def test_backward_re_evaluation_checks_outputs_once_when_deferred(deferred):
 
 
 @native
+def test_solver_backward_with_deferred_checks_reports_a_re_evaluation_nan(monkeypatch):
+    """Through Solver.sample (as on CUDA, where the solvers pass the model's deferred_output_checks): step 0 is the
+    caller's own evaluation (``first=``), which the engine re-runs only after the node's backward returns, so a NaN
+    queued by a re-evaluation (step n - 2) is raised once the node has re-evaluated steps n-1..1: 2n - 1 calls in
+    all, the count tests/test_cuda_ops.py expects on a GPU."""
+    from ld3_ext.solvers import base
+    monkeypatch.setattr(base.Solver, "_backward_checks", staticmethod(lambda model, x: model.deferred_output_checks))
+    calls, n = [], 6
+
+    def net(x, t):
+        calls.append(1)
+        return 0.5 * x * (float("nan") if len(calls) == n + 2 else 1.0)  # the re-evaluation of step n - 2
+    model = ld3_ext.wrap_model(net, ld3_ext.EDM(), prediction="x0")
+    t = ld3_ext.discretizations.edm(ld3_ext.EDM(), n).requires_grad_()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    y = ld3_ext.DPMSolverPP(order=3, checkpoint_model=True).sample(model, x, t)
+    assert type(y.grad_fn).__name__ == "_WholeSamplerBackward" and len(calls) == n
+    with pytest.raises(ld3_ext.ModelOutputError, match=f"at step {n - 2}"):
+        torch.autograd.grad(y.sum(), t)
+    assert len(calls) == 2 * n - 1  # queued, not raised at once: steps n-1..1 re-evaluated, step 0 not reached
+    assert model._deferred is None
+
+
+@native
 def test_trainable_weights_fall_back_to_per_step_path():
     """A network whose weights require grad: the adjoint node declines, weight gradients are exact."""
     schedule = ld3_ext.EDM()
