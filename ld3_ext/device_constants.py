@@ -33,6 +33,11 @@ def cached_constants(cache: Dict, key: Hashable, device: torch.device, dtype: to
     found = cache.get(full_key)
     if found is not None:
         return found
+    if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+        # the copy from host memory would fail inside the capture with torch's generic "operation not permitted"
+        raise RuntimeError(f"ld3_ext: the constants {key!r} are first needed on {device} ({dtype}) inside a CUDA-graph "
+                           f"capture, where they cannot be copied to the device: run the same call once before "
+                           f"capturing (the warm-up a capture needs anyway)")
     with torch.inference_mode(False):
         made = make(device, dtype)
     if plain_context() and all(type(t) is torch.Tensor for t in made):  # not a fake mode's FakeTensor

@@ -57,7 +57,8 @@ def _dots_close(a, b, dtype, terms):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K", [0, 1, 3, 4])
 def test_update_forward_and_backward_match_cpu(emu, dtype, K):
-    """Two and a ragged part of a block; the forward's grid (2 SMs x 8 blocks) wraps around."""
+    """Two and a ragged part of a block; the forward's grid (2 SMs x 3 resident blocks: the shim's occupancy) wraps
+    around."""
     g = torch.Generator().manual_seed(K)
     n = 2 * BLOCK + 4 * 256 * 8 * 2 + 13
     x, grad = _randn(n, dtype, g), _randn(n, dtype, g)

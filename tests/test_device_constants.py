@@ -63,3 +63,20 @@ def test_a_table_under_torch_func_first_leaves_later_tables_right():
         torch.testing.assert_close(xs.grad, want, rtol=1e-12, atol=1e-12)
     assert {k[0] for k in coefficients._ON_DEVICE} == {"phi", "k!"}
     assert all(type(v) is torch.Tensor for vals in coefficients._ON_DEVICE.values() for v in vals)
+
+
+def test_first_made_inside_a_cuda_graph_capture_is_refused_with_a_hint(monkeypatch):
+    """A constant first needed inside a capture would be a host-to-device copy there, which CUDA refuses with a
+    generic error; it is named, with the remedy (a warm-up call), and nothing is made or kept.  Shown without a GPU:
+    the capture flag is patched, and the refusal comes before any copy."""
+    cache, calls = {}, []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"'knots' are first needed on cuda:0 .*inside a CUDA-graph capture.*run the "
+                                           r"same call once before capturing"):
+        cached_constants(cache, "knots", torch.device("cuda:0"), torch.float32, _maker(calls))
+    assert calls == [] and cache == {}
+    # a copy made before the capture is served during it; CPU constants are never refused
+    cache[("knots", torch.device("cuda:0"), torch.float32)] = (torch.zeros(1),)
+    assert cached_constants(cache, "knots", torch.device("cuda:0"), torch.float32, _maker(calls))[0].numel() == 1
+    cached_constants(cache, "knots", torch.device("cpu"), torch.float32, _maker(calls))
+    assert len(calls) == 1

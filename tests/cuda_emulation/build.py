@@ -68,7 +68,7 @@ def emulated_source(cu_text: str) -> str:
     if n_launch == 0 or "<<<" in text:
         raise ValueError("kernel launches were not all rewritten")
     # CPU tensors have no device index (-1): the emulated GPU is device 0, whose SM count the shim
-    # reports as 2, so the forward's grid (8 blocks per SM) is small and its grid-stride loop wraps
+    # reports as 2 with 3 resident blocks each, so the forward's grid is small and its grid-stride loop wraps
     text = re.sub(r"\b\w+\.device\(\)\.index\(\)", "0", text)
     return text.replace(".is_cuda()", ".is_cpu()")
 
