@@ -27,6 +27,7 @@ from ._checks import seed as check_seed
 from .atomic_io import atomic_write_text, json_safe
 from .discretizations import DISCRETIZATIONS
 from .training.losses import LOSSES
+from .training.trainer import MAX_NFE
 from .solvers import ORDERLESS, SOLVERS, as_solver, solver_from_config
 
 BASELINES = ["time_uniform", "time_quadratic", "logsnr", "edm"]
@@ -86,6 +87,7 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
 
 
 TEACHER_DEFAULTS = {"teacher_solver": "unipc", "teacher_order": 3, "teacher_nfe": 20}
+MAX_TEACHER_NFE = 10_000  # a reference solve of the digits model at 10,000 evaluations already takes minutes
 
 
 def _fill_teacher_defaults(args) -> None:
@@ -104,7 +106,14 @@ def _use_recorded_teacher(args, learned) -> None:
     otherwise: a schedule trained with --teacher-nfe 40 is not judged against a 20-NFE solve."""
     from .discretizations import DISCRETIZATIONS
     rec = (learned.training or {}).get("teacher") if learned is not None else None
-    if args.teacher_given or not isinstance(rec, dict) or rec.get("kind") != "solver":
+    if args.teacher_given or rec is None:
+        return
+    if not isinstance(rec, dict) or rec.get("kind") not in ("solver", "exact", "callable", "given"):
+        # a record no trainer writes (damaged or hand-edited): said, as for a solver record that cannot be rebuilt
+        print(f"note: the teacher this schedule records ({rec!r}) is not one ld3 can read; scoring against the "
+              "default teacher (or pass --teacher-solver/--teacher-order/--teacher-nfe)", file=sys.stderr)
+        return
+    if rec.get("kind") != "solver":  # the exact solution of a test bed, a Python callable or given pairs
         return
     cfg, nfe, grid = rec.get("solver"), rec.get("nfe"), rec.get("discretization")
     usable = isinstance(cfg, dict) and cfg.get("name") in SOLVER_CHOICES and isinstance(nfe, int) \
@@ -339,7 +348,10 @@ def _model_from_file(learned, path: str) -> str:
     spec = (learned.model or {}).get("spec")
     if not spec:
         raise UsageError(f"--model: {path} does not record which model it was trained for; pass --model")
-    if not isinstance(spec, str) or not (is_builtin(spec) or canonical_spec(spec).startswith("diffusers:")):
+    if not isinstance(spec, str):
+        raise UsageError(f"--model: {path} records no valid model (its model spec is {spec!r}, not a name); pass "
+                         f"--model")
+    if not (is_builtin(spec) or canonical_spec(spec).startswith("diffusers:")):
         raise UsageError(f"--model: {path} records the model factory {spec!r}; a schedule file never makes ld3 "
                          f"import code: pass --model {spec} yourself if you trust it")
     return spec
@@ -372,6 +384,13 @@ def _missing_folders(path: str) -> List[str]:
     return missing
 
 
+def _schedule_not_a_folder(path: str) -> None:
+    if os.path.isdir(path):  # else a bare IsADirectoryError, naming no flag
+        hint = os.path.join(path, "schedule.json")
+        hint = f" (pass {hint})" if os.path.isfile(hint) else ""
+        raise UsageError(f"--schedule: {path} is a folder, not a schedule file{hint}")
+
+
 def cmd_sample(args) -> int:
     from .plotting import sample_grid
     learned = None
@@ -379,6 +398,7 @@ def cmd_sample(args) -> int:
         from .schedule_file import load_schedule
         if not os.path.exists(args.schedule):
             raise UsageError(f"--schedule: no schedule file at {args.schedule}")
+        _schedule_not_a_folder(args.schedule)
         learned = load_schedule(args.schedule)
     elif os.path.isfile(os.path.join(args.out, "schedule.json")):
         # `ld3 eval --out DIR` scores DIR's schedule by itself; sample compares it only when asked
@@ -524,6 +544,15 @@ def _train_lock(out: str):
             os.close(fd)  # releases the lock
 
 
+def _trained_in(seconds: float, learned) -> str:
+    """This run's time; and the schedule file's training time when that is longer (a resumed run: the file counts
+    the earlier runs' training too, and the two figures looked contradictory)."""
+    total = (learned.metrics or {}).get("train_seconds")
+    if isinstance(total, (int, float)) and total > seconds + 1.0:
+        return f"trained in {seconds:.1f}s ({total:.1f}s of training in all, with the run this one resumed)"
+    return f"trained in {seconds:.1f}s"
+
+
 def _train_locked(args, model, schedule, solver, dtype) -> int:
     from .training import LD3Trainer
     from . import distributed
@@ -543,8 +572,9 @@ def _train_locked(args, model, schedule, solver, dtype) -> int:
     learned = trainer.fit()
     if distributed.is_rank0():
         path = os.path.join(args.out, "schedule.json")
+        took = _trained_in(time.time() - t0, learned)
         if _holds_schedule(path, learned):
-            _say(f"trained in {time.time() - t0:.1f}s; {path} already holds this schedule: kept as it is")
+            _say(f"{took}; {path} already holds this schedule: kept as it is")
             # a run stopped between writing this schedule and setting aside the eval of the one it replaced left
             # that eval.json looking current: one that records another schedule's sha256 goes now
             _set_aside_stale_eval(args.out, path, None, recorded_only=True)
@@ -555,7 +585,7 @@ def _train_locked(args, model, schedule, solver, dtype) -> int:
             _set_aside_stale_eval(args.out, path, replaced)
             if kept is not None:
                 print(f"note: the schedule {path} held before is kept as {kept}", file=sys.stderr)
-            _say(f"trained in {time.time() - t0:.1f}s; wrote {path}")
+            _say(f"{took}; wrote {path}")
         _say("timesteps:       " + ", ".join(f"{v:.5g}" for v in learned.timesteps.tolist()))
         _say("model_timesteps: " + ", ".join(f"{v:.5g}" for v in learned.model_timesteps.tolist()))
     return 0
@@ -673,6 +703,7 @@ def cmd_eval(args) -> int:
     if not os.path.exists(path):
         hint = "" if args.schedule else f" (run `ld3 train --out {args.out}` first, or pass --schedule)"
         raise UsageError(f"--schedule: no schedule file at {path}{hint}")
+    _schedule_not_a_folder(path)
     evaluated = _file_sha256(path)  # recorded in eval.json: which schedule its numbers are of
     learned = load_schedule(path)
     if _file_sha256(path) != evaluated:
@@ -688,6 +719,11 @@ def cmd_eval(args) -> int:
     if low:  # refused now, not after the teacher and every sample have run
         raise UsageError(f"--nfe-curve {low}: {solver.name} spends {solver.nfe(1)} evaluations a step; use "
                          f"values >= {solver.nfe(1)}")
+    moved = {k: solver.nfe(solver.steps_for_nfe(k)) for k in args.nfe_curve or []}
+    moved = {k: v for k, v in moved.items() if v != k}
+    if moved:  # said now, not only visible in eval.json's curves
+        print(f"note: --nfe-curve: {solver.name} spends {solver.nfe(1)} evaluations a step, so "
+              + ", ".join(f"{k} runs as {v}" for k, v in sorted(moved.items())), file=sys.stderr)
     fd = None
     if args.model == "digits":
         try:
@@ -859,7 +895,11 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ld3", description="Learn and use LD3 sampling schedules.", allow_abbrev=False,
                                 epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"ld3 (ld3_ext {__version__})")
+    # COMMAND, not the dest: a bare `ld3` said "the following arguments are required: cmd"
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                           help="sample | teacher | train | eval | export-diffusers | info (`ld3 COMMAND --help`)")
     sub_kw = dict(allow_abbrev=False, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     s = sub.add_parser("sample", **sub_kw,
@@ -993,9 +1033,15 @@ def _check_counts(args) -> None:
         low = 0 if flag.startswith("rounds") else 1
         if v is not None and v < low:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
+    for flag, high in (("nfe", MAX_NFE), ("teacher_nfe", MAX_TEACHER_NFE)):
+        v = getattr(args, flag, None)
+        if v is not None and v > high:  # a huge NFE ran on for minutes, then failed naming an internal parameter
+            raise UsageError(f"--{flag.replace('_', '-')} must be <= {high}, got {v}")
+    if getattr(args, "rounds_v1", None) == 0 and getattr(args, "rounds_v2", None) == 0:
+        raise UsageError("--rounds-v1 and --rounds-v2 are both 0: train needs at least one round")
     for k in getattr(args, "nfe_curve", None) or []:
-        if k < 1:
-            raise UsageError(f"--nfe-curve values must be >= 1, got {k}")
+        if not 1 <= k <= MAX_NFE:
+            raise UsageError(f"--nfe-curve values must be in 1..{MAX_NFE}, got {k}")
     seed = getattr(args, "seed", 0)
     try:
         check_seed("--seed", seed)

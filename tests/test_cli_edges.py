@@ -2,6 +2,7 @@
 checked before the work of `ld3 teacher` and `ld3 export-diffusers`, and --scheduler-config errors."""
 import hashlib
 import json
+import re
 import os
 import subprocess
 import sys
@@ -444,6 +445,27 @@ def test_eval_scores_against_the_recorded_teacher_on_its_own_grid(tmp_path, caps
     assert ("cannot be rebuilt here" in err) == (used == "logsnr")
 
 
+@pytest.mark.parametrize("record,noted", [("garbage", True), ({"nfe": "x"}, True), ({"kind": "magic"}, True),
+                                           ({"kind": "exact", "reference": "ring2d"}, False)])
+def test_eval_says_when_the_recorded_teacher_is_no_record_it_can_read(tmp_path, capsys, monkeypatch, record, noted):
+    """A teacher record that no trainer writes (a string, no kind, an unknown kind) was replaced by the default
+    teacher without the note a solver record that cannot be rebuilt gets (found by a CLI review)."""
+    from ld3_ext import VPLinear, discretizations
+    from ld3_ext.schedule_file import LearnedSchedule
+    from ld3_ext.solvers import UniPC
+    spec = _f32_factory(monkeypatch, "ld3_teacher_record_mod")
+    s = VPLinear()
+    path = str(tmp_path / "schedule.json")
+    LearnedSchedule(discretizations.logsnr_uniform(s, 4), solver_config=UniPC(order=2).config(), nfe=4,
+                    schedule_config=s.config(), training={"teacher": record}).save(path)
+    rc, text, err = _run(["eval", "--schedule", path, "--model", spec, "--n", "4", "--skip-model-baselines",
+                          "--nfe-curve", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    assert ("is not one ld3 can read; scoring against the default teacher" in err) == noted, err
+    teacher = json.loads((tmp_path / "o" / "eval.json").read_text())["teacher"]
+    assert teacher["nfe"] == 20 and teacher["discretization"] == "logsnr"
+
+
 # ------------------------------------------------------------------------------------------------
 # review findings: a stale eval.json left by an interrupt, a refused export's folders, two messages
 def test_an_eval_json_left_by_an_interrupt_after_the_schedule_was_written_is_set_aside_on_rerun(tmp_path, capsys,
@@ -538,3 +560,95 @@ def test_export_of_a_schedule_no_diffusers_network_reads_fails_without_a_warning
     assert "schedule_config type 'EDM'" in err and "VPDiscrete" in err
     assert "warning" not in err and "assuming" not in err
     assert not (tmp_path / "sched").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# review findings (CLI walkthrough, 2026-12-06): bounds, names and notes
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--nfe", "100000000000"], "--nfe must be <= 1000, got 100000000000"),
+    (["sample", "--nfe", "1001"], "--nfe must be <= 1000, got 1001"),
+    (["train", "--teacher-nfe", "20000"], "--teacher-nfe must be <= 10000, got 20000"),
+    (["eval", "--nfe-curve", "2", "5000"], r"--nfe-curve values must be in 1\.\.1000, got 5000"),
+    (["train", "--rounds-v1", "0", "--rounds-v2", "0"], "--rounds-v1 and --rounds-v2 are both 0"),
+])
+def test_out_of_range_counts_are_refused_naming_the_flag(tmp_path, capsys, argv, match):
+    """A huge --nfe ran on for minutes, then failed naming min_gap_fraction; both rounds 0 named rounds_v1 (Python)."""
+    rc, _, err = _run(argv + ["--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and re.search(match, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_nfe_bound_names_nfe():
+    from ld3_ext.solvers import DPMSolverPP
+    from ld3_ext.training.trainer import MAX_NFE, check_nfe
+    assert check_nfe(DPMSolverPP(3), MAX_NFE) == MAX_NFE
+    with pytest.raises(ValueError, match=r"^nfe=1001 is beyond what LD3 is for: at most 1000"):
+        check_nfe(DPMSolverPP(3), MAX_NFE + 1)
+
+
+@pytest.mark.parametrize("cmd", ["eval", "sample"])
+def test_a_schedule_flag_naming_a_folder_is_refused_naming_it(tmp_path, capsys, cmd):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "schedule.json").write_text(open(_schedule_file(tmp_path)).read())
+    rc, _, err = _run([cmd, "--schedule", str(folder), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and f"--schedule: {folder} is a folder, not a schedule file (pass {folder / 'schedule.json'})" \
+        in err, err
+
+
+def test_a_model_record_that_is_no_name_is_refused_as_such(tmp_path, capsys):
+    """model.spec 5 was reported as 'the model factory 5 ... pass --model 5 yourself if you trust it'."""
+    from ld3_ext.schedule_file import load_schedule
+    learned = load_schedule(_schedule_file(tmp_path))
+    learned.model = {"spec": 5}
+    with pytest.raises(cli.UsageError, match=r"records no valid model \(its model spec is 5, not a name\); pass "
+                                             r"--model"):
+        cli._model_from_file(learned, "s.json")
+
+
+def test_heun_curve_points_that_run_at_another_nfe_are_said(tmp_path, capsys):
+    from ld3_ext import EDM, discretizations
+    from ld3_ext.schedule_file import LearnedSchedule
+    from ld3_ext.solvers import Heun
+    s = EDM()
+    path = str(tmp_path / "schedule.json")
+    LearnedSchedule(discretizations.logsnr_uniform(s, 2), solver_config=Heun().config(), nfe=4,
+                    schedule_config=s.config(), model={"spec": "gmm:ring2d"}).save(path)
+    rc, _, err = _run(["eval", "--schedule", path, "--n", "4", "--skip-model-baselines", "--nfe-curve", "2", "3",
+                       "4", "5", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    assert "note: --nfe-curve: heun spends 2 evaluations a step, so 3 runs as 2, 5 runs as 4" in err, err
+    curves = json.loads((tmp_path / "o" / "eval.json").read_text())["curves"]
+    assert sorted({k for k, _ in curves["logsnr"]}) == [2, 4]
+
+
+def test_trained_in_names_the_total_of_a_resumed_run():
+    from types import SimpleNamespace
+    assert cli._trained_in(6.54, SimpleNamespace(metrics={"train_seconds": 12.8})) == \
+        "trained in 6.5s (12.8s of training in all, with the run this one resumed)"
+    assert cli._trained_in(6.54, SimpleNamespace(metrics={"train_seconds": 6.0})) == "trained in 6.5s"
+    assert cli._trained_in(6.54, SimpleNamespace(metrics=None)) == "trained in 6.5s"
+
+
+def test_bare_ld3_names_the_command_and_version_prints(capsys):
+    rc, _, err = _run([], capsys)
+    assert rc == 2 and "the following arguments are required: COMMAND" in err
+    import ld3_ext
+    rc, out, _ = _run(["--version"], capsys)
+    assert rc == 0 and out.strip() == f"ld3 (ld3_ext {ld3_ext.__version__})"
+
+
+def test_export_of_a_schedule_learned_for_no_diffusers_model_says_so(tmp_path, capsys):
+    """A schedule of the flow test bed (an x0 model) failed as "prediction_type='sample' does not fit a FlowMatching
+    schedule", a prediction type the user never gave."""
+    from ld3_ext import FlowMatching, discretizations
+    from ld3_ext.schedule_file import LearnedSchedule
+    from ld3_ext.solvers import UniPC
+    s = FlowMatching()
+    path = str(tmp_path / "schedule.json")
+    LearnedSchedule(discretizations.logsnr_uniform(s, 4), solver_config=UniPC(order=2).config(), nfe=4,
+                    schedule_config=s.config(), model={"spec": "gmm:ring2d@flow", "prediction": "x0"}).save(path)
+    rc, _, err = _run(["export-diffusers", path, "--out", str(tmp_path / "x")], capsys)
+    assert rc == 2 and "was learned for a model that predicts 'x0' on a FlowMatching schedule" in err \
+        and "this schedule is not for a diffusers model" in err, err
+    assert not (tmp_path / "x").exists()

@@ -256,6 +256,15 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
                           stacklevel=2)
         if isinstance(sched, FlowMatching):
             kw.setdefault("prediction_type", "flow_prediction")
+        if (kw.get("prediction_type") == "flow_prediction") != isinstance(sched, FlowMatching) and theirs is not None \
+                and "prediction_type" not in overrides and scheduler_config is None:
+            # the file's own record is what does not fit (a test bed's x0 model on a flow schedule): said so, not
+            # as a prediction_type the caller never gave
+            raise DiffusersConfigError(
+                f"{path} was learned for a model that predicts {recorded!r} on a {type(sched).__name__} schedule; a "
+                f"diffusers pipeline's network on that schedule predicts "
+                f"{'velocity (flow_prediction)' if isinstance(sched, FlowMatching) else 'epsilon, v or the sample'}: "
+                f"this schedule is not for a diffusers model")
         if isinstance(sched, VPDiscrete):
             kw["num_train_timesteps"] = sched.num_train_timesteps
         if scheduler_config is None:

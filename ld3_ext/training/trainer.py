@@ -69,10 +69,15 @@ class CheckpointMismatchError(RuntimeError):
     """checkpoint_dir holds a training state made with other settings."""
 
 
+# LD3 learns schedules for few-step sampling; far above this its initialisations (DMN's dense grid search) and a
+# training round take hours or fail on memory, naming their own parameters rather than nfe
+MAX_NFE = 1000
+
+
 def check_nfe(solver: Solver, nfe: int) -> int:
     """Validate the NFE for ``solver`` and return the number of grid intervals N.
 
-    Rules: NFE must be an int >= 2 (with one interval the grid is just [t_max, t_min]: nothing to
+    Rules: NFE must be an int >= 2 and <= MAX_NFE (with one interval the grid is just [t_max, t_min]: nothing to
     learn); it must be reachable by the solver (Heun: an even number); and a multistep solver of
     order K needs N >= K steps (its first K-1 steps are the lower-order warm-up).  Short grids where the
     warm-up plus ``lower_order_final`` never reach order K (e.g. order 3 at NFE 4: orders 1,2,2,1) are
@@ -85,6 +90,9 @@ def check_nfe(solver: Solver, nfe: int) -> int:
         raise ValueError(f"nfe={nfe} is too small: LD3 needs two steps, nfe >= {max(solver.nfe(2), 2)} for "
                          f"{type(solver).__name__} (with one step the grid is fixed to [t_max, t_min] and there is "
                          "nothing to learn)") from None
+    if nfe > MAX_NFE:
+        raise ValueError(f"nfe={nfe} is beyond what LD3 is for: at most {MAX_NFE} network evaluations (it learns "
+                         f"schedules for few-step sampling; the teacher is the many-step solve)")
     steps = solver.exact_steps(nfe, "nfe", min_steps=2)
     if steps < 2:
         raise ValueError(f"nfe={nfe} gives {type(solver).__name__} a single step: nothing to learn; use "
