@@ -299,9 +299,10 @@ def test_out_that_is_a_file_is_refused_first(tmp_path):
 
 
 def test_os_errors_are_one_line(tmp_path, capsys):
-    rc = cli.main(["eval", "--model", "gmm:ring2d", "--schedule", str(tmp_path), "--out", str(tmp_path / "o")])
+    (tmp_path / "o" / "teacher" / "meta.json").mkdir(parents=True)  # a folder where the cache's file goes
+    rc = cli.main(["teacher", "--model", "gmm:ring2d", "--n-train", "2", "--n-valid", "2", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and "IsADirectoryError" in err and "Traceback" not in err
+    assert rc == 2 and "IsADirectoryError" in err and "meta.json" in err and "Traceback" not in err
 
 
 def test_ctrl_c_is_one_line_with_the_resume_hint(tmp_path, monkeypatch, capsys):
@@ -450,7 +451,7 @@ def test_sample_and_eval_noises_never_are_the_teachers(tmp_path):
     (["teacher", "--n-train", "-3"], "--n-train must be >= 1"),
     (["teacher", "--n-valid", "0"], "--n-valid must be >= 1"),
     (["sample", "--teacher-nfe", "0"], "--teacher-nfe must be >= 1"),
-    (["eval", "--nfe-curve", "4", "0"], "--nfe-curve values must be >= 1"),
+    (["eval", "--nfe-curve", "4", "0"], "--nfe-curve values must be in 1..1000"),
     (["sample", "--seed", str(2 ** 64)], r"--seed must be in \[0, 2\*\*63\)"),
     (["sample", "--seed", "-1"], r"--seed must be in"),
     (["sample", "--device", "meta"], "meta device holds no values"),

@@ -41,7 +41,7 @@ BAD_FLAGS = {
     "sample": (["--nfe", "0"], "--nfe must be >= 1"),
     "teacher": (["--n-train", "0"], "--n-train must be >= 1"),
     "train": (["--solver", "euler", "--order", "2"], "--order: euler has no order setting"),
-    "eval": (["--nfe-curve", "0"], "--nfe-curve values must be >= 1"),
+    "eval": (["--nfe-curve", "0"], "--nfe-curve values must be in 1..1000"),
     "export-diffusers": ([], "schedule file not found: schedule.json"),
 }
 
