@@ -500,6 +500,10 @@ def _train(args) -> int:
         check_nfe(solver, args.nfe)  # as the trainer checks it, but named in flags, before any work
     except ValueError as exc:
         raise UsageError(f"--nfe {args.nfe} with {solver!r}: {exc}") from None
+    if _teacher_kind(model) != "exact" and args.teacher_nfe <= args.nfe:
+        # LD3 fits the student to the teacher: one no more accurate than the student teaches it nothing
+        print(f"warning: --teacher-nfe {args.teacher_nfe} is not above the student's --nfe {args.nfe}: the teacher "
+              f"should be a much finer solve (pass --teacher-nfe, e.g. {max(20, 4 * args.nfe)})", file=sys.stderr)
     # where the results go must be usable before any work (an OSError here is one line)
     _check_out_dir(os.path.join(args.out, "checkpoint"))
     _check_out_dir(args.out)

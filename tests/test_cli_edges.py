@@ -652,3 +652,15 @@ def test_export_of_a_schedule_learned_for_no_diffusers_model_says_so(tmp_path, c
     assert rc == 2 and "was learned for a model that predicts 'x0' on a FlowMatching schedule" in err \
         and "this schedule is not for a diffusers model" in err, err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("model,teacher_nfe,warned", [("digits", "5", True), ("digits", "6", True),
+                                                      ("digits", "7", False), ("gmm:ring2d", "5", False)])
+def test_a_teacher_no_finer_than_the_student_is_warned_about(tmp_path, capsys, monkeypatch, model, teacher_nfe, warned):
+    """--teacher-nfe 2 with --nfe 6 trained without a word (the student is fitted to a coarser solve); the analytic
+    test beds' teacher is exact, so their --teacher-nfe is not used and not warned about."""
+    monkeypatch.setattr(cli, "_train_locked", lambda *a, **k: 0)
+    rc, _, err = _run(["train", "--model", model, "--nfe", "6", "--teacher-nfe", teacher_nfe, "--no-progress",
+                       "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    assert (f"warning: --teacher-nfe {teacher_nfe} is not above the student's --nfe 6" in err) == warned, err
