@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -357,9 +357,10 @@ def _model_from_file(learned, path: str) -> str:
     return spec
 
 
-def _check_out_dir(path: str) -> None:
+def _check_out_dir(path: str, files: Tuple[str, ...] = ()) -> None:
     """--out made and writable before any work (os.makedirs succeeds on an existing read-only folder; the results
-    would then be lost after the whole run, with an error naming a temporary file)."""
+    would then be lost after the whole run, with an error naming a temporary file); ``files``, the names the command
+    will write there, must not be folders (the final rename would fail after all the work)."""
     import tempfile
     try:
         os.makedirs(path, exist_ok=True)
@@ -367,6 +368,9 @@ def _check_out_dir(path: str) -> None:
             pass
     except OSError as exc:
         raise UsageError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+    for name in files:
+        if os.path.isdir(os.path.join(path, name)):
+            raise UsageError(f"--out: {os.path.join(path, name)} is a folder; {name} cannot be written there")
 
 
 def _missing_folders(path: str) -> List[str]:
@@ -427,7 +431,7 @@ def cmd_sample(args) -> int:
         # `ld3 train` refuses such a schedule outright
         print(f"note: --nfe {args.nfe}: {steps} step(s) never get past the warm-up of order-{order} "
               f"{type(solver).__name__}, so every row runs at orders 1..{steps}", file=sys.stderr)
-    _check_out_dir(args.out)  # a bad --out fails now, not after the sampling
+    _check_out_dir(args.out, ("samples.png",))  # a bad --out fails now, not after the sampling
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "sample").to(dtype)
     t0 = time.time()
     target = _teacher(model, schedule, x_T, args)
@@ -737,7 +741,7 @@ def cmd_eval(args) -> int:
             fd = None
     if fd is not None and args.n < 2:  # refused now, naming the flag, not by the metric after the teacher ran
         raise UsageError(f"--n: digits-FD needs at least 2 samples (a covariance), got {args.n}")
-    _check_out_dir(args.out)  # a bad --out fails now, not after the teacher and every sample
+    _check_out_dir(args.out, EVAL_OUTPUTS)  # a bad --out fails now, not after the teacher and every sample
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
     target = _teacher(model, schedule, x_T, args)
     steps = solver.steps_for_nfe(nfe)

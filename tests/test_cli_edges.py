@@ -664,3 +664,17 @@ def test_a_teacher_no_finer_than_the_student_is_warned_about(tmp_path, capsys, m
                        "--out", str(tmp_path / "o")], capsys)
     assert rc == 0, err
     assert (f"warning: --teacher-nfe {teacher_nfe} is not above the student's --nfe 6" in err) == warned, err
+
+
+@pytest.mark.parametrize("cmd,name", [("sample", "samples.png"), ("eval", "eval.json"), ("eval", "schedules.png"),
+                                      ("eval", "eval_samples.png")])
+def test_an_output_file_that_is_a_folder_is_refused_before_the_work(tmp_path, capsys, monkeypatch, cmd, name):
+    """samples.png (or an eval output) being a folder failed the final rename after all the sampling, naming a
+    temporary file."""
+    out = tmp_path / "o"
+    (out / name).mkdir(parents=True)
+    monkeypatch.setattr(cli, "_teacher", lambda *a, **k: pytest.fail("the work started"))
+    argv = [cmd, "--out", str(out), "--n", "4"] + (["--schedule", _schedule_file(tmp_path), "--model", "gmm:ring2d"]
+                                                   if cmd == "eval" else ["--model", "gmm:ring2d"])
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and f"--out: {out / name} is a folder; {name} cannot be written there" in err, err
