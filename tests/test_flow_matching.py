@@ -83,7 +83,9 @@ def test_shift_applies_to_discretization():
         assert t[0] == s.t_max and t[-1] == s.t_min and torch.all(t[1:] < t[:-1])
         f = shift * plain / (1 + (shift - 1) * plain)
         assert torch.all((t[1:-1] > plain[1:-1]) if shift > 1 else (t[1:-1] < plain[1:-1]))
-        torch.testing.assert_close(t[1:-1], f[1:-1], rtol=0, atol=5e-3)
+        # the shift formula up to the affine remap onto [t_min, t_max] (exact to 1e-14 in
+        # test_discretizations.py::test_flow_shift): within t_min = 1e-3 of it (measured gap 2e-3 of the unmapped)
+        torch.testing.assert_close(t[1:-1], f[1:-1], rtol=0, atol=3 * s.t_min)
 
 
 def _drive_diffusers(scheduler, model, x_T, t):
@@ -147,7 +149,7 @@ def test_flow_model_rejects_vp_schedule():
 
 def test_ld3_trainer_on_flow_mixture(setup):
     """A short LD3 fit on the flow-matching mixture (exact teacher) does not lose to its initial grid."""
-    training = pytest.importorskip("ld3_ext.training")
+    from ld3_ext import training
     mix, sched, _, _, _ = setup
     model = velocity_model(mix, sched)
     model.testbed = mix

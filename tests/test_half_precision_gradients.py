@@ -83,10 +83,14 @@ def test_half_state_gradients_match_float32(solver_name, dtype, backend):
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_half_network_output_gives_finite_time_gradients(backend):
     # a float16 network output carries only float16's digits into x0 = (x - sigma eps) / alpha, so near t=1
-    # dL/d model_timesteps[0] is not accurate; but it must stay finite
+    # dL/d model_timesteps[0] is not accurate; but it must stay finite, and the gradients as a whole stay near the
+    # float32 network's (measured relative errors 1.0e-2, 9.8e-3 and 2.2e-3 for x_T, timesteps and model_timesteps)
     half_output = lambda schedule: _eps_network(schedule, float32_output=False)  # noqa: E731
-    for g in _gradients("dpmpp", backend, torch.float16, half_output):
-        assert bool(torch.isfinite(g).all())
+    got = _gradients("dpmpp", backend, torch.float16, half_output)
+    want = _gradients("dpmpp", backend, torch.float32)
+    for name, g, w, bound in zip(("x_T", "timesteps", "model_timesteps"), got, want, (0.05, 0.05, 0.02)):
+        assert bool(torch.isfinite(g).all()), name
+        assert _relative(g, w) < bound, f"{name}: relative error {_relative(g, w):.3g} against float32"
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
