@@ -34,6 +34,15 @@ class CorruptFileError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # raw atomic writes
 # ----------------------------------------------------------------------------------------------
+def check_writable_dir(path: str) -> None:
+    """Make ``path`` (with its parents) and prove that a file can be created in it, raising the OSError otherwise:
+    os.makedirs succeeds on an existing read-only folder, so without the probe a run would fail only at its first
+    write, after its work."""
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
+
+
 def fsync_dir(directory: str) -> None:
     """Persist the renames in ``directory``; not supported on every platform/filesystem, hence best effort."""
     try:

@@ -361,11 +361,9 @@ def _check_out_dir(path: str, files: Tuple[str, ...] = ()) -> None:
     """--out made and writable before any work (os.makedirs succeeds on an existing read-only folder; the results
     would then be lost after the whole run, with an error naming a temporary file); ``files``, the names the command
     will write there, must not be folders (the final rename would fail after all the work)."""
-    import tempfile
+    from .atomic_io import check_writable_dir
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        check_writable_dir(path)
     except OSError as exc:
         raise UsageError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
     for name in files:
@@ -388,11 +386,12 @@ def _missing_folders(path: str) -> List[str]:
     return missing
 
 
-def _schedule_not_a_folder(path: str) -> None:
+def _schedule_not_a_folder(path: str, flag: str) -> None:
+    """``flag`` names where the path came from: --schedule, or --out (whose schedule.json is the default)."""
     if os.path.isdir(path):  # else a bare IsADirectoryError, naming no flag
         hint = os.path.join(path, "schedule.json")
-        hint = f" (pass {hint})" if os.path.isfile(hint) else ""
-        raise UsageError(f"--schedule: {path} is a folder, not a schedule file{hint}")
+        hint = f" (pass --schedule {hint})" if flag == "--schedule" and os.path.isfile(hint) else ""
+        raise UsageError(f"{flag}: {path} is a folder, not a schedule file{hint}")
 
 
 def cmd_sample(args) -> int:
@@ -402,7 +401,7 @@ def cmd_sample(args) -> int:
         from .schedule_file import load_schedule
         if not os.path.exists(args.schedule):
             raise UsageError(f"--schedule: no schedule file at {args.schedule}")
-        _schedule_not_a_folder(args.schedule)
+        _schedule_not_a_folder(args.schedule, "--schedule")
         learned = load_schedule(args.schedule)
     elif os.path.isfile(os.path.join(args.out, "schedule.json")):
         # `ld3 eval --out DIR` scores DIR's schedule by itself; sample compares it only when asked
@@ -510,10 +509,7 @@ def _train(args) -> int:
               f"should be a much finer solve (pass --teacher-nfe, e.g. {max(20, 4 * args.nfe)})", file=sys.stderr)
     # where the results go must be usable before any work (an OSError here is one line)
     _check_out_dir(os.path.join(args.out, "checkpoint"))
-    _check_out_dir(args.out)
-    if os.path.isdir(os.path.join(args.out, "schedule.json")):
-        raise UsageError(f"--out: {os.path.join(args.out, 'schedule.json')} is a directory; the schedule file "
-                         "cannot be written there")
+    _check_out_dir(args.out, ("schedule.json",))
     with _train_lock(args.out):
         return _train_locked(args, model, schedule, solver, dtype)
 
@@ -711,7 +707,7 @@ def cmd_eval(args) -> int:
     if not os.path.exists(path):
         hint = "" if args.schedule else f" (run `ld3 train --out {args.out}` first, or pass --schedule)"
         raise UsageError(f"--schedule: no schedule file at {path}{hint}")
-    _schedule_not_a_folder(path)
+    _schedule_not_a_folder(path, "--schedule" if args.schedule else "--out")
     evaluated = _file_sha256(path)  # recorded in eval.json: which schedule its numbers are of
     learned = load_schedule(path)
     if _file_sha256(path) != evaluated:

@@ -20,6 +20,11 @@ def func_transform_active() -> bool:
     return _functorch_depth is not None and _functorch_depth() > 0
 
 
+def capturing() -> bool:
+    """A CUDA graph is being captured on the current stream: nothing may be read back, nor copied from the host."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def plain_context() -> bool:
     """No trace (torch.compile), no torch.func transform: a tensor made now may serve any later call."""
     return not torch.compiler.is_compiling() and not func_transform_active()
@@ -33,11 +38,12 @@ def cached_constants(cache: Dict, key: Hashable, device: torch.device, dtype: to
     found = cache.get(full_key)
     if found is not None:
         return found
-    if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and not torch.compiler.is_compiling() and capturing():
         # the copy from host memory would fail inside the capture with torch's generic "operation not permitted"
-        raise RuntimeError(f"ld3_ext: the constants {key!r} are first needed on {device} ({dtype}) inside a CUDA-graph "
-                           f"capture, where they cannot be copied to the device: run the same call once before "
-                           f"capturing (the warm-up a capture needs anyway)")
+        raise RuntimeError(f"ld3_ext: constant tensors (a schedule's, a solver's or a test bed's) are first needed on "
+                           f"{device} ({dtype}) inside a CUDA-graph capture, where they cannot be copied to the device: "
+                           f"run the same call once before capturing, outside any torch.func transform (the warm-up "
+                           f"a capture needs anyway)")
     with torch.inference_mode(False):
         made = make(device, dtype)
     if plain_context() and all(type(t) is torch.Tensor for t in made):  # not a fake mode's FakeTensor

@@ -16,7 +16,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from . import _native
-from .device_constants import func_transform_active  # noqa: F401  (solvers call ops.func_transform_active)
+from .device_constants import capturing, func_transform_active  # noqa: F401  (solvers call ops.func_transform_active)
 from .coefficients import MAX_HISTORY, TABLE_WIDTH, SolverSpec, coefficient_table_reference
 from .schedules import NoiseSchedule
 
@@ -116,7 +116,7 @@ def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True, spec: O
     from .solvers.base import validate_timesteps
     # nothing can be read back while compiling, capturing (a CUDA grid), or from a vmapped grid
     if torch.compiler.is_compiling() or _vmapped(timesteps) \
-            or (timesteps.is_cuda and torch.cuda.is_current_stream_capturing()):
+            or (timesteps.is_cuda and capturing()):
         return
     if not timesteps.is_floating_point():  # an integer grid is read as float64, as the table does
         timesteps = timesteps.to(torch.float64)

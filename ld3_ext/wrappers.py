@@ -15,6 +15,7 @@ import torch
 
 from ._checks import flag, guidance
 from ._finite import all_finite, all_finite_tensor
+from .device_constants import capturing as _capturing  # the solvers and ld3_ext.sample read it as wrappers._capturing
 from .ops import _opmath, _vmapped
 from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
 
@@ -38,8 +39,6 @@ def _map_tensors(value, fn):
     return value
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _time_text(t: torch.Tensor) -> str:

@@ -592,8 +592,13 @@ def test_a_schedule_flag_naming_a_folder_is_refused_naming_it(tmp_path, capsys, 
     folder.mkdir()
     (folder / "schedule.json").write_text(open(_schedule_file(tmp_path)).read())
     rc, _, err = _run([cmd, "--schedule", str(folder), "--out", str(tmp_path / "o")], capsys)
-    assert rc == 2 and f"--schedule: {folder} is a folder, not a schedule file (pass {folder / 'schedule.json'})" \
-        in err, err
+    assert rc == 2 and f"--schedule: {folder} is a folder, not a schedule file (pass --schedule " \
+        f"{folder / 'schedule.json'})" in err, err
+    if cmd == "eval":  # the default OUT/schedule.json being a folder names --out, the flag that chose it
+        (tmp_path / "o2" / "schedule.json").mkdir(parents=True)
+        rc, _, err = _run(["eval", "--out", str(tmp_path / "o2")], capsys)
+        assert rc == 2 and f"--out: {tmp_path / 'o2' / 'schedule.json'} is a folder, not a schedule file" in err, err
+        assert "pass --schedule" not in err
 
 
 def test_a_model_record_that_is_no_name_is_refused_as_such(tmp_path, capsys):

@@ -70,8 +70,9 @@ def test_first_made_inside_a_cuda_graph_capture_is_refused_with_a_hint(monkeypat
     generic error; it is named, with the remedy (a warm-up call), and nothing is made or kept.  Shown without a GPU:
     the capture flag is patched, and the refusal comes before any copy."""
     cache, calls = {}, []
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match=r"'knots' are first needed on cuda:0 .*inside a CUDA-graph capture.*run the "
+    from ld3_ext import device_constants
+    monkeypatch.setattr(device_constants, "capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"first needed on cuda:0 .*inside a CUDA-graph capture.*run the "
                                            r"same call once before capturing"):
         cached_constants(cache, "knots", torch.device("cuda:0"), torch.float32, _maker(calls))
     assert calls == [] and cache == {}

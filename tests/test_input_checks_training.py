@@ -351,3 +351,33 @@ def test_fit_with_given_pairs_does_not_create_the_teacher_cache(tmp_path, monkey
     assert (tmp_path / "ck").is_dir() and not (tmp_path / "ck" / "teacher").exists()
     tr.fit()
     assert (tmp_path / "ck" / "teacher").is_dir()
+
+
+def test_a_complete_teacher_cache_in_a_read_only_folder_is_still_reused(tmp_path, monkeypatch):
+    """The folder check must not refuse what the cache supports: a complete cache that may only be read (found by a
+    diff review: the write probe refused it before the cache could open it read-only)."""
+    import os
+    import tempfile
+    cache = str(tmp_path / "teacher")
+    _trainer(teacher_cache=cache).fit()  # makes the cache
+    real_tf, real_open = tempfile.TemporaryFile, os.open
+
+    def ro_tf(*a, dir=None, **k):  # root ignores permissions: creating a file in the folder is made to fail
+        if dir is not None and os.path.realpath(dir) == os.path.realpath(cache):
+            raise PermissionError(13, "Permission denied", dir)
+        return real_tf(*a, dir=dir, **k)
+
+    def ro_open(path, flags, *a):
+        if os.path.dirname(os.path.realpath(path)) == os.path.realpath(cache) and \
+                flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *a)
+    monkeypatch.setattr(tempfile, "TemporaryFile", ro_tf)
+    monkeypatch.setattr(os, "open", ro_open)
+    assert _trainer(teacher_cache=cache).fit() is not None
+    # an empty read-only folder is still refused before any work, naming the argument
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    cache = empty
+    with pytest.raises(PermissionError, match=r"teacher_cache '.*empty': cannot create it or write there"):
+        _trainer(teacher_cache=empty).fit()

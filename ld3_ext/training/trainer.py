@@ -444,20 +444,31 @@ class LD3Trainer:
                 p.requires_grad_(True)
 
     def _check_folders(self, teacher: bool) -> None:
-        """checkpoint_dir and (when the teacher is generated) teacher_cache made and writable before any work, named
-        in the error: os.makedirs failed later with an OSError naming only a path, or (a read-only folder) the first
-        checkpoint write failed after a round of training."""
-        import tempfile
-        for name, path in (("checkpoint_dir", self.checkpoint_dir), ("teacher_cache", self.teacher_cache)):
-            if path is None or (name == "teacher_cache" and not teacher):
-                continue
-            try:
-                os.makedirs(path, exist_ok=True)
-                with tempfile.TemporaryFile(dir=path):
-                    pass
-            except OSError as exc:
-                raise type(exc)(exc.errno, f"{name} {path!r}: cannot create it or write there "
-                                           f"({exc.strerror or exc})") from None
+        """checkpoint_dir and (when the teacher is generated and no cache is there yet) teacher_cache made and
+        writable before any work, named in the error: os.makedirs failed later with an OSError naming only a path,
+        or (a read-only folder) the first checkpoint write failed after a round of training.  A complete cache in a
+        read-only folder stays usable (the cache opens it read-only).  Rank 0 writes both, so rank 0 checks, and
+        every rank stops when it fails (one rank raising alone would leave the others in the next collective)."""
+        from ..atomic_io import check_writable_dir
+        from .teacher import META_FILE
+        err: Optional[OSError] = None
+        if D.is_rank0():
+            for name, path in (("checkpoint_dir", self.checkpoint_dir), ("teacher_cache", self.teacher_cache)):
+                if path is None or (name == "teacher_cache" and (
+                        not teacher or os.path.isfile(os.path.join(path, META_FILE)))):
+                    continue
+                try:
+                    check_writable_dir(path)
+                except OSError as exc:
+                    text = f"{name} {path!r}: cannot create it or write there ({exc.strerror or exc})"
+                    err = type(exc)(exc.errno, text) if exc.errno is not None else type(exc)(text)
+                    break
+        if D.get_world_size() > 1:
+            if D.any_rank(err is not None):
+                raise err if err is not None else RuntimeError(
+                    "rank 0 cannot create or write checkpoint_dir / teacher_cache (its error names the folder)")
+        elif err is not None:
+            raise err
 
     def _check_ranks_agree(self) -> None:
         """Under torch.distributed every rank must hold the same model (weights hash) and settings: a rank
