@@ -656,7 +656,7 @@ def test_train_output_locations_are_checked_before_any_work(tmp_path, monkeypatc
         err = capsys.readouterr().err
     except SystemExit as e:
         rc, err = 2, str(e)
-    want = "schedule.json is a directory" if blocker == "schedule.json" else "checkpoint: cannot write there"
+    want = "schedule.json is a folder; schedule.json cannot be written there" if blocker == "schedule.json" else "checkpoint: cannot write there"
     assert rc == 2 and want in err
 
 
