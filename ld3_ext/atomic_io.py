@@ -38,6 +38,8 @@ def check_writable_dir(path: str) -> None:
     """Make ``path`` (with its parents) and prove that a file can be created in it, raising the OSError otherwise:
     os.makedirs succeeds on an existing read-only folder, so without the probe a run would fail only at its first
     write, after its work."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"check_writable_dir: path must be a str or os.PathLike, got {type(path).__name__}")
     os.makedirs(path, exist_ok=True)
     with tempfile.TemporaryFile(dir=path):
         pass

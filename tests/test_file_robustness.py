@@ -320,3 +320,26 @@ def test_model_timesteps_must_share_the_endpoints_of_timesteps(tmp_path, end):
     doc["model_timesteps"][end] = doc["timesteps"][end] + (1 if end else -1) * 0.5e-3 * span
     atomic_write_json(path, doc)
     assert load_schedule(path).model_timesteps[end].item() == doc["model_timesteps"][end]
+
+
+def test_check_writable_dir_makes_the_folder_proves_a_write_and_names_bad_input(tmp_path, monkeypatch):
+    import tempfile
+    from ld3_ext.atomic_io import check_writable_dir
+    target = tmp_path / "a" / "b"
+    check_writable_dir(str(target))
+    assert target.is_dir() and list(target.iterdir()) == []  # the probe leaves nothing behind
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        check_writable_dir(str(tmp_path / "f" / "sub"))
+    real = tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **k):  # root ignores permissions: a read-only folder is simulated
+        if dir is not None and str(dir) == str(target):
+            raise PermissionError(13, "Permission denied", dir)
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(PermissionError):
+        check_writable_dir(str(target))  # makedirs alone would have passed
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match=r"check_writable_dir: path must be a str or os.PathLike, got"):
+            check_writable_dir(bad)
