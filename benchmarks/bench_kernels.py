@@ -170,14 +170,54 @@ def build_inputs(shape, device, gen_seed=0):
     return mk(), [mk() for _ in range(K)], mk()
 
 
+CASE_NAMES = {1: "update_fwd", 2: "update_fwdbwd", 3: "sampler", 4: "copy"}
+
+
+def _parse_cases(text):
+    """--cases: numbers or names, e.g. "3,4" or "sampler,copy"."""
+    by_name = {v: k for k, v in CASE_NAMES.items()}
+    cases = set()
+    for c in (c.strip() for c in text.split(",")):
+        if not c:
+            continue
+        if c in by_name:
+            cases.add(by_name[c])
+        elif c.isdigit() and int(c) in CASE_NAMES:
+            cases.add(int(c))
+        else:
+            raise argparse.ArgumentTypeError(f"unknown case {c!r}: use 1-4 or {', '.join(CASE_NAMES.values())}")
+    if not cases:
+        raise argparse.ArgumentTypeError("no case named")
+    return cases
+
+
+def _parse_shapes(text):
+    """--shapes: e.g. "64x3x32x32,1x3x256x256" (positive sizes)."""
+    shapes = []
+    for name in (n.strip() for n in text.split(",")):
+        if not name:
+            continue
+        try:
+            shape = tuple(int(v) for v in name.split("x"))
+        except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
+            raise argparse.ArgumentTypeError(f"shape {name!r} is not sizes joined by 'x', e.g. 64x3x32x32")
+        shapes.append(shape)
+    if not shapes:
+        raise argparse.ArgumentTypeError("no shape named")
+    return shapes
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the records here")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
-    ap.add_argument("--cases", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
-    ap.add_argument("--shapes", default=None, help="comma-separated subset, e.g. 64x3x32x32,1x3x256x256")
+    ap.add_argument("--cases", default="1,2,3,4", type=_parse_cases,
+                    help="comma-separated subset of 1,2,3,4 or of their names " + ",".join(CASE_NAMES.values()))
+    ap.add_argument("--shapes", default=None, type=_parse_shapes, help="comma-separated subset, e.g. 64x3x32x32,1x3x256x256")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of case 1")
     ap.add_argument("--no-malloc-guard", action="store_true", help="do not set the glibc malloc variables")
     args = ap.parse_args(argv)
@@ -190,14 +230,14 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    cases = {int(c) for c in args.cases.split(",") if c.strip()}
+    cases = args.cases
     repeats, warmup = (7, 2) if args.quick else (25, 5)
     timer = Timer(device, repeats, warmup, min_sample_s=0.002 if args.quick else 0.01)
     machine = machine_info(device)
     # on CUDA the 64 MiB shape first: it carries the bandwidth target, and a run cut short keeps what it measured
     shapes = (CUDA_EXTRA_SHAPES + SHAPES) if device.type == "cuda" else SHAPES
     if args.shapes:
-        shapes = [tuple(int(v) for v in name.split("x")) for name in args.shapes.split(",")]
+        shapes = args.shapes
     records = []
     esize = 4  # fp32
 

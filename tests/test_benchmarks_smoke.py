@@ -189,6 +189,26 @@ def test_bench_kernels_default_shapes_are_the_issues():
     assert mod.SHAPES == [(64, 3, 32, 32), (16, 4, 64, 64), (8, 4, 128, 128), (1, 3, 256, 256)]
 
 
+def test_bench_kernels_reads_cases_by_number_or_name_and_refuses_typos():
+    import argparse
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_kernels_for_test", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod._parse_cases("sampler,copy") == {3, 4}
+    assert mod._parse_cases("1, update_fwdbwd") == {1, 2}
+    for bad in ("5", "sampler,bogus", ","):
+        with pytest.raises(argparse.ArgumentTypeError):
+            mod._parse_cases(bad)
+    assert mod._parse_shapes("64x3x32x32, 1x3x256x256") == [(64, 3, 32, 32), (1, 3, 256, 256)]
+    for bad in ("64x3x", "foo", "0x3x32x32", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            mod._parse_shapes(bad)
+    proc = subprocess.run([sys.executable, BENCH, "--cases", "sampler,bogus", "--no-malloc-guard"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown case 'bogus'" in proc.stderr
+
+
 def test_float32_gradient_error_prints_both_paths(tmp_path):
     script = os.path.join(os.path.dirname(BENCH), "float32_gradient_error.py")
     proc = subprocess.run([sys.executable, script, "--solvers", "ipndm3", "--schedules", "vp_cosine"],
