@@ -257,6 +257,46 @@ def test_img2img_begin_index(solver, begin):
             sch.set_begin_index(3)
 
 
+@pytest.mark.parametrize("solver", [{"name": "dpmpp", "order": 3}, {"name": "heun"}])
+def test_set_begin_index_keeps_timesteps_whole_as_diffusers_schedulers_do(solver):
+    """diffusers' contract, checked against its own DPMSolverMultistepScheduler: set_begin_index(b) leaves
+    ``timesteps`` (and num_inference_steps) as set_timesteps made them, step_index counts from b, and a loop over
+    ``timesteps[begin_index:]`` runs the solve on t[b:].  (It once replaced timesteps with the tail: such a loop
+    then ran 2 of 5 steps at the wrong times without an error.)"""
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
+    theirs = diffusers.DPMSolverMultistepScheduler.from_config(cfg)
+    theirs.set_timesteps(8)
+    t_theirs = theirs.timesteps.clone()
+    theirs.set_begin_index(3)
+    assert torch.equal(theirs.timesteps, t_theirs) and theirs.begin_index == 3
+
+    unet = tiny_unet()
+    model, sched = from_diffusers(unet, cfg)
+    t = ld3_ext.discretizations.logsnr_uniform(sched, 8)
+    tm = decoupled(t)
+    sch = LD3Scheduler.from_timesteps(t, tm, {**solver, "backend": "reference"}, scheduler_config=cfg)
+    sch.set_timesteps()
+    per = sch.order
+    full = sch.timesteps.clone()
+    sch.set_begin_index(3 * per)
+    assert torch.equal(sch.timesteps, full) and sch.num_inference_steps == 8
+    assert sch.begin_index == 3 * per and sch.step_index == 3 * per
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    x_b = x.clone()
+    calls = 0
+    with torch.no_grad():
+        for tt in sch.timesteps[sch.begin_index:]:
+            x = sch.step(unet(x, tt).sample, tt, x).prev_sample
+            calls += 1
+            assert sch.step_index == 3 * per + calls
+        ref = ld3_ext.solvers.solver_from_config({**solver, "backend": "reference"}).sample(model, x_b, t[3:], tm[3:])
+    assert calls == 5 * per
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError, match=r"called %d times for the %d timesteps from timesteps\[%d\]"
+                       % (5 * per + 1, 5 * per, 3 * per)):
+        sch.step(torch.zeros_like(x), sch.timesteps[-1], x)
+
+
 def test_learned_variance_model_in_scheduler_equals_solver(tmp_path):
     """A learned-variance UNet (2C output channels, variance_type="learned_range") runs in the scheduler on its
     first C channels, as from_diffusers reads it; 2C channels without that setting is a clear error."""

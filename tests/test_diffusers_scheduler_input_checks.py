@@ -52,7 +52,10 @@ def test_heun_img2img_strength_counts_intervals():
     assert full.numel() == 10 and sch.num_inference_steps == 5
     ts, n_left = img2img_timesteps(sch, 5, 0.6)
     assert n_left == 3 and sch.begin_index == 4 and len(ts) == 6
-    torch.testing.assert_close(sch.timesteps, full[4:], rtol=0, atol=0)
+    # timesteps stays whole (diffusers' contract): the solve's evaluations are timesteps[begin_index:]
+    torch.testing.assert_close(sch.timesteps, full, rtol=0, atol=0)
+    torch.testing.assert_close(ts, full[4:], rtol=0, atol=0)
+    assert sch.num_inference_steps == 5 and sch.step_index == 4
     # add_noise at the first kept timestep noises to the grid time t[2]
     x0, noise = torch.ones(1, 2), torch.full((1, 2), 0.5)
     torch.testing.assert_close(sch.add_noise(x0, noise, ts[:1]),
@@ -105,7 +108,7 @@ def test_heun_even_start_by_view_or_value_gives_the_same_solve(how):
     ref_sch, _ = heun_scheduler(5)
     ref_sch.set_timesteps()
     ref_sch.set_begin_index(4)
-    ref = _run(ref_sch, ref_sch.timesteps, x)
+    ref = _run(ref_sch, ref_sch.timesteps[ref_sch.begin_index:], x)
     ts = sch.timesteps[4:]
     out = _run(sch, ts if how == "view" else [float(v) for v in ts], x)
     assert sch.begin_index == 4

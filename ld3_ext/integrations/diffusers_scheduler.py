@@ -280,7 +280,10 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
     # --- diffusers API ------------------------------------------------------------------------
     @property
     def step_index(self) -> Optional[int]:
-        return self._step_index
+        """The index in ``timesteps`` of the next network evaluation (diffusers' meaning: begin_index + calls)."""
+        if self._step_index is None:
+            return None
+        return (self._begin_index or 0) + self._step_index
 
     @property
     def begin_index(self) -> Optional[int]:
@@ -335,14 +338,15 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         self._full = (t, tm)
         self._begin_index = None
         self.timesteps = None
-        self._prepare(t, tm, device)
+        self._prepare(t, tm, device, public=True)
 
-    def _prepare(self, t: torch.Tensor, tm: torch.Tensor, device=None):
-        """Tables of a solve on the grid t with model times tm (float64, CPU), then reset the solver state."""
+    def _prepare(self, t: torch.Tensor, tm: torch.Tensor, device=None, public: bool = False):
+        """Tables of a solve on the grid t with model times tm (float64, CPU), then reset the solver state.
+        ``public``: t is the whole grid of set_timesteps, which ``timesteps`` shows; set_begin_index solves on
+        a tail of it and leaves ``timesteps`` whole, as diffusers' schedulers do."""
         solver = self.solver
         n = t.numel() - 1
         spec = solver.spec()
-        self._n = n
         # everything step() needs, computed once (float64 on the CPU)
         if spec is not None:
             self._orders = step_orders(spec, n)
@@ -363,18 +367,23 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         else:
             model_t = tm[:n]
         dev = device if device is not None else (self.timesteps.device if self.timesteps is not None else None)
-        self.timesteps = self._network_units(model_t).to(torch.float32)
-        self._timesteps_cpu = self.timesteps  # for the first step's look-up (_start_index)
-        self.num_inference_steps = n
+        self._evaluations = model_t.numel()  # step() calls this solve takes
+        if public:
+            self._n = n
+            self.timesteps = self._network_units(model_t).to(torch.float32)
+            self._timesteps_cpu = self.timesteps  # for the first step's look-up (_start_index)
+            self.num_inference_steps = n
         self._reset_state()  # before the move: a device that fails must not leave the old solve's history
         if dev is not None:
-            self.timesteps = self.timesteps.to(dev)
+            if public:
+                self.timesteps = self.timesteps.to(dev)
             self._move(torch.device(dev))
 
     def set_begin_index(self, begin_index: int = 0):
         """Start the solve at ``timesteps[begin_index]`` (img2img/inpainting pipelines call this after slicing
         ``scheduler.timesteps``): the solver restarts on the remaining grid t[b:], with its warm-up, from the
-        sample the pipeline noised to that time (``add_noise``)."""
+        sample the pipeline noised to that time (``add_noise``).  ``timesteps`` stays whole, as in diffusers'
+        schedulers: the solve's evaluations are ``timesteps[begin_index:]``."""
         if self.timesteps is None:
             raise ValueError("LD3Scheduler.set_begin_index: call set_timesteps() first")
         if isinstance(begin_index, bool):
@@ -461,9 +470,10 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             self._ambiguous_start = ambiguous  # after set_begin_index, which resets the state
         elif k == 1 and self._ambiguous_start is not None and not (_compiling() or _capturing()):
             self._check_second_timestep(timestep)
-        if k >= len(self.timesteps):
-            raise IndexError(f"LD3Scheduler.step called {k + 1} times for {len(self.timesteps)} timesteps; call "
-                             "set_timesteps() again to start a new solve")
+        if k >= self._evaluations:
+            b = self._begin_index or 0
+            raise IndexError(f"LD3Scheduler.step called {k + 1} times for the {self._evaluations} timesteps from "
+                             f"timesteps[{b}]; call set_timesteps() again to start a new solve")
         self._move(sample.device)
         out_dtype = sample.dtype
         wdt = torch.float32 if _half(sample.dtype) else sample.dtype  # upcast half precision like diffusers
@@ -639,8 +649,9 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if self.timesteps is not None:
             own = self.timesteps.to(dev)
             hit = tt.to(own.dtype)[:, None] == own[None, :]
-            # each own timestep's solver grid time, in network units: made on the CPU, moved once
-            grid = self._network_units(self._tables_cpu["t"])
+            # each own timestep's solver grid time, in network units: made on the CPU, moved once (the whole
+            # grid of set_timesteps, as timesteps is, also after set_begin_index)
+            grid = self._network_units(self._full[0])
             if self.solver.name == "heun":
                 grid = grid[[j for i in range(1, self._n + 1) for j in (i - 1, i)]]
             else:
