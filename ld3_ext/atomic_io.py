@@ -14,6 +14,7 @@ Two self-checking formats sit on top:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -117,6 +118,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     writes of ``path`` that were killed (SIGKILL, power loss) are removed after a successful write.  A symlink is
     followed: its target is rewritten and the link kept."""
     path = os.path.realpath(os.fspath(path))
+    if os.path.isdir(path):  # else os.replace fails late, naming the temp file as well
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give the name of a file to write (inside it or beside "
+                                "it)", path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     prefix = _temp_prefix(path)
@@ -215,6 +219,8 @@ def _read_bytes(path: str, what: str) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{what} {path} is a folder; give the name of the file inside it") from None
 
 
 def read_json_checked(path: str, require_checksum: bool = True, what: str = "file",

@@ -64,7 +64,9 @@ class SolverSpec:
         if not isinstance(self.order, int) or isinstance(self.order, bool):
             raise TypeError(f"order must be an int, got {type(self.order).__name__}")
         if not 1 <= self.order <= MAX_ORDER[self.kind]:
-            raise ValueError(f"order must be in 1..{MAX_ORDER[self.kind]} for {self.kind}, got {self.order}")
+            top = MAX_ORDER[self.kind]
+            allowed = "1 (it is a first-order method)" if top == 1 else f"in 1..{top}"
+            raise ValueError(f"order must be {allowed} for {self.kind}, got {self.order}")
         if self.solver_type not in ("midpoint", "heun"):
             raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {self.solver_type!r}")
         if self.variant not in ("bh1", "bh2"):

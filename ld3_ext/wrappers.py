@@ -252,6 +252,19 @@ class DiffusionModel(torch.nn.Module):
         out_u, out_c = out.chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
+    def extra_repr(self) -> str:
+        """What a user checks first: the schedule, the prediction type and how time reaches the network."""
+        ti = self.time_input
+        ti = getattr(ti, "__name__", type(ti).__name__) if callable(ti) else repr(ti)
+        parts = [f"schedule={self.schedule!r}", f"prediction={self.prediction!r}", f"time_input={ti}"]
+        if not isinstance(self.fn, torch.nn.Module):  # a module shows as the (net) child below
+            parts.insert(0, f"fn={getattr(self.fn, '__name__', type(self.fn).__name__)}")
+        if self.guidance_scale is not None:
+            parts.append(f"guidance_scale={self.guidance_scale:g}, cond_key={self.cond_key!r}")
+        if self.model_kwargs:
+            parts.append(f"model_kwargs={sorted(self.model_kwargs)}")
+        return ", ".join(parts)
+
     def _apply(self, fn, *args, **kwargs):
         """.to()/.cuda()/.half() reach the tensors in ``model_kwargs`` too (a prompt's embeddings, an uncond), as
         they reach the network's buffers: left behind, every call on the GPU failed on a device mismatch."""

@@ -271,7 +271,7 @@ def test_load_schedule_bad_files(tmp_path):
     with pytest.raises(TypeError, match="path"):
         load_schedule(12345)
     (tmp_path / "dir.json").mkdir()
-    with pytest.raises((ScheduleFileError, IsADirectoryError, OSError), match="dir.json"):
+    with pytest.raises(IsADirectoryError, match=r"schedule file .*dir\.json is a folder; give the name of the file"):
         load_schedule(str(tmp_path / "dir.json"))
     p = tmp_path / "bin.json"
     p.write_bytes(b"\x00\xff\xfe garbage")

@@ -143,6 +143,20 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     load_schedule(path)
 
 
+def test_saving_onto_a_folder_names_the_folder_and_writes_nothing(tmp_path):
+    """save() to a folder's name: a clear IsADirectoryError naming it (it was os.replace's error, naming a temp
+    file of ours too), before any temp file is made; the folder and its contents are untouched."""
+    t = discretizations.time_uniform(EDM(), 2)
+    ls = LearnedSchedule(t, solver_config={"name": "euler"}, nfe=2, schedule_config=EDM().config())
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(IsADirectoryError, match=r"is a folder; give the name of a file") as info:
+        ls.save(str(target))
+    assert info.value.filename == str(target) and ".tmp" not in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (target / "keep.txt").read_text() == "mine"
+
+
 def test_atomic_write_keeps_the_file_mode(tmp_path):
     """A new file gets the mode a plain open() gives (0666 less the umask), not mkstemp's 0600, and a
     rewrite keeps the mode of the file it replaces (a shared schedule never turns private)."""

@@ -211,6 +211,17 @@ def test_order_out_of_range(cls, max_order):
         ld3_ext.make_solver(cls.name, order=max_order + 1)
 
 
+def test_single_order_solvers_say_their_order():
+    """Euler(order=2) said 'order must be in 1..1', Heun(order=3) 'in 1..2' (and Heun(order=1) 'must be 2')."""
+    with pytest.raises(ValueError, match=r"order must be 1 \(it is a first-order method\) for Euler, got 2"):
+        ld3_ext.Euler(order=2)
+    for bad in (1, 3):
+        with pytest.raises(ValueError, match=rf"order must be 2 for Heun \(a second-order method\), got {bad}"):
+            ld3_ext.Heun(order=bad)
+    with pytest.raises(TypeError, match="order must be an int"):
+        ld3_ext.Heun(order=2.0)
+
+
 def test_other_constructor_arguments():
     with pytest.raises(ValueError, match=r"solver_type must be 'midpoint' or 'heun'"):
         ld3_ext.DPMSolverPP(2, solver_type="taylor")

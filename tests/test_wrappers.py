@@ -346,3 +346,15 @@ def test_to_moves_the_stored_model_kwargs():
     model.to("meta")
     assert model.model_kwargs["emb"].device.type == "meta" and model.model_kwargs["ids"][0].device.type == "meta"
     assert net.weight.device.type == "meta" and model.model_kwargs["extra"] == 7
+
+
+def test_repr_shows_schedule_prediction_and_time_input():
+    """repr(model) was 'DiffusionModel()' for a function network: it now says how the network is read."""
+    def net(x, t, cond=None):
+        return x
+    m = ld3_ext.wrap_model(net, ld3_ext.EDM(), prediction="edm", guidance_scale=7.5, model_kwargs={"a": 1})
+    assert repr(m) == ("DiffusionModel(fn=net, schedule=EDM(sigma_min=0.002, sigma_max=80.0), prediction='edm', "
+                       "time_input='sigma', guidance_scale=7.5, cond_key='cond', model_kwargs=['a'])")
+    conv = torch.nn.Conv2d(1, 1, 1)
+    r = repr(ld3_ext.wrap_model(conv, ld3_ext.VPLinear(), prediction="v", time_input=lambda t: t))
+    assert "prediction='v', time_input=<lambda>" in r and "VPLinear(" in r and "Conv2d(1, 1" in r and "fn=" not in r

@@ -231,7 +231,8 @@ class Solver:
         if isinstance(order, bool) or not isinstance(order, numbers.Integral):
             raise TypeError(f"order must be an int, got {type(order).__name__}")
         if not 1 <= order <= self.max_order:
-            raise ValueError(f"order must be in 1..{self.max_order} for {type(self).__name__}, got {order}")
+            allowed = "1 (it is a first-order method)" if self.max_order == 1 else f"in 1..{self.max_order}"
+            raise ValueError(f"order must be {allowed} for {type(self).__name__}, got {order}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
         self.order = int(order)

@@ -12,6 +12,8 @@ y = x/alpha is not used: y starts at x_T/alpha(t_0), up to 1/alpha larger than t
 """
 from __future__ import annotations
 
+import numbers
+
 from typing import List, Tuple
 
 import torch
@@ -63,9 +65,10 @@ class Heun(Solver):
 
     def __init__(self, **kw):
         # order is accepted (configs carry it) but must be Heun's own: any other would be silently dropped
-        super().__init__(kw.pop("order", 2), **kw)
-        if self.order != 2:
-            raise ValueError(f"order must be 2 for Heun (a second-order method), got {self.order}")
+        order = kw.pop("order", 2)
+        if isinstance(order, numbers.Integral) and not isinstance(order, bool) and order != 2:
+            raise ValueError(f"order must be 2 for Heun (a second-order method), got {order}")
+        super().__init__(order, **kw)  # its type checks
 
     def nfe(self, num_steps: int) -> int:
         return 2 * count("num_steps", num_steps, 0, type_error=False)
