@@ -877,3 +877,10 @@ def test_resuming_from_the_early_stop_iteration_reports_the_same_rounds(tmp_path
     for k in ("rounds", "iterations", "stop_reason"):
         assert res.metrics[k] == full.metrics[k], k
     assert torch.equal(res.timesteps, full.timesteps)
+
+
+def test_trainer_repr_names_its_settings():
+    m = wrap_model(lambda x, t: 0.9 * x, EDM(), prediction="x0", name="toy")
+    r = repr(LD3Trainer(m, solver=DPMSolverPP(3), nfe=4, sample_shape=(2,), progress=False))
+    assert r.startswith("LD3Trainer(solver=DPMSolverPP(order=3") and "nfe=4" in r and "EDM(" in r
+    assert "loss='pseudo_huber'" in r and "checkpoint_dir=None" in r and " at 0x" not in r

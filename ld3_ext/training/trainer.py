@@ -415,6 +415,13 @@ class LD3Trainer:
                                      uncond=self.uncond, max_bytes=self.cache_max_bytes,
                                      regenerate=self.regenerate_teacher, progress=self.progress)
 
+    def __repr__(self) -> str:
+        init = self.init if isinstance(self.init, str) else "custom grid"
+        loss = self.loss_spec if isinstance(self.loss_spec, str) else type(self.loss_spec).__name__
+        return (f"LD3Trainer(solver={self.solver!r}, nfe={self.nfe}, schedule={self.schedule!r}, loss={loss!r}, "
+                f"time_mode={self.time_mode!r}, init={init!r}, decoupled={self.decoupled}, n_train={self.n_train}, "
+                f"n_valid={self.n_valid}, checkpoint_dir={self.checkpoint_dir!r})")
+
     def fit(self, noise: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None,
             valid_noise: Optional[torch.Tensor] = None, valid_target: Optional[torch.Tensor] = None, *,
             cond: Optional[torch.Tensor] = None, valid_cond: Optional[torch.Tensor] = None,
