@@ -464,6 +464,10 @@ def _init_distributed(args):
     return info
 
 
+class TeacherNotCached(RuntimeError):
+    """``ld3 teacher`` generated its pairs but could not leave them in the cache (exit status 1)."""
+
+
 def cmd_teacher(args) -> int:
     from .training.teacher import TeacherConfig, load_or_generate_teacher
     from . import distributed
@@ -474,9 +478,21 @@ def cmd_teacher(args) -> int:
         _check_out_dir(os.path.join(args.out, "teacher"))  # a bad --out fails now, not after generating the pairs
         cfg = TeacherConfig(solver=args.teacher_solver, order=args.teacher_order, nfe=args.teacher_nfe,
                             n_train=args.n_train, n_valid=args.n_valid, seed=args.seed, teacher=_teacher_kind(model))
-        data = load_or_generate_teacher(model, schedule, cfg, cache_dir=os.path.join(args.out, "teacher"),
+        cache_dir = os.path.join(args.out, "teacher")
+        data = load_or_generate_teacher(model, schedule, cfg, cache_dir=cache_dir,
                                         dtype=dtype, progress=_progress(args),
                                         regenerate=args.regenerate_teacher, model_name=_weightless_name(model, args))
+        if args.regenerate_teacher:
+            # caching the set is this command's job: another regeneration of the same folder that restarted the
+            # staged set with its settings keeps this run's pairs out (a warning, which `ld3 train` may live with)
+            from .training.teacher import TeacherCacheMismatch
+            try:
+                load_or_generate_teacher(model, schedule, cfg, cache_dir=cache_dir, dtype=dtype, progress=False,
+                                         model_name=_weightless_name(model, args))
+            except TeacherCacheMismatch:
+                raise TeacherNotCached(f"{cache_dir} holds another run's teacher set (a regeneration of the same "
+                                       "folder ran beside this one and replaced the staged set); this run's pairs "
+                                       "are not cached: run the command again once the other has finished") from None
         if distributed.is_rank0():
             _say(f"teacher pairs ready in {os.path.join(args.out, 'teacher')}: "
                  f"{data.train_noise.shape[0]} train, {data.valid_noise.shape[0]} valid")
@@ -982,7 +998,7 @@ def _exit_code(exc: BaseException) -> Optional[int]:
     from .atomic_io import CorruptFileError
     from .training import CheckpointMismatchError, LossUnavailableError, NonFiniteLossError, TeacherCacheError
     from .wrappers import ModelOutputError
-    if _out_of_memory(exc) or isinstance(exc, (NonFiniteLossError, ModelOutputError)):
+    if _out_of_memory(exc) or isinstance(exc, (NonFiniteLossError, ModelOutputError, TeacherNotCached)):
         return 1
     if isinstance(exc, OSError):  # FileNotFoundError(msg) has no errno: its class says it
         path_error = isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,

@@ -915,3 +915,28 @@ def test_argument_mistakes_name_their_flag_even_with_tracebacks_on(argv, flag, t
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err
     assert not (tmp_path / "o" / "checkpoint").exists()  # refused before any work
+
+
+def test_teacher_regeneration_whose_set_another_run_replaced_fails(tmp_path, monkeypatch, capsys):
+    """`ld3 teacher --regenerate-teacher` exists to cache a set: when a regeneration beside it restarted the staged
+    set with its own settings (commit() then keeps the cache as it is and warns), the command fails (exit 1) instead
+    of printing 'teacher pairs ready' over another run's set.  An undisturbed regeneration still succeeds."""
+    import warnings
+
+    from ld3_ext.training import teacher as teacher_mod
+    out = tmp_path / "o"
+    base = ["teacher", "--model", "gmm:ring2d", "--n-train", "4", "--n-valid", "2", "--no-progress", "--out", str(out)]
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+    assert cli.main(base + ["--seed", "0"]) == 0
+    assert cli.main(base + ["--seed", "1", "--regenerate-teacher"]) == 0  # swapped in: seed 1's set cached
+    capsys.readouterr()
+
+    def foreign_commit(self):  # what commit() does when another run owns the staged set
+        if self.regenerating:
+            self.directory = self.root
+            warnings.warn("the staged teacher set was replaced by another run with other settings; this run's "
+                          "pairs are not cached")
+    monkeypatch.setattr(teacher_mod.TeacherCache, "commit", foreign_commit)
+    rc = cli.main(base + ["--seed", "2", "--regenerate-teacher"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "holds another run's teacher set" in err and "teacher pairs ready" not in err, err
