@@ -381,3 +381,45 @@ def test_a_complete_teacher_cache_in_a_read_only_folder_is_still_reused(tmp_path
     cache = empty
     with pytest.raises(PermissionError, match=r"teacher_cache '.*empty': cannot create it or write there"):
         _trainer(teacher_cache=empty).fit()
+
+
+def test_an_incomplete_or_regenerated_teacher_cache_in_a_read_only_folder_is_refused_first(tmp_path, monkeypatch):
+    """Only a complete cache may sit in a read-only folder: one with its metadata and some chunks, or a complete one
+    that regenerate_teacher will replace, needs writing and is refused before any work (the metadata alone let the
+    check pass, and the run failed with EROFS after generating the next chunk)."""
+    import os
+    import tempfile
+
+    from ld3_ext.training.teacher import cache_is_complete
+    cache = str(tmp_path / "teacher")
+    _trainer(teacher_cache=cache, n_train=8, n_valid=4).fit()
+    chunks = sorted(f for f in os.listdir(cache) if f.startswith("chunk_"))
+    assert cache_is_complete(cache) and not cache_is_complete(str(tmp_path / "nothing"))
+    real_tf = tempfile.TemporaryFile
+
+    def ro_tf(*a, dir=None, **k):
+        if dir is not None and os.path.realpath(dir) == os.path.realpath(cache):
+            raise PermissionError(13, "Permission denied", dir)
+        return real_tf(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "TemporaryFile", ro_tf)
+    made = []
+    monkeypatch.setattr(LD3Trainer, "_fit", lambda self, *a, **k: made.append(1))
+    with pytest.raises(PermissionError, match=r"teacher_cache '.*teacher': cannot create it or write there"):
+        _trainer(teacher_cache=cache, n_train=8, n_valid=4, regenerate_teacher=True).fit()
+    os.remove(os.path.join(cache, chunks[-1]))
+    assert not cache_is_complete(cache)
+    with pytest.raises(PermissionError, match=r"teacher_cache '.*teacher': cannot create it or write there"):
+        _trainer(teacher_cache=cache, n_train=8, n_valid=4).fit()
+    assert made == []
+
+
+@pytest.mark.parametrize("name", ["schedule.json", "ld3_trainer_state.safetensors", "last_good_schedule.json"])
+def test_a_folder_where_a_checkpoint_file_goes_is_refused_before_any_work(tmp_path, monkeypatch, name):
+    """checkpoint_dir/schedule.json as a folder failed after the whole training (and every rerun trained again)."""
+    ck = tmp_path / "ck"
+    (ck / name).mkdir(parents=True)
+    made = []
+    monkeypatch.setattr(LD3Trainer, "_fit", lambda self, *a, **k: made.append(1))
+    with pytest.raises(IsADirectoryError, match=rf"checkpoint_dir '.*ck': {name} there is a folder"):
+        _trainer(checkpoint_dir=str(ck)).fit()
+    assert made == []

@@ -246,6 +246,21 @@ def _diff_keys(a: Mapping, b: Mapping, prefix: str = "") -> list:
     return out
 
 
+def cache_is_complete(directory: str) -> bool:
+    """Does ``directory`` hold a whole teacher set (readable metadata and every chunk file it lists, no swap
+    pending)?  Such a cache is only read, so it may sit in a read-only folder; any other needs writing."""
+    try:
+        meta = read_json_checked(os.path.join(directory, META_FILE), what="teacher cache metadata")
+    except (OSError, CorruptFileError, ValueError):
+        return False
+    k = meta.get("num_chunks")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        return False
+    if os.path.exists(os.path.join(directory, STAGING_DIR, COMMIT_FILE)):
+        return False  # the next open finishes a swap: it writes
+    return all(os.path.isfile(os.path.join(directory, f"chunk_{i:05d}.safetensors")) for i in range(k))
+
+
 class TeacherCache:
     """One cache directory for one set of settings (see the module docstring)."""
 

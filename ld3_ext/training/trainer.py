@@ -19,6 +19,7 @@ Phase 1 trains xi only for ``rounds_v1`` rounds, phase 2 trains xi and xi^c for 
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import math
 import numbers
@@ -457,12 +458,12 @@ class LD3Trainer:
         read-only folder stays usable (the cache opens it read-only).  Rank 0 writes both, so rank 0 checks, and
         every rank stops when it fails (one rank raising alone would leave the others in the next collective)."""
         from ..atomic_io import check_writable_dir
-        from .teacher import META_FILE
+        from .teacher import cache_is_complete
         err: Optional[OSError] = None
         if D.is_rank0():
             for name, path in (("checkpoint_dir", self.checkpoint_dir), ("teacher_cache", self.teacher_cache)):
                 if path is None or (name == "teacher_cache" and (
-                        not teacher or os.path.isfile(os.path.join(path, META_FILE)))):
+                        not teacher or (not self.regenerate_teacher and cache_is_complete(path)))):
                     continue
                 try:
                     check_writable_dir(path)
@@ -470,6 +471,14 @@ class LD3Trainer:
                     text = f"{name} {path!r}: cannot create it or write there ({exc.strerror or exc})"
                     err = type(exc)(exc.errno, text) if exc.errno is not None else type(exc)(text)
                     break
+                if name == "checkpoint_dir":  # a folder where a file of the run goes: found after the training
+                    files = [CHECKPOINT_FILE, SCHEDULE_FILE, LAST_GOOD_FILE] + \
+                        [TRIAL_LAST_GOOD_FILE.format(mode=m) for m in TIME_MODES]
+                    taken = [f for f in files if os.path.isdir(os.path.join(path, f))]
+                    if taken:
+                        err = IsADirectoryError(errno.EISDIR, f"checkpoint_dir {path!r}: {taken[0]} there is a "
+                                                "folder, and the run writes a file of that name; move it away")
+                        break
         if D.get_world_size() > 1:
             if D.any_rank(err is not None):
                 raise err if err is not None else RuntimeError(
