@@ -221,6 +221,18 @@ def test_bad_scheduler_arguments():
         sch.step(torch.zeros(1, 3), sch.timesteps[0], torch.zeros(1, 3), eta=1.0)
 
 
+def _decoupled_scheduler(cfg, solver, n):
+    """A tiny UNet, its model, a logSNR grid of n steps with decoupled model times, and an LD3Scheduler on them
+    (reference backend) with set_timesteps() called."""
+    unet = tiny_unet()
+    model, sched = from_diffusers(unet, cfg)
+    t = ld3_ext.discretizations.logsnr_uniform(sched, n)
+    tm = decoupled(t)
+    sch = LD3Scheduler.from_timesteps(t, tm, {**solver, "backend": "reference"}, scheduler_config=cfg)
+    sch.set_timesteps()
+    return unet, model, t, tm, sch
+
+
 @pytest.mark.parametrize("begin", ["set_begin_index", "view", "float"])
 @pytest.mark.parametrize("solver", [{"name": "unipc", "order": 3}, {"name": "heun"}])
 def test_img2img_begin_index(solver, begin):
@@ -228,13 +240,9 @@ def test_img2img_begin_index(solver, begin):
     equals solver.sample on the remaining grid t[b:] (restarted warm-up) from alpha x0 + sigma noise at t[b].
     Pipelines that slice without set_begin_index (AnimateDiff/CogVideoX video2video) get the same solve: the
     first step finds its interval from its timestep (a view of scheduler.timesteps, or a plain number)."""
-    unet = tiny_unet()
     cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
-    model, sched = from_diffusers(unet, cfg)
-    t = ld3_ext.discretizations.logsnr_uniform(sched, 6)
-    tm = decoupled(t)
-    sch = LD3Scheduler.from_timesteps(t, tm, {**solver, "backend": "reference"}, scheduler_config=cfg)
-    sch.set_timesteps()
+    unet, model, t, tm, sch = _decoupled_scheduler(cfg, solver, 6)
+    sched = model.schedule
     per = sch.order
     b = 2
     ts = sch.timesteps[b * per:]
@@ -270,12 +278,7 @@ def test_set_begin_index_keeps_timesteps_whole_as_diffusers_schedulers_do(solver
     theirs.set_begin_index(3)
     assert torch.equal(theirs.timesteps, t_theirs) and theirs.begin_index == 3
 
-    unet = tiny_unet()
-    model, sched = from_diffusers(unet, cfg)
-    t = ld3_ext.discretizations.logsnr_uniform(sched, 8)
-    tm = decoupled(t)
-    sch = LD3Scheduler.from_timesteps(t, tm, {**solver, "backend": "reference"}, scheduler_config=cfg)
-    sch.set_timesteps()
+    unet, model, t, tm, sch = _decoupled_scheduler(cfg, solver, 8)
     per = sch.order
     full = sch.timesteps.clone()
     sch.set_begin_index(3 * per)
