@@ -1010,6 +1010,33 @@ def _exit_code(exc: BaseException) -> Optional[int]:
     return None
 
 
+# what torch.distributed's backends say when a peer process is gone or a collective waited too long (gloo raises
+# plain RuntimeErrors; newer torch raises DistError subclasses)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket closed")
+_PEER_TIMEOUT = ("Timed out waiting", "timed out", "Timeout")
+
+
+def _peer_failure(exc: BaseException) -> Optional[str]:
+    """Under torchrun: the message for a collective that failed because another rank stopped (killed, or failed
+    with its own error) or never came, instead of gloo's multi-line traceback; None otherwise."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return None
+    dist_error = getattr(getattr(torch, "distributed", None), "DistError", None)
+    if not (isinstance(exc, RuntimeError) or (dist_error is not None and isinstance(exc, dist_error))):
+        return None
+    text = str(exc)
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+    rank = os.environ.get("RANK", "?")
+    if any(m in text for m in _PEER_GONE):
+        return (f"rank {rank}: another rank stopped (killed, or failed: its own output says why), so this one stops "
+                f"too ({first})")
+    if ("gloo" in text or "NCCL" in text or "ProcessGroup" in text or "c10d" in text) and \
+            any(m in text for m in _PEER_TIMEOUT):
+        return (f"rank {rank}: a collective timed out: the ranks waited for each other in vain (a rank stopped, is "
+                f"stuck, or runs another command) ({first})")
+    return None
+
+
 def _flag_hint(exc: BaseException) -> Optional[str]:
     """The command-line flag for a Python option that an error message names."""
     text = str(exc)
@@ -1160,6 +1187,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:
         if _traceback_wanted():
             raise
+        peer = _peer_failure(exc)
+        if peer is not None:
+            print(f"{prog}: error: {peer}", file=sys.stderr)
+            return 1
         code = _exit_code(exc)
         if code is None:
             raise  # a bug: the traceback is what a report needs

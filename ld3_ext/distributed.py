@@ -37,11 +37,12 @@ disjoint across nodes; device placement uses LOCAL_RANK.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import numbers
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -295,6 +296,25 @@ def reduce_scalars(values: Sequence[float], op: str = "sum") -> List[float]:
     t = torch.tensor(vals, dtype=torch.float64, device=dev)
     dist.all_reduce(t, op=ops[op])
     return t.tolist()
+
+
+def differing_fields(fields: Mapping[str, Any]) -> List[str]:
+    """The names of the fields whose values are not the same on every rank (sorted; [] in one process).  Values
+    are compared by a 48-bit hash of their canonical JSON, all fields in two reductions; ranks holding other field
+    names raise (another version of the code on one node).  Collective: every rank must call it."""
+    if get_world_size() == 1:
+        return []
+    from .atomic_io import canonical_json, json_safe
+
+    def key(v) -> float:  # 48 bits: exact in float64
+        return float(int(hashlib.sha256(canonical_json(json_safe(v)).encode()).hexdigest()[:12], 16))
+    names = sorted(fields)
+    keys = [key(names)] + [key(fields[k]) for k in names]
+    lo, hi = reduce_scalars(keys, op="min"), reduce_scalars(keys, op="max")
+    if lo[0] != hi[0]:
+        raise RuntimeError("the ranks under torch.distributed run different versions of ld3_ext (they compare other "
+                           "settings): install the same version on every node")
+    return [k for k, a, b in zip(names, lo[1:], hi[1:]) if a != b]
 
 
 def any_rank(flag: bool) -> bool:

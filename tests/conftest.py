@@ -132,3 +132,15 @@ def unwritable_out(tmp_path, monkeypatch):
         return real(*a, dir=dir, **k)
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     return out
+
+
+def join_gloo(rank: int, world: int, port: int):
+    """In a worker of torch.multiprocessing.spawn: set torchrun's environment for ``rank`` of ``world`` on this host
+    and join the CPU (gloo) process group through ld3_ext.distributed.init_from_env (one thread a process)."""
+    import os
+
+    from ld3_ext import distributed as D
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    return D.init_from_env(device="cpu", timeout_s=60)

@@ -940,3 +940,27 @@ def test_teacher_regeneration_whose_set_another_run_replaced_fails(tmp_path, mon
     rc = cli.main(base + ["--seed", "2", "--regenerate-teacher"])
     err = capsys.readouterr().err
     assert rc == 1 and "holds another run's teacher set" in err and "teacher pairs ready" not in err, err
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:36012. "
+     "This is typically caused by a remote worker crashing.", "another rank stopped"),
+    ("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 600000ms for recv operation "
+     "to complete", "a collective timed out"),
+])
+def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys, text, expect):
+    """Under torchrun, the rank left behind when another is killed or fails got gloo's multi-line traceback; it now
+    prints one line naming the cause (exit 1).  Outside torchrun the same RuntimeError stays a bug's traceback."""
+    def fails(args):
+        raise RuntimeError(text)
+    p = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(p, "sample", fails))
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    rc = cli.main(["sample", "--model", "gmm:ring2d"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith(f"ld3 sample: error: rank 1: {expect}"), err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="pair.cc|unbound_buffer"):
+        cli.main(["sample", "--model", "gmm:ring2d"])

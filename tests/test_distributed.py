@@ -16,6 +16,8 @@ import torch
 import ld3_ext
 from ld3_ext import distributed as D
 
+from conftest import join_gloo  # noqa: E402
+
 N_EVEN, N_UNEVEN = 8, 7
 
 
@@ -67,10 +69,7 @@ def _step(problem, n, weighted):
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    info = D.init_from_env(device="cpu", timeout_s=60)
+    info = join_gloo(rank, world, port)
     try:
         assert info.backend == "gloo" and info.world_size == world and info.rank == rank
         problem = _problem()
@@ -211,3 +210,35 @@ def test_the_device_picks_the_cpu_or_the_gpu_by_its_type(device, on_gpu, monkeyp
 def test_an_unknown_device_is_refused_naming_the_argument():
     with pytest.raises(ValueError, match="device must be None, 'cpu', 'cuda'"):
         D.init_from_env(device="gpu0")
+
+
+def _given_pairs_worker(rank, world, port, out_dir):
+    join_gloo(rank, world, port)
+    try:
+        import ld3_ext
+        from ld3_ext.training import CheckpointMismatchError, LD3Trainer
+        model = ld3_ext.testbeds.ring2d().model(ld3_ext.EDM())
+        tr = LD3Trainer(model, solver=ld3_ext.DPMSolverPP(2), nfe=3, rounds_v1=1, rounds_v2=0, progress=False,
+                        init="logsnr", time_mode="lambda", batch_size=2, valid_batch_size=2)
+        g = torch.Generator().manual_seed(rank)  # other pairs on each rank
+        noise = torch.randn(6, 2, generator=g, dtype=torch.float64)
+        try:
+            tr.fit(noise, 0.5 * noise)
+            result = "trained"
+        except CheckpointMismatchError as e:
+            result = str(e)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(result)
+    finally:
+        D.destroy()
+
+
+def test_pairs_given_to_fit_that_differ_between_ranks_are_refused(tmp_path):
+    """fit(noise, target) with other pairs on each rank trained on a mixture of two data sets without a word: after
+    the pairs are loaded every rank compares their hash, and all refuse, naming it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_given_pairs_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        text = (tmp_path / f"rank{r}.txt").read_text()
+        assert "ranks under torch.distributed differ in data_sha256" in text, text

@@ -10,6 +10,8 @@ import torch
 
 from ld3_ext import distributed as D
 
+from conftest import join_gloo  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 BIG = 16_777_217  # 2**24 + 1: not a float32
@@ -22,10 +24,7 @@ def _free_port() -> int:
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    D.init_from_env(device="cpu", timeout_s=60)
+    join_gloo(rank, world, port)
     try:
         c = torch.tensor([BIG + rank, 2 ** 53 + 1], dtype=torch.int64)
         i32 = torch.tensor([BIG + rank], dtype=torch.int32)

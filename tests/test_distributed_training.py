@@ -163,7 +163,31 @@ def test_ranks_with_different_weights_are_refused(tmp_path):
         "    return m, m.schedule\n")
     p = _train_two_ranks_on_factory(tmp_path, "ld3_rank_factory:make")
     assert p.returncode != 0
-    assert "ranks under torch.distributed differ in their model or settings" in p.stdout + p.stderr
+    assert "ranks under torch.distributed differ in model (rank" in p.stdout + p.stderr
+    assert not os.path.exists(tmp_path / "o" / "teacher" / "chunk_00000.safetensors")
+
+
+@pytest.mark.parametrize("cmd,flag,value,field", [
+    ("train", "--rounds-v2", "3", "differ in rounds_v2"), ("train", "--loss", "l2", "differ in loss"),
+    ("train", "--teacher-nfe", "30", "differ in teacher_nfe"), ("teacher", "--seed", "1", "differ in the teacher's seed"),
+    ("teacher", "--n-train", "20", "differ in the teacher's n ")])
+def test_ranks_with_different_settings_are_refused_before_any_work(tmp_path, cmd, flag, value, field):
+    """Rank 1 run with another setting: other round counts made the ranks wait in different collectives (a hang
+    until gloo's 10-minute timeout), another loss trained on the average of two losses' gradients without a word.
+    Every setting is compared before any work, and the differing one is named."""
+    (tmp_path / "rank_args.py").write_text(
+        "import os, sys\n"
+        "from ld3_ext.cli import main\n"
+        "extra = os.environ.get('LD3_TEST_RANK%sARGS' % os.environ['RANK'], '').split()\n"
+        "sys.exit(main(sys.argv[1:] + extra))\n")
+    env = _env()
+    env["LD3_TEST_RANK1ARGS"] = f"{flag} {value}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(tmp_path / "rank_args.py"), cmd, *SETTINGS, *(TRAIN if cmd == "train" else []),
+           "--out", str(tmp_path / "o")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and f"ranks under torch.distributed {field}" in out, out[-3000:]
     assert not os.path.exists(tmp_path / "o" / "teacher" / "chunk_00000.safetensors")
 
 

@@ -552,6 +552,14 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
         "uncond_sha256": None if uncond is None else tensors_sha256({"uncond": uncond}),
     }
     settings.update(_call_settings(model))
+    # every rank makes its share of one set: ranks with other settings made a set of two (or waited for each other in
+    # the gather when their counts differed); compared before any work, the differing settings named
+    fields = {**settings, "n": n, "batch_size": batch_size, "regenerate": regenerate, "cache": cache_dir is not None}
+    differ = D.differing_fields(fields)
+    if differ:
+        raise ValueError(f"the ranks under torch.distributed differ in the teacher's {', '.join(differ)} (rank "
+                         f"{D.get_rank()}: " + "; ".join(f"{k}={fields[k]}"[:120] for k in differ)
+                         + "): every rank must run the same command on the same model")
     z_all = sample_noise(n, shape, seed, dtype)
     prior = schedule.prior_std()
     itemsize = torch.empty((), dtype=dtype).element_size()

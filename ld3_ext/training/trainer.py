@@ -127,6 +127,20 @@ def _sha(t: Optional[torch.Tensor]) -> Optional[str]:
     return None if t is None else hashlib.sha256(bytes(tensor_bytes(t))).hexdigest()
 
 
+def _agreement_value(v: Any) -> Any:
+    """A value to compare across ranks: the same on each for the same setting (a solver's config, a callable's
+    name, a tensor's hash; never an object's repr, which holds its address)."""
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_agreement_value(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return _sha(v)
+    if hasattr(v, "config") and callable(v.config):
+        return v.config()
+    return getattr(v, "__qualname__", type(v).__name__)
+
+
 class LD3Trainer:
     """Learn a solver-specific time grid (and decoupled network times) for one NFE.
 
@@ -486,21 +500,33 @@ class LD3Trainer:
         elif err is not None:
             raise err
 
-    def _check_ranks_agree(self) -> None:
+    def _check_ranks_agree(self, with_data: bool = False) -> None:
         """Under torch.distributed every rank must hold the same model (weights hash) and settings: a rank
-        with an unseeded network would otherwise make teacher pairs and gradients of another model, silently."""
+        with an unseeded network would otherwise make teacher pairs and gradients of another model, silently, and
+        ranks with other round counts, learning rates or losses waited for each other in different collectives
+        (a hang until the collective timeout, or gloo's abort).  Every field of settings() (and, before the
+        teacher, the teacher's own settings) is compared, and the ones that differ are named; ``with_data``: after
+        the pairs are loaded, with their hash, size and radius."""
         if D.get_world_size() <= 1:
             return
-        digest = hashlib.sha256(canonical_json({"model": self.identity, "seed": self.seed, "nfe": self.nfe,
-                                                "solver": self.solver.config()}).encode()).hexdigest()
-        key = float(int(digest[:12], 16))  # 48 bits: exact in float64
-        lo, hi = D.reduce_scalars([key], op="min") + D.reduce_scalars([key], op="max")
-        if lo != hi:
+        fields = self.settings(declared_only=not with_data)
+        fields.setdefault("time_mode_trial_rounds", None)  # present only for time_mode="auto": same keys everywhere
+        if not with_data:
+            fields.update({k: _agreement_value(getattr(self, k)) for k in (
+                "teacher", "teacher_solver", "teacher_nfe", "teacher_discretization", "sample_shape",
+                "cache_max_bytes")})
+        differ = D.differing_fields(fields)
+        if differ:
+            def shown(k):
+                v = fields[k]
+                if k == "model":
+                    v = f"{self.identity.get('name')!r}, weights {str(self.identity.get('weights_hash'))[:12]}"
+                text = str(v)
+                return f"{k}={text if len(text) <= 80 else text[:77] + '...'}"
             raise CheckpointMismatchError(
-                f"the ranks under torch.distributed differ in their model or settings (rank {D.get_rank()}: model "
-                f"{self.identity.get('name')!r}, weights {str(self.identity.get('weights_hash'))[:12]}, seed "
-                f"{self.seed}): every rank must load the same weights (seed the network's initialisation, or load "
-                f"a checkpoint) and use the same settings")
+                f"the ranks under torch.distributed differ in {', '.join(differ)} (rank {D.get_rank()}: "
+                f"{'; '.join(shown(k) for k in differ)}): every rank must run the same command on the same model "
+                f"(for 'model': seed the network's initialisation, or load a checkpoint)")
 
     def _weight_modules(self) -> List[torch.nn.Module]:
         """The modules whose weights a training run differentiates through but never updates."""
@@ -598,6 +624,7 @@ class LD3Trainer:
                     if bad.numel():
                         raise ValueError(f"decoder returned NaN/Inf for {bad.numel()} teacher target(s) of the "
                                          f"{k[2:]} set (first: sample {int(bad[0])}); check the decoder")
+        self._check_ranks_agree(with_data=True)  # pairs given to fit() (or a decoder) may differ between ranks
         return self._train()
 
     # ------------------------------------------------------------------------------------------
@@ -649,26 +676,32 @@ class LD3Trainer:
         d = self._loaded("radius")["z_train"][0].numel()
         return self.gamma * d / self.nfe ** 2
 
-    def settings(self) -> Dict[str, Any]:
-        """Everything the result depends on (recorded in schedule files and matched on resume); after fit()."""
-        self._loaded("settings")
+    def settings(self, declared_only: bool = False) -> Dict[str, Any]:
+        """Everything the result depends on (recorded in schedule files and matched on resume); after fit().
+        ``declared_only``: what is known before the teacher pairs (radius as given, n_train/n_valid as asked, no
+        data hash), for comparing ranks before any work."""
+        if not declared_only:
+            self._loaded("settings")
+        data = None if declared_only else self._data
         init = self.init if isinstance(self.init, str) else [float(v) for v in torch.as_tensor(self.init).flatten()]
         out = {
             "nfe": self.nfe, "num_steps": self.num_steps, "solver": self.solver.config(),
             "step_orders": (step_orders(self.solver.spec(), self.num_steps)
                             if isinstance(self.solver, MultistepSolver) else None), "loss": loss_name(self.loss_spec),
             "time_mode": self._settings_time_mode(), "init": init, "decoupled": self.decoupled, "win_rate": self.win_rate,
-            "gamma": self.gamma, "radius": self.radius(), "shift_lr": self._shift_lr0(), "lr_xi": self.lr_xi,
+            "gamma": self.gamma, "radius": self.radius() if data is not None else self.radius_override, "shift_lr": self._shift_lr0(), "lr_xi": self.lr_xi,
             "momentum": self.momentum, "lr_xi_min": self.lr_xi_min, "lr_xi_c": self.lr_xi_c,
             "lr_xi_c_min": self.lr_xi_c_min, "clip_norm": self.clip_norm, "lr_decay": self.lr_decay,
             "patience": self.patience, "lr2_patience": self.lr2_patience, "early_stop_patience": self.early_stop_patience,
             "rounds_v1": self.rounds_v1, "rounds_v2": self.rounds_v2, "batch_size": self.batch_size,
-            "valid_batch_size": self.valid_batch_size, "valid_every": self._valid_every(), "select_on": self.select_on,
+            "valid_batch_size": self.valid_batch_size, "valid_every": self._valid_every() if data is not None else self.valid_every, "select_on": self.select_on,
             "seed": self.seed, "dtype": str(self.dtype).replace("torch.", ""),
-            "n_train": int(self._data["z_train"].shape[0]), "n_valid": int(self._data["z_valid"].shape[0]),
+            "n_train": int(data["z_train"].shape[0]) if data is not None else self.n_train,
+            "n_valid": int(data["z_valid"].shape[0]) if data is not None else self.n_valid,
             "decoder": None if self.decoder is None else getattr(self.decoder, "__qualname__", type(self.decoder).__name__),
             "model": self.identity, "model_call": self._model_call, "schedule": self.schedule.config(),
-            "data_sha256": hashlib.sha256("|".join(str(_sha(self._data[k])) for k in sorted(self._data)).encode()).hexdigest(),
+            "data_sha256": None if data is None else
+            hashlib.sha256("|".join(str(_sha(data[k])) for k in sorted(data)).encode()).hexdigest(),
         }
         if out["time_mode"] == "auto":  # only then: explicit modes keep their settings (and checkpoints) as they were
             out["time_mode_trial_rounds"] = self._trial_rounds()
