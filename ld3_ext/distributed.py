@@ -300,8 +300,10 @@ def reduce_scalars(values: Sequence[float], op: str = "sum") -> List[float]:
 
 def differing_fields(fields: Mapping[str, Any]) -> List[str]:
     """The names of the fields whose values are not the same on every rank (sorted; [] in one process).  Values
-    are compared by a 48-bit hash of their canonical JSON, all fields in two reductions; ranks holding other field
-    names raise (another version of the code on one node).  Collective: every rank must call it."""
+    are compared by a 48-bit hash of their canonical JSON.  The field names are compared first (one reduction of
+    two numbers), so ranks holding other names raise instead of reducing tensors of other lengths, which gloo
+    aborts on; then the values (two reductions).  Callers give every rank the same names (absent = None).
+    Collective: every rank must call it."""
     if get_world_size() == 1:
         return []
     from .atomic_io import canonical_json, json_safe
@@ -309,12 +311,13 @@ def differing_fields(fields: Mapping[str, Any]) -> List[str]:
     def key(v) -> float:  # 48 bits: exact in float64
         return float(int(hashlib.sha256(canonical_json(json_safe(v)).encode()).hexdigest()[:12], 16))
     names = sorted(fields)
-    keys = [key(names)] + [key(fields[k]) for k in names]
+    head = [key(names), float(len(names))]
+    if reduce_scalars(head, op="min") != reduce_scalars(head, op="max"):
+        raise RuntimeError("the ranks under torch.distributed compare different settings (another version of "
+                           "ld3_ext on some node?): install the same version on every node")
+    keys = [key(fields[k]) for k in names]
     lo, hi = reduce_scalars(keys, op="min"), reduce_scalars(keys, op="max")
-    if lo[0] != hi[0]:
-        raise RuntimeError("the ranks under torch.distributed run different versions of ld3_ext (they compare other "
-                           "settings): install the same version on every node")
-    return [k for k, a, b in zip(names, lo[1:], hi[1:]) if a != b]
+    return [k for k, a, b in zip(names, lo, hi) if a != b]
 
 
 def any_rank(flag: bool) -> bool:

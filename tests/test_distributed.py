@@ -242,3 +242,36 @@ def test_pairs_given_to_fit_that_differ_between_ranks_are_refused(tmp_path):
     for r in range(2):
         text = (tmp_path / f"rank{r}.txt").read_text()
         assert "ranks under torch.distributed differ in data_sha256" in text, text
+
+
+def _key_set_worker(rank, world, port, out_dir):
+    join_gloo(rank, world, port)
+    try:
+        results = []
+        for fields in ({"a": 1, "b": rank} if rank else {"a": 1, "b": 0, "c": None},  # other names on each rank
+                       {"a": 1, "b": rank, "n": 3}):
+            try:
+                results.append(D.differing_fields(fields))
+            except RuntimeError as e:
+                results.append(str(e))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        D.destroy()
+
+
+def test_differing_fields_refuses_other_field_names_without_a_gloo_abort(tmp_path):
+    """Ranks holding other field names reduced tensors of other lengths (gloo aborts the process); the names are
+    compared first, and both ranks get the error, then go on to compare values."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_key_set_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        first, second = torch.load(tmp_path / f"rank{r}.pt")
+        assert "compare different settings" in first and second == ["b"]
+
+
+def test_rank_comparable_cuts_code_fingerprints_only():
+    from ld3_ext.training.teacher import rank_comparable
+    got = rank_comparable({"loss": "<lambda>#b390165ed2d04053", "teacher": {"name": "callable:f#0123456789abcdef"},
+                           "tags": ["x#12", 3], "n": 4})
+    assert got == {"loss": "<lambda>", "teacher": {"name": "callable:f"}, "tags": ["x#12", 3], "n": 4}

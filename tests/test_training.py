@@ -883,4 +883,22 @@ def test_trainer_repr_names_its_settings():
     m = wrap_model(lambda x, t: 0.9 * x, EDM(), prediction="x0", name="toy")
     r = repr(LD3Trainer(m, solver=DPMSolverPP(3), nfe=4, sample_shape=(2,), progress=False))
     assert r.startswith("LD3Trainer(solver=DPMSolverPP(order=3") and "nfe=4" in r and "EDM(" in r
-    assert "loss='pseudo_huber'" in r and "checkpoint_dir=None" in r and " at 0x" not in r
+    assert "loss='pseudo_huber'" in r and "time_mode='auto'" in r and "checkpoint_dir=None" in r and " at 0x" not in r
+    r = repr(LD3Trainer(m, solver=DPMSolverPP(3), nfe=4, sample_shape=(2,), progress=False,
+                        loss=lambda a, b: (a - b).abs().flatten(1).mean(1)))
+    assert "<lambda>#" in r and "loss='function'" not in r, r
+
+
+def test_declared_settings_take_numpy_numbers():
+    """settings(declared_only=True) feeds the ranks' comparison (canonical JSON): numpy counts and radius are
+    accepted by the constructor and must come out as Python numbers."""
+    import numpy as np
+
+    from ld3_ext.atomic_io import canonical_json
+    m = wrap_model(lambda x, t: 0.9 * x, EDM(), prediction="x0", name="toy")
+    tr = LD3Trainer(m, solver=DPMSolverPP(2), nfe=3, sample_shape=(2,), progress=False, n_train=np.int64(6),
+                    n_valid=np.int32(2), radius=np.float32(0.1), valid_every=np.int64(2))
+    s = tr.settings(declared_only=True)
+    canonical_json(s)
+    assert (s["n_train"], s["n_valid"], s["valid_every"], s["data_sha256"]) == (6, 2, 2, None)
+    assert abs(s["radius"] - 0.1) < 1e-7

@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -106,6 +107,23 @@ def model_identity(model, name: Optional[str] = None) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # teacher functions
 # ----------------------------------------------------------------------------------------------
+CALL_SETTING_KEYS = ("time_input", "model_kwargs_sha256", "cond_key")  # what _call_settings may add
+_FINGERPRINT = re.compile(r"#[0-9a-f]{8,}")
+
+
+def rank_comparable(v: Any) -> Any:
+    """``v`` with the code fingerprints of callables (``name#hex``) cut to their names, for comparing settings across
+    ranks: a callable closing over its rank or device (``cuda:LOCAL_RANK``) has another fingerprint on each rank,
+    and is the same callable."""
+    if isinstance(v, str):
+        return _FINGERPRINT.sub("", v)
+    if isinstance(v, Mapping):
+        return {k: rank_comparable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [rank_comparable(x) for x in v]
+    return v
+
+
 def _call_settings(model) -> Dict[str, Any]:
     """How the wrapper calls the network, where it is not the default: the same weights read time another way
     (time_input) or with other fixed keyword arguments (model_kwargs, e.g. text embeddings) are another model.
@@ -554,7 +572,10 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
     settings.update(_call_settings(model))
     # every rank makes its share of one set: ranks with other settings made a set of two (or waited for each other in
     # the gather when their counts differed); compared before any work, the differing settings named
-    fields = {**settings, "n": n, "batch_size": batch_size, "regenerate": regenerate, "cache": cache_dir is not None}
+    fields = rank_comparable({**settings, "n": n, "batch_size": batch_size, "regenerate": regenerate,
+                              "cache": cache_dir is not None})
+    for k in CALL_SETTING_KEYS:  # set only where not the default: the same names on every rank
+        fields.setdefault(k, None)
     differ = D.differing_fields(fields)
     if differ:
         raise ValueError(f"the ranks under torch.distributed differ in the teacher's {', '.join(differ)} (rank "

@@ -45,7 +45,7 @@ from ..wrappers import DiffusionModel, ModelOutputError
 from ..solvers.base import DegenerateGridError
 from .losses import get_loss, loss_name, per_sample
 from .parameterization import TIME_MODES, TimeParameterization, init_timesteps
-from .teacher import generate_teacher_data, make_teacher, model_call_settings, model_identity
+from .teacher import generate_teacher_data, make_teacher, model_call_settings, model_identity, rank_comparable
 
 CHECKPOINT_FILE = "ld3_trainer_state.safetensors"
 SCHEDULE_FILE = "schedule.json"
@@ -132,6 +132,10 @@ def _agreement_value(v: Any) -> Any:
     name, a tensor's hash; never an object's repr, which holds its address)."""
     if v is None or isinstance(v, (str, bool, int, float)):
         return v
+    if isinstance(v, numbers.Integral):  # numpy's: the JSON of the comparison takes Python numbers
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
     if isinstance(v, (list, tuple)):
         return [_agreement_value(x) for x in v]
     if isinstance(v, torch.Tensor):
@@ -432,9 +436,8 @@ class LD3Trainer:
 
     def __repr__(self) -> str:
         init = self.init if isinstance(self.init, str) else "custom grid"
-        loss = self.loss_spec if isinstance(self.loss_spec, str) else type(self.loss_spec).__name__
-        return (f"LD3Trainer(solver={self.solver!r}, nfe={self.nfe}, schedule={self.schedule!r}, loss={loss!r}, "
-                f"time_mode={self.time_mode!r}, init={init!r}, decoupled={self.decoupled}, n_train={self.n_train}, "
+        return (f"LD3Trainer(solver={self.solver!r}, nfe={self.nfe}, schedule={self.schedule!r}, "
+                f"loss={loss_name(self.loss_spec)!r}, time_mode={self.time_mode_request!r}, init={init!r}, decoupled={self.decoupled}, n_train={self.n_train}, "
                 f"n_valid={self.n_valid}, checkpoint_dir={self.checkpoint_dir!r})")
 
     def fit(self, noise: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None,
@@ -477,7 +480,7 @@ class LD3Trainer:
         if D.is_rank0():
             for name, path in (("checkpoint_dir", self.checkpoint_dir), ("teacher_cache", self.teacher_cache)):
                 if path is None or (name == "teacher_cache" and (
-                        not teacher or (not self.regenerate_teacher and cache_is_complete(path)))):
+                        not teacher or cache_is_complete(path))):
                     continue
                 try:
                     check_writable_dir(path)
@@ -505,16 +508,22 @@ class LD3Trainer:
         with an unseeded network would otherwise make teacher pairs and gradients of another model, silently, and
         ranks with other round counts, learning rates or losses waited for each other in different collectives
         (a hang until the collective timeout, or gloo's abort).  Every field of settings() (and, before the
-        teacher, the teacher's own settings) is compared, and the ones that differ are named; ``with_data``: after
-        the pairs are loaded, with their hash, size and radius."""
+        teacher, the teacher's own settings) is compared, and the ones that differ are named (callables by name, not
+        by their code fingerprint, which a closure over the rank's device changes); ``with_data``: the pairs once
+        loaded (before a decoder, which need not decode bitwise alike on two GPUs): their number and hash."""
         if D.get_world_size() <= 1:
             return
-        fields = self.settings(declared_only=not with_data)
-        fields.setdefault("time_mode_trial_rounds", None)  # present only for time_mode="auto": same keys everywhere
-        if not with_data:
+        if with_data:
+            d = self._data
+            fields = {"n_train": int(d["z_train"].shape[0]), "n_valid": int(d["z_valid"].shape[0]),
+                      "data_sha256": hashlib.sha256("|".join(str(_sha(d[k])) for k in sorted(d)).encode()).hexdigest()}
+        else:
+            fields = self.settings(declared_only=True)
+            fields.setdefault("time_mode_trial_rounds", None)  # only for time_mode="auto": the same keys everywhere
             fields.update({k: _agreement_value(getattr(self, k)) for k in (
                 "teacher", "teacher_solver", "teacher_nfe", "teacher_discretization", "sample_shape",
                 "cache_max_bytes")})
+            fields = rank_comparable(fields)
         differ = D.differing_fields(fields)
         if differ:
             def shown(k):
@@ -614,6 +623,7 @@ class LD3Trainer:
             "z_valid": z_va.detach().to(dev, dt).clone(), "y_valid": y_va.detach().to(dev),
             "c_train": None if c_tr is None else c_tr.to(dev), "c_valid": None if c_va is None else c_va.to(dev),
         }
+        self._check_ranks_agree(with_data=True)  # pairs given to fit() may differ between ranks
         if self.decoder is not None and not target_decoded:
             with torch.no_grad():
                 for k in ("y_train", "y_valid"):
@@ -624,7 +634,6 @@ class LD3Trainer:
                     if bad.numel():
                         raise ValueError(f"decoder returned NaN/Inf for {bad.numel()} teacher target(s) of the "
                                          f"{k[2:]} set (first: sample {int(bad[0])}); check the decoder")
-        self._check_ranks_agree(with_data=True)  # pairs given to fit() (or a decoder) may differ between ranks
         return self._train()
 
     # ------------------------------------------------------------------------------------------
@@ -689,15 +698,17 @@ class LD3Trainer:
             "step_orders": (step_orders(self.solver.spec(), self.num_steps)
                             if isinstance(self.solver, MultistepSolver) else None), "loss": loss_name(self.loss_spec),
             "time_mode": self._settings_time_mode(), "init": init, "decoupled": self.decoupled, "win_rate": self.win_rate,
-            "gamma": self.gamma, "radius": self.radius() if data is not None else self.radius_override, "shift_lr": self._shift_lr0(), "lr_xi": self.lr_xi,
+            "gamma": self.gamma, "radius": self.radius() if data is not None else _agreement_value(self.radius_override),
+            "shift_lr": self._shift_lr0(), "lr_xi": self.lr_xi,
             "momentum": self.momentum, "lr_xi_min": self.lr_xi_min, "lr_xi_c": self.lr_xi_c,
             "lr_xi_c_min": self.lr_xi_c_min, "clip_norm": self.clip_norm, "lr_decay": self.lr_decay,
             "patience": self.patience, "lr2_patience": self.lr2_patience, "early_stop_patience": self.early_stop_patience,
             "rounds_v1": self.rounds_v1, "rounds_v2": self.rounds_v2, "batch_size": self.batch_size,
-            "valid_batch_size": self.valid_batch_size, "valid_every": self._valid_every() if data is not None else self.valid_every, "select_on": self.select_on,
+            "valid_batch_size": self.valid_batch_size, "valid_every": self._valid_every() if data is not None else _agreement_value(self.valid_every),
+            "select_on": self.select_on,
             "seed": self.seed, "dtype": str(self.dtype).replace("torch.", ""),
-            "n_train": int(data["z_train"].shape[0]) if data is not None else self.n_train,
-            "n_valid": int(data["z_valid"].shape[0]) if data is not None else self.n_valid,
+            "n_train": int(data["z_train"].shape[0]) if data is not None else int(self.n_train),
+            "n_valid": int(data["z_valid"].shape[0]) if data is not None else int(self.n_valid),
             "decoder": None if self.decoder is None else getattr(self.decoder, "__qualname__", type(self.decoder).__name__),
             "model": self.identity, "model_call": self._model_call, "schedule": self.schedule.config(),
             "data_sha256": None if data is None else
