@@ -275,3 +275,9 @@ def test_rank_comparable_cuts_code_fingerprints_only():
     got = rank_comparable({"loss": "<lambda>#b390165ed2d04053", "teacher": {"name": "callable:f#0123456789abcdef"},
                            "tags": ["x#12", 3], "n": 4})
     assert got == {"loss": "<lambda>", "teacher": {"name": "callable:f"}, "tags": ["x#12", 3], "n": 4}
+    import numpy as np
+    t = torch.arange(3.0)
+    got = rank_comparable([np.int64(5), np.float32(0.5), ld3_ext.UniPC(3), t, (lambda x: x), object()])
+    assert got[:2] == [5, 0.5] and type(got[0]) is int and got[2] == ld3_ext.UniPC(3).config()
+    assert got[3] == rank_comparable(t.clone()) != rank_comparable(t + 1)
+    assert got[4].endswith("<lambda>") and got[5] == "object"

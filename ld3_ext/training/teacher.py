@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import numbers
 import os
 import re
 import warnings
@@ -112,16 +113,28 @@ _FINGERPRINT = re.compile(r"#[0-9a-f]{8,}")
 
 
 def rank_comparable(v: Any) -> Any:
-    """``v`` with the code fingerprints of callables (``name#hex``) cut to their names, for comparing settings across
-    ranks: a callable closing over its rank or device (``cuda:LOCAL_RANK``) has another fingerprint on each rank,
-    and is the same callable."""
+    """``v`` as JSON that is the same on every rank for the same setting, for comparing settings across ranks:
+    numpy numbers as Python ones, a solver by its config, a tensor by its hash, any other object by its class or
+    callable name (never its repr, which holds its address), and the code fingerprints of callables (``name#hex``)
+    cut to their names (a callable closing over its rank's device, ``cuda:LOCAL_RANK``, has another fingerprint on
+    each rank, and is the same callable)."""
+    if v is None or isinstance(v, (bool, int, float)):
+        return v
     if isinstance(v, str):
         return _FINGERPRINT.sub("", v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
     if isinstance(v, Mapping):
         return {k: rank_comparable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [rank_comparable(x) for x in v]
-    return v
+    if isinstance(v, torch.Tensor):
+        return tensors_sha256({"v": v})
+    if callable(getattr(v, "config", None)):
+        return rank_comparable(v.config())
+    return getattr(v, "__qualname__", type(v).__name__)
 
 
 def _call_settings(model) -> Dict[str, Any]:

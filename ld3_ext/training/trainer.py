@@ -127,24 +127,6 @@ def _sha(t: Optional[torch.Tensor]) -> Optional[str]:
     return None if t is None else hashlib.sha256(bytes(tensor_bytes(t))).hexdigest()
 
 
-def _agreement_value(v: Any) -> Any:
-    """A value to compare across ranks: the same on each for the same setting (a solver's config, a callable's
-    name, a tensor's hash; never an object's repr, which holds its address)."""
-    if v is None or isinstance(v, (str, bool, int, float)):
-        return v
-    if isinstance(v, numbers.Integral):  # numpy's: the JSON of the comparison takes Python numbers
-        return int(v)
-    if isinstance(v, numbers.Real):
-        return float(v)
-    if isinstance(v, (list, tuple)):
-        return [_agreement_value(x) for x in v]
-    if isinstance(v, torch.Tensor):
-        return _sha(v)
-    if hasattr(v, "config") and callable(v.config):
-        return v.config()
-    return getattr(v, "__qualname__", type(v).__name__)
-
-
 class LD3Trainer:
     """Learn a solver-specific time grid (and decoupled network times) for one NFE.
 
@@ -520,7 +502,7 @@ class LD3Trainer:
         else:
             fields = self.settings(declared_only=True)
             fields.setdefault("time_mode_trial_rounds", None)  # only for time_mode="auto": the same keys everywhere
-            fields.update({k: _agreement_value(getattr(self, k)) for k in (
+            fields.update({k: getattr(self, k) for k in (
                 "teacher", "teacher_solver", "teacher_nfe", "teacher_discretization", "sample_shape",
                 "cache_max_bytes")})
             fields = rank_comparable(fields)
@@ -698,13 +680,15 @@ class LD3Trainer:
             "step_orders": (step_orders(self.solver.spec(), self.num_steps)
                             if isinstance(self.solver, MultistepSolver) else None), "loss": loss_name(self.loss_spec),
             "time_mode": self._settings_time_mode(), "init": init, "decoupled": self.decoupled, "win_rate": self.win_rate,
-            "gamma": self.gamma, "radius": self.radius() if data is not None else _agreement_value(self.radius_override),
+            "gamma": self.gamma, "radius": self.radius() if data is not None else (
+                None if self.radius_override is None else float(self.radius_override)),
             "shift_lr": self._shift_lr0(), "lr_xi": self.lr_xi,
             "momentum": self.momentum, "lr_xi_min": self.lr_xi_min, "lr_xi_c": self.lr_xi_c,
             "lr_xi_c_min": self.lr_xi_c_min, "clip_norm": self.clip_norm, "lr_decay": self.lr_decay,
             "patience": self.patience, "lr2_patience": self.lr2_patience, "early_stop_patience": self.early_stop_patience,
             "rounds_v1": self.rounds_v1, "rounds_v2": self.rounds_v2, "batch_size": self.batch_size,
-            "valid_batch_size": self.valid_batch_size, "valid_every": self._valid_every() if data is not None else _agreement_value(self.valid_every),
+            "valid_batch_size": self.valid_batch_size, "valid_every": self._valid_every() if data is not None else (
+                None if self.valid_every is None else int(self.valid_every)),
             "select_on": self.select_on,
             "seed": self.seed, "dtype": str(self.dtype).replace("torch.", ""),
             "n_train": int(data["z_train"].shape[0]) if data is not None else int(self.n_train),
