@@ -289,7 +289,12 @@ def cache_is_complete(directory: str) -> bool:
         return False
     if os.path.exists(os.path.join(directory, STAGING_DIR, COMMIT_FILE)):
         return False  # the next open finishes a swap: it writes
-    return all(os.path.isfile(os.path.join(directory, f"chunk_{i:05d}.safetensors")) for i in range(k))
+    return all(os.path.isfile(os.path.join(directory, chunk_name(i))) for i in range(k))
+
+
+def chunk_name(i: int) -> str:
+    """The file of chunk ``i`` of a teacher set."""
+    return f"chunk_{i:05d}.safetensors"
 
 
 class TeacherCache:
@@ -310,7 +315,7 @@ class TeacherCache:
         return os.path.join(self.directory, META_FILE)
 
     def chunk_path(self, i: int) -> str:
-        return os.path.join(self.directory, f"chunk_{i:05d}.safetensors")
+        return os.path.join(self.directory, chunk_name(i))
 
     def _meta(self) -> Dict[str, Any]:
         return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": self.settings,
