@@ -304,6 +304,9 @@ def differing_fields(fields: Mapping[str, Any]) -> List[str]:
     two numbers), so ranks holding other names raise instead of reducing tensors of other lengths, which gloo
     aborts on; then the values (two reductions).  Callers give every rank the same names (absent = None).
     Collective: every rank must call it."""
+    if not isinstance(fields, Mapping) or not all(isinstance(k, str) for k in fields):
+        raise TypeError(f"differing_fields: fields must be a mapping of setting names (str) to values, got "
+                        f"{type(fields).__name__}")
     if get_world_size() == 1:
         return []
     from .atomic_io import canonical_json, json_safe

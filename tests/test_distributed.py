@@ -281,3 +281,10 @@ def test_rank_comparable_cuts_code_fingerprints_only():
     assert got[:2] == [5, 0.5] and type(got[0]) is int and got[2] == ld3_ext.UniPC(3).config()
     assert got[3] == rank_comparable(t.clone()) != rank_comparable(t + 1)
     assert got[4].endswith("<lambda>") and got[5] == "object"
+
+
+def test_differing_fields_names_bad_input_and_is_empty_in_one_process():
+    assert D.differing_fields({"a": 1, "b": [2, None]}) == []
+    for bad in ([("a", 1)], {1: "a"}, None):
+        with pytest.raises(TypeError, match="differing_fields: fields must be a mapping of setting names"):
+            D.differing_fields(bad)

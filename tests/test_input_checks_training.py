@@ -425,3 +425,10 @@ def test_a_folder_where_a_checkpoint_file_goes_is_refused_before_any_work(tmp_pa
     with pytest.raises(IsADirectoryError, match=rf"checkpoint_dir '.*ck': {name} there is a folder"):
         _trainer(checkpoint_dir=str(ck)).fit()
     assert made == []
+
+
+def test_cache_is_complete_names_a_bad_directory(tmp_path):
+    from ld3_ext.training.teacher import cache_is_complete
+    with pytest.raises(TypeError, match="cache_is_complete: directory must be a str or os.PathLike, got int"):
+        cache_is_complete(3)
+    assert not cache_is_complete(tmp_path) and not cache_is_complete(str(tmp_path / "none"))

@@ -280,6 +280,9 @@ def _diff_keys(a: Mapping, b: Mapping, prefix: str = "") -> list:
 def cache_is_complete(directory: str) -> bool:
     """Does ``directory`` hold a whole teacher set (readable metadata and every chunk file it lists, no swap
     pending)?  Such a cache is only read, so it may sit in a read-only folder; any other needs writing."""
+    if not isinstance(directory, (str, bytes, os.PathLike)):
+        raise TypeError(f"cache_is_complete: directory must be a str or os.PathLike, got {type(directory).__name__}")
+    directory = os.fsdecode(directory)
     try:
         meta = read_json_checked(os.path.join(directory, META_FILE), what="teacher cache metadata")
     except (OSError, CorruptFileError, ValueError):
@@ -289,10 +292,10 @@ def cache_is_complete(directory: str) -> bool:
         return False
     if os.path.exists(os.path.join(directory, STAGING_DIR, COMMIT_FILE)):
         return False  # the next open finishes a swap: it writes
-    return all(os.path.isfile(os.path.join(directory, chunk_name(i))) for i in range(k))
+    return all(os.path.isfile(os.path.join(directory, _chunk_name(i))) for i in range(k))
 
 
-def chunk_name(i: int) -> str:
+def _chunk_name(i: int) -> str:
     """The file of chunk ``i`` of a teacher set."""
     return f"chunk_{i:05d}.safetensors"
 
@@ -315,7 +318,7 @@ class TeacherCache:
         return os.path.join(self.directory, META_FILE)
 
     def chunk_path(self, i: int) -> str:
-        return os.path.join(self.directory, chunk_name(i))
+        return os.path.join(self.directory, _chunk_name(i))
 
     def _meta(self) -> Dict[str, Any]:
         return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": self.settings,

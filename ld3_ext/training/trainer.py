@@ -127,6 +127,11 @@ def _sha(t: Optional[torch.Tensor]) -> Optional[str]:
     return None if t is None else hashlib.sha256(bytes(tensor_bytes(t))).hexdigest()
 
 
+def _data_sha256(data: Dict[str, Optional[torch.Tensor]]) -> str:
+    """One hash of the training data (pairs and conditions), recorded in settings() and compared across ranks."""
+    return hashlib.sha256("|".join(str(_sha(data[k])) for k in sorted(data)).encode()).hexdigest()
+
+
 class LD3Trainer:
     """Learn a solver-specific time grid (and decoupled network times) for one NFE.
 
@@ -498,7 +503,7 @@ class LD3Trainer:
         if with_data:
             d = self._data
             fields = {"n_train": int(d["z_train"].shape[0]), "n_valid": int(d["z_valid"].shape[0]),
-                      "data_sha256": hashlib.sha256("|".join(str(_sha(d[k])) for k in sorted(d)).encode()).hexdigest()}
+                      "data_sha256": _data_sha256(d)}
         else:
             fields = self.settings(declared_only=True)
             fields.setdefault("time_mode_trial_rounds", None)  # only for time_mode="auto": the same keys everywhere
@@ -695,8 +700,7 @@ class LD3Trainer:
             "n_valid": int(data["z_valid"].shape[0]) if data is not None else int(self.n_valid),
             "decoder": None if self.decoder is None else getattr(self.decoder, "__qualname__", type(self.decoder).__name__),
             "model": self.identity, "model_call": self._model_call, "schedule": self.schedule.config(),
-            "data_sha256": None if data is None else
-            hashlib.sha256("|".join(str(_sha(data[k])) for k in sorted(data)).encode()).hexdigest(),
+            "data_sha256": None if data is None else _data_sha256(data),
         }
         if out["time_mode"] == "auto":  # only then: explicit modes keep their settings (and checkpoints) as they were
             out["time_mode_trial_rounds"] = self._trial_rounds()
