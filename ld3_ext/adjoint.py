@@ -190,6 +190,39 @@ def _skewed(mat: torch.Tensor, n: int) -> torch.Tensor:
     return mat.as_strided((n, w), (w, w + 1), mat.storage_offset())
 
 
+def _rng_snapshot(device: torch.device):
+    """The generator states a network evaluation may draw from (dropout in train mode): the CPU's and, for a
+    CUDA state, its device's.  A backward that evaluates the network again (checkpointing, a second backward,
+    create_graph) replays them, as torch.utils.checkpoint does, so it differentiates the function the forward
+    computed.  Not taken while a CUDA graph is being captured (the generator's state cannot be read there)."""
+    cuda = None
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        cuda = torch.cuda.get_rng_state(device)
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replayed_rng(snapshot, device: torch.device):
+    """Run with the generators as they were at ``snapshot``; the caller's streams go on untouched afterwards."""
+    if snapshot is None:
+        yield
+        return
+    cpu, cuda = snapshot
+    with torch.random.fork_rng(devices=[device] if cuda is not None else [], device_type="cuda"):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+def _restore_rng(snapshot, device: torch.device):
+    """Put the generators back to ``snapshot`` (a declined node: the per-step loop draws the same numbers anew)."""
+    if snapshot is not None:
+        torch.set_rng_state(snapshot[0])
+        if snapshot[1] is not None:
+            torch.cuda.set_rng_state(snapshot[1], device)
+
+
 class _WholeSampler(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: SamplerPlan, need: tuple, x_T, table, tm, first):
@@ -211,6 +244,8 @@ class _WholeSampler(torch.autograd.Function):
                 return update(xx, row, hist) if native else _update_reference(xx, row[: 1 + len(hist)], hist)
         evaluate, orders, max_order, keep = plan.evaluate, plan.orders, plan.max_order, not plan.checkpoint
         depends = _depends_on_other_leaves
+        dev = x_T.device
+        rng: List[Any] = [None] * n  # generator states before each evaluation made here (replayed in the backward)
         for i in range(n):
             if i == 0 and first is not None:
                 # the caller's evaluation (an input of this node): the backward hands the engine step 0's output
@@ -220,9 +255,13 @@ class _WholeSampler(torch.autograd.Function):
             else:
                 xl = x.detach().requires_grad_()
                 tl = times[i].detach().requires_grad_() if need_tm else times[i]
+                rng[i] = _rng_snapshot(dev)
                 with torch.enable_grad():
                     out = evaluate(xl, tl, i)
                 if depends(out, (xl, tl)):
+                    # the caller's per-step loop redoes the steps from the first this node evaluated: with the
+                    # random numbers they drew here (dropout), as the reference backend would draw them
+                    _restore_rng(next(r for r in rng if r is not None), dev)
                     raise ForeignGradients()
             val = out.detach()
             if val.is_neg():  # a lazily negated view: the kernels read raw storage
@@ -243,7 +282,7 @@ class _WholeSampler(torch.autograd.Function):
         ctx.plan, ctx.need = plan, need
         ctx.has_first = first is not None
         # x_T, the table, tm and first are the caller's: saved with version checks; the rest is ours
-        ctx.xs_inner, ctx.outs, ctx.graphs = xs[1:-1], outs, graphs
+        ctx.xs_inner, ctx.outs, ctx.graphs, ctx.rng = xs[1:-1], outs, graphs, rng
         ctx.save_for_backward(table, x_T, tm, first)
         return x
 
@@ -330,7 +369,12 @@ def _differentiable_backward(ctx, grad):
     # fresh aliases: with the default model times tm is t, an ancestor of table, and grad w.r.t. both at once
     # would hand t's share through the table back twice (once in tm's gradient, once through the table's node)
     inputs = [v.view_as(v) if need else v for v, need in zip((x_T, table, tm, first), needs)]
-    x = _solve_per_step(plan.evaluate, plan.orders, plan.max_order, *inputs)
+    dev = x_T.device
+
+    def evaluate(xx, tt, step):  # the forward's random numbers (dropout), as in the other re-evaluations
+        with _replayed_rng(ctx.rng[step], dev):
+            return plan.evaluate(xx, tt, step)
+    x = _solve_per_step(evaluate, plan.orders, plan.max_order, *inputs)
     wanted = [t for t, need in zip(inputs, needs) if need]
     got = iter(torch.autograd.grad(x, wanted, grad, create_graph=True, allow_unused=True))
     return (None, None) + tuple(next(got) if need else None for need in needs)
@@ -418,7 +462,7 @@ def _model_vjp(ctx, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, w
     if entry is None:
         xl = ctx.xs[i].detach().requires_grad_()
         tl = ctx.tm[i].detach().requires_grad_() if ctx.need[2] else ctx.tm[i].detach()
-        with torch.enable_grad():
+        with torch.enable_grad(), _replayed_rng(ctx.rng[i], xl.device):
             out = plan.evaluate(xl, tl, i)
     else:
         xl, tl, out = entry

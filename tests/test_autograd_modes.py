@@ -82,6 +82,17 @@ def test_sparse_inputs_are_named():
         fused.multistep_update(x, coef, hist, out=torch.zeros_like(x).to_sparse())
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("solver", [ld3_ext.DPMSolverPP, ld3_ext.Heun])
+def test_a_sparse_x_T_is_named_by_sample(solver, backend):
+    """It failed inside torch (aten::ne.Scalar has no SparseCPU kernel), naming no argument."""
+    model = ld3_ext.wrap_model(lambda x, t: 0.9 * x, ld3_ext.EDM(), prediction="x0")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    t = torch.tensor([80.0, 10.0, 0.002], dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"x_T must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        solver(backend=backend).sample(model, x.to_sparse(), t)
+
+
 # ----------------------------------------------------------------------------------------------
 # forward-mode AD and torch.func: the reference's plain ops serve, with the same values
 # ----------------------------------------------------------------------------------------------

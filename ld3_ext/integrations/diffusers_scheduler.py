@@ -35,6 +35,7 @@ scaling as ``schedule.prior_std()``.  ``scale_model_input`` is the identity (the
 """
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import warnings
@@ -52,7 +53,7 @@ from ..coefficients import step_orders
 from ..discretizations import DISCRETIZATIONS, get_discretization
 from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete, schedule_from_config
 from ..solvers import SOLVERS, Solver, as_solver, solver_from_config
-from ..solvers.heun import heun_multistep_table
+from ..solvers.heun import heun_multistep_table, heun_view
 from ..wrappers import _capturing, _compiling
 from .diffusers import (PREDICTION_TYPES, DiffusersConfigError, learned_variance, network_time_fn,
                         schedule_from_diffusers_config)
@@ -298,13 +299,28 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         return t * float(self.config.num_train_timesteps)
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
-                      **kwargs):
+                      sigmas=None, mu: Optional[float] = None, **kwargs):
         """Prepare a solve.  With a stored grid ``num_inference_steps`` must be None or its N (a learned grid
-        is made for one N); otherwise the ``discretization`` baseline with ``num_inference_steps`` intervals."""
+        is made for one N); otherwise the ``discretization`` baseline with ``num_inference_steps`` intervals.
+
+        ``mu`` and ``sigmas`` are what Flux-family pipelines pass for diffusers' own grid: ``mu`` shifts it for
+        the image size (use_dynamic_shifting), and the img2img/inpainting ones always pass its unshifted sigmas
+        ``linspace(1, 1/N, N)``.  This scheduler's grid replaces that one, so ``mu`` is accepted and not used
+        (the grid is the stored one, or the discretization's with the config's ``shift``), and so are those
+        default sigmas; any other ``sigmas`` (or ``timesteps``) is a custom grid, which
+        ``LD3Scheduler.from_timesteps`` builds."""
+        if mu is not None and (isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu)):
+            raise TypeError(f"set_timesteps: mu must be a finite number or None, got {mu!r}")
+        if sigmas is not None and not _pipeline_default_sigmas(sigmas, num_inference_steps):
+            raise TypeError("LD3Scheduler.set_timesteps: custom sigmas are not supported (the scheduler's grid is "
+                            "its stored or discretized one); build the scheduler with "
+                            "LD3Scheduler.from_timesteps(...) for a custom grid")
         unknown = {k for k, v in kwargs.items() if v is not None}
         if unknown:
-            raise TypeError(f"LD3Scheduler.set_timesteps: unsupported arguments {sorted(unknown)}; build the "
-                            "scheduler with LD3Scheduler.from_timesteps(...) for custom grids")
+            grids = sorted(unknown & {"timesteps", "sigmas"})
+            raise TypeError(f"LD3Scheduler.set_timesteps: unsupported arguments {sorted(unknown)}"
+                            + ("; build the scheduler with LD3Scheduler.from_timesteps(...) for a custom grid"
+                               if grids else ""))
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
                                                 or not isinstance(num_inference_steps, numbers.Integral)):
             raise TypeError(f"set_timesteps: num_inference_steps must be an int, got {num_inference_steps!r}")
@@ -352,7 +368,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             self._orders = step_orders(spec, n)
             coef = ops.coefficient_table(self.schedule, t, spec, "reference")
         else:  # Heun: its 2N multistep updates, the chain solver.sample runs (rows [k, 0], orders 1, 2, 1, 2, ...)
-            coef, self._orders = heun_multistep_table(self.schedule, t)
+            coef, self._orders = heun_multistep_table(self.schedule, t, heun_view(self.prediction))
         s = self.schedule
         tables = {
             "coef": coef.detach(),
@@ -599,13 +615,13 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         # the chain of solver.sample (solvers/heun.py): predictor z = a x + b m, corrector z + c (m - m'), both
         # from the sample passed in (a pipeline may have edited it: an inpainting blend, a step callback).  Not
         # EDM's loop in x/alpha: that state is up to 1/alpha larger than the sample, and float32 lost its digits
-        x0, _ = self._convert(out, x, (k + 1) // 2)  # evaluation k is made at model time (k + 1) // 2
-        x0 = self._in_state_layout(x0, x)
+        x0, eps = self._convert(out, x, (k + 1) // 2)  # evaluation k is made at model time (k + 1) // 2
+        m = self._in_state_layout(x0 if heun_view(self.prediction) == "x0" else eps, x)  # the view solver.sample takes
         coef = self._tables["coef"]
         if k % 2 == 0:
-            self._heun = x0
-            return ops.multistep_update(x, coef[k, 0, :2], [x0], self.solver.backend)
-        return ops.multistep_update(x, coef[k, 0, :3], [x0, self._heun], self.solver.backend)
+            self._heun = m
+            return ops.multistep_update(x, coef[k, 0, :2], [m], self.solver.backend)
+        return ops.multistep_update(x, coef[k, 0, :3], [m, self._heun], self.solver.backend)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x = alpha x_0 + sigma noise (img2img).  ``timesteps`` in diffusers units (floats ok); an entry equal to
@@ -687,6 +703,19 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self):
         return int(self.config.num_train_timesteps)
+
+
+def _pipeline_default_sigmas(sigmas, num_inference_steps) -> bool:
+    """True for the grid Flux-family pipelines pass when the user gave none: ``linspace(1, 1/N, N)``."""
+    try:
+        got = torch.as_tensor(np.asarray(sigmas, dtype=np.float64)).reshape(-1)
+    except (TypeError, ValueError):
+        return False
+    n = got.numel()
+    if n < 1 or (num_inference_steps is not None and n != num_inference_steps):
+        return False
+    default = torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)
+    return bool(torch.allclose(got, default, rtol=0, atol=1e-6))
 
 
 def _grid_arg(value, name: str) -> torch.Tensor:

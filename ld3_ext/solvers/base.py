@@ -301,6 +301,7 @@ class Solver:
         if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
             raise TypeError(f"x_T must be a floating torch.Tensor, got "
                             f"{getattr(x_T, 'dtype', type(x_T).__name__)}")
+        _dense("x_T", x_T)  # a sparse x_T failed inside torch ("Could not run 'aten::ne.Scalar' ... 'SparseCPU'")
         if x_T.dim() < 1 or x_T.shape[0] == 0:
             raise ValueError(f"x_T must have a non-empty batch dimension, got shape {tuple(x_T.shape)}")
         check_model_kwargs(model_kwargs, "sample")

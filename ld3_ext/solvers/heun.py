@@ -23,16 +23,29 @@ from .._checks import count
 from .base import Solver, table_rows
 
 
-def heun_multistep_table(schedule, t: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+def heun_multistep_table(schedule, t: torch.Tensor, view: str = "x0") -> Tuple[torch.Tensor, List[int]]:
     """Heun as 2N multistep updates on the states the network sees.
 
-    With s_i = sigma_i/alpha_i (EDM sigma), dt = s_{i+1} - s_i, m_i the network's x0 at x_i and m'_i
-    at the predictor state z_i = alpha_{i+1} (y_i + dt d_0) (y = x/alpha), step i of Algorithm 2 is
+    With s_i = sigma_i/alpha_i (EDM sigma), dt = s_{i+1} - s_i, m_i the network's prediction at x_i and m'_i
+    at the predictor state z_i = alpha_{i+1} (y_i + dt d_0) (y = x/alpha), step i of Algorithm 2 is, with
+    ``view="x0"`` (m = the x0 prediction)
 
         z_i     = (alpha_{i+1} s_{i+1} / (alpha_i s_i)) x_i - (alpha_{i+1} dt / s_i) m_i
         x_{i+1} = z_i + (alpha_{i+1} dt / (2 s_{i+1})) (m_i - m'_i)
 
-    (the corrector y_{i+1} = y_i + dt (d_0 + d_1)/2 rewritten from z_i: d_1 - d_0 = (m_i - m'_i)/s_{i+1}).
+    (the corrector y_{i+1} = y_i + dt (d_0 + d_1)/2 rewritten from z_i: d_1 - d_0 = (m_i - m'_i)/s_{i+1}), and
+    with ``view="eps"`` (m = the noise prediction, which is EDM's d = (y - x0)/s exactly)
+
+        z_i     = (alpha_{i+1} / alpha_i) x_i + alpha_{i+1} dt m_i
+        x_{i+1} = z_i + (alpha_{i+1} dt / 2) (m'_i - m_i).
+
+    The two are the same map in exact arithmetic; they differ in what rounding they amplify.  The x0 form
+    weighs m by dt/s_{i+1}, large once the grid reaches small sigma, so an x0 made from a noise prediction
+    (x0 = (x - sigma eps)/alpha, its rounding ~ ulp(x)) came back amplified: in float32, one EDM step
+    80 -> 0.002 was 1.2e-3 off and some time gradients had the wrong sign
+    (``tests/test_heun_prediction_view.py``).  The eps form has bounded weights, and is exact where the network
+    predicts noise (or v, a score, a flow velocity: eps follows from them without cancellation); an x0 (or EDM
+    denoiser) network keeps the x0 form, where its raw output is what is weighed.
     Returns the [2N, 2, 5] float64 table (row [k, 0] = [a, b_0, b_1, ...], newest output first; built
     with differentiable ops, so gradients reach ``t``) and the update orders [1, 2, 1, 2, ...].
     """
@@ -42,16 +55,30 @@ def heun_multistep_table(schedule, t: torch.Tensor) -> Tuple[torch.Tensor, List[
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < 2 or not t.is_floating_point():
         raise ValueError(f"t must be a 1-D floating tensor with at least 2 times, got "
                          f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if view not in ("x0", "eps"):
+        raise ValueError(f"view must be 'x0' or 'eps', got {view!r}")
     t64 = t.to(torch.float64)
     sig, alp = schedule.edm_sigma(t64), schedule.alpha(t64)
     n = t64.numel() - 1
     dt = sig[1:] - sig[:-1]
     zero, one = torch.zeros_like(dt), torch.ones_like(dt)
-    pred = torch.stack([alp[1:] * sig[1:] / (alp[:-1] * sig[:-1]), -alp[1:] * dt / sig[:-1], zero, zero, zero], 1)
-    half = alp[1:] * dt / (2.0 * sig[1:])
-    corr = torch.stack([one, -half, half, zero, zero], 1)  # history newest first: [m'_i, m_i]
+    if view == "x0":
+        pred = torch.stack([alp[1:] * sig[1:] / (alp[:-1] * sig[:-1]), -alp[1:] * dt / sig[:-1], zero, zero, zero], 1)
+        half = alp[1:] * dt / (2.0 * sig[1:])
+        corr = torch.stack([one, -half, half, zero, zero], 1)  # history newest first: [m'_i, m_i]
+    else:
+        pred = torch.stack([alp[1:] / alp[:-1], alp[1:] * dt, zero, zero, zero], 1)
+        half = alp[1:] * dt / 2.0
+        corr = torch.stack([one, half, -half, zero, zero], 1)
     rows = torch.stack([pred, corr], 1).reshape(2 * n, 5)
     return torch.stack([rows, torch.zeros_like(rows)], 1), [1, 2] * n
+
+
+def heun_view(prediction) -> str:
+    """The history view Heun takes for a network predicting ``prediction`` (a DiffusionModel.prediction or a
+    diffusers-side name): its x0 for x0/EDM-denoiser networks, the noise prediction otherwise (see
+    ``heun_multistep_table``)."""
+    return "x0" if prediction in ("x0", "edm") else "eps"
 
 
 class Heun(Solver):
@@ -82,13 +109,15 @@ class Heun(Solver):
         return {"name": self.name, "order": 2}
 
     def _solve(self, model, x, t, tm, kwargs):
-        table, orders = heun_multistep_table(model.schedule, t)
+        view = heun_view(getattr(model, "prediction", "x0"))
+        table, orders = heun_multistep_table(model.schedule, t, view)
+        idx = 0 if view == "x0" else 1
         tm2 = tm.repeat_interleave(2)[1:]  # update k evaluates the network at tm[(k + 1) // 2]
         first = None  # step 0's evaluation, made once for whichever path runs
         if ops.resolve_backend(self.backend) == "fused" and adjoint.applicable(x, table, tm2):
             def evaluate(xx, tt, step):
-                return model.predict(xx, tt, step=step, returns="x0", **kwargs)[0]
-            first = self._evaluate(model, x, tm2[0], 0, kwargs, "x0")[0]
+                return model.predict(xx, tt, step=step, returns=view, **kwargs)[idx]
+            first = self._evaluate(model, x, tm2[0], 0, kwargs, view)[idx]
             try:
                 return adjoint.whole_sampler(evaluate, orders, 2, self.checkpoint_model, x, table, tm2,
                                              self._backward_checks(model, x), first=first)
@@ -98,7 +127,7 @@ class Heun(Solver):
         rows = table_rows(table, 0)
         entry = self._history_entry_fn()
         for k, p in enumerate(orders):
-            out = first if k == 0 and first is not None else self._evaluate(model, x, tm2[k], k, kwargs, "x0")[0]
+            out = first if k == 0 and first is not None else self._evaluate(model, x, tm2[k], k, kwargs, view)[idx]
             history.insert(0, entry(out, x))
             del history[2:]
             x = ops.multistep_update(x, rows[k], history[:p], self.backend)
