@@ -333,17 +333,23 @@ def network_time_fn(schedule: NoiseSchedule, num_train_timesteps: int = 1000):
                                "or a flow time; use a VPDiscrete or FlowMatching schedule")
 
 
+def _inner(net):
+    """The network a ``torch.compile`` wrapper (OptimizedModule) holds: its class and its forward's parameter names
+    say how to call it and what conditions it (the wrapper's forward is ``(*args, **kwargs)``)."""
+    return getattr(net, "_orig_mod", net)
+
+
 class _UNetCall:
     """``fn(x, time, **kw)`` around a diffusers network: dtype casts, ``.sample`` unwrapping, learned-variance split."""
 
     def __init__(self, net, learned_variance: bool):
         self.net = net
         self.learned_variance = learned_variance
-        self.__name__ = type(net).__name__
+        self.__name__ = type(_inner(net)).__name__
         # by keyword where the network names it: the transformers (SD3, PixArt, Flux) take encoder_hidden_states
         # second, so a positional time would land there; the UNets and DiT take timestep second
         try:
-            params = inspect.signature(net.forward).parameters
+            params = inspect.signature(_inner(net).forward).parameters
         except (TypeError, ValueError):
             params = {}
         self.time_keyword = "timestep" in params
@@ -388,6 +394,7 @@ def _expand_batch_one(v, b: int):
 
 def _conditioning(net) -> Tuple[bool, str]:
     """(is_conditional, the kwarg that carries the condition) for a diffusers network."""
+    net = _inner(net)
     cfg = getattr(net, "config", {}) or {}
     name = type(net).__name__
     if name == "UNet2DModel":
@@ -419,7 +426,7 @@ def from_diffusers(unet, scheduler_config, guidance_scale: Optional[float] = Non
     conditional = conditional or cond_key is not None
     if guidance_scale is not None and not conditional:
         raise DiffusersConfigError(
-            f"guidance_scale={guidance_scale} but the {type(unet).__name__} is unconditional (no class embedding / "
+            f"guidance_scale={guidance_scale} but the {type(_inner(unet)).__name__} is unconditional (no class embedding / "
             "cross-attention): classifier-free guidance needs a conditional network; drop guidance_scale, or name "
             "the network's condition argument with cond_key (e.g. cond_key='class_labels')")
     ucfg = getattr(unet, "config", {}) or {}
@@ -434,7 +441,7 @@ def from_diffusers(unet, scheduler_config, guidance_scale: Optional[float] = Non
     n_train = _num_train_timesteps(cfg)
     model = DiffusersModel(fn, schedule, prediction=prediction, time_input=network_time_fn(schedule, n_train),
                            guidance_scale=guidance_scale, cond_key=cond_key or default_key,
-                           model_kwargs=model_kwargs, name=f"diffusers:{type(unet).__name__}")
+                           model_kwargs=model_kwargs, name=f"diffusers:{type(_inner(unet)).__name__}")
     model.net = unet  # registered submodule: model.to()/.eval() reach the UNet
     model.scheduler_config = cfg
     model.num_train_timesteps = n_train
