@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -1037,6 +1038,25 @@ def _peer_failure(exc: BaseException) -> Optional[str]:
     return None
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _model_failure(exc: BaseException) -> bool:
+    """The exception was raised inside the network's own code: past DiffusionModel._call's call of the network,
+    a frame outside ld3_ext (a factory's function, diffusers, torch).  That run failed (exit 1, one line), whatever
+    the class: a ValueError there is not a bad flag, a RuntimeError not a bug of ld3."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    wrappers = os.path.join(_PACKAGE_DIR, "wrappers.py")
+    for k, code in enumerate(frames):
+        if code.co_name == "_call" and os.path.abspath(code.co_filename) == wrappers:
+            return any(not os.path.abspath(c.co_filename).startswith(_PACKAGE_DIR + os.sep) for c in frames[k + 1:])
+    return False
+
+
 def _flag_hint(exc: BaseException) -> Optional[str]:
     """The command-line flag for a Python option that an error message names."""
     text = str(exc)
@@ -1165,8 +1185,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         raise  # SystemExit(2), as argparse exits on a bad flag
     except KeyboardInterrupt as exc:
-        if _traceback_wanted():
-            raise
+        if _traceback_wanted():  # the traceback, and still the exit status that says how the run stopped
+            traceback.print_exc()
         resume = ""
         if args.cmd == "teacher":  # a regeneration resumes its staged set when rerun with the flag, as without
             resume = " (rerun the same command to resume)"
@@ -1190,6 +1210,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
         peer = _peer_failure(exc)
         if peer is not None:
             print(f"{prog}: error: {peer}", file=sys.stderr)
+            return 1
+        if _model_failure(exc) and not _out_of_memory(exc):
+            print(f"{prog}: error: the model raised {type(exc).__name__}: {exc}", file=sys.stderr)
+            print("(set LD3_TRACEBACK=1 for the full traceback)", file=sys.stderr)
             return 1
         code = _exit_code(exc)
         if code is None:

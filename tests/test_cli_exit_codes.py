@@ -140,3 +140,66 @@ def test_the_script_exits_with_these_statuses(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)  # -m puts the cwd first on sys.path
     assert r.returncode == 2 and r.stderr.strip() == "ld3 sample: error: --nfe must be >= 1, got 0"
 
+
+
+# --- a failure inside the user's network ---------------------------------------------------------------------------
+_FACTORY = '''
+import torch, ld3_ext
+
+def _make(net):
+    sched = ld3_ext.EDM()
+    m = ld3_ext.wrap_model(net, sched, prediction="x0")
+    m.sample_shape = (2,)
+    return m, sched
+
+def valerr():
+    def net(x, t, **k):
+        raise ValueError("bad conditioning tensor")
+    return _make(net)
+
+def rterr():
+    def net(x, t, **k):
+        return torch.nn.functional.linear(x, torch.ones(5, 3))  # a shape mismatch inside torch
+    return _make(net)
+'''
+
+
+@pytest.mark.parametrize("cmd", ["sample", "train"])
+@pytest.mark.parametrize("factory, kind", [("valerr", "ValueError: bad conditioning tensor"),
+                                           ("rterr", "RuntimeError: mat1 and mat2 shapes cannot be multiplied")])
+def test_an_error_inside_the_network_is_a_failed_run(cmd, factory, kind, tmp_path, monkeypatch, capsys):
+    """A ValueError there was exit 2 ("a bad flag"), a RuntimeError a 38-line traceback: both are the run failing."""
+    (tmp_path / "userfac.py").write_text(_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    extra = ["--n", "2"] if cmd == "sample" else ["--n-train", "2", "--n-valid", "2", "--nfe", "3", "--rounds-v1", "1", "--rounds-v2", "0"]
+    assert _exit_status([cmd, "--model", f"userfac:{factory}", "--out", str(tmp_path / "o"), *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ld3 {cmd}: error: the model raised {kind}"), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2  # the line and the LD3_TRACEBACK hint
+
+
+def test_our_own_checks_inside_the_model_call_are_not_the_networks():
+    """DiffusionModel._call's own ValueError (uncond without guidance) stays the library's: not a network failure."""
+    import ld3_ext
+    import torch
+    model = ld3_ext.wrap_model(lambda x, t, **k: x, ld3_ext.EDM(), prediction="x0")
+    with pytest.raises(ValueError) as info:
+        model.predict(torch.zeros(1, 2), torch.tensor(1.0), uncond=torch.zeros(1))
+    assert not cli._model_failure(info.value)
+
+    def net(x, t):
+        raise ValueError("mine")
+    with pytest.raises(ValueError) as info:
+        ld3_ext.wrap_model(net, ld3_ext.EDM(), prediction="x0").predict(torch.zeros(1, 2), torch.tensor(1.0))
+    assert cli._model_failure(info.value)
+
+
+def test_sigterm_with_tracebacks_on_still_exits_143(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LD3_TRACEBACK", "1")
+
+    def terminated(args):
+        raise cli.Terminated()
+    monkeypatch.setattr(cli, "cmd_sample", terminated)
+    assert _exit_status(["sample", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")]) == 143
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ld3 sample: terminated (SIGTERM)" in err
