@@ -84,10 +84,24 @@ def test_rerunning_a_finished_training_keeps_its_schedule_file_and_eval(tmp_path
     assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
     assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
     schedule, record = (out / "schedule.json").read_bytes(), (out / "eval.json").read_bytes()
+    def state():  # the checkpoint's files; its copy of the best schedule only up to its creation time
+        files = {}
+        for p in sorted((out / "checkpoint").rglob("*")):
+            if p.is_file():
+                data = p.read_bytes()
+                if p.suffix == ".json":
+                    data = {k: v for k, v in json.loads(data).items() if k not in ("created", "checksum")}
+                files[p.name] = data
+        return files
+    checkpoint = state()
+    assert len(checkpoint) >= 2
     rc, text, _ = _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)
     assert rc == 0 and "already holds this schedule" in text
     assert (out / "schedule.json").read_bytes() == schedule and (out / "eval.json").read_bytes() == record
     assert _stale(out) == []
+    # nothing trained, so nothing was saved: the checkpoint's elapsed time grew by microseconds on every rerun, and
+    # once that reached train_seconds' third decimal the schedule no longer matched and was rewritten
+    assert state() == checkpoint
 
 
 def test_an_eval_of_another_schedule_file_is_left_alone(tmp_path, capsys):

@@ -1407,6 +1407,10 @@ class LD3Trainer:
             bar = tqdm(total=until * n_batches, initial=min(st["iteration"], until * n_batches), desc=desc, leave=False)
         every = self._valid_every()
         t_start = time.perf_counter() - st["elapsed"]
+        # a finished run entered again (a re-run of a finished training): nothing trains, so nothing is timed or
+        # saved -- a few microseconds more in "elapsed" changed train_seconds at its third decimal now and then,
+        # and with it the schedule file a re-run must leave untouched
+        finished = st["done"] and st["stage"] == "start"
         if st["done"] and st["stage"] != "start":
             # resumed from a checkpoint written in the iteration that stopped training early (checkpoint_every),
             # before that round was counted: count it, as the run that went on did
@@ -1459,7 +1463,7 @@ class LD3Trainer:
                     st["stage"] = "start"
                     st["elapsed"] = time.perf_counter() - t_start
                     self._save_checkpoint()
-            if final:
+            if final and not finished:
                 if st["stop_reason"] is None:
                     st["stop_reason"] = "max rounds"
                 st["done"] = True
