@@ -99,6 +99,10 @@ def test_time_mode_mismatches_are_still_refused(ring, tmp_path):
         with pytest.raises(CheckpointMismatchError, match=r"time_mode='auto', this run asks for "
                                                           rf"time_mode='{mode}' \(pass time_mode='auto' to resume it\)"):
             _fast(model, mix, time_mode=mode, checkpoint_dir=auto, rounds_v2=0).fit()
+    # ... but not when another setting differs too: time_mode='auto' alone would be refused again
+    with pytest.raises(CheckpointMismatchError, match=r"differs in: lr_xi, time_mode") as ei:
+        _fast(model, mix, time_mode="time", checkpoint_dir=auto, rounds_v2=0, lr_xi=0.01).fit()
+    assert "pass time_mode='auto'" not in str(ei.value)
 
 
 # ----------------------------------------------------------------------------------------------

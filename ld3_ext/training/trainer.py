@@ -1255,7 +1255,8 @@ class LD3Trainer:
             if "time_mode" in diff:
                 hint = (f"; it was written with time_mode={theirs.get('time_mode')!r}, this run asks for "
                         f"time_mode={mine.get('time_mode')!r}")
-                if theirs.get("time_mode") == "auto":
+                others = [k for k in diff if k not in ("time_mode", "time_mode_trial_rounds")]
+                if theirs.get("time_mode") == "auto" and not others:  # else that alone would be refused again
                     hint += " (pass time_mode='auto' to resume it)"
             raise CheckpointMismatchError(f"{path} was written with other settings (differs in: {', '.join(diff)})"
                                           f"{hint}; use another checkpoint_dir, or resume='never' to overwrite it")
