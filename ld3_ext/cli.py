@@ -412,13 +412,20 @@ def cmd_sample(args) -> int:
     if not args.model:
         args.model = _model_from_file(learned, args.schedule) if learned is not None else SAMPLE_MODEL
     model, schedule, dtype = _load(args)
-    solver = _make_solver(args)
+    try:
+        solver = _make_solver(args)
+    except UsageError:
+        if learned is None:
+            raise
+        # the schedule's own solver is used: flags that do not fit the default --solver (a --variant for the
+        # file's UniPC) get the note below, not a refusal naming a solver the user never chose
+        solver = None
     if learned is not None:
         # the learned grid belongs to the solver and NFE it was trained for: everything is compared at those
         _check_schedule_fits(learned, args.schedule, model, schedule, args.model)
         learned.check_guidance(model.guidance_scale)
         given = getattr(args, "given_flags", set()) & {"--solver", "--order", "--variant", "--nfe"}
-        if given and (learned.solver().config() != solver.config() or learned.nfe != args.nfe):
+        if given and (solver is None or learned.solver().config() != solver.config() or learned.nfe != args.nfe):
             print(f"note: --schedule: comparing at the schedule's own solver {learned.solver()!r} and NFE "
                   f"{learned.nfe} (the --solver/--order/--variant/--nfe given are not used)", file=sys.stderr)
         solver, args.nfe = learned.solver(), learned.nfe
@@ -1178,6 +1185,11 @@ def _main(argv: Optional[List[str]] = None) -> int:
         out = getattr(args, "out", None)
         if out is not None and not out.strip():
             raise UsageError("--out must name a directory, got an empty string")
+        for flag in sorted(args.given_flags):
+            # `--model "$UNSET"`: an empty value fell back to the default (another model, the file's own), exit 0
+            value = getattr(args, flag[2:].replace("-", "_"), None)
+            if isinstance(value, str) and not value.strip():
+                raise UsageError(f"{flag} was given an empty value")
         if out and os.path.exists(out) and not os.path.isdir(out):
             raise UsageError(f"--out {out!r} exists and is not a directory")
         return args.func(args)

@@ -143,6 +143,21 @@ def test_sample_compares_at_the_schedules_own_solver_and_nfe(tmp_path, capsys):
     assert "solver=DPMSolverPP" in cap.out
 
 
+def test_sample_with_a_schedule_does_not_check_flags_against_the_default_solver(tmp_path, capsys):
+    """--variant with a UniPC schedule was refused as "only unipc has variants ..., not dpmpp" (the default
+    --solver, which the user never named); like --order/--nfe it gets the note that the file's solver is used."""
+    from ld3_ext.solvers import UniPC
+    path = _schedule_file(tmp_path, UniPC(2, variant="bh2"), 4)
+    rc = cli.main(["sample", "--model", "gmm:ring2d", "--schedule", path, "--variant", "bh1", "--n", "16",
+                   "--out", str(tmp_path / "o")])
+    cap = capsys.readouterr()
+    assert rc == 0 and "comparing at the schedule's own solver" in cap.err and "variant='bh2'" in cap.err
+    # without a schedule file the flag is still checked against the solver it would modify
+    rc, err = _run(["sample", "--model", "gmm:ring2d", "--variant", "bh1", "--n", "16", "--out", str(tmp_path / "p")],
+                   capsys)
+    assert rc == 2 and "--variant: only unipc has variants (bh1, bh2), not dpmpp" in err
+
+
 def test_sample_into_a_run_folder_says_how_to_compare_its_schedule(tmp_path, capsys):
     """`ld3 eval --out DIR` scores DIR/schedule.json by itself; `ld3 sample --out DIR` without --schedule does
     not sample it, and says how to (a user who trained into DIR would otherwise see only the baselines)."""

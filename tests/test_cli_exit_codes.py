@@ -203,3 +203,15 @@ def test_sigterm_with_tracebacks_on_still_exits_143(monkeypatch, tmp_path, capsy
     assert _exit_status(["sample", "--model", "gmm:ring2d", "--out", str(tmp_path / "o")]) == 143
     err = capsys.readouterr().err
     assert "Traceback" in err and "ld3 sample: terminated (SIGTERM)" in err
+
+
+@pytest.mark.parametrize("argv", [["sample", "--model", ""], ["eval", "--model", " "], ["eval", "--schedule", ""],
+                                  ["sample", "--model="], ["train", "--model", ""],
+                                  ["export-diffusers", "schedule.json", "--scheduler-config", ""]])
+def test_an_empty_flag_value_is_a_usage_error(argv, tmp_path, capsys):
+    """`--model "$UNSET"` sampled the default model (exit 0); an empty --schedule fell back to OUT/schedule.json."""
+    flag = next(a for a in argv if a.startswith("--")).split("=")[0]
+    assert _exit_status([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag} was given an empty value" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "o")
