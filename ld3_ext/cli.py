@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import os
 import sys
 import time
@@ -1116,6 +1117,9 @@ def _check_counts(args) -> None:
     for k in getattr(args, "nfe_curve", None) or []:
         if not 1 <= k <= MAX_NFE:
             raise UsageError(f"--nfe-curve values must be in 1..{MAX_NFE}, got {k}")
+    gs = getattr(args, "guidance_scale", None)
+    if gs is not None and not math.isfinite(gs):  # the library's message named its Python argument, guidance_scale
+        raise UsageError(f"--guidance-scale must be a finite number, got {gs}")
     seed = getattr(args, "seed", 0)
     try:
         check_seed("--seed", seed)

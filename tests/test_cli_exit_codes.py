@@ -215,3 +215,11 @@ def test_an_empty_flag_value_is_a_usage_error(argv, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: {flag} was given an empty value" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_guidance_scale_names_the_flag(value, tmp_path, capsys):
+    assert _exit_status(["sample", "--model", "gmm:ring2d", f"--guidance-scale={value}", "--out",
+                         str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"ld3 sample: error: --guidance-scale must be a finite number, got {float(value)}"
