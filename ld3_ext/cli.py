@@ -731,7 +731,7 @@ def cmd_eval(args) -> int:
     path = args.schedule or os.path.join(args.out, "schedule.json")
     if not os.path.exists(path):
         hint = "" if args.schedule else f" (run `ld3 train --out {args.out}` first, or pass --schedule)"
-        raise UsageError(f"--schedule: no schedule file at {path}{hint}")
+        raise UsageError(f"{'--schedule' if args.schedule else '--out'}: no schedule file at {path}{hint}")
     _schedule_not_a_folder(path, "--schedule" if args.schedule else "--out")
     evaluated = _file_sha256(path)  # recorded in eval.json: which schedule its numbers are of
     learned = load_schedule(path)

@@ -223,3 +223,13 @@ def test_a_non_finite_guidance_scale_names_the_flag(value, tmp_path, capsys):
                          str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"ld3 sample: error: --guidance-scale must be a finite number, got {float(value)}"
+
+
+def test_eval_without_a_schedule_names_out_when_only_out_was_given(tmp_path, capsys):
+    """It said "--schedule: no schedule file at OUT/schedule.json" to a user who gave only --out."""
+    out = tmp_path / "o"
+    assert _exit_status(["eval", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ld3 eval: error: --out: no schedule file at {out / 'schedule.json'}"), err
+    assert _exit_status(["eval", "--schedule", str(tmp_path / "s.json"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("ld3 eval: error: --schedule: no schedule file at")
