@@ -828,3 +828,30 @@ def test_cuda_exact_reference_solution_of_a_test_bed():
     got = mix.reference_solution(schedule, x_T.to(DEV))
     assert got.device.type == DEV.type
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("solver_name", ["dpmpp", "heun"])
+def test_cuda_whole_sampler_backward_replays_dropout(solver_name):
+    """Checkpointed and second backwards re-evaluate the network: with the device generator's state of the forward
+    (CUDA dropout draws from it), so the gradients are the reference backend's."""
+    import ld3_ext
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Dropout(0.3)).double().to(DEV).train()
+    net.requires_grad_(False)
+    model = ld3_ext.wrap_model(lambda x, t: net(x) * (1 + 0.01 * t.reshape(-1, 1)), ld3_ext.EDM(), prediction="x0")
+    t0 = torch.tensor([80.0, 10.0, 1.0, 0.1, 0.002], dtype=torch.float64, device=DEV)
+    x0 = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(DEV) * 80.0
+    make = {"dpmpp": lambda b, ck: ld3_ext.DPMSolverPP(order=3, backend=b, checkpoint_model=ck),
+            "heun": lambda b, ck: ld3_ext.Heun(backend=b, checkpoint_model=ck)}[solver_name]
+    grads = {}
+    for backend, ck in (("reference", False), ("fused", True), ("fused", False)):
+        torch.manual_seed(5)
+        t, x = t0.clone().requires_grad_(), x0.clone().requires_grad_()
+        y = make(backend, ck).sample(model, x, t)
+        runs = [torch.autograd.grad(y.square().sum(), [x, t], retain_graph=k == 0) for k in range(2)]
+        grads[(backend, ck)] = runs
+    ref = grads[("reference", False)][0]
+    for key in (("fused", True), ("fused", False)):
+        for run in grads[key]:
+            for a, b in zip(run, ref):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
