@@ -114,19 +114,85 @@ def test_float32_eps_network_on_a_long_last_step(backend):
     assert rel < 1e-4, (g_got, g_true)
 
 
+def _textbook_decoupled_heun(schedule, eps_fn, x_T, t, tm):
+    """Heun with decoupled model times as the library defines it: EDM's d = (y - x0(t~_i)) / s(t_i), the network's
+    x0 = (x - sigma(t~) eps) / alpha(t~) made at the model time t~ and used in the solver time's formulas."""
+    alpha, s = schedule.alpha(t), schedule.edm_sigma(t)
+
+    def d(x, i):
+        x0 = (x - schedule.sigma(tm[i]) * eps_fn(x, tm[i])) / schedule.alpha(tm[i])
+        return (x / alpha[i] - x0) / s[i]
+    y = x_T / alpha[0]
+    for i in range(t.numel() - 1):
+        dt = s[i + 1] - s[i]
+        d0 = d(alpha[i] * y, i)
+        y_pred = y + dt * d0
+        y = y + dt * (d0 + d(alpha[i + 1] * y_pred, i + 1)) / 2
+    return alpha[-1] * y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("schedule", [ld3_ext.EDM(), ld3_ext.VPLinear()], ids=lambda s: type(s).__name__)
+def test_decoupled_model_times_keep_the_x0_definition(schedule, backend):
+    """With model times apart from the grid the two forms are different samplers (0.8 relative at a 15 % shift):
+    an eps network keeps the x0 form there, as schedules learned with decoupled times were fitted to, gradients
+    w.r.t. both time vectors included; the functional sampler (an x0 model inside) agrees."""
+    model, eps_fn = _net_time_eps(schedule)
+    g = torch.Generator().manual_seed(4)
+    x_T = torch.randn(2, 3, 4, dtype=torch.float64, generator=g) * float(schedule.prior_std())
+    t = ld3_ext.discretizations.get_discretization("edm", schedule, 4).to(torch.float64)
+    tm = t.clone()
+    tm[1:-1] = t[1:-1] + 0.15 * (t[:-2] - t[1:-1])
+    w = torch.randn(2, 3, 4, dtype=torch.float64, generator=g)
+    t1, tm1 = t.clone().requires_grad_(), tm.clone().requires_grad_()
+    ours = ld3_ext.Heun(backend=backend).sample(model, x_T, t1, tm1)
+    g_ours = torch.autograd.grad((ours * w).sum(), [t1, tm1])
+    t2, tm2 = t.clone().requires_grad_(), tm.clone().requires_grad_()
+    ref = _textbook_decoupled_heun(schedule, eps_fn, x_T, t2, tm2)
+    g_ref = torch.autograd.grad((ref * w).sum(), [t2, tm2])
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
+    # the same values as separate tensors without grad: coupled by value, but not the grid itself -> x0 form too
+    same = ld3_ext.Heun(backend=backend).sample(model, x_T, t, t.clone())
+    torch.testing.assert_close(same, ld3_ext.Heun(backend=backend).sample(model, x_T, t), rtol=1e-12, atol=1e-12)
+
+
+def test_the_functional_sampler_agrees_with_decoupled_model_sigmas():
+    schedule = ld3_ext.EDM()
+    model, _ = _net_time_eps(schedule)
+    x_T = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 80.0
+    t = ld3_ext.discretizations.get_discretization("edm", schedule, 4).to(torch.float64)
+    tm = t.clone()
+    tm[1:-1] = t[1:-1] * 1.03
+    ours = ld3_ext.Heun().sample(model, x_T, t, tm)
+    functional = ld3_ext.sample(model, x_T, t, solver="heun", model_sigmas=tm)
+    torch.testing.assert_close(functional, ours, rtol=1e-12, atol=1e-12)
+
+
 def test_scheduler_takes_the_same_view():
-    """LD3Scheduler's Heun (diffusers loop) equals solver.sample with an eps network, bitwise."""
+    """LD3Scheduler's Heun (diffusers loop) equals solver.sample with an eps network, bitwise -- on the grid's own
+    times in the noise view (and in float32 near the float64 solve, which the x0 view was not), with stored model
+    times in the x0 view."""
     pytest.importorskip("diffusers")
     from ld3_ext.integrations.diffusers_scheduler import LD3Scheduler
     sched = LD3Scheduler(solver_config={"name": "heun"}, prediction_type="epsilon")
-    sched.set_timesteps(3)
+    sched.set_timesteps(1)
     schedule = sched.schedule
     model = ld3_ext.wrap_model(_eps_net, schedule, prediction="eps")
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 2, 4, 4, generator=g) * sched.init_noise_sigma
-    x_T = x.clone()
-    for ts in sched.timesteps:
-        out = _eps_net(x, ts.reshape(1).float())
-        x = sched.step(out, ts, x).prev_sample
-    ours = ld3_ext.Heun().sample(model, x_T, sched._full[0], sched._full[1])
-    assert torch.equal(x, ours)
+    x_T = torch.randn(1, 2, 4, 4, generator=g) * sched.init_noise_sigma
+
+    def run(s):
+        x = x_T.clone()
+        for ts in s.timesteps:
+            x = s.step(_eps_net(x, ts.reshape(1).float()), ts, x).prev_sample
+        return x
+    t = sched._full[0]
+    x = run(sched)
+    assert torch.equal(x, ld3_ext.Heun().sample(model, x_T, t))
+    truth = ld3_ext.Heun().sample(model, x_T.double(), t)
+    assert float((x.double() - truth).abs().max() / truth.abs().max()) < 1e-5
+    stored = LD3Scheduler.from_timesteps(t, t.clone(), solver="heun", schedule=schedule, prediction_type="epsilon")
+    stored.set_timesteps()
+    assert torch.equal(run(stored), ld3_ext.Heun().sample(model, x_T, t, t.clone()))

@@ -368,7 +368,10 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             self._orders = step_orders(spec, n)
             coef = ops.coefficient_table(self.schedule, t, spec, "reference")
         else:  # Heun: its 2N multistep updates, the chain solver.sample runs (rows [k, 0], orders 1, 2, 1, 2, ...)
-            coef, self._orders = heun_multistep_table(self.schedule, t, heun_view(self.prediction))
+            # the view solver.sample takes: the noise one only for a solve at the grid's own times (no ld3 model
+            # times stored), where solver.sample(model, x, t) evaluates at t itself
+            self._heun_view = heun_view(self.prediction, coupled=self._mgrid is None)
+            coef, self._orders = heun_multistep_table(self.schedule, t, self._heun_view)
         s = self.schedule
         tables = {
             "coef": coef.detach(),
@@ -616,7 +619,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         # from the sample passed in (a pipeline may have edited it: an inpainting blend, a step callback).  Not
         # EDM's loop in x/alpha: that state is up to 1/alpha larger than the sample, and float32 lost its digits
         x0, eps = self._convert(out, x, (k + 1) // 2)  # evaluation k is made at model time (k + 1) // 2
-        m = self._in_state_layout(x0 if heun_view(self.prediction) == "x0" else eps, x)  # the view solver.sample takes
+        m = self._in_state_layout(x0 if self._heun_view == "x0" else eps, x)  # the view solver.sample takes
         coef = self._tables["coef"]
         if k % 2 == 0:
             self._heun = m

@@ -39,7 +39,8 @@ def heun_multistep_table(schedule, t: torch.Tensor, view: str = "x0") -> Tuple[t
         z_i     = (alpha_{i+1} / alpha_i) x_i + alpha_{i+1} dt m_i
         x_{i+1} = z_i + (alpha_{i+1} dt / 2) (m'_i - m_i).
 
-    The two are the same map in exact arithmetic; they differ in what rounding they amplify.  The x0 form
+    With the network evaluated at the solver's times the two are the same map in exact arithmetic and differ
+    only in what rounding they amplify (with decoupled model times they are different maps: ``heun_view``).  The x0 form
     weighs m by dt/s_{i+1}, large once the grid reaches small sigma, so an x0 made from a noise prediction
     (x0 = (x - sigma eps)/alpha, its rounding ~ ulp(x)) came back amplified: in float32, one EDM step
     80 -> 0.002 was 1.2e-3 off and some time gradients had the wrong sign
@@ -76,11 +77,16 @@ def heun_multistep_table(schedule, t: torch.Tensor, view: str = "x0") -> Tuple[t
     return torch.stack([rows, torch.zeros_like(rows)], 1), [1, 2] * n
 
 
-def heun_view(prediction) -> str:
+def heun_view(prediction, coupled: bool = True) -> str:
     """The history view Heun takes for a network predicting ``prediction`` (a DiffusionModel.prediction or a
     diffusers-side name): the noise prediction for noise and score networks, x0 otherwise (see
-    ``heun_multistep_table``)."""
-    return "eps" if prediction in ("eps", "score") else "x0"
+    ``heun_multistep_table``).
+
+    ``coupled``: the network is evaluated at the solver's own times.  With decoupled model times (LD3's t~_i)
+    Heun is *defined* by the x0 form -- EDM's d = (y - x0(t~_i))/s(t_i) -- and the eps form would be another
+    sampler (d = eps(t~_i): 0.8 relative apart at a 15 % shift), so the x0 view is kept there, for any network:
+    a schedule learned with decoupled times samples what it was fitted to."""
+    return "eps" if coupled and prediction in ("eps", "score") else "x0"
 
 
 class Heun(Solver):
@@ -111,7 +117,9 @@ class Heun(Solver):
         return {"name": self.name, "order": 2}
 
     def _solve(self, model, x, t, tm, kwargs):
-        view = heun_view(getattr(model, "prediction", "x0"))
+        # model times coupled only when they are the grid itself (sample() passes timesteps as model_timesteps when
+        # none are given): equal values in another tensor that requires grad differentiate as the decoupled map
+        view = heun_view(getattr(model, "prediction", "x0"), coupled=tm is t)
         table, orders = heun_multistep_table(model.schedule, t, view)
         idx = 0 if view == "x0" else 1
         tm2 = tm.repeat_interleave(2)[1:]  # update k evaluates the network at tm[(k + 1) // 2]
