@@ -1047,22 +1047,26 @@ def _peer_failure(exc: BaseException) -> Optional[str]:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
 def _model_failure(exc: BaseException) -> bool:
     """The exception was raised inside the network's own code: past DiffusionModel._call's call of the network,
-    a frame outside ld3_ext (a factory's function, diffusers, torch).  That run failed (exit 1, one line), whatever
-    the class: a ValueError there is not a bad flag, a RuntimeError not a bug of ld3."""
+    a frame of neither ld3_ext nor torch (a factory's function, a user's module, diffusers).  That run failed
+    (exit 1, one line), whatever the class: a ValueError there is not a bad flag, a RuntimeError not a bug of ld3.
+    torch's frames (nn.Module.__call__, functional ops) say nothing either way: ld3's own networks run through them
+    too, and their failures keep the traceback a report needs.  Errors the engine raises in a backward pass carry
+    no forward frame and keep their class's status."""
     frames = []
     tb = exc.__traceback__
     while tb is not None:
-        frames.append(tb.tb_frame.f_code)
+        frames.append(os.path.abspath(tb.tb_frame.f_code.co_filename) + "\0" + tb.tb_frame.f_code.co_name)
         tb = tb.tb_next
-    wrappers = os.path.join(_PACKAGE_DIR, "wrappers.py")
-    for k, code in enumerate(frames):
-        if code.co_name == "_call" and os.path.abspath(code.co_filename) == wrappers:
-            return any(not os.path.abspath(c.co_filename).startswith(_PACKAGE_DIR + os.sep) for c in frames[k + 1:])
-    return False
+    call = os.path.join(_PACKAGE_DIR, "wrappers.py") + "\0_call"
+    if call not in frames:
+        return False
+    later = [f.split("\0")[0] for f in frames[frames.index(call) + 1:]]
+    return any(not (f.startswith(_PACKAGE_DIR + os.sep) or f.startswith(_TORCH_DIR + os.sep)) for f in later)
 
 
 def _flag_hint(exc: BaseException) -> Optional[str]:

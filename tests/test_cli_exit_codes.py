@@ -193,6 +193,20 @@ def test_our_own_checks_inside_the_model_call_are_not_the_networks():
         ld3_ext.wrap_model(net, ld3_ext.EDM(), prediction="x0").predict(torch.zeros(1, 2), torch.tensor(1.0))
     assert cli._model_failure(info.value)
 
+    # the library's own network (its frames and torch's nn.Module plumbing only): its failure keeps the traceback
+    from ld3_ext.models.registry import load_model
+    digits, _ = load_model("digits")
+    with pytest.raises(Exception) as info:
+        digits.predict(torch.zeros(1, 3, 5, 5), torch.tensor(1.0))
+    assert not cli._model_failure(info.value)
+
+    class UserNet(torch.nn.Module):  # a user's module: its forward's frame is the user's
+        def forward(self, x, t):
+            return torch.nn.functional.linear(x, torch.ones(5, 3))
+    with pytest.raises(RuntimeError) as info:
+        ld3_ext.wrap_model(UserNet(), ld3_ext.EDM(), prediction="x0").predict(torch.zeros(1, 2), torch.tensor(1.0))
+    assert cli._model_failure(info.value)
+
 
 def test_sigterm_with_tracebacks_on_still_exits_143(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("LD3_TRACEBACK", "1")

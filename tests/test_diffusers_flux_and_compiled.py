@@ -58,6 +58,20 @@ def test_mu_leaves_a_discretized_grid_alone():
     assert torch.equal(sch.timesteps, plain)
 
 
+def test_default_sigmas_alone_carry_the_step_count(tmp_path):
+    """diffusers' retrieve_timesteps passes the sigmas without num_inference_steps: their length is the N asked,
+    checked against a stored grid (28 steps on a 4-step grid ran 4 silently) and used by a discretization."""
+    path, _ = _flux_schedule_file(tmp_path)
+    sch = LD3Scheduler.from_schedule_file(path, scheduler_config=_flux_config())
+    sch.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=0.7)
+    assert sch.num_inference_steps == 4
+    with pytest.raises(ValueError, match="holds a grid with N=4 intervals.*num_inference_steps=28"):
+        sch.set_timesteps(sigmas=np.linspace(1.0, 1 / 28, 28), mu=0.7)
+    base = LD3Scheduler.from_config(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    base.set_timesteps(sigmas=torch.linspace(1.0, 1 / 6, 6, requires_grad=True), device="cpu", mu=0.7)
+    assert base.num_inference_steps == 6
+
+
 @pytest.mark.parametrize("sigmas", [[1.0, 0.7, 0.4, 0.1], np.linspace(1.0, 1 / 3, 3), "abc"])
 def test_other_sigmas_are_a_custom_grid_and_refused(tmp_path, sigmas):
     path, _ = _flux_schedule_file(tmp_path)
@@ -113,6 +127,10 @@ def test_flux_pipelines_run_on_the_stored_grid(tmp_path):
     img = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(2))
     out, calls = _run_flux(diffusers.FluxImg2ImgPipeline, sch, 64, image=img, strength=0.75)
     assert torch.isfinite(out).all() and len(calls) == 3  # int(4 * 0.75) steps of the stored grid's 4
+    # without a stored grid: the discretization's, with the N the pipeline asked for
+    base = LD3Scheduler.from_config(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    out, calls = _run_flux(diffusers.FluxImg2ImgPipeline, base, 64, image=img, strength=0.75)
+    assert torch.isfinite(out).all() and len(calls) == 3 and base.num_inference_steps == 4
 
 
 def test_a_compiled_sd3_transformer_gets_its_time_by_keyword():

@@ -311,10 +311,14 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         ``LD3Scheduler.from_timesteps`` builds."""
         if mu is not None and (isinstance(mu, bool) or not isinstance(mu, numbers.Real) or not math.isfinite(mu)):
             raise TypeError(f"set_timesteps: mu must be a finite number or None, got {mu!r}")
-        if sigmas is not None and not _pipeline_default_sigmas(sigmas, num_inference_steps):
-            raise TypeError("LD3Scheduler.set_timesteps: custom sigmas are not supported (the scheduler's grid is "
-                            "its stored or discretized one); build the scheduler with "
-                            "LD3Scheduler.from_timesteps(...) for a custom grid")
+        if sigmas is not None:
+            n_sigmas = _pipeline_default_sigmas(sigmas, num_inference_steps)
+            if n_sigmas is None:
+                raise TypeError("LD3Scheduler.set_timesteps: custom sigmas are not supported (the scheduler's grid "
+                                "is its stored or discretized one); build the scheduler with "
+                                "LD3Scheduler.from_timesteps(...) for a custom grid")
+            if num_inference_steps is None:  # retrieve_timesteps passes the sigmas alone: their length is the N asked
+                num_inference_steps = n_sigmas
         unknown = {k for k, v in kwargs.items() if v is not None}
         if unknown:
             grids = sorted(unknown & {"timesteps", "sigmas"})
@@ -708,17 +712,20 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         return int(self.config.num_train_timesteps)
 
 
-def _pipeline_default_sigmas(sigmas, num_inference_steps) -> bool:
-    """True for the grid Flux-family pipelines pass when the user gave none: ``linspace(1, 1/N, N)``."""
+def _pipeline_default_sigmas(sigmas, num_inference_steps) -> Optional[int]:
+    """N when ``sigmas`` is the grid Flux-family pipelines pass when the user gave none, ``linspace(1, 1/N, N)``
+    (of num_inference_steps entries where that is given); None for anything else."""
+    if isinstance(sigmas, torch.Tensor):
+        sigmas = sigmas.detach().to("cpu", torch.float64)
     try:
         got = torch.as_tensor(np.asarray(sigmas, dtype=np.float64)).reshape(-1)
-    except (TypeError, ValueError):
-        return False
+    except (TypeError, ValueError, RuntimeError):
+        return None
     n = got.numel()
     if n < 1 or (num_inference_steps is not None and n != num_inference_steps):
-        return False
+        return None
     default = torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)
-    return bool(torch.allclose(got, default, rtol=0, atol=1e-6))
+    return n if bool(torch.allclose(got, default, rtol=0, atol=1e-6)) else None
 
 
 def _grid_arg(value, name: str) -> torch.Tensor:
