@@ -408,6 +408,9 @@ def _register_ops() -> None:
 
     def _table_setup(ctx, inputs, output):
         ctx.save_for_backward(output[1], inputs[0])
+        # the Jacobian is data for the backward, not a differentiable result (its own d/dt, the table's second
+        # derivatives, is not computed): marked so, instead of a requires_grad output whose gradient was zeros
+        ctx.mark_non_differentiable(output[1])
 
     def _table_backward(ctx, grad_table, grad_jac):
         jac, t = ctx.saved_tensors

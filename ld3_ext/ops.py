@@ -131,8 +131,9 @@ def composite_only(*tensors) -> bool:
     (no storage to read).  The reference's plain torch ops handle all of them."""
     if torch.compiler.is_compiling():
         # traced: the custom ops serve, except inside a traced torch.func transform (they have no batching rule)
-        # (the wrapped-tensor call below would break the graph)
-        return func_transform_active()
+        # or under forward-mode AD (they have no forward formula: a compiled graph dropped the tangent, or kept a
+        # wrong one); the wrapped-tensor call below would break the graph.  Dynamo guards on the level
+        return func_transform_active() or getattr(_fwad, "_current_level", -1) >= 0
     if getattr(_fwad, "_current_level", -1) >= 0 or func_transform_active():
         return True
     return any(isinstance(t, torch.Tensor) and _wrapped(t) for t in tensors)

@@ -96,3 +96,38 @@ def test_the_traced_graph_holds_the_fused_ops():
     assert len(graphs) == 1
     assert sum("ld3_ext.multistep_update" in tg for tg in targets) >= 4, targets  # one update per step
     assert any("ld3_ext.coefficient_table" in tg for tg in targets), targets
+
+
+@pytest.mark.parametrize("solver", [ld3_ext.DPMSolverPP(order=3, backend="fused"),
+                                    ld3_ext.IPNDM(order=3, backend="reference")], ids=["dpmpp3m-fused", "ipndm3-ref"])
+def test_forward_mode_ad_under_compile_carries_the_tangent(solver):
+    """Under a compiled graph the custom ops ran on dual tensors (composite_only ignored the forward-AD level while
+    compiling): the fused sampler's tangent was dropped, and the reference iPNDM's wrong (its x0 <-> eps conversion
+    takes the fused update), with no error.  Oracle: torch.func.jvp, eager."""
+    import torch.autograd.forward_ad as fwAD
+    s = ld3_ext.EDM()
+    model = ld3_ext.wrap_model(lambda x, t: torch.tanh(0.3 * x) / (1 + 0.05 * t.reshape(-1, 1, 1) ** 2), s,
+                               prediction="x0")
+    t = D.logsnr_uniform(s, 5)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = torch.func.jvp(lambda xx: solver.sample(model, xx, t), (x,), (v,))[1]
+    fn = torch.compile(lambda xx, tt: solver.sample(model, xx, tt), fullgraph=True, backend="aot_eager")
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(fn(fwAD.make_dual(x, v), t)).tangent
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_table_ops_jacobian_output_is_not_differentiable():
+    """The op's second output (the Jacobian its backward reads) said requires_grad=True and took a zero gradient
+    (finite differences: up to 113); it is marked non-differentiable, and the table itself still differentiates."""
+    from ld3_ext.coefficients import SOLVER_IDS
+    import ld3_ext.fused  # noqa: F401  (registers the ops)
+    args = (0, 0.0, 0.0, SOLVER_IDS["dpmpp"], 3, True, False, False, True)  # EDM, DPM-Solver++(3M)
+    t = torch.tensor([80.0, 20.0, 5.0, 1.0, 0.2, 0.002], dtype=torch.float64, requires_grad=True)
+    table, jac = torch.ops.ld3_ext.coefficient_table(t, *args)
+    assert table.requires_grad and not jac.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(jac.sum(), t)
+    torch.autograd.gradcheck(lambda tt: torch.ops.ld3_ext.coefficient_table(tt, *args)[0], (t,))
