@@ -13,6 +13,7 @@ import torch
 import ld3_ext
 from ld3_ext import _native
 from conftest import random_decreasing_grid
+from test_whole_sampler_first_evaluation import Counted
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.skipif(not _native.native_available(), reason="needs the native extension")]
@@ -26,19 +27,9 @@ SOLVERS = {
 }
 
 
-class DropoutNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.lin = torch.nn.Linear(6, 6).double()
-        with torch.no_grad():
-            self.lin.weight.copy_(0.3 * torch.randn(6, 6, generator=g, dtype=torch.float64))
-            self.lin.bias.copy_(0.1 * torch.randn(6, generator=g, dtype=torch.float64))
-        self.lin.requires_grad_(False)  # frozen: the fused node is taken
-        self.drop = torch.nn.Dropout(0.3)
-
-    def forward(self, x, t):
-        return self.drop(torch.tanh(self.lin(x))) * (1 + 0.01 * t.reshape(-1, 1))
+def DropoutNet():
+    """A frozen network with dropout: the fused node is taken, and its forward draws random numbers."""
+    return Counted(trainable=False, dropout=0.3)
 
 
 def _grads(solver_name, backend, checkpoint=False, backwards=1, create_graph=False, seed=7):
