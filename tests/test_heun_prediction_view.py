@@ -45,6 +45,11 @@ def test_heun_view_rule():
         assert heun_view(p) == "x0"
     for p in ("eps", "score"):
         assert heun_view(p) == "eps"
+    assert heun_view("eps", coupled=False) == "x0"
+    with pytest.raises(TypeError, match="prediction must be a prediction name"):
+        heun_view(None)
+    with pytest.raises(TypeError, match="coupled must be True or False"):
+        heun_view("eps", coupled=torch.tensor(True))
     with pytest.raises(ValueError, match="view"):
         heun_multistep_table(ld3_ext.EDM(), torch.tensor([80.0, 1.0], dtype=torch.float64), view="sample")
 

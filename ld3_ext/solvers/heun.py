@@ -86,6 +86,10 @@ def heun_view(prediction, coupled: bool = True) -> str:
     Heun is *defined* by the x0 form -- EDM's d = (y - x0(t~_i))/s(t_i) -- and the eps form would be another
     sampler (d = eps(t~_i): 0.8 relative apart at a 15 % shift), so the x0 view is kept there, for any network:
     a schedule learned with decoupled times samples what it was fitted to."""
+    if not isinstance(prediction, str):
+        raise TypeError(f"prediction must be a prediction name (str), got {type(prediction).__name__}")
+    if not isinstance(coupled, bool):
+        raise TypeError(f"coupled must be True or False, got {coupled!r}")
     return "eps" if coupled and prediction in ("eps", "score") else "x0"
 
 
