@@ -207,11 +207,8 @@ def _replayed_rng(snapshot, device: torch.device):
     if snapshot is None:
         yield
         return
-    cpu, cuda = snapshot
-    with torch.random.fork_rng(devices=[device] if cuda is not None else [], device_type="cuda"):
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
+    with torch.random.fork_rng(devices=[device] if snapshot[1] is not None else [], device_type="cuda"):
+        _restore_rng(snapshot, device)
         yield
 
 

@@ -171,7 +171,8 @@ def test_an_error_inside_the_network_is_a_failed_run(cmd, factory, kind, tmp_pat
     """A ValueError there was exit 2 ("a bad flag"), a RuntimeError a 38-line traceback: both are the run failing."""
     (tmp_path / "userfac.py").write_text(_FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    extra = ["--n", "2"] if cmd == "sample" else ["--n-train", "2", "--n-valid", "2", "--nfe", "3", "--rounds-v1", "1", "--rounds-v2", "0"]
+    extra = ["--n", "2"] if cmd == "sample" else ["--n-train", "2", "--n-valid", "2", "--nfe", "3", "--rounds-v1", "1",
+                                                  "--rounds-v2", "0"]
     assert _exit_status([cmd, "--model", f"userfac:{factory}", "--out", str(tmp_path / "o"), *extra]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"ld3 {cmd}: error: the model raised {kind}"), err

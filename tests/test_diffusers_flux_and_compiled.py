@@ -138,7 +138,8 @@ def test_a_compiled_sd3_transformer_gets_its_time_by_keyword():
     cfg = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 4, 8, 8, generator=g)
-    kw = {"encoder_hidden_states": torch.randn(1, 3, 16, generator=g), "pooled_projections": torch.randn(1, 16, generator=g)}
+    kw = {"encoder_hidden_states": torch.randn(1, 3, 16, generator=g),
+          "pooled_projections": torch.randn(1, 16, generator=g)}
     t = torch.tensor(0.6, dtype=torch.float64)
     outs = []
     for n in (net, torch.compile(net, backend="eager")):

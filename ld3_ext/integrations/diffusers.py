@@ -426,7 +426,8 @@ def from_diffusers(unet, scheduler_config, guidance_scale: Optional[float] = Non
     conditional = conditional or cond_key is not None
     if guidance_scale is not None and not conditional:
         raise DiffusersConfigError(
-            f"guidance_scale={guidance_scale} but the {type(_inner(unet)).__name__} is unconditional (no class embedding / "
+            f"guidance_scale={guidance_scale} but the {type(_inner(unet)).__name__} is unconditional (no class "
+            "embedding / "
             "cross-attention): classifier-free guidance needs a conditional network; drop guidance_scale, or name "
             "the network's condition argument with cond_key (e.g. cond_key='class_labels')")
     ucfg = getattr(unet, "config", {}) or {}

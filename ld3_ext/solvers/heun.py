@@ -40,10 +40,10 @@ def heun_multistep_table(schedule, t: torch.Tensor, view: str = "x0") -> Tuple[t
         x_{i+1} = z_i + (alpha_{i+1} dt / 2) (m'_i - m_i).
 
     With the network evaluated at the solver's times the two are the same map in exact arithmetic and differ
-    only in what rounding they amplify (with decoupled model times they are different maps: ``heun_view``).  The x0 form
-    weighs m by dt/s_{i+1}, large once the grid reaches small sigma, so an x0 made from a noise prediction
-    (x0 = (x - sigma eps)/alpha, its rounding ~ ulp(x)) came back amplified: in float32, one EDM step
-    80 -> 0.002 was 1.2e-3 off and some time gradients had the wrong sign
+    only in what rounding they amplify (with decoupled model times they are different maps: ``heun_view``).
+    The x0 form weighs m by dt/s_{i+1}, large once the grid reaches small sigma, so an x0 made from a noise
+    prediction (x0 = (x - sigma eps)/alpha, its rounding ~ ulp(x)) came back amplified: in float32, one EDM
+    step 80 -> 0.002 was 1.2e-3 off and some time gradients had the wrong sign
     (``tests/test_heun_prediction_view.py``).  For a noise (or score) network the eps form weighs its raw
     output; at high noise its a = alpha_{i+1}/alpha_i is large, but the x0 form meets the same cancellation
     there inside x0 = (x - sigma eps)/alpha, so it is never the worse one.  For x0, EDM-denoiser, v and flow
