@@ -1060,13 +1060,14 @@ def _model_failure(exc: BaseException) -> bool:
     frames = []
     tb = exc.__traceback__
     while tb is not None:
-        frames.append(os.path.abspath(tb.tb_frame.f_code.co_filename) + "\0" + tb.tb_frame.f_code.co_name)
+        code = tb.tb_frame.f_code
+        frames.append((os.path.abspath(code.co_filename), code.co_name))
         tb = tb.tb_next
-    call = os.path.join(_PACKAGE_DIR, "wrappers.py") + "\0_call"
+    call = (os.path.join(_PACKAGE_DIR, "wrappers.py"), "_call")
     if call not in frames:
         return False
-    later = [f.split("\0")[0] for f in frames[frames.index(call) + 1:]]
-    return any(not (f.startswith(_PACKAGE_DIR + os.sep) or f.startswith(_TORCH_DIR + os.sep)) for f in later)
+    neutral = (_PACKAGE_DIR + os.sep, _TORCH_DIR + os.sep)
+    return any(not path.startswith(neutral) for path, _ in frames[frames.index(call) + 1:])
 
 
 def _flag_hint(exc: BaseException) -> Optional[str]:
