@@ -449,7 +449,7 @@ def cmd_sample(args) -> int:
         grids["ld3"] = learned.timesteps
     rows, samples = [], {"teacher": target}
     for name, t in grids.items():
-        tm = learned.model_timesteps if (name == "ld3" and learned is not None) else None
+        tm = learned.solver_model_timesteps() if (name == "ld3" and learned is not None) else None
         with torch.no_grad():
             x = solver.sample(model, x_T, t.to(args.device), model_timesteps=None if tm is None else tm.to(args.device))
         err = _rmse(x, target)
@@ -777,7 +777,7 @@ def cmd_eval(args) -> int:
         rows.append({"schedule": "teacher", "NFE": "exact" if exact else args.teacher_nfe, "mean RMSE": 0.0,
                      "median RMSE": 0.0, "digits-FD": fd(target.float())})
     for name, t in grids.items():
-        tm = learned.model_timesteps if name == "ld3" else None
+        tm = learned.solver_model_timesteps() if name == "ld3" else None
         with torch.no_grad():
             x = solver.sample(model, x_T, t.to(args.device), model_timesteps=None if tm is None else tm.to(args.device))
         err = _rmse(x, target)
@@ -1052,11 +1052,12 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 def _model_failure(exc: BaseException) -> bool:
     """The exception was raised inside the network's own code: past DiffusionModel._call's call of the network,
-    a frame of neither ld3_ext nor torch (a factory's function, a user's module, diffusers).  That run failed
-    (exit 1, one line), whatever the class: a ValueError there is not a bad flag, a RuntimeError not a bug of ld3.
-    torch's frames (nn.Module.__call__, functional ops) say nothing either way: ld3's own networks run through them
-    too, and their failures keep the traceback a report needs.  Errors the engine raises in a backward pass carry
-    no forward frame and keep their class's status."""
+    the innermost frame that is not torch's is not ld3_ext's (a factory's function, a user's module, diffusers), or
+    there is none (a TorchScript or torch.compile'd network, a torch module used as it is).  That run failed (exit 1,
+    one line), whatever the class: a ValueError there is not a bad flag, a RuntimeError not a bug of ld3.  Where
+    that frame is ld3_ext's (a built-in network, the diffusers adapter's call) the failure keeps the traceback a
+    report needs.  Errors the engine raises in a backward pass carry no forward frame and keep their class's
+    status."""
     frames = []
     tb = exc.__traceback__
     while tb is not None:
@@ -1066,8 +1067,11 @@ def _model_failure(exc: BaseException) -> bool:
     call = (os.path.join(_PACKAGE_DIR, "wrappers.py"), "_call")
     if call not in frames:
         return False
-    neutral = (_PACKAGE_DIR + os.sep, _TORCH_DIR + os.sep)
-    return any(not path.startswith(neutral) for path, _ in frames[frames.index(call) + 1:])
+    later = [path for path, _ in frames[frames.index(call) + 1:]]
+    if not later:
+        return False  # raised by _call itself: its own checks of the call's arguments
+    own = [path for path in later if not path.startswith(_TORCH_DIR + os.sep)]
+    return not own or not own[-1].startswith(_PACKAGE_DIR + os.sep)
 
 
 def _flag_hint(exc: BaseException) -> Optional[str]:

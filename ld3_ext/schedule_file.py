@@ -264,8 +264,15 @@ class LearnedSchedule:
             warnings.warn(f"solver: this grid was learned for {self.solver()!r} at NFE {self.nfe}; sampling with "
                           f"{solver!r} (NFE {solver.nfe(self.num_steps)}) may be far from its best", UserWarning,
                           stacklevel=2)
-        return solver.sample(model, x_T, self.timesteps.to(x_T.device), model_timesteps=self.model_timesteps.to(x_T.device),
-                             **model_kwargs)
+        tm = self.solver_model_timesteps()
+        return solver.sample(model, x_T, self.timesteps.to(x_T.device),
+                             model_timesteps=None if tm is None else tm.to(x_T.device), **model_kwargs)
+
+    def solver_model_timesteps(self) -> Optional[torch.Tensor]:
+        """``model_timesteps`` as a solver takes them: None where they equal the timesteps (a schedule learned
+        with ``decoupled=False``, or whose shifts stayed 0), so the solver knows the network runs at the grid's own
+        times -- Heun then takes the noise view there, as the trainer did (``solvers.heun.heun_view``)."""
+        return None if torch.equal(self.model_timesteps, self.timesteps) else self.model_timesteps
 
     @property
     def metadata(self) -> Dict[str, Any]:

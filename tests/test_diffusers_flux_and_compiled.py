@@ -72,6 +72,16 @@ def test_default_sigmas_alone_carry_the_step_count(tmp_path):
     assert base.num_inference_steps == 6
 
 
+def test_sigmas_with_a_heun_schedule_are_refused():
+    """Flux img2img counts len(timesteps) steps (2 per Heun step): strength 0.75 of 4 ran 2 intervals, not 3."""
+    sch = LD3Scheduler.from_config(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config,
+                                   solver_config={"name": "heun"})
+    with pytest.raises(TypeError, match="sigmas with a Heun schedule"):
+        sch.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=0.7)
+    sch.set_timesteps(4, mu=0.7)  # FluxPipeline (no sigmas) runs Heun
+    assert sch.num_inference_steps == 4
+
+
 @pytest.mark.parametrize("sigmas", [[1.0, 0.7, 0.4, 0.1], np.linspace(1.0, 1 / 3, 3), "abc"])
 def test_other_sigmas_are_a_custom_grid_and_refused(tmp_path, sigmas):
     path, _ = _flux_schedule_file(tmp_path)

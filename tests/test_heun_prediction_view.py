@@ -201,3 +201,23 @@ def test_scheduler_takes_the_same_view():
     stored = LD3Scheduler.from_timesteps(t, t.clone(), solver="heun", schedule=schedule, prediction_type="epsilon")
     stored.set_timesteps()
     assert torch.equal(run(stored), ld3_ext.Heun().sample(model, x_T, t, t.clone()))
+
+
+def test_a_coupled_schedule_file_samples_as_it_was_trained():
+    """A schedule learned with decoupled=False stores model_timesteps equal to its timesteps; sampled with both as
+    separate tensors, Heun took the x0 view (7.5e-3 off in float32) where the trainer had taken the noise view.
+    solver_model_timesteps() hands a solver None for such a file, its model times otherwise."""
+    from ld3_ext.schedule_file import LearnedSchedule
+    schedule = ld3_ext.EDM()
+    model, _ = _net_time_eps(schedule)
+    t = torch.tensor([80.0, 0.002], dtype=torch.float64)
+    ls = LearnedSchedule(t, t.clone(), solver_config={"name": "heun", "order": 2}, nfe=2,
+                         schedule_config=schedule.config())
+    assert ls.solver_model_timesteps() is None
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6)) * 80.0
+    assert torch.equal(ls.sample(model, x_T), ld3_ext.Heun().sample(model, x_T, t))
+    t3 = torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    tm3 = torch.tensor([80.0, 1.1, 0.002], dtype=torch.float64)
+    decoupled = LearnedSchedule(t3, tm3, solver_config={"name": "heun", "order": 2}, nfe=4,
+                                schedule_config=schedule.config())
+    assert torch.equal(decoupled.solver_model_timesteps(), tm3)

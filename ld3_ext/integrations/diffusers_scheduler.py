@@ -273,7 +273,8 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
                 kw.setdefault(k, v)
         # guidance_scale is a config field so that save_pretrained (ld3 export-diffusers) keeps it
         kw.update(schedule_config=ls.schedule_config, solver_config=ls.solver_config,
-                  ld3_timesteps=ls.timesteps.tolist(), ld3_model_timesteps=ls.model_timesteps.tolist(),
+                  ld3_timesteps=ls.timesteps.tolist(),
+                  ld3_model_timesteps=None if ls.solver_model_timesteps() is None else ls.model_timesteps.tolist(),
                   guidance_scale=ls.guidance_scale)
         kw.update(overrides)
         return cls(**kw)
@@ -317,6 +318,13 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
                 raise TypeError("LD3Scheduler.set_timesteps: custom sigmas are not supported (the scheduler's grid "
                                 "is its stored or discretized one); build the scheduler with "
                                 "LD3Scheduler.from_timesteps(...) for a custom grid")
+            if self.solver.name == "heun":
+                # the pipelines that pass sigmas then count steps as len(timesteps), 2 per Heun step, and their
+                # strength slicing started the solve at the wrong interval; diffusers' FlowMatchHeunDiscreteScheduler
+                # takes no sigmas and is refused by them likewise
+                raise TypeError("LD3Scheduler.set_timesteps: sigmas with a Heun schedule: the pipelines that pass "
+                                "sigmas (Flux img2img/inpainting) count 2 timesteps per Heun step and would start at "
+                                "the wrong step; use a multistep solver's schedule (dpmpp, unipc, ipndm, euler)")
             if num_inference_steps is None:  # retrieve_timesteps passes the sigmas alone: their length is the N asked
                 num_inference_steps = n_sigmas
         unknown = {k for k, v in kwargs.items() if v is not None}
