@@ -5,9 +5,9 @@ longer each other library took, as the median over the runs [min-max].
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from collections import defaultdict
 
 LIBRARIES = ("k_diffusion", "diffusers", "ld3_ext_reference")
@@ -59,4 +59,6 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", help="JSON files written by bench_vs_libraries.py --json")
+    main(ap.parse_args().files)
