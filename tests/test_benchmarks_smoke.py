@@ -322,3 +322,12 @@ def test_bench_vs_libraries_grad_check_sees_every_grid_point(monkeypatch, vs_ben
     # the intact sampler passes the same check
     monkeypatch.setattr(vs_bench, "load_kdiffusion_sampling", lambda: real)
     assert {r["library"] for r in vs_bench.main(args)} == {"ld3_ext", "ld3_ext_reference", "k_diffusion"}
+
+
+def test_bench_rng_replay_runs_and_prints_both_variants(tmp_path):
+    script = os.path.join(os.path.dirname(BENCH), "bench_rng_replay.py")
+    proc = subprocess.run([sys.executable, script, "--shape", "2x3x4x4", "--rounds", "2", "--inner", "1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = [ln for ln in proc.stdout.splitlines() if "with snapshots" in ln][0].split()
+    assert float(line[2]) > 0 and float(line[4]) > 0 and float(line[6]) > 0
