@@ -10,36 +10,15 @@ round-robin.  Run with the malloc guard of bench_kernels.py to compare with its 
 """
 from __future__ import annotations
 
-import argparse
+from round_robin import medians_us, native_module, parser, sampler_run
 
-import torch
-
-from round_robin import medians_us, native_module
-
-import ld3_ext
 from ld3_ext import adjoint
-from ld3_ext.schedules import EDM
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="64x3x32x32")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--inner", type=int, default=10)
-    args = ap.parse_args(argv)
+    args = parser(__doc__, rounds=30, shape="64x3x32x32", inner=10).parse_args(argv)
     native_module(args.threads)
-    schedule = EDM()
-    model = ld3_ext.wrap_model(lambda xx, tt: 0.9 * xx, schedule, prediction="x0", check_output=False)
-    steps = torch.linspace(schedule.t_max ** (1 / 7), schedule.t_min ** (1 / 7), 11, dtype=torch.float64) ** 7
-    x = torch.randn(tuple(int(v) for v in args.shape.split("x")))
-    gout = torch.randn_like(x)
-    solver = ld3_ext.DPMSolverPP(order=3, backend="fused")
-
-    def run():
-        tt = steps.detach().requires_grad_()
-        torch.autograd.grad(solver.sample(model, x, tt), tt, gout)
-
+    run = sampler_run(args.shape, "fused")
     shipped = adjoint._rng_snapshot
 
     def use(snapshot):

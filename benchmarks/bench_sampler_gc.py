@@ -10,40 +10,15 @@ collector alone (it is interpreter-wide state), this measures what that choice c
 """
 from __future__ import annotations
 
-import argparse
 import gc
 
-import torch
-
-from round_robin import medians_us, native_module
-
-import ld3_ext
-from ld3_ext.schedules import EDM
+from round_robin import medians_us, native_module, parser, sampler_run
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="1x4")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--inner", type=int, default=20)
-    args = ap.parse_args(argv)
+    args = parser(__doc__, rounds=30, shape="1x4", inner=20).parse_args(argv)
     native_module(args.threads)
-    schedule = EDM()
-    model = ld3_ext.wrap_model(lambda xx, tt: 0.9 * xx, schedule, prediction="x0", check_output=False)
-    steps = torch.linspace(schedule.t_max ** (1 / 7), schedule.t_min ** (1 / 7), 11, dtype=torch.float64) ** 7
-    x = torch.randn(tuple(int(v) for v in args.shape.split("x")))
-    gout = torch.randn_like(x)
-
-    def sample(backend):
-        solver = ld3_ext.DPMSolverPP(order=3, backend=backend)
-
-        def run():
-            tt = steps.detach().requires_grad_()
-            torch.autograd.grad(solver.sample(model, x, tt), tt, gout)
-        return run
-
-    variants = {f"{b}, gc {'on' if on else 'off'}": (gc.enable if on else gc.disable, sample(b))
+    variants = {f"{b}, gc {'on' if on else 'off'}": (gc.enable if on else gc.disable, sampler_run(args.shape, b))
                 for b in ("fused", "reference") for on in (True, False)}
     try:
         res = medians_us(variants, args.rounds, args.inner)

@@ -1,4 +1,5 @@
-"""Shared by the small in-process A/B benchmarks (bench_cpu_isa.py, bench_stream_threshold.py)."""
+"""Shared by the small in-process A/B benchmarks (bench_cpu_isa.py, bench_stream_threshold.py, bench_sampler_gc.py,
+bench_rng_replay.py)."""
 from __future__ import annotations
 
 import argparse
@@ -11,12 +12,35 @@ import torch
 from ld3_ext import _native
 
 
-def parser(doc: str, rounds: int) -> argparse.ArgumentParser:
-    """The options every round-robin benchmark takes (--threads, --rounds); a script adds its own."""
+def parser(doc: str, rounds: int, shape: Optional[str] = None, inner: Optional[int] = None) -> argparse.ArgumentParser:
+    """The options every round-robin benchmark takes (--threads, --rounds; --shape and --inner where defaults are
+    given, as for the sampler_run benchmarks); a script adds its own."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=rounds)
+    if shape is not None:
+        ap.add_argument("--shape", default=shape)
+    if inner is not None:
+        ap.add_argument("--inner", type=int, default=inner)
     return ap
+
+
+def sampler_run(shape: str, backend: str) -> Callable[[], None]:
+    """Benchmark case 3 as a call: a 10-step DPM-Solver++(3M) sample of a ``shape`` ("64x3x32x32") state with the
+    trivial model (x0 = 0.9 x) and its backward w.r.t. the timesteps, on ``backend``."""
+    import ld3_ext
+    from ld3_ext.schedules import EDM
+    schedule = EDM()
+    model = ld3_ext.wrap_model(lambda xx, tt: 0.9 * xx, schedule, prediction="x0", check_output=False)
+    steps = torch.linspace(schedule.t_max ** (1 / 7), schedule.t_min ** (1 / 7), 11, dtype=torch.float64) ** 7
+    x = torch.randn(tuple(int(v) for v in shape.split("x")))
+    gout = torch.randn_like(x)
+    solver = ld3_ext.DPMSolverPP(order=3, backend=backend)
+
+    def run():
+        tt = steps.detach().requires_grad_()
+        torch.autograd.grad(solver.sample(model, x, tt), tt, gout)
+    return run
 
 
 def native_module(threads: int):
