@@ -307,7 +307,7 @@ class LearnedSchedule:
         """
         from ._checks import flag
         append_zero = flag("append_zero", append_zero)  # "no" is truthy: it appended the 0
-        if not torch.equal(self.timesteps, self.model_timesteps):
+        if self.solver_model_timesteps() is not None:
             warnings.warn("this schedule has decoupled model times (model_timesteps), which k-diffusion's sigmas "
                           "cannot carry: its samplers will evaluate the network at the solver grid, not where the "
                           "schedule was learned to; use ld3_ext.sample(model, x, sigmas, "
@@ -363,7 +363,7 @@ class LearnedSchedule:
             "model_timesteps": midx.tolist(),
             "final_sigmas_type": "sigma_min",
             "num_inference_steps": self.num_steps,
-            "decoupled": bool(not torch.equal(self.timesteps, self.model_timesteps)),
+            "decoupled": self.solver_model_timesteps() is not None,
         }
 
     # --- (de)serialisation -------------------------------------------------------------------
