@@ -82,7 +82,9 @@ def test_sigmas_with_a_heun_schedule_are_refused():
     assert sch.num_inference_steps == 4
 
 
-@pytest.mark.parametrize("sigmas", [[1.0, 0.7, 0.4, 0.1], np.linspace(1.0, 1 / 3, 3), "abc"])
+@pytest.mark.parametrize("sigmas", [[1.0, 0.7, 0.4, 0.1], np.linspace(1.0, 1 / 3, 3), "abc",
+                                    np.linspace(1.0, 1 / 4, 4).reshape(1, 4),  # the default's values, not its shape
+                                    torch.empty(4, device="meta")])  # no values to compare
 def test_other_sigmas_are_a_custom_grid_and_refused(tmp_path, sigmas):
     path, _ = _flux_schedule_file(tmp_path)
     sch = LD3Scheduler.from_schedule_file(path, scheduler_config=_flux_config())

@@ -723,11 +723,13 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
 def _pipeline_default_sigmas(sigmas, num_inference_steps) -> Optional[int]:
     """N when ``sigmas`` is the grid Flux-family pipelines pass when the user gave none, ``linspace(1, 1/N, N)``
     (of num_inference_steps entries where that is given); None for anything else."""
-    if isinstance(sigmas, torch.Tensor):
-        sigmas = sigmas.detach().to("cpu", torch.float64)
-    try:
-        got = torch.as_tensor(np.asarray(sigmas, dtype=np.float64)).reshape(-1)
-    except (TypeError, ValueError, RuntimeError):
+    try:  # a meta tensor has no values to compare (NotImplementedError): not the default grid
+        if isinstance(sigmas, torch.Tensor):
+            sigmas = sigmas.detach().to("cpu", torch.float64)
+        got = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
+        return None
+    if got.dim() != 1:  # the pipelines pass a 1-D list; a [1, N] grid is another thing
         return None
     n = got.numel()
     if n < 1 or (num_inference_steps is not None and n != num_inference_steps):
