@@ -1,6 +1,7 @@
 """Loading of the compiled extension ``ld3_ext._C`` (optional: the pure-PyTorch path always works)."""
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Dict
 
@@ -36,9 +37,19 @@ def native_cuda_available() -> bool:
 _cuda_covered: Dict[int, bool] = {}  # device index -> can this build's kernels run there (asked once)
 
 
+def _constant_under_compile(fn):
+    """torch.compiler.assume_constant_result(fn) without importing Dynamo, which that call does: 1.7 s of every
+    ``import ld3_ext`` and ``ld3`` command, most of which never compile.  The decorator only sets this attribute,
+    which Dynamo reads when it meets fn (tests/test_import_time.py checks that both mark a function alike)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # constant for torch.compile: Dynamo runs it once while tracing (it cannot trace the pybind has_cuda(), nor the
 # warning), and the compiled code keeps the answer; a traced tensor's device is guarded anyway
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def native_runs_on(device: "torch.device | str | int") -> bool:
     """True when the compiled kernels can run on ``device``: the CPU whenever the extension loaded; a GPU when
     the extension has CUDA kernels compiled for its architecture.
