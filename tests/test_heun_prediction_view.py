@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ld3_ext
+from ld3_ext import ops
 from ld3_ext.solvers.heun import heun_multistep_table, heun_view
 
 BACKENDS = ["reference", "fused"]
@@ -221,3 +222,47 @@ def test_a_coupled_schedule_file_samples_as_it_was_trained():
     decoupled = LearnedSchedule(t3, tm3, solver_config={"name": "heun", "order": 2}, nfe=4,
                                 schedule_config=schedule.config())
     assert torch.equal(decoupled.solver_model_timesteps(), tm3)
+
+
+@pytest.mark.parametrize("schedule, grid", [
+    (ld3_ext.EDM(), [0.002, 1.0, 80.0]),             # increasing
+    (ld3_ext.EDM(), [80.0, 1.0, 1.0, 0.002]),        # a repeated time
+    (ld3_ext.EDM(), [80.0, float("nan"), 0.002]),
+    (ld3_ext.EDM(), [80.0, 1.0, 0.0]),               # sigma = 0: the x0 form divides by it
+    (ld3_ext.FlowMatching(), [1.5, 0.5, 0.01]),      # alpha < 0: not a time of the schedule
+])
+def test_heun_table_refuses_grids_the_solvers_refuse(schedule, grid):
+    """Called directly (the diffusers scheduler does) it returned finite tables on increasing grids and NaN ones
+    on undefined times, where ops.coefficient_table names the grid."""
+    t = torch.tensor(grid, dtype=torch.float64)
+    with pytest.raises(ValueError, match="timesteps"):
+        heun_multistep_table(schedule, t)
+    with pytest.raises(ValueError, match="timesteps"):  # as the multistep tables do
+        ops.coefficient_table(schedule, t, ld3_ext.DPMSolverPP(order=2).spec())
+
+
+def test_heun_table_validate_false_reads_nothing_back():
+    """Heun.sample checked its grid already: validate=False builds the table without a second check."""
+    table, orders = heun_multistep_table(ld3_ext.EDM(), torch.tensor([0.002, 1.0, 80.0], dtype=torch.float64),
+                                         validate=False)
+    assert table.shape == (4, 2, 5) and orders == [1, 2, 1, 2]
+
+
+@pytest.mark.parametrize("view", ["x0", "eps"])
+def test_heun_table_time_derivative_where_alpha_vanishes(view):
+    """Flow matching near t = 1: s = t/(1-t), the x0 form's a = sigma_1/sigma_0 = t_1/t_0 exactly, so
+    da/dt_0 = -t_1/t_0^2 and da/dt_1 = 1/t_0.  Written as alpha_1 s_1/(alpha_0 s_0) the derivative cancelled terms
+    of size 1/alpha^2 and came out 3e-8 relative off at t_0 = 1 - 1e-8; the eps form's a = alpha_1/alpha_0 is
+    checked against its own closed form (1-t_1)/(1-t_0)."""
+    t0, t1 = 1.0 - 1e-8, 0.5
+    t = torch.tensor([t0, t1], dtype=torch.float64, requires_grad=True)
+    table, _ = heun_multistep_table(ld3_ext.FlowMatching(), t, view)
+    a = table[0, 0, 0]
+    da = torch.autograd.grad(a, t)[0]
+    if view == "x0":
+        want_a, want = t1 / t0, [-t1 / t0 ** 2, 1.0 / t0]
+    else:
+        want_a, want = (1 - t1) / (1 - t0), [(1 - t1) / (1 - t0) ** 2, -1.0 / (1 - t0)]
+    assert abs(a.item() - want_a) <= 1e-12 * abs(want_a)
+    for got, w in zip(da.tolist(), want):
+        assert abs(got - w) <= 1e-12 * abs(w), (view, da.tolist(), want)
