@@ -49,7 +49,7 @@ from .schedules import EDM
 from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
 from ._finite import all_finite
 from .solvers.base import check_model_kwargs, validate_timesteps
-from .wrappers import DiffusionModel, _capturing, _compiling
+from .wrappers import DiffusionModel, _capturing, _compiling, require_diffusion_model
 
 SOLVER_NAMES: Dict[str, Callable[..., Solver]] = {
     "euler": lambda **kw: Euler(**kw),
@@ -160,13 +160,22 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
+def _as_tensor_keeping_floats(value, device=None) -> torch.Tensor:
+    """torch.as_tensor, but Python floats (a list of them, to_diffusers()'s model_sigmas) stay float64: torch's
+    default dtype rounded them to float32 (a sigma of 23.627836437 reached the network as 23.627836227)."""
+    t = torch.as_tensor(value, device=device)
+    if t.dtype == torch.get_default_dtype() and not isinstance(value, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(value, dtype=torch.float64, device=device)
+    return t
+
+
 def _grid(s, x: torch.Tensor, name: str, decreasing: bool = True) -> torch.Tensor:
     """``decreasing=False`` for model sigmas: LD3's decoupled network times need not keep the grid's order
     (shifted neighbours may meet), and ``solver.sample`` takes model times in any order."""
     if s is None:
         raise TypeError(f"{name} must be a 1-D sequence of numbers (a tensor or a list), got None")
     try:
-        s = torch.as_tensor(s)
+        s = _as_tensor_keeping_floats(s)
     except (TypeError, ValueError, RuntimeError):  # strings, ragged lists, objects
         raise TypeError(f"{name} must be a 1-D sequence of numbers (a tensor or a list), got "
                         f"{type(s).__name__}") from None
@@ -297,8 +306,7 @@ def to_denoiser(model: DiffusionModel) -> Callable:
     e.g. to run k-diffusion's own samplers on an ld3_ext model.  All samples must share one sigma, in the
     model's range (sigma/alpha at its schedule's t_min..t_max, an end rounded by sigma's own dtype counting as
     that end; others raise ``ValueError``)."""
-    if not isinstance(model, DiffusionModel):
-        raise TypeError("to_denoiser needs a DiffusionModel")
+    require_diffusion_model(model)  # a k-diffusion denoiser already is one: pass it to its samplers as it is
     s = model.schedule
     lo_s, hi_s = s.edm_sigma(torch.tensor([s.t_min, s.t_max], dtype=torch.float64)).tolist()
 
@@ -307,7 +315,7 @@ def to_denoiser(model: DiffusionModel) -> Callable:
             raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         check_model_kwargs(kw, "the denoiser's keyword arguments")
         try:
-            sig = torch.as_tensor(sigma, device=x.device).reshape(-1)
+            sig = _as_tensor_keeping_floats(sigma, device=x.device).reshape(-1)
         except (TypeError, ValueError, RuntimeError):  # a str or None failed in torch naming nothing
             raise TypeError(f"sigma must be a number or a tensor of sigmas, got {type(sigma).__name__}") from None
         if sig.numel() == 0:

@@ -26,7 +26,7 @@ import math
 import numbers
 import os
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -290,20 +290,34 @@ class LearnedSchedule:
     def _edm_sigmas(self, t: torch.Tensor) -> torch.Tensor:
         return self.schedule.edm_sigma(t)
 
-    def to_k_diffusion(self, append_zero: bool = False) -> torch.Tensor:
-        """k-diffusion ``sigmas`` (sigma/alpha, descending, float64) of the solver grid.
+    def to_k_diffusion(self, append_zero: bool = False, *, dtype: Optional[torch.dtype] = None,
+                       device: Union[torch.device, str, None] = None) -> torch.Tensor:
+        """k-diffusion ``sigmas`` (sigma/alpha, descending) of the solver grid, in ``dtype`` on ``device``.
+
+        As k-diffusion's own ``get_sigmas_*``: torch's default dtype (float32) on the CPU unless asked otherwise.
+        Pass the network's device (``device=x.device``): k-diffusion's Euler, Heun and LMS samplers broadcast a
+        sigma to x's dimensions, so a CPU or float64 grid fails against a GPU or float32 network (or turns the
+        state float64).  ``dtype=torch.float64`` keeps the learned times unrounded, for float64 sampling.
 
         LD3 grids end at t_min (sigma_min > 0) and were trained *without* a final jump to sigma = 0, so
         the default omits the trailing 0 (k-diffusion samplers then stop at sigma_min and return x
         there).  ``append_zero=True`` adds it for samplers that expect it; that adds a last step the
         schedule was not trained for.  Decoupled model times cannot be expressed in k-diffusion's API: for a
         decoupled schedule this warns (k-diffusion's samplers evaluate the network at these sigmas instead);
-        ``ld3_ext.sample(model, x, sigmas, model_sigmas=...)`` takes them (``to_diffusers()["model_sigmas"]``).
+        ``ld3_ext.sample(model, x, sigmas, model_sigmas=...)`` takes them (``to_diffusers()["model_sigmas"]``) for
+        an ld3_ext ``DiffusionModel`` (a k-diffusion denoiser: ``wrap_model(denoiser, schedule, prediction="edm")``)
+        -- a plain denoiser passed to ``ld3_ext.sample`` scales x at the sigma it is given, which is another map
+        once alpha != 1 (VP, flow; ``ld3_ext/functional.py``).
         k-diffusion's samplers run the schedule's own solver only for Euler (``sample_euler``), Heun
         (``sample_heun``), DPMSolverPP(2, "midpoint", lower_order_final=False) (``sample_dpmpp_2m``) and
         DPMSolverPP(3, "heun", lower_order_final=False) (``sample_dpmpp_3m_sde``, eta=0).  With k-diffusion's
         discrete-time model wrappers (``CompVisDenoiser``, ``DiscreteEpsDDPMDenoiser``) use ``quantize=False``:
-        ``quantize=True`` rounds the learned (float) times to integer training indices.
+        ``quantize=True`` rounds the learned (float) times to integer training indices.  Even unquantized they
+        read a sigma between two training indices by interpolating log sigma in the index, where ``VPDiscrete``
+        interpolates log alpha in t: the same sigma lands up to ~0.1 index apart, so a VP sample through those
+        wrappers differs from the schedule's own by ~1e-5 relative (exact at integer indices).  k-diffusion
+        samples in the VE view: its result is x/alpha at the last time (divide ``sample()``'s by alpha(t_N) to
+        compare; 0.99957 for Stable Diffusion's schedule).
         """
         from ._checks import flag
         append_zero = flag("append_zero", append_zero)  # "no" is truthy: it appended the 0
@@ -311,11 +325,21 @@ class LearnedSchedule:
             warnings.warn("this schedule has decoupled model times (model_timesteps), which k-diffusion's sigmas "
                           "cannot carry: its samplers will evaluate the network at the solver grid, not where the "
                           "schedule was learned to; use ld3_ext.sample(model, x, sigmas, "
-                          "model_sigmas=to_diffusers()['model_sigmas']) to keep them", UserWarning, stacklevel=2)
+                          "model_sigmas=to_diffusers()['model_sigmas']) with model an ld3_ext DiffusionModel (a "
+                          "k-diffusion denoiser: wrap_model(denoiser, schedule, prediction='edm')) to keep them",
+                          UserWarning, stacklevel=2)
+        if dtype is None:
+            dtype = torch.get_default_dtype()
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"to_k_diffusion: dtype must be a floating torch.dtype, got {dtype!r}")
+        try:
+            device = torch.device("cpu" if device is None else device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"to_k_diffusion: device={device!r} names no torch device ({exc})") from None
         s = self._edm_sigmas(self.timesteps)
         if append_zero:
             s = torch.cat([s, s.new_zeros(1)])
-        return s
+        return s.to(device=device, dtype=dtype)
 
     def to_diffusers(self) -> Dict[str, Any]:
         """A dict for diffusers-style schedulers (plain Python floats).

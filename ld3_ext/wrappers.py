@@ -373,7 +373,34 @@ class DiffusionModel(torch.nn.Module):
         return self.predict(x, t, returns="eps", **kw)[1]
 
     def forward(self, x, t, **kw):
+        """x0 at schedule time ``t`` (one time for the batch): ``model(x, t)``.  Not a k-diffusion denoiser, which
+        takes per-sample sigmas (sigma/alpha): a sampler calling it so gets a ValueError pointing to
+        ``ld3_ext.to_denoiser(model)`` (it read sigma as t, extrapolated past t_max, silently, at batch size 1)."""
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= 1 \
+                and not (_compiling() or _capturing() or _vmapped(t)):
+            _check_call_time(self.schedule, t)
         return self.x0(x, t, **kw)
+
+
+
+def require_diffusion_model(model, name: str = "model") -> None:
+    """TypeError unless ``model`` is a DiffusionModel, saying what it got and how to wrap it."""
+    if not isinstance(model, DiffusionModel):
+        raise TypeError(f"{name} must be a DiffusionModel, got {type(model).__name__}: wrap your network with "
+                        "ld3_ext.wrap_model(fn, schedule, prediction=...) -- prediction='eps', 'x0', 'v' or "
+                        "'velocity' for what it returns; a k-diffusion denoiser D(x, sigma) -> x0 is prediction='edm'")
+
+def _check_call_time(schedule: NoiseSchedule, t: torch.Tensor) -> None:
+    """DiffusionModel.forward's t: one time, inside the schedule's [t_min, t_max] (one read-back)."""
+    hint = ("DiffusionModel(x, t) takes one schedule time t for the batch; k-diffusion samplers pass per-sample "
+            "sigmas (sigma/alpha): give them ld3_ext.to_denoiser(model)")
+    td = t.detach().to(torch.float64).reshape(-1)
+    if td.numel() > 1 and not bool((td == td[0]).all()):
+        raise ValueError(f"t holds {td.numel()} different times: {hint}")
+    lo, hi, tol = schedule.t_min, schedule.t_max, schedule.time_slack()
+    v = float(td[0])
+    if not (lo - tol <= v <= hi + tol):  # NaN too
+        raise ValueError(f"t={v:.6g} is outside the schedule's times [{lo:.6g}, {hi:.6g}] ({schedule!r}): {hint}")
 
 
 def _convert_fused(s: NoiseSchedule, p: str, x: torch.Tensor, out: torch.Tensor, t: torch.Tensor, want_x0: bool,

@@ -194,7 +194,7 @@ def test_atomic_write_removes_the_temps_of_killed_writes(tmp_path):
 def test_exports_edm():
     s = _sched(EDM(), n=5)
     with pytest.warns(UserWarning, match="decoupled model times"):  # _sched is decoupled
-        kd = s.to_k_diffusion()
+        kd = s.to_k_diffusion(dtype=torch.float64)
     torch.testing.assert_close(kd, s.timesteps)  # EDM: sigma = t
     assert kd.dtype == torch.float64 and bool((kd[1:] < kd[:-1]).all())
     with pytest.warns(UserWarning, match="decoupled model times"):
@@ -319,12 +319,12 @@ def test_k_diffusion_export_reproduces_the_schedules_sample(schedule):
     a0, a_end = schedule.alpha(plain.timesteps[[0, -1]])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sig = plain.to_k_diffusion()
+        sig = plain.to_k_diffusion(dtype=torch.float64)
     ref = plain.sample(model, x_T)
     out = K.sample_dpmpp_2m(F.to_denoiser(model), x_T / a0, sig, disable=True) * a_end
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
     with pytest.warns(UserWarning, match="decoupled model times"):
-        sig = decoupled.to_k_diffusion()
+        sig = decoupled.to_k_diffusion(dtype=torch.float64)
     ref = decoupled.sample(model, x_T)
     msig = torch.tensor(decoupled.to_diffusers()["model_sigmas"], dtype=torch.float64)
     out = F.sample(model, x_T / a0, sig, solver=solver, model_sigmas=msig) * a_end

@@ -17,7 +17,7 @@ from ..coefficients import SolverSpec, step_orders
 from ..layout import in_layout_of
 from ..ops import _layout_text, _vmapped
 from ..schedules import NoiseSchedule
-from ..wrappers import DiffusionModel, _capturing, _compiling
+from ..wrappers import DiffusionModel, _capturing, _compiling, require_diffusion_model
 
 
 def _fail(name: str, msg: str):
@@ -295,9 +295,7 @@ class Solver:
         decoupled times); the solver coefficients always use ``timesteps``.  Differentiable w.r.t.
         x_T, timesteps and model_timesteps.
         """
-        if not isinstance(model, DiffusionModel):
-            raise TypeError("model must be a DiffusionModel: wrap your network with "
-                            "ld3_ext.wrap_model(fn, schedule, prediction=...)")
+        require_diffusion_model(model)
         if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
             raise TypeError(f"x_T must be a floating torch.Tensor, got "
                             f"{getattr(x_T, 'dtype', type(x_T).__name__)}")

@@ -48,7 +48,7 @@ from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write
 from .._checks import count, flag, seed as check_seed
 from ..schedules import NoiseSchedule
 from ..solvers import Solver, UniPC, as_solver
-from ..wrappers import DiffusionModel
+from ..wrappers import DiffusionModel, require_diffusion_model
 from .callable_identity import describe_callable, unidentified_note
 
 CACHE_FORMAT = "ld3_ext.teacher_cache"
@@ -746,8 +746,7 @@ def load_or_generate_teacher(model: DiffusionModel, schedule=None, config: Optio
                              max_bytes: Optional[int] = None, regenerate: bool = False,
                              progress: bool = True) -> TeacherData:
     """Generate (or reuse from ``cache_dir``) a teacher set; see :class:`TeacherConfig`."""
-    if not isinstance(model, DiffusionModel):
-        raise TypeError(f"model must be a DiffusionModel (see ld3_ext.wrap_model), got {type(model).__name__}")
+    require_diffusion_model(model)
     cfg = config or TeacherConfig()
     if schedule is not None and not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")

@@ -41,7 +41,7 @@ from ..schedule_file import LearnedSchedule
 from .._checks import count, flag, holds_values, real, seed as check_seed
 from ..schedules import NoiseSchedule
 from ..solvers import MultistepSolver, Solver, as_solver
-from ..wrappers import DiffusionModel, ModelOutputError
+from ..wrappers import DiffusionModel, ModelOutputError, require_diffusion_model
 from ..solvers.base import DegenerateGridError
 from .losses import get_loss, loss_name, per_sample
 from .parameterization import TIME_MODES, TimeParameterization, init_timesteps
@@ -230,9 +230,7 @@ class LD3Trainer:
                  checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
                  resume: str = "auto", callback: Optional[Callable] = None, progress: bool = True,
                  time_mode_trial_rounds: Optional[int] = None, model_spec: Optional[str] = None):
-        if not isinstance(model, DiffusionModel):
-            raise TypeError("model must be a DiffusionModel: wrap your network with "
-                            "ld3_ext.wrap_model(fn, schedule, prediction=...)")
+        require_diffusion_model(model)
         if schedule is not None:
             if not isinstance(schedule, NoiseSchedule):
                 raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")

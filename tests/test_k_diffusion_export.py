@@ -1,0 +1,120 @@
+"""A k-diffusion user's path (k-diffusion integration audit): learned sigmas into k-diffusion's own samplers with a
+float32 network, model sigmas given as the list to_diffusers() returns, and an ld3 DiffusionModel handed to a
+k-diffusion sampler by mistake.  Oracle: the same solve in float64 (ld3's own sample, k-diffusion's samplers)."""
+import pytest
+import torch
+
+import ld3_ext
+from ld3_ext import EDM, VPDiscrete, LearnedSchedule, discretizations, wrap_model
+from ld3_ext import functional as F
+
+
+class _ConvDenoiser(torch.nn.Module):
+    """A float32 k-diffusion-style denoiser D(x, sigma[B]) -> x0 with parameters (its dtype is the network's)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x, sigma):
+        c = 1.0 / (sigma.reshape(-1, 1, 1, 1) ** 2 + 1.0)
+        return c * x + 0.1 * torch.tanh(self.conv(x * c.sqrt()))
+
+
+def _schedule(n=5):
+    s = EDM()
+    return LearnedSchedule(discretizations.logsnr_uniform(s, n), solver_config=ld3_ext.Euler().config(), nfe=n,
+                           schedule_config=s.config())
+
+
+@pytest.mark.parametrize("sampler", ["sample_euler", "sample_heun", "sample_lms", "sample_dpmpp_2m"])
+def test_default_sigmas_run_k_diffusions_samplers_on_a_float32_network(sampler):
+    """float64 CPU sigmas made k-diffusion's append_dims'd sigma float64: the state turned float64 and the
+    float32 conv failed ("Input type (double) and bias type (float)") in Euler, Heun and LMS."""
+    from _oracles import load_kdiffusion_sampling
+    K = load_kdiffusion_sampling()
+    L, net = _schedule(), _ConvDenoiser()
+    sig = L.to_k_diffusion()
+    assert sig.dtype == torch.get_default_dtype() == torch.float32 and sig.device.type == "cpu"
+    x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(1)) * float(sig[0])
+    out = getattr(K, sampler)(net, x, sig, disable=True)
+    assert out.dtype == torch.float32
+    ref = getattr(K, sampler)(net.double(), x.double(), L.to_k_diffusion(dtype=torch.float64), disable=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_to_k_diffusion_dtype_device_and_bad_arguments():
+    L = _schedule()
+    s64 = L.to_k_diffusion(dtype=torch.float64)
+    assert s64.dtype == torch.float64 and torch.equal(s64, L.timesteps)  # EDM: sigma = t, unrounded
+    z = L.to_k_diffusion(True, dtype=torch.float16, device="cpu")
+    assert z.dtype == torch.float16 and z.numel() == 7 and float(z[-1]) == 0.0
+    with pytest.raises(TypeError, match="to_k_diffusion: dtype must be a floating torch.dtype"):
+        L.to_k_diffusion(dtype=torch.int64)
+    with pytest.raises(TypeError, match="to_k_diffusion: dtype"):
+        L.to_k_diffusion(dtype="float32")
+    with pytest.raises(ValueError, match="to_k_diffusion: device='gpu0' names no torch device"):
+        L.to_k_diffusion(device="gpu0")
+
+
+def test_model_sigmas_as_a_python_list_are_not_rounded_to_float32():
+    """to_diffusers()['model_sigmas'] is a list of Python floats: torch.as_tensor made it float32, so the network
+    ran at sigma 23.627836227 instead of 23.627836437 and the sample was 3e-8 off the schedule's own."""
+    s = VPDiscrete.linear()
+    model = wrap_model(lambda x, t: 0.3 * x + 0.01 * t.reshape(-1, 1) * x, s, prediction="eps")
+    t = discretizations.logsnr_uniform(s, 5)
+    tm = t.clone()
+    tm[1:-1] = tm[1:-1] * 0.97  # decoupled network times (LD3's t~; the ends stay)
+    L = LearnedSchedule(t, tm, solver_config=ld3_ext.DPMSolverPP(2).config(), nfe=5, schedule_config=s.config())
+    x_T = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = L.sample(model, x_T)
+    d = L.to_diffusers()
+    assert isinstance(d["model_sigmas"], list) and isinstance(d["sigmas"], list)
+    a0, a_end = s.alpha(t[[0, -1]])
+    with pytest.warns(UserWarning, match="decoupled model times"):
+        sig = L.to_k_diffusion(dtype=torch.float64)
+    for sigmas in (sig, d["sigmas"]):
+        out = F.sample(model, x_T / a0, sigmas, solver=ld3_ext.DPMSolverPP(2), model_sigmas=d["model_sigmas"]) * a_end
+        torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
+
+
+def test_a_diffusion_model_handed_to_a_k_diffusion_sampler_is_refused_with_the_way_out():
+    """k-diffusion calls model(x, sigma * s_in): at batch 1 sigma 14.6 was read as time 14.6 of a [0.001, 1]
+    schedule and extrapolated, silently; at batch 2 predict's message did not say what to do."""
+    from _oracles import load_kdiffusion_sampling
+    K = load_kdiffusion_sampling()
+    s = VPDiscrete.linear()
+    model = wrap_model(lambda x, t: 0.5 * x, s, prediction="eps")
+    L = LearnedSchedule(discretizations.logsnr_uniform(s, 4), solver_config=ld3_ext.Euler().config(), nfe=4,
+                        schedule_config=s.config())
+    sig = L.to_k_diffusion()
+    for batch in (1, 2):
+        x = torch.randn(batch, 3) * float(sig[0])
+        with pytest.raises(ValueError, match=r"k-diffusion samplers pass per-sample sigmas.*to_denoiser\(model\)"):
+            K.sample_euler(model, x, sig, disable=True)
+    out = K.sample_euler(F.to_denoiser(model), torch.ones(1, 3) * float(sig[0]), sig, disable=True)
+    assert torch.isfinite(out).all()
+    # the module call itself at a time of the schedule, and at its ends, is unchanged
+    x = torch.randn(2, 3)
+    for tt in (torch.tensor(0.5), torch.tensor([s.t_min]), torch.tensor(s.t_max, dtype=torch.float64)):
+        torch.testing.assert_close(model(x, tt), model.x0(x, tt))
+    with pytest.raises(ValueError, match=r"t=nan is outside"):
+        model(x, torch.tensor(float("nan")))
+
+
+@pytest.mark.parametrize("call", ["solver", "trainer", "teacher", "to_denoiser"])
+def test_a_plain_network_is_named_with_the_prediction_a_denoiser_takes(call, tmp_path):
+    net = _ConvDenoiser()
+    x = torch.randn(1, 2, 4, 4)
+    t = discretizations.logsnr_uniform(EDM(), 3)
+    with pytest.raises(TypeError, match=r"model must be a DiffusionModel, got _ConvDenoiser: .*prediction='edm'"):
+        if call == "solver":
+            ld3_ext.Euler().sample(net, x, t)
+        elif call == "trainer":
+            ld3_ext.LD3Trainer(net, EDM(), ld3_ext.Euler(), nfe=3, sample_shape=(2, 4, 4))
+        elif call == "teacher":
+            from ld3_ext.training.teacher import load_or_generate_teacher
+            load_or_generate_teacher(net, EDM())
+        else:
+            F.to_denoiser(net)
