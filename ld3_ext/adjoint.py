@@ -278,9 +278,12 @@ class _WholeSampler(torch.autograd.Function):
             xs.append(x)
         ctx.plan, ctx.need = plan, need
         ctx.has_first = first is not None
-        # x_T, the table, tm and first are the caller's: saved with version checks; the rest is ours
-        ctx.xs_inner, ctx.outs, ctx.graphs, ctx.rng = xs[1:-1], outs, graphs, rng
-        ctx.save_for_backward(table, x_T, tm, first)
+        # all through save_for_backward, which autograd frees after a backward without retain_graph (and which
+        # saved-tensor hooks see): as plain ctx attributes the 2N-1 states stayed alive as long as the output did,
+        # so a training loop held the last iteration's states through the next forward.  x_T, the table, tm and
+        # first are the caller's (version-checked); the states and outputs are ours
+        ctx.graphs, ctx.rng = graphs, rng
+        ctx.save_for_backward(table, x_T, tm, first, *xs[1:-1], *outs)
         return x
 
     @staticmethod
@@ -297,9 +300,7 @@ class _WholeSampler(torch.autograd.Function):
             return _differentiable_backward(ctx, grad)
         plan: SamplerPlan = ctx.plan
         need_x, need_table, need_tm = ctx.need
-        table, x_T, tm, _ = ctx.saved_tensors
-        ctx.xs = [x_T] + ctx.xs_inner
-        ctx.tm = tm.detach()
+        table, x_T, tm, _, xs, outs = _unpack_saved(ctx)
         tab = table.detach()
         n = len(plan.orders)
         dev = grad.device
@@ -325,8 +326,10 @@ class _WholeSampler(torch.autograd.Function):
         dot_rows = dots.unbind(0) if need_table else [None] * n
         scales = tab.select(1, 0).narrow(1, 0, 1).unbind(0)
         step = _adjoint_step_fn(grad)
+        walk = _Walk(xs, outs, tm.detach())
         with (plan.deferred_checks() if plan.deferred_checks is not None else contextlib.nullcontext()):
-            lams, v_next, g_tm, grad_first = _reverse_steps(ctx, plan, grad, step, w_rows, dot_rows, scales)
+            lams, v_next, g_tm, grad_first = _reverse_steps(ctx, walk, plan, grad, step, w_rows, dot_rows, scales)
+        del walk, xs, outs
 
         grad_x = None
         if need_x:
@@ -348,8 +351,8 @@ class _WholeSampler(torch.autograd.Function):
             row.narrow(1, 1, MAX_HISTORY).copy_(gpad.narrow(0, 0, n))
         grad_tm = None
         if need_tm:
-            zero = ctx.tm.new_zeros(())
-            dt = ctx.tm.dtype
+            zero = tm.new_zeros(())
+            dt = tm.dtype
             grad_tm = torch.stack([(zero if g is None else g if g.dtype == dt else g.to(dt)) for g in g_tm] + [zero])
         # step 0's output gradient, when the caller made that evaluation: the engine takes it through their graph
         # of it (to x_T, tm and whatever else the network read), once
@@ -361,7 +364,7 @@ def _differentiable_backward(ctx, grad):
     VJPs are not differentiable, so the solve is run again from the saved inputs with plain per-step torch ops
     and differentiated with create_graph=True.  Costs one more forward; only taken when asked for."""
     plan: SamplerPlan = ctx.plan
-    table, x_T, tm, first = ctx.saved_tensors
+    table, x_T, tm, first = ctx.saved_tensors[:4]
     needs = tuple(ctx.need) + (ctx.needs_input_grad[5],)
     # fresh aliases: with the default model times tm is t, an ancestor of table, and grad w.r.t. both at once
     # would hand t's share through the table back twice (once in tm's gradient, once through the table's node)
@@ -390,7 +393,24 @@ def _solve_per_step(evaluate: Callable, orders: Sequence[int], max_order: int, x
     return x
 
 
-def _reverse_steps(ctx, plan: SamplerPlan, grad: torch.Tensor, step: Callable, w_rows, dot_rows, scales):
+def _unpack_saved(ctx):
+    """(table, x_T, tm, first, [x_0 .. x_{N-1}], [m_0 .. m_{N-1}]) from the node's saved tensors."""
+    saved = ctx.saved_tensors
+    table, x_T, tm, first = saved[:4]
+    n = len(ctx.plan.orders)
+    return table, x_T, tm, first, [x_T, *saved[4:3 + n]], list(saved[3 + n:])
+
+
+class _Walk:
+    """What one backward reads of the forward: the states x_i, the outputs m_i and the model times (detached)."""
+    __slots__ = ("xs", "outs", "tm")
+
+    def __init__(self, xs, outs, tm):
+        self.xs, self.outs, self.tm = xs, outs, tm
+
+
+def _reverse_steps(ctx, walk: _Walk, plan: SamplerPlan, grad: torch.Tensor, step: Callable, w_rows, dot_rows,
+                   scales):
     """The reverse walk of _WholeSampler.backward: one adjoint step and one model VJP per step, last
     step first.  Returns the newest adjoints (lambda_1 first), v_0, the per-step dL/dtm and, when the caller
     made step 0's evaluation (``first``), that output's gradient (its VJP is then the engine's: v_0 is None)."""
@@ -406,18 +426,18 @@ def _reverse_steps(ctx, plan: SamplerPlan, grad: torch.Tensor, step: Callable, w
         J = plan.J[i]
         w = w_rows[i]
         if i == n - 1:
-            gm = step(grad, None, None, [], ctx.xs[i], ctx.outs[i], w, dot_rows[i])
+            gm = step(grad, None, None, [], walk.xs[i], walk.outs[i], w, dot_rows[i])
             lams = [grad]
         else:
             if v_next is None:  # m_{i+1} does not depend on x_{i+1}
                 v_next = torch.zeros_like(grad)
-            gm = step(lams[0], v_next, scales[i + 1], lams[1:max(J - 1, 1)], ctx.xs[i], ctx.outs[i], w,
+            gm = step(lams[0], v_next, scales[i + 1], lams[1:max(J - 1, 1)], walk.xs[i], walk.outs[i], w,
                       dot_rows[i])
             lams = [v_next] + lams[: H - 1]
         if i == 0 and ctx.has_first:  # the caller's evaluation: its gradient goes back through their graph
             grad_first, v_next = gm, None
         else:
-            v_next, g_tm[i] = _model_vjp(ctx, plan, i, gm, want_x=(i > 0 or need_x), want_t=need_tm)
+            v_next, g_tm[i] = _model_vjp(ctx, walk, plan, i, gm, want_x=(i > 0 or need_x), want_t=need_tm)
         graphs[i] = None  # consumed: a later backward re-evaluates the network
     return lams, v_next, g_tm, grad_first
 
@@ -453,12 +473,12 @@ except ImportError:  # pragma: no cover - older or newer torch without it
     _vjp = _vjp_public
 
 
-def _model_vjp(ctx, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, want_t: bool):
+def _model_vjp(ctx, walk: _Walk, plan: SamplerPlan, i: int, gm: torch.Tensor, want_x: bool, want_t: bool):
     """(v_i, dL/dtm_i) through the model evaluation of step i (recomputed once its graph is gone)."""
     entry = ctx.graphs[i]
     if entry is None:
-        xl = ctx.xs[i].detach().requires_grad_()
-        tl = ctx.tm[i].detach().requires_grad_() if ctx.need[2] else ctx.tm[i].detach()
+        xl = walk.xs[i].detach().requires_grad_()
+        tl = walk.tm[i].detach().requires_grad_() if ctx.need[2] else walk.tm[i].detach()
         with torch.enable_grad(), _replayed_rng(ctx.rng[i], xl.device):
             out = plan.evaluate(xl, tl, i)
     else:
