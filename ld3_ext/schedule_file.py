@@ -427,6 +427,12 @@ class LearnedSchedule:
         if not isinstance(path, (str, os.PathLike)):  # atomic_write's own TypeError names no argument
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         doc = {k: _writable(v, k, finite=k in ("solver", "schedule")) for k, v in self.to_dict().items()}
+        try:  # what load_schedule checks: a schedule edited in place (a NaN time, nfe) replaced a good file
+            validate_schedule_dict({**doc, "checksum": ""}, os.fspath(path))  # the write adds the checksum
+        except ScheduleFileError as exc:
+            why = str(exc).split(": ", 1)[-1]
+            raise ValueError(f"save: this schedule would not load back ({why}); {os.fspath(path)} was not "
+                             "written") from None
         atomic_write_json(path, doc)
         return os.fspath(path)
 

@@ -385,3 +385,23 @@ def test_to_k_diffusion_append_zero_must_be_a_bool():
         with pytest.raises(TypeError, match="append_zero must be a bool"):
             ls.to_k_diffusion(append_zero=bad)
     assert ls.to_k_diffusion(append_zero=True)[-1] == 0 and ls.to_k_diffusion().numel() == 3
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda s: s.timesteps.__setitem__(2, float("nan")), "timesteps"),
+    (lambda s: s.timesteps.__setitem__(2, float(s.timesteps[1]) + 1.0), "strictly decreasing"),
+    (lambda s: setattr(s, "nfe", 99), "nfe=99"),
+])
+def test_save_refuses_what_load_would_refuse_and_keeps_the_file(tmp_path, edit, field):
+    """A schedule edited in place was written (atomically, over the good file) and then refused by load_schedule:
+    the user's file was lost.  save() now runs the load's checks first."""
+    s = _sched(EDM(), n=5)
+    path = tmp_path / "s.json"
+    s.save(str(path))
+    good = path.read_bytes()
+    loaded = load_schedule(str(path))
+    edit(loaded)
+    with pytest.raises(ValueError, match=f"save: this schedule would not load back.*{field}.*was not written"):
+        loaded.save(str(path))
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]  # no temp file left
