@@ -440,7 +440,7 @@ def _real_1d(name: str, values) -> torch.Tensor:
             raise TypeError(f"VPDiscrete: {name} must be real numbers, got {dtype}")
     try:  # straight to float64: a list of Python floats must not pass through float32
         t = torch.as_tensor(values, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # OverflowError: an int like 10**400
         raise TypeError(f"VPDiscrete: {name} must be a 1-D sequence of real numbers, got "
                         f"{type(values).__name__}") from None
     if t.dim() != 1:
@@ -578,7 +578,7 @@ def schedule_from_config(cfg: dict) -> NoiseSchedule:
     kw = {k: v for k, v in cfg.items() if k != "type"}
     types = {"EDM": EDM, "VPLinear": VPLinear, "VPCosine": VPCosine, "FlowMatching": FlowMatching,
              "VPDiscrete": VPDiscrete}
-    if cfg["type"] not in types:
+    if not isinstance(cfg["type"], str) or cfg["type"] not in types:  # a list or dict type is unhashable
         raise ValueError(f"unknown schedule type {cfg['type']!r}; expected one of {sorted(types)}")
     return types[cfg["type"]](**kw)
 

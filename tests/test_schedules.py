@@ -191,6 +191,12 @@ def test_constructor_validation():
         ld3_ext.VPDiscrete(betas=[0.5, 1.5])
     with pytest.raises(ValueError, match="unknown schedule type"):
         schedule_from_config({"type": "Nope"})
+    for bad in (["EDM"], {"EDM": 1}):  # unhashable: was a bare "unhashable type" TypeError
+        with pytest.raises(ValueError, match="unknown schedule type"):
+            schedule_from_config({"type": bad})
+    for key in ("alphas_cumprod", "betas"):  # an int beyond float64 (a hand-edited file): a bare OverflowError
+        with pytest.raises(TypeError, match=f"VPDiscrete: {key} must be a 1-D sequence of real numbers"):
+            ld3_ext.VPDiscrete(**{key: [10 ** 400, 0.5]})
 
 
 @pytest.mark.parametrize("args, match", [
