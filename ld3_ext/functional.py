@@ -248,6 +248,9 @@ def sample(model_or_denoiser: Union[DiffusionModel, Callable], x: torch.Tensor, 
                         f"got {type(model_or_denoiser).__name__}")
     if extra_args is not None and not isinstance(extra_args, Mapping):
         raise TypeError(f"extra_args must be a dict of model keyword arguments, got {type(extra_args).__name__}")
+    if callback is not None and not callable(callback):  # else "'int' object is not callable" after a model call
+        raise TypeError(f"callback must be callable (it is called with a dict per step) or None, got "
+                        f"{type(callback).__name__}")
     if check_output is not None:
         check_output = flag("check_output", check_output)
     if check_output is None and not isinstance(model_or_denoiser, DiffusionModel):

@@ -290,9 +290,18 @@ class DiffusionModel(torch.nn.Module):
         if x.dim() == 0:
             raise ValueError("predict: x must have a batch dimension, got a 0-d tensor")
         if not isinstance(t, torch.Tensor):
-            t = torch.as_tensor(t, dtype=torch.float64 if x.dtype != torch.float32 else x.dtype, device=x.device)
+            if isinstance(t, (str, bytes)) or t is None:  # torch's "new(): invalid data type 'str'" names nothing
+                raise TypeError(f"predict: t must be a number or a tensor (schedule time), got {type(t).__name__}")
+            try:
+                t = torch.as_tensor(t, dtype=torch.float64 if x.dtype != torch.float32 else x.dtype, device=x.device)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise TypeError(f"predict: t must be a number or a tensor (schedule time), got "
+                                f"{type(t).__name__}") from None
         if t.is_complex() or t.dtype == torch.bool:  # cast to a real time silently otherwise
             raise TypeError(f"predict: t must be a real time, got {t.dtype}")
+        if t.device != x.device and t.device.type != "cpu":  # a CPU time is read as a scalar anywhere
+            # a meta time failed later naming the solver's internal "coef"
+            raise ValueError(f"predict: t is on {t.device} but x is on {x.device} (give t on x's device or the CPU)")
         if t.numel() != 1:  # one time for the whole batch: a [B] time would broadcast over x's last dimension
             raise ValueError(f"predict: t must hold one time for the whole batch, got shape {tuple(t.shape)}")
         if t.dim() > 0:  # a [1, 1] time broadcast x0 to one more dimension than x (eps kept x's shape)
@@ -315,6 +324,8 @@ class DiffusionModel(torch.nn.Module):
         if out.device != x.device:  # else torch's own error later names no model ("item() on meta tensors")
             raise ModelOutputError(f"model returned a tensor on {out.device}{where}, expected the input's device "
                                    f"{x.device}")
+        if out.layout != torch.strided:  # a sparse output failed inside the finite check naming an aten op
+            raise ModelOutputError(f"model returned a {out.layout} tensor{where}, expected a dense (strided) tensor")
         if not out.is_floating_point():
             # an integer/bool/complex output would be cast silently and carry no gradient: the
             # solve would be wrong and LD3 training would get zero network gradients without a word
