@@ -40,6 +40,7 @@ from . import _native
 from .coefficients import MAX_HISTORY
 from .layout import in_layout_of, non_overlapping_and_dense, plain_grad
 from .ops import _opmath, composite_only
+from .wrappers import check_fresh_output
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,17 +261,18 @@ class _WholeSampler(torch.autograd.Function):
                     # random numbers they drew here (dropout), as the reference backend would draw them
                     _restore_rng(next(r for r in rng if r is not None), dev)
                     raise ForeignGradients()
+            p = orders[i]
             val = out.detach()
             if val.is_neg():  # a lazily negated view: the kernels read raw storage
                 val = val.resolve_neg()
             if native:  # one copy here, not one in each update and reverse step that reads it (layout.py)
                 val = in_layout_of(val, x)
+            check_fresh_output(val, history[:p - 1], i)  # this step's update reads them
             outs.append(val)
             graphs.append((xl, tl, out) if keep and xl is not None else None)
             del out  # with checkpointing its graph must go now, before the next evaluation
             history.insert(0, val)
             del history[max_order:]
-            p = orders[i]
             if step_fn is not None:
                 x = step_fn(i, x, history, row_update)
             else:

@@ -54,7 +54,7 @@ from ..discretizations import DISCRETIZATIONS, get_discretization
 from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete, schedule_from_config
 from ..solvers import SOLVERS, Solver, as_solver, solver_from_config
 from ..solvers.heun import heun_multistep_table, heun_view
-from ..wrappers import _capturing, _compiling
+from ..wrappers import _capturing, _compiling, check_fresh_output
 from .diffusers import (PREDICTION_TYPES, DiffusersConfigError, learned_variance, network_time_fn,
                         schedule_from_diffusers_config)
 
@@ -614,16 +614,20 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         coef = self._tables["coef"]
         x0, eps = self._convert(out, x, k)
         m = self._in_state_layout(eps if spec.uses_noise_prediction else x0, x)
-        if spec.has_corrector and k > 0:
+        p = self._orders[k]
+        corrects = spec.has_corrector and k > 0
+        # the earlier outputs this step reads must not have been overwritten by a network's static output buffer
+        check_fresh_output(m, self._history[:max(p - 1, self._orders[k - 1] if corrects else 0)], k)
+        if corrects:
             # UniC of the previous step, with the output just made at its predictor point
             p_prev = self._orders[k - 1]
             x = ops.multistep_update(self._x_before, coef[k - 1, 1, : 2 + p_prev], [m] + self._history[:p_prev],
                                      backend)
         history = ([m] + self._history)[:spec.order]
-        p = self._orders[k]
         out = ops.multistep_update(x, coef[k, 0, : 1 + p], history[:p], backend)
-        # the state changes only once the step succeeded: a step that raised (e.g. a wrong batch) can be retried
-        self._history, self._x_before = history, x
+        # the state changes only once the step succeeded: a step that raised (e.g. a wrong batch) can be retried;
+        # the sample is kept only for UniPC's corrector (one latent less held through the solve otherwise)
+        self._history, self._x_before = history, (x if spec.has_corrector else None)
         return out
 
     def _heun_step(self, out, x, k):
@@ -633,6 +637,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         x0, eps = self._convert(out, x, (k + 1) // 2)  # evaluation k is made at model time (k + 1) // 2
         m = self._in_state_layout(x0 if self._heun_view == "x0" else eps, x)  # the view solver.sample takes
         coef = self._tables["coef"]
+        check_fresh_output(m, [self._heun] if k % 2 else [], k)  # the corrector reads the predictor's output
         if k % 2 == 0:
             self._heun = m
             return ops.multistep_update(x, coef[k, 0, :2], [m], self.solver.backend)

@@ -17,7 +17,7 @@ from ..coefficients import SolverSpec, step_orders
 from ..layout import in_layout_of
 from ..ops import _layout_text, _vmapped
 from ..schedules import NoiseSchedule
-from ..wrappers import DiffusionModel, _capturing, _compiling, require_diffusion_model
+from ..wrappers import DiffusionModel, _capturing, _compiling, check_fresh_output, require_diffusion_model
 
 
 def _fail(name: str, msg: str):
@@ -389,8 +389,10 @@ class MultistepSolver(Solver):
         entry = self._history_entry_fn()
         for i in range(1, n + 1):
             out = first if i == 1 and first is not None else self._evaluate(model, x, tm[i - 1], i - 1, kwargs, returns)
-            history.insert(0, entry(out[idx], x))
-            del history[spec.order:]
             p = orders[i - 1]
+            val = entry(out[idx], x)
+            check_fresh_output(val, history[:p - 1], i - 1)
+            history.insert(0, val)
+            del history[spec.order:]
             x = ops.multistep_update(x, rows[i - 1], history[:p], self.backend)
         return x

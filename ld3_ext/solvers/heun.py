@@ -20,6 +20,7 @@ import torch
 
 from .. import adjoint, ops
 from .._checks import count
+from ..wrappers import check_fresh_output
 from .base import Solver, table_rows
 
 
@@ -153,7 +154,9 @@ class Heun(Solver):
         entry = self._history_entry_fn()
         for k, p in enumerate(orders):
             out = first if k == 0 and first is not None else self._evaluate(model, x, tm2[k], k, kwargs, view)[idx]
-            history.insert(0, entry(out, x))
+            val = entry(out, x)
+            check_fresh_output(val, history[:p - 1], k)
+            history.insert(0, val)
             del history[2:]
             x = ops.multistep_update(x, rows[k], history[:p], self.backend)
         return x

@@ -7,6 +7,7 @@ import torch
 
 from .. import adjoint, ops
 from ..coefficients import SolverSpec, check_flag, step_orders
+from ..wrappers import check_fresh_output
 from .base import MultistepSolver, table_rows
 
 
@@ -64,6 +65,7 @@ class UniPC(MultistepSolver):
         if first is None:
             first = self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]
         history: List[torch.Tensor] = [entry(first, x)]
+        check_fresh_output(history[0], [], 0)  # stamps it: a later output written into its memory is refused
         predictor, corrector = table_rows(coef, 0), table_rows(coef, 1)
         for i in range(1, n + 1):
             p = orders[i - 1]
@@ -71,6 +73,8 @@ class UniPC(MultistepSolver):
             if i == n:
                 return x_pred
             d_new = entry(self._evaluate(model, x_pred, tm[i], i, kwargs, "x0")[0], x_pred)
+            # the corrector reads the p earlier outputs (and the next predictor those it keeps)
+            check_fresh_output(d_new, history[:p] if self.use_corrector else history[:orders[i] - 1], i)
             if self.use_corrector:
                 x = ops.multistep_update(x, corrector[i - 1], [d_new] + history[:p], self.backend)
             else:
