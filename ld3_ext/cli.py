@@ -1205,6 +1205,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
                 raise UsageError(f"{flag} was given an empty value")
         if out and os.path.exists(out) and not os.path.isdir(out):
             raise UsageError(f"--out {out!r} exists and is not a directory")
+        if args.cmd not in ("teacher", "train") and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+            # every rank did the whole command and wrote the same files (distributed audit)
+            raise UsageError(f"only teacher and train run under torchrun (WORLD_SIZE="
+                             f"{os.environ['WORLD_SIZE']}): run {prog} in one process")
         return args.func(args)
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -250,3 +250,16 @@ def test_eval_without_a_schedule_names_out_when_only_out_was_given(tmp_path, cap
     assert err.startswith(f"ld3 eval: error: --out: no schedule file at {out / 'schedule.json'}"), err
     assert _exit_status(["eval", "--schedule", str(tmp_path / "s.json"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("ld3 eval: error: --schedule: no schedule file at")
+
+
+@pytest.mark.parametrize("cmd", ["sample", "eval", "export-diffusers", "info"])
+def test_commands_other_than_teacher_and_train_refuse_torchrun(cmd, tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank ran the whole command and wrote the same files (distributed audit)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = [cmd] if cmd == "info" else _argv(cmd, tmp_path / "o", [])
+    assert _exit_status(argv) == 2
+    assert f"ld3 {cmd}: error: only teacher and train run under torchrun (WORLD_SIZE=2)" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    if cmd == "info":
+        assert _exit_status(argv) == 0

@@ -244,3 +244,24 @@ def test_a_model_failure_on_one_rank_stops_every_rank_with_the_last_good_schedul
     assert "the model failed: model returned NaN/Inf" in text and "the model failed on another rank" in text, \
         text[-3000:]
     assert (out / "checkpoint" / "last_good_schedule.json").is_file()
+
+
+def test_a_checkpoint_held_by_only_some_ranks_is_refused_before_any_collective(tmp_path):
+    """Rank 1 run with --fresh (or a node-local --out without the checkpoint) under the default --init auto: the
+    rank without it evaluated auto's candidate grids, collectives the resuming rank never joined -- a hang until
+    gloo's 10-minute timeout (distributed audit).  Now both ranks stop at once, naming the checkpoint."""
+    out = str(tmp_path / "o")
+    args = ["train", *SETTINGS, "--nfe", "4", "--rounds-v1", "1", "--rounds-v2", "1", "--out", out]
+    _run(args)  # one process: leaves o/checkpoint
+    (tmp_path / "rank_args.py").write_text(
+        "import os, sys\n"
+        "from ld3_ext.cli import main\n"
+        "extra = os.environ.get('LD3_TEST_RANK%sARGS' % os.environ['RANK'], '').split()\n"
+        "sys.exit(main(sys.argv[1:] + extra))\n")
+    env = _env()
+    env["LD3_TEST_RANK1ARGS"] = "--fresh"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(tmp_path / "rank_args.py"), *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and "the ranks do not hold the same training checkpoint" in text, text[-3000:]

@@ -32,7 +32,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import distributed as D
-from ..atomic_io import CorruptFileError, atomic_save_safetensors, canonical_json, json_safe, \
+from ..atomic_io import CorruptFileError, atomic_save_safetensors, canonical_json, json_safe, tensors_sha256, \
     load_safetensors_checked, tensor_bytes
 from ..coefficients import step_orders
 from .._finite import all_finite
@@ -1309,6 +1309,17 @@ class LD3Trainer:
         self._candidates, self.param, self._mode_from_checkpoint = {}, None, None
         self._auto = {"scores": {}, "seconds": {}, "choice": None} if auto else None
         checkpoint = self._read_checkpoint()  # settings compared before the init's work
+        if D.get_world_size() > 1:
+            # before any collective the ranks would make differently: a rank without the checkpoint runs
+            # init="auto"'s evaluations, which a rank resuming never joins (a hang until the process group timed out)
+            held = None if checkpoint is None else \
+                tensors_sha256(checkpoint[1]) + canonical_json(json_safe(checkpoint[2]))
+            if D.differing_fields({"checkpoint": held}):
+                raise CheckpointMismatchError(
+                    f"the ranks do not hold the same training checkpoint in {self.checkpoint_dir} (found by only some "
+                    "ranks, different files, or resume='never' / --fresh on only some): under torch.distributed the "
+                    "checkpoint_dir must be on a filesystem that every rank (every node) sees, and every rank must "
+                    "be given the same resume setting")
         # a resumed run keeps the grid it started from (a later auto trial starts from it); recomputing init="auto"
         # could pick another grid (changed candidates, scipy's DMN) and mix two runs. Old checkpoints lack it.
         self._init_grid = self._stored_init(checkpoint)
