@@ -232,6 +232,9 @@ class DiffusionModel(torch.nn.Module):
         if self.cond_key not in kw or "uncond" not in kw:
             raise ValueError(f"guidance_scale is set: pass both '{self.cond_key}' and 'uncond' as model kwargs")
         cond, uncond = kw.pop(self.cond_key), kw.pop("uncond")
+        # one condition per sample, or one for all (expanded, as a network broadcasts it unguided); any other batch
+        # failed inside the network on the doubled batch, naming no argument
+        cond, uncond = _cfg_batch(cond, b, repr(self.cond_key)), _cfg_batch(uncond, b, "uncond")
         uncond_kw = kw.pop("uncond_kwargs", None) or {}
         if not isinstance(uncond_kw, dict):
             raise TypeError(f"uncond_kwargs must be a dict of model kwargs, got {type(uncond_kw).__name__}")
@@ -511,6 +514,16 @@ def _cfg_pair(u: Any, c: Any, name: str, root: str = "uncond_kwargs") -> Any:
             raise ValueError(f"{label} must be a dict with the keys {sorted(c)}")
         return {k: _cfg_pair(u[k], c[k], f"{name}.{k}" if name else str(k), root) for k in c}
     raise TypeError(f"{label}: only tensors (or dicts of tensors) can differ between the halves")
+
+
+def _cfg_batch(v: Any, batch: int, name: str) -> Any:
+    """A guidance condition tensor of ``batch`` samples: a batch of 1 expanded to it, another batch refused."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] == batch:
+        return v
+    if v.shape[0] == 1:
+        return v.expand(batch, *v.shape[1:])
+    raise ValueError(f"{name} holds a batch of {v.shape[0]} (shape {tuple(v.shape)}) but x a batch of {batch}: give one "
+                     "condition per sample, or one for all (a batch of 1)")
 
 
 def _cfg_cond(u: Any, c: Any, cond_key: str) -> Any:

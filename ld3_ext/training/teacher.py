@@ -149,8 +149,10 @@ def _call_settings(model) -> Dict[str, Any]:
     kw = getattr(model, "model_kwargs", None) or {}
     if kw:
         out["model_kwargs_sha256"] = _kwargs_digest(kw)
-    if getattr(model, "guidance_scale", None) is not None and getattr(model, "cond_key", "cond") != "cond":
-        out["cond_key"] = model.cond_key  # the keyword the guided network reads its condition from
+    if getattr(model, "cond_key", "cond") != "cond":
+        # the keyword the network reads its condition from, guided or not: targets made with y= are not those of
+        # labels= (a network taking **kw ignores an unknown keyword: conditional targets, an unconditional student)
+        out["cond_key"] = model.cond_key
     return out
 
 

@@ -702,6 +702,9 @@ class LD3Trainer:
         }
         if out["time_mode"] == "auto":  # only then: explicit modes keep their settings (and checkpoints) as they were
             out["time_mode_trial_rounds"] = self._trial_rounds()
+        if self.uncond is not None:  # only then, likewise: a resume with another uncond trained on other guidance
+            u = self.uncond
+            out["uncond_sha256"] = f"{_sha(u)}|{str(u.dtype).replace('torch.', '')}|{list(u.shape)}"
         return out
 
     def _settings_time_mode(self) -> str:

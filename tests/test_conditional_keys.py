@@ -1,0 +1,70 @@
+"""Conditional networks (conditional-path audit): the keyword a condition is passed under is part of the teacher
+cache / checkpoint key with or without guidance, a resume with another ``uncond`` is refused, and under guidance a
+condition of batch 1 is expanded while any other batch than x's is refused by name."""
+import pytest
+import torch
+
+import ld3_ext
+from ld3_ext.training.teacher import model_call_settings
+from ld3_ext.training.trainer import CheckpointMismatchError
+
+
+class _ClassNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(6, 3)
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x, t, y=None, **kw):  # **kw: an unknown keyword (labels=) is silently ignored
+        e = 0.0 if y is None else self.emb(y)[:, :, None, None]
+        return torch.tanh(self.lin((x + e).transpose(1, -1)).transpose(1, -1)) * 0.3
+
+
+def test_cond_key_is_part_of_the_call_settings_without_guidance_too():
+    """A cache made with cond_key='y' was reused after switching to 'labels' without guidance: the network ignored
+    labels=, so the student trained unconditionally against conditional targets."""
+    s = ld3_ext.VPLinear()
+    a = model_call_settings(ld3_ext.wrap_model(_ClassNet(), s, cond_key="y"))
+    b = model_call_settings(ld3_ext.wrap_model(_ClassNet(), s, cond_key="labels"))
+    assert a["cond_key"] == "y" and b["cond_key"] == "labels" and a != b
+    assert "cond_key" not in model_call_settings(ld3_ext.wrap_model(_ClassNet(), s))  # the default: old caches hold
+
+
+def test_a_resume_with_another_uncond_is_refused(tmp_path):
+    s = ld3_ext.VPLinear()
+    model = ld3_ext.wrap_model(_ClassNet(), s, cond_key="y", guidance_scale=3.0)
+    g = torch.Generator().manual_seed(0)
+    noise, target = torch.randn(10, 3, 4, 4, generator=g), torch.randn(10, 3, 4, 4, generator=g) * 0.5
+    cond = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
+    common = dict(solver=ld3_ext.DPMSolverPP(order=2), nfe=3, sample_shape=(3, 4, 4), n_train=6, n_valid=4,
+                  time_mode="time", init="time_uniform", rounds_v1=1, rounds_v2=1, progress=False,
+                  checkpoint_dir=str(tmp_path))
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer, info):
+        if info.get("round", 0) >= 2:  # after round 1's checkpoint
+            raise Stop
+    with pytest.raises(Stop):
+        ld3_ext.LD3Trainer(model, uncond=torch.tensor([5]), callback=stop, **common).fit(noise, target, cond=cond)
+    with pytest.raises(CheckpointMismatchError, match="differs in: uncond_sha256"):
+        ld3_ext.LD3Trainer(model, uncond=torch.tensor([4]), **common).fit(noise, target, cond=cond)
+    # the same uncond resumes
+    ld3_ext.LD3Trainer(model, uncond=torch.tensor([5]), **common).fit(noise, target, cond=cond)
+
+
+def test_guided_condition_batches():
+    s = ld3_ext.VPLinear()
+    model = ld3_ext.wrap_model(_ClassNet(), s, cond_key="y", guidance_scale=2.0)
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor(0.5)
+    y4, u4 = torch.tensor([2, 2, 2, 2]), torch.tensor([5, 5, 5, 5])
+    want = model.predict(x, t, y=y4, uncond=u4)[1]
+    for y, u in ((torch.tensor([2]), torch.tensor([5])), (y4, torch.tensor([5])), (torch.tensor([2]), u4)):
+        torch.testing.assert_close(model.predict(x, t, y=y, uncond=u)[1], want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"'y' holds a batch of 3 .* but x a batch of 4"):
+        model.predict(x, t, y=torch.tensor([1, 2, 3]), uncond=u4)
+    with pytest.raises(ValueError, match=r"uncond holds a batch of 2 .* but x a batch of 4"):
+        model.predict(x, t, y=y4, uncond=torch.tensor([5, 5]))
