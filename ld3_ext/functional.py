@@ -10,7 +10,8 @@ grids, and decoupled model sigmas) can be used.
 
 A :class:`~ld3_ext.wrappers.DiffusionModel` on any schedule is accepted too: it is evaluated in the VE view
 (x_model = alpha(t) x at t = t_from_edm_sigma(sigma)), so ``sigmas`` are sigma/alpha of its schedule (what
-``LearnedSchedule.to_k_diffusion()`` gives) and ``x`` is x_model / alpha.  The sigmas must lie in its range
+``LearnedSchedule.to_k_diffusion()`` gives; with ``dtype=torch.float64`` the grid itself, else rounded to
+float32 like k-diffusion's own sigmas) and ``x`` is x_model / alpha.  The sigmas must lie in its range
 (sigma/alpha at the schedule's t_min..t_max, besides a trailing 0): ``ValueError`` otherwise, as ``solver.sample``.
 With decoupled ``model_sigmas`` the network sees the state at its grid time, x_model = alpha(t_i) x, at the model
 time (LD3's decoupling, as ``solver.sample(model, x_T, t, model_timesteps)``).  A plain denoiser cannot do that

@@ -390,8 +390,10 @@ class DiffusionModel(torch.nn.Module):
         """x0 at schedule time ``t`` (one time for the batch): ``model(x, t)``.  Not a k-diffusion denoiser, which
         takes per-sample sigmas (sigma/alpha): a sampler calling it so gets a ValueError pointing to
         ``ld3_ext.to_denoiser(model)`` (it read sigma as t, extrapolated past t_max, silently, at batch size 1)."""
+        # one read-back: on a GPU only where the output checks read back anyway (a model(x, t) loop stays sync-free
+        # with check_output=False)
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= 1 \
-                and not (_compiling() or _capturing() or _vmapped(t)):
+                and (t.device.type == "cpu" or self._checks_on()) and not (_compiling() or _capturing() or _vmapped(t)):
             _check_call_time(self.schedule, t)
         return self.x0(x, t, **kw)
 
@@ -399,22 +401,24 @@ class DiffusionModel(torch.nn.Module):
 
 
 def check_fresh_output(entry: torch.Tensor, read: Sequence[torch.Tensor], step: Optional[int] = None) -> None:
-    """ModelOutputError when a network output entering a solver's history shares memory with an earlier entry the
-    next update still reads (``read``) and that memory was written since that entry came in.
+    """ModelOutputError when a network output entering a solver's history lies in the memory of an earlier entry
+    the next update still reads (``read``) and that memory was written since that entry came in.
 
     A network that returns one static buffer (CUDA-graph replay, TensorRT or ONNX Runtime IO binding) overwrites
     the outputs a multistep solver keeps: every history term became the newest output, a silently wrong sample
     (0.3 off for DPM-Solver++(3), 114 for Heun).  The overwrite has happened by the time the new output arrives,
-    so it can only be refused.  Shared memory that was not written (a constant output expanded from one tensor)
-    is fine: each entry is stamped with its version counter when it comes in.  A pointer comparison per entry;
-    skipped where there is no storage to compare (compiling, torch.func transforms)."""
+    so it can only be refused.  Byte ranges are compared, not allocations: outputs written to separate slots of
+    one tensor are fine; so is memory that was not written (a constant output expanded from one tensor: each
+    entry is stamped with its version counter when it comes in).  Inference tensors have no version counter:
+    under ``torch.inference_mode()`` an overlap alone is refused.  A few pointer comparisons a step; skipped where
+    there is no storage to compare (compiling, torch.func transforms)."""
     if _compiling():
         return
     try:
-        ptr = entry.untyped_storage().data_ptr()
-        overwritten = bool(ptr) and any(h.untyped_storage().data_ptr() == ptr and
-                                        getattr(h, "_ld3_version", h._version) != h._version for h in read)
-        entry._ld3_version = entry._version
+        lo, hi = _byte_span(entry)
+        overwritten = hi > lo and any(_overlaps(h, lo, hi) and _written_since(h) for h in read)
+        if not entry.is_inference():
+            entry._ld3_version = entry._version
     except (RuntimeError, NotImplementedError, AttributeError):  # wrapped tensors (vmap, grad) have no storage
         return
     if overwritten:
@@ -422,6 +426,27 @@ def check_fresh_output(entry: torch.Tensor, read: Sequence[torch.Tensor], step: 
         raise ModelOutputError(f"model returned{where} a tensor in the memory of an earlier output, which it overwrote "
                                "while the solver still reads it (a static output buffer: CUDA-graph replay, "
                                "TensorRT/ONNX Runtime IO binding): return a copy (out.clone())")
+
+
+def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
+    """[first byte, one past the last byte] that ``t``'s elements occupy (empty for a tensor without elements)."""
+    if t.numel() == 0:
+        return 0, 0
+    lo = t.data_ptr()
+    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return lo, lo + extent * t.element_size()
+
+
+def _overlaps(h: torch.Tensor, lo: int, hi: int) -> bool:
+    a, b = _byte_span(h)
+    return a < hi and lo < b
+
+
+def _written_since(h: torch.Tensor) -> bool:
+    """Written since it entered the history (an inference tensor cannot tell: counted as written)."""
+    if h.is_inference():
+        return True
+    return getattr(h, "_ld3_version", h._version) != h._version
 
 
 def require_diffusion_model(model, name: str = "model") -> None:
@@ -439,7 +464,9 @@ def _check_call_time(schedule: NoiseSchedule, t: torch.Tensor) -> None:
     td = t.detach().to(torch.float64).reshape(-1)
     if td.numel() > 1 and not bool((td == td[0]).all()):
         raise ValueError(f"t holds {td.numel()} different times: {hint}")
-    lo, hi, tol = schedule.t_min, schedule.t_max, schedule.time_slack()
+    lo, hi = schedule.t_min, schedule.t_max
+    # a half-precision t rounds an end by up to an ulp there (bfloat16 makes FlowMatching's t_max 0.999 a 1.0)
+    tol = max(schedule.time_slack(), torch.finfo(t.dtype).eps * max(abs(lo), abs(hi), 1.0))
     v = float(td[0])
     if not (lo - tol <= v <= hi + tol):  # NaN too
         raise ValueError(f"t={v:.6g} is outside the schedule's times [{lo:.6g}, {hi:.6g}] ({schedule!r}): {hint}")

@@ -118,3 +118,17 @@ def test_a_plain_network_is_named_with_the_prediction_a_denoiser_takes(call, tmp
             load_or_generate_teacher(net, EDM())
         else:
             F.to_denoiser(net)
+
+
+@pytest.mark.parametrize("schedule", [ld3_ext.FlowMatching(), ld3_ext.VPCosine()], ids=["flow", "vp_cosine"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_module_call_takes_a_half_precision_time_at_the_schedule_ends(schedule, dtype):
+    """t in x's half dtype rounds t_max by up to an ulp (bfloat16 makes 0.999 a 1.0): the range check of
+    DiffusionModel.forward allows that rounding (diff review), as predict() does; farther out is refused."""
+    model = ld3_ext.wrap_model(lambda x, t: 0.5 * x, schedule, prediction="eps")
+    x = torch.randn(2, 3).to(dtype)
+    for end in (schedule.t_min, schedule.t_max):
+        t = torch.tensor(end, dtype=dtype)
+        torch.testing.assert_close(model(x, t), model.x0(x, t))
+    with pytest.raises(ValueError, match="is outside the schedule's times"):
+        model(x, torch.tensor(schedule.t_max + 0.05, dtype=dtype))

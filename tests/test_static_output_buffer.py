@@ -95,3 +95,31 @@ def test_ld3_scheduler_refuses_a_static_output_buffer_and_keeps_no_spare_sample(
         if solver.spec() is not None:
             assert (sch._x_before is not None) == solver.spec().has_corrector
     assert torch.isfinite(x).all()
+
+
+def test_separate_slots_of_one_tensor_are_not_an_overwrite_and_inference_mode_is_checked_too():
+    """Outputs written to their own slots of one preallocated tensor share its storage and version counter but
+    never overlap: they sample as plain outputs (the first version of the check refused them, diff review).  Under
+    torch.inference_mode() there is no version counter: a static buffer was let through (0.42 off)."""
+    s, x, t = _case()
+
+    def slotted():
+        traj = torch.empty(64, *x.shape, dtype=x.dtype)
+        k = [0]
+
+        def fn(xx, tt):
+            o = traj[k[0]]
+            k[0] += 1
+            with torch.no_grad():
+                o.copy_(_net(xx, tt))
+            return o
+        return fn
+    for pred, solver in SOLVERS:
+        want = solver.sample(ld3_ext.wrap_model(_net, s, prediction=pred), x, t)
+        got = solver.sample(ld3_ext.wrap_model(slotted(), s, prediction=pred), x, t)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        with torch.inference_mode(), pytest.raises(ModelOutputError, match="memory of an earlier output"):
+            solver.sample(ld3_ext.wrap_model(_static(_net), s, prediction=pred), x, t)
+        with torch.inference_mode():
+            got = solver.sample(ld3_ext.wrap_model(slotted(), s, prediction=pred), x, t)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
