@@ -415,8 +415,13 @@ def check_fresh_output(entry: torch.Tensor, read: Sequence[torch.Tensor], step: 
     if _compiling():
         return
     try:
-        lo, hi = _byte_span(entry)
-        overwritten = hi > lo and any(_overlaps(h, lo, hi) and _written_since(h) for h in read)
+        ptr = entry.untyped_storage().data_ptr()
+        overwritten = False
+        if ptr and read:
+            same = [h for h in read if h.untyped_storage().data_ptr() == ptr]  # one allocation: compare the bytes
+            if same:
+                lo, hi = _byte_span(entry)
+                overwritten = any(_overlaps(h, lo, hi) and _written_since(h) for h in same)
         if not entry.is_inference():
             entry._ld3_version = entry._version
     except (RuntimeError, NotImplementedError, AttributeError):  # wrapped tensors (vmap, grad) have no storage
