@@ -342,9 +342,16 @@ def broadcast_(tensors: Sequence[Optional[torch.Tensor]], src: int = 0) -> None:
     ts = _present(tensors)
     if not ts or get_world_size() == 1:
         return
+    # NCCL moves only CUDA tensors: a CPU tensor (a grid, a setting) goes through the current device
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     with torch.no_grad():
         for t in ts:
-            dist.broadcast(t, src=src)
+            if dev is not None and t.device.type != "cuda":
+                tmp = t.to(dev)
+                dist.broadcast(tmp, src=src)
+                t.copy_(tmp)
+            else:
+                dist.broadcast(t, src=src)
 
 
 def all_gather_shards(shard: torch.Tensor, n: Optional[int] = None) -> torch.Tensor:

@@ -207,3 +207,41 @@ def test_cuda_requests_without_a_gpu_are_named(monkeypatch):
     with pytest.raises(ValueError, match=r"backend='nccl' needs CUDA GPUs \(device='cpu'\)"):
         D.init_from_env(backend="nccl", device="cpu")
     assert D.init_from_env(device="cpu").device == torch.device("cpu")
+
+
+def _init_worker(rank, world, port, out_dir):
+    """Rank 1 computes an init grid that differs in its last bits (another node's scipy/BLAS)."""
+    join_gloo(rank, world, port)
+    try:
+        import ld3_ext
+        from ld3_ext import testbeds
+        from ld3_ext.training import trainer as T
+        if rank == 1:
+            real = T.init_timesteps
+
+            def jittered(*a, **k):
+                g = real(*a, **k)
+                g[1:-1] = g[1:-1] * (1 + 1e-9)
+                return g
+            T.init_timesteps = jittered
+        mix = testbeds.ring2d()
+        s = ld3_ext.EDM()
+        model = mix.model(s)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(8, 2, dtype=torch.float64, generator=g)
+        target = mix.reference_solution(s, noise * s.prior_std())
+        tr = ld3_ext.LD3Trainer(model, s, ld3_ext.DPMSolverPP(2), nfe=4, n_train=5, n_valid=3, init="logsnr",
+                                time_mode="lambda", rounds_v1=1, rounds_v2=1, progress=False, sample_shape=(2,))
+        learned = tr.fit(noise, target)
+        torch.save({"init": tr._init_grid, "t": learned.timesteps}, os.path.join(out_dir, f"init{rank}.pt"))
+        D.barrier()
+    finally:
+        D.destroy()
+
+
+def test_ranks_start_from_rank_0s_init_grid(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_init_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"init{r}.pt") for r in range(2))
+    assert torch.equal(r0["init"], r1["init"]) and torch.equal(r0["t"], r1["t"])

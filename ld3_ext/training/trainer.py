@@ -1329,6 +1329,11 @@ class LD3Trainer:
         if self._init_grid is None:
             grid = self._auto_init() if init == "auto" else self._dmn_init() if init == "dmn" else self.init
             self._init_grid = init_timesteps(self.schedule, self.num_steps, grid)
+            if D.get_world_size() > 1:
+                # rank 0's grid on every rank: each rank computed its own (scipy's DMN, BLAS), whose last bits may
+                # differ between nodes, and ranks starting apart would drift apart without an error
+                self._init_grid = self._init_grid.clone()
+                D.broadcast_([self._init_grid])
         first = self._new_candidate(TIME_MODES[0] if auto else self.time_mode_request, self._init_grid)
         if auto:
             self._candidates[first["time_mode"]] = first
