@@ -402,35 +402,31 @@ class DiffusionModel(torch.nn.Module):
 
 def check_fresh_output(entry: torch.Tensor, read: Sequence[torch.Tensor], step: Optional[int] = None) -> None:
     """ModelOutputError when a network output entering a solver's history lies in the memory of an earlier entry
-    the next update still reads (``read``) and that memory was written since that entry came in.
+    the next update still reads (``read``).
 
     A network that returns one static buffer (CUDA-graph replay, TensorRT or ONNX Runtime IO binding) overwrites
     the outputs a multistep solver keeps: every history term became the newest output, a silently wrong sample
     (0.3 off for DPM-Solver++(3), 114 for Heun).  The overwrite has happened by the time the new output arrives,
-    so it can only be refused.  Byte ranges are compared, not allocations: outputs written to separate slots of
-    one tensor are fine; so is memory that was not written (a constant output expanded from one tensor: each
-    entry is stamped with its version counter when it comes in).  Inference tensors have no version counter:
-    under ``torch.inference_mode()`` an overlap alone is refused.  A few pointer comparisons a step; skipped where
-    there is no storage to compare (compiling, torch.func transforms)."""
-    if _compiling():
+    so it can only be refused.  Any overlap is refused, written or not: IO binding writes without bumping torch's
+    version counter (and hands back a new tensor each call), so "not written since" cannot be known.  Byte ranges
+    are compared within one allocation: outputs in separate leading-dimension slots of one tensor are fine.  A
+    pointer comparison per entry; skipped where there is no storage to compare (compiling, torch.func transforms)."""
+    if _compiling() or not read:
         return
     try:
         ptr = entry.untyped_storage().data_ptr()
-        overwritten = False
-        if ptr and read:
-            same = [h for h in read if h.untyped_storage().data_ptr() == ptr]  # one allocation: compare the bytes
-            if same:
-                lo, hi = _byte_span(entry)
-                overwritten = any(_overlaps(h, lo, hi) and _written_since(h) for h in same)
-        if not entry.is_inference():
-            entry._ld3_version = entry._version
+        same = [h for h in read if h.untyped_storage().data_ptr() == ptr] if ptr else []
+        if not same:
+            return
+        lo, hi = _byte_span(entry)
+        overlapped = any(_overlaps(h, lo, hi) for h in same)
     except (RuntimeError, NotImplementedError, AttributeError):  # wrapped tensors (vmap, grad) have no storage
         return
-    if overwritten:
+    if overlapped:
         where = f" at step {step}" if step is not None else ""
-        raise ModelOutputError(f"model returned{where} a tensor in the memory of an earlier output, which it overwrote "
-                               "while the solver still reads it (a static output buffer: CUDA-graph replay, "
-                               "TensorRT/ONNX Runtime IO binding): return a copy (out.clone())")
+        raise ModelOutputError(f"model returned{where} a tensor in the memory of an earlier output, which the solver "
+                               "still reads (a static output buffer: CUDA-graph replay, TensorRT/ONNX Runtime IO "
+                               "binding): return a copy (out.clone())")
 
 
 def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
@@ -445,13 +441,6 @@ def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
 def _overlaps(h: torch.Tensor, lo: int, hi: int) -> bool:
     a, b = _byte_span(h)
     return a < hi and lo < b
-
-
-def _written_since(h: torch.Tensor) -> bool:
-    """Written since it entered the history (an inference tensor cannot tell: counted as written)."""
-    if h.is_inference():
-        return True
-    return getattr(h, "_ld3_version", h._version) != h._version
 
 
 def require_diffusion_model(model, name: str = "model") -> None:

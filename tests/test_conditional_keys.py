@@ -68,3 +68,18 @@ def test_guided_condition_batches():
         model.predict(x, t, y=torch.tensor([1, 2, 3]), uncond=u4)
     with pytest.raises(ValueError, match=r"uncond holds a batch of 2 .* but x a batch of 4"):
         model.predict(x, t, y=y4, uncond=torch.tensor([5, 5]))
+
+
+def test_a_diffusers_networks_own_condition_keyword_is_not_a_new_cache_key():
+    """from_diffusers sets cond_key to the network's own keyword (class_labels, encoder_hidden_states): unguided it
+    is the default for that network, so teacher caches made before cond_key entered the key stay valid (a first
+    version refused every diffusers cache, even of unconditional UNets; diff review).  Guided, it is keyed as before."""
+    diffusers = pytest.importorskip("diffusers")
+    from _tiny_unets import tiny_cond_unet, tiny_unet
+    from ld3_ext.integrations.diffusers import from_diffusers
+    cfg = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    for unet in (tiny_unet(), tiny_cond_unet()):
+        model, _ = from_diffusers(unet, cfg)
+        assert "cond_key" not in model_call_settings(model), model_call_settings(model)
+    guided, _ = from_diffusers(tiny_cond_unet(), cfg, guidance_scale=3.0)
+    assert model_call_settings(guided)["cond_key"] == "encoder_hidden_states"

@@ -444,6 +444,7 @@ def from_diffusers(unet, scheduler_config, guidance_scale: Optional[float] = Non
                            guidance_scale=guidance_scale, cond_key=cond_key or default_key,
                            model_kwargs=model_kwargs, name=f"diffusers:{type(_inner(unet)).__name__}")
     model.net = unet  # registered submodule: model.to()/.eval() reach the UNet
+    model.default_cond_key = default_key  # the keyword this kind of network takes (teacher caches key only others)
     model.scheduler_config = cfg
     model.num_train_timesteps = n_train
     if ucfg.get("sample_size") is not None and ucfg.get("in_channels") is not None:

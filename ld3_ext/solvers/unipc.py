@@ -65,7 +65,6 @@ class UniPC(MultistepSolver):
         if first is None:
             first = self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]
         history: List[torch.Tensor] = [entry(first, x)]
-        check_fresh_output(history[0], [], 0)  # stamps it: a later output written into its memory is refused
         predictor, corrector = table_rows(coef, 0), table_rows(coef, 1)
         for i in range(1, n + 1):
             p = orders[i - 1]

@@ -149,10 +149,14 @@ def _call_settings(model) -> Dict[str, Any]:
     kw = getattr(model, "model_kwargs", None) or {}
     if kw:
         out["model_kwargs_sha256"] = _kwargs_digest(kw)
-    if getattr(model, "cond_key", "cond") != "cond":
+    key = getattr(model, "cond_key", "cond")
+    if key != "cond" and (getattr(model, "guidance_scale", None) is not None
+                          or key != getattr(model, "default_cond_key", "cond")):
         # the keyword the network reads its condition from, guided or not: targets made with y= are not those of
-        # labels= (a network taking **kw ignores an unknown keyword: conditional targets, an unconditional student)
-        out["cond_key"] = model.cond_key
+        # labels= (a network taking **kw ignores an unknown keyword: conditional targets, an unconditional student).
+        # Unguided, a from_diffusers model's own keyword (class_labels, encoder_hidden_states) is its default:
+        # caches made before this key existed stay valid
+        out["cond_key"] = key
     return out
 
 
