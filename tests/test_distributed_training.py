@@ -167,6 +167,20 @@ def test_ranks_with_different_weights_are_refused(tmp_path):
     assert not os.path.exists(tmp_path / "o" / "teacher" / "chunk_00000.safetensors")
 
 
+def _two_ranks_rank1_extra(tmp_path, args, extra: str):
+    """``ld3 ARGS`` under torchrun with 2 ranks, rank 1 given ``extra`` flags besides."""
+    (tmp_path / "rank_args.py").write_text(
+        "import os, sys\n"
+        "from ld3_ext.cli import main\n"
+        "extra = os.environ.get('LD3_TEST_RANK%sARGS' % os.environ['RANK'], '').split()\n"
+        "sys.exit(main(sys.argv[1:] + extra))\n")
+    env = _env()
+    env["LD3_TEST_RANK1ARGS"] = extra
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(tmp_path / "rank_args.py"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
 @pytest.mark.parametrize("cmd,flag,value,field", [
     ("train", "--rounds-v2", "3", "differ in rounds_v2"), ("train", "--loss", "l2", "differ in loss"),
     ("train", "--teacher-nfe", "30", "differ in teacher_nfe"), ("teacher", "--seed", "1", "differ in the teacher's seed"),
@@ -175,17 +189,8 @@ def test_ranks_with_different_settings_are_refused_before_any_work(tmp_path, cmd
     """Rank 1 run with another setting: other round counts made the ranks wait in different collectives (a hang
     until gloo's 10-minute timeout), another loss trained on the average of two losses' gradients without a word.
     Every setting is compared before any work, and the differing one is named."""
-    (tmp_path / "rank_args.py").write_text(
-        "import os, sys\n"
-        "from ld3_ext.cli import main\n"
-        "extra = os.environ.get('LD3_TEST_RANK%sARGS' % os.environ['RANK'], '').split()\n"
-        "sys.exit(main(sys.argv[1:] + extra))\n")
-    env = _env()
-    env["LD3_TEST_RANK1ARGS"] = f"{flag} {value}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(tmp_path / "rank_args.py"), cmd, *SETTINGS, *(TRAIN if cmd == "train" else []),
-           "--out", str(tmp_path / "o")]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    p = _two_ranks_rank1_extra(tmp_path, [cmd, *SETTINGS, *(TRAIN if cmd == "train" else []),
+                                          "--out", str(tmp_path / "o")], f"{flag} {value}")
     out = p.stdout + p.stderr
     assert p.returncode != 0 and f"ranks under torch.distributed {field}" in out, out[-3000:]
     assert not os.path.exists(tmp_path / "o" / "teacher" / "chunk_00000.safetensors")
@@ -253,15 +258,6 @@ def test_a_checkpoint_held_by_only_some_ranks_is_refused_before_any_collective(t
     out = str(tmp_path / "o")
     args = ["train", *SETTINGS, "--nfe", "4", "--rounds-v1", "1", "--rounds-v2", "1", "--out", out]
     _run(args)  # one process: leaves o/checkpoint
-    (tmp_path / "rank_args.py").write_text(
-        "import os, sys\n"
-        "from ld3_ext.cli import main\n"
-        "extra = os.environ.get('LD3_TEST_RANK%sARGS' % os.environ['RANK'], '').split()\n"
-        "sys.exit(main(sys.argv[1:] + extra))\n")
-    env = _env()
-    env["LD3_TEST_RANK1ARGS"] = "--fresh"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(tmp_path / "rank_args.py"), *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    p = _two_ranks_rank1_extra(tmp_path, args, "--fresh")
     text = p.stdout + p.stderr
     assert p.returncode != 0 and "the ranks do not hold the same training checkpoint" in text, text[-3000:]
