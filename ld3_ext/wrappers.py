@@ -398,8 +398,6 @@ class DiffusionModel(torch.nn.Module):
         return self.x0(x, t, **kw)
 
 
-
-
 def check_fresh_output(entry: torch.Tensor, read: Sequence[torch.Tensor], step: Optional[int] = None) -> None:
     """ModelOutputError when a network output entering a solver's history lies in the memory of an earlier entry
     the next update still reads (``read``).
