@@ -16,6 +16,7 @@ import torch
 from ._checks import flag, guidance
 from ._finite import all_finite, all_finite_tensor
 from .device_constants import capturing as _capturing  # the solvers and ld3_ext.sample read it as wrappers._capturing
+from .layout import non_overlapping_and_dense
 from .ops import _opmath, _vmapped
 from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
 
@@ -405,13 +406,16 @@ def check_fresh_output(entry: torch.Tensor, read: Sequence[torch.Tensor], step: 
     A network that returns one static buffer (CUDA-graph replay, TensorRT or ONNX Runtime IO binding) overwrites
     the outputs a multistep solver keeps: every history term became the newest output, a silently wrong sample
     (0.3 off for DPM-Solver++(3), 114 for Heun).  The overwrite has happened by the time the new output arrives,
-    so it can only be refused.  Any overlap is refused, written or not: IO binding writes without bumping torch's
-    version counter (and hands back a new tensor each call), so "not written since" cannot be known.  Byte ranges
+    so it can only be refused.  Any overlap of a dense output is refused, written or not: IO binding writes without
+    bumping torch's version counter (and hands back a new tensor each call), so "not written since" cannot be known;
+    an expanded output (stride 0: a constant broadcast over the batch) is no such buffer and passes.  Byte ranges
     are compared within one allocation: outputs in separate leading-dimension slots of one tensor are fine.  A
     pointer comparison per entry; skipped where there is no storage to compare (compiling, torch.func transforms)."""
     if _compiling() or not read:
         return
     try:
+        if not non_overlapping_and_dense(entry):
+            return  # an expanded (broadcast) output, e.g. a constant: no runtime writes its outputs into one
         ptr = entry.untyped_storage().data_ptr()
         same = [h for h in read if h.untyped_storage().data_ptr() == ptr] if ptr else []
         if not same:

@@ -969,13 +969,14 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys, text, e
     def fails(args):
         raise RuntimeError(text)
     p = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(p, "sample", fails))
+    # train: the commands that use several ranks (the others run on rank 0 only)
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(p, "train", fails))
     monkeypatch.delenv("LD3_TRACEBACK", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    rc = cli.main(["sample", "--model", "gmm:ring2d"])
+    rc = cli.main(["train", "--model", "gmm:ring2d"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and err[0].startswith(f"ld3 sample: error: rank 1: {expect}"), err
+    assert rc == 1 and len(err) == 1 and err[0].startswith(f"ld3 train: error: rank 1: {expect}"), err
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(RuntimeError, match="pair.cc|unbound_buffer"):
-        cli.main(["sample", "--model", "gmm:ring2d"])
+        cli.main(["train", "--model", "gmm:ring2d"])
