@@ -294,9 +294,7 @@ class DiffusionModel(torch.nn.Module):
         if x.dim() == 0:
             raise ValueError("predict: x must have a batch dimension, got a 0-d tensor")
         if not isinstance(t, torch.Tensor):
-            if isinstance(t, (str, bytes)) or t is None:  # torch's "new(): invalid data type 'str'" names nothing
-                raise TypeError(f"predict: t must be a number or a tensor (schedule time), got {type(t).__name__}")
-            try:
+            try:  # torch's own errors ("new(): invalid data type 'str'") name nothing
                 t = torch.as_tensor(t, dtype=torch.float64 if x.dtype != torch.float32 else x.dtype, device=x.device)
             except (TypeError, ValueError, RuntimeError, OverflowError):
                 raise TypeError(f"predict: t must be a number or a tensor (schedule time), got "
