@@ -402,9 +402,8 @@ def check_fresh_output(entry: torch.Tensor, read: Sequence[torch.Tensor], step: 
     the next update still reads (``read``).
 
     A network that returns one static buffer (CUDA-graph replay, TensorRT or ONNX Runtime IO binding) overwrites
-    the outputs a multistep solver keeps: every history term became the newest output, a silently wrong sample
-    (0.3 off for DPM-Solver++(3), 114 for Heun).  The overwrite has happened by the time the new output arrives,
-    so it can only be refused.  Any overlap of a dense output is refused, written or not: IO binding writes without
+    the outputs a multistep solver keeps: every history term became the newest output, a silently wrong sample.
+    The overwrite has happened by the time the new output arrives, so it can only be refused.  Any overlap of a dense output is refused, written or not: IO binding writes without
     bumping torch's version counter (and hands back a new tensor each call), so "not written since" cannot be known;
     an expanded output (stride 0: a constant broadcast over the batch) is no such buffer and passes.  Byte ranges
     are compared within one allocation: outputs in separate leading-dimension slots of one tensor are fine.  A
