@@ -246,6 +246,8 @@ def test_heun_table_validate_false_reads_nothing_back():
     table, orders = heun_multistep_table(ld3_ext.EDM(), torch.tensor([0.002, 1.0, 80.0], dtype=torch.float64),
                                          validate=False)
     assert table.shape == (4, 2, 5) and orders == [1, 2, 1, 2]
+    with pytest.raises(TypeError, match="validate must be a bool"):
+        heun_multistep_table(ld3_ext.EDM(), torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64), validate="no")
 
 
 @pytest.mark.parametrize("view", ["x0", "eps"])

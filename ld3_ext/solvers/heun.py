@@ -19,7 +19,7 @@ from typing import List, Tuple
 import torch
 
 from .. import adjoint, ops
-from .._checks import count
+from .._checks import count, flag
 from ..wrappers import check_fresh_output
 from .base import Solver, table_rows
 
@@ -66,7 +66,7 @@ def heun_multistep_table(schedule, t: torch.Tensor, view: str = "x0", *,
                          f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if view not in ("x0", "eps"):
         raise ValueError(f"view must be 'x0' or 'eps', got {view!r}")
-    if validate:
+    if flag("validate", validate):  # "no" is truthy: it skipped the checks
         from ..ops import check_grid
         check_grid(schedule, t, in_range=False)
     t64 = t.to(torch.float64)
