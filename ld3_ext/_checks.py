@@ -106,3 +106,15 @@ def guidance(name: str, v) -> Optional[float]:
         return real(name, v)
     except TypeError:
         raise TypeError(f"{name} must be a number or None, got {v!r}") from None
+
+
+def torch_device(where: str, device) -> "torch.device":
+    """``device`` (a torch.device, "cuda:0", an index) as a torch.device, or a ValueError naming ``where``'s
+    ``device`` argument (torch's own message names no argument)."""
+    import torch
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{where}: device={device!r} names no torch device ({exc})") from None

@@ -58,10 +58,8 @@ def native_runs_on(device: "torch.device | str | int") -> bool:
     "no kernel image is available".  An uncovered GPU instead takes the reference path, with one warning
     that says how to rebuild (``ld3 info`` says the same)."""
     if not isinstance(device, torch.device):
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"native_runs_on: device={device!r} names no torch device ({exc})") from None
+        from ._checks import torch_device  # here: _checks imports the schedules, which load after this module
+        device = torch_device("native_runs_on", device)
     if device.type == "cpu":
         return _C is not None
     if device.type != "cuda" or not native_cuda_available():

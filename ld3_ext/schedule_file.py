@@ -319,7 +319,7 @@ class LearnedSchedule:
         samples in the VE view: its result is x/alpha at the last time (divide ``sample()``'s by alpha(t_N) to
         compare; 0.99957 for Stable Diffusion's schedule).
         """
-        from ._checks import flag
+        from ._checks import flag, torch_device
         append_zero = flag("append_zero", append_zero)  # "no" is truthy: it appended the 0
         if self.solver_model_timesteps() is not None:
             warnings.warn("this schedule has decoupled model times (model_timesteps), which k-diffusion's sigmas "
@@ -332,10 +332,7 @@ class LearnedSchedule:
             dtype = torch.get_default_dtype()
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"to_k_diffusion: dtype must be a floating torch.dtype, got {dtype!r}")
-        try:
-            device = torch.device("cpu" if device is None else device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"to_k_diffusion: device={device!r} names no torch device ({exc})") from None
+        device = torch_device("to_k_diffusion", "cpu" if device is None else device)
         s = self._edm_sigmas(self.timesteps)
         if append_zero:
             s = torch.cat([s, s.new_zeros(1)])
