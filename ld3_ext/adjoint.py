@@ -90,6 +90,12 @@ def multistep_adjoint_step(lam_prev, v, scale, older, x, m, w, dots):
 # ----------------------------------------------------------------------------------------------
 # the whole-sampler autograd node
 # ----------------------------------------------------------------------------------------------
+def _grad_accumulator(leaf: torch.Tensor):
+    """The AccumulateGrad node of a leaf that requires grad (reached through a throwaway view's graph)."""
+    with torch.enable_grad():
+        return leaf.view_as(leaf).grad_fn.next_functions[0][0]
+
+
 class ForeignGradients(Exception):
     """A model evaluation depends on a tensor requiring grad other than x_i and tm_i."""
 
@@ -110,6 +116,10 @@ def _depends_on_other_leaves_reference(out: torch.Tensor, ours: Sequence[torch.T
     if fn is None:
         return out.requires_grad and not any(out is o for o in ours)
     stops = [(o.grad_fn, o.output_nr) for o in ours if o is not None and o.grad_fn is not None]
+    # a leaf of ours may be another object than the one its accumulator holds (a saved tensor unpacked through
+    # saved-tensor hooks shares the original's accumulator): compare accumulators too
+    accumulators = [_grad_accumulator(o) for o in ours
+                    if o is not None and o.requires_grad and o.grad_fn is None]
 
     def is_stop(node, nr):
         return any(node is s and nr == k for s, k in stops)
@@ -126,7 +136,7 @@ def _depends_on_other_leaves_reference(out: torch.Tensor, ours: Sequence[torch.T
         visited.append(node)
         if type(node).__name__ == "AccumulateGrad":
             var = node.variable
-            if not any(var is o for o in ours):
+            if not any(var is o for o in ours) and not any(node is a for a in accumulators):
                 return True
             continue
         stack.extend(nxt for nxt, nr in node.next_functions if not is_stop(nxt, nr))

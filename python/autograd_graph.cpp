@@ -4,6 +4,7 @@
 
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <unordered_set>
 
@@ -13,6 +14,19 @@ bool depends_on_other_leaves(const at::Tensor& out, const std::vector<at::Tensor
   auto is_ours = [&](const at::TensorBase& t) {
     for (const auto& o : ours)
       if (o.defined() && o.unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return true;
+    return false;
+  };
+  // A leaf of ours may be another tensor object than the one its gradient accumulator holds: a saved
+  // tensor unpacked through saved-tensor hooks (the inputs torch.utils.checkpoint re-runs a function
+  // with under save_on_cpu) is a new variable that shares the original's accumulator.  Same accumulator,
+  // same leaf.
+  std::vector<const torch::autograd::Node*> our_accumulators;
+  for (const auto& o : ours)
+    if (o.defined() && o.requires_grad() && !o.grad_fn())
+      if (auto acc = torch::autograd::impl::try_get_grad_accumulator(o)) our_accumulators.push_back(acc.get());
+  auto is_our_accumulator = [&](const torch::autograd::Node* node) {
+    for (const auto* a : our_accumulators)
+      if (a == node) return true;
     return false;
   };
   // a non-leaf of ours ends the walk at its own gradient edge: what it was computed from is the
@@ -35,7 +49,7 @@ bool depends_on_other_leaves(const at::Tensor& out, const std::vector<at::Tensor
     stack.pop_back();
     if (node == nullptr || !seen.insert(node).second) continue;
     if (auto* acc = dynamic_cast<torch::autograd::AccumulateGrad*>(node)) {
-      if (!is_ours(acc->variable)) return true;
+      if (!is_ours(acc->variable) && !is_our_accumulator(acc)) return true;
       continue;
     }
     for (const auto& edge : node->next_edges())

@@ -164,6 +164,11 @@ def _graph_cases():
     t = torch.stack([b, b / 2])                     # non-leaf times
     z = torch.randn(8, dtype=torch.float64, requires_grad=True)
     xa, ya = z.chunk(2)                             # two outputs of one node: only xa is ours
+    c = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda v: v, lambda v: v):
+        cc = c * c
+    alias = cc.grad_fn._saved_self                  # unpacked: not c, but c's accumulator
+    assert alias is not c and alias.grad_fn is None and alias.requires_grad
     return [
         (torch.tanh(x) * t[0], (x, t), False),      # x's own parameter is not a foreign dependency
         (x, (x, t), False),                         # the output is one of ours itself
@@ -172,6 +177,11 @@ def _graph_cases():
         (torch.tanh(xa) + ya, (xa, t), True),       # another output of the node that made xa
         (xa * t[1], (xa, t), False),
         (x * 0 + z.sum(), (x, t), True),
+        # a leaf unpacked through saved-tensor hooks: another object sharing the original's accumulator (kept
+        # alive by cc's graph, as a checkpointed forward's graph keeps it) is ours
+        (torch.sin(alias) * 2 + 0 * cc, (alias, t), False),
+        (torch.sin(alias) + c + 0 * cc, (alias, t), False),
+        (torch.sin(alias) * a + 0 * cc, (alias, t), True),
     ]
 
 
