@@ -170,8 +170,9 @@ class SamplerPlan:
     def __init__(self, evaluate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
                  orders: Sequence[int], max_order: int, checkpoint: bool,
                  deferred_checks: Optional[Callable[[], ContextManager]] = None,
-                 forward_step: Optional[Callable] = None):
+                 forward_step: Optional[Callable] = None, check_outputs: bool = True):
         self.evaluate = evaluate  # (x, t, step) -> the history entry (x0 or eps)
+        self.check_outputs = check_outputs  # wrappers.check_fresh_output on each new output
         # (i, x_i, history newest first, update) -> x_{i+1} in the forward, in place of the table row's update: the
         # same map in another arithmetic (UniPC's predictor and corrector, as its per-step loop computes them)
         self.forward_step = forward_step
@@ -251,6 +252,7 @@ class _WholeSampler(torch.autograd.Function):
             def row_update(xx, row, hist):
                 return update(xx, row, hist) if native else _update_reference(xx, row[: 1 + len(hist)], hist)
         evaluate, orders, max_order, keep = plan.evaluate, plan.orders, plan.max_order, not plan.checkpoint
+        fresh = plan.check_outputs
         depends = _depends_on_other_leaves
         dev = x_T.device
         rng: List[Any] = [None] * n  # generator states before each evaluation made here (replayed in the backward)
@@ -277,7 +279,8 @@ class _WholeSampler(torch.autograd.Function):
                 val = val.resolve_neg()
             if native:  # one copy here, not one in each update and reverse step that reads it (layout.py)
                 val = in_layout_of(val, x)
-            check_fresh_output(val, history[:p - 1], i)  # this step's update reads them
+            if fresh:  # the backward reads every output: the new one may overlap none of them
+                check_fresh_output(val, outs, i)
             outs.append(val)
             graphs.append((xl, tl, out) if keep and xl is not None else None)
             del out  # with checkpointing its graph must go now, before the next evaluation
@@ -562,7 +565,8 @@ def unipc_forward_step(coef: torch.Tensor, orders: Sequence[int]) -> Callable:
 def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, checkpoint: bool,
                   x_T: torch.Tensor, table: torch.Tensor, tm: torch.Tensor,
                   deferred_checks: Optional[Callable[[], ContextManager]] = None,
-                  first: Optional[torch.Tensor] = None, forward_step: Optional[Callable] = None) -> torch.Tensor:
+                  first: Optional[torch.Tensor] = None, forward_step: Optional[Callable] = None,
+                  check_outputs: bool = True) -> torch.Tensor:
     """Run the multistep loop as one autograd node (raises ForeignGradients to decline).
 
     ``first``: step 0's output, evaluated by the caller on ``x_T`` and ``tm[0]`` themselves (with its graph,
@@ -584,6 +588,8 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
     network re-evaluations there (checkpointing, a second backward) are read back once, not per step.
     Under forward-mode AD or a torch.func transform (vmap, grad, jvp) the loop runs in plain per-step
     torch ops instead (same values up to rounding, no checkpointing, ``forward_step`` not used).
+    ``check_outputs``: refuse an output in the memory of an earlier one (``wrappers.check_fresh_output``; the
+    solvers pass their model's ``check_output``).
     """
     if not callable(evaluate):
         raise TypeError(f"evaluate must be callable (x, t, step) -> tensor, got {type(evaluate).__name__}")
@@ -607,6 +613,8 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
         steps = getattr(forward_step, "n_steps", None)
         if steps is not None and steps != len(orders):
             raise ValueError(f"forward_step was built for {steps} steps, but orders has {len(orders)}")
+    if not isinstance(check_outputs, bool):
+        raise TypeError(f"check_outputs must be a bool, got {type(check_outputs).__name__}")
     if deferred_checks is not None and not callable(deferred_checks):
         raise TypeError(f"deferred_checks must be a callable returning a context manager, got "
                         f"{type(deferred_checks).__name__}")
@@ -622,7 +630,7 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
         return _solve_per_step(evaluate, orders, max_order, x_T, table, tm, first)
     if first is not None and _depends_on_other_leaves(first, (x_T, tm)):
         raise ForeignGradients()
-    plan = SamplerPlan(evaluate, orders, max_order, checkpoint, deferred_checks, forward_step)
+    plan = SamplerPlan(evaluate, orders, max_order, checkpoint, deferred_checks, forward_step, check_outputs)
     return _WholeSampler.apply(plan, need, x_T, table, tm, first)
 
 

@@ -427,7 +427,7 @@ class LearnedSchedule:
         try:  # what load_schedule checks: a schedule edited in place (a NaN time, nfe) replaced a good file
             validate_schedule_dict({**doc, "checksum": ""}, os.fspath(path))  # the write adds the checksum
         except ScheduleFileError as exc:
-            why = str(exc).split(": ", 1)[-1]
+            why = str(exc).removeprefix(f"schedule file {os.fspath(path)}: ")  # the path may hold ": " itself
             raise ValueError(f"save: this schedule would not load back ({why}); {os.fspath(path)} was not "
                              "written") from None
         atomic_write_json(path, doc)

@@ -398,20 +398,25 @@ class DiffusionModel(torch.nn.Module):
 
 
 def check_fresh_output(entry: torch.Tensor, read: Sequence[torch.Tensor], step: Optional[int] = None) -> None:
-    """ModelOutputError when a network output entering a solver's history lies in the memory of an earlier entry
-    the next update still reads (``read``).
+    """ModelOutputError when a network output entering a solver's history lies in the memory of an earlier output
+    that is still read (``read``): by the next updates and, when gradients are taken, by the backward, which reads
+    every saved output (``outputs_read_later`` says which).
 
     A network that returns one static buffer (CUDA-graph replay, TensorRT or ONNX Runtime IO binding) overwrites
-    the outputs a multistep solver keeps: every history term became the newest output, a silently wrong sample.
-    The overwrite has happened by the time the new output arrives, so it can only be refused.  Any overlap of a dense output is refused, written or not: IO binding writes without
-    bumping torch's version counter (and hands back a new tensor each call), so "not written since" cannot be known;
-    an expanded output (stride 0: a constant broadcast over the batch) is no such buffer and passes.  Byte ranges
-    are compared within one allocation: outputs in separate leading-dimension slots of one tensor are fine.  A
-    pointer comparison per entry; skipped where there is no storage to compare (compiling, torch.func transforms)."""
+    the outputs a multistep solver keeps: every history term became the newest output, a silently wrong sample (or
+    gradient).  The overwrite has happened by the time the new output arrives, so it can only be refused.  Any
+    overlap is refused, written or not: IO binding writes without bumping torch's version counter (and hands back a
+    new tensor each call), so "not written since" cannot be known.  Exempt: an expanded output (a stride-0 dimension
+    of size > 1: a constant broadcast over the batch), which no runtime writes into.  Byte ranges are compared
+    within one allocation: outputs in separate leading-dimension slots of one tensor are fine, and a strided view
+    (``out[:, :C]`` of a static buffer) is compared by the span of its elements.  A pointer comparison per entry;
+    skipped where there is no storage to compare (compiling, torch.func transforms).  Solvers skip it for a model
+    wrapped with ``check_output=False`` (a network returning one constant tensor at batch size 1 is dense and
+    overlaps itself: nothing tells it from a static buffer)."""
     if _compiling() or not read:
         return
     try:
-        if not non_overlapping_and_dense(entry):
+        if any(st == 0 and n > 1 for n, st in zip(entry.shape, entry.stride())):
             return  # an expanded (broadcast) output, e.g. a constant: no runtime writes its outputs into one
         ptr = entry.untyped_storage().data_ptr()
         same = [h for h in read if h.untyped_storage().data_ptr() == ptr] if ptr else []
@@ -425,7 +430,14 @@ def check_fresh_output(entry: torch.Tensor, read: Sequence[torch.Tensor], step: 
         where = f" at step {step}" if step is not None else ""
         raise ModelOutputError(f"model returned{where} a tensor in the memory of an earlier output, which the solver "
                                "still reads (a static output buffer: CUDA-graph replay, TensorRT/ONNX Runtime IO "
-                               "binding): return a copy (out.clone())")
+                               "binding): return a copy (out.clone()); a network that returns one constant tensor "
+                               "on purpose can be wrapped with check_output=False")
+
+
+def outputs_read_later(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> bool:
+    """Will a backward read this solve's network outputs (so a later output may overlap none of them)?  When
+    gradients are recorded and the state, the coefficient table or the output requires grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or table.requires_grad or out.requires_grad)
 
 
 def _byte_span(t: torch.Tensor) -> Tuple[int, int]:

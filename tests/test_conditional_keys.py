@@ -55,6 +55,37 @@ def test_a_resume_with_another_uncond_is_refused(tmp_path):
     ld3_ext.LD3Trainer(model, uncond=torch.tensor([5]), **common).fit(noise, target, cond=cond)
 
 
+def test_a_guided_checkpoint_from_before_the_uncond_digest_resumes_with_a_warning(tmp_path, monkeypatch):
+    """Checkpoints written before uncond_sha256 was recorded were refused as another run ("differs in:
+    uncond_sha256") even with the same uncond (diff review): they resume, with a warning that it is unchecked."""
+    s = ld3_ext.VPLinear()
+    model = ld3_ext.wrap_model(_ClassNet(), s, cond_key="y", guidance_scale=3.0)
+    g = torch.Generator().manual_seed(0)
+    noise, target = torch.randn(10, 3, 4, 4, generator=g), torch.randn(10, 3, 4, 4, generator=g) * 0.5
+    cond = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
+    common = dict(solver=ld3_ext.DPMSolverPP(order=2), nfe=3, sample_shape=(3, 4, 4), n_train=6, n_valid=4,
+                  time_mode="time", init="time_uniform", rounds_v1=1, rounds_v2=1, progress=False,
+                  checkpoint_dir=str(tmp_path))
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer, info):
+        if info.get("round", 0) >= 2:
+            raise Stop
+    new_settings = ld3_ext.LD3Trainer.settings
+    with monkeypatch.context() as m:  # the older writer: no digest in its settings
+        m.setattr(ld3_ext.LD3Trainer, "settings",
+                  lambda self, *a, **k: {k2: v for k2, v in new_settings(self, *a, **k).items() if k2 != "uncond_sha256"})
+        with pytest.raises(Stop):
+            ld3_ext.LD3Trainer(model, uncond=torch.tensor([5]), callback=stop, **common).fit(noise, target, cond=cond)
+    rounds = []
+    with pytest.warns(UserWarning, match="records no digest of uncond"):
+        ld3_ext.LD3Trainer(model, uncond=torch.tensor([5]), callback=lambda tr, info: rounds.append(info.get("round")),
+                           **common).fit(noise, target, cond=cond)
+    assert rounds and min(r for r in rounds if r is not None) >= 2  # resumed after round 1, not started over
+
+
 def test_guided_condition_batches():
     s = ld3_ext.VPLinear()
     model = ld3_ext.wrap_model(_ClassNet(), s, cond_key="y", guidance_scale=2.0)

@@ -405,3 +405,16 @@ def test_save_refuses_what_load_would_refuse_and_keeps_the_file(tmp_path, edit, 
         loaded.save(str(path))
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]  # no temp file left
+
+
+def test_save_refusal_names_the_reason_whole_when_the_path_holds_a_colon(tmp_path):
+    """The reason was cut at the first ": " of the message, which the path may hold (diff review: "(1.json: nfe=99
+    does not match ...)" for "run: 1.json")."""
+    s = _sched(EDM(), n=5)
+    s.nfe = 99
+    path = tmp_path / "run: 1.json"
+    with pytest.raises(ValueError) as info:
+        s.save(str(path))
+    msg = str(info.value)
+    assert msg.startswith("save: this schedule would not load back (nfe=99") and "1.json:" not in msg, msg
+    assert not path.exists()

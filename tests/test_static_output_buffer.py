@@ -3,7 +3,8 @@ outputs a multistep solver keeps: every history term became the newest output an
 (fuzz audit: 0.32 off for DPM-Solver++(3), 19.9 for iPNDM(4), 114 for Heun).  It is now a ModelOutputError that
 says to return a copy: any output overlapping memory of an earlier output the next update reads, whether torch saw
 the write or not (IO binding writes behind torch's version counter).  Outputs in separate slots of one tensor, and
-order-1 solvers, which read no earlier output, still run."""
+order-1 solvers without gradients, which read no earlier output, still run; with gradients the backward reads every
+saved output, so any overlap is refused there (an order-1 solve's time gradient was 0.106 off, diff review)."""
 import pytest
 import torch
 
@@ -87,6 +88,79 @@ def test_order_1_solvers_read_no_earlier_output_and_take_a_static_buffer(pred, s
     else:  # the same buffer under a solver that reads it: refused
         with pytest.raises(ModelOutputError, match="memory of an earlier output"):
             solver.sample(ld3_ext.wrap_model(_static(_net), s, prediction=pred), x, t)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("solver", [ld3_ext.Euler(), ld3_ext.DPMSolverPP(1)], ids=lambda v: v.name)
+def test_order_1_solvers_with_time_gradients_refuse_a_static_buffer(solver, backend):
+    """The backward reads every saved output (dL/db = <lambda, m>): a buffer overwritten behind torch's back
+    made the time gradient silently wrong while the sample was right."""
+    s, x, t = _case()
+    solver.backend = backend
+    with pytest.raises(ModelOutputError, match=r"memory of an earlier output.*clone"):
+        solver.sample(ld3_ext.wrap_model(_io_bound(_net), s, prediction="x0"), x, t.clone().requires_grad_())
+    tt = t.clone().requires_grad_()  # fresh outputs: the same solve differentiates
+    solver.sample(ld3_ext.wrap_model(_net, s, prediction="x0"), x, tt).sum().backward()
+    assert torch.isfinite(tt.grad).all() and tt.grad.abs().max() > 0
+
+
+def _static_view(net):
+    """A static [B, 2C, ...] buffer (eps and a learned variance) whose first C channels are returned: a strided,
+    non-dense view, as from_diffusers hands on for learned-variance networks."""
+    buf = {}
+
+    def fn(x, tt):
+        out = net(x, tt)
+        b = buf.setdefault("b", torch.empty(out.shape[0], 2 * out.shape[1], *out.shape[2:], dtype=out.dtype))
+        with torch.no_grad():
+            b[:, :out.shape[1]].copy_(out)
+            b[:, out.shape[1]:].zero_()
+        return b[:, :out.shape[1]]
+    return fn
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("pred, solver", SOLVERS, ids=lambda v: getattr(v, "name", v))
+def test_a_strided_view_of_a_static_buffer_is_refused(pred, solver, backend):
+    """Non-dense outputs were let through unchecked (meant for expanded constants): iPNDM(4) 24.8 off, Heun 146 on
+    the reference path.  The fused path copies a non-dense output into the state's layout before keeping it (one
+    copy instead of one per update that reads it), so there the view is a fresh entry and samples exactly."""
+    s, x, t = _case()
+    solver.backend = backend
+    with torch.no_grad():
+        if backend == "reference":
+            with pytest.raises(ModelOutputError, match="memory of an earlier output"):
+                solver.sample(ld3_ext.wrap_model(_static_view(_net), s, prediction=pred), x, t)
+        else:
+            got = solver.sample(ld3_ext.wrap_model(_static_view(_net), s, prediction=pred), x, t)
+            want = solver.sample(ld3_ext.wrap_model(_net, s, prediction=pred), x, t)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_a_constant_output_at_batch_size_1_runs_with_check_output_false(backend, grad):
+    """const.expand(1, ...) is dense and overlaps the previous output: nothing tells it from a static buffer, so it
+    is refused by default with a hint, and check_output=False lets it through (an expanded constant at batch > 1,
+    stride 0, always passes)."""
+    s = ld3_ext.EDM()
+    const = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    grid = torch.tensor([80.0, 10.0, 2.0, 0.5, 0.1, 0.002], dtype=torch.float64)
+    x = torch.randn(1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for solver in (ld3_ext.DPMSolverPP(3, backend=backend), ld3_ext.UniPC(3, backend=backend),
+                   ld3_ext.Heun(backend=backend)):
+        with pytest.raises(ModelOutputError, match="check_output=False"):
+            solver.sample(ld3_ext.wrap_model(lambda xx, tt: const.expand(xx.shape[0], 5), s, prediction="x0"), x,
+                          grid.clone().requires_grad_(grad))
+        outs = []
+        for fn, check in ((lambda xx, tt: const.expand(xx.shape[0], 5), False),
+                          (lambda xx, tt: const.expand(xx.shape[0], 5).clone(), True)):
+            tt = grid.clone().requires_grad_(grad)
+            y = solver.sample(ld3_ext.wrap_model(fn, s, prediction="x0", check_output=check), x, tt)
+            outs.append((y.detach(), torch.autograd.grad(y.sum(), tt)[0] if grad else None))
+        torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+        if grad:
+            torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("prediction, solver", [("sample", ld3_ext.DPMSolverPP(3)), ("sample", ld3_ext.UniPC(3)),

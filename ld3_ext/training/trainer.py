@@ -1250,6 +1250,12 @@ class LD3Trainer:
             adopt = theirs["time_mode"]
             mine = {k: v for k, v in mine.items() if k != "time_mode_trial_rounds"}
             mine["time_mode"] = adopt
+        if "uncond_sha256" in mine and "uncond_sha256" not in theirs and "model" in theirs:
+            # a guided checkpoint written before the uncond's digest was recorded: it cannot be checked, so it is
+            # resumed (as it was then) with a word, not refused as another run
+            mine = {k: v for k, v in mine.items() if k != "uncond_sha256"}
+            warnings.warn(f"{path} records no digest of uncond (written by an older ld3_ext): resuming it, assuming "
+                          "the same unconditional input as this run's")
         if canonical_json(theirs) != canonical_json(mine):
             diff = [k for k in sorted(set(mine) | set(theirs)) if canonical_json(mine.get(k)) != canonical_json(theirs.get(k))]
             hint = ""
