@@ -326,7 +326,9 @@ def to_denoiser(model: DiffusionModel) -> Callable:
             raise ValueError("sigma must hold one sigma per sample (shape [B]) or one for all, got an empty tensor")
         if sig.is_complex() or sig.dtype == torch.bool:
             raise TypeError(f"sigma must be real numbers, got {sig.dtype}")
-        sig = _snap_to_range(sig, lo_s, hi_s)
+        # a half state's sampler grid is rounded in half, whatever dtype sigma then arrives in (ld3_ext.sample
+        # hands a float32 image of it): its round-off counts too
+        sig = _snap_to_range(sig, lo_s, hi_s, eps=max(_eps_of(sig), _eps_of(x)))
         # the checks read values back: not while tracing/capturing, nor from a vmapped sigma
         if not (_compiling() or _capturing() or _vmapped(sig)):
             _check_denoiser_sigma(s, sig)

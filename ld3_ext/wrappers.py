@@ -54,6 +54,7 @@ class ModelOutputError(RuntimeError):
 # per thread, {id(model): on}: DiffusionModel.output_checks' overrides of check_output (a module-level
 # thread-local, not an attribute: a model stays copyable and picklable)
 _CHECK_OVERRIDES = threading.local()
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class DiffusionModel(torch.nn.Module):
@@ -69,7 +70,9 @@ class DiffusionModel(torch.nn.Module):
         denoiser ``fn(x_scaled, sigma) -> x0`` working in the variance-exploding view x/alpha).
     time_input : how t is fed to ``fn``: "t" (schedule time), "sigma" (sigma/alpha), "index"
         (VPDiscrete's 0..N-1 training index, as a float), "edm_noise" (EDM's c_noise = log(sigma)/4),
-        or a callable ``t -> time``.  Default: "sigma" for "edm", "index" for VPDiscrete, else "t".
+        or a callable ``t -> time``.  Default: "sigma" for "edm", "index" for VPDiscrete, else "t".  The network
+        gets its time in x's dtype, but never below float32 (a half time moves SD's index 999 to 1000); a callable
+        that returns a float16/bfloat16 time asks for it (a half network with a time-embedding layer) and gets it.
     guidance_scale : classifier-free guidance scale; when set, ``cond``/``uncond`` kwarg names are
         batched into one call as [uncond; cond] (tensors of the same shape, dicts of them per key, or
         lists/tuples concatenated) and the outputs combined as u + s (c - u).  Every other model kwarg goes
@@ -213,7 +216,8 @@ class DiffusionModel(torch.nn.Module):
         # the network reads time in x's dtype, but never below float32: a float16/bfloat16 time would move
         # SD's index 999 to 1000 (bfloat16 has 8 bits of mantissa); diffusers passes float32 times too
         tdt = _opmath(x.dtype)
-        if tt.dtype != tdt:  # skip no-op conversions: each is a dispatcher call (and a graph node)
+        if tt.dtype != tdt and not (callable(self.time_input) and tt.dtype in _HALF):
+            # skip no-op conversions: each is a dispatcher call (and a graph node); a callable's half time is asked for
             tt = tt.to(tdt)
         if tt.numel() == 1:
             tt = (tt if tt.dim() == 0 else tt.reshape(())).expand(b)
@@ -310,6 +314,11 @@ class DiffusionModel(torch.nn.Module):
             t = t.reshape(())
         if not t.is_floating_point():  # an integer time: the schedules' knot tables would be cast to integers
             t = t.to(torch.float64 if x.dtype != torch.float32 else x.dtype)
+        if t.dtype in _HALF:
+            # converted in float64: in half, SD's model_index(t) read 1000 for 999 and alpha(0.5) was 0.08 % off (the
+            # solvers' coefficients use float64 of the same value, so the two disagreed); and an end rounded past
+            # the range (bfloat16 makes FlowMatching's t_max 0.999 a 1.0, where alpha = 0: x0 was inf) is that end
+            t = half_time_on_range(self.schedule, t)
         if t.is_floating_point() and t.dtype != x.dtype:
             # the time -> alpha/sigma/network-time conversions must be at least as precise as x:
             # a float32 time grid with a float64 state is evaluated in float64 (not rounded to float32)
@@ -393,8 +402,22 @@ class DiffusionModel(torch.nn.Module):
         # with check_output=False)
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= 1 \
                 and (t.device.type == "cpu" or self._checks_on()) and not (_compiling() or _capturing() or _vmapped(t)):
-            _check_call_time(self.schedule, t)
+            _check_call_time(self.schedule, t)  # a half t an ulp past an end passes: predict puts it on that end
         return self.x0(x, t, **kw)
+
+
+def half_time_on_range(schedule: NoiseSchedule, t):
+    """A float16/bfloat16 time (or grid) in float64, with values rounded past the schedule's range by up to the half
+    dtype's round-off put on that end (tensor ops: no read-back; gradients flow to the other entries); anything else
+    as it is.  FlowMatching's t_max 0.999 is 1.0 in bfloat16 (alpha = 0 there), VPCosine's 0.9946 is 0.99609375:
+    a solver refused such grids, and predict() evaluated x0 = inf."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in _HALF or not isinstance(schedule, NoiseSchedule):
+        return t
+    lo, hi = schedule.t_min, schedule.t_max
+    tol = torch.finfo(t.dtype).eps * max(abs(lo), abs(hi), 1.0)
+    t = t.to(torch.float64)
+    t = torch.where((t > hi) & (t <= hi + tol), torch.full_like(t, hi), t)
+    return torch.where((t < lo) & (t >= lo - tol), torch.full_like(t, lo), t)
 
 
 def check_fresh_output(entry: torch.Tensor, read: Sequence[torch.Tensor], step: Optional[int] = None) -> None:

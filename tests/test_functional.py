@@ -442,7 +442,9 @@ def test_to_denoiser_refuses_sigma_outside_the_schedule():
 def test_to_denoiser_takes_the_range_ends_rounded_to_a_half_state(dtype):
     """k-diffusion passes sigma * ones in x's dtype: SD's sigma_max 14.6146 arrives as 14.617 (float16) or 14.625
     (bfloat16), past the range by the dtype's round-off only.  It is the range's end (it was refused, so a half
-    state could not start from the model's own sigma_max); a float64 14.625, or past the round-off, still is not."""
+    state could not start from the model's own sigma_max), also when it arrives in a wider dtype with a half state
+    (ld3_ext.sample hands a float32 image of its half grid: refused before, half-precision audit); with a float32
+    state a float64 14.625, or anything past the half round-off, is not."""
     model, sched, calls = _sd_model()
     d = F.to_denoiser(model)
     lo, hi = sched.edm_sigma(torch.tensor([sched.t_min, sched.t_max], dtype=torch.float64)).tolist()
@@ -453,10 +455,11 @@ def test_to_denoiser_takes_the_range_ends_rounded_to_a_half_state(dtype):
     assert calls[-1] == pytest.approx(999.0, abs=1e-9)  # evaluated at the end, not past it
     assert d(x, torch.full((2,), lo).to(dtype)).dtype == dtype  # the low end (rounded either way)
     assert 0.0 <= calls[-1] < 0.01
-    for bad in (torch.full((2,), float(torch.tensor(hi).to(dtype)), dtype=torch.float64),
-                torch.full((2,), hi * 1.01).to(dtype)):
+    wide = torch.full((2,), float(torch.tensor(hi).to(dtype)), dtype=torch.float64)
+    assert d(x, wide).dtype == dtype and calls[-1] == pytest.approx(999.0, abs=1e-9)
+    for xx, bad in ((x.float(), wide), (x, torch.full((2,), hi * 1.01).to(dtype))):
         with pytest.raises(ValueError, match="sigma must lie"):
-            d(x, bad)
+            d(xx, bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -17,8 +17,8 @@ from ..coefficients import SolverSpec, step_orders
 from ..layout import in_layout_of
 from ..ops import _layout_text, _vmapped
 from ..schedules import NoiseSchedule
-from ..wrappers import (DiffusionModel, _capturing, _compiling, check_fresh_output, outputs_read_later,
-                        require_diffusion_model)
+from ..wrappers import (DiffusionModel, _capturing, _compiling, check_fresh_output, half_time_on_range,
+                        outputs_read_later, require_diffusion_model)
 
 
 def _fail(name: str, msg: str):
@@ -311,6 +311,7 @@ class Solver:
         # value checks read tensors back to the host: not traceable, and not allowed while a CUDA graph is
         # being captured -- only the type/shape/dtype/device checks run then
         values = not (compiling or _capturing())
+        timesteps = half_time_on_range(schedule, timesteps)
         validate_timesteps(schedule, timesteps, x_T, values=values, spec=self.spec())
         # a NaN/Inf start would surface as "model returned NaN/Inf at step 0" (blaming the network) or, for a
         # network that ignores it, as a silently NaN sample.  Not for a vmapped x_T: it cannot be read back
@@ -322,6 +323,7 @@ class Solver:
         if model_timesteps is None:
             model_timesteps = timesteps
         else:
+            model_timesteps = half_time_on_range(schedule, model_timesteps)
             validate_model_timesteps(schedule, model_timesteps, timesteps, values=values)
         if x_T.is_cuda and not compiling:
             # the output checks read back once, after the last step (not at all during capture): no step
