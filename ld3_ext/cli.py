@@ -1162,6 +1162,15 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _several_ranks() -> bool:
+    """WORLD_SIZE > 1: a distributed launch.  A RANK alone (a job system's own variable) is no launch: the command
+    runs (it exited 0 having done nothing, diff review)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import signal
     import threading
@@ -1205,7 +1214,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
                 raise UsageError(f"{flag} was given an empty value")
         if out and os.path.exists(out) and not os.path.isdir(out):
             raise UsageError(f"--out {out!r} exists and is not a directory")
-        if args.cmd not in ("teacher", "train") and os.environ.get("RANK", "0") not in ("", "0"):
+        if args.cmd not in ("teacher", "train") and os.environ.get("RANK", "0") not in ("", "0") \
+                and _several_ranks():
             # under torchrun every rank did the whole command and wrote the same files (distributed audit); rank 0
             # runs it (also a rank-0-only call from a user's distributed script)
             print(f"{prog}: rank {os.environ['RANK']}: only teacher and train use several ranks; rank 0 runs this "

@@ -403,6 +403,8 @@ class DiffusionModel(torch.nn.Module):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= 1 \
                 and (t.device.type == "cpu" or self._checks_on()) and not (_compiling() or _capturing() or _vmapped(t)):
             _check_call_time(self.schedule, t)  # a half t an ulp past an end passes: predict puts it on that end
+        elif isinstance(t, (int, float)) and not isinstance(t, bool):  # the same check for a plain number (it was
+            _check_call_time(self.schedule, torch.tensor(float(t), dtype=torch.float64))  # let through, diff review)
         return self.x0(x, t, **kw)
 
 

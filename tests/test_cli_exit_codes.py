@@ -266,3 +266,17 @@ def test_commands_other_than_teacher_and_train_run_on_rank_0_only(cmd, tmp_path,
     monkeypatch.setenv("RANK", "0")
     if cmd == "info":
         assert _exit_status(argv) == 0 and "rank 0 runs" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world", [None, "1", "x"])
+def test_a_rank_without_a_distributed_launch_runs_the_command(world, capsys, monkeypatch):
+    """RANK set by a job system without WORLD_SIZE > 1 is no torchrun launch: the command ran nothing and exited 0
+    (diff review); it runs."""
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "3")
+    assert _exit_status(["info"]) == 0
+    captured = capsys.readouterr()
+    assert "rank 0 runs" not in captured.err and captured.out.strip()

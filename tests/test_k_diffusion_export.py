@@ -103,6 +103,17 @@ def test_a_diffusion_model_handed_to_a_k_diffusion_sampler_is_refused_with_the_w
         model(x, torch.tensor(float("nan")))
 
 
+def test_the_module_call_checks_a_plain_number_time_as_a_tensor_one():
+    """model(x, 0.0) below VPLinear's t_min was let through while model(x, torch.tensor(0.0)) was refused."""
+    s = ld3_ext.VPLinear()
+    model = ld3_ext.wrap_model(lambda x, t: torch.tanh(x) * 0.1, s, prediction="eps")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for bad in (0.0, 0, 5.0, float("nan")):
+        with pytest.raises(ValueError, match="is outside the schedule's times"):
+            model(x, bad)
+    torch.testing.assert_close(model(x, 0.5), model(x, torch.tensor(0.5, dtype=torch.float64)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("call", ["solver", "trainer", "teacher", "to_denoiser"])
 def test_a_plain_network_is_named_with_the_prediction_a_denoiser_takes(call, tmp_path):
     net = _ConvDenoiser()
