@@ -389,7 +389,8 @@ class LearnedSchedule:
 
     # --- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        """A deep copy: editing it (``d["solver"]["order"] = 3``) changed how this schedule samples."""
+        return copy.deepcopy({
             **self.extra,
             "format": FORMAT, "version": VERSION,
             "timesteps": self.timesteps.tolist(), "model_timesteps": self.model_timesteps.tolist(),
@@ -397,7 +398,7 @@ class LearnedSchedule:
             "schedule": self.schedule_config, "guidance_scale": self.guidance_scale, "model": self.model,
             "time_mode": self.time_mode, "decoupled": self.decoupled, "training": self.training,
             "metrics": self.metrics, "library_version": self.library_version, "created": self.created,
-        }
+        })
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], _checked: bool = False) -> "LearnedSchedule":

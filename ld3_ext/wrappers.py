@@ -30,13 +30,20 @@ def _compiling() -> bool:
 
 
 def _map_tensors(value, fn):
-    """``fn`` on every tensor in ``value`` (tensors, and lists, tuples and dicts of them); the rest as it is."""
+    """``fn`` on every tensor in ``value`` (tensors, and lists, tuples and dicts of them, rebuilt as their own type:
+    a namedtuple from its fields, an OrderedDict as one); the rest as it is."""
     if isinstance(value, torch.Tensor):
         return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple: type(value)(generator) failed
+        return type(value)(*(_map_tensors(v, fn) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(_map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
+        items = [(k, _map_tensors(v, fn)) for k, v in value.items()]
+        try:
+            return type(value)(items)
+        except TypeError:  # a dict subclass that takes no pairs (defaultdict's factory first): a plain dict
+            return dict(items)
     return value
 
 
@@ -276,8 +283,10 @@ class DiffusionModel(torch.nn.Module):
     def _apply(self, fn, *args, **kwargs):
         """.to()/.cuda()/.half() reach the tensors in ``model_kwargs`` too (a prompt's embeddings, an uncond), as
         they reach the network's buffers: left behind, every call on the GPU failed on a device mismatch."""
+        # the kwargs first: a failure there leaves nothing converted (the weights were, and the kwargs not)
+        kwargs_after = {k: _map_tensors(v, fn) for k, v in self.model_kwargs.items()}
         out = super()._apply(fn, *args, **kwargs)
-        self.model_kwargs = {k: _map_tensors(v, fn) for k, v in self.model_kwargs.items()}
+        self.model_kwargs = kwargs_after
         return out
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, step: Optional[int] = None, returns: str = "both",

@@ -284,7 +284,13 @@ class Solver:
         return {"name": self.name, "order": self.order}
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        # config() is the solver's math (what schedule files record); how it runs shows where not the default
+        settings = {k: v for k, v in self.config().items() if k != "name"}
+        if self.backend != "auto":
+            settings["backend"] = self.backend
+        if self.checkpoint_model:
+            settings["checkpoint_model"] = True
+        args = ", ".join(f"{k}={v!r}" for k, v in settings.items())
         return f"{type(self).__name__}({args})"
 
     # --- sampling ----------------------------------------------------------------------------
