@@ -20,6 +20,22 @@ from .schedules import NoiseSchedule, _num
 from .wrappers import DiffusionModel, wrap_model
 
 
+class _ExactX0:
+    """``GaussianMixture.model``'s network: the exact denoiser at time t.  A class, not a closure, so the model
+    pickles (spawn workers, torch.save; serialization audit)."""
+
+    def __init__(self, mixture: "GaussianMixture", schedule: NoiseSchedule, float64: bool):
+        self.mixture, self.schedule, self.float64 = mixture, schedule, float64
+        self.__name__ = f"exact_{mixture.name}"
+
+    def __call__(self, x, t):
+        t0, s = t.reshape(-1)[0], self.schedule
+        if self.float64:
+            t0 = t0.double()
+            return self.mixture.denoise(x.double(), s.alpha(t0), s.sigma(t0)).to(x.dtype)
+        return self.mixture.denoise(x, s.alpha(t0).to(x.dtype), s.sigma(t0).to(x.dtype))
+
+
 class GaussianMixture:
     """sum_k weights_k N(means_k, diag(stds_k^2)) over R^d; samples may carry any event shape."""
 
@@ -107,14 +123,8 @@ class GaussianMixture:
         It computes in x's dtype (float32 for float16/bfloat16); ``float64=True`` computes in float64 and rounds the
         result to x's dtype
         (a perfect network with low-precision output: what is left of an error is the solver's)."""
-        def exact_x0(x, t):
-            t0 = t.reshape(-1)[0]
-            if float64:
-                t0 = t0.double()
-                return self.denoise(x.double(), schedule.alpha(t0), schedule.sigma(t0)).to(x.dtype)
-            return self.denoise(x, schedule.alpha(t0).to(x.dtype), schedule.sigma(t0).to(x.dtype))
-        exact_x0.__name__ = f"exact_{self.name}"
-        model = wrap_model(exact_x0, schedule, prediction="x0", time_input="t", name=f"gmm:{self.name}")
+        model = wrap_model(_ExactX0(self, schedule, float64), schedule, prediction="x0", time_input="t",
+                           name=f"gmm:{self.name}")
         model.testbed = self  # exact teacher (reference_solution) and float64 default for trainers
         return model
 

@@ -65,3 +65,20 @@ def test_a_solver_repr_shows_its_non_default_settings_and_evaluates_back(solver)
     assert ("checkpoint_model=True" in text) == solver.checkpoint_model
     again = eval(text, {k: getattr(ld3_ext, k) for k in ("DPMSolverPP", "UniPC", "Heun", "Euler")})
     assert again.__dict__ == solver.__dict__ and repr(again) == text
+
+
+@pytest.mark.parametrize("float64", [False, True])
+def test_a_test_bed_model_pickles_and_samples_the_same(float64, tmp_path):
+    """Its network was a local closure: pickle (spawn DataLoader workers, torch.save of the model) failed."""
+    mix = ld3_ext.testbeds.ring2d()
+    s = ld3_ext.VPLinear()
+    model = mix.model(s, float64=float64)
+    again = pickle.loads(pickle.dumps(model))
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = mix.prior_noise(s, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    grid = discretizations.logsnr_uniform(s, 5)
+    want = ld3_ext.DPMSolverPP(3).sample(model, x, grid)
+    for m in (again, loaded):
+        assert m.testbed.parameters_sha256() == mix.parameters_sha256() and m.name == model.name
+        torch.testing.assert_close(ld3_ext.DPMSolverPP(3).sample(m, x, grid), want, rtol=0, atol=0)
