@@ -134,9 +134,7 @@ class DiffusionModel(torch.nn.Module):
         self.backend = backend
         self._fused_conversion = resolve_backend(backend) == "fused"
         guidance_scale = guidance("guidance_scale", guidance_scale)  # True is no scale of 1.0, "7.5" no number
-        self.fn = fn
-        if isinstance(fn, torch.nn.Module):
-            self.net = fn  # registered so .to()/.eval() reach it
+        self.fn = fn  # a module is registered as ``net`` (__setattr__): .to()/.eval()/state_dict reach it once
         self.schedule = schedule
         self.prediction = prediction
         self.time_input = time_input
@@ -266,6 +264,48 @@ class DiffusionModel(torch.nn.Module):
                                    f"expected a batch of {2 * b} ([uncond; cond], each of the input's batch {b})")
         out_u, out_c = out.chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
+
+    # --- the wrapped network: a module is the registered child ``net``, once -------------------------------------
+    # It was registered as ``fn`` and ``net``: every weight sat in state_dict twice (an edit to fn.* was overwritten
+    # by net.* on load, safetensors refused the shared tensors, repr printed the network twice; serialization
+    # audit).  State dicts and pickles of that layout still load; weights hashes keep it (``legacy_state_dict``).
+    @property
+    def fn(self) -> Callable:
+        """The wrapped network (a module is ``self.net``)."""
+        f = self.__dict__.get("_fn")
+        return self._modules["net"] if f is None and "net" in self._modules else f
+
+    def __setattr__(self, name, value):
+        if name == "fn":
+            if isinstance(value, torch.nn.Module):
+                self.__dict__["_fn"] = None
+                super().__setattr__("net", value)
+            else:
+                self.__dict__["_fn"] = value
+            return
+        super().__setattr__(name, value)
+
+    def _network_is_net(self) -> bool:
+        return self.__dict__.get("_fn") is None and "net" in self._modules
+
+    def __setstate__(self, state):
+        modules = state.get("_modules") or {}
+        if "fn" in modules and modules.get("net") is modules["fn"]:  # pickled by an older ld3_ext
+            del modules["fn"]
+            state["_fn"] = None
+        elif "_fn" not in state:  # an older pickle of a plain callable: stored as the attribute fn
+            state["_fn"] = state.pop("fn", None)
+        super().__setstate__(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state dict of the older layout holds the network under fn. too: net.'s entries are the ones loaded (as
+        # they were then: loaded last), fn.'s alone stand in for them
+        if self._network_is_net():
+            old = prefix + "fn."
+            for k in [k for k in state_dict if k.startswith(old)]:
+                v = state_dict.pop(k)
+                state_dict.setdefault(prefix + "net." + k[len(old):], v)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         """What a user checks first: the schedule, the prediction type and how time reaches the network."""
@@ -415,6 +455,28 @@ class DiffusionModel(torch.nn.Module):
         elif isinstance(t, (int, float)) and not isinstance(t, bool):  # the same check for a plain number (it was
             _check_call_time(self.schedule, torch.tensor(float(t), dtype=torch.float64))  # let through, diff review)
         return self.x0(x, t, **kw)
+
+
+def legacy_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """``module.state_dict()`` in the layout of ld3_ext before a DiffusionModel registered its network once: the
+    network of every DiffusionModel inside under ``fn.`` as well as ``net.`` (first), in state_dict's order.  The
+    weights hashes that key teacher caches, training checkpoints and schedule files are computed over it, so those
+    written before stay valid.  (Built from each module's own ``_save_to_state_dict``: state-dict hooks are not
+    run; a tree without a DiffusionModel network is its plain state_dict.)"""
+    if not any(isinstance(m, DiffusionModel) and m._network_is_net() for m in module.modules()):
+        return module.state_dict()
+    out: Dict[str, torch.Tensor] = {}
+
+    def walk(m: torch.nn.Module, prefix: str) -> None:
+        m._save_to_state_dict(out, prefix, False)
+        children = list(m._modules.items())
+        if isinstance(m, DiffusionModel) and m._network_is_net():
+            children.insert(0, ("fn", m._modules["net"]))
+        for name, child in children:
+            if child is not None:
+                walk(child, prefix + name + ".")
+    walk(module, "")
+    return out
 
 
 def half_time_on_range(schedule: NoiseSchedule, t):

@@ -82,3 +82,84 @@ def test_a_test_bed_model_pickles_and_samples_the_same(float64, tmp_path):
     for m in (again, loaded):
         assert m.testbed.parameters_sha256() == mix.parameters_sha256() and m.name == model.name
         torch.testing.assert_close(ld3_ext.DPMSolverPP(3).sample(m, x, grid), want, rtol=0, atol=0)
+
+
+def _legacy_copy(model):
+    """The module tree as older ld3_ext built it: every DiffusionModel's network registered as fn and net."""
+    import copy
+    old = copy.deepcopy(model)
+    for m in old.modules():
+        if isinstance(m, ld3_ext.DiffusionModel) and m._network_is_net():
+            m._modules = collections.OrderedDict([("fn", m._modules["net"]), *m._modules.items()])
+    return old
+
+
+def test_a_wrapped_network_is_in_the_state_dict_once():
+    """It was registered as fn and net: every weight twice in state_dict (an edit to fn.* was silently overwritten
+    by net.* on load, safetensors refused the shared tensors, repr printed the network twice)."""
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    m = ld3_ext.wrap_model(torch.nn.Linear(4, 4), ld3_ext.EDM(), prediction="edm")
+    sd = m.state_dict()
+    assert list(sd) == ["net.weight", "net.bias"] and m.fn is m.net
+    assert repr(m).count("Linear(") == 1
+    import tempfile
+    import os
+    with tempfile.TemporaryDirectory() as d:
+        save_file(sd, os.path.join(d, "m.safetensors"))
+        back = load_file(os.path.join(d, "m.safetensors"))
+    m2 = ld3_ext.wrap_model(torch.nn.Linear(4, 4), ld3_ext.EDM(), prediction="edm")
+    m2.load_state_dict(back)
+    assert torch.equal(m2.net.weight, m.net.weight)
+    # a state dict of the older layout loads (strict): net.'s entries win, as they did; fn.'s alone stand in
+    legacy = _legacy_copy(m).state_dict()
+    assert sorted(legacy) == ["fn.bias", "fn.weight", "net.bias", "net.weight"]
+    m3 = ld3_ext.wrap_model(torch.nn.Linear(4, 4), ld3_ext.EDM(), prediction="edm")
+    m3.load_state_dict(legacy)
+    assert torch.equal(m3.net.weight, m.net.weight)
+    m4 = ld3_ext.wrap_model(torch.nn.Linear(4, 4), ld3_ext.EDM(), prediction="edm")
+    m4.load_state_dict({k.replace("net.", "fn."): v for k, v in sd.items()})
+    assert torch.equal(m4.net.bias, m.net.bias)
+    # a plain callable stays fn, and assigning one replaces it
+    f = ld3_ext.wrap_model(lambda x, t: x, ld3_ext.EDM(), prediction="edm")
+    assert not list(f.state_dict()) and f.fn(3, 0) == 3
+    f.fn = lambda x, t: 2 * x
+    assert f.fn(3, 0) == 6
+
+
+def test_weights_hashes_keep_the_layout_they_were_made_over():
+    """Teacher caches, checkpoints and schedule files are keyed by weights hashes made over the older layout: the
+    same numbers (the digits model's as recorded before the change), so none of them is refused."""
+    from ld3_ext.functional import _VEModel
+    from ld3_ext.models import load_model
+    from ld3_ext.training.callable_identity import _module_weights
+    from ld3_ext.training.teacher import state_dict_hash
+    digits, _ = load_model("digits")
+    assert state_dict_hash(digits) == "d56a1a2cab81e2ce83efb715794d23eb20facaec7dd29776d2b07423da117261"
+    assert _module_weights(digits) == "2705e6a078fbf6fc"
+    torch.manual_seed(0)
+    w = ld3_ext.wrap_model(torch.nn.Linear(3, 3), ld3_ext.EDM(), prediction="edm")
+    for model in (digits, w, _VEModel(w, ld3_ext.EDM())):
+        old = _legacy_copy(model)
+        from ld3_ext.atomic_io import tensors_sha256
+        assert state_dict_hash(model) == tensors_sha256(old.state_dict())
+        import hashlib
+        h = hashlib.sha256()
+        for k, v in old.state_dict().items():
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{k}:{t.dtype}:{tuple(v.shape)}:".encode() + t.view(torch.uint8).numpy().tobytes())
+        assert _module_weights(model) == h.hexdigest()[:16]
+
+
+def test_an_older_pickle_of_a_wrapped_model_loads_with_one_registration(tmp_path):
+    torch.manual_seed(0)
+    m = ld3_ext.wrap_model(torch.nn.Linear(4, 4), ld3_ext.EDM(), prediction="edm")
+    old = _legacy_copy(m)
+    old.__dict__.pop("_fn")
+    again = pickle.loads(pickle.dumps(old))
+    assert list(again.state_dict()) == ["net.weight", "net.bias"] and again.fn is again.net
+    plain = ld3_ext.wrap_model(lambda x, t: x, ld3_ext.EDM(), prediction="edm")
+    plain.__dict__["fn"] = plain.__dict__.pop("_fn")  # an older pickle of a plain callable: the attribute fn
+    fresh = ld3_ext.DiffusionModel.__new__(ld3_ext.DiffusionModel)
+    fresh.__setstate__(dict(plain.__dict__))
+    assert fresh.fn is plain.__dict__["fn"] and fresh.fn(3, 0) == 3

@@ -135,7 +135,8 @@ _visiting = _Visiting()
 def _module_weights(module: torch.nn.Module) -> str:
     """sha256 of a module's state dict (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256()
-    for k, v in module.state_dict().items():
+    from ..wrappers import legacy_state_dict  # the layout fingerprints were first made over (wrappers.py)
+    for k, v in legacy_state_dict(module).items():
         if isinstance(v, torch.Tensor):
             t = v.detach().cpu().contiguous().reshape(-1)
             h.update(f"{k}:{t.dtype}:{tuple(v.shape)}:".encode() + t.view(torch.uint8).numpy().tobytes())

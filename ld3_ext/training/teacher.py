@@ -48,7 +48,7 @@ from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write
 from .._checks import count, flag, seed as check_seed
 from ..schedules import NoiseSchedule
 from ..solvers import Solver, UniPC, as_solver
-from ..wrappers import DiffusionModel, require_diffusion_model
+from ..wrappers import DiffusionModel, legacy_state_dict, require_diffusion_model
 from .callable_identity import describe_callable, unidentified_note
 
 CACHE_FORMAT = "ld3_ext.teacher_cache"
@@ -81,7 +81,8 @@ class TeacherCacheTooLarge(TeacherCacheError):
 # ----------------------------------------------------------------------------------------------
 def state_dict_hash(module: torch.nn.Module) -> Optional[str]:
     """sha256 over the names, dtypes, shapes and bytes of every tensor in ``state_dict`` (None if empty)."""
-    tensors = {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    # the layout these hashes were first computed over (a wrapped network under fn. and net.): they stay valid
+    tensors = {k: v for k, v in legacy_state_dict(module).items() if isinstance(v, torch.Tensor)}
     return tensors_sha256(tensors) if tensors else None
 
 
