@@ -37,6 +37,7 @@ from typing import Any, Callable, ContextManager, List, Optional, Sequence
 import torch
 
 from . import _native
+from .device_constants import tracing
 from .coefficients import MAX_HISTORY
 from .layout import in_layout_of, non_overlapping_and_dense, plain_grad
 from .ops import _opmath, composite_only
@@ -389,7 +390,8 @@ def _differentiable_backward(ctx, grad):
     def evaluate(xx, tt, step):  # the forward's random numbers (dropout), as in the other re-evaluations
         with _replayed_rng(ctx.rng[step], dev):
             return plan.evaluate(xx, tt, step)
-    x = _solve_per_step(evaluate, plan.orders, plan.max_order, *inputs)
+    with (plan.deferred_checks() if plan.deferred_checks is not None else contextlib.nullcontext()):
+        x = _solve_per_step(evaluate, plan.orders, plan.max_order, *inputs)
     wanted = [t for t, need in zip(inputs, needs) if need]
     got = iter(torch.autograd.grad(x, wanted, grad, create_graph=True, allow_unused=True))
     return (None, None) + tuple(next(got) if need else None for need in needs)
@@ -583,9 +585,10 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
 
     ``evaluate(x, t, step)`` returns the history entry of step ``step``; ``orders[i]`` is the number of
     history terms update i combines (1..4); ``table`` is the [N, 2, 5] float64 coefficient table (row
-    [i, 0] = [a, b_0, ...]); ``tm`` holds the N+1 network times.  ``deferred_checks`` (the model's
-    ``deferred_output_checks``; solvers pass it on CUDA) wraps the backward, so the output checks of
-    network re-evaluations there (checkpointing, a second backward) are read back once, not per step.
+    [i, 0] = [a, b_0, ...]); ``tm`` holds the N+1 network times.  ``deferred_checks``, a context factory, wraps
+    the backward's network re-evaluations (checkpointing, a second backward): the solvers pass one that applies
+    the forward thread's ``output_checks`` setting and, on CUDA, ``deferred_output_checks`` (read back once, not per
+    step).
     Under forward-mode AD or a torch.func transform (vmap, grad, jvp) the loop runs in plain per-step
     torch ops instead (same values up to rounding, no checkpointing, ``forward_step`` not used).
     ``check_outputs``: refuse an output in the memory of an earlier one (``wrappers.check_fresh_output``; the
@@ -636,7 +639,7 @@ def whole_sampler(evaluate: Callable, orders: Sequence[int], max_order: int, che
 
 def applicable(x: torch.Tensor, table: torch.Tensor, tm: torch.Tensor) -> bool:
     """Worth taking: gradients are wanted and nothing is being traced."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not torch.is_grad_enabled() or tracing():
         return False
     if not (x.requires_grad or table.requires_grad or tm.requires_grad):
         return False

@@ -20,6 +20,33 @@ def func_transform_active() -> bool:
     return _functorch_depth is not None and _functorch_depth() > 0
 
 
+def tracing() -> bool:
+    """This thread is tracing a graph (torch.compile, torch.export): value checks, read-backs and the native calls
+    a trace cannot take are skipped.
+
+    torch.compiler.is_compiling() alone is a process-wide flag that torch holds for a whole compile session: a
+    torch.compile in one thread turned off the value checks (NaN outputs, grids) and the fused paths of eager code
+    in every other thread (concurrency audit).  It counts only with evidence of a trace in this thread: Dynamo
+    tracing, a compile or tracing context (thread-local), or a fake-tensor or proxy dispatch mode (AOTAutograd,
+    make_fx, non-strict export)."""
+    if not torch.compiler.is_compiling():
+        return False
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    return _this_thread_traces()
+
+
+def _this_thread_traces() -> bool:
+    try:
+        from torch._guards import CompileContext, TracingContext
+        if CompileContext.try_get() is not None or TracingContext.try_get() is not None:
+            return True
+        keys = torch._C._TorchDispatchModeKey
+        return torch._C._get_dispatch_mode(keys.FAKE) is not None or torch._C._get_dispatch_mode(keys.PROXY) is not None
+    except (ImportError, AttributeError):  # a torch without these: the process-wide flag, as before
+        return True
+
+
 def capturing() -> bool:
     """A CUDA graph is being captured on the current stream: nothing may be read back, nor copied from the host."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -27,7 +54,7 @@ def capturing() -> bool:
 
 def plain_context() -> bool:
     """No trace (torch.compile), no torch.func transform: a tensor made now may serve any later call."""
-    return not torch.compiler.is_compiling() and not func_transform_active()
+    return not tracing() and not func_transform_active()
 
 
 def cached_constants(cache: Dict, key: Hashable, device: torch.device, dtype: torch.dtype,
@@ -38,7 +65,7 @@ def cached_constants(cache: Dict, key: Hashable, device: torch.device, dtype: to
     found = cache.get(full_key)
     if found is not None:
         return found
-    if device.type == "cuda" and not torch.compiler.is_compiling() and capturing():
+    if device.type == "cuda" and not tracing() and capturing():
         # the copy from host memory would fail inside the capture with torch's generic "operation not permitted"
         raise RuntimeError(f"ld3_ext: constant tensors (a schedule's, a solver's or a test bed's) are first needed on "
                            f"{device} ({dtype}) inside a CUDA-graph capture, where they cannot be copied to the device: "

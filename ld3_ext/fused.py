@@ -20,6 +20,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from . import _native
+from .device_constants import tracing
 from .coefficients import SOLVER_IDS, TABLE_WIDTH, SolverSpec, coefficient_table_reference
 from .layout import in_layout_of, plain_grad
 from .ops import _opmath, as_history, check_grid, check_table_args, check_update_args as _check_update, \
@@ -176,7 +177,7 @@ def _table_checked(schedule, t64: torch.Tensor, spec: SolverSpec) -> torch.Tenso
     reference table where the schedule has no native form (e.g. ``VPDiscrete``)."""
     if t64.dtype != torch.float64:
         t64 = t64.to(torch.float64)
-    if not torch.compiler.is_compiling() and t64.is_neg():
+    if not tracing() and t64.is_neg():
         # the kernels read raw storage: a lazily negated grid is resolved (a copy), as torch ops do (a trace
         # cannot ask is_neg(); the traced custom op's inputs are functionalised)
         t64 = t64.resolve_neg()
@@ -185,7 +186,7 @@ def _table_checked(schedule, t64: torch.Tensor, spec: SolverSpec) -> torch.Tenso
         return coefficient_table_reference(schedule, t64, spec, validate=False)
     _lib()
     args = _table_args(native, spec)
-    if torch.compiler.is_compiling():
+    if tracing():
         return torch.ops.ld3_ext.coefficient_table(t64, *args)[0]
     if torch.is_grad_enabled() and t64.requires_grad:
         # the same node as _CoefficientTable, built in C++ (python/table_autograd.cpp): cold Python
@@ -203,7 +204,7 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
     history = as_history(history)
     if _C is not None and type(coef) is torch.Tensor and coef.dtype == torch.float64 \
             and type(x) is torch.Tensor and (x.is_cpu or _native.native_runs_on(x.device)) \
-            and getattr(_fwad, "_current_level", -1) < 0 and not torch.compiler.is_compiling():
+            and getattr(_fwad, "_current_level", -1) < 0 and not tracing():
         # the common call: the extension checks every argument itself (TORCH_CHECK); the Python
         # checks below, which cost more than a small update, run only to name a failure precisely
         failure = None
@@ -238,16 +239,16 @@ def multistep_update(x: torch.Tensor, coef: torch.Tensor, history: Sequence[torc
     _lib()
     if out is not None:
         _check_out(x, coef, history, out)
-        if torch.compiler.is_compiling():  # the pybind function cannot be traced: the custom op can
+        if tracing():  # the pybind function cannot be traced: the custom op can
             return out.copy_(torch.ops.ld3_ext.multistep_update(x, coef, history))
         return _C.multistep_update(x, coef, history, out)
-    if torch.compiler.is_compiling():
+    if tracing():
         return torch.ops.ld3_ext.multistep_update(x, coef, history)
     return _update_eager(x, coef, history)
 
 
 def _lazily_negated(x, coef, history) -> bool:
-    if torch.compiler.is_compiling():  # a trace cannot ask is_neg(); the traced custom op's inputs are functionalised
+    if tracing():  # a trace cannot ask is_neg(); the traced custom op's inputs are functionalised
         return False
     return any(isinstance(t, torch.Tensor) and t.is_neg() for t in (x, coef, *history))
 
@@ -271,7 +272,7 @@ def _check_out(x, coef, history, out) -> None:
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError("multistep_update: out must match x in shape, dtype and device")
     # e.g. an expand()ed out: torch's own memory-overlap error names no argument
-    if out.layout == torch.strided and not torch.compiler.is_compiling() and _self_overlapping(out):
+    if out.layout == torch.strided and not tracing() and _self_overlapping(out):
         raise OutOverlapError(f"multistep_update: out has elements that overlap or may overlap (share one memory "
                               f"location: strides {out.stride()} for shape {tuple(out.shape)}, e.g. an expand()ed or "
                               f"as_strided tensor); pass a tensor with distinct elements, e.g. torch.empty_like(x)")

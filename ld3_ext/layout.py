@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .device_constants import tracing
+
 
 def non_overlapping_and_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense in any dimension order, as ATen's ``is_non_overlapping_and_dense``."""
@@ -25,7 +27,7 @@ def non_overlapping_and_dense(t: torch.Tensor) -> bool:
 def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t``, or one copy of it in ``like``'s layout when ``like`` is dense, has t's shape and device, and t is
     laid out otherwise (strides differ on a dimension of size > 1).  The copy is differentiable (``copy_``)."""
-    if torch.compiler.is_compiling():
+    if tracing():
         # strides may be symbolic there (dynamic shapes: the dense test's sort cannot be traced), and the traced
         # custom ops handle any layout themselves
         return t

@@ -16,7 +16,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from . import _native
-from .device_constants import capturing, func_transform_active  # noqa: F401  (solvers call ops.func_transform_active)
+from .device_constants import capturing, func_transform_active, tracing  # noqa: F401  (solvers call ops.func_transform_active)
 from .coefficients import MAX_HISTORY, TABLE_WIDTH, SolverSpec, coefficient_table_reference
 from .schedules import NoiseSchedule
 
@@ -115,7 +115,7 @@ def check_grid(schedule, timesteps: torch.Tensor, in_range: bool = True, spec: O
     compiling, capturing a CUDA graph or for a vmapped grid (nothing can be read back there)."""
     from .solvers.base import validate_timesteps
     # nothing can be read back while compiling, capturing (a CUDA grid), or from a vmapped grid
-    if torch.compiler.is_compiling() or _vmapped(timesteps) \
+    if tracing() or _vmapped(timesteps) \
             or (timesteps.is_cuda and capturing()):
         return
     if not timesteps.is_floating_point():  # an integer grid is read as float64, as the table does
@@ -129,7 +129,7 @@ def composite_only(*tensors) -> bool:
     torch.func transform (vmap, grad, jvp) is active (autograd.Function.apply refuses our Functions there,
     whether or not their inputs are wrapped, e.g. a plain grid while vmap maps x_T) or wrapped an input
     (no storage to read).  The reference's plain torch ops handle all of them."""
-    if torch.compiler.is_compiling():
+    if tracing():
         # traced: the custom ops serve, except inside a traced torch.func transform (they have no batching rule)
         # or under forward-mode AD (they have no forward formula: a compiled graph dropped the tangent, or kept a
         # wrong one); the wrapped-tensor call below would break the graph.  Dynamo guards on the level

@@ -16,6 +16,7 @@ import torch
 from ._checks import flag, guidance
 from ._finite import all_finite, all_finite_tensor
 from .device_constants import capturing as _capturing  # the solvers and ld3_ext.sample read it as wrappers._capturing
+from .device_constants import tracing
 from .layout import non_overlapping_and_dense
 from .ops import _opmath, _vmapped
 from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
@@ -25,8 +26,7 @@ TIME_INPUTS = ("t", "sigma", "index", "edm_noise")
 
 
 def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return tracing()  # this thread traces (device_constants.tracing: not torch's process-wide compile flag)
 
 
 def _map_tensors(value, fn):
@@ -61,6 +61,10 @@ class ModelOutputError(RuntimeError):
 # per thread, {id(model): on}: DiffusionModel.output_checks' overrides of check_output (a module-level
 # thread-local, not an attribute: a model stays copyable and picklable)
 _CHECK_OVERRIDES = threading.local()
+# per thread, {id(model): queue}: deferred_output_checks' queues.  An attribute shared by the threads using one
+# model put one thread's checks in another's block: a NaN sample came back silently and the error was raised in
+# the other thread (concurrency audit; on CUDA every sample() opens a block)
+_DEFERRED = threading.local()
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -146,10 +150,6 @@ class DiffusionModel(torch.nn.Module):
         self.model_kwargs = dict(model_kwargs or {})
         self.check_output = check_output
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
-        # (step, t, all-finite flag on the device, overflow) queued by deferred_output_checks(); None: check at
-        # once.  overflow: None, or (the network's own output all-finite flag, its dtype, the state's dtype)
-        # when the output was cast to the state's dtype
-        self._deferred: Optional[List[Tuple[Optional[int], torch.Tensor, torch.Tensor, Optional[tuple]]]] = None
 
     @contextlib.contextmanager
     def output_checks(self, on: bool):
@@ -174,6 +174,22 @@ class DiffusionModel(torch.nn.Module):
         overrides = getattr(_CHECK_OVERRIDES, "by_model", None)
         on = overrides.get(id(self)) if overrides else None
         return self.check_output if on is None else on
+
+    @property
+    def _deferred(self) -> Optional[List[Tuple[Optional[int], torch.Tensor, torch.Tensor, Optional[tuple]]]]:
+        """This thread's queue of deferred_output_checks (None: check at once): (step, t, all-finite flag on the
+        device, overflow); overflow is None, or (the network's own output all-finite flag, its dtype, the state's
+        dtype) when the output was cast to the state's dtype."""
+        queues = getattr(_DEFERRED, "by_model", None)
+        return queues.get(id(self)) if queues else None
+
+    @_deferred.setter
+    def _deferred(self, queue) -> None:
+        queues = _DEFERRED.__dict__.setdefault("by_model", {})
+        if queue is None:
+            queues.pop(id(self), None)
+        else:
+            queues[id(self)] = queue
 
     @contextlib.contextmanager
     def deferred_output_checks(self):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+import contextlib
 import functools
 import math
 import numbers
@@ -344,8 +345,12 @@ class Solver:
         # saved-tensor hooks it is built on, and under vmap a later backward's recomputation meets escaped batched
         # tensors.  The evaluation keeps its graph there (the memory of checkpoint_model=False)
         if self.checkpoint_model and torch.is_grad_enabled() and not ops.func_transform_active():
-            return _checkpoint(lambda xx, tt: model.predict(xx, tt, step=step, returns=returns, **kwargs), x, t,
-                               use_reentrant=False)
+            on = model._checks_on()
+
+            def run(xx, tt):  # the recomputation may run on autograd's device thread: this thread's setting
+                with model.output_checks(on):
+                    return model.predict(xx, tt, step=step, returns=returns, **kwargs)
+            return _checkpoint(run, x, t, use_reentrant=False)
         return model.predict(x, t, step=step, returns=returns, **kwargs)
 
     def _solve(self, model, x, t, tm, kwargs):
@@ -362,9 +367,17 @@ class Solver:
 
     @staticmethod
     def _backward_checks(model: DiffusionModel, x: torch.Tensor):
-        """For the whole-sampler node: on CUDA its backward's network re-evaluations (checkpointing, a
-        second backward) queue their output checks and read them back once, like sample() does."""
-        return model.deferred_output_checks if x.is_cuda else None
+        """For the whole-sampler node: its backward's network re-evaluations (checkpointing, a second backward)
+        check outputs as this sample call does -- with this thread's ``output_checks`` setting, which a backward
+        run on autograd's device thread (CUDA) would not see -- and on CUDA queue the checks and read them back
+        once, like sample() does."""
+        on, cuda = model._checks_on(), x.is_cuda
+
+        @contextlib.contextmanager
+        def checks():
+            with model.output_checks(on), (model.deferred_output_checks() if cuda else contextlib.nullcontext()):
+                yield
+        return checks
 
 
 class MultistepSolver(Solver):
