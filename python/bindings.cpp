@@ -108,31 +108,35 @@ std::string cuda_archs() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "ld3_ext native kernels: fused multistep update and solver coefficient tables";
-  m.def("multistep_update", &multistep_update, py::arg("x"), py::arg("coef"), py::arg("history"),
+  // The kernels read only tensors: the GIL is released while they run (as torch's own ops do), so other Python
+  // threads go on and kernels of several threads run at once (they held it: a serving thread's 1 ms sleep took up
+  // to 98 ms; concurrency audit).  Errors and the create_graph table VJP take it back themselves.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("multistep_update", &multistep_update, nogil, py::arg("x"), py::arg("coef"), py::arg("history"),
         py::arg("out") = py::none(),
         "x_next = coef[0]*x + sum_k coef[1+k]*history[k] (coef float64 on x's device); out may alias x");
-  m.def("multistep_update_autograd", &ld3::multistep_update_autograd, py::arg("x"), py::arg("coef"),
+  m.def("multistep_update_autograd", &ld3::multistep_update_autograd, nogil, py::arg("x"), py::arg("coef"),
         py::arg("history"),
         "multistep_update recorded as one C++ autograd node (its backward: multistep_update_backward)");
-  m.def("multistep_update_backward", &ld3::update_backward, py::arg("grad"), py::arg("x"), py::arg("coef"),
+  m.def("multistep_update_backward", &ld3::update_backward, nogil, py::arg("grad"), py::arg("x"), py::arg("coef"),
         py::arg("history"), py::arg("need_x") = true, py::arg("need_coef") = true, py::arg("need_history") = true,
         "(grad_x, grad_coef, grad_history) in one pass; None where not requested");
-  m.def("multistep_adjoint", &multistep_adjoint, py::arg("lam_prev"), py::arg("v"), py::arg("scale"),
+  m.def("multistep_adjoint", &multistep_adjoint, nogil, py::arg("lam_prev"), py::arg("v"), py::arg("scale"),
         py::arg("older"), py::arg("x"), py::arg("m"), py::arg("w"), py::arg("dots"),
         "one reverse step of the whole-sampler adjoint: returns gm = sum_j w_j L_j (None when w is empty); "
         "writes L_0 = scale*lam_prev + v into v and [<L_0,x>, <L_j,m>...] into dots when given");
-  m.def("coefficient_table", &coefficient_table, py::arg("timesteps"), py::arg("schedule_kind"), py::arg("p0"),
+  m.def("coefficient_table", &coefficient_table, nogil, py::arg("timesteps"), py::arg("schedule_kind"), py::arg("p0"),
         py::arg("p1"), py::arg("solver"), py::arg("order"), py::arg("lower_order_final"), py::arg("heun"),
         py::arg("bh2"), py::arg("use_corrector"),
         "([N,2,5] table, [N,2,5,4] d table / d t_{i-3..i}) in float64");
-  m.def("coefficient_table_autograd", &coefficient_table_autograd, py::arg("timesteps"), py::arg("schedule_kind"),
+  m.def("coefficient_table_autograd", &coefficient_table_autograd, nogil, py::arg("timesteps"), py::arg("schedule_kind"),
         py::arg("p0"), py::arg("p1"), py::arg("solver"), py::arg("order"), py::arg("lower_order_final"),
         py::arg("heun"), py::arg("bh2"), py::arg("use_corrector"),
         "the [N,2,5] table recorded as one C++ autograd node (backward: coefficient_table_backward)");
   ld3::set_table_create_graph_vjp(&table_vjp_create_graph);
-  m.def("schedule_lambda", &ld3::schedule_lambda_cpu, py::arg("schedule_kind"), py::arg("p0"), py::arg("p1"),
+  m.def("schedule_lambda", &ld3::schedule_lambda_cpu, nogil, py::arg("schedule_kind"), py::arg("p0"), py::arg("p1"),
         py::arg("t"), "lambda(t) = log alpha - log sigma at each of the host times t, as the table computes it");
-  m.def("coefficient_table_backward", &ld3::table_backward, py::arg("jac"), py::arg("grad_table"),
+  m.def("coefficient_table_backward", &ld3::table_backward, nogil, py::arg("jac"), py::arg("grad_table"),
         "grad_t = J^T grad_table scattered to t_0..t_N (gather, fixed order)");
   m.def("set_stream_min_bytes", &ld3::set_stream_min_bytes, py::arg("bytes"),
         "float32 CPU update outputs of at least `bytes` use non-temporal stores (-1: never; default: the "

@@ -149,3 +149,37 @@ def test_a_backward_on_another_thread_keeps_the_forwards_output_checks_setting(b
         t2 = grid.clone().requires_grad_()  # with checks on (the default), the same solve is refused at once
         with pytest.raises(ModelOutputError):
             solver.sample(model, x, t2)
+
+
+@pytest.mark.skipif(not ld3_ext._native.native_available(), reason="needs the native extension ld3_ext._C")
+def test_the_native_kernels_release_the_gil_while_they_run():
+    """They held it: every other Python thread of a server stalled for each kernel (a 1 ms sleep took up to 98 ms)
+    and kernels of several threads could not overlap.  A thread that only runs Python now runs during a call."""
+    import time
+    from ld3_ext import _native
+    x = torch.randn(16_000_000)
+    hist = [torch.randn_like(x) for _ in range(3)]
+    coef = torch.tensor([0.5, 0.1, 0.2, 0.3], dtype=torch.float64)
+    stamps, stop, started = [], threading.Event(), threading.Event()
+
+    def ticker():
+        started.set()
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(0)
+    th = threading.Thread(target=ticker)
+    th.start()
+    started.wait(10)
+    windows = []
+    try:
+        for _ in range(3):
+            t0 = time.perf_counter()
+            _native._C.multistep_update(x, coef, hist)
+            windows.append((t0, time.perf_counter()))
+    finally:
+        stop.set()
+        th.join(10)
+    # the middle half of each call: with the GIL held the other thread can only run at a call's edges (between
+    # the clock read and the call, for up to one 5 ms switch interval)
+    inside = [s for s in stamps for a, b in windows if a + (b - a) / 4 < s < b - (b - a) / 4]
+    assert inside, f"no Python ran in another thread while a kernel ran ({[b - a for a, b in windows]} s calls)"
