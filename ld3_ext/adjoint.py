@@ -214,6 +214,19 @@ def _rng_snapshot(device: torch.device):
     return torch.get_rng_state(), cuda
 
 
+def _if_drawn(snapshot, device: torch.device):
+    """``snapshot`` if an evaluation made since drew random numbers (the generators moved), else None: nothing to
+    replay, so a backward re-evaluating a deterministic network never sets the process-wide generators back (it
+    did, under fork_rng: another thread drawing noise meanwhile got numbers it had already drawn, and a seeded
+    thread sampling with dropout other samples; concurrency audit)."""
+    if snapshot is None:
+        return None
+    now = _rng_snapshot(device)
+    same = torch.equal(now[0], snapshot[0]) and (now[1] is None) == (snapshot[1] is None) and \
+        (now[1] is None or torch.equal(now[1], snapshot[1]))
+    return None if same else snapshot
+
+
 @contextlib.contextmanager
 def _replayed_rng(snapshot, device: torch.device):
     """Run with the generators as they were at ``snapshot``; the caller's streams go on untouched afterwards."""
@@ -274,6 +287,7 @@ class _WholeSampler(torch.autograd.Function):
                     # random numbers they drew here (dropout), as the reference backend would draw them
                     _restore_rng(next(r for r in rng if r is not None), dev)
                     raise ForeignGradients()
+                rng[i] = _if_drawn(rng[i], dev)
             p = orders[i]
             val = out.detach()
             if val.is_neg():  # a lazily negated view: the kernels read raw storage

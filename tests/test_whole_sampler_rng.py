@@ -102,3 +102,29 @@ def test_a_later_decline_redoes_the_steps_with_the_same_random_numbers():
         res[backend] = (y.detach(), torch.rand(2))
     torch.testing.assert_close(res["fused"][0], res["reference"][0], rtol=1e-12, atol=1e-12)
     assert torch.equal(res["fused"][1], res["reference"][1])
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_only_a_network_that_drew_has_its_generator_replayed(dropout, monkeypatch):
+    """A backward replaying the forward's generator states sets the process-wide generator back (under fork_rng)
+    for the time of the re-evaluation: another thread drawing meanwhile got numbers it had already drawn
+    (concurrency audit).  A network that drew nothing has nothing to replay: its re-evaluations now leave the
+    generators alone; a dropout network's are replayed as before (gradients as the reference's)."""
+    forks = []
+    real = torch.random.fork_rng
+
+    def counting(*a, **k):
+        if k.get("enabled", True):  # torch.utils.checkpoint calls it with enabled=preserve_rng_state
+            forks.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(torch.random, "fork_rng", counting)
+    net = Counted(trainable=False, dropout=0.3 if dropout else 0.0).train()
+    model = ld3_ext.wrap_model(net, ld3_ext.EDM(), prediction="x0")
+    t = random_decreasing_grid(80.0, 0.002, 4, seed=3).requires_grad_()
+    x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 80.0
+    for backend in ("fused", "reference"):  # the node's re-evaluations; the per-step checkpoints (and step 0's)
+        y = ld3_ext.DPMSolverPP(order=3, checkpoint_model=True, backend=backend).sample(model, x, t)
+        assert (type(y.grad_fn).__name__ == "_WholeSamplerBackward") == (backend == "fused")
+        before = len(forks)
+        y.sum().backward()
+        assert (len(forks) > before) == dropout, backend

@@ -350,7 +350,23 @@ class Solver:
             def run(xx, tt):  # the recomputation may run on autograd's device thread: this thread's setting
                 with model.output_checks(on):
                     return model.predict(xx, tt, step=step, returns=returns, **kwargs)
-            return _checkpoint(run, x, t, use_reentrant=False)
+            if _compiling():  # a trace checks no values, and takes no side effect (the override) in the checkpoint
+                return _checkpoint(lambda xx, tt: model.predict(xx, tt, step=step, returns=returns, **kwargs), x, t,
+                                   use_reentrant=False)
+            # the generators are replayed in the recomputation only when the evaluation drew random numbers (dropout),
+            # as in the whole-sampler node (adjoint._if_drawn): torch's own replay sets the process-wide generator
+            # back for every recomputation, under another thread drawing from it
+            dev, snap, done = x.device, [adjoint._rng_snapshot(x.device)], [False]
+
+            def replaying(xx, tt):
+                if not done[0]:
+                    done[0] = True
+                    out = run(xx, tt)
+                    snap[0] = adjoint._if_drawn(snap[0], dev)
+                    return out
+                with adjoint._replayed_rng(snap[0], dev):
+                    return run(xx, tt)
+            return _checkpoint(replaying, x, t, use_reentrant=False, preserve_rng_state=False)
         return model.predict(x, t, step=step, returns=returns, **kwargs)
 
     def _solve(self, model, x, t, tm, kwargs):
