@@ -422,8 +422,10 @@ class LearnedSchedule:
         """Write the schedule atomically (a crash leaves the old file intact); returns the path."""
         # checked before anything is written: a value put in an attribute's dict after construction is refused
         # naming its key (json.dumps' TypeError names neither), and no file or temp file is left
+        if isinstance(path, bytes):  # as load_schedule takes it
+            path = os.fsdecode(path)
         if not isinstance(path, (str, os.PathLike)):  # atomic_write's own TypeError names no argument
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+            raise TypeError(f"path must be a str, bytes or os.PathLike, got {type(path).__name__}")
         doc = {k: _writable(v, k, finite=k in ("solver", "schedule")) for k, v in self.to_dict().items()}
         try:  # what load_schedule checks: a schedule edited in place (a NaN time, nfe) replaced a good file
             validate_schedule_dict({**doc, "checksum": ""}, os.fspath(path))  # the write adds the checksum

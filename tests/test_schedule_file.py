@@ -275,9 +275,12 @@ def test_save_names_a_bad_path(tmp_path):
     ls = LearnedSchedule(torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64), solver_config={"name": "euler", "order": 1},
                          nfe=2, schedule_config={"type": "EDM", "sigma_min": 0.002, "sigma_max": 80.0})
     for bad in (3, None, ["a.json"]):
-        with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        with pytest.raises(TypeError, match="path must be a str, bytes or os.PathLike"):
             ls.save(bad)
     assert ls.save(tmp_path / "s.json") == str(tmp_path / "s.json")
+    # a bytes path, as load_schedule takes (it was a TypeError; serialization audit)
+    assert ls.save(os.fsencode(tmp_path / "b.json")) == str(tmp_path / "b.json")
+    assert load_schedule(os.fsencode(tmp_path / "b.json")).timesteps.equal(ls.timesteps)
 
 
 def test_sample_refuses_another_noise_schedule_and_warns_for_another_solver():
