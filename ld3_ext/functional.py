@@ -123,6 +123,13 @@ class _VEModel(DiffusionModel):
             self._report(x, t, step, x0)
         return x0, eps
 
+    def _fresh_checks_on(self) -> bool:
+        # this wrapper's own NaN check is off for an inner DiffusionModel (that one checks): the static-buffer check
+        # follows the inner model's setting, or this call's check_output (ld3_ext.sample skipped it; diff review)
+        if self.inner is not None:
+            return self.inner._checks_on() if self.inner_checks is None else bool(self.inner_checks)
+        return self._checks_on()
+
     @contextlib.contextmanager
     def deferred_output_checks(self):
         """The inner DiffusionModel's checks are the ones that run (this wrapper's own are off for it): they are

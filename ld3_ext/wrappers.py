@@ -296,13 +296,23 @@ class DiffusionModel(torch.nn.Module):
             if isinstance(value, torch.nn.Module):
                 self.__dict__["_fn"] = None
                 super().__setattr__("net", value)
+            elif self._network_is_net() or not callable(value):
+                # as when the module was a registered child fn: a plain callable in its place would have left its
+                # weights in state_dict and in the weights hash (two models with one identity; diff review)
+                raise TypeError(f"fn: cannot replace the wrapped network module with a {type(value).__name__}: "
+                                "wrap the new network with wrap_model(...)")
             else:
                 self.__dict__["_fn"] = value
             return
         super().__setattr__(name, value)
 
     def _network_is_net(self) -> bool:
-        return self.__dict__.get("_fn") is None and "net" in self._modules
+        return self.__dict__.get("_fn") is None and self._modules.get("net") is not None
+
+    def _fresh_checks_on(self) -> bool:
+        """Whether solvers refuse an output in the memory of an earlier one (``check_fresh_output``): with the output
+        checks (a wrapper over another model asks that one)."""
+        return self._checks_on()
 
     def __setstate__(self, state):
         modules = state.get("_modules") or {}
@@ -468,31 +478,55 @@ class DiffusionModel(torch.nn.Module):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= 1 \
                 and (t.device.type == "cpu" or self._checks_on()) and not (_compiling() or _capturing() or _vmapped(t)):
             _check_call_time(self.schedule, t)  # a half t an ulp past an end passes: predict puts it on that end
-        elif isinstance(t, (int, float)) and not isinstance(t, bool):  # the same check for a plain number (it was
-            _check_call_time(self.schedule, torch.tensor(float(t), dtype=torch.float64))  # let through, diff review)
+        elif isinstance(t, (int, float)) and not isinstance(t, bool) and not _compiling():
+            # the same check for a plain number (let through before; diff review), in Python: no tensor read back
+            _check_time_value(self.schedule, float(t), torch.finfo(torch.float64).eps)
         return self.x0(x, t, **kw)
+
+
+def _legacy_prefixes(module: torch.nn.Module) -> List[str]:
+    """The prefixes of the DiffusionModels inside ``module`` whose network is their registered ``net``."""
+    return [name + "." if name else "" for name, m in module.named_modules(remove_duplicate=False)
+            if isinstance(m, DiffusionModel) and m._network_is_net()]
 
 
 def legacy_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """``module.state_dict()`` in the layout of ld3_ext before a DiffusionModel registered its network once: the
     network of every DiffusionModel inside under ``fn.`` as well as ``net.`` (first), in state_dict's order.  The
     weights hashes that key teacher caches, training checkpoints and schedule files are computed over it, so those
-    written before stay valid.  (Built from each module's own ``_save_to_state_dict``: state-dict hooks are not
-    run; a tree without a DiffusionModel network is its plain state_dict.)"""
-    if not any(isinstance(m, DiffusionModel) and m._network_is_net() for m in module.modules()):
-        return module.state_dict()
-    out: Dict[str, torch.Tensor] = {}
+    written before stay valid.  Built from ``state_dict()`` itself (its hooks run: FSDP's, a user's), with the
+    ``fn.`` copies put before the ``net.`` entries they copy."""
+    state = module.state_dict()
+    queue = sorted(_legacy_prefixes(module), key=lambda q: q.count("."))
+    if not queue:
+        return state
+    items = list(state.items())
+    done = set()
+    while queue:
+        p = queue.pop(0)
+        if p in done:
+            continue
+        done.add(p)
+        net, fn = p + "net.", p + "fn."
+        at = next((k for k, (name, _) in enumerate(items) if name.startswith(net)), None)
+        if at is not None:
+            copies = [(fn + name[len(net):], v) for name, v in items if name.startswith(net)]
+            items[at:at] = copies
+        # the DiffusionModels inside this network sat under fn. too: their own aliases come next
+        queue += sorted({fn + q[len(net):] for q in list(done) + queue if q.startswith(net)} - done,
+                        key=lambda q: q.count("."))
+    return dict(items)
 
-    def walk(m: torch.nn.Module, prefix: str) -> None:
-        m._save_to_state_dict(out, prefix, False)
-        children = list(m._modules.items())
-        if isinstance(m, DiffusionModel) and m._network_is_net():
-            children.insert(0, ("fn", m._modules["net"]))
-        for name, child in children:
-            if child is not None:
-                walk(child, prefix + name + ".")
-    walk(module, "")
-    return out
+
+def legacy_parameter_name(module: torch.nn.Module, name: str) -> str:
+    """A ``named_parameters()`` name as the older layout gave it: a parameter shared under fn. and net. was named
+    by its first registration, fn."""
+    parts, m, out = name.split("."), module, []
+    for part in parts[:-1]:
+        is_net = isinstance(m, DiffusionModel) and m._network_is_net() and part == "net"
+        out.append("fn" if is_net else part)
+        m = m._modules.get(part) if isinstance(m, torch.nn.Module) else None
+    return ".".join(out + parts[-1:])
 
 
 def half_time_on_range(schedule: NoiseSchedule, t):
@@ -574,19 +608,27 @@ def require_diffusion_model(model, name: str = "model") -> None:
                         "'velocity' for what it returns; a k-diffusion denoiser D(x, sigma) -> x0 is prediction='edm'")
 
 
+_CALL_TIME_HINT = ("DiffusionModel(x, t) takes one schedule time t for the batch; k-diffusion samplers pass "
+                   "per-sample sigmas (sigma/alpha): give them ld3_ext.to_denoiser(model)")
+
+
 def _check_call_time(schedule: NoiseSchedule, t: torch.Tensor) -> None:
     """DiffusionModel.forward's t: one time, inside the schedule's [t_min, t_max] (one read-back)."""
-    hint = ("DiffusionModel(x, t) takes one schedule time t for the batch; k-diffusion samplers pass per-sample "
-            "sigmas (sigma/alpha): give them ld3_ext.to_denoiser(model)")
+    hint = _CALL_TIME_HINT
     td = t.detach().to(torch.float64).reshape(-1)
     if td.numel() > 1 and not bool((td == td[0]).all()):
         raise ValueError(f"t holds {td.numel()} different times: {hint}")
-    lo, hi = schedule.t_min, schedule.t_max
     # a half-precision t rounds an end by up to an ulp there (bfloat16 makes FlowMatching's t_max 0.999 a 1.0)
-    tol = max(schedule.time_slack(), torch.finfo(t.dtype).eps * max(abs(lo), abs(hi), 1.0))
-    v = float(td[0])
+    _check_time_value(schedule, float(td[0]), torch.finfo(t.dtype).eps)
+
+
+def _check_time_value(schedule: NoiseSchedule, v: float, eps: float) -> None:
+    """``_check_call_time`` on one number, with the round-off ``eps`` of the dtype it came in."""
+    lo, hi = schedule.t_min, schedule.t_max
+    tol = max(schedule.time_slack(), eps * max(abs(lo), abs(hi), 1.0))
     if not (lo - tol <= v <= hi + tol):  # NaN too
-        raise ValueError(f"t={v:.6g} is outside the schedule's times [{lo:.6g}, {hi:.6g}] ({schedule!r}): {hint}")
+        raise ValueError(f"t={v:.6g} is outside the schedule's times [{lo:.6g}, {hi:.6g}] ({schedule!r}): "
+                         f"{_CALL_TIME_HINT}")
 
 
 def _convert_fused(s: NoiseSchedule, p: str, x: torch.Tensor, out: torch.Tensor, t: torch.Tensor, want_x0: bool,

@@ -103,6 +103,18 @@ def test_a_diffusion_model_handed_to_a_k_diffusion_sampler_is_refused_with_the_w
         model(x, torch.tensor(float("nan")))
 
 
+def test_the_module_call_with_a_number_time_compiles_to_one_graph():
+    """The number check built a tensor and read it back: torch.compile of model(x, 0.5) broke into 4 graphs."""
+    from torch._dynamo.testing import CompileCounter
+    model = ld3_ext.wrap_model(lambda x, t: torch.tanh(x) * 0.1, ld3_ext.VPLinear(), prediction="eps")
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda xx: model(xx, 0.5) * 2, backend=counter)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(fn(x), model(x, 0.5) * 2)
+    assert counter.frame_count == 1
+
+
 def test_the_module_call_checks_a_plain_number_time_as_a_tensor_one():
     """model(x, 0.0) below VPLinear's t_min was let through while model(x, torch.tensor(0.0)) was refused."""
     s = ld3_ext.VPLinear()

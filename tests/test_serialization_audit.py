@@ -163,3 +163,55 @@ def test_an_older_pickle_of_a_wrapped_model_loads_with_one_registration(tmp_path
     fresh = ld3_ext.DiffusionModel.__new__(ld3_ext.DiffusionModel)
     fresh.__setstate__(dict(plain.__dict__))
     assert fresh.fn is plain.__dict__["fn"] and fresh.fn(3, 0) == 3
+
+
+class _Hooked(torch.nn.Module):
+    """A network whose state_dict hook renames its entries (as FSDP's hooks do)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin = torch.nn.Linear(3, 3)
+        self._register_state_dict_hook(_Hooked._rename)
+
+    @staticmethod
+    def _rename(module, state, prefix, local_metadata):
+        for k in [k for k in state if k.startswith(prefix + "lin.")]:
+            state[prefix + "flat." + k[len(prefix) + 4:]] = state.pop(k)
+        return state
+
+    def forward(self, x, t):
+        return self.lin(x)
+
+
+def test_weights_hashes_of_a_hooked_network_and_module_fingerprints_keep_the_older_layout():
+    """legacy_state_dict skipped state_dict hooks (FSDP's, a user's): such a network's hash changed; and a module
+    holding a DiffusionModel, fingerprinted by its parameter names, got new names (diff review)."""
+    from ld3_ext.atomic_io import tensors_sha256
+    from ld3_ext.training.callable_identity import describe_callable
+    from ld3_ext.training.teacher import state_dict_hash
+    m = ld3_ext.wrap_model(_Hooked(), ld3_ext.EDM(), prediction="edm")
+    assert list(m.state_dict()) == ["net.flat.weight", "net.flat.bias"]
+    assert state_dict_hash(m) == tensors_sha256(_legacy_copy(m).state_dict())
+
+    class Holder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x, 1.0)
+    assert describe_callable(Holder(m)) == describe_callable(Holder(_legacy_copy(m)))
+
+
+def test_replacing_a_wrapped_network_module_with_a_plain_callable_is_refused():
+    """It was accepted with the old module still registered: its weights stayed in the state dict and the weights
+    hash, so two models with different callables had one identity (before this layout it was torch's TypeError)."""
+    m = ld3_ext.wrap_model(torch.nn.Linear(3, 3), ld3_ext.EDM(), prediction="edm")
+    for bad in (lambda x, t: x, None):
+        with pytest.raises(TypeError, match="fn: cannot replace the wrapped network module"):
+            m.fn = bad
+    assert isinstance(m.fn, torch.nn.Linear)
+    new = torch.nn.Linear(3, 3)
+    m.fn = new  # another module: registered as net in its place
+    assert m.fn is new and m.net is new and list(m.state_dict()) == ["net.weight", "net.bias"]

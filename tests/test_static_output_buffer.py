@@ -90,6 +90,20 @@ def test_order_1_solvers_read_no_earlier_output_and_take_a_static_buffer(pred, s
             solver.sample(ld3_ext.wrap_model(_static(_net), s, prediction=pred), x, t)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_ld3_ext_sample_on_a_diffusion_model_refuses_a_static_buffer(grad):
+    """ld3_ext.sample wraps a DiffusionModel in a VE view whose own output check is off (the inner model checks):
+    the solvers took that for check_output=False and skipped the static-buffer check (0.11 off; diff review)."""
+    s, x, t = _case()
+    model = ld3_ext.wrap_model(_static(_net), s, prediction="x0")
+    sig = s.edm_sigma(t).clone().requires_grad_(grad)
+    with pytest.raises(ModelOutputError, match="memory of an earlier output"):
+        ld3_ext.sample(model, x, sig, solver="dpmpp_3m")
+    with model.output_checks(False):  # the inner model's own setting still turns it off
+        ld3_ext.sample(model, x, sig.detach(), solver="dpmpp_3m")
+    ld3_ext.sample(model, x, sig.detach(), solver="dpmpp_3m", check_output=False)  # and so does the call's
+
+
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("solver", [ld3_ext.Euler(), ld3_ext.DPMSolverPP(1)], ids=lambda v: v.name)
 def test_order_1_solvers_with_time_gradients_refuse_a_static_buffer(solver, backend):

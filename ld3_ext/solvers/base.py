@@ -420,12 +420,12 @@ class MultistepSolver(Solver):
             try:
                 return adjoint.whole_sampler(evaluate, orders, spec.order, self.checkpoint_model, x, coef, tm,
                                              self._backward_checks(model, x), first=first[idx],
-                                             check_outputs=model._checks_on())
+                                             check_outputs=model._fresh_checks_on())
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = []  # newest first
         saved: List[torch.Tensor] = []  # every output, while a backward will read them
-        fresh = model._checks_on()
+        fresh = model._fresh_checks_on()
         rows = table_rows(coef, 0)
         entry = self._history_entry_fn()
         for i in range(1, n + 1):

@@ -147,12 +147,12 @@ class Heun(Solver):
             try:
                 return adjoint.whole_sampler(evaluate, orders, 2, self.checkpoint_model, x, table, tm2,
                                              self._backward_checks(model, x), first=first,
-                                             check_outputs=model._checks_on())
+                                             check_outputs=model._fresh_checks_on())
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = []  # newest first
         saved: List[torch.Tensor] = []  # every output, while a backward will read them
-        fresh = model._checks_on()
+        fresh = model._fresh_checks_on()
         rows = table_rows(table, 0)
         entry = self._history_entry_fn()
         for k, p in enumerate(orders):

@@ -58,14 +58,14 @@ class UniPC(MultistepSolver):
             try:
                 return adjoint.whole_sampler(evaluate, eff_orders, max(eff_orders), self.checkpoint_model, x,
                                              table, tm, self._backward_checks(model, x), first=first,
-                                             forward_step=forward_step, check_outputs=model._checks_on())
+                                             forward_step=forward_step, check_outputs=model._fresh_checks_on())
             except adjoint.ForeignGradients:
                 forward_step = table = None  # the closure holds a state: not kept through the loop below
         entry = self._history_entry_fn()
         if first is None:
             first = self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]
         history: List[torch.Tensor] = [entry(first, x)]
-        fresh = model._checks_on()
+        fresh = model._fresh_checks_on()
         saved: List[torch.Tensor] = list(history)  # every output, while a backward will read them
         predictor, corrector = table_rows(coef, 0), table_rows(coef, 1)
         for i in range(1, n + 1):

@@ -88,7 +88,8 @@ def _callable(fn: Any, depth: int) -> str:
     if isinstance(fn, torch.nn.Module):
         # by type and parameter shapes, not contents: a network held by a teacher is the trained model, whose
         # weights the cache key covers already (weights_hash), and hashing gigabytes per run would cost minutes
-        shapes = [(k, tuple(p.shape)) for k, p in fn.named_parameters()]
+        from ..wrappers import legacy_parameter_name  # names as first fingerprinted (wrappers.legacy_state_dict)
+        shapes = [(legacy_parameter_name(fn, k), tuple(p.shape)) for k, p in fn.named_parameters()]
         return f"{type(fn).__module__}.{type(fn).__qualname__}{_stable(shapes, depth + 1)}"
     call = getattr(type(fn), "__call__", None)  # a callable object: its class's code (its state may change)
     if not isinstance(call, types.FunctionType):
