@@ -46,6 +46,32 @@ def _randn(n, dtype, gen):
     return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
 
 
+def _randn_wide(n, dtype, gen):
+    """Magnitudes spread over 2^-10 .. 2^10, so the products' float64 sums round (with half inputs too) and a
+    different summation order shows in the bits."""
+    scale = torch.exp2(torch.randint(-10, 11, (n,), generator=gen).double())
+    return (torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def _aligned(t):
+    """A fresh copy of t (16-byte aligned: the kernels' packet path)."""
+    buf = t.clone()
+    assert buf.data_ptr() % 16 == 0
+    return buf
+
+
+def _misaligned(t):
+    """t's values in a view one element past a 16-byte boundary (as x[1:] is): the kernels' scalar fallback."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].copy_(t)
+    assert buf.data_ptr() % 16 != 0
+    return buf
+
+
+# n for the alignment tests: under one block, over one with leftovers past the last packet for every packet width
+# (2, 4, 8 elements), whole blocks only, and several blocks with a ragged tail
+ALIGNMENT_NS = [1003, BLOCK + 7, 2 * BLOCK, 3 * BLOCK + 1005]
+
+
 def _dots_close(a, b, dtype, terms):
     scale = float(terms.abs().sum()) if terms is not None else 1.0
     torch.testing.assert_close(a, b, rtol=DOT_RTOL[dtype], atol=DOT_RTOL[dtype] * max(scale, 1.0))
@@ -106,6 +132,28 @@ def test_update_misaligned_pointer_takes_the_scalar_path(emu, dtype, which):
         assert all(torch.equal(a, b) for a, b in zip(ge[2], gc[2]))
         if ge[1] is not None:
             _dots_close(ge[1], gc[1], dtype, grad.double().abs() * x.double().abs())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["all", "x"])
+def test_update_backward_dots_do_not_depend_on_alignment(emu, dtype, which):
+    """The same values aligned (packet path) and misaligned (scalar fallback): every thread must sum the same
+    elements in the same order, so the coefficient gradients are bitwise equal, as they are on the CPU."""
+    for n in ALIGNMENT_NS:
+        g = torch.Generator().manual_seed(n)
+        x, grad = _aligned(_randn_wide(n, dtype, g)), _aligned(_randn_wide(n, dtype, g))
+        hist = [_aligned(_randn_wide(n, dtype, g)) for _ in range(3)]
+        coef = torch.randn(4, generator=g, dtype=torch.float64)
+        if which == "all":
+            mis = (_misaligned(grad), _misaligned(x), [_misaligned(h) for h in hist])
+        else:
+            mis = (grad, _misaligned(x), hist)
+        for need in [(False, True, False), (True, True, True)]:
+            ga = emu.multistep_update_backward(grad, x, coef, hist, *need)
+            gm = emu.multistep_update_backward(*mis[:2], coef, mis[2], *need)
+            assert torch.equal(ga[1], gm[1]), f"n={n}: {(ga[1] - gm[1]).tolist()}"
+            assert ga[0] is None or torch.equal(ga[0], gm[0])
+            assert all(torch.equal(a, b) for a, b in zip(ga[2], gm[2]))
 
 
 def test_update_out_aliases_and_non_contiguous_input(emu):
@@ -339,6 +387,30 @@ def test_adjoint_step_misaligned_pointer_takes_the_scalar_path(emu, dtype, which
     (gm_e, v_e, d_e), (gm_c, v_c, d_c) = res
     assert torch.equal(gm_e, gm_c) and torch.equal(v_e, v_c)
     _dots_close(d_e, d_c, dtype, lam.double().abs() * x.double().abs())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("J,with_v", [(0, True), (2, False), (3, True)])
+def test_adjoint_step_dots_do_not_depend_on_alignment(emu, dtype, J, with_v):
+    """As for the update's backward: the dot products of aligned and misaligned inputs with the same values are
+    bitwise equal (the same element-to-thread mapping on both paths)."""
+    for n in ALIGNMENT_NS:
+        g = torch.Generator().manual_seed(n + J)
+        lam, x, m = (_randn_wide(n, dtype, g) for _ in range(3))
+        v = _randn_wide(n, dtype, g) if with_v else None
+        older = [_randn_wide(n, dtype, g) for _ in range(max(J - (2 if with_v else 1), 0))]
+        w = torch.randn(J, generator=g, dtype=torch.float64)
+        sc = torch.tensor([0.7], dtype=torch.float64) if with_v else None
+        res = []
+        for prep in (_aligned, _misaligned):
+            vv = prep(v) if with_v else None
+            dots = torch.zeros(1 + J, dtype=torch.float64)
+            gm = emu.multistep_adjoint(prep(lam), vv, sc, [prep(o) for o in older], prep(x), prep(m), w, dots)
+            res.append((gm, vv, dots))
+        (gm_a, v_a, d_a), (gm_m, v_m, d_m) = res
+        assert torch.equal(d_a, d_m), f"n={n}: {(d_a - d_m).tolist()}"
+        assert (gm_a is None) == (gm_m is None) and (gm_a is None or torch.equal(gm_a, gm_m))
+        assert v_a is None or torch.equal(v_a, v_m)
 
 
 def test_adjoint_step_empty_and_reproducible(emu):

@@ -59,9 +59,10 @@ __device__ __forceinline__ void adjoint_element(at::opmath_type<scalar_t> s, con
   }
 }
 
-// Per-block fixed chunks as in the update's backward (multistep_cuda.cu): VEC (every pointer in use
-// 16-byte aligned) takes the chunk's packets t, t + kThreads, ... per thread, then the last chunk's
-// leftover elements one by one.
+// Per-block fixed chunks as in the update's backward (multistep_cuda.cu): thread t takes the chunk's
+// packets t, t + kThreads, ... (whole 16-byte loads when VEC, i.e. every pointer in use aligned;
+// else element by element, in the same order, so the dots do not depend on alignment), then the
+// last chunk's leftover elements one by one.
 template <typename scalar_t, int J, bool V, bool DOT, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     adjoint_kernel(AdjointPtrs<scalar_t> p, int64_t n, double* __restrict__ partials) {
@@ -74,10 +75,21 @@ __global__ void __launch_bounds__(kThreads)
   double d[1 + J];
 #pragma unroll
   for (int k = 0; k <= J; ++k) d[k] = 0.0;
+  using P = Packet<scalar_t>;
   const BlockChunk<scalar_t> ch(blockIdx.x, n);
-  int64_t scalar_from = ch.begin;
+  // one element by plain loads and stores: the misaligned fallback and the leftovers
+  const auto scalar_element = [&](int64_t i) {
+    scalar_t ov[J > 1 ? J - 1 : 1];
+#pragma unroll
+    for (int j = 1; j < J; ++j) ov[j - 1] = p.older[j - 1][i];
+    scalar_t vv = V ? p.v[i] : scalar_t(0);
+    scalar_t gv;
+    adjoint_element<scalar_t, J, V, DOT>(s, w, p.lam_prev[i], &vv, ov, DOT ? p.x[i] : scalar_t(0),
+                                         (DOT && J > 0) ? p.m[i] : scalar_t(0), &gv, d);
+    if constexpr (V) p.v[i] = vv;
+    if constexpr (J > 0) p.gm[i] = gv;
+  };
   if constexpr (VEC) {
-    using P = Packet<scalar_t>;
     for (int64_t q = ch.pbegin + threadIdx.x; q < ch.pend; q += kThreads) {
       const P lp = reinterpret_cast<const P*>(p.lam_prev)[q];
       P vp{}, xp{}, mp{}, gp;
@@ -99,19 +111,14 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (V) reinterpret_cast<P*>(p.v)[q] = vp;
       if constexpr (J > 0) reinterpret_cast<P*>(p.gm)[q] = gp;
     }
-    scalar_from = ch.pend * P::N;
-  }
-  for (int64_t i = scalar_from + threadIdx.x; i < ch.end; i += kThreads) {
-    scalar_t ov[J > 1 ? J - 1 : 1];
+  } else {
+    // the packet path's element-to-thread mapping and order (not consecutive elements per thread)
+    for (int64_t q = ch.pbegin + threadIdx.x; q < ch.pend; q += kThreads)
 #pragma unroll
-    for (int j = 1; j < J; ++j) ov[j - 1] = p.older[j - 1][i];
-    scalar_t vv = V ? p.v[i] : scalar_t(0);
-    scalar_t gv;
-    adjoint_element<scalar_t, J, V, DOT>(s, w, p.lam_prev[i], &vv, ov, DOT ? p.x[i] : scalar_t(0),
-                                         (DOT && J > 0) ? p.m[i] : scalar_t(0), &gv, d);
-    if constexpr (V) p.v[i] = vv;
-    if constexpr (J > 0) p.gm[i] = gv;
+      for (int e = 0; e < P::N; ++e) scalar_element(q * P::N + e);
   }
+  // the last chunk's leftover elements (fewer than a packet), on both paths
+  for (int64_t i = ch.pend * P::N + threadIdx.x; i < ch.end; i += kThreads) scalar_element(i);
   if constexpr (DOT) {
 #pragma unroll
     for (int k = 0; k <= J; ++k) {

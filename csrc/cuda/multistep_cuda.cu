@@ -147,9 +147,11 @@ __device__ __forceinline__ void backward_element(const at::opmath_type<scalar_t>
 
 // Pass 1: element-wise grads and one row of dot-product partials per block.  Each block owns a
 // fixed chunk of kBlockChunk elements and each thread a fixed part of it, so the partials do not
-// depend on the GPU.  VEC (every pointer in use 16-byte aligned): thread t takes the chunk's
-// 16-byte packets t, t + kThreads, ... (chunk starts are multiples of kBlockChunk elements, hence
-// aligned too), then the last chunk's few leftover elements one by one.
+// depend on the GPU.  Thread t takes the chunk's 16-byte packets t, t + kThreads, ... (chunk
+// starts are multiples of kBlockChunk elements), then the last chunk's few leftover elements one
+// by one.  VEC (every pointer in use 16-byte aligned) loads whole packets; otherwise the same
+// packets are walked element by element, so each thread sums the same elements in the same order
+// and the partials depend on n only, not on alignment.
 template <typename scalar_t, int K, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, HistPtrs<scalar_t> m,
@@ -193,8 +195,32 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     scalar_from = ch.pend * P::N;
+  } else {
+    // the packet path's element-to-thread mapping and order.  The body repeats the leftover loop's:
+    // sharing it (helper or lambda) changed the packet path's code and register count.
+    using P = Packet<scalar_t>;
+    for (int64_t q = ch.pbegin + threadIdx.x; q < ch.pend; q += kThreads) {
+#pragma unroll
+      for (int e = 0; e < P::N; ++e) {
+        const int64_t i = q * P::N + e;
+        scalar_t mv[K > 0 ? K : 1], gmv[K > 0 ? K : 1];
+        if (want_dot) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) mv[k] = m.p[k][i];
+        }
+        scalar_t gxv;
+        backward_element<scalar_t, K>(c, g[i], want_dot ? x[i] : scalar_t(0), mv, &gxv, gmv, s, want_x, want_m,
+                                      want_dot);
+        if (want_x) gx[i] = gxv;
+        if (want_m) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) gm.p[k][i] = gmv[k];
+        }
+      }
+    }
+    scalar_from = ch.pend * P::N;
   }
-  // coalesced: consecutive threads touch consecutive elements; a fixed order per thread
+  // the last chunk's leftover elements (fewer than a packet), on both paths
   for (int64_t i = scalar_from + threadIdx.x; i < ch.end; i += kThreads) {
     scalar_t mv[K > 0 ? K : 1], gmv[K > 0 ? K : 1];
     if (want_dot) {

@@ -16,6 +16,19 @@ import tempfile
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
+# the misaligned fallback walking elements begin + t, begin + t + kThreads, ... (its mapping before the fix)
+_UPDATE_PACKETWISE = """    for (int64_t q = ch.pbegin + threadIdx.x; q < ch.pend; q += kThreads) {
+#pragma unroll
+      for (int e = 0; e < P::N; ++e) {
+        const int64_t i = q * P::N + e;"""
+_UPDATE_ELEMENTWISE = """    for (int64_t i0 = ch.begin + threadIdx.x; i0 < ch.pend * P::N; i0 += kThreads) {
+      {
+        const int64_t i = i0;"""
+_ADJOINT_PACKETWISE = """    for (int64_t q = ch.pbegin + threadIdx.x; q < ch.pend; q += kThreads)
+#pragma unroll
+      for (int e = 0; e < P::N; ++e) scalar_element(q * P::N + e);"""
+_ADJOINT_ELEMENTWISE = "    for (int64_t i = ch.begin + threadIdx.x; i < ch.pend * P::N; i += kThreads) scalar_element(i);"
+
 # (name, file under csrc/, text, replacement, expected: True = a real bug that must be caught)
 MUTATIONS = [
     ("tree sum without the barrier between levels", "cuda/reduce_cuda.cuh",
@@ -38,8 +51,14 @@ MUTATIONS = [
     ("backward packet loop stops one packet early", "cuda/multistep_cuda.cu",
      "for (int64_t v = ch.pbegin + threadIdx.x; v < ch.pend; v += kThreads)",
      "for (int64_t v = ch.pbegin + threadIdx.x; v + 1 < ch.pend; v += kThreads)", True),
-    ("adjoint packet path skips the leftover elements", "cuda/adjoint_cuda.cu",
-     "    scalar_from = ch.pend * P::N;", "    scalar_from = ch.end;", True),
+    ("adjoint skips the last chunk's leftover elements", "cuda/adjoint_cuda.cu",
+     "for (int64_t i = ch.pend * P::N + threadIdx.x; i < ch.end;", "for (int64_t i = ch.end + threadIdx.x; i < ch.end;",
+     True),
+    # the misaligned fallback must give each thread the packet path's elements in its order (bitwise equal dots)
+    ("backward's scalar fallback gives each thread every kThreads-th element, not its packets",
+     "cuda/multistep_cuda.cu", _UPDATE_PACKETWISE, _UPDATE_ELEMENTWISE, True),
+    ("adjoint's scalar fallback gives each thread every kThreads-th element, not its packets",
+     "cuda/adjoint_cuda.cu", _ADJOINT_PACKETWISE, _ADJOINT_ELEMENTWISE, True),
     ("forward walks a history term laid out otherwise as if in x's layout", "cuda/multistep_cuda.cu",
      "for (const auto& m : history) hist.push_back(in_layout_of(m, x));",
      "for (const auto& m : history) hist.push_back(m);", True),
