@@ -31,7 +31,17 @@ def test_cond_key_is_part_of_the_call_settings_without_guidance_too():
     assert "cond_key" not in model_call_settings(ld3_ext.wrap_model(_ClassNet(), s))  # the default: old caches hold
 
 
-def test_a_resume_with_another_uncond_is_refused(tmp_path):
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_round_1(trainer, info):
+    if info.get("round", 0) >= 2:  # after round 1's checkpoint
+        raise _Stop
+
+
+def _guided_run(tmp_path):
+    """A guided model, its data and the trainer settings the resume tests share."""
     s = ld3_ext.VPLinear()
     model = ld3_ext.wrap_model(_ClassNet(), s, cond_key="y", guidance_scale=3.0)
     g = torch.Generator().manual_seed(0)
@@ -40,13 +50,12 @@ def test_a_resume_with_another_uncond_is_refused(tmp_path):
     common = dict(solver=ld3_ext.DPMSolverPP(order=2), nfe=3, sample_shape=(3, 4, 4), n_train=6, n_valid=4,
                   time_mode="time", init="time_uniform", rounds_v1=1, rounds_v2=1, progress=False,
                   checkpoint_dir=str(tmp_path))
+    return model, noise, target, cond, common
 
-    class Stop(Exception):
-        pass
 
-    def stop(trainer, info):
-        if info.get("round", 0) >= 2:  # after round 1's checkpoint
-            raise Stop
+def test_a_resume_with_another_uncond_is_refused(tmp_path):
+    model, noise, target, cond, common = _guided_run(tmp_path)
+    stop, Stop = _stop_after_round_1, _Stop
     with pytest.raises(Stop):
         ld3_ext.LD3Trainer(model, uncond=torch.tensor([5]), callback=stop, **common).fit(noise, target, cond=cond)
     with pytest.raises(CheckpointMismatchError, match="differs in: uncond_sha256"):
@@ -58,21 +67,8 @@ def test_a_resume_with_another_uncond_is_refused(tmp_path):
 def test_a_guided_checkpoint_from_before_the_uncond_digest_resumes_with_a_warning(tmp_path, monkeypatch):
     """Checkpoints written before uncond_sha256 was recorded were refused as another run ("differs in:
     uncond_sha256") even with the same uncond (diff review): they resume, with a warning that it is unchecked."""
-    s = ld3_ext.VPLinear()
-    model = ld3_ext.wrap_model(_ClassNet(), s, cond_key="y", guidance_scale=3.0)
-    g = torch.Generator().manual_seed(0)
-    noise, target = torch.randn(10, 3, 4, 4, generator=g), torch.randn(10, 3, 4, 4, generator=g) * 0.5
-    cond = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
-    common = dict(solver=ld3_ext.DPMSolverPP(order=2), nfe=3, sample_shape=(3, 4, 4), n_train=6, n_valid=4,
-                  time_mode="time", init="time_uniform", rounds_v1=1, rounds_v2=1, progress=False,
-                  checkpoint_dir=str(tmp_path))
-
-    class Stop(Exception):
-        pass
-
-    def stop(trainer, info):
-        if info.get("round", 0) >= 2:
-            raise Stop
+    model, noise, target, cond, common = _guided_run(tmp_path)
+    stop, Stop = _stop_after_round_1, _Stop
     new_settings = ld3_ext.LD3Trainer.settings
     with monkeypatch.context() as m:  # the older writer: no digest in its settings
         m.setattr(ld3_ext.LD3Trainer, "settings",
