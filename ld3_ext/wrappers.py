@@ -586,6 +586,31 @@ def outputs_read_later(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor) 
     return torch.is_grad_enabled() and (x.requires_grad or table.requires_grad or out.requires_grad)
 
 
+class OutputLedger:
+    """The network outputs one solve keeps, checked as each arrives (``check_fresh_output``), in one place for
+    every solver loop: when a backward will read every output (``outputs_read_later``) the new one may overlap none
+    saved so far, else only those the next updates read (``still_read``, the caller's history slice).  ``on``
+    False (a model wrapped with ``check_output=False``) admits everything unchecked."""
+
+    __slots__ = ("on", "saved")
+
+    def __init__(self, on: bool, saved: Sequence[torch.Tensor] = ()):
+        self.on = on
+        self.saved: List[torch.Tensor] = list(saved)  # every output so far, while a backward will read them
+
+    def admit(self, out: torch.Tensor, step: int, x: torch.Tensor, table: torch.Tensor,
+              still_read: Sequence[torch.Tensor]) -> None:
+        """Refuse ``out`` (the output of evaluation ``step``, read with state ``x`` and coefficient ``table``) if
+        it lies in the memory of an output still read; keep it while a backward will read it."""
+        if not self.on:
+            return
+        if outputs_read_later(x, table, out):
+            check_fresh_output(out, self.saved, step)
+            self.saved.append(out)
+        else:
+            check_fresh_output(out, still_read, step)
+
+
 def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
     """[first byte, one past the last byte] that ``t``'s elements occupy (empty for a tensor without elements)."""
     if t.numel() == 0:

@@ -233,3 +233,29 @@ def test_separate_slots_of_one_tensor_are_not_an_overwrite_and_inference_mode_is
         with torch.inference_mode():
             got = solver.sample(ld3_ext.wrap_model(slotted(), s, prediction=pred), x, t)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_output_ledger_keeps_outputs_only_while_a_backward_will_read_them():
+    # the one helper every per-step solver loop uses (wrappers.OutputLedger)
+    from ld3_ext.wrappers import OutputLedger
+    buf = torch.zeros(2, 3)
+    table = torch.zeros(1, 2)
+    x = torch.ones(2, 3)
+    ledger = OutputLedger(True)
+    ledger.admit(buf, 0, x, table, [])
+    assert ledger.saved == []  # no gradients: nothing kept
+    ledger.admit(buf, 1, x, table, [torch.ones(2, 3)])  # overlaps only an output nobody reads any more
+    with pytest.raises(ModelOutputError, match="at step 2"):
+        ledger.admit(buf, 2, x, table, [buf])
+    xg = x.clone().requires_grad_()
+    ledger = OutputLedger(True)
+    ledger.admit(buf, 0, xg, table, [])
+    assert len(ledger.saved) == 1
+    with pytest.raises(ModelOutputError, match="at step 1"):
+        ledger.admit(buf, 1, xg, table, [])  # the backward still reads step 0's output
+    with torch.no_grad():
+        OutputLedger(True, saved=[buf]).admit(buf, 1, xg, table, [])  # no backward will read it
+    off = OutputLedger(False)
+    off.admit(buf, 0, xg, table, [])
+    off.admit(buf, 1, xg, table, [buf])
+    assert off.saved == []

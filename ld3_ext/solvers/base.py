@@ -18,8 +18,8 @@ from ..coefficients import SolverSpec, step_orders
 from ..layout import in_layout_of
 from ..ops import _layout_text, _vmapped
 from ..schedules import NoiseSchedule
-from ..wrappers import (DiffusionModel, _capturing, _compiling, check_fresh_output, half_time_on_range,
-                        outputs_read_later, require_diffusion_model)
+from ..wrappers import (DiffusionModel, OutputLedger, _capturing, _compiling, half_time_on_range,
+                        require_diffusion_model)
 
 
 def _fail(name: str, msg: str):
@@ -424,20 +424,14 @@ class MultistepSolver(Solver):
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = []  # newest first
-        saved: List[torch.Tensor] = []  # every output, while a backward will read them
-        fresh = model._fresh_checks_on()
+        ledger = OutputLedger(model._fresh_checks_on())
         rows = table_rows(coef, 0)
         entry = self._history_entry_fn()
         for i in range(1, n + 1):
             out = first if i == 1 and first is not None else self._evaluate(model, x, tm[i - 1], i - 1, kwargs, returns)
             p = orders[i - 1]
             val = entry(out[idx], x)
-            if fresh:
-                if outputs_read_later(x, coef, val):
-                    check_fresh_output(val, saved, i - 1)
-                    saved.append(val)
-                else:
-                    check_fresh_output(val, history[:p - 1], i - 1)
+            ledger.admit(val, i - 1, x, coef, history[:p - 1])
             history.insert(0, val)
             del history[spec.order:]
             x = ops.multistep_update(x, rows[i - 1], history[:p], self.backend)

@@ -20,7 +20,7 @@ import torch
 
 from .. import adjoint, ops
 from .._checks import count, flag
-from ..wrappers import check_fresh_output, outputs_read_later
+from ..wrappers import OutputLedger
 from .base import Solver, table_rows
 
 
@@ -151,19 +151,13 @@ class Heun(Solver):
             except adjoint.ForeignGradients:
                 pass
         history: List[torch.Tensor] = []  # newest first
-        saved: List[torch.Tensor] = []  # every output, while a backward will read them
-        fresh = model._fresh_checks_on()
+        ledger = OutputLedger(model._fresh_checks_on())
         rows = table_rows(table, 0)
         entry = self._history_entry_fn()
         for k, p in enumerate(orders):
             out = first if k == 0 and first is not None else self._evaluate(model, x, tm2[k], k, kwargs, view)[idx]
             val = entry(out, x)
-            if fresh:
-                if outputs_read_later(x, table, val):
-                    check_fresh_output(val, saved, k)
-                    saved.append(val)
-                else:
-                    check_fresh_output(val, history[:p - 1], k)
+            ledger.admit(val, k, x, table, history[:p - 1])
             history.insert(0, val)
             del history[2:]
             x = ops.multistep_update(x, rows[k], history[:p], self.backend)

@@ -7,7 +7,7 @@ import torch
 
 from .. import adjoint, ops
 from ..coefficients import SolverSpec, check_flag, step_orders
-from ..wrappers import check_fresh_output, outputs_read_later
+from ..wrappers import OutputLedger
 from .base import MultistepSolver, table_rows
 
 
@@ -65,8 +65,7 @@ class UniPC(MultistepSolver):
         if first is None:
             first = self._evaluate(model, x, tm[0], 0, kwargs, "x0")[0]
         history: List[torch.Tensor] = [entry(first, x)]
-        fresh = model._fresh_checks_on()
-        saved: List[torch.Tensor] = list(history)  # every output, while a backward will read them
+        ledger = OutputLedger(model._fresh_checks_on(), saved=history)
         predictor, corrector = table_rows(coef, 0), table_rows(coef, 1)
         for i in range(1, n + 1):
             p = orders[i - 1]
@@ -74,12 +73,8 @@ class UniPC(MultistepSolver):
             if i == n:
                 return x_pred
             d_new = entry(self._evaluate(model, x_pred, tm[i], i, kwargs, "x0")[0], x_pred)
-            if fresh:
-                if outputs_read_later(x_pred, coef, d_new):
-                    check_fresh_output(d_new, saved, i)
-                    saved.append(d_new)
-                else:  # the corrector reads the p earlier outputs (and the next predictor those it keeps)
-                    check_fresh_output(d_new, history[:p] if self.use_corrector else history[:orders[i] - 1], i)
+            # without a backward: the corrector reads the p earlier outputs (and the next predictor those it keeps)
+            ledger.admit(d_new, i, x_pred, coef, history[:p] if self.use_corrector else history[:orders[i] - 1])
             if self.use_corrector:
                 x = ops.multistep_update(x, corrector[i - 1], [d_new] + history[:p], self.backend)
             else:
