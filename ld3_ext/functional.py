@@ -50,7 +50,7 @@ from .schedules import EDM
 from .solvers import DPMSolverPP, Euler, Heun, IPNDM, Solver, UniPC
 from ._finite import all_finite
 from .solvers.base import check_model_kwargs, validate_timesteps
-from .wrappers import DiffusionModel, _capturing, _compiling, require_diffusion_model
+from .wrappers import DiffusionModel, _capturing, _compiling, require_diffusion_model, snap_onto_ends
 
 SOLVER_NAMES: Dict[str, Callable[..., Solver]] = {
     "euler": lambda **kw: Euler(**kw),
@@ -352,9 +352,7 @@ def _snap_to_range(sig: torch.Tensor, lo: float, hi: float, eps: Optional[float]
     hold the range's ends (Stable Diffusion's sigma_max 14.6146 is 14.625 in bfloat16, 14.617 in float16), so a
     half state was refused at its first step."""
     e = eps if eps is not None else _eps_of(sig)
-    sig = sig.to(torch.float64)
-    sig = torch.where((sig > hi) & (sig <= hi * (1 + e)), torch.full_like(sig, hi), sig)
-    return torch.where((sig < lo) & (sig >= lo * (1 - e)), torch.full_like(sig, lo), sig)
+    return snap_onto_ends(sig, lo, hi, lo * (1 - e), hi * (1 + e))  # sigmas: relative round-off
 
 
 def _eps_of(values) -> float:

@@ -537,10 +537,16 @@ def half_time_on_range(schedule: NoiseSchedule, t):
     if not isinstance(t, torch.Tensor) or t.dtype not in _HALF or not isinstance(schedule, NoiseSchedule):
         return t
     lo, hi = schedule.t_min, schedule.t_max
-    tol = torch.finfo(t.dtype).eps * max(abs(lo), abs(hi), 1.0)
-    t = t.to(torch.float64)
-    t = torch.where((t > hi) & (t <= hi + tol), torch.full_like(t, hi), t)
-    return torch.where((t < lo) & (t >= lo - tol), torch.full_like(t, lo), t)
+    tol = torch.finfo(t.dtype).eps * max(abs(lo), abs(hi), 1.0)  # times: absolute (t_min may be 0)
+    return snap_onto_ends(t, lo, hi, lo - tol, hi + tol)
+
+
+def snap_onto_ends(v: torch.Tensor, lo: float, hi: float, below: float, above: float) -> torch.Tensor:
+    """``v`` in float64 with values in [below, lo) put on lo and in (hi, above] on hi: a round-off past the range
+    (the caller's tolerance rule says how far) is the range's end, anything further stays to be refused."""
+    v = v.to(torch.float64)
+    v = torch.where((v > hi) & (v <= above), torch.full_like(v, hi), v)
+    return torch.where((v < lo) & (v >= below), torch.full_like(v, lo), v)
 
 
 def check_fresh_output(entry: torch.Tensor, read: Sequence[torch.Tensor], step: Optional[int] = None) -> None:
