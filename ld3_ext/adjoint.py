@@ -218,7 +218,9 @@ def _if_drawn(snapshot, device: torch.device):
     """``snapshot`` if an evaluation made since drew random numbers (the generators moved), else None: nothing to
     replay, so a backward re-evaluating a deterministic network never sets the process-wide generators back (it
     did, under fork_rng: another thread drawing noise meanwhile got numbers it had already drawn, and a seeded
-    thread sampling with dropout other samples; concurrency audit)."""
+    thread sampling with dropout other samples; concurrency audit).  The states compared are process-wide: another
+    thread drawing during the evaluation makes it count as drawn (a replay that changes nothing for a deterministic
+    network; telling the threads apart would mean watching every op the network runs)."""
     if snapshot is None:
         return None
     now = _rng_snapshot(device)

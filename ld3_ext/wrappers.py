@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import contextlib
+import numbers
 import threading
 
+import numpy as np
 import torch
 
 from ._checks import flag, guidance
@@ -475,10 +477,13 @@ class DiffusionModel(torch.nn.Module):
         ``ld3_ext.to_denoiser(model)`` (it read sigma as t, extrapolated past t_max, silently, at batch size 1)."""
         # one read-back: on a GPU only where the output checks read back anyway (a model(x, t) loop stays sync-free
         # with check_output=False)
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= 1 \
+        if isinstance(t, (np.ndarray, np.generic)):
+            # np.float32(80.8) is no float and a 0-d array no number: both skipped every check (diff review)
+            t = torch.as_tensor(t)
+        if isinstance(t, torch.Tensor) and _real_time_dtype(t) and t.numel() >= 1 \
                 and (t.device.type == "cpu" or self._checks_on()) and not (_compiling() or _capturing() or _vmapped(t)):
             _check_call_time(self.schedule, t)  # a half t an ulp past an end passes: predict puts it on that end
-        elif isinstance(t, (int, float)) and not isinstance(t, bool) and not _compiling():
+        elif isinstance(t, numbers.Real) and not isinstance(t, bool) and not _compiling():
             # the same check for a plain number (let through before; diff review), in Python: no tensor read back
             _check_time_value(self.schedule, float(t), torch.finfo(torch.float64).eps)
         return self.x0(x, t, **kw)
@@ -650,7 +655,13 @@ def _check_call_time(schedule: NoiseSchedule, t: torch.Tensor) -> None:
     if td.numel() > 1 and not bool((td == td[0]).all()):
         raise ValueError(f"t holds {td.numel()} different times: {hint}")
     # a half-precision t rounds an end by up to an ulp there (bfloat16 makes FlowMatching's t_max 0.999 a 1.0)
-    _check_time_value(schedule, float(td[0]), torch.finfo(t.dtype).eps)
+    _check_time_value(schedule, float(td[0]), torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0)
+
+
+def _real_time_dtype(t: torch.Tensor) -> bool:
+    """A floating or integer time (an integer one is read as that number, as predict reads it); bool and complex
+    are predict's to refuse."""
+    return t.is_floating_point() or not (t.is_complex() or t.dtype == torch.bool)
 
 
 def _check_time_value(schedule: NoiseSchedule, v: float, eps: float) -> None:

@@ -126,6 +126,28 @@ def test_the_module_call_checks_a_plain_number_time_as_a_tensor_one():
     torch.testing.assert_close(model(x, 0.5), model(x, torch.tensor(0.5, dtype=torch.float64)), rtol=0, atol=0)
 
 
+def test_the_module_call_checks_numpy_and_integer_times_too():
+    """np.float32 is no float and a 0-d array no number, an integer tensor no floating one: all three skipped every
+    check and gave an extrapolated x0 (diff review)."""
+    import numpy as np
+    from fractions import Fraction
+    s = ld3_ext.EDM()
+    model = ld3_ext.wrap_model(lambda x, t: torch.tanh(x) * 0.1, s, prediction="x0")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for bad in (np.float32(80.8), np.float64(80.8), np.array(80.8), np.array([80.8]), np.int64(81),
+                torch.tensor(81), Fraction(161, 2)):
+        with pytest.raises(ValueError, match="is outside the schedule's times"):
+            model(x, bad)
+    ref = model(x, torch.tensor(0.5, dtype=torch.float64))
+    for good in (np.float32(0.5), np.array(0.5), Fraction(1, 2)):
+        torch.testing.assert_close(model(x, good), ref, rtol=0, atol=0)
+    torch.testing.assert_close(model(x, torch.tensor(1)), model(x, 1.0), rtol=0, atol=0)
+    # float32 round-off of an end passes, as for a float32 tensor
+    assert torch.isfinite(model(x, np.float32(s.t_max))).all()
+    with pytest.raises(TypeError, match="real time"):
+        model(x, np.array(True))
+
+
 @pytest.mark.parametrize("call", ["solver", "trainer", "teacher", "to_denoiser"])
 def test_a_plain_network_is_named_with_the_prediction_a_denoiser_takes(call, tmp_path):
     net = _ConvDenoiser()
