@@ -101,6 +101,20 @@ def test_first_logit_is_inert():
     assert p.xi.grad[1:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_model_time_shifts_are_refused_like_non_finite_logits(bad):
+    """clamp kept a NaN xi_c: a NaN model time reached the solver, which raised a ValueError, so training's
+    last-good-schedule rescue (it catches FloatingPointError) did not run (LD3 training audit)."""
+    p = TimeParameterization(EDM(), 4)
+    with torch.no_grad():
+        p.xi_c[2] = bad
+    with pytest.raises(FloatingPointError, match="xi_c are not finite"):
+        p()
+    p.decoupled = False  # not read without decoupled times
+    t, tm = p()
+    assert torch.equal(t, tm)
+
+
 def test_lambda_window_is_half_the_smallest_lambda_gap():
     s = EDM()
     p = TimeParameterization(s, 4, init="edm")
