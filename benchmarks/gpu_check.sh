@@ -43,7 +43,7 @@ log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$RESULTS/summary.log";
 if ! timeout "$(left 60)" "$PY" - >> "$RESULTS/summary.log" 2>&1 <<'PYEOF'
 import importlib.util, os, re, shutil, subprocess, sys, sysconfig
 import torch
-missing = [m for m in ("scikit_build_core", "pybind11", "ninja", "pytest", "numpy") if importlib.util.find_spec(m) is None]
+missing = [m for m in ("pip", "scikit_build_core", "pybind11", "ninja", "pytest", "numpy") if importlib.util.find_spec(m) is None]
 missing += [c for c in ("cmake", "nvcc") if shutil.which(c) is None]
 if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
     missing.append("the Python headers (Python.h)")
@@ -73,7 +73,9 @@ fi
 log "build"
 ARCH="$(timeout "$(left 30)" "$PY" -c 'import torch; p=torch.cuda.get_device_capability(); print(f"{p[0]}{p[1]}")' 2>/dev/null || echo 90)"
 export LD3_WITH_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}"
-if ! timeout "$(left 150)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v \
+# PIP_BREAK_SYSTEM_PACKAGES: a distro python3 (PEP 668 "externally managed") refuses any install otherwise, and
+# the one GPU session would end at this step
+if ! PIP_BREAK_SYSTEM_PACKAGES=1 timeout "$(left 150)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v \
      --config-settings=cmake.define.LD3_CUDA_ARCHS="$ARCH" . > "$RESULTS/build.log" 2>&1; then
   log "BUILD FAILED (see build.log)"; tail -30 "$RESULTS/build.log"; exit 1
 fi
