@@ -19,6 +19,8 @@ def _defer_signals():
     old = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # ignored by the parent (a background job of a script: POSIX ignores SIGINT there)
             old[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
     except ValueError:  # not the main thread: nothing to defer
         pass

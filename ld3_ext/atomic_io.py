@@ -117,7 +117,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace + dir fsync).  Temp files of earlier
     writes of ``path`` that were killed (SIGKILL, power loss) are removed after a successful write.  A symlink is
     followed: its target is rewritten and the link kept."""
-    path = os.path.realpath(os.fspath(path))
+    given = os.fspath(path)
+    path = os.path.realpath(given)
     if os.path.isdir(path):  # else os.replace fails late, naming the temp file as well
         raise IsADirectoryError(errno.EISDIR, "is a folder; give the name of a file to write (inside it or beside "
                                 "it)", path)
@@ -137,10 +138,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None and exc.strerror:
-            # a full disk (ENOSPC from write or fsync) names no file by itself; only an errno-style error prints
-            # its filename (one made from a bare message would print as "[Errno None] None: path")
-            exc.filename = path
+        if isinstance(exc, OSError) and exc.errno is not None and exc.strerror and \
+                (exc.filename is None or os.path.basename(os.fsdecode(exc.filename)).startswith(prefix)):
+            # a full disk (ENOSPC from write or fsync) names no file by itself, and a read-only folder names the
+            # temp file (one that never existed): name the file written, and a link's target beside it.  Only an
+            # errno-style error prints its filename (one made from a bare message would print "[Errno None] None")
+            exc.filename = given
+            exc.filename2 = path if os.path.abspath(given) != path else None
         # never leave a stray temp file behind (also on KeyboardInterrupt)
         if tmp is not None:
             try:

@@ -369,8 +369,17 @@ def _check_out_dir(path: str, files: Tuple[str, ...] = ()) -> None:
     except OSError as exc:
         raise UsageError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
     for name in files:
-        if os.path.isdir(os.path.join(path, name)):
-            raise UsageError(f"--out: {os.path.join(path, name)} is a folder; {name} cannot be written there")
+        target = os.path.join(path, name)
+        if os.path.isdir(target):
+            raise UsageError(f"--out: {target} is a folder; {name} cannot be written there")
+        real = os.path.realpath(target)
+        if os.path.islink(target) and os.path.dirname(real) != os.path.realpath(path):
+            # a link's target is what is rewritten, in its own folder: a read-only one failed after the whole run
+            try:
+                check_writable_dir(os.path.dirname(real))
+            except OSError as exc:
+                raise UsageError(f"--out: {target} links to {real}, whose folder cannot be written "
+                                 f"({exc.strerror or exc})") from None
 
 
 def _missing_folders(path: str) -> List[str]:
@@ -669,11 +678,21 @@ def _keep_replaced_schedule(path: str) -> Optional[str]:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
     target, k = f"{stem}.stale-{stamp}{ext}", 1
     while os.path.lexists(target):
+        if _holds(target, data):  # kept already, by a run that was interrupted or failed before its own write
+            return target
         k += 1
         target = f"{stem}.stale-{stamp}-{k}{ext}"
     from .atomic_io import atomic_write_bytes
     atomic_write_bytes(target, data)
     return target
+
+
+def _holds(path: str, data: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read() == data
+    except OSError:
+        return False
 
 
 def _set_aside_stale_eval(out: str, schedule_path: str, replaced_sha: Optional[str],
@@ -699,17 +718,10 @@ def _set_aside_stale_eval(out: str, schedule_path: str, replaced_sha: Optional[s
                                                                                   schedule_path)
     if not of_replaced:
         return []
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(record_path)))
     names = [n for n in EVAL_OUTPUTS if os.path.exists(os.path.join(out, n))]
-    suffix, k = f"stale-{stamp}", 1
-    while any(os.path.lexists(os.path.join(out, _stale_name(n, suffix))) for n in EVAL_OUTPUTS):
-        k += 1  # never over an earlier set aside result
-        suffix = f"stale-{stamp}-{k}"
-    moved = []
+    moved: List[str] = []
     try:
-        for n in sorted(names, key=lambda n: n == "eval.json"):  # eval.json last: an interrupt leaves it to be found
-            os.replace(os.path.join(out, n), os.path.join(out, _stale_name(n, suffix)))
-            moved.append(os.path.join(out, _stale_name(n, suffix)))
+        suffix = _rename_aside(out, names, record_path, moved)
     except OSError as exc:  # the new schedule is written: the run did not fail
         print(f"warning: {record_path} evaluated the schedule this training replaced and could not be renamed "
               f"({exc.strerror or exc}); its numbers are not of {schedule_path}", file=sys.stderr)
@@ -717,6 +729,58 @@ def _set_aside_stale_eval(out: str, schedule_path: str, replaced_sha: Optional[s
     print(f"note: {', '.join(names)} in {out} evaluated the schedule this training replaced: renamed to "
           f"*.{suffix}.* (run `ld3 eval --out {out}` for the new one)", file=sys.stderr)
     return moved
+
+
+def _rename_aside(out: str, names: List[str], stamp_of: str, moved: List[str]) -> str:
+    """Rename ``names`` (eval outputs in ``out``) to ``NAME.stale-STAMP.EXT``, STAMP the time ``stamp_of`` was
+    written, never over an earlier set-aside result; appends each new path to ``moved`` and returns the suffix.
+    eval.json goes last: an interrupt leaves it to be found.  Raises the OSError of a rename that failed."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(stamp_of)))
+    suffix, k = f"stale-{stamp}", 1
+    while any(os.path.lexists(os.path.join(out, _stale_name(n, suffix))) for n in EVAL_OUTPUTS):
+        k += 1
+        suffix = f"stale-{stamp}-{k}"
+    for n in sorted(names, key=lambda n: n == "eval.json"):
+        os.replace(os.path.join(out, n), os.path.join(out, _stale_name(n, suffix)))
+        moved.append(os.path.join(out, _stale_name(n, suffix)))
+    return suffix
+
+
+def _set_aside_other_eval(out: str, evaluated: str) -> None:
+    """Before `ld3 eval` writes into ``out``: an eval.json there of another schedule (``--schedule X --out DIR``
+    over DIR's evaluation of its own schedule) and its figures are renamed to ``*.stale-STAMP.*``, not replaced
+    without a word (crash-safety audit).  One of this schedule, or one that records no schedule, is rewritten."""
+    record_path = os.path.join(out, "eval.json")
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return
+    earlier = record.get("schedule_sha256") if isinstance(record, dict) else None
+    if not isinstance(earlier, str) or earlier == evaluated:
+        return
+    names = [n for n in EVAL_OUTPUTS if os.path.exists(os.path.join(out, n))]
+    try:
+        suffix = _rename_aside(out, names, record_path, [])
+    except OSError as exc:  # the writes below will say what is wrong with --out
+        print(f"warning: {record_path} evaluated another schedule and could not be renamed ({exc.strerror or exc})",
+              file=sys.stderr)
+        return
+    print(f"note: {', '.join(names)} in {out} evaluated another schedule ({record.get('schedule_file')}, sha256 "
+          f"{earlier[:12]}...): renamed to *.{suffix}.*", file=sys.stderr)
+
+
+def _set_aside_unwritten_figures(out: str, paths: List[str]) -> None:
+    """After eval.json was written and a figure was not: the earlier figures still there are set aside, so no
+    figure of another evaluation sits beside the new numbers (best effort: the run is failing already)."""
+    names = [os.path.basename(p) for p in paths if os.path.exists(p)]
+    try:
+        if names:
+            suffix = _rename_aside(out, names, os.path.join(out, names[0]), [])
+            print(f"note: {', '.join(names)} in {out} are of an earlier evaluation: renamed to *.{suffix}.*",
+                  file=sys.stderr)
+    except OSError:
+        pass
 
 
 def _stale_name(name: str, suffix: str) -> str:
@@ -833,15 +897,23 @@ def cmd_eval(args) -> int:
     if _file_sha256(path) != evaluated:  # a training replaced it meanwhile: eval.json's sha256 says which was run
         print(f"warning: {path} was replaced during this evaluation; {p0} is of the schedule it held before "
               f"(sha256 {evaluated[:12]}...)", file=sys.stderr)
+    _set_aside_other_eval(args.out, evaluated)
     try:
         figures = {p1: schedule_plot_png(grids, schedule, errors=curves),
                    p2: sample_grid_png({"teacher": target, **samples})}
     except Exception:
         atomic_write_text(p0, numbers)
+        _set_aside_unwritten_figures(args.out, [p1, p2])
         raise
     atomic_write_text(p0, numbers)
-    for figure_path, png in figures.items():
-        atomic_write_bytes(figure_path, png)
+    unwritten = list(figures)
+    try:
+        for figure_path in list(unwritten):
+            atomic_write_bytes(figure_path, figures[figure_path])
+            unwritten.remove(figure_path)
+    except BaseException:  # a full disk, Ctrl-C: this run's numbers beside an earlier run's figure otherwise
+        _set_aside_unwritten_figures(args.out, unwritten)
+        raise
     _say(f"wrote {p0}, {p1}, {p2}")
     return 0
 

@@ -1,5 +1,6 @@
 """`ld3` edges: an eval.json of a schedule that a training replaced, Ctrl-C during the start-up imports, --out
 checked before the work of `ld3 teacher` and `ld3 export-diffusers`, and --scheduler-config errors."""
+import errno
 import hashlib
 import json
 import re
@@ -697,3 +698,84 @@ def test_an_output_file_that_is_a_folder_is_refused_before_the_work(tmp_path, ca
                                                    if cmd == "eval" else ["--model", "gmm:ring2d"])
     rc, _, err = _run(argv, capsys)
     assert rc == 2 and f"--out: {out / name} is a folder; {name} cannot be written there" in err, err
+
+
+# ------------------------------------------------------------------------------------------------
+# crash-safety audit
+def test_a_schedule_kept_once_is_not_kept_again_by_each_interrupted_rerun(tmp_path):
+    """Each run interrupted before its own write added one more identical schedule.stale-* copy."""
+    from ld3_ext import cli
+    p = tmp_path / "schedule.json"
+    p.write_bytes(b'{"a": 1}')
+    first = cli._keep_replaced_schedule(str(p))
+    assert cli._keep_replaced_schedule(str(p)) == first  # the same bytes: that copy
+    assert _stale(tmp_path) == [os.path.basename(first)]
+    p.write_bytes(b'{"a": 2}')  # another schedule (same mtime second possible): a copy of its own
+    os.utime(p, (os.path.getmtime(first), os.path.getmtime(first)))
+    second = cli._keep_replaced_schedule(str(p))
+    assert second != first and open(second, "rb").read() == b'{"a": 2}' and len(_stale(tmp_path)) == 2
+
+
+def test_an_output_linked_into_an_unwritable_folder_is_refused_before_the_work(tmp_path, monkeypatch):
+    """schedule.json a link into a read-only folder: the whole training ran, then failed naming a temp file."""
+    from ld3_ext import atomic_io, cli
+    ro, out = tmp_path / "ro", tmp_path / "out"
+    ro.mkdir()
+    out.mkdir()
+    os.symlink(ro / "keep.json", out / "schedule.json")
+    real = atomic_io.check_writable_dir
+
+    def check(path):
+        if os.path.realpath(path) == os.path.realpath(ro):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(path)
+    monkeypatch.setattr(atomic_io, "check_writable_dir", check)
+    with pytest.raises(cli.UsageError, match=r"schedule.json links to .*keep.json, whose folder cannot be written"):
+        cli._check_out_dir(str(out), ("schedule.json",))
+    cli._check_out_dir(str(out), ("eval.json",))  # a plain name there is fine
+    os.unlink(out / "schedule.json")
+    os.symlink(tmp_path / "elsewhere.json", out / "schedule.json")  # a writable target folder
+    cli._check_out_dir(str(out), ("schedule.json",))
+
+
+def test_eval_of_another_schedule_sets_aside_the_evaluation_it_would_replace(tmp_path, capsys):
+    """`ld3 eval --schedule X --out DIR` replaced DIR's evaluation of DIR's own schedule without a word."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(TRAIN + ["--init", "logsnr", "--out", str(a)], capsys)[0] == 0
+    assert _run(TRAIN + ["--init", "edm", "--out", str(b)], capsys)[0] == 0
+    assert _run(EVAL + ["--out", str(a)], capsys)[0] == 0
+    earlier = {name: (a / name).read_bytes() for name in EVAL_FILES}
+    assert _run(EVAL + ["--out", str(a), "--seed", "3"], capsys)[0] == 0  # the same schedule again: rewritten
+    assert _stale(a) == []
+    earlier = {name: (a / name).read_bytes() for name in EVAL_FILES}
+    rc, _, err = _run(EVAL + ["--out", str(a), "--schedule", str(b / "schedule.json")], capsys)
+    assert rc == 0 and "evaluated another schedule" in err
+    assert json.loads((a / "eval.json").read_text())["schedule_sha256"] == _sha256(b / "schedule.json")
+    stale = _stale(a)
+    assert len(stale) == 3
+    kept = {name: next((a / f).read_bytes() for f in stale if f.startswith(name.split(".")[0] + ".stale-"))
+            for name in EVAL_FILES}
+    assert kept == earlier
+
+
+def test_a_figure_that_cannot_be_written_leaves_no_earlier_figure_beside_the_new_numbers(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """A full disk at the last figure left this run's eval.json beside the previous run's eval_samples.png."""
+    from ld3_ext import atomic_io
+    out = tmp_path / "o"
+    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    old_samples, old_record = (out / "eval_samples.png").read_bytes(), (out / "eval.json").read_bytes()
+    real = atomic_io.atomic_write_bytes
+
+    def full(path, data):
+        if str(path).endswith("eval_samples.png"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, data)
+    monkeypatch.setattr(atomic_io, "atomic_write_bytes", full)
+    rc, _, err = _run(EVAL + ["--out", str(out), "--seed", "5"], capsys)
+    assert rc == 1 and "of an earlier evaluation" in err
+    assert (out / "eval.json").read_bytes() != old_record and (out / "schedules.png").exists()
+    assert not (out / "eval_samples.png").exists()
+    (kept,) = [f for f in _stale(out) if f.startswith("eval_samples.stale-")]
+    assert (out / kept).read_bytes() == old_samples

@@ -280,3 +280,30 @@ def test_a_rank_without_a_distributed_launch_runs_the_command(world, capsys, mon
     assert _exit_status(["info"]) == 0
     captured = capsys.readouterr()
     assert "rank 0 runs" not in captured.err and captured.out.strip()
+
+
+def test_a_sigint_the_parent_ignores_stays_ignored_during_the_imports():
+    """A background job of a script starts with SIGINT ignored (POSIX); the import-time deferral put a handler in
+    its place, so a Ctrl-C to the process group during the imports stopped the job (130) and one later did not
+    (crash-safety audit)."""
+    code = r"""
+import os, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.argv[0] = "ld3"   # the deferral is the console script's only
+import torch          # the slow part first: the signals below land in ld3_ext's own imports
+stop = False
+def pester():
+    while not stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.001)
+th = threading.Thread(target=pester, daemon=True)
+th.start()
+import ld3_ext
+stop = True
+th.join()
+assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+print("still running")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LD3_TRACEBACK": ""})
+    assert proc.returncode == 0 and "still running" in proc.stdout, proc.stdout + proc.stderr

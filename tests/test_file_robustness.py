@@ -142,8 +142,8 @@ def test_atomic_write_on_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_pa
         monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullFile(real_fdopen(fd, mode)))
     with pytest.raises(OSError) as info:
         atomic_write_json(str(p), {"a": 2})
-    assert info.value.errno == errno.ENOSPC and info.value.filename == os.path.realpath(p)
-    assert os.path.realpath(p) in str(info.value)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(p)
+    assert str(p) in str(info.value)
     assert [f.name for f in tmp_path.iterdir()] == ["s.json"]
     assert read_json_checked(str(p))["a"] == 1
 
@@ -167,6 +167,32 @@ def test_atomic_write_interrupted_at_chmod_closes_its_temp_file(tmp_path, monkey
     assert read_json_checked(str(p))["a"] == 1
     if before is not None:
         assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_write_refused_by_a_read_only_folder_names_the_file_not_the_temp_file(tmp_path, monkeypatch):
+    """A link into a read-only folder: the error named '.keep.json.wdu4me4g.tmp', a file that never existed
+    (crash-safety audit); it names the file written and the link's target."""
+    import tempfile
+    ro, out = tmp_path / "ro", tmp_path / "out"
+    ro.mkdir()
+    out.mkdir()
+    os.symlink(ro / "keep.json", out / "schedule.json")
+
+    def refused(prefix, suffix, dir):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir, prefix + "wdu4me4g" + suffix))
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(OSError) as info:
+        atomic_write_json(str(out / "schedule.json"), {"a": 1})
+    assert info.value.errno == errno.EROFS
+    assert info.value.filename == str(out / "schedule.json")
+    assert info.value.filename2 == os.path.realpath(ro / "keep.json")
+    assert ".tmp" not in str(info.value) and "keep.json" in str(info.value)
+    # an error naming another file (not the temp one) keeps its name
+    monkeypatch.setattr(tempfile, "mkstemp", lambda prefix, suffix, dir: (_ for _ in ()).throw(
+        OSError(errno.EACCES, os.strerror(errno.EACCES), "/elsewhere")))
+    with pytest.raises(OSError) as info:
+        atomic_write_json(str(tmp_path / "plain.json"), {"a": 1})
+    assert info.value.filename == "/elsewhere"
 
 
 def test_atomic_write_through_a_symlink_rewrites_its_target(tmp_path):
