@@ -477,8 +477,9 @@ class DiffusionModel(torch.nn.Module):
         ``ld3_ext.to_denoiser(model)`` (it read sigma as t, extrapolated past t_max, silently, at batch size 1)."""
         # one read-back: on a GPU only where the output checks read back anyway (a model(x, t) loop stays sync-free
         # with check_output=False)
-        if isinstance(t, (np.ndarray, np.generic)):
-            # np.float32(80.8) is no float and a 0-d array no number: both skipped every check (diff review)
+        if isinstance(t, (np.number, np.bool_)) or (isinstance(t, np.ndarray) and t.dtype.kind in "biufc"):
+            # np.float32(80.8) is no float and a 0-d array no number: both skipped every check (diff review);
+            # as the tensor they become, a bool or complex one is refused by predict as such
             t = torch.as_tensor(t)
         if isinstance(t, torch.Tensor) and _real_time_dtype(t) and t.numel() >= 1 \
                 and (t.device.type == "cpu" or self._checks_on()) and not (_compiling() or _capturing() or _vmapped(t)):

@@ -144,8 +144,12 @@ def test_the_module_call_checks_numpy_and_integer_times_too():
     torch.testing.assert_close(model(x, torch.tensor(1)), model(x, 1.0), rtol=0, atol=0)
     # float32 round-off of an end passes, as for a float32 tensor
     assert torch.isfinite(model(x, np.float32(s.t_max))).all()
-    with pytest.raises(TypeError, match="real time"):
-        model(x, np.array(True))
+    for bad in (np.array(True), np.bool_(True), np.complex128(1.0)):
+        with pytest.raises(TypeError, match="real time"):
+            model(x, bad)
+    for bad in (np.str_("0.5"), np.array(["0.5"])):  # not numbers: predict's own message
+        with pytest.raises(TypeError, match="t must be a number or a tensor"):
+            model(x, bad)
 
 
 @pytest.mark.parametrize("call", ["solver", "trainer", "teacher", "to_denoiser"])
