@@ -386,7 +386,9 @@ class DiffusionModel(torch.nn.Module):
             # a meta time failed later naming the solver's internal "coef"
             raise ValueError(f"predict: t is on {t.device} but x is on {x.device} (give t on x's device or the CPU)")
         if t.numel() != 1:  # one time for the whole batch: a [B] time would broadcast over x's last dimension
-            raise ValueError(f"predict: t must hold one time for the whole batch, got shape {tuple(t.shape)}")
+            raise ValueError(f"predict: t must hold one time for the whole batch, got shape {tuple(t.shape)}; "
+                             "k-diffusion samplers pass per-sample sigmas (sigma/alpha): give them "
+                             "ld3_ext.to_denoiser(model)")
         if t.dim() > 0:  # a [1, 1] time broadcast x0 to one more dimension than x (eps kept x's shape)
             t = t.reshape(())
         if not t.is_floating_point():  # an integer time: the schedules' knot tables would be cast to integers

@@ -95,6 +95,14 @@ def test_a_diffusion_model_handed_to_a_k_diffusion_sampler_is_refused_with_the_w
             K.sample_euler(model, x, sig, disable=True)
     out = K.sample_euler(F.to_denoiser(model), torch.ones(1, 3) * float(sig[0]), sig, disable=True)
     assert torch.isfinite(out).all()
+    # on EDM sigma is a time of the schedule, so no range check fires: a batch above 1 met predict's message,
+    # which named no way out (README walkthrough)
+    e = ld3_ext.EDM()
+    edm_model = wrap_model(lambda x, t: 0.5 * x, e, prediction="x0")
+    sig_e = LearnedSchedule(discretizations.edm(e, 4), solver_config=ld3_ext.Euler().config(), nfe=4,
+                            schedule_config=e.config()).to_k_diffusion()
+    with pytest.raises(ValueError, match=r"one time for the whole batch.*to_denoiser\(model\)"):
+        K.sample_euler(edm_model, torch.randn(2, 3) * float(sig_e[0]), sig_e, disable=True)
     # the module call itself at a time of the schedule, and at its ends, is unchanged
     x = torch.randn(2, 3)
     for tt in (torch.tensor(0.5), torch.tensor([s.t_min]), torch.tensor(s.t_max, dtype=torch.float64)):

@@ -236,8 +236,8 @@ def dmn(schedule: NoiseSchedule, nfe: int, order: int = 3, space: str = "pixel",
     at NFE 10).  Below NFE 8 the grid is a smooth local minimum of the bound, settled (to 1e-5 in lambda)
     within ~100 iterations.  From NFE 8 on (``trunc_num`` 0) the signed |.| sums make the bound non-smooth and
     trust-constr, as in LD3's port, stops at a kink that is not a local minimum, at a point that depends on
-    ``maxiter`` (EDM, pixel, NFE 10: bound 16.53 at 200 iterations, 16.49 at 1000; restarting from either
-    lowers it 1-2% more).
+    ``maxiter`` little (EDM, pixel, NFE 10, scipy 1.17: bound 21.23 at 200 iterations and at 1000; restarting
+    from the result lowers it to 16.3 and 14.2).
     """
     _check(schedule, nfe)
     _check_order(order)
