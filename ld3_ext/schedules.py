@@ -555,7 +555,9 @@ class VPDiscrete(NoiseSchedule):
     @classmethod
     def linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
                scaled: bool = True, **kw) -> "VPDiscrete":
-        """DDPM/LDM linear betas; ``scaled=True`` is the LDM/SD "scaled_linear" (linspace in sqrt beta)."""
+        """Linear betas: by default (``scaled=True``, SD's betas) the LDM/SD "scaled_linear" (linspace in sqrt
+        beta); ``scaled=False`` is DDPM's plain "linear" (linspace in beta, e.g. ``linear(1e-4, 0.02,
+        scaled=False)``)."""
         for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 < v < 1.0:
                 raise ValueError(f"VPDiscrete.linear: {name} must be a number in (0, 1), got {v!r}")
