@@ -897,14 +897,15 @@ def cmd_eval(args) -> int:
     if _file_sha256(path) != evaluated:  # a training replaced it meanwhile: eval.json's sha256 says which was run
         print(f"warning: {path} was replaced during this evaluation; {p0} is of the schedule it held before "
               f"(sha256 {evaluated[:12]}...)", file=sys.stderr)
-    _set_aside_other_eval(args.out, evaluated)
     try:
         figures = {p1: schedule_plot_png(grids, schedule, errors=curves),
                    p2: sample_grid_png({"teacher": target, **samples})}
     except Exception:
+        _set_aside_other_eval(args.out, evaluated)
         atomic_write_text(p0, numbers)
         _set_aside_unwritten_figures(args.out, [p1, p2])
         raise
+    _set_aside_other_eval(args.out, evaluated)
     atomic_write_text(p0, numbers)
     unwritten = list(figures)
     try:
@@ -912,7 +913,8 @@ def cmd_eval(args) -> int:
             atomic_write_bytes(figure_path, figures[figure_path])
             unwritten.remove(figure_path)
     except BaseException:  # a full disk, Ctrl-C: this run's numbers beside an earlier run's figure otherwise
-        _set_aside_unwritten_figures(args.out, unwritten)
+        # a write interrupted after its rename (the folder's fsync) put this run's figure in place already
+        _set_aside_unwritten_figures(args.out, [f for f in unwritten if not _holds(f, figures[f])])
         raise
     _say(f"wrote {p0}, {p1}, {p2}")
     return 0

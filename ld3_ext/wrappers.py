@@ -479,10 +479,16 @@ class DiffusionModel(torch.nn.Module):
         ``ld3_ext.to_denoiser(model)`` (it read sigma as t, extrapolated past t_max, silently, at batch size 1)."""
         # one read-back: on a GPU only where the output checks read back anyway (a model(x, t) loop stays sync-free
         # with check_output=False)
-        if isinstance(t, (np.number, np.bool_)) or (isinstance(t, np.ndarray) and t.dtype.kind in "biufc"):
-            # np.float32(80.8) is no float and a 0-d array no number: both skipped every check (diff review);
-            # as the tensor they become, a bool or complex one is refused by predict as such
-            t = torch.as_tensor(t)
+        if isinstance(t, (np.generic, np.ndarray)) and np.asarray(t).dtype.kind in "bc":
+            t = torch.as_tensor(t)  # refused by predict as a bool or complex tensor is
+        elif isinstance(t, (np.generic, np.ndarray)) and np.asarray(t).dtype.kind in "iuf" and np.size(t) == 1:
+            # np.float32(80.8) and a 0-d array skipped every check (diff review): checked as the number they hold,
+            # with their dtype's round-off; predict converts them as it converts a float (x's dtype and device)
+            if not _compiling():
+                kind = np.asarray(t).dtype
+                _check_time_value(self.schedule, float(np.asarray(t).reshape(-1)[0]),
+                                  float(np.finfo(kind).eps) if kind.kind == "f" else 0.0)
+            return self.x0(x, t, **kw)
         if isinstance(t, torch.Tensor) and _real_time_dtype(t) and t.numel() >= 1 \
                 and (t.device.type == "cpu" or self._checks_on()) and not (_compiling() or _capturing() or _vmapped(t)):
             _check_call_time(self.schedule, t)  # a half t an ulp past an end passes: predict puts it on that end

@@ -779,3 +779,24 @@ def test_a_figure_that_cannot_be_written_leaves_no_earlier_figure_beside_the_new
     assert not (out / "eval_samples.png").exists()
     (kept,) = [f for f in _stale(out) if f.startswith("eval_samples.stale-")]
     assert (out / kept).read_bytes() == old_samples
+
+
+def test_a_ctrl_c_after_a_figure_was_renamed_into_place_keeps_that_figure(tmp_path, capsys, monkeypatch):
+    """Interrupted in the folder's fsync after its rename, this run's own figure was set aside as an earlier one."""
+    from ld3_ext import atomic_io
+    out = tmp_path / "o"
+    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    old_samples = (out / "eval_samples.png").read_bytes()
+    real, calls = atomic_io.fsync_dir, []
+
+    def interrupted(directory):
+        calls.append(directory)
+        if len(calls) == 3:  # eval.json, schedules.png, then eval_samples.png: after its rename
+            raise KeyboardInterrupt
+        return real(directory)
+    monkeypatch.setattr(atomic_io, "fsync_dir", interrupted)
+    assert _run(EVAL + ["--out", str(out), "--seed", "5"], capsys)[0] == 130
+    new_samples = (out / "eval_samples.png").read_bytes()
+    assert new_samples != old_samples  # this run's, in place
+    assert not any(f.startswith("eval_samples.stale-") for f in _stale(out))

@@ -158,6 +158,18 @@ def test_the_module_call_checks_numpy_and_integer_times_too():
     for bad in (np.str_("0.5"), np.array(["0.5"])):  # not numbers: predict's own message
         with pytest.raises(TypeError, match="t must be a number or a tensor"):
             model(x, bad)
+    # converted as predict converts a float: x's dtype (and device), not numpy's -- a float32 state's outputs are
+    # those of the same time given as a float (the review of the first version of this check)
+    seen = []
+    for sched in (ld3_ext.VPCosine(), ld3_ext.VPLinear()):
+        m32 = ld3_ext.wrap_model(lambda xx, tt: seen.append(tt.dtype) or torch.tanh(xx) * 0.1, sched, prediction="eps")
+        x32 = torch.randn(4, 3)
+        ref = m32(x32, 0.37)
+        for same in (np.float64(0.37), np.array(0.37), np.longdouble(0.37)):
+            torch.testing.assert_close(m32(x32, same), ref, rtol=0, atol=0)
+    assert set(seen) == {torch.float32}
+    with pytest.raises(TypeError, match="t must be a number or a tensor"):  # as before: predict's message
+        model(x, np.array(0.5, dtype=">f8"))
 
 
 @pytest.mark.parametrize("call", ["solver", "trainer", "teacher", "to_denoiser"])

@@ -113,6 +113,12 @@ def test_non_finite_model_time_shifts_are_refused_like_non_finite_logits(bad):
     p.decoupled = False  # not read without decoupled times
     t, tm = p()
     assert torch.equal(t, tm)
+    p.decoupled = True  # nor are the end entries, which are masked
+    with torch.no_grad():
+        p.xi_c.zero_()
+        p.xi_c[0] = p.xi_c[-1] = bad
+    t, tm = p()
+    assert torch.isfinite(tm).all() and tm[0] == t[0] and tm[-1] == t[-1]
 
 
 def test_lambda_window_is_half_the_smallest_lambda_gap():
