@@ -132,9 +132,8 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
                                                               ", and this torch sees none") + "; use backend='gloo'")
     if backend is None:
         backend = "nccl" if use_cuda else "gloo"
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if world <= 1:
-        return DistInfo(0, 1, 0, dev if use_cuda else torch.device("cpu"), None)
+        return DistInfo(0, 1, 0, _local_gpu(local) if use_cuda else torch.device("cpu"), None)
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     # without RANK every process would be rank 0 (one fails to bind the store, the others wait out the timeout);
@@ -147,12 +146,27 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
     port = _env_int("MASTER_PORT")
     if not 0 < port < 65536:
         raise ValueError(f"environment variable MASTER_PORT={port} is not a TCP port (1..65535)")
+    dev = _local_gpu(local) if use_cuda else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev, dist.get_backend())
+
+
+def _local_gpu(local: int) -> torch.device:
+    """cuda:LOCAL_RANK, or cuda:0 for a process that sees one GPU only (Slurm, CUDA_VISIBLE_DEVICES per rank: its
+    own); with several visible, a LOCAL_RANK beyond them is named (set_device failed with CUDA's "invalid device
+    ordinal")."""
+    visible = torch.cuda.device_count()
+    if local < visible:
+        return torch.device(f"cuda:{local}")
+    if visible == 1:
+        return torch.device("cuda:0")
+    raise ValueError(f"environment variable LOCAL_RANK={local} but this process sees {visible} GPUs "
+                     f"(cuda:0..cuda:{visible - 1}): launch at most {visible} processes per node, or give each its "
+                     "own GPU through CUDA_VISIBLE_DEVICES")
 
 
 def destroy() -> None:

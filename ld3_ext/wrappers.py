@@ -385,6 +385,10 @@ class DiffusionModel(torch.nn.Module):
         if t.device != x.device and t.device.type != "cpu":  # a CPU time is read as a scalar anywhere
             # a meta time failed later naming the solver's internal "coef"
             raise ValueError(f"predict: t is on {t.device} but x is on {x.device} (give t on x's device or the CPU)")
+        if t.device != x.device:
+            # a CPU time for a GPU state: alpha/sigma made from it fed the fused conversion CPU coefficients (refused)
+            # and the network a CPU [B] time (desk check of the CUDA-only paths)
+            t = t.to(x.device, non_blocking=True)
         if t.numel() != 1:  # one time for the whole batch: a [B] time would broadcast over x's last dimension
             raise ValueError(f"predict: t must hold one time for the whole batch, got shape {tuple(t.shape)}; "
                              "k-diffusion samplers pass per-sample sigmas (sigma/alpha): give them "

@@ -203,8 +203,26 @@ def test_the_device_picks_the_cpu_or_the_gpu_by_its_type(device, on_gpu, monkeyp
     for v in D.ENV_VARS:
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     info = D.init_from_env(device=device)
     assert info.device.type == ("cuda" if on_gpu else "cpu")
+
+
+@pytest.mark.parametrize("visible, local, want", [(2, 1, "cuda:1"), (1, 3, "cuda:0"), (2, 2, None), (4, 0, "cuda:0")])
+def test_local_rank_beyond_the_visible_gpus(visible, local, want, monkeypatch):
+    """cuda:LOCAL_RANK for a rank given one GPU of its own (Slurm, CUDA_VISIBLE_DEVICES per rank) was an invalid
+    device ordinal; with several GPUs visible, too few of them is named (desk check of the CUDA-only paths)."""
+    for v in D.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    if want is None:
+        with pytest.raises(ValueError, match=rf"LOCAL_RANK={local} but this process sees {visible} GPUs"):
+            D.init_from_env()
+    else:
+        assert D.init_from_env().device == torch.device(want)
+    assert D.init_from_env(device="cpu").device == torch.device("cpu")  # the CPU takes no GPU
 
 
 def test_an_unknown_device_is_refused_naming_the_argument():

@@ -358,3 +358,19 @@ def test_repr_shows_schedule_prediction_and_time_input():
     conv = torch.nn.Conv2d(1, 1, 1)
     r = repr(ld3_ext.wrap_model(conv, ld3_ext.VPLinear(), prediction="v", time_input=lambda t: t))
     assert "prediction='v', time_input=<lambda>" in r and "VPLinear(" in r and "Conv2d(1, 1" in r and "fn=" not in r
+
+
+@pytest.mark.parametrize("pred", ["x0", "eps"])
+def test_a_cpu_time_for_a_state_on_another_device_reaches_the_network_on_that_device(pred):
+    """A CPU time is accepted for a GPU state (documented), but the network got a CPU [B] time and the fused
+    conversion CPU coefficients, which it refused (desk check of the CUDA-only paths; meta stands in for CUDA)."""
+    seen = []
+
+    def net(x, t):
+        seen.append(t.device.type)
+        return x * 0.5
+    sched = ld3_ext.EDM() if pred == "x0" else ld3_ext.VPDiscrete.linear()
+    model = ld3_ext.wrap_model(net, sched, prediction=pred, check_output=False)
+    x = torch.empty(4, 3, device="meta")
+    x0, eps = model.predict(x, torch.tensor(0.5, dtype=torch.float64))
+    assert seen == ["meta"] and x0.device.type == "meta" and eps.device.type == "meta"
