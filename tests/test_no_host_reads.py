@@ -114,3 +114,25 @@ def test_no_immediate_output_check_reads_back_while_capturing(capturing):
     with rec:
         model.predict(x, t, step=0)
     assert not HOST_READS & set(rec.ops), sorted(HOST_READS & set(rec.ops))
+
+
+def test_model_timesteps_are_checked_from_one_copy_to_the_host(monkeypatch):
+    """Four reads back (isfinite().all(), min, max, then a copy for the domain check) were one stream sync each on a
+    GPU grid, on every sample call with model_timesteps (desk check of the CUDA-only paths).  Now one .cpu() copy:
+    on the CPU it is no op at all, so the recorder sees no read (the domain check then works on host numbers, a
+    list: its own CPU ops are left out here)."""
+    sched = ld3_ext.VPLinear()
+    t = ld3_ext.discretizations.logsnr_uniform(sched, 5)
+    handed = []
+    monkeypatch.setattr(base, "_check_defined", lambda schedule, values, name: handed.append(values))
+    rec = OpRecorder()
+    with rec:
+        base.validate_model_timesteps(sched, t * 1.0, t)
+    assert not HOST_READS & set(rec.ops), sorted(HOST_READS & set(rec.ops))
+    assert handed == [t.tolist()]
+    monkeypatch.undo()
+    for bad, match in ((float("nan"), "NaN or Inf"), (5.0, "must lie in the schedule's range")):
+        tm = t.clone()
+        tm[2] = bad
+        with pytest.raises(ValueError, match=match):
+            base.validate_model_timesteps(sched, tm, t)

@@ -195,16 +195,16 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
     _no_meta(name, model_timesteps)
     if not values or _vmapped(model_timesteps):  # a vmapped grid: no values to read back
         return model_timesteps
-    md = model_timesteps.detach()
-    if not torch.isfinite(md).all():
+    md = model_timesteps.detach().cpu().tolist()  # one read-back for every check below (four, on a GPU grid)
+    if not all(math.isfinite(v) for v in md):
         _fail(name, "contains NaN or Inf")
     lo, hi = schedule.t_min, schedule.t_max
     tol = 1e-3 * (hi - lo)
-    if float(md.min()) < lo - tol or float(md.max()) > hi + tol:
+    if md and (min(md) < lo - tol or max(md) > hi + tol):
         _fail(name, f"must lie in the schedule's range [{lo:.6g}, {hi:.6g}]")
     # the tolerance above can reach past the schedule's domain (e.g. t <= 0 for EDM, alpha = 0 for flow
     # matching): every model time must give finite log alpha and log sigma
-    _check_defined(schedule, md.cpu().tolist(), name)
+    _check_defined(schedule, md, name)
     return model_timesteps
 
 
