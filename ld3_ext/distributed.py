@@ -162,7 +162,9 @@ def _local_gpu(local: int) -> torch.device:
     visible = torch.cuda.device_count()
     if local < visible:
         return torch.device(f"cuda:{local}")
-    if visible == 1:
+    if visible == 1 and _env_int("LOCAL_WORLD_SIZE", 1) <= 1:
+        # (torchrun sets LOCAL_WORLD_SIZE: its ranks on one node share the GPUs they see, and two on one GPU
+        # met NCCL's "duplicate GPU" error instead of the message below)
         return torch.device("cuda:0")
     raise ValueError(f"environment variable LOCAL_RANK={local} but this process sees {visible} GPUs "
                      f"(cuda:0..cuda:{visible - 1}): launch at most {visible} processes per node, or give each its "

@@ -483,9 +483,12 @@ class DiffusionModel(torch.nn.Module):
         ``ld3_ext.to_denoiser(model)`` (it read sigma as t, extrapolated past t_max, silently, at batch size 1)."""
         # one read-back: on a GPU only where the output checks read back anyway (a model(x, t) loop stays sync-free
         # with check_output=False)
-        if isinstance(t, (np.generic, np.ndarray)) and np.asarray(t).dtype.kind in "bc":
-            t = torch.as_tensor(t)  # refused by predict as a bool or complex tensor is
-        elif isinstance(t, (np.generic, np.ndarray)) and np.asarray(t).dtype.kind in "iuf" and np.size(t) == 1:
+        if isinstance(t, (np.generic, np.ndarray)) and (np.asarray(t).dtype.kind in "bc" or np.size(t) != 1
+                                                         or np.asarray(t).dtype == np.float16):
+            # as the tensor it becomes: a bool or complex one refused by predict, several times by the call check,
+            # a half one put on the range's end it was rounded past (in float16 FlowMatching's 0.9999 is 1.0)
+            t = torch.as_tensor(t)
+        elif isinstance(t, (np.generic, np.ndarray)) and np.asarray(t).dtype.kind in "iuf":
             # np.float32(80.8) and a 0-d array skipped every check (diff review): checked as the number they hold,
             # with their dtype's round-off; predict converts them as it converts a float (x's dtype and device)
             if not _compiling():

@@ -170,6 +170,17 @@ def test_the_module_call_checks_numpy_and_integer_times_too():
     assert set(seen) == {torch.float32}
     with pytest.raises(TypeError, match="t must be a number or a tensor"):  # as before: predict's message
         model(x, np.array(0.5, dtype=">f8"))
+    # a numpy half time is a half tensor's: put on the end it was rounded past (FlowMatching's 0.9999 is 1.0 in
+    # float16, where alpha = 0: x0 was inf); several numpy times get the tensor call's messages
+    flow = ld3_ext.FlowMatching(t_max=0.9999)
+    fm = ld3_ext.wrap_model(lambda xx, tt: torch.tanh(xx) * 0.1, flow, prediction="velocity")
+    half = fm(x, np.float16(0.9999))
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half, fm(x, torch.tensor(0.9999, dtype=torch.float16)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="is outside the schedule's times"):
+        model(x, np.array([80.8, 80.8]))
+    with pytest.raises(ValueError, match="t holds 2 different times"):
+        model(x, np.array([0.5, 0.7]))
 
 
 @pytest.mark.parametrize("call", ["solver", "trainer", "teacher", "to_denoiser"])

@@ -131,6 +131,7 @@ def test_model_timesteps_are_checked_from_one_copy_to_the_host(monkeypatch):
     assert not HOST_READS & set(rec.ops), sorted(HOST_READS & set(rec.ops))
     assert handed == [t.tolist()]
     monkeypatch.undo()
+    base.validate_model_timesteps(sched, t[2] * 1.0, t[2])  # a 0-d tensor is read as one time
     for bad, match in ((float("nan"), "NaN or Inf"), (5.0, "must lie in the schedule's range")):
         tm = t.clone()
         tm[2] = bad

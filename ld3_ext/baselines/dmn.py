@@ -236,8 +236,9 @@ def dmn(schedule: NoiseSchedule, nfe: int, order: int = 3, space: str = "pixel",
     at NFE 10).  Below NFE 8 the grid is a smooth local minimum of the bound, settled (to 1e-5 in lambda)
     within ~100 iterations.  From NFE 8 on (``trunc_num`` 0) the signed |.| sums make the bound non-smooth and
     trust-constr, as in LD3's port, stops at a kink that is not a local minimum, at a point that depends on
-    ``maxiter`` little (EDM, pixel, NFE 10, scipy 1.17: bound 21.23 at 200 iterations and at 1000; restarting
-    from the result lowers it to 16.3 and 14.2).
+    ``maxiter`` only slightly (EDM, pixel, NFE 10, scipy 1.17: bound 21.23 at 200 iterations and at 1000);
+    restarting the optimiser from the result lowers the bound further, by how much depending on the restart's
+    iterations.
     """
     _check(schedule, nfe)
     _check_order(order)

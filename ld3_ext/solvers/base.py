@@ -195,7 +195,7 @@ def validate_model_timesteps(schedule, model_timesteps, timesteps: torch.Tensor,
     _no_meta(name, model_timesteps)
     if not values or _vmapped(model_timesteps):  # a vmapped grid: no values to read back
         return model_timesteps
-    md = model_timesteps.detach().cpu().tolist()  # one read-back for every check below (four, on a GPU grid)
+    md = model_timesteps.detach().reshape(-1).cpu().tolist()  # one read-back for every check below (four before)
     if not all(math.isfinite(v) for v in md):
         _fail(name, "contains NaN or Inf")
     lo, hi = schedule.t_min, schedule.t_max

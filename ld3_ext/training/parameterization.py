@@ -174,10 +174,11 @@ class TimeParameterization(torch.nn.Module):
             raise FloatingPointError("the model-time shifts xi_c are not finite")
         m = self.window(y)
         shift = torch.clamp(self.xi_c, -m, m)
-        mask = torch.ones_like(shift)
-        mask[0] = 0.0
-        mask[-1] = 0.0
-        tm = self._with_endpoints(self._inverse(y + shift * mask))
+        mask = torch.ones_like(shift, dtype=torch.bool)
+        mask[0] = False
+        mask[-1] = False
+        # where, not a product with a 0/1 mask: a NaN end entry (never read) gave NaN * 0 = NaN there
+        tm = self._with_endpoints(self._inverse(y + torch.where(mask, shift, torch.zeros_like(shift))))
         return t, tm
 
     def timesteps(self) -> torch.Tensor:
