@@ -487,7 +487,11 @@ class DiffusionModel(torch.nn.Module):
                                                          or np.asarray(t).dtype == np.float16):
             # as the tensor it becomes: a bool or complex one refused by predict, several times by the call check,
             # a half one put on the range's end it was rounded past (in float16 FlowMatching's 0.9999 is 1.0)
-            t = torch.as_tensor(t)
+            try:
+                t = torch.as_tensor(t)
+            except (TypeError, ValueError, RuntimeError):  # object arrays, another byte order: predict's message
+                raise TypeError(f"predict: t must be a number or a tensor (schedule time), got {type(t).__name__} "
+                                f"of {np.asarray(t).dtype}") from None
         elif isinstance(t, (np.generic, np.ndarray)) and np.asarray(t).dtype.kind in "iuf":
             # np.float32(80.8) and a 0-d array skipped every check (diff review): checked as the number they hold,
             # with their dtype's round-off; predict converts them as it converts a float (x's dtype and device)

@@ -181,6 +181,9 @@ def test_the_module_call_checks_numpy_and_integer_times_too():
         model(x, np.array([80.8, 80.8]))
     with pytest.raises(ValueError, match="t holds 2 different times"):
         model(x, np.array([0.5, 0.7]))
+    for bad in (np.array([0.5, 0.5], dtype=">f8"), np.array([0.5, None]), np.array(["0.5", "0.5"])):
+        with pytest.raises(TypeError, match="t must be a number or a tensor"):  # predict's message, as before
+            model(x, bad)
 
 
 @pytest.mark.parametrize("call", ["solver", "trainer", "teacher", "to_denoiser"])
