@@ -699,3 +699,59 @@ def test_a_step_that_raises_leaves_the_state_for_a_retry(solver):
         xa = sch.step(outs[k], ts, xa).prev_sample
         xb = ref.step(outs[k], ts, xb).prev_sample
     torch.testing.assert_close(xa, xb, rtol=0, atol=0)
+
+
+def test_pipelines_see_eta_in_step_and_get_it_refused():
+    """LDM and StableDiffusion pipelines pass eta only to a scheduler whose step() names it
+    (inspect.signature): with **kwargs alone eta=0.8 ran as 0 without a word (pipelines audit)."""
+    import inspect
+    sch = LD3Scheduler()
+    sch.set_timesteps(3)
+    accepts = set(inspect.signature(sch.step).parameters)
+    assert {"eta", "generator"} <= accepts  # what the pipelines' prepare_extra_step_kwargs look for
+    with pytest.raises(ValueError, match=r"eta must be 0, got 0.8"):
+        sch.step(torch.zeros(1, 3), sch.timesteps[0], torch.zeros(1, 3), eta=0.8, generator=None)
+    out = sch.step(torch.zeros(1, 3), sch.timesteps[0], torch.zeros(1, 3), eta=0.0, generator=None,
+                   use_clipped_model_output=False)
+    assert out.prev_sample.shape == (1, 3)
+
+
+@pytest.mark.parametrize("solver", [{"name": "dpmpp", "order": 3}, {"name": "heun"}])
+def test_a_loop_that_does_not_start_at_the_begin_index_is_refused(solver):
+    """set_begin_index(b) then a loop over timesteps[b + 1:] ran the intervals from b with the wrong times, a wrong
+    sample without an error (pipelines audit)."""
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
+    unet, model, t, tm, sch = _decoupled_scheduler(cfg, solver, 6)
+    per = sch.order
+    x = torch.randn(1, 3, 8, 8)
+    sch.set_begin_index(2 * per)
+    with pytest.raises(ValueError, match=rf"set_begin_index\({2 * per}\) starts the solve at timesteps\[{2 * per}\], "
+                                         rf"but the first timestep .* is timesteps\[{3 * per}\]"):
+        sch.step(torch.zeros_like(x), sch.timesteps[3 * per], x)
+    with pytest.raises(ValueError, match="is none of scheduler.timesteps"):
+        sch.step(torch.zeros_like(x), torch.tensor(123456.0), x)
+    sch.step(torch.zeros_like(x), sch.timesteps[2 * per], x)  # the begin index itself
+    sch.step(torch.zeros_like(x), float(sch.timesteps[2 * per + 1]), x)  # later steps are not looked up
+
+
+def test_from_config_refuses_from_timesteps_words_it_would_drop():
+    """from_config(cfg, solver="unipc") built the default DPM-Solver++(3M): ConfigMixin drops unknown keywords with
+    a log line (pipelines audit)."""
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
+    with pytest.raises(TypeError, match=r"solver is not a scheduler config field: give the solver as solver_config="):
+        LD3Scheduler.from_config(cfg, solver="unipc")
+    with pytest.raises(TypeError, match=r"num_inference_steps .* pass it to set_timesteps"):
+        LD3Scheduler.from_config(cfg, num_inference_steps=8)
+    sch, unused = LD3Scheduler.from_config(cfg, return_unused_kwargs=True, solver="unipc")  # asked for: returned
+    assert unused.get("solver") == "unipc" and sch.solver.name == "dpmpp"
+    sch = LD3Scheduler.from_config(cfg, solver_config=ld3_ext.UniPC(order=2).config())
+    assert sch.solver.name == "unipc"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a device this torch cannot use")
+def test_set_timesteps_names_a_device_this_torch_cannot_use():
+    sch = LD3Scheduler()
+    with pytest.raises(ValueError, match=r"set_timesteps: device='cuda' cannot be used"):
+        sch.set_timesteps(3, device="cuda")
+    sch.set_timesteps(3)  # usable afterwards
+    assert sch.timesteps.device.type == "cpu"

@@ -286,8 +286,10 @@ def test_a_first_timestep_from_no_entry_is_refused_and_a_rounded_one_is_found():
                                              r"nor a rounded copy of one"):
             sch.step(torch.zeros_like(x), bad, x)
     sch.set_timesteps(4)
-    sch.set_begin_index(1)  # a begin index given: the timestep is not looked up
-    assert sch.step(torch.zeros_like(x), "any", x).prev_sample.shape == x.shape
+    sch.set_begin_index(1)  # a begin index given: the first timestep must be that entry (it was not looked up)
+    with pytest.raises(ValueError, match=r"set_begin_index\(1\) starts the solve at timesteps\[1\]"):
+        sch.step(torch.zeros_like(x), "any", x)
+    assert sch.step(torch.zeros_like(x), int(sch.timesteps[1]), x).prev_sample.shape == x.shape  # a rounded copy
 
 
 @pytest.mark.parametrize("bad", [1.9, "2", True, None, torch.tensor(1.0)])

@@ -59,6 +59,13 @@ from .diffusers import (PREDICTION_TYPES, DiffusersConfigError, learned_variance
                         schedule_from_diffusers_config)
 
 _SUPPORTED_SOLVERS = tuple(SOLVERS)
+# keywords of from_timesteps / set_timesteps that from_config would drop with a log line (pipelines audit)
+_FROM_TIMESTEPS_WORDS = {"solver": "give the solver as solver_config=Solver(...).config()",
+                         "timesteps": "give a grid as ld3_timesteps=[...] (schedule units)",
+                         "model_timesteps": "give them as ld3_model_timesteps=[...]",
+                         "schedule": "give the noise schedule as schedule_config=schedule.config()",
+                         "scheduler_config": "pass it as from_config's first argument",
+                         "num_inference_steps": "pass it to set_timesteps()"}
 
 
 def _fields_of(schedule: NoiseSchedule) -> Dict[str, Any]:
@@ -180,6 +187,14 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
                 kwargs.setdefault("use_flow_sigmas", True)
             # fields LD3Scheduler does not register (sigma_data, use_dynamic_shifting, ...) would be dropped
             _check_foreign_config(cfg, kwargs)
+        # from_timesteps' words: a ConfigMixin drops unknown keywords with a log line, so from_config(cfg,
+        # solver="unipc") built the default DPM-Solver++(3M) (pipelines audit)
+        confused = sorted(k for k in kwargs if k in _FROM_TIMESTEPS_WORDS)
+        if confused and not return_unused_kwargs:
+            k = confused[0]
+            raise TypeError(f"LD3Scheduler.from_config: {k} is not a scheduler config field: "
+                            f"{_FROM_TIMESTEPS_WORDS[k]} (or build with LD3Scheduler.from_timesteps / "
+                            "from_schedule_file)")
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def check_guidance(self, guidance_scale: Optional[float]) -> bool:
@@ -406,9 +421,13 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             self.num_inference_steps = n
         self._reset_state()  # before the move: a device that fails must not leave the old solve's history
         if dev is not None:
-            if public:
-                self.timesteps = self.timesteps.to(dev)
-            self._move(torch.device(dev))
+            try:
+                if public:
+                    self.timesteps = self.timesteps.to(dev)
+                self._move(torch.device(dev))
+            except (RuntimeError, AssertionError) as exc:  # "Torch not compiled with CUDA enabled", named nothing
+                raise ValueError(f"set_timesteps: device={str(dev)!r} cannot be used: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
     def set_begin_index(self, begin_index: int = 0):
         """Start the solve at ``timesteps[begin_index]`` (img2img/inpainting pipelines call this after slicing
@@ -476,15 +495,18 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             eps = x + c(1.0 - tm) * out
         return x0, eps
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, *,
+             eta: Optional[float] = 0.0, use_clipped_model_output: Optional[bool] = None, generator=None,
              **kwargs) -> Union[SchedulerOutput, tuple]:
         """One network evaluation's worth of the solve; returns the next network input (or, after the last
         call, the final sample at t_N).  Extra diffusers kwargs (generator, ...) are accepted; ``eta`` must be 0
-        (this is an ODE solver)."""
+        (this is an ODE solver).  ``eta`` is a named parameter: pipelines pass it only to a scheduler whose
+        ``step`` names it, and LDM/StableDiffusion pipelines ran ``eta=0.8`` as 0 without a word (pipelines
+        audit); ``use_clipped_model_output`` and ``generator`` are named for the same reason and unused."""
         if self.timesteps is None or self._step_index is None:
             raise ValueError("LD3Scheduler.step: call set_timesteps() first")
-        if kwargs.get("eta", 0.0) not in (0, 0.0, None):
-            raise ValueError("LD3Scheduler runs the probability-flow ODE: eta must be 0")
+        if eta not in (0, 0.0, None):
+            raise ValueError(f"LD3Scheduler runs the probability-flow ODE: eta must be 0, got {eta!r}")
         for name, v in (("model_output", model_output), ("sample", sample)):
             if not isinstance(v, torch.Tensor) or not v.is_floating_point():  # an integer output was cast silently
                 got = f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
@@ -499,6 +521,15 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             if j:  # sliced timesteps without set_begin_index (img2img): start at that interval
                 self.set_begin_index(j)
             self._ambiguous_start = ambiguous  # after set_begin_index, which resets the state
+        elif k == 0 and not (_compiling() or _capturing()):
+            # set_begin_index(b) and then a loop from another timestep ran the intervals from b silently, a wrong
+            # sample (pipelines audit): the first timestep must be timesteps[b] (a view of it: no read-back)
+            j, _ = self._start_index(timestep)
+            if j != self._begin_index:
+                where = "none of scheduler.timesteps" if j is None else f"timesteps[{j}]"
+                raise ValueError(f"LD3Scheduler.step: set_begin_index({self._begin_index}) starts the solve at "
+                                 f"timesteps[{self._begin_index}], but the first timestep {self._describe(timestep)} "
+                                 f"is {where}: loop over scheduler.timesteps[{self._begin_index}:]")
         elif k == 1 and self._ambiguous_start is not None and not (_compiling() or _capturing()):
             self._check_second_timestep(timestep)
         if k >= self._evaluations:
@@ -646,7 +677,10 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x = alpha x_0 + sigma noise (img2img).  ``timesteps`` in diffusers units (floats ok); an entry equal to
         one of ``self.timesteps`` means that step's start, i.e. its SOLVER grid time (which differs from the
-        network time when the grid is decoupled); any other value is read as a time in network units."""
+        network time when the grid is decoupled); any other value is read as a time in network units.  Unlike
+        ``step``'s first timestep, a rounded copy of an entry (``.long()``, ``.half()``) is such another value: on a
+        decoupled grid it noises to the network time, not to the grid time the solve starts from -- pass the entry
+        itself (diffusers' img2img pipelines pass ``timesteps[t_start:][:1]``, which matches)."""
         return self._noised(original_samples, noise, timesteps, ("add_noise", "original_samples", "timesteps"))
 
     def scale_noise(self, sample: torch.Tensor, timestep, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
