@@ -162,23 +162,13 @@ def _local_gpu(local: int) -> torch.device:
     visible = torch.cuda.device_count()
     if local < visible:
         return torch.device(f"cuda:{local}")
-    if visible == 1 and not _ranks_share_the_gpus():
+    if visible == 1:
+        # ranks sharing one GPU (torchrun --nproc_per_node 2 on it) are told so by NCCL ("Duplicate GPU detected");
+        # whether CUDA_VISIBLE_DEVICES was set per rank or for the whole job cannot be told from here
         return torch.device("cuda:0")
     raise ValueError(f"environment variable LOCAL_RANK={local} but this process sees {visible} GPUs "
                      f"(cuda:0..cuda:{visible - 1}): launch at most {visible} processes per node, or give each its "
                      "own GPU through CUDA_VISIBLE_DEVICES")
-
-
-def _ranks_share_the_gpus() -> bool:
-    """Several ranks of this node see the same GPUs: torchrun's LOCAL_WORLD_SIZE > 1 with no CUDA_VISIBLE_DEVICES
-    of their own (two ranks on one GPU met NCCL's "duplicate GPU" error instead of the message above).  A launcher
-    that gives each rank its own GPU sets CUDA_VISIBLE_DEVICES (Slurm --gpus-per-task, a per-rank wrapper)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES"):
-        return False
-    try:
-        return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1
-    except ValueError:  # not torchrun's: nothing said about sharing
-        return False
 
 
 def destroy() -> None:

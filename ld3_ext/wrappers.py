@@ -489,9 +489,9 @@ class DiffusionModel(torch.nn.Module):
             # a half one put on the range's end it was rounded past (in float16 FlowMatching's 0.9999 is 1.0)
             try:
                 t = torch.as_tensor(t)
-            except (TypeError, ValueError, RuntimeError):  # object arrays, another byte order: predict's message
+            except (TypeError, ValueError, RuntimeError) as exc:  # object arrays, another byte order, a flip
                 raise TypeError(f"predict: t must be a number or a tensor (schedule time), got {type(t).__name__} "
-                                f"of {np.asarray(t).dtype}") from None
+                                f"of {np.asarray(t).dtype} ({str(exc).splitlines()[0]})") from None
         elif isinstance(t, (np.generic, np.ndarray)) and np.asarray(t).dtype.kind in "iuf":
             # np.float32(80.8) and a 0-d array skipped every check (diff review): checked as the number they hold,
             # with their dtype's round-off; predict converts them as it converts a float (x's dtype and device)

@@ -421,13 +421,12 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             self.num_inference_steps = n
         self._reset_state()  # before the move: a device that fails must not leave the old solve's history
         if dev is not None:
-            try:
-                if public:
-                    self.timesteps = self.timesteps.to(dev)
-                self._move(torch.device(dev))
-            except (RuntimeError, AssertionError) as exc:  # "Torch not compiled with CUDA enabled", named nothing
-                raise ValueError(f"set_timesteps: device={str(dev)!r} cannot be used: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            if torch.device(dev).type == "cuda" and not torch.cuda.is_available():
+                # the move raised "Torch not compiled with CUDA enabled" (an AssertionError), naming nothing
+                raise ValueError(f"set_timesteps: device={str(dev)!r} but this torch sees no CUDA GPU")
+            if public:
+                self.timesteps = self.timesteps.to(dev)
+            self._move(torch.device(dev))
 
     def set_begin_index(self, begin_index: int = 0):
         """Start the solve at ``timesteps[begin_index]`` (img2img/inpainting pipelines call this after slicing
