@@ -483,22 +483,9 @@ class DiffusionModel(torch.nn.Module):
         ``ld3_ext.to_denoiser(model)`` (it read sigma as t, extrapolated past t_max, silently, at batch size 1)."""
         # one read-back: on a GPU only where the output checks read back anyway (a model(x, t) loop stays sync-free
         # with check_output=False)
-        if isinstance(t, (np.generic, np.ndarray)) and (np.asarray(t).dtype.kind in "bc" or np.size(t) != 1
-                                                         or np.asarray(t).dtype == np.float16):
-            # as the tensor it becomes: a bool or complex one refused by predict, several times by the call check,
-            # a half one put on the range's end it was rounded past (in float16 FlowMatching's 0.9999 is 1.0)
-            try:
-                t = torch.as_tensor(t)
-            except (TypeError, ValueError, RuntimeError) as exc:  # object arrays, another byte order, a flip
-                raise TypeError(f"predict: t must be a number or a tensor (schedule time), got {type(t).__name__} "
-                                f"of {np.asarray(t).dtype} ({str(exc).splitlines()[0]})") from None
-        elif isinstance(t, (np.generic, np.ndarray)) and np.asarray(t).dtype.kind in "iuf":
-            # np.float32(80.8) and a 0-d array skipped every check (diff review): checked as the number they hold,
-            # with their dtype's round-off; predict converts them as it converts a float (x's dtype and device)
-            if not _compiling():
-                kind = np.asarray(t).dtype
-                _check_time_value(self.schedule, float(np.asarray(t).reshape(-1)[0]),
-                                  float(np.finfo(kind).eps) if kind.kind == "f" else 0.0)
+        if isinstance(t, (np.generic, np.ndarray)):
+            t = self._numpy_time(t)
+        if isinstance(t, (np.generic, np.ndarray)):  # one number, checked: predict converts it as it does a float
             return self.x0(x, t, **kw)
         if isinstance(t, torch.Tensor) and _real_time_dtype(t) and t.numel() >= 1 \
                 and (t.device.type == "cpu" or self._checks_on()) and not (_compiling() or _capturing() or _vmapped(t)):
@@ -507,6 +494,25 @@ class DiffusionModel(torch.nn.Module):
             # the same check for a plain number (let through before; diff review), in Python: no tensor read back
             _check_time_value(self.schedule, float(t), torch.finfo(torch.float64).eps)
         return self.x0(x, t, **kw)
+
+    def _numpy_time(self, t):
+        """``forward``'s numpy time (np.float32(80.8) and a 0-d array skipped every check; diff review).  One
+        integer or float number is range-checked with its dtype's round-off and returned as it is: predict converts
+        it as it converts a float (x's dtype and device).  Anything else becomes the tensor it is, for the tensor
+        checks: a bool or complex one refused by predict, several times by the call check, a half one put on the
+        range's end it was rounded past (in float16 FlowMatching's 0.9999 is 1.0)."""
+        arr = np.asarray(t)
+        if arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and arr.dtype != np.float16):
+            if arr.size == 1:
+                if not _compiling():
+                    eps = float(np.finfo(arr.dtype).eps) if arr.dtype.kind == "f" else 0.0
+                    _check_time_value(self.schedule, float(arr.reshape(-1)[0]), eps)
+                return t
+        try:
+            return torch.as_tensor(t)
+        except (TypeError, ValueError, RuntimeError) as exc:  # object arrays, another byte order, a flip
+            raise TypeError(f"predict: t must be a number or a tensor (schedule time), got {type(t).__name__} "
+                            f"of {arr.dtype} ({str(exc).splitlines()[0]})") from None
 
 
 def _legacy_prefixes(module: torch.nn.Module) -> List[str]:
