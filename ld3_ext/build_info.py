@@ -74,6 +74,8 @@ def build_info() -> Dict[str, Any]:
     C = _native.get()
     info["cpu_isa"] = C.cpu_isa()
     info["cpu_isas_available"] = list(C.available_cpu_isas())
+    # a build by a compiler without OpenMP (Apple Clang) runs the CPU loops on one thread
+    info["openmp"] = bool(getattr(C, "openmp", True))
     info["cuda_kernels"] = bool(C.has_cuda())
     archs = parse_cuda_archs(C.cuda_archs()) if hasattr(C, "cuda_archs") else []
     info["cuda_archs"] = archs
@@ -103,7 +105,9 @@ def format_build_info(info: Dict[str, Any]) -> str:
                      "reference path. Rebuild: pip install --no-build-isolation .")
         return "\n".join(lines)
     lines.append(f"native extension: loaded; CPU loops: {info['cpu_isa']} "
-                 f"(available: {', '.join(info['cpu_isas_available'])})")
+                 f"(available: {', '.join(info['cpu_isas_available'])})"
+                 + ("" if info.get("openmp", True) else
+                    "; built without OpenMP, so on one thread (rebuild with a compiler that has OpenMP)"))
     if info["cuda_kernels"]:
         lines.append(f"CUDA kernels: built for {', '.join(info['cuda_archs']) or '(unknown)'}")
     else:

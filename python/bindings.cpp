@@ -153,4 +153,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_archs", &cuda_archs,
         "CUDA architectures the kernels were compiled for (CMake syntax, comma-separated; empty without CUDA)");
   m.attr("reduce_chunk") = ld3::kReduceChunk;
+#ifdef _OPENMP
+  m.attr("openmp") = true;  // at::parallel_for in our loops uses the torch.set_num_threads threads
+#else
+  m.attr("openmp") = false;  // built without OpenMP (CMakeLists.txt): the CPU loops run on one thread
+#endif
 }

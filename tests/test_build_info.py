@@ -53,6 +53,7 @@ def test_build_info_describes_this_build():
     assert info["native"] is True and info["ld3_ext"] == ld3_ext.__version__
     assert info["cpu_isa"] == C.cpu_isa() and info["cpu_isa"] in info["cpu_isas_available"]
     assert info["cuda_kernels"] is C.has_cuda()
+    assert info["openmp"] is C.openmp and isinstance(C.openmp, bool)
     # the architecture list is compiled in exactly when the CUDA kernels are
     assert bool(info["cuda_archs"]) is info["cuda_kernels"]
     assert info["cuda_archs"] == parse_cuda_archs(C.cuda_archs())
@@ -74,6 +75,10 @@ def test_format_says_what_to_do():
     assert "Tesla T4, compute capability 7.5: NOT covered" in text and 'TORCH_CUDA_ARCH_LIST="7.5"' in text
     ok = format_build_info({**built, "gpus": [{**gpu, "covered": True}]})
     assert ": covered" in ok and "TORCH_CUDA_ARCH_LIST" not in ok
+    assert "OpenMP" not in text  # a dict without the key (an older build) reads as threaded
+    assert "OpenMP" not in format_build_info({**built, "openmp": True})
+    serial = format_build_info({**built, "openmp": False})
+    assert "CPU loops: avx2 (available: base, avx2); built without OpenMP, so on one thread" in serial
     cpu_only = format_build_info({**built, "cuda_kernels": False, "cuda_archs": [], "gpus": []})
     assert "CUDA kernels: not built" in cpu_only and "nvcc" in cpu_only  # torch has CUDA: say how to build them
 

@@ -37,11 +37,6 @@ def test_configure_without_torch_says_no_build_isolation(tmp_path):
     assert "--no-build-isolation" in res.stdout + res.stderr
 
 
-def test_cuda_compile_check_script_is_executable():
-    path = os.path.join(ROOT, "scripts", "cuda_compile_check.sh")
-    assert os.access(path, os.X_OK)
-
-
 def test_native_extension_loaded_when_required():
     """CI sets LD3_REQUIRE_NATIVE=1: there the compiled kernels must really be in use, so that the
     fused-path tests cannot pass by silently skipping."""
@@ -52,6 +47,20 @@ def test_native_extension_loaded_when_required():
     assert ld3_ext.native_available(), f"ld3_ext._C failed to load: {_native.load_error()}"
     from ld3_ext import ops
     assert ops.resolve_backend("auto") == "fused"
+
+
+def test_main_build_has_openmp_threads_when_required():
+    """CI's build (GCC on Linux) must have OpenMP, or the thread-count determinism tests would compare one
+    thread with itself; a compiler without it builds a one-thread module (scripts/portability_check.sh)."""
+    if os.environ.get("LD3_REQUIRE_OPENMP") != "1":
+        pytest.skip("LD3_REQUIRE_OPENMP is not set")
+    assert _native.native_available(), f"ld3_ext._C failed to load: {_native.load_error()}"
+    assert _native.get().openmp is True
+
+
+@pytest.mark.parametrize("script", ["cuda_compile_check.sh", "portability_check.sh", "sanitizer_check.sh"])
+def test_check_scripts_are_executable(script):
+    assert os.access(os.path.join(ROOT, "scripts", script), os.X_OK)
 
 
 def test_import_without_native_extension_falls_back_and_says_so(tmp_path):

@@ -3,6 +3,10 @@
 
 #include <c10/util/Exception.h>
 
+#if LD3_CPU_AVX2_PATH
+#include <cpuid.h>
+#endif
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -10,12 +14,20 @@
 namespace ld3 {
 namespace {
 
+#if LD3_CPU_AVX2_PATH
+// F16C from CPUID leaf 1 (ECX bit 29) itself: Clang's __builtin_cpu_supports has no "f16c" before
+// Clang 16, and the float16 update of the AVX2 copy uses it (every AVX2 CPU has it; checked anyway)
+bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 29)) != 0;
+}
+#endif
+
 bool cpu_has_avx2() {
 #if LD3_CPU_AVX2_PATH
   __builtin_cpu_init();
-  // libgcc's check includes the OS side (YMM state enabled in XCR0); F16C comes with every AVX2
-  // CPU, checked anyway because the float16 update of the AVX2 copy uses it
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  // the runtime's check (libgcc or compiler-rt) includes the OS side: YMM state enabled in XCR0
+  return __builtin_cpu_supports("avx2") && cpu_has_f16c();
 #else
   return false;
 #endif

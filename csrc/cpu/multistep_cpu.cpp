@@ -141,7 +141,7 @@ std::atomic<int64_t>& stream_threshold() {
   return value;
 }
 
-bool stream_output(int64_t bytes) {
+[[maybe_unused]] bool stream_output(int64_t bytes) {  // unused without SSE2 (no streaming stores)
   const int64_t t = stream_threshold().load(std::memory_order_relaxed);
   return t >= 0 && bytes >= t;
 }
