@@ -1,4 +1,5 @@
 """Defects found by review (training keys, wrapper arguments, determinism), each reproduced before its fix."""
+import os
 import warnings
 
 import numpy as np
@@ -221,3 +222,33 @@ def test_model_call_settings_tell_cond_keys_apart_and_keep_the_default_out():
     assert model_call_settings(ld3_ext.wrap_model(net, s, guidance_scale=3.0)) != default
     assert model_call_settings(ld3_ext.wrap_model(net, s, prediction="x0", guidance_scale=2.0)) != default
 
+
+
+@pytest.mark.parametrize("which", ["xi", "xi_c"])
+def test_non_finite_schedule_parameters_are_rescued_like_a_non_finite_loss(tmp_path, which):
+    """A NaN xi_c (or xi) raised a plain FloatingPointError out of fit(): no NonFiniteLossError, no last good
+    schedule on disk, and `ld3 train` showed a traceback (review of the xi_c check)."""
+    from ld3_ext.solvers import DPMSolverPP
+    from ld3_ext.training import NonFiniteLossError
+    from ld3_ext.training.parameterization import NonFiniteParameterError
+    mix = ld3_ext.testbeds.ring2d()
+    model = mix.model(ld3_ext.EDM())
+
+    def trip(tr, info):
+        if info["iteration"] == 3:
+            with torch.no_grad():
+                getattr(tr.param, which)[2] = float("nan")
+    tr = LD3Trainer(model, None, DPMSolverPP(2, backend="reference"), 4, teacher="exact", reference=mix,
+                    sample_shape=mix.event_shape, model_name="ring", n_train=8, n_valid=4, rounds_v1=1, rounds_v2=2,
+                    batch_size=2, progress=False, checkpoint_dir=str(tmp_path), callback=trip, time_mode="lambda",
+                    init="logsnr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NonFiniteLossError, match=f"the {'logits xi' if which == 'xi' else 'model-time shifts xi_c'} "
+                                                     "are not finite") as info:
+            tr.fit()
+    assert isinstance(info.value.__context__, NonFiniteParameterError)
+    saved = info.value.saved_to
+    assert saved is not None and os.path.isfile(saved)
+    good = ld3_ext.load_schedule(saved)
+    assert torch.isfinite(good.timesteps).all() and torch.isfinite(good.model_timesteps).all()

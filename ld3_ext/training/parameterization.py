@@ -66,6 +66,11 @@ def init_timesteps(schedule: NoiseSchedule, num_steps: int, init: InitSpec) -> t
     return t
 
 
+class NonFiniteParameterError(FloatingPointError):
+    """The learned logits xi or model-time shifts xi_c hold a NaN/Inf (a diverged optimiser step): the trainer
+    saves the last good schedule and raises NonFiniteLossError, as for a non-finite loss."""
+
+
 class TimeParameterization(torch.nn.Module):
     """Learnable grid: ``forward() -> (timesteps, model_timesteps)``, float64, t_0 = t_max > ... > t_N = t_min.
 
@@ -153,7 +158,7 @@ class TimeParameterization(torch.nn.Module):
     def coordinates(self) -> torch.Tensor:
         """y_0..y_N (differentiable in xi)."""
         if not torch.isfinite(self.xi).all():
-            raise FloatingPointError("the logits xi are not finite")
+            raise NonFiniteParameterError("the logits xi are not finite")
         n = self.num_steps
         g = torch.softmax(self.xi[1:], dim=0) * (1.0 - n * self.floor) + self.floor
         span = self._y1 - self._y0
@@ -171,7 +176,7 @@ class TimeParameterization(torch.nn.Module):
             return t, t
         # clamp keeps a NaN: a NaN model time reached the solver.  The end entries are masked (never read)
         if not torch.isfinite(self.xi_c[1:-1]).all():
-            raise FloatingPointError("the model-time shifts xi_c are not finite")
+            raise NonFiniteParameterError("the model-time shifts xi_c are not finite")
         m = self.window(y)
         shift = torch.clamp(self.xi_c, -m, m)
         mask = torch.ones_like(shift, dtype=torch.bool)
@@ -189,4 +194,4 @@ class TimeParameterization(torch.nn.Module):
                 f"win_rate={self.win_rate}")
 
 
-__all__ = ["TimeParameterization", "init_timesteps", "TIME_MODES"]
+__all__ = ["TimeParameterization", "NonFiniteParameterError", "init_timesteps", "TIME_MODES"]

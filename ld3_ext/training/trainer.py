@@ -44,7 +44,7 @@ from ..solvers import MultistepSolver, Solver, as_solver
 from ..wrappers import DiffusionModel, ModelOutputError, require_diffusion_model
 from ..solvers.base import DegenerateGridError
 from .losses import get_loss, loss_name, per_sample
-from .parameterization import TIME_MODES, TimeParameterization, init_timesteps
+from .parameterization import TIME_MODES, NonFiniteParameterError, TimeParameterization, init_timesteps
 from .teacher import generate_teacher_data, make_teacher, model_call_settings, model_identity, rank_comparable
 
 CHECKPOINT_FILE = "ld3_trainer_state.safetensors"
@@ -1497,6 +1497,8 @@ class LD3Trainer:
             self._nonfinite(f"the model failed: {e}")
         except DegenerateGridError as e:  # as a NaN loss would be: the last good schedule is saved first
             self._nonfinite(f"the grid degenerated: {e}")
+        except NonFiniteParameterError as e:  # a diverged step left NaN logits or shifts: the same rescue
+            self._nonfinite(f"{e}")
         finally:
             if bar is not None:
                 bar.close()
