@@ -734,6 +734,32 @@ def test_a_loop_that_does_not_start_at_the_begin_index_is_refused(solver):
     sch.step(torch.zeros_like(x), float(sch.timesteps[2 * per + 1]), x)  # later steps are not looked up
 
 
+@pytest.mark.parametrize("rounding", ["half", "long", "bfloat16"])
+def test_a_rounded_copy_of_the_begin_index_timestep_starts_the_solve(rounding):
+    """With set_begin_index(b), a pipeline's t = timesteps[b].half() (or an int) was refused where the grid's gaps
+    are under the rounding (13 of 50 begin indices on SD's grid): the unique-entry look-up found no entry, and
+    the error told the user to loop over timesteps[b:], which they did (review)."""
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
+    sch = LD3Scheduler.from_config(cfg)
+    x = torch.randn(1, 4, 4, 4)
+    n = 50
+    sch.set_timesteps(n)
+    ts = sch.timesteps.clone()
+    for b in range(n):
+        sch.set_timesteps(n)
+        sch.set_begin_index(b)
+        t = getattr(ts[b], rounding)()
+        a = sch.step(torch.zeros_like(x), t, x).prev_sample
+        sch.set_timesteps(n)
+        sch.set_begin_index(b)
+        e = sch.step(torch.zeros_like(x), ts[b], x).prev_sample  # the same solve as from the exact value
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    sch.set_timesteps(n)
+    sch.set_begin_index(10)
+    with pytest.raises(ValueError, match=r"set_begin_index\(10\) starts the solve at timesteps\[10\]"):
+        sch.step(torch.zeros_like(x), getattr(ts[20], rounding)(), x)  # another entry's rounded copy
+
+
 def test_from_config_refuses_from_timesteps_words_it_would_drop():
     """from_config(cfg, solver="unipc") built the default DPM-Solver++(3M): ConfigMixin drops unknown keywords with
     a log line (pipelines audit)."""
@@ -748,10 +774,22 @@ def test_from_config_refuses_from_timesteps_words_it_would_drop():
     assert sch.solver.name == "unipc"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a device this torch cannot use")
-def test_set_timesteps_names_a_device_this_torch_cannot_use():
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "mps", "xpu", "vulkan", "nonsense"])
+def test_set_timesteps_names_a_device_this_torch_cannot_use(device):
+    """Only a missing CUDA was named: mps/xpu/vulkan, or cuda:7 on a one-GPU machine, failed with torch's bare
+    error (a RuntimeError or AssertionError naming neither set_timesteps nor device; review)."""
+    try:
+        torch.empty(0, device=device)
+        usable = torch.device(device).type != "cuda" or torch.device(device).index is None or \
+            torch.device(device).index < torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - whatever this torch raises for it
+        usable = False
     sch = LD3Scheduler()
-    with pytest.raises(ValueError, match=r"set_timesteps: device='cuda' but this torch sees no CUDA GPU"):
-        sch.set_timesteps(3, device="cuda")
+    if usable:  # a machine that has it: the timesteps go there
+        sch.set_timesteps(3, device=device)
+        assert sch.timesteps.device.type == torch.device(device).type
+        return
+    with pytest.raises(ValueError, match=rf"set_timesteps: device='{device}' (cannot be used: |is not a usable torch device \()\S"):
+        sch.set_timesteps(3, device=device)
     sch.set_timesteps(3)  # usable afterwards
     assert sch.timesteps.device.type == "cpu"
