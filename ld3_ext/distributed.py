@@ -119,13 +119,21 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
         raise ValueError(f"environment variable RANK={rank} is outside 0..WORLD_SIZE-1={world - 1}")
     if local < 0:
         raise ValueError(f"environment variable LOCAL_RANK={local} must be >= 0")
+    asked_gpu = None  # device="cuda:N": that GPU, not cuda:LOCAL_RANK (the index was ignored)
     if device is not None:
         try:
-            kind = torch.device(device).type  # "cpu:0" and torch.device("cpu") are the CPU too
+            asked = torch.device(device)
+            kind = asked.type  # "cpu:0" and torch.device("cpu") are the CPU too
         except (RuntimeError, TypeError):
             raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
         if kind == "cuda" and not torch.cuda.is_available():  # it fell back to the CPU without a word
             raise ValueError(f"device={device!r} but this torch sees no CUDA GPU; use device='cpu'")
+        if kind == "cuda" and asked.index is not None:
+            visible = torch.cuda.device_count()
+            if asked.index >= visible:
+                raise ValueError(f"device={device!r} but this process sees {visible} GPU(s) "
+                                 f"(cuda:0..cuda:{visible - 1})")
+            asked_gpu = asked
     use_cuda = torch.cuda.is_available() and (device is None or kind == "cuda")
     if backend == "nccl" and not use_cuda:  # torch's "Expected a cuda device, but got: cpu" names neither
         raise ValueError("backend='nccl' needs CUDA GPUs" + (f" (device={device!r})" if device is not None else
@@ -133,7 +141,7 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
     if backend is None:
         backend = "nccl" if use_cuda else "gloo"
     if world <= 1:
-        return DistInfo(0, 1, 0, _local_gpu(local) if use_cuda else torch.device("cpu"), None)
+        return DistInfo(0, 1, 0, (asked_gpu or _local_gpu(local)) if use_cuda else torch.device("cpu"), None)
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     # without RANK every process would be rank 0 (one fails to bind the store, the others wait out the timeout);
@@ -146,7 +154,7 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
     port = _env_int("MASTER_PORT")
     if not 0 < port < 65536:
         raise ValueError(f"environment variable MASTER_PORT={port} is not a TCP port (1..65535)")
-    dev = _local_gpu(local) if use_cuda else torch.device("cpu")
+    dev = (asked_gpu or _local_gpu(local)) if use_cuda else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():

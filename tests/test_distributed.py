@@ -306,3 +306,19 @@ def test_differing_fields_names_bad_input_and_is_empty_in_one_process():
     for bad in ([("a", 1)], {1: "a"}, None):
         with pytest.raises(TypeError, match="differing_fields: fields must be a mapping of setting names"):
             D.differing_fields(bad)
+
+
+@pytest.mark.parametrize("local", [0, 1])
+def test_a_gpu_index_in_device_is_the_gpu_taken(local, monkeypatch):
+    """init_from_env(device="cuda:1") gave cuda:LOCAL_RANK (cuda:0 for a single process): the index asked for was
+    ignored; one past the visible GPUs is named (review)."""
+    for v in D.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert D.init_from_env(device="cuda:1").device == torch.device("cuda:1")
+    assert D.init_from_env(device=torch.device("cuda", 0)).device == torch.device("cuda:0")
+    assert D.init_from_env(device="cuda").device == torch.device(f"cuda:{local}")  # no index: LOCAL_RANK's
+    with pytest.raises(ValueError, match=r"device='cuda:2' but this process sees 2 GPU\(s\) \(cuda:0..cuda:1\)"):
+        D.init_from_env(device="cuda:2")
