@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -695,20 +695,26 @@ def _holds(path: str, data: bytes) -> bool:
         return False
 
 
+def _recorded_eval(out: str) -> Tuple[str, Optional[Dict[str, Any]]]:
+    """(path of ``out``/eval.json, its record) -- the record None when there is none or it is not a JSON object."""
+    record_path = os.path.join(out, "eval.json")
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return record_path, None
+    return record_path, record if isinstance(record, dict) else None
+
+
 def _set_aside_stale_eval(out: str, schedule_path: str, replaced_sha: Optional[str],
                           recorded_only: bool = False) -> List[str]:
     """After `ld3 train` wrote ``schedule_path``: an eval.json in ``out`` (and its figures) that evaluated the
     schedule this one replaced would still look current; it is renamed, not deleted, to ``*.stale-STAMP.*``.
     An eval.json of this very schedule (same sha256) or of another schedule file stays; ``recorded_only``: so
     does one that records no sha256 (it may be of this schedule).  Returns the new names."""
-    record_path = os.path.join(out, "eval.json")
-    try:
-        with open(record_path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
+    record_path, record = _recorded_eval(out)
+    if record is None:
         return []  # none, or not one of ours
-    if not isinstance(record, dict):
-        return []
     evaluated = record.get("schedule_sha256")
     if evaluated is not None and evaluated == _file_sha256(schedule_path):
         return []  # the numbers are of this schedule: still current
@@ -750,13 +756,8 @@ def _set_aside_other_eval(out: str, evaluated: str) -> None:
     """Before `ld3 eval` writes into ``out``: an eval.json there of another schedule (``--schedule X --out DIR``
     over DIR's evaluation of its own schedule) and its figures are renamed to ``*.stale-STAMP.*``, not replaced
     without a word (crash-safety audit).  One of this schedule, or one that records no schedule, is rewritten."""
-    record_path = os.path.join(out, "eval.json")
-    try:
-        with open(record_path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return
-    earlier = record.get("schedule_sha256") if isinstance(record, dict) else None
+    record_path, record = _recorded_eval(out)
+    earlier = record.get("schedule_sha256") if record is not None else None
     if not isinstance(earlier, str) or earlier == evaluated:
         return
     names = [n for n in EVAL_OUTPUTS if os.path.exists(os.path.join(out, n))]
