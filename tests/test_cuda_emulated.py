@@ -324,17 +324,22 @@ def test_launch_counts(emu):
 # ----------------------------------------------------------------------------------------------
 # one reverse step of the whole-sampler adjoint
 # ----------------------------------------------------------------------------------------------
+def _adjoint_step_inputs(randn, n, dtype, g, J, with_v):
+    """(lam, v, older, x, m, w, scale) of one reverse step with J weights, drawn in this order from ``g``."""
+    lam, x, m = (randn(n, dtype, g) for _ in range(3))
+    v = randn(n, dtype, g) if with_v else None
+    older = [randn(n, dtype, g) for _ in range(max(J - (2 if with_v else 1), 0))]
+    w = torch.randn(J, generator=g, dtype=torch.float64)
+    sc = torch.tensor([0.7], dtype=torch.float64) if with_v else None
+    return lam, v, older, x, m, w, sc
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("J,with_v", [(0, True), (1, False), (2, True), (3, True), (4, True), (2, False)])
 @pytest.mark.parametrize("with_dots", [True, False])
 def test_adjoint_step_matches_cpu(emu, dtype, J, with_v, with_dots):
     g = torch.Generator().manual_seed(10 * J + with_v)
-    n = 2 * BLOCK + 77
-    lam, x, m = (_randn(n, dtype, g) for _ in range(3))
-    v = _randn(n, dtype, g) if with_v else None
-    older = [_randn(n, dtype, g) for _ in range(max(J - (2 if with_v else 1), 0))]
-    w = torch.randn(J, generator=g, dtype=torch.float64)
-    sc = torch.tensor([0.7], dtype=torch.float64) if with_v else None
+    lam, v, older, x, m, w, sc = _adjoint_step_inputs(_randn, 2 * BLOCK + 77, dtype, g, J, with_v)
     res = []
     for fn in (emu.multistep_adjoint, C.multistep_adjoint):
         vv = v.clone() if with_v else None
@@ -396,11 +401,7 @@ def test_adjoint_step_dots_do_not_depend_on_alignment(emu, dtype, J, with_v):
     bitwise equal (the same element-to-thread mapping on both paths)."""
     for n in ALIGNMENT_NS:
         g = torch.Generator().manual_seed(n + J)
-        lam, x, m = (_randn_wide(n, dtype, g) for _ in range(3))
-        v = _randn_wide(n, dtype, g) if with_v else None
-        older = [_randn_wide(n, dtype, g) for _ in range(max(J - (2 if with_v else 1), 0))]
-        w = torch.randn(J, generator=g, dtype=torch.float64)
-        sc = torch.tensor([0.7], dtype=torch.float64) if with_v else None
+        lam, v, older, x, m, w, sc = _adjoint_step_inputs(_randn_wide, n, dtype, g, J, with_v)
         res = []
         for prep in (_aligned, _misaligned):
             vv = prep(v) if with_v else None
