@@ -225,6 +225,20 @@ def test_ays_other_schedule_maps_range():
     _valid_grid(ays(EDM(0.5, 5.0), 6), EDM(0.5, 5.0), 6)
     with pytest.raises(ValueError, match="AYS lists exist for .*, got .sd3."):
         ays(s, 6, model="sd3")
+    # the mapping itself, value by value: u is the published list's log sigma normalised to [0, 1] over the
+    # list's own ends, and the mapped log sigma is log smin + u * (log smax - log smin)
+    for sched, nfe, model, fit in [(s, 6, "sd15", "auto"), (s, 10, "sd15", True), (s, 7, "sdxl", True),
+                                   (EDM(0.5, 5.0), 6, "sd15", "auto"), (EDM(0.5, 5.0), 13, "sdxl", True)]:
+        t = ays(sched, nfe, model=model, fit_range=fit)
+        _valid_grid(t, sched, nfe)
+        p0, p1 = AYS_SIGMAS[model][0], AYS_SIGMAS[model][-1]
+        u = (np.log(np.asarray(ays_sigmas(model, nfe))) - math.log(p1)) / (math.log(p0) - math.log(p1))
+        lo, hi = math.log(sched.sigma_min), math.log(sched.sigma_max)
+        expected = lo + u * (hi - lo)
+        got = np.log(sched.edm_sigma(t).numpy())
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+        # and the interior really moved off the published values (the schedule does not match SD's range)
+        assert np.abs(got[1:-1] - np.log(ays_sigmas(model, nfe))[1:-1]).min() > 1e-3
 
 
 

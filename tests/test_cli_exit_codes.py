@@ -197,7 +197,8 @@ def test_our_own_checks_inside_the_model_call_are_not_the_networks():
     # the library's own network (its frames and torch's nn.Module plumbing only): its failure keeps the traceback
     from ld3_ext.models.registry import load_model
     digits, _ = load_model("digits")
-    with pytest.raises(Exception) as info:
+    with pytest.raises(ValueError, match=r"x must be \[B, 1, 8, 8\] or \[B, 64\] \(one digit per row\), "
+                                         r"got shape \(1, 3, 5, 5\)") as info:
         digits.predict(torch.zeros(1, 3, 5, 5), torch.tensor(1.0))
     assert not cli._model_failure(info.value)
 
@@ -206,7 +207,9 @@ def test_our_own_checks_inside_the_model_call_are_not_the_networks():
             return torch.nn.functional.linear(x, torch.ones(5, 3))
     for net in (UserNet(), torch.jit.script(UserNet()), torch.compile(UserNet(), backend="eager")):
         # scripted or compiled, only torch's frames follow the call: still the user's network
-        with pytest.raises(Exception) as info:
+        # torch's shape error (plain, through TorchScript, or dynamo's TorchRuntimeError, a RuntimeError too)
+        with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied \(1x2 and 3x5\)"
+                                               r"|same reduction dim") as info:
             ld3_ext.wrap_model(net, ld3_ext.EDM(), prediction="x0").predict(torch.zeros(1, 2), torch.tensor(1.0))
         assert cli._model_failure(info.value), type(net)
 

@@ -178,7 +178,12 @@ def test_baseline_grid_without_stored_timesteps():
 
 def test_step_does_not_sync_with_the_host(monkeypatch):
     """step() must not read tensor values on the host (.item(), float(), bool(), .tolist(), .numpy()):
-    on a GPU each of those is a device sync per step."""
+    on a GPU each of those is a device sync per step.  The Python-level patches miss reads made inside ATen
+    (nonzero, is_nonzero, _local_scalar_dense from a C++ path, tensors lifted from Python lists): the ops
+    dispatched by step() are recorded and must hold none of HOST_READS (as in test_no_host_reads, which covers
+    set_timesteps grids; here the from_timesteps grids with a decoupled model grid, ipndm included)."""
+    from conftest import OpRecorder
+    from test_no_host_reads import HOST_READS
     unet = tiny_unet()
     cfg = diffusers.DDPMScheduler().config
     model, sched = from_diffusers(unet, cfg)
@@ -197,9 +202,13 @@ def test_step_does_not_sync_with_the_host(monkeypatch):
             for attr in ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "cpu"):
                 m.setattr(torch.Tensor, attr, boom)
             y = x
-            for tt, out in zip(sch.timesteps, outs):
-                y = sch.step(out, tt, y).prev_sample
+            rec = OpRecorder()
+            with rec:
+                for tt, out in zip(sch.timesteps, outs):
+                    y = sch.step(out, tt, y).prev_sample
         assert torch.isfinite(y).all()
+        assert len(rec.ops) > 10, (solver, rec.ops)
+        assert not HOST_READS & set(rec.ops), (solver, sorted(HOST_READS & set(rec.ops)))
 
 
 def test_bad_scheduler_arguments():

@@ -1,6 +1,7 @@
 """The CLI's PNG figures are written like every other output file: a plain file's mode, no temp file left."""
 import os
 import stat
+import struct
 
 import pytest
 import torch
@@ -94,6 +95,12 @@ def test_schedule_plot_names_empty_or_malformed_inputs(which, errors, exc, messa
         schedule_plot_png(schedules, s, errors=errors)
 
 
+def _png_size(png: bytes):
+    """(width, height) from a PNG's IHDR chunk (the first chunk, right after the 8-byte signature)."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR", png[:16]
+    return struct.unpack(">II", png[16:24])
+
+
 def test_plots_of_valid_inputs_still_draw():
     """errors={} (no curves) draws the schedule panel alone, as errors=None does; rows with fewer samples than
     max_items show as many images as the shortest row."""
@@ -101,8 +108,23 @@ def test_plots_of_valid_inputs_still_draw():
     s, grids = _grids()
     for errors in (None, {}):
         assert schedule_plot_png(grids, s, errors=errors)[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sample_grid_png({"a": torch.randn(5, 1, 8, 8), "b": torch.randn(2, 1, 8, 8)})[:8] == b"\x89PNG\r\n\x1a\n"
     assert sample_grid_png({"a": torch.randn(5, 2), "b": torch.randn(1, 2)})[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def size(n_a, n_b, **kw):  # (width, height) in pixels of a two-row image grid
+        return _png_size(sample_grid_png({"a": torch.randn(n_a, 1, 8, 8), "b": torch.randn(n_b, 1, 8, 8)}, **kw))
+
+    # the reference: both rows hold k images; each column adds width, the height stays
+    ref = {k: size(k, k) for k in range(1, 6)}
+    widths = [ref[k][0] for k in range(1, 6)]
+    assert all(w1 < w2 for w1, w2 in zip(widths, widths[1:])), ref
+    heights = [h for _, h in ref.values()]
+    assert max(heights) < 1.1 * min(heights), ref  # (the tight bounding box moves it by a few pixels)
+    # a row shorter than max_items: the figure has as many columns as the shortest row (either row) ...
+    for n_a, n_b in ((5, 2), (2, 5), (5, 3), (4, 1)):
+        assert size(n_a, n_b)[0] == ref[min(n_a, n_b)][0], (n_a, n_b, size(n_a, n_b), ref)
+    # ... and max_items caps the columns when every row is longer
+    assert size(5, 5, max_items=3)[0] == ref[3][0]
+    assert size(5, 4, max_items=16)[0] == ref[4][0]
 
 
 def test_schedule_plot_names_a_schedule_that_is_not_one():
