@@ -51,8 +51,8 @@ inline AdjointInputs adjoint_inputs(const AdjointArgs& a, const at::Tensor& lam_
   for (const auto& o : older) in.older.push_back(in_layout_of(o, like));
   if (a.need_dots) in.x = in_layout_of(x, like);
   if (a.need_dots && a.J > 0) in.m = in_layout_of(m, like);
-  in.w = w.contiguous();
-  if (a.has_v) in.scale = scale.contiguous();
+  in.w = contiguous_aligned(w);
+  if (a.has_v) in.scale = contiguous_aligned(scale);
   return in;
 }
 

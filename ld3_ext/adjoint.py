@@ -522,8 +522,10 @@ def _model_vjp(ctx, walk: _Walk, plan: SamplerPlan, i: int, gm: torch.Tensor, wa
     res = _vjp(out, inputs, gm)
     v = res[0] if want_x else None
     gt = res[-1] if want_t else None
-    if v is not None and not (v.stride() == gm.stride() and v.dtype == gm.dtype and not v.is_neg()):
-        # the next reverse step writes lambda_i into v in place, in its layout: the layout of the step (gm's)
+    if v is not None and not (v.stride() == gm.stride() and v.dtype == gm.dtype and not v.is_neg()
+                              and v.data_ptr() % v.element_size() == 0):
+        # the next reverse step writes lambda_i into v in place, in its layout: the layout of the step (gm's), and
+        # aligned (the kernel refuses a v at an odd byte offset, which a custom Function's backward could return)
         v = torch.empty_like(gm).copy_(v)
     return v, gt
 

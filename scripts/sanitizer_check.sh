@@ -16,7 +16,7 @@ work=${LD3_SAN_DIR:-/tmp/ld3_asan}
 build="$work/build"
 dest="$work/site"
 python=${PYTHON:-python}
-tests=${LD3_SAN_TESTS:-"tests/test_fused_ops.py tests/test_fuzz_native.py tests/test_adjoint_sampler.py tests/test_cpu_isa.py tests/test_update_autograd_node.py tests/test_table_autograd_node.py tests/test_native_lazy_views.py tests/test_native_input_kinds.py tests/test_whole_sampler_first_evaluation.py"}
+tests=${LD3_SAN_TESTS:-"tests/test_fused_ops.py tests/test_fuzz_native.py tests/test_adjoint_sampler.py tests/test_cpu_isa.py tests/test_update_autograd_node.py tests/test_table_autograd_node.py tests/test_native_lazy_views.py tests/test_native_input_kinds.py tests/test_whole_sampler_first_evaluation.py tests/test_native_alignment.py"}
 # The -O1 sanitizer build vectorises the float32 reductions differently. These end-to-end float32
 # tolerance checks (fused vs reference timestep gradients, within about 2x the reference's own error)
 # then fail on numerics, not on memory safety: on an AVX-512 Xeon the sanitized UniPC-3 time gradient

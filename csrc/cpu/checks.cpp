@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "dense_layout.h"
 #include "solver_coefficients.h"
 
 namespace ld3 {
@@ -23,6 +24,13 @@ void check_dense(const at::Tensor& t, const char* fn, const std::string& name) {
   TORCH_CHECK(!t.defined() || (t.layout() == at::kStrided && !t.is_nested()), fn, ": ", name,
               " must be a dense (strided) tensor, got ", t.is_nested() ? std::string("a nested tensor")
                                                                         : c10::str("layout ", t.layout()));
+}
+// a tensor the kernel writes through a typed pointer must start at a multiple of its element size (a view at an
+// odd byte offset cannot be copied back into exactly: an input is realigned by a copy, an output is refused)
+void check_aligned(const at::Tensor& t, const char* fn, const std::string& name) {
+  TORCH_CHECK(!t.defined() || element_aligned(t), fn, ": ", name, " is written in place and its data is not aligned "
+              "to its ", t.element_size(), "-byte elements (a view at an odd byte offset, e.g. torch.frombuffer(..., "
+              "offset=1)); pass an aligned tensor (", name, ".clone())");
 }
 }  // namespace
 
@@ -66,7 +74,12 @@ void check_update_out(const at::Tensor& out, const at::Tensor& x, const at::Tens
   check_plain(out, "multistep_update", "out");
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device() && out.sizes() == x.sizes(),
               "multistep_update: out must match x in shape, dtype and device");
-  at::assert_no_internal_overlap(out);
+  // at::assert_no_internal_overlap(out) passes strides it cannot decide on, e.g. as_strided((3, 3), (2, 1)),
+  // whose elements collide: the result was garbage (fuzz audit); and it named no argument
+  TORCH_CHECK(surely_no_internal_overlap(out), "multistep_update: out has elements that share memory, or strides ",
+              out.strides(), " that may make them (an expand()ed or as_strided view); pass an out whose elements are "
+              "distinct (e.g. torch.empty_like(x))");
+  check_aligned(out, "multistep_update", "out");
   // ATen's own overlap error names no argument: say which input out runs into
   for (size_t k = 0; k < history.size(); ++k)
     TORCH_CHECK(at::get_overlap_status(out, history[k]) != at::MemOverlapStatus::Partial,
@@ -132,6 +145,7 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
     TORCH_CHECK(v.is_non_overlapping_and_dense(), "multistep_adjoint: v is written in place and must be "
                 "non-overlapping and dense (e.g. contiguous or channels_last), got strides ", v.strides(),
                 " for shape ", v.sizes());
+    check_aligned(v, "multistep_adjoint", "v");
     TORCH_CHECK(!v.is_alias_of(lam_prev), "multistep_adjoint: v must not share memory with lam_prev");
     // v is overwritten with L_0 while x and m are read (by other threads, on CUDA)
     TORCH_CHECK(!(x.defined() && v.is_alias_of(x)), "multistep_adjoint: v must not share memory with x");
@@ -164,6 +178,7 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
                 "share memory (e.g. an expand()ed tensor); each dot product needs its own");
     TORCH_CHECK(dots.numel() >= 1 + a.J, "multistep_adjoint: dots needs at least ", 1 + a.J, " entries, got ",
                 dots.numel());
+    check_aligned(dots, "multistep_adjoint", "dots");
     TORCH_CHECK(x.defined(), "multistep_adjoint: x is needed for the dot products");
     check_like(x, lam_prev, "x");
     if (a.J > 0) {

@@ -3,6 +3,7 @@
 
 #include <vector>
 
+#include "dense_layout.h"
 #include "ld3_ops.h"
 #include "solver_coefficients.h"
 
@@ -14,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> coefficient_table_cpu(const at::Tensor& t_in,
                                                          bool use_corrector) {
   check_table_args(t_in, schedule_kind, solver, order);
   TORCH_CHECK(t_in.device().is_cpu(), "coefficient_table_cpu: timesteps must be on the CPU");
-  const at::Tensor t = t_in.contiguous();
+  const at::Tensor t = contiguous_aligned(t_in);
   const int n = static_cast<int>(t.numel() - 1);
   auto opts = t.options();
   at::Tensor table = at::empty({n, 2, kTableWidth}, opts);
@@ -40,8 +41,10 @@ std::vector<double> schedule_lambda_cpu(int64_t schedule_kind, double p0, double
 
 at::Tensor coefficient_table_backward_cpu(const at::Tensor& jac_in, const at::Tensor& grad_in) {
   check_table_backward_args(jac_in, grad_in);
-  const at::Tensor jac = jac_in.contiguous();
-  const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
+  TORCH_CHECK(jac_in.device().is_cpu(), "coefficient_table_backward (CPU kernel): jac must be on the CPU, got ",
+              jac_in.device());
+  const at::Tensor jac = contiguous_aligned(jac_in);
+  const at::Tensor grad = contiguous_aligned(grad_in.to(at::kDouble));
   const int n = static_cast<int>(jac.size(0));
   at::Tensor grad_t = at::empty({n + 1}, jac.options());
   const double* jp = jac.const_data_ptr<double>();

@@ -310,7 +310,7 @@ at::Tensor multistep_forward_cpu(const at::Tensor& x_in, const at::Tensor& coef_
   std::vector<at::Tensor> hist;
   hist.reserve(K);
   for (const auto& m : history) hist.push_back(in_layout_of(m, x));
-  const at::Tensor coef = coef_in.contiguous();
+  const at::Tensor coef = contiguous_aligned(coef_in);
   const bool direct = same_dense_layout(out, x);
   at::Tensor dst = direct ? out : at::empty_like(x);
   const CpuIsa isa = cpu_isa();
@@ -343,7 +343,7 @@ GradTuple multistep_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_
   at::Tensor gc = need_coef ? at::zeros_like(coef_in, at::MemoryFormat::Contiguous) : at::Tensor();
   const int64_t n = g.numel();
   if (n == 0 || (!need_x && !need_coef && !(need_hist && K > 0))) return {gx, gc, gms};
-  const at::Tensor coef = coef_in.contiguous();
+  const at::Tensor coef = contiguous_aligned(coef_in);
   // x and history are only read for the dot products
   at::Tensor x;
   std::vector<at::Tensor> hist;

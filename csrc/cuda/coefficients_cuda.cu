@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "dense_layout.h"
 #include "ld3_ops.h"
 #include "solver_coefficients.h"
 
@@ -29,8 +30,8 @@ __global__ void timestep_grad_kernel(const double* __restrict__ jac, const doubl
 at::Tensor coefficient_table_backward_cuda(const at::Tensor& jac_in, const at::Tensor& grad_in) {
   check_table_backward_args(jac_in, grad_in);
   const c10::cuda::CUDAGuard guard(jac_in.device());
-  const at::Tensor jac = jac_in.contiguous();
-  const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
+  const at::Tensor jac = contiguous_aligned(jac_in);
+  const at::Tensor grad = contiguous_aligned(grad_in.to(at::kDouble));
   const int n = static_cast<int>(jac.size(0));
   at::Tensor grad_t = at::empty({n + 1}, jac.options());
   constexpr int kThreads = 64;
@@ -47,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> coefficient_table_cuda(const at::Tensor& t_in
   check_table_args(t_in, schedule_kind, solver, order);
   TORCH_CHECK(t_in.device().is_cuda(), "coefficient_table_cuda: timesteps must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(t_in.device());
-  const at::Tensor t = t_in.contiguous();
+  const at::Tensor t = contiguous_aligned(t_in);
   const int n = static_cast<int>(t.numel() - 1);
   at::Tensor table = at::empty({n, 2, kTableWidth}, t.options());
   at::Tensor jac = at::empty({n, 2, kTableWidth, kWindow}, t.options());

@@ -267,7 +267,7 @@ at::Tensor multistep_forward_cuda(const at::Tensor& x_in, const at::Tensor& coef
   if (n == 0) return out;
   std::vector<at::Tensor> hist;
   for (const auto& m : history) hist.push_back(in_layout_of(m, x));
-  const at::Tensor coef = coef_in.contiguous();
+  const at::Tensor coef = contiguous_aligned(coef_in);
   const bool direct = same_dense_layout(out, x);
   at::Tensor dst = direct ? out : at::empty_like(x);
   const auto stream = c10::cuda::getCurrentCUDAStream(x.device().index());
@@ -313,7 +313,7 @@ GradTuple multistep_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x
   if (need_coef) gc = n == 0 ? at::zeros_like(coef_in, at::MemoryFormat::Contiguous)
                              : at::empty_like(coef_in, at::MemoryFormat::Contiguous);
   if (n == 0 || (!need_x && !need_coef && !(need_hist && K > 0))) return {gx, gc, gms};  // as on the CPU
-  const at::Tensor coef = coef_in.contiguous();
+  const at::Tensor coef = contiguous_aligned(coef_in);
   at::Tensor x;
   std::vector<at::Tensor> hist;
   if (need_coef) {
