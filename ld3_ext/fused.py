@@ -21,7 +21,7 @@ import torch.autograd.forward_ad as _fwad
 
 from . import _native
 from .device_constants import tracing
-from .coefficients import SOLVER_IDS, TABLE_WIDTH, SolverSpec, coefficient_table_reference
+from .coefficients import MAX_HISTORY, SOLVER_IDS, TABLE_WIDTH, SolverSpec, coefficient_table_reference
 from .layout import in_layout_of, plain_grad
 from .ops import _opmath, as_history, check_grid, check_table_args, check_update_args as _check_update, \
     composite_only, multistep_update_reference
@@ -138,14 +138,25 @@ def _native_schedule(kind: int, p0: float, p1: float, t_lo: float, t_hi: float):
     a default range need not be, e.g. VPLinear's t_max = 1 with beta_max = 5000)."""
     from . import schedules as S
     if kind == S.KIND_EDM:
-        return S.EDM(sigma_min=t_lo, sigma_max=t_hi)
-    if kind == S.KIND_VP_LINEAR:
-        return S.VPLinear(beta_min=p0, beta_max=p1, t_min=t_lo, t_max=t_hi)
-    if kind == S.KIND_VP_COSINE:
-        return S.VPCosine(s=p0, t_min=t_lo, t_max=t_hi)
-    if kind == S.KIND_FLOW:
-        return S.FlowMatching(t_min=t_lo, t_max=t_hi)
-    raise ValueError(f"coefficient_table: unknown native schedule kind {kind}")
+        make = lambda **r: S.EDM(**({"sigma_min": r["t_min"], "sigma_max": r["t_max"]} if r else {}))  # noqa: E731
+    elif kind == S.KIND_VP_LINEAR:
+        make = lambda **r: S.VPLinear(beta_min=p0, beta_max=p1, **r)  # noqa: E731
+    elif kind == S.KIND_VP_COSINE:
+        make = lambda **r: S.VPCosine(s=p0, **r)  # noqa: E731
+    elif kind == S.KIND_FLOW:
+        make = lambda **r: S.FlowMatching(**r)  # noqa: E731
+    else:
+        raise ValueError(f"coefficient_table: unknown native schedule kind {kind}")
+    try:
+        return make(t_min=t_lo, t_max=t_hi)
+    except ValueError as on_range:
+        # a grid the forward takes (the schedule is defined there: VPLinear at t < 0) but the constructor's range
+        # refuses (0 < t_min): its default range; the reference table is evaluated unchecked (validate=False)
+        try:
+            return make()
+        except ValueError:
+            raise ValueError(f"coefficient_table: the second derivative (create_graph=True) rebuilds the schedule on "
+                             f"the grid's range [{t_lo}, {t_hi}] of timesteps, which it refuses: {on_range}") from None
 
 
 def _table_args(native, spec: SolverSpec) -> tuple:
@@ -271,8 +282,9 @@ def _check_out(x, coef, history, out) -> None:
         raise RuntimeError("multistep_update: out= is not supported when gradients are required")
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError("multistep_update: out must match x in shape, dtype and device")
-    # e.g. an expand()ed out: torch's own memory-overlap error names no argument
-    if out.layout == torch.strided and not tracing() and _self_overlapping(out):
+    # e.g. an expand()ed out: torch's own memory-overlap error names no argument.  Not for a torch.func
+    # transform's wrapped out (vmap): torch's overlap test has no batching rule, and out.copy_ checks it itself
+    if out.layout == torch.strided and not tracing() and not composite_only(out) and _self_overlapping(out):
         raise OutOverlapError(f"multistep_update: out has elements that overlap or may overlap (share one memory "
                               f"location: strides {out.stride()} for shape {tuple(out.shape)}, e.g. an expand()ed or "
                               f"as_strided tensor); pass a tensor with distinct elements, e.g. torch.empty_like(x)")
@@ -344,9 +356,25 @@ def _register_ops() -> None:
                     raise RuntimeError(f"ld3_ext::{op}: {where} is on {u.device} but {first_name} is on "
                                        f"{first.device}")
 
+    # and the kernels' argument checks (csrc/cpu/checks.cpp), which a fake or meta call never reaches: without them
+    # a traced call on mismatched inputs "succeeded" with made-up shapes, to fail later or not at all (fuzz audit)
+    def _update_args(op: str, x, coef, history) -> None:
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise RuntimeError(f"ld3_ext::{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        if len(history) > MAX_HISTORY:
+            raise RuntimeError(f"ld3_ext::{op}: history holds {len(history)} tensors, at most {MAX_HISTORY}")
+        for k, m in enumerate(history):
+            if m.dtype != x.dtype or m.shape != x.shape:
+                raise RuntimeError(f"ld3_ext::{op}: history[{k}] is {m.dtype} of shape {tuple(m.shape)} but x is "
+                                   f"{x.dtype} of shape {tuple(x.shape)}")
+        if coef.dtype != torch.float64 or coef.dim() != 1 or not 1 + len(history) <= coef.shape[0] <= TABLE_WIDTH:
+            raise RuntimeError(f"ld3_ext::{op}: coef must be 1-D float64 with 1 + len(history) = {1 + len(history)} "
+                               f"to {TABLE_WIDTH} entries, got {coef.dtype} of shape {tuple(coef.shape)}")
+
     @_update_op.register_fake
     def _(x, coef, history):
         _one_device("multistep_update", x=x, coef=coef, history=history)
+        _update_args("multistep_update", x, coef, history)
         return torch.empty_like(x)  # the kernel's output takes x's layout (csrc/dense_layout.h)
 
     @torch.library.custom_op(f"{lib}::multistep_update_backward", mutates_args=())
@@ -358,6 +386,10 @@ def _register_ops() -> None:
     @_update_bwd_op.register_fake
     def _(grad, x, coef, history):
         _one_device("multistep_update_backward", grad=grad, x=x, coef=coef, history=history)
+        _update_args("multistep_update_backward", x, coef, history)
+        if grad.dtype != x.dtype or grad.shape != x.shape:
+            raise RuntimeError(f"ld3_ext::multistep_update_backward: grad is {grad.dtype} of shape "
+                               f"{tuple(grad.shape)} but x is {x.dtype} of shape {tuple(x.shape)}")
 
         def like_grad():  # the kernel's grads take grad's layout (csrc/dense_layout.h)
             return torch.empty_like(grad)
@@ -384,6 +416,12 @@ def _register_ops() -> None:
 
     @_table_op.register_fake
     def _(t, schedule_kind, p0, p1, solver, order, lower_order_final, heun, bh2, use_corrector):
+        if t.dtype != torch.float64 or t.dim() != 1 or t.shape[0] < 2:
+            raise RuntimeError(f"ld3_ext::coefficient_table: timesteps must be a 1-D float64 tensor with at least 2 "
+                               f"entries, got {t.dtype} of shape {tuple(t.shape)}")
+        if not (0 <= schedule_kind <= 3 and 0 <= solver <= 3 and 1 <= order <= (1, 3, 3, 4)[solver]):
+            raise RuntimeError(f"ld3_ext::coefficient_table: schedule kind {schedule_kind}, solver id {solver} and "
+                               f"order {order}: kinds are 0..3, solver ids 0..3, orders 1..1/3/3/4 by solver")
         n = t.shape[0] - 1
         return (t.new_empty((n, 2, TABLE_WIDTH)), t.new_empty((n, 2, TABLE_WIDTH, 4)))
 
@@ -397,6 +435,11 @@ def _register_ops() -> None:
     @_table_bwd_op.register_fake
     def _(jac, grad_table, t):
         _one_device("coefficient_table_backward", jac=jac, grad_table=grad_table, t=t)
+        if jac.dtype != torch.float64 or jac.dim() != 4 or tuple(jac.shape[1:]) != (2, TABLE_WIDTH, 4) or \
+                grad_table.dim() != 3 or tuple(grad_table.shape) != tuple(jac.shape[:3]):
+            raise RuntimeError(f"ld3_ext::coefficient_table_backward: jac must be float64 [N, 2, {TABLE_WIDTH}, 4] and "
+                               f"grad_table [N, 2, {TABLE_WIDTH}], got {tuple(jac.shape)} and "
+                               f"{tuple(grad_table.shape)}")
         return jac.new_empty((jac.shape[0] + 1,))
 
     def _table_bwd_backward(ctx, grad_t):
