@@ -421,11 +421,24 @@ def test_dmn_grid_is_a_local_minimum_of_the_closed_form(space, order, nfe):
             assert float(moved) >= best * (1 - 1e-12), (size, move)
 
 
-def _gits_brute_force(gm, schedule, grid, states, nfe, coeff, max_jump=None):
+def _chord_distance(x, start, end):
+    """Per sample, the distance of x from the line through start and end, by Pythagoras in numpy (the library
+    projects out the chord's direction instead)."""
+    x, b, c = (np.asarray(v.flatten(1), dtype=np.float64) for v in (x, start, end))
+    out = []
+    for xs, bs, cs in zip(x, b, c):
+        a, d = cs - xs, cs - bs
+        along = a @ d / np.linalg.norm(d)
+        out.append(math.sqrt(max(a @ a - along * along, 0.0)))
+    return np.array(out)
+
+
+def _gits_brute_force(gm, schedule, grid, states, nfe, coeff, max_jump=None, metric="l2"):
     """GITS' search from its definition, over every sub-grid 0 = p_0 < p_1 < ... < p_nfe = M of the fine grid:
     jump i -> j is one DDIM step (first-order data prediction, the mixture's exact posterior mean) from the
-    teacher state at g_i, scored by the per-sample RMSE to the teacher state at g_j averaged over the batch;
-    jump k of a path weighs coeff^k.  Returns (the least total, its path, the jump costs)."""
+    teacher state at g_i, scored ("l2") by the per-sample RMSE to the teacher state at g_j averaged over the batch,
+    or ("dev", GITS' default) by the batch mean of its distance from the chord states[0] -> states[-1] less the
+    teacher state's; jump k of a path weighs coeff^k.  Returns (the least total, its path, the jump costs)."""
     m = grid.numel() - 1
     alpha, sigma = schedule.alpha(grid), schedule.sigma(grid)
     jumps = {}
@@ -433,7 +446,11 @@ def _gits_brute_force(gm, schedule, grid, states, nfe, coeff, max_jump=None):
         d = gm.denoise(states[i], alpha[i], sigma[i])
         for j in range(i + 1, m + 1):
             x = sigma[j] / sigma[i] * states[i] + (alpha[j] - alpha[i] * sigma[j] / sigma[i]) * d
-            jumps[i, j] = float((x - states[j]).flatten(1).pow(2).mean(1).sqrt().mean())
+            if metric == "dev":
+                jumps[i, j] = float(_chord_distance(x, states[0], states[-1]).mean()
+                                    - _chord_distance(states[j], states[0], states[-1]).mean())
+            else:
+                jumps[i, j] = float((x - states[j]).flatten(1).pow(2).mean(1).sqrt().mean())
     best, best_path = math.inf, None
     for mid in itertools.combinations(range(1, m), nfe - 1):
         path = [0, *mid, m]
@@ -457,26 +474,31 @@ def accurate_fine_trajectories(request):
     return gm, schedule, grid, states
 
 
+@pytest.mark.parametrize("metric", ["dev", "l2"])
 @pytest.mark.parametrize("max_jump", [None, 4])
-def test_gits_cost_and_search_match_brute_force_over_every_sub_grid(accurate_fine_trajectories, max_jump):
+def test_gits_cost_and_search_match_brute_force_over_every_sub_grid(accurate_fine_trajectories, max_jump, metric):
     """The library's cost matrix and DP on given teacher states against every sub-grid costed from the
     definition: the same path and the same cost to round-off, for 2-4 jumps and coeff 1 and 1.15."""
     gm, schedule, grid, states = accurate_fine_trajectories
-    cost = gits_cost_matrix(gm.model(schedule), grid, states, solver=Euler(), max_jump=max_jump)
+    kw = {} if metric == "dev" else {"metric": metric}  # "dev" is the default
+    cost = gits_cost_matrix(gm.model(schedule), grid, states, solver=Euler(), max_jump=max_jump, **kw)
+    # round-off: a jump from x ~ 80 landing ~1e-3 from the teacher state keeps ~12 digits of its cost; the chord
+    # distances differ by a few hundred ulps of the states between the two formulas
+    tol = dict(rel=1e-9, abs=0) if metric == "l2" else dict(rel=1e-9, abs=1e-10)
     for nfe in (2, 3, 4):
         for coeff in (1.0, 1.15):
             path = gits_dp(cost, nfe, coeff)
-            best, best_path, jumps = _gits_brute_force(gm, schedule, grid, states, nfe, coeff, max_jump)
+            best, best_path, jumps = _gits_brute_force(gm, schedule, grid, states, nfe, coeff, max_jump, metric)
             assert path == best_path, (nfe, coeff)
-            # round-off: a jump from x ~ 80 landing ~1e-3 from the teacher state keeps ~12 digits of its cost
-            assert path_cost(cost, path, coeff) == pytest.approx(best, rel=1e-9, abs=0), (nfe, coeff)
+            assert path_cost(cost, path, coeff) == pytest.approx(best, **tol), (nfe, coeff)
     for (i, j), c in jumps.items():
         want = c if max_jump is None or j - i <= max_jump else math.inf
-        assert cost[i, j] == pytest.approx(want, rel=1e-9, abs=0), (i, j)
+        assert cost[i, j] == pytest.approx(want, **tol), (i, j)
     assert np.isinf(cost[np.tril_indices(9)]).all()
 
 
-def test_gits_search_matches_brute_force_on_its_own_teacher():
+@pytest.mark.parametrize("metric", ["dev", "l2"])
+def test_gits_search_matches_brute_force_on_its_own_teacher(metric):
     """gits() end to end (fine grid, teacher trajectories, cost, DP, timesteps) against the brute force on the
     states of its teacher."""
     s = EDM(0.002, 80.0)
@@ -484,13 +506,28 @@ def test_gits_search_matches_brute_force_on_its_own_teacher():
     model = gm.model(s)
     x_T = gm.prior_noise(s, 6, generator=torch.Generator().manual_seed(2))
     res = gits(model, nfe=3, x_T=x_T, fine_steps=8, spacing="logsnr", coeff=1.15, teacher_substeps=2,
-               return_info=True)
+               return_info=True, metric=metric)
     assert torch.equal(res.grid, discretizations.logsnr_uniform(s, 8))
     states = teacher_states(model, x_T, res.grid, substeps=2)
-    best, best_path, _ = _gits_brute_force(gm, s, res.grid, states, 3, 1.15)
+    best, best_path, _ = _gits_brute_force(gm, s, res.grid, states, 3, 1.15, metric=metric)
     assert res.path == best_path
-    assert res.total_cost == pytest.approx(best, rel=1e-9, abs=0)
+    assert res.total_cost == pytest.approx(best, rel=1e-9, abs=1e-10 if metric == "dev" else 0)
     assert torch.equal(res.timesteps[1:-1], res.grid[best_path[1:-1]])
+
+
+def test_gits_metric_is_checked_and_the_chord_distance_is_exact():
+    """line_deviation on hand-made points: the distance from the line through start and end (3-4-5 triangles),
+    0 on the line, the distance to the point when start == end; an unknown metric is named."""
+    from ld3_ext.baselines.gits import line_deviation
+    start = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
+    end = torch.tensor([[4.0, 0.0], [3.0, 4.0], [5.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
+    pts = torch.tensor([[1.0, 3.0], [3.0, 4.0], [-7.0, 1.0], [5.0, 6.0]], dtype=torch.float64)
+    assert torch.equal(line_deviation(pts, start, end), torch.tensor([3.0, 0.0, 0.0, 5.0], dtype=torch.float64))
+    rot = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)  # invariant under a rotation
+    torch.testing.assert_close(line_deviation(pts @ rot, start @ rot, end @ rot), line_deviation(pts, start, end),
+                               rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match=r"metric must be one of \('dev', 'l2'\).*got 'l1'"):
+        gits(testbeds.ring2d().model(EDM()), nfe=3, sample_shape=(2,), metric="l1")
 
 
 def test_gits_refuses_an_impossible_jump_limit_or_substep_count_before_the_teacher():

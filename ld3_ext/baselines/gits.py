@@ -162,16 +162,40 @@ def teacher_states(model: DiffusionModel, x_T: torch.Tensor, grid: torch.Tensor,
     return states
 
 
+GITS_METRICS = ("dev", "l2")
+
+
+def line_deviation(points: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Per sample, the distance of ``points`` from the straight line through ``start`` and ``end`` (all
+    [B, ...]): GITS' measure of how far a state strays from the trajectory's chord, whose small size is the
+    "trajectory regularity" the method rests on.  A sample whose start and end coincide measures the distance
+    to that point."""
+    a = (end - points).flatten(1)
+    d = (end - start).flatten(1)
+    norm = d.norm(dim=1, keepdim=True)
+    u = torch.where(norm > 0, d / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(d))
+    return (a - (a * u).sum(dim=1, keepdim=True) * u).norm(dim=1)
+
+
+def _check_metric(metric) -> str:
+    if not isinstance(metric, str) or metric not in GITS_METRICS:
+        raise ValueError(f"metric must be one of {GITS_METRICS} ('dev': GITS' default, the deviation from the "
+                         f"trajectory's chord; 'l2': the per-sample error against the teacher state), got {metric!r}")
+    return metric
+
+
 @torch.no_grad()
 def gits_cost_matrix(model: DiffusionModel, grid: torch.Tensor, states: List[torch.Tensor], solver=None,
-                     max_jump: Optional[int] = None) -> np.ndarray:
-    """cost[i, j] (i < j): mean per-sample RMSE of one ``solver`` step from (states[i], grid[i]) to grid[j]
-    against states[j]; +inf elsewhere.  One network call per i (the prediction at (X_i, g_i) is shared by
-    every jump that starts there)."""
-    return _cost_matrix(model, grid, states, solver, max_jump)
+                     max_jump: Optional[int] = None, metric: str = "dev") -> np.ndarray:
+    """cost[i, j] (i < j) of one ``solver`` step from (states[i], grid[i]) to grid[j]; +inf elsewhere.
+
+    ``metric="dev"`` (GITS' default): the batch mean of the step's end's :func:`line_deviation` from the chord
+    states[0] -> states[-1], less the teacher state's own (states[j]); ``"l2"``: the mean per-sample RMSE against
+    states[j].  One network call per i (the prediction at (X_i, g_i) is shared by every jump that starts there)."""
+    return _cost_matrix(model, grid, states, solver, max_jump, metric=_check_metric(metric))
 
 
-def _cost_matrix(model, grid, states, solver=None, max_jump=None, x0_start=None) -> np.ndarray:
+def _cost_matrix(model, grid, states, solver=None, max_jump=None, x0_start=None, metric="dev") -> np.ndarray:
     # x0_start: the prediction at (states[0], grid[0]) when the caller already has it
     from ..solvers import Euler
     from ..metrics import teacher_rmse
@@ -187,6 +211,9 @@ def _cost_matrix(model, grid, states, solver=None, max_jump=None, x0_start=None)
     # int() would truncate 2.7 to 2 and search a smaller graph than asked, silently
     max_jump = m if max_jump is None else count("max_jump", max_jump, 1)
     cost = np.full((m + 1, m + 1), np.inf)
+    if metric == "dev":
+        start, end = states[0], states[-1]
+        teacher_dev = [float(line_deviation(x, start, end).mean()) for x in states]
     for i in range(m):
         x_i = states[i]
         x0_i = x0_start if i == 0 and x0_start is not None else model.x0(x_i, grid[i])
@@ -195,7 +222,10 @@ def _cost_matrix(model, grid, states, solver=None, max_jump=None, x0_start=None)
         cached = wrap_model(lambda x, t, _x0=x0_i: _x0, s, prediction="x0", time_input="t", check_output=False)
         for j in range(i + 1, min(m, i + max_jump) + 1):
             x_j = solver.sample(cached, x_i, torch.stack([grid[i], grid[j]]))
-            cost[i, j] = float(teacher_rmse(x_j, states[j]).mean())
+            if metric == "dev":
+                cost[i, j] = float(line_deviation(x_j, start, end).mean()) - teacher_dev[j]
+            else:
+                cost[i, j] = float(teacher_rmse(x_j, states[j]).mean())
     return cost
 
 
@@ -328,7 +358,7 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
          n_samples: int = 64, fine_steps: int = 60, spacing: str = "edm", seed: int = 0,
          teacher_solver=None, teacher_substeps: int = 4, max_jump: Optional[int] = None,
          coeff: float = 1.15, x_T: Optional[torch.Tensor] = None, sample_shape=None,
-         dtype=torch.float64, return_info: bool = False):
+         dtype=torch.float64, return_info: bool = False, metric: str = "dev"):
     """GITS timesteps for ``model`` (float64, t_max..t_min, length nfe + 1).
 
     ``x_T``: the teacher batch's starting noise; by default ``n_samples`` draws of
@@ -336,6 +366,9 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     ``coeff``: GITS' weight on later jumps in the DP (1.15 by default, 1 = plain minimum total cost);
     with coeff = 1 the search spends steps where the trajectory is nearly straight at high noise,
     because an error made there is counted in full although the ODE shrinks it later.
+    ``metric``: the cost of a jump (:func:`gits_cost_matrix`): ``"dev"``, GITS' default and recommended setting,
+    scores how far the jump's end strays from the trajectory's chord beyond the teacher's own deviation there;
+    ``"l2"`` its error against the teacher state (the only cost before 2026-12-07; ``ld3 eval`` uses the default).
     ``return_info=True`` returns a :class:`GITSResult` (path, grid, cost matrix, total cost).
     """
     if not isinstance(model, DiffusionModel):
@@ -350,6 +383,7 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     fine_steps = count("fine_steps", fine_steps, 1, type_error=False)
     n_samples = count("n_samples", n_samples, 1, type_error=False)
     coeff = real("coeff", coeff, above=0)
+    metric = _check_metric(metric)
     seed = check_seed("seed", seed)
     max_jump = count("max_jump", max_jump, 1, none_ok=True)  # before the teacher trajectories, not after
     teacher_substeps = count("teacher_substeps", teacher_substeps, 1, type_error=False)
@@ -367,7 +401,7 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     grid_d = grid.to(dev)
     x0_start = _first_x0(model, x_T, grid_d, arg)
     states = teacher_states(model, x_T, grid_d, teacher_solver, teacher_substeps)
-    cost = _cost_matrix(model, grid_d, states, solver, max_jump, x0_start)
+    cost = _cost_matrix(model, grid_d, states, solver, max_jump, x0_start, metric)
     path = gits_dp(cost, nfe, coeff)
     t = grid[path].clone()
     t[0], t[-1] = schedule.t_max, schedule.t_min
@@ -376,5 +410,5 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     return t
 
 
-__all__ = ["GITS_PRESETS", "gits_preset", "gits", "gits_cost_matrix", "gits_dp", "path_cost", "fine_grid",
-           "teacher_states", "GITSResult"]
+__all__ = ["GITS_PRESETS", "GITS_METRICS", "gits_preset", "gits", "gits_cost_matrix", "gits_dp", "path_cost",
+           "fine_grid", "teacher_states", "line_deviation", "GITSResult"]
