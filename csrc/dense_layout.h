@@ -25,6 +25,7 @@ inline bool element_aligned(const at::Tensor& t) {
 // only for a certain overlap (a zero stride) and "too hard" for e.g. as_strided((3, 3), (2, 1)),
 // whose elements collide; a written tensor must pass this test instead.
 inline bool surely_no_internal_overlap(const at::Tensor& t) {
+  if (t.numel() == 0) return true;  // no elements to meet (a size-0 dimension, whatever the other strides)
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
   for (int64_t d = 0; d < t.dim(); ++d)
     if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));

@@ -165,3 +165,11 @@ def test_a_network_gradient_at_an_odd_offset_is_realigned_for_the_adjoint_walk()
         grads[backend] = (y.detach(), *torch.autograd.grad(y.square().sum(), (x, t)))
     for a, b in zip(grads["fused"], grads["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_an_empty_out_with_any_strides_is_taken():
+    """A zero-size out of strides (0, 2, 1) has no elements to collide (the hypothesis fuzz found the refusal)."""
+    x = torch.empty(3, 0, 2, dtype=torch.float64)
+    out = torch.empty(3, 0, 2, dtype=torch.float64).as_strided((3, 0, 2), (0, 2, 1))
+    res = _C().multistep_update(x, torch.tensor([1.5, -0.3], dtype=torch.float64), [x.clone()], out)
+    assert res.shape == (3, 0, 2)
