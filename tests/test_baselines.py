@@ -526,6 +526,14 @@ def test_gits_metric_is_checked_and_the_chord_distance_is_exact():
     rot = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)  # invariant under a rotation
     torch.testing.assert_close(line_deviation(pts @ rot, start @ rot, end @ rot), line_deviation(pts, start, end),
                                rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match=r"line_deviation: end must have the shape of points \[B, \.\.\.\] \(\(4, 2\)\)"):
+        line_deviation(pts, start, end[:2])
+    with pytest.raises(ValueError, match=r"points must have the shape of points"):
+        line_deviation(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0))
+    with pytest.raises(TypeError, match=r"line_deviation: start must be a real floating tensor \[B, \.\.\.\], got list"):
+        line_deviation(pts, [0.0, 0.0], end)
+    with pytest.raises(TypeError, match=r"points must be a real floating tensor .* got a torch.int64 tensor"):
+        line_deviation(pts.long(), start, end)
     with pytest.raises(ValueError, match=r"metric must be one of \('dev', 'l2'\).*got 'l1'"):
         gits(testbeds.ring2d().model(EDM()), nfe=3, sample_shape=(2,), metric="l1")
 

@@ -4,10 +4,10 @@ trajectory, plus the published GITS lists) and AYS (published Align-Your-Steps l
 """
 from .ays import AYS_SIGMAS, ays, ays_sd15, ays_sdxl, ays_sigmas, loglinear_interp
 from .dmn import dmn, dmn_lambdas, dmn_objective
-from .gits import GITS_PRESETS, GITSResult, gits, gits_cost_matrix, gits_dp, gits_preset, path_cost
+from .gits import GITS_METRICS, GITS_PRESETS, GITSResult, gits, gits_cost_matrix, gits_dp, gits_preset, line_deviation, path_cost
 from .registry import BASELINES, baseline_timesteps
 
 __all__ = ["AYS_SIGMAS", "ays", "ays_sd15", "ays_sdxl", "ays_sigmas", "loglinear_interp",
            "dmn", "dmn_lambdas", "dmn_objective",
-           "GITS_PRESETS", "GITSResult", "gits", "gits_cost_matrix", "gits_dp", "gits_preset", "path_cost",
+           "GITS_METRICS", "GITS_PRESETS", "GITSResult", "gits", "line_deviation", "gits_cost_matrix", "gits_dp", "gits_preset", "path_cost",
            "BASELINES", "baseline_timesteps"]
