@@ -116,9 +116,13 @@ def main():
                        "best_baseline": best_name, "reduction_vs_best": gain, "train_seconds": train_s,
                        "time_mode": learned.time_mode, "time_mode_request": args.time_mode,
                        "time_mode_candidates_valid_loss": learned.metrics.get("time_mode_candidates_valid_loss"),
+                       # the init="auto" pick: a --refresh of that baseline's column would leave LD3 stale
+                       "init_choice": learned.metrics.get("init_choice"),
                        "n_eval": args.n_eval, "threads": torch.get_num_threads(), "machine": platform.processor()
                        or platform.machine()}
                 records.append(rec)
+                if args.json:
+                    _write_records(args.json, records)  # after every record: a run cut short keeps what it measured
                 print(f"  {model_name:15s} {sname:6s} NFE {nfe:2d}  ld3 {med['ld3']:.4f}  best {best_name} "
                       f"{med[best_name]:.4f}  reduction {100 * gain:5.1f}%  train {train_s:5.1f}s  ({learned.time_mode})",
                       flush=True)
@@ -133,12 +137,17 @@ def main():
     n_ok = sum(r["reduction_vs_best"] >= 0.25 for r in records)
     print(f"\n{n_ok}/{len(records)} configurations at least 25% below the best baseline")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"records": records}, f, indent=1)
-        os.replace(tmp, args.json)
+        _write_records(args.json, records)
         print(f"wrote {args.json}")
+
+
+def _write_records(path, records):
+    """Write through a temporary file and a rename: a crash leaves the old file or the new one, never half."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"records": records}, f, indent=1)
+    os.replace(tmp, path)
 
 
 def refresh(args):
@@ -179,10 +188,7 @@ def refresh(args):
             print(f"  {model_name:15s} {r['solver']:6s} NFE {r['nfe']:2d}  {args.refresh} "
                   f"{r['median_rmse_before_refresh'][args.refresh]:.4f} -> {new:.4f}  best {r['best_baseline']}  "
                   f"ld3 reduction {100 * r['reduction_vs_best']:.1f}%", flush=True)
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"records": records}, f, indent=1)
-            os.replace(tmp, args.json)  # after every record: a run cut short keeps what it refreshed
+            _write_records(args.json, records)  # after every record: a run cut short keeps what it refreshed
     n_ok = sum(r["reduction_vs_best"] >= 0.25 for r in records)
     print(f"\n{n_ok}/{len(records)} configurations at least 25% below the best baseline")
 
