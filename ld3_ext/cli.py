@@ -35,6 +35,7 @@ from .solvers import ORDERLESS, SOLVERS, as_solver, solver_from_config
 BASELINES = ["time_uniform", "time_quadratic", "logsnr", "edm"]
 SOLVER_CHOICES = list(SOLVERS)
 MODEL_BASELINES = ["dmn", "gits"]
+GITS_SAMPLES = 64  # GITS' teacher batch (its default)
 SAMPLE_MODEL = "gmm:ring2d"  # `ld3 sample` without --model or a schedule file
 
 EXIT_CODES = """exit status:
@@ -188,15 +189,16 @@ def _teacher_desc(model, args) -> str:
     return f"{_make_teacher_solver(args)!r} {args.teacher_nfe} NFE {'logSNR' if grid == 'logsnr' else grid}"
 
 
-def _teacher(model, schedule, x_T, args):
-    """Exact ODE solution for analytic test beds, else a high-NFE solve (no grad)."""
+def _teacher(model, schedule, x_T, args, kw=None):
+    """Exact ODE solution for analytic test beds, else a high-NFE solve (no grad); ``kw``: the per-sample
+    conditions of a conditional model (:func:`_condition_kwargs`)."""
     if _teacher_kind(model) == "exact":
         return model.testbed.reference_solution(schedule, x_T, rtol=1e-7, atol=1e-7)
     from .discretizations import get_discretization
     solver, steps = _teacher_steps(args)
     grid = get_discretization(_teacher_grid(args), schedule, steps)
     with torch.no_grad():
-        return solver.sample(model, x_T, grid.to(x_T.device))
+        return solver.sample(model, x_T, grid.to(x_T.device), **(kw or {}))
 
 
 def _teacher_grid(args) -> str:
@@ -217,6 +219,40 @@ def _prior(model, schedule, n, seed, device, purpose: str):
     g = torch.Generator().manual_seed(_stream_seed(purpose, seed))
     shape = _sample_shape(model)
     return (schedule.prior_std() * torch.randn(n, *shape, generator=g, dtype=torch.float64)).to(device)
+
+
+def _conditions(model, n: int, seed: int, purpose: str) -> Optional[torch.Tensor]:
+    """A conditional model's per-sample conditions for ``n`` samples, or None for an unconditional one.
+
+    A factory makes its model conditional for the CLI by setting ``model.draw_conditions = fn`` with
+    ``fn(n, generator) -> tensor [n, ...]`` (class labels: ``torch.randint(0, 10, (n,), generator=generator)``);
+    they reach the network under ``model.cond_key``.  Each purpose draws from a stream of its own (the teacher
+    pairs' conditions, `ld3 teacher`'s and `ld3 train`'s, are the same; eval's and sample's are others), seeded
+    by --seed, so runs repeat and an LD3 schedule is not scored on its training conditions."""
+    draw = getattr(model, "draw_conditions", None)
+    if draw is None:
+        return None
+    if not callable(draw):
+        raise UsageError(f"--model: the model's draw_conditions must be a callable (n, generator) -> tensor [n, ...], "
+                         f"got {type(draw).__name__}")
+    g = torch.Generator().manual_seed(_stream_seed(f"{purpose} conditions", seed))
+    try:
+        cond = draw(n, g)
+    except Exception as exc:  # the factory's function: one line naming it (LD3_TRACEBACK=1 shows the rest)
+        raise UsageError(f"--model: the model's draw_conditions({n}, generator) raised {type(exc).__name__}: "
+                         f"{exc}") from exc
+    if not isinstance(cond, torch.Tensor) or cond.dim() < 1 or cond.shape[0] != n:
+        got = f"shape {tuple(cond.shape)}" if isinstance(cond, torch.Tensor) else type(cond).__name__
+        raise UsageError(f"--model: the model's draw_conditions({n}, generator) must return a tensor [{n}, ...] "
+                         f"(one condition per sample), got {got}")
+    if cond.is_floating_point() and not bool(torch.isfinite(cond).all()):
+        raise UsageError(f"--model: the model's draw_conditions({n}, generator) returned NaN or Inf")
+    return cond.detach()
+
+
+def _condition_kwargs(model, cond: Optional[torch.Tensor], device) -> Dict[str, Any]:
+    """The model kwargs carrying ``cond`` (none for an unconditional model)."""
+    return {} if cond is None else {model.cond_key: cond.to(device)}
 
 
 def _sample_shape(model):
@@ -307,9 +343,13 @@ def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0, dtype
                 else:  # GITS searches with its own one-step (Euler) cost, as in the paper
                     # the fine grid must hold at least nfe intervals (60 by default: an NFE-61 schedule failed)
                     # in the model's dtype (GITS' own default is float64; it moves its start to the model's device)
+                    # a conditional model: conditions of GITS' own teacher batch, from a stream of their own
+                    kw = _condition_kwargs(model, _conditions(model, GITS_SAMPLES, seed, "gits"),
+                                           next((p.device for p in model.parameters()), "cpu"))
                     grids[name] = baseline_timesteps(name, schedule, nfe, model=model,
                                                      sample_shape=_sample_shape(model), seed=seed,
-                                                     dtype=dtype or torch.float64, fine_steps=max(60, nfe))
+                                                     dtype=dtype or torch.float64, fine_steps=max(60, nfe),
+                                                     n_samples=GITS_SAMPLES, model_kwargs=kw)
             except ImportError:
                 continue
         else:
@@ -450,8 +490,9 @@ def cmd_sample(args) -> int:
               f"{type(solver).__name__}, so every row runs at orders 1..{steps}", file=sys.stderr)
     _check_out_dir(args.out, ("samples.png",))  # a bad --out fails now, not after the sampling
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "sample").to(dtype)
+    kw = _condition_kwargs(model, _conditions(model, args.n, args.seed, "sample"), args.device)
     t0 = time.time()
-    target = _teacher(model, schedule, x_T, args)
+    target = _teacher(model, schedule, x_T, args, kw)
     _say(f"teacher: {_teacher_desc(model, args)} ({time.time() - t0:.1f}s)")
     grids = _baseline_grids(BASELINES, schedule, steps)
     if learned is not None:
@@ -460,7 +501,8 @@ def cmd_sample(args) -> int:
     for name, t in grids.items():
         tm = learned.solver_model_timesteps() if (name == "ld3" and learned is not None) else None
         with torch.no_grad():
-            x = solver.sample(model, x_T, t.to(args.device), model_timesteps=None if tm is None else tm.to(args.device))
+            x = solver.sample(model, x_T, t.to(args.device), model_timesteps=None if tm is None else tm.to(args.device),
+                              **kw)
         err = _rmse(x, target)
         samples[name] = x
         rows.append({"schedule": name, "NFE": solver.nfe(steps), "mean RMSE": err.mean().item(),
@@ -497,8 +539,9 @@ def cmd_teacher(args) -> int:
         cfg = TeacherConfig(solver=args.teacher_solver, order=args.teacher_order, nfe=args.teacher_nfe,
                             n_train=args.n_train, n_valid=args.n_valid, seed=args.seed, teacher=_teacher_kind(model))
         cache_dir = os.path.join(args.out, "teacher")
+        cond = _conditions(model, args.n_train + args.n_valid, args.seed, "teacher")  # those `ld3 train` draws
         data = load_or_generate_teacher(model, schedule, cfg, cache_dir=cache_dir,
-                                        dtype=dtype, progress=_progress(args),
+                                        dtype=dtype, progress=_progress(args), conditions=cond,
                                         regenerate=args.regenerate_teacher, model_name=_weightless_name(model, args))
         if args.regenerate_teacher:
             # caching the set is this command's job: another regeneration of the same folder that restarted the
@@ -506,7 +549,7 @@ def cmd_teacher(args) -> int:
             from .training.teacher import TeacherCacheMismatch
             try:
                 load_or_generate_teacher(model, schedule, cfg, cache_dir=cache_dir, dtype=dtype, progress=False,
-                                         model_name=_weightless_name(model, args))
+                                         conditions=cond, model_name=_weightless_name(model, args))
             except TeacherCacheMismatch:
                 raise TeacherNotCached(f"{cache_dir} holds another run's teacher set (a regeneration of the same "
                                        "folder ran beside this one and replaced the staged set); this run's pairs "
@@ -605,6 +648,7 @@ def _train_locked(args, model, schedule, solver, dtype) -> int:
                          rounds_v1=args.rounds_v1, rounds_v2=args.rounds_v2, checkpoint_model=args.checkpointing,
                          resume="never" if (args.fresh or args.regenerate_teacher) else "auto",
                          regenerate_teacher=args.regenerate_teacher, model_name=_weightless_name(model, args),
+                         conditions=_conditions(model, args.n_train + args.n_valid, args.seed, "teacher"),
                          model_spec=args.model)  # in every schedule file it writes: `ld3 eval` reloads the model
     t0 = time.time()
     learned = trainer.fit()
@@ -829,7 +873,8 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--n: digits-FD needs at least 2 samples (a covariance), got {args.n}")
     _check_out_dir(args.out, EVAL_OUTPUTS)  # a bad --out fails now, not after the teacher and every sample
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
-    target = _teacher(model, schedule, x_T, args)
+    kw = _condition_kwargs(model, _conditions(model, args.n, args.seed, "eval"), args.device)
+    target = _teacher(model, schedule, x_T, args, kw)
     steps = solver.steps_for_nfe(nfe)
     names = BASELINES + ([] if args.skip_model_baselines else MODEL_BASELINES)
     grids = _baseline_grids(names, schedule, steps, model=model, solver=solver, seed=args.seed, dtype=dtype)
@@ -844,7 +889,8 @@ def cmd_eval(args) -> int:
     for name, t in grids.items():
         tm = learned.solver_model_timesteps() if name == "ld3" else None
         with torch.no_grad():
-            x = solver.sample(model, x_T, t.to(args.device), model_timesteps=None if tm is None else tm.to(args.device))
+            x = solver.sample(model, x_T, t.to(args.device), model_timesteps=None if tm is None else tm.to(args.device),
+                              **kw)
         err = _rmse(x, target)
         row = {"schedule": name, "NFE": solver.nfe(steps), "mean RMSE": err.mean().item(),
                "median RMSE": _median(err)}
@@ -859,7 +905,7 @@ def cmd_eval(args) -> int:
         for k_steps in extra:
             for name, t in _baseline_grids(BASELINES, schedule, k_steps).items():
                 with torch.no_grad():
-                    x = solver.sample(model, x_T, t.to(args.device))
+                    x = solver.sample(model, x_T, t.to(args.device), **kw)
                 # the NFE actually run (Heun's two evaluations a step make an odd k run one fewer)
                 curves[name].append((solver.nfe(k_steps), _median(_rmse(x, target))))
     cols = ["schedule", "NFE", "mean RMSE", "median RMSE"] + (["digits-FD"] if fd is not None else [])

@@ -242,9 +242,9 @@ def test_eval_and_sample_score_against_the_teacher_the_schedule_was_trained_on(t
     used = []
     real = cli._teacher
 
-    def spy(model, schedule, x_T, args):
+    def spy(model, schedule, x_T, args, kw=None):
         used.append((cli._make_teacher_solver(args).config(), args.teacher_nfe))
-        return real(model, schedule, x_T, args)
+        return real(model, schedule, x_T, args, kw)
 
     monkeypatch.setattr(cli, "_teacher", spy)
     base = ["--schedule", path, "--n", "4", "--no-progress"]
@@ -265,7 +265,7 @@ def test_a_recorded_teacher_the_flags_cannot_spell_falls_back_to_the_defaults(tm
     from ld3_ext.solvers import UniPC
     from ld3_ext.solvers import Heun
     used = []
-    monkeypatch.setattr(cli, "_teacher", lambda m, s, x, args: used.append(
+    monkeypatch.setattr(cli, "_teacher", lambda m, s, x, args, kw=None: used.append(
         (cli._make_teacher_solver(args).config(), args.teacher_nfe)) or x)
     for bad in ({"solver": {"name": "nope"}, "nfe": 8}, {"solver": Heun().config(), "nfe": 7},
                 {"solver": UniPC(3).config(), "nfe": 0}):
@@ -803,7 +803,7 @@ def test_eval_with_a_baseline_equal_to_the_teacher_still_writes_its_results(tmp_
     solver = DPMSolverPP(2)
     path = _schedule_file(tmp_path, solver, 4)
 
-    def teacher_is_the_logsnr_baseline(model, schedule, x_T, args):
+    def teacher_is_the_logsnr_baseline(model, schedule, x_T, args, kw=None):
         return solver.sample(model, x_T, get_discretization("logsnr", schedule, 4))
     monkeypatch.setattr(cli, "_teacher", teacher_is_the_logsnr_baseline)
     out = tmp_path / "o"

@@ -28,7 +28,8 @@ compares with (EDM sigma units; LD3.md section 4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional
 
 import math
 import numbers
@@ -141,12 +142,13 @@ def fine_grid(schedule: NoiseSchedule, fine_steps: int, spacing: str = "logsnr")
 
 @torch.no_grad()
 def teacher_states(model: DiffusionModel, x_T: torch.Tensor, grid: torch.Tensor, teacher_solver=None,
-                   substeps: int = 4) -> List[torch.Tensor]:
+                   substeps: int = 4, model_kwargs: Optional[Dict[str, Any]] = None) -> List[torch.Tensor]:
     """States of the accurate trajectory at every grid point (grid[0] state is x_T).
 
     Each fine interval is refined into ``substeps`` log-SNR-uniform sub-intervals and integrated by
     ``teacher_solver`` (default DPM-Solver++(2M)); restarting the multistep history per interval costs
-    little accuracy at this resolution and keeps the states exactly on the grid.
+    little accuracy at this resolution and keeps the states exactly on the grid.  ``model_kwargs`` go to every
+    network call (a conditional model's per-sample conditions, one per row of ``x_T``).
     """
     from ..solvers import DPMSolverPP
 
@@ -159,7 +161,7 @@ def teacher_states(model: DiffusionModel, x_T: torch.Tensor, grid: torch.Tensor,
                              dtype=torch.float64)
         sub = s.inverse_lambda(lam)
         sub[0], sub[-1] = grid[k], grid[k + 1]
-        x = solver.sample(model, x, sub)
+        x = solver.sample(model, x, sub, **(model_kwargs or {}))
         states.append(x)
     return states
 
@@ -195,16 +197,20 @@ def _check_metric(metric) -> str:
 
 @torch.no_grad()
 def gits_cost_matrix(model: DiffusionModel, grid: torch.Tensor, states: List[torch.Tensor], solver=None,
-                     max_jump: Optional[int] = None, metric: str = "dev") -> np.ndarray:
+                     max_jump: Optional[int] = None, metric: str = "dev",
+                     model_kwargs: Optional[Dict[str, Any]] = None) -> np.ndarray:
     """cost[i, j] (i < j) of one ``solver`` step from (states[i], grid[i]) to grid[j]; +inf elsewhere.
 
     ``metric="dev"`` (GITS' default): the batch mean of the step's end's :func:`line_deviation` from the chord
     states[0] -> states[-1], less the teacher state's own (states[j]); ``"l2"``: the mean per-sample RMSE against
-    states[j].  One network call per i (the prediction at (X_i, g_i) is shared by every jump that starts there)."""
-    return _cost_matrix(model, grid, states, solver, max_jump, metric=_check_metric(metric))
+    states[j].  One network call per i (the prediction at (X_i, g_i) is shared by every jump that starts there;
+    ``model_kwargs`` go to it)."""
+    return _cost_matrix(model, grid, states, solver, max_jump, metric=_check_metric(metric),
+                        model_kwargs=_check_model_kwargs(model_kwargs))
 
 
-def _cost_matrix(model, grid, states, solver=None, max_jump=None, x0_start=None, metric="dev") -> np.ndarray:
+def _cost_matrix(model, grid, states, solver=None, max_jump=None, x0_start=None, metric="dev",
+                 model_kwargs=None) -> np.ndarray:
     # x0_start: the prediction at (states[0], grid[0]) when the caller already has it
     from ..solvers import Euler
     from ..metrics import teacher_rmse
@@ -225,7 +231,7 @@ def _cost_matrix(model, grid, states, solver=None, max_jump=None, x0_start=None,
         teacher_dev = [float(line_deviation(x, start, end).mean()) for x in states]
     for i in range(m):
         x_i = states[i]
-        x0_i = x0_start if i == 0 and x0_start is not None else model.x0(x_i, grid[i])
+        x0_i = x0_start if i == 0 and x0_start is not None else model.x0(x_i, grid[i], **(model_kwargs or {}))
         # a stand-in model that replays the real prediction made at (x_i, g_i): the coarse step only
         # evaluates there, so this is exact and saves (M - i - 1) network calls
         cached = wrap_model(lambda x, t, _x0=x0_i: _x0, s, prediction="x0", time_input="t", check_output=False)
@@ -296,6 +302,15 @@ class GITSResult:
     coeff: float
 
 
+def _check_model_kwargs(model_kwargs) -> Dict[str, Any]:
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, Mapping) or not all(isinstance(k, str) for k in model_kwargs):
+        raise TypeError(f"model_kwargs must be a dict of keyword arguments for the network, got "
+                        f"{type(model_kwargs).__name__}")
+    return dict(model_kwargs)
+
+
 def _model_sample_shape(model) -> Optional[tuple]:
     """The per-sample shape the model says it takes (a testbed's event_shape, or model.sample_shape), if any."""
     tb = getattr(model, "testbed", None)
@@ -349,13 +364,13 @@ def _start_noise(model, schedule, x_T, sample_shape, n_samples, seed, dtype):
     return x_T, arg
 
 
-def _first_x0(model, x_T, grid, arg) -> torch.Tensor:
+def _first_x0(model, x_T, grid, arg, model_kwargs=None) -> torch.Tensor:
     """The prediction at (x_T, grid[0]), made before the teacher so that a sample shape the network cannot take is
     named as the argument it came from (a model that does not say its shape failed inside its reshape or conv,
     naming nothing); the cost matrix reuses it, so it costs no extra call."""
     with torch.no_grad():
         try:
-            return model.x0(x_T, grid[0])
+            return model.x0(x_T, grid[0], **(model_kwargs or {}))
         except ModelOutputError:  # the wrapper's own message already says what is wrong
             raise
         except (RuntimeError, IndexError) as e:
@@ -367,7 +382,8 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
          n_samples: int = 64, fine_steps: int = 60, spacing: str = "edm", seed: int = 0,
          teacher_solver=None, teacher_substeps: int = 4, max_jump: Optional[int] = None,
          coeff: float = 1.15, x_T: Optional[torch.Tensor] = None, sample_shape=None,
-         dtype=torch.float64, return_info: bool = False, metric: str = "dev"):
+         dtype=torch.float64, return_info: bool = False, metric: str = "dev",
+         model_kwargs: Optional[Dict[str, Any]] = None):
     """GITS timesteps for ``model`` (float64, t_max..t_min, length nfe + 1).
 
     ``x_T``: the teacher batch's starting noise; by default ``n_samples`` draws of
@@ -378,6 +394,8 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     ``metric``: the cost of a jump (:func:`gits_cost_matrix`): ``"dev"``, GITS' default and recommended setting,
     scores how far the jump's end strays from the trajectory's chord beyond the teacher's own deviation there;
     ``"l2"`` its error against the teacher state (the only cost before 2026-12-07; ``ld3 eval`` uses the default).
+    ``model_kwargs``: keyword arguments for every network call, e.g. a conditional model's conditions
+    (``{model.cond_key: labels}``, one per teacher sample: ``n_samples`` of them, or one per row of ``x_T``).
     ``return_info=True`` returns a :class:`GITSResult` (path, grid, cost matrix, total cost).
     """
     if not isinstance(model, DiffusionModel):
@@ -396,6 +414,7 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     seed = check_seed("seed", seed)
     max_jump = count("max_jump", max_jump, 1, none_ok=True)  # before the teacher trajectories, not after
     teacher_substeps = count("teacher_substeps", teacher_substeps, 1, type_error=False)
+    model_kwargs = _check_model_kwargs(model_kwargs)
     if fine_steps < nfe:
         raise ValueError(f"fine_steps ({fine_steps}) must be >= nfe ({nfe})")
     if max_jump is not None and nfe * max_jump < fine_steps:  # found by the search only after the teacher
@@ -408,9 +427,9 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     dev = next((p.device for p in model.parameters()), x_T.device)
     x_T = x_T.to(device=dev, dtype=dtype)
     grid_d = grid.to(dev)
-    x0_start = _first_x0(model, x_T, grid_d, arg)
-    states = teacher_states(model, x_T, grid_d, teacher_solver, teacher_substeps)
-    cost = _cost_matrix(model, grid_d, states, solver, max_jump, x0_start, metric)
+    x0_start = _first_x0(model, x_T, grid_d, arg, model_kwargs)
+    states = teacher_states(model, x_T, grid_d, teacher_solver, teacher_substeps, model_kwargs)
+    cost = _cost_matrix(model, grid_d, states, solver, max_jump, x0_start, metric, model_kwargs)
     path = gits_dp(cost, nfe, coeff)
     t = grid[path].clone()
     t[0], t[-1] = schedule.t_max, schedule.t_min

@@ -739,20 +739,27 @@ class TeacherConfig:
 
 @dataclass
 class TeacherData:
-    """Teacher pairs with the noise in model space (x_T = prior_std * z), as ``LD3Trainer.fit`` takes them."""
+    """Teacher pairs with the noise in model space (x_T = prior_std * z), as ``LD3Trainer.fit`` takes them;
+    a conditional model's pairs carry their conditions (``fit(..., cond=train_cond, valid_cond=valid_cond)``)."""
 
     train_noise: torch.Tensor
     train_target: torch.Tensor
     valid_noise: torch.Tensor
     valid_target: torch.Tensor
+    train_cond: Optional[torch.Tensor] = None
+    valid_cond: Optional[torch.Tensor] = None
 
 
 def load_or_generate_teacher(model: DiffusionModel, schedule=None, config: Optional[TeacherConfig] = None,
                              cache_dir: Optional[str] = None, dtype: torch.dtype = torch.float32, device=None,
                              sample_shape: Optional[Sequence[int]] = None, model_name: Optional[str] = None,
                              max_bytes: Optional[int] = None, regenerate: bool = False,
-                             progress: bool = True) -> TeacherData:
-    """Generate (or reuse from ``cache_dir``) a teacher set; see :class:`TeacherConfig`."""
+                             progress: bool = True, conditions: Optional[torch.Tensor] = None,
+                             uncond: Optional[torch.Tensor] = None) -> TeacherData:
+    """Generate (or reuse from ``cache_dir``) a teacher set; see :class:`TeacherConfig`.  ``conditions``: a
+    conditional model's, one per pair (``n_train`` train pairs first, then ``n_valid``), under ``model.cond_key``;
+    ``uncond``: the unconditional input of classifier-free guidance (one entry); both are part of the cache's key,
+    as in ``LD3Trainer(conditions=..., uncond=...)``, which makes the same set from the same arguments."""
     require_diffusion_model(model)
     cfg = config or TeacherConfig()
     if schedule is not None and not isinstance(schedule, NoiseSchedule):
@@ -770,10 +777,12 @@ def load_or_generate_teacher(model: DiffusionModel, schedule=None, config: Optio
     data = generate_teacher_data(model, fn, settings, cfg.n_train + cfg.n_valid, sample_shape, seed=cfg.seed,
                                  dtype=dtype, device=device, cache_dir=cache_dir,
                                  identity=model_identity(model, model_name), max_bytes=max_bytes,
-                                 regenerate=regenerate, progress=progress)
+                                 conditions=conditions, uncond=uncond, regenerate=regenerate, progress=progress)
     prior = model.schedule.prior_std()
     z, y, n = data["noise"], data["target"], cfg.n_train
-    return TeacherData(prior * z[:n], y[:n], prior * z[n:], y[n:])
+    c = data.get("cond")
+    return TeacherData(prior * z[:n], y[:n], prior * z[n:], y[n:],
+                       None if c is None else c[:n], None if c is None else c[n:])
 
 
 __all__ = ["TeacherConfig", "TeacherData", "load_or_generate_teacher", "TeacherCache", "TeacherCacheError", "TeacherCacheMismatch", "TeacherCacheTooLarge", "make_teacher",

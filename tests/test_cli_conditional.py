@@ -1,0 +1,173 @@
+"""The CLI on a conditional model: a factory's ``model.draw_conditions(n, generator)`` gives every command its
+per-sample conditions (teacher pairs, training, eval's held-out samples and GITS' batch, sample).
+
+The model: class-conditional Gaussian data N(mu_y, S^2 I) on the EDM schedule, whose denoiser and probability-flow
+ODE solution are known exactly, x(sigma) = mu_y + sqrt(S^2 + sigma^2) / sqrt(S^2 + sigma_T^2) (x_T - mu_y): a
+teacher made with the wrong (or no) class is far from it."""
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+import ld3_ext
+from ld3_ext import cli
+
+S = 0.5          # the data's standard deviation in every class
+DIM = 4
+MEANS = torch.tensor([[2.0, -1.0, 0.5, 0.0], [-2.0, 1.0, 0.0, 1.5], [0.0, 2.5, -2.0, -1.0]], dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _one_line_errors(monkeypatch):
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+
+
+def _run(argv, capsys):
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _denoiser(means, calls):
+    def net(x, sigma, y=None):
+        if y is None or y.shape != (x.shape[0],):
+            raise ValueError(f"the network needs one class label per sample, got {None if y is None else y.shape}")
+        calls.append(y.clone())
+        mu = means.to(x.dtype)[y]
+        s2, sig2 = S * S, sigma.to(x.dtype).reshape(-1, 1) ** 2
+        return (s2 * x + sig2 * mu) / (s2 + sig2)
+    return net
+
+
+def _factory(monkeypatch, name, draw="labels", means=MEANS):
+    """Registers module ``name`` whose ``make`` returns the conditional model; ``draw`` picks draw_conditions."""
+    mod = types.ModuleType(name)
+    calls = []
+    draws = {
+        "labels": lambda n, g: torch.randint(0, means.shape[0], (n,), generator=g),
+        "short": lambda n, g: torch.randint(0, means.shape[0], (n - 1,), generator=g),
+        "raises": lambda n, g: (_ for _ in ()).throw(KeyError("no label file")),
+        "list": lambda n, g: [0] * n,
+        "not callable": 3,
+    }
+
+    def make():
+        schedule = ld3_ext.EDM()
+        model = ld3_ext.wrap_model(_denoiser(means, calls), schedule, prediction="x0", time_input="sigma",
+                                   cond_key="y", name=name)
+        model.sample_shape = (DIM,)
+        model.draw_conditions = draws[draw]
+        return model, schedule
+    mod.make = make
+    monkeypatch.setitem(sys.modules, name, mod)
+    return f"{name}:make", calls
+
+
+def _exact(x_T, y, schedule):
+    mu = MEANS[y]
+    ratio = math.sqrt(S ** 2 + schedule.sigma_min ** 2) / math.sqrt(S ** 2 + schedule.sigma_max ** 2)
+    return mu + ratio * (x_T.double() - mu)
+
+
+SMALL = ["--nfe", "4", "--no-progress", "--n-train", "6", "--n-valid", "6", "--rounds-v1", "1", "--rounds-v2", "1",
+         "--time-mode", "lambda"]
+
+
+def test_teacher_train_eval_sample_give_the_network_its_conditions(tmp_path, capsys, monkeypatch):
+    spec, calls = _factory(monkeypatch, "ld3_cond_factory_mod")
+    out = tmp_path / "run"
+    rc, _, err = _run(["teacher", "--model", spec, "--n-train", "6", "--n-valid", "6", "--no-progress",
+                       "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert calls and all(c.dtype == torch.int64 for c in calls)
+    cache = sorted(p.name for p in (out / "teacher").rglob("*") if p.is_file())
+
+    # the cached pairs are the exact solution of each pair's own class (20-NFE UniPC teacher: close, not equal)
+    from ld3_ext.training.teacher import TeacherConfig, load_or_generate_teacher
+    model, schedule = sys.modules["ld3_cond_factory_mod"].make()
+    cond = cli._conditions(model, 12, 0, "teacher")
+    data = load_or_generate_teacher(model, schedule, TeacherConfig(n_train=6, n_valid=6), cache_dir=str(out / "teacher"),
+                                    dtype=torch.float32, progress=False, conditions=cond, model_name=spec)
+    assert torch.equal(data.train_cond, cond[:6]) and torch.equal(data.valid_cond, cond[6:])
+    assert len(set(cond.tolist())) > 1  # more than one class among the pairs
+    for noise, target, c in ((data.train_noise, data.train_target, data.train_cond),
+                             (data.valid_noise, data.valid_target, data.valid_cond)):
+        err_own = (target.double() - _exact(noise, c, schedule)).abs().max().item()
+        err_other = (target.double() - _exact(noise, (c + 1) % 3, schedule)).abs().max().item()
+        assert err_own < 2e-3 < 0.5 < err_other, (err_own, err_other)
+
+    calls.clear()
+    rc, stdout, err = _run(["train", "--model", spec, *SMALL, "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert calls and all(c.numel() >= 1 for c in calls)
+    # `ld3 train` drew the same conditions as `ld3 teacher`: it reused that cache, made no other
+    assert sorted(p.name for p in (out / "teacher").rglob("*") if p.is_file()) == cache
+
+    calls.clear()
+    rc, stdout, err = _run(["eval", "--model", spec, "--n", "16", "--nfe-curve", "5", "--out", str(out)], capsys)
+    assert rc == 0, err
+    rows = {r["schedule"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
+    assert {"gits", "dmn", "ld3", "edm"} <= set(rows)
+    assert 64 in {c.shape[0] for c in calls}  # GITS' own teacher batch, with conditions of its own
+    # LD3's samples are close to the exact class-conditional solution (the teacher's row is the reference)
+    assert rows["ld3"]["median RMSE"] < rows["time_uniform"]["median RMSE"]
+
+    calls.clear()
+    rc, stdout, err = _run(["sample", "--model", spec, "--n", "8", "--nfe", "4", "--schedule", str(out / "schedule.json"),
+                            "--out", str(tmp_path / "s")], capsys)
+    assert rc == 0, err
+    assert calls and all(c.shape == (8,) for c in calls)
+
+
+def test_each_command_draws_its_own_conditions_from_the_seed(monkeypatch):
+    spec, _ = _factory(monkeypatch, "ld3_cond_draw_mod")
+    model, _ = sys.modules["ld3_cond_draw_mod"].make()
+    a = cli._conditions(model, 200, 0, "teacher")
+    assert torch.equal(a, cli._conditions(model, 200, 0, "teacher"))  # repeatable
+    assert not torch.equal(a, cli._conditions(model, 200, 1, "teacher"))  # --seed moves it
+    assert not torch.equal(a, cli._conditions(model, 200, 0, "eval"))  # eval is not scored on the teacher's
+    plain = ld3_ext.wrap_model(lambda x, t: x, ld3_ext.EDM(), prediction="x0")
+    assert cli._conditions(plain, 5, 0, "eval") is None and cli._condition_kwargs(plain, None, "cpu") == {}
+
+
+@pytest.mark.parametrize("draw,words", [
+    ("short", "must return a tensor [12, ...] (one condition per sample), got shape (11,)"),
+    ("raises", "draw_conditions(12, generator) raised KeyError"),
+    ("list", "must return a tensor [12, ...] (one condition per sample), got list"),
+    ("not callable", "draw_conditions must be a callable (n, generator) -> tensor [n, ...], got int"),
+])
+def test_a_bad_draw_conditions_is_a_usage_error_naming_it(tmp_path, capsys, monkeypatch, draw, words):
+    spec, calls = _factory(monkeypatch, f"ld3_cond_bad_{draw.replace(' ', '_')}_mod", draw=draw)
+    rc, _, err = _run(["train", "--model", spec, *SMALL, "--out", str(tmp_path / "r")], capsys)
+    assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not calls  # refused before any network call
+
+
+def test_gits_takes_model_kwargs_for_a_conditional_model():
+    """With every class at one mean, the conditional model is the unconditional one: GITS must find the same grid
+    (bitwise); without its conditions the network refuses to run."""
+    same = MEANS[:1].expand(3, DIM).clone()
+    calls = []
+    cond_model = ld3_ext.wrap_model(_denoiser(same, calls), ld3_ext.EDM(), prediction="x0", time_input="sigma",
+                                    cond_key="y")
+    mu = same[0]
+    plain = ld3_ext.wrap_model(lambda x, sigma: (S * S * x + sigma.to(x.dtype).reshape(-1, 1) ** 2 * mu.to(x.dtype))
+                               / (S * S + sigma.to(x.dtype).reshape(-1, 1) ** 2), ld3_ext.EDM(), prediction="x0",
+                               time_input="sigma")
+    from ld3_ext.baselines import gits
+    kw = dict(nfe=4, n_samples=8, fine_steps=12, sample_shape=(DIM,), seed=3)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    got = gits(cond_model, model_kwargs={"y": labels}, return_info=True, **kw)
+    want = gits(plain, return_info=True, **kw)
+    assert torch.equal(got.timesteps, want.timesteps) and got.path == want.path
+    assert all(torch.equal(c, labels) for c in calls)
+    with pytest.raises(ValueError, match="one class label per sample"):
+        gits(cond_model, **kw)
+    with pytest.raises(TypeError, match="model_kwargs must be a dict"):
+        gits(cond_model, model_kwargs=[("y", labels)], **kw)
