@@ -590,9 +590,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         if not hits:
             # a rounded copy of an entry (a loop that cast t to the latents' half dtype, or to an int): the one
             # entry within that rounding (2^-7 relative, or 1 for an int of a fractional t); none or two: no match
-            gap = (own_cpu - value).abs()
-            tol = max(1.0, abs(float(value)) * 2.0 ** -7)
-            near = own_cpu[gap <= tol].unique()
+            near = own_cpu[self._within_rounding(own_cpu, value)].unique()
             if near.numel() == 1:
                 hits = (own_cpu == near).nonzero().flatten().tolist()
         j = next((j for j in hits if j % per == 0), None)
@@ -627,7 +625,13 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         value = self._host_value(timestep)
         if value is None:
             return False
-        return bool((self._timesteps_cpu[b] - value).abs() <= max(1.0, abs(float(value)) * 2.0 ** -7))
+        return bool(self._within_rounding(self._timesteps_cpu[b], value))
+
+    @staticmethod
+    def _within_rounding(entries: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Which ``entries`` a rounded copy ``value`` may be of: within half/bfloat16's rounding of it (2^-7
+        relative) or an int's (1)."""
+        return (entries - value).abs() <= max(1.0, abs(float(value)) * 2.0 ** -7)
 
     def _check_second_timestep(self, timestep):
         """Heun, first step read by value: a repeat of the first value means the solve started at the odd entry."""
