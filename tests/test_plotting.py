@@ -134,3 +134,17 @@ def test_schedule_plot_names_a_schedule_that_is_not_one():
         with pytest.raises(TypeError, match="schedule must be an ld3_ext NoiseSchedule"):
             schedule_plot_png({"edm": t}, bad)
     assert schedule_plot_png({"edm": t}, ld3_ext.EDM())[:4] == b"\x89PNG"
+
+
+def test_sample_grid_shows_intensities_on_one_scale():
+    """[-1, 1] is black..white in every image: each image was scaled to its own range, so a uniform white
+    sample came out black, and a faint sample as bright as a clear one."""
+    pytest.importorskip("matplotlib")
+    import io
+    from matplotlib.image import imread
+
+    def brightness(value):  # mean gray level of the whole PNG (white background, the frame and a label)
+        png = sample_grid_png({"a": torch.full((6, 1, 8, 8), value)})
+        return float(imread(io.BytesIO(png), format="png")[..., :3].mean())
+    black, mid, white = brightness(-1.0), brightness(0.0), brightness(1.0)
+    assert black + 0.2 < mid < white - 0.2, (black, mid, white)
