@@ -180,11 +180,14 @@ def refresh(args):
             with torch.no_grad():
                 new = rmse(solver.sample(model, x_T, t), target).median().item()
             med = r["median_rmse"]
-            r.setdefault("median_rmse_before_refresh", {})[args.refresh] = med[args.refresh]
+            # the value before the FIRST refresh: a second run (e.g. after one cut short) must not replace it with
+            # the first run's result
+            r.setdefault("median_rmse_before_refresh", {}).setdefault(args.refresh, med.get(args.refresh))
             med[args.refresh] = new
             r["best_baseline"] = min((k for k in med if k != "ld3"), key=med.get)
             r["reduction_vs_best"] = 1.0 - med["ld3"] / med[r["best_baseline"]]
-            r.setdefault("refreshed", []).append(args.refresh)
+            if args.refresh not in r.setdefault("refreshed", []):
+                r["refreshed"].append(args.refresh)
             print(f"  {model_name:15s} {r['solver']:6s} NFE {r['nfe']:2d}  {args.refresh} "
                   f"{r['median_rmse_before_refresh'][args.refresh]:.4f} -> {new:.4f}  best {r['best_baseline']}  "
                   f"ld3 reduction {100 * r['reduction_vs_best']:.1f}%", flush=True)

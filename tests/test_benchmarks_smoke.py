@@ -331,3 +331,24 @@ def test_bench_rng_replay_runs_and_prints_both_variants(tmp_path):
     assert proc.returncode == 0, proc.stderr
     line = [ln for ln in proc.stdout.splitlines() if "with snapshots" in ln][0].split()
     assert float(line[2]) > 0 and float(line[4]) > 0 and float(line[6]) > 0
+
+
+def test_bench_ld3_refresh_twice_keeps_the_value_before_the_first(tmp_path):
+    """--refresh run twice (the second e.g. after a run cut short) replaced median_rmse_before_refresh with the
+    first refresh's result, and listed the column twice under "refreshed" (review)."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rec = {"model": "gmm:digits64", "solver": "dpmpp", "nfe": 4, "n_eval": 4, "best_baseline": "dmn",
+           "reduction_vs_best": 0.7, "median_rmse": {"time_uniform": 0.5, "time_quadratic": 0.4, "logsnr": 0.12,
+                                                     "edm": 0.999, "dmn": 0.07, "gits": 0.1, "ld3": 0.02}}
+    path = tmp_path / "res.json"
+    path.write_text(json.dumps({"records": [rec]}))
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "bench_ld3.py"), "--json", str(path), "--refresh", "edm",
+           "--models", "gmm:digits64", "--solvers", "dpmpp", "--nfes", "4"]
+    for _ in range(2):
+        subprocess.run(cmd, check=True, capture_output=True, cwd=root)
+    got = json.loads(path.read_text())["records"][0]
+    assert got["median_rmse_before_refresh"] == {"edm": 0.999} and got["refreshed"] == ["edm"]
+    assert got["median_rmse"]["edm"] != 0.999
