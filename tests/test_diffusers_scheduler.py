@@ -769,6 +769,24 @@ def test_a_rounded_copy_of_the_begin_index_timestep_starts_the_solve(rounding):
         sch.step(torch.zeros_like(x), getattr(ts[20], rounding)(), x)  # another entry's rounded copy
 
 
+@pytest.mark.parametrize("rounding", ["half", "bfloat16"])
+def test_a_rounded_copy_of_the_next_timestep_after_set_begin_index_is_refused(rounding):
+    """set_begin_index(b) and a loop one entry late (t = timesteps[b + 1].half()) ran the solve from b silently
+    where the grid's gaps are under 1 (b = 44..48 of SD's 50 steps): the rounding tolerance was 1, not the
+    half / bfloat16 rounding of timesteps[b] (review of _rounds_to_entry)."""
+    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
+    sch = LD3Scheduler.from_config(cfg)
+    x = torch.randn(1, 4, 4, 4)
+    n = 50
+    sch.set_timesteps(n)
+    ts = sch.timesteps.clone()
+    for b in range(n - 1):
+        sch.set_timesteps(n)
+        sch.set_begin_index(b)
+        with pytest.raises(ValueError, match=rf"set_begin_index\({b}\) starts the solve at timesteps\[{b}\]"):
+            sch.step(torch.zeros_like(x), getattr(ts[b + 1], rounding)(), x)
+
+
 def test_from_config_refuses_from_timesteps_words_it_would_drop():
     """from_config(cfg, solver="unipc") built the default DPM-Solver++(3M): ConfigMixin drops unknown keywords with
     a log line (pipelines audit)."""

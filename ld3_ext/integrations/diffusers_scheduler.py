@@ -619,13 +619,19 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         return tt[0].to("cpu", torch.float32)
 
     def _rounds_to_entry(self, timestep, b: int) -> bool:
-        """``timestep`` is within rounding (2^-7 relative, or 1 for an int) of ``timesteps[b]``.  Not "the nearest
+        """``timestep`` is a rounded copy (half, bfloat16, int) of ``timesteps[b]``.  Not "the nearest
         entry": an int copy of timesteps[b] can be nearer timesteps[b + 1] where the gaps are under 1, and an exact
         or view timesteps[b + 1] was told apart by the look-up before this is asked."""
         value = self._host_value(timestep)
         if value is None:
             return False
-        return bool(self._within_rounding(self._timesteps_cpu[b], value))
+        # one of the roundings a pipeline makes of timesteps[b] itself (half, bfloat16, int() / .long(), round()),
+        # not "within 1 or 2^-7" (_within_rounding): that also took a half or bfloat16 copy of timesteps[b + 1]
+        # where the gap is under 1 (the end of SD's grid), a loop one entry late run from b silently
+        entry = self._timesteps_cpu[b]
+        roundings = (entry.to(torch.float16).to(torch.float32), entry.to(torch.bfloat16).to(torch.float32),
+                     entry.trunc(), entry.round())
+        return any(bool(r == value) for r in roundings)
 
     @staticmethod
     def _within_rounding(entries: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
