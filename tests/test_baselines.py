@@ -579,3 +579,12 @@ def test_ays_with_one_interval_and_no_range_fit():
     assert torch.equal(t, torch.tensor([s.t_max, s.t_min], dtype=torch.float64))
     with pytest.raises(ValueError, match="leave the schedule's range"):
         ays(EDM(0.01, 5.0), 10, fit_range=False)
+
+
+def test_line_deviation_takes_scalar_samples():
+    """[B] inputs (one scalar per sample, the [B, ...] of the docstring with no trailing dims) raised an IndexError
+    from flatten(1) naming no argument (review); in 1-D every point lies on the chord, unless start == end."""
+    from ld3_ext.baselines import line_deviation
+    p, s, e = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, 3.0]), torch.tensor([1.0, 1.0, 3.0])
+    torch.testing.assert_close(line_deviation(p, s, e), torch.tensor([0.0, 0.0, 0.0]))
+    torch.testing.assert_close(line_deviation(p, e, e), torch.tensor([0.0, 1.0, 0.0]))
