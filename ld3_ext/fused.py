@@ -282,12 +282,21 @@ def _check_out(x, coef, history, out) -> None:
         raise RuntimeError("multistep_update: out= is not supported when gradients are required")
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError("multistep_update: out must match x in shape, dtype and device")
-    # e.g. an expand()ed out: torch's own memory-overlap error names no argument.  Not for a torch.func
-    # transform's wrapped out (vmap): torch's overlap test has no batching rule, and out.copy_ checks it itself
-    if out.layout == torch.strided and not tracing() and not composite_only(out) and _self_overlapping(out):
+    # e.g. an expand()ed out: torch's own memory-overlap error names no argument.  A torch.func transform's
+    # wrapped out (vmap): torch's overlap test has no batching rule, so the tensor underneath the wrappers (every
+    # mapped sample's out at once) is tested -- out.copy_ lets an as_strided one whose samples collide through
+    if out.layout == torch.strided and not tracing() and _self_overlapping(_underlying(out)):
         raise OutOverlapError(f"multistep_update: out has elements that overlap or may overlap (share one memory "
                               f"location: strides {out.stride()} for shape {tuple(out.shape)}, e.g. an expand()ed or "
                               f"as_strided tensor); pass a tensor with distinct elements, e.g. torch.empty_like(x)")
+
+
+def _underlying(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its torch.func transform wrappers (vmap's batched tensor: all its samples in one tensor)."""
+    from .ops import _functorch, _is_wrapped
+    while _is_wrapped is not None and _is_wrapped(t):
+        t = _functorch.get_unwrapped(t)
+    return t
 
 
 class OutOverlapError(ValueError, RuntimeError):

@@ -657,3 +657,15 @@ def test_second_derivative_of_the_fused_table_on_a_grid_the_forward_takes(schedu
         (h,) = torch.autograd.grad(g.sum(), t)
         out[name] = (g.detach(), h)
     torch.testing.assert_close(out["fused"], out["reference"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make_out", [lambda: torch.zeros(64).as_strided((4, 10), (2, 1)),
+                                      lambda: torch.zeros(10).expand(4, 10)])
+def test_vmap_of_an_update_into_an_out_whose_samples_collide_is_refused(make_out):
+    """vmap over multistep_update(..., out=o) skipped the overlap test: an as_strided out whose mapped samples share
+    memory was written silently wrong (the eager call refuses it, naming out; review)."""
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    c = torch.tensor([0.3, -0.5], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="multistep_update: out has elements that overlap"):
+        torch.func.vmap(lambda a, b, o: fused.multistep_update(a, c, [b], out=o))(x, m, make_out())
