@@ -820,3 +820,19 @@ def test_set_timesteps_names_a_device_this_torch_cannot_use(device):
         sch.set_timesteps(3, device=device)
     sch.set_timesteps(3)  # usable afterwards
     assert sch.timesteps.device.type == "cpu"
+
+
+def test_from_config_says_it_drops_dynamic_thresholding():
+    """A config with thresholding=True (DeepFloyd IF's) lost it silently: the samples were the plain ODE solve's.
+    clip_sample is dropped quietly, as diffusers' own ODE schedulers drop it."""
+    import warnings
+    cfg = dict(diffusers.DDPMScheduler(**SD_CONFIG).config)
+    with pytest.warns(UserWarning, match=r"from_config: .*thresholding=True.*does not do"):
+        LD3Scheduler.from_config({**cfg, "thresholding": True})
+    with pytest.warns(UserWarning, match=r"from_timesteps: .*thresholding=True.*does not do"):
+        LD3Scheduler.from_timesteps(torch.linspace(1.0, 0.001, 5, dtype=torch.float64),
+                                    scheduler_config={**cfg, "thresholding": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LD3Scheduler.from_config({**cfg, "thresholding": False, "clip_sample": True})
+        LD3Scheduler.from_config(cfg)

@@ -201,6 +201,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
                 kwargs.setdefault("use_flow_sigmas", True)
             # fields LD3Scheduler does not register (sigma_data, use_dynamic_shifting, ...) would be dropped
             _check_foreign_config(cfg, kwargs)
+            _warn_thresholding_dropped("from_config", cfg, kwargs)
         # from_timesteps' words: a ConfigMixin drops unknown keywords with a log line, so from_config(cfg,
         # solver="unipc") built the default DPM-Solver++(3M) (pipelines audit)
         confused = sorted(k for k in kwargs if k in _FROM_TIMESTEPS_WORDS)
@@ -224,9 +225,11 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         scheduler config (a scheduler, its ``.config`` or a dict).  ``schedule`` overrides the config's
         betas (e.g. a VPDiscrete with another t_min/t_max)."""
         kw = _diffusers_fields(scheduler_config)
-        if scheduler_config is not None and schedule is None:
+        if scheduler_config is not None:
             from .diffusers import _config_dict
-            _check_foreign_config(_config_dict(scheduler_config), overrides)
+            if schedule is None:
+                _check_foreign_config(_config_dict(scheduler_config), overrides)
+            _warn_thresholding_dropped("from_timesteps", _config_dict(scheduler_config), overrides)
         if isinstance(solver, (Solver, str)):
             solver = as_solver(solver)  # a name: the solver make_solver builds for it
             kw["solver_config"] = {**solver.config(), "backend": solver.backend}
@@ -852,6 +855,16 @@ def _guidance_arg(value, name: str = "guidance_scale") -> Optional[float]:
 
 _DIFFUSERS_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                      "prediction_type", "shift", "use_flow_sigmas", "flow_shift", "variance_type")
+
+
+def _warn_thresholding_dropped(where: str, cfg: Dict[str, Any], overrides: Dict[str, Any]) -> None:
+    """A config asking for dynamic thresholding loses it (as ConfigMixin drops any field LD3Scheduler does not
+    register), and that changes the samples: said, not silent."""
+    if overrides.get("thresholding", cfg.get("thresholding")):
+        warnings.warn(f"LD3Scheduler.{where}: the config asks for dynamic thresholding of the x0 predictions "
+                      "(thresholding=True, as DeepFloyd IF's), which LD3Scheduler does not do: its samples are the "
+                      "plain ODE solve's, not the thresholded ones of the pipeline's own scheduler", UserWarning,
+                      stacklevel=3)
 
 
 def _check_foreign_config(cfg: Dict[str, Any], overrides: Dict[str, Any]):
