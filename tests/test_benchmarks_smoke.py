@@ -352,3 +352,23 @@ def test_bench_ld3_refresh_twice_keeps_the_value_before_the_first(tmp_path):
     got = json.loads(path.read_text())["records"][0]
     assert got["median_rmse_before_refresh"] == {"edm": 0.999} and got["refreshed"] == ["edm"]
     assert got["median_rmse"]["edm"] != 0.999
+
+
+def test_readme_ld3_table_is_the_committed_results_file():
+    """The README's "LD3 vs baselines" table is benchmarks/ld3_table.py's rendering of the committed
+    benchmarks/results/ld3_cpu.json, row for row: a results file refreshed without the README (or the other way
+    round) fails here."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import ld3_table
+    finally:
+        sys.path.pop(0)
+    with open(os.path.join(root, "benchmarks", "results", "ld3_cpu.json")) as f:
+        records = json.load(f)["records"]
+    rendered = ld3_table.table(records).splitlines()
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read().splitlines()
+    start = readme.index(rendered[0])
+    assert readme[start:start + len(rendered)] == rendered
+    assert len(records) == 45 and {r["nfe"] for r in records} == {4, 5, 6, 8, 10}
