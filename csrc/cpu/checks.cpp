@@ -4,6 +4,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <ostream>
 #include <string>
 
 #include "dense_layout.h"
@@ -12,22 +13,37 @@
 namespace ld3 {
 
 namespace {
+// An argument's name for a message: "x", or "history[2]".  Formatted only when a check fails (TORCH_CHECK
+// evaluates its message lazily): a c10::str("history[", k, "]") per tensor per call built an ostringstream
+// each time, a few microseconds of every sampler step.
+struct ArgName {
+  const char* base;
+  int64_t index = -1;
+  ArgName(const char* b) : base(b) {}  // NOLINT: implicit, so a literal names a plain argument
+  ArgName(const char* b, size_t i) : base(b), index(static_cast<int64_t>(i)) {}
+};
+std::ostream& operator<<(std::ostream& os, const ArgName& a) {
+  os << a.base;
+  if (a.index >= 0) os << '[' << a.index << ']';
+  return os;
+}
+
 // torch._neg_view and z.conj().imag give tensors whose values are negated lazily (a bit on the tensor, not in
 // memory); the kernels read and write raw storage, so such a tensor would be read (or written) with the wrong sign
-void check_plain(const at::Tensor& t, const char* fn, const std::string& name) {
+void check_plain(const at::Tensor& t, const char* fn, const ArgName& name) {
   TORCH_CHECK(!t.defined() || (!t.is_neg() && !t.is_conj()), fn, ": ", name,
               " is a lazily negated or conjugated view (torch._neg_view, z.conj().imag); pass ", name,
               ".resolve_neg() (or .clone())");
 }
 // sparse, mkldnn and nested tensors have no strided data to walk (a nested tensor reports the strided layout)
-void check_dense(const at::Tensor& t, const char* fn, const std::string& name) {
+void check_dense(const at::Tensor& t, const char* fn, const ArgName& name) {
   TORCH_CHECK(!t.defined() || (t.layout() == at::kStrided && !t.is_nested()), fn, ": ", name,
               " must be a dense (strided) tensor, got ", t.is_nested() ? std::string("a nested tensor")
                                                                         : c10::str("layout ", t.layout()));
 }
 // a tensor the kernel writes through a typed pointer must start at a multiple of its element size (a view at an
 // odd byte offset cannot be copied back into exactly: an input is realigned by a copy, an output is refused)
-void check_aligned(const at::Tensor& t, const char* fn, const std::string& name) {
+void check_aligned(const at::Tensor& t, const char* fn, const ArgName& name) {
   TORCH_CHECK(!t.defined() || element_aligned(t), fn, ": ", name, " is written in place and its data is not aligned "
               "to its ", t.element_size(), "-byte elements (a view at an odd byte offset, e.g. torch.frombuffer(..., "
               "offset=1)); pass an aligned tensor (", name, ".clone())");
@@ -45,7 +61,7 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
   for (size_t k = 0; k < history.size(); ++k) {
     const auto& m = history[k];
     TORCH_CHECK(m.defined(), "multistep_update: history[", k, "] is undefined");
-    check_dense(m, "multistep_update", c10::str("history[", k, "]"));
+    check_dense(m, "multistep_update", ArgName("history", k));
     TORCH_CHECK(m.scalar_type() == st, "multistep_update: history[", k, "] has dtype ", m.scalar_type(),
                 " but x has dtype ", st);
     TORCH_CHECK(m.device() == x.device(), "multistep_update: history[", k, "] is on ", m.device(), " but x is on ",
@@ -65,7 +81,7 @@ void check_update_args(const at::Tensor& x, const at::Tensor& coef, const std::v
   check_plain(x, "multistep_update", "x");
   check_plain(coef, "multistep_update", "coef");
   for (size_t k = 0; k < history.size(); ++k)
-    check_plain(history[k], "multistep_update", c10::str("history[", k, "]"));
+    check_plain(history[k], "multistep_update", ArgName("history", k));
 }
 
 void check_update_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& coef,
@@ -101,7 +117,7 @@ void check_update_grad(const at::Tensor& grad, const at::Tensor& x) {
 }
 
 namespace {
-void check_like(const at::Tensor& t, const at::Tensor& ref, const std::string& name) {
+void check_like(const at::Tensor& t, const at::Tensor& ref, const ArgName& name) {
   check_dense(t, "multistep_adjoint", name);
   check_plain(t, "multistep_adjoint", name);
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "multistep_adjoint: ", name, " has dtype ", t.scalar_type(),
@@ -133,7 +149,7 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
   check_dense(m, "multistep_adjoint", "m");
   check_dense(w, "multistep_adjoint", "w");
   check_dense(dots, "multistep_adjoint", "dots");
-  for (size_t k = 0; k < older.size(); ++k) check_dense(older[k], "multistep_adjoint", c10::str("older[", k, "]"));
+  for (size_t k = 0; k < older.size(); ++k) check_dense(older[k], "multistep_adjoint", ArgName("older", k));
   check_plain(lam_prev, "multistep_adjoint", "lam_prev");
   const auto st = lam_prev.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
@@ -162,7 +178,7 @@ AdjointArgs check_adjoint_args(const at::Tensor& lam_prev, const at::Tensor& v, 
               " tensors, at most ", kMaxHistory);
   for (size_t k = 0; k < older.size(); ++k) {
     TORCH_CHECK(older[k].defined(), "multistep_adjoint: older[", k, "] is undefined");
-    check_like(older[k], lam_prev, c10::str("older[", k, "]"));
+    check_like(older[k], lam_prev, ArgName("older", k));
     if (a.has_v) TORCH_CHECK(!v.is_alias_of(older[k]), "multistep_adjoint: v must not share memory with older[", k, "]");
   }
   TORCH_CHECK(w.defined(), "multistep_adjoint: w is undefined");
