@@ -316,12 +316,26 @@ def to_denoiser(model: DiffusionModel) -> Callable:
     """A k-diffusion denoiser ``D(x, sigma, **kw) -> x0`` (VE view, per-sample sigma [B]) for a DiffusionModel,
     e.g. to run k-diffusion's own samplers on an ld3_ext model.  All samples must share one sigma, in the
     model's range (sigma/alpha at its schedule's t_min..t_max, an end rounded by sigma's own dtype counting as
-    that end; others raise ``ValueError``)."""
+    that end; others raise ``ValueError``).  A :class:`Denoiser`: it pickles (torch.save, multiprocessing) when the
+    model does."""
     require_diffusion_model(model)  # a k-diffusion denoiser already is one: pass it to its samplers as it is
-    s = model.schedule
-    lo_s, hi_s = s.edm_sigma(torch.tensor([s.t_min, s.t_max], dtype=torch.float64)).tolist()
+    return Denoiser(model)
 
-    def denoiser(x, sigma, **kw):
+
+class Denoiser:
+    """:func:`to_denoiser`'s callable: a module-level class, not a closure, so that it pickles."""
+
+    def __init__(self, model: DiffusionModel):
+        s = model.schedule
+        self.model = model
+        self._lo_s, self._hi_s = s.edm_sigma(torch.tensor([s.t_min, s.t_max], dtype=torch.float64)).tolist()
+        self.__name__ = f"denoiser_{model.name}"
+
+    def __repr__(self) -> str:
+        return f"{self.__name__}(sigma in [{self._lo_s:.4g}, {self._hi_s:.4g}])"
+
+    def __call__(self, x, sigma, **kw):
+        model, s = self.model, self.model.schedule
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         check_model_kwargs(kw, "the denoiser's keyword arguments")
@@ -335,15 +349,12 @@ def to_denoiser(model: DiffusionModel) -> Callable:
             raise TypeError(f"sigma must be real numbers, got {sig.dtype}")
         # a half state's sampler grid is rounded in half, whatever dtype sigma then arrives in (ld3_ext.sample
         # hands a float32 image of it): its round-off counts too
-        sig = _snap_to_range(sig, lo_s, hi_s, eps=max(_eps_of(sig), _eps_of(x)))
+        sig = _snap_to_range(sig, self._lo_s, self._hi_s, eps=max(_eps_of(sig), _eps_of(x)))
         # the checks read values back: not while tracing/capturing, nor from a vmapped sigma
         if not (_compiling() or _capturing() or _vmapped(sig)):
             _check_denoiser_sigma(s, sig)
         t = s.t_from_edm_sigma(sig[0])
         return model.predict(s.alpha(t).to(x.dtype) * x, t, **kw)[0]
-
-    denoiser.__name__ = f"denoiser_{model.name}"
-    return denoiser
 
 
 def _snap_to_range(sig: torch.Tensor, lo: float, hi: float, eps: Optional[float] = None) -> torch.Tensor:

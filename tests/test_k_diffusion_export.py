@@ -220,3 +220,35 @@ def test_the_module_call_takes_a_half_precision_time_at_the_schedule_ends(schedu
         torch.testing.assert_close(model.x0(x, t), want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="is outside the schedule's times"):
         model(x, torch.tensor(schedule.t_max + 0.05, dtype=dtype))
+
+
+class _TimeLinear(torch.nn.Module):
+    """A network (x, t) -> eps defined at module level, so that it pickles."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, t):
+        return 0.1 * self.lin(x) * (1 + t.reshape(-1, 1))
+
+
+def test_to_denoiser_pickles_and_gives_the_same_predictions():
+    """to_denoiser returned a closure: torch.save of it (or handing it to a multiprocessing worker) failed with
+    "Can't pickle local object"."""
+    import io
+    import pickle
+    import torch
+    import ld3_ext
+    torch.manual_seed(0)
+    model = ld3_ext.wrap_model(_TimeLinear(), ld3_ext.VPLinear(), prediction="eps")
+    den = ld3_ext.to_denoiser(model)
+    x, sigma = torch.randn(3, 4), torch.full((3,), 2.5)
+    again = pickle.loads(pickle.dumps(den))
+    buf = io.BytesIO()
+    torch.save(den, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    want = den(x, sigma)
+    assert torch.equal(again(x, sigma), want) and torch.equal(loaded(x, sigma), want)
+    assert den.__name__ == f"denoiser_{model.name}" and again.__name__ == den.__name__
