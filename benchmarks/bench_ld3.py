@@ -84,6 +84,9 @@ def main():
     if args.refresh:
         return refresh(args)
     records = []
+    # the file's earlier records stay in it until this run has measured their configuration again: a run cut short
+    # after its first record replaced a whole results file (README's ld3_cpu.json) with that one record
+    earlier = _read_records(args.json) if args.json else []
     for model_name in args.models:
         model, schedule = load_model(model_name)
         dtype = torch.float64 if getattr(model, "testbed", None) is not None else torch.float32
@@ -122,7 +125,8 @@ def main():
                        or platform.machine()}
                 records.append(rec)
                 if args.json:
-                    _write_records(args.json, records)  # after every record: a run cut short keeps what it measured
+                    # after every record: a run cut short keeps what it measured, and what it has not redone yet
+                    _write_records(args.json, _merged(earlier, records), complete=False)
                 print(f"  {model_name:15s} {sname:6s} NFE {nfe:2d}  ld3 {med['ld3']:.4f}  best {best_name} "
                       f"{med[best_name]:.4f}  reduction {100 * gain:5.1f}%  train {train_s:5.1f}s  ({learned.time_mode})",
                       flush=True)
@@ -137,17 +141,39 @@ def main():
     n_ok = sum(r["reduction_vs_best"] >= 0.25 for r in records)
     print(f"\n{n_ok}/{len(records)} configurations at least 25% below the best baseline")
     if args.json:
-        _write_records(args.json, records)
+        # the file's records of configurations this run did not measure stay (e.g. `--nfes 8 10` redoes those rows
+        # of a full table), in the file's order; the re-measured ones replace theirs
+        _write_records(args.json, _merged(earlier, records))
         print(f"wrote {args.json}")
 
 
-def _write_records(path, records):
-    """Write through a temporary file and a rename: a crash leaves the old file or the new one, never half."""
+def _write_records(path, records, complete=True):
+    """Write through a temporary file and a rename: a crash leaves the old file or the new one, never half.
+    ``complete=False``: a run in progress (its records so far, then the earlier file's not yet measured again)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"records": records}, f, indent=1)
+        json.dump({"records": records, **({} if complete else {"complete": False})}, f, indent=1)
     os.replace(tmp, path)
+
+
+def _read_records(path):
+    try:
+        with open(path) as f:
+            return list(json.load(f).get("records", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _key(r):
+    return r.get("model"), r.get("solver"), r.get("nfe")
+
+
+def _merged(earlier, new):
+    """``earlier`` with each record this run measured again replaced by the new one, then the new configurations."""
+    fresh = {_key(r): r for r in new}
+    out = [fresh.pop(_key(r), r) for r in earlier]
+    return out + [r for r in new if _key(r) in fresh]
 
 
 def refresh(args):

@@ -372,3 +372,55 @@ def test_readme_ld3_table_is_the_committed_results_file():
     start = readme.index(rendered[0])
     assert readme[start:start + len(rendered)] == rendered
     assert len(records) == 45 and {r["nfe"] for r in records} == {4, 5, 6, 8, 10}
+
+
+def test_bench_ld3_cut_short_keeps_the_earlier_records_it_has_not_redone(tmp_path):
+    """The results file is rewritten after every record: a run stopped after its first record replaced an earlier
+    complete file (README's benchmarks/results/ld3_cpu.json) with that one record (review)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "res.json"
+    old = [{"model": "digits", "solver": "dpmpp", "nfe": n, "median_rmse": {"ld3": 0.1}, "reduction_vs_best": 0.5}
+           for n in (4, 5, 6)] + [{"model": "gmm:ring2d", "solver": "dpmpp", "nfe": 4, "median_rmse": {"ld3": 9.0},
+                                   "reduction_vs_best": 0.5}]
+    path.write_text(json.dumps({"records": old}))
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""
+import sys
+sys.path.insert(0, {os.path.join(root, "benchmarks")!r})
+sys.argv = ["bench_ld3.py", "--threads", "1", "--json", {str(path)!r}, "--models", "gmm:ring2d", "--solvers", "dpmpp",
+            "--nfes", "4", "5", "--n-eval", "8"]
+import bench_ld3
+real, calls = bench_ld3.LD3Trainer.fit, []
+def fit(self, *a, **k):
+    calls.append(1)
+    if len(calls) == 2:
+        raise KeyboardInterrupt
+    return real(self, *a, **k)
+bench_ld3.LD3Trainer.fit = fit
+try:
+    bench_ld3.main()
+except KeyboardInterrupt:
+    print("stopped")
+""")
+    proc = subprocess.run([sys.executable, str(driver)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "stopped" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads(path.read_text())
+    assert data["complete"] is False
+    got = {(r["model"], r["nfe"]): r for r in data["records"]}
+    assert set(got) == {("digits", 4), ("digits", 5), ("digits", 6), ("gmm:ring2d", 4)}
+    assert got[("gmm:ring2d", 4)]["median_rmse"]["ld3"] != 9.0  # the one it measured again is the new one
+
+
+def test_bench_ld3_final_write_keeps_the_configurations_it_did_not_measure():
+    """`--nfes 8 10` against the full table: the finished run's file held only those rows (the README's table
+    was then merged by hand); now the re-measured rows replace theirs in place and the others stay."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import bench_ld3
+    finally:
+        sys.path.pop(0)
+    rec = lambda nfe, v: {"model": "m", "solver": "s", "nfe": nfe, "v": v}  # noqa: E731
+    earlier = [rec(4, "old"), rec(8, "old"), rec(10, "old")]
+    got = bench_ld3._merged(earlier, [rec(10, "new"), rec(12, "new"), rec(8, "new")])
+    assert [(r["nfe"], r["v"]) for r in got] == [(4, "old"), (8, "new"), (10, "new"), (12, "new")]
