@@ -834,7 +834,7 @@ def _stale_name(name: str, suffix: str) -> str:
 
 
 def cmd_eval(args) -> int:
-    from .atomic_io import atomic_write_bytes
+    from .atomic_io import atomic_write_bytes, tensors_sha256
     from .plotting import sample_grid_png, schedule_plot_png
     from .schedule_file import load_schedule
     path = args.schedule or os.path.join(args.out, "schedule.json")
@@ -873,7 +873,8 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--n: digits-FD needs at least 2 samples (a covariance), got {args.n}")
     _check_out_dir(args.out, EVAL_OUTPUTS)  # a bad --out fails now, not after the teacher and every sample
     x_T = _prior(model, schedule, args.n, args.seed, args.device, "eval").to(dtype)  # held-out noises
-    kw = _condition_kwargs(model, _conditions(model, args.n, args.seed, "eval"), args.device)
+    cond = _conditions(model, args.n, args.seed, "eval")
+    kw = _condition_kwargs(model, cond, args.device)
     target = _teacher(model, schedule, x_T, args, kw)
     steps = solver.steps_for_nfe(nfe)
     names = BASELINES + ([] if args.skip_model_baselines else MODEL_BASELINES)
@@ -932,6 +933,9 @@ def cmd_eval(args) -> int:
               else {"solver": _make_teacher_solver(args).config(), "nfe": args.teacher_nfe,
                     "discretization": _teacher_grid(args)},
               "rows": rows,
+              # a conditional model's held-out conditions (drawn by its draw_conditions): what the numbers are of too
+              **({} if cond is None else {"conditions": {"key": model.cond_key, "n": int(cond.shape[0]),
+                                                         "sha256": tensors_sha256({"conditions": cond.cpu()})}}),
               "gain_vs_best": gain, "curves": {k: sorted(v) for k, v in curves.items()}}
     if args.model == "digits":  # the numbers are of these exact (pinned, verified) weight files
         from .models.digits import weights_sha256

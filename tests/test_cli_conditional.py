@@ -112,7 +112,11 @@ def test_teacher_train_eval_sample_give_the_network_its_conditions(tmp_path, cap
     calls.clear()
     rc, stdout, err = _run(["eval", "--model", spec, "--n", "16", "--nfe-curve", "5", "--out", str(out)], capsys)
     assert rc == 0, err
-    rows = {r["schedule"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
+    record = json.loads((out / "eval.json").read_text())
+    # eval.json says which conditions its numbers are of (a factory drawing other classes scored other samples)
+    assert record["conditions"]["key"] == "y" and record["conditions"]["n"] == 16
+    assert len(record["conditions"]["sha256"]) == 64
+    rows = {r["schedule"]: r for r in record["rows"]}
     assert {"gits", "dmn", "ld3", "edm"} <= set(rows)
     assert 64 in {c.shape[0] for c in calls}  # GITS' own teacher batch, with conditions of its own
     # LD3's samples are close to the exact class-conditional solution (the teacher's row is the reference)
@@ -171,3 +175,60 @@ def test_gits_takes_model_kwargs_for_a_conditional_model():
         gits(cond_model, **kw)
     with pytest.raises(TypeError, match="model_kwargs must be a dict"):
         gits(cond_model, model_kwargs=[("y", labels)], **kw)
+
+
+def test_conditions_that_require_grad_train(tmp_path):
+    """Conditions made by a network (an embedding's output, requires_grad) reached the trainer with their graph:
+    fit() failed with "Trying to backward through the graph a second time" (and wrote gradients into the
+    embedding); TeacherData.train_cond carried the graph too (review)."""
+    from ld3_ext.training.teacher import TeacherConfig, load_or_generate_teacher
+    emb = torch.nn.Embedding(3, DIM).double()
+
+    def net(x, sigma, y=None):
+        s2, sig2 = S * S, sigma.to(x.dtype).reshape(-1, 1) ** 2
+        return (s2 * x + sig2 * y.to(x.dtype)) / (s2 + sig2)
+    model = ld3_ext.wrap_model(net, ld3_ext.EDM(), prediction="x0", time_input="sigma", cond_key="y")
+    cond = emb(torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(0)))
+    assert cond.requires_grad
+    data = load_or_generate_teacher(model, model.schedule, TeacherConfig(n_train=4, n_valid=4), sample_shape=(DIM,),
+                                    dtype=torch.float64, progress=False, conditions=cond, model_name="emb-cond")
+    assert not data.train_cond.requires_grad and not data.valid_cond.requires_grad
+    tr = ld3_ext.LD3Trainer(model, model.schedule, "dpmpp", 4, n_train=4, n_valid=4, rounds_v1=1, rounds_v2=1,
+                            time_mode="lambda", progress=False, model_name="emb-cond", dtype=torch.float64)
+    learned = tr.fit(data.train_noise, data.train_target, data.valid_noise, data.valid_target,
+                     cond=cond[:4], valid_cond=cond[4:])  # the caller's own conditions, graph and all
+    assert learned.timesteps.numel() == 5 and emb.weight.grad is None
+
+
+def test_gits_names_conditions_that_do_not_match_its_batch():
+    """gits(model_kwargs={"y": 16 labels}) with its default 64 teacher samples: the network's size mismatch was
+    reported as "sample_shape: the model fails on samples of shape (4,) ... is that the shape of the model's
+    samples?" (review)."""
+    emb = torch.nn.Embedding(3, DIM)
+
+    def net(x, sigma, y=None):
+        return x / (1 + sigma.reshape(-1, 1) ** 2) + emb(y).to(x.dtype)
+    model = ld3_ext.wrap_model(net, ld3_ext.EDM(), prediction="x0", time_input="sigma", cond_key="y")
+    from ld3_ext.baselines import gits
+    with pytest.raises(ValueError, match=r"model_kwargs\['y'\] holds 16 conditions for the 64 teacher samples"):
+        gits(model, nfe=4, sample_shape=(DIM,), fine_steps=12, model_kwargs={"y": torch.zeros(16, dtype=torch.long)})
+    x_T = torch.randn(8, DIM, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"holds 5 conditions for the 8 teacher samples \(the rows of x_T\)"):
+        gits(model, nfe=4, x_T=x_T, fine_steps=12, model_kwargs={"y": torch.zeros(5, dtype=torch.long)})
+    t = gits(model, nfe=4, x_T=x_T, fine_steps=12, model_kwargs={"y": torch.zeros(8, dtype=torch.long)})
+    assert t.numel() == 5
+
+
+def test_load_or_generate_teacher_names_a_bad_uncond():
+    """load_or_generate_teacher(uncond=) is documented "as in LD3Trainer(conditions=..., uncond=...)", which names
+    a bad uncond; it failed with a bare "The expanded size of the tensor (8) must match ..." (review)."""
+    from ld3_ext.training.teacher import TeacherConfig, load_or_generate_teacher
+    model = ld3_ext.wrap_model(_denoiser(MEANS, []), ld3_ext.EDM(), prediction="x0", time_input="sigma",
+                               cond_key="y", guidance_scale=2.0)
+    cfg = TeacherConfig(n_train=4, n_valid=4)
+    kw = dict(sample_shape=(DIM,), progress=False, model_name="guided")
+    with pytest.raises(ValueError, match=r"uncond must hold one entry \[1, \.\.\.\]"):
+        load_or_generate_teacher(model, model.schedule, cfg, conditions=torch.zeros(8, dtype=torch.long),
+                                 uncond=torch.tensor([2, 2]), **kw)
+    with pytest.raises(ValueError, match="pass it with conditions"):
+        load_or_generate_teacher(model, model.schedule, cfg, uncond=torch.tensor([2]), **kw)

@@ -375,8 +375,9 @@ def _first_x0(model, x_T, grid, arg, model_kwargs=None) -> torch.Tensor:
         except ModelOutputError:  # the wrapper's own message already says what is wrong
             raise
         except (RuntimeError, IndexError) as e:
+            also = f" (or model_kwargs {sorted(model_kwargs)} do not fit the network)" if model_kwargs else ""
             raise ValueError(f"{arg}: the model fails on samples of shape {tuple(x_T.shape[1:])} ({e}); is that "
-                             "the shape of the model's samples?") from e
+                             f"the shape of the model's samples?{also}") from e
 
 
 def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: int = 5, solver=None,
@@ -428,6 +429,13 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     dev = next((p.device for p in model.parameters()), x_T.device)
     x_T = x_T.to(device=dev, dtype=dtype)
     grid_d = grid.to(dev)
+    cond = model_kwargs.get(getattr(model, "cond_key", None))
+    if isinstance(cond, torch.Tensor) and cond.dim() >= 1 and cond.shape[0] not in (1, x_T.shape[0]):
+        # else the network's own size mismatch, reported below as a sample shape the model cannot take
+        raise ValueError(f"model_kwargs[{model.cond_key!r}] holds {cond.shape[0]} conditions for the {x_T.shape[0]} "
+                         f"teacher samples ({'the rows of x_T' if arg == 'x_T' else 'n_samples'}): one per sample")
+    # the conditions go where x_T went (the model's device): CPU labels for a CUDA network failed as a "shape"
+    model_kwargs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in model_kwargs.items()}
     x0_start = _first_x0(model, x_T, grid_d, arg, model_kwargs)
     states = teacher_states(model, x_T, grid_d, teacher_solver, teacher_substeps, model_kwargs)
     cost = _cost_matrix(model, grid_d, states, solver, max_jump, x0_start, metric, model_kwargs)

@@ -582,6 +582,16 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
     schedule = model.schedule
     if conditions is not None and conditions.shape[0] != n:
         raise ValueError(f"conditions must hold one entry per teacher sample ({n}), got {conditions.shape[0]}")
+    if uncond is not None:  # as LD3Trainer checks it: else a bare expand error in the first chunk, or a guess
+        if conditions is None:
+            raise ValueError("uncond is the unconditional input of classifier-free guidance: pass it with conditions "
+                             "(one per teacher sample)")
+        if getattr(model, "guidance_scale", None) is None:
+            raise ValueError("uncond is the unconditional input of classifier-free guidance, and the model has no "
+                             "guidance_scale: wrap it with wrap_model(..., guidance_scale=...) to guide, or drop uncond")
+        if uncond.shape[0] != 1:
+            raise ValueError(f"uncond must hold one entry [1, ...] (broadcast to every batch), got shape "
+                             f"{tuple(uncond.shape)}")
     cond_hash = None
     if conditions is not None:  # dtype and shape count too: the same bytes as int32 and float32 differ
         cond_hash = tensors_sha256({"conditions": conditions})
@@ -781,6 +791,7 @@ def load_or_generate_teacher(model: DiffusionModel, schedule=None, config: Optio
     prior = model.schedule.prior_std()
     z, y, n = data["noise"], data["target"], cfg.n_train
     c = data.get("cond")
+    c = None if c is None else c.detach()  # the pairs' conditions, not a network's graph (an embedding's output)
     return TeacherData(prior * z[:n], y[:n], prior * z[n:], y[n:],
                        None if c is None else c[:n], None if c is None else c[n:])
 

@@ -606,7 +606,10 @@ class LD3Trainer:
         self._data = {
             "z_train": z_tr.detach().to(dev, dt).clone(), "y_train": y_tr.detach().to(dev),
             "z_valid": z_va.detach().to(dev, dt).clone(), "y_valid": y_va.detach().to(dev),
-            "c_train": None if c_tr is None else c_tr.to(dev), "c_valid": None if c_va is None else c_va.to(dev),
+            # detached as the pairs are: conditions made by a network (an embedding's output) carry its graph, and
+            # every loss.backward() then ran into it (the second one: "backward through the graph a second time")
+            "c_train": None if c_tr is None else c_tr.detach().to(dev),
+            "c_valid": None if c_va is None else c_va.detach().to(dev),
         }
         self._check_ranks_agree(with_data=True)  # pairs given to fit() may differ between ranks
         if self.decoder is not None and not target_decoded:
