@@ -540,7 +540,7 @@ def cmd_teacher(args) -> int:
                             n_train=args.n_train, n_valid=args.n_valid, seed=args.seed, teacher=_teacher_kind(model))
         cache_dir = os.path.join(args.out, "teacher")
         cond = _conditions(model, args.n_train + args.n_valid, args.seed, "teacher")  # those `ld3 train` draws
-        data = load_or_generate_teacher(model, schedule, cfg, cache_dir=cache_dir,
+        data = load_or_generate_teacher(model, schedule, cfg, cache_dir=cache_dir, device=args.device,
                                         dtype=dtype, progress=_progress(args), conditions=cond,
                                         regenerate=args.regenerate_teacher, model_name=_weightless_name(model, args))
         if args.regenerate_teacher:
@@ -549,7 +549,7 @@ def cmd_teacher(args) -> int:
             from .training.teacher import TeacherCacheMismatch
             try:
                 load_or_generate_teacher(model, schedule, cfg, cache_dir=cache_dir, dtype=dtype, progress=False,
-                                         conditions=cond, model_name=_weightless_name(model, args))
+                                         device=args.device, conditions=cond, model_name=_weightless_name(model, args))
             except TeacherCacheMismatch:
                 raise TeacherNotCached(f"{cache_dir} holds another run's teacher set (a regeneration of the same "
                                        "folder ran beside this one and replaced the staged set); this run's pairs "

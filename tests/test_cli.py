@@ -980,3 +980,20 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys, text, e
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(RuntimeError, match="pair.cc|unbound_buffer"):
         cli.main(["train", "--model", "gmm:ring2d"])
+
+
+def test_ld3_teacher_generates_on_the_device_given(tmp_path, monkeypatch):
+    """`ld3 teacher --device cuda` made its pairs with CPU tensors for a model loaded on the GPU (the device never
+    reached the generator; `ld3 train` passed it): each call now gets --device."""
+    from ld3_ext.training import teacher
+    seen, real = [], teacher.load_or_generate_teacher
+
+    def spy(*a, **k):
+        seen.append(k.get("device"))
+        return real(*a, **k)
+    monkeypatch.setattr(teacher, "load_or_generate_teacher", spy)
+    args = ["teacher", "--model", "gmm:ring2d", "--n-train", "2", "--n-valid", "2", "--no-progress", "--device", "cpu",
+            "--out", str(tmp_path / "t")]
+    assert cli.main(args) == 0
+    assert cli.main(args + ["--regenerate-teacher"]) == 0
+    assert seen == ["cpu"] * 3
