@@ -63,7 +63,8 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
                 out: str = "runs/ld3", sample: bool = False):
     p.add_argument("--model", default=model, help="built-in name (digits, gmm:ring2d, gmm:digits64, "
                    "gmm:random3072; a gmm model takes @edm, @vp_linear, @vp_cosine or @flow for another noise "
-                   "schedule), diffusers:PATH or package.module:factory (default: "
+                   "schedule), diffusers:PATH or package.module:factory (a conditional model's factory sets "
+                   "model.draw_conditions = fn(n, generator) -> tensor [n, ...]; README) (default: "
                    + (model or "the one the schedule file records" + (f", else {SAMPLE_MODEL}" if sample else "")) + ")")
     p.add_argument("--out", default=out, help=f"output directory (default: {out})")
     p.add_argument("--seed", type=int, default=0, help="noise seed (0 <= seed < 2**63; sample and eval draw their "
