@@ -73,7 +73,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="digits model, DPM-Solver++(3M), NFE 5 only")
     ap.add_argument("--refresh", choices=["gits", "dmn"] + HAND, default=None,
                     help="recompute only this baseline's column of the records in --json (same held-out noises and "
-                         "teacher; LD3 is not retrained: its init candidates do not include GITS) and update each "
+                         "teacher; LD3 is not retrained, so sound for GITS, which is no init candidate; a record "
+                         "whose init_choice is NAME is flagged ld3_started_from_refreshed) and update each "
                          "record's best baseline and reduction; the record keeps the old value under "
                          "median_rmse_before_refresh")
     args = ap.parse_args()
@@ -214,6 +215,11 @@ def refresh(args):
             r["reduction_vs_best"] = 1.0 - med["ld3"] / med[r["best_baseline"]]
             if args.refresh not in r.setdefault("refreshed", []):
                 r["refreshed"].append(args.refresh)
+            if r.get("init_choice") == args.refresh:
+                # LD3 started from this baseline's grid: its own number is of the old grid until it is retrained
+                r["ld3_started_from_refreshed"] = True
+                print(f"  note: LD3's init='auto' started from {args.refresh}'s grid in this record: rerun it without "
+                      "--refresh for a current LD3 number", flush=True)
             print(f"  {model_name:15s} {r['solver']:6s} NFE {r['nfe']:2d}  {args.refresh} "
                   f"{r['median_rmse_before_refresh'][args.refresh]:.4f} -> {new:.4f}  best {r['best_baseline']}  "
                   f"ld3 reduction {100 * r['reduction_vs_best']:.1f}%", flush=True)

@@ -342,16 +342,19 @@ def test_bench_ld3_refresh_twice_keeps_the_value_before_the_first(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rec = {"model": "gmm:digits64", "solver": "dpmpp", "nfe": 4, "n_eval": 4, "best_baseline": "dmn",
            "reduction_vs_best": 0.7, "median_rmse": {"time_uniform": 0.5, "time_quadratic": 0.4, "logsnr": 0.12,
-                                                     "edm": 0.999, "dmn": 0.07, "gits": 0.1, "ld3": 0.02}}
+                                                     "edm": 0.999, "dmn": 0.07, "gits": 0.1, "ld3": 0.02},
+           "init_choice": "edm"}
     path = tmp_path / "res.json"
     path.write_text(json.dumps({"records": [rec]}))
     cmd = [sys.executable, os.path.join(root, "benchmarks", "bench_ld3.py"), "--json", str(path), "--refresh", "edm",
            "--models", "gmm:digits64", "--solvers", "dpmpp", "--nfes", "4"]
     for _ in range(2):
-        subprocess.run(cmd, check=True, capture_output=True, cwd=root)
+        out = subprocess.run(cmd, check=True, capture_output=True, cwd=root, text=True).stdout
     got = json.loads(path.read_text())["records"][0]
     assert got["median_rmse_before_refresh"] == {"edm": 0.999} and got["refreshed"] == ["edm"]
     assert got["median_rmse"]["edm"] != 0.999
+    # LD3 started from the refreshed baseline's grid here: its number is of the old grid, and that is said
+    assert got["ld3_started_from_refreshed"] is True and "rerun it without --refresh" in out
 
 
 def test_readme_ld3_table_is_the_committed_results_file():
