@@ -588,3 +588,5 @@ def test_line_deviation_takes_scalar_samples():
     p, s, e = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, 3.0]), torch.tensor([1.0, 1.0, 3.0])
     torch.testing.assert_close(line_deviation(p, s, e), torch.tensor([0.0, 0.0, 0.0]))
     torch.testing.assert_close(line_deviation(p, e, e), torch.tensor([0.0, 1.0, 0.0]))
+    # no samples at all: no deviations (an empty [0] failed in flatten(1) too)
+    assert line_deviation(torch.zeros(0), torch.zeros(0), torch.zeros(0)).shape == (0,)

@@ -181,9 +181,10 @@ def line_deviation(points: torch.Tensor, start: torch.Tensor, end: torch.Tensor)
         if v.dim() < 1 or v.shape != points.shape:
             raise ValueError(f"line_deviation: {name} must have the shape of points [B, ...] ({tuple(points.shape)}), "
                              f"got {tuple(v.shape)}")
-    # [B] (scalar samples) too: flatten(1) of a 1-D tensor raised an IndexError naming no argument
-    a = (end - points).reshape(points.shape[0], -1) if points.numel() else (end - points).flatten(1)
-    d = (end - start).reshape(points.shape[0], -1) if points.numel() else (end - start).flatten(1)
+    # [B] (scalar samples) too, empty or not: flatten(1) of a 1-D tensor raised an IndexError naming no argument
+    rows = (lambda v: v.unsqueeze(1)) if points.dim() == 1 else (lambda v: v.flatten(1))
+    a = rows(end - points)
+    d = rows(end - start)
     norm = d.norm(dim=1, keepdim=True)
     u = torch.where(norm > 0, d / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(d))
     return (a - (a * u).sum(dim=1, keepdim=True) * u).norm(dim=1)
