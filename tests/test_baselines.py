@@ -590,3 +590,45 @@ def test_line_deviation_takes_scalar_samples():
     torch.testing.assert_close(line_deviation(p, e, e), torch.tensor([0.0, 1.0, 0.0]))
     # no samples at all: no deviations (an empty [0] failed in flatten(1) too)
     assert line_deviation(torch.zeros(0), torch.zeros(0), torch.zeros(0)).shape == (0,)
+
+
+def _label_model(dim=4):
+    """x0 = x / (1 + sigma^2) + emb(y): a conditional network that broadcasts one label over the batch."""
+    import ld3_ext
+    emb = torch.nn.Embedding(3, dim).double()
+    emb.requires_grad_(False)
+
+    def net(x, sigma, y=None):
+        return x / (1 + sigma.reshape(-1, 1) ** 2) + emb(y).to(x.dtype)
+    return ld3_ext.wrap_model(net, EDM(), prediction="x0", time_input="sigma", cond_key="y")
+
+
+def test_gits_model_kwargs_checks_and_one_broadcast_condition():
+    """gits(model_kwargs=): one condition [1] is broadcast to every teacher sample (as the network does), a
+    mapping with non-string keys or a list of names is a TypeError naming model_kwargs, and conditions the network
+    cannot take are named with the sample shape."""
+    from ld3_ext.baselines import gits
+    model = _label_model()
+    x_T = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kw = dict(nfe=4, x_T=x_T, fine_steps=12)
+    one = gits(model, model_kwargs={"y": torch.tensor([1])}, **kw)
+    assert torch.equal(one, gits(model, model_kwargs={"y": torch.ones(8, dtype=torch.long)}, **kw))
+    for bad in ({1: torch.zeros(8, dtype=torch.long)}, ["y"]):
+        with pytest.raises(TypeError, match="model_kwargs must be a dict"):
+            gits(model, model_kwargs=bad, **kw)
+    with pytest.raises(ValueError, match=r"or model_kwargs \['y'\] do not fit the network"):
+        gits(model, model_kwargs={"y": torch.full((8,), 7, dtype=torch.long)}, **kw)  # no embedding row 7
+
+
+def test_gits_cost_matrix_and_teacher_states_pass_model_kwargs():
+    """The public building blocks take model_kwargs too (every network call gets them)."""
+    model = _label_model()
+    x_T = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grid = discretizations.get_discretization("edm", model.schedule, 5)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    states = teacher_states(model, x_T, grid, model_kwargs={"y": y})
+    other = teacher_states(model, x_T, grid, model_kwargs={"y": (y + 1) % 3})
+    assert not torch.equal(states[-1], other[-1])
+    cost = gits_cost_matrix(model, grid, states, model_kwargs={"y": y})
+    assert cost.shape == (6, 6) and np.isfinite(cost[0, 1:]).all()
+    assert not np.array_equal(cost, gits_cost_matrix(model, grid, states, model_kwargs={"y": (y + 1) % 3}))

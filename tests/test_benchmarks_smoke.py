@@ -427,3 +427,63 @@ def test_bench_ld3_final_write_keeps_the_configurations_it_did_not_measure():
     earlier = [rec(4, "old"), rec(8, "old"), rec(10, "old")]
     got = bench_ld3._merged(earlier, [rec(10, "new"), rec(12, "new"), rec(8, "new")])
     assert [(r["nfe"], r["v"]) for r in got] == [(4, "old"), (8, "new"), (10, "new"), (12, "new")]
+
+
+def _bench_module(name):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_bench_ld3_finished_run_merges_into_the_results_file(tmp_path):
+    """A run that ends writes the merged table (the configurations it did not measure stay, the one it measured
+    again is replaced) as a complete file (no "complete": false), each record with its init="auto" pick."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "res.json"
+    old = [{"model": "digits", "solver": "dpmpp", "nfe": 4, "median_rmse": {"ld3": 0.1}, "reduction_vs_best": 0.5},
+           {"model": "gmm:ring2d", "solver": "dpmpp", "nfe": 4, "median_rmse": {"ld3": 9.0}, "reduction_vs_best": 0.5}]
+    path.write_text(json.dumps({"records": old}))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_ld3.py"), "--threads", "1",
+                           "--json", str(path), "--models", "gmm:ring2d", "--solvers", "dpmpp", "--nfes", "4",
+                           "--n-eval", "8"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads(path.read_text())
+    assert "complete" not in data
+    assert [(r["model"], r["nfe"]) for r in data["records"]] == [("digits", 4), ("gmm:ring2d", 4)]
+    assert data["records"][0] == old[0]
+    new = data["records"][1]
+    assert new["median_rmse"]["ld3"] != 9.0 and "init_choice" in new
+
+
+def test_bench_ld3_records_file_helpers(tmp_path):
+    """_read_records: a missing, unreadable or odd file is no earlier records (a first run's --json path does not
+    exist yet); _write_records marks only a run in progress as incomplete."""
+    bench_ld3 = _bench_module("bench_ld3")
+    assert bench_ld3._read_records(str(tmp_path / "missing.json")) == []
+    for text in ("{not json", "[1, 2]"):
+        (tmp_path / "bad.json").write_text(text)
+        assert bench_ld3._read_records(str(tmp_path / "bad.json")) == []
+    recs = [{"model": "m", "solver": "s", "nfe": 4}]
+    path = str(tmp_path / "sub" / "out.json")
+    bench_ld3._write_records(path, recs)
+    assert json.loads(open(path).read()) == {"records": recs}
+    bench_ld3._write_records(path, recs, complete=False)
+    assert json.loads(open(path).read()) == {"records": recs, "complete": False}
+    assert bench_ld3._read_records(path) == recs
+
+
+def test_ld3_table_summary():
+    """summary(): how many rows reach the 25 % target (25 % itself counts), the smallest reduction and its row,
+    and the best baseline per row, most frequent first."""
+    ld3_table = _bench_module("ld3_table")
+
+    def rec(nfe, ld3, **base):
+        return {"model": "m", "solver": "s", "nfe": nfe, "median_rmse": {**base, "ld3": ld3}}
+    records = [rec(4, 0.75, edm=1.0, dmn=2.0), rec(5, 0.5, edm=2.0, dmn=1.0), rec(6, 0.9, edm=3.0, dmn=1.0)]
+    got = ld3_table.summary(records)
+    assert got.startswith("2 of 3 configurations reach the >= 25 % target (smallest reduction 10.0 %: s on m at "
+                          "NFE 6)"), got
+    assert got.endswith("best baseline per row: dmn 2, edm 1"), got

@@ -54,6 +54,7 @@ def _factory(monkeypatch, name, draw="labels", means=MEANS):
         "short": lambda n, g: torch.randint(0, means.shape[0], (n - 1,), generator=g),
         "raises": lambda n, g: (_ for _ in ()).throw(KeyError("no label file")),
         "list": lambda n, g: [0] * n,
+        "nan": lambda n, g: torch.full((n,), float("nan")),
         "not callable": 3,
     }
 
@@ -119,6 +120,14 @@ def test_teacher_train_eval_sample_give_the_network_its_conditions(tmp_path, cap
     rows = {r["schedule"]: r for r in record["rows"]}
     assert {"gits", "dmn", "ld3", "edm"} <= set(rows)
     assert 64 in {c.shape[0] for c in calls}  # GITS' own teacher batch, with conditions of its own
+    from ld3_ext.atomic_io import tensors_sha256
+    model, _ = sys.modules["ld3_cond_factory_mod"].make()
+    held_out = cli._conditions(model, 16, 0, "eval")
+    # the record names the conditions eval drew from its own stream, not the teacher pairs' (nor anything else's)
+    assert record["conditions"]["sha256"] == tensors_sha256({"conditions": held_out})
+    assert any(torch.equal(c, held_out) for c in calls)
+    assert not any(torch.equal(c, cli._conditions(model, 16, 0, "teacher")) for c in calls)
+    assert any(torch.equal(c, cli._conditions(model, 64, 0, "gits")) for c in calls if c.shape[0] == 64)
     # LD3's samples are close to the exact class-conditional solution (the teacher's row is the reference)
     assert rows["ld3"]["median RMSE"] < rows["time_uniform"]["median RMSE"]
 
@@ -127,6 +136,7 @@ def test_teacher_train_eval_sample_give_the_network_its_conditions(tmp_path, cap
                             "--out", str(tmp_path / "s")], capsys)
     assert rc == 0, err
     assert calls and all(c.shape == (8,) for c in calls)
+    assert all(torch.equal(c, cli._conditions(model, 8, 0, "sample")) for c in calls)  # sample's own stream
 
 
 def test_each_command_draws_its_own_conditions_from_the_seed(monkeypatch):
@@ -145,6 +155,7 @@ def test_each_command_draws_its_own_conditions_from_the_seed(monkeypatch):
     ("raises", "draw_conditions(12, generator) raised KeyError"),
     ("list", "must return a tensor [12, ...] (one condition per sample), got list"),
     ("not callable", "draw_conditions must be a callable (n, generator) -> tensor [n, ...], got int"),
+    ("nan", "draw_conditions(12, generator) returned NaN or Inf"),
 ])
 def test_a_bad_draw_conditions_is_a_usage_error_naming_it(tmp_path, capsys, monkeypatch, draw, words):
     spec, calls = _factory(monkeypatch, f"ld3_cond_bad_{draw.replace(' ', '_')}_mod", draw=draw)
@@ -232,3 +243,26 @@ def test_load_or_generate_teacher_names_a_bad_uncond():
                                  uncond=torch.tensor([2, 2]), **kw)
     with pytest.raises(ValueError, match="pass it with conditions"):
         load_or_generate_teacher(model, model.schedule, cfg, uncond=torch.tensor([2]), **kw)
+
+
+def test_ld3_teacher_regenerates_a_conditional_models_set(tmp_path, capsys, monkeypatch):
+    """`ld3 teacher --regenerate-teacher` re-reads the set it staged with the same conditions: without them the
+    check found "another run's teacher set" and the command failed."""
+    spec, calls = _factory(monkeypatch, "ld3_cond_regen_mod")
+    args = ["teacher", "--model", spec, "--n-train", "4", "--n-valid", "4", "--no-progress", "--out", str(tmp_path / "t")]
+    for extra in ([], ["--regenerate-teacher"]):
+        rc, _, err = _run(args + extra, capsys)
+        assert rc == 0, err
+    assert calls
+
+
+def test_drawn_conditions_are_detached_and_moved_to_the_device():
+    """_conditions hands back the drawn tensor without its graph (an embedding's output); _condition_kwargs puts
+    it on the run's --device (the network's), under the model's cond_key."""
+    emb = torch.nn.Embedding(3, 2)
+    model = ld3_ext.wrap_model(lambda x, t, y=None: x, ld3_ext.EDM(), prediction="x0", cond_key="y")
+    model.draw_conditions = lambda n, g: emb(torch.randint(0, 3, (n,), generator=g))
+    cond = cli._conditions(model, 5, 0, "eval")
+    assert cond.shape == (5, 2) and not cond.requires_grad
+    kw = cli._condition_kwargs(model, cond, "meta")
+    assert list(kw) == ["y"] and kw["y"].device.type == "meta" and kw["y"].shape == (5, 2)

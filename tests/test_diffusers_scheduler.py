@@ -743,7 +743,7 @@ def test_a_loop_that_does_not_start_at_the_begin_index_is_refused(solver):
     sch.step(torch.zeros_like(x), float(sch.timesteps[2 * per + 1]), x)  # later steps are not looked up
 
 
-@pytest.mark.parametrize("rounding", ["half", "long", "bfloat16"])
+@pytest.mark.parametrize("rounding", ["half", "long", "bfloat16", "round"])
 def test_a_rounded_copy_of_the_begin_index_timestep_starts_the_solve(rounding):
     """With set_begin_index(b), a pipeline's t = timesteps[b].half() (or an int) was refused where the grid's gaps
     are under the rounding (13 of 50 begin indices on SD's grid): the unique-entry look-up found no entry, and
@@ -836,3 +836,19 @@ def test_from_config_says_it_drops_dynamic_thresholding():
         warnings.simplefilter("error")
         LD3Scheduler.from_config({**cfg, "thresholding": False, "clip_sample": True})
         LD3Scheduler.from_config(cfg)
+
+
+def test_thresholding_warning_reads_the_overrides_and_comes_with_a_schedule_too():
+    """from_config(cfg, thresholding=...) is what the scheduler gets: a config's True turned off by the caller is no
+    warning, a True given by the caller is one; from_timesteps warns with an explicit schedule as well."""
+    import warnings
+    cfg = dict(diffusers.DDPMScheduler(**SD_CONFIG).config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LD3Scheduler.from_config({**cfg, "thresholding": True}, thresholding=False)
+    with pytest.warns(UserWarning, match=r"from_config: .*thresholding=True"):
+        LD3Scheduler.from_config({**cfg, "thresholding": False}, thresholding=True)
+    sd = ld3_ext.VPDiscrete.linear(0.00085, 0.012)
+    with pytest.warns(UserWarning, match=r"from_timesteps: .*thresholding=True"):
+        LD3Scheduler.from_timesteps(ld3_ext.discretizations.logsnr_uniform(sd, 4),
+                                    scheduler_config={**cfg, "thresholding": True}, schedule=sd)

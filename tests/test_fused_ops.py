@@ -669,3 +669,21 @@ def test_vmap_of_an_update_into_an_out_whose_samples_collide_is_refused(make_out
     c = torch.tensor([0.3, -0.5], dtype=torch.float64)
     with pytest.raises(RuntimeError, match="multistep_update: out has elements that overlap"):
         torch.func.vmap(lambda a, b, o: fused.multistep_update(a, c, [b], out=o))(x, m, make_out())
+
+
+@pytest.mark.parametrize("make_out", [lambda: torch.zeros(2, 3, 10),
+                                      lambda: torch.zeros(64).as_strided((2, 3, 10), (4, 2, 1))])
+def test_nested_vmap_of_an_update_into_out(make_out):
+    """vmap(vmap(...)): the out under two transform wrappers is unwrapped to the plain tensor before the overlap
+    test (one level of unwrapping left a batched tensor, which torch's overlap test has no batching rule for: even
+    a good out failed); a good out gives the eager result, one whose samples collide is refused naming out."""
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(2, 3, 10, generator=g), torch.randn(2, 3, 10, generator=g)
+    c = torch.tensor([0.3, -0.5], dtype=torch.float64)
+    out = make_out()
+    f = torch.func.vmap(torch.func.vmap(lambda a, b, o: fused.multistep_update(a, c, [b], out=o)))
+    if out.is_contiguous():
+        torch.testing.assert_close(f(x, m, out), fused.multistep_update(x, c, [m]))
+    else:
+        with pytest.raises(RuntimeError, match="multistep_update: out has elements that overlap"):
+            f(x, m, out)

@@ -252,3 +252,20 @@ def test_to_denoiser_pickles_and_gives_the_same_predictions():
     want = den(x, sigma)
     assert torch.equal(again(x, sigma), want) and torch.equal(loaded(x, sigma), want)
     assert den.__name__ == f"denoiser_{model.name}" and again.__name__ == den.__name__
+
+
+def test_to_denoiser_passes_its_keyword_arguments_to_the_model():
+    """D(x, sigma, y=labels): a conditional model's conditions reach its network (the Denoiser class forwards
+    **kw as the closure did)."""
+    import ld3_ext
+    seen = []
+
+    def net(x, t, y=None):
+        seen.append(y)
+        return 0.1 * x + y.to(x.dtype).reshape(-1, 1)
+    model = ld3_ext.wrap_model(net, ld3_ext.VPLinear(), prediction="eps", cond_key="y")
+    den = ld3_ext.to_denoiser(model)
+    x, sigma = torch.randn(3, 4), torch.full((3,), 2.5)
+    y = torch.tensor([0, 1, 2])
+    a, b = den(x, sigma, y=y), den(x, sigma, y=y + 1)
+    assert seen and all(s is not None for s in seen) and not torch.equal(a, b)

@@ -148,3 +148,23 @@ def test_sample_grid_shows_intensities_on_one_scale():
         return float(imread(io.BytesIO(png), format="png")[..., :3].mean())
     black, mid, white = brightness(-1.0), brightness(0.0), brightness(1.0)
     assert black + 0.2 < mid < white - 0.2, (black, mid, white)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 8, 8)])
+def test_sample_grid_lays_each_row_out_as_one_strip(monkeypatch, shape):
+    """One Axes a row: the k images side by side with one white column between them (none after the last), on
+    the fixed [0, 1] scale, labelled with the row's name."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+    shown, labels = [], []
+    real_imshow, real_ylabel = Axes.imshow, Axes.set_ylabel
+    monkeypatch.setattr(Axes, "imshow", lambda self, a, *p, **k: shown.append((a, k)) or real_imshow(self, a, *p, **k))
+    monkeypatch.setattr(Axes, "set_ylabel", lambda self, s, *p, **k: labels.append(s) or real_ylabel(self, s, *p, **k))
+    sample_grid_png({"first": torch.full((3, *shape), -1.0), "second": torch.full((5, *shape), 1.0)}, max_items=4)
+    assert len(shown) == 2 and labels == ["first", "second"]
+    for (strip, kw), value in zip(shown, (0.0, 1.0)):
+        strip = torch.as_tensor(strip)
+        assert strip.shape[:2] == (8, 3 * 8 + 2) and kw.get("vmin") == 0.0 and kw.get("vmax") == 1.0
+        gaps = [8, 17]
+        assert bool((strip[:, gaps] == 1.0).all())
+        assert bool((strip[:, [c for c in range(strip.shape[1]) if c not in gaps]] == value).all())

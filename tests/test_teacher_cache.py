@@ -595,3 +595,21 @@ def test_a_teacher_reading_an_edited_constant_does_not_reuse_the_cache(ring, tmp
     _gen(model, fn1, set1, str(tmp_path))
     with pytest.raises(TeacherCacheMismatch):
         _gen(model, fn2, set2, str(tmp_path))
+
+
+def test_load_or_generate_teacher_guides_with_uncond_and_names_a_model_without_guidance():
+    """load_or_generate_teacher(conditions=, uncond=): the guided model's pairs (uncond reaches every call; another
+    uncond makes other pairs); uncond for a model with no guidance_scale is named before any network call."""
+    def net(x, sigma, y=None):
+        return x / (1 + sigma.reshape(-1, 1) ** 2) + y.to(x.dtype).reshape(-1, 1)
+    cfg = TeacherConfig(n_train=2, n_valid=2)
+    kw = dict(sample_shape=(3,), progress=False, dtype=torch.float64, model_name="guided-uncond")
+    guided = wrap_model(net, EDM(), prediction="x0", time_input="sigma", cond_key="y", guidance_scale=2.0)
+    cond = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    a = load_or_generate_teacher(guided, guided.schedule, cfg, conditions=cond, uncond=torch.tensor([0.0]), **kw)
+    b = load_or_generate_teacher(guided, guided.schedule, cfg, conditions=cond, uncond=torch.tensor([-5.0]), **kw)
+    assert torch.equal(a.train_noise, b.train_noise) and not torch.equal(a.train_target, b.train_target)
+    assert torch.equal(a.train_cond, cond[:2]) and torch.equal(a.valid_cond, cond[2:])
+    plain = wrap_model(net, EDM(), prediction="x0", time_input="sigma", cond_key="y")
+    with pytest.raises(ValueError, match="and the model has no guidance_scale"):
+        load_or_generate_teacher(plain, plain.schedule, cfg, conditions=cond, uncond=torch.tensor([0.0]), **kw)
