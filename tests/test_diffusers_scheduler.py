@@ -743,17 +743,19 @@ def test_a_loop_that_does_not_start_at_the_begin_index_is_refused(solver):
     sch.step(torch.zeros_like(x), float(sch.timesteps[2 * per + 1]), x)  # later steps are not looked up
 
 
+def _sd_scheduler_50():
+    """(scheduler on SD's config with 50 steps set, a latent, 50, a copy of its timesteps)."""
+    sch = LD3Scheduler.from_config(diffusers.DDPMScheduler(**SD_CONFIG).config)
+    sch.set_timesteps(50)
+    return sch, torch.randn(1, 4, 4, 4), 50, sch.timesteps.clone()
+
+
 @pytest.mark.parametrize("rounding", ["half", "long", "bfloat16", "round"])
 def test_a_rounded_copy_of_the_begin_index_timestep_starts_the_solve(rounding):
     """With set_begin_index(b), a pipeline's t = timesteps[b].half() (or an int) was refused where the grid's gaps
     are under the rounding (13 of 50 begin indices on SD's grid): the unique-entry look-up found no entry, and
     the error told the user to loop over timesteps[b:], which they did (review)."""
-    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
-    sch = LD3Scheduler.from_config(cfg)
-    x = torch.randn(1, 4, 4, 4)
-    n = 50
-    sch.set_timesteps(n)
-    ts = sch.timesteps.clone()
+    sch, x, n, ts = _sd_scheduler_50()
     for b in range(n):
         sch.set_timesteps(n)
         sch.set_begin_index(b)
@@ -774,12 +776,7 @@ def test_a_rounded_copy_of_the_next_timestep_after_set_begin_index_is_refused(ro
     """set_begin_index(b) and a loop one entry late (t = timesteps[b + 1].half()) ran the solve from b silently
     where the grid's gaps are under 1 (b = 44..48 of SD's 50 steps): the rounding tolerance was 1, not the
     half / bfloat16 rounding of timesteps[b] (review of _rounds_to_entry)."""
-    cfg = diffusers.DDPMScheduler(**SD_CONFIG).config
-    sch = LD3Scheduler.from_config(cfg)
-    x = torch.randn(1, 4, 4, 4)
-    n = 50
-    sch.set_timesteps(n)
-    ts = sch.timesteps.clone()
+    sch, x, n, ts = _sd_scheduler_50()
     for b in range(n - 1):
         sch.set_timesteps(n)
         sch.set_begin_index(b)
