@@ -15,23 +15,13 @@ import torch
 import ld3_ext
 from ld3_ext import cli
 
+from _cli_run import one_line_errors, run_cli  # noqa: F401 - an autouse fixture
+
 S = 0.5          # the data's standard deviation in every class
 DIM = 4
 MEANS = torch.tensor([[2.0, -1.0, 0.5, 0.0], [-2.0, 1.0, 0.0, 1.5], [0.0, 2.5, -2.0, -1.0]], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_line_errors(monkeypatch):
-    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
-
-
-def _run(argv, capsys):
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:
-        rc = e.code
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 def _denoiser(means, calls):
@@ -83,7 +73,7 @@ SMALL = ["--nfe", "4", "--no-progress", "--n-train", "6", "--n-valid", "6", "--r
 def test_teacher_train_eval_sample_give_the_network_its_conditions(tmp_path, capsys, monkeypatch):
     spec, calls = _factory(monkeypatch, "ld3_cond_factory_mod")
     out = tmp_path / "run"
-    rc, _, err = _run(["teacher", "--model", spec, "--n-train", "6", "--n-valid", "6", "--no-progress",
+    rc, _, err = run_cli(["teacher", "--model", spec, "--n-train", "6", "--n-valid", "6", "--no-progress",
                        "--out", str(out)], capsys)
     assert rc == 0, err
     assert calls and all(c.dtype == torch.int64 for c in calls)
@@ -104,14 +94,14 @@ def test_teacher_train_eval_sample_give_the_network_its_conditions(tmp_path, cap
         assert err_own < 2e-3 < 0.5 < err_other, (err_own, err_other)
 
     calls.clear()
-    rc, stdout, err = _run(["train", "--model", spec, *SMALL, "--out", str(out)], capsys)
+    rc, stdout, err = run_cli(["train", "--model", spec, *SMALL, "--out", str(out)], capsys)
     assert rc == 0, err
     assert calls and all(c.numel() >= 1 for c in calls)
     # `ld3 train` drew the same conditions as `ld3 teacher`: it reused that cache, made no other
     assert sorted(p.name for p in (out / "teacher").rglob("*") if p.is_file()) == cache
 
     calls.clear()
-    rc, stdout, err = _run(["eval", "--model", spec, "--n", "16", "--nfe-curve", "5", "--out", str(out)], capsys)
+    rc, stdout, err = run_cli(["eval", "--model", spec, "--n", "16", "--nfe-curve", "5", "--out", str(out)], capsys)
     assert rc == 0, err
     record = json.loads((out / "eval.json").read_text())
     # eval.json says which conditions its numbers are of (a factory drawing other classes scored other samples)
@@ -132,7 +122,7 @@ def test_teacher_train_eval_sample_give_the_network_its_conditions(tmp_path, cap
     assert rows["ld3"]["median RMSE"] < rows["time_uniform"]["median RMSE"]
 
     calls.clear()
-    rc, stdout, err = _run(["sample", "--model", spec, "--n", "8", "--nfe", "4", "--schedule", str(out / "schedule.json"),
+    rc, stdout, err = run_cli(["sample", "--model", spec, "--n", "8", "--nfe", "4", "--schedule", str(out / "schedule.json"),
                             "--out", str(tmp_path / "s")], capsys)
     assert rc == 0, err
     assert calls and all(c.shape == (8,) for c in calls)
@@ -159,7 +149,7 @@ def test_each_command_draws_its_own_conditions_from_the_seed(monkeypatch):
 ])
 def test_a_bad_draw_conditions_is_a_usage_error_naming_it(tmp_path, capsys, monkeypatch, draw, words):
     spec, calls = _factory(monkeypatch, f"ld3_cond_bad_{draw.replace(' ', '_')}_mod", draw=draw)
-    rc, _, err = _run(["train", "--model", spec, *SMALL, "--out", str(tmp_path / "r")], capsys)
+    rc, _, err = run_cli(["train", "--model", spec, *SMALL, "--out", str(tmp_path / "r")], capsys)
     assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert not calls  # refused before any network call
 
@@ -251,7 +241,7 @@ def test_ld3_teacher_regenerates_a_conditional_models_set(tmp_path, capsys, monk
     spec, calls = _factory(monkeypatch, "ld3_cond_regen_mod")
     args = ["teacher", "--model", spec, "--n-train", "4", "--n-valid", "4", "--no-progress", "--out", str(tmp_path / "t")]
     for extra in ([], ["--regenerate-teacher"]):
-        rc, _, err = _run(args + extra, capsys)
+        rc, _, err = run_cli(args + extra, capsys)
         assert rc == 0, err
     assert calls
 

@@ -12,20 +12,9 @@ import pytest
 
 from ld3_ext import cli
 
-
-@pytest.fixture(autouse=True)
-def _one_line_errors(monkeypatch):
-    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+from _cli_run import one_line_errors, run_cli  # noqa: F401 - an autouse fixture
 
 
-def _run(argv, capsys):
-    """(exit status, stdout, stderr) of `ld3 ARGV` (a UsageError leaves main as SystemExit(2))."""
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:
-        rc = e.code
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 def _sha256(path) -> str:
@@ -46,8 +35,8 @@ def _stale(out):
 # 1. an eval.json of a schedule that `ld3 train --fresh` replaced
 def test_eval_json_records_the_sha256_of_the_schedule_it_evaluated(tmp_path, capsys):
     out = tmp_path / "o"
-    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
-    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(EVAL + ["--out", str(out)], capsys)[0] == 0
     record = json.loads((out / "eval.json").read_text())
     assert record["schedule_sha256"] == _sha256(out / "schedule.json")  # what `sha256sum schedule.json` prints
 
@@ -55,11 +44,11 @@ def test_eval_json_records_the_sha256_of_the_schedule_it_evaluated(tmp_path, cap
 def test_a_fresh_training_sets_aside_the_eval_of_the_schedule_it_replaced(tmp_path, capsys):
     """eval.json (and its figures) of the old schedule still looked like the results of the new one."""
     out = tmp_path / "o"
-    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
-    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(EVAL + ["--out", str(out)], capsys)[0] == 0
     earlier = {name: (out / name).read_bytes() for name in EVAL_FILES}
     old_schedule = (out / "schedule.json").read_bytes()
-    rc, _, err = _run(TRAIN + ["--init", "edm", "--fresh", "--out", str(out)], capsys)
+    rc, _, err = run_cli(TRAIN + ["--init", "edm", "--fresh", "--out", str(out)], capsys)
     assert rc == 0 and "evaluated the schedule this training replaced" in err
     assert not any((out / name).exists() for name in EVAL_FILES)  # nothing that looks current
     # the replaced schedule itself is kept too, byte for byte
@@ -73,8 +62,8 @@ def test_a_fresh_training_sets_aside_the_eval_of_the_schedule_it_replaced(tmp_pa
     old_record = json.loads(kept["eval.json"])
     assert old_record["schedule_sha256"] != _sha256(out / "schedule.json")
     # a second round sets the next stale set beside the first, never over it
-    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
-    assert _run(TRAIN + ["--init", "time_uniform", "--fresh", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(EVAL + ["--out", str(out)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "time_uniform", "--fresh", "--out", str(out)], capsys)[0] == 0
     assert len(_stale(out)) == 8 and not (out / "eval.json").exists()  # 2 x (3 eval files + the schedule)
 
 
@@ -82,8 +71,8 @@ def test_rerunning_a_finished_training_keeps_its_schedule_file_and_eval(tmp_path
     """Resuming a finished run gives the same schedule: its file is not rewritten (only its creation time would
     change), so the eval.json of it stays current."""
     out = tmp_path / "o"
-    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
-    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(EVAL + ["--out", str(out)], capsys)[0] == 0
     schedule, record = (out / "schedule.json").read_bytes(), (out / "eval.json").read_bytes()
     def state():  # the checkpoint's files; its copy of the best schedule only up to its creation time
         files = {}
@@ -96,7 +85,7 @@ def test_rerunning_a_finished_training_keeps_its_schedule_file_and_eval(tmp_path
         return files
     checkpoint = state()
     assert len(checkpoint) >= 2
-    rc, text, _ = _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)
+    rc, text, _ = run_cli(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)
     assert rc == 0 and "already holds this schedule" in text
     assert (out / "schedule.json").read_bytes() == schedule and (out / "eval.json").read_bytes() == record
     assert _stale(out) == []
@@ -107,11 +96,11 @@ def test_rerunning_a_finished_training_keeps_its_schedule_file_and_eval(tmp_path
 
 def test_an_eval_of_another_schedule_file_is_left_alone(tmp_path, capsys):
     other = tmp_path / "other"
-    assert _run(TRAIN + ["--init", "edm", "--out", str(other)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "edm", "--out", str(other)], capsys)[0] == 0
     out = tmp_path / "o"
-    assert _run(EVAL + ["--schedule", str(other / "schedule.json"), "--out", str(out)], capsys)[0] == 0
+    assert run_cli(EVAL + ["--schedule", str(other / "schedule.json"), "--out", str(out)], capsys)[0] == 0
     record = (out / "eval.json").read_bytes()
-    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
     assert (out / "eval.json").read_bytes() == record and _stale(out) == []
 
 
@@ -152,7 +141,7 @@ def test_an_eval_json_that_cannot_be_renamed_is_a_warning_not_a_failed_training(
 def test_eval_says_so_when_its_schedule_is_replaced_while_it_runs(tmp_path, monkeypatch, capsys):
     """A training that replaces the file during the evaluation: eval.json names the schedule it really ran."""
     out = tmp_path / "o"
-    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
     evaluated = _sha256(out / "schedule.json")
     real_prior = cli._prior
 
@@ -162,7 +151,7 @@ def test_eval_says_so_when_its_schedule_is_replaced_while_it_runs(tmp_path, monk
             f.write("\n")
         return x
     monkeypatch.setattr(cli, "_prior", prior_then_replaced)
-    rc, _, err = _run(EVAL + ["--out", str(out)], capsys)
+    rc, _, err = run_cli(EVAL + ["--out", str(out)], capsys)
     assert rc == 0 and "was replaced during this evaluation" in err
     assert json.loads((out / "eval.json").read_text())["schedule_sha256"] == evaluated != _sha256(out / "schedule.json")
 
@@ -308,7 +297,7 @@ def _never(what):
 def test_teacher_refuses_an_out_it_cannot_write_before_generating(unwritable_out, monkeypatch, capsys):
     from ld3_ext.training import teacher
     monkeypatch.setattr(teacher, "load_or_generate_teacher", _never("the teacher generation"))
-    rc, _, err = _run(["teacher", "--model", "gmm:ring2d", "--n-train", "4", "--n-valid", "4", "--no-progress",
+    rc, _, err = run_cli(["teacher", "--model", "gmm:ring2d", "--n-train", "4", "--n-valid", "4", "--no-progress",
                        "--out", str(unwritable_out)], capsys)
     assert rc == 2 and f"--out {unwritable_out}" in err and "cannot write there (Permission denied)" in err
     assert "Traceback" not in err
@@ -318,7 +307,7 @@ def test_export_diffusers_refuses_an_out_it_cannot_write_before_building(tmp_pat
                                                                          capsys):
     from ld3_ext.integrations.diffusers_scheduler import LD3Scheduler
     monkeypatch.setattr(LD3Scheduler, "from_schedule_file", _never("the scheduler build"))
-    rc, _, err = _run(["export-diffusers", _schedule_file(tmp_path), "--out", str(unwritable_out)], capsys)
+    rc, _, err = run_cli(["export-diffusers", _schedule_file(tmp_path), "--out", str(unwritable_out)], capsys)
     assert rc == 2 and f"--out {unwritable_out}: cannot write there (Permission denied)" in err
     assert os.listdir(unwritable_out) == []
 
@@ -326,7 +315,7 @@ def test_export_diffusers_refuses_an_out_it_cannot_write_before_building(tmp_pat
 def test_export_diffusers_refuses_an_out_under_a_file(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("mine")
-    rc, _, err = _run(["export-diffusers", _schedule_file(tmp_path), "--out", str(a_file / "sub")], capsys)
+    rc, _, err = run_cli(["export-diffusers", _schedule_file(tmp_path), "--out", str(a_file / "sub")], capsys)
     assert rc == 2 and err.startswith(f"ld3 export-diffusers: error: --out {a_file / 'sub'}: cannot write there")
     assert a_file.read_text() == "mine"
 
@@ -341,7 +330,7 @@ def test_a_scheduler_config_that_is_not_there_is_an_error_naming_the_flag(tmp_pa
         cfg = tmp_path / "scheduler"
         cfg.mkdir()
     out = tmp_path / "o"
-    rc, _, err = _run(["export-diffusers", _schedule_file(tmp_path), "--scheduler-config", str(cfg),
+    rc, _, err = run_cli(["export-diffusers", _schedule_file(tmp_path), "--scheduler-config", str(cfg),
                        "--out", str(out)], capsys)
     assert rc == 2 and err.startswith("ld3 export-diffusers: error: --scheduler-config: cannot read ")
     assert "no such file" in err and "scheduler_config.json" in err and "FileNotFoundError" not in err
@@ -351,7 +340,7 @@ def test_a_scheduler_config_that_is_not_there_is_an_error_naming_the_flag(tmp_pa
 def test_a_scheduler_config_that_is_not_a_json_object_is_an_error_naming_the_flag(tmp_path, capsys):
     cfg = tmp_path / "list.json"
     cfg.write_text("[1, 2]")
-    rc, _, err = _run(["export-diffusers", _schedule_file(tmp_path), "--scheduler-config", str(cfg),
+    rc, _, err = run_cli(["export-diffusers", _schedule_file(tmp_path), "--scheduler-config", str(cfg),
                        "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and err.startswith(f"ld3 export-diffusers: error: --scheduler-config: {cfg} holds a JSON list")
 
@@ -365,8 +354,8 @@ def test_eval_model_baselines_run_in_the_models_dtype(tmp_path, capsys, monkeypa
     out = tmp_path / "run"
     train = ["train", "--model", "ld3_f32_factory_mod:make", "--nfe", "4", "--no-progress", "--n-train", "4",
              "--n-valid", "4", "--rounds-v1", "1", "--rounds-v2", "0", "--time-mode", "lambda", "--out", str(out)]
-    assert _run(train, capsys)[0] == 0
-    rc, stdout, err = _run(["eval", "--model", "ld3_f32_factory_mod:make", "--n", "4", "--out", str(out)], capsys)
+    assert run_cli(train, capsys)[0] == 0
+    rc, stdout, err = run_cli(["eval", "--model", "ld3_f32_factory_mod:make", "--n", "4", "--out", str(out)], capsys)
     assert rc == 0, err
     record = json.loads((out / "eval.json").read_text())
     assert "gits" in json.dumps(record["rows"])
@@ -379,7 +368,7 @@ def test_export_diffusers_never_replaces_a_models_own_scheduler_config(tmp_path,
     own = folder / "scheduler_config.json"
     own.write_text(json.dumps({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}))
     before = own.read_bytes()
-    rc, _, err = _run(["export-diffusers", _schedule_file(tmp_path), "--out", str(folder)], capsys)
+    rc, _, err = run_cli(["export-diffusers", _schedule_file(tmp_path), "--out", str(folder)], capsys)
     assert rc == 2 and "DDPMScheduler config" in err and own.read_bytes() == before
     # an earlier export of ours is replaced as before
     from ld3_ext import VPDiscrete, discretizations
@@ -390,8 +379,8 @@ def test_export_diffusers_never_replaces_a_models_own_scheduler_config(tmp_path,
     LearnedSchedule(discretizations.logsnr_uniform(s, 4), solver_config=DPMSolverPP(2).config(), nfe=4,
                     schedule_config=s.config()).save(vp_file)
     out = tmp_path / "export"
-    assert _run(["export-diffusers", vp_file, "--out", str(out)], capsys)[0] == 0
-    assert _run(["export-diffusers", vp_file, "--out", str(out)], capsys)[0] == 0
+    assert run_cli(["export-diffusers", vp_file, "--out", str(out)], capsys)[0] == 0
+    assert run_cli(["export-diffusers", vp_file, "--out", str(out)], capsys)[0] == 0
     assert json.loads((out / "scheduler_config.json").read_text())["_class_name"] == "LD3Scheduler"
 
 
@@ -404,16 +393,16 @@ def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(tmp_path
 
     def second_run_meanwhile(args, *rest):  # the first run's training, while a second `ld3 train` starts
         monkeypatch.setattr(cli, "_train_locked", real)
-        seen["second"] = _run(TRAIN + ["--solver", "unipc", "--out", str(out)], capsys)
+        seen["second"] = run_cli(TRAIN + ["--solver", "unipc", "--out", str(out)], capsys)
         return real(args, *rest)
     real = cli._train_locked
     monkeypatch.setattr(cli, "_train_locked", second_run_meanwhile)
-    rc, _, err = _run(TRAIN + ["--out", str(out)], capsys)
+    rc, _, err = run_cli(TRAIN + ["--out", str(out)], capsys)
     assert rc == 0, err
     rc2, _, err2 = seen["second"]
     assert rc2 == 2 and "another `ld3 train` is running in" in err2
     # once the first has finished, the same --out takes a new run (the lock is released)
-    assert _run(TRAIN + ["--out", str(out)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--out", str(out)], capsys)[0] == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,7 +441,7 @@ def test_eval_scores_against_the_recorded_teacher_on_its_own_grid(tmp_path, caps
                     schedule_config=s.config(),
                     training={"teacher": {"kind": "solver", "solver": UniPC(order=3).config(), "nfe": 10,
                                           "discretization": grid}}).save(path)
-    rc, text, err = _run(["eval", "--schedule", path, "--model", spec, "--n", "4", "--skip-model-baselines",
+    rc, text, err = run_cli(["eval", "--schedule", path, "--model", spec, "--n", "4", "--skip-model-baselines",
                           "--out", str(tmp_path / "o")], capsys)
     assert rc == 0, err
     teacher = json.loads((tmp_path / "o" / "eval.json").read_text())["teacher"]
@@ -473,7 +462,7 @@ def test_eval_says_when_the_recorded_teacher_is_no_record_it_can_read(tmp_path, 
     path = str(tmp_path / "schedule.json")
     LearnedSchedule(discretizations.logsnr_uniform(s, 4), solver_config=UniPC(order=2).config(), nfe=4,
                     schedule_config=s.config(), training={"teacher": record}).save(path)
-    rc, text, err = _run(["eval", "--schedule", path, "--model", spec, "--n", "4", "--skip-model-baselines",
+    rc, text, err = run_cli(["eval", "--schedule", path, "--model", spec, "--n", "4", "--skip-model-baselines",
                           "--nfe-curve", "--out", str(tmp_path / "o")], capsys)
     assert rc == 0, err
     assert ("is not one ld3 can read; scoring against the default teacher" in err) == noted, err
@@ -488,41 +477,41 @@ def test_an_eval_json_left_by_an_interrupt_after_the_schedule_was_written_is_set
     """Ctrl-C between writing the new schedule.json and renaming the eval of the replaced one: the rerun found the
     schedule already written ("kept as it is") and left the old eval.json looking current."""
     out = tmp_path / "o"
-    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
-    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(EVAL + ["--out", str(out)], capsys)[0] == 0
     old_record = (out / "eval.json").read_bytes()
     real = cli._set_aside_stale_eval
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(cli, "_set_aside_stale_eval", interrupted)
-    assert _run(TRAIN + ["--init", "edm", "--fresh", "--out", str(out)], capsys)[0] == 130
+    assert run_cli(TRAIN + ["--init", "edm", "--fresh", "--out", str(out)], capsys)[0] == 130
     monkeypatch.setattr(cli, "_set_aside_stale_eval", real)
     assert (out / "eval.json").read_bytes() == old_record  # the window: the old eval beside the new schedule
-    rc, text, err = _run(TRAIN + ["--init", "edm", "--out", str(out)], capsys)
+    rc, text, err = run_cli(TRAIN + ["--init", "edm", "--out", str(out)], capsys)
     assert rc == 0 and "already holds this schedule" in text and "evaluated the schedule this training" in err
     assert not (out / "eval.json").exists()
     (stale,) = [f for f in _stale(out) if f.startswith("eval.stale-")]
     assert (out / stale).read_bytes() == old_record
     # and an eval of the current schedule stays on the next rerun
-    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    assert run_cli(EVAL + ["--out", str(out)], capsys)[0] == 0
     current = (out / "eval.json").read_bytes()
-    assert _run(TRAIN + ["--init", "edm", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "edm", "--out", str(out)], capsys)[0] == 0
     assert (out / "eval.json").read_bytes() == current
 
 
 def test_a_refused_export_leaves_no_folder_and_a_folder_in_the_configs_place_is_named(tmp_path, capsys):
     edm_file = _schedule_file(tmp_path)  # EDM: LD3Scheduler refuses it
     out = tmp_path / "new" / "scheduler_config.json"  # --out spelled as the file it would write
-    rc, _, err = _run(["export-diffusers", edm_file, "--out", str(out)], capsys)
+    rc, _, err = run_cli(["export-diffusers", edm_file, "--out", str(out)], capsys)
     assert rc != 0 and not (tmp_path / "new").exists()
     (tmp_path / "exp" / "scheduler_config.json").mkdir(parents=True)
-    rc, _, err = _run(["export-diffusers", edm_file, "--out", str(tmp_path / "exp")], capsys)
+    rc, _, err = run_cli(["export-diffusers", edm_file, "--out", str(tmp_path / "exp")], capsys)
     assert rc == 2 and "--out: " in err and "scheduler_config.json is a folder" in err and ".tmp" not in err
 
 
 def test_heun_nfe_too_small_names_the_smallest_it_takes(tmp_path, capsys):
-    rc, _, err = _run(["train", "--model", "gmm:ring2d", "--solver", "heun", "--nfe", "1", "--out",
+    rc, _, err = run_cli(["train", "--model", "gmm:ring2d", "--solver", "heun", "--nfe", "1", "--out",
                        str(tmp_path / "o")], capsys)
     assert rc == 2 and "nfe >= 4 for Heun" in err
 
@@ -530,7 +519,7 @@ def test_heun_nfe_too_small_names_the_smallest_it_takes(tmp_path, capsys):
 def test_a_diffusers_path_that_is_a_file_is_named_as_such(tmp_path, capsys):
     f = tmp_path / "schedule.json"
     f.write_text("{}")
-    rc, _, err = _run(["sample", "--model", f"diffusers:{f}", "--out", str(tmp_path / "o")], capsys)
+    rc, _, err = run_cli(["sample", "--model", f"diffusers:{f}", "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and "is a file, not a folder" in err, err
 
 
@@ -552,7 +541,7 @@ def test_a_refused_export_leaves_no_folder_of_a_path_with_dot_dot(tmp_path, caps
     """os.makedirs walks the path as written: new2/../new3 creates new2 as well, which was left behind."""
     monkeypatch.chdir(tmp_path)
     edm_file = _schedule_file(tmp_path)  # EDM: LD3Scheduler refuses it
-    rc, _, _ = _run(["export-diffusers", edm_file, "--out", "new2/../new3"], capsys)
+    rc, _, _ = run_cli(["export-diffusers", edm_file, "--out", "new2/../new3"], capsys)
     assert rc != 0 and not (tmp_path / "new2").exists() and not (tmp_path / "new3").exists()
 
 
@@ -562,7 +551,7 @@ def test_a_refused_export_keeps_a_folder_that_existed_before(tmp_path, capsys, m
     (tmp_path / "keep").mkdir()
     edm_file = _schedule_file(tmp_path)  # EDM: LD3Scheduler refuses it
     for out in ("new/../keep", f"{tmp_path}/new/../keep/"):
-        rc, _, _ = _run(["export-diffusers", edm_file, "--out", out], capsys)
+        rc, _, _ = run_cli(["export-diffusers", edm_file, "--out", out], capsys)
         assert rc != 0 and (tmp_path / "keep").is_dir() and not (tmp_path / "new").exists()
 
 
@@ -570,7 +559,7 @@ def test_export_of_a_schedule_no_diffusers_network_reads_fails_without_a_warning
     """An EDM schedule file cannot become an LD3Scheduler: the export said so only after warning that it assumed
     prediction_type='epsilon', which read as if it had gone ahead."""
     path = _schedule_file(tmp_path)  # an EDM file
-    rc, _, err = _run(["export-diffusers", path, "--out", str(tmp_path / "sched")], capsys)
+    rc, _, err = run_cli(["export-diffusers", path, "--out", str(tmp_path / "sched")], capsys)
     assert rc == 2
     assert "schedule_config type 'EDM'" in err and "VPDiscrete" in err
     assert "warning" not in err and "assuming" not in err
@@ -588,7 +577,7 @@ def test_export_of_a_schedule_no_diffusers_network_reads_fails_without_a_warning
 ])
 def test_out_of_range_counts_are_refused_naming_the_flag(tmp_path, capsys, argv, match):
     """A huge --nfe ran on for minutes, then failed naming min_gap_fraction; both rounds 0 named rounds_v1 (Python)."""
-    rc, _, err = _run(argv + ["--out", str(tmp_path / "o")], capsys)
+    rc, _, err = run_cli(argv + ["--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and re.search(match, err), err
     assert not (tmp_path / "o").exists()
 
@@ -606,12 +595,12 @@ def test_a_schedule_flag_naming_a_folder_is_refused_naming_it(tmp_path, capsys, 
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "schedule.json").write_text(open(_schedule_file(tmp_path)).read())
-    rc, _, err = _run([cmd, "--schedule", str(folder), "--out", str(tmp_path / "o")], capsys)
+    rc, _, err = run_cli([cmd, "--schedule", str(folder), "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and f"--schedule: {folder} is a folder, not a schedule file (pass --schedule " \
         f"{folder / 'schedule.json'})" in err, err
     if cmd == "eval":  # the default OUT/schedule.json being a folder names --out, the flag that chose it
         (tmp_path / "o2" / "schedule.json").mkdir(parents=True)
-        rc, _, err = _run(["eval", "--out", str(tmp_path / "o2")], capsys)
+        rc, _, err = run_cli(["eval", "--out", str(tmp_path / "o2")], capsys)
         assert rc == 2 and f"--out: {tmp_path / 'o2' / 'schedule.json'} is a folder, not a schedule file" in err, err
         assert "pass --schedule" not in err
 
@@ -634,7 +623,7 @@ def test_heun_curve_points_that_run_at_another_nfe_are_said(tmp_path, capsys):
     path = str(tmp_path / "schedule.json")
     LearnedSchedule(discretizations.logsnr_uniform(s, 2), solver_config=Heun().config(), nfe=4,
                     schedule_config=s.config(), model={"spec": "gmm:ring2d"}).save(path)
-    rc, _, err = _run(["eval", "--schedule", path, "--n", "4", "--skip-model-baselines", "--nfe-curve", "2", "3",
+    rc, _, err = run_cli(["eval", "--schedule", path, "--n", "4", "--skip-model-baselines", "--nfe-curve", "2", "3",
                        "4", "5", "--out", str(tmp_path / "o")], capsys)
     assert rc == 0, err
     assert "note: --nfe-curve: heun spends 2 evaluations a step, so 3 runs as 2, 5 runs as 4" in err, err
@@ -651,10 +640,10 @@ def test_trained_in_names_the_total_of_a_resumed_run():
 
 
 def test_bare_ld3_names_the_command_and_version_prints(capsys):
-    rc, _, err = _run([], capsys)
+    rc, _, err = run_cli([], capsys)
     assert rc == 2 and "the following arguments are required: COMMAND" in err
     import ld3_ext
-    rc, out, _ = _run(["--version"], capsys)
+    rc, out, _ = run_cli(["--version"], capsys)
     assert rc == 0 and out.strip() == f"ld3 (ld3_ext {ld3_ext.__version__})"
 
 
@@ -668,7 +657,7 @@ def test_export_of_a_schedule_learned_for_no_diffusers_model_says_so(tmp_path, c
     path = str(tmp_path / "schedule.json")
     LearnedSchedule(discretizations.logsnr_uniform(s, 4), solver_config=UniPC(order=2).config(), nfe=4,
                     schedule_config=s.config(), model={"spec": "gmm:ring2d@flow", "prediction": "x0"}).save(path)
-    rc, _, err = _run(["export-diffusers", path, "--out", str(tmp_path / "x")], capsys)
+    rc, _, err = run_cli(["export-diffusers", path, "--out", str(tmp_path / "x")], capsys)
     assert rc == 2 and "was learned for a model that predicts 'x0' on a FlowMatching schedule" in err \
         and "this schedule is not for a diffusers model" in err, err
     assert not (tmp_path / "x").exists()
@@ -680,7 +669,7 @@ def test_a_teacher_no_finer_than_the_student_is_warned_about(tmp_path, capsys, m
     """--teacher-nfe 2 with --nfe 6 trained without a word (the student is fitted to a coarser solve); the analytic
     test beds' teacher is exact, so their --teacher-nfe is not used and not warned about."""
     monkeypatch.setattr(cli, "_train_locked", lambda *a, **k: 0)
-    rc, _, err = _run(["train", "--model", model, "--nfe", "6", "--teacher-nfe", teacher_nfe, "--no-progress",
+    rc, _, err = run_cli(["train", "--model", model, "--nfe", "6", "--teacher-nfe", teacher_nfe, "--no-progress",
                        "--out", str(tmp_path / "o")], capsys)
     assert rc == 0, err
     assert (f"warning: --teacher-nfe {teacher_nfe} is not above the student's --nfe 6" in err) == warned, err
@@ -696,7 +685,7 @@ def test_an_output_file_that_is_a_folder_is_refused_before_the_work(tmp_path, ca
     monkeypatch.setattr(cli, "_teacher", lambda *a, **k: pytest.fail("the work started"))
     argv = [cmd, "--out", str(out), "--n", "4"] + (["--schedule", _schedule_file(tmp_path), "--model", "gmm:ring2d"]
                                                    if cmd == "eval" else ["--model", "gmm:ring2d"])
-    rc, _, err = _run(argv, capsys)
+    rc, _, err = run_cli(argv, capsys)
     assert rc == 2 and f"--out: {out / name} is a folder; {name} cannot be written there" in err, err
 
 
@@ -741,14 +730,14 @@ def test_an_output_linked_into_an_unwritable_folder_is_refused_before_the_work(t
 def test_eval_of_another_schedule_sets_aside_the_evaluation_it_would_replace(tmp_path, capsys):
     """`ld3 eval --schedule X --out DIR` replaced DIR's evaluation of DIR's own schedule without a word."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert _run(TRAIN + ["--init", "logsnr", "--out", str(a)], capsys)[0] == 0
-    assert _run(TRAIN + ["--init", "edm", "--out", str(b)], capsys)[0] == 0
-    assert _run(EVAL + ["--out", str(a)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "logsnr", "--out", str(a)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "edm", "--out", str(b)], capsys)[0] == 0
+    assert run_cli(EVAL + ["--out", str(a)], capsys)[0] == 0
     earlier = {name: (a / name).read_bytes() for name in EVAL_FILES}
-    assert _run(EVAL + ["--out", str(a), "--seed", "3"], capsys)[0] == 0  # the same schedule again: rewritten
+    assert run_cli(EVAL + ["--out", str(a), "--seed", "3"], capsys)[0] == 0  # the same schedule again: rewritten
     assert _stale(a) == []
     earlier = {name: (a / name).read_bytes() for name in EVAL_FILES}
-    rc, _, err = _run(EVAL + ["--out", str(a), "--schedule", str(b / "schedule.json")], capsys)
+    rc, _, err = run_cli(EVAL + ["--out", str(a), "--schedule", str(b / "schedule.json")], capsys)
     assert rc == 0 and "evaluated another schedule" in err
     assert json.loads((a / "eval.json").read_text())["schedule_sha256"] == _sha256(b / "schedule.json")
     stale = _stale(a)
@@ -763,8 +752,8 @@ def test_a_figure_that_cannot_be_written_leaves_no_earlier_figure_beside_the_new
     """A full disk at the last figure left this run's eval.json beside the previous run's eval_samples.png."""
     from ld3_ext import atomic_io
     out = tmp_path / "o"
-    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
-    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(EVAL + ["--out", str(out)], capsys)[0] == 0
     old_samples, old_record = (out / "eval_samples.png").read_bytes(), (out / "eval.json").read_bytes()
     real = atomic_io.atomic_write_bytes
 
@@ -773,7 +762,7 @@ def test_a_figure_that_cannot_be_written_leaves_no_earlier_figure_beside_the_new
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, data)
     monkeypatch.setattr(atomic_io, "atomic_write_bytes", full)
-    rc, _, err = _run(EVAL + ["--out", str(out), "--seed", "5"], capsys)
+    rc, _, err = run_cli(EVAL + ["--out", str(out), "--seed", "5"], capsys)
     assert rc == 1 and "of an earlier evaluation" in err
     assert (out / "eval.json").read_bytes() != old_record and (out / "schedules.png").exists()
     assert not (out / "eval_samples.png").exists()
@@ -785,8 +774,8 @@ def test_a_ctrl_c_after_a_figure_was_renamed_into_place_keeps_that_figure(tmp_pa
     """Interrupted in the folder's fsync after its rename, this run's own figure was set aside as an earlier one."""
     from ld3_ext import atomic_io
     out = tmp_path / "o"
-    assert _run(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
-    assert _run(EVAL + ["--out", str(out)], capsys)[0] == 0
+    assert run_cli(TRAIN + ["--init", "logsnr", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(EVAL + ["--out", str(out)], capsys)[0] == 0
     old_samples = (out / "eval_samples.png").read_bytes()
     real, calls = atomic_io.fsync_dir, []
 
@@ -796,7 +785,7 @@ def test_a_ctrl_c_after_a_figure_was_renamed_into_place_keeps_that_figure(tmp_pa
             raise KeyboardInterrupt
         return real(directory)
     monkeypatch.setattr(atomic_io, "fsync_dir", interrupted)
-    assert _run(EVAL + ["--out", str(out), "--seed", "5"], capsys)[0] == 130
+    assert run_cli(EVAL + ["--out", str(out), "--seed", "5"], capsys)[0] == 130
     new_samples = (out / "eval_samples.png").read_bytes()
     assert new_samples != old_samples  # this run's, in place
     assert not any(f.startswith("eval_samples.stale-") for f in _stale(out))

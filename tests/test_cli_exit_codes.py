@@ -12,6 +12,8 @@ from ld3_ext import cli
 from ld3_ext.training import NonFiniteLossError
 from ld3_ext.wrappers import ModelOutputError
 
+from _cli_run import one_line_errors  # noqa: F401 - an autouse fixture
+
 COMMANDS = ["sample", "teacher", "train", "eval", "export-diffusers"]
 # the command function each subcommand dispatches to (set_defaults(func=...) reads the module attribute)
 FUNCS = {"sample": "cmd_sample", "teacher": "cmd_teacher", "train": "cmd_train", "eval": "cmd_eval",
@@ -30,11 +32,6 @@ def _exit_status(argv):
         return cli.main(argv)
     except SystemExit as exc:
         return exc.code
-
-
-@pytest.fixture(autouse=True)
-def _one_line_errors(monkeypatch):
-    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
 
 
 BAD_FLAGS = {
