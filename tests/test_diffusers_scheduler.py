@@ -835,6 +835,23 @@ def test_from_config_says_it_drops_dynamic_thresholding():
         LD3Scheduler.from_config(cfg)
 
 
+def test_from_schedule_file_says_it_drops_dynamic_thresholding(tmp_path):
+    """from_config and from_timesteps warned about a thresholding config; from_schedule_file (what ld3 export-diffusers
+    runs) took DeepFloyd IF's thresholding=True without a word, and its saved config no longer shows it."""
+    import warnings
+    from ld3_ext.schedule_file import LearnedSchedule
+    cfg = dict(diffusers.DDPMScheduler(**SD_CONFIG).config)
+    sched, _ = ld3_ext.integrations.diffusers.schedule_from_diffusers_config(cfg)
+    t = ld3_ext.discretizations.edm(sched, 4)
+    LearnedSchedule(t, t.clone(), solver_config=ld3_ext.DPMSolverPP(order=2).config(), nfe=4,
+                    schedule_config=sched.config()).save(str(tmp_path / "s.json"))
+    with pytest.warns(UserWarning, match=r"from_schedule_file: .*thresholding=True.*does not do"):
+        LD3Scheduler.from_schedule_file(tmp_path / "s.json", scheduler_config={**cfg, "thresholding": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LD3Scheduler.from_schedule_file(tmp_path / "s.json", scheduler_config={**cfg, "thresholding": False})
+
+
 def test_thresholding_warning_reads_the_overrides_and_comes_with_a_schedule_too():
     """from_config(cfg, thresholding=...) is what the scheduler gets: a config's True turned off by the caller is no
     warning, a True given by the caller is one; from_timesteps warns with an explicit schedule as well."""
@@ -849,3 +866,34 @@ def test_thresholding_warning_reads_the_overrides_and_comes_with_a_schedule_too(
     with pytest.warns(UserWarning, match=r"from_timesteps: .*thresholding=True"):
         LD3Scheduler.from_timesteps(ld3_ext.discretizations.logsnr_uniform(sd, 4),
                                     scheduler_config={**cfg, "thresholding": True}, schedule=sd)
+
+
+def test_sigmas_are_diffusers_noise_levels_and_wan_pipeline_runs():
+    """Pipelines read ``scheduler.sigmas`` (WanPipeline: ``float(scheduler.sigmas[i])`` every step): it was missing, an
+    AttributeError at the first step.  One entry per timestep plus the grid's end, in diffusers' units: sigma/alpha on
+    VP (DPMSolverMultistep's own sigmas on its grid), the flow time on flow matching (timesteps / N)."""
+    dpm = diffusers.DPMSolverMultistepScheduler(**SD_CONFIG, final_sigmas_type="sigma_min")
+    dpm.set_timesteps(6)
+    grid = (torch.cat([dpm.timesteps.double(), torch.zeros(1, dtype=torch.float64)]) + 1) / 1000
+    sch = LD3Scheduler.from_timesteps(grid, solver="dpmpp", scheduler_config=dpm.config)
+    sch.set_timesteps(6)
+    torch.testing.assert_close(sch.sigmas, dpm.sigmas.float(), rtol=1e-6, atol=0)
+    sch.set_begin_index(2)  # whole, as timesteps
+    assert sch.sigmas.numel() == sch.timesteps.numel() + 1
+
+    cfg = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0).config
+    torch.manual_seed(0)
+    tr = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                         out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1,
+                                         rope_max_seq_len=32).eval()
+    sch = LD3Scheduler.from_config(cfg)
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=sch, transformer=tr)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    pe, ne, lat = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g), torch.randn(1, 4, 2, 4, 4,
+                                                                                                      generator=g)
+    out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=lat, height=32, width=32, num_frames=5,
+               num_inference_steps=4, guidance_scale=3.0, output_type="latent").frames
+    assert out.shape == lat.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(sch.sigmas[:-1], sch.timesteps / 1000)
+    assert sch.sigmas[-1].item() == pytest.approx(sch.schedule.t_min)

@@ -338,3 +338,27 @@ def test_add_noise_and_the_constructor_name_what_is_not_numbers_or_a_dict():
         with pytest.raises(TypeError, match="schedule_config must be a dict"):
             LD3Scheduler(schedule_config=bad)
     assert sch.add_noise(x, torch.randn_like(x), sch.timesteps[1]).shape == x.shape
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),  # diffusers' zero-SNR recipe
+    ({"timestep_type": "continuous"}, "timestep_type"),
+    ({"snr_shift_scale": 3.0}, "snr_shift_scale"),
+    ({"sigma_data": 0.5}, "sigma_data"),
+])
+def test_from_config_refuses_a_keyword_that_changes_the_model_as_it_refuses_the_config_field(override, match):
+    """from_config(cfg, rescale_betas_zero_snr=True) built the plain betas' schedule without a word (ConfigMixin drops a
+    keyword LD3Scheduler does not register), while the same field in the config is refused."""
+    import diffusers
+    from ld3_ext.integrations.diffusers import DiffusersConfigError
+    cfg = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                           prediction_type="v_prediction").config
+    with pytest.raises(DiffusersConfigError, match=match):
+        LD3Scheduler.from_config({**cfg, **override})
+    with pytest.raises(DiffusersConfigError, match=match):
+        LD3Scheduler.from_config(cfg, **override)
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    with pytest.raises(DiffusersConfigError, match="invert_sigmas"):
+        LD3Scheduler.from_config(flow, invert_sigmas=True)
+    # keywords that leave the model as it is still go through
+    LD3Scheduler.from_config(cfg, rescale_betas_zero_snr=False, timestep_spacing="trailing", discretization="edm")

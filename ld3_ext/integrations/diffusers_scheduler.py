@@ -55,7 +55,7 @@ from ..schedules import FlowMatching, NoiseSchedule, VPDiscrete, schedule_from_c
 from ..solvers import SOLVERS, Solver, as_solver, solver_from_config
 from ..solvers.heun import heun_multistep_table, heun_view
 from ..wrappers import _capturing, _compiling, check_fresh_output
-from .diffusers import (PREDICTION_TYPES, DiffusersConfigError, learned_variance, network_time_fn,
+from .diffusers import (PREDICTION_TYPES, DiffusersConfigError, _config_dict, learned_variance, network_time_fn,
                         schedule_from_diffusers_config)
 
 _SUPPORTED_SOLVERS = tuple(SOLVERS)
@@ -185,6 +185,7 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = float(self.schedule.prior_std())
         self.num_inference_steps: Optional[int] = None
         self.timesteps: Optional[torch.Tensor] = None
+        self.sigmas: Optional[torch.Tensor] = None
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
 
@@ -269,6 +270,8 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             ref, _ = schedule_from_diffusers_config(
                 scheduler_config, shift=sched.shift if isinstance(sched, FlowMatching) else None)
             _check_same_schedule(sched, ref)
+            # as from_config / from_timesteps do: this is the path of ld3 export-diffusers, whose saved config drops it
+            _warn_thresholding_dropped("from_schedule_file", _config_dict(scheduler_config), overrides)
         # what the network outputs: the file records it (schedules trained by ld3_ext); a config that says
         # otherwise belongs to another model
         recorded = (ls.model or {}).get("prediction")
@@ -435,12 +438,17 @@ class LD3Scheduler(SchedulerMixin, ConfigMixin):
             self._n = n
             self.timesteps = self._network_units(model_t).to(torch.float32)
             self._timesteps_cpu = self.timesteps  # for the first step's look-up (_start_index)
+            # diffusers' sigmas (pipelines read them: WanPipeline's float(scheduler.sigmas[i]) was an AttributeError):
+            # each timestep's noise level, then the grid's end; the flow time on flow matching, else sigma/alpha
+            u = torch.cat([model_t, t[-1:]])
+            self.sigmas = (u if isinstance(s, FlowMatching) else s.sigma(u) / s.alpha(u)).to(torch.float32)
             self.num_inference_steps = n
         self._reset_state()  # before the move: a device that fails must not leave the old solve's history
         if dev is not None:
             _check_usable_device(dev)
             if public:
                 self.timesteps = self.timesteps.to(dev)
+                self.sigmas = self.sigmas.to(dev)
             self._move(torch.device(dev))
 
     def set_begin_index(self, begin_index: int = 0):
@@ -878,7 +886,9 @@ def _check_foreign_config(cfg: Dict[str, Any], overrides: Dict[str, Any]):
         return  # an explicit ld3_ext schedule replaces the config's noise schedule
     if overrides.get("shift") is not None and "flow_shift" not in overrides and cfg.get("flow_shift") is not None:
         overrides["flow_shift"] = overrides["shift"]  # __init__ prefers flow_shift: the explicit shift must win
-    merged = {**cfg, **{k: overrides[k] for k in _DIFFUSERS_FIELDS if k in overrides}}
+    # every keyword, not only the fields LD3Scheduler keeps: ConfigMixin drops the others without a word, so
+    # from_config(cfg, rescale_betas_zero_snr=True) built the plain betas' schedule where the config field is refused
+    merged = {**cfg, **overrides}
     shift = overrides.get("flow_shift", overrides.get("shift"))
     full, _ = schedule_from_diffusers_config(merged, shift=shift)
     # what the fields LD3Scheduler keeps build must be that schedule: a field it drops (CogVideoX's
