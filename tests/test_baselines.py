@@ -632,3 +632,31 @@ def test_gits_cost_matrix_and_teacher_states_pass_model_kwargs():
     cost = gits_cost_matrix(model, grid, states, model_kwargs={"y": y})
     assert cost.shape == (6, 6) and np.isfinite(cost[0, 1:]).all()
     assert not np.array_equal(cost, gits_cost_matrix(model, grid, states, model_kwargs={"y": (y + 1) % 3}))
+
+
+def test_gits_calls_a_network_with_trainable_weights_without_grad():
+    """gits() scores its cost matrix without autograd, as gits_cost_matrix does: a network whose weights require
+    grad (any nn.Module a --model factory returns) built a graph per call and `ld3 eval` warned "Converting a
+    tensor with requires_grad=True to a scalar"."""
+    import warnings
+    from ld3_ext import wrap_model
+    s = EDM()
+    base = testbeds.ring2d().model(s)
+    grad_modes = []
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))  # requires grad
+
+        def forward(self, x, t):
+            grad_modes.append(torch.is_grad_enabled())
+            return base.fn(x, t) * self.scale
+
+    model = wrap_model(Net(), s, prediction="x0", time_input="t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = gits(model, nfe=3, sample_shape=(2,), n_samples=8, fine_steps=10, teacher_substeps=1,
+                 teacher_solver=Euler(), solver=Euler())
+    assert t.shape == (4,) and not t.requires_grad
+    assert grad_modes and not any(grad_modes)

@@ -211,9 +211,11 @@ def gits_cost_matrix(model: DiffusionModel, grid: torch.Tensor, states: List[tor
                         model_kwargs=_check_model_kwargs(model_kwargs))
 
 
+@torch.no_grad()
 def _cost_matrix(model, grid, states, solver=None, max_jump=None, x0_start=None, metric="dev",
                  model_kwargs=None) -> np.ndarray:
-    # x0_start: the prediction at (states[0], grid[0]) when the caller already has it
+    # x0_start: the prediction at (states[0], grid[0]) when the caller already has it; no_grad here, not only in
+    # gits_cost_matrix: gits() calls this directly, and a network with trainable weights built a graph per call
     from ..solvers import Euler
     from ..metrics import teacher_rmse
 
