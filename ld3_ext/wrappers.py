@@ -151,7 +151,8 @@ class DiffusionModel(torch.nn.Module):
                             f"{type(model_kwargs).__name__}")
         self.model_kwargs = dict(model_kwargs or {})
         self.check_output = check_output
-        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        # a torch.compile'd module is named by the network it holds (its class is OptimizedModule)
+        self.name = name or getattr(fn, "__name__", type(getattr(fn, "_orig_mod", fn)).__name__)
 
     @contextlib.contextmanager
     def output_checks(self, on: bool):
@@ -528,6 +529,10 @@ def legacy_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     written before stay valid.  Built from ``state_dict()`` itself (its hooks run: FSDP's, a user's), with the
     ``fn.`` copies put before the ``net.`` entries they copy."""
     state = module.state_dict()
+    if any("_orig_mod." in k for k in state):
+        # a torch.compile wrapper (OptimizedModule) holds its network's weights under "_orig_mod.": the network
+        # compiled or not is one model (its teacher cache and checkpoints were refused as "weights_hash" differing)
+        state = type(state)((k.replace("_orig_mod.", ""), v) for k, v in state.items())
     queue = sorted(_legacy_prefixes(module), key=lambda q: q.count("."))
     if not queue:
         return state

@@ -83,6 +83,12 @@ def state_dict_hash(module: torch.nn.Module) -> Optional[str]:
     """sha256 over the names, dtypes, shapes and bytes of every tensor in ``state_dict`` (None if empty)."""
     # the layout these hashes were first computed over (a wrapped network under fn. and net.): they stay valid
     tensors = {k: v for k, v in legacy_state_dict(module).items() if isinstance(v, torch.Tensor)}
+    if not tensors and isinstance(module, DiffusionModel):
+        # wrap_model(net.forward) / wrap_model(net.denoise): the bound method's network holds the weights; it was
+        # identified by the method's name, so a retrained network reused the teacher cache made with the old one
+        owner = getattr(module.fn, "__self__", None)
+        if isinstance(owner, torch.nn.Module) and owner is not module:
+            return state_dict_hash(owner)
     return tensors_sha256(tensors) if tensors else None
 
 
@@ -99,9 +105,13 @@ def model_identity(model, name: Optional[str] = None) -> Dict[str, Any]:
         # an analytic test bed (testbeds.GaussianMixture) has no weights, but its parameters say what it is
         return {"name": default_name, "weights_hash": testbed.parameters_sha256(), "hash_source": "testbed"}
     if name is None:
-        warnings.warn(f"the model has no weights to hash; identifying it by its name {default_name!r}. "
-                      "Pass model_name='...' (unique per model version) so that caches and schedule files "
-                      "cannot be confused between models.", stacklevel=3)
+        fn = getattr(model, "fn", None)
+        # wrap_model(..., name=...) is how its docstring says a network without weights is identified: no warning
+        named = isinstance(model, DiffusionModel) and model.name != getattr(fn, "__name__", type(fn).__name__)
+        if not named:
+            warnings.warn(f"the model has no weights to hash; identifying it by its name {default_name!r}. "
+                          "Pass model_name='...' (unique per model version) so that caches and schedule files "
+                          "cannot be confused between models.", stacklevel=3)
         name = default_name
     return {"name": name, "weights_hash": hashlib.sha256(name.encode("utf-8")).hexdigest(), "hash_source": "name"}
 

@@ -311,6 +311,11 @@ class LD3Trainer:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if device is not None and torch.device(device).type == "meta":
             raise ValueError("device='meta' holds no data: LD3 training needs a real device (cpu/cuda)")
+        if device is not None:
+            try:  # now, naming device: a CPU-only torch failed in the teacher with "Torch not compiled with CUDA enabled"
+                torch.empty(0, device=device)
+            except (RuntimeError, AssertionError) as exc:
+                raise ValueError(f"device={device!r} cannot be used: {str(exc).splitlines()[0]}") from None
         for name, v in (("gamma", gamma), ("radius", radius)):
             if v is not None:
                 real(name, v, at_least=0)
@@ -565,6 +570,12 @@ class LD3Trainer:
                 raise ValueError(f"target has per-sample shape {tuple(target.shape[1:])} but noise "
                                  f"{tuple(noise.shape[1:])}: without a decoder the targets are samples of the noise's "
                                  "shape")
+            if self.decoder is not None and not target_decoded and target.shape[1:] != noise.shape[1:]:
+                # the decoder is run on target below: decoded images failed inside it (a VAE's channel mismatch), or
+                # were decoded again and refused by the loss, after the init grid search
+                raise ValueError(f"target has per-sample shape {tuple(target.shape[1:])} but noise "
+                                 f"{tuple(noise.shape[1:])}: with a decoder, target is decoded here (latents of the "
+                                 "noise's shape); pass target_decoded=True for targets that are already decoded")
             if self.sample_shape is not None and tuple(noise.shape[1:]) != self.sample_shape:
                 raise ValueError(f"noise has per-sample shape {tuple(noise.shape[1:])} but sample_shape is "
                                  f"{self.sample_shape}")

@@ -1,0 +1,24 @@
+"""A torch.compile'd network is the same model as the network itself: same weights hash and name in teacher caches,
+checkpoints and schedule files.  The compiled wrapper (OptimizedModule) holds the weights under "_orig_mod.", so its
+hash differed and a teacher cache made before compiling was refused as made with other weights."""
+import torch
+
+from ld3_ext import EDM, wrap_model
+from ld3_ext.training.teacher import model_identity
+
+
+def test_compiled_module_has_the_identity_of_the_module():
+    net = torch.nn.Linear(3, 3)
+    plain = model_identity(wrap_model(net, EDM(), prediction="x0"))
+    compiled = model_identity(wrap_model(torch.compile(net, backend="eager"), EDM(), prediction="x0"))
+    assert compiled == plain
+    assert plain["name"] == "Linear" and plain["hash_source"] == "state_dict"
+
+
+def test_other_weights_still_differ_when_compiled():
+    net, other = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        other.weight.add_(1.0)
+    a = model_identity(wrap_model(torch.compile(net, backend="eager"), EDM()))
+    b = model_identity(wrap_model(torch.compile(other, backend="eager"), EDM()))
+    assert a["weights_hash"] != b["weights_hash"]
