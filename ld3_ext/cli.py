@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -639,18 +640,20 @@ def _train_locked(args, model, schedule, solver, dtype) -> int:
     from .training import LD3Trainer
     from . import distributed
     testbed = getattr(model, "testbed", None)
-    trainer = LD3Trainer(model, schedule, solver, args.nfe, loss=args.loss, time_mode=args.time_mode,
-                         teacher=_teacher_kind(model), reference=testbed,
-                         init=args.init, seed=args.seed, device=args.device, dtype=dtype,
-                         n_train=args.n_train, n_valid=args.n_valid,
-                         teacher_solver=args.teacher_solver, teacher_order=args.teacher_order,
-                         teacher_nfe=args.teacher_nfe, teacher_dir=os.path.join(args.out, "teacher"),
-                         checkpoint_dir=os.path.join(args.out, "checkpoint"), progress=_progress(args),
-                         rounds_v1=args.rounds_v1, rounds_v2=args.rounds_v2, checkpoint_model=args.checkpointing,
-                         resume="never" if (args.fresh or args.regenerate_teacher) else "auto",
-                         regenerate_teacher=args.regenerate_teacher, model_name=_weightless_name(model, args),
-                         conditions=_conditions(model, args.n_train + args.n_valid, args.seed, "teacher"),
-                         model_spec=args.model)  # in every schedule file it writes: `ld3 eval` reloads the model
+    with warnings.catch_warnings():  # _train said so already, naming the flags
+        warnings.filterwarnings("ignore", message=r"teacher_nfe=\d+ is not above")
+        trainer = LD3Trainer(model, schedule, solver, args.nfe, loss=args.loss, time_mode=args.time_mode,
+                             teacher=_teacher_kind(model), reference=testbed,
+                             init=args.init, seed=args.seed, device=args.device, dtype=dtype,
+                             n_train=args.n_train, n_valid=args.n_valid,
+                             teacher_solver=args.teacher_solver, teacher_order=args.teacher_order,
+                             teacher_nfe=args.teacher_nfe, teacher_dir=os.path.join(args.out, "teacher"),
+                             checkpoint_dir=os.path.join(args.out, "checkpoint"), progress=_progress(args),
+                             rounds_v1=args.rounds_v1, rounds_v2=args.rounds_v2, checkpoint_model=args.checkpointing,
+                             resume="never" if (args.fresh or args.regenerate_teacher) else "auto",
+                             regenerate_teacher=args.regenerate_teacher, model_name=_weightless_name(model, args),
+                             conditions=_conditions(model, args.n_train + args.n_valid, args.seed, "teacher"),
+                             model_spec=args.model)  # in every schedule file it writes: `ld3 eval` reloads the model
     t0 = time.time()
     learned = trainer.fit()
     if distributed.is_rank0():
@@ -826,7 +829,7 @@ def _set_aside_unwritten_figures(out: str, paths: List[str]) -> None:
             print(f"note: {', '.join(names)} in {out} are of an earlier evaluation: renamed to *.{suffix}.*",
                   file=sys.stderr)
     except OSError:
-        pass
+        warnings.filterwarnings("ignore", message=r"teacher_nfe=\d+ is not above")
 
 
 def _stale_name(name: str, suffix: str) -> str:
@@ -1300,7 +1303,6 @@ def _several_ranks() -> bool:
 def main(argv: Optional[List[str]] = None) -> int:
     import signal
     import threading
-    import warnings
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
     # only where nobody else chose a handler, and only from the main thread (signal.signal's own rule)

@@ -432,3 +432,33 @@ def test_cache_is_complete_names_a_bad_directory(tmp_path):
     with pytest.raises(TypeError, match="cache_is_complete: directory must be a str or os.PathLike, got int"):
         cache_is_complete(3)
     assert not cache_is_complete(tmp_path) and not cache_is_complete(str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("teacher,teacher_nfe,warned", [("solver", 5, True), ("solver", 6, True), ("solver", 7, False),
+                                                        ("exact", 2, False)])
+def test_trainer_warns_about_a_teacher_no_finer_than_the_student(teacher, teacher_nfe, warned):
+    """LD3Trainer(teacher_nfe=3, nfe=6) trained without a word (`ld3 train` warned; API audit): the student is fitted
+    to a solve no finer than its own.  An exact teacher uses no teacher_nfe."""
+    bed = testbeds.ring2d()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LD3Trainer(bed.model(SCHED), SCHED, SOLVER, nfe=6, teacher=teacher, teacher_nfe=teacher_nfe, reference=bed,
+                   progress=False)
+    said = [str(w.message) for w in caught if "is not above" in str(w.message)]
+    assert said == ([f"teacher_nfe={teacher_nfe} is not above the student's nfe=6: the teacher should be a much finer "
+                     "solve (e.g. teacher_nfe=24)"] if warned else []), said
+
+
+def test_ld3_train_says_it_once_naming_the_flags(tmp_path, capsys, monkeypatch):
+    from ld3_ext import cli
+    from ld3_ext.training import trainer
+
+    def stop(self, *a, **k):
+        raise RuntimeError("stopped after construction")
+    monkeypatch.setattr(trainer.LD3Trainer, "fit", stop)
+    monkeypatch.delenv("LD3_TRACEBACK", raising=False)
+    with pytest.raises(RuntimeError, match="stopped after construction"):
+        cli.main(["train", "--model", "digits", "--nfe", "6", "--teacher-nfe", "5", "--no-progress",
+                  "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert err.count("is not above") == 1 and "--teacher-nfe 5 is not above the student's --nfe 6" in err, err

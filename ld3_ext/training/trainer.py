@@ -353,6 +353,10 @@ class LD3Trainer:
                 discretizations.get_discretization(teacher_discretization, self.schedule, steps)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"teacher_discretization: {exc}") from None
+            if teacher_nfe <= self.nfe:  # LD3 fits the student to the teacher: one no finer teaches it nothing
+                warnings.warn(f"teacher_nfe={teacher_nfe} is not above the student's nfe={self.nfe}: the teacher "
+                              f"should be a much finer solve (e.g. teacher_nfe={max(20, 4 * self.nfe)})",
+                              stacklevel=2)
         if teacher_dir is not None and teacher_cache is not None and teacher_dir != teacher_cache:
             raise ValueError("teacher_dir is an alias of teacher_cache; pass only one")
         teacher_cache = teacher_cache if teacher_cache is not None else teacher_dir
