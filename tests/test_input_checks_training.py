@@ -462,3 +462,24 @@ def test_ld3_train_says_it_once_naming_the_flags(tmp_path, capsys, monkeypatch):
                   "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert err.count("is not above") == 1 and "--teacher-nfe 5 is not above the student's --nfe 6" in err, err
+
+
+@pytest.mark.parametrize("scale,warned", [(1.0, True), (80.0, False), (30.0, True), (170.0, True)])
+def test_fit_says_when_the_noise_is_not_at_the_prior_scale(scale, warned):
+    """fit(noise, target) takes noise in model space (prior_std * randn): unit noise on EDM (prior 80) trained on a
+    start 80x too close to the data without a word (API audit).  Off by 2x or more is said; the prior's own is not."""
+    g = torch.Generator().manual_seed(0)
+    bed = testbeds.GaussianMixture(means=torch.randn(3, 16, generator=g, dtype=torch.float64),
+                                   stds=torch.full((3, 16), 0.3, dtype=torch.float64))
+    tr = LD3Trainer(bed.model(SCHED), SCHED, SOLVER, nfe=3, rounds_v1=1, rounds_v2=0, progress=False,
+                    init="logsnr", time_mode="lambda")
+    noise = scale * torch.randn(40, 16, generator=g, dtype=torch.float64)  # 20 training pairs: 320 values
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(noise, torch.zeros_like(noise))
+    said = [str(w.message) for w in caught if "prior std" in str(w.message)]
+    assert len(said) == warned, said
+    if warned:
+        assert said[0].startswith("noise has RMS ")
+        assert "but the schedule's prior std is 80: fit(noise, target) takes the noise in model space" in said[0]
+        assert caught[[str(w.message) for w in caught].index(said[0])].filename == __file__  # the caller's line

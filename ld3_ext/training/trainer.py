@@ -132,6 +132,19 @@ def _data_sha256(data: Dict[str, Optional[torch.Tensor]]) -> str:
     return hashlib.sha256("|".join(str(_sha(data[k])) for k in sorted(data)).encode()).hexdigest()
 
 
+def _warn_noise_scale(z: torch.Tensor, prior: float) -> None:
+    """fit(noise, target) takes noise in model space, prior_std * N(0, I): unit noise on EDM (prior 80) trained on a
+    start 80x too close to the data without a word (API audit).  Said when the RMS is off by 2x or more and there are
+    enough values (256: the RMS of N(0, 1) samples is then within ~4 % of 1)."""
+    if z.numel() < 256 or not z.is_floating_point():
+        return
+    rms = float(z.detach().double().square().mean().sqrt())
+    if not 0.5 <= rms <= 2.0:
+        warnings.warn(f"noise has RMS {rms * prior:.4g}, but the schedule's prior std is {prior:.4g}: fit(noise, "
+                      f"target) takes the noise in model space, i.e. schedule.prior_std() * torch.randn(...)",
+                      stacklevel=4)
+
+
 class LD3Trainer:
     """Learn a solver-specific time grid (and decoupled network times) for one NFE.
 
@@ -441,7 +454,8 @@ class LD3Trainer:
         """Train and return the best :class:`LearnedSchedule` (selected on the hard validation loss).
 
         Without arguments the teacher is generated (or reused from the cache).  Otherwise ``noise`` is x_T in
-        model space (already multiplied by the prior std) and ``target`` the teacher output for it (model space;
+        model space (already multiplied by the prior std; a UserWarning says when its RMS is 2x or more off it) and
+        ``target`` the teacher output for it (model space;
         decoded here when a decoder is set, unless ``target_decoded``).  Without ``valid_*`` the last
         min(n_valid, len // 2) pairs are held out for validation.
 
@@ -615,6 +629,7 @@ class LD3Trainer:
             # back to unit-variance noise (the ball lives there), divided in at least float32: a half-precision
             # quotient is rounded, and prior * z then missed the given noise in ~13% of the pixels (EDM's 80)
             z_tr, z_va = (v.to(_opmath(v.dtype)) / prior for v in (z_tr, z_va))
+            _warn_noise_scale(z_tr, prior)
         # the noise LD3 relaxes is kept in float32 for a half-precision solve (cast when the solve starts): its
         # steps within the radius r = gamma d / NFE^2 are ~1e-3 a pixel, below bfloat16's spacing near 1
         dev, dt = self.device, _opmath(self.dtype)
