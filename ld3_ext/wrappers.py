@@ -84,7 +84,9 @@ class DiffusionModel(torch.nn.Module):
     time_input : how t is fed to ``fn``: "t" (schedule time), "sigma" (sigma/alpha), "index"
         (VPDiscrete's 0..N-1 training index, as a float), "edm_noise" (EDM's c_noise = log(sigma)/4),
         or a callable ``t -> time``.  Default: "sigma" for "edm", "index" for VPDiscrete, else "t".  The network
-        gets its time in x's dtype, but never below float32 (a half time moves SD's index 999 to 1000); a callable
+        gets its time as a [B] tensor (one entry per sample, all equal, as diffusers UNets and k-diffusion
+        denoisers take it: reshape it to broadcast over x), in x's dtype, but never below float32 (a half time
+        moves SD's index 999 to 1000); a callable
         that returns a float16/bfloat16 time asks for it (a half network with a time-embedding layer) and gets it.
     guidance_scale : classifier-free guidance scale; when set, ``cond``/``uncond`` kwarg names are
         batched into one call as [uncond; cond] (tensors of the same shape, dicts of them per key, or
