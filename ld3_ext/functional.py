@@ -3,9 +3,9 @@
     x0 = ld3_ext.sample(denoiser, x, sigmas, solver="dpmpp_3m", extra_args={"cond": c})
 
 Conventions (k-diffusion's): the state is in the variance-exploding view x = x0 + sigma * eps, the model is
-a denoiser ``denoiser(x, sigma, **extra_args) -> x0`` with ``sigma`` a per-sample ``[B]`` tensor, and
-``sigmas`` is a descending 1-D grid that may end in 0.  Internally the solve runs on an
-``EDM(sigma_min, sigma_max)`` schedule built from the sigmas, so every ld3_ext solver (and float / learned
+a denoiser ``denoiser(x, sigma, **extra_args) -> x0`` with ``sigma`` a per-sample ``[B]`` tensor in x's dtype (as
+k-diffusion passes it), and ``sigmas`` is a descending 1-D grid that may end in 0.  Internally the solve runs on
+an ``EDM(sigma_min, sigma_max)`` schedule built from the sigmas, so every ld3_ext solver (and float / learned
 grids, and decoupled model sigmas) can be used.
 
 A :class:`~ld3_ext.wrappers.DiffusionModel` on any schedule is accepted too: it is evaluated in the VE view
@@ -84,6 +84,10 @@ class _VEModel(DiffusionModel):
     k-diffusion's callback: one call per grid interval ``i``, from its first evaluation, with
     ``sigma = grid[i]`` and ``sigma_hat`` the sigma the network saw (the model sigma when decoupled)."""
 
+    # a k-diffusion denoiser takes extra_args as k-diffusion's samplers pass them: its own CFG wrapper reads uncond
+    # (CFGDenoiser(x, sigma, uncond, cond, cond_scale)), which DiffusionModel refused as "guidance is off"
+    _refuse_guidance_kwargs = False
+
     def __init__(self, model_or_denoiser, schedule: EDM, callback=None, check_output: Optional[bool] = True,
                  grid: Optional[torch.Tensor] = None, evals_per_step: Optional[int] = 1,
                  state_sigmas: Optional[torch.Tensor] = None):
@@ -100,6 +104,10 @@ class _VEModel(DiffusionModel):
         self.evals_per_step = evals_per_step
         # decoupled model sigmas on a DiffusionModel: the positive grid (with its gradient), where the states live
         self.state_sigmas = state_sigmas
+
+    # a denoiser gets sigma in x's dtype, as k-diffusion passes it (sigma * x.new_ones(B)): its wrappers scale x by
+    # c_in(sigma), and a float32 sigma made a half network's input float32 ("mat1 and mat2 must have the same dtype")
+    _time_in_opmath = False
 
     def predict(self, x, t, step=None, returns="both", **kwargs):
         # t is the EDM sigma (float64 grid value): keep it in full precision for an inner schedule's t

@@ -107,6 +107,10 @@ class DiffusionModel(torch.nn.Module):
         thread count, or the plain PyTorch formulas (the two agree to rounding).
     """
 
+    # unguided, the guidance keywords (uncond, uncond_kwargs) are refused: a network taking **kwargs would swallow
+    # them.  ld3_ext.sample's wrapper of a k-diffusion denoiser clears it: there they are the denoiser's own
+    _refuse_guidance_kwargs = True
+
     def __init__(self, fn: Callable, schedule: NoiseSchedule, prediction: str = "eps",
                  time_input: Union[str, Callable, None] = None, guidance_scale: Optional[float] = None,
                  cond_key: str = "cond", model_kwargs: Optional[Dict[str, Any]] = None,
@@ -220,6 +224,9 @@ class DiffusionModel(torch.nn.Module):
                 raise ModelOutputError(f"model returned NaN/Inf{where} (t={_time_text(t)}){why}")
 
     # -------------------------------------------------------------------------------------------
+    # the network's time in op-math (float32 for a half state); ld3_ext.sample's k-diffusion denoisers take x's dtype
+    _time_in_opmath = True
+
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         ti = self.time_input
         if callable(ti):
@@ -241,7 +248,7 @@ class DiffusionModel(torch.nn.Module):
         tt = self.network_time(t)
         # the network reads time in x's dtype, but never below float32: a float16/bfloat16 time would move
         # SD's index 999 to 1000 (bfloat16 has 8 bits of mantissa); diffusers passes float32 times too
-        tdt = _opmath(x.dtype)
+        tdt = _opmath(x.dtype) if self._time_in_opmath else x.dtype
         if tt.dtype != tdt and not (callable(self.time_input) and tt.dtype in _HALF):
             # skip no-op conversions: each is a dispatcher call (and a graph node); a callable's half time is asked for
             tt = tt.to(tdt)
@@ -253,6 +260,8 @@ class DiffusionModel(torch.nn.Module):
             op, alpha = _opmath(x.dtype), self.schedule.alpha(t)
             xin = x / alpha.to(x.dtype) if op == x.dtype else (x.to(op) / alpha.to(op)).to(x.dtype)
         kw = {**self.model_kwargs, **kwargs}
+        if self.guidance_scale is None and not self._refuse_guidance_kwargs:
+            return self.fn(xin, tt, **kw)
         if self.guidance_scale is None:
             if "uncond_kwargs" in kw:
                 raise ValueError("uncond_kwargs is only used with classifier-free guidance: set guidance_scale")

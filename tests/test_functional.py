@@ -97,7 +97,8 @@ def test_half_state_converts_eps_as_wrap_model(mix, dtype):
         return mix.denoise(x.double(), torch.ones_like(s), s).to(x.dtype)
     sigmas = torch.tensor([80.0, 20.0, 5.0, 1.0, 0.2, 0.05, 0.01, 0.002], dtype=torch.float64)
     x = x_T(64).to(dtype)
-    model = ld3_ext.wrap_model(d, ld3_ext.EDM(0.002, 80.0), prediction="x0", time_input="sigma")
+    # sample() hands a denoiser sigma in x's dtype, as k-diffusion does: a time_input asking for it
+    model = ld3_ext.wrap_model(d, ld3_ext.EDM(0.002, 80.0), prediction="x0", time_input=lambda t: t.to(dtype))
     ref = F.get_solver("ipndm").sample(model, x, sigmas)
     torch.testing.assert_close(F.sample(d, x, sigmas, solver="ipndm"), ref, rtol=0, atol=0)
 
