@@ -19,7 +19,6 @@ from ._checks import flag, guidance
 from ._finite import all_finite, all_finite_tensor
 from .device_constants import capturing as _capturing  # the solvers and ld3_ext.sample read it as wrappers._capturing
 from .device_constants import tracing
-from .layout import non_overlapping_and_dense
 from .ops import _opmath, _vmapped
 from .schedules import FlowMatching, NoiseSchedule, VPDiscrete
 
