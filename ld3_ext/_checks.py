@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .schedules import _num
+
+if TYPE_CHECKING:  # the annotation of torch_device (which imports torch where it runs)
+    import torch
 
 #: seeds are ints in [0, SEED_END)
 SEED_END = 2 ** 63
