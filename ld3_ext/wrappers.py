@@ -69,6 +69,12 @@ _DEFERRED = threading.local()
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def default_network_name(fn: Callable) -> str:
+    """The name a DiffusionModel wrapping ``fn`` gets without ``name=``: a function's own, else its class's (a
+    torch.compile'd module's is the class of the network it compiles, not OptimizedModule)."""
+    return getattr(fn, "__name__", type(getattr(fn, "_orig_mod", fn)).__name__)
+
+
 class DiffusionModel(torch.nn.Module):
     """A network bound to its noise schedule, its prediction type and how it reads time.
 
@@ -157,7 +163,7 @@ class DiffusionModel(torch.nn.Module):
         self.model_kwargs = dict(model_kwargs or {})
         self.check_output = check_output
         # a torch.compile'd module is named by the network it holds (its class is OptimizedModule)
-        self.name = name or getattr(fn, "__name__", type(getattr(fn, "_orig_mod", fn)).__name__)
+        self.name = name or default_network_name(fn)
 
     @contextlib.contextmanager
     def output_checks(self, on: bool):
@@ -543,7 +549,10 @@ def legacy_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
         # a torch.compile wrapper (OptimizedModule) holds its network's weights under "_orig_mod.": the network
         # compiled or not is one model (its teacher cache and checkpoints were refused as "weights_hash" differing)
         state = type(state)((k.replace("_orig_mod.", ""), v) for k, v in state.items())
-    queue = sorted(_legacy_prefixes(module), key=lambda q: q.count("."))
+    # the prefixes in the keys' spelling: a DiffusionModel inside a compiled network sits under "_orig_mod." in
+    # named_modules, and its fn. copies were left out (its identity differed from the uncompiled network's)
+    queue = sorted(dict.fromkeys(q.replace("_orig_mod.", "") for q in _legacy_prefixes(module)),
+                   key=lambda q: q.count("."))
     if not queue:
         return state
     items = list(state.items())

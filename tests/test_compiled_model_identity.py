@@ -22,3 +22,24 @@ def test_other_weights_still_differ_when_compiled():
     a = model_identity(wrap_model(torch.compile(net, backend="eager"), EDM()))
     b = model_identity(wrap_model(torch.compile(other, backend="eager"), EDM()))
     assert a["weights_hash"] != b["weights_hash"]
+
+
+def test_a_compiled_network_holding_a_diffusion_model_has_the_uncompiled_identity():
+    """A DiffusionModel inside the compiled network is at "net._orig_mod.inner." in named_modules but at "net.inner."
+    in the stripped keys: its legacy fn. copies were left out and the hash differed from the uncompiled network's."""
+    import torch
+
+    from ld3_ext import EDM, wrap_model
+    from ld3_ext.training.teacher import state_dict_hash
+
+    class Outer(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, t):
+            return self.inner.fn(x, t)
+
+    torch.manual_seed(0)
+    outer = Outer(wrap_model(torch.nn.Linear(2, 2), EDM()))
+    assert state_dict_hash(wrap_model(torch.compile(outer, backend="eager"), EDM())) == state_dict_hash(wrap_model(outer, EDM()))

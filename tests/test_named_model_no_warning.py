@@ -26,3 +26,18 @@ def test_default_function_name_still_warns():
     with pytest.warns(UserWarning, match="no weights to hash"):
         ident = model_identity(m)
     assert ident["name"] == "_net"
+
+
+def test_compiled_weightless_module_without_a_name_still_warns():
+    """A torch.compile'd module is named by its network's class (Analytic), which differs from OptimizedModule: the
+    check for a name given to wrap_model read that as one, and a weightless compiled network got no warning."""
+    import torch
+
+    class Analytic(torch.nn.Module):
+        def forward(self, x, t):
+            return 0.9 * x
+
+    m = wrap_model(torch.compile(Analytic()), EDM(), prediction="x0")
+    with pytest.warns(UserWarning, match="no weights to hash"):
+        ident = model_identity(m)
+    assert ident["name"] == "Analytic"

@@ -48,7 +48,7 @@ from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write
 from .._checks import count, flag, seed as check_seed
 from ..schedules import NoiseSchedule
 from ..solvers import Solver, UniPC, as_solver
-from ..wrappers import DiffusionModel, legacy_state_dict, require_diffusion_model
+from ..wrappers import DiffusionModel, default_network_name, legacy_state_dict, require_diffusion_model
 from .callable_identity import describe_callable, unidentified_note
 
 CACHE_FORMAT = "ld3_ext.teacher_cache"
@@ -107,7 +107,9 @@ def model_identity(model, name: Optional[str] = None) -> Dict[str, Any]:
     if name is None:
         fn = getattr(model, "fn", None)
         # wrap_model(..., name=...) is how its docstring says a network without weights is identified: no warning
-        named = isinstance(model, DiffusionModel) and model.name != getattr(fn, "__name__", type(fn).__name__)
+        # (the default name computed as __init__ computes it: a compiled module's is its network's class, not
+        # OptimizedModule, which read as a name given)
+        named = isinstance(model, DiffusionModel) and model.name != default_network_name(fn)
         if not named:
             warnings.warn(f"the model has no weights to hash; identifying it by its name {default_name!r}. "
                           "Pass model_name='...' (unique per model version) so that caches and schedule files "
