@@ -121,3 +121,18 @@ def torch_device(where: str, device) -> "torch.device":
         return torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"{where}: device={device!r} names no torch device ({exc})") from None
+
+
+def usable_device(where: str, dev) -> None:
+    """A device this torch can use, or a ValueError naming ``where``'s ``device`` with torch's reason ("not compiled
+    with CUDA enabled", "not linked with support for mps devices", an invalid CUDA ordinal, a bad name).  A zero-size
+    allocation is the probe: the calls that then use the device fail with torch's bare error otherwise."""
+    import torch
+    try:
+        d = torch.device(dev)
+        if d.type == "cuda" and d.index is not None and torch.cuda.is_available() \
+                and d.index >= torch.cuda.device_count():
+            raise RuntimeError(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.empty(0, device=d)
+    except Exception as e:  # noqa: BLE001 - AssertionError (no CUDA), RuntimeError (backend, ordinal, bad name)
+        raise ValueError(f"{where}device={str(dev)!r} cannot be used: {e}") from e

@@ -47,7 +47,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from .._checks import guidance
+from .._checks import guidance, usable_device
 from .. import ops
 from ..coefficients import step_orders
 from ..discretizations import DISCRETIZATIONS, get_discretization
@@ -88,17 +88,9 @@ def _half(dtype: torch.dtype) -> bool:
 
 
 def _check_usable_device(dev) -> None:
-    """set_timesteps(device=...): a device this torch cannot use is named, with torch's reason.  The move failed
-    with torch's bare error ("not compiled with CUDA enabled", "not linked with support for mps devices", an
-    invalid CUDA ordinal); a zero-size allocation is the probe, so other errors of the move stay torch's."""
-    try:
-        d = torch.device(dev)
-        if d.type == "cuda" and d.index is not None and torch.cuda.is_available() \
-                and d.index >= torch.cuda.device_count():
-            raise RuntimeError(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
-        torch.empty(0, device=d)
-    except Exception as e:  # noqa: BLE001 - AssertionError (no CUDA), RuntimeError (backend, ordinal, bad name)
-        raise ValueError(f"set_timesteps: device={str(dev)!r} cannot be used: {e}") from e
+    """set_timesteps(device=...): a device this torch cannot use is named, with torch's reason (the move failed with
+    torch's bare error); other errors of the move stay torch's."""
+    usable_device("set_timesteps: ", dev)
 
 
 class LD3Scheduler(SchedulerMixin, ConfigMixin):

@@ -38,7 +38,7 @@ from ..coefficients import step_orders
 from .._finite import all_finite
 from ..ops import _opmath
 from ..schedule_file import LearnedSchedule
-from .._checks import count, flag, holds_values, real, seed as check_seed
+from .._checks import count, flag, holds_values, real, seed as check_seed, usable_device
 from ..schedules import NoiseSchedule
 from ..solvers import MultistepSolver, Solver, as_solver
 from ..wrappers import DiffusionModel, ModelOutputError, require_diffusion_model
@@ -324,11 +324,8 @@ class LD3Trainer:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if device is not None and torch.device(device).type == "meta":
             raise ValueError("device='meta' holds no data: LD3 training needs a real device (cpu/cuda)")
-        if device is not None:
-            try:  # now, naming device: a CPU-only torch failed in the teacher with "Torch not compiled with CUDA enabled"
-                torch.empty(0, device=device)
-            except (RuntimeError, AssertionError) as exc:
-                raise ValueError(f"device={device!r} cannot be used: {str(exc).splitlines()[0]}") from None
+        if device is not None:  # now, naming device: a CPU-only torch failed in the teacher ("not compiled with CUDA")
+            usable_device("", device)
         for name, v in (("gamma", gamma), ("radius", radius)):
             if v is not None:
                 real(name, v, at_least=0)
