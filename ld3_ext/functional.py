@@ -108,6 +108,7 @@ class _VEModel(DiffusionModel):
     # a denoiser gets sigma in x's dtype, as k-diffusion passes it (sigma * x.new_ones(B)): its wrappers scale x by
     # c_in(sigma), and a float32 sigma made a half network's input float32 ("mat1 and mat2 must have the same dtype")
     _time_in_opmath = False
+    _fresh_time = True
 
     def predict(self, x, t, step=None, returns="both", **kwargs):
         # t is the EDM sigma (float64 grid value): keep it in full precision for an inner schedule's t

@@ -231,6 +231,9 @@ class DiffusionModel(torch.nn.Module):
     # -------------------------------------------------------------------------------------------
     # the network's time in op-math (float32 for a half state); ld3_ext.sample's k-diffusion denoisers take x's dtype
     _time_in_opmath = True
+    # a network's time of one value is an expanded [B] view (no copy); k-diffusion's denoisers get a tensor of
+    # their own (sigma * s_in), which one may write in place (an expanded view raises on that)
+    _fresh_time = False
 
     def network_time(self, t: torch.Tensor) -> torch.Tensor:
         ti = self.time_input
@@ -259,6 +262,8 @@ class DiffusionModel(torch.nn.Module):
             tt = tt.to(tdt)
         if tt.numel() == 1:
             tt = (tt if tt.dim() == 0 else tt.reshape(())).expand(b)
+            if self._fresh_time:
+                tt = tt.contiguous()
         xin = x
         if self.prediction == "edm":
             # divided in op-math: in float16 the backward's x/alpha^2 terms overflow when alpha is small

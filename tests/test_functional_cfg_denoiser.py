@@ -37,3 +37,19 @@ def test_a_diffusion_model_still_refuses_uncond_unguided():
     x = torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="uncond is the unconditional input of classifier-free guidance"):
         ld3_ext.sample(model, x, [80.0, 1.0, 0.0], extra_args={"uncond": torch.zeros(2, 3, dtype=torch.float64)})
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_3m", "unipc"])
+def test_a_denoiser_may_write_its_sigma_in_place(solver):
+    """k-diffusion hands each call a sigma tensor of its own (sigma * s_in); an expanded view of the grid value
+    raised "more than one element of the written-to tensor refers to a single memory location" on an in-place op."""
+    def den(x, sigma):
+        sigma.clamp_(min=1e-3)  # some wrappers guard their log(sigma) in place
+        return x / (1.0 + sigma.reshape(-1, 1) ** 2)
+
+    sig = torch.tensor([80.0, 10.0, 2.0, 0.5, 0.0], dtype=torch.float64)
+    x = 80.0 * torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = ld3_ext.sample(den, x, sig, solver=solver)
+    ref = ld3_ext.sample(lambda xx, s: xx / (1.0 + s.reshape(-1, 1) ** 2), x, sig, solver=solver)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert torch.equal(sig, torch.tensor([80.0, 10.0, 2.0, 0.5, 0.0], dtype=torch.float64))  # the caller's grid
