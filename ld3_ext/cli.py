@@ -269,7 +269,9 @@ def _sample_shape(model):
 
 
 def _rmse(a, b):
-    return (a - b).flatten(1).pow(2).mean(1).sqrt()
+    # at least float32: in float16 the squares of errors below ~2e-4 are subnormal or zero (a half model's states)
+    from .ops import _opmath
+    return (a.to(_opmath(a.dtype)) - b.to(_opmath(b.dtype))).flatten(1).pow(2).mean(1).sqrt()
 
 
 def _median(x: torch.Tensor) -> float:
@@ -318,8 +320,10 @@ def _load(args):
                                      guidance_scale=getattr(args, "guidance_scale", None))
     except ModelSpecError as exc:
         raise UsageError(f"{exc}")
-    model_dtype = torch.float64 if getattr(model, "testbed", None) is not None else torch.float32
-    return model, schedule, model_dtype
+    # the states in the network's precision, as LD3Trainer's default: a float32 state for a factory model with
+    # float16/bfloat16 (or float64) weights failed inside the network ("mat1 and mat2 must have the same dtype")
+    from .training.trainer import _default_dtype
+    return model, schedule, _default_dtype(model)
 
 
 def _weightless_name(model, args) -> Optional[str]:
@@ -1136,7 +1140,9 @@ def _exit_code(exc: BaseException) -> Optional[int]:
     from .atomic_io import CorruptFileError
     from .training import CheckpointMismatchError, LossUnavailableError, NonFiniteLossError, TeacherCacheError
     from .wrappers import ModelOutputError
-    if _out_of_memory(exc) or isinstance(exc, (NonFiniteLossError, ModelOutputError, TeacherNotCached)):
+    from .plotting import PlottingUnavailableError
+    if _out_of_memory(exc) or isinstance(exc, (NonFiniteLossError, ModelOutputError, TeacherNotCached,
+                                               PlottingUnavailableError)):
         return 1
     if isinstance(exc, OSError):  # FileNotFoundError(msg) has no errno: its class says it
         path_error = isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,

@@ -10,10 +10,18 @@ from ._checks import count
 from .atomic_io import atomic_write_bytes
 
 
+class PlottingUnavailableError(ImportError):
+    """matplotlib cannot be imported: the figures cannot be drawn (the message says how to install it)."""
+
+
 def _subplots(nrows: int, ncols: int, figsize):
     # a bare Figure (Agg canvas), not pyplot: no global backend to switch (matplotlib.use("Agg") changed the
     # backend of a notebook or script that calls the CLI in-process), and nothing to close afterwards
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # a bare ModuleNotFoundError said nothing of how to get the figures
+        raise PlottingUnavailableError(f"the figures need matplotlib, which cannot be imported ({exc}); install it "
+                                       "with `pip install matplotlib` (a dependency of ld3_ext)") from exc
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 

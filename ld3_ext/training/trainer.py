@@ -212,8 +212,8 @@ class LD3Trainer:
     decoder : differentiable map applied to the solver output before the loss (latent models; checkpointed when
         ``checkpoint_decoder``).
     checkpoint_model : rematerialise each network evaluation in backward (memory flat in NFE, LD3 App. D.3).
-    seed, device, dtype : determinism (shuffling and teacher noise), placement, solve precision (default float64 for
-        weight-less models, else the weights' dtype).
+    seed, device, dtype : determinism (shuffling and teacher noise), placement, solve precision (default the weights'
+        dtype; float64 for the analytic test beds, float32 for other weight-less models).
     checkpoint_dir, checkpoint_every : atomic training checkpoints after every round (and every k iterations);
         ``fit()`` resumes from a matching one (``resume="auto"``), refuses a mismatching one unless
         ``resume="never"`` (start over, overwriting it).
