@@ -183,9 +183,35 @@ def test_gits_good_starts_agree(ring, shapeless):
     x_T = s.prior_std() * torch.randn(4, 2, generator=g, dtype=torch.float64)
     a = gits(model, **KW, x_T=x_T, return_info=True)
     b = gits(model, **KW, x_T=x_T, sample_shape=(2,), return_info=True)
-    c = gits(shapeless, **KW, x_T=x_T, return_info=True)
+    c = gits(shapeless, **KW, x_T=x_T, dtype=torch.float64, return_info=True)  # weightless: float32 by default
     d = gits(model, **KW, sample_shape=torch.Size([2]), seed=0, return_info=True)
     for r in (b, c, d):
         assert r.path == a.path and torch.equal(r.timesteps, a.timesteps)
         assert np.array_equal(r.cost, a.cost)
     _valid_grid(a.timesteps, s, 3)
+
+
+def test_gits_solves_in_the_weights_dtype_by_default():
+    """gits' dtype defaults to the network's weights' dtype, as LD3Trainer's: a float32 network (any nn.Module
+    UNet) was fed a float64 start and failed with "mat1 and mat2 must have the same dtype", reported as a sample
+    shape the model cannot take; a model without weights keeps float64."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):  # a float32 network that does not cast its input, as most do not
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, x, t):
+            return 0.01 * self.lin(x)
+
+    s = EDM()
+    model = wrap_model(Net(), s, prediction="eps")
+    t = gits(model, **KW, sample_shape=(2,))
+    assert torch.equal(t, gits(model, **KW, sample_shape=(2,), dtype=torch.float32))
+    _valid_grid(t, s, 3)
+    x_T = s.prior_std() * torch.randn(4, 2)  # a float32 start of the user's own
+    assert torch.equal(gits(model, **KW, x_T=x_T), gits(model, **KW, x_T=x_T, dtype=torch.float32))
+    ring_model = testbeds.ring2d().model(s)  # no weights: float64, as before
+    assert torch.equal(gits(ring_model, **KW, sample_shape=(2,)),
+                       gits(ring_model, **KW, sample_shape=(2,), dtype=torch.float64))

@@ -387,7 +387,7 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
          n_samples: int = 64, fine_steps: int = 60, spacing: str = "edm", seed: int = 0,
          teacher_solver=None, teacher_substeps: int = 4, max_jump: Optional[int] = None,
          coeff: float = 1.15, x_T: Optional[torch.Tensor] = None, sample_shape=None,
-         dtype=torch.float64, return_info: bool = False, metric: str = "dev",
+         dtype: Optional[torch.dtype] = None, return_info: bool = False, metric: str = "dev",
          model_kwargs: Optional[Dict[str, Any]] = None):
     """GITS timesteps for ``model`` (float64, t_max..t_min, length nfe + 1).
 
@@ -399,6 +399,8 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     ``metric``: the cost of a jump (:func:`gits_cost_matrix`): ``"dev"``, GITS' default and recommended setting,
     scores how far the jump's end strays from the trajectory's chord beyond the teacher's own deviation there;
     ``"l2"`` its error against the teacher state (the only cost before 2026-12-07; ``ld3 eval`` uses the default).
+    ``dtype``: the precision of the teacher trajectories and the cost steps (x_T is cast to it); default the network's
+    weights' dtype, float64 for the test beds and float32 for other models without weights (as ``LD3Trainer``).
     ``model_kwargs``: keyword arguments for every network call, e.g. a conditional model's conditions
     (``{model.cond_key: labels}``, one per teacher sample: ``n_samples`` of them, or one per row of ``x_T``).
     ``return_info=True`` returns a :class:`GITSResult` (path, grid, cost matrix, total cost).
@@ -428,6 +430,11 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     solver = as_solver(solver)  # before the (costly) teacher trajectories
     teacher_solver = as_solver(teacher_solver, name="teacher_solver")
     grid = fine_grid(schedule, fine_steps, spacing)
+    if dtype is None:
+        # the weights' dtype: a float64 start fed a float32 network failed ("mat1 and mat2 must have the same dtype"),
+        # reported as a sample shape the model cannot take
+        from ..training.trainer import _default_dtype
+        dtype = _default_dtype(model)
     x_T, arg = _start_noise(model, schedule, x_T, sample_shape, n_samples, seed, dtype)
     dev = next((p.device for p in model.parameters()), x_T.device)
     x_T = x_T.to(device=dev, dtype=dtype)

@@ -57,7 +57,12 @@ def init_timesteps(schedule: NoiseSchedule, num_steps: int, init: InitSpec) -> t
             raise ValueError(f"init must be one of {sorted(discretizations.DISCRETIZATIONS)} or a list of "
                              f"timesteps, got {init!r}")
         return discretizations.get_discretization(name, schedule, num_steps)
-    t = torch.as_tensor(init, dtype=torch.float64).detach().cpu().clone()
+    try:
+        t = torch.as_tensor(init, dtype=torch.float64).detach().cpu().clone()
+    except (TypeError, ValueError, RuntimeError):  # None, a dict, strings: torch's message ("must be real number,
+        # not NoneType") named no argument
+        raise TypeError(f"init must be a discretization name or a grid of timesteps (a list or tensor of numbers), "
+                        f"got {type(init).__name__}") from None
     if t.dim() != 1:  # a [[...]] grid was flattened silently
         raise ValueError(f"init: a grid of timesteps must be 1-D, got shape {tuple(t.shape)}")
     if t.numel() != num_steps + 1:

@@ -38,7 +38,7 @@ from ..coefficients import step_orders
 from .._finite import all_finite
 from ..ops import _opmath
 from ..schedule_file import LearnedSchedule
-from .._checks import count, flag, holds_values, real, seed as check_seed, usable_device
+from .._checks import count, flag, holds_values, real, seed as check_seed, torch_device, usable_device
 from ..schedules import NoiseSchedule
 from ..solvers import MultistepSolver, Solver, as_solver
 from ..wrappers import DiffusionModel, ModelOutputError, require_diffusion_model
@@ -322,7 +322,9 @@ class LD3Trainer:
                 real(name, v, above=0)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        if device is not None and torch.device(device).type == "meta":
+        if device is not None:  # torch.device(3) (an accelerator index) raised a RuntimeError naming nothing
+            device = torch_device("LD3Trainer", device)
+        if device is not None and device.type == "meta":
             raise ValueError("device='meta' holds no data: LD3 training needs a real device (cpu/cuda)")
         if device is not None:  # now, naming device: a CPU-only torch failed in the teacher ("not compiled with CUDA")
             usable_device("", device)
