@@ -65,7 +65,9 @@ def _as_grid(x, name: str) -> torch.Tensor:
         t = torch.as_tensor(x, dtype=torch.float64)
     except (TypeError, ValueError, OverflowError, RuntimeError) as e:
         raise TypeError(f"{name} must be a sequence or tensor of real numbers, got {type(x).__name__} ({e})") from None
-    t = t.detach().cpu().flatten().clone()
+    if t.dim() != 1:  # flattened silently before: a [2, k] table became one grid (init= refuses it alike)
+        raise ValueError(f"{name} must be 1-D (a grid of times), got shape {tuple(t.shape)}")
+    t = t.detach().cpu().clone()
     if t.numel() < 2:
         raise ValueError(f"{name} needs at least 2 values, got {t.numel()}")
     if not torch.isfinite(t).all():

@@ -89,6 +89,7 @@ def _rewrite(path, fn, fix_checksum):
     ("format", "not an ld3_ext schedule"),
     ("endpoint", "t_max"),
     ("nfe", "does not match"),
+    ("nested", "must be a list of numbers"),
 ])
 def test_corrupt_files_are_detected(tmp_path, case, match):
     path = _sched().save(str(tmp_path / "s.json"))
@@ -115,6 +116,9 @@ def test_corrupt_files_are_detected(tmp_path, case, match):
         _rewrite(path, lambda d: d["timesteps"].__setitem__(0, 70.0), fix_checksum=True)
     elif case == "nfe":
         _rewrite(path, lambda d: d.__setitem__("nfe", 7), fix_checksum=True)
+    elif case == "nested":  # [[t0..t2], [t3..t5]] would flatten into a valid-looking grid
+        _rewrite(path, lambda d: d.__setitem__("timesteps", [d["timesteps"][:3], d["timesteps"][3:]]),
+                 fix_checksum=True)
     with pytest.raises(ScheduleFileError, match=match):
         load_schedule(path)
 
@@ -421,3 +425,11 @@ def test_save_refusal_names_the_reason_whole_when_the_path_holds_a_colon(tmp_pat
     msg = str(info.value)
     assert msg.startswith("save: this schedule would not load back (nfe=99") and "1.json:" not in msg, msg
     assert not path.exists()
+
+
+@pytest.mark.parametrize("shape", [(1, 6), (2, 3)])
+def test_a_grid_that_is_not_1d_is_refused(shape):
+    """LearnedSchedule flattened a [1, N+1] or [2, k] grid silently (init= of LD3Trainer refuses it alike)."""
+    t = discretizations.edm(EDM(), 5)
+    with pytest.raises(ValueError, match=r"timesteps must be 1-D \(a grid of times\), got shape"):
+        LearnedSchedule(t.reshape(shape), solver_config=DPMSolverPP(3).config(), nfe=5, schedule_config=EDM().config())
