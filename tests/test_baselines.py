@@ -281,8 +281,6 @@ def test_registry(gmm_setup):
         baseline_timesteps("dmn", s, 4, model=model)
     with pytest.raises(ValueError, match="unknown baseline"):
         baseline_timesteps("ld3", s, 4)
-    with pytest.raises(ValueError, match="sample_shape"):
-        gits(model, nfe=3)
     with pytest.raises(TypeError, match="gits needs the model"):
         gits(lambda x, t: x, EDM(), 3)
 

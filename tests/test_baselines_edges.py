@@ -156,7 +156,6 @@ X = torch.randn(4, 2, dtype=torch.float64)
     (dict(x_T=X, sample_shape=(3,)), ValueError, r"x_T has samples of shape \(2,\) but sample_shape is \(3,\)"),
     (dict(sample_shape=(2,), dtype=torch.int64), TypeError, "dtype must be a real floating torch.dtype"),
     (dict(sample_shape=(2,), dtype="float64"), TypeError, "dtype must be a real floating torch.dtype"),
-    (dict(), ValueError, "pass x_T or sample_shape"),
 ])
 def test_gits_names_a_bad_start(ring, bad, exc, message):
     """These failed inside torch.randn or the model's reshape, or were cast silently (an integer, bool or complex
@@ -215,3 +214,15 @@ def test_gits_solves_in_the_weights_dtype_by_default():
     ring_model = testbeds.ring2d().model(s)  # no weights: float64, as before
     assert torch.equal(gits(ring_model, **KW, sample_shape=(2,)),
                        gits(ring_model, **KW, sample_shape=(2,), dtype=torch.float64))
+
+
+def test_gits_reads_the_models_own_sample_shape(ring, shapeless):
+    """Like LD3Trainer, gits takes the shape a model says it has (a test bed's event shape, model.sample_shape):
+    it required sample_shape even then.  A model that says none still needs x_T or sample_shape."""
+    s, model = ring
+    assert torch.equal(gits(model, **KW), gits(model, **KW, sample_shape=(2,)))
+    shapeless.sample_shape = (2,)
+    assert torch.equal(gits(shapeless, **KW, dtype=torch.float64), gits(model, **KW))
+    del shapeless.sample_shape
+    with pytest.raises(ValueError, match="pass x_T or sample_shape"):
+        gits(shapeless, **KW)

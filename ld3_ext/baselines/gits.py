@@ -354,11 +354,12 @@ def _start_noise(model, schedule, x_T, sample_shape, n_samples, seed, dtype):
         if not all_finite(x_T):
             raise ValueError("x_T contains NaN or Inf")
         arg, shape = "x_T", tuple(x_T.shape[1:])
-    elif sample_shape is None:
-        raise ValueError("gits: pass x_T or sample_shape (the shape of one sample, e.g. (1, 8, 8))")
-    else:
-        arg, shape = "sample_shape", sample_shape
     want = _model_sample_shape(model)
+    if x_T is None:
+        if sample_shape is None and want is None:
+            raise ValueError("gits: pass x_T or sample_shape (the shape of one sample, e.g. (1, 8, 8))")
+        # the model's own shape when it says one (it was required here even then; LD3Trainer reads it)
+        arg, shape = "sample_shape", sample_shape if sample_shape is not None else want
     if want is not None and shape != want:
         raise ValueError(f"{arg}: the model's samples have shape {want}, got {shape}"
                          + (f" (x_T has shape {tuple(x_T.shape)})" if arg == "x_T" else ""))
@@ -392,7 +393,8 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     """GITS timesteps for ``model`` (float64, t_max..t_min, length nfe + 1).
 
     ``x_T``: the teacher batch's starting noise; by default ``n_samples`` draws of
-    N(0, prior_std^2) with ``sample_shape`` (required then; e.g. (1, 8, 8)), seeded by ``seed``.
+    N(0, prior_std^2) with ``sample_shape`` (e.g. (1, 8, 8); default the model's own ``sample_shape`` or test
+    bed's event shape, as ``LD3Trainer``; required when the model has neither), seeded by ``seed``.
     ``coeff``: GITS' weight on later jumps in the DP (1.15 by default, 1 = plain minimum total cost);
     with coeff = 1 the search spends steps where the trajectory is nearly straight at high noise,
     because an error made there is counted in full although the ODE shrinks it later.
