@@ -284,12 +284,14 @@ def all_reduce_mean_(tensors: Sequence[Optional[torch.Tensor]], weight: Optional
     k = flat.numel()
     flat = torch.cat([flat, torch.tensor([1.0 if f else 0.0 for f in flags], device=flat.device, dtype=flat.dtype)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    out_flags = [v > 0 for v in flat[k:].tolist()] if flags else []  # one host sync, only when flags are asked
+    # .real: a complex buffer (complex gradients) holds the flags and the total weight in its real parts (Python's
+    # complex has no ">", torch no clamp or finfo for complex)
+    out_flags = [v > 0 for v in flat[k:].real.tolist()] if flags else []  # one host sync, only when flags are asked
     flat = flat[:k]
     if weight is None:
         flat = flat / get_world_size()
     else:
-        flat = flat[:-1] / flat[-1].clamp_min(torch.finfo(flat.dtype).tiny)
+        flat = flat[:-1] / flat[-1].real.clamp_min(torch.finfo(flat.real.dtype).tiny)
     _scatter_back(ts, flat)
     return out_flags
 
@@ -371,11 +373,16 @@ def broadcast_(tensors: Sequence[Optional[torch.Tensor]], src: int = 0) -> None:
     with torch.no_grad():
         for t in ts:
             if dev is not None and t.device.type != "cuda":
-                tmp = t.to(dev)
-                dist.broadcast(tmp, src=src)
-                t.copy_(tmp)
+                tmp = t.to(dev).contiguous()
+            elif not t.is_contiguous():
+                # the backend moves numel elements from the data pointer on: a strided view (x[::2]) got the
+                # elements of its storage instead, silently
+                tmp = t.contiguous()
             else:
-                dist.broadcast(t, src=src)
+                tmp = t
+            dist.broadcast(tmp, src=src)
+            if tmp is not t:
+                t.copy_(tmp)
 
 
 def all_gather_shards(shard: torch.Tensor, n: Optional[int] = None) -> torch.Tensor:
@@ -391,10 +398,18 @@ def all_gather_shards(shard: torch.Tensor, n: Optional[int] = None) -> torch.Ten
     if get_world_size() == 1:
         out = shard
     else:
-        size = torch.tensor([shard.shape[0]], device=shard.device, dtype=torch.long)
+        # the row's shape and dtype travel with the row count (48 bits of a hash): other ones on another rank made
+        # gloo abort the process (SIGABRT, no Python error), or gave each rank its own shape of the same numbers
+        row = f"{shard.dtype}{tuple(shard.shape[1:])}"
+        size = torch.tensor([shard.shape[0], int(hashlib.sha256(row.encode()).hexdigest()[:12], 16)],
+                            device=shard.device, dtype=torch.long)
         sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
         dist.all_gather(sizes, size)
-        sizes_l = [int(s.item()) for s in sizes]  # one sync per gather: a setup-time operation
+        sizes_l = [int(s[0].item()) for s in sizes]  # one sync per gather: a setup-time operation
+        if len({int(s[1].item()) for s in sizes}) > 1:
+            raise ValueError(f"all_gather_shards: the ranks' shards differ in their row shape or dtype (rank "
+                             f"{get_rank()}: {shard.dtype}, shape {tuple(shard.shape)}); only the leading (row) "
+                             "dimension may differ")
         out = _gather_padded(shard, sizes_l)
     if n is not None and out.shape[0] != n:
         raise ValueError(f"all_gather_shards: expected {n} rows in total, got {out.shape[0]}")

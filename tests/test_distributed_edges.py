@@ -245,3 +245,45 @@ def test_ranks_start_from_rank_0s_init_grid(tmp_path):
     mp.spawn(_init_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"init{r}.pt") for r in range(2))
     assert torch.equal(r0["init"], r1["init"]) and torch.equal(r0["t"], r1["t"])
+
+
+def _checkpoint_worker(rank, world, port, out_dir, which):
+    """``which`` = "dir": checkpoint_dir on rank 0 only (rank 0 alone writes, so why give it to the others?);
+    "every": checkpoint_every on rank 0 only.  Each checkpoint write is a barrier that the other rank never joined:
+    both waited in different collectives until the process group's timeout."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    D.init_from_env(device="cpu", timeout_s=20)  # a hang shows as gloo's timeout, not as the test's
+    try:
+        import ld3_ext
+        from ld3_ext import testbeds
+        mix = testbeds.ring2d()
+        s = ld3_ext.EDM()
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(8, 2, dtype=torch.float64, generator=g) * s.prior_std()
+        target = mix.reference_solution(s, noise)
+        kw = dict(checkpoint_dir=os.path.join(out_dir, "ckpt") if rank == 0 or which == "every" else None)
+        if which == "every":
+            kw["checkpoint_every"] = 1 if rank == 0 else None
+        tr = ld3_ext.LD3Trainer(mix.model(s), s, ld3_ext.DPMSolverPP(2), nfe=4, init="logsnr", time_mode="lambda",
+                                rounds_v1=1, rounds_v2=0, progress=False, sample_shape=(2,), **kw)
+        try:
+            tr.fit(noise[:5], target[:5], noise[5:], target[5:])
+            got = "trained"
+        except Exception as e:  # noqa: BLE001 -- the message is what is compared
+            got = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(got)
+    finally:
+        D.destroy()
+
+
+@pytest.mark.parametrize("which,field", [("dir", "checkpoint_dir"), ("every", "checkpoint_every")])
+def test_a_checkpoint_setting_on_only_some_ranks_is_refused_not_a_hang(tmp_path, which, field):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_checkpoint_worker, args=(2, _free_port(), str(tmp_path), which), nprocs=2, join=True)
+    for rank in range(2):
+        got = (tmp_path / f"rank{rank}.txt").read_text()
+        assert got.startswith("CheckpointMismatchError") and f"ranks under torch.distributed differ in {field}" in got, got

@@ -216,7 +216,8 @@ class LD3Trainer:
         dtype; float64 for the analytic test beds, float32 for other weight-less models).
     checkpoint_dir, checkpoint_every : atomic training checkpoints after every round (and every k iterations);
         ``fit()`` resumes from a matching one (``resume="auto"``), refuses a mismatching one unless
-        ``resume="never"`` (start over, overwriting it).
+        ``resume="never"`` (start over, overwriting it).  Under torch.distributed give both to every rank (rank 0
+        alone writes; the others wait for it).
     callback : ``callback(trainer, info: dict)`` after every training iteration.
     progress : tqdm progress bars.
     model_spec : how to rebuild the model (the CLI's ``--model`` value), recorded in the schedule files this trainer
@@ -529,7 +530,11 @@ class LD3Trainer:
             fields.setdefault("time_mode_trial_rounds", None)  # only for time_mode="auto": the same keys everywhere
             fields.update({k: getattr(self, k) for k in (
                 "teacher", "teacher_solver", "teacher_nfe", "teacher_discretization", "sample_shape",
-                "cache_max_bytes")})
+                "cache_max_bytes", "checkpoint_every")})
+            # not a setting of the result, but each checkpoint write is a barrier: a checkpoint_dir (or checkpoint_every)
+            # on rank 0 alone left the ranks in different collectives, a hang until the timeout. Whether it is given,
+            # not its path: a node may mount the shared folder elsewhere
+            fields["checkpoint_dir"] = None if self.checkpoint_dir is None else "given"
             fields = rank_comparable(fields)
         differ = D.differing_fields(fields)
         if differ:
