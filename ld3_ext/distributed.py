@@ -100,6 +100,8 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
     """Initialise the default process group from torchrun's environment (see module docstring).
 
     ``backend``: default "nccl" when CUDA is available (and ``device`` is not "cpu"), else "gloo".
+    ``device``: None (cuda:LOCAL_RANK when CUDA is available, else the CPU), "cpu", "cuda", "cuda:N", or another
+    accelerator ("mps", "xpu"), which a process group needs its ``backend`` named for.
     Returns a :class:`DistInfo` (world_size 1 and no process group when WORLD_SIZE is unset or 1).
     Calling it again after a successful init returns the current group's info.
     """
@@ -126,6 +128,8 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
             kind = asked.type  # "cpu:0" and torch.device("cpu") are the CPU too
         except (RuntimeError, TypeError):
             raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        if kind == "meta":
+            raise ValueError(f"device={device!r} holds no data: use None, 'cpu', 'cuda' or 'cuda:N'")
         if kind == "cuda" and not torch.cuda.is_available():  # it fell back to the CPU without a word
             raise ValueError(f"device={device!r} but this torch sees no CUDA GPU; use device='cpu'")
         if kind == "cuda" and asked.index is not None:
@@ -138,10 +142,18 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
     if backend == "nccl" and not use_cuda:  # torch's "Expected a cuda device, but got: cpu" names neither
         raise ValueError("backend='nccl' needs CUDA GPUs" + (f" (device={device!r})" if device is not None else
                                                               ", and this torch sees none") + "; use backend='gloo'")
+    backend_given = backend
     if backend is None:
         backend = "nccl" if use_cuda else "gloo"
+    # another accelerator ("mps", "xpu"): that device, as asked (it was the CPU, silently); under a process group
+    # only with the backend for it named (gloo and nccl, the defaults, move CPU and CUDA tensors)
+    other = torch.device(device) if device is not None and kind not in ("cpu", "cuda") else None
     if world <= 1:
-        return DistInfo(0, 1, 0, (asked_gpu or _local_gpu(local)) if use_cuda else torch.device("cpu"), None)
+        return DistInfo(0, 1, 0, other or ((asked_gpu or _local_gpu(local)) if use_cuda else torch.device("cpu")),
+                        None)
+    if other is not None and backend_given is None:
+        raise ValueError(f"device={device!r} under torch.distributed: name the process group's backend for it "
+                         f"(backend=...); the defaults are gloo for 'cpu' and nccl for 'cuda'")
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     # without RANK every process would be rank 0 (one fails to bind the store, the others wait out the timeout);
@@ -154,7 +166,7 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
     port = _env_int("MASTER_PORT")
     if not 0 < port < 65536:
         raise ValueError(f"environment variable MASTER_PORT={port} is not a TCP port (1..65535)")
-    dev = (asked_gpu or _local_gpu(local)) if use_cuda else torch.device("cpu")
+    dev = other or ((asked_gpu or _local_gpu(local)) if use_cuda else torch.device("cpu"))
     if backend == "nccl":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():

@@ -225,9 +225,26 @@ def test_local_rank_beyond_the_visible_gpus(visible, local, want, monkeypatch):
     assert D.init_from_env(device="cpu").device == torch.device("cpu")  # the CPU takes no GPU
 
 
-def test_an_unknown_device_is_refused_naming_the_argument():
-    with pytest.raises(ValueError, match="device must be None, 'cpu', 'cuda'"):
-        D.init_from_env(device="gpu0")
+@pytest.mark.parametrize("device", ["gpu0", "meta", torch.device("meta")])
+def test_an_unknown_device_is_refused_naming_the_argument(device, monkeypatch):
+    """The meta device returned the CPU with gloo, silently (torchrun audit)."""
+    for v in D.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+    with pytest.raises(ValueError, match=r"device.* 'cpu', 'cuda'"):
+        D.init_from_env(device=device)
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu:0"])
+def test_another_accelerator_is_the_device_returned(device, monkeypatch):
+    """An accelerator other than CUDA came back as the CPU, silently (`ld3 train --device mps` ran on the CPU);
+    under a process group the backend for it must be named (gloo and nccl move CPU and CUDA tensors only)."""
+    for v in D.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+    assert D.init_from_env(device=device).device == torch.device(device)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match=rf"device='{device}' under torch.distributed: name the process group's backend"):
+        D.init_from_env(device=device)
 
 
 def _given_pairs_worker(rank, world, port, out_dir):
