@@ -74,8 +74,8 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
     p.add_argument("--no-progress", action="store_true",
                    help="disable progress bars (they are off anyway when stderr is not a terminal: logs, CI)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: 1 for the small built-in models, whose tiny ops run fastest on one "
-                        "thread and are not slowed by other processes; torch's default otherwise)")
+                   help="CPU threads, 1 to 1024 (default: 1 for the small built-in models, whose tiny ops run "
+                        "fastest on one thread and are not slowed by other processes; torch's default otherwise)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (diffusers models)")
     if solver_defaults:
         p.add_argument("--solver", default="dpmpp", choices=SOLVER_CHOICES, help="default: dpmpp")
@@ -93,6 +93,10 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
 
 TEACHER_DEFAULTS = {"teacher_solver": "unipc", "teacher_order": 3, "teacher_nfe": 20}
 MAX_TEACHER_NFE = 10_000  # a reference solve of the digits model at 10,000 evaluations already takes minutes
+# beyond these torch failed with a C++ backtrace naming no flag (a count past int64) or OpenMP segfaulted
+# (--threads 100000); no run can hold 10**9 samples or use more than 1024 threads
+MAX_COUNT = 10 ** 9
+MAX_THREADS = 1024
 
 
 def _fill_teacher_defaults(args) -> None:
@@ -850,6 +854,10 @@ def cmd_eval(args) -> int:
         hint = "" if args.schedule else f" (run `ld3 train --out {args.out}` first, or pass --schedule)"
         raise UsageError(f"{'--schedule' if args.schedule else '--out'}: no schedule file at {path}{hint}")
     _schedule_not_a_folder(path, "--schedule" if args.schedule else "--out")
+    if not os.path.isfile(path):  # `--schedule <(cat f)`: the sha256 read below drained the pipe, and the schedule
+        # read then found it empty ("truncated write?")
+        raise UsageError(f"{'--schedule' if args.schedule else '--out'}: {path} is not a regular file (a pipe?); "
+                         "eval reads it twice (its sha256 goes in eval.json): save it to a file first")
     evaluated = _file_sha256(path)  # recorded in eval.json: which schedule its numbers are of
     learned = load_schedule(path)
     if _file_sha256(path) != evaluated:
@@ -1252,10 +1260,14 @@ def _check_counts(args) -> None:
         low = 0 if flag.startswith("rounds") else 1
         if v is not None and v < low:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
-    for flag, high in (("nfe", MAX_NFE), ("teacher_nfe", MAX_TEACHER_NFE)):
+    for flag, high in (("nfe", MAX_NFE), ("teacher_nfe", MAX_TEACHER_NFE), ("n", MAX_COUNT), ("n_train", MAX_COUNT),
+                       ("n_valid", MAX_COUNT)):
         v = getattr(args, flag, None)
         if v is not None and v > high:  # a huge NFE ran on for minutes, then failed naming an internal parameter
             raise UsageError(f"--{flag.replace('_', '-')} must be <= {high}, got {v}")
+    threads = getattr(args, "threads", None)
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be in 1..{MAX_THREADS}, got {threads}")
     if getattr(args, "rounds_v1", None) == 0 and getattr(args, "rounds_v2", None) == 0:
         raise UsageError("--rounds-v1 and --rounds-v2 are both 0: train needs at least one round")
     for k in getattr(args, "nfe_curve", None) or []:

@@ -574,6 +574,15 @@ def test_export_of_a_schedule_no_diffusers_network_reads_fails_without_a_warning
     (["train", "--teacher-nfe", "20000"], "--teacher-nfe must be <= 10000, got 20000"),
     (["eval", "--nfe-curve", "2", "5000"], r"--nfe-curve values must be in 1\.\.1000, got 5000"),
     (["train", "--rounds-v1", "0", "--rounds-v2", "0"], "--rounds-v1 and --rounds-v2 are both 0"),
+    # OpenMP segfaulted making 100000 threads; past int64 torch's "Overflow when unpacking long" named no flag
+    (["sample", "--threads", "2000"], r"--threads must be in 1\.\.1024, got 2000"),
+    (["sample", "--threads", "99999999999"], r"--threads must be in 1\.\.1024, got 99999999999"),
+    (["sample", "--threads", "0"], r"--threads must be in 1\.\.1024, got 0"),
+    # past int64: a C++ backtrace from torch.randn (or a bare traceback at 2**62) instead of a flag's name
+    (["sample", "--n", str(10 ** 23)], rf"--n must be <= 1000000000, got {10 ** 23}"),
+    (["eval", "--n", str(2 ** 62)], rf"--n must be <= 1000000000, got {2 ** 62}"),
+    (["train", "--n-train", str(10 ** 20)], rf"--n-train must be <= 1000000000, got {10 ** 20}"),
+    (["teacher", "--n-valid", str(10 ** 20)], rf"--n-valid must be <= 1000000000, got {10 ** 20}"),
 ])
 def test_out_of_range_counts_are_refused_naming_the_flag(tmp_path, capsys, argv, match):
     """A huge --nfe ran on for minutes, then failed naming min_gap_fraction; both rounds 0 named rounds_v1 (Python)."""
@@ -789,3 +798,22 @@ def test_a_ctrl_c_after_a_figure_was_renamed_into_place_keeps_that_figure(tmp_pa
     new_samples = (out / "eval_samples.png").read_bytes()
     assert new_samples != old_samples  # this run's, in place
     assert not any(f.startswith("eval_samples.stale-") for f in _stale(out))
+
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="no /dev/fd")
+def test_eval_of_a_pipe_says_so_naming_the_flag(tmp_path, capsys):
+    """`ld3 eval --schedule <(cat schedule.json)`: the sha256 read drained the pipe and the schedule read then said
+    "schedule file /dev/fd/63 is empty (truncated write?)", a damaged file where there was none."""
+    data = open(_schedule_file(tmp_path), "rb").read()
+    r, w = os.pipe()  # what the shell passes for <(cat schedule.json): a pipe whose writer has finished
+    try:
+        os.write(w, data)  # a few KB: within the pipe's buffer
+        os.close(w)
+        pipe = f"/dev/fd/{r}"
+        rc, _, err = run_cli(["eval", "--model", "gmm:ring2d", "--schedule", pipe, "--n", "4", "--nfe-curve",
+                              "--skip-model-baselines", "--out", str(tmp_path / "o")], capsys)
+    finally:
+        os.close(r)
+    assert rc == 2 and f"--schedule: {pipe} is not a regular file" in err, err
+    assert "truncated" not in err

@@ -161,6 +161,15 @@ def test_saving_onto_a_folder_names_the_folder_and_writes_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"] and (target / "keep.txt").read_text() == "mine"
 
 
+def test_saving_to_a_name_ending_in_a_slash_writes_no_file(tmp_path):
+    """save("new/") wrote a file named "new" (realpath drops the slash) and returned "new/", a path that
+    load_schedule (open) then refused; open() itself refuses such a name."""
+    path = os.path.join(str(tmp_path), "new/")  # a string: pathlib drops the trailing slash itself
+    with pytest.raises(IsADirectoryError, match="ends with a path separator") as info:
+        _sched().save(path)
+    assert info.value.filename == path and os.listdir(tmp_path) == []
+
+
 def test_atomic_write_keeps_the_file_mode(tmp_path):
     """A new file gets the mode a plain open() gives (0666 less the umask), not mkstemp's 0600, and a
     rewrite keeps the mode of the file it replaces (a shared schedule never turns private)."""
