@@ -442,3 +442,16 @@ def test_a_grid_that_is_not_1d_is_refused(shape):
     t = discretizations.edm(EDM(), 5)
     with pytest.raises(ValueError, match=r"timesteps must be 1-D \(a grid of times\), got shape"):
         LearnedSchedule(t.reshape(shape), solver_config=DPMSolverPP(3).config(), nfe=5, schedule_config=EDM().config())
+
+
+def test_a_file_far_too_large_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A wrong file given as the schedule (a checkpoint, a 1 GiB blob) was read whole, in several copies, before
+    the JSON error (schedule-file audit: 2.3 GB of memory and 39 s for 1 GiB)."""
+    import ld3_ext.schedule_file as sf
+    path = _sched().save(str(tmp_path / "s.json"))
+    monkeypatch.setattr(sf, "MAX_SCHEDULE_BYTES", os.path.getsize(path) - 1)
+    monkeypatch.setattr(sf, "read_json_checked", lambda *a, **k: pytest.fail("the file was read"))
+    with pytest.raises(ScheduleFileError, match="a schedule file is a few KiB"):
+        load_schedule(path)
+    monkeypatch.undo()  # at the limit and below: read as before
+    assert load_schedule(path).nfe == _sched().nfe
