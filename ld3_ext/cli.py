@@ -352,13 +352,14 @@ def _baseline_grids(names, schedule, nfe, model=None, solver=None, seed=0, dtype
                                                      **({} if solver is None else {"order": order_for(solver)}))
                 else:  # GITS searches with its own one-step (Euler) cost, as in the paper
                     # the fine grid must hold at least nfe intervals (60 by default: an NFE-61 schedule failed)
-                    # in the model's dtype (GITS' own default is float64; it moves its start to the model's device)
+                    # in the states' dtype (the weights' dtype, as GITS' own default; it moves its start to the model's
+                    # device)
                     # a conditional model: conditions of GITS' own teacher batch, from a stream of their own
                     kw = _condition_kwargs(model, _conditions(model, GITS_SAMPLES, seed, "gits"),
                                            next((p.device for p in model.parameters()), "cpu"))
                     grids[name] = baseline_timesteps(name, schedule, nfe, model=model,
                                                      sample_shape=_sample_shape(model), seed=seed,
-                                                     dtype=dtype or torch.float64, fine_steps=max(60, nfe),
+                                                     dtype=dtype, fine_steps=max(60, nfe),
                                                      n_samples=GITS_SAMPLES, model_kwargs=kw)
             except ImportError:
                 continue
@@ -1246,6 +1247,9 @@ def _check_device(args) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name!r}: CUDA is not available (this torch has no CUDA build or sees no "
                          f"GPU); use --device cpu")
+    if dev.type not in ("cpu", "cuda") and (os.environ.get("WORLD_SIZE") or "1") not in ("0", "1"):
+        # init_from_env wants the process group's backend named for it (backend=...), which no flag gives
+        raise UsageError(f"--device {name!r}: under torchrun the CLI runs on cpu (gloo) or cuda (nccl)")
     if dev.type != "cuda" or "LOCAL_RANK" not in os.environ:  # under torchrun the rank picks cuda:LOCAL_RANK
         try:
             torch.empty(1, device=dev)

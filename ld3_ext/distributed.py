@@ -148,6 +148,8 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 600.0, devic
     # another accelerator ("mps", "xpu"): that device, as asked (it was the CPU, silently); under a process group
     # only with the backend for it named (gloo and nccl, the defaults, move CPU and CUDA tensors)
     other = torch.device(device) if device is not None and kind not in ("cpu", "cuda") else None
+    if other is not None:  # as device="cuda" on a CPU-only torch: named now, not by torch at the first use
+        _checks.usable_device("init_from_env: ", other)
     if world <= 1:
         return DistInfo(0, 1, 0, other or ((asked_gpu or _local_gpu(local)) if use_cuda else torch.device("cpu")),
                         None)

@@ -240,6 +240,7 @@ def test_another_accelerator_is_the_device_returned(device, monkeypatch):
     under a process group the backend for it must be named (gloo and nccl move CPU and CUDA tensors only)."""
     for v in D.ENV_VARS:
         monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(D._checks, "usable_device", lambda where, dev: None)  # as on a machine that has one
     assert D.init_from_env(device=device).device == torch.device(device)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -339,3 +340,18 @@ def test_a_gpu_index_in_device_is_the_gpu_taken(local, monkeypatch):
     assert D.init_from_env(device="cuda").device == torch.device(f"cuda:{local}")  # no index: LOCAL_RANK's
     with pytest.raises(ValueError, match=r"device='cuda:2' but this process sees 2 GPU\(s\) \(cuda:0..cuda:1\)"):
         D.init_from_env(device="cuda:2")
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu"])
+def test_another_accelerator_this_torch_cannot_use_is_named(device, monkeypatch):
+    """As device="cuda" on a CPU-only torch: it was returned, and torch's own error at its first use ("PyTorch is not
+    linked with support for mps devices", "Torch not compiled with XPU enabled") named no argument."""
+    for v in D.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+    try:
+        torch.empty(0, device=device)
+    except Exception:  # noqa: BLE001 -- this torch cannot use it: the case under test
+        with pytest.raises(ValueError, match=rf"init_from_env: device='{device}' cannot be used"):
+            D.init_from_env(device=device)
+    else:
+        pytest.skip(f"this torch can use {device}")

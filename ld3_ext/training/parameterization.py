@@ -136,7 +136,13 @@ class TimeParameterization(torch.nn.Module):
     @torch.no_grad()
     def set_timesteps(self, timesteps) -> None:
         """Set xi (and zero xi^c) so that ``forward()`` reproduces ``timesteps``."""
-        t = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().flatten()
+        try:
+            t = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu()
+        except (TypeError, ValueError, RuntimeError):  # as init_timesteps: torch's "must be real number" named nothing
+            raise TypeError(f"timesteps must be a grid of times (a list or tensor of numbers), got "
+                            f"{type(timesteps).__name__}") from None
+        if t.dim() != 1:  # flattened silently before, as init= and LearnedSchedule refuse it
+            raise ValueError(f"timesteps must be 1-D (a grid of times), got shape {tuple(t.shape)}")
         n = self.num_steps
         if t.numel() != n + 1:
             raise ValueError(f"timesteps must hold {n + 1} values, got {t.numel()}")
