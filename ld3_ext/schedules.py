@@ -300,7 +300,11 @@ class VPLinear(NoiseSchedule):
         lam = _as_tensor(lam)
         b0, b1 = self.beta_min, self.beta_max
         L = torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))  # = -2 log alpha
-        den = torch.sqrt(b0 * b0 + 2.0 * (b1 - b0) * L) + b0
+        # sqrt(b0^2 + 2 (b1 - b0) L) as sqrt(c) sqrt(b0 (b0/c) + 2 ((b1 - b0)/c) L), c = max(b0, b1 - b0): the
+        # squares underflowed for betas below ~1e-154, which the constructor accepts (VPLinear(0, 1e-160) mapped
+        # lambda(1e-3) back to t = 4e141)
+        c = max(b0, b1 - b0)
+        den = math.sqrt(c) * torch.sqrt(b0 * (b0 / c) + 2.0 * ((b1 - b0) / c) * L) + b0
         # den is 0 only at L = 0 with beta_min = 0 (sigma = 0: t = 0, not 0/0); L = inf is t = inf, not inf/inf
         t = 2.0 * L / den.clamp_min(torch.finfo(den.dtype).tiny)
         return torch.where(torch.isinf(L), L, t)
@@ -558,14 +562,24 @@ class VPDiscrete(NoiseSchedule):
         """Linear betas: by default (``scaled=True``, SD's betas) the LDM/SD "scaled_linear" (linspace in sqrt
         beta); ``scaled=False`` is DDPM's plain "linear" (linspace in beta, e.g. ``linear(1e-4, 0.02,
         scaled=False)``)."""
+        betas = []
         for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 < v < 1.0:
+            try:  # read as _num reads the constructors' numbers (a 0-d tensor too), not only numbers.Real
+                x = _num(name, v)
+            except (TypeError, ValueError):
+                x = math.nan
+            if not 0.0 < x < 1.0:
                 raise ValueError(f"VPDiscrete.linear: {name} must be a number in (0, 1), got {v!r}")
+            betas.append(x)
+        beta_start, beta_end = betas
         if beta_start > beta_end:  # decreasing betas: no published schedule, most likely the two swapped
             raise ValueError(f"VPDiscrete.linear: beta_start ({beta_start}) must not exceed beta_end ({beta_end}); "
                              f"swapped? (SD's are beta_start=0.00085, beta_end=0.012)")
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        # any integer (numpy's too, as _checks.count takes): np.int64(10) was refused as "must be an int"
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral) \
+                or num_train_timesteps < 2:
             raise ValueError(f"VPDiscrete.linear: num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+        num_train_timesteps = int(num_train_timesteps)
         if scaled:
             betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
         else:

@@ -33,6 +33,16 @@ def test_grid_invariants(sname, disc, nfe):
     ld3_ext.solvers.validate_timesteps(s, t)
 
 
+@pytest.mark.parametrize("disc", sorted(D.DISCRETIZATIONS))
+@pytest.mark.parametrize("schedule", [ld3_ext.EDM(1.0, 1.0 + 1e-13), ld3_ext.VPLinear(t_min=0.5, t_max=0.5 + 1e-13)],
+                         ids=["edm", "vp_linear"])
+def test_a_range_too_narrow_for_nfe_is_refused(disc, schedule):
+    """1000 steps over a range of a few hundred float64 times: time_uniform, time_quadratic and logsnr returned a grid
+    with hundreds of repeated times (the docstring promises t_0 > ... > t_N), edm refused it."""
+    with pytest.raises(ValueError, match="not finite and strictly decreasing"):
+        D.get_discretization(disc, schedule, 1000)
+
+
 def test_time_uniform_and_quadratic_formulas():
     s = ld3_ext.VPLinear()
     n = 8

@@ -25,6 +25,17 @@ def test_vp_linear_with_zero_beta_min_maps_sigma_zero_to_t_zero():
     torch.testing.assert_close(s.inverse_lambda(s.lambda_(t)), t, rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("betas", [(0.0, 1e-160), (0.0, 1e-300), (1e-200, 2e-200)])
+def test_vp_linear_with_tiny_betas_inverts_lambda(betas):
+    """The constructor accepts betas of any positive size; below ~1e-154 the root's squares underflowed and
+    inverse_lambda came back 1e140 times too large (or 2x off), so the logsnr grid left the schedule's range."""
+    s = ld3_ext.VPLinear(beta_min=betas[0], beta_max=betas[1])
+    t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(s.inverse_lambda(s.lambda_(t)), t, rtol=1e-12, atol=0)
+    grid = ld3_ext.discretizations.logsnr_uniform(s, 4)
+    assert bool((grid[1:] < grid[:-1]).all()) and float(grid.max()) <= s.t_max
+
+
 def test_vp_linear_at_infinite_noise_is_infinite_time():
     for s in (ld3_ext.VPLinear(), ld3_ext.VPLinear(beta_min=0.0)):
         assert float(s.t_from_edm_sigma(torch.tensor(float("inf"), dtype=torch.float64))) == float("inf")

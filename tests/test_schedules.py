@@ -211,6 +211,20 @@ def test_vp_discrete_linear_names_a_bad_argument(args, match):
         ld3_ext.VPDiscrete.linear(*args)
 
 
+def test_vp_discrete_linear_takes_numpy_and_tensor_numbers():
+    """np.int64(10) was refused as "must be an int >= 2" and a 0-d tensor beta as "must be a number in (0, 1)",
+    though both are (VPLinear's and VPDiscrete's own constructors take them)."""
+    import numpy as np
+    want = ld3_ext.VPDiscrete.linear(0.001, 0.01, 10)
+    for kw in ({"num_train_timesteps": np.int64(10)}, {"beta_start": torch.tensor(0.001, dtype=torch.float64)},
+               {"beta_end": np.float32(0.01)}):
+        args = {"beta_start": 0.001, "beta_end": 0.01, "num_train_timesteps": 10, **kw}
+        got = ld3_ext.VPDiscrete.linear(**args)
+        assert got.num_train_timesteps == 10 and got.same_as(want)
+    with pytest.raises(ValueError, match=r"beta_start must be a number in \(0, 1\)"):
+        ld3_ext.VPDiscrete.linear(torch.tensor([0.001, 0.002]), 0.01)
+
+
 def test_vp_discrete_linear_takes_constant_betas():
     s = ld3_ext.VPDiscrete.linear(0.01, 0.01, 10, scaled=False)
     torch.testing.assert_close(s.alphas_cumprod, torch.full((10,), 0.99, dtype=torch.float64).cumprod(0))
