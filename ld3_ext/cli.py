@@ -77,6 +77,10 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
                    help="CPU threads, 1 to 1024 (default: 1 for the small built-in models, whose tiny ops run "
                         "fastest on one thread and are not slowed by other processes; torch's default otherwise)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (diffusers models)")
+    p.add_argument("--dtype", default="auto", choices=sorted(STATE_DTYPES) + ["auto"],
+                   help="precision of the solver states; auto: the network's weights' dtype, float64 for the gmm test "
+                        "beds, float32 for other models without weights (a network that casts its input to its half "
+                        "weights itself may run on float32 states) (default: auto)")
     if solver_defaults:
         p.add_argument("--solver", default="dpmpp", choices=SOLVER_CHOICES, help="default: dpmpp")
         p.add_argument("--order", type=int, default=None,
@@ -91,6 +95,8 @@ def _add_common(p: argparse.ArgumentParser, solver_defaults: bool = True, model:
     p.add_argument("--teacher-nfe", type=int, default=None, help="default: 20")
 
 
+STATE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
 TEACHER_DEFAULTS = {"teacher_solver": "unipc", "teacher_order": 3, "teacher_nfe": 20}
 MAX_TEACHER_NFE = 10_000  # a reference solve of the digits model at 10,000 evaluations already takes minutes
 # beyond these torch failed with a C++ backtrace naming no flag (a count past int64) or OpenMP segfaulted
@@ -327,7 +333,8 @@ def _load(args):
     # the states in the network's precision, as LD3Trainer's default: a float32 state for a factory model with
     # float16/bfloat16 (or float64) weights failed inside the network ("mat1 and mat2 must have the same dtype")
     from .training.trainer import _default_dtype
-    return model, schedule, _default_dtype(model)
+    asked = getattr(args, "dtype", "auto")
+    return model, schedule, _default_dtype(model) if asked == "auto" else STATE_DTYPES[asked]
 
 
 def _weightless_name(model, args) -> Optional[str]:
