@@ -122,6 +122,10 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         # realpath drops the slash: "out/" was written as a file named "out" (open() refuses such a name)
         raise IsADirectoryError(errno.EISDIR, "ends with a path separator, so it names a folder; give the name of a "
                                 "file to write", given)
+    if os.path.basename(os.fsdecode(given)) in (os.curdir, os.pardir):
+        # likewise realpath folds "out/." into "out" and "a/b/.." into "a": a file was written under the folder's name
+        raise IsADirectoryError(errno.EISDIR, f"ends with {os.path.basename(os.fsdecode(given))!r}, so it names a "
+                                "folder; give the name of a file to write", given)
     path = os.path.realpath(given)
     if os.path.isdir(path):  # else os.replace fails late, naming the temp file as well
         raise IsADirectoryError(errno.EISDIR, "is a folder; give the name of a file to write (inside it or beside "

@@ -856,7 +856,7 @@ def _stale_name(name: str, suffix: str) -> str:
 def cmd_eval(args) -> int:
     from .atomic_io import atomic_write_bytes, tensors_sha256
     from .plotting import sample_grid_png, schedule_plot_png
-    from .schedule_file import load_schedule
+    from .schedule_file import _refuse_oversized, load_schedule
     path = args.schedule or os.path.join(args.out, "schedule.json")
     if not os.path.exists(path):
         hint = "" if args.schedule else f" (run `ld3 train --out {args.out}` first, or pass --schedule)"
@@ -866,6 +866,7 @@ def cmd_eval(args) -> int:
         # read then found it empty ("truncated write?")
         raise UsageError(f"{'--schedule' if args.schedule else '--out'}: {path} is not a regular file (a pipe?); "
                          "eval reads it twice (its sha256 goes in eval.json): save it to a file first")
+    _refuse_oversized(path)  # before the sha256 read below, which read a wrong (1 GiB) file whole
     evaluated = _file_sha256(path)  # recorded in eval.json: which schedule its numbers are of
     learned = load_schedule(path)
     if _file_sha256(path) != evaluated:
@@ -953,7 +954,8 @@ def cmd_eval(args) -> int:
     # a unique temp name (atomic_io): two evals writing into one --out cannot clobber each other's half-file
     record = {"model": args.model, "schedule_file": os.path.abspath(path), "schedule_sha256": evaluated,
               "solver": solver.config(), "nfe": nfe,
-              "n": args.n, "seed": args.seed, "teacher": "exact" if getattr(model, "testbed", None) is not None
+              "n": args.n, "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),  # --dtype moves them
+              "teacher": "exact" if getattr(model, "testbed", None) is not None
               else {"solver": _make_teacher_solver(args).config(), "nfe": args.teacher_nfe,
                     "discretization": _teacher_grid(args)},
               "rows": rows,

@@ -499,12 +499,8 @@ def validate_schedule_dict(d: Dict[str, Any], path: str = "<dict>") -> None:
 MAX_SCHEDULE_BYTES = 64 * 2 ** 20
 
 
-def load_schedule(path: str) -> LearnedSchedule:
-    """Load and validate a schedule file; raises :class:`ScheduleFileError` on any problem with its contents
-    (``FileNotFoundError`` for a missing path, ``IsADirectoryError`` for a folder, as ``open`` does)."""
-    if not isinstance(path, (str, bytes, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = os.fspath(path)
+def _refuse_oversized(path: str) -> None:
+    """A :class:`ScheduleFileError` for a file over MAX_SCHEDULE_BYTES, before anything reads it."""
     try:
         size = os.stat(path).st_size
     except OSError:
@@ -512,6 +508,15 @@ def load_schedule(path: str) -> LearnedSchedule:
     if size > MAX_SCHEDULE_BYTES:  # a wrong file (a checkpoint, an image) was read whole, several copies, before failing
         _fail(path, f"is {size / 2 ** 20:.0f} MiB; a schedule file is a few KiB (at most {MAX_SCHEDULE_BYTES // 2 ** 20} "
                     "MiB): is it the right file?")
+
+
+def load_schedule(path: str) -> LearnedSchedule:
+    """Load and validate a schedule file; raises :class:`ScheduleFileError` on any problem with its contents
+    (``FileNotFoundError`` for a missing path, ``IsADirectoryError`` for a folder, as ``open`` does)."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    _refuse_oversized(path)
     try:
         d = read_json_checked(path, what="schedule file", verify=False)
     except FileNotFoundError:

@@ -577,6 +577,7 @@ def test_eval_json_holds_numbers_and_what_they_were_measured_with(tmp_path, caps
         rec = json.load(f)
     assert rec["model"] == "gmm:ring2d" and rec["nfe"] == 4 and rec["n"] == 6 and rec["seed"] == 5
     assert rec["solver"]["name"] == "dpmpp" and rec["teacher"] == "exact"
+    assert rec["dtype"] == "float64"  # the test bed's states (--dtype auto): a --dtype choice moves the numbers
     rows = {r["schedule"]: r for r in rec["rows"]}
     assert isinstance(rows["ld3"]["median RMSE"], float) and rows["ld3"]["median RMSE"] > 0
     assert rows["ld3"]["median RMSE"] == rows["logsnr"]["median RMSE"]  # the file holds the logSNR grid

@@ -817,3 +817,15 @@ def test_eval_of_a_pipe_says_so_naming_the_flag(tmp_path, capsys):
         os.close(r)
     assert rc == 2 and f"--schedule: {pipe} is not a regular file" in err, err
     assert "truncated" not in err
+
+
+def test_eval_of_a_file_far_too_large_refuses_it_before_reading_it(tmp_path, capsys, monkeypatch):
+    """load_schedule refuses a file over 64 MiB before reading it, but `ld3 eval` first read the whole file for its
+    sha256 (a wrong 1 GiB file: over 1 GiB of memory before the refusal)."""
+    import ld3_ext.schedule_file as sf
+    path = _schedule_file(tmp_path)
+    monkeypatch.setattr(sf, "MAX_SCHEDULE_BYTES", os.path.getsize(path) - 1)
+    monkeypatch.setattr(cli, "_file_sha256", lambda p: pytest.fail("the file was read"))
+    rc, _, err = run_cli(["eval", "--model", "gmm:ring2d", "--schedule", path, "--n", "4", "--nfe-curve",
+                          "--skip-model-baselines", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "a schedule file is a few KiB" in err, err

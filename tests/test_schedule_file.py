@@ -455,3 +455,13 @@ def test_a_file_far_too_large_is_refused_before_it_is_read(tmp_path, monkeypatch
         load_schedule(path)
     monkeypatch.undo()  # at the limit and below: read as before
     assert load_schedule(path).nfe == _sched().nfe
+
+
+@pytest.mark.parametrize("tail", [".", ".."])
+def test_saving_to_a_name_ending_in_a_dot_component_writes_no_file(tmp_path, tail):
+    """save("new/.") wrote a file named "new" (realpath folds the dot) and returned "new/.", which load_schedule
+    (open) then refused; "a/new/.." wrote a file named "a"."""
+    path = os.path.join(str(tmp_path), "a", "new", tail)
+    with pytest.raises(IsADirectoryError, match="names a folder") as info:
+        _sched().save(path)
+    assert info.value.filename == path and os.listdir(tmp_path) == []
