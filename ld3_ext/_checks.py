@@ -123,6 +123,18 @@ def torch_device(where: str, device) -> "torch.device":
         raise ValueError(f"{where}: device={device!r} names no torch device ({exc})") from None
 
 
+def data_device(where: str, device):
+    """``device`` (None kept) as a torch.device that holds data and this torch can use, or a ValueError naming
+    ``where``'s ``device``: what LD3Trainer and the teacher generators check before any work."""
+    if device is None:
+        return None
+    device = torch_device(where, device)
+    if device.type == "meta":
+        raise ValueError(f"{where}: device='meta' holds no data: a real device (cpu/cuda) is needed")
+    usable_device(f"{where}: ", device)
+    return device
+
+
 def usable_device(where: str, dev) -> None:
     """A device this torch can use, or a ValueError naming ``where``'s ``device`` with torch's reason ("not compiled
     with CUDA enabled", "not linked with support for mps devices", an invalid CUDA ordinal, a bad name).  A zero-size

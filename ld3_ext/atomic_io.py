@@ -118,14 +118,12 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     writes of ``path`` that were killed (SIGKILL, power loss) are removed after a successful write.  A symlink is
     followed: its target is rewritten and the link kept."""
     given = os.fspath(path)
-    if os.fsdecode(given).endswith(tuple(filter(None, (os.sep, os.altsep)))):
-        # realpath drops the slash: "out/" was written as a file named "out" (open() refuses such a name)
-        raise IsADirectoryError(errno.EISDIR, "ends with a path separator, so it names a folder; give the name of a "
-                                "file to write", given)
-    if os.path.basename(os.fsdecode(given)) in (os.curdir, os.pardir):
-        # likewise realpath folds "out/." into "out" and "a/b/.." into "a": a file was written under the folder's name
-        raise IsADirectoryError(errno.EISDIR, f"ends with {os.path.basename(os.fsdecode(given))!r}, so it names a "
-                                "folder; give the name of a file to write", given)
+    text = os.fsdecode(given)
+    if text.endswith(tuple(filter(None, (os.sep, os.altsep)))) or os.path.basename(text) in (os.curdir, os.pardir):
+        # realpath drops a trailing slash and folds "out/." into "out", "a/b/.." into "a": a file was written under
+        # the folder's name (open() refuses such names)
+        raise IsADirectoryError(errno.EISDIR, "ends with a path separator, '.' or '..', so it names a folder; give "
+                                "the name of a file to write", given)
     path = os.path.realpath(given)
     if os.path.isdir(path):  # else os.replace fails late, naming the temp file as well
         raise IsADirectoryError(errno.EISDIR, "is a folder; give the name of a file to write (inside it or beside "

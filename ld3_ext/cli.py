@@ -332,9 +332,9 @@ def _load(args):
         raise UsageError(f"{exc}")
     # the states in the network's precision, as LD3Trainer's default: a float32 state for a factory model with
     # float16/bfloat16 (or float64) weights failed inside the network ("mat1 and mat2 must have the same dtype")
-    from .training.trainer import _default_dtype
+    from .wrappers import default_state_dtype
     asked = getattr(args, "dtype", "auto")
-    return model, schedule, _default_dtype(model) if asked == "auto" else STATE_DTYPES[asked]
+    return model, schedule, default_state_dtype(model) if asked == "auto" else STATE_DTYPES[asked]
 
 
 def _weightless_name(model, args) -> Optional[str]:

@@ -691,6 +691,19 @@ def _overlaps(h: torch.Tensor, lo: int, hi: int) -> bool:
     return a < hi and lo < b
 
 
+def default_state_dtype(model) -> torch.dtype:
+    """The precision a model's solver states take when none is asked for (LD3Trainer, the teacher, gits, the CLI's
+    ``--dtype auto``): its weights' dtype; float64 for an analytic test bed (exact denoiser); else float32 (a plain
+    function may close over a float32 network we cannot see)."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    if getattr(model, "testbed", None) is not None:
+        return torch.float64
+    return torch.float32
+
+
 def require_diffusion_model(model, name: str = "model") -> None:
     """TypeError unless ``model`` is a DiffusionModel, saying what it got and how to wrap it."""
     if not isinstance(model, DiffusionModel):

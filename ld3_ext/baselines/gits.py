@@ -42,7 +42,7 @@ from .._finite import all_finite
 from ..discretizations import _check
 from ..schedules import NoiseSchedule
 from ..solvers import as_solver
-from ..wrappers import DiffusionModel, ModelOutputError, wrap_model
+from ..wrappers import DiffusionModel, ModelOutputError, default_state_dtype, wrap_model
 
 # σ lists (sigma/alpha, noisiest first) keyed by dataset then nfe, as listed in LD3.md section 4
 GITS_PRESETS: Dict[str, Dict[int, List[float]]] = {
@@ -435,8 +435,7 @@ def gits(model: DiffusionModel, schedule: Optional[NoiseSchedule] = None, nfe: i
     if dtype is None:
         # the weights' dtype: a float64 start fed a float32 network failed ("mat1 and mat2 must have the same dtype"),
         # reported as a sample shape the model cannot take
-        from ..training.trainer import _default_dtype
-        dtype = _default_dtype(model)
+        dtype = default_state_dtype(model)
     x_T, arg = _start_noise(model, schedule, x_T, sample_shape, n_samples, seed, dtype)
     dev = next((p.device for p in model.parameters()), x_T.device)
     x_T = x_T.to(device=dev, dtype=dtype)

@@ -45,10 +45,11 @@ from .. import distributed as D
 from .._finite import all_finite
 from ..atomic_io import (CorruptFileError, atomic_save_safetensors, atomic_write_json, canonical_json, fsync_dir,
                          load_safetensors_checked, read_json_checked, remove_stale_temps, tensors_sha256)
-from .._checks import count, flag, seed as check_seed, torch_device, usable_device
+from .._checks import count, data_device, flag, seed as check_seed
 from ..schedules import NoiseSchedule
 from ..solvers import Solver, UniPC, as_solver
-from ..wrappers import DiffusionModel, default_network_name, legacy_state_dict, require_diffusion_model
+from ..wrappers import (DiffusionModel, default_network_name, default_state_dtype, legacy_state_dict,
+                        require_diffusion_model)
 from .callable_identity import describe_callable, unidentified_note
 
 CACHE_FORMAT = "ld3_ext.teacher_cache"
@@ -545,23 +546,6 @@ class TeacherCache:
         return hashlib.sha256(canonical_json(self._meta()).encode()).hexdigest()
 
 
-def _check_device(where: str, device):
-    """``device`` as LD3Trainer checks its own: device=3, "gpu0" or "cuda" on a CPU-only torch failed with torch's bare
-    RuntimeError/AssertionError in the first chunk, naming no argument, after the cache folder was made."""
-    if device is None:
-        return None
-    device = torch_device(where, device)
-    if device.type == "meta":
-        raise ValueError(f"{where}: device='meta' holds no data: the teacher needs a real device (cpu/cuda)")
-    usable_device(f"{where}: ", device)
-    return device
-
-
-def _model_dtype(model) -> torch.dtype:
-    from .trainer import _default_dtype  # here: trainer imports this module
-    return _default_dtype(model)
-
-
 def sample_noise(n: int, shape: Sequence[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
     """Unit-variance noise; always drawn in float64 on the CPU so that it is the same for any dtype,
     device or chunking, then cast."""
@@ -607,8 +591,8 @@ def generate_teacher_data(model: DiffusionModel, teacher_fn: Callable[..., torch
     """
     count("n (the number of teacher samples)", n, 1, type_error=False)
     if dtype is None:  # float32 fed a float16/bfloat16/float64 network "mat1 and mat2 must have the same dtype"
-        dtype = _model_dtype(model)
-    device = _check_device("generate_teacher_data", device)
+        dtype = default_state_dtype(model)
+    device = data_device("generate_teacher_data", device)
     _check_generate_args(sample_shape, seed, dtype, batch_size, cache_dir, conditions, uncond, max_bytes,
                          regenerate, progress)
     shape = tuple(int(s) for s in sample_shape)
@@ -806,7 +790,7 @@ def load_or_generate_teacher(model: DiffusionModel, schedule=None, config: Optio
     default the one ``LD3Trainer`` solves in (the weights' dtype; float64 for the test beds, else float32): a float32
     default made a test bed's set that LD3Trainer refused (``settings.dtype``) and failed on half/float64 networks."""
     require_diffusion_model(model)
-    device = _check_device("load_or_generate_teacher", device)
+    device = data_device("load_or_generate_teacher", device)
     cfg = config or TeacherConfig()
     if schedule is not None and not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")

@@ -38,10 +38,10 @@ from ..coefficients import step_orders
 from .._finite import all_finite
 from ..ops import _opmath
 from ..schedule_file import LearnedSchedule
-from .._checks import count, flag, holds_values, real, seed as check_seed, torch_device, usable_device
+from .._checks import count, data_device, flag, holds_values, real, seed as check_seed
 from ..schedules import NoiseSchedule
 from ..solvers import MultistepSolver, Solver, as_solver
-from ..wrappers import DiffusionModel, ModelOutputError, require_diffusion_model
+from ..wrappers import DiffusionModel, ModelOutputError, default_state_dtype, require_diffusion_model
 from ..solvers.base import DegenerateGridError
 from .losses import get_loss, loss_name, per_sample
 from .parameterization import TIME_MODES, NonFiniteParameterError, TimeParameterization, init_timesteps
@@ -110,17 +110,6 @@ def _default_device(model):
         for p in list(model.parameters()) + list(model.buffers()):
             return p.device
     return torch.device("cpu")
-
-
-def _default_dtype(model):
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            if p.is_floating_point():
-                return p.dtype
-    if getattr(model, "testbed", None) is not None:
-        return torch.float64  # analytic test beds (exact denoiser): solve in float64
-    # a plain function may close over a float32 network we cannot see: float32 is the safe default
-    return torch.float32
 
 
 def _sha(t: Optional[torch.Tensor]) -> Optional[str]:
@@ -323,12 +312,8 @@ class LD3Trainer:
                 real(name, v, above=0)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        if device is not None:  # torch.device(3) (an accelerator index) raised a RuntimeError naming nothing
-            device = torch_device("LD3Trainer", device)
-        if device is not None and device.type == "meta":
-            raise ValueError("device='meta' holds no data: LD3 training needs a real device (cpu/cuda)")
-        if device is not None:  # now, naming device: a CPU-only torch failed in the teacher ("not compiled with CUDA")
-            usable_device("", device)
+        # named now: torch.device(3) raised a RuntimeError naming nothing, a CPU-only torch failed in the teacher
+        device = data_device("LD3Trainer", device)
         for name, v in (("gamma", gamma), ("radius", radius)):
             if v is not None:
                 real(name, v, at_least=0)
@@ -404,7 +389,7 @@ class LD3Trainer:
         self.decoder, self.checkpoint_decoder = decoder, flag("checkpoint_decoder", checkpoint_decoder)
         self.seed = check_seed("seed", seed)
         self.device = torch.device(device) if device is not None else _default_device(model)
-        self.dtype = dtype if dtype is not None else _default_dtype(model)
+        self.dtype = dtype if dtype is not None else default_state_dtype(model)
         if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
             # found now, not when the first round's checkpoint is written
             raise ValueError(f"checkpoint_dir {checkpoint_dir!r} exists and is not a directory")
