@@ -419,8 +419,9 @@ def all_gather_shards(shard: torch.Tensor, n: Optional[int] = None) -> torch.Ten
                             device=shard.device, dtype=torch.long)
         sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
         dist.all_gather(sizes, size)
-        sizes_l = [int(s[0].item()) for s in sizes]  # one sync per gather: a setup-time operation
-        if len({int(s[1].item()) for s in sizes}) > 1:
+        table = torch.stack(sizes).tolist()  # one sync per gather: a setup-time operation
+        sizes_l = [row_count for row_count, _ in table]
+        if len({row_key for _, row_key in table}) > 1:
             raise ValueError(f"all_gather_shards: the ranks' shards differ in their row shape or dtype (rank "
                              f"{get_rank()}: {shard.dtype}, shape {tuple(shard.shape)}); only the leading (row) "
                              "dimension may differ")
