@@ -17,12 +17,16 @@ def _check(schedule, nfe):
     count("nfe", nfe, 1, type_error=False)
 
 
+def _finite_decreasing(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all()) and bool((t[1:] < t[:-1]).all())
+
+
 def _finish(schedule, t: torch.Tensor, check: bool = True) -> torch.Tensor:
     t = t.to(torch.float64)
     t[0], t[-1] = schedule.t_max, schedule.t_min  # exact endpoints whatever the round-off
     # a range too narrow for nfe + 1 distinct float64 times (EDM(1, 1 + 1e-13) at nfe 1000) rounded neighbours
     # together: the grid was returned as it was and refused later as a bad "timesteps", far from the cause
-    if check and not (bool(torch.isfinite(t).all()) and bool((t[1:] < t[:-1]).all())):
+    if check and not _finite_decreasing(t):
         raise ValueError(f"nfe={t.numel() - 1} gives a grid that is not finite and strictly decreasing on {schedule!r}: "
                          f"its range [t_min, t_max] holds too few distinct float64 times; use a smaller nfe")
     return t
@@ -82,7 +86,7 @@ def edm(schedule: NoiseSchedule, nfe: int, rho: float = 7.0) -> torch.Tensor:
     sig = (smax ** (1.0 / rho) + u * (smin ** (1.0 / rho) - smax ** (1.0 / rho))) ** rho
     t = _finish(schedule, schedule.t_from_edm_sigma(sig), check=False)  # checked below, naming rho
     # a tiny rho overflows sigma^(1/rho) (NaN) and a huge one rounds neighbours together (duplicates)
-    if not (bool(torch.isfinite(t).all()) and bool((t[1:] < t[:-1]).all())):
+    if not _finite_decreasing(t):
         raise ValueError(f"rho={rho} gives a grid that is not finite and strictly decreasing for nfe={nfe} "
                          f"on this schedule: {t.tolist()}")
     return t

@@ -46,6 +46,22 @@ def _endpoints(schedule: NoiseSchedule) -> Tuple[torch.Tensor, torch.Tensor]:
     return (torch.tensor(schedule.t_max, dtype=torch.float64), torch.tensor(schedule.t_min, dtype=torch.float64))
 
 
+_GRID = "a grid of timesteps (a list or tensor of numbers)"
+
+
+def _time_grid(value, name: str, expected: str) -> torch.Tensor:
+    """``value`` as a 1-D float64 CPU tensor of its own, or an error naming ``name``: torch's message for None, a
+    dict or strings ("must be real number, not NoneType") named no argument, and a [1, N+1] or [2, k] table was
+    flattened silently (LearnedSchedule refuses it alike)."""
+    try:
+        t = torch.as_tensor(value, dtype=torch.float64).detach().cpu().clone()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}") from None
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (a grid of times), got shape {tuple(t.shape)}")
+    return t
+
+
 def init_timesteps(schedule: NoiseSchedule, num_steps: int, init: InitSpec) -> torch.Tensor:
     """The float64 grid an initialisation names: a discretization name or an explicit list."""
     if isinstance(init, str):
@@ -57,14 +73,7 @@ def init_timesteps(schedule: NoiseSchedule, num_steps: int, init: InitSpec) -> t
             raise ValueError(f"init must be one of {sorted(discretizations.DISCRETIZATIONS)} or a list of "
                              f"timesteps, got {init!r}")
         return discretizations.get_discretization(name, schedule, num_steps)
-    try:
-        t = torch.as_tensor(init, dtype=torch.float64).detach().cpu().clone()
-    except (TypeError, ValueError, RuntimeError):  # None, a dict, strings: torch's message ("must be real number,
-        # not NoneType") named no argument
-        raise TypeError(f"init must be a discretization name or a grid of timesteps (a list or tensor of numbers), "
-                        f"got {type(init).__name__}") from None
-    if t.dim() != 1:  # a [[...]] grid was flattened silently
-        raise ValueError(f"init: a grid of timesteps must be 1-D, got shape {tuple(t.shape)}")
+    t = _time_grid(init, "init", "a discretization name or " + _GRID)
     if t.numel() != num_steps + 1:
         raise ValueError(f"init: a list of timesteps for {num_steps} steps needs {num_steps + 1} values "
                          f"(t_max first, t_min last), got {t.numel()}")
@@ -136,13 +145,7 @@ class TimeParameterization(torch.nn.Module):
     @torch.no_grad()
     def set_timesteps(self, timesteps) -> None:
         """Set xi (and zero xi^c) so that ``forward()`` reproduces ``timesteps``."""
-        try:
-            t = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu()
-        except (TypeError, ValueError, RuntimeError):  # as init_timesteps: torch's "must be real number" named nothing
-            raise TypeError(f"timesteps must be a grid of times (a list or tensor of numbers), got "
-                            f"{type(timesteps).__name__}") from None
-        if t.dim() != 1:  # flattened silently before, as init= and LearnedSchedule refuse it
-            raise ValueError(f"timesteps must be 1-D (a grid of times), got shape {tuple(t.shape)}")
+        t = _time_grid(timesteps, "timesteps", _GRID)
         n = self.num_steps
         if t.numel() != n + 1:
             raise ValueError(f"timesteps must hold {n + 1} values, got {t.numel()}")
